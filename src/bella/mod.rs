@@ -1,0 +1,1 @@
+//! Bella particles: P low-rank perturbations of frozen linear layers.

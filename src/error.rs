@@ -1,0 +1,1 @@
+//! Typed errors that callers may want to match on.

@@ -1,0 +1,1 @@
+//! Model sources: a hub id (with revision), the local hub cache, or a directory.

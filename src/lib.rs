@@ -1,0 +1,9 @@
+//! bella-vqa: calibrated uncertainty for multimodal models with Bella particles.
+//!
+//! The data flows one way: [`hub`] (where the files are) → [`models`] (CLIP, LLaMA, LLaVA with
+//! particle-capable linear layers) → [`bella`] (the particles) → answers → aggregation.
+
+pub mod bella;
+pub mod error;
+pub mod hub;
+pub mod models;

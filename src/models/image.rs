@@ -1,0 +1,1 @@
+//! Image preprocessing driven by `preprocessor_config.json`.

@@ -1,0 +1,1 @@
+//! Tokenizer and chat template: from a question and an image to input ids.
