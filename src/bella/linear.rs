@@ -1,0 +1,185 @@
+//! The particle-capable linear layer (design §2).
+//!
+//! ```text
+//! W : [out, in]        frozen, shared by all particles
+//! A : [P, r, in]       trainable
+//! B : [P, out, r]      trainable
+//! y_p = x_p Wᵀ + bias + (α/r) · (x_p A_pᵀ) B_pᵀ
+//! ```
+//!
+//! Activations carry the particle axis folded into the batch, particle-major: row `p·batch + i` is
+//! example `i` under particle `p`. The base product is one matmul for all particles, the low-rank
+//! part one batched matmul.
+
+use candle_core::{Result, Tensor};
+
+/// The low-rank factors of P particles on one linear layer.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    /// `[P, r, in]`
+    pub a: Tensor,
+    /// `[P, out, r]`
+    pub b: Tensor,
+    /// `α / r`
+    pub scale: f64,
+}
+
+impl Adapter {
+    /// Checks the factor shapes against the layer and each other.
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Result<Self> {
+        let (p, r, _) = a.dims3()?;
+        let (pb, _, rb) = b.dims3()?;
+        if p != pb || r != rb {
+            candle_core::bail!(
+                "adapter factors disagree: A is {:?}, B is {:?} (expected [P, r, in] and [P, out, r])",
+                a.dims(),
+                b.dims()
+            );
+        }
+        Ok(Self { a, b, scale })
+    }
+
+    pub fn particles(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// ΔW_p = scale · B_p A_p, `[out, in]`.
+    pub fn delta(&self, p: usize) -> Result<Tensor> {
+        self.b.get(p)?.matmul(&self.a.get(p)?)? * self.scale
+    }
+}
+
+/// A linear layer with a frozen base weight and optional particle factors.
+#[derive(Clone, Debug)]
+pub struct ParticleLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Option<Adapter>,
+}
+
+impl ParticleLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (or with `None` removes) particle factors; shapes are checked against the layer.
+    pub fn set_adapter(&mut self, adapter: Option<Adapter>) -> Result<()> {
+        if let Some(ad) = &adapter {
+            let (out, inp) = self.shape();
+            if ad.a.dims()[2] != inp || ad.b.dims()[1] != out {
+                candle_core::bail!(
+                    "adapter A {:?} / B {:?} does not fit a linear layer [out {out}, in {inp}]",
+                    ad.a.dims(),
+                    ad.b.dims()
+                );
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// `x`: `[rows, …, in]`. With an adapter, `rows` must be `P · batch` (particle-major).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (out, inp) = self.shape();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, inp))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(ad) = &self.adapter {
+            let p = ad.particles();
+            let rows = dims[0];
+            if rows % p != 0 {
+                candle_core::bail!(
+                    "activations with {rows} rows cannot carry {p} particles (rows must be P·batch)"
+                );
+            }
+            let xp = x2.reshape((p, n / p, inp))?;
+            let low = xp.matmul(&ad.a.transpose(1, 2)?)?; // [P, m, r]
+            let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, m, out]
+            y = (y + (delta.reshape((n, out))? * ad.scale)?)?;
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = out;
+        y.reshape(out_dims)
+    }
+
+    /// The plain layer of particle `p`: weight `W + (α/r)·B_p·A_p`, no adapter.
+    pub fn merged(&self, p: usize) -> Result<ParticleLinear> {
+        let weight = match &self.adapter {
+            Some(ad) => (&self.weight + ad.delta(p)?.to_dtype(self.weight.dtype())?)?,
+            None => self.weight.clone(),
+        };
+        Ok(ParticleLinear::new(weight, self.bias.clone()))
+    }
+}
+
+/// Folds the particle axis into the batch: `[batch, …]` shared by all particles becomes
+/// `[P·batch, …]`, particle-major.
+pub fn expand_particles(x: &Tensor, particles: usize) -> Result<Tensor> {
+    if particles == 1 {
+        return Ok(x.clone());
+    }
+    let mut dims = x.dims().to_vec();
+    let mut target = vec![particles];
+    target.extend_from_slice(&dims);
+    let expanded = x.unsqueeze(0)?.broadcast_as(target)?.contiguous()?;
+    dims[0] *= particles;
+    expanded.reshape(dims)
+}
+
+/// A model whose linear layers can carry particles, addressed by their hub module path
+/// (`language_model.model.layers.0.self_attn.q_proj`).
+pub trait ParticleModel {
+    /// Every particle-capable layer with its module path.
+    fn linears(&self) -> Vec<(String, &ParticleLinear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)>;
+
+    /// The number of particles the attached adapters carry (1 without adapters); all adapters
+    /// must agree.
+    fn particles(&self) -> Result<usize> {
+        let mut found: Option<usize> = None;
+        for (name, layer) in self.linears() {
+            if let Some(ad) = layer.adapter() {
+                match found {
+                    None => found = Some(ad.particles()),
+                    Some(p) if p != ad.particles() => candle_core::bail!(
+                        "adapter on {name} has {} particles, others have {p}",
+                        ad.particles()
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        Ok(found.unwrap_or(1))
+    }
+}

@@ -1,0 +1,590 @@
+//! CLIP: text and vision transformers, projections and logit scale (`openai/clip-vit-base-patch32`
+//! layout), also the vision tower of LLaVA.
+
+use candle_core::{Device, IndexOp, Result, Tensor, D};
+
+use crate::bella::{expand_particles, ParticleLinear};
+use crate::error::WeightError;
+use crate::models::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
+use crate::models::nn::{activate, attention, attention_bias, linear, LayerNorm};
+use crate::models::weights::Scope;
+
+type LoadResult<T> = std::result::Result<T, WeightError>;
+
+#[derive(Clone, Debug)]
+struct ClipAttention {
+    q_proj: ParticleLinear,
+    k_proj: ParticleLinear,
+    v_proj: ParticleLinear,
+    out_proj: ParticleLinear,
+    heads: usize,
+}
+
+impl ClipAttention {
+    fn load(s: &Scope, hidden: usize, heads: usize) -> LoadResult<Self> {
+        Ok(Self {
+            q_proj: linear(&s.pp("q_proj"), hidden, hidden, true)?,
+            k_proj: linear(&s.pp("k_proj"), hidden, hidden, true)?,
+            v_proj: linear(&s.pp("v_proj"), hidden, hidden, true)?,
+            out_proj: linear(&s.pp("out_proj"), hidden, hidden, true)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, len, hidden) = x.dims3()?;
+        let head_dim = hidden / self.heads;
+        let split = |t: Tensor| {
+            t.reshape((rows, len, self.heads, head_dim))?
+                .transpose(1, 2)
+        };
+        let q = split(self.q_proj.forward(x)?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let out = attention(&q, &k, &v, bias)?
+            .transpose(1, 2)?
+            .reshape((rows, len, hidden))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct EncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    fc1: ParticleLinear,
+    fc2: ParticleLinear,
+    layer_norm2: LayerNorm,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(
+        s: &Scope,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+    ) -> LoadResult<Self> {
+        Ok(Self {
+            self_attn: ClipAttention::load(&s.pp("self_attn"), hidden, heads)?,
+            layer_norm1: LayerNorm::load(&s.pp("layer_norm1"), hidden, eps)?,
+            fc1: linear(&s.pp("mlp.fc1"), hidden, inter, true)?,
+            fc2: linear(&s.pp("mlp.fc2"), inter, hidden, true)?,
+            layer_norm2: LayerNorm::load(&s.pp("layer_norm2"), hidden, eps)?,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, bias)?)?;
+        let m = activate(self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?;
+        h + self.fc2.forward(&m)?
+    }
+
+    fn linears(&self) -> [(&'static str, &ParticleLinear); 6] {
+        let a = &self.self_attn;
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.out_proj", &a.out_proj),
+            ("mlp.fc1", &self.fc1),
+            ("mlp.fc2", &self.fc2),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut ParticleLinear); 6] {
+        let a = &mut self.self_attn;
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.out_proj", &mut a.out_proj),
+            ("mlp.fc1", &mut self.fc1),
+            ("mlp.fc2", &mut self.fc2),
+        ]
+    }
+
+    fn has_particles(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.adapter().is_some())
+    }
+}
+
+/// The stack of pre-norm transformer layers shared by both towers.
+#[derive(Clone, Debug)]
+struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+/// What an encoder pass produced. Rows are `P·batch` once a layer with particles was reached
+/// (`expanded`), `batch` before.
+struct EncoderOutput {
+    last: Tensor,
+    /// Input of layer 0 followed by every layer's output, when asked for.
+    hidden_states: Vec<Tensor>,
+    expanded: bool,
+}
+
+impl Encoder {
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        s: &Scope,
+        layers: usize,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+    ) -> LoadResult<Self> {
+        let layers = (0..layers)
+            .map(|i| EncoderLayer::load(&s.pp(i), hidden, inter, heads, eps, act))
+            .collect::<LoadResult<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Runs the first `n_layers` layers. `bias` has one row per batch example (or broadcasts).
+    fn forward(
+        &self,
+        x: Tensor,
+        bias: Option<Tensor>,
+        particles: usize,
+        n_layers: usize,
+        keep_hidden: bool,
+    ) -> Result<EncoderOutput> {
+        let mut x = x;
+        let mut bias = bias;
+        let mut expanded = false;
+        let mut hidden_states = Vec::new();
+        for layer in &self.layers[..n_layers] {
+            if !expanded && layer.has_particles() {
+                x = expand_particles(&x, particles)?;
+                if let Some(b) = &bias {
+                    if b.dim(0)? > 1 {
+                        bias = Some(expand_particles(b, particles)?);
+                    }
+                }
+                expanded = true;
+            }
+            if keep_hidden {
+                hidden_states.push(x.clone());
+            }
+            x = layer.forward(&x, bias.as_ref())?;
+        }
+        if keep_hidden {
+            hidden_states.push(x.clone());
+        }
+        Ok(EncoderOutput {
+            last: x,
+            hidden_states,
+            expanded,
+        })
+    }
+
+    fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a ParticleLinear)>) {
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, l) in layer.linears() {
+                out.push((format!("{prefix}.layers.{i}.{name}"), l));
+            }
+        }
+    }
+
+    fn linears_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut ParticleLinear)>,
+    ) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, l) in layer.linears_mut() {
+                out.push((format!("{prefix}.layers.{i}.{name}"), l));
+            }
+        }
+    }
+}
+
+/// Every stage of a tower, for parity checks and for callers that need features.
+pub struct TowerOutput {
+    /// Embeddings (token + position, or patches + class + position), before any norm.
+    pub embeddings: Tensor,
+    /// Encoder input followed by every layer's output (`output_hidden_states` in transformers).
+    pub hidden_states: Vec<Tensor>,
+    /// Text: after `final_layer_norm`; vision: the last layer's output (no norm), as transformers.
+    pub last_hidden_state: Tensor,
+    /// Text: the EOS position of `last_hidden_state`; vision: `post_layernorm` of the class token.
+    pub pooled: Tensor,
+    /// Rows are `P·batch` (particle-major) when the tower carries particles.
+    pub expanded: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipTextTransformer {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextTransformer {
+    pub fn load(s: &Scope, c: &ClipTextConfig) -> LoadResult<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            token_embedding: s.get("embeddings.token_embedding.weight", &[c.vocab_size, h])?,
+            position_embedding: s.get(
+                "embeddings.position_embedding.weight",
+                &[c.max_position_embeddings, h],
+            )?,
+            encoder: Encoder::load(
+                &s.pp("encoder.layers"),
+                c.num_hidden_layers,
+                h,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.layer_norm_eps,
+                c.hidden_act,
+            )?,
+            final_layer_norm: LayerNorm::load(&s.pp("final_layer_norm"), h, c.layer_norm_eps)?,
+            config: c.clone(),
+        })
+    }
+
+    /// `input_ids`, `attention_mask`: `[batch, len]` (u32; mask 1 = token, 0 = padding).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        particles: usize,
+    ) -> Result<TowerOutput> {
+        let (batch, len) = input_ids.dims2()?;
+        if len > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "text of {len} tokens is longer than the model's {} positions",
+                self.config.max_position_embeddings
+            );
+        }
+        let h = self.config.hidden_size;
+        let tokens = self
+            .token_embedding
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, len, h))?;
+        let positions = self.position_embedding.i(..len)?;
+        let embeddings = tokens.broadcast_add(&positions)?;
+
+        let keep: Vec<Vec<bool>> = match attention_mask {
+            Some(m) => m
+                .to_dtype(candle_core::DType::U32)?
+                .to_vec2::<u32>()?
+                .into_iter()
+                .map(|r| r.into_iter().map(|v| v != 0).collect())
+                .collect(),
+            None => vec![vec![true; len]; batch],
+        };
+        let bias = attention_bias(&keep, len, true, input_ids.device())?;
+        let out = self.encoder.forward(
+            embeddings.clone(),
+            Some(bias),
+            particles,
+            self.encoder.layers.len(),
+            true,
+        )?;
+        let last = self.final_layer_norm.forward(&out.last)?;
+
+        // transformers: with the legacy eos id 2 the EOS is the largest id, else its first position.
+        let ids = input_ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?;
+        let eos_positions: Vec<u32> = ids
+            .iter()
+            .map(|row| {
+                let pos = if self.config.eos_token_id == 2 {
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(i, &v)| (v, std::cmp::Reverse(*i)))
+                        .map(|(i, _)| i)
+                } else {
+                    row.iter().position(|&v| v == self.config.eos_token_id)
+                };
+                pos.unwrap_or(row.len() - 1) as u32
+            })
+            .collect();
+        let rows = last.dim(0)?;
+        let reps = rows / batch;
+        let index: Vec<u32> = (0..rows)
+            .map(|r| (r * len) as u32 + eos_positions[r % batch])
+            .collect();
+        debug_assert_eq!(reps * batch, rows);
+        let index = Tensor::from_vec(index, rows, last.device())?;
+        let pooled = last.reshape((rows * len, h))?.index_select(&index, 0)?;
+        Ok(TowerOutput {
+            embeddings,
+            hidden_states: out.hidden_states,
+            last_hidden_state: last,
+            pooled,
+            expanded: out.expanded,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipVisionTransformer {
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: Option<LayerNorm>,
+    config: ClipVisionConfig,
+}
+
+impl ClipVisionTransformer {
+    /// `with_post_layernorm`: LLaVA never uses it, and checkpoints may leave it out.
+    pub fn load(s: &Scope, c: &ClipVisionConfig, with_post_layernorm: bool) -> LoadResult<Self> {
+        let h = c.hidden_size;
+        let p = c.patch_size;
+        let post_layernorm = if with_post_layernorm {
+            Some(LayerNorm::load(
+                &s.pp("post_layernorm"),
+                h,
+                c.layer_norm_eps,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            patch_embedding: s.get(
+                "embeddings.patch_embedding.weight",
+                &[h, c.num_channels, p, p],
+            )?,
+            class_embedding: s.get("embeddings.class_embedding", &[h])?,
+            position_embedding: s.get(
+                "embeddings.position_embedding.weight",
+                &[c.num_positions(), h],
+            )?,
+            pre_layrnorm: LayerNorm::load(&s.pp("pre_layrnorm"), h, c.layer_norm_eps)?,
+            encoder: Encoder::load(
+                &s.pp("encoder.layers"),
+                c.num_hidden_layers,
+                h,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.layer_norm_eps,
+                c.hidden_act,
+            )?,
+            post_layernorm,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.config
+    }
+
+    /// Patch + class + position embeddings of `pixel_values` `[n, C, H, W]`: `[n, 1 + patches, hidden]`.
+    pub fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, ch, height, width) = pixel_values.dims4()?;
+        if ch != c.num_channels || height != c.image_size || width != c.image_size {
+            candle_core::bail!(
+                "pixel values are [{n}, {ch}, {height}, {width}], the vision tower expects [n, {}, {}, {}]",
+                c.num_channels,
+                c.image_size,
+                c.image_size
+            );
+        }
+        let (p, g, h) = (c.patch_size, c.grid(), c.hidden_size);
+        // The stride-p convolution as one matmul over flattened patches.
+        let patches = pixel_values
+            .reshape((n, ch, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n * g * g, ch * p * p))?;
+        let kernel = self.patch_embedding.reshape((h, ch * p * p))?;
+        let patches = patches.matmul(&kernel.t()?)?.reshape((n, g * g, h))?;
+        let class = self
+            .class_embedding
+            .reshape((1, 1, h))?
+            .broadcast_as((n, 1, h))?;
+        Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)
+    }
+
+    /// The full tower: every hidden state, the last one and the pooled class token.
+    pub fn forward(&self, pixel_values: &Tensor, particles: usize) -> Result<TowerOutput> {
+        let embeddings = self.embeddings(pixel_values)?;
+        let x = self.pre_layrnorm.forward(&embeddings)?;
+        let out = self
+            .encoder
+            .forward(x, None, particles, self.encoder.layers.len(), true)?;
+        let post = self.post_layernorm.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("this vision tower was loaded without post_layernorm".into())
+        })?;
+        let pooled = post.forward(&out.last.i((.., 0))?)?;
+        Ok(TowerOutput {
+            embeddings,
+            hidden_states: out.hidden_states,
+            last_hidden_state: out.last,
+            pooled,
+            expanded: out.expanded,
+        })
+    }
+
+    /// Hidden states at the given indices (0 = after `pre_layrnorm`, i = output of layer i),
+    /// concatenated on the feature axis; runs only the layers needed. Returns `(features, expanded)`.
+    pub fn hidden_states_at(
+        &self,
+        pixel_values: &Tensor,
+        indices: &[usize],
+        particles: usize,
+    ) -> Result<(Tensor, bool)> {
+        let needed = indices.iter().copied().max().unwrap_or(0);
+        let x = self.pre_layrnorm.forward(&self.embeddings(pixel_values)?)?;
+        let out = self.encoder.forward(x, None, particles, needed, true)?;
+        let mut picked = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let mut t = out.hidden_states[i].clone();
+            // Hidden states from before the expansion are shared: bring them to P·n rows.
+            if out.expanded && t.dim(0)? != out.last.dim(0)? {
+                t = expand_particles(&t, particles)?;
+            }
+            picked.push(t);
+        }
+        Ok((Tensor::cat(&picked, D::Minus1)?, out.expanded))
+    }
+
+    pub(crate) fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a ParticleLinear)>) {
+        self.encoder.linears(&format!("{prefix}.encoder"), out)
+    }
+
+    pub(crate) fn linears_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut ParticleLinear)>,
+    ) {
+        self.encoder.linears_mut(&format!("{prefix}.encoder"), out)
+    }
+}
+
+/// A CLIP checkpoint.
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    pub text_model: ClipTextTransformer,
+    pub vision_model: ClipVisionTransformer,
+    visual_projection: ParticleLinear,
+    text_projection: ParticleLinear,
+    logit_scale: Tensor,
+    config: ClipConfig,
+}
+
+impl ClipModel {
+    pub fn load(s: &Scope, c: &ClipConfig) -> LoadResult<Self> {
+        Ok(Self {
+            text_model: ClipTextTransformer::load(&s.pp("text_model"), &c.text_config)?,
+            vision_model: ClipVisionTransformer::load(
+                &s.pp("vision_model"),
+                &c.vision_config,
+                true,
+            )?,
+            visual_projection: linear(
+                &s.pp("visual_projection"),
+                c.vision_config.hidden_size,
+                c.projection_dim,
+                false,
+            )?,
+            text_projection: linear(
+                &s.pp("text_projection"),
+                c.text_config.hidden_size,
+                c.projection_dim,
+                false,
+            )?,
+            logit_scale: s.get("logit_scale", &[])?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Projected (not normalised) text embeddings `[rows, projection_dim]`.
+    pub fn text_embeds(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        particles: usize,
+    ) -> Result<Tensor> {
+        let out = self
+            .text_model
+            .forward(input_ids, attention_mask, particles)?;
+        self.project(&self.text_projection, out.pooled, out.expanded, particles)
+    }
+
+    /// Projected (not normalised) image embeddings `[rows, projection_dim]`.
+    pub fn image_embeds(&self, pixel_values: &Tensor, particles: usize) -> Result<Tensor> {
+        let out = self.vision_model.forward(pixel_values, particles)?;
+        self.project(&self.visual_projection, out.pooled, out.expanded, particles)
+    }
+
+    fn project(
+        &self,
+        proj: &ParticleLinear,
+        pooled: Tensor,
+        expanded: bool,
+        particles: usize,
+    ) -> Result<Tensor> {
+        let pooled = if !expanded && proj.adapter().is_some() {
+            expand_particles(&pooled, particles)?
+        } else {
+            pooled
+        };
+        proj.forward(&pooled)
+    }
+
+    /// `logit_scale.exp() · cos(image, text)`: `[images, texts]` (without particles).
+    pub fn logits_per_image(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let img = normalize(&self.image_embeds(pixel_values, 1)?)?;
+        let txt = normalize(&self.text_embeds(input_ids, attention_mask, 1)?)?;
+        img.matmul(&txt.t()?)?.broadcast_mul(&self.logit_scale.exp()?)
+    }
+
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
+    }
+
+    pub fn linears(&self) -> Vec<(String, &ParticleLinear)> {
+        let mut out = Vec::new();
+        self.text_model.encoder.linears("text_model.encoder", &mut out);
+        self.vision_model.linears("vision_model", &mut out);
+        out.push(("visual_projection".into(), &self.visual_projection));
+        out.push(("text_projection".into(), &self.text_projection));
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)> {
+        let mut out = Vec::new();
+        self.text_model
+            .encoder
+            .linears_mut("text_model.encoder", &mut out);
+        self.vision_model.linears_mut("vision_model", &mut out);
+        out.push(("visual_projection".into(), &mut self.visual_projection));
+        out.push(("text_projection".into(), &mut self.text_projection));
+        out
+    }
+}
+
+/// L2-normalises the last axis.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
+
+/// Builds `[batch, len]` u32 tensors from rows of ids.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let len = rows.first().map_or(0, Vec::len);
+    if rows.iter().any(|r| r.len() != len) {
+        candle_core::bail!("all rows of a batch must have the same length (pad them)");
+    }
+    Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu)?.to_device(device)
+}

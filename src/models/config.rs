@@ -1,0 +1,395 @@
+//! `config.json` as the hub has it: CLIP, LLaMA-family decoders and LLaVA.
+//!
+//! Every field that transformers fills from a class default has the same default here, so sparse
+//! 4.x-era configs (the llava-hf ones leave out `vision_feature_layer`, the projector activation and
+//! most of `text_config`) and transformers-5 configs (`dtype`, `rope_parameters`) read alike.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Activation functions by their transformers name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    QuickGelu,
+    /// The exact (erf) GELU: transformers' `"gelu"`.
+    Gelu,
+    #[serde(alias = "gelu_new", alias = "gelu_fast")]
+    GeluPytorchTanh,
+    Silu,
+    Relu,
+}
+
+/// `text_config` of a CLIP checkpoint (defaults of transformers' `CLIPTextConfig`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub projection_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: u32,
+    pub bos_token_id: u32,
+    pub eos_token_id: u32,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            pad_token_id: 1,
+            bos_token_id: 49406,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+/// `vision_config` of a CLIP checkpoint or a LLaVA vision tower (defaults of `CLIPVisionConfig`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub projection_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            projection_dim: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Positions of the vision transformer: one per patch plus the class token.
+    pub fn num_positions(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+}
+
+/// A full CLIP checkpoint (`CLIPConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    #[serde(default)]
+    pub text_config: ClipTextConfig,
+    #[serde(default)]
+    pub vision_config: ClipVisionConfig,
+    #[serde(default = "default_clip_projection_dim")]
+    pub projection_dim: usize,
+}
+
+fn default_clip_projection_dim() -> usize {
+    512
+}
+
+/// `rope_parameters` (transformers 5) or `rope_scaling` (4.x).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+}
+
+/// A LLaMA-family decoder (defaults of transformers' `LlamaConfig`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<RopeParameters>,
+    pub rope_scaling: Option<RopeParameters>,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<EosTokenId>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            hidden_act: Activation::Silu,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_theta: None,
+            rope_parameters: None,
+            rope_scaling: None,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(EosTokenId::One(2)),
+            pad_token_id: None,
+        }
+    }
+}
+
+/// `eos_token_id` may be one id or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenId {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosTokenId {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            EosTokenId::One(id) => vec![*id],
+            EosTokenId::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// `rope_theta` from the 4.x key or from transformers 5's `rope_parameters`.
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10_000.0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for rope in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
+            if let Some(kind) = rope.rope_type.as_deref() {
+                if kind != "default" {
+                    bail!("rope type {kind:?} is not supported (only the default RoPE)");
+                }
+            }
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+            bail!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `vision_feature_layer`: one layer index or several whose features are concatenated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FeatureLayer {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// Which vision positions feed the projector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureSelect {
+    /// Drop the class token.
+    Default,
+    /// Keep every position.
+    Full,
+}
+
+/// A LLaVA-1.5 checkpoint (`LlavaConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlavaConfig {
+    #[serde(default = "default_llava_vision")]
+    pub vision_config: ClipVisionConfig,
+    #[serde(default)]
+    pub text_config: LlamaConfig,
+    #[serde(default = "default_image_token_index", alias = "image_token_id")]
+    pub image_token_index: u32,
+    #[serde(default = "default_projector_act")]
+    pub projector_hidden_act: Activation,
+    #[serde(default = "default_feature_layer")]
+    pub vision_feature_layer: FeatureLayer,
+    #[serde(default = "default_feature_select")]
+    pub vision_feature_select_strategy: FeatureSelect,
+    #[serde(default = "default_true")]
+    pub multimodal_projector_bias: bool,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// transformers' `LlavaConfig` builds this vision config when none is given.
+fn default_llava_vision() -> ClipVisionConfig {
+    ClipVisionConfig {
+        hidden_size: 1024,
+        intermediate_size: 4096,
+        projection_dim: 768,
+        num_hidden_layers: 24,
+        num_attention_heads: 16,
+        image_size: 336,
+        patch_size: 14,
+        ..ClipVisionConfig::default()
+    }
+}
+
+fn default_image_token_index() -> u32 {
+    32000
+}
+fn default_projector_act() -> Activation {
+    Activation::Gelu
+}
+fn default_feature_layer() -> FeatureLayer {
+    FeatureLayer::One(-2)
+}
+fn default_feature_select() -> FeatureSelect {
+    FeatureSelect::Default
+}
+fn default_true() -> bool {
+    true
+}
+
+impl LlavaConfig {
+    /// The vision hidden-state indices (0 = embeddings after `pre_layrnorm`, i = output of layer i)
+    /// whose features are concatenated, negative indices resolved.
+    pub fn feature_layers(&self) -> Result<Vec<usize>> {
+        let n = self.vision_config.num_hidden_layers as i64 + 1;
+        let raw = match &self.vision_feature_layer {
+            FeatureLayer::One(i) => vec![*i],
+            FeatureLayer::Many(v) => v.clone(),
+        };
+        raw.into_iter()
+            .map(|i| {
+                let idx = if i < 0 { n + i } else { i };
+                if idx < 0 || idx >= n {
+                    bail!(
+                        "vision_feature_layer {i} is out of range for {} vision layers",
+                        n - 1
+                    );
+                }
+                Ok(idx as usize)
+            })
+            .collect()
+    }
+
+    /// Image tokens one image expands to in the prompt.
+    pub fn image_tokens_per_image(&self) -> usize {
+        let patches = self.vision_config.grid() * self.vision_config.grid();
+        match self.vision_feature_select_strategy {
+            FeatureSelect::Default => patches,
+            FeatureSelect::Full => patches + 1,
+        }
+    }
+}
+
+/// The architectures this crate loads.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    Clip(ClipConfig),
+    Llava(LlavaConfig),
+}
+
+impl ModelConfig {
+    /// Reads a `config.json`, choosing the architecture by `model_type`.
+    pub fn from_file(path: &Path) -> Result<(Self, serde_json::Value)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let config = Self::from_value(&raw).with_context(|| format!("in {}", path.display()))?;
+        Ok((config, raw))
+    }
+
+    pub fn from_value(raw: &serde_json::Value) -> Result<Self> {
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .context("missing required key \"model_type\" (expected \"clip\" or \"llava\")")?;
+        match model_type {
+            "clip" => Ok(ModelConfig::Clip(
+                serde_json::from_value(raw.clone()).context("invalid CLIP config")?,
+            )),
+            "llava" => {
+                let config: LlavaConfig =
+                    serde_json::from_value(raw.clone()).context("invalid LLaVA config")?;
+                if let Some(t) = raw.pointer("/text_config/model_type").and_then(|v| v.as_str()) {
+                    if t != "llama" {
+                        bail!("text_config.model_type {t:?} is not supported (expected \"llama\")");
+                    }
+                }
+                config.text_config.validate().context("in text_config")?;
+                config.feature_layers()?;
+                Ok(ModelConfig::Llava(config))
+            }
+            other => bail!(
+                "model_type {other:?} is not supported: bella-vqa loads \"clip\" and \"llava\" checkpoints"
+            ),
+        }
+    }
+
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            ModelConfig::Clip(_) => "CLIP",
+            ModelConfig::Llava(_) => "LLaVA",
+        }
+    }
+}
+
+/// The checkpoint's declared dtype: `torch_dtype` (4.x) or `dtype` (5.x), top level or in `text_config`.
+pub fn declared_dtype(raw: &serde_json::Value) -> Option<String> {
+    ["/dtype", "/torch_dtype", "/text_config/dtype", "/text_config/torch_dtype"]
+        .iter()
+        .find_map(|p| raw.pointer(p).and_then(|v| v.as_str()).map(str::to_string))
+}

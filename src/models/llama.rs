@@ -1,0 +1,469 @@
+//! A LLaMA-family decoder with a KV cache, per-row positions (left padding) and full-sequence
+//! outputs for training; every linear layer particle-capable.
+//!
+//! Rows: a batch of `b` sequences is `b` rows until the first layer with particles, `P·b` rows
+//! (particle-major) from there on. The cache keeps, per layer, whatever rows that layer saw; when the
+//! sequences of the particles diverge (decoding), the shared rows are expanded once.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::bella::{expand_particles, ParticleLinear};
+use crate::error::WeightError;
+use crate::models::config::{Activation, LlamaConfig};
+use crate::models::nn::{activate, attention, attention_bias, linear, RmsNorm};
+use crate::models::weights::Scope;
+
+type LoadResult<T> = std::result::Result<T, WeightError>;
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q_proj: ParticleLinear,
+    k_proj: ParticleLinear,
+    v_proj: ParticleLinear,
+    o_proj: ParticleLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate_proj: ParticleLinear,
+    up_proj: ParticleLinear,
+    down_proj: ParticleLinear,
+    act: Activation,
+}
+
+#[derive(Clone, Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// `rotate_half` RoPE as transformers' LLaMA: `x·cos + rotate_half(x)·sin`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Repeats key/value heads for grouped-query attention: `[rows, kv, T, d]` → `[rows, kv·n, T, d]`.
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (rows, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((rows, kv, n, t, d))?
+        .reshape((rows, kv * n, t, d))
+}
+
+/// Brings `t` (leading dim `rows_t`) to `rows` rows by particle expansion.
+fn match_rows(t: Tensor, rows: usize) -> Result<Tensor> {
+    let have = t.dim(0)?;
+    if have == rows {
+        Ok(t)
+    } else if have > 0 && rows % have == 0 {
+        expand_particles(&t, rows / have)
+    } else {
+        candle_core::bail!("cannot match {have} rows to {rows} rows")
+    }
+}
+
+/// Attention bias and rotary tables for one step, built for the step's input rows.
+struct StepContext {
+    bias: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl StepContext {
+    fn rows(&self) -> Result<usize> {
+        self.bias.dim(0)
+    }
+
+    fn expanded(&self, rows: usize) -> Result<Self> {
+        Ok(Self {
+            bias: match_rows(self.bias.clone(), rows)?,
+            cos: match_rows(self.cos.clone(), rows)?,
+            sin: match_rows(self.sin.clone(), rows)?,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (rows, len, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize| {
+            t.reshape((rows, len, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&match_rows(pk, rows)?, &k], 2)?,
+                Tensor::cat(&[&match_rows(pv, rows)?, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let n_rep = self.heads / self.kv_heads;
+        let out = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, Some(&ctx.bias))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((rows, len, self.heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl DecoderLayer {
+    fn load(s: &Scope, c: &LlamaConfig) -> LoadResult<Self> {
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let a = s.pp("self_attn");
+        let m = s.pp("mlp");
+        Ok(Self {
+            self_attn: Attention {
+                q_proj: linear(&a.pp("q_proj"), h, nh * hd, c.attention_bias)?,
+                k_proj: linear(&a.pp("k_proj"), h, nkv * hd, c.attention_bias)?,
+                v_proj: linear(&a.pp("v_proj"), h, nkv * hd, c.attention_bias)?,
+                o_proj: linear(&a.pp("o_proj"), nh * hd, h, c.attention_bias)?,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            },
+            mlp: Mlp {
+                gate_proj: linear(&m.pp("gate_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                up_proj: linear(&m.pp("up_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                down_proj: linear(&m.pp("down_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                act: c.hidden_act,
+            },
+            input_layernorm: RmsNorm::load(&s.pp("input_layernorm"), h, c.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                &s.pp("post_attention_layernorm"),
+                h,
+                c.rms_norm_eps,
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
+        let n = self.post_attention_layernorm.forward(&h)?;
+        let m = &self.mlp;
+        let gated = (activate(m.act, &m.gate_proj.forward(&n)?)? * m.up_proj.forward(&n)?)?;
+        h + m.down_proj.forward(&gated)?
+    }
+
+    fn linears(&self) -> [(&'static str, &ParticleLinear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut ParticleLinear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
+    fn has_particles(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.adapter().is_some())
+    }
+}
+
+/// Keys and values of every layer plus, per row, which cached positions are real tokens and the
+/// next position id.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    keep: Vec<Vec<bool>>,
+    next_position: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            keep: Vec::new(),
+            next_position: Vec::new(),
+        }
+    }
+
+    /// Cached positions (real and padding).
+    pub fn len(&self) -> usize {
+        self.keep.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows the cache's bookkeeping covers (`batch` or `P·batch`).
+    pub fn rows(&self) -> usize {
+        self.keep.len()
+    }
+
+    /// Registers a step of `new_keep[row][j]` (true = real token) and returns its position ids.
+    /// Positions count real tokens only, as transformers' `generate` (cumsum of the mask − 1);
+    /// padding gets position 1.
+    fn advance(&mut self, new_keep: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
+        let rows = new_keep.len();
+        if self.keep.is_empty() {
+            self.keep = vec![Vec::new(); rows];
+            self.next_position = vec![0; rows];
+        } else if self.keep.len() != rows {
+            let have = self.keep.len();
+            if rows % have != 0 {
+                candle_core::bail!("a step of {rows} rows does not fit a cache of {have} rows");
+            }
+            // The particles' sequences diverge: repeat the shared bookkeeping particle-major.
+            self.keep = (0..rows).map(|r| self.keep[r % have].clone()).collect();
+            self.next_position = (0..rows).map(|r| self.next_position[r % have]).collect();
+        }
+        let mut positions = Vec::with_capacity(rows);
+        for (r, step) in new_keep.iter().enumerate() {
+            let mut row = Vec::with_capacity(step.len());
+            for &k in step {
+                if k {
+                    row.push(self.next_position[r]);
+                    self.next_position[r] += 1;
+                } else {
+                    row.push(1);
+                }
+            }
+            self.keep[r].extend_from_slice(step);
+            positions.push(row);
+        }
+        Ok(positions)
+    }
+}
+
+/// What a decoder pass produced; rows are `P·batch` when `expanded`.
+pub struct DecoderOutput {
+    /// After the final RMSNorm: `[rows, len, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// Each decoder layer's output, when asked for.
+    pub layer_outputs: Vec<Tensor>,
+    pub expanded: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaModel {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: ParticleLinear,
+    inv_freq: Vec<f32>,
+    config: LlamaConfig,
+}
+
+impl LlamaModel {
+    /// `s` is the scope holding `model.*` and `lm_head.*` (`language_model` in the LLaVA hub layout).
+    pub fn load(s: &Scope, c: &LlamaConfig) -> LoadResult<Self> {
+        let m = s.pp("model");
+        let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), c))
+            .collect::<LoadResult<_>>()?;
+        let head = s.pp("lm_head");
+        let lm_head = if c.tie_word_embeddings && !s.weights().contains(&head.key("weight")) {
+            ParticleLinear::new(embed_tokens.clone(), None)
+        } else {
+            linear(&head, c.hidden_size, c.vocab_size, false)?
+        };
+        let d = c.head_dim();
+        let theta = c.rope_theta() as f32;
+        let inv_freq = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&m.pp("norm"), c.hidden_size, c.rms_norm_eps)?,
+            lm_head,
+            inv_freq,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings `[rows, len, hidden]` of `input_ids` `[rows, len]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (rows, len) = input_ids.dims2()?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((rows, len, self.config.hidden_size))
+    }
+
+    /// cos/sin tables `[rows, 1, len, head_dim]` for per-row positions.
+    fn rope_tables(&self, positions: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+        let rows = positions.len();
+        let len = positions.first().map_or(0, Vec::len);
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(rows * len * half * 2);
+        let mut sin = Vec::with_capacity(rows * len * half * 2);
+        for row in positions {
+            for &p in row {
+                let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos()));
+                    sin.extend(angles.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        let shape = (rows, 1, len, half * 2);
+        let dtype = self.embed_tokens.dtype();
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// One pass over `embeds` `[rows, len, hidden]`: `rows` = batch, or P·batch (particle-major,
+    /// `input_expanded`) when the sequences already differ per particle. `keep[row][j]` marks real
+    /// tokens of this step (false = left padding). The cache is extended; use a fresh one for a
+    /// full-sequence pass.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        input_expanded: bool,
+        keep: &[Vec<bool>],
+        cache: &mut KvCache,
+        particles: usize,
+        keep_layer_outputs: bool,
+    ) -> Result<DecoderOutput> {
+        let (rows_in, len, _) = embeds.dims3()?;
+        if keep.len() != rows_in || keep.iter().any(|r| r.len() != len) {
+            candle_core::bail!("attention mask does not match the input [{rows_in}, {len}]");
+        }
+        let max_pos = self.config.max_position_embeddings;
+        if cache.len() + len > max_pos {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's {max_pos} positions",
+                cache.len() + len
+            );
+        }
+        let mut x = embeds.clone();
+        let mut keep = keep.to_vec();
+        let mut expanded = input_expanded;
+        // Shared tokens fed to particles whose sequences already diverged: expand them first.
+        if !expanded && cache.rows() > rows_in {
+            x = expand_particles(&x, particles)?;
+            keep = (0..rows_in * particles)
+                .map(|r| keep[r % rows_in].clone())
+                .collect();
+            expanded = true;
+        }
+        let positions = cache.advance(&keep)?;
+        let device = embeds.device();
+        let (cos, sin) = self.rope_tables(&positions, device)?;
+        let mut ctx = StepContext {
+            bias: attention_bias(&cache.keep, len, true, device)?.to_dtype(embeds.dtype())?,
+            cos,
+            sin,
+        };
+        let mut layer_outputs = Vec::new();
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if !expanded && layer.has_particles() {
+                x = expand_particles(&x, particles)?;
+                expanded = true;
+            }
+            if ctx.rows()? != x.dim(0)? {
+                ctx = ctx.expanded(x.dim(0)?)?;
+            }
+            x = layer.forward(&x, &ctx, layer_cache)?;
+            if keep_layer_outputs {
+                layer_outputs.push(x.clone());
+            }
+        }
+        // The bookkeeping follows the widest rows any layer cached.
+        if cache.keep.len() < x.dim(0)? {
+            let have = cache.keep.len();
+            let target = x.dim(0)?;
+            cache.keep = (0..target).map(|r| cache.keep[r % have].clone()).collect();
+            cache.next_position = (0..target).map(|r| cache.next_position[r % have]).collect();
+        }
+        Ok(DecoderOutput {
+            last_hidden_state: self.norm.forward(&x)?,
+            layer_outputs,
+            expanded,
+        })
+    }
+
+    /// `lm_head` over hidden states `[rows, len, hidden]` → `[rows', len, vocab]`.
+    pub fn logits(&self, hidden: &Tensor, expanded: bool, particles: usize) -> Result<Tensor> {
+        if !expanded && self.lm_head.adapter().is_some() {
+            return self.lm_head.forward(&expand_particles(hidden, particles)?);
+        }
+        self.lm_head.forward(hidden)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub(crate) fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a ParticleLinear)>) {
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, l) in layer.linears() {
+                out.push((format!("{prefix}.model.layers.{i}.{name}"), l));
+            }
+        }
+        out.push((format!("{prefix}.lm_head"), &self.lm_head));
+    }
+
+    pub(crate) fn linears_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut ParticleLinear)>,
+    ) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, l) in layer.linears_mut() {
+                out.push((format!("{prefix}.model.layers.{i}.{name}"), l));
+            }
+        }
+        out.push((format!("{prefix}.lm_head"), &mut self.lm_head));
+    }
+}

@@ -1,0 +1,292 @@
+//! LLaVA-1.5: CLIP vision tower → 2-layer GELU projector → LLaMA decoder (`llava-hf` layout).
+//!
+//! The prompt already holds one image token per image feature (the `<image>` placeholder is
+//! expanded in the text); their embeddings are replaced by the projected image features.
+
+use candle_core::{Result, Tensor};
+
+use crate::bella::{expand_particles, ParticleLinear};
+use crate::error::WeightError;
+use crate::models::clip::ClipVisionTransformer;
+use crate::models::config::{FeatureSelect, LlavaConfig};
+use crate::models::llama::{DecoderOutput, KvCache, LlamaModel};
+use crate::models::nn::{activate, linear};
+use crate::models::weights::{Alias, Scope};
+
+/// Hub names (llava-hf, transformers 4.x) and where other savers put the same tensors
+/// (transformers ≥ 4.52 and 5.x: `model.vision_tower…`, `model.language_model…`, `lm_head`).
+pub const LAYOUT_ALIASES: &[Alias] = &[
+    (
+        "vision_tower.vision_model.",
+        &[
+            "model.vision_tower.vision_model.",
+            "vision_tower.",
+            "model.vision_tower.",
+        ],
+    ),
+    ("multi_modal_projector.", &["model.multi_modal_projector."]),
+    (
+        "language_model.model.",
+        &["model.language_model.", "language_model."],
+    ),
+    ("language_model.lm_head.", &["lm_head."]),
+];
+
+#[derive(Clone, Debug)]
+pub struct LlavaModel {
+    pub vision_tower: ClipVisionTransformer,
+    linear_1: ParticleLinear,
+    linear_2: ParticleLinear,
+    pub language_model: LlamaModel,
+    feature_layers: Vec<usize>,
+    config: LlavaConfig,
+}
+
+/// Inputs of one LLaVA pass.
+pub struct LlavaInput<'a> {
+    /// `[batch, len]` u32, with the image tokens already expanded.
+    pub input_ids: &'a Tensor,
+    /// `[images, C, H, W]`, one image per `<image>` placeholder in row-major order.
+    pub pixel_values: Option<&'a Tensor>,
+    /// `keep[row][j]`: real token (true) or left padding.
+    pub keep: &'a [Vec<bool>],
+}
+
+/// Outputs of one LLaVA pass, every stage kept for parity checks.
+pub struct LlavaOutput {
+    pub image_features: Option<Tensor>,
+    pub inputs_embeds: Tensor,
+    pub decoder: DecoderOutput,
+    /// `[rows, len, vocab]`
+    pub logits: Tensor,
+}
+
+impl LlavaModel {
+    pub fn load(s: &Scope, c: &LlavaConfig) -> std::result::Result<Self, WeightError> {
+        let vision_hidden = c.vision_config.hidden_size;
+        let feature_layers = c.feature_layers().map_err(|e| WeightError::BadFile {
+            file: "config.json".into(),
+            reason: e.to_string(),
+        })?;
+        let text_hidden = c.text_config.hidden_size;
+        let p = s.pp("multi_modal_projector");
+        let bias = c.multimodal_projector_bias;
+        Ok(Self {
+            vision_tower: ClipVisionTransformer::load(
+                &s.pp("vision_tower.vision_model"),
+                &c.vision_config,
+                false,
+            )?,
+            linear_1: linear(
+                &p.pp("linear_1"),
+                vision_hidden * feature_layers.len(),
+                text_hidden,
+                bias,
+            )?,
+            linear_2: linear(&p.pp("linear_2"), text_hidden, text_hidden, bias)?,
+            language_model: LlamaModel::load(&s.pp("language_model"), &c.text_config)?,
+            feature_layers,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    /// Projected image features `[rows, tokens_per_image, text_hidden]` and whether the rows carry
+    /// the particle axis. The tower runs once per image unless it carries particles itself.
+    pub fn image_features(&self, pixel_values: &Tensor, particles: usize) -> Result<(Tensor, bool)> {
+        let (hidden, mut expanded) = self.vision_tower.hidden_states_at(
+            pixel_values,
+            &self.feature_layers,
+            particles,
+        )?;
+        let hidden = match self.config.vision_feature_select_strategy {
+            FeatureSelect::Default => hidden.narrow(1, 1, hidden.dim(1)? - 1)?,
+            FeatureSelect::Full => hidden,
+        };
+        let mut x = hidden;
+        for (i, layer) in [&self.linear_1, &self.linear_2].into_iter().enumerate() {
+            if !expanded && layer.adapter().is_some() {
+                x = expand_particles(&x, particles)?;
+                expanded = true;
+            }
+            x = layer.forward(&x)?;
+            if i == 0 {
+                x = activate(self.config.projector_hidden_act, &x)?;
+            }
+        }
+        Ok((x, expanded))
+    }
+
+    /// Token embeddings with the image tokens replaced by `features` in row-major order. When the
+    /// features carry the particle axis, the result does too (`P` blocks of `batch` rows).
+    pub fn merge_image_features(
+        &self,
+        input_ids: &Tensor,
+        features: &Tensor,
+        features_expanded: bool,
+        particles: usize,
+    ) -> Result<(Tensor, bool)> {
+        let (batch, len) = input_ids.dims2()?;
+        let ids = input_ids.to_vec2::<u32>()?;
+        let image_token = self.config.image_token_index;
+        let (feat_rows, per_image, hidden) = features.dims3()?;
+        let blocks = if features_expanded { particles } else { 1 };
+        let images = feat_rows / blocks;
+        let n_image_tokens: usize = ids.iter().flatten().filter(|&&t| t == image_token).count();
+        if n_image_tokens != images * per_image {
+            candle_core::bail!(
+                "the prompt holds {n_image_tokens} image tokens but {images} image(s) give {} features \
+                 (one <image> per image, expanded to {per_image} tokens each)",
+                images * per_image
+            );
+        }
+        // Embed with the image tokens mapped to id 0 (the image token may lie outside the table).
+        let safe: Vec<u32> = ids
+            .iter()
+            .flatten()
+            .map(|&t| if t == image_token { 0 } else { t })
+            .collect();
+        let safe = Tensor::from_vec(safe, (batch, len), input_ids.device())?;
+        let text = self.language_model.embed(&safe)?;
+        let text = if features_expanded {
+            expand_particles(&text, particles)?
+        } else {
+            text
+        };
+        // One gather over [text positions; feature positions] builds the merged sequence.
+        let text_rows = blocks * batch * len;
+        let mut index = Vec::with_capacity(text_rows);
+        for blk in 0..blocks {
+            let mut next_feature = blk * images * per_image;
+            for (i, row) in ids.iter().enumerate() {
+                for (j, &t) in row.iter().enumerate() {
+                    if t == image_token {
+                        index.push((text_rows + next_feature) as u32);
+                        next_feature += 1;
+                    } else {
+                        index.push(((blk * batch + i) * len + j) as u32);
+                    }
+                }
+            }
+        }
+        let source = Tensor::cat(
+            &[
+                text.reshape((text_rows, hidden))?,
+                features.reshape((feat_rows * per_image, hidden))?,
+            ],
+            0,
+        )?;
+        let index = Tensor::from_vec(index, text_rows, input_ids.device())?;
+        let merged = source
+            .index_select(&index, 0)?
+            .reshape((blocks * batch, len, hidden))?;
+        Ok((merged, features_expanded))
+    }
+
+    /// A full pass (or one cached step): logits for every position.
+    pub fn forward(
+        &self,
+        input: &LlavaInput,
+        cache: &mut KvCache,
+        particles: usize,
+        keep_layer_outputs: bool,
+    ) -> Result<LlavaOutput> {
+        let (image_features, inputs_embeds, expanded) = match input.pixel_values {
+            Some(pixels) => {
+                let (features, fexp) = self.image_features(pixels, particles)?;
+                let (embeds, exp) =
+                    self.merge_image_features(input.input_ids, &features, fexp, particles)?;
+                (Some(features), embeds, exp)
+            }
+            None => (None, self.language_model.embed(input.input_ids)?, false),
+        };
+        let decoder = self.language_model.forward(
+            &inputs_embeds,
+            expanded,
+            input.keep,
+            cache,
+            particles,
+            keep_layer_outputs,
+        )?;
+        let logits =
+            self.language_model
+                .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
+        Ok(LlavaOutput {
+            image_features,
+            inputs_embeds,
+            decoder,
+            logits,
+        })
+    }
+
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<(String, &'a ParticleLinear)>) {
+        self.vision_tower.linears("vision_tower.vision_model", out);
+        out.push(("multi_modal_projector.linear_1".into(), &self.linear_1));
+        out.push(("multi_modal_projector.linear_2".into(), &self.linear_2));
+        self.language_model.linears("language_model", out);
+    }
+
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<(String, &'a mut ParticleLinear)>) {
+        self.vision_tower
+            .linears_mut("vision_tower.vision_model", out);
+        out.push(("multi_modal_projector.linear_1".into(), &mut self.linear_1));
+        out.push(("multi_modal_projector.linear_2".into(), &mut self.linear_2));
+        self.language_model.linears_mut("language_model", out);
+    }
+}
+
+impl LlavaModel {
+    /// Greedy decoding of `max_new_tokens` tokens for every row (and every particle): returns the
+    /// new tokens per row, `[P·batch]` rows particle-major when the model carries particles. A row
+    /// stops at any of `eos` (the eos token is kept; later positions are not generated for it).
+    pub fn generate_greedy(
+        &self,
+        input: &LlavaInput,
+        particles: usize,
+        max_new_tokens: usize,
+        eos: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut cache = self.language_model.new_cache();
+        let out = self.forward(input, &mut cache, particles, false)?;
+        let mut logits = out.logits;
+        let mut expanded = out.decoder.expanded;
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        let mut done: Vec<bool> = Vec::new();
+        for step in 0..max_new_tokens {
+            let (rows, len, _) = logits.dims3()?;
+            let next: Vec<u32> = logits.narrow(1, len - 1, 1)?.squeeze(1)?.argmax(1)?.to_vec1()?;
+            if step == 0 {
+                tokens = vec![Vec::new(); rows];
+                done = vec![false; rows];
+            }
+            for (r, &t) in next.iter().enumerate() {
+                if !done[r] {
+                    tokens[r].push(t);
+                    done[r] = eos.contains(&t);
+                }
+            }
+            if step + 1 == max_new_tokens || done.iter().all(|&d| d) {
+                break;
+            }
+            let ids = Tensor::from_vec(next, (rows, 1), logits.device())?;
+            let keep = vec![vec![true]; rows];
+            let embeds = self.language_model.embed(&ids)?;
+            let dec = self.language_model.forward(
+                &embeds,
+                expanded,
+                &keep,
+                &mut cache,
+                particles,
+                false,
+            )?;
+            expanded = dec.expanded;
+            logits = self
+                .language_model
+                .logits(&dec.last_hidden_state, expanded, particles)?;
+        }
+        Ok(tokens)
+    }
+}
