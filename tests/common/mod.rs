@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bella_vqa::models::{self, LoadedModel};
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+pub fn load_model(name: &str) -> LoadedModel {
+    let files = bella_vqa::hub::ModelFiles::from_dir(&fixture(name)).expect("fixture files");
+    models::load(&files, &Device::Cpu, DType::F32).expect("fixture model loads")
+}
+
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(&format!("reference/{name}.safetensors")), &Device::Cpu)
+        .expect("reference tensors")
+}
+
+pub fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    r.get(key)
+        .unwrap_or_else(|| panic!("reference tensor {key} missing"))
+}
+
+/// Reference ids (int64) as u32 rows.
+pub fn ids(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect()
+}
+
+pub fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
+    let len = rows[0].len();
+    Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub const TOL: f32 = 1e-4;
+
+#[track_caller]
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
+    let d = max_abs_diff(actual, expected);
+    assert!(d <= TOL, "{what}: max abs diff {d} > {TOL}");
+}
+
+/// Compares `[rows, len, …]` tensors only where `mask[row][j]` is set.
+#[track_caller]
+pub fn assert_close_masked(what: &str, actual: &Tensor, expected: &Tensor, mask: &[Vec<u32>]) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes differ");
+    for (r, row) in mask.iter().enumerate() {
+        for (j, &m) in row.iter().enumerate() {
+            if m != 0 {
+                let a = actual.get(r).unwrap().get(j).unwrap();
+                let e = expected.get(r).unwrap().get(j).unwrap();
+                let d = max_abs_diff(&a, &e);
+                assert!(d <= TOL, "{what}: row {r} position {j}: max abs diff {d}");
+            }
+        }
+    }
+}
+
+pub fn keep_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<bool>> {
+    mask.iter()
+        .map(|r| r.iter().map(|&v| v != 0).collect())
+        .collect()
+}
