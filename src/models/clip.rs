@@ -3,7 +3,7 @@
 
 use candle_core::{Device, IndexOp, Result, Tensor, D};
 
-use crate::bella::{expand_particles, ParticleLinear};
+use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 use crate::models::nn::{activate, attention, attention_bias, linear, LayerNorm};
@@ -554,7 +554,10 @@ impl ClipModel {
         &self.logit_scale
     }
 
-    pub fn linears(&self) -> Vec<(String, &ParticleLinear)> {
+}
+
+impl ParticleModel for ClipModel {
+    fn linears(&self) -> Vec<(String, &ParticleLinear)> {
         let mut out = Vec::new();
         self.text_model.encoder.linears("text_model.encoder", &mut out);
         self.vision_model.linears("vision_model", &mut out);
@@ -563,7 +566,7 @@ impl ClipModel {
         out
     }
 
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)> {
+    fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)> {
         let mut out = Vec::new();
         self.text_model
             .encoder

@@ -376,7 +376,9 @@ impl LlamaModel {
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
         let (rows_in, len, _) = embeds.dims3()?;
-        if keep.len() != rows_in || keep.iter().any(|r| r.len() != len) {
+        // The mask may be given per example for input that already carries the particle axis.
+        let fits = keep.len() == rows_in || (input_expanded && keep.len() * particles == rows_in);
+        if !fits || keep.iter().any(|r| r.len() != len) {
             candle_core::bail!("attention mask does not match the input [{rows_in}, {len}]");
         }
         let max_pos = self.config.max_position_embeddings;
@@ -387,7 +389,7 @@ impl LlamaModel {
             );
         }
         let mut x = embeds.clone();
-        let mut keep = keep.to_vec();
+        let mut keep: Vec<Vec<bool>> = (0..rows_in).map(|r| keep[r % keep.len()].clone()).collect();
         let mut expanded = input_expanded;
         // Shared tokens fed to particles whose sequences already diverged: expand them first.
         if !expanded && cache.rows() > rows_in {

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::bella::{expand_particles, ParticleLinear};
+use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::config::{FeatureSelect, LlavaConfig};
@@ -221,20 +221,26 @@ impl LlavaModel {
             logits,
         })
     }
+}
 
-    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<(String, &'a ParticleLinear)>) {
-        self.vision_tower.linears("vision_tower.vision_model", out);
+impl ParticleModel for LlavaModel {
+    fn linears(&self) -> Vec<(String, &ParticleLinear)> {
+        let mut out = Vec::new();
+        self.vision_tower.linears("vision_tower.vision_model", &mut out);
         out.push(("multi_modal_projector.linear_1".into(), &self.linear_1));
         out.push(("multi_modal_projector.linear_2".into(), &self.linear_2));
-        self.language_model.linears("language_model", out);
+        self.language_model.linears("language_model", &mut out);
+        out
     }
 
-    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<(String, &'a mut ParticleLinear)>) {
+    fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)> {
+        let mut out = Vec::new();
         self.vision_tower
-            .linears_mut("vision_tower.vision_model", out);
+            .linears_mut("vision_tower.vision_model", &mut out);
         out.push(("multi_modal_projector.linear_1".into(), &mut self.linear_1));
         out.push(("multi_modal_projector.linear_2".into(), &mut self.linear_2));
-        self.language_model.linears_mut("language_model", out);
+        self.language_model.linears_mut("language_model", &mut out);
+        out
     }
 }
 

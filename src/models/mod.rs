@@ -30,22 +30,14 @@ impl ParticleModel for Model {
     fn linears(&self) -> Vec<(String, &ParticleLinear)> {
         match self {
             Model::Clip(m) => m.linears(),
-            Model::Llava(m) => {
-                let mut out = Vec::new();
-                m.linears(&mut out);
-                out
-            }
+            Model::Llava(m) => m.linears(),
         }
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)> {
         match self {
             Model::Clip(m) => m.linears_mut(),
-            Model::Llava(m) => {
-                let mut out = Vec::new();
-                m.linears_mut(&mut out);
-                out
-            }
+            Model::Llava(m) => m.linears_mut(),
         }
     }
 }
