@@ -358,12 +358,9 @@ impl ModelConfig {
             .and_then(|v| v.as_str())
             .context("missing required key \"model_type\" (expected \"clip\" or \"llava\")")?;
         match model_type {
-            "clip" => Ok(ModelConfig::Clip(
-                serde_json::from_value(raw.clone()).context("invalid CLIP config")?,
-            )),
+            "clip" => Ok(ModelConfig::Clip(parse(raw, "CLIP")?)),
             "llava" => {
-                let config: LlavaConfig =
-                    serde_json::from_value(raw.clone()).context("invalid LLaVA config")?;
+                let config: LlavaConfig = parse(raw, "LLaVA")?;
                 if let Some(t) = raw.pointer("/text_config/model_type").and_then(|v| v.as_str()) {
                     if t != "llama" {
                         bail!("text_config.model_type {t:?} is not supported (expected \"llama\")");
@@ -385,6 +382,12 @@ impl ModelConfig {
             ModelConfig::Llava(_) => "LLaVA",
         }
     }
+}
+
+/// Deserialises with the path of the offending key in the error (`text_config.hidden_size: …`).
+fn parse<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, what: &str) -> Result<T> {
+    serde_path_to_error::deserialize(raw.clone())
+        .map_err(|e| anyhow::anyhow!("invalid {what} config at key `{}`: {}", e.path(), e.inner()))
 }
 
 /// The checkpoint's declared dtype: `torch_dtype` (4.x) or `dtype` (5.x), top level or in `text_config`.
