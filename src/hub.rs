@@ -1,44 +1,1506 @@
 //! Model sources: a hub id (with revision), the local hub cache, or a directory.
-//! (Placeholder until the hub branch lands.)
+//!
+//! A [`ModelSource`] is either a Hugging Face hub id (`org/name` or `org/name@revision`) or a local
+//! directory. [`resolve`] turns it into [`ModelFiles`]: one directory that holds `config.json`, the
+//! safetensors weights (one file or the shards of `model.safetensors.index.json`) and whichever of
+//! the optional tokenizer/processor/template files the model has.
+//!
+//! # The cache
+//!
+//! Hub models live in the standard Hugging Face cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`), in exactly the layout `huggingface_hub` (Python) writes, so the two
+//! share one cache:
+//!
+//! ```text
+//! models--org--name/
+//!   blobs/<etag>                        file contents, named by the hub's ETag
+//!   snapshots/<commit>/<file>           relative symlink -> ../../blobs/<etag>
+//!   refs/<revision>                     the commit sha that <revision> pointed to
+//! ```
+//!
+//! Paths and the token file come from `hf_hub` ([`hf_hub::Cache`], [`hf_hub::Repo`],
+//! [`hf_hub::CacheRepo`]).
+//!
+//! # Why the HTTP is done here and not by `hf-hub`
+//!
+//! `hf-hub` 0.5's `Api` has no request timeout (an endpoint that accepts the connection and never
+//! answers hangs forever), no offline switch (`HF_HUB_OFFLINE`), ignores `HF_HUB_CACHE`, and its
+//! errors cannot tell "the hub is unreachable" from "the model does not exist". `hf-hub` 1.0 would
+//! add several minutes of build (aws-lc, reqwest, xet). So this module talks to the hub itself with
+//! a `ureq` agent that has connect/response/read timeouts ([`HubOptions::timeout`], env
+//! `BELLA_HUB_TIMEOUT_SECS`), follows redirects by hand (to read the hub's `X-Linked-Etag` /
+//! `X-Repo-Commit` before a redirect to the LFS/CDN host, and to send the token only to the hub
+//! itself), and reports failures as a typed [`HubError`]. Downloads go to a temporary file in
+//! `blobs/` that is synced and renamed into place, so an interrupted download never leaves a
+//! corrupt blob.
+//!
+//! # Environment ([`HubOptions::from_env`])
+//!
+//! `HF_ENDPOINT`, `HF_HUB_CACHE` (or legacy `HUGGINGFACE_HUB_CACHE`), `HF_HOME`, `XDG_CACHE_HOME`,
+//! `HF_TOKEN` (or legacy `HUGGING_FACE_HUB_TOKEN`), `HF_TOKEN_PATH`, `HF_HUB_OFFLINE`,
+//! `HF_HUB_DISABLE_PROGRESS_BARS` and `BELLA_HUB_TIMEOUT_SECS`.
 
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context};
+use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 
+/// The public Hugging Face hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// Default for [`HubOptions::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The revision used when a hub id has no `@revision`.
+pub const DEFAULT_REVISION: &str = "main";
+/// The model configuration (required).
+pub const CONFIG_FILE: &str = "config.json";
+/// Unsharded safetensors weights.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Index of sharded safetensors weights.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+/// Files that are fetched and used when the model has them.
+pub const OPTIONAL_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Downloads at least this large get a progress bar (when [`HubOptions::progress`]).
+const PROGRESS_MIN_BYTES: u64 = 4 * 1024 * 1024;
+/// Redirects followed per request.
+const MAX_REDIRECTS: usize = 10;
+/// Largest JSON answer read from the hub API.
+const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest error body read for a message.
+const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Model sources
+// ---------------------------------------------------------------------------------------------
+
+/// Where a model comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A hub model id `org/name`, at `revision` (a branch, tag or commit; default `main`).
+    Hub {
+        repo_id: String,
+        revision: Option<String>,
+    },
+    /// A local directory in the Hugging Face layout.
+    Dir(PathBuf),
+}
+
+impl ModelSource {
+    /// An existing directory path -> [`ModelSource::Dir`]; otherwise `org/name[@revision]` ->
+    /// [`ModelSource::Hub`]; anything else a clear error.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        if s.trim().is_empty() {
+            bail!("empty model source: expected a model directory or a hub id org/name[@revision]");
+        }
+        let path = Path::new(s);
+        if path.is_dir() {
+            return Ok(ModelSource::Dir(path.to_path_buf()));
+        }
+        if path.exists() {
+            bail!(
+                "{s} is a file, not a model directory: pass the directory that holds config.json, \
+                 or a hub id org/name[@revision]"
+            );
+        }
+        if looks_like_path(s) {
+            bail!("model directory {s} does not exist");
+        }
+        let (repo_id, revision) = match s.split_once('@') {
+            Some((repo_id, revision)) => (repo_id, Some(revision)),
+            None => (s, None),
+        };
+        validate_repo_id(repo_id).map_err(|why| {
+            anyhow!(
+                "{s:?} is neither an existing directory nor a hub model id: {why} \
+                 (expected org/name or org/name@revision)"
+            )
+        })?;
+        if let Some(revision) = revision {
+            validate_revision(revision)
+                .map_err(|why| anyhow!("invalid revision in {s:?}: {why}"))?;
+        }
+        Ok(ModelSource::Hub {
+            repo_id: repo_id.to_string(),
+            revision: revision.map(str::to_string),
+        })
+    }
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelSource::Hub {
+                repo_id,
+                revision: Some(revision),
+            } => write!(f, "{repo_id}@{revision}"),
+            ModelSource::Hub {
+                repo_id,
+                revision: None,
+            } => write!(f, "{repo_id}"),
+            ModelSource::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ModelSource {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::parse(s)
+    }
+}
+
+/// Strings that are meant as paths, never as hub ids.
+fn looks_like_path(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    s == "."
+        || s == ".."
+        || s.starts_with('/')
+        || s.starts_with("./")
+        || s.starts_with("../")
+        || s.starts_with('~')
+        || s.ends_with('/')
+        || s.contains('\\')
+        || (bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':')
+}
+
+/// The hub's rule for repo ids, restricted to `org/name`.
+fn validate_repo_id(repo_id: &str) -> Result<(), String> {
+    let parts: Vec<&str> = repo_id.split('/').collect();
+    if parts.len() != 2 {
+        return Err(format!("{repo_id:?} must have exactly one '/' (org/name)"));
+    }
+    for part in parts {
+        if part.is_empty() {
+            return Err(format!("{repo_id:?} has an empty org or name"));
+        }
+        if part.len() > 96 {
+            return Err(format!("{part:?} is longer than 96 characters"));
+        }
+        if !part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "{part:?} may only hold letters, digits, '-', '_' and '.'"
+            ));
+        }
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !word(part.chars().next()) || !word(part.chars().last()) {
+            return Err(format!(
+                "{part:?} must start and end with a letter, digit or '_'"
+            ));
+        }
+        if part.contains("--") || part.contains("..") {
+            return Err(format!("{part:?} may not contain '--' or '..'"));
+        }
+    }
+    Ok(())
+}
+
+/// Revisions are branch/tag names or commit shas; they become a path under `refs/`.
+fn validate_revision(revision: &str) -> Result<(), String> {
+    if revision.is_empty() {
+        return Err("the revision after '@' is empty".into());
+    }
+    if revision.len() > 256 {
+        return Err("the revision is longer than 256 characters".into());
+    }
+    if revision
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+    {
+        return Err(format!(
+            "{revision:?} contains whitespace, control characters or '\\'"
+        ));
+    }
+    if revision
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "{revision:?} has an empty, '.' or '..' path component"
+        ));
+    }
+    Ok(())
+}
+
+fn is_commit_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A single path component that the hub sent us (commit sha, etag) and that we use as a file name.
+fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A relative file path inside a model directory (as listed in an index): only normal components.
+fn is_safe_rel_file(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('\\')
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------------
+
+/// How to reach the hub and where its cache is.
+#[derive(Clone)]
+pub struct HubOptions {
+    /// `HF_ENDPOINT` or `https://huggingface.co` (no trailing slash).
+    pub endpoint: String,
+    /// `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    pub cache_dir: PathBuf,
+    /// `HF_TOKEN`, else the token file under `HF_HOME` (what `huggingface-cli login` writes).
+    pub token: Option<String>,
+    /// `HF_HUB_OFFLINE=1/true/yes/on`: use the cache only, never the network.
+    pub offline: bool,
+    /// Limit for connecting, for waiting for an answer and for each read while downloading
+    /// (`BELLA_HUB_TIMEOUT_SECS`, default 10 s). Zero means the default.
+    pub timeout: Duration,
+    /// Show an indicatif progress bar for large downloads.
+    pub progress: bool,
+}
+
+impl fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the token itself.
+        f.debug_struct("HubOptions")
+            .field("endpoint", &self.endpoint)
+            .field("cache_dir", &self.cache_dir)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("offline", &self.offline)
+            .field("timeout", &self.timeout)
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
+impl HubOptions {
+    /// Options from the process environment (see the module docs for the variables).
+    pub fn from_env() -> Self {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Options from a variable lookup (`from_env` uses `std::env::var`); empty values count as
+    /// unset. The only side effect is reading the token file when no token variable is set.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |key: &str| {
+            lookup(key)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let home = get("HOME")
+            .or_else(|| get("USERPROFILE"))
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let expand = |p: String| -> PathBuf {
+            match p.strip_prefix("~/") {
+                Some(rest) => home.join(rest),
+                None if p == "~" => home.clone(),
+                None => PathBuf::from(p),
+            }
+        };
+
+        let endpoint = get("HF_ENDPOINT")
+            .map(|e| e.trim_end_matches('/').to_string())
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let hf_home = get("HF_HOME").map(&expand).unwrap_or_else(|| {
+            get("XDG_CACHE_HOME")
+                .map(&expand)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("huggingface")
+        });
+        let cache_dir = get("HF_HUB_CACHE")
+            .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
+            .map(&expand)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token = get("HF_TOKEN")
+            .or_else(|| get("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| match get("HF_TOKEN_PATH") {
+                Some(path) => fs::read_to_string(expand(path))
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty()),
+                // hf_hub's token file lives next to `<HF_HOME>/hub`.
+                None => Cache::new(hf_home.join("hub")).token(),
+            });
+        let offline = get("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v));
+        let timeout = get("BELLA_HUB_TIMEOUT_SECS")
+            .and_then(|v| parse_timeout_secs(&v))
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let progress = !get("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| is_truthy(&v));
+        HubOptions {
+            endpoint,
+            cache_dir,
+            token,
+            offline,
+            timeout,
+            progress,
+        }
+    }
+
+    /// The timeout actually used (the default for zero).
+    fn effective_timeout(&self) -> Duration {
+        if self.timeout.is_zero() {
+            DEFAULT_TIMEOUT
+        } else {
+            self.timeout
+        }
+    }
+}
+
+/// `1`, `true`, `yes`, `on` (any case), as `huggingface_hub` reads boolean variables.
+fn is_truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// Seconds (fractions allowed) > 0 and at most a day; anything else is ignored.
+fn parse_timeout_secs(v: &str) -> Option<Duration> {
+    let secs: f64 = v.trim().parse().ok()?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Failures a caller may want to tell apart (returned inside `anyhow::Error`; use
+/// `err.downcast_ref::<HubError>()`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// No connection, DNS failure, timeout, or not an HTTP server.
+    #[error(
+        "the hub at {endpoint} could not be reached ({cause}). {}",
+        offline_hint(cache_dir, *cached, *timed_out)
+    )]
+    Unreachable {
+        endpoint: String,
+        cause: String,
+        timed_out: bool,
+        cache_dir: PathBuf,
+        /// Whether the requested model/revision is already in the cache.
+        cached: bool,
+    },
+    /// The repo does not exist (or is private/gated and the request was not allowed to see it).
+    #[error(
+        "model {repo_id} was not found on the hub at {endpoint}: check the name. If it is private \
+         or gated, {}",
+        token_hint(*authenticated)
+    )]
+    RepoNotFound {
+        repo_id: String,
+        endpoint: String,
+        authenticated: bool,
+    },
+    /// The repo exists but the hub refused access (gated or private).
+    #[error(
+        "access to model {repo_id} on the hub at {endpoint} was refused (HTTP {status}): it is \
+         gated or private. Request access on its hub page, then {}",
+        token_hint(*authenticated)
+    )]
+    AccessDenied {
+        repo_id: String,
+        endpoint: String,
+        status: u16,
+        authenticated: bool,
+    },
+    /// The branch, tag or commit does not exist.
+    #[error(
+        "revision {revision:?} of model {repo_id} was not found on the hub at {endpoint}: check \
+         the branch, tag or commit after '@'"
+    )]
+    RevisionNotFound {
+        repo_id: String,
+        revision: String,
+        endpoint: String,
+    },
+    /// A file the repo listing promised is not there.
+    #[error(
+        "file {file} of model {repo_id} (commit {commit}) was not found on the hub at {endpoint}"
+    )]
+    FileNotFound {
+        repo_id: String,
+        commit: String,
+        file: String,
+        endpoint: String,
+    },
+    /// Any other HTTP failure status.
+    #[error("the hub answered HTTP {status} for {url}{detail}")]
+    Http {
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    /// An answer we cannot use (bad JSON, missing ETag, cut-off download, ...).
+    #[error("unexpected answer from the hub for {url}: {reason}")]
+    InvalidResponse { url: String, reason: String },
+    /// Offline and the model/revision is not in the cache.
+    #[error(
+        "model {repo_id}@{revision} is not in the hub cache at {} (offline mode: --offline or \
+         HF_HUB_OFFLINE). To fill the cache, run once online (without --offline and with \
+         HF_HUB_OFFLINE unset), or run `huggingface-cli download {repo_id} --revision {revision}` \
+         with the same HF_HUB_CACHE/HF_HOME; or pass a local model directory instead",
+        cache_dir.display()
+    )]
+    NotInCache {
+        repo_id: String,
+        revision: String,
+        cache_dir: PathBuf,
+    },
+    /// Neither `model.safetensors` nor `model.safetensors.index.json`.
+    #[error(
+        "no weights in {location}: expected model.safetensors or model.safetensors.index.json; \
+         .bin/pytorch checkpoints are not supported, convert them to safetensors"
+    )]
+    NoWeights { location: String },
+    /// A shard named in the index is missing.
+    #[error("weight shard {shard} listed in {index} is missing")]
+    MissingShard { index: String, shard: String },
+    /// A required file is missing.
+    #[error("required file {file} is missing in {location}")]
+    MissingFile { file: String, location: String },
+}
+
+impl HubError {
+    /// True for [`HubError::Unreachable`].
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, HubError::Unreachable { .. })
+    }
+
+    /// True for the "does not exist / no access" family.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            HubError::RepoNotFound { .. }
+                | HubError::RevisionNotFound { .. }
+                | HubError::FileNotFound { .. }
+                | HubError::AccessDenied { .. }
+                | HubError::NotInCache { .. }
+        )
+    }
+}
+
+fn offline_hint(cache_dir: &Path, cached: bool, timed_out: bool) -> String {
+    let cached = if cached {
+        " (this model is already there)"
+    } else {
+        ""
+    };
+    let slow = if timed_out {
+        " On a slow connection, raise the timeout with BELLA_HUB_TIMEOUT_SECS."
+    } else {
+        ""
+    };
+    format!(
+        "To work offline, pass --offline or set HF_HUB_OFFLINE=1 to use the models in the cache \
+         at {}{cached}, or pass a local model directory.{slow}",
+        cache_dir.display()
+    )
+}
+
+fn token_hint(authenticated: bool) -> &'static str {
+    if authenticated {
+        "make sure the token in use (HF_TOKEN or the token file of `huggingface-cli login`) \
+         belongs to an account that has access"
+    } else {
+        "set HF_TOKEN to a token with access (or run `huggingface-cli login`)"
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolved files
+// ---------------------------------------------------------------------------------------------
+
+/// The files of a resolved model: all in one directory (a hub snapshot dir or the user's dir).
 #[derive(Clone, Debug)]
 pub struct ModelFiles {
+    /// The directory that holds every file.
     pub dir: PathBuf,
+    /// `model.safetensors`, or the shards listed in `model.safetensors.index.json` (sorted,
+    /// deduplicated).
     pub weights: Vec<PathBuf>,
+    /// `model.safetensors.index.json` if sharded.
     pub index: Option<PathBuf>,
+    /// Where the directory came from.
+    pub origin: Origin,
+}
+
+/// Where the files of a [`ModelFiles`] came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A directory the user passed.
+    Directory,
+    /// A snapshot in the hub cache.
+    HubCache {
+        repo_id: String,
+        revision: String,
+        commit: String,
+        cache_dir: PathBuf,
+    },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Directory => write!(f, "local directory"),
+            Origin::HubCache {
+                repo_id,
+                revision,
+                commit,
+                cache_dir,
+            } => write!(
+                f,
+                "hub model {repo_id}@{revision} (commit {commit}), cached in {}",
+                cache_dir.display()
+            ),
+        }
+    }
 }
 
 impl ModelFiles {
-    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        if index.exists() {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut files: Vec<String> = v["weight_map"]
-                .as_object()
-                .context("weight_map")?
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
-            files.sort();
-            files.dedup();
-            return Ok(Self {
-                dir: dir.into(),
-                weights: files.iter().map(|f| dir.join(f)).collect(),
-                index: Some(index),
+    /// Path of an optional file in `dir` if it exists (tokenizer.json, chat_template.json, ...).
+    pub fn optional(&self, name: &str) -> Option<PathBuf> {
+        if !is_safe_rel_file(name) {
+            return None;
+        }
+        let path = self.dir.join(name);
+        path.is_file().then_some(path)
+    }
+
+    /// Path of a required file or a clear error naming the file and the directory.
+    pub fn required(&self, name: &str) -> anyhow::Result<PathBuf> {
+        self.optional(name).ok_or_else(|| {
+            HubError::MissingFile {
+                file: name.to_string(),
+                location: self.dir.display().to_string(),
+            }
+            .into()
+        })
+    }
+}
+
+/// Check a model directory and list its files.
+fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
+    if !dir.is_dir() {
+        bail!(
+            "model directory {} does not exist or is not a directory",
+            dir.display()
+        );
+    }
+    let location = dir.display().to_string();
+    if !dir.join(CONFIG_FILE).is_file() {
+        return Err(HubError::MissingFile {
+            file: CONFIG_FILE.to_string(),
+            location,
+        }
+        .into());
+    }
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    // The order transformers uses: a single file first, then an index.
+    let (weights, index) = if single.is_file() {
+        (vec![single], None)
+    } else if index.is_file() {
+        let shards = read_index(&index)?;
+        let mut weights = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let path = dir.join(&shard);
+            if !path.is_file() {
+                return Err(HubError::MissingShard {
+                    index: index.display().to_string(),
+                    shard,
+                }
+                .into());
+            }
+            weights.push(path);
+        }
+        (weights, Some(index))
+    } else {
+        return Err(HubError::NoWeights { location }.into());
+    };
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        weights,
+        index,
+        origin,
+    })
+}
+
+/// The shard file names of a safetensors index (sorted, deduplicated, checked to be plain
+/// relative names).
+fn read_index(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", path.display()))?;
+    let mut shards = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            anyhow!(
+                "{}: the weight_map entry of {tensor:?} is not a file name",
+                path.display()
+            )
+        })?;
+        if !is_safe_rel_file(file) {
+            bail!(
+                "{}: the weight_map entry of {tensor:?} is not a plain relative file name: {file:?}",
+                path.display()
+            );
+        }
+        shards.insert(file.to_string());
+    }
+    if shards.is_empty() {
+        bail!("{}: the weight_map lists no shards", path.display());
+    }
+    Ok(shards.into_iter().collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolution
+// ---------------------------------------------------------------------------------------------
+
+/// Resolve a source to local files, downloading into the cache when online.
+pub fn resolve(source: &ModelSource, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
+    match source {
+        ModelSource::Dir(dir) => collect_files(dir, Origin::Directory),
+        ModelSource::Hub { repo_id, revision } => {
+            validate_repo_id(repo_id).map_err(|why| anyhow!("invalid hub model id: {why}"))?;
+            let revision = revision.as_deref().unwrap_or(DEFAULT_REVISION);
+            validate_revision(revision).map_err(|why| anyhow!("invalid revision: {why}"))?;
+            if opts.offline {
+                resolve_offline(repo_id, revision, opts)
+            } else {
+                resolve_online(repo_id, revision, opts)
+            }
+        }
+    }
+}
+
+fn cache_repo(opts: &HubOptions, repo_id: &str, revision: &str) -> CacheRepo {
+    Cache::new(opts.cache_dir.clone()).repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ))
+}
+
+fn repo_dir(opts: &HubOptions, repo_id: &str) -> PathBuf {
+    opts.cache_dir
+        .join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name())
+}
+
+/// The commit a revision points to in the cache, if its snapshot directory exists.
+fn cached_commit(opts: &HubOptions, repo_id: &str, revision: &str) -> Option<String> {
+    let repo = cache_repo(opts, repo_id, revision);
+    if is_commit_sha(revision) && repo.pointer_path(revision).is_dir() {
+        return Some(revision.to_string());
+    }
+    let ref_path = repo_dir(opts, repo_id).join("refs").join(revision);
+    let commit = fs::read_to_string(ref_path).ok()?.trim().to_string();
+    (is_safe_name(&commit) && repo.pointer_path(&commit).is_dir()).then_some(commit)
+}
+
+fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
+    let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| HubError::NotInCache {
+        repo_id: repo_id.to_string(),
+        revision: revision.to_string(),
+        cache_dir: opts.cache_dir.clone(),
+    })?;
+    let dir = cache_repo(opts, repo_id, revision).pointer_path(&commit);
+    let origin = Origin::HubCache {
+        repo_id: repo_id.to_string(),
+        revision: revision.to_string(),
+        commit,
+        cache_dir: opts.cache_dir.clone(),
+    };
+    collect_files(&dir, origin).with_context(|| {
+        format!(
+            "the cached snapshot of {repo_id}@{revision} at {} is incomplete; run once online \
+             (without --offline / HF_HUB_OFFLINE) to complete it",
+            dir.display()
+        )
+    })
+}
+
+fn resolve_online(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
+    let repo = cache_repo(opts, repo_id, revision);
+    let origin_for = |commit: &str| Origin::HubCache {
+        repo_id: repo_id.to_string(),
+        revision: revision.to_string(),
+        commit: commit.to_string(),
+        cache_dir: opts.cache_dir.clone(),
+    };
+
+    // A commit sha never moves: a complete snapshot needs no network (as huggingface_hub).
+    if is_commit_sha(revision) {
+        let dir = repo.pointer_path(revision);
+        if dir.is_dir() {
+            if let Ok(files) = collect_files(&dir, origin_for(revision)) {
+                return Ok(files);
+            }
+        }
+    }
+
+    let client = Client::new(opts, cached_commit(opts, repo_id, revision).is_some());
+    let info = client.model_info(repo_id, revision)?;
+    let commit = info.sha;
+    let siblings: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let hub_location = format!("hub model {repo_id}@{revision} (commit {commit})");
+    let snapshot = repo.pointer_path(&commit);
+
+    if !siblings.contains(CONFIG_FILE) {
+        return Err(HubError::MissingFile {
+            file: CONFIG_FILE.to_string(),
+            location: hub_location,
+        }
+        .into());
+    }
+    // The index first (it names the shards), the small files next, the weights last.
+    let mut weights: Vec<String> = Vec::new();
+    if siblings.contains(WEIGHTS_FILE) {
+        weights.push(WEIGHTS_FILE.to_string());
+    } else if siblings.contains(WEIGHTS_INDEX_FILE) {
+        client.ensure_file(&repo, repo_id, &commit, WEIGHTS_INDEX_FILE)?;
+        for shard in read_index(&snapshot.join(WEIGHTS_INDEX_FILE))? {
+            if !siblings.contains(shard.as_str()) {
+                return Err(HubError::MissingShard {
+                    index: format!("{WEIGHTS_INDEX_FILE} of {hub_location}"),
+                    shard,
+                }
+                .into());
+            }
+            weights.push(shard);
+        }
+    } else {
+        return Err(HubError::NoWeights {
+            location: hub_location,
+        }
+        .into());
+    }
+    let small = std::iter::once(CONFIG_FILE).chain(
+        OPTIONAL_FILES
+            .iter()
+            .copied()
+            .filter(|f| siblings.contains(f)),
+    );
+    for file in small.chain(weights.iter().map(String::as_str)) {
+        client.ensure_file(&repo, repo_id, &commit, file)?;
+    }
+    if revision != commit {
+        write_ref(&repo_dir(opts, repo_id), revision, &commit)?;
+    }
+    collect_files(&snapshot, origin_for(&commit))
+}
+
+/// `refs/<revision>` := commit, replaced atomically (hf_hub's `create_ref` truncates in place).
+fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> anyhow::Result<()> {
+    let path = repo_dir.join("refs").join(revision);
+    if fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+        return Ok(());
+    }
+    let parent = path
+        .parent()
+        .ok_or_else(|| anyhow!("bad ref path {}", path.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let mut tmp = TempFile::create(parent, "ref")?;
+    tmp.file.write_all(commit.as_bytes())?;
+    tmp.persist(&path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+#[derive(serde::Deserialize)]
+struct ModelInfo {
+    sha: String,
+    #[serde(default)]
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+/// A response after redirects, with what the hub said about the file on the way.
+struct Fetched {
+    response: ureq::http::Response<ureq::Body>,
+    url: String,
+    etag: Option<String>,
+    size: Option<u64>,
+    /// A redirect left unfollowed because the blob is already cached.
+    skipped: bool,
+}
+
+struct Client {
+    agent: ureq::Agent,
+    endpoint: String,
+    endpoint_origin: Option<String>,
+    token: Option<String>,
+    timeout: Duration,
+    cache_dir: PathBuf,
+    cached: bool,
+    progress: bool,
+}
+
+impl Client {
+    fn new(opts: &HubOptions, cached: bool) -> Self {
+        let timeout = opts.effective_timeout();
+        let mut config = ureq::Agent::config_builder()
+            .timeout_resolve(Some(timeout))
+            .timeout_connect(Some(timeout))
+            .timeout_send_request(Some(timeout))
+            .timeout_recv_response(Some(timeout))
+            .timeout_per_read(Some(timeout))
+            .timeout_per_write(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(format!("bella-vqa/{}", env!("CARGO_PKG_VERSION")));
+        if is_loopback(&opts.endpoint) {
+            // A local endpoint (a mirror, the tests) is never reached through a proxy.
+            config = config.proxy(None);
+        }
+        let endpoint = opts.endpoint.trim_end_matches('/').to_string();
+        Client {
+            agent: ureq::Agent::new_with_config(config.build()),
+            endpoint_origin: url_origin(&endpoint),
+            endpoint,
+            token: opts.token.clone(),
+            timeout,
+            cache_dir: opts.cache_dir.clone(),
+            cached,
+            progress: opts.progress,
+        }
+    }
+
+    fn unreachable(&self, cause: String, timed_out: bool) -> HubError {
+        HubError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            cause,
+            timed_out,
+            cache_dir: self.cache_dir.clone(),
+            cached: self.cached,
+        }
+    }
+
+    /// Map a transport error to [`HubError::Unreachable`] with a readable cause.
+    fn classify(&self, err: ureq::Error, what: &str) -> HubError {
+        let secs = self.timeout.as_secs_f64();
+        match err {
+            ureq::Error::Timeout(which) => {
+                self.unreachable(format!("{what}: no answer within {secs} s ({which})"), true)
+            }
+            ureq::Error::HostNotFound => {
+                self.unreachable(format!("{what}: host name not found (DNS)"), false)
+            }
+            ureq::Error::Io(e) => {
+                let timed_out = matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                );
+                self.unreachable(format!("{what}: {e}"), timed_out)
+            }
+            ureq::Error::BadUri(uri) => self.unreachable(
+                format!("{what}: invalid URL {uri} (check HF_ENDPOINT)"),
+                false,
+            ),
+            other => self.unreachable(format!("{what}: {other}"), false),
+        }
+    }
+
+    fn send(&self, url: &str) -> Result<ureq::http::Response<ureq::Body>, HubError> {
+        let mut request = self.agent.get(url);
+        if let Some(token) = &self.token {
+            // The token goes to the hub only, never to the CDN it redirects to.
+            if self.endpoint_origin.is_some() && url_origin(url) == self.endpoint_origin {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+        }
+        request
+            .call()
+            .map_err(|e| self.classify(e, &format!("GET {url}")))
+    }
+
+    /// GET with redirects followed by hand; the ETag/size come from the last hub response (one
+    /// with `X-Repo-Commit`), else from the final response. When `have_blob` says the hub's ETag
+    /// is already in the cache, the redirect (to the CDN) is not followed and the redirect
+    /// response is returned with `skipped` set.
+    fn fetch(
+        &self,
+        url: &str,
+        have_blob: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<Fetched, HubError> {
+        let mut url = url.to_string();
+        let mut etag = None;
+        let mut size = None;
+        for _ in 0..=MAX_REDIRECTS {
+            let response = self.send(&url)?;
+            let headers = response.headers();
+            if header(headers, "x-repo-commit").is_some() {
+                etag = header(headers, "x-linked-etag")
+                    .or_else(|| header(headers, "etag"))
+                    .map(|e| clean_etag(&e));
+                size = header(headers, "x-linked-size").and_then(|s| s.parse().ok());
+                if let (Some(have_blob), Some(etag)) = (have_blob, &etag) {
+                    if response.status().is_redirection() && is_safe_name(etag) && have_blob(etag) {
+                        return Ok(Fetched {
+                            response,
+                            url,
+                            etag: Some(etag.clone()),
+                            size,
+                            skipped: true,
+                        });
+                    }
+                }
+            }
+            if response.status().is_redirection() {
+                if let Some(location) = header(headers, "location") {
+                    url = join_url(&url, &location).ok_or_else(|| HubError::InvalidResponse {
+                        url: url.clone(),
+                        reason: format!("cannot follow the redirect to {location:?}"),
+                    })?;
+                    continue;
+                }
+            }
+            if etag.is_none() {
+                etag = header(headers, "x-linked-etag")
+                    .or_else(|| header(headers, "etag"))
+                    .map(|e| clean_etag(&e));
+            }
+            return Ok(Fetched {
+                response,
+                url,
+                etag,
+                size,
+                skipped: false,
             });
         }
-        Ok(Self {
-            dir: dir.into(),
-            weights: vec![dir.join("model.safetensors")],
-            index: None,
+        Err(HubError::InvalidResponse {
+            url,
+            reason: format!("more than {MAX_REDIRECTS} redirects"),
         })
     }
 
-    pub fn required(&self, name: &str) -> Result<PathBuf> {
-        Ok(self.dir.join(name))
+    /// `GET /api/models/{repo}/revision/{revision}`.
+    fn model_info(&self, repo_id: &str, revision: &str) -> Result<ModelInfo, HubError> {
+        let url = format!(
+            "{}/api/models/{repo_id}/revision/{}",
+            self.endpoint,
+            encode(revision, false)
+        );
+        let fetched = self.fetch(&url, None)?;
+        let status = fetched.response.status().as_u16();
+        let authenticated = self.token.is_some();
+        match status {
+            200..=299 => {}
+            404 => {
+                let code = header(fetched.response.headers(), "x-error-code");
+                let revision_missing = match code.as_deref() {
+                    Some("RevisionNotFound") => true,
+                    Some(_) => false,
+                    // No error code: a repo that answers without a revision means the revision
+                    // is the missing part.
+                    None => revision != DEFAULT_REVISION && self.repo_exists(repo_id),
+                };
+                return Err(if revision_missing {
+                    HubError::RevisionNotFound {
+                        repo_id: repo_id.to_string(),
+                        revision: revision.to_string(),
+                        endpoint: self.endpoint.clone(),
+                    }
+                } else {
+                    HubError::RepoNotFound {
+                        repo_id: repo_id.to_string(),
+                        endpoint: self.endpoint.clone(),
+                        authenticated,
+                    }
+                });
+            }
+            // Without a token the hub answers 401 for repos that do not exist as well.
+            401 if !authenticated
+                && header(fetched.response.headers(), "x-error-code").as_deref()
+                    != Some("GatedRepo") =>
+            {
+                return Err(HubError::RepoNotFound {
+                    repo_id: repo_id.to_string(),
+                    endpoint: self.endpoint.clone(),
+                    authenticated,
+                });
+            }
+            401 | 403 => {
+                return Err(HubError::AccessDenied {
+                    repo_id: repo_id.to_string(),
+                    endpoint: self.endpoint.clone(),
+                    status,
+                    authenticated,
+                })
+            }
+            _ => return Err(http_error(fetched)),
+        }
+        let url = fetched.url;
+        let mut body = fetched.response.into_body();
+        let text = body
+            .with_config()
+            .limit(MAX_JSON_BYTES)
+            .read_to_string()
+            .map_err(|e| self.classify(e, &format!("reading the answer of {url}")))?;
+        let info: ModelInfo =
+            serde_json::from_str(&text).map_err(|e| HubError::InvalidResponse {
+                url: url.clone(),
+                reason: format!("not the model info JSON expected ({e})"),
+            })?;
+        if !is_safe_name(&info.sha) {
+            return Err(HubError::InvalidResponse {
+                url,
+                reason: format!("invalid commit sha {:?}", info.sha),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Whether `GET /api/models/{repo}` succeeds (tells a bad revision from a bad repo).
+    fn repo_exists(&self, repo_id: &str) -> bool {
+        let url = format!("{}/api/models/{repo_id}", self.endpoint);
+        self.fetch(&url, None)
+            .is_ok_and(|f| f.response.status().is_success())
+    }
+
+    /// Make `snapshots/{commit}/{file}` exist: nothing to do when it does, link an existing blob
+    /// when the hub's ETag is already in `blobs/`, download otherwise.
+    fn ensure_file(
+        &self,
+        repo: &CacheRepo,
+        repo_id: &str,
+        commit: &str,
+        file: &str,
+    ) -> anyhow::Result<()> {
+        if !is_safe_rel_file(file) {
+            bail!("refusing to fetch {file:?} from {repo_id}: not a plain relative file name");
+        }
+        let pointer = repo.pointer_path(commit).join(file);
+        if pointer.is_file() {
+            return Ok(());
+        }
+        let url = format!(
+            "{}/{repo_id}/resolve/{commit}/{}",
+            self.endpoint,
+            encode(file, true)
+        );
+        let have_blob = |etag: &str| repo.blob_path(etag).is_file();
+        let fetched = self.fetch(&url, Some(&have_blob))?;
+        let status = fetched.response.status().as_u16();
+        match status {
+            _ if fetched.skipped => {}
+            200..=299 => {}
+            404 => {
+                return Err(HubError::FileNotFound {
+                    repo_id: repo_id.to_string(),
+                    commit: commit.to_string(),
+                    file: file.to_string(),
+                    endpoint: self.endpoint.clone(),
+                }
+                .into())
+            }
+            401 | 403 => {
+                return Err(HubError::AccessDenied {
+                    repo_id: repo_id.to_string(),
+                    endpoint: self.endpoint.clone(),
+                    status,
+                    authenticated: self.token.is_some(),
+                }
+                .into())
+            }
+            _ => return Err(http_error(fetched).into()),
+        }
+        let etag = match &fetched.etag {
+            Some(etag) if is_safe_name(etag) => etag.clone(),
+            other => {
+                return Err(HubError::InvalidResponse {
+                    url: fetched.url,
+                    reason: format!("missing or invalid ETag {other:?} for {file}"),
+                }
+                .into())
+            }
+        };
+        let blob = repo.blob_path(&etag);
+        if !blob.is_file() {
+            self.download_blob(fetched, &blob, file)?;
+        }
+        link_pointer(&blob, &pointer, file)
+    }
+
+    /// Stream the body into a temporary file next to `blob`, sync it and rename it into place.
+    fn download_blob(&self, fetched: Fetched, blob: &Path, file: &str) -> anyhow::Result<()> {
+        let blobs_dir = blob
+            .parent()
+            .ok_or_else(|| anyhow!("bad blob path {}", blob.display()))?;
+        fs::create_dir_all(blobs_dir)
+            .with_context(|| format!("creating {}", blobs_dir.display()))?;
+        let headers = fetched.response.headers();
+        let expected = fetched.size.or_else(|| {
+            // A decoded (gzip) body does not have the Content-Length size.
+            if header(headers, "content-encoding").is_some() {
+                None
+            } else {
+                header(headers, "content-length").and_then(|s| s.parse().ok())
+            }
+        });
+        let bar = match expected {
+            Some(len) if self.progress && len >= PROGRESS_MIN_BYTES => {
+                Some(progress_bar(len, file))
+            }
+            _ => None,
+        };
+        let url = fetched.url;
+        let mut reader = fetched.response.into_body().into_reader();
+        let mut tmp = TempFile::create(blobs_dir, "download")?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut written: u64 = 0;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self
+                        .classify(ureq::Error::from(e), &format!("downloading {file}"))
+                        .into())
+                }
+            };
+            tmp.file
+                .write_all(&buf[..n])
+                .with_context(|| format!("writing {}", tmp.path.display()))?;
+            written += n as u64;
+            if let Some(bar) = &bar {
+                bar.inc(n as u64);
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        if let Some(expected) = expected {
+            if written != expected {
+                return Err(HubError::InvalidResponse {
+                    url,
+                    reason: format!(
+                        "the download of {file} broke off after {written} of {expected} bytes; \
+                         run again to retry"
+                    ),
+                }
+                .into());
+            }
+        }
+        tmp.persist(blob)
+    }
+}
+
+fn progress_bar(len: u64, file: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(file.to_string());
+    bar
+}
+
+/// HTTP error with the hub's `{"error": ...}` message when there is one.
+fn http_error(fetched: Fetched) -> HubError {
+    let status = fetched.response.status().as_u16();
+    let mut body = fetched.response.into_body();
+    let detail = body
+        .with_config()
+        .limit(MAX_ERROR_BODY_BYTES)
+        .read_to_string()
+        .ok()
+        .and_then(|text| {
+            serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        })
+        .map(|msg| format!(": {msg}"))
+        .unwrap_or_default();
+    HubError::Http {
+        url: fetched.url,
+        status,
+        detail,
+    }
+}
+
+fn header(headers: &ureq::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// `W/"abc"` -> `abc`.
+fn clean_etag(etag: &str) -> String {
+    let etag = etag.trim();
+    let etag = etag.strip_prefix("W/").unwrap_or(etag);
+    etag.trim_matches('"').to_string()
+}
+
+/// Percent-encode everything but unreserved characters (and `/` when `keep_slash`).
+fn encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/')
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `scheme://authority` of a URL, lower-cased.
+fn url_origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if scheme.is_empty() || authority.is_empty() {
+        return None;
+    }
+    Some(format!("{scheme}://{authority}").to_ascii_lowercase())
+}
+
+/// Resolve a `Location` header against the URL it came from (absolute, scheme-relative,
+/// absolute-path and relative-path forms).
+fn join_url(base: &str, location: &str) -> Option<String> {
+    let lower = location.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Some(location.to_string());
+    }
+    let (scheme, rest) = base.split_once("://")?;
+    if let Some(r) = location.strip_prefix("//") {
+        return Some(format!("{scheme}://{r}"));
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let origin = &base[..scheme.len() + 3 + authority_end];
+    if location.starts_with('/') {
+        return Some(format!("{origin}{location}"));
+    }
+    let path = rest[authority_end..].split(['?', '#']).next().unwrap_or("");
+    let dir = match path.rfind('/') {
+        Some(i) => &path[..=i],
+        None => "/",
+    };
+    Some(format!("{origin}{dir}{location}"))
+}
+
+fn is_loopback(endpoint: &str) -> bool {
+    let Some(origin) = url_origin(endpoint) else {
+        return false;
+    };
+    let authority = origin.split_once("://").map_or("", |(_, a)| a);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if let Some(rest) = host_port.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache files
+// ---------------------------------------------------------------------------------------------
+
+/// A file created under a unique name that is removed on drop unless persisted by rename.
+struct TempFile {
+    path: PathBuf,
+    file: fs::File,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn create(dir: &Path, tag: &str) -> anyhow::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            ".{tag}.{}.{nanos}.{}.incomplete",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempFile {
+            path,
+            file,
+            persisted: false,
+        })
+    }
+
+    fn persist(mut self, dest: &Path) -> anyhow::Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.path.display()))?;
+        fs::rename(&self.path, dest)
+            .with_context(|| format!("moving {} to {}", self.path.display(), dest.display()))?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// `snapshots/{commit}/{file}` -> `../../blobs/{etag}` (one more `..` per subfolder), created
+/// under a temporary name and renamed over any stale entry.
+fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> anyhow::Result<()> {
+    let parent = pointer
+        .parent()
+        .ok_or_else(|| anyhow!("bad snapshot path {}", pointer.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let blob_name = blob
+        .file_name()
+        .ok_or_else(|| anyhow!("bad blob path {}", blob.display()))?;
+    let mut target = PathBuf::new();
+    for _ in 0..Path::new(file).components().count() + 1 {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(blob_name);
+    place_link(blob, &target, pointer, parent)
+        .with_context(|| format!("linking {} to {}", pointer.display(), blob.display()))
+}
+
+#[cfg(unix)]
+fn place_link(_blob: &Path, target: &Path, pointer: &Path, parent: &Path) -> anyhow::Result<()> {
+    let tmp = parent.join(format!(
+        ".link.{}.{}.incomplete",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::os::unix::fs::symlink(target, &tmp)?;
+    if let Err(e) = fs::rename(&tmp, pointer) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn place_link(blob: &Path, target: &Path, pointer: &Path, parent: &Path) -> anyhow::Result<()> {
+    // Like huggingface_hub on Windows without symlink rights: fall back to a copy.
+    let _ = fs::remove_file(pointer);
+    #[cfg(windows)]
+    if std::os::windows::fs::symlink_file(target, pointer).is_ok() {
+        return Ok(());
+    }
+    let _ = target;
+    let mut tmp = TempFile::create(parent, "copy")?;
+    io::copy(&mut fs::File::open(blob)?, &mut tmp.file)?;
+    tmp.persist(pointer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_url_forms() {
+        let base = "http://h:1/org/name/resolve/abc/model.safetensors?x=1";
+        assert_eq!(
+            join_url(base, "/cdn/x").as_deref(),
+            Some("http://h:1/cdn/x")
+        );
+        assert_eq!(
+            join_url(base, "https://cdn.example/x").as_deref(),
+            Some("https://cdn.example/x")
+        );
+        assert_eq!(join_url(base, "//cdn/x").as_deref(), Some("http://cdn/x"));
+        assert_eq!(
+            join_url(base, "other").as_deref(),
+            Some("http://h:1/org/name/resolve/abc/other")
+        );
+        assert_eq!(join_url("http://h", "x").as_deref(), Some("http://h/x"));
+    }
+
+    #[test]
+    fn etags_and_origins() {
+        assert_eq!(clean_etag("W/\"abc\""), "abc");
+        assert_eq!(clean_etag("\"abc\""), "abc");
+        assert_eq!(
+            url_origin("HTTP://Host:8/x?y"),
+            Some("http://host:8".into())
+        );
+        assert!(is_loopback("http://127.0.0.1:5000"));
+        assert!(is_loopback("http://localhost"));
+        assert!(is_loopback("http://[::1]:80/"));
+        assert!(!is_loopback("https://huggingface.co"));
+        assert_eq!(encode("refs/pr/1", false), "refs%2Fpr%2F1");
+        assert_eq!(encode("a b/c.json", true), "a%20b/c.json");
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_repo_id("llava-hf/llava-1.5-7b-hf").is_ok());
+        assert!(validate_repo_id("a/b/c").is_err());
+        assert!(validate_repo_id("a/-b").is_err());
+        assert!(validate_repo_id("a/b..c").is_err());
+        assert!(validate_revision("refs/pr/1").is_ok());
+        assert!(validate_revision("../x").is_err());
+        assert!(is_safe_rel_file("sub/model.safetensors"));
+        assert!(!is_safe_rel_file("../model.safetensors"));
+        assert!(!is_safe_rel_file("/etc/passwd"));
+        assert!(!is_safe_name("a/b"));
     }
 }
