@@ -4,7 +4,6 @@ mod common;
 
 use std::path::Path;
 
-use bella_vqa::hub::ModelFiles;
 use bella_vqa::models;
 use candle_core::{DType, Device};
 use common::fixture;
@@ -19,7 +18,7 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 }
 
 fn load_err(dir: &Path) -> String {
-    let files = ModelFiles::from_dir(dir).expect("files resolve");
+    let files = common::dir_files(dir).expect("files resolve");
     match models::load(&files, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => format!("{e:#}"),

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use bella_vqa::hub::{resolve, HubOptions, ModelFiles, ModelSource};
 use bella_vqa::models::{self, LoadedModel};
 use candle_core::{DType, Device, Tensor};
 
@@ -13,8 +14,13 @@ pub fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// The files of a model directory, resolved as the CLI does.
+pub fn dir_files(dir: &std::path::Path) -> anyhow::Result<ModelFiles> {
+    resolve(&ModelSource::Dir(dir.to_path_buf()), &HubOptions::from_env())
+}
+
 pub fn load_model(name: &str) -> LoadedModel {
-    let files = bella_vqa::hub::ModelFiles::from_dir(&fixture(name)).expect("fixture files");
+    let files = dir_files(&fixture(name)).expect("fixture files");
     models::load(&files, &Device::Cpu, DType::F32).expect("fixture model loads")
 }
 
