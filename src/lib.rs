@@ -4,6 +4,8 @@
 //! particle-capable linear layers) → [`bella`] (the particles) → answers → aggregation.
 
 pub mod bella;
+pub mod data;
 pub mod error;
 pub mod hub;
+pub mod metrics;
 pub mod models;

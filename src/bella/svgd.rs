@@ -1,0 +1,1 @@
+//! Stein variational gradient descent over the particles (design §4).

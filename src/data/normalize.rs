@@ -1,0 +1,1 @@
+//! The official VQA answer normalisation.

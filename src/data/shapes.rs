@@ -1,0 +1,1 @@
+//! The seeded shapes-world generator (design §7).

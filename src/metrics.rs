@@ -1,0 +1,1 @@
+//! Accuracy, calibration and selective-prediction metrics (design §6).
