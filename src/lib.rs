@@ -7,5 +7,6 @@ pub mod bella;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod inspect;
 pub mod metrics;
 pub mod models;

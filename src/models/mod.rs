@@ -93,3 +93,13 @@ fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType
         compute_dtype: dtype,
     }
 }
+
+/// Resolves a source (hub id, cache, directory) and loads it on the CPU in f32.
+pub fn load_source(
+    source: &crate::hub::ModelSource,
+    opts: &crate::hub::HubOptions,
+) -> Result<LoadedModel> {
+    let files = crate::hub::resolve(source, opts)?;
+    load(&files, &Device::Cpu, DType::F32)
+        .map_err(|e| e.context(format!("cannot load the model {source} ({})", files.dir.display())))
+}
