@@ -3,6 +3,7 @@
 //! The data flows one way: [`hub`] (where the files are) → [`models`] (CLIP, LLaMA, LLaVA with
 //! particle-capable linear layers) → [`bella`] (the particles) → answers → aggregation.
 
+pub mod answer;
 pub mod bella;
 pub mod data;
 pub mod error;

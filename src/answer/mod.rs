@@ -1,0 +1,3 @@
+//! Answering with particles: generation, candidate scoring, aggregation, abstention.
+
+pub mod aggregate;
