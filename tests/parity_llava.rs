@@ -110,7 +110,7 @@ fn greedy_tokens_equal_transformers() {
         let keep = keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask"))));
         let pixels = r.get(&format!("{prefix}.pixel_values"));
         let input = LlavaInput { input_ids: &input_ids, pixel_values: pixels, keep: &keep };
-        let tokens = m.generate_greedy(&input, 1, 8, &[]).unwrap();
+        let tokens = greedy(&m, &input, 1, 8);
         assert_eq!(tokens, ids(get(&r, &format!("{prefix}.greedy_tokens"))), "{prefix}");
     }
 }

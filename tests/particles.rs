@@ -201,11 +201,11 @@ fn batched_greedy_decoding_equals_separate_merged_runs() {
     attach(&mut m, &spec(&["language_model.*"], 3), InitB::Normal { std: 0.3 }, 17).unwrap();
     let p = prompt("batch");
     let input = LlavaInput { input_ids: &p.ids, pixel_values: p.pixels.as_ref(), keep: &p.keep };
-    let stacked = m.generate_greedy(&input, 3, 8, &[]).unwrap();
+    let stacked = greedy(&m, &input, 3, 8);
     assert_eq!(stacked.len(), 6);
     for particle in 0..3 {
         let merged = merged_particle(&m, particle).unwrap();
-        let single = merged.generate_greedy(&input, 1, 8, &[]).unwrap();
+        let single = greedy(&merged, &input, 1, 8);
         assert_eq!(&stacked[particle * 2..particle * 2 + 2], &single[..], "particle {particle}");
     }
     assert_ne!(stacked[0], stacked[2], "particles decode differently");

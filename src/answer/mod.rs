@@ -1,3 +1,4 @@
 //! Answering with particles: generation, candidate scoring, aggregation, abstention.
 
 pub mod aggregate;
+pub mod generate;

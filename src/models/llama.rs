@@ -239,6 +239,35 @@ impl KvCache {
         self.keep.len()
     }
 
+    /// Repeats every row `n` times in place (row `r` becomes rows `r·n .. r·n + n`), so that `n`
+    /// continuations of each cached sequence can be scored in one batch. Keeps the particle-major
+    /// order: particle `p`'s rows stay together.
+    pub fn repeat_interleave(&mut self, n: usize) -> Result<()> {
+        let interleave = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = t.dims().to_vec();
+            let rows = dims[0];
+            let mut target = vec![rows, n];
+            target.extend_from_slice(&dims[1..]);
+            dims[0] = rows * n;
+            t.unsqueeze(1)?.broadcast_as(target)?.contiguous()?.reshape(dims)
+        };
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = interleave(k)?;
+            *v = interleave(v)?;
+        }
+        self.keep = self
+            .keep
+            .iter()
+            .flat_map(|row| std::iter::repeat_n(row.clone(), n))
+            .collect();
+        self.next_position = self
+            .next_position
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, n))
+            .collect();
+        Ok(())
+    }
+
     /// Registers a step of `new_keep[row][j]` (true = real token) and returns its position ids.
     /// Positions count real tokens only, as transformers' `generate` (cumsum of the mask − 1);
     /// padding gets position 1.
@@ -280,6 +309,15 @@ pub struct DecoderOutput {
     pub last_hidden_state: Tensor,
     /// Each decoder layer's output, when asked for.
     pub layer_outputs: Vec<Tensor>,
+    pub expanded: bool,
+}
+
+/// The state after a prompt: the cache and the next-token logits `[rows, vocab]` of every row.
+#[derive(Clone, Debug)]
+pub struct Prefill {
+    pub cache: KvCache,
+    pub last_logits: Tensor,
+    /// Whether the rows carry the particle axis (`P·batch` rows).
     pub expanded: bool,
 }
 

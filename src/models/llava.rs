@@ -9,7 +9,7 @@ use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::config::{FeatureSelect, LlavaConfig};
-use crate::models::llama::{DecoderOutput, KvCache, LlamaModel};
+use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Prefill};
 use crate::models::nn::{activate, linear};
 use crate::models::weights::{Alias, Scope};
 
@@ -186,14 +186,14 @@ impl LlavaModel {
         Ok((merged, features_expanded))
     }
 
-    /// A full pass (or one cached step): logits for every position.
-    pub fn forward(
+    /// Everything before the language-model head: image features, merged embeddings, decoder.
+    fn forward_hidden(
         &self,
         input: &LlavaInput,
         cache: &mut KvCache,
         particles: usize,
         keep_layer_outputs: bool,
-    ) -> Result<LlavaOutput> {
+    ) -> Result<(Option<Tensor>, Tensor, DecoderOutput)> {
         let (image_features, inputs_embeds, expanded) = match input.pixel_values {
             Some(pixels) => {
                 let (features, fexp) = self.image_features(pixels, particles)?;
@@ -211,6 +211,19 @@ impl LlavaModel {
             particles,
             keep_layer_outputs,
         )?;
+        Ok((image_features, inputs_embeds, decoder))
+    }
+
+    /// A full pass (or one cached step): logits for every position.
+    pub fn forward(
+        &self,
+        input: &LlavaInput,
+        cache: &mut KvCache,
+        particles: usize,
+        keep_layer_outputs: bool,
+    ) -> Result<LlavaOutput> {
+        let (image_features, inputs_embeds, decoder) =
+            self.forward_hidden(input, cache, particles, keep_layer_outputs)?;
         let logits =
             self.language_model
                 .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
@@ -219,6 +232,24 @@ impl LlavaModel {
             inputs_embeds,
             decoder,
             logits,
+        })
+    }
+
+    /// Runs the prompt once and keeps the cache: the start of decoding and of answer scoring.
+    /// Only the last position goes through the language-model head.
+    pub fn prefill(&self, input: &LlavaInput, particles: usize) -> Result<Prefill> {
+        let mut cache = self.language_model.new_cache();
+        let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, false)?;
+        let len = decoder.last_hidden_state.dim(1)?;
+        let last = decoder.last_hidden_state.narrow(1, len - 1, 1)?;
+        let last_logits = self
+            .language_model
+            .logits(&last, decoder.expanded, particles)?
+            .squeeze(1)?;
+        Ok(Prefill {
+            cache,
+            last_logits,
+            expanded: decoder.expanded,
         })
     }
 }
@@ -241,58 +272,5 @@ impl ParticleModel for LlavaModel {
         out.push(("multi_modal_projector.linear_2".into(), &mut self.linear_2));
         self.language_model.linears_mut("language_model", &mut out);
         out
-    }
-}
-
-impl LlavaModel {
-    /// Greedy decoding of `max_new_tokens` tokens for every row (and every particle): returns the
-    /// new tokens per row, `[P·batch]` rows particle-major when the model carries particles. A row
-    /// stops at any of `eos` (the eos token is kept; later positions are not generated for it).
-    pub fn generate_greedy(
-        &self,
-        input: &LlavaInput,
-        particles: usize,
-        max_new_tokens: usize,
-        eos: &[u32],
-    ) -> Result<Vec<Vec<u32>>> {
-        let mut cache = self.language_model.new_cache();
-        let out = self.forward(input, &mut cache, particles, false)?;
-        let mut logits = out.logits;
-        let mut expanded = out.decoder.expanded;
-        let mut tokens: Vec<Vec<u32>> = Vec::new();
-        let mut done: Vec<bool> = Vec::new();
-        for step in 0..max_new_tokens {
-            let (rows, len, _) = logits.dims3()?;
-            let next: Vec<u32> = logits.narrow(1, len - 1, 1)?.squeeze(1)?.argmax(1)?.to_vec1()?;
-            if step == 0 {
-                tokens = vec![Vec::new(); rows];
-                done = vec![false; rows];
-            }
-            for (r, &t) in next.iter().enumerate() {
-                if !done[r] {
-                    tokens[r].push(t);
-                    done[r] = eos.contains(&t);
-                }
-            }
-            if step + 1 == max_new_tokens || done.iter().all(|&d| d) {
-                break;
-            }
-            let ids = Tensor::from_vec(next, (rows, 1), logits.device())?;
-            let keep = vec![vec![true]; rows];
-            let embeds = self.language_model.embed(&ids)?;
-            let dec = self.language_model.forward(
-                &embeds,
-                expanded,
-                &keep,
-                &mut cache,
-                particles,
-                false,
-            )?;
-            expanded = dec.expanded;
-            logits = self
-                .language_model
-                .logits(&dec.last_hidden_state, expanded, particles)?;
-        }
-        Ok(tokens)
     }
 }

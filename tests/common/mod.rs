@@ -93,3 +93,20 @@ pub fn keep_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<bool>> {
         .map(|r| r.iter().map(|&v| v != 0).collect())
         .collect()
 }
+
+/// Greedy decoding of `n` tokens (no early stop) through the library's prefill + generate path.
+pub fn greedy(
+    m: &bella_vqa::models::llava::LlavaModel,
+    input: &bella_vqa::models::llava::LlavaInput,
+    particles: usize,
+    n: usize,
+) -> Vec<Vec<u32>> {
+    use bella_vqa::answer::generate::{generate, GenerateOptions, Sampling};
+    let prefill = m.prefill(input, particles).unwrap();
+    let opts = GenerateOptions { max_new_tokens: n, eos: vec![], sampling: Sampling::Greedy };
+    generate(&m.language_model, &prefill, particles, &opts)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! Decoding all particles as one batch from a prefilled prompt (design §5, step 1).
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::models::llama::{LlamaModel, Prefill};
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Temperature and nucleus (top-p) sampling, seeded.
+    Sample {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// A row stops at any of these (not included in its tokens).
+    pub eos: Vec<u32>,
+    pub sampling: Sampling,
+}
+
+/// The tokens one row produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    /// Whether it stopped at an end-of-sequence token (rather than at `max_new_tokens`).
+    pub finished: bool,
+}
+
+/// Decodes every row of `prefill` (all particles, one batch) with a KV cache.
+pub fn generate(
+    lm: &LlamaModel,
+    prefill: &Prefill,
+    particles: usize,
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
+    let mut cache = prefill.cache.clone();
+    let mut logits = prefill.last_logits.clone();
+    let mut expanded = prefill.expanded;
+    let rows = logits.dim(0)?;
+    let mut out = vec![
+        Generated {
+            tokens: Vec::new(),
+            finished: false,
+        };
+        rows
+    ];
+    let mut rng = match opts.sampling {
+        Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
+        Sampling::Greedy => None,
+    };
+    for step in 0..opts.max_new_tokens {
+        let next = choose(&logits, opts.sampling, rng.as_mut())?;
+        for (row, &t) in out.iter_mut().zip(&next) {
+            if row.finished {
+                continue;
+            }
+            if opts.eos.contains(&t) {
+                row.finished = true;
+            } else {
+                row.tokens.push(t);
+            }
+        }
+        if step + 1 == opts.max_new_tokens || out.iter().all(|r| r.finished) {
+            break;
+        }
+        let ids = Tensor::from_vec(next, (rows, 1), logits.device())?;
+        let embeds = lm.embed(&ids)?;
+        let keep = vec![vec![true]; rows];
+        let dec = lm.forward(&embeds, expanded, &keep, &mut cache, particles, false)?;
+        expanded = dec.expanded;
+        logits = lm
+            .logits(&dec.last_hidden_state, expanded, particles)?
+            .squeeze(1)?;
+    }
+    Ok(out)
+}
+
+/// The next token of every row of `logits` `[rows, vocab]`.
+fn choose(logits: &Tensor, sampling: Sampling, rng: Option<&mut StdRng>) -> Result<Vec<u32>> {
+    match (sampling, rng) {
+        (
+            Sampling::Sample {
+                temperature,
+                top_p,
+                ..
+            },
+            Some(rng),
+        ) if temperature > 0.0 => {
+            let probs = candle_nn::ops::softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?
+                .to_vec2::<f32>()?;
+            Ok(probs
+                .iter()
+                .map(|row| sample_top_p(row, top_p, rng))
+                .collect())
+        }
+        _ => Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
+    }
+}
+
+/// Samples from the smallest set of most likely tokens whose mass reaches `top_p`.
+fn sample_top_p(probs: &[f32], top_p: f64, rng: &mut StdRng) -> u32 {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut kept = Vec::new();
+    let mut mass = 0.0f64;
+    for &i in &order {
+        kept.push(i);
+        mass += probs[i] as f64;
+        if mass >= top_p {
+            break;
+        }
+    }
+    let mut u = rng.random_range(0.0..mass.max(f64::MIN_POSITIVE));
+    for &i in &kept {
+        u -= probs[i] as f64;
+        if u <= 0.0 {
+            return i as u32;
+        }
+    }
+    kept.last().map_or(0, |&i| i as u32)
+}
