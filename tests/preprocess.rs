@@ -617,17 +617,36 @@ fn clip_pixel_values_equal_transformers() {
 }
 
 #[test]
+fn from_dir_reads_both_layouts_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", ImageProcessor::from_dir(dir.path()).unwrap_err());
+    assert!(err.contains("preprocessor_config.json"), "{err}");
+    std::fs::write(
+        dir.path().join("processor_config.json"),
+        json!({"image_processor": {"do_pad": true, "image_processor_type": "LlavaImageProcessor", "size": {"shortest_edge": 7}, "crop_size": 7}, "patch_size": 7}).to_string(),
+    )
+    .unwrap();
+    let p = ImageProcessor::from_dir(dir.path()).unwrap();
+    assert!(p.do_pad);
+    assert_eq!(p.output_size(), (7, 7));
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        json!({"size": 5, "crop_size": 5}).to_string(),
+    )
+    .unwrap();
+    let p = ImageProcessor::from_dir(dir.path()).unwrap();
+    assert!(!p.do_pad);
+    assert_eq!(p.output_size(), (5, 5));
+}
+
+#[test]
 fn llava_pixel_values_equal_transformers() {
     if !have_fixtures() {
         return;
     }
     let r = reference("llava.safetensors");
     for dir in ["llava-tiny-hub", "llava-tiny-v5"] {
-        let cfg = fixtures().join(dir).join("preprocessor_config.json");
-        if !cfg.is_file() {
-            continue;
-        }
-        let p = ImageProcessor::from_file(&cfg).unwrap();
+        let p = ImageProcessor::from_dir(&fixtures().join(dir)).unwrap();
         assert!(p.do_pad, "{dir}: do_pad");
         let got = p
             .preprocess(&image("wide.png"))

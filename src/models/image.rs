@@ -259,6 +259,32 @@ impl ImageProcessor {
             .with_context(|| format!("in image processor config {}", path.display()))
     }
 
+    /// The image processor of a model directory: `preprocessor_config.json`, or (as
+    /// `transformers` 5 saves processors) the `"image_processor"` object of
+    /// `processor_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        if pre.is_file() {
+            return Self::from_file(&pre);
+        }
+        let proc = dir.join("processor_config.json");
+        if proc.is_file() {
+            let text = std::fs::read_to_string(&proc)
+                .with_context(|| format!("cannot read {}", proc.display()))?;
+            let json: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", proc.display()))?;
+            if let Some(ip) = json.get("image_processor") {
+                return Self::from_json(ip)
+                    .with_context(|| format!("in key \"image_processor\" of {}", proc.display()));
+            }
+        }
+        bail!(
+            "no image processor config in {}: expected preprocessor_config.json, or \
+             processor_config.json with an \"image_processor\" entry",
+            dir.display()
+        )
+    }
+
     /// Builds a processor from the JSON of a `preprocessor_config.json`; missing keys take the
     /// class defaults of `transformers`.
     pub fn from_json(json: &Value) -> Result<Self> {
