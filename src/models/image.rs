@@ -1,1 +1,1092 @@
 //! Image preprocessing driven by `preprocessor_config.json`.
+//!
+//! Reproduces what Python `transformers` does with `CLIPImageProcessor` and `LlavaImageProcessor`
+//! on its PIL/NumPy path, step for step and with the same arithmetic:
+//!
+//! 1. convert to RGB (alpha is composited onto white with Pillow's integer formula),
+//! 2. `do_pad`: pad to a square with the background colour `int(mean * 255)` (LLaVA-1.5),
+//! 3. `do_resize`: Pillow's separable resampler (`ImagingResample`) re-implemented bit for bit:
+//!    the same coefficients, the same 22-bit fixed point, 8-bit rounding between the passes and
+//!    Pillow 13's choice of which pass comes first (see [`pil_resize`]),
+//! 4. `do_center_crop` (zero padded where the image is smaller than the crop),
+//! 5. `do_rescale` (`f64` product, then `f32`) and `do_normalize` (`f32`).
+//!
+//! The output is a `f32` tensor `[3, H, W]` on the CPU.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageReader, Limits};
+use serde_json::Value;
+
+/// The largest image (in pixels, width × height) that [`load_image`] decodes: 64 Mpixel.
+pub const MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// The longest side (in pixels) that [`load_image`] accepts.
+pub const MAX_IMAGE_SIDE: u32 = 32_768;
+
+/// The formats [`load_image`] can decode (the `image` crate features this crate enables).
+pub const SUPPORTED_IMAGE_FORMATS: &str = "PNG, JPEG";
+
+/// The CLIP mean that `transformers` uses as the class default (`OPENAI_CLIP_MEAN`).
+pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// The CLIP standard deviation that `transformers` uses as the class default (`OPENAI_CLIP_STD`).
+pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
+/// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
+/// [`MAX_IMAGE_SIDE`]. EXIF orientation is not applied (neither PIL's `Image.open` nor
+/// `transformers` apply it).
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    if !path.exists() {
+        bail!("image file {} does not exist", path.display());
+    }
+    if path.is_dir() {
+        bail!(
+            "image path {} is a directory, not an image file",
+            path.display()
+        );
+    }
+    let open = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+        let reader = ImageReader::open(path)
+            .with_context(|| format!("cannot open image file {}", path.display()))?
+            .with_guessed_format()
+            .with_context(|| format!("cannot read image file {}", path.display()))?;
+        if reader.format().is_none() {
+            bail!(
+                "{} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})",
+                path.display()
+            );
+        }
+        Ok(reader)
+    };
+    let (width, height) = open()?
+        .into_dimensions()
+        .map_err(|e| describe_image_error(path, e))?;
+    check_image_size(path, width, height)?;
+    let mut reader = open()?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    // 16-bit RGBA at the pixel limit, plus the decoders' scratch space.
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (256 << 20));
+    reader.limits(limits);
+    reader.decode().map_err(|e| describe_image_error(path, e))
+}
+
+fn check_image_size(path: &Path, width: u32, height: u32) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 {
+        bail!("image {} is empty ({width}×{height})", path.display());
+    }
+    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || pixels > MAX_IMAGE_PIXELS {
+        bail!(
+            "image {} is too large: {width}×{height} pixels (the limit is {MAX_IMAGE_SIDE} pixels a side \
+             and {} Mpixel in all); scale it down first",
+            path.display(),
+            MAX_IMAGE_PIXELS / (1024 * 1024)
+        );
+    }
+    Ok(())
+}
+
+fn describe_image_error(path: &Path, err: image::ImageError) -> anyhow::Error {
+    use image::ImageError as E;
+    match err {
+        E::Unsupported(e) => anyhow!(
+            "{} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): {e}",
+            path.display()
+        ),
+        E::Limits(e) => anyhow!(
+            "image {} is too large to decode (limits: {MAX_IMAGE_SIDE} pixels a side, {} Mpixel): {e}",
+            path.display(),
+            MAX_IMAGE_PIXELS / (1024 * 1024)
+        ),
+        E::Decoding(e) => anyhow!(
+            "cannot decode image {} (corrupt or truncated? supported: {SUPPORTED_IMAGE_FORMATS}): {e}",
+            path.display()
+        ),
+        E::IoError(e) => anyhow!("cannot read image file {}: {e}", path.display()),
+        other => anyhow!("cannot load image {}: {other}", path.display()),
+    }
+}
+
+/// Pillow's resampling filters, numbered as `PIL.Image.Resampling` numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// 0
+    Nearest,
+    /// 1
+    Lanczos,
+    /// 2
+    Bilinear,
+    /// 3 (the default of CLIP and LLaVA)
+    Bicubic,
+    /// 4
+    Box,
+    /// 5
+    Hamming,
+}
+
+impl Resample {
+    /// The filter for a PIL resampling code (`0..=5`).
+    pub fn from_pil(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Nearest,
+            1 => Self::Lanczos,
+            2 => Self::Bilinear,
+            3 => Self::Bicubic,
+            4 => Self::Box,
+            5 => Self::Hamming,
+            _ => return None,
+        })
+    }
+
+    /// The PIL code of this filter.
+    pub fn pil_code(self) -> i64 {
+        match self {
+            Self::Nearest => 0,
+            Self::Lanczos => 1,
+            Self::Bilinear => 2,
+            Self::Bicubic => 3,
+            Self::Box => 4,
+            Self::Hamming => 5,
+        }
+    }
+}
+
+/// What `size` asks the resize step for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTarget {
+    /// `{"shortest_edge": N}` (optionally with `"longest_edge"`): keep the aspect ratio.
+    ShortestEdge {
+        /// The length of the shorter side after resizing.
+        shortest_edge: usize,
+        /// An upper bound for the longer side, if any.
+        longest_edge: Option<usize>,
+    },
+    /// `{"height": H, "width": W}`: resize to exactly this size.
+    Exact {
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+    },
+}
+
+/// An image processor configured like `transformers`' `CLIPImageProcessor` /
+/// `LlavaImageProcessor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    /// Whether to resize.
+    pub do_resize: bool,
+    /// The resize target.
+    pub size: ResizeTarget,
+    /// The resampling filter.
+    pub resample: Resample,
+    /// Whether to centre-crop after resizing.
+    pub do_center_crop: bool,
+    /// `(height, width)` of the centre crop.
+    pub crop_size: (usize, usize),
+    /// Whether to multiply by `rescale_factor`.
+    pub do_rescale: bool,
+    /// Usually `1/255`.
+    pub rescale_factor: f64,
+    /// Whether to normalise with `image_mean` / `image_std`.
+    pub do_normalize: bool,
+    /// Per-channel mean (RGB).
+    pub image_mean: [f64; 3],
+    /// Per-channel standard deviation (RGB).
+    pub image_std: [f64; 3],
+    /// Whether to convert to RGB (alpha composited onto white). Without it, alpha is dropped.
+    pub do_convert_rgb: bool,
+    /// LLaVA-1.5: pad to a square with the background colour `int(mean * 255)` before resizing.
+    pub do_pad: bool,
+}
+
+impl Default for ImageProcessor {
+    /// The class defaults of `CLIPImageProcessor` (and `LlavaImageProcessor`, whose only
+    /// different default, `do_pad`, is also `false`).
+    fn default() -> Self {
+        Self {
+            do_resize: true,
+            size: ResizeTarget::ShortestEdge {
+                shortest_edge: 224,
+                longest_edge: None,
+            },
+            resample: Resample::Bicubic,
+            do_center_crop: true,
+            crop_size: (224, 224),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: OPENAI_CLIP_MEAN,
+            image_std: OPENAI_CLIP_STD,
+            do_convert_rgb: true,
+            do_pad: false,
+        }
+    }
+}
+
+/// Processor types whose semantics this module implements.
+const KNOWN_TYPES: &[&str] = &[
+    "CLIPImageProcessor",
+    "LlavaImageProcessor",
+    "CLIPFeatureExtractor",
+];
+
+/// Keys that make a configuration "CLIP-like" when its type is unknown.
+const CLIP_KEYS: &[&str] = &[
+    "size",
+    "crop_size",
+    "do_resize",
+    "do_center_crop",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+];
+
+impl ImageProcessor {
+    /// Reads a `preprocessor_config.json`. Errors name the file (and the key where one is wrong).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read image processor config {}", path.display()))?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_json(&json)
+            .with_context(|| format!("in image processor config {}", path.display()))
+    }
+
+    /// The image processor of a model directory: `preprocessor_config.json`, or (as
+    /// `transformers` 5 saves processors) the `"image_processor"` object of
+    /// `processor_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        if pre.is_file() {
+            return Self::from_file(&pre);
+        }
+        let proc = dir.join("processor_config.json");
+        if proc.is_file() {
+            let text = std::fs::read_to_string(&proc)
+                .with_context(|| format!("cannot read {}", proc.display()))?;
+            let json: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", proc.display()))?;
+            if let Some(ip) = json.get("image_processor") {
+                return Self::from_json(ip)
+                    .with_context(|| format!("in key \"image_processor\" of {}", proc.display()));
+            }
+        }
+        bail!(
+            "no image processor config in {}: expected preprocessor_config.json, or \
+             processor_config.json with an \"image_processor\" entry",
+            dir.display()
+        )
+    }
+
+    /// Builds a processor from the JSON of a `preprocessor_config.json`; missing keys take the
+    /// class defaults of `transformers`.
+    pub fn from_json(json: &Value) -> Result<Self> {
+        let obj = json
+            .as_object()
+            .ok_or_else(|| anyhow!("the image processor config must be a JSON object"))?;
+        let kind = obj
+            .get("image_processor_type")
+            .or_else(|| obj.get("feature_extractor_type"))
+            .and_then(Value::as_str)
+            .map(|s| {
+                s.trim_end_matches("Fast")
+                    .trim_end_matches("Pil")
+                    .to_string()
+            });
+        if obj.contains_key("image_grid_pinpoints") {
+            bail!(
+                "key \"image_grid_pinpoints\": LLaVA-NeXT \"anyres\" preprocessing is not supported \
+                 (only CLIP and LLaVA-1.5 style processors are)"
+            );
+        }
+        if let Some(kind) = &kind {
+            let known = KNOWN_TYPES.iter().any(|k| k == kind);
+            if !known && !CLIP_KEYS.iter().any(|k| obj.contains_key(*k)) {
+                bail!(
+                    "key \"image_processor_type\": unsupported image processor {kind:?} \
+                     (supported: CLIPImageProcessor, LlavaImageProcessor, or a config with CLIP-like keys)"
+                );
+            }
+        }
+        let mut p = Self::default();
+        p.do_resize = get_bool(obj, "do_resize")?.unwrap_or(p.do_resize);
+        if let Some(v) = obj.get("size").filter(|v| !v.is_null()) {
+            p.size = parse_size(v).context("key \"size\"")?;
+        }
+        if let Some(v) = obj.get("resample").filter(|v| !v.is_null()) {
+            let code = as_int(v).context("key \"resample\"")?;
+            p.resample = Resample::from_pil(code).ok_or_else(|| {
+                anyhow!("key \"resample\": unknown PIL resampling code {code} (expected 0 to 5)")
+            })?;
+        }
+        p.do_center_crop = get_bool(obj, "do_center_crop")?.unwrap_or(p.do_center_crop);
+        if let Some(v) = obj.get("crop_size").filter(|v| !v.is_null()) {
+            p.crop_size = parse_crop_size(v).context("key \"crop_size\"")?;
+        }
+        p.do_rescale = get_bool(obj, "do_rescale")?.unwrap_or(p.do_rescale);
+        if let Some(v) = obj.get("rescale_factor").filter(|v| !v.is_null()) {
+            p.rescale_factor = v
+                .as_f64()
+                .ok_or_else(|| anyhow!("key \"rescale_factor\": expected a number, got {v}"))?;
+        }
+        p.do_normalize = get_bool(obj, "do_normalize")?.unwrap_or(p.do_normalize);
+        if let Some(v) = obj.get("image_mean").filter(|v| !v.is_null()) {
+            p.image_mean = parse_triple(v).context("key \"image_mean\"")?;
+        }
+        if let Some(v) = obj.get("image_std").filter(|v| !v.is_null()) {
+            p.image_std = parse_triple(v).context("key \"image_std\"")?;
+            if p.image_std.contains(&0.0) {
+                bail!("key \"image_std\": a standard deviation is zero");
+            }
+        }
+        p.do_convert_rgb = get_bool(obj, "do_convert_rgb")?.unwrap_or(p.do_convert_rgb);
+        p.do_pad = get_bool(obj, "do_pad")?.unwrap_or(p.do_pad);
+        if p.do_pad && kind.as_deref() == Some("CLIPImageProcessor") {
+            // CLIPImageProcessor has no `do_pad`; transformers ignores the key there.
+            p.do_pad = false;
+        }
+        if p.do_pad && obj.contains_key("pad_size") {
+            bail!(
+                "key \"pad_size\": padding to a fixed size is not supported (only pad-to-square)"
+            );
+        }
+        Ok(p)
+    }
+
+    /// `(height, width)` of the tensors this processor produces, where that does not depend on
+    /// the input: the crop size with `do_center_crop`, the exact size with `{"height","width"}`.
+    /// For a shortest-edge resize without a crop (output depends on the aspect ratio) it returns
+    /// the square `(shortest_edge, shortest_edge)`, the size for a square input.
+    pub fn output_size(&self) -> (usize, usize) {
+        if self.do_center_crop {
+            return self.crop_size;
+        }
+        match self.size {
+            ResizeTarget::Exact { height, width } => (height, width),
+            ResizeTarget::ShortestEdge { shortest_edge, .. } => (shortest_edge, shortest_edge),
+        }
+    }
+
+    /// The processed image as `f32 [3, H, W]` on the CPU.
+    pub fn preprocess(&self, img: &DynamicImage) -> Result<Tensor> {
+        let (data, h, w) = self.preprocess_to_vec(img)?;
+        Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
+    }
+
+    /// A batch `f32 [N, 3, H, W]`. All images must come out at the same size (always true with a
+    /// centre crop or an exact resize).
+    pub fn preprocess_batch(&self, imgs: &[DynamicImage]) -> Result<Tensor> {
+        if imgs.is_empty() {
+            bail!("preprocess_batch needs at least one image");
+        }
+        let mut all = Vec::new();
+        let mut shape = None;
+        for (i, img) in imgs.iter().enumerate() {
+            let (data, h, w) = self.preprocess_to_vec(img)?;
+            match shape {
+                None => shape = Some((h, w)),
+                Some(s) if s != (h, w) => bail!(
+                    "image {i} comes out at {h}×{w} but image 0 at {}×{}: a batch needs one size \
+                     (enable do_center_crop or an exact size)",
+                    s.0,
+                    s.1
+                ),
+                _ => {}
+            }
+            all.extend_from_slice(&data);
+        }
+        let (h, w) = shape.unwrap_or((0, 0));
+        Ok(Tensor::from_vec(all, (imgs.len(), 3, h, w), &Device::Cpu)?)
+    }
+
+    /// The pixel values after the integer steps (RGB conversion, padding, resizing, cropping):
+    /// an 8-bit RGB image, as `transformers` has it just before rescaling.
+    pub fn preprocess_u8(&self, img: &DynamicImage) -> Result<RgbU8> {
+        let mut rgb = to_rgb(img, self.do_convert_rgb);
+        if rgb.width == 0 || rgb.height == 0 {
+            bail!("the image is empty ({}×{})", rgb.width, rgb.height);
+        }
+        if self.do_pad {
+            let bg = self.pad_color();
+            rgb = pad_to_square(&rgb, bg);
+        }
+        if self.do_resize {
+            let (oh, ow) = self.resize_output_size(rgb.height, rgb.width)?;
+            rgb = pil_resize(&rgb, ow, oh, self.resample)?;
+        }
+        if self.do_center_crop {
+            rgb = center_crop(&rgb, self.crop_size.0, self.crop_size.1);
+        }
+        Ok(rgb)
+    }
+
+    /// The padding colour of `do_pad`: `tuple(int(x * 255) for x in image_mean)`.
+    pub fn pad_color(&self) -> [u8; 3] {
+        self.image_mean
+            .map(|m| (m * 255.0).trunc().clamp(0.0, 255.0) as u8)
+    }
+
+    /// The `(height, width)` the resize step produces for an input of `height × width`, as
+    /// `transformers`' `get_resize_output_image_size(..., default_to_square=False)` computes it.
+    pub fn resize_output_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let (oh, ow) = match self.size {
+            ResizeTarget::Exact { height, width } => (height, width),
+            ResizeTarget::ShortestEdge {
+                shortest_edge,
+                longest_edge: None,
+            } => shortest_edge_size(height, width, shortest_edge),
+            ResizeTarget::ShortestEdge {
+                shortest_edge,
+                longest_edge: Some(max),
+            } => size_with_aspect_ratio(height, width, shortest_edge, max),
+        };
+        if oh == 0 || ow == 0 {
+            bail!(
+                "resizing a {width}×{height} image with {:?} gives an empty image",
+                self.size
+            );
+        }
+        Ok((oh, ow))
+    }
+
+    fn preprocess_to_vec(&self, img: &DynamicImage) -> Result<(Vec<f32>, usize, usize)> {
+        let rgb = self.preprocess_u8(img)?;
+        let (h, w) = (rgb.height, rgb.width);
+        let plane = h * w;
+        let mut out = vec![0f32; 3 * plane];
+        let mean = self.image_mean.map(|m| m as f32);
+        let std = self.image_std.map(|s| s as f32);
+        for (i, px) in rgb.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let mut v = if self.do_rescale {
+                    // numpy: image.astype(float64) * scale, then astype(float32)
+                    (f64::from(px[c]) * self.rescale_factor) as f32
+                } else {
+                    f32::from(px[c])
+                };
+                if self.do_normalize {
+                    // numpy float32: (image - mean) / std
+                    v = (v - mean[c]) / std[c];
+                }
+                out[c * plane + i] = v;
+            }
+        }
+        Ok((out, h, w))
+    }
+}
+
+fn get_bool(obj: &serde_json::Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => bail!("key {key:?}: expected true or false, got {other}"),
+    }
+}
+
+fn as_int(v: &Value) -> Result<i64> {
+    if let Some(i) = v.as_i64() {
+        return Ok(i);
+    }
+    if let Some(f) = v.as_f64() {
+        if f.fract() == 0.0 && f.abs() < 1e15 {
+            return Ok(f as i64);
+        }
+    }
+    bail!("expected an integer, got {v}")
+}
+
+fn as_size(v: &Value) -> Result<usize> {
+    let i = as_int(v)?;
+    if i <= 0 {
+        bail!("expected a positive size, got {i}");
+    }
+    usize::try_from(i).map_err(|_| anyhow!("size {i} is out of range"))
+}
+
+/// `size`: CLIP and LLaVA use `default_to_square=False`, so a bare integer is a shortest edge.
+fn parse_size(v: &Value) -> Result<ResizeTarget> {
+    match v {
+        Value::Number(_) => Ok(ResizeTarget::ShortestEdge {
+            shortest_edge: as_size(v)?,
+            longest_edge: None,
+        }),
+        Value::Array(a) if a.len() == 2 => Ok(ResizeTarget::Exact {
+            height: as_size(&a[0])?,
+            width: as_size(&a[1])?,
+        }),
+        Value::Object(o) => {
+            let get = |k: &str| -> Result<Option<usize>> {
+                match o.get(k) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(x) => as_size(x).map(Some).with_context(|| format!("field {k:?}")),
+                }
+            };
+            if let Some(shortest_edge) = get("shortest_edge")? {
+                return Ok(ResizeTarget::ShortestEdge {
+                    shortest_edge,
+                    longest_edge: get("longest_edge")?,
+                });
+            }
+            match (get("height")?, get("width")?) {
+                (Some(height), Some(width)) => Ok(ResizeTarget::Exact { height, width }),
+                _ => bail!(
+                    "expected {{\"shortest_edge\": N}} or {{\"height\": H, \"width\": W}}, got {v} \
+                     (other size forms are not supported)"
+                ),
+            }
+        }
+        _ => bail!("expected an integer or an object, got {v}"),
+    }
+}
+
+/// `crop_size`: a bare integer means a square (`default_to_square=True`).
+fn parse_crop_size(v: &Value) -> Result<(usize, usize)> {
+    match v {
+        Value::Number(_) => {
+            let s = as_size(v)?;
+            Ok((s, s))
+        }
+        Value::Array(a) if a.len() == 2 => Ok((as_size(&a[0])?, as_size(&a[1])?)),
+        Value::Object(o) => {
+            let h = o
+                .get("height")
+                .ok_or_else(|| anyhow!("expected \"height\" and \"width\", got {v}"))?;
+            let w = o
+                .get("width")
+                .ok_or_else(|| anyhow!("expected \"height\" and \"width\", got {v}"))?;
+            Ok((as_size(h)?, as_size(w)?))
+        }
+        _ => bail!("expected an integer or {{\"height\": H, \"width\": W}}, got {v}"),
+    }
+}
+
+fn parse_triple(v: &Value) -> Result<[f64; 3]> {
+    match v {
+        Value::Number(n) => {
+            let x = n
+                .as_f64()
+                .ok_or_else(|| anyhow!("expected a number, got {v}"))?;
+            Ok([x; 3])
+        }
+        Value::Array(a) if a.len() == 3 => {
+            let mut out = [0.0; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x
+                    .as_f64()
+                    .ok_or_else(|| anyhow!("expected numbers, got {v}"))?;
+            }
+            Ok(out)
+        }
+        _ => bail!("expected a number or a list of 3 numbers (RGB), got {v}"),
+    }
+}
+
+/// `get_resize_output_image_size(image, size, default_to_square=False)`.
+fn shortest_edge_size(height: usize, width: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    // Python: int(size * long / short), true division in double precision.
+    let new_long = ((size as f64 * long as f64) / short as f64) as usize;
+    if width <= height {
+        (new_long, size)
+    } else {
+        (size, new_long)
+    }
+}
+
+/// `get_size_with_aspect_ratio(image_size, size, max_size)` (shortest and longest edge).
+fn size_with_aspect_ratio(
+    height: usize,
+    width: usize,
+    size: usize,
+    max_size: usize,
+) -> (usize, usize) {
+    let mut size = size;
+    let mut raw_size = None;
+    let min_original = height.min(width) as f64;
+    let max_original = height.max(width) as f64;
+    if max_original / min_original * size as f64 > max_size as f64 {
+        let raw = max_size as f64 * min_original / max_original;
+        raw_size = Some(raw);
+        size = python_round(raw) as usize;
+    }
+    if (height <= width && height == size) || (width <= height && width == size) {
+        (height, width)
+    } else if width < height {
+        let oh = match raw_size {
+            Some(raw) => (raw * height as f64 / width as f64) as usize,
+            None => (size as f64 * height as f64 / width as f64) as usize,
+        };
+        (oh, size)
+    } else {
+        let ow = match raw_size {
+            Some(raw) => (raw * width as f64 / height as f64) as usize,
+            None => (size as f64 * width as f64 / height as f64) as usize,
+        };
+        (size, ow)
+    }
+}
+
+/// Python's `round()` (half to even).
+fn python_round(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes a pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbU8 {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `height * width * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+/// Converts to 8-bit RGB the way `transformers`' `convert_to_rgb` does with PIL: images with an
+/// alpha channel are composited onto opaque white (Pillow's `alpha_composite`, integer
+/// arithmetic), grey is replicated. 16-bit images keep their high byte (as Pillow reads 16-bit
+/// RGB PNGs). With `composite_alpha == false` alpha is dropped instead.
+pub fn to_rgb(img: &DynamicImage, composite_alpha: bool) -> RgbU8 {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let mut data = Vec::with_capacity(width * height * 3);
+    let mut push_rgba = |r: u8, g: u8, b: u8, a: u8| {
+        if composite_alpha {
+            data.extend_from_slice(&composite_on_white([r, g, b], a));
+        } else {
+            data.extend_from_slice(&[r, g, b]);
+        }
+    };
+    match img {
+        DynamicImage::ImageRgb8(im) => {
+            return RgbU8 {
+                width,
+                height,
+                data: im.as_raw().clone(),
+            }
+        }
+        DynamicImage::ImageLuma8(im) => {
+            for &l in im.as_raw() {
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        DynamicImage::ImageLumaA8(im) => {
+            for p in im.as_raw().chunks_exact(2) {
+                push_rgba(p[0], p[0], p[0], p[1]);
+            }
+        }
+        DynamicImage::ImageRgba8(im) => {
+            for p in im.as_raw().chunks_exact(4) {
+                push_rgba(p[0], p[1], p[2], p[3]);
+            }
+        }
+        DynamicImage::ImageRgb16(im) => {
+            for p in im.as_raw().chunks_exact(3) {
+                data.extend_from_slice(&[(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]);
+            }
+        }
+        DynamicImage::ImageRgba16(im) => {
+            for p in im.as_raw().chunks_exact(4) {
+                push_rgba(
+                    (p[0] >> 8) as u8,
+                    (p[1] >> 8) as u8,
+                    (p[2] >> 8) as u8,
+                    (p[3] >> 8) as u8,
+                );
+            }
+        }
+        DynamicImage::ImageLuma16(im) => {
+            for &l in im.as_raw() {
+                let l = (l >> 8) as u8;
+                data.extend_from_slice(&[l, l, l]);
+            }
+        }
+        DynamicImage::ImageLumaA16(im) => {
+            for p in im.as_raw().chunks_exact(2) {
+                let l = (p[0] >> 8) as u8;
+                push_rgba(l, l, l, (p[1] >> 8) as u8);
+            }
+        }
+        other => {
+            if other.color().has_alpha() {
+                for p in other.to_rgba8().as_raw().chunks_exact(4) {
+                    push_rgba(p[0], p[1], p[2], p[3]);
+                }
+            } else {
+                return RgbU8 {
+                    width,
+                    height,
+                    data: other.to_rgb8().into_raw(),
+                };
+            }
+        }
+    }
+    RgbU8 {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Pillow's `alpha_composite(white, src)` for one pixel (`AlphaComposite.c`, 7-bit precision).
+fn composite_on_white(rgb: [u8; 3], a: u8) -> [u8; 3] {
+    const PRECISION_BITS: u32 = 7;
+    if a == 0 {
+        return [255, 255, 255];
+    }
+    let sa = u32::from(a);
+    let blend = 255 * (255 - sa);
+    let outa255 = sa * 255 + blend;
+    let coef1 = sa * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    rgb.map(|c| {
+        let tmp = u32::from(c) * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+        let div255 = ((tmp >> 8) + tmp) >> 8;
+        (div255 >> PRECISION_BITS).min(255) as u8
+    })
+}
+
+/// LLaVA's `pad_to_square`: the longer side stays, the shorter is padded on both sides (the
+/// extra pixel of an odd difference goes after the image) with `background`.
+pub fn pad_to_square(img: &RgbU8, background: [u8; 3]) -> RgbU8 {
+    let (h, w) = (img.height, img.width);
+    if h == w {
+        return img.clone();
+    }
+    let side = h.max(w);
+    let mut data = Vec::with_capacity(side * side * 3);
+    for _ in 0..side * side {
+        data.extend_from_slice(&background);
+    }
+    let (top, left) = if w > h {
+        ((side - h) / 2, 0)
+    } else {
+        (0, (side - w) / 2)
+    };
+    for y in 0..h {
+        let src = &img.data[y * w * 3..(y + 1) * w * 3];
+        let start = ((top + y) * side + left) * 3;
+        data[start..start + w * 3].copy_from_slice(src);
+    }
+    RgbU8 {
+        width: side,
+        height: side,
+        data,
+    }
+}
+
+/// `transformers`' `center_crop`: `top = (H - h) // 2`, `left = (W - w) // 2`; where the image is
+/// smaller than the crop it is first padded with zeros (centred, `ceil` of half the difference
+/// before it).
+pub fn center_crop(img: &RgbU8, crop_h: usize, crop_w: usize) -> RgbU8 {
+    let (h, w) = (img.height, img.width);
+    if crop_h <= h && crop_w <= w {
+        let top = (h - crop_h) / 2;
+        let left = (w - crop_w) / 2;
+        let mut data = Vec::with_capacity(crop_h * crop_w * 3);
+        for y in top..top + crop_h {
+            data.extend_from_slice(&img.data[(y * w + left) * 3..(y * w + left + crop_w) * 3]);
+        }
+        return RgbU8 {
+            width: crop_w,
+            height: crop_h,
+            data,
+        };
+    }
+    // Pad with zeros to at least the crop size, then crop (the numpy code's index arithmetic).
+    let new_h = crop_h.max(h);
+    let new_w = crop_w.max(w);
+    let top_pad = (new_h - h).div_ceil(2);
+    let left_pad = (new_w - w).div_ceil(2);
+    let mut padded = vec![0u8; new_h * new_w * 3];
+    for y in 0..h {
+        let dst = ((top_pad + y) * new_w + left_pad) * 3;
+        padded[dst..dst + w * 3].copy_from_slice(&img.data[y * w * 3..(y + 1) * w * 3]);
+    }
+    // top = (h - crop_h) // 2 (floor division, may be negative), shifted by the padding.
+    let top = (h as i64 - crop_h as i64).div_euclid(2) + top_pad as i64;
+    let left = (w as i64 - crop_w as i64).div_euclid(2) + left_pad as i64;
+    let y0 = top.max(0) as usize;
+    let y1 = ((top + crop_h as i64).min(new_h as i64)) as usize;
+    let x0 = left.max(0) as usize;
+    let x1 = ((left + crop_w as i64).min(new_w as i64)) as usize;
+    let (out_h, out_w) = (y1 - y0, x1 - x0);
+    let mut data = Vec::with_capacity(out_h * out_w * 3);
+    for y in y0..y1 {
+        data.extend_from_slice(&padded[(y * new_w + x0) * 3..(y * new_w + x1) * 3]);
+    }
+    RgbU8 {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pillow's resampler (libImaging/Resample.c), 8 bits a channel.
+
+fn filter_support(f: Resample) -> f64 {
+    match f {
+        Resample::Box => 0.5,
+        Resample::Bilinear | Resample::Hamming => 1.0,
+        Resample::Bicubic => 2.0,
+        Resample::Lanczos => 3.0,
+        Resample::Nearest => 0.0,
+    }
+}
+
+fn filter_eval(f: Resample, x: f64) -> f64 {
+    match f {
+        Resample::Box => {
+            if x > -0.5 && x <= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Resample::Bilinear => {
+            let x = x.abs();
+            if x < 1.0 {
+                1.0 - x
+            } else {
+                0.0
+            }
+        }
+        Resample::Hamming => {
+            let x = x.abs();
+            if x == 0.0 {
+                1.0
+            } else if x >= 1.0 {
+                0.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                // The C code uses the float literals 0.54f and 0.46f.
+                x.sin() / x * (f64::from(0.54f32) + f64::from(0.46f32) * x.cos())
+            }
+        }
+        Resample::Bicubic => {
+            const A: f64 = -0.5;
+            let x = x.abs();
+            if x < 1.0 {
+                ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+            } else if x < 2.0 {
+                (((x - 5.0) * x + 8.0) * x - 4.0) * A
+            } else {
+                0.0
+            }
+        }
+        Resample::Lanczos => {
+            if (-3.0..3.0).contains(&x) {
+                sinc(x) * sinc(x / 3.0)
+            } else {
+                0.0
+            }
+        }
+        Resample::Nearest => 0.0,
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`: for each output position the first
+/// input index, the number of taps, and the fixed-point weights.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    kk: Vec<i32>,
+}
+
+fn precompute_coeffs(in_size: usize, out_size: usize, filter: Resample) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter_support(filter) * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C: (int)(center - support + 0.5), truncation toward zero, then clamped.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut ww = 0.0;
+        k.iter_mut().for_each(|v| *v = 0.0);
+        for (x, kx) in k.iter_mut().enumerate().take(n) {
+            let w = filter_eval(filter, ((x + xmin) as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        if ww != 0.0 {
+            for kx in k.iter_mut().take(n) {
+                *kx /= ww;
+            }
+        }
+        for (x, &kx) in k.iter().enumerate() {
+            let scaled = kx * f64::from(1u32 << PRECISION_BITS);
+            kk[xx * ksize + x] = if kx < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
+        }
+        bounds.push((xmin, n));
+    }
+    Coeffs { ksize, bounds, kk }
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes like Pillow's `Image.resize((width, height), resample)` on an RGB image.
+///
+/// Pillow resamples in two separable passes with 8-bit rounding in between, so the order of the
+/// passes matters. Pillow 13 (measured against it on random sizes and all five filters) runs the
+/// vertical pass first exactly when the height shrinks by more than twice as many pixels as the
+/// width does (`in_h - out_h > 2 * (in_w - out_w)` with `out_h < in_h`), the horizontal pass first
+/// otherwise; older Pillow releases always ran the horizontal pass first.
+pub fn pil_resize(img: &RgbU8, out_w: usize, out_h: usize, filter: Resample) -> Result<RgbU8> {
+    if out_w == 0 || out_h == 0 {
+        bail!("cannot resize to an empty image ({out_w}×{out_h})");
+    }
+    if img.width == 0 || img.height == 0 {
+        bail!(
+            "cannot resize an empty image ({}×{})",
+            img.width,
+            img.height
+        );
+    }
+    if img.width == out_w && img.height == out_h {
+        return Ok(img.clone());
+    }
+    if filter == Resample::Nearest {
+        return Ok(nearest_resize(img, out_w, out_h));
+    }
+    let (in_w, in_h) = (img.width as i64, img.height as i64);
+    let vertical_first = (out_h as i64) < in_h && in_h - out_h as i64 > 2 * (in_w - out_w as i64);
+    let mut cur = std::borrow::Cow::Borrowed(img);
+    if vertical_first {
+        cur = std::borrow::Cow::Owned(resample_vertical(&cur, out_h, filter));
+    }
+    if cur.width != out_w {
+        cur = std::borrow::Cow::Owned(resample_horizontal(&cur, out_w, filter));
+    }
+    if cur.height != out_h {
+        cur = std::borrow::Cow::Owned(resample_vertical(&cur, out_h, filter));
+    }
+    Ok(cur.into_owned())
+}
+
+/// One horizontal pass of `ImagingResampleHorizontal_8bpc`.
+fn resample_horizontal(img: &RgbU8, out_w: usize, filter: Resample) -> RgbU8 {
+    let (in_w, h) = (img.width, img.height);
+    let co = precompute_coeffs(in_w, out_w, filter);
+    let mut out = vec![0u8; h * out_w * 3];
+    for y in 0..h {
+        let src_row = &img.data[y * in_w * 3..(y + 1) * in_w * 3];
+        let dst_row = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
+        for xx in 0..out_w {
+            let (xmin, n) = co.bounds[xx];
+            let k = &co.kk[xx * co.ksize..xx * co.ksize + n];
+            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &src_row[(x + xmin) * 3..(x + xmin) * 3 + 3];
+                for c in 0..3 {
+                    ss[c] += i64::from(p[c]) * i64::from(kx);
+                }
+            }
+            for c in 0..3 {
+                dst_row[xx * 3 + c] = clip8(ss[c]);
+            }
+        }
+    }
+    RgbU8 {
+        width: out_w,
+        height: h,
+        data: out,
+    }
+}
+
+/// One vertical pass of `ImagingResampleVertical_8bpc`.
+fn resample_vertical(img: &RgbU8, out_h: usize, filter: Resample) -> RgbU8 {
+    let (w, in_h) = (img.width, img.height);
+    let co = precompute_coeffs(in_h, out_h, filter);
+    let mut out = vec![0u8; out_h * w * 3];
+    for yy in 0..out_h {
+        let (ymin, n) = co.bounds[yy];
+        let k = &co.kk[yy * co.ksize..yy * co.ksize + n];
+        for xx in 0..w {
+            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+            for (y, &ky) in k.iter().enumerate() {
+                let i = ((y + ymin) * w + xx) * 3;
+                let p = &img.data[i..i + 3];
+                for c in 0..3 {
+                    ss[c] += i64::from(p[c]) * i64::from(ky);
+                }
+            }
+            for c in 0..3 {
+                out[(yy * w + xx) * 3 + c] = clip8(ss[c]);
+            }
+        }
+    }
+    RgbU8 {
+        width: w,
+        height: out_h,
+        data: out,
+    }
+}
+
+/// Pillow's NEAREST resize (an affine transform: source = floor((x + 0.5) * scale), accumulated).
+fn nearest_resize(img: &RgbU8, out_w: usize, out_h: usize) -> RgbU8 {
+    let coords = |in_size: usize, out_size: usize| -> Vec<usize> {
+        let a = in_size as f64 / out_size as f64;
+        let mut o = a * 0.5;
+        let mut v = Vec::with_capacity(out_size);
+        for _ in 0..out_size {
+            v.push((o.max(0.0) as usize).min(in_size - 1));
+            o += a;
+        }
+        v
+    };
+    let xs = coords(img.width, out_w);
+    let ys = coords(img.height, out_h);
+    let mut data = Vec::with_capacity(out_w * out_h * 3);
+    for &y in &ys {
+        for &x in &xs {
+            let i = (y * img.width + x) * 3;
+            data.extend_from_slice(&img.data[i..i + 3]);
+        }
+    }
+    RgbU8 {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}

@@ -1,0 +1,673 @@
+//! Image preprocessing: hand-computed cases, Pillow outputs pinned from Pillow 13, and (when the
+//! fixtures are present) parity with the pixel values `transformers` produced.
+
+use std::path::{Path, PathBuf};
+
+use bella_vqa::models::image::{
+    center_crop, load_image, pad_to_square, pil_resize, to_rgb, ImageProcessor, Resample,
+    ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+};
+use candle_core::{DType, Device, Tensor};
+use image::{DynamicImage, ImageBuffer, Rgb, Rgba};
+use serde_json::json;
+
+fn rgb(width: usize, height: usize, data: Vec<u8>) -> RgbU8 {
+    assert_eq!(data.len(), width * height * 3);
+    RgbU8 {
+        width,
+        height,
+        data,
+    }
+}
+
+fn dynamic(img: &RgbU8) -> DynamicImage {
+    let buf: ImageBuffer<Rgb<u8>, Vec<u8>> =
+        ImageBuffer::from_raw(img.width as u32, img.height as u32, img.data.clone()).unwrap();
+    DynamicImage::ImageRgb8(buf)
+}
+
+/// A 4×2 image whose pixel (x, y) is (10x + y, 100 + 10x + y, 200 + 10x + y).
+fn four_by_two() -> RgbU8 {
+    let mut data = Vec::new();
+    for y in 0..2u8 {
+        for x in 0..4u8 {
+            data.extend_from_slice(&[10 * x + y, 100 + 10 * x + y, 200 + 10 * x + y]);
+        }
+    }
+    rgb(4, 2, data)
+}
+
+/// A processor that does nothing but the steps named in `json` (all others off).
+fn only(json: serde_json::Value) -> ImageProcessor {
+    let mut base = json!({
+        "do_resize": false, "do_center_crop": false, "do_rescale": false, "do_normalize": false,
+        "do_pad": false, "image_processor_type": "LlavaImageProcessor"
+    });
+    for (k, v) in json.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    ImageProcessor::from_json(&base).unwrap()
+}
+
+fn to_u8_vec(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+    let dims = t.dims().to_vec();
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    (dims, v.iter().map(|&x| x as u8).collect())
+}
+
+/// CHW planes of an HWC image.
+fn planes(img: &RgbU8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in 0..3 {
+        out.extend(img.data.chunks_exact(3).map(|p| p[c]));
+    }
+    out
+}
+
+#[test]
+fn pad_to_square_wide_image_uses_mean_colour() {
+    let p = only(json!({"do_pad": true}));
+    assert_eq!(p.pad_color(), [122, 116, 104]); // int(x * 255) of the CLIP mean
+    let t = p.preprocess(&dynamic(&four_by_two())).unwrap();
+    let (dims, v) = to_u8_vec(&t);
+    assert_eq!(dims, vec![3, 4, 4]);
+    // (4 - 2) // 2 = 1 background row above, 1 below.
+    let bg = [122u8, 116, 104];
+    for c in 0..3 {
+        for y in 0..4 {
+            for x in 0..4 {
+                let got = v[c * 16 + y * 4 + x];
+                let want = match y {
+                    1 | 2 => [0u8, 100, 200][c] + 10 * x as u8 + (y as u8 - 1),
+                    _ => bg[c],
+                };
+                assert_eq!(got, want, "c={c} y={y} x={x}");
+            }
+        }
+    }
+}
+
+#[test]
+fn pad_to_square_tall_and_odd_difference() {
+    // 1 wide, 4 tall: (4 - 1) // 2 = 1 column before, 2 after.
+    let img = rgb(1, 4, (0..12).collect());
+    let out = pad_to_square(&img, [9, 8, 7]);
+    assert_eq!((out.width, out.height), (4, 4));
+    for y in 0..4 {
+        let row = &out.data[y * 12..(y + 1) * 12];
+        assert_eq!(&row[0..3], &[9, 8, 7]);
+        assert_eq!(&row[3..6], &img.data[y * 3..y * 3 + 3]);
+        assert_eq!(&row[6..12], &[9, 8, 7, 9, 8, 7]);
+    }
+    // square images are left alone
+    let sq = rgb(2, 2, vec![1; 12]);
+    assert_eq!(pad_to_square(&sq, [0, 0, 0]), sq);
+}
+
+#[test]
+fn center_crop_takes_the_middle() {
+    let p = only(json!({"do_center_crop": true, "crop_size": {"height": 2, "width": 2}}));
+    let t = p.preprocess(&dynamic(&four_by_two())).unwrap();
+    let (dims, v) = to_u8_vec(&t);
+    assert_eq!(dims, vec![3, 2, 2]);
+    // left = (4 - 2) // 2 = 1: columns 1 and 2
+    assert_eq!(&v[0..4], &[10, 20, 11, 21]);
+    assert_eq!(&v[4..8], &[110, 120, 111, 121]);
+    assert_eq!(&v[8..12], &[210, 220, 211, 221]);
+    // odd difference: crop 3 wide from 4 → left = 0
+    let out = center_crop(&four_by_two(), 1, 3);
+    assert_eq!(out.data, vec![0, 100, 200, 10, 110, 210, 20, 120, 220]);
+}
+
+#[test]
+fn center_crop_pads_small_images_with_zeros() {
+    // 2×2 image, crop 3 high × 4 wide: numpy pads ceil(1/2)=1 row on top, ceil(2/2)=1 column left,
+    // then top = (2-3)//2 + 1 = 0, left = (2-4)//2 + 1 = 0.
+    let img = rgb(2, 2, vec![1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
+    let out = center_crop(&img, 3, 4);
+    assert_eq!((out.width, out.height), (4, 3));
+    let px: Vec<u8> = out.data.chunks_exact(3).map(|p| p[0]).collect();
+    assert_eq!(px, vec![0, 0, 0, 0, 0, 1, 2, 0, 0, 3, 4, 0]);
+}
+
+#[test]
+fn rescale_and_normalize_match_numpy_arithmetic() {
+    let p = only(json!({"do_rescale": true, "do_normalize": true}));
+    let img = rgb(2, 1, vec![0, 128, 255, 17, 200, 3]);
+    let t = p.preprocess(&dynamic(&img)).unwrap();
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    let mut want = Vec::new();
+    for c in 0..3 {
+        for px in img.data.chunks_exact(3) {
+            let x = (f64::from(px[c]) * (1.0 / 255.0)) as f32;
+            want.push((x - OPENAI_CLIP_MEAN[c] as f32) / OPENAI_CLIP_STD[c] as f32);
+        }
+    }
+    assert_eq!(v, want);
+    // spot values
+    assert!((v[0] - (-1.7922626)).abs() < 1e-6, "{}", v[0]);
+    let white_r = ((1.0f32) - 0.48145466) / 0.26862954;
+    let p2 = only(json!({"do_rescale": true, "do_normalize": true}));
+    let t2 = p2
+        .preprocess(&dynamic(&rgb(1, 1, vec![255, 255, 255])))
+        .unwrap();
+    assert_eq!(
+        t2.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0],
+        white_r
+    );
+    // rescale only
+    let p3 = only(json!({"do_rescale": true, "rescale_factor": 0.5}));
+    let t3 = p3.preprocess(&dynamic(&rgb(1, 1, vec![3, 4, 5]))).unwrap();
+    assert_eq!(
+        t3.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![1.5, 2.0, 2.5]
+    );
+}
+
+/// The 5×3 test image of the pinned Pillow outputs: value (i*37 + j*91 + c*53) % 256 at row i,
+/// column j, channel c.
+fn pil_src() -> RgbU8 {
+    let mut data = Vec::new();
+    for i in 0..3usize {
+        for j in 0..5usize {
+            for c in 0..3usize {
+                data.push(((i * 37 + j * 91 + c * 53) % 256) as u8);
+            }
+        }
+    }
+    rgb(5, 3, data)
+}
+
+#[test]
+fn resize_equals_pillow_exactly() {
+    // np.array(Image.fromarray(src).resize((w, h), resample=f)), Pillow 13.0.0
+    let cases: Vec<(usize, usize, i64, Vec<u8>)> = vec![
+        (
+            3,
+            2,
+            3,
+            vec![
+                51, 104, 162, 145, 141, 100, 79, 132, 191, 103, 156, 134, 94, 90, 113, 131, 184,
+                144,
+            ],
+        ),
+        (
+            7,
+            4,
+            3,
+            vec![
+                0, 46, 99, 43, 95, 166, 122, 179, 159, 180, 246, 30, 51, 108, 88, 44, 96, 167, 111,
+                164, 217, 17, 69, 121, 64, 129, 200, 149, 154, 197, 221, 95, 53, 78, 83, 109, 65,
+                130, 198, 134, 187, 255, 48, 101, 160, 105, 170, 162, 152, 157, 135, 140, 14, 85,
+                81, 86, 153, 106, 171, 180, 166, 219, 171, 71, 124, 193, 139, 191, 76, 127, 184,
+                13, 0, 55, 108, 56, 113, 193, 140, 192, 126, 189, 242, 10,
+            ],
+        ),
+        (
+            3,
+            2,
+            2,
+            vec![
+                53, 106, 159, 139, 139, 103, 83, 136, 189, 99, 152, 136, 96, 96, 114, 129, 182, 144,
+            ],
+        ),
+        (
+            8,
+            5,
+            1,
+            vec![
+                0, 45, 90, 21, 70, 150, 99, 154, 182, 177, 255, 71, 127, 211, 26, 18, 73, 110, 55,
+                104, 183, 119, 173, 208, 7, 53, 97, 28, 94, 178, 112, 158, 228, 218, 177, 96, 167,
+                127, 29, 31, 77, 119, 62, 128, 216, 131, 181, 255, 31, 76, 129, 60, 141, 194, 139,
+                177, 230, 224, 61, 114, 174, 11, 64, 58, 96, 149, 94, 175, 228, 159, 204, 255, 54,
+                104, 180, 107, 173, 142, 158, 204, 86, 108, 67, 75, 61, 17, 133, 77, 123, 188, 141,
+                207, 147, 182, 232, 95, 62, 116, 206, 131, 180, 101, 162, 217, 0, 24, 108, 43, 0,
+                58, 170, 81, 136, 207, 165, 214, 86, 190, 244, 0,
+            ],
+        ),
+        (
+            2,
+            3,
+            5,
+            vec![
+                75, 128, 137, 77, 130, 139, 112, 121, 174, 114, 123, 176, 105, 158, 89, 107, 160,
+                123,
+            ],
+        ),
+        (
+            4,
+            3,
+            0,
+            vec![
+                0, 53, 106, 91, 144, 197, 17, 70, 123, 108, 161, 214, 37, 90, 143, 128, 181, 234,
+                54, 107, 160, 145, 198, 251, 74, 127, 180, 165, 218, 15, 91, 144, 197, 182, 235,
+                32,
+            ],
+        ),
+        (
+            2,
+            2,
+            4,
+            vec![110, 120, 131, 82, 135, 188, 80, 133, 100, 137, 190, 115],
+        ),
+    ];
+    let src = pil_src();
+    for (w, h, code, want) in cases {
+        let filter = Resample::from_pil(code).unwrap();
+        let got = pil_resize(&src, w, h, filter).unwrap();
+        assert_eq!((got.width, got.height), (w, h));
+        assert_eq!(got.data, want, "{w}×{h} filter {filter:?}");
+    }
+    // same size: untouched
+    assert_eq!(pil_resize(&src, 5, 3, Resample::Bicubic).unwrap(), src);
+}
+
+/// Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+/// pixels as the width; the intermediate 8-bit rounding makes the order visible.
+#[test]
+fn resize_pass_order_matches_pillow() {
+    let (w, h) = (6usize, 20usize);
+    let mut data = Vec::new();
+    for i in 0..h {
+        for j in 0..w {
+            for c in 0..3 {
+                data.push(((i * 37 + j * 91 + c * 53 + (i * j) % 7 * 29) % 256) as u8);
+            }
+        }
+    }
+    let src = rgb(w, h, data);
+    // 20 - 9 = 11 > 2 * (6 - 5): vertical first
+    let vh = vec![
+        45, 89, 124, 137, 157, 88, 80, 141, 145, 74, 92, 156, 145, 188, 153, 103, 153, 201, 125,
+        83, 133, 128, 126, 121, 115, 114, 130, 77, 119, 186, 184, 160, 100, 150, 162, 97, 139, 134,
+        124, 153, 95, 98, 177, 52, 80, 75, 68, 113, 142, 146, 94, 77, 141, 146, 84, 124, 152, 172,
+        176, 125, 95, 144, 164, 135, 85, 126, 120, 130, 133, 116, 108, 130, 85, 135, 199, 181, 181,
+        49, 144, 165, 113, 149, 136, 125, 151, 95, 108, 154, 54, 98, 95, 68, 110, 148, 149, 98, 86,
+        144, 142, 97, 140, 149, 190, 69, 107, 90, 132, 170, 144, 94, 115, 110, 139, 147, 116, 102,
+        130, 100, 146, 204, 156, 216, 65, 132, 138, 131, 167, 82, 114, 141, 95, 131, 121, 71, 126,
+    ];
+    assert_eq!(pil_resize(&src, 5, 9, Resample::Bicubic).unwrap().data, vh);
+    // 20 - 17 = 3 > 2 * (6 - 4) is false: horizontal first
+    let hv = vec![
+        43, 96, 131, 123, 176, 98, 69, 122, 152, 148, 201, 126, 98, 119, 108, 100, 125, 120, 84,
+        109, 162, 101, 123, 176, 108, 109, 162, 144, 86, 125, 122, 116, 104, 120, 121, 174, 110,
+        163, 216, 118, 112, 153, 103, 144, 138, 54, 107, 160, 164, 217, 87, 164, 196, 87, 176, 65,
+        98, 174, 43, 96, 200, 57, 75, 123, 106, 114, 124, 145, 126, 201, 97, 61, 52, 100, 130, 123,
+        174, 101, 74, 127, 156, 149, 198, 130, 103, 120, 113, 105, 126, 125, 87, 109, 162, 107,
+        124, 177, 109, 114, 167, 148, 87, 125, 129, 125, 107, 121, 126, 179, 115, 168, 120, 119,
+        119, 161, 102, 144, 144, 54, 107, 160, 171, 218, 43, 170, 200, 84, 184, 67, 98, 186, 45,
+        96, 198, 55, 83, 124, 108, 119, 121, 151, 132, 202, 85, 65, 54, 107, 132, 124, 177, 104,
+        77, 130, 162, 147, 85, 138, 108, 121, 118, 111, 128, 131, 90, 108, 161, 112, 126, 179, 110,
+        119, 172, 151, 87, 125, 135, 133, 109, 122, 131, 184, 120, 173, 119, 119, 126, 170, 100,
+        144, 150, 54, 107, 160, 175, 228, 43, 178, 94, 79, 196, 43, 96, 198, 45, 98,
+    ];
+    assert_eq!(
+        pil_resize(&src, 4, 17, Resample::Bilinear).unwrap().data,
+        hv
+    );
+}
+
+#[test]
+fn box_downscale_rounds_half_up() {
+    let img = rgb(2, 1, vec![10, 0, 255, 21, 1, 254]);
+    let out = pil_resize(&img, 1, 1, Resample::Box).unwrap();
+    assert_eq!(out.data, vec![16, 1, 255]);
+}
+
+#[test]
+fn alpha_is_composited_on_white_like_pillow() {
+    // Image.alpha_composite(white, img).convert("RGB"), Pillow 13.0.0
+    let buf: ImageBuffer<Rgba<u8>, Vec<u8>> =
+        ImageBuffer::from_raw(3, 1, vec![200, 100, 50, 128, 10, 20, 30, 0, 255, 0, 7, 1]).unwrap();
+    let out = to_rgb(&DynamicImage::ImageRgba8(buf), true);
+    assert_eq!(out.data, vec![227, 177, 152, 255, 255, 255, 255, 254, 254]);
+    let la = image::GrayAlphaImage::from_raw(2, 1, vec![100, 200, 7, 50]).unwrap();
+    assert_eq!(
+        to_rgb(&DynamicImage::ImageLumaA8(la), true).data,
+        vec![133, 133, 133, 206, 206, 206]
+    );
+    // without do_convert_rgb the alpha channel is dropped
+    let buf: ImageBuffer<Rgba<u8>, Vec<u8>> =
+        ImageBuffer::from_raw(1, 1, vec![200, 100, 50, 128]).unwrap();
+    assert_eq!(
+        to_rgb(&DynamicImage::ImageRgba8(buf), false).data,
+        vec![200, 100, 50]
+    );
+    let gray = image::GrayImage::from_raw(1, 1, vec![77]).unwrap();
+    assert_eq!(
+        to_rgb(&DynamicImage::ImageLuma8(gray), true).data,
+        vec![77, 77, 77]
+    );
+}
+
+#[test]
+fn config_defaults_and_forms() {
+    let p = ImageProcessor::from_json(&json!({})).unwrap();
+    assert_eq!(p, ImageProcessor::default());
+    assert_eq!(
+        p.size,
+        ResizeTarget::ShortestEdge {
+            shortest_edge: 224,
+            longest_edge: None
+        }
+    );
+    assert_eq!(p.crop_size, (224, 224));
+    assert_eq!(p.resample, Resample::Bicubic);
+    assert!(!p.do_pad);
+    assert_eq!(p.output_size(), (224, 224));
+
+    // openai/clip-vit-base-patch32 style: ints, feature extractor type
+    let p = ImageProcessor::from_json(&json!({
+        "crop_size": 224, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.25, 0.25, 0.25], "resample": 2, "size": 256
+    }))
+    .unwrap();
+    assert_eq!(
+        p.size,
+        ResizeTarget::ShortestEdge {
+            shortest_edge: 256,
+            longest_edge: None
+        }
+    );
+    assert_eq!(p.crop_size, (224, 224));
+    assert_eq!(p.resample, Resample::Bilinear);
+    assert_eq!(p.image_std, [0.25; 3]);
+
+    // llava-1.5 style
+    let p = ImageProcessor::from_json(&json!({
+        "image_processor_type": "LlavaImageProcessor", "do_pad": true,
+        "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}
+    }))
+    .unwrap();
+    assert!(p.do_pad);
+    assert_eq!(p.output_size(), (336, 336));
+
+    // exact size without crop
+    let p = ImageProcessor::from_json(
+        &json!({"size": {"height": 20, "width": 30}, "do_center_crop": false}),
+    )
+    .unwrap();
+    assert_eq!(p.output_size(), (20, 30));
+
+    // unknown type with CLIP-like keys: accepted
+    assert!(ImageProcessor::from_json(
+        &json!({"image_processor_type": "SiglipImageProcessor", "size": 3})
+    )
+    .is_ok());
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let cases = [
+        (json!({"resample": 9}), "resample"),
+        (json!({"size": {"longest": 3}}), "size"),
+        (json!({"size": "big"}), "size"),
+        (json!({"crop_size": {"height": 3}}), "crop_size"),
+        (json!({"image_mean": [0.1, 0.2]}), "image_mean"),
+        (json!({"do_resize": "yes"}), "do_resize"),
+        (json!({"image_std": [0.0, 1.0, 1.0]}), "image_std"),
+        (
+            json!({"image_grid_pinpoints": [[336, 672]]}),
+            "image_grid_pinpoints",
+        ),
+        (
+            json!({"image_processor_type": "WhisperFeatureExtractor", "feature_size": 80}),
+            "image_processor_type",
+        ),
+    ];
+    for (cfg, key) in cases {
+        let err = format!("{:#}", ImageProcessor::from_json(&cfg).unwrap_err());
+        assert!(err.contains(key), "{cfg}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("preprocessor_config.json");
+    std::fs::write(&path, r#"{"resample": "bicubic"}"#).unwrap();
+    let err = format!("{:#}", ImageProcessor::from_file(&path).unwrap_err());
+    assert!(
+        err.contains("preprocessor_config.json") && err.contains("resample"),
+        "{err}"
+    );
+    let missing = dir.path().join("nope.json");
+    let err = format!("{:#}", ImageProcessor::from_file(&missing).unwrap_err());
+    assert!(err.contains("nope.json"), "{err}");
+}
+
+#[test]
+fn shortest_edge_resize_sizes() {
+    let p = ImageProcessor::from_json(&json!({"size": {"shortest_edge": 30}})).unwrap();
+    assert_eq!(p.resize_output_size(40, 100).unwrap(), (30, 75));
+    assert_eq!(p.resize_output_size(100, 40).unwrap(), (75, 30));
+    assert_eq!(p.resize_output_size(33, 47).unwrap(), (30, 42)); // int(30 * 47 / 33) = 42
+    assert_eq!(p.resize_output_size(30, 30).unwrap(), (30, 30));
+    let p = ImageProcessor::from_json(&json!({"size": {"shortest_edge": 30, "longest_edge": 50}}))
+        .unwrap();
+    assert_eq!(p.resize_output_size(40, 100).unwrap(), (20, 50));
+}
+
+#[test]
+fn full_pipeline_shapes_and_batch() {
+    let p = ImageProcessor::from_json(&json!({
+        "image_processor_type": "LlavaImageProcessor", "do_pad": true,
+        "size": {"shortest_edge": 6}, "crop_size": {"height": 6, "width": 6}
+    }))
+    .unwrap();
+    let a = dynamic(&pil_src());
+    let b = dynamic(&four_by_two());
+    let t = p.preprocess(&a).unwrap();
+    assert_eq!(t.dims(), &[3, 6, 6]);
+    assert_eq!(t.dtype(), DType::F32);
+    let batch = p.preprocess_batch(&[a, b]).unwrap();
+    assert_eq!(batch.dims(), &[2, 3, 6, 6]);
+    let first = batch.get(0).unwrap();
+    assert_eq!(
+        first.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    assert!(p.preprocess_batch(&[]).is_err());
+    // a shortest-edge resize without crop cannot batch different aspect ratios
+    let q = only(json!({"do_resize": true, "size": {"shortest_edge": 4}}));
+    assert!(q
+        .preprocess_batch(&[dynamic(&pil_src()), dynamic(&rgb(2, 2, vec![0; 12]))])
+        .is_err());
+    // the integer stage equals what preprocess() rescales
+    let u = p.preprocess_u8(&dynamic(&pil_src())).unwrap();
+    assert_eq!((u.width, u.height), (6, 6));
+    let plain = only(json!({}));
+    let t2 = plain.preprocess(&dynamic(&u)).unwrap();
+    assert_eq!(to_u8_vec(&t2).1, planes(&u));
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn load_image_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.png");
+    let err = format!("{:#}", load_image(&missing).unwrap_err());
+    assert!(
+        err.contains("missing.png") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, "this is not an image\n").unwrap();
+    let err = format!("{:#}", load_image(&text).unwrap_err());
+    assert!(
+        err.contains("notes.png") && err.contains("PNG, JPEG"),
+        "{err}"
+    );
+
+    let truncated = dir.path().join("truncated.png");
+    let mut png = Vec::new();
+    dynamic(&pil_src())
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    std::fs::write(&truncated, &png[..png.len() / 2]).unwrap();
+    let err = format!("{:#}", load_image(&truncated).unwrap_err());
+    assert!(err.contains("truncated.png"), "{err}");
+
+    // A PNG whose header claims 20000×20000 pixels (400 Mpixel): refused before decoding.
+    let mut huge = png.clone();
+    huge[16..20].copy_from_slice(&20000u32.to_be_bytes());
+    huge[20..24].copy_from_slice(&20000u32.to_be_bytes());
+    let crc = crc32(&huge[12..29]);
+    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    let big = dir.path().join("big.png");
+    std::fs::write(&big, &huge).unwrap();
+    let err = format!("{:#}", load_image(&big).unwrap_err());
+    assert!(
+        err.contains("big.png") && err.contains("too large"),
+        "{err}"
+    );
+    const _: () = assert!(20000u64 * 20000 > MAX_IMAGE_PIXELS);
+
+    let ok = dir.path().join("ok.png");
+    std::fs::write(&ok, &png).unwrap();
+    let img = load_image(&ok).unwrap();
+    assert_eq!(to_rgb(&img, true), pil_src());
+    let err = format!("{:#}", load_image(dir.path()).unwrap_err());
+    assert!(err.contains("directory"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parity with the reference fixtures written by `transformers` (tests/fixtures).
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+fn have_fixtures() -> bool {
+    let ok = fixtures()
+        .join("reference")
+        .join("llava.safetensors")
+        .is_file();
+    if !ok {
+        eprintln!("fixtures missing under {}: skipped", fixtures().display());
+    }
+    ok
+}
+
+fn reference(file: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("reference").join(file), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn image(name: &str) -> DynamicImage {
+    load_image(&fixtures().join("images").join(name)).unwrap()
+}
+
+#[test]
+fn clip_pixel_values_equal_transformers() {
+    if !have_fixtures() {
+        return;
+    }
+    let p = ImageProcessor::from_file(
+        &fixtures()
+            .join("clip-tiny")
+            .join("preprocessor_config.json"),
+    )
+    .unwrap();
+    let r = reference("clip.safetensors");
+    let got = p
+        .preprocess_batch(&[image("square.png"), image("wide.png")])
+        .unwrap();
+    let want = &r["vision.pixel_values"];
+    let d = max_abs_diff(&got, want);
+    assert_eq!(d, 0.0, "clip square+wide pixel values differ by {d}");
+    let got = p.preprocess_batch(&[image("photo.png")]).unwrap();
+    let d = max_abs_diff(&got, &r["photo.pixel_values"]);
+    assert_eq!(d, 0.0, "clip photo pixel values differ by {d}");
+}
+
+#[test]
+fn from_dir_reads_both_layouts_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", ImageProcessor::from_dir(dir.path()).unwrap_err());
+    assert!(err.contains("preprocessor_config.json"), "{err}");
+    std::fs::write(
+        dir.path().join("processor_config.json"),
+        json!({"image_processor": {"do_pad": true, "image_processor_type": "LlavaImageProcessor", "size": {"shortest_edge": 7}, "crop_size": 7}, "patch_size": 7}).to_string(),
+    )
+    .unwrap();
+    let p = ImageProcessor::from_dir(dir.path()).unwrap();
+    assert!(p.do_pad);
+    assert_eq!(p.output_size(), (7, 7));
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        json!({"size": 5, "crop_size": 5}).to_string(),
+    )
+    .unwrap();
+    let p = ImageProcessor::from_dir(dir.path()).unwrap();
+    assert!(!p.do_pad);
+    assert_eq!(p.output_size(), (5, 5));
+}
+
+#[test]
+fn llava_pixel_values_equal_transformers() {
+    if !have_fixtures() {
+        return;
+    }
+    let r = reference("llava.safetensors");
+    for dir in ["llava-tiny-hub", "llava-tiny-v5"] {
+        let p = ImageProcessor::from_dir(&fixtures().join(dir)).unwrap();
+        assert!(p.do_pad, "{dir}: do_pad");
+        let got = p
+            .preprocess(&image("wide.png"))
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want = &r["image.pixel_values"];
+        assert_eq!(max_abs_diff(&got, want), 0.0, "{dir}: wide.png");
+        for (key, file) in [
+            ("preprocess.photo", "photo.png"),
+            ("preprocess.square", "square.png"),
+        ] {
+            if let Some(want) = r.get(key) {
+                let got = p.preprocess(&image(file)).unwrap();
+                let got = if want.rank() == 4 {
+                    got.unsqueeze(0).unwrap()
+                } else {
+                    got
+                };
+                assert_eq!(max_abs_diff(&got, want), 0.0, "{dir}: {file}");
+            }
+        }
+    }
+}
