@@ -149,7 +149,12 @@ impl fmt::Display for ModelSummary {
         writeln!(f, "directory     {}", self.directory)?;
         writeln!(f, "files")?;
         for file in &self.files {
-            writeln!(f, "  {:<40} {:>14} bytes", file.name, thousands(file.bytes as usize))?;
+            writeln!(
+                f,
+                "  {:<40} {:>14} bytes",
+                file.name,
+                thousands(file.bytes as usize)
+            )?;
         }
         Ok(())
     }

@@ -9,5 +9,7 @@ pub mod data;
 pub mod error;
 pub mod hub;
 pub mod inspect;
+pub mod io;
+pub mod logits;
 pub mod metrics;
 pub mod models;

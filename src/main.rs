@@ -1,5 +1,6 @@
 //! The `bella-vqa` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -7,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use bella_vqa::hub::{HubOptions, ModelSource};
 use bella_vqa::inspect::ModelSummary;
+use bella_vqa::logits;
 use bella_vqa::models::{self, LoadedModel};
 
 #[derive(Parser)]
@@ -47,6 +49,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the input ids, pixel values, image features and logits of one prompt to a
+    /// safetensors file, to compare the checkpoint with another implementation.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// An image (PNG or JPEG); the prompt then holds one `<image>` expanded to its features.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The user's text; the model's chat template is applied unless --raw.
+        #[arg(long)]
+        prompt: String,
+        /// Use --prompt as the exact text (it may contain `<image>`), without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Output file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 impl ModelArgs {
@@ -74,6 +94,30 @@ fn run(cli: &Cli) -> Result<()> {
                 );
             } else {
                 print!("{summary}");
+            }
+        }
+        Command::Logits {
+            model,
+            image,
+            prompt,
+            raw,
+            out,
+        } => {
+            let loaded = model.load(cli)?;
+            let outputs = logits::prompt_outputs(&loaded, image.as_deref(), prompt, *raw)?;
+            outputs.save(out)?;
+            if !cli.quiet {
+                eprintln!(
+                    "wrote {}: input_ids {:?}, logits {:?}{}",
+                    out.display(),
+                    outputs.input_ids.dims(),
+                    outputs.logits.dims(),
+                    outputs
+                        .image_features
+                        .as_ref()
+                        .map(|f| format!(", image_features {:?}", f.dims()))
+                        .unwrap_or_default()
+                );
             }
         }
     }

@@ -18,7 +18,12 @@ fn batched_scores_equal_full_passes_per_particle() {
     };
     attach(
         &mut m,
-        &AdapterSpec { targets: vec!["language_model.model.layers.1.*".into(), "lm_head".into()], rank: 4, alpha: 8.0, particles: 3 },
+        &AdapterSpec {
+            targets: vec!["language_model.model.layers.1.*".into(), "lm_head".into()],
+            rank: 4,
+            alpha: 8.0,
+            particles: 3,
+        },
         InitB::Normal { std: 0.2 },
         21,
     )
@@ -27,7 +32,11 @@ fn batched_scores_equal_full_passes_per_particle() {
     let ids_t = get(&r, "image.input_ids").to_dtype(DType::U32).unwrap();
     let keep = keep_from_mask(&ids(get(&r, "image.attention_mask")));
     let pixels = get(&r, "image.pixel_values");
-    let input = LlavaInput { input_ids: &ids_t, pixel_values: Some(pixels), keep: &keep };
+    let input = LlavaInput {
+        input_ids: &ids_t,
+        pixel_values: Some(pixels),
+        keep: &keep,
+    };
     let candidates = vec![vec![56, 2], vec![300, 301, 302, 2], vec![7], vec![99, 2]];
     let prefill = m.prefill(&input, 3).unwrap();
     let scores = score_candidates(&m.language_model, &prefill, &candidates, 3).unwrap();
@@ -41,7 +50,11 @@ fn batched_scores_equal_full_passes_per_particle() {
             seq.extend(cand);
             let t = ids_tensor(&[seq.clone()]);
             let keep = vec![vec![true; seq.len()]];
-            let input = LlavaInput { input_ids: &t, pixel_values: Some(pixels), keep: &keep };
+            let input = LlavaInput {
+                input_ids: &t,
+                pixel_values: Some(pixels),
+                keep: &keep,
+            };
             let mut cache = merged.language_model.new_cache();
             let logits = merged.forward(&input, &mut cache, 1, false).unwrap().logits;
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
@@ -50,12 +63,21 @@ fn batched_scores_equal_full_passes_per_particle() {
                 .enumerate()
                 .map(|(j, &tok)| {
                     let pos = prompt.len() - 1 + j;
-                    logp.i((0, pos, tok as usize)).unwrap().to_scalar::<f32>().unwrap() as f64
+                    logp.i((0, pos, tok as usize))
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64
                 })
                 .sum();
             let got = scores[p][k];
-            assert!((got - expected).abs() < 1e-3, "particle {p} candidate {k}: {got} vs {expected}");
+            assert!(
+                (got - expected).abs() < 1e-3,
+                "particle {p} candidate {k}: {got} vs {expected}"
+            );
         }
     }
-    assert!((scores[0][1] - scores[1][1]).abs() > 1e-3, "particles score differently");
+    assert!(
+        (scores[0][1] - scores[1][1]).abs() > 1e-3,
+        "particles score differently"
+    );
 }

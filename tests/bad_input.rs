@@ -27,7 +27,8 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -39,24 +40,40 @@ fn config_without_model_type_is_named() {
         v.as_object_mut().unwrap().remove("model_type");
     });
     let err = load_err(dir.path());
-    assert!(err.contains("model_type") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("model_type") && err.contains("config.json"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_with_a_bad_value_names_the_key_path() {
     let dir = copy_fixture("llava-tiny-hub");
-    edit_config(dir.path(), |v| v["text_config"]["hidden_size"] = "sixty-four".into());
+    edit_config(dir.path(), |v| {
+        v["text_config"]["hidden_size"] = "sixty-four".into()
+    });
     let err = load_err(dir.path());
-    assert!(err.contains("text_config.hidden_size") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("text_config.hidden_size") && err.contains("config.json"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_that_disagrees_with_the_weights_names_tensor_file_and_shapes() {
     let dir = copy_fixture("llava-tiny-hub");
-    edit_config(dir.path(), |v| v["text_config"]["intermediate_size"] = 128.into());
+    edit_config(dir.path(), |v| {
+        v["text_config"]["intermediate_size"] = 128.into()
+    });
     let err = load_err(dir.path());
-    assert!(err.contains("language_model.model.layers.0.mlp.gate_proj.weight"), "{err}");
-    assert!(err.contains("model-0000") && err.contains("[128, 64]") && err.contains("[96, 64]"), "{err}");
+    assert!(
+        err.contains("language_model.model.layers.0.mlp.gate_proj.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("model-0000") && err.contains("[128, 64]") && err.contains("[96, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,11 +81,18 @@ fn tensor_of_the_wrong_shape_is_named() {
     let dir = copy_fixture("clip-tiny");
     let path = dir.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let w = tensors["text_projection.weight"].t().unwrap().contiguous().unwrap();
+    let w = tensors["text_projection.weight"]
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap();
     tensors.insert("text_projection.weight".into(), w);
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("text_projection.weight") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("text_projection.weight") && err.contains("model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -95,7 +119,11 @@ fn truncated_safetensors_file_is_named() {
 #[test]
 fn garbage_instead_of_safetensors_is_named() {
     let dir = copy_fixture("clip-tiny");
-    std::fs::write(dir.path().join("model.safetensors"), b"not a safetensors file").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("model.safetensors"), "{err}");
 }

@@ -725,7 +725,10 @@ fn local_directory_missing_shard_or_config() {
 
 /// Download `model_dir` through a fake hub into an empty cache and check everything about it;
 /// used with our temporary model and with the committed fixture.
-fn download_resolve_reuse_offline(model_dir: &Path, server_options: ServerOptions) -> (tempfile::TempDir, ModelFiles) {
+fn download_resolve_reuse_offline(
+    model_dir: &Path,
+    server_options: ServerOptions,
+) -> (tempfile::TempDir, ModelFiles) {
     let cache = tempfile::tempdir().unwrap();
     let repo_id = "bella-test/tiny";
     let server = HubServer::start(
@@ -852,7 +855,9 @@ fn hub_fixture_llava_tiny_downloads_and_loads_offline() {
     let (_cache, files) = download_resolve_reuse_offline(&fixture, ServerOptions::default());
     assert_eq!(files.weights.len(), 2, "both shards");
     let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
-    let Model::Llava(m) = loaded.model else { panic!("not LLaVA") };
+    let Model::Llava(m) = loaded.model else {
+        panic!("not LLaVA")
+    };
     let reference = candle_core::safetensors::load(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/llava.safetensors"),
         &Device::Cpu,
@@ -860,10 +865,23 @@ fn hub_fixture_llava_tiny_downloads_and_loads_offline() {
     .unwrap();
     let ids = reference["text.input_ids"].to_dtype(DType::U32).unwrap();
     let keep = vec![vec![true; ids.dim(1).unwrap()]];
-    let input = LlavaInput { input_ids: &ids, pixel_values: None, keep: &keep };
+    let input = LlavaInput {
+        input_ids: &ids,
+        pixel_values: None,
+        keep: &keep,
+    };
     let mut cache = m.language_model.new_cache();
     let logits = m.forward(&input, &mut cache, 1, false).unwrap().logits;
-    let diff = (logits - &reference["text.logits"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (logits - &reference["text.logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-4, "logits differ by {diff}");
 }
 

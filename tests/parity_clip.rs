@@ -16,11 +16,18 @@ fn clip() -> bella_vqa::models::clip::ClipModel {
 fn text_tower_matches_transformers_at_every_stage() {
     let m = clip();
     let r = reference("clip");
-    let input_ids = get(&r, "text.input_ids").to_dtype(candle_core::DType::U32).unwrap();
+    let input_ids = get(&r, "text.input_ids")
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
     let mask_rows = ids(get(&r, "text.attention_mask"));
     let mask = ids_tensor(&mask_rows);
     let out = m.text_model.forward(&input_ids, Some(&mask), 1).unwrap();
-    assert_close_masked("text.embeddings", &out.embeddings, get(&r, "text.embeddings"), &mask_rows);
+    assert_close_masked(
+        "text.embeddings",
+        &out.embeddings,
+        get(&r, "text.embeddings"),
+        &mask_rows,
+    );
     assert_eq!(out.hidden_states.len(), 3);
     for (i, h) in out.hidden_states.iter().enumerate() {
         let key = format!("text.hidden_states.{i}");
@@ -43,7 +50,11 @@ fn vision_tower_matches_transformers_at_every_stage() {
     let r = reference("clip");
     let pixels = get(&r, "vision.pixel_values");
     let out = m.vision_model.forward(pixels, 1).unwrap();
-    assert_close("vision.embeddings", &out.embeddings, get(&r, "vision.embeddings"));
+    assert_close(
+        "vision.embeddings",
+        &out.embeddings,
+        get(&r, "vision.embeddings"),
+    );
     assert_eq!(out.hidden_states.len(), 4);
     for (i, h) in out.hidden_states.iter().enumerate() {
         let key = format!("vision.hidden_states.{i}");
@@ -63,7 +74,9 @@ fn vision_tower_matches_transformers_at_every_stage() {
 fn logits_per_image_match_transformers() {
     let m = clip();
     let r = reference("clip");
-    let input_ids = get(&r, "text.input_ids").to_dtype(candle_core::DType::U32).unwrap();
+    let input_ids = get(&r, "text.input_ids")
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
     let mask = ids_tensor(&ids(get(&r, "text.attention_mask")));
     let logits = m
         .logits_per_image(get(&r, "vision.pixel_values"), &input_ids, Some(&mask))

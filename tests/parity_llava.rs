@@ -31,7 +31,11 @@ fn check_image_prompt(m: &LlavaModel) {
         out.image_features.as_ref().unwrap(),
         get(&r, "image.image_features"),
     );
-    assert_close("image.inputs_embeds", &out.inputs_embeds, get(&r, "image.inputs_embeds"));
+    assert_close(
+        "image.inputs_embeds",
+        &out.inputs_embeds,
+        get(&r, "image.inputs_embeds"),
+    );
     assert_eq!(out.decoder.layer_outputs.len(), 3);
     for (i, h) in out.decoder.layer_outputs.iter().enumerate() {
         let key = format!("image.layer_outputs.{i}");
@@ -77,7 +81,11 @@ fn text_only_prompt_logits_match_transformers() {
     let r = reference("llava");
     let input_ids = get(&r, "text.input_ids").to_dtype(DType::U32).unwrap();
     let keep = keep_from_mask(&ids(get(&r, "text.attention_mask")));
-    let input = LlavaInput { input_ids: &input_ids, pixel_values: None, keep: &keep };
+    let input = LlavaInput {
+        input_ids: &input_ids,
+        pixel_values: None,
+        keep: &keep,
+    };
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, false).unwrap();
     assert_close("text.logits", &out.logits, get(&r, "text.logits"));
@@ -106,11 +114,21 @@ fn greedy_tokens_equal_transformers() {
     let m = llava("llava-tiny-hub");
     let r = reference("llava");
     for prefix in ["image", "text", "batch"] {
-        let input_ids = get(&r, &format!("{prefix}.input_ids")).to_dtype(DType::U32).unwrap();
+        let input_ids = get(&r, &format!("{prefix}.input_ids"))
+            .to_dtype(DType::U32)
+            .unwrap();
         let keep = keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask"))));
         let pixels = r.get(&format!("{prefix}.pixel_values"));
-        let input = LlavaInput { input_ids: &input_ids, pixel_values: pixels, keep: &keep };
+        let input = LlavaInput {
+            input_ids: &input_ids,
+            pixel_values: pixels,
+            keep: &keep,
+        };
         let tokens = greedy(&m, &input, 1, 8);
-        assert_eq!(tokens, ids(get(&r, &format!("{prefix}.greedy_tokens"))), "{prefix}");
+        assert_eq!(
+            tokens,
+            ids(get(&r, &format!("{prefix}.greedy_tokens"))),
+            "{prefix}"
+        );
     }
 }

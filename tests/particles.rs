@@ -28,8 +28,19 @@ fn spec(targets: &[&str], particles: usize) -> AdapterSpec {
 
 /// Every linear layer of every part: vision tower, projector, decoder, lm_head.
 const ALL: &[&str] = &[
-    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2", "gate_proj", "up_proj",
-    "down_proj", "linear_1", "linear_2", "lm_head",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "linear_1",
+    "linear_2",
+    "lm_head",
 ];
 
 struct Prompt {
@@ -41,32 +52,59 @@ struct Prompt {
 fn prompt(prefix: &str) -> Prompt {
     let r = reference("llava");
     Prompt {
-        ids: get(&r, &format!("{prefix}.input_ids")).to_dtype(DType::U32).unwrap(),
+        ids: get(&r, &format!("{prefix}.input_ids"))
+            .to_dtype(DType::U32)
+            .unwrap(),
         pixels: r.get(&format!("{prefix}.pixel_values")).cloned(),
         keep: keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask")))),
     }
 }
 
 fn logits(m: &LlavaModel, p: &Prompt, particles: usize) -> Tensor {
-    let input = LlavaInput { input_ids: &p.ids, pixel_values: p.pixels.as_ref(), keep: &p.keep };
+    let input = LlavaInput {
+        input_ids: &p.ids,
+        pixel_values: p.pixels.as_ref(),
+        keep: &p.keep,
+    };
     let mut cache = m.language_model.new_cache();
-    m.forward(&input, &mut cache, particles, false).unwrap().logits
+    m.forward(&input, &mut cache, particles, false)
+        .unwrap()
+        .logits
 }
 
 #[test]
 fn zero_b_particles_equal_the_base_model() {
     let base = llava();
     let mut m = base.clone();
-    let adapted = attach(&mut m, &AdapterSpec { particles: 3, ..AdapterSpec::default_for_llava() }, InitB::Zero, 1).unwrap();
-    assert_eq!(adapted.len(), 4 * 3, "q, k, v, o of 3 decoder layers: {adapted:?}");
-    assert!(adapted.iter().all(|n| n.starts_with("language_model.model.layers.")));
+    let adapted = attach(
+        &mut m,
+        &AdapterSpec {
+            particles: 3,
+            ..AdapterSpec::default_for_llava()
+        },
+        InitB::Zero,
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        adapted.len(),
+        4 * 3,
+        "q, k, v, o of 3 decoder layers: {adapted:?}"
+    );
+    assert!(adapted
+        .iter()
+        .all(|n| n.starts_with("language_model.model.layers.")));
     assert_eq!(m.particles().unwrap(), 3);
     let p = prompt("image");
     let expected = logits(&base, &p, 1);
     let stacked = logits(&m, &p, 3);
     assert_eq!(stacked.dim(0).unwrap(), 3);
     for i in 0..3 {
-        assert_close(&format!("particle {i}"), &stacked.i(i..i + 1).unwrap(), &expected);
+        assert_close(
+            &format!("particle {i}"),
+            &stacked.i(i..i + 1).unwrap(),
+            &expected,
+        );
     }
 }
 
@@ -81,7 +119,11 @@ fn check_stacked_equals_merged(m: &LlavaModel, particles: usize, prefix: &str) {
         assert_eq!(merged.particles().unwrap(), 1);
         let single = logits(&merged, &p, 1);
         let block = stacked.i(i * batch..(i + 1) * batch).unwrap();
-        let mask: Vec<Vec<u32>> = p.keep.iter().map(|r| r.iter().map(|&k| k as u32).collect()).collect();
+        let mask: Vec<Vec<u32>> = p
+            .keep
+            .iter()
+            .map(|r| r.iter().map(|&k| k as u32).collect())
+            .collect();
         assert_close_masked(&format!("{prefix}: particle {i}"), &block, &single, &mask);
         blocks.push(block);
     }
@@ -93,7 +135,11 @@ fn check_stacked_equals_merged(m: &LlavaModel, particles: usize, prefix: &str) {
 fn every_particle_equals_its_merged_model_with_adapters_everywhere() {
     let mut m = llava();
     let adapted = attach(&mut m, &spec(ALL, 3), InitB::Normal { std: 0.1 }, 7).unwrap();
-    assert_eq!(adapted.len(), m.linears().len(), "every linear layer carries particles");
+    assert_eq!(
+        adapted.len(),
+        m.linears().len(),
+        "every linear layer carries particles"
+    );
     check_stacked_equals_merged(&m, 3, "image");
     check_stacked_equals_merged(&m, 3, "batch");
 }
@@ -102,7 +148,13 @@ fn every_particle_equals_its_merged_model_with_adapters_everywhere() {
 fn particles_from_a_middle_decoder_layer_equal_merged_models() {
     // Layers 0-1 run once for all particles, the expansion happens at layer 2.
     let mut m = llava();
-    attach(&mut m, &spec(&["language_model.model.layers.2.*"], 2), InitB::Normal { std: 0.2 }, 3).unwrap();
+    attach(
+        &mut m,
+        &spec(&["language_model.model.layers.2.*"], 2),
+        InitB::Normal { std: 0.2 },
+        3,
+    )
+    .unwrap();
     check_stacked_equals_merged(&m, 2, "batch");
     check_stacked_equals_merged(&m, 2, "text");
 }
@@ -114,7 +166,22 @@ fn clip_particles_equal_merged_models() {
         _ => panic!("not CLIP"),
     };
     let mut m: ClipModel = base.clone();
-    attach(&mut m, &spec(&["q_proj", "v_proj", "fc2", "visual_projection", "text_projection"], 2), InitB::Normal { std: 0.1 }, 5).unwrap();
+    attach(
+        &mut m,
+        &spec(
+            &[
+                "q_proj",
+                "v_proj",
+                "fc2",
+                "visual_projection",
+                "text_projection",
+            ],
+            2,
+        ),
+        InitB::Normal { std: 0.1 },
+        5,
+    )
+    .unwrap();
     let r = reference("clip");
     let pixels = get(&r, "vision.pixel_values");
     let input_ids = get(&r, "text.input_ids").to_dtype(DType::U32).unwrap();
@@ -123,8 +190,16 @@ fn clip_particles_equal_merged_models() {
     let txt = m.text_embeds(&input_ids, Some(&mask), 2).unwrap();
     for i in 0..2 {
         let merged = merged_particle(&m, i).unwrap();
-        assert_close("image", &img.i(i * 2..i * 2 + 2).unwrap(), &merged.image_embeds(pixels, 1).unwrap());
-        assert_close("text", &txt.i(i * 2..i * 2 + 2).unwrap(), &merged.text_embeds(&input_ids, Some(&mask), 1).unwrap());
+        assert_close(
+            "image",
+            &img.i(i * 2..i * 2 + 2).unwrap(),
+            &merged.image_embeds(pixels, 1).unwrap(),
+        );
+        assert_close(
+            "text",
+            &txt.i(i * 2..i * 2 + 2).unwrap(),
+            &merged.text_embeds(&input_ids, Some(&mask), 1).unwrap(),
+        );
     }
     assert!(max_abs_diff(&img.i(0..2).unwrap(), &img.i(2..4).unwrap()) > 1e-3);
 }
@@ -132,13 +207,24 @@ fn clip_particles_equal_merged_models() {
 #[test]
 fn left_padded_rows_equal_each_row_alone() {
     let mut m = llava();
-    attach(&mut m, &spec(&["q_proj", "v_proj", "down_proj"], 2), InitB::Normal { std: 0.1 }, 11).unwrap();
+    attach(
+        &mut m,
+        &spec(&["q_proj", "v_proj", "down_proj"], 2),
+        InitB::Normal { std: 0.1 },
+        11,
+    )
+    .unwrap();
     let p = prompt("batch");
     let batched = logits(&m, &p, 2);
     let ids_rows = ids(&p.ids);
     let pixels = p.pixels.as_ref().unwrap();
     for row in 0..2 {
-        let real: Vec<u32> = ids_rows[row].iter().zip(&p.keep[row]).filter(|(_, &k)| k).map(|(&t, _)| t).collect();
+        let real: Vec<u32> = ids_rows[row]
+            .iter()
+            .zip(&p.keep[row])
+            .filter(|(_, &k)| k)
+            .map(|(&t, _)| t)
+            .collect();
         let pad = ids_rows[row].len() - real.len();
         let alone = Prompt {
             ids: ids_tensor(&[real.clone()]),
@@ -148,7 +234,11 @@ fn left_padded_rows_equal_each_row_alone() {
         let single = logits(&m, &alone, 2); // [2 particles, len, vocab]
         for particle in 0..2 {
             let padded_row = batched.i(particle * 2 + row).unwrap().i(pad..).unwrap();
-            assert_close(&format!("row {row} particle {particle}"), &padded_row, &single.i(particle).unwrap());
+            assert_close(
+                &format!("row {row} particle {particle}"),
+                &padded_row,
+                &single.i(particle).unwrap(),
+            );
         }
     }
 }
@@ -156,9 +246,19 @@ fn left_padded_rows_equal_each_row_alone() {
 #[test]
 fn cached_decoding_equals_a_full_pass() {
     let mut m = llava();
-    attach(&mut m, &spec(&["language_model.model.layers.1.*", "lm_head"], 2), InitB::Normal { std: 0.2 }, 13).unwrap();
+    attach(
+        &mut m,
+        &spec(&["language_model.model.layers.1.*", "lm_head"], 2),
+        InitB::Normal { std: 0.2 },
+        13,
+    )
+    .unwrap();
     let p = prompt("batch");
-    let input = LlavaInput { input_ids: &p.ids, pixel_values: p.pixels.as_ref(), keep: &p.keep };
+    let input = LlavaInput {
+        input_ids: &p.ids,
+        pixel_values: p.pixels.as_ref(),
+        keep: &p.keep,
+    };
     // Prefill, then feed two different tokens per particle-row one at a time.
     let mut cache = m.language_model.new_cache();
     let first = m.forward(&input, &mut cache, 2, false).unwrap();
@@ -168,8 +268,15 @@ fn cached_decoding_equals_a_full_pass() {
     for s in &steps {
         let ids = Tensor::from_vec(s.clone(), (4, 1), &candle_core::Device::Cpu).unwrap();
         let embeds = m.language_model.embed(&ids).unwrap();
-        let out = m.language_model.forward(&embeds, true, &vec![vec![true]; 4], &mut cache, 2, false).unwrap();
-        step_logits.push(m.language_model.logits(&out.last_hidden_state, out.expanded, 2).unwrap());
+        let out = m
+            .language_model
+            .forward(&embeds, true, &vec![vec![true]; 4], &mut cache, 2, false)
+            .unwrap();
+        step_logits.push(
+            m.language_model
+                .logits(&out.last_hidden_state, out.expanded, 2)
+                .unwrap(),
+        );
     }
     // The same sequences in one pass, per particle with its merged model.
     let ids_rows = ids(&p.ids);
@@ -183,13 +290,29 @@ fn cached_decoding_equals_a_full_pass() {
                 row
             })
             .collect();
-        let keep: Vec<Vec<bool>> = p.keep.iter().map(|k| { let mut k = k.clone(); k.extend([true, true]); k }).collect();
-        let full = Prompt { ids: ids_tensor(&rows), pixels: p.pixels.clone(), keep };
+        let keep: Vec<Vec<bool>> = p
+            .keep
+            .iter()
+            .map(|k| {
+                let mut k = k.clone();
+                k.extend([true, true]);
+                k
+            })
+            .collect();
+        let full = Prompt {
+            ids: ids_tensor(&rows),
+            pixels: p.pixels.clone(),
+            keep,
+        };
         let full_logits = logits(&merged, &full, 1);
         let len = rows[0].len();
         for (s, step) in step_logits.iter().enumerate() {
             let expected = full_logits.i((.., len - 2 + s, ..)).unwrap();
-            let actual = step.i(particle * 2..particle * 2 + 2).unwrap().squeeze(1).unwrap();
+            let actual = step
+                .i(particle * 2..particle * 2 + 2)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
             assert_close(&format!("step {s} particle {particle}"), &actual, &expected);
         }
     }
@@ -198,15 +321,29 @@ fn cached_decoding_equals_a_full_pass() {
 #[test]
 fn batched_greedy_decoding_equals_separate_merged_runs() {
     let mut m = llava();
-    attach(&mut m, &spec(&["language_model.*"], 3), InitB::Normal { std: 0.3 }, 17).unwrap();
+    attach(
+        &mut m,
+        &spec(&["language_model.*"], 3),
+        InitB::Normal { std: 0.3 },
+        17,
+    )
+    .unwrap();
     let p = prompt("batch");
-    let input = LlavaInput { input_ids: &p.ids, pixel_values: p.pixels.as_ref(), keep: &p.keep };
+    let input = LlavaInput {
+        input_ids: &p.ids,
+        pixel_values: p.pixels.as_ref(),
+        keep: &p.keep,
+    };
     let stacked = greedy(&m, &input, 3, 8);
     assert_eq!(stacked.len(), 6);
     for particle in 0..3 {
         let merged = merged_particle(&m, particle).unwrap();
         let single = greedy(&merged, &input, 1, 8);
-        assert_eq!(&stacked[particle * 2..particle * 2 + 2], &single[..], "particle {particle}");
+        assert_eq!(
+            &stacked[particle * 2..particle * 2 + 2],
+            &single[..],
+            "particle {particle}"
+        );
     }
     assert_ne!(stacked[0], stacked[2], "particles decode differently");
 }

@@ -58,11 +58,16 @@ pub fn aggregate(probs: &[Vec<f64>]) -> Result<Aggregate, String> {
     }
     for (p, row) in probs.iter().enumerate() {
         if row.len() != k {
-            return Err(format!("particle {p} scores {} candidates, not {k}", row.len()));
+            return Err(format!(
+                "particle {p} scores {} candidates, not {k}",
+                row.len()
+            ));
         }
         let sum: f64 = row.iter().sum();
         if row.iter().any(|x| !x.is_finite() || *x < 0.0) || (sum - 1.0).abs() > 1e-6 {
-            return Err(format!("particle {p}'s probabilities are not a distribution (sum {sum})"));
+            return Err(format!(
+                "particle {p}'s probabilities are not a distribution (sum {sum})"
+            ));
         }
     }
     let mean: Vec<f64> = (0..k)
@@ -148,8 +153,17 @@ mod tests {
         // p̄ = (0.5, 0.3, 0.2); H[p̄] = 1.0296530140645737
         // H1 = 0.3250829733914482, H2 = ln 2 = 0.6931471805599453, H3 = 0.8979457248567798
         // aleatoric = 0.6387252929360578, epistemic = 0.3909277211285159
-        let a = aggregate(&[vec![0.9, 0.1, 0.0], vec![0.5, 0.5, 0.0], vec![0.1, 0.3, 0.6]]).unwrap();
-        assert!(a.mean.iter().zip([0.5, 0.3, 0.2]).all(|(x, y)| close(*x, y)));
+        let a = aggregate(&[
+            vec![0.9, 0.1, 0.0],
+            vec![0.5, 0.5, 0.0],
+            vec![0.1, 0.3, 0.6],
+        ])
+        .unwrap();
+        assert!(a
+            .mean
+            .iter()
+            .zip([0.5, 0.3, 0.2])
+            .all(|(x, y)| close(*x, y)));
         assert!((a.uncertainty.total - 1.0296530140645737).abs() < 1e-12);
         assert!((a.uncertainty.aleatoric - 0.6387252929360578).abs() < 1e-12);
         assert!((a.uncertainty.epistemic - 0.3909277211285159).abs() < 1e-12);

@@ -88,14 +88,13 @@ fn choose(logits: &Tensor, sampling: Sampling, rng: Option<&mut StdRng>) -> Resu
     match (sampling, rng) {
         (
             Sampling::Sample {
-                temperature,
-                top_p,
-                ..
+                temperature, top_p, ..
             },
             Some(rng),
         ) if temperature > 0.0 => {
-            let probs = candle_nn::ops::softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?
-                .to_vec2::<f32>()?;
+            let probs =
+                candle_nn::ops::softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?
+                    .to_vec2::<f32>()?;
             Ok(probs
                 .iter()
                 .map(|row| sample_top_p(row, top_p, rng))

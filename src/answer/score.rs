@@ -46,16 +46,29 @@ pub fn score_candidates(
     cache.repeat_interleave(k)?;
     let ids = Tensor::from_vec(ids, (rows * k, feed), device)?;
     let embeds = lm.embed(&ids)?;
-    let dec = lm.forward(&embeds, prefill.expanded, &keep, &mut cache, particles, false)?;
+    let dec = lm.forward(
+        &embeds,
+        prefill.expanded,
+        &keep,
+        &mut cache,
+        particles,
+        false,
+    )?;
     let logits = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets = Tensor::from_vec(targets, (rows * k, feed, 1), device)?;
-    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?.to_vec2::<f32>()?;
+    let picked = logp
+        .gather(&targets, D::Minus1)?
+        .squeeze(D::Minus1)?
+        .to_vec2::<f32>()?;
     let mut out = first;
     for (r, row) in out.iter_mut().enumerate() {
         for (c, cand) in candidates.iter().enumerate() {
             let steps = &picked[r * k + c];
-            row[c] += steps[..cand.len() - 1].iter().map(|&x| x as f64).sum::<f64>();
+            row[c] += steps[..cand.len() - 1]
+                .iter()
+                .map(|&x| x as f64)
+                .sum::<f64>();
         }
     }
     Ok(out)
@@ -67,6 +80,11 @@ fn candidate_first_tokens(last_logits: &Tensor, candidates: &[Vec<u32>]) -> Resu
         .to_vec2::<f32>()?;
     Ok(logp
         .iter()
-        .map(|row| candidates.iter().map(|c| row[c[0] as usize] as f64).collect())
+        .map(|row| {
+            candidates
+                .iter()
+                .map(|c| row[c[0] as usize] as f64)
+                .collect()
+        })
         .collect())
 }

@@ -293,7 +293,9 @@ impl ClipTextTransformer {
         let last = self.final_layer_norm.forward(&out.last)?;
 
         // transformers: with the legacy eos id 2 the EOS is the largest id, else its first position.
-        let ids = input_ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?;
+        let ids = input_ids
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2::<u32>()?;
         let eos_positions: Vec<u32> = ids
             .iter()
             .map(|row| {
@@ -547,19 +549,21 @@ impl ClipModel {
     ) -> Result<Tensor> {
         let img = normalize(&self.image_embeds(pixel_values, 1)?)?;
         let txt = normalize(&self.text_embeds(input_ids, attention_mask, 1)?)?;
-        img.matmul(&txt.t()?)?.broadcast_mul(&self.logit_scale.exp()?)
+        img.matmul(&txt.t()?)?
+            .broadcast_mul(&self.logit_scale.exp()?)
     }
 
     pub fn logit_scale(&self) -> &Tensor {
         &self.logit_scale
     }
-
 }
 
 impl ParticleModel for ClipModel {
     fn linears(&self) -> Vec<(String, &ParticleLinear)> {
         let mut out = Vec::new();
-        self.text_model.encoder.linears("text_model.encoder", &mut out);
+        self.text_model
+            .encoder
+            .linears("text_model.encoder", &mut out);
         self.vision_model.linears("vision_model", &mut out);
         out.push(("visual_projection".into(), &self.visual_projection));
         out.push(("text_projection".into(), &self.text_projection));

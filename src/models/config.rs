@@ -214,7 +214,10 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        for rope in [&self.rope_parameters, &self.rope_scaling].into_iter().flatten() {
+        for rope in [&self.rope_parameters, &self.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
             if let Some(kind) = rope.rope_type.as_deref() {
                 if kind != "default" {
                     bail!("rope type {kind:?} is not supported (only the default RoPE)");
@@ -392,7 +395,12 @@ fn parse<T: serde::de::DeserializeOwned>(raw: &serde_json::Value, what: &str) ->
 
 /// The checkpoint's declared dtype: `torch_dtype` (4.x) or `dtype` (5.x), top level or in `text_config`.
 pub fn declared_dtype(raw: &serde_json::Value) -> Option<String> {
-    ["/dtype", "/torch_dtype", "/text_config/dtype", "/text_config/torch_dtype"]
-        .iter()
-        .find_map(|p| raw.pointer(p).and_then(|v| v.as_str()).map(str::to_string))
+    [
+        "/dtype",
+        "/torch_dtype",
+        "/text_config/dtype",
+        "/text_config/torch_dtype",
+    ]
+    .iter()
+    .find_map(|p| raw.pointer(p).and_then(|v| v.as_str()).map(str::to_string))
 }

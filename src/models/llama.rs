@@ -122,7 +122,12 @@ impl Attention {
         };
         *cache = Some((k.clone(), v.clone()));
         let n_rep = self.heads / self.kv_heads;
-        let out = attention(&q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, Some(&ctx.bias))?;
+        let out = attention(
+            &q,
+            &repeat_kv(k, n_rep)?,
+            &repeat_kv(v, n_rep)?,
+            Some(&ctx.bias),
+        )?;
         let out = out
             .transpose(1, 2)?
             .reshape((rows, len, self.heads * self.head_dim))?;
@@ -249,7 +254,10 @@ impl KvCache {
             let mut target = vec![rows, n];
             target.extend_from_slice(&dims[1..]);
             dims[0] = rows * n;
-            t.unsqueeze(1)?.broadcast_as(target)?.contiguous()?.reshape(dims)
+            t.unsqueeze(1)?
+                .broadcast_as(target)?
+                .contiguous()?
+                .reshape(dims)
         };
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = interleave(k)?;

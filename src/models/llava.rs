@@ -96,12 +96,14 @@ impl LlavaModel {
 
     /// Projected image features `[rows, tokens_per_image, text_hidden]` and whether the rows carry
     /// the particle axis. The tower runs once per image unless it carries particles itself.
-    pub fn image_features(&self, pixel_values: &Tensor, particles: usize) -> Result<(Tensor, bool)> {
-        let (hidden, mut expanded) = self.vision_tower.hidden_states_at(
-            pixel_values,
-            &self.feature_layers,
-            particles,
-        )?;
+    pub fn image_features(
+        &self,
+        pixel_values: &Tensor,
+        particles: usize,
+    ) -> Result<(Tensor, bool)> {
+        let (hidden, mut expanded) =
+            self.vision_tower
+                .hidden_states_at(pixel_values, &self.feature_layers, particles)?;
         let hidden = match self.config.vision_feature_select_strategy {
             FeatureSelect::Default => hidden.narrow(1, 1, hidden.dim(1)? - 1)?,
             FeatureSelect::Full => hidden,
@@ -257,7 +259,8 @@ impl LlavaModel {
 impl ParticleModel for LlavaModel {
     fn linears(&self) -> Vec<(String, &ParticleLinear)> {
         let mut out = Vec::new();
-        self.vision_tower.linears("vision_tower.vision_model", &mut out);
+        self.vision_tower
+            .linears("vision_tower.vision_model", &mut out);
         out.push(("multi_modal_projector.linear_1".into(), &self.linear_1));
         out.push(("multi_modal_projector.linear_2".into(), &self.linear_2));
         self.language_model.linears("language_model", &mut out);

@@ -9,14 +9,16 @@ pub mod nn;
 pub mod prompt;
 pub mod weights;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
 use crate::bella::{ParticleLinear, ParticleModel};
 use crate::hub::ModelFiles;
 use clip::ClipModel;
 use config::ModelConfig;
+use image::ImageProcessor;
 use llava::LlavaModel;
+use prompt::Prompter;
 use weights::Weights;
 
 /// A loaded checkpoint.
@@ -56,12 +58,37 @@ pub struct ModelInfo {
     pub compute_dtype: DType,
 }
 
-/// A model with its files, config and summary.
+/// A model with its files, config, summary, tokenizer + chat template and image processor.
 pub struct LoadedModel {
     pub model: Model,
     pub config: ModelConfig,
     pub files: ModelFiles,
     pub info: ModelInfo,
+    /// `None` when the directory has no `tokenizer.json`.
+    pub prompter: Option<Prompter>,
+    /// `None` when the directory has no image processor config.
+    pub image_processor: Option<ImageProcessor>,
+}
+
+impl LoadedModel {
+    pub fn prompter(&self) -> Result<&Prompter> {
+        self.prompter.as_ref().with_context(|| {
+            format!(
+                "{} has no tokenizer.json: a tokenizer is needed for prompts",
+                self.files.dir.display()
+            )
+        })
+    }
+
+    pub fn image_processor(&self) -> Result<&ImageProcessor> {
+        self.image_processor.as_ref().with_context(|| {
+            format!(
+                "{} has no preprocessor_config.json (or processor_config.json with an image_processor): \
+                 it is needed to read images",
+                self.files.dir.display()
+            )
+        })
+    }
 }
 
 /// Loads a resolved checkpoint onto `device`, computing in `dtype`.
@@ -76,11 +103,32 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
         ModelConfig::Clip(c) => Model::Clip(ClipModel::load(&root, c)?),
         ModelConfig::Llava(c) => Model::Llava(LlavaModel::load(&root, c)?),
     };
+    let prompter = match files.optional("tokenizer.json") {
+        Some(_) => {
+            let image_token = match &config {
+                ModelConfig::Llava(_) => Some(prompt::DEFAULT_IMAGE_TOKEN),
+                ModelConfig::Clip(_) => None,
+            };
+            Some(Prompter::from_dir(&files.dir, image_token)?)
+        }
+        None => None,
+    };
+    // transformers 5 nests the image processor in processor_config.json.
+    let nested = files.optional("processor_config.json").is_some_and(|p| {
+        std::fs::read_to_string(p).is_ok_and(|t| t.contains("\"image_processor\""))
+    });
+    let image_processor = if files.optional("preprocessor_config.json").is_some() || nested {
+        Some(ImageProcessor::from_dir(&files.dir)?)
+    } else {
+        None
+    };
     Ok(LoadedModel {
         info: info(&config, &raw, &weights, dtype),
         model,
         config,
         files: files.clone(),
+        prompter,
+        image_processor,
     })
 }
 
@@ -100,6 +148,10 @@ pub fn load_source(
     opts: &crate::hub::HubOptions,
 ) -> Result<LoadedModel> {
     let files = crate::hub::resolve(source, opts)?;
-    load(&files, &Device::Cpu, DType::F32)
-        .map_err(|e| e.context(format!("cannot load the model {source} ({})", files.dir.display())))
+    load(&files, &Device::Cpu, DType::F32).map_err(|e| {
+        e.context(format!(
+            "cannot load the model {source} ({})",
+            files.dir.display()
+        ))
+    })
 }

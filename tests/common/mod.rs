@@ -16,7 +16,10 @@ pub fn fixture(path: &str) -> PathBuf {
 
 /// The files of a model directory, resolved as the CLI does.
 pub fn dir_files(dir: &std::path::Path) -> anyhow::Result<ModelFiles> {
-    resolve(&ModelSource::Dir(dir.to_path_buf()), &HubOptions::from_env())
+    resolve(
+        &ModelSource::Dir(dir.to_path_buf()),
+        &HubOptions::from_env(),
+    )
 }
 
 pub fn load_model(name: &str) -> LoadedModel {
@@ -25,8 +28,11 @@ pub fn load_model(name: &str) -> LoadedModel {
 }
 
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(&format!("reference/{name}.safetensors")), &Device::Cpu)
-        .expect("reference tensors")
+    candle_core::safetensors::load(
+        fixture(&format!("reference/{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .expect("reference tensors")
 }
 
 pub fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -103,7 +109,11 @@ pub fn greedy(
 ) -> Vec<Vec<u32>> {
     use bella_vqa::answer::generate::{generate, GenerateOptions, Sampling};
     let prefill = m.prefill(input, particles).unwrap();
-    let opts = GenerateOptions { max_new_tokens: n, eos: vec![], sampling: Sampling::Greedy };
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        eos: vec![],
+        sampling: Sampling::Greedy,
+    };
     generate(&m.language_model, &prefill, particles, &opts)
         .unwrap()
         .into_iter()

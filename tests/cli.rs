@@ -1,0 +1,143 @@
+//! The command line, end to end on the fixture models.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{DType, IndexOp};
+use common::*;
+
+fn bella() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success(), "should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn inspect_counts_every_stored_value() {
+    let dir = fixture("llava-tiny-hub");
+    let json = run_ok(bella().args(["inspect", "--json", "--model"]).arg(&dir));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    // Independent count: the index's total_size is bytes of f32 values.
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let total = index["metadata"]["total_size"].as_u64().unwrap() / 4;
+    assert_eq!(v["parameters"].as_u64().unwrap(), total);
+    assert_eq!(v["architecture"], "LLaVA");
+    assert_eq!(v["declared_dtype"], "float32");
+    assert!(v["files"].as_array().unwrap().len() >= 5);
+    let text = run_ok(
+        bella()
+            .args(["inspect", "--model"])
+            .arg(fixture("clip-tiny")),
+    );
+    assert!(text.contains("CLIP") && text.contains("71,649"), "{text}");
+}
+
+#[test]
+fn llava_logits_file_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("square.safetensors");
+    run_ok(
+        bella()
+            .args(["logits", "--quiet", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .args(["--prompt", "What color is the circle?", "--out"])
+            .arg(&out),
+    );
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    // Row 0 of the reference batch is this prompt on square.png, left padded.
+    let r = reference("llava");
+    let mask = ids(get(&r, "batch.attention_mask"));
+    let pad = mask[0].iter().filter(|&&m| m == 0).count();
+    let ref_ids: Vec<u32> = ids(get(&r, "batch.input_ids"))[0][pad..].to_vec();
+    assert_eq!(ids(&got["input_ids"])[0], ref_ids);
+    assert_close(
+        "pixel_values",
+        &got["pixel_values"],
+        &get(&r, "batch.pixel_values").i(0..1).unwrap(),
+    );
+    let ref_logits = get(&r, "batch.logits").i((0..1, pad.., ..)).unwrap();
+    assert_close("logits", &got["logits"], &ref_logits);
+    assert_eq!(got["image_features"].dims(), &[1, 25, 64]);
+}
+
+#[test]
+fn clip_logits_file_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("clip.safetensors");
+    run_ok(
+        bella()
+            .args(["logits", "--quiet", "--model"])
+            .arg(fixture("clip-tiny"))
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .args([
+                "--prompt",
+                "a photo of a red circle on a chequered mat",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let r = reference("clip");
+    assert_close(
+        "logits",
+        &got["logits"],
+        &get(&r, "logits_per_image").i((0..1, 0..1)).unwrap(),
+    );
+    let ref_ids = get(&r, "text.input_ids")
+        .i(0..1)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap();
+    assert_eq!(ids(&got["input_ids"]), ids(&ref_ids));
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let not_image = tmp.path().join("notes.png");
+    std::fs::write(&not_image, "not an image").unwrap();
+    let err = run_err(
+        bella()
+            .args(["logits", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--image")
+            .arg(&not_image)
+            .args(["--prompt", "hi", "--out"])
+            .arg(&out),
+    );
+    assert!(err.contains("notes.png"), "{err}");
+    assert!(!out.exists(), "no output file on failure");
+    let err = run_err(bella().args(["inspect", "--model"]).arg(tmp.path()));
+    assert!(
+        err.contains("config.json") || err.contains("weights"),
+        "{err}"
+    );
+    let err = run_err(bella().args(["inspect", "--offline", "--model", "nobody/nothing"]));
+    assert!(
+        err.contains("not in the hub cache") || err.contains("cache"),
+        "{err}"
+    );
+}
