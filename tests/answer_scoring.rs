@@ -13,7 +13,7 @@ use common::*;
 #[test]
 fn batched_scores_equal_full_passes_per_particle() {
     let mut m = match load_model("llava-tiny-hub").model {
-        Model::Llava(m) => m,
+        Model::Llava(m) => *m,
         _ => panic!(),
     };
     attach(
@@ -43,7 +43,7 @@ fn batched_scores_equal_full_passes_per_particle() {
     assert_eq!(scores.len(), 3);
 
     let prompt = ids(&ids_t)[0].clone();
-    for p in 0..3 {
+    for (p, particle_scores) in scores.iter().enumerate() {
         let merged: LlavaModel = merged_particle(&m, p).unwrap();
         for (k, cand) in candidates.iter().enumerate() {
             let mut seq = prompt.clone();
@@ -69,7 +69,7 @@ fn batched_scores_equal_full_passes_per_particle() {
                         .unwrap() as f64
                 })
                 .sum();
-            let got = scores[p][k];
+            let got = particle_scores[k];
             assert!(
                 (got - expected).abs() < 1e-3,
                 "particle {p} candidate {k}: {got} vs {expected}"

@@ -7,7 +7,7 @@ use common::*;
 
 fn clip() -> bella_vqa::models::clip::ClipModel {
     match load_model("clip-tiny").model {
-        Model::Clip(m) => m,
+        Model::Clip(m) => *m,
         _ => panic!("clip-tiny is not a CLIP model"),
     }
 }

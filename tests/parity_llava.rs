@@ -10,7 +10,7 @@ use common::*;
 
 fn llava(name: &str) -> LlavaModel {
     match load_model(name).model {
-        Model::Llava(m) => m,
+        Model::Llava(m) => *m,
         _ => panic!("{name} is not a LLaVA model"),
     }
 }

@@ -12,7 +12,7 @@ use common::*;
 
 fn llava() -> LlavaModel {
     match load_model("llava-tiny-hub").model {
-        Model::Llava(m) => m,
+        Model::Llava(m) => *m,
         _ => panic!("not LLaVA"),
     }
 }
@@ -162,7 +162,7 @@ fn particles_from_a_middle_decoder_layer_equal_merged_models() {
 #[test]
 fn clip_particles_equal_merged_models() {
     let base = match load_model("clip-tiny").model {
-        Model::Clip(m) => m,
+        Model::Clip(m) => *m,
         _ => panic!("not CLIP"),
     };
     let mut m: ClipModel = base.clone();
@@ -218,16 +218,16 @@ fn left_padded_rows_equal_each_row_alone() {
     let batched = logits(&m, &p, 2);
     let ids_rows = ids(&p.ids);
     let pixels = p.pixels.as_ref().unwrap();
-    for row in 0..2 {
-        let real: Vec<u32> = ids_rows[row]
+    for (row, id_row) in ids_rows.iter().enumerate() {
+        let real: Vec<u32> = id_row
             .iter()
             .zip(&p.keep[row])
             .filter(|(_, &k)| k)
             .map(|(&t, _)| t)
             .collect();
-        let pad = ids_rows[row].len() - real.len();
+        let pad = id_row.len() - real.len();
         let alone = Prompt {
-            ids: ids_tensor(&[real.clone()]),
+            ids: ids_tensor(std::slice::from_ref(&real)),
             pixels: Some(pixels.i(row..row + 1).unwrap()),
             keep: vec![vec![true; real.len()]],
         };

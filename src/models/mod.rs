@@ -24,8 +24,8 @@ use weights::Weights;
 /// A loaded checkpoint.
 #[derive(Clone, Debug)]
 pub enum Model {
-    Clip(ClipModel),
-    Llava(LlavaModel),
+    Clip(Box<ClipModel>),
+    Llava(Box<LlavaModel>),
 }
 
 impl ParticleModel for Model {
@@ -100,8 +100,8 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
     }
     let root = weights.scope("");
     let model = match &config {
-        ModelConfig::Clip(c) => Model::Clip(ClipModel::load(&root, c)?),
-        ModelConfig::Llava(c) => Model::Llava(LlavaModel::load(&root, c)?),
+        ModelConfig::Clip(c) => Model::Clip(Box::new(ClipModel::load(&root, c)?)),
+        ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
     };
     let prompter = match files.optional("tokenizer.json") {
         Some(_) => {
