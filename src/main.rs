@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use bella_vqa::answer::generate::Sampling;
+use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions, Response};
 use bella_vqa::hub::{HubOptions, ModelSource};
 use bella_vqa::inspect::ModelSummary;
 use bella_vqa::logits;
+use bella_vqa::models::image::load_image;
 use bella_vqa::models::{self, LoadedModel};
 
 #[derive(Parser)]
@@ -49,6 +52,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Answer a question about an image with every particle, with a confidence and an
+    /// uncertainty split; says "I'm not sure" below the abstention threshold.
+    Ask {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The image (PNG or JPEG).
+        #[arg(long)]
+        image: PathBuf,
+        /// A particle directory (from `bella-vqa train`).
+        #[arg(long)]
+        adapters: Option<PathBuf>,
+        /// Print one JSON object (answer, abstained, confidence, uncertainty, particles, response).
+        #[arg(long)]
+        json: bool,
+        /// Also list every particle's own answer.
+        #[arg(long)]
+        show_particles: bool,
+        /// Abstain below this confidence (default: the calibrated threshold of the particles).
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// A minijinja response template replacing prompts/response.jinja.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// CLIP: a file with one candidate answer per line.
+        #[arg(long)]
+        answers: Option<PathBuf>,
+        /// Longest answer in tokens (LLaVA).
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Sample with this temperature instead of greedy decoding (LLaVA).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling mass, with --temperature.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sampling seed, with --temperature.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The question.
+        question: String,
+    },
     /// Write the input ids, pixel values, image features and logits of one prompt to a
     /// safetensors file, to compare the checkpoint with another implementation.
     Logits {
@@ -69,16 +113,66 @@ enum Command {
     },
 }
 
+impl Cli {
+    fn hub_options(&self) -> HubOptions {
+        let mut opts = HubOptions::from_env();
+        opts.offline |= self.offline;
+        opts.progress &= !self.quiet;
+        opts
+    }
+}
+
 impl ModelArgs {
-    fn load(&self, cli: &Cli) -> Result<LoadedModel> {
+    fn source(&self) -> Result<ModelSource> {
         let mut source = ModelSource::parse(&self.model)?;
         if let (ModelSource::Hub { revision, .. }, Some(r)) = (&mut source, &self.revision) {
             *revision = Some(r.clone());
         }
-        let mut opts = HubOptions::from_env();
-        opts.offline |= cli.offline;
-        opts.progress &= !cli.quiet;
-        models::load_source(&source, &opts)
+        Ok(source)
+    }
+
+    fn load(&self, cli: &Cli) -> Result<LoadedModel> {
+        models::load_source(&self.source()?, &cli.hub_options())
+    }
+}
+
+/// One answer per line; blank lines and `#` comments skipped.
+fn read_answers(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let answers: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if answers.is_empty() {
+        anyhow::bail!("{} holds no answers (one per line)", path.display());
+    }
+    Ok(answers)
+}
+
+fn print_response(r: &Response, show_particles: bool) {
+    println!("{}", r.response);
+    let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
+    println!(
+        "confidence {:.0} % (threshold {:.0} %{}) · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
+        r.confidence * 100.0,
+        r.threshold * 100.0,
+        if r.calibrated { ", calibrated" } else { ", uncalibrated" },
+        r.uncertainty.total,
+        r.uncertainty.aleatoric,
+        r.uncertainty.epistemic,
+        r.particles.len(),
+        r.answer
+    );
+    if show_particles {
+        for (i, p) in r.particles.iter().enumerate() {
+            println!(
+                "  particle {i}: {:?} (log-likelihood {:.3})",
+                p.answer, p.log_likelihood
+            );
+        }
     }
 }
 
@@ -94,6 +188,55 @@ fn run(cli: &Cli) -> Result<()> {
                 );
             } else {
                 print!("{summary}");
+            }
+        }
+        Command::Ask {
+            model,
+            image,
+            adapters,
+            json,
+            show_particles,
+            threshold,
+            template,
+            answers,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            question,
+        } => {
+            let source = model.source()?;
+            let opts = LoadOptions {
+                hub: cli.hub_options(),
+                ..LoadOptions::default()
+            };
+            let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
+            if let Some(path) = template {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the template {}", path.display()))?;
+                vqa.set_response_template(&text)?;
+            }
+            if let Some(path) = answers {
+                vqa.set_answer_vocabulary(read_answers(path)?);
+            }
+            let img = load_image(image)?;
+            let ask = AskOptions {
+                max_new_tokens: *max_new_tokens,
+                sampling: match temperature {
+                    Some(t) => Sampling::Sample {
+                        temperature: *t,
+                        top_p: *top_p,
+                        seed: *seed,
+                    },
+                    None => Sampling::Greedy,
+                },
+                threshold: *threshold,
+            };
+            let response = vqa.ask_with(&img, question, &ask)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&response)?);
+            } else {
+                print_response(&response, *show_particles);
             }
         }
         Command::Logits {

@@ -275,6 +275,7 @@ fn cached_decoding_equals_a_full_pass() {
         step_logits.push(
             m.language_model
                 .logits(&out.last_hidden_state, out.expanded, 2)
+                .map(|(l, _)| l)
                 .unwrap(),
         );
     }

@@ -51,6 +51,22 @@ fn argmax(p: &[f64]) -> usize {
 /// Aggregates `probs[p][k]`. Errors on an empty matrix, ragged rows, or rows that are not
 /// distributions (negative, non-finite, or not summing to 1 within 1e-6).
 pub fn aggregate(probs: &[Vec<f64>]) -> Result<Aggregate, String> {
+    let k = probs.first().map_or(0, Vec::len);
+    aggregate_first(probs, k)
+}
+
+/// As [`aggregate`], where the last column is the mass of "any other answer": it counts in the
+/// entropies but is never the chosen answer.
+pub fn aggregate_with_other(probs: &[Vec<f64>]) -> Result<Aggregate, String> {
+    let k = probs.first().map_or(0, Vec::len);
+    if k < 2 {
+        return Err("no candidates besides the other-answer mass".into());
+    }
+    aggregate_first(probs, k - 1)
+}
+
+/// The best answer is chosen among the first `eligible` columns.
+fn aggregate_first(probs: &[Vec<f64>], eligible: usize) -> Result<Aggregate, String> {
     let particles = probs.len();
     let k = probs.first().map_or(0, Vec::len);
     if particles == 0 || k == 0 {
@@ -73,10 +89,10 @@ pub fn aggregate(probs: &[Vec<f64>]) -> Result<Aggregate, String> {
     let mean: Vec<f64> = (0..k)
         .map(|j| probs.iter().map(|row| row[j]).sum::<f64>() / particles as f64)
         .collect();
-    let votes: Vec<usize> = probs.iter().map(|row| argmax(row)).collect();
+    let votes: Vec<usize> = probs.iter().map(|row| argmax(&row[..eligible])).collect();
     let share = |j: usize| votes.iter().filter(|&&v| v == j).count() as f64 / particles as f64;
     let mut best = 0;
-    for j in 1..k {
+    for j in 1..eligible {
         let better = mean[j] > mean[best] + 1e-12
             || ((mean[j] - mean[best]).abs() <= 1e-12 && share(j) > share(best));
         if better {
@@ -190,6 +206,15 @@ mod tests {
         assert!(close(a.uncertainty.epistemic, 0.0));
         assert!(close(a.uncertainty.total, entropy(&[0.25, 0.75])));
         assert!(close(a.vote_share, 1.0));
+    }
+
+    #[test]
+    fn the_other_mass_is_never_the_answer() {
+        // One particle: "red" 0.3, "blue" 0.2, anything else 0.5.
+        let a = aggregate_with_other(&[vec![0.3, 0.2, 0.5]]).unwrap();
+        assert_eq!(a.best, 0);
+        assert!(close(a.confidence, 0.3));
+        assert!(close(a.uncertainty.total, entropy(&[0.3, 0.2, 0.5])));
     }
 
     #[test]

@@ -75,10 +75,10 @@ pub fn generate(
         let embeds = lm.embed(&ids)?;
         let keep = vec![vec![true]; rows];
         let dec = lm.forward(&embeds, expanded, &keep, &mut cache, particles, false)?;
-        expanded = dec.expanded;
-        logits = lm
-            .logits(&dec.last_hidden_state, expanded, particles)?
-            .squeeze(1)?;
+        let (next_logits, next_expanded) =
+            lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
+        logits = next_logits.squeeze(1)?;
+        expanded = next_expanded;
     }
     Ok(out)
 }

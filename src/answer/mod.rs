@@ -1,5 +1,278 @@
-//! Answering with particles: generation, candidate scoring, aggregation, abstention.
+//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question.
+//!
+//! ```no_run
+//! use bella_vqa::answer::{BellaVqa, LoadOptions};
+//! use bella_vqa::hub::ModelSource;
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let source = ModelSource::parse("tests/fixtures/llava-tiny-hub")?;
+//! let vqa = BellaVqa::load(&source, None, &LoadOptions::default())?;
+//! let image = bella_vqa::models::image::load_image("tests/fixtures/images/square.png".as_ref())?;
+//! let response = vqa.ask(&image, "What color is the circle?")?;
+//! println!("{} (confidence {:.2})", response.response, response.confidence);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod aggregate;
+pub mod candidates;
 pub mod generate;
 pub mod score;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+
+use crate::bella::particles::ParticleSet;
+use crate::bella::ParticleModel;
+use crate::hub::{HubOptions, ModelSource};
+use crate::models::{self, LoadedModel, Model};
+use aggregate::{aggregate, aggregate_with_other, Uncertainty};
+use candidates::{clip_candidates, llava_candidates, ParticleAnswer, Scored};
+use generate::{GenerateOptions, Sampling};
+
+/// The abstention threshold used when neither the particles' calibration nor the caller gives one.
+pub const UNCALIBRATED_THRESHOLD: f64 = 0.5;
+
+/// The built-in response template (`prompts/response.jinja`).
+pub const DEFAULT_RESPONSE_TEMPLATE: &str = include_str!("../../prompts/response.jinja");
+
+/// The normalised answer that means "this cannot be answered" (VizWiz, the shapes world).
+pub const UNANSWERABLE: &str = "unanswerable";
+
+/// How a model is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub hub: HubOptions,
+    /// Attach particles even when their base-model hashes differ (not recommended).
+    pub skip_base_check: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            hub: HubOptions::from_env(),
+            skip_base_check: false,
+        }
+    }
+}
+
+/// Per-question options.
+#[derive(Clone, Debug)]
+pub struct AskOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Overrides the calibrated threshold.
+    pub threshold: Option<f64>,
+}
+
+impl Default for AskOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 16,
+            sampling: Sampling::Greedy,
+            threshold: None,
+        }
+    }
+}
+
+/// A candidate answer with its model-averaged probability.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateAnswer {
+    pub answer: String,
+    pub probability: f64,
+}
+
+/// The structured answer to one question.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The most likely answer (also when abstaining).
+    pub answer: String,
+    pub abstained: bool,
+    /// p̄ of the answer.
+    pub confidence: f64,
+    /// The threshold the confidence was compared with.
+    pub threshold: f64,
+    /// Whether the threshold came from calibration.
+    pub calibrated: bool,
+    pub uncertainty: Uncertainty,
+    /// Fraction of particles whose own answer is `answer`.
+    pub vote_share: f64,
+    pub particles: Vec<ParticleAnswer>,
+    /// Every candidate with p̄, most likely first.
+    pub candidates: Vec<CandidateAnswer>,
+    /// The rendered text (answer, or "I'm not sure …").
+    pub response: String,
+}
+
+/// A model with its particles, ready to answer. `Send + Sync`: share it between threads.
+pub struct BellaVqa {
+    loaded: LoadedModel,
+    particles: usize,
+    calibrated_threshold: Option<f64>,
+    vocabulary: Option<Vec<String>>,
+    template: minijinja::Environment<'static>,
+}
+
+impl BellaVqa {
+    /// Loads the base model and, if given, the particle directory (checked against the base).
+    pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
+        let mut loaded = models::load_source(source, &opts.hub)?;
+        let set = match adapters {
+            Some(dir) => {
+                let set = ParticleSet::load(dir, &candle_core::Device::Cpu)?;
+                if !opts.skip_base_check {
+                    set.verify_base(&loaded.files)?;
+                }
+                Some(set)
+            }
+            None => None,
+        };
+        if let Some(set) = &set {
+            match &mut loaded.model {
+                Model::Llava(m) => set.attach_to(m.as_mut())?,
+                Model::Clip(m) => set.attach_to(m.as_mut())?,
+            }
+        }
+        Self::from_loaded(loaded, set.as_ref())
+    }
+
+    /// Wraps a loaded model whose particles (if any) are attached; `set` supplies the calibrated
+    /// threshold and the CLIP answer vocabulary.
+    pub fn from_loaded(loaded: LoadedModel, set: Option<&ParticleSet>) -> Result<Self> {
+        let particles = loaded.model.particles()?;
+        let mut template = minijinja::Environment::new();
+        template.add_template_owned("response", DEFAULT_RESPONSE_TEMPLATE.to_string())?;
+        Ok(Self {
+            particles,
+            calibrated_threshold: set
+                .and_then(|s| s.config.abstention.as_ref())
+                .map(|a| a.threshold),
+            vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
+            loaded,
+            template,
+        })
+    }
+
+    /// Replaces the response template (minijinja; see `prompts/response.jinja` for the variables).
+    pub fn set_response_template(&mut self, source: &str) -> Result<()> {
+        let mut env = minijinja::Environment::new();
+        env.add_template_owned("response", source.to_string())
+            .context("invalid response template")?;
+        self.template = env;
+        Ok(())
+    }
+
+    /// The candidate answers a CLIP model scores.
+    pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) {
+        self.vocabulary = Some(answers);
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.loaded
+    }
+
+    pub fn particles(&self) -> usize {
+        self.particles
+    }
+
+    /// Answers with the default options.
+    pub fn ask(&self, image: &DynamicImage, question: &str) -> Result<Response> {
+        self.ask_with(image, question, &AskOptions::default())
+    }
+
+    pub fn ask_with(
+        &self,
+        image: &DynamicImage,
+        question: &str,
+        opts: &AskOptions,
+    ) -> Result<Response> {
+        let question = question.trim();
+        if question.is_empty() {
+            bail!("the question is empty: ask something about the image");
+        }
+        let pixels = self
+            .loaded
+            .image_processor()?
+            .preprocess(image)?
+            .unsqueeze(0)?;
+        let prompter = self.loaded.prompter()?;
+        let scored = match &self.loaded.model {
+            Model::Llava(m) => {
+                let mut eos: Vec<u32> = prompter.eos_token_id().into_iter().collect();
+                if let Some(ids) = &m.config().text_config.eos_token_id {
+                    for id in ids.ids() {
+                        if !eos.contains(&id) {
+                            eos.push(id);
+                        }
+                    }
+                }
+                let gen = GenerateOptions {
+                    max_new_tokens: opts.max_new_tokens,
+                    eos,
+                    sampling: opts.sampling,
+                };
+                llava_candidates(m, prompter, &pixels, question, self.particles, &gen)?
+            }
+            Model::Clip(m) => {
+                let vocab = self.vocabulary.as_deref().unwrap_or_default();
+                clip_candidates(m, prompter, &pixels, question, vocab, self.particles)?
+            }
+        };
+        self.respond(question, scored, opts)
+    }
+
+    fn respond(&self, question: &str, scored: Scored, opts: &AskOptions) -> Result<Response> {
+        let agg = if scored.other {
+            aggregate_with_other(&scored.probs)
+        } else {
+            aggregate(&scored.probs)
+        }
+        .map_err(anyhow::Error::msg)?;
+        let (threshold, calibrated) = match (opts.threshold, self.calibrated_threshold) {
+            (Some(t), _) => (t, false),
+            (None, Some(t)) => (t, true),
+            (None, None) => (UNCALIBRATED_THRESHOLD, false),
+        };
+        let answer = scored.candidates[agg.best].clone();
+        let abstained = agg.confidence < threshold;
+        let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
+        let response = self
+            .template
+            .get_template("response")?
+            .render(minijinja::context! {
+                answer => &answer,
+                confidence => agg.confidence,
+                confidence_pct => (agg.confidence * 100.0).round() as i64,
+                threshold => threshold,
+                abstained => abstained,
+                unanswerable => unanswerable,
+                question => question,
+            })
+            .context("rendering the response template")?;
+        let mut candidates: Vec<CandidateAnswer> = scored
+            .candidates
+            .iter()
+            .zip(&agg.mean)
+            .map(|(a, &p)| CandidateAnswer {
+                answer: a.clone(),
+                probability: p,
+            })
+            .collect();
+        candidates.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        Ok(Response {
+            answer,
+            abstained,
+            confidence: agg.confidence,
+            threshold,
+            calibrated,
+            uncertainty: agg.uncertainty,
+            vote_share: agg.vote_share,
+            particles: scored.particle_answers,
+            candidates,
+            response: response.trim().to_string(),
+        })
+    }
+}

@@ -54,7 +54,7 @@ pub fn score_candidates(
         particles,
         false,
     )?;
-    let logits = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
+    let (logits, _) = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets = Tensor::from_vec(targets, (rows * k, feed, 1), device)?;
     let picked = logp

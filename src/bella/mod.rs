@@ -1,6 +1,7 @@
 //! Bella particles: P low-rank perturbations of frozen linear layers.
 
 mod linear;
+pub mod particles;
 pub mod svgd;
 
 pub use linear::{expand_particles, Adapter, ParticleLinear, ParticleModel};

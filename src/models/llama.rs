@@ -481,12 +481,19 @@ impl LlamaModel {
         })
     }
 
-    /// `lm_head` over hidden states `[rows, len, hidden]` → `[rows', len, vocab]`.
-    pub fn logits(&self, hidden: &Tensor, expanded: bool, particles: usize) -> Result<Tensor> {
+    /// `lm_head` over hidden states `[rows, len, hidden]` → `[rows', len, vocab]`, and whether the
+    /// output rows carry the particle axis (the head may be the first layer with particles).
+    pub fn logits(
+        &self,
+        hidden: &Tensor,
+        expanded: bool,
+        particles: usize,
+    ) -> Result<(Tensor, bool)> {
         if !expanded && self.lm_head.adapter().is_some() {
-            return self.lm_head.forward(&expand_particles(hidden, particles)?);
+            let x = expand_particles(hidden, particles)?;
+            return Ok((self.lm_head.forward(&x)?, true));
         }
-        self.lm_head.forward(hidden)
+        Ok((self.lm_head.forward(hidden)?, expanded))
     }
 
     pub fn dtype(&self) -> DType {

@@ -226,7 +226,7 @@ impl LlavaModel {
     ) -> Result<LlavaOutput> {
         let (image_features, inputs_embeds, decoder) =
             self.forward_hidden(input, cache, particles, keep_layer_outputs)?;
-        let logits =
+        let (logits, _) =
             self.language_model
                 .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
         Ok(LlavaOutput {
@@ -244,14 +244,13 @@ impl LlavaModel {
         let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, false)?;
         let len = decoder.last_hidden_state.dim(1)?;
         let last = decoder.last_hidden_state.narrow(1, len - 1, 1)?;
-        let last_logits = self
-            .language_model
-            .logits(&last, decoder.expanded, particles)?
-            .squeeze(1)?;
+        let (last_logits, expanded) =
+            self.language_model
+                .logits(&last, decoder.expanded, particles)?;
         Ok(Prefill {
             cache,
-            last_logits,
-            expanded: decoder.expanded,
+            last_logits: last_logits.squeeze(1)?,
+            expanded,
         })
     }
 }

@@ -1,0 +1,191 @@
+//! From an image and a question to a P×K probability matrix (design §5, steps 1–3), for both
+//! backends: LLaVA generates one answer per particle and scores every distinct answer under every
+//! particle; CLIP scores a fixed answer vocabulary directly.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::generate::{generate, GenerateOptions};
+use super::score::score_candidates;
+use crate::data::normalize::normalize_answer;
+use crate::models::clip::{normalize, ClipModel};
+use crate::models::llava::{LlavaInput, LlavaModel};
+use crate::models::prompt::Prompter;
+
+/// One particle's own answer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ParticleAnswer {
+    /// As generated (LLaVA) or the vocabulary entry it ranks first (CLIP).
+    pub answer: String,
+    /// After the official VQA normalisation.
+    pub normalized: String,
+    /// log p(answer) under this particle (LLaVA: sequence log-likelihood incl. the end token;
+    /// CLIP: log of its softmax probability).
+    pub log_likelihood: f64,
+}
+
+/// The particles' answers and their distributions over the candidates.
+#[derive(Clone, Debug)]
+pub struct Scored {
+    pub particle_answers: Vec<ParticleAnswer>,
+    /// Display text of each candidate (one per distinct normalised answer).
+    pub candidates: Vec<String>,
+    /// `probs[p][k]`; when `other` is set, a last column holds the mass of every other answer.
+    pub probs: Vec<Vec<f64>>,
+    pub other: bool,
+}
+
+/// LLaVA: decode all particles as one batch, normalise their answers, score every distinct answer
+/// under every particle. Probabilities are sequence probabilities, so each row keeps the mass of
+/// all other answers in an extra column (P = 1 then gives the model's own sequence probability).
+pub fn llava_candidates(
+    model: &LlavaModel,
+    prompter: &Prompter,
+    pixel_values: &Tensor,
+    question: &str,
+    particles: usize,
+    gen: &GenerateOptions,
+) -> Result<Scored> {
+    let text = prompter.render_question(question, true)?;
+    let ids = prompter.encode(&text, model.config().image_tokens_per_image())?;
+    let len = ids.len();
+    let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
+    let keep = vec![vec![true; len]];
+    let input = LlavaInput {
+        input_ids: &input_ids,
+        pixel_values: Some(pixel_values),
+        keep: &keep,
+    };
+    let prefill = model.prefill(&input, particles)?;
+    let generated = generate(&model.language_model, &prefill, particles, gen)?;
+
+    // Distinct normalised answers, each with the token sequence of the first particle that gave
+    // it (plus the end token when it finished, so "red" and "red circle" differ).
+    let end = gen.eos.first().copied();
+    let mut candidates: Vec<String> = Vec::new();
+    let mut normalized: Vec<String> = Vec::new();
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
+    let mut own: Vec<usize> = Vec::with_capacity(generated.len());
+    for g in &generated {
+        let raw = prompter.decode(&g.tokens, true)?.trim().to_string();
+        let norm = normalize_answer(&raw);
+        let k = match normalized.iter().position(|n| *n == norm) {
+            Some(k) => k,
+            None => {
+                let mut seq = g.tokens.clone();
+                if let (true, Some(e)) = (g.finished, end) {
+                    seq.push(e);
+                }
+                if seq.is_empty() {
+                    seq.extend(end);
+                }
+                if seq.is_empty() {
+                    bail!("a particle produced an empty answer and the tokenizer has no end token");
+                }
+                candidates.push(raw);
+                normalized.push(norm);
+                sequences.push(seq);
+                normalized.len() - 1
+            }
+        };
+        own.push(k);
+    }
+    let loglik = score_candidates(&model.language_model, &prefill, &sequences, particles)?;
+    let probs = loglik
+        .iter()
+        .map(|row| {
+            let mut p: Vec<f64> = row.iter().map(|&l| l.exp()).collect();
+            let sum: f64 = p.iter().sum();
+            if sum > 1.0 {
+                // Rounding can push the total past 1; renormalise, leaving no other mass.
+                p.iter_mut().for_each(|x| *x /= sum);
+            }
+            p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
+            p
+        })
+        .collect();
+    let particle_answers = own
+        .iter()
+        .zip(&loglik)
+        .map(|(&k, row)| ParticleAnswer {
+            answer: candidates[k].clone(),
+            normalized: normalized[k].clone(),
+            log_likelihood: row[k],
+        })
+        .collect();
+    Ok(Scored {
+        particle_answers,
+        candidates,
+        probs,
+        other: true,
+    })
+}
+
+/// The text CLIP embeds for one candidate answer.
+pub fn clip_prompt(question: &str, answer: &str) -> String {
+    format!("question: {} answer: {}", question.trim(), answer.trim())
+}
+
+/// CLIP: every particle scores every vocabulary answer against the image; softmax of the scaled
+/// cosine similarities over the vocabulary.
+pub fn clip_candidates(
+    model: &ClipModel,
+    prompter: &Prompter,
+    pixel_values: &Tensor,
+    question: &str,
+    vocabulary: &[String],
+    particles: usize,
+) -> Result<Scored> {
+    if vocabulary.is_empty() {
+        bail!("a CLIP model answers from an answer vocabulary: give one with --answers FILE or use particles trained with one");
+    }
+    let k = vocabulary.len();
+    let texts: Vec<String> = vocabulary
+        .iter()
+        .map(|a| clip_prompt(question, a))
+        .collect();
+    let max_len = model.config().text_config.max_position_embeddings;
+    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len)?;
+    let len = ids[0].len();
+    let ids = Tensor::from_vec(ids.concat(), (k, len), &Device::Cpu)?;
+    let mask = Tensor::from_vec(mask.concat(), (k, len), &Device::Cpu)?;
+    let txt = normalize(&model.text_embeds(&ids, Some(&mask), particles)?)?;
+    let img = normalize(&model.image_embeds(pixel_values, particles)?)?;
+    let scale = model
+        .logit_scale()
+        .exp()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()? as f64;
+    let txt_rows = txt.dim(0)? / k;
+    let img_rows = img.dim(0)?;
+    let rows = txt_rows.max(img_rows);
+    let mut probs = Vec::with_capacity(rows);
+    for p in 0..rows {
+        let t = txt.narrow(0, (p % txt_rows) * k, k)?;
+        let i = img.narrow(0, p % img_rows, 1)?;
+        let logits = (i.matmul(&t.t()?)? * scale)?.squeeze(0)?;
+        let row = candle_nn::ops::softmax(&logits, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        probs.push(row);
+    }
+    let particle_answers = probs
+        .iter()
+        .map(|row| {
+            let best = (0..k)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .context("empty vocabulary")?;
+            Ok(ParticleAnswer {
+                answer: vocabulary[best].clone(),
+                normalized: normalize_answer(&vocabulary[best]),
+                log_likelihood: row[best].ln(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Scored {
+        particle_answers,
+        candidates: vocabulary.to_vec(),
+        probs,
+        other: false,
+    })
+}

@@ -1,0 +1,283 @@
+//! A saved particle set: the stacked factors of every adapted layer plus a JSON config that names
+//! the base model (source, revision, commit, weight-file hashes), the targets, rank, α, P, the
+//! training method and, after calibration, the abstention threshold.
+//!
+//! ```text
+//! DIR/particles.safetensors   {module path}.bella_A [P, r, in], {module path}.bella_B [P, out, r]
+//! DIR/bella_config.json       ParticleConfig
+//! ```
+//!
+//! Both files are written atomically, the config last, so a crash leaves the previous set intact.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Adapter, ParticleModel};
+use crate::hub::ModelFiles;
+
+pub const PARTICLES_FILE: &str = "particles.safetensors";
+pub const CONFIG_FILE: &str = "bella_config.json";
+const FORMAT_VERSION: u32 = 1;
+
+/// One weight file of the base model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHash {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The base model the particles were trained on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// As given to `--model` (hub id or directory).
+    pub source: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub commit: Option<String>,
+    pub weights: Vec<FileHash>,
+}
+
+/// The abstention rule chosen by calibration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Abstention {
+    /// Abstain when the confidence is below this.
+    pub threshold: f64,
+    /// How it was chosen, e.g. `"risk<=0.05"` or `"max phi_10"`.
+    pub objective: String,
+    /// The validation data it was chosen on.
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParticleConfig {
+    pub format_version: u32,
+    pub base_model: BaseModel,
+    pub architecture: String,
+    /// The target patterns asked for.
+    pub targets: Vec<String>,
+    /// The module paths that carry particles.
+    pub layers: Vec<String>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub particles: usize,
+    /// `ensemble`, `svgd`, …
+    pub method: String,
+    pub seed: u64,
+    /// Optimiser steps taken.
+    pub step: u64,
+    #[serde(default)]
+    pub abstention: Option<Abstention>,
+    /// CLIP: the candidate answers the particles score.
+    #[serde(default)]
+    pub answer_vocabulary: Option<Vec<String>>,
+}
+
+/// Particles ready to attach to a base model.
+#[derive(Clone, Debug)]
+pub struct ParticleSet {
+    pub config: ParticleConfig,
+    /// Module path → factors, in the order of `config.layers`.
+    pub adapters: Vec<(String, Adapter)>,
+}
+
+/// Hashes every weight file; a hub-cache file whose blob is named by its sha256 (LFS) is not read.
+pub fn hash_weights(files: &ModelFiles) -> Result<Vec<FileHash>> {
+    files
+        .weights
+        .iter()
+        .map(|path| {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let bytes = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            Ok(FileHash {
+                name,
+                bytes,
+                sha256: sha256_of(path)?,
+            })
+        })
+        .collect()
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    if let Ok(target) = std::fs::read_link(path) {
+        let blob = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if blob.len() == 64 && blob.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(blob.to_ascii_lowercase());
+        }
+    }
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+impl ParticleSet {
+    /// Collects the adapters attached to `model`.
+    pub fn from_model<M: ParticleModel + ?Sized>(model: &M, config: ParticleConfig) -> Self {
+        let adapters = model
+            .linears()
+            .into_iter()
+            .filter_map(|(name, l)| l.adapter().map(|a| (name, a.clone())))
+            .collect();
+        Self { config, adapters }
+    }
+
+    /// Writes the factors (f32) and then the config, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for (name, ad) in &self.adapters {
+            tensors.insert(format!("{name}.bella_A"), ad.a.to_dtype(DType::F32)?);
+            tensors.insert(format!("{name}.bella_B"), ad.b.to_dtype(DType::F32)?);
+        }
+        crate::io::save_safetensors_atomically(&dir.join(PARTICLES_FILE), &tensors)?;
+        let mut config = self.config.clone();
+        config.layers = self.adapters.iter().map(|(n, _)| n.clone()).collect();
+        config.format_version = FORMAT_VERSION;
+        let json = serde_json::to_vec_pretty(&config)?;
+        crate::io::write_bytes_atomically(&dir.join(CONFIG_FILE), &json)
+    }
+
+    /// Reads only the config (cheap; e.g. to find the base model).
+    pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with `bella-vqa train --out DIR`)",
+                dir.display()
+            )
+        })?;
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text)).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "{}: invalid key `{}`: {}",
+                    path.display(),
+                    e.path(),
+                    e.inner()
+                )
+            },
+        )
+    }
+
+    /// Loads the config and the factors onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = Self::read_config(dir)?;
+        if config.format_version > FORMAT_VERSION {
+            bail!(
+                "{} was written by a newer bella-vqa (format {}); upgrade to read it",
+                dir.display(),
+                config.format_version
+            );
+        }
+        let path: PathBuf = dir.join(PARTICLES_FILE);
+        let tensors = candle_core::safetensors::load(&path, device).with_context(|| {
+            format!(
+                "cannot read {} (truncated or not safetensors?)",
+                path.display()
+            )
+        })?;
+        let scale = config.alpha / config.rank as f64;
+        let mut adapters = Vec::with_capacity(config.layers.len());
+        for name in &config.layers {
+            let get = |suffix: &str| {
+                tensors
+                    .get(&format!("{name}.{suffix}"))
+                    .cloned()
+                    .with_context(|| format!("{} has no tensor {name}.{suffix}", path.display()))
+            };
+            let adapter = Adapter::new(get("bella_A")?, get("bella_B")?, scale)
+                .with_context(|| format!("{name} in {}", path.display()))?;
+            if adapter.particles() != config.particles || adapter.rank() != config.rank {
+                bail!(
+                    "{name} in {} has {} particles of rank {}, the config says {} of rank {}",
+                    path.display(),
+                    adapter.particles(),
+                    adapter.rank(),
+                    config.particles,
+                    config.rank
+                );
+            }
+            adapters.push((name.clone(), adapter));
+        }
+        Ok(Self { config, adapters })
+    }
+
+    /// Refuses a base whose weight files differ from the ones the particles were trained on.
+    pub fn verify_base(&self, files: &ModelFiles) -> Result<()> {
+        let expected = &self.config.base_model.weights;
+        let sizes: Vec<(String, u64)> = files
+            .weights
+            .iter()
+            .map(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            })
+            .collect();
+        let same_sizes = sizes.len() == expected.len()
+            && sizes
+                .iter()
+                .zip(expected)
+                .all(|((n, b), e)| *n == e.name && *b == e.bytes);
+        if !same_sizes || hash_weights(files)? != *expected {
+            return Err(crate::error::ParticleError::BaseMismatch {
+                particles: self.config.base_model.source.clone(),
+                base: files.dir.clone(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Attaches the factors to the matching layers of `model` (every saved layer must exist and
+    /// fit).
+    pub fn attach_to<M: ParticleModel + ?Sized>(&self, model: &mut M) -> Result<()> {
+        let mut by_name: HashMap<&str, &Adapter> =
+            self.adapters.iter().map(|(n, a)| (n.as_str(), a)).collect();
+        for (name, layer) in model.linears_mut() {
+            if let Some(adapter) = by_name.remove(name.as_str()) {
+                let device = layer.weight().device().clone();
+                let dtype = layer.weight().dtype();
+                let moved = Adapter::new(
+                    adapter.a.to_device(&device)?.to_dtype(dtype)?,
+                    adapter.b.to_device(&device)?.to_dtype(dtype)?,
+                    adapter.scale,
+                )?;
+                layer
+                    .set_adapter(Some(moved))
+                    .with_context(|| format!("particles for {name} do not fit the model"))?;
+            }
+        }
+        if let Some(missing) = by_name.keys().next() {
+            bail!("the particles adapt {missing}, which this model does not have (another architecture?)");
+        }
+        Ok(())
+    }
+}

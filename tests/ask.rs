@@ -1,0 +1,249 @@
+//! Answering with particles end to end: abstention follows disagreement, the JSON interface,
+//! and clear errors for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
+use bella_vqa::bella::particles::{
+    hash_weights, Abstention, BaseModel, ParticleConfig, ParticleSet,
+};
+use bella_vqa::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
+use bella_vqa::hub::ModelSource;
+use bella_vqa::models::image::load_image;
+use bella_vqa::models::Model;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+const P: usize = 4;
+
+/// Writes a crafted particle set for the tiny LLaVA: every particle's lm_head is sharpened
+/// (ΔW = 2000·W via A = I, B = 2000·W, so each particle is near-certain of its greedy answer); with
+/// `disagree`, every particle also gets its own large random perturbation of the decoder.
+fn crafted_particles(dir: &Path, disagree: bool) {
+    let loaded = load_model("llava-tiny-hub");
+    let Model::Llava(mut m) = loaded.model else {
+        panic!("not LLaVA")
+    };
+    if disagree {
+        let spec = AdapterSpec {
+            targets: vec!["language_model.model.layers.*".into()],
+            rank: 64,
+            alpha: 64.0,
+            particles: P,
+        };
+        attach(m.as_mut(), &spec, InitB::Normal { std: 0.3 }, 99).unwrap();
+    }
+    for (name, layer) in m.linears_mut() {
+        if name == "language_model.lm_head" {
+            let (out, inp) = layer.shape();
+            let eye = Tensor::eye(inp, DType::F32, &Device::Cpu).unwrap();
+            let a = eye.unsqueeze(0).unwrap().repeat((P, 1, 1)).unwrap();
+            let b = (layer
+                .weight()
+                .unsqueeze(0)
+                .unwrap()
+                .repeat((P, 1, 1))
+                .unwrap()
+                * 2000.0)
+                .unwrap();
+            assert_eq!(b.dims(), &[P, out, inp]);
+            layer
+                .set_adapter(Some(Adapter::new(a, b, 1.0).unwrap()))
+                .unwrap();
+        }
+    }
+    let config = ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: "tests/fixtures/llava-tiny-hub".into(),
+            revision: None,
+            commit: None,
+            weights: hash_weights(&loaded.files).unwrap(),
+        },
+        architecture: "LLaVA".into(),
+        targets: vec!["crafted".into()],
+        layers: vec![],
+        rank: 64,
+        alpha: 64.0,
+        particles: P,
+        method: "crafted".into(),
+        seed: 0,
+        step: 0,
+        abstention: Some(Abstention {
+            threshold: 0.6,
+            objective: "test".into(),
+            data: None,
+        }),
+        answer_vocabulary: None,
+    };
+    ParticleSet::from_model(m.as_ref(), config)
+        .save(dir)
+        .unwrap();
+}
+
+fn ask(adapters: &Path) -> bella_vqa::answer::Response {
+    let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, Some(adapters), &LoadOptions::default()).unwrap();
+    assert_eq!(vqa.particles(), P);
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    vqa.ask_with(&image, "What color is the circle?", &AskOptions::default())
+        .unwrap()
+}
+
+#[test]
+fn agreeing_particles_answer_and_disagreeing_particles_abstain() {
+    let agree_dir = tempfile::tempdir().unwrap();
+    crafted_particles(agree_dir.path(), false);
+    let r = ask(agree_dir.path());
+    assert!(
+        r.particles.iter().all(|p| p.answer == r.answer),
+        "{:?}",
+        r.particles
+    );
+    assert!(r.confidence > 0.6, "confidence {}: {r:?}", r.confidence);
+    assert!(r.uncertainty.epistemic < 1e-3, "{:?}", r.uncertainty);
+    assert_eq!(r.vote_share, 1.0);
+    assert!(r.calibrated && r.threshold == 0.6);
+    assert!(!r.abstained);
+    assert_eq!(r.response, r.answer);
+
+    let disagree_dir = tempfile::tempdir().unwrap();
+    crafted_particles(disagree_dir.path(), true);
+    let r = ask(disagree_dir.path());
+    let distinct: std::collections::BTreeSet<&str> =
+        r.particles.iter().map(|p| p.normalized.as_str()).collect();
+    assert!(
+        distinct.len() >= 2,
+        "particles must disagree: {:?}",
+        r.particles
+    );
+    assert!(r.confidence < 0.6, "confidence {}: {r:?}", r.confidence);
+    assert!(r.uncertainty.epistemic > 0.3, "{:?}", r.uncertainty);
+    assert!(r.vote_share < 1.0);
+    assert!(r.abstained);
+    assert!(
+        r.response.starts_with("I'm not sure. Most likely: "),
+        "{}",
+        r.response
+    );
+    // p̄ of the chosen answer is its confidence; the candidates carry all of p̄ but "other".
+    assert!((r.candidates[0].probability - r.confidence).abs() < 1e-12);
+}
+
+#[test]
+fn ask_json_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    crafted_particles(dir.path(), true);
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["ask", "--json", "--model"])
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--adapters")
+        .arg(dir.path())
+        .arg("--image")
+        .arg(fixture("images/square.png"))
+        .arg("What color is the circle?")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["answer", "abstained", "confidence", "response"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    for key in ["total", "aleatoric", "epistemic"] {
+        assert!(v["uncertainty"][key].is_f64(), "missing uncertainty.{key}");
+    }
+    assert_eq!(v["particles"].as_array().unwrap().len(), P);
+    assert!(v["particles"][0]["answer"].is_string());
+    let lib = ask(dir.path());
+    assert_eq!(v["answer"], lib.answer.as_str());
+    assert_eq!(v["abstained"], lib.abstained);
+}
+
+#[test]
+fn no_particles_is_the_base_model_with_its_sequence_probability() {
+    let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, None, &LoadOptions::default()).unwrap();
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    let r = vqa.ask(&image, "What color is the circle?").unwrap();
+    assert_eq!(r.particles.len(), 1);
+    assert!((r.confidence - r.particles[0].log_likelihood.exp()).abs() < 1e-9);
+    assert!(!r.calibrated);
+    assert_eq!(r.uncertainty.epistemic, 0.0);
+    // Greedy decoding of the same prompt as the reference batch row 0 (square.png).
+    let reference = reference("llava");
+    let tokens = ids(get(&reference, "batch.greedy_tokens"))[0].clone();
+    let text = vqa
+        .model()
+        .prompter()
+        .unwrap()
+        .decode(&tokens, true)
+        .unwrap();
+    assert!(
+        r.particles[0].answer.starts_with(text.trim()),
+        "{:?} vs {:?}",
+        r.particles[0].answer,
+        text
+    );
+}
+
+#[test]
+fn bad_input_is_reported_clearly() {
+    let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, None, &LoadOptions::default()).unwrap();
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    let err = vqa.ask(&image, "   ").unwrap_err().to_string();
+    assert!(err.contains("question is empty"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("photo.jpg");
+    std::fs::write(&text, "hello").unwrap();
+    let err = format!("{:#}", load_image(&text).unwrap_err());
+    assert!(err.contains("photo.jpg"), "{err}");
+
+    // Particles trained on one base refuse another (the v5 copy has different weight files).
+    let dir = tempfile::tempdir().unwrap();
+    crafted_particles(dir.path(), false);
+    let other = ModelSource::parse(fixture("llava-tiny-v5").to_str().unwrap()).unwrap();
+    let err = format!(
+        "{:#}",
+        BellaVqa::load(&other, Some(dir.path()), &LoadOptions::default())
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("trained on") && err.contains("llava-tiny-v5"),
+        "{err}"
+    );
+    // A directory that is not a particle set.
+    let err = format!(
+        "{:#}",
+        BellaVqa::load(&source, Some(tmp.path()), &LoadOptions::default())
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains("bella_config.json"), "{err}");
+}
+
+#[test]
+fn the_api_is_send_and_sync_and_usable_from_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<BellaVqa>();
+    let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
+    let vqa = std::sync::Arc::new(BellaVqa::load(&source, None, &LoadOptions::default()).unwrap());
+    let image = std::sync::Arc::new(load_image(&fixture("images/square.png")).unwrap());
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (vqa, image) = (vqa.clone(), image.clone());
+            std::thread::spawn(move || vqa.ask(&image, "What color is the circle?").unwrap())
+        })
+        .collect();
+    let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(answers.windows(2).all(|w| w[0] == w[1]));
+}
