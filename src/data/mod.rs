@@ -3,3 +3,9 @@
 pub mod normalize;
 pub mod shapes;
 pub mod vqa;
+
+pub use shapes::{generate, ShapesOptions, ShapesSummary};
+pub use vqa::{
+    read_dataset, read_jsonl, read_vizwiz, read_vqav2, write_jsonl, BadRecord, DataFormat, Dataset,
+    ReadOptions, VqaExample,
+};

@@ -1,1 +1,1282 @@
 //! VQA readers: our JSONL (design §10), VQAv2 questions + annotations, VizWiz.
+//!
+//! Every reader returns a [`Dataset`]: the good examples, the records it skipped (with
+//! [`ReadOptions::skip_bad`]) and where they came from. A bad record (bad JSON, a missing field, a
+//! field of the wrong type, a duplicate `question_id`, a missing or unreadable image, …) is reported
+//! as a [`BadRecord`] that names the file and the line (JSONL) or the question (JSON formats) and
+//! says what to fix. By default the first bad record stops the read with that error (it can be
+//! downcast to [`BadRecord`]); with `skip_bad` the reader goes on and collects them in
+//! [`Dataset::skipped`].
+//!
+//! Answers: a record holds 0 to [`MAX_ANSWERS`] human answers. Zero answers are allowed only for a
+//! test set without answers, i.e. when no record of the file has answers; in a file where some
+//! records have answers, a record without answers is bad. In our JSONL the `answers` key must be
+//! present (`"answers": []` for a test set).
+//!
+//! Image paths: relative paths in a JSONL file are relative to the file's folder; VQAv2 and VizWiz
+//! images are looked up in the image folder (by default the data file's folder). Every reader checks
+//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the image header.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{anyhow, bail, Context};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// The most human answers a record may hold (VQAv2 and VizWiz have 10).
+pub const MAX_ANSWERS: usize = 10;
+
+/// The keys of a JSONL record that are fields of [`VqaExample`]; every other key goes to `extra`.
+pub const RECORD_FIELDS: [&str; 5] = ["question_id", "image", "question", "answers", "answer_type"];
+
+/// One VQA question (design §10).
+///
+/// Serialised as one JSONL record: `question_id`, `image`, `question`, `answers`, `answer_type`
+/// (left out when `None`), then the `extra` fields (keys that collide with the named fields are
+/// left out). Deserialising accepts the same record, with `question_id` a string or an integer and
+/// `answers` a list of strings or of `{"answer": …}` objects; the image path is taken as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VqaExample {
+    /// Unique within a data set. JSONL may give a number: it is stored as its decimal string.
+    pub question_id: String,
+    /// The image file. Readers resolve relative paths (JSONL: against the data file's folder).
+    pub image: PathBuf,
+    pub question: String,
+    /// Human answers, 0..=10 (0 only for test sets without answers).
+    pub answers: Vec<String>,
+    /// "yes/no", "number", "other", "unanswerable", …
+    pub answer_type: Option<String>,
+    /// Every other field of the record, kept and passed through.
+    pub extra: Map<String, Value>,
+}
+
+impl VqaExample {
+    /// Builds an example from one JSON record (our JSONL layout). The image path is kept as
+    /// written. The error says which field is wrong and how to fix it.
+    pub fn from_json(value: Value) -> Result<Self, String> {
+        let Value::Object(mut map) = value else {
+            return Err(format!(
+                "expected a JSON object such as {{\"question_id\": \"q1\", \"image\": \"images/1.png\", \
+                 \"question\": \"…\", \"answers\": [\"…\"]}}, found {}",
+                kind(&value)
+            ));
+        };
+        let question_id = match map.remove("question_id") {
+            Some(v) => parse_question_id(&v)?,
+            None => return Err(missing("question_id", "a unique string or integer id")),
+        };
+        let image = match map.remove("image") {
+            Some(Value::String(s)) if !s.trim().is_empty() => PathBuf::from(s),
+            Some(Value::String(_)) => {
+                return Err("field \"image\" is empty; give the image file's path".into())
+            }
+            Some(v) => return Err(wrong_type("image", "a string (the image file's path)", &v)),
+            None => {
+                return Err(missing(
+                    "image",
+                    "the image file's path, relative to the data file's folder",
+                ))
+            }
+        };
+        let question = match map.remove("question") {
+            Some(v) => non_empty_string("question", &v)?,
+            None => return Err(missing("question", "the question text")),
+        };
+        let answers =
+            match map.remove("answers") {
+                Some(v) => answers(&v)?,
+                None => return Err(missing(
+                    "answers",
+                    "the human answers as a list of strings, e.g. \"answers\": [\"red\", \"red\"] \
+                     (use [] for a test set without answers)",
+                )),
+            };
+        let answer_type = match map.remove("answer_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(v) => return Err(wrong_type("answer_type", "a string or null", &v)),
+        };
+        Ok(VqaExample {
+            question_id,
+            image,
+            question,
+            answers,
+            answer_type,
+            extra: map,
+        })
+    }
+
+    fn serialize_with_image<S: Serializer>(&self, image: &Path, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("question_id", &self.question_id)?;
+        m.serialize_entry("image", image)?;
+        m.serialize_entry("question", &self.question)?;
+        m.serialize_entry("answers", &self.answers)?;
+        if let Some(t) = &self.answer_type {
+            m.serialize_entry("answer_type", t)?;
+        }
+        for (k, v) in &self.extra {
+            if !RECORD_FIELDS.contains(&k.as_str()) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+impl Serialize for VqaExample {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.serialize_with_image(&self.image, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for VqaExample {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        VqaExample::from_json(value).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How readers treat bad records and images.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Go on after a bad record and collect it in [`Dataset::skipped`] (default: stop with its error).
+    pub skip_bad: bool,
+    /// Decode every image's header (format and size), not only check that the file exists.
+    pub check_images: bool,
+}
+
+/// Which reader produced a data set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Our JSONL (design §10).
+    Jsonl,
+    /// The official VQAv2 questions + annotations pair.
+    VqaV2,
+    /// VizWiz-VQA annotations.
+    VizWiz,
+}
+
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataFormat::Jsonl => "jsonl",
+            DataFormat::VqaV2 => "vqav2",
+            DataFormat::VizWiz => "vizwiz",
+        })
+    }
+}
+
+/// A record that could not be read, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct BadRecord {
+    /// The file that holds the record.
+    pub file: PathBuf,
+    /// The 1-based line (JSONL); `None` for JSON formats, where `reason` names the question.
+    pub line: Option<usize>,
+    /// What is wrong and what to fix.
+    pub reason: String,
+}
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} line {}: {}", self.file.display(), line, self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// The examples of one data file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub examples: Vec<VqaExample>,
+    /// Bad records left out (only with [`ReadOptions::skip_bad`]).
+    pub skipped: Vec<BadRecord>,
+    /// The data file (for VQAv2 the questions file).
+    pub source: PathBuf,
+    pub format: DataFormat,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// True when the data set has human answers (it is not a test set without answers).
+    pub fn has_answers(&self) -> bool {
+        self.examples.iter().any(|e| !e.answers.is_empty())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSONL
+// ---------------------------------------------------------------------------------------------
+
+/// Reads our JSONL (design §10): one JSON object per line, empty lines skipped, extra fields kept.
+/// Relative image paths are resolved against the file's folder.
+pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> anyhow::Result<Dataset> {
+    read_jsonl_in(path, None, opts)
+}
+
+fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow::Result<Dataset> {
+    let file = open_data_file(path)?;
+    let base = base
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| folder_of(path).to_path_buf());
+    let mut reader = BufReader::new(file);
+    let mut c = Collector::new(opts);
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("cannot read data file {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let line = Some(line_no);
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t,
+            Err(e) => {
+                c.bad(
+                    path,
+                    line,
+                    format!("the line is not valid UTF-8 ({e}); save the file as UTF-8"),
+                )?;
+                continue;
+            }
+        };
+        let text = if line_no == 1 {
+            text.trim_start_matches('\u{feff}')
+        } else {
+            text
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                c.bad(
+                    path,
+                    line,
+                    format!(
+                        "not valid JSON ({} at column {}); each line must hold one complete JSON object",
+                        json_error_message(&e),
+                        e.column()
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let mut example = match VqaExample::from_json(value) {
+            Ok(e) => e,
+            Err(reason) => {
+                c.bad(path, line, reason)?;
+                continue;
+            }
+        };
+        example.image = resolve(&base, &example.image);
+        c.accept(path, line, example)?;
+    }
+    c.finish(path, DataFormat::Jsonl)
+}
+
+/// Writes examples as our JSONL, atomically (temp file, fsync, rename). Image paths are written
+/// relative to the file's folder when the image lies under it, absolute otherwise. Creates the
+/// folder if needed.
+pub fn write_jsonl(path: &Path, examples: &[VqaExample]) -> anyhow::Result<()> {
+    let dir = folder_of(path);
+    let abs_dir = normalize_lexically(
+        &std::path::absolute(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .with_context(|| format!("cannot resolve the folder of {}", path.display()))?,
+    );
+    let mut out = Vec::new();
+    for e in examples {
+        let image = relative_image_path(&e.image, &abs_dir)?;
+        let mut ser = serde_json::Serializer::new(&mut out);
+        e.serialize_with_image(&image, &mut ser).with_context(|| {
+            format!(
+                "cannot write question {:?} to {} (is the image path valid UTF-8?)",
+                e.question_id,
+                path.display()
+            )
+        })?;
+        out.push(b'\n');
+    }
+    if !dir.as_os_str().is_empty() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    write_atomic(path, &out, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// VQAv2
+// ---------------------------------------------------------------------------------------------
+
+/// Reads the official VQAv2 pair: the questions JSON (`{"questions": [{image_id, question,
+/// question_id}], "data_subtype": "val2014"}`) and the annotations JSON (`{"annotations":
+/// [{question_id, image_id, answers: [{answer, answer_confidence, answer_id}], answer_type,
+/// multiple_choice_answer, question_type}]}`). Images are `COCO_{data_subtype}_{image_id:012}.jpg`
+/// in `image_dir` (or in `image_dir/{data_subtype}/`); without `data_subtype`, any file in
+/// `image_dir` whose name ends in `_{image_id:012}.jpg` (or is `{image_id:012}.jpg`). `image_id`,
+/// `multiple_choice_answer` and `question_type` are kept in `extra`.
+pub fn read_vqav2(
+    questions: &Path,
+    annotations: &Path,
+    image_dir: &Path,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let q = read_json_file(questions)?;
+    vqav2_from_value(questions, q, annotations, image_dir, opts)
+}
+
+fn vqav2_from_value(
+    questions_path: &Path,
+    questions: Value,
+    annotations_path: &Path,
+    image_dir: &Path,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let Value::Object(mut qfile) = questions else {
+        bail!(
+            "{} is not a VQAv2 questions file: expected a JSON object with a \"questions\" list",
+            questions_path.display()
+        );
+    };
+    let Some(Value::Array(question_list)) = qfile.remove("questions") else {
+        bail!(
+            "{} is not a VQAv2 questions file: it has no \"questions\" list",
+            questions_path.display()
+        );
+    };
+    let subtype = qfile
+        .get("data_subtype")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let Value::Object(mut afile) = read_json_file(annotations_path)? else {
+        bail!(
+            "{} is not a VQAv2 annotations file: expected a JSON object with an \"annotations\" list",
+            annotations_path.display()
+        );
+    };
+    let Some(Value::Array(annotation_list)) = afile.remove("annotations") else {
+        bail!(
+            "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
+            annotations_path.display()
+        );
+    };
+    check_image_dir(image_dir)?;
+
+    let mut c = Collector::new(opts);
+
+    // Annotations by question id.
+    let mut by_id: HashMap<String, Map<String, Value>> = HashMap::new();
+    for (i, entry) in annotation_list.into_iter().enumerate() {
+        let Value::Object(entry) = entry else {
+            c.bad(
+                annotations_path,
+                None,
+                format!(
+                    "annotations[{i}] is {}, expected an object with question_id and answers",
+                    kind(&entry)
+                ),
+            )?;
+            continue;
+        };
+        let id = match entry.get("question_id").map(parse_question_id) {
+            Some(Ok(id)) => id,
+            Some(Err(reason)) => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!("annotations[{i}]: {reason}"),
+                )?;
+                continue;
+            }
+            None => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!("annotations[{i}] has no \"question_id\"; every annotation needs the id of its question"),
+                )?;
+                continue;
+            }
+        };
+        if by_id.contains_key(&id) {
+            c.bad(
+                annotations_path,
+                None,
+                format!("question {id}: annotated twice; keep one annotation per question"),
+            )?;
+            continue;
+        }
+        by_id.insert(id, entry);
+    }
+
+    let mut coco_index: Option<HashMap<u64, Vec<PathBuf>>> = None;
+    for (i, entry) in question_list.into_iter().enumerate() {
+        let Value::Object(mut entry) = entry else {
+            c.bad(
+                questions_path,
+                None,
+                format!(
+                    "questions[{i}] is {}, expected an object with image_id, question and question_id",
+                    kind(&entry)
+                ),
+            )?;
+            continue;
+        };
+        let id = match entry.remove("question_id").as_ref().map(parse_question_id) {
+            Some(Ok(id)) => id,
+            Some(Err(reason)) => {
+                c.bad(questions_path, None, format!("questions[{i}]: {reason}"))?;
+                continue;
+            }
+            None => {
+                c.bad(
+                    questions_path,
+                    None,
+                    format!("questions[{i}] has no \"question_id\"; add the question's id"),
+                )?;
+                continue;
+            }
+        };
+        let question = match entry.get("question") {
+            Some(v) => match non_empty_string("question", v) {
+                Ok(q) => q,
+                Err(reason) => {
+                    c.bad(questions_path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+            },
+            None => {
+                c.bad(
+                    questions_path,
+                    None,
+                    format!(
+                        "question {id}: {}",
+                        missing("question", "the question text")
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let image_id = match entry.get("image_id").map(parse_image_id) {
+            Some(Ok(n)) => n,
+            Some(Err(reason)) => {
+                c.bad(questions_path, None, format!("question {id}: {reason}"))?;
+                continue;
+            }
+            None => {
+                c.bad(
+                    questions_path,
+                    None,
+                    format!(
+                        "question {id}: {}",
+                        missing("image_id", "the COCO image id (an integer)")
+                    ),
+                )?;
+                continue;
+            }
+        };
+        if let Some(reason) = c.duplicate(&id) {
+            c.bad(questions_path, None, reason)?;
+            continue;
+        }
+        let Some(mut ann) = by_id.remove(&id) else {
+            c.bad(
+                questions_path,
+                None,
+                format!(
+                    "question {id}: no annotation in {}; use the annotations file that belongs to this questions file",
+                    annotations_path.display()
+                ),
+            )?;
+            continue;
+        };
+        match ann.get("image_id").map(parse_image_id) {
+            Some(Ok(a)) if a != image_id => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!(
+                        "question {id}: the annotation names image {a}, the question image {image_id}; \
+                         the two files do not belong together"
+                    ),
+                )?;
+                continue;
+            }
+            Some(Err(reason)) => {
+                c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
+                continue;
+            }
+            _ => {}
+        }
+        let answers = match ann.get("answers") {
+            Some(v) => match answers(v) {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) => {
+                    c.bad(
+                        annotations_path,
+                        None,
+                        format!("question {id}: the annotation has no answers; VQAv2 annotations hold 10 human answers"),
+                    )?;
+                    continue;
+                }
+                Err(reason) => {
+                    c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+            },
+            None => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!("question {id}: the annotation has no \"answers\" list; VQAv2 annotations hold 10 human answers"),
+                )?;
+                continue;
+            }
+        };
+        let answer_type = match ann.remove("answer_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(v) => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!(
+                        "question {id}: {}",
+                        wrong_type("answer_type", "a string", &v)
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let image = match coco_image(image_dir, subtype.as_deref(), image_id, &mut coco_index) {
+            Ok(p) => p,
+            Err(reason) => {
+                c.bad(questions_path, None, format!("question {id}: {reason}"))?;
+                continue;
+            }
+        };
+        let mut extra = Map::new();
+        extra.insert("image_id".into(), Value::from(image_id));
+        for key in ["multiple_choice_answer", "question_type"] {
+            if let Some(v) = ann.remove(key) {
+                extra.insert(key.into(), v);
+            }
+        }
+        let example = VqaExample {
+            question_id: id,
+            image,
+            question,
+            answers,
+            answer_type,
+            extra,
+        };
+        c.accept(questions_path, None, example)?;
+    }
+    c.finish(questions_path, DataFormat::VqaV2)
+}
+
+/// The COCO image file of `image_id`.
+fn coco_image(
+    image_dir: &Path,
+    subtype: Option<&str>,
+    image_id: u64,
+    index: &mut Option<HashMap<u64, Vec<PathBuf>>>,
+) -> Result<PathBuf, String> {
+    if let Some(sub) = subtype {
+        let name = format!("COCO_{sub}_{image_id:012}.jpg");
+        let direct = image_dir.join(&name);
+        if !direct.exists() {
+            let nested = image_dir.join(sub).join(&name);
+            if nested.exists() {
+                return Ok(nested);
+            }
+        }
+        // A missing file is reported by the image check with this path.
+        return Ok(direct);
+    }
+    if index.is_none() {
+        *index = Some(index_coco_images(image_dir)?);
+    }
+    let found = index.as_ref().and_then(|m| m.get(&image_id));
+    match found.map(Vec::as_slice) {
+        Some([one]) => Ok(one.clone()),
+        Some(many) if many.len() > 1 => Err(format!(
+            "{} files in {} match image {image_id} ({}); the questions file has no \"data_subtype\" to choose: \
+             add it (e.g. \"val2014\") or keep one split's images in the folder",
+            many.len(),
+            image_dir.display(),
+            many.iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        _ => Err(format!(
+            "no image file ending in _{image_id:012}.jpg in {}; check the image folder (or add \
+             \"data_subtype\" to the questions file)",
+            image_dir.display()
+        )),
+    }
+}
+
+fn index_coco_images(image_dir: &Path) -> Result<HashMap<u64, Vec<PathBuf>>, String> {
+    let entries = fs::read_dir(image_dir)
+        .map_err(|e| format!("cannot list the image folder {}: {e}", image_dir.display()))?;
+    let mut index: HashMap<u64, Vec<PathBuf>> = HashMap::new();
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        if let Some(name) = entry.file_name().to_str() {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    for name in names {
+        let Some(stem) = name.strip_suffix(".jpg") else {
+            continue;
+        };
+        if stem.len() < 12 || !stem.is_char_boundary(stem.len() - 12) {
+            continue;
+        }
+        let (head, digits) = stem.split_at(stem.len() - 12);
+        if !(head.is_empty() || head.ends_with('_')) || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(id) = digits.parse::<u64>() {
+            index.entry(id).or_default().push(image_dir.join(&name));
+        }
+    }
+    Ok(index)
+}
+
+// ---------------------------------------------------------------------------------------------
+// VizWiz
+// ---------------------------------------------------------------------------------------------
+
+/// Reads VizWiz-VQA annotations: a list of `{"image": "VizWiz_val_00000000.jpg", "question",
+/// "answers": [{"answer", "answer_confidence"}], "answerable": 0|1, "answer_type"}`. The question id
+/// is the image file name without extension (or the record's own `question_id` if it has one);
+/// images are looked up in `image_dir`; `answerable` and any other unknown keys are kept in
+/// `extra`. Test-set records without `answers` are read with no answers.
+pub fn read_vizwiz(
+    annotations: &Path,
+    image_dir: &Path,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let v = read_json_file(annotations)?;
+    vizwiz_from_value(annotations, v, image_dir, opts)
+}
+
+fn vizwiz_from_value(
+    path: &Path,
+    value: Value,
+    image_dir: &Path,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let Value::Array(list) = value else {
+        bail!(
+            "{} is not a VizWiz annotations file: expected a JSON list of {{\"image\", \"question\", \"answers\", …}} objects",
+            path.display()
+        );
+    };
+    check_image_dir(image_dir)?;
+    let mut c = Collector::new(opts);
+    for (i, entry) in list.into_iter().enumerate() {
+        let Value::Object(mut entry) = entry else {
+            c.bad(
+                path,
+                None,
+                format!(
+                    "entry {i} is {}, expected an object with image, question and answers",
+                    kind(&entry)
+                ),
+            )?;
+            continue;
+        };
+        let image_name = match entry.remove("image") {
+            Some(Value::String(s)) if !s.trim().is_empty() => s,
+            Some(v) => {
+                c.bad(
+                    path,
+                    None,
+                    format!(
+                        "entry {i}: {}",
+                        wrong_type("image", "the image file name", &v)
+                    ),
+                )?;
+                continue;
+            }
+            None => {
+                c.bad(
+                    path,
+                    None,
+                    format!(
+                        "entry {i}: {}",
+                        missing(
+                            "image",
+                            "the image file name, e.g. \"VizWiz_val_00000000.jpg\""
+                        )
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let id = match entry.remove("question_id") {
+            Some(v) => match parse_question_id(&v) {
+                Ok(id) => id,
+                Err(reason) => {
+                    c.bad(path, None, format!("entry {i} ({image_name}): {reason}"))?;
+                    continue;
+                }
+            },
+            None => Path::new(&image_name)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| image_name.clone()),
+        };
+        let question = match entry.remove("question") {
+            Some(v) => match non_empty_string("question", &v) {
+                Ok(q) => q,
+                Err(reason) => {
+                    c.bad(path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+            },
+            None => {
+                c.bad(
+                    path,
+                    None,
+                    format!(
+                        "question {id}: {}",
+                        missing("question", "the question text")
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let answers = match entry.remove("answers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => match answers(&v) {
+                Ok(a) => a,
+                Err(reason) => {
+                    c.bad(path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+            },
+        };
+        let answer_type = match entry.remove("answer_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(v) => {
+                c.bad(
+                    path,
+                    None,
+                    format!(
+                        "question {id}: {}",
+                        wrong_type("answer_type", "a string", &v)
+                    ),
+                )?;
+                continue;
+            }
+        };
+        let example = VqaExample {
+            question_id: id,
+            image: resolve(image_dir, Path::new(&image_name)),
+            question,
+            answers,
+            answer_type,
+            extra: entry,
+        };
+        c.accept(path, None, example)?;
+    }
+    c.finish(path, DataFormat::VizWiz)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format detection
+// ---------------------------------------------------------------------------------------------
+
+/// Picks the reader from the file:
+/// - `*.jsonl` → our JSONL (`image_dir`, if given, replaces the file's folder as the base of
+///   relative image paths; `annotations` must be `None`);
+/// - `*.json` holding a list → VizWiz;
+/// - `*.json` holding `{"questions": …}` → VQAv2, which needs `annotations`.
+///
+/// For the JSON formats `image_dir` defaults to the data file's folder.
+pub fn read_dataset(
+    path: &Path,
+    annotations: Option<&Path>,
+    image_dir: Option<&Path>,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("jsonl") => {
+            if let Some(a) = annotations {
+                bail!(
+                    "{} is a JSONL data file, which holds its answers; an annotations file ({}) \
+                     applies only to VQAv2 questions files",
+                    path.display(),
+                    a.display()
+                );
+            }
+            read_jsonl_in(path, image_dir, opts)
+        }
+        Some("json") => {
+            let value = read_json_file(path)?;
+            let default_dir = folder_of(path).to_path_buf();
+            let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
+            match &value {
+                Value::Array(_) => {
+                    if let Some(a) = annotations {
+                        bail!(
+                            "{} is a VizWiz annotations file, which holds its answers; a separate \
+                             annotations file ({}) applies only to VQAv2 questions files",
+                            path.display(),
+                            a.display()
+                        );
+                    }
+                    vizwiz_from_value(path, value, &image_dir, opts)
+                }
+                Value::Object(m) if m.contains_key("questions") => match annotations {
+                    Some(a) => vqav2_from_value(path, value, a, &image_dir, opts),
+                    None => bail!(
+                        "{} is a VQAv2 questions file; it needs its annotations file \
+                         (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations",
+                        path.display()
+                    ),
+                },
+                Value::Object(m) if m.contains_key("annotations") => bail!(
+                    "{} is a VQAv2 annotations file; pass the questions file as the data and this \
+                     file as its annotations",
+                    path.display()
+                ),
+                _ => bail!(
+                    "{} is neither a VizWiz annotations list nor a VQAv2 questions file",
+                    path.display()
+                ),
+            }
+        }
+        _ => bail!(
+            "cannot tell the format of {} from its name: use .jsonl for our JSONL (one question per \
+             line), .json for VQAv2 (questions + annotations) or VizWiz",
+            path.display()
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Collecting records
+// ---------------------------------------------------------------------------------------------
+
+/// Gathers good records, checks ids and images, and reports or collects bad ones.
+struct Collector<'a> {
+    opts: &'a ReadOptions,
+    examples: Vec<VqaExample>,
+    /// Where each example came from, for checks after the pass: (file, line).
+    origins: Vec<(PathBuf, Option<usize>)>,
+    skipped: Vec<BadRecord>,
+    seen: HashMap<String, Option<usize>>,
+    images: HashMap<PathBuf, Result<(), String>>,
+}
+
+impl<'a> Collector<'a> {
+    fn new(opts: &'a ReadOptions) -> Self {
+        Collector {
+            opts,
+            examples: Vec::new(),
+            origins: Vec::new(),
+            skipped: Vec::new(),
+            seen: HashMap::new(),
+            images: HashMap::new(),
+        }
+    }
+
+    /// Reports a bad record: an error by default, collected with `skip_bad`.
+    fn bad(&mut self, file: &Path, line: Option<usize>, reason: String) -> anyhow::Result<()> {
+        let record = BadRecord {
+            file: file.to_path_buf(),
+            line,
+            reason,
+        };
+        if self.opts.skip_bad {
+            self.skipped.push(record);
+            Ok(())
+        } else {
+            Err(anyhow::Error::new(record))
+        }
+    }
+
+    fn accept(
+        &mut self,
+        file: &Path,
+        line: Option<usize>,
+        example: VqaExample,
+    ) -> anyhow::Result<()> {
+        let id = &example.question_id;
+        let prefix = if line.is_some() {
+            String::new()
+        } else {
+            format!("question {id}: ")
+        };
+        if example.answers.len() > MAX_ANSWERS {
+            return self.bad(
+                file,
+                line,
+                format!(
+                    "{prefix}{} answers; a record holds at most {MAX_ANSWERS} human answers",
+                    example.answers.len()
+                ),
+            );
+        }
+        if let Some(reason) = self.duplicate(id) {
+            return self.bad(file, line, reason);
+        }
+        let image_state = match self.images.get(&example.image) {
+            Some(state) => state.clone(),
+            None => {
+                let state = check_image(&example.image, self.opts.check_images);
+                self.images.insert(example.image.clone(), state.clone());
+                state
+            }
+        };
+        if let Err(reason) = image_state {
+            let fix = if line.is_some() && !example.image.is_file() {
+                "; fix the \"image\" path (relative paths are relative to the data file's folder)"
+            } else {
+                ""
+            };
+            return self.bad(file, line, format!("{prefix}{reason}{fix}"));
+        }
+        self.seen.insert(example.question_id.clone(), line);
+        self.examples.push(example);
+        self.origins.push((file.to_path_buf(), line));
+        Ok(())
+    }
+
+    /// The complaint about `id` if an earlier good record has it.
+    fn duplicate(&self, id: &str) -> Option<String> {
+        let first = self.seen.get(id)?;
+        let where_ = match first {
+            Some(l) => format!(" (first on line {l})"),
+            None => String::new(),
+        };
+        Some(format!(
+            "duplicate question_id {id:?}{where_}; every question needs its own id"
+        ))
+    }
+
+    /// Checks the whole set (answers present on all records or on none) and returns it.
+    fn finish(mut self, source: &Path, format: DataFormat) -> anyhow::Result<Dataset> {
+        if self.examples.iter().any(|e| !e.answers.is_empty()) {
+            let examples = std::mem::take(&mut self.examples);
+            let origins = std::mem::take(&mut self.origins);
+            for (example, (file, line)) in examples.into_iter().zip(origins) {
+                if example.answers.is_empty() {
+                    let prefix = if line.is_some() {
+                        String::new()
+                    } else {
+                        format!("question {}: ", example.question_id)
+                    };
+                    self.bad(
+                        &file,
+                        line,
+                        format!(
+                            "{prefix}no answers, but other records of this file have answers; add the human \
+                             answers (empty answers are allowed only when no record has answers, in a test set)"
+                        ),
+                    )?;
+                } else {
+                    self.examples.push(example);
+                }
+            }
+        }
+        Ok(Dataset {
+            examples: self.examples,
+            skipped: self.skipped,
+            source: source.to_path_buf(),
+            format,
+        })
+    }
+}
+
+fn check_image(path: &Path, decode: bool) -> Result<(), String> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(format!("image {} is not a file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("image file {} not found", path.display()))
+        }
+        Err(e) => return Err(format!("cannot read image file {}: {e}", path.display())),
+    }
+    if decode {
+        let unreadable = |e: &dyn fmt::Display| {
+            format!(
+                "image file {} cannot be read as an image ({e}); replace it with a valid PNG or JPEG file",
+                path.display()
+            )
+        };
+        image::ImageReader::open(path)
+            .map_err(|e| unreadable(&e))?
+            .with_guessed_format()
+            .map_err(|e| unreadable(&e))?
+            .into_dimensions()
+            .map_err(|e| unreadable(&e))?;
+    }
+    Ok(())
+}
+
+fn check_image_dir(dir: &Path) -> anyhow::Result<()> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("image folder {} is not a folder", dir.display()),
+        Err(e) => bail!("cannot open image folder {}: {e}", dir.display()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field helpers
+// ---------------------------------------------------------------------------------------------
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn missing(field: &str, what: &str) -> String {
+    format!("missing field \"{field}\"; add {what}")
+}
+
+fn wrong_type(field: &str, expected: &str, found: &Value) -> String {
+    format!(
+        "field \"{field}\" must be {expected}, found {}",
+        kind(found)
+    )
+}
+
+fn parse_question_id(v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+        Value::String(_) => {
+            Err("field \"question_id\" is empty; give every question a unique id".into())
+        }
+        Value::Number(n) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+        Value::Number(n) => Err(format!(
+            "field \"question_id\" must be a string or an integer, found {n}"
+        )),
+        _ => Err(wrong_type("question_id", "a string or an integer", v)),
+    }
+}
+
+fn parse_image_id(v: &Value) -> Result<u64, String> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("field \"image_id\" must be a non-negative integer, found {n}")),
+        Value::String(s) => s
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("field \"image_id\" must be an integer, found {s:?}")),
+        _ => Err(wrong_type("image_id", "an integer", v)),
+    }
+}
+
+fn non_empty_string(field: &str, v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+        Value::String(_) => Err(format!("field \"{field}\" is empty")),
+        _ => Err(wrong_type(field, "a string", v)),
+    }
+}
+
+/// A list of strings, or of objects with an `answer` string (VQAv2 / VizWiz style).
+fn answers(v: &Value) -> Result<Vec<String>, String> {
+    let Value::Array(list) = v else {
+        return Err(format!(
+            "field \"answers\" must be a list of strings, e.g. [\"red\", \"red\"], found {}",
+            kind(v)
+        ));
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| match a {
+            Value::String(s) => Ok(s.clone()),
+            Value::Object(o) => match o.get("answer") {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(format!(
+                    "answers[{i}].answer must be a string, found {}",
+                    kind(other)
+                )),
+                None => Err(format!(
+                    "answers[{i}] is an object without an \"answer\" string"
+                )),
+            },
+            Value::Number(n) => Err(format!(
+                "answers[{i}] must be a string, found the number {n} (write it as \"{n}\")"
+            )),
+            other => Err(format!(
+                "answers[{i}] must be a string, found {}",
+                kind(other)
+            )),
+        })
+        .collect()
+}
+
+/// serde_json's message without its " at line L column C" suffix.
+fn json_error_message(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    msg.strip_suffix(&suffix).unwrap_or(&msg).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and paths
+// ---------------------------------------------------------------------------------------------
+
+fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!(
+            "data file {} is a folder; pass the data file itself",
+            path.display()
+        ),
+        Ok(_) => {}
+        Err(e) => return Err(anyhow!("cannot read data file {}: {e}", path.display())),
+    }
+    fs::File::open(path).map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))
+}
+
+fn read_json_file(path: &Path) -> anyhow::Result<Value> {
+    let mut file = open_data_file(path)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text)
+        .map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))?;
+    let text = text.trim_start_matches('\u{feff}');
+    serde_json::from_str(text).map_err(|e| {
+        anyhow!(
+            "{} is not valid JSON ({} at line {} column {})",
+            path.display(),
+            json_error_message(&e),
+            e.line(),
+            e.column()
+        )
+    })
+}
+
+/// The folder that holds `path` (empty for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new(""))
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Removes `.` and folds `..` without touching the file system.
+fn normalize_lexically(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// `image` relative to `abs_dir` when it lies under it, else its absolute path.
+fn relative_image_path(image: &Path, abs_dir: &Path) -> anyhow::Result<PathBuf> {
+    let abs = normalize_lexically(
+        &std::path::absolute(image)
+            .with_context(|| format!("cannot resolve image path {}", image.display()))?,
+    );
+    Ok(match abs.strip_prefix(abs_dir) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.to_path_buf(),
+        _ => abs,
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, optionally synced,
+/// then renamed over `path`. A crash leaves either the old file or the new one, never half of it.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> anyhow::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = folder_of(path);
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_all()?;
+        }
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(anyhow!("cannot write {}: {e}", path.display()));
+    }
+    if sync {
+        // Make the rename itself durable; not every platform can open a folder, so best effort.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! VQA readers: our JSONL, VQAv2 (questions + annotations), VizWiz; bad records and round trips.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bella_vqa::data::vqa::{
+    read_dataset, read_jsonl, read_vizwiz, read_vqav2, write_jsonl, BadRecord, DataFormat,
+    ReadOptions, VqaExample,
+};
+use serde_json::{json, Map, Value};
+
+const STRICT: ReadOptions = ReadOptions {
+    skip_bad: false,
+    check_images: true,
+};
+const SKIP: ReadOptions = ReadOptions {
+    skip_bad: true,
+    check_images: true,
+};
+
+fn png(path: &Path) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_pixel(4, 3, image::Rgb([200, 10, 10]))
+        .save(path)
+        .unwrap();
+}
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+fn record(id: &str, image: &str) -> String {
+    json!({"question_id": id, "image": image, "question": "What color is the circle?",
+           "answers": ["red", "red", "dark red"], "answer_type": "other"})
+    .to_string()
+}
+
+/// The error as the CLI prints it, and the bad record it carries.
+fn bad(err: anyhow::Error) -> (String, BadRecord) {
+    let text = format!("{err:#}");
+    let rec = err
+        .downcast::<BadRecord>()
+        .unwrap_or_else(|e| panic!("not a BadRecord: {e:#}"));
+    (text, rec)
+}
+
+/// A folder with `images/1.png` and `images/2.png`.
+fn folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    png(&dir.path().join("images/1.png"));
+    png(&dir.path().join("images/2.png"));
+    dir
+}
+
+// --- JSONL ---------------------------------------------------------------------------------
+
+#[test]
+fn jsonl_with_extra_fields_round_trips() {
+    let dir = folder();
+    let mut extra = Map::new();
+    extra.insert("family".into(), json!("color"));
+    extra.insert(
+        "scene".into(),
+        json!({"objects": [{"shape": "circle", "bbox": [1, 2, 3, 4]}]}),
+    );
+    extra.insert("answerable".into(), json!(1));
+    let examples = vec![
+        VqaExample {
+            question_id: "q1".into(),
+            image: dir.path().join("images/1.png"),
+            question: "What color is the circle?".into(),
+            answers: vec!["red".into(), "red".into(), "dark red".into()],
+            answer_type: Some("other".into()),
+            extra,
+        },
+        VqaExample {
+            question_id: "q2".into(),
+            image: dir.path().join("images/2.png"),
+            question: "How many shapes are there?".into(),
+            answers: vec!["2".into(); 10],
+            answer_type: None,
+            extra: Map::new(),
+        },
+    ];
+    let path = dir.path().join("data.jsonl");
+    write_jsonl(&path, &examples).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(text.contains("\"image\":\"images/1.png\""), "{text}");
+    assert!(
+        !text.contains(dir.path().to_str().unwrap()),
+        "absolute path written: {text}"
+    );
+    assert!(!text.contains("answer_type\":null"));
+    let data = read_jsonl(&path, &STRICT).unwrap();
+    assert_eq!(data.examples, examples);
+    assert_eq!(data.format, DataFormat::Jsonl);
+    assert_eq!(data.source, path);
+    assert!(data.skipped.is_empty());
+    assert!(data.has_answers());
+    // No temporary files left behind.
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn write_jsonl_keeps_images_outside_the_folder_absolute() {
+    let dir = folder();
+    let example = VqaExample {
+        question_id: "q1".into(),
+        image: dir.path().join("images/1.png"),
+        question: "Q?".into(),
+        answers: vec!["a".into()],
+        answer_type: None,
+        extra: Map::new(),
+    };
+    let path = dir.path().join("out/sub/data.jsonl");
+    write_jsonl(&path, std::slice::from_ref(&example)).unwrap();
+    let line: Value = serde_json::from_str(fs::read_to_string(&path).unwrap().trim()).unwrap();
+    assert_eq!(
+        PathBuf::from(line["image"].as_str().unwrap()),
+        dir.path().join("images/1.png")
+    );
+    assert_eq!(read_jsonl(&path, &STRICT).unwrap().examples, vec![example]);
+}
+
+#[test]
+fn numeric_question_id_and_relative_paths() {
+    let dir = folder();
+    let abs = dir.path().join("images/2.png");
+    let text = format!(
+        "{}\n\n  \n{}\r\n",
+        json!({"question_id": 17, "image": "images/1.png", "question": "Q?", "answers": ["x"]}),
+        json!({"question_id": "q2", "image": abs, "question": "Q?", "answers": ["y"], "answer_type": null, "note": [1, 2]})
+    );
+    fs::create_dir_all(dir.path().join("sub")).unwrap();
+    let path = dir.path().join("sub/../data.jsonl");
+    write(&dir.path().join("data.jsonl"), &format!("\u{feff}{text}"));
+    let data = read_jsonl(&path, &STRICT).unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data.examples[0].question_id, "17");
+    assert_eq!(
+        data.examples[0].image,
+        dir.path().join("sub/../images/1.png")
+    );
+    assert!(data.examples[0].image.is_file());
+    assert_eq!(data.examples[1].image, abs);
+    assert_eq!(data.examples[1].answer_type, None);
+    assert_eq!(data.examples[1].extra["note"], json!([1, 2]));
+
+    // serde accepts the record too, numeric id included.
+    let e: VqaExample = serde_json::from_str(
+        r#"{"question_id": 5, "image": "a.png", "question": "Q?", "answers": [{"answer": "x"}], "k": true}"#,
+    )
+    .unwrap();
+    assert_eq!(e.question_id, "5");
+    assert_eq!(e.answers, vec!["x"]);
+    assert_eq!(e.extra["k"], json!(true));
+    assert!(serde_json::from_str::<VqaExample>(r#"{"question_id": 1.5}"#).is_err());
+}
+
+#[test]
+fn bad_json_line_names_file_and_line() {
+    let dir = folder();
+    let path = dir.path().join("data.jsonl");
+    write(
+        &path,
+        &format!(
+            "{}\n{{\"question_id\": \"q2\", \"image\": \n",
+            record("q1", "images/1.png")
+        ),
+    );
+    let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert_eq!(rec.line, Some(2));
+    assert_eq!(rec.file, path);
+    assert!(text.contains("data.jsonl line 2"), "{text}");
+    assert!(text.contains("not valid JSON"), "{text}");
+}
+
+#[test]
+fn missing_field_and_wrong_type_name_the_field() {
+    let dir = folder();
+    let path = dir.path().join("data.jsonl");
+    let cases = [
+        (
+            json!({"question_id": "q", "image": "images/1.png", "answers": ["a"]}),
+            "\"question\"",
+        ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": "Q?"}),
+            "\"answers\"",
+        ),
+        (
+            json!({"image": "images/1.png", "question": "Q?", "answers": ["a"]}),
+            "\"question_id\"",
+        ),
+        (
+            json!({"question_id": "q", "question": "Q?", "answers": ["a"]}),
+            "\"image\"",
+        ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": 3, "answers": ["a"]}),
+            "must be a string",
+        ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": "Q?", "answers": "a"}),
+            "must be a list",
+        ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": "Q?", "answers": [2]}),
+            "write it as \"2\"",
+        ),
+        (
+            json!({"question_id": [1], "image": "images/1.png", "question": "Q?", "answers": ["a"]}),
+            "string or an integer",
+        ),
+        (json!(["not", "an", "object"]), "expected a JSON object"),
+    ];
+    for (value, needle) in cases {
+        write(
+            &path,
+            &format!("{}\n{value}\n", record("ok", "images/2.png")),
+        );
+        let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+        assert_eq!(rec.line, Some(2), "{text}");
+        assert!(
+            text.contains("line 2") && text.contains(needle),
+            "{needle}: {text}"
+        );
+    }
+}
+
+#[test]
+fn missing_and_unreadable_images() {
+    let dir = folder();
+    write(
+        &dir.path().join("images/fake.png"),
+        "this is text, not a PNG",
+    );
+    let path = dir.path().join("data.jsonl");
+
+    write(&path, &format!("{}\n", record("q1", "images/none.png")));
+    let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert_eq!(rec.line, Some(1));
+    assert!(
+        text.contains("none.png") && text.contains("not found"),
+        "{text}"
+    );
+
+    write(
+        &path,
+        &format!(
+            "{}\n{}\n",
+            record("q1", "images/1.png"),
+            record("q2", "images/fake.png")
+        ),
+    );
+    let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert_eq!(rec.line, Some(2));
+    assert!(
+        text.contains("fake.png") && text.contains("cannot be read as an image"),
+        "{text}"
+    );
+    // Without check_images only existence is checked.
+    let lenient = ReadOptions {
+        skip_bad: false,
+        check_images: false,
+    };
+    assert_eq!(read_jsonl(&path, &lenient).unwrap().len(), 2);
+}
+
+#[test]
+fn skip_bad_counts_bad_records_and_keeps_good_ones() {
+    let dir = folder();
+    write(&dir.path().join("images/fake.png"), "text");
+    let path = dir.path().join("data.jsonl");
+    let lines = [
+        record("q1", "images/1.png"),
+        "{not json".to_string(),
+        json!({"question_id": "q3", "image": "images/1.png", "answers": []}).to_string(),
+        record("q4", "images/none.png"),
+        record("q5", "images/fake.png"),
+        record("q1", "images/2.png"),
+        record("q7", "images/2.png"),
+        json!({"question_id": "q8", "image": "images/1.png", "question": "Q?", "answers": vec!["a"; 11]}).to_string(),
+    ];
+    write(&path, &(lines.join("\n") + "\n"));
+    let data = read_jsonl(&path, &SKIP).unwrap();
+    let ids: Vec<&str> = data
+        .examples
+        .iter()
+        .map(|e| e.question_id.as_str())
+        .collect();
+    assert_eq!(ids, ["q1", "q7"]);
+    let bad_lines: Vec<Option<usize>> = data.skipped.iter().map(|b| b.line).collect();
+    assert_eq!(
+        bad_lines,
+        [Some(2), Some(3), Some(4), Some(5), Some(6), Some(8)]
+    );
+    assert!(data.skipped.iter().all(|b| b.file == path));
+    let dup = data.skipped[4].to_string();
+    assert!(
+        dup.contains("duplicate question_id \"q1\"") && dup.contains("first on line 1"),
+        "{dup}"
+    );
+    assert!(
+        data.skipped[5].reason.contains("at most 10"),
+        "{}",
+        data.skipped[5]
+    );
+}
+
+#[test]
+fn duplicate_question_id_is_an_error() {
+    let dir = folder();
+    let path = dir.path().join("data.jsonl");
+    write(
+        &path,
+        &format!(
+            "{}\n{}\n",
+            record("q1", "images/1.png"),
+            record("q1", "images/2.png")
+        ),
+    );
+    let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert_eq!(rec.line, Some(2));
+    assert!(
+        text.contains("duplicate question_id") && text.contains("line 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn answers_on_some_records_only() {
+    let dir = folder();
+    let path = dir.path().join("data.jsonl");
+    let no_answers = |id: &str| {
+        json!({"question_id": id, "image": "images/1.png", "question": "Q?", "answers": []})
+            .to_string()
+    };
+    // A test set without answers is fine.
+    write(
+        &path,
+        &format!("{}\n{}\n", no_answers("a"), no_answers("b")),
+    );
+    let data = read_jsonl(&path, &STRICT).unwrap();
+    assert_eq!(data.len(), 2);
+    assert!(!data.has_answers());
+    // A record without answers among answered ones is not.
+    write(
+        &path,
+        &format!("{}\n{}\n", record("q1", "images/1.png"), no_answers("b")),
+    );
+    let (text, rec) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert_eq!(rec.line, Some(2));
+    assert!(text.contains("no answers"), "{text}");
+}
+
+#[test]
+fn missing_data_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.jsonl");
+    let text = format!("{:#}", read_jsonl(&path, &STRICT).unwrap_err());
+    assert!(text.contains("nope.jsonl"), "{text}");
+    let text = format!("{:#}", read_jsonl(dir.path(), &STRICT).unwrap_err());
+    assert!(text.contains("folder"), "{text}");
+    let text = format!(
+        "{:#}",
+        read_vizwiz(&dir.path().join("val.json"), dir.path(), &STRICT).unwrap_err()
+    );
+    assert!(text.contains("val.json"), "{text}");
+}
+
+// --- VQAv2 ---------------------------------------------------------------------------------
+
+fn vqav2_files(dir: &Path, subtype: Option<&str>) -> (PathBuf, PathBuf, PathBuf) {
+    let images = dir.join("images");
+    for id in [42u64, 7] {
+        let name = format!("COCO_val2014_{id:012}.jpg");
+        fs::create_dir_all(&images).unwrap();
+        image::RgbImage::from_pixel(8, 8, image::Rgb([0, 0, 255]))
+            .save(images.join(name))
+            .unwrap();
+    }
+    let mut questions = json!({"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+    "questions": [
+        {"image_id": 42, "question": "What color is the car?", "question_id": 42000},
+        {"image_id": 42, "question": "Is it raining?", "question_id": 42001},
+        {"image_id": 7, "question": "How many dogs?", "question_id": 7000}
+    ]});
+    if let Some(s) = subtype {
+        questions["data_subtype"] = json!(s);
+    }
+    let answers = |a: &[&str]| -> Value {
+        a.iter()
+            .enumerate()
+            .map(|(i, x)| json!({"answer": x, "answer_confidence": "yes", "answer_id": i + 1}))
+            .collect()
+    };
+    let annotations = json!({"annotations": [
+        {"question_id": 7000, "image_id": 7, "answers": answers(&["2"; 10]), "answer_type": "number",
+         "multiple_choice_answer": "2", "question_type": "how many"},
+        {"question_id": 42000, "image_id": 42, "answers": answers(&["blue", "blue", "navy", "blue", "blue", "blue", "blue", "blue", "blue", "blue"]),
+         "answer_type": "other", "multiple_choice_answer": "blue", "question_type": "what color is the"},
+        {"question_id": 42001, "image_id": 42, "answers": answers(&["no"; 10]), "answer_type": "yes/no",
+         "multiple_choice_answer": "no", "question_type": "is it"}
+    ]});
+    let q = dir.join("v2_OpenEnded_mscoco_val2014_questions.json");
+    let a = dir.join("v2_mscoco_val2014_annotations.json");
+    fs::write(&q, questions.to_string()).unwrap();
+    fs::write(&a, annotations.to_string()).unwrap();
+    (q, a, images)
+}
+
+#[test]
+fn vqav2_pair_reads_with_and_without_data_subtype() {
+    for subtype in [Some("val2014"), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, a, images) = vqav2_files(dir.path(), subtype);
+        let data = read_vqav2(&q, &a, &images, &STRICT).unwrap();
+        assert_eq!(data.format, DataFormat::VqaV2);
+        assert_eq!(data.len(), 3);
+        let e = &data.examples[0];
+        assert_eq!(e.question_id, "42000");
+        assert_eq!(e.question, "What color is the car?");
+        assert_eq!(e.answers.len(), 10);
+        assert_eq!(e.answers[2], "navy");
+        assert_eq!(e.answer_type.as_deref(), Some("other"));
+        assert_eq!(e.image, images.join("COCO_val2014_000000000042.jpg"));
+        assert_eq!(e.extra["multiple_choice_answer"], "blue");
+        assert_eq!(e.extra["question_type"], "what color is the");
+        assert_eq!(e.extra["image_id"], 42);
+        assert_eq!(data.examples[2].answer_type.as_deref(), Some("number"));
+
+        // read_dataset picks the same reader; the image folder defaults to the file's folder.
+        let via = read_dataset(&q, Some(&a), Some(&images), &STRICT).unwrap();
+        assert_eq!(via.examples, data.examples);
+    }
+}
+
+#[test]
+fn vqav2_errors_name_the_question() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqav2_files(dir.path(), Some("val2014"));
+    // A question without annotation and a missing image.
+    let mut questions: Value = serde_json::from_str(&fs::read_to_string(&q).unwrap()).unwrap();
+    questions["questions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"image_id": 42, "question": "Extra?", "question_id": 99}));
+    questions["questions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"image_id": 42, "question": "Again?", "question_id": 42000}));
+    fs::write(&q, questions.to_string()).unwrap();
+    fs::remove_file(images.join("COCO_val2014_000000000007.jpg")).unwrap();
+
+    let (text, rec) = bad(read_vqav2(&q, &a, &images, &STRICT).unwrap_err());
+    assert_eq!(rec.line, None);
+    assert!(
+        text.contains("question 7000") && text.contains("not found"),
+        "{text}"
+    );
+
+    let data = read_vqav2(&q, &a, &images, &SKIP).unwrap();
+    assert_eq!(data.len(), 2);
+    let reasons: Vec<String> = data.skipped.iter().map(|b| b.to_string()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("question 7000"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("question 99") && reasons[1].contains("no annotation"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("duplicate question_id \"42000\""),
+        "{reasons:?}"
+    );
+
+    // Without annotations, read_dataset says what is needed.
+    let text = format!(
+        "{:#}",
+        read_dataset(&q, None, Some(&images), &STRICT).unwrap_err()
+    );
+    assert!(text.contains("needs its annotations file"), "{text}");
+    let text = format!(
+        "{:#}",
+        read_dataset(&a, None, Some(&images), &STRICT).unwrap_err()
+    );
+    assert!(text.contains("annotations file"), "{text}");
+    // Not JSON at all.
+    fs::write(&a, "{oops").unwrap();
+    let text = format!("{:#}", read_vqav2(&q, &a, &images, &STRICT).unwrap_err());
+    assert!(
+        text.contains("v2_mscoco_val2014_annotations.json") && text.contains("not valid JSON"),
+        "{text}"
+    );
+}
+
+// --- VizWiz --------------------------------------------------------------------------------
+
+#[test]
+fn vizwiz_reads_answers_answerable_and_unanswerable() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("val");
+    png(&images.join("VizWiz_val_00000000.jpg"));
+    png(&images.join("VizWiz_val_00000001.jpg"));
+    let ans = |a: &str| json!({"answer": a, "answer_confidence": "yes"});
+    let list = json!([
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?",
+         "answers": [ans("soup"), ans("soup"), ans("can of soup")], "answerable": 1, "answer_type": "other"},
+        {"image": "VizWiz_val_00000001.jpg", "question": "What color is this shirt?",
+         "answers": [ans("unanswerable"), ans("unanswerable")], "answerable": 0, "answer_type": "unanswerable"}
+    ]);
+    let path = dir.path().join("Annotations/val.json");
+    write(&path, &list.to_string());
+    let data = read_vizwiz(&path, &images, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::VizWiz);
+    assert_eq!(data.len(), 2);
+    let (a, b) = (&data.examples[0], &data.examples[1]);
+    assert_eq!(a.question_id, "VizWiz_val_00000000");
+    assert_eq!(a.answers, ["soup", "soup", "can of soup"]);
+    assert_eq!(a.extra["answerable"], 1);
+    assert_eq!(a.image, images.join("VizWiz_val_00000000.jpg"));
+    assert_eq!(b.answer_type.as_deref(), Some("unanswerable"));
+    assert_eq!(b.extra["answerable"], 0);
+    let via = read_dataset(&path, None, Some(&images), &STRICT).unwrap();
+    assert_eq!(via.examples, data.examples);
+
+    // A test set without answers.
+    let test = json!([{"image": "VizWiz_val_00000000.jpg", "question": "What is this?"}]);
+    write(&path, &test.to_string());
+    let data = read_vizwiz(&path, &images, &STRICT).unwrap();
+    assert!(!data.has_answers());
+
+    // Bad records name the question.
+    let broken = json!([
+        {"image": "VizWiz_val_00000000.jpg", "question": 5, "answers": []},
+        {"image": "VizWiz_val_00000009.jpg", "question": "Q?", "answers": [ans("x")]},
+        {"question": "Q?"}
+    ]);
+    write(&path, &broken.to_string());
+    let (text, _) = bad(read_vizwiz(&path, &images, &STRICT).unwrap_err());
+    assert!(
+        text.contains("question VizWiz_val_00000000") && text.contains("\"question\""),
+        "{text}"
+    );
+    let data = read_vizwiz(&path, &images, &SKIP).unwrap();
+    assert!(data.is_empty());
+    assert_eq!(data.skipped.len(), 3);
+    assert!(data.skipped[1].reason.contains("VizWiz_val_00000009.jpg"));
+    assert!(data.skipped[2].reason.contains("entry 2"));
+}
+
+#[test]
+fn read_dataset_picks_the_reader() {
+    let dir = folder();
+    let path = dir.path().join("data.jsonl");
+    write(&path, &format!("{}\n", record("q1", "1.png")));
+    // image_dir replaces the file's folder as the base of relative paths.
+    let data = read_dataset(&path, None, Some(&dir.path().join("images")), &STRICT).unwrap();
+    assert_eq!(data.examples[0].image, dir.path().join("images/1.png"));
+    let text = format!(
+        "{:#}",
+        read_dataset(&path, Some(&path), None, &STRICT).unwrap_err()
+    );
+    assert!(text.contains("applies only to VQAv2"), "{text}");
+    let other = dir.path().join("data.csv");
+    write(&other, "a,b\n");
+    let text = format!(
+        "{:#}",
+        read_dataset(&other, None, None, &STRICT).unwrap_err()
+    );
+    assert!(
+        text.contains("cannot tell the format") && text.contains("data.csv"),
+        "{text}"
+    );
+    let odd = dir.path().join("odd.json");
+    write(&odd, "{\"something\": 1}");
+    assert!(read_dataset(&odd, None, None, &STRICT).is_err());
+}
