@@ -55,6 +55,7 @@ pub fn prompt_outputs(
                 input_ids: &input_ids,
                 pixel_values: pixel_values.as_ref(),
                 keep: &keep,
+                expanded: false,
             };
             let mut cache = m.language_model.new_cache();
             let out = m.forward(&input, &mut cache, 1, false)?;

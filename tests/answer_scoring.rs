@@ -36,6 +36,7 @@ fn batched_scores_equal_full_passes_per_particle() {
         input_ids: &ids_t,
         pixel_values: Some(pixels),
         keep: &keep,
+        expanded: false,
     };
     let candidates = vec![vec![56, 2], vec![300, 301, 302, 2], vec![7], vec![99, 2]];
     let prefill = m.prefill(&input, 3).unwrap();
@@ -54,6 +55,7 @@ fn batched_scores_equal_full_passes_per_particle() {
                 input_ids: &t,
                 pixel_values: Some(pixels),
                 keep: &keep,
+                expanded: false,
             };
             let mut cache = merged.language_model.new_cache();
             let logits = merged.forward(&input, &mut cache, 1, false).unwrap().logits;

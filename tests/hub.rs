@@ -869,6 +869,7 @@ fn hub_fixture_llava_tiny_downloads_and_loads_offline() {
         input_ids: &ids,
         pixel_values: None,
         keep: &keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     let logits = m.forward(&input, &mut cache, 1, false).unwrap().logits;

@@ -23,6 +23,7 @@ fn check_image_prompt(m: &LlavaModel) {
         input_ids: &input_ids,
         pixel_values: Some(get(&r, "image.pixel_values")),
         keep: &keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, true).unwrap();
@@ -65,7 +66,7 @@ fn vision_tower_hidden_states_match_transformers() {
     let r = reference("llava");
     let out = m
         .vision_tower
-        .hidden_states_at(get(&r, "image.pixel_values"), &[0, 1, 2], 1)
+        .hidden_states_at(get(&r, "image.pixel_values"), &[0, 1, 2], 1, false)
         .unwrap()
         .0;
     for i in 0..3 {
@@ -85,6 +86,7 @@ fn text_only_prompt_logits_match_transformers() {
         input_ids: &input_ids,
         pixel_values: None,
         keep: &keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, false).unwrap();
@@ -103,6 +105,7 @@ fn left_padded_batch_logits_match_transformers() {
         input_ids: &input_ids,
         pixel_values: Some(get(&r, "batch.pixel_values")),
         keep: &keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, false).unwrap();
@@ -123,6 +126,7 @@ fn greedy_tokens_equal_transformers() {
             input_ids: &input_ids,
             pixel_values: pixels,
             keep: &keep,
+            expanded: false,
         };
         let tokens = greedy(&m, &input, 1, 8);
         assert_eq!(

@@ -65,6 +65,7 @@ fn logits(m: &LlavaModel, p: &Prompt, particles: usize) -> Tensor {
         input_ids: &p.ids,
         pixel_values: p.pixels.as_ref(),
         keep: &p.keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     m.forward(&input, &mut cache, particles, false)
@@ -258,6 +259,7 @@ fn cached_decoding_equals_a_full_pass() {
         input_ids: &p.ids,
         pixel_values: p.pixels.as_ref(),
         keep: &p.keep,
+        expanded: false,
     };
     // Prefill, then feed two different tokens per particle-row one at a time.
     let mut cache = m.language_model.new_cache();
@@ -334,6 +336,7 @@ fn batched_greedy_decoding_equals_separate_merged_runs() {
         input_ids: &p.ids,
         pixel_values: p.pixels.as_ref(),
         keep: &p.keep,
+        expanded: false,
     };
     let stacked = greedy(&m, &input, 3, 8);
     assert_eq!(stacked.len(), 6);

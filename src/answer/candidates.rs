@@ -55,6 +55,7 @@ pub fn llava_candidates(
         input_ids: &input_ids,
         pixel_values: Some(pixel_values),
         keep: &keep,
+        expanded: false,
     };
     let prefill = model.prefill(&input, particles)?;
     let generated = generate(&model.language_model, &prefill, particles, gen)?;

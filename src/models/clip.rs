@@ -146,10 +146,12 @@ impl Encoder {
         Ok(Self { layers })
     }
 
-    /// Runs the first `n_layers` layers. `bias` has one row per batch example (or broadcasts).
+    /// Runs the first `n_layers` layers. `bias` has one row per input row (or broadcasts);
+    /// `expanded`: the input rows already carry the particle axis.
     fn forward(
         &self,
         x: Tensor,
+        expanded: bool,
         bias: Option<Tensor>,
         particles: usize,
         n_layers: usize,
@@ -157,7 +159,7 @@ impl Encoder {
     ) -> Result<EncoderOutput> {
         let mut x = x;
         let mut bias = bias;
-        let mut expanded = false;
+        let mut expanded = expanded;
         let mut hidden_states = Vec::new();
         for layer in &self.layers[..n_layers] {
             if !expanded && layer.has_particles() {
@@ -285,6 +287,7 @@ impl ClipTextTransformer {
         let bias = attention_bias(&keep, len, true, input_ids.device())?;
         let out = self.encoder.forward(
             embeddings.clone(),
+            false,
             Some(bias),
             particles,
             self.encoder.layers.len(),
@@ -413,9 +416,9 @@ impl ClipVisionTransformer {
     pub fn forward(&self, pixel_values: &Tensor, particles: usize) -> Result<TowerOutput> {
         let embeddings = self.embeddings(pixel_values)?;
         let x = self.pre_layrnorm.forward(&embeddings)?;
-        let out = self
-            .encoder
-            .forward(x, None, particles, self.encoder.layers.len(), true)?;
+        let out =
+            self.encoder
+                .forward(x, false, None, particles, self.encoder.layers.len(), true)?;
         let post = self.post_layernorm.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("this vision tower was loaded without post_layernorm".into())
         })?;
@@ -430,16 +433,20 @@ impl ClipVisionTransformer {
     }
 
     /// Hidden states at the given indices (0 = after `pre_layrnorm`, i = output of layer i),
-    /// concatenated on the feature axis; runs only the layers needed. Returns `(features, expanded)`.
+    /// concatenated on the feature axis; runs only the layers needed. `input_expanded`: the images
+    /// already carry the particle axis. Returns `(features, expanded)`.
     pub fn hidden_states_at(
         &self,
         pixel_values: &Tensor,
         indices: &[usize],
         particles: usize,
+        input_expanded: bool,
     ) -> Result<(Tensor, bool)> {
         let needed = indices.iter().copied().max().unwrap_or(0);
         let x = self.pre_layrnorm.forward(&self.embeddings(pixel_values)?)?;
-        let out = self.encoder.forward(x, None, particles, needed, true)?;
+        let out = self
+            .encoder
+            .forward(x, input_expanded, None, particles, needed, true)?;
         let mut picked = Vec::with_capacity(indices.len());
         for &i in indices {
             let mut t = out.hidden_states[i].clone();

@@ -50,6 +50,10 @@ pub struct LlavaInput<'a> {
     pub pixel_values: Option<&'a Tensor>,
     /// `keep[row][j]`: real token (true) or left padding.
     pub keep: &'a [Vec<bool>],
+    /// The rows already carry the particle axis: `P·batch` rows (and `P·images` images),
+    /// particle-major, with different examples per particle (training with a per-particle data
+    /// order). `keep` may then have `batch` or `P·batch` rows.
+    pub expanded: bool,
 }
 
 /// Outputs of one LLaVA pass, every stage kept for parity checks.
@@ -100,10 +104,14 @@ impl LlavaModel {
         &self,
         pixel_values: &Tensor,
         particles: usize,
+        input_expanded: bool,
     ) -> Result<(Tensor, bool)> {
-        let (hidden, mut expanded) =
-            self.vision_tower
-                .hidden_states_at(pixel_values, &self.feature_layers, particles)?;
+        let (hidden, mut expanded) = self.vision_tower.hidden_states_at(
+            pixel_values,
+            &self.feature_layers,
+            particles,
+            input_expanded,
+        )?;
         let hidden = match self.config.vision_feature_select_strategy {
             FeatureSelect::Default => hidden.narrow(1, 1, hidden.dim(1)? - 1)?,
             FeatureSelect::Full => hidden,
@@ -123,27 +131,50 @@ impl LlavaModel {
     }
 
     /// Token embeddings with the image tokens replaced by `features` in row-major order. When the
-    /// features carry the particle axis, the result does too (`P` blocks of `batch` rows).
+    /// features carry the particle axis and the ids do not, the ids are shared by all particles and
+    /// the result carries the axis too (`P` blocks of `batch` rows).
     pub fn merge_image_features(
         &self,
         input_ids: &Tensor,
+        ids_expanded: bool,
         features: &Tensor,
         features_expanded: bool,
         particles: usize,
     ) -> Result<(Tensor, bool)> {
-        let (batch, len) = input_ids.dims2()?;
+        let (rows, len) = input_ids.dims2()?;
         let ids = input_ids.to_vec2::<u32>()?;
         let image_token = self.config.image_token_index;
         let (feat_rows, per_image, hidden) = features.dims3()?;
         let blocks = if features_expanded { particles } else { 1 };
+        if ids_expanded && !features_expanded {
+            candle_core::bail!("ids carry the particle axis but the image features do not");
+        }
+        // `batch` rows of ids per block; ids shared by all blocks unless they are expanded.
+        let batch = if ids_expanded { rows / blocks } else { rows };
         let images = feat_rows / blocks;
-        let n_image_tokens: usize = ids.iter().flatten().filter(|&&t| t == image_token).count();
-        if n_image_tokens != images * per_image {
-            candle_core::bail!(
-                "the prompt holds {n_image_tokens} image tokens but {images} image(s) give {} features \
-                 (one <image> per image, expanded to {per_image} tokens each)",
-                images * per_image
-            );
+        let ids_row = |blk: usize, i: usize| -> &Vec<u32> {
+            if ids_expanded {
+                &ids[blk * batch + i]
+            } else {
+                &ids[i]
+            }
+        };
+        for blk in 0..blocks {
+            let n: usize = (0..batch)
+                .map(|i| {
+                    ids_row(blk, i)
+                        .iter()
+                        .filter(|&&t| t == image_token)
+                        .count()
+                })
+                .sum();
+            if n != images * per_image {
+                candle_core::bail!(
+                    "the prompt holds {n} image tokens but {images} image(s) give {} features \
+                     (one <image> per image, expanded to {per_image} tokens each)",
+                    images * per_image
+                );
+            }
         }
         // Embed with the image tokens mapped to id 0 (the image token may lie outside the table).
         let safe: Vec<u32> = ids
@@ -151,9 +182,9 @@ impl LlavaModel {
             .flatten()
             .map(|&t| if t == image_token { 0 } else { t })
             .collect();
-        let safe = Tensor::from_vec(safe, (batch, len), input_ids.device())?;
+        let safe = Tensor::from_vec(safe, (rows, len), input_ids.device())?;
         let text = self.language_model.embed(&safe)?;
-        let text = if features_expanded {
+        let text = if features_expanded && !ids_expanded {
             expand_particles(&text, particles)?
         } else {
             text
@@ -163,8 +194,8 @@ impl LlavaModel {
         let mut index = Vec::with_capacity(text_rows);
         for blk in 0..blocks {
             let mut next_feature = blk * images * per_image;
-            for (i, row) in ids.iter().enumerate() {
-                for (j, &t) in row.iter().enumerate() {
+            for i in 0..batch {
+                for (j, &t) in ids_row(blk, i).iter().enumerate() {
                     if t == image_token {
                         index.push((text_rows + next_feature) as u32);
                         next_feature += 1;
@@ -198,12 +229,21 @@ impl LlavaModel {
     ) -> Result<(Option<Tensor>, Tensor, DecoderOutput)> {
         let (image_features, inputs_embeds, expanded) = match input.pixel_values {
             Some(pixels) => {
-                let (features, fexp) = self.image_features(pixels, particles)?;
-                let (embeds, exp) =
-                    self.merge_image_features(input.input_ids, &features, fexp, particles)?;
+                let (features, fexp) = self.image_features(pixels, particles, input.expanded)?;
+                let (embeds, exp) = self.merge_image_features(
+                    input.input_ids,
+                    input.expanded,
+                    &features,
+                    fexp,
+                    particles,
+                )?;
                 (Some(features), embeds, exp)
             }
-            None => (None, self.language_model.embed(input.input_ids)?, false),
+            None => (
+                None,
+                self.language_model.embed(input.input_ids)?,
+                input.expanded,
+            ),
         };
         let decoder = self.language_model.forward(
             &inputs_embeds,
