@@ -13,3 +13,4 @@ pub mod io;
 pub mod logits;
 pub mod metrics;
 pub mod models;
+pub mod train;

@@ -13,6 +13,7 @@ use bella_vqa::inspect::ModelSummary;
 use bella_vqa::logits;
 use bella_vqa::models::image::load_image;
 use bella_vqa::models::{self, LoadedModel};
+use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
 
 #[derive(Parser)]
 #[command(
@@ -93,6 +94,11 @@ enum Command {
         /// The question.
         question: String,
     },
+    /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
+    Train(Box<TrainArgs>),
+    /// Generate VQA data.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Write the input ids, pixel values, image features and logits of one prompt to a
     /// safetensors file, to compare the checkpoint with another implementation.
     Logits {
@@ -111,6 +117,98 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// The seeded shapes world: coloured shapes with questions, in- and out-of-distribution splits.
+    Shapes {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training questions (validation, test and each OOD split get a fifth of this).
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+        /// Canvas size in pixels.
+        #[arg(long, default_value_t = bella_vqa::data::shapes::DEFAULT_IMAGE_SIZE)]
+        image_size: u32,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Training data.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation data (a sample is evaluated during training).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Output directory: particles, checkpoints, train_log.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of particles P.
+    #[arg(long, default_value_t = 4)]
+    particles: usize,
+    #[arg(long, value_enum, default_value_t = MethodArg::Ensemble)]
+    method: MethodArg,
+    /// Where the SVGD kernel measures distances.
+    #[arg(long, value_enum, default_value_t = KernelArg::DeltaW)]
+    kernel: KernelArg,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Module-path patterns (PEFT suffixes like q_proj, or globs like language_model.*.q_proj).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// σ of the Gaussian prior on the adapter parameters.
+    #[arg(long, default_value_t = 1.0)]
+    prior_std: f64,
+    /// Std of the initial B factors (0: start every particle at the base model).
+    #[arg(long, default_value_t = 1e-3)]
+    init_b_std: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Evaluate every this many steps.
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Validation questions evaluated each time.
+    #[arg(long, default_value_t = 64)]
+    val_sample: usize,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Stop after this many steps (resume later with --resume).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Skip bad data records (counted) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Ensemble,
+    Svgd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KernelArg {
+    Params,
+    DeltaW,
 }
 
 impl Cli {
@@ -239,6 +337,28 @@ fn run(cli: &Cli) -> Result<()> {
                 print_response(&response, *show_particles);
             }
         }
+        Command::Train(args) => run_train(cli, args)?,
+        Command::Data(DataCommand::Shapes {
+            out,
+            seed,
+            n,
+            image_size,
+        }) => {
+            let summary =
+                bella_vqa::data::shapes::generate(&bella_vqa::data::shapes::ShapesOptions {
+                    out: out.clone(),
+                    seed: *seed,
+                    n: *n,
+                    image_size: *image_size,
+                    progress: !cli.quiet,
+                })?;
+            if !cli.quiet {
+                for (split, count) in &summary.splits {
+                    println!("{split:<20} {count:>6} questions");
+                }
+                println!("{} images in {}", summary.images, out.display());
+            }
+        }
         Command::Logits {
             model,
             image,
@@ -262,6 +382,94 @@ fn run(cli: &Cli) -> Result<()> {
                         .unwrap_or_default()
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn read_data(
+    path: &std::path::Path,
+    skip_bad: bool,
+    quiet: bool,
+) -> Result<Vec<bella_vqa::data::VqaExample>> {
+    let opts = bella_vqa::data::ReadOptions {
+        skip_bad,
+        check_images: true,
+    };
+    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?;
+    if !data.skipped.is_empty() && !quiet {
+        eprintln!(
+            "skipped {} bad record(s) in {} (first: {})",
+            data.skipped.len(),
+            path.display(),
+            data.skipped[0]
+        );
+    }
+    Ok(data.examples)
+}
+
+fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
+    let mut loaded = args.model.load(cli)?;
+    let train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    let val_data = match &args.val {
+        Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
+        None => Vec::new(),
+    };
+    let defaults = TrainOptions::llava_defaults();
+    let opts = TrainOptions {
+        targets: args.targets.clone().unwrap_or(defaults.targets),
+        rank: args.rank,
+        alpha: args.alpha,
+        particles: args.particles,
+        method: match args.method {
+            MethodArg::Ensemble => Method::Ensemble,
+            MethodArg::Svgd => Method::Svgd,
+        },
+        kernel: match args.kernel {
+            KernelArg::Params => Kernel::Params,
+            KernelArg::DeltaW => Kernel::DeltaW,
+        },
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        prior_std: args.prior_std,
+        init_b_std: args.init_b_std,
+        grad_clip: args.grad_clip,
+        seed: args.seed,
+        ..defaults
+    };
+    let run = RunOptions {
+        out: args.out.clone(),
+        resume: args.resume,
+        eval_every: args.eval_every,
+        val_sample: args.val_sample,
+        checkpoint_every: args.checkpoint_every,
+        max_steps: args.max_steps,
+        progress: !cli.quiet,
+        model_source: args.model.model.clone(),
+    };
+    let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
+    if !cli.quiet {
+        let state = if report.finished {
+            "finished"
+        } else {
+            "stopped"
+        };
+        println!(
+            "{state} at step {}/{}; particles in {} (log: train_log.jsonl)",
+            report.steps,
+            report.total_steps,
+            report.out.display()
+        );
+        if let Some(e) = &report.last {
+            println!(
+                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} examples/s",
+                e.train_loss,
+                e.val_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
+                e.val_accuracy_vote.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
+                e.mean_pairwise_distance,
+                e.examples_per_second
+            );
         }
     }
     Ok(())

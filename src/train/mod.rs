@@ -1,0 +1,625 @@
+//! Training Bella particles on VQA data (design §4): P low-rank particles on a frozen LLaVA, as a
+//! plain ensemble (independent particles, own initialisation and data order, one batched
+//! forward/backward) or with SVGD (one RBF kernel over the particles, the repulsive term keeps
+//! them apart).
+//!
+//! The objective per particle is the mean NLL of the answer tokens plus a Gaussian prior
+//! N(0, σ²) on its adapter parameters, scaled per example: `‖φ_p‖² / (2σ²N)` (so the sum over
+//! the data is the negative log posterior). AdamW's own weight decay is 0: the prior is the
+//! regulariser.
+
+pub mod checkpoint;
+pub mod objective;
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::answer::generate::{generate, GenerateOptions, Sampling};
+use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use crate::bella::svgd::{delta_w_sq_distances, svgd_direction, KernelSpace, LayerFactors};
+use crate::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
+use crate::data::normalize::normalize_answer;
+use crate::data::VqaExample;
+use crate::hub::Origin;
+use crate::metrics::{vqa_accuracy, NormalizeMode};
+use crate::models::llava::{LlavaInput, LlavaModel};
+use crate::models::{LoadedModel, Model};
+use objective::{encode_example, make_batch, particle_nll, target_answer, EncodedExample};
+use optim::{clip_per_particle, learning_rate, AdamW};
+
+/// How the particles are trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Independent particles, each with its own data order.
+    Ensemble,
+    /// Canonical SVGD; all particles see the same minibatch.
+    Svgd,
+}
+
+/// Where the SVGD kernel measures distances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kernel {
+    /// The stacked adapter parameters.
+    Params,
+    /// ΔW = (α/r)·B·A per layer.
+    DeltaW,
+}
+
+/// Everything that decides the result of a run (stored in checkpoints; a resume must match).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub targets: Vec<String>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub particles: usize,
+    pub method: Method,
+    pub kernel: Kernel,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Fraction of the steps spent warming up.
+    pub warmup: f64,
+    /// The cosine ends at `lr · min_lr`.
+    pub min_lr: f64,
+    /// Per-particle gradient-norm limit.
+    pub grad_clip: f64,
+    /// σ of the Gaussian prior on adapter parameters.
+    pub prior_std: f64,
+    /// Std of the initial B (0 = PEFT's zero init; particles then start equal in function).
+    pub init_b_std: f64,
+    pub seed: u64,
+}
+
+impl TrainOptions {
+    /// Defaults for a LLaVA: the attention projections of the language model.
+    pub fn llava_defaults() -> Self {
+        let spec = AdapterSpec::default_for_llava();
+        Self {
+            targets: spec.targets,
+            rank: spec.rank,
+            alpha: spec.alpha,
+            particles: spec.particles,
+            method: Method::Ensemble,
+            kernel: Kernel::DeltaW,
+            epochs: 3,
+            batch_size: 8,
+            lr: 1e-3,
+            warmup: 0.1,
+            min_lr: 0.1,
+            grad_clip: 1.0,
+            prior_std: 1.0,
+            init_b_std: 1e-3,
+            seed: 0,
+        }
+    }
+
+    fn spec(&self) -> AdapterSpec {
+        AdapterSpec {
+            targets: self.targets.clone(),
+            rank: self.rank,
+            alpha: self.alpha,
+            particles: self.particles,
+        }
+    }
+}
+
+/// How a run is driven (does not change its result).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Evaluate on the validation sample every this many steps (and at the end).
+    pub eval_every: u64,
+    /// Questions of the validation set used for the running evaluation.
+    pub val_sample: usize,
+    pub checkpoint_every: u64,
+    /// Stop after this many steps in total (e.g. to split a run); the checkpoint allows resuming.
+    pub max_steps: Option<u64>,
+    pub progress: bool,
+    /// What `--model` was (recorded as the base model of the particles).
+    pub model_source: String,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub step: u64,
+    pub epoch: f64,
+    /// Mean training loss (NLL + prior, per particle) since the last evaluation.
+    pub train_loss: f64,
+    pub lr: f64,
+    /// Mean VQA accuracy of each particle's own greedy answer on the validation sample.
+    pub val_accuracy: Option<f64>,
+    /// VQA accuracy of the particles' majority answer.
+    pub val_accuracy_vote: Option<f64>,
+    /// Mean pairwise ‖ΔW_i − ΔW_j‖_F over all adapted layers.
+    pub mean_pairwise_distance: f64,
+    pub examples_per_second: f64,
+    pub elapsed_seconds: f64,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub steps: u64,
+    pub total_steps: u64,
+    pub last: Option<Evaluation>,
+    pub out: PathBuf,
+    pub finished: bool,
+}
+
+/// Trainable factors of every adapted layer, as variables.
+struct Params {
+    names: Vec<String>,
+    a: Vec<Var>,
+    b: Vec<Var>,
+    scale: f64,
+}
+
+impl Params {
+    /// Makes every adapter's factors variables and puts the variables' tensors into the layers.
+    fn install(model: &mut LlavaModel) -> Result<Self> {
+        let mut p = Params {
+            names: Vec::new(),
+            a: Vec::new(),
+            b: Vec::new(),
+            scale: 1.0,
+        };
+        for (name, layer) in model.linears_mut() {
+            let Some(ad) = layer.adapter().cloned() else {
+                continue;
+            };
+            let a = Var::from_tensor(&ad.a.to_dtype(DType::F32)?)?;
+            let b = Var::from_tensor(&ad.b.to_dtype(DType::F32)?)?;
+            layer.set_adapter(Some(Adapter::new(
+                a.as_tensor().clone(),
+                b.as_tensor().clone(),
+                ad.scale,
+            )?))?;
+            p.scale = ad.scale;
+            p.names.push(name);
+            p.a.push(a);
+            p.b.push(b);
+        }
+        if p.names.is_empty() {
+            bail!("no layer carries particles");
+        }
+        Ok(p)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.a.iter().chain(&self.b).cloned().collect()
+    }
+
+    fn var_names(&self) -> Vec<String> {
+        let a = self.names.iter().map(|n| format!("{n}.bella_A"));
+        let b = self.names.iter().map(|n| format!("{n}.bella_B"));
+        a.chain(b).collect()
+    }
+
+    /// ‖φ_p‖² per particle, `[P]`.
+    fn sq_norms(&self) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
+        for v in self.a.iter().chain(&self.b) {
+            let per = v.as_tensor().sqr()?.flatten_from(1)?.sum(1)?;
+            total = Some(match total {
+                Some(t) => (t + per)?,
+                None => per,
+            });
+        }
+        total.context("no parameters")
+    }
+
+    fn mean_pairwise_distance(&self) -> Result<f64> {
+        let layers: Vec<LayerFactors> = self
+            .a
+            .iter()
+            .zip(&self.b)
+            .map(|(a, b)| LayerFactors {
+                a: a.as_tensor(),
+                b: b.as_tensor(),
+                scale: self.scale,
+            })
+            .collect();
+        let d = delta_w_sq_distances(&layers)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        let p = d.len();
+        if p < 2 {
+            return Ok(0.0);
+        }
+        let mut sum = 0.0;
+        for (i, row) in d.iter().enumerate() {
+            for v in &row[i + 1..] {
+                sum += v.max(0.0).sqrt();
+            }
+        }
+        Ok(sum / (p * (p - 1) / 2) as f64)
+    }
+}
+
+/// Per-particle data order: a permutation of `0..n` for (seed, epoch, stream).
+fn order(n: usize, seed: u64, epoch: usize, stream: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mix = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((epoch as u64) << 32)
+        .wrapping_add(stream as u64);
+    idx.shuffle(&mut StdRng::seed_from_u64(mix));
+    idx
+}
+
+/// Trains particles on `train` and writes them (with checkpoints and a JSON log) to `run.out`.
+pub fn train(
+    loaded: &mut LoadedModel,
+    train: &[VqaExample],
+    val: &[VqaExample],
+    opts: &TrainOptions,
+    run: &RunOptions,
+) -> Result<TrainReport> {
+    if opts.particles == 0 || opts.batch_size == 0 || opts.epochs == 0 {
+        bail!("particles, batch size and epochs must be at least 1");
+    }
+    if !(opts.lr.is_finite() && opts.lr > 0.0) {
+        bail!("the learning rate must be a positive number");
+    }
+    let base = BaseModel {
+        source: run.model_source.clone(),
+        revision: match &loaded.files.origin {
+            Origin::HubCache { revision, .. } => Some(revision.clone()),
+            Origin::Directory => None,
+        },
+        commit: match &loaded.files.origin {
+            Origin::HubCache { commit, .. } => Some(commit.clone()),
+            Origin::Directory => None,
+        },
+        weights: hash_weights(&loaded.files)?,
+    };
+    loaded.prompter()?;
+    loaded.image_processor()?;
+    let (Some(prompter), Some(processor)) = (&loaded.prompter, &loaded.image_processor) else {
+        bail!("the model needs a tokenizer and an image processor to train");
+    };
+    let Model::Llava(model) = &mut loaded.model else {
+        bail!("training is implemented for LLaVA checkpoints (CLIP training is not supported yet)");
+    };
+    let model: &mut LlavaModel = model.as_mut();
+    let image_tokens = model.config().image_tokens_per_image();
+    let pad_id = prompter
+        .pad_token_id()
+        .or(prompter.eos_token_id())
+        .unwrap_or(0);
+
+    // Encode the data once (token ids); images are read per batch.
+    let encode_all = |data: &[VqaExample], what: &str| -> Result<Vec<EncodedExample>> {
+        data.iter()
+            .map(|ex| {
+                let answer = target_answer(ex).with_context(|| {
+                    format!(
+                        "{what} question {} has no answers to train on",
+                        ex.question_id
+                    )
+                })?;
+                encode_example(prompter, image_tokens, &ex.question, &answer)
+                    .with_context(|| format!("{what} question {}", ex.question_id))
+            })
+            .collect()
+    };
+    if train.is_empty() {
+        bail!("the training data is empty");
+    }
+    let encoded = encode_all(train, "training")?;
+    let n = train.len();
+    let batch = opts.batch_size.min(n);
+    let steps_per_epoch = (n / batch) as u64;
+    let total_steps = steps_per_epoch * opts.epochs as u64;
+    let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
+
+    // Fresh particles, or the newest checkpoint.
+    let existing = checkpoint::latest(&run.out)?;
+    let (params, mut optimizer, start_step) = match (existing, run.resume) {
+        (Some(dir), true) => {
+            let ck = checkpoint::load(&dir)?;
+            if ck.state.options != *opts {
+                bail!(
+                    "the checkpoint in {} was made with other training options; resume with the same options or use another --out",
+                    dir.display()
+                );
+            }
+            ck.set.attach_to(model)?;
+            let params = Params::install(model)?;
+            let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
+            optimizer.restore(&params.var_names(), &ck.optimizer, ck.state.step)?;
+            (params, optimizer, ck.state.step)
+        }
+        (Some(dir), false) => bail!(
+            "{} already holds a training run (checkpoint {}): pass --resume to continue it, or choose another --out",
+            run.out.display(),
+            dir.display()
+        ),
+        (None, _) => {
+            let init = if opts.init_b_std > 0.0 {
+                InitB::Normal {
+                    std: opts.init_b_std,
+                }
+            } else {
+                InitB::Zero
+            };
+            attach(model, &opts.spec(), init, opts.seed)?;
+            let params = Params::install(model)?;
+            let optimizer = AdamW::new(&params.vars(), 0.0)?;
+            (params, optimizer, 0)
+        }
+    };
+
+    let p = opts.particles;
+    let config = ParticleConfig {
+        format_version: 1,
+        base_model: base,
+        architecture: "LLaVA".into(),
+        targets: opts.targets.clone(),
+        layers: params.names.clone(),
+        rank: opts.rank,
+        alpha: opts.alpha,
+        particles: p,
+        method: match opts.method {
+            Method::Ensemble => "ensemble".into(),
+            Method::Svgd => "svgd".into(),
+        },
+        seed: opts.seed,
+        step: start_step,
+        abstention: None,
+        answer_vocabulary: None,
+    };
+    std::fs::create_dir_all(&run.out)
+        .with_context(|| format!("cannot create {}", run.out.display()))?;
+    let log_path = run.out.join("train_log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+
+    let end_step = run.max_steps.map_or(total_steps, |m| m.min(total_steps));
+    let bar = progress_bar(run.progress, total_steps, start_step);
+    let started = Instant::now();
+    let mut loss_sum = 0.0;
+    let mut loss_count = 0usize;
+    let mut examples = 0usize;
+    let mut last_eval: Option<Evaluation> = None;
+    let val_sample: Vec<VqaExample> = val.iter().take(run.val_sample).cloned().collect();
+    let n_data = n as f64;
+
+    let save_checkpoint =
+        |step: u64, params: &Params, optimizer: &AdamW, model: &LlavaModel| -> Result<()> {
+            let mut cfg = config.clone();
+            cfg.step = step;
+            let set = ParticleSet::from_model(model, cfg);
+            let state = checkpoint::TrainerState {
+                step,
+                options: opts.clone(),
+            };
+            checkpoint::save(
+                &run.out,
+                &set,
+                &optimizer.state(&params.var_names()),
+                &state,
+            )?;
+            set.save(&run.out)
+        };
+
+    for step in start_step..end_step {
+        let epoch = (step / steps_per_epoch) as usize;
+        let s = (step % steps_per_epoch) as usize;
+        // Ensemble: every particle its own order (rows particle-major); SVGD: one shared batch.
+        let streams: Vec<usize> = match opts.method {
+            Method::Ensemble => (0..p).collect(),
+            Method::Svgd => vec![p],
+        };
+        let mut picked: Vec<usize> = Vec::with_capacity(streams.len() * batch);
+        for &stream in &streams {
+            let ord = order(n, opts.seed, epoch, stream);
+            picked.extend_from_slice(&ord[s * batch..(s + 1) * batch]);
+        }
+        let enc: Vec<&EncodedExample> = picked.iter().map(|&i| &encoded[i]).collect();
+        let images: Vec<&Path> = picked.iter().map(|&i| train[i].image.as_path()).collect();
+        let b = make_batch(&enc, &images, processor, pad_id)?;
+        let input = LlavaInput {
+            input_ids: &b.input_ids,
+            pixel_values: Some(&b.pixel_values),
+            keep: &b.keep,
+            expanded: opts.method == Method::Ensemble && p > 1,
+        };
+        let mut cache = model.language_model.new_cache();
+        let out = model.forward(&input, &mut cache, p, false)?;
+        let window = b.targets.dim(1)?;
+        let logits = out.logits.narrow(1, b.window_start, window)?;
+        let nll = particle_nll(&logits, &b, p)?;
+        let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
+        let per_particle = (nll + prior)?;
+        let loss = per_particle.sum_all()?;
+        let loss_value = loss.to_scalar::<f32>()? as f64 / p as f64;
+        if !loss_value.is_finite() {
+            bail!(
+                "training diverged at step {step} (loss {loss_value}): lower --lr; the last good particles are in {}",
+                run.out.display()
+            );
+        }
+        let grads = loss.backward()?;
+        let grad_of = |v: &Var| -> Result<Tensor> {
+            Ok(match grads.get(v.as_tensor()) {
+                Some(g) => g.clone(),
+                None => v.as_tensor().zeros_like()?,
+            })
+        };
+        let mut update: Vec<Tensor> = match opts.method {
+            Method::Ensemble => params.vars().iter().map(grad_of).collect::<Result<_>>()?,
+            Method::Svgd => {
+                // g = ∇ log p(φ | D) = −N·∇(per-example loss); ψ ascends; AdamW gets −ψ/N.
+                let ga: Vec<Tensor> = params
+                    .a
+                    .iter()
+                    .map(|v| Ok((grad_of(v)? * -n_data)?))
+                    .collect::<Result<_>>()?;
+                let gb: Vec<Tensor> = params
+                    .b
+                    .iter()
+                    .map(|v| Ok((grad_of(v)? * -n_data)?))
+                    .collect::<Result<_>>()?;
+                let layers: Vec<LayerFactors> = params
+                    .a
+                    .iter()
+                    .zip(&params.b)
+                    .map(|(a, b)| LayerFactors {
+                        a: a.as_tensor(),
+                        b: b.as_tensor(),
+                        scale: params.scale,
+                    })
+                    .collect();
+                let space = match opts.kernel {
+                    Kernel::Params => KernelSpace::Parameters,
+                    Kernel::DeltaW => KernelSpace::DeltaW,
+                };
+                let psi = svgd_direction(&layers, &ga, &gb, space)?;
+                psi.grad_a
+                    .iter()
+                    .chain(&psi.grad_b)
+                    .map(|g| Ok((g * (-1.0 / n_data))?))
+                    .collect::<Result<_>>()?
+            }
+        };
+        clip_per_particle(&mut update, opts.grad_clip)?;
+        let lr = learning_rate(step, warmup, total_steps, opts.lr, opts.min_lr);
+        optimizer.step(&params.vars(), &update, lr)?;
+
+        loss_sum += loss_value;
+        loss_count += 1;
+        examples += picked.len();
+        let done = step + 1;
+        bar.set_position(done);
+        bar.set_message(format!("loss {loss_value:.4}"));
+
+        let at_end = done == end_step;
+        if done % run.eval_every.max(1) == 0 || at_end {
+            let (acc, vote) = evaluate(model, prompter, processor, &val_sample, p)?;
+            let eval = Evaluation {
+                step: done,
+                epoch: done as f64 / steps_per_epoch as f64,
+                train_loss: loss_sum / loss_count.max(1) as f64,
+                lr,
+                val_accuracy: acc,
+                val_accuracy_vote: vote,
+                mean_pairwise_distance: params.mean_pairwise_distance()?,
+                examples_per_second: examples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+            };
+            writeln!(log, "{}", serde_json::to_string(&eval)?)
+                .with_context(|| format!("cannot write {}", log_path.display()))?;
+            bar.set_message(format!(
+                "loss {:.4} · val acc {} · distance {:.3}",
+                eval.train_loss,
+                eval.val_accuracy
+                    .map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
+                eval.mean_pairwise_distance
+            ));
+            loss_sum = 0.0;
+            loss_count = 0;
+            last_eval = Some(eval);
+        }
+        if done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0 {
+            save_checkpoint(done, &params, &optimizer, model)?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(TrainReport {
+        steps: end_step,
+        total_steps,
+        last: last_eval,
+        out: run.out.clone(),
+        finished: end_step == total_steps,
+    })
+}
+
+fn progress_bar(show: bool, total: u64, start: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} ({eta} left) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_position(start);
+    bar
+}
+
+/// Greedy answers of every particle on the validation sample: (mean per-particle VQA accuracy,
+/// accuracy of the majority answer). `None` without validation data.
+fn evaluate(
+    model: &LlavaModel,
+    prompter: &crate::models::prompt::Prompter,
+    processor: &crate::models::image::ImageProcessor,
+    val: &[VqaExample],
+    particles: usize,
+) -> Result<(Option<f64>, Option<f64>)> {
+    if val.is_empty() {
+        return Ok((None, None));
+    }
+    let gen = GenerateOptions {
+        max_new_tokens: 8,
+        eos: prompter.eos_token_id().into_iter().collect(),
+        sampling: Sampling::Greedy,
+    };
+    let mut acc = 0.0;
+    let mut vote = 0.0;
+    for ex in val {
+        let pixels = processor
+            .preprocess(&crate::models::image::load_image(&ex.image)?)?
+            .unsqueeze(0)?;
+        let text = prompter.render_question(&ex.question, true)?;
+        let ids = prompter.encode(&text, model.config().image_tokens_per_image())?;
+        let len = ids.len();
+        let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
+        let keep = vec![vec![true; len]];
+        let input = LlavaInput {
+            input_ids: &ids,
+            pixel_values: Some(&pixels),
+            keep: &keep,
+            expanded: false,
+        };
+        let prefill = model.prefill(&input, particles)?;
+        let out = generate(&model.language_model, &prefill, particles, &gen)?;
+        let answers: Vec<String> = out
+            .iter()
+            .map(|g| {
+                prompter
+                    .decode(&g.tokens, true)
+                    .map(|t| t.trim().to_string())
+            })
+            .collect::<Result<_>>()?;
+        let scores: Vec<f64> = answers
+            .iter()
+            .map(|a| vqa_accuracy(a, &ex.answers, NormalizeMode::Official))
+            .collect();
+        acc += scores.iter().sum::<f64>() / scores.len() as f64;
+        let normalized: Vec<String> = answers.iter().map(|a| normalize_answer(a)).collect();
+        let best = (0..answers.len())
+            .max_by_key(|&i| normalized.iter().filter(|n| **n == normalized[i]).count())
+            .unwrap_or(0);
+        vote += scores[best];
+    }
+    let n = val.len() as f64;
+    Ok((Some(acc / n), Some(vote / n)))
+}

@@ -1,0 +1,154 @@
+//! The LLaVA objective: teacher-forced answer tokens after the prompt, loss on the answer tokens
+//! only (design §4), batched over particles.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::data::VqaExample;
+use crate::models::image::{load_image, ImageProcessor};
+use crate::models::prompt::Prompter;
+
+/// The answer an example is trained towards: `multiple_choice_answer` when the data has one,
+/// else the most frequent human answer (ties: the first).
+pub fn target_answer(ex: &VqaExample) -> Option<String> {
+    if let Some(a) = ex
+        .extra
+        .get("multiple_choice_answer")
+        .and_then(|v| v.as_str())
+    {
+        return Some(a.to_string());
+    }
+    let mut best: Option<(&String, usize)> = None;
+    for a in &ex.answers {
+        let n = ex.answers.iter().filter(|b| *b == a).count();
+        if best.is_none_or(|(_, m)| n > m) {
+            best = Some((a, n));
+        }
+    }
+    best.map(|(a, _)| a.clone())
+}
+
+/// The token ids of one training sequence: prompt, answer, end token.
+#[derive(Clone, Debug)]
+pub struct EncodedExample {
+    pub ids: Vec<u32>,
+    /// Tokens of the prompt; the answer starts at this index.
+    pub prompt_len: usize,
+}
+
+/// Tokenises prompt + answer the way `ask` will see them: the chat template with generation
+/// prompt, then the answer as its continuation, then the end token.
+pub fn encode_example(
+    prompter: &Prompter,
+    image_tokens: usize,
+    question: &str,
+    answer: &str,
+) -> Result<EncodedExample> {
+    let prompt = prompter.render_question(question, true)?;
+    let prompt_ids = prompter.encode(&prompt, image_tokens)?;
+    let full = prompter.encode(&format!("{prompt} {}", answer.trim()), image_tokens)?;
+    let answer_ids: Vec<u32> = if full.starts_with(&prompt_ids) {
+        full[prompt_ids.len()..].to_vec()
+    } else {
+        // The boundary merged into the prompt's last token: tokenise the answer alone.
+        prompter
+            .tokenizer()
+            .encode(format!(" {}", answer.trim()), false)
+            .map_err(anyhow::Error::msg)?
+            .get_ids()
+            .to_vec()
+    };
+    if answer_ids.is_empty() {
+        bail!("the answer {answer:?} tokenises to nothing");
+    }
+    let eos = prompter
+        .eos_token_id()
+        .context("the tokenizer has no end-of-sequence token to end answers with")?;
+    let mut ids = prompt_ids;
+    let prompt_len = ids.len();
+    ids.extend(answer_ids);
+    ids.push(eos);
+    Ok(EncodedExample { ids, prompt_len })
+}
+
+/// A teacher-forcing batch of `rows` sequences (right padded).
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub pixel_values: Tensor,
+    pub keep: Vec<Vec<bool>>,
+    /// Logits at positions `window_start..window_start + window` predict `targets`.
+    pub window_start: usize,
+    /// `[rows, window]` u32 next tokens.
+    pub targets: Tensor,
+    /// `[rows, window]` f32, 1 on answer tokens.
+    pub mask: Tensor,
+}
+
+/// Builds a batch from encoded examples and their images.
+pub fn make_batch(
+    encoded: &[&EncodedExample],
+    images: &[&std::path::Path],
+    processor: &ImageProcessor,
+    pad_id: u32,
+) -> Result<Batch> {
+    let rows = encoded.len();
+    let len = encoded.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let start = encoded.iter().map(|e| e.prompt_len - 1).min().unwrap_or(0);
+    let window = len - 1 - start;
+    let mut ids = Vec::with_capacity(rows * len);
+    let mut keep = Vec::with_capacity(rows);
+    let mut targets = Vec::with_capacity(rows * window);
+    let mut mask = Vec::with_capacity(rows * window);
+    for e in encoded {
+        let n = e.ids.len();
+        ids.extend_from_slice(&e.ids);
+        ids.extend(std::iter::repeat_n(pad_id, len - n));
+        keep.push((0..len).map(|j| j < n).collect());
+        for pos in start..start + window {
+            // Position `pos` predicts token `pos + 1`; answer tokens start at `prompt_len`.
+            let target = pos + 1;
+            let is_answer = target >= e.prompt_len && target < n;
+            targets.push(if target < n { e.ids[target] } else { pad_id });
+            mask.push(if is_answer { 1f32 } else { 0.0 });
+        }
+    }
+    let pixels = images
+        .iter()
+        .map(|p| processor.preprocess(&load_image(p)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (rows, len), &Device::Cpu)?,
+        pixel_values: Tensor::stack(&pixels, 0)?,
+        keep,
+        window_start: start,
+        targets: Tensor::from_vec(targets, (rows, window), &Device::Cpu)?,
+        mask: Tensor::from_vec(mask, (rows, window), &Device::Cpu)?,
+    })
+}
+
+/// Mean negative log-likelihood of the answer tokens per particle: `logits` `[P·m, window,
+/// vocab]` (particle-major rows), returns `[P]`.
+pub fn particle_nll(logits: &Tensor, batch: &Batch, particles: usize) -> Result<Tensor> {
+    let (rows, window, _) = logits.dims3()?;
+    let reps = rows / batch.targets.dim(0)?;
+    let targets = if reps > 1 {
+        crate::bella::expand_particles(&batch.targets, reps)?
+    } else {
+        batch.targets.clone()
+    };
+    let mask = if reps > 1 {
+        crate::bella::expand_particles(&batch.mask, reps)?
+    } else {
+        batch.mask.clone()
+    };
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let per_particle = (picked * &mask)?
+        .reshape((particles, rows / particles * window))?
+        .sum(1)?;
+    let counts = mask
+        .reshape((particles, rows / particles * window))?
+        .sum(1)?
+        .clamp(1.0, f64::INFINITY)?;
+    Ok((per_particle / counts)?.neg()?)
+}

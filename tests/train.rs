@@ -1,0 +1,338 @@
+//! Training particles: gradients reach every particle's factors (and never the base), the loss
+//! goes down, particles differ, resuming equals an uninterrupted run, damaged checkpoints are
+//! reported and the previous one is intact.
+
+mod common;
+
+use std::path::Path;
+
+use bella_vqa::bella::particles::ParticleSet;
+use bella_vqa::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
+use bella_vqa::data::shapes::{generate, ShapesOptions};
+use bella_vqa::data::{read_jsonl, ReadOptions, VqaExample};
+use bella_vqa::models::llava::LlavaInput;
+use bella_vqa::models::Model;
+use bella_vqa::train::objective::{encode_example, make_batch, particle_nll, target_answer};
+use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
+use candle_core::{Device, Var};
+use common::*;
+
+fn shapes(dir: &Path, n: usize) -> (Vec<VqaExample>, Vec<VqaExample>) {
+    generate(&ShapesOptions {
+        n,
+        ..ShapesOptions::new(dir)
+    })
+    .unwrap();
+    let read = |f: &str| {
+        read_jsonl(&dir.join(f), &ReadOptions::default())
+            .unwrap()
+            .examples
+    };
+    (read("train.jsonl"), read("val.jsonl"))
+}
+
+fn options(method: Method) -> TrainOptions {
+    TrainOptions {
+        targets: vec![
+            "language_model.*.q_proj".into(),
+            "language_model.*.v_proj".into(),
+        ],
+        rank: 4,
+        alpha: 8.0,
+        particles: 3,
+        method,
+        kernel: Kernel::DeltaW,
+        epochs: 2,
+        batch_size: 4,
+        lr: 1e-2,
+        ..TrainOptions::llava_defaults()
+    }
+}
+
+fn run(out: &Path, max_steps: Option<u64>, resume: bool) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        eval_every: 2,
+        val_sample: 2,
+        checkpoint_every: 3,
+        max_steps,
+        progress: false,
+        model_source: "tests/fixtures/llava-tiny-hub".into(),
+    }
+}
+
+#[test]
+fn every_particle_factor_gets_a_gradient_and_the_base_none() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, _) = shapes(data_dir.path(), 10);
+    let loaded = load_model("llava-tiny-hub");
+    let prompter = loaded.prompter.unwrap();
+    let processor = loaded.image_processor.unwrap();
+    let Model::Llava(mut m) = loaded.model else {
+        panic!()
+    };
+    // Particles on every linear layer: vision tower, projector, decoder, lm_head.
+    let spec = AdapterSpec {
+        targets: vec!["*".into()],
+        rank: 2,
+        alpha: 4.0,
+        particles: 3,
+    };
+    attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
+    let mut vars = Vec::new();
+    for (name, layer) in m.linears_mut() {
+        // LLaVA reads the vision features of layer -2: the last vision layer never runs.
+        if name.starts_with("vision_tower.vision_model.encoder.layers.2.") {
+            continue;
+        }
+        let ad = layer.adapter().unwrap().clone();
+        let a = Var::from_tensor(&ad.a).unwrap();
+        let b = Var::from_tensor(&ad.b).unwrap();
+        layer
+            .set_adapter(Some(
+                Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale).unwrap(),
+            ))
+            .unwrap();
+        vars.push((name, a, b, layer.weight().clone()));
+    }
+    assert!(vars.len() > 30, "{} adapted layers", vars.len());
+    let examples: Vec<_> = train_data.iter().take(6).collect();
+    let encoded: Vec<_> = examples
+        .iter()
+        .map(|e| encode_example(&prompter, 25, &e.question, &target_answer(e).unwrap()).unwrap())
+        .collect();
+    let refs: Vec<_> = encoded.iter().collect();
+    let images: Vec<_> = examples.iter().map(|e| e.image.as_path()).collect();
+    let pad = prompter.pad_token_id().unwrap();
+    // Ensemble layout: 2 different examples per particle.
+    let batch = make_batch(&refs, &images, &processor, pad).unwrap();
+    let input = LlavaInput {
+        input_ids: &batch.input_ids,
+        pixel_values: Some(&batch.pixel_values),
+        keep: &batch.keep,
+        expanded: true,
+    };
+    let mut cache = m.language_model.new_cache();
+    let logits = m.forward(&input, &mut cache, 3, false).unwrap().logits;
+    let window = batch.targets.dim(1).unwrap();
+    let nll = particle_nll(
+        &logits.narrow(1, batch.window_start, window).unwrap(),
+        &batch,
+        3,
+    )
+    .unwrap();
+    let grads = nll.sum_all().unwrap().backward().unwrap();
+    for (name, a, b, weight) in &vars {
+        for (what, v) in [("A", a), ("B", b)] {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}.{what} has no gradient"));
+            for p in 0..3 {
+                let norm = g
+                    .get(p)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(norm > 0.0, "{name}.{what} particle {p} has a zero gradient");
+            }
+        }
+        assert!(
+            grads.get(weight).is_none(),
+            "the frozen weight of {name} got a gradient"
+        );
+    }
+}
+
+fn log(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_once(method: Method) -> (tempfile::TempDir, ParticleSet) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    let out = tempfile::tempdir().unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    let report = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(method),
+        &run(out.path(), None, false),
+    )
+    .unwrap();
+    assert!(report.finished);
+    assert_eq!(report.steps, 8);
+    let entries = log(out.path());
+    let first = entries.first().unwrap()["train_loss"].as_f64().unwrap();
+    let last = entries.last().unwrap()["train_loss"].as_f64().unwrap();
+    assert!(last < first * 0.9, "{method:?}: loss {first} → {last}");
+    assert!(
+        entries.last().unwrap()["mean_pairwise_distance"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(entries.last().unwrap()["val_accuracy"].is_f64());
+    let set = ParticleSet::load(out.path(), &Device::Cpu).unwrap();
+    assert_eq!(set.config.particles, 3);
+    assert_eq!(set.config.step, 8);
+    assert_eq!(set.config.layers.len(), 6, "q and v of 3 decoder layers");
+    (out, set)
+}
+
+#[test]
+fn ensemble_training_lowers_the_loss_and_particles_differ() {
+    let (_out, set) = train_once(Method::Ensemble);
+    assert_eq!(set.config.method, "ensemble");
+    let (_, ad) = &set.adapters[0];
+    let d = (ad.delta(0).unwrap() - ad.delta(1).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-3, "particles 0 and 1 are the same");
+}
+
+#[test]
+fn svgd_training_lowers_the_loss_and_particles_differ() {
+    let (_out, set) = train_once(Method::Svgd);
+    assert_eq!(set.config.method, "svgd");
+    let (_, ad) = &set.adapters[0];
+    let d = (ad.delta(0).unwrap() - ad.delta(2).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-3, "particles 0 and 2 are the same");
+}
+
+fn tensors(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(dir.join("particles.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resuming_equals_an_uninterrupted_run() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    let straight = tempfile::tempdir().unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Svgd),
+        &run(straight.path(), None, false),
+    )
+    .unwrap();
+
+    let split = tempfile::tempdir().unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    let first = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Svgd),
+        &run(split.path(), Some(5), false),
+    )
+    .unwrap();
+    assert!(!first.finished && first.steps == 5);
+    // Without --resume the run is not overwritten.
+    let mut loaded = load_model("llava-tiny-hub");
+    let err = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Svgd),
+        &run(split.path(), None, false),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    // A fresh process: a newly loaded base model.
+    let mut loaded = load_model("llava-tiny-hub");
+    let second = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Svgd),
+        &run(split.path(), None, true),
+    )
+    .unwrap();
+    assert!(second.finished && second.steps == 8);
+
+    let (a, b) = (tensors(straight.path()), tensors(split.path()));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let d = max_abs_diff(t, &b[k]);
+        assert!(d <= 1e-6, "{k} differs by {d} after resuming");
+    }
+    // Other options refuse to resume.
+    let mut loaded = load_model("llava-tiny-hub");
+    let other = TrainOptions {
+        lr: 0.5,
+        ..options(Method::Svgd)
+    };
+    let err = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &other,
+        &run(split.path(), None, true),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("other training options"), "{err}");
+}
+
+#[test]
+fn a_damaged_checkpoint_is_reported_and_the_previous_one_is_intact() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    let out = tempfile::tempdir().unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Ensemble),
+        &run(out.path(), Some(7), false),
+    )
+    .unwrap();
+    let latest = train::checkpoint::latest(out.path()).unwrap().unwrap();
+    assert!(latest.ends_with("step-00000007"));
+    let file = latest.join("particles.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    let err = format!(
+        "{:#}",
+        train::train(
+            &mut loaded,
+            &train_data,
+            &val,
+            &options(Method::Ensemble),
+            &run(out.path(), None, true)
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("step-00000007") && err.contains("particles.safetensors"),
+        "{err}"
+    );
+    let previous = out.path().join("checkpoints/step-00000006");
+    let ck = train::checkpoint::load(&previous).expect("the previous checkpoint still loads");
+    assert_eq!(ck.state.step, 6);
+}
