@@ -415,7 +415,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
         None => Vec::new(),
     };
-    let defaults = TrainOptions::llava_defaults();
+    let defaults = TrainOptions::defaults_for(&loaded.model);
     let opts = TrainOptions {
         targets: args.targets.clone().unwrap_or(defaults.targets),
         rank: args.rank,

@@ -336,3 +336,52 @@ fn a_damaged_checkpoint_is_reported_and_the_previous_one_is_intact() {
     let ck = train::checkpoint::load(&previous).expect("the previous checkpoint still loads");
     assert_eq!(ck.state.step, 6);
 }
+
+#[test]
+fn clip_particles_learn_an_answer_vocabulary_and_answer_with_it() {
+    use bella_vqa::answer::{BellaVqa, LoadOptions};
+    use bella_vqa::hub::ModelSource;
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    let out = tempfile::tempdir().unwrap();
+    let mut loaded = load_model("clip-tiny");
+    let opts = TrainOptions {
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        ..options(Method::Ensemble)
+    };
+    let report = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &opts,
+        &run(out.path(), None, false),
+    )
+    .unwrap();
+    assert!(report.finished);
+    let entries = log(out.path());
+    let first = entries.first().unwrap()["train_loss"].as_f64().unwrap();
+    let last = entries.last().unwrap()["train_loss"].as_f64().unwrap();
+    assert!(last < first, "loss {first} → {last}");
+    let set = ParticleSet::load(out.path(), &Device::Cpu).unwrap();
+    let vocab = set
+        .config
+        .answer_vocabulary
+        .clone()
+        .expect("a CLIP set stores its vocabulary");
+    assert!(vocab.len() >= 3 && vocab.iter().all(|a| !a.is_empty()));
+    assert_eq!(set.config.architecture, "CLIP");
+    // q and v of 2 text + 3 vision layers.
+    assert_eq!(set.config.layers.len(), 10);
+
+    let source = ModelSource::parse(fixture("clip-tiny").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, Some(out.path()), &LoadOptions::default()).unwrap();
+    let image = bella_vqa::models::image::load_image(&train_data[0].image).unwrap();
+    let r = vqa.ask(&image, &train_data[0].question).unwrap();
+    assert_eq!(r.particles.len(), 3);
+    assert!(vocab.contains(&r.answer), "{} not in {vocab:?}", r.answer);
+    let total: f64 = r.candidates.iter().map(|c| c.probability).sum();
+    assert!(
+        (total - 1.0).abs() < 1e-6,
+        "CLIP candidates carry all the mass: {total}"
+    );
+}

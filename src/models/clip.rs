@@ -260,6 +260,18 @@ impl ClipTextTransformer {
         attention_mask: Option<&Tensor>,
         particles: usize,
     ) -> Result<TowerOutput> {
+        self.forward_rows(input_ids, attention_mask, particles, false)
+    }
+
+    /// As [`Self::forward`]; with `input_expanded` the rows already carry the particle axis
+    /// (different texts per particle, particle-major).
+    pub fn forward_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        particles: usize,
+        input_expanded: bool,
+    ) -> Result<TowerOutput> {
         let (batch, len) = input_ids.dims2()?;
         if len > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -287,7 +299,7 @@ impl ClipTextTransformer {
         let bias = attention_bias(&keep, len, true, input_ids.device())?;
         let out = self.encoder.forward(
             embeddings.clone(),
-            false,
+            input_expanded,
             Some(bias),
             particles,
             self.encoder.layers.len(),
@@ -414,11 +426,22 @@ impl ClipVisionTransformer {
 
     /// The full tower: every hidden state, the last one and the pooled class token.
     pub fn forward(&self, pixel_values: &Tensor, particles: usize) -> Result<TowerOutput> {
+        self.forward_rows(pixel_values, particles, false)
+    }
+
+    /// As [`Self::forward`]; with `input_expanded` the images already carry the particle axis.
+    pub fn forward_rows(
+        &self,
+        pixel_values: &Tensor,
+        particles: usize,
+        input_expanded: bool,
+    ) -> Result<TowerOutput> {
         let embeddings = self.embeddings(pixel_values)?;
         let x = self.pre_layrnorm.forward(&embeddings)?;
-        let out =
-            self.encoder
-                .forward(x, false, None, particles, self.encoder.layers.len(), true)?;
+        let layers = self.encoder.layers.len();
+        let out = self
+            .encoder
+            .forward(x, input_expanded, None, particles, layers, true)?;
         let post = self.post_layernorm.as_ref().ok_or_else(|| {
             candle_core::Error::Msg("this vision tower was loaded without post_layernorm".into())
         })?;
@@ -520,15 +543,41 @@ impl ClipModel {
         attention_mask: Option<&Tensor>,
         particles: usize,
     ) -> Result<Tensor> {
-        let out = self
-            .text_model
-            .forward(input_ids, attention_mask, particles)?;
+        Ok(self
+            .text_embeds_rows(input_ids, attention_mask, particles, false)?
+            .0)
+    }
+
+    /// Text embeddings and whether their rows carry the particle axis; `input_expanded`: the
+    /// texts already do.
+    pub fn text_embeds_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        particles: usize,
+        input_expanded: bool,
+    ) -> Result<(Tensor, bool)> {
+        let out =
+            self.text_model
+                .forward_rows(input_ids, attention_mask, particles, input_expanded)?;
         self.project(&self.text_projection, out.pooled, out.expanded, particles)
     }
 
     /// Projected (not normalised) image embeddings `[rows, projection_dim]`.
     pub fn image_embeds(&self, pixel_values: &Tensor, particles: usize) -> Result<Tensor> {
-        let out = self.vision_model.forward(pixel_values, particles)?;
+        Ok(self.image_embeds_rows(pixel_values, particles, false)?.0)
+    }
+
+    /// Image embeddings and whether their rows carry the particle axis.
+    pub fn image_embeds_rows(
+        &self,
+        pixel_values: &Tensor,
+        particles: usize,
+        input_expanded: bool,
+    ) -> Result<(Tensor, bool)> {
+        let out = self
+            .vision_model
+            .forward_rows(pixel_values, particles, input_expanded)?;
         self.project(&self.visual_projection, out.pooled, out.expanded, particles)
     }
 
@@ -538,13 +587,11 @@ impl ClipModel {
         pooled: Tensor,
         expanded: bool,
         particles: usize,
-    ) -> Result<Tensor> {
-        let pooled = if !expanded && proj.adapter().is_some() {
-            expand_particles(&pooled, particles)?
-        } else {
-            pooled
-        };
-        proj.forward(&pooled)
+    ) -> Result<(Tensor, bool)> {
+        if !expanded && proj.adapter().is_some() {
+            return Ok((proj.forward(&expand_particles(&pooled, particles)?)?, true));
+        }
+        Ok((proj.forward(&pooled)?, expanded))
     }
 
     /// `logit_scale.exp() · cos(image, text)`: `[images, texts]` (without particles).

@@ -1,4 +1,5 @@
-//! Training Bella particles on VQA data (design §4): P low-rank particles on a frozen LLaVA, as a
+//! Training Bella particles on VQA data (design §4): P low-rank particles on a frozen LLaVA or
+//! CLIP, as a
 //! plain ensemble (independent particles, own initialisation and data order, one batched
 //! forward/backward) or with SVGD (one RBF kernel over the particles, the repulsive term keeps
 //! them apart).
@@ -21,6 +22,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::answer::candidates::clip_candidates;
 use crate::answer::generate::{generate, GenerateOptions, Sampling};
 use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
 use crate::bella::svgd::{delta_w_sq_distances, svgd_direction, KernelSpace, LayerFactors};
@@ -29,9 +31,14 @@ use crate::data::normalize::normalize_answer;
 use crate::data::VqaExample;
 use crate::hub::Origin;
 use crate::metrics::{vqa_accuracy, NormalizeMode};
-use crate::models::llava::{LlavaInput, LlavaModel};
+use crate::models::image::{load_image, ImageProcessor};
+use crate::models::llava::LlavaInput;
+use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
-use objective::{encode_example, make_batch, particle_nll, target_answer, EncodedExample};
+use objective::{
+    clip_particle_nll, clip_vocabulary, encode_example, make_batch, particle_nll, target_answer,
+    EncodedExample,
+};
 use optim::{clip_per_particle, learning_rate, AdamW};
 
 /// How the particles are trained.
@@ -102,6 +109,19 @@ impl TrainOptions {
         }
     }
 
+    /// Defaults for a model: LLaVA as [`Self::llava_defaults`]; CLIP with the attention
+    /// projections of both towers.
+    pub fn defaults_for(model: &Model) -> Self {
+        let llava = Self::llava_defaults();
+        match model {
+            Model::Llava(_) => llava,
+            Model::Clip(_) => Self {
+                targets: AdapterSpec::default_for_clip().targets,
+                ..llava
+            },
+        }
+    }
+
     fn spec(&self) -> AdapterSpec {
         AdapterSpec {
             targets: self.targets.clone(),
@@ -167,7 +187,7 @@ struct Params {
 
 impl Params {
     /// Makes every adapter's factors variables and puts the variables' tensors into the layers.
-    fn install(model: &mut LlavaModel) -> Result<Self> {
+    fn install<M: ParticleModel + ?Sized>(model: &mut M) -> Result<Self> {
         let mut p = Params {
             names: Vec::new(),
             a: Vec::new(),
@@ -289,35 +309,11 @@ pub fn train(
     let (Some(prompter), Some(processor)) = (&loaded.prompter, &loaded.image_processor) else {
         bail!("the model needs a tokenizer and an image processor to train");
     };
-    let Model::Llava(model) = &mut loaded.model else {
-        bail!("training is implemented for LLaVA checkpoints (CLIP training is not supported yet)");
-    };
-    let model: &mut LlavaModel = model.as_mut();
-    let image_tokens = model.config().image_tokens_per_image();
-    let pad_id = prompter
-        .pad_token_id()
-        .or(prompter.eos_token_id())
-        .unwrap_or(0);
-
-    // Encode the data once (token ids); images are read per batch.
-    let encode_all = |data: &[VqaExample], what: &str| -> Result<Vec<EncodedExample>> {
-        data.iter()
-            .map(|ex| {
-                let answer = target_answer(ex).with_context(|| {
-                    format!(
-                        "{what} question {} has no answers to train on",
-                        ex.question_id
-                    )
-                })?;
-                encode_example(prompter, image_tokens, &ex.question, &answer)
-                    .with_context(|| format!("{what} question {}", ex.question_id))
-            })
-            .collect()
-    };
     if train.is_empty() {
         bail!("the training data is empty");
     }
-    let encoded = encode_all(train, "training")?;
+    let model: &mut Model = &mut loaded.model;
+    let objective = Objective::new(model, prompter, processor, train)?;
     let n = train.len();
     let batch = opts.batch_size.min(n);
     let steps_per_epoch = (n / batch) as u64;
@@ -365,7 +361,7 @@ pub fn train(
     let config = ParticleConfig {
         format_version: 1,
         base_model: base,
-        architecture: "LLaVA".into(),
+        architecture: loaded_architecture(model).into(),
         targets: opts.targets.clone(),
         layers: params.names.clone(),
         rank: opts.rank,
@@ -378,7 +374,7 @@ pub fn train(
         seed: opts.seed,
         step: start_step,
         abstention: None,
-        answer_vocabulary: None,
+        answer_vocabulary: objective.vocabulary(),
     };
     std::fs::create_dir_all(&run.out)
         .with_context(|| format!("cannot create {}", run.out.display()))?;
@@ -400,7 +396,7 @@ pub fn train(
     let n_data = n as f64;
 
     let save_checkpoint =
-        |step: u64, params: &Params, optimizer: &AdamW, model: &LlavaModel| -> Result<()> {
+        |step: u64, params: &Params, optimizer: &AdamW, model: &Model| -> Result<()> {
             let mut cfg = config.clone();
             cfg.step = step;
             let set = ParticleSet::from_model(model, cfg);
@@ -430,20 +426,8 @@ pub fn train(
             let ord = order(n, opts.seed, epoch, stream);
             picked.extend_from_slice(&ord[s * batch..(s + 1) * batch]);
         }
-        let enc: Vec<&EncodedExample> = picked.iter().map(|&i| &encoded[i]).collect();
-        let images: Vec<&Path> = picked.iter().map(|&i| train[i].image.as_path()).collect();
-        let b = make_batch(&enc, &images, processor, pad_id)?;
-        let input = LlavaInput {
-            input_ids: &b.input_ids,
-            pixel_values: Some(&b.pixel_values),
-            keep: &b.keep,
-            expanded: opts.method == Method::Ensemble && p > 1,
-        };
-        let mut cache = model.language_model.new_cache();
-        let out = model.forward(&input, &mut cache, p, false)?;
-        let window = b.targets.dim(1)?;
-        let logits = out.logits.narrow(1, b.window_start, window)?;
-        let nll = particle_nll(&logits, &b, p)?;
+        let expanded = opts.method == Method::Ensemble && p > 1;
+        let nll = objective.loss(model, train, &picked, p, expanded)?;
         let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
         let per_particle = (nll + prior)?;
         let loss = per_particle.sum_all()?;
@@ -510,7 +494,7 @@ pub fn train(
 
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
-            let (acc, vote) = evaluate(model, prompter, processor, &val_sample, p)?;
+            let (acc, vote) = objective.evaluate(model, &val_sample, p)?;
             let eval = Evaluation {
                 step: done,
                 epoch: done as f64 / steps_per_epoch as f64,
@@ -565,61 +549,241 @@ fn progress_bar(show: bool, total: u64, start: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Greedy answers of every particle on the validation sample: (mean per-particle VQA accuracy,
-/// accuracy of the majority answer). `None` without validation data.
-fn evaluate(
-    model: &LlavaModel,
-    prompter: &crate::models::prompt::Prompter,
-    processor: &crate::models::image::ImageProcessor,
-    val: &[VqaExample],
-    particles: usize,
-) -> Result<(Option<f64>, Option<f64>)> {
-    if val.is_empty() {
-        return Ok((None, None));
+fn loaded_architecture(model: &Model) -> &'static str {
+    match model {
+        Model::Llava(_) => "LLaVA",
+        Model::Clip(_) => "CLIP",
     }
-    let gen = GenerateOptions {
-        max_new_tokens: 8,
-        eos: prompter.eos_token_id().into_iter().collect(),
-        sampling: Sampling::Greedy,
-    };
-    let mut acc = 0.0;
-    let mut vote = 0.0;
-    for ex in val {
-        let pixels = processor
-            .preprocess(&crate::models::image::load_image(&ex.image)?)?
-            .unsqueeze(0)?;
-        let text = prompter.render_question(&ex.question, true)?;
-        let ids = prompter.encode(&text, model.config().image_tokens_per_image())?;
-        let len = ids.len();
-        let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
-        let keep = vec![vec![true; len]];
-        let input = LlavaInput {
-            input_ids: &ids,
-            pixel_values: Some(&pixels),
-            keep: &keep,
-            expanded: false,
-        };
-        let prefill = model.prefill(&input, particles)?;
-        let out = generate(&model.language_model, &prefill, particles, &gen)?;
-        let answers: Vec<String> = out
-            .iter()
-            .map(|g| {
-                prompter
-                    .decode(&g.tokens, true)
-                    .map(|t| t.trim().to_string())
+}
+
+/// What the particles are trained to predict, per architecture (design §4).
+enum Objective<'a> {
+    /// Teacher-forced answer tokens after the prompt.
+    Llava {
+        prompter: &'a Prompter,
+        processor: &'a ImageProcessor,
+        encoded: Vec<EncodedExample>,
+        pad_id: u32,
+    },
+    /// Cross-entropy over an answer vocabulary built from the training answers.
+    Clip {
+        prompter: &'a Prompter,
+        processor: &'a ImageProcessor,
+        vocabulary: Vec<String>,
+        targets: Vec<usize>,
+    },
+}
+
+/// Largest CLIP answer vocabulary built from training answers.
+const MAX_CLIP_VOCABULARY: usize = 500;
+
+impl<'a> Objective<'a> {
+    fn new(
+        model: &Model,
+        prompter: &'a Prompter,
+        processor: &'a ImageProcessor,
+        train: &[VqaExample],
+    ) -> Result<Self> {
+        let answer = |ex: &VqaExample| {
+            target_answer(ex).with_context(|| {
+                format!(
+                    "training question {} has no answers to train on",
+                    ex.question_id
+                )
             })
-            .collect::<Result<_>>()?;
-        let scores: Vec<f64> = answers
-            .iter()
-            .map(|a| vqa_accuracy(a, &ex.answers, NormalizeMode::Official))
-            .collect();
-        acc += scores.iter().sum::<f64>() / scores.len() as f64;
-        let normalized: Vec<String> = answers.iter().map(|a| normalize_answer(a)).collect();
-        let best = (0..answers.len())
-            .max_by_key(|&i| normalized.iter().filter(|n| **n == normalized[i]).count())
-            .unwrap_or(0);
-        vote += scores[best];
+        };
+        match model {
+            Model::Llava(m) => {
+                let image_tokens = m.config().image_tokens_per_image();
+                let encoded = train
+                    .iter()
+                    .map(|ex| {
+                        encode_example(prompter, image_tokens, &ex.question, &answer(ex)?)
+                            .with_context(|| format!("training question {}", ex.question_id))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Objective::Llava {
+                    prompter,
+                    processor,
+                    encoded,
+                    pad_id: prompter
+                        .pad_token_id()
+                        .or(prompter.eos_token_id())
+                        .unwrap_or(0),
+                })
+            }
+            Model::Clip(_) => {
+                let vocabulary = clip_vocabulary(train, MAX_CLIP_VOCABULARY);
+                let targets = train
+                    .iter()
+                    .map(|ex| {
+                        let a = normalize_answer(&answer(ex)?);
+                        // Answers beyond the vocabulary cap fall back to the most frequent one.
+                        Ok(vocabulary.iter().position(|v| *v == a).unwrap_or(0))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Objective::Clip {
+                    prompter,
+                    processor,
+                    vocabulary,
+                    targets,
+                })
+            }
+        }
     }
-    let n = val.len() as f64;
-    Ok((Some(acc / n), Some(vote / n)))
+
+    fn vocabulary(&self) -> Option<Vec<String>> {
+        match self {
+            Objective::Clip { vocabulary, .. } => Some(vocabulary.clone()),
+            Objective::Llava { .. } => None,
+        }
+    }
+
+    /// Mean NLL per particle `[P]` of the examples `picked` (particle-major when `expanded`).
+    fn loss(
+        &self,
+        model: &Model,
+        train: &[VqaExample],
+        picked: &[usize],
+        particles: usize,
+        expanded: bool,
+    ) -> Result<Tensor> {
+        match (self, model) {
+            (
+                Objective::Llava {
+                    processor,
+                    encoded,
+                    pad_id,
+                    ..
+                },
+                Model::Llava(m),
+            ) => {
+                let enc: Vec<&EncodedExample> = picked.iter().map(|&i| &encoded[i]).collect();
+                let images: Vec<&Path> = picked.iter().map(|&i| train[i].image.as_path()).collect();
+                let b = make_batch(&enc, &images, processor, *pad_id)?;
+                let input = LlavaInput {
+                    input_ids: &b.input_ids,
+                    pixel_values: Some(&b.pixel_values),
+                    keep: &b.keep,
+                    expanded,
+                };
+                let mut cache = m.language_model.new_cache();
+                let out = m.forward(&input, &mut cache, particles, false)?;
+                let window = b.targets.dim(1)?;
+                let logits = out.logits.narrow(1, b.window_start, window)?;
+                particle_nll(&logits, &b, particles)
+            }
+            (
+                Objective::Clip {
+                    prompter,
+                    processor,
+                    vocabulary,
+                    targets,
+                },
+                Model::Clip(m),
+            ) => {
+                let examples: Vec<&VqaExample> = picked.iter().map(|&i| &train[i]).collect();
+                let t: Vec<usize> = picked.iter().map(|&i| targets[i]).collect();
+                let task = objective::ClipTask {
+                    prompter,
+                    processor,
+                    vocabulary,
+                };
+                clip_particle_nll(m, &task, &examples, &t, particles, expanded)
+            }
+            _ => bail!("the objective does not match the model"),
+        }
+    }
+
+    /// Every particle's own answer on the validation sample: (mean per-particle VQA accuracy,
+    /// accuracy of the particles' majority answer). `None` without validation data.
+    fn evaluate(
+        &self,
+        model: &Model,
+        val: &[VqaExample],
+        particles: usize,
+    ) -> Result<(Option<f64>, Option<f64>)> {
+        if val.is_empty() {
+            return Ok((None, None));
+        }
+        let mut acc = 0.0;
+        let mut vote = 0.0;
+        for ex in val {
+            let answers = self.particle_answers(model, ex, particles)?;
+            let scores: Vec<f64> = answers
+                .iter()
+                .map(|a| vqa_accuracy(a, &ex.answers, NormalizeMode::Official))
+                .collect();
+            acc += scores.iter().sum::<f64>() / scores.len() as f64;
+            let normalized: Vec<String> = answers.iter().map(|a| normalize_answer(a)).collect();
+            let best = (0..answers.len())
+                .max_by_key(|&i| normalized.iter().filter(|n| **n == normalized[i]).count())
+                .unwrap_or(0);
+            vote += scores[best];
+        }
+        let n = val.len() as f64;
+        Ok((Some(acc / n), Some(vote / n)))
+    }
+
+    fn particle_answers(
+        &self,
+        model: &Model,
+        ex: &VqaExample,
+        particles: usize,
+    ) -> Result<Vec<String>> {
+        let (prompter, processor) = match self {
+            Objective::Llava {
+                prompter,
+                processor,
+                ..
+            }
+            | Objective::Clip {
+                prompter,
+                processor,
+                ..
+            } => (*prompter, *processor),
+        };
+        let pixels = processor
+            .preprocess(&load_image(&ex.image)?)?
+            .unsqueeze(0)?;
+        match (self, model) {
+            (Objective::Clip { vocabulary, .. }, Model::Clip(m)) => {
+                let scored =
+                    clip_candidates(m, prompter, &pixels, &ex.question, vocabulary, particles)?;
+                Ok(scored
+                    .particle_answers
+                    .into_iter()
+                    .map(|a| a.answer)
+                    .collect())
+            }
+            (Objective::Llava { .. }, Model::Llava(m)) => {
+                let gen = GenerateOptions {
+                    max_new_tokens: 8,
+                    eos: prompter.eos_token_id().into_iter().collect(),
+                    sampling: Sampling::Greedy,
+                };
+                let text = prompter.render_question(&ex.question, true)?;
+                let ids = prompter.encode(&text, m.config().image_tokens_per_image())?;
+                let len = ids.len();
+                let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
+                let keep = vec![vec![true; len]];
+                let input = LlavaInput {
+                    input_ids: &ids,
+                    pixel_values: Some(&pixels),
+                    keep: &keep,
+                    expanded: false,
+                };
+                let prefill = m.prefill(&input, particles)?;
+                generate(&m.language_model, &prefill, particles, &gen)?
+                    .iter()
+                    .map(|g| {
+                        prompter
+                            .decode(&g.tokens, true)
+                            .map(|t| t.trim().to_string())
+                    })
+                    .collect()
+            }
+            _ => bail!("the objective does not match the model"),
+        }
+    }
 }

@@ -152,3 +152,87 @@ pub fn particle_nll(logits: &Tensor, batch: &Batch, particles: usize) -> Result<
         .clamp(1.0, f64::INFINITY)?;
     Ok((per_particle / counts)?.neg()?)
 }
+
+/// The CLIP answer vocabulary: every distinct normalised training answer, most frequent first
+/// (ties alphabetical), at most `max` of them.
+pub fn clip_vocabulary(train: &[VqaExample], max: usize) -> Vec<String> {
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for ex in train {
+        if let Some(a) = target_answer(ex) {
+            *counts
+                .entry(crate::data::normalize::normalize_answer(&a))
+                .or_insert(0) += 1;
+        }
+    }
+    let mut vocab: Vec<(String, usize)> = counts.into_iter().collect();
+    vocab.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    vocab.into_iter().take(max).map(|(a, _)| a).collect()
+}
+
+/// What CLIP answers with: its tokenizer, image processor and answer vocabulary.
+pub struct ClipTask<'a> {
+    pub prompter: &'a Prompter,
+    pub processor: &'a ImageProcessor,
+    pub vocabulary: &'a [String],
+}
+
+/// CLIP's per-particle cross-entropy over the answer vocabulary for a batch of examples whose
+/// correct answers are `targets` (vocabulary indices). `expanded`: P·m examples, particle-major;
+/// else m examples shared by all particles.
+pub fn clip_particle_nll(
+    model: &crate::models::clip::ClipModel,
+    task: &ClipTask,
+    examples: &[&VqaExample],
+    targets: &[usize],
+    particles: usize,
+    expanded: bool,
+) -> Result<Tensor> {
+    let ClipTask {
+        prompter,
+        processor,
+        vocabulary,
+    } = task;
+    use crate::answer::candidates::clip_prompt;
+    use crate::models::clip::normalize;
+    let k = vocabulary.len();
+    let rows = examples.len();
+    let texts: Vec<String> = examples
+        .iter()
+        .flat_map(|ex| vocabulary.iter().map(|a| clip_prompt(&ex.question, a)))
+        .collect();
+    let max_len = model.config().text_config.max_position_embeddings;
+    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len)?;
+    let len = ids[0].len();
+    let ids = Tensor::from_vec(ids.concat(), (rows * k, len), &Device::Cpu)?;
+    let mask = Tensor::from_vec(mask.concat(), (rows * k, len), &Device::Cpu)?;
+    let pixels = examples
+        .iter()
+        .map(|ex| processor.preprocess(&load_image(&ex.image)?))
+        .collect::<Result<Vec<_>>>()?;
+    let pixels = Tensor::stack(&pixels, 0)?;
+    let (txt, _) = model.text_embeds_rows(&ids, Some(&mask), particles, expanded)?;
+    let (img, _) = model.image_embeds_rows(&pixels, particles, expanded)?;
+    let full = if expanded { rows } else { rows * particles };
+    let bring = |t: Tensor, per: usize| -> Result<Tensor> {
+        Ok(if t.dim(0)? == full * per {
+            t
+        } else {
+            crate::bella::expand_particles(&t, full * per / t.dim(0)?)?
+        })
+    };
+    let txt = bring(normalize(&txt)?, k)?.reshape((full, k, ()))?;
+    let img = bring(normalize(&img)?, 1)?.unsqueeze(1)?;
+    let scale = model.logit_scale().exp()?;
+    let logits = img
+        .matmul(&txt.transpose(1, 2)?.contiguous()?)?
+        .squeeze(1)?
+        .broadcast_mul(&scale)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let per_row: Vec<u32> = (0..full).map(|r| targets[r % rows] as u32).collect();
+    let target = Tensor::from_vec(per_row, (full, 1), &Device::Cpu)?;
+    let picked = logp.gather(&target, 1)?.squeeze(1)?;
+    Ok(picked
+        .reshape((particles, full / particles))?
+        .mean(1)?
+        .neg()?)
+}
