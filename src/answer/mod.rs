@@ -1,15 +1,21 @@
 //! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question.
 //!
-//! ```no_run
+//! ```
+//! use std::path::Path;
 //! use bella_vqa::answer::{BellaVqa, LoadOptions};
 //! use bella_vqa::hub::ModelSource;
 //!
 //! # fn main() -> anyhow::Result<()> {
-//! let source = ModelSource::parse("tests/fixtures/llava-tiny-hub")?;
+//! # let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+//! // Load once (a hub id, a cache entry or a directory; particles with `Some(dir)`).
+//! let source = ModelSource::Dir(root.join("tests/fixtures/llava-tiny-hub"));
 //! let vqa = BellaVqa::load(&source, None, &LoadOptions::default())?;
-//! let image = bella_vqa::models::image::load_image("tests/fixtures/images/square.png".as_ref())?;
+//!
+//! // Then ask, from as many threads as you like.
+//! let image = bella_vqa::models::image::load_image(&root.join("tests/fixtures/images/square.png"))?;
 //! let response = vqa.ask(&image, "What color is the circle?")?;
 //! println!("{} (confidence {:.2})", response.response, response.confidence);
+//! assert!((0.0..=1.0).contains(&response.confidence));
 //! # Ok(())
 //! # }
 //! ```
