@@ -10,10 +10,17 @@ Everything is built from scratch (no model hub, no downloads) with seeded random
                                    chat_template.json)
   tests/fixtures/llava-tiny-v5/    the same model exactly as transformers 5 save_pretrained writes it
   tests/fixtures/reference/        reference outputs computed with transformers (f32, eager attention)
+  tests/fixtures/peft/llava-lora/  a LoRA adapter on llava-tiny-hub's language model saved by the real `peft`
+                                   (reference/peft.safetensors: the logits of the PEFT-wrapped model)
 
 Rerun by hand (CI only runs the Rust side):
 
     ~/.cache/bella-fixtures-venv/bin/python scripts/make_fixtures.py
+
+To check that PEFT loads adapters written by `bella-vqa export-peft` (each directory is compared
+with the logits of the PEFT fixture when it holds the same factors, and always loaded key by key):
+
+    ~/.cache/bella-fixtures-venv/bin/python scripts/make_fixtures.py --check-peft-export DIR [DIR ...]
 
 The script is deterministic: rerunning it with the pinned environment
 (scripts/requirements-fixtures.txt) reproduces the same files.
@@ -74,6 +81,8 @@ CLIP_DIR = FIX / "clip-tiny"
 HUB_DIR = FIX / "llava-tiny-hub"
 V5_DIR = FIX / "llava-tiny-v5"
 REF_DIR = FIX / "reference"
+PEFT_DIR = FIX / "peft"
+PEFT_LORA_DIR = PEFT_DIR / "llava-lora"
 
 SEED = 20240611
 ATTN = "eager"
@@ -1042,6 +1051,160 @@ def llava_reference(images: dict[str, Image.Image]) -> None:
     write_json(REF_DIR / "llava.json", meta)
 
 
+# --------------------------------------------------------------------------------------------------
+# 5. PEFT: a LoRA adapter saved by the real `peft`, and a check for adapters exported by bella-vqa
+# --------------------------------------------------------------------------------------------------
+
+# How PEFT users restrict LoRA to LLaVA's language model: a regex `target_modules` (PEFT matches a
+# string with re.fullmatch against the in-memory module names, `model.language_model.layers.0.…`).
+PEFT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+PEFT_RANK = 4
+PEFT_ALPHA = 8
+
+
+def lora_factors(model) -> dict[str, torch.Tensor]:
+    """Module name (in-memory, without PEFT's `base_model.model.` prefix) -> lora_A / lora_B weight."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            short = name.removeprefix("base_model.model.")
+            out[f"{short}.lora_A"] = mod.lora_A["default"].weight
+            out[f"{short}.lora_B"] = mod.lora_B["default"].weight
+    return out
+
+
+def peft_logits(model, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(
+            input_ids=ref["image.input_ids"],
+            attention_mask=ref["image.attention_mask"],
+            pixel_values=ref["image.pixel_values"],
+        ).logits
+
+
+def load_llava_ref() -> dict[str, torch.Tensor]:
+    with safe_open(REF_DIR / "llava.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def peft_reference() -> None:
+    """tests/fixtures/peft/llava-lora/ (adapter_config.json + adapter_model.safetensors, as
+    `save_pretrained` writes them) and reference/peft.safetensors (logits of the wrapped model)."""
+    import peft
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    reset_dir(PEFT_DIR)
+    ref = load_llava_ref()
+    base = LlavaForConditionalGeneration.from_pretrained(HUB_DIR, attn_implementation=ATTN).eval()
+    base_logits = peft_logits(base, ref)
+    assert max_abs(base_logits, ref["image.logits"]) == 0
+
+    config = LoraConfig(
+        r=PEFT_RANK,
+        lora_alpha=PEFT_ALPHA,
+        target_modules=PEFT_TARGETS,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    # a trained adapter: both factors non-zero (PEFT's own init has B = 0), seeded, A like kaiming-uniform
+    gen = torch.Generator().manual_seed(SEED + 4)
+    factors = lora_factors(model)
+    with torch.no_grad():
+        for name in sorted(factors):
+            w = factors[name]
+            if name.endswith(".lora_A"):
+                bound = 1.0 / math.sqrt(w.shape[1])
+                w.copy_((torch.rand(tuple(w.shape), generator=gen) * 2 - 1) * bound)
+            else:
+                w.copy_(0.1 * torch.randn(tuple(w.shape), generator=gen))
+    model.eval()
+    targeted = sorted(n.removesuffix(".lora_A") for n in factors if n.endswith(".lora_A"))
+    assert targeted == sorted(
+        f"model.language_model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ), targeted
+    logits = peft_logits(model, ref)
+
+    # the path as the Rust tests see it (relative to the repository), not this machine's
+    model.peft_config["default"].base_model_name_or_path = HUB_DIR.relative_to(ROOT).as_posix()
+    model.save_pretrained(PEFT_LORA_DIR)
+    (PEFT_LORA_DIR / "README.md").unlink()  # the generated model card: not needed, not deterministic enough
+    assert sorted(p.name for p in PEFT_LORA_DIR.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    # ---- load it back the way users do and check the numbers ----
+    fresh = LlavaForConditionalGeneration.from_pretrained(HUB_DIR, attn_implementation=ATTN).eval()
+    loaded = PeftModel.from_pretrained(fresh, PEFT_LORA_DIR).eval()
+    assert max_abs(peft_logits(loaded, ref), logits) == 0
+    # ΔW = (lora_alpha / r) · B · A on each target, nothing else
+    manual = LlavaForConditionalGeneration.from_pretrained(HUB_DIR, attn_implementation=ATTN).eval()
+    scaling = PEFT_ALPHA / PEFT_RANK
+    with torch.no_grad():
+        mods = dict(manual.named_modules())
+        for name in targeted:
+            mods[name].weight += scaling * factors[f"{name}.lora_B"] @ factors[f"{name}.lora_A"]
+    merged_diff = max_abs(peft_logits(manual, ref), logits)
+    base_diff = max_abs(base_logits, logits)
+    log(f"peft: merged-by-hand vs PEFT logits {merged_diff:.2e}; PEFT vs base logits {base_diff:.3f}")
+    assert merged_diff < 1e-4 and base_diff > 0.5
+
+    with safe_open(PEFT_LORA_DIR / "adapter_model.safetensors", "pt") as f:
+        file_meta = f.metadata()
+        keys = {k: (list(f.get_tensor(k).shape), str(f.get_tensor(k).dtype)) for k in sorted(f.keys())}
+    save_file({"image.logits": f32(logits)}, REF_DIR / "peft.safetensors", metadata={"format": "pt"})
+    write_json(
+        REF_DIR / "peft.json",
+        {
+            "peft_version": peft.__version__,
+            "transformers_version": transformers.__version__,
+            "adapter": PEFT_LORA_DIR.relative_to(ROOT).as_posix(),
+            "base_model": HUB_DIR.relative_to(ROOT).as_posix(),
+            "lora_config": {"r": PEFT_RANK, "lora_alpha": PEFT_ALPHA, "target_modules": PEFT_TARGETS, "task_type": "CAUSAL_LM"},
+            "targeted_modules_in_memory": targeted,
+            "safetensors_metadata": file_meta,
+            "safetensors_keys": keys,
+            "logits_max_abs_diff": {"merged_by_hand_vs_peft": merged_diff, "peft_vs_base": base_diff},
+            "notes": [
+                "image.logits: the PEFT-wrapped llava-tiny-hub (PeftModel.from_pretrained) on image.input_ids, "
+                "image.attention_mask and image.pixel_values of reference/llava.safetensors.",
+                "Keys are `base_model.model.` + the transformers-5 in-memory module name + `.lora_A.weight` "
+                "([r, in]) / `.lora_B.weight` ([out, r]); the adapter name `default` is dropped on save.",
+                "The factors are seeded random (A ~ U(-1/sqrt(in), 1/sqrt(in)), B ~ N(0, 0.1^2)), not trained.",
+                "adapter_config.json: base_model_name_or_path rewritten to the repository-relative path; "
+                "README.md (the generated model card) removed.",
+            ],
+        },
+    )
+
+
+def check_peft_exports(dirs: list[str]) -> None:
+    """Loads every adapter directory written by `bella-vqa export-peft` with PEFT onto llava-tiny-hub:
+    every tensor of the file must land in the model (no missing, no unexpected key), and the logits are
+    compared with reference/peft.safetensors (equal when the directory holds the fixture's factors)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+
+    ref = load_llava_ref()
+    with safe_open(REF_DIR / "peft.safetensors", "pt") as f:
+        expected = f.get_tensor("image.logits")
+    for d in dirs:
+        cfg = PeftConfig.from_pretrained(d)
+        base = LlavaForConditionalGeneration.from_pretrained(HUB_DIR, attn_implementation=ATTN).eval()
+        model = PeftModel.from_pretrained(base, d).eval()
+        factors = lora_factors(model)
+        saved = load_file(str(Path(d) / "adapter_model.safetensors"))
+        assert len(saved) == len(factors), (sorted(saved), sorted(factors))
+        for key, t in saved.items():
+            name = key.removeprefix("base_model.model.").removesuffix(".weight")
+            assert torch.equal(factors[name], t), key
+        logits = peft_logits(model, ref)
+        diff = max_abs(logits, expected)
+        log(
+            f"{d}: {type(cfg).__name__} r={cfg.r} lora_alpha={cfg.lora_alpha} task_type={cfg.task_type}, "
+            f"{len(saved)} tensors all loaded; logits vs reference/peft.safetensors max abs diff {diff:.3e}"
+        )
+
+
 def main() -> None:
     log(f"transformers {transformers.__version__}, torch {torch.__version__}, tokenizers {tokenizers.__version__}")
     FIX.mkdir(parents=True, exist_ok=True)
@@ -1049,10 +1212,13 @@ def main() -> None:
     images = make_images()
     clip_reference(images)
     llava_reference(images)
+    peft_reference()
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     log(f"done: {total / 1024:.1f} KiB under {FIX.relative_to(ROOT)}")
     assert total < 3 * 1024 * 1024
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--check-peft-export"]:
+        sys.exit(check_peft_exports(sys.argv[2:]))
     sys.exit(main())

@@ -117,6 +117,29 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write every particle of a particle directory as a standard PEFT LoRA adapter
+    /// (OUT/particle-{p}/adapter_config.json + adapter_model.safetensors).
+    ExportPeft {
+        /// A particle directory (from `bella-vqa train`).
+        #[arg(long)]
+        adapters: PathBuf,
+        /// Where the adapter directories go.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read PEFT LoRA adapters (one per particle: same layers, rank and alpha) into a particle
+    /// directory, checked against and tied to the base model.
+    ImportPeft {
+        /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
+        #[arg(long, num_args = 1.., required = true)]
+        peft: Vec<PathBuf>,
+        /// The particle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model (default: base_model_name_or_path and revision of the adapter config).
+        #[arg(long)]
+        model: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -383,6 +406,66 @@ fn run(cli: &Cli) -> Result<()> {
                 );
             }
         }
+        Command::ExportPeft { adapters, out } => export_peft(cli, adapters, out)?,
+        Command::ImportPeft { peft, out, model } => import_peft(cli, peft, out, model.as_deref())?,
+    }
+    Ok(())
+}
+
+fn export_peft(cli: &Cli, adapters: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
+    let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
+    if !cli.quiet {
+        println!(
+            "wrote {} PEFT LoRA adapter(s) (r = {}, lora_alpha = {}, {} layers, base {}):",
+            dirs.len(),
+            set.config.rank,
+            set.config.alpha,
+            set.adapters.len(),
+            set.config.base_model.source
+        );
+        for dir in &dirs {
+            println!("  {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn import_peft(
+    cli: &Cli,
+    dirs: &[PathBuf],
+    out: &std::path::Path,
+    model: Option<&str>,
+) -> Result<()> {
+    use bella_vqa::bella::peft;
+    let mut set = peft::import_peft_stacked(dirs)?;
+    let base = &set.config.base_model;
+    let source_text = match model {
+        Some(m) => m.to_string(),
+        None if base.source.is_empty() => anyhow::bail!(
+            "the adapter config names no base model (base_model_name_or_path): pass --model"
+        ),
+        None => match &base.revision {
+            Some(r) if !std::path::Path::new(&base.source).is_dir() => {
+                format!("{}@{r}", base.source)
+            }
+            _ => base.source.clone(),
+        },
+    };
+    let source = ModelSource::parse(&source_text)?;
+    let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
+        .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
+    peft::bind_base(&mut set, &files, &source_text)?;
+    set.save(out)?;
+    if !cli.quiet {
+        println!(
+            "wrote {} ({} particle(s), r = {}, alpha = {}, {} layers, base {source_text})",
+            out.display(),
+            set.config.particles,
+            set.config.rank,
+            set.config.alpha,
+            set.adapters.len()
+        );
     }
     Ok(())
 }

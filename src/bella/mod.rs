@@ -2,6 +2,7 @@
 
 mod linear;
 pub mod particles;
+pub mod peft;
 pub mod svgd;
 
 pub use linear::{expand_particles, Adapter, ParticleLinear, ParticleModel};

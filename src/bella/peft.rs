@@ -1,0 +1,739 @@
+//! Particles as standard PEFT LoRA adapters, both ways.
+//!
+//! A Bella particle on a layer is exactly a PEFT LoRA adapter on it: ΔW_p = (α/r)·B_p·A_p with
+//! `lora_alpha = α`, `r = rank`, no rsLoRA, no DoRA, `bias = "none"`, dropout 0. `export_peft`
+//! writes particle p of a set as
+//!
+//! ```text
+//! OUT/particle-{p}/adapter_config.json         LoraConfig (peft_type LORA, r, lora_alpha, …)
+//! OUT/particle-{p}/adapter_model.safetensors   base_model.model.{name}.lora_A.weight  [r, in]  f32
+//!                                              base_model.model.{name}.lora_B.weight  [out, r] f32
+//!                                              metadata {"format": "pt"}
+//! ```
+//!
+//! which `PeftModel.from_pretrained(base, OUT/particle-{p})` and `model.load_adapter(…)` load onto
+//! the transformers model of the base checkpoint; `import_peft` reads such a directory (or several,
+//! stacked as particles) back.
+//!
+//! ## Module names
+//!
+//! Our module paths are the hub checkpoint names; PEFT keys use the module names of the model *in
+//! memory*, prefixed with `base_model.model.`, which for LLaVA differ under transformers ≥ 4.52
+//! (checked against an adapter saved by `peft` 0.21.2 on transformers 5.24,
+//! `tests/fixtures/peft/llava-lora`):
+//!
+//! | our path (hub checkpoint)        | PEFT module name (transformers 5)   |
+//! |----------------------------------|-------------------------------------|
+//! | `language_model.model.{rest}`    | `model.language_model.{rest}`       |
+//! | `language_model.lm_head`         | `lm_head`                           |
+//! | `vision_tower.vision_model.{rest}` | `model.vision_tower.{rest}`       |
+//! | `multi_modal_projector.{rest}`   | `model.multi_modal_projector.{rest}`|
+//! | CLIP `text_model.…`, `vision_model.…`, `visual_projection`, `text_projection` | unchanged |
+//!
+//! Import also accepts the names of older transformers: `model.vision_tower.vision_model.{rest}`
+//! (4.52 – 4.x) and the hub names themselves (before 4.52, when they were the in-memory names).
+//!
+//! ## adapter_config.json
+//!
+//! The export writes the fields every PEFT version since 0.9 knows, not the ~40 fields 0.21 writes:
+//! recent PEFT ignores unknown fields with a warning, older versions refuse them, and every field
+//! left out takes PEFT's default, which is what a plain LoRA needs. Every value written equals the
+//! one in the PEFT-saved fixture except `target_modules` and the base model: `peft_type`,
+//! `task_type` (`CAUSAL_LM` for LLaVA, as in the fixture and usual LLaVA LoRA recipes; `null` for
+//! CLIP, with the `auto_mapping` PEFT writes then), `auto_mapping`, `base_model_name_or_path`,
+//! `revision`, `inference_mode`, `r`, `lora_alpha`, `lora_dropout`, `target_modules` (the exact
+//! PEFT module names, sorted; PEFT matches a list entry by equality or `.`-suffix),
+//! `bias`, `fan_in_fan_out`, `modules_to_save`, `init_lora_weights`, `layers_to_transform`,
+//! `layers_pattern`, `rank_pattern`, `alpha_pattern`, `use_rslora`, `use_dora`.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use super::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use super::Adapter;
+use crate::hub::{ModelFiles, Origin};
+
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// What `PeftModel.save_pretrained` puts before every module name.
+pub const PEFT_KEY_PREFIX: &str = "base_model.model.";
+/// The `method` of an imported set.
+pub const IMPORTED_METHOD: &str = "peft-import";
+
+/// (our hub prefix, PEFT's in-memory prefix) for LLaVA; a prefix without a trailing dot is a whole
+/// name.
+const LLAVA_NAMES: &[(&str, &str)] = &[
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head", "lm_head"),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+];
+/// CLIP's in-memory names are the hub names.
+const CLIP_NAMES: &[&str] = &[
+    "text_model.",
+    "vision_model.",
+    "visual_projection",
+    "text_projection",
+];
+
+fn strip_name<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix.ends_with('.') {
+        path.strip_prefix(prefix)
+    } else if path == prefix {
+        Some("")
+    } else {
+        None
+    }
+}
+
+/// Our module path (hub checkpoint name) → the module name PEFT uses under transformers 5.
+pub fn peft_module_name(path: &str) -> Result<String> {
+    for (ours, theirs) in LLAVA_NAMES {
+        if let Some(rest) = strip_name(path, ours) {
+            return Ok(format!("{theirs}{rest}"));
+        }
+    }
+    if CLIP_NAMES.iter().any(|p| strip_name(path, p).is_some()) {
+        return Ok(path.to_string());
+    }
+    bail!("no PEFT module name known for the layer {path} (expected a LLaVA or CLIP module path)")
+}
+
+/// A PEFT module name (transformers 5, 4.52+ or older; `base_model.model.` already removed) → our
+/// module path.
+pub fn hub_module_path(name: &str) -> String {
+    if name == "lm_head" {
+        return "language_model.lm_head".to_string();
+    }
+    const IMPORT: &[(&str, &str)] = &[
+        ("model.language_model.", "language_model.model."),
+        (
+            "model.vision_tower.vision_model.",
+            "vision_tower.vision_model.",
+        ),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ];
+    for (theirs, ours) in IMPORT {
+        if let Some(rest) = name.strip_prefix(theirs) {
+            return format!("{ours}{rest}");
+        }
+    }
+    name.to_string()
+}
+
+fn is_llava_path(path: &str) -> bool {
+    LLAVA_NAMES
+        .iter()
+        .any(|(ours, _)| strip_name(path, ours).is_some())
+}
+
+/// `LLaVA` or `CLIP`, from the module paths.
+fn architecture_of<'a>(paths: impl IntoIterator<Item = &'a String>) -> &'static str {
+    if paths.into_iter().any(|p| is_llava_path(p)) {
+        "LLaVA"
+    } else {
+        "CLIP"
+    }
+}
+
+/// The `adapter_config.json` of every particle of `set`.
+pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
+    let c = &set.config;
+    ensure!(
+        c.alpha.is_finite() && c.alpha > 0.0 && c.rank > 0,
+        "the particle config has rank {} and alpha {}: not a LoRA",
+        c.rank,
+        c.alpha
+    );
+    let mut targets = set
+        .adapters
+        .iter()
+        .map(|(path, _)| peft_module_name(path))
+        .collect::<Result<Vec<_>>>()?;
+    targets.sort_by(|a, b| natural_cmp(a, b));
+    let llava = architecture_of(set.adapters.iter().map(|(p, _)| p)) == "LLaVA";
+    // PEFT writes an integral lora_alpha as an integer.
+    let alpha = if c.alpha.fract() == 0.0 && c.alpha < 1e15 {
+        json!(c.alpha as i64)
+    } else {
+        json!(c.alpha)
+    };
+    let base = &c.base_model;
+    let fields: BTreeMap<&str, Value> = BTreeMap::from([
+        ("alpha_pattern", json!({})),
+        (
+            "auto_mapping",
+            if llava {
+                Value::Null
+            } else {
+                json!({
+                    "base_model_class": "CLIPModel",
+                    "parent_library": "transformers.models.clip.modeling_clip"
+                })
+            },
+        ),
+        ("base_model_name_or_path", json!(base.source)),
+        ("bias", json!("none")),
+        ("fan_in_fan_out", json!(false)),
+        ("inference_mode", json!(true)),
+        ("init_lora_weights", json!(true)),
+        ("layers_pattern", Value::Null),
+        ("layers_to_transform", Value::Null),
+        ("lora_alpha", alpha),
+        ("lora_dropout", json!(0.0)),
+        ("modules_to_save", Value::Null),
+        ("peft_type", json!("LORA")),
+        ("r", json!(c.rank)),
+        ("rank_pattern", json!({})),
+        (
+            "revision",
+            json!(base.commit.as_ref().or(base.revision.as_ref())),
+        ),
+        ("target_modules", json!(targets)),
+        (
+            "task_type",
+            if llava {
+                json!("CAUSAL_LM")
+            } else {
+                Value::Null
+            },
+        ),
+        ("use_dora", json!(false)),
+        ("use_rslora", json!(false)),
+    ]);
+    Ok(json!(fields))
+}
+
+/// Writes every particle of `set` as a PEFT LoRA adapter in `out/particle-{p}/`; returns those
+/// directories. Each file is written atomically; other files in `out` are left alone.
+pub fn export_peft(set: &ParticleSet, out: &Path) -> Result<Vec<PathBuf>> {
+    ensure!(!set.adapters.is_empty(), "the particle set adapts no layer");
+    if out.exists() && !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    let config = adapter_config(set)?;
+    let config_bytes = format!("{}\n", serde_json::to_string_pretty(&config)?);
+    let particles = set.adapters[0].1.particles();
+    let mut names = Vec::with_capacity(set.adapters.len());
+    for (path, ad) in &set.adapters {
+        ensure!(
+            ad.particles() == particles && ad.rank() == set.config.rank,
+            "{path} has {} particles of rank {}, the set has {particles} of rank {}",
+            ad.particles(),
+            ad.rank(),
+            set.config.rank
+        );
+        names.push(format!("{PEFT_KEY_PREFIX}{}", peft_module_name(path)?));
+    }
+    let mut dirs = Vec::with_capacity(particles);
+    for p in 0..particles {
+        let dir = out.join(format!("particle-{p}"));
+        let mut tensors = Vec::with_capacity(2 * names.len());
+        for (name, (path, ad)) in names.iter().zip(&set.adapters) {
+            let a = ad.a.get(p)?.to_dtype(DType::F32)?;
+            let b = ad.b.get(p)?.to_dtype(DType::F32)?;
+            let bad = |t: &Tensor| -> Result<bool> {
+                Ok(!t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|v| v.is_finite()))
+            };
+            if bad(&a)? || bad(&b)? {
+                bail!("particle {p} has non-finite factors on {path}: refusing to export it");
+            }
+            tensors.push((format!("{name}.lora_A.weight"), a));
+            tensors.push((format!("{name}.lora_B.weight"), b));
+        }
+        write_safetensors(
+            &dir.join(ADAPTER_WEIGHTS_FILE),
+            &mut tensors,
+            &[("format", "pt")],
+        )?;
+        crate::io::write_bytes_atomically(&dir.join(ADAPTER_CONFIG_FILE), config_bytes.as_bytes())?;
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+/// The LoRA hyper-parameters of one PEFT adapter directory.
+struct PeftLora {
+    dir: PathBuf,
+    rank: usize,
+    /// α such that the scale is α / r (rsLoRA's lora_alpha / √r is folded in).
+    alpha: f64,
+    source: String,
+    revision: Option<String>,
+    /// Our module path → (A [r, in], B [out, r]).
+    layers: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
+    let config_path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
+            dir.display()
+        )
+    })?;
+    let config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let config = config
+        .as_object()
+        .with_context(|| format!("{} is not a JSON object", config_path.display()))?;
+    let field = |k: &str| config.get(k).filter(|v| !v.is_null());
+    let what = config_path.display();
+
+    match field("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {}
+        Some(other) => bail!("{what}: a {other} adapter; only LoRA adapters can become particles"),
+        None => bail!("{what}: no peft_type (is it a PEFT adapter config?)"),
+    }
+    let rank = field("r")
+        .and_then(Value::as_u64)
+        .filter(|&r| r > 0)
+        .with_context(|| format!("{what}: `r` must be a positive integer"))?
+        as usize;
+    let lora_alpha = match field("lora_alpha") {
+        None => 8.0, // PEFT's default
+        Some(v) => v
+            .as_f64()
+            .filter(|a| a.is_finite() && *a > 0.0)
+            .with_context(|| format!("{what}: `lora_alpha` must be a positive number"))?,
+    };
+    let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
+    if flag("use_dora") {
+        bail!("{what}: a DoRA adapter (use_dora); only plain LoRA can become particles");
+    }
+    if flag("fan_in_fan_out") {
+        bail!("{what}: fan_in_fan_out (Conv1D layers) is not supported; the models here use Linear layers");
+    }
+    if flag("lora_bias") {
+        bail!("{what}: lora_bias adds a bias to lora_B, which particles do not have");
+    }
+    match field("bias").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some(b) => bail!("{what}: bias = {b:?} trains the biases too; particles only carry LoRA factors (bias \"none\")"),
+    }
+    if let Some(m) = field("modules_to_save") {
+        if m.as_array().is_none_or(|a| !a.is_empty()) {
+            bail!("{what}: modules_to_save {m} are full copies of modules, which particles cannot hold");
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if let Some(p) = field(k) {
+            if p.as_object().is_none_or(|o| !o.is_empty()) {
+                bail!("{what}: {k} {p} gives layers their own rank or alpha; a particle set has one rank and one alpha");
+            }
+        }
+    }
+    // rsLoRA scales by lora_alpha / √r; as α / r that is α = lora_alpha · √r.
+    let alpha = if flag("use_rslora") {
+        lora_alpha * (rank as f64).sqrt()
+    } else {
+        lora_alpha
+    };
+
+    let weights = dir.join(ADAPTER_WEIGHTS_FILE);
+    if !weights.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            bail!(
+                "{} holds adapter_model.bin (pickle), not {ADAPTER_WEIGHTS_FILE}: re-save it with \
+                 save_pretrained(…, safe_serialization=True)",
+                dir.display()
+            );
+        }
+        bail!("{} has no {ADAPTER_WEIGHTS_FILE}", dir.display());
+    }
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).with_context(|| {
+        format!(
+            "cannot read {} (truncated or not safetensors?)",
+            weights.display()
+        )
+    })?;
+    let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let name = key.strip_prefix(PEFT_KEY_PREFIX).unwrap_or(&key);
+        let (module, is_a) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
+            (m, true)
+        } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+            (m, false)
+        } else {
+            bail!(
+                "{}: the tensor {key} is not a LoRA factor (expected …lora_A.weight / …lora_B.weight; \
+                 embeddings, DoRA magnitudes, biases and saved modules cannot become particles)",
+                weights.display()
+            );
+        };
+        ensure!(
+            t.rank() == 2,
+            "{}: {key} has shape {:?}, expected a matrix",
+            weights.display(),
+            t.dims()
+        );
+        let t = t.to_dtype(DType::F32)?;
+        let slot = halves.entry(hub_module_path(module)).or_default();
+        let target = if is_a { &mut slot.0 } else { &mut slot.1 };
+        if target.replace(t).is_some() {
+            bail!(
+                "{}: two tensors map to {key} (mixed transformers naming?)",
+                weights.display()
+            );
+        }
+    }
+    ensure!(!halves.is_empty(), "{} holds no tensors", weights.display());
+    let mut layers = BTreeMap::new();
+    for (path, pair) in halves {
+        let (a, b) = match pair {
+            (Some(a), Some(b)) => (a, b),
+            (a, _) => bail!(
+                "{}: {path} has lora_{} but not lora_{}",
+                weights.display(),
+                if a.is_some() { "A" } else { "B" },
+                if a.is_some() { "B" } else { "A" }
+            ),
+        };
+        let (ra, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        ensure!(
+            ra == rank && rb == rank,
+            "{}: {path} has lora_A {:?} and lora_B {:?}, but r = {rank} (expected [r, in] and [out, r])",
+            weights.display(),
+            a.dims(),
+            b.dims()
+        );
+        layers.insert(path, (a, b));
+    }
+    Ok(PeftLora {
+        dir: dir.to_path_buf(),
+        rank,
+        alpha,
+        source: field("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        revision: field("revision").and_then(Value::as_str).map(String::from),
+        layers,
+    })
+}
+
+/// Reads one PEFT LoRA adapter directory as a one-particle set. The base model is recorded as
+/// `base_model_name_or_path` without weight hashes: see [`bind_base`].
+pub fn import_peft(dir: &Path) -> Result<ParticleSet> {
+    import_peft_stacked(&[dir.to_path_buf()])
+}
+
+/// Reads several PEFT LoRA adapters (same layers, rank, alpha and base model) as the particles
+/// of one set, in the order given.
+pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
+    let adapters = dirs
+        .iter()
+        .map(|d| read_peft_dir(d))
+        .collect::<Result<Vec<_>>>()?;
+    let first = adapters
+        .first()
+        .context("no PEFT adapter directory given")?;
+    for other in &adapters[1..] {
+        let (f, o) = (first.dir.display(), other.dir.display());
+        ensure!(
+            other.rank == first.rank && other.alpha == first.alpha,
+            "{o} has r = {}, alpha = {}, but {f} has r = {}, alpha = {}: particles share rank and alpha",
+            other.rank,
+            other.alpha,
+            first.rank,
+            first.alpha
+        );
+        ensure!(
+            other.layers.keys().eq(first.layers.keys()),
+            "{o} adapts other layers than {f}: particles adapt the same layers"
+        );
+        ensure!(
+            other.source == first.source,
+            "{o} is for the base model {:?}, {f} for {:?}: particles share one base model \
+             (edit base_model_name_or_path if they name the same model differently)",
+            other.source,
+            first.source
+        );
+        for (path, (a, b)) in &other.layers {
+            let (fa, fb) = &first.layers[path];
+            ensure!(
+                a.dims() == fa.dims() && b.dims() == fb.dims(),
+                "{path}: {o} has factors {:?} / {:?}, {f} has {:?} / {:?}",
+                a.dims(),
+                b.dims(),
+                fa.dims(),
+                fb.dims()
+            );
+        }
+    }
+    let mut paths: Vec<&String> = first.layers.keys().collect();
+    paths.sort_by(|a, b| natural_cmp(a, b));
+    let scale = first.alpha / first.rank as f64;
+    let mut stacked = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let a: Vec<&Tensor> = adapters.iter().map(|x| &x.layers[*path].0).collect();
+        let b: Vec<&Tensor> = adapters.iter().map(|x| &x.layers[*path].1).collect();
+        let adapter = Adapter::new(Tensor::stack(&a, 0)?, Tensor::stack(&b, 0)?, scale)?;
+        stacked.push(((*path).clone(), adapter));
+    }
+    let layers: Vec<String> = paths.iter().map(|p| (*p).clone()).collect();
+    let config = ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: first.source.clone(),
+            revision: first.revision.clone(),
+            commit: None,
+            weights: Vec::new(),
+        },
+        architecture: architecture_of(&layers).to_string(),
+        // Exact paths: they select the same layers under our target rule.
+        targets: layers.clone(),
+        layers,
+        rank: first.rank,
+        alpha: first.alpha,
+        particles: adapters.len(),
+        method: IMPORTED_METHOD.to_string(),
+        seed: 0,
+        step: 0,
+        abstention: None,
+        answer_vocabulary: None,
+    };
+    Ok(ParticleSet {
+        config,
+        adapters: stacked,
+    })
+}
+
+/// Ties an imported set to the base model in `files`: every adapted layer must exist there with
+/// the factors' shape (read from the safetensors headers, nothing is loaded), then the source, its
+/// revision/commit and the weight-file hashes are recorded (what `ask` checks).
+pub fn bind_base(set: &mut ParticleSet, files: &ModelFiles, source: &str) -> Result<()> {
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    for file in &files.weights {
+        shapes.extend(read_safetensors_shapes(file)?);
+    }
+    for (path, ad) in &set.adapters {
+        let mut keys = vec![format!("{path}.weight")];
+        if let Some(rest) = path.strip_prefix("vision_tower.vision_model.") {
+            keys.push(format!("vision_tower.{rest}.weight")); // transformers 5 layout
+        }
+        let Some(shape) = keys.iter().find_map(|k| shapes.get(k)) else {
+            bail!(
+                "the adapter adapts {path}, which the model in {} does not have (another architecture?)",
+                files.dir.display()
+            );
+        };
+        let want = [ad.b.dims()[1], ad.a.dims()[2]];
+        ensure!(
+            shape.as_slice() == want,
+            "the adapter on {path} is for a [{}, {}] layer, the model in {} has {shape:?}",
+            want[0],
+            want[1],
+            files.dir.display()
+        );
+    }
+    let (revision, commit) = match &files.origin {
+        Origin::HubCache {
+            revision, commit, ..
+        } => (Some(revision.clone()), Some(commit.clone())),
+        Origin::Directory => (None, None),
+    };
+    set.config.base_model = BaseModel {
+        source: source.to_string(),
+        revision,
+        commit,
+        weights: hash_weights(files)?,
+    };
+    Ok(())
+}
+
+/// Names and shapes of the tensors of a safetensors file, from its header.
+fn read_safetensors_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    let header = read_safetensors_header(path)?;
+    let mut out = HashMap::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .with_context(|| format!("{}: bad header entry for {name}", path.display()))?;
+        out.insert(name, shape);
+    }
+    Ok(out)
+}
+
+/// The JSON header of a safetensors file (tensor entries and `__metadata__`).
+pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    let size = file.metadata()?.len();
+    ensure!(
+        len <= size.saturating_sub(8) && len <= 100 << 20,
+        "{} is not a safetensors file (header length {len})",
+        path.display()
+    );
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .with_context(|| format!("{} is truncated", path.display()))?;
+    serde_json::from_slice(&header)
+        .with_context(|| format!("{} has no valid safetensors header", path.display()))
+}
+
+/// Writes f32 tensors as safetensors with a `__metadata__` entry (candle's writer has none),
+/// atomically. Tensors are sorted by name, like the Python writer does for one dtype.
+fn write_safetensors(
+    path: &Path,
+    tensors: &mut [(String, Tensor)],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
+    /// One header entry, fields in the order the reference writer uses.
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        dtype: &'static str,
+        shape: &'a [usize],
+        data_offsets: [usize; 2],
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta: serde_json::Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    // `__metadata__` first, then the tensors in data order (as the `safetensors` package writes).
+    let mut header = format!("{{\"__metadata__\":{}", Value::Object(meta)).into_bytes();
+    let mut data: Vec<u8> = Vec::new();
+    for (name, t) in tensors.iter() {
+        let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let entry = Entry {
+            dtype: "F32",
+            shape: t.dims(),
+            data_offsets: [start, data.len()],
+        };
+        header.push(b',');
+        header.extend(serde_json::to_vec(name)?);
+        header.push(b':');
+        header.extend(serde_json::to_vec(&entry)?);
+    }
+    header.push(b'}');
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    crate::io::write_atomically(path, |tmp| {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
+        f.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| f.write_all(&header))
+            .and_then(|()| f.write_all(&data))
+            .and_then(|()| f.flush())
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })
+}
+
+/// Orders `layers.2` before `layers.10`.
+fn natural_cmp(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, xa), (db, xb)) in ca.iter().zip(&cb) {
+        let ord = if *da && *db {
+            let (ta, tb) = (xa.trim_start_matches('0'), xb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then(ta.cmp(tb))
+        } else {
+            xa.cmp(xb)
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len()).then(a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for (ours, theirs) in [
+            (
+                "language_model.model.layers.0.self_attn.q_proj",
+                "model.language_model.layers.0.self_attn.q_proj",
+            ),
+            ("language_model.lm_head", "lm_head"),
+            (
+                "vision_tower.vision_model.encoder.layers.1.self_attn.out_proj",
+                "model.vision_tower.encoder.layers.1.self_attn.out_proj",
+            ),
+            (
+                "multi_modal_projector.linear_1",
+                "model.multi_modal_projector.linear_1",
+            ),
+            (
+                "text_model.encoder.layers.0.self_attn.q_proj",
+                "text_model.encoder.layers.0.self_attn.q_proj",
+            ),
+            ("visual_projection", "visual_projection"),
+        ] {
+            assert_eq!(peft_module_name(ours).unwrap(), theirs);
+            assert_eq!(hub_module_path(theirs), ours);
+        }
+        // older transformers
+        assert_eq!(
+            hub_module_path("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1"),
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1"
+        );
+        assert_eq!(
+            hub_module_path("language_model.model.layers.3.self_attn.v_proj"),
+            "language_model.model.layers.3.self_attn.v_proj"
+        );
+        assert!(peft_module_name("transformer.h.0.attn").is_err());
+        assert!(peft_module_name("language_model.lm_head_extra").is_err());
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut v = vec![
+            "a.layers.10.q",
+            "a.layers.2.q",
+            "a.layers.1.k",
+            "a.layers.1.q",
+        ];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            [
+                "a.layers.1.k",
+                "a.layers.1.q",
+                "a.layers.2.q",
+                "a.layers.10.q"
+            ]
+        );
+    }
+}

@@ -1,0 +1,608 @@
+//! Particles as PEFT LoRA adapters, checked against an adapter saved by the real Python `peft`
+//! (tests/fixtures/peft/llava-lora, reference/peft.safetensors; see scripts/make_fixtures.py).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use bella_vqa::bella::peft::{
+    bind_base, export_peft, import_peft, import_peft_stacked, read_safetensors_header,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+};
+use bella_vqa::bella::{attach, AdapterSpec, InitB};
+use bella_vqa::models::clip::ClipModel;
+use bella_vqa::models::llava::{LlavaInput, LlavaModel};
+use bella_vqa::models::Model;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::*;
+use serde_json::{json, Value};
+
+fn llava() -> LlavaModel {
+    match load_model("llava-tiny-hub").model {
+        Model::Llava(m) => *m,
+        _ => panic!("not LLaVA"),
+    }
+}
+
+fn clip() -> ClipModel {
+    match load_model("clip-tiny").model {
+        Model::Clip(m) => *m,
+        _ => panic!("not CLIP"),
+    }
+}
+
+fn peft_fixture() -> PathBuf {
+    fixture("peft/llava-lora")
+}
+
+/// Logits of the reference image prompt (`image.*` of reference/llava.safetensors), one block
+/// of rows per particle.
+fn image_logits(m: &LlavaModel, particles: usize) -> Tensor {
+    let r = reference("llava");
+    let input_ids = get(&r, "image.input_ids").to_dtype(DType::U32).unwrap();
+    let keep = keep_from_mask(&ids(get(&r, "image.attention_mask")));
+    let input = LlavaInput {
+        input_ids: &input_ids,
+        pixel_values: Some(get(&r, "image.pixel_values")),
+        keep: &keep,
+    };
+    let mut cache = m.language_model.new_cache();
+    m.forward(&input, &mut cache, particles, false)
+        .unwrap()
+        .logits
+}
+
+fn config(source: &str, rank: usize, alpha: f64, particles: usize) -> ParticleConfig {
+    ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: source.into(),
+            revision: None,
+            commit: None,
+            weights: vec![],
+        },
+        architecture: "LLaVA".into(),
+        targets: vec![],
+        layers: vec![],
+        rank,
+        alpha,
+        particles,
+        method: "ensemble".into(),
+        seed: 3,
+        step: 0,
+        abstention: None,
+        answer_vocabulary: None,
+    }
+}
+
+/// The targets of the Python fixture (q, k, v, o of the language model), r = 4, α = 8, with
+/// random B so that particles differ.
+fn llava_particles(particles: usize) -> (LlavaModel, ParticleSet) {
+    let mut m = llava();
+    let spec = AdapterSpec {
+        rank: 4,
+        alpha: 8.0,
+        particles,
+        ..AdapterSpec::default_for_llava()
+    };
+    attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 11).unwrap();
+    let set = ParticleSet::from_model(
+        &m,
+        config("tests/fixtures/llava-tiny-hub", 4, 8.0, particles),
+    );
+    (m, set)
+}
+
+/// key → (dtype, shape) from a safetensors header, plus its `__metadata__`.
+fn header(path: &Path) -> (BTreeMap<String, (String, Vec<u64>)>, Value) {
+    let h = read_safetensors_header(path).unwrap();
+    let mut keys = BTreeMap::new();
+    let mut meta = Value::Null;
+    for (k, v) in h {
+        if k == "__metadata__" {
+            meta = v;
+            continue;
+        }
+        let shape = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        keys.insert(k, (v["dtype"].as_str().unwrap().to_string(), shape));
+    }
+    (keys, meta)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Same layers (in any order) with bit-identical factors and the same scale.
+fn assert_same_factors(a: &ParticleSet, b: &ParticleSet) {
+    let by_name = |s: &ParticleSet| {
+        s.adapters
+            .iter()
+            .map(|(n, ad)| (n.clone(), ad.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (a, b) = (by_name(a), by_name(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for ((name, x), y) in a.iter().zip(b.values()) {
+        assert_eq!(x.a.dims(), y.a.dims(), "{name}");
+        assert_eq!(x.b.dims(), y.b.dims(), "{name}");
+        assert_eq!(max_abs_diff(&x.a, &y.a), 0.0, "{name} A");
+        assert_eq!(max_abs_diff(&x.b, &y.b), 0.0, "{name} B");
+        assert_eq!(x.scale, y.scale, "{name} scale");
+    }
+}
+
+#[test]
+fn python_peft_adapter_gives_peft_logits() {
+    let set = import_peft(&peft_fixture()).unwrap();
+    assert_eq!(set.config.particles, 1);
+    assert_eq!((set.config.rank, set.config.alpha), (4, 8.0));
+    assert_eq!(set.config.architecture, "LLaVA");
+    assert_eq!(
+        set.config.base_model.source,
+        "tests/fixtures/llava-tiny-hub"
+    );
+    // in natural order (layer index, then name)
+    let expected_layers: Vec<String> = (0..3)
+        .flat_map(|i| {
+            ["k_proj", "o_proj", "q_proj", "v_proj"]
+                .map(|p| format!("language_model.model.layers.{i}.self_attn.{p}"))
+        })
+        .collect();
+    assert_eq!(set.config.layers, expected_layers);
+    assert_eq!(set.config.targets, expected_layers);
+
+    let base = llava();
+    let mut m = base.clone();
+    set.attach_to(&mut m).unwrap();
+    let got = image_logits(&m, 1);
+    let peft = reference("peft");
+    let expected = get(&peft, "image.logits");
+    assert_close("PEFT-wrapped logits", &got, expected);
+    // the adapter matters: without it the logits are far away
+    let d = max_abs_diff(&image_logits(&base, 1), expected);
+    assert!(d > 0.5, "base vs PEFT logits differ by only {d}");
+}
+
+#[test]
+fn exported_keys_shapes_dtypes_and_metadata_equal_python_peft() {
+    let (_, set) = llava_particles(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    assert_eq!(
+        dirs,
+        vec![tmp.path().join("particle-0"), tmp.path().join("particle-1")]
+    );
+    let (want, want_meta) = header(&peft_fixture().join(ADAPTER_WEIGHTS_FILE));
+    assert_eq!(want.len(), 24);
+    assert!(want
+        .keys()
+        .all(|k| k.starts_with("base_model.model.model.language_model.layers.")));
+    for dir in &dirs {
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]);
+        let (got, meta) = header(&dir.join(ADAPTER_WEIGHTS_FILE));
+        assert_eq!(got, want, "{}", dir.display());
+        assert_eq!(meta, want_meta);
+        assert_eq!(meta["format"], "pt");
+    }
+}
+
+#[test]
+fn exported_config_matches_python_peft() {
+    let (_, set) = llava_particles(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let real = read_json(&peft_fixture().join(ADAPTER_CONFIG_FILE));
+    let real = real.as_object().unwrap();
+    for dir in &dirs {
+        let ours = read_json(&dir.join(ADAPTER_CONFIG_FILE));
+        let ours = ours.as_object().unwrap();
+        let written: BTreeSet<&str> = ours.keys().map(String::as_str).collect();
+        assert_eq!(
+            written,
+            BTreeSet::from([
+                "alpha_pattern",
+                "auto_mapping",
+                "base_model_name_or_path",
+                "bias",
+                "fan_in_fan_out",
+                "inference_mode",
+                "init_lora_weights",
+                "layers_pattern",
+                "layers_to_transform",
+                "lora_alpha",
+                "lora_dropout",
+                "modules_to_save",
+                "peft_type",
+                "r",
+                "rank_pattern",
+                "revision",
+                "target_modules",
+                "task_type",
+                "use_dora",
+                "use_rslora",
+            ])
+        );
+        for (k, v) in ours {
+            let r = real
+                .get(k)
+                .unwrap_or_else(|| panic!("PEFT does not write {k}"));
+            if k != "target_modules" {
+                // same value, same JSON type (lora_alpha 8 is an integer in both)
+                assert_eq!(v, r, "{k}");
+            }
+        }
+        // target_modules: the exact module names, which are the ones the Python regex selected
+        let fixture_modules: BTreeSet<String> = header(&peft_fixture().join(ADAPTER_WEIGHTS_FILE))
+            .0
+            .keys()
+            .map(|k| {
+                k.strip_prefix("base_model.model.")
+                    .unwrap()
+                    .strip_suffix(".lora_A.weight")
+                    .or_else(|| {
+                        k.strip_prefix("base_model.model.")?
+                            .strip_suffix(".lora_B.weight")
+                    })
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let ours_modules: Vec<String> = ours["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ours_modules.len(), 12);
+        assert_eq!(
+            ours_modules.iter().cloned().collect::<BTreeSet<_>>(),
+            fixture_modules
+        );
+        assert_eq!(
+            ours_modules[0],
+            "model.language_model.layers.0.self_attn.k_proj"
+        );
+    }
+}
+
+#[test]
+fn reexporting_the_python_adapter_gives_the_same_file() {
+    let set = import_peft(&peft_fixture()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    assert_eq!(dirs.len(), 1);
+    let theirs = std::fs::read(peft_fixture().join(ADAPTER_WEIGHTS_FILE)).unwrap();
+    let ours = std::fs::read(dirs[0].join(ADAPTER_WEIGHTS_FILE)).unwrap();
+    assert!(ours == theirs, "the safetensors bytes differ from PEFT's");
+    assert_same_factors(&set, &import_peft(&dirs[0]).unwrap());
+}
+
+#[test]
+fn export_import_round_trip_is_exact() {
+    let (_, set) = llava_particles(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let back = import_peft_stacked(&dirs).unwrap();
+    assert_eq!(back.config.particles, 3);
+    assert_eq!((back.config.rank, back.config.alpha), (4, 8.0));
+    assert_same_factors(&set, &back);
+    // through our own format too
+    let saved = tempfile::tempdir().unwrap();
+    back.save(saved.path()).unwrap();
+    assert_same_factors(
+        &set,
+        &ParticleSet::load(saved.path(), &Device::Cpu).unwrap(),
+    );
+}
+
+#[test]
+fn exported_particle_alone_equals_its_particle_in_the_stacked_model() {
+    let (stacked_model, set) = llava_particles(3);
+    let stacked = image_logits(&stacked_model, 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let mut blocks = Vec::new();
+    for (p, dir) in dirs.iter().enumerate() {
+        let one = import_peft(dir).unwrap();
+        let mut m = llava();
+        one.attach_to(&mut m).unwrap();
+        let single = image_logits(&m, 1);
+        let block = stacked.i(p..p + 1).unwrap();
+        assert_close(&format!("particle {p}"), &single, &block);
+        blocks.push(block);
+    }
+    assert!(
+        max_abs_diff(&blocks[0], &blocks[1]) > 1e-2,
+        "particles differ"
+    );
+}
+
+#[test]
+fn clip_particles_export_with_clip_names() {
+    let mut m = clip();
+    let spec = AdapterSpec {
+        targets: vec!["q_proj".into(), "visual_projection".into()],
+        rank: 2,
+        alpha: 3.5,
+        particles: 2,
+    };
+    attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 5).unwrap();
+    let mut cfg = config("tests/fixtures/clip-tiny", 2, 3.5, 2);
+    cfg.architecture = "CLIP".into();
+    let set = ParticleSet::from_model(&m, cfg);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let c = read_json(&dirs[1].join(ADAPTER_CONFIG_FILE));
+    assert_eq!(c["task_type"], Value::Null);
+    assert_eq!(c["auto_mapping"]["base_model_class"], "CLIPModel");
+    assert_eq!(c["lora_alpha"], 3.5);
+    assert_eq!(c["r"], 2);
+    let (keys, _) = header(&dirs[1].join(ADAPTER_WEIGHTS_FILE));
+    assert!(keys.contains_key("base_model.model.visual_projection.lora_A.weight"));
+    assert!(keys.contains_key(
+        "base_model.model.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"
+    ));
+    assert!(keys.contains_key(
+        "base_model.model.vision_model.encoder.layers.2.self_attn.q_proj.lora_A.weight"
+    ));
+    let back = import_peft_stacked(&dirs).unwrap();
+    assert_eq!(back.config.architecture, "CLIP");
+    assert_same_factors(&set, &back);
+    let mut fresh = clip();
+    back.attach_to(&mut fresh).unwrap();
+}
+
+#[test]
+fn imported_set_is_tied_to_its_base_and_answers() {
+    let mut set = import_peft(&peft_fixture()).unwrap();
+    let hub = dir_files(&fixture("llava-tiny-hub")).unwrap();
+    // not tied yet: the base check refuses it
+    assert!(set.verify_base(&hub).is_err());
+    bind_base(&mut set, &hub, "tests/fixtures/llava-tiny-hub").unwrap();
+    assert_eq!(set.config.base_model.weights, hash_weights(&hub).unwrap());
+    set.verify_base(&hub).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    set.save(tmp.path()).unwrap();
+    let loaded = ParticleSet::load(tmp.path(), &Device::Cpu).unwrap();
+    loaded
+        .verify_base(&dir_files(&fixture("llava-tiny-hub")).unwrap())
+        .unwrap();
+    // the transformers-5 layout of the same model has the same layers
+    let mut again = import_peft(&peft_fixture()).unwrap();
+    bind_base(
+        &mut again,
+        &dir_files(&fixture("llava-tiny-v5")).unwrap(),
+        "v5",
+    )
+    .unwrap();
+    // CLIP has no such layers
+    let err = bind_base(
+        &mut again,
+        &dir_files(&fixture("clip-tiny")).unwrap(),
+        "clip",
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("does not have"), "{err:#}");
+}
+
+#[test]
+fn rslora_is_folded_into_alpha() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path());
+    edit_config(&dir, |c| c["use_rslora"] = Value::Bool(true));
+    let set = import_peft(&dir).unwrap();
+    // scale = lora_alpha / √r = 8 / 2 = 4 = α / r with α = 16
+    assert_eq!(set.config.alpha, 16.0);
+    assert_eq!(set.adapters[0].1.scale, 4.0);
+}
+
+fn copy_fixture(to: &Path) -> PathBuf {
+    let dir = to.join("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
+        std::fs::copy(peft_fixture().join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let mut c = read_json(&path);
+    edit(&mut c);
+    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+}
+
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
+    let path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, &path).unwrap();
+}
+
+#[track_caller]
+fn import_err(dir: &Path) -> String {
+    format!("{:#}", import_peft(dir).unwrap_err())
+}
+
+#[test]
+fn bad_adapters_are_refused_with_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    let missing = tmp.path().join("nothing-here");
+    assert!(import_err(&missing).contains("not a PEFT adapter directory"));
+
+    // (expected in the error, config field, value)
+    let cases = [
+        ("a IA3 adapter", "peft_type", json!("IA3")),
+        ("DoRA", "use_dora", json!(true)),
+        ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
+        ("modules_to_save", "modules_to_save", json!(["lm_head"])),
+        ("bias = \"all\"", "bias", json!("all")),
+        ("lora_bias", "lora_bias", json!(true)),
+        ("`r` must be", "r", json!(0)),
+        ("but r = 8", "r", json!(8)),
+        ("`lora_alpha` must be", "lora_alpha", json!("eight")),
+    ];
+    for (i, (want, key, value)) in cases.into_iter().enumerate() {
+        let dir = copy_fixture(&tmp.path().join(format!("case{i}")));
+        edit_config(&dir, |c| c[key] = value);
+        let err = import_err(&dir);
+        assert!(err.contains(want), "expected {want:?} in: {err}");
+    }
+
+    let dir = copy_fixture(&tmp.path().join("json"));
+    std::fs::write(dir.join(ADAPTER_CONFIG_FILE), "{ not json").unwrap();
+    assert!(import_err(&dir).contains("not valid JSON"));
+
+    let dir = copy_fixture(&tmp.path().join("bin"));
+    std::fs::remove_file(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+    std::fs::write(dir.join("adapter_model.bin"), b"pickle").unwrap();
+    assert!(import_err(&dir).contains("adapter_model.bin"));
+
+    let dir = copy_fixture(&tmp.path().join("truncated"));
+    let bytes = std::fs::read(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+    std::fs::write(dir.join(ADAPTER_WEIGHTS_FILE), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(import_err(&dir).contains("truncated or not safetensors"));
+
+    let dir = copy_fixture(&tmp.path().join("half"));
+    rewrite_weights(&dir, |t| {
+        t.remove("base_model.model.model.language_model.layers.1.self_attn.v_proj.lora_B.weight");
+    });
+    let err = import_err(&dir);
+    assert!(
+        err.contains("language_model.model.layers.1.self_attn.v_proj has lora_A but not lora_B"),
+        "{err}"
+    );
+
+    let dir = copy_fixture(&tmp.path().join("embedding"));
+    rewrite_weights(&dir, |t| {
+        t.insert(
+            "base_model.model.model.language_model.embed_tokens.lora_embedding_A".into(),
+            Tensor::zeros((4, 422), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(import_err(&dir).contains("is not a LoRA factor"));
+
+    // stacking adapters that do not agree
+    let a = copy_fixture(&tmp.path().join("stack-a"));
+    let b = copy_fixture(&tmp.path().join("stack-b"));
+    edit_config(&b, |c| c["lora_alpha"] = 16.into());
+    let err = format!("{:#}", import_peft_stacked(&[a.clone(), b]).unwrap_err());
+    assert!(err.contains("share rank and alpha"), "{err}");
+    let c = copy_fixture(&tmp.path().join("stack-c"));
+    rewrite_weights(&c, |t| {
+        t.retain(|k, _| !k.contains("layers.2."));
+    });
+    let err = format!("{:#}", import_peft_stacked(&[a.clone(), c]).unwrap_err());
+    assert!(err.contains("adapts other layers"), "{err}");
+    let err = format!("{:#}", import_peft_stacked(&[]).unwrap_err());
+    assert!(err.contains("no PEFT adapter directory"), "{err}");
+}
+
+#[test]
+fn bad_particle_directories_are_refused_on_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = ParticleSet::load(&tmp.path().join("missing"), &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("is not a particle directory"));
+
+    let (_, set) = llava_particles(2);
+    let dir = tmp.path().join("set");
+    set.save(&dir).unwrap();
+    let weights = dir.join("particles.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();
+    let err = ParticleSet::load(&dir, &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("truncated"), "{err:#}");
+
+    // the output is a file
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = export_peft(&set, &file).unwrap_err();
+    assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
+
+    // a layer we have no PEFT name for
+    let mut odd = set.clone();
+    odd.adapters[0].0 = "transformer.h.0.attn.c_attn".into();
+    let err = export_peft(&odd, &tmp.path().join("odd")).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no PEFT module name"),
+        "{err:#}"
+    );
+
+    // non-finite factors
+    let mut nan = set.clone();
+    let a = &nan.adapters[3].1.a;
+    nan.adapters[3].1.a = (a * f64::NAN).unwrap();
+    let err = export_peft(&nan, &tmp.path().join("nan")).unwrap_err();
+    assert!(format!("{err:#}").contains("non-finite"), "{err:#}");
+}
+
+fn bella() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+}
+
+#[test]
+fn cli_exports_and_imports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, set) = llava_particles(2);
+    let particles = tmp.path().join("particles");
+    set.save(&particles).unwrap();
+    let out = tmp.path().join("peft");
+    let o = bella()
+        .args(["export-peft", "--adapters"])
+        .arg(&particles)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("particle-1"), "{stdout}");
+    assert!(out.join("particle-1").join(ADAPTER_WEIGHTS_FILE).is_file());
+
+    let back = tmp.path().join("back");
+    let o = bella()
+        .args(["import-peft", "--peft"])
+        .arg(out.join("particle-0"))
+        .arg(out.join("particle-1"))
+        .arg("--out")
+        .arg(&back)
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let loaded = ParticleSet::load(&back, &Device::Cpu).unwrap();
+    assert_same_factors(&set, &loaded);
+    loaded
+        .verify_base(&dir_files(&fixture("llava-tiny-hub")).unwrap())
+        .unwrap();
+
+    let o = bella()
+        .args(["export-peft", "--adapters"])
+        .arg(tmp.path().join("missing"))
+        .arg("--out")
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a particle directory"));
+}
