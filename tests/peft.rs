@@ -48,6 +48,7 @@ fn image_logits(m: &LlavaModel, particles: usize) -> Tensor {
         input_ids: &input_ids,
         pixel_values: Some(get(&r, "image.pixel_values")),
         keep: &keep,
+        expanded: false,
     };
     let mut cache = m.language_model.new_cache();
     m.forward(&input, &mut cache, particles, false)
