@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod bella;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod hub;
@@ -13,3 +14,4 @@ pub mod io;
 pub mod logits;
 pub mod metrics;
 pub mod models;
+pub mod report;

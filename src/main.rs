@@ -111,6 +111,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Answer a VQA set and write results.json, samples.jsonl and a Markdown/HTML report with
+    /// calibration and selective-prediction metrics; `bench merge` combines shards.
+    Bench(bella_vqa::bench::cli::BenchArgs),
+    /// Choose the abstention threshold on validation questions and store it with the particles.
+    Calibrate(bella_vqa::bench::cli::CalibrateArgs),
 }
 
 impl Cli {
@@ -238,6 +243,10 @@ fn run(cli: &Cli) -> Result<()> {
             } else {
                 print_response(&response, *show_particles);
             }
+        }
+        Command::Bench(args) => bella_vqa::bench::cli::bench(args, cli.hub_options(), cli.quiet)?,
+        Command::Calibrate(args) => {
+            bella_vqa::bench::cli::calibrate(args, cli.hub_options(), cli.quiet)?
         }
         Command::Logits {
             model,
