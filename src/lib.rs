@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod bella;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod hub;
@@ -13,4 +14,5 @@ pub mod io;
 pub mod logits;
 pub mod metrics;
 pub mod models;
+pub mod report;
 pub mod train;

@@ -117,6 +117,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Answer a VQA set and write results.json, samples.jsonl and a Markdown/HTML report with
+    /// calibration and selective-prediction metrics; `bench merge` combines shards.
+    Bench(bella_vqa::bench::cli::BenchArgs),
+    /// Choose the abstention threshold on validation questions and store it with the particles.
+    Calibrate(bella_vqa::bench::cli::CalibrateArgs),
     /// Write every particle of a particle directory as a standard PEFT LoRA adapter
     /// (OUT/particle-{p}/adapter_config.json + adapter_model.safetensors).
     ExportPeft {
@@ -381,6 +386,10 @@ fn run(cli: &Cli) -> Result<()> {
                 }
                 println!("{} images in {}", summary.images, out.display());
             }
+        }
+        Command::Bench(args) => bella_vqa::bench::cli::bench(args, cli.hub_options(), cli.quiet)?,
+        Command::Calibrate(args) => {
+            bella_vqa::bench::cli::calibrate(args, cli.hub_options(), cli.quiet)?
         }
         Command::Logits {
             model,

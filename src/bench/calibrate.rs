@@ -1,0 +1,336 @@
+//! `calibrate`: choose the abstention threshold on validation questions and store it in the
+//! particles' `bella_config.json` (only that file, only its `abstention` key; the rest of the
+//! file is kept byte for byte, key order included).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+
+use super::{read_set, DataInput, Role};
+use crate::answer::generate::Sampling;
+use crate::answer::{AskOptions, BellaVqa};
+use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
+use crate::metrics::{self, NormalizeMode};
+use crate::models::image::load_image;
+
+/// How the threshold is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Objective {
+    /// The largest coverage whose selective risk on the validation set is within the target
+    /// ([`metrics::choose_threshold_for_risk`]).
+    TargetRisk(f64),
+    /// The largest effective reliability Φ_c ([`metrics::choose_threshold_phi`]).
+    Phi(f64),
+}
+
+impl Objective {
+    /// `phi10`, `phi_10`, `phi-100` … → [`Objective::Phi`]; `risk0.05`, `risk=0.05` →
+    /// [`Objective::TargetRisk`].
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let number = |rest: &str| {
+            rest.trim_start_matches(['_', '-', '=', ' '])
+                .parse::<f64>()
+                .ok()
+        };
+        let parsed = if let Some(rest) = t.strip_prefix("phi") {
+            number(rest)
+                .filter(|c| c.is_finite() && *c >= 0.0)
+                .map(Objective::Phi)
+        } else if let Some(rest) = t.strip_prefix("risk") {
+            number(rest)
+                .filter(|r| (0.0..=1.0).contains(r))
+                .map(Objective::TargetRisk)
+        } else {
+            None
+        };
+        parsed.with_context(|| {
+            format!("objective {s:?}: use phi1, phi10 or phi100 (max Φ_c), or --target-risk 0.05")
+        })
+    }
+
+    /// As stored in the config: `risk<=0.05` or `max phi_10`.
+    pub fn describe(&self) -> String {
+        match self {
+            Objective::TargetRisk(r) => format!("risk<={r}"),
+            Objective::Phi(c) => format!("max phi_{}", super::results::key_number(*c)),
+        }
+    }
+
+    /// Chooses the threshold on `(confidence, accuracy)` pairs.
+    pub fn choose(&self, pairs: &[(f64, f64)]) -> Result<f64> {
+        Ok(match self {
+            Objective::TargetRisk(r) => metrics::choose_threshold_for_risk(pairs, *r)?,
+            Objective::Phi(c) => metrics::choose_threshold_phi(pairs, *c)?,
+        })
+    }
+}
+
+/// Settings of [`calibrate`].
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    pub data: DataInput,
+    pub objective: Objective,
+    pub normalize: NormalizeMode,
+    pub limit: Option<usize>,
+    pub skip_bad: bool,
+    pub progress: bool,
+    pub max_new_tokens: usize,
+    /// Choose and report the threshold without storing it.
+    pub dry_run: bool,
+}
+
+impl CalibrateOptions {
+    pub fn new(data: DataInput, objective: Objective) -> Self {
+        Self {
+            data,
+            objective,
+            normalize: NormalizeMode::Official,
+            limit: None,
+            skip_bad: false,
+            progress: false,
+            max_new_tokens: AskOptions::default().max_new_tokens,
+            dry_run: false,
+        }
+    }
+}
+
+/// What [`calibrate`] chose, and how it does on the validation questions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationOutcome {
+    pub abstention: Abstention,
+    /// Validation questions answered.
+    pub count: usize,
+    /// Questions that could not be answered (`--skip-bad`).
+    pub skipped: usize,
+    /// Mean VQA accuracy of all validation answers.
+    pub accuracy: f64,
+    /// Fraction answered at the threshold.
+    pub coverage: f64,
+    /// Selective risk (1 − mean accuracy of the answered); `None` when nothing is answered.
+    pub risk: Option<f64>,
+    /// Φ_c at the threshold, for a Φ objective.
+    pub phi: Option<f64>,
+    /// Whether the threshold was written to the particles' config.
+    pub stored: bool,
+}
+
+/// Answers the validation questions with `vqa` (loaded with the particles in `adapters`),
+/// chooses the threshold and stores it in `adapters/bella_config.json` (unless `dry_run`).
+pub fn calibrate(
+    vqa: &BellaVqa,
+    adapters: &Path,
+    opts: &CalibrateOptions,
+) -> Result<CalibrationOutcome> {
+    // Fail before answering when the config cannot be read.
+    crate::bella::particles::ParticleSet::read_config(adapters)?;
+    let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
+    if !set.examples.iter().any(|e| !e.answers.is_empty()) {
+        bail!(
+            "{} has no human answers: calibration needs validation questions with answers",
+            opts.data.path.display()
+        );
+    }
+    let ask = AskOptions {
+        max_new_tokens: opts.max_new_tokens,
+        sampling: Sampling::Greedy,
+        threshold: None,
+    };
+    let pb = super::progress_bar(set.record.selected, opts.progress);
+    pb.set_message("val");
+    let mut pairs: Vec<(f64, f64)> = Vec::with_capacity(set.record.selected);
+    let mut skipped = 0;
+    for example in set.examples.iter().take(set.record.selected) {
+        let answer =
+            load_image(&example.image).and_then(|img| vqa.ask_with(&img, &example.question, &ask));
+        match answer {
+            Ok(r) => pairs.push((
+                r.confidence,
+                metrics::vqa_accuracy(&r.answer, &example.answers, opts.normalize),
+            )),
+            Err(e) => {
+                let reason = format!(
+                    "cannot answer question {:?} of {}: {e:#}",
+                    example.question_id,
+                    opts.data.path.display()
+                );
+                if !opts.skip_bad {
+                    bail!("{reason} (--skip-bad skips such questions)");
+                }
+                pb.suspend(|| eprintln!("skipped: {reason}"));
+                skipped += 1;
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if pairs.is_empty() {
+        bail!("no validation question could be answered");
+    }
+    let threshold = opts.objective.choose(&pairs)?;
+    let answered: Vec<f64> = pairs
+        .iter()
+        .filter(|(c, _)| *c >= threshold)
+        .map(|&(_, a)| a)
+        .collect();
+    let n = pairs.len() as f64;
+    let (conf, acc): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
+    let phi = match opts.objective {
+        Objective::Phi(c) => Some(metrics::effective_reliability(&conf, &acc, threshold, c)?),
+        Objective::TargetRisk(_) => None,
+    };
+    let abstention = Abstention {
+        threshold,
+        objective: opts.objective.describe(),
+        data: Some(opts.data.path.display().to_string()),
+    };
+    if !opts.dry_run {
+        store_abstention(adapters, &abstention)?;
+    }
+    Ok(CalibrationOutcome {
+        count: pairs.len(),
+        skipped,
+        accuracy: acc.iter().sum::<f64>() / n,
+        coverage: answered.len() as f64 / n,
+        risk: (!answered.is_empty())
+            .then(|| 1.0 - answered.iter().sum::<f64>() / answered.len() as f64),
+        phi,
+        stored: !opts.dry_run,
+        abstention,
+    })
+}
+
+/// Sets the `abstention` key of `dir/bella_config.json` atomically; every other key and its
+/// order are kept as they were.
+pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a particle directory: cannot read {CONFIG_FILE}",
+            dir.display()
+        )
+    })?;
+    // The typed config must be valid before and after.
+    serde_json::from_str::<ParticleConfig>(&text)
+        .with_context(|| format!("{} is not a valid particle config", path.display()))?;
+    let mut doc: Ordered = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let Ordered::Object(entries) = &mut doc else {
+        bail!("{} does not hold a JSON object", path.display());
+    };
+    let value: Ordered = serde_json::from_str(&serde_json::to_string(abstention)?)?;
+    match entries.iter_mut().find(|(k, _)| k == "abstention") {
+        Some((_, v)) => *v = value,
+        None => entries.push(("abstention".into(), value)),
+    }
+    let out = serde_json::to_vec_pretty(&doc)?;
+    serde_json::from_slice::<ParticleConfig>(&out).context("the updated config does not parse")?;
+    crate::io::write_bytes_atomically(&path, &out)
+}
+
+/// A JSON value that keeps the order of object keys (serde_json's `Value` sorts them here).
+#[derive(Clone, Debug, PartialEq)]
+enum Ordered {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Ordered>),
+    Object(Vec<(String, Ordered)>),
+}
+
+impl Serialize for Ordered {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Ordered::Null => s.serialize_unit(),
+            Ordered::Bool(b) => s.serialize_bool(*b),
+            Ordered::Number(n) => n.serialize(s),
+            Ordered::String(t) => s.serialize_str(t),
+            Ordered::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for i in items {
+                    seq.serialize_element(i)?;
+                }
+                seq.end()
+            }
+            Ordered::Object(entries) => {
+                let mut map = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::Null)
+            }
+            fn visit_none<E>(self) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::Null)
+            }
+            fn visit_some<D2: Deserializer<'de>>(
+                self,
+                d: D2,
+            ) -> std::result::Result<Ordered, D2::Error> {
+                Ordered::deserialize(d)
+            }
+            fn visit_bool<E>(self, b: bool) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::Number(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::Number(n.into()))
+            }
+            fn visit_f64<E: de::Error>(self, x: f64) -> std::result::Result<Ordered, E> {
+                serde_json::Number::from_f64(x)
+                    .map(Ordered::Number)
+                    .ok_or_else(|| E::custom("a non-finite number"))
+            }
+            fn visit_str<E>(self, s: &str) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::String(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> std::result::Result<Ordered, E> {
+                Ok(Ordered::String(s))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Ordered, A::Error> {
+                let mut items = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Ordered::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Ordered, A::Error> {
+                let mut entries: Vec<(String, Ordered)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Ordered>()? {
+                    match entries.iter_mut().find(|(x, _)| *x == k) {
+                        Some(e) => e.1 = v,
+                        None => entries.push((k, v)),
+                    }
+                }
+                Ok(Ordered::Object(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,380 @@
+//! The `bench`, `bench merge` and `calibrate` subcommands (clap arguments and their runners), kept
+//! here so that `main.rs` only forwards to them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::{BenchOptions, CalibrateOptions, CompareEntry, DataInput, ModelSpec, Objective, Shard};
+use crate::answer::{BellaVqa, LoadOptions};
+use crate::hub::{HubOptions, ModelSource};
+use crate::metrics::NormalizeMode;
+
+fn parse_normalize(s: &str) -> std::result::Result<NormalizeMode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "official" => Ok(NormalizeMode::Official),
+        "always" => Ok(NormalizeMode::Always),
+        _ => Err(format!(
+            "{s:?}: use official (normalise only when the human answers differ, as vqaEval.py) \
+             or always (as lmms-eval)"
+        )),
+    }
+}
+
+fn parse_shard(s: &str) -> std::result::Result<Shard, String> {
+    s.parse::<Shard>().map_err(|e| e.to_string())
+}
+
+fn parse_unit(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{s:?} is not a number in [0, 1]")),
+    }
+}
+
+/// `bella-vqa bench`: answer a VQA set and write results.json, samples.jsonl and a report.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    /// A hub id (`org/name[@revision]`) or a local directory in the Hugging Face layout.
+    #[arg(long, required = true)]
+    pub model: Option<String>,
+    /// Hub revision; overrides `@revision` in --model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A particle directory (from `bella-vqa train`); without it, the base model.
+    #[arg(long, conflicts_with = "compare")]
+    pub adapters: Option<PathBuf>,
+    /// The test questions: our JSONL, a VQAv2 questions JSON (with --annotations) or VizWiz JSON.
+    #[arg(long, required = true)]
+    pub data: Option<PathBuf>,
+    /// VQAv2: the annotations JSON of --data.
+    #[arg(long)]
+    pub annotations: Option<PathBuf>,
+    /// The image folder of --data (VQAv2/VizWiz; default: the data file's folder).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// The output directory (rerun with the same one to continue an interrupted run).
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
+    /// Out-of-distribution questions (JSONL or VizWiz), each detected against --data; repeatable.
+    #[arg(long = "ood-data", num_args = 1..)]
+    pub ood_data: Vec<PathBuf>,
+    /// Validation questions: the Φ_c and target-risk thresholds are chosen on them (without it,
+    /// on the test questions themselves, flagged in the results).
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Only the first N questions of every data file.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Answer only slice i of n (questions whose position % n == i); combine with `bench merge`.
+    #[arg(long, value_name = "i/n", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+    /// Answer normalisation for VQA accuracy: official (vqaEval.py) or always (lmms-eval).
+    #[arg(long, default_value = "official", value_parser = parse_normalize)]
+    pub normalize: NormalizeMode,
+    /// Skip bad data records and unreadable images (listed in the results) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Abstain below this confidence (default: the particles' calibrated threshold, else 0.5).
+    #[arg(long, value_parser = parse_unit)]
+    pub threshold: Option<f64>,
+    /// Longest answer in tokens (LLaVA).
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// CLIP: a file with one candidate answer per line (default: the particles' vocabulary).
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// Compare several particle sets on the same questions: `base` (no particles), DIR or
+    /// name=DIR, comma-separated; each run goes to OUT/name, the table to OUT/comparison.md.
+    #[arg(long, value_delimiter = ',', value_name = "ENTRIES")]
+    pub compare: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Combine the shard directories of one run (`bench --shard i/n`) into one results directory.
+    Merge {
+        /// Every shard directory of the run.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The merged directory (results.json, samples.jsonl, report).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `bella-vqa calibrate`: choose the abstention threshold on validation questions and store it
+/// with the particles.
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// A hub id (`org/name[@revision]`) or a local directory in the Hugging Face layout.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision; overrides `@revision` in --model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The particle directory whose bella_config.json receives the threshold.
+    #[arg(long)]
+    pub adapters: PathBuf,
+    /// Validation questions with human answers (JSONL, VQAv2 questions JSON, VizWiz JSON).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// VQAv2: the annotations JSON of --data.
+    #[arg(long)]
+    pub annotations: Option<PathBuf>,
+    /// The image folder of --data.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Answer as many questions as possible with at most this selective risk [default: 0.05].
+    #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]
+    pub target_risk: Option<f64>,
+    /// Or maximise effective reliability: phi1, phi10, phi100 (Φ_c with cost c per wrong answer).
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// Answer normalisation for VQA accuracy: official or always.
+    #[arg(long, default_value = "official", value_parser = parse_normalize)]
+    pub normalize: NormalizeMode,
+    /// Only the first N validation questions.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Skip bad records and unreadable images instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Longest answer in tokens (LLaVA).
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// CLIP: a file with one candidate answer per line.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// Print the threshold without storing it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the outcome as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
+    let mut source = ModelSource::parse(model)?;
+    if let (ModelSource::Hub { revision: r, .. }, Some(rev)) = (&mut source, revision) {
+        *r = Some(rev.clone());
+    }
+    Ok(source)
+}
+
+/// One answer per line; blank lines and `#` comments skipped.
+fn read_answer_list(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let answers: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if answers.is_empty() {
+        bail!("{} holds no answers (one per line)", path.display());
+    }
+    Ok(answers)
+}
+
+fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Result<()> {
+    move |vqa: &mut BellaVqa| {
+        if let Some(a) = &answers {
+            vqa.set_answer_vocabulary(a.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Runs `bench` (or `bench merge`).
+pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
+    if let Some(BenchCommand::Merge { dirs, out }) = &args.command {
+        let (results, written) = super::merge(dirs, out)?;
+        if !quiet {
+            eprintln!(
+                "merged {} shard(s): {} questions answered",
+                dirs.len(),
+                results.progress.answered
+            );
+            print_summary(&results);
+            for w in written {
+                eprintln!("wrote {}", w.display());
+            }
+        }
+        return Ok(());
+    }
+    let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
+        bail!("bench needs --model, --data and --out");
+    };
+    let source = model_source(model, &args.revision)?;
+    let spec = ModelSpec {
+        source: model.clone(),
+        adapters: args.adapters.clone(),
+        answers_file: args.answers.clone(),
+    };
+    let opts = BenchOptions {
+        data: DataInput {
+            path: data.clone(),
+            annotations: args.annotations.clone(),
+            images: args.images.clone(),
+        },
+        val: args.val.clone().map(DataInput::new),
+        ood: args.ood_data.iter().cloned().map(DataInput::new).collect(),
+        out: out.clone(),
+        limit: args.limit,
+        shard: args.shard,
+        normalize: args.normalize,
+        skip_bad: args.skip_bad,
+        progress: !quiet,
+        threshold: args.threshold,
+        max_new_tokens: args.max_new_tokens,
+    };
+    // Check the inputs before the (slow) model load.
+    for path in std::iter::once(data)
+        .chain(args.val.iter())
+        .chain(args.ood_data.iter())
+    {
+        if !path.exists() {
+            bail!("data file {} does not exist", path.display());
+        }
+    }
+    let answers = match &args.answers {
+        Some(p) => Some(read_answer_list(p)?),
+        None => None,
+    };
+    let prepare = prepare_with(answers);
+    let load = LoadOptions {
+        hub,
+        ..LoadOptions::default()
+    };
+    if !args.compare.is_empty() {
+        let entries = CompareEntry::parse_all(&args.compare)?;
+        let (_, written) = super::compare(&source, &spec, &entries, &load, &opts, &prepare)?;
+        if !quiet {
+            for w in written {
+                eprintln!("wrote {}", w.display());
+            }
+        }
+        return Ok(());
+    }
+    let mut vqa = BellaVqa::load(&source, args.adapters.as_deref(), &load)?;
+    prepare(&mut vqa)?;
+    let outcome = super::run(&vqa, &spec, &opts)?;
+    if !quiet {
+        let t = &outcome.results.timing;
+        eprintln!(
+            "answered {} question(s) now{}{}",
+            outcome.answered_now,
+            if outcome.resumed > 0 {
+                format!(", {} from before", outcome.resumed)
+            } else {
+                String::new()
+            },
+            t.answers_per_second
+                .map_or(String::new(), |r| format!(" ({r:.2} answers/s overall)"))
+        );
+        print_summary(&outcome.results);
+        for w in outcome.written {
+            eprintln!("wrote {}", w.display());
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(r: &super::ResultsFile) {
+    let get = |k: &str| crate::report::fmt(crate::report::metric(r, k));
+    if r.summary.is_some() {
+        eprintln!(
+            "VQA accuracy {} · coverage {} · ECE {} · AURC {} · Φ₁₀ {} (thresholds from {})",
+            get("vqa_accuracy"),
+            get("coverage"),
+            get("ece"),
+            get("aurc"),
+            get("phi_10"),
+            r.results
+                .get("thresholds_from")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+        );
+    }
+    if !r.progress.complete {
+        eprintln!(
+            "incomplete: {} question(s) missing; rerun with the same --out",
+            r.progress.missing
+        );
+    }
+}
+
+/// Runs `calibrate`.
+pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<()> {
+    let objective = match (&args.objective, args.target_risk) {
+        (Some(o), _) => Objective::parse(o)?,
+        (None, Some(r)) => Objective::TargetRisk(r),
+        (None, None) => Objective::TargetRisk(0.05),
+    };
+    if !args.data.exists() {
+        bail!("data file {} does not exist", args.data.display());
+    }
+    crate::bella::particles::ParticleSet::read_config(&args.adapters)?;
+    let source = model_source(&args.model, &args.revision)?;
+    let load = LoadOptions {
+        hub,
+        ..LoadOptions::default()
+    };
+    let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;
+    if let Some(p) = &args.answers {
+        vqa.set_answer_vocabulary(read_answer_list(p)?);
+    }
+    let opts = CalibrateOptions {
+        data: DataInput {
+            path: args.data.clone(),
+            annotations: args.annotations.clone(),
+            images: args.images.clone(),
+        },
+        objective,
+        normalize: args.normalize,
+        limit: args.limit,
+        skip_bad: args.skip_bad,
+        progress: !quiet,
+        max_new_tokens: args.max_new_tokens,
+        dry_run: args.dry_run,
+    };
+    let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        return Ok(());
+    }
+    println!(
+        "threshold {:.6} ({}) on {} validation question(s): coverage {:.1} %, risk {}{}",
+        outcome.abstention.threshold,
+        outcome.abstention.objective,
+        outcome.count,
+        outcome.coverage * 100.0,
+        outcome
+            .risk
+            .map_or("— (nothing answered)".into(), |r| format!(
+                "{:.1} %",
+                r * 100.0
+            )),
+        outcome.phi.map_or(String::new(), |p| format!(", Φ {p:.4}"))
+    );
+    println!(
+        "{}",
+        if outcome.stored {
+            format!(
+                "stored in {}",
+                args.adapters
+                    .join(crate::bella::particles::CONFIG_FILE)
+                    .display()
+            )
+        } else {
+            "not stored (--dry-run)".into()
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! `bench --compare base,DIR,name=DIR`: the same questions with several particle sets (or none),
+//! each into its own sub-directory, then one side-by-side table.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::results::{ResultsFile, Timing};
+use super::{BenchOptions, ModelSpec};
+use crate::answer::{BellaVqa, LoadOptions};
+use crate::hub::ModelSource;
+use crate::report::{self, plot, Block, Document};
+
+/// One contestant: a name (its sub-directory) and its particles (`None`: the base model).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareEntry {
+    pub name: String,
+    pub adapters: Option<PathBuf>,
+}
+
+impl CompareEntry {
+    /// `base` (no particles), `name=DIR`, or `DIR` (named after its last component).
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            bail!("an empty --compare entry: use base, DIR or name=DIR");
+        }
+        let (name, adapters) = match s.split_once('=') {
+            Some((n, d)) => (
+                n.trim().to_string(),
+                (d.trim() != "base").then(|| PathBuf::from(d.trim())),
+            ),
+            None if s == "base" => ("base".to_string(), None),
+            None => {
+                let p = PathBuf::from(s);
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, Some(p))
+            }
+        };
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains(['/', '\\'])
+            || name.starts_with('.')
+        {
+            bail!("--compare entry {s:?}: {name:?} cannot name a sub-directory; write name=DIR");
+        }
+        Ok(Self { name, adapters })
+    }
+
+    /// Parses every entry and checks that the names are distinct.
+    pub fn parse_all(items: &[String]) -> Result<Vec<Self>> {
+        let entries: Vec<Self> = items
+            .iter()
+            .map(|s| Self::parse(s))
+            .collect::<Result<_>>()?;
+        for (i, e) in entries.iter().enumerate() {
+            if entries[..i].iter().any(|o| o.name == e.name) {
+                bail!(
+                    "two --compare entries are named {:?}: give them names with name=DIR",
+                    e.name
+                );
+            }
+        }
+        if entries.is_empty() {
+            bail!("--compare needs at least one entry (base, DIR or name=DIR)");
+        }
+        Ok(entries)
+    }
+}
+
+/// One row of `comparison.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComparedRun {
+    pub name: String,
+    pub adapters: Option<PathBuf>,
+    pub dir: PathBuf,
+    pub results: serde_json::Map<String, Value>,
+    pub timing: Timing,
+    pub complete: bool,
+}
+
+/// `comparison.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The metric keys of the table, in order.
+    pub metrics: Vec<String>,
+    pub runs: Vec<ComparedRun>,
+    pub written: String,
+}
+
+/// Keys of the comparison table, besides OOD keys.
+const TABLE: &[&str] = &[
+    "count",
+    "vqa_accuracy",
+    "coverage",
+    "answered_accuracy",
+    "ece",
+    "ece_equal_mass",
+    "nll",
+    "brier",
+    "error_auroc",
+    "error_aupr",
+    "aurc",
+    "excess_aurc",
+    "coverage_at_risk_1pct",
+    "coverage_at_risk_5pct",
+    "coverage_at_risk_10pct",
+    "phi_1",
+    "phi_10",
+    "phi_100",
+    "thresholds_from",
+];
+
+/// Runs the benchmark `opts` for every entry into `opts.out/{name}` (each resumable), then writes
+/// `comparison.json`, `comparison.md`, `comparison.html` and `comparison_risk_coverage.svg` into
+/// `opts.out`. `prepare` is applied to each loaded model (e.g. to set a CLIP vocabulary).
+pub fn compare(
+    source: &ModelSource,
+    model: &ModelSpec,
+    entries: &[CompareEntry],
+    load: &LoadOptions,
+    opts: &BenchOptions,
+    prepare: &dyn Fn(&mut BellaVqa) -> Result<()>,
+) -> Result<(Comparison, Vec<PathBuf>)> {
+    let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
+    for e in entries {
+        if opts.progress {
+            eprintln!(
+                "== {}: {}",
+                e.name,
+                e.adapters
+                    .as_ref()
+                    .map_or("base model".into(), |a| a.display().to_string())
+            );
+        }
+        let mut vqa = BellaVqa::load(source, e.adapters.as_deref(), load)?;
+        prepare(&mut vqa)?;
+        let dir = opts.out.join(&e.name);
+        let sub = BenchOptions {
+            out: dir.clone(),
+            ..opts.clone()
+        };
+        let spec = ModelSpec {
+            adapters: e.adapters.clone(),
+            ..model.clone()
+        };
+        let outcome = super::run(&vqa, &spec, &sub)?;
+        done.push((e.clone(), dir, outcome.results));
+    }
+    write_comparison(&opts.out, &done)
+}
+
+/// Writes the comparison files of finished runs.
+pub fn write_comparison(
+    out: &Path,
+    done: &[(CompareEntry, PathBuf, ResultsFile)],
+) -> Result<(Comparison, Vec<PathBuf>)> {
+    let mut metrics: Vec<String> = TABLE.iter().map(|s| s.to_string()).collect();
+    for (_, _, r) in done {
+        for k in r.results.keys() {
+            if k.starts_with("ood.") && !metrics.contains(k) && !k.ends_with(".count") {
+                metrics.push(k.clone());
+            }
+        }
+    }
+    let comparison = Comparison {
+        metrics: metrics.clone(),
+        runs: done
+            .iter()
+            .map(|(e, dir, r)| ComparedRun {
+                name: e.name.clone(),
+                adapters: e.adapters.clone(),
+                dir: dir.clone(),
+                results: r.results.clone(),
+                timing: r.timing.clone(),
+                complete: r.progress.complete,
+            })
+            .collect(),
+        written: super::config::utc_timestamp(),
+    };
+    let mut written = Vec::new();
+    let json_path = out.join("comparison.json");
+    crate::io::write_bytes_atomically(&json_path, &serde_json::to_vec_pretty(&comparison)?)?;
+    written.push(json_path);
+
+    let mut doc = Document::new("Comparison");
+    if let Some((_, _, r)) = done.first() {
+        doc.para(format!(
+            "Model {}; {} questions; normalisation {}. Each run is in its own sub-directory \
+             with its full report.",
+            r.config.model.source,
+            r.progress.questions,
+            report::normalize_name(r.config.normalize)
+        ));
+    }
+    doc.table(
+        &["name", "particles", "directory", "report"],
+        done.iter()
+            .map(|(e, dir, r)| {
+                vec![
+                    e.name.clone(),
+                    r.config
+                        .adapters
+                        .as_ref()
+                        .map_or("none (base)".into(), |a| {
+                            format!("{} × {} ({})", a.particles, a.method, a.path)
+                        }),
+                    dir.display().to_string(),
+                    format!("{}/{}", e.name, report::REPORT_MD),
+                ]
+            })
+            .collect(),
+    );
+    let mut header: Vec<String> = vec!["metric".into()];
+    header.extend(done.iter().map(|(e, _, _)| e.name.clone()));
+    let mut rows: Vec<Vec<String>> = metrics
+        .iter()
+        .map(|k| {
+            let mut row = vec![k.clone()];
+            row.extend(done.iter().map(|(_, _, r)| match r.results.get(k) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+                Some(v) => report::fmt(v.as_f64()),
+                None => "—".into(),
+            }));
+            row
+        })
+        .collect();
+    let mut timing_row = vec!["answers per second".to_string()];
+    timing_row.extend(
+        done.iter()
+            .map(|(_, _, r)| report::fmt(r.timing.answers_per_second)),
+    );
+    rows.push(timing_row);
+    doc.push(Block::Table { header, rows });
+
+    let curves: Vec<plot::Curve> = done
+        .iter()
+        .filter_map(|(e, _, r)| {
+            let s = r.summary.as_ref()?;
+            Some(plot::Curve {
+                label: format!("{} (AURC {:.3})", e.name, s.aurc),
+                points: s
+                    .risk_coverage
+                    .iter()
+                    .map(|p| (p.coverage, p.risk))
+                    .collect(),
+                dashed: false,
+            })
+        })
+        .collect();
+    if !curves.is_empty() {
+        let svg = plot::risk_coverage_svg(&curves, None, "Risk–coverage")?;
+        let path = out.join("comparison_risk_coverage.svg");
+        crate::io::write_bytes_atomically(&path, svg.as_bytes())?;
+        written.push(path);
+        doc.push(Block::Image {
+            src: "comparison_risk_coverage.svg".into(),
+            alt: "Risk–coverage curves".into(),
+        });
+    }
+    if done.iter().any(|(_, _, r)| {
+        r.results.get("thresholds_from").and_then(Value::as_str) == Some("evaluated_set")
+    }) {
+        doc.para("⚠ Without --val the Φ_c thresholds were chosen on the test questions themselves (optimistic).");
+    }
+    written.extend(doc.write(out, "comparison")?);
+    Ok((comparison, written))
+}

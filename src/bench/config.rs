@@ -1,0 +1,324 @@
+//! What a benchmark run is: the model, the particles, the data files, the settings
+//! (`bench_config.json`). Restarting a run and merging shards both require the same
+//! configuration; paths may differ (files are identified by their SHA-256).
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::bella::particles::{Abstention, FileHash, ParticleConfig, PARTICLES_FILE};
+use crate::data::DataFormat;
+use crate::metrics::NormalizeMode;
+
+/// The file name of the run configuration.
+pub const CONFIG_FILE: &str = "bench_config.json";
+
+/// The `i`-th of `n` deterministic slices of every data file: the questions whose position `k`
+/// (after `--limit`) has `k % n == i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub fn new(index: usize, count: usize) -> Result<Self> {
+        if count == 0 || index >= count {
+            bail!("shard {index}/{count} does not exist: use i/n with 0 <= i < n (e.g. 0/4 … 3/4)");
+        }
+        Ok(Self { index, count })
+    }
+
+    /// Whether the question at position `k` belongs to this shard.
+    pub fn contains(&self, k: usize) -> bool {
+        k % self.count == self.index
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl FromStr for Shard {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parse = || -> Option<(usize, usize)> {
+            let (i, n) = s.split_once('/')?;
+            Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
+        };
+        match parse() {
+            Some((i, n)) => Shard::new(i, n),
+            None => bail!("--shard {s:?}: expected i/n, e.g. 0/4 for the first of four shards"),
+        }
+    }
+}
+
+/// Which part a data file plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `--data`: the evaluated questions.
+    Test,
+    /// `--val`: used only to choose thresholds.
+    Val,
+    /// `--ood-data`: out-of-distribution questions, detected against the test questions.
+    Ood,
+}
+
+/// The base model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// As given to `--model`.
+    pub source: String,
+    pub architecture: String,
+    pub weights: Vec<FileHash>,
+}
+
+/// The particle directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdaptersRecord {
+    /// As given to `--adapters`.
+    pub path: String,
+    /// SHA-256 of `particles.safetensors`.
+    pub sha256: String,
+    /// The base model named in the particles' config.
+    pub base: String,
+    pub method: String,
+    pub particles: usize,
+    pub rank: usize,
+    pub targets: Vec<String>,
+    pub abstention: Option<Abstention>,
+}
+
+impl AdaptersRecord {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let config: ParticleConfig = crate::bella::particles::ParticleSet::read_config(dir)?;
+        Ok(Self {
+            path: dir.display().to_string(),
+            sha256: sha256_file(&dir.join(PARTICLES_FILE))?,
+            base: config.base_model.source,
+            method: config.method,
+            particles: config.particles,
+            rank: config.rank,
+            targets: config.targets,
+            abstention: config.abstention,
+        })
+    }
+}
+
+/// One data file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataRecord {
+    /// The `split` of its samples: `test`, `val` or the OOD file's name.
+    pub split: String,
+    pub role: Role,
+    /// As given.
+    pub path: String,
+    pub format: DataFormat,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations_sha256: Option<String>,
+    /// Good questions in the file.
+    pub questions: usize,
+    /// Bad records left out with `--skip-bad`.
+    pub skipped_records: usize,
+    /// Questions after `--limit` (before `--shard`).
+    pub selected: usize,
+}
+
+/// Everything that decides the answers of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: ModelRecord,
+    pub adapters: Option<AdaptersRecord>,
+    /// Test first, then validation, then the OOD files, in the order given.
+    pub data: Vec<DataRecord>,
+    pub normalize: NormalizeMode,
+    /// The abstention threshold the answers were given with.
+    pub threshold: f64,
+    /// Where it came from: `calibration (…)`, `--threshold` or `default (uncalibrated)`.
+    pub threshold_from: String,
+    pub max_new_tokens: usize,
+    /// CLIP: the candidate answers (`--answers`), if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers_file_sha256: Option<String>,
+    pub decoding: String,
+    pub limit: Option<usize>,
+    pub shard: Option<Shard>,
+    pub bella_vqa_version: String,
+    /// When the run (its first invocation) started, UTC.
+    pub created: String,
+}
+
+impl RunConfig {
+    /// The test data record.
+    pub fn test(&self) -> Option<&DataRecord> {
+        self.data.iter().find(|d| d.role == Role::Test)
+    }
+
+    /// The positions of the questions of `data` this run answers.
+    pub fn selection(&self, data: &DataRecord) -> impl Iterator<Item = usize> + '_ {
+        let shard = self.shard;
+        (0..data.selected).filter(move |&k| shard.is_none_or(|s| s.contains(k)))
+    }
+
+    /// The comparable part: no paths, no version; without the limit and selection when
+    /// `ignore_limit` (restarting), without the shard when `ignore_shard` (merging).
+    fn identity(&self, ignore_limit: bool, ignore_shard: bool) -> Value {
+        let mut c = self.clone();
+        c.model.source.clear();
+        if let Some(a) = &mut c.adapters {
+            a.path.clear();
+        }
+        for d in &mut c.data {
+            d.path.clear();
+            d.annotations = None;
+            if ignore_limit {
+                d.selected = 0;
+            }
+        }
+        c.bella_vqa_version.clear();
+        c.created.clear();
+        if ignore_limit {
+            c.limit = None;
+        }
+        if ignore_shard {
+            c.shard = None;
+        }
+        serde_json::to_value(&c).unwrap_or(Value::Null)
+    }
+
+    /// What differs between two runs that should be the same (empty when they match).
+    pub fn differences(
+        &self,
+        other: &RunConfig,
+        ignore_limit: bool,
+        ignore_shard: bool,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        diff(
+            "",
+            &self.identity(ignore_limit, ignore_shard),
+            &other.identity(ignore_limit, ignore_shard),
+            &mut out,
+        );
+        out
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (is {} a bench directory?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench configuration", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).context("serialising the configuration")?;
+        crate::io::write_bytes_atomically(&dir.join(CONFIG_FILE), &json)
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff(
+                    &p,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                diff(&format!("{path}[{i}]"), u, v, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {} vs {}", short(a), short(b))),
+        _ => {}
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// The current UTC time as RFC 3339 (`2026-05-01T12:34:56Z`).
+pub fn utc_timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The peak resident set size of this process in KiB (`VmHWM` of `/proc/self/status`; Linux only).
+pub fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

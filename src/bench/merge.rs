@@ -1,0 +1,197 @@
+//! `bench merge`: combine shard directories into the directory a single run would have written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::config::RunConfig;
+use super::results::{self, ResultsFile, RunRecord, SkippedQuestion};
+use super::samples::{read_samples, write_samples, Sample, SAMPLES_FILE};
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Merges the shard directories `dirs` (every shard `i/n` of one run, each complete) into
+/// `out`: the samples in canonical order, the invocation logs, then `results.json` and the
+/// report, as [`super::finalize`] writes them. Refuses shards of different runs, a shard given
+/// twice or missing, a question answered twice, and a question not answered.
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)> {
+    if dirs.is_empty() {
+        bail!("give the shard directories to merge");
+    }
+    let mut configs = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        if same_dir(d, out) {
+            bail!(
+                "--out {} is one of the shard directories; merge into a new directory",
+                out.display()
+            );
+        }
+        let c = RunConfig::read(d)?;
+        if c.shard.is_none() {
+            bail!(
+                "{} is a whole run, not a shard (it was run without --shard); there is nothing \
+                 to merge",
+                d.display()
+            );
+        }
+        configs.push(c);
+    }
+    let first = &configs[0];
+    let count = first.shard.map_or(1, |s| s.count);
+    let mut by_index: BTreeMap<usize, &Path> = BTreeMap::new();
+    for (d, c) in dirs.iter().zip(&configs) {
+        let diffs = first.differences(c, false, true);
+        if !diffs.is_empty() {
+            bail!(
+                "{} and {} are shards of different runs:\n  {}",
+                dirs[0].display(),
+                d.display(),
+                diffs.join("\n  ")
+            );
+        }
+        let Some(s) = c.shard else { continue };
+        if s.count != count {
+            bail!(
+                "{} is shard {s}, but {} is one of {count} shards: every shard must split the \
+                 data the same way",
+                d.display(),
+                dirs[0].display()
+            );
+        }
+        if let Some(other) = by_index.insert(s.index, d) {
+            bail!(
+                "shard {s} is given twice: {} and {}",
+                other.display(),
+                d.display()
+            );
+        }
+    }
+    let missing_shards: Vec<String> = (0..count)
+        .filter(|i| !by_index.contains_key(i))
+        .map(|i| format!("{i}/{count}"))
+        .collect();
+    if !missing_shards.is_empty() {
+        bail!(
+            "shard(s) {} missing: merge needs all {count} shards",
+            missing_shards.join(", ")
+        );
+    }
+
+    let mut merged = first.clone();
+    merged.shard = None;
+    // Every question once: answered, or skipped as unreadable.
+    let mut answered: HashMap<(String, usize), (Sample, &Path)> = HashMap::new();
+    let mut skipped: Vec<SkippedQuestion> = Vec::new();
+    let mut runs: Vec<RunRecord> = Vec::new();
+    for (d, c) in dirs.iter().zip(&configs) {
+        let shard = c.shard.context("a shard")?;
+        let samples = read_samples(&d.join(SAMPLES_FILE))?;
+        let shard_skipped: Vec<SkippedQuestion> =
+            results::read_lines(&d.join(results::SKIPPED_FILE))?;
+        for s in samples.samples {
+            if !shard.contains(s.index) {
+                bail!(
+                    "{} holds question {:?} (position {} of {}), which belongs to another shard \
+                     than {shard}",
+                    d.join(SAMPLES_FILE).display(),
+                    s.question_id,
+                    s.index,
+                    s.split
+                );
+            }
+            let key = (s.split.clone(), s.index);
+            if let Some((prev, other)) = answered.get(&key) {
+                bail!(
+                    "question {:?} of {} is answered twice: in {} and in {}",
+                    prev.question_id,
+                    s.split,
+                    other.display(),
+                    d.display()
+                );
+            }
+            answered.insert(key, (s, d.as_path()));
+        }
+        skipped.extend(
+            shard_skipped
+                .into_iter()
+                .filter(|q| !answered.contains_key(&(q.split.clone(), q.index))),
+        );
+        runs.extend(results::read_lines::<RunRecord>(
+            &d.join(results::RUNS_FILE),
+        )?);
+    }
+    let skipped_keys: std::collections::HashSet<(String, usize)> =
+        skipped.iter().map(|q| (q.split.clone(), q.index)).collect();
+    let mut ordered = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut missing_count = 0usize;
+    for d in &merged.data {
+        for k in merged.selection(d) {
+            let key = (d.split.clone(), k);
+            match answered.remove(&key) {
+                Some((s, _)) => ordered.push(s),
+                None if skipped_keys.contains(&key) => {}
+                None => {
+                    missing_count += 1;
+                    if missing.len() < 10 {
+                        let shard = k % count;
+                        let dir = by_index
+                            .get(&shard)
+                            .map_or(String::new(), |p| p.display().to_string());
+                        missing.push(format!("{} #{k} (shard {shard}/{count}, {dir})", d.split));
+                    }
+                }
+            }
+        }
+    }
+    if missing_count > 0 {
+        bail!(
+            "{missing_count} question(s) are not answered in the shards, e.g.:\n  {}\nfinish those \
+             shards (rerun `bella-vqa bench` with the same --shard and --out) and merge again",
+            missing.join("\n  ")
+        );
+    }
+    skipped.sort_by(|a, b| (&a.split, a.index).cmp(&(&b.split, b.index)));
+    skipped.dedup_by(|a, b| a.split == b.split && a.index == b.index);
+
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    if out.join(super::config::CONFIG_FILE).exists() {
+        let old = RunConfig::read(out)?;
+        let diffs = old.differences(&merged, false, false);
+        if !diffs.is_empty() || old.shard.is_some() {
+            bail!(
+                "{} already holds another run; merge into a new or empty directory",
+                out.display()
+            );
+        }
+    }
+    merged.write(out)?;
+    write_samples(&out.join(SAMPLES_FILE), &ordered)?;
+    let mut lines = Vec::new();
+    for r in &runs {
+        serde_json::to_writer(&mut lines, r)?;
+        lines.push(b'\n');
+    }
+    crate::io::write_bytes_atomically(&out.join(results::RUNS_FILE), &lines)?;
+    let skipped_path = out.join(results::SKIPPED_FILE);
+    if skipped.is_empty() {
+        if skipped_path.exists() {
+            std::fs::remove_file(&skipped_path)
+                .with_context(|| format!("cannot remove {}", skipped_path.display()))?;
+        }
+    } else {
+        let mut lines = Vec::new();
+        for q in &skipped {
+            serde_json::to_writer(&mut lines, q)?;
+            lines.push(b'\n');
+        }
+        crate::io::write_bytes_atomically(&skipped_path, &lines)?;
+    }
+    super::finalize(out)
+}

@@ -1,0 +1,486 @@
+//! Batch benchmark runs (design §6): answer every question of a VQA set, log each answer to
+//! `samples.jsonl` as soon as it is given, and write `results.json` plus a Markdown/HTML report.
+//!
+//! ```text
+//! OUT/bench_config.json  what the run is (model, particles, data files by SHA-256, settings)
+//! OUT/samples.jsonl      one line per answered question (design §10), appended and flushed
+//! OUT/runs.jsonl         one line per invocation (time, answers, peak memory)
+//! OUT/skipped.jsonl      questions that could not be answered with --skip-bad
+//! OUT/results.json       metric name → value, details, progress, timing, config
+//! OUT/report.md, report.html, reliability.svg, risk_coverage.svg
+//! ```
+//!
+//! Restarting [`run`] with the same `out` continues: answered questions are skipped, a damaged last
+//! line of `samples.jsonl` is dropped and answered again, nothing is duplicated. A different
+//! model, particle set, data file or setting is refused (only `--limit` may change). With a
+//! [`Shard`] a run answers one deterministic slice; [`merge`] combines the shard directories into
+//! the directory a single run would have written.
+
+pub mod calibrate;
+pub mod cli;
+pub mod compare;
+pub mod config;
+pub mod merge;
+pub mod results;
+pub mod samples;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::answer::generate::Sampling;
+use crate::answer::{AskOptions, BellaVqa, UNCALIBRATED_THRESHOLD};
+use crate::bella::particles::hash_weights;
+use crate::data::{read_dataset, BadRecord, ReadOptions, VqaExample};
+use crate::metrics::NormalizeMode;
+use crate::models::image::load_image;
+
+pub use calibrate::{calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Objective};
+pub use compare::{compare, CompareEntry, Comparison};
+pub use config::{DataRecord, Role, RunConfig, Shard};
+pub use merge::merge;
+pub use results::{ResultsFile, RunRecord, SkippedQuestion};
+pub use samples::{read_samples, Sample, SAMPLES_FILE};
+
+/// A data file and, for VQAv2, its annotations and image folder.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataInput {
+    pub path: PathBuf,
+    /// VQAv2: the annotations JSON.
+    pub annotations: Option<PathBuf>,
+    /// The image folder (VQAv2/VizWiz; JSONL: replaces the file's folder).
+    pub images: Option<PathBuf>,
+}
+
+impl DataInput {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The model as the user named it (recorded in the configuration).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    /// As given to `--model`.
+    pub source: String,
+    /// The particle directory, if any.
+    pub adapters: Option<PathBuf>,
+    /// CLIP: the `--answers` file, if any.
+    pub answers_file: Option<PathBuf>,
+}
+
+/// Settings of a benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub data: DataInput,
+    /// Validation questions: thresholds for Φ_c and target risks are chosen on them.
+    pub val: Option<DataInput>,
+    /// Out-of-distribution files, each detected against `data`.
+    pub ood: Vec<DataInput>,
+    pub out: PathBuf,
+    /// Only the first `limit` questions of every file.
+    pub limit: Option<usize>,
+    pub shard: Option<Shard>,
+    pub normalize: NormalizeMode,
+    /// Skip bad records and unreadable images (listed in the results) instead of stopping.
+    pub skip_bad: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Abstain below this confidence instead of the particles' calibrated threshold.
+    pub threshold: Option<f64>,
+    pub max_new_tokens: usize,
+}
+
+impl BenchOptions {
+    pub fn new(data: DataInput, out: impl Into<PathBuf>) -> Self {
+        Self {
+            data,
+            val: None,
+            ood: Vec::new(),
+            out: out.into(),
+            limit: None,
+            shard: None,
+            normalize: NormalizeMode::Official,
+            skip_bad: false,
+            progress: false,
+            threshold: None,
+            max_new_tokens: AskOptions::default().max_new_tokens,
+        }
+    }
+}
+
+/// What a finished [`run`] did.
+#[derive(Debug)]
+pub struct BenchOutcome {
+    pub results: ResultsFile,
+    /// Answered by this invocation.
+    pub answered_now: usize,
+    /// Already answered before it (resumed).
+    pub resumed: usize,
+    /// A damaged last line of `samples.jsonl` was dropped.
+    pub dropped_damaged_line: bool,
+    /// Files written.
+    pub written: Vec<PathBuf>,
+}
+
+/// One data file's questions.
+pub(crate) struct EvalSet {
+    pub record: DataRecord,
+    pub examples: Vec<VqaExample>,
+    pub skipped: Vec<BadRecord>,
+}
+
+pub(crate) fn read_set(
+    input: &DataInput,
+    split: &str,
+    role: Role,
+    limit: Option<usize>,
+    skip_bad: bool,
+) -> Result<EvalSet> {
+    if !input.path.exists() {
+        bail!("data file {} does not exist", input.path.display());
+    }
+    let opts = ReadOptions {
+        skip_bad,
+        check_images: false,
+    };
+    let ds = read_dataset(
+        &input.path,
+        input.annotations.as_deref(),
+        input.images.as_deref(),
+        &opts,
+    )?;
+    let questions = ds.examples.len();
+    let selected = limit.map_or(questions, |l| l.min(questions));
+    let record = DataRecord {
+        split: split.to_string(),
+        role,
+        path: input.path.display().to_string(),
+        format: ds.format,
+        sha256: config::sha256_file(&input.path)?,
+        annotations: input.annotations.as_ref().map(|a| a.display().to_string()),
+        annotations_sha256: match &input.annotations {
+            Some(a) => Some(config::sha256_file(a)?),
+            None => None,
+        },
+        questions,
+        skipped_records: ds.skipped.len(),
+        selected,
+    };
+    Ok(EvalSet {
+        record,
+        examples: ds.examples,
+        skipped: ds.skipped,
+    })
+}
+
+/// The split names of the OOD files: their file stems, made unique.
+fn ood_names(ood: &[DataInput]) -> Vec<String> {
+    let mut taken: HashSet<String> = ["test", "val"].iter().map(|s| s.to_string()).collect();
+    ood.iter()
+        .map(|d| {
+            let stem = d
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "ood".into());
+            let mut name = if taken.contains(&stem) {
+                format!("ood-{stem}")
+            } else {
+                stem
+            };
+            let base = name.clone();
+            let mut k = 2;
+            while taken.contains(&name) {
+                name = format!("{base}-{k}");
+                k += 1;
+            }
+            taken.insert(name.clone());
+            name
+        })
+        .collect()
+}
+
+pub(crate) fn read_sets(opts: &BenchOptions) -> Result<Vec<EvalSet>> {
+    let mut sets = vec![read_set(
+        &opts.data,
+        "test",
+        Role::Test,
+        opts.limit,
+        opts.skip_bad,
+    )?];
+    if let Some(v) = &opts.val {
+        sets.push(read_set(v, "val", Role::Val, opts.limit, opts.skip_bad)?);
+    }
+    for (d, name) in opts.ood.iter().zip(ood_names(&opts.ood)) {
+        sets.push(read_set(d, &name, Role::Ood, opts.limit, opts.skip_bad)?);
+    }
+    Ok(sets)
+}
+
+/// The configuration of a run of `vqa` with `opts`.
+pub(crate) fn run_config(
+    vqa: &BellaVqa,
+    model: &ModelSpec,
+    opts: &BenchOptions,
+    sets: &[EvalSet],
+) -> Result<RunConfig> {
+    let loaded = vqa.model();
+    let adapters = match &model.adapters {
+        Some(dir) => Some(config::AdaptersRecord::read(dir)?),
+        None => None,
+    };
+    let (threshold, threshold_from) = match (
+        opts.threshold,
+        adapters.as_ref().and_then(|a| a.abstention.as_ref()),
+    ) {
+        (Some(t), _) => (t, "--threshold".to_string()),
+        (None, Some(a)) => (a.threshold, format!("calibration ({})", a.objective)),
+        (None, None) => (UNCALIBRATED_THRESHOLD, "default (uncalibrated)".to_string()),
+    };
+    if !(0.0..=1.0).contains(&threshold) {
+        bail!("the threshold {threshold} is outside [0, 1]");
+    }
+    Ok(RunConfig {
+        model: config::ModelRecord {
+            source: model.source.clone(),
+            architecture: loaded.info.architecture.to_string(),
+            weights: hash_weights(&loaded.files)?,
+        },
+        adapters,
+        data: sets.iter().map(|s| s.record.clone()).collect(),
+        normalize: opts.normalize,
+        threshold,
+        threshold_from,
+        max_new_tokens: opts.max_new_tokens,
+        answers_file_sha256: match &model.answers_file {
+            Some(p) => Some(config::sha256_file(p)?),
+            None => None,
+        },
+        decoding: "greedy".into(),
+        limit: opts.limit,
+        shard: opts.shard,
+        bella_vqa_version: env!("CARGO_PKG_VERSION").into(),
+        created: config::utc_timestamp(),
+    })
+}
+
+/// Writes the configuration, or checks it against the one already in `out` (a restart).
+fn check_or_write_config(out: &Path, config: &mut RunConfig) -> Result<()> {
+    let path = out.join(config::CONFIG_FILE);
+    if path.exists() {
+        let old = RunConfig::read(out)?;
+        let diffs = old.differences(config, true, false);
+        if !diffs.is_empty() {
+            bail!(
+                "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse another \
+                 --out, or delete the directory to start over",
+                out.display(),
+                diffs.join("\n  ")
+            );
+        }
+        config.created = old.created;
+    }
+    config.write(out)
+}
+
+fn progress_bar(len: usize, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>16} [{bar:30}] {pos}/{len} · {per_sec} · ETA {eta} ({elapsed})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+/// Answers every question of the run that `out` does not hold yet, then writes the results and
+/// the report. `model` names the model and particles that `vqa` was loaded from.
+pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<BenchOutcome> {
+    let started_at = config::utc_timestamp();
+    let started = Instant::now();
+    let sets = read_sets(opts)?;
+    if opts.progress {
+        for s in &sets {
+            for bad in &s.skipped {
+                eprintln!("skipped bad record: {bad}");
+            }
+        }
+    }
+    let mut config = run_config(vqa, model, opts, &sets)?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    check_or_write_config(&opts.out, &mut config)?;
+
+    let samples_path = opts.out.join(SAMPLES_FILE);
+    let existing = read_samples(&samples_path)?;
+    if existing.dropped_last_line && opts.progress {
+        eprintln!(
+            "{}: dropped a damaged last line (an interrupted write); its question is answered again",
+            samples_path.display()
+        );
+    }
+    let done: HashSet<(String, usize)> = existing
+        .samples
+        .iter()
+        .map(|s| (s.split.clone(), s.index))
+        .collect();
+    let mut todo: Vec<(&EvalSet, usize)> = Vec::new();
+    for set in &sets {
+        for k in config.selection(&set.record) {
+            if !done.contains(&(set.record.split.clone(), k)) {
+                todo.push((set, k));
+            }
+        }
+    }
+    // A sample from another question under the same position means the data changed.
+    let ids: HashMap<(&str, usize), &str> = sets
+        .iter()
+        .flat_map(|s| {
+            s.examples
+                .iter()
+                .enumerate()
+                .map(move |(k, e)| ((s.record.split.as_str(), k), e.question_id.as_str()))
+        })
+        .collect();
+    for s in &existing.samples {
+        if let Some(id) = ids.get(&(s.split.as_str(), s.index)) {
+            if *id != s.question_id {
+                bail!(
+                    "{} answers question {:?} at position {} of {}, but the data file has {:?} \
+                     there: the samples belong to other data",
+                    samples_path.display(),
+                    s.question_id,
+                    s.index,
+                    s.split,
+                    id
+                );
+            }
+        }
+    }
+
+    let resumed = existing.samples.len();
+    let mut writer = samples::SampleWriter::open(&samples_path, existing.good_len)?;
+    let skipped_path = opts.out.join(results::SKIPPED_FILE);
+    let ask = AskOptions {
+        max_new_tokens: opts.max_new_tokens,
+        sampling: Sampling::Greedy,
+        threshold: Some(config.threshold),
+    };
+    let pb = progress_bar(todo.len(), opts.progress);
+    let answering = Instant::now();
+    let mut answered_now = 0usize;
+    let mut answer_all = || -> Result<()> {
+        for (set, k) in &todo {
+            let example = &set.examples[*k];
+            pb.set_message(set.record.split.clone());
+            let answer = load_image(&example.image)
+                .and_then(|img| vqa.ask_with(&img, &example.question, &ask));
+            let response = match answer {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = format!(
+                        "cannot answer question {:?} ({} of {}): {e:#}",
+                        example.question_id, set.record.split, set.record.path
+                    );
+                    if !opts.skip_bad {
+                        bail!("{reason} (--skip-bad skips such questions)");
+                    }
+                    pb.suspend(|| eprintln!("skipped: {reason}"));
+                    results::append_line(
+                        &skipped_path,
+                        &SkippedQuestion {
+                            split: set.record.split.clone(),
+                            question_id: example.question_id.clone(),
+                            index: *k,
+                            reason,
+                        },
+                    )?;
+                    pb.inc(1);
+                    continue;
+                }
+            };
+            let sample = Sample::new(
+                example,
+                &set.record.split,
+                set.record.role == Role::Ood,
+                *k,
+                response,
+                config.normalize,
+            );
+            writer.append(&sample)?;
+            answered_now += 1;
+            pb.inc(1);
+        }
+        writer.sync()
+    };
+    let outcome = answer_all();
+    pb.finish_and_clear();
+    let answering_seconds = answering.elapsed().as_secs_f64();
+    let record = RunRecord {
+        started: started_at,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        answering_seconds,
+        answered: answered_now,
+        peak_memory_kib: config::peak_memory_kib(),
+        shard: opts.shard,
+        failed: outcome.is_err(),
+    };
+    let logged = results::append_line(&opts.out.join(results::RUNS_FILE), &record);
+    outcome?;
+    logged?;
+
+    let (results, written) = finalize(&opts.out)?;
+    Ok(BenchOutcome {
+        results,
+        answered_now,
+        resumed,
+        dropped_damaged_line: existing.dropped_last_line,
+        written,
+    })
+}
+
+/// Computes the results of the directory `dir` from its configuration, samples, skipped
+/// questions and invocation log, and writes `results.json` and the report.
+pub fn finalize(dir: &Path) -> Result<(ResultsFile, Vec<PathBuf>)> {
+    let config = RunConfig::read(dir)?;
+    let samples = read_samples(&dir.join(SAMPLES_FILE))?.samples;
+    let skipped: Vec<SkippedQuestion> = results::read_lines(&dir.join(results::SKIPPED_FILE))?;
+    let runs: Vec<RunRecord> = results::read_lines(&dir.join(results::RUNS_FILE))?;
+    let results = results::compute(&config, &samples, &skipped, &runs)?;
+    results.write(dir)?;
+    // The oracle's risk–coverage curve (questions by accuracy, best first; its area is the
+    // optimal AURC), for the plot only.
+    let mut acc = results::test_accuracies(&config, &samples, &skipped);
+    acc.sort_by(|a, b| b.total_cmp(a));
+    let mut correct = 0.0;
+    let oracle: Option<Vec<(f64, f64)>> = results.summary.as_ref().map(|_| {
+        acc.iter()
+            .enumerate()
+            .map(|(k, a)| {
+                correct += a;
+                (
+                    (k + 1) as f64 / acc.len() as f64,
+                    1.0 - correct / (k + 1) as f64,
+                )
+            })
+            .collect()
+    });
+    let mut written = vec![dir.join(results::RESULTS_FILE)];
+    written.extend(crate::report::write_report(
+        dir,
+        &results,
+        oracle.as_deref(),
+    )?);
+    Ok((results, written))
+}

@@ -1,0 +1,532 @@
+//! `results.json`: the metrics of a run's samples (all computed by [`crate::metrics`]), its
+//! progress, timing and configuration.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::config::{Role, RunConfig};
+use super::samples::Sample;
+use crate::metrics::{
+    self, AnswerTypeBreakdown, NormalizeMode, Prediction, Summary, SummaryOptions, ThresholdSource,
+};
+
+/// The file name of the results.
+pub const RESULTS_FILE: &str = "results.json";
+/// One line per `bench` invocation on a directory (timing).
+pub const RUNS_FILE: &str = "runs.jsonl";
+/// One line per question that could not be answered with `--skip-bad` (e.g. an unreadable image).
+pub const SKIPPED_FILE: &str = "skipped.jsonl";
+
+/// One invocation of `bench` on a directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub started: String,
+    /// Seconds from reading the data to the last answer (model loading not included).
+    pub wall_seconds: f64,
+    /// Seconds spent answering.
+    pub answering_seconds: f64,
+    pub answered: usize,
+    /// Peak resident memory of the process (VmHWM), KiB.
+    pub peak_memory_kib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<super::Shard>,
+    /// Whether the invocation ended with an error (its answers are kept).
+    #[serde(default)]
+    pub failed: bool,
+}
+
+/// A question that could not be answered (with `--skip-bad`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SkippedQuestion {
+    pub split: String,
+    pub question_id: String,
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Time and memory, over every invocation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    pub invocations: usize,
+    pub wall_time_s: f64,
+    pub answering_time_s: f64,
+    pub answered: usize,
+    pub answers_per_second: Option<f64>,
+    pub peak_memory_mib: Option<f64>,
+    pub peak_memory_source: String,
+}
+
+impl Timing {
+    pub fn of(runs: &[RunRecord]) -> Self {
+        let answering: f64 = runs.iter().map(|r| r.answering_seconds).sum();
+        let answered: usize = runs.iter().map(|r| r.answered).sum();
+        Timing {
+            invocations: runs.len(),
+            wall_time_s: runs.iter().map(|r| r.wall_seconds).sum(),
+            answering_time_s: answering,
+            answered,
+            answers_per_second: (answering > 0.0).then(|| answered as f64 / answering),
+            peak_memory_mib: runs
+                .iter()
+                .filter_map(|r| r.peak_memory_kib)
+                .max()
+                .map(|k| k as f64 / 1024.0),
+            peak_memory_source: "VmHWM (peak resident set size) of the bench process from \
+                                 /proc/self/status, the largest over the invocations (and shards); \
+                                 includes the model weights"
+                .into(),
+        }
+    }
+}
+
+/// How far the run got.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Questions this run (limit, shard) covers, over every data file.
+    pub questions: usize,
+    pub answered: usize,
+    /// Could not be answered (`--skip-bad`): see `skipped.jsonl`.
+    pub skipped: usize,
+    /// Neither answered nor skipped: rerun with the same `--out` to finish.
+    pub missing: usize,
+    pub complete: bool,
+    /// Bad records left out of the data files (`--skip-bad`).
+    pub bad_records: usize,
+}
+
+/// OOD detection of one `--ood-data` file against the test questions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OodResult {
+    pub count: usize,
+    /// Fraction answered (not abstained) at the run's threshold.
+    pub coverage: f64,
+    pub mean_confidence: f64,
+    /// Mean VQA accuracy, when the file has human answers.
+    pub accuracy: Option<f64>,
+    /// Score 1 − confidence.
+    pub confidence: metrics::Detection,
+    /// Score: total uncertainty H[p̄].
+    pub total_uncertainty: metrics::Detection,
+    /// Score: epistemic uncertainty (mutual information).
+    pub epistemic_uncertainty: metrics::Detection,
+}
+
+/// Counts and accuracy of the validation questions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValidationBrief {
+    pub count: usize,
+    pub accuracy: f64,
+    pub mean_confidence: f64,
+}
+
+/// The whole `results.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultsFile {
+    /// Metric name → value (test questions; OOD keys `ood.{split}.…`); `null` when undefined.
+    pub results: Map<String, Value>,
+    pub per_answer_type: BTreeMap<String, AnswerTypeBreakdown>,
+    pub ood: BTreeMap<String, OodResult>,
+    pub validation: Option<ValidationBrief>,
+    /// Every metric of the test questions with its curves and bins ([`metrics::summary`]);
+    /// `None` without answered test questions with human answers.
+    pub summary: Option<Summary>,
+    pub progress: Progress,
+    pub timing: Timing,
+    pub config: RunConfig,
+    /// Notes on conventions and caveats, also shown in the report.
+    pub notes: Vec<String>,
+    pub written: String,
+}
+
+/// A number as a key part: 0.05 → "5" (percent), 10.0 → "10".
+pub fn key_number(x: f64) -> String {
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round() as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
+fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+fn opt(x: Option<f64>) -> Value {
+    x.map_or(Value::Null, num)
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+/// The flat metric map of a [`Summary`] (plus accuracy in both normalisation modes).
+pub fn flatten(s: &Summary, predictions: &[Prediction]) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("count".into(), Value::from(s.count));
+    m.insert("vqa_accuracy".into(), num(s.accuracy));
+    for (name, mode) in [
+        ("vqa_accuracy_official", NormalizeMode::Official),
+        ("vqa_accuracy_always", NormalizeMode::Always),
+    ] {
+        let acc = metrics::accuracies(predictions, mode);
+        m.insert(name.into(), opt(mean(acc.into_iter())));
+    }
+    let d = &s.recorded_decisions;
+    m.insert("coverage".into(), num(d.coverage));
+    m.insert("selective_risk".into(), opt(d.risk));
+    m.insert("answered_accuracy".into(), opt(d.risk.map(|r| 1.0 - r)));
+    for p in &d.phi {
+        m.insert(format!("phi_{}_recorded", key_number(p.c)), num(p.phi));
+    }
+    m.insert("ece".into(), num(s.ece.ece));
+    m.insert("ece_equal_mass".into(), num(s.ece_equal_mass.ece));
+    m.insert("ece_bins".into(), Value::from(s.ece.bins.len()));
+    m.insert("nll".into(), num(s.nll_binary));
+    m.insert("brier".into(), num(s.brier_binary));
+    m.insert("nll_multiclass".into(), opt(s.nll_multiclass));
+    m.insert("brier_multiclass".into(), opt(s.brier_multiclass));
+    m.insert("error_auroc".into(), opt(s.error_detection.auroc));
+    m.insert("error_aupr".into(), opt(s.error_detection.aupr));
+    m.insert("errors".into(), Value::from(s.error_detection.positives));
+    m.insert("aurc".into(), num(s.aurc));
+    m.insert("optimal_aurc".into(), num(s.optimal_aurc));
+    m.insert("excess_aurc".into(), num(s.excess_aurc));
+    for c in &s.coverage_at_risk {
+        m.insert(
+            format!("coverage_at_risk_{}pct", key_number(c.target_risk * 100.0)),
+            num(c.coverage),
+        );
+    }
+    m.insert(
+        "thresholds_from".into(),
+        Value::from(match s.thresholds_from {
+            ThresholdSource::Validation => "validation",
+            ThresholdSource::EvaluatedSet => "evaluated_set",
+        }),
+    );
+    for p in &s.effective_reliability {
+        let k = key_number(p.c);
+        m.insert(format!("phi_{k}"), num(p.phi));
+        m.insert(format!("phi_{k}_threshold"), num(p.threshold));
+        m.insert(format!("phi_{k}_coverage"), num(p.coverage));
+        m.insert(format!("phi_{k}_risk"), opt(p.risk));
+    }
+    for r in &s.risk_thresholds {
+        let k = key_number(r.target_risk * 100.0);
+        m.insert(format!("risk_{k}pct_threshold"), num(r.threshold));
+        m.insert(format!("risk_{k}pct_coverage"), num(r.coverage));
+        m.insert(format!("risk_{k}pct_risk"), opt(r.risk));
+    }
+    m
+}
+
+/// OOD detection of `ood` against `test`, with three scores.
+pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
+    let all: Vec<&Sample> = test.iter().chain(ood).copied().collect();
+    let label: Vec<bool> = all.iter().map(|s| s.is_ood).collect();
+    let det = |score: &dyn Fn(&Sample) -> f64| {
+        let scores: Vec<f64> = all.iter().map(|s| score(s)).collect();
+        metrics::detection(&scores, &label)
+    };
+    let has_answers = ood.iter().all(|s| !s.answers.is_empty());
+    Ok(OodResult {
+        count: ood.len(),
+        coverage: mean(ood.iter().map(|s| if s.abstained { 0.0 } else { 1.0 })).unwrap_or(0.0),
+        mean_confidence: mean(ood.iter().map(|s| s.confidence)).unwrap_or(0.0),
+        accuracy: if has_answers {
+            mean(ood.iter().map(|s| s.accuracy))
+        } else {
+            None
+        },
+        confidence: det(&|s| 1.0 - s.confidence)?,
+        total_uncertainty: det(&|s| s.uncertainty.total)?,
+        epistemic_uncertainty: det(&|s| s.uncertainty.epistemic)?,
+    })
+}
+
+/// The samples of a run in canonical order (data files in config order, then position), only
+/// those the run's selection covers; and the progress.
+pub fn select<'a>(
+    config: &RunConfig,
+    samples: &'a [Sample],
+    skipped: &[SkippedQuestion],
+) -> (Vec<&'a Sample>, Progress) {
+    let by_key: HashMap<(&str, usize), &Sample> = samples
+        .iter()
+        .map(|s| ((s.split.as_str(), s.index), s))
+        .collect();
+    let skipped: HashSet<(&str, usize)> = skipped
+        .iter()
+        .map(|s| (s.split.as_str(), s.index))
+        .collect();
+    let mut chosen = Vec::new();
+    let mut progress = Progress {
+        questions: 0,
+        answered: 0,
+        skipped: 0,
+        missing: 0,
+        complete: false,
+        bad_records: config.data.iter().map(|d| d.skipped_records).sum(),
+    };
+    for d in &config.data {
+        for k in config.selection(d) {
+            progress.questions += 1;
+            match by_key.get(&(d.split.as_str(), k)) {
+                Some(s) => {
+                    progress.answered += 1;
+                    chosen.push(*s);
+                }
+                None if skipped.contains(&(d.split.as_str(), k)) => progress.skipped += 1,
+                None => progress.missing += 1,
+            }
+        }
+    }
+    progress.complete = progress.missing == 0;
+    (chosen, progress)
+}
+
+/// The VQA accuracies of the run's test samples, in canonical order.
+pub fn test_accuracies(
+    config: &RunConfig,
+    samples: &[Sample],
+    skipped: &[SkippedQuestion],
+) -> Vec<f64> {
+    let (chosen, _) = select(config, samples, skipped);
+    let tests: HashSet<&str> = config
+        .data
+        .iter()
+        .filter(|d| d.role == Role::Test)
+        .map(|d| d.split.as_str())
+        .collect();
+    chosen
+        .iter()
+        .filter(|s| tests.contains(s.split.as_str()))
+        .map(|s| s.accuracy)
+        .collect()
+}
+
+/// Computes every metric of a run.
+pub fn compute(
+    config: &RunConfig,
+    samples: &[Sample],
+    skipped: &[SkippedQuestion],
+    runs: &[RunRecord],
+) -> Result<ResultsFile> {
+    let (chosen, progress) = select(config, samples, skipped);
+    let mode = config.normalize;
+    let of_role = |role: Role| -> Vec<&Sample> {
+        let splits: HashSet<&str> = config
+            .data
+            .iter()
+            .filter(|d| d.role == role)
+            .map(|d| d.split.as_str())
+            .collect();
+        chosen
+            .iter()
+            .copied()
+            .filter(|s| splits.contains(s.split.as_str()))
+            .collect()
+    };
+    let test = of_role(Role::Test);
+    let val = of_role(Role::Val);
+    let mut notes = vec![
+        format!(
+            "VQA accuracy: official leave-one-out rule (min(#matching humans / 3, 1) averaged over \
+             the subsets that leave one human out); normalisation `{}` ({})",
+            match mode {
+                NormalizeMode::Official => "official",
+                NormalizeMode::Always => "always",
+            },
+            match mode {
+                NormalizeMode::Official =>
+                    "as vqaEval.py: punctuation, number words, articles and contractions are \
+                     normalised only when the human answers differ",
+                NormalizeMode::Always =>
+                    "as lmms-eval: the answer and every human answer are always normalised",
+            }
+        ),
+        "ECE: 15 equal-width bins (lo, hi] (confidence 0 in the first bin), weighted |accuracy − \
+         confidence|, accuracy = VQA accuracy (fractional); ece_equal_mass: 15 bins of equal count"
+            .into(),
+        "NLL and Brier score the confidence as the probability of the event 'the answer is \
+         correct' with the VQA accuracy as a soft label (binary NLL clipped at 1e-12; Brier = \
+         mean (confidence − accuracy)²)"
+            .into(),
+        "Error detection: an error is an answer with VQA accuracy < 0.5; score −confidence; \
+         AUROC counts ties half, AUPR is average precision (scikit-learn)"
+            .into(),
+        "Selective prediction: answer when confidence >= threshold; AURC is the area under the \
+         risk–coverage step curve, excess AURC subtracts the oracle's; coverage at risk r is the \
+         largest coverage whose selective risk is <= r on the evaluated questions themselves"
+            .into(),
+        "Effective reliability Φ_c (Whitehead et al., ECCV 2022): accuracy if answered and \
+         accuracy > 0, −c if answered and wrong, 0 if abstained"
+            .into(),
+    ];
+    let with_answers = test.iter().any(|s| !s.answers.is_empty());
+    let predictions: Vec<Prediction> = test
+        .iter()
+        .map(|s| Prediction {
+            is_ood: None,
+            ..s.prediction()
+        })
+        .collect();
+    let val_predictions: Vec<Prediction> = val.iter().map(|s| s.prediction()).collect();
+    let summary = if with_answers && !predictions.is_empty() {
+        let opts = SummaryOptions {
+            mode,
+            ..SummaryOptions::default()
+        };
+        let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
+        Some(metrics::summary(&predictions, val_arg, &opts).context("computing the metrics")?)
+    } else {
+        if predictions.is_empty() {
+            notes.push("no test question was answered: no metrics".into());
+        } else {
+            notes.push(
+                "the test questions have no human answers: only counts and OOD scores".into(),
+            );
+        }
+        None
+    };
+    let mut results = match &summary {
+        Some(s) => flatten(s, &predictions),
+        None => {
+            let mut m = Map::new();
+            m.insert("count".into(), Value::from(test.len()));
+            m
+        }
+    };
+    if let Some(s) = &summary {
+        match s.thresholds_from {
+            ThresholdSource::Validation => notes.push(format!(
+                "Φ_c and risk thresholds were chosen on the validation questions ({} answered) and \
+                 applied to the test questions",
+                val.len()
+            )),
+            ThresholdSource::EvaluatedSet => notes.push(
+                "WARNING: no validation split (--val): the Φ_c and risk thresholds were chosen on \
+                 the test questions themselves, so those numbers are optimistic (an upper bound)"
+                    .into(),
+            ),
+        }
+    }
+    results.insert("threshold".into(), num(config.threshold));
+    let mut ood = BTreeMap::new();
+    for d in config.data.iter().filter(|d| d.role == Role::Ood) {
+        let these: Vec<&Sample> = chosen
+            .iter()
+            .copied()
+            .filter(|s| s.split == d.split)
+            .collect();
+        if these.is_empty() || test.is_empty() {
+            continue;
+        }
+        let r = ood_result(&test, &these)?;
+        let p = format!("ood.{}", d.split);
+        results.insert(format!("{p}.count"), Value::from(r.count));
+        results.insert(format!("{p}.coverage"), num(r.coverage));
+        results.insert(format!("{p}.accuracy"), opt(r.accuracy));
+        for (name, det) in [
+            ("confidence", &r.confidence),
+            ("total", &r.total_uncertainty),
+            ("epistemic", &r.epistemic_uncertainty),
+        ] {
+            results.insert(format!("{p}.auroc_{name}"), opt(det.auroc));
+            results.insert(format!("{p}.aupr_{name}"), opt(det.aupr));
+        }
+        ood.insert(d.split.clone(), r);
+    }
+    if !ood.is_empty() {
+        notes.push(
+            "OOD detection: each OOD file against the test questions (OOD = positive class), with \
+             three scores: 1 − confidence, total uncertainty H[p̄] and epistemic uncertainty \
+             (mutual information)"
+                .into(),
+        );
+    }
+    let validation = (!val.is_empty()).then(|| ValidationBrief {
+        count: val.len(),
+        accuracy: mean(val.iter().map(|s| s.accuracy)).unwrap_or(0.0),
+        mean_confidence: mean(val.iter().map(|s| s.confidence)).unwrap_or(0.0),
+    });
+    if !progress.complete {
+        notes.push(format!(
+            "INCOMPLETE: {} of {} questions are not answered yet; rerun with the same --out to \
+             finish",
+            progress.missing, progress.questions
+        ));
+    }
+    Ok(ResultsFile {
+        results,
+        per_answer_type: summary
+            .as_ref()
+            .map(|s| s.per_answer_type.clone())
+            .unwrap_or_default(),
+        ood,
+        validation,
+        summary,
+        progress,
+        timing: Timing::of(runs),
+        config: config.clone(),
+        notes,
+        written: super::config::utc_timestamp(),
+    })
+}
+
+impl ResultsFile {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(RESULTS_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).context("serialising the results")?;
+        crate::io::write_bytes_atomically(&dir.join(RESULTS_FILE), &json)
+    }
+}
+
+/// Reads a JSON-lines file of `T` (missing file: empty); damaged lines are skipped.
+pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    // Auxiliary logs: a line cut off by a kill is skipped wherever it is.
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Appends one JSON line (flushed and synced).
+pub fn append_line<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(value).context("serialising a record")?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // After a line cut off by a kill, start on a new line.
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > 0 {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if bytes.last() != Some(&b'\n') {
+            line.insert(0, b'\n');
+        }
+    }
+    f.write_all(&line)
+        .and_then(|()| f.sync_data())
+        .with_context(|| format!("cannot append to {}", path.display()))
+}

@@ -1,0 +1,299 @@
+//! The per-question log `samples.jsonl` (design §10): one JSON object per answered question,
+//! appended and flushed as soon as the question is answered, so an interrupted run keeps every
+//! finished answer.
+//!
+//! Reading tolerates a damaged last line (a kill in the middle of a write) and drops it; any other
+//! bad line, and a question that appears twice, is an error that names the file and the line.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::answer::aggregate::Uncertainty;
+use crate::answer::candidates::ParticleAnswer;
+use crate::answer::{CandidateAnswer, Response};
+use crate::data::VqaExample;
+use crate::metrics::{vqa_accuracy, NormalizeMode, Prediction};
+
+/// The file name of the per-question log.
+pub const SAMPLES_FILE: &str = "samples.jsonl";
+
+/// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
+/// through as `input_{name}` when its value differs (and dropped when it is the same).
+pub const SAMPLE_FIELDS: [&str; 17] = [
+    "question_id",
+    "split",
+    "is_ood",
+    "index",
+    "question",
+    "image",
+    "answers",
+    "answer_type",
+    "answer",
+    "confidence",
+    "abstained",
+    "accuracy",
+    "uncertainty",
+    "vote_share",
+    "particles",
+    "candidates",
+    "response",
+];
+
+/// One answered question: one line of `samples.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub question_id: String,
+    /// The data file the question came from: `test` (`--data`), `val` (`--val`) or the name of an
+    /// `--ood-data` file (its file stem).
+    pub split: String,
+    /// True for questions of an `--ood-data` file.
+    pub is_ood: bool,
+    /// Position of the question in its data file (after bad records were skipped).
+    pub index: usize,
+    pub question: String,
+    /// The image file, as the reader resolved it.
+    pub image: String,
+    /// The human answers.
+    pub answers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_type: Option<String>,
+    /// The model's most likely answer (also when it abstained).
+    pub answer: String,
+    pub confidence: f64,
+    pub abstained: bool,
+    /// VQA accuracy of `answer` against `answers` as if it had been given (normalisation as the
+    /// run's `normalize` says).
+    pub accuracy: f64,
+    pub uncertainty: Uncertainty,
+    /// Fraction of particles whose own answer is `answer`.
+    pub vote_share: f64,
+    /// Every particle's own answer.
+    pub particles: Vec<ParticleAnswer>,
+    /// Every candidate with its model-averaged probability, most likely first.
+    pub candidates: Vec<CandidateAnswer>,
+    /// The rendered response text.
+    pub response: String,
+    /// The input record's extra fields, passed through.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Sample {
+    /// The sample of `example` answered with `response`.
+    pub fn new(
+        example: &VqaExample,
+        split: &str,
+        is_ood: bool,
+        index: usize,
+        response: Response,
+        mode: NormalizeMode,
+    ) -> Self {
+        let mut extra = Map::new();
+        for (k, v) in &example.extra {
+            if SAMPLE_FIELDS.contains(&k.as_str()) {
+                let ours = match k.as_str() {
+                    "split" => Some(Value::from(split)),
+                    "is_ood" => Some(Value::from(is_ood)),
+                    _ => None,
+                };
+                if ours.as_ref() != Some(v) {
+                    extra.insert(format!("input_{k}"), v.clone());
+                }
+            } else {
+                extra.insert(k.clone(), v.clone());
+            }
+        }
+        Sample {
+            question_id: example.question_id.clone(),
+            split: split.to_string(),
+            is_ood,
+            index,
+            question: example.question.clone(),
+            image: example.image.display().to_string(),
+            answers: example.answers.clone(),
+            answer_type: example.answer_type.clone(),
+            accuracy: vqa_accuracy(&response.answer, &example.answers, mode),
+            answer: response.answer,
+            confidence: response.confidence,
+            abstained: response.abstained,
+            uncertainty: response.uncertainty,
+            vote_share: response.vote_share,
+            particles: response.particles,
+            candidates: response.candidates,
+            response: response.response,
+            extra,
+        }
+    }
+
+    /// The key that identifies a question within a run.
+    pub fn key(&self) -> (String, String) {
+        (self.split.clone(), self.question_id.clone())
+    }
+
+    /// The sample as a [`Prediction`] for [`crate::metrics`].
+    pub fn prediction(&self) -> Prediction {
+        Prediction {
+            answer: self.answer.clone(),
+            confidence: self.confidence,
+            human_answers: self.answers.clone(),
+            answer_type: self.answer_type.clone(),
+            is_ood: Some(self.is_ood),
+            abstained: self.abstained,
+            uncertainty: None,
+            distribution: None,
+            target: None,
+        }
+    }
+}
+
+/// What [`read_samples`] found.
+#[derive(Debug, Default)]
+pub struct SampleFile {
+    pub samples: Vec<Sample>,
+    /// Length in bytes of the good part of the file (everything before a damaged last line).
+    pub good_len: u64,
+    /// A damaged last line was dropped (its question will be answered again).
+    pub dropped_last_line: bool,
+}
+
+/// Reads a `samples.jsonl`; a missing file is an empty log. A damaged last line (cut off by a
+/// kill, or not valid JSON) is dropped; a bad line before it, or a question repeated, is an
+/// error naming the file and the line.
+pub fn read_samples(path: &Path) -> Result<SampleFile> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SampleFile::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut out = SampleFile::default();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut start = 0usize;
+    let mut line_no = 0usize;
+    while start < bytes.len() {
+        line_no += 1;
+        let (end, terminated) = match bytes[start..].iter().position(|&b| b == b'\n') {
+            Some(i) => (start + i, true),
+            None => (bytes.len(), false),
+        };
+        let is_last = !terminated || end + 1 >= bytes.len();
+        let text = &bytes[start..end];
+        let next = if terminated { end + 1 } else { end };
+        if text.iter().all(u8::is_ascii_whitespace) {
+            if terminated {
+                out.good_len = next as u64;
+            }
+            start = next;
+            continue;
+        }
+        let parsed: std::result::Result<Sample, String> = if terminated {
+            serde_json::from_slice(text).map_err(|e| e.to_string())
+        } else {
+            Err("the line was cut off (no line end)".into())
+        };
+        match parsed {
+            Ok(sample) => {
+                if let Some(first) = seen.insert(sample.key(), line_no) {
+                    bail!(
+                        "{} line {line_no}: question {:?} of split {:?} is already on line {first}; \
+                         a samples file holds each question once (remove one of the lines)",
+                        path.display(),
+                        sample.question_id,
+                        sample.split
+                    );
+                }
+                out.samples.push(sample);
+                out.good_len = next as u64;
+            }
+            Err(_) if is_last => {
+                out.dropped_last_line = true;
+            }
+            Err(e) => bail!(
+                "{} line {line_no} is not a valid sample ({e}); only a damaged last line is \
+                 dropped automatically: fix or delete this line",
+                path.display()
+            ),
+        }
+        start = next;
+    }
+    Ok(out)
+}
+
+/// Appends samples, one line each, written in one piece and flushed at once (synced to disk at
+/// most every second and when dropped or [`SampleWriter::sync`]ed).
+pub struct SampleWriter {
+    file: File,
+    path: PathBuf,
+    last_sync: Instant,
+}
+
+impl SampleWriter {
+    /// Opens `path` for appending, first cutting it to `good_len` bytes (dropping a damaged last
+    /// line that [`read_samples`] found).
+    pub fn open(path: &Path, good_len: u64) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if len > good_len {
+            file.set_len(good_len).with_context(|| {
+                format!("cannot drop the damaged last line of {}", path.display())
+            })?;
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            last_sync: Instant::now(),
+        })
+    }
+
+    pub fn append(&mut self, sample: &Sample) -> Result<()> {
+        let mut line = serde_json::to_vec(sample).context("serialising a sample")?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("cannot append to {}", self.path.display()))?;
+        if self.last_sync.elapsed() > Duration::from_secs(1) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&mut self) -> Result<()> {
+        self.last_sync = Instant::now();
+        self.file
+            .sync_data()
+            .with_context(|| format!("cannot sync {}", self.path.display()))
+    }
+}
+
+impl Drop for SampleWriter {
+    fn drop(&mut self) {
+        let _ = self.file.sync_data();
+    }
+}
+
+/// Writes samples as a whole file, atomically.
+pub fn write_samples(path: &Path, samples: &[Sample]) -> Result<()> {
+    let mut out = Vec::new();
+    for s in samples {
+        serde_json::to_writer(&mut out, s).context("serialising a sample")?;
+        out.push(b'\n');
+    }
+    crate::io::write_bytes_atomically(path, &out)
+}

@@ -1,0 +1,978 @@
+//! Batch benchmark runs on a small shapes world with the tiny LLaVA: results equal the metrics of
+//! the samples, shards merge into the single run, an interrupted run resumes without losing or
+//! duplicating anything, bad input is reported clearly, calibration stores only the threshold,
+//! comparisons and the command line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
+use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use bella_vqa::bella::{attach, AdapterSpec, InitB};
+use bella_vqa::bench::{
+    self, calibrate, merge, BenchOptions, CalibrateOptions, CompareEntry, DataInput, ModelSpec,
+    Objective, Shard,
+};
+use bella_vqa::data::shapes::{generate, ShapesOptions};
+use bella_vqa::data::{read_jsonl, write_jsonl, ReadOptions};
+use bella_vqa::hub::ModelSource;
+use bella_vqa::metrics::{self, NormalizeMode, SummaryOptions};
+use bella_vqa::models::image::load_image;
+use bella_vqa::models::Model;
+use common::*;
+use serde_json::Value;
+
+const P: usize = 3;
+
+fn source() -> ModelSource {
+    ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap()
+}
+
+/// A shapes world with 10 questions per evaluation split (shared by the tests; read-only).
+fn world() -> &'static Path {
+    static WORLD: OnceLock<tempfile::TempDir> = OnceLock::new();
+    WORLD
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            generate(&ShapesOptions {
+                n: 10,
+                ..ShapesOptions::new(dir.path())
+            })
+            .unwrap();
+            dir
+        })
+        .path()
+}
+
+/// Writes P random particles (they disagree, so epistemic uncertainty is not zero).
+fn make_particles(dir: &Path) {
+    let loaded = load_model("llava-tiny-hub");
+    let Model::Llava(mut m) = loaded.model else {
+        panic!("not LLaVA")
+    };
+    let spec = AdapterSpec {
+        targets: vec!["language_model.model.layers.*".into()],
+        rank: 8,
+        alpha: 16.0,
+        particles: P,
+    };
+    let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.2 }, 7).unwrap();
+    let config = ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: "tests/fixtures/llava-tiny-hub".into(),
+            revision: None,
+            commit: None,
+            weights: hash_weights(&loaded.files).unwrap(),
+        },
+        architecture: "LLaVA".into(),
+        targets: spec.targets.clone(),
+        layers,
+        rank: spec.rank,
+        alpha: spec.alpha,
+        particles: P,
+        method: "ensemble".into(),
+        seed: 7,
+        step: 0,
+        abstention: None,
+        answer_vocabulary: None,
+    };
+    ParticleSet::from_model(m.as_ref(), config)
+        .save(dir)
+        .unwrap();
+}
+
+fn particles() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        make_particles(dir.path());
+        dir
+    })
+    .path()
+}
+
+fn vqa_with_particles() -> &'static BellaVqa {
+    static VQA: OnceLock<BellaVqa> = OnceLock::new();
+    VQA.get_or_init(|| {
+        BellaVqa::load(&source(), Some(particles()), &LoadOptions::default()).unwrap()
+    })
+}
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        source: fixture("llava-tiny-hub").display().to_string(),
+        adapters: Some(particles().to_path_buf()),
+        answers_file: None,
+    }
+}
+
+/// Test + validation + two OOD files of the shapes world.
+fn options(out: &Path) -> BenchOptions {
+    let w = world();
+    let mut o = BenchOptions::new(DataInput::new(w.join("test.jsonl")), out);
+    o.val = Some(DataInput::new(w.join("val.jsonl")));
+    o.ood = vec![
+        DataInput::new(w.join("ood-absent.jsonl")),
+        DataInput::new(w.join("ood-unanswerable.jsonl")),
+    ];
+    o.max_new_tokens = 4;
+    o
+}
+
+fn run(opts: &BenchOptions) -> bench::BenchOutcome {
+    bench::run(vqa_with_particles(), &spec(), opts).unwrap()
+}
+
+fn samples_of(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Samples keyed by (split, index), to compare runs that answered in different orders.
+fn keyed(samples: Vec<Value>) -> BTreeMap<(String, u64), Value> {
+    let n = samples.len();
+    let map: BTreeMap<(String, u64), Value> = samples
+        .into_iter()
+        .map(|s| {
+            (
+                (
+                    s["split"].as_str().unwrap().to_string(),
+                    s["index"].as_u64().unwrap(),
+                ),
+                s,
+            )
+        })
+        .collect();
+    assert_eq!(map.len(), n, "a question appears twice");
+    map
+}
+
+fn results_of(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap()
+}
+
+/// The parts of results.json that do not depend on timing, paths or when it was written.
+fn metrics_part(r: &Value) -> Value {
+    let mut m = serde_json::Map::new();
+    for k in [
+        "results",
+        "per_answer_type",
+        "ood",
+        "validation",
+        "summary",
+        "progress",
+    ] {
+        m.insert(k.into(), r[k].clone());
+    }
+    Value::Object(m)
+}
+
+#[test]
+fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
+    let out = tempfile::tempdir().unwrap();
+    let outcome = run(&options(out.path()));
+    assert_eq!(outcome.answered_now, 40);
+    let dir = out.path();
+    for f in [
+        "results.json",
+        "samples.jsonl",
+        "bench_config.json",
+        "runs.jsonl",
+        "report.md",
+        "report.html",
+        "reliability.svg",
+        "risk_coverage.svg",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+
+    // Samples: the §10 fields, the uncertainty split, particle answers, passed-through fields.
+    let samples = samples_of(dir);
+    assert_eq!(samples.len(), 40);
+    for s in &samples {
+        for key in [
+            "question_id",
+            "answer",
+            "confidence",
+            "abstained",
+            "accuracy",
+            "vote_share",
+            "split",
+            "is_ood",
+            "answers",
+            "family",
+            "scene_id",
+        ] {
+            assert!(s.get(key).is_some(), "sample without {key}: {s}");
+        }
+        for key in ["total", "aleatoric", "epistemic"] {
+            assert!(s["uncertainty"][key].is_f64());
+        }
+        assert_eq!(s["particles"].as_array().unwrap().len(), P);
+        assert!(s["particles"][0]["answer"].is_string());
+        let answers: Vec<String> = serde_json::from_value(s["answers"].clone()).unwrap();
+        let acc = metrics::vqa_accuracy(
+            s["answer"].as_str().unwrap(),
+            &answers,
+            NormalizeMode::Official,
+        );
+        assert_eq!(s["accuracy"].as_f64().unwrap(), acc);
+        let ood = s["split"].as_str().unwrap().starts_with("ood-");
+        assert_eq!(s["is_ood"].as_bool().unwrap(), ood);
+        // The generator's own `split` equals ours, so it is not repeated as input_split.
+        assert!(s.get("input_split").is_none());
+    }
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["uncertainty"]["epistemic"].as_f64().unwrap() > 0.0),
+        "random particles should disagree somewhere"
+    );
+
+    // results.json: the metrics module's summary of the test samples, thresholds from val.
+    let r = results_of(dir);
+    let preds = |split: &str| -> Vec<metrics::Prediction> {
+        samples
+            .iter()
+            .filter(|s| s["split"] == split)
+            .map(|s| metrics::Prediction {
+                answer: s["answer"].as_str().unwrap().into(),
+                confidence: s["confidence"].as_f64().unwrap(),
+                human_answers: serde_json::from_value(s["answers"].clone()).unwrap(),
+                answer_type: s["answer_type"].as_str().map(String::from),
+                is_ood: None,
+                abstained: s["abstained"].as_bool().unwrap(),
+                uncertainty: None,
+                distribution: None,
+                target: None,
+            })
+            .collect()
+    };
+    let (test, val) = (preds("test"), preds("val"));
+    assert_eq!(test.len(), 10);
+    let summary = metrics::summary(&test, Some(&val), &SummaryOptions::default()).unwrap();
+    assert_eq!(r["summary"], serde_json::to_value(&summary).unwrap());
+    let res = &r["results"];
+    let num = |k: &str| res[k].as_f64();
+    assert_eq!(num("vqa_accuracy"), Some(summary.accuracy));
+    assert_eq!(num("ece"), Some(summary.ece.ece));
+    assert_eq!(num("ece_equal_mass"), Some(summary.ece_equal_mass.ece));
+    assert_eq!(num("nll"), Some(summary.nll_binary));
+    assert_eq!(num("brier"), Some(summary.brier_binary));
+    assert_eq!(num("error_auroc"), summary.error_detection.auroc);
+    assert_eq!(num("error_aupr"), summary.error_detection.aupr);
+    assert_eq!(num("aurc"), Some(summary.aurc));
+    assert_eq!(num("excess_aurc"), Some(summary.excess_aurc));
+    assert_eq!(num("coverage"), Some(summary.recorded_decisions.coverage));
+    assert_eq!(num("selective_risk"), summary.recorded_decisions.risk);
+    for (k, c) in [
+        "coverage_at_risk_1pct",
+        "coverage_at_risk_5pct",
+        "coverage_at_risk_10pct",
+    ]
+    .iter()
+    .zip(&summary.coverage_at_risk)
+    {
+        assert_eq!(num(k), Some(c.coverage), "{k}");
+    }
+    for (k, p) in ["phi_1", "phi_10", "phi_100"]
+        .iter()
+        .zip(&summary.effective_reliability)
+    {
+        assert_eq!(num(k), Some(p.phi), "{k}");
+        assert_eq!(num(&format!("{k}_threshold")), Some(p.threshold), "{k}");
+    }
+    assert_eq!(res["thresholds_from"], "validation");
+    assert_eq!(
+        r["per_answer_type"],
+        serde_json::to_value(&summary.per_answer_type).unwrap()
+    );
+    assert!(!summary.per_answer_type.is_empty());
+
+    // OOD detection: each OOD file against the test questions, three scores.
+    for split in ["ood-absent", "ood-unanswerable"] {
+        let ood: Vec<&Value> = samples.iter().filter(|s| s["split"] == split).collect();
+        let tests: Vec<&Value> = samples.iter().filter(|s| s["split"] == "test").collect();
+        let all: Vec<&&Value> = tests.iter().chain(ood.iter()).collect();
+        let labels: Vec<bool> = all.iter().map(|s| s["is_ood"].as_bool().unwrap()).collect();
+        let score: Vec<f64> = all
+            .iter()
+            .map(|s| s["uncertainty"]["epistemic"].as_f64().unwrap())
+            .collect();
+        let det = metrics::detection(&score, &labels).unwrap();
+        assert_eq!(
+            res[format!("ood.{split}.auroc_epistemic")].as_f64(),
+            det.auroc
+        );
+        let score: Vec<f64> = all
+            .iter()
+            .map(|s| 1.0 - s["confidence"].as_f64().unwrap())
+            .collect();
+        let det = metrics::detection(&score, &labels).unwrap();
+        assert_eq!(
+            res[format!("ood.{split}.auroc_confidence")].as_f64(),
+            det.auroc
+        );
+        assert_eq!(r["ood"][split]["count"], 10);
+    }
+
+    // Config, progress, timing.
+    let c = &r["config"];
+    assert_eq!(c["adapters"]["particles"], P);
+    assert_eq!(c["adapters"]["method"], "ensemble");
+    assert_eq!(c["normalize"], "official");
+    assert_eq!(c["threshold"], 0.5);
+    assert_eq!(c["data"].as_array().unwrap().len(), 4);
+    assert_eq!(r["progress"]["complete"], true);
+    assert_eq!(r["progress"]["answered"], 40);
+    assert!(r["timing"]["answers_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["timing"]["wall_time_s"].as_f64().unwrap() > 0.0);
+    if cfg!(target_os = "linux") {
+        assert!(r["timing"]["peak_memory_mib"].as_f64().unwrap() > 1.0);
+    }
+
+    // The report references the plots, which are SVG drawings.
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    for plot in ["reliability.svg", "risk_coverage.svg"] {
+        assert!(md.contains(&format!("]({plot})")), "report.md lacks {plot}");
+        assert!(
+            html.contains(&format!("src=\"{plot}\"")),
+            "report.html lacks {plot}"
+        );
+        let svg = std::fs::read_to_string(dir.join(plot)).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{plot}");
+    }
+    assert!(md.contains("Per answer type") && md.contains("ood-absent"));
+    assert!(html.starts_with("<!DOCTYPE html>"));
+}
+
+#[test]
+fn without_validation_the_thresholds_are_flagged_as_chosen_on_the_test_set() {
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.val = None;
+    opts.ood.clear();
+    opts.limit = Some(6);
+    opts.normalize = NormalizeMode::Always;
+    run(&opts);
+    let r = results_of(out.path());
+    assert_eq!(r["results"]["thresholds_from"], "evaluated_set");
+    assert_eq!(r["summary"]["thresholds_from"], "evaluated_set");
+    assert_eq!(r["results"]["count"], 6);
+    assert_eq!(r["config"]["normalize"], "always");
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("chosen on the test questions themselves"),
+        "{notes}"
+    );
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(md.contains("optimistic"));
+}
+
+#[test]
+fn shards_merge_into_the_single_run() {
+    let single = tempfile::tempdir().unwrap();
+    run(&options(single.path()));
+
+    let shards = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let dir = shards.path().join(format!("shard{i}"));
+            let mut opts = options(&dir);
+            opts.shard = Some(Shard::new(i, 3).unwrap());
+            let outcome = run(&opts);
+            assert!(outcome.answered_now > 0 && outcome.answered_now < 40);
+            dir
+        })
+        .collect();
+    let merged = shards.path().join("merged");
+    // Shards given in any order.
+    merge(
+        &[dirs[2].clone(), dirs[0].clone(), dirs[1].clone()],
+        &merged,
+    )
+    .unwrap();
+
+    assert_eq!(
+        samples_of(&merged),
+        samples_of(single.path()),
+        "samples differ"
+    );
+    let (a, b) = (results_of(&merged), results_of(single.path()));
+    assert_eq!(metrics_part(&a), metrics_part(&b));
+    assert_eq!(a["config"]["shard"], Value::Null);
+    assert_eq!(a["timing"]["invocations"], 3);
+    for f in [
+        "report.md",
+        "report.html",
+        "reliability.svg",
+        "risk_coverage.svg",
+    ] {
+        assert!(merged.join(f).is_file(), "{f}");
+    }
+
+    // A missing shard, a shard given twice, shards of different runs, an unfinished shard.
+    let err = |dirs: &[PathBuf]| {
+        let out = shards.path().join("refused");
+        format!("{:#}", merge(dirs, &out).unwrap_err())
+    };
+    let e = err(&dirs[..2]);
+    assert!(e.contains("2/3") && e.contains("missing"), "{e}");
+    let e = err(&[dirs[0].clone(), dirs[0].clone(), dirs[1].clone()]);
+    assert!(e.contains("given twice"), "{e}");
+    let other = shards.path().join("other");
+    let mut opts = options(&other);
+    opts.shard = Some(Shard::new(2, 3).unwrap());
+    opts.normalize = NormalizeMode::Always;
+    run(&opts);
+    let e = err(&[dirs[0].clone(), dirs[1].clone(), other]);
+    assert!(
+        e.contains("different runs") && e.contains("normalize"),
+        "{e}"
+    );
+    let e = err(&[single.path().to_path_buf()]);
+    assert!(e.contains("not a shard"), "{e}");
+    // Drop the last answer of shard 1: merge names the unanswered question.
+    let path = dirs[1].join("samples.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> = text.lines().collect();
+    std::fs::write(&path, kept[..kept.len() - 1].join("\n") + "\n").unwrap();
+    let e = err(&dirs);
+    assert!(e.contains("not answered") && e.contains("shard 1/3"), "{e}");
+    // Duplicate an answer into another shard's file: refused as well.
+    let mut dup = std::fs::read_to_string(dirs[0].join("samples.jsonl")).unwrap();
+    dup.push_str(kept[0]);
+    dup.push('\n');
+    std::fs::write(dirs[0].join("samples.jsonl"), dup).unwrap();
+    let e = err(&dirs);
+    assert!(e.contains("another shard"), "{e}");
+}
+
+#[test]
+fn an_interrupted_run_resumes_without_losing_or_duplicating_answers() {
+    let whole = tempfile::tempdir().unwrap();
+    run(&options(whole.path()));
+    let expected = keyed(samples_of(whole.path()));
+
+    let out = tempfile::tempdir().unwrap();
+    // A quick look first (4 questions per file), then a kill in the middle of a line.
+    let mut opts = options(out.path());
+    opts.limit = Some(4);
+    let first = run(&opts);
+    assert_eq!(first.answered_now, 16);
+    assert_eq!(results_of(out.path())["results"]["count"], 4);
+    let path = out.path().join("samples.jsonl");
+    let text = std::fs::read(&path).unwrap();
+    let cut = text.len() - 40;
+    std::fs::write(&path, &text[..cut]).unwrap();
+
+    // Restart with the same --out and no limit.
+    let second = run(&options(out.path()));
+    assert_eq!(second.resumed, 15, "the damaged last line is dropped");
+    assert!(second.dropped_damaged_line);
+    assert_eq!(second.answered_now, 40 - 15);
+    let got = keyed(samples_of(out.path()));
+    assert_eq!(got, expected);
+    let (a, b) = (results_of(out.path()), results_of(whole.path()));
+    assert_eq!(metrics_part(&a), metrics_part(&b));
+    assert_eq!(a["timing"]["invocations"], 2);
+    assert_eq!(a["timing"]["answered"], 16 + 25);
+
+    // A third start has nothing left to do and changes nothing.
+    let third = run(&options(out.path()));
+    assert_eq!(third.answered_now, 0);
+    assert_eq!(keyed(samples_of(out.path())), expected);
+
+    // Restarting with other settings is refused and leaves the samples alone.
+    let before = std::fs::read(&path).unwrap();
+    let mut other = options(out.path());
+    other.normalize = NormalizeMode::Always;
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &other).unwrap_err()
+    );
+    assert!(
+        e.contains("different benchmark run") && e.contains("normalize"),
+        "{e}"
+    );
+    let base = BellaVqa::load(&source(), None, &LoadOptions::default()).unwrap();
+    let base_spec = ModelSpec {
+        adapters: None,
+        ..spec()
+    };
+    let e = format!(
+        "{:#}",
+        bench::run(&base, &base_spec, &options(out.path())).unwrap_err()
+    );
+    assert!(e.contains("adapters"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn a_bad_line_in_the_middle_of_the_samples_is_an_error_not_a_silent_loss() {
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.limit = Some(2);
+    run(&opts);
+    let path = out.path().join("samples.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(1, "{not json");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(e.contains("samples.jsonl line 2"), "{e}");
+}
+
+#[test]
+fn bad_input_is_reported_clearly_and_finished_samples_survive() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A missing data file.
+    let mut opts = options(&tmp.path().join("out0"));
+    opts.data = DataInput::new(tmp.path().join("nope.jsonl"));
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(
+        e.contains("nope.jsonl") && e.contains("does not exist"),
+        "{e}"
+    );
+
+    // A bad JSON line: an error naming file and line; with skip_bad it is left out.
+    let data = read_jsonl(&world().join("test.jsonl"), &ReadOptions::default()).unwrap();
+    let bad_json = tmp.path().join("bad.jsonl");
+    write_jsonl(&bad_json, &data.examples[..5]).unwrap();
+    let mut text = std::fs::read_to_string(&bad_json).unwrap();
+    text.push_str("{\"question_id\": \"x\", \n");
+    std::fs::write(&bad_json, text).unwrap();
+    let mut opts = options(&tmp.path().join("out1"));
+    opts.data = DataInput::new(&bad_json);
+    opts.val = None;
+    opts.ood.clear();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(e.contains("bad.jsonl line 6"), "{e}");
+    opts.skip_bad = true;
+    let outcome = bench::run(vqa_with_particles(), &spec(), &opts).unwrap();
+    assert_eq!(outcome.answered_now, 5);
+    assert_eq!(outcome.results.progress.bad_records, 1);
+
+    // An unreadable image: the error names the question and the image; earlier answers stay.
+    let mut examples = data.examples[..6].to_vec();
+    let broken = tmp.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    examples[3].image = broken.clone();
+    let data_file = tmp.path().join("images.jsonl");
+    write_jsonl(&data_file, &examples).unwrap();
+    let out = tmp.path().join("out2");
+    let mut opts = options(&out);
+    opts.data = DataInput::new(&data_file);
+    opts.val = None;
+    opts.ood.clear();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(
+        e.contains(&examples[3].question_id) && e.contains("broken.png"),
+        "{e}"
+    );
+    let kept = samples_of(&out);
+    assert_eq!(
+        kept.len(),
+        3,
+        "the three answers before the bad image are kept"
+    );
+    assert!(!out.join("results.json").exists());
+    // With skip_bad the run finishes and lists the question as skipped.
+    opts.skip_bad = true;
+    let outcome = bench::run(vqa_with_particles(), &spec(), &opts).unwrap();
+    assert_eq!(outcome.resumed, 3);
+    assert_eq!(outcome.answered_now, 2);
+    let p = &outcome.results.progress;
+    assert_eq!((p.answered, p.skipped, p.missing), (5, 1, 0));
+    assert!(p.complete);
+    let skipped = std::fs::read_to_string(out.join("skipped.jsonl")).unwrap();
+    assert!(skipped.contains(&examples[3].question_id));
+}
+
+#[test]
+fn calibration_stores_only_the_threshold_and_ask_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    make_particles(dir.path());
+    let config_path = dir.path().join("bella_config.json");
+    let before_text = std::fs::read_to_string(&config_path).unwrap();
+    let before_particles = std::fs::read(dir.path().join("particles.safetensors")).unwrap();
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+
+    // Validation questions where the model is right about half the time: the human answers
+    // of every other question are replaced by the model's own answer.
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    let mut examples = read_jsonl(&world().join("val.jsonl"), &ReadOptions::default())
+        .unwrap()
+        .examples;
+    let mut pairs = Vec::new();
+    for (i, e) in examples.iter_mut().enumerate() {
+        let r = vqa
+            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+            .unwrap();
+        if i % 2 == 0 {
+            e.answers = vec![r.answer.clone(); 3];
+        }
+        pairs.push((
+            r.confidence,
+            metrics::vqa_accuracy(&r.answer, &e.answers, NormalizeMode::Official),
+        ));
+    }
+    let val = dir.path().join("val.jsonl");
+    write_jsonl(&val, &examples).unwrap();
+
+    for objective in [Objective::TargetRisk(0.3), Objective::Phi(10.0)] {
+        let mut opts = CalibrateOptions::new(DataInput::new(&val), objective);
+        opts.max_new_tokens = 4;
+        let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+        let expected = match objective {
+            Objective::TargetRisk(r) => metrics::choose_threshold_for_risk(&pairs, r).unwrap(),
+            Objective::Phi(c) => metrics::choose_threshold_phi(&pairs, c).unwrap(),
+        };
+        assert_eq!(outcome.abstention.threshold, expected);
+        assert_eq!(outcome.count, 10);
+        assert!(outcome.stored);
+
+        // Only the abstention key changed; the factors are untouched.
+        let after_text = std::fs::read_to_string(&config_path).unwrap();
+        let mut before: Value = serde_json::from_str(&before_text).unwrap();
+        let mut after: Value = serde_json::from_str(&after_text).unwrap();
+        assert_eq!(after["abstention"]["threshold"], expected);
+        assert_eq!(
+            after["abstention"]["objective"],
+            objective_name(objective).as_str()
+        );
+        assert!(after["abstention"]["data"]
+            .as_str()
+            .unwrap()
+            .ends_with("val.jsonl"));
+        before.as_object_mut().unwrap().remove("abstention");
+        after.as_object_mut().unwrap().remove("abstention");
+        assert_eq!(before, after);
+        // Byte for byte up to the abstention entry (key order kept).
+        let head = before_text.split("\"abstention\"").next().unwrap();
+        assert!(after_text.starts_with(head));
+        assert_eq!(
+            std::fs::read(dir.path().join("particles.safetensors")).unwrap(),
+            before_particles
+        );
+
+        // ask now reports the calibrated threshold.
+        let reloaded =
+            BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+        let r = reloaded
+            .ask_with(
+                &load_image(&examples[0].image).unwrap(),
+                &examples[0].question,
+                &ask,
+            )
+            .unwrap();
+        assert!(r.calibrated);
+        assert_eq!(r.threshold, expected);
+        assert_eq!(r.abstained, r.confidence < expected);
+    }
+
+    // A dry run reports without storing; a set without answers is refused.
+    let stored = std::fs::read(&config_path).unwrap();
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetRisk(0.0));
+    opts.dry_run = true;
+    opts.max_new_tokens = 4;
+    assert!(!calibrate(&vqa, dir.path(), &opts).unwrap().stored);
+    assert_eq!(std::fs::read(&config_path).unwrap(), stored);
+    for e in &mut examples {
+        e.answers.clear();
+    }
+    let unanswered = dir.path().join("unanswered.jsonl");
+    write_jsonl(&unanswered, &examples).unwrap();
+    let opts = CalibrateOptions::new(DataInput::new(&unanswered), Objective::Phi(1.0));
+    let e = format!("{:#}", calibrate(&vqa, dir.path(), &opts).unwrap_err());
+    assert!(e.contains("no human answers"), "{e}");
+}
+
+fn objective_name(o: Objective) -> String {
+    o.describe()
+}
+
+#[test]
+fn objectives_parse() {
+    assert_eq!(Objective::parse("phi10").unwrap(), Objective::Phi(10.0));
+    assert_eq!(Objective::parse("phi_100").unwrap(), Objective::Phi(100.0));
+    assert_eq!(
+        Objective::parse("risk0.05").unwrap(),
+        Objective::TargetRisk(0.05)
+    );
+    assert!(Objective::parse("accuracy").is_err());
+    assert_eq!(Objective::Phi(10.0).describe(), "max phi_10");
+    assert_eq!(Objective::TargetRisk(0.05).describe(), "risk<=0.05");
+    assert_eq!("1/4".parse::<Shard>().unwrap(), Shard::new(1, 4).unwrap());
+    assert!("4/4".parse::<Shard>().is_err());
+    assert!("x".parse::<Shard>().is_err());
+    let e = CompareEntry::parse_all(&["base".into(), "svgd=/a/b".into(), "/x/ens".into()]).unwrap();
+    assert_eq!(e[0].adapters, None);
+    assert_eq!(e[1].name, "svgd");
+    assert_eq!(e[2].name, "ens");
+    assert!(CompareEntry::parse_all(&["/a/x".into(), "/b/x".into()]).is_err());
+}
+
+#[test]
+fn compare_writes_one_table_over_the_same_questions() {
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.limit = Some(3);
+    opts.ood.truncate(1);
+    let entries = vec![
+        CompareEntry::parse("base").unwrap(),
+        CompareEntry::parse(&format!("particles={}", particles().display())).unwrap(),
+    ];
+    let (comparison, written) = bench::compare(
+        &source(),
+        &spec(),
+        &entries,
+        &LoadOptions::default(),
+        &opts,
+        &|_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(comparison.runs.len(), 2);
+    for name in ["base", "particles"] {
+        let r = results_of(&out.path().join(name));
+        assert_eq!(r["results"]["count"], 3);
+    }
+    assert_eq!(
+        results_of(&out.path().join("base"))["config"]["adapters"],
+        Value::Null
+    );
+    assert_eq!(
+        results_of(&out.path().join("particles"))["config"]["adapters"]["particles"],
+        P
+    );
+    // Same questions in both runs.
+    let ids = |n: &str| -> Vec<Value> {
+        samples_of(&out.path().join(n))
+            .into_iter()
+            .map(|s| s["question_id"].clone())
+            .collect()
+    };
+    assert_eq!(ids("base"), ids("particles"));
+    let md = std::fs::read_to_string(out.path().join("comparison.md")).unwrap();
+    assert!(md.contains("| metric | base | particles |"), "{md}");
+    assert!(md.contains("| vqa_accuracy |") && md.contains("ood.ood-absent.auroc_epistemic"));
+    assert!(md.contains("comparison_risk_coverage.svg"));
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["runs"][1]["name"], "particles");
+    assert!(written.iter().any(|w| w.ends_with("comparison.html")));
+}
+
+fn bella() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+}
+
+fn output(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn command_line_bench_shards_merge_and_calibrate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world();
+    let model = fixture("llava-tiny-hub");
+    let bench_cmd = |out: &Path, extra: &[&str]| {
+        let mut c = bella();
+        c.args([
+            "bench",
+            "--quiet",
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "4",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--adapters")
+        .arg(particles())
+        .arg("--data")
+        .arg(w.join("test.jsonl"))
+        .arg("--val")
+        .arg(w.join("val.jsonl"))
+        .arg("--ood-data")
+        .arg(w.join("ood-absent.jsonl"))
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+        c
+    };
+    let whole = tmp.path().join("whole");
+    let (ok, _, err) = output(&mut bench_cmd(&whole, &[]));
+    assert!(ok, "{err}");
+    let mut shard_dirs = Vec::new();
+    for i in 0..2 {
+        let dir = tmp.path().join(format!("s{i}"));
+        let (ok, _, err) = output(&mut bench_cmd(&dir, &["--shard", &format!("{i}/2")]));
+        assert!(ok, "{err}");
+        shard_dirs.push(dir);
+    }
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "merge"])
+            .args(&shard_dirs)
+            .arg("--out")
+            .arg(&merged),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("merged 2 shard(s)"), "{err}");
+    assert_eq!(samples_of(&merged), samples_of(&whole));
+    assert_eq!(
+        metrics_part(&results_of(&merged)),
+        metrics_part(&results_of(&whole))
+    );
+
+    // Clear errors: a bad shard, a missing data file, a missing flag.
+    let (ok, _, err) = output(&mut bench_cmd(&tmp.path().join("x"), &["--shard", "2/2"]));
+    assert!(!ok && err.contains("shard 2/2 does not exist"), "{err}");
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "--model"])
+            .arg(&model)
+            .args(["--data", "missing.jsonl", "--out"])
+            .arg(tmp.path().join("y")),
+    );
+    assert!(!ok && err.contains("missing.jsonl"), "{err}");
+    let (ok, _, err) = output(bella().args(["bench", "--data", "x.jsonl"]));
+    assert!(!ok && err.contains("--model"), "{err}");
+
+    // calibrate on a copy of the particles.
+    let adapters = tmp.path().join("particles");
+    std::fs::create_dir_all(&adapters).unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(particles().join(f), adapters.join(f)).unwrap();
+    }
+    let (ok, out, err) = output(
+        bella()
+            .args([
+                "calibrate",
+                "--quiet",
+                "--max-new-tokens",
+                "4",
+                "--objective",
+                "phi10",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(w.join("val.jsonl")),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("threshold") && out.contains("coverage") && out.contains("risk"),
+        "{out}"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(adapters.join("bella_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["abstention"]["objective"], "max phi_10");
+    let (ok, _, err) = output(
+        bella()
+            .args([
+                "calibrate",
+                "--target-risk",
+                "0.1",
+                "--objective",
+                "phi10",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(w.join("val.jsonl")),
+    );
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn vizwiz_input_and_a_test_set_without_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = read_jsonl(&world().join("test.jsonl"), &ReadOptions::default()).unwrap();
+    let records = |with_answers: bool| -> Value {
+        Value::Array(
+            data.examples[..5]
+                .iter()
+                .map(|e| {
+                    let mut r = serde_json::json!({
+                        "question_id": e.question_id,
+                        "image": e.image.file_name().unwrap().to_str().unwrap(),
+                        "question": e.question,
+                        "answer_type": e.answer_type,
+                        "answerable": 1,
+                    });
+                    if with_answers {
+                        r["answers"] = e
+                            .answers
+                            .iter()
+                            .map(|a| serde_json::json!({"answer": a, "answer_confidence": "yes"}))
+                            .collect();
+                    }
+                    r
+                })
+                .collect(),
+        )
+    };
+    let images = world().join("images/test");
+    for (name, with_answers) in [("vizwiz", true), ("vizwiz-test", false)] {
+        let file = tmp.path().join(format!("{name}.json"));
+        std::fs::write(&file, records(with_answers).to_string()).unwrap();
+        let out = tmp.path().join(name);
+        let mut opts = BenchOptions::new(
+            DataInput {
+                path: file,
+                annotations: None,
+                images: Some(images.clone()),
+            },
+            &out,
+        );
+        opts.max_new_tokens = 4;
+        let outcome = run(&opts);
+        assert_eq!(outcome.answered_now, 5);
+        let r = results_of(&out);
+        assert_eq!(r["config"]["data"][0]["format"], "vizwiz");
+        assert_eq!(r["results"]["count"], 5);
+        let samples = samples_of(&out);
+        assert_eq!(samples[0]["answerable"], 1);
+        assert_eq!(r["summary"].is_null(), !with_answers);
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert_eq!(md.contains("No metrics"), !with_answers);
+    }
+}
