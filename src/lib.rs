@@ -7,6 +7,7 @@ pub mod answer;
 pub mod bella;
 pub mod bench;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod inspect;

@@ -35,9 +35,10 @@ struct Cli {
 /// Where the model comes from.
 #[derive(Args)]
 struct ModelArgs {
-    /// A hub id (`org/name`, `org/name@revision`) or a local directory in the Hugging Face layout.
+    /// A hub id (`org/name`, `org/name@revision`) or a local directory in the Hugging Face layout
+    /// (default: the embedded shapes-world demo LLaVA).
     #[arg(long)]
-    model: String,
+    model: Option<String>,
     /// Hub revision (branch, tag or commit); overrides `@revision` in --model.
     #[arg(long)]
     revision: Option<String>,
@@ -250,7 +251,12 @@ impl Cli {
 
 impl ModelArgs {
     fn source(&self) -> Result<ModelSource> {
-        let mut source = ModelSource::parse(&self.model)?;
+        let Some(model) = &self.model else {
+            return Ok(ModelSource::Dir(bella_vqa::demo::path(
+                bella_vqa::demo::LLAVA,
+            )?));
+        };
+        let mut source = ModelSource::parse(model)?;
         if let (ModelSource::Hub { revision, .. }, Some(r)) = (&mut source, &self.revision) {
             *revision = Some(r.clone());
         }
@@ -335,6 +341,11 @@ fn run(cli: &Cli) -> Result<()> {
             let opts = LoadOptions {
                 hub: cli.hub_options(),
                 ..LoadOptions::default()
+            };
+            // The demo model comes with its calibrated particles.
+            let adapters = match (&model.model, adapters) {
+                (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
+                (_, a) => a.clone(),
             };
             let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
             if let Some(path) = template {
@@ -538,7 +549,10 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         max_steps: args.max_steps,
         progress: !cli.quiet,
-        model_source: args.model.model.clone(),
+        model_source: match &args.model.model {
+            Some(m) => m.clone(),
+            None => "demo".to_string(),
+        },
     };
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
     if !cli.quiet {
