@@ -268,22 +268,6 @@ impl ModelArgs {
     }
 }
 
-/// One answer per line; blank lines and `#` comments skipped.
-fn read_answers(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
-    let answers: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect();
-    if answers.is_empty() {
-        anyhow::bail!("{} holds no answers (one per line)", path.display());
-    }
-    Ok(answers)
-}
-
 fn print_response(r: &Response, show_particles: bool) {
     println!("{}", r.response);
     let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
@@ -354,7 +338,7 @@ fn run(cli: &Cli) -> Result<()> {
                 vqa.set_response_template(&text)?;
             }
             if let Some(path) = answers {
-                vqa.set_answer_vocabulary(read_answers(path)?);
+                vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
             }
             let img = load_image(image)?;
             let ask = AskOptions {

@@ -48,6 +48,22 @@ pub const DEFAULT_RESPONSE_TEMPLATE: &str = include_str!("../../prompts/response
 /// The normalised answer that means "this cannot be answered" (VizWiz, the shapes world).
 pub const UNANSWERABLE: &str = "unanswerable";
 
+/// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped.
+pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let answers: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if answers.is_empty() {
+        bail!("{} holds no answers (one per line)", path.display());
+    }
+    Ok(answers)
+}
+
 /// How a model is loaded.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {

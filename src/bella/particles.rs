@@ -10,13 +10,11 @@
 //! Both files are written atomically, the config last, so a crash leaves the previous set intact.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{Adapter, ParticleModel};
 use crate::hub::ModelFiles;
@@ -121,20 +119,7 @@ fn sha256_of(path: &Path) -> Result<String> {
             return Ok(blob.to_ascii_lowercase());
         }
     }
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
+    crate::io::sha256_file(path)
 }
 
 impl ParticleSet {

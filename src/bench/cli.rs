@@ -1,9 +1,9 @@
 //! The `bench`, `bench merge` and `calibrate` subcommands (clap arguments and their runners), kept
 //! here so that `main.rs` only forwards to them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
 use super::{BenchOptions, CalibrateOptions, CompareEntry, DataInput, ModelSpec, Objective, Shard};
@@ -166,22 +166,6 @@ fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
     Ok(source)
 }
 
-/// One answer per line; blank lines and `#` comments skipped.
-fn read_answer_list(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
-    let answers: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect();
-    if answers.is_empty() {
-        bail!("{} holds no answers (one per line)", path.display());
-    }
-    Ok(answers)
-}
-
 fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Result<()> {
     move |vqa: &mut BellaVqa| {
         if let Some(a) = &answers {
@@ -244,7 +228,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
     }
     let answers = match &args.answers {
-        Some(p) => Some(read_answer_list(p)?),
+        Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
     };
     let prepare = prepare_with(answers);
@@ -328,7 +312,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     };
     let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;
     if let Some(p) = &args.answers {
-        vqa.set_answer_vocabulary(read_answer_list(p)?);
+        vqa.set_answer_vocabulary(crate::answer::read_answer_list(p)?);
     }
     let opts = CalibrateOptions {
         data: DataInput {

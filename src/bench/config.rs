@@ -3,14 +3,12 @@
 //! configuration; paths may differ (files are identified by their SHA-256).
 
 use std::fmt;
-use std::io::Read;
 use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::bella::particles::{Abstention, FileHash, ParticleConfig, PARTICLES_FILE};
 use crate::data::DataFormat;
@@ -103,7 +101,7 @@ impl AdaptersRecord {
         let config: ParticleConfig = crate::bella::particles::ParticleSet::read_config(dir)?;
         Ok(Self {
             path: dir.display().to_string(),
-            sha256: sha256_file(&dir.join(PARTICLES_FILE))?,
+            sha256: crate::io::sha256_file(&dir.join(PARTICLES_FILE))?,
             base: config.base_model.source,
             method: config.method,
             particles: config.particles,
@@ -269,24 +267,6 @@ fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
         _ if a != b => out.push(format!("{path}: {} vs {}", short(a), short(b))),
         _ => {}
     }
-}
-
-/// SHA-256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The current UTC time as RFC 3339 (`2026-05-01T12:34:56Z`).

@@ -163,10 +163,10 @@ pub(crate) fn read_set(
         role,
         path: input.path.display().to_string(),
         format: ds.format,
-        sha256: config::sha256_file(&input.path)?,
+        sha256: crate::io::sha256_file(&input.path)?,
         annotations: input.annotations.as_ref().map(|a| a.display().to_string()),
         annotations_sha256: match &input.annotations {
-            Some(a) => Some(config::sha256_file(a)?),
+            Some(a) => Some(crate::io::sha256_file(a)?),
             None => None,
         },
         questions,
@@ -261,7 +261,7 @@ pub(crate) fn run_config(
         threshold_from,
         max_new_tokens: opts.max_new_tokens,
         answers_file_sha256: match &model.answers_file {
-            Some(p) => Some(config::sha256_file(p)?),
+            Some(p) => Some(crate::io::sha256_file(p)?),
             None => None,
         },
         decoding: "greedy".into(),
