@@ -277,6 +277,24 @@ impl LlavaModel {
         })
     }
 
+    /// Logits only for positions `start..start + len` (`[rows, len, vocab]`): training needs the
+    /// answer positions only, and the language-model head is a large share of the cost.
+    pub fn forward_window(
+        &self,
+        input: &LlavaInput,
+        particles: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let mut cache = self.language_model.new_cache();
+        let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, false)?;
+        let hidden = decoder.last_hidden_state.narrow(1, start, len)?;
+        let (logits, _) = self
+            .language_model
+            .logits(&hidden, decoder.expanded, particles)?;
+        Ok(logits)
+    }
+
     /// Runs the prompt once and keeps the cache: the start of decoding and of answer scoring.
     /// Only the last position goes through the language-model head.
     pub fn prefill(&self, input: &LlavaInput, particles: usize) -> Result<Prefill> {

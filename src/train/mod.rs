@@ -667,10 +667,8 @@ impl<'a> Objective<'a> {
                     keep: &b.keep,
                     expanded,
                 };
-                let mut cache = m.language_model.new_cache();
-                let out = m.forward(&input, &mut cache, particles, false)?;
                 let window = b.targets.dim(1)?;
-                let logits = out.logits.narrow(1, b.window_start, window)?;
+                let logits = m.forward_window(&input, particles, b.window_start, window)?;
                 particle_nll(&logits, &b, particles)
             }
             (
