@@ -429,6 +429,23 @@ pub fn compute(
         }
         let r = ood_result(&test, &these)?;
         let p = format!("ood.{}", d.split);
+        // The same metrics as on the test questions, on this split (when it has answers), with
+        // the thresholds chosen on the validation questions.
+        if these.iter().all(|s| !s.answers.is_empty()) {
+            let preds: Vec<Prediction> = these.iter().map(|s| s.prediction()).collect();
+            let opts = SummaryOptions {
+                mode,
+                ..SummaryOptions::default()
+            };
+            let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
+            let split_summary = metrics::summary(&preds, val_arg, &opts)
+                .with_context(|| format!("computing the metrics of {}", d.split))?;
+            for (key, value) in flatten(&split_summary, &preds) {
+                if !key.starts_with("ood.") {
+                    results.insert(format!("{p}.{key}"), value);
+                }
+            }
+        }
         results.insert(format!("{p}.count"), Value::from(r.count));
         results.insert(format!("{p}.coverage"), num(r.coverage));
         results.insert(format!("{p}.accuracy"), opt(r.accuracy));
