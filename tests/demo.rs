@@ -167,3 +167,28 @@ fn ask_demo_clip_answers_from_its_vocabulary() {
     ]);
     assert_eq!(v["answer"], "red", "{v}");
 }
+
+/// The README's first command: no model argument, the embedded demo LLaVA with its calibrated
+/// particles (written to a fresh cache directory here).
+#[test]
+fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .env("BELLA_VQA_CACHE", cache.path())
+        .args(["ask", "--json", "--image"])
+        .arg(repo(IMAGE))
+        .arg(QUESTION)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["answer"], "red", "{v}");
+    assert_eq!(v["calibrated"], true, "{v}");
+    assert!(v["particles"].as_array().unwrap().len() > 1, "{v}");
+    assert_eq!(v["abstained"], false, "{v}");
+    // The embedded files landed in the cache, complete.
+    let dirs: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().collect();
+    assert_eq!(dirs.len(), 1);
+    assert!(dirs[0].path().join(".complete").exists());
+    assert!(dirs[0].path().join("llava/model.safetensors").exists());
+}
