@@ -180,7 +180,11 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
         .arg(QUESTION)
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["answer"], "red", "{v}");
     assert_eq!(v["calibrated"], true, "{v}");
