@@ -110,7 +110,7 @@ impl ParticleLinear {
         let (out, inp) = self.shape();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, inp))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = base_product(&x2, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -140,6 +140,23 @@ impl ParticleLinear {
             None => self.weight.clone(),
         };
         Ok(ParticleLinear::new(weight, self.bias.clone()))
+    }
+}
+
+/// Up to this many rows, [`base_product`] multiplies as `(W·xᵀ)ᵀ`.
+const FEW_ROWS: usize = 32;
+
+/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. With a few rows (decoding P particles: n = P),
+/// candle's CPU gemm packs — copies with a strided gather — the whole of `W` on every call for
+/// `x·Wᵀ`, which costs more than the product itself; `W·xᵀ` reads `W` in place and packs only
+/// the small `x`, and transposing the `[out, n]` result back is cheap. One row takes gemm's
+/// matrix-vector path either way; many rows amortise the packing and keep the usual order.
+fn base_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if n > 1 && n <= FEW_ROWS {
+        weight.matmul(&x.t()?)?.t()?.contiguous()
+    } else {
+        x.matmul(&weight.t()?)
     }
 }
 

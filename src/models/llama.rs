@@ -51,15 +51,16 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-/// Repeats key/value heads for grouped-query attention: `[rows, kv, T, d]` → `[rows, kv·n, T, d]`.
-fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+/// The attention bias `[rows, 1, len, T]` for `n` query heads folded into the query axis:
+/// `[rows, 1, n·len, T]` (see the grouped-query attention in [`Attention::forward`]).
+fn group_bias(bias: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
-        return Ok(x);
+        return Ok(bias.clone());
     }
-    let (rows, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((rows, kv, n, t, d))?
-        .reshape((rows, kv * n, t, d))
+    let (rows, one, len, t) = bias.dims4()?;
+    bias.unsqueeze(2)?
+        .broadcast_as((rows, one, n, len, t))?
+        .reshape((rows, one, n * len, t))
 }
 
 /// Brings `t` (leading dim `rows_t`) to `rows` rows by particle expansion.
@@ -121,14 +122,15 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
+        // Grouped-query attention without repeating keys and values: query heads
+        // g·n_rep .. g·n_rep + n_rep share key/value head g, so they become n_rep·len query rows
+        // of that head (`[rows, kv, n_rep·len, d]`, a free reshape), with the bias repeated to
+        // match. Same result as transformers' `repeat_kv`, without copying the cache n_rep times.
         let n_rep = self.heads / self.kv_heads;
-        let out = attention(
-            &q,
-            &repeat_kv(k, n_rep)?,
-            &repeat_kv(v, n_rep)?,
-            Some(&ctx.bias),
-        )?;
+        let q = q.reshape((rows, self.kv_heads, n_rep * len, self.head_dim))?;
+        let out = attention(&q, &k, &v, Some(&group_bias(&ctx.bias, n_rep)?))?;
         let out = out
+            .reshape((rows, self.heads, len, self.head_dim))?
             .transpose(1, 2)?
             .reshape((rows, len, self.heads * self.head_dim))?;
         self.o_proj.forward(&out)

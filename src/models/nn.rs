@@ -104,7 +104,9 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
 /// `bias`: additive mask broadcastable to `[rows, heads, q_len, kv_len]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // gemm reads the transposed keys in place; only a non-contiguous `k` (CLIP's head split) is
+    // copied, not the whole key cache of every decoding step.
+    let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
     }
