@@ -461,23 +461,10 @@ fn vqav2_from_value(
                 continue;
             }
         };
-        let question = match entry.get("question") {
-            Some(v) => match non_empty_string("question", v) {
-                Ok(q) => q,
-                Err(reason) => {
-                    c.bad(questions_path, None, format!("question {id}: {reason}"))?;
-                    continue;
-                }
-            },
-            None => {
-                c.bad(
-                    questions_path,
-                    None,
-                    format!(
-                        "question {id}: {}",
-                        missing("question", "the question text")
-                    ),
-                )?;
+        let question = match question_text(entry.get("question")) {
+            Ok(q) => q,
+            Err(reason) => {
+                c.bad(questions_path, None, format!("question {id}: {reason}"))?;
                 continue;
             }
         };
@@ -758,23 +745,10 @@ fn vizwiz_from_value(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| image_name.clone()),
         };
-        let question = match entry.remove("question") {
-            Some(v) => match non_empty_string("question", &v) {
-                Ok(q) => q,
-                Err(reason) => {
-                    c.bad(path, None, format!("question {id}: {reason}"))?;
-                    continue;
-                }
-            },
-            None => {
-                c.bad(
-                    path,
-                    None,
-                    format!(
-                        "question {id}: {}",
-                        missing("question", "the question text")
-                    ),
-                )?;
+        let question = match question_text(entry.remove("question").as_ref()) {
+            Ok(q) => q,
+            Err(reason) => {
+                c.bad(path, None, format!("question {id}: {reason}"))?;
                 continue;
             }
         };
@@ -1073,6 +1047,14 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+    }
+}
+
+/// The non-empty question text of a record, or why it is not there.
+fn question_text(v: Option<&Value>) -> Result<String, String> {
+    match v {
+        Some(v) => non_empty_string("question", v),
+        None => Err(missing("question", "the question text")),
     }
 }
 
