@@ -97,11 +97,7 @@ impl VqaExample {
                      (use [] for a test set without answers)",
                 )),
             };
-        let answer_type = match map.remove("answer_type") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(v) => return Err(wrong_type("answer_type", "a string or null", &v)),
-        };
+        let answer_type = answer_type(map.remove("answer_type"))?;
         Ok(VqaExample {
             question_id,
             image,
@@ -544,18 +540,10 @@ fn vqav2_from_value(
                 continue;
             }
         };
-        let answer_type = match ann.remove("answer_type") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(v) => {
-                c.bad(
-                    annotations_path,
-                    None,
-                    format!(
-                        "question {id}: {}",
-                        wrong_type("answer_type", "a string", &v)
-                    ),
-                )?;
+        let answer_type = match answer_type(ann.remove("answer_type")) {
+            Ok(t) => t,
+            Err(reason) => {
+                c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
                 continue;
             }
         };
@@ -762,18 +750,10 @@ fn vizwiz_from_value(
                 }
             },
         };
-        let answer_type = match entry.remove("answer_type") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(v) => {
-                c.bad(
-                    path,
-                    None,
-                    format!(
-                        "question {id}: {}",
-                        wrong_type("answer_type", "a string", &v)
-                    ),
-                )?;
+        let answer_type = match answer_type(entry.remove("answer_type")) {
+            Ok(t) => t,
+            Err(reason) => {
+                c.bad(path, None, format!("question {id}: {reason}"))?;
                 continue;
             }
         };
@@ -1047,6 +1027,15 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+    }
+}
+
+/// An optional `answer_type`: absent or null is `None`, a string is kept, anything else is an error.
+fn answer_type(v: Option<Value>) -> Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(wrong_type("answer_type", "a string or null", &v)),
     }
 }
 

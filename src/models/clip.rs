@@ -1,7 +1,7 @@
 //! CLIP: text and vision transformers, projections and logit scale (`openai/clip-vit-base-patch32`
 //! layout), also the vision tower of LLaVA.
 
-use candle_core::{Device, IndexOp, Result, Tensor, D};
+use candle_core::{IndexOp, Result, Tensor, D};
 
 use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
@@ -639,13 +639,4 @@ impl ParticleModel for ClipModel {
 /// L2-normalises the last axis.
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
-}
-
-/// Builds `[batch, len]` u32 tensors from rows of ids.
-pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
-    let len = rows.first().map_or(0, Vec::len);
-    if rows.iter().any(|r| r.len() != len) {
-        candle_core::bail!("all rows of a batch must have the same length (pad them)");
-    }
-    Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu)?.to_device(device)
 }

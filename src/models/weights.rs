@@ -6,7 +6,7 @@
 //! converts it to the compute dtype.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -141,10 +141,6 @@ impl Weights {
             }
         }
         out
-    }
-
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
     }
 
     fn file_list(&self) -> String {
