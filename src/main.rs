@@ -162,6 +162,11 @@ enum DataCommand {
         /// Canvas size in pixels.
         #[arg(long, default_value_t = bella_vqa::data::shapes::DEFAULT_IMAGE_SIZE)]
         image_size: u32,
+        /// Share (0..1) of the training scenes asked about an absent object, answered
+        /// "unanswerable" as in VizWiz, to teach a model to say so. Val, test and OOD splits
+        /// are unchanged.
+        #[arg(long, default_value_t = 0.0)]
+        absent_share: f64,
     },
 }
 
@@ -366,6 +371,7 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             n,
             image_size,
+            absent_share,
         }) => {
             let summary =
                 bella_vqa::data::shapes::generate(&bella_vqa::data::shapes::ShapesOptions {
@@ -374,6 +380,7 @@ fn run(cli: &Cli) -> Result<()> {
                     n: *n,
                     image_size: *image_size,
                     progress: !cli.quiet,
+                    absent_share: *absent_share,
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {

@@ -24,6 +24,7 @@ fn options(out: &Path, seed: u64) -> ShapesOptions {
         n: N,
         image_size: 32,
         progress: false,
+        absent_share: 0.0,
     }
 }
 
@@ -198,7 +199,12 @@ fn generates_all_splits_and_reads_back_with_images() {
         .collect();
     assert_eq!(sizes["train"], N);
     for split in SPLITS.iter().skip(1) {
-        assert_eq!(sizes[split], eval_size(N), "{split}");
+        if *split == "ood-mismatched" {
+            // only the test questions that name an object (see `ood_splits_are_marked`)
+            assert!((1..eval_size(N)).contains(&sizes[split]), "{split}");
+        } else {
+            assert_eq!(sizes[split], eval_size(N), "{split}");
+        }
     }
     let pngs = walk(dir.path())
         .into_keys()
@@ -252,7 +258,13 @@ fn answers_are_consistent_with_the_recorded_scenes() {
     for (name, data) in &splits {
         for e in &data.examples {
             let id = &e.question_id;
-            let scene = scene_of(e, "scene");
+            // A mismatched question is answered from the image it is shown with.
+            let shown = if e.extra.contains_key("image_scene") {
+                "image_scene"
+            } else {
+                "scene"
+            };
+            let scene = scene_of(e, shown);
             let query = extra(e, "query");
             let expected = evaluate(&scene, query, id);
             let canonical = extra(e, "multiple_choice_answer").as_str().unwrap();
@@ -437,16 +449,47 @@ fn ood_splits_are_marked() {
         );
     }
     assert!(!kinds.is_empty());
-    for e in &splits["ood-mismatched"].examples {
+    let mismatched = &splits["ood-mismatched"].examples;
+    for e in mismatched {
         assert_eq!(extra(e, "mismatched"), true);
         let source = test_ids[extra(e, "source_question_id").as_str().unwrap()];
         assert_eq!(e.question, source.question);
-        assert_eq!(e.answers, source.answers);
+        assert!(e.answers.iter().all(|a| a == UNANSWERABLE));
+        assert_eq!(e.answers.len(), source.answers.len());
+        assert_eq!(e.answer_type.as_deref(), Some("unanswerable"));
+        assert_eq!(extra(e, "answerable"), 0);
         assert_ne!(e.image, source.image, "{}: same image", e.question_id);
         assert_ne!(extra(e, "image_scene_id"), extra(e, "scene_id"));
         let shown = image::open(&e.image).unwrap().to_rgb8();
         assert_eq!(shown, scene_of(e, "image_scene").render());
+        // The shown image lacks an object the question names.
+        let query = extra(e, "query");
+        let named: Vec<&Value> = match query["type"].as_str().unwrap() {
+            "color" | "shape" => vec![&query["subject"]],
+            "relate" => vec![&query["subject"], &query["object"]],
+            "what_relation" => vec![&query["object"]],
+            other => panic!("{}: a {other} question fits every image", e.question_id),
+        };
+        let shown_scene = scene_of(e, "image_scene");
+        let present = |f: &Value| {
+            shown_scene.objects.iter().any(|o| {
+                f["color"].as_str().is_none_or(|c| c == o.color.name())
+                    && f["shape"].as_str().is_none_or(|s| s == o.shape.name())
+            })
+        };
+        assert!(
+            named.iter().any(|f| !present(f)),
+            "{}: the shown image has everything the question names",
+            e.question_id
+        );
     }
+    // Every colour, shape and position question finds an image it does not fit.
+    let fitting_any = splits["test"]
+        .examples
+        .iter()
+        .filter(|e| matches!(extra(e, "family").as_str(), Some("exists" | "count")))
+        .count();
+    assert!(mismatched.len() > (splits["test"].len() - fitting_any) * 9 / 10);
 }
 
 #[test]
@@ -552,4 +595,56 @@ fn other_image_sizes_work_and_bad_options_are_errors() {
     // The module's defaults.
     let d = ShapesOptions::new("x");
     assert_eq!(d.image_size, shapes::DEFAULT_IMAGE_SIZE);
+}
+
+#[test]
+fn an_absent_share_adds_unanswerable_training_questions_and_changes_nothing_else() {
+    let plain = tempfile::tempdir().unwrap();
+    let mixed = tempfile::tempdir().unwrap();
+    generate(&options(plain.path(), 5)).unwrap();
+    generate(&ShapesOptions {
+        absent_share: 0.25,
+        ..options(mixed.path(), 5)
+    })
+    .unwrap();
+    let train = read_jsonl(&mixed.path().join("train.jsonl"), &ReadOptions::default()).unwrap();
+    let absent: Vec<&VqaExample> = train
+        .examples
+        .iter()
+        .filter(|e| extra(e, "answerable") == 0)
+        .collect();
+    // A quarter of the scenes, 1–2 questions each against 1–3: roughly 10–30 % of questions.
+    let share = absent.len() as f64 / train.len() as f64;
+    assert!((0.08..0.35).contains(&share), "{share}");
+    for e in absent {
+        assert!(e.answers.iter().all(|a| a == UNANSWERABLE));
+        assert_eq!(e.answer_type.as_deref(), Some("unanswerable"));
+        // the question names something the image does not show
+        let scene = scene_of(e, "scene");
+        assert_eq!(
+            evaluate(&scene, extra(e, "query"), &e.question_id),
+            UNANSWERABLE
+        );
+    }
+    // Only the training split changes.
+    let (a, b) = (walk(plain.path()), walk(mixed.path()));
+    for name in [
+        "val.jsonl",
+        "test.jsonl",
+        "ood-absent.jsonl",
+        "ood-mismatched.jsonl",
+    ] {
+        assert!(a[name] == b[name], "{name} changed");
+    }
+    assert_ne!(a["train.jsonl"], b["train.jsonl"]);
+
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let err = generate(&ShapesOptions {
+            absent_share: bad,
+            ..options(mixed.path(), 5)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("absent share"), "{err}");
+    }
 }

@@ -27,8 +27,10 @@
 //!   is the cross?" with no cross);
 //! - `ood-corrupted.jsonl`: the test questions on corrupted copies of the test images (noise, blur
 //!   or occlusion, `corruption` = `{"kind", "severity"}` in the record), answers unchanged;
-//! - `ood-mismatched.jsonl`: the test questions asked about another test scene's image
-//!   (`mismatched: true`); the answers are those of the scene the question was made for;
+//! - `ood-mismatched.jsonl`: test questions asked about another test scene's image that lacks an
+//!   object the question names (`mismatched: true`; "What color is the circle?" on an image
+//!   without a circle), so `"unanswerable"` as in `ood-absent`. Counts and existence questions
+//!   have an answer on any image and are left out, so this split is smaller than `test`;
 //! - `ood-unanswerable.jsonl`: questions the world cannot answer ("What is the name of the cat?");
 //! - `images/{split}/{index:06}.png` (the mismatched split reuses the test images);
 //! - `shapes.json`: the generator's settings, colours, held-out pairs and split sizes.
@@ -48,7 +50,7 @@
 //! Colours and shapes are answered by their name, counts by digits ("2"), yes/no by "yes"/"no",
 //! "What is left of …" by the shape's name.
 //!
-//! Questions without an answer (`ood-absent`, `ood-unanswerable`) follow VizWiz: every human answer
+//! Questions without an answer (`ood-absent`, `ood-mismatched`, `ood-unanswerable`) follow VizWiz: every human answer
 //! is `"unanswerable"`, `answer_type` is `"unanswerable"` and `answerable` is 0. A well-calibrated
 //! model should abstain on them. Existence and count questions about absent objects are ordinary
 //! in-distribution questions (answers "no" and "0") and are not in `ood-absent`.
@@ -290,7 +292,7 @@ impl Scene {
 }
 
 /// What to generate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ShapesOptions {
     /// The output folder (created if needed; files in it are replaced).
     pub out: PathBuf,
@@ -301,10 +303,16 @@ pub struct ShapesOptions {
     pub image_size: u32,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Share of the training scenes (0..=1) whose questions name an absent object, answered
+    /// `"unanswerable"` as in VizWiz and `ood-absent` — for fine-tuning a model to say so. Val,
+    /// test and the OOD splits do not change. 0 (the default) leaves `train.jsonl` as without
+    /// the option, byte for byte.
+    pub absent_share: f64,
 }
 
 impl ShapesOptions {
-    /// Defaults: seed 0, 2000 training questions, 32×32 images, no progress bar.
+    /// Defaults: seed 0, 2000 training questions, 32×32 images, no progress bar, no absent
+    /// questions in training.
     pub fn new(out: impl Into<PathBuf>) -> Self {
         ShapesOptions {
             out: out.into(),
@@ -312,6 +320,7 @@ impl ShapesOptions {
             n: 2000,
             image_size: DEFAULT_IMAGE_SIZE,
             progress: false,
+            absent_share: 0.0,
         }
     }
 }
@@ -426,25 +435,31 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         .with_context(|| format!("cannot create {}", images_dir.display()))?;
 
     let mut counts = Vec::new();
-    let train = g.split("train", opts.n, Mode::InDist)?;
+    if !(0.0..=1.0).contains(&opts.absent_share) {
+        bail!(
+            "absent share {} is not a share: use a number from 0 to 1",
+            opts.absent_share
+        );
+    }
+    let train = g.split("train", opts.n, Mode::InDist, opts.absent_share)?;
     g.write_split("train", &train.examples, &mut counts)?;
     drop(train);
-    let val = g.split("val", eval, Mode::InDist)?;
+    let val = g.split("val", eval, Mode::InDist, 0.0)?;
     g.write_split("val", &val.examples, &mut counts)?;
     drop(val);
-    let test = g.split("test", eval, Mode::InDist)?;
+    let test = g.split("test", eval, Mode::InDist, 0.0)?;
     g.write_split("test", &test.examples, &mut counts)?;
-    let unseen = g.split("ood-unseen-pairs", eval, Mode::Unseen)?;
+    let unseen = g.split("ood-unseen-pairs", eval, Mode::Unseen, 0.0)?;
     g.write_split("ood-unseen-pairs", &unseen.examples, &mut counts)?;
     drop(unseen);
-    let absent = g.split("ood-absent", eval, Mode::Absent)?;
+    let absent = g.split("ood-absent", eval, Mode::Absent, 0.0)?;
     g.write_split("ood-absent", &absent.examples, &mut counts)?;
     drop(absent);
     let corrupted = g.corrupted(&test)?;
     g.write_split("ood-corrupted", &corrupted, &mut counts)?;
     let mismatched = g.mismatched(&test)?;
     g.write_split("ood-mismatched", &mismatched, &mut counts)?;
-    let unanswerable = g.split("ood-unanswerable", eval, Mode::Unanswerable)?;
+    let unanswerable = g.split("ood-unanswerable", eval, Mode::Unanswerable, 0.0)?;
     g.write_split("ood-unanswerable", &unanswerable.examples, &mut counts)?;
     g.progress.finish_and_clear();
 
@@ -504,7 +519,15 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
-    fn split(&mut self, split: &str, target: usize, mode: Mode) -> anyhow::Result<SplitData> {
+    /// `absent_share`: the share of scenes that get absent-object questions instead (in
+    /// distribution only; see [`ShapesOptions::absent_share`]).
+    fn split(
+        &mut self,
+        split: &str,
+        target: usize,
+        split_mode: Mode,
+        absent_share: f64,
+    ) -> anyhow::Result<SplitData> {
         self.progress.set_message(split.to_string());
         let mut rng = Rng::new(self.seed, split);
         let mut data = SplitData {
@@ -521,6 +544,12 @@ impl Generator<'_> {
             if tries > 50 * target + 1000 {
                 bail!("the shapes generator could not ask enough questions for {split} (a bug: please report it)");
             }
+            // No draw without a share, so that the default output stays as it was.
+            let mode = if absent_share > 0.0 && rng.chance(absent_share) {
+                Mode::Absent
+            } else {
+                split_mode
+            };
             let focus_pair = match mode {
                 Mode::Unseen => Some(HELD_OUT_PAIRS[rng.index(HELD_OUT_PAIRS.len())]),
                 _ => None,
@@ -634,7 +663,7 @@ impl Generator<'_> {
         Ok(out)
     }
 
-    /// The test questions asked about another test scene's image.
+    /// Test questions asked about another test scene's image that does not show what they name.
     fn mismatched(&mut self, test: &SplitData) -> anyhow::Result<Vec<VqaExample>> {
         let split = "ood-mismatched";
         self.progress.set_message(split);
@@ -643,15 +672,31 @@ impl Generator<'_> {
         if m < 2 {
             bail!("the test split has fewer than two scenes; cannot build {split}");
         }
-        let partner: Vec<usize> = (0..m).map(|k| (k + 1 + rng.index(m - 1)) % m).collect();
         let mut out = Vec::with_capacity(test.examples.len());
-        for (i, (example, &scene)) in test.examples.iter().zip(&test.scene_of).enumerate() {
-            let j = partner[scene];
+        for (example, &scene) in test.examples.iter().zip(&test.scene_of) {
+            self.progress.inc(1);
+            let named = named_filters(&example.extra);
+            if named.is_empty() {
+                continue; // counts and existence questions fit every image
+            }
+            // The first scene after a random offset that lacks something the question names.
+            let start = rng.index(m - 1);
+            let Some(j) = (0..m - 1)
+                .map(|t| (scene + 1 + (start + t) % (m - 1)) % m)
+                .find(|&j| named.iter().any(|f| f.count(&test.scenes[j].2) == 0))
+            else {
+                continue;
+            };
             let (image_scene_id, image_rel, image_scene) = &test.scenes[j];
             let mut e = example.clone();
-            e.question_id = format!("{split}-{i:06}");
+            e.question_id = format!("{split}-{:06}", out.len());
             e.image = self.out.join(image_rel);
+            e.answers = vec![UNANSWERABLE.to_string(); example.answers.len()];
+            e.answer_type = Some("unanswerable".into());
             e.extra.insert("split".into(), json!(split));
+            e.extra.insert("answerable".into(), json!(0));
+            e.extra
+                .insert("multiple_choice_answer".into(), json!(UNANSWERABLE));
             e.extra.insert("mismatched".into(), json!(true));
             e.extra
                 .insert("image_scene_id".into(), json!(image_scene_id));
@@ -660,7 +705,6 @@ impl Generator<'_> {
             e.extra
                 .insert("source_question_id".into(), json!(example.question_id));
             out.push(e);
-            self.progress.inc(1);
         }
         Ok(out)
     }
@@ -942,6 +986,27 @@ impl Filter {
     fn json(&self) -> Value {
         json!({"color": self.color.map(Color::name), "shape": self.shape.map(Shape::name)})
     }
+}
+
+/// The objects a record's question names (its `query`): the subject of colour and shape questions,
+/// both sides of a position question. Empty for counts and existence questions, which have an
+/// answer in any scene.
+fn named_filters(extra: &Map<String, Value>) -> Vec<Filter> {
+    let Some(query) = extra.get("query") else {
+        return Vec::new();
+    };
+    let filter = |v: &Value| {
+        let color = v["color"].as_str().and_then(Color::from_name);
+        let shape = v["shape"].as_str().and_then(Shape::from_name);
+        Filter { color, shape }
+    };
+    let keys: &[&str] = match query["type"].as_str() {
+        Some("color" | "shape") => &["subject"],
+        Some("relate") => &["subject", "object"],
+        Some("what_relation") => &["object"],
+        _ => &[],
+    };
+    keys.iter().map(|k| filter(&query[*k])).collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
