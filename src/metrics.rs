@@ -676,6 +676,24 @@ pub fn choose_threshold_for_risk(val: &[(f64, f64)], target_risk: f64) -> Result
     Ok(coverage_at_risk(&conf, &acc, target_risk)?.threshold)
 }
 
+/// The threshold that answers at least `coverage` of the validation questions: the
+/// confidence of the ⌈coverage · n⌉-th most confident one (ties at it are answered too).
+pub fn choose_threshold_for_coverage(conf: &[f64], coverage: f64) -> Result<f64> {
+    if !(coverage > 0.0 && coverage <= 1.0) {
+        return Err(MetricError::BadParameter {
+            what: "coverage",
+            value: coverage,
+            why: "the share of questions to answer must be in (0, 1]",
+        });
+    }
+    check_len("confidence", conf.len(), conf.len())?;
+    check_unit("confidence", conf)?;
+    let mut sorted = conf.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let k = ((coverage * sorted.len() as f64 - 1e-9).ceil() as usize).clamp(1, sorted.len());
+    Ok(sorted[k - 1])
+}
+
 // ------------------------------------------------------------------------------------------------
 // Effective reliability (Whitehead et al., ECCV 2022)
 

@@ -644,15 +644,28 @@ fn calibration_stores_only_the_threshold_and_ask_uses_it() {
     let val = dir.path().join("val.jsonl");
     write_jsonl(&val, &examples).unwrap();
 
-    for objective in [Objective::TargetRisk(0.3), Objective::Phi(10.0)] {
+    for objective in [
+        Objective::TargetRisk(0.3),
+        Objective::Phi(10.0),
+        Objective::TargetCoverage(0.7),
+    ] {
         let mut opts = CalibrateOptions::new(DataInput::new(&val), objective);
         opts.max_new_tokens = 4;
         let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
         let expected = match objective {
             Objective::TargetRisk(r) => metrics::choose_threshold_for_risk(&pairs, r).unwrap(),
             Objective::Phi(c) => metrics::choose_threshold_phi(&pairs, c).unwrap(),
+            Objective::TargetCoverage(_) => {
+                // 7 of the 10 questions: the 7th highest confidence
+                let mut conf: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+                conf.sort_by(|a, b| b.total_cmp(a));
+                conf[6]
+            }
         };
         assert_eq!(outcome.abstention.threshold, expected);
+        if let Objective::TargetCoverage(c) = objective {
+            assert!(outcome.coverage >= c, "{}", outcome.coverage);
+        }
         assert_eq!(outcome.count, 10);
         assert!(outcome.stored);
 
@@ -724,7 +737,13 @@ fn objectives_parse() {
         Objective::parse("risk0.05").unwrap(),
         Objective::TargetRisk(0.05)
     );
+    assert_eq!(
+        Objective::parse("coverage=0.85").unwrap(),
+        Objective::TargetCoverage(0.85)
+    );
+    assert!(Objective::parse("coverage0").is_err());
     assert!(Objective::parse("accuracy").is_err());
+    assert_eq!(Objective::TargetCoverage(0.85).describe(), "coverage>=0.85");
     assert_eq!(Objective::Phi(10.0).describe(), "max phi_10");
     assert_eq!(Objective::TargetRisk(0.05).describe(), "risk<=0.05");
     assert_eq!("1/4".parse::<Shard>().unwrap(), Shard::new(1, 4).unwrap());
@@ -975,4 +994,30 @@ fn vizwiz_input_and_a_test_set_without_answers() {
         let md = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert_eq!(md.contains("No metrics"), !with_answers);
     }
+}
+
+#[test]
+fn declined_counts_abstentions_and_unanswerable_answers() {
+    use bella_vqa::bench::results::declined;
+    use bella_vqa::bench::samples::Sample;
+    let sample = |answer: &str, abstained: bool| -> Sample {
+        serde_json::from_value(serde_json::json!({
+            "question_id": "q", "split": "test", "is_ood": false, "index": 0, "question": "?",
+            "image": "x.png", "answers": [], "answer": answer, "confidence": 0.5,
+            "abstained": abstained, "accuracy": 0.0,
+            "uncertainty": {"total": 0.0, "aleatoric": 0.0, "epistemic": 0.0},
+            "vote_share": 1.0, "particles": [], "candidates": [], "response": ""
+        }))
+        .unwrap()
+    };
+    let samples = [
+        sample("red", false),
+        sample("red", true),
+        sample("unanswerable.", false), // normalised like any answer
+        sample("unanswerable", true),
+    ];
+    let refs: Vec<&Sample> = samples.iter().collect();
+    assert_eq!(declined(&refs), 0.75);
+    assert_eq!(declined(&refs[..1]), 0.0);
+    assert_eq!(declined(&[]), 0.0);
 }

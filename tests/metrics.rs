@@ -421,6 +421,14 @@ fn hand_risk_coverage() {
     assert!(c.threshold > 0.9 && c.threshold < 0.9 + 1e-15);
     let pairs: Vec<(f64, f64)> = conf.iter().copied().zip(acc).collect();
     assert_eq!(choose_threshold_for_risk(&pairs, 0.3).unwrap(), 0.1);
+    // Coverage targets: 0.9, 0.6, 0.3, 0.1 sorted; answering ≥ 50 % of 4 means 2 questions.
+    let by_coverage = |c: f64| choose_threshold_for_coverage(&[0.3, 0.9, 0.1, 0.6], c).unwrap();
+    assert_eq!(by_coverage(0.5), 0.6);
+    assert_eq!(by_coverage(0.51), 0.3);
+    assert_eq!(by_coverage(1.0), 0.1);
+    assert_eq!(by_coverage(0.01), 0.9);
+    assert!(choose_threshold_for_coverage(&[0.5], 0.0).is_err());
+    assert!(choose_threshold_for_coverage(&[], 0.5).is_err());
     // 1 wrong in 20 meets a 5 % target despite rounding
     let conf20: Vec<f64> = (0..20).map(|i| 1.0 - i as f64 / 40.0).collect();
     let acc20: Vec<f64> = (0..20).map(|i| if i == 19 { 0.0 } else { 1.0 }).collect();

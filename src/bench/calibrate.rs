@@ -24,11 +24,14 @@ pub enum Objective {
     TargetRisk(f64),
     /// The largest effective reliability Φ_c ([`metrics::choose_threshold_phi`]).
     Phi(f64),
+    /// Answer (at least) this share of the validation questions
+    /// ([`metrics::choose_threshold_for_coverage`]).
+    TargetCoverage(f64),
 }
 
 impl Objective {
     /// `phi10`, `phi_10`, `phi-100` … → [`Objective::Phi`]; `risk0.05`, `risk=0.05` →
-    /// [`Objective::TargetRisk`].
+    /// [`Objective::TargetRisk`]; `coverage0.85` → [`Objective::TargetCoverage`].
     pub fn parse(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
         let number = |rest: &str| {
@@ -44,11 +47,18 @@ impl Objective {
             number(rest)
                 .filter(|r| (0.0..=1.0).contains(r))
                 .map(Objective::TargetRisk)
+        } else if let Some(rest) = t.strip_prefix("coverage") {
+            number(rest)
+                .filter(|c| *c > 0.0 && *c <= 1.0)
+                .map(Objective::TargetCoverage)
         } else {
             None
         };
         parsed.with_context(|| {
-            format!("objective {s:?}: use phi1, phi10 or phi100 (max Φ_c), or --target-risk 0.05")
+            format!(
+                "objective {s:?}: use phi1, phi10 or phi100 (max Φ_c), risk0.05 (or --target-risk \
+                 0.05) or coverage0.85 (or --target-coverage 0.85)"
+            )
         })
     }
 
@@ -57,6 +67,7 @@ impl Objective {
         match self {
             Objective::TargetRisk(r) => format!("risk<={r}"),
             Objective::Phi(c) => format!("max phi_{}", super::results::key_number(*c)),
+            Objective::TargetCoverage(c) => format!("coverage>={c}"),
         }
     }
 
@@ -65,6 +76,10 @@ impl Objective {
         Ok(match self {
             Objective::TargetRisk(r) => metrics::choose_threshold_for_risk(pairs, *r)?,
             Objective::Phi(c) => metrics::choose_threshold_phi(pairs, *c)?,
+            Objective::TargetCoverage(c) => {
+                let conf: Vec<f64> = pairs.iter().map(|&(c, _)| c).collect();
+                metrics::choose_threshold_for_coverage(&conf, *c)?
+            }
         })
     }
 }
@@ -180,7 +195,7 @@ pub fn calibrate(
     let (conf, acc): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
     let phi = match opts.objective {
         Objective::Phi(c) => Some(metrics::effective_reliability(&conf, &acc, threshold, c)?),
-        Objective::TargetRisk(_) => None,
+        Objective::TargetRisk(_) | Objective::TargetCoverage(_) => None,
     };
     let abstention = Abstention {
         threshold,

@@ -130,8 +130,11 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// Answer as many questions as possible with at most this selective risk [default: 0.05].
-    #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]
+    #[arg(long, value_parser = parse_unit, conflicts_with_all = ["objective", "target_coverage"])]
     pub target_risk: Option<f64>,
+    /// Or answer at least this share of the validation questions (e.g. 0.85).
+    #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]
+    pub target_coverage: Option<f64>,
     /// Or maximise effective reliability: phi1, phi10, phi100 (Φ_c with cost c per wrong answer).
     #[arg(long)]
     pub objective: Option<String>,
@@ -296,10 +299,11 @@ fn print_summary(r: &super::ResultsFile) {
 
 /// Runs `calibrate`.
 pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<()> {
-    let objective = match (&args.objective, args.target_risk) {
-        (Some(o), _) => Objective::parse(o)?,
-        (None, Some(r)) => Objective::TargetRisk(r),
-        (None, None) => Objective::TargetRisk(0.05),
+    let objective = match (&args.objective, args.target_risk, args.target_coverage) {
+        (Some(o), _, _) => Objective::parse(o)?,
+        (None, Some(r), _) => Objective::TargetRisk(r),
+        (None, None, Some(c)) => Objective::TargetCoverage(c),
+        (None, None, None) => Objective::TargetRisk(0.05),
     };
     if !args.data.exists() {
         bail!("data file {} does not exist", args.data.display());

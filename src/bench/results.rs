@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 
 use super::config::{Role, RunConfig};
 use super::samples::Sample;
+use crate::answer::UNANSWERABLE;
+use crate::data::normalize::normalize_answer;
 use crate::metrics::{
     self, AnswerTypeBreakdown, NormalizeMode, Prediction, Summary, SummaryOptions, ThresholdSource,
 };
@@ -104,6 +106,9 @@ pub struct OodResult {
     pub count: usize,
     /// Fraction answered (not abstained) at the run's threshold.
     pub coverage: f64,
+    /// Fraction given no content answer: abstained, or answered "unanswerable" ([`declined`]).
+    #[serde(default)]
+    pub declined: f64,
     pub mean_confidence: f64,
     /// Mean VQA accuracy, when the file has human answers.
     pub accuracy: Option<f64>,
@@ -225,6 +230,21 @@ pub fn flatten(s: &Summary, predictions: &[Prediction]) -> Map<String, Value> {
     m
 }
 
+/// The share of samples that give the user no content answer: below the threshold, or answered
+/// "unanswerable" (VizWiz's answer for a question the image cannot answer, which the response
+/// template words as "This question cannot be answered from the image."). 0 for no samples.
+pub fn declined(samples: &[&Sample]) -> f64 {
+    mean(samples.iter().map(|s| {
+        let unanswerable = normalize_answer(&s.answer) == UNANSWERABLE;
+        if s.abstained || unanswerable {
+            1.0
+        } else {
+            0.0
+        }
+    }))
+    .unwrap_or(0.0)
+}
+
 /// OOD detection of `ood` against `test`, with three scores.
 pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
     let all: Vec<&Sample> = test.iter().chain(ood).copied().collect();
@@ -237,6 +257,7 @@ pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
     Ok(OodResult {
         count: ood.len(),
         coverage: mean(ood.iter().map(|s| if s.abstained { 0.0 } else { 1.0 })).unwrap_or(0.0),
+        declined: declined(ood),
         mean_confidence: mean(ood.iter().map(|s| s.confidence)).unwrap_or(0.0),
         accuracy: if has_answers {
             mean(ood.iter().map(|s| s.accuracy))
@@ -417,6 +438,7 @@ pub fn compute(
         }
     }
     results.insert("threshold".into(), num(config.threshold));
+    results.insert("declined".into(), num(declined(&test)));
     let mut ood = BTreeMap::new();
     for d in config.data.iter().filter(|d| d.role == Role::Ood) {
         let these: Vec<&Sample> = chosen
@@ -448,6 +470,7 @@ pub fn compute(
         }
         results.insert(format!("{p}.count"), Value::from(r.count));
         results.insert(format!("{p}.coverage"), num(r.coverage));
+        results.insert(format!("{p}.declined"), num(r.declined));
         results.insert(format!("{p}.accuracy"), opt(r.accuracy));
         for (name, det) in [
             ("confidence", &r.confidence),
