@@ -127,6 +127,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
 }
 
 fn main() -> Result<()> {
+    bella_vqa::pin_cpu_threads(); // as the CLI does; child processes inherit it
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some("--child") {
         return child(&raw[1..]);

@@ -17,3 +17,15 @@ pub mod metrics;
 pub mod models;
 pub mod report;
 pub mod train;
+
+/// Sets `RAYON_NUM_THREADS` to candle's default thread count when it is unset. Without it candle
+/// asks the OS for the number of cores on every matrix product (on Linux it reads and parses
+/// `/proc/cpuinfo`), which costs 4–9 % of a decoding step (`eval/LATENCY.md`). Call it first
+/// thing in `main`, before any thread starts: changing the environment of a running
+/// multi-threaded program is unsound, so the library cannot do it for its callers.
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}

@@ -573,6 +573,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    bella_vqa::pin_cpu_threads();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -146,12 +146,16 @@ impl ParticleLinear {
 /// Up to this many rows, [`base_product`] multiplies as `(W·xᵀ)ᵀ`.
 const FEW_ROWS: usize = 32;
 
-/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. With a few rows (decoding P particles: n = P),
-/// candle's CPU gemm packs — copies with a strided gather — the whole of `W` on every call for
-/// `x·Wᵀ`, which costs more than the product itself; `W·xᵀ` reads `W` in place and packs only
+/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. With up to 8 rows (decoding P ≤ 8 particles)
+/// on a CPU with AVX2, [`super::few_rows`] reads `W` once for all rows. Otherwise, with a few
+/// rows, candle's CPU gemm packs — copies with a strided gather — the whole of `W` on every call
+/// for `x·Wᵀ`, which costs more than the product itself; `W·xᵀ` reads `W` in place and packs only
 /// the small `x`, and transposing the `[out, n]` result back is cheap. One row takes gemm's
 /// matrix-vector path either way; many rows amortise the packing and keep the usual order.
 fn base_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::few_rows::matmul(x, weight)? {
+        return Ok(y);
+    }
     let n = x.dim(0)?;
     if n > 1 && n <= FEW_ROWS {
         weight.matmul(&x.t()?)?.t()?.contiguous()
