@@ -6,7 +6,7 @@
 //! in a decoding step of the medium model of `benches/ask_latency.rs`, so decoding 8 particles
 //! cost 2–2.5× decoding one (`eval/LATENCY.md`). This kernel reads each row of `W` once and
 //! multiplies it with every row of `x` while it is in registers (AVX2 + FMA, 8 lanes, one
-//! accumulator per row of `x`; software prefetch of `W` from 6 rows on). It runs when the CPU
+//! accumulator per row of `x`; software prefetch of `W` from 4 rows on). It runs when the CPU
 //! has AVX2 and FMA (checked at run time) and the tensors are contiguous `f32` on the CPU;
 //! otherwise [`matmul`] returns `None` and the caller uses candle.
 
@@ -139,12 +139,13 @@ fn block_product(x: &[f32], n: usize, w: &[f32], k: usize, dst: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// With 6 or more rows the arithmetic per weight is high enough that the hardware prefetcher
+    /// With 4 or more rows the arithmetic per weight is high enough that the hardware prefetcher
     /// alone no longer keeps the weight stream flowing from memory: the kernel then prefetches
-    /// this many floats (4 KiB) ahead. Measured on the decode step of the medium LLaVA of
-    /// `benches/ask_latency.rs` (2 cores): 8 rows 26–30 → 20–21 ms per step; with 1–4 rows it
-    /// was 5–10 % slower, so they do without.
-    const PREFETCH_AHEAD: usize = 1024;
+    /// the weights this many floats (8 KiB) ahead into L2. Measured on the products of one
+    /// decoding step of the medium LLaVA of `benches/ask_latency.rs` (2 cores, 8 rows): no
+    /// prefetch 21 ms, into L1 4 KiB ahead 17 ms, into L2 8 KiB ahead 13 ms; 1 row: 7 ms with
+    /// or without.
+    const PREFETCH_AHEAD: usize = 2048;
 
     /// `dst[j·N + r] = w[j] · x[r]`; `x` is `[N, k]`, `w` `[rows, k]`. Each row of `w` is
     /// loaded once and multiplied with all N rows of `x`, one 8-lane accumulator per row.
@@ -161,11 +162,11 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); N];
             let mut c = 0;
             while c < lanes {
-                if N >= 6 && c % 16 == 0 {
+                if N >= 4 && c % 16 == 0 {
                     // once per 64-byte line; a prefetch never faults, but stay inside `w`
                     let ahead = wrow.as_ptr().wrapping_add(c + PREFETCH_AHEAD);
                     if ahead < end {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
                     }
                 }
                 // c + 8 <= lanes <= k: every load is inside its row.
