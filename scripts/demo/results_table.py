@@ -53,27 +53,29 @@ for name in names:
         splits = sorted({k.split(".")[1] for k in r if k.startswith("ood.")})
 
 print("# Demo world results\n")
-print("Produced by `scripts/demo/particles.sh` (training, calibration at 5 % risk on validation")
-print("questions, `bella-vqa bench --compare`) and laid out by `scripts/demo/results_table.py`.")
+print("Produced by `scripts/demo/particles.sh` (training, calibration on validation questions,")
+print("`bella-vqa bench --compare`) and laid out by `scripts/demo/results_table.py`.")
 print("Base: `demo/llava` (shapes world, trained from scratch, `scripts/demo/train_base.py`).")
-print("Particles: rank 8, α 16 on q/k/v/o of the language model, 1 epoch on 1200 fresh questions.")
 print("VQA accuracy (official), ECE (15 equal-width bins), AURC, coverage at 5 % risk and Φ₁₀ use")
-print("thresholds chosen on the validation split; abstain = share of questions below the calibrated")
-print("threshold; OOD AUROC: the split against the in-distribution test questions, scored by")
-print("1 − confidence (conf) and by the epistemic uncertainty (MI). Values in %, except ECE/AURC.\n")
-print("| model | P | trainable | threshold | " + " | ".join(["acc", "ECE", "AURC", "cov@5%", "Φ₁₀", "answered"]) + " |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("thresholds chosen on the validation split; answered/abstain = share of questions at/below the")
+print("calibrated threshold; declined = abstained or answered \"unanswerable\" (the response then says")
+print("the question cannot be answered from the image); OOD AUROC: the split against the")
+print("in-distribution test questions, scored by 1 − confidence (conf) and by the epistemic")
+print("uncertainty (MI). Values in %, except ECE/AURC.\n")
+print("| model | P | trainable | threshold | " + " | ".join(["acc", "ECE", "AURC", "cov@5%", "Φ₁₀", "answered", "declined"]) + " |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for name, p, n, r, _ in rows:
     print(f"| {name} | {p} | {n:,} | {fmt(r.get('threshold'))} | {fmt(r.get('vqa_accuracy'), True)} | {fmt(r.get('ece'))} | "
-          f"{fmt(r.get('aurc'))} | {fmt(r.get('coverage_at_risk_5pct'), True)} | {fmt(r.get('phi_10'), True)} | {fmt(r.get('coverage'), True)} |")
+          f"{fmt(r.get('aurc'))} | {fmt(r.get('coverage_at_risk_5pct'), True)} | {fmt(r.get('phi_10'), True)} | {fmt(r.get('coverage'), True)} | "
+          f"{fmt(r.get('declined'), True)} |")
 for split in splits or []:
     print(f"\n## {split}\n")
-    print("| model | acc | ECE | AURC | cov@5% | Φ₁₀ | abstain | OOD AUROC (conf) | OOD AUROC (MI) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | acc | ECE | AURC | cov@5% | Φ₁₀ | abstain | declined | OOD AUROC (conf) | OOD AUROC (MI) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, _, _, r, _ in rows:
         k = f"ood.{split}."
         cov = r.get(k + "coverage")
         abstain = None if cov is None else 1 - cov
         print(f"| {name} | {fmt(r.get(k + 'vqa_accuracy'), True)} | {fmt(r.get(k + 'ece'))} | {fmt(r.get(k + 'aurc'))} | "
               f"{fmt(r.get(k + 'coverage_at_risk_5pct'), True)} | {fmt(r.get(k + 'phi_10'), True)} | {fmt(abstain, True)} | "
-              f"{fmt(r.get(k + 'auroc_confidence'))} | {fmt(r.get(k + 'auroc_epistemic'))} |")
+              f"{fmt(r.get(k + 'declined'), True)} | {fmt(r.get(k + 'auroc_confidence'))} | {fmt(r.get(k + 'auroc_epistemic'))} |")
