@@ -91,19 +91,26 @@ impl CustomOp2 for FewRowsMatmul {
 /// Output features per parallel task.
 const BLOCK: usize = 32;
 
+/// Weights smaller than this (floats; 256 KiB) are multiplied on the calling thread: waking the
+/// thread pool costs more than the product (the tiny test LLaVA decoded 2× slower in parallel).
+const PARALLEL_MIN: usize = 1 << 16;
+
 /// `y [n, out] = x [n, k] · w [out, k]ᵀ`, parallel over blocks of output features.
 fn rows_times_weight(x: &[f32], n: usize, w: &[f32], out: usize, k: usize) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     // Computed feature-major ([out, n]: each task writes one contiguous chunk), then transposed.
     let mut yt = vec![0f32; out * n];
-    yt.par_chunks_mut(BLOCK * n)
-        .enumerate()
-        .for_each(|(block, chunk)| {
-            let first = block * BLOCK;
-            let rows = chunk.len() / n;
-            let w_block = &w[first * k..(first + rows) * k];
-            block_product(x, n, w_block, k, chunk);
-        });
+    let task = |(block, chunk): (usize, &mut [f32])| {
+        let first = block * BLOCK;
+        let rows = chunk.len() / n;
+        let w_block = &w[first * k..(first + rows) * k];
+        block_product(x, n, w_block, k, chunk);
+    };
+    if w.len() < PARALLEL_MIN {
+        yt.chunks_mut(BLOCK * n).enumerate().for_each(task);
+    } else {
+        yt.par_chunks_mut(BLOCK * n).enumerate().for_each(task);
+    }
     let mut y = vec![0f32; n * out];
     for (j, col) in yt.chunks_exact(n).enumerate() {
         for (r, v) in col.iter().enumerate() {
