@@ -285,6 +285,15 @@ struct Measured {
     tokens: Vec<Vec<u32>>,
 }
 
+/// The "P" and "path" cells of a table row.
+fn row_label(r: &Measured) -> (String, String) {
+    match (r.particles, r.mode.as_str()) {
+        (0, _) => ("base".to_string(), "no adapters".to_string()),
+        (p, "batched") => (p.to_string(), "batched".to_string()),
+        (p, _) => (p.to_string(), format!("{p} × merged")),
+    }
+}
+
 fn child(raw: &[String]) -> Result<()> {
     let [mode, dir, p, runs, decode] = raw else {
         bail!("usage: --child batched|sequential|decode DIR P RUNS DECODE");
@@ -522,11 +531,7 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
     );
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
     for r in results {
-        let (p, path) = match (r.particles, r.mode.as_str()) {
-            (0, _) => ("base".to_string(), "no adapters".to_string()),
-            (p, "batched") => (p.to_string(), "batched".to_string()),
-            (p, _) => (p.to_string(), format!("{p} × merged")),
-        };
+        let (p, path) = row_label(r);
         let ask = match (r.ask_ms, r.ask_candidates) {
             (Some(ms), Some(k)) => format!("{ms:.1} ({k})"),
             _ => "–".into(),
@@ -595,11 +600,7 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
     );
     let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
     for r in results {
-        let (p, path) = match (r.particles, r.mode.as_str()) {
-            (0, _) => ("base".to_string(), "no adapters".to_string()),
-            (p, "batched") => (p.to_string(), "batched".to_string()),
-            (p, _) => (p.to_string(), format!("{p} × merged")),
-        };
+        let (p, path) = row_label(r);
         let _ = writeln!(
             s,
             "| {p} | {path} | {} | {} | {:.2} % | {} | {} |",

@@ -7,7 +7,7 @@ use bella_vqa::answer::score::score_candidates;
 use bella_vqa::bella::{attach, merged_particle, AdapterSpec, InitB};
 use bella_vqa::models::llava::{LlavaInput, LlavaModel};
 use bella_vqa::models::Model;
-use candle_core::{DType, IndexOp, D};
+use candle_core::{IndexOp, D};
 use common::*;
 
 #[test]
@@ -28,22 +28,14 @@ fn batched_scores_equal_full_passes_per_particle() {
         21,
     )
     .unwrap();
-    let r = reference("llava");
-    let ids_t = get(&r, "image.input_ids").to_dtype(DType::U32).unwrap();
-    let keep = keep_from_mask(&ids(get(&r, "image.attention_mask")));
-    let pixels = get(&r, "image.pixel_values");
-    let input = LlavaInput {
-        input_ids: &ids_t,
-        pixel_values: Some(pixels),
-        keep: &keep,
-        expanded: false,
-    };
+    let image = reference_prompt("image");
+    let input = image.input();
     let candidates = vec![vec![56, 2], vec![300, 301, 302, 2], vec![7], vec![99, 2]];
     let prefill = m.prefill(&input, 3).unwrap();
     let scores = score_candidates(&m.language_model, &prefill, &candidates, 3).unwrap();
     assert_eq!(scores.len(), 3);
 
-    let prompt = ids(&ids_t)[0].clone();
+    let prompt = ids(&image.ids)[0].clone();
     for (p, particle_scores) in scores.iter().enumerate() {
         let merged: LlavaModel = merged_particle(&m, p).unwrap();
         for (k, cand) in candidates.iter().enumerate() {
@@ -53,7 +45,7 @@ fn batched_scores_equal_full_passes_per_particle() {
             let keep = vec![vec![true; seq.len()]];
             let input = LlavaInput {
                 input_ids: &t,
-                pixel_values: Some(pixels),
+                pixel_values: image.pixels.as_ref(),
                 keep: &keep,
                 expanded: false,
             };

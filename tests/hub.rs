@@ -1,6 +1,8 @@
 //! Integration tests of `bella_vqa::hub`, all offline: a small HTTP server on 127.0.0.1 serves the
 //! hub's URL layout from a directory of files.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bella_vqa::hub::{resolve, HubError, HubOptions, ModelFiles, ModelSource, Origin};
+use common::{assert_close, fixture, get, reference, reference_prompt};
 
 const SHA_A: &str = "0123456789abcdef0123456789abcdef01234567";
 const SHA_B: &str = "89abcdef0123456789abcdef0123456789abcdef";
@@ -417,6 +420,18 @@ fn options(endpoint: &str, cache_dir: &Path) -> HubOptions {
         timeout: Duration::from_secs(10),
         progress: false,
     }
+}
+
+/// A local hub serving one public repository from `dir`.
+fn serve_one(id: &str, dir: &Path) -> HubServer {
+    HubServer::start(
+        vec![RepoSpec {
+            id: id.into(),
+            dir: dir.to_path_buf(),
+            token: None,
+        }],
+        ServerOptions::default(),
+    )
 }
 
 fn hub(repo_id: &str, revision: Option<&str>) -> ModelSource {
@@ -849,41 +864,26 @@ fn hub_single_file_model_with_absolute_redirects() {
 /// the cache with the server stopped, it gives transformers' logits.
 #[test]
 fn hub_fixture_llava_tiny_downloads_and_loads_offline() {
-    use bella_vqa::models::{self, llava::LlavaInput, Model};
+    use bella_vqa::models::{self, Model};
     use candle_core::{DType, Device};
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny-hub");
-    let (_cache, files) = download_resolve_reuse_offline(&fixture, ServerOptions::default());
+    let (_cache, files) =
+        download_resolve_reuse_offline(&fixture("llava-tiny-hub"), ServerOptions::default());
     assert_eq!(files.weights.len(), 2, "both shards");
     let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
     let Model::Llava(m) = loaded.model else {
         panic!("not LLaVA")
     };
-    let reference = candle_core::safetensors::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/llava.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ids = reference["text.input_ids"].to_dtype(DType::U32).unwrap();
-    let keep = vec![vec![true; ids.dim(1).unwrap()]];
-    let input = LlavaInput {
-        input_ids: &ids,
-        pixel_values: None,
-        keep: &keep,
-        expanded: false,
-    };
+    let text = reference_prompt("text");
     let mut cache = m.language_model.new_cache();
-    let logits = m.forward(&input, &mut cache, 1, false).unwrap().logits;
-    let diff = (logits - &reference["text.logits"])
+    let logits = m
+        .forward(&text.input(), &mut cache, 1, false)
         .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(diff < 1e-4, "logits differ by {diff}");
+        .logits;
+    assert_close(
+        "text.logits",
+        &logits,
+        get(&reference("llava"), "text.logits"),
+    );
 }
 
 #[test]
@@ -891,14 +891,7 @@ fn hub_new_commit_reuses_unchanged_blobs() {
     let model = tempfile::tempdir().unwrap();
     make_sharded_model(model.path());
     let cache = tempfile::tempdir().unwrap();
-    let server = HubServer::start(
-        vec![RepoSpec {
-            id: "bella-test/tiny".into(),
-            dir: model.path().to_path_buf(),
-            token: None,
-        }],
-        ServerOptions::default(),
-    );
+    let server = serve_one("bella-test/tiny", model.path());
     let opts = options(&server.endpoint(), cache.path());
     resolve(&hub("bella-test/tiny", None), &opts).unwrap();
     assert_eq!(server.count("/cdn/"), 2);
@@ -928,14 +921,7 @@ fn hub_large_download_with_progress() {
     let values: Vec<f32> = (0..(6 << 20) / 4).map(|i| i as f32).collect();
     write_safetensors(&model.path().join("model.safetensors"), "big", &values);
     let cache = tempfile::tempdir().unwrap();
-    let server = HubServer::start(
-        vec![RepoSpec {
-            id: "bella-test/big".into(),
-            dir: model.path().to_path_buf(),
-            token: None,
-        }],
-        ServerOptions::default(),
-    );
+    let server = serve_one("bella-test/big", model.path());
     let opts = HubOptions {
         progress: true,
         ..options(&server.endpoint(), cache.path())
@@ -1114,14 +1100,7 @@ fn hub_missing_shard_is_named() {
     make_sharded_model(model.path());
     std::fs::remove_file(model.path().join(SHARD_2)).unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let server = HubServer::start(
-        vec![RepoSpec {
-            id: "bella-test/tiny".into(),
-            dir: model.path().to_path_buf(),
-            token: None,
-        }],
-        ServerOptions::default(),
-    );
+    let server = serve_one("bella-test/tiny", model.path());
     let err = resolve(
         &hub("bella-test/tiny", None),
         &options(&server.endpoint(), cache.path()),
@@ -1145,14 +1124,7 @@ fn hub_repo_without_safetensors() {
     write_common(model.path());
     std::fs::write(model.path().join("pytorch_model.bin"), b"pickle").unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let server = HubServer::start(
-        vec![RepoSpec {
-            id: "bella-test/bin".into(),
-            dir: model.path().to_path_buf(),
-            token: None,
-        }],
-        ServerOptions::default(),
-    );
+    let server = serve_one("bella-test/bin", model.path());
     let err = resolve(
         &hub("bella-test/bin", None),
         &options(&server.endpoint(), cache.path()),

@@ -3,9 +3,8 @@
 
 mod common;
 
-use bella_vqa::models::llava::{LlavaInput, LlavaModel};
+use bella_vqa::models::llava::LlavaModel;
 use bella_vqa::models::Model;
-use candle_core::DType;
 use common::*;
 
 fn llava(name: &str) -> LlavaModel {
@@ -17,14 +16,8 @@ fn llava(name: &str) -> LlavaModel {
 
 fn check_image_prompt(m: &LlavaModel) {
     let r = reference("llava");
-    let input_ids = get(&r, "image.input_ids").to_dtype(DType::U32).unwrap();
-    let keep = keep_from_mask(&ids(get(&r, "image.attention_mask")));
-    let input = LlavaInput {
-        input_ids: &input_ids,
-        pixel_values: Some(get(&r, "image.pixel_values")),
-        keep: &keep,
-        expanded: false,
-    };
+    let p = reference_prompt("image");
+    let input = p.input();
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, true).unwrap();
     assert_close(
@@ -80,14 +73,8 @@ fn vision_tower_hidden_states_match_transformers() {
 fn text_only_prompt_logits_match_transformers() {
     let m = llava("llava-tiny-hub");
     let r = reference("llava");
-    let input_ids = get(&r, "text.input_ids").to_dtype(DType::U32).unwrap();
-    let keep = keep_from_mask(&ids(get(&r, "text.attention_mask")));
-    let input = LlavaInput {
-        input_ids: &input_ids,
-        pixel_values: None,
-        keep: &keep,
-        expanded: false,
-    };
+    let p = reference_prompt("text");
+    let input = p.input();
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, false).unwrap();
     assert_close("text.logits", &out.logits, get(&r, "text.logits"));
@@ -97,16 +84,10 @@ fn text_only_prompt_logits_match_transformers() {
 fn left_padded_batch_logits_match_transformers() {
     let m = llava("llava-tiny-hub");
     let r = reference("llava");
-    let input_ids = get(&r, "batch.input_ids").to_dtype(DType::U32).unwrap();
     let mask = ids(get(&r, "batch.attention_mask"));
     assert!(mask[0].contains(&0), "the reference batch is left padded");
-    let keep = keep_from_mask(&mask);
-    let input = LlavaInput {
-        input_ids: &input_ids,
-        pixel_values: Some(get(&r, "batch.pixel_values")),
-        keep: &keep,
-        expanded: false,
-    };
+    let p = reference_prompt("batch");
+    let input = p.input();
     let mut cache = m.language_model.new_cache();
     let out = m.forward(&input, &mut cache, 1, false).unwrap();
     assert_close_masked("batch.logits", &out.logits, get(&r, "batch.logits"), &mask);
@@ -117,17 +98,8 @@ fn greedy_tokens_equal_transformers() {
     let m = llava("llava-tiny-hub");
     let r = reference("llava");
     for prefix in ["image", "text", "batch"] {
-        let input_ids = get(&r, &format!("{prefix}.input_ids"))
-            .to_dtype(DType::U32)
-            .unwrap();
-        let keep = keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask"))));
-        let pixels = r.get(&format!("{prefix}.pixel_values"));
-        let input = LlavaInput {
-            input_ids: &input_ids,
-            pixel_values: pixels,
-            keep: &keep,
-            expanded: false,
-        };
+        let p = reference_prompt(prefix);
+        let input = p.input();
         let tokens = greedy(&m, &input, 1, 8);
         assert_eq!(
             tokens,

@@ -5,7 +5,7 @@ mod common;
 
 use bella_vqa::bella::{attach, merged_particle, AdapterSpec, InitB, ParticleModel};
 use bella_vqa::models::clip::ClipModel;
-use bella_vqa::models::llava::{LlavaInput, LlavaModel};
+use bella_vqa::models::llava::LlavaModel;
 use bella_vqa::models::Model;
 use candle_core::{DType, IndexOp, Tensor};
 use common::*;
@@ -43,30 +43,8 @@ const ALL: &[&str] = &[
     "lm_head",
 ];
 
-struct Prompt {
-    ids: Tensor,
-    pixels: Option<Tensor>,
-    keep: Vec<Vec<bool>>,
-}
-
-fn prompt(prefix: &str) -> Prompt {
-    let r = reference("llava");
-    Prompt {
-        ids: get(&r, &format!("{prefix}.input_ids"))
-            .to_dtype(DType::U32)
-            .unwrap(),
-        pixels: r.get(&format!("{prefix}.pixel_values")).cloned(),
-        keep: keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask")))),
-    }
-}
-
-fn logits(m: &LlavaModel, p: &Prompt, particles: usize) -> Tensor {
-    let input = LlavaInput {
-        input_ids: &p.ids,
-        pixel_values: p.pixels.as_ref(),
-        keep: &p.keep,
-        expanded: false,
-    };
+fn logits(m: &LlavaModel, p: &ReferencePrompt, particles: usize) -> Tensor {
+    let input = p.input();
     let mut cache = m.language_model.new_cache();
     m.forward(&input, &mut cache, particles, false)
         .unwrap()
@@ -96,7 +74,7 @@ fn zero_b_particles_equal_the_base_model() {
         .iter()
         .all(|n| n.starts_with("language_model.model.layers.")));
     assert_eq!(m.particles().unwrap(), 3);
-    let p = prompt("image");
+    let p = reference_prompt("image");
     let expected = logits(&base, &p, 1);
     let stacked = logits(&m, &p, 3);
     assert_eq!(stacked.dim(0).unwrap(), 3);
@@ -110,7 +88,7 @@ fn zero_b_particles_equal_the_base_model() {
 }
 
 fn check_stacked_equals_merged(m: &LlavaModel, particles: usize, prefix: &str) {
-    let p = prompt(prefix);
+    let p = reference_prompt(prefix);
     let batch = p.ids.dim(0).unwrap();
     let stacked = logits(m, &p, particles);
     assert_eq!(stacked.dim(0).unwrap(), particles * batch);
@@ -215,7 +193,7 @@ fn left_padded_rows_equal_each_row_alone() {
         11,
     )
     .unwrap();
-    let p = prompt("batch");
+    let p = reference_prompt("batch");
     let batched = logits(&m, &p, 2);
     let ids_rows = ids(&p.ids);
     let pixels = p.pixels.as_ref().unwrap();
@@ -227,7 +205,7 @@ fn left_padded_rows_equal_each_row_alone() {
             .map(|(&t, _)| t)
             .collect();
         let pad = id_row.len() - real.len();
-        let alone = Prompt {
+        let alone = ReferencePrompt {
             ids: ids_tensor(std::slice::from_ref(&real)),
             pixels: Some(pixels.i(row..row + 1).unwrap()),
             keep: vec![vec![true; real.len()]],
@@ -254,13 +232,8 @@ fn cached_decoding_equals_a_full_pass() {
         13,
     )
     .unwrap();
-    let p = prompt("batch");
-    let input = LlavaInput {
-        input_ids: &p.ids,
-        pixel_values: p.pixels.as_ref(),
-        keep: &p.keep,
-        expanded: false,
-    };
+    let p = reference_prompt("batch");
+    let input = p.input();
     // Prefill, then feed two different tokens per particle-row one at a time.
     let mut cache = m.language_model.new_cache();
     let first = m.forward(&input, &mut cache, 2, false).unwrap();
@@ -302,7 +275,7 @@ fn cached_decoding_equals_a_full_pass() {
                 k
             })
             .collect();
-        let full = Prompt {
+        let full = ReferencePrompt {
             ids: ids_tensor(&rows),
             pixels: p.pixels.clone(),
             keep,
@@ -331,13 +304,8 @@ fn batched_greedy_decoding_equals_separate_merged_runs() {
         17,
     )
     .unwrap();
-    let p = prompt("batch");
-    let input = LlavaInput {
-        input_ids: &p.ids,
-        pixel_values: p.pixels.as_ref(),
-        keep: &p.keep,
-        expanded: false,
-    };
+    let p = reference_prompt("batch");
+    let input = p.input();
     let stacked = greedy(&m, &input, 3, 8);
     assert_eq!(stacked.len(), 6);
     for particle in 0..3 {

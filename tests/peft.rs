@@ -14,7 +14,7 @@ use bella_vqa::bella::peft::{
 };
 use bella_vqa::bella::{attach, AdapterSpec, InitB};
 use bella_vqa::models::clip::ClipModel;
-use bella_vqa::models::llava::{LlavaInput, LlavaModel};
+use bella_vqa::models::llava::LlavaModel;
 use bella_vqa::models::Model;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
@@ -41,15 +41,8 @@ fn peft_fixture() -> PathBuf {
 /// Logits of the reference image prompt (`image.*` of reference/llava.safetensors), one block
 /// of rows per particle.
 fn image_logits(m: &LlavaModel, particles: usize) -> Tensor {
-    let r = reference("llava");
-    let input_ids = get(&r, "image.input_ids").to_dtype(DType::U32).unwrap();
-    let keep = keep_from_mask(&ids(get(&r, "image.attention_mask")));
-    let input = LlavaInput {
-        input_ids: &input_ids,
-        pixel_values: Some(get(&r, "image.pixel_values")),
-        keep: &keep,
-        expanded: false,
-    };
+    let p = reference_prompt("image");
+    let input = p.input();
     let mut cache = m.language_model.new_cache();
     m.forward(&input, &mut cache, particles, false)
         .unwrap()

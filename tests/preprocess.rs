@@ -1,13 +1,14 @@
-//! Image preprocessing: hand-computed cases, Pillow outputs pinned from Pillow 13, and (when the
-//! fixtures are present) parity with the pixel values `transformers` produced.
+//! Image preprocessing: hand-computed cases, Pillow outputs pinned from Pillow 13, and parity with
+//! the pixel values `transformers` produced.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use bella_vqa::models::image::{
     center_crop, load_image, pad_to_square, pil_resize, to_rgb, ImageProcessor, Resample,
     ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
 };
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use common::{fixture, max_abs_diff, reference};
 use image::{DynamicImage, ImageBuffer, Rgb, Rgba};
 use serde_json::json;
 
@@ -546,65 +547,14 @@ fn load_image_errors_are_clear() {
 // ---------------------------------------------------------------------------------------------
 // Parity with the reference fixtures written by `transformers` (tests/fixtures).
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-}
-
-fn have_fixtures() -> bool {
-    let ok = fixtures()
-        .join("reference")
-        .join("llava.safetensors")
-        .is_file();
-    if !ok {
-        eprintln!("fixtures missing under {}: skipped", fixtures().display());
-    }
-    ok
-}
-
-fn reference(file: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("reference").join(file), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn image(name: &str) -> DynamicImage {
-    load_image(&fixtures().join("images").join(name)).unwrap()
+    load_image(&fixture(&format!("images/{name}"))).unwrap()
 }
 
 #[test]
 fn clip_pixel_values_equal_transformers() {
-    if !have_fixtures() {
-        return;
-    }
-    let p = ImageProcessor::from_file(
-        &fixtures()
-            .join("clip-tiny")
-            .join("preprocessor_config.json"),
-    )
-    .unwrap();
-    let r = reference("clip.safetensors");
+    let p = ImageProcessor::from_file(&fixture("clip-tiny/preprocessor_config.json")).unwrap();
+    let r = reference("clip");
     let got = p
         .preprocess_batch(&[image("square.png"), image("wide.png")])
         .unwrap();
@@ -641,12 +591,9 @@ fn from_dir_reads_both_layouts_and_names_what_is_missing() {
 
 #[test]
 fn llava_pixel_values_equal_transformers() {
-    if !have_fixtures() {
-        return;
-    }
-    let r = reference("llava.safetensors");
+    let r = reference("llava");
     for dir in ["llava-tiny-hub", "llava-tiny-v5"] {
-        let p = ImageProcessor::from_dir(&fixtures().join(dir)).unwrap();
+        let p = ImageProcessor::from_dir(&fixture(dir)).unwrap();
         assert!(p.do_pad, "{dir}: do_pad");
         let got = p
             .preprocess(&image("wide.png"))

@@ -1,14 +1,16 @@
 //! Chat templates, tokenisation and image-token expansion; parity with the fixtures written by
-//! `transformers` 5.24 where they are present.
+//! `transformers` 5.24.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use bella_vqa::models::prompt::{
     strftime_utc, strip_generation_tags, ChatTemplate, Prompter, SpecialTokens, TemplateSource,
     DEFAULT_CHAT_TEMPLATE,
 };
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use common::{fixture, reference};
 use serde_json::{json, Value};
 
 fn specials() -> BTreeMap<String, String> {
@@ -182,29 +184,8 @@ fn strftime_formats_utc_dates() {
 // ---------------------------------------------------------------------------------------------
 // Model directories
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-}
-
-fn have_fixtures() -> bool {
-    let ok = fixtures()
-        .join("reference")
-        .join("llava.safetensors")
-        .is_file();
-    if !ok {
-        eprintln!("fixtures missing under {}: skipped", fixtures().display());
-    }
-    ok
-}
-
-fn reference(file: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("reference").join(file), &Device::Cpu).unwrap()
-}
-
 fn reference_json(file: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference").join(file)).unwrap())
+    serde_json::from_str(&std::fs::read_to_string(fixture(&format!("reference/{file}"))).unwrap())
         .unwrap()
 }
 
@@ -230,14 +211,11 @@ fn missing_tokenizer_is_a_clear_error() {
 
 #[test]
 fn llava_prompts_and_ids_equal_transformers() {
-    if !have_fixtures() {
-        return;
-    }
     let meta = reference_json("llava.json");
-    let r = reference("llava.safetensors");
+    let r = reference("llava");
     let n_img = meta["num_image_tokens"].as_u64().unwrap() as usize;
     for dir in ["llava-tiny-hub", "llava-tiny-v5"] {
-        let p = Prompter::from_dir(&fixtures().join(dir), None).unwrap();
+        let p = Prompter::from_dir(&fixture(dir), None).unwrap();
         assert!(
             matches!(p.template_source(), TemplateSource::File(_)),
             "{dir}: {:?}",
@@ -304,10 +282,7 @@ fn llava_prompts_and_ids_equal_transformers() {
 
 #[test]
 fn llava_decode_matches_transformers() {
-    if !have_fixtures() {
-        return;
-    }
-    let p = Prompter::from_dir(&fixtures().join("llava-tiny-hub"), None).unwrap();
+    let p = Prompter::from_dir(&fixture("llava-tiny-hub"), None).unwrap();
     let ids = [1, 382, 301, 266, 290, 298, 380, 359, 333, 321, 262, 384];
     // tokenizer.decode(ids, skip_special_tokens=...) in transformers 5.24
     assert_eq!(
@@ -339,12 +314,9 @@ fn llava_decode_matches_transformers() {
 
 #[test]
 fn clip_text_ids_equal_transformers() {
-    if !have_fixtures() {
-        return;
-    }
     let meta = reference_json("clip.json");
-    let r = reference("clip.safetensors");
-    let p = Prompter::from_dir(&fixtures().join("clip-tiny"), None).unwrap();
+    let r = reference("clip");
+    let p = Prompter::from_dir(&fixture("clip-tiny"), None).unwrap();
     assert_eq!(p.bos_token_id(), Some(512));
     assert_eq!(p.eos_token_id(), Some(513));
     assert_eq!(p.pad_token_id(), Some(513));
@@ -399,7 +371,7 @@ fn clip_text_ids_equal_transformers() {
 fn model_dir(files: &[(&str, String)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
-        fixtures().join("llava-tiny-hub").join("tokenizer.json"),
+        fixture("llava-tiny-hub/tokenizer.json"),
         dir.path().join("tokenizer.json"),
     )
     .unwrap();
@@ -411,9 +383,6 @@ fn model_dir(files: &[(&str, String)]) -> tempfile::TempDir {
 
 #[test]
 fn chat_template_sources_and_special_tokens() {
-    if !have_fixtures() {
-        return;
-    }
     let q = "Q?";
     // nothing but tokenizer.json: built-in llava-1.5 template, LLaMA specials unknown → none
     let d = model_dir(&[]);
@@ -514,11 +483,8 @@ fn chat_template_sources_and_special_tokens() {
 /// rather than the raw file.
 #[test]
 fn legacy_llama_normalizer_is_rebuilt() {
-    if !have_fixtures() {
-        return;
-    }
     let mut tj: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llava-tiny-hub").join("tokenizer.json")).unwrap(),
+        &std::fs::read_to_string(fixture("llava-tiny-hub/tokenizer.json")).unwrap(),
     )
     .unwrap();
     tj["normalizer"] = json!({"type": "Sequence", "normalizers": [
@@ -532,7 +498,7 @@ fn legacy_llama_normalizer_is_rebuilt() {
     std::fs::write(d.path().join("tokenizer.json"), tj.to_string()).unwrap();
     std::fs::write(d.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
     let p = Prompter::from_dir(d.path(), None).unwrap();
-    let want = Prompter::from_dir(&fixtures().join("llava-tiny-hub"), None).unwrap();
+    let want = Prompter::from_dir(&fixture("llava-tiny-hub"), None).unwrap();
     let text = "USER: <image>\nWhat color is the circle? ASSISTANT:";
     assert_eq!(p.encode(text, 25).unwrap(), want.encode(text, 25).unwrap());
     // without the class the file is used as it is (legacy: "▁" before the "\n")

@@ -172,6 +172,19 @@ fn run_direction(
     svgd_direction(&factors, &ga, &gb, space).unwrap()
 }
 
+/// Random gradients with std `std` for every layer's A (all layers), then every layer's B.
+fn random_grads(rng: &mut StdRng, layers: &[Layer], std: f64) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let ga = layers
+        .iter()
+        .map(|l| randn(rng, l.a.len(), 0.0, std))
+        .collect();
+    let gb = layers
+        .iter()
+        .map(|l| randn(rng, l.b.len(), 0.0, std))
+        .collect();
+    (ga, gb)
+}
+
 fn two_layers(rng: &mut StdRng, p: usize) -> Vec<Layer> {
     vec![
         Layer::random(rng, p, 2, 4, 5, 1.5),
@@ -193,14 +206,7 @@ fn direction_matches_finite_differences_in_both_spaces() {
     let layers = two_layers(&mut rng, p);
     for space in [KernelSpace::Parameters, KernelSpace::DeltaW] {
         for random_g in [false, true] {
-            let ga: Vec<Vec<f64>> = layers
-                .iter()
-                .map(|l| randn(&mut rng, l.a.len(), 0.0, if random_g { 1.0 } else { 0.0 }))
-                .collect();
-            let gb: Vec<Vec<f64>> = layers
-                .iter()
-                .map(|l| randn(&mut rng, l.b.len(), 0.0, if random_g { 1.0 } else { 0.0 }))
-                .collect();
+            let (ga, gb) = random_grads(&mut rng, &layers, if random_g { 1.0 } else { 0.0 });
             let step = run_direction(&layers, &ga, &gb, space, DType::F64);
 
             // distances and bandwidth
@@ -283,14 +289,7 @@ fn direction_matches_finite_differences_in_both_spaces() {
 fn f32_direction_matches_f64() {
     let mut rng = StdRng::seed_from_u64(2);
     let layers = two_layers(&mut rng, 4);
-    let ga: Vec<Vec<f64>> = layers
-        .iter()
-        .map(|l| randn(&mut rng, l.a.len(), 0.0, 1.0))
-        .collect();
-    let gb: Vec<Vec<f64>> = layers
-        .iter()
-        .map(|l| randn(&mut rng, l.b.len(), 0.0, 1.0))
-        .collect();
+    let (ga, gb) = random_grads(&mut rng, &layers, 1.0);
     for space in [KernelSpace::Parameters, KernelSpace::DeltaW] {
         let s64 = run_direction(&layers, &ga, &gb, space, DType::F64);
         let s32 = run_direction(&layers, &ga, &gb, space, DType::F32);
@@ -321,14 +320,7 @@ fn flat_equals_layered_parameter_space() {
     let mut rng = StdRng::seed_from_u64(3);
     let p = 5;
     let layers = two_layers(&mut rng, p);
-    let ga: Vec<Vec<f64>> = layers
-        .iter()
-        .map(|l| randn(&mut rng, l.a.len(), 0.0, 1.0))
-        .collect();
-    let gb: Vec<Vec<f64>> = layers
-        .iter()
-        .map(|l| randn(&mut rng, l.b.len(), 0.0, 1.0))
-        .collect();
+    let (ga, gb) = random_grads(&mut rng, &layers, 1.0);
     let step = run_direction(&layers, &ga, &gb, KernelSpace::Parameters, DType::F64);
     // concatenate per particle: [A0 | B0 | A1 | B1]
     let concat = |sources: &[(&Vec<f64>, usize)]| -> Vec<f64> {
@@ -484,14 +476,7 @@ fn bad_input_is_an_error() {
 fn single_particle_and_identical_particles() {
     let mut rng = StdRng::seed_from_u64(4);
     let one = two_layers(&mut rng, 1);
-    let ga: Vec<Vec<f64>> = one
-        .iter()
-        .map(|l| randn(&mut rng, l.a.len(), 0.0, 1.0))
-        .collect();
-    let gb: Vec<Vec<f64>> = one
-        .iter()
-        .map(|l| randn(&mut rng, l.b.len(), 0.0, 1.0))
-        .collect();
+    let (ga, gb) = random_grads(&mut rng, &one, 1.0);
     for space in [KernelSpace::Parameters, KernelSpace::DeltaW] {
         let step = run_direction(&one, &ga, &gb, space, DType::F32);
         for (l, g) in ga.iter().enumerate() {
@@ -549,14 +534,7 @@ fn single_particle_and_identical_particles() {
         );
         assert!((step.mean_kernel - 1.0).abs() < 1e-12);
         // random gradient: ψ_i = mean_j g_j for every i
-        let ga: Vec<Vec<f64>> = layers
-            .iter()
-            .map(|l| randn(&mut rng, l.a.len(), 0.0, 1.0))
-            .collect();
-        let gb: Vec<Vec<f64>> = layers
-            .iter()
-            .map(|l| randn(&mut rng, l.b.len(), 0.0, 1.0))
-            .collect();
+        let (ga, gb) = random_grads(&mut rng, layers, 1.0);
         let step = run_direction(layers, &ga, &gb, space, DType::F64);
         for (got, g) in step
             .grad_a

@@ -73,7 +73,7 @@ impl CustomOp2 for FewRowsMatmul {
         if k != k2 || n == 0 || n > MAX_ROWS {
             candle_core::bail!("few-rows-matmul: [{n}, {k}] times [{out}, {k2}]ᵀ");
         }
-        let y = rows_times_weight(&x[x0..x1], n, &w[w0..w1], out, k)?;
+        let y = rows_times_weight(&x[x0..x1], n, &w[w0..w1], out, k);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -96,7 +96,7 @@ const BLOCK: usize = 32;
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// `y [n, out] = x [n, k] · w [out, k]ᵀ`, parallel over blocks of output features.
-fn rows_times_weight(x: &[f32], n: usize, w: &[f32], out: usize, k: usize) -> Result<Vec<f32>> {
+fn rows_times_weight(x: &[f32], n: usize, w: &[f32], out: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     // Computed feature-major ([out, n]: each task writes one contiguous chunk), then transposed.
     let mut yt = vec![0f32; out * n];
@@ -117,7 +117,7 @@ fn rows_times_weight(x: &[f32], n: usize, w: &[f32], out: usize, k: usize) -> Re
             y[r * out + j] = *v;
         }
     }
-    Ok(y)
+    y
 }
 
 /// One block: `dst[j·n + r] = w[j] · x[r]` for the block's rows `j` of `w`.

@@ -244,15 +244,7 @@ pub fn write_comparison(
         .iter()
         .filter_map(|(e, _, r)| {
             let s = r.summary.as_ref()?;
-            Some(plot::Curve {
-                label: format!("{} (AURC {:.3})", e.name, s.aurc),
-                points: s
-                    .risk_coverage
-                    .iter()
-                    .map(|p| (p.coverage, p.risk))
-                    .collect(),
-                dashed: false,
-            })
+            Some(plot::Curve::of_run(&e.name, s))
         })
         .collect();
     if !curves.is_empty() {

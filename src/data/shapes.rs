@@ -519,8 +519,8 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
-    /// `absent_share`: the share of scenes that get absent-object questions instead (in
-    /// distribution only; see [`ShapesOptions::absent_share`]).
+    /// `target` questions of `split_mode`, scene by scene; a share `absent_share` of the scenes
+    /// gets absent-object questions instead (see [`ShapesOptions::absent_share`]).
     fn split(
         &mut self,
         split: &str,

@@ -475,15 +475,7 @@ pub fn write_report(
             src: RELIABILITY_SVG.into(),
             alt: "Reliability diagram".into(),
         });
-        let mut curves = vec![plot::Curve {
-            label: format!("model (AURC {:.3})", s.aurc),
-            points: s
-                .risk_coverage
-                .iter()
-                .map(|p| (p.coverage, p.risk))
-                .collect(),
-            dashed: false,
-        }];
+        let mut curves = vec![plot::Curve::of_run("model", s)];
         if let Some(o) = oracle {
             curves.push(plot::Curve {
                 label: format!("oracle (AURC {:.3})", s.optimal_aurc),

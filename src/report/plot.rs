@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use crate::metrics::ReliabilityBin;
+use crate::metrics::{ReliabilityBin, Summary};
 
 /// Plot size in pixels.
 pub const SIZE: (u32, u32) = (560, 440);
@@ -91,6 +91,21 @@ pub struct Curve {
     pub label: String,
     pub points: Vec<(f64, f64)>,
     pub dashed: bool,
+}
+
+impl Curve {
+    /// The solid risk–coverage curve of a run, labelled "`name` (AURC …)".
+    pub fn of_run(name: &str, s: &Summary) -> Curve {
+        Curve {
+            label: format!("{name} (AURC {:.3})", s.aurc),
+            points: s
+                .risk_coverage
+                .iter()
+                .map(|p| (p.coverage, p.risk))
+                .collect(),
+            dashed: false,
+        }
+    }
 }
 
 /// Risk–coverage curves as steps, with an optional marked operating point.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use bella_vqa::hub::{resolve, HubOptions, ModelFiles, ModelSource};
+use bella_vqa::models::llava::LlavaInput;
 use bella_vqa::models::{self, LoadedModel};
 use candle_core::{DType, Device, Tensor};
 
@@ -119,4 +120,35 @@ pub fn greedy(
         .into_iter()
         .map(|g| g.tokens)
         .collect()
+}
+
+/// One of the reference LLaVA prompts (`image`, `text`, `batch` in reference/llava.safetensors):
+/// its token ids, pixel values (none for `text`) and the positions its attention mask keeps.
+pub struct ReferencePrompt {
+    pub ids: Tensor,
+    pub pixels: Option<Tensor>,
+    pub keep: Vec<Vec<bool>>,
+}
+
+pub fn reference_prompt(prefix: &str) -> ReferencePrompt {
+    let r = reference("llava");
+    ReferencePrompt {
+        ids: get(&r, &format!("{prefix}.input_ids"))
+            .to_dtype(DType::U32)
+            .unwrap(),
+        pixels: r.get(&format!("{prefix}.pixel_values")).cloned(),
+        keep: keep_from_mask(&ids(get(&r, &format!("{prefix}.attention_mask")))),
+    }
+}
+
+impl ReferencePrompt {
+    /// The model input, one row per prompt (not particle-expanded).
+    pub fn input(&self) -> LlavaInput<'_> {
+        LlavaInput {
+            input_ids: &self.ids,
+            pixel_values: self.pixels.as_ref(),
+            keep: &self.keep,
+            expanded: false,
+        }
+    }
 }
