@@ -1,24 +1,5 @@
-//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question.
-//!
-//! ```
-//! use std::path::Path;
-//! use bella_vqa::answer::{BellaVqa, LoadOptions};
-//! use bella_vqa::hub::ModelSource;
-//!
-//! # fn main() -> anyhow::Result<()> {
-//! # let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-//! // Load once (a hub id, a cache entry or a directory; particles with `Some(dir)`).
-//! let source = ModelSource::Dir(root.join("tests/fixtures/llava-tiny-hub"));
-//! let vqa = BellaVqa::load(&source, None, &LoadOptions::default())?;
-//!
-//! // Then ask, from as many threads as you like.
-//! let image = bella_vqa::models::image::load_image(&root.join("tests/fixtures/images/square.png"))?;
-//! let response = vqa.ask(&image, "What color is the circle?")?;
-//! println!("{} (confidence {:.2})", response.response, response.confidence);
-//! assert!((0.0..=1.0).contains(&response.confidence));
-//! # Ok(())
-//! # }
-//! ```
+//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question or
+//! [`BellaVqa::ask_batch`] for several (see the crate root for a runnable example).
 
 pub mod aggregate;
 pub mod candidates;
