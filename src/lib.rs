@@ -54,6 +54,7 @@ pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod guarantee;
 pub mod hub;
 pub mod inspect;
 pub mod io;

@@ -173,12 +173,21 @@ pub struct Prediction {
     /// The index of the correct class in `distribution`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<usize>,
+    /// The abstention selector's score (higher means "answer"); the confidence when absent.
+    /// Selective prediction (risk–coverage, AURC, thresholds, error detection) ranks by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
 }
 
 impl Prediction {
     /// [`vqa_accuracy`] of this prediction.
     pub fn accuracy(&self, mode: NormalizeMode) -> f64 {
         vqa_accuracy(&self.answer, &self.human_answers, mode)
+    }
+
+    /// The score selective prediction ranks by: `score`, or the confidence when it is absent.
+    pub fn selection_score(&self) -> f64 {
+        self.score.unwrap_or(self.confidence)
     }
 
     /// The OOD score: `uncertainty`, or `1 - confidence` when it is absent.
@@ -687,7 +696,7 @@ pub fn choose_threshold_for_coverage(conf: &[f64], coverage: f64) -> Result<f64>
         });
     }
     check_len("confidence", conf.len(), conf.len())?;
-    check_unit("confidence", conf)?;
+    check_not_nan("confidence", conf)?;
     let mut sorted = conf.to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let k = ((coverage * sorted.len() as f64 - 1e-9).ceil() as usize).clamp(1, sorted.len());
@@ -996,7 +1005,14 @@ pub fn summary(
         None => (None, None),
     };
 
-    let neg_conf: Vec<f64> = conf.iter().map(|c| -c).collect();
+    // Selective prediction ranks by the selector's score; calibration (ECE, NLL, Brier) reads
+    // the confidence.
+    let sel: Vec<f64> = predictions
+        .iter()
+        .map(Prediction::selection_score)
+        .collect();
+    check_score_acc(&sel, &acc)?;
+    let neg_sel: Vec<f64> = sel.iter().map(|c| -c).collect();
     let errors: Vec<bool> = acc.iter().map(|&a| a < opts.error_below).collect();
     let ood_labels: Option<Vec<bool>> = predictions.iter().map(|p| p.is_ood).collect();
     let ood_detection = match ood_labels {
@@ -1023,17 +1039,17 @@ pub fn summary(
     let (pairs, thresholds_from): (Vec<(f64, f64)>, _) = match val {
         Some(v) => (
             v.iter()
-                .map(|p| (p.confidence, p.accuracy(opts.mode)))
+                .map(|p| (p.selection_score(), p.accuracy(opts.mode)))
                 .collect(),
             ThresholdSource::Validation,
         ),
         None => (
-            conf.iter().copied().zip(acc.iter().copied()).collect(),
+            sel.iter().copied().zip(acc.iter().copied()).collect(),
             ThresholdSource::EvaluatedSet,
         ),
     };
     let at = |t: f64| -> (f64, Option<f64>) {
-        let answered: Vec<bool> = conf.iter().map(|&c| c >= t).collect();
+        let answered: Vec<bool> = sel.iter().map(|&c| c >= t).collect();
         selective(&acc, &answered)
     };
     let effective_reliability = opts
@@ -1045,7 +1061,7 @@ pub fn summary(
             Ok(PhiAtCost {
                 c,
                 threshold,
-                phi: self::effective_reliability(&conf, &acc, threshold, c)?,
+                phi: self::effective_reliability(&sel, &acc, threshold, c)?,
                 coverage,
                 risk,
             })
@@ -1066,7 +1082,7 @@ pub fn summary(
         })
         .collect::<Result<_>>()?;
 
-    let aurc = self::aurc(&conf, &acc)?;
+    let aurc = self::aurc(&sel, &acc)?;
     let optimal_aurc = self::optimal_aurc(&acc)?;
     Ok(Summary {
         count: predictions.len(),
@@ -1078,16 +1094,16 @@ pub fn summary(
         brier_binary: brier_binary(&conf, &acc)?,
         nll_multiclass,
         brier_multiclass,
-        risk_coverage: risk_coverage_curve(&conf, &acc)?,
+        risk_coverage: risk_coverage_curve(&sel, &acc)?,
         aurc,
         optimal_aurc,
         excess_aurc: aurc - optimal_aurc,
         coverage_at_risk: opts
             .risk_targets
             .iter()
-            .map(|&t| coverage_at_risk(&conf, &acc, t))
+            .map(|&t| coverage_at_risk(&sel, &acc, t))
             .collect::<Result<_>>()?,
-        error_detection: detection(&neg_conf, &errors)?,
+        error_detection: detection(&neg_sel, &errors)?,
         ood_detection,
         recorded_decisions: Decisions {
             coverage,

@@ -253,6 +253,7 @@ fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
                 uncertainty: None,
                 distribution: None,
                 target: None,
+                score: None,
             })
             .collect()
     };

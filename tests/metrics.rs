@@ -570,6 +570,7 @@ fn summary_without_optional_fields_and_round_trip() {
             uncertainty: None,
             distribution: None,
             target: None,
+            score: None,
         })
         .collect();
     let s = summary(&preds, None, &SummaryOptions::default()).unwrap();

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod candidates;
 pub mod generate;
 pub mod score;
+pub mod selector;
 
 use std::path::Path;
 
@@ -16,10 +17,11 @@ use crate::bella::particles::ParticleSet;
 use crate::bella::ParticleModel;
 use crate::hub::{HubOptions, ModelSource};
 use crate::models::{self, LoadedModel, Model};
-use aggregate::{aggregate, aggregate_with_other, Uncertainty};
+use aggregate::Uncertainty;
 use candidates::{clip_candidates, llava_candidates_batch, ParticleAnswer, Scored};
 use candle_core::Tensor;
 use generate::{GenerateOptions, Sampling};
+use selector::Selector;
 
 /// The abstention threshold used when neither the particles' calibration nor the caller gives one.
 pub const UNCALIBRATED_THRESHOLD: f64 = 0.5;
@@ -135,14 +137,15 @@ pub struct Response {
     pub generated_tokens: usize,
 }
 
-/// The one abstention selector so far: the model-averaged probability of the answer.
-pub const CONFIDENCE_SELECTOR: &str = "confidence";
-
 /// A model with its particles, ready to answer. `Send + Sync`: share it between threads.
 pub struct BellaVqa {
     loaded: LoadedModel,
     particles: usize,
     calibrated_threshold: Option<f64>,
+    /// The calibrated selector (`confidence` without calibration).
+    selector: Selector,
+    /// The calibrated temperature (1 without calibration).
+    temperature: f64,
     vocabulary: Option<Vec<String>>,
     template: minijinja::Environment<'static>,
 }
@@ -171,16 +174,26 @@ impl BellaVqa {
     }
 
     /// Wraps a loaded model whose particles (if any) are attached; `set` supplies the calibrated
-    /// threshold and the CLIP answer vocabulary.
+    /// threshold, selector and temperature, and the CLIP answer vocabulary.
     pub fn from_loaded(loaded: LoadedModel, set: Option<&ParticleSet>) -> Result<Self> {
         let particles = loaded.model.particles()?;
         let mut template = minijinja::Environment::new();
         template.add_template_owned("response", DEFAULT_RESPONSE_TEMPLATE.to_string())?;
+        let abstention = set.and_then(|s| s.config.abstention.as_ref());
+        let selector = abstention.map(|a| a.selector.clone()).unwrap_or_default();
+        selector
+            .check()
+            .map_err(anyhow::Error::msg)
+            .context("the particles' calibrated selector")?;
+        let temperature = abstention.and_then(|a| a.temperature).unwrap_or(1.0);
+        if !(temperature.is_finite() && temperature > 0.0) {
+            bail!("the particles' calibrated temperature {temperature} is not positive");
+        }
         Ok(Self {
             particles,
-            calibrated_threshold: set
-                .and_then(|s| s.config.abstention.as_ref())
-                .map(|a| a.threshold),
+            calibrated_threshold: abstention.map(|a| a.threshold),
+            selector,
+            temperature,
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
@@ -207,6 +220,36 @@ impl BellaVqa {
 
     pub fn particles(&self) -> usize {
         self.particles
+    }
+
+    /// The selector whose score decides abstention.
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+
+    /// Replaces the selector and the temperature (what `calibrate` stores with the particles).
+    pub fn set_selector(&mut self, selector: Selector, temperature: f64) {
+        self.selector = selector;
+        self.temperature = temperature;
+    }
+
+    /// The particles' candidates and their P×K matrix for one question, before temperature and
+    /// aggregation (what `calibrate` fits the temperature and the selectors on).
+    pub fn scored(
+        &self,
+        image: &DynamicImage,
+        question: &str,
+        opts: &AskOptions,
+    ) -> Result<Scored> {
+        let q = Question {
+            image,
+            text: question,
+            options: opts,
+        };
+        let (text, pixels) = self.prepare(&q)?;
+        self.score(&pixels.unsqueeze(0)?, &[text], opts)?
+            .pop()
+            .context("no result for the question")
     }
 
     /// Tokens of `text` alone (no special tokens added), e.g. to count a completion's tokens.
@@ -356,19 +399,21 @@ impl BellaVqa {
     }
 
     fn respond(&self, question: &str, scored: Scored, opts: &AskOptions) -> Result<Response> {
-        let agg = if scored.other {
-            aggregate_with_other(&scored.probs)
-        } else {
-            aggregate(&scored.probs)
-        }
+        let (agg, facts) = selector::assess(
+            &scored.probs,
+            scored.other,
+            &scored.candidates,
+            self.temperature,
+        )
         .map_err(anyhow::Error::msg)?;
+        let score = self.selector.score(&facts);
         let (threshold, calibrated) = match (opts.threshold, self.calibrated_threshold) {
             (Some(t), _) => (t, false),
             (None, Some(t)) => (t, true),
             (None, None) => (UNCALIBRATED_THRESHOLD, false),
         };
         let answer = scored.candidates[agg.best].clone();
-        let abstained = agg.confidence < threshold; // the confidence selector
+        let abstained = score < threshold;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = self
             .template
@@ -397,8 +442,8 @@ impl BellaVqa {
             answer,
             abstained,
             confidence: agg.confidence,
-            selector: CONFIDENCE_SELECTOR.to_string(),
-            score: agg.confidence,
+            selector: self.selector.name().to_string(),
+            score,
             threshold,
             calibrated,
             uncertainty: agg.uncertainty,

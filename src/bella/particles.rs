@@ -17,6 +17,8 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::{Adapter, ParticleModel};
+use crate::answer::selector::Selector;
+pub use crate::guarantee::RiskGuarantee;
 use crate::hub::ModelFiles;
 
 pub const PARTICLES_FILE: &str = "particles.safetensors";
@@ -43,16 +45,27 @@ pub struct BaseModel {
     pub weights: Vec<FileHash>,
 }
 
-/// The abstention rule chosen by calibration.
+/// The abstention rule chosen by calibration. Configs written before selectors and temperature
+/// existed load as the `confidence` selector at temperature 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Abstention {
-    /// Abstain when the confidence is below this.
+    /// Abstain when the selector's score is below this.
     pub threshold: f64,
     /// How it was chosen, e.g. `"risk<=0.05"` or `"max phi_10"`.
     pub objective: String,
     /// The validation data it was chosen on.
     #[serde(default)]
     pub data: Option<String>,
+    /// The score compared with the threshold, with its fitted parameters.
+    #[serde(default)]
+    pub selector: Selector,
+    /// The temperature every particle's probabilities are tempered with before aggregation
+    /// (`None`: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The finite-sample guarantee the threshold carries, if it was chosen with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guarantee: Option<RiskGuarantee>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

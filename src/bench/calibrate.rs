@@ -9,8 +9,10 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::{read_set, DataInput, Role};
+use super::{read_set, DataInput, EvalSet, Role};
+use crate::answer::candidates::Scored;
 use crate::answer::generate::Sampling;
+use crate::answer::selector::{assess, fit_temperature, Facts, Selector, SELECTOR_NAMES};
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
 use crate::metrics::{self, NormalizeMode};
@@ -84,6 +86,45 @@ impl Objective {
     }
 }
 
+/// Which selector `calibrate` fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectorChoice {
+    /// Fit every selector and keep the one with the lowest (cross-fitted) AURC.
+    Auto,
+    /// One of [`SELECTOR_NAMES`].
+    Named(&'static str),
+}
+
+impl SelectorChoice {
+    /// `auto` or a name of [`SELECTOR_NAMES`].
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "auto" {
+            return Ok(SelectorChoice::Auto);
+        }
+        SELECTOR_NAMES
+            .iter()
+            .find(|n| **n == t)
+            .map(|n| SelectorChoice::Named(n))
+            .with_context(|| {
+                format!(
+                    "selector {s:?}: use auto or one of {}",
+                    SELECTOR_NAMES.join(", ")
+                )
+            })
+    }
+}
+
+/// How a target-risk threshold is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Guarantee {
+    /// The empirical choice: the largest coverage whose validation risk is within the target.
+    None,
+    /// Learn then Test ([`crate::guarantee::learn_then_test`]): the risk on new questions is
+    /// within the target with probability at least 1 − `delta`.
+    Ltt { delta: f64 },
+}
+
 /// Settings of [`calibrate`].
 #[derive(Clone, Debug)]
 pub struct CalibrateOptions {
@@ -96,9 +137,19 @@ pub struct CalibrateOptions {
     pub max_new_tokens: usize,
     /// Choose and report the threshold without storing it.
     pub dry_run: bool,
+    pub selector: SelectorChoice,
+    /// Questions that must be declined (answering one counts as an error): they weigh in the
+    /// choice and the fitting of the selector, not in the threshold.
+    pub ood_val: Option<DataInput>,
+    /// Only with [`Objective::TargetRisk`].
+    pub guarantee: Guarantee,
+    /// Fit a temperature ([`fit_temperature`]) before everything else.
+    pub temperature: bool,
 }
 
 impl CalibrateOptions {
+    /// Today's behaviour as a library default: the confidence selector, no temperature, the
+    /// empirical threshold (the CLI turns the temperature and the guarantee on).
     pub fn new(data: DataInput, objective: Objective) -> Self {
         Self {
             data,
@@ -109,9 +160,28 @@ impl CalibrateOptions {
             progress: false,
             max_new_tokens: AskOptions::default().max_new_tokens,
             dry_run: false,
+            selector: SelectorChoice::Named("confidence"),
+            ood_val: None,
+            guarantee: Guarantee::None,
+            temperature: false,
         }
     }
 }
+
+/// One selector as `calibrate` fitted and scored it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelectorRow {
+    pub selector: Selector,
+    /// AURC of its cross-fitted scores ([`FOLDS`]-fold) on the validation questions, with the
+    /// `--ood-val` questions as errors.
+    pub aurc: f64,
+    /// The same on the validation questions alone.
+    pub aurc_val: f64,
+}
+
+/// Folds of the cross-fitting that scores selectors with fitted parameters on questions they
+/// were not fitted on.
+pub const FOLDS: usize = 5;
 
 /// What [`calibrate`] chose, and how it does on the validation questions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,48 +199,67 @@ pub struct CalibrationOutcome {
     pub risk: Option<f64>,
     /// Φ_c at the threshold, for a Φ objective.
     pub phi: Option<f64>,
+    /// Every selector that was fitted, with its AURC (one row unless `--selector auto`).
+    pub selectors: Vec<SelectorRow>,
+    /// `--ood-val` questions, and the share of them answered at the threshold.
+    pub ood_count: usize,
+    pub ood_answered: Option<f64>,
     /// Whether the threshold was written to the particles' config.
     pub stored: bool,
 }
 
-/// Answers the validation questions with `vqa` (loaded with the particles in `adapters`),
-/// chooses the threshold and stores it in `adapters/bella_config.json` (unless `dry_run`).
-pub fn calibrate(
-    vqa: &BellaVqa,
-    adapters: &Path,
-    opts: &CalibrateOptions,
-) -> Result<CalibrationOutcome> {
-    // Fail before answering when the config cannot be read.
-    crate::bella::particles::ParticleSet::read_config(adapters)?;
-    let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
-    if !set.examples.iter().any(|e| !e.answers.is_empty()) {
-        bail!(
-            "{} has no human answers: calibration needs validation questions with answers",
-            opts.data.path.display()
-        );
+/// One validation question, answered: its particles' matrix and each candidate's accuracy.
+struct Answered {
+    scored: Scored,
+    accuracy: Vec<f64>,
+}
+
+impl Answered {
+    /// The target distribution over the matrix's columns for the temperature: the candidates'
+    /// accuracies; when none is right, the "other" column (LLaVA) or nothing (CLIP, left out).
+    fn target(&self) -> Vec<f64> {
+        let mut t = self.accuracy.clone();
+        if self.scored.other {
+            let none_right = t.iter().all(|a| *a == 0.0);
+            t.push(if none_right { 1.0 } else { 0.0 });
+        }
+        t
     }
+}
+
+/// Answers every question of `input` (accuracies against its human answers, all 0 without).
+fn answer_all(
+    vqa: &BellaVqa,
+    input: &DataInput,
+    set: &EvalSet,
+    opts: &CalibrateOptions,
+) -> Result<(Vec<Answered>, usize)> {
     let ask = AskOptions {
         max_new_tokens: opts.max_new_tokens,
         sampling: Sampling::Greedy,
         threshold: None,
     };
     let pb = super::progress_bar(set.record.selected, opts.progress);
-    pb.set_message("val");
-    let mut pairs: Vec<(f64, f64)> = Vec::with_capacity(set.record.selected);
+    pb.set_message(set.record.split.clone());
+    let mut answered = Vec::with_capacity(set.record.selected);
     let mut skipped = 0;
     for example in set.examples.iter().take(set.record.selected) {
-        let answer =
-            load_image(&example.image).and_then(|img| vqa.ask_with(&img, &example.question, &ask));
-        match answer {
-            Ok(r) => pairs.push((
-                r.confidence,
-                metrics::vqa_accuracy(&r.answer, &example.answers, opts.normalize),
-            )),
+        let scored =
+            load_image(&example.image).and_then(|img| vqa.scored(&img, &example.question, &ask));
+        match scored {
+            Ok(scored) => {
+                let accuracy = scored
+                    .candidates
+                    .iter()
+                    .map(|c| metrics::vqa_accuracy(c, &example.answers, opts.normalize))
+                    .collect();
+                answered.push(Answered { scored, accuracy });
+            }
             Err(e) => {
                 let reason = format!(
                     "cannot answer question {:?} of {}: {e:#}",
                     example.question_id,
-                    opts.data.path.display()
+                    input.path.display()
                 );
                 if !opts.skip_bad {
                     bail!("{reason} (--skip-bad skips such questions)");
@@ -182,25 +271,167 @@ pub fn calibrate(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    if pairs.is_empty() {
+    Ok((answered, skipped))
+}
+
+/// The facts of every answered question at temperature `t`, with the accuracy of its answer
+/// (`force_error`: 0, a question that must be declined).
+fn facts_of(answered: &[Answered], t: f64, force_error: bool) -> Result<Vec<(Facts, f64)>> {
+    answered
+        .iter()
+        .map(|a| {
+            let (agg, facts) = assess(&a.scored.probs, a.scored.other, &a.scored.candidates, t)
+                .map_err(anyhow::Error::msg)?;
+            Ok((
+                facts,
+                if force_error {
+                    0.0
+                } else {
+                    a.accuracy[agg.best]
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Scores of `name` on every question, each from a fit on the other [`FOLDS`] − 1 folds
+/// (questions `i` with `i % FOLDS` as fold); fewer than 2·[`FOLDS`] questions: fitted on all.
+fn cross_fitted_scores(name: &str, facts: &[Facts], acc: &[f64]) -> Result<Vec<f64>> {
+    if facts.len() < 2 * FOLDS {
+        return Ok(Selector::fit(name, facts, acc)?.scores(facts));
+    }
+    let mut scores = vec![0.0; facts.len()];
+    for fold in 0..FOLDS {
+        let (train_f, train_a): (Vec<Facts>, Vec<f64>) = facts
+            .iter()
+            .zip(acc)
+            .enumerate()
+            .filter(|(i, _)| i % FOLDS != fold)
+            .map(|(_, (f, a))| (*f, *a))
+            .unzip();
+        let fitted = Selector::fit(name, &train_f, &train_a)?;
+        for (i, f) in facts.iter().enumerate().filter(|(i, _)| i % FOLDS == fold) {
+            scores[i] = fitted.score(f);
+        }
+    }
+    Ok(scores)
+}
+
+/// Answers the validation questions with `vqa` (loaded with the particles in `adapters`), fits
+/// the temperature and the selector, chooses the threshold and stores all three in
+/// `adapters/bella_config.json` (unless `dry_run`).
+pub fn calibrate(
+    vqa: &BellaVqa,
+    adapters: &Path,
+    opts: &CalibrateOptions,
+) -> Result<CalibrationOutcome> {
+    // Fail before answering when the config cannot be read or the options do not fit.
+    crate::bella::particles::ParticleSet::read_config(adapters)?;
+    if let (Guarantee::Ltt { .. }, Objective::Phi(_) | Objective::TargetCoverage(_)) =
+        (opts.guarantee, opts.objective)
+    {
+        bail!(
+            "a risk guarantee needs a target risk (--target-risk), not {}",
+            opts.objective.describe()
+        );
+    }
+    let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
+    if !set.examples.iter().any(|e| !e.answers.is_empty()) {
+        bail!(
+            "{} has no human answers: calibration needs validation questions with answers",
+            opts.data.path.display()
+        );
+    }
+    let ood_set = match &opts.ood_val {
+        Some(input) => Some(read_set(
+            input,
+            "ood-val",
+            Role::Ood,
+            opts.limit,
+            opts.skip_bad,
+        )?),
+        None => None,
+    };
+    let (val, skipped) = answer_all(vqa, &opts.data, &set, opts)?;
+    if val.is_empty() {
         bail!("no validation question could be answered");
     }
-    let threshold = opts.objective.choose(&pairs)?;
+    let ood = match (&opts.ood_val, &ood_set) {
+        (Some(input), Some(s)) => answer_all(vqa, input, s, opts)?.0,
+        _ => Vec::new(),
+    };
+    let temperature = if opts.temperature {
+        let targets: Vec<Vec<f64>> = val.iter().map(Answered::target).collect();
+        let questions: Vec<(&[Vec<f64>], Vec<f64>)> = val
+            .iter()
+            .zip(targets)
+            .map(|(a, t)| (a.scored.probs.as_slice(), t))
+            .collect();
+        fit_temperature(&questions)
+    } else {
+        None
+    };
+    let t = temperature.unwrap_or(1.0);
+    let (val_facts, acc): (Vec<Facts>, Vec<f64>) = facts_of(&val, t, false)?.into_iter().unzip();
+    let mut pool_facts = val_facts.clone();
+    let mut pool_acc = acc.clone();
+    for (f, a) in facts_of(&ood, t, true)? {
+        pool_facts.push(f);
+        pool_acc.push(a);
+    }
+    let names: Vec<&str> = match opts.selector {
+        SelectorChoice::Auto => SELECTOR_NAMES.to_vec(),
+        SelectorChoice::Named(n) => vec![n],
+    };
+    let mut rows = Vec::with_capacity(names.len());
+    for name in names {
+        let scores = cross_fitted_scores(name, &pool_facts, &pool_acc)?;
+        rows.push(SelectorRow {
+            selector: Selector::fit(name, &pool_facts, &pool_acc)?,
+            aurc: metrics::aurc(&scores, &pool_acc)?,
+            aurc_val: metrics::aurc(&scores[..acc.len()], &acc)?,
+        });
+    }
+    let chosen = rows
+        .iter()
+        .min_by(|a, b| a.aurc.total_cmp(&b.aurc))
+        .map(|r| r.selector.clone())
+        .context("no selector was fitted")?;
+    let conf = chosen.scores(&val_facts);
+    let pairs: Vec<(f64, f64)> = conf.iter().copied().zip(acc.iter().copied()).collect();
+    let (threshold, guarantee) = match (opts.objective, opts.guarantee) {
+        (Objective::TargetRisk(alpha), Guarantee::Ltt { delta }) => {
+            let loss: Vec<f64> = acc.iter().map(|a| 1.0 - a).collect();
+            let g = crate::guarantee::learn_then_test(&conf, &loss, alpha, delta)?;
+            (g.threshold, Some(g.guarantee))
+        }
+        (objective, _) => (objective.choose(&pairs)?, None),
+    };
     let answered: Vec<f64> = pairs
         .iter()
         .filter(|(c, _)| *c >= threshold)
         .map(|&(_, a)| a)
         .collect();
     let n = pairs.len() as f64;
-    let (conf, acc): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
     let phi = match opts.objective {
         Objective::Phi(c) => Some(metrics::effective_reliability(&conf, &acc, threshold, c)?),
         Objective::TargetRisk(_) | Objective::TargetCoverage(_) => None,
     };
+    let ood_scores = chosen.scores(&pool_facts[acc.len()..]);
     let abstention = Abstention {
         threshold,
-        objective: opts.objective.describe(),
+        objective: match &guarantee {
+            Some(g) => format!(
+                "{} with probability >= {} (ltt)",
+                opts.objective.describe(),
+                1.0 - g.delta
+            ),
+            None => opts.objective.describe(),
+        },
         data: Some(opts.data.path.display().to_string()),
+        selector: chosen,
+        temperature,
+        guarantee,
     };
     if !opts.dry_run {
         store_abstention(adapters, &abstention)?;
@@ -213,6 +444,11 @@ pub fn calibrate(
         risk: (!answered.is_empty())
             .then(|| 1.0 - answered.iter().sum::<f64>() / answered.len() as f64),
         phi,
+        selectors: rows,
+        ood_count: ood_scores.len(),
+        ood_answered: (!ood_scores.is_empty()).then(|| {
+            ood_scores.iter().filter(|s| **s >= threshold).count() as f64 / ood_scores.len() as f64
+        }),
         stored: !opts.dry_run,
         abstention,
     })

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use super::{BenchOptions, CalibrateOptions, CompareEntry, DataInput, ModelSpec, Objective, Shard};
+use super::{
+    BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee, ModelSpec, Objective,
+    SelectorChoice, Shard,
+};
 use crate::answer::{BellaVqa, LoadOptions};
 use crate::hub::{HubOptions, ModelSource};
 use crate::metrics::NormalizeMode;
@@ -159,6 +162,31 @@ pub struct CalibrateArgs {
     /// Print the outcome as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The score that decides abstention: confidence, epistemic, risk-averse, vote, learned, or
+    /// auto (the one with the lowest AURC on validation).
+    #[arg(long, default_value = "confidence")]
+    pub selector: String,
+    /// Validation questions that must be declined (e.g. unanswerable ones): answering one counts
+    /// as an error when selectors are fitted and compared.
+    #[arg(long, value_name = "FILE")]
+    pub ood_val: Option<PathBuf>,
+    /// With --target-risk: ltt (Learn then Test, the risk on new questions is within the target
+    /// with probability 1 − δ) or none (the empirical choice) [default: ltt with a target risk].
+    #[arg(long, value_parser = ["ltt", "none"])]
+    pub guarantee: Option<String>,
+    /// δ of the guarantee.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_open_unit)]
+    pub delta: f64,
+    /// Do not fit a temperature (keep the particles' probabilities as they are).
+    #[arg(long)]
+    pub no_temperature: bool,
+}
+
+fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number in (0, 1)")),
+    }
 }
 
 fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
@@ -331,6 +359,15 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         progress: !quiet,
         max_new_tokens: args.max_new_tokens,
         dry_run: args.dry_run,
+        selector: SelectorChoice::parse(&args.selector)?,
+        ood_val: args.ood_val.clone().map(DataInput::new),
+        guarantee: match (args.guarantee.as_deref(), objective) {
+            (Some("none"), _) | (None, Objective::Phi(_) | Objective::TargetCoverage(_)) => {
+                Guarantee::None
+            }
+            _ => Guarantee::Ltt { delta: args.delta },
+        },
+        temperature: !args.no_temperature,
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
     if args.json {
@@ -338,7 +375,8 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         return Ok(());
     }
     println!(
-        "threshold {:.6} ({}) on {} validation question(s): coverage {:.1} %, risk {}{}",
+        "{} threshold {:.6} ({}) on {} validation question(s): coverage {:.1} %, risk {}{}",
+        outcome.abstention.selector.name(),
         outcome.abstention.threshold,
         outcome.abstention.objective,
         outcome.count,
@@ -351,6 +389,50 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             )),
         outcome.phi.map_or(String::new(), |p| format!(", Φ {p:.4}"))
     );
+    if let Some(t) = outcome.abstention.temperature {
+        println!("temperature {t:.4} (fitted on the validation questions)");
+    }
+    if let Some(g) = &outcome.abstention.guarantee {
+        println!(
+            "guarantee ({}): risk <= {} with probability >= {} — upper bound {:.4} at this \
+             threshold, {} of {} answered (expected coverage {:.1} %)",
+            g.method,
+            g.alpha,
+            1.0 - g.delta,
+            g.bound,
+            g.answered,
+            g.questions,
+            g.coverage * 100.0
+        );
+    }
+    if let Some(share) = outcome.ood_answered {
+        println!(
+            "--ood-val: {:.1} % of {} question(s) answered at the threshold",
+            share * 100.0,
+            outcome.ood_count
+        );
+    }
+    println!(
+        "selector   AURC (cross-fitted{})   AURC (val)",
+        if outcome.ood_count > 0 {
+            ", with --ood-val"
+        } else {
+            ""
+        }
+    );
+    for row in &outcome.selectors {
+        let chosen = if row.selector.name() == outcome.abstention.selector.name() {
+            "  ← chosen"
+        } else {
+            ""
+        };
+        println!(
+            "{:<12} {:.4}   {:.4}{chosen}",
+            row.selector.name(),
+            row.aurc,
+            row.aurc_val
+        );
+    }
     println!(
         "{}",
         if outcome.stored {

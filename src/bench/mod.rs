@@ -38,7 +38,10 @@ use crate::data::{read_dataset, BadRecord, ReadOptions, VqaExample};
 use crate::metrics::NormalizeMode;
 use crate::models::image::load_image;
 
-pub use calibrate::{calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Objective};
+pub use calibrate::{
+    calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Guarantee, Objective,
+    SelectorChoice,
+};
 pub use compare::{compare, CompareEntry, Comparison};
 pub use config::{DataRecord, Role, RunConfig, Shard};
 pub use merge::merge;
@@ -245,8 +248,8 @@ pub(crate) fn run_config(
         (None, Some(a)) => (a.threshold, format!("calibration ({})", a.objective)),
         (None, None) => (UNCALIBRATED_THRESHOLD, "default (uncalibrated)".to_string()),
     };
-    if !(0.0..=1.0).contains(&threshold) {
-        bail!("the threshold {threshold} is outside [0, 1]");
+    if !threshold.is_finite() {
+        bail!("the threshold {threshold} is not a finite number");
     }
     Ok(RunConfig {
         model: config::ModelRecord {

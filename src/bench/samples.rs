@@ -26,7 +26,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
 /// through as `input_{name}` when its value differs (and dropped when it is the same).
-pub const SAMPLE_FIELDS: [&str; 17] = [
+pub const SAMPLE_FIELDS: [&str; 19] = [
     "question_id",
     "split",
     "is_ood",
@@ -37,6 +37,8 @@ pub const SAMPLE_FIELDS: [&str; 17] = [
     "answer_type",
     "answer",
     "confidence",
+    "selector",
+    "score",
     "abstained",
     "accuracy",
     "uncertainty",
@@ -67,6 +69,13 @@ pub struct Sample {
     /// The model's most likely answer (also when it abstained).
     pub answer: String,
     pub confidence: f64,
+    /// The abstention selector (samples written before selectors: `confidence`).
+    #[serde(default = "confidence_selector")]
+    pub selector: String,
+    /// The selector's score, compared with the threshold (absent in older samples: the
+    /// confidence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
     pub abstained: bool,
     /// VQA accuracy of `answer` against `answers` as if it had been given (normalisation as the
     /// run's `normalize` says).
@@ -122,6 +131,8 @@ impl Sample {
             accuracy: vqa_accuracy(&response.answer, &example.answers, mode),
             answer: response.answer,
             confidence: response.confidence,
+            selector: response.selector,
+            score: Some(response.score),
             abstained: response.abstained,
             uncertainty: response.uncertainty,
             vote_share: response.vote_share,
@@ -149,8 +160,13 @@ impl Sample {
             uncertainty: None,
             distribution: None,
             target: None,
+            score: self.score,
         }
     }
+}
+
+fn confidence_selector() -> String {
+    "confidence".into()
 }
 
 /// What [`read_samples`] found.

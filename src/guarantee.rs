@@ -1,0 +1,239 @@
+//! A threshold with a finite-sample guarantee on the selective risk: Learn then Test
+//! (Angelopoulos, Bates, Candès, Jordan and Lei, "Learn then Test: Calibrating Predictive
+//! Algorithms to Achieve Risk Control", 2021, arXiv 2110.01052), with a binomial tail p-value
+//! (Hoeffding–Bentkus for fractional losses) and fixed-sequence testing from the most confident
+//! threshold down. The derivation is in `docs/risk-guarantee.md`.
+//!
+//! With probability at least 1 − δ over the draw of the n validation questions, the chosen
+//! threshold's selective risk on new exchangeable questions (the expected loss of an answered
+//! question) is at most α.
+
+use serde::{Deserialize, Serialize};
+
+/// What a guaranteed threshold promises, stored with the particles and reported by `calibrate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RiskGuarantee {
+    /// `ltt-binomial` (0/1 losses) or `ltt-hoeffding-bentkus` (fractional losses).
+    pub method: String,
+    /// Target selective risk.
+    pub alpha: f64,
+    /// Allowed probability that the validation draw misleads.
+    pub delta: f64,
+    /// Validation questions.
+    pub questions: usize,
+    /// Of them answered at the threshold.
+    pub answered: usize,
+    /// Their selective risk (1 − mean accuracy).
+    pub risk: f64,
+    /// The 1 − δ upper confidence bound on the threshold's risk (≤ α).
+    pub bound: f64,
+    /// answered / questions: the coverage to expect on new questions.
+    pub coverage: f64,
+}
+
+/// ln P(Bin(n, p) ≤ k), by summing the pmf in log space.
+fn log_binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
+    if k >= n || p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return f64::NEG_INFINITY;
+    }
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let mut log_pmf = n as f64 * lq;
+    let mut log_sum = log_pmf;
+    for i in 0..k {
+        log_pmf += ((n - i) as f64).ln() - ((i + 1) as f64).ln() + lp - lq;
+        let (hi, lo) = if log_pmf > log_sum {
+            (log_pmf, log_sum)
+        } else {
+            (log_sum, log_pmf)
+        };
+        log_sum = hi + (lo - hi).exp().ln_1p();
+    }
+    log_sum.min(0.0)
+}
+
+/// The p-value of the null hypothesis "the risk is > α" after seeing `n` answered questions with
+/// total loss `loss_sum`: small when the observed risk is well below α. `binary`: every loss is
+/// 0 or 1 (exact binomial tail, LTT eq. for binary losses); otherwise the Hoeffding–Bentkus
+/// p-value for losses in [0, 1] (LTT Proposition 3 / Bates et al. 2021).
+pub fn p_value(n: usize, loss_sum: f64, alpha: f64, binary: bool) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    if binary {
+        let k = (loss_sum + 1e-9).floor() as usize;
+        return log_binomial_cdf(k, n, alpha).exp();
+    }
+    let r = (loss_sum / n as f64).clamp(0.0, 1.0);
+    let a = r.min(alpha);
+    // h1(a, α) = a ln(a/α) + (1 − a) ln((1 − a)/(1 − α)), 0 ln 0 = 0.
+    let h = |a: f64| {
+        let first = if a > 0.0 { a * (a / alpha).ln() } else { 0.0 };
+        first + (1.0 - a) * ((1.0 - a) / (1.0 - alpha)).ln()
+    };
+    let hoeffding = (-(n as f64) * h(a)).exp();
+    let k = ((n as f64 * r) - 1e-9).ceil().max(0.0) as usize;
+    let bentkus = std::f64::consts::E * log_binomial_cdf(k, n, alpha).exp();
+    hoeffding.min(bentkus).min(1.0)
+}
+
+/// Why no threshold could be guaranteed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub alpha: f64,
+    pub delta: f64,
+    pub questions: usize,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "no threshold meets risk {} with confidence 1 − {} on {} questions",
+            self.alpha, self.delta, self.questions
+        )
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The threshold and its guarantee (answer when score ≥ `threshold`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Guaranteed {
+    pub threshold: f64,
+    pub guarantee: RiskGuarantee,
+}
+
+/// Learn then Test over the candidate thresholds "answer when score ≥ s" for every distinct
+/// validation score s, tested in order from the highest score down (fixed-sequence testing, so
+/// every test runs at level δ): the hypothesis "risk(s) > α" is rejected while its p-value is
+/// ≤ δ, and the lowest threshold rejected before the first failure is returned. Thresholds that
+/// answer so few questions that not even a loss-free run could reject ((1 − α)^n > δ) are
+/// passed over without a test; that depends on the scores only, never on the losses.
+///
+/// `loss[i]` in [0, 1] (1 − VQA accuracy). Errors with [`Refusal`] when no threshold is
+/// rejected; panics never (empty input is a refusal).
+pub fn learn_then_test(
+    scores: &[f64],
+    loss: &[f64],
+    alpha: f64,
+    delta: f64,
+) -> Result<Guaranteed, Refusal> {
+    let refusal = Refusal {
+        alpha,
+        delta,
+        questions: scores.len(),
+    };
+    if scores.len() != loss.len() || !(alpha > 0.0 && alpha < 1.0) || !(delta > 0.0 && delta < 1.0)
+    {
+        return Err(refusal);
+    }
+    let binary = loss.iter().all(|&l| l == 0.0 || l == 1.0);
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let smallest_useful_n = (delta.ln() / (1.0 - alpha).ln()).ceil() as usize;
+    let mut best: Option<(f64, usize, f64)> = None;
+    let mut n = 0;
+    let mut loss_sum = 0.0;
+    while n < order.len() {
+        // Every question tied at this score is answered together.
+        let s = scores[order[n]];
+        while n < order.len() && scores[order[n]] == s {
+            loss_sum += loss[order[n]];
+            n += 1;
+        }
+        if n < smallest_useful_n {
+            continue;
+        }
+        if p_value(n, loss_sum, alpha, binary) > delta {
+            break;
+        }
+        best = Some((s, n, loss_sum));
+    }
+    let (threshold, answered, loss_sum) = best.ok_or(refusal)?;
+    // The 1 − δ upper confidence bound: the smallest r at which this outcome rejects "risk > r".
+    let (mut lo, mut hi) = (loss_sum / answered as f64, alpha);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if mid > 0.0 && p_value(answered, loss_sum, mid, binary) <= delta {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(Guaranteed {
+        threshold,
+        guarantee: RiskGuarantee {
+            method: if binary {
+                "ltt-binomial"
+            } else {
+                "ltt-hoeffding-bentkus"
+            }
+            .into(),
+            alpha,
+            delta,
+            questions: scores.len(),
+            answered,
+            risk: loss_sum / answered as f64,
+            bound: hi,
+            coverage: answered as f64 / scores.len() as f64,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binomial_tail_by_hand() {
+        // P(Bin(3, 0.5) ≤ 1) = (1 + 3)/8.
+        assert!((log_binomial_cdf(1, 3, 0.5).exp() - 0.5).abs() < 1e-12);
+        // P(Bin(10, 0.1) ≤ 0) = 0.9^10.
+        assert!((p_value(10, 0.0, 0.1, true) - 0.9f64.powi(10)).abs() < 1e-12);
+        // P(Bin(20, 0.2) ≤ 2) = 0.2060847…
+        assert!((p_value(20, 2.0, 0.2, true) - 0.206_084_718_948_474_1).abs() < 1e-9);
+        assert_eq!(p_value(0, 0.0, 0.1, true), 1.0);
+    }
+
+    #[test]
+    fn hoeffding_bentkus_is_the_smaller_of_its_two_bounds() {
+        // n = 100, mean loss 0.02, α = 0.1: Hoeffding exp(−n h1(0.02, 0.1)), Bentkus
+        // e·P(Bin(100, 0.1) ≤ 2).
+        let h1 = 0.02 * (0.02f64 / 0.1).ln() + 0.98 * (0.98f64 / 0.9).ln();
+        let hoeffding = (-100.0 * h1).exp();
+        let bentkus = std::f64::consts::E * log_binomial_cdf(2, 100, 0.1).exp();
+        let p = p_value(100, 2.0, 0.1, false);
+        assert!((p - hoeffding.min(bentkus)).abs() < 1e-12);
+        // Fractional losses never get a smaller p-value than the binary test of the same sum.
+        assert!(p >= p_value(100, 2.0, 0.1, true));
+    }
+
+    #[test]
+    fn a_clean_top_and_a_noisy_bottom() {
+        // 100 questions: scores 1.00 … 0.01; the top 60 right, the rest wrong.
+        let scores: Vec<f64> = (0..100).map(|i| 1.0 - i as f64 / 100.0).collect();
+        let loss: Vec<f64> = (0..100).map(|i| if i < 60 { 0.0 } else { 1.0 }).collect();
+        let g = learn_then_test(&scores, &loss, 0.1, 0.1).unwrap();
+        // Answering the top n with e = n − 60 errors is rejected while P(Bin(n, 0.1) ≤ e) ≤ 0.1.
+        let expected = (60..=100)
+            .take_while(|&n| p_value(n, (n - 60) as f64, 0.1, true) <= 0.1)
+            .last()
+            .unwrap();
+        assert_eq!(g.guarantee.answered, expected);
+        assert_eq!(g.threshold, scores[expected - 1]);
+        assert!(g.guarantee.bound <= 0.1 + 1e-9 && g.guarantee.bound >= g.guarantee.risk);
+        assert_eq!(g.guarantee.method, "ltt-binomial");
+    }
+
+    #[test]
+    fn too_few_questions_are_refused() {
+        let e = learn_then_test(&[0.9, 0.8, 0.7], &[0.0, 0.0, 0.0], 0.05, 0.1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no threshold meets risk 0.05 with confidence 1 − 0.1 on 3 questions"
+        );
+    }
+}
