@@ -25,7 +25,7 @@ pub struct RiskGuarantee {
     pub answered: usize,
     /// Their selective risk (1 − mean accuracy).
     pub risk: f64,
-    /// The 1 − δ upper confidence bound on the threshold's risk (≤ α).
+    /// The upper confidence bound on the threshold's risk at the level its test ran at (≤ α).
     pub bound: f64,
     /// answered / questions: the coverage to expect on new questions.
     pub coverage: f64,
@@ -107,14 +107,20 @@ pub struct Guaranteed {
 }
 
 /// Learn then Test over the candidate thresholds "answer when score ≥ s" for every distinct
-/// validation score s, tested in order from the highest score down (fixed-sequence testing, so
-/// every test runs at level δ): the hypothesis "risk(s) > α" is rejected while its p-value is
-/// ≤ δ, and the lowest threshold rejected before the first failure is returned. Thresholds that
-/// answer so few questions that not even a loss-free run could reject ((1 − α)^n > δ) are
-/// passed over without a test; that depends on the scores only, never on the losses.
+/// validation score s, tested in order from the highest score down (fixed-sequence testing): the
+/// hypothesis "risk(s) > α" is rejected while its p-value is at most the sequence's level, and
+/// the lowest threshold rejected before the first failure is returned.
+///
+/// Where a sequence starts matters: at the very top a single unlucky error among a handful of
+/// answers ends it before it reaches the thresholds worth having, while a late start gives up
+/// the thresholds a small validation set can support. So two sequences run, each at level δ/2
+/// (Bonferroni: the family-wise error stays ≤ δ), one from the first threshold at which a
+/// loss-free run could be rejected, one from the first at which a run with half the target's
+/// loss could; the lower of their thresholds is returned. Both starts depend on the number
+/// answered, so on the scores only, never on the losses.
 ///
 /// `loss[i]` in [0, 1] (1 − VQA accuracy). Errors with [`Refusal`] when no threshold is
-/// rejected; panics never (empty input is a refusal).
+/// rejected (empty input included).
 pub fn learn_then_test(
     scores: &[f64],
     loss: &[f64],
@@ -133,31 +139,44 @@ pub fn learn_then_test(
     let binary = loss.iter().all(|&l| l == 0.0 || l == 1.0);
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let smallest_useful_n = (delta.ln() / (1.0 - alpha).ln()).ceil() as usize;
-    let mut best: Option<(f64, usize, f64)> = None;
-    let mut n = 0;
+    // (threshold, answered, loss sum) of every candidate threshold, from the highest score down;
+    // questions tied at a score are answered together.
+    let mut steps: Vec<(f64, usize, f64)> = Vec::new();
     let mut loss_sum = 0.0;
-    while n < order.len() {
-        // Every question tied at this score is answered together.
-        let s = scores[order[n]];
-        while n < order.len() && scores[order[n]] == s {
-            loss_sum += loss[order[n]];
-            n += 1;
+    for (n, &i) in order.iter().enumerate() {
+        loss_sum += loss[i];
+        let last_of_tie = order.get(n + 1).is_none_or(|&j| scores[j] != scores[i]);
+        if last_of_tie {
+            steps.push((scores[i], n + 1, loss_sum));
         }
-        if n < smallest_useful_n {
-            continue;
-        }
-        if p_value(n, loss_sum, alpha, binary) > delta {
-            break;
-        }
-        best = Some((s, n, loss_sum));
     }
+    let level = delta / 2.0;
+    // The smallest n at which an observed risk of `share`·α is rejected at `level`.
+    let start = |share: f64| {
+        (1..=scores.len()).find(|&n| {
+            let sum = n as f64 * alpha * share;
+            p_value(n, if binary { sum.floor() } else { sum }, alpha, binary) <= level
+        })
+    };
+    let sequence = |first: usize| {
+        steps
+            .iter()
+            .filter(|(_, n, _)| *n >= first)
+            .take_while(|(_, n, sum)| p_value(*n, *sum, alpha, binary) <= level)
+            .last()
+            .copied()
+    };
+    let best = [start(0.0), start(0.5)]
+        .into_iter()
+        .flatten()
+        .filter_map(sequence)
+        .max_by_key(|(_, n, _)| *n);
     let (threshold, answered, loss_sum) = best.ok_or(refusal)?;
-    // The 1 − δ upper confidence bound: the smallest r at which this outcome rejects "risk > r".
+    // The upper confidence bound: the smallest r at which this outcome rejects "risk > r".
     let (mut lo, mut hi) = (loss_sum / answered as f64, alpha);
     for _ in 0..60 {
         let mid = (lo + hi) / 2.0;
-        if mid > 0.0 && p_value(answered, loss_sum, mid, binary) <= delta {
+        if mid > 0.0 && p_value(answered, loss_sum, mid, binary) <= level {
             hi = mid;
         } else {
             lo = mid;
@@ -217,9 +236,10 @@ mod tests {
         let scores: Vec<f64> = (0..100).map(|i| 1.0 - i as f64 / 100.0).collect();
         let loss: Vec<f64> = (0..100).map(|i| if i < 60 { 0.0 } else { 1.0 }).collect();
         let g = learn_then_test(&scores, &loss, 0.1, 0.1).unwrap();
-        // Answering the top n with e = n − 60 errors is rejected while P(Bin(n, 0.1) ≤ e) ≤ 0.1.
+        // Both sequences start within the clean top 60 (0.9^29 ≤ δ/2); answering the top n with
+        // e = n − 60 errors is rejected while P(Bin(n, 0.1) ≤ e) ≤ δ/2.
         let expected = (60..=100)
-            .take_while(|&n| p_value(n, (n - 60) as f64, 0.1, true) <= 0.1)
+            .take_while(|&n| p_value(n, (n - 60) as f64, 0.1, true) <= 0.05)
             .last()
             .unwrap();
         assert_eq!(g.guarantee.answered, expected);
