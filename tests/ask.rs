@@ -76,6 +76,9 @@ fn crafted_particles(dir: &Path, disagree: bool) {
             threshold: 0.6,
             objective: "test".into(),
             data: None,
+            selector: Default::default(),
+            temperature: None,
+            guarantee: None,
         }),
         answer_vocabulary: None,
     };

@@ -88,6 +88,13 @@ pub struct BenchArgs {
     /// Longest answer in tokens (LLaVA).
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
+    /// Resamples of the 95 % bootstrap intervals of every metric (paired over questions in
+    /// --compare); 0 disables them.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap resamples.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_seed: u64,
     /// CLIP: a file with one candidate answer per line (default: the particles' vocabulary).
     #[arg(long)]
     pub answers: Option<PathBuf>,
@@ -248,6 +255,10 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         progress: !quiet,
         threshold: args.threshold,
         max_new_tokens: args.max_new_tokens,
+        bootstrap: super::Bootstrap {
+            resamples: args.bootstrap,
+            seed: args.bootstrap_seed,
+        },
     };
     // Check the inputs before the (slow) model load.
     for path in std::iter::once(data)

@@ -1,13 +1,16 @@
 //! `bench --compare base,DIR,name=DIR`: the same questions with several particle sets (or none),
 //! each into its own sub-directory, then one side-by-side table.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::results::{ResultsFile, Timing};
+use super::bootstrap::{significant, Bootstrap};
+use super::results::{self, ResultsFile, Timing};
+use super::samples::{read_samples, Sample, SAMPLES_FILE};
 use super::{BenchOptions, ModelSpec};
 use crate::answer::{BellaVqa, LoadOptions};
 use crate::hub::ModelSource;
@@ -85,12 +88,26 @@ pub struct ComparedRun {
     pub complete: bool,
 }
 
+/// A run's metrics minus the first run's, with paired bootstrap intervals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Difference {
+    pub name: String,
+    /// The run it is compared with (the first entry).
+    pub against: String,
+    /// Metric key → 95 % paired bootstrap interval of (this run − `against`).
+    pub intervals: BTreeMap<String, [f64; 2]>,
+}
+
 /// `comparison.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     /// The metric keys of the table, in order.
     pub metrics: Vec<String>,
     pub runs: Vec<ComparedRun>,
+    /// Every run after the first against the first (empty without --bootstrap, or when the runs
+    /// did not answer the same questions).
+    #[serde(default)]
+    pub differences: Vec<Difference>,
     pub written: String,
 }
 
@@ -153,14 +170,68 @@ pub fn compare(
         let outcome = super::run(&vqa, &spec, &sub)?;
         done.push((e.clone(), dir, outcome.results));
     }
-    write_comparison(&opts.out, &done)
+    write_comparison(&opts.out, &done, &opts.bootstrap)
+}
+
+/// Paired intervals of every run after the first against the first, resampling the same
+/// questions for all; `None` when the runs did not answer the same questions of the same data.
+fn differences(
+    done: &[(CompareEntry, PathBuf, ResultsFile)],
+    bootstrap: &Bootstrap,
+) -> Result<Option<Vec<Difference>>> {
+    let Some((first, _, base)) = done.first() else {
+        return Ok(None);
+    };
+    if bootstrap.resamples == 0 || done.len() < 2 {
+        return Ok(None);
+    }
+    let config = &base.config;
+    let mut samples = Vec::with_capacity(done.len());
+    for (_, dir, r) in done {
+        let same_data = r.config.normalize == config.normalize
+            && r.config.data.len() == config.data.len()
+            && r.config.data.iter().zip(&config.data).all(|(a, b)| {
+                a.split == b.split && a.sha256 == b.sha256 && a.selected == b.selected
+            });
+        if !same_data || !r.progress.complete {
+            return Ok(None);
+        }
+        samples.push(read_samples(&dir.join(SAMPLES_FILE))?.samples);
+    }
+    let groups: Vec<Vec<Vec<&Sample>>> = done
+        .iter()
+        .zip(&samples)
+        .map(|((_, _, r), s)| {
+            let (chosen, _) = results::select(&r.config, s, &[]);
+            results::split_samples(&r.config, &chosen)
+        })
+        .collect();
+    let runs: Vec<&[Vec<&Sample>]> = groups.iter().map(Vec::as_slice).collect();
+    let metric = |drawn: &[Vec<&Sample>]| {
+        let (test, val, ood) = results::roles(config, drawn);
+        Ok(results::metrics_of(config, &test, &val, &ood)?.results)
+    };
+    let diffs = super::bootstrap::paired(&runs, bootstrap, metric)?;
+    Ok(Some(
+        done.iter()
+            .skip(1)
+            .zip(diffs)
+            .map(|((e, _, _), intervals)| Difference {
+                name: e.name.clone(),
+                against: first.name.clone(),
+                intervals,
+            })
+            .collect(),
+    ))
 }
 
 /// Writes the comparison files of finished runs.
 pub fn write_comparison(
     out: &Path,
     done: &[(CompareEntry, PathBuf, ResultsFile)],
+    bootstrap: &Bootstrap,
 ) -> Result<(Comparison, Vec<PathBuf>)> {
+    let differences = differences(done, bootstrap)?;
     let mut metrics: Vec<String> = TABLE.iter().map(|s| s.to_string()).collect();
     for (_, _, r) in done {
         for k in r.results.keys() {
@@ -182,6 +253,7 @@ pub fn write_comparison(
                 complete: r.progress.complete,
             })
             .collect(),
+        differences: differences.clone().unwrap_or_default(),
         written: super::config::utc_timestamp(),
     };
     let mut written = Vec::new();
@@ -219,6 +291,8 @@ pub fn write_comparison(
     );
     let mut header: Vec<String> = vec!["metric".into()];
     header.extend(done.iter().map(|(e, _, _)| e.name.clone()));
+    let diffs = differences.as_deref().unwrap_or_default();
+    header.extend(diffs.iter().map(|d| format!("{} − {}", d.name, d.against)));
     let mut rows: Vec<Vec<String>> = metrics
         .iter()
         .map(|k| {
@@ -226,8 +300,22 @@ pub fn write_comparison(
             row.extend(done.iter().map(|(_, _, r)| match r.results.get(k) {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Number(n)) if n.is_u64() => n.to_string(),
-                Some(v) => report::fmt(v.as_f64()),
+                Some(_) => report::with_interval(r, k),
                 None => "—".into(),
+            }));
+            row.extend(diffs.iter().zip(&done[1..]).map(|(d, (_, _, r))| {
+                let value = report::metric(r, k)
+                    .zip(report::metric(&done[0].2, k))
+                    .map(|(a, b)| a - b);
+                match (value, d.intervals.get(k)) {
+                    (Some(v), Some(i)) => format!(
+                        "{} {}{}",
+                        report::fmt(Some(v)),
+                        report::interval(i),
+                        if significant(i) { " *" } else { "" }
+                    ),
+                    (v, _) => report::fmt(v),
+                }
             }));
             row
         })
@@ -237,6 +325,7 @@ pub fn write_comparison(
         done.iter()
             .map(|(_, _, r)| report::fmt(r.timing.answers_per_second)),
     );
+    timing_row.extend(diffs.iter().map(|_| String::new()));
     rows.push(timing_row);
     doc.push(Block::Table { header, rows });
 
@@ -256,6 +345,16 @@ pub fn write_comparison(
             src: "comparison_risk_coverage.svg".into(),
             alt: "Risk–coverage curves".into(),
         });
+    }
+    if !diffs.is_empty() {
+        doc.para(format!(
+            "Values with their 95 % bootstrap interval over the questions ({} resamples, seed {}); \
+             the difference columns give each run minus {} with a paired interval (the same \
+             resampled questions for both), marked * when it excludes 0.",
+            bootstrap.resamples, bootstrap.seed, done[0].0.name
+        ));
+    } else if bootstrap.resamples > 0 && done.len() > 1 {
+        doc.para("No paired intervals: the runs did not all answer the same questions.");
     }
     if done.iter().any(|(_, _, r)| {
         r.results.get("thresholds_from").and_then(Value::as_str) == Some("evaluated_set")

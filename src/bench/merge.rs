@@ -193,5 +193,5 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)
         }
         crate::io::write_bytes_atomically(&skipped_path, &lines)?;
     }
-    super::finalize(out)
+    super::finalize(out, &super::Bootstrap::default())
 }

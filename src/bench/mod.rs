@@ -16,6 +16,7 @@
 //! [`Shard`] a run answers one deterministic slice; [`merge`] combines the shard directories into
 //! the directory a single run would have written.
 
+pub mod bootstrap;
 pub mod calibrate;
 pub mod cli;
 pub mod compare;
@@ -38,6 +39,7 @@ use crate::data::{read_dataset, BadRecord, ReadOptions, VqaExample};
 use crate::metrics::NormalizeMode;
 use crate::models::image::load_image;
 
+pub use bootstrap::Bootstrap;
 pub use calibrate::{
     calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Guarantee, Objective,
     SelectorChoice,
@@ -98,6 +100,8 @@ pub struct BenchOptions {
     /// Abstain below this confidence instead of the particles' calibrated threshold.
     pub threshold: Option<f64>,
     pub max_new_tokens: usize,
+    /// Bootstrap intervals of the metrics (0 resamples: none).
+    pub bootstrap: Bootstrap,
 }
 
 impl BenchOptions {
@@ -114,6 +118,7 @@ impl BenchOptions {
             progress: false,
             threshold: None,
             max_new_tokens: AskOptions::default().max_new_tokens,
+            bootstrap: Bootstrap::default(),
         }
     }
 }
@@ -443,7 +448,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     outcome?;
     logged?;
 
-    let (results, written) = finalize(&opts.out)?;
+    let (results, written) = finalize(&opts.out, &opts.bootstrap)?;
     Ok(BenchOutcome {
         results,
         answered_now,
@@ -454,13 +459,14 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
 }
 
 /// Computes the results of the directory `dir` from its configuration, samples, skipped
-/// questions and invocation log, and writes `results.json` and the report.
-pub fn finalize(dir: &Path) -> Result<(ResultsFile, Vec<PathBuf>)> {
+/// questions and invocation log (with `bootstrap` intervals), and writes `results.json` and the
+/// report.
+pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<PathBuf>)> {
     let config = RunConfig::read(dir)?;
     let samples = read_samples(&dir.join(SAMPLES_FILE))?.samples;
     let skipped: Vec<SkippedQuestion> = results::read_lines(&dir.join(results::SKIPPED_FILE))?;
     let runs: Vec<RunRecord> = results::read_lines(&dir.join(results::RUNS_FILE))?;
-    let results = results::compute(&config, &samples, &skipped, &runs)?;
+    let results = results::compute(&config, &samples, &skipped, &runs, bootstrap)?;
     results.write(dir)?;
     // The oracle's risk–coverage curve (questions by accuracy, best first; its area is the
     // optimal AURC), for the plot only.

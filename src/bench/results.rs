@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::bootstrap::Bootstrap;
 use super::config::{Role, RunConfig};
 use super::samples::Sample;
 use crate::answer::UNANSWERABLE;
@@ -144,6 +145,10 @@ pub struct ResultsFile {
     pub config: RunConfig,
     /// Notes on conventions and caveats, also shown in the report.
     pub notes: Vec<String>,
+    /// Metric key → 95 % percentile bootstrap interval [lo, hi] over the questions (empty
+    /// without `--bootstrap`; metrics undefined in every resample are left out).
+    #[serde(default)]
+    pub intervals: BTreeMap<String, [f64; 2]>,
     pub written: String,
 }
 
@@ -331,30 +336,144 @@ pub fn test_accuracies(
         .collect()
 }
 
-/// Computes every metric of a run.
+/// The metric map, the test summary and the OOD results of a run's selected samples.
+pub(crate) struct Metrics {
+    pub results: Map<String, Value>,
+    pub summary: Option<Summary>,
+    pub ood: BTreeMap<String, OodResult>,
+}
+
+/// The samples of `split`, in order.
+fn of_split<'a>(chosen: &[&'a Sample], split: &str) -> Vec<&'a Sample> {
+    chosen
+        .iter()
+        .copied()
+        .filter(|s| s.split == split)
+        .collect()
+}
+
+/// The selected samples grouped by data file, in config order (what the bootstrap resamples).
+pub(crate) fn split_samples<'a>(config: &RunConfig, chosen: &[&'a Sample]) -> Vec<Vec<&'a Sample>> {
+    config
+        .data
+        .iter()
+        .map(|d| of_split(chosen, &d.split))
+        .collect()
+}
+
+type Roles<'a, 'c> = (
+    Vec<&'a Sample>,
+    Vec<&'a Sample>,
+    Vec<(&'c str, Vec<&'a Sample>)>,
+);
+
+/// Test, validation and OOD samples of per-file groups (as [`split_samples`] orders them).
+pub(crate) fn roles<'a, 'c>(config: &'c RunConfig, groups: &[Vec<&'a Sample>]) -> Roles<'a, 'c> {
+    let (mut test, mut val, mut ood) = (Vec::new(), Vec::new(), Vec::new());
+    for (d, g) in config.data.iter().zip(groups) {
+        match d.role {
+            Role::Test => test.extend(g.iter().copied()),
+            Role::Val => val.extend(g.iter().copied()),
+            Role::Ood => ood.push((d.split.as_str(), g.clone())),
+        }
+    }
+    (test, val, ood)
+}
+
+/// Every metric of the test, validation and OOD samples (the flat map of `results.json`
+/// without the run's settings).
+pub(crate) fn metrics_of(
+    config: &RunConfig,
+    test: &[&Sample],
+    val: &[&Sample],
+    ood_sets: &[(&str, Vec<&Sample>)],
+) -> Result<Metrics> {
+    let mode = config.normalize;
+    let with_answers = test.iter().any(|s| !s.answers.is_empty());
+    let predictions: Vec<Prediction> = test
+        .iter()
+        .map(|s| Prediction {
+            is_ood: None,
+            ..s.prediction()
+        })
+        .collect();
+    let val_predictions: Vec<Prediction> = val.iter().map(|s| s.prediction()).collect();
+    let summary = if with_answers && !predictions.is_empty() {
+        let opts = SummaryOptions {
+            mode,
+            ..SummaryOptions::default()
+        };
+        let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
+        Some(metrics::summary(&predictions, val_arg, &opts).context("computing the metrics")?)
+    } else {
+        None
+    };
+    let mut results = match &summary {
+        Some(s) => flatten(s, &predictions),
+        None => {
+            let mut m = Map::new();
+            m.insert("count".into(), Value::from(test.len()));
+            m
+        }
+    };
+    results.insert("declined".into(), num(declined(test)));
+    let mut ood = BTreeMap::new();
+    for (split, these) in ood_sets {
+        if these.is_empty() || test.is_empty() {
+            continue;
+        }
+        let r = ood_result(test, these)?;
+        let p = format!("ood.{split}");
+        // The same metrics as on the test questions, on this split (when it has answers), with
+        // the thresholds chosen on the validation questions.
+        if these.iter().all(|s| !s.answers.is_empty()) {
+            let preds: Vec<Prediction> = these.iter().map(|s| s.prediction()).collect();
+            let opts = SummaryOptions {
+                mode,
+                ..SummaryOptions::default()
+            };
+            let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
+            let split_summary = metrics::summary(&preds, val_arg, &opts)
+                .with_context(|| format!("computing the metrics of {split}"))?;
+            for (key, value) in flatten(&split_summary, &preds) {
+                if !key.starts_with("ood.") {
+                    results.insert(format!("{p}.{key}"), value);
+                }
+            }
+        }
+        results.insert(format!("{p}.count"), Value::from(r.count));
+        results.insert(format!("{p}.coverage"), num(r.coverage));
+        results.insert(format!("{p}.declined"), num(r.declined));
+        results.insert(format!("{p}.accuracy"), opt(r.accuracy));
+        for (name, det) in [
+            ("confidence", &r.confidence),
+            ("total", &r.total_uncertainty),
+            ("epistemic", &r.epistemic_uncertainty),
+        ] {
+            results.insert(format!("{p}.auroc_{name}"), opt(det.auroc));
+            results.insert(format!("{p}.aupr_{name}"), opt(det.aupr));
+        }
+        ood.insert(split.to_string(), r);
+    }
+    Ok(Metrics {
+        results,
+        summary,
+        ood,
+    })
+}
+
+/// Computes every metric of a run, with bootstrap intervals when `bootstrap` asks for them.
 pub fn compute(
     config: &RunConfig,
     samples: &[Sample],
     skipped: &[SkippedQuestion],
     runs: &[RunRecord],
+    bootstrap: &Bootstrap,
 ) -> Result<ResultsFile> {
     let (chosen, progress) = select(config, samples, skipped);
     let mode = config.normalize;
-    let of_role = |role: Role| -> Vec<&Sample> {
-        let splits: HashSet<&str> = config
-            .data
-            .iter()
-            .filter(|d| d.role == role)
-            .map(|d| d.split.as_str())
-            .collect();
-        chosen
-            .iter()
-            .copied()
-            .filter(|s| splits.contains(s.split.as_str()))
-            .collect()
-    };
-    let test = of_role(Role::Test);
-    let val = of_role(Role::Val);
+    let groups = split_samples(config, &chosen);
+    let (test, val, ood_sets) = roles(config, &groups);
     let mut notes = vec![
         format!(
             "VQA accuracy: official leave-one-out rule (min(#matching humans / 3, 1) averaged over \
@@ -389,40 +508,20 @@ pub fn compute(
          accuracy > 0, −c if answered and wrong, 0 if abstained"
             .into(),
     ];
-    let with_answers = test.iter().any(|s| !s.answers.is_empty());
-    let predictions: Vec<Prediction> = test
-        .iter()
-        .map(|s| Prediction {
-            is_ood: None,
-            ..s.prediction()
-        })
-        .collect();
-    let val_predictions: Vec<Prediction> = val.iter().map(|s| s.prediction()).collect();
-    let summary = if with_answers && !predictions.is_empty() {
-        let opts = SummaryOptions {
-            mode,
-            ..SummaryOptions::default()
-        };
-        let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
-        Some(metrics::summary(&predictions, val_arg, &opts).context("computing the metrics")?)
-    } else {
-        if predictions.is_empty() {
+    let Metrics {
+        mut results,
+        summary,
+        ood,
+    } = metrics_of(config, &test, &val, &ood_sets)?;
+    if summary.is_none() {
+        if test.is_empty() {
             notes.push("no test question was answered: no metrics".into());
         } else {
             notes.push(
                 "the test questions have no human answers: only counts and OOD scores".into(),
             );
         }
-        None
-    };
-    let mut results = match &summary {
-        Some(s) => flatten(s, &predictions),
-        None => {
-            let mut m = Map::new();
-            m.insert("count".into(), Value::from(test.len()));
-            m
-        }
-    };
+    }
     if let Some(s) = &summary {
         match s.thresholds_from {
             ThresholdSource::Validation => notes.push(format!(
@@ -437,51 +536,19 @@ pub fn compute(
             ),
         }
     }
+    let intervals = if bootstrap.resamples > 0 {
+        notes.push(bootstrap.describe());
+        let metric = |drawn: &[Vec<&Sample>]| {
+            let (test, val, ood_sets) = roles(config, drawn);
+            Ok(metrics_of(config, &test, &val, &ood_sets)?.results)
+        };
+        super::bootstrap::intervals(&[groups.as_slice()], bootstrap, metric)?
+            .pop()
+            .unwrap_or_default()
+    } else {
+        BTreeMap::new()
+    };
     results.insert("threshold".into(), num(config.threshold));
-    results.insert("declined".into(), num(declined(&test)));
-    let mut ood = BTreeMap::new();
-    for d in config.data.iter().filter(|d| d.role == Role::Ood) {
-        let these: Vec<&Sample> = chosen
-            .iter()
-            .copied()
-            .filter(|s| s.split == d.split)
-            .collect();
-        if these.is_empty() || test.is_empty() {
-            continue;
-        }
-        let r = ood_result(&test, &these)?;
-        let p = format!("ood.{}", d.split);
-        // The same metrics as on the test questions, on this split (when it has answers), with
-        // the thresholds chosen on the validation questions.
-        if these.iter().all(|s| !s.answers.is_empty()) {
-            let preds: Vec<Prediction> = these.iter().map(|s| s.prediction()).collect();
-            let opts = SummaryOptions {
-                mode,
-                ..SummaryOptions::default()
-            };
-            let val_arg = (!val_predictions.is_empty()).then_some(val_predictions.as_slice());
-            let split_summary = metrics::summary(&preds, val_arg, &opts)
-                .with_context(|| format!("computing the metrics of {}", d.split))?;
-            for (key, value) in flatten(&split_summary, &preds) {
-                if !key.starts_with("ood.") {
-                    results.insert(format!("{p}.{key}"), value);
-                }
-            }
-        }
-        results.insert(format!("{p}.count"), Value::from(r.count));
-        results.insert(format!("{p}.coverage"), num(r.coverage));
-        results.insert(format!("{p}.declined"), num(r.declined));
-        results.insert(format!("{p}.accuracy"), opt(r.accuracy));
-        for (name, det) in [
-            ("confidence", &r.confidence),
-            ("total", &r.total_uncertainty),
-            ("epistemic", &r.epistemic_uncertainty),
-        ] {
-            results.insert(format!("{p}.auroc_{name}"), opt(det.auroc));
-            results.insert(format!("{p}.aupr_{name}"), opt(det.aupr));
-        }
-        ood.insert(d.split.clone(), r);
-    }
     if !ood.is_empty() {
         notes.push(
             "OOD detection: each OOD file against the test questions (OOD = positive class), with \
@@ -515,6 +582,7 @@ pub fn compute(
         timing: Timing::of(runs),
         config: config.clone(),
         notes,
+        intervals,
         written: super::config::utc_timestamp(),
     })
 }

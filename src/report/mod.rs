@@ -216,6 +216,19 @@ pub fn metric(r: &ResultsFile, key: &str) -> Option<f64> {
     r.results.get(key).and_then(|v| v.as_f64())
 }
 
+/// A bootstrap interval for a table: `[lo, hi]`.
+pub fn interval(i: &[f64; 2]) -> String {
+    format!("[{}, {}]", fmt(Some(i[0])), fmt(Some(i[1])))
+}
+
+/// A metric with its bootstrap interval when the run has one.
+pub fn with_interval(r: &ResultsFile, key: &str) -> String {
+    match r.intervals.get(key) {
+        Some(i) => format!("{} {}", fmt(metric(r, key)), interval(i)),
+        None => fmt(metric(r, key)),
+    }
+}
+
 /// A one-line description of the model and particles of a run.
 pub fn describe_model(r: &ResultsFile) -> String {
     let c = &r.config;
@@ -400,7 +413,7 @@ pub fn write_report(
                 .map(|(k, label, meaning)| {
                     let v = match r.results.get(*k) {
                         Some(serde_json::Value::Number(n)) if *k == "count" => n.to_string(),
-                        _ => fmt(metric(r, k)),
+                        _ => with_interval(r, k),
                     };
                     vec![label.to_string(), v, k.to_string(), meaning.to_string()]
                 })
