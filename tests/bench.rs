@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use bella_vqa::answer::selector::Selector;
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
 use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
 use bella_vqa::bella::{attach, AdapterSpec, InitB};
 use bella_vqa::bench::{
-    self, calibrate, merge, BenchOptions, CalibrateOptions, CompareEntry, DataInput, ModelSpec,
-    Objective, Shard,
+    self, calibrate, merge, BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee,
+    ModelSpec, Objective, SelectorChoice, Shard,
 };
 use bella_vqa::data::shapes::{generate, ShapesOptions};
 use bella_vqa::data::{read_jsonl, write_jsonl, ReadOptions};
@@ -806,6 +807,135 @@ fn compare_writes_one_table_over_the_same_questions() {
             .unwrap();
     assert_eq!(json["runs"][1]["name"], "particles");
     assert!(written.iter().any(|w| w.ends_with("comparison.html")));
+    // Every metric with its interval, and a paired difference column.
+    for name in ["base", "particles"] {
+        let r = results_of(&out.path().join(name));
+        let v = r["results"]["vqa_accuracy"].as_f64().unwrap();
+        let i = &r["intervals"]["vqa_accuracy"];
+        assert!(
+            i[0].as_f64().unwrap() <= v && v <= i[1].as_f64().unwrap(),
+            "{i}"
+        );
+        assert!(r["intervals"].get("count").is_none());
+    }
+    let d = &json["differences"][0];
+    assert_eq!(
+        (d["name"].as_str(), d["against"].as_str()),
+        (Some("particles"), Some("base"))
+    );
+    assert!(d["intervals"]["aurc"].is_array());
+    assert!(md.contains("| particles − base |"), "{md}");
+}
+
+#[test]
+fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
+    let dir = tempfile::tempdir().unwrap();
+    make_particles(dir.path());
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    // Right on every other question (its human answers become the model's own answer).
+    let mut examples = read_jsonl(&world().join("val.jsonl"), &ReadOptions::default())
+        .unwrap()
+        .examples;
+    for e in examples.iter_mut().step_by(2) {
+        let r = vqa
+            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+            .unwrap();
+        e.answers = vec![r.answer; 3];
+    }
+    let val = dir.path().join("val.jsonl");
+    write_jsonl(&val, &examples).unwrap();
+
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::Phi(1.0));
+    opts.max_new_tokens = 4;
+    opts.selector = SelectorChoice::Auto;
+    opts.temperature = true;
+    opts.ood_val = Some(DataInput::new(world().join("ood-absent.jsonl")));
+    let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+    let names: Vec<&str> = outcome
+        .selectors
+        .iter()
+        .map(|r| r.selector.name())
+        .collect();
+    assert_eq!(
+        names,
+        ["confidence", "epistemic", "risk-averse", "vote", "learned"]
+    );
+    let best = outcome
+        .selectors
+        .iter()
+        .min_by(|a, b| a.aurc.total_cmp(&b.aurc))
+        .unwrap();
+    assert_eq!(outcome.abstention.selector, best.selector);
+    assert_eq!(outcome.ood_count, 10);
+    let t = outcome.abstention.temperature.unwrap();
+    assert!(t > 0.0 && t.is_finite());
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bella_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["abstention"]["selector"]["name"],
+        best.selector.name()
+    );
+    assert_eq!(config["abstention"]["temperature"], t);
+
+    // ask and bench score with the stored selector at the stored temperature.
+    let calibrated = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    assert_eq!(calibrated.selector(), &best.selector);
+    let e = &examples[1];
+    let r = calibrated
+        .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+        .unwrap();
+    assert_eq!(r.selector, best.selector.name());
+    assert_eq!(r.abstained, r.score < r.threshold);
+    assert_eq!(r.threshold, outcome.abstention.threshold);
+    let out = tempfile::tempdir().unwrap();
+    let mut bench_opts = BenchOptions::new(DataInput::new(&val), out.path());
+    bench_opts.max_new_tokens = 4;
+    bench_opts.bootstrap.resamples = 0;
+    let spec = ModelSpec {
+        adapters: Some(dir.path().to_path_buf()),
+        ..spec()
+    };
+    let outcome = bench::run(&calibrated, &spec, &bench_opts).unwrap();
+    assert!(outcome.results.intervals.is_empty());
+    for s in samples_of(out.path()) {
+        assert_eq!(s["selector"], best.selector.name());
+        let score = s["score"].as_f64().unwrap();
+        assert_eq!(s["abstained"].as_bool().unwrap(), score < r.threshold);
+    }
+
+    // A config written before selectors (no selector, no temperature) is the confidence
+    // selector at temperature 1.
+    let mut old = config.clone();
+    let a = old["abstention"].as_object_mut().unwrap();
+    a.remove("selector");
+    a.remove("temperature");
+    std::fs::write(
+        dir.path().join("bella_config.json"),
+        serde_json::to_vec_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let plain = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    assert_eq!(plain.selector(), &Selector::Confidence);
+    let r = plain
+        .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+        .unwrap();
+    assert_eq!((r.selector.as_str(), r.score), ("confidence", r.confidence));
+
+    // Ten questions cannot support a 5 % risk with 90 % confidence.
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetRisk(0.05));
+    opts.max_new_tokens = 4;
+    opts.guarantee = Guarantee::Ltt { delta: 0.1 };
+    let e = format!("{:#}", calibrate(&vqa, dir.path(), &opts).unwrap_err());
+    assert!(
+        e.contains("no threshold meets risk 0.05 with confidence 1 − 0.1 on 10 questions"),
+        "{e}"
+    );
 }
 
 fn bella() -> Command {
