@@ -1070,6 +1070,30 @@ fn command_line_bench_shards_merge_and_calibrate() {
             .arg(w.join("val.jsonl")),
     );
     assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // Every selector's AURC, a fitted temperature; the guarantee refuses on 10 questions.
+    let calibrate = |extra: &[&str]| {
+        output(
+            bella()
+                .args(["calibrate", "--quiet", "--dry-run", "--max-new-tokens", "4"])
+                .args(extra)
+                .arg("--model")
+                .arg(&model)
+                .arg("--adapters")
+                .arg(&adapters)
+                .arg("--data")
+                .arg(w.join("val.jsonl")),
+        )
+    };
+    let (ok, out, err) = calibrate(&["--selector", "auto", "--objective", "phi1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("← chosen") && out.contains("learned") && out.contains("temperature"));
+    let (ok, _, err) = calibrate(&["--target-risk", "0.05"]);
+    assert!(
+        !ok && err.contains("no threshold meets risk 0.05 with confidence 1 − 0.1 on 10 questions"),
+        "{err}"
+    );
+    let (ok, out, err) = calibrate(&["--target-risk", "0.05", "--guarantee", "none"]);
+    assert!(ok && !out.contains("guarantee"), "{err}");
 }
 
 #[test]

@@ -119,6 +119,10 @@ pub struct OodResult {
     pub total_uncertainty: metrics::Detection,
     /// Score: epistemic uncertainty (mutual information).
     pub epistemic_uncertainty: metrics::Detection,
+    /// Score: minus the abstention selector's score (absent in results written before
+    /// selectors).
+    #[serde(default)]
+    pub selector: Option<metrics::Detection>,
 }
 
 /// Counts and accuracy of the validation questions.
@@ -272,6 +276,7 @@ pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
         confidence: det(&|s| 1.0 - s.confidence)?,
         total_uncertainty: det(&|s| s.uncertainty.total)?,
         epistemic_uncertainty: det(&|s| s.uncertainty.epistemic)?,
+        selector: Some(det(&|s| -s.prediction().selection_score())?),
     })
 }
 
@@ -453,6 +458,10 @@ pub(crate) fn metrics_of(
             results.insert(format!("{p}.auroc_{name}"), opt(det.auroc));
             results.insert(format!("{p}.aupr_{name}"), opt(det.aupr));
         }
+        if let Some(det) = &r.selector {
+            results.insert(format!("{p}.auroc_selector"), opt(det.auroc));
+            results.insert(format!("{p}.aupr_selector"), opt(det.aupr));
+        }
         ood.insert(split.to_string(), r);
     }
     Ok(Metrics {
@@ -552,8 +561,8 @@ pub fn compute(
     if !ood.is_empty() {
         notes.push(
             "OOD detection: each OOD file against the test questions (OOD = positive class), with \
-             three scores: 1 − confidence, total uncertainty H[p̄] and epistemic uncertainty \
-             (mutual information)"
+             four scores: 1 − confidence, total uncertainty H[p̄], epistemic uncertainty \
+             (mutual information) and minus the abstention selector's score (`_selector`)"
                 .into(),
         );
     }
