@@ -259,10 +259,11 @@ fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> [f64; N] {
         if a[c][c].abs() < 1e-300 {
             continue;
         }
+        let pivot_row = a[c];
         for r in c + 1..N {
-            let f = a[r][c] / a[c][c];
-            for k in c..N {
-                a[r][k] -= f * a[c][k];
+            let f = a[r][c] / pivot_row[c];
+            for (x, p) in a[r][c..].iter_mut().zip(&pivot_row[c..]) {
+                *x -= f * p;
             }
             b[r] -= f * b[c];
         }
