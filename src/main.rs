@@ -68,7 +68,7 @@ enum Command {
         /// Also list every particle's own answer.
         #[arg(long)]
         show_particles: bool,
-        /// Abstain below this confidence (default: the calibrated threshold of the particles).
+        /// Abstain below this score of the selector (default: the calibrated threshold of the particles).
         #[arg(long)]
         threshold: Option<f64>,
         /// Longest answer in tokens (LLaVA).

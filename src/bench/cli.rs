@@ -82,7 +82,7 @@ pub struct BenchArgs {
     /// Skip bad data records and unreadable images (listed in the results) instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
-    /// Abstain below this confidence (default: the particles' calibrated threshold, else 0.5).
+    /// Abstain below this selector score (default: the particles' calibrated threshold, else 0.5).
     #[arg(long, value_parser = parse_unit)]
     pub threshold: Option<f64>,
     /// Longest answer in tokens (LLaVA).

@@ -97,7 +97,7 @@ pub struct BenchOptions {
     pub skip_bad: bool,
     /// Show a progress bar.
     pub progress: bool,
-    /// Abstain below this confidence instead of the particles' calibrated threshold.
+    /// Abstain below this selector score instead of the particles' calibrated threshold.
     pub threshold: Option<f64>,
     pub max_new_tokens: usize,
     /// Bootstrap intervals of the metrics (0 resamples: none).

@@ -548,21 +548,25 @@ pub fn write_report(
                 "AUPR total",
                 "AUROC epistemic",
                 "AUPR epistemic",
+                "AUROC −selector",
             ],
             r.ood
                 .iter()
                 .map(|(name, o)| {
+                    // The values of the flat map, with their bootstrap intervals.
+                    let m = |key: &str| with_interval(r, &format!("ood.{name}.{key}"));
                     vec![
                         name.clone(),
                         o.count.to_string(),
                         pct(o.coverage),
                         fmt(Some(o.mean_confidence)),
-                        fmt(o.confidence.auroc),
-                        fmt(o.confidence.aupr),
-                        fmt(o.total_uncertainty.auroc),
-                        fmt(o.total_uncertainty.aupr),
-                        fmt(o.epistemic_uncertainty.auroc),
-                        fmt(o.epistemic_uncertainty.aupr),
+                        m("auroc_confidence"),
+                        m("aupr_confidence"),
+                        m("auroc_total"),
+                        m("aupr_total"),
+                        m("auroc_epistemic"),
+                        m("aupr_epistemic"),
+                        m("auroc_selector"),
                     ]
                 })
                 .collect(),
