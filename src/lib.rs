@@ -10,6 +10,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod hub;
+pub mod input;
 pub mod inspect;
 pub mod io;
 pub mod logits;

@@ -338,8 +338,7 @@ fn run(cli: &Cli) -> Result<()> {
             };
             let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
             if let Some(path) = template {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the template {}", path.display()))?;
+                let text = bella_vqa::input::read_to_string(path, "response template")?;
                 vqa.set_response_template(&text)?;
             }
             if let Some(path) = answers {
@@ -490,7 +489,7 @@ fn read_data(
         skip_bad,
         check_images: true,
     };
-    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?;
+    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?.require_questions()?;
     if !data.skipped.is_empty() && !quiet {
         eprintln!(
             "skipped {} bad record(s) in {} (first: {})",

@@ -50,8 +50,7 @@ pub const UNANSWERABLE: &str = "unanswerable";
 
 /// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped.
 pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let text = crate::input::read_to_string(path, "answer list")?;
     let answers: Vec<String> = text
         .lines()
         .map(str::trim)

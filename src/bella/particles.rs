@@ -151,7 +151,7 @@ impl ParticleSet {
     /// Reads only the config (cheap; e.g. to find the base model).
     pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let text = crate::input::read_to_string(&path, "particle config").with_context(|| {
             format!(
                 "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with `bella-vqa train --out DIR`)",
                 dir.display()
@@ -180,6 +180,7 @@ impl ParticleSet {
             );
         }
         let path: PathBuf = dir.join(PARTICLES_FILE);
+        crate::input::check_regular(&path, "particle weights")?;
         let tensors = candle_core::safetensors::load(&path, device).with_context(|| {
             format!(
                 "cannot read {} (truncated or not safetensors?)",

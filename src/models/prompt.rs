@@ -521,11 +521,10 @@ impl std::fmt::Debug for Prompter {
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
+    if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::input::read_to_string(path, "tokenizer or processor config")?;
     let v = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(Some(v))
@@ -636,7 +635,7 @@ impl Prompter {
     /// `image_token`, else `<image>` when the vocabulary has it).
     pub fn from_dir(dir: &Path, image_token: Option<&str>) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
+        if !tokenizer_path.exists() {
             bail!(
                 "no tokenizer.json in {}: prompting needs the model's tokenizer.json (the \"fast\" \
                  tokenizer file that transformers saves)",
@@ -648,8 +647,7 @@ impl Prompter {
         let processor_config = read_json_opt(&dir.join("processor_config.json"))?;
         let model_config = read_json_opt(&dir.join("config.json"))?;
 
-        let text = std::fs::read_to_string(&tokenizer_path)
-            .with_context(|| format!("cannot read {}", tokenizer_path.display()))?;
+        let text = crate::input::read_to_string(&tokenizer_path, "tokenizer")?;
         let mut tj: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", tokenizer_path.display()))?;
         if !tj.is_object() {
@@ -1046,9 +1044,8 @@ fn find_chat_template(
     tokenizer_config: Option<&Value>,
 ) -> Result<(String, TemplateSource)> {
     let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        let t = std::fs::read_to_string(&jinja)
-            .with_context(|| format!("cannot read {}", jinja.display()))?;
+    if jinja.exists() {
+        let t = crate::input::read_to_string(&jinja, "chat template")?;
         return Ok((t, TemplateSource::File(jinja)));
     }
     let json_path = dir.join("chat_template.json");

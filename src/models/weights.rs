@@ -30,6 +30,10 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
+            crate::input::check_regular(path, "weight file").map_err(|e| WeightError::BadFile {
+                file: path.clone(),
+                reason: format!("{e:#}"),
+            })?;
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on the
             // checkpoint not being modified while it is in use.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| WeightError::BadFile {
