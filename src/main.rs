@@ -86,12 +86,12 @@ enum Command {
         /// Sample with this temperature instead of greedy decoding (LLaVA).
         #[arg(long)]
         temperature: Option<f64>,
-        /// Nucleus sampling mass, with --temperature.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Sampling seed, with --temperature.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Nucleus sampling mass, with --temperature (default 1).
+        #[arg(long, requires = "temperature")]
+        top_p: Option<f64>,
+        /// Sampling seed, with --temperature (default 0).
+        #[arg(long, requires = "temperature")]
+        seed: Option<u64>,
         /// The question.
         question: String,
     },
@@ -326,6 +326,20 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             question,
         } => {
+            let ask = AskOptions {
+                max_new_tokens: *max_new_tokens,
+                sampling: match temperature {
+                    Some(t) => Sampling::Sample {
+                        temperature: *t,
+                        top_p: top_p.unwrap_or(1.0),
+                        seed: seed.unwrap_or(0),
+                    },
+                    None => Sampling::Greedy,
+                },
+                threshold: *threshold,
+            };
+            // Bad options fail before the (slow) model load.
+            ask.validate()?;
             let source = model.source()?;
             let opts = LoadOptions {
                 hub: cli.hub_options(),
@@ -342,21 +356,9 @@ fn run(cli: &Cli) -> Result<()> {
                 vqa.set_response_template(&text)?;
             }
             if let Some(path) = answers {
-                vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
+                vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
             }
             let img = load_image(image)?;
-            let ask = AskOptions {
-                max_new_tokens: *max_new_tokens,
-                sampling: match temperature {
-                    Some(t) => Sampling::Sample {
-                        temperature: *t,
-                        top_p: *top_p,
-                        seed: *seed,
-                    },
-                    None => Sampling::Greedy,
-                },
-                threshold: *threshold,
-            };
             let response = vqa.ask_with(&img, question, &ask)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&response)?);

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod objective;
 pub mod optim;
+pub mod validate;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -286,12 +287,8 @@ pub fn train(
     opts: &TrainOptions,
     run: &RunOptions,
 ) -> Result<TrainReport> {
-    if opts.particles == 0 || opts.batch_size == 0 || opts.epochs == 0 {
-        bail!("particles, batch size and epochs must be at least 1");
-    }
-    if !(opts.lr.is_finite() && opts.lr > 0.0) {
-        bail!("the learning rate must be a positive number");
-    }
+    opts.validate()?;
+    run.validate()?;
     let base = BaseModel {
         source: run.model_source.clone(),
         revision: match &loaded.files.origin {
