@@ -46,8 +46,12 @@ pub fn llava_candidates(
     particles: usize,
     gen: &GenerateOptions,
 ) -> Result<Scored> {
-    let text = prompter.render_question(question, true)?;
-    let ids = prompter.encode(&text, model.config().image_tokens_per_image())?;
+    let ids = prompter.encode_question(
+        question,
+        true,
+        model.config().image_tokens_per_image(),
+        None,
+    )?;
     let len = ids.len();
     let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
     let keep = vec![vec![true; len]];

@@ -109,7 +109,13 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
                 ModelConfig::Llava(_) => Some(prompt::DEFAULT_IMAGE_TOKEN),
                 ModelConfig::Clip(_) => None,
             };
-            Some(Prompter::from_dir(&files.dir, image_token)?)
+            let prompter = Prompter::from_dir(&files.dir, image_token)?;
+            Some(match &config {
+                ModelConfig::Llava(c) => {
+                    prompter.with_max_positions(c.text_config.max_position_embeddings)
+                }
+                ModelConfig::Clip(_) => prompter,
+            })
         }
         None => None,
     };

@@ -757,8 +757,12 @@ impl<'a> Objective<'a> {
                     eos: prompter.eos_token_id().into_iter().collect(),
                     sampling: Sampling::Greedy,
                 };
-                let text = prompter.render_question(&ex.question, true)?;
-                let ids = prompter.encode(&text, m.config().image_tokens_per_image())?;
+                let ids = prompter.encode_question(
+                    &ex.question,
+                    true,
+                    m.config().image_tokens_per_image(),
+                    None,
+                )?;
                 let len = ids.len();
                 let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
                 let keep = vec![vec![true; len]];
