@@ -644,13 +644,15 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         );
     }
     let location = dir.display().to_string();
-    if !dir.join(CONFIG_FILE).is_file() {
+    let config = dir.join(CONFIG_FILE);
+    if !config.exists() {
         return Err(HubError::MissingFile {
             file: CONFIG_FILE.to_string(),
             location,
         }
         .into());
     }
+    crate::input::check_regular(&config, "model config")?;
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     // The order transformers uses: a single file first, then an index.
@@ -661,7 +663,8 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         let mut weights = Vec::with_capacity(shards.len());
         for shard in shards {
             let path = dir.join(&shard);
-            if !path.is_file() {
+            // Present but not a regular file is refused when the weights are opened.
+            if !path.exists() {
                 return Err(HubError::MissingShard {
                     index: index.display().to_string(),
                     shard,
