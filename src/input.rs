@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 fn kind(meta: &fs::Metadata) -> &'static str {
     let t = meta.file_type();
     if t.is_dir() {
-        return "a directory";
+        return "a directory (folder)";
     }
     #[cfg(unix)]
     {
