@@ -1110,7 +1110,7 @@ impl Client {
         let mut bytes = Vec::new();
         self.read_within_deadline(&mut reader, &url, None, |chunk| {
             bytes.extend_from_slice(chunk);
-            Ok(())
+            Ok::<(), HubError>(())
         })?;
         let text = String::from_utf8(bytes).map_err(|e| HubError::InvalidResponse {
             url: url.clone(),
@@ -1203,15 +1203,15 @@ impl Client {
 
     /// Reads `reader` to its end, handing each chunk to `sink`, within the overall deadline of
     /// a transfer of `expected` bytes (or, unknown, of the bytes so far); `what` names the file
-    /// or URL in errors. A `sink` failure stops the transfer (the caller keeps its error).
-    /// Returns the number of bytes read.
-    fn read_within_deadline(
+    /// or URL in errors. A `sink` error stops the transfer and is returned. Returns the number
+    /// of bytes read.
+    fn read_within_deadline<E: From<HubError>>(
         &self,
         reader: &mut impl Read,
         what: &str,
         expected: Option<u64>,
-        mut sink: impl FnMut(&[u8]) -> Result<(), ()>,
-    ) -> Result<u64, HubError> {
+        mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
         let started = Instant::now();
         let grace = self.timeout * DEADLINE_GRACE_TIMEOUTS;
         let mut buf = vec![0u8; 1 << 20];
@@ -1222,13 +1222,13 @@ impl Client {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(self.classify(ureq::Error::from(e), &format!("downloading {what}")))
+                    return Err(self
+                        .classify(ureq::Error::from(e), &format!("downloading {what}"))
+                        .into())
                 }
             };
             read += n as u64;
-            if sink(&buf[..n]).is_err() {
-                return Ok(read);
-            }
+            sink(&buf[..n])?;
             let budget = expected.unwrap_or(read).max(read);
             let allowed =
                 grace + Duration::from_secs_f64(budget as f64 / MIN_TRANSFER_BYTES_PER_SEC as f64);
@@ -1245,7 +1245,8 @@ impl Client {
                         Some(s) => format!("its {s} bytes"),
                         None => format!("the {read} bytes so far"),
                     },
-                });
+                }
+                .into());
             }
         }
     }
@@ -1275,21 +1276,15 @@ impl Client {
         let url = fetched.url;
         let mut reader = fetched.response.into_body().into_reader();
         let mut tmp = TempFile::create(blobs_dir, "download")?;
-        let mut write_error = None;
         let written = self.read_within_deadline(&mut reader, file, expected, |chunk| {
-            if let Err(e) = tmp.file.write_all(chunk) {
-                write_error = Some(e);
-                return Err(());
-            }
+            tmp.file
+                .write_all(chunk)
+                .with_context(|| format!("writing {}", tmp.path.display()))?;
             if let Some(bar) = &bar {
                 bar.inc(chunk.len() as u64);
             }
-            Ok(())
-        });
-        if let Some(e) = write_error {
-            return Err(anyhow::Error::new(e).context(format!("writing {}", tmp.path.display())));
-        }
-        let written = written?;
+            anyhow::Ok(())
+        })?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
