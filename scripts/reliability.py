@@ -47,7 +47,8 @@ class Case:
 
 
 def run(binary, args, env=None, timeout=TIMEOUT):
-    full_env = dict(os.environ, **(env or {}))
+    full_env = {k: v for k, v in os.environ.items() if k != "RUST_BACKTRACE"}
+    full_env.update(env or {})
     proc = subprocess.Popen([binary, "--quiet", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=full_env, start_new_session=True)
     try:
