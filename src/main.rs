@@ -248,7 +248,8 @@ struct TrainArgs {
     rank: usize,
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
-    /// Module-path patterns (PEFT suffixes like q_proj, or globs like language_model.*.q_proj).
+    /// Module-path patterns: PEFT suffixes (q_proj), globs (language_model.*.q_proj) and layer
+    /// ranges (language_model.layers.24-31.*.q_proj: particles on the top layers only).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
