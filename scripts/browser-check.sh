@@ -8,7 +8,8 @@
 #   scripts/browser-check.sh [SCREENSHOT_DIR]      (default /tmp/bella-browser)
 #
 # The binary: $BELLA_VQA_BIN when set, else `cargo build --release` into $CARGO_TARGET_DIR (or ./target).
-# On success the answered and the abstained screenshots are copied to eval/screenshots/.
+# On success the answered and the abstained screenshots are copied to eval/screenshots/ (as 256-colour
+# PNGs, scripts/browser/png8.mjs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -104,6 +105,7 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 mkdir -p eval/screenshots
-cp "$SHOTS/answer.png" eval/screenshots/page-answer.png
-cp "$SHOTS/not-sure.png" eval/screenshots/page-not-sure.png
-say "screenshots in $SHOTS; copied to eval/screenshots/page-answer.png and page-not-sure.png"
+# 256-colour copies: the same look at a third of the size
+node scripts/browser/png8.mjs "$SHOTS/answer.png" eval/screenshots/page-answer.png
+node scripts/browser/png8.mjs "$SHOTS/not-sure.png" eval/screenshots/page-not-sure.png
+say "screenshots in $SHOTS; copied (256 colours) to eval/screenshots/page-answer.png and page-not-sure.png"
