@@ -16,7 +16,16 @@ pub mod logits;
 pub mod metrics;
 pub mod models;
 pub mod report;
+pub mod serve;
 pub mod train;
+
+// The public door: what a front end needs to load a model once and ask from many threads.
+pub use answer::aggregate::Uncertainty;
+pub use answer::candidates::ParticleAnswer;
+pub use answer::generate::Sampling;
+pub use answer::{AskOptions, BellaVqa, CandidateAnswer, LoadOptions, Question, Response};
+pub use hub::{HubOptions, ModelSource};
+pub use models::image::{decode_image, load_image};
 
 /// Sets `RAYON_NUM_THREADS` to candle's default thread count when it is unset. Without it candle
 /// asks the OS for the number of cores on every matrix product (on Linux it reads and parses

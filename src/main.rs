@@ -33,7 +33,7 @@ struct Cli {
 }
 
 /// Where the model comes from.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// A hub id (`org/name`, `org/name@revision`) or a local directory in the Hugging Face layout
     /// (default: the embedded shapes-world demo LLaVA).
@@ -58,13 +58,10 @@ enum Command {
     /// uncertainty split; says "I'm not sure" below the abstention threshold.
     Ask {
         #[command(flatten)]
-        model: ModelArgs,
+        vqa: VqaArgs,
         /// The image (PNG or JPEG).
         #[arg(long)]
         image: PathBuf,
-        /// A particle directory (from `bella-vqa train`).
-        #[arg(long)]
-        adapters: Option<PathBuf>,
         /// Print one JSON object (answer, abstained, confidence, uncertainty, particles, response).
         #[arg(long)]
         json: bool,
@@ -74,12 +71,6 @@ enum Command {
         /// Abstain below this confidence (default: the calibrated threshold of the particles).
         #[arg(long)]
         threshold: Option<f64>,
-        /// A minijinja response template replacing prompts/response.jinja.
-        #[arg(long)]
-        template: Option<PathBuf>,
-        /// CLIP: a file with one candidate answer per line.
-        #[arg(long)]
-        answers: Option<PathBuf>,
         /// Longest answer in tokens (LLaVA).
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
@@ -95,6 +86,10 @@ enum Command {
         /// The question.
         question: String,
     },
+    /// Serve the model over HTTP: an OpenAI-compatible `POST /v1/chat/completions` whose answers
+    /// carry a `bella` object (confidence, uncertainty, abstention, particles), a web page at `/`,
+    /// `/v1/models`, `/health` and `/metrics`.
+    Serve(Box<ServeArgs>),
     /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
     Train(Box<TrainArgs>),
     /// Generate VQA data.
@@ -146,6 +141,64 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+/// A model with its particles, ready to answer (ask, serve).
+#[derive(Args, Clone)]
+struct VqaArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A particle directory (from `bella-vqa train`; default with the demo model: its particles).
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// A minijinja response template replacing prompts/response.jinja.
+    #[arg(long)]
+    template: Option<PathBuf>,
+    /// CLIP: a file with one candidate answer per line.
+    #[arg(long)]
+    answers: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    vqa: VqaArgs,
+    /// Address to listen on (a non-loopback address without --api-key gets a warning).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "BELLA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model id in /v1/models and requests (default: the model's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// The most questions answered together in one pass.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Questions that may wait; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Seconds before an unanswered request gets 504.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Largest request body in MB (413 above).
+    #[arg(long, default_value_t = 20)]
+    max_body_mb: usize,
+    /// Largest image in pixels (width × height).
+    #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
+    max_image_pixels: u64,
+    /// Longest question in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_question_tokens: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens_limit: usize,
+    /// Also fetch http(s) image URLs (public addresses only); default: data URLs only.
+    #[arg(long)]
+    allow_remote_images: bool,
 }
 
 #[derive(Subcommand)]
@@ -273,6 +326,68 @@ impl ModelArgs {
     }
 }
 
+impl VqaArgs {
+    /// Loads the model and its particles (the demo's own particles when no model is given).
+    fn load(&self, hub: HubOptions) -> Result<BellaVqa> {
+        let source = self.model.source()?;
+        let opts = LoadOptions {
+            hub,
+            ..LoadOptions::default()
+        };
+        let adapters = match (&self.model.model, &self.adapters) {
+            (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
+            (_, a) => a.clone(),
+        };
+        let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
+        if let Some(path) = &self.template {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the template {}", path.display()))?;
+            vqa.set_response_template(&text)?;
+        }
+        if let Some(path) = &self.answers {
+            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
+        }
+        Ok(vqa)
+    }
+
+    /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
+    fn served_name(&self) -> String {
+        match &self.model.model {
+            None => "bella-vqa-demo".into(),
+            Some(m) => {
+                let path = std::path::Path::new(m);
+                match (path.is_dir(), path.file_name()) {
+                    (true, Some(name)) => name.to_string_lossy().into_owned(),
+                    _ => m.clone(),
+                }
+            }
+        }
+    }
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let opts = bella_vqa::serve::ServeOptions {
+        host: args.host,
+        port: args.port,
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.vqa.served_name()),
+        api_key: args.api_key.clone(),
+        max_batch: args.max_batch,
+        queue: args.queue,
+        timeout: std::time::Duration::from_secs(args.timeout_secs),
+        max_body_bytes: args.max_body_mb.saturating_mul(1024 * 1024),
+        max_image_pixels: args.max_image_pixels,
+        max_question_tokens: args.max_question_tokens,
+        max_new_tokens_limit: args.max_new_tokens_limit,
+        allow_remote_images: args.allow_remote_images,
+    };
+    // The server listens (with /health saying "loading") while the worker loads the model.
+    let (vqa, hub) = (args.vqa.clone(), cli.hub_options());
+    bella_vqa::serve::run(opts, move || vqa.load(hub))
+}
+
 fn print_response(r: &Response, show_particles: bool) {
     println!("{}", r.response);
     let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
@@ -312,39 +427,18 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Ask {
-            model,
+            vqa,
             image,
-            adapters,
             json,
             show_particles,
             threshold,
-            template,
-            answers,
             max_new_tokens,
             temperature,
             top_p,
             seed,
             question,
         } => {
-            let source = model.source()?;
-            let opts = LoadOptions {
-                hub: cli.hub_options(),
-                ..LoadOptions::default()
-            };
-            // The demo model comes with its calibrated particles.
-            let adapters = match (&model.model, adapters) {
-                (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
-                (_, a) => a.clone(),
-            };
-            let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
-            if let Some(path) = template {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the template {}", path.display()))?;
-                vqa.set_response_template(&text)?;
-            }
-            if let Some(path) = answers {
-                vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
-            }
+            let vqa = vqa.load(cli.hub_options())?;
             let img = load_image(image)?;
             let ask = AskOptions {
                 max_new_tokens: *max_new_tokens,
@@ -365,6 +459,7 @@ fn run(cli: &Cli) -> Result<()> {
                 print_response(&response, *show_particles);
             }
         }
+        Command::Serve(args) => serve(cli, args)?,
         Command::Train(args) => run_train(cli, args)?,
         Command::Data(DataCommand::Shapes {
             out,
