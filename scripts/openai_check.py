@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -135,7 +136,7 @@ def main() -> int:
                 if not isinstance(e, AssertionError):
                     traceback.print_exc(limit=3)
 
-        def coherent(b: dict, content: str):
+        def coherent(b: dict, content: str, show_particles: bool = False):
             for k in ("answer", "abstained", "confidence", "threshold", "uncertainty", "particles", "candidates"):
                 assert k in b, f"bella has no '{k}': {sorted(b)}"
             assert 0.0 <= b["confidence"] <= 1.0, f"confidence {b['confidence']} outside [0, 1]"
@@ -143,11 +144,17 @@ def main() -> int:
             u = b["uncertainty"]
             assert u["total"] >= -1e-6 and u["aleatoric"] >= -1e-6 and u["epistemic"] >= -1e-6, f"negative uncertainty {u}"
             assert abs(u["total"] - u["aleatoric"] - u["epistemic"]) < 1e-3, f"total != aleatoric + epistemic: {u}"
-            if "response" in b:
-                assert content == b["response"], f"content {content!r} != bella.response {b['response']!r}"
             particles = server.health.get("particles")
             if particles:
                 assert len(b["particles"]) == particles, f"{len(b['particles'])} particle answers, /health says {particles}"
+            if show_particles:
+                # bella.show_particles: the content is the response, then one line per particle
+                lines = content.split("\n")
+                assert lines[0] == b["response"], f"content {content!r} does not start with {b['response']!r}"
+                assert len(lines) == 1 + len(b["particles"]) and all(ln.startswith("particle ") for ln in lines[1:]), \
+                    f"content {content!r} does not list the {len(b['particles'])} particles"
+            else:
+                assert content == b["response"], f"content {content!r} != bella.response {b['response']!r}"
 
         def models():
             ids = [m.id for m in client.models.list().data]
@@ -155,9 +162,7 @@ def main() -> int:
             state["model"] = ids[0]
 
         def plain():
-            c = client.chat.completions.create(
-                model=state["model"], messages=messages(red), max_tokens=16, temperature=0,
-                extra_body={"bella": {"show_particles": True}})
+            c = client.chat.completions.create(model=state["model"], messages=messages(red), max_tokens=16, temperature=0)
             content = c.choices[0].message.content
             b = bella_of(c)
             assert b is not None, "the response has no 'bella' object"
@@ -188,27 +193,32 @@ def main() -> int:
             assert len(bellas) == 1, f"{len(bellas)} chunks carry 'bella'"
             where, b = bellas[0]
             assert where >= len(chunks) - 2, f"'bella' in chunk {where} of {len(chunks)}, not at the end"
-            coherent(b, content)
+            coherent(b, content, show_particles=True)
             usage = [ch.usage for ch in chunks if ch.usage]
             assert usage and not chunks[-1].choices and chunks[-1].usage, "no final usage chunk with choices: []"
             if "plain" in state:
                 pc, pb = state["plain"]
-                assert content == pc, f"streamed {content!r} != plain {pc!r}"
+                assert content.split("\n")[0] == pc, f"streamed {content!r} does not start with the plain {pc!r}"
                 assert b["answer"] == pb["answer"] and abs(b["confidence"] - pb["confidence"]) < 1e-4, \
                     f"streamed {b['answer']} {b['confidence']} != plain {pb['answer']} {pb['confidence']}"
             return f"{len(chunks)} chunks, {content!r}, bella in chunk {where + 1}, usage {usage[-1].total_tokens} tokens"
 
         def photo_abstains():
-            c = client.chat.completions.create(
-                model=state["model"], messages=messages(photo), max_tokens=16, temperature=0,
-                extra_body={"bella": {"show_particles": True}})
+            c = client.chat.completions.create(model=state["model"], messages=messages(photo), max_tokens=16, temperature=0)
             content = c.choices[0].message.content
             b = bella_of(c)
             coherent(b, content)
             assert b["abstained"] is True, f"answered {b['answer']!r} with confidence {b['confidence']} on a photograph"
             assert b["confidence"] < b["threshold"], f"abstained with confidence {b['confidence']} >= {b['threshold']}"
             assert content.startswith("I'm not sure"), f"content {content!r}"
-            return f"{content!r}"
+            # bella.threshold overrides the calibrated one: at 0 the same question is answered
+            c0 = client.chat.completions.create(model=state["model"], messages=messages(photo), max_tokens=16,
+                                                temperature=0, extra_body={"bella": {"threshold": 0.0}})
+            b0 = bella_of(c0)
+            assert b0["threshold"] == 0.0 and b0["abstained"] is False, f"threshold 0: {b0['threshold']} abstained={b0['abstained']}"
+            assert c0.choices[0].message.content == b0["answer"] == b["answer"], \
+                f"threshold 0 answered {c0.choices[0].message.content!r}, most likely was {b['answer']!r}"
+            return f"{content!r}; with bella.threshold 0: {c0.choices[0].message.content!r}"
 
         def wrong_key():
             bad = OpenAI(base_url=server.base + "/v1", api_key="wrong-key", max_retries=0, timeout=args.timeout)
@@ -233,8 +243,8 @@ def main() -> int:
         if "model" not in state:
             state["model"] = server.health.get("model") or "bella-vqa-demo"
         check("plain answer (red-circle.png): red, answered, bella coherent", plain)
-        check("streamed answer: chunks, [DONE], bella in the last chunk, usage chunk", streamed)
-        check("photograph (photo-cat.png): not sure", photo_abstains)
+        check("streamed answer with bella.show_particles: chunks, bella in the last one, usage chunk", streamed)
+        check("photograph (photo-cat.png): not sure; answered with bella.threshold 0", photo_abstains)
         check("wrong API key -> openai.AuthenticationError", wrong_key)
         check("unknown model -> openai.NotFoundError", unknown_model)
     finally:
@@ -246,4 +256,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from CI's timeout) unwinds like Ctrl-C, so the server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

@@ -7,7 +7,8 @@ For each round and each server variant (default batching, and `--max-batch 1`; i
 alternating between rounds), starts `serve --port 0`, warms it up, then for 1, 8 and 32 concurrent
 clients sends a fixed number of requests drawn in a fixed order from the demo images and questions in
 eval/demo (images.json and photos.jsonl). Reports requests/s, p50/p95/p99 latency, errors (any status
-but 200, or a transport error) and the server's RSS (VmRSS) after warm-up and at the end; then prints a
+but 200, or a transport error) and the server's RSS (VmRSS) after a warm-up at the highest concurrency
+and at the end; then prints a
 Markdown table of the medians over the rounds. Uses httpx2 (the `openai` client's HTTP library, so the
 venv of scripts/requirements-openai.txt) with asyncio; plain `httpx` works too.
 """
@@ -17,6 +18,7 @@ import base64
 import json
 import math
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,17 +36,20 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "eval" / "demo"
 
 
-def workload():
-    """(image file, question) pairs from the shipped demo: every in-distribution question, then the photos'."""
+def workload(which="all"):
+    """(image file, question) pairs from the shipped demo: the shapes-world questions of images.json
+    (short answers), the photographs' questions of photos.jsonl (often long, unsure answers), or all."""
     pairs = []
-    images = json.loads((DEMO / "images.json").read_text())
-    for name in sorted(images):
-        for q in sorted(images[name].get("questions", {})):
-            pairs.append((name, q))
-    for line in (DEMO / "photos.jsonl").read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            pairs.append((rec["image"], rec["question"]))
+    if which in ("all", "shapes"):
+        images = json.loads((DEMO / "images.json").read_text())
+        for name in sorted(images):
+            for q in sorted(images[name].get("questions", {})):
+                pairs.append((name, q))
+    if which in ("all", "photos"):
+        for line in (DEMO / "photos.jsonl").read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                pairs.append((rec["image"], rec["question"]))
     bodies = []
     for name, q in pairs:
         mime = "image/jpeg" if name.lower().endswith((".jpg", ".jpeg")) else "image/png"
@@ -163,12 +168,14 @@ async def level(base, bodies, clients, n, timeout):
             "p50_ms": pct(lat, 50) * 1e3, "p95_ms": pct(lat, 95) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
 
 
-def run_variant(binary, name, extra, bodies, levels, n, warmup, timeout):
+def run_variant(binary, name, extra, bodies, levels, n, warmup, timeout, soak=0):
     server = Server(binary, extra, timeout)
     try:
         pid = server.proc.pid
         rss_idle = rss_mib(pid)
-        asyncio.run(level(server.base, bodies, 1, warmup, timeout))
+        # warm-up at the highest concurrency, so that the buffers of the largest batches exist
+        # before the RSS that the end is compared with is read
+        asyncio.run(level(server.base, bodies, max(levels), max(warmup, max(levels)), timeout))
         rss_start = rss_mib(pid)
         results = []
         for c in levels:
@@ -178,9 +185,20 @@ def run_variant(binary, name, extra, bodies, levels, n, warmup, timeout):
             print(f"  {name:>13}  {c:>2} clients: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
                   f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  "
                   f"RSS {r['rss_mib']:.1f} MiB", flush=True)
+        rss_end = rss_mib(pid)
+        # soak: more rounds of requests at the highest concurrency on the same server, RSS after each
+        soak_rss, soak_errors = [], 0
+        for _ in range(soak):
+            r = asyncio.run(level(server.base, bodies, max(levels), n, timeout))
+            soak_errors += r["errors"]
+            soak_rss.append(rss_mib(pid))
+        if soak:
+            print(f"  {name:>13}  soak: {soak} x {n} requests at {max(levels)} clients, RSS MiB "
+                  + " ".join(f"{x:.1f}" for x in soak_rss) + f", errors {soak_errors}", flush=True)
         metrics = [ln for ln in server.metrics().splitlines() if "batch" in ln and not ln.startswith("#")]
         return {"variant": name, "args": extra, "rss_idle_mib": rss_idle, "rss_start_mib": rss_start,
-                "rss_end_mib": rss_mib(pid), "levels": results, "batch_metrics": metrics}
+                "rss_end_mib": rss_end, "levels": results, "batch_metrics": metrics,
+                "soak_rss_mib": soak_rss, "soak_errors": soak_errors}
     finally:
         server.stop()
 
@@ -191,18 +209,22 @@ def main():
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level and round")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs every variant once, interleaved)")
-    ap.add_argument("--warmup", type=int, default=8, help="sequential requests before measuring")
+    ap.add_argument("--warmup", type=int, default=64, help="requests before measuring (at the highest concurrency)")
     ap.add_argument("--time-limit", type=float, default=900, help="no new round starts after this many seconds")
     ap.add_argument("--timeout", type=float, default=120, help="seconds per request and for the server to start")
+    ap.add_argument("--questions", choices=["all", "shapes", "photos"], default="all",
+                    help="which demo questions: all, the shapes world only, the photographs only")
+    ap.add_argument("--soak", type=int, default=0,
+                    help="after the levels, this many more rounds of --requests at the highest concurrency (RSS after each)")
     ap.add_argument("--no-max-batch-1", action="store_true", help="only the default server")
     ap.add_argument("--json", help="write every measurement to this file")
     args = ap.parse_args()
 
     levels = [int(c) for c in args.clients.split(",")]
     assert args.requests > 0 and args.rounds > 0 and all(0 < c <= 256 for c in levels)
-    pairs, bodies = workload()
+    pairs, bodies = workload(args.questions)
     variants = [("default", [])] + ([] if args.no_max_batch_1 else [("--max-batch 1", ["--max-batch", "1"])])
-    print(f"serve_load: {args.bin}; {len(pairs)} demo (image, question) pairs; {args.requests} requests per level; "
+    print(f"serve_load: {args.bin}; {len(pairs)} demo (image, question) pairs ({args.questions}); {args.requests} requests per level; "
           f"clients {levels}; up to {args.rounds} rounds", flush=True)
     started = time.monotonic()
     runs = []
@@ -213,7 +235,7 @@ def main():
         order = variants if rnd % 2 == 0 else variants[::-1]
         print(f"round {rnd + 1}", flush=True)
         for name, extra in order:
-            r = run_variant(args.bin, name, extra, bodies, levels, args.requests, args.warmup, args.timeout)
+            r = run_variant(args.bin, name, extra, bodies, levels, args.requests, args.warmup, args.timeout, args.soak)
             r["round"] = rnd + 1
             runs.append(r)
     if args.json:
@@ -222,7 +244,8 @@ def main():
     rounds_done = max(r["round"] for r in runs)
     print()
     print(f"Medians over {rounds_done} round(s); {args.requests} requests per row and round; errors summed; "
-          f"RSS: after {args.warmup} warm-up requests → after the last level (largest growth over the rounds).")
+          f"RSS: after {max(args.warmup, max(levels))} warm-up requests at {max(levels)} clients → after the last level "
+          f"(the round with the largest growth).")
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | RSS MiB (start → end) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -256,9 +279,16 @@ def main():
     for r in runs[:len(variants)]:
         if r["batch_metrics"]:
             print(f"- /metrics batch lines after round {r['round']} ({r['variant']}): " + "; ".join(r["batch_metrics"][:6]))
+    for r in runs:
+        if r["soak_rss_mib"]:
+            print(f"- soak, round {r['round']}, {r['variant']}: RSS MiB {r['rss_end_mib']:.1f} → "
+                  + " → ".join(f"{x:.1f}" for x in r["soak_rss_mib"]) + f" ({r['soak_errors']} errors)")
+        total_errors += r["soak_errors"]
     print(f"serve_load: {len(runs)} server runs in {time.monotonic() - started:.0f} s, {total_errors} errors")
     return 1 if total_errors else 0
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from CI's timeout) unwinds like Ctrl-C, so the server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

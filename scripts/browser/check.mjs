@@ -85,7 +85,7 @@ try {
   check("answered without error", a.state === "done" && !a.error, a.error || a.status);
   check("answer 'red' is shown", a.answerVisible && a.answer === "red", `visible=${a.answerVisible} answer=${JSON.stringify(a.answer)}`);
   check("not-sure banner hidden", !a.bannerVisible);
-  check("confidence shown as a percentage", /^\d+(\.\d)? %/.test(a.confidence), a.confidence);
+  check("confidence shown as a percentage", /^\d+(\.\d)?\s%/.test(a.confidence), a.confidence);
   check("threshold marker placed", /%$/.test(a.markerLeft) && a.threshold !== "", `${a.markerLeft} ${a.threshold}`);
   check("aleatoric and epistemic numbers shown", /^-?\d+\.\d+$/.test(a.aleatoric) && /^-?\d+\.\d+$/.test(a.epistemic), `${a.aleatoric} ${a.epistemic}`);
   check("every particle's answer listed", a.particles.length >= 1 && a.particles.every((t) => t.length > 2), String(a.particles.length));
