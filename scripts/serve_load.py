@@ -3,14 +3,14 @@
 
     python scripts/serve_load.py --bin "$CARGO_TARGET_DIR/release/bella-vqa" [--rounds 3] [--requests 64]
 
-For each round and each server variant (default batching, and `--max-batch 1`; interleaved, the order
-alternating between rounds), starts `serve --port 0`, warms it up, then for 1, 8 and 32 concurrent
-clients sends a fixed number of requests drawn in a fixed order from the demo images and questions in
-eval/demo (images.json and photos.jsonl). Reports requests/s, p50/p95/p99 latency, errors (any status
-but 200, or a transport error) and the server's RSS (VmRSS) after a warm-up at the highest concurrency
-and at the end; then prints a
-Markdown table of the medians over the rounds. Uses httpx2 (the `openai` client's HTTP library, so the
-venv of scripts/requirements-openai.txt) with asyncio; plain `httpx` works too.
+For each round, starts one server per variant (default batching, and `--max-batch 1`) side by side,
+warms both up, then for 1, 8 and 32 concurrent clients measures one and at once the other
+(interleaved, the order alternating), each time sending a fixed number of requests drawn in a fixed
+order from the demo images and questions in eval/demo (images.json and photos.jsonl). Reports
+requests/s, p50/p95/p99 latency, errors (any status but 200, or a transport error) and the server's
+RSS (VmRSS) after a warm-up at the highest concurrency and at the end; then prints a Markdown table
+of the medians over the rounds. Uses httpx2 (the `openai` client's HTTP library, so the venv of
+scripts/requirements-openai.txt) with asyncio; plain `httpx` works too.
 """
 import argparse
 import asyncio
@@ -168,39 +168,51 @@ async def level(base, bodies, clients, n, timeout):
             "p50_ms": pct(lat, 50) * 1e3, "p95_ms": pct(lat, 95) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
 
 
-def run_variant(binary, name, extra, bodies, levels, n, warmup, timeout, soak=0):
-    server = Server(binary, extra, timeout)
+def run_round(binary, variants, bodies, levels, n, warmup, timeout, soak, rnd):
+    """One round: every variant's server runs side by side (an idle one costs nothing); each level
+    is measured on one server, then at once on the other (order alternating), so that the two see
+    the same machine load as nearly as possible."""
+    servers = {}
     try:
-        pid = server.proc.pid
-        rss_idle = rss_mib(pid)
-        # warm-up at the highest concurrency, so that the buffers of the largest batches exist
-        # before the RSS that the end is compared with is read
-        asyncio.run(level(server.base, bodies, max(levels), max(warmup, max(levels)), timeout))
-        rss_start = rss_mib(pid)
-        results = []
-        for c in levels:
-            r = asyncio.run(level(server.base, bodies, c, n, timeout))
-            r["rss_mib"] = rss_mib(pid)
-            results.append(r)
-            print(f"  {name:>13}  {c:>2} clients: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-                  f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  "
-                  f"RSS {r['rss_mib']:.1f} MiB", flush=True)
-        rss_end = rss_mib(pid)
-        # soak: more rounds of requests at the highest concurrency on the same server, RSS after each
-        soak_rss, soak_errors = [], 0
-        for _ in range(soak):
-            r = asyncio.run(level(server.base, bodies, max(levels), n, timeout))
-            soak_errors += r["errors"]
-            soak_rss.append(rss_mib(pid))
-        if soak:
-            print(f"  {name:>13}  soak: {soak} x {n} requests at {max(levels)} clients, RSS MiB "
-                  + " ".join(f"{x:.1f}" for x in soak_rss) + f", errors {soak_errors}", flush=True)
-        metrics = [ln for ln in server.metrics().splitlines() if "batch" in ln and not ln.startswith("#")]
-        return {"variant": name, "args": extra, "rss_idle_mib": rss_idle, "rss_start_mib": rss_start,
-                "rss_end_mib": rss_end, "levels": results, "batch_metrics": metrics,
-                "soak_rss_mib": soak_rss, "soak_errors": soak_errors}
+        for name, extra in variants:
+            servers[name] = Server(binary, extra, timeout)
+        recs = {}
+        for name, extra in variants:
+            pid = servers[name].proc.pid
+            rss_idle = rss_mib(pid)
+            # warm-up at the highest concurrency, so that the buffers of the largest batches exist
+            # before the RSS that the end is compared with is read
+            asyncio.run(level(servers[name].base, bodies, max(levels), max(warmup, max(levels)), timeout))
+            recs[name] = {"variant": name, "args": extra, "round": rnd + 1, "rss_idle_mib": rss_idle,
+                          "rss_start_mib": rss_mib(pid), "levels": []}
+        for i, c in enumerate(levels):
+            order = variants if (rnd + i) % 2 == 0 else variants[::-1]
+            for name, _ in order:
+                r = asyncio.run(level(servers[name].base, bodies, c, n, timeout))
+                r["rss_mib"] = rss_mib(servers[name].proc.pid)
+                recs[name]["levels"].append(r)
+                print(f"  {name:>13}  {c:>2} clients: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                      f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  "
+                      f"RSS {r['rss_mib']:.1f} MiB", flush=True)
+        for name, _ in variants:
+            server, rec = servers[name], recs[name]
+            rec["rss_end_mib"] = rss_mib(server.proc.pid)
+            # soak: more rounds of requests at the highest concurrency on the same server, RSS after each
+            soak_rss, soak_errors = [], 0
+            for _ in range(soak):
+                r = asyncio.run(level(server.base, bodies, max(levels), n, timeout))
+                soak_errors += r["errors"]
+                soak_rss.append(rss_mib(server.proc.pid))
+            if soak:
+                print(f"  {name:>13}  soak: {soak} x {n} requests at {max(levels)} clients, RSS MiB "
+                      + " ".join(f"{x:.1f}" for x in soak_rss) + f", errors {soak_errors}", flush=True)
+            rec["soak_rss_mib"], rec["soak_errors"] = soak_rss, soak_errors
+            rec["batch_metrics"] = [ln for ln in server.metrics().splitlines()
+                                    if "batch" in ln and not ln.startswith("#")]
+        return [recs[name] for name, _ in variants]
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def main():
@@ -232,12 +244,8 @@ def main():
         if rnd and time.monotonic() - started > args.time_limit:
             print(f"serve_load: time limit reached after {rnd} rounds", flush=True)
             break
-        order = variants if rnd % 2 == 0 else variants[::-1]
         print(f"round {rnd + 1}", flush=True)
-        for name, extra in order:
-            r = run_variant(args.bin, name, extra, bodies, levels, args.requests, args.warmup, args.timeout, args.soak)
-            r["round"] = rnd + 1
-            runs.append(r)
+        runs += run_round(args.bin, variants, bodies, levels, args.requests, args.warmup, args.timeout, args.soak, rnd)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
 
@@ -271,7 +279,17 @@ def main():
         print(f"- {name}: throughput over {levels[0]} client: {ups}")
     if len(variants) > 1:
         ups = ", ".join(f"{c} clients {rps[('default', c)] / rps[('--max-batch 1', c)]:.2f}x" for c in levels)
-        print(f"- default batching over --max-batch 1: {ups}")
+        print(f"- default batching over --max-batch 1 (ratio of the medians): {ups}")
+        # the two servers of a round were measured back to back: their ratio is the less noisy number
+        paired = []
+        for i, c in enumerate(levels):
+            ratios = []
+            for k in sorted({r["round"] for r in runs}):
+                a = next(r for r in runs if r["round"] == k and r["variant"] == "default")["levels"][i]["rps"]
+                b = next(r for r in runs if r["round"] == k and r["variant"] == "--max-batch 1")["levels"][i]["rps"]
+                ratios.append(a / b)
+            paired.append(f"{c} clients {med(ratios):.2f}x (rounds: " + " ".join(f"{x:.2f}" for x in ratios) + ")")
+        print("- default batching over --max-batch 1, median of the paired per-round ratios: " + "; ".join(paired))
     for r in runs:
         for x in r["levels"]:
             if x["errors"]:
