@@ -55,6 +55,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod hub;
+pub mod input;
 pub mod inspect;
 pub mod io;
 pub mod logits;

@@ -77,12 +77,12 @@ enum Command {
         /// Sample with this temperature instead of greedy decoding (LLaVA).
         #[arg(long)]
         temperature: Option<f64>,
-        /// Nucleus sampling mass, with --temperature.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Sampling seed, with --temperature.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Nucleus sampling mass, with --temperature (default 1).
+        #[arg(long, requires = "temperature")]
+        top_p: Option<f64>,
+        /// Sampling seed, with --temperature (default 0).
+        #[arg(long, requires = "temperature")]
+        seed: Option<u64>,
         /// The question.
         question: String,
     },
@@ -341,12 +341,11 @@ impl VqaArgs {
         };
         let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
         if let Some(path) = &self.template {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the template {}", path.display()))?;
+            let text = bella_vqa::input::read_to_string(path, "response template")?;
             vqa.set_response_template(&text)?;
         }
         if let Some(path) = &self.answers {
-            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
+            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
         }
         Ok(vqa)
     }
@@ -439,20 +438,22 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             question,
         } => {
-            let vqa = vqa.load(cli.hub_options())?;
-            let img = load_image(image)?;
             let ask = AskOptions {
                 max_new_tokens: *max_new_tokens,
                 sampling: match temperature {
                     Some(t) => Sampling::Sample {
                         temperature: *t,
-                        top_p: *top_p,
-                        seed: *seed,
+                        top_p: top_p.unwrap_or(1.0),
+                        seed: seed.unwrap_or(0),
                     },
                     None => Sampling::Greedy,
                 },
                 threshold: *threshold,
             };
+            // Bad options fail before the (slow) model load.
+            ask.validate()?;
+            let vqa = vqa.load(cli.hub_options())?;
+            let img = load_image(image)?;
             let response = vqa.ask_with(&img, question, &ask)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
@@ -586,7 +587,7 @@ fn read_data(
         skip_bad,
         check_images: true,
     };
-    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?;
+    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?.require_questions()?;
     if !data.skipped.is_empty() && !quiet {
         eprintln!(
             "skipped {} bad record(s) in {} (first: {})",

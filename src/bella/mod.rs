@@ -14,6 +14,15 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 /// Which layers get particles and their shape.
+/// The most particles a set may have.
+pub const MAX_PARTICLES: usize = 256;
+
+/// The highest rank a particle may have.
+pub const MAX_RANK: usize = 1024;
+
+/// The most memory the adapter factors of a fresh particle set may take (f32 values).
+pub const MAX_ADAPTER_BYTES: usize = 8 << 30;
+
 #[derive(Clone, Debug)]
 pub struct AdapterSpec {
     /// Module-path patterns (see [`target_matches`]): PEFT suffixes (`q_proj`), globs with `*`
@@ -49,6 +58,27 @@ impl AdapterSpec {
             alpha: 16.0,
             particles: 4,
         }
+    }
+
+    /// Checks the sizes and α before anything is allocated from them (`--particles`, `--rank`,
+    /// `--alpha` of `train`, and the same fields of a stored particle set).
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_PARTICLES).contains(&self.particles) {
+            bail!(
+                "particles = {}: must be 1 to {MAX_PARTICLES} (--particles)",
+                self.particles
+            );
+        }
+        if !(1..=MAX_RANK).contains(&self.rank) {
+            bail!("rank = {}: must be 1 to {MAX_RANK} (--rank)", self.rank);
+        }
+        if !self.alpha.is_finite() || self.alpha == 0.0 {
+            bail!(
+                "alpha = {}: must be a finite non-zero number (--alpha)",
+                self.alpha
+            );
+        }
+        Ok(())
     }
 
     pub fn matches(&self, path: &str) -> bool {
@@ -175,8 +205,24 @@ pub fn attach<M: ParticleModel + ?Sized>(
     init_b: InitB,
     seed: u64,
 ) -> Result<Vec<String>> {
-    if spec.rank == 0 || spec.particles == 0 {
-        bail!("rank and particles must be at least 1");
+    spec.validate()?;
+    let (p, r) = (spec.particles, spec.rank);
+    let values: usize = model
+        .linears()
+        .iter()
+        .filter(|(path, _)| spec.matches(path))
+        .map(|(_, layer)| {
+            let (out, inp) = layer.shape();
+            p * r * (out + inp)
+        })
+        .sum();
+    if values.saturating_mul(4) > MAX_ADAPTER_BYTES {
+        bail!(
+            "{p} particles of rank {r} on these layers need {:.1} GiB of adapter factors, more than \
+             the {} GiB allowed: lower --particles or --rank, or adapt fewer layers (--targets)",
+            values as f64 * 4.0 / (1u64 << 30) as f64,
+            MAX_ADAPTER_BYTES >> 30
+        );
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut adapted = Vec::new();
@@ -185,7 +231,6 @@ pub fn attach<M: ParticleModel + ?Sized>(
             continue;
         }
         let (out, inp) = layer.shape();
-        let (p, r) = (spec.particles, spec.rank);
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..p * r * inp)
             .map(|_| rng.random_range(-bound..bound) as f32)

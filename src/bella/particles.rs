@@ -16,8 +16,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use super::{Adapter, ParticleModel};
+use super::{Adapter, AdapterSpec, ParticleModel};
 use crate::hub::ModelFiles;
+use crate::models::weights::count_non_finite;
 
 pub const PARTICLES_FILE: &str = "particles.safetensors";
 pub const CONFIG_FILE: &str = "bella_config.json";
@@ -122,6 +123,32 @@ fn sha256_of(path: &Path) -> Result<String> {
     crate::io::sha256_file(path)
 }
 
+impl ParticleConfig {
+    /// The invariants loading and answering rely on: sizes and α as [`AdapterSpec::validate`]
+    /// checks them, at least one layer, a stored threshold in [0, 1].
+    pub fn validate(&self) -> Result<()> {
+        AdapterSpec {
+            targets: self.targets.clone(),
+            rank: self.rank,
+            alpha: self.alpha,
+            particles: self.particles,
+        }
+        .validate()?;
+        if self.layers.is_empty() {
+            bail!("\"layers\" is empty: the particle set adapts no layer");
+        }
+        if let Some(a) = &self.abstention {
+            if !(0.0..=1.0).contains(&a.threshold) {
+                bail!(
+                    "abstention.threshold {} is outside [0, 1]: recalibrate with `bella-vqa calibrate`",
+                    a.threshold
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ParticleSet {
     /// Collects the adapters attached to `model`.
     pub fn from_model<M: ParticleModel + ?Sized>(model: &M, config: ParticleConfig) -> Self {
@@ -151,22 +178,26 @@ impl ParticleSet {
     /// Reads only the config (cheap; e.g. to find the base model).
     pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let text = crate::input::read_to_string(&path, "particle config").with_context(|| {
             format!(
                 "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with `bella-vqa train --out DIR`)",
                 dir.display()
             )
         })?;
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text)).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "{}: invalid key `{}`: {}",
-                    path.display(),
-                    e.path(),
-                    e.inner()
-                )
-            },
-        )
+        let config: ParticleConfig =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: invalid key `{}`: {}",
+                        path.display(),
+                        e.path(),
+                        e.inner()
+                    )
+                })?;
+        config
+            .validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(config)
     }
 
     /// Loads the config and the factors onto `device`.
@@ -180,6 +211,7 @@ impl ParticleSet {
             );
         }
         let path: PathBuf = dir.join(PARTICLES_FILE);
+        crate::input::check_regular(&path, "particle weights")?;
         let tensors = candle_core::safetensors::load(&path, device).with_context(|| {
             format!(
                 "cannot read {} (truncated or not safetensors?)",
@@ -190,10 +222,20 @@ impl ParticleSet {
         let mut adapters = Vec::with_capacity(config.layers.len());
         for name in &config.layers {
             let get = |suffix: &str| {
-                tensors
-                    .get(&format!("{name}.{suffix}"))
+                let key = format!("{name}.{suffix}");
+                let t = tensors
+                    .get(&key)
                     .cloned()
-                    .with_context(|| format!("{} has no tensor {name}.{suffix}", path.display()))
+                    .with_context(|| format!("{} has no tensor {key}", path.display()))?;
+                let bad = count_non_finite(&t)?;
+                if bad > 0 {
+                    bail!(
+                        "tensor {key} in {} holds {bad} NaN or infinite value(s): the particle set \
+                         is damaged (training diverged?); retrain or restore it",
+                        path.display()
+                    );
+                }
+                Ok(t)
             };
             let adapter = Adapter::new(get("bella_A")?, get("bella_B")?, scale)
                 .with_context(|| format!("{name} in {}", path.display()))?;

@@ -277,12 +277,13 @@ struct PeftLora {
 
 fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!(
-            "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
-            dir.display()
-        )
-    })?;
+    let text =
+        crate::input::read_to_string(&config_path, "PEFT adapter config").with_context(|| {
+            format!(
+                "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
+                dir.display()
+            )
+        })?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let config = config
@@ -352,6 +353,7 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
         }
         bail!("{} has no {ADAPTER_WEIGHTS_FILE}", dir.display());
     }
+    crate::input::check_regular(&weights, "PEFT adapter weights")?;
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).with_context(|| {
         format!(
             "cannot read {} (truncated or not safetensors?)",
@@ -574,8 +576,7 @@ fn read_safetensors_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
 
 /// The JSON header of a safetensors file (tensor entries and `__metadata__`).
 pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Map<String, Value>> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = crate::input::open(path, "safetensors file")?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;

@@ -155,7 +155,8 @@ pub(crate) fn read_set(
         input.annotations.as_deref(),
         input.images.as_deref(),
         &opts,
-    )?;
+    )?
+    .require_questions()?;
     let questions = ds.examples.len();
     let selected = limit.map_or(questions, |l| l.min(questions));
     let record = DataRecord {

@@ -15,7 +15,8 @@
 //!
 //! Image paths: relative paths in a JSONL file are relative to the file's folder; VQAv2 and VizWiz
 //! images are looked up in the image folder (by default the data file's folder). Every reader checks
-//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the image header.
+//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the whole image
+//! (a truncated file has a good header and fails only in a full decode).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -144,7 +145,7 @@ impl<'de> Deserialize<'de> for VqaExample {
 pub struct ReadOptions {
     /// Go on after a bad record and collect it in [`Dataset::skipped`] (default: stop with its error).
     pub skip_bad: bool,
-    /// Decode every image's header (format and size), not only check that the file exists.
+    /// Decode every image (a truncated file fails here), not only check that the file exists.
     pub check_images: bool,
 }
 
@@ -208,6 +209,25 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
+    }
+
+    /// The data set, or an error naming its file when it holds no usable question (an empty
+    /// file, or one whose every record was bad and skipped).
+    pub fn require_questions(self) -> anyhow::Result<Self> {
+        if self.examples.is_empty() {
+            let skipped = match self.skipped.len() {
+                0 => String::new(),
+                n => format!(
+                    " ({n} bad record(s) skipped, the first: {})",
+                    self.skipped[0]
+                ),
+            };
+            bail!(
+                "data file {} holds no questions{skipped}",
+                self.source.display()
+            );
+        }
+        Ok(self)
     }
 
     /// True when the data set has human answers (it is not a test set without answers).
@@ -991,18 +1011,13 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
         Err(e) => return Err(format!("cannot read image file {}: {e}", path.display())),
     }
     if decode {
-        let unreadable = |e: &dyn fmt::Display| {
+        // A full decode: a truncated file has a good header and fails only here.
+        crate::models::image::load_image(path).map_err(|e| {
             format!(
-                "image file {} cannot be read as an image ({e}); replace it with a valid PNG or JPEG file",
+                "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG or JPEG file",
                 path.display()
             )
-        };
-        image::ImageReader::open(path)
-            .map_err(|e| unreadable(&e))?
-            .with_guessed_format()
-            .map_err(|e| unreadable(&e))?
-            .into_dimensions()
-            .map_err(|e| unreadable(&e))?;
+        })?;
     }
     Ok(())
 }
@@ -1138,15 +1153,7 @@ fn json_error_message(e: &serde_json::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 
 fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => bail!(
-            "data file {} is a folder; pass the data file itself",
-            path.display()
-        ),
-        Ok(_) => {}
-        Err(e) => return Err(anyhow!("cannot read data file {}: {e}", path.display())),
-    }
-    fs::File::open(path).map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))
+    crate::input::open(path, "data file")
 }
 
 fn read_json_file(path: &Path) -> anyhow::Result<Value> {

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod objective;
 pub mod optim;
+pub mod validate;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -286,12 +287,8 @@ pub fn train(
     opts: &TrainOptions,
     run: &RunOptions,
 ) -> Result<TrainReport> {
-    if opts.particles == 0 || opts.batch_size == 0 || opts.epochs == 0 {
-        bail!("particles, batch size and epochs must be at least 1");
-    }
-    if !(opts.lr.is_finite() && opts.lr > 0.0) {
-        bail!("the learning rate must be a positive number");
-    }
+    opts.validate()?;
+    run.validate()?;
     let base = BaseModel {
         source: run.model_source.clone(),
         revision: match &loaded.files.origin {
@@ -760,8 +757,12 @@ impl<'a> Objective<'a> {
                     eos: prompter.eos_token_id().into_iter().collect(),
                     sampling: Sampling::Greedy,
                 };
-                let text = prompter.render_question(&ex.question, true)?;
-                let ids = prompter.encode(&text, m.config().image_tokens_per_image())?;
+                let ids = prompter.encode_question(
+                    &ex.question,
+                    true,
+                    m.config().image_tokens_per_image(),
+                    None,
+                )?;
                 let len = ids.len();
                 let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
                 let keep = vec![vec![true; len]];
