@@ -79,6 +79,7 @@ fn make_particles(dir: &Path) {
         seed: 7,
         step: 0,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     ParticleSet::from_model(m.as_ref(), config)

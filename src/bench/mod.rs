@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
@@ -318,8 +318,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         }
     }
     let mut config = run_config(vqa, model, opts, &sets)?;
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    crate::io::create_dir_all(&opts.out)?;
     check_or_write_config(&opts.out, &mut config)?;
 
     let samples_path = opts.out.join(SAMPLES_FILE);

@@ -72,7 +72,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::vqa::{write_atomic, write_jsonl, VqaExample};
+use super::vqa::{write_jsonl, VqaExample};
+use crate::io::write_bytes_atomically;
 
 /// The default canvas side in pixels.
 pub const DEFAULT_IMAGE_SIZE: u32 = 32;
@@ -479,7 +480,7 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
     });
     let mut bytes = serde_json::to_vec_pretty(&meta)?;
     bytes.push(b'\n');
-    write_atomic(&opts.out.join("shapes.json"), &bytes, true)?;
+    write_bytes_atomically(&opts.out.join("shapes.json"), &bytes)?;
     Ok(ShapesSummary {
         splits: counts,
         images: g.images,
@@ -719,7 +720,7 @@ impl Generator<'_> {
                 image::ExtendedColorType::Rgb8,
             )
             .with_context(|| format!("cannot encode {rel}"))?;
-        write_atomic(&self.out.join(rel), &bytes, false)?;
+        write_bytes_atomically(&self.out.join(rel), &bytes)?;
         self.images += 1;
         Ok(())
     }

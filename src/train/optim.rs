@@ -32,13 +32,17 @@ impl AdamW {
         })
     }
 
-    /// One update of every variable with its gradient (`grads[i]` for `vars[i]`).
+    /// One update of every variable with its gradient (`grads[i]` for `vars[i]`). The moments
+    /// are built from detached gradients: the optimiser never holds an autograd graph (it would
+    /// chain every step's graph to the next one).
     pub fn step(&mut self, vars: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
         let c1 = 1.0 - self.beta1.powi(t);
         let c2 = 1.0 - self.beta2.powi(t);
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let g = g.detach();
+            let g = &g;
             let m = ((&self.first[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.second[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
