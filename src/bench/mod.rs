@@ -161,10 +161,10 @@ pub(crate) fn read_set(
     let record = DataRecord {
         split: split.to_string(),
         role,
-        path: input.path.display().to_string(),
+        path: crate::io::stored_path(&input.path),
         format: ds.format,
         sha256: crate::io::sha256_file(&input.path)?,
-        annotations: input.annotations.as_ref().map(|a| a.display().to_string()),
+        annotations: input.annotations.as_deref().map(crate::io::stored_path),
         annotations_sha256: match &input.annotations {
             Some(a) => Some(crate::io::sha256_file(a)?),
             None => None,
