@@ -199,7 +199,6 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
         bail!("bench needs --model, --data and --out");
     };
-    let source = model_source(model, &args.revision)?;
     let spec = ModelSpec {
         source: crate::io::stored_model_source(model),
         adapters: args.adapters.clone(),
@@ -232,6 +231,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
     }
     let _lock = crate::io::OutputLock::acquire(out)?;
+    let source = model_source(model, &args.revision)?;
     let answers = match &args.answers {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
