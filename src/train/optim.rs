@@ -170,6 +170,20 @@ mod tests {
     }
 
     #[test]
+    fn the_moments_hold_no_graph_of_a_tracked_gradient() {
+        // candle's gradient of a variable can carry the forward graph; moments built from it
+        // would chain every step's graph to the next (training memory growing per step).
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&var), 0.0).unwrap();
+        for _ in 0..2 {
+            let tracked = (var.as_tensor() * 3.0).unwrap();
+            assert!(tracked.track_op());
+            opt.step(std::slice::from_ref(&var), &[tracked], 0.1).unwrap();
+        }
+        assert!(opt.first.iter().chain(&opt.second).all(|m| !m.track_op()));
+    }
+
+    #[test]
     fn clipping_is_per_particle() {
         // Particle 0 has norm 5 (clipped to 1), particle 1 norm 0.5 (kept).
         let a = Tensor::new(&[[3.0f32, 0.0], [0.3, 0.0]], &Device::Cpu).unwrap();
