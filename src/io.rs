@@ -50,9 +50,9 @@ fn temp_name(path: &Path) -> Result<PathBuf> {
 /// Whether `name` is a temporary name made by [`temp_name`] (of any process).
 fn is_temp_name(name: &str) -> bool {
     name.starts_with('.')
-        && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| {
-            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
-        })
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn parent_of(path: &Path) -> Option<&Path> {
@@ -93,7 +93,8 @@ pub fn remove_file(path: &Path) -> Result<()> {
 /// syncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     file_op();
-    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     file_op();
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
@@ -274,7 +275,11 @@ impl OutputLock {
                     "{} is in use by process {}: wait for it to finish, or use another output \
                      directory",
                     dir.display(),
-                    if holder.is_empty() { "(unknown)" } else { holder }
+                    if holder.is_empty() {
+                        "(unknown)"
+                    } else {
+                        holder
+                    }
                 );
             }
             Err(fs4::TryLockError::Error(e)) => {
@@ -361,7 +366,11 @@ mod tests {
         write_bytes_atomically(&path, b"old").unwrap();
         write_bytes_atomically(&path, b"new").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 
     #[test]
@@ -372,7 +381,11 @@ mod tests {
         write_dir_atomically(&dir, &[("a", b"3")]).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"3");
         assert!(!dir.join("b").exists(), "the old directory is gone");
-        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1, "no temp left");
+        assert_eq!(
+            fs::read_dir(root.path()).unwrap().count(),
+            1,
+            "no temp left"
+        );
     }
 
     #[test]
@@ -393,7 +406,12 @@ mod tests {
         left.sort();
         assert_eq!(
             left,
-            [".bella-vqa.lock", ".tmp-notapid", "checkpoints", "keep.tmp-1"]
+            [
+                ".bella-vqa.lock",
+                ".tmp-notapid",
+                "checkpoints",
+                "keep.tmp-1"
+            ]
         );
     }
 

@@ -571,7 +571,11 @@ fn import_peft(
     let source = ModelSource::parse(&source_text)?;
     let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
         .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
-    peft::bind_base(&mut set, &files, &bella_vqa::io::stored_model_source(&source_text))?;
+    peft::bind_base(
+        &mut set,
+        &files,
+        &bella_vqa::io::stored_model_source(&source_text),
+    )?;
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     set.save(out)?;
     if !cli.quiet {

@@ -208,7 +208,11 @@ fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
         let log = String::from_utf8(got[Path::new("train_log.jsonl")].clone()).unwrap();
         let steps: Vec<u64> = log
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, [2, 4], "killed before op {n}: log {log}");
     }
@@ -247,7 +251,10 @@ fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
         );
         let results: serde_json::Value =
             serde_json::from_slice(&got[Path::new("results.json")]).unwrap();
-        assert_eq!(results["progress"]["complete"], true, "killed before op {n}");
+        assert_eq!(
+            results["progress"]["complete"], true,
+            "killed before op {n}"
+        );
         assert_eq!(
             got.keys().collect::<Vec<_>>(),
             expected.keys().collect::<Vec<_>>(),
@@ -282,11 +289,17 @@ fn an_output_directory_in_use_is_refused_at_once_naming_the_process() {
         .arg(busy.path());
     commands.push(c);
     let mut c = bella();
-    c.args(["data", "shapes", "--n", "4", "--out"]).arg(busy.path());
+    c.args(["data", "shapes", "--n", "4", "--out"])
+        .arg(busy.path());
     commands.push(c);
     let mut c = bella();
-    c.args(["export-peft", "--adapters", "/nonexistent/particles", "--out"])
-        .arg(busy.path());
+    c.args([
+        "export-peft",
+        "--adapters",
+        "/nonexistent/particles",
+        "--out",
+    ])
+    .arg(busy.path());
     commands.push(c);
     let mut c = bella();
     c.args(["bench", "merge", "/nonexistent/shard", "--out"])
@@ -336,12 +349,28 @@ fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
     run_ok(train(world.path(), out.path()).args(["--max-steps", "2"]));
     let particles = std::fs::read(out.path().join("particles.safetensors")).unwrap();
 
-    let err = run_err(train_with(&fixture("llava-tiny-hub"), world.path(), out.path(), &[("--lr", "0.5")]).arg("--resume"));
+    let err = run_err(
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world.path(),
+            out.path(),
+            &[("--lr", "0.5")],
+        )
+        .arg("--resume"),
+    );
     assert!(
         err.contains("option lr: 0.01 in the checkpoint, 0.5 now"),
         "{err}"
     );
-    let err = run_err(train_with(&fixture("llava-tiny-hub"), world.path(), out.path(), &[("--limit", "6")]).arg("--resume"));
+    let err = run_err(
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world.path(),
+            out.path(),
+            &[("--limit", "6")],
+        )
+        .arg("--resume"),
+    );
     assert!(
         err.contains("training data: 8 questions") && err.contains("6 questions"),
         "{err}"
@@ -369,7 +398,12 @@ fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
     );
     let done = run_ok(train(world.path(), out.path()).args(["--resume"]));
     assert!(done.is_empty(), "{done}");
-    let err = run_err(&mut train_with(&fixture("llava-tiny-hub"), world.path(), out.path(), &[("--limit", "0")]));
+    let err = run_err(&mut train_with(
+        &fixture("llava-tiny-hub"),
+        world.path(),
+        out.path(),
+        &[("--limit", "0")],
+    ));
     assert!(err.contains("--limit"), "{err}");
 }
 
@@ -390,9 +424,15 @@ fn data_shapes_does_not_overwrite_a_data_set_without_force() {
         err.contains("already holds a data set") && err.contains("--force"),
         "{err}"
     );
-    assert_eq!(std::fs::read(out.path().join("train.jsonl")).unwrap(), first);
+    assert_eq!(
+        std::fs::read(out.path().join("train.jsonl")).unwrap(),
+        first
+    );
     run_ok(&mut shapes(&["--seed", "2", "--force"]));
-    assert_ne!(std::fs::read(out.path().join("train.jsonl")).unwrap(), first);
+    assert_ne!(
+        std::fs::read(out.path().join("train.jsonl")).unwrap(),
+        first
+    );
 }
 
 #[test]
@@ -471,13 +511,20 @@ fn every_written_file_has_the_permissions_of_the_umask() {
         &[],
     )));
     let mut c = bella();
-    c.args(["calibrate", "--quiet", "--max-new-tokens", "4", "--target-coverage", "0.5"])
-        .arg("--model")
-        .arg(fixture("llava-tiny-hub"))
-        .arg("--adapters")
-        .arg(&particles)
-        .arg("--data")
-        .arg(world.path().join("val.jsonl"));
+    c.args([
+        "calibrate",
+        "--quiet",
+        "--max-new-tokens",
+        "4",
+        "--target-coverage",
+        "0.5",
+    ])
+    .arg("--model")
+    .arg(fixture("llava-tiny-hub"))
+    .arg("--adapters")
+    .arg(&particles)
+    .arg("--data")
+    .arg(world.path().join("val.jsonl"));
     run_ok(&mut sh(&c));
     let mut c = bella();
     c.args(["export-peft", "--quiet", "--adapters"])
@@ -494,7 +541,11 @@ fn every_written_file_has_the_permissions_of_the_umask() {
     let mut seen = 0;
     for dir in [&particles, &peft, &runs, &data] {
         for rel in files(dir).keys() {
-            let mode = std::fs::metadata(dir.join(rel)).unwrap().permissions().mode() & 0o777;
+            let mode = std::fs::metadata(dir.join(rel))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o640, "{} has mode {mode:o}", dir.join(rel).display());
             seen += 1;
         }

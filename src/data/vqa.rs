@@ -1203,4 +1203,3 @@ fn relative_image_path(image: &Path, abs_dir: &Path) -> anyhow::Result<PathBuf> 
         _ => abs,
     })
 }
-

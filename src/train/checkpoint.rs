@@ -101,8 +101,7 @@ pub fn prune(out: &Path) -> Result<()> {
     names.sort();
     let previous = names
         .iter()
-        .filter(|n| n.as_str() < committed.as_str())
-        .next_back()
+        .rfind(|n| n.as_str() < committed.as_str())
         .cloned();
     for n in names {
         if n != committed && Some(&n) != previous.as_ref() {

@@ -311,7 +311,10 @@ fn resume_differences(
     base: &BaseModel,
 ) -> Result<Vec<String>> {
     let mut diffs = Vec::new();
-    let (before, now) = (serde_json::to_value(&ck.state.options)?, serde_json::to_value(opts)?);
+    let (before, now) = (
+        serde_json::to_value(&ck.state.options)?,
+        serde_json::to_value(opts)?,
+    );
     if let (serde_json::Value::Object(before), serde_json::Value::Object(now)) = (&before, &now) {
         for (key, old) in before {
             let new = now.get(key).unwrap_or(&serde_json::Value::Null);

@@ -178,7 +178,8 @@ mod tests {
         for _ in 0..2 {
             let tracked = (var.as_tensor() * 3.0).unwrap();
             assert!(tracked.track_op());
-            opt.step(std::slice::from_ref(&var), &[tracked], 0.1).unwrap();
+            opt.step(std::slice::from_ref(&var), &[tracked], 0.1)
+                .unwrap();
         }
         assert!(opt.first.iter().chain(&opt.second).all(|m| !m.track_op()));
     }
