@@ -220,6 +220,9 @@ enum DataCommand {
         /// are unchanged.
         #[arg(long, default_value_t = 0.0)]
         absent_share: f64,
+        /// Overwrite a data set already in --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -285,6 +288,9 @@ struct TrainArgs {
     /// Skip bad data records (counted) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
+    /// Train on the first N training questions only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -469,7 +475,9 @@ fn run(cli: &Cli) -> Result<()> {
             n,
             image_size,
             absent_share,
+            force,
         }) => {
+            let _lock = bella_vqa::io::OutputLock::acquire(out)?;
             let summary =
                 bella_vqa::data::shapes::generate(&bella_vqa::data::shapes::ShapesOptions {
                     out: out.clone(),
@@ -478,6 +486,7 @@ fn run(cli: &Cli) -> Result<()> {
                     image_size: *image_size,
                     progress: !cli.quiet,
                     absent_share: *absent_share,
+                    force: *force,
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {
@@ -521,6 +530,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn export_peft(cli: &Cli, adapters: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
     let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
     if !cli.quiet {
@@ -563,7 +573,12 @@ fn import_peft(
     let source = ModelSource::parse(&source_text)?;
     let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
         .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
-    peft::bind_base(&mut set, &files, &source_text)?;
+    peft::bind_base(
+        &mut set,
+        &files,
+        &bella_vqa::io::stored_model_source(&source_text),
+    )?;
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     set.save(out)?;
     if !cli.quiet {
         println!(
@@ -600,8 +615,12 @@ fn read_data(
 }
 
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
-    let train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    let mut train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    if let Some(limit) = args.limit {
+        train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let val_data = match &args.val {
         Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
         None => Vec::new(),
@@ -638,7 +657,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         max_steps: args.max_steps,
         progress: !cli.quiet,
         model_source: match &args.model.model {
-            Some(m) => m.clone(),
+            Some(m) => bella_vqa::io::stored_model_source(m),
             None => "demo".to_string(),
         },
     };
@@ -657,12 +676,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         );
         if let Some(e) = &report.last {
             println!(
-                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} examples/s",
+                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} questions/s ({:.1} question-particle pairs/s)",
                 e.train_loss,
                 e.val_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.val_accuracy_vote.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.mean_pairwise_distance,
-                e.examples_per_second
+                e.examples_per_second,
+                e.particle_examples_per_second
             );
         }
     }
