@@ -33,7 +33,7 @@ struct Cli {
 }
 
 /// Where the model comes from.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// A hub id (`org/name`, `org/name@revision`) or a local directory in the Hugging Face layout
     /// (default: the embedded shapes-world demo LLaVA).
@@ -58,13 +58,10 @@ enum Command {
     /// uncertainty split; says "I'm not sure" below the abstention threshold.
     Ask {
         #[command(flatten)]
-        model: ModelArgs,
+        vqa: VqaArgs,
         /// The image (PNG or JPEG).
         #[arg(long)]
         image: PathBuf,
-        /// A particle directory (from `bella-vqa train`).
-        #[arg(long)]
-        adapters: Option<PathBuf>,
         /// Print one JSON object (answer, abstained, confidence, uncertainty, particles, response).
         #[arg(long)]
         json: bool,
@@ -74,12 +71,6 @@ enum Command {
         /// Abstain below this confidence (default: the calibrated threshold of the particles).
         #[arg(long)]
         threshold: Option<f64>,
-        /// A minijinja response template replacing prompts/response.jinja.
-        #[arg(long)]
-        template: Option<PathBuf>,
-        /// CLIP: a file with one candidate answer per line.
-        #[arg(long)]
-        answers: Option<PathBuf>,
         /// Longest answer in tokens (LLaVA).
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
@@ -95,6 +86,10 @@ enum Command {
         /// The question.
         question: String,
     },
+    /// Serve the model over HTTP: an OpenAI-compatible `POST /v1/chat/completions` whose answers
+    /// carry a `bella` object (confidence, uncertainty, abstention, particles), a web page at `/`,
+    /// `/v1/models`, `/health` and `/metrics`.
+    Serve(Box<ServeArgs>),
     /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
     Train(Box<TrainArgs>),
     /// Generate VQA data.
@@ -148,6 +143,64 @@ enum Command {
     },
 }
 
+/// A model with its particles, ready to answer (ask, serve).
+#[derive(Args, Clone)]
+struct VqaArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A particle directory (from `bella-vqa train`; default with the demo model: its particles).
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// A minijinja response template replacing prompts/response.jinja.
+    #[arg(long)]
+    template: Option<PathBuf>,
+    /// CLIP: a file with one candidate answer per line.
+    #[arg(long)]
+    answers: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    vqa: VqaArgs,
+    /// Address to listen on (a non-loopback address without --api-key gets a warning).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "BELLA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model id in /v1/models and requests (default: the model's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// The most questions answered together in one pass.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Questions that may wait; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Seconds before an unanswered request gets 504.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Largest request body in MB (413 above).
+    #[arg(long, default_value_t = 20)]
+    max_body_mb: usize,
+    /// Largest image in pixels (width × height).
+    #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
+    max_image_pixels: u64,
+    /// Longest question in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_question_tokens: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens_limit: usize,
+    /// Also fetch http(s) image URLs (public addresses only); default: data URLs only.
+    #[arg(long)]
+    allow_remote_images: bool,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// The seeded shapes world: coloured shapes with questions, in- and out-of-distribution splits.
@@ -167,6 +220,9 @@ enum DataCommand {
         /// are unchanged.
         #[arg(long, default_value_t = 0.0)]
         absent_share: f64,
+        /// Overwrite a data set already in --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -195,7 +251,8 @@ struct TrainArgs {
     rank: usize,
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
-    /// Module-path patterns (PEFT suffixes like q_proj, or globs like language_model.*.q_proj).
+    /// Module-path patterns: PEFT suffixes (q_proj), globs (language_model.*.q_proj) and layer
+    /// ranges (language_model.layers.24-31.*.q_proj: particles on the top layers only).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
@@ -231,6 +288,9 @@ struct TrainArgs {
     /// Skip bad data records (counted) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
+    /// Train on the first N training questions only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -273,6 +333,67 @@ impl ModelArgs {
     }
 }
 
+impl VqaArgs {
+    /// Loads the model and its particles (the demo's own particles when no model is given).
+    fn load(&self, hub: HubOptions) -> Result<BellaVqa> {
+        let source = self.model.source()?;
+        let opts = LoadOptions {
+            hub,
+            ..LoadOptions::default()
+        };
+        let adapters = match (&self.model.model, &self.adapters) {
+            (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
+            (_, a) => a.clone(),
+        };
+        let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
+        if let Some(path) = &self.template {
+            let text = bella_vqa::input::read_to_string(path, "response template")?;
+            vqa.set_response_template(&text)?;
+        }
+        if let Some(path) = &self.answers {
+            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
+        }
+        Ok(vqa)
+    }
+
+    /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
+    fn served_name(&self) -> String {
+        match &self.model.model {
+            None => "bella-vqa-demo".into(),
+            Some(m) => {
+                let path = std::path::Path::new(m);
+                match (path.is_dir(), path.file_name()) {
+                    (true, Some(name)) => name.to_string_lossy().into_owned(),
+                    _ => m.clone(),
+                }
+            }
+        }
+    }
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let opts = bella_vqa::serve::ServeOptions {
+        host: args.host,
+        port: args.port,
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.vqa.served_name()),
+        api_key: args.api_key.clone(),
+        max_batch: args.max_batch,
+        queue: args.queue,
+        timeout: std::time::Duration::from_secs(args.timeout_secs),
+        max_body_bytes: args.max_body_mb.saturating_mul(1024 * 1024),
+        max_image_pixels: args.max_image_pixels,
+        max_question_tokens: args.max_question_tokens,
+        max_new_tokens_limit: args.max_new_tokens_limit,
+        allow_remote_images: args.allow_remote_images,
+    };
+    // The server listens (with /health saying "loading") while the worker loads the model.
+    let (vqa, hub) = (args.vqa.clone(), cli.hub_options());
+    bella_vqa::serve::run(opts, move || vqa.load(hub))
+}
+
 fn print_response(r: &Response, show_particles: bool) {
     println!("{}", r.response);
     let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
@@ -312,14 +433,11 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Ask {
-            model,
+            vqa,
             image,
-            adapters,
             json,
             show_particles,
             threshold,
-            template,
-            answers,
             max_new_tokens,
             temperature,
             top_p,
@@ -340,24 +458,7 @@ fn run(cli: &Cli) -> Result<()> {
             };
             // Bad options fail before the (slow) model load.
             ask.validate()?;
-            let source = model.source()?;
-            let opts = LoadOptions {
-                hub: cli.hub_options(),
-                ..LoadOptions::default()
-            };
-            // The demo model comes with its calibrated particles.
-            let adapters = match (&model.model, adapters) {
-                (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
-                (_, a) => a.clone(),
-            };
-            let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
-            if let Some(path) = template {
-                let text = bella_vqa::input::read_to_string(path, "response template")?;
-                vqa.set_response_template(&text)?;
-            }
-            if let Some(path) = answers {
-                vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
-            }
+            let vqa = vqa.load(cli.hub_options())?;
             let img = load_image(image)?;
             let response = vqa.ask_with(&img, question, &ask)?;
             if *json {
@@ -366,6 +467,7 @@ fn run(cli: &Cli) -> Result<()> {
                 print_response(&response, *show_particles);
             }
         }
+        Command::Serve(args) => serve(cli, args)?,
         Command::Train(args) => run_train(cli, args)?,
         Command::Data(DataCommand::Shapes {
             out,
@@ -373,7 +475,9 @@ fn run(cli: &Cli) -> Result<()> {
             n,
             image_size,
             absent_share,
+            force,
         }) => {
+            let _lock = bella_vqa::io::OutputLock::acquire(out)?;
             let summary =
                 bella_vqa::data::shapes::generate(&bella_vqa::data::shapes::ShapesOptions {
                     out: out.clone(),
@@ -382,6 +486,7 @@ fn run(cli: &Cli) -> Result<()> {
                     image_size: *image_size,
                     progress: !cli.quiet,
                     absent_share: *absent_share,
+                    force: *force,
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {
@@ -425,6 +530,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn export_peft(cli: &Cli, adapters: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
     let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
     if !cli.quiet {
@@ -467,7 +573,12 @@ fn import_peft(
     let source = ModelSource::parse(&source_text)?;
     let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
         .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
-    peft::bind_base(&mut set, &files, &source_text)?;
+    peft::bind_base(
+        &mut set,
+        &files,
+        &bella_vqa::io::stored_model_source(&source_text),
+    )?;
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     set.save(out)?;
     if !cli.quiet {
         println!(
@@ -504,8 +615,12 @@ fn read_data(
 }
 
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
-    let train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    let mut train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    if let Some(limit) = args.limit {
+        train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let val_data = match &args.val {
         Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
         None => Vec::new(),
@@ -542,7 +657,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         max_steps: args.max_steps,
         progress: !cli.quiet,
         model_source: match &args.model.model {
-            Some(m) => m.clone(),
+            Some(m) => bella_vqa::io::stored_model_source(m),
             None => "demo".to_string(),
         },
     };
@@ -561,12 +676,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         );
         if let Some(e) = &report.last {
             println!(
-                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} examples/s",
+                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} questions/s ({:.1} question-particle pairs/s)",
                 e.train_loss,
                 e.val_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.val_accuracy_vote.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.mean_pairwise_distance,
-                e.examples_per_second
+                e.examples_per_second,
+                e.particle_examples_per_second
             );
         }
     }

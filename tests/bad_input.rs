@@ -463,6 +463,7 @@ fn particle_set(dir: &Path) {
             objective: "test".into(),
             data: None,
         }),
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     ParticleSet::from_model(m.as_ref(), config)

@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::generate::{generate, GenerateOptions};
-use super::score::score_candidates;
+use super::generate::{generate_batch, GenerateOptions};
+use super::score::score_candidates_batch;
 use crate::data::normalize::normalize_answer;
 use crate::models::clip::{normalize, ClipModel};
 use crate::models::llava::{LlavaInput, LlavaModel};
@@ -22,6 +22,9 @@ pub struct ParticleAnswer {
     /// log p(answer) under this particle (LLaVA: sequence log-likelihood incl. the end token;
     /// CLIP: log of its softmax probability).
     pub log_likelihood: f64,
+    /// The answer stopped at the token limit before its end token (LLaVA).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// The particles' answers and their distributions over the candidates.
@@ -33,6 +36,10 @@ pub struct Scored {
     /// `probs[p][k]`; when `other` is set, a last column holds the mass of every other answer.
     pub probs: Vec<Vec<f64>>,
     pub other: bool,
+    /// Tokens of the prompt (LLaVA: with the image tokens; CLIP: of every candidate text).
+    pub prompt_tokens: usize,
+    /// Tokens the particles generated, all together (CLIP: 0).
+    pub generated_tokens: usize,
 }
 
 /// LLaVA: decode all particles as one batch, normalise their answers, score every distinct answer
@@ -46,15 +53,48 @@ pub fn llava_candidates(
     particles: usize,
     gen: &GenerateOptions,
 ) -> Result<Scored> {
-    let ids = prompter.encode_question(
-        question,
-        true,
-        model.config().image_tokens_per_image(),
-        None,
-    )?;
-    let len = ids.len();
-    let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
-    let keep = vec![vec![true; len]];
+    let mut scored =
+        llava_candidates_batch(model, prompter, pixel_values, &[question], particles, gen)?;
+    scored.pop().context("no result for the question")
+}
+
+/// [`llava_candidates`] for several questions at once, each about its own image
+/// (`pixel_values` `[questions, C, H, W]`): the prompts are left-padded into one batch, so the
+/// vision tower, the prefill, the decoding of every particle and the candidate scoring are one
+/// pass for all questions × particles.
+pub fn llava_candidates_batch(
+    model: &LlavaModel,
+    prompter: &Prompter,
+    pixel_values: &Tensor,
+    questions: &[&str],
+    particles: usize,
+    gen: &GenerateOptions,
+) -> Result<Vec<Scored>> {
+    let n = questions.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let image_tokens = model.config().image_tokens_per_image();
+    let prompts = questions
+        .iter()
+        .map(|q| prompter.encode_question(q, true, image_tokens, None))
+        .collect::<Result<Vec<_>>>()?;
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // Left padding; the padded positions are masked, so any id that is not the image token works.
+    let pad = prompter
+        .pad_token_id()
+        .or(prompter.eos_token_id())
+        .unwrap_or(0);
+    let mut ids = Vec::with_capacity(n * len);
+    let mut keep = Vec::with_capacity(n);
+    for p in &prompts {
+        ids.extend(std::iter::repeat_n(pad, len - p.len()));
+        ids.extend_from_slice(p);
+        let mut row = vec![false; len - p.len()];
+        row.resize(len, true);
+        keep.push(row);
+    }
+    let input_ids = Tensor::from_vec(ids, (n, len), &Device::Cpu)?;
     let input = LlavaInput {
         input_ids: &input_ids,
         pixel_values: Some(pixel_values),
@@ -62,19 +102,20 @@ pub fn llava_candidates(
         expanded: false,
     };
     let prefill = model.prefill(&input, particles)?;
-    let generated = generate(&model.language_model, &prefill, particles, gen)?;
+    let generated = generate_batch(&model.language_model, &prefill, particles, n, gen)?;
+    let rows = generated.len();
 
-    // Distinct normalised answers, each with the token sequence of the first particle that gave
-    // it (plus the end token when it finished, so "red" and "red circle" differ).
+    // Per question: distinct normalised answers, each with the token sequence of the first
+    // particle that gave it (plus the end token when it finished, so "red" and "red circle"
+    // differ).
     let end = gen.eos.first().copied();
-    let mut candidates: Vec<String> = Vec::new();
-    let mut normalized: Vec<String> = Vec::new();
-    let mut sequences: Vec<Vec<u32>> = Vec::new();
-    let mut own: Vec<usize> = Vec::with_capacity(generated.len());
-    for g in &generated {
+    let mut found: Vec<Found> = (0..n).map(|_| Found::default()).collect();
+    let mut own: Vec<usize> = Vec::with_capacity(rows);
+    for (r, g) in generated.iter().enumerate() {
+        let f = &mut found[r % n];
         let raw = prompter.decode(&g.tokens, true)?.trim().to_string();
         let norm = normalize_answer(&raw);
-        let k = match normalized.iter().position(|n| *n == norm) {
+        let k = match f.normalized.iter().position(|x| *x == norm) {
             Some(k) => k,
             None => {
                 let mut seq = g.tokens.clone();
@@ -87,43 +128,58 @@ pub fn llava_candidates(
                 if seq.is_empty() {
                     bail!("a particle produced an empty answer and the tokenizer has no end token");
                 }
-                candidates.push(raw);
-                normalized.push(norm);
-                sequences.push(seq);
-                normalized.len() - 1
+                f.candidates.push(raw);
+                f.normalized.push(norm);
+                f.sequences.push(seq);
+                f.normalized.len() - 1
             }
         };
         own.push(k);
     }
-    let loglik = score_candidates(&model.language_model, &prefill, &sequences, particles)?;
-    let probs = loglik
+    let sequences: Vec<Vec<Vec<u32>>> = found.iter().map(|f| f.sequences.clone()).collect();
+    let loglik = score_candidates_batch(&model.language_model, &prefill, &sequences, particles)?;
+    let mut out: Vec<Scored> = found
         .iter()
-        .map(|row| {
-            let mut p: Vec<f64> = row.iter().map(|&l| l.exp()).collect();
-            let sum: f64 = p.iter().sum();
-            if sum > 1.0 {
-                // Rounding can push the total past 1; renormalise, leaving no other mass.
-                p.iter_mut().for_each(|x| *x /= sum);
-            }
-            p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
-            p
+        .map(|f| Scored {
+            particle_answers: Vec::new(),
+            candidates: f.candidates.clone(),
+            probs: Vec::new(),
+            other: true,
+            prompt_tokens: 0,
+            generated_tokens: 0,
         })
         .collect();
-    let particle_answers = own
-        .iter()
-        .zip(&loglik)
-        .map(|(&k, row)| ParticleAnswer {
-            answer: candidates[k].clone(),
-            normalized: normalized[k].clone(),
+    for (r, row) in loglik.iter().enumerate() {
+        let (f, s) = (&found[r % n], &mut out[r % n]);
+        let k = own[r];
+        let mut p: Vec<f64> = row.iter().map(|&l| l.exp()).collect();
+        let sum: f64 = p.iter().sum();
+        if sum > 1.0 {
+            // Rounding can push the total past 1; renormalise, leaving no other mass.
+            p.iter_mut().for_each(|x| *x /= sum);
+        }
+        p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
+        s.probs.push(p);
+        s.particle_answers.push(ParticleAnswer {
+            answer: f.candidates[k].clone(),
+            normalized: f.normalized[k].clone(),
             log_likelihood: row[k],
-        })
-        .collect();
-    Ok(Scored {
-        particle_answers,
-        candidates,
-        probs,
-        other: true,
-    })
+            truncated: !generated[r].finished,
+        });
+        s.generated_tokens += generated[r].tokens.len();
+    }
+    for (s, p) in out.iter_mut().zip(&prompts) {
+        s.prompt_tokens = p.len();
+    }
+    Ok(out)
+}
+
+/// One question's distinct answers while they are collected.
+#[derive(Default)]
+struct Found {
+    candidates: Vec<String>,
+    normalized: Vec<String>,
+    sequences: Vec<Vec<u32>>,
 }
 
 /// The text CLIP embeds for one candidate answer.
@@ -184,6 +240,7 @@ pub fn clip_candidates(
                 answer: vocabulary[best].clone(),
                 normalized: normalize_answer(&vocabulary[best]),
                 log_likelihood: row[best].ln(),
+                truncated: false,
             })
         })
         .collect::<Result<_>>()?;
@@ -192,5 +249,7 @@ pub fn clip_candidates(
         candidates: vocabulary.to_vec(),
         probs,
         other: false,
+        prompt_tokens: mask.sum_all()?.to_scalar::<u32>()? as usize,
+        generated_tokens: 0,
     })
 }

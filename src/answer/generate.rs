@@ -41,6 +41,19 @@ pub fn generate(
     particles: usize,
     opts: &GenerateOptions,
 ) -> Result<Vec<Generated>> {
+    generate_batch(lm, prefill, particles, 1, opts)
+}
+
+/// Decodes the rows of `prefill` for `questions` questions at once (rows particle-major:
+/// row `p·questions + q`). When sampling, each question draws from its own generator seeded
+/// with the options' seed, so a question gets the same tokens alone or in a batch.
+pub fn generate_batch(
+    lm: &LlamaModel,
+    prefill: &Prefill,
+    particles: usize,
+    questions: usize,
+    opts: &GenerateOptions,
+) -> Result<Vec<Generated>> {
     let mut cache = prefill.cache.clone();
     let mut logits = prefill.last_logits.clone();
     let mut expanded = prefill.expanded;
@@ -52,12 +65,17 @@ pub fn generate(
         };
         rows
     ];
-    let mut rng = match opts.sampling {
-        Sampling::Sample { seed, .. } => Some(StdRng::seed_from_u64(seed)),
-        Sampling::Greedy => None,
+    if questions == 0 || rows % questions != 0 {
+        anyhow::bail!("{rows} decoding rows do not split into {questions} question(s)");
+    }
+    let mut rngs: Vec<StdRng> = match opts.sampling {
+        Sampling::Sample { seed, .. } => (0..questions)
+            .map(|_| StdRng::seed_from_u64(seed))
+            .collect(),
+        Sampling::Greedy => Vec::new(),
     };
     for step in 0..opts.max_new_tokens {
-        let next = choose(&logits, opts.sampling, rng.as_mut())?;
+        let next = choose(&logits, opts.sampling, &mut rngs)?;
         for (row, &t) in out.iter_mut().zip(&next) {
             if row.finished {
                 continue;
@@ -83,21 +101,21 @@ pub fn generate(
     Ok(out)
 }
 
-/// The next token of every row of `logits` `[rows, vocab]`.
-fn choose(logits: &Tensor, sampling: Sampling, rng: Option<&mut StdRng>) -> Result<Vec<u32>> {
-    match (sampling, rng) {
-        (
-            Sampling::Sample {
-                temperature, top_p, ..
-            },
-            Some(rng),
-        ) if temperature > 0.0 => {
+/// The next token of every row of `logits` `[rows, vocab]`; when sampling, row `r` draws from
+/// `rngs[r % rngs.len()]` (one generator per question).
+fn choose(logits: &Tensor, sampling: Sampling, rngs: &mut [StdRng]) -> Result<Vec<u32>> {
+    match sampling {
+        Sampling::Sample {
+            temperature, top_p, ..
+        } if temperature > 0.0 && !rngs.is_empty() => {
             let probs =
                 candle_nn::ops::softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?
                     .to_vec2::<f32>()?;
+            let groups = rngs.len();
             Ok(probs
                 .iter()
-                .map(|row| sample_top_p(row, top_p, rng))
+                .enumerate()
+                .map(|(r, row)| sample_top_p(row, top_p, &mut rngs[r % groups]))
                 .collect())
         }
         _ => Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),

@@ -1,24 +1,5 @@
-//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question.
-//!
-//! ```
-//! use std::path::Path;
-//! use bella_vqa::answer::{BellaVqa, LoadOptions};
-//! use bella_vqa::hub::ModelSource;
-//!
-//! # fn main() -> anyhow::Result<()> {
-//! # let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-//! // Load once (a hub id, a cache entry or a directory; particles with `Some(dir)`).
-//! let source = ModelSource::Dir(root.join("tests/fixtures/llava-tiny-hub"));
-//! let vqa = BellaVqa::load(&source, None, &LoadOptions::default())?;
-//!
-//! // Then ask, from as many threads as you like.
-//! let image = bella_vqa::models::image::load_image(&root.join("tests/fixtures/images/square.png"))?;
-//! let response = vqa.ask(&image, "What color is the circle?")?;
-//! println!("{} (confidence {:.2})", response.response, response.confidence);
-//! assert!((0.0..=1.0).contains(&response.confidence));
-//! # Ok(())
-//! # }
-//! ```
+//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question or
+//! [`BellaVqa::ask_batch`] for several (see the crate root for a runnable example).
 
 pub mod aggregate;
 pub mod candidates;
@@ -36,7 +17,8 @@ use crate::bella::ParticleModel;
 use crate::hub::{HubOptions, ModelSource};
 use crate::models::{self, LoadedModel, Model};
 use aggregate::{aggregate, aggregate_with_other, Uncertainty};
-use candidates::{clip_candidates, llava_candidates, ParticleAnswer, Scored};
+use candidates::{clip_candidates, llava_candidates_batch, ParticleAnswer, Scored};
+use candle_core::Tensor;
 use generate::{GenerateOptions, Sampling};
 
 /// The abstention threshold used when neither the particles' calibration nor the caller gives one.
@@ -81,7 +63,7 @@ impl Default for LoadOptions {
 }
 
 /// Per-question options.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AskOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
@@ -90,6 +72,12 @@ pub struct AskOptions {
 }
 
 impl AskOptions {
+    /// Whether two questions can be decoded in one batch (same length limit and sampling; the
+    /// threshold only matters after the batch).
+    fn decodes_like(&self, other: &Self) -> bool {
+        self.max_new_tokens == other.max_new_tokens && self.sampling == other.sampling
+    }
+
     /// Range checks, each naming its option: `max_new_tokens` ≥ 1, a threshold in [0, 1], a
     /// finite positive temperature and a top-p in (0, 1].
     pub fn validate(&self) -> Result<()> {
@@ -114,6 +102,14 @@ impl AskOptions {
         }
         Ok(())
     }
+}
+
+/// One question of a batch (see [`BellaVqa::ask_batch`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Question<'a> {
+    pub image: &'a DynamicImage,
+    pub text: &'a str,
+    pub options: &'a AskOptions,
 }
 
 impl Default for AskOptions {
@@ -141,7 +137,11 @@ pub struct Response {
     pub abstained: bool,
     /// p̄ of the answer.
     pub confidence: f64,
-    /// The threshold the confidence was compared with.
+    /// What decides abstention: `score` is compared with `threshold`.
+    pub selector: String,
+    /// The selector's score (higher means "answer"); for `confidence`, the confidence.
+    pub score: f64,
+    /// The threshold the score was compared with.
     pub threshold: f64,
     /// Whether the threshold came from calibration.
     pub calibrated: bool,
@@ -153,7 +153,14 @@ pub struct Response {
     pub candidates: Vec<CandidateAnswer>,
     /// The rendered text (answer, or "I'm not sure …").
     pub response: String,
+    /// Tokens of the prompt (LLaVA: with the image tokens).
+    pub prompt_tokens: usize,
+    /// Tokens the particles generated, all together.
+    pub generated_tokens: usize,
 }
+
+/// The one abstention selector so far: the model-averaged probability of the answer.
+pub const CONFIDENCE_SELECTOR: &str = "confidence";
 
 /// A model with its particles, ready to answer. `Send + Sync`: share it between threads.
 pub struct BellaVqa {
@@ -233,6 +240,44 @@ impl BellaVqa {
         self.particles
     }
 
+    /// Tokens of `text` alone (no special tokens added), e.g. to count a completion's tokens.
+    pub fn text_tokens(&self, text: &str) -> Result<usize> {
+        let enc = self
+            .loaded
+            .prompter()?
+            .tokenizer()
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        Ok(enc.len())
+    }
+
+    /// Tokens of a question as the user typed it (without the prompt around it).
+    pub fn question_tokens(&self, question: &str) -> Result<usize> {
+        self.text_tokens(question.trim())
+    }
+
+    /// Checks, before any tensor is made, that the whole prompt of `question` (chat template and
+    /// image tokens included) plus `max_new_tokens` fits the model's positions (LLaVA; CLIP
+    /// truncates its texts to its positions).
+    pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
+        let Model::Llava(m) = &self.loaded.model else {
+            return Ok(());
+        };
+        let prompter = self.loaded.prompter()?;
+        let text = prompter.render_question(question.trim(), true)?;
+        let prompt = prompter
+            .encode(&text, m.config().image_tokens_per_image())?
+            .len();
+        let positions = m.config().text_config.max_position_embeddings;
+        if prompt + max_new_tokens > positions {
+            bail!(
+                "the prompt is {prompt} tokens (image and template included) and the answer may take \
+                 {max_new_tokens} more, but the model has {positions} positions: shorten the question"
+            );
+        }
+        Ok(())
+    }
+
     /// Answers with the default options.
     pub fn ask(&self, image: &DynamicImage, question: &str) -> Result<Response> {
         self.ask_with(image, question, &AskOptions::default())
@@ -244,18 +289,74 @@ impl BellaVqa {
         question: &str,
         opts: &AskOptions,
     ) -> Result<Response> {
-        opts.validate()?;
-        let question = question.trim();
-        if question.is_empty() {
+        let q = Question {
+            image,
+            text: question,
+            options: opts,
+        };
+        self.ask_batch(&[q])
+            .pop()
+            .context("no response for the question")?
+    }
+
+    /// Answers several questions, each about its own image, with one result per question in
+    /// order. Questions that decode alike ([`AskOptions`] without the threshold) are answered
+    /// together: one vision pass, one prefill, one decoding loop and one scoring pass for all
+    /// questions × particles (LLaVA; CLIP scores question by question). A bad question (empty,
+    /// an unreadable image for the processor) fails alone; an error of the batch's computation
+    /// is reported for each of its questions.
+    pub fn ask_batch(&self, questions: &[Question]) -> Vec<Result<Response>> {
+        let mut out: Vec<Option<Result<Response>>> = questions.iter().map(|_| None).collect();
+        let mut pending: Vec<(usize, &str, Tensor)> = Vec::new();
+        for (i, q) in questions.iter().enumerate() {
+            match self.prepare(q) {
+                Ok((text, pixels)) => pending.push((i, text, pixels)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        while let Some(&(first, ..)) = pending.first() {
+            let opts = questions[first].options;
+            let (group, rest): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|(i, ..)| questions[*i].options.decodes_like(opts));
+            pending = rest;
+            let texts: Vec<&str> = group.iter().map(|(_, t, _)| *t).collect();
+            let scored = Tensor::stack(&group.iter().map(|(.., p)| p).collect::<Vec<_>>(), 0)
+                .map_err(anyhow::Error::from)
+                .and_then(|pixels| self.score(&pixels, &texts, opts));
+            match scored {
+                Ok(scored) => {
+                    for ((i, text, _), s) in group.iter().zip(scored) {
+                        out[*i] = Some(self.respond(text, s, questions[*i].options));
+                    }
+                }
+                Err(e) => {
+                    for (i, ..) in &group {
+                        out[*i] = Some(Err(anyhow::anyhow!("{e:#}")));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("the question was not answered"))))
+            .collect()
+    }
+
+    /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
+    fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
+        q.options.validate()?;
+        let text = q.text.trim();
+        if text.is_empty() {
             bail!("the question is empty: ask something about the image");
         }
-        let pixels = self
-            .loaded
-            .image_processor()?
-            .preprocess(image)?
-            .unsqueeze(0)?;
+        let pixels = self.loaded.image_processor()?.preprocess(q.image)?;
+        Ok((text, pixels))
+    }
+
+    /// The particles' candidates for questions that decode alike.
+    fn score(&self, pixels: &Tensor, questions: &[&str], opts: &AskOptions) -> Result<Vec<Scored>> {
         let prompter = self.loaded.prompter()?;
-        let scored = match &self.loaded.model {
+        match &self.loaded.model {
             Model::Llava(m) => {
                 let mut eos: Vec<u32> = prompter.eos_token_id().into_iter().collect();
                 if let Some(ids) = &m.config().text_config.eos_token_id {
@@ -270,14 +371,20 @@ impl BellaVqa {
                     eos,
                     sampling: opts.sampling,
                 };
-                llava_candidates(m, prompter, &pixels, question, self.particles, &gen)?
+                llava_candidates_batch(m, prompter, pixels, questions, self.particles, &gen)
             }
             Model::Clip(m) => {
                 let vocab = self.vocabulary.as_deref().unwrap_or_default();
-                clip_candidates(m, prompter, &pixels, question, vocab, self.particles)?
+                questions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| {
+                        let px = pixels.narrow(0, i, 1)?;
+                        clip_candidates(m, prompter, &px, q, vocab, self.particles)
+                    })
+                    .collect()
             }
-        };
-        self.respond(question, scored, opts)
+        }
     }
 
     fn respond(&self, question: &str, scored: Scored, opts: &AskOptions) -> Result<Response> {
@@ -293,7 +400,7 @@ impl BellaVqa {
             (None, None) => (UNCALIBRATED_THRESHOLD, false),
         };
         let answer = scored.candidates[agg.best].clone();
-        let abstained = agg.confidence < threshold;
+        let abstained = agg.confidence < threshold; // the confidence selector
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = self
             .template
@@ -322,6 +429,8 @@ impl BellaVqa {
             answer,
             abstained,
             confidence: agg.confidence,
+            selector: CONFIDENCE_SELECTOR.to_string(),
+            score: agg.confidence,
             threshold,
             calibrated,
             uncertainty: agg.uncertainty,
@@ -329,6 +438,8 @@ impl BellaVqa {
             particles: scored.particle_answers,
             candidates,
             response: response.trim().to_string(),
+            prompt_tokens: scored.prompt_tokens,
+            generated_tokens: scored.generated_tokens,
         })
     }
 }

@@ -14,23 +14,59 @@ pub fn score_candidates(
     candidates: &[Vec<u32>],
     particles: usize,
 ) -> Result<Vec<Vec<f64>>> {
-    let k = candidates.len();
-    if k == 0 || candidates.iter().any(Vec::is_empty) {
+    score_candidates_batch(
+        lm,
+        prefill,
+        std::slice::from_ref(&candidates.to_vec()),
+        particles,
+    )
+}
+
+/// Scores the candidates of several questions at once: `candidates[q]` are question `q`'s, and
+/// row `r` of the prefill (particle-major: `p·questions + q`) scores those of question
+/// `r % questions`. Shorter lists are padded to the longest (the padding is scored and dropped),
+/// so `loglik[r]` has exactly `candidates[r % questions].len()` entries.
+pub fn score_candidates_batch(
+    lm: &LlamaModel,
+    prefill: &Prefill,
+    candidates: &[Vec<Vec<u32>>],
+    particles: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let questions = candidates.len();
+    if questions == 0 || candidates.iter().flatten().any(Vec::is_empty) {
         bail!("every candidate answer needs at least one token");
     }
-    let first = candidate_first_tokens(&prefill.last_logits, candidates)?; // [rows][k]
-    let rows = first.len();
-    let longest = candidates.iter().map(Vec::len).max().unwrap_or(1);
+    if candidates.iter().any(Vec::is_empty) {
+        bail!("every question needs at least one candidate answer");
+    }
+    let rows = prefill.last_logits.dim(0)?;
+    if rows % questions != 0 {
+        bail!("{rows} prompt rows do not split into {questions} question(s)");
+    }
+    let k = candidates.iter().map(Vec::len).max().unwrap_or(1);
+    // Row r's candidate list, padded with its first candidate to k entries.
+    let row_candidates = |r: usize| {
+        let own = &candidates[r % questions];
+        (0..k).map(move |c| own.get(c).unwrap_or(&own[0]))
+    };
+    let first = candidate_first_tokens(&prefill.last_logits, rows, &row_candidates)?; // [rows][k]
+    let longest = candidates.iter().flatten().map(Vec::len).max().unwrap_or(1);
+    let truncate = |mut out: Vec<Vec<f64>>| {
+        for (r, row) in out.iter_mut().enumerate() {
+            row.truncate(candidates[r % questions].len());
+        }
+        out
+    };
     if longest == 1 {
-        return Ok(first);
+        return Ok(truncate(first));
     }
     // Feed tokens 0..len-1 of every candidate; position j predicts token j+1.
     let feed = longest - 1;
     let mut ids = Vec::with_capacity(rows * k * feed);
     let mut keep = Vec::with_capacity(rows * k);
     let mut targets = Vec::with_capacity(rows * k * feed);
-    for _ in 0..rows {
-        for cand in candidates {
+    for r in 0..rows {
+        for cand in row_candidates(r) {
             let mut kept = Vec::with_capacity(feed);
             for j in 0..feed {
                 let real = j + 1 < cand.len();
@@ -63,7 +99,7 @@ pub fn score_candidates(
         .to_vec2::<f32>()?;
     let mut out = first;
     for (r, row) in out.iter_mut().enumerate() {
-        for (c, cand) in candidates.iter().enumerate() {
+        for (c, cand) in row_candidates(r).enumerate() {
             let steps = &picked[r * k + c];
             row[c] += steps[..cand.len() - 1]
                 .iter()
@@ -71,20 +107,32 @@ pub fn score_candidates(
                 .sum::<f64>();
         }
     }
-    Ok(out)
+    Ok(truncate(out))
 }
 
 /// log p(first token of each candidate) from the prompt's next-token logits: `[rows][k]`.
-fn candidate_first_tokens(last_logits: &Tensor, candidates: &[Vec<u32>]) -> Result<Vec<Vec<f64>>> {
+fn candidate_first_tokens<'a, I>(
+    last_logits: &Tensor,
+    rows: usize,
+    row_candidates: &impl Fn(usize) -> I,
+) -> Result<Vec<Vec<f64>>>
+where
+    I: Iterator<Item = &'a Vec<u32>>,
+{
     let logp = candle_nn::ops::log_softmax(&last_logits.to_dtype(DType::F32)?, D::Minus1)?
         .to_vec2::<f32>()?;
-    Ok(logp
-        .iter()
-        .map(|row| {
-            candidates
-                .iter()
-                .map(|c| row[c[0] as usize] as f64)
+    let vocab = logp.first().map_or(0, Vec::len);
+    (0..rows)
+        .map(|r| {
+            row_candidates(r)
+                .map(|c| match logp[r].get(c[0] as usize) {
+                    Some(&l) => Ok(l as f64),
+                    None => bail!(
+                        "candidate token {} is outside the vocabulary of {vocab}",
+                        c[0]
+                    ),
+                })
                 .collect()
         })
-        .collect())
+        .collect()
 }

@@ -75,6 +75,9 @@ pub struct ParticleConfig {
     pub step: u64,
     #[serde(default)]
     pub abstention: Option<Abstention>,
+    /// The thresholds that calibrations replaced, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub abstention_history: Vec<Abstention>,
     /// CLIP: the candidate answers the particles score.
     #[serde(default)]
     pub answer_vocabulary: Option<Vec<String>>,
@@ -160,19 +163,28 @@ impl ParticleSet {
         Self { config, adapters }
     }
 
-    /// Writes the factors (f32) and then the config, each atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// The two files of the set, `(name, bytes)`: the factors (f32) and the config.
+    pub fn files(&self) -> Result<[(&'static str, Vec<u8>); 2]> {
         let mut tensors = HashMap::new();
         for (name, ad) in &self.adapters {
             tensors.insert(format!("{name}.bella_A"), ad.a.to_dtype(DType::F32)?);
             tensors.insert(format!("{name}.bella_B"), ad.b.to_dtype(DType::F32)?);
         }
-        crate::io::save_safetensors_atomically(&dir.join(PARTICLES_FILE), &tensors)?;
         let mut config = self.config.clone();
         config.layers = self.adapters.iter().map(|(n, _)| n.clone()).collect();
         config.format_version = FORMAT_VERSION;
-        let json = serde_json::to_vec_pretty(&config)?;
-        crate::io::write_bytes_atomically(&dir.join(CONFIG_FILE), &json)
+        Ok([
+            (PARTICLES_FILE, crate::io::safetensors_bytes(&tensors)?),
+            (CONFIG_FILE, serde_json::to_vec_pretty(&config)?),
+        ])
+    }
+
+    /// Writes the factors and then the config, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        for (name, bytes) in self.files()? {
+            crate::io::write_bytes_atomically(&dir.join(name), &bytes)?;
+        }
+        Ok(())
     }
 
     /// Reads only the config (cheap; e.g. to find the base model).

@@ -48,7 +48,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -505,6 +505,7 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
         seed: 0,
         step: 0,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     Ok(ParticleSet {
@@ -634,17 +635,11 @@ fn write_safetensors(
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    crate::io::write_atomically(path, |tmp| {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
-        f.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| f.write_all(&header))
-            .and_then(|()| f.write_all(&data))
-            .and_then(|()| f.flush())
-            .with_context(|| format!("cannot write {}", tmp.display()))
-    })
+    let mut bytes = Vec::with_capacity(8 + header.len() + data.len());
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&data);
+    crate::io::write_bytes_atomically(path, &bytes)
 }
 
 /// Orders `layers.2` before `layers.10`.

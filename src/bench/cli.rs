@@ -188,6 +188,7 @@ fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Resul
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     if let Some(BenchCommand::Merge { dirs, out }) = &args.command {
+        let _lock = crate::io::OutputLock::acquire(out)?;
         let (results, written) = super::merge(dirs, out)?;
         if !quiet {
             eprintln!(
@@ -205,9 +206,8 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
         bail!("bench needs --model, --data and --out");
     };
-    let source = model_source(model, &args.revision)?;
     let spec = ModelSpec {
-        source: model.clone(),
+        source: crate::io::stored_model_source(model),
         adapters: args.adapters.clone(),
         answers_file: args.answers.clone(),
     };
@@ -237,6 +237,8 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             bail!("data file {} does not exist", path.display());
         }
     }
+    let _lock = crate::io::OutputLock::acquire(out)?;
+    let source = model_source(model, &args.revision)?;
     let answers = match &args.answers {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
@@ -316,6 +318,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         bail!("data file {} does not exist", args.data.display());
     }
     crate::bella::particles::ParticleSet::read_config(&args.adapters)?;
+    let _lock = (!args.dry_run)
+        .then(|| crate::io::OutputLock::acquire(&args.adapters))
+        .transpose()?;
     let source = model_source(&args.model, &args.revision)?;
     let load = LoadOptions {
         hub,

@@ -21,9 +21,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, bail, Context};
 use serde::ser::SerializeMap;
@@ -339,10 +338,7 @@ pub fn write_jsonl(path: &Path, examples: &[VqaExample]) -> anyhow::Result<()> {
         })?;
         out.push(b'\n');
     }
-    if !dir.as_os_str().is_empty() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    write_atomic(path, &out, true)
+    crate::io::write_bytes_atomically(path, &out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1213,48 +1209,4 @@ fn relative_image_path(image: &Path, abs_dir: &Path) -> anyhow::Result<PathBuf> 
         Ok(rel) if !rel.as_os_str().is_empty() => rel.to_path_buf(),
         _ => abs,
     })
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, optionally synced,
-/// then renamed over `path`. A crash leaves either the old file or the new one, never half of it.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> anyhow::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = folder_of(path);
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        if sync {
-            f.sync_all()?;
-        }
-        drop(f);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(anyhow!("cannot write {}: {e}", path.display()));
-    }
-    if sync {
-        // Make the rename itself durable; not every platform can open a folder, so best effort.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }

@@ -57,54 +57,76 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
         }
         Ok(reader)
     };
+    let name = path.display().to_string();
+    decode_checked(open, &name, MAX_IMAGE_PIXELS)
+}
+
+/// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
+/// [`load_image`] and at most `max_pixels` pixels (≤ [`MAX_IMAGE_PIXELS`]).
+pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<DynamicImage> {
+    let open = || -> Result<ImageReader<std::io::Cursor<&[u8]>>> {
+        let reader = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .with_context(|| format!("cannot read image {name}"))?;
+        if reader.format().is_none() {
+            bail!("{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})");
+        }
+        Ok(reader)
+    };
+    decode_checked(open, name, max_pixels.min(MAX_IMAGE_PIXELS))
+}
+
+/// Reads the dimensions first, refuses images over the limits, then decodes with the decoder's
+/// own allocation limits set.
+fn decode_checked<R: std::io::BufRead + std::io::Seek>(
+    open: impl Fn() -> Result<ImageReader<R>>,
+    name: &str,
+    max_pixels: u64,
+) -> Result<DynamicImage> {
     let (width, height) = open()?
         .into_dimensions()
-        .map_err(|e| describe_image_error(path, e))?;
-    check_image_size(path, width, height)?;
+        .map_err(|e| describe_image_error(name, e))?;
+    check_image_size(name, width, height, max_pixels)?;
     let mut reader = open()?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     // 16-bit RGBA at the pixel limit, plus the decoders' scratch space.
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (256 << 20));
+    limits.max_alloc = Some(max_pixels * 8 + (256 << 20));
     reader.limits(limits);
-    reader.decode().map_err(|e| describe_image_error(path, e))
+    reader.decode().map_err(|e| describe_image_error(name, e))
 }
 
-fn check_image_size(path: &Path, width: u32, height: u32) -> Result<()> {
+fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Result<()> {
     let pixels = u64::from(width) * u64::from(height);
     if width == 0 || height == 0 {
-        bail!("image {} is empty ({width}×{height})", path.display());
+        bail!("image {name} is empty ({width}×{height})");
     }
-    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || pixels > MAX_IMAGE_PIXELS {
+    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || pixels > max_pixels {
         bail!(
-            "image {} is too large: {width}×{height} pixels (the limit is {MAX_IMAGE_SIDE} pixels a side \
-             and {} Mpixel in all); scale it down first",
-            path.display(),
-            MAX_IMAGE_PIXELS / (1024 * 1024)
+            "image {name} is too large: {width}×{height} pixels (the limit is {MAX_IMAGE_SIDE} pixels a side \
+             and {:.1} Mpixel in all); scale it down first",
+            max_pixels as f64 / (1024.0 * 1024.0)
         );
     }
     Ok(())
 }
 
-fn describe_image_error(path: &Path, err: image::ImageError) -> anyhow::Error {
+fn describe_image_error(name: &str, err: image::ImageError) -> anyhow::Error {
     use image::ImageError as E;
     match err {
         E::Unsupported(e) => anyhow!(
-            "{} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): {e}",
-            path.display()
+            "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): {e}"
         ),
         E::Limits(e) => anyhow!(
-            "image {} is too large to decode (limits: {MAX_IMAGE_SIDE} pixels a side, {} Mpixel): {e}",
-            path.display(),
+            "image {name} is too large to decode (limits: {MAX_IMAGE_SIDE} pixels a side, {} Mpixel): {e}",
             MAX_IMAGE_PIXELS / (1024 * 1024)
         ),
         E::Decoding(e) => anyhow!(
-            "cannot decode image {} (corrupt or truncated? supported: {SUPPORTED_IMAGE_FORMATS}): {e}",
-            path.display()
+            "cannot decode image {name} (corrupt or truncated? supported: {SUPPORTED_IMAGE_FORMATS}): {e}"
         ),
-        E::IoError(e) => anyhow!("cannot read image file {}: {e}", path.display()),
-        other => anyhow!("cannot load image {}: {other}", path.display()),
+        E::IoError(e) => anyhow!("cannot read image {name}: {e}"),
+        other => anyhow!("cannot load image {name}: {other}"),
     }
 }
 

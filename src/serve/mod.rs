@@ -1,0 +1,731 @@
+//! `bella-vqa serve`: an OpenAI-compatible chat-completions server whose answers carry the
+//! particles' confidence, uncertainty split and abstention (the `bella` object), a web page at
+//! `/`, `/v1/models`, `/health` and Prometheus `/metrics`.
+//!
+//! Shape (design §11): an async front (axum on tokio) checks and decodes requests; one worker
+//! thread ([`worker`]) owns the model and answers whatever is waiting as one batch; results come
+//! back on one-shot channels. The queue is bounded (503 with `Retry-After` when full), every
+//! request has a deadline (504), and SIGINT/SIGTERM stop the server gracefully: requests in
+//! flight are answered, new ones get 503. Written only against the crate's public API.
+
+pub mod metrics;
+pub mod openai;
+pub mod worker;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{Html, IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use image::DynamicImage;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::answer::generate::Sampling;
+use crate::models::image::decode_image;
+use crate::{AskOptions, BellaVqa, Response};
+use metrics::Metrics;
+use openai::{
+    ApiError, Ask, AssistantMessage, ChatRequest, Choice, Chunk, ChunkChoice, Completion, Delta,
+    Usage,
+};
+use worker::{Job, Loaded};
+
+/// The web page served at `/` (no build step, no external resources).
+pub const PAGE: &str = include_str!("page.html");
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub host: IpAddr,
+    /// 0: an ephemeral port (the bound address is printed).
+    pub port: u16,
+    /// The model id clients send and `/v1/models` lists.
+    pub model_name: String,
+    /// Bearer token required on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// The most questions answered in one pass.
+    pub max_batch: usize,
+    /// Questions that may wait for the worker; more get 503.
+    pub queue: usize,
+    /// A request not answered by then gets 504.
+    pub timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_image_pixels: u64,
+    pub max_question_tokens: usize,
+    /// The largest `max_tokens` a request may ask for.
+    pub max_new_tokens_limit: usize,
+    /// Fetch `http(s)://` image URLs (public addresses only); off: data URLs only.
+    pub allow_remote_images: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 8080,
+            model_name: "bella-vqa".into(),
+            api_key: None,
+            max_batch: 8,
+            queue: 64,
+            timeout: Duration::from_secs(120),
+            max_body_bytes: 20 * 1024 * 1024,
+            max_image_pixels: crate::models::image::MAX_IMAGE_PIXELS,
+            max_question_tokens: 512,
+            max_new_tokens_limit: 256,
+            allow_remote_images: false,
+        }
+    }
+}
+
+impl ServeOptions {
+    fn check(&self) -> Result<()> {
+        for (name, v) in [
+            ("--max-batch", self.max_batch),
+            ("--queue", self.queue),
+            ("--max-body-mb", self.max_body_bytes),
+            ("--max-question-tokens", self.max_question_tokens),
+            ("--max-new-tokens-limit", self.max_new_tokens_limit),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{name} must be at least 1");
+            }
+        }
+        if self.timeout.is_zero() {
+            anyhow::bail!("--timeout-secs must be at least 1");
+        }
+        if self.max_image_pixels == 0 {
+            anyhow::bail!("--max-image-pixels must be at least 1");
+        }
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            anyhow::bail!("--api-key is empty");
+        }
+        Ok(())
+    }
+}
+
+/// Binds, prints `listening on http://ADDR`, and serves until SIGINT/SIGTERM. The model is
+/// loaded by `load` on the worker thread while `/health` answers 503 "loading".
+pub fn run(
+    opts: ServeOptions,
+    load: impl FnOnce() -> Result<BellaVqa> + Send + 'static,
+) -> Result<()> {
+    opts.check()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = SocketAddr::new(opts.host, opts.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (in use? try another --port)"))?;
+        if !opts.host.is_loopback() && opts.api_key.is_none() {
+            eprintln!(
+                "warning: listening on {} without --api-key: anyone who can reach it can use the model",
+                opts.host
+            );
+        }
+        eprintln!("listening on http://{}", listener.local_addr()?);
+        serve(listener, opts, load, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        // If the handler cannot be installed, wait for the other signal only.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+}
+
+struct AppState {
+    opts: ServeOptions,
+    jobs: mpsc::Sender<Job>,
+    loaded: Loaded,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    fn vqa(&self) -> Result<&Arc<BellaVqa>, ApiError> {
+        self.loaded.get().ok_or_else(|| {
+            ApiError::unavailable("the model is still loading; try again in a few seconds", 5)
+        })
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.opts.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves on `listener` until `shutdown` resolves (then drains) or the model fails to load.
+pub async fn serve(
+    listener: TcpListener,
+    opts: ServeOptions,
+    load: impl FnOnce() -> Result<BellaVqa> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    opts.check()?;
+    let (jobs, queue) = mpsc::channel(opts.queue);
+    let loaded: Loaded = Arc::new(OnceLock::new());
+    let metrics = Arc::new(Metrics::new());
+    let (done_tx, done_rx) = oneshot::channel::<Result<()>>();
+    let worker_ended = Arc::new(tokio::sync::Notify::new());
+    {
+        let (loaded, metrics, max_batch) = (loaded.clone(), metrics.clone(), opts.max_batch);
+        let ended = worker_ended.clone();
+        std::thread::Builder::new()
+            .name("bella-worker".into())
+            .spawn(move || {
+                let result = worker::run(load, loaded, queue, max_batch, metrics);
+                let _ = done_tx.send(result);
+                ended.notify_one();
+            })
+            .context("cannot start the worker thread")?;
+    }
+    let state = Arc::new(AppState {
+        opts,
+        jobs,
+        loaded,
+        metrics,
+        draining: AtomicBool::new(false),
+    });
+    let app = router(state.clone());
+
+    // Stop on the signal, or at once when the worker ends (the model did not load).
+    let stopping = state.clone();
+    let graceful = async move {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = worker_ended.notified() => {},
+        }
+        stopping.draining.store(true, Ordering::SeqCst);
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(graceful)
+        .await
+        .context("the server stopped with an error")?;
+    // No handler is left: dropping the last sender ends the worker after its batch.
+    drop(state);
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the worker thread stopped unexpectedly")))
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.opts.max_body_bytes;
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_when_draining,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::internal("internal error while handling the request").into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn refuse_when_draining(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> HttpResponse {
+    if state.draining.load(Ordering::SeqCst) {
+        return ApiError::unavailable("the server is shutting down", 5).into_response();
+    }
+    next.run(request).await
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> HttpResponse {
+    match state.loaded.get() {
+        Some(vqa) => Json(serde_json::json!({
+            "status": "ok",
+            "model": state.opts.model_name,
+            "particles": vqa.particles(),
+        }))
+        .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "loading", "model": state.opts.model_name})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> HttpResponse {
+    let m = &state.metrics;
+    let waiting = state.jobs.max_capacity() - state.jobs.capacity();
+    m.queue_depth.set(waiting as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> HttpResponse {
+    if let Err(e) = state.authorize(&headers) {
+        return e.into_response();
+    }
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.opts.model_name,
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "bella-vqa",
+        }]
+    }))
+    .into_response()
+}
+
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HttpResponse {
+    let arrived = Instant::now();
+    let response = match answer_chat(&state, &headers, body, arrived).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.count(response.status().as_u16());
+    if response.status().is_success() {
+        state
+            .metrics
+            .latency
+            .observe(arrived.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn answer_chat(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    arrived: Instant,
+) -> Result<HttpResponse, ApiError> {
+    state.authorize(headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.opts.max_body_bytes)
+        } else {
+            ApiError::invalid(None, format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let request: ChatRequest =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let param = (path != ".").then_some(path);
+                ApiError::invalid(
+                    param.as_deref(),
+                    format!("malformed request: {}", describe_json_error(&e)),
+                )
+            })?;
+    if let Some(asked) = &request.model {
+        if asked != &state.opts.model_name {
+            return Err(ApiError::model_not_found(asked, &state.opts.model_name));
+        }
+    }
+    let ask = request.into_ask(state.opts.max_new_tokens_limit)?;
+    let vqa = state.vqa()?.clone();
+
+    // Decoding the image and tokenising the question are compute: off the async threads.
+    let options = AskOptions {
+        max_new_tokens: ask
+            .max_new_tokens
+            .unwrap_or(AskOptions::default().max_new_tokens),
+        sampling: match ask.sampling {
+            Some((temperature, top_p, seed)) => Sampling::Sample {
+                temperature,
+                top_p,
+                seed,
+            },
+            None => Sampling::Greedy,
+        },
+        threshold: ask.threshold,
+    };
+    let image = {
+        let (opts, url, question) = (
+            state.opts.clone(),
+            ask.image_url.clone(),
+            ask.question.clone(),
+        );
+        let vqa = vqa.clone();
+        let max_new = options.max_new_tokens;
+        tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
+            check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
+            read_image(&url, &opts)
+        })
+        .await
+        .map_err(|_| ApiError::internal("internal error while reading the image"))??
+    };
+
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        image,
+        question: ask.question.clone(),
+        options,
+        reply,
+        deadline: arrived + state.opts.timeout,
+    };
+    state.jobs.try_send(job).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
+            format!(
+                "the server is busy: {} questions are waiting (--queue); retry shortly",
+                state.opts.queue
+            ),
+            1,
+        ),
+        mpsc::error::TrySendError::Closed(_) => {
+            ApiError::unavailable("the server is shutting down", 5)
+        }
+    })?;
+    let remaining = state.opts.timeout.saturating_sub(arrived.elapsed());
+    let response = match tokio::time::timeout(remaining, answer).await {
+        Err(_) => return Err(ApiError::timeout(state.opts.timeout.as_secs_f64())),
+        Ok(Err(_)) => return Err(ApiError::internal("the worker dropped the question")),
+        Ok(Ok(Err(e))) => return Err(ApiError::internal(format!("{e:#}"))),
+        Ok(Ok(Ok(r))) => r,
+    };
+    Ok(render(&vqa, &state.opts.model_name, &ask, &response))
+}
+
+/// Serde's message, without the path (the error's `param` holds it).
+fn describe_json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = e.inner();
+    match inner.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            format!("invalid JSON: {inner}")
+        }
+        _ => match e.path().to_string().as_str() {
+            "." => inner.to_string(),
+            path => format!("{path}: {inner}"),
+        },
+    }
+}
+
+/// Refuses questions longer than the server's limit or than the model's positions allow.
+fn check_question(
+    vqa: &BellaVqa,
+    question: &str,
+    max_new_tokens: usize,
+    limit: usize,
+) -> Result<(), ApiError> {
+    let param = Some("messages");
+    // Refused before tokenising above 64 bytes per allowed token (no tokenizer in use has
+    // tokens that long), so the tokenizer never works on megabytes.
+    if question.len() > limit * 64 {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "the question is {} bytes long; the limit is {limit} tokens (--max-question-tokens)",
+                question.len()
+            ),
+        ));
+    }
+    let tokens = vqa
+        .question_tokens(question)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
+    if tokens > limit {
+        return Err(ApiError::invalid(
+            param,
+            format!("the question is {tokens} tokens long; the limit is {limit} (--max-question-tokens)"),
+        ));
+    }
+    vqa.check_prompt_fits(question, max_new_tokens)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
+}
+
+/// Decodes a `data:` URL or, when allowed, fetches an `http(s)://` one. Never reads local files.
+fn read_image(url: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
+    let param = Some("image_url.url");
+    let bytes = if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| ApiError::invalid(param, "a data URL needs a comma before its data"))?;
+        let mut meta_parts = meta.split(';');
+        let media = meta_parts.next().unwrap_or("").to_ascii_lowercase();
+        if !media.is_empty() && !media.starts_with("image/") {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "the data URL holds {media:?}, not an image (send image/png or image/jpeg)"
+                ),
+            ));
+        }
+        if !meta_parts.any(|p| p.eq_ignore_ascii_case("base64")) {
+            return Err(ApiError::invalid(
+                param,
+                "only base64 data URLs are accepted (data:image/png;base64,…)",
+            ));
+        }
+        let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact.as_bytes())
+            .map_err(|e| {
+                ApiError::invalid(param, format!("the data URL is not valid base64: {e}"))
+            })?
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        if !opts.allow_remote_images {
+            return Err(ApiError::invalid(
+                param,
+                "remote image URLs are off: send the image as a data URL (data:image/png;base64,…) or start the server with --allow-remote-images",
+            ));
+        }
+        fetch_remote(url, opts.max_body_bytes)
+            .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?
+    } else {
+        return Err(ApiError::invalid(
+            param,
+            "the image must be a data URL (data:image/png;base64,…); local paths are never read",
+        ));
+    };
+    decode_image(&bytes, "in the request", opts.max_image_pixels)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
+}
+
+/// Fetches a public image (`--allow-remote-images`): addresses on this machine or a private
+/// network are refused, the transfer has a deadline and a size limit.
+fn fetch_remote(url: &str, max_bytes: usize) -> Result<Vec<u8>> {
+    let uri: Uri = url
+        .parse()
+        .with_context(|| format!("{url} is not a valid URL"))?;
+    let host = uri.host().context("the image URL has no host")?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let host_for_lookup = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host_for_lookup, port))
+        .with_context(|| format!("cannot resolve {host}"))?
+        .collect();
+    if addrs.is_empty() || addrs.iter().any(|a| !is_public(a.ip())) {
+        anyhow::bail!("{host} is not a public address: images are fetched from the internet only");
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(15)))
+        .max_redirects(0)
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .with_context(|| format!("cannot fetch the image {url}"))?;
+    response
+        .body_mut()
+        .with_config()
+        .limit(max_bytes as u64)
+        .read_to_vec()
+        .with_context(|| format!("cannot read the image {url} (larger than --max-body-mb?)"))
+}
+
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                // 100.64.0.0/10, carrier-grade NAT
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                let first = v6.segments()[0];
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (first & 0xfe00) == 0xfc00 // unique local
+                    || (first & 0xffc0) == 0xfe80) // link local
+            }
+        },
+    }
+}
+
+/// The message content: the rendered response, plus each particle's answer when asked.
+fn content(ask: &Ask, r: &Response) -> String {
+    let mut text = r.response.clone();
+    if ask.show_particles {
+        for (i, p) in r.particles.iter().enumerate() {
+            text.push_str(&format!(
+                "\nparticle {i}: {:?} (log-likelihood {:.3})",
+                p.answer, p.log_likelihood
+            ));
+        }
+    }
+    text
+}
+
+fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse {
+    let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
+    let created = unix_now();
+    let text = content(ask, r);
+    let completion_tokens = vqa.text_tokens(&text).unwrap_or(0);
+    let usage = Usage {
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens,
+        total_tokens: r.prompt_tokens + completion_tokens,
+    };
+    // "length" when the answer's particles all stopped at max_tokens.
+    let finish_reason = if r
+        .particles
+        .iter()
+        .filter(|p| p.answer == r.answer)
+        .all(|p| p.truncated)
+    {
+        "length"
+    } else {
+        "stop"
+    };
+    if !ask.stream {
+        return Json(Completion {
+            id: &id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &text,
+                },
+                finish_reason,
+                logprobs: None,
+            }],
+            usage,
+            bella: r,
+        })
+        .into_response();
+    }
+    let chunk = |delta: Delta, finish: Option<&'static str>, bella: Option<&Response>| {
+        let c = Chunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model,
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish,
+                logprobs: None,
+            }],
+            usage: None,
+            bella,
+        };
+        Event::default().data(serde_json::to_string(&c).unwrap_or_default())
+    };
+    let mut events = vec![chunk(
+        Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        },
+        None,
+        None,
+    )];
+    for piece in text.split_inclusive(' ') {
+        events.push(chunk(
+            Delta {
+                role: None,
+                content: Some(piece),
+            },
+            None,
+            None,
+        ));
+    }
+    events.push(chunk(Delta::default(), Some(finish_reason), Some(r)));
+    if ask.include_usage {
+        let c = Chunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model,
+            choices: Vec::new(),
+            usage: Some(usage),
+            bella: None,
+        };
+        events.push(Event::default().data(serde_json::to_string(&c).unwrap_or_default()));
+    }
+    events.push(Event::default().data("[DONE]"));
+    let stream =
+        futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+    Sse::new(stream).into_response()
+}
