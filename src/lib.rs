@@ -2,6 +2,51 @@
 //!
 //! The data flows one way: [`hub`] (where the files are) → [`models`] (CLIP, LLaMA, LLaVA with
 //! particle-capable linear layers) → [`bella`] (the particles) → answers → aggregation.
+//!
+//! The door for front ends is at the crate root: load a [`BellaVqa`] once (a hub id, a cache
+//! entry or a directory, with a particle directory), share it behind an [`Arc`](std::sync::Arc),
+//! and ask from as many threads as you like; [`BellaVqa::ask_batch`] answers several questions in
+//! one pass. The HTTP server ([`serve`]) is written against exactly this API.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bella_vqa::{load_image, AskOptions, BellaVqa, LoadOptions, ModelSource, Question};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! # let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+//! // Load once (particles with `Some(dir)`), then share.
+//! let source = ModelSource::Dir(root.join("tests/fixtures/llava-tiny-hub"));
+//! let vqa = Arc::new(BellaVqa::load(&source, None, &LoadOptions::default())?);
+//!
+//! // A chat front end asks from many threads (or `spawn_blocking` tasks) at once.
+//! let image = Arc::new(load_image(&root.join("tests/fixtures/images/square.png"))?);
+//! let askers: Vec<_> = ["What color is the circle?", "What shape is it?"]
+//!     .into_iter()
+//!     .map(|question| {
+//!         let (vqa, image) = (vqa.clone(), image.clone());
+//!         std::thread::spawn(move || vqa.ask(&image, question))
+//!     })
+//!     .collect();
+//! for asker in askers {
+//!     let response = asker.join().expect("no panic")?;
+//!     // The rendered text ("I'm not sure …" below the threshold) and the numbers behind it.
+//!     println!("{} (confidence {:.2})", response.response, response.confidence);
+//!     assert!((0.0..=1.0).contains(&response.confidence));
+//! }
+//!
+//! // Or several questions in one particle-folded pass.
+//! let opts = AskOptions::default();
+//! let batch = [
+//!     Question { image: &image, text: "What color is the circle?", options: &opts },
+//!     Question { image: &image, text: "Is there a square?", options: &opts },
+//! ];
+//! for result in vqa.ask_batch(&batch) {
+//!     let response = result?;
+//!     assert_eq!(response.particles.len(), vqa.particles());
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod answer;
 pub mod bella;
@@ -10,6 +55,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod hub;
+pub mod input;
 pub mod inspect;
 pub mod io;
 pub mod logits;

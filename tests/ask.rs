@@ -77,6 +77,7 @@ fn crafted_particles(dir: &Path, disagree: bool) {
             objective: "test".into(),
             data: None,
         }),
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     ParticleSet::from_model(m.as_ref(), config)

@@ -77,10 +77,7 @@ pub fn llava_candidates_batch(
     let image_tokens = model.config().image_tokens_per_image();
     let prompts = questions
         .iter()
-        .map(|q| {
-            let text = prompter.render_question(q, true)?;
-            prompter.encode(&text, image_tokens)
-        })
+        .map(|q| prompter.encode_question(q, true, image_tokens, None))
         .collect::<Result<Vec<_>>>()?;
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     // Left padding; the padded positions are masked, so any id that is not the image token works.

@@ -1,24 +1,5 @@
-//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question.
-//!
-//! ```
-//! use std::path::Path;
-//! use bella_vqa::answer::{BellaVqa, LoadOptions};
-//! use bella_vqa::hub::ModelSource;
-//!
-//! # fn main() -> anyhow::Result<()> {
-//! # let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-//! // Load once (a hub id, a cache entry or a directory; particles with `Some(dir)`).
-//! let source = ModelSource::Dir(root.join("tests/fixtures/llava-tiny-hub"));
-//! let vqa = BellaVqa::load(&source, None, &LoadOptions::default())?;
-//!
-//! // Then ask, from as many threads as you like.
-//! let image = bella_vqa::models::image::load_image(&root.join("tests/fixtures/images/square.png"))?;
-//! let response = vqa.ask(&image, "What color is the circle?")?;
-//! println!("{} (confidence {:.2})", response.response, response.confidence);
-//! assert!((0.0..=1.0).contains(&response.confidence));
-//! # Ok(())
-//! # }
-//! ```
+//! Answering with particles (design §5): load once, then [`BellaVqa::ask`] per question or
+//! [`BellaVqa::ask_batch`] for several (see the crate root for a runnable example).
 
 pub mod aggregate;
 pub mod candidates;
@@ -51,8 +32,7 @@ pub const UNANSWERABLE: &str = "unanswerable";
 
 /// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped.
 pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let text = crate::input::read_to_string(path, "answer list")?;
     let answers: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -96,6 +76,31 @@ impl AskOptions {
     /// threshold only matters after the batch).
     fn decodes_like(&self, other: &Self) -> bool {
         self.max_new_tokens == other.max_new_tokens && self.sampling == other.sampling
+    }
+
+    /// Range checks, each naming its option: `max_new_tokens` ≥ 1, a threshold in [0, 1], a
+    /// finite positive temperature and a top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens 0: an answer needs at least one token");
+        }
+        if let Some(t) = self.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                bail!("--threshold {t} is not a confidence in [0, 1]");
+            }
+        }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = self.sampling
+        {
+            if !(temperature.is_finite() && temperature > 0.0) {
+                bail!("--temperature {temperature} must be a finite number above 0");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p {top_p} must be in (0, 1]");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -215,9 +220,16 @@ impl BellaVqa {
         Ok(())
     }
 
-    /// The candidate answers a CLIP model scores.
-    pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) {
+    /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
+    /// vocabulary is an error rather than a silently ignored option.
+    pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
+        if let Model::Llava(_) = self.loaded.model {
+            bail!(
+                "an answer vocabulary (--answers) applies only to CLIP models; this LLaVA generates its answers"
+            );
+        }
         self.vocabulary = Some(answers);
+        Ok(())
     }
 
     pub fn model(&self) -> &LoadedModel {
@@ -332,6 +344,7 @@ impl BellaVqa {
 
     /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
     fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
+        q.options.validate()?;
         let text = q.text.trim();
         if text.is_empty() {
             bail!("the question is empty: ask something about the image");

@@ -109,13 +109,20 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
                 ModelConfig::Llava(_) => Some(prompt::DEFAULT_IMAGE_TOKEN),
                 ModelConfig::Clip(_) => None,
             };
-            Some(Prompter::from_dir(&files.dir, image_token)?)
+            let prompter = Prompter::from_dir(&files.dir, image_token)?;
+            Some(match &config {
+                ModelConfig::Llava(c) => {
+                    prompter.with_max_positions(c.text_config.max_position_embeddings)
+                }
+                ModelConfig::Clip(_) => prompter,
+            })
         }
         None => None,
     };
     // transformers 5 nests the image processor in processor_config.json.
     let nested = files.optional("processor_config.json").is_some_and(|p| {
-        std::fs::read_to_string(p).is_ok_and(|t| t.contains("\"image_processor\""))
+        crate::input::read_to_string(&p, "processor config")
+            .is_ok_and(|t| t.contains("\"image_processor\""))
     });
     let image_processor = if files.optional("preprocessor_config.json").is_some() || nested {
         Some(ImageProcessor::from_dir(&files.dir)?)

@@ -1,0 +1,99 @@
+//! Several questions answered in one particle-folded pass give what each gives alone.
+
+use std::path::PathBuf;
+
+use bella_vqa::{load_image, AskOptions, BellaVqa, LoadOptions, ModelSource, Question, Sampling};
+
+fn demo() -> BellaVqa {
+    let llava = bella_vqa::demo::path(bella_vqa::demo::LLAVA).expect("demo model");
+    let particles = bella_vqa::demo::path(bella_vqa::demo::PARTICLES).expect("demo particles");
+    BellaVqa::load(
+        &ModelSource::Dir(llava),
+        Some(&particles),
+        &LoadOptions::default(),
+    )
+    .expect("demo loads")
+}
+
+fn demo_image(name: &str) -> image::DynamicImage {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("eval/demo")
+        .join(name);
+    load_image(&path).expect("demo image")
+}
+
+#[test]
+fn a_batch_answers_each_question_as_it_is_answered_alone() {
+    let vqa = demo();
+    let images = [
+        demo_image("red-circle.png"),
+        demo_image("two-blue-squares.png"),
+        demo_image("photo-cat.png"),
+        demo_image("three-shapes.png"),
+    ];
+    // Prompts of different lengths (left padding), in- and out-of-distribution images.
+    let questions = [
+        "What color is the circle?",
+        "How many squares are there?",
+        "What color is the circle?",
+        "Is there a green triangle in the image?",
+    ];
+    let greedy = AskOptions::default();
+    let sampled = AskOptions {
+        sampling: Sampling::Sample {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7,
+        },
+        ..AskOptions::default()
+    };
+    let mut batch = Vec::new();
+    for (image, text) in images.iter().zip(questions) {
+        batch.push(Question {
+            image,
+            text,
+            options: &greedy,
+        });
+    }
+    // The same questions again with sampling: a second group within the batch.
+    for (image, text) in images.iter().zip(questions) {
+        batch.push(Question {
+            image,
+            text,
+            options: &sampled,
+        });
+    }
+    // And a bad question, which fails alone.
+    batch.push(Question {
+        image: &images[0],
+        text: "   ",
+        options: &greedy,
+    });
+    let together = vqa.ask_batch(&batch);
+    assert_eq!(together.len(), batch.len());
+    let bad = together.last().expect("last").as_ref().unwrap_err();
+    assert!(format!("{bad:#}").contains("empty"), "{bad:#}");
+    for (q, got) in batch.iter().zip(&together).take(batch.len() - 1) {
+        let got = got.as_ref().expect("answered");
+        let alone = vqa.ask_with(q.image, q.text, q.options).expect("answered");
+        assert_eq!(got.answer, alone.answer, "{}", q.text);
+        assert_eq!(got.abstained, alone.abstained, "{}", q.text);
+        let answers = |r: &bella_vqa::Response| -> Vec<String> {
+            r.particles.iter().map(|p| p.answer.clone()).collect()
+        };
+        assert_eq!(answers(got), answers(&alone), "{}", q.text);
+        assert!(
+            (got.confidence - alone.confidence).abs() < 1e-4,
+            "{}: {} vs {}",
+            q.text,
+            got.confidence,
+            alone.confidence
+        );
+        assert!((got.uncertainty.epistemic - alone.uncertainty.epistemic).abs() < 1e-4);
+        assert_eq!(got.prompt_tokens, alone.prompt_tokens);
+        assert_eq!(got.generated_tokens, alone.generated_tokens);
+    }
+    // The photograph is out of distribution: the demo abstains there, and answers the others.
+    assert!(together[2].as_ref().expect("answered").abstained);
+    assert!(!together[0].as_ref().expect("answered").abstained);
+}

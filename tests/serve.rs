@@ -1,0 +1,662 @@
+//! `bella-vqa serve` over loopback: answers (plain and streamed) agree with `ask`, every error
+//! class has its status and OpenAI error body, concurrent requests are all answered, the queue
+//! and deadline limits hold, /health follows the loading, and SIGTERM drains gracefully.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bella_vqa::serve::{serve, ServeOptions};
+use bella_vqa::{BellaVqa, LoadOptions, ModelSource};
+use serde_json::{json, Value};
+
+/// A server on an ephemeral loopback port, stopped (gracefully) on drop.
+struct Server {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    fn start(
+        opts: ServeOptions,
+        load: impl FnOnce() -> anyhow::Result<BellaVqa> + Send + 'static,
+    ) -> Self {
+        let (addr_tx, addr_rx) = std_mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addr_tx.send(listener.local_addr()?)?;
+                serve(listener, opts, load, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server binds");
+        Self {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    fn demo(opts: ServeOptions) -> Self {
+        Self::start(opts, || {
+            BellaVqa::load(
+                &ModelSource::Dir(bella_vqa::demo::path(bella_vqa::demo::LLAVA)?),
+                Some(&bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
+                &LoadOptions::default(),
+            )
+        })
+    }
+
+    /// Stops and returns what `serve` returned.
+    fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.done.take() {
+            Some(done) => done.join().expect("server thread"),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_ready(&self) {
+        for _ in 0..600 {
+            if get(&format!("{}/health", self.url)).0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the server did not become ready");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> (u16, String) {
+    let mut r = agent().get(url).call().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_to_string().expect("body"))
+}
+
+/// POSTs `body` (with an optional bearer key): status, Retry-After, body text.
+fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Option<String>, String) {
+    let mut req = agent()
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", &format!("Bearer {k}"));
+    }
+    let mut r = req.send(body).expect("POST");
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let text = r
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .expect("body");
+    (status, retry, text)
+}
+
+fn demo_image(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("eval/demo")
+        .join(name)
+}
+
+fn data_url(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("image");
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+fn request(image_url: &str, question: &str) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": image_url}}
+        ]}]
+    })
+}
+
+/// Asserts an OpenAI error body and returns its `error` object.
+#[track_caller]
+fn error_of(status: u16, expected: u16, text: &str) -> Value {
+    assert_eq!(status, expected, "{text}");
+    let v: Value = serde_json::from_str(text).expect("an error body is JSON");
+    let e = v["error"].clone();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    e
+}
+
+fn ask_json(image: &Path, question: &str) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["ask", "--json", "--image"])
+        .arg(image)
+        .arg(question)
+        .output()
+        .expect("ask runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ask --json prints JSON")
+}
+
+/// The `data:` lines of a server-sent event stream.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn demo_answers_like_ask_plain_and_streamed() {
+    let server = Server::demo(ServeOptions {
+        model_name: "bella-vqa-demo".into(),
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    let (status, health) = get(&format!("{}/health", server.url));
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["particles"], 4);
+    let (status, models) = get(&format!("{}/v1/models", server.url));
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "bella-vqa-demo");
+
+    for (image, question) in [
+        ("red-circle.png", "What color is the circle?"),
+        ("photo-cat.png", "What color is the circle?"),
+    ] {
+        let path = demo_image(image);
+        let cli = ask_json(&path, question);
+        let mut body = request(&data_url(&path), question);
+        body["model"] = "bella-vqa-demo".into();
+        let (status, _, text) = post(&server.url, &body.to_string(), None);
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        assert_eq!(v["model"], "bella-vqa-demo");
+        let bella = &v["bella"];
+        // The same answer, abstention, particles and numbers as `ask --json`.
+        for key in [
+            "answer",
+            "abstained",
+            "threshold",
+            "calibrated",
+            "selector",
+            "response",
+        ] {
+            assert_eq!(bella[key], cli[key], "{image}: {key}");
+        }
+        for key in ["confidence", "vote_share"] {
+            let (a, b) = (bella[key].as_f64().unwrap(), cli[key].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-9, "{image}: {key} {a} vs {b}");
+        }
+        for key in ["total", "aleatoric", "epistemic"] {
+            let a = bella["uncertainty"][key].as_f64().unwrap();
+            let b = cli["uncertainty"][key].as_f64().unwrap();
+            assert!((a - b).abs() < 1e-9, "{image}: {key}");
+        }
+        assert_eq!(bella["particles"], cli["particles"]);
+        assert_eq!(v["choices"][0]["message"]["content"], cli["response"]);
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let usage = &v["usage"];
+        assert_eq!(usage["prompt_tokens"], cli["prompt_tokens"]);
+        assert!(usage["completion_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(
+            usage["total_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        );
+
+        // Streamed: the same text in pieces, the bella object in the last content chunk.
+        body["stream"] = true.into();
+        body["stream_options"] = json!({"include_usage": true});
+        let (status, _, text) = post(&server.url, &body.to_string(), None);
+        assert_eq!(status, 200, "{text}");
+        let data = sse_data(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).expect("chunk JSON"))
+            .collect();
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"));
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(streamed, cli["response"].as_str().unwrap());
+        let last = chunks
+            .iter()
+            .rfind(|c| c["choices"][0]["finish_reason"].is_string())
+            .expect("a finishing chunk");
+        assert_eq!(last["bella"]["answer"], cli["answer"]);
+        assert_eq!(last["bella"]["abstained"], cli["abstained"]);
+        let usage_chunk = chunks.last().unwrap();
+        assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
+        assert_eq!(usage_chunk["usage"]["prompt_tokens"], cli["prompt_tokens"]);
+    }
+
+    // A request may override the threshold and ask for the particles in the text.
+    let mut body = request(
+        &data_url(&demo_image("red-circle.png")),
+        "What color is the circle?",
+    );
+    body["bella"] = json!({"threshold": 1.0, "show_particles": true});
+    let (status, _, text) = post(&server.url, &body.to_string(), None);
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["bella"]["abstained"], true);
+    assert_eq!(v["bella"]["threshold"], 1.0);
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.starts_with("I'm not sure"), "{content}");
+    assert_eq!(content.matches("particle ").count(), 4, "{content}");
+
+    // Prometheus metrics saw the requests.
+    let (status, metrics) = get(&format!("{}/metrics", server.url));
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("bella_chat_requests_total{status=\"200\"} 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("bella_particles 4"), "{metrics}");
+    assert!(metrics.contains("bella_abstentions_total"), "{metrics}");
+    server.stop().expect("clean stop");
+}
+
+/// The tiny fixture with its crafted-free base model: every error class with its status.
+#[test]
+fn every_error_class_has_its_status_and_body() {
+    let fixture = common::fixture("llava-tiny-hub");
+    let server = Server::start(
+        ServeOptions {
+            model_name: "tiny".into(),
+            api_key: Some("sesame".into()),
+            max_body_bytes: 64 * 1024,
+            max_image_pixels: 40 * 40,
+            max_question_tokens: 40,
+            ..ServeOptions::default()
+        },
+        move || BellaVqa::load(&ModelSource::Dir(fixture), None, &LoadOptions::default()),
+    );
+    server.wait_ready();
+    let url = &server.url;
+    let key = Some("sesame");
+    let square = data_url(&common::fixture("images/square.png"));
+    let good = request(&square, "What color is the circle?");
+
+    // 200 with the key; the tiny model answers something.
+    let (status, _, text) = post(url, &good.to_string(), key);
+    assert_eq!(status, 200, "{text}");
+
+    // 401: no key, a wrong key; /v1/models too; /health stays open.
+    let (s, _, t) = post(url, &good.to_string(), None);
+    assert_eq!(error_of(s, 401, &t)["code"], "invalid_api_key");
+    let (s, _, t) = post(url, &good.to_string(), Some("wrong"));
+    error_of(s, 401, &t);
+    assert_eq!(get(&format!("{url}/v1/models")).0, 401);
+    assert_eq!(get(&format!("{url}/health")).0, 200);
+
+    // 404: an unknown model, an unknown route.
+    let mut unknown = good.clone();
+    unknown["model"] = "gpt-4o".into();
+    let (s, _, t) = post(url, &unknown.to_string(), key);
+    let e = error_of(s, 404, &t);
+    assert_eq!(e["param"], "model");
+    assert!(e["message"].as_str().unwrap().contains("tiny"), "{e}");
+    let (s, t) = get(&format!("{url}/v2/nothing"));
+    error_of(s, 404, &t);
+
+    // 413: a body over --max-body-mb.
+    let big = request(
+        &format!("data:image/png;base64,{}", "A".repeat(100_000)),
+        "q?",
+    );
+    let (s, _, t) = post(url, &big.to_string(), key);
+    error_of(s, 413, &t);
+
+    // 400s, each naming what is wrong.
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!("not an object"), "", "invalid type"),
+        (json!({"messages": "hi"}), "messages", "invalid type"),
+        (json!({"messages": [], "frobnicate": 1}), "", "frobnicate"),
+        (
+            request("data:image/png;base64,!!!", "What?"),
+            "image_url.url",
+            "base64",
+        ),
+        (
+            request(
+                &format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(b"not an image at all")
+                ),
+                "What?",
+            ),
+            "image_url.url",
+            "supported format",
+        ),
+        (
+            request("http://127.0.0.1/cat.png", "What?"),
+            "image_url.url",
+            "--allow-remote-images",
+        ),
+        (
+            request("/etc/passwd", "What?"),
+            "image_url.url",
+            "local paths are never read",
+        ),
+        (
+            request(&square, &"circle ".repeat(200)),
+            "messages",
+            "--max-question-tokens",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "What color?"}]}),
+            "messages[0].content",
+            "no image",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["n"] = 2.into();
+                v
+            },
+            "n",
+            "not supported",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["max_tokens"] = 100_000.into();
+                v
+            },
+            "max_tokens",
+            "between 1",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["stop"] = json!(["\n"]);
+                v
+            },
+            "stop",
+            "not supported",
+        ),
+    ];
+    for (body, param, needle) in cases {
+        let (s, _, t) = post(url, &body.to_string(), key);
+        let e = error_of(s, 400, &t);
+        if !param.is_empty() {
+            assert_eq!(e["param"], param, "{t}");
+        }
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{needle}: {t}"
+        );
+        assert_eq!(e["type"], "invalid_request_error", "{t}");
+    }
+    // Malformed JSON.
+    let (s, _, t) = post(url, "{\"messages\": [", key);
+    let e = error_of(s, 400, &t);
+    assert!(
+        e["message"].as_str().unwrap().contains("invalid JSON"),
+        "{t}"
+    );
+
+    // An image over --max-image-pixels (64×48 against 40×40).
+    let photo = request(
+        &data_url(&common::fixture("images/photo.png")),
+        "What is it?",
+    );
+    let (s, _, t) = post(url, &photo.to_string(), key);
+    let e = error_of(s, 400, &t);
+    assert!(e["message"].as_str().unwrap().contains("too large"), "{t}");
+
+    server.stop().expect("clean stop");
+}
+
+#[test]
+fn concurrent_requests_are_all_answered_in_batches() {
+    let server = Server::demo(ServeOptions {
+        max_batch: 8,
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    let images = [
+        "red-circle.png",
+        "two-blue-squares.png",
+        "three-shapes.png",
+        "photo-cat.png",
+    ];
+    let questions = ["What color is the circle?", "How many shapes are there?"];
+    let bodies: Vec<String> = images
+        .iter()
+        .flat_map(|i| questions.iter().map(move |q| (i, q)))
+        .map(|(i, q)| request(&data_url(&demo_image(i)), q).to_string())
+        .collect();
+    // One at a time first, then all 16 at once (twice each).
+    let alone: Vec<Value> = bodies
+        .iter()
+        .map(|b| {
+            let (s, _, t) = post(&server.url, b, None);
+            assert_eq!(s, 200, "{t}");
+            serde_json::from_str(&t).unwrap()
+        })
+        .collect();
+    let threads: Vec<_> = bodies
+        .iter()
+        .chain(bodies.iter())
+        .cloned()
+        .map(|b| {
+            let url = server.url.clone();
+            std::thread::spawn(move || post(&url, &b, None))
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (s, _, text) = t.join().expect("client thread");
+        assert_eq!(s, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let a = &alone[i % bodies.len()];
+        assert_eq!(v["bella"]["answer"], a["bella"]["answer"]);
+        assert_eq!(v["bella"]["abstained"], a["bella"]["abstained"]);
+        let (x, y) = (
+            v["bella"]["confidence"].as_f64().unwrap(),
+            a["bella"]["confidence"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    // Some of them were answered together.
+    let (_, metrics) = get(&format!("{}/metrics", server.url));
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("bella_batch_size_bucket{le=\"1.0\"}"))
+        .expect("batch size histogram");
+    let single: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bella_batch_size_count "))
+        .expect("batch count")
+        .parse()
+        .unwrap();
+    assert!(
+        single < count,
+        "no batch held more than one question:\n{metrics}"
+    );
+    server.stop().expect("clean stop");
+}
+
+#[test]
+fn a_full_queue_answers_503_and_a_deadline_504() {
+    // A queue of one and a worker that takes one question at a time: a burst overflows it.
+    let server = Server::demo(ServeOptions {
+        max_batch: 1,
+        queue: 1,
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    let body = request(
+        &data_url(&demo_image("photo-cat.png")),
+        "What color is the circle?",
+    )
+    .to_string();
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, body) = (server.url.clone(), body.clone());
+            std::thread::spawn(move || post(&url, &body, None))
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let busy: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    assert!(results.iter().any(|r| r.0 == 200));
+    assert!(!busy.is_empty(), "no request was refused with 503");
+    for (s, retry, t) in busy {
+        let e = error_of(*s, 503, t);
+        assert_eq!(e["code"], "overloaded");
+        assert_eq!(retry.as_deref(), Some("1"));
+    }
+    assert!(results.iter().all(|r| r.0 == 200 || r.0 == 503));
+    server.stop().expect("clean stop");
+
+    // A deadline nobody can meet.
+    let server = Server::demo(ServeOptions {
+        timeout: Duration::from_millis(1),
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    let (s, _, t) = post(&server.url, &body, None);
+    assert_eq!(error_of(s, 504, &t)["code"], "timeout");
+    server.stop().expect("clean stop");
+}
+
+#[test]
+fn health_follows_loading_and_a_failed_load_stops_the_server() {
+    let (go_tx, go_rx) = std_mpsc::channel::<()>();
+    let server = Server::start(ServeOptions::default(), move || {
+        go_rx.recv()?;
+        BellaVqa::load(
+            &ModelSource::Dir(common::fixture("llava-tiny-hub")),
+            None,
+            &LoadOptions::default(),
+        )
+    });
+    let (s, t) = get(&format!("{}/health", server.url));
+    assert_eq!(s, 503, "{t}");
+    assert!(t.contains("loading"), "{t}");
+    let body = request(&data_url(&common::fixture("images/square.png")), "What?").to_string();
+    let (s, retry, t) = post(&server.url, &body, None);
+    error_of(s, 503, &t);
+    assert!(retry.is_some());
+    go_tx.send(()).unwrap();
+    server.wait_ready();
+    assert_eq!(post(&server.url, &body, None).0, 200);
+    server.stop().expect("clean stop");
+
+    let server = Server::start(ServeOptions::default(), || {
+        anyhow::bail!("no weights in /nowhere")
+    });
+    let err = server.stop().expect_err("the load error is returned");
+    assert!(format!("{err:#}").contains("/nowhere"), "{err:#}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["serve", "--port", "0", "--max-batch", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines.next().expect("a line").expect("stderr");
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_string();
+        }
+    };
+    let ready = Server {
+        url: url.clone(),
+        stop: None,
+        done: None,
+    };
+    ready.wait_ready();
+    let body = request(
+        &data_url(&demo_image("photo-cat.png")),
+        "What color is the circle?",
+    )
+    .to_string();
+    // Several requests in flight, then SIGTERM: all of them are answered.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            std::thread::spawn(move || post(&url, &body, None))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
+    // Answered, or refused cleanly if one arrived after the signal; never cut off.
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
+    let status = child.wait().expect("exit");
+    assert!(status.success(), "{status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(!rest.iter().any(|l| l.contains("panicked")), "{rest:?}");
+}
