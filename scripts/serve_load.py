@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import math
+import os
 import re
 import signal
 import statistics
@@ -75,6 +76,7 @@ class Server:
     def __init__(self, binary, extra, timeout):
         self.log = []
         self.proc = subprocess.Popen([binary, "serve", "--port", "0", *extra], stdin=subprocess.DEVNULL,
+                                     env={k: v for k, v in os.environ.items() if k != "BELLA_API_KEY"},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.base = None
         found = threading.Event()
