@@ -337,6 +337,58 @@ pub fn stored_model_source(model: &str) -> String {
 }
 
 /// SHA-256 of a file's contents, lower-case hex (read in 1 MiB pieces).
+/// This program's cache directory: `$BELLA_VQA_CACHE`, else `~/.cache/bella-vqa` (the demo
+/// model and the file-hash cache live there).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("BELLA_VQA_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/bella-vqa"))
+            .unwrap_or_else(std::env::temp_dir),
+    }
+}
+
+/// The sha256 of a file, remembered in [`cache_dir`]`/file-hashes.json` under its canonical path,
+/// size and modification time, so checking particles against a 14 GB base hashes it once, not
+/// at every load. A changed file (size or time) is hashed again.
+pub fn sha256_file_cached(path: &Path) -> Result<String> {
+    sha256_file_cached_in(path, &cache_dir().join("file-hashes.json"))
+}
+
+/// [`sha256_file_cached`] with the cache file given. The cache is best effort: an unreadable or
+/// corrupt one is ignored and rewritten; it is not an output of the run, so it is written
+/// directly (atomically) and not counted by the fault injector.
+pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
+    use std::collections::BTreeMap;
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = format!("{}|{}|{modified}", canonical.display(), meta.len());
+    let mut known: BTreeMap<String, String> = fs::read(cache)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    if let Some(hash) = known.get(&key) {
+        return Ok(hash.clone());
+    }
+    let hash = sha256_file(path)?;
+    known.insert(key, hash.clone());
+    if let (Some(dir), Ok(json)) = (cache.parent(), serde_json::to_vec_pretty(&known)) {
+        let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+        let written = fs::create_dir_all(dir)
+            .and_then(|()| fs::write(&tmp, json))
+            .and_then(|()| fs::rename(&tmp, cache));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+    Ok(hash)
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut file =
@@ -412,6 +464,31 @@ mod tests {
                 "checkpoints",
                 "keep.tmp-1"
             ]
+        );
+    }
+
+    #[test]
+    fn file_hashes_are_remembered_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, cache) = (dir.path().join("w.bin"), dir.path().join("hashes.json"));
+        fs::write(&file, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file_cached_in(&file, &cache).unwrap(), abc);
+        // Read from the cache: a doctored entry for the same path, size and time is believed.
+        let doctored = fs::read_to_string(&cache).unwrap().replace(abc, "cafe");
+        fs::write(&cache, doctored).unwrap();
+        assert_eq!(sha256_file_cached_in(&file, &cache).unwrap(), "cafe");
+        // A changed file (new size and time) is hashed again.
+        fs::write(&file, b"abcd").unwrap();
+        assert_eq!(
+            sha256_file_cached_in(&file, &cache).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
+        // A corrupt cache is ignored.
+        fs::write(&cache, b"{not json").unwrap();
+        assert_eq!(
+            sha256_file_cached_in(&file, &cache).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
         );
     }
 

@@ -396,7 +396,12 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
 
 fn print_response(r: &Response, show_particles: bool) {
     println!("{}", r.response);
-    let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
+    let answer = bella_vqa::data::normalize::normalize_answer(&r.answer);
+    let agree = r
+        .particles
+        .iter()
+        .filter(|p| p.normalized == answer)
+        .count();
     println!(
         "confidence {:.0} % (threshold {:.0} %{}) · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
         r.confidence * 100.0,

@@ -123,7 +123,7 @@ fn sha256_of(path: &Path) -> Result<String> {
             return Ok(blob.to_ascii_lowercase());
         }
     }
-    crate::io::sha256_file(path)
+    crate::io::sha256_file_cached(path)
 }
 
 impl ParticleConfig {

@@ -191,8 +191,10 @@ impl AppState {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.trim().split_once(' '))
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         if constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
             Ok(())
         } else {
@@ -417,16 +419,17 @@ async fn answer_chat(
         threshold: ask.threshold,
     };
     let image = {
-        let (opts, url, question) = (
+        let (opts, url, param, question) = (
             state.opts.clone(),
             ask.image_url.clone(),
+            ask.image_param.clone(),
             ask.question.clone(),
         );
         let vqa = vqa.clone();
         let max_new = options.max_new_tokens;
         tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
             check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
-            read_image(&url, &opts)
+            read_image(&url, &param, &opts)
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
@@ -509,8 +512,9 @@ fn check_question(
 }
 
 /// Decodes a `data:` URL or, when allowed, fetches an `http(s)://` one. Never reads local files.
-fn read_image(url: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
-    let param = Some("image_url.url");
+fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
+    let name = param;
+    let param = Some(param);
     let bytes = if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
@@ -552,7 +556,7 @@ fn read_image(url: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> 
             "the image must be a data URL (data:image/png;base64,…); local paths are never read",
         ));
     };
-    decode_image(&bytes, "in the request", opts.max_image_pixels)
+    decode_image(&bytes, name, opts.max_image_pixels)
         .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
 }
 
@@ -646,10 +650,11 @@ fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse 
         total_tokens: r.prompt_tokens + completion_tokens,
     };
     // "length" when the answer's particles all stopped at max_tokens.
+    let answer = crate::data::normalize::normalize_answer(&r.answer);
     let finish_reason = if r
         .particles
         .iter()
-        .filter(|p| p.answer == r.answer)
+        .filter(|p| p.normalized == answer)
         .all(|p| p.truncated)
     {
         "length"
