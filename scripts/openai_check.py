@@ -49,7 +49,10 @@ class Server:
         self.log = []
         self.proc = subprocess.Popen(
             [binary, "serve", "--port", "0", *extra_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            stdin=subprocess.DEVNULL,
+            # the key is given (or not) on the command line, never through the environment
+            env={k: v for k, v in os.environ.items() if k != "BELLA_API_KEY"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.base = None
         found = threading.Event()
 

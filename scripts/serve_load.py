@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import math
+import os
 import re
 import signal
 import statistics
@@ -75,6 +76,7 @@ class Server:
     def __init__(self, binary, extra, timeout):
         self.log = []
         self.proc = subprocess.Popen([binary, "serve", "--port", "0", *extra], stdin=subprocess.DEVNULL,
+                                     env={k: v for k, v in os.environ.items() if k != "BELLA_API_KEY"},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.base = None
         found = threading.Event()
@@ -228,14 +230,19 @@ def main():
                     help="which demo questions: all, the shapes world only, the photographs only")
     ap.add_argument("--soak", type=int, default=0,
                     help="after the levels, this many more rounds of --requests at the highest concurrency (RSS after each)")
-    ap.add_argument("--no-max-batch-1", action="store_true", help="only the default server")
+    ap.add_argument("--variants", default="default,max-batch-1",
+                    help="servers to compare: default (its own --max-batch), max-batch-1, or both")
     ap.add_argument("--json", help="write every measurement to this file")
     args = ap.parse_args()
 
     levels = [int(c) for c in args.clients.split(",")]
     assert args.requests > 0 and args.rounds > 0 and all(0 < c <= 256 for c in levels)
     pairs, bodies = workload(args.questions)
-    variants = [("default", [])] + ([] if args.no_max_batch_1 else [("--max-batch 1", ["--max-batch", "1"])])
+    known = {"default": ("default", []), "max-batch-1": ("--max-batch 1", ["--max-batch", "1"])}
+    try:
+        variants = [known[v.strip()] for v in args.variants.split(",")]
+    except KeyError as e:
+        ap.error(f"unknown variant {e}: default, max-batch-1")
     print(f"serve_load: {args.bin}; {len(pairs)} demo (image, question) pairs ({args.questions}); {args.requests} requests per level; "
           f"clients {levels}; up to {args.rounds} rounds", flush=True)
     started = time.monotonic()
@@ -273,11 +280,11 @@ def main():
             print(f"| {name} | {c} | {rps[(name, c)]:.1f} | {med(x['p50_ms'] for x in ls):.1f} | "
                   f"{med(x['p95_ms'] for x in ls):.1f} | {med(x['p99_ms'] for x in ls):.1f} | {errs} | {rss} |")
     print()
-    for name, _ in variants:
+    for name, _ in variants if len(levels) > 1 else []:
         base = rps[(name, levels[0])]
         ups = ", ".join(f"{c} clients {rps[(name, c)] / base:.2f}x" for c in levels[1:])
         print(f"- {name}: throughput over {levels[0]} client: {ups}")
-    if len(variants) > 1:
+    if len(variants) == 2:
         ups = ", ".join(f"{c} clients {rps[('default', c)] / rps[('--max-batch 1', c)]:.2f}x" for c in levels)
         print(f"- default batching over --max-batch 1 (ratio of the medians): {ups}")
         # the two servers of a round were measured back to back: their ratio is the less noisy number

@@ -76,6 +76,7 @@ try {
       aleatoric: document.getElementById("aleatoric").textContent.trim(),
       epistemic: document.getElementById("epistemic").textContent.trim(),
       particles: [...document.querySelectorAll("#particles li")].map((li) => li.textContent.trim()),
+      stale: document.getElementById("result").classList.contains("stale"),
     }));
   }
 
@@ -110,6 +111,7 @@ try {
   const c = await ask(broken, "What color is the circle?", "error.png");
   console.log("  broken image:", JSON.stringify({ state: c.state, error: c.error }));
   check("server error shown readably", c.state === "error" && /The server answered 4\d\d/.test(c.error) && c.error.length > 30, c.error);
+  check("the previous answer is dimmed after the error", c.stale);
 
   await page.fill("#question", "");
   await page.click("#ask");
