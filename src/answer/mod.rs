@@ -264,9 +264,15 @@ impl BellaVqa {
             return Ok(());
         };
         let prompter = self.loaded.prompter()?;
-        let text = prompter.render_question(question.trim(), true)?;
+        // The same tokenisation as answering: special-token strings in the question are text, and
+        // an overlong question is refused before it is tokenised.
         let prompt = prompter
-            .encode(&text, m.config().image_tokens_per_image())?
+            .encode_question(
+                question.trim(),
+                true,
+                m.config().image_tokens_per_image(),
+                None,
+            )?
             .len();
         let positions = m.config().text_config.max_position_embeddings;
         if prompt + max_new_tokens > positions {
