@@ -458,6 +458,10 @@ async fn answer_chat(
     let remaining = state.opts.timeout.saturating_sub(arrived.elapsed());
     let response = match tokio::time::timeout(remaining, answer).await {
         Err(_) => return Err(ApiError::timeout(state.opts.timeout.as_secs_f64())),
+        // The worker drops questions whose deadline passed before it reached them.
+        Ok(Err(_)) if arrived.elapsed() >= state.opts.timeout => {
+            return Err(ApiError::timeout(state.opts.timeout.as_secs_f64()))
+        }
         Ok(Err(_)) => return Err(ApiError::internal("the worker dropped the question")),
         Ok(Ok(Err(e))) => return Err(ApiError::internal(format!("{e:#}"))),
         Ok(Ok(Ok(r))) => r,
