@@ -140,6 +140,8 @@ def cases(work, binary):
     os.mkfifo(fifo)
     fifo_data = work / "fifo.jsonl"
     os.mkfifo(fifo_data)
+    answers = work / "answers.txt"
+    answers.write_text("red\nblue\n")
     empty = work / "empty.jsonl"
     empty.write_text("")
     truncated = work / "trunc"
@@ -200,7 +202,7 @@ def cases(work, binary):
         Case(4, "--top-p 1.5", A + ["--temperature", "1", "--top-p", "1.5", q], "--top-p"),
         Case(4, "--top-p without --temperature", A + ["--top-p", "0.5", q], "--temperature"),
         Case(4, "--temperature -1", A + ["--temperature", "-1", q], "--temperature"),
-        Case(4, "--answers on LLaVA", A + ["--answers", str(work / "none.txt"), q], "--answers"),
+        Case(4, "--answers on LLaVA", A + ["--answers", str(answers), q], "--answers"),
         Case(4, "stored threshold 7", A + ["--adapters", particle_variant("thr", lambda v, d: v.update(abstention={"threshold": 7.0, "objective": "x"})), q], "threshold"),
         # 5. Errors name the culprit.
         Case(5, "NaN in a particle tensor", A + ["--adapters", particle_variant("nan", nan_particles), q], "particles.safetensors"),

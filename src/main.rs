@@ -56,6 +56,8 @@ enum Command {
     },
     /// Answer a question about an image with every particle, with a confidence and an
     /// uncertainty split; says "I'm not sure" below the abstention threshold.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Ask {
         #[command(flatten)]
         vqa: VqaArgs,
@@ -91,6 +93,8 @@ enum Command {
     /// `/v1/models`, `/health` and `/metrics`.
     Serve(Box<ServeArgs>),
     /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
     /// Generate VQA data.
     #[command(subcommand)]
@@ -115,8 +119,12 @@ enum Command {
     },
     /// Answer a VQA set and write results.json, samples.jsonl and a Markdown/HTML report with
     /// calibration and selective-prediction metrics; `bench merge` combines shards.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Bench(bella_vqa::bench::cli::BenchArgs),
     /// Choose the abstention threshold on validation questions and store it with the particles.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Calibrate(bella_vqa::bench::cli::CalibrateArgs),
     /// Write every particle of a particle directory as a standard PEFT LoRA adapter
     /// (OUT/particle-{p}/adapter_config.json + adapter_model.safetensors).
