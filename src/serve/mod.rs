@@ -123,8 +123,11 @@ pub fn run(
     load: impl FnOnce() -> Result<BellaVqa> + Send + 'static,
 ) -> Result<()> {
     opts.check()?;
+    // Few threads: the compute is the worker's; the blocking pool only decodes images, and every
+    // extra thread is another malloc arena holding memory.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
