@@ -38,12 +38,7 @@ pub fn directory() -> Result<PathBuf> {
         hasher.update(bytes);
     }
     let digest = format!("{:x}", hasher.finalize());
-    let root = match std::env::var_os("BELLA_VQA_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/bella-vqa"))
-            .unwrap_or_else(std::env::temp_dir),
-    };
+    let root = crate::io::cache_dir();
     let dir = root.join(format!("demo-{}", &digest[..16]));
     if dir.join(".complete").exists() {
         return Ok(dir);

@@ -13,6 +13,12 @@ pub enum WeightError {
         tried: Vec<String>,
         files: String,
     },
+    #[error("tensor {key:?} in {file} holds {count} NaN or infinite value(s): the checkpoint is damaged; re-download or re-save it")]
+    NonFinite {
+        key: String,
+        file: PathBuf,
+        count: usize,
+    },
     #[error("tensor {key:?} in {file} has shape {actual:?}, the config implies {expected:?}")]
     ShapeMismatch {
         key: String,

@@ -46,7 +46,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
@@ -83,6 +83,15 @@ const MAX_REDIRECTS: usize = 10;
 const MAX_JSON_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest error body read for a message.
 const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+/// Every transfer from the hub gets an overall deadline: this many request timeouts
+/// ([`HubOptions::timeout`]) of grace, plus the size at [`MIN_TRANSFER_BYTES_PER_SEC`]. The
+/// request timeout itself is the stall timeout (no byte for that long fails at once); the
+/// deadline catches a server that trickles bytes just often enough never to stall.
+const DEADLINE_GRACE_TIMEOUTS: u32 = 5;
+
+/// The slowest average rate a transfer may have, beyond the grace period (2 Mbit/s).
+const MIN_TRANSFER_BYTES_PER_SEC: u64 = 256 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Model sources
@@ -490,6 +499,22 @@ pub enum HubError {
     /// A required file is missing.
     #[error("required file {file} is missing in {location}")]
     MissingFile { file: String, location: String },
+    /// A transfer ran past its overall deadline (a server that trickles bytes).
+    #[error(
+        "the hub at {endpoint} sent {what} too slowly: {bytes} bytes in {seconds:.0} s, past the \
+         deadline of {allowed:.0} s for {size} (at least {} KiB/s after a grace of {grace:.0} s). \
+         Check the connection or use a mirror (HF_ENDPOINT); BELLA_HUB_TIMEOUT_SECS lengthens the grace",
+        MIN_TRANSFER_BYTES_PER_SEC / 1024
+    )]
+    TooSlow {
+        endpoint: String,
+        what: String,
+        bytes: u64,
+        seconds: f64,
+        allowed: f64,
+        grace: f64,
+        size: String,
+    },
 }
 
 impl HubError {
@@ -619,13 +644,15 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         );
     }
     let location = dir.display().to_string();
-    if !dir.join(CONFIG_FILE).is_file() {
+    let config = dir.join(CONFIG_FILE);
+    if !config.exists() {
         return Err(HubError::MissingFile {
             file: CONFIG_FILE.to_string(),
             location,
         }
         .into());
     }
+    crate::input::check_regular(&config, "model config")?;
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     // The order transformers uses: a single file first, then an index.
@@ -636,7 +663,8 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         let mut weights = Vec::with_capacity(shards.len());
         for shard in shards {
             let path = dir.join(&shard);
-            if !path.is_file() {
+            // Present but not a regular file is refused when the weights are opened.
+            if !path.exists() {
                 return Err(HubError::MissingShard {
                     index: index.display().to_string(),
                     shard,
@@ -1073,12 +1101,21 @@ impl Client {
             _ => return Err(http_error(fetched)),
         }
         let url = fetched.url;
-        let mut body = fetched.response.into_body();
-        let text = body
-            .with_config()
+        let mut reader = fetched
+            .response
+            .into_body()
+            .into_with_config()
             .limit(MAX_JSON_BYTES)
-            .read_to_string()
-            .map_err(|e| self.classify(e, &format!("reading the answer of {url}")))?;
+            .reader();
+        let mut bytes = Vec::new();
+        self.read_within_deadline(&mut reader, &url, None, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok::<(), HubError>(())
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| HubError::InvalidResponse {
+            url: url.clone(),
+            reason: format!("the answer is not UTF-8 ({e})"),
+        })?;
         let info: ModelInfo =
             serde_json::from_str(&text).map_err(|e| HubError::InvalidResponse {
                 url: url.clone(),
@@ -1164,6 +1201,56 @@ impl Client {
         link_pointer(&blob, &pointer, file)
     }
 
+    /// Reads `reader` to its end, handing each chunk to `sink`, within the overall deadline of
+    /// a transfer of `expected` bytes (or, unknown, of the bytes so far); `what` names the file
+    /// or URL in errors. A `sink` error stops the transfer and is returned. Returns the number
+    /// of bytes read.
+    fn read_within_deadline<E: From<HubError>>(
+        &self,
+        reader: &mut impl Read,
+        what: &str,
+        expected: Option<u64>,
+        mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let started = Instant::now();
+        let grace = self.timeout * DEADLINE_GRACE_TIMEOUTS;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read: u64 = 0;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(read),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self
+                        .classify(ureq::Error::from(e), &format!("downloading {what}"))
+                        .into())
+                }
+            };
+            read += n as u64;
+            sink(&buf[..n])?;
+            let budget = expected.unwrap_or(read).max(read);
+            let allowed =
+                grace + Duration::from_secs_f64(budget as f64 / MIN_TRANSFER_BYTES_PER_SEC as f64);
+            let elapsed = started.elapsed();
+            if elapsed > allowed {
+                return Err(HubError::TooSlow {
+                    endpoint: self.endpoint.clone(),
+                    what: what.to_string(),
+                    bytes: read,
+                    seconds: elapsed.as_secs_f64(),
+                    allowed: allowed.as_secs_f64(),
+                    grace: grace.as_secs_f64(),
+                    size: match expected {
+                        Some(s) => format!("its {s} bytes"),
+                        None => format!("the {read} bytes so far"),
+                    },
+                }
+                .into());
+            }
+        }
+    }
+
     /// Stream the body into a temporary file next to `blob`, sync it and rename it into place.
     fn download_blob(&self, fetched: Fetched, blob: &Path, file: &str) -> anyhow::Result<()> {
         let blobs_dir = blob
@@ -1189,27 +1276,15 @@ impl Client {
         let url = fetched.url;
         let mut reader = fetched.response.into_body().into_reader();
         let mut tmp = TempFile::create(blobs_dir, "download")?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut written: u64 = 0;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(self
-                        .classify(ureq::Error::from(e), &format!("downloading {file}"))
-                        .into())
-                }
-            };
+        let written = self.read_within_deadline(&mut reader, file, expected, |chunk| {
             tmp.file
-                .write_all(&buf[..n])
+                .write_all(chunk)
                 .with_context(|| format!("writing {}", tmp.path.display()))?;
-            written += n as u64;
             if let Some(bar) = &bar {
-                bar.inc(n as u64);
+                bar.inc(chunk.len() as u64);
             }
-        }
+            anyhow::Ok(())
+        })?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

@@ -1,13 +1,45 @@
-//! Writing files so that a crash never leaves a half-written one: write a temporary file in the
-//! same directory, fsync it, rename it over the target, fsync the directory.
+//! Every file a run writes goes through here, so that:
+//!
+//! - a crash never leaves a half-written file: a file is written to a temporary sibling
+//!   (`.NAME.tmp-PID`), synced and renamed over the target; a directory of files (a training
+//!   checkpoint) is written the same way as a whole ([`write_dir_atomically`]);
+//! - files get the permissions of a plain `File::create` (0666 minus the umask), whatever wrote
+//!   them;
+//! - one process at a time writes an output directory ([`OutputLock`]), and temporary files that
+//!   a killed run left there are removed by the next one;
+//! - paths stored in configs do not depend on the working directory ([`stored_path`]).
+//!
+//! Fault injection, for the kill tests only: with `BELLA_FAULT_AFTER_OPS=N` in the environment
+//! the process aborts (as `kill -9` would stop it) right before the N-th file operation (create,
+//! write, append, rename, remove; 1-based) made through this module. Unset, it does nothing.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-fn temp_path(path: &Path) -> Result<PathBuf> {
+/// The environment variable of the fault injector.
+pub const FAULT_ENV: &str = "BELLA_FAULT_AFTER_OPS";
+
+/// The lock file of an output directory (holds the PID of the process that writes it).
+pub const LOCK_FILE: &str = ".bella-vqa.lock";
+
+/// Counts a file operation; aborts the process before the one `BELLA_FAULT_AFTER_OPS` names.
+fn file_op() {
+    static FAULT_AT: OnceLock<Option<u64>> = OnceLock::new();
+    static OPS: AtomicU64 = AtomicU64::new(0);
+    let at = FAULT_AT.get_or_init(|| std::env::var(FAULT_ENV).ok()?.parse().ok());
+    if let Some(at) = *at {
+        if OPS.fetch_add(1, Ordering::SeqCst) + 1 >= at {
+            std::process::abort();
+        }
+    }
+}
+
+fn temp_name(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
@@ -15,40 +47,108 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
-/// Lets `write` produce the file at a temporary path, then moves it into place atomically.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+/// Whether `name` is a temporary name made by [`temp_name`] (of any process).
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn parent_of(path: &Path) -> Option<&Path> {
+    path.parent().filter(|d| !d.as_os_str().is_empty())
+}
+
+/// Makes the entries of `dir` durable; not every platform can open a directory, so best effort.
+fn sync_dir(dir: Option<&Path>) {
+    if let Ok(d) = fs::File::open(dir.unwrap_or(Path::new("."))) {
+        let _ = d.sync_all();
     }
-    let tmp = temp_path(path)?;
-    let result = write(&tmp).and_then(|()| {
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot sync {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Persist the rename itself; not every platform can open a directory, so best effort.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
+}
+
+/// Creates a directory and its parents (counted as one file operation).
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    file_op();
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Removes a directory and everything in it; a missing one is fine.
+pub fn remove_dir_all(dir: &Path) -> Result<()> {
+    file_op();
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
         }
+        _ => Ok(()),
     }
+}
+
+/// Removes a file.
+pub fn remove_file(path: &Path) -> Result<()> {
+    file_op();
+    fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+}
+
+/// Creates (or truncates) `path` with the permissions of `File::create`, writes `bytes` and
+/// syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    file_op();
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file_op();
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Renames `from` to `to` (counted) and makes the rename durable.
+fn rename_synced(from: &Path, to: &Path) -> Result<()> {
+    file_op();
+    fs::rename(from, to)
+        .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+    sync_dir(parent_of(to));
     Ok(())
 }
 
-/// Writes bytes atomically.
+/// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new one.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomically(path, |tmp| {
-        let mut f =
-            fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))
-    })
+    if let Some(dir) = parent_of(path) {
+        if !dir.is_dir() {
+            create_dir_all(dir)?;
+        }
+    }
+    let tmp = temp_name(path)?;
+    let result = write_synced(&tmp, bytes).and_then(|()| rename_synced(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes the files `(name, bytes)` as the directory `dir`, atomically as a whole: they are
+/// written into a temporary sibling directory that is renamed to `dir` when complete. An
+/// existing `dir` is replaced (the caller makes sure nothing points at it).
+pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let tmp = temp_name(dir)?;
+    if tmp.exists() {
+        remove_dir_all(&tmp)?;
+    }
+    create_dir_all(&tmp)?;
+    for (name, bytes) in files {
+        write_synced(&tmp.join(name), bytes)?;
+    }
+    sync_dir(Some(&tmp));
+    if dir.exists() {
+        remove_dir_all(dir)?;
+    }
+    rename_synced(&tmp, dir)
+}
+
+/// The named tensors as the bytes of a safetensors file.
+pub fn safetensors_bytes(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<Vec<u8>> {
+    safetensors::tensor::serialize(tensors, None).context("cannot serialise tensors")
 }
 
 /// Saves named tensors as safetensors atomically.
@@ -56,16 +156,241 @@ pub fn save_safetensors_atomically(
     path: &Path,
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
-    write_atomically(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))
-    })
+    write_bytes_atomically(path, &safetensors_bytes(tensors)?)
+}
+
+/// A file that records are appended to, each in one write and flushed at once.
+pub struct AppendFile {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl AppendFile {
+    /// Opens (or creates) `path` for appending; with `keep`, first cuts it to that many bytes
+    /// (dropping a damaged end).
+    pub fn open(path: &Path, keep: Option<u64>) -> Result<Self> {
+        if let Some(dir) = parent_of(path) {
+            if !dir.is_dir() {
+                create_dir_all(dir)?;
+            }
+        }
+        file_op();
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if let Some(keep) = keep.filter(|&k| k < len) {
+            file_op();
+            file.set_len(keep)
+                .with_context(|| format!("cannot cut {} to {keep} bytes", path.display()))?;
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends `bytes` in one write.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        file_op();
+        self.file
+            .write_all(bytes)
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("cannot append to {}", self.path.display()))
+    }
+
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .with_context(|| format!("cannot sync {}", self.path.display()))
+    }
+}
+
+impl Drop for AppendFile {
+    fn drop(&mut self) {
+        let _ = self.file.sync_data();
+    }
+}
+
+/// Appends one line (`line` without its end) to `path`, synced; after a line cut off by a kill
+/// it starts on a new line.
+pub fn append_line(path: &Path, line: &[u8]) -> Result<()> {
+    let ends_cut = match fs::File::open(path) {
+        Ok(mut f) => {
+            let mut last = [0u8; 1];
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            len > 0
+                && f.seek(SeekFrom::End(-1)).is_ok()
+                && f.read_exact(&mut last).is_ok()
+                && last[0] != b'\n'
+        }
+        Err(_) => false,
+    };
+    let mut bytes = Vec::with_capacity(line.len() + 2);
+    if ends_cut {
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(line);
+    bytes.push(b'\n');
+    let mut f = AppendFile::open(path, None)?;
+    f.append(&bytes)?;
+    f.sync()
+}
+
+/// Exclusive use of an output directory by this process, until dropped: a second process that
+/// asks for it fails at once, naming the holder. Taking it removes the temporary files that a
+/// killed run left in the directory (nobody else can be writing them).
+pub struct OutputLock {
+    _file: fs::File,
+}
+
+impl OutputLock {
+    /// Takes the lock of `dir` (created if missing).
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use fs4::FileExt;
+        if !dir.is_dir() {
+            create_dir_all(dir)?;
+        }
+        let path = dir.join(LOCK_FILE);
+        file_op();
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        match FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                bail!(
+                    "{} is in use by process {}: wait for it to finish, or use another output \
+                     directory",
+                    dir.display(),
+                    if holder.is_empty() {
+                        "(unknown)"
+                    } else {
+                        holder
+                    }
+                );
+            }
+            Err(fs4::TryLockError::Error(e)) => {
+                return Err(anyhow!(e)).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        file_op();
+        file.set_len(0)
+            .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        remove_stale_temps(dir)?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Removes every temporary file or directory ([`temp_name`]) under `dir`.
+fn remove_stale_temps(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_temp_name(&entry.file_name().to_string_lossy()) {
+            file_op();
+            if is_dir {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            }
+            .with_context(|| format!("cannot remove the stale {}", path.display()))?;
+        } else if is_dir {
+            remove_stale_temps(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// How a path is stored in a config or results file: absolute, so that it means the same
+/// whatever the working directory of the run that reads it.
+pub fn stored_path(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// A `--model` as stored: a local directory as its absolute path ([`stored_path`]), a hub id as
+/// given.
+pub fn stored_model_source(model: &str) -> String {
+    if Path::new(model).is_dir() {
+        stored_path(Path::new(model))
+    } else {
+        model.to_string()
+    }
 }
 
 /// SHA-256 of a file's contents, lower-case hex (read in 1 MiB pieces).
+/// This program's cache directory: `$BELLA_VQA_CACHE`, else `~/.cache/bella-vqa` (the demo
+/// model and the file-hash cache live there).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("BELLA_VQA_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/bella-vqa"))
+            .unwrap_or_else(std::env::temp_dir),
+    }
+}
+
+/// The sha256 of a file, remembered in [`cache_dir`]`/file-hashes.json` under its canonical path,
+/// size and modification time, so checking particles against a 14 GB base hashes it once, not
+/// at every load. A changed file (size or time) is hashed again.
+pub fn sha256_file_cached(path: &Path) -> Result<String> {
+    sha256_file_cached_in(path, &cache_dir().join("file-hashes.json"))
+}
+
+/// [`sha256_file_cached`] with the cache file given. The cache is best effort: an unreadable or
+/// corrupt one is ignored and rewritten; it is not an output of the run, so it is written
+/// directly (atomically) and not counted by the fault injector.
+pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
+    use std::collections::BTreeMap;
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = format!("{}|{}|{modified}", canonical.display(), meta.len());
+    let mut known: BTreeMap<String, String> = fs::read(cache)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    if let Some(hash) = known.get(&key) {
+        return Ok(hash.clone());
+    }
+    let hash = sha256_file(path)?;
+    known.insert(key, hash.clone());
+    if let (Some(dir), Ok(json)) = (cache.parent(), serde_json::to_vec_pretty(&known)) {
+        let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+        let written = fs::create_dir_all(dir)
+            .and_then(|()| fs::write(&tmp, json))
+            .and_then(|()| fs::rename(&tmp, cache));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+    Ok(hash)
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::io::Read;
     let mut file =
         fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
@@ -87,23 +412,84 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failed_write_keeps_the_old_file_and_leaves_no_temp() {
+    fn a_replaced_file_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.json");
         write_bytes_atomically(&path, b"old").unwrap();
-        let err = write_atomically(&path, |tmp| {
-            fs::write(tmp, b"partial").unwrap();
-            anyhow::bail!("crash while writing")
-        });
-        assert!(err.is_err());
-        assert_eq!(fs::read(&path).unwrap(), b"old");
+        write_bytes_atomically(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
         assert_eq!(
             fs::read_dir(dir.path()).unwrap().count(),
             1,
             "no temp file left"
         );
-        write_bytes_atomically(&path, b"new").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_directory_is_replaced_as_a_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("step-1");
+        write_dir_atomically(&dir, &[("a", b"1"), ("b", b"2")]).unwrap();
+        write_dir_atomically(&dir, &[("a", b"3")]).unwrap();
+        assert_eq!(fs::read(dir.join("a")).unwrap(), b"3");
+        assert!(!dir.join("b").exists(), "the old directory is gone");
+        assert_eq!(
+            fs::read_dir(root.path()).unwrap().count(),
+            1,
+            "no temp left"
+        );
+    }
+
+    #[test]
+    fn the_lock_removes_stale_temps_and_keeps_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("checkpoints");
+        fs::create_dir_all(sub.join(".step-00000004.tmp-77")).unwrap();
+        fs::write(dir.path().join(".particles.safetensors.tmp-12345"), b"x").unwrap();
+        fs::write(sub.join(".latest.tmp-9"), b"x").unwrap();
+        fs::write(dir.path().join("keep.tmp-1"), b"x").unwrap();
+        fs::write(dir.path().join(".tmp-notapid"), b"x").unwrap();
+        let _lock = OutputLock::acquire(dir.path()).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .chain(fs::read_dir(&sub).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".bella-vqa.lock",
+                ".tmp-notapid",
+                "checkpoints",
+                "keep.tmp-1"
+            ]
+        );
+    }
+
+    #[test]
+    fn file_hashes_are_remembered_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, cache) = (dir.path().join("w.bin"), dir.path().join("hashes.json"));
+        fs::write(&file, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file_cached_in(&file, &cache).unwrap(), abc);
+        // Read from the cache: a doctored entry for the same path, size and time is believed.
+        let doctored = fs::read_to_string(&cache).unwrap().replace(abc, "cafe");
+        fs::write(&cache, doctored).unwrap();
+        assert_eq!(sha256_file_cached_in(&file, &cache).unwrap(), "cafe");
+        // A changed file (new size and time) is hashed again.
+        fs::write(&file, b"abcd").unwrap();
+        assert_eq!(
+            sha256_file_cached_in(&file, &cache).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
+        // A corrupt cache is ignored.
+        fs::write(&cache, b"{not json").unwrap();
+        assert_eq!(
+            sha256_file_cached_in(&file, &cache).unwrap(),
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub mod demo;
 pub mod error;
 pub mod guarantee;
 pub mod hub;
+pub mod input;
 pub mod inspect;
 pub mod io;
 pub mod logits;

@@ -41,13 +41,16 @@ pub fn prompt_outputs(
     };
     match &loaded.model {
         Model::Llava(m) => {
-            let text = if raw {
-                prompt.to_string()
-            } else {
-                prompter.render_question(prompt, pixel_values.is_some())?
-            };
             let per_image = m.config().image_tokens_per_image();
-            let ids = prompter.encode(&text, per_image)?;
+            let (text, ids) = if raw {
+                (prompt.to_string(), prompter.encode(prompt, per_image)?)
+            } else {
+                let with_image = pixel_values.is_some();
+                (
+                    prompter.render_question(prompt, with_image)?,
+                    prompter.encode_question(prompt, with_image, per_image, None)?,
+                )
+            };
             let len = ids.len();
             let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
             let keep = vec![vec![true; len]];

@@ -56,6 +56,8 @@ enum Command {
     },
     /// Answer a question about an image with every particle, with a confidence and an
     /// uncertainty split; says "I'm not sure" below the abstention threshold.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Ask {
         #[command(flatten)]
         vqa: VqaArgs,
@@ -77,12 +79,12 @@ enum Command {
         /// Sample with this temperature instead of greedy decoding (LLaVA).
         #[arg(long)]
         temperature: Option<f64>,
-        /// Nucleus sampling mass, with --temperature.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Sampling seed, with --temperature.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Nucleus sampling mass, with --temperature (default 1).
+        #[arg(long, requires = "temperature")]
+        top_p: Option<f64>,
+        /// Sampling seed, with --temperature (default 0).
+        #[arg(long, requires = "temperature")]
+        seed: Option<u64>,
         /// The question.
         question: String,
     },
@@ -91,6 +93,8 @@ enum Command {
     /// `/v1/models`, `/health` and `/metrics`.
     Serve(Box<ServeArgs>),
     /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
     /// Generate VQA data.
     #[command(subcommand)]
@@ -115,8 +119,12 @@ enum Command {
     },
     /// Answer a VQA set and write results.json, samples.jsonl and a Markdown/HTML report with
     /// calibration and selective-prediction metrics; `bench merge` combines shards.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Bench(bella_vqa::bench::cli::BenchArgs),
     /// Choose the abstention threshold on validation questions and store it with the particles.
+    // A negative number is a value (`--grad-clip -1` is then refused by the range check).
+    #[command(allow_negative_numbers = true)]
     Calibrate(bella_vqa::bench::cli::CalibrateArgs),
     /// Write every particle of a particle directory as a standard PEFT LoRA adapter
     /// (OUT/particle-{p}/adapter_config.json + adapter_model.safetensors).
@@ -220,6 +228,9 @@ enum DataCommand {
         /// are unchanged.
         #[arg(long, default_value_t = 0.0)]
         absent_share: f64,
+        /// Overwrite a data set already in --out.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -248,7 +259,8 @@ struct TrainArgs {
     rank: usize,
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
-    /// Module-path patterns (PEFT suffixes like q_proj, or globs like language_model.*.q_proj).
+    /// Module-path patterns: PEFT suffixes (q_proj), globs (language_model.*.q_proj) and layer
+    /// ranges (language_model.layers.24-31.*.q_proj: particles on the top layers only).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
@@ -284,6 +296,9 @@ struct TrainArgs {
     /// Skip bad data records (counted) instead of stopping at the first.
     #[arg(long)]
     skip_bad: bool,
+    /// Train on the first N training questions only.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -340,12 +355,11 @@ impl VqaArgs {
         };
         let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
         if let Some(path) = &self.template {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the template {}", path.display()))?;
+            let text = bella_vqa::input::read_to_string(path, "response template")?;
             vqa.set_response_template(&text)?;
         }
         if let Some(path) = &self.answers {
-            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?);
+            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
         }
         Ok(vqa)
     }
@@ -390,7 +404,12 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
 
 fn print_response(r: &Response, show_particles: bool) {
     println!("{}", r.response);
-    let agree = r.particles.iter().filter(|p| p.answer == r.answer).count();
+    let answer = bella_vqa::data::normalize::normalize_answer(&r.answer);
+    let agree = r
+        .particles
+        .iter()
+        .filter(|p| p.normalized == answer)
+        .count();
     println!(
         "confidence {:.0} % (threshold {:.0} %{}) · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
         r.confidence * 100.0,
@@ -438,20 +457,22 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             question,
         } => {
-            let vqa = vqa.load(cli.hub_options())?;
-            let img = load_image(image)?;
             let ask = AskOptions {
                 max_new_tokens: *max_new_tokens,
                 sampling: match temperature {
                     Some(t) => Sampling::Sample {
                         temperature: *t,
-                        top_p: *top_p,
-                        seed: *seed,
+                        top_p: top_p.unwrap_or(1.0),
+                        seed: seed.unwrap_or(0),
                     },
                     None => Sampling::Greedy,
                 },
                 threshold: *threshold,
             };
+            // Bad options fail before the (slow) model load.
+            ask.validate()?;
+            let vqa = vqa.load(cli.hub_options())?;
+            let img = load_image(image)?;
             let response = vqa.ask_with(&img, question, &ask)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
@@ -467,7 +488,9 @@ fn run(cli: &Cli) -> Result<()> {
             n,
             image_size,
             absent_share,
+            force,
         }) => {
+            let _lock = bella_vqa::io::OutputLock::acquire(out)?;
             let summary =
                 bella_vqa::data::shapes::generate(&bella_vqa::data::shapes::ShapesOptions {
                     out: out.clone(),
@@ -476,6 +499,7 @@ fn run(cli: &Cli) -> Result<()> {
                     image_size: *image_size,
                     progress: !cli.quiet,
                     absent_share: *absent_share,
+                    force: *force,
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {
@@ -519,6 +543,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn export_peft(cli: &Cli, adapters: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
     let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
     if !cli.quiet {
@@ -561,7 +586,12 @@ fn import_peft(
     let source = ModelSource::parse(&source_text)?;
     let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
         .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
-    peft::bind_base(&mut set, &files, &source_text)?;
+    peft::bind_base(
+        &mut set,
+        &files,
+        &bella_vqa::io::stored_model_source(&source_text),
+    )?;
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     set.save(out)?;
     if !cli.quiet {
         println!(
@@ -585,7 +615,7 @@ fn read_data(
         skip_bad,
         check_images: true,
     };
-    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?;
+    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?.require_questions()?;
     if !data.skipped.is_empty() && !quiet {
         eprintln!(
             "skipped {} bad record(s) in {} (first: {})",
@@ -598,8 +628,12 @@ fn read_data(
 }
 
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
+    let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
-    let train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    let mut train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    if let Some(limit) = args.limit {
+        train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let val_data = match &args.val {
         Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
         None => Vec::new(),
@@ -636,7 +670,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         max_steps: args.max_steps,
         progress: !cli.quiet,
         model_source: match &args.model.model {
-            Some(m) => m.clone(),
+            Some(m) => bella_vqa::io::stored_model_source(m),
             None => "demo".to_string(),
         },
     };
@@ -655,12 +689,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         );
         if let Some(e) = &report.last {
             println!(
-                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} examples/s",
+                "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} questions/s ({:.1} question-particle pairs/s)",
                 e.train_loss,
                 e.val_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.val_accuracy_vote.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
                 e.mean_pairwise_distance,
-                e.examples_per_second
+                e.examples_per_second,
+                e.particle_examples_per_second
             );
         }
     }

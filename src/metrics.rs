@@ -696,7 +696,7 @@ pub fn choose_threshold_for_coverage(conf: &[f64], coverage: f64) -> Result<f64>
         });
     }
     check_len("confidence", conf.len(), conf.len())?;
-    check_not_nan("confidence", conf)?;
+    check_unit("confidence", conf)?;
     let mut sorted = conf.to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let k = ((coverage * sorted.len() as f64 - 1e-9).ceil() as usize).clamp(1, sorted.len());

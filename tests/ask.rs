@@ -80,6 +80,7 @@ fn crafted_particles(dir: &Path, disagree: bool) {
             temperature: None,
             guarantee: None,
         }),
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     ParticleSet::from_model(m.as_ref(), config)

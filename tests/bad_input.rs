@@ -1,11 +1,26 @@
-//! Broken checkpoints give clear errors that name the file and the key, never a panic.
+//! Bad input of every kind (issue 13) gives a clear error that names the file, key, tensor,
+//! line or option, never a panic and never a hang: broken checkpoints and configs, particle sets,
+//! sizes from users, numeric options, special tokens in questions, empty data, FIFOs and devices.
+//! Command-line cases run the real binary and check its exit status and that no panic text
+//! appears.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use bella_vqa::models;
-use candle_core::{DType, Device};
+use bella_vqa::answer::{BellaVqa, LoadOptions};
+use bella_vqa::bella::particles::{
+    hash_weights, Abstention, BaseModel, ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE,
+};
+use bella_vqa::bella::{attach, AdapterSpec, InitB};
+use bella_vqa::data::{read_jsonl, ReadOptions};
+use bella_vqa::hub::ModelSource;
+use bella_vqa::models::prompt::{Prompter, DEFAULT_IMAGE_TOKEN};
+use bella_vqa::models::{self, Model};
+use candle_core::{DType, Device, Tensor};
 use common::fixture;
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
@@ -25,12 +40,15 @@ fn load_err(dir: &Path) -> String {
     }
 }
 
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    edit_json(&dir.join("config.json"), f);
 }
 
 #[test]
@@ -126,4 +144,651 @@ fn garbage_instead_of_safetensors_is_named() {
     .unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("model.safetensors"), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Running the binary
+// ------------------------------------------------------------------------------------------------
+
+fn bella() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+    cmd.arg("--quiet").stdin(Stdio::null());
+    cmd
+}
+
+struct Outcome {
+    success: bool,
+    stderr: String,
+}
+
+/// Runs the command; a run longer than two minutes is a hang: the child is killed and the test
+/// fails. Panic text in the output fails the test too.
+fn run(cmd: &mut Command) -> Outcome {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(out) => out.expect("the binary runs"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} hung");
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for text in [stderr.as_str(), &stdout] {
+        assert!(
+            !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
+            "{cmd:?} panicked: {text}"
+        );
+    }
+    Outcome {
+        success: out.status.success(),
+        stderr,
+    }
+}
+
+/// Runs a command that must fail cleanly and returns its error output.
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.success, "{cmd:?} should fail");
+    out.stderr
+}
+
+fn succeeds(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.success, "{cmd:?} failed: {}", out.stderr);
+    out.stderr
+}
+
+fn llava_dir() -> PathBuf {
+    fixture("llava-tiny-hub")
+}
+
+/// A folder with `images/square.png` (and a truncated `images/broken.png`) and `data.jsonl`
+/// holding `lines`.
+struct DataDir {
+    dir: tempfile::TempDir,
+}
+
+impl DataDir {
+    fn new(lines: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let png = std::fs::read(fixture("images/square.png")).unwrap();
+        std::fs::write(images.join("square.png"), &png).unwrap();
+        std::fs::write(images.join("broken.png"), &png[..png.len() / 2]).unwrap();
+        std::fs::write(dir.path().join("data.jsonl"), lines.join("\n")).unwrap();
+        DataDir { dir }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data.jsonl")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+}
+
+fn line(id: &str, question: &str, image: &str) -> String {
+    serde_json::json!({
+        "question_id": id, "image": image, "question": question, "answers": ["red"]
+    })
+    .to_string()
+}
+
+fn good_lines() -> Vec<String> {
+    vec![
+        line("q1", "What color is the circle?", "images/square.png"),
+        line("q2", "What shape is it?", "images/square.png"),
+    ]
+}
+
+/// `train` on the tiny LLaVA with small settings plus `extra`.
+fn train(data: &DataDir, extra: &[&str]) -> Command {
+    let mut cmd = bella();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out())
+        .args(["--epochs", "1", "--batch-size", "1", "--particles", "2"])
+        .args(["--rank", "2", "--max-steps", "1"])
+        .args(extra);
+    cmd
+}
+
+fn ask(extra: &[&str]) -> Command {
+    ask_about(&fixture("images/square.png"), extra)
+}
+
+fn ask_about(image: &Path, extra: &[&str]) -> Command {
+    let mut cmd = bella();
+    cmd.arg("ask")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--image")
+        .arg(image)
+        .args(extra);
+    cmd
+}
+
+fn bench(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = bella();
+    cmd.arg("bench")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Configs are validated at load, with the file and key named
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn config_invariants_are_checked_at_load_with_the_key_named() {
+    let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
+        (
+            "llava-tiny-hub",
+            "/text_config/num_key_value_heads",
+            0.into(),
+            "text_config.num_key_value_heads is 0",
+        ),
+        (
+            "llava-tiny-hub",
+            "/text_config/num_attention_heads",
+            0.into(),
+            "text_config.num_attention_heads is 0",
+        ),
+        (
+            "llava-tiny-hub",
+            "/text_config/num_attention_heads",
+            5.into(),
+            "text_config.hidden_size 64 is not divisible by text_config.num_attention_heads 5",
+        ),
+        (
+            "llava-tiny-hub",
+            "/text_config/num_key_value_heads",
+            3.into(),
+            "text_config.num_attention_heads 4 is not a multiple of text_config.num_key_value_heads 3",
+        ),
+        (
+            "llava-tiny-hub",
+            "/text_config/rope_theta",
+            (-1.0).into(),
+            "text_config.rope_theta",
+        ),
+        (
+            "llava-tiny-hub",
+            "/image_token_index",
+            5000.into(),
+            "image_token_index 5000 is outside the vocabulary",
+        ),
+        (
+            "clip-tiny",
+            "/vision_config/patch_size",
+            0.into(),
+            "vision_config.patch_size is 0",
+        ),
+        (
+            "clip-tiny",
+            "/vision_config/image_size",
+            100_000.into(),
+            "vision_config.image_size 100000 is larger than 8192",
+        ),
+        (
+            "clip-tiny",
+            "/text_config/vocab_size",
+            0.into(),
+            "text_config.vocab_size is 0",
+        ),
+    ];
+    for (model, pointer, value, expected) in cases {
+        let dir = copy_fixture(model);
+        edit_config(dir.path(), |v| {
+            *v.pointer_mut(pointer).unwrap() = value.clone()
+        });
+        let err = load_err(dir.path());
+        assert!(
+            err.contains(expected) && err.contains("config.json"),
+            "{pointer} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn inspect_of_a_config_with_zero_heads_fails_cleanly() {
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_config(dir.path(), |v| {
+        v["text_config"]["num_attention_heads"] = 0.into()
+    });
+    let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
+    assert!(err.contains("text_config.num_attention_heads"), "{err}");
+}
+
+#[test]
+fn a_huge_crop_in_the_preprocessor_config_is_refused_before_allocating() {
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_json(&dir.path().join("preprocessor_config.json"), |v| {
+        v["crop_size"] = serde_json::json!({"height": 100_000, "width": 100_000})
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("crop_size")
+            && err.contains("100000")
+            && err.contains("preprocessor_config.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nan_in_a_small_base_tensor_names_file_and_tensor() {
+    let dir = copy_fixture("clip-tiny");
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let key = "vision_model.pre_layrnorm.weight";
+    let shape = tensors[key].dims().to_vec();
+    let mut values = vec![1f32; shape.iter().product()];
+    values[3] = f32::NAN;
+    values[5] = f32::INFINITY;
+    tensors.insert(
+        key.into(),
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains(key) && err.contains("model.safetensors") && err.contains("2 NaN or infinite"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Particle sets
+// ------------------------------------------------------------------------------------------------
+
+/// A small valid particle set for the tiny LLaVA (P = 2, rank 2 on q_proj) in `dir`.
+fn particle_set(dir: &Path) {
+    let loaded = common::load_model("llava-tiny-hub");
+    let Model::Llava(mut m) = loaded.model else {
+        panic!("not LLaVA")
+    };
+    let spec = AdapterSpec {
+        targets: vec!["q_proj".into()],
+        rank: 2,
+        alpha: 4.0,
+        particles: 2,
+    };
+    let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.01 }, 1).unwrap();
+    let config = ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: llava_dir().display().to_string(),
+            revision: None,
+            commit: None,
+            weights: hash_weights(&loaded.files).unwrap(),
+        },
+        architecture: "LLaVA".into(),
+        targets: spec.targets.clone(),
+        layers,
+        rank: 2,
+        alpha: 4.0,
+        particles: 2,
+        method: "ensemble".into(),
+        seed: 1,
+        step: 0,
+        abstention: Some(Abstention {
+            threshold: 0.5,
+            objective: "test".into(),
+            data: None,
+            selector: Default::default(),
+            temperature: None,
+            guarantee: None,
+        }),
+        abstention_history: Vec::new(),
+        answer_vocabulary: None,
+    };
+    ParticleSet::from_model(m.as_ref(), config)
+        .save(dir)
+        .unwrap();
+}
+
+fn particles_err(dir: &Path) -> String {
+    let source = ModelSource::Dir(llava_dir());
+    match BellaVqa::load(&source, Some(dir), &LoadOptions::default()) {
+        Ok(_) => panic!("loading the particles in {} should fail", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_particle_configs_name_the_file_and_field() {
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("/particles", 0.into(), "particles = 0"),
+        ("/rank", 0.into(), "rank = 0"),
+        ("/alpha", 0.0.into(), "alpha = 0"),
+        (
+            "/abstention/threshold",
+            1.5.into(),
+            "abstention.threshold 1.5",
+        ),
+        (
+            "/abstention/threshold",
+            (-0.1).into(),
+            "abstention.threshold -0.1",
+        ),
+    ];
+    for (pointer, value, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        particle_set(dir.path());
+        edit_json(&dir.path().join(CONFIG_FILE), |v| {
+            *v.pointer_mut(pointer).unwrap() = value.clone()
+        });
+        let err = particles_err(dir.path());
+        assert!(
+            err.contains(expected) && err.contains(CONFIG_FILE),
+            "{pointer} = {value}: {err}"
+        );
+    }
+    // The same through the binary: an exit status, no panic.
+    let dir = tempfile::tempdir().unwrap();
+    particle_set(dir.path());
+    edit_json(&dir.path().join(CONFIG_FILE), |v| v["particles"] = 0.into());
+    let err = fails(&mut ask(&[
+        "--adapters",
+        dir.path().to_str().unwrap(),
+        "What is it?",
+    ]));
+    assert!(err.contains("particles = 0"), "{err}");
+}
+
+#[test]
+fn nan_in_particle_weights_names_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    particle_set(dir.path());
+    let path = dir.path().join(PARTICLES_FILE);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let key = "language_model.model.layers.1.self_attn.q_proj.bella_B";
+    let bad = (tensors[key].clone() * f64::NAN).unwrap();
+    tensors.insert(key.into(), bad);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = particles_err(dir.path());
+    assert!(
+        err.contains(key) && err.contains(PARTICLES_FILE) && err.contains("NaN"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Sizes from users are checked before anything is allocated from them
+// ------------------------------------------------------------------------------------------------
+
+fn long_question() -> String {
+    "is it red or blue ".repeat(400)
+}
+
+#[test]
+fn a_too_long_question_is_refused_before_the_model_runs() {
+    let err = fails(&mut ask(&[&long_question()]));
+    assert!(err.contains("more than the model's 256 positions"), "{err}");
+    let err = fails(&mut ask(&[&"x".repeat(70_000)]));
+    assert!(err.contains("70000 bytes"), "{err}");
+}
+
+#[test]
+fn bench_with_skip_bad_skips_a_too_long_question_and_records_why() {
+    let mut lines = good_lines();
+    lines.push(line("q-long", &long_question(), "images/square.png"));
+    let data = DataDir::new(&lines);
+    let err = fails(&mut bench(&data.data(), &data.out(), &[]));
+    assert!(err.contains("q-long") && err.contains("positions"), "{err}");
+    let out = data.dir.path().join("out-skip");
+    succeeds(&mut bench(&data.data(), &out, &["--skip-bad"]));
+    let skipped = std::fs::read_to_string(out.join("skipped.jsonl")).unwrap();
+    assert!(
+        skipped.contains("q-long") && skipped.contains("positions"),
+        "{skipped}"
+    );
+    assert_eq!(skipped.lines().count(), 1, "{skipped}");
+}
+
+#[test]
+fn a_too_long_training_question_names_its_id() {
+    let mut lines = good_lines();
+    lines.push(line("q-long", &long_question(), "images/square.png"));
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("training question q-long") && err.contains("positions"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. Numeric options are range-checked, and the message blames the option
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn train_options_out_of_range_name_the_option() {
+    let data = DataDir::new(&good_lines());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--grad-clip=-1"], "--grad-clip"),
+        (&["--grad-clip", "0"], "--grad-clip"),
+        (&["--alpha", "NaN"], "--alpha"),
+        (&["--alpha", "0"], "--alpha"),
+        (&["--prior-std", "0"], "--prior-std"),
+        (&["--init-b-std", "NaN"], "--init-b-std"),
+        (&["--init-b-std=-1"], "--init-b-std"),
+        (&["--lr", "inf"], "--lr"),
+        (&["--rank", "100000"], "--rank"),
+        (&["--particles", "100000"], "--particles"),
+        (&["--eval-every", "0"], "--eval-every"),
+    ];
+    for (args, option) in cases {
+        let err = fails(&mut train(&data, args));
+        assert!(err.contains(option), "{args:?}: {err}");
+        assert!(!err.contains("diverged"), "{args:?} blames training: {err}");
+    }
+    assert!(!data.out().join(PARTICLES_FILE).exists());
+}
+
+#[test]
+fn ask_options_out_of_range_name_the_option() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--threshold", "NaN"], "--threshold"),
+        (&["--threshold", "inf"], "--threshold"),
+        (&["--threshold", "1.5"], "--threshold"),
+        (&["--max-new-tokens", "0"], "--max-new-tokens"),
+        (&["--temperature", "0"], "--temperature"),
+        (&["--temperature", "NaN"], "--temperature"),
+        (&["--temperature", "1", "--top-p", "0"], "--top-p"),
+        (&["--temperature", "1", "--top-p", "1.5"], "--top-p"),
+        // Options that would do nothing are errors, not silence.
+        (&["--top-p", "0.5"], "--temperature"),
+        (&["--seed", "3"], "--temperature"),
+    ];
+    for (args, option) in cases {
+        let mut cmd = ask(args);
+        let err = fails(cmd.arg("What color is the circle?"));
+        assert!(err.contains(option), "{args:?}: {err}");
+    }
+    let list = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(list.path(), "red\nblue\n").unwrap();
+    let err = fails(&mut ask(&[
+        "--answers",
+        list.path().to_str().unwrap(),
+        "What is it?",
+    ]));
+    assert!(err.contains("--answers") && err.contains("CLIP"), "{err}");
+}
+
+#[test]
+fn bench_counts_of_zero_are_refused() {
+    let data = DataDir::new(&good_lines());
+    for option in ["--limit", "--max-new-tokens"] {
+        let err = fails(&mut bench(&data.data(), &data.out(), &[option, "0"]));
+        assert!(err.contains(option), "{option}: {err}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. Errors name the culprit: empty data, truncated images
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn an_empty_data_file_is_named_and_bench_writes_no_report() {
+    let data = DataDir::new(&[]);
+    let err = fails(&mut bench(&data.data(), &data.out(), &[]));
+    assert!(
+        err.contains("data.jsonl") && err.contains("holds no questions"),
+        "{err}"
+    );
+    assert!(!data.out().join("results.json").exists());
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("data.jsonl") && err.contains("holds no questions"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_truncated_training_image_names_its_line_and_skip_bad_skips_it() {
+    let lines = vec![
+        line("q1", "What color is the circle?", "images/square.png"),
+        line("q2", "What shape is it?", "images/broken.png"),
+        line("q3", "Is there a circle?", "images/square.png"),
+    ];
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("data.jsonl line 2") && err.contains("broken.png"),
+        "{err}"
+    );
+    // The reader's view: with --skip-bad the record is left out and listed.
+    let read = read_jsonl(
+        &data.data(),
+        &ReadOptions {
+            skip_bad: true,
+            check_images: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(read.examples.len(), 2);
+    assert_eq!(read.skipped[0].line, Some(2));
+    succeeds(&mut train(&data, &["--skip-bad"]));
+    assert!(data.out().join(PARTICLES_FILE).exists());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. Special tokens in user text are text
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn special_tokens_in_a_question_are_tokenised_as_text() {
+    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
+    let image_tokens = 25;
+    // Plain questions: exactly the one-string tokenisation transformers does.
+    let plain = "What color is the circle?";
+    assert_eq!(
+        p.encode_question(plain, true, image_tokens, None).unwrap(),
+        p.encode(&p.render_question(plain, true).unwrap(), image_tokens)
+            .unwrap()
+    );
+    // `</s>` and `<image>` typed in a question are their characters, not the tokens.
+    let question = "Is </s> a <image> tag?";
+    let ids = p
+        .encode_question(question, true, image_tokens, None)
+        .unwrap();
+    let eos = p.eos_token_id().unwrap();
+    let image = p.image_token_id().unwrap();
+    assert!(!ids.contains(&eos), "{ids:?}");
+    assert_eq!(ids.iter().filter(|&&t| t == image).count(), image_tokens);
+    // The ids are the template's, with the question's literal text pieces in between.
+    let rendered = p.render_question("QUESTION", true).unwrap();
+    let (before, after) = rendered.split_once("QUESTION").unwrap();
+    let mut text_tokenizer = p.tokenizer().clone();
+    text_tokenizer.set_encode_special_tokens(true);
+    let encode = |text: &str| -> Vec<u32> {
+        p.tokenizer()
+            .encode(
+                p.expand_image_tokens(text, image_tokens).unwrap().as_str(),
+                false,
+            )
+            .unwrap()
+            .get_ids()
+            .to_vec()
+    };
+    let question_ids = text_tokenizer
+        .encode(question, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(question_ids.len() > 4 && !question_ids.contains(&eos));
+    let mut expected = vec![p.bos_token_id().unwrap()];
+    expected.extend(encode(before));
+    expected.extend(&question_ids);
+    expected.extend(encode(after));
+    assert_eq!(ids, expected);
+    // End to end: the binary answers such a question.
+    succeeds(&mut ask(&["What is </s> <image> <s>?"]));
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. Nothing hangs: FIFOs and devices are refused before they are opened
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn fifos_and_devices_are_refused_without_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("pipe.png");
+    mkfifo(&fifo);
+    let err = fails(&mut ask_about(&fifo, &["What is it?"]));
+    assert!(err.contains("pipe.png") && err.contains("FIFO"), "{err}");
+    let err = fails(&mut ask_about(Path::new("/dev/zero"), &["What is it?"]));
+    assert!(err.contains("/dev/zero") && err.contains("device"), "{err}");
+
+    let data = DataDir::new(&good_lines());
+    std::fs::remove_file(data.data()).unwrap();
+    mkfifo(&data.data());
+    let err = fails(&mut train(&data, &[]));
+    assert!(err.contains("data.jsonl") && err.contains("FIFO"), "{err}");
+    let err = fails(&mut bench(&data.data(), &data.out(), &[]));
+    assert!(err.contains("data.jsonl") && err.contains("FIFO"), "{err}");
+
+    let model = copy_fixture("llava-tiny-hub");
+    std::fs::remove_file(model.path().join("config.json")).unwrap();
+    mkfifo(&model.path().join("config.json"));
+    let err = fails(bella().args(["inspect", "--model"]).arg(model.path()));
+    assert!(err.contains("config.json") && err.contains("FIFO"), "{err}");
+
+    let model = copy_fixture("llava-tiny-hub");
+    let shard = model.path().join("model-00001-of-00002.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    mkfifo(&shard);
+    let err = fails(bella().args(["inspect", "--model"]).arg(model.path()));
+    assert!(
+        err.contains("model-00001-of-00002.safetensors") && err.contains("FIFO"),
+        "{err}"
+    );
 }

@@ -80,6 +80,7 @@ fn make_particles(dir: &Path) {
         seed: 7,
         step: 0,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     ParticleSet::from_model(m.as_ref(), config)
@@ -646,11 +647,14 @@ fn calibration_stores_only_the_threshold_and_ask_uses_it() {
     let val = dir.path().join("val.jsonl");
     write_jsonl(&val, &examples).unwrap();
 
-    for objective in [
+    for (round, objective) in [
         Objective::TargetRisk(0.3),
         Objective::Phi(10.0),
         Objective::TargetCoverage(0.7),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut opts = CalibrateOptions::new(DataInput::new(&val), objective);
         opts.max_new_tokens = 4;
         let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
@@ -671,7 +675,8 @@ fn calibration_stores_only_the_threshold_and_ask_uses_it() {
         assert_eq!(outcome.count, 10);
         assert!(outcome.stored);
 
-        // Only the abstention key changed; the factors are untouched.
+        // Only the abstention key changed (the thresholds it replaced are kept in
+        // abstention_history); the factors are untouched.
         let after_text = std::fs::read_to_string(&config_path).unwrap();
         let mut before: Value = serde_json::from_str(&before_text).unwrap();
         let mut after: Value = serde_json::from_str(&after_text).unwrap();
@@ -684,6 +689,13 @@ fn calibration_stores_only_the_threshold_and_ask_uses_it() {
             .as_str()
             .unwrap()
             .ends_with("val.jsonl"));
+        let history = after
+            .as_object_mut()
+            .unwrap()
+            .remove("abstention_history")
+            .unwrap_or(Value::Array(Vec::new()));
+        assert_eq!(history.as_array().unwrap().len(), round, "{history}");
+        assert_eq!(outcome.previous.is_some(), round > 0);
         before.as_object_mut().unwrap().remove("abstention");
         after.as_object_mut().unwrap().remove("abstention");
         assert_eq!(before, after);

@@ -94,6 +94,9 @@ struct State {
     absolute_redirects: bool,
     /// Send only half of each CDN body (with the full Content-Length), then close.
     truncate_cdn: bool,
+    /// Send each CDN body one byte every 200 ms (a server that never stalls long enough to time
+    /// out, yet would take forever).
+    trickle_cdn: bool,
     port: u16,
     log: Mutex<Vec<Request>>,
 }
@@ -109,6 +112,7 @@ struct ServerOptions {
     no_error_codes: bool,
     absolute_redirects: bool,
     truncate_cdn: bool,
+    trickle_cdn: bool,
 }
 
 impl HubServer {
@@ -121,6 +125,7 @@ impl HubServer {
             error_codes: !options.no_error_codes,
             absolute_redirects: options.absolute_redirects,
             truncate_cdn: options.truncate_cdn,
+            trickle_cdn: options.trickle_cdn,
             port,
             log: Mutex::new(Vec::new()),
         });
@@ -282,6 +287,18 @@ fn handle_connection(mut stream: TcpStream, state: &State) {
         r.content_length.unwrap_or(r.body.len())
     ));
     let _ = stream.write_all(head.as_bytes());
+    if state.trickle_cdn && path.starts_with("/cdn/") {
+        for byte in &r.body {
+            std::thread::sleep(Duration::from_millis(200));
+            if stream
+                .write_all(&[*byte])
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
     let _ = stream.write_all(&r.body);
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -1183,6 +1200,47 @@ fn hub_that_never_answers_times_out() {
         "{msg}"
     );
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn hub_that_trickles_a_file_hits_its_deadline_and_names_the_file() {
+    let model = tempfile::tempdir().unwrap();
+    make_single_model(model.path());
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(
+        vec![RepoSpec {
+            id: "bella-test/slow".into(),
+            dir: model.path().to_path_buf(),
+            token: None,
+        }],
+        ServerOptions {
+            trickle_cdn: true,
+            ..ServerOptions::default()
+        },
+    );
+    // A 1 s stall timeout never fires (a byte every 200 ms); the deadline (5 timeouts of grace
+    // plus the size at the minimum rate) does.
+    let opts = HubOptions {
+        timeout: Duration::from_secs(1),
+        ..options(&server.endpoint(), cache.path())
+    };
+    let started = Instant::now();
+    let err = within(Duration::from_secs(60), move || {
+        resolve(&hub("bella-test/slow", None), &opts).map(|_| ())
+    })
+    .unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(hub_error(&err), HubError::TooSlow { .. }),
+        "{err:#}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("too slowly"),
+        "{msg}"
+    );
+    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
+    server.stop();
 }
 
 #[test]

@@ -68,6 +68,7 @@ fn config(source: &str, rank: usize, alpha: f64, particles: usize) -> ParticleCo
         seed: 3,
         step: 0,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     }
 }

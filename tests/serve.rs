@@ -342,6 +342,18 @@ fn every_error_class_has_its_status_and_body() {
     assert_eq!(error_of(s, 401, &t)["code"], "invalid_api_key");
     let (s, _, t) = post(url, &good.to_string(), Some("wrong"));
     error_of(s, 401, &t);
+    // The scheme is case-insensitive.
+    let mut r = agent()
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("authorization", "bearer sesame")
+        .send(good.to_string())
+        .expect("POST");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{:?}",
+        r.body_mut().read_to_string()
+    );
     assert_eq!(get(&format!("{url}/v1/models")).0, 401);
     assert_eq!(get(&format!("{url}/health")).0, 200);
 
@@ -370,7 +382,7 @@ fn every_error_class_has_its_status_and_body() {
         (json!({"messages": [], "frobnicate": 1}), "", "frobnicate"),
         (
             request("data:image/png;base64,!!!", "What?"),
-            "image_url.url",
+            "messages[0].content[1].image_url.url",
             "base64",
         ),
         (
@@ -381,17 +393,17 @@ fn every_error_class_has_its_status_and_body() {
                 ),
                 "What?",
             ),
-            "image_url.url",
+            "messages[0].content[1].image_url.url",
             "supported format",
         ),
         (
             request("http://127.0.0.1/cat.png", "What?"),
-            "image_url.url",
+            "messages[0].content[1].image_url.url",
             "--allow-remote-images",
         ),
         (
             request("/etc/passwd", "What?"),
-            "image_url.url",
+            "messages[0].content[1].image_url.url",
             "local paths are never read",
         ),
         (

@@ -25,6 +25,7 @@ fn options(out: &Path, seed: u64) -> ShapesOptions {
         image_size: 32,
         progress: false,
         absent_share: 0.0,
+        force: false,
     }
 }
 

@@ -182,6 +182,16 @@ fn train_once(method: Method) -> (tempfile::TempDir, ParticleSet) {
             > 0.0
     );
     assert!(entries.last().unwrap()["val_accuracy"].is_f64());
+    // Questions per second for both methods; question–particle pairs: P times that.
+    let last = entries.last().unwrap();
+    let (q, pairs) = (
+        last["examples_per_second"].as_f64().unwrap(),
+        last["particle_examples_per_second"].as_f64().unwrap(),
+    );
+    assert!(
+        q > 0.0 && (pairs - 3.0 * q).abs() < 1e-9 * pairs,
+        "{q} {pairs}"
+    );
     let set = ParticleSet::load(out.path(), &Device::Cpu).unwrap();
     assert_eq!(set.config.particles, 3);
     assert_eq!(set.config.step, 8);

@@ -77,10 +77,7 @@ pub fn llava_candidates_batch(
     let image_tokens = model.config().image_tokens_per_image();
     let prompts = questions
         .iter()
-        .map(|q| {
-            let text = prompter.render_question(q, true)?;
-            prompter.encode(&text, image_tokens)
-        })
+        .map(|q| prompter.encode_question(q, true, image_tokens, None))
         .collect::<Result<Vec<_>>>()?;
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     // Left padding; the padded positions are masked, so any id that is not the image token works.
@@ -113,7 +110,7 @@ pub fn llava_candidates_batch(
     // differ).
     let end = gen.eos.first().copied();
     let mut found: Vec<Found> = (0..n).map(|_| Found::default()).collect();
-    let mut own: Vec<usize> = Vec::with_capacity(rows);
+    let mut own: Vec<(usize, String)> = Vec::with_capacity(rows);
     for (r, g) in generated.iter().enumerate() {
         let f = &mut found[r % n];
         let raw = prompter.decode(&g.tokens, true)?.trim().to_string();
@@ -131,13 +128,13 @@ pub fn llava_candidates_batch(
                 if seq.is_empty() {
                     bail!("a particle produced an empty answer and the tokenizer has no end token");
                 }
-                f.candidates.push(raw);
+                f.candidates.push(raw.clone());
                 f.normalized.push(norm);
                 f.sequences.push(seq);
                 f.normalized.len() - 1
             }
         };
-        own.push(k);
+        own.push((k, raw));
     }
     let sequences: Vec<Vec<Vec<u32>>> = found.iter().map(|f| f.sequences.clone()).collect();
     let loglik = score_candidates_batch(&model.language_model, &prefill, &sequences, particles)?;
@@ -154,7 +151,8 @@ pub fn llava_candidates_batch(
         .collect();
     for (r, row) in loglik.iter().enumerate() {
         let (f, s) = (&found[r % n], &mut out[r % n]);
-        let k = own[r];
+        let (k, raw) = &own[r];
+        let k = *k;
         let mut p: Vec<f64> = row.iter().map(|&l| l.exp()).collect();
         let sum: f64 = p.iter().sum();
         if sum > 1.0 {
@@ -164,7 +162,7 @@ pub fn llava_candidates_batch(
         p.push((1.0 - p.iter().sum::<f64>()).max(0.0));
         s.probs.push(p);
         s.particle_answers.push(ParticleAnswer {
-            answer: f.candidates[k].clone(),
+            answer: raw.clone(),
             normalized: f.normalized[k].clone(),
             log_likelihood: row[k],
             truncated: !generated[r].finished,

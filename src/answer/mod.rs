@@ -34,8 +34,7 @@ pub const UNANSWERABLE: &str = "unanswerable";
 
 /// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped.
 pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the answer list {}", path.display()))?;
+    let text = crate::input::read_to_string(path, "answer list")?;
     let answers: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -79,6 +78,31 @@ impl AskOptions {
     /// threshold only matters after the batch).
     fn decodes_like(&self, other: &Self) -> bool {
         self.max_new_tokens == other.max_new_tokens && self.sampling == other.sampling
+    }
+
+    /// Range checks, each naming its option: `max_new_tokens` ≥ 1, a threshold in [0, 1], a
+    /// finite positive temperature and a top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens 0: an answer needs at least one token");
+        }
+        if let Some(t) = self.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                bail!("--threshold {t} is not a score in [0, 1]");
+            }
+        }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = self.sampling
+        {
+            if !(temperature.is_finite() && temperature > 0.0) {
+                bail!("--temperature {temperature} must be a finite number above 0");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p {top_p} must be in (0, 1]");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -180,20 +204,12 @@ impl BellaVqa {
         let mut template = minijinja::Environment::new();
         template.add_template_owned("response", DEFAULT_RESPONSE_TEMPLATE.to_string())?;
         let abstention = set.and_then(|s| s.config.abstention.as_ref());
-        let selector = abstention.map(|a| a.selector.clone()).unwrap_or_default();
-        selector
-            .check()
-            .map_err(anyhow::Error::msg)
-            .context("the particles' calibrated selector")?;
-        let temperature = abstention.and_then(|a| a.temperature).unwrap_or(1.0);
-        if !(temperature.is_finite() && temperature > 0.0) {
-            bail!("the particles' calibrated temperature {temperature} is not positive");
-        }
         Ok(Self {
             particles,
             calibrated_threshold: abstention.map(|a| a.threshold),
-            selector,
-            temperature,
+            // Checked with the config ([`ParticleConfig::validate`]).
+            selector: abstention.map(|a| a.selector.clone()).unwrap_or_default(),
+            temperature: abstention.and_then(|a| a.temperature).unwrap_or(1.0),
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
@@ -209,9 +225,16 @@ impl BellaVqa {
         Ok(())
     }
 
-    /// The candidate answers a CLIP model scores.
-    pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) {
+    /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
+    /// vocabulary is an error rather than a silently ignored option.
+    pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
+        if let Model::Llava(_) = self.loaded.model {
+            bail!(
+                "an answer vocabulary (--answers) applies only to CLIP models; this LLaVA generates its answers"
+            );
+        }
         self.vocabulary = Some(answers);
+        Ok(())
     }
 
     pub fn model(&self) -> &LoadedModel {
@@ -276,9 +299,15 @@ impl BellaVqa {
             return Ok(());
         };
         let prompter = self.loaded.prompter()?;
-        let text = prompter.render_question(question.trim(), true)?;
+        // The same tokenisation as answering: special-token strings in the question are text, and
+        // an overlong question is refused before it is tokenised.
         let prompt = prompter
-            .encode(&text, m.config().image_tokens_per_image())?
+            .encode_question(
+                question.trim(),
+                true,
+                m.config().image_tokens_per_image(),
+                None,
+            )?
             .len();
         let positions = m.config().text_config.max_position_embeddings;
         if prompt + max_new_tokens > positions {
@@ -356,6 +385,7 @@ impl BellaVqa {
 
     /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
     fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
+        q.options.validate()?;
         let text = q.text.trim();
         if text.is_empty() {
             bail!("the question is empty: ask something about the image");

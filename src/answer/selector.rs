@@ -291,7 +291,7 @@ pub enum Selector {
     /// (0, 1] so that thresholds read like the others.
     Epistemic,
     /// mean − λ·std over particles of the answer's probability (Variational VQA, arXiv
-    /// 2505.09591).
+    /// 2505.09591), floored at 0 so that every score (and threshold) stays in [0, 1].
     RiskAverse { lambda: f64 },
     /// The share of particles whose own answer is the answer.
     Vote,
@@ -320,7 +320,7 @@ impl Selector {
         match self {
             Selector::Confidence => f.confidence,
             Selector::Epistemic => (-f.epistemic).exp(),
-            Selector::RiskAverse { lambda } => f.confidence - lambda * f.answer_std,
+            Selector::RiskAverse { lambda } => (f.confidence - lambda * f.answer_std).max(0.0),
             Selector::Vote => f.vote_share,
             Selector::Learned(m) => m.predict(f),
         }

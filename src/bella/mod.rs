@@ -14,11 +14,19 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 /// Which layers get particles and their shape.
+/// The most particles a set may have.
+pub const MAX_PARTICLES: usize = 256;
+
+/// The highest rank a particle may have.
+pub const MAX_RANK: usize = 1024;
+
+/// The most memory the adapter factors of a fresh particle set may take (f32 values).
+pub const MAX_ADAPTER_BYTES: usize = 8 << 30;
+
 #[derive(Clone, Debug)]
 pub struct AdapterSpec {
-    /// Module-path patterns: a path matches a pattern when it equals it, ends with `.pattern`
-    /// (PEFT's `target_modules` rule), or matches it as a glob with `*`
-    /// (`language_model.*.q_proj`).
+    /// Module-path patterns (see [`target_matches`]): PEFT suffixes (`q_proj`), globs with `*`
+    /// (`language_model.*.q_proj`) and layer ranges (`language_model.layers.24-31.*.q_proj`).
     pub targets: Vec<String>,
     pub rank: usize,
     pub alpha: f64,
@@ -52,24 +60,131 @@ impl AdapterSpec {
         }
     }
 
+    /// Checks the sizes and α before anything is allocated from them (`--particles`, `--rank`,
+    /// `--alpha` of `train`, and the same fields of a stored particle set).
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_PARTICLES).contains(&self.particles) {
+            bail!(
+                "particles = {}: must be 1 to {MAX_PARTICLES} (--particles)",
+                self.particles
+            );
+        }
+        if !(1..=MAX_RANK).contains(&self.rank) {
+            bail!("rank = {}: must be 1 to {MAX_RANK} (--rank)", self.rank);
+        }
+        if !self.alpha.is_finite() || self.alpha == 0.0 {
+            bail!(
+                "alpha = {}: must be a finite non-zero number (--alpha)",
+                self.alpha
+            );
+        }
+        Ok(())
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         self.targets.iter().any(|t| target_matches(t, path))
     }
 }
 
-/// PEFT's suffix rule, or a `*` glob over the whole path.
+/// Whether a module path matches a target pattern:
+/// - without `*`: PEFT's suffix rule (the path equals the pattern or ends with `.pattern`);
+/// - with `*`: a glob over the whole path, `*` matching any text;
+/// - in both, a segment `N-M` matches any layer index from N to M, so particles can go on the top
+///   layers only (`language_model.*.layers.24-31.*.q_proj`, `layers.30-31.self_attn.v_proj`).
+///
+/// Paths are also tried in the naming of transformers ≥ 4.52 (`language_model.layers.…` for our
+/// `language_model.model.layers.…`), so patterns written for either match.
 pub fn target_matches(pattern: &str, path: &str) -> bool {
-    if pattern.contains('*') {
-        return glob_match(pattern.as_bytes(), path.as_bytes());
-    }
-    path == pattern || path.ends_with(&format!(".{pattern}"))
+    let tokens = glob_tokens(pattern);
+    let whole = pattern.contains('*');
+    let renamed = path.replacen("language_model.model.", "language_model.", 1);
+    let matches = |path: &str| {
+        let s = path.as_bytes();
+        glob_match(&tokens, s)
+            || (!whole && (0..s.len()).any(|i| s[i] == b'.' && glob_match(&tokens, &s[i + 1..])))
+    };
+    matches(path) || matches(&renamed)
 }
 
-fn glob_match(p: &[u8], s: &[u8]) -> bool {
+/// A pattern as tokens: literal bytes, `*`, and whole `N-M` segments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GlobToken {
+    Byte(u8),
+    Any,
+    Range(u64, u64),
+}
+
+fn glob_tokens(pattern: &str) -> Vec<GlobToken> {
+    let mut tokens = Vec::new();
+    for (i, segment) in pattern.split('.').enumerate() {
+        if i > 0 {
+            tokens.push(GlobToken::Byte(b'.'));
+        }
+        let range = segment.split_once('-').and_then(|(lo, hi)| {
+            let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+            (digits(lo) && digits(hi)).then(|| Some((lo.parse().ok()?, hi.parse().ok()?)))?
+        });
+        match range {
+            Some((lo, hi)) => tokens.push(GlobToken::Range(lo, hi)),
+            None => tokens.extend(segment.bytes().map(|b| match b {
+                b'*' => GlobToken::Any,
+                b => GlobToken::Byte(b),
+            })),
+        }
+    }
+    tokens
+}
+
+fn glob_match(p: &[GlobToken], s: &[u8]) -> bool {
     match p.split_first() {
         None => s.is_empty(),
-        Some((b'*', rest)) => (0..=s.len()).any(|i| glob_match(rest, &s[i..])),
-        Some((c, rest)) => s.first() == Some(c) && glob_match(rest, &s[1..]),
+        Some((GlobToken::Any, rest)) => (0..=s.len()).any(|i| glob_match(rest, &s[i..])),
+        Some((GlobToken::Range(lo, hi), rest)) => {
+            let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
+            let value = std::str::from_utf8(&s[..n])
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok());
+            n > 0 && value.is_some_and(|v| (*lo..=*hi).contains(&v)) && glob_match(rest, &s[n..])
+        }
+        Some((GlobToken::Byte(c), rest)) => s.first() == Some(c) && glob_match(rest, &s[1..]),
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::target_matches;
+
+    #[test]
+    fn suffixes_globs_and_layer_ranges() {
+        let q = |i: usize| format!("language_model.model.layers.{i}.self_attn.q_proj");
+        // PEFT's suffix rule, at segment boundaries only.
+        assert!(target_matches("q_proj", &q(3)));
+        assert!(!target_matches("_proj", &q(3)));
+        assert!(target_matches("self_attn.q_proj", &q(3)));
+        // Globs over the whole path.
+        assert!(target_matches("language_model.*.q_proj", &q(3)));
+        assert!(!target_matches("vision_tower.*.q_proj", &q(3)));
+        // Layer ranges, inclusive, with or without `*`, in either naming.
+        for pattern in [
+            "language_model.layers.24-31.*.q_proj",
+            "language_model.model.layers.24-31.self_attn.q_proj",
+            "layers.24-31.self_attn.q_proj",
+            "language_model.*.24-31.*.q_proj",
+        ] {
+            let hits: Vec<usize> = (0..40)
+                .filter(|&i| target_matches(pattern, &q(i)))
+                .collect();
+            assert_eq!(hits, (24..=31).collect::<Vec<_>>(), "{pattern}");
+        }
+        assert!(!target_matches(
+            "layers.24-31.self_attn.q_proj",
+            "language_model.model.layers.24.self_attn.k_proj"
+        ));
+        // A range is a whole segment: "2-3" does not match the "2" of "24".
+        assert!(!target_matches("layers.2-3.self_attn.q_proj", &q(24)));
+        // A plain number is literal.
+        assert!(target_matches("layers.7.self_attn.q_proj", &q(7)));
+        assert!(!target_matches("layers.7.self_attn.q_proj", &q(17)));
     }
 }
 
@@ -90,8 +205,24 @@ pub fn attach<M: ParticleModel + ?Sized>(
     init_b: InitB,
     seed: u64,
 ) -> Result<Vec<String>> {
-    if spec.rank == 0 || spec.particles == 0 {
-        bail!("rank and particles must be at least 1");
+    spec.validate()?;
+    let (p, r) = (spec.particles, spec.rank);
+    let values: usize = model
+        .linears()
+        .iter()
+        .filter(|(path, _)| spec.matches(path))
+        .map(|(_, layer)| {
+            let (out, inp) = layer.shape();
+            p * r * (out + inp)
+        })
+        .sum();
+    if values.saturating_mul(4) > MAX_ADAPTER_BYTES {
+        bail!(
+            "{p} particles of rank {r} on these layers need {:.1} GiB of adapter factors, more than \
+             the {} GiB allowed: lower --particles or --rank, or adapt fewer layers (--targets)",
+            values as f64 * 4.0 / (1u64 << 30) as f64,
+            MAX_ADAPTER_BYTES >> 30
+        );
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut adapted = Vec::new();
@@ -100,7 +231,6 @@ pub fn attach<M: ParticleModel + ?Sized>(
             continue;
         }
         let (out, inp) = layer.shape();
-        let (p, r) = (spec.particles, spec.rank);
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..p * r * inp)
             .map(|_| rng.random_range(-bound..bound) as f32)

@@ -16,10 +16,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use super::{Adapter, ParticleModel};
+use super::{Adapter, AdapterSpec, ParticleModel};
 use crate::answer::selector::Selector;
 pub use crate::guarantee::RiskGuarantee;
 use crate::hub::ModelFiles;
+use crate::models::weights::count_non_finite;
 
 pub const PARTICLES_FILE: &str = "particles.safetensors";
 pub const CONFIG_FILE: &str = "bella_config.json";
@@ -87,6 +88,9 @@ pub struct ParticleConfig {
     pub step: u64,
     #[serde(default)]
     pub abstention: Option<Abstention>,
+    /// The thresholds that calibrations replaced, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub abstention_history: Vec<Abstention>,
     /// CLIP: the candidate answers the particles score.
     #[serde(default)]
     pub answer_vocabulary: Option<Vec<String>>,
@@ -132,7 +136,41 @@ fn sha256_of(path: &Path) -> Result<String> {
             return Ok(blob.to_ascii_lowercase());
         }
     }
-    crate::io::sha256_file(path)
+    crate::io::sha256_file_cached(path)
+}
+
+impl ParticleConfig {
+    /// The invariants loading and answering rely on: sizes and α as [`AdapterSpec::validate`]
+    /// checks them, at least one layer, a stored threshold in [0, 1], a usable selector and a
+    /// positive temperature.
+    pub fn validate(&self) -> Result<()> {
+        AdapterSpec {
+            targets: self.targets.clone(),
+            rank: self.rank,
+            alpha: self.alpha,
+            particles: self.particles,
+        }
+        .validate()?;
+        if self.layers.is_empty() {
+            bail!("\"layers\" is empty: the particle set adapts no layer");
+        }
+        if let Some(a) = &self.abstention {
+            if !(0.0..=1.0).contains(&a.threshold) {
+                bail!(
+                    "abstention.threshold {} is outside [0, 1]: recalibrate with `bella-vqa calibrate`",
+                    a.threshold
+                );
+            }
+            a.selector
+                .check()
+                .map_err(anyhow::Error::msg)
+                .context("abstention.selector")?;
+            if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
+                bail!("abstention.temperature {t} is not a positive number: recalibrate");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ParticleSet {
@@ -146,40 +184,53 @@ impl ParticleSet {
         Self { config, adapters }
     }
 
-    /// Writes the factors (f32) and then the config, each atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// The two files of the set, `(name, bytes)`: the factors (f32) and the config.
+    pub fn files(&self) -> Result<[(&'static str, Vec<u8>); 2]> {
         let mut tensors = HashMap::new();
         for (name, ad) in &self.adapters {
             tensors.insert(format!("{name}.bella_A"), ad.a.to_dtype(DType::F32)?);
             tensors.insert(format!("{name}.bella_B"), ad.b.to_dtype(DType::F32)?);
         }
-        crate::io::save_safetensors_atomically(&dir.join(PARTICLES_FILE), &tensors)?;
         let mut config = self.config.clone();
         config.layers = self.adapters.iter().map(|(n, _)| n.clone()).collect();
         config.format_version = FORMAT_VERSION;
-        let json = serde_json::to_vec_pretty(&config)?;
-        crate::io::write_bytes_atomically(&dir.join(CONFIG_FILE), &json)
+        Ok([
+            (PARTICLES_FILE, crate::io::safetensors_bytes(&tensors)?),
+            (CONFIG_FILE, serde_json::to_vec_pretty(&config)?),
+        ])
+    }
+
+    /// Writes the factors and then the config, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        for (name, bytes) in self.files()? {
+            crate::io::write_bytes_atomically(&dir.join(name), &bytes)?;
+        }
+        Ok(())
     }
 
     /// Reads only the config (cheap; e.g. to find the base model).
     pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let text = crate::input::read_to_string(&path, "particle config").with_context(|| {
             format!(
                 "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with `bella-vqa train --out DIR`)",
                 dir.display()
             )
         })?;
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text)).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "{}: invalid key `{}`: {}",
-                    path.display(),
-                    e.path(),
-                    e.inner()
-                )
-            },
-        )
+        let config: ParticleConfig =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: invalid key `{}`: {}",
+                        path.display(),
+                        e.path(),
+                        e.inner()
+                    )
+                })?;
+        config
+            .validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(config)
     }
 
     /// Loads the config and the factors onto `device`.
@@ -193,6 +244,7 @@ impl ParticleSet {
             );
         }
         let path: PathBuf = dir.join(PARTICLES_FILE);
+        crate::input::check_regular(&path, "particle weights")?;
         let tensors = candle_core::safetensors::load(&path, device).with_context(|| {
             format!(
                 "cannot read {} (truncated or not safetensors?)",
@@ -203,10 +255,20 @@ impl ParticleSet {
         let mut adapters = Vec::with_capacity(config.layers.len());
         for name in &config.layers {
             let get = |suffix: &str| {
-                tensors
-                    .get(&format!("{name}.{suffix}"))
+                let key = format!("{name}.{suffix}");
+                let t = tensors
+                    .get(&key)
                     .cloned()
-                    .with_context(|| format!("{} has no tensor {name}.{suffix}", path.display()))
+                    .with_context(|| format!("{} has no tensor {key}", path.display()))?;
+                let bad = count_non_finite(&t)?;
+                if bad > 0 {
+                    bail!(
+                        "tensor {key} in {} holds {bad} NaN or infinite value(s): the particle set \
+                         is damaged (training diverged?); retrain or restore it",
+                        path.display()
+                    );
+                }
+                Ok(t)
             };
             let adapter = Adapter::new(get("bella_A")?, get("bella_B")?, scale)
                 .with_context(|| format!("{name} in {}", path.display()))?;

@@ -48,7 +48,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -277,12 +277,13 @@ struct PeftLora {
 
 fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!(
-            "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
-            dir.display()
-        )
-    })?;
+    let text =
+        crate::input::read_to_string(&config_path, "PEFT adapter config").with_context(|| {
+            format!(
+                "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
+                dir.display()
+            )
+        })?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let config = config
@@ -352,6 +353,7 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
         }
         bail!("{} has no {ADAPTER_WEIGHTS_FILE}", dir.display());
     }
+    crate::input::check_regular(&weights, "PEFT adapter weights")?;
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).with_context(|| {
         format!(
             "cannot read {} (truncated or not safetensors?)",
@@ -503,6 +505,7 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
         seed: 0,
         step: 0,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: None,
     };
     Ok(ParticleSet {
@@ -574,8 +577,7 @@ fn read_safetensors_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
 
 /// The JSON header of a safetensors file (tensor entries and `__metadata__`).
 pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Map<String, Value>> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = crate::input::open(path, "safetensors file")?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
@@ -633,17 +635,11 @@ fn write_safetensors(
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    crate::io::write_atomically(path, |tmp| {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
-        f.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| f.write_all(&header))
-            .and_then(|()| f.write_all(&data))
-            .and_then(|()| f.flush())
-            .with_context(|| format!("cannot write {}", tmp.display()))
-    })
+    let mut bytes = Vec::with_capacity(8 + header.len() + data.len());
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&data);
+    crate::io::write_bytes_atomically(path, &bytes)
 }
 
 /// Orders `layers.2` before `layers.10`.

@@ -1,6 +1,7 @@
 //! `calibrate`: choose the abstention threshold on validation questions and store it in the
-//! particles' `bella_config.json` (only that file, only its `abstention` key; the rest of the
-//! file is kept byte for byte, key order included).
+//! particles' `bella_config.json` (only that file, only its `abstention` key and, when it replaces
+//! a threshold, the `abstention_history` list that keeps the old one; the rest of the file is
+//! kept as it was, key order included).
 
 use std::path::Path;
 
@@ -206,6 +207,9 @@ pub struct CalibrationOutcome {
     pub ood_answered: Option<f64>,
     /// Whether the threshold was written to the particles' config.
     pub stored: bool,
+    /// The threshold the particles had before (replaced when `stored`).
+    #[serde(default)]
+    pub previous: Option<Abstention>,
 }
 
 /// One validation question, answered: its particles' matrix and each candidate's accuracy.
@@ -326,7 +330,7 @@ pub fn calibrate(
     opts: &CalibrateOptions,
 ) -> Result<CalibrationOutcome> {
     // Fail before answering when the config cannot be read or the options do not fit.
-    crate::bella::particles::ParticleSet::read_config(adapters)?;
+    let previous = crate::bella::particles::ParticleSet::read_config(adapters)?.abstention;
     if let (Guarantee::Ltt { .. }, Objective::Phi(_) | Objective::TargetCoverage(_)) =
         (opts.guarantee, opts.objective)
     {
@@ -428,12 +432,23 @@ pub fn calibrate(
             ),
             None => opts.objective.describe(),
         },
-        data: Some(opts.data.path.display().to_string()),
+        data: Some(crate::io::stored_path(&opts.data.path)),
         selector: chosen,
         temperature,
         guarantee,
     };
     if !opts.dry_run {
+        if let (Some(old), true) = (&previous, opts.progress) {
+            eprintln!(
+                "rewriting the threshold stored in {}: {:.6} ({}) → {:.6} ({}); the old one is \
+                 kept in its abstention_history",
+                adapters.join(CONFIG_FILE).display(),
+                old.threshold,
+                old.objective,
+                abstention.threshold,
+                abstention.objective
+            );
+        }
         store_abstention(adapters, &abstention)?;
     }
     Ok(CalibrationOutcome {
@@ -451,11 +466,12 @@ pub fn calibrate(
         }),
         stored: !opts.dry_run,
         abstention,
+        previous,
     })
 }
 
-/// Sets the `abstention` key of `dir/bella_config.json` atomically; every other key and its
-/// order are kept as they were.
+/// Sets the `abstention` key of `dir/bella_config.json` atomically, appending the value it
+/// replaces to `abstention_history`; every other key and its order are kept as they were.
 pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -473,9 +489,19 @@ pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
         bail!("{} does not hold a JSON object", path.display());
     };
     let value: Ordered = serde_json::from_str(&serde_json::to_string(abstention)?)?;
-    match entries.iter_mut().find(|(k, _)| k == "abstention") {
-        Some((_, v)) => *v = value,
-        None => entries.push(("abstention".into(), value)),
+    let replaced = match entries.iter_mut().find(|(k, _)| k == "abstention") {
+        Some((_, v)) => Some(std::mem::replace(v, value)),
+        None => {
+            entries.push(("abstention".into(), value));
+            None
+        }
+    };
+    if let Some(old) = replaced.filter(|v| *v != Ordered::Null) {
+        match entries.iter_mut().find(|(k, _)| k == "abstention_history") {
+            Some((_, Ordered::Array(history))) => history.push(old),
+            Some((_, other)) => *other = Ordered::Array(vec![old]),
+            None => entries.push(("abstention_history".into(), Ordered::Array(vec![old]))),
+        }
     }
     let out = serde_json::to_vec_pretty(&doc)?;
     serde_json::from_slice::<ParticleConfig>(&out).context("the updated config does not parse")?;

@@ -36,6 +36,13 @@ fn parse_unit(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+fn parse_positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
+}
+
 /// `bella-vqa bench`: answer a VQA set and write results.json, samples.jsonl and a report.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -71,7 +78,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub val: Option<PathBuf>,
     /// Only the first N questions of every data file.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub limit: Option<usize>,
     /// Answer only slice i of n (questions whose position % n == i); combine with `bench merge`.
     #[arg(long, value_name = "i/n", value_parser = parse_shard)]
@@ -86,7 +93,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_unit)]
     pub threshold: Option<f64>,
     /// Longest answer in tokens (LLaVA).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_positive)]
     pub max_new_tokens: usize,
     /// Resamples of the 95 % bootstrap intervals of every metric (paired over questions in
     /// --compare); 0 disables them.
@@ -152,13 +159,13 @@ pub struct CalibrateArgs {
     #[arg(long, default_value = "official", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
     /// Only the first N validation questions.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub limit: Option<usize>,
     /// Skip bad records and unreadable images instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
     /// Longest answer in tokens (LLaVA).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_positive)]
     pub max_new_tokens: usize,
     /// CLIP: a file with one candidate answer per line.
     #[arg(long)]
@@ -207,7 +214,7 @@ fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
 fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Result<()> {
     move |vqa: &mut BellaVqa| {
         if let Some(a) = &answers {
-            vqa.set_answer_vocabulary(a.clone());
+            vqa.set_answer_vocabulary(a.clone())?;
         }
         Ok(())
     }
@@ -216,6 +223,7 @@ fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Resul
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     if let Some(BenchCommand::Merge { dirs, out }) = &args.command {
+        let _lock = crate::io::OutputLock::acquire(out)?;
         let (results, written) = super::merge(dirs, out)?;
         if !quiet {
             eprintln!(
@@ -233,9 +241,8 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
         bail!("bench needs --model, --data and --out");
     };
-    let source = model_source(model, &args.revision)?;
     let spec = ModelSpec {
-        source: model.clone(),
+        source: crate::io::stored_model_source(model),
         adapters: args.adapters.clone(),
         answers_file: args.answers.clone(),
     };
@@ -269,6 +276,8 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             bail!("data file {} does not exist", path.display());
         }
     }
+    let _lock = crate::io::OutputLock::acquire(out)?;
+    let source = model_source(model, &args.revision)?;
     let answers = match &args.answers {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
@@ -348,6 +357,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         bail!("data file {} does not exist", args.data.display());
     }
     crate::bella::particles::ParticleSet::read_config(&args.adapters)?;
+    let _lock = (!args.dry_run)
+        .then(|| crate::io::OutputLock::acquire(&args.adapters))
+        .transpose()?;
     let source = model_source(&args.model, &args.revision)?;
     let load = LoadOptions {
         hub,
@@ -355,7 +367,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     };
     let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;
     if let Some(p) = &args.answers {
-        vqa.set_answer_vocabulary(crate::answer::read_answer_list(p)?);
+        vqa.set_answer_vocabulary(crate::answer::read_answer_list(p)?)?;
     }
     let opts = CalibrateOptions {
         data: DataInput {

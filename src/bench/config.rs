@@ -100,7 +100,7 @@ impl AdaptersRecord {
     pub fn read(dir: &Path) -> Result<Self> {
         let config: ParticleConfig = crate::bella::particles::ParticleSet::read_config(dir)?;
         Ok(Self {
-            path: dir.display().to_string(),
+            path: crate::io::stored_path(dir),
             sha256: crate::io::sha256_file(&dir.join(PARTICLES_FILE))?,
             base: config.base_model.source,
             method: config.method,

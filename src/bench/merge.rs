@@ -160,7 +160,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)
     skipped.sort_by(|a, b| (&a.split, a.index).cmp(&(&b.split, b.index)));
     skipped.dedup_by(|a, b| a.split == b.split && a.index == b.index);
 
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    crate::io::create_dir_all(out)?;
     if out.join(super::config::CONFIG_FILE).exists() {
         let old = RunConfig::read(out)?;
         let diffs = old.differences(&merged, false, false);
@@ -182,8 +182,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)
     let skipped_path = out.join(results::SKIPPED_FILE);
     if skipped.is_empty() {
         if skipped_path.exists() {
-            std::fs::remove_file(&skipped_path)
-                .with_context(|| format!("cannot remove {}", skipped_path.display()))?;
+            crate::io::remove_file(&skipped_path)?;
         }
     } else {
         let mut lines = Vec::new();

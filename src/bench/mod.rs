@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
@@ -163,16 +163,17 @@ pub(crate) fn read_set(
         input.annotations.as_deref(),
         input.images.as_deref(),
         &opts,
-    )?;
+    )?
+    .require_questions()?;
     let questions = ds.examples.len();
     let selected = limit.map_or(questions, |l| l.min(questions));
     let record = DataRecord {
         split: split.to_string(),
         role,
-        path: input.path.display().to_string(),
+        path: crate::io::stored_path(&input.path),
         format: ds.format,
         sha256: crate::io::sha256_file(&input.path)?,
-        annotations: input.annotations.as_ref().map(|a| a.display().to_string()),
+        annotations: input.annotations.as_deref().map(crate::io::stored_path),
         annotations_sha256: match &input.annotations {
             Some(a) => Some(crate::io::sha256_file(a)?),
             None => None,
@@ -253,8 +254,8 @@ pub(crate) fn run_config(
         (None, Some(a)) => (a.threshold, format!("calibration ({})", a.objective)),
         (None, None) => (UNCALIBRATED_THRESHOLD, "default (uncalibrated)".to_string()),
     };
-    if !threshold.is_finite() {
-        bail!("the threshold {threshold} is not a finite number");
+    if !(0.0..=1.0).contains(&threshold) {
+        bail!("the threshold {threshold} is outside [0, 1]");
     }
     Ok(RunConfig {
         model: config::ModelRecord {
@@ -326,8 +327,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         }
     }
     let mut config = run_config(vqa, model, opts, &sets)?;
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    crate::io::create_dir_all(&opts.out)?;
     check_or_write_config(&opts.out, &mut config)?;
 
     let samples_path = opts.out.join(SAMPLES_FILE);

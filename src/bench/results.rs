@@ -627,23 +627,6 @@ pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
 
 /// Appends one JSON line (flushed and synced).
 pub fn append_line<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    use std::io::Write;
-    let mut line = serde_json::to_vec(value).context("serialising a record")?;
-    line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    // After a line cut off by a kill, start on a new line.
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > 0 {
-        let bytes = std::fs::read(path).unwrap_or_default();
-        if bytes.last() != Some(&b'\n') {
-            line.insert(0, b'\n');
-        }
-    }
-    f.write_all(&line)
-        .and_then(|()| f.sync_data())
-        .with_context(|| format!("cannot append to {}", path.display()))
+    let line = serde_json::to_vec(value).context("serialising a record")?;
+    crate::io::append_line(path, &line)
 }

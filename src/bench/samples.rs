@@ -6,9 +6,8 @@
 //! bad line, and a question that appears twice, is an error that names the file and the line.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +18,7 @@ use crate::answer::aggregate::Uncertainty;
 use crate::answer::candidates::ParticleAnswer;
 use crate::answer::{CandidateAnswer, Response};
 use crate::data::VqaExample;
+use crate::io::AppendFile;
 use crate::metrics::{vqa_accuracy, NormalizeMode, Prediction};
 
 /// The file name of the per-question log.
@@ -244,8 +244,7 @@ pub fn read_samples(path: &Path) -> Result<SampleFile> {
 /// Appends samples, one line each, written in one piece and flushed at once (synced to disk at
 /// most every second and when dropped or [`SampleWriter::sync`]ed).
 pub struct SampleWriter {
-    file: File,
-    path: PathBuf,
+    file: AppendFile,
     last_sync: Instant,
 }
 
@@ -253,26 +252,8 @@ impl SampleWriter {
     /// Opens `path` for appending, first cutting it to `good_len` bytes (dropping a damaged last
     /// line that [`read_samples`] found).
     pub fn open(path: &Path, good_len: u64) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open {} for appending", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .len();
-        if len > good_len {
-            file.set_len(good_len).with_context(|| {
-                format!("cannot drop the damaged last line of {}", path.display())
-            })?;
-        }
         Ok(Self {
-            file,
-            path: path.to_path_buf(),
+            file: AppendFile::open(path, Some(good_len))?,
             last_sync: Instant::now(),
         })
     }
@@ -280,10 +261,7 @@ impl SampleWriter {
     pub fn append(&mut self, sample: &Sample) -> Result<()> {
         let mut line = serde_json::to_vec(sample).context("serialising a sample")?;
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .and_then(|()| self.file.flush())
-            .with_context(|| format!("cannot append to {}", self.path.display()))?;
+        self.file.append(&line)?;
         if self.last_sync.elapsed() > Duration::from_secs(1) {
             self.sync()?;
         }
@@ -292,15 +270,7 @@ impl SampleWriter {
 
     pub fn sync(&mut self) -> Result<()> {
         self.last_sync = Instant::now();
-        self.file
-            .sync_data()
-            .with_context(|| format!("cannot sync {}", self.path.display()))
-    }
-}
-
-impl Drop for SampleWriter {
-    fn drop(&mut self) {
-        let _ = self.file.sync_data();
+        self.file.sync()
     }
 }
 

@@ -72,7 +72,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::vqa::{write_atomic, write_jsonl, VqaExample};
+use super::vqa::{write_jsonl, VqaExample};
+use crate::io::write_bytes_atomically;
 
 /// The default canvas side in pixels.
 pub const DEFAULT_IMAGE_SIZE: u32 = 32;
@@ -294,7 +295,8 @@ impl Scene {
 /// What to generate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShapesOptions {
-    /// The output folder (created if needed; files in it are replaced).
+    /// The output folder (created if needed). One that holds a data set already is refused
+    /// unless `force`.
     pub out: PathBuf,
     pub seed: u64,
     /// Training questions; val, test and every OOD split get [`eval_size`]`(n)` questions.
@@ -308,6 +310,8 @@ pub struct ShapesOptions {
     /// test and the OOD splits do not change. 0 (the default) leaves `train.jsonl` as without
     /// the option, byte for byte.
     pub absent_share: f64,
+    /// Replace the files of a data set already in `out`.
+    pub force: bool,
 }
 
 impl ShapesOptions {
@@ -321,6 +325,7 @@ impl ShapesOptions {
             image_size: DEFAULT_IMAGE_SIZE,
             progress: false,
             absent_share: 0.0,
+            force: false,
         }
     }
 }
@@ -410,6 +415,24 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
             opts.image_size
         );
     }
+    if !(0.0..=1.0).contains(&opts.absent_share) {
+        bail!(
+            "absent share {} is not a share: use a number from 0 to 1",
+            opts.absent_share
+        );
+    }
+    if !opts.force {
+        if let Some(found) = ["shapes.json", "train.jsonl", "images"]
+            .iter()
+            .find(|f| opts.out.join(f).exists())
+        {
+            bail!(
+                "{} already holds a data set ({found}): pass --force to overwrite it, or choose \
+                 another --out",
+                opts.out.display()
+            );
+        }
+    }
     let eval = eval_size(opts.n);
     let total = (opts.n + 7 * eval) as u64;
     let progress = if opts.progress {
@@ -431,16 +454,9 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         progress,
     };
     let images_dir = opts.out.join("images");
-    std::fs::create_dir_all(&images_dir)
-        .with_context(|| format!("cannot create {}", images_dir.display()))?;
+    crate::io::create_dir_all(&images_dir)?;
 
     let mut counts = Vec::new();
-    if !(0.0..=1.0).contains(&opts.absent_share) {
-        bail!(
-            "absent share {} is not a share: use a number from 0 to 1",
-            opts.absent_share
-        );
-    }
     let train = g.split("train", opts.n, Mode::InDist, opts.absent_share)?;
     g.write_split("train", &train.examples, &mut counts)?;
     drop(train);
@@ -479,7 +495,7 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
     });
     let mut bytes = serde_json::to_vec_pretty(&meta)?;
     bytes.push(b'\n');
-    write_atomic(&opts.out.join("shapes.json"), &bytes, true)?;
+    write_bytes_atomically(&opts.out.join("shapes.json"), &bytes)?;
     Ok(ShapesSummary {
         splits: counts,
         images: g.images,
@@ -536,8 +552,7 @@ impl Generator<'_> {
             scene_of: Vec::new(),
         };
         let dir = self.out.join("images").join(split);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::io::create_dir_all(&dir)?;
         let mut tries = 0usize;
         while data.examples.len() < target {
             tries += 1;
@@ -633,8 +648,7 @@ impl Generator<'_> {
         self.progress.set_message(split);
         let mut rng = Rng::new(self.seed, split);
         let dir = self.out.join("images").join(split);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::io::create_dir_all(&dir)?;
         let mut corruption = Vec::with_capacity(test.scenes.len());
         for (index, (_, _, scene)) in test.scenes.iter().enumerate() {
             let kind = Corruption::ALL[rng.index(Corruption::ALL.len())];
@@ -719,7 +733,7 @@ impl Generator<'_> {
                 image::ExtendedColorType::Rgb8,
             )
             .with_context(|| format!("cannot encode {rel}"))?;
-        write_atomic(&self.out.join(rel), &bytes, false)?;
+        write_bytes_atomically(&self.out.join(rel), &bytes)?;
         self.images += 1;
         Ok(())
     }

@@ -15,14 +15,14 @@
 //!
 //! Image paths: relative paths in a JSONL file are relative to the file's folder; VQAv2 and VizWiz
 //! images are looked up in the image folder (by default the data file's folder). Every reader checks
-//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the image header.
+//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the whole image
+//! (a truncated file has a good header and fails only in a full decode).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, bail, Context};
 use serde::ser::SerializeMap;
@@ -144,7 +144,7 @@ impl<'de> Deserialize<'de> for VqaExample {
 pub struct ReadOptions {
     /// Go on after a bad record and collect it in [`Dataset::skipped`] (default: stop with its error).
     pub skip_bad: bool,
-    /// Decode every image's header (format and size), not only check that the file exists.
+    /// Decode every image (a truncated file fails here), not only check that the file exists.
     pub check_images: bool,
 }
 
@@ -208,6 +208,25 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
+    }
+
+    /// The data set, or an error naming its file when it holds no usable question (an empty
+    /// file, or one whose every record was bad and skipped).
+    pub fn require_questions(self) -> anyhow::Result<Self> {
+        if self.examples.is_empty() {
+            let skipped = match self.skipped.len() {
+                0 => String::new(),
+                n => format!(
+                    " ({n} bad record(s) skipped, the first: {})",
+                    self.skipped[0]
+                ),
+            };
+            bail!(
+                "data file {} holds no questions{skipped}",
+                self.source.display()
+            );
+        }
+        Ok(self)
     }
 
     /// True when the data set has human answers (it is not a test set without answers).
@@ -319,10 +338,7 @@ pub fn write_jsonl(path: &Path, examples: &[VqaExample]) -> anyhow::Result<()> {
         })?;
         out.push(b'\n');
     }
-    if !dir.as_os_str().is_empty() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    write_atomic(path, &out, true)
+    crate::io::write_bytes_atomically(path, &out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -991,18 +1007,13 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
         Err(e) => return Err(format!("cannot read image file {}: {e}", path.display())),
     }
     if decode {
-        let unreadable = |e: &dyn fmt::Display| {
+        // A full decode: a truncated file has a good header and fails only here.
+        crate::models::image::load_image(path).map_err(|e| {
             format!(
-                "image file {} cannot be read as an image ({e}); replace it with a valid PNG or JPEG file",
+                "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG or JPEG file",
                 path.display()
             )
-        };
-        image::ImageReader::open(path)
-            .map_err(|e| unreadable(&e))?
-            .with_guessed_format()
-            .map_err(|e| unreadable(&e))?
-            .into_dimensions()
-            .map_err(|e| unreadable(&e))?;
+        })?;
     }
     Ok(())
 }
@@ -1138,15 +1149,7 @@ fn json_error_message(e: &serde_json::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 
 fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => bail!(
-            "data file {} is a folder; pass the data file itself",
-            path.display()
-        ),
-        Ok(_) => {}
-        Err(e) => return Err(anyhow!("cannot read data file {}: {e}", path.display())),
-    }
-    fs::File::open(path).map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))
+    crate::input::open(path, "data file")
 }
 
 fn read_json_file(path: &Path) -> anyhow::Result<Value> {
@@ -1206,48 +1209,4 @@ fn relative_image_path(image: &Path, abs_dir: &Path) -> anyhow::Result<PathBuf> 
         Ok(rel) if !rel.as_os_str().is_empty() => rel.to_path_buf(),
         _ => abs,
     })
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, optionally synced,
-/// then renamed over `path`. A crash leaves either the old file or the new one, never half of it.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> anyhow::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = folder_of(path);
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        if sync {
-            f.sync_all()?;
-        }
-        drop(f);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(anyhow!("cannot write {}: {e}", path.display()));
-    }
-    if sync {
-        // Make the rename itself durable; not every platform can open a folder, so best effort.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }

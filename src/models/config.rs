@@ -9,6 +9,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use super::image::MAX_PROCESSED_SIDE;
+
 /// Activation functions by their transformers name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -213,25 +215,153 @@ impl LlamaConfig {
             .unwrap_or(10_000.0)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The invariants the decoder code relies on; `at` is the key path of this section
+    /// (`text_config`).
+    fn validate(&self, at: &str) -> Result<()> {
         for rope in [&self.rope_parameters, &self.rope_scaling]
             .into_iter()
             .flatten()
         {
             if let Some(kind) = rope.rope_type.as_deref() {
                 if kind != "default" {
-                    bail!("rope type {kind:?} is not supported (only the default RoPE)");
+                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)");
                 }
             }
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+        let k = Keys(at);
+        k.positive("vocab_size", self.vocab_size)?;
+        k.positive("hidden_size", self.hidden_size)?;
+        k.positive("intermediate_size", self.intermediate_size)?;
+        k.positive("num_hidden_layers", self.num_hidden_layers)?;
+        k.positive("max_position_embeddings", self.max_position_embeddings)?;
+        k.heads(self.hidden_size, self.num_attention_heads)?;
+        let kv = self.num_kv_heads();
+        k.positive("num_key_value_heads", kv)?;
+        if self.num_attention_heads % kv != 0 {
             bail!(
-                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                "{} {} is not a multiple of {} {kv}",
+                k.key("num_attention_heads"),
                 self.num_attention_heads,
-                self.num_kv_heads()
+                k.key("num_key_value_heads")
+            );
+        }
+        let head_dim = self.head_dim();
+        if self.head_dim.is_some() {
+            k.positive("head_dim", head_dim)?;
+        }
+        if head_dim % 2 != 0 {
+            bail!(
+                "{} {head_dim} is odd: rotary embeddings need an even head dimension",
+                k.key("head_dim")
+            );
+        }
+        k.finite_positive("rms_norm_eps", self.rms_norm_eps)?;
+        let theta = self.rope_theta();
+        if !(theta.is_finite() && theta > 1.0) {
+            bail!(
+                "{} {theta} must be a finite number above 1",
+                k.key("rope_theta")
             );
         }
         Ok(())
+    }
+}
+
+/// Range checks of one config section whose errors name the key path
+/// (`text_config.num_attention_heads`).
+struct Keys<'a>(&'a str);
+
+impl Keys<'_> {
+    fn key(&self, name: &str) -> String {
+        if self.0.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.0)
+        }
+    }
+
+    fn positive(&self, name: &str, value: usize) -> Result<()> {
+        if value == 0 {
+            bail!("{} is 0; it must be at least 1", self.key(name));
+        }
+        Ok(())
+    }
+
+    fn finite_positive(&self, name: &str, value: f64) -> Result<()> {
+        if !(value.is_finite() && value > 0.0) {
+            bail!(
+                "{} {value} must be a finite positive number",
+                self.key(name)
+            );
+        }
+        Ok(())
+    }
+
+    /// `num_attention_heads` is positive and divides `hidden_size`.
+    fn heads(&self, hidden: usize, heads: usize) -> Result<()> {
+        self.positive("num_attention_heads", heads)?;
+        if hidden % heads != 0 {
+            bail!(
+                "{} {hidden} is not divisible by {} {heads}",
+                self.key("hidden_size"),
+                self.key("num_attention_heads")
+            );
+        }
+        Ok(())
+    }
+
+    /// A side length in pixels within `1..=MAX_PROCESSED_SIDE`.
+    fn pixels(&self, name: &str, value: usize) -> Result<()> {
+        self.positive(name, value)?;
+        if value > MAX_PROCESSED_SIDE {
+            bail!(
+                "{} {value} is larger than {MAX_PROCESSED_SIDE} pixels",
+                self.key(name)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ClipTextConfig {
+    fn validate(&self, at: &str) -> Result<()> {
+        let k = Keys(at);
+        k.positive("vocab_size", self.vocab_size)?;
+        k.positive("hidden_size", self.hidden_size)?;
+        k.positive("intermediate_size", self.intermediate_size)?;
+        k.positive("num_hidden_layers", self.num_hidden_layers)?;
+        k.positive("max_position_embeddings", self.max_position_embeddings)?;
+        k.heads(self.hidden_size, self.num_attention_heads)?;
+        k.finite_positive("layer_norm_eps", self.layer_norm_eps)
+    }
+}
+
+impl ClipVisionConfig {
+    fn validate(&self, at: &str) -> Result<()> {
+        let k = Keys(at);
+        k.positive("hidden_size", self.hidden_size)?;
+        k.positive("intermediate_size", self.intermediate_size)?;
+        k.positive("num_hidden_layers", self.num_hidden_layers)?;
+        k.heads(self.hidden_size, self.num_attention_heads)?;
+        if self.num_channels != 3 {
+            bail!(
+                "{} {} is not supported: images are read as RGB (3 channels)",
+                k.key("num_channels"),
+                self.num_channels
+            );
+        }
+        k.pixels("image_size", self.image_size)?;
+        k.positive("patch_size", self.patch_size)?;
+        if self.patch_size > self.image_size {
+            bail!(
+                "{} {} is larger than {} {}",
+                k.key("patch_size"),
+                self.patch_size,
+                k.key("image_size"),
+                self.image_size
+            );
+        }
+        k.finite_positive("layer_norm_eps", self.layer_norm_eps)
     }
 }
 
@@ -347,8 +477,7 @@ pub enum ModelConfig {
 impl ModelConfig {
     /// Reads a `config.json`, choosing the architecture by `model_type`.
     pub fn from_file(path: &Path) -> Result<(Self, serde_json::Value)> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text = crate::input::read_to_string(path, "model config")?;
         let raw: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let config = Self::from_value(&raw).with_context(|| format!("in {}", path.display()))?;
@@ -361,7 +490,13 @@ impl ModelConfig {
             .and_then(|v| v.as_str())
             .context("missing required key \"model_type\" (expected \"clip\" or \"llava\")")?;
         match model_type {
-            "clip" => Ok(ModelConfig::Clip(parse(raw, "CLIP")?)),
+            "clip" => {
+                let config: ClipConfig = parse(raw, "CLIP")?;
+                config.text_config.validate("text_config")?;
+                config.vision_config.validate("vision_config")?;
+                Keys("").positive("projection_dim", config.projection_dim)?;
+                Ok(ModelConfig::Clip(config))
+            }
             "llava" => {
                 let config: LlavaConfig = parse(raw, "LLaVA")?;
                 if let Some(t) = raw.pointer("/text_config/model_type").and_then(|v| v.as_str()) {
@@ -369,8 +504,16 @@ impl ModelConfig {
                         bail!("text_config.model_type {t:?} is not supported (expected \"llama\")");
                     }
                 }
-                config.text_config.validate().context("in text_config")?;
+                config.text_config.validate("text_config")?;
+                config.vision_config.validate("vision_config")?;
                 config.feature_layers()?;
+                let vocab = config.text_config.vocab_size;
+                if config.image_token_index as usize >= vocab {
+                    bail!(
+                        "image_token_index {} is outside the vocabulary (text_config.vocab_size {vocab})",
+                        config.image_token_index
+                    );
+                }
                 Ok(ModelConfig::Llava(config))
             }
             other => bail!(

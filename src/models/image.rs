@@ -26,6 +26,10 @@ pub const MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
 /// The longest side (in pixels) that [`load_image`] accepts.
 pub const MAX_IMAGE_SIDE: u32 = 32_768;
 
+/// The longest side (in pixels) of a processed image: sizes in image processor and model configs
+/// and the output of a resize are checked against it before anything is allocated.
+pub const MAX_PROCESSED_SIDE: usize = 8192;
+
 /// The formats [`load_image`] can decode (the `image` crate features this crate enables).
 pub const SUPPORTED_IMAGE_FORMATS: &str = "PNG, JPEG";
 
@@ -39,15 +43,7 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// [`MAX_IMAGE_SIDE`]. EXIF orientation is not applied (neither PIL's `Image.open` nor
 /// `transformers` apply it).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    if !path.exists() {
-        bail!("image file {} does not exist", path.display());
-    }
-    if path.is_dir() {
-        bail!(
-            "image path {} is a directory, not an image file",
-            path.display()
-        );
-    }
+    crate::input::check_regular(path, "image file")?;
     let open = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
         let reader = ImageReader::open(path)
             .with_context(|| format!("cannot open image file {}", path.display()))?
@@ -273,8 +269,7 @@ const CLIP_KEYS: &[&str] = &[
 impl ImageProcessor {
     /// Reads a `preprocessor_config.json`. Errors name the file (and the key where one is wrong).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read image processor config {}", path.display()))?;
+        let text = crate::input::read_to_string(path, "image processor config")?;
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_json(&json)
@@ -291,8 +286,7 @@ impl ImageProcessor {
         }
         let proc = dir.join("processor_config.json");
         if proc.is_file() {
-            let text = std::fs::read_to_string(&proc)
-                .with_context(|| format!("cannot read {}", proc.display()))?;
+            let text = crate::input::read_to_string(&proc, "processor config")?;
             let json: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", proc.display()))?;
             if let Some(ip) = json.get("image_processor") {
@@ -475,6 +469,13 @@ impl ImageProcessor {
                 self.size
             );
         }
+        if oh > MAX_PROCESSED_SIDE || ow > MAX_PROCESSED_SIDE {
+            bail!(
+                "resizing a {width}×{height} image with {:?} gives {ow}×{oh}, more than \
+                 {MAX_PROCESSED_SIDE} pixels a side: crop the image to a less extreme aspect ratio",
+                self.size
+            );
+        }
         Ok((oh, ow))
     }
 
@@ -529,7 +530,11 @@ fn as_size(v: &Value) -> Result<usize> {
     if i <= 0 {
         bail!("expected a positive size, got {i}");
     }
-    usize::try_from(i).map_err(|_| anyhow!("size {i} is out of range"))
+    let size = usize::try_from(i).map_err(|_| anyhow!("size {i} is out of range"))?;
+    if size > MAX_PROCESSED_SIDE {
+        bail!("size {size} is larger than {MAX_PROCESSED_SIDE} pixels a side");
+    }
+    Ok(size)
 }
 
 /// `size`: CLIP and LLaVA use `default_to_square=False`, so a bare integer is a shortest edge.

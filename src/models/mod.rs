@@ -95,6 +95,11 @@ impl LoadedModel {
 pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
     let mut weights = Weights::open(&files.weights, device, dtype)?;
+    if let Some(available) = mem_available_bytes() {
+        let needed = weights.num_values() as u64 * dtype.size_in_bytes() as u64;
+        check_fits(needed, available, dtype)
+            .with_context(|| format!("cannot load {}", files.dir.display()))?;
+    }
     if let ModelConfig::Llava(_) = config {
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
     }
@@ -109,13 +114,20 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
                 ModelConfig::Llava(_) => Some(prompt::DEFAULT_IMAGE_TOKEN),
                 ModelConfig::Clip(_) => None,
             };
-            Some(Prompter::from_dir(&files.dir, image_token)?)
+            let prompter = Prompter::from_dir(&files.dir, image_token)?;
+            Some(match &config {
+                ModelConfig::Llava(c) => {
+                    prompter.with_max_positions(c.text_config.max_position_embeddings)
+                }
+                ModelConfig::Clip(_) => prompter,
+            })
         }
         None => None,
     };
     // transformers 5 nests the image processor in processor_config.json.
     let nested = files.optional("processor_config.json").is_some_and(|p| {
-        std::fs::read_to_string(p).is_ok_and(|t| t.contains("\"image_processor\""))
+        crate::input::read_to_string(&p, "processor config")
+            .is_ok_and(|t| t.contains("\"image_processor\""))
     });
     let image_processor = if files.optional("preprocessor_config.json").is_some() || nested {
         Some(ImageProcessor::from_dir(&files.dir)?)
@@ -130,6 +142,29 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
         prompter,
         image_processor,
     })
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no such file).
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses a load whose weights (in the compute dtype) need more memory than is available,
+/// before anything is read, instead of being killed halfway.
+fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
+    if needed > available {
+        let gb = |b: u64| b as f64 / 1e9;
+        anyhow::bail!(
+            "the weights need ~{:.1} GB in {dtype:?}, but MemAvailable is {:.1} GB: free memory \
+             or use a machine with more",
+            gb(needed),
+            gb(available)
+        );
+    }
+    Ok(())
 }
 
 fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType) -> ModelInfo {
@@ -154,4 +189,22 @@ pub fn load_source(
             files.dir.display()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_that_does_not_fit_says_how_much_it_needs() {
+        check_fits(1 << 30, 2 << 30, DType::F32).unwrap();
+        let err = check_fits(28_000_000_000, 9_500_000_000, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("~28.0 GB in F32") && err.contains("MemAvailable is 9.5 GB"),
+            "{err}"
+        );
+        assert!(mem_available_bytes().is_some_and(|b| b > 0));
+    }
 }

@@ -29,6 +29,26 @@ pub const DEFAULT_IMAGE_TOKEN: &str = "<image>";
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// The longest user text (a question or an answer), in bytes, that is tokenised at all. Longer
+/// text is refused before tokenising; what passes is then checked in tokens against the model's
+/// positions (see [`Prompter::encode_question`]).
+pub const MAX_USER_TEXT_BYTES: usize = 64 * 1024;
+
+/// Rendered in place of the question to find where the user's text lies in the prompt (private-use
+/// characters, which no chat template produces and no question needs).
+const QUESTION_MARKER: &str = "\u{E000}bella-question\u{E001}";
+
+/// Refuses user text longer than [`MAX_USER_TEXT_BYTES`].
+fn check_user_text(what: &str, text: &str) -> Result<()> {
+    if text.len() > MAX_USER_TEXT_BYTES {
+        bail!(
+            "the {what} is {} bytes long; at most {MAX_USER_TEXT_BYTES} bytes are accepted",
+            text.len()
+        );
+    }
+    Ok(())
+}
+
 /// `(input_ids, attention_mask)` of a padded batch, one row per text.
 pub type IdsAndMasks = (Vec<Vec<u32>>, Vec<Vec<u32>>);
 
@@ -494,6 +514,12 @@ impl ProcessorInfo {
 /// Tokenizer + chat template of one model directory.
 pub struct Prompter {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token parsing off: user text goes through it.
+    text_tokenizer: Tokenizer,
+    /// The strings of the tokenizer's added tokens (`<s>`, `</s>`, `<image>`, …).
+    added_tokens: Vec<String>,
+    /// The model's positions: longer prompts are refused before the model sees them.
+    max_positions: Option<usize>,
     template: ChatTemplate,
     template_source: TemplateSource,
     special: SpecialTokens,
@@ -521,11 +547,10 @@ impl std::fmt::Debug for Prompter {
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
+    if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::input::read_to_string(path, "tokenizer or processor config")?;
     let v = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     Ok(Some(v))
@@ -636,7 +661,7 @@ impl Prompter {
     /// `image_token`, else `<image>` when the vocabulary has it).
     pub fn from_dir(dir: &Path, image_token: Option<&str>) -> Result<Self> {
         let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
+        if !tokenizer_path.exists() {
             bail!(
                 "no tokenizer.json in {}: prompting needs the model's tokenizer.json (the \"fast\" \
                  tokenizer file that transformers saves)",
@@ -648,8 +673,7 @@ impl Prompter {
         let processor_config = read_json_opt(&dir.join("processor_config.json"))?;
         let model_config = read_json_opt(&dir.join("config.json"))?;
 
-        let text = std::fs::read_to_string(&tokenizer_path)
-            .with_context(|| format!("cannot read {}", tokenizer_path.display()))?;
+        let text = crate::input::read_to_string(&tokenizer_path, "tokenizer")?;
         let mut tj: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", tokenizer_path.display()))?;
         if !tj.is_object() {
@@ -836,8 +860,19 @@ impl Prompter {
         let id = |t: &Option<String>| t.as_deref().and_then(|t| tokenizer.token_to_id(t));
         let (bos_id, eos_id, pad_id) = (id(&special.bos), id(&special.eos), id(&special.pad));
         let image_token_id = id(&image_token);
+        let mut text_tokenizer = tokenizer.clone();
+        text_tokenizer.set_encode_special_tokens(true);
+        let added_tokens = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .filter(|t| !t.is_empty())
+            .collect();
         Self {
             tokenizer,
+            text_tokenizer,
+            added_tokens,
+            max_positions: None,
             template,
             template_source,
             special,
@@ -849,6 +884,13 @@ impl Prompter {
             processor,
             strip_word_suffix,
         }
+    }
+
+    /// Refuses prompts longer than `positions` tokens in [`Self::encode_question`] (the model's
+    /// `max_position_embeddings`).
+    pub fn with_max_positions(mut self, positions: usize) -> Self {
+        self.max_positions = Some(positions);
+        self
     }
 
     /// Replaces the chat template.
@@ -895,6 +937,99 @@ impl Prompter {
         Ok(text.replace(tok, &tok.repeat(num_image_tokens)))
     }
 
+    /// Token ids of the prompt for one question (the chat template with the generation prompt,
+    /// [`Self::render_question`]), followed by `answer` when given (teacher forcing: `"{prompt}
+    /// {answer}"`).
+    ///
+    /// The question and the answer are user text, and user text is text: a question holding
+    /// `</s>`, `<image>` or any other added-token string never becomes that token (`transformers`
+    /// would turn it into the token; `</s>` would end the prompt). Text without such strings is
+    /// tokenised as one string, exactly as `transformers` does. Text with them is tokenised in
+    /// pieces: the template before the question (special tokens parsed, image tokens expanded),
+    /// the question with special-token parsing off, the template after it, then the answer (also
+    /// as text); the pieces' ids are joined and the post-processor adds BOS as usual. Added
+    /// tokens that are not special (ordinary words added to a vocabulary) still match.
+    ///
+    /// User text is refused above [`MAX_USER_TEXT_BYTES`] before tokenising, and the prompt
+    /// above the model's positions ([`Self::with_max_positions`]) before any model runs.
+    pub fn encode_question(
+        &self,
+        question: &str,
+        with_image: bool,
+        num_image_tokens: usize,
+        answer: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        check_user_text("question", question)?;
+        let answer = answer.map(str::trim);
+        if let Some(a) = answer {
+            check_user_text("answer", a)?;
+        }
+        let holds_token = |text: &str| {
+            self.added_tokens.iter().any(|t| text.contains(t.as_str()))
+                || self
+                    .image_token
+                    .as_deref()
+                    .is_some_and(|t| text.contains(t))
+        };
+        let ids = if holds_token(question) || answer.is_some_and(holds_token) {
+            self.encode_user_text_in_pieces(question, with_image, num_image_tokens, answer)?
+        } else {
+            let prompt = self.render_question(question, with_image)?;
+            match answer {
+                Some(a) => self.encode(&format!("{prompt} {a}"), num_image_tokens)?,
+                None => self.encode(&prompt, num_image_tokens)?,
+            }
+        };
+        if let Some(max) = self.max_positions {
+            if ids.len() > max {
+                bail!(
+                    "the prompt is {} tokens long, more than the model's {max} positions \
+                     (max_position_embeddings): shorten the question",
+                    ids.len()
+                );
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The slow path of [`Self::encode_question`]: user text tokenised on its own, as text.
+    fn encode_user_text_in_pieces(
+        &self,
+        question: &str,
+        with_image: bool,
+        num_image_tokens: usize,
+        answer: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        let marked = self.render_question(QUESTION_MARKER, with_image)?;
+        let mut parts = marked.split(QUESTION_MARKER);
+        let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!(
+                "the question holds a special-token string, and the chat template changes the \
+                 question text, so it cannot be kept as text: remove the token from the question"
+            );
+        };
+        let template = |text: &str| -> Result<tokenizers::Encoding> {
+            let text = self.expand_image_tokens(text, num_image_tokens)?;
+            self.tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow!("tokenizing failed: {e}"))
+        };
+        let user = |text: &str| -> Result<tokenizers::Encoding> {
+            self.text_tokenizer
+                .encode(text, false)
+                .map_err(|e| anyhow!("tokenizing failed: {e}"))
+        };
+        let mut pieces = vec![template(before)?, user(question)?, template(after)?];
+        if let Some(a) = answer {
+            pieces.push(user(&format!(" {a}"))?);
+        }
+        let joined = self
+            .tokenizer
+            .post_process(tokenizers::Encoding::merge(pieces, false), None, true)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        Ok(joined.get_ids().to_vec())
+    }
+
     /// Token ids of `text` with its image tokens expanded and special tokens (BOS) added.
     pub fn encode(&self, text: &str, num_image_tokens: usize) -> Result<Vec<u32>> {
         let text = self.expand_image_tokens(text, num_image_tokens)?;
@@ -937,7 +1072,8 @@ impl Prompter {
 
     /// CLIP text input: each text with BOS/EOS, truncated to `max_len` tokens (special tokens
     /// kept), padded on the RIGHT to the longest with the pad token, like
-    /// `tokenizer(texts, padding=True, truncation=True, max_length=max_len)`.
+    /// `tokenizer(texts, padding=True, truncation=True, max_length=max_len)`, except that
+    /// special-token strings inside the texts stay text (see [`Self::encode_question`]).
     pub fn encode_clip_batch(&self, texts: &[String], max_len: usize) -> Result<IdsAndMasks> {
         let pad = self.pad_id.ok_or_else(|| {
             anyhow!("the tokenizer has no pad token, so a batch cannot be padded")
@@ -950,9 +1086,12 @@ impl Prompter {
             stride: 0,
         }))
         .map_err(|e| anyhow!("cannot truncate to {max_len} tokens: {e}"))?;
+        // The texts are user text (questions and answers): special-token strings in them are text.
+        tk.set_encode_special_tokens(true);
         let encoded = texts
             .iter()
             .map(|t| {
+                check_user_text("text", t)?;
                 tk.encode(t.as_str(), true)
                     .map(|e| e.get_ids().to_vec())
                     .map_err(|e| anyhow!("tokenizing failed: {e}"))
@@ -1046,9 +1185,8 @@ fn find_chat_template(
     tokenizer_config: Option<&Value>,
 ) -> Result<(String, TemplateSource)> {
     let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        let t = std::fs::read_to_string(&jinja)
-            .with_context(|| format!("cannot read {}", jinja.display()))?;
+    if jinja.exists() {
+        let t = crate::input::read_to_string(&jinja, "chat template")?;
         return Ok((t, TemplateSource::File(jinja)));
     }
     let json_path = dir.join("chat_template.json");

@@ -13,6 +13,20 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::WeightError;
 
+/// Tensors with at most this many values are checked for NaN and infinities as they load: norms,
+/// biases, position embeddings and every weight of a small model. Larger matrices are not: the
+/// check would cost a pass over all weights of a large checkpoint.
+pub const FINITE_CHECK_MAX_VALUES: usize = 1 << 20;
+
+/// The number of NaN or infinite values in `t` (any float dtype; integer tensors have none).
+pub fn count_non_finite(t: &Tensor) -> candle_core::Result<usize> {
+    if !t.dtype().is_float() {
+        return Ok(0);
+    }
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(values.iter().filter(|v| !v.is_finite()).count())
+}
+
 /// A canonical key prefix and the other prefixes the same tensors may be saved under.
 pub type Alias = (&'static str, &'static [&'static str]);
 
@@ -30,6 +44,10 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
+            crate::input::check_regular(path, "weight file").map_err(|e| WeightError::BadFile {
+                file: path.clone(),
+                reason: format!("{e:#}"),
+            })?;
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on the
             // checkpoint not being modified while it is in use.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| WeightError::BadFile {
@@ -110,6 +128,16 @@ impl Weights {
             });
         }
         let tensor = st.load(name, &self.device).map_err(bad)?;
+        if tensor.elem_count() <= FINITE_CHECK_MAX_VALUES {
+            let count = count_non_finite(&tensor).map_err(bad)?;
+            if count > 0 {
+                return Err(WeightError::NonFinite {
+                    key: name.clone(),
+                    file: path.clone(),
+                    count,
+                });
+            }
+        }
         tensor.to_dtype(self.dtype).map_err(bad)
     }
 

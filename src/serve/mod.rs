@@ -123,8 +123,11 @@ pub fn run(
     load: impl FnOnce() -> Result<BellaVqa> + Send + 'static,
 ) -> Result<()> {
     opts.check()?;
+    // Few threads: the compute is the worker's; the blocking pool only decodes images, and every
+    // extra thread is another malloc arena holding memory.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -191,8 +194,10 @@ impl AppState {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.trim().split_once(' '))
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         if constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
             Ok(())
         } else {
@@ -417,16 +422,17 @@ async fn answer_chat(
         threshold: ask.threshold,
     };
     let image = {
-        let (opts, url, question) = (
+        let (opts, url, param, question) = (
             state.opts.clone(),
             ask.image_url.clone(),
+            ask.image_param.clone(),
             ask.question.clone(),
         );
         let vqa = vqa.clone();
         let max_new = options.max_new_tokens;
         tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
             check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
-            read_image(&url, &opts)
+            read_image(&url, &param, &opts)
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
@@ -455,6 +461,10 @@ async fn answer_chat(
     let remaining = state.opts.timeout.saturating_sub(arrived.elapsed());
     let response = match tokio::time::timeout(remaining, answer).await {
         Err(_) => return Err(ApiError::timeout(state.opts.timeout.as_secs_f64())),
+        // The worker drops questions whose deadline passed before it reached them.
+        Ok(Err(_)) if arrived.elapsed() >= state.opts.timeout => {
+            return Err(ApiError::timeout(state.opts.timeout.as_secs_f64()))
+        }
         Ok(Err(_)) => return Err(ApiError::internal("the worker dropped the question")),
         Ok(Ok(Err(e))) => return Err(ApiError::internal(format!("{e:#}"))),
         Ok(Ok(Ok(r))) => r,
@@ -509,8 +519,9 @@ fn check_question(
 }
 
 /// Decodes a `data:` URL or, when allowed, fetches an `http(s)://` one. Never reads local files.
-fn read_image(url: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
-    let param = Some("image_url.url");
+fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
+    let name = param;
+    let param = Some(param);
     let bytes = if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
@@ -552,7 +563,7 @@ fn read_image(url: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> 
             "the image must be a data URL (data:image/png;base64,…); local paths are never read",
         ));
     };
-    decode_image(&bytes, "in the request", opts.max_image_pixels)
+    decode_image(&bytes, name, opts.max_image_pixels)
         .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
 }
 
@@ -646,10 +657,11 @@ fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse 
         total_tokens: r.prompt_tokens + completion_tokens,
     };
     // "length" when the answer's particles all stopped at max_tokens.
+    let answer = crate::data::normalize::normalize_answer(&r.answer);
     let finish_reason = if r
         .particles
         .iter()
-        .filter(|p| p.answer == r.answer)
+        .filter(|p| p.normalized == answer)
         .all(|p| p.truncated)
     {
         "length"

@@ -263,6 +263,8 @@ pub struct Ask {
     pub question: String,
     /// The image's URL (`data:` or, when allowed, `http(s)://`), fetched and decoded later.
     pub image_url: String,
+    /// Where the image is in the request (`messages[0].content[1].image_url.url`), for errors.
+    pub image_param: String,
     pub stream: bool,
     pub include_usage: bool,
     pub max_new_tokens: Option<usize>,
@@ -331,10 +333,11 @@ impl ChatRequest {
                 ));
             }
         }
-        let (question, image_url) = question_and_image(&self.messages)?;
+        let (question, (image_url, image_param)) = question_and_image(&self.messages)?;
         Ok(Ask {
             question,
             image_url,
+            image_param,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
             max_new_tokens,
@@ -399,9 +402,16 @@ impl ChatRequest {
     }
 }
 
-/// The question (text of the last user message) and the most recent image of the conversation,
-/// so a follow-up question without a new image asks about the last one shown.
-fn question_and_image(messages: &[Message]) -> Result<(String, String), ApiError> {
+/// The question (text of the last user message) and the most recent image of the conversation
+/// (its URL and where it is in the request), so a follow-up question without a new image asks
+/// about the last one shown.
+fn question_and_image(messages: &[Message]) -> Result<(String, (String, String)), ApiError> {
+    let image_at = |i: usize, j: usize, url: &ImageUrl| {
+        (
+            url.url.clone(),
+            format!("messages[{i}].content[{j}].image_url.url"),
+        )
+    };
     for (i, m) in messages.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
@@ -434,7 +444,7 @@ fn question_and_image(messages: &[Message]) -> Result<(String, String), ApiError
             for (j, part) in parts.iter().enumerate() {
                 match part {
                     Part::Text { text } => texts.push(text.as_str()),
-                    Part::ImageUrl { image_url } => images.push(image_url.url.clone()),
+                    Part::ImageUrl { image_url } => images.push(image_at(last_user, j, image_url)),
                     Part::Other => {
                         return Err(ApiError::unsupported(
                             &format!("{param}[{j}].type"),
@@ -467,13 +477,16 @@ fn question_and_image(messages: &[Message]) -> Result<(String, String), ApiError
         // An earlier user message's image (the newest one).
         None => messages[..last_user]
             .iter()
+            .enumerate()
             .rev()
-            .filter(|m| m.role == "user")
-            .filter_map(|m| match &m.content {
-                Some(Content::Parts(parts)) => parts.iter().rev().find_map(|p| match p {
-                    Part::ImageUrl { image_url } => Some(image_url.url.clone()),
-                    _ => None,
-                }),
+            .filter(|(_, m)| m.role == "user")
+            .filter_map(|(i, m)| match &m.content {
+                Some(Content::Parts(parts)) => {
+                    parts.iter().enumerate().rev().find_map(|(j, p)| match p {
+                        Part::ImageUrl { image_url } => Some(image_at(i, j, image_url)),
+                        _ => None,
+                    })
+                }
                 _ => None,
             })
             .next()
@@ -575,6 +588,7 @@ mod tests {
         .expect("valid");
         assert_eq!(ask.question, "and the shape?");
         assert_eq!(ask.image_url, "data:a");
+        assert_eq!(ask.image_param, "messages[1].content[0].image_url.url");
         assert!(ask.sampling.is_none() && !ask.stream);
     }
 

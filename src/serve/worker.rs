@@ -24,6 +24,21 @@ pub struct Job {
     pub deadline: Instant,
 }
 
+/// The next question: at once when one waits; otherwise the freed memory of the last batches is
+/// handed back to the system first (glibc keeps it otherwise, and the server's RSS would stay at
+/// its largest batch), then it waits.
+fn next_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
+    if let Ok(job) = jobs.try_recv() {
+        return Some(job);
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it is thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    jobs.blocking_recv()
+}
+
 /// The model once the worker has loaded it (the handlers read it for limits and token counts).
 pub type Loaded = Arc<OnceLock<Arc<BellaVqa>>>;
 
@@ -41,7 +56,7 @@ pub fn run(
     // The worker is the only writer; a second set cannot happen.
     let _ = loaded.set(vqa.clone());
     metrics.ready.set(1.0);
-    while let Some(first) = jobs.blocking_recv() {
+    while let Some(first) = next_job(&mut jobs) {
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match jobs.try_recv() {

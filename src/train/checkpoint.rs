@@ -1,16 +1,21 @@
-//! Training checkpoints: everything needed to resume exactly, written so that a crash at any
-//! moment leaves the previous checkpoint usable.
+//! Training checkpoints: everything needed to resume exactly, committed so that a kill at any
+//! instant leaves either the previous state or the new one.
 //!
 //! ```text
 //! OUT/checkpoints/step-00000120/particles.safetensors   the particle set at that step
 //! OUT/checkpoints/step-00000120/bella_config.json
 //! OUT/checkpoints/step-00000120/optimizer.safetensors   AdamW moments
-//! OUT/checkpoints/step-00000120/trainer_state.json      step, options, RNG-free data position
-//! OUT/checkpoints/latest                                the name of the newest complete one
+//! OUT/checkpoints/step-00000120/trainer_state.json      step, options, data fingerprint
+//! OUT/checkpoints/latest                                the name of the committed checkpoint
+//! OUT/particles.safetensors, OUT/bella_config.json      copies of the committed checkpoint's
 //! ```
 //!
-//! A checkpoint directory is complete before `latest` names it (every file written atomically);
-//! the two newest are kept.
+//! A checkpoint directory is written whole (a temporary directory renamed when complete); then
+//! `latest` is switched to it by an atomic rename — that rename is the commit. The top-level
+//! particle files are derived from the committed checkpoint ([`publish`]): after the commit, and
+//! again by every later run, which repairs them if a kill came in between. The committed
+//! checkpoint and the one before it are kept; other checkpoint directories (older ones, or one
+//! written but never committed) are removed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,13 +25,20 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainOptions;
-use crate::bella::particles::ParticleSet;
-use crate::io::{save_safetensors_atomically, write_bytes_atomically};
+use crate::bella::particles::{ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE};
+use crate::io::{remove_dir_all, safetensors_bytes, write_bytes_atomically, write_dir_atomically};
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
 const LATEST: &str = "latest";
-const KEEP: usize = 2;
+
+/// What the particles were trained on: the training questions, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub questions: usize,
+    /// SHA-256 over every question's id, text, human answers and image file name.
+    pub sha256: String,
+}
 
 /// Where the trainer is.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,13 +46,16 @@ pub struct TrainerState {
     /// Optimiser steps taken.
     pub step: u64,
     pub options: TrainOptions,
+    /// Absent in checkpoints of older versions.
+    #[serde(default)]
+    pub data: Option<DataFingerprint>,
 }
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Writes a complete checkpoint and then points `latest` at it.
+/// Writes a checkpoint, commits it and makes the top-level particle files its copies.
 pub fn save(
     out: &Path,
     set: &ParticleSet,
@@ -50,35 +65,53 @@ pub fn save(
     let root = checkpoints_dir(out);
     let name = format!("step-{:08}", state.step);
     let dir = root.join(&name);
-    set.save(&dir)?;
-    save_safetensors_atomically(&dir.join(OPTIMIZER_FILE), optimizer)?;
-    write_bytes_atomically(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(state)?)?;
+    let [(particles_name, particles), (config_name, config)] = set.files()?;
+    let optimizer = safetensors_bytes(optimizer)?;
+    let state = serde_json::to_vec_pretty(state)?;
+    write_dir_atomically(
+        &dir,
+        &[
+            (particles_name, &particles),
+            (config_name, &config),
+            (OPTIMIZER_FILE, &optimizer),
+            (STATE_FILE, &state),
+        ],
+    )?;
     write_bytes_atomically(&root.join(LATEST), name.as_bytes())?;
-    prune(&root, &name);
+    prune(out)?;
+    publish(out, &dir)?;
     Ok(dir)
 }
 
-/// Removes all but the newest `KEEP` checkpoint directories (never the one just written).
-fn prune(root: &Path, newest: &str) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
+/// Removes every checkpoint directory except the committed one and the newest before it.
+pub fn prune(out: &Path) -> Result<()> {
+    let root = checkpoints_dir(out);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
     };
+    let committed = latest(out)?
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
     let mut names: Vec<String> = entries
         .flatten()
-        .filter(|e| e.path().is_dir())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("step-"))
         .collect();
     names.sort();
-    let excess = names.len().saturating_sub(KEEP);
-    for n in names.into_iter().take(excess) {
-        if n != newest {
-            let _ = std::fs::remove_dir_all(root.join(n));
+    let previous = names
+        .iter()
+        .rfind(|n| n.as_str() < committed.as_str())
+        .cloned();
+    for n in names {
+        if n != committed && Some(&n) != previous.as_ref() {
+            remove_dir_all(&root.join(n))?;
         }
     }
+    Ok(())
 }
 
-/// The newest complete checkpoint, if any.
+/// The committed checkpoint, if any.
 pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     let path = checkpoints_dir(out).join(LATEST);
     if !path.exists() {
@@ -87,6 +120,42 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     let name = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Some(checkpoints_dir(out).join(name.trim())))
+}
+
+/// Makes `out/particles.safetensors` and `out/bella_config.json` byte copies of those of the
+/// checkpoint `dir`, writing only what differs. A calibrated threshold stored in the top-level
+/// config since is kept as long as the particles are the same.
+pub fn publish(out: &Path, dir: &Path) -> Result<()> {
+    let read = |path: PathBuf| {
+        std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let particles = read(dir.join(PARTICLES_FILE))?;
+    let config = read(dir.join(CONFIG_FILE))?;
+    let top_particles = out.join(PARTICLES_FILE);
+    let same_particles = std::fs::read(&top_particles).ok() == Some(particles.clone());
+    if !same_particles {
+        write_bytes_atomically(&top_particles, &particles)?;
+    }
+    let top_config = out.join(CONFIG_FILE);
+    let keep_config = same_particles
+        && std::fs::read(&top_config)
+            .ok()
+            .is_some_and(|top| top == config || same_but_calibrated(&top, &config));
+    if !keep_config {
+        write_bytes_atomically(&top_config, &config)?;
+    }
+    Ok(())
+}
+
+/// Whether the config `top` is `checkpoint` with only a calibration added.
+fn same_but_calibrated(top: &[u8], checkpoint: &[u8]) -> bool {
+    let parse = |bytes: &[u8]| {
+        let mut c: ParticleConfig = serde_json::from_slice(bytes).ok()?;
+        c.abstention = None;
+        c.abstention_history.clear();
+        serde_json::to_value(c).ok()
+    };
+    matches!((parse(top), parse(checkpoint)), (Some(a), Some(b)) if a == b)
 }
 
 /// Everything a checkpoint holds.

@@ -12,8 +12,8 @@
 pub mod checkpoint;
 pub mod objective;
 pub mod optim;
+pub mod validate;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -145,7 +145,8 @@ pub struct RunOptions {
     /// Stop after this many steps in total (e.g. to split a run); the checkpoint allows resuming.
     pub max_steps: Option<u64>,
     pub progress: bool,
-    /// What `--model` was (recorded as the base model of the particles).
+    /// What `--model` was (recorded as the base model of the particles, as given: the CLI stores
+    /// a directory as its absolute path).
     pub model_source: String,
 }
 
@@ -163,7 +164,11 @@ pub struct Evaluation {
     pub val_accuracy_vote: Option<f64>,
     /// Mean pairwise ‖ΔW_i − ΔW_j‖_F over all adapted layers.
     pub mean_pairwise_distance: f64,
+    /// Training questions per second (a step takes `batch_size` questions, whatever the method).
     pub examples_per_second: f64,
+    /// Question–particle pairs per second (`particles` × `examples_per_second`).
+    #[serde(default)]
+    pub particle_examples_per_second: f64,
     pub elapsed_seconds: f64,
 }
 
@@ -278,6 +283,94 @@ fn order(n: usize, seed: u64, epoch: usize, stream: usize) -> Vec<usize> {
     idx
 }
 
+/// The fingerprint of the training questions, in order (moving the data set keeps it: only the
+/// image file names count, not their folders).
+fn fingerprint(train: &[VqaExample]) -> Result<checkpoint::DataFingerprint> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for ex in train {
+        let image = ex.image.file_name().map(|n| n.to_string_lossy());
+        hasher.update(serde_json::to_vec(&(
+            &ex.question_id,
+            &ex.question,
+            &ex.answers,
+            image,
+        ))?);
+        hasher.update(b"\n");
+    }
+    Ok(checkpoint::DataFingerprint {
+        questions: train.len(),
+        sha256: format!("{:x}", hasher.finalize()),
+    })
+}
+
+/// What differs between a checkpoint and the run asked to resume it, one line each.
+fn resume_differences(
+    ck: &checkpoint::Loaded,
+    opts: &TrainOptions,
+    data: &checkpoint::DataFingerprint,
+    base: &BaseModel,
+) -> Result<Vec<String>> {
+    let mut diffs = Vec::new();
+    let (before, now) = (
+        serde_json::to_value(&ck.state.options)?,
+        serde_json::to_value(opts)?,
+    );
+    if let (serde_json::Value::Object(before), serde_json::Value::Object(now)) = (&before, &now) {
+        for (key, old) in before {
+            let new = now.get(key).unwrap_or(&serde_json::Value::Null);
+            if old != new {
+                diffs.push(format!("option {key}: {old} in the checkpoint, {new} now"));
+            }
+        }
+    }
+    if let Some(old) = &ck.state.data {
+        if old != data {
+            diffs.push(format!(
+                "training data: {} questions (sha256 {}) in the checkpoint, {} questions (sha256 {}) now",
+                old.questions, old.sha256, data.questions, data.sha256
+            ));
+        }
+    }
+    let old = &ck.set.config.base_model.weights;
+    if *old != base.weights {
+        let list = |w: &[crate::bella::particles::FileHash]| {
+            w.iter()
+                .map(|f| format!("{} sha256 {}", f.name, f.sha256))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        diffs.push(format!(
+            "base model weights: {} in the checkpoint, {} now ({})",
+            list(old),
+            list(&base.weights),
+            base.source
+        ));
+    }
+    Ok(diffs)
+}
+
+/// Keeps the lines of the training log up to `step` (what the committed checkpoint has seen):
+/// lines of steps after it, or cut off by a kill, belong to lost work.
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let kept: String = text
+        .split_inclusive('\n')
+        .filter(|line| {
+            line.ends_with('\n')
+                && serde_json::from_str::<Evaluation>(line).is_ok_and(|e| e.step <= step)
+        })
+        .collect();
+    if kept != text {
+        crate::io::write_bytes_atomically(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Trains particles on `train` and writes them (with checkpoints and a JSON log) to `run.out`.
 pub fn train(
     loaded: &mut LoadedModel,
@@ -286,12 +379,8 @@ pub fn train(
     opts: &TrainOptions,
     run: &RunOptions,
 ) -> Result<TrainReport> {
-    if opts.particles == 0 || opts.batch_size == 0 || opts.epochs == 0 {
-        bail!("particles, batch size and epochs must be at least 1");
-    }
-    if !(opts.lr.is_finite() && opts.lr > 0.0) {
-        bail!("the learning rate must be a positive number");
-    }
+    opts.validate()?;
+    run.validate()?;
     let base = BaseModel {
         source: run.model_source.clone(),
         revision: match &loaded.files.origin {
@@ -319,18 +408,24 @@ pub fn train(
     let steps_per_epoch = (n / batch) as u64;
     let total_steps = steps_per_epoch * opts.epochs as u64;
     let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
+    let data = fingerprint(train)?;
 
-    // Fresh particles, or the newest checkpoint.
+    // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
+    crate::io::create_dir_all(&run.out)?;
+    checkpoint::prune(&run.out)?;
     let existing = checkpoint::latest(&run.out)?;
     let (params, mut optimizer, start_step) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
-            if ck.state.options != *opts {
+            let diffs = resume_differences(&ck, opts, &data, &base)?;
+            if !diffs.is_empty() {
                 bail!(
-                    "the checkpoint in {} was made with other training options; resume with the same options or use another --out",
-                    dir.display()
+                    "the checkpoint {} was made with other training options, data or base model, so it cannot be resumed:\n  {}\nresume with the same ones, or use another --out",
+                    dir.display(),
+                    diffs.join("\n  ")
                 );
             }
+            checkpoint::publish(&run.out, &dir)?;
             ck.set.attach_to(model)?;
             let params = Params::install(model)?;
             let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
@@ -374,23 +469,19 @@ pub fn train(
         seed: opts.seed,
         step: start_step,
         abstention: None,
+        abstention_history: Vec::new(),
         answer_vocabulary: objective.vocabulary(),
     };
-    std::fs::create_dir_all(&run.out)
-        .with_context(|| format!("cannot create {}", run.out.display()))?;
     let log_path = run.out.join("train_log.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    truncate_log(&log_path, start_step)?;
+    let mut log = crate::io::AppendFile::open(&log_path, None)?;
 
     let end_step = run.max_steps.map_or(total_steps, |m| m.min(total_steps));
     let bar = progress_bar(run.progress, total_steps, start_step);
     let started = Instant::now();
     let mut loss_sum = 0.0;
     let mut loss_count = 0usize;
-    let mut examples = 0usize;
+    let mut steps_run = 0usize;
     let mut last_eval: Option<Evaluation> = None;
     let val_sample: Vec<VqaExample> = val.iter().take(run.val_sample).cloned().collect();
     let n_data = n as f64;
@@ -403,6 +494,7 @@ pub fn train(
             let state = checkpoint::TrainerState {
                 step,
                 options: opts.clone(),
+                data: Some(data.clone()),
             };
             checkpoint::save(
                 &run.out,
@@ -410,7 +502,7 @@ pub fn train(
                 &optimizer.state(&params.var_names()),
                 &state,
             )?;
-            set.save(&run.out)
+            Ok(())
         };
 
     for step in start_step..end_step {
@@ -439,9 +531,11 @@ pub fn train(
             );
         }
         let grads = loss.backward()?;
+        // Detached: candle's gradient of a variable keeps the step's forward graph alive, and
+        // whatever is built from it (the SVGD direction, the AdamW moments) would keep it too.
         let grad_of = |v: &Var| -> Result<Tensor> {
             Ok(match grads.get(v.as_tensor()) {
-                Some(g) => g.clone(),
+                Some(g) => g.detach(),
                 None => v.as_tensor().zeros_like()?,
             })
         };
@@ -459,13 +553,17 @@ pub fn train(
                     .iter()
                     .map(|v| Ok((grad_of(v)? * -n_data)?))
                     .collect::<Result<_>>()?;
-                let layers: Vec<LayerFactors> = params
+                let factors: Vec<(Tensor, Tensor)> = params
                     .a
                     .iter()
                     .zip(&params.b)
+                    .map(|(a, b)| (a.as_tensor().detach(), b.as_tensor().detach()))
+                    .collect();
+                let layers: Vec<LayerFactors> = factors
+                    .iter()
                     .map(|(a, b)| LayerFactors {
-                        a: a.as_tensor(),
-                        b: b.as_tensor(),
+                        a,
+                        b,
                         scale: params.scale,
                     })
                     .collect();
@@ -487,7 +585,7 @@ pub fn train(
 
         loss_sum += loss_value;
         loss_count += 1;
-        examples += picked.len();
+        steps_run += 1;
         let done = step + 1;
         bar.set_position(done);
         bar.set_message(format!("loss {loss_value:.4}"));
@@ -495,6 +593,8 @@ pub fn train(
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
             let (acc, vote) = objective.evaluate(model, &val_sample, p)?;
+            let questions_per_second =
+                (steps_run * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eval = Evaluation {
                 step: done,
                 epoch: done as f64 / steps_per_epoch as f64,
@@ -503,11 +603,13 @@ pub fn train(
                 val_accuracy: acc,
                 val_accuracy_vote: vote,
                 mean_pairwise_distance: params.mean_pairwise_distance()?,
-                examples_per_second: examples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                examples_per_second: questions_per_second,
+                particle_examples_per_second: questions_per_second * p as f64,
                 elapsed_seconds: started.elapsed().as_secs_f64(),
             };
-            writeln!(log, "{}", serde_json::to_string(&eval)?)
-                .with_context(|| format!("cannot write {}", log_path.display()))?;
+            let mut line = serde_json::to_vec(&eval)?;
+            line.push(b'\n');
+            log.append(&line)?;
             bar.set_message(format!(
                 "loss {:.4} · val acc {} · distance {:.3}",
                 eval.train_loss,
@@ -760,8 +862,12 @@ impl<'a> Objective<'a> {
                     eos: prompter.eos_token_id().into_iter().collect(),
                     sampling: Sampling::Greedy,
                 };
-                let text = prompter.render_question(&ex.question, true)?;
-                let ids = prompter.encode(&text, m.config().image_tokens_per_image())?;
+                let ids = prompter.encode_question(
+                    &ex.question,
+                    true,
+                    m.config().image_tokens_per_image(),
+                    None,
+                )?;
                 let len = ids.len();
                 let ids = Tensor::from_vec(ids, (1, len), &candle_core::Device::Cpu)?;
                 let keep = vec![vec![true; len]];

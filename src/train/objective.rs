@@ -44,9 +44,8 @@ pub fn encode_example(
     question: &str,
     answer: &str,
 ) -> Result<EncodedExample> {
-    let prompt = prompter.render_question(question, true)?;
-    let prompt_ids = prompter.encode(&prompt, image_tokens)?;
-    let full = prompter.encode(&format!("{prompt} {}", answer.trim()), image_tokens)?;
+    let prompt_ids = prompter.encode_question(question, true, image_tokens, None)?;
+    let full = prompter.encode_question(question, true, image_tokens, Some(answer))?;
     let answer_ids: Vec<u32> = if full.starts_with(&prompt_ids) {
         full[prompt_ids.len()..].to_vec()
     } else {

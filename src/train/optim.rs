@@ -32,13 +32,17 @@ impl AdamW {
         })
     }
 
-    /// One update of every variable with its gradient (`grads[i]` for `vars[i]`).
+    /// One update of every variable with its gradient (`grads[i]` for `vars[i]`). The moments
+    /// are built from detached gradients: the optimiser never holds an autograd graph (it would
+    /// chain every step's graph to the next one).
     pub fn step(&mut self, vars: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
         let c1 = 1.0 - self.beta1.powi(t);
         let c2 = 1.0 - self.beta2.powi(t);
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let g = g.detach();
+            let g = &g;
             let m = ((&self.first[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.second[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
@@ -163,6 +167,21 @@ mod tests {
             (v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6,
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn the_moments_hold_no_graph_of_a_tracked_gradient() {
+        // candle's gradient of a variable can carry the forward graph; moments built from it
+        // would chain every step's graph to the next (training memory growing per step).
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(std::slice::from_ref(&var), 0.0).unwrap();
+        for _ in 0..2 {
+            let tracked = (var.as_tensor() * 3.0).unwrap();
+            assert!(tracked.track_op());
+            opt.step(std::slice::from_ref(&var), &[tracked], 0.1)
+                .unwrap();
+        }
+        assert!(opt.first.iter().chain(&opt.second).all(|m| !m.track_op()));
     }
 
     #[test]

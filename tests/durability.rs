@@ -1,0 +1,562 @@
+//! No lost or stale work, consistent files (issue 13, classes 3 and 8), end to end with the
+//! command line on the tiny LLaVA fixture:
+//!
+//! - kill tests: `train` and `bench` are aborted before each of their file operations in turn
+//!   (the `BELLA_FAULT_AFTER_OPS` hook of `src/io.rs`), then resumed; the result is byte for byte
+//!   the one of an uninterrupted run and no temporary file is left;
+//! - an output directory in use by another process is refused at once, naming the process;
+//! - `--resume` refuses other options, other data and another base model, naming the difference;
+//! - `data shapes` refuses to overwrite a data set without `--force`;
+//! - `calibrate` announces that it replaces a stored threshold and keeps the old one;
+//! - every file a run writes has the permissions the umask gives (0640 under umask 027).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use bella_vqa::data::shapes::{generate, ShapesOptions};
+use common::*;
+
+fn bella() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output().expect("bella-vqa runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(out.status.success(), "failed: {}", text(&out));
+    text(&out)
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = output(cmd);
+    assert!(!out.status.success(), "should fail: {}", text(&out));
+    let t = text(&out);
+    assert!(!t.contains("panicked"), "{t}");
+    t
+}
+
+/// A small shapes world.
+fn world() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 12,
+        ..ShapesOptions::new(dir.path())
+    })
+    .unwrap();
+    dir
+}
+
+/// A 4-step SVGD run of 2 particles on 8 questions of the tiny LLaVA, checkpointed every 2 steps.
+fn train(world: &Path, out: &Path) -> Command {
+    train_with(&fixture("llava-tiny-hub"), world, out, &[])
+}
+
+/// [`train`] on `model`, with some options changed.
+fn train_with(model: &Path, world: &Path, out: &Path, changed: &[(&str, &str)]) -> Command {
+    let options = [
+        ("--particles", "2"),
+        ("--rank", "2"),
+        ("--targets", "language_model.*.q_proj"),
+        ("--method", "svgd"),
+        ("--epochs", "1"),
+        ("--batch-size", "2"),
+        ("--limit", "8"),
+        ("--checkpoint-every", "2"),
+        ("--eval-every", "2"),
+        ("--lr", "0.01"),
+    ];
+    let mut cmd = bella();
+    cmd.args(["train", "--quiet", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(world.join("train.jsonl"))
+        .arg("--out")
+        .arg(out);
+    for (flag, value) in options {
+        let value = changed
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .map_or(value, |(_, v)| v);
+        cmd.args([flag, value]);
+    }
+    cmd
+}
+
+/// Every file under `dir`, relative path → bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn assert_no_temp_files(dir: &Path) {
+    for path in files(dir).keys() {
+        assert!(
+            !path.to_string_lossy().contains(".tmp-"),
+            "{} was left behind",
+            path.display()
+        );
+    }
+}
+
+/// Runs `cmd` with the fault injector set to abort before file operation `n`; true when it
+/// aborted, false when the run finished first (it has fewer operations).
+fn aborted_at(cmd: &mut Command, n: u64) -> bool {
+    let out = output(cmd.env(bella_vqa::io::FAULT_ENV, n.to_string()));
+    if out.status.success() {
+        return false;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(6),
+        "op {n}: failed instead of aborting: {}",
+        text(&out)
+    );
+    true
+}
+
+/// The kill points to try out of `count`: all of them up to 60, else a spread that keeps the
+/// first and last 20 (the commit and the top-level copies of the final checkpoint).
+fn kill_points(count: u64) -> Vec<u64> {
+    if count <= 60 {
+        return (1..=count).collect();
+    }
+    let mut points: Vec<u64> = (1..=20).chain(count - 19..=count).collect();
+    points.extend((21..count - 19).step_by(3));
+    points.sort();
+    points
+}
+
+/// How many file operations a complete run of `make(out)` makes (from a fresh `out`): the
+/// fault injector aborts exactly the runs asked to stop at an operation they reach.
+fn count_ops(make: &dyn Fn(&Path) -> Command) -> u64 {
+    let aborts = |n: u64| aborted_at(&mut make(tempfile::tempdir().unwrap().path()), n);
+    let mut high = 1;
+    while aborts(high) {
+        high *= 2;
+    }
+    // aborts(low) (or low = 0), not aborts(high).
+    let mut low = high / 2;
+    while high - low > 1 {
+        let mid = (low + high) / 2;
+        if aborts(mid) {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    low
+}
+
+#[test]
+fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
+    let world = world();
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), reference.path()));
+    let expected = files(reference.path());
+    let particles = &expected[Path::new("particles.safetensors")];
+    let config = &expected[Path::new("bella_config.json")];
+
+    let count = count_ops(&|out| train(world.path(), out));
+    assert!(count > 30, "only {count} file operations counted");
+    for n in kill_points(count) {
+        let out = tempfile::tempdir().unwrap();
+        assert!(aborted_at(&mut train(world.path(), out.path()), n));
+        run_ok(train(world.path(), out.path()).arg("--resume"));
+        let got = files(out.path());
+        assert!(
+            got.get(Path::new("particles.safetensors")) == Some(particles),
+            "killed before op {n} of {count}: particles differ after --resume"
+        );
+        assert!(
+            got.get(Path::new("bella_config.json")) == Some(config),
+            "killed before op {n} of {count}: bella_config.json differs after --resume"
+        );
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "killed before op {n} of {count}: other files"
+        );
+        assert_no_temp_files(out.path());
+        let log = String::from_utf8(got[Path::new("train_log.jsonl")].clone()).unwrap();
+        let steps: Vec<u64> = log
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [2, 4], "killed before op {n}: log {log}");
+    }
+}
+
+fn bench(world: &Path, out: &Path) -> Command {
+    let mut cmd = bella();
+    cmd.args(["bench", "--quiet", "--max-new-tokens", "4", "--model"])
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--data")
+        .arg(world.join("test.jsonl"))
+        .args(["--limit", "3", "--out"])
+        .arg(out);
+    cmd
+}
+
+#[test]
+fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
+    let world = world();
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut bench(world.path(), reference.path()));
+    let expected = files(reference.path());
+    let samples = &expected[Path::new("samples.jsonl")];
+    assert_eq!(samples.iter().filter(|&&b| b == b'\n').count(), 3);
+
+    let count = count_ops(&|out| bench(world.path(), out));
+    assert!(count > 15, "only {count} file operations counted");
+    for n in kill_points(count) {
+        let out = tempfile::tempdir().unwrap();
+        assert!(aborted_at(&mut bench(world.path(), out.path()), n));
+        run_ok(&mut bench(world.path(), out.path()));
+        let got = files(out.path());
+        assert!(
+            got.get(Path::new("samples.jsonl")) == Some(samples),
+            "killed before op {n} of {count}: samples differ after the rerun"
+        );
+        let results: serde_json::Value =
+            serde_json::from_slice(&got[Path::new("results.json")]).unwrap();
+        assert_eq!(
+            results["progress"]["complete"], true,
+            "killed before op {n}"
+        );
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "killed before op {n} of {count}: other files"
+        );
+        assert_no_temp_files(out.path());
+    }
+}
+
+#[test]
+fn an_output_directory_in_use_is_refused_at_once_naming_the_process() {
+    let world = world();
+    let busy = tempfile::tempdir().unwrap();
+    let _lock = bella_vqa::io::OutputLock::acquire(busy.path()).unwrap();
+    let me = format!(
+        "{} is in use by process {}",
+        busy.path().display(),
+        std::process::id()
+    );
+    // A model that does not exist: the lock is checked before anything is loaded.
+    let mut commands: Vec<Command> = Vec::new();
+    let mut c = bella();
+    c.args(["train", "--model", "/nonexistent/model", "--data"])
+        .arg(world.path().join("train.jsonl"))
+        .arg("--out")
+        .arg(busy.path());
+    commands.push(c);
+    let mut c = bella();
+    c.args(["bench", "--model", "/nonexistent/model", "--data"])
+        .arg(world.path().join("test.jsonl"))
+        .arg("--out")
+        .arg(busy.path());
+    commands.push(c);
+    let mut c = bella();
+    c.args(["data", "shapes", "--n", "4", "--out"])
+        .arg(busy.path());
+    commands.push(c);
+    let mut c = bella();
+    c.args([
+        "export-peft",
+        "--adapters",
+        "/nonexistent/particles",
+        "--out",
+    ])
+    .arg(busy.path());
+    commands.push(c);
+    let mut c = bella();
+    c.args(["bench", "merge", "/nonexistent/shard", "--out"])
+        .arg(busy.path());
+    commands.push(c);
+    for mut cmd in commands {
+        let started = Instant::now();
+        let err = run_err(&mut cmd);
+        assert!(err.contains(&me), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    // calibrate locks the particle directory it writes.
+    let particles = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), particles.path()));
+    let _held = bella_vqa::io::OutputLock::acquire(particles.path()).unwrap();
+    let err = run_err(
+        bella()
+            .args(["calibrate", "--model", "/nonexistent/model", "--adapters"])
+            .arg(particles.path())
+            .arg("--data")
+            .arg(world.path().join("val.jsonl")),
+    );
+    assert!(
+        err.contains(&format!(
+            "{} is in use by process {}",
+            particles.path().display(),
+            std::process::id()
+        )),
+        "{err}"
+    );
+    drop(_lock);
+    // Free again: the next run goes ahead (and fails on the model, not the lock).
+    let err = run_err(
+        bella()
+            .args(["bench", "--model", "/nonexistent/model", "--data"])
+            .arg(world.path().join("test.jsonl"))
+            .arg("--out")
+            .arg(busy.path()),
+    );
+    assert!(!err.contains("in use"), "{err}");
+}
+
+#[test]
+fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
+    let world = world();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(train(world.path(), out.path()).args(["--max-steps", "2"]));
+    let particles = std::fs::read(out.path().join("particles.safetensors")).unwrap();
+
+    let err = run_err(
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world.path(),
+            out.path(),
+            &[("--lr", "0.5")],
+        )
+        .arg("--resume"),
+    );
+    assert!(
+        err.contains("option lr: 0.01 in the checkpoint, 0.5 now"),
+        "{err}"
+    );
+    let err = run_err(
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world.path(),
+            out.path(),
+            &[("--limit", "6")],
+        )
+        .arg("--resume"),
+    );
+    assert!(
+        err.contains("training data: 8 questions") && err.contains("6 questions"),
+        "{err}"
+    );
+    // Same files, one weight changed.
+    let base = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), base.path().join(e.file_name())).unwrap();
+    }
+    let shard = base.path().join("model-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let err = run_err(train_with(base.path(), world.path(), out.path(), &[]).arg("--resume"));
+    assert!(
+        err.contains("base model weights: ") && err.contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+    // Nothing was written by the refused runs; the right one continues.
+    assert_eq!(
+        std::fs::read(out.path().join("particles.safetensors")).unwrap(),
+        particles
+    );
+    let done = run_ok(train(world.path(), out.path()).args(["--resume"]));
+    assert!(done.is_empty(), "{done}");
+    let err = run_err(&mut train_with(
+        &fixture("llava-tiny-hub"),
+        world.path(),
+        out.path(),
+        &[("--limit", "0")],
+    ));
+    assert!(err.contains("--limit"), "{err}");
+}
+
+#[test]
+fn data_shapes_does_not_overwrite_a_data_set_without_force() {
+    let out = tempfile::tempdir().unwrap();
+    let shapes = |extra: &[&str]| {
+        let mut c = bella();
+        c.args(["data", "shapes", "--quiet", "--n", "4", "--out"])
+            .arg(out.path())
+            .args(extra);
+        c
+    };
+    run_ok(&mut shapes(&["--seed", "1"]));
+    let first = std::fs::read(out.path().join("train.jsonl")).unwrap();
+    let err = run_err(&mut shapes(&["--seed", "2"]));
+    assert!(
+        err.contains("already holds a data set") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("train.jsonl")).unwrap(),
+        first
+    );
+    run_ok(&mut shapes(&["--seed", "2", "--force"]));
+    assert_ne!(
+        std::fs::read(out.path().join("train.jsonl")).unwrap(),
+        first
+    );
+}
+
+#[test]
+fn calibrate_announces_a_rewrite_and_keeps_the_old_threshold() {
+    let world = world();
+    let particles = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), particles.path()));
+    let calibrate = |objective: &str| {
+        let mut c = bella();
+        c.args(["calibrate", "--max-new-tokens", "4", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--adapters")
+            .arg(particles.path())
+            .args(["--data", "val.jsonl", "--objective", objective])
+            .current_dir(world.path());
+        c
+    };
+    let config = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(particles.path().join("bella_config.json")).unwrap())
+            .unwrap()
+    };
+    let first = run_ok(&mut calibrate("coverage0.5"));
+    assert!(!first.contains("rewriting"), "{first}");
+    assert!(config().get("abstention_history").is_none());
+    let old = config()["abstention"].clone();
+    assert_eq!(old["objective"], "coverage>=0.5");
+
+    let second = run_ok(&mut calibrate("coverage1"));
+    let announced = format!(
+        "rewriting the threshold stored in {}: {:.6} (coverage>=0.5) → ",
+        particles.path().join("bella_config.json").display(),
+        old["threshold"].as_f64().unwrap()
+    );
+    assert!(second.contains(&announced), "{second}");
+    let new = config();
+    assert_eq!(new["abstention"]["objective"], "coverage>=1");
+    assert_eq!(new["abstention_history"], serde_json::json!([old]));
+    // The data path, given relative, is stored absolute.
+    assert_eq!(
+        Path::new(old["data"].as_str().unwrap()),
+        world.path().join("val.jsonl")
+    );
+    // The particle set still loads with its history.
+    bella_vqa::bella::particles::ParticleSet::read_config(particles.path()).unwrap();
+}
+
+#[test]
+fn every_written_file_has_the_permissions_of_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = world();
+    let tmp = tempfile::tempdir().unwrap();
+    let (particles, peft, runs, data) = (
+        tmp.path().join("particles"),
+        tmp.path().join("peft"),
+        tmp.path().join("runs"),
+        tmp.path().join("data"),
+    );
+    // Under umask 027 a plain file create gives 0640. Run in the fixtures folder.
+    let sh = |cmd: &Command| {
+        let mut line = format!(
+            "cd '{}' && umask 027 && exec '{}'",
+            fixture("").display(),
+            cmd.get_program().to_string_lossy()
+        );
+        for a in cmd.get_args() {
+            line.push_str(&format!(" '{}'", a.to_string_lossy()));
+        }
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(line);
+        c
+    };
+    run_ok(&mut sh(&train_with(
+        Path::new("llava-tiny-hub"),
+        world.path(),
+        &particles,
+        &[],
+    )));
+    let mut c = bella();
+    c.args([
+        "calibrate",
+        "--quiet",
+        "--max-new-tokens",
+        "4",
+        "--target-coverage",
+        "0.5",
+    ])
+    .arg("--model")
+    .arg(fixture("llava-tiny-hub"))
+    .arg("--adapters")
+    .arg(&particles)
+    .arg("--data")
+    .arg(world.path().join("val.jsonl"));
+    run_ok(&mut sh(&c));
+    let mut c = bella();
+    c.args(["export-peft", "--quiet", "--adapters"])
+        .arg(&particles)
+        .arg("--out")
+        .arg(&peft);
+    run_ok(&mut sh(&c));
+    run_ok(&mut sh(&bench(world.path(), &runs)));
+    let mut c = bella();
+    c.args(["data", "shapes", "--quiet", "--n", "4", "--out"])
+        .arg(&data);
+    run_ok(&mut sh(&c));
+
+    let mut seen = 0;
+    for dir in [&particles, &peft, &runs, &data] {
+        for rel in files(dir).keys() {
+            let mode = std::fs::metadata(dir.join(rel))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o640, "{} has mode {mode:o}", dir.join(rel).display());
+            seen += 1;
+        }
+    }
+    assert!(seen > 20, "{seen} files");
+    // The model, given relative to the working directory, is stored absolute.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(particles.join("bella_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        Path::new(config["base_model"]["source"].as_str().unwrap()),
+        fixture("llava-tiny-hub")
+    );
+}
