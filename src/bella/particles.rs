@@ -139,6 +139,12 @@ fn sha256_of(path: &Path) -> Result<String> {
     crate::io::sha256_file_cached(path)
 }
 
+/// Scores lie in [0, 1], and calibration stores "abstain on everything" as the number just above
+/// the highest score: at most the `f64` just above 1.
+fn stored_threshold_in_range(t: f64) -> bool {
+    (0.0..=f64::from_bits(1.0f64.to_bits() + 1)).contains(&t)
+}
+
 impl ParticleConfig {
     /// The invariants loading and answering rely on: sizes and α as [`AdapterSpec::validate`]
     /// checks them, at least one layer, a stored threshold in [0, 1], a usable selector and a
@@ -155,7 +161,7 @@ impl ParticleConfig {
             bail!("\"layers\" is empty: the particle set adapts no layer");
         }
         if let Some(a) = &self.abstention {
-            if !(0.0..=1.0).contains(&a.threshold) {
+            if !stored_threshold_in_range(a.threshold) {
                 bail!(
                     "abstention.threshold {} is outside [0, 1]: recalibrate with `bella-vqa calibrate`",
                     a.threshold
@@ -339,5 +345,22 @@ impl ParticleSet {
             bail!("the particles adapt {missing}, which this model does not have (another architecture?)");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod threshold_tests {
+    use super::stored_threshold_in_range;
+
+    #[test]
+    fn abstain_on_everything_above_a_score_of_one_is_a_valid_stored_threshold() {
+        assert!(stored_threshold_in_range(0.0));
+        assert!(stored_threshold_in_range(1.0));
+        assert!(stored_threshold_in_range(f64::from_bits(
+            1.0f64.to_bits() + 1
+        )));
+        assert!(!stored_threshold_in_range(1.0 + 1e-9));
+        assert!(!stored_threshold_in_range(-0.1));
+        assert!(!stored_threshold_in_range(f64::NAN));
     }
 }
