@@ -1,5 +1,6 @@
 //! Scoring candidate answers under every particle (design §5, step 3): teacher-forced sequence
-//! log-likelihoods, all particles × all candidates in one batch that reuses the prompt's cache.
+//! log-likelihoods, all particles × all candidates in one pass that reads the prompt's cache in
+//! place (the candidates are segments of one continuation, see `LlamaModel::forward_segments`).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -60,39 +61,33 @@ pub fn score_candidates_batch(
     if longest == 1 {
         return Ok(truncate(first));
     }
-    // Feed tokens 0..len-1 of every candidate; position j predicts token j+1.
+    // Feed tokens 0..len-1 of every candidate; position j predicts token j+1. A row's k
+    // candidates are k segments of one sequence that all continue the prompt's cache, which is
+    // read in place: never copied per candidate.
     let feed = longest - 1;
     let mut ids = Vec::with_capacity(rows * k * feed);
-    let mut keep = Vec::with_capacity(rows * k);
+    let mut keep = Vec::with_capacity(rows);
     let mut targets = Vec::with_capacity(rows * k * feed);
     for r in 0..rows {
+        let mut kept = Vec::with_capacity(k * feed);
         for cand in row_candidates(r) {
-            let mut kept = Vec::with_capacity(feed);
             for j in 0..feed {
                 let real = j + 1 < cand.len();
                 ids.push(if real { cand[j] } else { 0 });
                 targets.push(if real { cand[j + 1] } else { 0 });
                 kept.push(real);
             }
-            keep.push(kept);
         }
+        keep.push(kept);
     }
     let device = prefill.last_logits.device();
     let mut cache = prefill.cache.clone();
-    cache.repeat_interleave(k)?;
-    let ids = Tensor::from_vec(ids, (rows * k, feed), device)?;
+    let ids = Tensor::from_vec(ids, (rows, k * feed), device)?;
     let embeds = lm.embed(&ids)?;
-    let dec = lm.forward(
-        &embeds,
-        prefill.expanded,
-        &keep,
-        &mut cache,
-        particles,
-        false,
-    )?;
+    let dec = lm.forward_segments(&embeds, prefill.expanded, &keep, k, &mut cache, particles)?;
     let (logits, _) = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (rows * k, feed, 1), device)?;
+    let targets = Tensor::from_vec(targets, (rows, k * feed, 1), device)?;
     let picked = logp
         .gather(&targets, D::Minus1)?
         .squeeze(D::Minus1)?
@@ -100,7 +95,7 @@ pub fn score_candidates_batch(
     let mut out = first;
     for (r, row) in out.iter_mut().enumerate() {
         for (c, cand) in row_candidates(r).enumerate() {
-            let steps = &picked[r * k + c];
+            let steps = &picked[r][c * feed..(c + 1) * feed];
             row[c] += steps[..cand.len() - 1]
                 .iter()
                 .map(|&x| x as f64)

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
-use crate::models::nn::{activate, attention, attention_bias, linear, RmsNorm};
+use crate::models::nn::{activate, attention, attention_bias, linear, RmsNorm, MASKED};
 use crate::models::weights::Scope;
 
 type LoadResult<T> = std::result::Result<T, WeightError>;
@@ -246,38 +246,6 @@ impl KvCache {
         self.keep.len()
     }
 
-    /// Repeats every row `n` times in place (row `r` becomes rows `r·n .. r·n + n`), so that `n`
-    /// continuations of each cached sequence can be scored in one batch. Keeps the particle-major
-    /// order: particle `p`'s rows stay together.
-    pub fn repeat_interleave(&mut self, n: usize) -> Result<()> {
-        let interleave = |t: &Tensor| -> Result<Tensor> {
-            let mut dims = t.dims().to_vec();
-            let rows = dims[0];
-            let mut target = vec![rows, n];
-            target.extend_from_slice(&dims[1..]);
-            dims[0] = rows * n;
-            t.unsqueeze(1)?
-                .broadcast_as(target)?
-                .contiguous()?
-                .reshape(dims)
-        };
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = interleave(k)?;
-            *v = interleave(v)?;
-        }
-        self.keep = self
-            .keep
-            .iter()
-            .flat_map(|row| std::iter::repeat_n(row.clone(), n))
-            .collect();
-        self.next_position = self
-            .next_position
-            .iter()
-            .flat_map(|&p| std::iter::repeat_n(p, n))
-            .collect();
-        Ok(())
-    }
-
     /// Registers a step of `new_keep[row][j]` (true = real token) and returns its position ids.
     /// Positions count real tokens only, as transformers' `generate` (cumsum of the mask − 1);
     /// padding gets position 1.
@@ -311,6 +279,54 @@ impl KvCache {
         }
         Ok(positions)
     }
+}
+
+/// Positions and attention bias of a segmented step ([`LlamaModel::forward_segments`]): every
+/// segment continues the cached sequence on its own.
+fn segment_step(
+    cache: &KvCache,
+    keep: &[Vec<bool>],
+    segments: usize,
+    device: &Device,
+) -> Result<(Vec<Vec<u32>>, Tensor)> {
+    let rows = keep.len();
+    let len = keep.first().map_or(0, Vec::len);
+    let seg = len / segments;
+    let cached = cache.keep.len();
+    let past = cache.len();
+    let mut positions = Vec::with_capacity(rows);
+    let mut bias = Vec::with_capacity(rows * len * (past + len));
+    for (r, row) in keep.iter().enumerate() {
+        let (past_keep, start) = match cached {
+            0 => (&[][..], 0),
+            n => (&cache.keep[r % n][..], cache.next_position[r % n]),
+        };
+        let mut pos = Vec::with_capacity(len);
+        for s in 0..segments {
+            let mut next = start;
+            for &k in &row[s * seg..(s + 1) * seg] {
+                pos.push(if k { next } else { 1 });
+                next += u32::from(k);
+            }
+        }
+        positions.push(pos);
+        for i in 0..len {
+            bias.extend(past_keep.iter().map(|&k| if k { 0.0f32 } else { MASKED }));
+            let own = i / seg;
+            bias.extend((0..len).map(|j| {
+                let visible = j / seg == own && j <= i && row[j];
+                if visible {
+                    0.0
+                } else {
+                    MASKED
+                }
+            }));
+        }
+    }
+    Ok((
+        positions,
+        Tensor::from_vec(bias, (rows, 1, len, past + len), device)?,
+    ))
 }
 
 /// What a decoder pass produced; rows are `P·batch` when `expanded`.
@@ -423,7 +439,57 @@ impl LlamaModel {
         particles: usize,
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
+        self.forward_with(
+            embeds,
+            input_expanded,
+            keep,
+            1,
+            cache,
+            particles,
+            keep_layer_outputs,
+        )
+    }
+
+    /// Several continuations of each cached sequence in one pass, without copying the cache:
+    /// the `len` new tokens of a row are `segments` equal segments, each attending to the cached
+    /// tokens and to its own earlier tokens only, with positions counted from the cache's end for
+    /// every segment. The cache is extended with all segments, so it cannot be decoded from
+    /// afterwards: pass a clone (cloning shares the tensors; nothing is copied).
+    pub fn forward_segments(
+        &self,
+        embeds: &Tensor,
+        input_expanded: bool,
+        keep: &[Vec<bool>],
+        segments: usize,
+        cache: &mut KvCache,
+        particles: usize,
+    ) -> Result<DecoderOutput> {
+        self.forward_with(
+            embeds,
+            input_expanded,
+            keep,
+            segments,
+            cache,
+            particles,
+            false,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        embeds: &Tensor,
+        input_expanded: bool,
+        keep: &[Vec<bool>],
+        segments: usize,
+        cache: &mut KvCache,
+        particles: usize,
+        keep_layer_outputs: bool,
+    ) -> Result<DecoderOutput> {
         let (rows_in, len, _) = embeds.dims3()?;
+        if segments == 0 || len % segments != 0 {
+            candle_core::bail!("{len} tokens do not split into {segments} segments");
+        }
         // The mask may be given per example for input that already carries the particle axis.
         let fits = keep.len() == rows_in || (input_expanded && keep.len() * particles == rows_in);
         if !fits || keep.iter().any(|r| r.len() != len) {
@@ -447,11 +513,19 @@ impl LlamaModel {
                 .collect();
             expanded = true;
         }
-        let positions = cache.advance(&keep)?;
         let device = embeds.device();
+        let (positions, bias) = if segments == 1 {
+            let positions = cache.advance(&keep)?;
+            (positions, attention_bias(&cache.keep, len, true, device)?)
+        } else {
+            let step = segment_step(cache, &keep, segments, device)?;
+            // Keeps the bookkeeping's lengths in step with the layers' caches.
+            cache.advance(&keep)?;
+            step
+        };
         let (cos, sin) = self.rope_tables(&positions, device)?;
         let mut ctx = StepContext {
-            bias: attention_bias(&cache.keep, len, true, device)?.to_dtype(embeds.dtype())?,
+            bias: bias.to_dtype(embeds.dtype())?,
             cos,
             sin,
         };
