@@ -12,18 +12,16 @@ import argparse
 import base64
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 
 import openai
 from openai import OpenAI
+
+from bella_server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -40,58 +38,6 @@ def messages(image: Path, question: str = QUESTION):
         {"type": "text", "text": question},
         {"type": "image_url", "image_url": {"url": data_url(image)}},
     ]}]
-
-
-class Server:
-    """`bella-vqa serve --port 0 ...` as a child process; its output is kept for failure reports."""
-
-    def __init__(self, binary: str, extra_args, start_timeout: float):
-        self.log = []
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--port", "0", *extra_args],
-            stdin=subprocess.DEVNULL,
-            # the key is given (or not) on the command line, never through the environment
-            env={k: v for k, v in os.environ.items() if k != "BELLA_API_KEY"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self.base = None
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.log.append(line.rstrip("\n"))
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and not found.is_set():
-                    self.base = m.group(1).rstrip("/")
-                    found.set()
-            found.set()  # exited
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(start_timeout) or self.base is None:
-            self.stop()
-            raise RuntimeError("the server printed no 'listening on' line:\n" + "\n".join(self.log[-30:]))
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        self.health = json.load(r)
-                        return
-            except Exception:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not become healthy:\n" + "\n".join(self.log[-30:]))
-            time.sleep(0.2)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def bella_of(obj) -> dict:
     """The `bella` extension of a completion or chunk (pydantic keeps unknown fields in model_extra)."""

@@ -17,16 +17,13 @@ import asyncio
 import base64
 import json
 import math
-import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
+
+from bella_server import Server
 
 try:
     import httpx2 as httpx
@@ -70,62 +67,6 @@ def rss_mib(pid: int):
     except OSError:
         return None
     return None
-
-
-class Server:
-    def __init__(self, binary, extra, timeout):
-        self.log = []
-        self.proc = subprocess.Popen([binary, "serve", "--port", "0", *extra], stdin=subprocess.DEVNULL,
-                                     env={k: v for k, v in os.environ.items() if k != "BELLA_API_KEY"},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self.base = None
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.log.append(line.rstrip("\n"))
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and not found.is_set():
-                    self.base = m.group(1).rstrip("/")
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or not self.base:
-            self.stop()
-            raise RuntimeError("no 'listening on' line:\n" + "\n".join(self.log[-20:]))
-        if not self.base.startswith(("http://127.", "http://[::1]", "http://localhost")):
-            self.stop()
-            raise RuntimeError(f"the server is not on loopback: {self.base}")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except Exception:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("not healthy:\n" + "\n".join(self.log[-20:]))
-            time.sleep(0.1)
-
-    def metrics(self):
-        try:
-            with urllib.request.urlopen(self.base + "/metrics", timeout=5) as r:
-                return r.read().decode()
-        except Exception as e:  # noqa: BLE001
-            return f"# /metrics failed: {e}"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def pct(sorted_xs, q):
     """Nearest-rank percentile."""
