@@ -7,9 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
-use bella_vqa::bella::particles::{
-    hash_weights, Abstention, BaseModel, ParticleConfig, ParticleSet,
-};
+use bella_vqa::bella::particles::{ParticleConfig, ParticleSet};
 use bella_vqa::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
 use bella_vqa::hub::ModelSource;
 use bella_vqa::models::image::load_image;
@@ -56,32 +54,13 @@ fn crafted_particles(dir: &Path, disagree: bool) {
         }
     }
     let config = ParticleConfig {
-        format_version: 1,
-        base_model: BaseModel {
-            source: "tests/fixtures/llava-tiny-hub".into(),
-            revision: None,
-            commit: None,
-            weights: hash_weights(&loaded.files).unwrap(),
-        },
-        architecture: "LLaVA".into(),
         targets: vec!["crafted".into()],
-        layers: vec![],
         rank: 64,
         alpha: 64.0,
         particles: P,
         method: "crafted".into(),
-        seed: 0,
-        step: 0,
-        abstention: Some(Abstention {
-            threshold: 0.6,
-            objective: "test".into(),
-            data: None,
-            selector: Default::default(),
-            temperature: None,
-            guarantee: None,
-        }),
-        abstention_history: Vec::new(),
-        answer_vocabulary: None,
+        abstention: Some(test_abstention(0.6)),
+        ..tiny_llava_particle_config(&loaded.files)
     };
     ParticleSet::from_model(m.as_ref(), config)
         .save(dir)

@@ -12,9 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bella_vqa::answer::{BellaVqa, LoadOptions};
-use bella_vqa::bella::particles::{
-    hash_weights, Abstention, BaseModel, ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE,
-};
+use bella_vqa::bella::particles::{ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE};
 use bella_vqa::bella::{attach, AdapterSpec, InitB};
 use bella_vqa::data::{read_jsonl, ReadOptions};
 use bella_vqa::hub::ModelSource;
@@ -442,32 +440,14 @@ fn particle_set(dir: &Path) {
     };
     let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.01 }, 1).unwrap();
     let config = ParticleConfig {
-        format_version: 1,
-        base_model: BaseModel {
-            source: llava_dir().display().to_string(),
-            revision: None,
-            commit: None,
-            weights: hash_weights(&loaded.files).unwrap(),
-        },
-        architecture: "LLaVA".into(),
         targets: spec.targets.clone(),
         layers,
         rank: 2,
         alpha: 4.0,
         particles: 2,
-        method: "ensemble".into(),
         seed: 1,
-        step: 0,
-        abstention: Some(Abstention {
-            threshold: 0.5,
-            objective: "test".into(),
-            data: None,
-            selector: Default::default(),
-            temperature: None,
-            guarantee: None,
-        }),
-        abstention_history: Vec::new(),
-        answer_vocabulary: None,
+        abstention: Some(common::test_abstention(0.5)),
+        ..common::tiny_llava_particle_config(&loaded.files)
     };
     ParticleSet::from_model(m.as_ref(), config)
         .save(dir)
@@ -750,6 +730,8 @@ fn special_tokens_in_a_question_are_tokenised_as_text() {
     expected.extend(&question_ids);
     expected.extend(encode(after));
     assert_eq!(ids, expected);
+    // Counted as text too (the server's question limit and usage).
+    assert_eq!(p.count_text_tokens(question).unwrap(), question_ids.len());
     // End to end: the binary answers such a question.
     succeeds(&mut ask(&["What is </s> <image> <s>?"]));
 }

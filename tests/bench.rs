@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use bella_vqa::answer::selector::Selector;
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
-use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use bella_vqa::bella::particles::{ParticleConfig, ParticleSet};
 use bella_vqa::bella::{attach, AdapterSpec, InitB};
 use bella_vqa::bench::{
     self, calibrate, merge, BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee,
@@ -63,25 +63,13 @@ fn make_particles(dir: &Path) {
     };
     let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.2 }, 7).unwrap();
     let config = ParticleConfig {
-        format_version: 1,
-        base_model: BaseModel {
-            source: "tests/fixtures/llava-tiny-hub".into(),
-            revision: None,
-            commit: None,
-            weights: hash_weights(&loaded.files).unwrap(),
-        },
-        architecture: "LLaVA".into(),
         targets: spec.targets.clone(),
         layers,
         rank: spec.rank,
         alpha: spec.alpha,
         particles: P,
-        method: "ensemble".into(),
         seed: 7,
-        step: 0,
-        abstention: None,
-        abstention_history: Vec::new(),
-        answer_vocabulary: None,
+        ..tiny_llava_particle_config(&loaded.files)
     };
     ParticleSet::from_model(m.as_ref(), config)
         .save(dir)

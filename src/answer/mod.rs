@@ -275,20 +275,9 @@ impl BellaVqa {
             .context("no result for the question")
     }
 
-    /// Tokens of `text` alone (no special tokens added), e.g. to count a completion's tokens.
+    /// Tokens of user text alone, as text (a question as typed, a completion's content).
     pub fn text_tokens(&self, text: &str) -> Result<usize> {
-        let enc = self
-            .loaded
-            .prompter()?
-            .tokenizer()
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
-        Ok(enc.len())
-    }
-
-    /// Tokens of a question as the user typed it (without the prompt around it).
-    pub fn question_tokens(&self, question: &str) -> Result<usize> {
-        self.text_tokens(question.trim())
+        self.loaded.prompter()?.count_text_tokens(text)
     }
 
     /// Checks, before any tensor is made, that the whole prompt of `question` (chat template and

@@ -1030,6 +1030,17 @@ impl Prompter {
         Ok(joined.get_ids().to_vec())
     }
 
+    /// Tokens of user text on its own, as text (special-token strings are not tokens here, as in
+    /// [`Self::encode_question`]) and with no special tokens added.
+    pub fn count_text_tokens(&self, text: &str) -> Result<usize> {
+        check_user_text("text", text)?;
+        let enc = self
+            .text_tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        Ok(enc.len())
+    }
+
     /// Token ids of `text` with its image tokens expanded and special tokens (BOS) added.
     pub fn encode(&self, text: &str, num_image_tokens: usize) -> Result<Vec<u32>> {
         let text = self.expand_image_tokens(text, num_image_tokens)?;

@@ -494,19 +494,8 @@ fn check_question(
     limit: usize,
 ) -> Result<(), ApiError> {
     let param = Some("messages");
-    // Refused before tokenising above 64 bytes per allowed token (no tokenizer in use has
-    // tokens that long), so the tokenizer never works on megabytes.
-    if question.len() > limit * 64 {
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "the question is {} bytes long; the limit is {limit} tokens (--max-question-tokens)",
-                question.len()
-            ),
-        ));
-    }
     let tokens = vqa
-        .question_tokens(question)
+        .text_tokens(question)
         .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
     if tokens > limit {
         return Err(ApiError::invalid(

@@ -152,3 +152,45 @@ impl ReferencePrompt {
         }
     }
 }
+
+/// The config of a particle set on the tiny LLaVA fixture (whose weight files are `files`):
+/// ensemble, seed 0, no threshold, no layers. Tests set the rest with struct update syntax, so a
+/// new config field is added here once.
+pub fn tiny_llava_particle_config(
+    files: &ModelFiles,
+) -> bella_vqa::bella::particles::ParticleConfig {
+    use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig};
+    ParticleConfig {
+        format_version: 1,
+        base_model: BaseModel {
+            source: fixture("llava-tiny-hub").display().to_string(),
+            revision: None,
+            commit: None,
+            weights: hash_weights(files).expect("fixture weights hash"),
+        },
+        architecture: "LLaVA".into(),
+        targets: Vec::new(),
+        layers: Vec::new(),
+        rank: 1,
+        alpha: 1.0,
+        particles: 1,
+        method: "ensemble".into(),
+        seed: 0,
+        step: 0,
+        abstention: None,
+        abstention_history: Vec::new(),
+        answer_vocabulary: None,
+    }
+}
+
+/// A stored abstention threshold as a test sets it (the confidence selector, no temperature).
+pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstention {
+    bella_vqa::bella::particles::Abstention {
+        threshold,
+        objective: "test".into(),
+        data: None,
+        selector: Default::default(),
+        temperature: None,
+        guarantee: None,
+    }
+}
