@@ -11,6 +11,13 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
     entries.sort();
     for path in entries {
+        // Hidden files (a particle directory's `.bella-vqa.lock`) are not part of the demo.
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
         if path.is_dir() {
             files_under(&path, out);
         } else if path.is_file() {
