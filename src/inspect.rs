@@ -25,6 +25,7 @@ pub struct ModelSummary {
     pub stored_dtypes: std::collections::BTreeMap<String, usize>,
     pub declared_dtype: Option<String>,
     pub compute_dtype: String,
+    pub device: String,
     /// Linear layers that can carry particles.
     pub particle_capable_layers: usize,
     pub particles: usize,
@@ -87,7 +88,8 @@ impl ModelSummary {
             parameters: info.parameters,
             stored_dtypes: info.stored_dtypes.clone(),
             declared_dtype: info.declared_dtype.clone(),
-            compute_dtype: format!("{:?}", info.compute_dtype),
+            compute_dtype: info.compute_dtype.as_str().to_string(),
+            device: info.device.clone(),
             particle_capable_layers: loaded.model.linears().len(),
             particles: loaded.model.particles().unwrap_or(1),
             source: loaded.files.origin.to_string(),
@@ -135,10 +137,11 @@ impl fmt::Display for ModelSummary {
             .collect();
         writeln!(
             f,
-            "dtype         stored {}; config {}; computing in {}",
+            "dtype         stored {}; config {}; computing in {} on {}",
             stored.join(", "),
             self.declared_dtype.as_deref().unwrap_or("not stated"),
-            self.compute_dtype
+            self.compute_dtype,
+            self.device
         )?;
         writeln!(
             f,

@@ -11,6 +11,7 @@ use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions, Response};
 use bella_vqa::hub::{HubOptions, ModelSource};
 use bella_vqa::inspect::ModelSummary;
 use bella_vqa::logits;
+use bella_vqa::models::compute::ComputeArgs;
 use bella_vqa::models::image::load_image;
 use bella_vqa::models::{self, LoadedModel};
 use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
@@ -42,6 +43,8 @@ struct ModelArgs {
     /// Hub revision (branch, tag or commit); overrides `@revision` in --model.
     #[arg(long)]
     revision: Option<String>,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Subcommand)]
@@ -337,7 +340,12 @@ impl ModelArgs {
     }
 
     fn load(&self, cli: &Cli) -> Result<LoadedModel> {
-        models::load_source(&self.source()?, &cli.hub_options())
+        let (loaded, note) =
+            models::load_source(&self.source()?, &cli.hub_options(), self.compute.options())?;
+        if !cli.quiet {
+            eprintln!("{note}");
+        }
+        Ok(loaded)
     }
 }
 
@@ -347,6 +355,7 @@ impl VqaArgs {
         let source = self.model.source()?;
         let opts = LoadOptions {
             hub,
+            compute: self.model.compute.options(),
             ..LoadOptions::default()
         };
         let adapters = match (&self.model.model, &self.adapters) {

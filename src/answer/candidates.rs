@@ -225,7 +225,7 @@ pub fn clip_candidates(
     for p in 0..rows {
         let t = txt.narrow(0, (p % txt_rows) * k, k)?;
         let i = img.narrow(0, p % img_rows, 1)?;
-        let logits = (i.matmul(&t.t()?)? * scale)?.squeeze(0)?;
+        let logits = (i.matmul(&t.t()?)?.to_dtype(DType::F32)? * scale)?.squeeze(0)?;
         let row = candle_nn::ops::softmax(&logits, 0)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;

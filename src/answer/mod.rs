@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::bella::particles::ParticleSet;
 use crate::bella::ParticleModel;
 use crate::hub::{HubOptions, ModelSource};
+use crate::models::compute::ComputeOptions;
 use crate::models::{self, LoadedModel, Model};
 use aggregate::Uncertainty;
 use candidates::{clip_candidates, llava_candidates_batch, ParticleAnswer, Scored};
@@ -53,6 +54,8 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Attach particles even when their base-model hashes differ (not recommended).
     pub skip_base_check: bool,
+    /// Device and dtype (`auto` by default).
+    pub compute: ComputeOptions,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +63,7 @@ impl Default for LoadOptions {
         Self {
             hub: HubOptions::from_env(),
             skip_base_check: false,
+            compute: ComputeOptions::default(),
         }
     }
 }
@@ -177,10 +181,13 @@ pub struct BellaVqa {
 impl BellaVqa {
     /// Loads the base model and, if given, the particle directory (checked against the base).
     pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
-        let mut loaded = models::load_source(source, &opts.hub)?;
+        let (mut loaded, note) = models::load_source(source, &opts.hub, opts.compute)?;
+        if opts.hub.progress {
+            eprintln!("{note}");
+        }
         let set = match adapters {
             Some(dir) => {
-                let set = ParticleSet::load(dir, &candle_core::Device::Cpu)?;
+                let set = ParticleSet::load(dir, &loaded.device)?;
                 if !opts.skip_base_check {
                     set.verify_base(&loaded.files)?;
                 }

@@ -122,10 +122,13 @@ impl ParticleLinear {
                     "activations with {rows} rows cannot carry {p} particles (rows must be P·batch)"
                 );
             }
-            let xp = x2.reshape((p, n / p, inp))?;
+            // The factors stay in their own dtype (f32) over a half-precision base: the low-rank
+            // product runs in f32 and only its result is cast to the activations' dtype.
+            let xp = x2.reshape((p, n / p, inp))?.to_dtype(ad.a.dtype())?;
             let low = xp.matmul(&ad.a.transpose(1, 2)?)?; // [P, m, r]
             let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, m, out]
-            y = (y + (delta.reshape((n, out))? * ad.scale)?)?;
+            let delta = (delta.reshape((n, out))? * ad.scale)?.to_dtype(y.dtype())?;
+            y = (y + delta)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;

@@ -244,10 +244,10 @@ pub fn attach<M: ParticleModel + ?Sized>(
                     .collect()
             }
         };
+        // f32 whatever the base's dtype (the particles are what training moves).
         let device = layer.weight().device().clone();
-        let dtype = layer.weight().dtype();
-        let a = Tensor::from_vec(a, (p, r, inp), &device)?.to_dtype(dtype)?;
-        let b = Tensor::from_vec(b, (p, out, r), &device)?.to_dtype(dtype)?;
+        let a = Tensor::from_vec(a, (p, r, inp), &device)?;
+        let b = Tensor::from_vec(b, (p, out, r), &device)?;
         layer.set_adapter(Some(Adapter::new(a, b, spec.alpha / r as f64)?))?;
         adapted.push(path);
     }

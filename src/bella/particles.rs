@@ -329,11 +329,11 @@ impl ParticleSet {
             self.adapters.iter().map(|(n, a)| (n.as_str(), a)).collect();
         for (name, layer) in model.linears_mut() {
             if let Some(adapter) = by_name.remove(name.as_str()) {
+                // f32 whatever the base's dtype.
                 let device = layer.weight().device().clone();
-                let dtype = layer.weight().dtype();
                 let moved = Adapter::new(
-                    adapter.a.to_device(&device)?.to_dtype(dtype)?,
-                    adapter.b.to_device(&device)?.to_dtype(dtype)?,
+                    adapter.a.to_device(&device)?.to_dtype(DType::F32)?,
+                    adapter.b.to_device(&device)?.to_dtype(DType::F32)?,
                     adapter.scale,
                 )?;
                 layer

@@ -13,6 +13,7 @@ use super::{
 use crate::answer::{BellaVqa, LoadOptions};
 use crate::hub::{HubOptions, ModelSource};
 use crate::metrics::NormalizeMode;
+use crate::models::compute::ComputeArgs;
 
 fn parse_normalize(s: &str) -> std::result::Result<NormalizeMode, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -55,6 +56,8 @@ pub struct BenchArgs {
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
     pub revision: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// A particle directory (from `bella-vqa train`); without it, the base model.
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
@@ -134,6 +137,8 @@ pub struct CalibrateArgs {
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
     pub revision: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The particle directory whose bella_config.json receives the threshold.
     #[arg(long)]
     pub adapters: PathBuf,
@@ -285,6 +290,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let prepare = prepare_with(answers);
     let load = LoadOptions {
         hub,
+        compute: args.compute.options(),
         ..LoadOptions::default()
     };
     if !args.compare.is_empty() {
@@ -363,6 +369,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     let source = model_source(&args.model, &args.revision)?;
     let load = LoadOptions {
         hub,
+        compute: args.compute.options(),
         ..LoadOptions::default()
     };
     let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;

@@ -282,7 +282,12 @@ impl ClipTextTransformer {
         let h = self.config.hidden_size;
         let tokens = self
             .token_embedding
-            .index_select(&input_ids.flatten_all()?, 0)?
+            .index_select(
+                &input_ids
+                    .to_device(self.token_embedding.device())?
+                    .flatten_all()?,
+                0,
+            )?
             .reshape((batch, len, h))?;
         let positions = self.position_embedding.i(..len)?;
         let embeddings = tokens.broadcast_add(&positions)?;
@@ -296,7 +301,7 @@ impl ClipTextTransformer {
                 .collect(),
             None => vec![vec![true; len]; batch],
         };
-        let bias = attention_bias(&keep, len, true, input_ids.device())?;
+        let bias = attention_bias(&keep, len, true, embeddings.device())?;
         let out = self.encoder.forward(
             embeddings.clone(),
             input_expanded,
@@ -410,6 +415,9 @@ impl ClipVisionTransformer {
             );
         }
         let (p, g, h) = (c.patch_size, c.grid(), c.hidden_size);
+        let pixel_values = pixel_values
+            .to_device(self.patch_embedding.device())?
+            .to_dtype(self.patch_embedding.dtype())?;
         // The stride-p convolution as one matmul over flattened patches.
         let patches = pixel_values
             .reshape((n, ch, g, p, g, p))?

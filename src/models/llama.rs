@@ -397,6 +397,7 @@ impl LlamaModel {
     /// Token embeddings `[rows, len, hidden]` of `input_ids` `[rows, len]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (rows, len) = input_ids.dims2()?;
+        let input_ids = input_ids.to_device(self.embed_tokens.device())?;
         self.embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((rows, len, self.config.hidden_size))
@@ -525,7 +526,8 @@ impl LlamaModel {
         };
         let (cos, sin) = self.rope_tables(&positions, device)?;
         let mut ctx = StepContext {
-            bias: bias.to_dtype(embeds.dtype())?,
+            // f32 whatever the compute dtype: the mask value overflows half precision.
+            bias,
             cos,
             sin,
         };

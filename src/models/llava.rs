@@ -212,7 +212,7 @@ impl LlavaModel {
             ],
             0,
         )?;
-        let index = Tensor::from_vec(index, text_rows, input_ids.device())?;
+        let index = Tensor::from_vec(index, text_rows, text.device())?;
         let merged = source
             .index_select(&index, 0)?
             .reshape((blocks * batch, len, hidden))?;

@@ -1,6 +1,7 @@
 //! Model implementations in the Hugging Face layout, every linear layer particle-capable.
 
 pub mod clip;
+pub mod compute;
 pub mod config;
 pub mod image;
 pub mod llama;
@@ -15,6 +16,7 @@ use candle_core::{DType, Device};
 use crate::bella::{ParticleLinear, ParticleModel};
 use crate::hub::ModelFiles;
 use clip::ClipModel;
+use compute::ComputeOptions;
 use config::ModelConfig;
 use image::ImageProcessor;
 use llava::LlavaModel;
@@ -56,11 +58,15 @@ pub struct ModelInfo {
     pub declared_dtype: Option<String>,
     /// The dtype the model computes in.
     pub compute_dtype: DType,
+    /// The device it computes on (`cpu`, `cuda:0`).
+    pub device: String,
 }
 
 /// A model with its files, config, summary, tokenizer + chat template and image processor.
 pub struct LoadedModel {
     pub model: Model,
+    /// Where the weights live and the model computes.
+    pub device: Device,
     pub config: ModelConfig,
     pub files: ModelFiles,
     pub info: ModelInfo,
@@ -95,10 +101,12 @@ impl LoadedModel {
 pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
     let mut weights = Weights::open(&files.weights, device, dtype)?;
-    if let Some(available) = mem_available_bytes() {
-        let needed = weights.num_values() as u64 * dtype.size_in_bytes() as u64;
-        check_fits(needed, available, dtype)
-            .with_context(|| format!("cannot load {}", files.dir.display()))?;
+    if device.is_cpu() {
+        if let Some(available) = compute::mem_available_bytes() {
+            let needed = compute::weight_bytes(weights.num_values(), dtype);
+            compute::check_fits(needed, available, dtype)
+                .with_context(|| format!("cannot load {}", files.dir.display()))?;
+        }
     }
     if let ModelConfig::Llava(_) = config {
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
@@ -136,35 +144,13 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
     };
     Ok(LoadedModel {
         info: info(&config, &raw, &weights, dtype),
+        device: device.clone(),
         model,
         config,
         files: files.clone(),
         prompter,
         image_processor,
     })
-}
-
-/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no such file).
-fn mem_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Refuses a load whose weights (in the compute dtype) need more memory than is available,
-/// before anything is read, instead of being killed halfway.
-fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
-    if needed > available {
-        let gb = |b: u64| b as f64 / 1e9;
-        anyhow::bail!(
-            "the weights need ~{:.1} GB in {dtype:?}, but MemAvailable is {:.1} GB: free memory \
-             or use a machine with more",
-            gb(needed),
-            gb(available)
-        );
-    }
-    Ok(())
 }
 
 fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType) -> ModelInfo {
@@ -174,37 +160,39 @@ fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType
         stored_dtypes: w.stored_dtypes(),
         declared_dtype: config::declared_dtype(raw),
         compute_dtype: dtype,
+        device: match w.device().location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        },
     }
 }
 
-/// Resolves a source (hub id, cache, directory) and loads it on the CPU in f32.
+/// Resolves the device and dtype of `files` (`auto`: see [`compute::resolve`]) and loads it there.
+/// Returns the model and one line saying what was picked.
+pub fn load_with(files: &ModelFiles, opts: ComputeOptions) -> Result<(LoadedModel, String)> {
+    let headers = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
+    let compute = compute::resolve(
+        opts,
+        headers.num_values(),
+        headers.dominant_dtype(),
+        compute::mem_available_bytes(),
+    )?;
+    drop(headers);
+    Ok((load(files, &compute.device, compute.dtype)?, compute.reason))
+}
+
+/// Resolves a source (hub id, cache, directory) and loads it where `compute` says.
 pub fn load_source(
     source: &crate::hub::ModelSource,
     opts: &crate::hub::HubOptions,
-) -> Result<LoadedModel> {
+    compute: ComputeOptions,
+) -> Result<(LoadedModel, String)> {
     let files = crate::hub::resolve(source, opts)?;
-    load(&files, &Device::Cpu, DType::F32).map_err(|e| {
+    load_with(&files, compute).map_err(|e| {
         e.context(format!(
             "cannot load the model {source} ({})",
             files.dir.display()
         ))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_load_that_does_not_fit_says_how_much_it_needs() {
-        check_fits(1 << 30, 2 << 30, DType::F32).unwrap();
-        let err = check_fits(28_000_000_000, 9_500_000_000, DType::F32)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("~28.0 GB in F32") && err.contains("MemAvailable is 9.5 GB"),
-            "{err}"
-        );
-        assert!(mem_available_bytes().is_some_and(|b| b > 0));
-    }
 }

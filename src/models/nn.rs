@@ -107,10 +107,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     // gemm reads the transposed keys in place; only a non-contiguous `k` (CLIP's head split) is
     // copied, not the whole key cache of every decoding step.
     let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(bias)?;
+    // The softmax (and the mask) in f32 whatever the compute dtype, as transformers' eager attention.
+    let dtype = scores.dtype();
+    if dtype != DType::F32 {
+        scores = scores.to_dtype(DType::F32)?;
     }
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }
 

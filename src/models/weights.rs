@@ -27,6 +27,29 @@ pub fn count_non_finite(t: &Tensor) -> candle_core::Result<usize> {
     Ok(values.iter().filter(|v| !v.is_finite()).count())
 }
 
+/// Drops the pages of a tensor's bytes in the memory-mapped file from this process once the tensor
+/// is copied out, so that loading peaks at the loaded weights plus one tensor, not the weights plus
+/// the whole mapped file. The mapping is read-only and file-backed: touching the bytes again would
+/// read them back from the file.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let page = 4096usize;
+        let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside a read-only file mapping that stays mapped; MADV_DONTNEED
+            // only drops its resident pages, and no reference reads them afterwards (a read would
+            // fault them back in from the file).
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
+}
+
 /// A canonical key prefix and the other prefixes the same tensors may be saved under.
 pub type Alias = (&'static str, &'static [&'static str]);
 
@@ -128,6 +151,7 @@ impl Weights {
             });
         }
         let tensor = st.load(name, &self.device).map_err(bad)?;
+        release_pages(view.data());
         if tensor.elem_count() <= FINITE_CHECK_MAX_VALUES {
             let count = count_non_finite(&tensor).map_err(bad)?;
             if count > 0 {
@@ -157,6 +181,22 @@ impl Weights {
             .flat_map(|(_, st)| st.tensors())
             .map(|(_, view)| view.shape().iter().product::<usize>())
             .sum()
+    }
+
+    /// The dtype most values are stored in (f32 for an empty file set).
+    pub fn dominant_dtype(&self) -> DType {
+        let mut counts: HashMap<DType, usize> = HashMap::new();
+        for (_, st) in &self.files {
+            for (_, view) in st.tensors() {
+                if let Ok(dtype) = DType::try_from(view.dtype()) {
+                    *counts.entry(dtype).or_insert(0) += view.shape().iter().product::<usize>();
+                }
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(_, n)| n)
+            .map_or(DType::F32, |(dtype, _)| dtype)
     }
 
     /// Values per stored dtype, e.g. `{"F32": 1234}`.

@@ -140,6 +140,10 @@ pub fn particle_nll(logits: &Tensor, batch: &Batch, particles: usize) -> Result<
     } else {
         batch.mask.clone()
     };
+    let (targets, mask) = (
+        targets.to_device(logits.device())?,
+        mask.to_device(logits.device())?,
+    );
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
     let per_particle = (picked * &mask)?
@@ -228,7 +232,7 @@ pub fn clip_particle_nll(
         .broadcast_mul(&scale)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let per_row: Vec<u32> = (0..full).map(|r| targets[r % rows] as u32).collect();
-    let target = Tensor::from_vec(per_row, (full, 1), &Device::Cpu)?;
+    let target = Tensor::from_vec(per_row, (full, 1), logp.device())?;
     let picked = logp.gather(&target, 1)?.squeeze(1)?;
     Ok(picked
         .reshape((particles, full / particles))?

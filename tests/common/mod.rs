@@ -24,8 +24,13 @@ pub fn dir_files(dir: &std::path::Path) -> anyhow::Result<ModelFiles> {
 }
 
 pub fn load_model(name: &str) -> LoadedModel {
+    load_model_in(name, DType::F32)
+}
+
+/// A fixture model computing in `dtype` on the CPU.
+pub fn load_model_in(name: &str, dtype: DType) -> LoadedModel {
     let files = dir_files(&fixture(name)).expect("fixture files");
-    models::load(&files, &Device::Cpu, DType::F32).expect("fixture model loads")
+    models::load(&files, &Device::Cpu, dtype).expect("fixture model loads")
 }
 
 pub fn reference(name: &str) -> HashMap<String, Tensor> {

@@ -1,0 +1,274 @@
+//! Where and in which precision a model computes: `--device cpu|cuda|cuda:N` and
+//! `--dtype auto|f32|bf16|f16` (issue 10).
+//!
+//! The frozen weights are held in the compute dtype (a half-precision checkpoint computed in half
+//! precision is never widened to f32). Whatever must stay exact stays f32 whatever the choice:
+//! particle factors and their optimizer state, the normalisations, attention softmax, the
+//! log-likelihood sums and the model average.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+/// The `--dtype` choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeChoice {
+    /// The fastest dtype that fits in memory: f32 on the CPU when it fits, else half precision
+    /// (the checkpoint's own half dtype, else bf16); on a GPU the checkpoint's half dtype.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+/// The `--device` choice: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The device when the build has a GPU backend and a GPU answers, else the CPU.
+    pub fn detect() -> Self {
+        if cfg!(feature = "cuda") && Device::new_cuda(0).is_ok() {
+            Self::Cuda(0)
+        } else {
+            Self::Cpu
+        }
+    }
+
+    /// Opens the device; a GPU in a build without the `cuda` feature is a clear error.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) if !cfg!(feature = "cuda") => bail!(
+                "--device cuda:{n} needs a build with the GPU backend: \
+                 cargo build --release --features cuda (needs the CUDA toolkit)"
+            ),
+            Self::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open GPU cuda:{n}: {e}"))
+            }
+        }
+    }
+}
+
+/// `--device` and `--dtype`, shared by every command that loads a model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ComputeArgs {
+    /// Where to compute: cpu, cuda (GPU 0) or cuda:N (default: the GPU when the build has the
+    /// `cuda` feature and one answers, else the CPU).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<DeviceChoice>,
+    /// The dtype of the frozen weights and activations; particles, norms, softmax and
+    /// log-likelihoods stay f32. auto: f32 on the CPU when it fits in memory, else half precision.
+    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
+    pub dtype: DTypeChoice,
+}
+
+impl ComputeArgs {
+    pub fn options(&self) -> ComputeOptions {
+        ComputeOptions {
+            device: self.device,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// Device and dtype as asked for (`None` device: detect).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ComputeOptions {
+    pub device: Option<DeviceChoice>,
+    pub dtype: DTypeChoice,
+}
+
+/// What a load resolved to, and why.
+#[derive(Clone, Debug)]
+pub struct Compute {
+    pub device: Device,
+    pub dtype: DType,
+    /// One line for the user: what was picked and why (for `auto`).
+    pub reason: String,
+}
+
+/// Bytes the weights need in `dtype` (values × size), what [`resolve`] and the memory check use.
+pub fn weight_bytes(values: usize, dtype: DType) -> u64 {
+    values as u64 * dtype.size_in_bytes() as u64
+}
+
+/// Resolves `auto`: `values` weights stored mostly in `stored` (the dtype holding most values),
+/// `available` bytes of memory (`None`: unknown, assume it fits).
+pub fn resolve(
+    opts: ComputeOptions,
+    values: usize,
+    stored: DType,
+    available: Option<u64>,
+) -> Result<Compute> {
+    let choice = opts.device.unwrap_or_else(DeviceChoice::detect);
+    let device = choice.open()?;
+    let half = match stored {
+        DType::F16 | DType::BF16 => stored,
+        _ => DType::BF16,
+    };
+    let (dtype, reason) = match opts.dtype {
+        DTypeChoice::F32 => (DType::F32, "--dtype f32".to_string()),
+        DTypeChoice::Bf16 => (DType::BF16, "--dtype bf16".to_string()),
+        DTypeChoice::F16 => (DType::F16, "--dtype f16".to_string()),
+        DTypeChoice::Auto if !device.is_cpu() => {
+            (half, format!("auto: half precision on {choice}"))
+        }
+        DTypeChoice::Auto => {
+            let f32_bytes = weight_bytes(values, DType::F32);
+            match available {
+                Some(avail) if f32_bytes > avail => (
+                    half,
+                    format!(
+                        "auto: f32 would need ~{:.1} GB, {:.1} GB available",
+                        gb(f32_bytes),
+                        gb(avail)
+                    ),
+                ),
+                _ => (
+                    DType::F32,
+                    "auto: f32 fits in memory on the CPU".to_string(),
+                ),
+            }
+        }
+    };
+    Ok(Compute {
+        device,
+        dtype,
+        reason: format!("computing in {} on {choice} ({reason})", dtype_name(dtype)),
+    })
+}
+
+/// The lower-case name users type (`bf16`).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
+
+pub fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// Refuses a load whose weights need more memory than is available, before anything is read,
+/// instead of being killed halfway.
+pub fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
+    if needed > available {
+        let hint = match dtype {
+            DType::F32 | DType::F64 => "try --dtype bf16 or --quantize q4k",
+            _ => "try --quantize q4k, or free memory",
+        };
+        bail!(
+            "the model needs ~{:.1} GB in {}, {:.1} GB available; {hint}",
+            gb(needed),
+            dtype_name(dtype),
+            gb(available)
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no such file).
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_like_torch() {
+        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("CUDA:3".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(3)));
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err();
+        assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_without_the_feature_says_how_to_build() {
+        let err = DeviceChoice::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn auto_picks_f32_when_it_fits_and_half_precision_when_not() {
+        let cpu = ComputeOptions {
+            device: Some(DeviceChoice::Cpu),
+            dtype: DTypeChoice::Auto,
+        };
+        // 1 G values: 4 GB in f32.
+        let fits = resolve(cpu, 1 << 30, DType::F16, Some(8 << 30)).unwrap();
+        assert_eq!(fits.dtype, DType::F32);
+        let tight = resolve(cpu, 1 << 30, DType::F16, Some(3 << 30)).unwrap();
+        assert_eq!(tight.dtype, DType::F16, "the checkpoint's own half dtype");
+        assert!(
+            tight.reason.contains("f32 would need ~4.3 GB"),
+            "{}",
+            tight.reason
+        );
+        let from_f32 = resolve(cpu, 1 << 30, DType::F32, Some(3 << 30)).unwrap();
+        assert_eq!(from_f32.dtype, DType::BF16);
+        let forced = ComputeOptions {
+            dtype: DTypeChoice::F32,
+            ..cpu
+        };
+        assert_eq!(
+            resolve(forced, 1 << 30, DType::F16, Some(1)).unwrap().dtype,
+            DType::F32
+        );
+    }
+
+    #[test]
+    fn a_load_that_does_not_fit_says_how_much_it_needs_and_what_to_try() {
+        check_fits(1 << 30, 2 << 30, DType::F32).unwrap();
+        let err = check_fits(28_000_000_000, 9_500_000_000, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the model needs ~28.0 GB in f32, 9.5 GB available; try --dtype bf16 or --quantize q4k"
+        );
+        let err = check_fits(14_000_000_000, 9_500_000_000, DType::BF16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("in bf16") && err.contains("--quantize q4k"),
+            "{err}"
+        );
+        assert!(mem_available_bytes().is_some_and(|b| b > 0));
+    }
+}
