@@ -121,7 +121,6 @@ def cmd_prepare(args) -> dict:
     names = [f"p{i}" for i in range(args.particles)]
     if all((out / n / "adapter_model.safetensors").is_file() for n in names):
         return {"adapters": str(out), "kept": True}
-    args.device, args.dtype = "cpu", "f32" if args.dtype == "f32" else args.dtype
     model, _, _ = load_base(args)
     n_layers = model.config.text_config.num_hidden_layers
     cfg = lora_config(n_layers, args.layers_from)
@@ -135,7 +134,7 @@ def cmd_prepare(args) -> dict:
             if hasattr(mod, "lora_B") and n in mod.lora_B:
                 w = mod.lora_B[n].weight
                 with torch.no_grad():
-                    w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.dtype) * B_STD)
+                    w.copy_((torch.randn(w.shape, generator=g, dtype=torch.float32) * B_STD).to(device=w.device, dtype=w.dtype))
                 modules += i == 0
     out.mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -168,6 +167,7 @@ def load_peft(args, model):
 
     names = [f"p{i}" for i in range(args.particles)]
     root = Path(args.adapters)
+    assert all((root / n / "adapter_config.json").is_file() for n in names), f"run `prepare` first: {root}"
     t0 = time.perf_counter()
     peft_model = PeftModel.from_pretrained(model, str(root / names[0]), adapter_name=names[0],
                                            is_trainable=args.command == "train")
@@ -190,11 +190,7 @@ def timed(fn, runs: int, warmup: int, device: str):
     return statistics.median(times), times, result
 
 
-def cmd_answer(args) -> dict:
-    torch.manual_seed(0)
-    model, processor, load_s = load_base(args)
-    peft_model, names, adapters_s = load_peft(args, model)
-    peft_model.eval()
+def answer_one(args, peft_model, processor, names: list[str], mode: str) -> dict:
     reset_peak()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -202,7 +198,7 @@ def cmd_answer(args) -> dict:
     tok = processor.tokenizer
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1,
                pad_token_id=tok.pad_token_id)
-    if args.mode == "batched":
+    if mode == "batched":
         enc, prompt = inputs_for(processor, args.device, dtype, batch=len(names))
 
         def answer():
@@ -234,22 +230,43 @@ def cmd_answer(args) -> dict:
     answer_s, answer_all, outs = timed(answer, args.runs, args.warmup, args.device)
     prefill_s, _, _ = timed(prefill, args.runs, 0 if args.warmup == 0 else 1, args.device)
     tokens = [o.tolist() for o in outs]
-    steps = max(len(t) for t in tokens)  # batched: decode steps of the longest row
-    if args.mode == "sequential":
-        # per adapter: (answer_i - prefill_i) / (tokens_i - 1); summed time over summed steps
-        decode_per_token = (answer_s - prefill_s) / max(1, sum(len(t) - 1 for t in tokens))
+    # batched rows pad after </s>: count up to the first end token
+    eos = tok.eos_token_id
+    lengths = [t.index(eos) + 1 if eos in t else len(t) for t in tokens]
+    if mode == "sequential":
+        # summed over the adapters: (answer - prefill) over the decode steps after the first token
+        decode_per_token = (answer_s - prefill_s) / max(1, sum(n - 1 for n in lengths))
     else:
-        decode_per_token = (answer_s - prefill_s) / max(1, steps - 1)
+        decode_per_token = (answer_s - prefill_s) / max(1, max(lengths) - 1)
     return {
-        "peer": "transformers+peft", "mode": args.mode, "particles": len(names), "dtype": args.dtype,
+        "peer": "transformers+peft", "mode": mode, "particles": len(names), "dtype": args.dtype,
         "device": args.device, "attn": args.attn, "threads": torch.get_num_threads(),
-        "prompt_tokens": int(enc["input_ids"].shape[1]), "load_s": load_s, "adapters_load_s": adapters_s,
+        "prompt_tokens": int(enc["input_ids"].shape[1]),
         "answer_s": answer_s, "answer_runs_s": answer_all, "prefill_s": prefill_s,
-        "decode_per_token_s": decode_per_token, "generated_tokens": [len(t) for t in tokens],
+        "decode_per_token_s": decode_per_token, "generated_tokens": lengths,
         "answers": [tok.decode(t, skip_special_tokens=True).strip() for t in tokens], "tokens": tokens,
         **peak_bytes(args.device),
         "versions": versions(),
     }
+
+
+def cmd_answer(args) -> dict:
+    """One process, one load: every (P, mode) of --particles × --mode, peaks reset per configuration."""
+    torch.manual_seed(0)
+    model, processor, load_s = load_base(args)
+    peft_model, names, adapters_s = load_peft(args, model)
+    peft_model.eval()
+    results = []
+    for p in args.particle_list:
+        for mode in args.modes:
+            if mode == "batched" and p == 1 and len(args.modes) > 1:
+                continue
+            r = answer_one(args, peft_model, processor, names[:p], mode)
+            r.update(load_s=load_s, adapters_load_s=adapters_s)
+            print(f"peer {mode} P = {p}: answer {r['answer_s']:.2f} s, decode "
+                  f"{1e3 * r['decode_per_token_s']:.1f} ms/token", file=sys.stderr, flush=True)
+            results.append(r)
+    return results[0] if len(results) == 1 else {"results": results}
 
 
 def cmd_train(args) -> dict:
@@ -301,9 +318,9 @@ def main() -> int:
     ap.add_argument("command", choices=["prepare", "answer", "train"])
     ap.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     ap.add_argument("--adapters", required=True, help="directory of the PEFT adapters p0 … p{P-1}")
-    ap.add_argument("--particles", type=int, default=4)
+    ap.add_argument("--particles", default="4", help="P, or a list (answer: 1,4,8 in one process)")
     ap.add_argument("--layers-from", type=int, default=None, help="adapters only on layers >= K")
-    ap.add_argument("--mode", choices=["sequential", "batched"], default="sequential")
+    ap.add_argument("--mode", default="sequential", help="sequential, batched, or both: sequential,batched")
     ap.add_argument("--dtype", choices=list(DTYPES), default="f32")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager)")
@@ -315,6 +332,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.particle_list = [int(p) for p in str(args.particles).split(",")]
+    args.particles = max(args.particle_list)
+    args.modes = args.mode.split(",")
+    for m in args.modes:
+        if m not in ("sequential", "batched"):
+            ap.error(f"--mode: {m!r}")
     result = {"prepare": cmd_prepare, "answer": cmd_answer, "train": cmd_train}[args.command](args)
     line = json.dumps(result)
     print("RESULT " + line, flush=True)
