@@ -25,6 +25,10 @@
 #   bash scripts/gpu-check.sh                 # the GPU check
 #   bash scripts/gpu-check.sh --cpu           # the same steps on the CPU with the 2-layer variant in
 #                                             # f32 (no nvcc, debug build): checks the script itself
+#   On a leased machine whose calls are capped at 10 minutes, split it in two calls: first
+#   `cargo build --locked --release --features cuda --bin bella-vqa && cargo bench --locked
+#   --features cuda --bench ask_latency --no-run` (candle's CUDA kernels take minutes to build), then
+#   `bash scripts/gpu-check.sh --skip-build` while the machine is still warm.
 #   options: --layers N (default 32; --cpu: 2), --dtype bf16|f16|f32, --budget SECONDS,
 #            --model-root DIR (where checkpoints go; default ~/.cache/bella-vqa/real-size),
 #            --skip-build (use target/ as it is), --python PY
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
     --model-root) MODEL_ROOT=$2; shift ;;
     --skip-build) SKIP_BUILD=1 ;;
     --python) PY=$2; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
