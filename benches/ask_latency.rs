@@ -27,8 +27,9 @@
 //! `--dtype f32|bf16|f16|auto` and `--device cpu|cuda|cuda:N` choose how the model is loaded
 //! (default f32 on the CPU; `auto` = f32 on the CPU, bf16 on a GPU), `--modes batched,sequential`
 //! which paths run, `--parts ask,prefill,decode,scoring` which timings are taken (the others read
-//! 0; a 7B-wide prompt makes every part cost seconds), `--no-base` skips the P = 0 row, and
-//! `--json FILE` writes the combined measurements as JSON.
+//! 0; a 7B-wide prompt makes every part cost seconds), `--warmup N` untimed calls before each
+//! timed part (default 1), `--no-base` skips the P = 0 row, and `--json FILE` writes the combined
+//! measurements as JSON.
 //!
 //! Two LLaVA models: the tiny test fixture (`tests/fixtures/llava-tiny-hub`) and a medium random
 //! one of about 107 M parameters with realistic widths, written at start-up into a temporary
@@ -108,6 +109,8 @@ struct Args {
     parts: Vec<String>,
     base_row: bool,
     json: Option<PathBuf>,
+    /// Untimed calls before the timed ones.
+    warmup: usize,
 }
 
 fn parse_args(raw: &[String]) -> Result<Args> {
@@ -127,6 +130,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
         parts: PARTS.iter().map(|s| s.to_string()).collect(),
         base_row: true,
         json: None,
+        warmup: 1,
     };
     let mut models_given = false;
     let mut it = raw.iter();
@@ -147,6 +151,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
             "--modes" => args.modes = value()?.split(',').map(str::to_string).collect(),
             "--parts" => args.parts = value()?.split(',').map(str::to_string).collect(),
             "--no-base" => args.base_row = false,
+            "--warmup" => args.warmup = value()?.parse()?,
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--baseline" => args.baseline = Some(PathBuf::from(value()?)),
             "--medium-dir" => args.medium_dir = Some(PathBuf::from(value()?)),
@@ -351,6 +356,7 @@ fn run_child(exe: &Path, dir: &Path, mode: &str, p: usize, args: &Args) -> Resul
         .env("BELLA_BENCH_DEVICE", &args.device)
         .env("BELLA_BENCH_TARGETS", args.targets.as_deref().unwrap_or(""))
         .env("BELLA_BENCH_PARTS", args.parts.join(","))
+        .env("BELLA_BENCH_WARMUP", args.warmup.to_string())
         .arg("--child")
         .arg(mode)
         .arg(dir)
@@ -600,9 +606,15 @@ fn time_if(on: bool, runs: usize, f: impl FnMut() -> anyhow::Result<()>) -> Resu
     }
 }
 
-/// Median wall time in ms of `runs` calls after one warm-up call.
+/// Median wall time in ms of `runs` calls after the warm-up calls (one, or `--warmup N`).
 fn time(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> Result<f64> {
-    f()?;
+    let warmup: usize = std::env::var("BELLA_BENCH_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 0..warmup {
+        f()?;
+    }
     let mut ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
