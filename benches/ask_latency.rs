@@ -20,6 +20,17 @@
 //! configuration by configuration). `BELLA_LATENCY_OUT=FILE` also writes the Markdown tables to
 //! FILE.
 //!
+//! Real-size checkpoints (issue 10; `scripts/make_real_size.py`, `scripts/scale/compare.py`):
+//! `--model-dir DIR` measures an existing checkpoint instead of the tiny/medium ones (model name
+//! `dir`, the default when it is given), `--targets PATTERNS` (comma-separated, as `train
+//! --targets`, e.g. `language_model.layers.6-7.*.q_proj,…`) puts the particles on chosen layers,
+//! `--dtype f32|bf16|f16|auto` and `--device cpu|cuda|cuda:N` choose how the model is loaded
+//! (default f32 on the CPU; `auto` = f32 on the CPU, bf16 on a GPU), `--modes batched,sequential`
+//! which paths run, `--parts ask,prefill,decode,scoring` which timings are taken (the others read
+//! 0; a 7B-wide prompt makes every part cost seconds), `--warmup N` untimed calls before each
+//! timed part (default 1), `--no-base` skips the P = 0 row, and `--json FILE` writes the combined
+//! measurements as JSON.
+//!
 //! Two LLaVA models: the tiny test fixture (`tests/fixtures/llava-tiny-hub`) and a medium random
 //! one of about 107 M parameters with realistic widths, written at start-up into a temporary
 //! directory in the hub layout and loaded through the normal `models::load` path:
@@ -88,6 +99,18 @@ struct Args {
     medium_dir: Option<PathBuf>,
     /// Another build of this bench binary (e.g. before a change) measured in the same rounds.
     baseline: Option<PathBuf>,
+    /// An existing checkpoint measured as model `dir`.
+    model_dir: Option<PathBuf>,
+    /// Particle target patterns (default: the design default, attention of every decoder layer).
+    targets: Option<String>,
+    dtype: String,
+    device: String,
+    modes: Vec<String>,
+    parts: Vec<String>,
+    base_row: bool,
+    json: Option<PathBuf>,
+    /// Untimed calls before the timed ones.
+    warmup: usize,
 }
 
 fn parse_args(raw: &[String]) -> Result<Args> {
@@ -99,7 +122,17 @@ fn parse_args(raw: &[String]) -> Result<Args> {
         particles: vec![1, 4, 8],
         medium_dir: None,
         baseline: None,
+        model_dir: None,
+        targets: None,
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        modes: vec!["batched".into(), "sequential".into()],
+        parts: PARTS.iter().map(|s| s.to_string()).collect(),
+        base_row: true,
+        json: None,
+        warmup: 1,
     };
+    let mut models_given = false;
     let mut it = raw.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().context(format!("{a} needs a value"));
@@ -107,7 +140,19 @@ fn parse_args(raw: &[String]) -> Result<Args> {
             "--runs" => args.runs = value()?.parse()?,
             "--decode" => args.decode = value()?.parse()?,
             "--rounds" => args.rounds = value()?.parse()?,
-            "--models" => args.models = value()?.split(',').map(str::to_string).collect(),
+            "--models" => {
+                models_given = true;
+                args.models = value()?.split(',').map(str::to_string).collect()
+            }
+            "--model-dir" => args.model_dir = Some(PathBuf::from(value()?)),
+            "--targets" => args.targets = Some(value()?.clone()),
+            "--dtype" => args.dtype = value()?.clone(),
+            "--device" => args.device = value()?.clone(),
+            "--modes" => args.modes = value()?.split(',').map(str::to_string).collect(),
+            "--parts" => args.parts = value()?.split(',').map(str::to_string).collect(),
+            "--no-base" => args.base_row = false,
+            "--warmup" => args.warmup = value()?.parse()?,
+            "--json" => args.json = Some(PathBuf::from(value()?)),
             "--baseline" => args.baseline = Some(PathBuf::from(value()?)),
             "--medium-dir" => args.medium_dir = Some(PathBuf::from(value()?)),
             "--particles" => {
@@ -123,7 +168,49 @@ fn parse_args(raw: &[String]) -> Result<Args> {
     if args.runs == 0 || args.rounds == 0 || args.decode == 0 {
         bail!("--runs, --rounds and --decode must be at least 1");
     }
+    if args.model_dir.is_some() && !models_given {
+        args.models = vec!["dir".into()];
+    }
+    for m in &args.modes {
+        if m != "batched" && m != "sequential" {
+            bail!("--modes: unknown mode {m:?} (batched, sequential)");
+        }
+    }
+    for p in &args.parts {
+        if !PARTS.contains(&p.as_str()) {
+            bail!("--parts: unknown part {p:?} ({})", PARTS.join(", "));
+        }
+    }
+    parse_dtype(&args.dtype, &args.device)?;
+    parse_device(&args.device)?;
     Ok(args)
+}
+
+/// The timings `--parts` can select.
+const PARTS: &[&str] = &["ask", "prefill", "decode", "scoring"];
+
+/// `--dtype`: the compute dtype of the frozen weights (`auto`: f32 on the CPU, bf16 on a GPU).
+fn parse_dtype(dtype: &str, device: &str) -> Result<DType> {
+    Ok(match dtype {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "auto" if device == "cpu" => DType::F32,
+        "auto" => DType::BF16,
+        other => bail!("--dtype {other:?}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+/// `--device cpu|cuda|cuda:N` (a CUDA device needs a build with candle's `cuda` feature).
+fn parse_device(device: &str) -> Result<Device> {
+    Ok(match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        d => match d.strip_prefix("cuda:") {
+            Some(n) => Device::new_cuda(n.parse().context("--device cuda:N")?)?,
+            None => bail!("--device {d:?}: expected cpu, cuda or cuda:N"),
+        },
+    })
 }
 
 fn main() -> Result<()> {
@@ -156,15 +243,30 @@ fn main() -> Result<()> {
                 }
                 dir
             }
-            other => bail!("unknown model {other:?} (tiny, medium)"),
+            "dir" => args
+                .model_dir
+                .clone()
+                .context("model `dir` needs --model-dir DIR")?,
+            other => bail!("unknown model {other:?} (tiny, medium, dir)"),
+        };
+        let name = &if name == "dir" {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "dir".into())
+        } else {
+            name.clone()
         };
         // P = 0: the base model without adapters (one answer), the reference every report uses.
-        let configs: Vec<(usize, &str)> = std::iter::once((0, "batched"))
-            .chain(
-                args.particles
-                    .iter()
-                    .flat_map(|&p| [(p, "batched"), (p, "sequential")]),
-            )
+        let configs: Vec<(usize, &str)> = args
+            .base_row
+            .then_some((0, "batched"))
+            .into_iter()
+            .chain(args.particles.iter().flat_map(|&p| {
+                ["batched", "sequential"]
+                    .into_iter()
+                    .filter(|m| args.modes.iter().any(|x| x == m))
+                    .map(move |m| (p, m))
+            }))
             .collect();
         // Rounds over all configurations (and builds), so that slow drifts of the machine's load
         // hit every configuration alike; each number is the median over the rounds of per-round
@@ -194,6 +296,22 @@ fn main() -> Result<()> {
             .iter()
             .map(|b| b.iter().map(|r| combine(r)).collect())
             .collect();
+        if let Some(path) = &args.json {
+            let json = serde_json::json!({
+                "model": name,
+                "dir": dir,
+                "dtype": args.dtype,
+                "device": args.device,
+                "targets": args.targets,
+                "rounds": args.rounds,
+                "runs": args.runs,
+                "decode_steps": args.decode,
+                "results": results[0],
+                "per_round": rounds[0],
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&json)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         for (b, (label, _)) in builds.iter().enumerate() {
             let mut table = tables(name, &results[b], &args);
             if builds.len() > 1 {
@@ -234,6 +352,11 @@ fn combine(rounds: &[Measured]) -> Measured {
 /// Runs one configuration in a fresh process of `exe` (this bench binary, or a baseline build of it).
 fn run_child(exe: &Path, dir: &Path, mode: &str, p: usize, args: &Args) -> Result<Measured> {
     let out = Command::new(exe)
+        .env("BELLA_BENCH_DTYPE", &args.dtype)
+        .env("BELLA_BENCH_DEVICE", &args.device)
+        .env("BELLA_BENCH_TARGETS", args.targets.as_deref().unwrap_or(""))
+        .env("BELLA_BENCH_PARTS", args.parts.join(","))
+        .env("BELLA_BENCH_WARMUP", args.warmup.to_string())
         .arg("--child")
         .arg(mode)
         .arg(dir)
@@ -299,14 +422,29 @@ fn child(raw: &[String]) -> Result<()> {
         bail!("usage: --child batched|sequential|decode DIR P RUNS DECODE");
     };
     let (p, runs, decode): (usize, usize, usize) = (p.parse()?, runs.parse()?, decode.parse()?);
+    // Options of the parent (`--dtype`, `--device`, `--targets`, `--parts`), through the environment.
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let device_name = env("BELLA_BENCH_DEVICE").unwrap_or_else(|| "cpu".into());
+    let device = parse_device(&device_name)?;
+    let dtype = parse_dtype(
+        &env("BELLA_BENCH_DTYPE").unwrap_or_else(|| "f32".into()),
+        &device_name,
+    )?;
+    let parts: Vec<String> = env("BELLA_BENCH_PARTS")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| PARTS.iter().map(|s| s.to_string()).collect());
+    let part = |name: &str| parts.iter().any(|p| p == name);
     let files = resolve(&ModelSource::Dir(dir.into()), &HubOptions::from_env())?;
-    let mut loaded = models::load(&files, &Device::Cpu, DType::F32)?;
+    let mut loaded = models::load(&files, &device, dtype)?;
     let params = loaded.info.parameters;
     if p > 0 {
-        let spec = AdapterSpec {
+        let mut spec = AdapterSpec {
             particles: p,
             ..AdapterSpec::default_for_llava()
         };
+        if let Some(t) = env("BELLA_BENCH_TARGETS") {
+            spec.targets = t.split(',').map(str::to_string).collect();
+        }
         attach(&mut loaded.model, &spec, InitB::Normal { std: B_STD }, SEED)?;
     }
     let adapter_bytes: usize = loaded
@@ -330,7 +468,8 @@ fn child(raw: &[String]) -> Result<()> {
     let text = prompter.render_question(QUESTION, true)?;
     let ids = prompter.encode(&text, model.config().image_tokens_per_image())?;
     let prompt_tokens = ids.len();
-    let input_ids = Tensor::from_vec(ids, (1, prompt_tokens), &Device::Cpu)?;
+    let input_ids = Tensor::from_vec(ids, (1, prompt_tokens), &device)?;
+    let pixels = pixels.to_device(&device)?;
     let keep = vec![vec![true; prompt_tokens]];
     let input = LlavaInput {
         input_ids: &input_ids,
@@ -365,15 +504,19 @@ fn child(raw: &[String]) -> Result<()> {
             let particles = vqa.particles();
             let opts = AskOptions::default();
             let mut k = 0;
-            let ask_ms = time(runs, || {
+            let ask_ms = time_if(part("ask"), runs, || {
                 k = vqa.ask_with(&image, QUESTION, &opts)?.candidates.len();
                 Ok(())
             })?;
-            let prefill_ms = time(runs, || Ok(model.prefill(&input, particles).map(drop)?))?;
+            let prefill_ms = time_if(part("prefill"), runs, || {
+                Ok(model.prefill(&input, particles).map(drop)?)
+            })?;
             let prefill = model.prefill(&input, particles)?;
             let lm = &model.language_model;
-            let decode_ms = time(runs, || generate(lm, &prefill, particles, &gen).map(drop))?;
-            let scoring_ms = time(runs, || {
+            let decode_ms = time_if(part("decode"), runs, || {
+                generate(lm, &prefill, particles, &gen).map(drop)
+            })?;
+            let scoring_ms = time_if(part("scoring"), runs, || {
                 score_candidates(lm, &prefill, &candidates, particles).map(drop)
             })?;
             Measured {
@@ -412,10 +555,14 @@ fn child(raw: &[String]) -> Result<()> {
             let mut all_tokens = Vec::new();
             for m in &merged {
                 let lm = &m.language_model;
-                sums[0] += time(runs, || Ok(m.prefill(&input, 1).map(drop)?))?;
+                sums[0] += time_if(part("prefill"), runs, || {
+                    Ok(m.prefill(&input, 1).map(drop)?)
+                })?;
                 let prefill = m.prefill(&input, 1)?;
-                sums[1] += time(runs, || generate(lm, &prefill, 1, &gen).map(drop))?;
-                sums[2] += time(runs, || {
+                sums[1] += time_if(part("decode"), runs, || {
+                    generate(lm, &prefill, 1, &gen).map(drop)
+                })?;
+                sums[2] += time_if(part("scoring"), runs, || {
                     score_candidates(lm, &prefill, &candidates, 1).map(drop)
                 })?;
                 all_tokens.extend(tokens(generate(lm, &prefill, 1, &gen)?));
@@ -442,7 +589,7 @@ fn child(raw: &[String]) -> Result<()> {
         other => bail!("unknown mode {other:?}"),
     };
     let measured = Measured {
-        base_bytes: params * DType::F32.size_in_bytes(),
+        base_bytes: params * dtype.size_in_bytes(),
         rss_peak: proc_status("VmHWM")?,
         ..measured
     };
@@ -450,9 +597,24 @@ fn child(raw: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Median wall time in ms of `runs` calls after one warm-up call.
+/// [`time`] when `on`, else 0 without calling `f` (a part left out by `--parts`).
+fn time_if(on: bool, runs: usize, f: impl FnMut() -> anyhow::Result<()>) -> Result<f64> {
+    if on {
+        time(runs, f)
+    } else {
+        Ok(0.0)
+    }
+}
+
+/// Median wall time in ms of `runs` calls after the warm-up calls (one, or `--warmup N`).
 fn time(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> Result<f64> {
-    f()?;
+    let warmup: usize = std::env::var("BELLA_BENCH_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 0..warmup {
+        f()?;
+    }
     let mut ms = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();

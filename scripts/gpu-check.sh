@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The GPU check of issue 10 (section 4): on a machine with an NVIDIA GPU and nvcc, in one go and in
+# under 10 minutes on an H200:
+#
+#   1. builds bella-vqa with `cargo build --release --features cuda` (and the ask_latency bench);
+#      meanwhile writes a random checkpoint with the exact llava-1.5-7b-hf shapes (all 32 layers,
+#      f16, 3 shards + index) with scripts/make_real_size.py;
+#   2. parity against transformers on the GPU: input ids, logits of one image prompt (relative error
+#      within the stated tolerance, bf16 0.05 / f16 0.01) and the greedy answer (scripts/scale/parity.py);
+#   3. times `ask` with P = 1/4/8 (the ask_latency bench: whole ask, prefill, decode per token,
+#      candidate scoring), particles on every layer and on the top quarter (layers 24-31);
+#   4. one training step with P = 4 (`bella-vqa train --max-steps 1`);
+#   5. the transformers + PEFT peer on the same GPU (scripts/scale/peft_bench.py: P adapters via
+#      load_adapter, set_adapter in turn and one adapter_names batch; one training step of 4 adapters).
+#
+# Everything goes to $OUT (default ./gpu-check-out): SUMMARY.md, *.json, logs. Timings are printed
+# as it goes; a step that would not fit in the time left (--budget, default 540 s) is skipped and
+# says so.
+#
+# Needs: nvidia-smi, nvcc, cargo (Rust is NOT installed by this script: rustup needs the internet,
+# which such machines often lack; set BELLA_BIN/BELLA_BENCH to binaries built elsewhere with
+# `--features cuda` to skip the build), python3 with torch, transformers, peft, numpy, safetensors,
+# tokenizers and pillow (scripts/requirements-scale.txt; a GPU image with PyTorch usually has them).
+#
+#   bash scripts/gpu-check.sh                 # the GPU check
+#   bash scripts/gpu-check.sh --cpu           # the same steps on the CPU with the 2-layer variant in
+#                                             # f32 (no nvcc, debug build): checks the script itself
+#   On a leased machine whose calls are capped at 10 minutes, split it in two calls: first
+#   `cargo build --locked --release --features cuda --bin bella-vqa && cargo bench --locked
+#   --features cuda --bench ask_latency --no-run` (candle's CUDA kernels take minutes to build), then
+#   `bash scripts/gpu-check.sh --skip-build` while the machine is still warm.
+#   options: --layers N (default 32; --cpu: 2), --dtype bf16|f16|f32, --budget SECONDS,
+#            --model-root DIR (where checkpoints go; default ~/.cache/bella-vqa/real-size),
+#            --skip-build (use target/ as it is), --python PY
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+REPO=$(pwd)
+MODE=gpu
+LAYERS=
+DTYPE=
+BUDGET=540
+SKIP_BUILD=0
+PY=${PYTHON:-python3}
+MODEL_ROOT=${BELLA_REAL_SIZE_DIR:-$HOME/.cache/bella-vqa/real-size}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu|--dry-run) MODE=cpu ;;
+    --layers) LAYERS=$2; shift ;;
+    --dtype) DTYPE=$2; shift ;;
+    --budget) BUDGET=$2; shift ;;
+    --model-root) MODEL_ROOT=$2; shift ;;
+    --skip-build) SKIP_BUILD=1 ;;
+    --python) PY=$2; shift ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$MODE" = cpu ]; then
+  LAYERS=${LAYERS:-2}; DTYPE=${DTYPE:-f32}; DEVICE=cpu; PROFILE=debug
+else
+  LAYERS=${LAYERS:-32}; DTYPE=${DTYPE:-bf16}; DEVICE=cuda; PROFILE=release
+fi
+OUT=${OUT:-$REPO/gpu-check-out}
+mkdir -p "$OUT"
+SUMMARY=$OUT/SUMMARY.md
+LOG=$OUT/gpu-check.log
+: > "$LOG"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+START=$SECONDS
+# /usr/bin/time -v for peak RSS where it exists
+if [ -x /usr/bin/time ]; then TIMEV=(/usr/bin/time -v); else TIMEV=(); fi
+
+say() { printf '[%4ds] %s\n' "$((SECONDS - START))" "$*" | tee -a "$LOG" >&2; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+# fits SECONDS_NEEDED NAME: true when that many seconds are left, else says the step is skipped
+fits() {
+  if [ "$(left)" -ge "$1" ]; then return 0; fi
+  say "SKIPPED $2: needs ~$1 s, $(left) s left of the $BUDGET s budget"
+  echo "- **skipped** $2: needs ~$1 s, $(left) s left" >> "$SUMMARY"
+  return 1
+}
+# step NAME CMD...: runs CMD with its output in $OUT/NAME.log, prints the time it took
+step() {
+  local name=$1; shift
+  local t0=$SECONDS
+  say "start $name: $*"
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  say "done  $name in $((SECONDS - t0)) s (exit $rc)"
+  if [ $rc -ne 0 ]; then
+    tail -n 30 "$OUT/$name.log" | tee -a "$LOG" >&2
+    echo "- **failed** $name (exit $rc; $OUT/$name.log)" >> "$SUMMARY"
+  fi
+  return $rc
+}
+
+{
+  echo "# gpu-check ($MODE): llava-1.5-7b-hf shapes, $LAYERS language-model layers, $DTYPE on $DEVICE"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+} > "$SUMMARY"
+
+# --- 0. the machine ------------------------------------------------------------------------------
+if [ "$MODE" = gpu ]; then
+  if ! command -v nvidia-smi >/dev/null; then say "no nvidia-smi: not a GPU machine (use --cpu)"; exit 1; fi
+  GPU=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n1)
+  echo "- GPU: $GPU" >> "$SUMMARY"
+  say "GPU: $GPU"
+  if ! command -v nvcc >/dev/null && [ -z "${BELLA_BIN:-}" ]; then
+    say "no nvcc on the PATH: candle's CUDA kernels cannot be built (or set BELLA_BIN/BELLA_BENCH)"; exit 1
+  fi
+  command -v nvcc >/dev/null && echo "- nvcc: $(nvcc --version | tail -n1)" >> "$SUMMARY"
+fi
+echo "- CPU: $(nproc) threads; python: $($PY -c 'import sys, torch, transformers, peft; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' 2>&1 | tail -n1)" >> "$SUMMARY"
+HAVE_PY=1
+$PY -c 'import torch, transformers, peft, numpy, safetensors, tokenizers, PIL' 2>/dev/null || {
+  HAVE_PY=0; say "python3 lacks torch/transformers/peft/numpy/safetensors/tokenizers/pillow: no checkpoint, parity or peer"
+}
+
+# --- 1. build + checkpoint in parallel -----------------------------------------------------------
+MODEL=$MODEL_ROOT/llava-1.5-7b-hf
+[ "$LAYERS" != 32 ] && MODEL=$MODEL-L$LAYERS
+GEN_PID=
+if [ "$HAVE_PY" = 1 ]; then
+  say "writing the checkpoint to $MODEL (in the background)"
+  ( t0=$SECONDS; $PY scripts/make_real_size.py llava --layers "$LAYERS" --root "$MODEL_ROOT" > "$OUT/make_real_size.log" 2>&1;
+    rc=$?; echo "make_real_size: exit $rc in $((SECONDS - t0)) s" >> "$OUT/make_real_size.log"; exit $rc ) &
+  GEN_PID=$!
+fi
+
+if [ -n "${BELLA_BIN:-}" ]; then
+  BIN=$BELLA_BIN; BENCH=${BELLA_BENCH:-}
+  say "using BELLA_BIN=$BIN (no build)"
+else
+  if ! command -v cargo >/dev/null; then
+    say "cargo not found: install Rust (https://rustup.rs) or set BELLA_BIN to a bella-vqa built with --features cuda"
+    echo "- **no cargo**: Rust parts skipped" >> "$SUMMARY"
+    BIN=; BENCH=
+  else
+    TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+    if [ "$MODE" = gpu ]; then FEAT=(--release --features cuda); else FEAT=(); fi
+    if [ "$SKIP_BUILD" = 0 ]; then
+      step build cargo build --locked "${FEAT[@]}" --bin bella-vqa || exit 1
+      if [ "$MODE" = gpu ]; then BFEAT=(--features cuda); else BFEAT=(--profile dev); fi
+      step build-bench cargo bench --locked "${BFEAT[@]}" --bench ask_latency --no-run || true
+    fi
+    BIN=$TARGET/$PROFILE/bella-vqa
+    BENCH=
+    for f in "$TARGET/$PROFILE"/deps/ask_latency-*; do
+      case "$f" in *.d) continue ;; esac
+      if [ -x "$f" ] && { [ -z "$BENCH" ] || [ "$f" -nt "$BENCH" ]; }; then BENCH=$f; fi
+    done
+  fi
+fi
+if [ -n "$GEN_PID" ]; then
+  wait "$GEN_PID"; rc=$?
+  tail -n 6 "$OUT/make_real_size.log" | tee -a "$LOG" >&2
+  [ $rc -ne 0 ] && { say "checkpoint generation failed"; exit 1; }
+  echo "- checkpoint: \`$MODEL\` ($(du -sh "$MODEL" | cut -f1)); $(tail -n1 "$OUT/make_real_size.log")" >> "$SUMMARY"
+fi
+say "build and checkpoint ready"
+
+IMAGE=tests/fixtures/images/photo.png
+QUESTION="What color is the circle?"
+FLAGS=(--dtype "$DTYPE" --device "$DEVICE")
+TOP_FROM=$((LAYERS * 3 / 4))
+TOP="language_model.layers.$TOP_FROM-$((LAYERS - 1))"
+TOP_TARGETS="$TOP.*.q_proj,$TOP.*.k_proj,$TOP.*.v_proj,$TOP.*.o_proj"
+# CPU mode: a 7B-wide prompt costs tens of seconds per particle set there; keep the dry run short
+if [ "$MODE" = cpu ]; then PS=1,2; RUNS=1; WARM=0; else PS=1,4,8; RUNS=3; WARM=1; fi
+
+# --- 2. parity -----------------------------------------------------------------------------------
+if [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ] && fits 120 "parity"; then
+  echo -e "\n## Parity against transformers\n" >> "$SUMMARY"
+  step inspect "${TIMEV[@]}" "$BIN" inspect --model "$MODEL" "${FLAGS[@]}"
+  grep -E "parameters|dtype" "$OUT/inspect.log" | sed 's/^/    /' >> "$SUMMARY"
+  step rust-logits "$BIN" logits --quiet --model "$MODEL" "${FLAGS[@]}" --image "$IMAGE" --prompt "$QUESTION" \
+    --out "$OUT/rust-logits.safetensors"
+  step rust-ask "$BIN" ask --quiet --model "$MODEL" "${FLAGS[@]}" --image "$IMAGE" --json "$QUESTION"
+  sed -n '/^{/,$p' "$OUT/rust-ask.log" > "$OUT/rust-ask.json"
+  step parity "$PY" scripts/scale/parity.py --model "$MODEL" --rust-logits "$OUT/rust-logits.safetensors" \
+    --rust-ask "$OUT/rust-ask.json" --dtype "$DTYPE" --device "$DEVICE" --json "$OUT/parity.json"
+  grep -v '^\s*$' "$OUT/parity.log" | grep -E '^(-|####)' >> "$SUMMARY"
+  rm -f "$OUT/rust-logits.safetensors"   # 600 x 32064 f32: too big to bring back
+fi
+
+# --- 3. ask with P = 1/4/8 -----------------------------------------------------------------------
+if [ -n "${BENCH:-}" ] && fits 120 "ask timings (every layer)"; then
+  echo -e "\n## ask with P particles (bella-vqa, ask_latency bench)\n" >> "$SUMMARY"
+  step bench-all "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
+    --warmup "$WARM" --decode 15 --no-base "${FLAGS[@]}" --json "$OUT/bench-all.json"
+  sed -n '/^###/,$p' "$OUT/bench-all.log" >> "$SUMMARY"
+fi
+if [ -n "${BENCH:-}" ] && fits 90 "ask timings (top quarter)"; then
+  echo -e "\n### particles on the top quarter ($TOP)\n" >> "$SUMMARY"
+  step bench-top "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
+    --warmup "$WARM" --decode 15 --no-base --targets "$TOP_TARGETS" "${FLAGS[@]}" --json "$OUT/bench-top.json"
+  sed -n '/^###/,$p' "$OUT/bench-top.log" | sed 's/^###/####/' >> "$SUMMARY"
+fi
+
+# --- 4. one training step with P = 4 -------------------------------------------------------------
+if [ -n "$BIN" ] && fits 60 "training step"; then
+  echo -e "\n## One training step, P = 4 (bella-vqa)\n" >> "$SUMMARY"
+  TRAIN=$(mktemp -d)
+  printf '{"question_id": "q0", "image": "%s", "question": "%s", "answers": ["red"]}\n' \
+    "$REPO/$IMAGE" "$QUESTION" > "$TRAIN/train.jsonl"
+  t0=$SECONDS
+  step train "${TIMEV[@]}" "$BIN" train --model "$MODEL" "${FLAGS[@]}" --data "$TRAIN/train.jsonl" \
+    --out "$TRAIN/particles" --particles 4 --rank 8 --alpha 16 --batch-size 1 --max-steps 1 --epochs 1
+  echo "- \`train --max-steps 1 --particles 4\`: process wall $((SECONDS - t0)) s (load included);" \
+    "$(grep -E 'Maximum resident' "$OUT/train.log" | sed 's/^\s*//')" >> "$SUMMARY"
+  grep -iE "step|loss" "$OUT/train.log" | tail -n 5 | sed 's/^/    /' >> "$SUMMARY"
+  rm -rf "$TRAIN"
+fi
+
+# --- 5. the transformers + PEFT peer -------------------------------------------------------------
+if [ "$HAVE_PY" = 1 ] && fits 150 "transformers + PEFT peer"; then
+  echo -e "\n## transformers + PEFT on the same $DEVICE ($DTYPE)\n" >> "$SUMMARY"
+  ADAPTERS=$MODEL_ROOT/peft-$(basename "$MODEL")-from0
+  step peer-prepare "$PY" scripts/scale/peft_bench.py prepare --model "$MODEL" --adapters "$ADAPTERS" \
+    --particles 8 --dtype "$DTYPE" --device "$DEVICE"
+  step peer-answer "$PY" scripts/scale/peft_bench.py answer --model "$MODEL" --adapters "$ADAPTERS" \
+    --particles "$PS" --mode sequential,batched --dtype "$DTYPE" --device "$DEVICE" --runs "$RUNS" \
+    --warmup "$WARM" --json "$OUT/peer-answer.json"
+  grep -E '^peer ' "$OUT/peer-answer.log" | sed 's/^/- /' >> "$SUMMARY"
+  if fits 45 "PEFT training step"; then
+    step peer-train "$PY" scripts/scale/peft_bench.py train --model "$MODEL" --adapters "$ADAPTERS" \
+      --particles 4 --dtype "$DTYPE" --device "$DEVICE" --runs 1 --warmup "$WARM" --json "$OUT/peer-train.json"
+    "$PY" - "$OUT/peer-train.json" >> "$SUMMARY" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+gpu = f", peak GPU memory {r['peak_gpu_bytes'] / 2**30:.1f} GiB" if "peak_gpu_bytes" in r else ""
+print(f"- PEFT, 4 adapters trained in turn: step {r['step_s']:.2f} s, peak RSS "
+      f"{r['peak_rss_with_load_bytes'] / 2**30:.1f} GiB{gpu}")
+EOF
+  fi
+fi
+
+say "finished in $((SECONDS - START)) s"
+echo -e "\n- total: $((SECONDS - START)) s" >> "$SUMMARY"
+cat "$SUMMARY"
