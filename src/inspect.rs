@@ -25,6 +25,9 @@ pub struct ModelSummary {
     pub stored_dtypes: std::collections::BTreeMap<String, usize>,
     pub declared_dtype: Option<String>,
     pub compute_dtype: String,
+    /// What `--quantize` did (absent: a dense base).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::models::quant::QuantSummary>,
     /// Linear layers that can carry particles.
     pub particle_capable_layers: usize,
     pub particles: usize,
@@ -88,6 +91,7 @@ impl ModelSummary {
             stored_dtypes: info.stored_dtypes.clone(),
             declared_dtype: info.declared_dtype.clone(),
             compute_dtype: format!("{:?}", info.compute_dtype),
+            quantization: info.quantization.clone(),
             particle_capable_layers: loaded.model.linears().len(),
             particles: loaded.model.particles().unwrap_or(1),
             source: loaded.files.origin.to_string(),
@@ -140,6 +144,9 @@ impl fmt::Display for ModelSummary {
             self.declared_dtype.as_deref().unwrap_or("not stated"),
             self.compute_dtype
         )?;
+        if let Some(q) = &self.quantization {
+            writeln!(f, "quantized     {q}")?;
+        }
         writeln!(
             f,
             "particles     {} particle-capable linear layers, {} particle(s) attached",

@@ -42,6 +42,8 @@ struct ModelArgs {
     /// Hub revision (branch, tag or commit); overrides `@revision` in --model.
     #[arg(long)]
     revision: Option<String>,
+    #[command(flatten)]
+    quantize: bella_vqa::models::quant::QuantizeArgs,
 }
 
 #[derive(Subcommand)]
@@ -337,7 +339,11 @@ impl ModelArgs {
     }
 
     fn load(&self, cli: &Cli) -> Result<LoadedModel> {
-        models::load_source(&self.source()?, &cli.hub_options())
+        models::load_source(
+            &self.source()?,
+            &cli.hub_options(),
+            self.quantize.options().as_ref(),
+        )
     }
 }
 
@@ -347,6 +353,7 @@ impl VqaArgs {
         let source = self.model.source()?;
         let opts = LoadOptions {
             hub,
+            quantize: self.model.quantize.options(),
             ..LoadOptions::default()
         };
         let adapters = match (&self.model.model, &self.adapters) {

@@ -53,6 +53,8 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Attach particles even when their base-model hashes differ (not recommended).
     pub skip_base_check: bool,
+    /// Quantize the frozen base (`--quantize`); the particles stay f32.
+    pub quantize: Option<models::quant::Quantize>,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +62,7 @@ impl Default for LoadOptions {
         Self {
             hub: HubOptions::from_env(),
             skip_base_check: false,
+            quantize: None,
         }
     }
 }
@@ -177,7 +180,7 @@ pub struct BellaVqa {
 impl BellaVqa {
     /// Loads the base model and, if given, the particle directory (checked against the base).
     pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
-        let mut loaded = models::load_source(source, &opts.hub)?;
+        let mut loaded = models::load_source(source, &opts.hub, opts.quantize.as_ref())?;
         let set = match adapters {
             Some(dir) => {
                 let set = ParticleSet::load(dir, &candle_core::Device::Cpu)?;

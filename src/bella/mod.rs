@@ -4,9 +4,10 @@ mod few_rows;
 mod linear;
 pub mod particles;
 pub mod peft;
+pub mod quant;
 pub mod svgd;
 
-pub use linear::{expand_particles, Adapter, ParticleLinear, ParticleModel};
+pub use linear::{expand_particles, Adapter, Base, ParticleLinear, ParticleModel};
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -244,8 +245,7 @@ pub fn attach<M: ParticleModel + ?Sized>(
                     .collect()
             }
         };
-        let device = layer.weight().device().clone();
-        let dtype = layer.weight().dtype();
+        let (device, dtype) = (layer.device(), layer.dtype());
         let a = Tensor::from_vec(a, (p, r, inp), &device)?.to_dtype(dtype)?;
         let b = Tensor::from_vec(b, (p, out, r), &device)?.to_dtype(dtype)?;
         layer.set_adapter(Some(Adapter::new(a, b, spec.alpha / r as f64)?))?;

@@ -329,8 +329,7 @@ impl ParticleSet {
             self.adapters.iter().map(|(n, a)| (n.as_str(), a)).collect();
         for (name, layer) in model.linears_mut() {
             if let Some(adapter) = by_name.remove(name.as_str()) {
-                let device = layer.weight().device().clone();
-                let dtype = layer.weight().dtype();
+                let (device, dtype) = (layer.device(), layer.dtype());
                 let moved = Adapter::new(
                     adapter.a.to_device(&device)?.to_dtype(dtype)?,
                     adapter.b.to_device(&device)?.to_dtype(dtype)?,

@@ -55,6 +55,8 @@ pub struct BenchArgs {
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
     pub revision: Option<String>,
+    #[command(flatten)]
+    pub quantize: crate::models::quant::QuantizeArgs,
     /// A particle directory (from `bella-vqa train`); without it, the base model.
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
@@ -134,6 +136,8 @@ pub struct CalibrateArgs {
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
     pub revision: Option<String>,
+    #[command(flatten)]
+    pub quantize: crate::models::quant::QuantizeArgs,
     /// The particle directory whose bella_config.json receives the threshold.
     #[arg(long)]
     pub adapters: PathBuf,
@@ -285,6 +289,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let prepare = prepare_with(answers);
     let load = LoadOptions {
         hub,
+        quantize: args.quantize.options(),
         ..LoadOptions::default()
     };
     if !args.compare.is_empty() {
@@ -363,6 +368,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     let source = model_source(&args.model, &args.revision)?;
     let load = LoadOptions {
         hub,
+        quantize: args.quantize.options(),
         ..LoadOptions::default()
     };
     let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;

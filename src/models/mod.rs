@@ -7,6 +7,7 @@ pub mod llama;
 pub mod llava;
 pub mod nn;
 pub mod prompt;
+pub mod quant;
 pub mod weights;
 
 use anyhow::{Context, Result};
@@ -19,6 +20,7 @@ use config::ModelConfig;
 use image::ImageProcessor;
 use llava::LlavaModel;
 use prompt::Prompter;
+use quant::{QuantSummary, Quantize, Quantizer};
 use weights::Weights;
 
 /// A loaded checkpoint.
@@ -56,6 +58,8 @@ pub struct ModelInfo {
     pub declared_dtype: Option<String>,
     /// The dtype the model computes in.
     pub compute_dtype: DType,
+    /// What `--quantize` did (`None`: the base is dense).
+    pub quantization: Option<QuantSummary>,
 }
 
 /// A model with its files, config, summary, tokenizer + chat template and image processor.
@@ -93,8 +97,23 @@ impl LoadedModel {
 
 /// Loads a resolved checkpoint onto `device`, computing in `dtype`.
 pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_quantized(files, device, dtype, None)
+}
+
+/// [`load`] with the frozen base quantized as `quantize` says (see [`quant`]).
+pub fn load_quantized(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<&Quantize>,
+) -> Result<LoadedModel> {
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
     let mut weights = Weights::open(&files.weights, device, dtype)?;
+    if let Some(q) = quantize {
+        let quantizer = Quantizer::open(q, &files.weights, device)
+            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
+        weights = weights.with_quantizer(quantizer);
+    }
     if let Some(available) = mem_available_bytes() {
         let needed = weights.num_values() as u64 * dtype.size_in_bytes() as u64;
         check_fits(needed, available, dtype)
@@ -108,6 +127,7 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
         ModelConfig::Clip(c) => Model::Clip(Box::new(ClipModel::load(&root, c)?)),
         ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
     };
+    let quantization = weights.take_quantizer().map(Quantizer::finish);
     let prompter = match files.optional("tokenizer.json") {
         Some(_) => {
             let image_token = match &config {
@@ -135,7 +155,10 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
         None
     };
     Ok(LoadedModel {
-        info: info(&config, &raw, &weights, dtype),
+        info: ModelInfo {
+            quantization,
+            ..info(&config, &raw, &weights, dtype)
+        },
         model,
         config,
         files: files.clone(),
@@ -174,21 +197,28 @@ fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType
         stored_dtypes: w.stored_dtypes(),
         declared_dtype: config::declared_dtype(raw),
         compute_dtype: dtype,
+        quantization: None,
     }
 }
 
-/// Resolves a source (hub id, cache, directory) and loads it on the CPU in f32.
+/// Resolves a source (hub id, cache, directory) and loads it on the CPU in f32, its base
+/// quantized if `quantize` says so (with a status line on stderr when `opts.progress`).
 pub fn load_source(
     source: &crate::hub::ModelSource,
     opts: &crate::hub::HubOptions,
+    quantize: Option<&Quantize>,
 ) -> Result<LoadedModel> {
     let files = crate::hub::resolve(source, opts)?;
-    load(&files, &Device::Cpu, DType::F32).map_err(|e| {
+    let loaded = load_quantized(&files, &Device::Cpu, DType::F32, quantize).map_err(|e| {
         e.context(format!(
             "cannot load the model {source} ({})",
             files.dir.display()
         ))
-    })
+    })?;
+    if let (Some(q), true) = (&loaded.info.quantization, opts.progress) {
+        eprintln!("--quantize: {q}");
+    }
+    Ok(loaded)
 }
 
 #[cfg(test)]
