@@ -521,7 +521,7 @@ mod tests {
             cache_dir: Some(cache.clone()),
             ..Quantize::new(QuantKind::Q8_0)
         };
-        let q = Quantizer::open(&opts, &[weights.clone()], &Device::Cpu).unwrap();
+        let q = Quantizer::open(&opts, std::slice::from_ref(&weights), &Device::Cpu).unwrap();
         let again = q
             .base(
                 "language_model.model.layers.0.mlp.up_proj",
