@@ -109,18 +109,25 @@ pub fn load_quantized(
 ) -> Result<LoadedModel> {
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
     let mut weights = Weights::open(&files.weights, device, dtype)?;
-    if let Some(q) = quantize {
-        let quantizer = Quantizer::open(q, &files.weights, device)
-            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
-        weights = weights.with_quantizer(quantizer);
-    }
     if let Some(available) = mem_available_bytes() {
-        let needed = weights.num_values() as u64 * dtype.size_in_bytes() as u64;
+        let needed = match quantize {
+            Some(q) => {
+                let shapes = weights.shapes();
+                let list = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+                q.estimated_bytes(list, dtype.size_in_bytes())
+            }
+            None => weights.num_values() as u64 * dtype.size_in_bytes() as u64,
+        };
         check_fits(needed, available, dtype)
             .with_context(|| format!("cannot load {}", files.dir.display()))?;
     }
     if let ModelConfig::Llava(_) = config {
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
+    }
+    if let Some(q) = quantize {
+        let quantizer = Quantizer::open(q, &files.weights, device)
+            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
+        weights = weights.with_quantizer(quantizer);
     }
     let root = weights.scope("");
     let model = match &config {

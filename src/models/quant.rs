@@ -100,6 +100,38 @@ impl Quantize {
         in_block && (self.vision || !vision)
     }
 
+    /// The bytes a checkpoint's weights take in memory under this option, from the stored tensor
+    /// names (any layout) and shapes: quantized blocks for the layers it selects and whose blocks
+    /// fit, `dense_bytes` per value for everything else.
+    pub fn estimated_bytes<'a>(
+        &self,
+        tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+        dense_bytes: usize,
+    ) -> u64 {
+        let ggml = self.kind.ggml();
+        tensors
+            .into_iter()
+            .map(|(name, shape)| {
+                let values: usize = shape.iter().product();
+                let path = name.strip_suffix(".weight");
+                let vision = name.contains("vision_tower.") || name.starts_with("vision_model.");
+                let quantized = match (path, shape) {
+                    (Some(path), [_, inp]) => {
+                        path.split('.').any(|part| part == "layers")
+                            && (self.vision || !vision)
+                            && inp % ggml.block_size() == 0
+                    }
+                    _ => false,
+                };
+                if quantized {
+                    (values / ggml.block_size() * ggml.type_size()) as u64
+                } else {
+                    (values * dense_bytes) as u64
+                }
+            })
+            .sum()
+    }
+
     fn cache_root(&self) -> PathBuf {
         self.cache_dir
             .clone()
@@ -435,6 +467,40 @@ mod tests {
         assert!(q.selects("vision_model.encoder.layers.0.mlp.fc2"));
         assert_eq!(QuantKind::Q8_0.block_size(), 32);
         assert_eq!(QuantKind::Q4K.block_size(), 256);
+    }
+
+    #[test]
+    fn the_memory_estimate_counts_selected_layers_in_blocks() {
+        let shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "model.language_model.layers.0.mlp.up_proj.weight".into(),
+                vec![512, 256],
+            ),
+            (
+                "language_model.model.layers.0.mlp.down_proj.weight".into(),
+                vec![256, 96],
+            ),
+            ("language_model.model.norm.weight".into(), vec![256]),
+            ("lm_head.weight".into(), vec![1000, 256]),
+            (
+                "vision_tower.encoder.layers.0.mlp.fc1.weight".into(),
+                vec![256, 256],
+            ),
+        ];
+        let list = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+        let dense = (512 * 256 + 256 * 96 + 256 + 1000 * 256 + 256 * 256) * 4;
+        let q8 = Quantize::new(QuantKind::Q8_0);
+        // q8_0: 34 bytes per 32 values for the two decoder layers.
+        let want = dense - (512 * 256 + 256 * 96) * 4 + (512 * 256 + 256 * 96) / 32 * 34;
+        assert_eq!(q8.estimated_bytes(list(), 4), want as u64);
+        // q4k: the 96-wide layer stays dense; with the vision option the tower's layer counts.
+        let q4 = Quantize {
+            vision: true,
+            ..Quantize::new(QuantKind::Q4K)
+        };
+        let per_block = GgmlDType::Q4K.type_size();
+        let want = dense - (512 * 256 + 256 * 256) * 4 + (512 * 256 + 256 * 256) / 256 * per_block;
+        assert_eq!(q4.estimated_bytes(list(), 4), want as u64);
     }
 
     fn weight(out: usize, inp: usize) -> Tensor {

@@ -188,6 +188,15 @@ impl Weights {
             .sum()
     }
 
+    /// Every stored tensor's name and shape.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.files
+            .iter()
+            .flat_map(|(_, st)| st.tensors())
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect()
+    }
+
     /// Values per stored dtype, e.g. `{"F32": 1234}`.
     pub fn stored_dtypes(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
