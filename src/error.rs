@@ -26,6 +26,12 @@ pub enum WeightError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error("cannot quantize {key:?} to {quant}: {reason}")]
+    Quantize {
+        key: String,
+        quant: &'static str,
+        reason: String,
+    },
 }
 
 /// Particle sets that do not belong to the model at hand.

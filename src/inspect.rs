@@ -26,6 +26,9 @@ pub struct ModelSummary {
     pub declared_dtype: Option<String>,
     pub compute_dtype: String,
     pub device: String,
+    /// What `--quantize` did (absent: a dense base).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::models::quant::QuantSummary>,
     /// Linear layers that can carry particles.
     pub particle_capable_layers: usize,
     pub particles: usize,
@@ -90,6 +93,7 @@ impl ModelSummary {
             declared_dtype: info.declared_dtype.clone(),
             compute_dtype: info.compute_dtype.as_str().to_string(),
             device: info.device.clone(),
+            quantization: info.quantization.clone(),
             particle_capable_layers: loaded.model.linears().len(),
             particles: loaded.model.particles().unwrap_or(1),
             source: loaded.files.origin.to_string(),
@@ -143,6 +147,9 @@ impl fmt::Display for ModelSummary {
             self.compute_dtype,
             self.device
         )?;
+        if let Some(q) = &self.quantization {
+            writeln!(f, "quantized     {q}")?;
+        }
         writeln!(
             f,
             "particles     {} particle-capable linear layers, {} particle(s) attached",

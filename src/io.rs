@@ -125,6 +125,39 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Writes `path` atomically from a stream (a large file that should not be built in memory
+/// first): `write` fills a buffered temporary sibling, which is synced and renamed over `path`.
+/// For cache files, which are not outputs of a run: not counted by the fault injector.
+pub fn write_stream_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> Result<()>,
+) -> Result<()> {
+    if let Some(dir) = parent_of(path) {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = temp_name(path)?;
+    let result = (|| {
+        let file =
+            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        write(&mut w)?;
+        let file = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+        sync_dir(parent_of(path));
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Writes the files `(name, bytes)` as the directory `dir`, atomically as a whole: they are
 /// written into a temporary sibling directory that is renamed to `dir` when complete. An
 /// existing `dir` is replaced (the caller makes sure nothing points at it).

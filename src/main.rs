@@ -45,6 +45,8 @@ struct ModelArgs {
     revision: Option<String>,
     #[command(flatten)]
     compute: ComputeArgs,
+    #[command(flatten)]
+    quantize: bella_vqa::models::quant::QuantizeArgs,
 }
 
 #[derive(Subcommand)]
@@ -340,8 +342,12 @@ impl ModelArgs {
     }
 
     fn load(&self, cli: &Cli) -> Result<LoadedModel> {
-        let (loaded, note) =
-            models::load_source(&self.source()?, &cli.hub_options(), self.compute.options())?;
+        let (loaded, note) = models::load_source(
+            &self.source()?,
+            &cli.hub_options(),
+            self.compute.options(),
+            self.quantize.options().as_ref(),
+        )?;
         if !cli.quiet {
             eprintln!("{note}");
         }
@@ -356,6 +362,7 @@ impl VqaArgs {
         let opts = LoadOptions {
             hub,
             compute: self.model.compute.options(),
+            quantize: self.model.quantize.options(),
             ..LoadOptions::default()
         };
         let adapters = match (&self.model.model, &self.adapters) {

@@ -40,7 +40,8 @@ fn crafted_particles(dir: &Path, disagree: bool) {
             let eye = Tensor::eye(inp, DType::F32, &Device::Cpu).unwrap();
             let a = eye.unsqueeze(0).unwrap().repeat((P, 1, 1)).unwrap();
             let b = (layer
-                .weight()
+                .dense_weight()
+                .unwrap()
                 .unsqueeze(0)
                 .unwrap()
                 .repeat((P, 1, 1))

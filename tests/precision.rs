@@ -110,7 +110,7 @@ fn frozen_weights_stay_in_the_compute_dtype_and_particles_in_f32() {
     };
     attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
     for (name, layer) in m.linears() {
-        assert_eq!(layer.weight().dtype(), DType::BF16, "{name}");
+        assert_eq!(layer.dtype(), DType::BF16, "{name}");
         if let Some(ad) = layer.adapter() {
             assert_eq!(
                 (ad.a.dtype(), ad.b.dtype()),
@@ -251,4 +251,31 @@ fn a_gpu_in_a_cpu_build_is_a_clear_error() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpu, cuda or cuda:N"));
+}
+
+#[test]
+fn a_quantized_base_runs_under_half_precision_activations() {
+    let out = bella()
+        .args([
+            "ask",
+            "--quiet",
+            "--json",
+            "--dtype",
+            "bf16",
+            "--quantize",
+            "q8_0",
+            "--image",
+        ])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"))
+        .arg("What color is the circle?")
+        .env("BELLA_VQA_CACHE", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["answer"], demo_answer("f32")["answer"]);
 }

@@ -94,7 +94,7 @@ fn every_particle_factor_gets_a_gradient_and_the_base_none() {
                 Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale).unwrap(),
             ))
             .unwrap();
-        vars.push((name, a, b, layer.weight().clone()));
+        vars.push((name, a, b, layer.dense_weight().unwrap()));
     }
     assert!(vars.len() > 30, "{} adapted layers", vars.len());
     let examples: Vec<_> = train_data.iter().take(6).collect();

@@ -56,6 +56,8 @@ pub struct LoadOptions {
     pub skip_base_check: bool,
     /// Device and dtype (`auto` by default).
     pub compute: ComputeOptions,
+    /// Quantize the frozen base (`--quantize`); the particles stay f32.
+    pub quantize: Option<models::quant::Quantize>,
 }
 
 impl Default for LoadOptions {
@@ -64,6 +66,7 @@ impl Default for LoadOptions {
             hub: HubOptions::from_env(),
             skip_base_check: false,
             compute: ComputeOptions::default(),
+            quantize: None,
         }
     }
 }
@@ -181,7 +184,8 @@ pub struct BellaVqa {
 impl BellaVqa {
     /// Loads the base model and, if given, the particle directory (checked against the base).
     pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
-        let (mut loaded, note) = models::load_source(source, &opts.hub, opts.compute)?;
+        let (mut loaded, note) =
+            models::load_source(source, &opts.hub, opts.compute, opts.quantize.as_ref())?;
         if opts.hub.progress {
             eprintln!("{note}");
         }

@@ -11,7 +11,9 @@
 //! example `i` under particle `p`. The base product is one matmul for all particles, the low-rank
 //! part one batched matmul.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::quant::QuantizedWeight;
 
 /// The low-rank factors of P particles on one linear layer.
 #[derive(Clone, Debug)]
@@ -53,18 +55,51 @@ impl Adapter {
     }
 }
 
+/// The frozen base weight `[out, in]` of a linear layer: dense, or quantized blocks
+/// (`--quantize`).
+#[derive(Clone, Debug)]
+pub enum Base {
+    Dense(Tensor),
+    Quantized(QuantizedWeight),
+}
+
+impl Base {
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Base::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            Base::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// `x Wᵀ` for `x` `[n, in]`, differentiable in `x` either way.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Base::Dense(w) => base_product(x, w),
+            Base::Quantized(q) => q.forward(x),
+        }
+    }
+}
+
 /// A linear layer with a frozen base weight and optional particle factors.
 #[derive(Clone, Debug)]
 pub struct ParticleLinear {
-    weight: Tensor,
+    base: Base,
     bias: Option<Tensor>,
     adapter: Option<Adapter>,
 }
 
 impl ParticleLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_base(Base::Dense(weight), bias)
+    }
+
+    pub fn with_base(base: Base, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            base,
             bias,
             adapter: None,
         }
@@ -72,12 +107,35 @@ impl ParticleLinear {
 
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
+        self.base.shape()
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn base(&self) -> &Base {
+        &self.base
+    }
+
+    /// The base weight as a dense tensor: the weight itself, or a fresh dequantized (f32) copy.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.base {
+            Base::Dense(w) => Ok(w.clone()),
+            Base::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.base {
+            Base::Dense(w) => w.device().clone(),
+            Base::Quantized(q) => q.device(),
+        }
+    }
+
+    /// The dtype of the base weight (f32 for a quantized one: its products come out in the
+    /// activations' dtype, and particles on it stay f32).
+    pub fn dtype(&self) -> DType {
+        match &self.base {
+            Base::Dense(w) => w.dtype(),
+            Base::Quantized(_) => DType::F32,
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -110,7 +168,7 @@ impl ParticleLinear {
         let (out, inp) = self.shape();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, inp))?;
-        let mut y = base_product(&x2, &self.weight)?;
+        let mut y = self.base.product(&x2)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -136,12 +194,17 @@ impl ParticleLinear {
         y.reshape(out_dims)
     }
 
-    /// The plain layer of particle `p`: weight `W + (α/r)·B_p·A_p`, no adapter.
+    /// The plain layer of particle `p`: weight `W + (α/r)·B_p·A_p`, no adapter (dense: a
+    /// quantized `W` is dequantized first).
     pub fn merged(&self, p: usize) -> Result<ParticleLinear> {
-        let weight = match &self.adapter {
-            Some(ad) => (&self.weight + ad.delta(p)?.to_dtype(self.weight.dtype())?)?,
-            None => self.weight.clone(),
+        let Some(ad) = &self.adapter else {
+            return Ok(ParticleLinear::with_base(
+                self.base.clone(),
+                self.bias.clone(),
+            ));
         };
+        let weight = self.dense_weight()?;
+        let weight = (&weight + ad.delta(p)?.to_dtype(weight.dtype())?)?;
         Ok(ParticleLinear::new(weight, self.bias.clone()))
     }
 }

@@ -4,9 +4,10 @@ mod few_rows;
 mod linear;
 pub mod particles;
 pub mod peft;
+pub mod quant;
 pub mod svgd;
 
-pub use linear::{expand_particles, Adapter, ParticleLinear, ParticleModel};
+pub use linear::{expand_particles, Adapter, Base, ParticleLinear, ParticleModel};
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -245,7 +246,7 @@ pub fn attach<M: ParticleModel + ?Sized>(
             }
         };
         // f32 whatever the base's dtype (the particles are what training moves).
-        let device = layer.weight().device().clone();
+        let device = layer.device();
         let a = Tensor::from_vec(a, (p, r, inp), &device)?;
         let b = Tensor::from_vec(b, (p, out, r), &device)?;
         layer.set_adapter(Some(Adapter::new(a, b, spec.alpha / r as f64)?))?;

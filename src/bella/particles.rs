@@ -330,7 +330,7 @@ impl ParticleSet {
         for (name, layer) in model.linears_mut() {
             if let Some(adapter) = by_name.remove(name.as_str()) {
                 // f32 whatever the base's dtype.
-                let device = layer.weight().device().clone();
+                let device = layer.device();
                 let moved = Adapter::new(
                     adapter.a.to_device(&device)?.to_dtype(DType::F32)?,
                     adapter.b.to_device(&device)?.to_dtype(DType::F32)?,

@@ -58,6 +58,8 @@ pub struct BenchArgs {
     pub revision: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub quantize: crate::models::quant::QuantizeArgs,
     /// A particle directory (from `bella-vqa train`); without it, the base model.
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
@@ -139,6 +141,8 @@ pub struct CalibrateArgs {
     pub revision: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub quantize: crate::models::quant::QuantizeArgs,
     /// The particle directory whose bella_config.json receives the threshold.
     #[arg(long)]
     pub adapters: PathBuf,
@@ -291,6 +295,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let load = LoadOptions {
         hub,
         compute: args.compute.options(),
+        quantize: args.quantize.options(),
         ..LoadOptions::default()
     };
     if !args.compare.is_empty() {
@@ -370,6 +375,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     let load = LoadOptions {
         hub,
         compute: args.compute.options(),
+        quantize: args.quantize.options(),
         ..LoadOptions::default()
     };
     let mut vqa = BellaVqa::load(&source, Some(&args.adapters), &load)?;

@@ -78,6 +78,9 @@ pub struct ModelRecord {
     pub source: String,
     pub architecture: String,
     pub weights: Vec<FileHash>,
+    /// `--quantize` (`q8_0`, `q4k`, `+vision` with `--quantize-vision`); absent: a dense base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 /// The particle directory.

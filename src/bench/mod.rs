@@ -262,6 +262,11 @@ pub(crate) fn run_config(
             source: model.source.clone(),
             architecture: loaded.info.architecture.to_string(),
             weights: hash_weights(&loaded.files)?,
+            quantization: loaded
+                .info
+                .quantization
+                .as_ref()
+                .map(|q| format!("{}{}", q.kind, if q.vision { "+vision" } else { "" })),
         },
         adapters,
         data: sets.iter().map(|s| s.record.clone()).collect(),

@@ -122,11 +122,12 @@ pub fn weight_bytes(values: usize, dtype: DType) -> u64 {
     values as u64 * dtype.size_in_bytes() as u64
 }
 
-/// Resolves `auto`: `values` weights stored mostly in `stored` (the dtype holding most values),
-/// `available` bytes of memory (`None`: unknown, assume it fits).
+/// Resolves `auto`: weights needing `f32_bytes` in f32 (quantized layers at their block size),
+/// stored mostly in `stored` (the dtype holding most values), `available` bytes of memory
+/// (`None`: unknown, assume it fits).
 pub fn resolve(
     opts: ComputeOptions,
-    values: usize,
+    f32_bytes: u64,
     stored: DType,
     available: Option<u64>,
 ) -> Result<Compute> {
@@ -143,23 +144,20 @@ pub fn resolve(
         DTypeChoice::Auto if !device.is_cpu() => {
             (half, format!("auto: half precision on {choice}"))
         }
-        DTypeChoice::Auto => {
-            let f32_bytes = weight_bytes(values, DType::F32);
-            match available {
-                Some(avail) if f32_bytes > avail => (
-                    half,
-                    format!(
-                        "auto: f32 would need ~{:.1} GB, {:.1} GB available",
-                        gb(f32_bytes),
-                        gb(avail)
-                    ),
+        DTypeChoice::Auto => match available {
+            Some(avail) if f32_bytes > avail => (
+                half,
+                format!(
+                    "auto: f32 would need ~{:.1} GB, {:.1} GB available",
+                    gb(f32_bytes),
+                    gb(avail)
                 ),
-                _ => (
-                    DType::F32,
-                    "auto: f32 fits in memory on the CPU".to_string(),
-                ),
-            }
-        }
+            ),
+            _ => (
+                DType::F32,
+                "auto: f32 fits in memory on the CPU".to_string(),
+            ),
+        },
     };
     Ok(Compute {
         device,
@@ -230,24 +228,24 @@ mod tests {
             device: Some(DeviceChoice::Cpu),
             dtype: DTypeChoice::Auto,
         };
-        // 1 G values: 4 GB in f32.
-        let fits = resolve(cpu, 1 << 30, DType::F16, Some(8 << 30)).unwrap();
+        // 1 G values: 4.3 GB in f32.
+        let fits = resolve(cpu, 4 << 30, DType::F16, Some(8 << 30)).unwrap();
         assert_eq!(fits.dtype, DType::F32);
-        let tight = resolve(cpu, 1 << 30, DType::F16, Some(3 << 30)).unwrap();
+        let tight = resolve(cpu, 4 << 30, DType::F16, Some(3 << 30)).unwrap();
         assert_eq!(tight.dtype, DType::F16, "the checkpoint's own half dtype");
         assert!(
             tight.reason.contains("f32 would need ~4.3 GB"),
             "{}",
             tight.reason
         );
-        let from_f32 = resolve(cpu, 1 << 30, DType::F32, Some(3 << 30)).unwrap();
+        let from_f32 = resolve(cpu, 4 << 30, DType::F32, Some(3 << 30)).unwrap();
         assert_eq!(from_f32.dtype, DType::BF16);
         let forced = ComputeOptions {
             dtype: DTypeChoice::F32,
             ..cpu
         };
         assert_eq!(
-            resolve(forced, 1 << 30, DType::F16, Some(1)).unwrap().dtype,
+            resolve(forced, 4 << 30, DType::F16, Some(1)).unwrap().dtype,
             DType::F32
         );
     }

@@ -8,6 +8,7 @@ pub mod llama;
 pub mod llava;
 pub mod nn;
 pub mod prompt;
+pub mod quant;
 pub mod weights;
 
 use anyhow::{Context, Result};
@@ -21,6 +22,7 @@ use config::ModelConfig;
 use image::ImageProcessor;
 use llava::LlavaModel;
 use prompt::Prompter;
+use quant::{QuantSummary, Quantize, Quantizer};
 use weights::Weights;
 
 /// A loaded checkpoint.
@@ -60,6 +62,8 @@ pub struct ModelInfo {
     pub compute_dtype: DType,
     /// The device it computes on (`cpu`, `cuda:0`).
     pub device: String,
+    /// What `--quantize` did (`None`: the base is dense).
+    pub quantization: Option<QuantSummary>,
 }
 
 /// A model with its files, config, summary, tokenizer + chat template and image processor.
@@ -99,11 +103,21 @@ impl LoadedModel {
 
 /// Loads a resolved checkpoint onto `device`, computing in `dtype`.
 pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_quantized(files, device, dtype, None)
+}
+
+/// [`load`] with the frozen base quantized as `quantize` says (see [`quant`]).
+pub fn load_quantized(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<&Quantize>,
+) -> Result<LoadedModel> {
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
     let mut weights = Weights::open(&files.weights, device, dtype)?;
     if device.is_cpu() {
         if let Some(available) = compute::mem_available_bytes() {
-            let needed = compute::weight_bytes(weights.num_values(), dtype);
+            let needed = estimated_bytes(&weights, quantize, dtype);
             compute::check_fits(needed, available, dtype)
                 .with_context(|| format!("cannot load {}", files.dir.display()))?;
         }
@@ -111,11 +125,17 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
     if let ModelConfig::Llava(_) = config {
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
     }
+    if let Some(q) = quantize {
+        let quantizer = Quantizer::open(q, &files.weights, device)
+            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
+        weights = weights.with_quantizer(quantizer);
+    }
     let root = weights.scope("");
     let model = match &config {
         ModelConfig::Clip(c) => Model::Clip(Box::new(ClipModel::load(&root, c)?)),
         ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
     };
+    let quantization = weights.take_quantizer().map(Quantizer::finish);
     let prompter = match files.optional("tokenizer.json") {
         Some(_) => {
             let image_token = match &config {
@@ -143,7 +163,10 @@ pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<LoadedM
         None
     };
     Ok(LoadedModel {
-        info: info(&config, &raw, &weights, dtype),
+        info: ModelInfo {
+            quantization,
+            ..info(&config, &raw, &weights, dtype)
+        },
         device: device.clone(),
         model,
         config,
@@ -165,21 +188,43 @@ fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
         },
+        quantization: None,
+    }
+}
+
+/// Bytes the weights need in `dtype`, quantized layers counted at their block size.
+fn estimated_bytes(weights: &Weights, quantize: Option<&Quantize>, dtype: DType) -> u64 {
+    match quantize {
+        Some(q) => {
+            let shapes = weights.shapes();
+            let list = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+            q.estimated_bytes(list, dtype.size_in_bytes())
+        }
+        None => compute::weight_bytes(weights.num_values(), dtype),
     }
 }
 
 /// Resolves the device and dtype of `files` (`auto`: see [`compute::resolve`]) and loads it there.
 /// Returns the model and one line saying what was picked.
-pub fn load_with(files: &ModelFiles, opts: ComputeOptions) -> Result<(LoadedModel, String)> {
+pub fn load_with(
+    files: &ModelFiles,
+    opts: ComputeOptions,
+    quantize: Option<&Quantize>,
+) -> Result<(LoadedModel, String)> {
     let headers = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
     let compute = compute::resolve(
         opts,
-        headers.num_values(),
+        estimated_bytes(&headers, quantize, DType::F32),
         headers.dominant_dtype(),
         compute::mem_available_bytes(),
     )?;
     drop(headers);
-    Ok((load(files, &compute.device, compute.dtype)?, compute.reason))
+    let loaded = load_quantized(files, &compute.device, compute.dtype, quantize)?;
+    let note = match &loaded.info.quantization {
+        Some(q) => format!("{}; --quantize: {q}", compute.reason),
+        None => compute.reason,
+    };
+    Ok((loaded, note))
 }
 
 /// Resolves a source (hub id, cache, directory) and loads it where `compute` says.
@@ -187,9 +232,10 @@ pub fn load_source(
     source: &crate::hub::ModelSource,
     opts: &crate::hub::HubOptions,
     compute: ComputeOptions,
+    quantize: Option<&Quantize>,
 ) -> Result<(LoadedModel, String)> {
     let files = crate::hub::resolve(source, opts)?;
-    load_with(&files, compute).map_err(|e| {
+    load_with(&files, compute, quantize).map_err(|e| {
         e.context(format!(
             "cannot load the model {source} ({})",
             files.dir.display()

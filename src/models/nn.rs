@@ -8,20 +8,21 @@ use crate::error::WeightError;
 use crate::models::config::Activation;
 use crate::models::weights::Scope;
 
-/// Loads `{scope}.weight` `[out, in]` and, if present, `{scope}.bias` as a particle-capable layer.
+/// Loads `{scope}.weight` `[out, in]` (quantized where `--quantize` selects the layer) and, if
+/// asked, `{scope}.bias` as a particle-capable layer.
 pub fn linear(
     scope: &Scope,
     inp: usize,
     out: usize,
     bias: bool,
 ) -> std::result::Result<ParticleLinear, WeightError> {
-    let weight = scope.get("weight", &[out, inp])?;
+    let base = scope.base(out, inp)?;
     let bias = if bias {
         Some(scope.get("bias", &[out])?)
     } else {
         None
     };
-    Ok(ParticleLinear::new(weight, bias))
+    Ok(ParticleLinear::with_base(base, bias))
 }
 
 /// A linear layer whose bias is optional in the checkpoint.
@@ -30,9 +31,9 @@ pub fn linear_opt_bias(
     inp: usize,
     out: usize,
 ) -> std::result::Result<ParticleLinear, WeightError> {
-    let weight = scope.get("weight", &[out, inp])?;
+    let base = scope.base(out, inp)?;
     let bias = scope.get_opt("bias", &[out])?;
-    Ok(ParticleLinear::new(weight, bias))
+    Ok(ParticleLinear::with_base(base, bias))
 }
 
 #[derive(Clone, Debug)]

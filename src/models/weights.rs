@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::bella::Base;
 use crate::error::WeightError;
+use crate::models::quant::Quantizer;
 
 /// Tensors with at most this many values are checked for NaN and infinities as they load: norms,
 /// biases, position embeddings and every weight of a small model. Larger matrices are not: the
@@ -59,6 +61,7 @@ pub struct Weights {
     aliases: &'static [Alias],
     device: Device,
     dtype: DType,
+    quantizer: Option<Quantizer>,
 }
 
 impl Weights {
@@ -88,6 +91,7 @@ impl Weights {
             aliases: &[],
             device: device.clone(),
             dtype,
+            quantizer: None,
         })
     }
 
@@ -95,6 +99,31 @@ impl Weights {
     pub fn with_aliases(mut self, aliases: &'static [Alias]) -> Self {
         self.aliases = aliases;
         self
+    }
+
+    /// Linear layers' bases go through `quantizer` (`--quantize`).
+    pub fn with_quantizer(mut self, quantizer: Quantizer) -> Self {
+        self.quantizer = Some(quantizer);
+        self
+    }
+
+    /// The quantizer, once the model has loaded.
+    pub fn take_quantizer(&mut self) -> Option<Quantizer> {
+        self.quantizer.take()
+    }
+
+    /// The base weight `{path}.weight` `[out, in]` of a linear layer: dense, or quantized when a
+    /// quantizer selects the layer.
+    pub fn base(&self, path: &str, out: usize, inp: usize) -> Result<Base, WeightError> {
+        let key = if path.is_empty() {
+            "weight".to_string()
+        } else {
+            format!("{path}.weight")
+        };
+        match &self.quantizer {
+            Some(q) => q.base(path, (out, inp), || self.get(&key, &[out, inp])),
+            None => self.get(&key, &[out, inp]).map(Base::Dense),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -199,6 +228,15 @@ impl Weights {
             .map_or(DType::F32, |(dtype, _)| dtype)
     }
 
+    /// Every stored tensor's name and shape.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.files
+            .iter()
+            .flat_map(|(_, st)| st.tensors())
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect()
+    }
+
     /// Values per stored dtype, e.g. `{"F32": 1234}`.
     pub fn stored_dtypes(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
@@ -262,6 +300,11 @@ impl<'a> Scope<'a> {
 
     pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, WeightError> {
         self.weights.get_opt(&self.key(name), shape)
+    }
+
+    /// The base weight of the linear layer at this scope (see [`Weights::base`]).
+    pub fn base(&self, out: usize, inp: usize) -> Result<Base, WeightError> {
+        self.weights.base(&self.prefix, out, inp)
     }
 
     pub fn weights(&self) -> &'a Weights {

@@ -1,0 +1,238 @@
+//! A frozen base weight held quantized (GGML blocks: q8_0, q4k), with a backward pass.
+//!
+//! candle's `QMatMul` multiplies through `apply_op1_no_bwd`: no gradient reaches the input, so
+//! particles below a quantized layer would never learn. [`QuantizedWeight`] is the same product
+//! as a custom op whose backward returns `∂L/∂x = ∂L/∂y · W`, with `W` dequantized for that one
+//! call and dropped: a dense copy of the weight never stays in memory.
+//!
+//! The forward quantizes the activations too (to q8_0 blocks for a q8_0 weight, q8k for k-quants:
+//! GGML multiplies integer blocks), so the backward is the gradient of `x · dequant(W)ᵀ`, the
+//! straight-through estimate for the activation rounding; the tests bound the difference.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+/// A quantized `[out, in]` weight; cloning shares the blocks.
+#[derive(Clone, Debug)]
+pub struct QuantizedWeight(Arc<QTensor>);
+
+impl QuantizedWeight {
+    /// Wraps a 2-D quantized tensor `[out, in]`.
+    pub fn new(q: Arc<QTensor>) -> Result<Self> {
+        q.shape().dims2()?;
+        Ok(Self(q))
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.0.shape().dims();
+        (d[0], d[1])
+    }
+
+    pub fn ggml_dtype(&self) -> GgmlDType {
+        self.0.dtype()
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        self.0.device()
+    }
+
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.0
+    }
+
+    /// The weight as a dense f32 tensor (a fresh copy).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        self.0.dequantize(&self.0.device())
+    }
+
+    /// `x Wᵀ` for `x` `[…, in]` (f32, f16 or bf16), differentiable in `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's quantized kernels take f32 activations; a half-precision model converts around them.
+        let dtype = x.dtype();
+        let y = x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1(self.clone())?;
+        y.to_dtype(dtype)
+    }
+}
+
+impl CustomOp1 for QuantizedWeight {
+    fn name(&self) -> &'static str {
+        "bella-quantized-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.as_ref().cpu_fwd(storage, layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.as_ref().cuda_fwd(storage, layout)
+    }
+
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.0.as_ref().metal_fwd(storage, layout)
+    }
+
+    /// `∂L/∂x = ∂L/∂y · W`, `W` dequantized for this call only.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (out, inp) = self.shape();
+        let rows = grad_res.elem_count() / out;
+        let w = self.0.dequantize(grad_res.device())?;
+        let w = if grad_res.dtype() == DType::F32 {
+            w
+        } else {
+            w.to_dtype(grad_res.dtype())?
+        };
+        let grad = grad_res.reshape((rows, out))?.matmul(&w)?;
+        debug_assert_eq!(rows * inp, arg.elem_count());
+        Ok(Some(grad.reshape(arg.shape())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn quantized(out: usize, inp: usize, dtype: GgmlDType) -> QuantizedWeight {
+        let w = random(&[out, inp], 7);
+        QuantizedWeight::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
+    }
+
+    fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    }
+
+    /// The cases: a small layer per quantization, 2-D and batch × seq 3-D inputs.
+    fn cases() -> Vec<(GgmlDType, usize, usize, Vec<usize>)> {
+        vec![
+            (GgmlDType::Q8_0, 24, 64, vec![5, 64]),
+            (GgmlDType::Q8_0, 40, 96, vec![2, 3, 96]),
+            (GgmlDType::Q8_0, 8, 32, vec![1, 32]),
+            (GgmlDType::Q4K, 16, 256, vec![3, 256]),
+            (GgmlDType::Q4K, 12, 512, vec![2, 4, 512]),
+        ]
+    }
+
+    #[test]
+    fn the_forward_is_the_product_with_the_dequantized_weight() {
+        for (dtype, out, inp, xs) in cases() {
+            let q = quantized(out, inp, dtype);
+            let x = random(&xs, 1);
+            let y = q.forward(&x).unwrap();
+            let mut want_dims = xs.clone();
+            *want_dims.last_mut().unwrap() = out;
+            assert_eq!(y.dims(), want_dims.as_slice());
+            let dense = x
+                .broadcast_matmul(&q.dequantize().unwrap().t().unwrap())
+                .unwrap();
+            // Only the activations' 8-bit rounding separates the two.
+            let err = (&y - &dense).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = dense.abs().unwrap().max_all().unwrap();
+            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            assert!(rel < 2e-2, "{dtype:?} {xs:?}: relative error {rel}");
+        }
+    }
+
+    #[test]
+    fn the_input_gradient_is_the_dense_gradient_of_the_dequantized_weight() {
+        for (dtype, out, inp, xs) in cases() {
+            let q = quantized(out, inp, dtype);
+            let mut ys = xs.clone();
+            *ys.last_mut().unwrap() = out;
+            let r = random(&ys, 3);
+            let x = Var::from_tensor(&random(&xs, 2)).unwrap();
+            let grads = (q.forward(x.as_tensor()).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let got = grads.get(x.as_tensor()).expect("a gradient for x");
+            let w = Var::from_tensor(&q.dequantize().unwrap()).unwrap();
+            let dense = x
+                .as_tensor()
+                .broadcast_matmul(&w.as_tensor().t().unwrap())
+                .unwrap();
+            let dgrads = (dense * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = dgrads.get(x.as_tensor()).unwrap();
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{dtype:?} {xs:?}");
+        }
+    }
+
+    /// Central differences of `f(x) = Σ y·R` along random directions. The quantized forward
+    /// rounds the activations, so its difference quotient may differ from the gradient by at
+    /// most the rounding error of the two evaluations over the step; the dequantized product is
+    /// linear and must match to float precision.
+    #[test]
+    fn the_input_gradient_matches_finite_differences() {
+        for (dtype, out, inp, xs) in cases() {
+            let q = quantized(out, inp, dtype);
+            let w = q.dequantize().unwrap();
+            let mut ys = xs.clone();
+            *ys.last_mut().unwrap() = out;
+            let r = random(&ys, 5);
+            let x = Var::from_tensor(&random(&xs, 4)).unwrap();
+            let grads = (q.forward(x.as_tensor()).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().clone();
+            let fq = |x: &Tensor| dot(&q.forward(x).unwrap(), &r);
+            let fd = |x: &Tensor| dot(&x.broadcast_matmul(&w.t().unwrap()).unwrap(), &r);
+            // The dequantized product is linear, so a large step costs nothing there and shrinks
+            // the share of the activation rounding in the quantized quotient.
+            let h = 1.0;
+            for seed in 0..4 {
+                let v = random(&xs, 100 + seed);
+                let plus = (x.as_tensor() + (&v * h).unwrap()).unwrap();
+                let minus = (x.as_tensor() - (&v * h).unwrap()).unwrap();
+                let analytic = dot(&g, &v);
+                let dense_fd = (fd(&plus) - fd(&minus)) / (2.0 * h);
+                assert!(
+                    (dense_fd - analytic).abs() <= 1e-4 * (1.0 + analytic.abs()),
+                    "{dtype:?} {xs:?}: dequantized FD {dense_fd} vs gradient {analytic}"
+                );
+                let rounding = (fq(&plus) - fd(&plus)).abs() + (fq(&minus) - fd(&minus)).abs();
+                let quant_fd = (fq(&plus) - fq(&minus)) / (2.0 * h);
+                let bound = rounding / (2.0 * h) + 1e-4 * (1.0 + analytic.abs());
+                assert!(
+                    (quant_fd - analytic).abs() <= bound,
+                    "{dtype:?} {xs:?}: quantized FD {quant_fd} vs gradient {analytic} (bound {bound})"
+                );
+                assert!(
+                    (quant_fd - analytic).abs() <= 0.1 * (1.0 + analytic.abs()),
+                    "{dtype:?} {xs:?}: quantized FD {quant_fd} vs gradient {analytic}"
+                );
+            }
+        }
+    }
+}
