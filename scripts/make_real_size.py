@@ -531,7 +531,7 @@ def clip_tokenizer(seed: int) -> str:
                                end_of_word_suffix="</w>", fuse_unk=False))
     setup(tok)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.RobertaProcessing(sep=("<|endoftext|>", 49407), cls=("<|startoftext|>", 49406),
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", 49407), ("<|startoftext|>", 49406),
                                                       trim_offsets=False, add_prefix_space=False)
     tok.add_special_tokens([AddedToken("<|startoftext|>", normalized=True, special=True),
                             AddedToken("<|endoftext|>", normalized=False, special=True)])
