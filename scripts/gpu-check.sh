@@ -175,7 +175,7 @@ if [ "$MODE" = cpu ]; then PS=1,2; RUNS=1; WARM=0; else PS=1,4,8; RUNS=3; WARM=1
 if [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ] && fits 120 "parity"; then
   echo -e "\n## Parity against transformers\n" >> "$SUMMARY"
   step inspect "${TIMEV[@]}" "$BIN" inspect --model "$MODEL" "${FLAGS[@]}"
-  grep -E "parameters|dtype" "$OUT/inspect.log" | sed 's/^/    /' >> "$SUMMARY"
+  grep -E "^(parameters|dtype)" "$OUT/inspect.log" | sed 's/^/    /' >> "$SUMMARY"
   step rust-logits "$BIN" logits --quiet --model "$MODEL" "${FLAGS[@]}" --image "$IMAGE" --prompt "$QUESTION" \
     --out "$OUT/rust-logits.safetensors"
   step rust-ask "$BIN" ask --quiet --model "$MODEL" "${FLAGS[@]}" --image "$IMAGE" --json "$QUESTION"

@@ -531,7 +531,7 @@ def clip_tokenizer(seed: int) -> str:
                                end_of_word_suffix="</w>", fuse_unk=False))
     setup(tok)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.RobertaProcessing(sep=("<|endoftext|>", 49407), cls=("<|startoftext|>", 49406),
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", 49407), ("<|startoftext|>", 49406),
                                                       trim_offsets=False, add_prefix_space=False)
     tok.add_special_tokens([AddedToken("<|startoftext|>", normalized=True, special=True),
                             AddedToken("<|endoftext|>", normalized=False, special=True)])
@@ -542,6 +542,16 @@ def clip_tokenizer(seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def sibling_tokenizer(root: Path, prefix: str, seed: int) -> str | None:
+    """The tokenizer.json of an already written model of the same family and seed (training the
+    tokenizer is the slow part of a small model), or None."""
+    for d in sorted(p for p in root.glob(prefix + "*") if p.is_dir()):
+        tok, stamp = d / "tokenizer.json", root / f".{d.name}.seed"
+        if tok.is_file() and stamp.is_file() and stamp.read_text().strip() == str(seed):
+            return tok.read_text()
+    return None
 
 
 def added(content: str) -> dict:
@@ -568,10 +578,11 @@ def write_llava(root: Path, layers: int, seed: int, shards: int) -> Path:
     write_json(out / "chat_template.json", {"chat_template": LLAVA_CHAT_TEMPLATE})
     tok_path = out / "tokenizer.json"
     if not tok_path.exists():
-        text = llama_tokenizer(seed)
+        text = sibling_tokenizer(root, DIR_NAMES["llava"], seed) or llama_tokenizer(seed)
         tmp = tok_path.with_name("tokenizer.json.tmp")
         tmp.write_text(text)
         os.replace(tmp, tok_path)
+        (out.parent / f".{out.name}.seed").write_text(f"{seed}\n")  # beside, not in, the model
     write_json(out / "added_tokens.json", {"<image>": 32000, "<pad>": 32001})
     write_json(out / "special_tokens_map.json", {
         "bos_token": {k: v for k, v in added("<s>").items() if k != "special"},
@@ -620,10 +631,11 @@ def write_clip(root: Path, which: str, seed: int) -> Path:
     write_json(out / "preprocessor_config.json", clip_preprocessor(size, "CLIPProcessor"))
     tok_path = out / "tokenizer.json"
     if not tok_path.exists():
-        text = clip_tokenizer(seed)
+        text = sibling_tokenizer(root, "clip-vit-", seed) or clip_tokenizer(seed)
         tmp = tok_path.with_name("tokenizer.json.tmp")
         tmp.write_text(text)
         os.replace(tmp, tok_path)
+        (out.parent / f".{out.name}.seed").write_text(f"{seed}\n")  # beside, not in, the model
     sot = {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False,
            "single_word": False}
     eot = {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}

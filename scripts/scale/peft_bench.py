@@ -122,6 +122,7 @@ def cmd_prepare(args) -> dict:
     if all((out / n / "adapter_model.safetensors").is_file() for n in names):
         return {"adapters": str(out), "kept": True}
     model, _, _ = load_base(args)
+    torch.manual_seed(0)  # PEFT draws A (kaiming-uniform) from the global generator
     n_layers = model.config.text_config.num_hidden_layers
     cfg = lora_config(n_layers, args.layers_from)
     peft_model = get_peft_model(model, cfg, adapter_name=names[0])
