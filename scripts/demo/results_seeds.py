@@ -26,6 +26,9 @@ work = Path(args[0])
 probe = None
 if "--probe" in args:
     probe = Path(args[args.index("--probe") + 1])
+notes = None
+if "--notes" in args:
+    notes = Path(args[args.index("--notes") + 1])
 
 METHODS = ["base", "single", "ensemble", "svgd", "svgd-rep"]
 LABEL = {
@@ -338,9 +341,22 @@ for split in SPLITS:
           f"{cell(method, k + 'auroc_epistemic')} |")
 
 # ---------------------------------------------------------------------------------------------
+def by_seed(method):
+    return {r["seed"]: r for r in runs.get(method, [])}
+
+
+def paired(method, key, seed):
+    """(method − ensemble) point difference and its paired interval on one seed."""
+    r, e = by_seed(method).get(seed), by_seed("ensemble").get(seed)
+    if not r or not e or r["r"].get(key) is None or e["r"].get(key) is None:
+        return None, None
+    ci = (r["diff"] or {}).get("intervals", {}).get(key)
+    return r["r"][key] - e["r"][key], ci
+
+
 p("\n## Paired differences against the Bella ensemble\n")
-p("Per seed: (method − ensemble) on the same questions, 95 % paired bootstrap interval; * when it")
-p("excludes 0. Lower is better for ECE/NLL/Brier/AURC.\n")
+p("Per seed: (method − ensemble) on the same questions, with its 95 % paired bootstrap interval;")
+p("* when the interval excludes 0. Lower is better for ECE/NLL/Brier/AURC.\n")
 keys = [("vqa_accuracy", True), ("ece", False), ("nll", False), ("brier", False), ("aurc", False), ("coverage", True),
         ("ood.photos.auroc_selector", False), ("ood.ood-mismatched.declined", True), ("ood.ood-absent.declined", True),
         ("ood.photos.declined", True)]
@@ -350,22 +366,74 @@ for method in METHODS:
     if method == "ensemble":
         continue
     for r in runs.get(method, []):
-        d = r["diff"]
-        if not d:
-            continue
         cells = []
         for k, pct in keys:
-            v = (d.get("values") or d.get("differences") or {}).get(k)
-            ci = d.get("intervals", {}).get(k)
-            if v is None and ci is None:
+            v, ci = paired(method, k, r["seed"])
+            if v is None:
                 cells.append("–")
                 continue
-            s = fmt_num(v, pct) if v is not None else ""
+            c = ("+" if v > 0 else "") + fmt_num(v, pct)
             if ci:
                 star = "*" if ci[0] > 0 or ci[1] < 0 else ""
-                s += f" [{fmt_num(ci[0], pct)}, {fmt_num(ci[1], pct)}]{star}"
-            cells.append(s)
+                c += f" [{fmt_num(ci[0], pct)}, {fmt_num(ci[1], pct)}]{star}"
+            cells.append(c)
         p(f"| {LABEL[method]} | {r['seed']} | " + " | ".join(cells) + " |")
+
+# ---------------------------------------------------------------------------------------------
+p("\n## Targets (issue 12, §5): the Bella ensemble, each seed's 95 % interval against the line\n")
+p("| target | per seed: value [interval] | result |")
+p("|---|---|---|")
+
+
+def target_row(text, per_seed):
+    """per_seed: list of (seed, value, ci, met, pct)."""
+    cells, met = [], 0
+    for seed, v, ci, ok, pct in per_seed:
+        c = f"s{seed}: {fmt_num(v, pct)}"
+        if ci:
+            c += f" [{fmt_num(ci[0], pct)}, {fmt_num(ci[1], pct)}]"
+        cells.append(c)
+        met += 1 if ok else 0
+    n = len(per_seed)
+    result = "–" if n == 0 else ("met" if met == n else ("missed" if met == 0 else f"met in {met} of {n} seeds"))
+    p(f"| {text} | {'; '.join(cells) or '–'} | {result} |")
+
+
+ens = runs.get("ensemble", [])
+
+
+def own(key, line, pct, above=True):
+    out = []
+    for r in ens:
+        v, ci = r["r"].get(key), r["ci"].get(key)
+        if v is None:
+            continue
+        ok = ci is not None and (ci[0] >= line if above else ci[1] <= line)
+        out.append((r["seed"], v, ci, ok, pct))
+    return out
+
+
+def versus(other, key, pct):
+    """ensemble better (lower) than other: (other − ensemble) interval above 0."""
+    out = []
+    for r in ens:
+        v, ci = paired(other, key, r["seed"])
+        if v is None:
+            continue
+        if other == "base":
+            # the differences are (base − ensemble) as computed by bench --compare
+            pass
+        out.append((r["seed"], v, ci, ci is not None and ci[0] >= 0, pct))
+    return out
+
+
+target_row("answers ≥ 85 % of in-distribution questions (coverage)", own("coverage", 0.85, True))
+for split, text in [("photos", "photographs"), ("ood-mismatched", "false-premise (mismatched)"), ("ood-absent", "absent-object")]:
+    target_row(f"abstains on or declines ≥ 90 % of {text} questions", own(f"ood.{split}.declined", 0.90, True))
+target_row("ID ECE ≤ the base model's: (base − ensemble) ECE, paired", versus("base", "ece", False))
+target_row("ID ECE ≤ the single particle's: (single − ensemble) ECE, paired", versus("single", "ece", False))
+target_row("AURC < the single particle's: (single − ensemble) AURC, paired", versus("single", "aurc", False))
+target_row("OOD AUROC with the chosen selector ≥ 0.95 on photos", own("ood.photos.auroc_selector", 0.95, False))
 
 # ---------------------------------------------------------------------------------------------
 p("\n## Particle diversity over training\n")
@@ -402,3 +470,7 @@ if probe is not None:
         e = lines[-1]
         p(f"| {d.name[1:]} | {e['train_loss']:.4f} | {fmt_num(e.get('val_accuracy'), True)} | "
           f"{fmt_num(e.get('val_disagreement'), True)} | {e['mean_pairwise_distance']:.3f} |")
+
+if notes is not None and notes.exists():
+    p()
+    p(notes.read_text().rstrip())
