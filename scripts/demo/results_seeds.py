@@ -277,7 +277,12 @@ p("temperature, `bench --compare --bootstrap 1000`) and laid out by `scripts/dem
 p("Base: `demo/llava`. Particles: rank 8, α 16 on the attention projections of the language model")
 p("and of the vision tower, B ~ N(0, 0.1), lr 2e-3, batch 4, one epoch, on the shapes world of")
 p("`scripts/demo/particles.sh` (seed 11, 15 % absent-object training scenes).")
-p(f"Seeds: {', '.join(map(str, seeds)) or 'none yet'}.\n")
+p(f"Seeds: {', '.join(map(str, seeds)) or 'none yet'}.")
+partial = [b.name for b in benches if not (b / "comparison.json").exists()]
+if partial:
+    p(f"**Partial**: {', '.join(partial)} not finished (no comparison.json): its finished runs are")
+    p("included, without paired intervals.")
+p()
 p("Cells: mean ± sd over seeds [95 % bootstrap interval, its ends averaged over the seeds]. The base")
 p("model is deterministic (one value). Values in %, except ECE, NLL, Brier, AURC and AUROC.")
 p("ECE: 15 equal-width bins; NLL and Brier of the binary event \"the answer is right\"; AURC with the")
@@ -420,15 +425,12 @@ def versus(other, key, pct):
         v, ci = paired(other, key, r["seed"])
         if v is None:
             continue
-        if other == "base":
-            # the differences are (base − ensemble) as computed by bench --compare
-            pass
-        out.append((r["seed"], v, ci, ci is not None and ci[0] >= 0, pct))
+        out.append((r["seed"], v, ci, ci is not None and ci[0] > 0, pct))
     return out
 
 
 target_row("answers ≥ 85 % of in-distribution questions (coverage)", own("coverage", 0.85, True))
-for split, text in [("photos", "photographs"), ("ood-mismatched", "false-premise (mismatched)"), ("ood-absent", "absent-object")]:
+for split, text in [("photos", "photograph"), ("ood-mismatched", "false-premise (mismatched)"), ("ood-absent", "absent-object")]:
     target_row(f"abstains on or declines ≥ 90 % of {text} questions", own(f"ood.{split}.declined", 0.90, True))
 target_row("ID ECE ≤ the base model's: (base − ensemble) ECE, paired", versus("base", "ece", False))
 target_row("ID ECE ≤ the single particle's: (single − ensemble) ECE, paired", versus("single", "ece", False))
