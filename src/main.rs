@@ -282,6 +282,11 @@ struct TrainArgs {
     init_b_std: f64,
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
+    /// SVGD: weight of the repulsive term, ≥ 0 (1: canonical SVGD; w: SVGD on the tempered
+    /// posterior p^(1/w), the Bella code's temperature; 0: no repulsion). Stored in
+    /// train_summary.json and the checkpoints; the ensemble ignores it.
+    #[arg(long, default_value_t = 1.0)]
+    repulsion: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue the run in --out from its newest checkpoint.
@@ -675,6 +680,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         init_b_std: args.init_b_std,
         grad_clip: args.grad_clip,
         seed: args.seed,
+        repulsion: args.repulsion,
         ..defaults
     };
     let run = RunOptions {
@@ -712,6 +718,18 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 e.mean_pairwise_distance,
                 e.examples_per_second,
                 e.particle_examples_per_second
+            );
+        }
+        if let Some(d) = &report.diversity {
+            let pct = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.1} %", a * 100.0));
+            println!(
+                "diversity over {} evaluations: answer disagreement {} → {} (max {}), mean pairwise ΔW distance {:.4} → {:.4} (train_summary.json)",
+                d.evaluations,
+                pct(d.first.val_disagreement),
+                pct(d.last.val_disagreement),
+                pct(d.max_val_disagreement),
+                d.first.mean_pairwise_distance,
+                d.last.mean_pairwise_distance
             );
         }
     }

@@ -5,7 +5,7 @@
 
 use bella_vqa::bella::svgd::{
     delta_w_sq_distances, median_bandwidth, parameter_sq_distances, rbf_kernel, svgd_direction,
-    svgd_direction_flat, KernelSpace, LayerFactors,
+    svgd_direction_flat, svgd_direction_weighted, KernelSpace, LayerFactors,
 };
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -149,6 +149,17 @@ fn run_direction(
     space: KernelSpace,
     dtype: DType,
 ) -> bella_vqa::bella::svgd::SvgdStep {
+    run_weighted(layers, ga, gb, space, dtype, 1.0).unwrap()
+}
+
+fn run_weighted(
+    layers: &[Layer],
+    ga: &[Vec<f64>],
+    gb: &[Vec<f64>],
+    space: KernelSpace,
+    dtype: DType,
+    repulsion: f64,
+) -> candle_core::Result<bella_vqa::bella::svgd::SvgdStep> {
     let ts: Vec<(Tensor, Tensor)> = layers.iter().map(|l| l.tensors(dtype)).collect();
     let factors: Vec<LayerFactors> = ts
         .iter()
@@ -169,7 +180,7 @@ fn run_direction(
         .zip(gb)
         .map(|(l, g)| tensor(g, &[l.p, l.out, l.r], dtype))
         .collect();
-    svgd_direction(&factors, &ga, &gb, space).unwrap()
+    svgd_direction_weighted(&factors, &ga, &gb, space, repulsion)
 }
 
 /// Random gradients with std `std` for every layer's A (all layers), then every layer's B.
@@ -855,5 +866,69 @@ fn svgd_recovers_bayesian_linear_regression_posterior() {
         );
         assert!((m[k] - mean[k]).abs() < 0.1 * sd[k], "mean {k}");
         assert!((std - sd[k]).abs() < 0.1 * sd[k], "std {k}");
+    }
+}
+
+/// The repulsion weight (`train --repulsion`) scales the repulsive term only: with weight 0, ψ is
+/// the kernel-weighted average of the gradients, ψ_i = (1/P) Σ_j k_ij g_j (checked against the
+/// kernel rebuilt from the step's distances and bandwidth); weight 1 is `svgd_direction`; and the
+/// repulsive part ψ(w) − ψ(0) doubles from weight 1 to 2 (in both kernel spaces). A negative or
+/// non-finite weight is an error.
+#[test]
+fn repulsion_weight_scales_the_repulsive_term() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let p = 3;
+    let layers = two_layers(&mut rng, p);
+    let (ga, gb) = random_grads(&mut rng, &layers, 1.0);
+    let all = |s: &bella_vqa::bella::svgd::SvgdStep| -> Vec<Vec<f64>> {
+        s.grad_a.iter().chain(&s.grad_b).map(flat).collect()
+    };
+    for space in [KernelSpace::Parameters, KernelSpace::DeltaW] {
+        let w0 = run_weighted(&layers, &ga, &gb, space, DType::F64, 0.0).unwrap();
+        let w1 = run_weighted(&layers, &ga, &gb, space, DType::F64, 1.0).unwrap();
+        let w2 = run_weighted(&layers, &ga, &gb, space, DType::F64, 2.0).unwrap();
+        let canonical = run_direction(&layers, &ga, &gb, space, DType::F64);
+        assert_eq!(all(&w1), all(&canonical));
+        assert_eq!(w0.bandwidth, w1.bandwidth);
+
+        // Weight 0: (1/P) Σ_j k_ij g_j, tensor by tensor (A of every layer, then B).
+        let k: Vec<Vec<f64>> = w0
+            .sq_distances
+            .iter()
+            .map(|row| row.iter().map(|d| (-d / w0.bandwidth).exp()).collect())
+            .collect();
+        let grads: Vec<&Vec<f64>> = ga.iter().chain(&gb).collect();
+        for (t, (got, g)) in all(&w0).iter().zip(&grads).enumerate() {
+            let n = g.len() / p;
+            for i in 0..p {
+                for e in 0..n {
+                    let want: f64 = (0..p).map(|j| k[i][j] * g[j * n + e]).sum::<f64>() / p as f64;
+                    let have = got[i * n + e];
+                    assert!(
+                        (have - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                        "{space:?} tensor {t} particle {i}: {have} vs {want}"
+                    );
+                }
+            }
+        }
+
+        // The repulsive part doubles with weight 2, and is not zero (the test would be empty).
+        let mut largest = 0.0f64;
+        for ((x0, x1), x2) in all(&w0).iter().zip(all(&w1)).zip(all(&w2)) {
+            for ((a0, a1), a2) in x0.iter().zip(&x1).zip(&x2) {
+                let r1 = a1 - a0;
+                let r2 = a2 - a0;
+                largest = largest.max(r1.abs());
+                assert!(
+                    (r2 - 2.0 * r1).abs() <= 1e-10 * (1.0 + r1.abs()),
+                    "{space:?}: {r2} vs 2 × {r1}"
+                );
+            }
+        }
+        assert!(largest > 1e-6, "{space:?}: no repulsion to scale");
+
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert!(run_weighted(&layers, &ga, &gb, space, DType::F64, bad).is_err());
+        }
     }
 }

@@ -218,8 +218,24 @@ fn ensemble_training_lowers_the_loss_and_particles_differ() {
 
 #[test]
 fn svgd_training_lowers_the_loss_and_particles_differ() {
-    let (_out, set) = train_once(Method::Svgd);
+    let (out, set) = train_once(Method::Svgd);
     assert_eq!(set.config.method, "svgd");
+    // The particles' diversity at every evaluation, and its summary with the options.
+    for e in log(out.path()) {
+        let d = e["val_disagreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&d), "{e}");
+        assert!(e["mean_pairwise_distance"].as_f64().unwrap() > 0.0, "{e}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("train_summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["options"]["repulsion"], 1.0);
+    let d = &summary["diversity"];
+    assert_eq!(
+        d["evaluations"].as_u64().unwrap() as usize,
+        log(out.path()).len()
+    );
+    assert_eq!(d["last"]["step"], summary["step"]);
 }
 
 fn tensors(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {

@@ -10,6 +10,13 @@
 //! k(x, y) = exp(−‖x − y‖² / h),   h = med_{i<j} ‖φ_i − φ_j‖² / log P   (median heuristic)
 //! ```
 //!
+//! A repulsion weight w ≥ 0 (`train --repulsion`, default 1 = canonical SVGD) scales the second
+//! term: ψ_i = (1/P) Σ_j [ k(φ_j, φ_i) g_j + w ∇_{φ_j} k(φ_j, φ_i) ]. This is SVGD on the
+//! tempered posterior p(φ | D)^{1/w} (multiply ψ by w: the attraction becomes ∇ log p / w), the
+//! "temperature" of the Bella reference code: w > 1 spreads the particles wider than the posterior,
+//! w = 0 drops the repulsion (kernel-weighted gradient averaging: the particles collapse onto
+//! a mode together).
+//!
 //! Particles move *along* ψ (ascent on log p). A training loop that minimises a loss with AdamW
 //! hands it `−ψ` as the gradient; see [`svgd_direction`].
 //!
@@ -111,6 +118,22 @@ pub fn svgd_direction(
     grad_logp_b: &[Tensor],
     space: KernelSpace,
 ) -> Result<SvgdStep> {
+    svgd_direction_weighted(layers, grad_logp_a, grad_logp_b, space, 1.0)
+}
+
+/// [`svgd_direction`] with the repulsive term scaled by `repulsion` (w ≥ 0, finite; 1 is
+/// canonical SVGD, 0 leaves the kernel-weighted average of the gradients): see the module notes.
+/// Errors as [`svgd_direction`], and on a negative or non-finite weight.
+pub fn svgd_direction_weighted(
+    layers: &[LayerFactors],
+    grad_logp_a: &[Tensor],
+    grad_logp_b: &[Tensor],
+    space: KernelSpace,
+    repulsion: f64,
+) -> Result<SvgdStep> {
+    if !(repulsion.is_finite() && repulsion >= 0.0) {
+        candle_core::bail!("svgd: the repulsion weight must be finite and ≥ 0, got {repulsion}");
+    }
     let p = check_layers(layers)?;
     if grad_logp_a.len() != layers.len() || grad_logp_b.len() != layers.len() {
         candle_core::bail!(
@@ -172,7 +195,7 @@ pub fn svgd_direction(
                 ] {
                     let attract = attraction(&k, g, wd)?;
                     let repulse = parameter_repulsion(&k, &rowsum, x, h, wd)?;
-                    out.push(finish(&attract, &repulse, inv_p, g)?);
+                    out.push(finish(&attract, &repulse, repulsion, inv_p, g)?);
                 }
             }
         }
@@ -181,8 +204,20 @@ pub fn svgd_direction(
                 let (rep_a, rep_b) = delta_w_repulsion(&k, layer, h, wd)?;
                 let ga = &grad_logp_a[l];
                 let gb = &grad_logp_b[l];
-                grad_a.push(finish(&attraction(&k, ga, wd)?, &rep_a, inv_p, ga)?);
-                grad_b.push(finish(&attraction(&k, gb, wd)?, &rep_b, inv_p, gb)?);
+                grad_a.push(finish(
+                    &attraction(&k, ga, wd)?,
+                    &rep_a,
+                    repulsion,
+                    inv_p,
+                    ga,
+                )?);
+                grad_b.push(finish(
+                    &attraction(&k, gb, wd)?,
+                    &rep_b,
+                    repulsion,
+                    inv_p,
+                    gb,
+                )?);
             }
         }
     }
@@ -226,7 +261,10 @@ pub fn svgd_direction_flat(phi: &Tensor, grad_logp: &Tensor) -> Result<(Tensor, 
     let rowsum = k.sum_keepdim(1)?;
     let attract = attraction(&k, grad_logp, wd)?;
     let repulse = parameter_repulsion(&k, &rowsum, phi, h, wd)?;
-    Ok((finish(&attract, &repulse, 1.0 / p as f64, grad_logp)?, h))
+    Ok((
+        finish(&attract, &repulse, 1.0, 1.0 / p as f64, grad_logp)?,
+        h,
+    ))
 }
 
 /// The RBF kernel `exp(−sq_dist / h)` of a `[P, P]` matrix of squared distances, same dtype.
@@ -525,9 +563,20 @@ fn delta_w_repulsion(
     Ok((rep_a, rep_b))
 }
 
-/// (1/P)(attraction + repulsion), reshaped and cast to the gradient's shape and dtype.
-fn finish(attract: &Tensor, repulse: &Tensor, inv_p: f64, like: &Tensor) -> Result<Tensor> {
+/// (1/P)(attraction + w·repulsion), reshaped and cast to the gradient's shape and dtype.
+fn finish(
+    attract: &Tensor,
+    repulse: &Tensor,
+    weight: f64,
+    inv_p: f64,
+    like: &Tensor,
+) -> Result<Tensor> {
     let attract = attract.reshape(repulse.dims())?;
+    let repulse = if weight == 1.0 {
+        repulse.clone()
+    } else {
+        repulse.affine(weight, 0.0)?
+    };
     (attract + repulse)?
         .affine(inv_p, 0.0)?
         .reshape(like.dims())?

@@ -10,6 +10,7 @@
 //! regulariser.
 
 pub mod checkpoint;
+pub mod diversity;
 pub mod objective;
 pub mod optim;
 pub mod validate;
@@ -25,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::answer::candidates::clip_candidates;
 use crate::answer::generate::{generate, GenerateOptions, Sampling};
 use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
-use crate::bella::svgd::{delta_w_sq_distances, svgd_direction, KernelSpace, LayerFactors};
+use crate::bella::svgd::{
+    delta_w_sq_distances, svgd_direction_weighted, KernelSpace, LayerFactors,
+};
 use crate::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
 use crate::data::normalize::normalize_answer;
 use crate::data::VqaExample;
@@ -84,6 +87,14 @@ pub struct TrainOptions {
     /// Std of the initial B (0 = PEFT's zero init; particles then start equal in function).
     pub init_b_std: f64,
     pub seed: u64,
+    /// SVGD: the weight of the repulsive term (1 = canonical SVGD; w is SVGD on the tempered
+    /// posterior p^{1/w}, see [`crate::bella::svgd`]). Ignored by the ensemble.
+    #[serde(default = "default_repulsion")]
+    pub repulsion: f64,
+}
+
+fn default_repulsion() -> f64 {
+    1.0
 }
 
 impl TrainOptions {
@@ -106,6 +117,7 @@ impl TrainOptions {
             prior_std: 1.0,
             init_b_std: 1e-3,
             seed: 0,
+            repulsion: 1.0,
         }
     }
 
@@ -164,6 +176,10 @@ pub struct Evaluation {
     pub val_accuracy_vote: Option<f64>,
     /// Mean pairwise ‖ΔW_i − ΔW_j‖_F over all adapted layers.
     pub mean_pairwise_distance: f64,
+    /// The share of particle pairs whose greedy answers differ on the validation sample
+    /// ([`diversity::pairwise_disagreement`]); `None` with one particle or no validation data.
+    #[serde(default)]
+    pub val_disagreement: Option<f64>,
     /// Training questions per second (a step takes `batch_size` questions, whatever the method).
     pub examples_per_second: f64,
     /// Question–particle pairs per second (`particles` × `examples_per_second`).
@@ -180,6 +196,54 @@ pub struct TrainReport {
     pub last: Option<Evaluation>,
     pub out: PathBuf,
     pub finished: bool,
+    /// The particles' diversity over the whole run (every evaluation of `train_log.jsonl`,
+    /// resumed parts included); `None` when nothing was evaluated.
+    pub diversity: Option<diversity::DiversitySummary>,
+}
+
+/// `train_summary.json`: the options of the run (the repulsion weight among them) and the
+/// particles' diversity over training, rewritten whenever a run stops or finishes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub step: u64,
+    pub total_steps: u64,
+    pub options: TrainOptions,
+    pub diversity: Option<diversity::DiversitySummary>,
+}
+
+/// Summarises the diversity of every evaluation in the log and writes `train_summary.json`.
+fn write_summary(
+    out: &Path,
+    log_path: &Path,
+    opts: &TrainOptions,
+    step: u64,
+    total_steps: u64,
+) -> Result<Option<diversity::DiversitySummary>> {
+    let text = match std::fs::read_to_string(log_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", log_path.display())),
+    };
+    let points: Vec<diversity::DiversityPoint> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Evaluation>(line).ok())
+        .map(|e| diversity::DiversityPoint {
+            step: e.step,
+            val_disagreement: e.val_disagreement,
+            mean_pairwise_distance: e.mean_pairwise_distance,
+        })
+        .collect();
+    let summary = TrainSummary {
+        step,
+        total_steps,
+        options: opts.clone(),
+        diversity: diversity::summarize(&points),
+    };
+    crate::io::write_bytes_atomically(
+        &out.join("train_summary.json"),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
+    Ok(summary.diversity)
 }
 
 /// Trainable factors of every adapted layer, as variables.
@@ -258,17 +322,7 @@ impl Params {
         let d = delta_w_sq_distances(&layers)?
             .to_dtype(DType::F64)?
             .to_vec2::<f64>()?;
-        let p = d.len();
-        if p < 2 {
-            return Ok(0.0);
-        }
-        let mut sum = 0.0;
-        for (i, row) in d.iter().enumerate() {
-            for v in &row[i + 1..] {
-                sum += v.max(0.0).sqrt();
-            }
-        }
-        Ok(sum / (p * (p - 1) / 2) as f64)
+        Ok(diversity::mean_pairwise_distance(&d))
     }
 }
 
@@ -571,7 +625,7 @@ pub fn train(
                     Kernel::Params => KernelSpace::Parameters,
                     Kernel::DeltaW => KernelSpace::DeltaW,
                 };
-                let psi = svgd_direction(&layers, &ga, &gb, space)?;
+                let psi = svgd_direction_weighted(&layers, &ga, &gb, space, opts.repulsion)?;
                 psi.grad_a
                     .iter()
                     .chain(&psi.grad_b)
@@ -592,7 +646,7 @@ pub fn train(
 
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
-            let (acc, vote) = objective.evaluate(model, &val_sample, p)?;
+            let (acc, vote, disagreement) = objective.evaluate(model, &val_sample, p)?;
             let questions_per_second =
                 (steps_run * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eval = Evaluation {
@@ -603,6 +657,7 @@ pub fn train(
                 val_accuracy: acc,
                 val_accuracy_vote: vote,
                 mean_pairwise_distance: params.mean_pairwise_distance()?,
+                val_disagreement: disagreement,
                 examples_per_second: questions_per_second,
                 particle_examples_per_second: questions_per_second * p as f64,
                 elapsed_seconds: started.elapsed().as_secs_f64(),
@@ -611,11 +666,13 @@ pub fn train(
             line.push(b'\n');
             log.append(&line)?;
             bar.set_message(format!(
-                "loss {:.4} · val acc {} · distance {:.3}",
+                "loss {:.4} · val acc {} · distance {:.3} · disagreement {}",
                 eval.train_loss,
                 eval.val_accuracy
                     .map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
-                eval.mean_pairwise_distance
+                eval.mean_pairwise_distance,
+                eval.val_disagreement
+                    .map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
             ));
             loss_sum = 0.0;
             loss_count = 0;
@@ -626,12 +683,14 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
+    let summary = write_summary(&run.out, &log_path, opts, end_step, total_steps)?;
     Ok(TrainReport {
         steps: end_step,
         total_steps,
         last: last_eval,
         out: run.out.clone(),
         finished: end_step == total_steps,
+        diversity: summary,
     })
 }
 
@@ -796,18 +855,20 @@ impl<'a> Objective<'a> {
     }
 
     /// Every particle's own answer on the validation sample: (mean per-particle VQA accuracy,
-    /// accuracy of the particles' majority answer). `None` without validation data.
+    /// accuracy of the particles' majority answer, pairwise disagreement of the particles'
+    /// answers). `None` without validation data (the disagreement also with one particle).
     fn evaluate(
         &self,
         model: &Model,
         val: &[VqaExample],
         particles: usize,
-    ) -> Result<(Option<f64>, Option<f64>)> {
+    ) -> Result<(Option<f64>, Option<f64>, Option<f64>)> {
         if val.is_empty() {
-            return Ok((None, None));
+            return Ok((None, None, None));
         }
         let mut acc = 0.0;
         let mut vote = 0.0;
+        let mut all_answers = Vec::with_capacity(val.len());
         for ex in val {
             let answers = self.particle_answers(model, ex, particles)?;
             let scores: Vec<f64> = answers
@@ -820,9 +881,14 @@ impl<'a> Objective<'a> {
                 .max_by_key(|&i| normalized.iter().filter(|n| **n == normalized[i]).count())
                 .unwrap_or(0);
             vote += scores[best];
+            all_answers.push(answers);
         }
         let n = val.len() as f64;
-        Ok((Some(acc / n), Some(vote / n)))
+        Ok((
+            Some(acc / n),
+            Some(vote / n),
+            diversity::pairwise_disagreement(&all_answers),
+        ))
     }
 
     fn particle_answers(

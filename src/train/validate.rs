@@ -46,6 +46,7 @@ impl TrainOptions {
         check_range("--grad-clip", self.grad_clip, 0.0, true, f64::MAX)?;
         check_range("--prior-std", self.prior_std, 0.0, true, f64::MAX)?;
         check_range("--init-b-std", self.init_b_std, 0.0, false, f64::MAX)?;
+        check_range("--repulsion", self.repulsion, 0.0, false, f64::MAX)?;
         Ok(())
     }
 }
@@ -127,6 +128,20 @@ mod tests {
                     ..ok.clone()
                 },
                 "--init-b-std",
+            ),
+            (
+                TrainOptions {
+                    repulsion: -1.0,
+                    ..ok.clone()
+                },
+                "--repulsion",
+            ),
+            (
+                TrainOptions {
+                    repulsion: f64::NAN,
+                    ..ok.clone()
+                },
+                "--repulsion",
             ),
             (
                 TrainOptions {
