@@ -6,7 +6,9 @@
 #
 #   BELLA=$CARGO_TARGET_DIR/release/bella-vqa scripts/demo/top_layers.sh [WORK_DIR]
 #
-# WORK_DIR is the one of particles_seeds.sh (its world/ and ensemble-s1/ are reused).
+# WORK_DIR is the one of particles_seeds.sh (its world/ and ensemble-s1/ are reused); the size
+# variables are those of particles_seeds.sh (TRAIN_LIMIT, EVAL_EVERY, VAL_SAMPLE, CAL_LIMIT, LIMIT,
+# COVERAGE), so that both runs are trained and measured alike.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -14,6 +16,10 @@ WORK=${1:-$HOME/.cache/bella-vqa/runs-results}
 BELLA=${BELLA:-"cargo run --quiet --release --"}
 SEED=${SEED:-1}
 OUT=$WORK/ensemble-top-s$SEED
+TRAIN_LIMIT_ARGS=() CAL_LIMIT_ARGS=() LIMIT_ARGS=()
+[ -n "${TRAIN_LIMIT:-}" ] && TRAIN_LIMIT_ARGS=(--limit "$TRAIN_LIMIT")
+[ -n "${CAL_LIMIT:-}" ] && CAL_LIMIT_ARGS=(--limit "$CAL_LIMIT")
+[ -n "${LIMIT:-}" ] && LIMIT_ARGS=(--limit "$LIMIT")
 [ -f "$WORK/world/train.jsonl" ] || { echo "run scripts/demo/particles_seeds.sh first (no $WORK/world)" >&2; exit 1; }
 TOP="language_model.layers.2-2.*.q_proj,language_model.layers.2-2.*.k_proj"
 TOP+=",language_model.layers.2-2.*.v_proj,language_model.layers.2-2.*.o_proj"
@@ -22,13 +28,13 @@ if [ ! -f "$OUT/.done" ]; then
   [ -d "$OUT/checkpoints" ] && resume=(--resume)
   $BELLA train --model "$ROOT/demo/llava" --data "$WORK/world/train.jsonl" --val "$WORK/world/val.jsonl" \
     --targets "$TOP" --epochs 1 --batch-size 4 --lr 2e-3 --rank 8 --alpha 16 --init-b-std 0.1 \
-    --eval-every 150 --val-sample 64 --quiet --seed "$SEED" --out "$OUT" "${resume[@]}" \
+    --eval-every "${EVAL_EVERY:-150}" --val-sample "${VAL_SAMPLE:-64}" "${TRAIN_LIMIT_ARGS[@]}" --quiet --seed "$SEED" --out "$OUT" "${resume[@]}" \
     --particles 4 --method ensemble
   touch "$OUT/.done"
 fi
 if [ ! -f "$OUT/calibrate.json" ]; then
   $BELLA calibrate --model "$ROOT/demo/llava" --adapters "$OUT" --data "$WORK/world/val.jsonl" \
-    --selector auto --target-coverage 0.90 --json --quiet > "$OUT/calibrate.json.tmp"
+    "${CAL_LIMIT_ARGS[@]}" --selector auto --target-coverage "${COVERAGE:-0.90}" --json --quiet > "$OUT/calibrate.json.tmp"
   mv "$OUT/calibrate.json.tmp" "$OUT/calibrate.json"
 fi
 OOD=()
@@ -37,5 +43,5 @@ for split in ood-unseen-pairs ood-absent ood-corrupted ood-mismatched ood-unansw
 done
 OOD+=("$ROOT/eval/demo/photos.jsonl")
 $BELLA bench --model "$ROOT/demo/llava" --adapters "$OUT" --data "$WORK/world/test.jsonl" \
-  --val "$WORK/world/val.jsonl" --ood-data "${OOD[@]}" --bootstrap 1000 --out "$WORK/bench-top-s$SEED" --quiet
+  --val "$WORK/world/val.jsonl" --ood-data "${OOD[@]}" "${LIMIT_ARGS[@]}" --bootstrap 1000 --out "$WORK/bench-top-s$SEED" --quiet
 echo "results: $WORK/bench-top-s$SEED/results.json (compare with $WORK/bench-s$SEED, entry ensemble)"
