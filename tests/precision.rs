@@ -62,18 +62,8 @@ fn llava_in_half_precision_matches_transformers_within_tolerance() {
 
 #[test]
 fn greedy_tokens_in_half_precision_equal_transformers() {
-    let r = reference("llava");
     for dtype in [DType::BF16, DType::F16] {
-        let m = llava(dtype);
-        for prefix in ["image", "text", "batch"] {
-            let p = reference_prompt(prefix);
-            let tokens = greedy(&m, &p.input(), 1, 8);
-            assert_eq!(
-                tokens,
-                ids(get(&r, &format!("{prefix}.greedy_tokens"))),
-                "{dtype:?} {prefix}"
-            );
-        }
+        assert_greedy_tokens_equal_transformers(&llava(dtype), &format!("{dtype:?}"));
     }
 }
 
@@ -129,67 +119,9 @@ fn frozen_weights_stay_in_the_compute_dtype_and_particles_in_f32() {
 #[test]
 fn training_over_a_half_precision_base_lowers_the_loss_with_f32_particles() {
     use bella_vqa::bella::particles::ParticleSet;
-    use bella_vqa::data::shapes::{generate, ShapesOptions};
-    use bella_vqa::data::{read_jsonl, ReadOptions};
-    use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
-    let data = tempfile::tempdir().unwrap();
-    generate(&ShapesOptions {
-        n: 16,
-        ..ShapesOptions::new(data.path())
-    })
-    .unwrap();
-    let read = |f: &str| {
-        read_jsonl(&data.path().join(f), &ReadOptions::default())
-            .unwrap()
-            .examples
-    };
-    let out = tempfile::tempdir().unwrap();
     let mut loaded = load_model_in("llava-tiny-hub", DType::BF16);
-    let opts = TrainOptions {
-        targets: vec![
-            "language_model.*.q_proj".into(),
-            "language_model.*.v_proj".into(),
-        ],
-        rank: 4,
-        alpha: 8.0,
-        particles: 2,
-        method: Method::Svgd,
-        kernel: Kernel::DeltaW,
-        epochs: 2,
-        batch_size: 4,
-        lr: 1e-2,
-        ..TrainOptions::llava_defaults()
-    };
-    let run = RunOptions {
-        out: out.path().to_path_buf(),
-        resume: false,
-        eval_every: 4,
-        val_sample: 2,
-        checkpoint_every: 100,
-        max_steps: None,
-        progress: false,
-        model_source: "tests/fixtures/llava-tiny-hub".into(),
-    };
-    let report = train::train(
-        &mut loaded,
-        &read("train.jsonl"),
-        &read("val.jsonl"),
-        &opts,
-        &run,
-    )
-    .unwrap();
-    assert!(report.finished);
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let first = log.first().unwrap()["train_loss"].as_f64().unwrap();
-    let last = log.last().unwrap()["train_loss"].as_f64().unwrap();
-    assert!(
-        last.is_finite() && last < first * 0.9,
-        "loss {first} → {last}"
-    );
+    let out =
+        train_briefly_and_check_the_loss_falls(&mut loaded, bella_vqa::train::Method::Svgd, 2);
     let set = ParticleSet::load(out.path(), &candle_core::Device::Cpu).unwrap();
     for (name, ad) in &set.adapters {
         assert_eq!(ad.a.dtype(), DType::F32, "{name}");
@@ -200,18 +132,23 @@ fn bella() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
 }
 
-/// The demo's answer to its README question, computed in `dtype`.
-fn demo_answer(dtype: &str) -> serde_json::Value {
+/// The demo's answer to its README question with extra `ask` options (`--dtype bf16`, …), with
+/// its own cache directory (quantized weights are cached there).
+fn demo_answer(options: &[&str]) -> serde_json::Value {
     let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png");
+    let cache = tempfile::tempdir().unwrap();
     let out = bella()
-        .args(["ask", "--quiet", "--json", "--dtype", dtype, "--image"])
+        .args(["ask", "--quiet", "--json"])
+        .args(options)
+        .arg("--image")
         .arg(&image)
         .arg("What color is the circle?")
+        .env("BELLA_VQA_CACHE", cache.path())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{options:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -219,9 +156,9 @@ fn demo_answer(dtype: &str) -> serde_json::Value {
 
 #[test]
 fn the_demo_answers_alike_in_every_dtype() {
-    let f32 = demo_answer("f32");
+    let f32 = demo_answer(&["--dtype", "f32"]);
     for dtype in ["bf16", "f16"] {
-        let half = demo_answer(dtype);
+        let half = demo_answer(&["--dtype", dtype]);
         assert_eq!(half["answer"], f32["answer"], "{dtype}");
         let (a, b) = (
             half["confidence"].as_f64().unwrap(),
@@ -255,27 +192,9 @@ fn a_gpu_in_a_cpu_build_is_a_clear_error() {
 
 #[test]
 fn a_quantized_base_runs_under_half_precision_activations() {
-    let out = bella()
-        .args([
-            "ask",
-            "--quiet",
-            "--json",
-            "--dtype",
-            "bf16",
-            "--quantize",
-            "q8_0",
-            "--image",
-        ])
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"))
-        .arg("What color is the circle?")
-        .env("BELLA_VQA_CACHE", tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let quantized = demo_answer(&["--dtype", "bf16", "--quantize", "q8_0"]);
+    assert_eq!(
+        quantized["answer"],
+        demo_answer(&["--dtype", "f32"])["answer"]
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["answer"], demo_answer("f32")["answer"]);
 }

@@ -61,7 +61,6 @@ const Q8_0_LOGIT_TOLERANCE: f32 = 4e-2;
 fn q8_0_logits_are_near_f32_and_greedy_tokens_equal_transformers() {
     let cache = tempfile::tempdir().unwrap();
     let dense = llava(load_model("llava-tiny-hub"));
-    let r = reference("llava");
     for vision in [false, true] {
         let loaded = load_quantized(&quantize(QuantKind::Q8_0, vision, cache.path()));
         let q = loaded.info.quantization.clone().unwrap();
@@ -80,15 +79,7 @@ fn q8_0_logits_are_near_f32_and_greedy_tokens_equal_transformers() {
             );
             assert!(d < Q8_0_LOGIT_TOLERANCE, "{prefix}: {d}");
         }
-        for prefix in ["image", "text", "batch"] {
-            let p = reference_prompt(prefix);
-            let tokens = greedy(&m, &p.input(), 1, 8);
-            assert_eq!(
-                tokens,
-                ids(get(&r, &format!("{prefix}.greedy_tokens"))),
-                "{prefix} (vision {vision})"
-            );
-        }
+        assert_greedy_tokens_equal_transformers(&m, &format!("q8_0, vision {vision}"));
     }
 }
 
@@ -233,68 +224,9 @@ fn gradients_reach_every_particle_through_the_quantized_base() {
 
 #[test]
 fn training_on_a_quantized_base_lowers_the_loss() {
-    use bella_vqa::data::shapes::{generate, ShapesOptions};
-    use bella_vqa::data::{read_jsonl, ReadOptions};
-    use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
-    let data = tempfile::tempdir().unwrap();
-    generate(&ShapesOptions {
-        n: 16,
-        ..ShapesOptions::new(data.path())
-    })
-    .unwrap();
-    let read = |f: &str| {
-        read_jsonl(&data.path().join(f), &ReadOptions::default())
-            .unwrap()
-            .examples
-    };
     let cache = tempfile::tempdir().unwrap();
     let mut loaded = load_quantized(&quantize(QuantKind::Q8_0, false, cache.path()));
-    let out = tempfile::tempdir().unwrap();
-    let opts = TrainOptions {
-        targets: vec![
-            "language_model.*.q_proj".into(),
-            "language_model.*.v_proj".into(),
-        ],
-        rank: 4,
-        alpha: 8.0,
-        particles: 3,
-        method: Method::Ensemble,
-        kernel: Kernel::DeltaW,
-        epochs: 2,
-        batch_size: 4,
-        lr: 1e-2,
-        ..TrainOptions::llava_defaults()
-    };
-    let run = RunOptions {
-        out: out.path().to_path_buf(),
-        resume: false,
-        eval_every: 2,
-        val_sample: 2,
-        checkpoint_every: 100,
-        max_steps: None,
-        progress: false,
-        model_source: "tests/fixtures/llava-tiny-hub".into(),
-    };
-    let report = train::train(
-        &mut loaded,
-        &read("train.jsonl"),
-        &read("val.jsonl"),
-        &opts,
-        &run,
-    )
-    .unwrap();
-    assert!(report.finished);
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let first = log.first().unwrap()["train_loss"].as_f64().unwrap();
-    let last = log.last().unwrap()["train_loss"].as_f64().unwrap();
-    assert!(
-        last.is_finite() && last < first * 0.9,
-        "loss {first} → {last}"
-    );
+    train_briefly_and_check_the_loss_falls(&mut loaded, bella_vqa::train::Method::Ensemble, 3);
 }
 
 fn bella(cache: &Path) -> Command {

@@ -127,6 +127,25 @@ pub fn greedy(
         .collect()
 }
 
+/// The greedy tokens (8, no early stop) of every reference prompt equal transformers'; `what`
+/// names the model in a failure.
+#[track_caller]
+pub fn assert_greedy_tokens_equal_transformers(
+    m: &bella_vqa::models::llava::LlavaModel,
+    what: &str,
+) {
+    let r = reference("llava");
+    for prefix in ["image", "text", "batch"] {
+        let p = reference_prompt(prefix);
+        let tokens = greedy(m, &p.input(), 1, 8);
+        assert_eq!(
+            tokens,
+            ids(get(&r, &format!("{prefix}.greedy_tokens"))),
+            "{what}: {prefix}"
+        );
+    }
+}
+
 /// One of the reference LLaVA prompts (`image`, `text`, `batch` in reference/llava.safetensors):
 /// its token ids, pixel values (none for `text`) and the positions its attention mask keeps.
 pub struct ReferencePrompt {
@@ -198,4 +217,76 @@ pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstentio
         temperature: None,
         guarantee: None,
     }
+}
+
+/// Trains 2 epochs of 16 shapes-world questions on `loaded` (particles on q/v of the language
+/// model), checks the training loss falls by 10 % and stays finite, and returns the output
+/// directory (particles, logs). Shared by the tests of training over other bases (half precision,
+/// quantized).
+pub fn train_briefly_and_check_the_loss_falls(
+    loaded: &mut LoadedModel,
+    method: bella_vqa::train::Method,
+    particles: usize,
+) -> tempfile::TempDir {
+    use bella_vqa::data::shapes::{generate, ShapesOptions};
+    use bella_vqa::data::{read_jsonl, ReadOptions};
+    use bella_vqa::train::{self, Kernel, RunOptions, TrainOptions};
+    let data = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 16,
+        ..ShapesOptions::new(data.path())
+    })
+    .unwrap();
+    let read = |f: &str| {
+        read_jsonl(&data.path().join(f), &ReadOptions::default())
+            .unwrap()
+            .examples
+    };
+    let out = tempfile::tempdir().unwrap();
+    let opts = TrainOptions {
+        targets: vec![
+            "language_model.*.q_proj".into(),
+            "language_model.*.v_proj".into(),
+        ],
+        rank: 4,
+        alpha: 8.0,
+        particles,
+        method,
+        kernel: Kernel::DeltaW,
+        epochs: 2,
+        batch_size: 4,
+        lr: 1e-2,
+        ..TrainOptions::llava_defaults()
+    };
+    let run = RunOptions {
+        out: out.path().to_path_buf(),
+        resume: false,
+        eval_every: 4,
+        val_sample: 2,
+        checkpoint_every: 100,
+        max_steps: None,
+        progress: false,
+        model_source: "tests/fixtures/llava-tiny-hub".into(),
+    };
+    let report = train::train(
+        loaded,
+        &read("train.jsonl"),
+        &read("val.jsonl"),
+        &opts,
+        &run,
+    )
+    .unwrap();
+    assert!(report.finished);
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = log.first().unwrap()["train_loss"].as_f64().unwrap();
+    let last = log.last().unwrap()["train_loss"].as_f64().unwrap();
+    assert!(
+        last.is_finite() && last < first * 0.9,
+        "loss {first} → {last}"
+    );
+    out
 }
