@@ -65,27 +65,45 @@ pub fn score_candidates_batch(
     // candidates are k segments of one sequence that all continue the prompt's cache, which is
     // read in place: never copied per candidate.
     let feed = longest - 1;
-    let mut ids = Vec::with_capacity(rows * k * feed);
-    let mut keep = Vec::with_capacity(rows);
+    // Every particle scores the same candidates, so they are fed once per prompt row of the
+    // cache: the layers below the first one with particles run them once per question, and the
+    // rows fork to the particles where the prompt forked (`LlamaModel::forward_segments`).
+    let fed_rows = match prefill.cache.rows() {
+        n if n > 0 && n < rows && rows % n == 0 && n % questions == 0 => n,
+        _ => rows,
+    };
+    let mut ids = Vec::with_capacity(fed_rows * k * feed);
+    let mut keep = Vec::with_capacity(fed_rows);
     let mut targets = Vec::with_capacity(rows * k * feed);
     for r in 0..rows {
         let mut kept = Vec::with_capacity(k * feed);
         for cand in row_candidates(r) {
             for j in 0..feed {
                 let real = j + 1 < cand.len();
-                ids.push(if real { cand[j] } else { 0 });
+                if r < fed_rows {
+                    ids.push(if real { cand[j] } else { 0 });
+                    kept.push(real);
+                }
                 targets.push(if real { cand[j + 1] } else { 0 });
-                kept.push(real);
             }
         }
-        keep.push(kept);
+        if r < fed_rows {
+            keep.push(kept);
+        }
     }
     let device = prefill.last_logits.device();
     let mut cache = prefill.cache.clone();
-    let ids = Tensor::from_vec(ids, (rows, k * feed), device)?;
+    let ids = Tensor::from_vec(ids, (fed_rows, k * feed), device)?;
     let embeds = lm.embed(&ids)?;
-    let dec = lm.forward_segments(&embeds, prefill.expanded, &keep, k, &mut cache, particles)?;
+    let input_expanded = prefill.expanded && fed_rows == rows;
+    let dec = lm.forward_segments(&embeds, input_expanded, &keep, k, &mut cache, particles)?;
     let (logits, _) = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
+    if logits.dim(0)? != rows {
+        bail!(
+            "candidate scoring produced {} rows for {rows} prompt rows",
+            logits.dim(0)?
+        );
+    }
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets = Tensor::from_vec(targets, (rows, k * feed, 1), device)?;
     let picked = logp
