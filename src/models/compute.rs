@@ -162,13 +162,8 @@ pub fn resolve(
     Ok(Compute {
         device,
         dtype,
-        reason: format!("computing in {} on {choice} ({reason})", dtype_name(dtype)),
+        reason: format!("computing in {} on {choice} ({reason})", dtype.as_str()),
     })
-}
-
-/// The lower-case name users type (`bf16`).
-pub fn dtype_name(dtype: DType) -> &'static str {
-    dtype.as_str()
 }
 
 pub fn gb(bytes: u64) -> f64 {
@@ -186,7 +181,7 @@ pub fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
         bail!(
             "the model needs ~{:.1} GB in {}, {:.1} GB available; {hint}",
             gb(needed),
-            dtype_name(dtype),
+            dtype.as_str(),
             gb(available)
         );
     }

@@ -113,8 +113,18 @@ pub fn load_quantized(
     dtype: DType,
     quantize: Option<&Quantize>,
 ) -> Result<LoadedModel> {
+    let weights = Weights::open(&files.weights, device, dtype)?;
+    load_weights(files, weights, quantize)
+}
+
+/// Builds the model from its opened weight files (device and dtype set on `weights`).
+fn load_weights(
+    files: &ModelFiles,
+    mut weights: Weights,
+    quantize: Option<&Quantize>,
+) -> Result<LoadedModel> {
+    let (device, dtype) = (weights.device().clone(), weights.dtype());
     let (config, raw) = ModelConfig::from_file(&files.required("config.json")?)?;
-    let mut weights = Weights::open(&files.weights, device, dtype)?;
     if device.is_cpu() {
         if let Some(available) = compute::mem_available_bytes() {
             let needed = estimated_bytes(&weights, quantize, dtype);
@@ -126,7 +136,7 @@ pub fn load_quantized(
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
     }
     if let Some(q) = quantize {
-        let quantizer = Quantizer::open(q, &files.weights, device)
+        let quantizer = Quantizer::open(q, &files.weights, &device)
             .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
         weights = weights.with_quantizer(quantizer);
     }
@@ -211,15 +221,16 @@ pub fn load_with(
     opts: ComputeOptions,
     quantize: Option<&Quantize>,
 ) -> Result<(LoadedModel, String)> {
-    let headers = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
+    // The headers decide the dtype; the tensors are read only after that.
+    let weights = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
     let compute = compute::resolve(
         opts,
-        estimated_bytes(&headers, quantize, DType::F32),
-        headers.dominant_dtype(),
+        estimated_bytes(&weights, quantize, DType::F32),
+        weights.dominant_dtype(),
         compute::mem_available_bytes(),
     )?;
-    drop(headers);
-    let loaded = load_quantized(files, &compute.device, compute.dtype, quantize)?;
+    let weights = weights.to(&compute.device, compute.dtype);
+    let loaded = load_weights(files, weights, quantize)?;
     let note = match &loaded.info.quantization {
         Some(q) => format!("{}; --quantize: {q}", compute.reason),
         None => compute.reason,

@@ -95,6 +95,13 @@ impl Weights {
         })
     }
 
+    /// The same files, loaded onto `device` in `dtype` (once the headers have decided them).
+    pub fn to(mut self, device: &Device, dtype: DType) -> Self {
+        self.device = device.clone();
+        self.dtype = dtype;
+        self
+    }
+
     /// Layout aliases tried, in order, when a hub name is not in the files.
     pub fn with_aliases(mut self, aliases: &'static [Alias]) -> Self {
         self.aliases = aliases;
