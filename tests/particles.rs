@@ -138,6 +138,25 @@ fn particles_from_a_middle_decoder_layer_equal_merged_models() {
     check_stacked_equals_merged(&m, 2, "text");
 }
 
+/// The rows fork inside the first layer with particles, whichever of its projections carry
+/// them: its projections of the shared input run their base product once.
+#[test]
+fn a_fork_layer_with_particles_on_some_projections_equals_merged_models() {
+    for targets in [
+        &["language_model.model.layers.1.self_attn.v_proj"][..],
+        &["language_model.model.layers.1.mlp.*"][..],
+        &[
+            "language_model.model.layers.2.self_attn.q_proj",
+            "language_model.model.layers.2.self_attn.o_proj",
+        ][..],
+    ] {
+        let mut m = llava();
+        attach(&mut m, &spec(targets, 3), InitB::Normal { std: 0.3 }, 5).unwrap();
+        check_stacked_equals_merged(&m, 3, "batch");
+        check_stacked_equals_merged(&m, 3, "image");
+    }
+}
+
 #[test]
 fn clip_particles_equal_merged_models() {
     let base = match load_model("clip-tiny").model {

@@ -194,6 +194,41 @@ impl ParticleLinear {
         y.reshape(out_dims)
     }
 
+    /// `x` `[batch, …, in]` shared by all particles (the layer where the rows fork) →
+    /// `[particles · batch, …, out]`, particle-major: equal to `forward(expand_particles(x))`,
+    /// but the base product runs once for the batch instead of once per particle (only the
+    /// low-rank part sees P copies).
+    pub fn forward_forked(&self, x: &Tensor, particles: usize) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (out, inp) = self.shape();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, inp))?;
+        let mut y = self.base.product(&x2)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let y = match &self.adapter {
+            Some(ad) => {
+                if ad.particles() != particles {
+                    candle_core::bail!(
+                        "forking into {particles} particles a layer that carries {}",
+                        ad.particles()
+                    );
+                }
+                let xa = x2.to_dtype(ad.a.dtype())?;
+                let low = xa.broadcast_matmul(&ad.a.transpose(1, 2)?)?; // [P, n, r]
+                let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, n, out]
+                (delta * ad.scale)?.to_dtype(y.dtype())?.broadcast_add(&y)?
+            }
+            None => y.unsqueeze(0)?.broadcast_as((particles, n, out))?,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[0] *= particles;
+        out_dims[last] = out;
+        y.contiguous()?.reshape(out_dims)
+    }
+
     /// The plain layer of particle `p`: weight `W + (α/r)·B_p·A_p`, no adapter (dense: a
     /// quantized `W` is dequantized first).
     pub fn merged(&self, p: usize) -> Result<ParticleLinear> {

@@ -96,22 +96,48 @@ impl StepContext {
     }
 }
 
+/// How a layer's input rows relate to its particles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rows {
+    /// As many rows as the step has (`batch`, or `P·batch` once forked).
+    AsGiven,
+    /// `batch` rows shared by every particle, forked into `P·batch` inside this layer: the
+    /// projections that read the shared input compute their base product once
+    /// ([`ParticleLinear::forward_forked`]).
+    Fork(usize),
+}
+
+impl Rows {
+    fn project(self, linear: &ParticleLinear, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Rows::AsGiven => linear.forward(x),
+            Rows::Fork(p) => linear.forward_forked(x, p),
+        }
+    }
+}
+
 impl Attention {
+    /// `ctx` is built for the output rows (`P·batch` when `rows` forks).
     fn forward(
         &self,
         x: &Tensor,
+        rows_in: Rows,
         ctx: &StepContext,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let (rows, len, _) = x.dims3()?;
+        let (batch, len, _) = x.dims3()?;
+        let rows = match rows_in {
+            Rows::AsGiven => batch,
+            Rows::Fork(p) => p * batch,
+        };
         let split = |t: Tensor, heads: usize| {
             t.reshape((rows, len, heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q_proj.forward(x)?, self.heads)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = split(rows_in.project(&self.q_proj, x)?, self.heads)?;
+        let k = split(rows_in.project(&self.k_proj, x)?, self.kv_heads)?;
+        let v = split(rows_in.project(&self.v_proj, x)?, self.kv_heads)?;
         let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match cache.take() {
@@ -171,12 +197,17 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
+        rows: Rows,
         ctx: &StepContext,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let h = (x + self
+        let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
+            .forward(&self.input_layernorm.forward(x)?, rows, ctx, cache)?;
+        let h = match rows {
+            Rows::AsGiven => (x + attn)?,
+            Rows::Fork(p) => (expand_particles(x, p)? + attn)?,
+        };
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = &self.mlp;
         let gated = (activate(m.act, &m.gate_proj.forward(&n)?)? * m.up_proj.forward(&n)?)?;
@@ -533,14 +564,22 @@ impl LlamaModel {
         };
         let mut layer_outputs = Vec::new();
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            if !expanded && layer.has_particles() {
-                x = expand_particles(&x, particles)?;
+            // The rows fork to the particles inside the first layer that carries any.
+            let rows = if !expanded && layer.has_particles() && particles > 1 {
                 expanded = true;
+                Rows::Fork(particles)
+            } else {
+                expanded |= layer.has_particles();
+                Rows::AsGiven
+            };
+            let rows_out = match rows {
+                Rows::AsGiven => x.dim(0)?,
+                Rows::Fork(p) => p * x.dim(0)?,
+            };
+            if ctx.rows()? != rows_out {
+                ctx = ctx.expanded(rows_out)?;
             }
-            if ctx.rows()? != x.dim(0)? {
-                ctx = ctx.expanded(x.dim(0)?)?;
-            }
-            x = layer.forward(&x, &ctx, layer_cache)?;
+            x = layer.forward(&x, rows, &ctx, layer_cache)?;
             if keep_layer_outputs {
                 layer_outputs.push(x.clone());
             }
