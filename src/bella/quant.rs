@@ -5,60 +5,82 @@
 //! as a custom op whose backward returns `∂L/∂x = ∂L/∂y · W`, with `W` dequantized for that one
 //! call and dropped: a dense copy of the weight never stays in memory.
 //!
-//! The forward quantizes the activations too (to q8_0 blocks for a q8_0 weight, q8k for k-quants:
-//! GGML multiplies integer blocks), so the backward is the gradient of `x · dequant(W)ᵀ`, the
-//! straight-through estimate for the activation rounding; the tests bound the difference.
+//! The product quantizes the activations too (to q8_0 blocks for a q8_0 weight,
+//! q8k for k-quants: GGML multiplies integer blocks), so the backward is the gradient of
+//! `x · dequant(W)ᵀ`, the straight-through estimate for the activation rounding; the tests bound
+//! the difference.
 //!
-//! On the CPU the product reads the compact blocks directly (`k_quants::matmul`, GGML's
-//! row-by-block loop with runtime AVX2 dispatch). candle's own `QTensor` forward would instead
-//! repack every x86 q4k weight on first use into expanded tiles that it keeps next to the compact
-//! blocks (1.33× their size, never freed): for a 7B model that is ~5 GB on top of a 3.6 GB base,
-//! which defeats the point of quantizing.
+//! On the CPU, candle's own `QTensor` forward repacks an x86 weight on first use into expanded
+//! tiles (q4k always, q8_0 with AVX512-VNNI) and keeps them next to the compact blocks for good:
+//! for a 7B q4k model that is ~5 GB on top of a 3.6 GB base, which defeats the point of
+//! quantizing. So a few rows (decoding) multiply the compact blocks directly
+//! (`k_quants::matmul`, GGML's row-by-block loop), and many rows go through candle's tiles made
+//! from a throw-away copy of one weight ([`REPACK_FROM_ROWS`]).
 
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+
+/// From this many rows on (a prompt, candidate scoring, training), the CPU product hands a
+/// throw-away copy of the blocks to candle's kernel, which repacks it into its fast tiles for
+/// this call only; fewer rows (decoding) multiply the compact blocks directly.
+/// `benches/quant_product.rs` measures where the copy starts to pay.
+pub const REPACK_FROM_ROWS: usize = 64;
 
 /// A quantized `[out, in]` weight; cloning shares the blocks.
 #[derive(Clone, Debug)]
-pub struct QuantizedWeight(Arc<QTensor>);
+pub struct QuantizedWeight {
+    q: Arc<QTensor>,
+    repack_from_rows: usize,
+}
 
 impl QuantizedWeight {
     /// Wraps a 2-D quantized tensor `[out, in]`.
     pub fn new(q: Arc<QTensor>) -> Result<Self> {
         q.shape().dims2()?;
-        Ok(Self(q))
+        Ok(Self {
+            q,
+            repack_from_rows: REPACK_FROM_ROWS,
+        })
+    }
+
+    /// The same weight with another row count from which the CPU product uses candle's tiles
+    /// (`usize::MAX`: never; 1: always) — for measuring both paths.
+    pub fn with_repack_from_rows(mut self, rows: usize) -> Self {
+        self.repack_from_rows = rows;
+        self
     }
 
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.0.shape().dims();
+        let d = self.q.shape().dims();
         (d[0], d[1])
     }
 
     pub fn ggml_dtype(&self) -> GgmlDType {
-        self.0.dtype()
+        self.q.dtype()
     }
 
     pub fn device(&self) -> candle_core::Device {
-        self.0.device()
+        self.q.device()
     }
 
     pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.0
+        &self.q
     }
 
     /// The weight as a dense f32 tensor (a fresh copy).
     pub fn dequantize(&self) -> Result<Tensor> {
-        self.0.dequantize(&self.0.device())
+        self.q.dequantize(&self.q.device())
     }
 
     /// `x Wᵀ` for `x` `[…, in]` (f32, f16 or bf16), differentiable in `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's quantized kernels take f32 activations; a half-precision model converts around them.
+        // The quantized kernels take f32 activations; a half-precision model converts around them.
         let dtype = x.dtype();
         let y = x
             .to_dtype(DType::F32)?
@@ -90,10 +112,15 @@ impl CustomOp1 for QuantizedWeight {
             bail!("activations {dims:?} do not end in the weight's input size {k}");
         }
         let m = x.len() / k;
+        let data = self.q.data()?;
+        if m >= self.repack_from_rows {
+            // The copy and its tiles (~2.3× one weight's blocks) are dropped after the call.
+            let copy = qtensor_from_ggml(self.q.dtype(), &data, vec![n, k], &Device::Cpu)?;
+            return copy.cpu_fwd(storage, layout);
+        }
         *dims.last_mut().expect("checked above") = n;
-        let data = self.0.data()?;
         let mut y = vec![0f32; m * n];
-        match self.0.dtype() {
+        match self.q.dtype() {
             GgmlDType::Q4K => k_quants::matmul((m, k, n), x, blocks::<BlockQ4K>(&data)?, &mut y)?,
             GgmlDType::Q8_0 => k_quants::matmul((m, k, n), x, blocks::<BlockQ8_0>(&data)?, &mut y)?,
             other => bail!("no quantized product for {other:?}"),
@@ -106,7 +133,7 @@ impl CustomOp1 for QuantizedWeight {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.0.as_ref().cuda_fwd(storage, layout)
+        self.q.as_ref().cuda_fwd(storage, layout)
     }
 
     fn metal_fwd(
@@ -114,14 +141,14 @@ impl CustomOp1 for QuantizedWeight {
         storage: &candle_core::MetalStorage,
         layout: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.0.as_ref().metal_fwd(storage, layout)
+        self.q.as_ref().metal_fwd(storage, layout)
     }
 
     /// `∂L/∂x = ∂L/∂y · W`, `W` dequantized for this call only.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (out, inp) = self.shape();
         let rows = grad_res.elem_count() / out;
-        let w = self.0.dequantize(grad_res.device())?;
+        let w = self.q.dequantize(grad_res.device())?;
         let w = if grad_res.dtype() == DType::F32 {
             w
         } else {
@@ -180,6 +207,9 @@ mod tests {
             (GgmlDType::Q8_0, 8, 32, vec![1, 32]),
             (GgmlDType::Q4K, 16, 256, vec![3, 256]),
             (GgmlDType::Q4K, 12, 512, vec![2, 4, 512]),
+            // Enough rows for candle's tiles (`REPACK_FROM_ROWS`).
+            (GgmlDType::Q4K, 16, 256, vec![2, 40, 256]),
+            (GgmlDType::Q8_0, 32, 64, vec![REPACK_FROM_ROWS, 64]),
         ]
     }
 
@@ -210,7 +240,7 @@ mod tests {
         for (dtype, out, inp, xs) in cases() {
             let q = quantized(out, inp, dtype);
             let x = random(&xs, 11);
-            let ours = q.forward(&x).unwrap();
+            let ours = x.apply_op1_no_bwd(&q).unwrap();
             let theirs = x.apply_op1_no_bwd(q.qtensor().as_ref()).unwrap();
             let err = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
             let scale = theirs.abs().unwrap().max_all().unwrap();
