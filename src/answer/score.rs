@@ -92,11 +92,10 @@ pub fn score_candidates_batch(
         }
     }
     let device = prefill.last_logits.device();
-    let mut cache = prefill.cache.clone();
     let ids = Tensor::from_vec(ids, (fed_rows, k * feed), device)?;
     let embeds = lm.embed(&ids)?;
     let input_expanded = prefill.expanded && fed_rows == rows;
-    let dec = lm.forward_segments(&embeds, input_expanded, &keep, k, &mut cache, particles)?;
+    let dec = lm.forward_segments(&embeds, input_expanded, &keep, k, &prefill.cache, particles)?;
     let (logits, _) = lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
     if logits.dim(0)? != rows {
         bail!(

@@ -477,6 +477,7 @@ impl LlamaModel {
             keep,
             1,
             cache,
+            None,
             particles,
             keep_layer_outputs,
         )
@@ -485,28 +486,36 @@ impl LlamaModel {
     /// Several continuations of each cached sequence in one pass, without copying the cache:
     /// the `len` new tokens of a row are `segments` equal segments, each attending to the cached
     /// tokens and to its own earlier tokens only, with positions counted from the cache's end for
-    /// every segment. The cache is extended with all segments, so it cannot be decoded from
-    /// afterwards: pass a clone (cloning shares the tensors; nothing is copied).
+    /// every segment. The cache is only read: no layer keeps the segments' keys and values
+    /// beyond its own step, so scoring never holds a second copy of the prompt's cache.
     pub fn forward_segments(
         &self,
         embeds: &Tensor,
         input_expanded: bool,
         keep: &[Vec<bool>],
         segments: usize,
-        cache: &mut KvCache,
+        cache: &KvCache,
         particles: usize,
     ) -> Result<DecoderOutput> {
+        let mut bookkeeping = KvCache {
+            layers: vec![None; cache.layers.len()],
+            keep: cache.keep.clone(),
+            next_position: cache.next_position.clone(),
+        };
         self.forward_with(
             embeds,
             input_expanded,
             keep,
             segments,
-            cache,
+            &mut bookkeeping,
+            Some(&cache.layers),
             particles,
             false,
         )
     }
 
+    /// `read_only`: the layers' cached keys and values to attend to without extending them
+    /// (`cache` then only does the bookkeeping); `None`: `cache`'s own, extended by this step.
     #[allow(clippy::too_many_arguments)]
     fn forward_with(
         &self,
@@ -515,6 +524,7 @@ impl LlamaModel {
         keep: &[Vec<bool>],
         segments: usize,
         cache: &mut KvCache,
+        read_only: Option<&[Option<(Tensor, Tensor)>]>,
         particles: usize,
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
@@ -563,7 +573,8 @@ impl LlamaModel {
             sin,
         };
         let mut layer_outputs = Vec::new();
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
+        {
             // The rows fork to the particles inside the first layer that carries any.
             let rows = if !expanded && layer.has_particles() && particles > 1 {
                 expanded = true;
@@ -579,7 +590,11 @@ impl LlamaModel {
             if ctx.rows()? != rows_out {
                 ctx = ctx.expanded(rows_out)?;
             }
-            x = layer.forward(&x, rows, &ctx, layer_cache)?;
+            x = match read_only {
+                // This step's keys and values live for this layer only.
+                Some(layers) => layer.forward(&x, rows, &ctx, &mut layers[i].clone())?,
+                None => layer.forward(&x, rows, &ctx, layer_cache)?,
+            };
             if keep_layer_outputs {
                 layer_outputs.push(x.clone());
             }
