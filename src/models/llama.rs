@@ -75,6 +75,113 @@ fn match_rows(t: Tensor, rows: usize) -> Result<Tensor> {
     }
 }
 
+/// One layer's cached keys and values, `[rows, kv_heads, T, head_dim]` each. While the rows are
+/// those of the prompt, everything is in `prefix`. When the particles' sequences diverge above a
+/// prompt that was computed once for them (decoding with the rows forked at a higher layer), the
+/// prompt's `batch` rows stay in `prefix`, shared, and only the new tokens are kept per particle
+/// in `own` (`P·batch` rows): the prompt's cache is never copied P times.
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    prefix: Option<(Tensor, Tensor)>,
+    own: Option<(Tensor, Tensor)>,
+}
+
+/// What one step attends to.
+enum Keys {
+    /// Keys and values with the step's rows.
+    Whole(Tensor, Tensor),
+    /// A prefix shared by the particles (`batch` rows) and the rows' own continuation.
+    Split {
+        prefix: (Tensor, Tensor),
+        own: (Tensor, Tensor),
+    },
+}
+
+impl LayerCache {
+    /// Adds a step's keys and values `[rows, kv, len, d]`; returns what the step attends to.
+    fn extend(&mut self, k: Tensor, v: Tensor) -> Result<Keys> {
+        let rows = k.dim(0)?;
+        let cat = |past: Tensor, new: &Tensor| Tensor::cat(&[&match_rows(past, rows)?, new], 2);
+        match (self.prefix.take(), self.own.take()) {
+            (None, _) => {
+                self.prefix = Some((k.clone(), v.clone()));
+                Ok(Keys::Whole(k, v))
+            }
+            (Some((pk, pv)), None) if pk.dim(0)? == rows => {
+                let (k, v) = (cat(pk, &k)?, cat(pv, &v)?);
+                self.prefix = Some((k.clone(), v.clone()));
+                Ok(Keys::Whole(k, v))
+            }
+            (Some((pk, pv)), own) => {
+                let shared = pk.dim(0)?;
+                if shared == 0 || rows % shared != 0 || rows == shared {
+                    candle_core::bail!("a step of {rows} rows does not continue {shared} rows");
+                }
+                let (k, v) = match own {
+                    Some((ok, ov)) => (cat(ok, &k)?, cat(ov, &v)?),
+                    None => (k, v),
+                };
+                self.prefix = Some((pk.clone(), pv.clone()));
+                self.own = Some((k.clone(), v.clone()));
+                Ok(Keys::Split {
+                    prefix: (pk, pv),
+                    own: (k, v),
+                })
+            }
+        }
+    }
+}
+
+/// [`attention`] of `q` `[R, kv, n, d]` (R = P·b rows, particle-major) over a prefix shared by
+/// the particles (`[b, kv, T, d]`) followed by the rows' own keys and values (`[R, kv, t, d]`),
+/// with `bias` `[R, 1, n, T + t]`: the same as over the prefix expanded to R rows, without the
+/// copy. The particles' queries become extra query rows of their prefix row
+/// (`[b, kv, P·n, d]`), one softmax spans both parts.
+fn attention_shared_prefix(
+    q: &Tensor,
+    (pk, pv): &(Tensor, Tensor),
+    (k, v): &(Tensor, Tensor),
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (r, kv, n, d) = q.dims4()?;
+    let b = pk.dim(0)?;
+    let (p, t_prefix) = (r / b, pk.dim(2)?);
+    // [P·b, kv, n, x] ⇄ [b, kv, P·n, x]
+    let to_prefix_rows = |t: &Tensor, x: usize| {
+        t.reshape((p, b, kv, n, x))?
+            .permute((1, 2, 0, 3, 4))?
+            .contiguous()?
+            .reshape((b, kv, p * n, x))
+    };
+    let from_prefix_rows = |t: Tensor, x: usize| {
+        t.reshape((b, kv, p, n, x))?
+            .permute((2, 0, 1, 3, 4))?
+            .contiguous()?
+            .reshape((r, kv, n, x))
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let on_prefix = from_prefix_rows(
+        to_prefix_rows(q, d)?.matmul(&pk.contiguous()?.t()?)?,
+        t_prefix,
+    )?;
+    let on_own = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+    let scores = (Tensor::cat(&[&on_prefix, &on_own], 3)? * scale)?;
+    // The softmax (and the mask) in f32, as in `attention`.
+    let dtype = scores.dtype();
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    let own_len = probs.dim(3)? - t_prefix;
+    let from_prefix =
+        to_prefix_rows(&probs.narrow(3, 0, t_prefix)?, t_prefix)?.matmul(&pv.contiguous()?)?;
+    let from_own = probs
+        .narrow(3, t_prefix, own_len)?
+        .contiguous()?
+        .matmul(&v.contiguous()?)?;
+    from_prefix_rows(from_prefix, d)? + from_own
+}
+
 /// Attention bias and rotary tables for one step, built for the step's input rows.
 struct StepContext {
     bias: Tensor,
@@ -123,7 +230,7 @@ impl Attention {
         x: &Tensor,
         rows_in: Rows,
         ctx: &StepContext,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let rows = match rows_in {
@@ -140,21 +247,17 @@ impl Attention {
         let v = split(rows_in.project(&self.v_proj, x)?, self.kv_heads)?;
         let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (
-                Tensor::cat(&[&match_rows(pk, rows)?, &k], 2)?,
-                Tensor::cat(&[&match_rows(pv, rows)?, &v], 2)?,
-            ),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
         // Grouped-query attention without repeating keys and values: query heads
         // g·n_rep .. g·n_rep + n_rep share key/value head g, so they become n_rep·len query rows
         // of that head (`[rows, kv, n_rep·len, d]`, a free reshape), with the bias repeated to
         // match. Same result as transformers' `repeat_kv`, without copying the cache n_rep times.
         let n_rep = self.heads / self.kv_heads;
         let q = q.reshape((rows, self.kv_heads, n_rep * len, self.head_dim))?;
-        let out = attention(&q, &k, &v, Some(&group_bias(&ctx.bias, n_rep)?))?;
+        let bias = group_bias(&ctx.bias, n_rep)?;
+        let out = match cache.extend(k, v)? {
+            Keys::Whole(k, v) => attention(&q, &k, &v, Some(&bias))?,
+            Keys::Split { prefix, own } => attention_shared_prefix(&q, &prefix, &own, &bias)?,
+        };
         let out = out
             .reshape((rows, self.heads, len, self.head_dim))?
             .transpose(1, 2)?
@@ -199,7 +302,7 @@ impl DecoderLayer {
         x: &Tensor,
         rows: Rows,
         ctx: &StepContext,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let attn = self
             .self_attn
@@ -249,7 +352,7 @@ impl DecoderLayer {
 /// next position id.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
     keep: Vec<Vec<bool>>,
     next_position: Vec<u32>,
 }
@@ -257,7 +360,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(layers: usize) -> Self {
         Self {
-            layers: vec![None; layers],
+            layers: vec![LayerCache::default(); layers],
             keep: Vec::new(),
             next_position: Vec::new(),
         }
@@ -498,7 +601,7 @@ impl LlamaModel {
         particles: usize,
     ) -> Result<DecoderOutput> {
         let mut bookkeeping = KvCache {
-            layers: vec![None; cache.layers.len()],
+            layers: vec![LayerCache::default(); cache.layers.len()],
             keep: cache.keep.clone(),
             next_position: cache.next_position.clone(),
         };
@@ -524,7 +627,7 @@ impl LlamaModel {
         keep: &[Vec<bool>],
         segments: usize,
         cache: &mut KvCache,
-        read_only: Option<&[Option<(Tensor, Tensor)>]>,
+        read_only: Option<&[LayerCache]>,
         particles: usize,
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
