@@ -3,7 +3,7 @@
 # language model (layers 24-31, the prompt forked there), timed, with its peak RSS (eval/SCALE.md,
 # "The full 7B on this machine").
 #
-#   scripts/scale/answer_7b.sh [--dtype bf16|f16|f32] [--quantize q4k|q8_0] [--particles 4]
+#   scripts/scale/answer_7b.sh [--dtype bf16|f16|f32] [--quantize q4k|q8_0 [--quantize-vision]] [--particles 4]
 #
 # Needs: the checkpoint (scripts/make_real_size.py llava), the venv of requirements-real-size.txt
 # (~/.cache/bella-vqa/venv-real-size) and a release build (BELLA=path, default target/release).
@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --particles) P=$2; shift 2 ;;
     --dtype|--quantize) FLAGS+=("$1" "$2"); shift 2 ;;
+    --quantize-vision) FLAGS+=("$1"); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
