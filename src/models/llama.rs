@@ -2,8 +2,10 @@
 //! outputs for training; every linear layer particle-capable.
 //!
 //! Rows: a batch of `b` sequences is `b` rows until the first layer with particles, `P·b` rows
-//! (particle-major) from there on. The cache keeps, per layer, whatever rows that layer saw; when the
-//! sequences of the particles diverge (decoding), the shared rows are expanded once.
+//! (particle-major) from there on; the rows fork inside that layer, whose projections of the
+//! shared input run their base product once. The cache keeps, per layer, whatever rows that layer
+//! saw; when the sequences of the particles diverge (decoding), a layer below the fork keeps the
+//! prompt's rows shared and only the new tokens per particle (`LayerCache`).
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
