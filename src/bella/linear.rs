@@ -11,7 +11,9 @@
 //! example `i` under particle `p`. The base product is one matmul for all particles, the low-rank
 //! part one batched matmul.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::quant::QuantizedWeight;
 
@@ -78,10 +80,68 @@ impl Base {
     /// `x Wᵀ` for `x` `[n, in]`, differentiable in `x` either way.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Base::Dense(w) if x.track_op() && w.device().is_cpu() => {
+                x.contiguous()?.apply_op1(FrozenProduct(w.clone()))
+            }
             Base::Dense(w) => base_product(x, w),
             Base::Quantized(q) => q.forward(x),
         }
     }
+}
+
+/// `x Wᵀ` for training, differentiable in `x` only. candle's matmul backward also computes the
+/// gradient of the frozen weight — a product as costly as the forward and a weight-sized tensor
+/// kept to the end of the backward pass, per layer and step — which nothing reads. (CPU; on a
+/// GPU the plain product runs.)
+struct FrozenProduct(Tensor);
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "bella-frozen-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the frozen product takes contiguous activations");
+        };
+        // The activations as an untracked tensor (one copy, small next to the product).
+        let x = Tensor::from_storage(
+            Storage::Cpu(storage.clone()),
+            storage_len(storage)?,
+            BackpropOp::none(),
+            false,
+        )
+        .narrow(0, start, end - start)?
+        .reshape(layout.shape())?;
+        let y = base_product(&x, &self.0)?.contiguous()?;
+        let (y_storage, y_layout) = y.storage_and_layout();
+        let (Storage::Cpu(y_cpu), Some((0, len))) = (&*y_storage, y_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("the frozen product did not come out as one CPU block");
+        };
+        if len != storage_len(y_cpu)? {
+            candle_core::bail!("the frozen product did not come out as one CPU block");
+        }
+        Ok((y_cpu.clone(), y.shape().clone()))
+    }
+
+    /// `∂L/∂x = ∂L/∂y · W`; no gradient for `W`.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.0)?.reshape(arg.shape())?))
+    }
+}
+
+/// Values in a CPU storage of activations.
+fn storage_len(s: &CpuStorage) -> Result<usize> {
+    Ok(match s {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        other => candle_core::bail!(
+            "the frozen product takes f32, f16 or bf16 activations, got {:?}",
+            other.dtype()
+        ),
+    })
 }
 
 /// A linear layer with a frozen base weight and optional particle factors.
@@ -162,16 +222,24 @@ impl ParticleLinear {
         Ok(())
     }
 
+    /// The frozen part of `x` `[rows, …, in]`: `x`'s dims, `x` as `[n, in]`, and `x Wᵀ + bias`
+    /// `[n, out]`.
+    fn frozen(&self, x: &Tensor) -> Result<(Vec<usize>, Tensor, Tensor)> {
+        let dims = x.dims().to_vec();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, self.shape().1))?;
+        let y = self.base.product(&x2)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok((dims, x2, y))
+    }
+
     /// `x`: `[rows, …, in]`. With an adapter, `rows` must be `P · batch` (particle-major).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (out, inp) = self.shape();
-        let n: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((n, inp))?;
-        let mut y = self.base.product(&x2)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let (dims, x2, mut y) = self.frozen(x)?;
+        let (n, inp, out) = (x2.dim(0)?, x2.dim(1)?, y.dim(1)?);
         if let Some(ad) = &self.adapter {
             let p = ad.particles();
             let rows = dims[0];
@@ -199,14 +267,8 @@ impl ParticleLinear {
     /// but the base product runs once for the batch instead of once per particle (only the
     /// low-rank part sees P copies).
     pub fn forward_forked(&self, x: &Tensor, particles: usize) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (out, inp) = self.shape();
-        let n: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((n, inp))?;
-        let mut y = self.base.product(&x2)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let (dims, x2, y) = self.frozen(x)?;
+        let (n, out) = (x2.dim(0)?, y.dim(1)?);
         let y = match &self.adapter {
             Some(ad) => {
                 if ad.particles() != particles {
@@ -303,5 +365,45 @@ pub trait ParticleModel {
             }
         }
         Ok(found.unwrap_or(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Through a frozen dense layer (`FrozenProduct` once the input is tracked) the input's
+    /// gradient is the plain matmul's, with and without a bias, for few and many rows.
+    #[test]
+    fn the_frozen_product_passes_the_plain_gradient_to_its_input() -> Result<()> {
+        let dev = Device::Cpu;
+        for rows in [3, 40] {
+            for bias in [false, true] {
+                let w = Tensor::randn(0f32, 1.0, (8, 16), &dev)?;
+                let b = bias
+                    .then(|| Tensor::randn(0f32, 1.0, 8, &dev))
+                    .transpose()?;
+                let layer = ParticleLinear::new(w.clone(), b.clone());
+                let r = Tensor::randn(0f32, 1.0, (rows, 8), &dev)?;
+                let x = Var::randn(0f32, 1.0, (rows, 16), &dev)?;
+                let y = layer.forward(x.as_tensor())?;
+                let ours = (&y * &r)?.sum_all()?.backward()?;
+                let got = ours.get(x.as_tensor()).expect("a gradient for x");
+                // The frozen weight gets none.
+                assert!(ours.get(&w).is_none());
+                let mut plain = x.as_tensor().matmul(&w.t()?)?;
+                if let Some(b) = &b {
+                    plain = plain.broadcast_add(b)?;
+                }
+                let err = (&y - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{rows} rows: forward differs by {err}");
+                let grads = (&plain * &r)?.sum_all()?.backward()?;
+                let want = grads.get(x.as_tensor()).expect("a gradient for x");
+                let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{rows} rows: gradient differs by {err}");
+            }
+        }
+        Ok(())
     }
 }

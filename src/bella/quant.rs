@@ -190,6 +190,13 @@ mod tests {
         QuantizedWeight::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap()
     }
 
+    /// max |a − b| / max |b|.
+    fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
+    }
+
     fn dot(a: &Tensor, b: &Tensor) -> f64 {
         (a * b)
             .unwrap()
@@ -226,9 +233,7 @@ mod tests {
                 .broadcast_matmul(&q.dequantize().unwrap().t().unwrap())
                 .unwrap();
             // Only the activations' 8-bit rounding separates the two.
-            let err = (&y - &dense).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = dense.abs().unwrap().max_all().unwrap();
-            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            let rel = relative_error(&y, &dense);
             assert!(rel < 2e-2, "{dtype:?} {xs:?}: relative error {rel}");
         }
     }
@@ -242,9 +247,7 @@ mod tests {
             let x = random(&xs, 11);
             let ours = x.apply_op1_no_bwd(&q).unwrap();
             let theirs = x.apply_op1_no_bwd(q.qtensor().as_ref()).unwrap();
-            let err = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = theirs.abs().unwrap().max_all().unwrap();
-            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            let rel = relative_error(&ours, &theirs);
             assert!(rel < 1e-4, "{dtype:?} {xs:?}: relative difference {rel}");
         }
     }
