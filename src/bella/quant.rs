@@ -245,10 +245,12 @@ mod tests {
         for (dtype, out, inp, xs) in cases() {
             let q = quantized(out, inp, dtype);
             let x = random(&xs, 11);
-            let ours = x.apply_op1_no_bwd(&q).unwrap();
             let theirs = x.apply_op1_no_bwd(q.qtensor().as_ref()).unwrap();
-            let rel = relative_error(&ours, &theirs);
-            assert!(rel < 1e-4, "{dtype:?} {xs:?}: relative difference {rel}");
+            // Whichever path the row count picks, and the compact blocks for every row count.
+            for ours in [q.clone(), q.clone().with_repack_from_rows(usize::MAX)] {
+                let rel = relative_error(&x.apply_op1_no_bwd(&ours).unwrap(), &theirs);
+                assert!(rel < 1e-4, "{dtype:?} {xs:?}: relative difference {rel}");
+            }
         }
     }
 
