@@ -7,9 +7,11 @@
 //! - `candle`: candle's `QTensor` forward, which on x86 repacks a q4k (or, with AVX512-VNNI, q8_0)
 //!   weight into expanded tiles on first use and keeps them (faster for many rows, ~1.33× the
 //!   blocks' memory for good);
-//! - `dequant+gemm`: the weight dequantized for the call and multiplied densely;
+//! - `candle, fresh copy`: candle's forward on a throw-away copy of the blocks, repacked for that
+//!   call only;
+//! - `dequant+gemm`: the weight dequantized for the call and multiplied densely (for comparison);
 //! - `forward`: what `QuantizedWeight::forward` picks (`blocks` below `REPACK_FROM_ROWS` rows,
-//!   `dequant+gemm` from there on).
+//!   `candle, fresh copy` from there on).
 //!
 //! Run: `cargo bench --bench quant_product` (release; the dev profile builds the dependencies,
 //! where the products run, with opt-level 3 too: `cargo bench --profile dev --bench quant_product`).

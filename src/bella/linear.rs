@@ -115,14 +115,12 @@ impl CustomOp1 for FrozenProduct {
         .reshape(layout.shape())?;
         let y = base_product(&x, &self.0)?.contiguous()?;
         let (y_storage, y_layout) = y.storage_and_layout();
-        let (Storage::Cpu(y_cpu), Some((0, len))) = (&*y_storage, y_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("the frozen product did not come out as one CPU block");
-        };
-        if len != storage_len(y_cpu)? {
-            candle_core::bail!("the frozen product did not come out as one CPU block");
+        match (&*y_storage, y_layout.contiguous_offsets()) {
+            (Storage::Cpu(y_cpu), Some((0, len))) if len == storage_len(y_cpu)? => {
+                Ok((y_cpu.clone(), y.shape().clone()))
+            }
+            _ => candle_core::bail!("the frozen product did not come out as one CPU block"),
         }
-        Ok((y_cpu.clone(), y.shape().clone()))
     }
 
     /// `∂L/∂x = ∂L/∂y · W`; no gradient for `W`.

@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
-use crate::models::nn::{activate, attention, attention_bias, linear, RmsNorm, MASKED};
+use crate::models::nn::{
+    activate, attention, attention_bias, attention_probs, linear, RmsNorm, MASKED,
+};
 use crate::models::weights::Scope;
 
 type LoadResult<T> = std::result::Result<T, WeightError>;
@@ -168,12 +170,7 @@ fn attention_shared_prefix(
     )?;
     let on_own = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     let scores = (Tensor::cat(&[&on_prefix, &on_own], 3)? * scale)?;
-    // The softmax (and the mask) in f32, as in `attention`.
-    let dtype = scores.dtype();
-    let scores = scores
-        .to_dtype(DType::F32)?
-        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    let probs = attention_probs(&scores, Some(bias))?;
     let own_len = probs.dim(3)? - t_prefix;
     let from_prefix =
         to_prefix_rows(&probs.narrow(3, 0, t_prefix)?, t_prefix)?.matmul(&pv.contiguous()?)?;
@@ -206,7 +203,7 @@ impl StepContext {
 }
 
 /// How a layer's input rows relate to its particles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 enum Rows {
     /// As many rows as the step has (`batch`, or `P·batch` once forked).
     AsGiven,
@@ -217,6 +214,14 @@ enum Rows {
 }
 
 impl Rows {
+    /// The layer's output rows for `batch` input rows.
+    fn out(self, batch: usize) -> usize {
+        match self {
+            Rows::AsGiven => batch,
+            Rows::Fork(p) => p * batch,
+        }
+    }
+
     fn project(self, linear: &ParticleLinear, x: &Tensor) -> Result<Tensor> {
         match self {
             Rows::AsGiven => linear.forward(x),
@@ -235,10 +240,7 @@ impl Attention {
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
-        let rows = match rows_in {
-            Rows::AsGiven => batch,
-            Rows::Fork(p) => p * batch,
-        };
+        let rows = rows_in.out(batch);
         let split = |t: Tensor, heads: usize| {
             t.reshape((rows, len, heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -582,7 +584,7 @@ impl LlamaModel {
             keep,
             1,
             cache,
-            None,
+            true,
             particles,
             keep_layer_outputs,
         )
@@ -602,25 +604,21 @@ impl LlamaModel {
         cache: &KvCache,
         particles: usize,
     ) -> Result<DecoderOutput> {
-        let mut bookkeeping = KvCache {
-            layers: vec![LayerCache::default(); cache.layers.len()],
-            keep: cache.keep.clone(),
-            next_position: cache.next_position.clone(),
-        };
+        // Cloning shares the tensors; the clone's bookkeeping advances, its layers are not extended.
         self.forward_with(
             embeds,
             input_expanded,
             keep,
             segments,
-            &mut bookkeeping,
-            Some(&cache.layers),
+            &mut cache.clone(),
+            false,
             particles,
             false,
         )
     }
 
-    /// `read_only`: the layers' cached keys and values to attend to without extending them
-    /// (`cache` then only does the bookkeeping); `None`: `cache`'s own, extended by this step.
+    /// `extend`: whether the layers' caches keep this step's keys and values (false: they are
+    /// attended to for this step only; the bookkeeping advances either way).
     #[allow(clippy::too_many_arguments)]
     fn forward_with(
         &self,
@@ -629,7 +627,7 @@ impl LlamaModel {
         keep: &[Vec<bool>],
         segments: usize,
         cache: &mut KvCache,
-        read_only: Option<&[LayerCache]>,
+        extend: bool,
         particles: usize,
         keep_layer_outputs: bool,
     ) -> Result<DecoderOutput> {
@@ -678,8 +676,7 @@ impl LlamaModel {
             sin,
         };
         let mut layer_outputs = Vec::new();
-        for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
-        {
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // The rows fork to the particles inside the first layer that carries any.
             let rows = if !expanded && layer.has_particles() && particles > 1 {
                 expanded = true;
@@ -688,17 +685,15 @@ impl LlamaModel {
                 expanded |= layer.has_particles();
                 Rows::AsGiven
             };
-            let rows_out = match rows {
-                Rows::AsGiven => x.dim(0)?,
-                Rows::Fork(p) => p * x.dim(0)?,
-            };
+            let rows_out = rows.out(x.dim(0)?);
             if ctx.rows()? != rows_out {
                 ctx = ctx.expanded(rows_out)?;
             }
-            x = match read_only {
+            x = if extend {
+                layer.forward(&x, rows, &ctx, layer_cache)?
+            } else {
                 // This step's keys and values live for this layer only.
-                Some(layers) => layer.forward(&x, rows, &ctx, &mut layers[i].clone())?,
-                None => layer.forward(&x, rows, &ctx, layer_cache)?,
+                layer.forward(&x, rows, &ctx, &mut layer_cache.clone())?
             };
             if keep_layer_outputs {
                 layer_outputs.push(x.clone());

@@ -107,17 +107,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     // gemm reads the transposed keys in place; only a non-contiguous `k` (CLIP's head split) is
     // copied, not the whole key cache of every decoding step.
-    let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
-    // The softmax (and the mask) in f32 whatever the compute dtype, as transformers' eager attention.
+    let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    attention_probs(&scores, bias)?.matmul(&v.contiguous()?)
+}
+
+/// Softmax over the last axis of scaled attention scores plus an optional additive `bias`,
+/// computed in f32 whatever the compute dtype (as transformers' eager attention) and returned in
+/// the scores' dtype.
+pub fn attention_probs(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dtype = scores.dtype();
-    if dtype != DType::F32 {
-        scores = scores.to_dtype(DType::F32)?;
-    }
+    let mut scores = scores.to_dtype(DType::F32)?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(&bias.to_dtype(DType::F32)?)?;
     }
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)
 }
 
 /// The additive mask value for "may not attend" (finite, so fully masked rows stay finite).
