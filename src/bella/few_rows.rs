@@ -5,10 +5,20 @@
 //! built for large products: with 8 rows it reached about a quarter of the CPU's arithmetic peak
 //! in a decoding step of the medium model of `benches/ask_latency.rs`, so decoding 8 particles
 //! cost 2–2.5× decoding one (`eval/LATENCY.md`). This kernel reads each row of `W` once and
-//! multiplies it with every row of `x` while it is in registers (AVX2 + FMA, 8 lanes, one
-//! accumulator per row of `x`; software prefetch of `W` from 4 rows on). It runs when the CPU
-//! has AVX2, FMA and F16C (checked at run time) and the tensors are contiguous on the CPU;
-//! otherwise [`matmul`] returns `None` and the caller uses candle.
+//! multiplies it with every row of `x` while it is in registers. Two instruction sets, picked at
+//! run time ([`Isa::detect`]):
+//!
+//! - AVX-512 (`avx512f`): 16 lanes, a tile of up to 4 rows of `W` × every row of `x` in
+//!   registers (up to 24 accumulators), so each load of `x` feeds several products and one row
+//!   of `x` still has 4 independent chains of multiply-adds; each row of the tile is prefetched
+//!   into L1. On the 7B model's weights (`cargo bench --bench few_rows`, f16) it reached 170–195
+//!   GFLOP/s with 8 rows where the AVX2 kernel reached 110–114, and read 28–45 GB/s with one row
+//!   where the AVX2 kernel read 17–21 (`eval/SCALE.md`).
+//! - AVX2 + FMA + F16C: 8 lanes, one row of `W` at a time, one accumulator per row of `x`;
+//!   software prefetch of `W` from 4 rows on.
+//!
+//! Otherwise (no AVX2, not contiguous, not on the CPU) [`matmul`] returns `None` and the caller
+//! uses candle.
 //!
 //! Half-precision weights (`f16`, `bf16`) are widened to f32 lane by lane as they are read (F16C
 //! for f16, a shift for bf16): the product accumulates in f32 and reads half the bytes. Candle's
@@ -20,15 +30,64 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, T
 /// At most this many rows take the kernel.
 pub const MAX_ROWS: usize = 8;
 
-/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`, with the kernel when it applies (`n ≤ MAX_ROWS`,
-/// contiguous on the CPU, `x` in W's dtype, `W` in f32, f16 or bf16, AVX2 + FMA + F16C), else
-/// `None`. The result has x's dtype.
+/// The instruction set a kernel runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2 + FMA + F16C, 8 lanes.
+    Avx2,
+    /// AVX-512 F (with AVX2 + FMA + F16C), 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs, if any.
+    pub fn detect() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2 && has!("avx512f") {
+                Some(Isa::Avx512)
+            } else if avx2 {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// Whether this CPU runs this kernel.
+    pub fn available(self) -> bool {
+        match (self, Isa::detect()) {
+            (_, None) => false,
+            (Isa::Avx2, Some(_)) => true,
+            (Isa::Avx512, Some(best)) => best == Isa::Avx512,
+        }
+    }
+}
+
+/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`, with the best kernel of this CPU when one
+/// applies (`n ≤ MAX_ROWS`, contiguous on the CPU, `x` in W's dtype, `W` in f32, f16 or bf16),
+/// else `None`. The result has x's dtype.
 pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    match Isa::detect() {
+        Some(isa) => matmul_with(x, weight, isa),
+        None => Ok(None),
+    }
+}
+
+/// [`matmul`] with a chosen kernel (for tests and `benches/few_rows.rs`); `None` also when this
+/// CPU lacks `isa`.
+pub fn matmul_with(x: &Tensor, weight: &Tensor, isa: Isa) -> Result<Option<Tensor>> {
     let n = x.dim(0)?;
     let dtype_ok = x.dtype() == weight.dtype()
         && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16);
     let usable = (1..=MAX_ROWS).contains(&n)
-        && kernel_available()
+        && isa.available()
         && matches!(x.device(), Device::Cpu)
         && dtype_ok
         && x.rank() == 2
@@ -41,26 +100,13 @@ pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     }
     let dtype = x.dtype();
     x.to_dtype(DType::F32)?
-        .apply_op2(weight, FewRowsMatmul)?
+        .apply_op2(weight, FewRowsMatmul(isa))?
         .to_dtype(dtype)
         .map(Some)
 }
 
-fn kernel_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The custom op: forward with the kernel; the gradient flows to `x` only (`W` is frozen).
-struct FewRowsMatmul;
+struct FewRowsMatmul(Isa);
 
 impl CustomOp2 for FewRowsMatmul {
     fn name(&self) -> &'static str {
@@ -87,10 +133,11 @@ impl CustomOp2 for FewRowsMatmul {
             candle_core::bail!("few-rows-matmul: [{n}, {k}] times [{out}, {k2}]ᵀ");
         }
         let x = &x[x0..x1];
+        let isa = self.0;
         let y = match s2 {
-            CpuStorage::F32(w) => rows_times_weight(x, n, &w[w0..w1], out, k),
-            CpuStorage::F16(w) => rows_times_weight(x, n, &w[w0..w1], out, k),
-            CpuStorage::BF16(w) => rows_times_weight(x, n, &w[w0..w1], out, k),
+            CpuStorage::F32(w) => rows_times_weight(isa, x, n, &w[w0..w1], out, k),
+            CpuStorage::F16(w) => rows_times_weight(isa, x, n, &w[w0..w1], out, k),
+            CpuStorage::BF16(w) => rows_times_weight(isa, x, n, &w[w0..w1], out, k),
             _ => candle_core::bail!("few-rows-matmul: f32, f16 or bf16 weights expected"),
         };
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -107,15 +154,22 @@ impl CustomOp2 for FewRowsMatmul {
     }
 }
 
-/// Output features per parallel task.
-const BLOCK: usize = 32;
+/// Output features per parallel task (a multiple of the AVX-512 kernel's tiles of 3 and 4 rows).
+const BLOCK: usize = 48;
 
 /// Weights smaller than this (floats; 256 KiB) are multiplied on the calling thread: waking the
 /// thread pool costs more than the product (the tiny test LLaVA decoded 2× slower in parallel).
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// `y [n, out] = x [n, k] · w [out, k]ᵀ`, parallel over blocks of output features.
-fn rows_times_weight<W: Lanes>(x: &[f32], n: usize, w: &[W], out: usize, k: usize) -> Vec<f32> {
+fn rows_times_weight<W: Lanes>(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    w: &[W],
+    out: usize,
+    k: usize,
+) -> Vec<f32> {
     use rayon::prelude::*;
     // Computed feature-major ([out, n]: each task writes one contiguous chunk), then transposed.
     let mut yt = vec![0f32; out * n];
@@ -123,7 +177,7 @@ fn rows_times_weight<W: Lanes>(x: &[f32], n: usize, w: &[W], out: usize, k: usiz
         let first = block * BLOCK;
         let rows = chunk.len() / n;
         let w_block = &w[first * k..(first + rows) * k];
-        block_product(x, n, w_block, k, chunk);
+        block_product(isa, x, n, w_block, k, chunk);
     };
     if w.len() < PARALLEL_MIN {
         yt.chunks_mut(BLOCK * n).enumerate().for_each(task);
@@ -140,34 +194,43 @@ fn rows_times_weight<W: Lanes>(x: &[f32], n: usize, w: &[W], out: usize, k: usiz
 }
 
 /// One block: `dst[j·n + r] = w[j] · x[r]` for the block's rows `j` of `w`.
-fn block_product<W: Lanes>(x: &[f32], n: usize, w: &[W], k: usize, dst: &mut [f32]) {
+fn block_product<W: Lanes>(isa: Isa, x: &[f32], n: usize, w: &[W], k: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY (both): `matmul_with` only builds the op after checking at run time that the
+        // CPU has `isa`'s features.
         macro_rules! dispatch {
-            ($($rows:literal)*) => {
-                match n {
-                    // SAFETY: `matmul` only builds the op after checking AVX2, FMA and F16C at
-                    // run time.
-                    $($rows => unsafe { avx2::block::<$rows, W>(x, w, k, dst) },)*
+            ($($rows:literal: $tile:literal)*) => {
+                match (isa, n) {
+                    $((Isa::Avx2, $rows) => unsafe { avx2::block::<$rows, W>(x, w, k, dst) },)*
+                    // As many rows of W per tile as keep the accumulators within 24 of the 32
+                    // registers.
+                    $((Isa::Avx512, $rows) => unsafe {
+                        avx512::block::<$rows, $tile, W>(x, w, k, dst)
+                    },)*
                     _ => unreachable!("few-rows-matmul takes 1..={MAX_ROWS} rows"),
                 }
             };
         }
-        dispatch!(1 2 3 4 5 6 7 8);
+        dispatch!(1: 4 2: 4 3: 4 4: 4 5: 4 6: 4 7: 3 8: 3);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, n, w, k, dst);
+        let _ = (isa, x, n, w, k, dst);
         unreachable!("few-rows-matmul is only built on x86-64");
     }
 }
 
-/// A weight element type the kernel reads: 8 lanes at a time widened to f32, or one value.
+/// A weight element type the kernels read: 8 or 16 lanes at a time widened to f32, or one value.
 pub trait Lanes: Copy + Send + Sync {
     /// # Safety
     /// `p` points at 8 readable values; the CPU supports AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// # Safety
+    /// `p` points at 16 readable values; the CPU supports AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
     fn to_f32(self) -> f32;
 }
 
@@ -176,6 +239,11 @@ impl Lanes for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
     fn to_f32(self) -> f32 {
         self
@@ -188,6 +256,12 @@ impl Lanes for half::f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
     fn to_f32(self) -> f32 {
         self.to_f32()
@@ -202,6 +276,13 @@ impl Lanes for half::bf16 {
         // bf16 is the top half of an f32: widen each 16-bit lane to 32 bits and shift it up.
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
     }
     fn to_f32(self) -> f32 {
         self.to_f32()
@@ -274,51 +355,138 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Lanes;
+    use std::arch::x86_64::*;
+
+    /// Each row of a tile is prefetched this many bytes ahead into L1: streaming a 7B-wide
+    /// weight from memory with 8 rows of `x`, a stand-alone copy of this kernel on one core went
+    /// from 95 to 123 GFLOP/s (2 KiB ahead; 4 and 8 KiB into L2: 104–110).
+    const PREFETCH_BYTES: usize = 2048;
+
+    /// `dst[j·N + r] = w[j] · x[r]`; `x` is `[N, k]`, `w` `[rows, k]`. Tiles of `R` rows of `w`:
+    /// each step loads 16 lanes of the `R` rows and of the `N` rows of `x` once and does `R·N`
+    /// multiply-adds into `R·N` accumulators held in registers. Rows of `w` past the last whole
+    /// tile take tiles of one row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2, FMA and F16C; `x.len() == N·k`, `w.len() % k == 0`,
+    /// `dst.len() == w.len() / k · N`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn block<const N: usize, const R: usize, W: Lanes>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        dst: &mut [f32],
+    ) {
+        debug_assert_eq!(x.len(), N * k);
+        let lanes = k / 16 * 16;
+        let rows = w.len() / k;
+        let whole = rows / R * R;
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<W>();
+        let line = 64 / std::mem::size_of::<W>();
+        let end = w.as_ptr_range().end;
+        for j in (0..whole).step_by(R) {
+            // acc[r][i]: row r of x times row j + i of w
+            let mut acc = [[_mm512_setzero_ps(); R]; N];
+            let mut c = 0;
+            while c < lanes {
+                if c.is_multiple_of(line) {
+                    for i in 0..R {
+                        // a prefetch never faults, but stay inside `w`
+                        let p = w.as_ptr().wrapping_add((j + i) * k + c + ahead);
+                        if p < end {
+                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                        }
+                    }
+                }
+                // c + 16 <= lanes <= k: every load is inside its row.
+                let mut wv = [_mm512_setzero_ps(); R];
+                for (i, v) in wv.iter_mut().enumerate() {
+                    *v = W::load16(w.as_ptr().add((j + i) * k + c));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(r * k + c));
+                    for (a, wv) in acc.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, *wv, *a);
+                    }
+                }
+                c += 16;
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (i, a) in acc.iter().enumerate() {
+                    let wrow = &w[(j + i) * k..(j + i + 1) * k];
+                    let mut s = _mm512_reduce_add_ps(*a);
+                    for c in lanes..k {
+                        s += x[r * k + c] * wrow[c].to_f32();
+                    }
+                    dst[(j + i) * N + r] = s;
+                }
+            }
+        }
+        if whole < rows {
+            block::<N, 1, W>(x, &w[whole * k..], k, &mut dst[whole * N..]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The kernels this CPU runs (none: nothing to compare, `matmul` returns None, checked in
+    /// `declines_what_it_does_not_handle`).
+    fn kernels() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| isa.available())
+            .collect()
+    }
+
     #[test]
     fn equals_candle_matmul_for_every_row_count_and_odd_widths() -> Result<()> {
-        if !kernel_available() {
-            return Ok(()); // nothing to compare: `matmul` returns None (checked below)
-        }
         let dev = Device::Cpu;
-        for (n, k, out) in [
+        // Widths below one vector and with tails; output features that leave partial tiles of
+        // 3 and 4 rows and a partial parallel block.
+        let shapes = (1..=MAX_ROWS).map(|n| (n, 37, 70)).chain([
             (1, 8, 3),
-            (3, 37, 70),
-            (8, 768, 65),
+            (8, 768, 101),
             (5, 3, 33),
             (8, 130, 1),
-        ] {
+            (7, 64, 2),
+        ]);
+        for (n, k, out) in shapes {
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (out, k), &dev)?;
             let want = x.matmul(&w.t()?)?;
-            let got = matmul(&x, &w)?.expect("the kernel applies");
-            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(
-                diff < 1e-4 * (k as f32).sqrt(),
-                "n={n} k={k} out={out}: {diff}"
-            );
+            for isa in kernels() {
+                let got = matmul_with(&x, &w, isa)?.expect("the kernel applies");
+                let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4 * (k as f32).sqrt(),
+                    "{isa:?} n={n} k={k} out={out}: {diff}"
+                );
+            }
         }
         Ok(())
     }
 
     #[test]
     fn half_precision_weights_equal_candle_on_the_widened_weights() -> Result<()> {
-        if !kernel_available() {
-            return Ok(());
-        }
         let dev = Device::Cpu;
-        for dtype in [DType::F16, DType::BF16] {
-            for (n, k, out) in [(1, 8, 3), (4, 37, 70), (8, 264, 65)] {
+        for (dtype, isa) in [DType::F16, DType::BF16]
+            .into_iter()
+            .flat_map(|d| kernels().into_iter().map(move |isa| (d, isa)))
+        {
+            for (n, k, out) in [(1, 8, 3), (4, 37, 70), (8, 264, 65), (7, 48, 50)] {
                 let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
                 let w = Tensor::randn(0f32, 1.0, (out, k), &dev)?.to_dtype(dtype)?;
                 // The exact product of the half-precision values, in f32.
                 let want = x
                     .to_dtype(DType::F32)?
                     .matmul(&w.to_dtype(DType::F32)?.t()?)?;
-                let got = matmul(&x, &w)?.expect("the kernel applies");
+                let got = matmul_with(&x, &w, isa)?.expect("the kernel applies");
                 assert_eq!(got.dtype(), dtype);
                 let diff = (got.to_dtype(DType::F32)? - &want)?
                     .abs()?
@@ -329,7 +497,7 @@ mod tests {
                 let step = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
                 assert!(
                     diff <= step * scale,
-                    "{dtype:?} n={n} k={k}: {diff} (scale {scale})"
+                    "{isa:?} {dtype:?} n={n} k={k}: {diff} (scale {scale})"
                 );
             }
         }
@@ -349,13 +517,16 @@ mod tests {
         let strided = Tensor::randn(0f32, 1.0, (6, 2), &dev)?.t()?;
         assert!(matmul(&strided, &w)?.is_none());
         let x = Tensor::randn(0f32, 1.0, (2, 6), &dev)?;
-        assert_eq!(matmul(&x, &w)?.is_some(), kernel_available());
+        assert_eq!(matmul(&x, &w)?.is_some(), Isa::detect().is_some());
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            assert_eq!(matmul_with(&x, &w, isa)?.is_some(), isa.available());
+        }
         Ok(())
     }
 
     #[test]
     fn the_gradient_reaches_x() -> Result<()> {
-        if !kernel_available() {
+        if Isa::detect().is_none() {
             return Ok(());
         }
         let dev = Device::Cpu;

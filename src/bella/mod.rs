@@ -1,6 +1,6 @@
 //! Bella particles: P low-rank perturbations of frozen linear layers.
 
-mod few_rows;
+pub mod few_rows;
 mod linear;
 pub mod particles;
 pub mod peft;

@@ -237,7 +237,7 @@ impl LlamaConfig {
         k.heads(self.hidden_size, self.num_attention_heads)?;
         let kv = self.num_kv_heads();
         k.positive("num_key_value_heads", kv)?;
-        if self.num_attention_heads % kv != 0 {
+        if !self.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "{} {} is not a multiple of {} {kv}",
                 k.key("num_attention_heads"),
@@ -249,7 +249,7 @@ impl LlamaConfig {
         if self.head_dim.is_some() {
             k.positive("head_dim", head_dim)?;
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!(
                 "{} {head_dim} is odd: rotary embeddings need an even head dimension",
                 k.key("head_dim")
@@ -300,7 +300,7 @@ impl Keys<'_> {
     /// `num_attention_heads` is positive and divides `hidden_size`.
     fn heads(&self, hidden: usize, heads: usize) -> Result<()> {
         self.positive("num_attention_heads", heads)?;
-        if hidden % heads != 0 {
+        if !hidden.is_multiple_of(heads) {
             bail!(
                 "{} {hidden} is not divisible by {} {heads}",
                 self.key("hidden_size"),

@@ -72,7 +72,7 @@ fn match_rows(t: Tensor, rows: usize) -> Result<Tensor> {
     let have = t.dim(0)?;
     if have == rows {
         Ok(t)
-    } else if have > 0 && rows % have == 0 {
+    } else if have > 0 && rows.is_multiple_of(have) {
         expand_particles(&t, rows / have)
     } else {
         candle_core::bail!("cannot match {have} rows to {rows} rows")
@@ -394,7 +394,7 @@ impl KvCache {
             self.next_position = vec![0; rows];
         } else if self.keep.len() != rows {
             let have = self.keep.len();
-            if rows % have != 0 {
+            if !rows.is_multiple_of(have) {
                 candle_core::bail!("a step of {rows} rows does not fit a cache of {have} rows");
             }
             // The particles' sequences diverge: repeat the shared bookkeeping particle-major.
