@@ -279,8 +279,8 @@ p("and of the vision tower, B ~ N(0, 0.1), lr 2e-3, batch 4, one epoch, on the s
 p("`scripts/demo/particles.sh` (seed 11, 15 % absent-object training scenes).")
 p(f"Seeds: {', '.join(map(str, seeds)) or 'none yet'}.")
 if notes is not None:
-    p("How the runs were sized (reduced from the full protocol to fit the machine), the choice of the")
-    p("repulsion and the closing note on the targets: below the tables.")
+    p("How the runs were sized, the choice of the repulsion and the closing note on the targets:")
+    p("below the tables.")
 partial = [b.name for b in benches if not (b / "comparison.json").exists()]
 if partial:
     p(f"**Partial**: {', '.join(partial)} not finished (no comparison.json): its finished runs are")

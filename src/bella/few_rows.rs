@@ -8,14 +8,16 @@
 //! multiplies it with every row of `x` while it is in registers. Two instruction sets, picked at
 //! run time ([`Isa::detect`]):
 //!
-//! - AVX-512 (`avx512f`): 16 lanes, a tile of up to 4 rows of `W` × every row of `x` in
-//!   registers (up to 24 accumulators), so each load of `x` feeds several products and one row
-//!   of `x` still has 4 independent chains of multiply-adds; each row of the tile is prefetched
-//!   into L1. On the 7B model's weights (`cargo bench --bench few_rows`, f16) it reached 170–195
-//!   GFLOP/s with 8 rows where the AVX2 kernel reached 110–114, and read 28–45 GB/s with one row
-//!   where the AVX2 kernel read 17–21 (`eval/SCALE.md`).
-//! - AVX2 + FMA + F16C: 8 lanes, one row of `W` at a time, one accumulator per row of `x`;
-//!   software prefetch of `W` from 4 rows on.
+//! - AVX-512 (`avx512f`): 16 lanes, tiles of 3–4 rows of `W` × every row of `x` in the 32
+//!   vector registers;
+//! - AVX2 + FMA + F16C: 8 lanes, tiles of 1–4 rows of `W` in the 16 vector registers.
+//!
+//! One kernel body serves both ([`kernel`]): a tile keeps its rows × every row of `x` in
+//! accumulator registers, so each load of `x` feeds several products and even one row of `x` has
+//! several independent chains of multiply-adds; each row of the tile is prefetched into L1. On the
+//! 7B model's weights (`cargo bench --bench few_rows`, f16) the AVX-512 tiles reached 170–195
+//! GFLOP/s with 8 rows where the AVX2 kernel of one row of `W` at a time reached 110–114, and read
+//! 28–45 GB/s with one row where it read 17–21 (`eval/SCALE.md`).
 //!
 //! Otherwise (no AVX2, not contiguous, not on the CPU) [`matmul`] returns `None` and the caller
 //! uses candle.
@@ -200,19 +202,22 @@ fn block_product<W: Lanes>(isa: Isa, x: &[f32], n: usize, w: &[W], k: usize, dst
         // SAFETY (both): `matmul_with` only builds the op after checking at run time that the
         // CPU has `isa`'s features.
         macro_rules! dispatch {
-            ($($rows:literal: $tile:literal)*) => {
+            ($($rows:literal: $avx2:literal $avx512:literal)*) => {
                 match (isa, n) {
-                    $((Isa::Avx2, $rows) => unsafe { avx2::block::<$rows, W>(x, w, k, dst) },)*
-                    // As many rows of W per tile as keep the accumulators within 24 of the 32
-                    // registers.
+                    $((Isa::Avx2, $rows) => unsafe {
+                        kernel::avx2::<$rows, $avx2, W>(x, w, k, dst)
+                    },)*
                     $((Isa::Avx512, $rows) => unsafe {
-                        avx512::block::<$rows, $tile, W>(x, w, k, dst)
+                        kernel::avx512::<$rows, $avx512, W>(x, w, k, dst)
                     },)*
                     _ => unreachable!("few-rows-matmul takes 1..={MAX_ROWS} rows"),
                 }
             };
         }
-        dispatch!(1: 4 2: 4 3: 4 4: 4 5: 4 6: 4 7: 3 8: 3);
+        // rows of x: rows of W per tile with AVX2, with AVX-512 — as many as keep the
+        // accumulators (rows × tile), the tile's weights and one row of x within the 16 (AVX2)
+        // or 32 (AVX-512) vector registers.
+        dispatch!(1: 4 4  2: 4 4  3: 3 4  4: 3 4  5: 2 4  6: 2 4  7: 1 3  8: 1 3);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -290,143 +295,191 @@ impl Lanes for half::bf16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod kernel {
     use super::Lanes;
     use std::arch::x86_64::*;
 
-    /// With 4 or more rows the arithmetic per weight is high enough that the hardware prefetcher
-    /// alone no longer keeps the weight stream flowing from memory: the kernel then prefetches
-    /// the weights this many floats (8 KiB) ahead into L2. Measured on the products of one
-    /// decoding step of the medium LLaVA of `benches/ask_latency.rs` (2 cores, 8 rows): no
-    /// prefetch 21 ms, into L1 4 KiB ahead 17 ms, into L2 8 KiB ahead 13 ms; 1 row: 7 ms with
-    /// or without.
-    const PREFETCH_AHEAD: usize = 2048;
+    /// One instruction set as the tile kernel uses it: `LANES` f32 per vector.
+    trait Simd {
+        type V: Copy;
+        const LANES: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load_x(p: *const f32) -> Self::V;
+        unsafe fn load_w<W: Lanes>(p: *const W) -> Self::V;
+        /// `a·b + c`
+        unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        unsafe fn sum(v: Self::V) -> f32;
+    }
 
-    /// `dst[j·N + r] = w[j] · x[r]`; `x` is `[N, k]`, `w` `[rows, k]`. Each row of `w` is
-    /// loaded once and multiplied with all N rows of `x`, one 8-lane accumulator per row.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `x.len() == N·k`, `w.len() % k == 0`,
-    /// `dst.len() == w.len() / k · N`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn block<const N: usize, W: Lanes>(x: &[f32], w: &[W], k: usize, dst: &mut [f32]) {
-        debug_assert_eq!(x.len(), N * k);
-        let lanes = k / 8 * 8;
-        let end = w.as_ptr_range().end;
-        for (wrow, d) in w.chunks_exact(k).zip(dst.chunks_exact_mut(N)) {
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut c = 0;
-            while c < lanes {
-                if N >= 4 && c % 16 == 0 {
-                    // once per 64-byte line; a prefetch never faults, but stay inside `w`
-                    let ahead = wrow.as_ptr().wrapping_add(c + PREFETCH_AHEAD);
-                    if ahead < end {
-                        _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
-                    }
-                }
-                // c + 8 <= lanes <= k: every load is inside its row.
-                let wv = W::load8(wrow.as_ptr().add(c));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.as_ptr().add(r * k + c));
-                    *a = _mm256_fmadd_ps(xv, wv, *a);
-                }
-                c += 8;
-            }
-            for (r, a) in acc.iter().enumerate() {
-                let mut s = hsum(*a);
-                for i in lanes..k {
-                    s += x[r * k + i] * wrow[i].to_f32();
-                }
-                d[r] = s;
-            }
+    struct Avx2;
+    struct Avx512;
+
+    impl Simd for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_w<W: Lanes>(p: *const W) -> __m256 {
+            W::load8(p)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps::<1>(v);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
+    impl Simd for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_w<W: Lanes>(p: *const W) -> __m512 {
+            W::load16(p)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::Lanes;
-    use std::arch::x86_64::*;
-
-    /// Each row of a tile is prefetched this many bytes ahead into L1: streaming a 7B-wide
-    /// weight from memory with 8 rows of `x`, a stand-alone copy of this kernel on one core went
-    /// from 95 to 123 GFLOP/s (2 KiB ahead; 4 and 8 KiB into L2: 104–110).
-    const PREFETCH_BYTES: usize = 2048;
-
-    /// `dst[j·N + r] = w[j] · x[r]`; `x` is `[N, k]`, `w` `[rows, k]`. Tiles of `R` rows of `w`:
-    /// each step loads 16 lanes of the `R` rows and of the `N` rows of `x` once and does `R·N`
-    /// multiply-adds into `R·N` accumulators held in registers. Rows of `w` past the last whole
-    /// tile take tiles of one row.
+    /// [`tiles`] on AVX2 + FMA + F16C.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F, AVX2, FMA and F16C; `x.len() == N·k`, `w.len() % k == 0`,
-    /// `dst.len() == w.len() / k · N`.
+    /// The CPU must support AVX2, FMA and F16C; the slices as [`tiles`] says.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn avx2<const N: usize, const R: usize, W: Lanes>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        dst: &mut [f32],
+    ) {
+        tiles::<Avx2, N, R, W>(x, w, k, dst)
+    }
+
+    /// [`tiles`] on AVX-512 F.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, AVX2, FMA and F16C; the slices as [`tiles`] says.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn block<const N: usize, const R: usize, W: Lanes>(
+    pub unsafe fn avx512<const N: usize, const R: usize, W: Lanes>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        dst: &mut [f32],
+    ) {
+        tiles::<Avx512, N, R, W>(x, w, k, dst)
+    }
+
+    /// Each row of a tile is prefetched this many bytes ahead into L1. Streaming a 7B-wide
+    /// weight from memory with 8 rows of `x`, a stand-alone copy of the AVX-512 kernel on one
+    /// core went from 95 to 123 GFLOP/s (2 KiB ahead; 4 and 8 KiB into L2: 104–110).
+    const PREFETCH_BYTES: usize = 2048;
+
+    /// `dst[j·N + r] = w[j] · x[r]`; `x` is `[N, k]`, `w` `[rows, k]`, in tiles of `R` rows of
+    /// `w` (the rows past the last whole tile one by one).
+    ///
+    /// # Safety
+    /// The CPU must support `S`; `x.len() == N·k`, `w.len() % k == 0`,
+    /// `dst.len() == w.len() / k · N`.
+    #[inline(always)]
+    unsafe fn tiles<S: Simd, const N: usize, const R: usize, W: Lanes>(
         x: &[f32],
         w: &[W],
         k: usize,
         dst: &mut [f32],
     ) {
         debug_assert_eq!(x.len(), N * k);
-        let lanes = k / 16 * 16;
         let rows = w.len() / k;
         let whole = rows / R * R;
+        for j in (0..whole).step_by(R) {
+            tile::<S, N, R, W>(x, w, k, j, dst);
+        }
+        for j in whole..rows {
+            tile::<S, N, 1, W>(x, w, k, j, dst);
+        }
+    }
+
+    /// Rows `j..j + R` of `w` times every row of `x`: each step loads `S::LANES` values of the
+    /// `R` rows and of the `N` rows of `x` once and does `R·N` multiply-adds into `R·N`
+    /// accumulators held in registers (so each load of `x` feeds `R` products, and even one row
+    /// of `x` has `R` independent chains).
+    ///
+    /// # Safety
+    /// As [`tiles`], and `j + R ≤ rows`.
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const N: usize, const R: usize, W: Lanes>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        j: usize,
+        dst: &mut [f32],
+    ) {
+        let lanes = k / S::LANES * S::LANES;
         let ahead = PREFETCH_BYTES / std::mem::size_of::<W>();
         let line = 64 / std::mem::size_of::<W>();
         let end = w.as_ptr_range().end;
-        for j in (0..whole).step_by(R) {
-            // acc[r][i]: row r of x times row j + i of w
-            let mut acc = [[_mm512_setzero_ps(); R]; N];
-            let mut c = 0;
-            while c < lanes {
-                if c.is_multiple_of(line) {
-                    for i in 0..R {
-                        // a prefetch never faults, but stay inside `w`
-                        let p = w.as_ptr().wrapping_add((j + i) * k + c + ahead);
-                        if p < end {
-                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                        }
+        // acc[r][i]: row r of x times row j + i of w
+        let mut acc = [[S::zero(); R]; N];
+        let mut c = 0;
+        while c < lanes {
+            if c.is_multiple_of(line) {
+                for i in 0..R {
+                    // a prefetch never faults, but stay inside `w`
+                    let p = w.as_ptr().wrapping_add((j + i) * k + c + ahead);
+                    if p < end {
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                     }
-                }
-                // c + 16 <= lanes <= k: every load is inside its row.
-                let mut wv = [_mm512_setzero_ps(); R];
-                for (i, v) in wv.iter_mut().enumerate() {
-                    *v = W::load16(w.as_ptr().add((j + i) * k + c));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.as_ptr().add(r * k + c));
-                    for (a, wv) in acc.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, *wv, *a);
-                    }
-                }
-                c += 16;
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (i, a) in acc.iter().enumerate() {
-                    let wrow = &w[(j + i) * k..(j + i + 1) * k];
-                    let mut s = _mm512_reduce_add_ps(*a);
-                    for c in lanes..k {
-                        s += x[r * k + c] * wrow[c].to_f32();
-                    }
-                    dst[(j + i) * N + r] = s;
                 }
             }
+            // c + LANES <= lanes <= k: every load is inside its row.
+            let mut wv = [S::zero(); R];
+            for (i, v) in wv.iter_mut().enumerate() {
+                *v = S::load_w(w.as_ptr().add((j + i) * k + c));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = S::load_x(x.as_ptr().add(r * k + c));
+                for (a, wv) in acc.iter_mut().zip(&wv) {
+                    *a = S::fmadd(xv, *wv, *a);
+                }
+            }
+            c += S::LANES;
         }
-        if whole < rows {
-            block::<N, 1, W>(x, &w[whole * k..], k, &mut dst[whole * N..]);
+        for (r, acc) in acc.iter().enumerate() {
+            for (i, a) in acc.iter().enumerate() {
+                let wrow = &w[(j + i) * k..(j + i + 1) * k];
+                let mut s = S::sum(*a);
+                for c in lanes..k {
+                    s += x[r * k + c] * wrow[c].to_f32();
+                }
+                dst[(j + i) * N + r] = s;
+            }
         }
     }
 }

@@ -163,7 +163,9 @@ impl CustomOp1 for QuantizedWeight {
 /// The compact GGML blocks of a CPU `QTensor`, seen as `T` (no copy).
 fn blocks<T: GgmlType>(data: &[u8]) -> Result<&[T]> {
     let size = std::mem::size_of::<T>();
-    if !data.len().is_multiple_of(size) || data.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
+    if !data.len().is_multiple_of(size)
+        || data.as_ptr().align_offset(std::mem::align_of::<T>()) != 0
+    {
         bail!("quantized storage is not a whole number of aligned {size}-byte blocks");
     }
     // SAFETY: the bytes are a CPU `QTensor`'s storage, which candle allocates as a `Vec<T>` of
