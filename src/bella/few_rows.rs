@@ -12,12 +12,13 @@
 //!   vector registers;
 //! - AVX2 + FMA + F16C: 8 lanes, tiles of 1–4 rows of `W` in the 16 vector registers.
 //!
-//! One kernel body serves both ([`kernel`]): a tile keeps its rows × every row of `x` in
+//! One kernel body serves both (`kernel::tiles`): a tile keeps its rows × every row of `x` in
 //! accumulator registers, so each load of `x` feeds several products and even one row of `x` has
 //! several independent chains of multiply-adds; each row of the tile is prefetched into L1. On the
-//! 7B model's weights (`cargo bench --bench few_rows`, f16) the AVX-512 tiles reached 170–195
-//! GFLOP/s with 8 rows where the AVX2 kernel of one row of `W` at a time reached 110–114, and read
-//! 28–45 GB/s with one row where it read 17–21 (`eval/SCALE.md`).
+//! 7B model's weights (`cargo bench --bench few_rows`, f16, two runs on a shared machine) the
+//! AVX-512 tiles ran 8 rows at 120–217 GFLOP/s where the earlier AVX2 kernel, one row of `W` at a
+//! time, ran 110–114, and one row at 28–45 GB/s where it read 17–21; the AVX2 tiles read 22–31
+//! GB/s at one row (`eval/SCALE.md`).
 //!
 //! Otherwise (no AVX2, not contiguous, not on the CPU) [`matmul`] returns `None` and the caller
 //! uses candle.
