@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct Uncertainty {
     /// H[p̄], the entropy of the averaged distribution.
     pub total: f64,
-    /// E_p H[p_p], the particles' mean entropy.
+    /// E_p H(p_p), the particles' mean entropy.
     pub aleatoric: f64,
     /// The mutual information between answer and particle: total − aleatoric (≥ 0).
     pub epistemic: f64,
@@ -23,7 +23,7 @@ pub struct Aggregate {
     pub mean: Vec<f64>,
     /// argmax p̄ (ties: the candidate with the larger vote share, then the lower index).
     pub best: usize,
-    /// p̄[best].
+    /// p̄ at `best`.
     pub confidence: f64,
     pub uncertainty: Uncertainty,
     /// Fraction of particles whose own most likely candidate is `best`.

@@ -13,7 +13,7 @@
 //! Restarting [`run`] with the same `out` continues: answered questions are skipped, a damaged last
 //! line of `samples.jsonl` is dropped and answered again, nothing is duplicated. A different
 //! model, particle set, data file or setting is refused (only `--limit` may change). With a
-//! [`Shard`] a run answers one deterministic slice; [`merge`] combines the shard directories into
+//! [`Shard`] a run answers one deterministic slice; [`merge()`] combines the shard directories into
 //! the directory a single run would have written.
 
 pub mod bootstrap;
