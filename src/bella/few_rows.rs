@@ -78,7 +78,7 @@ impl Isa {
 /// else `None`. The result has x's dtype.
 pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     match Isa::detect() {
-        Some(isa) => matmul_with(x, weight, isa),
+        Some(isa) => product(x, weight, isa),
         None => Ok(None),
     }
 }
@@ -86,11 +86,18 @@ pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
 /// [`matmul`] with a chosen kernel (for tests and `benches/few_rows.rs`); `None` also when this
 /// CPU lacks `isa`.
 pub fn matmul_with(x: &Tensor, weight: &Tensor, isa: Isa) -> Result<Option<Tensor>> {
+    if !isa.available() {
+        return Ok(None);
+    }
+    product(x, weight, isa)
+}
+
+/// [`matmul_with`] for a kernel this CPU is known to run.
+fn product(x: &Tensor, weight: &Tensor, isa: Isa) -> Result<Option<Tensor>> {
     let n = x.dim(0)?;
     let dtype_ok = x.dtype() == weight.dtype()
         && matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16);
     let usable = (1..=MAX_ROWS).contains(&n)
-        && isa.available()
         && matches!(x.device(), Device::Cpu)
         && dtype_ok
         && x.rank() == 2
@@ -157,7 +164,7 @@ impl CustomOp2 for FewRowsMatmul {
     }
 }
 
-/// Output features per parallel task (a multiple of the AVX-512 kernel's tiles of 3 and 4 rows).
+/// Output features per parallel task (a multiple of every tile size, 1 to 4 rows).
 const BLOCK: usize = 48;
 
 /// Weights smaller than this (floats; 256 KiB) are multiplied on the calling thread: waking the
