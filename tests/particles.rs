@@ -5,6 +5,7 @@ mod common;
 
 use bella_vqa::bella::{attach, merged_particle, AdapterSpec, InitB, ParticleModel};
 use bella_vqa::models::clip::ClipModel;
+use bella_vqa::models::llama::Outputs;
 use bella_vqa::models::llava::LlavaModel;
 use bella_vqa::models::Model;
 use candle_core::{DType, IndexOp, Tensor};
@@ -264,7 +265,14 @@ fn cached_decoding_equals_a_full_pass() {
         let embeds = m.language_model.embed(&ids).unwrap();
         let out = m
             .language_model
-            .forward(&embeds, true, &vec![vec![true]; 4], &mut cache, 2, false)
+            .forward(
+                &embeds,
+                true,
+                &vec![vec![true]; 4],
+                &mut cache,
+                2,
+                Outputs::All,
+            )
             .unwrap();
         step_logits.push(
             m.language_model
@@ -309,6 +317,79 @@ fn cached_decoding_equals_a_full_pass() {
                 .squeeze(1)
                 .unwrap();
             assert_close(&format!("step {s} particle {particle}"), &actual, &expected);
+        }
+    }
+}
+
+/// A prompt before decoding (and a training window at its end) runs the queries, attention and
+/// MLP of the last decoder layer for the positions read only, the keys and values for all: the
+/// logits and the cache equal a full pass, also where that layer is the one the rows fork in.
+#[test]
+fn the_last_layer_runs_only_the_positions_that_are_read() {
+    let last_layer_only = &["language_model.model.layers.2.self_attn.*"][..];
+    for targets in [last_layer_only, &["q_proj", "v_proj", "down_proj"][..]] {
+        let mut m = llava();
+        attach(&mut m, &spec(targets, 3), InitB::Normal { std: 0.3 }, 19).unwrap();
+        for prompt in ["batch", "image"] {
+            let p = reference_prompt(prompt);
+            let input = p.input();
+            let full = logits(&m, &p, 3);
+            let (rows, len, _) = full.dims3().unwrap();
+            let what = format!("{targets:?} {prompt}");
+            let prefill = m.prefill(&input, 3).unwrap();
+            assert_eq!(prefill.last_logits.dims2().unwrap().0, rows);
+            let last = full.i((.., len - 1, ..)).unwrap();
+            assert_close(&format!("{what}: prefill"), &prefill.last_logits, &last);
+            let window = m.forward_window(&input, 3, len - 3, 2).unwrap();
+            let expected = full.narrow(1, len - 3, 2).unwrap();
+            assert_close(&format!("{what}: window"), &window, &expected);
+            // The cache holds every position: a step after the prefill equals a full pass
+            // over the prompt and that token.
+            let step: Vec<u32> = (0..rows as u32).map(|r| 7 + 5 * r).collect();
+            let step_ids =
+                Tensor::from_vec(step.clone(), (rows, 1), &candle_core::Device::Cpu).unwrap();
+            let lm = &m.language_model;
+            let mut cache = prefill.cache.clone();
+            let out = lm
+                .forward(
+                    &lm.embed(&step_ids).unwrap(),
+                    true,
+                    &vec![vec![true]; rows],
+                    &mut cache,
+                    3,
+                    Outputs::All,
+                )
+                .unwrap();
+            let (after, _) = lm.logits(&out.last_hidden_state, out.expanded, 3).unwrap();
+            let batch = rows / 3;
+            let ids_rows = ids(&p.ids);
+            for particle in 0..3 {
+                let merged = merged_particle(&m, particle).unwrap();
+                let extended = ReferencePrompt {
+                    ids: ids_tensor(
+                        &(0..batch)
+                            .map(|r| {
+                                let mut row = ids_rows[r].clone();
+                                row.push(step[particle * batch + r]);
+                                row
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                    pixels: p.pixels.clone(),
+                    keep: p.keep.iter().map(|k| [&k[..], &[true]].concat()).collect(),
+                };
+                let expected = logits(&merged, &extended, 1).i((.., len, ..)).unwrap();
+                let actual = after
+                    .i(particle * batch..(particle + 1) * batch)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap();
+                assert_close(
+                    &format!("{what}: step, particle {particle}"),
+                    &actual,
+                    &expected,
+                );
+            }
         }
     }
 }

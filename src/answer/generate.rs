@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::models::llama::{LlamaModel, Prefill};
+use crate::models::llama::{LlamaModel, Outputs, Prefill};
 
 /// How the next token is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,7 +92,14 @@ pub fn generate_batch(
         let ids = Tensor::from_vec(next, (rows, 1), logits.device())?;
         let embeds = lm.embed(&ids)?;
         let keep = vec![vec![true]; rows];
-        let dec = lm.forward(&embeds, expanded, &keep, &mut cache, particles, false)?;
+        let dec = lm.forward(
+            &embeds,
+            expanded,
+            &keep,
+            &mut cache,
+            particles,
+            Outputs::All,
+        )?;
         let (next_logits, next_expanded) =
             lm.logits(&dec.last_hidden_state, dec.expanded, particles)?;
         logits = next_logits.squeeze(1)?;

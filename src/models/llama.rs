@@ -231,41 +231,52 @@ impl Rows {
 }
 
 impl Attention {
-    /// `ctx` is built for the output rows (`P·batch` when `rows` forks).
+    /// `ctx` is built for the output rows (`P·batch` when `rows` forks). Keys and values are
+    /// computed (and cached) for every position, queries — and so the output
+    /// `[rows, q_len, hidden]` — for the last `q_len` positions.
     fn forward(
         &self,
         x: &Tensor,
         rows_in: Rows,
         ctx: &StepContext,
         cache: &mut LayerCache,
+        q_len: usize,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let rows = rows_in.out(batch);
-        let split = |t: Tensor, heads: usize| {
-            t.reshape((rows, len, heads, self.head_dim))?
+        // The query positions, with their rotary angles and mask rows.
+        let queries = len - q_len;
+        let split = |t: Tensor, n: usize, heads: usize| {
+            t.reshape((rows, n, heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(rows_in.project(&self.q_proj, x)?, self.heads)?;
-        let k = split(rows_in.project(&self.k_proj, x)?, self.kv_heads)?;
-        let v = split(rows_in.project(&self.v_proj, x)?, self.kv_heads)?;
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let q = rows_in.project(&self.q_proj, &x.narrow(1, queries, q_len)?)?;
+        let q = split(q, q_len, self.heads)?;
+        let k = split(rows_in.project(&self.k_proj, x)?, len, self.kv_heads)?;
+        let v = split(rows_in.project(&self.v_proj, x)?, len, self.kv_heads)?;
+        let q = apply_rope(
+            &q,
+            &ctx.cos.narrow(2, queries, q_len)?,
+            &ctx.sin.narrow(2, queries, q_len)?,
+        )?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
         // Grouped-query attention without repeating keys and values: query heads
-        // g·n_rep .. g·n_rep + n_rep share key/value head g, so they become n_rep·len query rows
-        // of that head (`[rows, kv, n_rep·len, d]`, a free reshape), with the bias repeated to
-        // match. Same result as transformers' `repeat_kv`, without copying the cache n_rep times.
+        // g·n_rep .. g·n_rep + n_rep share key/value head g, so they become n_rep·q_len query
+        // rows of that head (`[rows, kv, n_rep·q_len, d]`, a free reshape), with the bias
+        // repeated to match. Same result as transformers' `repeat_kv`, without copying the cache
+        // n_rep times.
         let n_rep = self.heads / self.kv_heads;
-        let q = q.reshape((rows, self.kv_heads, n_rep * len, self.head_dim))?;
-        let bias = group_bias(&ctx.bias, n_rep)?;
+        let q = q.reshape((rows, self.kv_heads, n_rep * q_len, self.head_dim))?;
+        let bias = group_bias(&ctx.bias.narrow(2, queries, q_len)?, n_rep)?;
         let out = match cache.extend(k, v)? {
             Keys::Whole(k, v) => attention(&q, &k, &v, Some(&bias))?,
             Keys::Split { prefix, own } => attention_shared_prefix(&q, &prefix, &own, &bias)?,
         };
         let out = out
-            .reshape((rows, self.heads, len, self.head_dim))?
+            .reshape((rows, self.heads, q_len, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((rows, len, self.heads * self.head_dim))?;
+            .reshape((rows, q_len, self.heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -301,19 +312,22 @@ impl DecoderLayer {
         })
     }
 
+    /// The output holds the last `q_len` positions (all of them, or see [`Outputs::Tail`]).
     fn forward(
         &self,
         x: &Tensor,
         rows: Rows,
         ctx: &StepContext,
         cache: &mut LayerCache,
+        q_len: usize,
     ) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rows, ctx, cache)?;
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rows, ctx, cache, q_len)?;
+        let x = x.narrow(1, x.dim(1)? - q_len, q_len)?;
         let h = match rows {
             Rows::AsGiven => (x + attn)?,
-            Rows::Fork(p) => (expand_particles(x, p)? + attn)?,
+            Rows::Fork(p) => (expand_particles(&x, p)? + attn)?,
         };
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = &self.mlp;
@@ -467,11 +481,26 @@ fn segment_step(
     ))
 }
 
+/// Which positions of a decoder pass the caller reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outputs {
+    /// The final hidden state of every position (training, scoring, logits everywhere).
+    All,
+    /// The same, and each decoder layer's output (parity checks against transformers).
+    AllAndLayers,
+    /// The final hidden states of the last `n` positions only: a prompt before decoding needs
+    /// the last one, training the answer's. The last layer computes the keys and values of
+    /// every position (the cache keeps them) and the rest of the layer — queries, attention,
+    /// `o_proj`, the MLP — for those positions alone, which spares most of a layer per
+    /// particle row (and its activations while training).
+    Tail(usize),
+}
+
 /// What a decoder pass produced; rows are `P·batch` when `expanded`.
 pub struct DecoderOutput {
-    /// After the final RMSNorm: `[rows, len, hidden]`.
+    /// After the final RMSNorm: `[rows, len, hidden]` (`len` = n for [`Outputs::Tail`]).
     pub last_hidden_state: Tensor,
-    /// Each decoder layer's output, when asked for.
+    /// Each decoder layer's output, for [`Outputs::AllAndLayers`].
     pub layer_outputs: Vec<Tensor>,
     pub expanded: bool,
 }
@@ -576,7 +605,7 @@ impl LlamaModel {
         keep: &[Vec<bool>],
         cache: &mut KvCache,
         particles: usize,
-        keep_layer_outputs: bool,
+        outputs: Outputs,
     ) -> Result<DecoderOutput> {
         self.forward_with(
             embeds,
@@ -586,7 +615,7 @@ impl LlamaModel {
             cache,
             true,
             particles,
-            keep_layer_outputs,
+            outputs,
         )
     }
 
@@ -613,7 +642,7 @@ impl LlamaModel {
             &mut cache.clone(),
             false,
             particles,
-            false,
+            Outputs::All,
         )
     }
 
@@ -629,7 +658,7 @@ impl LlamaModel {
         cache: &mut KvCache,
         extend: bool,
         particles: usize,
-        keep_layer_outputs: bool,
+        outputs: Outputs,
     ) -> Result<DecoderOutput> {
         let (rows_in, len, _) = embeds.dims3()?;
         if segments == 0 || len % segments != 0 {
@@ -676,7 +705,17 @@ impl LlamaModel {
             sin,
         };
         let mut layer_outputs = Vec::new();
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let q_len = match outputs {
+            Outputs::Tail(n) if n == 0 || n > len => {
+                candle_core::bail!("cannot return the last {n} of {len} positions")
+            }
+            Outputs::Tail(n) => n,
+            Outputs::All | Outputs::AllAndLayers => len,
+        };
+        let last_layer = self.layers.len().saturating_sub(1);
+        for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
+        {
+            let q_len = if i == last_layer { q_len } else { len };
             // The rows fork to the particles inside the first layer that carries any.
             let rows = if !expanded && layer.has_particles() && particles > 1 {
                 expanded = true;
@@ -690,12 +729,12 @@ impl LlamaModel {
                 ctx = ctx.expanded(rows_out)?;
             }
             x = if extend {
-                layer.forward(&x, rows, &ctx, layer_cache)?
+                layer.forward(&x, rows, &ctx, layer_cache, q_len)?
             } else {
                 // This step's keys and values live for this layer only.
-                layer.forward(&x, rows, &ctx, &mut layer_cache.clone())?
+                layer.forward(&x, rows, &ctx, &mut layer_cache.clone(), q_len)?
             };
-            if keep_layer_outputs {
+            if outputs == Outputs::AllAndLayers {
                 layer_outputs.push(x.clone());
             }
         }

@@ -9,7 +9,7 @@ use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::config::{FeatureSelect, LlavaConfig};
-use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Prefill};
+use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Outputs, Prefill};
 use crate::models::nn::{activate, linear};
 use crate::models::weights::{Alias, Scope};
 
@@ -225,7 +225,7 @@ impl LlavaModel {
         input: &LlavaInput,
         cache: &mut KvCache,
         particles: usize,
-        keep_layer_outputs: bool,
+        outputs: Outputs,
     ) -> Result<(Option<Tensor>, Tensor, DecoderOutput)> {
         let (image_features, inputs_embeds, expanded) = match input.pixel_values {
             Some(pixels) => {
@@ -251,7 +251,7 @@ impl LlavaModel {
             input.keep,
             cache,
             particles,
-            keep_layer_outputs,
+            outputs,
         )?;
         Ok((image_features, inputs_embeds, decoder))
     }
@@ -264,8 +264,13 @@ impl LlavaModel {
         particles: usize,
         keep_layer_outputs: bool,
     ) -> Result<LlavaOutput> {
+        let outputs = if keep_layer_outputs {
+            Outputs::AllAndLayers
+        } else {
+            Outputs::All
+        };
         let (image_features, inputs_embeds, decoder) =
-            self.forward_hidden(input, cache, particles, keep_layer_outputs)?;
+            self.forward_hidden(input, cache, particles, outputs)?;
         let (logits, _) =
             self.language_model
                 .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
@@ -287,8 +292,14 @@ impl LlavaModel {
         len: usize,
     ) -> Result<Tensor> {
         let mut cache = self.language_model.new_cache();
-        let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, false)?;
-        let hidden = decoder.last_hidden_state.narrow(1, start, len)?;
+        // The last layer runs its queries from `start` on only.
+        let total = input.input_ids.dim(1)?;
+        if start + len > total {
+            candle_core::bail!("positions {start}..{} of {total}", start + len);
+        }
+        let tail = Outputs::Tail(total - start);
+        let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, tail)?;
+        let hidden = decoder.last_hidden_state.narrow(1, 0, len)?;
         let (logits, _) = self
             .language_model
             .logits(&hidden, decoder.expanded, particles)?;
@@ -299,12 +310,11 @@ impl LlavaModel {
     /// Only the last position goes through the language-model head.
     pub fn prefill(&self, input: &LlavaInput, particles: usize) -> Result<Prefill> {
         let mut cache = self.language_model.new_cache();
-        let (_, _, decoder) = self.forward_hidden(input, &mut cache, particles, false)?;
-        let len = decoder.last_hidden_state.dim(1)?;
-        let last = decoder.last_hidden_state.narrow(1, len - 1, 1)?;
+        let (_, _, decoder) =
+            self.forward_hidden(input, &mut cache, particles, Outputs::Tail(1))?;
         let (last_logits, expanded) =
             self.language_model
-                .logits(&last, decoder.expanded, particles)?;
+                .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
         Ok(Prefill {
             cache,
             last_logits: last_logits.squeeze(1)?,
