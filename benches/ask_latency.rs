@@ -321,7 +321,7 @@ fn main() -> Result<()> {
             report.push_str(&table);
         }
         if builds.len() > 1 {
-            let table = comparison(name, &results[0], &results[1]);
+            let table = comparison(name, &results[0], &results[1], &args);
             println!("{table}");
             report.push_str(&table);
         }
@@ -698,13 +698,20 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
             (Some(ms), Some(k)) => format!("{ms:.1} ({k})"),
             _ => "–".into(),
         };
+        let cell = |part: &str, ms: f64, digits: usize| match timed(args, part) {
+            true => format!("{ms:.digits$}"),
+            false => "–".into(),
+        };
+        let total = match PARTS[1..].iter().all(|p| timed(args, p)) {
+            true => format!("{:.1}", r.prefill_ms + r.decode_ms + r.scoring_ms),
+            false => "–".into(),
+        };
         let _ = writeln!(
             s,
-            "| {p} | {path} | {:.1} | {:.2} | {:.1} | {:.1} | {ask} |",
-            r.prefill_ms,
-            r.decode_ms / r.decode_steps as f64,
-            r.scoring_ms,
-            r.prefill_ms + r.decode_ms + r.scoring_ms,
+            "| {p} | {path} | {} | {} | {} | {total} | {ask} |",
+            cell("prefill", r.prefill_ms, 1),
+            cell("decode", r.decode_ms / r.decode_steps as f64, 2),
+            cell("scoring", r.scoring_ms, 1),
         );
     }
     let by = |p: usize, mode: &str| results.iter().find(|r| r.particles == p && r.mode == mode);
@@ -777,17 +784,25 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
     s
 }
 
+/// Whether `--parts` took the timing `part` (the others read 0).
+fn timed(args: &Args, part: &str) -> bool {
+    args.parts.iter().any(|p| p == part)
+}
+
 /// This build against the baseline, configuration by configuration.
-fn comparison(name: &str, this: &[Measured], base: &[Measured]) -> String {
+fn comparison(name: &str, this: &[Measured], base: &[Measured], args: &Args) -> String {
     use std::fmt::Write;
     let mut s = format!(
         "#### {name}: this build / baseline (ms, same rounds)\n\n\
          | P | path | prefill | decode / token | scoring | ask |\n|---|---|---:|---:|---:|---:|\n"
     );
     for (t, b) in this.iter().zip(base) {
-        let cell = |x: f64, y: f64| format!("{x:.1} / {y:.1} ({:+.0} %)", 100.0 * (x / y - 1.0));
+        let cell = |part: &str, x: f64, y: f64| match timed(args, part) {
+            true => format!("{x:.1} / {y:.1} ({:+.0} %)", 100.0 * (x / y - 1.0)),
+            false => "–".into(),
+        };
         let ask = match (t.ask_ms, b.ask_ms) {
-            (Some(x), Some(y)) => cell(x, y),
+            (Some(x), Some(y)) => cell("ask", x, y),
             _ => "–".into(),
         };
         let steps = t.decode_steps as f64;
@@ -800,9 +815,9 @@ fn comparison(name: &str, this: &[Measured], base: &[Measured]) -> String {
                 t.particles.to_string()
             },
             t.mode,
-            cell(t.prefill_ms, b.prefill_ms),
-            cell(t.decode_ms / steps, b.decode_ms / steps),
-            cell(t.scoring_ms, b.scoring_ms),
+            cell("prefill", t.prefill_ms, b.prefill_ms),
+            cell("decode", t.decode_ms / steps, b.decode_ms / steps),
+            cell("scoring", t.scoring_ms, b.scoring_ms),
         );
     }
     s.push('\n');
