@@ -10,8 +10,20 @@ use bella_vqa::models::Model;
 use candle_core::{IndexOp, D};
 use common::*;
 
+/// Where the particles start above the first decoder layer, the candidates run once through the
+/// layers below them and fork there (the cache's first layer holds the one shared row); where
+/// they start at the bottom, every particle row runs them. Both equal full passes.
 #[test]
 fn batched_scores_equal_full_passes_per_particle() {
+    let top: &[&str] = &["language_model.model.layers.1.*", "lm_head"];
+    let last = &["language_model.model.layers.2.self_attn.*"];
+    let everywhere = &["q_proj", "v_proj"];
+    for (targets, bottom_rows) in [(top, 1), (last, 1), (everywhere, 3)] {
+        check_scores(targets, bottom_rows);
+    }
+}
+
+fn check_scores(targets: &[&str], bottom_rows: usize) {
     let mut m = match load_model("llava-tiny-hub").model {
         Model::Llava(m) => *m,
         _ => panic!(),
@@ -19,7 +31,7 @@ fn batched_scores_equal_full_passes_per_particle() {
     attach(
         &mut m,
         &AdapterSpec {
-            targets: vec!["language_model.model.layers.1.*".into(), "lm_head".into()],
+            targets: targets.iter().map(|t| t.to_string()).collect(),
             rank: 4,
             alpha: 8.0,
             particles: 3,
@@ -32,6 +44,11 @@ fn batched_scores_equal_full_passes_per_particle() {
     let input = image.input();
     let candidates = vec![vec![56, 2], vec![300, 301, 302, 2], vec![7], vec![99, 2]];
     let prefill = m.prefill(&input, 3).unwrap();
+    assert_eq!(
+        prefill.cache.bottom_rows().unwrap(),
+        bottom_rows,
+        "{targets:?}"
+    );
     let scores = score_candidates(&m.language_model, &prefill, &candidates, 3).unwrap();
     assert_eq!(scores.len(), 3);
 
@@ -66,7 +83,7 @@ fn batched_scores_equal_full_passes_per_particle() {
             let got = particle_scores[k];
             assert!(
                 (got - expected).abs() < 1e-3,
-                "particle {p} candidate {k}: {got} vs {expected}"
+                "{targets:?}: particle {p} candidate {k}: {got} vs {expected}"
             );
         }
     }

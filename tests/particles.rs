@@ -8,7 +8,7 @@ use bella_vqa::models::clip::ClipModel;
 use bella_vqa::models::llama::Outputs;
 use bella_vqa::models::llava::LlavaModel;
 use bella_vqa::models::Model;
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 
 fn llava() -> LlavaModel {
@@ -343,52 +343,47 @@ fn the_last_layer_runs_only_the_positions_that_are_read() {
             let window = m.forward_window(&input, 3, len - 3, 2).unwrap();
             let expected = full.narrow(1, len - 3, 2).unwrap();
             assert_close(&format!("{what}: window"), &window, &expected);
-            // The cache holds every position: a step after the prefill equals a full pass
-            // over the prompt and that token.
-            let step: Vec<u32> = (0..rows as u32).map(|r| 7 + 5 * r).collect();
-            let step_ids =
-                Tensor::from_vec(step.clone(), (rows, 1), &candle_core::Device::Cpu).unwrap();
-            let lm = &m.language_model;
-            let mut cache = prefill.cache.clone();
-            let out = lm
-                .forward(
-                    &lm.embed(&step_ids).unwrap(),
-                    true,
-                    &vec![vec![true]; rows],
-                    &mut cache,
-                    3,
-                    Outputs::All,
-                )
-                .unwrap();
-            let (after, _) = lm.logits(&out.last_hidden_state, out.expanded, 3).unwrap();
+            // The cache holds every position: a step after the prefill equals a full pass over
+            // the prompt and that token — a token per particle row, or one shared by the
+            // particles (fed once below the first layer with particles where it can be).
             let batch = rows / 3;
             let ids_rows = ids(&p.ids);
-            for particle in 0..3 {
-                let merged = merged_particle(&m, particle).unwrap();
-                let extended = ReferencePrompt {
-                    ids: ids_tensor(
-                        &(0..batch)
-                            .map(|r| {
-                                let mut row = ids_rows[r].clone();
-                                row.push(step[particle * batch + r]);
-                                row
-                            })
-                            .collect::<Vec<_>>(),
-                    ),
-                    pixels: p.pixels.clone(),
-                    keep: p.keep.iter().map(|k| [&k[..], &[true]].concat()).collect(),
-                };
-                let expected = logits(&merged, &extended, 1).i((.., len, ..)).unwrap();
-                let actual = after
-                    .i(particle * batch..(particle + 1) * batch)
-                    .unwrap()
-                    .squeeze(1)
+            let lm = &m.language_model;
+            for shared in [false, true] {
+                let step: Vec<u32> = (0..rows)
+                    .map(|r| 7 + 5 * if shared { r % batch } else { r } as u32)
+                    .collect();
+                let fed = if shared { batch } else { rows };
+                let step_ids =
+                    Tensor::from_vec(step[..fed].to_vec(), (fed, 1), &Device::Cpu).unwrap();
+                let mut cache = prefill.cache.clone();
+                let embeds = lm.embed(&step_ids).unwrap();
+                let keep = vec![vec![true]; fed];
+                let out = lm
+                    .forward(&embeds, !shared, &keep, &mut cache, 3, Outputs::All)
                     .unwrap();
-                assert_close(
-                    &format!("{what}: step, particle {particle}"),
-                    &actual,
-                    &expected,
-                );
+                let (after, _) = lm.logits(&out.last_hidden_state, out.expanded, 3).unwrap();
+                assert_eq!(after.dim(0).unwrap(), rows);
+                for particle in 0..3 {
+                    let merged = merged_particle(&m, particle).unwrap();
+                    let extended = ReferencePrompt {
+                        ids: ids_tensor(
+                            &(0..batch)
+                                .map(|r| [&ids_rows[r][..], &[step[particle * batch + r]]].concat())
+                                .collect::<Vec<_>>(),
+                        ),
+                        pixels: p.pixels.clone(),
+                        keep: p.keep.iter().map(|k| [&k[..], &[true]].concat()).collect(),
+                    };
+                    let expected = logits(&merged, &extended, 1).i((.., len, ..)).unwrap();
+                    let actual = after
+                        .i(particle * batch..(particle + 1) * batch)
+                        .unwrap()
+                        .squeeze(1)
+                        .unwrap();
+                    let what = format!("{what}: step (shared {shared}), particle {particle}");
+                    assert_close(&what, &actual, &expected);
+                }
             }
         }
     }

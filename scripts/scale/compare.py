@@ -81,21 +81,30 @@ def result_line(out: str) -> dict:
     raise SystemExit("no RESULT line in:\n" + out[-2000:])
 
 
+def newest(kind: str, pattern: str) -> Path | None:
+    """The newest executable matching `pattern` under TARGET/kind, or None."""
+    found = [p for p in (TARGET / kind).glob(pattern)
+             if p.is_file() and os.access(p, os.X_OK) and p.suffix == ""]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def release_or_debug(pattern: str, build: str) -> Path:
+    """A release build when there is one (a debug build is never timed silently)."""
+    found = newest("release", pattern)
+    if found is None:
+        found = newest("debug", pattern)
+        if found is None:
+            raise SystemExit(f"no {pattern} under {TARGET}: {build}")
+        print(f"warning: timing a debug build, {found}", file=sys.stderr)
+    return found
+
+
 def find_bench() -> Path:
-    deps = sorted((TARGET / "debug" / "deps").glob("ask_latency-*"), key=lambda p: p.stat().st_mtime)
-    deps += sorted((TARGET / "release" / "deps").glob("ask_latency-*"), key=lambda p: p.stat().st_mtime)
-    deps = [d for d in deps if os.access(d, os.X_OK) and d.suffix == ""]
-    if not deps:
-        raise SystemExit(f"no ask_latency bench binary under {TARGET}: cargo bench --bench ask_latency --no-run")
-    return max(deps, key=lambda p: p.stat().st_mtime)
+    return release_or_debug("deps/ask_latency-*", "cargo bench --bench ask_latency --no-run")
 
 
 def find_cli() -> Path:
-    cands = [TARGET / "release" / "bella-vqa", TARGET / "debug" / "bella-vqa"]
-    cands = [c for c in cands if c.is_file()]
-    if not cands:
-        raise SystemExit(f"no bella-vqa binary under {TARGET}: cargo build")
-    return max(cands, key=lambda p: p.stat().st_mtime)
+    return release_or_debug("bella-vqa", "cargo build --release")
 
 
 def cli_flags(cli: Path, sub: str, args) -> list[str]:

@@ -68,7 +68,7 @@ pub fn score_candidates_batch(
     // Every particle scores the same candidates, so they are fed once per prompt row of the
     // cache: the layers below the first one with particles run them once per question, and the
     // rows fork to the particles where the prompt forked (`LlamaModel::forward_segments`).
-    let fed_rows = match prefill.cache.rows() {
+    let fed_rows = match prefill.cache.bottom_rows()? {
         n if n > 0 && n < rows && rows % n == 0 && n % questions == 0 => n,
         _ => rows,
     };

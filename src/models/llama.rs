@@ -393,27 +393,48 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Rows the cache's bookkeeping covers (`batch` or `P·batch`).
-    pub fn rows(&self) -> usize {
-        self.keep.len()
+    /// Rows the first layer cached: `batch` while the particles share everything below their
+    /// first layer (a prompt, candidates scored under every particle), even where the
+    /// bookkeeping covers `P·batch`; `P·batch` once their sequences differ. A step needs at least
+    /// this many input rows.
+    pub fn bottom_rows(&self) -> Result<usize> {
+        self.layers
+            .first()
+            .and_then(|l| l.own.as_ref().or(l.prefix.as_ref()))
+            .map_or(Ok(0), |(k, _)| k.dim(0))
     }
 
-    /// Registers a step of `new_keep[row][j]` (true = real token) and returns its position ids.
-    /// Positions count real tokens only, as transformers' `generate` (cumsum of the mask − 1);
-    /// padding gets position 1.
+    /// Registers a step of `new_keep[row][j]` (true = real token) and returns its position ids
+    /// (one row per row of `new_keep`). Positions count real tokens only, as transformers'
+    /// `generate` (cumsum of the mask − 1); padding gets position 1. A step of fewer rows than
+    /// the bookkeeping (tokens shared by every particle) extends every particle's rows.
     fn advance(&mut self, new_keep: &[Vec<bool>]) -> Result<Vec<Vec<u32>>> {
         let rows = new_keep.len();
+        let have = self.keep.len();
         if self.keep.is_empty() {
             self.keep = vec![Vec::new(); rows];
             self.next_position = vec![0; rows];
-        } else if self.keep.len() != rows {
-            let have = self.keep.len();
+        } else if rows > have {
             if !rows.is_multiple_of(have) {
                 candle_core::bail!("a step of {rows} rows does not fit a cache of {have} rows");
             }
             // The particles' sequences diverge: repeat the shared bookkeeping particle-major.
             self.keep = (0..rows).map(|r| self.keep[r % have].clone()).collect();
             self.next_position = (0..rows).map(|r| self.next_position[r % have]).collect();
+        } else if rows < have {
+            let same = |r: usize| {
+                self.keep[r] == self.keep[r % rows]
+                    && self.next_position[r] == self.next_position[r % rows]
+            };
+            if rows == 0 || !have.is_multiple_of(rows) || !(rows..have).all(same) {
+                candle_core::bail!(
+                    "a step of {rows} rows does not continue a cache of {have} rows"
+                );
+            }
+            let shared: Vec<Vec<bool>> = (0..have).map(|r| new_keep[r % rows].clone()).collect();
+            let mut positions = self.advance(&shared)?;
+            positions.truncate(rows);
+            return Ok(positions);
         }
         let mut positions = Vec::with_capacity(rows);
         for (r, step) in new_keep.iter().enumerate() {
@@ -679,8 +700,10 @@ impl LlamaModel {
         let mut x = embeds.clone();
         let mut keep: Vec<Vec<bool>> = (0..rows_in).map(|r| keep[r % keep.len()].clone()).collect();
         let mut expanded = input_expanded;
-        // Shared tokens fed to particles whose sequences already diverged: expand them first.
-        if !expanded && cache.rows() > rows_in {
+        // Shared tokens fed to particles whose sequences already diverged in the first layer:
+        // expand them first. (Where the first layer still holds the shared rows, the tokens run
+        // once up to the first layer with particles and fork there.)
+        if !expanded && cache.bottom_rows()? > rows_in {
             x = expand_particles(&x, particles)?;
             keep = (0..rows_in * particles)
                 .map(|r| keep[r % rows_in].clone())
@@ -690,7 +713,9 @@ impl LlamaModel {
         let device = embeds.device();
         let (positions, bias) = if segments == 1 {
             let positions = cache.advance(&keep)?;
-            (positions, attention_bias(&cache.keep, len, true, device)?)
+            // The bookkeeping may cover more rows (the particles'): the step's come first.
+            let bias = attention_bias(&cache.keep[..keep.len()], len, true, device)?;
+            (positions, bias)
         } else {
             let step = segment_step(cache, &keep, segments, device)?;
             // Keeps the bookkeeping's lengths in step with the layers' caches.
