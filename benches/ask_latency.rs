@@ -698,13 +698,17 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
             (Some(ms), Some(k)) => format!("{ms:.1} ({k})"),
             _ => "–".into(),
         };
-        let cell = |part: &str, ms: f64, digits: usize| match timed(args, part) {
-            true => format!("{ms:.digits$}"),
-            false => "–".into(),
+        let cell = |part: &str, ms: f64, digits: usize| {
+            if timed(args, part) {
+                format!("{ms:.digits$}")
+            } else {
+                "–".into()
+            }
         };
-        let total = match PARTS[1..].iter().all(|p| timed(args, p)) {
-            true => format!("{:.1}", r.prefill_ms + r.decode_ms + r.scoring_ms),
-            false => "–".into(),
+        let total = if all_parts_timed(args) {
+            format!("{:.1}", r.prefill_ms + r.decode_ms + r.scoring_ms)
+        } else {
+            "–".into()
         };
         let _ = writeln!(
             s,
@@ -716,7 +720,9 @@ fn tables(name: &str, results: &[Measured], args: &Args) -> String {
     }
     let by = |p: usize, mode: &str| results.iter().find(|r| r.particles == p && r.mode == mode);
     let _ = writeln!(s);
-    if let Some(one) = by(1, "batched") {
+    // The ratios of decode steps and of the parts' totals need every part timed.
+    let one = by(1, "batched").filter(|_| all_parts_timed(args));
+    if let Some(one) = one {
         for &p in &args.particles {
             if p == 1 {
                 continue;
@@ -789,6 +795,13 @@ fn timed(args: &Args, part: &str) -> bool {
     args.parts.iter().any(|p| p == part)
 }
 
+/// Whether the parts that add up to an answer (prefill, decode, scoring) were all timed.
+fn all_parts_timed(args: &Args) -> bool {
+    ["prefill", "decode", "scoring"]
+        .iter()
+        .all(|p| timed(args, p))
+}
+
 /// This build against the baseline, configuration by configuration.
 fn comparison(name: &str, this: &[Measured], base: &[Measured], args: &Args) -> String {
     use std::fmt::Write;
@@ -797,12 +810,16 @@ fn comparison(name: &str, this: &[Measured], base: &[Measured], args: &Args) -> 
          | P | path | prefill | decode / token | scoring | ask |\n|---|---|---:|---:|---:|---:|\n"
     );
     for (t, b) in this.iter().zip(base) {
-        let cell = |part: &str, x: f64, y: f64| match timed(args, part) {
-            true => format!("{x:.1} / {y:.1} ({:+.0} %)", 100.0 * (x / y - 1.0)),
-            false => "–".into(),
+        let ratio = |x: f64, y: f64| format!("{x:.1} / {y:.1} ({:+.0} %)", 100.0 * (x / y - 1.0));
+        let cell = |part: &str, x: f64, y: f64| {
+            if timed(args, part) {
+                ratio(x, y)
+            } else {
+                "–".into()
+            }
         };
         let ask = match (t.ask_ms, b.ask_ms) {
-            (Some(x), Some(y)) => cell("ask", x, y),
+            (Some(x), Some(y)) => ratio(x, y),
             _ => "–".into(),
         };
         let steps = t.decode_steps as f64;

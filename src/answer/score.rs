@@ -65,9 +65,9 @@ pub fn score_candidates_batch(
     // candidates are k segments of one sequence that all continue the prompt's cache, which is
     // read in place: never copied per candidate.
     let feed = longest - 1;
-    // Every particle scores the same candidates, so they are fed once per prompt row of the
-    // cache: the layers below the first one with particles run them once per question, and the
-    // rows fork to the particles where the prompt forked (`LlamaModel::forward_segments`).
+    // Every particle scores the same candidates, so they are fed once per row the cache's first
+    // layer holds: the layers below the first one with particles run them once per question, and
+    // the rows fork to the particles where the prompt forked (`LlamaModel::forward_segments`).
     let fed_rows = match prefill.cache.bottom_rows()? {
         n if n > 0 && n < rows && rows % n == 0 && n % questions == 0 => n,
         _ => rows,

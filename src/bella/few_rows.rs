@@ -207,8 +207,8 @@ fn rows_times_weight<W: Lanes>(
 fn block_product<W: Lanes>(isa: Isa, x: &[f32], n: usize, w: &[W], k: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY (both): `matmul_with` only builds the op after checking at run time that the
-        // CPU has `isa`'s features.
+        // SAFETY (both): the op is only built for a kernel the CPU has, checked at run time
+        // ([`matmul`] through `Isa::detect`, [`matmul_with`] through `Isa::available`).
         macro_rules! dispatch {
             ($($rows:literal: $avx2:literal $avx512:literal)*) => {
                 match (isa, n) {
