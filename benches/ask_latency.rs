@@ -214,7 +214,7 @@ fn parse_device(device: &str) -> Result<Device> {
 }
 
 fn main() -> Result<()> {
-    bella_vqa::pin_cpu_threads(); // as the CLI does; child processes inherit it
+    bella_vqa::prepare_process(); // as the CLI does (child processes start here too)
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some("--child") {
         return child(&raw[1..]);
@@ -532,8 +532,8 @@ fn child(raw: &[String]) -> Result<()> {
                 decode_ms,
                 decode_steps: decode,
                 scoring_ms,
-                ask_ms: Some(ask_ms),
-                ask_candidates: Some(k),
+                ask_ms: part("ask").then_some(ask_ms),
+                ask_candidates: part("ask").then_some(k),
                 decode_per_round: Vec::new(),
                 tokens: tokens(generate(lm, &prefill, particles, &gen)?),
             }

@@ -74,14 +74,29 @@ pub use answer::{AskOptions, BellaVqa, CandidateAnswer, LoadOptions, Question, R
 pub use hub::{HubOptions, ModelSource};
 pub use models::image::{decode_image, load_image};
 
-/// Sets `RAYON_NUM_THREADS` to candle's default thread count when it is unset. Without it candle
-/// asks the OS for the number of cores on every matrix product (on Linux it reads and parses
-/// `/proc/cpuinfo`), which costs 4–9 % of a decoding step (`eval/LATENCY.md`). Call it first
-/// thing in `main`, before any thread starts: changing the environment of a running
+/// Process-wide settings for a program that runs these models. Call it first thing in `main`,
+/// before any thread starts, as the CLI and the benches do: changing the environment of a running
 /// multi-threaded program is unsound, so the library cannot do it for its callers.
-pub fn pin_cpu_threads() {
+///
+/// - `RAYON_NUM_THREADS` is set to candle's default thread count when it is unset. Without it
+///   candle asks the OS for the number of cores on every matrix product (on Linux it reads and
+///   parses `/proc/cpuinfo`), which costs 4–9 % of a decoding step (`eval/LATENCY.md`).
+/// - glibc's allocator keeps freed blocks of up to 32 MiB for reuse. By default it serves blocks
+///   above a moving threshold (128 KiB, rising to at most 32 MiB) with fresh pages from the
+///   system and returns them when freed, so the activations a forward pass allocates and frees,
+///   tens of MB per layer, start over with page faults that clear their pages; the threshold is
+///   fixed at its maximum and the heap is trimmed only above 1 GiB of free top memory (a 7B-wide
+///   prefill: 5–9 % faster, `eval/SCALE.md`). A long-running caller hands freed memory back when
+///   idle with `malloc_trim`, as the server does.
+pub fn prepare_process() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds; glibc takes its own locks.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

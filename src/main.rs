@@ -737,7 +737,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    bella_vqa::pin_cpu_threads();
+    bella_vqa::prepare_process();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

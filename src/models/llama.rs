@@ -79,11 +79,13 @@ fn match_rows(t: Tensor, rows: usize) -> Result<Tensor> {
     }
 }
 
-/// One layer's cached keys and values, `[rows, kv_heads, T, head_dim]` each. While the rows are
-/// those of the prompt, everything is in `prefix`. When the particles' sequences diverge above a
-/// prompt that was computed once for them (decoding with the rows forked at a higher layer), the
-/// prompt's `batch` rows stay in `prefix`, shared, and only the new tokens are kept per particle
-/// in `own` (`P·batch` rows): the prompt's cache is never copied P times.
+/// One layer's cached keys and values, `[rows, kv_heads, T, head_dim]` each. The first step (the
+/// prompt) is the `prefix`; it is never copied again. Every later step's keys and values are
+/// kept in `own`, which alone grows: appending a decoded token copies the tokens decoded so far,
+/// not the prompt (a 601-token prompt is 10 MB per row and layer in a 7B model). When the
+/// particles' sequences diverge above a prompt computed once for them (decoding with the rows
+/// forked at a higher layer), the prefix keeps the prompt's `batch` rows, shared, and `own` has
+/// `P·batch` rows: the prompt's cache is never copied P times either.
 #[derive(Clone, Debug, Default)]
 struct LayerCache {
     prefix: Option<(Tensor, Tensor)>,
@@ -92,9 +94,10 @@ struct LayerCache {
 
 /// What one step attends to.
 enum Keys {
-    /// Keys and values with the step's rows.
+    /// Keys and values with the step's rows (the first step).
     Whole(Tensor, Tensor),
-    /// A prefix shared by the particles (`batch` rows) and the rows' own continuation.
+    /// The prefix (`batch` rows, shared by the particles when the step has `P·batch` rows) and
+    /// the rows' own continuation, this step included.
     Split {
         prefix: (Tensor, Tensor),
         own: (Tensor, Tensor),
@@ -104,39 +107,31 @@ enum Keys {
 impl LayerCache {
     /// Adds a step's keys and values `[rows, kv, len, d]`; returns what the step attends to.
     fn extend(&mut self, k: Tensor, v: Tensor) -> Result<Keys> {
-        let rows = k.dim(0)?;
-        let cat = |past: Tensor, new: &Tensor| Tensor::cat(&[&match_rows(past, rows)?, new], 2);
-        match (self.prefix.take(), self.own.take()) {
-            (None, _) => {
-                self.prefix = Some((k.clone(), v.clone()));
-                Ok(Keys::Whole(k, v))
-            }
-            (Some((pk, pv)), None) if pk.dim(0)? == rows => {
-                let (k, v) = (cat(pk, &k)?, cat(pv, &v)?);
-                self.prefix = Some((k.clone(), v.clone()));
-                Ok(Keys::Whole(k, v))
-            }
-            (Some((pk, pv)), own) => {
-                let shared = pk.dim(0)?;
-                if shared == 0 || rows % shared != 0 || rows == shared {
-                    candle_core::bail!("a step of {rows} rows does not continue {shared} rows");
-                }
-                let (k, v) = match own {
-                    Some((ok, ov)) => (cat(ok, &k)?, cat(ov, &v)?),
-                    None => (k, v),
-                };
-                self.prefix = Some((pk.clone(), pv.clone()));
-                self.own = Some((k.clone(), v.clone()));
-                Ok(Keys::Split {
-                    prefix: (pk, pv),
-                    own: (k, v),
-                })
-            }
+        let Some((pk, pv)) = self.prefix.clone() else {
+            self.prefix = Some((k.clone(), v.clone()));
+            return Ok(Keys::Whole(k, v));
+        };
+        let (rows, shared) = (k.dim(0)?, pk.dim(0)?);
+        if shared == 0 || !rows.is_multiple_of(shared) {
+            candle_core::bail!("a step of {rows} rows does not continue {shared} rows");
         }
+        let (k, v) = match self.own.take() {
+            Some((ok, ov)) => {
+                let cat =
+                    |past: Tensor, new: &Tensor| Tensor::cat(&[&match_rows(past, rows)?, new], 2);
+                (cat(ok, &k)?, cat(ov, &v)?)
+            }
+            None => (k, v),
+        };
+        self.own = Some((k.clone(), v.clone()));
+        Ok(Keys::Split {
+            prefix: (pk, pv),
+            own: (k, v),
+        })
     }
 }
 
-/// [`attention`] of `q` `[R, kv, n, d]` (R = P·b rows, particle-major) over a prefix shared by
+/// [`attention`] of `q` `[R, kv, n, d]` (R = P·b rows, particle-major, P ≥ 1) over a prefix shared by
 /// the particles (`[b, kv, T, d]`) followed by the rows' own keys and values (`[R, kv, t, d]`),
 /// with `bias` `[R, 1, n, T + t]`: the same as over the prefix expanded to R rows, without the
 /// copy. The particles' queries become extra query rows of their prefix row
@@ -816,5 +811,68 @@ impl LlamaModel {
             }
         }
         out.push((format!("{prefix}.lm_head"), &mut self.lm_head));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        // A fixed pseudo-random fill (splitmix-like), so the test needs no RNG state.
+        let data: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let x =
+                    (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xBF58_476D);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    /// Decoding steps after a prompt keep the prompt's keys and values where the prompt put them
+    /// (the same tensors, never copied) and attend over prompt + own tokens exactly as over one
+    /// concatenated cache — with the step's rows equal to the prompt's, and forked to 2 particles.
+    #[test]
+    fn decoding_steps_never_copy_the_prompts_cache() -> Result<()> {
+        let (kv, t, d) = (2, 5, 4);
+        for particles in [1, 2] {
+            let mut cache = LayerCache::default();
+            let (pk, pv) = (random((1, kv, t, d), 1)?, random((1, kv, t, d), 2)?);
+            let Keys::Whole(..) = cache.extend(pk.clone(), pv.clone())? else {
+                candle_core::bail!("the prompt is the first step");
+            };
+            let rows = particles;
+            let (mut all_k, mut all_v) =
+                (expand_particles(&pk, rows)?, expand_particles(&pv, rows)?);
+            for step in 0..3u64 {
+                let k = random((rows, kv, 1, d), 10 + step)?;
+                let v = random((rows, kv, 1, d), 20 + step)?;
+                all_k = Tensor::cat(&[&all_k, &k], 2)?;
+                all_v = Tensor::cat(&[&all_v, &v], 2)?;
+                let Keys::Split { prefix, own } = cache.extend(k, v)? else {
+                    candle_core::bail!("a step after the prompt attends to prefix + own");
+                };
+                assert_eq!(prefix.0.id(), pk.id(), "the prompt's keys were copied");
+                assert_eq!(prefix.1.id(), pv.id(), "the prompt's values were copied");
+                assert_eq!(own.0.dims(), &[rows, kv, step as usize + 1, d]);
+                let q = random((rows, kv, 1, d), 30 + step)?;
+                let len = t + step as usize + 1;
+                // The last prompt position is padding in every row.
+                let bias: Vec<f32> = (0..rows * len)
+                    .map(|i| if i % len == t - 1 { MASKED } else { 0.0 })
+                    .collect();
+                let bias = Tensor::from_vec(bias, (rows, 1, 1, len), &Device::Cpu)?;
+                let split = attention_shared_prefix(&q, &prefix, &own, &bias)?;
+                let whole = attention(&q, &all_k, &all_v, Some(&bias))?;
+                let diff = (split - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-6,
+                    "P = {particles}, step {step}: differs by {diff}"
+                );
+            }
+        }
+        Ok(())
     }
 }
