@@ -1,5 +1,6 @@
 //! Bella particles: P low-rank perturbations of frozen linear layers.
 
+pub mod bf16_gemm;
 pub mod few_rows;
 mod linear;
 pub mod particles;

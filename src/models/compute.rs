@@ -87,7 +87,8 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceChoice>,
     /// The dtype of the frozen weights and activations; particles, norms, softmax and
-    /// log-likelihoods stay f32. auto: f32 on the CPU when it fits in memory, else half precision.
+    /// log-likelihoods stay f32. auto: f32 on the CPU when it fits in memory, else half precision
+    /// (bf16 on a CPU with AVX512-BF16, else the checkpoint's own half dtype).
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
@@ -133,9 +134,14 @@ pub fn resolve(
 ) -> Result<Compute> {
     let choice = opts.device.unwrap_or_else(DeviceChoice::detect);
     let device = choice.open()?;
-    let half = match stored {
-        DType::F16 | DType::BF16 => stored,
-        _ => DType::BF16,
+    // On a CPU with AVX512-BF16 a bf16 prompt runs about twice as fast as an f16 one
+    // (`bella::bf16_gemm`); elsewhere the checkpoint's own half dtype, read without conversion.
+    let (half, why_half) = match stored {
+        _ if device.is_cpu() && crate::bella::bf16_gemm::available() => {
+            (DType::BF16, "; bf16: this CPU multiplies bf16 natively (AVX512-BF16)")
+        }
+        DType::F16 | DType::BF16 => (stored, ""),
+        _ => (DType::BF16, ""),
     };
     let (dtype, reason) = match opts.dtype {
         DTypeChoice::F32 => (DType::F32, "--dtype f32".to_string()),
@@ -148,7 +154,7 @@ pub fn resolve(
             Some(avail) if f32_bytes > avail => (
                 half,
                 format!(
-                    "auto: f32 would need ~{:.1} GB, {:.1} GB available",
+                    "auto: f32 would need ~{:.1} GB, {:.1} GB available{why_half}",
                     gb(f32_bytes),
                     gb(avail)
                 ),
@@ -227,7 +233,12 @@ mod tests {
         let fits = resolve(cpu, 4 << 30, DType::F16, Some(8 << 30)).unwrap();
         assert_eq!(fits.dtype, DType::F32);
         let tight = resolve(cpu, 4 << 30, DType::F16, Some(3 << 30)).unwrap();
-        assert_eq!(tight.dtype, DType::F16, "the checkpoint's own half dtype");
+        if crate::bella::bf16_gemm::available() {
+            assert_eq!(tight.dtype, DType::BF16, "the fast half dtype of this CPU");
+            assert!(tight.reason.contains("AVX512-BF16"), "{}", tight.reason);
+        } else {
+            assert_eq!(tight.dtype, DType::F16, "the checkpoint's own half dtype");
+        }
         assert!(
             tight.reason.contains("f32 would need ~4.3 GB"),
             "{}",

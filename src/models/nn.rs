@@ -101,9 +101,60 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Attention scores of at most this many values (8 MiB in f32) are computed at once.
+const SCORES_AT_ONCE: usize = 1 << 21;
+
 /// Scaled dot-product attention. `q`: `[rows, heads, q_len, d]`, `k`/`v`: `[rows, heads, kv_len, d]`,
 /// `bias`: additive mask broadcastable to `[rows, heads, q_len, kv_len]`.
+///
+/// A long prompt's scores are large (P = 8 rows of a 601-token prompt with 32 heads: 370 MB in
+/// f32, and the softmax makes three more of them); they run in chunks of rows and heads whose
+/// scores stay under [`SCORES_AT_ONCE`], so each chunk's buffers are reused from the heap and
+/// stay in the cache instead of being mapped and zeroed afresh by the kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, heads, q_len, _) = q.dims4()?;
+    let per_head = q_len * k.dim(2)?;
+    if rows * heads * per_head <= SCORES_AT_ONCE {
+        return attention_at_once(q, k, v, bias);
+    }
+    let step = (SCORES_AT_ONCE / per_head).clamp(1, heads);
+    let mut outputs = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let one = |t: &Tensor| t.narrow(0, row, 1);
+        let (q, k, v) = (one(q)?, one(k)?, one(v)?);
+        let bias = match bias {
+            Some(b) if b.dim(0)? == rows => Some(one(b)?),
+            other => other.cloned(),
+        };
+        let mut chunks = Vec::with_capacity(heads.div_ceil(step));
+        for first in (0..heads).step_by(step) {
+            let n = step.min(heads - first);
+            let some = |t: &Tensor| t.narrow(1, first, n);
+            let bias = match &bias {
+                Some(b) if b.dim(1)? == heads => Some(some(b)?),
+                other => other.clone(),
+            };
+            chunks.push(attention_at_once(
+                &some(&q)?,
+                &some(&k)?,
+                &some(&v)?,
+                bias.as_ref(),
+            )?);
+        }
+        outputs.push(Tensor::cat(&chunks, 1)?);
+    }
+    Tensor::cat(&outputs, 0)
+}
+
+/// [`attention`] in one go. On the CPU a half-precision attention computes in f32 (as torch's
+/// CPU attention kernel accumulates) and returns its dtype: candle's half-precision products of
+/// these shapes ran several times slower than f32 ones, and the softmax is f32 either way.
+fn attention_at_once(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dtype = q.dtype();
+    if q.device().is_cpu() && dtype != DType::F32 {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return attention_at_once(&f32(q)?, &f32(k)?, &f32(v)?, bias)?.to_dtype(dtype);
+    }
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     // gemm reads the transposed keys in place; only a non-contiguous `k` (CLIP's head split) is
     // copied, not the whole key cache of every decoding step.
@@ -147,4 +198,33 @@ pub fn attention_bias(
         }
     }
     Tensor::from_vec(data, (rows, 1, q_len, kv_len), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn long_attention_in_chunks_equals_it_in_one_go() -> Result<()> {
+        let dev = Device::Cpu;
+        // 2 rows × 8 heads of 600 × 600 scores: over the limit, chunks of 5 and 3 heads per row.
+        let (rows, heads, len, d) = (2, 8, 600, 4);
+        assert!(rows * heads * len * len > SCORES_AT_ONCE);
+        let q = Tensor::randn(0f32, 1.0, (rows, heads, len, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (rows, heads, len, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (rows, heads, len, d), &dev)?;
+        // Per-row causal masks with padding in the second row, and one bias for every row.
+        let keep = vec![vec![true; len], (0..len).map(|j| j >= 7).collect()];
+        let per_row = attention_bias(&keep, len, true, &dev)?;
+        let shared = per_row.narrow(0, 0, 1)?;
+        for bias in [None, Some(&per_row), Some(&shared)] {
+            let chunked = attention(&q, &k, &v, bias)?;
+            let whole = attention_at_once(&q, &k, &v, bias)?;
+            assert_eq!(chunked.dims(), whole.dims());
+            let diff = (chunked - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{diff}");
+        }
+        Ok(())
+    }
 }
