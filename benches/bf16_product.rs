@@ -11,12 +11,20 @@ use bella_vqa::bella::bf16_gemm;
 use candle_core::{DType, Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    println!("AVX512-BF16 kernel on this CPU: {}\n", bf16_gemm::available());
+    println!(
+        "AVX512-BF16 kernel on this CPU: {}\n",
+        bf16_gemm::available()
+    );
     println!("| x [rows, in] · W [out, in]ᵀ | candle f32 ms | candle f16 ms | candle bf16 ms | kernel bf16 ms | kernel GFLOP/s | kernel / candle bf16 |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     // The language model's q/k/v/o, up/gate and down over a 601-token prompt; the CLIP
     // ViT-L/14-336 tower's q/k/v/o over 577 tokens.
-    for (rows, out, inp) in [(601, 4096, 4096), (601, 11008, 4096), (601, 4096, 11008), (577, 1024, 1024)] {
+    for (rows, out, inp) in [
+        (601, 4096, 4096),
+        (601, 11008, 4096),
+        (601, 4096, 11008),
+        (577, 1024, 1024),
+    ] {
         let x32 = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu)?;
         let w32 = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu)?;
         let cast = |t: &Tensor, d| t.to_dtype(d);

@@ -137,9 +137,10 @@ pub fn resolve(
     // On a CPU with AVX512-BF16 a bf16 prompt runs about twice as fast as an f16 one
     // (`bella::bf16_gemm`); elsewhere the checkpoint's own half dtype, read without conversion.
     let (half, why_half) = match stored {
-        _ if device.is_cpu() && crate::bella::bf16_gemm::available() => {
-            (DType::BF16, "; bf16: this CPU multiplies bf16 natively (AVX512-BF16)")
-        }
+        _ if device.is_cpu() && crate::bella::bf16_gemm::available() => (
+            DType::BF16,
+            "; bf16: this CPU multiplies bf16 natively (AVX512-BF16)",
+        ),
         DType::F16 | DType::BF16 => (stored, ""),
         _ => (DType::BF16, ""),
     };
