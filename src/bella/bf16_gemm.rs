@@ -1,5 +1,8 @@
-//! `x·Wᵀ` for bf16 activations and weights on a CPU with AVX512-BF16: the base products of a
-//! bf16 model's prompt (vision tower and language model), where many rows meet a large weight.
+//! `x·Wᵀ` for bf16 activations and weights on a CPU with AVX512-BF16 or AMX: the base products
+//! of a bf16 model's prompt (vision tower and language model), where many rows meet a large
+//! weight. A CPU with AMX (Intel Xeon since Sapphire Rapids) takes the tile kernel of
+//! [`amx`], 3–4× faster again on this project's Xeon machine, where `vdpbf16ps` runs no faster
+//! than f32 multiply-adds; the rest of this page is the `vdpbf16ps` kernel.
 //!
 //! Candle 0.11's CPU gemm has no bf16 kernel of its own: it widens to f32 as it packs, and a
 //! 601×4096×4096 product ran at 148 GFLOP/s in bf16 against 257 in f32 on this project's Zen 5
@@ -30,17 +33,25 @@ const NR: usize = 32;
 /// Weights smaller than this (values) are multiplied on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// Whether this CPU has the instructions (AVX-512 F and AVX512-BF16).
+mod amx;
+
+/// Whether this CPU has the instructions (AVX-512 F and AVX512-BF16, or AMX-BF16).
 pub fn available() -> bool {
+    instructions().is_some()
+}
+
+/// The bf16 instructions the products use on this CPU: `"AMX-BF16"`, `"AVX512-BF16"` or none.
+pub fn instructions() -> Option<&'static str> {
+    if amx::ready() {
+        return Some("AMX-BF16");
+    }
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        return Some("AVX512-BF16");
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    None
 }
 
 /// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`, both bf16, contiguous and on the CPU, when
@@ -141,8 +152,17 @@ fn pack_panel(w: &[bf16], k: usize, first: usize, dst: &mut [u32]) {
     }
 }
 
-/// `y [n, out] = x [n, k] · w [out, k]ᵀ`, parallel over panels of [`NR`] output features.
+/// `y [n, out] = x [n, k] · w [out, k]ᵀ`: with AMX where the CPU has it, else `vdpbf16ps`.
 fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
+    if amx::ready() {
+        amx::product(x, n, w, out, k)
+    } else {
+        dot_product(x, n, w, out, k)
+    }
+}
+
+/// [`product`] with `vdpbf16ps`, parallel over panels of [`NR`] output features.
+fn dot_product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
     use rayon::prelude::*;
     let pairs = k.div_ceil(2);
     let xp = pack_rows(x, k, pairs);
@@ -250,7 +270,24 @@ mod kernel {
 mod tests {
     use super::*;
 
-    /// The exact product of the bf16 values, in f32, against the kernel's.
+    /// The kernels this CPU can run.
+    fn kernels() -> Vec<(&'static str, Kernel)> {
+        let mut kernels: Vec<(&'static str, Kernel)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            kernels.push(("vdpbf16ps", dot_product));
+        }
+        if amx::ready() {
+            kernels.push(("amx", amx::product));
+        }
+        kernels
+    }
+
+    type Kernel = fn(&[bf16], usize, &[bf16], usize, usize) -> Vec<bf16>;
+
+    /// The exact product of the bf16 values, in f32, against each kernel's (and `matmul`'s).
     fn check(n: usize, k: usize, out: usize) -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
@@ -261,13 +298,25 @@ mod tests {
         let got = matmul(&x, &w)?.expect("the kernel applies");
         assert_eq!(got.dtype(), DType::BF16);
         assert_eq!(got.dims(), &[n, out]);
+        close(&got, &want, n, k, out)?;
+        let (xs, ws) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
+        for (name, kernel) in kernels() {
+            let got = Tensor::from_vec(kernel(&xs, n, &ws, out, k), (n, out), &dev)?;
+            close(&got, &want, n, k, out).map_err(|e| e.context(name))?;
+        }
+        Ok(())
+    }
+
+    fn close(got: &Tensor, want: &Tensor, n: usize, k: usize, out: usize) -> Result<()> {
         // Only the final rounding to bf16 (8 bits of mantissa) and the order of the f32 sums
         // differ: each value within half a bf16 step of its own size, plus the sums' rounding.
         let got = got.to_dtype(DType::F32)?;
-        let err = (&got - &want)?.abs()?;
+        let err = (&got - want)?.abs()?;
         let bound = ((want.abs()? * (1.0 / 256.0))? + 1e-5 * k as f64)?;
         let over = err.gt(&bound)?.to_dtype(DType::F32)?.sum_all()?;
-        assert_eq!(over.to_scalar::<f32>()?, 0.0, "n={n} k={k} out={out}");
+        if over.to_scalar::<f32>()? > 0.0 {
+            candle_core::bail!("n={n} k={k} out={out}: values off by more than the rounding");
+        }
         Ok(())
     }
 
@@ -276,12 +325,25 @@ mod tests {
         if !available() {
             return Ok(());
         }
+        eprintln!(
+            "bf16 kernels on this CPU: {:?}",
+            kernels().iter().map(|k| k.0).collect::<Vec<_>>()
+        );
         // Every row-block remainder 1..=14; odd and even k (an odd one pads a zero half);
         // output features that leave partial panels; a product large enough to run in parallel.
         for n in 1..=2 * MR + 1 {
             check(n, 37, 70)?;
         }
-        for (n, k, out) in [(9, 1, 1), (20, 64, 31), (15, 130, 33), (601, 256, 300)] {
+        // AMX: rows past a multiple of 32, `k` past a tile and over one cache block (1100 > 512
+        // + 512), features past a task of 128.
+        for (n, k, out) in [
+            (9, 1, 1),
+            (20, 64, 31),
+            (15, 130, 33),
+            (601, 256, 300),
+            (33, 1100, 129),
+            (64, 1024, 256),
+        ] {
             check(n, k, out)?;
         }
         Ok(())

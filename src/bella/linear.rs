@@ -16,6 +16,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::quant::QuantizedWeight;
+use crate::models::nn::add;
 
 /// The low-rank factors of P particles on one linear layer.
 #[derive(Clone, Debug)]
@@ -228,7 +229,7 @@ impl ParticleLinear {
         let x2 = x.reshape((n, self.shape().1))?;
         let y = self.base.product(&x2)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
+            Some(bias) => add(&y, bias)?,
             None => y,
         };
         Ok((dims, x2, y))
@@ -251,8 +252,7 @@ impl ParticleLinear {
             let xp = x2.reshape((p, n / p, inp))?.to_dtype(ad.a.dtype())?;
             let low = xp.matmul(&ad.a.transpose(1, 2)?)?; // [P, m, r]
             let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, m, out]
-            let delta = (delta.reshape((n, out))? * ad.scale)?.to_dtype(y.dtype())?;
-            y = (y + delta)?;
+            y = add(&y, &(delta.reshape((n, out))? * ad.scale)?)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
@@ -278,7 +278,7 @@ impl ParticleLinear {
                 let xa = x2.to_dtype(ad.a.dtype())?;
                 let low = xa.broadcast_matmul(&ad.a.transpose(1, 2)?)?; // [P, n, r]
                 let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, n, out]
-                (delta * ad.scale)?.to_dtype(y.dtype())?.broadcast_add(&y)?
+                add(&y, &(delta * ad.scale)?)?
             }
             None => y.unsqueeze(0)?.broadcast_as((particles, n, out))?,
         };
@@ -309,7 +309,7 @@ const FEW_ROWS: usize = 32;
 
 /// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. With up to 8 rows (decoding P ≤ 8 particles)
 /// on a CPU with AVX2, [`super::few_rows`] reads `W` once for all rows; with more rows of a bf16
-/// model on a CPU with AVX512-BF16, [`super::bf16_gemm`] multiplies the bf16 pairs directly
+/// model on a CPU with AVX512-BF16 or AMX, [`super::bf16_gemm`] multiplies the bf16 pairs directly
 /// (candle widens them to f32 and ran at half speed). Otherwise, with a few
 /// rows, candle's CPU gemm packs — copies with a strided gather — the whole of `W` on every call
 /// for `x·Wᵀ`, which costs more than the product itself; `W·xᵀ` reads `W` in place and packs only

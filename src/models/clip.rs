@@ -6,7 +6,7 @@ use candle_core::{IndexOp, Result, Tensor, D};
 use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
-use crate::models::nn::{activate, attention, attention_bias, linear, LayerNorm};
+use crate::models::nn::{activate, add, attention, attention_bias, linear, LayerNorm};
 use crate::models::weights::Scope;
 
 type LoadResult<T> = std::result::Result<T, WeightError>;
@@ -78,11 +78,14 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, bias)?)?;
+        let h = add(
+            x,
+            &self
+                .self_attn
+                .forward(&self.layer_norm1.forward(x)?, bias)?,
+        )?;
         let m = activate(self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?;
-        h + self.fc2.forward(&m)?
+        add(&h, &self.fc2.forward(&m)?)
     }
 
     fn linears(&self) -> [(&'static str, &ParticleLinear); 6] {
@@ -290,7 +293,7 @@ impl ClipTextTransformer {
             )?
             .reshape((batch, len, h))?;
         let positions = self.position_embedding.i(..len)?;
-        let embeddings = tokens.broadcast_add(&positions)?;
+        let embeddings = add(&tokens, &positions)?;
 
         let keep: Vec<Vec<bool>> = match attention_mask {
             Some(m) => m
@@ -429,7 +432,10 @@ impl ClipVisionTransformer {
             .class_embedding
             .reshape((1, 1, h))?
             .broadcast_as((n, 1, h))?;
-        Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)
+        add(
+            &Tensor::cat(&[&class, &patches], 1)?,
+            &self.position_embedding,
+        )
     }
 
     /// The full tower: every hidden state, the last one and the pooled class token.

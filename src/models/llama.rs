@@ -13,7 +13,7 @@ use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
 use crate::models::nn::{
-    activate, attention, attention_bias, attention_probs, linear, RmsNorm, MASKED,
+    activate, add, attention, attention_bias, attention_probs, linear, RmsNorm, MASKED,
 };
 use crate::models::weights::Scope;
 
@@ -52,7 +52,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    add(&x.broadcast_mul(cos)?, &rotated.broadcast_mul(sin)?)
 }
 
 /// The attention bias `[rows, 1, len, T]` for `n` query heads folded into the query axis:
@@ -173,7 +173,7 @@ fn attention_shared_prefix(
         .narrow(3, t_prefix, own_len)?
         .contiguous()?
         .matmul(&v.contiguous()?)?;
-    from_prefix_rows(from_prefix, d)? + from_own
+    add(&from_prefix_rows(from_prefix, d)?, &from_own)
 }
 
 /// Attention bias and rotary tables for one step, built for the step's input rows.
@@ -321,13 +321,13 @@ impl DecoderLayer {
                 .forward(&self.input_layernorm.forward(x)?, rows, ctx, cache, q_len)?;
         let x = x.narrow(1, x.dim(1)? - q_len, q_len)?;
         let h = match rows {
-            Rows::AsGiven => (x + attn)?,
-            Rows::Fork(p) => (expand_particles(&x, p)? + attn)?,
+            Rows::AsGiven => add(&x, &attn)?,
+            Rows::Fork(p) => add(&expand_particles(&x, p)?, &attn)?,
         };
         let n = self.post_attention_layernorm.forward(&h)?;
         let m = &self.mlp;
         let gated = (activate(m.act, &m.gate_proj.forward(&n)?)? * m.up_proj.forward(&n)?)?;
-        h + m.down_proj.forward(&gated)?
+        add(&h, &m.down_proj.forward(&gated)?)
     }
 
     fn linears(&self) -> [(&'static str, &ParticleLinear); 7] {
