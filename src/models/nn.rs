@@ -108,7 +108,13 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     match act {
-        Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        // x·σ(1.702x) = silu(1.702x) / 1.702 in f32: candle's silu is one pass, its sigmoid
+        // op and half-precision scaling are not (a bf16 [577, 4096] CLIP activation: 31 ms
+        // through the sigmoid, 24 ms as silu in bf16, 6 ms as silu in f32).
+        Activation::QuickGelu => {
+            let z = (x.to_dtype(DType::F32)? * 1.702)?;
+            (z.silu()? * (1.0 / 1.702))?.to_dtype(x.dtype())
+        }
         Activation::Gelu => x.gelu_erf(),
         Activation::GeluPytorchTanh => x.gelu(),
         Activation::Silu => x.silu(),
@@ -179,14 +185,20 @@ fn attention_at_once(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) 
 
 /// Softmax over the last axis of scaled attention scores plus an optional additive `bias`,
 /// computed in f32 whatever the compute dtype (as transformers' eager attention) and returned in
-/// the scores' dtype.
+/// the scores' dtype. Without a gradient to carry (answering), candle's fused softmax runs: a
+/// parallel pass per row, 3× the composed one on CLIP-L's 16 × 577² scores.
 pub fn attention_probs(scores: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dtype = scores.dtype();
     let mut scores = scores.to_dtype(DType::F32)?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(&bias.to_dtype(DType::F32)?)?;
     }
-    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    probs.to_dtype(dtype)
 }
 
 /// The additive mask value for "may not attend" (finite, so fully masked rows stay finite).
