@@ -52,6 +52,12 @@ impl Adapter {
         self.a.dims()[1]
     }
 
+    /// `scale · Bᵀ` `[P, r, out]`: the scale applied to the small factor, not to the
+    /// `[P, rows, out]` product.
+    fn scaled_b_t(&self) -> Result<Tensor> {
+        (&self.b * self.scale)?.transpose(1, 2)
+    }
+
     /// ΔW_p = scale · B_p A_p, `[out, in]`.
     pub fn delta(&self, p: usize) -> Result<Tensor> {
         self.b.get(p)?.matmul(&self.a.get(p)?)? * self.scale
@@ -251,8 +257,8 @@ impl ParticleLinear {
             // product runs in f32 and only its result is cast to the activations' dtype.
             let xp = x2.reshape((p, n / p, inp))?.to_dtype(ad.a.dtype())?;
             let low = xp.matmul(&ad.a.transpose(1, 2)?)?; // [P, m, r]
-            let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, m, out]
-            y = add(&y, &(delta.reshape((n, out))? * ad.scale)?)?;
+            let delta = low.matmul(&ad.scaled_b_t()?)?; // [P, m, out]
+            y = add(&y, &delta.reshape((n, out))?)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
@@ -277,8 +283,8 @@ impl ParticleLinear {
                 }
                 let xa = x2.to_dtype(ad.a.dtype())?;
                 let low = xa.broadcast_matmul(&ad.a.transpose(1, 2)?)?; // [P, n, r]
-                let delta = low.matmul(&ad.b.transpose(1, 2)?)?; // [P, n, out]
-                add(&y, &(delta * ad.scale)?)?
+                let delta = low.matmul(&ad.scaled_b_t()?)?; // [P, n, out]
+                add(&y, &delta)?
             }
             None => y.unsqueeze(0)?.broadcast_as((particles, n, out))?,
         };

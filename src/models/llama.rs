@@ -38,6 +38,41 @@ struct Mlp {
     act: Activation,
 }
 
+/// The MLP's intermediate activations of at most this many values are computed at once.
+const MLP_VALUES_AT_ONCE: usize = 1 << 22;
+
+impl Mlp {
+    /// `h + down(act(gate(norm)) · up(norm))` for `h`, `norm` `[rows, len, hidden]`, over
+    /// chunks of positions whose intermediate activations stay under [`MLP_VALUES_AT_ONCE`]
+    /// (16 MiB in f32). P = 8 rows of a 601-token prompt make `[8, 601, 11008]` activations,
+    /// ~100–200 MB each: tensors that size are mapped and zeroed afresh by the kernel on every
+    /// allocation (glibc's largest mmap threshold is 32 MiB), chunks reuse the heap and stay in
+    /// the cache. Chunks keep every row, so particle rows stay particle-major.
+    fn forward_residual(&self, h: &Tensor, norm: &Tensor) -> Result<Tensor> {
+        self.forward_in_chunks(h, norm, MLP_VALUES_AT_ONCE)
+    }
+
+    fn forward_in_chunks(&self, h: &Tensor, norm: &Tensor, at_once: usize) -> Result<Tensor> {
+        let (rows, len, _) = norm.dims3()?;
+        let inter = self.up_proj.shape().0;
+        let step = (at_once / (rows * inter).max(1)).clamp(1, len.max(1));
+        let chunk = |start: usize, n: usize| -> Result<Tensor> {
+            let x = norm.narrow(1, start, n)?;
+            let gate = activate(self.act, &self.gate_proj.forward(&x)?)?;
+            let gated = (gate * self.up_proj.forward(&x)?)?;
+            add(&h.narrow(1, start, n)?, &self.down_proj.forward(&gated)?)
+        };
+        if step >= len {
+            return chunk(0, len);
+        }
+        let chunks = (0..len)
+            .step_by(step)
+            .map(|start| chunk(start, step.min(len - start)))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&chunks, 1)
+    }
+}
+
 #[derive(Clone, Debug)]
 struct DecoderLayer {
     self_attn: Attention,
@@ -325,9 +360,7 @@ impl DecoderLayer {
             Rows::Fork(p) => add(&expand_particles(&x, p)?, &attn)?,
         };
         let n = self.post_attention_layernorm.forward(&h)?;
-        let m = &self.mlp;
-        let gated = (activate(m.act, &m.gate_proj.forward(&n)?)? * m.up_proj.forward(&n)?)?;
-        add(&h, &m.down_proj.forward(&gated)?)
+        self.mlp.forward_residual(&h, &n)
     }
 
     fn linears(&self) -> [(&'static str, &ParticleLinear); 7] {
@@ -834,6 +867,40 @@ mod tests {
     /// Decoding steps after a prompt keep the prompt's keys and values where the prompt put them
     /// (the same tensors, never copied) and attend over prompt + own tokens exactly as over one
     /// concatenated cache — with the step's rows equal to the prompt's, and forked to 2 particles.
+    #[test]
+    fn the_mlp_in_chunks_of_positions_equals_it_in_one_go() -> Result<()> {
+        let (p, len, hidden, inter) = (2, 7, 4, 6);
+        let w = |out: usize, inp: usize, seed: u64| -> Result<Tensor> {
+            random((1, 1, out, inp), seed)?.squeeze(0)?.squeeze(0)
+        };
+        let mut up_proj = ParticleLinear::new(w(inter, hidden, 1)?, None);
+        // Particles on one projection: the chunks must keep the rows particle-major.
+        let a = random((1, p, 3, hidden), 4)?.squeeze(0)?;
+        let b = random((1, p, inter, 3), 5)?.squeeze(0)?;
+        up_proj.set_adapter(Some(crate::bella::Adapter::new(a, b, 2.0)?))?;
+        let mlp = Mlp {
+            gate_proj: ParticleLinear::new(w(inter, hidden, 2)?, None),
+            up_proj,
+            down_proj: ParticleLinear::new(w(hidden, inter, 3)?, None),
+            act: Activation::Silu,
+        };
+        let h = random((1, p, len, hidden), 6)?.squeeze(0)?;
+        let norm = random((1, p, len, hidden), 7)?.squeeze(0)?;
+        let whole = mlp.forward_in_chunks(&h, &norm, usize::MAX)?;
+        // 3 positions of 2 rows × 6 features at once: chunks of 3, 3 and 1 positions.
+        let chunked = mlp.forward_in_chunks(&h, &norm, p * inter * 3)?;
+        assert_eq!(chunked.dims(), &[p, len, hidden]);
+        let diff = (chunked - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        // And the chunked MLP is the formula.
+        let gate = norm.broadcast_matmul(&mlp.gate_proj.dense_weight()?.t()?)?;
+        let gated = (gate.silu()? * mlp.up_proj.forward(&norm)?)?;
+        let want = (&h + gated.broadcast_matmul(&mlp.down_proj.dense_weight()?.t()?)?)?;
+        let diff = (whole - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
     #[test]
     fn decoding_steps_never_copy_the_prompts_cache() -> Result<()> {
         let (kv, t, d) = (2, 5, 4);
