@@ -55,8 +55,16 @@ pub fn instructions() -> Option<&'static str> {
 }
 
 /// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`, both bf16, contiguous and on the CPU, when
-/// this CPU has AVX512-BF16; else `None`. The result is bf16 (f32 sums rounded once).
+/// this CPU has AVX512-BF16 or AMX; else `None`. The result is bf16 (f32 sums rounded once).
+/// A few rows (decoding) are left to [`super::few_rows`] unless AMX takes them
+/// ([`amx::few_rows`]).
 pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    if x.rank() == 2 && weight.rank() == 2 && x.dim(0)? <= super::few_rows::MAX_ROWS {
+        let (n, (out, k)) = (x.dim(0)?, weight.dims2()?);
+        if !(amx::ready() && amx::few_rows_fit(n, out, k)) {
+            return Ok(None);
+        }
+    }
     let usable = available()
         && matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::BF16
@@ -154,7 +162,9 @@ fn pack_panel(w: &[bf16], k: usize, first: usize, dst: &mut [u32]) {
 
 /// `y [n, out] = x [n, k] · w [out, k]ᵀ`: with AMX where the CPU has it, else `vdpbf16ps`.
 fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
-    if amx::ready() {
+    if amx::ready() && amx::few_rows_fit(n, out, k) {
+        amx::few_rows(x, n, w, out, k)
+    } else if amx::ready() {
         amx::product(x, n, w, out, k)
     } else {
         dot_product(x, n, w, out, k)
@@ -281,11 +291,21 @@ mod tests {
         }
         if amx::ready() {
             kernels.push(("amx", amx::product));
+            kernels.push(("amx few rows", few_rows_or_product));
         }
         kernels
     }
 
     type Kernel = fn(&[bf16], usize, &[bf16], usize, usize) -> Vec<bf16>;
+
+    /// [`amx::few_rows`] where it applies, else the product (the shapes it declines).
+    fn few_rows_or_product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
+        if amx::few_rows_fit(n, out, k) {
+            amx::few_rows(x, n, w, out, k)
+        } else {
+            dot_product(x, n, w, out, k)
+        }
+    }
 
     /// The exact product of the bf16 values, in f32, against each kernel's (and `matmul`'s).
     fn check(n: usize, k: usize, out: usize) -> Result<()> {
@@ -295,10 +315,17 @@ mod tests {
         let want = x
             .to_dtype(DType::F32)?
             .matmul(&w.to_dtype(DType::F32)?.t()?)?;
-        let got = matmul(&x, &w)?.expect("the kernel applies");
-        assert_eq!(got.dtype(), DType::BF16);
-        assert_eq!(got.dims(), &[n, out]);
-        close(&got, &want, n, k, out)?;
+        // A few rows are left to `few_rows` unless AMX takes them.
+        let takes = n > super::super::few_rows::MAX_ROWS || amx::few_rows_fit(n, out, k);
+        match matmul(&x, &w)? {
+            Some(got) => {
+                assert!(takes, "n={n} k={k} out={out}: few rows taken");
+                assert_eq!(got.dtype(), DType::BF16);
+                assert_eq!(got.dims(), &[n, out]);
+                close(&got, &want, n, k, out)?;
+            }
+            None => assert!(!takes || !amx::ready(), "n={n} k={k} out={out}: declined"),
+        }
         let (xs, ws) = (x.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
         for (name, kernel) in kernels() {
             let got = Tensor::from_vec(kernel(&xs, n, &ws, out, k), (n, out), &dev)?;
@@ -333,6 +360,7 @@ mod tests {
         // output features that leave partial panels; a product large enough to run in parallel.
         for n in 1..=2 * MR + 1 {
             check(n, 37, 70)?;
+            check(n, 64, 64)?;
         }
         // AMX: rows past a multiple of 32, `k` past a tile and over one cache block (1100 > 512
         // + 512), features past a task of 128.
@@ -343,6 +371,10 @@ mod tests {
             (601, 256, 300),
             (33, 1100, 129),
             (64, 1024, 256),
+            // AMX's few rows: 1..=16 rows, whole tiles of W, several tasks of 256 features.
+            (1, 64, 32),
+            (8, 4096, 96),
+            (16, 96, 544),
         ] {
             check(n, k, out)?;
         }

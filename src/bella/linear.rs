@@ -313,19 +313,20 @@ impl ParticleLinear {
 /// Up to this many rows, [`base_product`] multiplies as `(W·xᵀ)ᵀ`.
 const FEW_ROWS: usize = 32;
 
-/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. With up to 8 rows (decoding P ≤ 8 particles)
-/// on a CPU with AVX2, [`super::few_rows`] reads `W` once for all rows; with more rows of a bf16
-/// model on a CPU with AVX512-BF16 or AMX, [`super::bf16_gemm`] multiplies the bf16 pairs directly
-/// (candle widens them to f32 and ran at half speed). Otherwise, with a few
+/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`. A bf16 model on a CPU with AMX goes to
+/// [`super::bf16_gemm`] for any number of rows; otherwise up to 8 rows (decoding P ≤ 8
+/// particles) on a CPU with AVX2 go to [`super::few_rows`], which reads `W` once for all rows,
+/// and more rows of a bf16 model on a CPU with AVX512-BF16 to [`super::bf16_gemm`] (candle
+/// widens bf16 to f32 and ran at half speed). Otherwise, with a few
 /// rows, candle's CPU gemm packs — copies with a strided gather — the whole of `W` on every call
 /// for `x·Wᵀ`, which costs more than the product itself; `W·xᵀ` reads `W` in place and packs only
 /// the small `x`, and transposing the `[out, n]` result back is cheap. One row takes gemm's
 /// matrix-vector path either way; many rows amortise the packing and keep the usual order.
 fn base_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if let Some(y) = super::few_rows::matmul(x, weight)? {
+    if let Some(y) = super::bf16_gemm::matmul(x, weight)? {
         return Ok(y);
     }
-    if let Some(y) = super::bf16_gemm::matmul(x, weight)? {
+    if let Some(y) = super::few_rows::matmul(x, weight)? {
         return Ok(y);
     }
     let n = x.dim(0)?;

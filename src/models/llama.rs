@@ -13,7 +13,7 @@ use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
 use crate::models::nn::{
-    activate, add, attention, attention_bias, attention_probs, linear, RmsNorm, MASKED,
+    activate, add, attention, attention_bias, attention_probs, linear, to_f32, RmsNorm, MASKED,
 };
 use crate::models::weights::Scope;
 
@@ -170,13 +170,21 @@ impl LayerCache {
 /// the particles (`[b, kv, T, d]`) followed by the rows' own keys and values (`[R, kv, t, d]`),
 /// with `bias` `[R, 1, n, T + t]`: the same as over the prefix expanded to R rows, without the
 /// copy. The particles' queries become extra query rows of their prefix row
-/// (`[b, kv, P·n, d]`), one softmax spans both parts.
+/// (`[b, kv, P·n, d]`), one softmax spans both parts. On the CPU a half-precision step computes
+/// in f32, as [`attention`] does: candle widens and packs the whole prefix inside every bf16
+/// product (over half of a P = 8 bf16 step), converting it is a fraction of that.
 fn attention_shared_prefix(
     q: &Tensor,
     (pk, pv): &(Tensor, Tensor),
     (k, v): &(Tensor, Tensor),
     bias: &Tensor,
 ) -> Result<Tensor> {
+    let dtype = q.dtype();
+    if q.device().is_cpu() && dtype != DType::F32 {
+        let prefix = (to_f32(pk)?, to_f32(pv)?);
+        let own = (to_f32(k)?, to_f32(v)?);
+        return attention_shared_prefix(&to_f32(q)?, &prefix, &own, bias)?.to_dtype(dtype);
+    }
     let (r, kv, n, d) = q.dims4()?;
     let b = pk.dim(0)?;
     let (p, t_prefix) = (r / b, pk.dim(2)?);

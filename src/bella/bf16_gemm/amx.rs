@@ -107,6 +107,64 @@ pub fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
     y
 }
 
+/// Rows of `x` up to which [`few_rows`] applies (one tile's columns).
+pub const FEW_ROWS: usize = 16;
+
+/// Output features per parallel task of [`few_rows`].
+const FEW_NP: usize = 256;
+
+/// Whether [`few_rows`] takes `n` rows of `[out, k]` weights: whole tiles of `W`.
+pub fn few_rows_fit(n: usize, out: usize, k: usize) -> bool {
+    (1..=FEW_ROWS).contains(&n) && k.is_multiple_of(32) && out.is_multiple_of(32)
+}
+
+/// `y [n, out] = x [n, k] · w [out, k]ᵀ` for a few rows (decoding: one per particle), as
+/// `yᵀ = W · xᵀ`: `W` is the tiles' left operand, 16 features × 32 values read in place from
+/// its rows, so the weights stream from memory once and are never packed (a step is bound by
+/// memory, as for one row); `xᵀ` is packed once into the right operand's pair layout, its
+/// columns the rows of `x`. Only where [`ready`] said yes and [`few_rows_fit`].
+pub fn few_rows(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
+    use rayon::prelude::*;
+    debug_assert!(few_rows_fit(n, out, k));
+    let tiles_k = k / 32;
+    // xᵀ: tile t holds [16 pairs][16 columns], column c = row c of x (zero past n).
+    let mut xb = vec![0u32; tiles_k * 256];
+    for (c, row) in x.chunks(k).enumerate().take(n) {
+        for (i, two) in row.chunks(2).enumerate() {
+            let (t, p) = (i / 16, i % 16);
+            xb[t * 256 + p * 16 + c] = super::pair(two);
+        }
+    }
+    let mut y = vec![bf16::ZERO; n * out];
+    // Feature-major per task: [features][n], transposed into `y` at the end.
+    let mut yt = vec![0f32; out * n];
+    yt.par_chunks_mut(FEW_NP * n)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * FEW_NP;
+            let mut c = [0f32; 2 * 16 * 16];
+            // SAFETY: `ready()` was checked by the caller.
+            unsafe { kernel::configure() };
+            for (g, pair) in chunk.chunks_mut(32 * n).enumerate() {
+                let f = first + 32 * g;
+                let rows = &w[f * k..(f + 32) * k];
+                // SAFETY: configured above; `rows` holds 32 whole rows of `k` (a multiple of
+                // 32) values, `xb` `tiles_k` tiles of 1 KiB.
+                unsafe { kernel::weight_rows(rows, k, &xb, tiles_k, &mut c) };
+                for (i, out) in pair.chunks_mut(n).enumerate() {
+                    out.copy_from_slice(&c[i * 16..i * 16 + n]);
+                }
+            }
+            kernel::release();
+        });
+    for (f, values) in yt.chunks(n).enumerate() {
+        for (r, v) in values.iter().enumerate() {
+            y[r * out + f] = bf16::from_f32(*v);
+        }
+    }
+    y
+}
+
 /// `x` `[n, k]` as `row_tiles × tiles_k` tiles of 16 rows × 32 values (zero past its ends).
 fn pack_x(x: &[bf16], n: usize, k: usize, row_tiles: usize, tiles_k: usize) -> Vec<bf16> {
     let mut a = vec![bf16::ZERO; row_tiles * tiles_k * 512];
@@ -250,6 +308,42 @@ mod kernel {
             "tilestored [{c3} + {s}*1], tmm3",
             c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
             s = in(reg) stride,
+            options(nostack)
+        );
+    }
+
+    /// `c[32 features][16 columns]` = 32 rows of `W` (`k` values each, read in place) times
+    /// the `tiles_k` packed tiles of `xᵀ`: tiles 0–1 sum, 2–3 hold `W`, 4 holds `xᵀ`.
+    ///
+    /// # Safety
+    /// [`configure`] ran on this thread since the last [`release`]; `w` holds 32 rows of `k`
+    /// values, `k == 32·tiles_k`; `x` holds `tiles_k` tiles of 1 KiB.
+    pub unsafe fn weight_rows(w: &[bf16], k: usize, x: &[u32], tiles_k: usize, c: &mut [f32; 512]) {
+        debug_assert!(w.len() == 32 * k && k == 32 * tiles_k && x.len() == tiles_k * 256);
+        let stride = k * 2;
+        let (w0, w1) = (w.as_ptr(), w.as_ptr().add(16 * k));
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        for t in 0..tiles_k {
+            asm!(
+                "tileloadd tmm4, [{x} + {s64}*1]",
+                "tileloadd tmm2, [{w0} + {s}*1]",
+                "tileloadd tmm3, [{w1} + {s}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm4",
+                "tdpbf16ps tmm1, tmm3, tmm4",
+                x = in(reg) x.as_ptr().add(t * 256),
+                w0 = in(reg) w0.add(t * 32),
+                w1 = in(reg) w1.add(t * 32),
+                s64 = in(reg) 64usize,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            c0 = in(reg) c.as_mut_ptr(),
+            c1 = in(reg) c.as_mut_ptr().add(256),
+            s = in(reg) 64usize,
             options(nostack)
         );
     }
