@@ -198,12 +198,18 @@ fn dot_product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
             .enumerate()
             .for_each_init(new_panel, task);
     }
+    from_panels(&yp, n, out, NR)
+}
+
+/// `[n, out]` from panel-major `yp`: panel `q` holds `[n][width]`, features `q·width..` of
+/// every row (the last panel's columns past `out` are dropped).
+fn from_panels(yp: &[bf16], n: usize, out: usize, width: usize) -> Vec<bf16> {
     let mut y = vec![bf16::ZERO; n * out];
-    for (q, chunk) in yp.chunks(n * NR).enumerate() {
-        let first = q * NR;
-        let width = NR.min(out - first);
-        for (r, row) in chunk.chunks(NR).enumerate() {
-            y[r * out + first..r * out + first + width].copy_from_slice(&row[..width]);
+    for (q, chunk) in yp.chunks(n * width).enumerate() {
+        let first = q * width;
+        let cols = width.min(out - first);
+        for (r, row) in chunk.chunks(width).enumerate() {
+            y[r * out + first..r * out + first + cols].copy_from_slice(&row[..cols]);
         }
     }
     y

@@ -96,15 +96,7 @@ pub fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
             }
         },
     );
-    let mut y = vec![bf16::ZERO; n * out];
-    for (t, chunk) in yp.chunks(n * NP).enumerate() {
-        let first = t * NP;
-        let width = NP.min(out - first);
-        for (r, row) in chunk.chunks(NP).enumerate() {
-            y[r * out + first..r * out + first + width].copy_from_slice(&row[..width]);
-        }
-    }
-    y
+    super::from_panels(&yp, n, out, NP)
 }
 
 /// Rows of `x` up to which [`few_rows`] applies (one tile's columns).
