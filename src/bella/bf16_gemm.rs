@@ -1,7 +1,7 @@
 //! `x·Wᵀ` for bf16 activations and weights on a CPU with AVX512-BF16 or AMX: the base products
 //! of a bf16 model's prompt (vision tower and language model), where many rows meet a large
 //! weight. A CPU with AMX (Intel Xeon since Sapphire Rapids) takes the tile kernel of
-//! [`amx`], 3–4× faster again on this project's Xeon machine, where `vdpbf16ps` runs no faster
+//! `amx`, 3.7–5.7× faster again on this project's Xeon machine, where `vdpbf16ps` runs no faster
 //! than f32 multiply-adds; the rest of this page is the `vdpbf16ps` kernel.
 //!
 //! Candle 0.11's CPU gemm has no bf16 kernel of its own: it widens to f32 as it packs, and a
@@ -13,8 +13,8 @@
 //! only the result is rounded to bf16, as torch does.
 //!
 //! Layout (the usual register-blocked gemm, without cache blocking along `k`): `x` is packed
-//! once per call into blocks of [`MR`] rows with each pair of consecutive `k` values of a row
-//! side by side (`[k/2][MR]` pairs); each parallel task packs [`NR`] output features of `W` the
+//! once per call into blocks of `MR` rows with each pair of consecutive `k` values of a row
+//! side by side (`[k/2][MR]` pairs); each parallel task packs `NR` output features of `W` the
 //! same way (`[k/2][NR]` pairs, 256 KiB for a 4096-wide weight: it stays in L2) and runs every
 //! row block against it, with the `MR × NR` sums in 28 of the 32 vector registers. An odd `k`
 //! is padded with a zero pair half. Other dtypes, layouts and CPUs return `None` and the
@@ -57,7 +57,7 @@ pub fn instructions() -> Option<&'static str> {
 /// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]`, both bf16, contiguous and on the CPU, when
 /// this CPU has AVX512-BF16 or AMX; else `None`. The result is bf16 (f32 sums rounded once).
 /// A few rows (decoding) are left to [`super::few_rows`] unless AMX takes them
-/// ([`amx::few_rows`]).
+/// (`amx::few_rows`).
 pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     if x.rank() == 2 && weight.rank() == 2 && x.dim(0)? <= super::few_rows::MAX_ROWS {
         let (n, (out, k)) = (x.dim(0)?, weight.dims2()?);

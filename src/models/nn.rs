@@ -98,7 +98,7 @@ impl RmsNorm {
 /// particle's low-rank term) and is then not rounded before the sum.
 ///
 /// Answering (no gradient) with `a` contiguous and `b` of `a`'s shape or of its trailing dims
-/// (a bias, a position table) takes [`Bf16Add`]: one parallel pass, no f32 copies (P = 8 rows
+/// (a bias, a position table) takes `Bf16Add`: one parallel pass, no f32 copies (P = 8 rows
 /// of a 601-token prompt: 140 ms through f32 tensors, which are mapped afresh at that size).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dtype = a.dtype();
@@ -117,7 +117,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `t` in f32. Answering, a contiguous half-precision CPU tensor is widened in parallel
-/// ([`Widen`]): candle converts value by value on one thread (`unary_map`), which was 16 % of a
+/// (`Widen`): candle converts value by value on one thread (`unary_map`), which was 16 % of a
 /// P = 8 bf16 decoding step, spent widening the prompt's keys and values for attention.
 pub fn to_f32(t: &Tensor) -> Result<Tensor> {
     let half = matches!(t.dtype(), DType::BF16 | DType::F16);
@@ -249,7 +249,7 @@ const SCORES_AT_ONCE: usize = 1 << 21;
 ///
 /// A long prompt's scores are large (P = 8 rows of a 601-token prompt with 32 heads: 370 MB in
 /// f32, and the softmax makes three more of them); they run in chunks of rows and heads whose
-/// scores stay under [`SCORES_AT_ONCE`], so each chunk's buffers are reused from the heap and
+/// scores stay under `SCORES_AT_ONCE`, so each chunk's buffers are reused from the heap and
 /// stay in the cache instead of being mapped and zeroed afresh by the kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (rows, heads, q_len, _) = q.dims4()?;
