@@ -348,3 +348,31 @@ mod kernel {
         }
     }
 }
+
+/// Off x86-64 [`ready`] is false, so nothing calls these.
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use half::bf16;
+
+    pub unsafe fn configure() {
+        unreachable!("AMX is x86-64 only");
+    }
+
+    pub unsafe fn block(
+        _: &[bf16],
+        _: &[bf16],
+        _: &[u32],
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("AMX is x86-64 only");
+    }
+
+    pub unsafe fn weight_rows(_: &[bf16], _: usize, _: &[u32], _: usize, _: &mut [f32; 512]) {
+        unreachable!("AMX is x86-64 only");
+    }
+
+    pub fn release() {}
+}
