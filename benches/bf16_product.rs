@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
     println!(
-        "AVX512-BF16 kernel on this CPU: {}\n",
-        bf16_gemm::available()
+        "bf16 instructions of the kernel on this CPU: {}\n",
+        bf16_gemm::instructions().unwrap_or("none (candle's product)")
     );
     println!("| x [rows, in] · W [out, in]ᵀ | candle f32 ms | candle f16 ms | candle bf16 ms | kernel bf16 ms | kernel GFLOP/s | kernel / candle bf16 |");
     println!("|---|---:|---:|---:|---:|---:|---:|");

@@ -59,12 +59,6 @@ pub fn instructions() -> Option<&'static str> {
 /// A few rows (decoding) are left to [`super::few_rows`] unless AMX takes them
 /// (`amx::few_rows`).
 pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
-    if x.rank() == 2 && weight.rank() == 2 && x.dim(0)? <= super::few_rows::MAX_ROWS {
-        let (n, (out, k)) = (x.dim(0)?, weight.dims2()?);
-        if !(amx::ready() && amx::few_rows_fit(n, out, k)) {
-            return Ok(None);
-        }
-    }
     let usable = available()
         && matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::BF16
@@ -76,6 +70,11 @@ pub fn matmul(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
         && x.is_contiguous()
         && weight.is_contiguous();
     if !usable {
+        return Ok(None);
+    }
+    let (n, (out, k)) = (x.dim(0)?, weight.dims2()?);
+    let amx_few = amx::ready() && amx::few_rows_fit(n, out, k);
+    if n <= super::few_rows::MAX_ROWS && !amx_few {
         return Ok(None);
     }
     x.apply_op2(weight, Bf16Matmul).map(Some)
@@ -162,12 +161,10 @@ fn pack_panel(w: &[bf16], k: usize, first: usize, dst: &mut [u32]) {
 
 /// `y [n, out] = x [n, k] · w [out, k]ᵀ`: with AMX where the CPU has it, else `vdpbf16ps`.
 fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf16> {
-    if amx::ready() && amx::few_rows_fit(n, out, k) {
-        amx::few_rows(x, n, w, out, k)
-    } else if amx::ready() {
-        amx::product(x, n, w, out, k)
-    } else {
-        dot_product(x, n, w, out, k)
+    match (amx::ready(), amx::few_rows_fit(n, out, k)) {
+        (true, true) => amx::few_rows(x, n, w, out, k),
+        (true, false) => amx::product(x, n, w, out, k),
+        (false, _) => dot_product(x, n, w, out, k),
     }
 }
 

@@ -254,7 +254,7 @@ impl ParticleLinear {
                 );
             }
             // The factors stay in their own dtype (f32) over a half-precision base: the low-rank
-            // product runs in f32 and only its result is cast to the activations' dtype.
+            // product runs in f32 and is added to the base product before rounding (`add`).
             let xp = x2.reshape((p, n / p, inp))?.to_dtype(ad.a.dtype())?;
             let low = xp.matmul(&ad.a.transpose(1, 2)?)?; // [P, m, r]
             let delta = low.matmul(&ad.scaled_b_t()?)?; // [P, m, out]

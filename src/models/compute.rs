@@ -134,7 +134,7 @@ pub fn resolve(
 ) -> Result<Compute> {
     let choice = opts.device.unwrap_or_else(DeviceChoice::detect);
     let device = choice.open()?;
-    // On a CPU with AVX512-BF16 or AMX a bf16 prompt runs 2–8× as fast as an f16 one
+    // On a CPU with AVX512-BF16 or AMX bf16 products run 2–5× as fast as f16 ones
     // (`bella::bf16_gemm`); elsewhere the checkpoint's own half dtype, read without conversion.
     let native = crate::bella::bf16_gemm::instructions().filter(|_| device.is_cpu());
     let (half, why_half) = match (native, stored) {

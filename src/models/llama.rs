@@ -43,16 +43,12 @@ const MLP_VALUES_AT_ONCE: usize = 1 << 22;
 
 impl Mlp {
     /// `h + down(act(gate(norm)) · up(norm))` for `h`, `norm` `[rows, len, hidden]`, over
-    /// chunks of positions whose intermediate activations stay under [`MLP_VALUES_AT_ONCE`]
-    /// (16 MiB in f32). P = 8 rows of a 601-token prompt make `[8, 601, 11008]` activations,
+    /// chunks of positions whose intermediate activations stay under `at_once` values
+    /// ([`MLP_VALUES_AT_ONCE`]: 16 MiB in f32). P = 8 rows of a 601-token prompt make `[8, 601, 11008]` activations,
     /// ~100–200 MB each: tensors that size are mapped and zeroed afresh by the kernel on every
     /// allocation (glibc's largest mmap threshold is 32 MiB), chunks reuse the heap and stay in
     /// the cache. Chunks keep every row, so particle rows stay particle-major.
-    fn forward_residual(&self, h: &Tensor, norm: &Tensor) -> Result<Tensor> {
-        self.forward_in_chunks(h, norm, MLP_VALUES_AT_ONCE)
-    }
-
-    fn forward_in_chunks(&self, h: &Tensor, norm: &Tensor, at_once: usize) -> Result<Tensor> {
+    fn forward_residual(&self, h: &Tensor, norm: &Tensor, at_once: usize) -> Result<Tensor> {
         let (rows, len, _) = norm.dims3()?;
         let inter = self.up_proj.shape().0;
         let step = (at_once / (rows * inter).max(1)).clamp(1, len.max(1));
@@ -368,7 +364,7 @@ impl DecoderLayer {
             Rows::Fork(p) => add(&expand_particles(&x, p)?, &attn)?,
         };
         let n = self.post_attention_layernorm.forward(&h)?;
-        self.mlp.forward_residual(&h, &n)
+        self.mlp.forward_residual(&h, &n, MLP_VALUES_AT_ONCE)
     }
 
     fn linears(&self) -> [(&'static str, &ParticleLinear); 7] {
@@ -872,9 +868,6 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu)
     }
 
-    /// Decoding steps after a prompt keep the prompt's keys and values where the prompt put them
-    /// (the same tensors, never copied) and attend over prompt + own tokens exactly as over one
-    /// concatenated cache — with the step's rows equal to the prompt's, and forked to 2 particles.
     #[test]
     fn the_mlp_in_chunks_of_positions_equals_it_in_one_go() -> Result<()> {
         let (p, len, hidden, inter) = (2, 7, 4, 6);
@@ -894,9 +887,9 @@ mod tests {
         };
         let h = random((1, p, len, hidden), 6)?.squeeze(0)?;
         let norm = random((1, p, len, hidden), 7)?.squeeze(0)?;
-        let whole = mlp.forward_in_chunks(&h, &norm, usize::MAX)?;
+        let whole = mlp.forward_residual(&h, &norm, usize::MAX)?;
         // 3 positions of 2 rows × 6 features at once: chunks of 3, 3 and 1 positions.
-        let chunked = mlp.forward_in_chunks(&h, &norm, p * inter * 3)?;
+        let chunked = mlp.forward_residual(&h, &norm, p * inter * 3)?;
         assert_eq!(chunked.dims(), &[p, len, hidden]);
         let diff = (chunked - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
@@ -909,6 +902,9 @@ mod tests {
         Ok(())
     }
 
+    /// Decoding steps after a prompt keep the prompt's keys and values where the prompt put them
+    /// (the same tensors, never copied) and attend over prompt + own tokens exactly as over one
+    /// concatenated cache — with the step's rows equal to the prompt's, and forked to 2 particles.
     #[test]
     fn decoding_steps_never_copy_the_prompts_cache() -> Result<()> {
         let (kv, t, d) = (2, 5, 4);

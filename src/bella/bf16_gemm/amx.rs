@@ -100,7 +100,7 @@ pub fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
 }
 
 /// Rows of `x` up to which [`few_rows`] applies (one tile's columns).
-pub const FEW_ROWS: usize = 16;
+const FEW_ROWS: usize = 16;
 
 /// Output features per parallel task of [`few_rows`].
 const FEW_NP: usize = 256;
@@ -127,7 +127,6 @@ pub fn few_rows(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<b
             xb[t * 256 + p * 16 + c] = super::pair(two);
         }
     }
-    let mut y = vec![bf16::ZERO; n * out];
     // Feature-major per task: [features][n], transposed into `y` at the end.
     let mut yt = vec![0f32; out * n];
     yt.par_chunks_mut(FEW_NP * n)
@@ -149,6 +148,7 @@ pub fn few_rows(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<b
             }
             kernel::release();
         });
+    let mut y = vec![bf16::ZERO; n * out];
     for (f, values) in yt.chunks(n).enumerate() {
         for (r, v) in values.iter().enumerate() {
             y[r * out + f] = bf16::from_f32(*v);
