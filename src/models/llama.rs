@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
+use crate::models::decode_attention;
 use crate::models::nn::{
     activate, add, attention, attention_bias, attention_probs, linear, to_f32, RmsNorm, MASKED,
 };
@@ -166,9 +167,10 @@ impl LayerCache {
 /// the particles (`[b, kv, T, d]`) followed by the rows' own keys and values (`[R, kv, t, d]`),
 /// with `bias` `[R, 1, n, T + t]`: the same as over the prefix expanded to R rows, without the
 /// copy. The particles' queries become extra query rows of their prefix row
-/// (`[b, kv, P·n, d]`), one softmax spans both parts. On the CPU a half-precision step computes
-/// in f32, as [`attention`] does: candle widens and packs the whole prefix inside every bf16
-/// product (over half of a P = 8 bf16 step), converting it is a fraction of that.
+/// (`[b, kv, P·n, d]`), one softmax spans both parts. On the CPU, a decoding step (a few queries
+/// per head, no gradient) takes one pass that reads the cache in its dtype
+/// ([`decode_attention`]); otherwise a half-precision step computes in f32, as [`attention`]
+/// does: candle widens and packs the whole prefix inside every bf16 product.
 fn attention_shared_prefix(
     q: &Tensor,
     (pk, pv): &(Tensor, Tensor),
@@ -176,6 +178,9 @@ fn attention_shared_prefix(
     bias: &Tensor,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
+    if q.device().is_cpu() && !q.track_op() && q.dim(2)? <= decode_attention::MAX_QUERIES {
+        return decode_attention::attend_split(q, (pk, pv), (k, v), &bias.contiguous()?);
+    }
     if q.device().is_cpu() && dtype != DType::F32 {
         let prefix = (to_f32(pk)?, to_f32(pv)?);
         let own = (to_f32(k)?, to_f32(v)?);

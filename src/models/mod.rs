@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod compute;
 pub mod config;
+mod decode_attention;
 pub mod image;
 pub mod llama;
 pub mod llava;
