@@ -28,8 +28,10 @@
 //! (default f32 on the CPU; `auto` = f32 on the CPU, bf16 on a GPU), `--modes batched,sequential`
 //! which paths run, `--parts ask,prefill,decode,scoring` which timings are taken (the others read
 //! 0; a 7B-wide prompt makes every part cost seconds), `--warmup N` untimed calls before each
-//! timed part (default 1), `--no-base` skips the P = 0 row, and `--json FILE` writes the combined
-//! measurements as JSON.
+//! timed part (default 1), `--no-base` skips the P = 0 row, `--b-std X` sets the particles' random
+//! B (default 0.1, so that particles differ; a small one makes them agree, as fine-tuned particles
+//! mostly do, which decoding exploits), and `--json FILE` writes the combined measurements as
+//! JSON.
 //!
 //! Two LLaVA models: the tiny test fixture (`tests/fixtures/llava-tiny-hub`) and a medium random
 //! one of about 107 M parameters with realistic widths, written at start-up into a temporary
@@ -84,6 +86,8 @@ use serde::{Deserialize, Serialize};
 const QUESTION: &str = "What color is the circle?";
 const IMAGE: &str = "tests/fixtures/images/photo.png";
 const SEED: u64 = 7;
+/// The particles' random B (default `--b-std`): large enough that random-weight particles
+/// differ.
 const B_STD: f64 = 0.1;
 /// Words whose tokens (plus the end token) are the scored candidates.
 const CANDIDATES: &[&str] = &["red", "blue circle", "two small", "a green square"];
@@ -111,6 +115,8 @@ struct Args {
     json: Option<PathBuf>,
     /// Untimed calls before the timed ones.
     warmup: usize,
+    /// Standard deviation of the particles' random B.
+    b_std: f64,
 }
 
 fn parse_args(raw: &[String]) -> Result<Args> {
@@ -131,6 +137,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
         base_row: true,
         json: None,
         warmup: 1,
+        b_std: B_STD,
     };
     let mut models_given = false;
     let mut it = raw.iter();
@@ -152,6 +159,7 @@ fn parse_args(raw: &[String]) -> Result<Args> {
             "--parts" => args.parts = value()?.split(',').map(str::to_string).collect(),
             "--no-base" => args.base_row = false,
             "--warmup" => args.warmup = value()?.parse()?,
+            "--b-std" => args.b_std = value()?.parse()?,
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--baseline" => args.baseline = Some(PathBuf::from(value()?)),
             "--medium-dir" => args.medium_dir = Some(PathBuf::from(value()?)),
@@ -357,6 +365,7 @@ fn run_child(exe: &Path, dir: &Path, mode: &str, p: usize, args: &Args) -> Resul
         .env("BELLA_BENCH_TARGETS", args.targets.as_deref().unwrap_or(""))
         .env("BELLA_BENCH_PARTS", args.parts.join(","))
         .env("BELLA_BENCH_WARMUP", args.warmup.to_string())
+        .env("BELLA_BENCH_B_STD", args.b_std.to_string())
         .arg("--child")
         .arg(mode)
         .arg(dir)
@@ -445,7 +454,8 @@ fn child(raw: &[String]) -> Result<()> {
         if let Some(t) = env("BELLA_BENCH_TARGETS") {
             spec.targets = t.split(',').map(str::to_string).collect();
         }
-        attach(&mut loaded.model, &spec, InitB::Normal { std: B_STD }, SEED)?;
+        let std = env("BELLA_BENCH_B_STD").map_or(Ok(B_STD), |v| v.parse())?;
+        attach(&mut loaded.model, &spec, InitB::Normal { std }, SEED)?;
     }
     let adapter_bytes: usize = loaded
         .model

@@ -89,12 +89,28 @@ pub fn generate_batch(
         if step + 1 == opts.max_new_tokens || out.iter().all(|r| r.finished) {
             break;
         }
-        let ids = Tensor::from_vec(next, (rows, 1), logits.device())?;
+        // While the particles of every prompt row pick the same token and the layers below the
+        // particles still hold one row per prompt row (rows are particle-major: P·batch), the
+        // step runs those layers once per prompt row and forks at the first layer with
+        // particles, as the prompt did: fine-tuned particles mostly agree, and then a step of P
+        // particles costs little more than one.
+        let batch = rows / particles.max(1);
+        let shared = expanded
+            && particles > 1
+            && cache.bottom_rows()? == batch
+            && (0..rows).all(|r| next[r] == next[r % batch]);
+        let (next, expanded_in) = if shared {
+            (next[..batch].to_vec(), false)
+        } else {
+            (next, expanded)
+        };
+        let fed = next.len();
+        let ids = Tensor::from_vec(next, (fed, 1), logits.device())?;
         let embeds = lm.embed(&ids)?;
-        let keep = vec![vec![true]; rows];
+        let keep = vec![vec![true]; fed];
         let dec = lm.forward(
             &embeds,
-            expanded,
+            expanded_in,
             &keep,
             &mut cache,
             particles,
