@@ -389,30 +389,15 @@ fn the_last_layer_runs_only_the_positions_that_are_read() {
     }
 }
 
-/// Particles on the last decoder layer only, close to the base: they agree on every token, so
-/// each step runs the layers below them once per question (the shared path of `generate`), and
-/// every particle's tokens still equal its merged model's.
-#[test]
-fn agreeing_particles_decode_as_their_merged_models() {
-    let mut m = llava();
-    attach(
-        &mut m,
-        &spec(&["language_model.model.layers.2.self_attn.*"], 3),
-        InitB::Normal { std: 1e-3 },
-        23,
-    )
-    .unwrap();
-    let p = reference_prompt("batch");
-    let input = p.input();
-    let stacked = greedy(&m, &input, 3, 8);
-    assert_eq!(stacked.len(), 6);
-    for particle in 0..3 {
-        assert_eq!(
-            &stacked[particle * 2..particle * 2 + 2],
-            &stacked[..2],
-            "particles agree"
-        );
-        let merged = merged_particle(&m, particle).unwrap();
+/// The greedy tokens (8) of the two-row reference prompt with `particles` stacked, checked
+/// against each particle's merged model.
+fn stacked_greedy_equals_merged(m: &LlavaModel, particles: usize) -> Vec<Vec<u32>> {
+    let prompt = reference_prompt("batch");
+    let input = prompt.input();
+    let stacked = greedy(m, &input, particles, 8);
+    assert_eq!(stacked.len(), 2 * particles);
+    for particle in 0..particles {
+        let merged = merged_particle(m, particle).unwrap();
         let single = greedy(&merged, &input, 1, 8);
         assert_eq!(
             &stacked[particle * 2..particle * 2 + 2],
@@ -420,7 +405,25 @@ fn agreeing_particles_decode_as_their_merged_models() {
             "particle {particle}"
         );
     }
-    assert!(stacked[0].len() > 1, "several decoding steps");
+    stacked
+}
+
+/// Particles on the last decoder layer only, close to the base: they agree on every token, so
+/// each step runs the layers below them once per prompt row (the shared path of `generate`), and
+/// every particle's tokens still equal its merged model's.
+#[test]
+fn agreeing_particles_decode_as_their_merged_models() {
+    let mut m = llava();
+    let targets = ["language_model.model.layers.2.self_attn.*"];
+    attach(&mut m, &spec(&targets, 3), InitB::Normal { std: 1e-3 }, 23).unwrap();
+    let stacked = stacked_greedy_equals_merged(&m, 3);
+    for particle in 1..3 {
+        assert_eq!(
+            &stacked[particle * 2..particle * 2 + 2],
+            &stacked[..2],
+            "particles agree"
+        );
+    }
 }
 
 #[test]
@@ -433,18 +436,6 @@ fn batched_greedy_decoding_equals_separate_merged_runs() {
         17,
     )
     .unwrap();
-    let p = reference_prompt("batch");
-    let input = p.input();
-    let stacked = greedy(&m, &input, 3, 8);
-    assert_eq!(stacked.len(), 6);
-    for particle in 0..3 {
-        let merged = merged_particle(&m, particle).unwrap();
-        let single = greedy(&merged, &input, 1, 8);
-        assert_eq!(
-            &stacked[particle * 2..particle * 2 + 2],
-            &single[..],
-            "particle {particle}"
-        );
-    }
+    let stacked = stacked_greedy_equals_merged(&m, 3);
     assert_ne!(stacked[0], stacked[2], "particles decode differently");
 }
