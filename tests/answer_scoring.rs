@@ -92,3 +92,56 @@ fn check_scores(targets: &[&str], bottom_rows: usize) {
         "particles score differently"
     );
 }
+
+/// Decoding records each row's log-likelihood of what it produced (its tokens, then the end
+/// token it stopped at), which `ask` uses instead of scoring when every particle decoded the
+/// one candidate: it equals scoring that sequence teacher-forced, for diverging particles on
+/// every layer and for agreeing ones on the last layer (the shared decoding step).
+#[test]
+fn decoded_log_likelihoods_equal_scoring_the_decoded_sequences() {
+    use bella_vqa::answer::generate::{generate, GenerateOptions, Sampling};
+    let everywhere: &[&str] = &["q_proj", "v_proj"];
+    let last: &[&str] = &["language_model.model.layers.2.self_attn.*"];
+    for (targets, std) in [(everywhere, 0.3), (last, 1e-3)] {
+        let mut m = match load_model("llava-tiny-hub").model {
+            Model::Llava(m) => *m,
+            _ => panic!(),
+        };
+        let spec = AdapterSpec {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            rank: 4,
+            alpha: 8.0,
+            particles: 3,
+        };
+        attach(&mut m, &spec, InitB::Normal { std }, 29).unwrap();
+        let image = reference_prompt("image");
+        let input = image.input();
+        let prefill = m.prefill(&input, 3).unwrap();
+        let decode = |eos: Vec<u32>| {
+            let opts = GenerateOptions {
+                max_new_tokens: 6,
+                eos,
+                sampling: Sampling::Greedy,
+            };
+            generate(&m.language_model, &prefill, 3, &opts).unwrap()
+        };
+        // The third token particle 0 picks, made an end token: that row stops there and its
+        // log-likelihood includes it.
+        let free = decode(vec![])[0].tokens.clone();
+        let end = free[2];
+        let stop = free.iter().position(|&t| t == end).unwrap_or(2) + 1;
+        let generated = decode(vec![end]);
+        assert_eq!(generated[0].end, Some(end), "{targets:?}");
+        assert_eq!(generated[0].sequence(), free[..stop].to_vec());
+        let sequences: Vec<Vec<u32>> = generated.iter().map(|g| g.sequence()).collect();
+        let scores = score_candidates(&m.language_model, &prefill, &sequences, 3).unwrap();
+        for (r, g) in generated.iter().enumerate() {
+            let (got, want) = (g.log_likelihood, scores[r][r]);
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{targets:?}: row {r} ({:?}): decoded {got}, scored {want}",
+                g.sequence()
+            );
+        }
+    }
+}

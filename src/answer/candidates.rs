@@ -119,7 +119,7 @@ pub fn llava_candidates_batch(
             Some(k) => k,
             None => {
                 let mut seq = g.tokens.clone();
-                if let (true, Some(e)) = (g.finished, end) {
+                if let (true, Some(e)) = (g.finished(), end) {
                     seq.push(e);
                 }
                 if seq.is_empty() {
@@ -137,7 +137,18 @@ pub fn llava_candidates_batch(
         own.push((k, raw));
     }
     let sequences: Vec<Vec<Vec<u32>>> = found.iter().map(|f| f.sequences.clone()).collect();
-    let loglik = score_candidates_batch(&model.language_model, &prefill, &sequences, particles)?;
+    // Where every particle of every question decoded the one candidate of its question, token
+    // for token (fine-tuned particles mostly agree), decoding already computed each particle's
+    // log-likelihood of it: scoring it again would run the same sequence through the model.
+    let decoded_only = generated
+        .iter()
+        .enumerate()
+        .all(|(r, g)| sequences[r % n] == [g.sequence()]);
+    let loglik = if decoded_only {
+        generated.iter().map(|g| vec![g.log_likelihood]).collect()
+    } else {
+        score_candidates_batch(&model.language_model, &prefill, &sequences, particles)?
+    };
     let mut out: Vec<Scored> = found
         .iter()
         .map(|f| Scored {
@@ -165,7 +176,7 @@ pub fn llava_candidates_batch(
             answer: raw.clone(),
             normalized: f.normalized[k].clone(),
             log_likelihood: row[k],
-            truncated: !generated[r].finished,
+            truncated: !generated[r].finished(),
         });
         s.generated_tokens += generated[r].tokens.len();
     }

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::models::llama::{LlamaModel, Outputs, Prefill};
+use crate::models::nn::log_sum_exp;
 
 /// How the next token is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,8 +31,24 @@ pub struct GenerateOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generated {
     pub tokens: Vec<u32>,
+    /// The end-of-sequence token it stopped at (`None`: it stopped at `max_new_tokens`).
+    pub end: Option<u32>,
+    /// log p(tokens, then `end` if any | prompt) under the row's own model: the sum of the
+    /// log-softmax of the raw logits (no sampling temperature) at every token it chose — what
+    /// scoring this sequence teacher-forced computes again.
+    pub log_likelihood: f64,
+}
+
+impl Generated {
     /// Whether it stopped at an end-of-sequence token (rather than at `max_new_tokens`).
-    pub finished: bool,
+    pub fn finished(&self) -> bool {
+        self.end.is_some()
+    }
+
+    /// Its tokens followed by the end token it stopped at: the sequence `log_likelihood` is of.
+    pub fn sequence(&self) -> Vec<u32> {
+        self.tokens.iter().copied().chain(self.end).collect()
+    }
 }
 
 /// Decodes every row of `prefill` (all particles, one batch) with a KV cache.
@@ -61,7 +78,8 @@ pub fn generate_batch(
     let mut out = vec![
         Generated {
             tokens: Vec::new(),
-            finished: false,
+            end: None,
+            log_likelihood: 0.0,
         };
         rows
     ];
@@ -76,17 +94,19 @@ pub fn generate_batch(
     };
     for step in 0..opts.max_new_tokens {
         let next = choose(&logits, opts.sampling, &mut rngs)?;
-        for (row, &t) in out.iter_mut().zip(&next) {
-            if row.finished {
+        let logp = token_log_probs(&logits, &next)?;
+        for ((row, &t), lp) in out.iter_mut().zip(&next).zip(logp) {
+            if row.finished() {
                 continue;
             }
+            row.log_likelihood += lp;
             if opts.eos.contains(&t) {
-                row.finished = true;
+                row.end = Some(t);
             } else {
                 row.tokens.push(t);
             }
         }
-        if step + 1 == opts.max_new_tokens || out.iter().all(|r| r.finished) {
+        if step + 1 == opts.max_new_tokens || out.iter().all(Generated::finished) {
             break;
         }
         // While the particles of every prompt row pick the same token and the layers below the
@@ -143,6 +163,21 @@ fn choose(logits: &Tensor, sampling: Sampling, rngs: &mut [StdRng]) -> Result<Ve
         }
         _ => Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?),
     }
+}
+
+/// `log softmax(logits[r])[tokens[r]]` for every row of `logits` `[rows, vocab]`, in f32 as
+/// scoring computes it.
+fn token_log_probs(logits: &Tensor, tokens: &[u32]) -> Result<Vec<f64>> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    rows.iter()
+        .zip(tokens)
+        .map(|(row, &t)| {
+            let picked = row.get(t as usize).copied().ok_or_else(|| {
+                anyhow::anyhow!("token {t} is outside the vocabulary of {}", row.len())
+            })?;
+            Ok((picked - log_sum_exp(row)) as f64)
+        })
+        .collect()
 }
 
 /// Samples from the smallest set of most likely tokens whose mass reaches `top_p`.

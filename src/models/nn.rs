@@ -378,6 +378,26 @@ fn softmax_row(row: &mut [f32]) {
     row.iter_mut().for_each(|x| *x *= scale);
 }
 
+/// `ln Σ eˣ` over `row`, in 8 lanes with [`exp`] (−∞ for an empty row): the normaliser of a
+/// log-softmax, e.g. of one decoding step's logits over the vocabulary.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if !max.is_finite() {
+        return max;
+    }
+    let mut sums = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (s, &x) in sums.iter_mut().zip(c) {
+            *s += exp(x - max);
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|&x| exp(x - max)).sum();
+    max + (sums.iter().sum::<f32>() + rest).ln()
+}
+
 /// `eˣ` in f32 without a libm call, so that loops over it vectorise: `2ⁿ·eʳ` with
 /// `n = round(x / ln 2)`, `r = x − n·ln 2` in two parts, and `eʳ` by Cephes' `expf` polynomial
 /// (within 2 units in the last place of `f32::exp`); 0 below −87 (where `eˣ` < 2⁻¹²⁵, below
@@ -454,6 +474,25 @@ mod tests {
         assert_eq!(exp(MASKED), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn log_sum_exp_equals_candles_log_softmax_normaliser() -> Result<()> {
+        for width in [1, 5, 8, 32_064] {
+            let row = Tensor::randn(0f32, 8.0, width, &Device::Cpu)?;
+            let values = row.to_vec1::<f32>()?;
+            // log_softmax(x)_i = x_i − lse(x).
+            let want = (&row - candle_nn::ops::log_softmax(&row, D::Minus1)?)?.to_vec1::<f32>()?[0];
+            let got = log_sum_exp(&values);
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+        assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY, 0.0]), 0.0);
+        assert!(log_sum_exp(&[1.0, f32::NAN]).is_nan());
+        Ok(())
     }
 
     #[test]
