@@ -378,8 +378,8 @@ fn softmax_row(row: &mut [f32]) {
     row.iter_mut().for_each(|x| *x *= scale);
 }
 
-/// `ln Σ eˣ` over `row`, in 8 lanes with [`exp`] (−∞ for an empty row): the normaliser of a
-/// log-softmax, e.g. of one decoding step's logits over the vocabulary.
+/// `ln Σ eˣ` over `row`, in 8 lanes with the vectorisable `exp` below (−∞ for an empty row):
+/// the normaliser of a log-softmax, e.g. of one decoding step's logits over the vocabulary.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row
         .iter()
