@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::models::nn::softmax_row;
+
 /// Query rows per head up to which [`attend_split`] applies (a decoding step of a model with
 /// grouped-query attention has `heads / kv_heads` of them).
 pub const MAX_QUERIES: usize = 16;
@@ -92,15 +94,7 @@ pub fn attend_split(
                     probs[i * keys + j] = dot(&q[i * d..][..d], &row) * scale + bias[i * keys + j];
                 }
             }
-            for p in probs.chunks_exact_mut(keys) {
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for x in p.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                p.iter_mut().for_each(|x| *x /= sum);
-            }
+            probs.chunks_exact_mut(keys).for_each(softmax_row);
             for j in 0..keys {
                 let (shared, start) = at(j);
                 (if shared { pv } else { v }).read(start, &mut row);

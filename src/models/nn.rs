@@ -347,8 +347,8 @@ impl candle_core::CustomOp1 for SoftmaxRows {
     }
 }
 
-/// `row ← softmax(row)` in place, in 8 lanes so that the passes vectorise.
-fn softmax_row(row: &mut [f32]) {
+/// The largest value of `row` (−∞ for an empty row; NaNs are passed over), in 8 lanes.
+fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -356,11 +356,16 @@ fn softmax_row(row: &mut [f32]) {
             *m = if x > *m { x } else { *m };
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// `row ← softmax(row)` in place, in 8 lanes so that the passes vectorise.
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let max = row_max(row);
     let mut sums = [0f32; 8];
     let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {
@@ -381,9 +386,7 @@ fn softmax_row(row: &mut [f32]) {
 /// `ln Σ eˣ` over `row`, in 8 lanes with the vectorisable `exp` below (−∞ for an empty row):
 /// the normaliser of a log-softmax, e.g. of one decoding step's logits over the vocabulary.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = row_max(row);
     if !max.is_finite() {
         return max;
     }
