@@ -19,6 +19,13 @@ pub enum WeightError {
         file: PathBuf,
         count: usize,
     },
+    #[error("tensor {key:?} in {file} holds {count} value(s) beyond the range of {dtype:?}: load the model in a wider dtype (--dtype bf16 or f32)")]
+    OutOfRange {
+        key: String,
+        file: PathBuf,
+        dtype: candle_core::DType,
+        count: usize,
+    },
     #[error("tensor {key:?} in {file} has shape {actual:?}, the config implies {expected:?}")]
     ShapeMismatch {
         key: String,
