@@ -46,9 +46,10 @@ impl Mlp {
     /// `h + down(act(gate(norm)) · up(norm))` for `h`, `norm` `[rows, len, hidden]`, over
     /// chunks of positions whose intermediate activations stay under `at_once` values
     /// ([`MLP_VALUES_AT_ONCE`]: 16 MiB in f32). P = 8 rows of a 601-token prompt make `[8, 601, 11008]` activations,
-    /// ~100–200 MB each: tensors that size are mapped and zeroed afresh by the kernel on every
-    /// allocation (glibc's largest mmap threshold is 32 MiB), chunks reuse the heap and stay in
-    /// the cache. Chunks keep every row, so particle rows stay particle-major.
+    /// ~100–200 MB each: by default glibc maps tensors that size afresh on every allocation
+    /// (its largest mmap threshold is 32 MiB; [`crate::prepare_process`] turns mapping off for
+    /// the programs that call it), and chunks stay in the cache either way. Chunks keep every
+    /// row, so particle rows stay particle-major.
     fn forward_residual(&self, h: &Tensor, norm: &Tensor, at_once: usize) -> Result<Tensor> {
         let (rows, len, _) = norm.dims3()?;
         let inter = self.up_proj.shape().0;
