@@ -442,6 +442,18 @@ fn print_response(r: &Response, show_particles: bool) {
         r.particles.len(),
         r.answer
     );
+    if let Some(v) = &r.image_check {
+        println!(
+            "image check: distance {:.2} from the calibration images (threshold {:.2}): {}",
+            v.distance,
+            v.threshold,
+            if v.familiar {
+                "familiar"
+            } else {
+                "unfamiliar, so abstained"
+            }
+        );
+    }
     if show_particles {
         for (i, p) in r.particles.iter().enumerate() {
             println!(

@@ -200,3 +200,168 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
     assert!(dirs[0].path().join(".complete").exists());
     assert!(dirs[0].path().join("llava/model.safetensors").exists());
 }
+
+/// Copies the shipped ensemble particles (rank 8, P = 4, on the demo LLaVA) into `dir`.
+fn copy_shipped_ensemble(dir: &std::path::Path) {
+    let from = repo("demo/particles/llava-ensemble");
+    for entry in std::fs::read_dir(&from).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The image check end to end on the demo: `calibrate` fits it on the distinct validation images
+/// of a shapes world, `ask` abstains on a photograph whatever the particles' confidence, and
+/// `bench` declines every photograph question and ranks them below the shapes questions.
+#[test]
+fn the_image_check_declines_photographs_and_keeps_shapes() {
+    use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
+    use bella_vqa::bench::{
+        self, calibrate, BenchOptions, CalibrateOptions, DataInput, ImageCheckRequest, ModelSpec,
+        Objective,
+    };
+    use bella_vqa::data::shapes::{generate, ShapesOptions};
+    use bella_vqa::hub::ModelSource;
+
+    let world = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 150,
+        seed: 5,
+        ..ShapesOptions::new(world.path())
+    })
+    .unwrap();
+    let val = world.path().join("val.jsonl");
+    let text = std::fs::read_to_string(&val).unwrap();
+    let distinct: std::collections::HashSet<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["image"].to_string())
+        .collect();
+
+    let particles = tempfile::tempdir().unwrap();
+    copy_shipped_ensemble(particles.path());
+    let source = ModelSource::parse(repo("demo/llava").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, Some(particles.path()), &LoadOptions::default()).unwrap();
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.9));
+    opts.max_new_tokens = 4;
+
+    // Too few images for a 1 % false-alarm rate: an error when asked for, a note otherwise.
+    opts.image_check = Some(ImageCheckRequest {
+        alpha: 0.01,
+        required: true,
+    });
+    let e = format!(
+        "{:#}",
+        calibrate(&vqa, particles.path(), &opts).unwrap_err()
+    );
+    assert!(e.contains("needs 198 distinct validation images"), "{e}");
+    assert!(e.contains(&format!("there are {}", distinct.len())), "{e}");
+    opts.image_check = Some(ImageCheckRequest {
+        alpha: 0.01,
+        required: false,
+    });
+    opts.dry_run = true;
+    let outcome = calibrate(&vqa, particles.path(), &opts).unwrap();
+    assert!(outcome.abstention.image_check.is_none());
+    assert!(outcome.image_check_skipped.unwrap().contains("needs 198"));
+
+    opts.image_check = Some(ImageCheckRequest {
+        alpha: 0.2,
+        required: true,
+    });
+    opts.dry_run = false;
+    let outcome = calibrate(&vqa, particles.path(), &opts).unwrap();
+    let check = outcome.abstention.image_check.clone().unwrap();
+    // Every distinct validation image was used once: half to fit, half to calibrate.
+    assert_eq!(check.fit_images + check.calibration_images, distinct.len());
+    assert_eq!(check.fit_images, distinct.len().div_ceil(2));
+    assert_eq!(check.dim(), 128, "the demo LLaVA's text hidden size");
+    // Answered at least 90 % of all validation questions, the flagged ones included.
+    assert!(outcome.coverage >= 0.9, "{outcome:?}");
+    let flagged = outcome.image_flagged.unwrap();
+    assert!(flagged.val < 0.2, "{flagged:?}");
+
+    let vqa = BellaVqa::load(&source, Some(particles.path()), &LoadOptions::default()).unwrap();
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    let photo = load_image(&repo("eval/demo/photo-cat.png")).unwrap();
+    let r = vqa
+        .ask_with(&photo, "What color is the circle?", &ask)
+        .unwrap();
+    let v = r.image_check.unwrap();
+    assert!(!v.familiar && v.distance > 2.0 * v.threshold, "{v:?}");
+    assert_eq!(v.threshold, check.threshold);
+    assert!(r.abstained);
+    assert!(
+        r.response
+            .starts_with("I'm not sure: this image is unlike the ones I was calibrated on."),
+        "{}",
+        r.response
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let mut bench_opts =
+        BenchOptions::new(DataInput::new(world.path().join("test.jsonl")), out.path());
+    bench_opts.ood = vec![DataInput::new(repo("eval/demo/photos.jsonl"))];
+    bench_opts.max_new_tokens = 4;
+    bench_opts.bootstrap.resamples = 0;
+    let spec = ModelSpec {
+        source: repo("demo/llava").display().to_string(),
+        adapters: Some(particles.path().to_path_buf()),
+        answers_file: None,
+    };
+    let results = bench::run(&vqa, &spec, &bench_opts)
+        .unwrap()
+        .results
+        .results;
+    assert_eq!(results["ood.photos.declined"], 1.0);
+    let auroc = results["ood.photos.auroc_selector"].as_f64().unwrap();
+    assert!(auroc > 0.9, "{auroc}");
+    let samples = std::fs::read_to_string(out.path().join("samples.jsonl")).unwrap();
+    let mut test_flagged = 0;
+    for line in samples.lines() {
+        let s: serde_json::Value = serde_json::from_str(line).unwrap();
+        let familiar = s["image_check"]["familiar"].as_bool().unwrap();
+        if s["split"] == "test" {
+            test_flagged += usize::from(!familiar);
+        } else {
+            assert!(!familiar && s["abstained"] == true, "{s}");
+        }
+    }
+    assert!(
+        test_flagged * 4 < 30,
+        "{test_flagged} of 30 shapes questions flagged"
+    );
+}
+
+/// The shipped demo particles carry an image check: a photograph is declined, the README's
+/// shapes image is answered.
+#[test]
+fn the_embedded_demo_declines_a_photograph() {
+    let cache = tempfile::tempdir().unwrap();
+    let ask = |image: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .env("BELLA_VQA_CACHE", cache.path())
+            .args(["ask", "--json", "--image"])
+            .arg(repo(image))
+            .arg(QUESTION)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = ask("eval/demo/photo-coffee.png");
+    assert_eq!(v["abstained"], true, "{v}");
+    assert_eq!(v["image_check"]["familiar"], false, "{v}");
+    let v = ask(IMAGE);
+    assert_eq!(
+        (v["answer"].as_str(), v["abstained"].as_bool()),
+        (Some("red"), Some(false)),
+        "{v}"
+    );
+    assert_eq!(v["image_check"]["familiar"], true, "{v}");
+}

@@ -40,6 +40,9 @@ pub struct Scored {
     pub prompt_tokens: usize,
     /// Tokens the particles generated, all together (CLIP: 0).
     pub generated_tokens: usize,
+    /// The image's pooled features, averaged over the particles (LLaVA: the projected image
+    /// tokens averaged; CLIP: the normalised image embedding): what the image check compares.
+    pub image_features: Option<Vec<f32>>,
 }
 
 /// LLaVA: decode all particles as one batch, normalise their answers, score every distinct answer
@@ -101,7 +104,11 @@ pub fn llava_candidates_batch(
         keep: &keep,
         expanded: false,
     };
-    let prefill = model.prefill(&input, particles)?;
+    let (prefill, pooled) = model.prefill_with_images(&input, particles)?;
+    let pooled = match pooled {
+        Some(t) => t.to_vec2::<f32>()?,
+        None => Vec::new(),
+    };
     let generated = generate_batch(&model.language_model, &prefill, particles, n, gen)?;
     let rows = generated.len();
 
@@ -151,13 +158,15 @@ pub fn llava_candidates_batch(
     };
     let mut out: Vec<Scored> = found
         .iter()
-        .map(|f| Scored {
+        .enumerate()
+        .map(|(q, f)| Scored {
             particle_answers: Vec::new(),
             candidates: f.candidates.clone(),
             probs: Vec::new(),
             other: true,
             prompt_tokens: 0,
             generated_tokens: 0,
+            image_features: pooled.get(q).cloned(),
         })
         .collect();
     for (r, row) in loglik.iter().enumerate() {
@@ -242,6 +251,7 @@ pub fn clip_candidates(
             .to_vec1::<f64>()?;
         probs.push(row);
     }
+    let image_features = img.mean(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let particle_answers = probs
         .iter()
         .map(|row| {
@@ -263,5 +273,6 @@ pub fn clip_candidates(
         other: false,
         prompt_tokens: mask.sum_all()?.to_scalar::<u32>()? as usize,
         generated_tokens: 0,
+        image_features: Some(image_features),
     })
 }

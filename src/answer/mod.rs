@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod candidates;
 pub mod generate;
+pub mod image_check;
 pub mod score;
 pub mod selector;
 
@@ -22,6 +23,7 @@ use aggregate::Uncertainty;
 use candidates::{clip_candidates, llava_candidates_batch, ParticleAnswer, Scored};
 use candle_core::Tensor;
 use generate::{GenerateOptions, Sampling};
+use image_check::{ImageCheck, ImageVerdict};
 use selector::Selector;
 
 /// The abstention threshold used when neither the particles' calibration nor the caller gives one.
@@ -154,6 +156,10 @@ pub struct Response {
     pub threshold: f64,
     /// Whether the threshold came from calibration.
     pub calibrated: bool,
+    /// The calibrated image check's verdict ([`image_check`]): an image unlike the validation
+    /// images makes the answer abstain whatever the score. Absent without a calibrated check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_check: Option<ImageVerdict>,
     pub uncertainty: Uncertainty,
     /// Fraction of particles whose own answer is `answer`.
     pub vote_share: f64,
@@ -177,6 +183,8 @@ pub struct BellaVqa {
     selector: Selector,
     /// The calibrated temperature (1 without calibration).
     temperature: f64,
+    /// The calibrated image check (none without calibration, or calibrated without one).
+    image_check: Option<ImageCheck>,
     vocabulary: Option<Vec<String>>,
     template: minijinja::Environment<'static>,
 }
@@ -221,6 +229,7 @@ impl BellaVqa {
             // Checked with the config ([`ParticleConfig::validate`]).
             selector: abstention.map(|a| a.selector.clone()).unwrap_or_default(),
             temperature: abstention.and_then(|a| a.temperature).unwrap_or(1.0),
+            image_check: abstention.and_then(|a| a.image_check.clone()),
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
@@ -443,7 +452,14 @@ impl BellaVqa {
             (None, None) => (UNCALIBRATED_THRESHOLD, false),
         };
         let answer = scored.candidates[agg.best].clone();
-        let abstained = score < threshold;
+        let image_check = match (&self.image_check, &scored.image_features) {
+            (Some(check), Some(features)) => {
+                Some(check.verdict(features).map_err(anyhow::Error::msg)?)
+            }
+            _ => None,
+        };
+        let unfamiliar_image = image_check.is_some_and(|v| !v.familiar);
+        let abstained = score < threshold || unfamiliar_image;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = self
             .template
@@ -454,6 +470,7 @@ impl BellaVqa {
                 confidence_pct => (agg.confidence * 100.0).round() as i64,
                 threshold => threshold,
                 abstained => abstained,
+                unfamiliar_image => unfamiliar_image,
                 unanswerable => unanswerable,
                 question => question,
             })
@@ -476,6 +493,7 @@ impl BellaVqa {
             score,
             threshold,
             calibrated,
+            image_check,
             uncertainty: agg.uncertainty,
             vote_share: agg.vote_share,
             particles: scored.particle_answers,

@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::{Adapter, AdapterSpec, ParticleModel};
+use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::Selector;
 pub use crate::guarantee::RiskGuarantee;
 use crate::hub::ModelFiles;
@@ -67,6 +68,9 @@ pub struct Abstention {
     /// The finite-sample guarantee the threshold carries, if it was chosen with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarantee: Option<RiskGuarantee>,
+    /// Abstain on images unlike the validation images, whatever the score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_check: Option<ImageCheck>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,6 +177,11 @@ impl ParticleConfig {
                 .context("abstention.selector")?;
             if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
                 bail!("abstention.temperature {t} is not a positive number: recalibrate");
+            }
+            if let Some(c) = &a.image_check {
+                c.check()
+                    .map_err(anyhow::Error::msg)
+                    .context("abstention.image_check: recalibrate")?;
             }
         }
         Ok(())

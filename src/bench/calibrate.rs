@@ -3,7 +3,7 @@
 //! a threshold, the `abstention_history` list that keeps the old one; the rest of the file is
 //! kept as it was, key order included).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{read_set, DataInput, EvalSet, Role};
 use crate::answer::candidates::Scored;
 use crate::answer::generate::Sampling;
+use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::{assess, fit_temperature, Facts, Selector, SELECTOR_NAMES};
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
@@ -146,6 +147,18 @@ pub struct CalibrateOptions {
     pub guarantee: Guarantee,
     /// Fit a temperature ([`fit_temperature`]) before everything else.
     pub temperature: bool,
+    /// Fit an image check ([`ImageCheck`]) on the validation images.
+    pub image_check: Option<ImageCheckRequest>,
+}
+
+/// The image check `calibrate` is asked to fit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageCheckRequest {
+    /// The false-alarm rate on images like the validation ones.
+    pub alpha: f64,
+    /// Fail when the validation set has too few distinct images (else: store no check and say
+    /// why in [`CalibrationOutcome::image_check_skipped`]).
+    pub required: bool,
 }
 
 impl CalibrateOptions {
@@ -165,6 +178,7 @@ impl CalibrateOptions {
             ood_val: None,
             guarantee: Guarantee::None,
             temperature: false,
+            image_check: None,
         }
     }
 }
@@ -210,12 +224,27 @@ pub struct CalibrationOutcome {
     /// The threshold the particles had before (replaced when `stored`).
     #[serde(default)]
     pub previous: Option<Abstention>,
+    /// Shares of the validation and `--ood-val` questions whose image the stored image check
+    /// flags (in-sample for the validation images it was fitted on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_flagged: Option<ImageFlagged>,
+    /// Why no image check was stored although one was asked for (too few images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_check_skipped: Option<String>,
+}
+
+/// See [`CalibrationOutcome::image_flagged`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageFlagged {
+    pub val: f64,
+    pub ood: Option<f64>,
 }
 
 /// One validation question, answered: its particles' matrix and each candidate's accuracy.
 struct Answered {
     scored: Scored,
     accuracy: Vec<f64>,
+    image: PathBuf,
 }
 
 impl Answered {
@@ -257,7 +286,11 @@ fn answer_all(
                     .iter()
                     .map(|c| metrics::vqa_accuracy(c, &example.answers, opts.normalize))
                     .collect();
-                answered.push(Answered { scored, accuracy });
+                answered.push(Answered {
+                    scored,
+                    accuracy,
+                    image: example.image.clone(),
+                });
             }
             Err(e) => {
                 let reason = format!(
@@ -401,27 +434,63 @@ pub fn calibrate(
         .min_by(|a, b| a.aurc.total_cmp(&b.aurc))
         .map(|r| r.selector.clone())
         .context("no selector was fitted")?;
+    let (image_check, image_check_skipped) = match opts.image_check {
+        Some(request) => match fit_image_check(&val, request.alpha) {
+            Ok(check) => (Some(check), None),
+            Err(e) if !request.required => (None, Some(e)),
+            Err(e) => bail!("{e}"),
+        },
+        None => (None, None),
+    };
+    let val_flagged = flagged(image_check.as_ref(), &val)?;
+    let ood_flagged = flagged(image_check.as_ref(), &ood)?;
+    // The threshold is chosen on the questions the image check lets through (the others are
+    // declined whatever their score); a coverage target stays a share of all questions.
     let conf = chosen.scores(&val_facts);
-    let pairs: Vec<(f64, f64)> = conf.iter().copied().zip(acc.iter().copied()).collect();
-    let (threshold, guarantee) = match (opts.objective, opts.guarantee) {
+    let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
+    if kept.is_empty() {
+        bail!("the image check flags every validation image: nothing is left to calibrate on");
+    }
+    let n = conf.len() as f64;
+    let pairs: Vec<(f64, f64)> = kept.iter().map(|&i| (conf[i], acc[i])).collect();
+    let objective = match opts.objective {
+        Objective::TargetCoverage(c) => {
+            Objective::TargetCoverage((c * n / kept.len() as f64).min(1.0))
+        }
+        other => other,
+    };
+    let (threshold, guarantee) = match (objective, opts.guarantee) {
         (Objective::TargetRisk(alpha), Guarantee::Ltt { delta }) => {
-            let loss: Vec<f64> = acc.iter().map(|a| 1.0 - a).collect();
-            let g = crate::guarantee::learn_then_test(&conf, &loss, alpha, delta)?;
+            let (kept_conf, loss): (Vec<f64>, Vec<f64>) =
+                pairs.iter().map(|&(c, a)| (c, 1.0 - a)).unzip();
+            let g = crate::guarantee::learn_then_test(&kept_conf, &loss, alpha, delta)?;
             (g.threshold, Some(g.guarantee))
         }
         (objective, _) => (objective.choose(&pairs)?, None),
     };
-    let answered: Vec<f64> = pairs
+    let decisions: Vec<bool> = conf
         .iter()
-        .filter(|(c, _)| *c >= threshold)
-        .map(|&(_, a)| a)
+        .zip(&val_flagged)
+        .map(|(c, f)| !f && *c >= threshold)
         .collect();
-    let n = pairs.len() as f64;
+    let answered: Vec<f64> = acc
+        .iter()
+        .zip(&decisions)
+        .filter(|(_, d)| **d)
+        .map(|(a, _)| *a)
+        .collect();
     let phi = match opts.objective {
-        Objective::Phi(c) => Some(metrics::effective_reliability(&conf, &acc, threshold, c)?),
+        Objective::Phi(c) => Some(metrics::effective_reliability_of_decisions(
+            &acc, &decisions, c,
+        )?),
         Objective::TargetRisk(_) | Objective::TargetCoverage(_) => None,
     };
     let ood_scores = chosen.scores(&pool_facts[acc.len()..]);
+    let share = |flags: &[bool]| flags.iter().filter(|f| **f).count() as f64 / flags.len() as f64;
+    let image_flagged = image_check.as_ref().map(|_| ImageFlagged {
+        val: share(&val_flagged),
+        ood: (!ood_flagged.is_empty()).then(|| share(&ood_flagged)),
+    });
     let abstention = Abstention {
         threshold,
         objective: match &guarantee {
@@ -436,6 +505,7 @@ pub fn calibrate(
         selector: chosen,
         temperature,
         guarantee,
+        image_check,
     };
     if !opts.dry_run {
         if let (Some(old), true) = (&previous, opts.progress) {
@@ -452,7 +522,7 @@ pub fn calibrate(
         store_abstention(adapters, &abstention)?;
     }
     Ok(CalibrationOutcome {
-        count: pairs.len(),
+        count: conf.len(),
         skipped,
         accuracy: acc.iter().sum::<f64>() / n,
         coverage: answered.len() as f64 / n,
@@ -462,12 +532,42 @@ pub fn calibrate(
         selectors: rows,
         ood_count: ood_scores.len(),
         ood_answered: (!ood_scores.is_empty()).then(|| {
-            ood_scores.iter().filter(|s| **s >= threshold).count() as f64 / ood_scores.len() as f64
+            let answered = ood_scores.iter().zip(&ood_flagged);
+            answered.filter(|(s, f)| !**f && **s >= threshold).count() as f64
+                / ood_scores.len() as f64
         }),
         stored: !opts.dry_run,
         abstention,
         previous,
+        image_flagged,
+        image_check_skipped,
     })
+}
+
+/// Fits the image check on the pooled features of the distinct validation images, in the order
+/// they first appear.
+fn fit_image_check(val: &[Answered], alpha: f64) -> Result<ImageCheck, String> {
+    let mut seen = std::collections::HashSet::new();
+    let features: Vec<Vec<f32>> = val
+        .iter()
+        .filter(|a| seen.insert(&a.image))
+        .filter_map(|a| a.scored.image_features.clone())
+        .collect();
+    if features.is_empty() {
+        return Err("the model gives no image features to fit an image check on".into());
+    }
+    ImageCheck::fit(&features, alpha)
+}
+
+/// Whether `check` flags each answered question's image (all false without a check).
+fn flagged(check: Option<&ImageCheck>, answered: &[Answered]) -> Result<Vec<bool>> {
+    answered
+        .iter()
+        .map(|a| match (check, &a.scored.image_features) {
+            (Some(c), Some(f)) => Ok(!c.verdict(f).map_err(anyhow::Error::msg)?.familiar),
+            _ => Ok(false),
+        })
+        .collect()
 }
 
 /// Sets the `abstention` key of `dir/bella_config.json` atomically, appending the value it

@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
 use super::{
-    BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee, ModelSpec, Objective,
-    SelectorChoice, Shard,
+    BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee, ImageCheckRequest,
+    ModelSpec, Objective, SelectorChoice, Shard,
 };
 use crate::answer::{BellaVqa, LoadOptions};
 use crate::hub::{HubOptions, ModelSource};
@@ -203,7 +203,18 @@ pub struct CalibrateArgs {
     /// Do not fit a temperature (keep the particles' probabilities as they are).
     #[arg(long)]
     pub no_temperature: bool,
+    /// The image check's false-alarm rate: abstain on images farther from the validation images
+    /// than all but this share of images like them would be (split conformal; needs about 2/α
+    /// distinct validation images) [default: 0.01 when there are enough images].
+    #[arg(long, value_name = "ALPHA", value_parser = parse_open_unit, conflicts_with = "no_image_check")]
+    pub image_check_alpha: Option<f64>,
+    /// Store no image check (abstention then looks at the selector's score alone).
+    #[arg(long)]
+    pub no_image_check: bool,
 }
+
+/// The image check's false-alarm rate when `--image-check-alpha` is not given.
+pub const DEFAULT_IMAGE_CHECK_ALPHA: f64 = 0.01;
 
 fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
@@ -404,6 +415,10 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             _ => Guarantee::Ltt { delta: args.delta },
         },
         temperature: !args.no_temperature,
+        image_check: (!args.no_image_check).then_some(ImageCheckRequest {
+            alpha: args.image_check_alpha.unwrap_or(DEFAULT_IMAGE_CHECK_ALPHA),
+            required: args.image_check_alpha.is_some(),
+        }),
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
     if args.json {
@@ -440,6 +455,26 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             g.questions,
             g.coverage * 100.0
         );
+    }
+    match (&outcome.abstention.image_check, &outcome.image_flagged) {
+        (Some(c), Some(f)) => {
+            println!(
+            "image check: abstain beyond distance {:.3} (false alarms <= {} on images like the {} \
+             fitted and {} calibration images); flags {:.1} % of the validation questions{}",
+            c.threshold,
+            c.alpha,
+            c.fit_images,
+            c.calibration_images,
+            f.val * 100.0,
+            f.ood
+                .map_or(String::new(), |o| format!(", {:.1} % of --ood-val", o * 100.0))
+        )
+        }
+        _ => {
+            if let Some(why) = &outcome.image_check_skipped {
+                println!("no image check: {why}");
+            }
+        }
     }
     if let Some(share) = outcome.ood_answered {
         println!(

@@ -41,8 +41,8 @@ use crate::models::image::load_image;
 
 pub use bootstrap::Bootstrap;
 pub use calibrate::{
-    calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Guarantee, Objective,
-    SelectorChoice,
+    calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Guarantee,
+    ImageCheckRequest, ImageFlagged, Objective, SelectorChoice,
 };
 pub use compare::{compare, CompareEntry, Comparison};
 pub use config::{DataRecord, Role, RunConfig, Shard};

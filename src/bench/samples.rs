@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::answer::aggregate::Uncertainty;
 use crate::answer::candidates::ParticleAnswer;
+use crate::answer::image_check::{gated_score, ImageVerdict};
 use crate::answer::{CandidateAnswer, Response};
 use crate::data::VqaExample;
 use crate::io::AppendFile;
@@ -26,7 +27,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
 /// through as `input_{name}` when its value differs (and dropped when it is the same).
-pub const SAMPLE_FIELDS: [&str; 19] = [
+pub const SAMPLE_FIELDS: [&str; 20] = [
     "question_id",
     "split",
     "is_ood",
@@ -40,6 +41,7 @@ pub const SAMPLE_FIELDS: [&str; 19] = [
     "selector",
     "score",
     "abstained",
+    "image_check",
     "accuracy",
     "uncertainty",
     "vote_share",
@@ -77,6 +79,9 @@ pub struct Sample {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
     pub abstained: bool,
+    /// The image check's verdict, when the particles carry one (abstained when not familiar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_check: Option<ImageVerdict>,
     /// VQA accuracy of `answer` against `answers` as if it had been given (normalisation as the
     /// run's `normalize` says).
     pub accuracy: f64,
@@ -134,6 +139,7 @@ impl Sample {
             selector: response.selector,
             score: Some(response.score),
             abstained: response.abstained,
+            image_check: response.image_check,
             uncertainty: response.uncertainty,
             vote_share: response.vote_share,
             particles: response.particles,
@@ -160,7 +166,10 @@ impl Sample {
             uncertainty: None,
             distribution: None,
             target: None,
-            score: self.score,
+            // Selective prediction ranks as the decision treats it: a flagged image below all.
+            score: self
+                .score
+                .map(|s| gated_score(s, self.image_check.as_ref())),
         }
     }
 }

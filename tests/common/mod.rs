@@ -216,6 +216,7 @@ pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstentio
         selector: Default::default(),
         temperature: None,
         guarantee: None,
+        image_check: None,
     }
 }
 
