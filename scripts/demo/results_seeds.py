@@ -293,7 +293,9 @@ p("chosen selector's score; coverage at risk: *val thr.* = the threshold for tha
 p("validation answers and applied to the test split (empirical), *LTT* = the Learn-then-Test")
 p("threshold (risk ≤ α with probability ≥ 0.9 over the validation draw, δ = 0.1) applied to the test")
 p("split, coverage (realised test risk); abstain = below the stored threshold; declined = abstained or")
-p("answered \"unanswerable\"; OOD AUROC: the split against the in-distribution test questions.\n")
+p("answered \"unanswerable\" (a flagged image is abstained on); image flagged = the image check")
+p("(`calibrate`, false-alarm rate 1 %) found the image unlike the validation images; OOD AUROC: the")
+p("split against the in-distribution test questions, *selector* ranking a flagged image below all.\n")
 
 p("## Selectors chosen by `calibrate --selector auto`\n")
 p("| method | chosen (per seed) | temperature (mean) | val AURC per selector (mean over seeds, cross-fitted) |")
@@ -313,15 +315,15 @@ for method in METHODS[1:]:
     p(f"| {LABEL[method]} | {', '.join(selector_names(method))} | {t} | {sel} |")
 
 p("\n## In distribution (test split)\n")
-p("| method | count | acc | ECE | NLL | Brier | AURC | answered | declined | Φ₁₀ |")
-p("|---|---|---|---|---|---|---|---|---|---|")
+p("| method | count | acc | ECE | NLL | Brier | AURC | answered | declined | image flagged | Φ₁₀ |")
+p("|---|---|---|---|---|---|---|---|---|---|---|")
 for method in METHODS:
     if method not in runs:
         continue
     cnt = runs[method][0]["r"].get("count")
     p(f"| {LABEL[method]} | {cnt} | {cell(method, 'vqa_accuracy', True)} | {cell(method, 'ece')} | {cell(method, 'nll')} | "
       f"{cell(method, 'brier')} | {cell(method, 'aurc')} | {cell(method, 'coverage', True)} | {cell(method, 'declined', True)} | "
-      f"{cell(method, 'phi_10', True)} |")
+      f"{cell(method, 'image_flagged', True, False)} | {cell(method, 'phi_10', True)} |")
 
 p("\n### Coverage at 1 / 5 / 10 % risk (test split)\n")
 p("| method | 1 % val thr. | 5 % val thr. | 10 % val thr. | 1 % LTT | 5 % LTT | 10 % LTT |")
@@ -338,14 +340,14 @@ for split in SPLITS:
         continue
     cnt = next(r["r"][k + "count"] for rs in runs.values() for r in rs if k + "count" in r["r"])
     p(f"\n## {split} ({cnt} questions)\n")
-    p("| method | acc | ECE | NLL | Brier | AURC | Φ₁₀ | abstain | declined | AUROC selector | AUROC conf | AUROC MI |")
-    p("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    p("| method | acc | ECE | NLL | Brier | AURC | Φ₁₀ | abstain | declined | image flagged | AUROC selector | AUROC conf | AUROC MI |")
+    p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         if method not in runs:
             continue
         p(f"| {LABEL[method]} | {cell(method, k + 'vqa_accuracy', True)} | {cell(method, k + 'ece')} | {cell(method, k + 'nll')} | "
           f"{cell(method, k + 'brier')} | {cell(method, k + 'aurc')} | {cell(method, k + 'phi_10', True)} | {abstain_cell(method, k)} | "
-          f"{cell(method, k + 'declined', True)} | {cell(method, k + 'auroc_selector')} | {cell(method, k + 'auroc_confidence')} | "
+          f"{cell(method, k + 'declined', True)} | {cell(method, k + 'image_flagged', True, False)} | {cell(method, k + 'auroc_selector')} | {cell(method, k + 'auroc_confidence')} | "
           f"{cell(method, k + 'auroc_epistemic')} |")
 
 # ---------------------------------------------------------------------------------------------

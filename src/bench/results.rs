@@ -119,10 +119,13 @@ pub struct OodResult {
     pub total_uncertainty: metrics::Detection,
     /// Score: epistemic uncertainty (mutual information).
     pub epistemic_uncertainty: metrics::Detection,
-    /// Score: minus the abstention selector's score (absent in results written before
-    /// selectors).
+    /// Score: minus the abstention selector's score, a flagged image below all
+    /// ([`crate::answer::image_check::gated_score`]; absent in results written before selectors).
     #[serde(default)]
     pub selector: Option<metrics::Detection>,
+    /// Fraction whose image the image check flagged (`None` without a calibrated check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_flagged: Option<f64>,
 }
 
 /// Counts and accuracy of the validation questions.
@@ -254,6 +257,16 @@ pub fn declined(samples: &[&Sample]) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// The share of samples whose image the image check flagged; `None` when no sample was checked.
+pub fn image_flagged(samples: &[&Sample]) -> Option<f64> {
+    let checked: Vec<bool> = samples
+        .iter()
+        .filter_map(|s| s.image_check.map(|v| !v.familiar))
+        .collect();
+    (!checked.is_empty())
+        .then(|| mean(checked.iter().map(|&f| f64::from(u8::from(f)))).unwrap_or(0.0))
+}
+
 /// OOD detection of `ood` against `test`, with three scores.
 pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
     let all: Vec<&Sample> = test.iter().chain(ood).copied().collect();
@@ -277,6 +290,7 @@ pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
         total_uncertainty: det(&|s| s.uncertainty.total)?,
         epistemic_uncertainty: det(&|s| s.uncertainty.epistemic)?,
         selector: Some(det(&|s| -s.prediction().selection_score())?),
+        image_flagged: image_flagged(ood),
     })
 }
 
@@ -422,6 +436,9 @@ pub(crate) fn metrics_of(
         }
     };
     results.insert("declined".into(), num(declined(test)));
+    if let Some(share) = image_flagged(test) {
+        results.insert("image_flagged".into(), num(share));
+    }
     let mut ood = BTreeMap::new();
     for (split, these) in ood_sets {
         if these.is_empty() || test.is_empty() {
@@ -449,6 +466,9 @@ pub(crate) fn metrics_of(
         results.insert(format!("{p}.count"), Value::from(r.count));
         results.insert(format!("{p}.coverage"), num(r.coverage));
         results.insert(format!("{p}.declined"), num(r.declined));
+        if let Some(share) = r.image_flagged {
+            results.insert(format!("{p}.image_flagged"), num(share));
+        }
         results.insert(format!("{p}.accuracy"), opt(r.accuracy));
         for (name, det) in [
             ("confidence", &r.confidence),
