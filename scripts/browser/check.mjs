@@ -96,6 +96,7 @@ try {
   console.log("  page shows:", JSON.stringify(b));
   check("answered without error", b.state === "done" && !b.error, b.error || b.status);
   check("not-sure banner shown", b.bannerVisible && /Not sure/.test(b.bannerText), b.bannerText);
+  check("the reason is the unfamiliar image", /unlike the ones the model was calibrated on/.test(b.bannerText), b.bannerText);
   check("most likely answer shown", b.mostLikely.length > 0, b.mostLikely);
   check("answered banner hidden", !b.answerVisible);
 

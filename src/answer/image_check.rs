@@ -119,10 +119,21 @@ impl ImageCheck {
         };
         let mut d: Vec<f64> = cal.iter().map(|f| check.distance(f)).collect();
         d.sort_by(f64::total_cmp);
-        // k = ⌈(m + 1)(1 − α)⌉ ≤ m, as `needed` guarantees; 1-based.
-        let k = ((d.len() + 1) as f64 * (1.0 - alpha)).ceil() as usize;
-        check.threshold = d[k.clamp(1, d.len()) - 1];
+        check.threshold = d[check.rank() - 1];
         Ok(check)
+    }
+
+    /// The 1-based rank k = ⌈(m + 1)(1 − α)⌉ of the threshold among the m calibration
+    /// distances (≤ m, as [`images_needed`] guarantees).
+    fn rank(&self) -> usize {
+        let m = self.calibration_images;
+        (((m + 1) as f64 * (1.0 - self.alpha)).ceil() as usize).clamp(1, m.max(1))
+    }
+
+    /// The share of new images like the validation ones that the check is expected to flag:
+    /// 1 − k/(m + 1) ≤ α (exact for continuous distances).
+    pub fn expected_false_alarms(&self) -> f64 {
+        1.0 - self.rank() as f64 / (self.calibration_images + 1) as f64
     }
 
     /// The mean squared standardised distance of `features` (of length [`Self::dim`]).
@@ -243,7 +254,8 @@ mod tests {
         let even: Vec<f64> = images.iter().step_by(2).map(|f| f[1] as f64).collect();
         let mu = even.iter().sum::<f64>() / 20.0;
         assert!((check.mean[1] as f64 - mu).abs() < 1e-4);
-        // k = ⌈21 · 0.9⌉ = 19: the 19th smallest of the odd-numbered images' distances.
+        // k = ⌈21 · 0.9⌉ = 19: the 19th smallest of the odd-numbered images' distances, so 2 of
+        // 21 new images like them are expected to be flagged.
         let mut d: Vec<f64> = images
             .iter()
             .skip(1)
@@ -252,6 +264,7 @@ mod tests {
             .collect();
         d.sort_by(f64::total_cmp);
         assert_eq!(check.threshold, d[18]);
+        assert!((check.expected_false_alarms() - 2.0 / 21.0).abs() < 1e-12);
         check.check().unwrap();
     }
 

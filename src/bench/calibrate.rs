@@ -445,7 +445,10 @@ pub fn calibrate(
     let val_flagged = flagged(image_check.as_ref(), &val)?;
     let ood_flagged = flagged(image_check.as_ref(), &ood)?;
     // The threshold is chosen on the questions the image check lets through (the others are
-    // declined whatever their score); a coverage target stays a share of all questions.
+    // declined whatever their score). A coverage target stays a share of all questions: the
+    // check will decline its expected false alarms on new questions like these (the fitted
+    // half of the validation images is flagged less than new ones are), or the share it
+    // flags here, whichever is larger.
     let conf = chosen.scores(&val_facts);
     let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
     if kept.is_empty() {
@@ -453,11 +456,13 @@ pub fn calibrate(
     }
     let n = conf.len() as f64;
     let pairs: Vec<(f64, f64)> = kept.iter().map(|&i| (conf[i], acc[i])).collect();
-    let objective = match opts.objective {
-        Objective::TargetCoverage(c) => {
-            Objective::TargetCoverage((c * n / kept.len() as f64).min(1.0))
+    let objective = match (opts.objective, &image_check) {
+        (Objective::TargetCoverage(c), Some(check)) => {
+            let flagged = 1.0 - kept.len() as f64 / n;
+            let declined = check.expected_false_alarms().max(flagged);
+            Objective::TargetCoverage((c / (1.0 - declined)).min(1.0))
         }
-        other => other,
+        (other, _) => other,
     };
     let (threshold, guarantee) = match (objective, opts.guarantee) {
         (Objective::TargetRisk(alpha), Guarantee::Ltt { delta }) => {
