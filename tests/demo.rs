@@ -334,6 +334,20 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
     );
     assert_eq!(results["ood.photos.image_flagged"], 1.0);
     assert_eq!(results["image_flagged"], test_flagged as f64 / 30.0);
+
+    // A damaged stored check is refused at load, naming it.
+    let path = particles.path().join("bella_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["abstention"]["image_check"]["std"][0] = 0.0.into();
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let e = BellaVqa::load(&source, Some(particles.path()), &LoadOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{e:#}").contains("abstention.image_check: recalibrate"),
+        "{e:#}"
+    );
 }
 
 /// The shipped demo particles carry an image check: a photograph is declined, the README's
