@@ -243,6 +243,13 @@ fn demo_answers_like_ask_plain_and_streamed() {
             assert!((a - b).abs() < 1e-9, "{image}: {key}");
         }
         assert_eq!(bella["particles"], cli["particles"]);
+        // The demo's image check: the photograph is unfamiliar, the shapes image is not.
+        assert_eq!(bella["image_check"], cli["image_check"], "{image}");
+        assert_eq!(
+            bella["image_check"]["familiar"],
+            image == "red-circle.png",
+            "{image}"
+        );
         assert_eq!(v["choices"][0]["message"]["content"], cli["response"]);
         assert_eq!(v["choices"][0]["message"]["role"], "assistant");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");

@@ -146,7 +146,7 @@ def score_of(s):
 # ---------------------------------------------------------------------------------------------
 # collecting
 
-benches = sorted(work.glob("bench-s*"), key=lambda p: int(p.name.split("-s")[-1]))
+benches = sorted((b for b in work.glob("bench-s*") if b.is_dir()), key=lambda p: int(p.name.split("-s")[-1]))
 runs = {}  # method -> list of per-seed dicts
 for bench in benches:
     seed = int(bench.name.split("-s")[-1])
