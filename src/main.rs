@@ -75,7 +75,8 @@ enum Command {
         /// Also list every particle's own answer.
         #[arg(long)]
         show_particles: bool,
-        /// Abstain below this score of the selector (default: the calibrated threshold of the particles).
+        /// Abstain below this score of the selector, and only then: it replaces the calibrated rule
+        /// (the particles' threshold and their image check, whose verdict is still reported).
         #[arg(long)]
         threshold: Option<f64>,
         /// Longest answer in tokens (LLaVA).

@@ -168,15 +168,12 @@ fn ask_demo_clip_answers_from_its_vocabulary() {
     assert_eq!(v["answer"], "red", "{v}");
 }
 
-/// The README's first command: no model argument, the embedded demo LLaVA with its calibrated
-/// particles (written to a fresh cache directory here).
-#[test]
-fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
-    let cache = tempfile::tempdir().unwrap();
+/// `ask --json` without a model argument (the embedded demo), its cache in `cache`.
+fn ask_embedded(cache: &std::path::Path, image: &str) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .env("BELLA_VQA_CACHE", cache.path())
+        .env("BELLA_VQA_CACHE", cache)
         .args(["ask", "--json", "--image"])
-        .arg(repo(IMAGE))
+        .arg(repo(image))
         .arg(QUESTION)
         .output()
         .expect("runs");
@@ -185,9 +182,22 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The README's first command: no model argument, the embedded demo LLaVA with its calibrated
+/// particles (written to a fresh cache directory here). Its image check lets the shapes image
+/// through and declines a photograph (the README's third command).
+#[test]
+fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
+    let cache = tempfile::tempdir().unwrap();
+    let v = ask_embedded(cache.path(), IMAGE);
     assert_eq!(v["answer"], "red", "{v}");
     assert_eq!(v["calibrated"], true, "{v}");
+    assert_eq!(v["image_check"]["familiar"], true, "{v}");
+    let photo = ask_embedded(cache.path(), "eval/demo/photo-coffee.png");
+    assert_eq!(photo["abstained"], true, "{photo}");
+    assert_eq!(photo["image_check"]["familiar"], false, "{photo}");
     assert!(v["particles"].as_array().unwrap().len() > 1, "{v}");
     assert_eq!(v["abstained"], false, "{v}");
     // The embedded files landed in the cache, complete (beside the file-hash cache).
@@ -299,6 +309,16 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
         r.response
     );
 
+    // A caller's threshold replaces the calibrated rule, the image check included.
+    let forced = AskOptions {
+        threshold: Some(0.0),
+        ..ask.clone()
+    };
+    let r = vqa
+        .ask_with(&photo, "What color is the circle?", &forced)
+        .unwrap();
+    assert!(!r.abstained && !r.image_check.unwrap().familiar, "{r:?}");
+
     let out = tempfile::tempdir().unwrap();
     let mut bench_opts =
         BenchOptions::new(DataInput::new(world.path().join("test.jsonl")), out.path());
@@ -348,36 +368,4 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
         format!("{e:#}").contains("abstention.image_check: recalibrate"),
         "{e:#}"
     );
-}
-
-/// The shipped demo particles carry an image check: a photograph is declined, the README's
-/// shapes image is answered.
-#[test]
-fn the_embedded_demo_declines_a_photograph() {
-    let cache = tempfile::tempdir().unwrap();
-    let ask = |image: &str| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-            .env("BELLA_VQA_CACHE", cache.path())
-            .args(["ask", "--json", "--image"])
-            .arg(repo(image))
-            .arg(QUESTION)
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let v = ask("eval/demo/photo-coffee.png");
-    assert_eq!(v["abstained"], true, "{v}");
-    assert_eq!(v["image_check"]["familiar"], false, "{v}");
-    let v = ask(IMAGE);
-    assert_eq!(
-        (v["answer"].as_str(), v["abstained"].as_bool()),
-        (Some("red"), Some(false)),
-        "{v}"
-    );
-    assert_eq!(v["image_check"]["familiar"], true, "{v}");
 }

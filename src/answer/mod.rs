@@ -78,7 +78,8 @@ impl Default for LoadOptions {
 pub struct AskOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
-    /// Overrides the calibrated threshold.
+    /// Replaces the calibrated rule: abstain when the score is below this, whatever the image
+    /// check says (its verdict is still reported).
     pub threshold: Option<f64>,
 }
 
@@ -458,7 +459,8 @@ impl BellaVqa {
             }
             _ => None,
         };
-        let unfamiliar_image = image_check.is_some_and(|v| !v.familiar);
+        // A caller's threshold replaces the whole calibrated rule, the image check included.
+        let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
         let abstained = score < threshold || unfamiliar_image;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = self

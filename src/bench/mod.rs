@@ -388,7 +388,9 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let ask = AskOptions {
         max_new_tokens: opts.max_new_tokens,
         sampling: Sampling::Greedy,
-        threshold: Some(config.threshold),
+        // None: the particles' calibrated rule (`config.threshold` and their image check); a
+        // --threshold replaces both, as in `ask`.
+        threshold: opts.threshold,
     };
     let pb = progress_bar(todo.len(), opts.progress);
     let answering = Instant::now();

@@ -215,7 +215,8 @@ pub struct StreamOptions {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BellaRequest {
-    /// Abstain below this score instead of the calibrated threshold, in [0, 1].
+    /// Abstain below this score instead of the calibrated rule (threshold and image check), in
+    /// [0, 1].
     #[serde(default)]
     pub threshold: Option<f64>,
     /// Append every particle's answer to the message content.
