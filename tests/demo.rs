@@ -224,7 +224,7 @@ fn copy_shipped_ensemble(dir: &std::path::Path) {
 /// `bench` declines every photograph question and ranks them below the shapes questions.
 #[test]
 fn the_image_check_declines_photographs_and_keeps_shapes() {
-    use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
+    use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions, Question};
     use bella_vqa::bench::{
         self, calibrate, BenchOptions, CalibrateOptions, DataInput, ImageCheckRequest, ModelSpec,
         Objective,
@@ -307,6 +307,40 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
             .starts_with("I'm not sure: this image is unlike the ones I was calibrated on."),
         "{}",
         r.response
+    );
+
+    // In a batch (rows particle-major over the questions), each image keeps its own verdict.
+    let shapes = load_image(&repo(IMAGE)).unwrap();
+    let alone = vqa
+        .ask_with(&shapes, QUESTION, &ask)
+        .unwrap()
+        .image_check
+        .unwrap();
+    let batch = vqa.ask_batch(&[
+        Question {
+            image: &photo,
+            text: "What color is the circle?",
+            options: &ask,
+        },
+        Question {
+            image: &shapes,
+            text: QUESTION,
+            options: &ask,
+        },
+    ]);
+    let verdicts: Vec<_> = batch
+        .into_iter()
+        .map(|r| r.unwrap().image_check.unwrap())
+        .collect();
+    for (b, a) in verdicts.iter().zip([&v, &alone]) {
+        assert!(
+            (b.distance - a.distance).abs() < 1e-4 * a.distance,
+            "{b:?} vs {a:?}"
+        );
+    }
+    assert!(
+        verdicts[1].distance < verdicts[0].distance / 2.0,
+        "{verdicts:?}"
     );
 
     // A caller's threshold replaces the calibrated rule, the image check included.

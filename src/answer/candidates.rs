@@ -104,9 +104,9 @@ pub fn llava_candidates_batch(
         keep: &keep,
         expanded: false,
     };
-    let (prefill, pooled) = model.prefill_with_images(&input, particles)?;
-    let pooled = match pooled {
-        Some(t) => t.to_vec2::<f32>()?,
+    let (prefill, features) = model.prefill_with_features(&input, particles)?;
+    let pooled = match features {
+        Some(f) => pool_image_features(&f, n)?,
         None => Vec::new(),
     };
     let generated = generate_batch(&model.language_model, &prefill, particles, n, gen)?;
@@ -193,6 +193,18 @@ pub fn llava_candidates_batch(
         s.prompt_tokens = p.len();
     }
     Ok(out)
+}
+
+/// Each of `images` images' projected features averaged over its tokens and over the particles
+/// (`features` `[rows, tokens, hidden]`, rows particle-major when they carry the particle axis):
+/// what the image check compares.
+fn pool_image_features(features: &Tensor, images: usize) -> Result<Vec<Vec<f32>>> {
+    let per_row = features.to_dtype(DType::F32)?.mean(1)?;
+    let (rows, hidden) = per_row.dims2()?;
+    Ok(per_row
+        .reshape((rows / images.max(1), images, hidden))?
+        .mean(0)?
+        .to_vec2::<f32>()?)
 }
 
 /// One question's distinct answers while they are collected.

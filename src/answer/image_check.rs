@@ -44,6 +44,9 @@ pub struct ImageVerdict {
     pub familiar: bool,
 }
 
+/// The false-alarm rate `calibrate` fits the check at unless told otherwise.
+pub const DEFAULT_ALPHA: f64 = 0.01;
+
 /// The fewest calibration images a conformal threshold at false-alarm rate `alpha` needs.
 pub fn images_needed(alpha: f64) -> usize {
     ((1.0 / alpha) - 1.0).ceil().max(1.0) as usize

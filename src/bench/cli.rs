@@ -213,9 +213,6 @@ pub struct CalibrateArgs {
     pub no_image_check: bool,
 }
 
-/// The image check's false-alarm rate when `--image-check-alpha` is not given.
-pub const DEFAULT_IMAGE_CHECK_ALPHA: f64 = 0.01;
-
 fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
@@ -416,7 +413,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         },
         temperature: !args.no_temperature,
         image_check: (!args.no_image_check).then_some(ImageCheckRequest {
-            alpha: args.image_check_alpha.unwrap_or(DEFAULT_IMAGE_CHECK_ALPHA),
+            alpha: args
+                .image_check_alpha
+                .unwrap_or(crate::answer::image_check::DEFAULT_ALPHA),
             required: args.image_check_alpha.is_some(),
         }),
     };

@@ -259,12 +259,11 @@ pub fn declined(samples: &[&Sample]) -> f64 {
 
 /// The share of samples whose image the image check flagged; `None` when no sample was checked.
 pub fn image_flagged(samples: &[&Sample]) -> Option<f64> {
-    let checked: Vec<bool> = samples
-        .iter()
-        .filter_map(|s| s.image_check.map(|v| !v.familiar))
-        .collect();
-    (!checked.is_empty())
-        .then(|| mean(checked.iter().map(|&f| f64::from(u8::from(f)))).unwrap_or(0.0))
+    mean(
+        samples
+            .iter()
+            .filter_map(|s| s.image_check.map(|v| if v.familiar { 0.0 } else { 1.0 })),
+    )
 }
 
 /// OOD detection of `ood` against `test`, with three scores.

@@ -309,13 +309,13 @@ impl LlavaModel {
     /// Runs the prompt once and keeps the cache: the start of decoding and of answer scoring.
     /// Only the last position goes through the language-model head.
     pub fn prefill(&self, input: &LlavaInput, particles: usize) -> Result<Prefill> {
-        Ok(self.prefill_with_images(input, particles)?.0)
+        Ok(self.prefill_with_features(input, particles)?.0)
     }
 
-    /// [`Self::prefill`], and each image's projected features averaged over its tokens and over
-    /// the particles `[images, text_hidden]` f32 (`None` without images): what the image check
-    /// compares (`crate::answer::image_check`).
-    pub fn prefill_with_images(
+    /// [`Self::prefill`], and the projected image features it computed on the way
+    /// (`[rows, tokens_per_image, text_hidden]` as [`Self::image_features`]; `None` without
+    /// images).
+    pub fn prefill_with_features(
         &self,
         input: &LlavaInput,
         particles: usize,
@@ -326,28 +326,13 @@ impl LlavaModel {
         let (last_logits, expanded) =
             self.language_model
                 .logits(&decoder.last_hidden_state, decoder.expanded, particles)?;
-        let pooled = match (features, input.pixel_values) {
-            (Some(f), Some(pixels)) => {
-                let images = pixels.dim(0)?;
-                let hidden = f.dim(2)?;
-                // Rows are particle-major when expanded: [P·images] → [P, images] → mean over P.
-                let per_row = f.to_dtype(candle_core::DType::F32)?.mean(1)?;
-                let rows = per_row.dim(0)?;
-                Some(
-                    per_row
-                        .reshape((rows / images.max(1), images, hidden))?
-                        .mean(0)?,
-                )
-            }
-            _ => None,
-        };
         Ok((
             Prefill {
                 cache,
                 last_logits: last_logits.squeeze(1)?,
                 expanded,
             },
-            pooled,
+            features,
         ))
     }
 }
