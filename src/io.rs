@@ -110,8 +110,66 @@ fn rename_synced(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a write to `path` lands.
+enum Destination {
+    /// A regular file, new or replaced atomically: `path` itself, or the file a symbolic link at
+    /// `path` names (the link is kept, not replaced by a file).
+    File(PathBuf),
+    /// A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO): written into directly, since
+    /// renaming a file over it would replace it.
+    Special(PathBuf),
+}
+
+fn destination(path: &Path) -> Result<Destination> {
+    let classify = |target: PathBuf| -> Result<Destination> {
+        match fs::metadata(&target) {
+            Ok(m) if m.is_dir() => bail!(
+                "{} is a folder; give the path of a file to write",
+                target.display()
+            ),
+            Ok(m) if !m.is_file() => Ok(Destination::Special(target)),
+            _ => Ok(Destination::File(target)),
+        }
+    };
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match fs::canonicalize(path) {
+            Ok(target) => classify(target),
+            // A dangling link: the file it names is created.
+            Err(_) => {
+                let link = fs::read_link(path)
+                    .with_context(|| format!("cannot read the link {}", path.display()))?;
+                let target = match parent_of(path) {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+                Ok(Destination::File(target))
+            }
+        },
+        _ => classify(path.to_path_buf()),
+    }
+}
+
+/// Opens a device or a pipe for writing (not created, not truncated).
+fn open_special(path: &Path) -> Result<fs::File> {
+    file_op();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} for writing", path.display()))
+}
+
 /// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new one.
+/// A symbolic link is written through; a device or a pipe is written into directly.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let path = match destination(path)? {
+        Destination::File(path) => path,
+        Destination::Special(path) => {
+            return open_special(&path)?
+                .write_all(bytes)
+                .with_context(|| format!("cannot write {}", path.display()));
+        }
+    };
+    let path = path.as_path();
     if let Some(dir) = parent_of(path) {
         if !dir.is_dir() {
             create_dir_all(dir)?;
@@ -127,11 +185,23 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes `path` atomically from a stream (a large file that should not be built in memory
 /// first): `write` fills a buffered temporary sibling, which is synced and renamed over `path`.
-/// For cache files, which are not outputs of a run: not counted by the fault injector.
+/// For cache files, which are not outputs of a run: not counted by the fault injector. A symbolic
+/// link is written through; a device or a pipe is written into directly.
 pub fn write_stream_atomically(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> Result<()>,
 ) -> Result<()> {
+    let path = match destination(path)? {
+        Destination::File(path) => path,
+        Destination::Special(path) => {
+            let mut w = std::io::BufWriter::new(open_special(&path)?);
+            write(&mut w)?;
+            return w
+                .flush()
+                .with_context(|| format!("cannot write {}", path.display()));
+        }
+    };
+    let path = path.as_path();
     if let Some(dir) = parent_of(path) {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -456,6 +526,49 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_are_written_through_and_pipes_into_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        // A link to a file: the file gets the bytes, the link stays a link.
+        let target = dir.path().join("target.json");
+        fs::write(&target, b"old").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink("target.json", &link).unwrap();
+        write_bytes_atomically(&link, b"new").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        // A dangling link: the file it names is created.
+        let dangling = dir.path().join("dangling.json");
+        std::os::unix::fs::symlink("made.json", &dangling).unwrap();
+        write_stream_atomically(&dangling, |w| Ok(w.write_all(b"made")?)).unwrap();
+        assert!(fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(dir.path().join("made.json")).unwrap(), b"made");
+        // A folder is refused, named.
+        let err = write_bytes_atomically(dir.path(), b"x").unwrap_err();
+        assert!(format!("{err:#}").contains("is a folder"), "{err:#}");
+        // A pipe (as /dev/null or /dev/stdout would be) is written into and stays a pipe.
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            return; // no mkfifo here
+        }
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read(fifo).unwrap())
+        };
+        write_bytes_atomically(&fifo, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     }
 
     #[test]

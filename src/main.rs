@@ -141,6 +141,9 @@ enum Command {
         /// Where the adapter directories go.
         #[arg(long)]
         out: PathBuf,
+        /// Replace adapters already in --out/particle-{p}/.
+        #[arg(long)]
+        force: bool,
     },
     /// Read PEFT LoRA adapters (one per particle: same layers, rank and alpha) into a particle
     /// directory, checked against and tied to the base model.
@@ -154,6 +157,10 @@ enum Command {
         /// The base model (default: base_model_name_or_path and revision of the adapter config).
         #[arg(long)]
         model: Option<String>,
+        /// Replace a particle set already in --out (its calibration and its training
+        /// checkpoints are removed).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -570,15 +577,46 @@ fn run(cli: &Cli) -> Result<()> {
                 );
             }
         }
-        Command::ExportPeft { adapters, out } => export_peft(cli, adapters, out)?,
-        Command::ImportPeft { peft, out, model } => import_peft(cli, peft, out, model.as_deref())?,
+        Command::ExportPeft {
+            adapters,
+            out,
+            force,
+        } => export_peft(cli, adapters, out, *force)?,
+        Command::ImportPeft {
+            peft,
+            out,
+            model,
+            force,
+        } => import_peft(cli, peft, out, model.as_deref(), *force)?,
     }
     Ok(())
 }
 
-fn export_peft(cli: &Cli, adapters: &std::path::Path, out: &std::path::Path) -> Result<()> {
+fn export_peft(
+    cli: &Cli,
+    adapters: &std::path::Path,
+    out: &std::path::Path,
+    force: bool,
+) -> Result<()> {
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
+    let taken = (0..set.config.particles)
+        .map(|p| out.join(format!("particle-{p}")))
+        .find(|dir| {
+            [
+                bella_vqa::bella::peft::ADAPTER_CONFIG_FILE,
+                bella_vqa::bella::peft::ADAPTER_WEIGHTS_FILE,
+            ]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        });
+    if let (Some(dir), false) = (taken, force) {
+        anyhow::bail!(
+            "{} already holds a PEFT adapter: pass --force to replace the adapters in {}, or choose another --out",
+            dir.display(),
+            out.display()
+        );
+    }
     let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
     if !cli.quiet {
         println!(
@@ -601,8 +639,20 @@ fn import_peft(
     dirs: &[PathBuf],
     out: &std::path::Path,
     model: Option<&str>,
+    force: bool,
 ) -> Result<()> {
+    use bella_vqa::bella::particles::{CONFIG_FILE, PARTICLES_FILE};
     use bella_vqa::bella::peft;
+    let checkpoints = bella_vqa::train::checkpoint::checkpoints_dir(out);
+    let taken =
+        out.join(CONFIG_FILE).exists() || out.join(PARTICLES_FILE).exists() || checkpoints.exists();
+    if taken && !force {
+        anyhow::bail!(
+            "{} already holds a particle set: pass --force to replace it (its calibration and \
+             training checkpoints are lost), or choose another --out",
+            out.display()
+        );
+    }
     let mut set = peft::import_peft_stacked(dirs)?;
     let base = &set.config.base_model;
     let source_text = match model {
@@ -626,6 +676,8 @@ fn import_peft(
         &bella_vqa::io::stored_model_source(&source_text),
     )?;
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
+    // `train --resume` would bring the replaced particles back from their checkpoints.
+    bella_vqa::io::remove_dir_all(&checkpoints)?;
     set.save(out)?;
     if !cli.quiet {
         println!(

@@ -591,6 +591,102 @@ fn cli_exports_and_imports() {
         .verify_base(&dir_files(&fixture("llava-tiny-hub")).unwrap())
         .unwrap();
 
+    // Finished work is not replaced without --force: a calibrated particle set, exported adapters.
+    let import_again = |force: bool| {
+        let mut cmd = bella();
+        cmd.args(["import-peft", "--peft"])
+            .arg(out.join("particle-0"))
+            .arg("--out")
+            .arg(&back)
+            .arg("--model")
+            .arg(fixture("llava-tiny-hub"));
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let before = std::fs::read(back.join("bella_config.json")).unwrap();
+    let o = import_again(false);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("already holds a particle set") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(back.join("bella_config.json")).unwrap(),
+        before
+    );
+    // With --force the set is replaced and stale training checkpoints go with it.
+    std::fs::create_dir_all(back.join("checkpoints").join("step-00000001")).unwrap();
+    let o = import_again(true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        ParticleSet::load(&back, &Device::Cpu)
+            .unwrap()
+            .config
+            .particles,
+        1
+    );
+    assert!(!back.join("checkpoints").exists());
+    let export_again = |force: bool| {
+        let mut cmd = bella();
+        cmd.args(["export-peft", "--adapters"])
+            .arg(&particles)
+            .arg("--out")
+            .arg(&out);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let o = export_again(false);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("already holds a PEFT adapter") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let o = export_again(true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // An adapter with a NaN is refused at import, named, and nothing is written.
+    let damaged = tmp.path().join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::copy(
+        out.join("particle-0").join("adapter_config.json"),
+        damaged.join("adapter_config.json"),
+    )
+    .unwrap();
+    let weights = out.join("particle-0").join(ADAPTER_WEIGHTS_FILE);
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.contains("lora_A"))
+        .unwrap()
+        .clone();
+    let t = &tensors[&key];
+    let nan = (t * f64::NAN).unwrap();
+    tensors.insert(key.clone(), nan);
+    candle_core::safetensors::save(&tensors, damaged.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+    let o = bella()
+        .args(["import-peft", "--peft"])
+        .arg(&damaged)
+        .arg("--out")
+        .arg(tmp.path().join("from-damaged"))
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("NaN") && stderr.contains(&key), "{stderr}");
+    assert!(!tmp
+        .path()
+        .join("from-damaged")
+        .join("bella_config.json")
+        .exists());
+
     let o = bella()
         .args(["export-peft", "--adapters"])
         .arg(tmp.path().join("missing"))

@@ -638,6 +638,13 @@ fn an_absent_share_adds_unanswerable_training_questions_and_changes_nothing_else
         assert!(a[name] == b[name], "{name} changed");
     }
     assert_ne!(a["train.jsonl"], b["train.jsonl"]);
+    // shapes.json records the share, so a report can say which world it describes.
+    for (dir, share) in [(&plain, 0.0), (&mixed, 0.25)] {
+        let meta: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("shapes.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["absent_share"], share);
+    }
 
     for bad in [-0.1, 1.5, f64::NAN] {
         let err = generate(&ShapesOptions {

@@ -14,7 +14,8 @@
 # file; default all), TRAIN_LIMIT (first training questions; default all 3000), CAL_LIMIT
 # (calibration: first validation questions; default all 600), EVAL_EVERY (default 150),
 # VAL_SAMPLE (validation questions of each training evaluation, default 64),
-# METHODS (default "single ensemble svgd svgd-rep").
+# METHODS (default "single ensemble svgd svgd-rep"), ABSENT_SHARE (the share of training scenes
+# with absent-object questions answered "unanswerable", `data shapes --absent-share`; default 0.15).
 # The guaranteed thresholds (Learn then Test at 1/5/10 % risk) are computed by results_seeds.py
 # from the validation answers that bench records (samples.jsonl, split "val").
 # Writes WORK_DIR/world/, WORK_DIR/<method>-s<seed>/ (particles, train_log.jsonl,
@@ -36,9 +37,10 @@ LIMIT_ARGS=() TRAIN_LIMIT_ARGS=() CAL_LIMIT_ARGS=()
 mkdir -p "$WORK"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
-# The world of scripts/demo/particles.sh: seed 11, 15 % absent-object training scenes.
+# The world of scripts/demo/particles.sh: seed 11, 15 % absent-object training scenes (only the
+# training split depends on ABSENT_SHARE: val, test and the OOD splits draw from their own seeds).
 if [ ! -f "$WORK/world/train.jsonl" ]; then
-  $BELLA data shapes --out "$WORK/world" --seed 11 --n 3000 --absent-share 0.15 --quiet
+  $BELLA data shapes --out "$WORK/world" --seed 11 --n 3000 --absent-share "${ABSENT_SHARE:-0.15}" --quiet
 fi
 
 TARGETS="language_model.*.q_proj,language_model.*.k_proj,language_model.*.v_proj,language_model.*.o_proj"

@@ -276,7 +276,11 @@ p("Produced by `scripts/demo/particles_seeds.sh` (training, `calibrate --selecto
 p("temperature, `bench --compare --bootstrap 1000`) and laid out by `scripts/demo/results_seeds.py`.")
 p("Base: `demo/llava`. Particles: rank 8, α 16 on the attention projections of the language model")
 p("and of the vision tower, B ~ N(0, 0.1), lr 2e-3, batch 4, one epoch, on the shapes world of")
-p("`scripts/demo/particles.sh` (seed 11, 15 % absent-object training scenes).")
+world = read_json(work / "world" / "shapes.json") or {}
+world_seed = world.get("seed", "?")
+# Worlds written before shapes.json recorded the share were made with the script's 15 %.
+absent = world.get("absent_share", 0.15)
+p(f"`scripts/demo/particles.sh` (seed {world_seed}, {absent * 100:.0f} % absent-object training scenes).")
 p(f"Seeds: {', '.join(map(str, seeds)) or 'none yet'}.")
 if notes is not None:
     p("How the runs were sized, the choice of the repulsion and the closing note on the targets:")

@@ -380,6 +380,13 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             weights.display(),
             t.dims()
         );
+        let bad = crate::models::weights::count_non_finite(&t)?;
+        ensure!(
+            bad == 0,
+            "{}: {key} holds {bad} NaN or infinite value(s): the adapter is damaged (training \
+             diverged?); retrain it or export it again",
+            weights.display()
+        );
         let t = t.to_dtype(DType::F32)?;
         let slot = halves.entry(hub_module_path(module)).or_default();
         let target = if is_a { &mut slot.0 } else { &mut slot.1 };

@@ -33,7 +33,7 @@
 //!   have an answer on any image and are left out, so this split is smaller than `test`;
 //! - `ood-unanswerable.jsonl`: questions the world cannot answer ("What is the name of the cat?");
 //! - `images/{split}/{index:06}.png` (the mismatched split reuses the test images);
-//! - `shapes.json`: the generator's settings, colours, held-out pairs and split sizes.
+//! - `shapes.json`: the generator's settings (seed, size, absent share), colours, held-out pairs and split sizes.
 //!
 //! Every record carries extra fields: `split`, `family`, `scene_id`, `scene` (the scene the
 //! question was made for: `{"width", "height", "objects": [{"shape", "color", "bbox": [x0, y0, x1,
@@ -484,6 +484,7 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         "format_version": 1,
         "seed": opts.seed,
         "n": opts.n,
+        "absent_share": opts.absent_share,
         "image_size": opts.image_size,
         "background": BACKGROUND,
         "colors": Color::ALL.iter().map(|c| (c.name().to_string(), json!(c.rgb()))).collect::<Map<_, _>>(),
