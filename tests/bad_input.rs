@@ -624,6 +624,28 @@ fn ask_options_out_of_range_name_the_option() {
 }
 
 #[test]
+fn an_answer_longer_than_the_context_names_the_option_and_a_bench_of_nothing_fails() {
+    // The tiny LLaVA has 256 positions; its prompt alone is a few dozen tokens.
+    let err = fails(ask(&["--max-new-tokens", "300"]).arg("What color is the circle?"));
+    assert!(
+        err.contains("256 positions") && err.contains("--max-new-tokens"),
+        "{err}"
+    );
+    // With --skip-bad every question is skipped for it: that measured nothing, so it fails.
+    let data = DataDir::new(&good_lines());
+    let err = fails(&mut bench(
+        &data.data(),
+        &data.out(),
+        &["--skip-bad", "--max-new-tokens", "300"],
+    ));
+    assert!(
+        err.contains("no question could be answered") && err.contains("--max-new-tokens"),
+        "{err}"
+    );
+    assert!(!data.out().join("results.json").exists());
+}
+
+#[test]
 fn bench_counts_of_zero_are_refused() {
     let data = DataDir::new(&good_lines());
     for option in ["--limit", "--max-new-tokens"] {
@@ -648,6 +670,39 @@ fn an_empty_data_file_is_named_and_bench_writes_no_report() {
     let err = fails(&mut train(&data, &[]));
     assert!(
         err.contains("data.jsonl") && err.contains("holds no questions"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_truncated_jpeg_is_refused_as_pillow_refuses_it() {
+    use bella_vqa::models::image::{decode_image, load_image, MAX_IMAGE_PIXELS};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/photo-rocket.jpg");
+    let jpeg = std::fs::read(&path).unwrap();
+    let whole = load_image(&path).unwrap();
+    // The JPEG decoder would fill in the missing rows; the file is refused instead, named.
+    for cut in [700, jpeg.len() / 2, jpeg.len() - 2] {
+        let err = format!(
+            "{:#}",
+            decode_image(&jpeg[..cut], "cut.jpg", MAX_IMAGE_PIXELS).unwrap_err()
+        );
+        assert!(
+            err.contains("cut.jpg") && err.contains("truncated"),
+            "{cut}: {err}"
+        );
+    }
+    // Bytes after the end marker (as some cameras append) are fine, and so is the whole file.
+    let mut trailing = jpeg.clone();
+    trailing.extend_from_slice(b"appended data");
+    let decoded = decode_image(&trailing, "trailing.jpg", MAX_IMAGE_PIXELS).unwrap();
+    assert_eq!(decoded.to_rgb8().as_raw(), whole.to_rgb8().as_raw());
+    // A truncated file given to `ask` fails the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..700]).unwrap();
+    let err = fails(ask_about(&cut, &[]).arg("What is it?"));
+    assert!(
+        err.contains("cut.jpg") && err.contains("truncated"),
         "{err}"
     );
 }

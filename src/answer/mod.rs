@@ -323,7 +323,8 @@ impl BellaVqa {
         if prompt + max_new_tokens > positions {
             bail!(
                 "the prompt is {prompt} tokens (image and template included) and the answer may take \
-                 {max_new_tokens} more, but the model has {positions} positions: shorten the question"
+                 {max_new_tokens} more, but the model has {positions} positions: shorten the question \
+                 or allow fewer answer tokens (--max-new-tokens; max_tokens in a request)"
             );
         }
         Ok(())
@@ -400,6 +401,7 @@ impl BellaVqa {
         if text.is_empty() {
             bail!("the question is empty: ask something about the image");
         }
+        self.check_prompt_fits(text, q.options.max_new_tokens)?;
         let pixels = self.loaded.image_processor()?.preprocess(q.image)?;
         Ok((text, pixels))
     }

@@ -395,6 +395,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let pb = progress_bar(todo.len(), opts.progress);
     let answering = Instant::now();
     let mut answered_now = 0usize;
+    let mut first_skip: Option<String> = None;
     let mut answer_all = || -> Result<()> {
         for (set, k) in &todo {
             let example = &set.examples[*k];
@@ -412,6 +413,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                         bail!("{reason} (--skip-bad skips such questions)");
                     }
                     pb.suspend(|| eprintln!("skipped: {reason}"));
+                    first_skip.get_or_insert_with(|| reason.clone());
                     results::append_line(
                         &skipped_path,
                         &SkippedQuestion {
@@ -454,6 +456,15 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let logged = results::append_line(&opts.out.join(results::RUNS_FILE), &record);
     outcome?;
     logged?;
+    // --skip-bad is for a few bad questions: a run where every one failed has measured nothing
+    // (an option that no question can meet, a wrong image folder).
+    if let (0, 0, Some(reason)) = (resumed, answered_now, &first_skip) {
+        bail!(
+            "no question could be answered: all {} were skipped (see {}); the first: {reason}",
+            todo.len(),
+            skipped_path.display()
+        );
+    }
 
     let (results, written) = finalize(&opts.out, &opts.bootstrap)?;
     Ok(BenchOutcome {

@@ -44,21 +44,9 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// `transformers` apply it).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
-    let open = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
-        let reader = ImageReader::open(path)
-            .with_context(|| format!("cannot open image file {}", path.display()))?
-            .with_guessed_format()
-            .with_context(|| format!("cannot read image file {}", path.display()))?;
-        if reader.format().is_none() {
-            bail!(
-                "{} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})",
-                path.display()
-            );
-        }
-        Ok(reader)
-    };
-    let name = path.display().to_string();
-    decode_checked(open, &name, MAX_IMAGE_PIXELS)
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read image file {}", path.display()))?;
+    decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
 }
 
 /// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
@@ -68,18 +56,63 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
         let reader = ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .with_context(|| format!("cannot read image {name}"))?;
-        if reader.format().is_none() {
-            bail!("{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})");
+        match reader.format() {
+            None => bail!(
+                "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
+            ),
+            // The JPEG decoder fills in what a truncated file lacks; Pillow (and so
+            // `transformers`) refuses such a file, and so do we.
+            Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => bail!(
+                "image {name} is truncated: the JPEG data ends before its end marker (a partial \
+                 download or copy?); fetch or save it again"
+            ),
+            Some(_) => Ok(reader),
         }
-        Ok(reader)
     };
     decode_checked(open, name, max_pixels.min(MAX_IMAGE_PIXELS))
 }
 
+/// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
+/// lengths (so an EXIF thumbnail's own end marker does not count) and the entropy-coded data
+/// after each start of scan, where a marker is 0xFF followed by anything but 0x00 (stuffing),
+/// 0xFF (fill) or a restart marker. Data that does not start as a JPEG is left to the decoder.
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return true;
+    }
+    let mut i = 2;
+    while i + 1 < b.len() {
+        if b[i] != 0xFF || b[i + 1] == 0xFF {
+            i += 1; // padding between segments, fill bytes
+            continue;
+        }
+        let marker = b[i + 1];
+        match marker {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                let Some(len) = b.get(i + 2..i + 4) else {
+                    return false;
+                };
+                i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if marker == 0xDA {
+                    // Entropy-coded data up to the next real marker.
+                    while i + 1 < b.len()
+                        && !(b[i] == 0xFF && !matches!(b[i + 1], 0x00 | 0xFF | 0xD0..=0xD7))
+                    {
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 /// Reads the dimensions first, refuses images over the limits, then decodes with the decoder's
 /// own allocation limits set.
-fn decode_checked<R: std::io::BufRead + std::io::Seek>(
-    open: impl Fn() -> Result<ImageReader<R>>,
+fn decode_checked<'a>(
+    open: impl Fn() -> Result<ImageReader<std::io::Cursor<&'a [u8]>>>,
     name: &str,
     max_pixels: u64,
 ) -> Result<DynamicImage> {

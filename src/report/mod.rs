@@ -384,7 +384,10 @@ pub fn write_report(
         p.answered,
         p.questions,
         if p.skipped > 0 {
-            format!(", {} skipped (unreadable; see skipped.jsonl)", p.skipped)
+            format!(
+                ", {} skipped (could not be answered; see skipped.jsonl)",
+                p.skipped
+            )
         } else {
             String::new()
         },
