@@ -98,7 +98,7 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
                 if marker == 0xDA {
                     // Entropy-coded data up to the next real marker.
                     while i + 1 < b.len()
-                        && !(b[i] == 0xFF && !matches!(b[i + 1], 0x00 | 0xFF | 0xD0..=0xD7))
+                        && (b[i] != 0xFF || matches!(b[i + 1], 0x00 | 0xFF | 0xD0..=0xD7))
                     {
                         i += 1;
                     }
