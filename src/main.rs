@@ -211,6 +211,10 @@ struct ServeArgs {
     /// Largest image in pixels (width × height).
     #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
     max_image_pixels: u64,
+    /// MB that the decoded images of the questions in flight may hold in all (3 bytes a pixel;
+    /// 503 above): bounds the server's memory whatever the clients send.
+    #[arg(long, default_value_t = 1024)]
+    max_image_memory_mb: u64,
     /// Longest question in tokens.
     #[arg(long, default_value_t = 512)]
     max_question_tokens: usize,
@@ -425,6 +429,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         max_question_tokens: args.max_question_tokens,
         max_new_tokens_limit: args.max_new_tokens_limit,
         allow_remote_images: args.allow_remote_images,
+        max_image_memory_bytes: args.max_image_memory_mb.saturating_mul(1024 * 1024),
     };
     // The server listens (with /health saying "loading") while the worker loads the model.
     let (vqa, hub) = (args.vqa.clone(), cli.hub_options());

@@ -597,6 +597,62 @@ fn a_full_queue_answers_503_and_a_deadline_504() {
 }
 
 #[test]
+fn big_images_in_flight_are_bounded_and_a_stalled_body_gets_its_answer() {
+    use std::io::{Read, Write};
+    let server = Server::demo(ServeOptions {
+        max_image_memory_bytes: 1 << 20,
+        timeout: Duration::from_secs(3),
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    // 1000 × 1000 pixels are 3 MB as 8-bit RGB, over the 1 MiB bound: refused with 503, named.
+    let big = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+    image::RgbImage::from_pixel(1000, 1000, image::Rgb([200, 30, 30]))
+        .save(big.path())
+        .unwrap();
+    let (s, retry, t) = post(
+        &server.url,
+        &request(&data_url(big.path()), "What color is the circle?").to_string(),
+        None,
+    );
+    let e = error_of(s, 503, &t);
+    assert!(
+        e["message"].as_str().unwrap().contains("image memory"),
+        "{e}"
+    );
+    assert_eq!(retry.as_deref(), Some("1"));
+    // A small image is answered.
+    let (s, _, t) = post(
+        &server.url,
+        &request(
+            &data_url(&demo_image("red-circle.png")),
+            "What color is the circle?",
+        )
+        .to_string(),
+        None,
+    );
+    assert_eq!(s, 200, "{t}");
+    // A client that announces a body and stops sending gets 504 at the deadline, not silence.
+    let addr = server.url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{{\"a\":"
+    )
+    .unwrap();
+    let mut reply = [0u8; 64];
+    let n = stream
+        .read(&mut reply)
+        .expect("an answer before the read timeout");
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    server.stop().expect("clean stop");
+}
+
+#[test]
 fn health_follows_loading_and_a_failed_load_stops_the_server() {
     let (go_tx, go_rx) = std_mpsc::channel::<()>();
     let server = Server::start(ServeOptions::default(), move || {

@@ -455,6 +455,14 @@ impl ImageProcessor {
         Ok(Tensor::from_vec(all, (imgs.len(), 3, h, w), &Device::Cpu)?)
     }
 
+    /// The image as the first step makes it (8-bit RGB, see [`to_rgb`]): preprocessing the
+    /// result gives exactly what preprocessing `img` gives.
+    pub fn to_rgb8(&self, img: &DynamicImage) -> Result<image::RgbImage> {
+        let rgb = to_rgb(img, self.do_convert_rgb);
+        image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, rgb.data)
+            .context("the RGB conversion made a buffer of the wrong size")
+    }
+
     /// The pixel values after the integer steps (RGB conversion, padding, resizing, cropping):
     /// an 8-bit RGB image, as `transformers` has it just before rescaling.
     pub fn preprocess_u8(&self, img: &DynamicImage) -> Result<RgbU8> {

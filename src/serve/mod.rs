@@ -69,6 +69,9 @@ pub struct ServeOptions {
     pub max_new_tokens_limit: usize,
     /// Fetch `http(s)://` image URLs (public addresses only); off: data URLs only.
     pub allow_remote_images: bool,
+    /// The most memory the decoded images of the questions in flight may hold (8-bit RGB, as
+    /// the image processor reads them); a question whose image would pass it gets 503.
+    pub max_image_memory_bytes: u64,
 }
 
 impl Default for ServeOptions {
@@ -86,6 +89,7 @@ impl Default for ServeOptions {
             max_question_tokens: 512,
             max_new_tokens_limit: 256,
             allow_remote_images: false,
+            max_image_memory_bytes: 1 << 30,
         }
     }
 }
@@ -108,6 +112,9 @@ impl ServeOptions {
         }
         if self.max_image_pixels == 0 {
             anyhow::bail!("--max-image-pixels must be at least 1");
+        }
+        if self.max_image_memory_bytes < 1 << 20 {
+            anyhow::bail!("--max-image-memory-mb must be at least 1");
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             anyhow::bail!("--api-key is empty");
@@ -174,6 +181,8 @@ async fn shutdown_signal() {
 
 struct AppState {
     opts: ServeOptions,
+    /// Permits of [`ServeOptions::max_image_memory_bytes`], one per KiB of decoded image.
+    image_memory: Arc<tokio::sync::Semaphore>,
     jobs: mpsc::Sender<Job>,
     loaded: Loaded,
     metrics: Arc<Metrics>,
@@ -235,7 +244,11 @@ pub async fn serve(
             })
             .context("cannot start the worker thread")?;
     }
+    let kib = usize::try_from(opts.max_image_memory_bytes / 1024)
+        .unwrap_or(usize::MAX)
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
     let state = Arc::new(AppState {
+        image_memory: Arc::new(tokio::sync::Semaphore::new(kib)),
         opts,
         jobs,
         loaded,
@@ -276,6 +289,10 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            within_deadline,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             refuse_when_draining,
         ))
         .layer(DefaultBodyLimit::max(limit))
@@ -285,6 +302,19 @@ fn router(state: Arc<AppState>) -> Router {
             },
         ))
         .with_state(state)
+}
+
+/// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
+/// body slowly or never included (reading the body is part of the request).
+async fn within_deadline(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> HttpResponse {
+    match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),
+    }
 }
 
 async fn refuse_when_draining(
@@ -432,11 +462,33 @@ async fn answer_chat(
         let max_new = options.max_new_tokens;
         tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
             check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
-            read_image(&url, &param, &opts)
+            // Kept as the processor's 8-bit RGB (exactly what it would make of it first): a
+            // 16-bit RGBA upload holds 8 bytes a pixel, this 3.
+            let image = read_image(&url, &param, &opts)?;
+            vqa.model()
+                .image_processor()
+                .and_then(|p| p.to_rgb8(&image))
+                .map(DynamicImage::ImageRgb8)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
     };
+    // Held until the answer: images waiting for the worker stay within the memory bound.
+    let kib = image.as_bytes().len().div_ceil(1024).max(1);
+    let _image_memory = u32::try_from(kib)
+        .ok()
+        .and_then(|k| state.image_memory.clone().try_acquire_many_owned(k).ok())
+        .ok_or_else(|| {
+            ApiError::unavailable(
+                format!(
+                    "the server is busy: the images of the questions in flight fill its image \
+                     memory ({} MiB); retry shortly, or send a smaller image",
+                    state.opts.max_image_memory_bytes >> 20
+                ),
+                1,
+            )
+        })?;
 
     let (reply, answer) = oneshot::channel();
     let job = Job {
