@@ -41,7 +41,23 @@ pub fn directory() -> Result<PathBuf> {
     let root = crate::io::cache_dir();
     let dir = root.join(format!("demo-{}", &digest[..16]));
     if dir.join(".complete").exists() {
-        return Ok(dir);
+        if intact(&dir) {
+            return Ok(dir);
+        }
+        // A damaged copy (a file truncated, edited or removed): written again from the binary.
+        eprintln!(
+            "note: the demo copy in {} was damaged; writing it again",
+            dir.display()
+        );
+        let stale = root.join(format!(".demo-stale-{}", std::process::id()));
+        std::fs::rename(&dir, &stale)
+            .and_then(|()| std::fs::remove_dir_all(&stale))
+            .with_context(|| {
+                format!(
+                    "cannot replace the damaged demo copy {}: remove it by hand",
+                    dir.display()
+                )
+            })?;
     }
     // Write everything into a fresh temporary directory, then rename it into place.
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -65,6 +81,13 @@ pub fn directory() -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Whether every demo file in `dir` still holds what the binary carries.
+fn intact(dir: &std::path::Path) -> bool {
+    files::FILES
+        .iter()
+        .all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|b| b == *bytes))
 }
 
 /// A demo component (`LLAVA`, `CLIP`, `PARTICLES`, …) as a directory.

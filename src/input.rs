@@ -61,7 +61,13 @@ pub fn open(path: &Path, what: &str) -> Result<fs::File> {
 /// Reads a regular file as UTF-8 text (see [`check_regular`]).
 pub fn read_to_string(path: &Path, what: &str) -> Result<String> {
     check_regular(path, what)?;
-    fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+    // A byte-order mark (as Windows editors write) is not part of the text.
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 #[cfg(test)]
@@ -73,6 +79,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.txt");
         fs::write(&file, "hi").unwrap();
+        assert_eq!(read_to_string(&file, "note").unwrap(), "hi");
+        fs::write(&file, "\u{feff}hi").unwrap();
         assert_eq!(read_to_string(&file, "note").unwrap(), "hi");
         let err = format!("{:#}", check_regular(dir.path(), "image").unwrap_err());
         assert!(

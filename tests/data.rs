@@ -218,6 +218,10 @@ fn missing_field_and_wrong_type_name_the_field() {
             json!({"question_id": [1], "image": "images/1.png", "question": "Q?", "answers": ["a"]}),
             "string or an integer",
         ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": "Q?", "answers": ["", "  "]}),
+            "every answer is empty",
+        ),
         (json!(["not", "an", "object"]), "expected a JSON object"),
     ];
     for (value, needle) in cases {

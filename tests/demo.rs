@@ -208,7 +208,21 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
         .collect();
     assert_eq!(dirs.len(), 1);
     assert!(dirs[0].path().join(".complete").exists());
-    assert!(dirs[0].path().join("llava/model.safetensors").exists());
+    let weights = dirs[0].path().join("llava/model.safetensors");
+    assert!(weights.exists());
+    // A damaged copy (here truncated, as a full disk or an interrupted copy leaves it) is
+    // written again from the binary, and the answer is the same.
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let again = ask_embedded(cache.path(), IMAGE);
+    assert_eq!(again["answer"], "red", "{again}");
+    assert_eq!(again["confidence"], v["confidence"], "{again}");
+    assert_eq!(std::fs::metadata(&weights).unwrap().len(), len);
 }
 
 /// Copies the shipped ensemble particles (rank 8, P = 4, on the demo LLaVA) into `dir`.

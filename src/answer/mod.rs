@@ -35,13 +35,17 @@ pub const DEFAULT_RESPONSE_TEMPLATE: &str = include_str!("../../prompts/response
 /// The normalised answer that means "this cannot be answered" (VizWiz, the shapes world).
 pub const UNANSWERABLE: &str = "unanswerable";
 
-/// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped.
+/// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped;
+/// an answer that normalises (VQA) like an earlier one is the same answer and is left out, so
+/// that it does not split the probability of one answer between two lines.
 pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
     let text = crate::input::read_to_string(path, "answer list")?;
+    let mut seen = std::collections::HashSet::new();
     let answers: Vec<String> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter(|l| seen.insert(crate::data::normalize::normalize_answer(l)))
         .map(String::from)
         .collect();
     if answers.is_empty() {
@@ -506,5 +510,26 @@ impl BellaVqa {
             prompt_tokens: scored.prompt_tokens,
             generated_tokens: scored.generated_tokens,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_list_drops_its_byte_order_mark_comments_and_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers.txt");
+        std::fs::write(
+            &path,
+            "\u{feff}red\n# colours\n\nred\n Red \nblue\nthe blue\n",
+        )
+        .unwrap();
+        // "Red" and "the blue" normalise to answers already listed.
+        assert_eq!(read_answer_list(&path).unwrap(), ["red", "blue"]);
+        std::fs::write(&path, "# nothing\n\n").unwrap();
+        let err = format!("{:#}", read_answer_list(&path).unwrap_err());
+        assert!(err.contains("holds no answers"), "{err}");
     }
 }

@@ -1134,7 +1134,18 @@ fn answers(v: &Value) -> Result<Vec<String>, String> {
                 kind(other)
             )),
         })
-        .collect()
+        .collect::<Result<Vec<String>, String>>()
+        .and_then(|answers| {
+            if !answers.is_empty() && answers.iter().all(|a| a.trim().is_empty()) {
+                Err(
+                    "every answer is empty: give the human answers (or [] for a test set \
+                     without answers)"
+                        .into(),
+                )
+            } else {
+                Ok(answers)
+            }
+        })
 }
 
 /// serde_json's message without its " at line L column C" suffix.
