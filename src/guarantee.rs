@@ -91,7 +91,8 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(
             f,
-            "no threshold meets risk {} with confidence 1 − {} on {} questions",
+            "no threshold meets risk {} with confidence 1 − {} on {} questions: allow more risk \
+             (--target-risk), less confidence (--delta), or calibrate on more validation questions",
             self.alpha, self.delta, self.questions
         )
     }
@@ -253,7 +254,8 @@ mod tests {
         let e = learn_then_test(&[0.9, 0.8, 0.7], &[0.0, 0.0, 0.0], 0.05, 0.1).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "no threshold meets risk 0.05 with confidence 1 − 0.1 on 3 questions"
+            "no threshold meets risk 0.05 with confidence 1 − 0.1 on 3 questions: allow more risk \
+             (--target-risk), less confidence (--delta), or calibrate on more validation questions"
         );
     }
 }

@@ -589,8 +589,40 @@ fn train_options_out_of_range_name_the_option() {
         let err = fails(&mut train(&data, args));
         assert!(err.contains(option), "{args:?}: {err}");
         assert!(!err.contains("diverged"), "{args:?} blames training: {err}");
+        // An open upper end is said in words, not as f64::MAX's 309 digits.
+        assert!(err.len() < 400, "{args:?}: {err}");
     }
     assert!(!data.out().join(PARTICLES_FILE).exists());
+    // Targets that match nothing: an example name and the pattern forms, not a Rust Option.
+    let err = fails(&mut train(&data, &["--targets", "nosuchmodule"]));
+    assert!(
+        err.contains("no layer matches")
+            && err.contains("layer names look like \"")
+            && !err.contains("Some("),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_files_and_folders_are_named_for_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let err = fails(ask_about(&empty, &[]).arg("What is it?"));
+    assert!(
+        err.contains("empty.png") && err.contains("is empty"),
+        "{err}"
+    );
+    let err = fails(&mut bench(dir.path(), &dir.path().join("out"), &[]));
+    assert!(err.contains("is a folder"), "{err}");
+    let particles = dir.path().join("particles");
+    particle_set(&particles);
+    std::fs::write(particles.join(CONFIG_FILE), b"").unwrap();
+    let err = particles_err(&particles);
+    assert!(
+        err.contains(CONFIG_FILE) && err.contains("not a valid particle config"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -643,6 +675,26 @@ fn an_answer_longer_than_the_context_names_the_option_and_a_bench_of_nothing_fai
         "{err}"
     );
     assert!(!data.out().join("results.json").exists());
+}
+
+#[test]
+fn a_response_template_that_cannot_render_is_refused_before_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jinja");
+    // Valid syntax; fails only when rendered, and only when abstaining.
+    std::fs::write(
+        &bad,
+        "{% if abstained %}{{ nothing.there }}{% else %}{{ answer }}{% endif %}",
+    )
+    .unwrap();
+    let err = fails(ask(&["--template", bad.to_str().unwrap()]).arg("What color is the circle?"));
+    assert!(
+        err.contains("cannot render a sample response") && err.contains("abstained: true"),
+        "{err}"
+    );
+    let good = dir.path().join("good.jinja");
+    std::fs::write(&good, "{{ answer }}!").unwrap();
+    succeeds(ask(&["--template", good.to_str().unwrap()]).arg("What color is the circle?"));
 }
 
 #[test]

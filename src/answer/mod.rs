@@ -242,10 +242,34 @@ impl BellaVqa {
     }
 
     /// Replaces the response template (minijinja; see `prompts/response.jinja` for the variables).
+    /// It is tried on a sample of every kind of response (answered, abstained, an unfamiliar
+    /// image, "unanswerable"), so a template that cannot render fails here and not at each answer.
     pub fn set_response_template(&mut self, source: &str) -> Result<()> {
         let mut env = minijinja::Environment::new();
         env.add_template_owned("response", source.to_string())
             .context("invalid response template")?;
+        for (abstained, unfamiliar_image, unanswerable) in [
+            (false, false, false),
+            (true, false, false),
+            (true, true, false),
+            (false, false, true),
+        ] {
+            let sample = TemplateFacts {
+                answer: if unanswerable { UNANSWERABLE } else { "red" },
+                confidence: if abstained { 0.3 } else { 0.9 },
+                threshold: 0.5,
+                abstained,
+                unfamiliar_image,
+                unanswerable,
+                question: "What color is the circle?",
+            };
+            render_response(&env, &sample).with_context(|| {
+                format!(
+                    "the response template cannot render a sample response (abstained: \
+                     {abstained}, unfamiliar image: {unfamiliar_image}, unanswerable: {unanswerable})"
+                )
+            })?;
+        }
         self.template = env;
         Ok(())
     }
@@ -469,20 +493,19 @@ impl BellaVqa {
         let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
         let abstained = score < threshold || unfamiliar_image;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
-        let response = self
-            .template
-            .get_template("response")?
-            .render(minijinja::context! {
-                answer => &answer,
-                confidence => agg.confidence,
-                confidence_pct => (agg.confidence * 100.0).round() as i64,
-                threshold => threshold,
-                abstained => abstained,
-                unfamiliar_image => unfamiliar_image,
-                unanswerable => unanswerable,
-                question => question,
-            })
-            .context("rendering the response template")?;
+        let response = render_response(
+            &self.template,
+            &TemplateFacts {
+                answer: &answer,
+                confidence: agg.confidence,
+                threshold,
+                abstained,
+                unfamiliar_image,
+                unanswerable,
+                question,
+            },
+        )
+        .context("rendering the response template")?;
         let mut candidates: Vec<CandidateAnswer> = scored
             .candidates
             .iter()
@@ -511,6 +534,30 @@ impl BellaVqa {
             generated_tokens: scored.generated_tokens,
         })
     }
+}
+
+/// What the response template sees (with `confidence_pct`, the confidence in whole percent).
+struct TemplateFacts<'a> {
+    answer: &'a str,
+    confidence: f64,
+    threshold: f64,
+    abstained: bool,
+    unfamiliar_image: bool,
+    unanswerable: bool,
+    question: &'a str,
+}
+
+fn render_response(env: &minijinja::Environment, f: &TemplateFacts) -> Result<String> {
+    Ok(env.get_template("response")?.render(minijinja::context! {
+        answer => f.answer,
+        confidence => f.confidence,
+        confidence_pct => (f.confidence * 100.0).round() as i64,
+        threshold => f.threshold,
+        abstained => f.abstained,
+        unfamiliar_image => f.unfamiliar_image,
+        unanswerable => f.unanswerable,
+        question => f.question,
+    })?)
 }
 
 #[cfg(test)]

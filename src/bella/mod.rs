@@ -254,10 +254,15 @@ pub fn attach<M: ParticleModel + ?Sized>(
         adapted.push(path);
     }
     if adapted.is_empty() {
+        let example = model
+            .linears()
+            .first()
+            .map(|(n, _)| format!("; layer names look like {n:?}"))
+            .unwrap_or_default();
         bail!(
-            "no layer matches the targets {:?}; layer names look like {:?}",
+            "no layer matches the targets {:?}{example} (patterns: a module name such as q_proj, \
+             or a path with * and layer ranges such as language_model.layers.24-31.*.q_proj)",
             spec.targets,
-            model.linears().first().map(|(n, _)| n.clone())
         );
     }
     Ok(adapted)

@@ -234,13 +234,16 @@ impl ParticleSet {
         })?;
         let config: ParticleConfig =
             serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: invalid key `{}`: {}",
+                .map_err(|e| match e.path().to_string().as_str() {
+                    "." => anyhow::anyhow!(
+                        "{} is not a valid particle config ({}): restore it, or recalibrate or \
+                         retrain into a fresh directory",
                         path.display(),
-                        e.path(),
                         e.inner()
-                    )
+                    ),
+                    key => {
+                        anyhow::anyhow!("{}: invalid key `{key}`: {}", path.display(), e.inner())
+                    }
                 })?;
         config
             .validate()

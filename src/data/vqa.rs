@@ -854,6 +854,11 @@ pub fn read_dataset(
                 ),
             }
         }
+        _ if path.is_dir() => bail!(
+            "{} is a folder: give the data file in it (.jsonl for our JSONL, .json for VQAv2 or \
+             VizWiz)",
+            path.display()
+        ),
         _ => bail!(
             "cannot tell the format of {} from its name: use .jsonl for our JSONL (one question per \
              line), .json for VQAv2 (questions + annotations) or VizWiz",

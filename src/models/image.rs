@@ -52,6 +52,9 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 /// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
 /// [`load_image`] and at most `max_pixels` pixels (≤ [`MAX_IMAGE_PIXELS`]).
 pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<DynamicImage> {
+    if bytes.is_empty() {
+        bail!("image {name} is empty (0 bytes)");
+    }
     let open = || -> Result<ImageReader<std::io::Cursor<&[u8]>>> {
         let reader = ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
@@ -203,6 +206,28 @@ impl Resample {
             Self::Bicubic => 3,
             Self::Box => 4,
             Self::Hamming => 5,
+        }
+    }
+}
+
+/// As `preprocessor_config.json` writes it.
+impl std::fmt::Display for ResizeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            ResizeTarget::ShortestEdge {
+                shortest_edge,
+                longest_edge: None,
+            } => write!(f, "{{\"shortest_edge\": {shortest_edge}}}"),
+            ResizeTarget::ShortestEdge {
+                shortest_edge,
+                longest_edge: Some(longest),
+            } => write!(
+                f,
+                "{{\"shortest_edge\": {shortest_edge}, \"longest_edge\": {longest}}}"
+            ),
+            ResizeTarget::Exact { height, width } => {
+                write!(f, "{{\"height\": {height}, \"width\": {width}}}")
+            }
         }
     }
 }
@@ -506,13 +531,13 @@ impl ImageProcessor {
         };
         if oh == 0 || ow == 0 {
             bail!(
-                "resizing a {width}×{height} image with {:?} gives an empty image",
+                "resizing a {width}×{height} image to {} gives an empty image",
                 self.size
             );
         }
         if oh > MAX_PROCESSED_SIDE || ow > MAX_PROCESSED_SIDE {
             bail!(
-                "resizing a {width}×{height} image with {:?} gives {ow}×{oh}, more than \
+                "resizing a {width}×{height} image to {} gives {ow}×{oh}, more than \
                  {MAX_PROCESSED_SIDE} pixels a side: crop the image to a less extreme aspect ratio",
                 self.size
             );

@@ -14,6 +14,10 @@ fn check_range(option: &str, value: f64, min: f64, min_open: bool, max: f64) -> 
     let low_ok = if min_open { value > min } else { value >= min };
     if !(value.is_finite() && low_ok && value <= max) {
         let low = if min_open { "(" } else { "[" };
+        if max == f64::MAX {
+            let what = if min_open { "above" } else { "at least" };
+            bail!("{option} {value} is out of range: it must be a finite number {what} {min}");
+        }
         bail!("{option} {value} is out of range: it must be a finite number in {low}{min}, {max}]");
     }
     Ok(())
