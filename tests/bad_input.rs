@@ -704,6 +704,16 @@ fn bench_counts_of_zero_are_refused() {
         let err = fails(&mut bench(&data.data(), &data.out(), &[option, "0"]));
         assert!(err.contains(option), "{option}: {err}");
     }
+    // A count that would only burn time: refused at once, not hours later.
+    let err = fails(&mut bench(
+        &data.data(),
+        &data.out(),
+        &["--bootstrap", "100000000"],
+    ));
+    assert!(
+        err.contains("--bootstrap") && err.contains("100000"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

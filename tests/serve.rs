@@ -597,7 +597,7 @@ fn a_full_queue_answers_503_and_a_deadline_504() {
 }
 
 #[test]
-fn big_images_in_flight_are_bounded_and_a_stalled_body_gets_its_answer() {
+fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_answer() {
     use std::io::{Read, Write};
     let server = Server::demo(ServeOptions {
         max_image_memory_bytes: 1 << 20,
@@ -649,6 +649,43 @@ fn big_images_in_flight_are_bounded_and_a_stalled_body_gets_its_answer() {
         .expect("an answer before the read timeout");
     let head = String::from_utf8_lossy(&reply[..n]);
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    // A body announced larger than the limit is refused at once (413), not waited for.
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 999999999999\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let n = stream.read(&mut reply).expect("an answer at once");
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // Headers that never end: the connection is closed a little after the deadline (3 + 5 s),
+    // not held forever.
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n"
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    match stream.read(&mut reply) {
+        Ok(0) => {}
+        Err(e)
+            if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut => {}
+        other => panic!("the stalled connection is still open: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     server.stop().expect("clean stop");
 }
 

@@ -8,6 +8,7 @@
 //! request has a deadline (504), and SIGINT/SIGTERM stop the server gracefully: requests in
 //! flight are answered, new ones get 503. Written only against the crate's public API.
 
+pub mod idle;
 pub mod metrics;
 pub mod openai;
 pub mod worker;
@@ -219,6 +220,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// How much longer than the request deadline a connection may go without moving a byte
+/// ([`idle`]).
+const IDLE_MARGIN: Duration = Duration::from_secs(5);
+
 /// Serves on `listener` until `shutdown` resolves (then drains) or the model fails to load.
 pub async fn serve(
     listener: TcpListener,
@@ -266,6 +271,11 @@ pub async fn serve(
         }
         stopping.draining.store(true, Ordering::SeqCst);
     };
+    // A connection may stall a little longer than the deadline every request meets.
+    let listener = idle::IdleLimitListener {
+        listener,
+        idle: state.opts.timeout + IDLE_MARGIN,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(graceful)
         .await
@@ -305,12 +315,20 @@ fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
-/// body slowly or never included (reading the body is part of the request).
+/// body slowly or never included (reading the body is part of the request). A body announced
+/// larger than `--max-body-mb` is refused before it is read.
 async fn within_deadline(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> HttpResponse {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > state.opts.max_body_bytes as u64) {
+        return ApiError::too_large(state.opts.max_body_bytes).into_response();
+    }
     match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),

@@ -1,0 +1,169 @@
+//! Connections that make no progress are closed: a client that stops sending its request (or
+//! stops reading its answer) for longer than the idle limit loses the connection, so stalled
+//! clients cannot hold the server's sockets forever. The limit is longer than the request
+//! deadline, which every answer meets, so a connection waiting for its answer is never cut.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+/// A TCP listener whose connections are [`IdleLimited`].
+pub struct IdleLimitListener {
+    pub listener: TcpListener,
+    pub idle: Duration,
+}
+
+impl axum::serve::Listener for IdleLimitListener {
+    type Io = IdleLimited<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        (IdleLimited::new(io, self.idle), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection that fails with `TimedOut` once neither a read nor a write has moved a byte
+/// for `idle` while one of them was waiting.
+pub struct IdleLimited<T> {
+    inner: T,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> IdleLimited<T> {
+    pub fn new(inner: T, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn progressed(&mut self) {
+        let next = Instant::now() + self.idle;
+        self.timer.as_mut().reset(next);
+    }
+
+    /// The inner I/O is waiting: fails once the idle limit has passed.
+    fn poll_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client made no progress for {:?}", self.idle),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Passes a write's result on, resetting the timer when bytes moved.
+    fn on_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.poll_stalled(cx),
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleLimited<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.progressed();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.poll_stalled(cx),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleLimited<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.on_write(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.on_write(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.poll_stalled(cx),
+            r => r,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Pending => this.poll_stalled(cx),
+            r => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_peer_times_out_and_progress_resets_the_clock() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleLimited::new(near, Duration::from_secs(10));
+        let mut buf = [0u8; 8];
+        // Bytes every 6 s keep it alive past 10 s in all.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(6)).await;
+            far.write_all(b"x").await.unwrap();
+            assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        }
+        // Then silence: the read fails once 10 s have passed without a byte.
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}
