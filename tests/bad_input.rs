@@ -504,6 +504,22 @@ fn bad_particle_configs_name_the_file_and_field() {
 }
 
 #[test]
+fn factors_the_config_does_not_list_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    particle_set(dir.path());
+    let path = dir.path().join(PARTICLES_FILE);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let stray = tensors.values().next().unwrap().clone();
+    tensors.insert("bogus.bella_A".into(), stray);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = particles_err(dir.path());
+    assert!(
+        err.contains("bogus.bella_A") && err.contains("does not list"),
+        "{err}"
+    );
+}
+
+#[test]
 fn nan_in_particle_weights_names_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     particle_set(dir.path());

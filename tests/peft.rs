@@ -650,6 +650,21 @@ fn cli_exports_and_imports() {
     let o = export_again(true);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // The same adapter twice is not two particles.
+    let o = bella()
+        .args(["import-peft", "--peft"])
+        .arg(out.join("particle-0"))
+        .arg(out.join("particle-1").join("..").join("particle-0"))
+        .arg("--out")
+        .arg(tmp.path().join("twice"))
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("are the same adapter"), "{stderr}");
+
     // An adapter with a NaN is refused at import, named, and nothing is written.
     let damaged = tmp.path().join("damaged");
     std::fs::create_dir_all(&damaged).unwrap();

@@ -302,6 +302,18 @@ impl ParticleSet {
             }
             adapters.push((name.clone(), adapter));
         }
+        let listed: std::collections::HashSet<String> = config
+            .layers
+            .iter()
+            .flat_map(|n| [format!("{n}.bella_A"), format!("{n}.bella_B")])
+            .collect();
+        if let Some(extra) = tensors.keys().find(|k| !listed.contains(*k)) {
+            bail!(
+                "{} holds the tensor {extra}, which {CONFIG_FILE} does not list: the config and the \
+                 factors do not belong together; restore both from one training run",
+                path.display()
+            );
+        }
         Ok(Self { config, adapters })
     }
 

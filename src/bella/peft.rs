@@ -442,6 +442,18 @@ pub fn import_peft(dir: &Path) -> Result<ParticleSet> {
 /// Reads several PEFT LoRA adapters (same layers, rank, alpha and base model) as the particles
 /// of one set, in the order given.
 pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
+    // The same adapter twice would be two identical particles: no spread, no epistemic signal.
+    let mut seen = std::collections::HashMap::new();
+    for dir in dirs {
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        if let Some(first) = seen.insert(key, dir) {
+            bail!(
+                "{} and {} are the same adapter: each particle needs its own",
+                first.display(),
+                dir.display()
+            );
+        }
+    }
     let adapters = dirs
         .iter()
         .map(|d| read_peft_dir(d))

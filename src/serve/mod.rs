@@ -5,8 +5,10 @@
 //! Shape (design §11): an async front (axum on tokio) checks and decodes requests; one worker
 //! thread ([`worker`]) owns the model and answers whatever is waiting as one batch; results come
 //! back on one-shot channels. The queue is bounded (503 with `Retry-After` when full), every
-//! request has a deadline (504), and SIGINT/SIGTERM stop the server gracefully: requests in
-//! flight are answered, new ones get 503. Written only against the crate's public API.
+//! request has a deadline (504), a connection that stalls is closed ([`idle`]), the decoded
+//! images in flight are bounded, and SIGINT/SIGTERM stop the server gracefully: requests in
+//! flight are answered, new requests on open connections get 503 and new connections are refused.
+//! Written only against the crate's public API.
 
 pub mod idle;
 pub mod metrics;
