@@ -550,6 +550,21 @@ fn bella() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
 }
 
+/// `import-peft` of `peft` into `out` (against the tiny LLaVA), with `--force` when asked.
+fn import_peft_cli(peft: &[PathBuf], out: &Path, force: bool) -> std::process::Output {
+    let mut cmd = bella();
+    cmd.args(["import-peft", "--peft"])
+        .args(peft)
+        .arg("--out")
+        .arg(out)
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"));
+    if force {
+        cmd.arg("--force");
+    }
+    cmd.output().unwrap()
+}
+
 #[test]
 fn cli_exports_and_imports() {
     let tmp = tempfile::tempdir().unwrap();
@@ -574,16 +589,8 @@ fn cli_exports_and_imports() {
     assert!(out.join("particle-1").join(ADAPTER_WEIGHTS_FILE).is_file());
 
     let back = tmp.path().join("back");
-    let o = bella()
-        .args(["import-peft", "--peft"])
-        .arg(out.join("particle-0"))
-        .arg(out.join("particle-1"))
-        .arg("--out")
-        .arg(&back)
-        .arg("--model")
-        .arg(fixture("llava-tiny-hub"))
-        .output()
-        .unwrap();
+    let both = [out.join("particle-0"), out.join("particle-1")];
+    let o = import_peft_cli(&both, &back, false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let loaded = ParticleSet::load(&back, &Device::Cpu).unwrap();
     assert_same_factors(&set, &loaded);
@@ -592,19 +599,7 @@ fn cli_exports_and_imports() {
         .unwrap();
 
     // Finished work is not replaced without --force: a calibrated particle set, exported adapters.
-    let import_again = |force: bool| {
-        let mut cmd = bella();
-        cmd.args(["import-peft", "--peft"])
-            .arg(out.join("particle-0"))
-            .arg("--out")
-            .arg(&back)
-            .arg("--model")
-            .arg(fixture("llava-tiny-hub"));
-        if force {
-            cmd.arg("--force");
-        }
-        cmd.output().unwrap()
-    };
+    let import_again = |force: bool| import_peft_cli(&both[..1], &back, force);
     let before = std::fs::read(back.join("bella_config.json")).unwrap();
     let o = import_again(false);
     assert!(!o.status.success());
@@ -651,16 +646,11 @@ fn cli_exports_and_imports() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The same adapter twice is not two particles.
-    let o = bella()
-        .args(["import-peft", "--peft"])
-        .arg(out.join("particle-0"))
-        .arg(out.join("particle-1").join("..").join("particle-0"))
-        .arg("--out")
-        .arg(tmp.path().join("twice"))
-        .arg("--model")
-        .arg(fixture("llava-tiny-hub"))
-        .output()
-        .unwrap();
+    let twice = [
+        out.join("particle-0"),
+        out.join("particle-1").join("..").join("particle-0"),
+    ];
+    let o = import_peft_cli(&twice, &tmp.path().join("twice"), false);
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("are the same adapter"), "{stderr}");
@@ -684,15 +674,7 @@ fn cli_exports_and_imports() {
     let nan = (t * f64::NAN).unwrap();
     tensors.insert(key.clone(), nan);
     candle_core::safetensors::save(&tensors, damaged.join(ADAPTER_WEIGHTS_FILE)).unwrap();
-    let o = bella()
-        .args(["import-peft", "--peft"])
-        .arg(&damaged)
-        .arg("--out")
-        .arg(tmp.path().join("from-damaged"))
-        .arg("--model")
-        .arg(fixture("llava-tiny-hub"))
-        .output()
-        .unwrap();
+    let o = import_peft_cli(&[damaged], &tmp.path().join("from-damaged"), false);
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("NaN") && stderr.contains(&key), "{stderr}");
