@@ -618,3 +618,32 @@ fn llava_pixel_values_equal_transformers() {
         }
     }
 }
+
+/// The server keeps uploads as `into_rgb8` makes them (3 bytes a pixel instead of up to 8):
+/// preprocessing that gives exactly what preprocessing the decoded image gives.
+#[test]
+fn the_kept_rgb8_preprocesses_exactly_like_the_decoded_image() {
+    let p = ImageProcessor::from_json(&json!({
+        "do_resize": true, "size": {"shortest_edge": 7}, "do_center_crop": true,
+        "crop_size": {"height": 7, "width": 7}, "do_pad": true,
+        "image_processor_type": "LlavaImageProcessor"
+    }))
+    .unwrap();
+    let rgba = ImageBuffer::from_fn(9, 5, |x, y| {
+        Rgba([(x * 28) as u8, (y * 50) as u8, 90, (x * 31 + y * 7) as u8])
+    });
+    let rgb16 = ImageBuffer::from_fn(5, 9, |x, y| {
+        Rgb([(x * 13_000) as u16, (y * 7_000) as u16, 40_000u16])
+    });
+    for img in [
+        DynamicImage::ImageRgba8(rgba),
+        DynamicImage::ImageRgb16(rgb16),
+        DynamicImage::ImageLumaA8(ImageBuffer::from_fn(6, 6, |x, y| {
+            image::LumaA([(x * 40) as u8, (y * 40) as u8])
+        })),
+    ] {
+        let direct = p.preprocess_u8(&img).unwrap();
+        let kept = DynamicImage::ImageRgb8(p.into_rgb8(img).unwrap());
+        assert_eq!(p.preprocess_u8(&kept).unwrap(), direct);
+    }
+}

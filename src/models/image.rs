@@ -482,8 +482,11 @@ impl ImageProcessor {
 
     /// The image as the first step makes it (8-bit RGB, see [`to_rgb`]): preprocessing the
     /// result gives exactly what preprocessing `img` gives.
-    pub fn to_rgb8(&self, img: &DynamicImage) -> Result<image::RgbImage> {
-        let rgb = to_rgb(img, self.do_convert_rgb);
+    pub fn into_rgb8(&self, img: DynamicImage) -> Result<image::RgbImage> {
+        if let DynamicImage::ImageRgb8(rgb) = img {
+            return Ok(rgb);
+        }
+        let rgb = to_rgb(&img, self.do_convert_rgb);
         image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, rgb.data)
             .context("the RGB conversion made a buffer of the wrong size")
     }

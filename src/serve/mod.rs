@@ -487,7 +487,7 @@ async fn answer_chat(
             let image = read_image(&url, &param, &opts)?;
             vqa.model()
                 .image_processor()
-                .and_then(|p| p.to_rgb8(&image))
+                .and_then(|p| p.into_rgb8(image))
                 .map(DynamicImage::ImageRgb8)
                 .map_err(|e| ApiError::internal(format!("{e:#}")))
         })
