@@ -121,31 +121,28 @@ enum Destination {
 }
 
 fn destination(path: &Path) -> Result<Destination> {
-    let classify = |target: PathBuf| -> Result<Destination> {
-        match fs::metadata(&target) {
-            Ok(m) if m.is_dir() => bail!(
-                "{} is a folder; give the path of a file to write",
-                target.display()
-            ),
-            Ok(m) if !m.is_file() => Ok(Destination::Special(target)),
-            _ => Ok(Destination::File(target)),
+    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!(
+            "{} is a folder; give the path of a file to write",
+            path.display()
+        ),
+        // Opened through `path`: /dev/stdout is a link to a pipe that has no path of its own.
+        Ok(m) if !m.is_file() => Ok(Destination::Special(path.to_path_buf())),
+        Ok(_) if is_link => Ok(Destination::File(
+            fs::canonicalize(path)
+                .with_context(|| format!("cannot resolve the link {}", path.display()))?,
+        )),
+        // A dangling link: the file it names is created.
+        Err(_) if is_link => {
+            let link = fs::read_link(path)
+                .with_context(|| format!("cannot read the link {}", path.display()))?;
+            Ok(Destination::File(match parent_of(path) {
+                Some(dir) if link.is_relative() => dir.join(link),
+                _ => link,
+            }))
         }
-    };
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => match fs::canonicalize(path) {
-            Ok(target) => classify(target),
-            // A dangling link: the file it names is created.
-            Err(_) => {
-                let link = fs::read_link(path)
-                    .with_context(|| format!("cannot read the link {}", path.display()))?;
-                let target = match parent_of(path) {
-                    Some(dir) if link.is_relative() => dir.join(link),
-                    _ => link,
-                };
-                Ok(Destination::File(target))
-            }
-        },
-        _ => classify(path.to_path_buf()),
+        _ => Ok(Destination::File(path.to_path_buf())),
     }
 }
 
@@ -569,6 +566,16 @@ mod tests {
         assert_eq!(reader.join().unwrap(), b"through the pipe");
         use std::os::unix::fs::FileTypeExt;
         assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        // Through a link to the pipe, as /dev/stdout is one.
+        let stdout_like = dir.path().join("stdout");
+        std::os::unix::fs::symlink(&fifo, &stdout_like).unwrap();
+        let reader = std::thread::spawn(move || fs::read(fifo).unwrap());
+        write_stream_atomically(&stdout_like, |w| Ok(w.write_all(b"streamed")?)).unwrap();
+        assert_eq!(reader.join().unwrap(), b"streamed");
+        assert!(fs::symlink_metadata(&stdout_like)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
