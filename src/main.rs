@@ -304,6 +304,10 @@ struct TrainArgs {
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Train over a particle set already in --out that has no checkpoint to resume (its
+    /// particles and calibration are replaced).
+    #[arg(long)]
+    force: bool,
     /// Evaluate every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: u64,
@@ -756,6 +760,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let run = RunOptions {
         out: args.out.clone(),
         resume: args.resume,
+        force: args.force,
         eval_every: args.eval_every,
         val_sample: args.val_sample,
         checkpoint_every: args.checkpoint_every,

@@ -620,6 +620,20 @@ fn train_options_out_of_range_name_the_option() {
 }
 
 #[test]
+fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
+    let data = DataDir::new(&good_lines());
+    // A prior this narrow makes the loss infinite at the first step.
+    let err = fails(&mut train(&data, &["--prior-std", "1e-30"]));
+    assert!(
+        err.contains("diverged at step 0")
+            && err.contains("--prior-std")
+            && err.contains("no checkpoint was written yet"),
+        "{err}"
+    );
+    assert!(!data.out().join(PARTICLES_FILE).exists());
+}
+
+#[test]
 fn empty_files_and_folders_are_named_for_what_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.png");

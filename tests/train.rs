@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use bella_vqa::bella::particles::ParticleSet;
+use bella_vqa::bella::particles::{ParticleSet, PARTICLES_FILE};
 use bella_vqa::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
 use bella_vqa::data::shapes::{generate, ShapesOptions};
 use bella_vqa::data::{read_jsonl, ReadOptions, VqaExample};
@@ -53,6 +53,7 @@ fn run(out: &Path, max_steps: Option<u64>, resume: bool) -> RunOptions {
     RunOptions {
         out: out.to_path_buf(),
         resume,
+        force: false,
         eval_every: 2,
         val_sample: 2,
         checkpoint_every: 3,
@@ -312,6 +313,58 @@ fn resuming_equals_an_uninterrupted_run() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("other training options"), "{err}");
+}
+
+#[test]
+fn finished_particles_are_not_trained_over_and_resume_needs_a_checkpoint() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    let attempt = |out: &Path, resume: bool, force: bool| {
+        let mut loaded = load_model("llava-tiny-hub");
+        let run = RunOptions {
+            force,
+            ..run(out, Some(3), resume)
+        };
+        train::train(
+            &mut loaded,
+            &train_data,
+            &val,
+            &options(Method::Ensemble),
+            &run,
+        )
+    };
+    // --resume with nothing to continue fails instead of starting over.
+    let empty = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", attempt(empty.path(), true, false).unwrap_err());
+    assert!(err.contains("holds no checkpoint"), "{err}");
+
+    // A run; then its checkpoints are deleted (to save space): the particles stay safe.
+    let out = tempfile::tempdir().unwrap();
+    attempt(out.path(), false, false).unwrap();
+    let finished = std::fs::read(out.path().join(PARTICLES_FILE)).unwrap();
+    let checkpoints = out.path().join("checkpoints");
+    let committed = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
+    // First only `latest` is lost: resuming names the checkpoint left and deletes nothing.
+    std::fs::remove_file(checkpoints.join("latest")).unwrap();
+    let err = format!("{:#}", attempt(out.path(), true, false).unwrap_err());
+    assert!(
+        err.contains("checkpoints/latest") && err.contains(committed.trim()),
+        "{err}"
+    );
+    assert!(checkpoints.join(committed.trim()).is_dir());
+    std::fs::remove_dir_all(&checkpoints).unwrap();
+    let err = format!("{:#}", attempt(out.path(), false, false).unwrap_err());
+    assert!(
+        err.contains("already holds a particle set") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join(PARTICLES_FILE)).unwrap(),
+        finished
+    );
+    // --force trains over them.
+    attempt(out.path(), false, true).unwrap();
+    assert!(checkpoints.join("latest").exists());
 }
 
 #[test]

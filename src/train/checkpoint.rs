@@ -86,19 +86,13 @@ pub fn save(
 /// Removes every checkpoint directory except the committed one and the newest before it.
 pub fn prune(out: &Path) -> Result<()> {
     let root = checkpoints_dir(out);
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return Ok(());
-    };
     let committed = latest(out)?
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
+    let names: Vec<String> = step_dirs(out)
+        .iter()
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
-    names.sort();
     let previous = names
         .iter()
         .rfind(|n| n.as_str() < committed.as_str())
@@ -109,6 +103,21 @@ pub fn prune(out: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The checkpoint directories in `out` (`step-*`), oldest first, committed or not.
+pub fn step_dirs(out: &Path) -> Vec<PathBuf> {
+    let root = checkpoints_dir(out);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 /// The committed checkpoint, if any.

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::answer::candidates::clip_candidates;
 use crate::answer::generate::{generate, GenerateOptions, Sampling};
-use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use crate::bella::particles::{
+    hash_weights, BaseModel, ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE,
+};
 use crate::bella::svgd::{
     delta_w_sq_distances, svgd_direction_weighted, KernelSpace, LayerFactors,
 };
@@ -149,6 +151,8 @@ impl TrainOptions {
 pub struct RunOptions {
     pub out: PathBuf,
     pub resume: bool,
+    /// Train over a particle set in `out` that has no committed checkpoint.
+    pub force: bool,
     /// Evaluate on the validation sample every this many steps (and at the end).
     pub eval_every: u64,
     /// Questions of the validation set used for the running evaluation.
@@ -358,6 +362,39 @@ fn fingerprint(train: &[VqaExample]) -> Result<checkpoint::DataFingerprint> {
     })
 }
 
+/// `out` has no committed checkpoint: `--resume` has nothing to continue, and finished work
+/// there (a particle set, perhaps calibrated; uncommitted checkpoints) is not trained over
+/// without `--force`.
+fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
+    let out = &run.out;
+    let steps = checkpoint::step_dirs(out);
+    if run.resume {
+        match steps.last() {
+            Some(newest) => bail!(
+                "--resume: {} has checkpoints but no checkpoints/latest naming the committed one; \
+                 if {} is the one to continue, write its name into checkpoints/latest and resume again",
+                out.display(),
+                newest.display()
+            ),
+            None => bail!(
+                "--resume: {} holds no checkpoint to continue; start without --resume",
+                out.display()
+            ),
+        }
+    }
+    let set = [PARTICLES_FILE, CONFIG_FILE]
+        .iter()
+        .any(|f| out.join(f).exists());
+    if (set || !steps.is_empty()) && !run.force {
+        bail!(
+            "{} already holds a particle set (or checkpoints) that training would replace: choose \
+             another --out, or pass --force to train over it",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// What differs between a checkpoint and the run asked to resume it, one line each.
 fn resume_differences(
     ck: &checkpoint::Loaded,
@@ -466,8 +503,11 @@ pub fn train(
 
     // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
     crate::io::create_dir_all(&run.out)?;
-    checkpoint::prune(&run.out)?;
     let existing = checkpoint::latest(&run.out)?;
+    if existing.is_none() {
+        check_nothing_to_lose(run)?;
+    }
+    checkpoint::prune(&run.out)?;
     let (params, mut optimizer, start_step) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
@@ -480,6 +520,13 @@ pub fn train(
                 );
             }
             checkpoint::publish(&run.out, &dir)?;
+            if run.progress {
+                eprintln!(
+                    "resuming from step {} of {total_steps} ({})",
+                    ck.state.step,
+                    dir.display()
+                );
+            }
             ck.set.attach_to(model)?;
             let params = Params::install(model)?;
             let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
@@ -579,9 +626,17 @@ pub fn train(
         let loss = per_particle.sum_all()?;
         let loss_value = loss.to_scalar::<f32>()? as f64 / p as f64;
         if !loss_value.is_finite() {
+            let kept = match checkpoint::latest(&run.out)? {
+                Some(dir) => format!(
+                    "the last good particles are in {} (checkpoint {})",
+                    run.out.display(),
+                    dir.display()
+                ),
+                None => "no checkpoint was written yet".to_string(),
+            };
             bail!(
-                "training diverged at step {step} (loss {loss_value}): lower --lr; the last good particles are in {}",
-                run.out.display()
+                "training diverged at step {step} (loss {loss_value}): lower --lr, or check --alpha, \
+                 --init-b-std and --prior-std (and try --dtype bf16 or f32 after f16); {kept}"
             );
         }
         let grads = loss.backward()?;

@@ -262,6 +262,7 @@ pub fn train_briefly_and_check_the_loss_falls(
     let run = RunOptions {
         out: out.path().to_path_buf(),
         resume: false,
+        force: false,
         eval_every: 4,
         val_sample: 2,
         checkpoint_every: 100,
