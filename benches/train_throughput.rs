@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         let run = RunOptions {
             out: out.path().to_path_buf(),
             resume: false,
+            force: false,
             eval_every: u64::MAX,
             val_sample: 0,
             checkpoint_every: u64::MAX,

@@ -316,7 +316,7 @@ fn resuming_equals_an_uninterrupted_run() {
 }
 
 #[test]
-fn finished_particles_are_not_trained_over_and_resume_needs_a_checkpoint() {
+fn finished_particles_without_their_checkpoints_are_not_trained_over() {
     let data_dir = tempfile::tempdir().unwrap();
     let (train_data, val) = shapes(data_dir.path(), 16);
     let attempt = |out: &Path, resume: bool, force: bool| {
@@ -333,29 +333,27 @@ fn finished_particles_are_not_trained_over_and_resume_needs_a_checkpoint() {
             &run,
         )
     };
-    // --resume with nothing to continue fails instead of starting over.
-    let empty = tempfile::tempdir().unwrap();
-    let err = format!("{:#}", attempt(empty.path(), true, false).unwrap_err());
-    assert!(err.contains("holds no checkpoint"), "{err}");
-
-    // A run; then its checkpoints are deleted (to save space): the particles stay safe.
+    // A run; then its checkpoints are lost: the particles stay safe.
     let out = tempfile::tempdir().unwrap();
     attempt(out.path(), false, false).unwrap();
     let finished = std::fs::read(out.path().join(PARTICLES_FILE)).unwrap();
     let checkpoints = out.path().join("checkpoints");
     let committed = std::fs::read_to_string(checkpoints.join("latest")).unwrap();
-    // First only `latest` is lost: resuming names the checkpoint left and deletes nothing.
+    // First only `latest`: resuming names the checkpoint left, and prunes nothing.
     std::fs::remove_file(checkpoints.join("latest")).unwrap();
     let err = format!("{:#}", attempt(out.path(), true, false).unwrap_err());
     assert!(
-        err.contains("checkpoints/latest") && err.contains(committed.trim()),
+        err.contains("no committed checkpoint to resume")
+            && err.contains("checkpoints/latest")
+            && err.contains(committed.trim()),
         "{err}"
     );
     assert!(checkpoints.join(committed.trim()).is_dir());
+    // Then all of them (deleted to save space): a new run does not replace the particles.
     std::fs::remove_dir_all(&checkpoints).unwrap();
     let err = format!("{:#}", attempt(out.path(), false, false).unwrap_err());
     assert!(
-        err.contains("already holds a particle set") && err.contains("--force"),
+        err.contains("holds particles but no committed checkpoint") && err.contains("--force"),
         "{err}"
     );
     assert_eq!(

@@ -362,35 +362,33 @@ fn fingerprint(train: &[VqaExample]) -> Result<checkpoint::DataFingerprint> {
     })
 }
 
-/// `out` has no committed checkpoint: `--resume` has nothing to continue, and finished work
-/// there (a particle set, perhaps calibrated; uncommitted checkpoints) is not trained over
-/// without `--force`.
+/// `out` has no committed checkpoint. Checkpoint directories there without one are what a kill
+/// before the first commit leaves (pruned; the run starts at step 0, as `--resume` after such a
+/// kill must). But particles at the top of `out` mean finished work (perhaps calibrated) whose
+/// checkpoints were lost or deleted: not trained over without `--force`.
 fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
     let out = &run.out;
-    let steps = checkpoint::step_dirs(out);
-    if run.resume {
-        match steps.last() {
-            Some(newest) => bail!(
-                "--resume: {} has checkpoints but no checkpoints/latest naming the committed one; \
-                 if {} is the one to continue, write its name into checkpoints/latest and resume again",
-                out.display(),
-                newest.display()
-            ),
-            None => bail!(
-                "--resume: {} holds no checkpoint to continue; start without --resume",
-                out.display()
-            ),
-        }
-    }
     let set = [PARTICLES_FILE, CONFIG_FILE]
         .iter()
         .any(|f| out.join(f).exists());
-    if (set || !steps.is_empty()) && !run.force {
+    if set && !run.force {
+        let left = match checkpoint::step_dirs(out).last() {
+            Some(newest) => format!(
+                " (if {} is the checkpoint to continue, write its name into checkpoints/latest and \
+                 resume)",
+                newest.display()
+            ),
+            None => String::new(),
+        };
         bail!(
-            "{} already holds a particle set (or checkpoints) that training would replace: choose \
-             another --out, or pass --force to train over it",
-            out.display()
+            "{} holds particles but no committed checkpoint{}: training would replace them; \
+             choose another --out, or pass --force to train over them{left}",
+            out.display(),
+            if run.resume { " to resume" } else { "" }
         );
+    }
+    if run.resume && run.progress {
+        eprintln!("nothing to resume in {}: starting at step 0", out.display());
     }
     Ok(())
 }
