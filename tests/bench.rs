@@ -505,6 +505,35 @@ fn an_interrupted_run_resumes_without_losing_or_duplicating_answers() {
         bench::run(&base, &base_spec, &options(out.path())).unwrap_err()
     );
     assert!(e.contains("adapters"), "{e}");
+    // Another compute dtype is another run too.
+    let bf16 = BellaVqa::load(
+        &source(),
+        None,
+        &LoadOptions {
+            compute: bella_vqa::models::compute::ComputeOptions {
+                dtype: bella_vqa::models::compute::DTypeChoice::Bf16,
+                ..Default::default()
+            },
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        bench::run(&bf16, &base_spec, &options(out.path())).unwrap_err()
+    );
+    assert!(e.contains("compute_dtype"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // Answers without the configuration that says how they were made are not continued.
+    std::fs::remove_file(out.path().join("bench_config.json")).unwrap();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &options(out.path())).unwrap_err()
+    );
+    assert!(
+        e.contains("holds answers") && e.contains("bench_config.json"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 

@@ -81,6 +81,10 @@ pub struct ModelRecord {
     /// `--quantize` (`q8_0`, `q4k`, `+vision` with `--quantize-vision`); absent: a dense base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// The dtype the model computed in (`--dtype`, resolved): answers in another one are not
+    /// mixed into the same run.
+    #[serde(default)]
+    pub compute_dtype: String,
 }
 
 /// The particle directory.

@@ -267,6 +267,7 @@ pub(crate) fn run_config(
                 .quantization
                 .as_ref()
                 .map(|q| format!("{}{}", q.kind, if q.vision { "+vision" } else { "" })),
+            compute_dtype: loaded.info.compute_dtype.as_str().to_string(),
         },
         adapters,
         data: sets.iter().map(|s| s.record.clone()).collect(),
@@ -289,6 +290,16 @@ pub(crate) fn run_config(
 /// Writes the configuration, or checks it against the one already in `out` (a restart).
 fn check_or_write_config(out: &Path, config: &mut RunConfig) -> Result<()> {
     let path = out.join(config::CONFIG_FILE);
+    let samples = out.join(SAMPLES_FILE);
+    if !path.exists() && samples.metadata().is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "{} holds answers ({}) but no {} saying how they were made, so they cannot be \
+             continued: use another --out, or delete the directory to start over",
+            out.display(),
+            samples.display(),
+            config::CONFIG_FILE
+        );
+    }
     if path.exists() {
         let old = RunConfig::read(out)?;
         let diffs = old.differences(config, true, false);
