@@ -292,14 +292,22 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
         required: true,
     });
     opts.dry_run = false;
+    // A 20 % false-alarm rate leaves too few answerable questions for 90 % coverage: refused,
+    // not stored as met.
+    let e = format!(
+        "{:#}",
+        calibrate(&vqa, particles.path(), &opts).unwrap_err()
+    );
+    assert!(e.contains("coverage 90.0 % cannot be met"), "{e}");
+    opts.objective = Objective::TargetCoverage(0.85);
     let outcome = calibrate(&vqa, particles.path(), &opts).unwrap();
     let check = outcome.abstention.image_check.clone().unwrap();
     // Every distinct validation image was used once: half to fit, half to calibrate.
     assert_eq!(check.fit_images + check.calibration_images, distinct.len());
     assert_eq!(check.fit_images, distinct.len().div_ceil(2));
     assert_eq!(check.dim(), 128, "the demo LLaVA's text hidden size");
-    // Answered at least 90 % of all validation questions, the flagged ones included.
-    assert!(outcome.coverage >= 0.9, "{outcome:?}");
+    // Answered at least 85 % of all validation questions, the flagged ones included.
+    assert!(outcome.coverage >= 0.85, "{outcome:?}");
     let flagged = outcome.image_flagged.unwrap();
     assert!(flagged.val < 0.2, "{flagged:?}");
 

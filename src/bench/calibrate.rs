@@ -460,7 +460,20 @@ pub fn calibrate(
         (Objective::TargetCoverage(c), Some(check)) => {
             let flagged = 1.0 - kept.len() as f64 / n;
             let declined = check.expected_false_alarms().max(flagged);
-            Objective::TargetCoverage((c / (1.0 - declined)).min(1.0))
+            // Coverage lost to the check that no threshold can win back (beyond rounding).
+            if c > (1.0 - declined) + 1e-9 {
+                bail!(
+                    "coverage {:.1} % cannot be met: the image check declines {:.1} % of the \
+                     validation questions (false-alarm rate {}), so at most {:.1} % can be \
+                     answered; lower --target-coverage, or choose a smaller --image-check-alpha (or \
+                     --no-image-check)",
+                    c * 100.0,
+                    declined * 100.0,
+                    check.alpha,
+                    (1.0 - declined) * 100.0
+                );
+            }
+            Objective::TargetCoverage(c / (1.0 - declined))
         }
         (other, _) => other,
     };
