@@ -730,7 +730,17 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     let val_data = match &args.val {
-        Some(v) => read_data(v, args.skip_bad, cli.quiet)?,
+        Some(v) => {
+            let val = read_data(v, args.skip_bad, cli.quiet)?;
+            if val.iter().all(|e| e.answers.is_empty()) {
+                anyhow::bail!(
+                    "--val {} has no human answers to score the particles against: give a \
+                     validation set with answers, or leave --val out",
+                    v.display()
+                );
+            }
+            val
+        }
         None => Vec::new(),
     };
     let defaults = TrainOptions::defaults_for(&loaded.model);

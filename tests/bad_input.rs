@@ -728,6 +728,51 @@ fn a_response_template_that_cannot_render_is_refused_before_answering() {
 }
 
 #[test]
+fn a_validation_set_without_answers_is_refused_by_train_and_bench() {
+    let no_answers: Vec<String> = good_lines()
+        .iter()
+        .map(|l| l.replace("[\"red\"]", "[]"))
+        .collect();
+    let data = DataDir::new(&good_lines());
+    let val = data.dir.path().join("val.jsonl");
+    std::fs::write(&val, no_answers.join("\n")).unwrap();
+    let val_arg = val.to_str().unwrap();
+    let err = fails(&mut train(&data, &["--val", val_arg]));
+    assert!(
+        err.contains("val.jsonl") && err.contains("no human answers"),
+        "{err}"
+    );
+    let err = fails(&mut bench(&data.data(), &data.out(), &["--val", val_arg]));
+    assert!(
+        err.contains("val.jsonl") && err.contains("no human answers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_target_risk_of_zero_or_one_is_refused_with_what_to_ask_instead() {
+    for (risk, expected) in [
+        ("1", "--target-coverage 1"),
+        ("0", "(0, 1)"),
+        ("1.5", "(0, 1)"),
+    ] {
+        let err = fails(bella().args([
+            "calibrate",
+            "--adapters",
+            "particles",
+            "--data",
+            "val.jsonl",
+            "--target-risk",
+            risk,
+        ]));
+        assert!(
+            err.contains("--target-risk") && err.contains(expected),
+            "{risk}: {err}"
+        );
+    }
+}
+
+#[test]
 fn bench_counts_of_zero_are_refused() {
     let data = DataDir::new(&good_lines());
     for option in ["--limit", "--max-new-tokens"] {

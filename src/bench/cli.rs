@@ -37,6 +37,18 @@ fn parse_unit(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A target risk: in (0, 1). Risk 1 always holds (to answer everything, ask for coverage 1)
+/// and risk 0 can never be certified from finitely many questions.
+fn parse_risk(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
+        Ok(1.0) => Err("risk 1 always holds: to answer everything, use \
+                                  --target-coverage 1"
+            .into()),
+        _ => Err(format!("{s:?} is not a risk in (0, 1), e.g. 0.05")),
+    }
+}
+
 fn parse_positive(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -172,7 +184,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// Answer as many questions as possible with at most this selective risk [default: 0.05].
-    #[arg(long, value_parser = parse_unit, conflicts_with_all = ["objective", "target_coverage"])]
+    #[arg(long, value_parser = parse_risk, conflicts_with_all = ["objective", "target_coverage"])]
     pub target_risk: Option<f64>,
     /// Or answer at least this share of the validation questions (e.g. 0.85).
     #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]

@@ -226,7 +226,15 @@ pub(crate) fn read_sets(opts: &BenchOptions) -> Result<Vec<EvalSet>> {
         opts.skip_bad,
     )?];
     if let Some(v) = &opts.val {
-        sets.push(read_set(v, "val", Role::Val, opts.limit, opts.skip_bad)?);
+        let val = read_set(v, "val", Role::Val, opts.limit, opts.skip_bad)?;
+        if val.examples.iter().all(|e| e.answers.is_empty()) {
+            bail!(
+                "--val {} has no human answers: the thresholds are chosen on validation answers; \
+                 give a validation set with answers, or leave --val out",
+                v.path.display()
+            );
+        }
+        sets.push(val);
     }
     for (d, name) in opts.ood.iter().zip(ood_names(&opts.ood)) {
         sets.push(read_set(d, &name, Role::Ood, opts.limit, opts.skip_bad)?);
