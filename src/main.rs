@@ -726,6 +726,30 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
     let mut train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
+    // A question without an answer (a test set's) has nothing to train on.
+    let unanswered: Vec<String> = train_data
+        .iter()
+        .filter(|e| train::objective::target_answer(e).is_none())
+        .map(|e| e.question_id.clone())
+        .collect();
+    if let Some(first) = unanswered.first() {
+        if !args.skip_bad {
+            anyhow::bail!(
+                "{}: {} training question(s) have no answers to train on (first: {first:?}); \
+                 give answers, or pass --skip-bad to leave them out",
+                args.data.display(),
+                unanswered.len()
+            );
+        }
+        if !cli.quiet {
+            eprintln!(
+                "skipped {} training question(s) without answers in {} (first: {first:?})",
+                unanswered.len(),
+                args.data.display()
+            );
+        }
+        train_data.retain(|e| train::objective::target_answer(e).is_some());
+    }
     if let Some(limit) = args.limit {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }

@@ -728,7 +728,7 @@ fn a_response_template_that_cannot_render_is_refused_before_answering() {
 }
 
 #[test]
-fn a_validation_set_without_answers_is_refused_by_train_and_bench() {
+fn questions_without_answers_are_refused_for_validation_and_training() {
     let no_answers: Vec<String> = good_lines()
         .iter()
         .map(|l| l.replace("[\"red\"]", "[]"))
@@ -745,6 +745,15 @@ fn a_validation_set_without_answers_is_refused_by_train_and_bench() {
     let err = fails(&mut bench(&data.data(), &data.out(), &["--val", val_arg]));
     assert!(
         err.contains("val.jsonl") && err.contains("no human answers"),
+        "{err}"
+    );
+    // Training on them: named, with the way out.
+    let unanswered = DataDir::new(&no_answers);
+    let err = fails(&mut train(&unanswered, &[]));
+    assert!(
+        err.contains("data.jsonl")
+            && err.contains("no answers to train on")
+            && err.contains("--skip-bad"),
         "{err}"
     );
 }

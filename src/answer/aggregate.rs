@@ -80,7 +80,13 @@ fn aggregate_first(probs: &[Vec<f64>], eligible: usize) -> Result<Aggregate, Str
             ));
         }
         let sum: f64 = row.iter().sum();
-        if row.iter().any(|x| !x.is_finite() || *x < 0.0) || (sum - 1.0).abs() > 1e-6 {
+        if row.iter().any(|x| !x.is_finite()) {
+            return Err(format!(
+                "particle {p}'s probabilities are not finite (sum {sum}): the model overflowed; \
+                 f16 does so most easily, try --dtype bf16 or f32"
+            ));
+        }
+        if row.iter().any(|x| *x < 0.0) || (sum - 1.0).abs() > 1e-6 {
             return Err(format!(
                 "particle {p}'s probabilities are not a distribution (sum {sum})"
             ));
@@ -222,7 +228,8 @@ mod tests {
         assert!(aggregate(&[]).is_err());
         assert!(aggregate(&[vec![0.5, 0.5], vec![1.0]]).is_err());
         assert!(aggregate(&[vec![0.5, 0.6]]).is_err());
-        assert!(aggregate(&[vec![f64::NAN, 1.0]]).is_err());
+        let overflow = aggregate(&[vec![f64::NAN, 1.0]]).unwrap_err();
+        assert!(overflow.contains("--dtype bf16"), "{overflow}");
     }
 
     #[test]
