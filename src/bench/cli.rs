@@ -49,6 +49,17 @@ fn parse_risk(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// The image check's false-alarm rate: 1e-4 needs 10 000 validation images already; a smaller
+/// rate is not something a validation set can calibrate.
+fn parse_false_alarm_rate(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (1e-4..1.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "{s:?} is not a false-alarm rate in [0.0001, 1), e.g. 0.01"
+        )),
+    }
+}
+
 fn parse_positive(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -234,7 +245,7 @@ pub struct CalibrateArgs {
     /// The image check's false-alarm rate: abstain on images farther from the validation images
     /// than all but this share of images like them would be (split conformal; needs about 2/α
     /// distinct validation images) [default: 0.01 when there are enough images].
-    #[arg(long, value_name = "ALPHA", value_parser = parse_open_unit, conflicts_with = "no_image_check")]
+    #[arg(long, value_name = "ALPHA", value_parser = parse_false_alarm_rate, conflicts_with = "no_image_check")]
     pub image_check_alpha: Option<f64>,
     /// Store no image check (abstention then looks at the selector's score alone).
     #[arg(long)]
