@@ -759,11 +759,12 @@ fn questions_without_answers_are_refused_for_validation_and_training() {
 }
 
 #[test]
-fn a_target_risk_of_zero_or_one_is_refused_with_what_to_ask_instead() {
-    for (risk, expected) in [
-        ("1", "--target-coverage 1"),
-        ("0", "(0, 1)"),
-        ("1.5", "(0, 1)"),
+fn calibration_rates_out_of_reach_are_refused_with_what_to_ask_instead() {
+    for (option, value, expected) in [
+        ("--target-risk", "1", "--target-coverage 1"),
+        ("--target-risk", "0", "(0, 1)"),
+        ("--target-risk", "1.5", "(0, 1)"),
+        ("--image-check-alpha", "1e-300", "[0.0001, 1)"),
     ] {
         let err = fails(bella().args([
             "calibrate",
@@ -771,12 +772,12 @@ fn a_target_risk_of_zero_or_one_is_refused_with_what_to_ask_instead() {
             "particles",
             "--data",
             "val.jsonl",
-            "--target-risk",
-            risk,
+            option,
+            value,
         ]));
         assert!(
-            err.contains("--target-risk") && err.contains(expected),
-            "{risk}: {err}"
+            err.contains(option) && err.contains(expected),
+            "{option} {value}: {err}"
         );
     }
 }
