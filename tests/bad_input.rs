@@ -783,6 +783,21 @@ fn calibration_rates_out_of_reach_are_refused_with_what_to_ask_instead() {
 }
 
 #[test]
+fn bench_checks_every_input_before_answering_anything() {
+    let data = DataDir::new(&good_lines());
+    let path = data.data();
+    let file = path.to_str().unwrap();
+    let err = fails(&mut bench(&path, &data.out(), &["--ood-data", file, file]));
+    assert!(err.contains("names") && err.contains("twice"), "{err}");
+    // A missing particle directory at the end of --compare: refused before base is answered.
+    let missing = data.dir.path().join("no-such-particles");
+    let entries = format!("base,{}", missing.display());
+    let err = fails(&mut bench(&path, &data.out(), &["--compare", &entries]));
+    assert!(err.contains("no-such-particles"), "{err}");
+    assert!(!data.out().join("base").join("samples.jsonl").exists());
+}
+
+#[test]
 fn bench_counts_of_zero_are_refused() {
     let data = DataDir::new(&good_lines());
     for option in ["--limit", "--max-new-tokens"] {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,6 +13,7 @@ use super::results::{self, ResultsFile, Timing};
 use super::samples::{read_samples, Sample, SAMPLES_FILE};
 use super::{BenchOptions, ModelSpec};
 use crate::answer::{BellaVqa, LoadOptions};
+use crate::bella::particles::ParticleSet;
 use crate::hub::ModelSource;
 use crate::report::{self, plot, Block, Document};
 
@@ -145,6 +146,13 @@ pub fn compare(
     opts: &BenchOptions,
     prepare: &dyn Fn(&mut BellaVqa) -> Result<()>,
 ) -> Result<(Comparison, Vec<PathBuf>)> {
+    // Every particle directory is read before the first entry runs: a typo in the last one
+    // should not cost the hours the others take.
+    for e in entries {
+        if let Some(dir) = &e.adapters {
+            ParticleSet::read_config(dir).with_context(|| format!("--compare entry {}", e.name))?;
+        }
+    }
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
     for e in entries {
         if opts.progress {

@@ -190,9 +190,18 @@ pub(crate) fn read_set(
 }
 
 /// The split names of the OOD files: their file stems, made unique.
-fn ood_names(ood: &[DataInput]) -> Vec<String> {
+fn ood_names(ood: &[DataInput]) -> Result<Vec<String>> {
+    for (i, d) in ood.iter().enumerate() {
+        if ood[..i].iter().any(|o| o.path == d.path) {
+            bail!(
+                "--ood-data names {} twice: give each out-of-distribution file once",
+                d.path.display()
+            );
+        }
+    }
     let mut taken: HashSet<String> = ["test", "val"].iter().map(|s| s.to_string()).collect();
-    ood.iter()
+    Ok(ood
+        .iter()
         .map(|d| {
             let stem = d
                 .path
@@ -214,7 +223,7 @@ fn ood_names(ood: &[DataInput]) -> Vec<String> {
             taken.insert(name.clone());
             name
         })
-        .collect()
+        .collect())
 }
 
 pub(crate) fn read_sets(opts: &BenchOptions) -> Result<Vec<EvalSet>> {
@@ -236,7 +245,7 @@ pub(crate) fn read_sets(opts: &BenchOptions) -> Result<Vec<EvalSet>> {
         }
         sets.push(val);
     }
-    for (d, name) in opts.ood.iter().zip(ood_names(&opts.ood)) {
+    for (d, name) in opts.ood.iter().zip(ood_names(&opts.ood)?) {
         sets.push(read_set(d, &name, Role::Ood, opts.limit, opts.skip_bad)?);
     }
     Ok(sets)
