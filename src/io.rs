@@ -449,8 +449,9 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The sha256 of a file, remembered in [`cache_dir`]`/file-hashes.json` under its canonical path,
-/// size and modification time, so checking particles against a 14 GB base hashes it once, not
-/// at every load. A changed file (size or time) is hashed again.
+/// size and modification time (on Unix also its inode and change time, which no tool can set
+/// back), so checking particles against a 14 GB base hashes it once, not at every load. A
+/// changed file is hashed again, even one rewritten in place with its old size and time.
 pub fn sha256_file_cached(path: &Path) -> Result<String> {
     sha256_file_cached_in(path, &cache_dir().join("file-hashes.json"))
 }
@@ -467,7 +468,14 @@ pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let key = format!("{}|{}|{modified}", canonical.display(), meta.len());
+    #[cfg(unix)]
+    let changed = {
+        use std::os::unix::fs::MetadataExt;
+        format!("|{}|{}.{}", meta.ino(), meta.ctime(), meta.ctime_nsec())
+    };
+    #[cfg(not(unix))]
+    let changed = String::new();
+    let key = format!("{}|{}|{modified}{changed}", canonical.display(), meta.len());
     let mut known: BTreeMap<String, String> = fs::read(cache)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -637,6 +645,24 @@ mod tests {
             sha256_file_cached_in(&file, &cache).unwrap(),
             "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
         );
+        // Rewritten in place with the same size and its modification time set back (as
+        // `touch -r` does): hashed again all the same.
+        let time = fs::metadata(&file).unwrap().modified().unwrap();
+        // File times tick coarsely (a few ms): let the change time move on.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        fs::write(&file, b"abce").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(time)
+            .unwrap();
+        #[cfg(unix)]
+        assert_eq!(
+            sha256_file_cached_in(&file, &cache).unwrap(),
+            sha256_file(&file).unwrap()
+        );
+        fs::write(&file, b"abcd").unwrap();
         // A corrupt cache is ignored.
         fs::write(&cache, b"{not json").unwrap();
         assert_eq!(
