@@ -390,6 +390,7 @@ fn shards_merge_into_the_single_run() {
     merge(
         &[dirs[2].clone(), dirs[0].clone(), dirs[1].clone()],
         &merged,
+        &options(&merged).bootstrap,
     )
     .unwrap();
 
@@ -414,7 +415,7 @@ fn shards_merge_into_the_single_run() {
     // A missing shard, a shard given twice, shards of different runs, an unfinished shard.
     let err = |dirs: &[PathBuf]| {
         let out = shards.path().join("refused");
-        format!("{:#}", merge(dirs, &out).unwrap_err())
+        format!("{:#}", merge(dirs, &out, &Default::default()).unwrap_err())
     };
     let e = err(&dirs[..2]);
     assert!(e.contains("2/3") && e.contains("missing"), "{e}");
@@ -1011,19 +1012,23 @@ fn command_line_bench_shards_merge_and_calibrate() {
         c
     };
     let whole = tmp.path().join("whole");
-    let (ok, _, err) = output(&mut bench_cmd(&whole, &[]));
+    let (ok, _, err) = output(&mut bench_cmd(&whole, &["--bootstrap", "50"]));
     assert!(ok, "{err}");
     let mut shard_dirs = Vec::new();
     for i in 0..2 {
         let dir = tmp.path().join(format!("s{i}"));
-        let (ok, _, err) = output(&mut bench_cmd(&dir, &["--shard", &format!("{i}/2")]));
+        let shard = format!("{i}/2");
+        let (ok, _, err) = output(&mut bench_cmd(
+            &dir,
+            &["--shard", &shard, "--bootstrap", "50"],
+        ));
         assert!(ok, "{err}");
         shard_dirs.push(dir);
     }
     let merged = tmp.path().join("merged");
     let (ok, _, err) = output(
         bella()
-            .args(["bench", "merge"])
+            .args(["bench", "merge", "--bootstrap", "50"])
             .args(&shard_dirs)
             .arg("--out")
             .arg(&merged),
@@ -1031,10 +1036,10 @@ fn command_line_bench_shards_merge_and_calibrate() {
     assert!(ok, "{err}");
     assert!(err.contains("merged 2 shard(s)"), "{err}");
     assert_eq!(samples_of(&merged), samples_of(&whole));
-    assert_eq!(
-        metrics_part(&results_of(&merged)),
-        metrics_part(&results_of(&whole))
-    );
+    let (merged_results, whole_results) = (results_of(&merged), results_of(&whole));
+    assert_eq!(metrics_part(&merged_results), metrics_part(&whole_results));
+    // The intervals too: the merge resampled as the whole run did.
+    assert_eq!(merged_results["intervals"], whole_results["intervals"]);
 
     // Clear errors: a bad shard, a missing data file, a missing flag.
     let (ok, _, err) = output(&mut bench_cmd(&tmp.path().join("x"), &["--shard", "2/2"]));

@@ -165,6 +165,13 @@ pub enum BenchCommand {
         /// The merged directory (results.json, samples.jsonl, report).
         #[arg(long)]
         out: PathBuf,
+        /// Resamples of the 95 % bootstrap intervals (as the shards' `bench --bootstrap`);
+        /// 0 disables them.
+        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_bootstrap)]
+        bootstrap: usize,
+        /// Seed of the bootstrap resamples.
+        #[arg(long, default_value_t = 0)]
+        bootstrap_seed: u64,
     },
 }
 
@@ -278,9 +285,19 @@ fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Resul
 
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
-    if let Some(BenchCommand::Merge { dirs, out }) = &args.command {
+    if let Some(BenchCommand::Merge {
+        dirs,
+        out,
+        bootstrap,
+        bootstrap_seed,
+    }) = &args.command
+    {
         let _lock = crate::io::OutputLock::acquire(out)?;
-        let (results, written) = super::merge(dirs, out)?;
+        let bootstrap = super::Bootstrap {
+            resamples: *bootstrap,
+            seed: *bootstrap_seed,
+        };
+        let (results, written) = super::merge(dirs, out, &bootstrap)?;
         if !quiet {
             eprintln!(
                 "merged {} shard(s): {} questions answered",

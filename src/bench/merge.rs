@@ -19,8 +19,13 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// Merges the shard directories `dirs` (every shard `i/n` of one run, each complete) into
 /// `out`: the samples in canonical order, the invocation logs, then `results.json` and the
 /// report, as [`super::finalize`] writes them. Refuses shards of different runs, a shard given
-/// twice or missing, a question answered twice, and a question not answered.
-pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)> {
+/// twice or missing, a question answered twice, and a question not answered. The intervals take
+/// `bootstrap` (as `bench --bootstrap` would for the whole run).
+pub fn merge(
+    dirs: &[PathBuf],
+    out: &Path,
+    bootstrap: &super::Bootstrap,
+) -> Result<(ResultsFile, Vec<PathBuf>)> {
     if dirs.is_empty() {
         bail!("give the shard directories to merge");
     }
@@ -192,5 +197,5 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<(ResultsFile, Vec<PathBuf>)
         }
         crate::io::write_bytes_atomically(&skipped_path, &lines)?;
     }
-    super::finalize(out, &super::Bootstrap::default())
+    super::finalize(out, bootstrap)
 }
