@@ -477,6 +477,19 @@ fn calibrate_announces_a_rewrite_and_keeps_the_old_threshold() {
     );
     // The particle set still loads with its history.
     bella_vqa::bella::particles::ParticleSet::read_config(particles.path()).unwrap();
+    // Calibrating again and again keeps only the most recent replaced calibrations.
+    let mut abstention = bella_vqa::bella::particles::ParticleSet::read_config(particles.path())
+        .unwrap()
+        .abstention
+        .unwrap();
+    for k in 0..15 {
+        abstention.threshold = k as f64 / 100.0;
+        bella_vqa::bench::store_abstention(particles.path(), &abstention).unwrap();
+    }
+    let history = config()["abstention_history"].as_array().unwrap().clone();
+    assert_eq!(history.len(), bella_vqa::bench::MAX_ABSTENTION_HISTORY);
+    // The newest replaced one is last: the threshold stored just before the current 0.14.
+    assert_eq!(history.last().unwrap()["threshold"], 0.13);
 }
 
 #[test]

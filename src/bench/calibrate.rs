@@ -588,8 +588,13 @@ fn flagged(check: Option<&ImageCheck>, answered: &[Answered]) -> Result<Vec<bool
         .collect()
 }
 
+/// How many replaced calibrations `abstention_history` keeps (the most recent): each can hold an
+/// image check of two hidden-size vectors, ~100 KB of JSON for a 7B model.
+pub const MAX_ABSTENTION_HISTORY: usize = 10;
+
 /// Sets the `abstention` key of `dir/bella_config.json` atomically, appending the value it
-/// replaces to `abstention_history`; every other key and its order are kept as they were.
+/// replaces to `abstention_history` (the [`MAX_ABSTENTION_HISTORY`] most recent are kept); every
+/// other key and its order are kept as they were.
 pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -616,7 +621,11 @@ pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
     };
     if let Some(old) = replaced.filter(|v| *v != Ordered::Null) {
         match entries.iter_mut().find(|(k, _)| k == "abstention_history") {
-            Some((_, Ordered::Array(history))) => history.push(old),
+            Some((_, Ordered::Array(history))) => {
+                history.push(old);
+                let excess = history.len().saturating_sub(MAX_ABSTENTION_HISTORY);
+                history.drain(..excess);
+            }
             Some((_, other)) => *other = Ordered::Array(vec![old]),
             None => entries.push(("abstention_history".into(), Ordered::Array(vec![old]))),
         }

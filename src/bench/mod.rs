@@ -42,7 +42,7 @@ use crate::models::image::load_image;
 pub use bootstrap::Bootstrap;
 pub use calibrate::{
     calibrate, store_abstention, CalibrateOptions, CalibrationOutcome, Guarantee,
-    ImageCheckRequest, ImageFlagged, Objective, SelectorChoice,
+    ImageCheckRequest, ImageFlagged, Objective, SelectorChoice, MAX_ABSTENTION_HISTORY,
 };
 pub use compare::{compare, CompareEntry, Comparison};
 pub use config::{DataRecord, Role, RunConfig, Shard};
