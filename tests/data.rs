@@ -447,6 +447,32 @@ fn vqav2_pair_reads_with_and_without_data_subtype() {
 }
 
 #[test]
+fn a_bare_vqav2_file_name_finds_its_images_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqav2_files(dir.path(), None);
+    for f in [&q, &a] {
+        fs::copy(f, images.join(f.file_name().unwrap())).unwrap();
+    }
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny-hub");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .current_dir(&images)
+        .args(["bench", "--quiet", "--limit", "1", "--max-new-tokens", "2"])
+        .args(["--bootstrap", "0", "--model"])
+        .arg(&model)
+        .args(["--data", q.file_name().unwrap().to_str().unwrap()])
+        .args(["--annotations", a.file_name().unwrap().to_str().unwrap()])
+        .args(["--out", "run"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(images.join("run").join("results.json").is_file());
+}
+
+#[test]
 fn vqav2_errors_name_the_question() {
     let dir = tempfile::tempdir().unwrap();
     let (q, a, images) = vqav2_files(dir.path(), Some("val2014"));

@@ -325,12 +325,24 @@ fn check_or_write_config(out: &Path, config: &mut RunConfig) -> Result<()> {
                 "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse another \
                  --out, or delete the directory to start over",
                 out.display(),
-                diffs.join("\n  ")
+                first_differences(diffs)
             );
         }
         config.created = old.created;
     }
     config.write(out)
+}
+
+/// The first differences, one a line: a recalibration differs in every element of the image
+/// check's vectors, and the first few say what changed.
+fn first_differences(mut diffs: Vec<String>) -> String {
+    const SHOWN: usize = 8;
+    if diffs.len() > SHOWN {
+        let more = diffs.len() - SHOWN;
+        diffs.truncate(SHOWN);
+        diffs.push(format!("… and {more} more"));
+    }
+    diffs.join("\n  ")
 }
 
 fn progress_bar(len: usize, show: bool) -> ProgressBar {
@@ -538,4 +550,19 @@ pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<P
         oracle.as_deref(),
     )?);
     Ok((results, written))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_lists_of_differences_are_cut_after_the_first_few() {
+        let diffs = |n: usize| (0..n).map(|i| format!("d{i}")).collect::<Vec<_>>();
+        assert_eq!(super::first_differences(diffs(2)), "d0\n  d1");
+        let cut = super::first_differences(diffs(268));
+        assert_eq!(cut.lines().count(), 9);
+        assert!(
+            cut.starts_with("d0\n") && cut.ends_with("… and 260 more"),
+            "{cut}"
+        );
+    }
 }

@@ -821,7 +821,11 @@ pub fn read_dataset(
         }
         Some("json") => {
             let value = read_json_file(path)?;
-            let default_dir = folder_of(path).to_path_buf();
+            // A bare file name's folder is the working directory.
+            let default_dir = match folder_of(path) {
+                dir if dir.as_os_str().is_empty() => PathBuf::from("."),
+                dir => dir.to_path_buf(),
+            };
             let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
             match &value {
                 Value::Array(_) => {

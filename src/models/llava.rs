@@ -171,7 +171,9 @@ impl LlavaModel {
             if n != images * per_image {
                 candle_core::bail!(
                     "the prompt holds {n} image tokens but {images} image(s) give {} features \
-                     (one <image> per image, expanded to {per_image} tokens each)",
+                     (one <image> per image, expanded to {per_image} tokens each): the chat \
+                     template (tokenizer_config.json or chat_template.json) must place one \
+                     <image> per image, and image_token_index in config.json must be its id",
                     images * per_image
                 );
             }
