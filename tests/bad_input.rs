@@ -634,6 +634,27 @@ fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
 }
 
 #[test]
+fn an_image_token_the_prompt_never_holds_points_at_the_config() {
+    // image_token_index set to the end token: the prompt's <image> is no longer that id.
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_config(dir.path(), |v| v["image_token_index"] = 2.into());
+    let err = fails(
+        bella()
+            .args(["ask", "--model"])
+            .arg(dir.path())
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .arg("What color is the circle?"),
+    );
+    assert!(
+        err.contains("image tokens")
+            && err.contains("image_token_index")
+            && err.contains("chat template"),
+        "{err}"
+    );
+}
+
+#[test]
 fn empty_files_and_folders_are_named_for_what_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.png");
