@@ -28,6 +28,17 @@ pub fn available() -> bool {
 /// The directory the embedded demo files live in (written there on first use):
 /// `$BELLA_VQA_CACHE` or `~/.cache/bella-vqa`, then `demo-<hash of the contents>`.
 pub fn directory() -> Result<PathBuf> {
+    // Hashing and checking the embedded files is start-up work: once per process.
+    static DIRECTORY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(dir) = DIRECTORY.get() {
+        return Ok(dir.clone());
+    }
+    let dir = write_or_find()?;
+    Ok(DIRECTORY.get_or_init(|| dir).clone())
+}
+
+/// The cache directory of the embedded files, written (or repaired) if needed.
+fn write_or_find() -> Result<PathBuf> {
     if !available() {
         bail!("this binary was built without the demo model (demo/ was empty): pass --model");
     }

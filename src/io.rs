@@ -148,7 +148,6 @@ fn destination(path: &Path) -> Result<Destination> {
 
 /// Opens a device or a pipe for writing (not created, not truncated).
 fn open_special(path: &Path) -> Result<fs::File> {
-    file_op();
     fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -161,6 +160,7 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let path = match destination(path)? {
         Destination::File(path) => path,
         Destination::Special(path) => {
+            file_op();
             return open_special(&path)?
                 .write_all(bytes)
                 .with_context(|| format!("cannot write {}", path.display()));

@@ -650,11 +650,9 @@ fn import_peft(
     model: Option<&str>,
     force: bool,
 ) -> Result<()> {
-    use bella_vqa::bella::particles::{CONFIG_FILE, PARTICLES_FILE};
     use bella_vqa::bella::peft;
     let checkpoints = bella_vqa::train::checkpoint::checkpoints_dir(out);
-    let taken =
-        out.join(CONFIG_FILE).exists() || out.join(PARTICLES_FILE).exists() || checkpoints.exists();
+    let taken = bella_vqa::bella::particles::ParticleSet::is_in(out) || checkpoints.exists();
     if taken && !force {
         anyhow::bail!(
             "{} already holds a particle set: pass --force to replace it (its calibration and \
@@ -725,31 +723,23 @@ fn read_data(
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
-    let mut train_data = read_data(&args.data, args.skip_bad, cli.quiet)?;
     // A question without an answer (a test set's) has nothing to train on.
-    let unanswered: Vec<String> = train_data
-        .iter()
-        .filter(|e| train::objective::target_answer(e).is_none())
-        .map(|e| e.question_id.clone())
-        .collect();
+    let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(&args.data, args.skip_bad, cli.quiet)?
+        .into_iter()
+        .partition(|e| train::objective::target_answer(e).is_some());
     if let Some(first) = unanswered.first() {
+        let (n, file, id) = (unanswered.len(), args.data.display(), &first.question_id);
         if !args.skip_bad {
             anyhow::bail!(
-                "{}: {} training question(s) have no answers to train on (first: {first:?}); \
-                 give answers, or pass --skip-bad to leave them out",
-                args.data.display(),
-                unanswered.len()
+                "{file}: {n} training question(s) have no answers to train on (first: {id:?}); \
+                 give answers, or pass --skip-bad to leave them out"
             );
         }
         if !cli.quiet {
-            eprintln!(
-                "skipped {} training question(s) without answers in {} (first: {first:?})",
-                unanswered.len(),
-                args.data.display()
-            );
+            eprintln!("skipped {n} training question(s) without answers in {file} (first: {id:?})");
         }
-        train_data.retain(|e| train::objective::target_answer(e).is_some());
     }
+    let mut train_data = answered;
     if let Some(limit) = args.limit {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }

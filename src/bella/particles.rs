@@ -223,6 +223,14 @@ impl ParticleSet {
         Ok(())
     }
 
+    /// Whether `dir` holds a particle set (its factors or its config), finished work that a new
+    /// one must not replace unasked.
+    pub fn is_in(dir: &Path) -> bool {
+        [PARTICLES_FILE, CONFIG_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+    }
+
     /// Reads only the config (cheap; e.g. to find the base model).
     pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
         let path = dir.join(CONFIG_FILE);

@@ -30,34 +30,39 @@ fn parse_shard(s: &str) -> std::result::Result<Shard, String> {
     s.parse::<Shard>().map_err(|e| e.to_string())
 }
 
-fn parse_unit(s: &str) -> std::result::Result<f64, String> {
+/// A number for which `ok` holds (never NaN), else an error naming the `range`.
+fn parse_number(
+    s: &str,
+    ok: impl Fn(f64) -> bool,
+    range: &str,
+) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
-        _ => Err(format!("{s:?} is not a number in [0, 1]")),
+        Ok(x) if ok(x) => Ok(x),
+        _ => Err(format!("{s:?} is not a number in {range}")),
     }
+}
+
+fn parse_unit(s: &str) -> std::result::Result<f64, String> {
+    parse_number(s, |x| (0.0..=1.0).contains(&x), "[0, 1]")
+}
+
+fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
+    parse_number(s, |x| x > 0.0 && x < 1.0, "(0, 1)")
 }
 
 /// A target risk: in (0, 1). Risk 1 always holds (to answer everything, ask for coverage 1)
 /// and risk 0 can never be certified from finitely many questions.
 fn parse_risk(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
-        Ok(1.0) => Err("risk 1 always holds: to answer everything, use \
-                                  --target-coverage 1"
-            .into()),
-        _ => Err(format!("{s:?} is not a risk in (0, 1), e.g. 0.05")),
+    if s.parse::<f64>() == Ok(1.0) {
+        return Err("risk 1 always holds: to answer everything, use --target-coverage 1".into());
     }
+    parse_open_unit(s)
 }
 
 /// The image check's false-alarm rate: 1e-4 needs 10 000 validation images already; a smaller
 /// rate is not something a validation set can calibrate.
 fn parse_false_alarm_rate(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if (1e-4..1.0).contains(&x) => Ok(x),
-        _ => Err(format!(
-            "{s:?} is not a false-alarm rate in [0.0001, 1), e.g. 0.01"
-        )),
-    }
+    parse_number(s, |x| (1e-4..1.0).contains(&x), "[0.0001, 1)")
 }
 
 fn parse_positive(s: &str) -> std::result::Result<usize, String> {
@@ -257,13 +262,6 @@ pub struct CalibrateArgs {
     /// Store no image check (abstention then looks at the selector's score alone).
     #[arg(long)]
     pub no_image_check: bool,
-}
-
-fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
-        _ => Err(format!("{s:?} is not a number in (0, 1)")),
-    }
 }
 
 fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {

@@ -55,24 +55,35 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     if bytes.is_empty() {
         bail!("image {name} is empty (0 bytes)");
     }
-    let open = || -> Result<ImageReader<std::io::Cursor<&[u8]>>> {
-        let reader = ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .with_context(|| format!("cannot read image {name}"))?;
-        match reader.format() {
-            None => bail!(
-                "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
-            ),
-            // The JPEG decoder fills in what a truncated file lacks; Pillow (and so
-            // `transformers`) refuses such a file, and so do we.
-            Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => bail!(
-                "image {name} is truncated: the JPEG data ends before its end marker (a partial \
-                 download or copy?); fetch or save it again"
-            ),
-            Some(_) => Ok(reader),
-        }
-    };
-    decode_checked(open, name, max_pixels.min(MAX_IMAGE_PIXELS))
+    let max_pixels = max_pixels.min(MAX_IMAGE_PIXELS);
+    let format = image::guess_format(bytes).map_err(|_| {
+        anyhow!(
+            "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
+        )
+    })?;
+    // The JPEG decoder fills in what a truncated file lacks; Pillow (and so `transformers`)
+    // refuses such a file, and so do we.
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        bail!(
+            "image {name} is truncated: the JPEG data ends before its end marker (a partial \
+             download or copy?); fetch or save it again"
+        );
+    }
+    // The dimensions first (from the header), so an oversized image is refused before its
+    // pixels are allocated; then the decode, with the decoder's own allocation limits set.
+    let reader = || ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (width, height) = reader()
+        .into_dimensions()
+        .map_err(|e| describe_image_error(name, e))?;
+    check_image_size(name, width, height, max_pixels)?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    // 16-bit RGBA at the pixel limit, plus the decoders' scratch space.
+    limits.max_alloc = Some(max_pixels * 8 + (256 << 20));
+    let mut decoder = reader();
+    decoder.limits(limits);
+    decoder.decode().map_err(|e| describe_image_error(name, e))
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
@@ -110,27 +121,6 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
         }
     }
     false
-}
-
-/// Reads the dimensions first, refuses images over the limits, then decodes with the decoder's
-/// own allocation limits set.
-fn decode_checked<'a>(
-    open: impl Fn() -> Result<ImageReader<std::io::Cursor<&'a [u8]>>>,
-    name: &str,
-    max_pixels: u64,
-) -> Result<DynamicImage> {
-    let (width, height) = open()?
-        .into_dimensions()
-        .map_err(|e| describe_image_error(name, e))?;
-    check_image_size(name, width, height, max_pixels)?;
-    let mut reader = open()?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    // 16-bit RGBA at the pixel limit, plus the decoders' scratch space.
-    limits.max_alloc = Some(max_pixels * 8 + (256 << 20));
-    reader.limits(limits);
-    reader.decode().map_err(|e| describe_image_error(name, e))
 }
 
 fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Result<()> {

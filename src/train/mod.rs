@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::answer::candidates::clip_candidates;
 use crate::answer::generate::{generate, GenerateOptions, Sampling};
-use crate::bella::particles::{
-    hash_weights, BaseModel, ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE,
-};
+use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
 use crate::bella::svgd::{
     delta_w_sq_distances, svgd_direction_weighted, KernelSpace, LayerFactors,
 };
@@ -368,10 +366,7 @@ fn fingerprint(train: &[VqaExample]) -> Result<checkpoint::DataFingerprint> {
 /// checkpoints were lost or deleted: not trained over without `--force`.
 fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
     let out = &run.out;
-    let set = [PARTICLES_FILE, CONFIG_FILE]
-        .iter()
-        .any(|f| out.join(f).exists());
-    if set && !run.force {
+    if ParticleSet::is_in(out) && !run.force {
         let left = match checkpoint::step_dirs(out).last() {
             Some(newest) => format!(
                 " (if {} is the checkpoint to continue, write its name into checkpoints/latest and \
