@@ -530,6 +530,86 @@ fn vqav2_errors_name_the_question() {
     );
 }
 
+#[test]
+fn vqav2_records_that_are_not_objects_and_files_of_the_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqav2_files(dir.path(), Some("val2014"));
+    // A byte-order mark, an annotation and a question that are not objects, and an annotation
+    // whose question id is a list: each named with its index, the good records kept.
+    let mut annotations: Value = serde_json::from_str(&fs::read_to_string(&a).unwrap()).unwrap();
+    let list = annotations["annotations"].as_array_mut().unwrap();
+    list.insert(1, json!("oops"));
+    list.push(json!({"question_id": [1], "answers": []}));
+    fs::write(&a, format!("\u{feff}{annotations}")).unwrap();
+    let mut questions: Value = serde_json::from_str(&fs::read_to_string(&q).unwrap()).unwrap();
+    questions["questions"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(17));
+    fs::write(&q, questions.to_string()).unwrap();
+
+    let (text, _) = bad(read_vqav2(&q, &a, &images, &STRICT).unwrap_err());
+    assert!(
+        text.contains("annotations[1] is a string, expected an object"),
+        "{text}"
+    );
+    let data = read_vqav2(&q, &a, &images, &SKIP).unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(data.examples[1].answers, ["no"; 10]);
+    let reasons: Vec<String> = data.skipped.iter().map(|b| b.to_string()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("annotations[1] is a string"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("annotations[4]"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("questions[3] is a number"),
+        "{reasons:?}"
+    );
+
+    // Files of the wrong shape say so, and invalid JSON is located.
+    let cases = [
+        (
+            &q,
+            r#"{"questions": {"image_id": 1}}"#,
+            "has no \"questions\" list",
+        ),
+        (&q, "[1, 2]", "is a VizWiz annotations file"),
+        (
+            &q,
+            "\"text\"",
+            "neither a VizWiz annotations list nor a VQAv2 questions file",
+        ),
+        (&a, r#"{"annotations": 3}"#, "has no \"annotations\" list"),
+        (
+            &a,
+            "[]",
+            "expected a JSON object with an \"annotations\" list",
+        ),
+        (
+            &a,
+            "{\"annotations\": [\n{\"question_id\": 1,}]}",
+            "not valid JSON",
+        ),
+    ];
+    for (file, content, expected) in cases {
+        let (old_q, old_a) = (fs::read(&q).unwrap(), fs::read(&a).unwrap());
+        fs::write(file, content).unwrap();
+        let text = format!(
+            "{:#}",
+            read_dataset(&q, Some(&a), Some(&images), &STRICT).unwrap_err()
+        );
+        assert!(text.contains(expected), "{content}: {text}");
+        assert!(text.contains(file.to_str().unwrap()), "{content}: {text}");
+        if expected == "not valid JSON" {
+            assert!(text.contains("line 2 column"), "{text}");
+        }
+        fs::write(&q, old_q).unwrap();
+        fs::write(&a, old_a).unwrap();
+    }
+}
+
 // --- VizWiz --------------------------------------------------------------------------------
 
 #[test]

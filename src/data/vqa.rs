@@ -27,6 +27,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The most human answers a record may hold (VQAv2 and VizWiz have 10).
@@ -358,24 +359,25 @@ pub fn read_vqav2(
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
-    let q = read_json_file(questions)?;
-    vqav2_from_value(questions, q, annotations, image_dir, opts)
+    let text = read_json_text(questions)?;
+    let top = JsonTop::parse(questions, &text)?;
+    vqav2_from_top(questions, &top, annotations, image_dir, opts)
 }
 
-fn vqav2_from_value(
+fn vqav2_from_top(
     questions_path: &Path,
-    questions: Value,
+    questions: &JsonTop,
     annotations_path: &Path,
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
-    let Value::Object(mut qfile) = questions else {
+    let JsonTop::Object(qfile) = questions else {
         bail!(
             "{} is not a VQAv2 questions file: expected a JSON object with a \"questions\" list",
             questions_path.display()
         );
     };
-    let Some(Value::Array(question_list)) = qfile.remove("questions") else {
+    let Some(question_list) = questions.list_at("questions") else {
         bail!(
             "{} is not a VQAv2 questions file: it has no \"questions\" list",
             questions_path.display()
@@ -383,15 +385,16 @@ fn vqav2_from_value(
     };
     let subtype = qfile
         .get("data_subtype")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let Value::Object(mut afile) = read_json_file(annotations_path)? else {
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let annotation_text = read_json_text(annotations_path)?;
+    let afile = JsonTop::parse(annotations_path, &annotation_text)?;
+    if !matches!(afile, JsonTop::Object(_)) {
         bail!(
             "{} is not a VQAv2 annotations file: expected a JSON object with an \"annotations\" list",
             annotations_path.display()
         );
-    };
-    let Some(Value::Array(annotation_list)) = afile.remove("annotations") else {
+    }
+    let Some(annotation_list) = afile.list_at("annotations") else {
         bail!(
             "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
             annotations_path.display()
@@ -401,16 +404,16 @@ fn vqav2_from_value(
 
     let mut c = Collector::new(opts);
 
-    // Annotations by question id.
-    let mut by_id: HashMap<String, Map<String, Value>> = HashMap::new();
-    for (i, entry) in annotation_list.into_iter().enumerate() {
-        let Value::Object(entry) = entry else {
+    // Annotations by question id, left unparsed until their question comes.
+    let mut by_id: HashMap<String, &RawValue> = HashMap::new();
+    for (i, raw) in annotation_list.into_iter().enumerate() {
+        let Value::Object(entry) = record(raw) else {
             c.bad(
                 annotations_path,
                 None,
                 format!(
                     "annotations[{i}] is {}, expected an object with question_id and answers",
-                    kind(&entry)
+                    kind(&record(raw))
                 ),
             )?;
             continue;
@@ -442,18 +445,18 @@ fn vqav2_from_value(
             )?;
             continue;
         }
-        by_id.insert(id, entry);
+        by_id.insert(id, raw);
     }
 
     let mut coco_index: Option<HashMap<u64, Vec<PathBuf>>> = None;
-    for (i, entry) in question_list.into_iter().enumerate() {
-        let Value::Object(mut entry) = entry else {
+    for (i, raw) in question_list.into_iter().enumerate() {
+        let Value::Object(mut entry) = record(raw) else {
             c.bad(
                 questions_path,
                 None,
                 format!(
                     "questions[{i}] is {}, expected an object with image_id, question and question_id",
-                    kind(&entry)
+                    kind(&record(raw))
                 ),
             )?;
             continue;
@@ -502,7 +505,7 @@ fn vqav2_from_value(
             c.bad(questions_path, None, reason)?;
             continue;
         }
-        let Some(mut ann) = by_id.remove(&id) else {
+        let Some(Value::Object(mut ann)) = by_id.remove(&id).map(record) else {
             c.bad(
                 questions_path,
                 None,
@@ -678,17 +681,18 @@ pub fn read_vizwiz(
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
-    let v = read_json_file(annotations)?;
-    vizwiz_from_value(annotations, v, image_dir, opts)
+    let text = read_json_text(annotations)?;
+    let top = JsonTop::parse(annotations, &text)?;
+    vizwiz_from_top(annotations, top, image_dir, opts)
 }
 
-fn vizwiz_from_value(
+fn vizwiz_from_top(
     path: &Path,
-    value: Value,
+    top: JsonTop,
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
-    let Value::Array(list) = value else {
+    let JsonTop::List(list) = top else {
         bail!(
             "{} is not a VizWiz annotations file: expected a JSON list of {{\"image\", \"question\", \"answers\", …}} objects",
             path.display()
@@ -696,14 +700,14 @@ fn vizwiz_from_value(
     };
     check_image_dir(image_dir)?;
     let mut c = Collector::new(opts);
-    for (i, entry) in list.into_iter().enumerate() {
-        let Value::Object(mut entry) = entry else {
+    for (i, raw) in list.into_iter().enumerate() {
+        let Value::Object(mut entry) = record(raw) else {
             c.bad(
                 path,
                 None,
                 format!(
                     "entry {i} is {}, expected an object with image, question and answers",
-                    kind(&entry)
+                    kind(&record(raw))
                 ),
             )?;
             continue;
@@ -820,15 +824,16 @@ pub fn read_dataset(
             read_jsonl_in(path, image_dir, opts)
         }
         Some("json") => {
-            let value = read_json_file(path)?;
+            let text = read_json_text(path)?;
+            let top = JsonTop::parse(path, &text)?;
             // A bare file name's folder is the working directory.
             let default_dir = match folder_of(path) {
                 dir if dir.as_os_str().is_empty() => PathBuf::from("."),
                 dir => dir.to_path_buf(),
             };
             let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
-            match &value {
-                Value::Array(_) => {
+            match &top {
+                JsonTop::List(_) => {
                     if let Some(a) = annotations {
                         bail!(
                             "{} is a VizWiz annotations file, which holds its answers; a separate \
@@ -837,17 +842,17 @@ pub fn read_dataset(
                             a.display()
                         );
                     }
-                    vizwiz_from_value(path, value, &image_dir, opts)
+                    vizwiz_from_top(path, top, &image_dir, opts)
                 }
-                Value::Object(m) if m.contains_key("questions") => match annotations {
-                    Some(a) => vqav2_from_value(path, value, a, &image_dir, opts),
+                JsonTop::Object(m) if m.contains_key("questions") => match annotations {
+                    Some(a) => vqav2_from_top(path, &top, a, &image_dir, opts),
                     None => bail!(
                         "{} is a VQAv2 questions file; it needs its annotations file \
                          (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations",
                         path.display()
                     ),
                 },
-                Value::Object(m) if m.contains_key("annotations") => bail!(
+                JsonTop::Object(m) if m.contains_key("annotations") => bail!(
                     "{} is a VQAv2 annotations file; pass the questions file as the data and this \
                      file as its annotations",
                     path.display()
@@ -1172,21 +1177,64 @@ fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
     crate::input::open(path, "data file")
 }
 
-fn read_json_file(path: &Path) -> anyhow::Result<Value> {
+/// A JSON data file's text, without a leading byte-order mark.
+fn read_json_text(path: &Path) -> anyhow::Result<String> {
     let mut file = open_data_file(path)?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut file, &mut text)
         .map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))?;
-    let text = text.trim_start_matches('\u{feff}');
-    serde_json::from_str(text).map_err(|e| {
-        anyhow!(
-            "{} is not valid JSON ({} at line {} column {})",
-            path.display(),
-            json_error_message(&e),
-            e.line(),
-            e.column()
-        )
-    })
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
+/// The top level of a JSON data file, its entries left as unparsed slices of the file's text:
+/// a VQAv2 annotations file of 170 MB costs its text and one small record at a time, not the
+/// ~14× that `serde_json::Value`s of every record would take.
+enum JsonTop<'a> {
+    List(Vec<&'a RawValue>),
+    Object(HashMap<String, &'a RawValue>),
+    /// Neither a list nor an object.
+    Other,
+}
+
+impl<'a> JsonTop<'a> {
+    /// Parses (and so validates) the whole of `text`, the content of `path`.
+    fn parse(path: &Path, text: &'a str) -> anyhow::Result<Self> {
+        let invalid = |e: serde_json::Error| {
+            anyhow!(
+                "{} is not valid JSON ({} at line {} column {})",
+                path.display(),
+                json_error_message(&e),
+                e.line(),
+                e.column()
+            )
+        };
+        Ok(match text.trim_start().as_bytes().first() {
+            Some(b'[') => JsonTop::List(serde_json::from_str(text).map_err(invalid)?),
+            Some(b'{') => JsonTop::Object(serde_json::from_str(text).map_err(invalid)?),
+            _ => serde_json::from_str::<Value>(text)
+                .map(|_| JsonTop::Other)
+                .map_err(invalid)?,
+        })
+    }
+
+    /// The list under `key` of an object (`None` if there is no such list).
+    fn list_at(&self, key: &str) -> Option<Vec<&'a RawValue>> {
+        let JsonTop::Object(map) = self else {
+            return None;
+        };
+        let raw = map.get(key)?;
+        // Already validated by `parse`: only "not a list" can fail here.
+        serde_json::from_str(raw.get()).ok()
+    }
+}
+
+/// One record of a validated JSON data file, parsed.
+fn record(raw: &RawValue) -> Value {
+    // The text was validated as a whole by `JsonTop::parse`; a record of it always parses.
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
 /// The folder that holds `path` (empty for a bare file name).
