@@ -231,3 +231,47 @@ fn the_api_is_send_and_sync_and_usable_from_threads() {
     let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(answers.windows(2).all(|w| w[0] == w[1]));
 }
+
+#[test]
+fn generation_config_eos_ids_end_answers_as_in_transformers() {
+    // The fixture's greedy answer (reference batch row 0), then the same model whose
+    // generation_config.json also stops on the answer's second token.
+    let reference = reference("llava");
+    let tokens = ids(get(&reference, "batch.greedy_tokens"))[0].clone();
+    assert!(tokens.len() >= 2 && tokens[1] != tokens[0] && tokens[1] != 2);
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let generation = dir.path().join("generation_config.json");
+    std::fs::write(
+        &generation,
+        format!("{{\"eos_token_id\": [2, {}]}}", tokens[1]),
+    )
+    .unwrap();
+    let source = ModelSource::Dir(dir.path().to_path_buf());
+    let vqa = BellaVqa::load(&source, None, &LoadOptions::default()).unwrap();
+    assert_eq!(vqa.model().stop_token_ids(), [2, tokens[1]]);
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    let r = vqa.ask(&image, "What color is the circle?").unwrap();
+    let prompter = vqa.model().prompter().unwrap();
+    let first = prompter.decode(&tokens[..1], true).unwrap();
+    assert_eq!(r.particles[0].answer.trim(), first.trim(), "{r:?}");
+    let full = prompter.decode(&tokens, true).unwrap();
+    assert!(
+        full.trim().len() > first.trim().len(),
+        "{full:?} vs {first:?}"
+    );
+
+    // A generation config whose eos_token_id is not a token id is named.
+    std::fs::write(&generation, r#"{"eos_token_id": "</s>"}"#).unwrap();
+    let err = BellaVqa::load(&source, None, &LoadOptions::default())
+        .err()
+        .expect("a bad generation config is refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("generation_config.json") && text.contains("eos_token_id"),
+        "{text}"
+    );
+}

@@ -439,17 +439,9 @@ impl BellaVqa {
         let prompter = self.loaded.prompter()?;
         match &self.loaded.model {
             Model::Llava(m) => {
-                let mut eos: Vec<u32> = prompter.eos_token_id().into_iter().collect();
-                if let Some(ids) = &m.config().text_config.eos_token_id {
-                    for id in ids.ids() {
-                        if !eos.contains(&id) {
-                            eos.push(id);
-                        }
-                    }
-                }
                 let gen = GenerateOptions {
                     max_new_tokens: opts.max_new_tokens,
-                    eos,
+                    eos: self.loaded.stop_token_ids(),
                     sampling: opts.sampling,
                 };
                 llava_candidates_batch(m, prompter, pixels, questions, self.particles, &gen)

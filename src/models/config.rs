@@ -547,3 +547,22 @@ pub fn declared_dtype(raw: &serde_json::Value) -> Option<String> {
     .iter()
     .find_map(|p| raw.pointer(p).and_then(|v| v.as_str()).map(str::to_string))
 }
+
+/// `eos_token_id` of a `generation_config.json` (one id or a list; none when absent or null).
+pub fn generation_eos(path: &Path) -> Result<Vec<u32>> {
+    #[derive(Deserialize)]
+    struct GenerationConfig {
+        #[serde(default)]
+        eos_token_id: Option<EosTokenId>,
+    }
+    let text = crate::input::read_to_string(path, "generation config")?;
+    let raw: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let config: GenerationConfig = parse(&raw, "generation").with_context(|| {
+        format!(
+            "in {} (eos_token_id must be a token id or a list of them)",
+            path.display()
+        )
+    })?;
+    Ok(config.eos_token_id.map(|e| e.ids()).unwrap_or_default())
+}

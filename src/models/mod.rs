@@ -79,6 +79,9 @@ pub struct LoadedModel {
     pub prompter: Option<Prompter>,
     /// `None` when the directory has no image processor config.
     pub image_processor: Option<ImageProcessor>,
+    /// `eos_token_id` of `generation_config.json` (one id or a list; empty without the file),
+    /// which transformers' `generate` stops on.
+    pub generation_eos: Vec<u32>,
 }
 
 impl LoadedModel {
@@ -99,6 +102,25 @@ impl LoadedModel {
                 self.files.dir.display()
             )
         })
+    }
+
+    /// The tokens that end a generated answer: the tokenizer's end-of-sequence token, the
+    /// language model config's `eos_token_id` and `generation_config.json`'s, in that order,
+    /// without repeats.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .prompter
+            .as_ref()
+            .and_then(Prompter::eos_token_id)
+            .into_iter()
+            .collect();
+        if let ModelConfig::Llava(c) = &self.config {
+            ids.extend(c.text_config.eos_token_id.iter().flat_map(|e| e.ids()));
+        }
+        ids.extend(&self.generation_eos);
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        ids
     }
 }
 
@@ -173,6 +195,10 @@ fn load_weights(
     } else {
         None
     };
+    let generation_eos = match files.optional("generation_config.json") {
+        Some(path) => config::generation_eos(&path)?,
+        None => Vec::new(),
+    };
     Ok(LoadedModel {
         info: ModelInfo {
             quantization,
@@ -184,6 +210,7 @@ fn load_weights(
         files: files.clone(),
         prompter,
         image_processor,
+        generation_eos,
     })
 }
 

@@ -485,8 +485,9 @@ pub fn train(
     if train.is_empty() {
         bail!("the training data is empty");
     }
+    let stop = loaded.stop_token_ids();
     let model: &mut Model = &mut loaded.model;
-    let objective = Objective::new(model, prompter, processor, train)?;
+    let objective = Objective::new(model, prompter, processor, train, stop)?;
     let n = train.len();
     let batch = opts.batch_size.min(n);
     let steps_per_epoch = (n / batch) as u64;
@@ -773,6 +774,8 @@ enum Objective<'a> {
         processor: &'a ImageProcessor,
         encoded: Vec<EncodedExample>,
         pad_id: u32,
+        /// The tokens that end a greedy validation answer ([`LoadedModel::stop_token_ids`]).
+        stop: Vec<u32>,
     },
     /// Cross-entropy over an answer vocabulary built from the training answers.
     Clip {
@@ -792,6 +795,7 @@ impl<'a> Objective<'a> {
         prompter: &'a Prompter,
         processor: &'a ImageProcessor,
         train: &[VqaExample],
+        stop: Vec<u32>,
     ) -> Result<Self> {
         let answer = |ex: &VqaExample| {
             target_answer(ex).with_context(|| {
@@ -819,6 +823,7 @@ impl<'a> Objective<'a> {
                         .pad_token_id()
                         .or(prompter.eos_token_id())
                         .unwrap_or(0),
+                    stop,
                 })
             }
             Model::Clip(_) => {
@@ -970,10 +975,10 @@ impl<'a> Objective<'a> {
                     .map(|a| a.answer)
                     .collect())
             }
-            (Objective::Llava { .. }, Model::Llava(m)) => {
+            (Objective::Llava { stop, .. }, Model::Llava(m)) => {
                 let gen = GenerateOptions {
                     max_new_tokens: 8,
-                    eos: prompter.eos_token_id().into_iter().collect(),
+                    eos: stop.clone(),
                     sampling: Sampling::Greedy,
                 };
                 let ids = prompter.encode_question(
