@@ -344,16 +344,36 @@ pub fn append_line(path: &Path, line: &[u8]) -> Result<()> {
 
 /// Exclusive use of an output directory by this process, until dropped: a second process that
 /// asks for it fails at once, naming the holder. Taking it removes the temporary files that a
-/// killed run left in the directory (nobody else can be writing them).
+/// killed run left in the directory (nobody else can be writing them). A directory that the
+/// lock created and that holds nothing but the lock when it is dropped (the command failed
+/// before writing anything) is removed with it.
 pub struct OutputLock {
-    _file: fs::File,
+    file: Option<fs::File>,
+    created: Option<PathBuf>,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let Some(dir) = &self.created else {
+            return;
+        };
+        let only_the_lock = fs::read_dir(dir)
+            .is_ok_and(|mut entries| entries.all(|e| e.is_ok_and(|e| e.file_name() == LOCK_FILE)));
+        if only_the_lock {
+            // Closed first, so that the lock is released before its file goes.
+            drop(self.file.take());
+            let _ = fs::remove_file(dir.join(LOCK_FILE));
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 impl OutputLock {
     /// Takes the lock of `dir` (created if missing).
     pub fn acquire(dir: &Path) -> Result<Self> {
         use fs4::FileExt;
-        if !dir.is_dir() {
+        let created = (!dir.is_dir()).then(|| dir.to_path_buf());
+        if created.is_some() {
             create_dir_all(dir)?;
         }
         let path = dir.join(LOCK_FILE);
@@ -391,7 +411,10 @@ impl OutputLock {
             .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         remove_stale_temps(dir)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            file: Some(file),
+            created,
+        })
     }
 }
 
@@ -599,6 +622,25 @@ mod tests {
             1,
             "no temp left"
         );
+    }
+
+    #[test]
+    fn a_directory_the_lock_made_goes_with_it_when_nothing_was_written() {
+        let root = tempfile::tempdir().unwrap();
+        // Made by the lock, nothing written: removed.
+        let out = root.path().join("run");
+        drop(OutputLock::acquire(&out).unwrap());
+        assert!(!out.exists());
+        // Made by the lock, something written: kept (with the lock file).
+        let lock = OutputLock::acquire(&out).unwrap();
+        fs::write(out.join("results.json"), b"{}").unwrap();
+        drop(lock);
+        assert!(out.join("results.json").is_file());
+        // Already there: kept even when empty.
+        let empty = root.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        drop(OutputLock::acquire(&empty).unwrap());
+        assert!(empty.is_dir());
     }
 
     #[test]
