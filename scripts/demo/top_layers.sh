@@ -53,5 +53,5 @@ for SEED in $SEEDS; do
       --bootstrap 1000 --out "$WORK/bench-top-s$SEED" --quiet
     touch "$WORK/bench-top-s$SEED/.done"
   fi
-  echo "results: $WORK/bench-top-s$SEED/results.json (entries ensemble-top, ensemble)"
+  echo "results: $WORK/bench-top-s$SEED/comparison.md (entries ensemble-top, ensemble)"
 done
