@@ -66,7 +66,7 @@ enum Command {
     Ask {
         #[command(flatten)]
         vqa: VqaArgs,
-        /// The image (PNG or JPEG).
+        /// The image (PNG, JPEG, WebP or GIF).
         #[arg(long)]
         image: PathBuf,
         /// Print one JSON object (answer, abstained, confidence, uncertainty, particles, response).
@@ -110,7 +110,7 @@ enum Command {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// An image (PNG or JPEG); the prompt then holds one `<image>` expanded to its features.
+        /// An image (PNG, JPEG, WebP or GIF); the prompt then holds one `<image>` expanded to its features.
         #[arg(long)]
         image: Option<PathBuf>,
         /// The user's text; the model's chat template is applied unless --raw.
@@ -212,18 +212,22 @@ struct ServeArgs {
     #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
     max_image_pixels: u64,
     /// MB that the decoded images of the questions in flight may hold in all (3 bytes a pixel;
-    /// 503 above): bounds the server's memory whatever the clients send.
+    /// 503 above, 413 for one image larger than all of it): bounds the server's memory whatever
+    /// the clients send.
     #[arg(long, default_value_t = 1024)]
     max_image_memory_mb: u64,
     /// Longest question in tokens.
     #[arg(long, default_value_t = 512)]
     max_question_tokens: usize,
-    /// Largest max_tokens a request may ask for.
+    /// The most answer tokens a request gets (a larger max_tokens is lowered to this).
     #[arg(long, default_value_t = 256)]
     max_new_tokens_limit: usize,
     /// Also fetch http(s) image URLs (public addresses only); default: data URLs only.
     #[arg(long)]
     allow_remote_images: bool,
+    /// Let web pages from this origin call the API (CORS; repeatable; `*`: any origin).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -434,6 +438,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         max_new_tokens_limit: args.max_new_tokens_limit,
         allow_remote_images: args.allow_remote_images,
         max_image_memory_bytes: args.max_image_memory_mb.saturating_mul(1024 * 1024),
+        cors_origins: args.cors_origins.clone(),
     };
     // The server listens (with /health saying "loading") while the worker loads the model.
     let (vqa, hub) = (args.vqa.clone(), cli.hub_options());

@@ -4,8 +4,8 @@
 mod common;
 
 use bella_vqa::models::image::{
-    center_crop, load_image, pad_to_square, pil_resize, to_rgb, ImageProcessor, Resample,
-    ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+    center_crop, decode_image, load_image, pad_to_square, pil_resize, to_rgb, ImageProcessor,
+    Resample, ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
 };
 use candle_core::{DType, Tensor};
 use common::{fixture, max_abs_diff, reference};
@@ -645,5 +645,28 @@ fn the_kept_rgb8_preprocesses_exactly_like_the_decoded_image() {
         let direct = p.preprocess_u8(&img).unwrap();
         let kept = DynamicImage::ImageRgb8(p.into_rgb8(img).unwrap());
         assert_eq!(p.preprocess_u8(&kept).unwrap(), direct);
+    }
+}
+
+#[test]
+fn webp_and_gif_uploads_decode_to_the_pixels_they_hold() {
+    // Few colours, so that GIF's palette holds every one of them exactly.
+    let mut src = image::RgbImage::new(23, 17);
+    for (x, y, p) in src.enumerate_pixels_mut() {
+        *p =
+            image::Rgb([[200, 30, 30], [10, 10, 220], [250, 250, 250]][((x + 2 * y) % 3) as usize]);
+    }
+    for format in [image::ImageFormat::WebP, image::ImageFormat::Gif] {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        src.write_to(&mut bytes, format).unwrap();
+        let bytes = bytes.into_inner();
+        let decoded = decode_image(&bytes, "upload", u64::MAX).unwrap().to_rgb8();
+        assert_eq!(decoded, src, "{format:?}");
+        // Cut short: refused, never a partial image.
+        let err = decode_image(&bytes[..bytes.len() * 3 / 4], "upload", u64::MAX).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot decode image upload"),
+            "{format:?}: {err:#}"
+        );
     }
 }

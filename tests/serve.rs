@@ -206,6 +206,14 @@ fn demo_answers_like_ask_plain_and_streamed() {
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"][0]["id"], "bella-vqa-demo");
+    // The model by id (client.models.retrieve), created when the server started.
+    let (status, one) = get(&format!("{}/v1/models/bella-vqa-demo", server.url));
+    assert_eq!(status, 200, "{one}");
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["id"], "bella-vqa-demo");
+    assert_eq!(one["created"], models["data"][0]["created"]);
+    let (status, text) = get(&format!("{}/v1/models/gpt-4o", server.url));
+    assert_eq!(error_of(status, 404, &text)["code"], "model_not_found");
 
     for (image, question) in [
         ("red-circle.png", "What color is the circle?"),
@@ -255,7 +263,10 @@ fn demo_answers_like_ask_plain_and_streamed() {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         let usage = &v["usage"];
         assert_eq!(usage["prompt_tokens"], cli["prompt_tokens"]);
-        assert!(usage["completion_tokens"].as_u64().unwrap() > 0);
+        // The tokens of the answer the particles generated, within max_tokens (16 by default),
+        // not of the abstention wording around it.
+        let completion = usage["completion_tokens"].as_u64().unwrap();
+        assert!((1..=16).contains(&completion), "{usage}");
         assert_eq!(
             usage["total_tokens"].as_u64().unwrap(),
             usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
@@ -275,6 +286,10 @@ fn demo_answers_like_ask_plain_and_streamed() {
         assert!(chunks
             .iter()
             .all(|c| c["object"] == "chat.completion.chunk"));
+        // With include_usage, every chunk but the last carries "usage": null (as OpenAI's do).
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c.get("usage") == Some(&Value::Null)));
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
         let streamed: String = chunks
             .iter()
@@ -374,17 +389,81 @@ fn every_error_class_has_its_status_and_body() {
     let (s, t) = get(&format!("{url}/v2/nothing"));
     error_of(s, 404, &t);
 
-    // 413: a body over --max-body-mb.
+    // 413: a body over --max-body-mb (counted in /metrics like every chat response).
     let big = request(
         &format!("data:image/png;base64,{}", "A".repeat(100_000)),
         "q?",
     );
     let (s, _, t) = post(url, &big.to_string(), key);
     error_of(s, 413, &t);
+    let (_, metrics) = get(&format!("{url}/metrics"));
+    assert!(
+        metrics.contains("bella_chat_requests_total{status=\"413\"} 1"),
+        "{metrics}"
+    );
+
+    // What clients send besides the plainest form is read: an upper-case scheme, URL-safe or
+    // unpadded base64, WebP and GIF images, a max_tokens larger than the server gives.
+    let square_bytes = std::fs::read(common::fixture("images/square.png")).unwrap();
+    let square_image = image::load_from_memory(&square_bytes).unwrap();
+    let encoded = |format: image::ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        square_image.to_rgb8().write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&square_bytes);
+    for (label, image_url, max_tokens) in [
+        (
+            "upper case",
+            format!(
+                "DATA:IMAGE/PNG;BASE64,{}",
+                base64::engine::general_purpose::STANDARD.encode(&square_bytes)
+            ),
+            8,
+        ),
+        ("url-safe", format!("data:image/png;base64,{url_safe}"), 8),
+        (
+            "webp",
+            format!(
+                "data:image/webp;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(encoded(image::ImageFormat::WebP))
+            ),
+            8,
+        ),
+        (
+            "gif",
+            format!(
+                "data:image/gif;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(encoded(image::ImageFormat::Gif))
+            ),
+            8,
+        ),
+        ("max_tokens 4096", square.clone(), 4096),
+    ] {
+        let mut body = request(&image_url, "What color is the circle?");
+        body["max_tokens"] = max_tokens.into();
+        let (s, _, t) = post(url, &body.to_string(), key);
+        assert_eq!(s, 200, "{label}: {t}");
+    }
+    // A request body followed by more data is refused.
+    let (s, _, t) = post(url, &format!("{good} {good}"), key);
+    assert!(
+        error_of(s, 400, &t)["message"]
+            .as_str()
+            .unwrap()
+            .contains("more data after the request object"),
+        "{t}"
+    );
 
     // 400s, each naming what is wrong.
     let cases: Vec<(Value, &str, &str)> = vec![
-        (json!("not an object"), "", "invalid type"),
+        (json!("not an object"), "", "must be a JSON object"),
+        (json!([1, 2]), "", "must be a JSON object"),
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+            "a string or a list of content parts",
+        ),
         (json!({"messages": "hi"}), "messages", "invalid type"),
         (json!({"messages": [], "frobnicate": 1}), "", "frobnicate"),
         (
@@ -435,11 +514,11 @@ fn every_error_class_has_its_status_and_body() {
         (
             {
                 let mut v = good.clone();
-                v["max_tokens"] = 100_000.into();
+                v["max_tokens"] = 0.into();
                 v
             },
             "max_tokens",
-            "between 1",
+            "at least 1",
         ),
         (
             {
@@ -605,7 +684,8 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         ..ServeOptions::default()
     });
     server.wait_ready();
-    // 1000 × 1000 pixels are 3 MB as 8-bit RGB, over the 1 MiB bound: refused with 503, named.
+    // 1000 × 1000 pixels are 3 MB as 8-bit RGB, more than all of the 1 MiB bound: no retry
+    // can help, so 413, named (not 503 with Retry-After).
     let big = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
     image::RgbImage::from_pixel(1000, 1000, image::Rgb([200, 30, 30]))
         .save(big.path())
@@ -615,12 +695,13 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         &request(&data_url(big.path()), "What color is the circle?").to_string(),
         None,
     );
-    let e = error_of(s, 503, &t);
+    let e = error_of(s, 413, &t);
+    assert_eq!(e["code"], "image_too_large");
     assert!(
         e["message"].as_str().unwrap().contains("image memory"),
         "{e}"
     );
-    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(retry, None);
     // A small image is answered.
     let (s, _, t) = post(
         &server.url,
@@ -632,7 +713,7 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         None,
     );
     assert_eq!(s, 200, "{t}");
-    // A client that announces a body and stops sending gets 504 at the deadline, not silence.
+    // A client that announces a body and stops sending gets 408 at the deadline, not silence.
     let addr = server.url.trim_start_matches("http://");
     let head = |text: String, wait: u64| -> std::io::Result<String> {
         let mut stream = std::net::TcpStream::connect(addr)?;
@@ -648,7 +729,7 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         )
     };
     let reply = head(post_head(50) + "{\"a\":", 20).expect("an answer before the read timeout");
-    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     // A body announced larger than the limit is refused at once (413), not waited for.
     let reply = head(post_head(999_999_999_999) + "{}", 2).expect("an answer at once");
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
@@ -756,4 +837,45 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     assert!(status.success(), "{status}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(!rest.iter().any(|l| l.contains("panicked")), "{rest:?}");
+}
+
+#[test]
+fn cors_lets_the_named_origins_call_the_api_and_no_other() {
+    use std::io::{Read, Write};
+    let fixture = common::fixture("llava-tiny-hub");
+    let server = Server::start(
+        ServeOptions {
+            cors_origins: vec!["http://localhost:3000".into()],
+            ..ServeOptions::default()
+        },
+        move || BellaVqa::load(&ModelSource::Dir(fixture), None, &LoadOptions::default()),
+    );
+    server.wait_ready();
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let preflight = |origin: &str| -> String {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
+             Access-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: content-type,authorization\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        reply.to_ascii_lowercase()
+    };
+    let allowed = preflight("http://localhost:3000");
+    assert!(allowed.starts_with("http/1.1 200"), "{allowed}");
+    assert!(
+        allowed.contains("access-control-allow-origin: http://localhost:3000"),
+        "{allowed}"
+    );
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let other = preflight("http://evil.example");
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    server.stop().expect("clean stop");
 }

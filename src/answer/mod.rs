@@ -329,12 +329,12 @@ impl BellaVqa {
         self.loaded.prompter()?.count_text_tokens(text)
     }
 
-    /// Checks, before any tensor is made, that the whole prompt of `question` (chat template and
-    /// image tokens included) plus `max_new_tokens` fits the model's positions (LLaVA; CLIP
-    /// truncates its texts to its positions).
-    pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
+    /// The length of the whole prompt of `question` (chat template and image tokens included)
+    /// and the model's positions, computed before any tensor is made; `None` for CLIP, which
+    /// truncates its texts to its positions.
+    fn prompt_and_positions(&self, question: &str) -> Result<Option<(usize, usize)>> {
         let Model::Llava(m) = &self.loaded.model else {
-            return Ok(());
+            return Ok(None);
         };
         let prompter = self.loaded.prompter()?;
         // The same tokenisation as answering: special-token strings in the question are text, and
@@ -347,13 +347,30 @@ impl BellaVqa {
                 None,
             )?
             .len();
-        let positions = m.config().text_config.max_position_embeddings;
-        if prompt + max_new_tokens > positions {
-            bail!(
-                "the prompt is {prompt} tokens (image and template included) and the answer may take \
-                 {max_new_tokens} more, but the model has {positions} positions: shorten the question \
-                 or allow fewer answer tokens (--max-new-tokens; max_tokens in a request)"
-            );
+        Ok(Some((
+            prompt,
+            m.config().text_config.max_position_embeddings,
+        )))
+    }
+
+    /// How many answer tokens fit after the prompt of `question` in the model's positions
+    /// (`None`: no limit, CLIP).
+    pub fn answer_room(&self, question: &str) -> Result<Option<usize>> {
+        Ok(self
+            .prompt_and_positions(question)?
+            .map(|(prompt, positions)| positions.saturating_sub(prompt)))
+    }
+
+    /// Checks that the prompt of `question` plus `max_new_tokens` fits the model's positions.
+    pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
+        if let Some((prompt, positions)) = self.prompt_and_positions(question)? {
+            if prompt + max_new_tokens > positions {
+                bail!(
+                    "the prompt is {prompt} tokens (image and template included) and the answer may \
+                     take {max_new_tokens} more, but the model has {positions} positions: shorten \
+                     the question or allow fewer answer tokens (--max-new-tokens)"
+                );
+            }
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ pub const MAX_IMAGE_SIDE: u32 = 32_768;
 pub const MAX_PROCESSED_SIDE: usize = 8192;
 
 /// The formats [`load_image`] can decode (the `image` crate features this crate enables).
-pub const SUPPORTED_IMAGE_FORMATS: &str = "PNG, JPEG";
+pub const SUPPORTED_IMAGE_FORMATS: &str = "PNG, JPEG, WebP, GIF (its first frame)";
 
 /// The CLIP mean that `transformers` uses as the class default (`OPENAI_CLIP_MEAN`).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];

@@ -25,11 +25,12 @@ use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{Html, IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use base64::Engine as _;
 use image::DynamicImage;
@@ -73,8 +74,11 @@ pub struct ServeOptions {
     /// Fetch `http(s)://` image URLs (public addresses only); off: data URLs only.
     pub allow_remote_images: bool,
     /// The most memory the decoded images of the questions in flight may hold (8-bit RGB, as
-    /// the image processor reads them); a question whose image would pass it gets 503.
+    /// the image processor reads them); a question whose image would pass it gets 503 (413 for
+    /// an image larger than all of it).
     pub max_image_memory_bytes: u64,
+    /// Origins whose web pages may call the API (CORS); `*`: any. Empty: same origin only.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -93,6 +97,7 @@ impl Default for ServeOptions {
             max_new_tokens_limit: 256,
             allow_remote_images: false,
             max_image_memory_bytes: 1 << 30,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -121,6 +126,11 @@ impl ServeOptions {
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             anyhow::bail!("--api-key is empty");
+        }
+        for origin in &self.cors_origins {
+            if origin != "*" && HeaderValue::from_str(origin).is_err() {
+                anyhow::bail!("--cors-origin {origin:?} is not a valid origin (e.g. http://localhost:3000, or *)");
+            }
         }
         Ok(())
     }
@@ -190,6 +200,8 @@ struct AppState {
     loaded: Loaded,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// When the server started (`created` of the model in `/v1/models`).
+    started: u64,
 }
 
 impl AppState {
@@ -261,6 +273,7 @@ pub async fn serve(
         loaded,
         metrics,
         draining: AtomicBool::new(false),
+        started: unix_now(),
     });
     let app = router(state.clone());
 
@@ -291,12 +304,13 @@ pub async fn serve(
 
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.opts.max_body_bytes;
-    Router::new()
+    let app = Router::new()
         .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models/{id}", get(model))
+        .route(CHAT_PATH, post(chat))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(middleware::from_fn_with_state(
@@ -313,8 +327,58 @@ fn router(state: Arc<AppState>) -> Router {
                 ApiError::internal("internal error while handling the request").into_response()
             },
         ))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), count_chat));
+    match cors(&state.opts.cors_origins) {
+        Some(cors) => app.layer(cors).with_state(state),
+        None => app.with_state(state),
+    }
 }
+
+/// CORS for the origins of `--cors-origin` (preflights answered, `Access-Control-Allow-*` on
+/// every response to them); none: no CORS layer, the browser's same-origin rule holds.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// `bella_chat_requests_total` by status and the latency of answered chat requests: every
+/// response of `/v1/chat/completions`, the refusals of the layers around the handler (413,
+/// 408/504 deadlines, 503 while stopping) included.
+async fn count_chat(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> HttpResponse {
+    if request.uri().path() != CHAT_PATH {
+        return next.run(request).await;
+    }
+    let arrived = Instant::now();
+    let response = next.run(request).await;
+    state.metrics.count(response.status().as_u16());
+    if response.status().is_success() {
+        state
+            .metrics
+            .latency
+            .observe(arrived.elapsed().as_secs_f64());
+    }
+    response
+}
+
+const CHAT_PATH: &str = "/v1/chat/completions";
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
 /// body slowly or never included (reading the body is part of the request). A body announced
@@ -331,11 +395,22 @@ async fn within_deadline(
     if announced.is_some_and(|n| n > state.opts.max_body_bytes as u64) {
         return ApiError::too_large(state.opts.max_body_bytes).into_response();
     }
+    let body_read = BodyRead::default();
+    let mut request = request;
+    request.extensions_mut().insert(body_read.clone());
     match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
         Ok(response) => response,
+        Err(_) if !body_read.0.load(Ordering::SeqCst) => {
+            ApiError::body_timeout(state.opts.timeout.as_secs_f64()).into_response()
+        }
         Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),
     }
 }
+
+/// Set by the chat handler once the request body has arrived, so that a deadline passed while
+/// the client was still sending it is answered 408, not 504.
+#[derive(Clone, Default)]
+struct BodyRead(Arc<AtomicBool>);
 
 async fn refuse_when_draining(
     State(state): State<Arc<AppState>>,
@@ -397,31 +472,47 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> HttpR
         "data": [{
             "id": state.opts.model_name,
             "object": "model",
-            "created": unix_now(),
+            "created": state.started,
             "owned_by": "bella-vqa",
         }]
     }))
     .into_response()
 }
 
+/// `GET /v1/models/{id}`: the served model, or 404.
+async fn model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> HttpResponse {
+    if let Err(e) = state.authorize(&headers) {
+        return e.into_response();
+    }
+    if id != state.opts.model_name {
+        return ApiError::model_not_found(&id, &state.opts.model_name).into_response();
+    }
+    Json(serde_json::json!({
+        "id": state.opts.model_name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "bella-vqa",
+    }))
+    .into_response()
+}
+
 async fn chat(
     State(state): State<Arc<AppState>>,
+    body_read: Option<Extension<BodyRead>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
-    let arrived = Instant::now();
-    let response = match answer_chat(&state, &headers, body, arrived).await {
+    if let Some(Extension(flag)) = body_read {
+        flag.0.store(true, Ordering::SeqCst);
+    }
+    match answer_chat(&state, &headers, body, Instant::now()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    };
-    state.metrics.count(response.status().as_u16());
-    if response.status().is_success() {
-        state
-            .metrics
-            .latency
-            .observe(arrived.elapsed().as_secs_f64());
     }
-    response
 }
 
 async fn answer_chat(
@@ -438,16 +529,7 @@ async fn answer_chat(
             ApiError::invalid(None, format!("cannot read the request body: {e}"))
         }
     })?;
-    let request: ChatRequest =
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let param = (path != ".").then_some(path);
-                ApiError::invalid(
-                    param.as_deref(),
-                    format!("malformed request: {}", describe_json_error(&e)),
-                )
-            })?;
+    let request = parse_request(&body)?;
     if let Some(asked) = &request.model {
         if asked != &state.opts.model_name {
             return Err(ApiError::model_not_found(asked, &state.opts.model_name));
@@ -457,7 +539,7 @@ async fn answer_chat(
     let vqa = state.vqa()?.clone();
 
     // Decoding the image and tokenising the question are compute: off the async threads.
-    let options = AskOptions {
+    let mut options = AskOptions {
         max_new_tokens: ask
             .max_new_tokens
             .unwrap_or(AskOptions::default().max_new_tokens),
@@ -471,7 +553,7 @@ async fn answer_chat(
         },
         threshold: ask.threshold,
     };
-    let image = {
+    let (image, max_new_tokens) = {
         let (opts, url, param, question) = (
             state.opts.clone(),
             ask.image_url.clone(),
@@ -480,22 +562,34 @@ async fn answer_chat(
         );
         let vqa = vqa.clone();
         let max_new = options.max_new_tokens;
-        tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
-            check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
+        tokio::task::spawn_blocking(move || -> Result<(DynamicImage, usize), ApiError> {
+            let max_new = check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
             // Kept as the processor's 8-bit RGB (exactly what it would make of it first): a
             // 16-bit RGBA upload holds 8 bytes a pixel, this 3.
             let image = read_image(&url, &param, &opts)?;
-            vqa.model()
+            let image = vqa
+                .model()
                 .image_processor()
                 .and_then(|p| p.into_rgb8(image))
                 .map(DynamicImage::ImageRgb8)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            Ok((image, max_new))
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
     };
+    options.max_new_tokens = max_new_tokens;
     // Held until the answer: images waiting for the worker stay within the memory bound.
     let kib = image.as_bytes().len().div_ceil(1024).max(1);
+    if kib as u64 > state.opts.max_image_memory_bytes / 1024 {
+        return Err(ApiError {
+            param: Some(ask.image_param.clone()),
+            ..ApiError::image_too_large(
+                image.as_bytes().len() as u64,
+                state.opts.max_image_memory_bytes,
+            )
+        });
+    }
     let _image_memory = u32::try_from(kib)
         .ok()
         .and_then(|k| state.image_memory.clone().try_acquire_many_owned(k).ok())
@@ -541,30 +635,71 @@ async fn answer_chat(
         Ok(Ok(Err(e))) => return Err(ApiError::internal(format!("{e:#}"))),
         Ok(Ok(Ok(r))) => r,
     };
-    Ok(render(&vqa, &state.opts.model_name, &ask, &response))
+    Ok(render(
+        &vqa,
+        &state.opts.model_name,
+        &ask,
+        max_new_tokens,
+        &response,
+    ))
 }
 
-/// Serde's message, without the path (the error's `param` holds it).
+/// The request body as a [`ChatRequest`]: one JSON object and nothing after it.
+fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object: {\"model\": …, \"messages\": […]}",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let request: ChatRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != ".").then_some(path);
+        ApiError::invalid(
+            param.as_deref(),
+            format!("malformed request: {}", describe_json_error(&e)),
+        )
+    })?;
+    de.end().map_err(|_| {
+        ApiError::invalid(
+            None,
+            "invalid JSON: more data after the request object (one JSON object per request)",
+        )
+    })?;
+    Ok(request)
+}
+
+/// Serde's message, without the path (the error's `param` holds it) and, for a field's error,
+/// without the position in the body.
 fn describe_json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
     let inner = e.inner();
     match inner.classify() {
         serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
             format!("invalid JSON: {inner}")
         }
-        _ => match e.path().to_string().as_str() {
-            "." => inner.to_string(),
-            path => format!("{path}: {inner}"),
-        },
+        _ => {
+            let text = inner.to_string();
+            let suffix = format!(" at line {} column {}", inner.line(), inner.column());
+            let text = text.strip_suffix(&suffix).unwrap_or(&text);
+            match e.path().to_string().as_str() {
+                "." => text.to_string(),
+                path => format!("{path}: {text}"),
+            }
+        }
     }
 }
 
-/// Refuses questions longer than the server's limit or than the model's positions allow.
+/// Refuses questions longer than the server's limit or than the model's positions allow, and
+/// returns the answer's token limit: `max_new_tokens`, or less where the prompt leaves less
+/// room in the model (`max_tokens` is an upper bound).
 fn check_question(
     vqa: &BellaVqa,
     question: &str,
     max_new_tokens: usize,
     limit: usize,
-) -> Result<(), ApiError> {
+) -> Result<usize, ApiError> {
     let param = Some("messages");
     let tokens = vqa
         .text_tokens(question)
@@ -575,15 +710,36 @@ fn check_question(
             format!("the question is {tokens} tokens long; the limit is {limit} (--max-question-tokens)"),
         ));
     }
-    vqa.check_prompt_fits(question, max_new_tokens)
-        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
+    match vqa
+        .answer_room(question)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?
+    {
+        Some(0) => Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                param,
+                format!(
+                    "the question ({tokens} tokens) with the image and chat template fills the \
+                     model's positions and leaves no room for an answer: shorten the question"
+                ),
+            )
+        }),
+        Some(room) => Ok(max_new_tokens.min(room)),
+        None => Ok(max_new_tokens),
+    }
 }
 
 /// Decodes a `data:` URL or, when allowed, fetches an `http(s)://` one. Never reads local files.
 fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
     let name = param;
     let param = Some(param);
-    let bytes = if let Some(rest) = url.strip_prefix("data:") {
+    // URL schemes are case-insensitive (RFC 3986 §3.1).
+    let scheme = |s: &str| {
+        url.get(..s.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(s))
+    };
+    let bytes = if scheme("data:") {
+        let rest = &url["data:".len()..];
         let (meta, data) = rest
             .split_once(',')
             .ok_or_else(|| ApiError::invalid(param, "a data URL needs a comma before its data"))?;
@@ -593,7 +749,7 @@ fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImag
             return Err(ApiError::invalid(
                 param,
                 format!(
-                    "the data URL holds {media:?}, not an image (send image/png or image/jpeg)"
+                    "the data URL holds {media:?}, not an image (send image/png, image/jpeg, image/webp or image/gif)"
                 ),
             ));
         }
@@ -603,13 +759,13 @@ fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImag
                 "only base64 data URLs are accepted (data:image/png;base64,…)",
             ));
         }
-        let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(compact.as_bytes())
-            .map_err(|e| {
-                ApiError::invalid(param, format!("the data URL is not valid base64: {e}"))
-            })?
-    } else if url.starts_with("http://") || url.starts_with("https://") {
+        decode_base64(data).map_err(|e| {
+            ApiError::invalid(
+                param,
+                format!("the data URL is not valid base64 (standard or URL-safe alphabet, padded or not): {e}"),
+            )
+        })?
+    } else if scheme("http://") || scheme("https://") {
         if !opts.allow_remote_images {
             return Err(ApiError::invalid(
                 param,
@@ -626,6 +782,22 @@ fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImag
     };
     decode_image(&bytes, name, opts.max_image_pixels)
         .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
+}
+
+/// Base64 as clients write it: the standard or the URL-safe alphabet, with or without padding,
+/// line breaks and spaces ignored.
+fn decode_base64(data: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let config =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let alphabet = if compact.contains(['-', '_']) {
+        &URL_SAFE
+    } else {
+        &STANDARD
+    };
+    GeneralPurpose::new(alphabet, config).decode(compact.as_bytes())
 }
 
 /// Fetches a public image (`--allow-remote-images`): addresses on this machine or a private
@@ -707,11 +879,20 @@ fn content(ask: &Ask, r: &Response) -> String {
     text
 }
 
-fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse {
+/// The response (or its stream of chunks). `usage.completion_tokens` counts the tokens of the
+/// answer the particles generated (at most `max_new_tokens`), not the abstention wording around
+/// it; `bella.generated_tokens` counts every particle's.
+fn render(
+    vqa: &BellaVqa,
+    model: &str,
+    ask: &Ask,
+    max_new_tokens: usize,
+    r: &Response,
+) -> HttpResponse {
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     let created = unix_now();
     let text = content(ask, r);
-    let completion_tokens = vqa.text_tokens(&text).unwrap_or(0);
+    let completion_tokens = vqa.text_tokens(&r.answer).unwrap_or(0).min(max_new_tokens);
     let usage = Usage {
         prompt_tokens: r.prompt_tokens,
         completion_tokens,
@@ -761,7 +942,7 @@ fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse 
                 finish_reason: finish,
                 logprobs: None,
             }],
-            usage: None,
+            usage: ask.include_usage.then_some(None),
             bella,
         };
         Event::default().data(serde_json::to_string(&c).unwrap_or_default())
@@ -792,7 +973,7 @@ fn render(vqa: &BellaVqa, model: &str, ask: &Ask, r: &Response) -> HttpResponse 
             created,
             model,
             choices: Vec::new(),
-            usage: Some(usage),
+            usage: Some(Some(usage)),
             bella: None,
         };
         events.push(Event::default().data(serde_json::to_string(&c).unwrap_or_default()));

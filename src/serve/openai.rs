@@ -122,6 +122,35 @@ impl ApiError {
         }
     }
 
+    /// 408: the client did not send its request body within the deadline.
+    pub fn body_timeout(seconds: f64) -> Self {
+        Self {
+            code: Some("timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body did not arrive within {seconds:.0} s (--timeout-secs)"),
+            )
+        }
+    }
+
+    /// 413: one decoded image is larger than all the image memory of the server: no retry helps.
+    pub fn image_too_large(bytes: u64, budget: u64) -> Self {
+        Self {
+            code: Some("image_too_large"),
+            ..Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!(
+                    "the image decodes to {} MiB, more than the server's image memory of {} MiB \
+                     (--max-image-memory-mb): send a smaller image",
+                    bytes.div_ceil(1 << 20),
+                    budget >> 20
+                ),
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -180,7 +209,31 @@ pub struct ChatRequest {
     pub store: Option<bool>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    /// One tier here: any value is accepted.
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    #[serde(default)]
+    pub prompt_cache_key: Option<String>,
+    #[serde(default)]
+    pub safety_identifier: Option<String>,
     // Accepted only at their neutral value.
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub reasoning_effort: Option<Value>,
+    #[serde(default)]
+    pub verbosity: Option<Value>,
+    #[serde(default)]
+    pub prediction: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub web_search_options: Option<Value>,
+    /// The deprecated form of `tools` / `tool_choice`.
+    #[serde(default)]
+    pub functions: Option<Vec<Value>>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
     #[serde(default)]
     pub stop: Option<Value>,
     #[serde(default)]
@@ -209,6 +262,9 @@ pub struct ChatRequest {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// Obfuscation pads chunks against side channels on the public internet; none is sent.
+    #[serde(default)]
+    pub include_obfuscation: Option<bool>,
 }
 
 /// `bella` in a request.
@@ -231,11 +287,49 @@ pub struct Message {
     pub content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+/// A string or a list of parts, each part's error naming its index and what a part holds.
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Content::Text(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(j, item)| {
+                    serde_json::from_value(item).map_err(|e| {
+                        D::Error::custom(format!(
+                            "part [{j}]: {e}; a part is {{\"type\": \"text\", \"text\": \"…\"}} or \
+                             {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/png;base64,…\"}}}}"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map(Content::Parts),
+            other => Err(D::Error::custom(format!(
+                "must be a string or a list of content parts, not {}",
+                json_kind(&other)
+            ))),
+        }
+    }
+}
+
+/// What a JSON value is, for messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +362,8 @@ pub struct Ask {
     pub image_param: String,
     pub stream: bool,
     pub include_usage: bool,
+    /// `max_tokens` (or `max_completion_tokens`), at most the server's limit: an upper bound,
+    /// as in OpenAI's API, further bounded by the room the prompt leaves in the model.
     pub max_new_tokens: Option<usize>,
     /// `Some((temperature, top_p, seed))` when sampling.
     pub sampling: Option<(f64, f64, u64)>,
@@ -289,22 +385,29 @@ impl ChatRequest {
             }
         }
         let max_new_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(m), _) | (None, Some(m)) => {
+            (Some(0), _) | (None, Some(0)) => {
                 let param = if self.max_completion_tokens.is_some() {
                     "max_completion_tokens"
                 } else {
                     "max_tokens"
                 };
-                if m == 0 || m > max_new_tokens_limit as u64 {
-                    return Err(ApiError::invalid(
-                        Some(param),
-                        format!("{param} must be between 1 and {max_new_tokens_limit} (the answer length in tokens), not {m}"),
-                    ));
-                }
-                Some(m as usize)
+                return Err(ApiError::invalid(
+                    Some(param),
+                    format!("{param} must be at least 1 (the answer length in tokens)"),
+                ));
             }
+            (Some(m), _) | (None, Some(m)) => Some(
+                usize::try_from(m).map_or(max_new_tokens_limit, |m| m.min(max_new_tokens_limit)),
+            ),
             (None, None) => None,
         };
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                Some("top_p"),
+                format!("top_p must be in (0, 1], not {top_p}"),
+            ));
+        }
         let sampling = match self.temperature {
             Some(t) if !t.is_finite() || !(0.0..=2.0).contains(&t) => {
                 return Err(ApiError::invalid(
@@ -312,16 +415,8 @@ impl ChatRequest {
                     format!("temperature must be between 0 and 2, not {t}"),
                 ))
             }
-            Some(t) if t > 0.0 => {
-                let top_p = self.top_p.unwrap_or(1.0);
-                if !(top_p > 0.0 && top_p <= 1.0) {
-                    return Err(ApiError::invalid(
-                        Some("top_p"),
-                        format!("top_p must be in (0, 1], not {top_p}"),
-                    ));
-                }
-                Some((t, top_p, self.seed.unwrap_or(0)))
-            }
+            // Without a seed every request samples afresh, as in OpenAI's API.
+            Some(t) if t > 0.0 => Some((t, top_p, self.seed.unwrap_or_else(rand::random))),
             // Greedy: the default (the calibrated threshold assumes greedy answers).
             _ => None,
         };
@@ -399,6 +494,47 @@ impl ChatRequest {
         if !tool_choice_neutral {
             return refuse("tool_choice", "a VQA model does not call tools");
         }
+        if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+            return refuse("functions", "a VQA model does not call functions");
+        }
+        let function_call_neutral = match &self.function_call {
+            None | Some(Value::Null) => true,
+            Some(Value::String(s)) => s == "none" || s == "auto",
+            Some(_) => false,
+        };
+        if !function_call_neutral {
+            return refuse("function_call", "a VQA model does not call functions");
+        }
+        if self
+            .modalities
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|m| m != "text"))
+        {
+            return refuse("modalities", "the answer is text: only [\"text\"]");
+        }
+        for (param, value, what) in [
+            (
+                "reasoning_effort",
+                &self.reasoning_effort,
+                "the model does not reason in steps",
+            ),
+            (
+                "verbosity",
+                &self.verbosity,
+                "answers are as short as the model makes them",
+            ),
+            ("prediction", &self.prediction, "no predicted outputs"),
+            ("audio", &self.audio, "the answer is text"),
+            (
+                "web_search_options",
+                &self.web_search_options,
+                "no web search",
+            ),
+        ] {
+            if value.as_ref().is_some_and(|v| !v.is_null()) {
+                return refuse(param, what);
+            }
+        }
         Ok(())
     }
 }
@@ -445,7 +581,17 @@ fn question_and_image(messages: &[Message]) -> Result<(String, (String, String))
             for (j, part) in parts.iter().enumerate() {
                 match part {
                     Part::Text { text } => texts.push(text.as_str()),
-                    Part::ImageUrl { image_url } => images.push(image_at(last_user, j, image_url)),
+                    Part::ImageUrl { image_url } => {
+                        if let Some(detail) = &image_url.detail {
+                            if !matches!(detail.as_str(), "auto" | "low" | "high") {
+                                return Err(ApiError::invalid(
+                                    Some(&format!("{param}[{j}].image_url.detail")),
+                                    format!("detail must be auto, low or high, not {detail:?} (the image is read at the model's resolution either way)"),
+                                ));
+                            }
+                        }
+                        images.push(image_at(last_user, j, image_url))
+                    }
                     Part::Other => {
                         return Err(ApiError::unsupported(
                             &format!("{param}[{j}].type"),
@@ -542,8 +688,10 @@ pub struct Chunk<'a> {
     pub created: u64,
     pub model: &'a str,
     pub choices: Vec<ChunkChoice<'a>>,
+    /// With `stream_options.include_usage`: `null` in every chunk but the last, which holds the
+    /// counts (as OpenAI sends them); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
+    pub usage: Option<Option<Usage>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bella: Option<&'a Response>,
 }
@@ -641,11 +789,109 @@ mod tests {
             Some("bella.threshold")
         );
         v["bella"] = serde_json::json!({"threshold": 0.3, "show_particles": true});
-        let ask = parse(v).expect("valid");
-        assert_eq!(ask.sampling, Some((0.7, 1.0, 0)));
+        v["seed"] = 5.into();
+        let ask = parse(v.clone()).expect("valid");
+        assert_eq!(ask.sampling, Some((0.7, 1.0, 5)));
         assert_eq!(ask.max_new_tokens, Some(8));
         assert_eq!(ask.threshold, Some(0.3));
         assert!(ask.show_particles);
+
+        // max_tokens is an upper bound: a front end's 4096 is the server's limit (64 here).
+        v["max_tokens"] = 4096.into();
+        assert_eq!(parse(v.clone()).expect("valid").max_new_tokens, Some(64));
+        // Without a seed, sampling draws a fresh one per request.
+        v.as_object_mut().unwrap().remove("seed");
+        let seeds: std::collections::BTreeSet<u64> = (0..4)
+            .map(|_| {
+                parse(v.clone())
+                    .expect("valid")
+                    .sampling
+                    .expect("sampling")
+                    .2
+            })
+            .collect();
+        assert!(seeds.len() > 1, "{seeds:?}");
+        // top_p is checked with greedy decoding too.
+        v["temperature"] = 0.0.into();
+        v["top_p"] = 1.5.into();
+        assert_eq!(
+            parse(v.clone()).unwrap_err().param.as_deref(),
+            Some("top_p")
+        );
+    }
+
+    #[test]
+    fn openai_fields_are_accepted_at_their_neutral_value_and_named_otherwise() {
+        let base = user(serde_json::json!([
+            {"type": "image_url", "image_url": {"url": "data:a", "detail": "low"}},
+            {"type": "text", "text": "q"}
+        ]));
+        let with = |key: &str, value: Value| {
+            let mut v = base.clone();
+            v[key] = value;
+            v
+        };
+        for (key, value) in [
+            ("service_tier", serde_json::json!("auto")),
+            ("prompt_cache_key", serde_json::json!("k")),
+            ("safety_identifier", serde_json::json!("u")),
+            ("modalities", serde_json::json!(["text"])),
+            ("reasoning_effort", Value::Null),
+            ("functions", serde_json::json!([])),
+            ("function_call", serde_json::json!("none")),
+            (
+                "stream_options",
+                serde_json::json!({"include_usage": true, "include_obfuscation": false}),
+            ),
+        ] {
+            parse(with(key, value)).unwrap_or_else(|e| panic!("{key}: {}", e.message));
+        }
+        for (key, value) in [
+            ("modalities", serde_json::json!(["text", "audio"])),
+            ("reasoning_effort", serde_json::json!("high")),
+            ("verbosity", serde_json::json!("low")),
+            ("audio", serde_json::json!({"voice": "alloy"})),
+            ("functions", serde_json::json!([{"name": "f"}])),
+            ("function_call", serde_json::json!({"name": "f"})),
+            ("web_search_options", serde_json::json!({})),
+        ] {
+            let err = parse(with(key, value)).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(key));
+            assert_eq!(err.code, Some("unsupported_parameter"));
+        }
+        let mut v = base.clone();
+        v["messages"][0]["content"][0]["image_url"]["detail"] = "ultra".into();
+        let err = parse(v).unwrap_err();
+        assert_eq!(
+            err.param.as_deref(),
+            Some("messages[0].content[0].image_url.detail")
+        );
+    }
+
+    #[test]
+    fn malformed_content_says_what_a_part_is() {
+        for (content, expected) in [
+            (
+                serde_json::json!(5),
+                "must be a string or a list of content parts, not a number",
+            ),
+            (
+                serde_json::json!([{"type": "image_url", "image_url": "data:a"}]),
+                "part [0]",
+            ),
+            (
+                serde_json::json!(["q", {"type": "text", "text": 5}]),
+                "part [0]",
+            ),
+        ] {
+            let err = serde_json::from_value::<ChatRequest>(user(content)).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(expected), "{text}");
+            assert!(
+                text.contains("\"type\": \"image_url\"") || expected.starts_with("must"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
