@@ -29,9 +29,8 @@ pub struct ModelSummary {
     /// What `--quantize` did (absent: a dense base).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<crate::models::quant::QuantSummary>,
-    /// Linear layers that can carry particles.
+    /// Linear layers that can carry particles (`train --targets` chooses among them).
     pub particle_capable_layers: usize,
-    pub particles: usize,
     pub source: String,
     pub directory: String,
     pub files: Vec<FileSummary>,
@@ -95,7 +94,6 @@ impl ModelSummary {
             device: info.device.clone(),
             quantization: info.quantization.clone(),
             particle_capable_layers: loaded.model.linears().len(),
-            particles: loaded.model.particles().unwrap_or(1),
             source: loaded.files.origin.to_string(),
             directory: loaded.files.dir.display().to_string(),
             files,
@@ -152,8 +150,8 @@ impl fmt::Display for ModelSummary {
         }
         writeln!(
             f,
-            "particles     {} particle-capable linear layers, {} particle(s) attached",
-            self.particle_capable_layers, self.particles
+            "particles     {} linear layers can carry them (train --targets)",
+            self.particle_capable_layers
         )?;
         writeln!(f, "source        {}", self.source)?;
         writeln!(f, "directory     {}", self.directory)?;

@@ -157,8 +157,8 @@ enum Command {
         /// The base model (default: base_model_name_or_path and revision of the adapter config).
         #[arg(long)]
         model: Option<String>,
-        /// Replace a particle set already in --out (its calibration and its training
-        /// checkpoints are removed).
+        /// Replace a particle set already in --out (its calibration, training checkpoints,
+        /// train_log.jsonl and train_summary.json are removed).
         #[arg(long)]
         force: bool,
     },
@@ -469,10 +469,12 @@ fn print_response(r: &Response, show_particles: bool) {
             "image check: distance {:.2} from the calibration images (threshold {:.2}): {}",
             v.distance,
             v.threshold,
-            if v.familiar {
-                "familiar"
-            } else {
-                "unfamiliar, so abstained"
+            match (v.familiar, r.calibrated) {
+                (true, _) => "familiar",
+                (false, true) => "unfamiliar, so abstained",
+                // --threshold replaced the calibrated rule, the image check with it.
+                (false, false) =>
+                    "unfamiliar (not applied: --threshold replaces the calibrated rule)",
             }
         );
     }
@@ -688,8 +690,15 @@ fn import_peft(
         &bella_vqa::io::stored_model_source(&source_text),
     )?;
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
-    // `train --resume` would bring the replaced particles back from their checkpoints.
+    // `train --resume` would bring the replaced particles back from their checkpoints, and the
+    // training log and summary would describe particles that are gone.
     bella_vqa::io::remove_dir_all(&checkpoints)?;
+    for stale in ["train_log.jsonl", "train_summary.json"] {
+        let path = out.join(stale);
+        if path.exists() {
+            bella_vqa::io::remove_file(&path)?;
+        }
+    }
     set.save(out)?;
     if !cli.quiet {
         println!(

@@ -433,6 +433,24 @@ fn data_shapes_does_not_overwrite_a_data_set_without_force() {
         std::fs::read(out.path().join("train.jsonl")).unwrap(),
         first
     );
+    // Overwriting a larger set leaves exactly the images the new one names.
+    let stray = out.path().join("images/train/999999.png");
+    std::fs::write(&stray, b"left over").unwrap();
+    run_ok(&mut shapes(&["--seed", "3", "--force"]));
+    assert!(!stray.exists());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("shapes.json")).unwrap()).unwrap();
+    let files = walkdir(&out.path().join("images"));
+    assert_eq!(files as u64, meta["images"].as_u64().unwrap());
+}
+
+/// The regular files under `dir`, recursively.
+fn walkdir(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| if p.is_dir() { walkdir(&p) } else { 1 })
+        .sum()
 }
 
 #[test]

@@ -612,8 +612,11 @@ fn cli_exports_and_imports() {
         std::fs::read(back.join("bella_config.json")).unwrap(),
         before
     );
-    // With --force the set is replaced and stale training checkpoints go with it.
+    // With --force the set is replaced and stale training checkpoints and logs go with it.
     std::fs::create_dir_all(back.join("checkpoints").join("step-00000001")).unwrap();
+    for stale in ["train_log.jsonl", "train_summary.json"] {
+        std::fs::write(back.join(stale), b"{}").unwrap();
+    }
     let o = import_again(true);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
@@ -624,6 +627,7 @@ fn cli_exports_and_imports() {
         1
     );
     assert!(!back.join("checkpoints").exists());
+    assert!(!back.join("train_log.jsonl").exists() && !back.join("train_summary.json").exists());
     let export_again = |force: bool| {
         let mut cmd = bella();
         cmd.args(["export-peft", "--adapters"])

@@ -180,27 +180,38 @@ impl RunConfig {
     /// The comparable part: no paths, no version; without the limit and selection when
     /// `ignore_limit` (restarting), without the shard when `ignore_shard` (merging).
     fn identity(&self, ignore_limit: bool, ignore_shard: bool) -> Value {
-        let mut c = self.clone();
-        c.model.source.clear();
-        if let Some(a) = &mut c.adapters {
-            a.path.clear();
-        }
-        for d in &mut c.data {
-            d.path.clear();
-            d.annotations = None;
-            if ignore_limit {
-                d.selected = 0;
-            }
-        }
-        c.bella_vqa_version.clear();
-        c.created.clear();
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        let Some(c) = v.as_object_mut() else {
+            return v;
+        };
+        c.remove("bella_vqa_version");
+        c.remove("created");
         if ignore_limit {
-            c.limit = None;
+            c.remove("limit");
         }
         if ignore_shard {
-            c.shard = None;
+            c.remove("shard");
         }
-        serde_json::to_value(&c).unwrap_or(Value::Null)
+        if let Some(m) = c.get_mut("model").and_then(Value::as_object_mut) {
+            m.remove("source");
+        }
+        if let Some(a) = c.get_mut("adapters").and_then(Value::as_object_mut) {
+            a.remove("path");
+        }
+        for d in c
+            .get_mut("data")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object_mut)
+        {
+            d.remove("path");
+            d.remove("annotations");
+            if ignore_limit {
+                d.remove("selected");
+            }
+        }
+        v
     }
 
     /// What differs between two runs that should be the same (empty when they match).
@@ -248,26 +259,45 @@ fn short(v: &Value) -> String {
     }
 }
 
+/// The leaves where `a` and `b` differ, as `path: a vs b`. Lists of different lengths are
+/// compared entry by entry, a missing entry standing as an empty object, so that what an extra
+/// data file is shows field by field (`data[1].role: null vs "val"`).
 fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for k in keys {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                diff(
-                    &p,
-                    x.get(k).unwrap_or(&Value::Null),
-                    y.get(k).unwrap_or(&Value::Null),
-                    out,
-                );
-            }
+    let empty = serde_json::Map::new();
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
         }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
-            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+    };
+    let objects = match (a, b) {
+        (Value::Object(x), Value::Object(y)) => Some((x, y)),
+        (Value::Object(x), Value::Null) => Some((x, &empty)),
+        (Value::Null, Value::Object(y)) => Some((&empty, y)),
+        _ => None,
+    };
+    if let Some((x, y)) = objects {
+        let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+        for k in keys {
+            let (u, v) = (
+                x.get(k).unwrap_or(&Value::Null),
+                y.get(k).unwrap_or(&Value::Null),
+            );
+            diff(&join(k), u, v, out);
+        }
+        return;
+    }
+    match (a, b) {
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                out.push(format!("{path}: {} vs {} entries", x.len(), y.len()));
+            }
+            for i in 0..x.len().max(y.len()) {
+                let (u, v) = (
+                    x.get(i).unwrap_or(&Value::Null),
+                    y.get(i).unwrap_or(&Value::Null),
+                );
                 diff(&format!("{path}[{i}]"), u, v, out);
             }
         }
@@ -308,4 +338,29 @@ pub fn peak_memory_kib() -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn an_extra_data_file_shows_field_by_field() {
+        let mut out = Vec::new();
+        super::diff(
+            "",
+            &json!({"data": [{"role": "test", "questions": 400}], "normalize": "official"}),
+            &json!({"data": [{"role": "test", "questions": 400}, {"role": "val", "questions": 50}],
+                    "normalize": "official"}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [
+                "data: 1 vs 2 entries",
+                "data[1].questions: null vs 50",
+                "data[1].role: null vs \"val\""
+            ]
+        );
+    }
 }

@@ -454,6 +454,12 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         progress,
     };
     let images_dir = opts.out.join("images");
+    // Overwriting (--force) starts from an empty image folder: a larger or killed earlier set
+    // must not leave images that no split names.
+    if opts.force && images_dir.is_dir() {
+        std::fs::remove_dir_all(&images_dir)
+            .with_context(|| format!("cannot remove the old {}", images_dir.display()))?;
+    }
     crate::io::create_dir_all(&images_dir)?;
 
     let mut counts = Vec::new();

@@ -131,8 +131,7 @@ fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Res
     if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || pixels > max_pixels {
         bail!(
             "image {name} is too large: {width}×{height} pixels (the limit is {MAX_IMAGE_SIDE} pixels a side \
-             and {:.1} Mpixel in all); scale it down first",
-            max_pixels as f64 / (1024.0 * 1024.0)
+             and {max_pixels} pixels in all); scale it down first"
         );
     }
     Ok(())
