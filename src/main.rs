@@ -238,7 +238,9 @@ enum DataCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Training questions (validation, test and each OOD split get a fifth of this).
+        /// Training questions (validation, test and each OOD split get a fifth of this, at least
+        /// 10; ood-mismatched fewer: the test questions that name an object, asked about another
+        /// image that does not show it).
         #[arg(long, default_value_t = 2000)]
         n: usize,
         /// Canvas size in pixels.

@@ -801,6 +801,19 @@ fn calibration_rates_out_of_reach_are_refused_with_what_to_ask_instead() {
             "{option} {value}: {err}"
         );
     }
+    // Options of the risk guarantee with a rule that has none: refused, not ignored.
+    for (extra, expected) in [
+        (["--guarantee", "ltt"], "needs --target-risk"),
+        (["--delta", "0.05"], "no effect here"),
+    ] {
+        let err = fails(
+            bella()
+                .args(["calibrate", "--model", "m", "--adapters", "particles"])
+                .args(["--data", "val.jsonl", "--target-coverage", "0.9"])
+                .args(extra),
+        );
+        assert!(err.contains(expected), "{extra:?}: {err}");
+    }
 }
 
 #[test]

@@ -588,4 +588,31 @@ mod tests {
         let err = format!("{:#}", read_answer_list(&path).unwrap_err());
         assert!(err.contains("holds no answers"), "{err}");
     }
+
+    #[test]
+    fn the_built_in_template_shows_an_empty_answer_as_such() {
+        let mut env = minijinja::Environment::new();
+        env.add_template("response", DEFAULT_RESPONSE_TEMPLATE)
+            .unwrap();
+        let facts = |answer, abstained| TemplateFacts {
+            answer,
+            confidence: 0.67,
+            threshold: 0.5,
+            abstained,
+            unfamiliar_image: false,
+            unanswerable: false,
+            question: "What is on the sofa?",
+        };
+        let render = |f| render_response(&env, &f).unwrap();
+        assert_eq!(
+            render(facts("", true)),
+            "I'm not sure. Most likely: (no answer) (67 %)"
+        );
+        assert_eq!(render(facts("", false)), "(no answer)");
+        assert_eq!(render(facts("cat", false)), "cat");
+        assert_eq!(
+            render(facts("cat", true)),
+            "I'm not sure. Most likely: cat (67 %)"
+        );
+    }
 }

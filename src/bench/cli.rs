@@ -212,7 +212,8 @@ pub struct CalibrateArgs {
     /// Or answer at least this share of the validation questions (e.g. 0.85).
     #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]
     pub target_coverage: Option<f64>,
-    /// Or maximise effective reliability: phi1, phi10, phi100 (Φ_c with cost c per wrong answer).
+    /// Or maximise effective reliability: phiC, Φ_c with cost c per wrong answer (e.g. phi1,
+    /// phi10, phi100).
     #[arg(long)]
     pub objective: Option<String>,
     /// Answer normalisation for VQA accuracy: official or always.
@@ -248,9 +249,9 @@ pub struct CalibrateArgs {
     /// with probability 1 − δ) or none (the empirical choice) [default: ltt with a target risk].
     #[arg(long, value_parser = ["ltt", "none"])]
     pub guarantee: Option<String>,
-    /// δ of the guarantee.
-    #[arg(long, default_value_t = 0.1, value_parser = parse_open_unit)]
-    pub delta: f64,
+    /// δ of the Learn-then-Test guarantee of --target-risk [default: 0.1].
+    #[arg(long, value_parser = parse_open_unit)]
+    pub delta: Option<f64>,
     /// Do not fit a temperature (keep the particles' probabilities as they are).
     #[arg(long)]
     pub no_temperature: bool,
@@ -418,6 +419,27 @@ fn print_summary(r: &super::ResultsFile) {
     }
 }
 
+/// The guarantee `calibrate` gives: Learn-then-Test for a target risk unless `--guarantee none`;
+/// none for a target coverage or a Φ objective, where `--guarantee ltt` and `--delta` mean
+/// nothing and are refused rather than ignored.
+fn guarantee(args: &CalibrateArgs, objective: Objective) -> Result<Guarantee> {
+    let risk = matches!(objective, Objective::TargetRisk(_));
+    match (args.guarantee.as_deref(), risk) {
+        (Some("ltt"), false) => bail!(
+            "--guarantee ltt bounds a risk: it needs --target-risk (not --target-coverage or \
+             --objective)"
+        ),
+        (Some("none"), _) | (None, false) if args.delta.is_some() => bail!(
+            "--delta is the confidence of the Learn-then-Test guarantee of --target-risk; it has \
+             no effect here"
+        ),
+        (Some("none"), _) | (None, false) => Ok(Guarantee::None),
+        _ => Ok(Guarantee::Ltt {
+            delta: args.delta.unwrap_or(0.1),
+        }),
+    }
+}
+
 /// Runs `calibrate`.
 pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let objective = match (&args.objective, args.target_risk, args.target_coverage) {
@@ -426,6 +448,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         (None, None, Some(c)) => Objective::TargetCoverage(c),
         (None, None, None) => Objective::TargetRisk(0.05),
     };
+    let guarantee = guarantee(args, objective)?;
     if !args.data.exists() {
         bail!("data file {} does not exist", args.data.display());
     }
@@ -459,12 +482,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         dry_run: args.dry_run,
         selector: SelectorChoice::parse(&args.selector)?,
         ood_val: args.ood_val.clone().map(DataInput::new),
-        guarantee: match (args.guarantee.as_deref(), objective) {
-            (Some("none"), _) | (None, Objective::Phi(_) | Objective::TargetCoverage(_)) => {
-                Guarantee::None
-            }
-            _ => Guarantee::Ltt { delta: args.delta },
-        },
+        guarantee,
         temperature: !args.no_temperature,
         image_check: (!args.no_image_check).then_some(ImageCheckRequest {
             alpha: args

@@ -13,7 +13,8 @@ use candle_core::{DType, Device};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DTypeChoice {
     /// The fastest dtype that fits in memory: f32 on the CPU when it fits, else half precision
-    /// (the checkpoint's own half dtype, else bf16); on a GPU the checkpoint's half dtype.
+    /// (bf16 on a CPU with AVX512-BF16 or AMX, else the checkpoint's own half dtype, bf16 for an
+    /// f32 checkpoint); on a GPU the checkpoint's half dtype.
     #[default]
     Auto,
     F32,
@@ -88,7 +89,8 @@ pub struct ComputeArgs {
     pub device: Option<DeviceChoice>,
     /// The dtype of the frozen weights and activations; particles, norms, softmax and
     /// log-likelihoods stay f32. auto: f32 on the CPU when it fits in memory, else half precision
-    /// (bf16 on a CPU with AVX512-BF16, else the checkpoint's own half dtype).
+    /// (bf16 on a CPU with AVX512-BF16 or AMX, else the checkpoint's own half dtype, bf16 for an
+    /// f32 checkpoint).
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }

@@ -275,9 +275,11 @@ pub fn load_source(
 ) -> Result<(LoadedModel, String)> {
     let files = crate::hub::resolve(source, opts)?;
     load_with(&files, compute, quantize).map_err(|e| {
-        e.context(format!(
-            "cannot load the model {source} ({})",
-            files.dir.display()
-        ))
+        // A hub id names where its files are; a directory is named once.
+        let place = match &files.origin {
+            crate::hub::Origin::Directory => String::new(),
+            _ => format!(" ({})", files.dir.display()),
+        };
+        e.context(format!("cannot load the model {source}{place}"))
     })
 }

@@ -655,8 +655,13 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let request: ChatRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // A syntax error is the body's, not a field's.
         let path = e.path().to_string();
-        let param = (path != ".").then_some(path);
+        let syntax = matches!(
+            e.inner().classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        let param = (path != "." && !syntax).then_some(path);
         ApiError::invalid(
             param.as_deref(),
             format!("malformed request: {}", describe_json_error(&e)),
