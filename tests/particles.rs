@@ -116,9 +116,9 @@ fn every_particle_equals_its_merged_model_with_adapters_everywhere() {
     let mut m = llava();
     let adapted = attach(&mut m, &spec(ALL, 3), InitB::Normal { std: 0.1 }, 7).unwrap();
     assert_eq!(
-        adapted.len(),
+        adapted.len() + m.inert_linears().len(),
         m.linears().len(),
-        "every linear layer carries particles"
+        "every linear layer the model runs carries particles"
     );
     check_stacked_equals_merged(&m, 3, "image");
     check_stacked_equals_merged(&m, 3, "batch");
@@ -438,4 +438,46 @@ fn batched_greedy_decoding_equals_separate_merged_runs() {
     .unwrap();
     let stacked = stacked_greedy_equals_merged(&m, 3);
     assert_ne!(stacked[0], stacked[2], "particles decode differently");
+}
+
+#[test]
+fn vision_layers_above_the_feature_layer_are_inert_and_left_out() {
+    // vision_feature_layer −2 of 3 vision layers: hidden state 2 (the output of layer 1) is read,
+    // layer 2 never runs.
+    let base = llava();
+    let inert = base.inert_linears();
+    assert_eq!(inert.len(), 6, "{inert:?}");
+    assert!(inert
+        .iter()
+        .all(|n| n.starts_with("vision_tower.vision_model.encoder.layers.2.")));
+    // Particles forced onto them change nothing: inert indeed.
+    let mut forced = base.clone();
+    for (name, layer) in forced.linears_mut() {
+        if inert.contains(&name) {
+            let (out, inp) = layer.shape();
+            let a = Tensor::ones((2, 4, inp), DType::F32, &Device::Cpu).unwrap();
+            let b = Tensor::ones((2, out, 4), DType::F32, &Device::Cpu).unwrap();
+            layer
+                .set_adapter(Some(bella_vqa::bella::Adapter::new(a, b, 2.0).unwrap()))
+                .unwrap();
+        }
+    }
+    let prompt = reference_prompt("image");
+    let x = logits(&base, &prompt, 1);
+    let y = logits(&forced, &prompt, 2);
+    let rows = x.dim(0).unwrap();
+    assert_eq!(max_abs_diff(&x, &y.i(0..rows).unwrap()), 0.0);
+    // attach leaves them out, and says so when nothing else is targeted.
+    let mut m = base.clone();
+    let adapted = attach(&mut m, &spec(&["vision_tower.*"], 2), InitB::Zero, 1).unwrap();
+    assert!(adapted.iter().all(|n| !inert.contains(n)) && !adapted.is_empty());
+    let mut m = base.clone();
+    let err = attach(
+        &mut m,
+        &spec(&["vision_tower.*.layers.2.*"], 2),
+        InitB::Zero,
+        1,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("never runs"), "{err}");
 }

@@ -358,6 +358,13 @@ pub trait ParticleModel {
     fn linears(&self) -> Vec<(String, &ParticleLinear)>;
     fn linears_mut(&mut self) -> Vec<(String, &mut ParticleLinear)>;
 
+    /// Layers that exist in the checkpoint but never touch an output (LLaVA's vision layers
+    /// above `vision_feature_layer`, which the model does not run): particles there would never
+    /// move, so [`super::attach`] leaves them out.
+    fn inert_linears(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The number of particles the attached adapters carry (1 without adapters); all adapters
     /// must agree.
     fn particles(&self) -> Result<usize> {

@@ -199,8 +199,9 @@ pub enum InitB {
     Normal { std: f64 },
 }
 
-/// Attaches fresh particle factors to every matching layer: A from PEFT's kaiming-uniform
-/// (U(−1/√in, 1/√in)), distinct per particle; B as `init_b`. Returns the adapted module paths.
+/// Attaches fresh particle factors to every matching layer that can change an output (not the
+/// model's [`ParticleModel::inert_linears`]): A from PEFT's kaiming-uniform (U(−1/√in, 1/√in)),
+/// distinct per particle; B as `init_b`. Returns the adapted module paths.
 pub fn attach<M: ParticleModel + ?Sized>(
     model: &mut M,
     spec: &AdapterSpec,
@@ -209,10 +210,12 @@ pub fn attach<M: ParticleModel + ?Sized>(
 ) -> Result<Vec<String>> {
     spec.validate()?;
     let (p, r) = (spec.particles, spec.rank);
+    let inert = model.inert_linears();
+    let chosen = |path: &str| spec.matches(path) && !inert.iter().any(|i| i == path);
     let values: usize = model
         .linears()
         .iter()
-        .filter(|(path, _)| spec.matches(path))
+        .filter(|(path, _)| chosen(path))
         .map(|(_, layer)| {
             let (out, inp) = layer.shape();
             p * r * (out + inp)
@@ -229,7 +232,7 @@ pub fn attach<M: ParticleModel + ?Sized>(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut adapted = Vec::new();
     for (path, layer) in model.linears_mut() {
-        if !spec.matches(&path) {
+        if !chosen(&path) {
             continue;
         }
         let (out, inp) = layer.shape();
@@ -252,6 +255,16 @@ pub fn attach<M: ParticleModel + ?Sized>(
         let b = Tensor::from_vec(b, (p, out, r), &device)?;
         layer.set_adapter(Some(Adapter::new(a, b, spec.alpha / r as f64)?))?;
         adapted.push(path);
+    }
+    if let (true, Some(first)) = (
+        adapted.is_empty(),
+        inert.iter().find(|path| spec.matches(path)),
+    ) {
+        bail!(
+            "the targets {:?} match only layers the model never runs ({first}, …: vision layers \
+             above vision_feature_layer), where particles could not change an answer: choose others",
+            spec.targets,
+        );
     }
     if adapted.is_empty() {
         let example = model

@@ -359,4 +359,19 @@ impl ParticleModel for LlavaModel {
         self.language_model.linears_mut("language_model", &mut out);
         out
     }
+
+    fn inert_linears(&self) -> Vec<String> {
+        // hidden state i is the output of layer i − 1: layers from the deepest index read on
+        // are never run.
+        let read = self.feature_layers.iter().copied().max().unwrap_or(0);
+        let prefix = |k: usize| format!("vision_tower.vision_model.encoder.layers.{k}.");
+        self.linears()
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                (read..self.config.vision_config.num_hidden_layers)
+                    .any(|k| name.starts_with(&prefix(k)))
+            })
+            .collect()
+    }
 }

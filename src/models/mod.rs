@@ -47,6 +47,13 @@ impl ParticleModel for Model {
             Model::Llava(m) => m.linears_mut(),
         }
     }
+
+    fn inert_linears(&self) -> Vec<String> {
+        match self {
+            Model::Clip(m) => m.inert_linears(),
+            Model::Llava(m) => m.inert_linears(),
+        }
+    }
 }
 
 /// What was loaded, for `bella-vqa inspect` and for particle configs.

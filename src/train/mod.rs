@@ -540,7 +540,19 @@ pub fn train(
             } else {
                 InitB::Zero
             };
-            attach(model, &opts.spec(), init, opts.seed)?;
+            let spec = opts.spec();
+            attach(model, &spec, init, opts.seed)?;
+            let inert = model
+                .inert_linears()
+                .into_iter()
+                .filter(|path| spec.matches(path))
+                .count();
+            if inert > 0 && run.progress {
+                eprintln!(
+                    "left out {inert} targeted layer(s) the model never runs (vision layers above \
+                     vision_feature_layer): particles there could not change an answer"
+                );
+            }
             let params = Params::install(model)?;
             let optimizer = AdamW::new(&params.vars(), 0.0)?;
             (params, optimizer, 0)
