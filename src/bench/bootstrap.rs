@@ -41,7 +41,9 @@ impl Bootstrap {
         format!(
             "Intervals: 95 % percentile bootstrap over the questions ({} resamples, seed {}; each \
              data file resampled separately, validation included, so the thresholds chosen on it \
-             vary too; linear interpolation between order statistics)",
+             vary too; linear interpolation between order statistics). For a biased statistic \
+             such as ECE, which resampling inflates, the interval can lie beside the point \
+             estimate",
             self.resamples, self.seed
         )
     }

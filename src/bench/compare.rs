@@ -254,8 +254,12 @@ pub fn write_comparison(
             .iter()
             .map(|(e, dir, r)| ComparedRun {
                 name: e.name.clone(),
-                adapters: e.adapters.clone(),
-                dir: dir.clone(),
+                // Absolute, as every stored path (crate::io::stored_path).
+                adapters: e
+                    .adapters
+                    .as_deref()
+                    .map(|a| PathBuf::from(crate::io::stored_path(a))),
+                dir: PathBuf::from(crate::io::stored_path(dir)),
                 results: r.results.clone(),
                 timing: r.timing.clone(),
                 complete: r.progress.complete,
