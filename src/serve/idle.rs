@@ -1,7 +1,9 @@
 //! Connections that make no progress are closed: a client that stops sending its request (or
-//! stops reading its answer) for longer than the idle limit loses the connection, so stalled
-//! clients cannot hold the server's sockets forever. The limit is longer than the request
-//! deadline, which every answer meets, so a connection waiting for its answer is never cut.
+//! stops reading its answer) for longer than the idle limit loses the connection, and so does
+//! one that trickles its request (a header line every few seconds) for longer than that limit
+//! without getting an answer, so stalled or slow clients cannot hold the server's sockets
+//! forever. The limit is longer than the request deadline, which every answer meets, so a
+//! connection waiting for its answer is never cut.
 
 use std::future::Future;
 use std::io;
@@ -35,11 +37,14 @@ impl axum::serve::Listener for IdleLimitListener {
 }
 
 /// A connection that fails with `TimedOut` once neither a read nor a write has moved a byte
-/// for `idle` while one of them was waiting.
+/// for `idle` while one of them was waiting, or once `idle` has passed since the first byte of a
+/// request without a byte of answer written.
 pub struct IdleLimited<T> {
     inner: T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    /// Set by the first byte read after the last byte written: the request's deadline.
+    request: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> IdleLimited<T> {
@@ -48,6 +53,7 @@ impl<T> IdleLimited<T> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            request: None,
         }
     }
 
@@ -56,15 +62,45 @@ impl<T> IdleLimited<T> {
         self.timer.as_mut().reset(next);
     }
 
-    /// The inner I/O is waiting: fails once the idle limit has passed.
-    fn poll_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client made no progress for {:?}", self.idle),
-            ))),
-            Poll::Pending => Poll::Pending,
+    /// Bytes of a request arrived: its deadline starts with the first of them.
+    fn read_progressed(&mut self) {
+        self.progressed();
+        if self.request.is_none() {
+            self.request = Some(Box::pin(tokio::time::sleep(self.idle)));
         }
+    }
+
+    /// Bytes of an answer left: the request is answered.
+    fn write_progressed(&mut self) {
+        self.progressed();
+        self.request = None;
+    }
+
+    /// The request's deadline has passed without an answer.
+    fn request_expired(&self) -> bool {
+        self.request
+            .as_ref()
+            .is_some_and(|r| Instant::now() >= r.deadline())
+    }
+
+    fn timed_out(&self, what: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client {what} for {:?}", self.idle),
+        )
+    }
+
+    /// The inner I/O is waiting: fails once the idle limit or the request's deadline has passed.
+    fn poll_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(self.timed_out("made no progress")));
+        }
+        if let Some(request) = &mut self.request {
+            if request.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(self.timed_out("sent a request without completing it")));
+            }
+        }
+        Poll::Pending
     }
 
     /// Passes a write's result on, resetting the timer when bytes moved.
@@ -75,7 +111,7 @@ impl<T> IdleLimited<T> {
     ) -> Poll<io::Result<usize>> {
         match r {
             Poll::Ready(Ok(n)) if n > 0 => {
-                self.progressed();
+                self.write_progressed();
                 Poll::Ready(Ok(n))
             }
             Poll::Pending => self.poll_stalled(cx),
@@ -93,9 +129,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleLimited<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            // A request trickling in past its deadline: bytes keep coming, the answer never.
+            Poll::Ready(Ok(())) if this.request_expired() => {
+                Poll::Ready(Err(this.timed_out("sent a request without completing it")))
+            }
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    this.progressed();
+                    this.read_progressed();
                 }
                 Poll::Ready(r)
             }
@@ -156,14 +196,46 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(64);
         let mut io = IdleLimited::new(near, Duration::from_secs(10));
         let mut buf = [0u8; 8];
-        // Bytes every 6 s keep it alive past 10 s in all.
+        // A request every 6 s, each answered, keeps it alive past 10 s in all.
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(6)).await;
             far.write_all(b"x").await.unwrap();
             assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+            io.write_all(b"y").await.unwrap();
+            far.read_exact(&mut buf[..1]).await.unwrap();
         }
         // Then silence: the read fails once 10 s have passed without a byte.
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_trickling_in_without_end_times_out_and_an_answer_resets_it() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleLimited::new(near, Duration::from_secs(10));
+        let mut buf = [0u8; 8];
+        // A byte every 4 s for 8 s, then the answer: the next request starts a new deadline.
+        for _ in 0..2 {
+            far.write_all(b"x").await.unwrap();
+            assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+            tokio::time::advance(Duration::from_secs(4)).await;
+        }
+        io.write_all(b"answer").await.unwrap();
+        // Now a byte every 4 s with no answer: cut once 10 s have passed since the first one,
+        // though no single gap reached the idle limit.
+        let mut cut = None;
+        for i in 0..5 {
+            far.write_all(b"x").await.unwrap();
+            match io.read(&mut buf).await {
+                Ok(n) => assert_eq!(n, 1),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+                    cut = Some(i);
+                    break;
+                }
+            }
+            tokio::time::advance(Duration::from_secs(4)).await;
+        }
+        assert_eq!(cut, Some(3), "cut at the byte after 12 s");
     }
 }
