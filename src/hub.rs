@@ -109,14 +109,30 @@ pub enum ModelSource {
     Dir(PathBuf),
 }
 
+/// The names of the embedded demo models ([`crate::demo`]) as a model source: `demo` (its
+/// LLaVA, what `train` records as the base when no `--model` was given), `demo:llava`,
+/// `demo:clip`.
+const DEMO_NAMES: [(&str, &str); 3] = [
+    ("demo", crate::demo::LLAVA),
+    ("demo:llava", crate::demo::LLAVA),
+    ("demo:clip", crate::demo::CLIP),
+];
+
 impl ModelSource {
-    /// An existing directory path -> [`ModelSource::Dir`]; otherwise `org/name[@revision]` ->
-    /// [`ModelSource::Hub`]; anything else a clear error.
+    /// An existing directory path -> [`ModelSource::Dir`]; the demo's names (`demo`,
+    /// `demo:llava`, `demo:clip`, unless a model directory of that name is here) -> the embedded
+    /// demo's directory; otherwise `org/name[@revision]` -> [`ModelSource::Hub`]; anything else
+    /// a clear error.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         if s.trim().is_empty() {
             bail!("empty model source: expected a model directory or a hub id org/name[@revision]");
         }
         let path = Path::new(s);
+        if let Some((_, model)) = DEMO_NAMES.iter().find(|(name, _)| *name == s) {
+            if !path.join("config.json").is_file() {
+                return Ok(ModelSource::Dir(crate::demo::path(model)?));
+            }
+        }
         if path.is_dir() {
             return Ok(ModelSource::Dir(path.to_path_buf()));
         }
@@ -136,7 +152,7 @@ impl ModelSource {
         validate_repo_id(repo_id).map_err(|why| {
             anyhow!(
                 "{s:?} is neither an existing directory nor a hub model id: {why} \
-                 (expected org/name or org/name@revision)"
+                 (expected org/name or org/name@revision; `demo` names the embedded demo LLaVA)"
             )
         })?;
         if let Some(revision) = revision {

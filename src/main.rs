@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// A hub id (`org/name`, `org/name@revision`) or a local directory in the Hugging Face layout
-    /// (default: the embedded shapes-world demo LLaVA).
+    /// (default: the embedded shapes-world demo LLaVA, also named `demo`; `demo:clip` its CLIP).
     #[arg(long)]
     model: Option<String>,
     /// Hub revision (branch, tag or commit); overrides `@revision` in --model.
@@ -261,12 +261,24 @@ enum DataCommand {
 struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Training data.
+    /// Training data: our JSONL, a VQAv2 questions JSON (with --annotations) or VizWiz JSON.
     #[arg(long)]
     data: PathBuf,
+    /// VQAv2: the annotations JSON of --data.
+    #[arg(long)]
+    annotations: Option<PathBuf>,
+    /// The image folder of --data (VQAv2/VizWiz; default: the data file's folder).
+    #[arg(long)]
+    images: Option<PathBuf>,
     /// Validation data (a sample is evaluated during training).
     #[arg(long)]
     val: Option<PathBuf>,
+    /// VQAv2: the annotations JSON of --val.
+    #[arg(long, requires = "val")]
+    val_annotations: Option<PathBuf>,
+    /// The image folder of --val (VQAv2/VizWiz; default: its file's folder).
+    #[arg(long, requires = "val")]
+    val_images: Option<PathBuf>,
     /// Output directory: particles, checkpoints, train_log.jsonl.
     #[arg(long)]
     out: PathBuf,
@@ -282,9 +294,11 @@ struct TrainArgs {
     rank: usize,
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
-    /// Module-path patterns: PEFT suffixes (q_proj), globs (language_model.*.q_proj) and layer
-    /// ranges (language_model.layers.24-31.*.q_proj: particles on the top layers only).
-    #[arg(long, value_delimiter = ',')]
+    /// Module-path patterns, comma-separated: PEFT suffixes (q_proj), globs
+    /// (language_model.*.q_proj) and layer ranges (language_model.layers.24-31.*.q_proj:
+    /// particles on the top layers only) [default: LLaVA q/k/v/o_proj of the language model;
+    /// CLIP q/k/v/out_proj of both towers].
+    #[arg(long, value_delimiter = ',', value_name = "PATTERN,...")]
     targets: Option<Vec<String>>,
     #[arg(long, default_value_t = 3)]
     epochs: usize,
@@ -455,11 +469,29 @@ fn print_response(r: &Response, show_particles: bool) {
         .iter()
         .filter(|p| p.normalized == answer)
         .count();
+    let calibrated = if r.calibrated {
+        "calibrated"
+    } else {
+        "uncalibrated"
+    };
+    // What abstention compared: the confidence itself, or another selector's score.
+    let decision = if r.selector == "confidence" {
+        format!(
+            "confidence {:.0} % (threshold {:.0} %, {calibrated})",
+            r.confidence * 100.0,
+            r.threshold * 100.0
+        )
+    } else {
+        format!(
+            "confidence {:.0} % · {} score {:.3} (threshold {:.3}, {calibrated})",
+            r.confidence * 100.0,
+            r.selector,
+            r.score,
+            r.threshold
+        )
+    };
     println!(
-        "confidence {:.0} % (threshold {:.0} %{}) · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
-        r.confidence * 100.0,
-        r.threshold * 100.0,
-        if r.calibrated { ", calibrated" } else { ", uncalibrated" },
+        "{decision} · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
         r.uncertainty.total,
         r.uncertainty.aleatoric,
         r.uncertainty.epistemic,
@@ -717,6 +749,8 @@ fn import_peft(
 
 fn read_data(
     path: &std::path::Path,
+    annotations: Option<&std::path::Path>,
+    images: Option<&std::path::Path>,
     skip_bad: bool,
     quiet: bool,
 ) -> Result<Vec<bella_vqa::data::VqaExample>> {
@@ -724,7 +758,8 @@ fn read_data(
         skip_bad,
         check_images: true,
     };
-    let data = bella_vqa::data::read_dataset(path, None, None, &opts)?.require_questions()?;
+    let data =
+        bella_vqa::data::read_dataset(path, annotations, images, &opts)?.require_questions()?;
     if !data.skipped.is_empty() && !quiet {
         eprintln!(
             "skipped {} bad record(s) in {} (first: {})",
@@ -740,9 +775,15 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
     // A question without an answer (a test set's) has nothing to train on.
-    let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(&args.data, args.skip_bad, cli.quiet)?
-        .into_iter()
-        .partition(|e| train::objective::target_answer(e).is_some());
+    let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(
+        &args.data,
+        args.annotations.as_deref(),
+        args.images.as_deref(),
+        args.skip_bad,
+        cli.quiet,
+    )?
+    .into_iter()
+    .partition(|e| train::objective::target_answer(e).is_some());
     if let Some(first) = unanswered.first() {
         let (n, file, id) = (unanswered.len(), args.data.display(), &first.question_id);
         if !args.skip_bad {
@@ -761,7 +802,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     }
     let val_data = match &args.val {
         Some(v) => {
-            let val = read_data(v, args.skip_bad, cli.quiet)?;
+            let val = read_data(
+                v,
+                args.val_annotations.as_deref(),
+                args.val_images.as_deref(),
+                args.skip_bad,
+                cli.quiet,
+            )?;
             if val.iter().all(|e| e.answers.is_empty()) {
                 anyhow::bail!(
                     "--val {} has no human answers to score the particles against: give a \

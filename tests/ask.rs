@@ -275,3 +275,44 @@ fn generation_config_eos_ids_end_answers_as_in_transformers() {
         "{text}"
     );
 }
+
+#[test]
+fn the_text_line_shows_the_score_that_abstention_compared() {
+    // Disagreeing particles calibrated with the vote selector at 0.9: the confidence line must
+    // show the vote share against the threshold, not the confidence.
+    let dir = tempfile::tempdir().unwrap();
+    crafted_particles(dir.path(), true);
+    let config_path = dir.path().join("bella_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["abstention"]["selector"] = serde_json::json!({"name": "vote"});
+    config["abstention"]["threshold"] = serde_json::json!(0.9);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let run = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+        cmd.args(["ask", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--adapters")
+            .arg(dir.path())
+            .arg("--image")
+            .arg(fixture("images/square.png"));
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("What color is the circle?").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(v["selector"], "vote");
+    let line = run(false);
+    let expected = format!(
+        "vote score {:.3} (threshold 0.900, calibrated)",
+        v["score"].as_f64().unwrap()
+    );
+    assert!(line.contains(&expected), "{expected:?} in {line}");
+}

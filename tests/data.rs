@@ -473,6 +473,56 @@ fn a_bare_vqav2_file_name_finds_its_images_in_the_working_directory() {
 }
 
 #[test]
+fn train_reads_vqav2_with_its_annotations_and_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqav2_files(dir.path(), Some("val2014"));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny-hub");
+    let train = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args([
+                "train",
+                "--quiet",
+                "--particles",
+                "2",
+                "--max-steps",
+                "1",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--data")
+            .arg(&q)
+            .arg("--out")
+            .arg(dir.path().join("particles"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Without its annotations the questions file cannot be trained on, and says so.
+    let out = train(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs its annotations file"), "{err}");
+    let out = train(&[
+        "--annotations".as_ref(),
+        a.as_os_str(),
+        "--images".as_ref(),
+        images.as_os_str(),
+        "--val".as_ref(),
+        q.as_os_str(),
+        "--val-annotations".as_ref(),
+        a.as_os_str(),
+        "--val-images".as_ref(),
+        images.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("particles/particles.safetensors").is_file());
+}
+
+#[test]
 fn vqav2_errors_name_the_question() {
     let dir = tempfile::tempdir().unwrap();
     let (q, a, images) = vqav2_files(dir.path(), Some("val2014"));
@@ -662,6 +712,11 @@ fn vizwiz_reads_answers_answerable_and_unanswerable() {
     assert!(data.is_empty());
     assert_eq!(data.skipped.len(), 3);
     assert!(data.skipped[1].reason.contains("VizWiz_val_00000009.jpg"));
+    assert!(
+        data.skipped[1].reason.contains("--images"),
+        "{}",
+        data.skipped[1].reason
+    );
     assert!(data.skipped[2].reason.contains("entry 2"));
 }
 

@@ -538,6 +538,19 @@ fn parse_model_sources() {
         ModelSource::Dir(tmp.path().to_path_buf()).to_string(),
         dir.to_string()
     );
+    // The embedded demo by name (what `train` records as the base without --model); the
+    // repository's own demo/ folder holds no config.json, so the name wins here too.
+    for (name, model) in [
+        ("demo", bella_vqa::demo::LLAVA),
+        ("demo:llava", bella_vqa::demo::LLAVA),
+        ("demo:clip", bella_vqa::demo::CLIP),
+    ] {
+        assert_eq!(
+            ModelSource::parse(name).unwrap(),
+            ModelSource::Dir(bella_vqa::demo::path(model).unwrap()),
+            "{name}"
+        );
+    }
 
     for bad in [
         "",

@@ -94,7 +94,8 @@ fn parse_bootstrap(s: &str) -> std::result::Result<usize, String> {
 pub struct BenchArgs {
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
-    /// A hub id (`org/name[@revision]`) or a local directory in the Hugging Face layout.
+    /// A hub id (`org/name[@revision]`), a local directory in the Hugging Face layout, or `demo`
+    /// (the embedded demo LLaVA; `demo:clip` its CLIP).
     #[arg(long, required = true)]
     pub model: Option<String>,
     /// Hub revision; overrides `@revision` in --model.
@@ -184,7 +185,8 @@ pub enum BenchCommand {
 /// with the particles.
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
-    /// A hub id (`org/name[@revision]`) or a local directory in the Hugging Face layout.
+    /// A hub id (`org/name[@revision]`), a local directory in the Hugging Face layout, or `demo`
+    /// (the embedded demo LLaVA; `demo:clip` its CLIP).
     #[arg(long)]
     pub model: String,
     /// Hub revision; overrides `@revision` in --model.
@@ -515,16 +517,26 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         println!("temperature {t:.4} (fitted on the validation questions)");
     }
     if let Some(g) = &outcome.abstention.guarantee {
+        // The questions whose image the check flags are declined, so not part of the test.
+        let flagged = outcome.count.saturating_sub(g.questions);
         println!(
             "guarantee ({}): risk <= {} with probability >= {} — upper bound {:.4} at this \
-             threshold, {} of {} answered (expected coverage {:.1} %)",
+             threshold, {} of {} answered (expected coverage {:.1} %){}",
             g.method,
             g.alpha,
             1.0 - g.delta,
             g.bound,
             g.answered,
             g.questions,
-            g.coverage * 100.0
+            g.coverage * 100.0,
+            if flagged > 0 {
+                format!(
+                    "; the {flagged} question(s) whose image the check flags are declined, so \
+                     not tested"
+                )
+            } else {
+                String::new()
+            }
         );
     }
     match (&outcome.abstention.image_check, &outcome.image_flagged) {

@@ -151,7 +151,7 @@ pub struct RunConfig {
     pub normalize: NormalizeMode,
     /// The abstention threshold the answers were given with.
     pub threshold: f64,
-    /// Where it came from: `calibration (…)`, `--threshold` or `default (uncalibrated)`.
+    /// Where it came from: `calibration (…)`, `--threshold` or `default, uncalibrated`.
     pub threshold_from: String,
     pub max_new_tokens: usize,
     /// CLIP: the candidate answers (`--answers`), if given.

@@ -269,7 +269,7 @@ pub(crate) fn run_config(
     ) {
         (Some(t), _) => (t, "--threshold".to_string()),
         (None, Some(a)) => (a.threshold, format!("calibration ({})", a.objective)),
-        (None, None) => (UNCALIBRATED_THRESHOLD, "default (uncalibrated)".to_string()),
+        (None, None) => (UNCALIBRATED_THRESHOLD, "default, uncalibrated".to_string()),
     };
     if !(0.0..=1.0).contains(&threshold) {
         bail!("the threshold {threshold} is outside [0, 1]");

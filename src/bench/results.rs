@@ -525,10 +525,11 @@ pub fn compute(
          correct' with the VQA accuracy as a soft label (binary NLL clipped at 1e-12; Brier = \
          mean (confidence − accuracy)²)"
             .into(),
-        "Error detection: an error is an answer with VQA accuracy < 0.5; score −confidence; \
-         AUROC counts ties half, AUPR is average precision (scikit-learn)"
+        "Error detection: an error is an answer with VQA accuracy < 0.5; score −(the \
+         selector's score); AUROC counts ties half, AUPR is average precision (scikit-learn)"
             .into(),
-        "Selective prediction: answer when confidence >= threshold; AURC is the area under the \
+        "Selective prediction: answer when the selector's score (the confidence, unless the \
+         particles were calibrated with another selector) >= threshold; AURC is the area under the \
          risk–coverage step curve, excess AURC subtracts the oracle's; coverage at risk r is the \
          largest coverage whose selective risk is <= r on the evaluated questions themselves"
             .into(),

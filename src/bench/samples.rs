@@ -62,7 +62,7 @@ pub struct Sample {
     /// Position of the question in its data file (after bad records were skipped).
     pub index: usize,
     pub question: String,
-    /// The image file, as the reader resolved it.
+    /// The image file, as the reader resolved it, absolute (`crate::io::stored_path`).
     pub image: String,
     /// The human answers.
     pub answers: Vec<String>,
@@ -130,7 +130,7 @@ impl Sample {
             is_ood,
             index,
             question: example.question.clone(),
-            image: example.image.display().to_string(),
+            image: crate::io::stored_path(&example.image),
             answers: example.answers.clone(),
             answer_type: example.answer_type.clone(),
             accuracy: vqa_accuracy(&response.answer, &example.answers, mode),

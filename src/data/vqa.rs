@@ -952,10 +952,16 @@ impl<'a> Collector<'a> {
             }
         };
         if let Err(reason) = image_state {
-            let fix = if line.is_some() && !example.image.is_file() {
-                "; fix the \"image\" path (relative paths are relative to the data file's folder)"
-            } else {
-                ""
+            let fix = match (line, example.image.is_file()) {
+                (_, true) => "",
+                (Some(_), false) => {
+                    "; fix the \"image\" path (relative paths are relative to the data file's folder)"
+                }
+                // VQAv2 and VizWiz name images without their folder.
+                (None, false) => {
+                    "; VQAv2 and VizWiz images are looked up in the data file's folder unless \
+                     --images names the folder that holds them"
+                }
             };
             return self.bad(file, line, format!("{prefix}{reason}{fix}"));
         }
