@@ -158,7 +158,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Replace a particle set already in --out (its calibration, training checkpoints,
-        /// train_log.jsonl and train_summary.json are removed).
+        /// train_log.jsonl, train_summary.json and training_questions.bin are removed).
         #[arg(long)]
         force: bool,
     },
@@ -727,7 +727,11 @@ fn import_peft(
     // `train --resume` would bring the replaced particles back from their checkpoints, and the
     // training log and summary would describe particles that are gone.
     bella_vqa::io::remove_dir_all(&checkpoints)?;
-    for stale in ["train_log.jsonl", "train_summary.json"] {
+    for stale in [
+        "train_log.jsonl",
+        "train_summary.json",
+        bella_vqa::data::seen::FILE,
+    ] {
         let path = out.join(stale);
         if path.exists() {
             bella_vqa::io::remove_file(&path)?;
@@ -820,6 +824,18 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
+    if !val_data.is_empty() {
+        use bella_vqa::data::seen;
+        let mut keys: Vec<u64> = train_data.iter().map(seen::key).collect();
+        keys.sort_unstable();
+        let n = seen::count(&keys, &val_data);
+        if n > 0 {
+            eprintln!(
+                "warning: {}",
+                seen::warning(n, val_data.len(), "--val questions")
+            );
+        }
+    }
     let defaults = TrainOptions::defaults_for(&loaded.model);
     let opts = TrainOptions {
         targets: args.targets.clone().unwrap_or(defaults.targets),

@@ -591,3 +591,61 @@ fn every_written_file_has_the_permissions_of_the_umask() {
         fixture("llava-tiny-hub")
     );
 }
+
+#[test]
+fn calibrating_or_benchmarking_on_training_questions_is_flagged() {
+    let world = world();
+    let particles = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), particles.path()));
+    assert!(particles.path().join(bella_vqa::data::seen::FILE).is_file());
+    let calibrate = |data: &str| {
+        let mut c = bella();
+        c.args(["calibrate", "--max-new-tokens", "4", "--dry-run", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--adapters")
+            .arg(particles.path())
+            .args(["--data", data, "--objective", "coverage0.5", "--limit", "8"])
+            .current_dir(world.path());
+        output(&mut c)
+    };
+    // The training file (its first 8 questions are the 8 trained on): warned, and counted.
+    let out = calibrate("train.jsonl");
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("8 of 8 validation questions are training questions"),
+        "{stderr}"
+    );
+    // Held-out questions: no warning.
+    let out = calibrate("val.jsonl");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("training questions"));
+    // A benchmark on the training file says so in its notes.
+    let runs = tempfile::tempdir().unwrap();
+    let mut cmd = bella();
+    cmd.args([
+        "bench",
+        "--quiet",
+        "--max-new-tokens",
+        "4",
+        "--bootstrap",
+        "0",
+        "--model",
+    ])
+    .arg(fixture("llava-tiny-hub"))
+    .arg("--adapters")
+    .arg(particles.path())
+    .arg("--data")
+    .arg(world.path().join("train.jsonl"))
+    .args(["--limit", "3", "--out"])
+    .arg(runs.path().join("on-train"));
+    run_ok(&mut cmd);
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.path().join("on-train/results.json")).unwrap())
+            .unwrap();
+    let notes = results["notes"].to_string();
+    assert!(
+        notes.contains("test: 3 of 3 questions are training questions"),
+        "{notes}"
+    );
+}

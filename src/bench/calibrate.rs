@@ -231,6 +231,10 @@ pub struct CalibrationOutcome {
     /// Why no image check was stored although one was asked for (too few images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check_skipped: Option<String>,
+    /// Validation questions that are training questions of these particles
+    /// ([`crate::data::seen`]); `None` when the particles record none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_questions: Option<usize>,
 }
 
 /// See [`CalibrationOutcome::image_flagged`].
@@ -373,6 +377,8 @@ pub fn calibrate(
         );
     }
     let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
+    let training_questions = crate::data::seen::read(adapters)?
+        .map(|keys| crate::data::seen::count(&keys, &set.examples[..set.record.selected]));
     if !set.examples.iter().any(|e| !e.answers.is_empty()) {
         bail!(
             "{} has no human answers: calibration needs validation questions with answers",
@@ -559,6 +565,7 @@ pub fn calibrate(
         previous,
         image_flagged,
         image_check_skipped,
+        training_questions,
     })
 }
 

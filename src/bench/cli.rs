@@ -494,6 +494,16 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         }),
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
+    if let Some(seen) = outcome.training_questions.filter(|&n| n > 0) {
+        eprintln!(
+            "warning: {}",
+            crate::data::seen::warning(
+                seen,
+                outcome.count + outcome.skipped,
+                "validation questions"
+            )
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
         return Ok(());

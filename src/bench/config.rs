@@ -139,6 +139,10 @@ pub struct DataRecord {
     pub skipped_records: usize,
     /// Questions after `--limit` (before `--shard`).
     pub selected: usize,
+    /// Of the selected questions, those that are training questions of the particles
+    /// ([`crate::data::seen`]); absent when the particles record none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_questions: Option<usize>,
 }
 
 /// Everything that decides the answers of a run.
@@ -207,6 +211,8 @@ impl RunConfig {
         {
             d.remove("path");
             d.remove("annotations");
+            // Follows from the data and the particles, which are compared themselves.
+            d.remove("training_questions");
             if ignore_limit {
                 d.remove("selected");
             }

@@ -181,6 +181,7 @@ pub(crate) fn read_set(
         questions,
         skipped_records: ds.skipped.len(),
         selected,
+        training_questions: None,
     };
     Ok(EvalSet {
         record,
@@ -286,8 +287,8 @@ pub(crate) fn run_config(
                 .map(|q| format!("{}{}", q.kind, if q.vision { "+vision" } else { "" })),
             compute_dtype: loaded.info.compute_dtype.as_str().to_string(),
         },
+        data: data_records(sets, model.adapters.as_deref())?,
         adapters,
-        data: sets.iter().map(|s| s.record.clone()).collect(),
         normalize: opts.normalize,
         threshold,
         threshold_from,
@@ -302,6 +303,32 @@ pub(crate) fn run_config(
         bella_vqa_version: env!("CARGO_PKG_VERSION").into(),
         created: config::utc_timestamp(),
     })
+}
+
+/// The records of the data files, each with the count of its selected questions that are
+/// training questions of the particles (a warning when there are any).
+fn data_records(sets: &[EvalSet], adapters: Option<&Path>) -> Result<Vec<DataRecord>> {
+    let keys = match adapters {
+        Some(dir) => crate::data::seen::read(dir)?,
+        None => None,
+    };
+    let mut records = Vec::with_capacity(sets.len());
+    for set in sets {
+        let mut record = set.record.clone();
+        if let Some(keys) = &keys {
+            let seen = crate::data::seen::count(keys, &set.examples[..record.selected]);
+            if seen > 0 {
+                eprintln!(
+                    "warning: {}: {}",
+                    record.split,
+                    crate::data::seen::warning(seen, record.selected, "questions")
+                );
+            }
+            record.training_questions = Some(seen);
+        }
+        records.push(record);
+    }
+    Ok(records)
 }
 
 /// Writes the configuration, or checks it against the one already in `out` (a restart).

@@ -565,6 +565,15 @@ pub fn compute(
             ),
         }
     }
+    for d in &config.data {
+        if let Some(seen) = d.training_questions.filter(|&n| n > 0) {
+            notes.push(format!(
+                "WARNING: {}: {}",
+                d.split,
+                crate::data::seen::warning(seen, d.selected, "questions")
+            ));
+        }
+    }
     let intervals = if bootstrap.resamples > 0 {
         notes.push(bootstrap.describe());
         let metric = |drawn: &[Vec<&Sample>]| {

@@ -1,6 +1,8 @@
-//! VQA data: readers (our JSONL, VQAv2, VizWiz), the shapes-world generator, answer normalisation.
+//! VQA data: readers (our JSONL, VQAv2, VizWiz), the shapes-world generator, answer normalisation,
+//! and the record of the questions particles were trained on.
 
 pub mod normalize;
+pub mod seen;
 pub mod shapes;
 pub mod vqa;
 

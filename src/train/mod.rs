@@ -579,6 +579,8 @@ pub fn train(
         abstention_history: Vec::new(),
         answer_vocabulary: objective.vocabulary(),
     };
+    // What calibrate and bench check their questions against (crate::data::seen).
+    crate::data::seen::write(&run.out, train)?;
     let log_path = run.out.join("train_log.jsonl");
     truncate_log(&log_path, start_step)?;
     let mut log = crate::io::AppendFile::open(&log_path, None)?;
