@@ -65,7 +65,7 @@ impl VqaExample {
             return Err(format!(
                 "expected a JSON object such as {{\"question_id\": \"q1\", \"image\": \"images/1.png\", \
                  \"question\": \"…\", \"answers\": [\"…\"]}}, found {}",
-                kind(&value)
+                json_kind(&value)
             ));
         };
         let question_id = match map.remove("question_id") {
@@ -413,7 +413,7 @@ fn vqav2_from_top(
                 None,
                 format!(
                     "annotations[{i}] is {}, expected an object with question_id and answers",
-                    kind(&record(raw))
+                    json_kind(&record(raw))
                 ),
             )?;
             continue;
@@ -456,7 +456,7 @@ fn vqav2_from_top(
                 None,
                 format!(
                     "questions[{i}] is {}, expected an object with image_id, question and question_id",
-                    kind(&record(raw))
+                    json_kind(&record(raw))
                 ),
             )?;
             continue;
@@ -707,7 +707,7 @@ fn vizwiz_from_top(
                 None,
                 format!(
                     "entry {i} is {}, expected an object with image, question and answers",
-                    kind(&record(raw))
+                    json_kind(&record(raw))
                 ),
             )?;
             continue;
@@ -1050,7 +1050,8 @@ fn check_image_dir(dir: &Path) -> anyhow::Result<()> {
 // Field helpers
 // ---------------------------------------------------------------------------------------------
 
-fn kind(v: &Value) -> &'static str {
+/// What a JSON value is, for messages ("a string", "an object", …).
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -1085,7 +1086,7 @@ fn missing(field: &str, what: &str) -> String {
 fn wrong_type(field: &str, expected: &str, found: &Value) -> String {
     format!(
         "field \"{field}\" must be {expected}, found {}",
-        kind(found)
+        json_kind(found)
     )
 }
 
@@ -1129,7 +1130,7 @@ fn answers(v: &Value) -> Result<Vec<String>, String> {
     let Value::Array(list) = v else {
         return Err(format!(
             "field \"answers\" must be a list of strings, e.g. [\"red\", \"red\"], found {}",
-            kind(v)
+            json_kind(v)
         ));
     };
     list.iter()
@@ -1140,7 +1141,7 @@ fn answers(v: &Value) -> Result<Vec<String>, String> {
                 Some(Value::String(s)) => Ok(s.clone()),
                 Some(other) => Err(format!(
                     "answers[{i}].answer must be a string, found {}",
-                    kind(other)
+                    json_kind(other)
                 )),
                 None => Err(format!(
                     "answers[{i}] is an object without an \"answer\" string"
@@ -1151,7 +1152,7 @@ fn answers(v: &Value) -> Result<Vec<String>, String> {
             )),
             other => Err(format!(
                 "answers[{i}] must be a string, found {}",
-                kind(other)
+                json_kind(other)
             )),
         })
         .collect::<Result<Vec<String>, String>>()

@@ -314,21 +314,9 @@ impl<'de> Deserialize<'de> for Content {
                 .map(Content::Parts),
             other => Err(D::Error::custom(format!(
                 "must be a string or a list of content parts, not {}",
-                json_kind(&other)
+                crate::data::vqa::json_kind(&other)
             ))),
         }
-    }
-}
-
-/// What a JSON value is, for messages.
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 
