@@ -118,6 +118,16 @@ const DEMO_NAMES: [(&str, &str); 3] = [
     ("demo:clip", crate::demo::CLIP),
 ];
 
+/// Which embedded demo model `s` names (`demo` and `demo:llava`: [`crate::demo::LLAVA`];
+/// `demo:clip`: [`crate::demo::CLIP`]), unless a model directory of that name is here.
+pub fn demo_model(s: &str) -> Option<&'static str> {
+    DEMO_NAMES
+        .iter()
+        .find(|(name, _)| *name == s)
+        .filter(|_| !Path::new(s).join("config.json").is_file())
+        .map(|(_, model)| *model)
+}
+
 impl ModelSource {
     /// An existing directory path -> [`ModelSource::Dir`]; the demo's names (`demo`,
     /// `demo:llava`, `demo:clip`, unless a model directory of that name is here) -> the embedded
@@ -128,10 +138,8 @@ impl ModelSource {
             bail!("empty model source: expected a model directory or a hub id org/name[@revision]");
         }
         let path = Path::new(s);
-        if let Some((_, model)) = DEMO_NAMES.iter().find(|(name, _)| *name == s) {
-            if !path.join("config.json").is_file() {
-                return Ok(ModelSource::Dir(crate::demo::path(model)?));
-            }
+        if let Some(model) = demo_model(s) {
+            return Ok(ModelSource::Dir(crate::demo::path(model)?));
         }
         if path.is_dir() {
             return Ok(ModelSource::Dir(path.to_path_buf()));

@@ -93,7 +93,10 @@ impl ModelSummary {
             compute_dtype: info.compute_dtype.as_str().to_string(),
             device: info.device.clone(),
             quantization: info.quantization.clone(),
-            particle_capable_layers: loaded.model.linears().len(),
+            // Layers the model never runs cannot carry particles that matter (attach leaves
+            // them out).
+            particle_capable_layers: loaded.model.linears().len()
+                - loaded.model.inert_linears().len(),
             source: loaded.files.origin.to_string(),
             directory: loaded.files.dir.display().to_string(),
             files,

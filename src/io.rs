@@ -452,7 +452,10 @@ pub fn stored_path(path: &Path) -> String {
 /// A `--model` as stored: a local directory as its absolute path ([`stored_path`]), a hub id as
 /// given.
 pub fn stored_model_source(model: &str) -> String {
-    if Path::new(model).is_dir() {
+    // The embedded demo is stored by name: its cache directory moves with the binary's demo.
+    if crate::hub::demo_model(model).is_some() {
+        model.to_string()
+    } else if Path::new(model).is_dir() {
         stored_path(Path::new(model))
     } else {
         model.to_string()

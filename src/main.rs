@@ -406,8 +406,15 @@ impl VqaArgs {
             quantize: self.model.quantize.options(),
             ..LoadOptions::default()
         };
-        let adapters = match (&self.model.model, &self.adapters) {
-            (None, None) => Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?),
+        // The demo LLaVA comes with its calibrated particles unless others are given.
+        let demo = match self.model.model.as_deref() {
+            None => Some(bella_vqa::demo::LLAVA),
+            Some(m) => bella_vqa::hub::demo_model(m),
+        };
+        let adapters = match (demo, &self.adapters) {
+            (Some(bella_vqa::demo::LLAVA), None) => {
+                Some(bella_vqa::demo::path(bella_vqa::demo::PARTICLES)?)
+            }
             (_, a) => a.clone(),
         };
         let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
@@ -415,21 +422,33 @@ impl VqaArgs {
             let text = bella_vqa::input::read_to_string(path, "response template")?;
             vqa.set_response_template(&text)?;
         }
-        if let Some(path) = &self.answers {
+        // The demo CLIP's candidate answers ship with it.
+        let answers = match (&self.answers, demo) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(bella_vqa::demo::CLIP)) => {
+                Some(bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"))
+            }
+            (None, _) => None,
+        };
+        if let Some(path) = &answers {
             vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
         }
+        vqa.check_ready()?;
         Ok(vqa)
     }
 
     /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
     fn served_name(&self) -> String {
-        match &self.model.model {
+        match self.model.model.as_deref() {
             None => "bella-vqa-demo".into(),
+            Some(m) if bella_vqa::hub::demo_model(m) == Some(bella_vqa::demo::LLAVA) => {
+                "bella-vqa-demo".into()
+            }
             Some(m) => {
                 let path = std::path::Path::new(m);
                 match (path.is_dir(), path.file_name()) {
                     (true, Some(name)) => name.to_string_lossy().into_owned(),
-                    _ => m.clone(),
+                    _ => m.to_string(),
                 }
             }
         }
@@ -812,6 +831,10 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 args.val_images.as_deref(),
                 args.skip_bad,
                 cli.quiet,
+            )
+            .context(
+                "in --val (for a VQAv2 or VizWiz file there, its annotations are \
+                 --val-annotations and its images --val-images)",
             )?;
             if val.iter().all(|e| e.answers.is_empty()) {
                 anyhow::bail!(

@@ -316,3 +316,30 @@ fn the_text_line_shows_the_score_that_abstention_compared() {
     );
     assert!(line.contains(&expected), "{expected:?} in {line}");
 }
+
+#[test]
+fn a_question_that_fills_the_positions_but_the_answer_is_answered() {
+    // Disagreeing particles, so that the candidates are scored (k segments continuing the
+    // prompt): an answer as long as the room the prompt leaves must fit, segments and all.
+    let dir = tempfile::tempdir().unwrap();
+    crafted_particles(dir.path(), true);
+    let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
+    let vqa = BellaVqa::load(&source, Some(dir.path()), &LoadOptions::default()).unwrap();
+    let mut words = 1;
+    let (question, room) = loop {
+        let q = format!("What color is the {}circle?", "red ".repeat(words));
+        match vqa.answer_room(&q).unwrap() {
+            Some(room) if room <= 4 => break (q, room),
+            Some(_) => words += 1,
+            None => panic!("LLaVA has positions"),
+        }
+    };
+    assert!(room >= 2, "room {room}");
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    let opts = AskOptions {
+        max_new_tokens: room,
+        ..AskOptions::default()
+    };
+    let r = vqa.ask_with(&image, &question, &opts).unwrap();
+    assert!(r.candidates.len() > 1, "the candidates were scored: {r:?}");
+}

@@ -618,6 +618,28 @@ fn vqav2_records_that_are_not_objects_and_files_of_the_wrong_shape() {
         "{reasons:?}"
     );
 
+    // Records that are valid JSON text but not readable values say why, not "null".
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let questions = format!(
+        r#"{{"data_subtype": "val2014", "questions": [{deep}, {{"image_id": 1e400, "question": "q?", "question_id": 5}}]}}"#
+    );
+    let q2 = dir.path().join("odd_questions.json");
+    fs::write(&q2, questions).unwrap();
+    let data = read_vqav2(&q2, &a, &images, &SKIP).unwrap();
+    let reasons: Vec<String> = data.skipped.iter().map(|b| b.to_string()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("questions[0] cannot be read") && r.contains("recursion")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("questions[1] cannot be read") && r.contains("out of range")),
+        "{reasons:?}"
+    );
+
     // Files of the wrong shape say so, and invalid JSON is located.
     let cases = [
         (

@@ -425,3 +425,51 @@ fn the_image_check_declines_photographs_and_keeps_shapes() {
         "{e:#}"
     );
 }
+
+/// `--model demo` is the embedded demo LLaVA with its calibrated particles, as without a model;
+/// `demo:clip` its CLIP with the answer list that ships with it; `train` from the repository
+/// root (where `demo/` is a folder without config.json) records the base by that name.
+#[test]
+fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
+    let by_name = ask_json(&["--model", "demo", "--image", IMAGE, QUESTION]);
+    let default = ask_json(&["--image", IMAGE, QUESTION]);
+    assert_eq!(by_name["calibrated"], true, "{by_name}");
+    assert_eq!(by_name["particles"], default["particles"]);
+    let clip = ask_json(&["--model", "demo:clip", "--image", IMAGE, QUESTION]);
+    assert_eq!(clip["answer"], "red", "{clip}");
+
+    let world = tempfile::tempdir().unwrap();
+    bella_vqa::data::generate(&bella_vqa::data::ShapesOptions {
+        n: 8,
+        ..bella_vqa::data::ShapesOptions::new(world.path())
+    })
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "train",
+            "--quiet",
+            "--model",
+            "demo",
+            "--particles",
+            "2",
+            "--max-steps",
+            "1",
+        ])
+        .args(["--targets", "language_model.*.q_proj", "--data"])
+        .arg(world.path().join("train.jsonl"))
+        .arg("--out")
+        .arg(out.path().join("p"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("p/bella_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["base_model"]["source"], "demo", "{config}");
+}

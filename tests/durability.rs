@@ -433,14 +433,17 @@ fn data_shapes_does_not_overwrite_a_data_set_without_force() {
         std::fs::read(out.path().join("train.jsonl")).unwrap(),
         first
     );
-    // Overwriting a larger set leaves exactly the images the new one names.
+    // Overwriting a larger set leaves exactly the images the new one names; a file of the
+    // user's beside the split folders stays.
     let stray = out.path().join("images/train/999999.png");
     std::fs::write(&stray, b"left over").unwrap();
+    let theirs = out.path().join("images/README.txt");
+    std::fs::write(&theirs, b"mine").unwrap();
     run_ok(&mut shapes(&["--seed", "3", "--force"]));
-    assert!(!stray.exists());
+    assert!(!stray.exists() && theirs.is_file());
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("shapes.json")).unwrap()).unwrap();
-    let files = walkdir(&out.path().join("images"));
+    let files = walkdir(&out.path().join("images")) - 1;
     assert_eq!(files as u64, meta["images"].as_u64().unwrap());
 }
 

@@ -861,7 +861,8 @@ fn cors_lets_the_named_origins_call_the_api_and_no_other() {
             stream,
             "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
              Access-Control-Request-Method: POST\r\n\
-             Access-Control-Request-Headers: content-type,authorization\r\nConnection: close\r\n\r\n"
+             Access-Control-Request-Headers: content-type,authorization,x-stainless-lang\r\n\
+             Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut reply = String::new();
@@ -874,8 +875,24 @@ fn cors_lets_the_named_origins_call_the_api_and_no_other() {
         allowed.contains("access-control-allow-origin: http://localhost:3000"),
         "{allowed}"
     );
-    assert!(allowed.contains("authorization"), "{allowed}");
+    // Whatever headers the client sends (the openai JS SDK adds x-stainless-*) are allowed.
+    assert!(
+        allowed.contains("authorization") && allowed.contains("x-stainless-lang"),
+        "{allowed}"
+    );
     let other = preflight("http://evil.example");
     assert!(!other.contains("access-control-allow-origin"), "{other}");
     server.stop().expect("clean stop");
+    // An origin no browser sends is refused at start.
+    for bad in ["http://localhost:3000/", "localhost:3000", ""] {
+        let opts = ServeOptions {
+            cors_origins: vec![bad.into()],
+            ..ServeOptions::default()
+        };
+        let err = bella_vqa::serve::run(opts, || anyhow::bail!("not loaded")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--cors-origin"),
+            "{bad:?}: {err:#}"
+        );
+    }
 }

@@ -276,6 +276,21 @@ impl BellaVqa {
 
     /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
     /// vocabulary is an error rather than a silently ignored option.
+    /// Fails when a question could not be answered whatever it is: a CLIP model without an
+    /// answer vocabulary (neither `--answers` nor particles trained with one). A server checks
+    /// this before it says it is ready.
+    pub fn check_ready(&self) -> Result<()> {
+        if matches!(self.loaded.model, Model::Clip(_))
+            && self.vocabulary.as_ref().is_none_or(Vec::is_empty)
+        {
+            bail!(
+                "a CLIP model answers from an answer vocabulary: give one with --answers FILE or \
+                 use particles trained with one"
+            );
+        }
+        Ok(())
+    }
+
     pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
         if let Model::Llava(_) = self.loaded.model {
             bail!(

@@ -18,9 +18,12 @@ use super::VqaExample;
 /// The file in a particle directory.
 pub const FILE: &str = "training_questions.bin";
 
-/// The key of a question: its image file (absolute) and its text.
+/// The key of a question: its image file (absolute, `..` and links resolved where the file
+/// exists) and its text.
 pub fn key(example: &VqaExample) -> u64 {
-    let image = std::path::absolute(&example.image).unwrap_or_else(|_| example.image.clone());
+    let image = std::fs::canonicalize(&example.image)
+        .or_else(|_| std::path::absolute(&example.image))
+        .unwrap_or_else(|_| example.image.clone());
     let mut hasher = Sha256::new();
     hasher.update(image.to_string_lossy().as_bytes());
     hasher.update([0]);
@@ -31,38 +34,52 @@ pub fn key(example: &VqaExample) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// Writes the keys of `examples` into `dir` (atomically).
+/// Writes the keys of `examples` into `dir` (atomically). Something other than a file in its
+/// place (a folder, a pipe) is refused rather than written through.
 pub fn write(dir: &Path, examples: &[VqaExample]) -> Result<()> {
+    let path = dir.join(FILE);
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        bail!(
+            "{} is not a regular file: delete it (train writes the keys of its training \
+             questions there)",
+            path.display()
+        );
+    }
     let mut keys: Vec<u64> = examples.iter().map(key).collect();
     keys.sort_unstable();
     keys.dedup();
     let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
-    crate::io::write_bytes_atomically(&dir.join(FILE), &bytes)
+    crate::io::write_bytes_atomically(&path, &bytes)
 }
 
 /// The keys stored in `dir`; `None` when it has none (particles imported, or trained before
 /// this file existed).
 pub fn read(dir: &Path) -> Result<Option<Vec<u64>>> {
     let path = dir.join(FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let delete = "delete it (it only serves to notice training questions among calibration or \
+                  test questions)";
+    match std::fs::metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
+        // A pipe would block the read; a folder or a link loop cannot be read.
+        Ok(m) if m.is_file() => {}
+        _ => bail!("{} is not a regular file: {delete}", path.display()),
+    }
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("cannot read {}: {delete}", path.display()))?;
     if bytes.len() % 8 != 0 {
         bail!(
-            "{} is damaged ({} bytes, not a whole number of 8-byte keys): delete it (it only \
-             serves to notice training questions among calibration or test questions)",
+            "{} is damaged ({} bytes, not a whole number of 8-byte keys): {delete}",
             path.display(),
             bytes.len()
         );
     }
-    Ok(Some(
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect(),
-    ))
+    let mut keys: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    // Written sorted; sorted again so that a file from elsewhere still matches.
+    keys.sort_unstable();
+    Ok(Some(keys))
 }
 
 /// How many of `examples` are among the sorted `keys`.
@@ -116,6 +133,16 @@ mod tests {
         assert_eq!(count(&keys, &val), 1);
         std::fs::write(dir.path().join(FILE), [1u8, 2, 3]).unwrap();
         let err = format!("{:#}", read(dir.path()).unwrap_err());
-        assert!(err.contains("damaged"), "{err}");
+        assert!(
+            err.contains("damaged") && err.contains("delete it"),
+            "{err}"
+        );
+        // A folder in its place: named, for reading and for writing.
+        std::fs::remove_file(dir.path().join(FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(FILE)).unwrap();
+        let err = format!("{:#}", read(dir.path()).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = format!("{:#}", write(dir.path(), &train).unwrap_err());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

@@ -454,11 +454,12 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         progress,
     };
     let images_dir = opts.out.join("images");
-    // Overwriting (--force) starts from an empty image folder: a larger or killed earlier set
-    // must not leave images that no split names.
-    if opts.force && images_dir.is_dir() {
-        std::fs::remove_dir_all(&images_dir)
-            .with_context(|| format!("cannot remove the old {}", images_dir.display()))?;
+    // Overwriting (--force) starts every split's image folder empty: a larger or killed earlier
+    // set must not leave images that no split names. Other files under images/ are not ours.
+    if opts.force {
+        for split in SPLITS {
+            crate::io::remove_dir_all(&images_dir.join(split))?;
+        }
     }
     crate::io::create_dir_all(&images_dir)?;
 

@@ -407,16 +407,12 @@ fn vqav2_from_top(
     // Annotations by question id, left unparsed until their question comes.
     let mut by_id: HashMap<String, &RawValue> = HashMap::new();
     for (i, raw) in annotation_list.into_iter().enumerate() {
-        let Value::Object(entry) = record(raw) else {
-            c.bad(
-                annotations_path,
-                None,
-                format!(
-                    "annotations[{i}] is {}, expected an object with question_id and answers",
-                    json_kind(&record(raw))
-                ),
-            )?;
-            continue;
+        let entry = match object(raw, "an object with question_id and answers") {
+            Ok(entry) => entry,
+            Err(why) => {
+                c.bad(annotations_path, None, format!("annotations[{i}] {why}"))?;
+                continue;
+            }
         };
         let id = match entry.get("question_id").map(parse_question_id) {
             Some(Ok(id)) => id,
@@ -450,16 +446,12 @@ fn vqav2_from_top(
 
     let mut coco_index: Option<HashMap<u64, Vec<PathBuf>>> = None;
     for (i, raw) in question_list.into_iter().enumerate() {
-        let Value::Object(mut entry) = record(raw) else {
-            c.bad(
-                questions_path,
-                None,
-                format!(
-                    "questions[{i}] is {}, expected an object with image_id, question and question_id",
-                    json_kind(&record(raw))
-                ),
-            )?;
-            continue;
+        let mut entry = match object(raw, "an object with image_id, question and question_id") {
+            Ok(entry) => entry,
+            Err(why) => {
+                c.bad(questions_path, None, format!("questions[{i}] {why}"))?;
+                continue;
+            }
         };
         let id = match entry.remove("question_id").as_ref().map(parse_question_id) {
             Some(Ok(id)) => id,
@@ -505,7 +497,7 @@ fn vqav2_from_top(
             c.bad(questions_path, None, reason)?;
             continue;
         }
-        let Some(Value::Object(mut ann)) = by_id.remove(&id).map(record) else {
+        let Some(raw_annotation) = by_id.remove(&id) else {
             c.bad(
                 questions_path,
                 None,
@@ -515,6 +507,18 @@ fn vqav2_from_top(
                 ),
             )?;
             continue;
+        };
+        // Read once already, for its id.
+        let mut ann = match object(raw_annotation, "an object") {
+            Ok(ann) => ann,
+            Err(why) => {
+                c.bad(
+                    annotations_path,
+                    None,
+                    format!("question {id}: its annotation {why}"),
+                )?;
+                continue;
+            }
         };
         match ann.get("image_id").map(parse_image_id) {
             Some(Ok(a)) if a != image_id => {
@@ -701,16 +705,12 @@ fn vizwiz_from_top(
     check_image_dir(image_dir)?;
     let mut c = Collector::new(opts);
     for (i, raw) in list.into_iter().enumerate() {
-        let Value::Object(mut entry) = record(raw) else {
-            c.bad(
-                path,
-                None,
-                format!(
-                    "entry {i} is {}, expected an object with image, question and answers",
-                    json_kind(&record(raw))
-                ),
-            )?;
-            continue;
+        let mut entry = match object(raw, "an object with image, question and answers") {
+            Ok(entry) => entry,
+            Err(why) => {
+                c.bad(path, None, format!("entry {i} {why}"))?;
+                continue;
+            }
         };
         let image_name = match entry.remove("image") {
             Some(Value::String(s)) if !s.trim().is_empty() => s,
@@ -1238,10 +1238,15 @@ impl<'a> JsonTop<'a> {
     }
 }
 
-/// One record of a validated JSON data file, parsed.
-fn record(raw: &RawValue) -> Value {
-    // The text was validated as a whole by `JsonTop::parse`; a record of it always parses.
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+/// One record of a JSON data file as an object, or why not: "is a string, expected …", or why
+/// a record that is valid JSON text cannot be read as a value (nested too deep, a number out of
+/// range, an unpaired surrogate escape).
+fn object(raw: &RawValue, expected: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(raw.get()) {
+        Ok(Value::Object(entry)) => Ok(entry),
+        Ok(other) => Err(format!("is {}, expected {expected}", json_kind(&other))),
+        Err(e) => Err(format!("cannot be read: {}", json_error_message(&e))),
+    }
 }
 
 /// The folder that holds `path` (empty for a bare file name).

@@ -728,11 +728,12 @@ impl LlamaModel {
         if !fits || keep.iter().any(|r| r.len() != len) {
             candle_core::bail!("attention mask does not match the input [{rows_in}, {len}]");
         }
+        // Every segment continues the cache from the same position.
         let max_pos = self.config.max_position_embeddings;
-        if cache.len() + len > max_pos {
+        if cache.len() + len / segments > max_pos {
             candle_core::bail!(
                 "sequence of {} tokens exceeds the model's {max_pos} positions",
-                cache.len() + len
+                cache.len() + len / segments
             );
         }
         let mut x = embeds.clone();

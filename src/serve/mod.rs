@@ -128,8 +128,18 @@ impl ServeOptions {
             anyhow::bail!("--api-key is empty");
         }
         for origin in &self.cors_origins {
-            if origin != "*" && HeaderValue::from_str(origin).is_err() {
-                anyhow::bail!("--cors-origin {origin:?} is not a valid origin (e.g. http://localhost:3000, or *)");
+            // What a browser sends as Origin: scheme://host[:port], nothing after it.
+            let valid = origin == "*"
+                || (HeaderValue::from_str(origin).is_ok()
+                    && origin.split_once("://").is_some_and(|(scheme, rest)| {
+                        !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
+                    }));
+            if !valid {
+                anyhow::bail!(
+                    "--cors-origin {origin:?} is not an origin a browser sends: give \
+                     scheme://host[:port] without a path or trailing slash (e.g. \
+                     http://localhost:3000), or *"
+                );
             }
         }
         Ok(())
@@ -309,7 +319,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        .route("/v1/models/{*id}", get(model))
         .route(CHAT_PATH, post(chat))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -350,7 +360,9 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            // Clients add their own headers (the openai JS SDK its x-stainless-*): whatever the
+            // preflight asks for is allowed, as the origin is what is checked.
+            .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
             .max_age(Duration::from_secs(600)),
     )
 }
@@ -540,9 +552,11 @@ async fn answer_chat(
 
     // Decoding the image and tokenising the question are compute: off the async threads.
     let mut options = AskOptions {
-        max_new_tokens: ask
-            .max_new_tokens
-            .unwrap_or(AskOptions::default().max_new_tokens),
+        max_new_tokens: ask.max_new_tokens.unwrap_or(
+            AskOptions::default()
+                .max_new_tokens
+                .min(state.opts.max_new_tokens_limit),
+        ),
         sampling: match ask.sampling {
             Some((temperature, top_p, seed)) => Sampling::Sample {
                 temperature,
@@ -632,7 +646,15 @@ async fn answer_chat(
             return Err(ApiError::timeout(state.opts.timeout.as_secs_f64()))
         }
         Ok(Err(_)) => return Err(ApiError::internal("the worker dropped the question")),
-        Ok(Ok(Err(e))) => return Err(ApiError::internal(format!("{e:#}"))),
+        Ok(Ok(Err(e))) => {
+            // The whole chain (and any backtrace) goes to the server's log, not to the client.
+            let text = format!("{e:#}");
+            eprintln!("error answering a request: {text}");
+            let first = text.lines().next().unwrap_or("").to_string();
+            return Err(ApiError::internal(format!(
+                "{first} (the server's log has the details)"
+            )));
+        }
         Ok(Ok(Ok(r))) => r,
     };
     Ok(render(

@@ -142,9 +142,10 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 format!(
-                    "the image decodes to {} MiB, more than the server's image memory of {} MiB \
-                     (--max-image-memory-mb): send a smaller image",
-                    bytes.div_ceil(1 << 20),
+                    "the image decodes to {} KiB (8-bit RGB), more than the server's image memory \
+                     of {} KiB (--max-image-memory-mb {}): send a smaller image",
+                    bytes.div_ceil(1024),
+                    budget / 1024,
                     budget >> 20
                 ),
             )
