@@ -501,16 +501,19 @@ impl ChatRequest {
         {
             return refuse("modalities", "the answer is text: only [\"text\"]");
         }
+        // "medium" is OpenAI's default verbosity: asking for it changes nothing.
+        if self
+            .verbosity
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_str() != Some("medium"))
+        {
+            return refuse("verbosity", "answers are as short as the model makes them");
+        }
         for (param, value, what) in [
             (
                 "reasoning_effort",
                 &self.reasoning_effort,
                 "the model does not reason in steps",
-            ),
-            (
-                "verbosity",
-                &self.verbosity,
-                "answers are as short as the model makes them",
             ),
             ("prediction", &self.prediction, "no predicted outputs"),
             ("audio", &self.audio, "the answer is text"),
@@ -826,6 +829,7 @@ mod tests {
             ("safety_identifier", serde_json::json!("u")),
             ("modalities", serde_json::json!(["text"])),
             ("reasoning_effort", Value::Null),
+            ("verbosity", serde_json::json!("medium")),
             ("functions", serde_json::json!([])),
             ("function_call", serde_json::json!("none")),
             (
