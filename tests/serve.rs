@@ -445,6 +445,9 @@ fn every_error_class_has_its_status_and_body() {
         let (s, _, t) = post(url, &body.to_string(), key);
         assert_eq!(s, 200, "{label}: {t}");
     }
+    // A byte-order mark before the body is read past.
+    let (s, _, t) = post(url, &format!("\u{feff}{good}"), key);
+    assert_eq!(s, 200, "{t}");
     // A request body followed by more data is refused.
     let (s, _, t) = post(url, &format!("{good} {good}"), key);
     assert!(

@@ -668,6 +668,8 @@ async fn answer_chat(
 
 /// The request body as a [`ChatRequest`]: one JSON object and nothing after it.
 fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    // Some clients write a UTF-8 byte-order mark first.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|&b| b != b'{') {
         return Err(ApiError::invalid(
