@@ -43,6 +43,28 @@ fn inspect_counts_every_stored_value() {
     assert_eq!(v["architecture"], "LLaVA");
     assert_eq!(v["declared_dtype"], "float32");
     assert!(v["files"].as_array().unwrap().len() >= 5);
+    // Layers that can carry particles: every linear layer of the index (a `.weight` of a
+    // projection, the lm_head, the projector) but those of vision layer 2, which LLaVA
+    // (vision_feature_layer −2 of 3) never runs.
+    let linear = |k: &str| {
+        k.ends_with("proj.weight")
+            || k.ends_with("fc1.weight")
+            || k.ends_with("fc2.weight")
+            || k.ends_with("linear_1.weight")
+            || k.ends_with("linear_2.weight")
+            || k.ends_with("lm_head.weight")
+    };
+    let weights = index["weight_map"].as_object().unwrap();
+    let all = weights.keys().filter(|k| linear(k)).count();
+    let never_run = weights
+        .keys()
+        .filter(|k| linear(k) && k.contains("encoder.layers.2."))
+        .count();
+    assert_eq!(never_run, 6);
+    assert_eq!(
+        v["particle_capable_layers"].as_u64().unwrap() as usize,
+        all - never_run
+    );
     let text = run_ok(
         bella()
             .args(["inspect", "--model"])

@@ -437,6 +437,16 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
     assert_eq!(by_name["particles"], default["particles"]);
     let clip = ask_json(&["--model", "demo:clip", "--image", IMAGE, QUESTION]);
     assert_eq!(clip["answer"], "red", "{clip}");
+    // A CLIP without candidate answers cannot answer anything: refused at load (a server
+    // would otherwise say it is ready).
+    let bare = bella_vqa::BellaVqa::load(
+        &bella_vqa::ModelSource::Dir(repo("demo/clip")),
+        None,
+        &bella_vqa::LoadOptions::default(),
+    )
+    .unwrap();
+    let err = format!("{:#}", bare.check_ready().unwrap_err());
+    assert!(err.contains("--answers"), "{err}");
 
     let world = tempfile::tempdir().unwrap();
     bella_vqa::data::generate(&bella_vqa::data::ShapesOptions {

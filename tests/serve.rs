@@ -899,3 +899,31 @@ fn cors_lets_the_named_origins_call_the_api_and_no_other() {
         );
     }
 }
+
+#[test]
+fn the_answer_limit_holds_without_max_tokens_and_a_hub_style_name_is_served() {
+    let fixture = common::fixture("llava-tiny-hub");
+    let server = Server::start(
+        ServeOptions {
+            model_name: "org/tiny".into(),
+            max_new_tokens_limit: 2,
+            ..ServeOptions::default()
+        },
+        move || BellaVqa::load(&ModelSource::Dir(fixture), None, &LoadOptions::default()),
+    );
+    server.wait_ready();
+    let square = data_url(&common::fixture("images/square.png"));
+    let (s, _, t) = post(
+        &server.url,
+        &request(&square, "What color is the circle?").to_string(),
+        None,
+    );
+    assert_eq!(s, 200, "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    // One particle (the base model), at most 2 tokens though the default is 16.
+    assert!(v["bella"]["generated_tokens"].as_u64().unwrap() <= 2, "{v}");
+    let (s, t) = get(&format!("{}/v1/models/org/tiny", server.url));
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["id"], "org/tiny");
+    server.stop().expect("clean stop");
+}
