@@ -849,9 +849,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     };
     if !val_data.is_empty() {
         use bella_vqa::data::seen;
-        let mut keys: Vec<u64> = train_data.iter().map(seen::key).collect();
-        keys.sort_unstable();
-        let n = seen::count(&keys, &val_data);
+        let n = seen::count(&seen::keys(&train_data), &val_data);
         if n > 0 {
             eprintln!(
                 "warning: {}",

@@ -651,4 +651,15 @@ fn calibrating_or_benchmarking_on_training_questions_is_flagged() {
         notes.contains("test: 3 of 3 questions are training questions"),
         "{notes}"
     );
+    // Training with the training file as --val: warned (the 8 trained on are among its first).
+    let again = tempfile::tempdir().unwrap();
+    let mut cmd = train(world.path(), again.path());
+    cmd.arg("--val").arg(world.path().join("train.jsonl"));
+    let out = output(&mut cmd);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("are training questions of these particles"),
+        "{stderr}"
+    );
 }

@@ -34,6 +34,14 @@ pub fn key(example: &VqaExample) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// The keys of `examples`, sorted and without repeats (what [`count`] searches).
+pub fn keys(examples: &[VqaExample]) -> Vec<u64> {
+    let mut keys: Vec<u64> = examples.iter().map(key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 /// Writes the keys of `examples` into `dir` (atomically). Something other than a file in its
 /// place (a folder, a pipe) is refused rather than written through.
 pub fn write(dir: &Path, examples: &[VqaExample]) -> Result<()> {
@@ -45,10 +53,10 @@ pub fn write(dir: &Path, examples: &[VqaExample]) -> Result<()> {
             path.display()
         );
     }
-    let mut keys: Vec<u64> = examples.iter().map(key).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    let bytes: Vec<u8> = keys(examples)
+        .iter()
+        .flat_map(|k| k.to_le_bytes())
+        .collect();
     crate::io::write_bytes_atomically(&path, &bytes)
 }
 

@@ -364,14 +364,17 @@ impl ParticleModel for LlavaModel {
         // hidden state i is the output of layer i − 1: layers from the deepest index read on
         // are never run.
         let read = self.feature_layers.iter().copied().max().unwrap_or(0);
-        let prefix = |k: usize| format!("vision_tower.vision_model.encoder.layers.{k}.");
+        let vision_layer = |name: &str| {
+            name.strip_prefix("vision_tower.vision_model.encoder.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        };
         self.linears()
             .into_iter()
             .map(|(name, _)| name)
-            .filter(|name| {
-                (read..self.config.vision_config.num_hidden_layers)
-                    .any(|k| name.starts_with(&prefix(k)))
-            })
+            .filter(|name| vision_layer(name).is_some_and(|k| k >= read))
             .collect()
     }
 }
