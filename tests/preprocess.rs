@@ -670,3 +670,94 @@ fn webp_and_gif_uploads_decode_to_the_pixels_they_hold() {
         );
     }
 }
+
+/// A TIFF-structured EXIF block (little endian) holding one tag: Orientation = `orientation`.
+fn exif_orientation(orientation: u16) -> Vec<u8> {
+    let mut exif = b"II*\0".to_vec();
+    exif.extend_from_slice(&8u32.to_le_bytes()); // the first IFD follows the header
+    exif.extend_from_slice(&1u16.to_le_bytes()); // one entry:
+    exif.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation,
+    exif.extend_from_slice(&3u16.to_le_bytes()); // SHORT,
+    exif.extend_from_slice(&1u32.to_le_bytes()); // one value,
+    exif.extend_from_slice(&orientation.to_le_bytes());
+    exif.extend_from_slice(&[0, 0]);
+    exif.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    exif
+}
+
+fn encode_with_exif(img: &image::RgbImage, format: image::ImageFormat, exif: Vec<u8>) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut bytes = Vec::new();
+    let (w, h) = img.dimensions();
+    let layout = image::ExtendedColorType::Rgb8;
+    match format {
+        image::ImageFormat::Png => {
+            let mut e = image::codecs::png::PngEncoder::new(&mut bytes);
+            e.set_exif_metadata(exif).unwrap();
+            e.write_image(img, w, h, layout).unwrap();
+        }
+        image::ImageFormat::Jpeg => {
+            let mut e = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95);
+            e.set_exif_metadata(exif).unwrap();
+            e.write_image(img, w, h, layout).unwrap();
+        }
+        other => unreachable!("{other:?}"),
+    }
+    bytes
+}
+
+/// The stored pixel shown at (x, y) of the upright image, for a stored image `w` × `h` with EXIF
+/// orientation `o`, from the EXIF specification's table (the stored row 0 / column 0 is shown at
+/// the top-left (1), top-right (2), bottom-right (3), bottom-left (4), left-top (5), right-top
+/// (6), right-bottom (7), left-bottom (8)).
+fn stored_position(o: u16, (w, h): (u32, u32), (x, y): (u32, u32)) -> (u32, u32) {
+    match o {
+        1 => (x, y),
+        2 => (w - 1 - x, y),
+        3 => (w - 1 - x, h - 1 - y),
+        4 => (x, h - 1 - y),
+        5 => (y, x),
+        6 => (y, h - 1 - x),
+        7 => (w - 1 - y, h - 1 - x),
+        8 => (w - 1 - y, x),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn exif_orientation_turns_the_image_upright_like_transformers_load_image() {
+    // Every pixel distinct, so that any wrong turn or mirror shows.
+    let stored = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([40 * x as u8, 80 * y as u8, 7]));
+    for o in 1..=8u16 {
+        let png = encode_with_exif(&stored, image::ImageFormat::Png, exif_orientation(o));
+        let upright = decode_image(&png, "photo.png", u64::MAX).unwrap().to_rgb8();
+        let expected_dims = if o >= 5 { (3, 5) } else { (5, 3) };
+        assert_eq!(upright.dimensions(), expected_dims, "orientation {o}");
+        for (x, y, p) in upright.enumerate_pixels() {
+            let (sx, sy) = stored_position(o, (5, 3), (x, y));
+            assert_eq!(p, stored.get_pixel(sx, sy), "orientation {o} at ({x}, {y})");
+        }
+    }
+    // A phone's portrait JPEG: stored sideways, tagged "rotate 90° clockwise" (6). It decodes to
+    // the untagged file's pixels turned, so a loaded file and an upload agree.
+    let big = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([4 * x as u8, 5 * y as u8, 90]));
+    let tagged = encode_with_exif(&big, image::ImageFormat::Jpeg, exif_orientation(6));
+    let plain = encode_with_exif(&big, image::ImageFormat::Jpeg, exif_orientation(1));
+    let plain = decode_image(&plain, "plain.jpg", u64::MAX)
+        .unwrap()
+        .to_rgb8();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portrait.jpg");
+    std::fs::write(&path, &tagged).unwrap();
+    let upright = load_image(&path).unwrap().to_rgb8();
+    assert_eq!(upright.dimensions(), (48, 64));
+    for (x, y, p) in upright.enumerate_pixels() {
+        assert_eq!(p, plain.get_pixel(y, 47 - x), "({x}, {y})");
+    }
+    // An orientation tag out of range leaves the image as stored.
+    let odd = encode_with_exif(&stored, image::ImageFormat::Png, exif_orientation(9));
+    assert_eq!(
+        decode_image(&odd, "odd.png", u64::MAX).unwrap().to_rgb8(),
+        stored
+    );
+}

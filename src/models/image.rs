@@ -11,13 +11,14 @@
 //! 4. `do_center_crop` (zero padded where the image is smaller than the crop),
 //! 5. `do_rescale` (`f64` product, then `f32`) and `do_normalize` (`f32`).
 //!
-//! The output is a `f32` tensor `[3, H, W]` on the CPU.
+//! The output is a `f32` tensor `[3, H, W]` on the CPU. Decoding ([`load_image`], [`decode_image`])
+//! turns an image upright by its EXIF orientation tag first, as `transformers`' `load_image` does.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageReader, Limits};
+use image::{metadata::Orientation, DynamicImage, ImageDecoder, ImageReader, Limits};
 use serde_json::Value;
 
 /// The largest image (in pixels, width × height) that [`load_image`] decodes: 64 Mpixel.
@@ -40,8 +41,8 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
 /// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
-/// [`MAX_IMAGE_SIDE`]. EXIF orientation is not applied (neither PIL's `Image.open` nor
-/// `transformers` apply it).
+/// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP) is applied, as `transformers`'
+/// `load_image` applies it.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
     let bytes = std::fs::read(path)
@@ -81,9 +82,22 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     // 16-bit RGBA at the pixel limit, plus the decoders' scratch space.
     limits.max_alloc = Some(max_pixels * 8 + (256 << 20));
-    let mut decoder = reader();
-    decoder.limits(limits);
-    decoder.decode().map_err(|e| describe_image_error(name, e))
+    let mut reader = reader();
+    reader.limits(limits.clone());
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| describe_image_error(name, e))?;
+    limits
+        .reserve(decoder.total_bytes())
+        .map_err(|e| describe_image_error(name, e))?;
+    // Upright, as `transformers`' `load_image` returns it (`PIL.ImageOps.exif_transpose`): a
+    // phone stores a portrait photograph sideways with an EXIF orientation tag. Unreadable
+    // metadata leaves the pixels as stored, as Pillow does.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
