@@ -760,7 +760,9 @@ pub struct RgbU8 {
 /// Converts to 8-bit RGB the way `transformers`' `convert_to_rgb` does with PIL: images with an
 /// alpha channel are composited onto opaque white (Pillow's `alpha_composite`, integer
 /// arithmetic), grey is replicated. 16-bit images keep their high byte (as Pillow reads 16-bit
-/// RGB PNGs). With `composite_alpha == false` alpha is dropped instead.
+/// RGB PNGs). 16-bit grey does too, on purpose unlike Pillow, whose `I;16` → RGB conversion clamps
+/// every value above 255 to white (a 16-bit grey photograph would reach the model blank). With
+/// `composite_alpha == false` alpha is dropped instead.
 pub fn to_rgb(img: &DynamicImage, composite_alpha: bool) -> RgbU8 {
     let (width, height) = (img.width() as usize, img.height() as usize);
     let mut data = Vec::with_capacity(width * height * 3);
