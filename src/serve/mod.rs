@@ -380,6 +380,9 @@ async fn count_chat(
     }
     let arrived = Instant::now();
     let response = next.run(request).await;
+    if response.extensions().get::<Streamed>().is_some() {
+        return response; // counted when its stream ends
+    }
     state.metrics.count(response.status().as_u16());
     if response.status().is_success() {
         state
@@ -593,7 +596,7 @@ async fn answer_chat(
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
     };
     options.max_new_tokens = max_new_tokens;
-    // Held until the answer: images waiting for the worker stay within the memory bound.
+    // Images waiting for the worker stay within the memory bound.
     let kib = image.as_bytes().len().div_ceil(1024).max(1);
     if kib as u64 > state.opts.max_image_memory_bytes / 1024 {
         return Err(ApiError {
@@ -604,7 +607,7 @@ async fn answer_chat(
             )
         });
     }
-    let _image_memory = u32::try_from(kib)
+    let image_memory = u32::try_from(kib)
         .ok()
         .and_then(|k| state.image_memory.clone().try_acquire_many_owned(k).ok())
         .ok_or_else(|| {
@@ -638,32 +641,52 @@ async fn answer_chat(
             ApiError::unavailable("the server is shutting down", 5)
         }
     })?;
-    let remaining = state.opts.timeout.saturating_sub(arrived.elapsed());
-    let response = match tokio::time::timeout(remaining, answer).await {
-        Err(_) => return Err(ApiError::timeout(state.opts.timeout.as_secs_f64())),
+    // Held until the answer: the image's share of the memory bound goes with the wait.
+    let timeout = state.opts.timeout;
+    let wait = async move {
+        let _image_memory = image_memory;
+        wait_for(answer, arrived, timeout).await
+    };
+    let reply = Reply::new(&state.opts.model_name, &ask);
+    if ask.stream {
+        return Ok(stream(
+            reply,
+            vqa,
+            ask,
+            max_new_tokens,
+            wait,
+            state.metrics.clone(),
+            arrived,
+        ));
+    }
+    let response = wait.await?;
+    let rendered = Rendered::new(&vqa, &ask, max_new_tokens, &response);
+    Ok(reply.completion(&rendered, &response))
+}
+
+/// The worker's answer, or the error the client gets: 504 once the deadline has passed, 500 with
+/// the first line of a failure (the whole chain goes to the server's log).
+async fn wait_for(
+    answer: oneshot::Receiver<Result<Response>>,
+    arrived: Instant,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
+    let remaining = timeout.saturating_sub(arrived.elapsed());
+    match tokio::time::timeout(remaining, answer).await {
+        Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
         // The worker drops questions whose deadline passed before it reached them.
-        Ok(Err(_)) if arrived.elapsed() >= state.opts.timeout => {
-            return Err(ApiError::timeout(state.opts.timeout.as_secs_f64()))
-        }
-        Ok(Err(_)) => return Err(ApiError::internal("the worker dropped the question")),
+        Ok(Err(_)) if arrived.elapsed() >= timeout => Err(ApiError::timeout(timeout.as_secs_f64())),
+        Ok(Err(_)) => Err(ApiError::internal("the worker dropped the question")),
         Ok(Ok(Err(e))) => {
-            // The whole chain (and any backtrace) goes to the server's log, not to the client.
             let text = format!("{e:#}");
             eprintln!("error answering a request: {text}");
             let first = text.lines().next().unwrap_or("").to_string();
-            return Err(ApiError::internal(format!(
+            Err(ApiError::internal(format!(
                 "{first} (the server's log has the details)"
-            )));
+            )))
         }
-        Ok(Ok(Ok(r))) => r,
-    };
-    Ok(render(
-        &vqa,
-        &state.opts.model_name,
-        &ask,
-        max_new_tokens,
-        &response,
-    ))
+        Ok(Ok(Ok(r))) => Ok(r),
+    }
 }
 
 /// The request body as a [`ChatRequest`]: one JSON object and nothing after it.
@@ -908,107 +931,274 @@ fn content(ask: &Ask, r: &Response) -> String {
     text
 }
 
-/// The response (or its stream of chunks). `usage.completion_tokens` counts the tokens of the
+/// What every response of one request shares: its id, time and model name.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+/// The answer as the response reports it. `usage.completion_tokens` counts the tokens of the
 /// answer the particles generated (at most `max_new_tokens`), not the abstention wording around
 /// it; `bella.generated_tokens` counts every particle's.
-fn render(
-    vqa: &BellaVqa,
-    model: &str,
-    ask: &Ask,
-    max_new_tokens: usize,
-    r: &Response,
-) -> HttpResponse {
-    let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
-    let created = unix_now();
-    let text = content(ask, r);
-    let completion_tokens = vqa.text_tokens(&r.answer).unwrap_or(0).min(max_new_tokens);
-    let usage = Usage {
-        prompt_tokens: r.prompt_tokens,
-        completion_tokens,
-        total_tokens: r.prompt_tokens + completion_tokens,
-    };
-    // "length" when the answer's particles all stopped at max_tokens.
-    let answer = crate::data::normalize::normalize_answer(&r.answer);
-    let finish_reason = if r
-        .particles
-        .iter()
-        .filter(|p| p.normalized == answer)
-        .all(|p| p.truncated)
-    {
-        "length"
-    } else {
-        "stop"
-    };
-    if !ask.stream {
-        return Json(Completion {
-            id: &id,
+struct Rendered {
+    text: String,
+    usage: Usage,
+    finish_reason: &'static str,
+}
+
+impl Rendered {
+    fn new(vqa: &BellaVqa, ask: &Ask, max_new_tokens: usize, r: &Response) -> Self {
+        let completion_tokens = vqa.text_tokens(&r.answer).unwrap_or(0).min(max_new_tokens);
+        // "length" when the answer's particles all stopped at max_tokens.
+        let answer = crate::data::normalize::normalize_answer(&r.answer);
+        let truncated = r
+            .particles
+            .iter()
+            .filter(|p| p.normalized == answer)
+            .all(|p| p.truncated);
+        Self {
+            text: content(ask, r),
+            usage: Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens,
+                total_tokens: r.prompt_tokens + completion_tokens,
+            },
+            finish_reason: if truncated { "length" } else { "stop" },
+        }
+    }
+}
+
+impl Reply {
+    fn new(model: &str, ask: &Ask) -> Self {
+        Self {
+            id: format!("chatcmpl-{:032x}", rand::random::<u128>()),
+            created: unix_now(),
+            model: model.to_string(),
+            include_usage: ask.include_usage,
+        }
+    }
+
+    fn completion(&self, a: &Rendered, r: &Response) -> HttpResponse {
+        Json(Completion {
+            id: &self.id,
             object: "chat.completion",
-            created,
-            model,
+            created: self.created,
+            model: &self.model,
             choices: vec![Choice {
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: &text,
+                    content: &a.text,
                 },
-                finish_reason,
+                finish_reason: a.finish_reason,
                 logprobs: None,
             }],
-            usage,
+            usage: a.usage,
             bella: r,
         })
-        .into_response();
+        .into_response()
     }
-    let chunk = |delta: Delta, finish: Option<&'static str>, bella: Option<&Response>| {
+
+    fn chunk(
+        &self,
+        choice: Option<ChunkChoice>,
+        usage: Option<Usage>,
+        r: Option<&Response>,
+    ) -> Event {
         let c = Chunk {
-            id: &id,
+            id: &self.id,
             object: "chat.completion.chunk",
-            created,
-            model,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: finish,
-                logprobs: None,
-            }],
-            usage: ask.include_usage.then_some(None),
-            bella,
+            created: self.created,
+            model: &self.model,
+            choices: choice.into_iter().collect(),
+            usage: self.include_usage.then_some(usage),
+            bella: r,
         };
         Event::default().data(serde_json::to_string(&c).unwrap_or_default())
-    };
-    let mut events = vec![chunk(
-        Delta {
+    }
+
+    fn delta(&self, delta: Delta, finish: Option<&'static str>, r: Option<&Response>) -> Event {
+        let choice = ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason: finish,
+            logprobs: None,
+        };
+        self.chunk(Some(choice), None, r)
+    }
+
+    /// The stream's first chunk, sent before the answer is known.
+    fn role(&self) -> Event {
+        let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
-        },
-        None,
-        None,
-    )];
-    for piece in text.split_inclusive(' ') {
-        events.push(chunk(
-            Delta {
-                role: None,
-                content: Some(piece),
-            },
-            None,
-            None,
-        ));
-    }
-    events.push(chunk(Delta::default(), Some(finish_reason), Some(r)));
-    if ask.include_usage {
-        let c = Chunk {
-            id: &id,
-            object: "chat.completion.chunk",
-            created,
-            model,
-            choices: Vec::new(),
-            usage: Some(Some(usage)),
-            bella: None,
         };
-        events.push(Event::default().data(serde_json::to_string(&c).unwrap_or_default()));
+        self.delta(delta, None, None)
     }
-    events.push(Event::default().data("[DONE]"));
-    let stream =
-        futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
-    Sse::new(stream).into_response()
+
+    /// The chunks after the first: the text a word at a time, the finish with the `bella`
+    /// object, the usage (when asked for) and `[DONE]`.
+    fn answer_chunks(&self, a: &Rendered, r: &Response) -> Vec<Event> {
+        let mut events: Vec<Event> = a
+            .text
+            .split_inclusive(' ')
+            .map(|piece| {
+                let delta = Delta {
+                    role: None,
+                    content: Some(piece),
+                };
+                self.delta(delta, None, None)
+            })
+            .collect();
+        events.push(self.delta(Delta::default(), Some(a.finish_reason), Some(r)));
+        if self.include_usage {
+            events.push(self.chunk(None, Some(a.usage), None));
+        }
+        events.push(Event::default().data("[DONE]"));
+        events
+    }
+}
+
+/// Marks a streamed response: its status and latency are counted when the stream ends (the
+/// headers leave before the answer is known).
+#[derive(Clone, Copy)]
+struct Streamed;
+
+/// How often a stream waiting for its answer sends an SSE comment, so that proxies and clients
+/// with a read timeout (nginx: 60 s) keep the connection while a large model answers.
+const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// A streamed answer: the headers and the first chunk (the assistant's role) leave at once, SSE
+/// comments keep the connection while the particles answer (every particle must have answered
+/// before the decision, so the text comes all at once), then the answer's chunks; a failure
+/// after the first chunk is sent as an OpenAI error event (`data: {"error": {…}}`), which the
+/// OpenAI SDKs raise.
+fn stream(
+    reply: Reply,
+    vqa: Arc<BellaVqa>,
+    ask: Ask,
+    max_new_tokens: usize,
+    wait: impl Future<Output = Result<Response, ApiError>> + Send + 'static,
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+) -> HttpResponse {
+    use futures_util::StreamExt as _;
+    let first = reply.role();
+    let rest = futures_util::stream::once(async move {
+        let events = match wait.await {
+            Ok(r) => {
+                metrics.count(StatusCode::OK.as_u16());
+                metrics.latency.observe(arrived.elapsed().as_secs_f64());
+                reply.answer_chunks(&Rendered::new(&vqa, &ask, max_new_tokens, &r), &r)
+            }
+            Err(e) => {
+                metrics.count(e.status.as_u16());
+                vec![Event::default().data(e.body().to_string())]
+            }
+        };
+        futures_util::stream::iter(events)
+    })
+    .flatten();
+    let events = futures_util::stream::iter([first])
+        .chain(rest)
+        .map(Ok::<_, std::convert::Infallible>);
+    let keep_alive = axum::response::sse::KeepAlive::new().interval(STREAM_KEEP_ALIVE);
+    let mut response = Sse::new(events).keep_alive(keep_alive).into_response();
+    response.extensions_mut().insert(Streamed);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+    use serde_json::{json, Value};
+
+    /// The JSON of each `data:` line of the SSE bytes `text`.
+    fn data(text: &str) -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.into())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_stream_starts_before_the_answer_and_ends_with_it_or_its_error() {
+        let vqa = Arc::new(
+            BellaVqa::load(
+                &crate::ModelSource::Dir(crate::demo::path(crate::demo::LLAVA).unwrap()),
+                Some(&crate::demo::path(crate::demo::PARTICLES).unwrap()),
+                &crate::LoadOptions::default(),
+            )
+            .unwrap(),
+        );
+        let image = crate::load_image(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"),
+        )
+        .unwrap();
+        let answered = vqa.ask(&image, "What color is the circle?").unwrap();
+        let request = json!({"stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What color?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]});
+        let expected_text = answered.answer.clone();
+        for outcome in [Ok(answered), Err(ApiError::timeout(3.0))] {
+            let ask = serde_json::from_value::<ChatRequest>(request.clone())
+                .unwrap()
+                .into_ask(64)
+                .unwrap();
+            let (tx, rx) = oneshot::channel::<Result<Response, ApiError>>();
+            let metrics = Arc::new(Metrics::new());
+            let wait = async move { rx.await.unwrap_or_else(|_| Err(ApiError::internal("gone"))) };
+            let reply = Reply::new("m", &ask);
+            let response = stream(
+                reply,
+                vqa.clone(),
+                ask,
+                16,
+                wait,
+                metrics.clone(),
+                Instant::now(),
+            );
+            assert!(response.extensions().get::<Streamed>().is_some());
+            let mut body = response.into_body().into_data_stream();
+            // The first chunk comes while the answer is still unknown (nothing was sent yet).
+            let first = tokio::time::timeout(Duration::from_secs(60), body.next())
+                .await
+                .expect("the first chunk does not wait for the answer")
+                .unwrap()
+                .unwrap();
+            let first = data(std::str::from_utf8(&first).unwrap());
+            assert_eq!(first.len(), 1, "{first:?}");
+            assert_eq!(first[0]["choices"][0]["delta"]["role"], "assistant");
+            assert!(first[0]["usage"].is_null(), "{first:?}");
+            let failed = outcome.is_err();
+            tx.send(outcome).map_err(|_| ()).unwrap();
+            let mut rest = String::new();
+            while let Some(bytes) = body.next().await {
+                rest.push_str(std::str::from_utf8(&bytes.unwrap()).unwrap());
+            }
+            let events = data(&rest);
+            let counts = metrics.render();
+            if failed {
+                // One OpenAI error object, then the stream ends.
+                assert_eq!(events.len(), 1, "{rest}");
+                assert_eq!(events[0]["error"]["code"], "timeout", "{rest}");
+                assert!(events[0]["error"]["message"].is_string(), "{rest}");
+                assert!(counts.contains("status=\"504\"} 1"), "{counts}");
+            } else {
+                assert_eq!(events.last().unwrap(), "[DONE]", "{rest}");
+                let text: String = events
+                    .iter()
+                    .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+                    .collect();
+                assert!(text.contains(&expected_text), "{text} / {expected_text}");
+                let usage = &events[events.len() - 2]["usage"];
+                assert!(usage["completion_tokens"].as_u64().is_some(), "{rest}");
+                assert!(counts.contains("status=\"200\"} 1"), "{counts}");
+                assert!(counts.contains("chat_latency_seconds_count 1"), "{counts}");
+            }
+        }
+    }
 }
