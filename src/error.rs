@@ -13,6 +13,12 @@ pub enum WeightError {
         tried: Vec<String>,
         files: String,
     },
+    #[error("tensor {key:?} in {file} is stored as {dtype} (quantized or integer weights): bella-vqa loads f32, f16 and bf16 checkpoints; use the unquantized checkpoint, and --quantize q8_0 or q4k to quantize it at load")]
+    StoredDtype {
+        key: String,
+        file: PathBuf,
+        dtype: String,
+    },
     #[error("tensor {key:?} in {file} holds {count} NaN or infinite value(s): the checkpoint is damaged; re-download or re-save it")]
     NonFinite {
         key: String,

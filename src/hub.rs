@@ -827,8 +827,21 @@ fn resolve_online(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::R
         }
     }
 
-    let client = Client::new(opts, cached_commit(opts, repo_id, revision).is_some());
-    let info = client.model_info(repo_id, revision)?;
+    let cached = cached_commit(opts, repo_id, revision).is_some();
+    let client = Client::new(opts, cached);
+    let info = match client.model_info(repo_id, revision) {
+        Ok(info) => info,
+        // As huggingface_hub does: an unreachable hub falls back to the cached snapshot.
+        Err(HubError::Unreachable { cause, .. }) if cached => {
+            eprintln!(
+                "warning: the hub at {} could not be reached ({cause}); using the cached \
+                 snapshot of {repo_id}@{revision} (--offline or HF_HUB_OFFLINE=1 skips the hub)",
+                opts.endpoint
+            );
+            return resolve_offline(repo_id, revision, opts);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let commit = info.sha;
     let siblings: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let hub_location = format!("hub model {repo_id}@{revision} (commit {commit})");

@@ -1025,3 +1025,38 @@ fn fifos_and_devices_are_refused_without_hanging() {
         "{err}"
     );
 }
+
+#[test]
+fn pre_quantized_checkpoints_are_refused_with_the_way_to_quantize_at_load() {
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_config(dir.path(), |v| {
+        v["quantization_config"] = serde_json::json!({"quant_method": "fp8"})
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("pre-quantized")
+            && err.contains("\"fp8\"")
+            && err.contains("--quantize")
+            && err.contains("config.json"),
+        "{err}"
+    );
+    // Integer weights without a quantization_config: the tensor, its file and its dtype are
+    // named (the file is complete: no "re-download" advice).
+    let dir = copy_fixture("clip-tiny");
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let w = tensors["text_projection.weight"]
+        .to_dtype(DType::U8)
+        .unwrap();
+    tensors.insert("text_projection.weight".into(), w);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("text_projection.weight")
+            && err.contains("model.safetensors")
+            && err.contains("U8")
+            && err.contains("--quantize")
+            && !err.contains("re-download"),
+        "{err}"
+    );
+}

@@ -860,6 +860,10 @@ fn download_resolve_reuse_offline(
     assert_eq!(cached.origin, files.origin);
     let cached = resolve(&hub(repo_id, Some(SHA_A)), &offline).unwrap();
     assert_eq!(cached.weights, files.weights);
+    // Online with the hub unreachable: the cached snapshot, as huggingface_hub falls back to it.
+    let fallback = resolve(&hub(repo_id, None), &options(&endpoint, cache.path())).unwrap();
+    assert_eq!(fallback.weights, files.weights);
+    assert_eq!(fallback.origin, files.origin);
     // A commit sha that is complete in the cache needs no network even when online.
     let pinned = resolve(
         &hub(repo_id, Some(SHA_A)),

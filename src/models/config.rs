@@ -485,6 +485,21 @@ impl ModelConfig {
     }
 
     pub fn from_value(raw: &serde_json::Value) -> Result<Self> {
+        // A pre-quantized checkpoint's tensors mean nothing without its quantizer's scales.
+        for at in ["/quantization_config", "/text_config/quantization_config"] {
+            if let Some(q) = raw.pointer(at).filter(|q| !q.is_null()) {
+                let method = q
+                    .get("quant_method")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("?");
+                bail!(
+                    "the checkpoint is pre-quantized ({} with quant_method {method:?}), which \
+                     bella-vqa cannot load: use the unquantized checkpoint (f32, f16 or bf16 \
+                     weights), and --quantize q8_0 or q4k to quantize it at load",
+                    &at[1..].replace('/', ".")
+                );
+            }
+        }
         let model_type = raw
             .get("model_type")
             .and_then(|v| v.as_str())

@@ -290,6 +290,19 @@ impl Weights {
             reason: format!("tensor {name:?}: {e}"),
         };
         let view = st.get(name).map_err(bad)?;
+        if !matches!(
+            view.dtype(),
+            safetensors::Dtype::F32
+                | safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F64
+        ) {
+            return Err(WeightError::StoredDtype {
+                key: name.clone(),
+                file: path.clone(),
+                dtype: format!("{:?}", view.dtype()),
+            });
+        }
         if view.shape() != shape {
             return Err(WeightError::ShapeMismatch {
                 key: name.clone(),
