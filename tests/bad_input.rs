@@ -634,22 +634,39 @@ fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
 }
 
 #[test]
-fn an_image_token_the_prompt_never_holds_points_at_the_config() {
-    // image_token_index set to the end token: the prompt's <image> is no longer that id.
+fn a_tokenizer_or_image_processor_unlike_the_model_is_refused_at_load() {
+    // image_token_index set to the end token: the tokenizer's <image> is another id.
     let dir = copy_fixture("llava-tiny-hub");
     edit_config(dir.path(), |v| v["image_token_index"] = 2.into());
-    let err = fails(
-        bella()
-            .args(["ask", "--model"])
-            .arg(dir.path())
-            .arg("--image")
-            .arg(fixture("images/square.png"))
-            .arg("What color is the circle?"),
-    );
+    let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
     assert!(
-        err.contains("image tokens")
-            && err.contains("image_token_index")
-            && err.contains("chat template"),
+        err.contains("image_token_index is 2")
+            && err.contains("\"<image>\" has id")
+            && err.contains("disagree"),
+        "{err}"
+    );
+    // A crop the vision tower does not take (it takes 30×30).
+    let dir = copy_fixture("llava-tiny-hub");
+    std::fs::remove_file(dir.path().join("processor_config.json")).ok();
+    edit_json(&dir.path().join("preprocessor_config.json"), |v| {
+        v["crop_size"] = serde_json::json!({"height": 60, "width": 60})
+    });
+    let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
+    assert!(
+        err.contains("60×60")
+            && err.contains("30×30")
+            && err.contains("crop_size")
+            && err.contains("vision_config.image_size"),
+        "{err}"
+    );
+    // No crop and no padding: only square images would fit.
+    edit_json(&dir.path().join("preprocessor_config.json"), |v| {
+        v["do_center_crop"] = false.into();
+        v["do_pad"] = false.into();
+    });
+    let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
+    assert!(
+        err.contains("aspect ratio") && err.contains("crop_size 30"),
         "{err}"
     );
 }

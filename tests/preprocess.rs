@@ -355,7 +355,7 @@ fn config_defaults_and_forms() {
     assert_eq!(p.crop_size, (224, 224));
     assert_eq!(p.resample, Resample::Bicubic);
     assert!(!p.do_pad);
-    assert_eq!(p.output_size(), (224, 224));
+    assert_eq!(p.output_size(), Some((224, 224)));
 
     // openai/clip-vit-base-patch32 style: ints, feature extractor type
     let p = ImageProcessor::from_json(&json!({
@@ -382,14 +382,20 @@ fn config_defaults_and_forms() {
     }))
     .unwrap();
     assert!(p.do_pad);
-    assert_eq!(p.output_size(), (336, 336));
+    assert_eq!(p.output_size(), Some((336, 336)));
+    // without the crop, the padded square still fixes the size; without the padding it does not
+    let mut q = p.clone();
+    q.do_center_crop = false;
+    assert_eq!(q.output_size(), Some((336, 336)));
+    q.do_pad = false;
+    assert_eq!(q.output_size(), None);
 
     // exact size without crop
     let p = ImageProcessor::from_json(
         &json!({"size": {"height": 20, "width": 30}, "do_center_crop": false}),
     )
     .unwrap();
-    assert_eq!(p.output_size(), (20, 30));
+    assert_eq!(p.output_size(), Some((20, 30)));
 
     // unknown type with CLIP-like keys: accepted
     assert!(ImageProcessor::from_json(
@@ -578,7 +584,7 @@ fn from_dir_reads_both_layouts_and_names_what_is_missing() {
     .unwrap();
     let p = ImageProcessor::from_dir(dir.path()).unwrap();
     assert!(p.do_pad);
-    assert_eq!(p.output_size(), (7, 7));
+    assert_eq!(p.output_size(), Some((7, 7)));
     std::fs::write(
         dir.path().join("preprocessor_config.json"),
         json!({"size": 5, "crop_size": 5}).to_string(),
@@ -586,7 +592,7 @@ fn from_dir_reads_both_layouts_and_names_what_is_missing() {
     .unwrap();
     let p = ImageProcessor::from_dir(dir.path()).unwrap();
     assert!(!p.do_pad);
-    assert_eq!(p.output_size(), (5, 5));
+    assert_eq!(p.output_size(), Some((5, 5)));
 }
 
 #[test]

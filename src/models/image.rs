@@ -437,17 +437,21 @@ impl ImageProcessor {
         Ok(p)
     }
 
-    /// `(height, width)` of the tensors this processor produces, where that does not depend on
-    /// the input: the crop size with `do_center_crop`, the exact size with `{"height","width"}`.
-    /// For a shortest-edge resize without a crop (output depends on the aspect ratio) it returns
-    /// the square `(shortest_edge, shortest_edge)`, the size for a square input.
-    pub fn output_size(&self) -> (usize, usize) {
+    /// `(height, width)` of every tensor this processor produces, when that does not depend on
+    /// the input: the crop size with `do_center_crop`, the exact size with `{"height","width"}`,
+    /// the square of a shortest-edge resize after `do_pad`. `None` when the size follows the
+    /// input's aspect ratio (a shortest-edge resize of an unpadded image, or no resize).
+    pub fn output_size(&self) -> Option<(usize, usize)> {
         if self.do_center_crop {
-            return self.crop_size;
+            return Some(self.crop_size);
         }
         match self.size {
-            ResizeTarget::Exact { height, width } => (height, width),
-            ResizeTarget::ShortestEdge { shortest_edge, .. } => (shortest_edge, shortest_edge),
+            _ if !self.do_resize => None,
+            ResizeTarget::Exact { height, width } => Some((height, width)),
+            ResizeTarget::ShortestEdge { shortest_edge, .. } if self.do_pad => {
+                self.resize_output_size(shortest_edge, shortest_edge).ok()
+            }
+            ResizeTarget::ShortestEdge { .. } => None,
         }
     }
 

@@ -12,7 +12,7 @@ pub mod prompt;
 pub mod quant;
 pub mod weights;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use crate::bella::{ParticleLinear, ParticleModel};
@@ -165,17 +165,6 @@ fn load_weights(
     if let ModelConfig::Llava(_) = config {
         weights = weights.with_aliases(llava::LAYOUT_ALIASES);
     }
-    if let Some(q) = quantize {
-        let quantizer = Quantizer::open(q, &files.weights, &device)
-            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
-        weights = weights.with_quantizer(quantizer);
-    }
-    let root = weights.scope("");
-    let model = match &config {
-        ModelConfig::Clip(c) => Model::Clip(Box::new(ClipModel::load(&root, c)?)),
-        ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
-    };
-    let quantization = weights.take_quantizer().map(Quantizer::finish);
     let prompter = match files.optional("tokenizer.json") {
         Some(_) => {
             let image_token = match &config {
@@ -202,6 +191,18 @@ fn load_weights(
     } else {
         None
     };
+    check_inputs_fit(&config, prompter.as_ref(), image_processor.as_ref())?;
+    if let Some(q) = quantize {
+        let quantizer = Quantizer::open(q, &files.weights, &device)
+            .with_context(|| format!("cannot quantize {}", files.dir.display()))?;
+        weights = weights.with_quantizer(quantizer);
+    }
+    let root = weights.scope("");
+    let model = match &config {
+        ModelConfig::Clip(c) => Model::Clip(Box::new(ClipModel::load(&root, c)?)),
+        ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
+    };
+    let quantization = weights.take_quantizer().map(Quantizer::finish);
     let generation_eos = match files.optional("generation_config.json") {
         Some(path) => config::generation_eos(&path)?,
         None => Vec::new(),
@@ -219,6 +220,50 @@ fn load_weights(
         image_processor,
         generation_eos,
     })
+}
+
+/// What the tokenizer and the image processor hand the model must fit it: checked before the
+/// weights are read, so that files that disagree fail at load, not at the first question.
+fn check_inputs_fit(
+    config: &ModelConfig,
+    prompter: Option<&Prompter>,
+    processor: Option<&ImageProcessor>,
+) -> Result<()> {
+    let side = match config {
+        ModelConfig::Clip(c) => c.vision_config.image_size,
+        ModelConfig::Llava(c) => c.vision_config.image_size,
+    };
+    if let Some(p) = processor {
+        match p.output_size() {
+            Some((h, w)) if (h, w) != (side, side) => bail!(
+                "the image processor (preprocessor_config.json) makes {w}×{h} images (crop_size, \
+                 or size without a crop), but the vision tower takes {side}×{side} \
+                 (config.json: vision_config.image_size): the two files disagree; take both \
+                 from the same checkpoint"
+            ),
+            None => bail!(
+                "the image processor (preprocessor_config.json) makes images whose size follows \
+                 the input's aspect ratio (no do_center_crop, no do_pad), but the vision tower \
+                 takes {side}×{side} only (config.json: vision_config.image_size): set \
+                 do_center_crop with crop_size {side}, or do_pad"
+            ),
+            Some(_) => {}
+        }
+    }
+    if let (ModelConfig::Llava(c), Some(p)) = (config, prompter) {
+        if let Some(id) = p.image_token_id() {
+            if id != c.image_token_index {
+                bail!(
+                    "the tokenizer's image token {:?} has id {id}, but config.json's \
+                     image_token_index is {}: the tokenizer and the config disagree (files of two \
+                     checkpoints?)",
+                    p.image_token().unwrap_or(prompt::DEFAULT_IMAGE_TOKEN),
+                    c.image_token_index
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType) -> ModelInfo {
