@@ -583,7 +583,9 @@ fn run(cli: &Cli) -> Result<()> {
             ask.validate()?;
             let vqa = vqa.load(cli.hub_options())?;
             let img = load_image(image)?;
-            let response = vqa.ask_with(&img, question, &ask)?;
+            let response = vqa
+                .ask_with(&img, question, &ask)
+                .with_context(|| format!("answering about {}", image.display()))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
             } else {

@@ -541,6 +541,18 @@ fn load_image_errors_are_clear() {
         "{err}"
     );
     const _: () = assert!(20000u64 * 20000 > MAX_IMAGE_PIXELS);
+    // A 108 Mpixel phone photograph is within the limit (Pillow opens it): this header is
+    // refused for its missing data, not its size.
+    huge[16..20].copy_from_slice(&12000u32.to_be_bytes());
+    huge[20..24].copy_from_slice(&9000u32.to_be_bytes());
+    let crc = crc32(&huge[12..29]);
+    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&big, &huge).unwrap();
+    let err = format!("{:#}", load_image(&big).unwrap_err());
+    assert!(
+        err.contains("big.png") && !err.contains("too large"),
+        "{err}"
+    );
 
     let ok = dir.path().join("ok.png");
     std::fs::write(&ok, &png).unwrap();
@@ -760,10 +772,29 @@ fn exif_orientation_turns_the_image_upright_like_transformers_load_image() {
     for (x, y, p) in upright.enumerate_pixels() {
         assert_eq!(p, plain.get_pixel(y, 47 - x), "({x}, {y})");
     }
+    // JPEG's "Exif\0\0" header kept in a PNG or WebP chunk, as some writers do.
+    let mut prefixed = b"Exif\0\0".to_vec();
+    prefixed.extend(exif_orientation(8));
+    let png = encode_with_exif(&stored, image::ImageFormat::Png, prefixed);
+    let upright = decode_image(&png, "prefixed.png", u64::MAX)
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(upright.get_pixel(0, 0), stored.get_pixel(4, 0));
     // An orientation tag out of range leaves the image as stored.
     let odd = encode_with_exif(&stored, image::ImageFormat::Png, exif_orientation(9));
     assert_eq!(
         decode_image(&odd, "odd.png", u64::MAX).unwrap().to_rgb8(),
         stored
     );
+}
+
+#[test]
+fn a_long_narrow_image_is_resized_and_cropped_like_pillow_would() {
+    // 250:1: the shortest-edge resize makes it 224 × 56 000 before the crop.
+    let p = ImageProcessor::from_json(&json!({"size": 224, "crop_size": 224})).unwrap();
+    let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(8, 2000, |_, y| {
+        image::Rgb([(y % 256) as u8, 40, 200])
+    }));
+    let t = p.preprocess(&img).unwrap();
+    assert_eq!(t.dims(), &[3, 224, 224]);
 }

@@ -21,8 +21,10 @@ use candle_core::{Device, Tensor};
 use image::{metadata::Orientation, DynamicImage, ImageDecoder, ImageReader, Limits};
 use serde_json::Value;
 
-/// The largest image (in pixels, width × height) that [`load_image`] decodes: 64 Mpixel.
-pub const MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
+/// The largest image (in pixels, width × height) that [`load_image`] decodes: Pillow's own
+/// limit (`Image.MAX_IMAGE_PIXELS` × 2, where it refuses a "decompression bomb"), so every
+/// photograph `transformers` opens (a 108 Mpixel phone's among them) opens here too.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * (1024 * 1024 * 1024 / 4 / 3);
 
 /// The longest side (in pixels) that [`load_image`] accepts.
 pub const MAX_IMAGE_SIDE: u32 = 32_768;
@@ -42,7 +44,8 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
 /// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
 /// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP) is applied, as `transformers`'
-/// `load_image` applies it.
+/// `load_image` applies it (not one that Pillow alone finds: only in XMP, in a PNG `eXIf` chunk
+/// after the image data, or in ImageMagick's "Raw profile type exif" text).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
     let bytes = std::fs::read(path)
@@ -93,7 +96,15 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     // Upright, as `transformers`' `load_image` returns it (`PIL.ImageOps.exif_transpose`): a
     // phone stores a portrait photograph sideways with an EXIF orientation tag. Unreadable
     // metadata leaves the pixels as stored, as Pillow does.
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let orientation = decoder
+        .exif_metadata()
+        .ok()
+        .flatten()
+        .and_then(|exif| {
+            // Some writers keep JPEG's "Exif\0\0" header in a WebP or PNG EXIF chunk.
+            Orientation::from_exif_chunk(exif.strip_prefix(b"Exif\0\0").unwrap_or(&exif))
+        })
+        .unwrap_or(Orientation::NoTransforms);
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
     image.apply_orientation(orientation);
@@ -545,10 +556,10 @@ impl ImageProcessor {
                 self.size
             );
         }
-        if oh > MAX_PROCESSED_SIDE || ow > MAX_PROCESSED_SIDE {
+        if (oh as u64).saturating_mul(ow as u64) > MAX_IMAGE_PIXELS {
             bail!(
                 "resizing a {width}×{height} image to {} gives {ow}×{oh}, more than \
-                 {MAX_PROCESSED_SIDE} pixels a side: crop the image to a less extreme aspect ratio",
+                 {MAX_IMAGE_PIXELS} pixels: crop the image to a less extreme aspect ratio",
                 self.size
             );
         }
@@ -765,7 +776,8 @@ pub struct RgbU8 {
 /// alpha channel are composited onto opaque white (Pillow's `alpha_composite`, integer
 /// arithmetic), grey is replicated. 16-bit images keep their high byte (as Pillow reads 16-bit
 /// RGB PNGs). 16-bit grey does too, on purpose unlike Pillow, whose `I;16` → RGB conversion clamps
-/// every value above 255 to white (a 16-bit grey photograph would reach the model blank). With
+/// every value above 255 to white (a 16-bit grey photograph would reach the model blank, and one
+/// whose values all lie below 256 is read as 8-bit, where we see it near black). With
 /// `composite_alpha == false` alpha is dropped instead.
 pub fn to_rgb(img: &DynamicImage, composite_alpha: bool) -> RgbU8 {
     let (width, height) = (img.width() as usize, img.height() as usize);
