@@ -699,8 +699,41 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         }
         (weights, Some(index))
     } else {
+        let mut shards: Vec<String> = fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".safetensors"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !shards.is_empty() {
+            shards.sort();
+            bail!(
+                "{location} holds {} but no {WEIGHTS_INDEX_FILE}, the index that says which \
+                 tensor is in which file: download or copy it too",
+                shards.join(", ")
+            );
+        }
         return Err(HubError::NoWeights { location }.into());
     };
+    // A link into the hub cache's blobs/ whose blob is gone reads as a missing file later.
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_symlink() && !path.exists() {
+                bail!(
+                    "{} is a link to a missing file ({}): the download is incomplete; download \
+                     the model again",
+                    path.display(),
+                    fs::read_link(&path)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
         weights,

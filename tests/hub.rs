@@ -764,6 +764,30 @@ fn local_directory_missing_shard_or_config() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
+#[test]
+fn local_directory_with_shards_but_no_index_or_a_dangling_link_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_sharded_model(tmp.path());
+    let opts = options("http://127.0.0.1:9", tmp.path());
+    let source = ModelSource::Dir(tmp.path().to_path_buf());
+    // A link whose target is gone (a hub snapshot whose blob was deleted).
+    let link = tmp.path().join("chat_template.jinja");
+    std::os::unix::fs::symlink(tmp.path().join("blobs/0123abcd"), &link).unwrap();
+    let err = resolve(&source, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("chat_template.jinja is a link to a missing file") && err.contains("0123abcd"),
+        "{err}"
+    );
+    std::fs::remove_file(&link).unwrap();
+    assert!(resolve(&source, &opts).is_ok());
+    std::fs::remove_file(tmp.path().join("model.safetensors.index.json")).unwrap();
+    let err = resolve(&source, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains(SHARD_2) && err.contains("no model.safetensors.index.json"),
+        "{err}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // The hub
 // ------------------------------------------------------------------------------------------------

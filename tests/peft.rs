@@ -448,6 +448,17 @@ fn bad_adapters_are_refused_with_reasons() {
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),
         ("lora_bias", "lora_bias", json!(true)),
+        ("use_qalora is set", "use_qalora", json!(true)),
+        (
+            "layer_replication is set",
+            "layer_replication",
+            json!([[0, 2], [1, 2]]),
+        ),
+        (
+            "trainable_token_indices",
+            "trainable_token_indices",
+            json!([3, 4]),
+        ),
         ("`r` must be", "r", json!(0)),
         ("but r = 8", "r", json!(8)),
         ("`lora_alpha` must be", "lora_alpha", json!("eight")),
@@ -513,6 +524,13 @@ fn bad_particle_directories_are_refused_on_export() {
     let tmp = tempfile::tempdir().unwrap();
     let err = ParticleSet::load(&tmp.path().join("missing"), &Device::Cpu).unwrap_err();
     assert!(format!("{err:#}").contains("is not a particle directory"));
+    // A PEFT adapter given where particles are expected: the way to import it.
+    let peft = copy_fixture(&tmp.path().join("peft"));
+    let err = format!("{:#}", ParticleSet::load(&peft, &Device::Cpu).unwrap_err());
+    assert!(
+        err.contains("is a PEFT adapter") && err.contains("bella-vqa import-peft --peft"),
+        "{err}"
+    );
 
     let (_, set) = llava_particles(2);
     let dir = tmp.path().join("set");

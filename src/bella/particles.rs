@@ -235,10 +235,20 @@ impl ParticleSet {
     pub fn read_config(dir: &Path) -> Result<ParticleConfig> {
         let path = dir.join(CONFIG_FILE);
         let text = crate::input::read_to_string(&path, "particle config").with_context(|| {
-            format!(
-                "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with `bella-vqa train --out DIR`)",
-                dir.display()
-            )
+            if dir.join(super::peft::ADAPTER_CONFIG_FILE).is_file() {
+                format!(
+                    "{} is a PEFT adapter, not a particle directory: import it (one adapter per \
+                     particle) with `bella-vqa import-peft --peft {} --out PARTICLES`",
+                    dir.display(),
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with \
+                     `bella-vqa train --out DIR`)",
+                    dir.display()
+                )
+            }
         })?;
         let config: ParticleConfig =
             serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))

@@ -328,6 +328,29 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             bail!("{what}: modules_to_save {m} are full copies of modules, which particles cannot hold");
         }
     }
+    // Settings that change what the saved factors mean or which weights the adapter holds.
+    for (k, why) in [
+        ("use_qalora", "QA-LoRA pools the input before lora_A"),
+        (
+            "layer_replication",
+            "the adapter was trained on a model with repeated layers",
+        ),
+        ("trainable_token_indices", "it trains embedding rows too"),
+        (
+            "target_parameters",
+            "it adapts parameters, not Linear layers",
+        ),
+    ] {
+        let set = field(k).is_some_and(|v| match v {
+            Value::Null | Value::Bool(false) => false,
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
+        if set {
+            bail!("{what}: {k} is set ({why}); only plain LoRA can become particles");
+        }
+    }
     for k in ["rank_pattern", "alpha_pattern"] {
         if let Some(p) = field(k) {
             if p.as_object().is_none_or(|o| !o.is_empty()) {
