@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::bella::ParticleModel;
 use crate::models::config::ModelConfig;
+use crate::models::prompt::{TemplateSource, NO_TEMPLATE};
 use crate::models::LoadedModel;
 
 #[derive(Debug, Serialize)]
@@ -31,6 +32,9 @@ pub struct ModelSummary {
     pub quantization: Option<crate::models::quant::QuantSummary>,
     /// Linear layers that can carry particles (`train --targets` chooses among them).
     pub particle_capable_layers: usize,
+    /// Where a LLaVA's prompt template comes from (absent for CLIP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     pub source: String,
     pub directory: String,
     pub files: Vec<FileSummary>,
@@ -97,6 +101,17 @@ impl ModelSummary {
             // them out).
             particle_capable_layers: loaded.model.linears().len()
                 - loaded.model.inert_linears().len(),
+            chat_template: match (&loaded.config, &loaded.prompter) {
+                (ModelConfig::Llava(_), Some(p)) => Some(match p.template_source() {
+                    TemplateSource::File(path) => path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    TemplateSource::Default => format!("none in the model: {NO_TEMPLATE}"),
+                    TemplateSource::Inline => "given in code".to_string(),
+                }),
+                _ => None,
+            },
             source: loaded.files.origin.to_string(),
             directory: loaded.files.dir.display().to_string(),
             files,
@@ -156,6 +171,9 @@ impl fmt::Display for ModelSummary {
             "particles     {} linear layers can carry them (train --targets)",
             self.particle_capable_layers
         )?;
+        if let Some(t) = &self.chat_template {
+            writeln!(f, "chat template {t}")?;
+        }
         writeln!(f, "source        {}", self.source)?;
         writeln!(f, "directory     {}", self.directory)?;
         writeln!(f, "files")?;

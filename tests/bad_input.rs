@@ -1077,3 +1077,32 @@ fn pre_quantized_checkpoints_are_refused_with_the_way_to_quantize_at_load() {
         "{err}"
     );
 }
+
+#[test]
+fn a_llava_without_a_chat_template_says_which_prompt_it_gets() {
+    let dir = copy_fixture("llava-tiny-hub");
+    std::fs::remove_file(dir.path().join("chat_template.json")).unwrap();
+    let out = bella()
+        .args(["inspect", "--json", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("has no chat template"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let template = summary["chat_template"].as_str().unwrap();
+    assert!(template.contains("built-in LLaVA-1.5"), "{template}");
+    // With its template: named, and no warning.
+    let out = bella()
+        .args(["inspect", "--json", "--model"])
+        .arg(llava_dir())
+        .output()
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["chat_template"], "chat_template.json");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+}

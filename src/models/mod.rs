@@ -192,6 +192,17 @@ fn load_weights(
         None
     };
     check_inputs_fit(&config, prompter.as_ref(), image_processor.as_ref())?;
+    if let (ModelConfig::Llava(_), Some(p)) = (&config, &prompter) {
+        if *p.template_source() == prompt::TemplateSource::Default {
+            eprintln!(
+                "warning: {} has no chat template (chat_template.jinja, chat_template.json or a \
+                 chat_template key): prompts use {}; add the model's own if it was trained with \
+                 another",
+                files.dir.display(),
+                prompt::NO_TEMPLATE
+            );
+        }
+    }
     if let Some(q) = quantize {
         let quantizer = Quantizer::open(q, &files.weights, &device)
             .with_context(|| format!("cannot quantize {}", files.dir.display()))?;

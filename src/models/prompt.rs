@@ -52,6 +52,10 @@ fn check_user_text(what: &str, text: &str) -> Result<()> {
 /// `(input_ids, attention_mask)` of a padded batch, one row per text.
 pub type IdsAndMasks = (Vec<Vec<u32>>, Vec<Vec<u32>>);
 
+/// What a LLaVA without a chat template of its own is prompted with, in words (warnings, inspect).
+pub const NO_TEMPLATE: &str =
+    "the built-in LLaVA-1.5 template (USER: <image>\\n{question} ASSISTANT:)";
+
 /// Where a [`Prompter`]'s chat template came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TemplateSource {
