@@ -372,6 +372,12 @@ impl OutputLock {
     /// Takes the lock of `dir` (created if missing).
     pub fn acquire(dir: &Path) -> Result<Self> {
         use fs4::FileExt;
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "{} is a file, not a directory: choose another output directory",
+                dir.display()
+            );
+        }
         let created = (!dir.is_dir()).then(|| dir.to_path_buf());
         if created.is_some() {
             create_dir_all(dir)?;

@@ -715,4 +715,17 @@ fn cli_exports_and_imports() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a particle directory"));
+
+    // --out names a file: said so, and the file is left alone.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "keep me").unwrap();
+    let o = bella()
+        .args(["export-peft", "--adapters", "demo", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("is a file, not a directory"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
