@@ -363,6 +363,40 @@ fn finished_particles_without_their_checkpoints_are_not_trained_over() {
     // --force trains over them.
     attempt(out.path(), false, true).unwrap();
     assert!(checkpoints.join("latest").exists());
+    // A damaged `latest`: every checkpoint is kept, and the message names them.
+    let steps = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let kept = steps(&checkpoints);
+    assert!(!kept.is_empty());
+    for garbage in ["", "garbage", "../../etc", "step-00000099"] {
+        std::fs::write(checkpoints.join("latest"), garbage).unwrap();
+        for resume in [true, false] {
+            let err = format!("{:#}", attempt(out.path(), resume, false).unwrap_err());
+            assert!(
+                err.contains("is not a checkpoint directory")
+                    && err.contains(kept.last().unwrap().as_str()),
+                "{garbage:?}: {err}"
+            );
+            assert_eq!(steps(&checkpoints), kept, "{garbage:?}");
+        }
+    }
+    // Their checkpoints deleted to save space, `latest` left: the way out is named.
+    for dir in &kept {
+        std::fs::remove_dir_all(checkpoints.join(dir)).unwrap();
+    }
+    let err = format!("{:#}", attempt(out.path(), true, false).unwrap_err());
+    assert!(
+        err.contains("no checkpoint is left") && err.contains("delete it"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -120,15 +120,45 @@ pub fn step_dirs(out: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// The committed checkpoint, if any.
+/// The committed checkpoint, if any. A `latest` that names no checkpoint directory here
+/// (damaged, or its checkpoints deleted) is an error saying what to do, so that nothing is
+/// pruned or resumed on its word.
 pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
-    let path = checkpoints_dir(out).join(LATEST);
+    let root = checkpoints_dir(out);
+    let path = root.join(LATEST);
     if !path.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&path)
+    let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Some(checkpoints_dir(out).join(name.trim())))
+    let name = text.trim();
+    let is_step = name
+        .strip_prefix("step-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if is_step && root.join(name).is_dir() {
+        return Ok(Some(root.join(name)));
+    }
+    let left: Vec<String> = step_dirs(out)
+        .iter()
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    let what_to_do = match left.last() {
+        Some(newest) => format!(
+            "it holds {}: write the name of the checkpoint to continue ({newest}) into it and \
+             resume, or delete it",
+            left.join(", ")
+        ),
+        None => format!(
+            "no checkpoint is left there: delete it (the particles in {} stay; --force then \
+             trains over them)",
+            out.display()
+        ),
+    };
+    bail!(
+        "{} names {name:?}, which is not a checkpoint directory in {}; {what_to_do}",
+        path.display(),
+        root.display()
+    )
 }
 
 /// Makes `out/particles.safetensors` and `out/bella_config.json` byte copies of those of the
