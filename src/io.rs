@@ -424,14 +424,26 @@ impl OutputLock {
     }
 }
 
-/// Removes every temporary file or directory ([`temp_name`]) under `dir`.
+/// Removes the temporary files and directories ([`temp_name`]) that an interrupted run left in
+/// `dir`, at the depths where this program writes them (`dir`, `dir/checkpoints`,
+/// `dir/images/<split>`, `dir/particle-N`): only those of processes that are gone, and none
+/// under a subdirectory that another run has locked (its own output directory).
 fn remove_stale_temps(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+    remove_stale_temps_below(dir, 2)
+}
+
+fn remove_stale_temps_below(dir: &Path, depth: usize) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(()); // unreadable: nothing of ours can be there
+    };
+    for entry in entries.flatten() {
         let path = entry.path();
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if is_temp_name(&entry.file_name().to_string_lossy()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_temp_name(&name) {
+            if temp_owner_is_alive(&name) {
+                continue;
+            }
             file_op();
             if is_dir {
                 fs::remove_dir_all(&path)
@@ -439,11 +451,18 @@ fn remove_stale_temps(dir: &Path) -> Result<()> {
                 fs::remove_file(&path)
             }
             .with_context(|| format!("cannot remove the stale {}", path.display()))?;
-        } else if is_dir {
-            remove_stale_temps(&path)?;
+        } else if is_dir && depth > 0 && !path.join(LOCK_FILE).exists() {
+            remove_stale_temps_below(&path, depth - 1)?;
         }
     }
     Ok(())
+}
+
+/// Whether the process whose id ends the temporary name is running (Linux: `/proc/PID`; where
+/// that cannot be told, it is taken as gone).
+fn temp_owner_is_alive(name: &str) -> bool {
+    let pid = name.rsplit_once(".tmp-").map_or("", |(_, pid)| pid);
+    pid != std::process::id().to_string() && Path::new("/proc").join(pid).is_dir()
 }
 
 /// How a path is stored in a config or results file: absolute, so that it means the same

@@ -663,3 +663,44 @@ fn calibrating_or_benchmarking_on_training_questions_is_flagged() {
         "{stderr}"
     );
 }
+
+#[test]
+fn only_stale_temporaries_of_this_output_are_removed() {
+    let out = tempfile::tempdir().unwrap();
+    let dead = 4_194_305; // above Linux's largest PID: no such process
+    let live = std::process::id(); // this test
+    let put = |rel: &str| {
+        let path = out.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "x").unwrap();
+        path
+    };
+    let stale = [
+        put(&format!(".results.json.tmp-{dead}")),
+        put(&format!("checkpoints/.latest.tmp-{dead}")),
+        put(&format!("images/train/.000001.png.tmp-{dead}")),
+    ];
+    let kept = [
+        // another process's file in progress
+        put(&format!(".samples.jsonl.tmp-{live}")),
+        // the output of another run inside this one (it holds its own lock)
+        put(&format!("child/.particles.safetensors.tmp-{dead}")),
+        // deeper than this program writes: someone else's
+        put(&format!("notes/deep/er/.draft.tmp-{dead}")),
+    ];
+    std::fs::write(out.path().join("child/.bella-vqa.lock"), "1").unwrap();
+    let particles = bella_vqa::demo::path(bella_vqa::demo::PARTICLES).unwrap();
+    run_ok(
+        bella()
+            .args(["export-peft", "--quiet", "--adapters"])
+            .arg(particles)
+            .arg("--out")
+            .arg(out.path()),
+    );
+    for path in &stale {
+        assert!(!path.exists(), "{} was left", path.display());
+    }
+    for path in &kept {
+        assert!(path.exists(), "{} was removed", path.display());
+    }
+}
