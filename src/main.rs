@@ -141,7 +141,7 @@ enum Command {
         /// Where the adapter directories go.
         #[arg(long)]
         out: PathBuf,
-        /// Replace adapters already in --out/particle-{p}/.
+        /// Replace the adapters already in --out (every particle-N/, whatever the size of their set).
         #[arg(long)]
         force: bool,
     },
@@ -669,24 +669,35 @@ fn export_peft(
     out: &std::path::Path,
     force: bool,
 ) -> Result<()> {
+    use bella_vqa::bella::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let set = bella_vqa::bella::particles::ParticleSet::load(adapters, &candle_core::Device::Cpu)?;
-    let taken = (0..set.config.particles)
-        .map(|p| out.join(format!("particle-{p}")))
-        .find(|dir| {
-            [
-                bella_vqa::bella::peft::ADAPTER_CONFIG_FILE,
-                bella_vqa::bella::peft::ADAPTER_WEIGHTS_FILE,
-            ]
-            .iter()
-            .any(|f| dir.join(f).exists())
-        });
-    if let (Some(dir), false) = (taken, force) {
+    // Every `particle-N` adapter already there, whatever N: a set of another size must not
+    // leave its extra particles beside the new ones.
+    let mut taken: Vec<PathBuf> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|dir| {
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("particle-"))
+                && [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+                    .iter()
+                    .any(|f| dir.join(f).exists())
+        })
+        .collect();
+    taken.sort();
+    if let (Some(dir), false) = (taken.first(), force) {
         anyhow::bail!(
             "{} already holds a PEFT adapter: pass --force to replace the adapters in {}, or choose another --out",
             dir.display(),
             out.display()
         );
+    }
+    // Removed before any is written, so that an interrupted export never mixes two sets.
+    for dir in &taken {
+        bella_vqa::io::remove_dir_all(dir)?;
     }
     let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
     if !cli.quiet {
@@ -713,6 +724,8 @@ fn import_peft(
     force: bool,
 ) -> Result<()> {
     use bella_vqa::bella::peft;
+    // Locked before looking: two imports into one --out cannot both find it empty.
+    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let checkpoints = bella_vqa::train::checkpoint::checkpoints_dir(out);
     let taken = bella_vqa::bella::particles::ParticleSet::is_in(out) || checkpoints.exists();
     if taken && !force {
@@ -744,7 +757,6 @@ fn import_peft(
         &files,
         &bella_vqa::io::stored_model_source(&source_text),
     )?;
-    let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     // `train --resume` would bring the replaced particles back from their checkpoints, and the
     // training log and summary would describe particles that are gone.
     bella_vqa::io::remove_dir_all(&checkpoints)?;

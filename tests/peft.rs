@@ -729,3 +729,50 @@ fn cli_exports_and_imports() {
     assert!(stderr.contains("is a file, not a directory"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
+
+#[test]
+fn export_with_force_replaces_a_larger_set_whole_and_import_takes_the_lock_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("peft");
+    let export = |particles: &Path, force: bool| {
+        let mut cmd = bella();
+        cmd.args(["export-peft", "--quiet", "--adapters"])
+            .arg(particles)
+            .arg("--out")
+            .arg(&out);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let (_, four) = llava_particles(4);
+    let (_, two) = llava_particles(2);
+    let (four_dir, two_dir) = (tmp.path().join("four"), tmp.path().join("two"));
+    four.save(&four_dir).unwrap();
+    two.save(&two_dir).unwrap();
+    assert!(export(&four_dir, false).status.success());
+    let o = export(&two_dir, false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds a PEFT adapter"));
+    assert!(export(&two_dir, true).status.success());
+    let mut left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("particle-"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["particle-0", "particle-1"]);
+    // An import into a directory another run holds is refused for that, before looking at what
+    // it holds (two imports into one empty --out could both find it empty).
+    let busy = tmp.path().join("busy");
+    two.save(&busy).unwrap();
+    let _held = bella_vqa::io::OutputLock::acquire(&busy).unwrap();
+    let o = import_peft_cli(&[out.join("particle-0")], &busy, false);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("is in use by process") && !stderr.contains("already holds"),
+        "{stderr}"
+    );
+}
