@@ -548,6 +548,12 @@ pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
     Ok(hash)
 }
 
+/// The sha256 of `bytes`, in lower-case hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut file =
@@ -675,9 +681,10 @@ mod tests {
     fn the_lock_removes_stale_temps_and_keeps_other_files() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("checkpoints");
-        fs::create_dir_all(sub.join(".step-00000004.tmp-77")).unwrap();
-        fs::write(dir.path().join(".particles.safetensors.tmp-12345"), b"x").unwrap();
-        fs::write(sub.join(".latest.tmp-9"), b"x").unwrap();
+        // Above Linux's largest PID: processes that are gone.
+        fs::create_dir_all(sub.join(".step-00000004.tmp-4194377")).unwrap();
+        fs::write(dir.path().join(".particles.safetensors.tmp-4194399"), b"x").unwrap();
+        fs::write(sub.join(".latest.tmp-4194309"), b"x").unwrap();
         fs::write(dir.path().join("keep.tmp-1"), b"x").unwrap();
         fs::write(dir.path().join(".tmp-notapid"), b"x").unwrap();
         let _lock = OutputLock::acquire(dir.path()).unwrap();

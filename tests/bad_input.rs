@@ -503,10 +503,19 @@ fn bad_particle_configs_name_the_file_and_field() {
     assert!(err.contains("particles = 0"), "{err}");
 }
 
+/// Makes the config one written before it recorded its factors' sha256, so that the checks
+/// behind that one (what an older set still relies on) are reached.
+fn forget_particles_hash(dir: &Path) {
+    edit_json(&dir.join("bella_config.json"), |v| {
+        v.as_object_mut().unwrap().remove("particles_sha256");
+    });
+}
+
 #[test]
 fn factors_the_config_does_not_list_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     particle_set(dir.path());
+    forget_particles_hash(dir.path());
     let path = dir.path().join(PARTICLES_FILE);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let stray = tensors.values().next().unwrap().clone();
@@ -523,6 +532,7 @@ fn factors_the_config_does_not_list_are_refused() {
 fn nan_in_particle_weights_names_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     particle_set(dir.path());
+    forget_particles_hash(dir.path());
     let path = dir.path().join(PARTICLES_FILE);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let key = "language_model.model.layers.1.self_attn.q_proj.bella_B";

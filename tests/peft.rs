@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bella_vqa::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
+use bella_vqa::bella::particles::{
+    hash_weights, BaseModel, ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE,
+};
 use bella_vqa::bella::peft::{
     bind_base, export_peft, import_peft, import_peft_stacked, read_safetensors_header,
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
@@ -70,6 +72,7 @@ fn config(source: &str, rank: usize, alpha: f64, particles: usize) -> ParticleCo
         abstention: None,
         abstention_history: Vec::new(),
         answer_vocabulary: None,
+        particles_sha256: None,
     }
 }
 
@@ -775,4 +778,34 @@ fn export_with_force_replaces_a_larger_set_whole_and_import_takes_the_lock_first
         stderr.contains("is in use by process") && !stderr.contains("already holds"),
         "{stderr}"
     );
+}
+
+#[test]
+fn factors_that_are_not_the_ones_their_config_describes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, a) = llava_particles(2);
+    let (_, b) = llava_particles(3);
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    a.save(&a_dir).unwrap();
+    b.save(&b_dir).unwrap();
+    // The pair round-trips, the hash recorded.
+    let loaded = ParticleSet::load(&a_dir, &Device::Cpu).unwrap();
+    assert!(loaded.config.particles_sha256.is_some());
+    // A write killed between the two files: b's factors under a's config.
+    let a_factors = std::fs::read(a_dir.join(PARTICLES_FILE)).unwrap();
+    std::fs::copy(b_dir.join(PARTICLES_FILE), a_dir.join(PARTICLES_FILE)).unwrap();
+    let err = format!("{:#}", ParticleSet::load(&a_dir, &Device::Cpu).unwrap_err());
+    assert!(
+        err.contains("is not the file its bella_config.json describes")
+            && err.contains("interrupted"),
+        "{err}"
+    );
+    // A config written before the hash was recorded still loads.
+    std::fs::write(a_dir.join(PARTICLES_FILE), a_factors).unwrap();
+    let config_path = a_dir.join(CONFIG_FILE);
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("particles_sha256");
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    ParticleSet::load(&a_dir, &Device::Cpu).unwrap();
 }

@@ -98,6 +98,11 @@ pub struct ParticleConfig {
     /// CLIP: the candidate answers the particles score.
     #[serde(default)]
     pub answer_vocabulary: Option<Vec<String>>,
+    /// The sha256 of the `particles.safetensors` this config describes, set when the pair is
+    /// written: the two files are replaced one after the other, and a run killed in between
+    /// must not leave new factors under an old calibration unnoticed (older sets lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub particles_sha256: Option<String>,
 }
 
 /// Particles ready to attach to a base model.
@@ -206,11 +211,13 @@ impl ParticleSet {
             tensors.insert(format!("{name}.bella_A"), ad.a.to_dtype(DType::F32)?);
             tensors.insert(format!("{name}.bella_B"), ad.b.to_dtype(DType::F32)?);
         }
+        let particles = crate::io::safetensors_bytes(&tensors)?;
         let mut config = self.config.clone();
         config.layers = self.adapters.iter().map(|(n, _)| n.clone()).collect();
         config.format_version = FORMAT_VERSION;
+        config.particles_sha256 = Some(crate::io::sha256_bytes(&particles));
         Ok([
-            (PARTICLES_FILE, crate::io::safetensors_bytes(&tensors)?),
+            (PARTICLES_FILE, particles),
             (CONFIG_FILE, serde_json::to_vec_pretty(&config)?),
         ])
     }
@@ -281,7 +288,20 @@ impl ParticleSet {
         }
         let path: PathBuf = dir.join(PARTICLES_FILE);
         crate::input::check_regular(&path, "particle weights")?;
-        let tensors = candle_core::safetensors::load(&path, device).with_context(|| {
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if let Some(expected) = &config.particles_sha256 {
+            if crate::io::sha256_bytes(&bytes) != *expected {
+                bail!(
+                    "{} is not the file its {CONFIG_FILE} describes (another sha256): it is \
+                     damaged or truncated, or writing the particle set was interrupted between its \
+                     two files; rerun the command that wrote it (train --resume, import-peft \
+                     --force), then calibrate again",
+                    path.display()
+                );
+            }
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(|| {
             format!(
                 "cannot read {} (truncated or not safetensors?)",
                 path.display()

@@ -549,6 +549,7 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
         abstention: None,
         abstention_history: Vec::new(),
         answer_vocabulary: None,
+        particles_sha256: None,
     };
     Ok(ParticleSet {
         config,

@@ -578,6 +578,7 @@ pub fn train(
         abstention: None,
         abstention_history: Vec::new(),
         answer_vocabulary: objective.vocabulary(),
+        particles_sha256: None,
     };
     // What calibrate and bench check their questions against (crate::data::seen).
     crate::data::seen::write(&run.out, train)?;

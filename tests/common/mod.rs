@@ -204,6 +204,7 @@ pub fn tiny_llava_particle_config(
         abstention: None,
         abstention_history: Vec::new(),
         answer_vocabulary: None,
+        particles_sha256: None,
     }
 }
 
