@@ -704,3 +704,60 @@ fn only_stale_temporaries_of_this_output_are_removed() {
         assert!(path.exists(), "{} was removed", path.display());
     }
 }
+
+#[test]
+fn an_interrupted_overwrite_leaves_no_old_question_file_beside_new_images() {
+    let shapes = |out: &Path, seed: &str, force: bool| {
+        let mut c = bella();
+        c.args([
+            "data", "shapes", "--quiet", "--n", "4", "--seed", seed, "--out",
+        ])
+        .arg(out);
+        if force {
+            c.arg("--force");
+        }
+        c
+    };
+    let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run_ok(&mut shapes(old.path(), "1", false));
+    run_ok(&mut shapes(new.path(), "2", false));
+    let same = |a: &Path, b: &Path| std::fs::read(a).ok() == std::fs::read(b).ok();
+    let out = tempfile::tempdir().unwrap();
+    let mut tried = 0;
+    for n in [3, 8, 20, 60, 150] {
+        run_ok(&mut shapes(out.path(), "1", true));
+        if !aborted_at(&mut shapes(out.path(), "2", true), n) {
+            continue;
+        }
+        tried += 1;
+        // A question file left is the new set's, or the old one's with every image it names
+        // still the old one's.
+        for entry in std::fs::read_dir(out.path()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".jsonl") {
+                continue;
+            }
+            if same(&entry.path(), &new.path().join(&name)) {
+                continue;
+            }
+            assert!(
+                same(&entry.path(), &old.path().join(&name)),
+                "op {n}: {name} is neither set's"
+            );
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            for line in text.lines() {
+                let record: serde_json::Value = serde_json::from_str(line).unwrap();
+                let image = record["image"].as_str().unwrap();
+                assert!(
+                    same(&out.path().join(image), &old.path().join(image)),
+                    "op {n}: the old {name} names {image}, which is not its image any more"
+                );
+            }
+        }
+        // Rerun without --force: refused, saying whether the set there is whole.
+        let err = run_err(&mut shapes(out.path(), "2", false));
+        let whole = out.path().join("shapes.json").exists();
+        assert_eq!(err.contains("incomplete data set"), !whole, "op {n}: {err}");
+    }
+    assert!(tried >= 3, "the run finished before most kill points");
+}

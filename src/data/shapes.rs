@@ -426,8 +426,13 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
             .iter()
             .find(|f| opts.out.join(f).exists())
         {
+            let state = if opts.out.join("shapes.json").exists() {
+                "a data set"
+            } else {
+                "an incomplete data set (no shapes.json: an interrupted run?)"
+            };
             bail!(
-                "{} already holds a data set ({found}): pass --force to overwrite it, or choose \
+                "{} already holds {state} ({found}): pass --force to overwrite it, or choose \
                  another --out",
                 opts.out.display()
             );
@@ -454,9 +459,18 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         progress,
     };
     let images_dir = opts.out.join("images");
-    // Overwriting (--force) starts every split's image folder empty: a larger or killed earlier
-    // set must not leave images that no split names. Other files under images/ are not ours.
+    // Overwriting (--force) removes the old set's question files first, then starts every
+    // split's image folder empty: a run killed midway must not leave an old question file that
+    // names a new image, nor images that no split names. Other files under images/ are not ours.
     if opts.force {
+        for file in std::iter::once("shapes.json".to_string())
+            .chain(SPLITS.iter().map(|split| format!("{split}.jsonl")))
+        {
+            let path = opts.out.join(file);
+            if path.exists() {
+                crate::io::remove_file(&path)?;
+            }
+        }
         for split in SPLITS {
             crate::io::remove_dir_all(&images_dir.join(split))?;
         }
