@@ -52,6 +52,18 @@ pub fn check_regular(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Reads a file that may be absent (`None` then); one that is there must be a regular file (see
+/// [`check_regular`]), so that a pipe in its place is refused instead of blocking.
+pub fn read_if_present(path: &Path, what: &str) -> Result<Option<Vec<u8>>> {
+    if fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(None);
+    }
+    check_regular(path, what)?;
+    fs::read(path)
+        .map(Some)
+        .with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
 /// Opens a regular file for reading (see [`check_regular`]).
 pub fn open(path: &Path, what: &str) -> Result<fs::File> {
     check_regular(path, what)?;

@@ -1051,6 +1051,24 @@ fn fifos_and_devices_are_refused_without_hanging() {
         err.contains("model-00001-of-00002.safetensors") && err.contains("FIFO"),
         "{err}"
     );
+
+    // Files a resume reads: the answers so far, the training log, the checkpoint pointer.
+    let data = DataDir::new(&good_lines());
+    std::fs::create_dir_all(data.out()).unwrap();
+    mkfifo(&data.out().join("samples.jsonl"));
+    let err = fails(&mut bench(&data.data(), &data.out(), &[]));
+    assert!(
+        err.contains("samples.jsonl") && err.contains("FIFO"),
+        "{err}"
+    );
+    for name in ["train_log.jsonl", "checkpoints/latest"] {
+        let data = DataDir::new(&good_lines());
+        let pipe = data.out().join(name);
+        std::fs::create_dir_all(pipe.parent().unwrap()).unwrap();
+        mkfifo(&pipe);
+        let err = fails(&mut train(&data, &["--resume"]));
+        assert!(err.contains(name) && err.contains("FIFO"), "{name}: {err}");
+    }
 }
 
 #[test]

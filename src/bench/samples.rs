@@ -6,7 +6,6 @@
 //! bad line, and a question that appears twice, is an error that names the file and the line.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -192,10 +191,8 @@ pub struct SampleFile {
 /// kill, or not valid JSON) is dropped; a bad line before it, or a question repeated, is an
 /// error naming the file and the line.
 pub fn read_samples(path: &Path) -> Result<SampleFile> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SampleFile::default()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(bytes) = crate::input::read_if_present(path, "answers file")? else {
+        return Ok(SampleFile::default());
     };
     let mut out = SampleFile::default();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();

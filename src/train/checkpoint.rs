@@ -129,8 +129,7 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::input::read_to_string(&path, "checkpoint pointer")?;
     let name = text.trim();
     let is_step = name
         .strip_prefix("step-")

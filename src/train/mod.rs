@@ -437,11 +437,10 @@ fn resume_differences(
 /// Keeps the lines of the training log up to `step` (what the committed checkpoint has seen):
 /// lines of steps after it, or cut off by a kill, belong to lost work.
 fn truncate_log(path: &Path, step: u64) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(bytes) = crate::input::read_if_present(path, "training log")? else {
+        return Ok(());
     };
+    let text = String::from_utf8_lossy(&bytes);
     let kept: String = text
         .split_inclusive('\n')
         .filter(|line| {
