@@ -166,6 +166,24 @@ pub fn merge(
     skipped.dedup_by(|a, b| a.split == b.split && a.index == b.index);
 
     crate::io::create_dir_all(out)?;
+    // What `bench` itself would not continue, merge does not replace either.
+    let samples = out.join(SAMPLES_FILE);
+    if !out.join(super::config::CONFIG_FILE).exists()
+        && samples.metadata().is_ok_and(|m| m.len() > 0)
+    {
+        bail!(
+            "{} holds answers ({}) that no {} describes; merge into a new or empty directory",
+            out.display(),
+            samples.display(),
+            super::config::CONFIG_FILE
+        );
+    }
+    if crate::bella::particles::ParticleSet::is_in(out) {
+        bail!(
+            "{} holds a particle set; merge into a new or empty directory",
+            out.display()
+        );
+    }
     if out.join(super::config::CONFIG_FILE).exists() {
         let old = RunConfig::read(out)?;
         let diffs = old.differences(&merged, false, false);
