@@ -234,8 +234,13 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         remove_dir_all(&tmp)?;
     }
     create_dir_all(&tmp)?;
-    for (name, bytes) in files {
-        write_synced(&tmp.join(name), bytes)?;
+    let written = files
+        .iter()
+        .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes));
+    if let Err(e) = written {
+        // A full disk must not stay full of a half-written copy.
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
     sync_dir(Some(&tmp));
     if dir.exists() {
@@ -382,6 +387,11 @@ impl OutputLock {
         if created.is_some() {
             create_dir_all(dir)?;
         }
+        // From here on, a failure (a full disk) removes the directory made for nothing.
+        let mut lock = Self {
+            file: None,
+            created,
+        };
         let path = dir.join(LOCK_FILE);
         file_op();
         let mut file = fs::OpenOptions::new()
@@ -416,11 +426,9 @@ impl OutputLock {
         file.set_len(0)
             .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
             .with_context(|| format!("cannot write {}", path.display()))?;
+        lock.file = Some(file);
         remove_stale_temps(dir)?;
-        Ok(Self {
-            file: Some(file),
-            created,
-        })
+        Ok(lock)
     }
 }
 
@@ -651,6 +659,15 @@ mod tests {
         write_dir_atomically(&dir, &[("a", b"3")]).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"3");
         assert!(!dir.join("b").exists(), "the old directory is gone");
+        assert_eq!(
+            fs::read_dir(root.path()).unwrap().count(),
+            1,
+            "no temp left"
+        );
+        // A write that fails (here: into a folder that is not there; a full disk alike) leaves
+        // the old directory and no temporary copy.
+        assert!(write_dir_atomically(&dir, &[("a", b"4"), ("missing/b", b"5")]).is_err());
+        assert_eq!(fs::read(dir.join("a")).unwrap(), b"3");
         assert_eq!(
             fs::read_dir(root.path()).unwrap().count(),
             1,
