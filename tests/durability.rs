@@ -761,3 +761,37 @@ fn an_interrupted_overwrite_leaves_no_old_question_file_beside_new_images() {
     }
     assert!(tried >= 3, "the run finished before most kill points");
 }
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_leaves_the_old_particles_their_own_question_list() {
+    let world = world();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), out.path()));
+    // Particles without checkpoints or a question list, as import-peft leaves them.
+    std::fs::remove_dir_all(out.path().join("checkpoints")).unwrap();
+    std::fs::remove_file(out.path().join(bella_vqa::data::seen::FILE)).unwrap();
+    let before = files(out.path());
+    let mut tried = 0;
+    for n in 1..=8 {
+        let mut cmd = train(world.path(), out.path());
+        if !aborted_at(cmd.arg("--force"), n) {
+            break;
+        }
+        if out.path().join("checkpoints/latest").exists() {
+            break; // committed: the new particles and their list are there
+        }
+        tried += 1;
+        assert!(
+            !out.path().join(bella_vqa::data::seen::FILE).exists(),
+            "op {n}: the old particles got the new run's question list"
+        );
+        for name in ["particles.safetensors", "bella_config.json"] {
+            assert_eq!(
+                files(out.path()).get(Path::new(name)),
+                before.get(Path::new(name)),
+                "op {n}: {name}"
+            );
+        }
+    }
+    assert!(tried >= 2, "no kill point before the first checkpoint");
+}

@@ -579,8 +579,6 @@ pub fn train(
         answer_vocabulary: objective.vocabulary(),
         particles_sha256: None,
     };
-    // What calibrate and bench check their questions against (crate::data::seen).
-    crate::data::seen::write(&run.out, train)?;
     let log_path = run.out.join("train_log.jsonl");
     truncate_log(&log_path, start_step)?;
     let mut log = crate::io::AppendFile::open(&log_path, None)?;
@@ -595,6 +593,7 @@ pub fn train(
     let val_sample: Vec<VqaExample> = val.iter().take(run.val_sample).cloned().collect();
     let n_data = n as f64;
 
+    let seen_written = std::cell::Cell::new(false);
     let save_checkpoint =
         |step: u64, params: &Params, optimizer: &AdamW, model: &Model| -> Result<()> {
             let mut cfg = config.clone();
@@ -611,6 +610,12 @@ pub fn train(
                 &optimizer.state(&params.var_names()),
                 &state,
             )?;
+            // What calibrate and bench check their questions against (crate::data::seen),
+            // written once the particles it describes are: a run killed before its first
+            // checkpoint leaves the particles there with their own list.
+            if !seen_written.replace(true) {
+                crate::data::seen::write(&run.out, train)?;
+            }
             Ok(())
         };
 
