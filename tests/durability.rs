@@ -375,6 +375,12 @@ fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
         err.contains("training data: 8 questions") && err.contains("6 questions"),
         "{err}"
     );
+    // Another compute dtype or quantization makes other particles.
+    let err = run_err(train(world.path(), out.path()).args(["--resume", "--dtype", "bf16"]));
+    assert!(
+        err.contains("the base computes in f32 in the checkpoint, bf16 now"),
+        "{err}"
+    );
     // Same files, one weight changed.
     let base = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {

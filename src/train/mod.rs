@@ -394,8 +394,14 @@ fn resume_differences(
     opts: &TrainOptions,
     data: &checkpoint::DataFingerprint,
     base: &BaseModel,
+    compute: &str,
 ) -> Result<Vec<String>> {
     let mut diffs = Vec::new();
+    if let Some(old) = ck.state.compute.as_deref().filter(|old| *old != compute) {
+        diffs.push(format!(
+            "the base computes in {old} in the checkpoint, {compute} now (--dtype, --quantize)"
+        ));
+    }
     let (before, now) = (
         serde_json::to_value(&ck.state.options)?,
         serde_json::to_value(opts)?,
@@ -485,6 +491,7 @@ pub fn train(
         bail!("the training data is empty");
     }
     let stop = loaded.stop_token_ids();
+    let info = loaded.info.clone();
     let model: &mut Model = &mut loaded.model;
     let objective = Objective::new(model, prompter, processor, train, stop)?;
     let n = train.len();
@@ -493,6 +500,15 @@ pub fn train(
     let total_steps = steps_per_epoch * opts.epochs as u64;
     let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
     let data = fingerprint(train)?;
+    let compute = match &info.quantization {
+        Some(q) if q.vision => format!(
+            "{}, {} with the vision tower",
+            info.compute_dtype.as_str(),
+            q.kind
+        ),
+        Some(q) => format!("{}, {}", info.compute_dtype.as_str(), q.kind),
+        None => info.compute_dtype.as_str().to_string(),
+    };
 
     // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
     crate::io::create_dir_all(&run.out)?;
@@ -504,7 +520,7 @@ pub fn train(
     let (params, mut optimizer, start_step) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
-            let diffs = resume_differences(&ck, opts, &data, &base)?;
+            let diffs = resume_differences(&ck, opts, &data, &base, &compute)?;
             if !diffs.is_empty() {
                 bail!(
                     "the checkpoint {} was made with other training options, data or base model, so it cannot be resumed:\n  {}\nresume with the same ones, or use another --out",
@@ -603,6 +619,7 @@ pub fn train(
                 step,
                 options: opts.clone(),
                 data: Some(data.clone()),
+                compute: Some(compute.clone()),
             };
             checkpoint::save(
                 &run.out,
