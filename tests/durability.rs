@@ -801,3 +801,22 @@ fn a_run_killed_before_its_first_checkpoint_leaves_the_old_particles_their_own_q
     }
     assert!(tried >= 2, "no kill point before the first checkpoint");
 }
+
+#[test]
+fn resuming_with_max_steps_below_the_checkpoint_leaves_it_where_it_is() {
+    let world = world();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), out.path()));
+    let summary = |out: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join("train_summary.json")).unwrap()).unwrap()
+    };
+    let step = summary(out.path())["step"].clone();
+    assert_eq!(step, 4);
+    let particles = std::fs::read(out.path().join("particles.safetensors")).unwrap();
+    run_ok(train(world.path(), out.path()).args(["--resume", "--max-steps", "2"]));
+    assert_eq!(summary(out.path())["step"], step);
+    assert_eq!(
+        std::fs::read(out.path().join("particles.safetensors")).unwrap(),
+        particles
+    );
+}

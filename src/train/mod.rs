@@ -599,7 +599,23 @@ pub fn train(
     truncate_log(&log_path, start_step)?;
     let mut log = crate::io::AppendFile::open(&log_path, None)?;
 
-    let end_step = run.max_steps.map_or(total_steps, |m| m.min(total_steps));
+    // A checkpoint already past --max-steps stays where it is.
+    let end_step = run
+        .max_steps
+        .map_or(total_steps, |m| m.min(total_steps))
+        .max(start_step);
+    if end_step == start_step && start_step < total_steps && run.progress {
+        eprintln!("already at step {start_step} (--max-steps): nothing to train");
+    }
+    if end_step > start_step
+        && ParticleSet::read_config(&run.out).is_ok_and(|c| c.abstention.is_some())
+    {
+        eprintln!(
+            "warning: the particles in {} are calibrated; training replaces them, and their \
+             calibration with them: run calibrate again afterwards",
+            run.out.display()
+        );
+    }
     let bar = progress_bar(run.progress, total_steps, start_step);
     let started = Instant::now();
     let mut loss_sum = 0.0;
