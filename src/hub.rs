@@ -547,6 +547,16 @@ impl HubError {
         matches!(self, HubError::Unreachable { .. })
     }
 
+    /// True when the hub cannot answer now (unreachable, 5xx, 429), as opposed to answering
+    /// that something is not there: then a cached snapshot may stand in for it.
+    pub fn is_down(&self) -> bool {
+        match self {
+            HubError::Unreachable { .. } => true,
+            HubError::Http { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+
     /// True for the "does not exist / no access" family.
     pub fn is_not_found(&self) -> bool {
         matches!(
@@ -820,6 +830,22 @@ fn cached_commit(opts: &HubOptions, repo_id: &str, revision: &str) -> Option<Str
 }
 
 fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
+    resolve_cached(
+        repo_id,
+        revision,
+        opts,
+        "run once online (without --offline / HF_HUB_OFFLINE) to complete it",
+    )
+}
+
+/// The cached snapshot of `repo_id@revision`; `complete` says how to complete one that lacks
+/// files.
+fn resolve_cached(
+    repo_id: &str,
+    revision: &str,
+    opts: &HubOptions,
+    complete: &str,
+) -> anyhow::Result<ModelFiles> {
     let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| HubError::NotInCache {
         repo_id: repo_id.to_string(),
         revision: revision.to_string(),
@@ -834,8 +860,7 @@ fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::
     };
     collect_files(&dir, origin).with_context(|| {
         format!(
-            "the cached snapshot of {repo_id}@{revision} at {} is incomplete; run once online \
-             (without --offline / HF_HUB_OFFLINE) to complete it",
+            "the cached snapshot of {repo_id}@{revision} at {} is incomplete; {complete}",
             dir.display()
         )
     })
@@ -864,14 +889,21 @@ fn resolve_online(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::R
     let client = Client::new(opts, cached);
     let info = match client.model_info(repo_id, revision) {
         Ok(info) => info,
-        // As huggingface_hub does: an unreachable hub falls back to the cached snapshot.
-        Err(HubError::Unreachable { cause, .. }) if cached => {
+        // As huggingface_hub does: a hub that cannot be reached, or is down (5xx, 429), falls
+        // back to the cached snapshot.
+        Err(e @ (HubError::Unreachable { .. } | HubError::Http { .. }))
+            if cached && e.is_down() =>
+        {
             eprintln!(
-                "warning: the hub at {} could not be reached ({cause}); using the cached \
-                 snapshot of {repo_id}@{revision} (--offline or HF_HUB_OFFLINE=1 skips the hub)",
-                opts.endpoint
+                "warning: {e}; using the cached snapshot of {repo_id}@{revision} (--offline or \
+                 HF_HUB_OFFLINE=1 skips the hub)"
             );
-            return resolve_offline(repo_id, revision, opts);
+            return resolve_cached(
+                repo_id,
+                revision,
+                opts,
+                "reach the hub again (check the network or HF_ENDPOINT) to complete it",
+            );
         }
         Err(e) => return Err(e.into()),
     };

@@ -769,37 +769,52 @@ fn an_interrupted_overwrite_leaves_no_old_question_file_beside_new_images() {
 }
 
 #[test]
-fn a_run_killed_before_its_first_checkpoint_leaves_the_old_particles_their_own_question_list() {
+fn particles_and_their_question_list_are_never_those_of_two_runs() {
     let world = world();
-    let out = tempfile::tempdir().unwrap();
-    run_ok(&mut train(world.path(), out.path()));
-    // Particles without checkpoints or a question list, as import-peft leaves them.
-    std::fs::remove_dir_all(out.path().join("checkpoints")).unwrap();
-    std::fs::remove_file(out.path().join(bella_vqa::data::seen::FILE)).unwrap();
-    let before = files(out.path());
+    let list = Path::new(bella_vqa::data::seen::FILE);
+    let particles = Path::new("particles.safetensors");
+    // The new run's files, from an uninterrupted run on other questions (--limit 6).
+    let new = tempfile::tempdir().unwrap();
+    let other = [("--limit", "6")];
+    let llava = fixture("llava-tiny-hub");
+    run_ok(&mut train_with(&llava, world.path(), new.path(), &other));
+    let new_files = files(new.path());
+    // An old set with its list, its checkpoints deleted (so --force may train over it).
+    let old = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), old.path()));
+    std::fs::remove_dir_all(old.path().join("checkpoints")).unwrap();
+    let old_files = files(old.path());
+    assert_ne!(old_files.get(list), new_files.get(list));
     let mut tried = 0;
-    for n in 1..=8 {
-        let mut cmd = train(world.path(), out.path());
+    for n in kill_points(40) {
+        let out = tempfile::tempdir().unwrap();
+        for (rel, bytes) in &old_files {
+            std::fs::write(out.path().join(rel), bytes).unwrap();
+        }
+        let mut cmd = train_with(&llava, world.path(), out.path(), &other);
         if !aborted_at(cmd.arg("--force"), n) {
             break;
         }
-        if out.path().join("checkpoints/latest").exists() {
-            break; // committed: the new particles and their list are there
-        }
         tried += 1;
+        let now = files(out.path());
+        let of = |set: &BTreeMap<PathBuf, Vec<u8>>| set.get(particles) == now.get(particles);
+        let expected = if of(&old_files) {
+            old_files.get(list)
+        } else {
+            // New particles (of some step): the new list or none, never the old one.
+            new_files.get(list)
+        };
         assert!(
-            !out.path().join(bella_vqa::data::seen::FILE).exists(),
-            "op {n}: the old particles got the new run's question list"
+            now.get(list).is_none() || now.get(list) == expected,
+            "op {n}: the particles there have another run's question list"
         );
-        for name in ["particles.safetensors", "bella_config.json"] {
-            assert_eq!(
-                files(out.path()).get(Path::new(name)),
-                before.get(Path::new(name)),
-                "op {n}: {name}"
-            );
+        // Resuming gives the new particles their list.
+        if out.path().join("checkpoints/latest").exists() {
+            run_ok(train_with(&llava, world.path(), out.path(), &other).arg("--resume"));
+            assert_eq!(files(out.path()).get(list), new_files.get(list), "op {n}");
         }
     }
-    assert!(tried >= 2, "no kill point before the first checkpoint");
+    assert!(tried >= 10, "the run finished before most kill points");
 }
 
 #[test]

@@ -517,6 +517,8 @@ pub fn train(
         check_nothing_to_lose(run)?;
     }
     checkpoint::prune(&run.out)?;
+    // Whether the published particles have their training questions written beside them.
+    let seen_written = std::cell::Cell::new(false);
     let (params, mut optimizer, start_step) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
@@ -529,6 +531,9 @@ pub fn train(
                 );
             }
             checkpoint::publish(&run.out, &dir)?;
+            // The checkpoint's own questions (the fingerprint above says they are these).
+            crate::data::seen::write(&run.out, train)?;
+            seen_written.set(true);
             if run.progress {
                 eprintln!(
                     "resuming from step {} of {total_steps} ({})",
@@ -625,7 +630,6 @@ pub fn train(
     let val_sample: Vec<VqaExample> = val.iter().take(run.val_sample).cloned().collect();
     let n_data = n as f64;
 
-    let seen_written = std::cell::Cell::new(false);
     let save_checkpoint =
         |step: u64, params: &Params, optimizer: &AdamW, model: &Model| -> Result<()> {
             let mut cfg = config.clone();
@@ -637,16 +641,22 @@ pub fn train(
                 data: Some(data.clone()),
                 compute: Some(compute.clone()),
             };
+            // What calibrate and bench check their questions against (crate::data::seen)
+            // belongs to the particles published: the old list goes before the first new
+            // particles do and the new one comes after them, so a run killed at any instant
+            // never pairs particles with another run's list (at worst with none).
+            let first = !seen_written.replace(true);
+            let list = run.out.join(crate::data::seen::FILE);
+            if first && list.exists() {
+                crate::io::remove_file(&list)?;
+            }
             checkpoint::save(
                 &run.out,
                 &set,
                 &optimizer.state(&params.var_names()),
                 &state,
             )?;
-            // What calibrate and bench check their questions against (crate::data::seen),
-            // written once the particles it describes are: a run killed before its first
-            // checkpoint leaves the particles there with their own list.
-            if !seen_written.replace(true) {
+            if first {
                 crate::data::seen::write(&run.out, train)?;
             }
             Ok(())
