@@ -677,6 +677,27 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
             dir.display()
         );
     }
+    // A link into the hub cache's blobs/ whose blob is gone would read as a missing file (only
+    // the files a model is read from count).
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let read = [CONFIG_FILE, WEIGHTS_INDEX_FILE].contains(&name.as_str())
+                || OPTIONAL_FILES.contains(&name.as_str())
+                || name.ends_with(".safetensors");
+            if read && path.is_symlink() && !path.exists() {
+                bail!(
+                    "{} is a link to a missing file ({}): the download is incomplete; download \
+                     the model again",
+                    path.display(),
+                    fs::read_link(&path)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
     let location = dir.display().to_string();
     let config = dir.join(CONFIG_FILE);
     if !config.exists() {
@@ -728,22 +749,6 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         }
         return Err(HubError::NoWeights { location }.into());
     };
-    // A link into the hub cache's blobs/ whose blob is gone reads as a missing file later.
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_symlink() && !path.exists() {
-                bail!(
-                    "{} is a link to a missing file ({}): the download is incomplete; download \
-                     the model again",
-                    path.display(),
-                    fs::read_link(&path)
-                        .map(|t| t.display().to_string())
-                        .unwrap_or_default()
-                );
-            }
-        }
-    }
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
         weights,

@@ -383,6 +383,16 @@ impl OutputLock {
                 dir.display()
             );
         }
+        if dir.is_symlink() && !dir.exists() {
+            bail!(
+                "{} is a link to a directory that is not there ({}): create it, or choose \
+                 another output directory",
+                dir.display(),
+                fs::read_link(dir)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
         let created = (!dir.is_dir()).then(|| dir.to_path_buf());
         if created.is_some() {
             create_dir_all(dir)?;

@@ -680,11 +680,13 @@ fn export_peft(
         .flatten()
         .map(|e| e.path())
         .filter(|dir| {
-            dir.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("particle-"))
-                && [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
-                    .iter()
-                    .any(|f| dir.join(f).exists())
+            dir.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .strip_prefix("particle-")
+                    .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            }) && [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+                .iter()
+                .any(|f| dir.join(f).exists())
         })
         .collect();
     taken.sort();

@@ -669,6 +669,16 @@ fn a_tokenizer_or_image_processor_unlike_the_model_is_refused_at_load() {
             && err.contains("vision_config.image_size"),
         "{err}"
     );
+    // The same in a transformers 5 checkpoint: the file that holds the setting is named.
+    let v5 = copy_fixture("llava-tiny-v5");
+    edit_json(&v5.path().join("processor_config.json"), |v| {
+        v["image_processor"]["crop_size"] = serde_json::json!({"height": 60, "width": 60})
+    });
+    let err = fails(bella().args(["inspect", "--model"]).arg(v5.path()));
+    assert!(
+        err.contains("processor_config.json, \"image_processor\"") && err.contains("60×60"),
+        "{err}"
+    );
     // No crop and no padding: only square images would fit.
     edit_json(&dir.path().join("preprocessor_config.json"), |v| {
         v["do_center_crop"] = false.into();

@@ -780,6 +780,18 @@ fn local_directory_with_shards_but_no_index_or_a_dangling_link_says_so() {
     );
     std::fs::remove_file(&link).unwrap();
     assert!(resolve(&source, &opts).is_ok());
+    // A dangling shard is named as such too; a dangling file the model is not read from is not
+    // a reason to refuse it.
+    let shard = tmp.path().join(SHARD_2);
+    let kept = std::fs::read(&shard).unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("blobs/feed"), &shard).unwrap();
+    let err = resolve(&source, &opts).unwrap_err().to_string();
+    assert!(err.contains("is a link to a missing file"), "{err}");
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::write(&shard, kept).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("blobs/0ld"), tmp.path().join("README.md")).unwrap();
+    assert!(resolve(&source, &opts).is_ok());
     std::fs::remove_file(tmp.path().join("model.safetensors.index.json")).unwrap();
     let err = resolve(&source, &opts).unwrap_err().to_string();
     assert!(
@@ -1319,5 +1331,49 @@ fn hub_refused_connection_is_unreachable() {
         "local model directory",
     ] {
         assert!(msg.contains(needle), "{needle:?} missing: {msg}");
+    }
+}
+
+/// A hub that answers every request with `status` (a hub that is down, or a proxy in front of it).
+fn answering(status: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let reply = format!(
+                "HTTP/1.1 {status} Down\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndown"
+            );
+            let _ = std::io::Write::write_all(&mut stream, reply.as_bytes());
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn a_hub_that_is_down_falls_back_to_the_cache_and_one_that_says_no_does_not() {
+    let model = tempfile::tempdir().unwrap();
+    make_single_model(model.path());
+    let cache = tempfile::tempdir().unwrap();
+    let server = serve_one("bella-test/tiny", model.path());
+    let files = resolve(
+        &hub("bella-test/tiny", None),
+        &options(&server.endpoint(), cache.path()),
+    )
+    .unwrap();
+    server.stop();
+    for status in [500, 502, 503, 504, 429] {
+        let opts = options(&answering(status), cache.path());
+        let cached = resolve(&hub("bella-test/tiny", None), &opts).unwrap();
+        assert_eq!(cached.weights, files.weights, "HTTP {status}");
+    }
+    // A hub that answers "not found" or "no access" is believed, cache or not.
+    for status in [401, 403, 404] {
+        let opts = options(&answering(status), cache.path());
+        assert!(
+            resolve(&hub("bella-test/tiny", None), &opts).is_err(),
+            "HTTP {status}"
+        );
     }
 }

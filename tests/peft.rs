@@ -757,7 +757,28 @@ fn export_with_force_replaces_a_larger_set_whole_and_import_takes_the_lock_first
     let o = export(&two_dir, false);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already holds a PEFT adapter"));
+    // A folder of the user's named like one is not an adapter of the set.
+    let theirs = out.join("particle-best");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join(ADAPTER_CONFIG_FILE), "{}").unwrap();
     assert!(export(&two_dir, true).status.success());
+    assert!(theirs.join(ADAPTER_CONFIG_FILE).is_file());
+    std::fs::remove_dir_all(&theirs).unwrap();
+    // A link to a directory that is not there: said so.
+    let dangling = tmp.path().join("dangling");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+    let o = bella()
+        .args(["export-peft", "--quiet", "--adapters"])
+        .arg(&two_dir)
+        .arg("--out")
+        .arg(&dangling)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("is a link to a directory that is not there"),
+        "{stderr}"
+    );
     let mut left: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .flatten()

@@ -191,7 +191,16 @@ fn load_weights(
     } else {
         None
     };
-    check_inputs_fit(&config, prompter.as_ref(), image_processor.as_ref())?;
+    // Where the processor's settings were read (ImageProcessor::from_dir's order).
+    let processor_file = match files.optional("preprocessor_config.json") {
+        Some(_) => "preprocessor_config.json",
+        None => "processor_config.json, \"image_processor\"",
+    };
+    check_inputs_fit(
+        &config,
+        prompter.as_ref(),
+        image_processor.as_ref().map(|p| (p, processor_file)),
+    )?;
     if let (ModelConfig::Llava(_), Some(p)) = (&config, &prompter) {
         if *p.template_source() == prompt::TemplateSource::Default {
             eprintln!(
@@ -238,22 +247,22 @@ fn load_weights(
 fn check_inputs_fit(
     config: &ModelConfig,
     prompter: Option<&Prompter>,
-    processor: Option<&ImageProcessor>,
+    processor: Option<(&ImageProcessor, &str)>,
 ) -> Result<()> {
     let side = match config {
         ModelConfig::Clip(c) => c.vision_config.image_size,
         ModelConfig::Llava(c) => c.vision_config.image_size,
     };
-    if let Some(p) = processor {
+    if let Some((p, file)) = processor {
         match p.output_size() {
             Some((h, w)) if (h, w) != (side, side) => bail!(
-                "the image processor (preprocessor_config.json) makes {w}×{h} images (crop_size, \
+                "the image processor ({file}) makes {w}×{h} images (crop_size, \
                  or size without a crop), but the vision tower takes {side}×{side} \
                  (config.json: vision_config.image_size): the two files disagree; take both \
                  from the same checkpoint"
             ),
             None => bail!(
-                "the image processor (preprocessor_config.json) makes images whose size follows \
+                "the image processor ({file}) makes images whose size follows \
                  the input's aspect ratio (no do_center_crop, no do_pad), but the vision tower \
                  takes {side}×{side} only (config.json: vision_config.image_size): set \
                  do_center_crop with crop_size {side}, or do_pad"
