@@ -517,6 +517,18 @@ fn calibrate_announces_a_rewrite_and_keeps_the_old_threshold() {
     assert_eq!(history.len(), bella_vqa::bench::MAX_ABSTENTION_HISTORY);
     // The newest replaced one is last: the threshold stored just before the current 0.14.
     assert_eq!(history.last().unwrap()["threshold"], 0.13);
+    // A set whose config predates the factors' hash gets it with its calibration.
+    let sha = config()["particles_sha256"].clone();
+    assert!(sha.is_string());
+    let path = particles.path().join("bella_config.json");
+    let mut old_style = config();
+    old_style
+        .as_object_mut()
+        .unwrap()
+        .remove("particles_sha256");
+    std::fs::write(&path, serde_json::to_vec(&old_style).unwrap()).unwrap();
+    bella_vqa::bench::store_abstention(particles.path(), &abstention).unwrap();
+    assert_eq!(config()["particles_sha256"], sha);
 }
 
 #[test]

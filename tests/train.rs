@@ -437,6 +437,19 @@ fn a_damaged_checkpoint_is_reported_and_the_previous_one_is_intact() {
     let previous = out.path().join("checkpoints/step-00000006");
     let ck = train::checkpoint::load(&previous).expect("the previous checkpoint still loads");
     assert_eq!(ck.state.step, 6);
+    // The way out the message gives works: point latest at the one before, and resume.
+    assert!(err.contains("write step-00000006 into"), "{err}");
+    std::fs::write(out.path().join("checkpoints/latest"), "step-00000006").unwrap();
+    let mut loaded = load_model("llava-tiny-hub");
+    let report = train::train(
+        &mut loaded,
+        &train_data,
+        &val,
+        &options(Method::Ensemble),
+        &run(out.path(), Some(7), true),
+    )
+    .unwrap();
+    assert_eq!(report.steps, 7);
 }
 
 #[test]

@@ -637,6 +637,12 @@ pub fn store_abstention(dir: &Path, abstention: &Abstention) -> Result<()> {
             None => entries.push(("abstention_history".into(), Ordered::Array(vec![old]))),
         }
     }
+    // A set written before configs recorded their factors' hash gets it now (calibrate has
+    // measured these factors, under the directory's lock).
+    if !entries.iter().any(|(k, _)| k == "particles_sha256") {
+        let sha = crate::io::sha256_file(&dir.join(crate::bella::particles::PARTICLES_FILE))?;
+        entries.push(("particles_sha256".into(), Ordered::String(sha)));
+    }
     let out = serde_json::to_vec_pretty(&doc)?;
     serde_json::from_slice::<ParticleConfig>(&out).context("the updated config does not parse")?;
     crate::io::write_bytes_atomically(&path, &out)

@@ -1066,6 +1066,21 @@ impl Reply {
 #[derive(Clone, Copy)]
 struct Streamed;
 
+/// Counts a streamed request whose client left before its answer (dropped while it waited) as
+/// 499, nginx's "client closed request", so that /metrics accounts for every request.
+struct LeftEarly(Option<Arc<Metrics>>);
+
+impl Drop for LeftEarly {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0.take() {
+            metrics.count(CLIENT_CLOSED);
+        }
+    }
+}
+
+/// The status /metrics counts a request under when its client left before the answer.
+const CLIENT_CLOSED: u16 = 499;
+
 /// How often a stream waiting for its answer sends an SSE comment, so that proxies and clients
 /// with a read timeout (nginx: 60 s) keep the connection while a large model answers.
 const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -1086,6 +1101,8 @@ fn stream(
 ) -> HttpResponse {
     use futures_util::StreamExt as _;
     let first = reply.role();
+    // Made out here: a client gone before the answer is first awaited is counted too.
+    let mut count = LeftEarly(Some(metrics.clone()));
     let rest = futures_util::stream::once(async move {
         let events = match wait.await {
             Ok(r) => {
@@ -1098,6 +1115,7 @@ fn stream(
                 vec![Event::default().data(e.body().to_string())]
             }
         };
+        count.0 = None;
         futures_util::stream::iter(events)
     })
     .flatten();
@@ -1143,6 +1161,31 @@ mod tests {
             "messages": [{"role": "user", "content": [{"type": "text", "text": "What color?"},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]});
         let expected_text = answered.answer.clone();
+        // A client that leaves after the first chunk is counted as 499 ("client closed").
+        {
+            let ask = serde_json::from_value::<ChatRequest>(request.clone())
+                .unwrap()
+                .into_ask(64)
+                .unwrap();
+            let (_tx, rx) = oneshot::channel::<Result<Response, ApiError>>();
+            let metrics = Arc::new(Metrics::new());
+            let wait = async move { rx.await.unwrap_or_else(|_| Err(ApiError::internal("gone"))) };
+            let reply = Reply::new("m", &ask);
+            let response = stream(
+                reply,
+                vqa.clone(),
+                ask,
+                16,
+                wait,
+                metrics.clone(),
+                Instant::now(),
+            );
+            let mut body = response.into_body().into_data_stream();
+            body.next().await.unwrap().unwrap();
+            drop(body);
+            let counts = metrics.render();
+            assert!(counts.contains("status=\"499\"} 1"), "{counts}");
+        }
         for outcome in [Ok(answered), Err(ApiError::timeout(3.0))] {
             let ask = serde_json::from_value::<ChatRequest>(request.clone())
                 .unwrap()
@@ -1181,6 +1224,7 @@ mod tests {
             }
             let events = data(&rest);
             let counts = metrics.render();
+            assert!(!counts.contains("499"), "{counts}");
             if failed {
                 // One OpenAI error object, then the stream ends.
                 assert_eq!(events.len(), 1, "{rest}");

@@ -212,13 +212,26 @@ pub struct Loaded {
 /// next to it is untouched).
 pub fn load(dir: &Path) -> Result<Loaded> {
     let hint = || {
-        format!(
-            "checkpoint {} is damaged; older checkpoints (if any) are in {}",
-            dir.display(),
-            dir.parent()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        )
+        let root = dir.parent().unwrap_or(dir);
+        let this = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        let previous = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-") && Some(n) < this.as_ref())
+            .max();
+        let what_to_do = match previous {
+            Some(p) => format!(
+                "resume from the one before it: write {p} into {} and rerun with --resume",
+                root.join(LATEST).display()
+            ),
+            None => format!(
+                "no older checkpoint is left in {}: train again into another --out",
+                root.display()
+            ),
+        };
+        format!("checkpoint {} is damaged; {what_to_do}", dir.display())
     };
     let set = ParticleSet::load(dir, &Device::Cpu).with_context(hint)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
