@@ -52,13 +52,20 @@ pub fn check_regular(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads a file that may be absent (`None` then); one that is there must be a regular file (see
-/// [`check_regular`]), so that a pipe in its place is refused instead of blocking.
+/// Reads a file of an output directory that may be absent (`None` then); one that is there must
+/// be a regular file, so that a pipe in its place is refused instead of blocking.
 pub fn read_if_present(path: &Path, what: &str) -> Result<Option<Vec<u8>>> {
-    if fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
-        return Ok(None);
+    let meta = match fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.with_context(|| format!("cannot read {what} {}", path.display()))?,
+    };
+    if !meta.is_file() {
+        bail!(
+            "{what} {} is {}, not a file this program wrote: remove it",
+            path.display(),
+            kind(&meta)
+        );
     }
-    check_regular(path, what)?;
     fs::read(path)
         .map(Some)
         .with_context(|| format!("cannot read {what} {}", path.display()))

@@ -1070,6 +1070,13 @@ struct Streamed;
 /// 499, nginx's "client closed request", so that /metrics accounts for every request.
 struct LeftEarly(Option<Arc<Metrics>>);
 
+impl LeftEarly {
+    /// The answer (or its error) was counted: nothing to count on drop.
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
 impl Drop for LeftEarly {
     fn drop(&mut self) {
         if let Some(metrics) = self.0.take() {
@@ -1102,7 +1109,7 @@ fn stream(
     use futures_util::StreamExt as _;
     let first = reply.role();
     // Made out here: a client gone before the answer is first awaited is counted too.
-    let mut count = LeftEarly(Some(metrics.clone()));
+    let count = LeftEarly(Some(metrics.clone()));
     let rest = futures_util::stream::once(async move {
         let events = match wait.await {
             Ok(r) => {
@@ -1115,7 +1122,7 @@ fn stream(
                 vec![Event::default().data(e.body().to_string())]
             }
         };
-        count.0 = None;
+        count.answered();
         futures_util::stream::iter(events)
     })
     .flatten();
