@@ -211,7 +211,8 @@ struct ServeArgs {
     /// Largest image in pixels (width × height).
     #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
     max_image_pixels: u64,
-    /// MB that the decoded images of the questions in flight may hold in all (3 bytes a pixel;
+    /// MB that the images of the questions in flight may hold in all, decoded and at the peak of
+    /// their preprocessing (3 bytes a pixel; a thin image padded to a square counts as the square;
     /// 503 above, 413 for one image larger than all of it): bounds the server's memory whatever
     /// the clients send.
     #[arg(long, default_value_t = 1024)]

@@ -798,3 +798,22 @@ fn a_long_narrow_image_is_resized_and_cropped_like_pillow_would() {
     let t = p.preprocess(&img).unwrap();
     assert_eq!(t.dims(), &[3, 224, 224]);
 }
+
+#[test]
+fn the_working_memory_of_preprocessing_is_known_before_it_is_taken() {
+    // LLaVA-1.5: pad to a square, resize its shortest edge to 336, crop 336.
+    let p = ImageProcessor::from_json(&json!({
+        "image_processor_type": "LlavaImageProcessor", "do_pad": true,
+        "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}
+    }))
+    .unwrap();
+    // 640×480: the image and its 640² square (716 800 px), then the square, the resampler's
+    // 336×640 intermediate and the 336² output (737 536 px); 3 bytes a pixel.
+    assert_eq!(p.working_bytes(640, 480).unwrap(), 737_536 * 3);
+    // A 32768×20 strip would pad to a gigapixel square: refused before any allocation, and so
+    // is preprocessing it.
+    let err = format!("{:#}", p.working_bytes(32768, 20).unwrap_err());
+    assert!(err.contains("padding a 32768×20 image"), "{err}");
+    let strip = DynamicImage::ImageRgb8(image::RgbImage::new(32768, 20));
+    assert!(p.preprocess(&strip).is_err());
+}

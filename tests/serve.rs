@@ -705,6 +705,17 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         "{e}"
     );
     assert_eq!(retry, None);
+    // A thin image of a few kilobytes that padding to a square would make 3 MB: the same.
+    let thin = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+    image::RgbImage::from_pixel(1000, 4, image::Rgb([200, 30, 30]))
+        .save(thin.path())
+        .unwrap();
+    let (s, _, t) = post(
+        &server.url,
+        &request(&data_url(thin.path()), "What color is the circle?").to_string(),
+        None,
+    );
+    assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
     // A small image is answered.
     let (s, _, t) = post(
         &server.url,

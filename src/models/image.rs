@@ -509,6 +509,32 @@ impl ImageProcessor {
             .context("the RGB conversion made a buffer of the wrong size")
     }
 
+    /// The most bytes the integer steps hold at once for a `width × height` input (8-bit RGB:
+    /// the image, and each step's output beside its input, the resampler's intermediate pass
+    /// included). A padding or resize that would pass [`MAX_IMAGE_PIXELS`] is refused here,
+    /// before anything is allocated: a few kilobytes of a 32768×20 PNG pad to a gigapixel square.
+    pub fn working_bytes(&self, width: usize, height: usize) -> Result<u64> {
+        let px = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
+        let (mut w, mut h) = (width, height);
+        let mut peak = px(w, h);
+        if self.do_pad {
+            let side = w.max(h);
+            if px(side, side) > MAX_IMAGE_PIXELS {
+                bail!(
+                    "padding a {w}×{h} image to a square gives {side}×{side}, more than \
+                     {MAX_IMAGE_PIXELS} pixels: crop the image to a less extreme aspect ratio"
+                );
+            }
+            peak = peak.max(px(w, h) + px(side, side));
+            (w, h) = (side, side);
+        }
+        if self.do_resize {
+            let (oh, ow) = self.resize_output_size(h, w)?;
+            peak = peak.max(px(w, h) + px(ow, h).max(px(w, oh)) + px(ow, oh));
+        }
+        Ok(peak.saturating_mul(3))
+    }
+
     /// The pixel values after the integer steps (RGB conversion, padding, resizing, cropping):
     /// an 8-bit RGB image, as `transformers` has it just before rescaling.
     pub fn preprocess_u8(&self, img: &DynamicImage) -> Result<RgbU8> {
@@ -516,6 +542,7 @@ impl ImageProcessor {
         if rgb.width == 0 || rgb.height == 0 {
             bail!("the image is empty ({}×{})", rgb.width, rgb.height);
         }
+        self.working_bytes(rgb.width, rgb.height)?;
         if self.do_pad {
             let bg = self.pad_color();
             rgb = pad_to_square(&rgb, bg);

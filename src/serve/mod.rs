@@ -73,9 +73,11 @@ pub struct ServeOptions {
     pub max_new_tokens_limit: usize,
     /// Fetch `http(s)://` image URLs (public addresses only); off: data URLs only.
     pub allow_remote_images: bool,
-    /// The most memory the decoded images of the questions in flight may hold (8-bit RGB, as
-    /// the image processor reads them); a question whose image would pass it gets 503 (413 for
-    /// an image larger than all of it).
+    /// The most memory the images of the questions in flight may hold, decoded and at the peak
+    /// of their preprocessing (8-bit RGB; [`ImageProcessor::working_bytes`]); a question whose
+    /// image would pass it gets 503 (413 for an image larger than all of it).
+    ///
+    /// [`ImageProcessor::working_bytes`]: crate::models::image::ImageProcessor::working_bytes
     pub max_image_memory_bytes: u64,
     /// Origins whose web pages may call the API (CORS); `*`: any. Empty: same origin only.
     pub cors_origins: Vec<String>,
@@ -204,7 +206,7 @@ async fn shutdown_signal() {
 
 struct AppState {
     opts: ServeOptions,
-    /// Permits of [`ServeOptions::max_image_memory_bytes`], one per KiB of decoded image.
+    /// Permits of [`ServeOptions::max_image_memory_bytes`], one per KiB of image memory.
     image_memory: Arc<tokio::sync::Semaphore>,
     jobs: mpsc::Sender<Job>,
     loaded: Loaded,
@@ -570,7 +572,7 @@ async fn answer_chat(
         },
         threshold: ask.threshold,
     };
-    let (image, max_new_tokens) = {
+    let (image, max_new_tokens, working) = {
         let (opts, url, param, question) = (
             state.opts.clone(),
             ask.image_url.clone(),
@@ -579,32 +581,36 @@ async fn answer_chat(
         );
         let vqa = vqa.clone();
         let max_new = options.max_new_tokens;
-        tokio::task::spawn_blocking(move || -> Result<(DynamicImage, usize), ApiError> {
+        tokio::task::spawn_blocking(move || -> Result<(DynamicImage, usize, u64), ApiError> {
             let max_new = check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
             // Kept as the processor's 8-bit RGB (exactly what it would make of it first): a
             // 16-bit RGBA upload holds 8 bytes a pixel, this 3.
             let image = read_image(&url, &param, &opts)?;
-            let image = vqa
+            let processor = vqa
                 .model()
                 .image_processor()
-                .and_then(|p| p.into_rgb8(image))
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            // What preprocessing it will hold at its peak (a thin image pads to a big square).
+            let working = processor
+                .working_bytes(image.width() as usize, image.height() as usize)
+                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
+            let image = processor
+                .into_rgb8(image)
                 .map(DynamicImage::ImageRgb8)
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            Ok((image, max_new))
+            Ok((image, max_new, working))
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
     };
     options.max_new_tokens = max_new_tokens;
-    // Images waiting for the worker stay within the memory bound.
-    let kib = image.as_bytes().len().div_ceil(1024).max(1);
-    if kib as u64 > state.opts.max_image_memory_bytes / 1024 {
+    // Images waiting for the worker, and their preprocessing, stay within the memory bound.
+    let bytes = working.max(image.as_bytes().len() as u64);
+    let kib = bytes.div_ceil(1024).max(1);
+    if kib > state.opts.max_image_memory_bytes / 1024 {
         return Err(ApiError {
             param: Some(ask.image_param.clone()),
-            ..ApiError::image_too_large(
-                image.as_bytes().len() as u64,
-                state.opts.max_image_memory_bytes,
-            )
+            ..ApiError::image_too_large(bytes, state.opts.max_image_memory_bytes)
         });
     }
     let image_memory = u32::try_from(kib)
