@@ -533,6 +533,20 @@ fn every_error_class_has_its_status_and_body() {
             "not supported",
         ),
     ];
+    // Too long an input has OpenAI's code, which front ends look for to trim the history.
+    let (s, _, t) = post(
+        url,
+        &request(&square, &"circle ".repeat(200)).to_string(),
+        key,
+    );
+    assert_eq!(error_of(s, 400, &t)["code"], "context_length_exceeded");
+    // An image given as a bare string (where `{"url": …}` belongs): the error does not quote all
+    // 50 KB of it back.
+    let mut bare = good.clone();
+    bare["messages"][0]["content"][1]["image_url"] = "A".repeat(50_000).into();
+    let (s, _, t) = post(url, &bare.to_string(), key);
+    error_of(s, 400, &t);
+    assert!(t.len() < 2_000, "{} bytes", t.len());
     for (body, param, needle) in cases {
         let (s, _, t) = post(url, &body.to_string(), key);
         let e = error_of(s, 400, &t);
@@ -896,6 +910,23 @@ fn cors_lets_the_named_origins_call_the_api_and_no_other() {
     );
     let other = preflight("http://evil.example");
     assert!(!other.contains("access-control-allow-origin"), "{other}");
+    // A response to the page names Retry-After as readable (a 503's wait).
+    let addr = server.url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://localhost:3000\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("access-control-expose-headers: retry-after"),
+        "{reply}"
+    );
     server.stop().expect("clean stop");
     // An origin no browser sends is refused at start.
     for bad in ["http://localhost:3000/", "localhost:3000", ""] {

@@ -179,8 +179,20 @@ pub fn run(
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM; a second one ends the process at once, without waiting for
+/// the requests in flight (a graceful stop can take up to --timeout-secs).
 async fn shutdown_signal() {
+    next_signal().await;
+    eprintln!("stopping: finishing the requests in flight (signal again to stop at once)");
+    tokio::spawn(async {
+        next_signal().await;
+        eprintln!("stopped at once: the requests in flight were cut off");
+        std::process::exit(130);
+    });
+}
+
+/// The next SIGINT or SIGTERM.
+async fn next_signal() {
     let interrupt = async {
         // If the handler cannot be installed, wait for the other signal only.
         if tokio::signal::ctrl_c().await.is_err() {
@@ -365,6 +377,8 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             // Clients add their own headers (the openai JS SDK its x-stainless-*): whatever the
             // preflight asks for is allowed, as the origin is what is checked.
             .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+            // A page on another origin reads how long to wait after a 503.
+            .expose_headers([header::RETRY_AFTER])
             .max_age(Duration::from_secs(600)),
     )
 }
@@ -381,7 +395,10 @@ async fn count_chat(
         return next.run(request).await;
     }
     let arrived = Instant::now();
+    // Dropped with this future when the client leaves before the response: counted as 499.
+    let left = LeftEarly(Some(state.metrics.clone()));
     let response = next.run(request).await;
+    left.answered();
     if response.extensions().get::<Streamed>().is_some() {
         return response; // counted when its stream ends
     }
@@ -630,6 +647,7 @@ async fn answer_chat(
     let (reply, answer) = oneshot::channel();
     let job = Job {
         image,
+        image_memory,
         question: ask.question.clone(),
         options,
         reply,
@@ -647,12 +665,8 @@ async fn answer_chat(
             ApiError::unavailable("the server is shutting down", 5)
         }
     })?;
-    // Held until the answer: the image's share of the memory bound goes with the wait.
     let timeout = state.opts.timeout;
-    let wait = async move {
-        let _image_memory = image_memory;
-        wait_for(answer, arrived, timeout).await
-    };
+    let wait = wait_for(answer, arrived, timeout);
     let reply = Reply::new(&state.opts.model_name, &ask);
     if ask.stream {
         return Ok(stream(
@@ -762,26 +776,25 @@ fn check_question(
     let tokens = vqa
         .text_tokens(question)
         .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
+    // OpenAI's code for input too long, which front ends look for to trim a conversation.
+    let too_long = |message: String| ApiError {
+        code: Some("context_length_exceeded"),
+        ..ApiError::invalid(param, message)
+    };
     if tokens > limit {
-        return Err(ApiError::invalid(
-            param,
-            format!("the question is {tokens} tokens long; the limit is {limit} (--max-question-tokens)"),
-        ));
+        return Err(too_long(format!(
+            "the question is {tokens} tokens long; the limit is {limit} (--max-question-tokens)"
+        )));
     }
+    // The question tokenized above: what fails now is a prompt longer than the model's positions.
     match vqa
         .answer_room(question)
-        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?
+        .map_err(|e| too_long(format!("{e:#}")))?
     {
-        Some(0) => Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                param,
-                format!(
-                    "the question ({tokens} tokens) with the image and chat template fills the \
-                     model's positions and leaves no room for an answer: shorten the question"
-                ),
-            )
-        }),
+        Some(0) => Err(too_long(format!(
+            "the question ({tokens} tokens) with the image and chat template fills the model's \
+             positions and leaves no room for an answer: shorten the question"
+        ))),
         Some(room) => Ok(max_new_tokens.min(room)),
         None => Ok(max_new_tokens),
     }
@@ -1072,8 +1085,8 @@ impl Reply {
 #[derive(Clone, Copy)]
 struct Streamed;
 
-/// Counts a streamed request whose client left before its answer (dropped while it waited) as
-/// 499, nginx's "client closed request", so that /metrics accounts for every request.
+/// Counts a request whose client left before its answer (dropped while it waited) as 499,
+/// nginx's "client closed request", so that /metrics accounts for every request.
 struct LeftEarly(Option<Arc<Metrics>>);
 
 impl LeftEarly {
@@ -1137,6 +1150,11 @@ fn stream(
         .map(Ok::<_, std::convert::Infallible>);
     let keep_alive = axum::response::sse::KeepAlive::new().interval(STREAM_KEEP_ALIVE);
     let mut response = Sse::new(events).keep_alive(keep_alive).into_response();
+    // nginx buffers a proxied response unless told not to: the first chunk and the keep-alive
+    // comments must pass at once.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response.extensions_mut().insert(Streamed);
     response
 }
@@ -1218,6 +1236,7 @@ mod tests {
                 Instant::now(),
             );
             assert!(response.extensions().get::<Streamed>().is_some());
+            assert_eq!(response.headers()["x-accel-buffering"], "no");
             let mut body = response.into_body().into_data_stream();
             // The first chunk comes while the answer is still unknown (nothing was sent yet).
             let first = tokio::time::timeout(Duration::from_secs(60), body.next())

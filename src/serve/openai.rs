@@ -158,11 +158,17 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`. A message that
+    /// quotes a huge value (a whole base64 image given where an object belongs) is cut short.
     pub fn body(&self) -> Value {
+        const MAX_MESSAGE: usize = 1000;
+        let message = match self.message.char_indices().nth(MAX_MESSAGE) {
+            Some((end, _)) => format!("{}… (cut)", &self.message[..end]),
+            None => self.message.clone(),
+        };
         serde_json::json!({
             "error": {
-                "message": self.message,
+                "message": message,
                 "type": self.kind,
                 "param": self.param,
                 "code": self.code,

@@ -17,6 +17,9 @@ use crate::{AskOptions, BellaVqa, Question, Response};
 /// One question on its way to the worker.
 pub struct Job {
     pub image: DynamicImage,
+    /// The image's share of `--max-image-memory-mb`, given back when the job is done with (its
+    /// image freed), not when its client leaves.
+    pub image_memory: tokio::sync::OwnedSemaphorePermit,
     pub question: String,
     pub options: AskOptions,
     pub reply: oneshot::Sender<Result<Response>>,
