@@ -817,7 +817,7 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
             new_files.get(list)
         };
         assert!(
-            now.get(list).is_none() || now.get(list) == expected,
+            !now.contains_key(list) || now.get(list) == expected,
             "op {n}: the particles there have another run's question list"
         );
         // Resuming gives the new particles their list.
