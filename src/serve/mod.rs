@@ -35,7 +35,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use image::DynamicImage;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::answer::generate::Sampling;
 use crate::models::image::decode_image;
@@ -220,7 +220,7 @@ struct AppState {
     opts: ServeOptions,
     /// Permits of [`ServeOptions::max_image_memory_bytes`], one per KiB of image memory.
     image_memory: Arc<tokio::sync::Semaphore>,
-    jobs: mpsc::Sender<Job>,
+    queue: Arc<worker::Queue>,
     loaded: Loaded,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
@@ -270,14 +270,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     opts.check()?;
-    let (jobs, queue) = mpsc::channel(opts.queue);
+    let queue = worker::Queue::new(opts.queue);
+    // However this function ends, the worker then answers what waits and stops.
+    let _close = worker::CloseOnDrop(queue.clone());
     let loaded: Loaded = Arc::new(OnceLock::new());
     let metrics = Arc::new(Metrics::new());
     let (done_tx, done_rx) = oneshot::channel::<Result<()>>();
     let worker_ended = Arc::new(tokio::sync::Notify::new());
     {
         let (loaded, metrics, max_batch) = (loaded.clone(), metrics.clone(), opts.max_batch);
-        let ended = worker_ended.clone();
+        let (ended, queue) = (worker_ended.clone(), queue.clone());
         std::thread::Builder::new()
             .name("bella-worker".into())
             .spawn(move || {
@@ -293,7 +295,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         image_memory: Arc::new(tokio::sync::Semaphore::new(kib)),
         opts,
-        jobs,
+        queue: queue.clone(),
         loaded,
         metrics,
         draining: AtomicBool::new(false),
@@ -319,8 +321,9 @@ pub async fn serve(
         .with_graceful_shutdown(graceful)
         .await
         .context("the server stopped with an error")?;
-    // No handler is left: dropping the last sender ends the worker after its batch.
+    // No handler is left: the worker answers what waits, then ends.
     drop(state);
+    queue.close();
     done_rx
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the worker thread stopped unexpectedly")))
@@ -479,8 +482,7 @@ async fn health(State(state): State<Arc<AppState>>) -> HttpResponse {
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> HttpResponse {
     let m = &state.metrics;
-    let waiting = state.jobs.max_capacity() - state.jobs.capacity();
-    m.queue_depth.set(waiting as i64);
+    m.queue_depth.set(state.queue.len() as i64);
     (
         [(
             header::CONTENT_TYPE,
@@ -653,17 +655,15 @@ async fn answer_chat(
         reply,
         deadline: arrived + state.opts.timeout,
     };
-    state.jobs.try_send(job).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
+    state.queue.push(job).map_err(|(_, why)| match why {
+        worker::Refused::Full => ApiError::unavailable(
             format!(
                 "the server is busy: {} questions are waiting (--queue); retry shortly",
                 state.opts.queue
             ),
             1,
         ),
-        mpsc::error::TrySendError::Closed(_) => {
-            ApiError::unavailable("the server is shutting down", 5)
-        }
+        worker::Refused::Closed => ApiError::unavailable("the server is shutting down", 5),
     })?;
     let timeout = state.opts.timeout;
     let wait = wait_for(answer, arrived, timeout);

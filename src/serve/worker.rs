@@ -3,13 +3,15 @@
 //! particle-folded pass with [`BellaVqa::ask_batch`] and sends each result back on its own
 //! channel. Compute never runs on the async runtime's threads; a panic fails its batch only.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use image::DynamicImage;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
 use crate::{AskOptions, BellaVqa, Question, Response};
@@ -27,30 +29,116 @@ pub struct Job {
     pub deadline: Instant,
 }
 
-/// The next question: at once when one waits; otherwise the freed memory of the last batches is
-/// handed back to the system first (glibc keeps it otherwise, and the server's RSS would stay at
-/// its largest batch), then it waits.
-fn next_job(jobs: &mut mpsc::Receiver<Job>) -> Option<Job> {
-    if let Ok(job) = jobs.try_recv() {
-        return Some(job);
+/// Why [`Queue::push`] refused a question.
+pub enum Refused {
+    /// `--queue` questions are waiting, each for an asker who still waits.
+    Full,
+    /// The server is stopping.
+    Closed,
+}
+
+/// The questions waiting for the worker: at most `capacity` of them. A question whose asker has
+/// left (a front end's Stop button, a closed tab) gives up its place to a new one, so abandoned
+/// questions never make the server refuse people who wait.
+pub struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    capacity: usize,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            capacity,
+            closed: AtomicBool::new(false),
+        })
     }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages; it is thread-safe in glibc.
-    unsafe {
-        libc::malloc_trim(0);
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Job>> {
+        // A panic while holding the lock leaves a queue that is still whole.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
-    jobs.blocking_recv()
+
+    /// Queues `job`, or gives it back with why not.
+    pub fn push(&self, job: Job) -> Result<(), (Job, Refused)> {
+        let mut jobs = self.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err((job, Refused::Closed));
+        }
+        if jobs.len() >= self.capacity {
+            jobs.retain(|j| !j.reply.is_closed());
+        }
+        if jobs.len() >= self.capacity {
+            return Err((job, Refused::Full));
+        }
+        jobs.push_back(job);
+        drop(jobs);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Questions waiting.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// No more questions: the worker answers those waiting, then ends.
+    pub fn close(&self) {
+        // Under the lock, so that the worker cannot miss it between its check and its wait.
+        let jobs = self.lock();
+        self.closed.store(true, Ordering::SeqCst);
+        drop(jobs);
+        self.ready.notify_all();
+    }
+
+    /// Up to `max` questions: at once when some wait; otherwise the freed memory of the last
+    /// batches is handed back to the system first (glibc keeps it otherwise, and the server's
+    /// RSS would stay at its largest batch), then it waits. `None` once closed and empty.
+    fn next_batch(&self, max: usize) -> Option<Vec<Job>> {
+        let mut jobs = self.lock();
+        if jobs.is_empty() {
+            drop(jobs);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free heap pages; it is thread-safe in glibc.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            jobs = self.lock();
+        }
+        loop {
+            if !jobs.is_empty() {
+                let n = max.min(jobs.len());
+                return Some(jobs.drain(..n).collect());
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Closes the queue when dropped: the worker ends however the server stops.
+pub struct CloseOnDrop(pub Arc<Queue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// The model once the worker has loaded it (the handlers read it for limits and token counts).
 pub type Loaded = Arc<OnceLock<Arc<BellaVqa>>>;
 
 /// Runs on its own thread: loads the model with `load`, publishes it in `loaded`, then answers
-/// batches until every sender of `jobs` is gone. Returns the load error, if any.
+/// batches until the queue is closed and empty. Returns the load error, if any.
 pub fn run(
     load: impl FnOnce() -> Result<BellaVqa>,
     loaded: Loaded,
-    mut jobs: mpsc::Receiver<Job>,
+    queue: Arc<Queue>,
     max_batch: usize,
     metrics: Arc<Metrics>,
 ) -> Result<()> {
@@ -59,14 +147,7 @@ pub fn run(
     // The worker is the only writer; a second set cannot happen.
     let _ = loaded.set(vqa.clone());
     metrics.ready.set(1.0);
-    while let Some(first) = next_job(&mut jobs) {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(mut batch) = queue.next_batch(max_batch) {
         let now = Instant::now();
         batch.retain(|j| !j.reply.is_closed() && j.deadline > now);
         if batch.is_empty() {
@@ -106,4 +187,48 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job, and the receiver its asker waits on.
+    fn job() -> (Job, oneshot::Receiver<Result<Response>>) {
+        let (reply, answer) = oneshot::channel();
+        let memory = Arc::new(tokio::sync::Semaphore::new(1));
+        let job = Job {
+            image: DynamicImage::new_rgb8(1, 1),
+            image_memory: memory.try_acquire_owned().expect("a permit"),
+            question: "q".into(),
+            options: AskOptions::default(),
+            reply,
+            deadline: Instant::now() + std::time::Duration::from_secs(60),
+        };
+        (job, answer)
+    }
+
+    #[test]
+    fn questions_whose_askers_left_give_their_places_to_new_ones() {
+        let queue = Queue::new(2);
+        let (a, a_waits) = job();
+        let (b, b_gone) = job();
+        assert!(queue.push(a).is_ok() && queue.push(b).is_ok());
+        // Full while both askers wait.
+        let (c, _c_waits) = job();
+        let Err((c, Refused::Full)) = queue.push(c) else {
+            panic!("a full queue takes no more")
+        };
+        // One leaves: its place goes to the next question.
+        drop(b_gone);
+        assert!(queue.push(c).is_ok());
+        assert_eq!(queue.len(), 2);
+        drop(a_waits);
+        // The worker takes what waits, then, closed and empty, ends.
+        queue.close();
+        let (d, _) = job();
+        assert!(matches!(queue.push(d), Err((_, Refused::Closed))));
+        assert_eq!(queue.next_batch(8).map(|b| b.len()), Some(2));
+        assert!(queue.next_batch(8).is_none());
+    }
 }
