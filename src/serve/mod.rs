@@ -482,7 +482,7 @@ async fn health(State(state): State<Arc<AppState>>) -> HttpResponse {
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> HttpResponse {
     let m = &state.metrics;
-    m.queue_depth.set(state.queue.len() as i64);
+    m.queue_depth.set(state.queue.waiting() as i64);
     (
         [(
             header::CONTENT_TYPE,
@@ -655,7 +655,7 @@ async fn answer_chat(
         reply,
         deadline: arrived + state.opts.timeout,
     };
-    state.queue.push(job).map_err(|(_, why)| match why {
+    state.queue.push(job).map_err(|why| match why {
         worker::Refused::Full => ApiError::unavailable(
             format!(
                 "the server is busy: {} questions are waiting (--queue); retry shortly",

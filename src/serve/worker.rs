@@ -62,17 +62,17 @@ impl Queue {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `job`, or gives it back with why not.
-    pub fn push(&self, job: Job) -> Result<(), (Job, Refused)> {
+    /// Queues `job`, or says why not (the job is dropped: its image and memory share go).
+    pub fn push(&self, job: Job) -> Result<(), Refused> {
         let mut jobs = self.lock();
         if self.closed.load(Ordering::SeqCst) {
-            return Err((job, Refused::Closed));
+            return Err(Refused::Closed);
         }
         if jobs.len() >= self.capacity {
             jobs.retain(|j| !j.reply.is_closed());
         }
         if jobs.len() >= self.capacity {
-            return Err((job, Refused::Full));
+            return Err(Refused::Full);
         }
         jobs.push_back(job);
         drop(jobs);
@@ -81,7 +81,7 @@ impl Queue {
     }
 
     /// Questions waiting.
-    pub fn len(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.lock().len()
     }
 
@@ -216,18 +216,17 @@ mod tests {
         assert!(queue.push(a).is_ok() && queue.push(b).is_ok());
         // Full while both askers wait.
         let (c, _c_waits) = job();
-        let Err((c, Refused::Full)) = queue.push(c) else {
-            panic!("a full queue takes no more")
-        };
+        assert!(matches!(queue.push(c), Err(Refused::Full)));
         // One leaves: its place goes to the next question.
         drop(b_gone);
-        assert!(queue.push(c).is_ok());
-        assert_eq!(queue.len(), 2);
+        let (e, _e_waits) = job();
+        assert!(queue.push(e).is_ok());
+        assert_eq!(queue.waiting(), 2);
         drop(a_waits);
         // The worker takes what waits, then, closed and empty, ends.
         queue.close();
         let (d, _) = job();
-        assert!(matches!(queue.push(d), Err((_, Refused::Closed))));
+        assert!(matches!(queue.push(d), Err(Refused::Closed)));
         assert_eq!(queue.next_batch(8).map(|b| b.len()), Some(2));
         assert!(queue.next_batch(8).is_none());
     }
