@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{
@@ -457,7 +457,8 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     crate::bella::particles::ParticleSet::read_config(&args.adapters)?;
     let _lock = (!args.dry_run)
         .then(|| crate::io::OutputLock::acquire(&args.adapters))
-        .transpose()?;
+        .transpose()
+        .context("calibrate stores the threshold with the particles (--dry-run only reports it)")?;
     let source = model_source(&args.model, &args.revision)?;
     let load = LoadOptions {
         hub,
