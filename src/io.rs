@@ -373,6 +373,27 @@ impl Drop for OutputLock {
     }
 }
 
+/// The process that holds the lock of `dir` (its PID as written, or "(unknown)"), if one does;
+/// `None` when nobody does or there is no lock file. Takes nothing.
+pub fn lock_holder(dir: &Path) -> Option<String> {
+    use fs4::FileExt;
+    let mut file = fs::File::open(dir.join(LOCK_FILE)).ok()?;
+    match FileExt::try_lock_shared(&file) {
+        Err(fs4::TryLockError::WouldBlock) => Some(holder_of(&mut file)),
+        _ => None,
+    }
+}
+
+/// The PID a lock file holds, as written ("(unknown)" when empty).
+fn holder_of(file: &mut fs::File) -> String {
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    match holder.trim() {
+        "" => "(unknown)".to_string(),
+        pid => pid.to_string(),
+    }
+}
+
 impl OutputLock {
     /// Takes the lock of `dir` (created if missing).
     pub fn acquire(dir: &Path) -> Result<Self> {
@@ -413,21 +434,12 @@ impl OutputLock {
             .with_context(|| format!("cannot open the lock file {}", path.display()))?;
         match FileExt::try_lock(&file) {
             Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                bail!(
-                    "{} is in use by process {}: wait for it to finish, or use another output \
-                     directory",
-                    dir.display(),
-                    if holder.is_empty() {
-                        "(unknown)"
-                    } else {
-                        holder
-                    }
-                );
-            }
+            Err(fs4::TryLockError::WouldBlock) => bail!(
+                "{} is in use by process {}: wait for it to finish, or use another output \
+                 directory",
+                dir.display(),
+                holder_of(&mut file)
+            ),
             Err(fs4::TryLockError::Error(e)) => {
                 return Err(anyhow!(e)).with_context(|| format!("cannot lock {}", path.display()))
             }

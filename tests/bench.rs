@@ -433,6 +433,16 @@ fn shards_merge_into_the_single_run() {
     );
     let e = err(&[single.path().to_path_buf()]);
     assert!(e.contains("not a shard"), "{e}");
+    // A shard still being answered (its directory locked by its run).
+    {
+        let _running = bella_vqa::io::OutputLock::acquire(&dirs[1]).unwrap();
+        let e = err(&dirs);
+        let pid = std::process::id().to_string();
+        assert!(
+            e.contains("still being answered by process") && e.contains(&pid),
+            "{e}"
+        );
+    }
     // Into a directory holding answers without their config, or particles: refused, untouched.
     let answers = shards.path().join("answers");
     std::fs::create_dir_all(&answers).unwrap();

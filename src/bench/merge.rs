@@ -38,6 +38,14 @@ pub fn merge(
             );
         }
         let c = RunConfig::read(d)?;
+        // A shard still being answered (its output locked): merging now would miss answers.
+        if let Some(holder) = crate::io::lock_holder(d) {
+            bail!(
+                "shard {} is still being answered by process {holder}: wait for it to finish, \
+                 then merge",
+                d.display()
+            );
+        }
         if c.shard.is_none() {
             bail!(
                 "{} is a whole run, not a shard (it was run without --shard); there is nothing \
