@@ -1192,32 +1192,8 @@ mod tests {
             "messages": [{"role": "user", "content": [{"type": "text", "text": "What color?"},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]});
         let expected_text = answered.answer.clone();
-        // A client that leaves after the first chunk is counted as 499 ("client closed").
-        {
-            let ask = serde_json::from_value::<ChatRequest>(request.clone())
-                .unwrap()
-                .into_ask(64)
-                .unwrap();
-            let (_tx, rx) = oneshot::channel::<Result<Response, ApiError>>();
-            let metrics = Arc::new(Metrics::new());
-            let wait = async move { rx.await.unwrap_or_else(|_| Err(ApiError::internal("gone"))) };
-            let reply = Reply::new("m", &ask);
-            let response = stream(
-                reply,
-                vqa.clone(),
-                ask,
-                16,
-                wait,
-                metrics.clone(),
-                Instant::now(),
-            );
-            let mut body = response.into_body().into_data_stream();
-            body.next().await.unwrap().unwrap();
-            drop(body);
-            let counts = metrics.render();
-            assert!(counts.contains("status=\"499\"} 1"), "{counts}");
-        }
-        for outcome in [Ok(answered), Err(ApiError::timeout(3.0))] {
+        // A stream of `request` whose answer is whatever the returned sender sends.
+        let start = || {
             let ask = serde_json::from_value::<ChatRequest>(request.clone())
                 .unwrap()
                 .into_ask(64)
@@ -1235,6 +1211,19 @@ mod tests {
                 metrics.clone(),
                 Instant::now(),
             );
+            (tx, metrics, response)
+        };
+        // A client that leaves after the first chunk is counted as 499 ("client closed").
+        {
+            let (_tx, metrics, response) = start();
+            let mut body = response.into_body().into_data_stream();
+            body.next().await.unwrap().unwrap();
+            drop(body);
+            let counts = metrics.render();
+            assert!(counts.contains("status=\"499\"} 1"), "{counts}");
+        }
+        for outcome in [Ok(answered), Err(ApiError::timeout(3.0))] {
+            let (tx, metrics, response) = start();
             assert!(response.extensions().get::<Streamed>().is_some());
             assert_eq!(response.headers()["x-accel-buffering"], "no");
             let mut body = response.into_body().into_data_stream();
