@@ -484,9 +484,8 @@ impl ChatRequest {
         if !text_format {
             return refuse("response_format", "only {\"type\": \"text\"}");
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return refuse("tools", "a VQA model does not call tools");
-        }
+        // Tools a front end offers are accepted and never called: `auto` (the default) lets the
+        // model answer in text, `none` asks for that; a call it must make is refused.
         let tool_choice_neutral = match &self.tool_choice {
             None | Some(Value::Null) => true,
             Some(Value::String(s)) => s == "none" || s == "auto",
@@ -494,9 +493,6 @@ impl ChatRequest {
         };
         if !tool_choice_neutral {
             return refuse("tool_choice", "a VQA model does not call tools");
-        }
-        if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-            return refuse("functions", "a VQA model does not call functions");
         }
         let function_call_neutral = match &self.function_call {
             None | Some(Value::Null) => true,
@@ -781,12 +777,16 @@ mod tests {
             Some("temperature")
         );
         v["temperature"] = 0.7.into();
-        v["tools"] = serde_json::json!([{"type": "function"}]);
+        // Tools offered are never called (the answer is text, as `auto` allows); a call the
+        // client requires is refused.
+        v["tools"] = serde_json::json!([{"type": "function", "function": {"name": "search"}}]);
+        assert!(parse(v.clone()).is_ok());
+        v["tool_choice"] = "required".into();
         assert_eq!(
             parse(v.clone()).unwrap_err().param.as_deref(),
-            Some("tools")
+            Some("tool_choice")
         );
-        v["tools"] = serde_json::json!([]);
+        v["tool_choice"] = "none".into();
         v["bella"] = serde_json::json!({"threshold": 1.5});
         assert_eq!(
             parse(v.clone()).unwrap_err().param.as_deref(),
@@ -843,6 +843,7 @@ mod tests {
             ("reasoning_effort", Value::Null),
             ("verbosity", serde_json::json!("medium")),
             ("functions", serde_json::json!([])),
+            ("functions", serde_json::json!([{"name": "f"}])),
             ("function_call", serde_json::json!("none")),
             (
                 "stream_options",
@@ -856,7 +857,6 @@ mod tests {
             ("reasoning_effort", serde_json::json!("high")),
             ("verbosity", serde_json::json!("low")),
             ("audio", serde_json::json!({"voice": "alloy"})),
-            ("functions", serde_json::json!([{"name": "f"}])),
             ("function_call", serde_json::json!({"name": "f"})),
             ("web_search_options", serde_json::json!({})),
         ] {
