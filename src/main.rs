@@ -752,7 +752,12 @@ fn import_peft(
             _ => base.source.clone(),
         },
     };
-    let source = ModelSource::parse(&source_text)?;
+    let source = ModelSource::parse(&source_text).with_context(|| {
+        format!(
+            "the adapter's base model {source_text:?} (base_model_name_or_path, read from the \
+             current directory when relative) cannot be found: pass --model DIR or a hub id"
+        )
+    })?;
     let files = bella_vqa::hub::resolve(&source, &cli.hub_options())
         .with_context(|| format!("cannot find the base model {source_text} (pass --model DIR)"))?;
     peft::bind_base(

@@ -830,3 +830,28 @@ fn factors_that_are_not_the_ones_their_config_describes_are_refused() {
     std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
     ParticleSet::load(&a_dir, &Device::Cpu).unwrap();
 }
+
+#[test]
+fn a_relative_base_model_that_is_not_found_says_to_pass_model() {
+    // The fixture's base_model_name_or_path is relative to the repository: from elsewhere it is
+    // neither a directory nor a hub id.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = bella()
+        .args(["import-peft", "--quiet", "--peft"])
+        .arg(peft_fixture())
+        .arg("--out")
+        .arg(elsewhere.path().join("set"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("tests/fixtures/llava-tiny-hub") && stderr.contains("pass --model"),
+        "{stderr}"
+    );
+    assert!(
+        !elsewhere.path().join("set").exists(),
+        "nothing was written"
+    );
+}
