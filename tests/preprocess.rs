@@ -780,6 +780,31 @@ fn exif_orientation_turns_the_image_upright_like_transformers_load_image() {
         .unwrap()
         .to_rgb8();
     assert_eq!(upright.get_pixel(0, 0), stored.get_pixel(4, 0));
+    // The tag stored as LONG rather than SHORT (Pillow reads it), big-endian this time.
+    let mut long = b"MM\0*".to_vec();
+    long.extend_from_slice(&8u32.to_be_bytes());
+    long.extend_from_slice(&1u16.to_be_bytes());
+    long.extend_from_slice(&0x0112u16.to_be_bytes());
+    long.extend_from_slice(&4u16.to_be_bytes()); // LONG
+    long.extend_from_slice(&1u32.to_be_bytes());
+    long.extend_from_slice(&6u32.to_be_bytes());
+    long.extend_from_slice(&0u32.to_be_bytes());
+    let png = encode_with_exif(&stored, image::ImageFormat::Png, long);
+    let upright = decode_image(&png, "long.png", u64::MAX).unwrap().to_rgb8();
+    assert_eq!(upright.dimensions(), (3, 5));
+    assert_eq!(upright.get_pixel(0, 0), stored.get_pixel(0, 2));
+    // An eXIf chunk after the image data, before IEND (Pillow finds it there too).
+    let plain = encode_with_exif(&stored, image::ImageFormat::Png, Vec::new());
+    let exif = exif_orientation(8);
+    let mut chunk = (exif.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"eXIf");
+    chunk.extend_from_slice(&exif);
+    let crc = crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    let iend = plain.len() - 12;
+    let late = [&plain[..iend], &chunk, &plain[iend..]].concat();
+    let upright = decode_image(&late, "late.png", u64::MAX).unwrap().to_rgb8();
+    assert_eq!(upright.get_pixel(0, 0), stored.get_pixel(4, 0));
     // An orientation tag out of range leaves the image as stored.
     let odd = encode_with_exif(&stored, image::ImageFormat::Png, exif_orientation(9));
     assert_eq!(

@@ -44,8 +44,8 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
 /// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
 /// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP) is applied, as `transformers`'
-/// `load_image` applies it (not one that Pillow alone finds: only in XMP, in a PNG `eXIf` chunk
-/// after the image data, or in ImageMagick's "Raw profile type exif" text).
+/// `load_image` applies it (not one that only XMP or ImageMagick's "Raw profile type exif" text
+/// holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
     let bytes = std::fs::read(path)
@@ -96,19 +96,79 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     // Upright, as `transformers`' `load_image` returns it (`PIL.ImageOps.exif_transpose`): a
     // phone stores a portrait photograph sideways with an EXIF orientation tag. Unreadable
     // metadata leaves the pixels as stored, as Pillow does.
-    let orientation = decoder
-        .exif_metadata()
-        .ok()
-        .flatten()
-        .and_then(|exif| {
-            // Some writers keep JPEG's "Exif\0\0" header in a WebP or PNG EXIF chunk.
-            Orientation::from_exif_chunk(exif.strip_prefix(b"Exif\0\0").unwrap_or(&exif))
-        })
+    let exif = decoder.exif_metadata().ok().flatten().or_else(|| {
+        // The PNG decoder reports only an eXIf chunk before the image data; Pillow finds one
+        // after it too.
+        (format == image::ImageFormat::Png)
+            .then(|| png_chunk(bytes, b"eXIf").map(<[u8]>::to_vec))
+            .flatten()
+    });
+    let orientation = exif
+        .and_then(|exif| exif_orientation(&exif))
+        .and_then(Orientation::from_exif)
         .unwrap_or(Orientation::NoTransforms);
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// The Orientation tag (0x0112) of the first IFD of an EXIF block (a TIFF structure, with or
+/// without JPEG's `Exif\0\0` header, which some writers keep in PNG and WebP chunks), stored as
+/// SHORT or LONG, as Pillow reads it. `None` when there is none or the block is malformed.
+fn exif_orientation(exif: &[u8]) -> Option<u8> {
+    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let big = match tiff.get(..4)? {
+        [b'I', b'I', 42, 0] => false,
+        [b'M', b'M', 0, 42] => true,
+        _ => return None,
+    };
+    let u16_at = |i: usize| {
+        let b: [u8; 2] = tiff.get(i..i + 2)?.try_into().ok()?;
+        Some(if big {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    };
+    let u32_at = |i: usize| {
+        let b: [u8; 4] = tiff.get(i..i + 4)?.try_into().ok()?;
+        Some(if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    let ifd = usize::try_from(u32_at(4)?).ok()?;
+    (0..usize::from(u16_at(ifd)?)).find_map(|k| {
+        let entry = ifd + 2 + 12 * k;
+        if u16_at(entry)? != 0x0112 {
+            return None;
+        }
+        let value = match u16_at(entry + 2)? {
+            3 => u32::from(u16_at(entry + 8)?),
+            4 => u32_at(entry + 8)?,
+            _ => return None,
+        };
+        u8::try_from(value).ok()
+    })
+}
+
+/// The data of the first chunk of type `kind` in the PNG file `png`, wherever it is.
+fn png_chunk<'a>(png: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
+    let mut at = 8; // the signature
+    while let Some(header) = png.get(at..at + 8) {
+        let len = usize::try_from(u32::from_be_bytes(header[..4].try_into().ok()?)).ok()?;
+        let data = png.get(at + 8..at + 8 + len)?;
+        if &header[4..] == kind {
+            return Some(data);
+        }
+        if &header[4..] == b"IEND" {
+            return None;
+        }
+        at += 12 + len;
+    }
+    None
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
