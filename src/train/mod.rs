@@ -491,15 +491,8 @@ pub fn train(
         bail!("the training data is empty");
     }
     let stop = loaded.stop_token_ids();
-    let info = loaded.info.clone();
-    let model: &mut Model = &mut loaded.model;
-    let objective = Objective::new(model, prompter, processor, train, stop)?;
-    let n = train.len();
-    let batch = opts.batch_size.min(n);
-    let steps_per_epoch = (n / batch) as u64;
-    let total_steps = steps_per_epoch * opts.epochs as u64;
-    let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
-    let data = fingerprint(train)?;
+    // The frozen base's compute, which changes what a step makes of the particles.
+    let info = &loaded.info;
     let compute = match &info.quantization {
         Some(q) if q.vision => format!(
             "{}, {} with the vision tower",
@@ -509,6 +502,14 @@ pub fn train(
         Some(q) => format!("{}, {}", info.compute_dtype.as_str(), q.kind),
         None => info.compute_dtype.as_str().to_string(),
     };
+    let model: &mut Model = &mut loaded.model;
+    let objective = Objective::new(model, prompter, processor, train, stop)?;
+    let n = train.len();
+    let batch = opts.batch_size.min(n);
+    let steps_per_epoch = (n / batch) as u64;
+    let total_steps = steps_per_epoch * opts.epochs as u64;
+    let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
+    let data = fingerprint(train)?;
 
     // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
     crate::io::create_dir_all(&run.out)?;
