@@ -211,10 +211,10 @@ struct ServeArgs {
     /// Largest image in pixels (width × height).
     #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
     max_image_pixels: u64,
-    /// MB that the images of the questions in flight may hold in all, decoded and at the peak of
-    /// their preprocessing (3 bytes a pixel; a thin image padded to a square counts as the square;
-    /// 503 above, 413 for one image larger than all of it): bounds the server's memory whatever
-    /// the clients send.
+    /// MB that the images of the questions in flight may hold in all, while decoded and at the
+    /// peak of their preprocessing (a thin image padded to a square counts as the square),
+    /// reckoned from the image's header before anything is decoded (503 above, 413 for one image
+    /// larger than all of it): bounds the server's memory whatever the clients send.
     #[arg(long, default_value_t = 1024)]
     max_image_memory_mb: u64,
     /// Longest question in tokens.

@@ -485,21 +485,6 @@ fn full_pipeline_shapes_and_batch() {
     assert_eq!(to_u8_vec(&t2).1, planes(&u));
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 #[test]
 fn load_image_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
@@ -531,7 +516,7 @@ fn load_image_errors_are_clear() {
     let mut huge = png.clone();
     huge[16..20].copy_from_slice(&20000u32.to_be_bytes());
     huge[20..24].copy_from_slice(&20000u32.to_be_bytes());
-    let crc = crc32(&huge[12..29]);
+    let crc = common::crc32(&huge[12..29]);
     huge[29..33].copy_from_slice(&crc.to_be_bytes());
     let big = dir.path().join("big.png");
     std::fs::write(&big, &huge).unwrap();
@@ -545,7 +530,7 @@ fn load_image_errors_are_clear() {
     // refused for its missing data, not its size.
     huge[16..20].copy_from_slice(&12000u32.to_be_bytes());
     huge[20..24].copy_from_slice(&9000u32.to_be_bytes());
-    let crc = crc32(&huge[12..29]);
+    let crc = common::crc32(&huge[12..29]);
     huge[29..33].copy_from_slice(&crc.to_be_bytes());
     std::fs::write(&big, &huge).unwrap();
     let err = format!("{:#}", load_image(&big).unwrap_err());
@@ -799,7 +784,7 @@ fn exif_orientation_turns_the_image_upright_like_transformers_load_image() {
     let mut chunk = (exif.len() as u32).to_be_bytes().to_vec();
     chunk.extend_from_slice(b"eXIf");
     chunk.extend_from_slice(&exif);
-    let crc = crc32(&chunk[4..]);
+    let crc = common::crc32(&chunk[4..]);
     chunk.extend_from_slice(&crc.to_be_bytes());
     let iend = plain.len() - 12;
     let late = [&plain[..iend], &chunk, &plain[iend..]].concat();

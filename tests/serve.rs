@@ -730,6 +730,29 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         None,
     );
     assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
+    // Decided from the header, before decoding: a PNG whose header says 2000×2000 and whose
+    // pixel data is cut off gets its 413, not a decoding error; so does a strip whose square
+    // would pass the pixel limit.
+    for (w, h) in [(2000u32, 2000u32), (20000, 10)] {
+        let mut png = Vec::new();
+        image::RgbImage::new(2, 2)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        png[16..20].copy_from_slice(&w.to_be_bytes());
+        png[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = common::crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        );
+        let (s, _, t) = post(
+            &server.url,
+            &request(&url, "What color is the circle?").to_string(),
+            None,
+        );
+        assert_eq!(error_of(s, 413, &t)["code"], "image_too_large", "{w}×{h}");
+    }
     // A small image is answered.
     let (s, _, t) = post(
         &server.url,

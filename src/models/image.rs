@@ -53,18 +53,33 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
     decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
 }
 
-/// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
-/// [`load_image`] and at most `max_pixels` pixels (≤ [`MAX_IMAGE_PIXELS`]).
-pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<DynamicImage> {
+/// The width and height of an image held in memory, from its header (nothing is decoded),
+/// checked against [`MAX_IMAGE_SIDE`] and `max_pixels` (≤ [`MAX_IMAGE_PIXELS`]).
+pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32)> {
+    let format = image_format(bytes, name)?;
+    let (width, height) = ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| describe_image_error(name, e))?;
+    check_image_size(name, width, height, max_pixels.min(MAX_IMAGE_PIXELS))?;
+    Ok((width, height))
+}
+
+fn image_format(bytes: &[u8], name: &str) -> Result<image::ImageFormat> {
     if bytes.is_empty() {
         bail!("image {name} is empty (0 bytes)");
     }
-    let max_pixels = max_pixels.min(MAX_IMAGE_PIXELS);
-    let format = image::guess_format(bytes).map_err(|_| {
+    image::guess_format(bytes).map_err(|_| {
         anyhow!(
             "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
         )
-    })?;
+    })
+}
+
+/// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
+/// [`load_image`] and at most `max_pixels` pixels (≤ [`MAX_IMAGE_PIXELS`]).
+pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<DynamicImage> {
+    let max_pixels = max_pixels.min(MAX_IMAGE_PIXELS);
+    let format = image_format(bytes, name)?;
     // The JPEG decoder fills in what a truncated file lacks; Pillow (and so `transformers`)
     // refuses such a file, and so do we.
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
@@ -75,11 +90,8 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     }
     // The dimensions first (from the header), so an oversized image is refused before its
     // pixels are allocated; then the decode, with the decoder's own allocation limits set.
+    image_size(bytes, name, max_pixels)?;
     let reader = || ImageReader::with_format(std::io::Cursor::new(bytes), format);
-    let (width, height) = reader()
-        .into_dimensions()
-        .map_err(|e| describe_image_error(name, e))?;
-    check_image_size(name, width, height, max_pixels)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
@@ -115,7 +127,8 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
 
 /// The Orientation tag (0x0112) of the first IFD of an EXIF block (a TIFF structure, with or
 /// without JPEG's `Exif\0\0` header, which some writers keep in PNG and WebP chunks), stored as
-/// SHORT or LONG, as Pillow reads it. `None` when there is none or the block is malformed.
+/// a (signed or unsigned) SHORT or LONG with at least one value, as Pillow reads it. `None` when
+/// there is none or the block is malformed.
 fn exif_orientation(exif: &[u8]) -> Option<u8> {
     let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
     let big = match tiff.get(..4)? {
@@ -142,12 +155,13 @@ fn exif_orientation(exif: &[u8]) -> Option<u8> {
     let ifd = usize::try_from(u32_at(4)?).ok()?;
     (0..usize::from(u16_at(ifd)?)).find_map(|k| {
         let entry = ifd + 2 + 12 * k;
-        if u16_at(entry)? != 0x0112 {
+        if u16_at(entry)? != 0x0112 || u32_at(entry + 4)? == 0 {
             return None;
         }
+        // SHORT / SSHORT, LONG / SLONG (Pillow takes the signed types too).
         let value = match u16_at(entry + 2)? {
-            3 => u32::from(u16_at(entry + 8)?),
-            4 => u32_at(entry + 8)?,
+            3 | 8 => u32::from(u16_at(entry + 8)?),
+            4 | 9 => u32_at(entry + 8)?,
             _ => return None,
         };
         u8::try_from(value).ok()

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::answer::generate::Sampling;
-use crate::models::image::decode_image;
+use crate::models::image::{decode_image, image_size};
 use crate::{AskOptions, BellaVqa, Response};
 use metrics::Metrics;
 use openai::{
@@ -591,7 +591,9 @@ async fn answer_chat(
         },
         threshold: ask.threshold,
     };
-    let (image, max_new_tokens, working) = {
+    // First what the image will cost, from its header (nothing decoded yet): the memory bound
+    // is taken before any of it is spent.
+    let (bytes, size, max_new_tokens, needed) = {
         let (opts, url, param, question) = (
             state.opts.clone(),
             ask.image_url.clone(),
@@ -600,36 +602,44 @@ async fn answer_chat(
         );
         let vqa = vqa.clone();
         let max_new = options.max_new_tokens;
-        tokio::task::spawn_blocking(move || -> Result<(DynamicImage, usize, u64), ApiError> {
+        tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             let max_new = check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
-            // Kept as the processor's 8-bit RGB (exactly what it would make of it first): a
-            // 16-bit RGBA upload holds 8 bytes a pixel, this 3.
-            let image = read_image(&url, &param, &opts)?;
+            let bytes = read_image_bytes(&url, &param, &opts)?;
+            let (w, h) = image_size(&bytes, &param, opts.max_image_pixels)
+                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
             let processor = vqa
                 .model()
                 .image_processor()
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            // What preprocessing it will hold at its peak (a thin image pads to a big square).
-            let working = processor
-                .working_bytes(image.width() as usize, image.height() as usize)
-                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
-            let image = processor
-                .into_rgb8(image)
-                .map(DynamicImage::ImageRgb8)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            Ok((image, max_new, working))
+            // Decoding holds up to 8-bit RGBA and its RGB copy; preprocessing its peak (a thin
+            // image pads to a big square). One past the limit can never fit: 413.
+            let pixels = u64::from(w) * u64::from(h);
+            let needed = processor
+                .working_bytes(w as usize, h as usize)
+                .map_err(|e| ApiError {
+                    param: Some(param.clone()),
+                    ..ApiError::image_too_large(format!("{e:#}"))
+                })?
+                .max(pixels * 7);
+            Ok((bytes, (w, h), max_new, needed))
         })
         .await
         .map_err(|_| ApiError::internal("internal error while reading the image"))??
     };
     options.max_new_tokens = max_new_tokens;
-    // Images waiting for the worker, and their preprocessing, stay within the memory bound.
-    let bytes = working.max(image.as_bytes().len() as u64);
-    let kib = bytes.div_ceil(1024).max(1);
+    let kib = needed.div_ceil(1024).max(1);
     if kib > state.opts.max_image_memory_bytes / 1024 {
         return Err(ApiError {
             param: Some(ask.image_param.clone()),
-            ..ApiError::image_too_large(bytes, state.opts.max_image_memory_bytes)
+            ..ApiError::image_too_large(format!(
+                "the {}×{} image needs {kib} KiB while it is decoded and prepared (8-bit, a thin \
+                 image padded to a square), more than the server's image memory of {} KiB \
+                 (--max-image-memory-mb {}): send a smaller image",
+                size.0,
+                size.1,
+                state.opts.max_image_memory_bytes / 1024,
+                state.opts.max_image_memory_bytes >> 20
+            ))
         });
     }
     let image_memory = u32::try_from(kib)
@@ -645,6 +655,26 @@ async fn answer_chat(
                 1,
             )
         })?;
+    // Then the decode, within its share. Kept as the processor's 8-bit RGB (exactly what it
+    // would make of it first): a 16-bit RGBA upload holds 8 bytes a pixel, this 3.
+    let image = {
+        let (vqa, param, max_pixels) = (
+            vqa.clone(),
+            ask.image_param.clone(),
+            state.opts.max_image_pixels,
+        );
+        tokio::task::spawn_blocking(move || -> Result<DynamicImage, ApiError> {
+            let image = decode_image(&bytes, &param, max_pixels)
+                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
+            vqa.model()
+                .image_processor()
+                .and_then(|p| p.into_rgb8(image))
+                .map(DynamicImage::ImageRgb8)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))
+        })
+        .await
+        .map_err(|_| ApiError::internal("internal error while reading the image"))??
+    };
 
     let (reply, answer) = oneshot::channel();
     let job = Job {
@@ -800,9 +830,8 @@ fn check_question(
     }
 }
 
-/// Decodes a `data:` URL or, when allowed, fetches an `http(s)://` one. Never reads local files.
-fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImage, ApiError> {
-    let name = param;
+/// The bytes of a `data:` URL or, when allowed, of an `http(s)://` one. Never reads local files.
+fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u8>, ApiError> {
     let param = Some(param);
     // URL schemes are case-insensitive (RFC 3986 §3.1).
     let scheme = |s: &str| {
@@ -851,8 +880,7 @@ fn read_image(url: &str, param: &str, opts: &ServeOptions) -> Result<DynamicImag
             "the image must be a data URL (data:image/png;base64,…); local paths are never read",
         ));
     };
-    decode_image(&bytes, name, opts.max_image_pixels)
-        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))
+    Ok(bytes)
 }
 
 /// Base64 as clients write it: the standard or the URL-safe alphabet, with or without padding,

@@ -134,20 +134,14 @@ impl ApiError {
         }
     }
 
-    /// 413: one decoded image is larger than all the image memory of the server: no retry helps.
-    pub fn image_too_large(bytes: u64, budget: u64) -> Self {
+    /// 413: one image needs more than all the image memory of the server: no retry helps.
+    pub fn image_too_large(message: impl Into<String>) -> Self {
         Self {
             code: Some("image_too_large"),
             ..Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
-                format!(
-                    "the image decodes to {} KiB (8-bit RGB), more than the server's image memory \
-                     of {} KiB (--max-image-memory-mb {}): send a smaller image",
-                    bytes.div_ceil(1024),
-                    budget / 1024,
-                    budget >> 20
-                ),
+                message,
             )
         }
     }

@@ -293,3 +293,19 @@ pub fn train_briefly_and_check_the_loss_falls(
     );
     out
 }
+
+/// The CRC-32 of PNG chunks (and zlib), to edit a PNG's chunks in a test.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
