@@ -444,26 +444,20 @@ fn shards_merge_into_the_single_run() {
         );
     }
     // Into a directory holding answers without their config, or particles: refused, untouched.
-    let answers = shards.path().join("answers");
-    std::fs::create_dir_all(&answers).unwrap();
-    std::fs::write(answers.join("samples.jsonl"), "{\"question_id\": \"x\"}\n").unwrap();
-    let e = format!(
-        "{:#}",
-        merge(&dirs, &answers, &Default::default()).unwrap_err()
-    );
-    assert!(e.contains("holds answers"), "{e}");
-    let particles = shards.path().join("particles");
-    std::fs::create_dir_all(&particles).unwrap();
-    std::fs::write(particles.join("bella_config.json"), "{}").unwrap();
-    let e = format!(
-        "{:#}",
-        merge(&dirs, &particles, &Default::default()).unwrap_err()
-    );
-    assert!(e.contains("holds a particle set"), "{e}");
-    assert_eq!(
-        std::fs::read_to_string(answers.join("samples.jsonl")).unwrap(),
-        "{\"question_id\": \"x\"}\n"
-    );
+    for (name, file, needle) in [
+        ("answers", "samples.jsonl", "holds answers"),
+        ("particles", "bella_config.json", "holds a particle set"),
+    ] {
+        let dir = shards.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), "{\"question_id\": \"x\"}\n").unwrap();
+        let e = format!("{:#}", merge(&dirs, &dir, &Default::default()).unwrap_err());
+        assert!(e.contains(needle), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(file)).unwrap(),
+            "{\"question_id\": \"x\"}\n"
+        );
+    }
     // Drop the last answer of shard 1: merge names the unanswered question.
     let path = dirs[1].join("samples.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();

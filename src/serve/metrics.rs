@@ -91,6 +91,14 @@ impl Metrics {
         self.requests.get_or_create(&StatusLabel { status }).inc();
     }
 
+    /// A chat request answered with `status`: counted, and timed from `arrived` when it succeeded.
+    pub fn answered(&self, status: u16, arrived: std::time::Instant) {
+        self.count(status);
+        if (200..300).contains(&status) {
+            self.latency.observe(arrived.elapsed().as_secs_f64());
+        }
+    }
+
     /// The text exposition (`text/plain; version=0.0.4` compatible OpenMetrics text).
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -272,7 +272,7 @@ pub async fn serve(
     opts.check()?;
     let queue = worker::Queue::new(opts.queue);
     // However this function ends, the worker then answers what waits and stops.
-    let _close = worker::CloseOnDrop(queue.clone());
+    let close = worker::CloseOnDrop(queue.clone());
     let loaded: Loaded = Arc::new(OnceLock::new());
     let metrics = Arc::new(Metrics::new());
     let (done_tx, done_rx) = oneshot::channel::<Result<()>>();
@@ -323,7 +323,7 @@ pub async fn serve(
         .context("the server stopped with an error")?;
     // No handler is left: the worker answers what waits, then ends.
     drop(state);
-    queue.close();
+    drop(close);
     done_rx
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the worker thread stopped unexpectedly")))
@@ -405,13 +405,7 @@ async fn count_chat(
     if response.extensions().get::<Streamed>().is_some() {
         return response; // counted when its stream ends
     }
-    state.metrics.count(response.status().as_u16());
-    if response.status().is_success() {
-        state
-            .metrics
-            .latency
-            .observe(arrived.elapsed().as_secs_f64());
-    }
+    state.metrics.answered(response.status().as_u16(), arrived);
     response
 }
 
@@ -1158,17 +1152,14 @@ fn stream(
     // Made out here: a client gone before the answer is first awaited is counted too.
     let count = LeftEarly(Some(metrics.clone()));
     let rest = futures_util::stream::once(async move {
-        let events = match wait.await {
+        let (status, events) = match wait.await {
             Ok(r) => {
-                metrics.count(StatusCode::OK.as_u16());
-                metrics.latency.observe(arrived.elapsed().as_secs_f64());
-                reply.answer_chunks(&Rendered::new(&vqa, &ask, max_new_tokens, &r), &r)
+                let rendered = Rendered::new(&vqa, &ask, max_new_tokens, &r);
+                (StatusCode::OK, reply.answer_chunks(&rendered, &r))
             }
-            Err(e) => {
-                metrics.count(e.status.as_u16());
-                vec![Event::default().data(e.body().to_string())]
-            }
+            Err(e) => (e.status, vec![Event::default().data(e.body().to_string())]),
         };
+        metrics.answered(status.as_u16(), arrived);
         count.answered();
         futures_util::stream::iter(events)
     })

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -41,56 +40,59 @@ pub enum Refused {
 /// left (a front end's Stop button, a closed tab) gives up its place to a new one, so abandoned
 /// questions never make the server refuse people who wait.
 pub struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    state: Mutex<Waiting>,
     ready: Condvar,
     capacity: usize,
-    closed: AtomicBool,
+}
+
+/// What the queue's lock guards.
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// No more questions are taken; the worker ends once `jobs` is empty.
+    closed: bool,
 }
 
 impl Queue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            jobs: Mutex::new(VecDeque::new()),
+            state: Mutex::new(Waiting::default()),
             ready: Condvar::new(),
             capacity,
-            closed: AtomicBool::new(false),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Job>> {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
         // A panic while holding the lock leaves a queue that is still whole.
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `job`, or says why not (the job is dropped: its image and memory share go).
     pub fn push(&self, job: Job) -> Result<(), Refused> {
-        let mut jobs = self.lock();
-        if self.closed.load(Ordering::SeqCst) {
+        let mut state = self.lock();
+        if state.closed {
             return Err(Refused::Closed);
         }
-        if jobs.len() >= self.capacity {
-            jobs.retain(|j| !j.reply.is_closed());
+        if state.jobs.len() >= self.capacity {
+            state.jobs.retain(|j| !j.reply.is_closed());
         }
-        if jobs.len() >= self.capacity {
+        if state.jobs.len() >= self.capacity {
             return Err(Refused::Full);
         }
-        jobs.push_back(job);
-        drop(jobs);
+        state.jobs.push_back(job);
+        drop(state);
         self.ready.notify_one();
         Ok(())
     }
 
     /// Questions waiting.
     pub fn waiting(&self) -> usize {
-        self.lock().len()
+        self.lock().jobs.len()
     }
 
     /// No more questions: the worker answers those waiting, then ends.
     pub fn close(&self) {
-        // Under the lock, so that the worker cannot miss it between its check and its wait.
-        let jobs = self.lock();
-        self.closed.store(true, Ordering::SeqCst);
-        drop(jobs);
+        self.lock().closed = true;
         self.ready.notify_all();
     }
 
@@ -98,25 +100,25 @@ impl Queue {
     /// batches is handed back to the system first (glibc keeps it otherwise, and the server's
     /// RSS would stay at its largest batch), then it waits. `None` once closed and empty.
     fn next_batch(&self, max: usize) -> Option<Vec<Job>> {
-        let mut jobs = self.lock();
-        if jobs.is_empty() {
-            drop(jobs);
+        let mut state = self.lock();
+        if state.jobs.is_empty() {
+            drop(state);
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only releases free heap pages; it is thread-safe in glibc.
             unsafe {
                 libc::malloc_trim(0);
             }
-            jobs = self.lock();
+            state = self.lock();
         }
         loop {
-            if !jobs.is_empty() {
-                let n = max.min(jobs.len());
-                return Some(jobs.drain(..n).collect());
+            if !state.jobs.is_empty() {
+                let n = max.min(state.jobs.len());
+                return Some(state.jobs.drain(..n).collect());
             }
-            if self.closed.load(Ordering::SeqCst) {
+            if state.closed {
                 return None;
             }
-            jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
