@@ -657,6 +657,81 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
 }
 
 #[test]
+fn fixing_records_skip_bad_left_out_continues_the_run_with_its_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = read_jsonl(&world().join("test.jsonl"), &ReadOptions::default()).unwrap();
+    let good = tmp.path().join("good.jsonl");
+    write_jsonl(&good, &data.examples[..7]).unwrap();
+    let text = std::fs::read_to_string(&good).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // The third record is cut short: the questions after it move up one place.
+    let with_bad = |third: &str| {
+        let mut l = lines.clone();
+        l[2] = third;
+        l.join("\n") + "\n"
+    };
+    let file = tmp.path().join("questions.jsonl");
+    std::fs::write(&file, with_bad("{\"question_id\": \"x\", ")).unwrap();
+    let out = tmp.path().join("out");
+    let mut opts = options(&out);
+    opts.data = DataInput::new(&file);
+    opts.val = None;
+    opts.ood.clear();
+    opts.skip_bad = true;
+    let first = run(&opts);
+    assert_eq!(
+        (first.answered_now, first.results.progress.bad_records),
+        (6, 1)
+    );
+
+    // An answered question changed meanwhile: refused, naming it; nothing is touched.
+    let samples = out.join("samples.jsonl");
+    let before = std::fs::read(&samples).unwrap();
+    let changed = lines[4].replacen("\"answers\":[\"", "\"answers\":[\"not-", 1);
+    assert_ne!(changed, lines[4]);
+    let mut l = lines.clone();
+    l[2] = "{";
+    l[4] = &changed;
+    std::fs::write(&file, l.join("\n") + "\n").unwrap();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    let id = &data.examples[4].question_id;
+    assert!(
+        e.contains(&format!("{id:?}")) && e.contains("another human answers"),
+        "{e}"
+    );
+    // One that is gone: refused as well.
+    let mut l = lines.clone();
+    l.remove(5);
+    std::fs::write(&file, l.join("\n") + "\n").unwrap();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(e.contains("is no longer in it"), "{e}");
+    assert_eq!(std::fs::read(&samples).unwrap(), before);
+
+    // The bad record fixed: the six answers are kept, renumbered, and only it is answered, as a
+    // run over the fixed file from the start would have.
+    std::fs::write(&file, &text).unwrap();
+    let second = run(&opts);
+    assert_eq!((second.resumed, second.answered_now), (6, 1));
+    let p = &second.results.progress;
+    assert_eq!((p.answered, p.bad_records, p.complete), (7, 0, true));
+    let fresh = tmp.path().join("fresh");
+    let mut whole = opts.clone();
+    whole.out = fresh.clone();
+    run(&whole);
+    assert_eq!(keyed(samples_of(&out)), keyed(samples_of(&fresh)));
+    assert_eq!(
+        metrics_part(&results_of(&out)),
+        metrics_part(&results_of(&fresh))
+    );
+}
+
+#[test]
 fn calibration_stores_only_the_threshold_and_ask_uses_it() {
     let dir = tempfile::tempdir().unwrap();
     make_particles(dir.path());

@@ -12,7 +12,9 @@
 //!
 //! Restarting [`run`] with the same `out` continues: answered questions are skipped, a damaged last
 //! line of `samples.jsonl` is dropped and answered again, nothing is duplicated. A different
-//! model, particle set, data file or setting is refused (only `--limit` may change). With a
+//! model, particle set, data file or setting is refused (only `--limit` may change); a data file
+//! that changed only in questions the run has not answered (records `--skip-bad` left out and then
+//! fixed, questions added) is continued, its answers renumbered to their new positions. With a
 //! [`Shard`] a run answers one deterministic slice; [`merge()`] combines the shard directories into
 //! the directory a single run would have written.
 
@@ -29,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
@@ -331,8 +333,15 @@ fn data_records(sets: &[EvalSet], adapters: Option<&Path>) -> Result<Vec<DataRec
     Ok(records)
 }
 
-/// Writes the configuration, or checks it against the one already in `out` (a restart).
-fn check_or_write_config(out: &Path, config: &mut RunConfig) -> Result<()> {
+/// Writes the configuration, or checks it against the one already in `out` (a restart). A
+/// restart whose data files changed only in questions it has not answered (bad records fixed,
+/// questions added) continues with the answers it has: see [`renumber_answers`].
+fn check_or_write_config(
+    out: &Path,
+    config: &mut RunConfig,
+    sets: &[EvalSet],
+    progress: bool,
+) -> Result<()> {
     let path = out.join(config::CONFIG_FILE);
     let samples = out.join(SAMPLES_FILE);
     if !path.exists() && samples.metadata().is_ok_and(|m| m.len() > 0) {
@@ -348,16 +357,125 @@ fn check_or_write_config(out: &Path, config: &mut RunConfig) -> Result<()> {
         let old = RunConfig::read(out)?;
         let diffs = old.differences(config, true, false);
         if !diffs.is_empty() {
-            bail!(
-                "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse another \
-                 --out, or delete the directory to start over",
-                out.display(),
-                first_differences(diffs)
-            );
+            if !only_data_changed(&old, config) {
+                bail!(
+                    "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse \
+                     another --out, or delete the directory to start over",
+                    out.display(),
+                    first_differences(diffs)
+                );
+            }
+            let kept = renumber_answers(out, sets, config.shard)?;
+            if progress {
+                eprintln!(
+                    "{}: the data changed since the run began; its {kept} answers are to \
+                     questions that did not change, so they are kept and the rest is answered now",
+                    out.display()
+                );
+            }
         }
         config.created = old.created;
     }
     config.write(out)
+}
+
+/// Whether two runs differ only in what their data files hold, not in which files they are or
+/// in anything else.
+fn only_data_changed(old: &RunConfig, new: &RunConfig) -> bool {
+    if old.data.len() != new.data.len() {
+        return false;
+    }
+    let mut probe = new.clone();
+    for (p, o) in probe.data.iter_mut().zip(&old.data) {
+        p.sha256.clone_from(&o.sha256);
+        p.annotations_sha256.clone_from(&o.annotations_sha256);
+        p.questions = o.questions;
+        p.skipped_records = o.skipped_records;
+    }
+    old.differences(&probe, true, false).is_empty()
+}
+
+/// Continues a run over data files that changed since it began (`--skip-bad` records fixed,
+/// questions added or reordered): every answered question must still be in its file with the same
+/// question, image, human answers and answer type, or the run is refused naming the first that is
+/// not. The answers (and the questions skipped as unanswerable) are renumbered to their questions'
+/// new positions, `samples.jsonl` first, each file replaced atomically, so that a kill in between
+/// is continued the same way. Returns how many answers were kept.
+fn renumber_answers(out: &Path, sets: &[EvalSet], shard: Option<Shard>) -> Result<usize> {
+    let positions: HashMap<(&str, &str), (usize, &VqaExample)> = sets
+        .iter()
+        .flat_map(|s| {
+            s.examples
+                .iter()
+                .enumerate()
+                .map(move |(k, e)| ((s.record.split.as_str(), e.question_id.as_str()), (k, e)))
+        })
+        .collect();
+    let samples_path = out.join(SAMPLES_FILE);
+    let mut existing = read_samples(&samples_path)?;
+    for s in &mut existing.samples {
+        let found = positions.get(&(s.split.as_str(), s.question_id.as_str()));
+        let problem = match found {
+            None => Some("is no longer in it".to_string()),
+            Some(&(k, e)) => {
+                let changed: Vec<&str> = [
+                    ("question", s.question != e.question),
+                    ("image", s.image != crate::io::stored_path(&e.image)),
+                    ("human answers", s.answers != e.answers),
+                    ("answer type", s.answer_type != e.answer_type),
+                ]
+                .into_iter()
+                .filter_map(|(what, differs)| differs.then_some(what))
+                .collect();
+                if !changed.is_empty() {
+                    Some(format!("has another {}", changed.join(", ")))
+                } else if shard.is_some_and(|sh| !sh.contains(k)) {
+                    Some("moved to another shard's share of the questions".to_string())
+                } else {
+                    s.index = k;
+                    None
+                }
+            }
+        };
+        if let Some(problem) = problem {
+            let file = sets
+                .iter()
+                .find(|set| set.record.split == s.split)
+                .map_or(s.split.clone(), |set| set.record.path.clone());
+            bail!(
+                "{} holds answers to an earlier version of {file}, which changed since: question \
+                 {:?}, answered then, {problem}; so the run cannot be continued: use another \
+                 --out, or delete the directory to start over",
+                out.display(),
+                s.question_id
+            );
+        }
+    }
+    crate::io::write_bytes_atomically(&samples_path, &json_lines(&existing.samples)?)?;
+    let skipped_path = out.join(results::SKIPPED_FILE);
+    let skipped: Vec<SkippedQuestion> = results::read_lines(&skipped_path)?;
+    if !skipped.is_empty() {
+        let renumbered: Vec<SkippedQuestion> = skipped
+            .into_iter()
+            .filter_map(|mut q| {
+                let &(k, _) = positions.get(&(q.split.as_str(), q.question_id.as_str()))?;
+                q.index = k;
+                Some(q)
+            })
+            .collect();
+        crate::io::write_bytes_atomically(&skipped_path, &json_lines(&renumbered)?)?;
+    }
+    Ok(existing.samples.len())
+}
+
+/// Values as JSON lines.
+fn json_lines<T: serde::Serialize>(values: &[T]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for v in values {
+        serde_json::to_writer(&mut bytes, v).context("serialising a record")?;
+        bytes.push(b'\n');
+    }
+    Ok(bytes)
 }
 
 /// The first differences, one a line: a recalibration differs in every element of the image
@@ -400,7 +518,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     }
     let mut config = run_config(vqa, model, opts, &sets)?;
     crate::io::create_dir_all(&opts.out)?;
-    check_or_write_config(&opts.out, &mut config)?;
+    check_or_write_config(&opts.out, &mut config, &sets, opts.progress)?;
 
     let samples_path = opts.out.join(SAMPLES_FILE);
     let existing = read_samples(&samples_path)?;
