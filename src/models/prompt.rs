@@ -38,7 +38,13 @@ pub const MAX_USER_TEXT_BYTES: usize = 64 * 1024;
 /// characters, which no chat template produces and no question needs).
 const QUESTION_MARKER: &str = "\u{E000}bella-question\u{E001}";
 
-/// Refuses user text longer than [`MAX_USER_TEXT_BYTES`].
+/// The first of the characters that stand in for the template's special tokens while a prompt
+/// with user text holding special-token strings is tokenised (supplementary private-use plane A,
+/// one character per special token).
+const FIRST_STAND_IN: u32 = 0xF0000;
+
+/// Refuses user text longer than [`MAX_USER_TEXT_BYTES`], or holding a character reserved as a
+/// stand-in.
 fn check_user_text(what: &str, text: &str) -> Result<()> {
     if text.len() > MAX_USER_TEXT_BYTES {
         bail!(
@@ -46,7 +52,27 @@ fn check_user_text(what: &str, text: &str) -> Result<()> {
             text.len()
         );
     }
+    if let Some(c) = text
+        .chars()
+        .find(|&c| (FIRST_STAND_IN..FIRST_STAND_IN + 0x100).contains(&u32::from(c)))
+    {
+        bail!(
+            "the {what} holds the private-use character U+{:X}, which bella-vqa reserves for \
+             tokenising: remove it",
+            u32::from(c)
+        );
+    }
     Ok(())
+}
+
+/// A special token of the template and the character that stands in for it in the text
+/// tokenizer (see [`Prompter::encode_question`]).
+#[derive(Clone, Debug)]
+struct StandIn {
+    token: String,
+    token_id: u32,
+    stand_in: String,
+    stand_in_id: u32,
 }
 
 /// `(input_ids, attention_mask)` of a padded batch, one row per text.
@@ -518,8 +544,10 @@ impl ProcessorInfo {
 /// Tokenizer + chat template of one model directory.
 pub struct Prompter {
     tokenizer: Tokenizer,
-    /// The same tokenizer with special-token parsing off: user text goes through it.
+    /// The same tokenizer with special-token parsing off, and a stand-in token for each special
+    /// token: user text goes through it.
     text_tokenizer: Tokenizer,
+    stand_ins: Vec<StandIn>,
     /// The strings of the tokenizer's added tokens (`<s>`, `</s>`, `<image>`, …).
     added_tokens: Vec<String>,
     /// The model's positions: longer prompts are refused before the model sees them.
@@ -866,6 +894,32 @@ impl Prompter {
         let image_token_id = id(&image_token);
         let mut text_tokenizer = tokenizer.clone();
         text_tokenizer.set_encode_special_tokens(true);
+        let mut specials: Vec<(u32, tokenizers::AddedToken)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .collect();
+        specials.sort_by_key(|(id, _)| *id);
+        let stand_ins: Vec<StandIn> = specials
+            .into_iter()
+            .zip((FIRST_STAND_IN..FIRST_STAND_IN + 0x100).filter_map(char::from_u32))
+            .filter_map(|((token_id, t), c)| {
+                // Not special, so parsed with special tokens off; matched as the token it stands
+                // for would be (its whitespace and normalisation flags).
+                let stand_in = tokenizers::AddedToken {
+                    content: c.to_string(),
+                    special: false,
+                    ..t.clone()
+                };
+                text_tokenizer.add_tokens([stand_in]).ok()?;
+                Some(StandIn {
+                    stand_in_id: text_tokenizer.token_to_id(&c.to_string())?,
+                    stand_in: c.to_string(),
+                    token: t.content,
+                    token_id,
+                })
+            })
+            .collect();
         let added_tokens = tokenizer
             .get_added_tokens_decoder()
             .into_values()
@@ -875,6 +929,7 @@ impl Prompter {
         Self {
             tokenizer,
             text_tokenizer,
+            stand_ins,
             added_tokens,
             max_positions: None,
             template,
@@ -948,11 +1003,14 @@ impl Prompter {
     /// The question and the answer are user text, and user text is text: a question holding
     /// `</s>`, `<image>` or any other added-token string never becomes that token (`transformers`
     /// would turn it into the token; `</s>` would end the prompt). Text without such strings is
-    /// tokenised as one string, exactly as `transformers` does. Text with them is tokenised in
-    /// pieces: the template before the question (special tokens parsed, image tokens expanded),
-    /// the question with special-token parsing off, the template after it, then the answer (also
-    /// as text); the pieces' ids are joined and the post-processor adds BOS as usual. Added
-    /// tokens that are not special (ordinary words added to a vocabulary) still match.
+    /// tokenised as one string, exactly as `transformers` does. Text with them is tokenised as
+    /// one string too, by the tokenizer with special-token parsing off, in which each special
+    /// token of the template (image tokens expanded) is replaced by a stand-in: a private-use
+    /// character added to that tokenizer as an ordinary token with the special token's flags,
+    /// whose id is then replaced by the special token's. So the prompt splits where the template's
+    /// special tokens are, as `transformers` splits it, and nowhere in the user's text (tokenising
+    /// pieces one by one would give each piece the word-start `▁` of a first piece). Added tokens
+    /// that are not special (ordinary words added to a vocabulary) still match.
     ///
     /// User text is refused above [`MAX_USER_TEXT_BYTES`] before tokenising, and the prompt
     /// above the model's positions ([`Self::with_max_positions`]) before any model runs.
@@ -996,7 +1054,8 @@ impl Prompter {
         Ok(ids)
     }
 
-    /// The slow path of [`Self::encode_question`]: user text tokenised on its own, as text.
+    /// The slow path of [`Self::encode_question`]: the prompt with the template's special tokens
+    /// replaced by their stand-ins, tokenised in one piece with special-token parsing off.
     fn encode_user_text_in_pieces(
         &self,
         question: &str,
@@ -1012,26 +1071,52 @@ impl Prompter {
                  question text, so it cannot be kept as text: remove the token from the question"
             );
         };
-        let template = |text: &str| -> Result<tokenizers::Encoding> {
-            let text = self.expand_image_tokens(text, num_image_tokens)?;
-            self.tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|e| anyhow!("tokenizing failed: {e}"))
-        };
-        let user = |text: &str| -> Result<tokenizers::Encoding> {
-            self.text_tokenizer
-                .encode(text, false)
-                .map_err(|e| anyhow!("tokenizing failed: {e}"))
-        };
-        let mut pieces = vec![template(before)?, user(question)?, template(after)?];
+        let mut text = self.with_stand_ins(&self.expand_image_tokens(before, num_image_tokens)?);
+        text.push_str(question);
+        text.push_str(&self.with_stand_ins(&self.expand_image_tokens(after, num_image_tokens)?));
         if let Some(a) = answer {
-            pieces.push(user(&format!(" {a}"))?);
+            text.push(' ');
+            text.push_str(a);
         }
-        let joined = self
-            .tokenizer
-            .post_process(tokenizers::Encoding::merge(pieces, false), None, true)
+        let encoded = self
+            .text_tokenizer
+            .encode(text.as_str(), true)
             .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
-        Ok(joined.get_ids().to_vec())
+        Ok(encoded
+            .get_ids()
+            .iter()
+            .map(|&id| {
+                self.stand_ins
+                    .iter()
+                    .find(|s| s.stand_in_id == id)
+                    .map_or(id, |s| s.token_id)
+            })
+            .collect())
+    }
+
+    /// Template text with each special-token string replaced by its stand-in (the longest match
+    /// first, left to right, as the tokenizer matches added tokens).
+    fn with_stand_ins(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            let found = self
+                .stand_ins
+                .iter()
+                .filter(|s| rest.starts_with(s.token.as_str()))
+                .max_by_key(|s| s.token.len());
+            match found {
+                Some(s) => {
+                    out.push_str(&s.stand_in);
+                    rest = &rest[s.token.len()..];
+                }
+                None => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        out
     }
 
     /// Tokens of user text on its own, as text (special-token strings are not tokens here, as in
