@@ -606,7 +606,8 @@ fn question_and_image(messages: &[Message]) -> Result<(String, (String, String))
             ),
         ));
     }
-    let question = texts.join("\n").trim().to_string();
+    // Joined as LLaVA's chat templates join text parts (each followed by a space).
+    let question = texts.join(" ").trim().to_string();
     if question.is_empty() {
         return Err(ApiError::invalid(
             Some(&param),
@@ -733,6 +734,19 @@ mod tests {
         assert_eq!(ask.image_url, "data:a");
         assert_eq!(ask.image_param, "messages[1].content[0].image_url.url");
         assert!(ask.sampling.is_none() && !ask.stream);
+    }
+
+    #[test]
+    fn text_parts_are_joined_as_the_chat_template_joins_them() {
+        // transformers renders these parts with llava-1.5's template (and the demo's) as
+        // "USER: <image>\nWhat color is the shape? ASSISTANT:", as the one-part question.
+        let ask = parse(user(serde_json::json!([
+            {"type": "image_url", "image_url": {"url": "data:a"}},
+            {"type": "text", "text": "What color"},
+            {"type": "text", "text": "is the shape?"}
+        ])))
+        .expect("valid");
+        assert_eq!(ask.question, "What color is the shape?");
     }
 
     #[test]
