@@ -374,18 +374,25 @@ impl Selector {
     }
 }
 
+/// The range [`fit_temperature`] searches.
+pub const TEMPERATURE_RANGE: (f64, f64) = (0.05, 20.0);
+
 /// Fits one shared temperature by minimising the mean cross-entropy of the model-average
 /// distribution (every row tempered, [`temper`]) against each question's target distribution
-/// over its columns. Golden-section search over log T in [ln 0.05, ln 20] (the NLL of a
+/// over its columns. Golden-section search over log T in [`TEMPERATURE_RANGE`] (the NLL of a
 /// tempered softmax average is unimodal in practice; the search returns the best point it saw).
-/// Questions with an empty or all-zero target are left out; `None` when none is left.
-pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Option<f64> {
+/// Questions with an empty or all-zero target are left out.
+///
+/// Refused, saying why, when no question is left, or when the fit runs to an end of the range:
+/// the validation answers then favour ever sharper (all right) or ever flatter (all wrong)
+/// probabilities, and a temperature there only makes every confidence 1 or every one alike.
+pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, String> {
     let used: Vec<&(&[Vec<f64>], Vec<f64>)> = questions
         .iter()
         .filter(|(p, q)| !p.is_empty() && q.iter().sum::<f64>() > 0.0)
         .collect();
     if used.is_empty() {
-        return None;
+        return Err("no validation question has a right answer among its candidates".into());
     }
     let nll = |log_t: f64| -> f64 {
         let t = log_t.exp();
@@ -407,7 +414,8 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Option<f64> {
             .sum::<f64>()
             / used.len() as f64
     };
-    let (mut a, mut b) = (0.05f64.ln(), 20f64.ln());
+    let (lo, hi) = (TEMPERATURE_RANGE.0.ln(), TEMPERATURE_RANGE.1.ln());
+    let (mut a, mut b) = (lo, hi);
     let g = (5f64.sqrt() - 1.0) / 2.0;
     let (mut c, mut d) = (b - g * (b - a), a + g * (b - a));
     let (mut fc, mut fd) = (nll(c), nll(d));
@@ -428,11 +436,25 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Option<f64> {
     }
     let log_t = (a + b) / 2.0;
     // T = 1 is kept when the search cannot beat it (flat NLL).
-    Some(if nll(log_t) < nll(0.0) {
-        log_t.exp()
-    } else {
-        1.0
-    })
+    if nll(log_t) >= nll(0.0) {
+        return Ok(1.0);
+    }
+    let edge = 0.01;
+    if log_t - lo < edge {
+        return Err(format!(
+            "the validation answers favour ever sharper probabilities (the fit ran to T = {}, \
+             where the confidences are 1): too few of them are wrong to fit a temperature on",
+            TEMPERATURE_RANGE.0
+        ));
+    }
+    if hi - log_t < edge {
+        return Err(format!(
+            "the validation answers favour ever flatter probabilities (the fit ran to T = {}, \
+             where the confidences are alike): too few of them are right to fit a temperature on",
+            TEMPERATURE_RANGE.1
+        ));
+    }
+    Ok(log_t.exp())
 }
 
 #[cfg(test)]
@@ -585,6 +607,17 @@ mod tests {
                 "sharpened ×{sharpen}: fitted T {t}"
             );
         }
-        assert_eq!(fit_temperature(&[]), None);
+        assert!(fit_temperature(&[]).is_err());
+        // Every answer right (wrong): the NLL falls all the way to the end of the range, which
+        // is refused rather than stored.
+        let right = vec![vec![0.6, 0.3, 0.1]; 2];
+        for (target, word) in [
+            (vec![1.0, 0.0, 0.0], "sharper"),
+            (vec![0.0, 0.0, 1.0], "flatter"),
+        ] {
+            let qs = [(right.as_slice(), target)];
+            let e = fit_temperature(&qs).unwrap_err();
+            assert!(e.contains(word), "{e}");
+        }
     }
 }

@@ -228,6 +228,9 @@ pub struct CalibrationOutcome {
     /// flags (in-sample for the validation images it was fitted on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_flagged: Option<ImageFlagged>,
+    /// Why no temperature was stored although one was asked for (the particles' probabilities
+    /// are kept as they are).
+    pub temperature_skipped: Option<String>,
     /// Why no image check was stored although one was asked for (too few images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check_skipped: Option<String>,
@@ -253,12 +256,17 @@ struct Answered {
 
 impl Answered {
     /// The target distribution over the matrix's columns for the temperature: the candidates'
-    /// accuracies; when none is right, the "other" column (LLaVA) or nothing (CLIP, left out).
+    /// accuracies (scaled down when they add up to more than 1), the rest on the "other" column
+    /// (LLaVA: an answer 2 of 3 humans gave is 1/3 something else); CLIP has no such column,
+    /// so its target is the accuracies alone (nothing when none is right: left out).
     fn target(&self) -> Vec<f64> {
         let mut t = self.accuracy.clone();
         if self.scored.other {
-            let none_right = t.iter().all(|a| *a == 0.0);
-            t.push(if none_right { 1.0 } else { 0.0 });
+            let total: f64 = t.iter().sum();
+            if total > 1.0 {
+                t.iter_mut().for_each(|a| *a /= total);
+            }
+            t.push((1.0 - total).max(0.0));
         }
         t
     }
@@ -403,16 +411,19 @@ pub fn calibrate(
         (Some(input), Some(s)) => answer_all(vqa, input, s, opts)?.0,
         _ => Vec::new(),
     };
-    let temperature = if opts.temperature {
+    let (temperature, temperature_skipped) = if opts.temperature {
         let targets: Vec<Vec<f64>> = val.iter().map(Answered::target).collect();
         let questions: Vec<(&[Vec<f64>], Vec<f64>)> = val
             .iter()
             .zip(targets)
             .map(|(a, t)| (a.scored.probs.as_slice(), t))
             .collect();
-        fit_temperature(&questions)
+        match fit_temperature(&questions) {
+            Ok(t) => (Some(t), None),
+            Err(why) => (None, Some(why)),
+        }
     } else {
-        None
+        (None, None)
     };
     let t = temperature.unwrap_or(1.0);
     let (val_facts, acc): (Vec<Facts>, Vec<f64>) = facts_of(&val, t, false)?.into_iter().unzip();
@@ -565,6 +576,7 @@ pub fn calibrate(
         previous,
         image_flagged,
         image_check_skipped,
+        temperature_skipped,
         training_questions,
     })
 }
@@ -749,5 +761,44 @@ impl<'de> Deserialize<'de> for Ordered {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(accuracy: &[f64], other: bool) -> Vec<f64> {
+        Answered {
+            scored: Scored {
+                particle_answers: Vec::new(),
+                candidates: Vec::new(),
+                probs: Vec::new(),
+                other,
+                prompt_tokens: 0,
+                generated_tokens: 0,
+                image_features: None,
+            },
+            accuracy: accuracy.to_vec(),
+            image: PathBuf::new(),
+        }
+        .target()
+    }
+
+    fn close(a: &[f64], b: &[f64]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12)
+    }
+
+    #[test]
+    fn the_temperature_target_keeps_partial_credit_off_the_answer() {
+        // VQA accuracy 2/3 (two of the humans): a third of the mass is some other answer, not
+        // the whole of it on the candidate (which drove the fit to T = 0.05 on easy data).
+        let t = target(&[2.0 / 3.0, 0.0], true);
+        assert!(close(&t, &[2.0 / 3.0, 0.0, 1.0 / 3.0]), "{t:?}");
+        // Two candidates right in full: shared, nothing else.
+        assert!(close(&target(&[1.0, 1.0], true), &[0.5, 0.5, 0.0]));
+        assert!(close(&target(&[0.0, 0.0], true), &[0.0, 0.0, 1.0]));
+        // CLIP has no "other" column: the accuracies alone.
+        assert!(close(&target(&[2.0 / 3.0, 0.0], false), &[2.0 / 3.0, 0.0]));
     }
 }

@@ -527,6 +527,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     if let Some(t) = outcome.abstention.temperature {
         println!("temperature {t:.4} (fitted on the validation questions)");
     }
+    if let Some(why) = &outcome.temperature_skipped {
+        println!("no temperature (the probabilities are kept as they are): {why}");
+    }
     if let Some(g) = &outcome.abstention.guarantee {
         // The questions whose image the check flags are declined, so not part of the test.
         let flagged = outcome.count.saturating_sub(g.questions);
