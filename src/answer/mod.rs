@@ -515,7 +515,8 @@ impl BellaVqa {
         };
         // A caller's threshold replaces the whole calibrated rule, the image check included.
         let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
-        let abstained = score < threshold || unfamiliar_image;
+        // A score that is not a number (a stored selector from elsewhere) declines.
+        let abstained = score.is_nan() || score < threshold || unfamiliar_image;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = render_response(
             &self.template,

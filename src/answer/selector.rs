@@ -241,8 +241,10 @@ impl Logistic {
                 self.weights.len()
             ));
         }
-        if self.scale.iter().any(|s| *s <= 0.0) {
-            return Err("the learned selector has a non-positive feature scale".into());
+        // The fit's scales are ≥ 1e-12 (a standard deviation above it, or 1); below, a feature's
+        // standardised value overflows and the score is not a number.
+        if self.scale.iter().any(|s| s.is_nan() || *s < 1e-12) {
+            return Err("the learned selector has a feature scale below 1e-12: recalibrate".into());
         }
         Ok(())
     }
@@ -519,6 +521,12 @@ mod tests {
         let back: Selector = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
         assert!(back.check().is_ok());
+        // A scale that makes a standardised feature overflow (hand-edited) is refused.
+        let Selector::Learned(mut m) = l else {
+            unreachable!()
+        };
+        m.scale[0] = 5e-324;
+        assert!(Selector::Learned(m).check().is_err());
     }
 
     #[test]
