@@ -823,6 +823,8 @@ fn calibration_rates_out_of_reach_are_refused_with_what_to_ask_instead() {
         ("--target-risk", "0", "(0, 1)"),
         ("--target-risk", "1.5", "(0, 1)"),
         ("--image-check-alpha", "1e-300", "[0.0001, 1)"),
+        // Before any question is answered (it failed after all of them).
+        ("--target-coverage", "0", "(0, 1]"),
     ] {
         let err = fails(bella().args([
             "calibrate",

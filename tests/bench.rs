@@ -874,6 +874,10 @@ fn objectives_parse() {
         Objective::TargetCoverage(0.85)
     );
     assert!(Objective::parse("coverage0").is_err());
+    // The same ranges as --target-risk: risk 1 always holds, 0 is never certified.
+    assert!(Objective::parse("risk1").is_err());
+    assert!(Objective::parse("risk0").is_err());
+    assert!(Objective::parse("phi1e308").is_err());
     assert!(Objective::parse("accuracy").is_err());
     assert_eq!(Objective::TargetCoverage(0.85).describe(), "coverage>=0.85");
     assert_eq!(Objective::Phi(10.0).describe(), "max phi_10");

@@ -45,11 +45,12 @@ impl Objective {
         };
         let parsed = if let Some(rest) = t.strip_prefix("phi") {
             number(rest)
-                .filter(|c| c.is_finite() && *c >= 0.0)
+                .filter(|c| (0.0..=1e6).contains(c))
                 .map(Objective::Phi)
         } else if let Some(rest) = t.strip_prefix("risk") {
+            // As --target-risk: risk 1 always holds, risk 0 is never certified.
             number(rest)
-                .filter(|r| (0.0..=1.0).contains(r))
+                .filter(|r| *r > 0.0 && *r < 1.0)
                 .map(Objective::TargetRisk)
         } else if let Some(rest) = t.strip_prefix("coverage") {
             number(rest)
@@ -60,8 +61,9 @@ impl Objective {
         };
         parsed.with_context(|| {
             format!(
-                "objective {s:?}: use phi1, phi10 or phi100 (max Φ_c), risk0.05 (or --target-risk \
-                 0.05) or coverage0.85 (or --target-coverage 0.85)"
+                "objective {s:?}: use phi1, phi10 or phi100 (max Φ_c, c in [0, 1e6]), risk0.05 \
+                 (or --target-risk 0.05; in (0, 1)) or coverage0.85 (or --target-coverage 0.85; \
+                 in (0, 1])"
             )
         })
     }

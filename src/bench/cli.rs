@@ -46,6 +46,11 @@ fn parse_unit(s: &str) -> std::result::Result<f64, String> {
     parse_number(s, |x| (0.0..=1.0).contains(&x), "[0, 1]")
 }
 
+/// A share of the questions to answer: in (0, 1] (answering none measures nothing).
+fn parse_coverage(s: &str) -> std::result::Result<f64, String> {
+    parse_number(s, |x| x > 0.0 && x <= 1.0, "(0, 1]")
+}
+
 fn parse_open_unit(s: &str) -> std::result::Result<f64, String> {
     parse_number(s, |x| x > 0.0 && x < 1.0, "(0, 1)")
 }
@@ -212,7 +217,7 @@ pub struct CalibrateArgs {
     #[arg(long, value_parser = parse_risk, conflicts_with_all = ["objective", "target_coverage"])]
     pub target_risk: Option<f64>,
     /// Or answer at least this share of the validation questions (e.g. 0.85).
-    #[arg(long, value_parser = parse_unit, conflicts_with = "objective")]
+    #[arg(long, value_parser = parse_coverage, conflicts_with = "objective")]
     pub target_coverage: Option<f64>,
     /// Or maximise effective reliability: phiC, Φ_c with cost c per wrong answer (e.g. phi1,
     /// phi10, phi100).
