@@ -627,6 +627,17 @@ fn train_options_out_of_range_name_the_option() {
             && !err.contains("Some("),
         "{err}"
     );
+    // Beside a pattern that matches, one that matches nothing (a reversed range, a typo) is
+    // named too: it was dropped without a word.
+    for idle in ["language_model.layers.2-1.*.k_proj", "bogus"] {
+        let targets = format!("q_proj,{idle}");
+        let err = fails(&mut train(&data, &["--targets", &targets]));
+        assert!(
+            err.contains(&format!("the target {idle:?} matches no layer")),
+            "{err}"
+        );
+    }
+    assert!(!data.out().join(PARTICLES_FILE).exists());
 }
 
 #[test]

@@ -190,6 +190,10 @@ mod target_tests {
     }
 }
 
+/// What a target pattern may be, in words (errors).
+const TARGET_PATTERNS: &str = "patterns: a module name such as q_proj, or a path with * and \
+     layer ranges N-M (N ≤ M) such as language_model.layers.24-31.*.q_proj";
+
 /// How the B factors start.
 #[derive(Clone, Copy, Debug)]
 pub enum InitB {
@@ -266,16 +270,31 @@ pub fn attach<M: ParticleModel + ?Sized>(
             spec.targets,
         );
     }
-    if adapted.is_empty() {
-        let example = model
+    let example = || {
+        model
             .linears()
             .first()
             .map(|(n, _)| format!("; layer names look like {n:?}"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    };
+    if adapted.is_empty() {
         bail!(
-            "no layer matches the targets {:?}{example} (patterns: a module name such as q_proj, \
-             or a path with * and layer ranges such as language_model.layers.24-31.*.q_proj)",
+            "no layer matches the targets {:?}{} ({TARGET_PATTERNS})",
             spec.targets,
+            example()
+        );
+    }
+    // A pattern that adds nothing beside others that do is a typo (a reversed range, a
+    // misspelt name) the user would never see.
+    if let Some(idle) = spec
+        .targets
+        .iter()
+        .find(|t| !adapted.iter().any(|path| target_matches(t, path)))
+    {
+        bail!(
+            "the target {idle:?} matches no layer that runs{} ({TARGET_PATTERNS}); fix it or \
+             leave it out",
+            example()
         );
     }
     Ok(adapted)
