@@ -898,6 +898,12 @@ fn bench_counts_of_zero_are_refused() {
         err.contains("--bootstrap") && err.contains("100000"),
         "{err}"
     );
+    // So few that an interval's end is not even one resample: refused too.
+    let err = fails(&mut bench(&data.data(), &data.out(), &["--bootstrap", "5"]));
+    assert!(
+        err.contains("--bootstrap") && err.contains("at least 50"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -103,6 +103,11 @@ where
     {
         bail!("paired bootstrap: the runs do not hold the same questions");
     }
+    // A file of one question is the same in every resample: its metrics would get intervals of
+    // width 0, and any difference would look certain. No intervals then.
+    if sizes.contains(&1) {
+        return Ok(Vec::new());
+    }
     (0..b.resamples)
         .into_par_iter()
         .map(|r| {
@@ -279,6 +284,10 @@ mod tests {
         assert!((lo - 0.03).abs() < 1e-12 && (hi - 0.03).abs() < 1e-12);
         assert!(significant(&diffs[1]["mean"]));
         assert!(single[2]["mean"][0] < single[0]["mean"][1]);
+        // One question: every resample alike, so no intervals (every difference looked certain).
+        let one = [vec![vec![0.0]], vec![vec![1.0]]];
+        let r: Vec<&[Vec<f64>]> = one.iter().map(|g| g.as_slice()).collect();
+        assert!(paired(&r, &Bootstrap::default(), mean_metric).unwrap()[0].is_empty());
         // Different questions cannot be paired.
         let other = [vec![data.clone()], vec![values(10, 9)]];
         let r: Vec<&[Vec<f64>]> = other.iter().map(|g| g.as_slice()).collect();

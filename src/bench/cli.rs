@@ -81,8 +81,16 @@ fn parse_positive(s: &str) -> std::result::Result<usize, String> {
 /// their width; more only costs time (each resample recomputes every metric).
 pub const MAX_BOOTSTRAP: usize = 100_000;
 
+/// The fewest bootstrap resamples: each end of a 95 % interval is 2.5 % of them, so with fewer
+/// than 50 it is not even one resample and the interval can miss the point estimate itself.
+pub const MIN_BOOTSTRAP: usize = 50;
+
 fn parse_bootstrap(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {
+        Ok(n) if n > 0 && n < MIN_BOOTSTRAP => Err(format!(
+            "{s} resamples are too few for a 95 % interval: use at least {MIN_BOOTSTRAP} (1000 is \
+             plenty), or 0 for no intervals"
+        )),
         Ok(n) if n <= MAX_BOOTSTRAP => Ok(n),
         Ok(_) => Err(format!(
             "{s} resamples is more than the {MAX_BOOTSTRAP} that bench allows (1000 is plenty)"
