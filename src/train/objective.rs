@@ -4,12 +4,15 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::data::normalize::normalize_answer;
 use crate::data::VqaExample;
 use crate::models::image::{load_image, ImageProcessor};
 use crate::models::prompt::Prompter;
 
 /// The answer an example is trained towards: `multiple_choice_answer` when the data has one,
-/// else the most frequent human answer (ties: the first).
+/// else the most frequent human answer as VQAv2 derives that field: answers counted together when
+/// they normalise alike ("Blue", "blue." and "blue" are one answer; [`normalize_answer`]), empty
+/// ones left out; of the winning answer, its most frequent spelling. Ties: the first given.
 pub fn target_answer(ex: &VqaExample) -> Option<String> {
     if let Some(a) = ex
         .extra
@@ -18,14 +21,62 @@ pub fn target_answer(ex: &VqaExample) -> Option<String> {
     {
         return Some(a.to_string());
     }
-    let mut best: Option<(&String, usize)> = None;
-    for a in &ex.answers {
-        let n = ex.answers.iter().filter(|b| *b == a).count();
+    let normalized: Vec<Option<String>> = ex
+        .answers
+        .iter()
+        .map(|a| Some(normalize_answer(a)).filter(|n| !n.is_empty()))
+        .collect();
+    let answer = most_frequent(&normalized)?;
+    let spellings: Vec<Option<&String>> = ex
+        .answers
+        .iter()
+        .zip(&normalized)
+        .map(|(a, n)| (*n == normalized[answer]).then_some(a))
+        .collect();
+    most_frequent(&spellings).map(|i| ex.answers[i].clone())
+}
+
+/// The index of the first of the most frequent keys (`None` left out; ties: the first).
+fn most_frequent<K: PartialEq>(keys: &[Option<K>]) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, k) in keys.iter().enumerate() {
+        let Some(k) = k else { continue };
+        let n = keys.iter().filter(|o| o.as_ref() == Some(k)).count();
         if best.is_none_or(|(_, m)| n > m) {
-            best = Some((a, n));
+            best = Some((i, n));
         }
     }
-    best.map(|(a, _)| a.clone())
+    best.map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(answers: &[&str]) -> VqaExample {
+        VqaExample {
+            question_id: "q".into(),
+            image: "i.png".into(),
+            question: "?".into(),
+            answers: answers.iter().map(|a| a.to_string()).collect(),
+            answer_type: None,
+            extra: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_target_is_the_most_frequent_answer_once_normalised() {
+        // "Blue" counts with "blue": three votes against two, and "blue" is its usual spelling.
+        let ex = example(&["Blue", "green", "blue", "green", "blue"]);
+        assert_eq!(target_answer(&ex).as_deref(), Some("blue"));
+        // Empty answers do not win; ties go to the first given.
+        assert_eq!(
+            target_answer(&example(&["", "", "two", "2", "red"])).as_deref(),
+            Some("two")
+        );
+        assert_eq!(target_answer(&example(&["", " "])), None);
+        assert_eq!(target_answer(&example(&[])), None);
+    }
 }
 
 /// The token ids of one training sequence: prompt, answer, end token.
