@@ -443,6 +443,17 @@ fn vqav2_pair_reads_with_and_without_data_subtype() {
         // read_dataset picks the same reader; the image folder defaults to the file's folder.
         let via = read_dataset(&q, Some(&a), Some(&images), &STRICT).unwrap();
         assert_eq!(via.examples, data.examples);
+
+        // COCO 2017's names (the bare id), as the images come today: found too.
+        for id in [42u64, 7] {
+            fs::rename(
+                images.join(format!("COCO_val2014_{id:012}.jpg")),
+                images.join(format!("{id:012}.jpg")),
+            )
+            .unwrap();
+        }
+        let data = read_vqav2(&q, &a, &images, &STRICT).unwrap();
+        assert_eq!(data.examples[0].image, images.join("000000000042.jpg"));
     }
 }
 

@@ -350,7 +350,8 @@ pub fn write_jsonl(path: &Path, examples: &[VqaExample]) -> anyhow::Result<()> {
 /// question_id}], "data_subtype": "val2014"}`) and the annotations JSON (`{"annotations":
 /// [{question_id, image_id, answers: [{answer, answer_confidence, answer_id}], answer_type,
 /// multiple_choice_answer, question_type}]}`). Images are `COCO_{data_subtype}_{image_id:012}.jpg`
-/// in `image_dir` (or in `image_dir/{data_subtype}/`); without `data_subtype`, any file in
+/// or COCO 2017's `{image_id:012}.jpg` in `image_dir` (or in `image_dir/{data_subtype}/`);
+/// without `data_subtype`, any file in
 /// `image_dir` whose name ends in `_{image_id:012}.jpg` (or is `{image_id:012}.jpg`). `image_id`,
 /// `multiple_choice_answer` and `question_type` are kept in `extra`.
 pub fn read_vqav2(
@@ -605,16 +606,20 @@ fn coco_image(
     index: &mut Option<HashMap<u64, Vec<PathBuf>>>,
 ) -> Result<PathBuf, String> {
     if let Some(sub) = subtype {
-        let name = format!("COCO_{sub}_{image_id:012}.jpg");
-        let direct = image_dir.join(&name);
-        if !direct.exists() {
-            let nested = image_dir.join(sub).join(&name);
-            if nested.exists() {
-                return Ok(nested);
-            }
-        }
-        // A missing file is reported by the image check with this path.
-        return Ok(direct);
+        // COCO 2014's names, then COCO 2017's bare ids, in the folder or its `sub` folder.
+        let direct = image_dir.join(format!("COCO_{sub}_{image_id:012}.jpg"));
+        let bare = format!("{image_id:012}.jpg");
+        let found = [
+            image_dir
+                .join(sub)
+                .join(direct.file_name().unwrap_or_default()),
+            image_dir.join(&bare),
+            image_dir.join(sub).join(&bare),
+        ]
+        .into_iter()
+        .find(|p| !direct.exists() && p.exists());
+        // A missing file is reported by the image check with the 2014 name.
+        return Ok(found.unwrap_or(direct));
     }
     if index.is_none() {
         *index = Some(index_coco_images(image_dir)?);
