@@ -88,14 +88,19 @@ type Result<T> = std::result::Result<T, MetricError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NormalizeMode {
-    /// As the official `vqaEval.py`: every answer is whitespace-cleaned, but punctuation, number
-    /// words, articles and contractions are normalised only when the human answers are not all
-    /// identical (after cleaning). So a model answer "Yes" scores 0 against ten "yes".
-    #[default]
+    /// As the official `vqaEval.py` on the answer as generated: every answer is
+    /// whitespace-cleaned, but punctuation, number words, articles, contractions and case are
+    /// normalised only when the human answers are not all identical (after cleaning). So a model
+    /// answer "Yes" scores 0 against ten "yes": the challenge expects answers prepared for
+    /// submission.
     Official,
-    /// As lmms-eval's VQAv2 task: always normalise the model answer and every human answer (with
-    /// the same official normalisation; lmms-eval's copy also treats `1,,2` as digit-comma-digit,
-    /// a difference this crate does not reproduce).
+    /// The default: always normalise the model answer and every human answer (with the official
+    /// normalisation), as a generated answer is prepared for scoring by lmms-eval's VQAv2 task
+    /// and LLaVA's VQAv2 submission script (EvalAI's answer processor; those leave the human
+    /// answers alone when they agree, which VQAv2's are, normalised already; lmms-eval's copy
+    /// also treats `1,,2` as digit-comma-digit, a difference this crate does not reproduce).
+    /// "Yes" scores 1 against ten "yes".
+    #[default]
     Always,
 }
 
@@ -807,7 +812,7 @@ pub struct SummaryOptions {
 impl Default for SummaryOptions {
     fn default() -> Self {
         Self {
-            mode: NormalizeMode::Official,
+            mode: NormalizeMode::default(),
             n_bins: DEFAULT_BINS,
             costs: vec![1.0, 10.0, 100.0],
             risk_targets: vec![0.01, 0.05, 0.10],

@@ -212,7 +212,7 @@ fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
         let acc = metrics::vqa_accuracy(
             s["answer"].as_str().unwrap(),
             &answers,
-            NormalizeMode::Official,
+            NormalizeMode::Always,
         );
         assert_eq!(s["accuracy"].as_f64().unwrap(), acc);
         let ood = s["split"].as_str().unwrap().starts_with("ood-");
@@ -319,7 +319,7 @@ fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
     let c = &r["config"];
     assert_eq!(c["adapters"]["particles"], P);
     assert_eq!(c["adapters"]["method"], "ensemble");
-    assert_eq!(c["normalize"], "official");
+    assert_eq!(c["normalize"], "always");
     assert_eq!(c["threshold"], 0.5);
     assert_eq!(c["data"].as_array().unwrap().len(), 4);
     assert_eq!(r["progress"]["complete"], true);
@@ -424,7 +424,7 @@ fn shards_merge_into_the_single_run() {
     let other = shards.path().join("other");
     let mut opts = options(&other);
     opts.shard = Some(Shard::new(2, 3).unwrap());
-    opts.normalize = NormalizeMode::Always;
+    opts.normalize = NormalizeMode::Official;
     run(&opts);
     let e = err(&[dirs[0].clone(), dirs[1].clone(), other]);
     assert!(
@@ -512,7 +512,7 @@ fn an_interrupted_run_resumes_without_losing_or_duplicating_answers() {
     // Restarting with other settings is refused and leaves the samples alone.
     let before = std::fs::read(&path).unwrap();
     let mut other = options(out.path());
-    other.normalize = NormalizeMode::Always;
+    other.normalize = NormalizeMode::Official;
     let e = format!(
         "{:#}",
         bench::run(vqa_with_particles(), &spec(), &other).unwrap_err()

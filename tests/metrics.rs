@@ -230,6 +230,8 @@ fn vqa_accuracy_official_rule() {
     let yes = vec!["yes"; 10];
     assert_eq!(vqa_accuracy("Yes", &yes, NormalizeMode::Official), 0.0);
     assert_eq!(vqa_accuracy("Yes", &yes, NormalizeMode::Always), 1.0);
+    // A generated "Yes" is right by default, as lmms-eval and LLaVA's submission script score it.
+    assert_eq!(vqa_accuracy("Yes", &yes, NormalizeMode::default()), 1.0);
     assert_eq!(vqa_accuracy(" yes\n", &yes, NormalizeMode::Official), 1.0); // whitespace always
     let mixed = [
         "yes", "yes", "yes", "yes", "Yes.", "no", "no", "no", "no", "no",

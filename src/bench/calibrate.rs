@@ -170,7 +170,7 @@ impl CalibrateOptions {
         Self {
             data,
             objective,
-            normalize: NormalizeMode::Official,
+            normalize: NormalizeMode::default(),
             limit: None,
             skip_bad: false,
             progress: false,

@@ -20,8 +20,9 @@ fn parse_normalize(s: &str) -> std::result::Result<NormalizeMode, String> {
         "official" => Ok(NormalizeMode::Official),
         "always" => Ok(NormalizeMode::Always),
         _ => Err(format!(
-            "{s:?}: use official (normalise only when the human answers differ, as vqaEval.py) \
-             or always (as lmms-eval)"
+            "{s:?}: use always (normalise every answer, as lmms-eval and LLaVA's submission script \
+             prepare a generated answer) or official (vqaEval.py on the answer as generated: \
+             normalise only when the human answers differ)"
         )),
     }
 }
@@ -146,8 +147,11 @@ pub struct BenchArgs {
     /// Answer only slice i of n (questions whose position % n == i); combine with `bench merge`.
     #[arg(long, value_name = "i/n", value_parser = parse_shard)]
     pub shard: Option<Shard>,
-    /// Answer normalisation for VQA accuracy: official (vqaEval.py) or always (lmms-eval).
-    #[arg(long, default_value = "official", value_parser = parse_normalize)]
+    /// Answer normalisation for VQA accuracy: always (every answer normalised, as lmms-eval and
+    /// LLaVA's submission script prepare a generated answer: "Yes" is right against ten "yes") or
+    /// official (vqaEval.py on the answer as generated: normalised only when the human answers
+    /// differ). results.json has both.
+    #[arg(long, default_value = "always", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
     /// Skip bad data records and unreadable images (listed in the results) instead of stopping.
     #[arg(long)]
@@ -231,8 +235,9 @@ pub struct CalibrateArgs {
     /// phi10, phi100).
     #[arg(long)]
     pub objective: Option<String>,
-    /// Answer normalisation for VQA accuracy: official or always.
-    #[arg(long, default_value = "official", value_parser = parse_normalize)]
+    /// Answer normalisation for VQA accuracy (what counts as right): always or official (see
+    /// `bench --help`).
+    #[arg(long, default_value = "always", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
     /// Only the first N validation questions.
     #[arg(long, value_name = "N", value_parser = parse_positive)]

@@ -115,7 +115,7 @@ impl BenchOptions {
             out: out.into(),
             limit: None,
             shard: None,
-            normalize: NormalizeMode::Official,
+            normalize: NormalizeMode::default(),
             skip_bad: false,
             progress: false,
             threshold: None,

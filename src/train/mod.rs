@@ -989,7 +989,7 @@ impl<'a> Objective<'a> {
             let answers = self.particle_answers(model, ex, particles)?;
             let scores: Vec<f64> = answers
                 .iter()
-                .map(|a| vqa_accuracy(a, &ex.answers, NormalizeMode::Official))
+                .map(|a| vqa_accuracy(a, &ex.answers, NormalizeMode::default()))
                 .collect();
             acc += scores.iter().sum::<f64>() / scores.len() as f64;
             let normalized: Vec<String> = answers.iter().map(|a| normalize_answer(a)).collect();
