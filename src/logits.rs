@@ -75,7 +75,7 @@ pub fn prompt_outputs(
                 bail!("a CLIP model scores an image against the prompt: pass --image");
             };
             let max_len = m.config().text_config.max_position_embeddings;
-            let (ids, mask) = prompter.encode_clip_batch(&[prompt.to_string()], max_len)?;
+            let (ids, mask) = prompter.encode_clip_batch(&[prompt.to_string()], max_len, true)?;
             let len = ids[0].len();
             let input_ids = Tensor::from_vec(ids.concat(), (1, len), &Device::Cpu)?;
             let mask = Tensor::from_vec(mask.concat(), (1, len), &Device::Cpu)?;

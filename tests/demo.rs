@@ -96,7 +96,7 @@ fn demo_clip_matches_transformers() {
     let (rows, masks) = loaded
         .prompter()
         .unwrap()
-        .encode_clip_batch(&texts, max_len)
+        .encode_clip_batch(&texts, max_len, false)
         .unwrap();
     assert_eq!(rows, ids(get(&r, "clip.input_ids")));
     assert_eq!(masks, ids(get(&r, "clip.attention_mask")));
@@ -437,6 +437,20 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
     assert_eq!(by_name["particles"], default["particles"]);
     let clip = ask_json(&["--model", "demo:clip", "--image", IMAGE, QUESTION]);
     assert_eq!(clip["answer"], "red", "{clip}");
+    // A question too long for CLIP's 32 text positions with its answer is refused (cut on the
+    // right, every answer scored alike and the reply contradicted its particle), not answered.
+    let long = format!("Is the shape {}red?", "really ".repeat(40));
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["ask", "--model", "demo:clip", "--image"])
+        .arg(repo(IMAGE))
+        .arg(&long)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("longer than the 32 tokens"),
+        "{err}"
+    );
     // A CLIP without candidate answers cannot answer anything: refused at load (a server
     // would otherwise say it is ready).
     let bare = bella_vqa::BellaVqa::load(

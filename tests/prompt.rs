@@ -327,7 +327,7 @@ fn clip_text_ids_equal_transformers() {
         .iter()
         .map(|t| t.as_str().unwrap().to_string())
         .collect();
-    let (ids, mask) = p.encode_clip_batch(&texts, 32).unwrap();
+    let (ids, mask) = p.encode_clip_batch(&texts, 32, true).unwrap();
     assert_eq!(ids, rows(&r["text.input_ids"]));
     assert_eq!(mask, rows(&r["text.attention_mask"]));
     // the tokens transformers printed
@@ -346,7 +346,7 @@ fn clip_text_ids_equal_transformers() {
         assert_eq!(got, want);
     }
     // tokenizer(texts, padding=True, truncation=True, max_length=8)
-    let (ids, mask) = p.encode_clip_batch(&texts, 8).unwrap();
+    let (ids, mask) = p.encode_clip_batch(&texts, 8, true).unwrap();
     assert_eq!(
         ids,
         vec![
@@ -355,6 +355,13 @@ fn clip_text_ids_equal_transformers() {
         ]
     );
     assert_eq!(mask, vec![vec![1; 8], vec![1; 8]]);
+    // A question-and-answer text is not cut (its answer is at the end): refused instead.
+    let e = p
+        .encode_clip_batch(&texts, 8, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("longer than the 8 tokens"), "{e}");
+    assert!(p.encode_clip_batch(&texts, 32, false).is_ok());
     // tokenizer.decode
     let row = rows(&r["text.input_ids"])[0].clone();
     assert_eq!(

@@ -369,15 +369,37 @@ impl BellaVqa {
     }
 
     /// How many answer tokens fit after the prompt of `question` in the model's positions
-    /// (`None`: no limit, CLIP).
+    /// (`None`: no limit, CLIP, once its texts fit: [`Self::check_clip_texts_fit`]).
     pub fn answer_room(&self, question: &str) -> Result<Option<usize>> {
+        self.check_clip_texts_fit(question)?;
         Ok(self
             .prompt_and_positions(question)?
             .map(|(prompt, positions)| positions.saturating_sub(prompt)))
     }
 
+    /// CLIP: refuses a question whose text with an answer of the vocabulary
+    /// ([`candidates::clip_prompt`]) passes the text encoder's positions (the answer would be cut
+    /// off and every answer score alike).
+    fn check_clip_texts_fit(&self, question: &str) -> Result<()> {
+        let Model::Clip(m) = &self.loaded.model else {
+            return Ok(());
+        };
+        let texts: Vec<String> = self
+            .vocabulary
+            .iter()
+            .flatten()
+            .map(|a| candidates::clip_prompt(question, a))
+            .collect();
+        let positions = m.config().text_config.max_position_embeddings;
+        self.loaded
+            .prompter()?
+            .encode_clip_batch(&texts, positions, false)?;
+        Ok(())
+    }
+
     /// Checks that the prompt of `question` plus `max_new_tokens` fits the model's positions.
     pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
+        self.check_clip_texts_fit(question)?;
         if let Some((prompt, positions)) = self.prompt_and_positions(question)? {
             if prompt + max_new_tokens > positions {
                 bail!(

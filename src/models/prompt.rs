@@ -1174,7 +1174,14 @@ impl Prompter {
     /// kept), padded on the RIGHT to the longest with the pad token, like
     /// `tokenizer(texts, padding=True, truncation=True, max_length=max_len)`, except that
     /// special-token strings inside the texts stay text (see [`Self::encode_question`]).
-    pub fn encode_clip_batch(&self, texts: &[String], max_len: usize) -> Result<IdsAndMasks> {
+    /// Without `truncate`, a text longer than `max_len` is refused instead: a question-and-answer
+    /// text cut on the right loses its answer, and every answer would score alike.
+    pub fn encode_clip_batch(
+        &self,
+        texts: &[String],
+        max_len: usize,
+        truncate: bool,
+    ) -> Result<IdsAndMasks> {
         let pad = self.pad_id.ok_or_else(|| {
             anyhow!("the tokenizer has no pad token, so a batch cannot be padded")
         })?;
@@ -1192,9 +1199,16 @@ impl Prompter {
             .iter()
             .map(|t| {
                 check_user_text("text", t)?;
-                tk.encode(t.as_str(), true)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| anyhow!("tokenizing failed: {e}"))
+                let e = tk
+                    .encode(t.as_str(), true)
+                    .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+                if !truncate && !e.get_overflowing().is_empty() {
+                    bail!(
+                        "{t:?} is longer than the {max_len} tokens CLIP's text encoder reads, so \
+                         its end would be cut off: shorten the question"
+                    );
+                }
+                Ok(e.get_ids().to_vec())
             })
             .collect::<Result<Vec<_>>>()?;
         let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);

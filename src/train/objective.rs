@@ -255,7 +255,7 @@ pub fn clip_particle_nll(
         .flat_map(|ex| vocabulary.iter().map(|a| clip_prompt(&ex.question, a)))
         .collect();
     let max_len = model.config().text_config.max_position_embeddings;
-    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len)?;
+    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len, false)?;
     let len = ids[0].len();
     let ids = Tensor::from_vec(ids.concat(), (rows * k, len), &Device::Cpu)?;
     let mask = Tensor::from_vec(mask.concat(), (rows * k, len), &Device::Cpu)?;
