@@ -646,12 +646,35 @@ fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
     // A prior this narrow makes the loss infinite at the first step.
     let err = fails(&mut train(&data, &["--prior-std", "1e-30"]));
     assert!(
-        err.contains("diverged at step 0")
+        err.contains("diverged at step 1")
+            && err.contains("in a new --out")
             && err.contains("--prior-std")
             && err.contains("no checkpoint was written yet"),
         "{err}"
     );
     assert!(!data.out().join(PARTICLES_FILE).exists());
+    // Diverging right after a checkpoint: the message says that checkpoint is where the step
+    // began (it was called "the last good particles" and may be what diverged).
+    let data = DataDir::new(&good_lines());
+    let err = fails(
+        bella()
+            .args(["train", "--model"])
+            .arg(llava_dir())
+            .arg("--data")
+            .arg(data.data())
+            .arg("--out")
+            .arg(data.out())
+            .args(["--epochs", "4", "--batch-size", "1", "--particles", "2"])
+            .args([
+                "--rank", "2", "--dtype", "f16", "--lr", "1", "--alpha", "1000",
+            ])
+            .args(["--checkpoint-every", "1"]),
+    );
+    assert!(
+        err.contains("this step started from the particles of checkpoint")
+            && err.contains("may be what diverged"),
+        "{err}"
+    );
 }
 
 #[test]

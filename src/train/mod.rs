@@ -683,7 +683,16 @@ pub fn train(
         let loss = per_particle.sum_all()?;
         let loss_value = loss.to_scalar::<f32>()? as f64 / p as f64;
         if !loss_value.is_finite() {
+            // Checkpoints are named by the steps done: this step started from `step-{step}`.
             let kept = match checkpoint::latest(&run.out)? {
+                Some(dir) if dir.ends_with(format!("step-{step:08}")) => format!(
+                    "this step started from the particles of checkpoint {} (published in {}), so \
+                     they may be what diverged: check them with `ask`; earlier checkpoints are \
+                     kept in {}",
+                    dir.display(),
+                    run.out.display(),
+                    checkpoint::checkpoints_dir(&run.out).display()
+                ),
                 Some(dir) => format!(
                     "the last good particles are in {} (checkpoint {})",
                     run.out.display(),
@@ -692,8 +701,10 @@ pub fn train(
                 None => "no checkpoint was written yet".to_string(),
             };
             bail!(
-                "training diverged at step {step} (loss {loss_value}): lower --lr, or check --alpha, \
-                 --init-b-std and --prior-std (and try --dtype bf16 or f32 after f16); {kept}"
+                "training diverged at step {} (loss {loss_value}): lower --lr, or check --alpha, \
+                 --init-b-std and --prior-std (and try --dtype bf16 or f32 after f16), in a new \
+                 --out (--resume keeps the settings a run began with); {kept}",
+                step + 1
             );
         }
         let grads = loss.backward()?;
