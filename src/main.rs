@@ -1,6 +1,6 @@
 //! The `bella-vqa` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -817,6 +817,16 @@ fn read_data(
 }
 
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
+    let inputs: Vec<(&str, &Path)> = [
+        ("--data", Some(args.data.as_path())),
+        ("--annotations", args.annotations.as_deref()),
+        ("--val", args.val.as_deref()),
+        ("--val-annotations", args.val_annotations.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(option, path)| Some((option, path?)))
+    .collect();
+    train::check_inputs_are_not_outputs(&args.out, &inputs)?;
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     let mut loaded = args.model.load(cli)?;
     // A question without an answer (a test set's) has nothing to train on.

@@ -641,6 +641,32 @@ fn train_options_out_of_range_name_the_option() {
 }
 
 #[test]
+fn train_refuses_input_files_it_would_write_over() {
+    // The data saved as train_log.jsonl in the folder given as --out: the log's clean-up cut it to
+    // its log lines (60 questions became 1 line).
+    let data = DataDir::new(&good_lines());
+    let folder = data.data().parent().unwrap().to_path_buf();
+    let log = folder.join("train_log.jsonl");
+    std::fs::copy(data.data(), &log).unwrap();
+    let before = std::fs::read(&log).unwrap();
+    let err = fails(
+        bella()
+            .args(["train", "--model"])
+            .arg(llava_dir())
+            .arg("--data")
+            .arg(&log)
+            .arg("--out")
+            .arg(&folder)
+            .args(["--particles", "2", "--rank", "2", "--max-steps", "1"]),
+    );
+    assert!(
+        err.contains("--data") && err.contains("a file train writes"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), before);
+}
+
+#[test]
 fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
     let data = DataDir::new(&good_lines());
     // A prior this narrow makes the loss infinite at the first step.

@@ -164,6 +164,43 @@ pub struct RunOptions {
     pub model_source: String,
 }
 
+/// The training log in the output directory: one [`Evaluation`] a line.
+pub const LOG_FILE: &str = "train_log.jsonl";
+/// The summary of a run in the output directory ([`TrainSummary`]).
+pub const SUMMARY_FILE: &str = "train_summary.json";
+
+/// Refuses input files (`--data`, `--val`, their annotations) that are files `train` writes or
+/// rewrites in `out`: a data file named `train_log.jsonl` in `out` was cut to the log's lines.
+pub fn check_inputs_are_not_outputs(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(out) else {
+        return Ok(()); // Not there yet: nothing in it to write over.
+    };
+    let written = [
+        crate::bella::particles::PARTICLES_FILE,
+        crate::bella::particles::CONFIG_FILE,
+        crate::data::seen::FILE,
+        LOG_FILE,
+        SUMMARY_FILE,
+    ];
+    for (option, input) in inputs {
+        let Ok(path) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let over = (path.parent() == Some(out.as_path()) && written.contains(&name))
+            || path.starts_with(checkpoint::checkpoints_dir(&out));
+        if over {
+            bail!(
+                "{option} {} is a file train writes in --out {}: move it out of there, or choose \
+                 another --out",
+                input.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One line of `train_log.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Evaluation {
@@ -242,7 +279,7 @@ fn write_summary(
         diversity: diversity::summarize(&points),
     };
     crate::io::write_bytes_atomically(
-        &out.join("train_summary.json"),
+        &out.join(SUMMARY_FILE),
         &serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary.diversity)
@@ -601,7 +638,7 @@ pub fn train(
         answer_vocabulary: objective.vocabulary(),
         particles_sha256: None,
     };
-    let log_path = run.out.join("train_log.jsonl");
+    let log_path = run.out.join(LOG_FILE);
     truncate_log(&log_path, start_step)?;
     let mut log = crate::io::AppendFile::open(&log_path, None)?;
 
