@@ -683,6 +683,14 @@ fn fixing_records_skip_bad_left_out_continues_the_run_with_its_answers() {
         (first.answered_now, first.results.progress.bad_records),
         (6, 1)
     );
+    // The record left out is listed with its line and why.
+    let bad = std::fs::read_to_string(out.join("bad_records.jsonl")).unwrap();
+    let bad: Value = serde_json::from_str(bad.trim()).unwrap();
+    assert_eq!(
+        (bad["split"].as_str(), bad["line"].as_u64()),
+        (Some("test"), Some(3))
+    );
+    assert!(bad["file"].as_str().unwrap().ends_with("questions.jsonl"));
 
     // An answered question changed meanwhile: refused, naming it; nothing is touched.
     let samples = out.join("samples.jsonl");
@@ -720,6 +728,7 @@ fn fixing_records_skip_bad_left_out_continues_the_run_with_its_answers() {
     assert_eq!((second.resumed, second.answered_now), (6, 1));
     let p = &second.results.progress;
     assert_eq!((p.answered, p.bad_records, p.complete), (7, 0, true));
+    assert!(!out.join("bad_records.jsonl").exists());
     let fresh = tmp.path().join("fresh");
     let mut whole = opts.clone();
     whole.out = fresh.clone();

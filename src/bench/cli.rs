@@ -153,7 +153,8 @@ pub struct BenchArgs {
     /// differ). results.json has both.
     #[arg(long, default_value = "always", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
-    /// Skip bad data records and unreadable images (listed in the results) instead of stopping.
+    /// Skip bad data records and unreadable images instead of stopping (listed with why in
+    /// bad_records.jsonl and skipped.jsonl).
     #[arg(long)]
     pub skip_bad: bool,
     /// Abstain below this selector score (default: the particles' calibrated threshold, else 0.5).

@@ -204,24 +204,11 @@ pub fn merge(
     }
     merged.write(out)?;
     write_samples(&out.join(SAMPLES_FILE), &ordered)?;
-    let mut lines = Vec::new();
-    for r in &runs {
-        serde_json::to_writer(&mut lines, r)?;
-        lines.push(b'\n');
-    }
-    crate::io::write_bytes_atomically(&out.join(results::RUNS_FILE), &lines)?;
-    let skipped_path = out.join(results::SKIPPED_FILE);
-    if skipped.is_empty() {
-        if skipped_path.exists() {
-            crate::io::remove_file(&skipped_path)?;
-        }
-    } else {
-        let mut lines = Vec::new();
-        for q in &skipped {
-            serde_json::to_writer(&mut lines, q)?;
-            lines.push(b'\n');
-        }
-        crate::io::write_bytes_atomically(&skipped_path, &lines)?;
-    }
+    crate::io::write_bytes_atomically(&out.join(results::RUNS_FILE), &results::json_lines(&runs)?)?;
+    results::replace_lines(&out.join(results::SKIPPED_FILE), &skipped)?;
+    // The same data in every shard: the first one's list of bad records.
+    let bad: Vec<results::BadRecordLine> =
+        results::read_lines(&dirs[0].join(results::BAD_RECORDS_FILE))?;
+    results::replace_lines(&out.join(results::BAD_RECORDS_FILE), &bad)?;
     super::finalize(out, bootstrap)
 }

@@ -6,6 +6,7 @@
 //! OUT/samples.jsonl      one line per answered question (design §10), appended and flushed
 //! OUT/runs.jsonl         one line per invocation (time, answers, peak memory)
 //! OUT/skipped.jsonl      questions that could not be answered with --skip-bad
+//! OUT/bad_records.jsonl  data records --skip-bad left out while reading, with why
 //! OUT/results.json       metric name → value, details, progress, timing, config
 //! OUT/report.md, report.html, reliability.svg, risk_coverage.svg
 //! ```
@@ -31,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
@@ -451,31 +452,18 @@ fn renumber_answers(out: &Path, sets: &[EvalSet], shard: Option<Shard>) -> Resul
             );
         }
     }
-    crate::io::write_bytes_atomically(&samples_path, &json_lines(&existing.samples)?)?;
+    crate::io::write_bytes_atomically(&samples_path, &results::json_lines(&existing.samples)?)?;
     let skipped_path = out.join(results::SKIPPED_FILE);
-    let skipped: Vec<SkippedQuestion> = results::read_lines(&skipped_path)?;
-    if !skipped.is_empty() {
-        let renumbered: Vec<SkippedQuestion> = skipped
-            .into_iter()
-            .filter_map(|mut q| {
-                let &(k, _) = positions.get(&(q.split.as_str(), q.question_id.as_str()))?;
-                q.index = k;
-                Some(q)
-            })
-            .collect();
-        crate::io::write_bytes_atomically(&skipped_path, &json_lines(&renumbered)?)?;
-    }
+    let renumbered: Vec<SkippedQuestion> = results::read_lines::<SkippedQuestion>(&skipped_path)?
+        .into_iter()
+        .filter_map(|mut q| {
+            let &(k, _) = positions.get(&(q.split.as_str(), q.question_id.as_str()))?;
+            q.index = k;
+            Some(q)
+        })
+        .collect();
+    results::replace_lines(&skipped_path, &renumbered)?;
     Ok(existing.samples.len())
-}
-
-/// Values as JSON lines.
-fn json_lines<T: serde::Serialize>(values: &[T]) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    for v in values {
-        serde_json::to_writer(&mut bytes, v).context("serialising a record")?;
-        bytes.push(b'\n');
-    }
-    Ok(bytes)
 }
 
 /// The first differences, one a line: a recalibration differs in every element of the image
@@ -519,6 +507,19 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let mut config = run_config(vqa, model, opts, &sets)?;
     crate::io::create_dir_all(&opts.out)?;
     check_or_write_config(&opts.out, &mut config, &sets, opts.progress)?;
+    // The records --skip-bad left out, with why: of the data as it is now.
+    let bad: Vec<results::BadRecordLine> = sets
+        .iter()
+        .flat_map(|s| {
+            s.skipped.iter().map(|b| results::BadRecordLine {
+                split: s.record.split.clone(),
+                file: crate::io::stored_path(&b.file),
+                line: b.line,
+                reason: b.reason.clone(),
+            })
+        })
+        .collect();
+    results::replace_lines(&opts.out.join(results::BAD_RECORDS_FILE), &bad)?;
 
     let samples_path = opts.out.join(SAMPLES_FILE);
     let existing = read_samples(&samples_path)?;

@@ -23,6 +23,19 @@ pub const RESULTS_FILE: &str = "results.json";
 pub const RUNS_FILE: &str = "runs.jsonl";
 /// One line per question that could not be answered with `--skip-bad` (e.g. an unreadable image).
 pub const SKIPPED_FILE: &str = "skipped.jsonl";
+/// One line per data record `--skip-bad` left out while reading (bad JSON, a missing field, …).
+pub const BAD_RECORDS_FILE: &str = "bad_records.jsonl";
+
+/// A data record left out while reading (with `--skip-bad`), and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BadRecordLine {
+    pub split: String,
+    pub file: String,
+    /// The 1-based line (JSONL); absent for JSON formats, where `reason` names the question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    pub reason: String,
+}
 
 /// One invocation of `bench` on a directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -652,6 +665,27 @@ pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+/// Values as JSON lines.
+pub fn json_lines<T: Serialize>(values: &[T]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for v in values {
+        serde_json::to_writer(&mut bytes, v).context("serialising a record")?;
+        bytes.push(b'\n');
+    }
+    Ok(bytes)
+}
+
+/// Replaces the auxiliary log `path` with `values`, atomically; without values, removes it.
+pub fn replace_lines<T: Serialize>(path: &Path, values: &[T]) -> Result<()> {
+    if values.is_empty() {
+        if path.exists() {
+            crate::io::remove_file(path)?;
+        }
+        return Ok(());
+    }
+    crate::io::write_bytes_atomically(path, &json_lines(values)?)
 }
 
 /// Appends one JSON line (flushed and synced).

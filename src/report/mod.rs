@@ -392,7 +392,10 @@ pub fn write_report(
             String::new()
         },
         if p.bad_records > 0 {
-            format!(", {} bad records left out of the data", p.bad_records)
+            format!(
+                ", {} bad records left out of the data (see bad_records.jsonl)",
+                p.bad_records
+            )
         } else {
             String::new()
         },
