@@ -472,6 +472,13 @@ fn a_bare_vqav2_file_name_finds_its_images_in_the_working_directory() {
         .arg(&model)
         .args(["--data", q.file_name().unwrap().to_str().unwrap()])
         .args(["--annotations", a.file_name().unwrap().to_str().unwrap()])
+        // The same pair as validation questions, with their own annotations and images.
+        .arg("--val")
+        .arg(&q)
+        .arg("--val-annotations")
+        .arg(&a)
+        .arg("--val-images")
+        .arg(&images)
         .args(["--out", "run"])
         .output()
         .unwrap();
@@ -480,7 +487,10 @@ fn a_bare_vqav2_file_name_finds_its_images_in_the_working_directory() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(images.join("run").join("results.json").is_file());
+    let results: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(images.join("run").join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["validation"]["count"], 1, "{results}");
 }
 
 #[test]

@@ -141,6 +141,12 @@ pub struct BenchArgs {
     /// on the test questions themselves, flagged in the results).
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// VQAv2: the annotations JSON of --val.
+    #[arg(long, requires = "val")]
+    pub val_annotations: Option<PathBuf>,
+    /// The image folder of --val (VQAv2/VizWiz; JSONL: replaces the file's folder).
+    #[arg(long, requires = "val")]
+    pub val_images: Option<PathBuf>,
     /// Only the first N questions of every data file.
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub limit: Option<usize>,
@@ -345,7 +351,11 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             annotations: args.annotations.clone(),
             images: args.images.clone(),
         },
-        val: args.val.clone().map(DataInput::new),
+        val: args.val.clone().map(|path| DataInput {
+            path,
+            annotations: args.val_annotations.clone(),
+            images: args.val_images.clone(),
+        }),
         ood: args.ood_data.iter().cloned().map(DataInput::new).collect(),
         out: out.clone(),
         limit: args.limit,

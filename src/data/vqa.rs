@@ -853,7 +853,8 @@ pub fn read_dataset(
                     Some(a) => vqav2_from_top(path, &top, a, &image_dir, opts),
                     None => bail!(
                         "{} is a VQAv2 questions file; it needs its annotations file \
-                         (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations",
+                         (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
+                         (--annotations for --data, --val-annotations for --val)",
                         path.display()
                     ),
                 },
