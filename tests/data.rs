@@ -132,8 +132,9 @@ fn write_jsonl_keeps_images_outside_the_folder_absolute() {
 fn numeric_question_id_and_relative_paths() {
     let dir = folder();
     let abs = dir.path().join("images/2.png");
+    // The second record after a byte-order mark: a file saved on Windows concatenated in.
     let text = format!(
-        "{}\n\n  \n{}\r\n",
+        "{}\n\n  \n\u{feff}{}\r\n",
         json!({"question_id": 17, "image": "images/1.png", "question": "Q?", "answers": ["x"]}),
         json!({"question_id": "q2", "image": abs, "question": "Q?", "answers": ["y"], "answer_type": null, "note": [1, 2]})
     );

@@ -276,12 +276,8 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
                 continue;
             }
         };
-        let text = if line_no == 1 {
-            text.trim_start_matches('\u{feff}')
-        } else {
-            text
-        };
-        let text = text.trim();
+        // A byte-order mark starts the file, or a file concatenated into it (Windows editors).
+        let text = text.trim_start_matches('\u{feff}').trim();
         if text.is_empty() {
             continue;
         }
