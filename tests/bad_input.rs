@@ -641,6 +641,27 @@ fn train_options_out_of_range_name_the_option() {
 }
 
 #[test]
+fn a_clip_trained_on_one_answer_is_refused() {
+    // Both questions answer "red": a CLIP would always say "red" with confidence 1.
+    let data = DataDir::new(&good_lines());
+    let err = fails(
+        bella()
+            .args(["train", "--model"])
+            .arg(fixture("clip-tiny"))
+            .arg("--data")
+            .arg(data.data())
+            .arg("--out")
+            .arg(data.out())
+            .args(["--particles", "2", "--rank", "2", "--max-steps", "1"]),
+    );
+    assert!(
+        err.contains("every training question has the answer \"red\""),
+        "{err}"
+    );
+    assert!(!data.out().join(PARTICLES_FILE).exists());
+}
+
+#[test]
 fn train_refuses_input_files_it_would_write_over() {
     // The data saved as train_log.jsonl in the folder given as --out: the log's clean-up cut it to
     // its log lines (60 questions became 1 line).

@@ -939,6 +939,15 @@ impl<'a> Objective<'a> {
             }
             Model::Clip(_) => {
                 let vocabulary = clip_vocabulary(train, MAX_CLIP_VOCABULARY);
+                // A CLIP answers from the training answers: one of them would always be the
+                // answer, with confidence 1, and nothing could abstain.
+                if let [only] = vocabulary.as_slice() {
+                    bail!(
+                        "every training question has the answer {only:?}: a CLIP answers from the \
+                         training answers, so it would always say {only:?}; give questions with \
+                         at least two different answers"
+                    );
+                }
                 let targets = train
                     .iter()
                     .map(|ex| {
