@@ -516,3 +516,37 @@ fn legacy_llama_normalizer_is_rebuilt() {
         want.encode(text, 25).unwrap()
     );
 }
+
+/// A LLaVA checkpoint whose tokenizer.json has the legacy LLaMA normaliser (Prepend "▁" +
+/// Replace, no pre-tokeniser), as older hub files do: transformers 5.24 loads a LLaVA's tokenizer
+/// with the file as it is (TokenizersBackend; checked: `AutoProcessor` gives `<image>…, ▁, \n, …`
+/// where `LlamaTokenizer` would drop the `▁`), so the ids are the raw `tokenizers` file's, with
+/// the `▁` after the image tokens that LLaVA-1.5 was trained with.
+#[test]
+fn a_llava_tokenizer_with_the_legacy_normaliser_is_used_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("llava-tiny-hub");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let path = dir.path().join("tokenizer.json");
+    let mut tj: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tj["normalizer"] = json!({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]});
+    tj["pre_tokenizer"] = Value::Null;
+    std::fs::write(&path, tj.to_string()).unwrap();
+    let raw = tokenizers::Tokenizer::from_file(&path).unwrap();
+
+    let p = Prompter::from_dir(dir.path(), None).unwrap();
+    let question = "What is it?";
+    let ids = p.encode_question(question, true, 3, None).unwrap();
+    let prompt = p
+        .expand_image_tokens(&p.render_question(question, true).unwrap(), 3)
+        .unwrap();
+    assert_eq!(ids, raw.encode(prompt.as_str(), true).unwrap().get_ids());
+    let image = p.image_token_id().unwrap();
+    let after = ids.iter().rposition(|&t| t == image).unwrap() + 1;
+    assert_eq!(raw.id_to_token(ids[after]).as_deref(), Some("▁"), "{ids:?}");
+}

@@ -7,9 +7,10 @@
 //!   methods through `minijinja-contrib`'s `pycompat`, and `{% generation %}` accepted);
 //! * each `<image>` is expanded in the TEXT to one token per image feature before tokenising;
 //! * text is tokenised with `tokenizer.json` and special tokens added by its post-processor.
-//!   For `LlamaTokenizer` checkpoints the normaliser / pre-tokeniser / decoder are rebuilt the way
-//!   `transformers` 5 rebuilds them (a Metaspace pre-tokeniser instead of the legacy normaliser
-//!   some hub files carry), so ids match `transformers` and not only the raw `tokenizers` file.
+//!   For a `LlamaTokenizer` outside a LLaVA checkpoint the normaliser / pre-tokeniser / decoder
+//!   are rebuilt the way `transformers` 5's `LlamaTokenizer` rebuilds them (a Metaspace
+//!   pre-tokeniser instead of the legacy normaliser some hub files carry); a LLaVA checkpoint's
+//!   file is used as it is, as `transformers` loads it, so ids match `transformers`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -772,8 +773,16 @@ impl Prompter {
             }
         }
 
-        // Tokenizer pipeline as transformers builds it.
-        if family == Family::Llama && explicit_class {
+        // Tokenizer pipeline as transformers builds it: its `LlamaTokenizer` rebuilds the file's
+        // pipeline, but LLaVA checkpoints are loaded with the file as it is (`TokenizersBackend`,
+        // transformers 5.24's MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), so a legacy normaliser
+        // stays and gives the `▁` after `<image>` that LLaVA-1.5 was trained with.
+        let file_as_is = model_config
+            .as_ref()
+            .and_then(|c| c.get("model_type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| matches!(t, "llava" | "llava_next" | "vipllava"));
+        if family == Family::Llama && explicit_class && !file_as_is {
             patch_llama_tokenizer_json(&mut tj, tokenizer_config.as_ref());
         }
         // With a tokenizer.json, transformers ignores `add_bos_token` / `add_eos_token` from
