@@ -224,6 +224,23 @@ fn missing_field_and_wrong_type_name_the_field() {
             "every answer is empty",
         ),
         (json!(["not", "an", "object"]), "expected a JSON object"),
+        // What other formats call these fields, and image references that are not files.
+        (
+            json!({"question_id": "q", "image": "images/1.png", "question": "Q?", "answer": "a"}),
+            "this record has \"answer\": give it as \"answers\"",
+        ),
+        (
+            json!({"question_id": "q", "image": "images/1.png", "text": "Q?", "answers": ["a"]}),
+            "this record has \"text\": rename it to \"question\"",
+        ),
+        (
+            json!({"question_id": "q", "image": "data:image/png;base64,iVBOR", "question": "Q?", "answers": ["a"]}),
+            "is a URL",
+        ),
+        (
+            json!({"question_id": "q", "image": {"bytes": null, "path": "1.png"}, "question": "Q?", "answers": ["a"]}),
+            "Hugging Face datasets",
+        ),
     ];
     for (value, needle) in cases {
         write(
@@ -237,6 +254,16 @@ fn missing_field_and_wrong_type_name_the_field() {
             "{needle}: {text}"
         );
     }
+    // An integer id too large to read exactly: said so, with the way out.
+    write(
+        &path,
+        r#"{"question_id": 123456789012345678901234, "image": "images/1.png", "question": "Q?", "answers": ["a"]}"#,
+    );
+    let (text, _) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert!(
+        text.contains("too large") && text.contains("as a string"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -73,9 +73,25 @@ impl VqaExample {
             None => return Err(missing("question_id", "a unique string or integer id")),
         };
         let image = match map.remove("image") {
+            Some(Value::String(s)) if is_url(&s) => {
+                return Err(format!(
+                    "field \"image\" is a URL ({}…); a data file names image files: save the \
+                     image and give its path",
+                    s.chars().take(24).collect::<String>()
+                ))
+            }
             Some(Value::String(s)) if !s.trim().is_empty() => PathBuf::from(s),
             Some(Value::String(_)) => {
                 return Err("field \"image\" is empty; give the image file's path".into())
+            }
+            // What Hugging Face datasets' `to_json` writes for an Image feature.
+            Some(Value::Object(o)) if o.contains_key("bytes") || o.contains_key("path") => {
+                return Err(
+                    "field \"image\" is an image object (Hugging Face datasets' \
+                     {\"bytes\", \"path\"}); a data file names image files: save the images \
+                     and give each one's path as a string"
+                        .into(),
+                )
             }
             Some(v) => return Err(wrong_type("image", "a string (the image file's path)", &v)),
             None => {
@@ -87,7 +103,13 @@ impl VqaExample {
         };
         let question = match map.remove("question") {
             Some(v) => non_empty_string("question", &v)?,
-            None => return Err(missing("question", "the question text")),
+            None => {
+                let instead = present(&map, &["text", "prompt", "query"])
+                    .map_or(String::new(), |k| {
+                        format!(" (this record has \"{k}\": rename it to \"question\")")
+                    });
+                return Err(missing("question", "the question text") + &instead);
+            }
         };
         let answers =
             match map.remove("answers") {
@@ -96,7 +118,10 @@ impl VqaExample {
                     "answers",
                     "the human answers as a list of strings, e.g. \"answers\": [\"red\", \"red\"] \
                      (use [] for a test set without answers)",
-                )),
+                ) + &present(&map, &["answer", "label", "gt_answer"])
+                    .map_or(String::new(), |k| {
+                        format!(" (this record has \"{k}\": give it as \"answers\": [\"…\"])")
+                    })),
             };
         let answer_type = answer_type(map.remove("answer_type"))?;
         Ok(VqaExample {
@@ -1085,6 +1110,19 @@ fn missing(field: &str, what: &str) -> String {
     format!("missing field \"{field}\"; add {what}")
 }
 
+/// The first of `keys` (what other formats call a field) that the record has.
+fn present<'k>(map: &Map<String, Value>, keys: &[&'k str]) -> Option<&'k str> {
+    keys.iter().copied().find(|k| map.contains_key(*k))
+}
+
+/// Whether an image reference is a URL rather than a file path.
+fn is_url(s: &str) -> bool {
+    let lower = s.trim_start().to_ascii_lowercase();
+    ["data:", "http://", "https://"]
+        .iter()
+        .any(|p| lower.starts_with(p))
+}
+
 fn wrong_type(field: &str, expected: &str, found: &Value) -> String {
     format!(
         "field \"{field}\" must be {expected}, found {}",
@@ -1099,6 +1137,15 @@ fn parse_question_id(v: &Value) -> Result<String, String> {
             Err("field \"question_id\" is empty; give every question a unique id".into())
         }
         Value::Number(n) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+        Value::Number(n)
+            if n.as_f64()
+                .is_some_and(|x| x.fract() == 0.0 && x.abs() > 1e15) =>
+        {
+            Err(format!(
+                "field \"question_id\" is an integer too large to read exactly ({n}); write it as \
+                 a string (in quotes)"
+            ))
+        }
         Value::Number(n) => Err(format!(
             "field \"question_id\" must be a string or an integer, found {n}"
         )),
