@@ -461,6 +461,19 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
     .unwrap();
     let err = format!("{:#}", bare.check_ready().unwrap_err());
     assert!(err.contains("--answers"), "{err}");
+    // A candidate answer that leaves no room for any question: refused with its name, rather
+    // than refusing every question for being too long.
+    let mut bare = bare;
+    let long = "word ".repeat(40);
+    let err = format!(
+        "{:#}",
+        bare.set_answer_vocabulary(vec!["red".into(), long.clone()])
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("candidate answer") && err.contains(long.trim()),
+        "{err}"
+    );
 
     let world = tempfile::tempdir().unwrap();
     bella_vqa::data::generate(&bella_vqa::data::ShapesOptions {

@@ -274,8 +274,6 @@ impl BellaVqa {
         Ok(())
     }
 
-    /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
-    /// vocabulary is an error rather than a silently ignored option.
     /// Fails when a question could not be answered whatever it is: a CLIP model without an
     /// answer vocabulary (neither `--answers` nor particles trained with one). A server checks
     /// this before it says it is ready.
@@ -291,11 +289,28 @@ impl BellaVqa {
         Ok(())
     }
 
+    /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
+    /// vocabulary is an error rather than a silently ignored option; so is an answer too long for
+    /// CLIP's text encoder even after an empty question (every question would be refused).
     pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
-        if let Model::Llava(_) = self.loaded.model {
+        let Model::Clip(m) = &self.loaded.model else {
             bail!(
                 "an answer vocabulary (--answers) applies only to CLIP models; this LLaVA generates its answers"
             );
+        };
+        let positions = m.config().text_config.max_position_embeddings;
+        let prompter = self.loaded.prompter()?;
+        for a in &answers {
+            let text = candidates::clip_prompt("", a);
+            if prompter
+                .encode_clip_batch(&[text], positions, false)
+                .is_err()
+            {
+                bail!(
+                    "the candidate answer {a:?} is too long for CLIP's {positions} text positions, \
+                     even after an empty question: shorten it or leave it out (--answers)"
+                );
+            }
         }
         self.vocabulary = Some(answers);
         Ok(())
