@@ -659,6 +659,30 @@ fn a_clip_trained_on_one_answer_is_refused() {
         "{err}"
     );
     assert!(!data.out().join(PARTICLES_FILE).exists());
+    // A question too long for CLIP's text positions with an answer: named before training.
+    let long = format!("Is it {}red?", "really ".repeat(200));
+    let mut lines = good_lines();
+    lines.push(
+        serde_json::json!({"question_id": "q3", "image": "images/square.png",
+                           "question": long, "answers": ["blue"]})
+        .to_string(),
+    );
+    let data = DataDir::new(&lines);
+    let err = fails(
+        bella()
+            .args(["train", "--model"])
+            .arg(fixture("clip-tiny"))
+            .arg("--data")
+            .arg(data.data())
+            .arg("--out")
+            .arg(data.out())
+            .args(["--particles", "2", "--rank", "2", "--max-steps", "1"]),
+    );
+    assert!(
+        err.contains("training question q3") && err.contains("shorten the question"),
+        "{err}"
+    );
+    assert!(!data.out().exists(), "no empty log left behind");
 }
 
 #[test]

@@ -23,7 +23,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::answer::candidates::clip_candidates;
+use crate::answer::candidates::{clip_candidates, clip_prompt};
 use crate::answer::generate::{generate, GenerateOptions, Sampling};
 use crate::bella::particles::{hash_weights, BaseModel, ParticleConfig, ParticleSet};
 use crate::bella::svgd::{
@@ -937,7 +937,7 @@ impl<'a> Objective<'a> {
                     stop,
                 })
             }
-            Model::Clip(_) => {
+            Model::Clip(m) => {
                 let vocabulary = clip_vocabulary(train, MAX_CLIP_VOCABULARY);
                 // A CLIP answers from the training answers: one of them would always be the
                 // answer, with confidence 1, and nothing could abstain.
@@ -947,6 +947,19 @@ impl<'a> Objective<'a> {
                          training answers, so it would always say {only:?}; give questions with \
                          at least two different answers"
                     );
+                }
+                // Every question must fit CLIP's text positions with the longest answer.
+                let positions = m.config().text_config.max_position_embeddings;
+                let longest = vocabulary
+                    .iter()
+                    .max_by_key(|a| prompter.count_text_tokens(a).unwrap_or(usize::MAX))
+                    .cloned()
+                    .unwrap_or_default();
+                for ex in train {
+                    let text = clip_prompt(&ex.question, &longest);
+                    prompter
+                        .encode_clip_batch(&[text], positions, false)
+                        .with_context(|| format!("training question {}", ex.question_id))?;
                 }
                 let targets = train
                     .iter()
