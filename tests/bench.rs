@@ -518,7 +518,7 @@ fn an_interrupted_run_resumes_without_losing_or_duplicating_answers() {
         bench::run(vqa_with_particles(), &spec(), &other).unwrap_err()
     );
     assert!(
-        e.contains("different benchmark run") && e.contains("normalize"),
+        e.contains("different benchmark run") && e.contains("pass --normalize always"),
         "{e}"
     );
     let base = BellaVqa::load(&source(), None, &LoadOptions::default()).unwrap();

@@ -537,7 +537,10 @@ impl BellaVqa {
             self.temperature,
         )
         .map_err(anyhow::Error::msg)?;
-        let score = self.selector.score(&facts);
+        let raw_score = self.selector.score(&facts);
+        // A score that is not a number (a stored selector from elsewhere) declines, and is
+        // recorded as the lowest (JSON has no NaN: it would read back as no score at all).
+        let score = if raw_score.is_nan() { 0.0 } else { raw_score };
         let (threshold, calibrated) = match (opts.threshold, self.calibrated_threshold) {
             (Some(t), _) => (t, false),
             (None, Some(t)) => (t, true),
@@ -552,8 +555,7 @@ impl BellaVqa {
         };
         // A caller's threshold replaces the whole calibrated rule, the image check included.
         let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
-        // A score that is not a number (a stored selector from elsewhere) declines.
-        let abstained = score.is_nan() || score < threshold || unfamiliar_image;
+        let abstained = raw_score.is_nan() || score < threshold || unfamiliar_image;
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = render_response(
             &self.template,

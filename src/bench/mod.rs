@@ -359,9 +359,18 @@ fn check_or_write_config(
         let diffs = old.differences(config, true, false);
         if !diffs.is_empty() {
             if !only_data_changed(&old, config) {
+                // Runs begun before `always` became the default continue with the option.
+                let hint = if old.normalize != config.normalize {
+                    format!(
+                        "; to continue it, pass --normalize {} as it was begun with",
+                        crate::report::normalize_name(old.normalize)
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
                     "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse \
-                     another --out, or delete the directory to start over",
+                     another --out, or delete the directory to start over{hint}",
                     out.display(),
                     first_differences(diffs)
                 );
