@@ -832,6 +832,11 @@ fn ask_options_out_of_range_name_the_option() {
         // Options that would do nothing are errors, not silence.
         (&["--top-p", "0.5"], "--temperature"),
         (&["--seed", "3"], "--temperature"),
+        // The prompt plus this many tokens wrapped around and passed the check.
+        (
+            &["--max-new-tokens", "18446744073709551615"],
+            "--max-new-tokens",
+        ),
     ];
     for (args, option) in cases {
         let mut cmd = ask(args);

@@ -416,7 +416,7 @@ impl BellaVqa {
     pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
         self.check_clip_texts_fit(question)?;
         if let Some((prompt, positions)) = self.prompt_and_positions(question)? {
-            if prompt + max_new_tokens > positions {
+            if prompt.saturating_add(max_new_tokens) > positions {
                 bail!(
                     "the prompt is {prompt} tokens (image and template included) and the answer may \
                      take {max_new_tokens} more, but the model has {positions} positions: shorten \

@@ -50,6 +50,9 @@ use worker::{Job, Loaded};
 /// The web page served at `/` (no build step, no external resources).
 pub const PAGE: &str = include_str!("page.html");
 
+/// The longest request deadline (`--timeout-secs`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How the server runs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -119,6 +122,14 @@ impl ServeOptions {
         }
         if self.timeout.is_zero() {
             anyhow::bail!("--timeout-secs must be at least 1");
+        }
+        // Deadlines are instants: a timeout near u64::MAX seconds overflowed them (a panic, or a
+        // server that closed every connection).
+        if self.timeout > MAX_TIMEOUT {
+            anyhow::bail!(
+                "--timeout-secs must be at most {} (a week)",
+                MAX_TIMEOUT.as_secs()
+            );
         }
         if self.max_image_pixels == 0 {
             anyhow::bail!("--max-image-pixels must be at least 1");
@@ -1183,6 +1194,24 @@ mod tests {
     use super::*;
     use futures_util::StreamExt as _;
     use serde_json::{json, Value};
+
+    #[test]
+    fn a_timeout_past_a_week_is_refused_before_serving() {
+        // u64::MAX seconds overflowed the deadlines: a panic, or every connection closed.
+        for secs in [u64::MAX, MAX_TIMEOUT.as_secs() + 1] {
+            let opts = ServeOptions {
+                timeout: Duration::from_secs(secs),
+                ..ServeOptions::default()
+            };
+            let e = opts.check().unwrap_err().to_string();
+            assert!(e.contains("--timeout-secs must be at most"), "{e}");
+        }
+        let week = ServeOptions {
+            timeout: MAX_TIMEOUT,
+            ..ServeOptions::default()
+        };
+        assert!(week.check().is_ok());
+    }
 
     /// The JSON of each `data:` line of the SSE bytes `text`.
     fn data(text: &str) -> Vec<Value> {
