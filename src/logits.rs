@@ -51,6 +51,18 @@ pub fn prompt_outputs(
                     prompter.encode_question(prompt, with_image, per_image, None)?,
                 )
             };
+            // Image tokens without an image would run on the placeholder's own embedding:
+            // logits no pipeline produces (transformers refuses the pair as well).
+            let image_tokens = prompter
+                .image_token_id()
+                .map_or(0, |t| ids.iter().filter(|&&i| i == t).count());
+            if pixel_values.is_none() && image_tokens > 0 {
+                bail!(
+                    "the prompt holds {image_tokens} image tokens but no --image was given: pass \
+                     the image, or leave {} out of the prompt",
+                    prompter.image_token().unwrap_or("<image>")
+                );
+            }
             let len = ids.len();
             let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
             let keep = vec![vec![true; len]];

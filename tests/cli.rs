@@ -152,6 +152,17 @@ fn bad_inputs_give_clear_errors() {
     );
     assert!(err.contains("notes.png"), "{err}");
     assert!(!out.exists(), "no output file on failure");
+    // A raw prompt with image tokens but no image: refused (it ran on the placeholder's own
+    // embedding, logits no pipeline produces).
+    let err = run_err(
+        bella()
+            .args(["logits", "--raw", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .args(["--prompt", "USER: <image> What? ASSISTANT:", "--out"])
+            .arg(&out),
+    );
+    assert!(err.contains("no --image was given"), "{err}");
+    assert!(!out.exists(), "no output file on failure");
     let err = run_err(bella().args(["inspect", "--model"]).arg(tmp.path()));
     assert!(
         err.contains("config.json") || err.contains("weights"),
