@@ -517,15 +517,18 @@ pub fn stored_model_source(model: &str) -> String {
     }
 }
 
-/// SHA-256 of a file's contents, lower-case hex (read in 1 MiB pieces).
-/// This program's cache directory: `$BELLA_VQA_CACHE`, else `~/.cache/bella-vqa` (the demo
-/// model and the file-hash cache live there).
+/// This program's cache directory: `$BELLA_VQA_CACHE`, else `~/.cache/bella-vqa`, else (no
+/// HOME) `bella-vqa` in the temporary directory (the demo model and the file-hash cache live
+/// there).
 pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("BELLA_VQA_CACHE") {
+    // An empty variable is unset (it meant the current directory), as for HOME.
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    match set("BELLA_VQA_CACHE") {
         Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/bella-vqa"))
-            .unwrap_or_else(std::env::temp_dir),
+        None => set("HOME").map_or_else(
+            || std::env::temp_dir().join("bella-vqa"),
+            |h| PathBuf::from(h).join(".cache/bella-vqa"),
+        ),
     }
 }
 
@@ -584,6 +587,7 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+/// SHA-256 of a file's contents, lower-case hex (read in 1 MiB pieces).
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut file =

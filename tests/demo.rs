@@ -185,6 +185,30 @@ fn ask_embedded(cache: &std::path::Path, image: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// An empty `BELLA_VQA_CACHE` is unset: the cache goes under HOME, not into the current
+/// directory (it did, as an empty path).
+#[test]
+fn an_empty_cache_variable_means_the_default_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .current_dir(cwd.path())
+        .env("BELLA_VQA_CACHE", "")
+        .env("HOME", home.path())
+        .args(["ask", "--quiet", "--image"])
+        .arg(repo(IMAGE))
+        .arg(QUESTION)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(home.path().join(".cache/bella-vqa").is_dir());
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+}
+
 /// The README's first command: no model argument, the embedded demo LLaVA with its calibrated
 /// particles (written to a fresh cache directory here). Its image check lets the shapes image
 /// through and declines a photograph (the README's third command).

@@ -593,6 +593,11 @@ fn other_image_sizes_work_and_bad_options_are_errors() {
     opts.image_size = 32;
     opts.n = 0;
     assert!(generate(&opts).is_err());
+    // Too many to hold: refused at once (u64::MAX overflowed the generator's guard, which then
+    // blamed itself as a bug; 1e18 grew memory until killed).
+    opts.n = usize::MAX;
+    let err = generate(&opts).unwrap_err().to_string();
+    assert!(err.contains("--n") && err.contains("1000000"), "{err}");
     // The module's defaults.
     let d = ShapesOptions::new("x");
     assert_eq!(d.image_size, shapes::DEFAULT_IMAGE_SIZE);

@@ -404,10 +404,17 @@ pub fn vocabulary() -> Vec<String> {
     words.into_iter().collect()
 }
 
+/// The most training questions one world holds (`--n`).
+pub const MAX_QUESTIONS: usize = 1_000_000;
+
 /// Generates the shapes world into `opts.out`.
 pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
-    if opts.n == 0 {
-        bail!("the number of training questions must be at least 1");
+    // Every question is kept in memory (a few KB each) until the files are written.
+    if !(1..=MAX_QUESTIONS).contains(&opts.n) {
+        bail!(
+            "the number of training questions (--n) must be 1 to {MAX_QUESTIONS}, not {}",
+            opts.n
+        );
     }
     if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&opts.image_size) {
         bail!(
