@@ -583,6 +583,14 @@ fn run(cli: &Cli) -> Result<()> {
             // Bad options fail before the (slow) model load.
             ask.validate()?;
             let vqa = vqa.load(cli.hub_options())?;
+            if temperature.is_some()
+                && matches!(vqa.model().model, bella_vqa::models::Model::Clip(_))
+            {
+                anyhow::bail!(
+                    "--temperature (with --top-p, --seed) samples a LLaVA's answers; a CLIP scores \
+                     its candidate answers and samples nothing: leave them out"
+                );
+            }
             let img = load_image(image)?;
             let response = vqa
                 .ask_with(&img, question, &ask)

@@ -475,6 +475,25 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
         !out.status.success() && err.contains("longer than the 32 tokens"),
         "{err}"
     );
+    // Sampling options mean nothing to a CLIP: refused, as --answers is on a LLaVA.
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args([
+            "ask",
+            "--model",
+            "demo:clip",
+            "--temperature",
+            "0.7",
+            "--image",
+        ])
+        .arg(repo(IMAGE))
+        .arg(QUESTION)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("samples nothing"),
+        "{err}"
+    );
     // A CLIP without candidate answers cannot answer anything: refused at load (a server
     // would otherwise say it is ready).
     let bare = bella_vqa::BellaVqa::load(
