@@ -553,3 +553,98 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
             .unwrap();
     assert_eq!(config["base_model"]["source"], "demo", "{config}");
 }
+
+/// A CLIP calibrated with one answer list refuses to answer from another with that calibration
+/// (its threshold and temperature are of the first list's probabilities; it answered "calibrated").
+#[test]
+fn a_clip_calibrated_with_one_answer_list_refuses_another() {
+    let world = tempfile::tempdir().unwrap();
+    bella_vqa::data::generate(&bella_vqa::data::ShapesOptions {
+        n: 12,
+        seed: 3,
+        ..bella_vqa::data::ShapesOptions::new(world.path())
+    })
+    .unwrap();
+    let particles = tempfile::tempdir().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let p = particles.path().join("p");
+    let train = run(&[
+        &os("train"),
+        &os("--model"),
+        &os("demo:clip"),
+        &os("--data"),
+        world.path().join("train.jsonl").as_os_str(),
+        &os("--out"),
+        p.as_os_str(),
+        &os("--particles"),
+        &os("2"),
+        &os("--max-steps"),
+        &os("1"),
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let list = |name: &str, answers: &str| {
+        let path = particles.path().join(name);
+        std::fs::write(&path, answers).unwrap();
+        path
+    };
+    let (a, b) = (
+        list("a.txt", "red\nblue\ngreen\n"),
+        list("b.txt", "red\nyellow\n"),
+    );
+    let calibrate = run(&[
+        &os("calibrate"),
+        &os("--model"),
+        &os("demo:clip"),
+        &os("--adapters"),
+        p.as_os_str(),
+        &os("--data"),
+        world.path().join("val.jsonl").as_os_str(),
+        &os("--answers"),
+        a.as_os_str(),
+        &os("--target-coverage"),
+        &os("0.5"),
+        &os("--no-image-check"),
+    ]);
+    assert!(
+        calibrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&calibrate.stderr)
+    );
+    let ask = |answers: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            os("ask"),
+            os("--model"),
+            os("demo:clip"),
+            os("--adapters"),
+            p.clone().into_os_string(),
+            os("--answers"),
+            answers.as_os_str().to_owned(),
+            os("--image"),
+            repo(IMAGE).into_os_string(),
+        ];
+        args.extend(extra.iter().map(|e| os(e)));
+        args.push(os(QUESTION));
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        run(&refs)
+    };
+    let other = ask(&b, &[]);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && err.contains("calibrated with another answer list"),
+        "{err}"
+    );
+    assert!(ask(&a, &[]).status.success());
+    // A threshold of the caller's replaces the calibrated rule: answered.
+    assert!(ask(&b, &["--threshold", "0.5"]).status.success());
+}

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::bella::particles::ParticleSet;
+use crate::bella::particles::{answers_sha256, ParticleSet};
 use crate::bella::ParticleModel;
 use crate::hub::{HubOptions, ModelSource};
 use crate::models::compute::ComputeOptions;
@@ -190,6 +190,9 @@ pub struct BellaVqa {
     temperature: f64,
     /// The calibrated image check (none without calibration, or calibrated without one).
     image_check: Option<ImageCheck>,
+    /// CLIP: the answer list the calibration was made with
+    /// ([`crate::bella::particles::Abstention::answers_sha256`]).
+    calibrated_answers: Option<String>,
     vocabulary: Option<Vec<String>>,
     template: minijinja::Environment<'static>,
 }
@@ -235,6 +238,7 @@ impl BellaVqa {
             selector: abstention.map(|a| a.selector.clone()).unwrap_or_default(),
             temperature: abstention.and_then(|a| a.temperature).unwrap_or(1.0),
             image_check: abstention.and_then(|a| a.image_check.clone()),
+            calibrated_answers: abstention.and_then(|a| a.answers_sha256.clone()),
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
@@ -499,8 +503,33 @@ impl BellaVqa {
             bail!("the question is empty: ask something about the image");
         }
         self.check_prompt_fits(text, q.options.max_new_tokens)?;
+        self.check_calibrated_answers(q.options)?;
         let pixels = self.loaded.image_processor()?.preprocess(q.image)?;
         Ok((text, pixels))
+    }
+
+    /// CLIP: the fingerprint of the answer list in use.
+    pub fn answers_sha256(&self) -> Option<String> {
+        match self.loaded.model {
+            Model::Clip(_) => self.vocabulary.as_deref().map(answers_sha256),
+            Model::Llava(_) => None,
+        }
+    }
+
+    /// Refuses answering with the calibrated rule from another CLIP answer list than the one it
+    /// was calibrated with: its threshold and temperature are of that list's probabilities.
+    fn check_calibrated_answers(&self, opts: &AskOptions) -> Result<()> {
+        if opts.threshold.is_some() {
+            return Ok(()); // The caller's threshold replaces the calibrated rule.
+        }
+        match (&self.calibrated_answers, self.answers_sha256()) {
+            (Some(calibrated), Some(now)) if *calibrated != now => bail!(
+                "these particles were calibrated with another answer list than the one answering \
+                 now (--answers): calibrate them with this list, or answer with the list they \
+                 were calibrated with"
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// The particles' candidates for questions that decode alike.

@@ -71,6 +71,15 @@ pub struct Abstention {
     /// Abstain on images unlike the validation images, whatever the score.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check: Option<ImageCheck>,
+    /// CLIP: the answer list the threshold was chosen with ([`answers_sha256`]); answering
+    /// from another list with this calibration is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers_sha256: Option<String>,
+}
+
+/// The fingerprint of a CLIP answer list: the sha256 of its answers, one a line.
+pub fn answers_sha256(answers: &[String]) -> String {
+    crate::io::sha256_bytes(answers.join("\n").as_bytes())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

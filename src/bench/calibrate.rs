@@ -543,6 +543,7 @@ pub fn calibrate(
         temperature,
         guarantee,
         image_check,
+        answers_sha256: vqa.answers_sha256(),
     };
     if !opts.dry_run {
         if let (Some(old), true) = (&previous, opts.progress) {

@@ -218,6 +218,7 @@ pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstentio
         temperature: None,
         guarantee: None,
         image_check: None,
+        answers_sha256: None,
     }
 }
 
