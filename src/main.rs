@@ -397,9 +397,39 @@ impl ModelArgs {
     }
 }
 
+/// What [`VqaArgs`] name, read and checked before the model is loaded.
+struct VqaInputs {
+    source: ModelSource,
+    opts: LoadOptions,
+    adapters: Option<PathBuf>,
+    template: Option<String>,
+    answers: Option<Vec<String>>,
+}
+
+impl VqaInputs {
+    /// Loads the model and its particles, with the template and answers.
+    fn load(self) -> Result<BellaVqa> {
+        let mut vqa = BellaVqa::load(&self.source, self.adapters.as_deref(), &self.opts)?;
+        if let Some(text) = &self.template {
+            vqa.set_response_template(text)?;
+        }
+        if let Some(answers) = self.answers {
+            vqa.set_answer_vocabulary(answers)?;
+        }
+        vqa.check_ready()?;
+        Ok(vqa)
+    }
+}
+
 impl VqaArgs {
     /// Loads the model and its particles (the demo's own particles when no model is given).
     fn load(&self, hub: HubOptions) -> Result<BellaVqa> {
+        self.inputs(hub)?.load()
+    }
+
+    /// Reads and checks what can be without the model: a typo in a file name should not cost a
+    /// model load (minutes for a real one), nor a server that says it listens and then stops.
+    fn inputs(&self, hub: HubOptions) -> Result<VqaInputs> {
         let source = self.model.source()?;
         let opts = LoadOptions {
             hub,
@@ -418,24 +448,32 @@ impl VqaArgs {
             }
             (_, a) => a.clone(),
         };
-        let mut vqa = BellaVqa::load(&source, adapters.as_deref(), &opts)?;
-        if let Some(path) = &self.template {
-            let text = bella_vqa::input::read_to_string(path, "response template")?;
-            vqa.set_response_template(&text)?;
-        }
+        let template = match &self.template {
+            Some(path) => {
+                let text = bella_vqa::input::read_to_string(path, "response template")?;
+                BellaVqa::check_response_template(&text)?;
+                Some(text)
+            }
+            None => None,
+        };
         // The demo CLIP's candidate answers ship with it.
         let answers = match (&self.answers, demo) {
-            (Some(path), _) => Some(path.clone()),
-            (None, Some(bella_vqa::demo::CLIP)) => {
-                Some(bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"))
-            }
+            (Some(path), _) => Some(bella_vqa::answer::read_answer_list(path)?),
+            (None, Some(bella_vqa::demo::CLIP)) => Some(bella_vqa::answer::read_answer_list(
+                &bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"),
+            )?),
             (None, _) => None,
         };
-        if let Some(path) = &answers {
-            vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(path)?)?;
+        if let Some(dir) = &adapters {
+            bella_vqa::bella::particles::ParticleSet::read_config(dir)?;
         }
-        vqa.check_ready()?;
-        Ok(vqa)
+        Ok(VqaInputs {
+            source,
+            opts,
+            adapters,
+            template,
+            answers,
+        })
     }
 
     /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
@@ -477,8 +515,8 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         cors_origins: args.cors_origins.clone(),
     };
     // The server listens (with /health saying "loading") while the worker loads the model.
-    let (vqa, hub) = (args.vqa.clone(), cli.hub_options());
-    bella_vqa::serve::run(opts, move || vqa.load(hub))
+    let inputs = args.vqa.inputs(cli.hub_options())?;
+    bella_vqa::serve::run(opts, move || inputs.load())
 }
 
 fn print_response(r: &Response, show_particles: bool) {

@@ -1277,3 +1277,24 @@ fn a_llava_without_a_chat_template_says_which_prompt_it_gets() {
     assert_eq!(summary["chat_template"], "chat_template.json");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
+
+#[test]
+fn a_server_with_a_bad_template_or_answers_file_stops_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("t.jinja");
+    std::fs::write(&template, "{% if %}").unwrap();
+    for (option, path, needle) in [
+        ("--template", template.clone(), "invalid response template"),
+        ("--answers", dir.path().join("missing.txt"), "missing.txt"),
+    ] {
+        let err = fails(
+            bella()
+                .args(["serve", "--port", "0", "--model"])
+                .arg(llava_dir())
+                .arg(option)
+                .arg(&path),
+        );
+        assert!(err.contains(needle), "{option}: {err}");
+        assert!(!err.contains("listening on"), "{option}: {err}");
+    }
+}

@@ -245,10 +245,17 @@ impl BellaVqa {
         })
     }
 
-    /// Replaces the response template (minijinja; see `prompts/response.jinja` for the variables).
-    /// It is tried on a sample of every kind of response (answered, abstained, an unfamiliar
-    /// image, "unanswerable"), so a template that cannot render fails here and not at each answer.
+    /// Replaces the response template (minijinja; see `prompts/response.jinja` for the variables),
+    /// checked by [`Self::check_response_template`].
     pub fn set_response_template(&mut self, source: &str) -> Result<()> {
+        self.template = Self::check_response_template(source)?;
+        Ok(())
+    }
+
+    /// Compiles a response template and tries it on a sample of every kind of response
+    /// (answered, abstained, an unfamiliar image, "unanswerable"), so a template that cannot
+    /// render fails here (before any model is loaded, if the caller likes) and not at each answer.
+    pub fn check_response_template(source: &str) -> Result<minijinja::Environment<'static>> {
         let mut env = minijinja::Environment::new();
         env.add_template_owned("response", source.to_string())
             .context("invalid response template")?;
@@ -274,8 +281,7 @@ impl BellaVqa {
                 )
             })?;
         }
-        self.template = env;
-        Ok(())
+        Ok(env)
     }
 
     /// Fails when a question could not be answered whatever it is: a CLIP model without an
