@@ -902,6 +902,38 @@ fn objectives_parse() {
 }
 
 #[test]
+fn compare_checks_every_particle_set_against_the_base_before_the_first_runs() {
+    // A copy of the particles recorded against other base weights, as the last entry.
+    let other = tempfile::tempdir().unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(particles().join(f), other.path().join(f)).unwrap();
+    }
+    let config = other.path().join("bella_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["base_model"]["weights"][0]["sha256"] = "0".repeat(64).into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.limit = Some(2);
+    let entries = vec![
+        CompareEntry::parse("base").unwrap(),
+        CompareEntry::parse(&format!("other={}", other.path().display())).unwrap(),
+    ];
+    let e = bench::compare(
+        &source(),
+        &spec(),
+        &entries,
+        &LoadOptions::default(),
+        &opts,
+        &|_| Ok(()),
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("--compare entry other"), "{e:#}");
+    // Refused before the base model's run: nothing was answered.
+    assert!(!out.path().join("base").exists());
+}
+
+#[test]
 fn compare_writes_one_table_over_the_same_questions() {
     let out = tempfile::tempdir().unwrap();
     let mut opts = options(out.path());

@@ -366,7 +366,12 @@ impl ParticleSet {
 
     /// Refuses a base whose weight files differ from the ones the particles were trained on.
     pub fn verify_base(&self, files: &ModelFiles) -> Result<()> {
-        let expected = &self.config.base_model.weights;
+        Self::verify_base_of(&self.config, files)
+    }
+
+    /// [`Self::verify_base`] of a particle set's config alone (before its factors are read).
+    pub fn verify_base_of(config: &ParticleConfig, files: &ModelFiles) -> Result<()> {
+        let expected = &config.base_model.weights;
         let sizes: Vec<(String, u64)> = files
             .weights
             .iter()
@@ -385,7 +390,7 @@ impl ParticleSet {
                 .all(|((n, b), e)| *n == e.name && *b == e.bytes);
         if !same_sizes || hash_weights(files)? != *expected {
             return Err(crate::error::ParticleError::BaseMismatch {
-                particles: self.config.base_model.source.clone(),
+                particles: config.base_model.source.clone(),
                 base: files.dir.clone(),
             }
             .into());

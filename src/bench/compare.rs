@@ -146,11 +146,21 @@ pub fn compare(
     opts: &BenchOptions,
     prepare: &dyn Fn(&mut BellaVqa) -> Result<()>,
 ) -> Result<(Comparison, Vec<PathBuf>)> {
-    // Every particle directory is read before the first entry runs: a typo in the last one
-    // should not cost the hours the others take.
+    // Every particle directory is read, and checked against the base's weights, before the
+    // first entry runs: a typo or another base in the last one should not cost the hours the
+    // others take (the weights' hashes are remembered, so the loads check them again cheaply).
+    let files = if entries.iter().any(|e| e.adapters.is_some()) && !load.skip_base_check {
+        Some(crate::hub::resolve(source, &load.hub)?)
+    } else {
+        None
+    };
     for e in entries {
         if let Some(dir) = &e.adapters {
-            ParticleSet::read_config(dir).with_context(|| format!("--compare entry {}", e.name))?;
+            let entry = || format!("--compare entry {}", e.name);
+            let config = ParticleSet::read_config(dir).with_context(entry)?;
+            if let Some(files) = &files {
+                ParticleSet::verify_base_of(&config, files).with_context(entry)?;
+            }
         }
     }
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
