@@ -458,6 +458,9 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
     let by_name = ask_json(&["--model", "demo", "--image", IMAGE, QUESTION]);
     let default = ask_json(&["--image", IMAGE, QUESTION]);
     assert_eq!(by_name["calibrated"], true, "{by_name}");
+    // Calibration is of greedy answers: sampled ones are not called calibrated.
+    let sampled = ask_json(&["--temperature", "0.7", "--image", IMAGE, QUESTION]);
+    assert_eq!(sampled["calibrated"], false, "{sampled}");
     assert_eq!(by_name["particles"], default["particles"]);
     let clip = ask_json(&["--model", "demo:clip", "--image", IMAGE, QUESTION]);
     assert_eq!(clip["answer"], "red", "{clip}");

@@ -159,7 +159,8 @@ pub struct Response {
     pub score: f64,
     /// The threshold the score was compared with.
     pub threshold: f64,
-    /// Whether the threshold came from calibration.
+    /// Whether the threshold came from calibration and applies as calibrated (greedy decoding,
+    /// as calibration answers).
     pub calibrated: bool,
     /// The calibrated image check's verdict ([`image_check`]): an image unlike the validation
     /// images makes the answer abstain whatever the score. Absent without a calibrated check.
@@ -576,9 +577,12 @@ impl BellaVqa {
         // A score that is not a number (a stored selector from elsewhere) declines, and is
         // recorded as the lowest (JSON has no NaN: it would read back as no score at all).
         let score = if raw_score.is_nan() { 0.0 } else { raw_score };
+        // Calibration is of greedy answers: sampled ones are compared with its threshold, but
+        // not called calibrated.
+        let greedy = matches!(opts.sampling, Sampling::Greedy);
         let (threshold, calibrated) = match (opts.threshold, self.calibrated_threshold) {
             (Some(t), _) => (t, false),
-            (None, Some(t)) => (t, true),
+            (None, Some(t)) => (t, greedy),
             (None, None) => (UNCALIBRATED_THRESHOLD, false),
         };
         let answer = scored.candidates[agg.best].clone();
