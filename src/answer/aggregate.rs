@@ -32,10 +32,17 @@ pub struct Aggregate {
 
 /// Entropy of a distribution in nats (0·log 0 = 0).
 pub fn entropy(p: &[f64]) -> f64 {
-    -p.iter()
+    let h = -p
+        .iter()
         .filter(|&&x| x > 0.0)
         .map(|&x| x * x.ln())
-        .sum::<f64>()
+        .sum::<f64>();
+    // A certain distribution has entropy 0, not −0 (or a rounding's −1e-17), in JSON and text.
+    if h > 0.0 {
+        h
+    } else {
+        0.0
+    }
 }
 
 fn argmax(p: &[f64]) -> usize {
@@ -141,6 +148,13 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn a_certain_answer_has_entropy_plus_zero() {
+        // −(1·ln 1) is −0.0, which printed as "-0.000" and "-0.0" in JSON.
+        let h = entropy(&[1.0, 0.0]);
+        assert!(h == 0.0 && h.is_sign_positive(), "{h}");
     }
 
     #[test]
