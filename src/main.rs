@@ -534,11 +534,13 @@ fn print_response(r: &Response, show_particles: bool) {
     };
     // What abstention compared: the confidence itself, or another selector's score.
     let decision = if r.selector == "confidence" {
-        format!(
-            "confidence {:.0} % (threshold {:.0} %, {calibrated})",
-            r.confidence * 100.0,
-            r.threshold * 100.0
-        )
+        // As many decimals as it takes to tell them apart (0.9977 against 0.9999999 printed
+        // "100 % (threshold 100 %)" beside "I'm not sure").
+        let (c, t) = (r.confidence * 100.0, r.threshold * 100.0);
+        let places = (0..4)
+            .find(|&p| c == t || format!("{c:.p$}") != format!("{t:.p$}"))
+            .unwrap_or(4);
+        format!("confidence {c:.places$} % (threshold {t:.places$} %, {calibrated})")
     } else {
         format!(
             "confidence {:.0} % · {} score {:.3} (threshold {:.3}, {calibrated})",
