@@ -808,14 +808,22 @@ fn check_question(
     limit: usize,
 ) -> Result<usize, ApiError> {
     let param = Some("messages");
-    let tokens = vqa
-        .text_tokens(question)
-        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
     // OpenAI's code for input too long, which front ends look for to trim a conversation.
     let too_long = |message: String| ApiError {
         code: Some("context_length_exceeded"),
         ..ApiError::invalid(param, message)
     };
+    // Text past the bytes any question may hold is too long as well.
+    if question.len() > crate::models::prompt::MAX_USER_TEXT_BYTES {
+        return Err(too_long(format!(
+            "the question is {} bytes long; at most {} bytes are accepted: shorten it",
+            question.len(),
+            crate::models::prompt::MAX_USER_TEXT_BYTES
+        )));
+    }
+    let tokens = vqa
+        .text_tokens(question)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
     if tokens > limit {
         return Err(too_long(format!(
             "the question is {tokens} tokens long; the limit is {limit} (--max-question-tokens)"
@@ -1219,6 +1227,20 @@ mod tests {
             .filter_map(|l| l.strip_prefix("data: "))
             .map(|d| serde_json::from_str(d).unwrap_or(Value::String(d.into())))
             .collect()
+    }
+
+    #[test]
+    fn a_question_past_the_byte_limit_is_context_length_exceeded() {
+        let vqa = BellaVqa::load(
+            &crate::ModelSource::Dir(crate::demo::path(crate::demo::LLAVA).unwrap()),
+            None,
+            &crate::LoadOptions::default(),
+        )
+        .unwrap();
+        // Front ends look for the code to trim a conversation; it had none past 64 KiB.
+        let question = "a".repeat(crate::models::prompt::MAX_USER_TEXT_BYTES + 1);
+        let e = check_question(&vqa, &question, 16, usize::MAX).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"), "{}", e.message);
     }
 
     #[tokio::test]
