@@ -395,7 +395,7 @@ impl BellaVqa {
     }
 
     /// How many answer tokens fit after the prompt of `question` in the model's positions
-    /// (`None`: no limit, CLIP, once its texts fit: [`Self::check_clip_texts_fit`]).
+    /// (`None`: no limit, CLIP, once its question-and-answer texts fit its text encoder).
     pub fn answer_room(&self, question: &str) -> Result<Option<usize>> {
         self.check_clip_texts_fit(question)?;
         Ok(self
