@@ -253,10 +253,15 @@ fn good_lines() -> Vec<String> {
 
 /// `train` on the tiny LLaVA with small settings plus `extra`.
 fn train(data: &DataDir, extra: &[&str]) -> Command {
+    train_model(&llava_dir(), data, extra)
+}
+
+/// `train` on `model` with small settings plus `extra`.
+fn train_model(model: &Path, data: &DataDir, extra: &[&str]) -> Command {
     let mut cmd = bella();
     cmd.arg("train")
         .arg("--model")
-        .arg(llava_dir())
+        .arg(model)
         .arg("--data")
         .arg(data.data())
         .arg("--out")
@@ -644,16 +649,7 @@ fn train_options_out_of_range_name_the_option() {
 fn a_clip_trained_on_one_answer_is_refused() {
     // Both questions answer "red": a CLIP would always say "red" with confidence 1.
     let data = DataDir::new(&good_lines());
-    let err = fails(
-        bella()
-            .args(["train", "--model"])
-            .arg(fixture("clip-tiny"))
-            .arg("--data")
-            .arg(data.data())
-            .arg("--out")
-            .arg(data.out())
-            .args(["--particles", "2", "--rank", "2", "--max-steps", "1"]),
-    );
+    let err = fails(&mut train_model(&fixture("clip-tiny"), &data, &[]));
     assert!(
         err.contains("every training question has the answer \"red\""),
         "{err}"
@@ -668,16 +664,7 @@ fn a_clip_trained_on_one_answer_is_refused() {
         .to_string(),
     );
     let data = DataDir::new(&lines);
-    let err = fails(
-        bella()
-            .args(["train", "--model"])
-            .arg(fixture("clip-tiny"))
-            .arg("--data")
-            .arg(data.data())
-            .arg("--out")
-            .arg(data.out())
-            .args(["--particles", "2", "--rank", "2", "--max-steps", "1"]),
-    );
+    let err = fails(&mut train_model(&fixture("clip-tiny"), &data, &[]));
     assert!(
         err.contains("training question q3") && err.contains("shorten the question"),
         "{err}"
