@@ -594,6 +594,8 @@ fn vqav2_errors_name_the_question() {
         text.contains("question 7000") && text.contains("not found"),
         "{text}"
     );
+    // Both names looked for are named (the 2017 one was not).
+    assert!(text.contains("000000000007.jpg)"), "{text}");
 
     let data = read_vqav2(&q, &a, &images, &SKIP).unwrap();
     assert_eq!(data.len(), 2);

@@ -628,19 +628,25 @@ fn coco_image(
 ) -> Result<PathBuf, String> {
     if let Some(sub) = subtype {
         // COCO 2014's names, then COCO 2017's bare ids, in the folder or its `sub` folder.
-        let direct = image_dir.join(format!("COCO_{sub}_{image_id:012}.jpg"));
-        let bare = format!("{image_id:012}.jpg");
-        let found = [
-            image_dir
-                .join(sub)
-                .join(direct.file_name().unwrap_or_default()),
+        let (coco, bare) = (
+            format!("COCO_{sub}_{image_id:012}.jpg"),
+            format!("{image_id:012}.jpg"),
+        );
+        return [
+            image_dir.join(&coco),
+            image_dir.join(sub).join(&coco),
             image_dir.join(&bare),
             image_dir.join(sub).join(&bare),
         ]
         .into_iter()
-        .find(|p| !direct.exists() && p.exists());
-        // A missing file is reported by the image check with the 2014 name.
-        return Ok(found.unwrap_or(direct));
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            format!(
+                "image file {coco} (or {bare}) not found in {} or its {sub} folder; check the \
+                 image folder",
+                image_dir.display()
+            )
+        });
     }
     if index.is_none() {
         *index = Some(index_coco_images(image_dir)?);
