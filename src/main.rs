@@ -456,12 +456,14 @@ impl VqaArgs {
             }
             None => None,
         };
-        // The demo CLIP's candidate answers ship with it.
+        // The demo CLIP's candidate answers ship with it (particles of one's own bring theirs).
         let answers = match (&self.answers, demo) {
             (Some(path), _) => Some(bella_vqa::answer::read_answer_list(path)?),
-            (None, Some(bella_vqa::demo::CLIP)) => Some(bella_vqa::answer::read_answer_list(
-                &bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"),
-            )?),
+            (None, Some(bella_vqa::demo::CLIP)) if adapters.is_none() => {
+                Some(bella_vqa::answer::read_answer_list(
+                    &bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"),
+                )?)
+            }
             (None, _) => None,
         };
         if let Some(dir) = &adapters {

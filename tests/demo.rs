@@ -650,4 +650,38 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
     assert!(ask(&a, &[]).status.success());
     // A threshold of the caller's replaces the calibrated rule: answered.
     assert!(ask(&b, &["--threshold", "0.5"]).status.success());
+    // Calibrated with their own answers, the particles answer from them (not from the demo's
+    // answers.txt, which made every question refused).
+    let calibrate = run(&[
+        &os("calibrate"),
+        &os("--model"),
+        &os("demo:clip"),
+        &os("--adapters"),
+        p.as_os_str(),
+        &os("--data"),
+        world.path().join("val.jsonl").as_os_str(),
+        &os("--target-coverage"),
+        &os("0.5"),
+        &os("--no-image-check"),
+    ]);
+    assert!(
+        calibrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&calibrate.stderr)
+    );
+    let own = run(&[
+        &os("ask"),
+        &os("--model"),
+        &os("demo:clip"),
+        &os("--adapters"),
+        p.as_os_str(),
+        &os("--image"),
+        repo(IMAGE).as_os_str(),
+        &os(QUESTION),
+    ]);
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
 }

@@ -284,7 +284,8 @@ fn answer_all(
     let ask = AskOptions {
         max_new_tokens: opts.max_new_tokens,
         sampling: Sampling::Greedy,
-        threshold: None,
+        // Calibrating replaces the stored rule: it does not apply here (nor its answer list).
+        threshold: Some(crate::answer::UNCALIBRATED_THRESHOLD),
     };
     let pb = super::progress_bar(set.record.selected, opts.progress);
     pb.set_message(set.record.split.clone());
