@@ -568,117 +568,81 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
         ..bella_vqa::data::ShapesOptions::new(world.path())
     })
     .unwrap();
-    let particles = tempfile::tempdir().unwrap();
-    let run = |args: &[&std::ffi::OsStr]| {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (train_file, val) = (
+        path(world.path().join("train.jsonl")),
+        path(world.path().join("val.jsonl")),
+    );
+    let p = path(dir.path().join("p"));
+    let list = |name: &str, answers: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, answers).unwrap();
+        path(file)
+    };
+    let (a, b) = (
+        list("a.txt", "red\nblue\ngreen\n"),
+        list("b.txt", "red\nyellow\n"),
+    );
+    let image = path(repo(IMAGE));
+    let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
             .arg("--quiet")
             .args(args)
             .output()
             .unwrap()
     };
-    let os = |s: &str| std::ffi::OsString::from(s);
-    let p = particles.path().join("p");
-    let train = run(&[
-        &os("train"),
-        &os("--model"),
-        &os("demo:clip"),
-        &os("--data"),
-        world.path().join("train.jsonl").as_os_str(),
-        &os("--out"),
-        p.as_os_str(),
-        &os("--particles"),
-        &os("2"),
-        &os("--max-steps"),
-        &os("1"),
-    ]);
-    assert!(
-        train.status.success(),
-        "{}",
-        String::from_utf8_lossy(&train.stderr)
-    );
-    let list = |name: &str, answers: &str| {
-        let path = particles.path().join(name);
-        std::fs::write(&path, answers).unwrap();
-        path
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let (a, b) = (
-        list("a.txt", "red\nblue\ngreen\n"),
-        list("b.txt", "red\nyellow\n"),
-    );
-    let calibrate = run(&[
-        &os("calibrate"),
-        &os("--model"),
-        &os("demo:clip"),
-        &os("--adapters"),
-        p.as_os_str(),
-        &os("--data"),
-        world.path().join("val.jsonl").as_os_str(),
-        &os("--answers"),
-        a.as_os_str(),
-        &os("--target-coverage"),
-        &os("0.5"),
-        &os("--no-image-check"),
-    ]);
-    assert!(
-        calibrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&calibrate.stderr)
-    );
-    let ask = |answers: &std::path::Path, extra: &[&str]| {
-        let mut args = vec![
-            os("ask"),
-            os("--model"),
-            os("demo:clip"),
-            os("--adapters"),
-            p.clone().into_os_string(),
-            os("--answers"),
-            answers.as_os_str().to_owned(),
-            os("--image"),
-            repo(IMAGE).into_os_string(),
+    let clip = ["--model", "demo:clip", "--adapters", &p];
+    ok(&[
+        &["train"],
+        &clip[..2],
+        &["--data", &train_file, "--out", &p],
+    ]
+    .concat());
+    let calibrate = |extra: &[&str]| {
+        let common = [
+            "--data",
+            &val,
+            "--target-coverage",
+            "0.5",
+            "--no-image-check",
         ];
-        args.extend(extra.iter().map(|e| os(e)));
-        args.push(os(QUESTION));
-        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        run(&refs)
+        ok(&[&["calibrate"][..], &clip, &common, extra].concat());
     };
-    let other = ask(&b, &[]);
+    let ask = |extra: &[&str]| {
+        run(&[
+            &["ask"][..],
+            &clip,
+            &["--image", &image],
+            extra,
+            &[QUESTION],
+        ]
+        .concat())
+    };
+    calibrate(&["--answers", &a]);
+    let other = ask(&["--answers", &b]);
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(
         !other.status.success() && err.contains("calibrated with another answer list"),
         "{err}"
     );
-    assert!(ask(&a, &[]).status.success());
+    assert!(ask(&["--answers", &a]).status.success());
     // A threshold of the caller's replaces the calibrated rule: answered.
-    assert!(ask(&b, &["--threshold", "0.5"]).status.success());
+    assert!(ask(&["--answers", &b, "--threshold", "0.5"])
+        .status
+        .success());
     // Calibrated with their own answers, the particles answer from them (not from the demo's
     // answers.txt, which made every question refused).
-    let calibrate = run(&[
-        &os("calibrate"),
-        &os("--model"),
-        &os("demo:clip"),
-        &os("--adapters"),
-        p.as_os_str(),
-        &os("--data"),
-        world.path().join("val.jsonl").as_os_str(),
-        &os("--target-coverage"),
-        &os("0.5"),
-        &os("--no-image-check"),
-    ]);
-    assert!(
-        calibrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&calibrate.stderr)
-    );
-    let own = run(&[
-        &os("ask"),
-        &os("--model"),
-        &os("demo:clip"),
-        &os("--adapters"),
-        p.as_os_str(),
-        &os("--image"),
-        repo(IMAGE).as_os_str(),
-        &os(QUESTION),
-    ]);
+    calibrate(&[]);
+    let own = ask(&[]);
     assert!(
         own.status.success(),
         "{}",

@@ -195,6 +195,8 @@ pub struct BellaVqa {
     /// ([`crate::bella::particles::Abstention::answers_sha256`]).
     calibrated_answers: Option<String>,
     vocabulary: Option<Vec<String>>,
+    /// Its fingerprint ([`answers_sha256`]), computed once: every question compares it.
+    vocabulary_sha256: Option<String>,
     template: minijinja::Environment<'static>,
 }
 
@@ -240,6 +242,9 @@ impl BellaVqa {
             temperature: abstention.and_then(|a| a.temperature).unwrap_or(1.0),
             image_check: abstention.and_then(|a| a.image_check.clone()),
             calibrated_answers: abstention.and_then(|a| a.answers_sha256.clone()),
+            vocabulary_sha256: set
+                .and_then(|s| s.config.answer_vocabulary.as_deref())
+                .map(answers_sha256),
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
@@ -323,6 +328,7 @@ impl BellaVqa {
                 );
             }
         }
+        self.vocabulary_sha256 = Some(answers_sha256(&answers));
         self.vocabulary = Some(answers);
         Ok(())
     }
@@ -424,8 +430,8 @@ impl BellaVqa {
     }
 
     /// Checks that the prompt of `question` plus `max_new_tokens` fits the model's positions.
+    /// (A CLIP's texts are checked as they are encoded: [`candidates::clip_candidates`].)
     pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
-        self.check_clip_texts_fit(question)?;
         if let Some((prompt, positions)) = self.prompt_and_positions(question)? {
             if prompt.saturating_add(max_new_tokens) > positions {
                 bail!(
@@ -516,11 +522,8 @@ impl BellaVqa {
     }
 
     /// CLIP: the fingerprint of the answer list in use.
-    pub fn answers_sha256(&self) -> Option<String> {
-        match self.loaded.model {
-            Model::Clip(_) => self.vocabulary.as_deref().map(answers_sha256),
-            Model::Llava(_) => None,
-        }
+    pub fn answers_sha256(&self) -> Option<&str> {
+        self.vocabulary_sha256.as_deref()
     }
 
     /// Refuses answering with the calibrated rule from another CLIP answer list than the one it
@@ -529,8 +532,8 @@ impl BellaVqa {
         if opts.threshold.is_some() {
             return Ok(()); // The caller's threshold replaces the calibrated rule.
         }
-        match (&self.calibrated_answers, self.answers_sha256()) {
-            (Some(calibrated), Some(now)) if *calibrated != now => bail!(
+        match (self.calibrated_answers.as_deref(), self.answers_sha256()) {
+            (Some(calibrated), Some(now)) if calibrated != now => bail!(
                 "these particles were calibrated with another answer list than the one answering \
                  now (--answers): calibrate them with this list, or answer with the list they \
                  were calibrated with"

@@ -544,7 +544,7 @@ pub fn calibrate(
         temperature,
         guarantee,
         image_check,
-        answers_sha256: vqa.answers_sha256(),
+        answers_sha256: vqa.answers_sha256().map(str::to_string),
     };
     if !opts.dry_run {
         if let (Some(old), true) = (&previous, opts.progress) {
