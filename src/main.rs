@@ -400,6 +400,7 @@ impl ModelArgs {
 /// What [`VqaArgs`] name, read and checked before the model is loaded.
 struct VqaInputs {
     source: ModelSource,
+    files: bella_vqa::hub::ModelFiles,
     opts: LoadOptions,
     adapters: Option<PathBuf>,
     template: Option<String>,
@@ -409,7 +410,12 @@ struct VqaInputs {
 impl VqaInputs {
     /// Loads the model and its particles, with the template and answers.
     fn load(self) -> Result<BellaVqa> {
-        let mut vqa = BellaVqa::load(&self.source, self.adapters.as_deref(), &self.opts)?;
+        let mut vqa = BellaVqa::load_resolved(
+            &self.source,
+            &self.files,
+            self.adapters.as_deref(),
+            &self.opts,
+        )?;
         if let Some(text) = &self.template {
             vqa.set_response_template(text)?;
         }
@@ -423,13 +429,14 @@ impl VqaInputs {
 
 impl VqaArgs {
     /// Loads the model and its particles (the demo's own particles when no model is given).
-    fn load(&self, hub: HubOptions) -> Result<BellaVqa> {
-        self.inputs(hub)?.load()
+    /// `threshold_given`: the caller's threshold replaces the calibrated rule.
+    fn load(&self, hub: HubOptions, threshold_given: bool) -> Result<BellaVqa> {
+        self.inputs(hub, threshold_given)?.load()
     }
 
     /// Reads and checks what can be without the model: a typo in a file name should not cost a
     /// model load (minutes for a real one), nor a server that says it listens and then stops.
-    fn inputs(&self, hub: HubOptions) -> Result<VqaInputs> {
+    fn inputs(&self, hub: HubOptions, threshold_given: bool) -> Result<VqaInputs> {
         let source = self.model.source()?;
         let opts = LoadOptions {
             hub,
@@ -466,11 +473,21 @@ impl VqaArgs {
             }
             (None, _) => None,
         };
-        if let Some(dir) = &adapters {
-            bella_vqa::bella::particles::ParticleSet::read_config(dir)?;
-        }
+        let particles = adapters
+            .as_deref()
+            .map(bella_vqa::bella::particles::ParticleSet::read_config)
+            .transpose()?;
+        let files = bella_vqa::hub::resolve(&source, &opts.hub)?;
+        BellaVqa::check_inputs(
+            &files,
+            particles.as_ref(),
+            answers.as_deref(),
+            threshold_given,
+            opts.skip_base_check,
+        )?;
         Ok(VqaInputs {
             source,
+            files,
             opts,
             adapters,
             template,
@@ -517,7 +534,8 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         cors_origins: args.cors_origins.clone(),
     };
     // The server listens (with /health saying "loading") while the worker loads the model.
-    let inputs = args.vqa.inputs(cli.hub_options())?;
+    // Requests may give a threshold of their own, but most will not.
+    let inputs = args.vqa.inputs(cli.hub_options(), false)?;
     bella_vqa::serve::run(opts, move || inputs.load())
 }
 
@@ -624,7 +642,7 @@ fn run(cli: &Cli) -> Result<()> {
             };
             // Bad options fail before the (slow) model load.
             ask.validate()?;
-            let vqa = vqa.load(cli.hub_options())?;
+            let vqa = vqa.load(cli.hub_options(), threshold.is_some())?;
             if temperature.is_some()
                 && matches!(vqa.model().model, bella_vqa::models::Model::Clip(_))
             {

@@ -925,7 +925,7 @@ fn compare_checks_every_particle_set_against_the_base_before_the_first_runs() {
         &entries,
         &LoadOptions::default(),
         &opts,
-        &|_| Ok(()),
+        None,
     )
     .unwrap_err();
     assert!(format!("{e:#}").contains("--compare entry other"), "{e:#}");
@@ -949,7 +949,7 @@ fn compare_writes_one_table_over_the_same_questions() {
         &entries,
         &LoadOptions::default(),
         &opts,
-        &|_| Ok(()),
+        None,
     )
     .unwrap();
     assert_eq!(comparison.runs.len(), 2);

@@ -174,3 +174,32 @@ fn bad_inputs_give_clear_errors() {
         "{err}"
     );
 }
+
+/// What the model's config tells (an answer list for a LLaVA, a CLIP without candidate answers)
+/// is refused before a server listens, not after it said so and loaded the model.
+#[test]
+fn serve_refuses_answers_that_cannot_apply_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = dir.path().join("answers.txt");
+    std::fs::write(&answers, "red\nblue\n").unwrap();
+    for (model, extra, expected) in [
+        (
+            "llava-tiny-hub",
+            Some(&answers),
+            "applies only to CLIP models",
+        ),
+        ("clip-tiny", None, "give one with --answers FILE"),
+    ] {
+        let mut cmd = bella();
+        cmd.args(["serve", "--port", "0", "--model"])
+            .arg(fixture(model));
+        if let Some(a) = extra {
+            cmd.arg("--answers").arg(a);
+        }
+        let err = run_err(&mut cmd);
+        assert!(
+            err.contains(expected) && !err.contains("listening"),
+            "{model}: {err}"
+        );
+    }
+}

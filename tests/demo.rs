@@ -635,6 +635,68 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
         "{err}"
     );
     assert!(ask(&["--answers", &a]).status.success());
+    // A CLIP samples nothing: a server's request with a temperature is answered as calibrated.
+    {
+        use bella_vqa::answer::generate::Sampling;
+        use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
+        let source = bella_vqa::hub::ModelSource::parse("demo:clip").unwrap();
+        let mut vqa = BellaVqa::load(
+            &source,
+            Some(dir.path().join("p").as_path()),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        vqa.set_answer_vocabulary(bella_vqa::answer::read_answer_list(a.as_ref()).unwrap())
+            .unwrap();
+        let image = load_image(&repo(IMAGE)).unwrap();
+        for sampling in [
+            Sampling::Greedy,
+            Sampling::Sample {
+                temperature: 0.7,
+                top_p: 1.0,
+                seed: 1,
+            },
+        ] {
+            let opts = AskOptions {
+                sampling,
+                ..AskOptions::default()
+            };
+            let r = vqa.ask_with(&image, QUESTION, &opts).unwrap();
+            assert!(r.calibrated, "{sampling:?}");
+        }
+    }
+    // The same answers in another order are the same list.
+    let reordered = list("a-reordered.txt", "green\nred\nblue\n");
+    assert!(ask(&["--answers", &reordered]).status.success());
+    // A server and a benchmark refuse it before they listen or answer anything.
+    let served = run(&[&["serve", "--port", "0"][..], &clip, &["--answers", &b]].concat());
+    let err = String::from_utf8_lossy(&served.stderr);
+    assert!(
+        !served.status.success()
+            && err.contains("calibrated with another answer list")
+            && !err.contains("listening"),
+        "{err}"
+    );
+    let bench_out = dir.path().join("bench");
+    let benched = run(&[
+        &["bench"][..],
+        &clip,
+        &[
+            "--answers",
+            &b,
+            "--data",
+            &val,
+            "--out",
+            &path(bench_out.clone()),
+        ],
+    ]
+    .concat());
+    let err = String::from_utf8_lossy(&benched.stderr);
+    assert!(
+        !benched.status.success() && err.contains("calibrated with another answer list"),
+        "{err}"
+    );
+    assert!(!bench_out.join("samples.jsonl").exists());
     // A threshold of the caller's replaces the calibrated rule: answered.
     assert!(ask(&["--answers", &b, "--threshold", "0.5"])
         .status

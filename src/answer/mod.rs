@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::bella::particles::{answers_sha256, ParticleSet};
+use crate::bella::particles::{answers_sha256, ParticleConfig, ParticleSet};
 use crate::bella::ParticleModel;
-use crate::hub::{HubOptions, ModelSource};
+use crate::hub::{HubOptions, ModelFiles, ModelSource};
 use crate::models::compute::ComputeOptions;
 use crate::models::{self, LoadedModel, Model};
 use aggregate::Uncertainty;
@@ -203,8 +203,19 @@ pub struct BellaVqa {
 impl BellaVqa {
     /// Loads the base model and, if given, the particle directory (checked against the base).
     pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
+        let files = crate::hub::resolve(source, &opts.hub)?;
+        Self::load_resolved(source, &files, adapters, opts)
+    }
+
+    /// [`Self::load`] of the files `source` resolved to (see [`Self::check_inputs`]).
+    pub fn load_resolved(
+        source: &ModelSource,
+        files: &ModelFiles,
+        adapters: Option<&Path>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let (mut loaded, note) =
-            models::load_source(source, &opts.hub, opts.compute, opts.quantize.as_ref())?;
+            models::load_resolved(source, files, opts.compute, opts.quantize.as_ref())?;
         if opts.hub.progress {
             eprintln!("{note}");
         }
@@ -290,19 +301,44 @@ impl BellaVqa {
         Ok(env)
     }
 
-    /// Fails when a question could not be answered whatever it is: a CLIP model without an
-    /// answer vocabulary (neither `--answers` nor particles trained with one). A server checks
-    /// this before it says it is ready.
-    pub fn check_ready(&self) -> Result<()> {
-        if matches!(self.loaded.model, Model::Clip(_))
-            && self.vocabulary.as_ref().is_none_or(Vec::is_empty)
-        {
-            bail!(
-                "a CLIP model answers from an answer vocabulary: give one with --answers FILE or \
-                 use particles trained with one"
-            );
+    /// What can be told of a model, its particles and a CLIP answer list from their files alone,
+    /// before the (slow) load: a base other than the particles' (unless `skip_base_check`), an
+    /// answer list given to a LLaVA, a CLIP without candidate answers, and a CLIP answer list
+    /// other than the one the particles were calibrated with (unless the caller's threshold
+    /// replaces the calibrated rule). A server checks this before it listens.
+    pub fn check_inputs(
+        files: &ModelFiles,
+        particles: Option<&ParticleConfig>,
+        answers: Option<&[String]>,
+        threshold_given: bool,
+        skip_base_check: bool,
+    ) -> Result<()> {
+        if let (Some(config), false) = (particles, skip_base_check) {
+            ParticleSet::verify_base_of(config, files)?;
+        }
+        let (config, _) = models::config::ModelConfig::from_file(&files.required("config.json")?)?;
+        let clip = matches!(config, models::config::ModelConfig::Clip(_));
+        if !clip && answers.is_some() {
+            return Err(answers_given_to_llava());
+        }
+        let vocabulary = answers.or(particles.and_then(|c| c.answer_vocabulary.as_deref()));
+        check_vocabulary(clip, vocabulary)?;
+        if !threshold_given {
+            let calibrated = particles
+                .and_then(|c| c.abstention.as_ref())
+                .and_then(|a| a.answers_sha256.as_deref());
+            check_answer_list(calibrated, answers.map(answers_sha256).as_deref())?;
         }
         Ok(())
+    }
+
+    /// Fails when a question could not be answered whatever it is: a CLIP model without an
+    /// answer vocabulary (neither `--answers` nor particles trained with one).
+    pub fn check_ready(&self) -> Result<()> {
+        check_vocabulary(
+            matches!(self.loaded.model, Model::Clip(_)),
+            self.vocabulary.as_deref(),
+        )
     }
 
     /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
@@ -310,9 +346,7 @@ impl BellaVqa {
     /// CLIP's text encoder even after an empty question (every question would be refused).
     pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
         let Model::Clip(m) = &self.loaded.model else {
-            bail!(
-                "an answer vocabulary (--answers) applies only to CLIP models; this LLaVA generates its answers"
-            );
+            return Err(answers_given_to_llava());
         };
         let positions = m.config().text_config.max_position_embeddings;
         let prompter = self.loaded.prompter()?;
@@ -532,14 +566,7 @@ impl BellaVqa {
         if opts.threshold.is_some() {
             return Ok(()); // The caller's threshold replaces the calibrated rule.
         }
-        match (self.calibrated_answers.as_deref(), self.answers_sha256()) {
-            (Some(calibrated), Some(now)) if calibrated != now => bail!(
-                "these particles were calibrated with another answer list than the one answering \
-                 now (--answers): calibrate them with this list, or answer with the list they \
-                 were calibrated with"
-            ),
-            _ => Ok(()),
-        }
+        check_answer_list(self.calibrated_answers.as_deref(), self.answers_sha256())
     }
 
     /// The particles' candidates for questions that decode alike.
@@ -581,8 +608,9 @@ impl BellaVqa {
         // recorded as the lowest (JSON has no NaN: it would read back as no score at all).
         let score = if raw_score.is_nan() { 0.0 } else { raw_score };
         // Calibration is of greedy answers: sampled ones are compared with its threshold, but
-        // not called calibrated.
-        let greedy = matches!(opts.sampling, Sampling::Greedy);
+        // not called calibrated. A CLIP samples nothing (it scores its candidates).
+        let greedy = matches!(opts.sampling, Sampling::Greedy)
+            || matches!(self.loaded.model, Model::Clip(_));
         let (threshold, calibrated) = match (opts.threshold, self.calibrated_threshold) {
             (Some(t), _) => (t, false),
             (None, Some(t)) => (t, greedy),
@@ -664,6 +692,37 @@ fn render_response(env: &minijinja::Environment, f: &TemplateFacts) -> Result<St
         unanswerable => f.unanswerable,
         question => f.question,
     })?)
+}
+
+/// A LLaVA generates its answers: giving it an answer list is an error, not an ignored option.
+fn answers_given_to_llava() -> anyhow::Error {
+    anyhow::anyhow!(
+        "an answer vocabulary (--answers) applies only to CLIP models; this LLaVA generates its answers"
+    )
+}
+
+/// A CLIP model answers from candidate answers: without any, every question fails.
+fn check_vocabulary(clip: bool, vocabulary: Option<&[String]>) -> Result<()> {
+    if clip && vocabulary.is_none_or(<[String]>::is_empty) {
+        bail!(
+            "a CLIP model answers from an answer vocabulary: give one with --answers FILE or \
+             use particles trained with one"
+        );
+    }
+    Ok(())
+}
+
+/// The calibrated rule of one CLIP answer list (fingerprint `calibrated`) does not apply to
+/// another (`now`): its threshold and temperature are of that list's probabilities.
+fn check_answer_list(calibrated: Option<&str>, now: Option<&str>) -> Result<()> {
+    match (calibrated, now) {
+        (Some(calibrated), Some(now)) if calibrated != now => bail!(
+            "these particles were calibrated with another answer list than the one answering \
+             now (--answers): calibrate them with this list, or answer with the list they \
+             were calibrated with"
+        ),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -77,9 +77,12 @@ pub struct Abstention {
     pub answers_sha256: Option<String>,
 }
 
-/// The fingerprint of a CLIP answer list: the sha256 of its answers, one a line.
+/// The fingerprint of a CLIP answer list: the sha256 of its answers in sorted order, one a line
+/// (the order of the lines changes no answer's probability).
 pub fn answers_sha256(answers: &[String]) -> String {
-    crate::io::sha256_bytes(answers.join("\n").as_bytes())
+    let mut sorted: Vec<&str> = answers.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    crate::io::sha256_bytes(sorted.join("\n").as_bytes())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -300,15 +300,6 @@ fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
     Ok(source)
 }
 
-fn prepare_with(answers: Option<Vec<String>>) -> impl Fn(&mut BellaVqa) -> Result<()> {
-    move |vqa: &mut BellaVqa| {
-        if let Some(a) = &answers {
-            vqa.set_answer_vocabulary(a.clone())?;
-        }
-        Ok(())
-    }
-}
-
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     if let Some(BenchCommand::Merge {
@@ -385,7 +376,6 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
     };
-    let prepare = prepare_with(answers);
     let load = LoadOptions {
         hub,
         compute: args.compute.options(),
@@ -394,7 +384,8 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     };
     if !args.compare.is_empty() {
         let entries = CompareEntry::parse_all(&args.compare)?;
-        let (_, written) = super::compare(&source, &spec, &entries, &load, &opts, &prepare)?;
+        let (_, written) =
+            super::compare(&source, &spec, &entries, &load, &opts, answers.as_deref())?;
         if !quiet {
             for w in written {
                 eprintln!("wrote {}", w.display());
@@ -402,8 +393,23 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let mut vqa = BellaVqa::load(&source, args.adapters.as_deref(), &load)?;
-    prepare(&mut vqa)?;
+    let files = crate::hub::resolve(&source, &load.hub)?;
+    let particles = args
+        .adapters
+        .as_deref()
+        .map(crate::bella::particles::ParticleSet::read_config)
+        .transpose()?;
+    BellaVqa::check_inputs(
+        &files,
+        particles.as_ref(),
+        answers.as_deref(),
+        args.threshold.is_some(),
+        load.skip_base_check,
+    )?;
+    let mut vqa = BellaVqa::load_resolved(&source, &files, args.adapters.as_deref(), &load)?;
+    if let Some(a) = answers {
+        vqa.set_answer_vocabulary(a)?;
+    }
     let outcome = super::run(&vqa, &spec, &opts)?;
     if !quiet {
         let t = &outcome.results.timing;

@@ -137,31 +137,36 @@ const TABLE: &[&str] = &[
 
 /// Runs the benchmark `opts` for every entry into `opts.out/{name}` (each resumable), then writes
 /// `comparison.json`, `comparison.md`, `comparison.html` and `comparison_risk_coverage.svg` into
-/// `opts.out`. `prepare` is applied to each loaded model (e.g. to set a CLIP vocabulary).
+/// `opts.out`. `answers`: a CLIP's candidate answers for every entry (`--answers`).
 pub fn compare(
     source: &ModelSource,
     model: &ModelSpec,
     entries: &[CompareEntry],
     load: &LoadOptions,
     opts: &BenchOptions,
-    prepare: &dyn Fn(&mut BellaVqa) -> Result<()>,
+    answers: Option<&[String]>,
 ) -> Result<(Comparison, Vec<PathBuf>)> {
-    // Every particle directory is read, and checked against the base's weights, before the
-    // first entry runs: a typo or another base in the last one should not cost the hours the
-    // others take (the weights' hashes are remembered, so the loads check them again cheaply).
-    let files = if entries.iter().any(|e| e.adapters.is_some()) && !load.skip_base_check {
-        Some(crate::hub::resolve(source, &load.hub)?)
-    } else {
-        None
-    };
+    // Every entry is checked before the first runs (its particles against the base's weights,
+    // the answer list against its calibration): a typo or another base in the last one should
+    // not cost the hours the others take (the weights' hashes are remembered, so the loads
+    // check them again cheaply).
+    let files = crate::hub::resolve(source, &load.hub)?;
     for e in entries {
-        if let Some(dir) = &e.adapters {
-            let entry = || format!("--compare entry {}", e.name);
-            let config = ParticleSet::read_config(dir).with_context(entry)?;
-            if let Some(files) = &files {
-                ParticleSet::verify_base_of(&config, files).with_context(entry)?;
-            }
-        }
+        let entry = || format!("--compare entry {}", e.name);
+        let config = e
+            .adapters
+            .as_deref()
+            .map(ParticleSet::read_config)
+            .transpose()
+            .with_context(entry)?;
+        BellaVqa::check_inputs(
+            &files,
+            config.as_ref(),
+            answers,
+            opts.threshold.is_some(),
+            load.skip_base_check,
+        )
+        .with_context(entry)?;
     }
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
     for e in entries {
@@ -174,8 +179,10 @@ pub fn compare(
                     .map_or("base model".into(), |a| a.display().to_string())
             );
         }
-        let mut vqa = BellaVqa::load(source, e.adapters.as_deref(), load)?;
-        prepare(&mut vqa)?;
+        let mut vqa = BellaVqa::load_resolved(source, &files, e.adapters.as_deref(), load)?;
+        if let Some(a) = answers {
+            vqa.set_answer_vocabulary(a.to_vec())?;
+        }
         let dir = opts.out.join(&e.name);
         let sub = BenchOptions {
             out: dir.clone(),

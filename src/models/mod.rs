@@ -346,7 +346,17 @@ pub fn load_source(
     quantize: Option<&Quantize>,
 ) -> Result<(LoadedModel, String)> {
     let files = crate::hub::resolve(source, opts)?;
-    load_with(&files, compute, quantize).map_err(|e| {
+    load_resolved(source, &files, compute, quantize)
+}
+
+/// Loads the `files` `source` resolved to (see [`load_source`]), naming the source in errors.
+pub fn load_resolved(
+    source: &crate::hub::ModelSource,
+    files: &ModelFiles,
+    compute: ComputeOptions,
+    quantize: Option<&Quantize>,
+) -> Result<(LoadedModel, String)> {
+    load_with(files, compute, quantize).map_err(|e| {
         // A hub id names where its files are; a directory is named once.
         let place = match &files.origin {
             crate::hub::Origin::Directory => String::new(),
