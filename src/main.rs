@@ -214,9 +214,15 @@ struct ServeArgs {
     /// MB that the images of the questions in flight may hold in all, while decoded and at the
     /// peak of their preprocessing (a thin image padded to a square counts as the square),
     /// reckoned from the image's header before anything is decoded (503 above, 413 for one image
-    /// larger than all of it): bounds the server's memory whatever the clients send.
+    /// larger than all of it).
     #[arg(long, default_value_t = 1024)]
     max_image_memory_mb: u64,
+    /// MB that the bodies of the chat requests in flight may hold in all (their announced
+    /// length, or --max-body-mb when not announced), from when they arrive until they are
+    /// answered (503 above): with --max-image-memory-mb, bounds the server's memory whatever
+    /// the clients send.
+    #[arg(long, default_value_t = 256)]
+    max_body_memory_mb: u64,
     /// Longest question in tokens.
     #[arg(long, default_value_t = 512)]
     max_question_tokens: usize,
@@ -531,6 +537,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         max_new_tokens_limit: args.max_new_tokens_limit,
         allow_remote_images: args.allow_remote_images,
         max_image_memory_bytes: args.max_image_memory_mb.saturating_mul(1024 * 1024),
+        max_body_memory_bytes: args.max_body_memory_mb.saturating_mul(1024 * 1024),
         cors_origins: args.cors_origins.clone(),
     };
     // The server listens (with /health saying "loading") while the worker loads the model.

@@ -510,7 +510,10 @@ fn load_image_errors_are_clear() {
         .unwrap();
     std::fs::write(&truncated, &png[..png.len() / 2]).unwrap();
     let err = format!("{:#}", load_image(&truncated).unwrap_err());
-    assert!(err.contains("truncated.png"), "{err}");
+    assert!(
+        err.contains("truncated.png") && err.contains("fetch or save it again"),
+        "{err}"
+    );
 
     // A PNG whose header claims 20000×20000 pixels (400 Mpixel): refused before decoding.
     let mut huge = png.clone();

@@ -730,6 +730,18 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         None,
     );
     assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
+    // 350 × 350 pixels: 0.86 MiB at the 7 bytes a pixel once counted, but the decoded RGB
+    // and the processor's copy of it and its steps hold more than the 1 MiB bound.
+    let held = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+    image::RgbImage::from_pixel(350, 350, image::Rgb([200, 30, 30]))
+        .save(held.path())
+        .unwrap();
+    let (s, _, t) = post(
+        &server.url,
+        &request(&data_url(held.path()), "What color is the circle?").to_string(),
+        None,
+    );
+    assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
     // Decided from the header, before decoding: a PNG whose header says 2000×2000 and whose
     // pixel data is cut off gets its 413, not a decoding error; so does a strip whose square
     // would pass the pixel limit.
@@ -990,5 +1002,56 @@ fn the_answer_limit_holds_without_max_tokens_and_a_hub_style_name_is_served() {
     let (s, t) = get(&format!("{}/v1/models/org/tiny", server.url));
     assert_eq!(s, 200, "{t}");
     assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["id"], "org/tiny");
+    server.stop().expect("clean stop");
+}
+
+/// The bodies of the requests in flight are bounded in all (`--max-body-memory-mb`): clients
+/// that each hold a large body open cannot make the server hold them all.
+#[test]
+fn bodies_in_flight_are_bounded_in_all() {
+    use std::io::{Read, Write};
+    let server = Server::demo(ServeOptions {
+        max_body_bytes: 1 << 20,
+        max_body_memory_bytes: 3 << 20,
+        timeout: Duration::from_secs(20),
+        ..ServeOptions::default()
+    });
+    server.wait_ready();
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let open = |length: u64| {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"a\":"
+        )
+        .unwrap();
+        stream
+    };
+    // Three bodies of 1 MiB announced and being sent: the budget is full.
+    let held: Vec<_> = (0..3).map(|_| open(1 << 20)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = open(1 << 20);
+    let mut reply = [0u8; 64];
+    let n = fourth.read(&mut reply).expect("an answer at once");
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    // Once the held clients leave, a request is answered again (here with an image sent as
+    // application/octet-stream, which some clients label any file with).
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let url = data_url(&demo_image("red-circle.png")).replacen(
+        "image/png",
+        "application/octet-stream",
+        1,
+    );
+    let (s, _, t) = post(
+        &server.url,
+        &request(&url, "What color is the circle?").to_string(),
+        None,
+    );
+    assert_eq!(s, 200, "{t}");
     server.stop().expect("clean stop");
 }

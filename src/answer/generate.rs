@@ -144,13 +144,17 @@ pub fn generate_batch(
     Ok(out)
 }
 
+/// Temperatures below this decode greedily, as vLLM's do (`_SAMPLING_EPS`): dividing the
+/// logits by less overflows f32, and the softmax of infinities is not a number.
+pub const GREEDY_BELOW_TEMPERATURE: f64 = 1e-5;
+
 /// The next token of every row of `logits` `[rows, vocab]`; when sampling, row `r` draws from
 /// `rngs[r % rngs.len()]` (one generator per question).
 fn choose(logits: &Tensor, sampling: Sampling, rngs: &mut [StdRng]) -> Result<Vec<u32>> {
     match sampling {
         Sampling::Sample {
             temperature, top_p, ..
-        } if temperature > 0.0 && !rngs.is_empty() => {
+        } if temperature >= GREEDY_BELOW_TEMPERATURE && !rngs.is_empty() => {
             let probs =
                 candle_nn::ops::softmax(&(logits.to_dtype(DType::F32)? / temperature)?, D::Minus1)?
                     .to_vec2::<f32>()?;
@@ -201,4 +205,28 @@ fn sample_top_p(probs: &[f32], top_p: f64, rng: &mut StdRng) -> u32 {
         }
     }
     kept.last().map_or(0, |&i| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_vanishing_temperature_decodes_greedily_instead_of_overflowing() {
+        let logits = Tensor::new(&[[1.0f32, 30.0, 2.0], [5.0, -1.0, 4.5]], &Device::Cpu).unwrap();
+        for temperature in [1e-38, 1e-300, 1e-6] {
+            let mut rngs = vec![StdRng::seed_from_u64(1)];
+            let sampling = Sampling::Sample {
+                temperature,
+                top_p: 1.0,
+                seed: 1,
+            };
+            assert_eq!(
+                choose(&logits, sampling, &mut rngs).unwrap(),
+                vec![1, 0],
+                "{temperature}"
+            );
+        }
+    }
 }

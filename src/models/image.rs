@@ -48,8 +48,17 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read image file {}", path.display()))?;
+    let read_error = || format!("cannot read image file {}", path.display());
+    // The format first, from the first bytes: a video or archive given by mistake is refused
+    // before gigabytes of it are read.
+    let mut head = Vec::with_capacity(64);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).with_context(read_error)?, 64),
+        &mut head,
+    )
+    .with_context(read_error)?;
+    image_format(&head, &path.display().to_string())?;
+    let bytes = std::fs::read(path).with_context(read_error)?;
     decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
 }
 
@@ -248,6 +257,10 @@ fn describe_image_error(name: &str, err: image::ImageError) -> anyhow::Error {
         ),
         E::Decoding(e) => anyhow!(
             "cannot decode image {name} (corrupt or truncated? supported: {SUPPORTED_IMAGE_FORMATS}): {e}"
+        ),
+        E::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => anyhow!(
+            "image {name} is truncated: its data ends early (a partial download or copy?); fetch \
+             or save it again"
         ),
         E::IoError(e) => anyhow!("cannot read image {name}: {e}"),
         other => anyhow!("cannot load image {name}: {other}"),

@@ -82,6 +82,10 @@ pub struct ServeOptions {
     ///
     /// [`ImageProcessor::working_bytes`]: crate::models::image::ImageProcessor::working_bytes
     pub max_image_memory_bytes: u64,
+    /// The most memory the bodies of the chat requests in flight may hold (their announced
+    /// length, or `max_body_bytes` when not announced), from when they are read until they are
+    /// answered; a request past it gets 503.
+    pub max_body_memory_bytes: u64,
     /// Origins whose web pages may call the API (CORS); `*`: any. Empty: same origin only.
     pub cors_origins: Vec<String>,
 }
@@ -102,6 +106,7 @@ impl Default for ServeOptions {
             max_new_tokens_limit: 256,
             allow_remote_images: false,
             max_image_memory_bytes: 1 << 30,
+            max_body_memory_bytes: 256 << 20,
             cors_origins: Vec::new(),
         }
     }
@@ -136,6 +141,13 @@ impl ServeOptions {
         }
         if self.max_image_memory_bytes < 1 << 20 {
             anyhow::bail!("--max-image-memory-mb must be at least 1");
+        }
+        if self.max_body_memory_bytes < self.max_body_bytes as u64 {
+            anyhow::bail!(
+                "--max-body-memory-mb must be at least --max-body-mb ({} MB): one largest \
+                 request must fit",
+                self.max_body_bytes >> 20
+            );
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             anyhow::bail!("--api-key is empty");
@@ -231,6 +243,8 @@ struct AppState {
     opts: ServeOptions,
     /// Permits of [`ServeOptions::max_image_memory_bytes`], one per KiB of image memory.
     image_memory: Arc<tokio::sync::Semaphore>,
+    /// Permits of [`ServeOptions::max_body_memory_bytes`], one per KiB of request body.
+    body_memory: Arc<tokio::sync::Semaphore>,
     queue: Arc<worker::Queue>,
     loaded: Loaded,
     metrics: Arc<Metrics>,
@@ -300,11 +314,15 @@ pub async fn serve(
             })
             .context("cannot start the worker thread")?;
     }
-    let kib = usize::try_from(opts.max_image_memory_bytes / 1024)
-        .unwrap_or(usize::MAX)
-        .min(tokio::sync::Semaphore::MAX_PERMITS);
+    let kib_semaphore = |bytes: u64| {
+        let kib = usize::try_from(bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Arc::new(tokio::sync::Semaphore::new(kib))
+    };
     let state = Arc::new(AppState {
-        image_memory: Arc::new(tokio::sync::Semaphore::new(kib)),
+        image_memory: kib_semaphore(opts.max_image_memory_bytes),
+        body_memory: kib_semaphore(opts.max_body_memory_bytes),
         opts,
         queue: queue.clone(),
         loaded,
@@ -424,7 +442,8 @@ const CHAT_PATH: &str = "/v1/chat/completions";
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
 /// body slowly or never included (reading the body is part of the request). A body announced
-/// larger than `--max-body-mb` is refused before it is read.
+/// larger than `--max-body-mb` is refused before it is read, and one that would pass
+/// `--max-body-memory-mb` with the bodies in flight gets 503.
 async fn within_deadline(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -437,6 +456,26 @@ async fn within_deadline(
     if announced.is_some_and(|n| n > state.opts.max_body_bytes as u64) {
         return ApiError::too_large(state.opts.max_body_bytes).into_response();
     }
+    let _body_memory = if request.uri().path() == CHAT_PATH {
+        let bytes = announced.unwrap_or(state.opts.max_body_bytes as u64);
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        match state.body_memory.clone().try_acquire_many_owned(kib) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                return ApiError::unavailable(
+                    format!(
+                        "the server is busy: the requests in flight fill its body memory ({} \
+                         MiB); retry shortly",
+                        state.opts.max_body_memory_bytes >> 20
+                    ),
+                    1,
+                )
+                .into_response()
+            }
+        }
+    } else {
+        None
+    };
     let body_read = BodyRead::default();
     let mut request = request;
     request.extensions_mut().insert(body_read.clone());
@@ -616,8 +655,10 @@ async fn answer_chat(
                 .model()
                 .image_processor()
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            // Decoding holds up to 8-bit RGBA and its RGB copy; preprocessing its peak (a thin
-            // image pads to a big square). One past the limit can never fit: 413.
+            // Decoding holds the decoded pixels (up to 16-bit RGBA: 8 bytes a pixel) and their
+            // 8-bit RGB copy (3); preprocessing holds that copy, the processor's own (3) and its
+            // steps' peak (a thin image pads to a big square). One past the limit can never
+            // fit: 413.
             let pixels = u64::from(w) * u64::from(h);
             let needed = processor
                 .working_bytes(w as usize, h as usize)
@@ -625,7 +666,8 @@ async fn answer_chat(
                     param: Some(param.clone()),
                     ..ApiError::image_too_large(format!("{e:#}"))
                 })?
-                .max(pixels * 7);
+                .saturating_add(pixels * 6)
+                .max(pixels * 11);
             Ok((bytes, (w, h), max_new, needed))
         })
         .await
@@ -637,8 +679,8 @@ async fn answer_chat(
         return Err(ApiError {
             param: Some(ask.image_param.clone()),
             ..ApiError::image_too_large(format!(
-                "the {}×{} image needs {kib} KiB while it is decoded and prepared (8-bit, a thin \
-                 image padded to a square), more than the server's image memory of {} KiB \
+                "the {}×{} image needs {kib} KiB while it is decoded and prepared (up to 16-bit \
+                 RGBA, a thin image padded to a square), more than the server's image memory of {} KiB \
                  (--max-image-memory-mb {}): send a smaller image",
                 size.0,
                 size.1,
@@ -858,7 +900,9 @@ fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u
             .ok_or_else(|| ApiError::invalid(param, "a data URL needs a comma before its data"))?;
         let mut meta_parts = meta.split(';');
         let media = meta_parts.next().unwrap_or("").to_ascii_lowercase();
-        if !media.is_empty() && !media.starts_with("image/") {
+        // No type, or "some bytes": the bytes say what they are, as for any image type.
+        if !media.is_empty() && !media.starts_with("image/") && media != "application/octet-stream"
+        {
             return Err(ApiError::invalid(
                 param,
                 format!(

@@ -206,8 +206,9 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
+    /// A negative seed draws a fresh one, as `-1` does in llama.cpp's server.
     #[serde(default)]
-    pub seed: Option<u64>,
+    pub seed: Option<i128>,
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
@@ -340,11 +341,33 @@ pub enum Part {
     Other,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct ImageUrl {
     pub url: String,
-    #[serde(default)]
     pub detail: Option<String>,
+}
+
+/// `{"url": …, "detail": …}` as OpenAI's API has it, or the URL alone as a string (as vLLM
+/// and llama.cpp's server also take it).
+impl<'de> Deserialize<'de> for ImageUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Object {
+            url: String,
+            #[serde(default)]
+            detail: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a URL, or an object {\"url\": …}")]
+        enum Form {
+            Url(String),
+            Object(Object),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::Url(url) => ImageUrl { url, detail: None },
+            Form::Object(Object { url, detail }) => ImageUrl { url, detail },
+        })
+    }
 }
 
 /// What a chat request asks, once checked.
@@ -411,7 +434,18 @@ impl ChatRequest {
                 ))
             }
             // Without a seed every request samples afresh, as in OpenAI's API.
-            Some(t) if t > 0.0 => Some((t, top_p, self.seed.unwrap_or_else(rand::random))),
+            Some(t) if t > 0.0 => {
+                let seed = match self.seed {
+                    Some(s) if s >= 0 => u64::try_from(s).map_err(|_| {
+                        ApiError::invalid(
+                            Some("seed"),
+                            format!("seed {s} is larger than {}", u64::MAX),
+                        )
+                    })?,
+                    _ => rand::random(),
+                };
+                Some((t, top_p, seed))
+            }
             // Greedy: the default (the calibrated threshold assumes greedy answers).
             _ => None,
         };
@@ -889,7 +923,7 @@ mod tests {
                 "must be a string or a list of content parts, not a number",
             ),
             (
-                serde_json::json!([{"type": "image_url", "image_url": "data:a"}]),
+                serde_json::json!([{"type": "image_url", "image_url": 5}]),
                 "part [0]",
             ),
             (
@@ -905,6 +939,37 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn an_image_url_may_be_the_url_alone_and_a_negative_seed_draws_a_fresh_one() {
+        let ask = parse(user(serde_json::json!([
+            {"type": "image_url", "image_url": "data:a"},
+            {"type": "text", "text": "q"}
+        ])))
+        .expect("valid");
+        assert_eq!(ask.image_url, "data:a");
+        let mut v = user(serde_json::json!([
+            {"type": "image_url", "image_url": {"url": "data:a"}},
+            {"type": "text", "text": "q"}
+        ]));
+        v["temperature"] = 1.0.into();
+        v["seed"] = (-1).into();
+        let seeds: std::collections::BTreeSet<u64> = (0..4)
+            .map(|_| {
+                parse(v.clone())
+                    .expect("valid")
+                    .sampling
+                    .expect("sampled")
+                    .2
+            })
+            .collect();
+        assert!(seeds.len() > 1, "{seeds:?}");
+        v["seed"] = serde_json::json!(u64::MAX);
+        assert_eq!(
+            parse(v).expect("valid").sampling.expect("sampled").2,
+            u64::MAX
+        );
     }
 
     #[test]
