@@ -977,11 +977,22 @@ fn fetch_remote(url: &str, max_bytes: usize) -> Result<Vec<u8>> {
     if addrs.is_empty() || addrs.iter().any(|a| !is_public(a.ip())) {
         anyhow::bail!("{host} is not a public address: images are fetched from the internet only");
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    fetch_from(url, addrs, max_bytes)
+}
+
+/// GET `url` from one of `addrs` (never from what its host's name resolves to now).
+fn fetch_from(url: &str, addrs: Vec<SocketAddr>, max_bytes: usize) -> Result<Vec<u8>> {
+    let config = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(15)))
         .max_redirects(0)
-        .build()
-        .into();
+        .build();
+    // The connection goes to the addresses just checked: looking the name up again could give
+    // another (a private one, from a name whose answers change: DNS rebinding).
+    let agent = ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        CheckedAddresses(addrs),
+    );
     let mut response = agent
         .get(url)
         .call()
@@ -992,6 +1003,30 @@ fn fetch_remote(url: &str, max_bytes: usize) -> Result<Vec<u8>> {
         .limit(max_bytes as u64)
         .read_to_vec()
         .with_context(|| format!("cannot read the image {url} (larger than --max-body-mb?)"))
+}
+
+/// A resolver that answers with addresses resolved and checked before ([`fetch_remote`]).
+#[derive(Debug)]
+struct CheckedAddresses(Vec<SocketAddr>);
+
+impl ureq::unversioned::resolver::Resolver for CheckedAddresses {
+    fn resolve(
+        &self,
+        _uri: &Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        if self.0.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        let mut resolved = self.empty();
+        for addr in &self.0 {
+            if resolved.try_push(*addr).is_err() {
+                break; // as many as ureq keeps
+            }
+        }
+        Ok(resolved)
+    }
 }
 
 fn is_public(ip: IpAddr) -> bool {
@@ -1246,6 +1281,37 @@ mod tests {
     use super::*;
     use futures_util::StreamExt as _;
     use serde_json::{json, Value};
+
+    /// A remote image is fetched from the addresses that were checked, its host's name not
+    /// looked up again (here a name that resolves nowhere).
+    #[test]
+    fn a_remote_image_is_fetched_from_the_checked_addresses() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap();
+            let head = String::from_utf8_lossy(&request[..n]).into_owned();
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nimage",
+                )
+                .unwrap();
+            head
+        });
+        let url = format!("http://rebinding.invalid:{}/cat.png", addr.port());
+        let bytes = fetch_from(&url, vec![addr], 1 << 20).unwrap();
+        assert_eq!(bytes, b"image");
+        let head = server.join().unwrap();
+        assert!(head.starts_with("GET /cat.png"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("host: rebinding.invalid"),
+            "{head}"
+        );
+    }
 
     #[test]
     fn a_timeout_past_a_week_is_refused_before_serving() {
