@@ -53,3 +53,14 @@ pub enum ParticleError {
     #[error("these particles were trained on {particles}, but the weights in {base} differ (file names, sizes or sha256): load them onto the base model they were trained on, or retrain")]
     BaseMismatch { particles: String, base: PathBuf },
 }
+
+/// An image past the size limits (a server answers 413 for it, not 400).
+#[derive(Debug, thiserror::Error)]
+#[error("image {name} is too large: {width}×{height} pixels (the limit is {max_side} pixels a side and {max_pixels} pixels in all); scale it down first")]
+pub struct ImageTooLarge {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub max_side: u32,
+    pub max_pixels: u64,
+}

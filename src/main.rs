@@ -539,6 +539,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         max_image_memory_bytes: args.max_image_memory_mb.saturating_mul(1024 * 1024),
         max_body_memory_bytes: args.max_body_memory_mb.saturating_mul(1024 * 1024),
         cors_origins: args.cors_origins.clone(),
+        access_log: !cli.quiet,
     };
     // The server listens (with /health saying "loading") while the worker loads the model.
     // Requests may give a threshold of their own, but most will not.

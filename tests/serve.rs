@@ -567,14 +567,16 @@ fn every_error_class_has_its_status_and_body() {
         "{t}"
     );
 
-    // An image over --max-image-pixels (64×48 against 40×40).
+    // An image over --max-image-pixels (64×48 against 40×40): 413, as for an image over the
+    // image memory.
     let photo = request(
         &data_url(&common::fixture("images/photo.png")),
         "What is it?",
     );
     let (s, _, t) = post(url, &photo.to_string(), key);
-    let e = error_of(s, 400, &t);
+    let e = error_of(s, 413, &t);
     assert!(e["message"].as_str().unwrap().contains("too large"), "{t}");
+    assert_eq!(e["code"], "image_too_large");
 
     server.stop().expect("clean stop");
 }
@@ -900,6 +902,12 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     assert!(status.success(), "{status}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(!rest.iter().any(|l| l.contains("panicked")), "{rest:?}");
+    // Each request was logged with its status and time.
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("POST /v1/chat/completions 200 ") && l.ends_with(" ms")),
+        "{rest:?}"
+    );
 }
 
 #[test]

@@ -237,10 +237,14 @@ fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Res
         bail!("image {name} is empty ({width}×{height})");
     }
     if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || pixels > max_pixels {
-        bail!(
-            "image {name} is too large: {width}×{height} pixels (the limit is {MAX_IMAGE_SIDE} pixels a side \
-             and {max_pixels} pixels in all); scale it down first"
-        );
+        return Err(crate::error::ImageTooLarge {
+            name: name.to_string(),
+            width,
+            height,
+            max_side: MAX_IMAGE_SIDE,
+            max_pixels,
+        }
+        .into());
     }
     Ok(())
 }

@@ -88,6 +88,8 @@ pub struct ServeOptions {
     pub max_body_memory_bytes: u64,
     /// Origins whose web pages may call the API (CORS); `*`: any. Empty: same origin only.
     pub cors_origins: Vec<String>,
+    /// One line on stderr a request: method, path, status, milliseconds.
+    pub access_log: bool,
 }
 
 impl Default for ServeOptions {
@@ -108,6 +110,7 @@ impl Default for ServeOptions {
             max_image_memory_bytes: 1 << 30,
             max_body_memory_bytes: 256 << 20,
             cors_origins: Vec::new(),
+            access_log: false,
         }
     }
 }
@@ -383,7 +386,8 @@ fn router(state: Arc<AppState>) -> Router {
                 ApiError::internal("internal error while handling the request").into_response()
             },
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), count_chat));
+        .layer(middleware::from_fn_with_state(state.clone(), count_chat))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log));
     match cors(&state.opts.cors_origins) {
         Some(cors) => app.layer(cors).with_state(state),
         None => app.with_state(state),
@@ -439,6 +443,27 @@ async fn count_chat(
 }
 
 const CHAT_PATH: &str = "/v1/chat/completions";
+
+/// One line a request on stderr (unless `--quiet`): `POST /v1/chat/completions 200 812 ms`; a
+/// streamed answer is logged when its headers leave.
+async fn access_log(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> HttpResponse {
+    if !state.opts.access_log {
+        return next.run(request).await;
+    }
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    eprintln!(
+        "{method} {path} {} {} ms",
+        response.status().as_u16(),
+        started.elapsed().as_millis()
+    );
+    response
+}
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
 /// body slowly or never included (reading the body is part of the request). A body announced
@@ -649,8 +674,16 @@ async fn answer_chat(
         tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             let max_new = check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
             let bytes = read_image_bytes(&url, &param, &opts)?;
-            let (w, h) = image_size(&bytes, &param, opts.max_image_pixels)
-                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
+            let (w, h) = image_size(&bytes, &param, opts.max_image_pixels).map_err(|e| {
+                let message = format!("{e:#}");
+                match e.downcast_ref::<crate::error::ImageTooLarge>() {
+                    Some(_) => ApiError {
+                        param: Some(param.clone()),
+                        ..ApiError::image_too_large(message)
+                    },
+                    None => ApiError::invalid(Some(&param), message),
+                }
+            })?;
             let processor = vqa
                 .model()
                 .image_processor()

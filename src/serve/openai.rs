@@ -248,6 +248,13 @@ pub struct ChatRequest {
     pub frequency_penalty: Option<f64>,
     #[serde(default)]
     pub presence_penalty: Option<f64>,
+    /// vLLM's and llama.cpp's sampling extensions, which front ends send with their defaults.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -495,6 +502,17 @@ impl ChatRequest {
             if v.is_some_and(|v| v != 0.0) {
                 return refuse(param, "only 0 is accepted");
             }
+        }
+        // Their neutral values: top-k off (0 or -1, as vLLM and llama.cpp take them), no
+        // min-p, no repetition penalty.
+        if self.top_k.is_some_and(|k| k > 0) {
+            return refuse("top_k", "only 0 or -1 (off) is accepted");
+        }
+        if self.min_p.is_some_and(|p| p != 0.0) {
+            return refuse("min_p", "only 0 is accepted");
+        }
+        if self.repetition_penalty.is_some_and(|r| r != 1.0) {
+            return refuse("repetition_penalty", "only 1 is accepted");
         }
         if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
             return refuse(
@@ -887,6 +905,10 @@ mod tests {
             ("functions", serde_json::json!([])),
             ("functions", serde_json::json!([{"name": "f"}])),
             ("function_call", serde_json::json!("none")),
+            ("top_k", serde_json::json!(-1)),
+            ("top_k", serde_json::json!(0)),
+            ("min_p", serde_json::json!(0.0)),
+            ("repetition_penalty", serde_json::json!(1.0)),
             (
                 "stream_options",
                 serde_json::json!({"include_usage": true, "include_obfuscation": false}),
@@ -901,6 +923,9 @@ mod tests {
             ("audio", serde_json::json!({"voice": "alloy"})),
             ("function_call", serde_json::json!({"name": "f"})),
             ("web_search_options", serde_json::json!({})),
+            ("top_k", serde_json::json!(40)),
+            ("min_p", serde_json::json!(0.05)),
+            ("repetition_penalty", serde_json::json!(1.1)),
         ] {
             let err = parse(with(key, value)).unwrap_err();
             assert_eq!(err.param.as_deref(), Some(key));
