@@ -66,7 +66,7 @@ enum Command {
     Ask {
         #[command(flatten)]
         vqa: VqaArgs,
-        /// The image (PNG, JPEG, WebP or GIF).
+        /// The image (PNG, JPEG, WebP, GIF, BMP or TIFF).
         #[arg(long)]
         image: PathBuf,
         /// Print one JSON object (answer, abstained, confidence, uncertainty, particles, response).
@@ -110,7 +110,7 @@ enum Command {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// An image (PNG, JPEG, WebP or GIF); the prompt then holds one `<image>` expanded to its features.
+        /// An image (PNG, JPEG, WebP, GIF, BMP or TIFF); the prompt then holds one `<image>` expanded to its features.
         #[arg(long)]
         image: Option<PathBuf>,
         /// The user's text; the model's chat template is applied unless --raw.

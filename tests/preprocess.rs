@@ -830,3 +830,24 @@ fn the_working_memory_of_preprocessing_is_known_before_it_is_taken() {
     let strip = DynamicImage::ImageRgb8(image::RgbImage::new(32768, 20));
     assert!(p.preprocess(&strip).is_err());
 }
+
+/// BMP and TIFF files (scanners, microscopes, Windows) read as the same pixels as a PNG of them
+/// (Pillow reads them, so `transformers` takes them).
+#[test]
+fn bmp_and_tiff_read_as_the_same_pixels_as_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dynamic(&pil_src());
+    let mut read = Vec::new();
+    for (name, format) in [
+        ("a.png", image::ImageFormat::Png),
+        ("a.bmp", image::ImageFormat::Bmp),
+        ("a.tiff", image::ImageFormat::Tiff),
+    ] {
+        let path = dir.path().join(name);
+        src.save_with_format(&path, format).unwrap();
+        let img = load_image(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        read.push(to_rgb(&img, true).data);
+    }
+    assert_eq!(read[0], to_rgb(&src, true).data);
+    assert!(read.iter().all(|r| *r == read[0]));
+}

@@ -1063,7 +1063,7 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
         // A full decode: a truncated file has a good header and fails only here.
         crate::models::image::load_image(path).map_err(|e| {
             format!(
-                "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG, JPEG, WebP or GIF file",
+                "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG, JPEG, WebP, GIF, BMP or TIFF file",
                 path.display()
             )
         })?;

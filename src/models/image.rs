@@ -34,7 +34,8 @@ pub const MAX_IMAGE_SIDE: u32 = 32_768;
 pub const MAX_PROCESSED_SIDE: usize = 8192;
 
 /// The formats [`load_image`] can decode (the `image` crate features this crate enables).
-pub const SUPPORTED_IMAGE_FORMATS: &str = "PNG, JPEG, WebP, GIF (its first frame)";
+pub const SUPPORTED_IMAGE_FORMATS: &str =
+    "PNG, JPEG, WebP, GIF (its first frame), BMP, TIFF (its first page)";
 
 /// The CLIP mean that `transformers` uses as the class default (`OPENAI_CLIP_MEAN`).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];

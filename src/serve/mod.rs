@@ -939,7 +939,7 @@ fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u
             return Err(ApiError::invalid(
                 param,
                 format!(
-                    "the data URL holds {media:?}, not an image (send image/png, image/jpeg, image/webp or image/gif)"
+                    "the data URL holds {media:?}, not an image (send image/png, image/jpeg, image/webp, image/gif, image/bmp or image/tiff)"
                 ),
             ));
         }
