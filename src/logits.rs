@@ -63,6 +63,14 @@ pub fn prompt_outputs(
                     prompter.image_token().unwrap_or("<image>")
                 );
             }
+            // A --raw prompt is the user's own: its count of <image> is what to fix.
+            if raw && pixel_values.is_some() && image_tokens != per_image {
+                let token = prompter.image_token().unwrap_or("<image>");
+                bail!(
+                    "the --raw prompt holds {image_tokens} image tokens, not the {per_image} of \
+                     one {token} for the one --image: put exactly one {token} where the image goes"
+                );
+            }
             let len = ids.len();
             let input_ids = Tensor::from_vec(ids, (1, len), &Device::Cpu)?;
             let keep = vec![vec![true; len]];

@@ -670,6 +670,27 @@ fn a_clip_trained_on_one_answer_is_refused() {
         "{err}"
     );
     assert!(!data.out().exists(), "no empty log left behind");
+    // The same question among the validation questions: named before training too (it failed
+    // at the first evaluation, after the first steps).
+    let mut train_lines = good_lines();
+    train_lines.push(
+        serde_json::json!({"question_id": "q4", "image": "images/square.png",
+                           "question": "Is it red?", "answers": ["blue"]})
+        .to_string(),
+    );
+    let train_data = DataDir::new(&train_lines);
+    let val = train_data.dir.path().join("val.jsonl");
+    std::fs::write(&val, lines.join("\n")).unwrap();
+    let err = fails(&mut train_model(
+        &fixture("clip-tiny"),
+        &train_data,
+        &["--val", val.to_str().unwrap(), "--eval-every", "1"],
+    ));
+    assert!(
+        err.contains("validation (--val) question q3") && err.contains("shorten the question"),
+        "{err}"
+    );
+    assert!(!train_data.out().join(PARTICLES_FILE).exists());
 }
 
 #[test]

@@ -163,6 +163,25 @@ fn bad_inputs_give_clear_errors() {
     );
     assert!(err.contains("no --image was given"), "{err}");
     assert!(!out.exists(), "no output file on failure");
+    // Two <image> for one image, or none: the raw prompt is named, not the chat template.
+    for prompt in [
+        "USER: <image> <image> What? ASSISTANT:",
+        "USER: What? ASSISTANT:",
+    ] {
+        let err = run_err(
+            bella()
+                .args(["logits", "--raw", "--model"])
+                .arg(fixture("llava-tiny-hub"))
+                .arg("--image")
+                .arg(fixture("images/square.png"))
+                .args(["--prompt", prompt, "--out"])
+                .arg(&out),
+        );
+        assert!(
+            err.contains("the --raw prompt holds") && !err.contains("chat template"),
+            "{err}"
+        );
+    }
     let err = run_err(bella().args(["inspect", "--model"]).arg(tmp.path()));
     assert!(
         err.contains("config.json") || err.contains("weights"),

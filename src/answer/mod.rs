@@ -681,11 +681,22 @@ struct TemplateFacts<'a> {
     question: &'a str,
 }
 
+/// A probability in whole percent, 100 only when it is 1: "I'm not sure. Most likely: red
+/// (100 %)" read as a contradiction when the particles gave 0.996 and the bar was higher.
+fn percent(p: f64) -> i64 {
+    let rounded = (p * 100.0).round() as i64;
+    if rounded >= 100 && p < 1.0 {
+        99
+    } else {
+        rounded
+    }
+}
+
 fn render_response(env: &minijinja::Environment, f: &TemplateFacts) -> Result<String> {
     Ok(env.get_template("response")?.render(minijinja::context! {
         answer => f.answer,
         confidence => f.confidence,
-        confidence_pct => (f.confidence * 100.0).round() as i64,
+        confidence_pct => percent(f.confidence),
         threshold => f.threshold,
         abstained => f.abstained,
         unfamiliar_image => f.unfamiliar_image,
@@ -728,6 +739,25 @@ fn check_answer_list(calibrated: Option<&str>, now: Option<&str>) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_declined_answer_is_not_called_certain() {
+        let env = BellaVqa::check_response_template(DEFAULT_RESPONSE_TEMPLATE).unwrap();
+        let facts = |confidence: f64, abstained: bool| TemplateFacts {
+            answer: "red",
+            confidence,
+            threshold: 0.999,
+            abstained,
+            unfamiliar_image: false,
+            unanswerable: false,
+            question: "What color is the circle?",
+        };
+        let text = render_response(&env, &facts(0.996, true)).unwrap();
+        assert_eq!(text, "I'm not sure. Most likely: red (99 %)");
+        assert_eq!(percent(1.0), 100);
+        assert_eq!(percent(0.994), 99);
+        assert_eq!(percent(0.5), 50);
+    }
 
     #[test]
     fn an_answer_list_drops_its_byte_order_mark_comments_and_repeats() {

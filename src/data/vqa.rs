@@ -881,7 +881,8 @@ pub fn read_dataset(
                     None => bail!(
                         "{} is a VQAv2 questions file; it needs its annotations file \
                          (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
-                         (--annotations for --data, --val-annotations for --val)",
+                         (--annotations for --data, --val-annotations for --val; --ood-data \
+                         takes JSONL or VizWiz files, which hold their answers)",
                         path.display()
                     ),
                 },
@@ -993,7 +994,8 @@ impl<'a> Collector<'a> {
                 // VQAv2 and VizWiz name images without their folder.
                 (None, false) => {
                     "; VQAv2 and VizWiz images are looked up in the data file's folder unless \
-                     --images names the folder that holds them"
+                     the images option names the folder that holds them (--images for --data, \
+                     --val-images for --val)"
                 }
             };
             return self.bad(file, line, format!("{prefix}{reason}{fix}"));

@@ -540,7 +540,8 @@ pub fn train(
         None => info.compute_dtype.as_str().to_string(),
     };
     let model: &mut Model = &mut loaded.model;
-    let objective = Objective::new(model, prompter, processor, train, stop)?;
+    let val_sample = &val[..run.val_sample.min(val.len())];
+    let objective = Objective::new(model, prompter, processor, train, val_sample, stop)?;
     let n = train.len();
     let batch = opts.batch_size.min(n);
     let steps_per_epoch = (n / batch) as u64;
@@ -665,7 +666,6 @@ pub fn train(
     let mut loss_count = 0usize;
     let mut steps_run = 0usize;
     let mut last_eval: Option<Evaluation> = None;
-    let val_sample: Vec<VqaExample> = val.iter().take(run.val_sample).cloned().collect();
     let n_data = n as f64;
 
     let save_checkpoint =
@@ -806,7 +806,7 @@ pub fn train(
 
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
-            let (acc, vote, disagreement) = objective.evaluate(model, &val_sample, p)?;
+            let (acc, vote, disagreement) = objective.evaluate(model, val_sample, p)?;
             let questions_per_second =
                 (steps_run * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eval = Evaluation {
@@ -906,6 +906,7 @@ impl<'a> Objective<'a> {
         prompter: &'a Prompter,
         processor: &'a ImageProcessor,
         train: &[VqaExample],
+        val: &[VqaExample],
         stop: Vec<u32>,
     ) -> Result<Self> {
         let answer = |ex: &VqaExample| {
@@ -948,18 +949,23 @@ impl<'a> Objective<'a> {
                          at least two different answers"
                     );
                 }
-                // Every question must fit CLIP's text positions with the longest answer.
+                // Every question, training or validation (answered at each evaluation), must
+                // fit CLIP's text positions with the longest answer: found now, not mid-run.
                 let positions = m.config().text_config.max_position_embeddings;
                 let longest = vocabulary
                     .iter()
                     .max_by_key(|a| prompter.count_text_tokens(a).unwrap_or(usize::MAX))
                     .cloned()
                     .unwrap_or_default();
-                for ex in train {
+                let questions = train
+                    .iter()
+                    .map(|ex| ("training", ex))
+                    .chain(val.iter().map(|ex| ("validation (--val)", ex)));
+                for (kind, ex) in questions {
                     let text = clip_prompt(&ex.question, &longest);
                     prompter
                         .encode_clip_batch(&[text], positions, false)
-                        .with_context(|| format!("training question {}", ex.question_id))?;
+                        .with_context(|| format!("{kind} question {}", ex.question_id))?;
                 }
                 let targets = train
                     .iter()
