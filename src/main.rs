@@ -212,9 +212,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = bella_vqa::models::image::MAX_IMAGE_PIXELS)]
     max_image_pixels: u64,
     /// MB that the images of the questions in flight may hold in all, while decoded and at the
-    /// peak of their preprocessing (a thin image padded to a square counts as the square),
-    /// reckoned from the image's header before anything is decoded (503 above, 413 for one image
-    /// larger than all of it).
+    /// peak of their preprocessing, reckoned from the image's header before anything is decoded
+    /// (503 above, 413 for one image larger than all of it).
     #[arg(long, default_value_t = 1024)]
     max_image_memory_mb: u64,
     /// MB that the bodies of the chat requests in flight may hold in all (their announced

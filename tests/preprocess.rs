@@ -820,15 +820,28 @@ fn the_working_memory_of_preprocessing_is_known_before_it_is_taken() {
         "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}
     }))
     .unwrap();
-    // 640×480: the image and its 640² square (716 800 px), then the square, the resampler's
-    // 336×640 intermediate and the 336² output (737 536 px); 3 bytes a pixel.
-    assert_eq!(p.working_bytes(640, 480).unwrap(), 737_536 * 3);
-    // A 32768×20 strip would pad to a gigapixel square: refused before any allocation, and so
-    // is preprocessing it.
-    let err = format!("{:#}", p.working_bytes(32768, 20).unwrap_err());
-    assert!(err.contains("padding a 32768×20 image"), "{err}");
+    // 640×480: padded and resized row by row, no square held: the image, the resampler's
+    // 336×640 intermediate and the 336² output; 3 bytes a pixel.
+    assert_eq!(
+        p.working_bytes(640, 480).unwrap(),
+        (307_200 + 215_040 + 112_896) * 3
+    );
+    // A 32768×20 strip pads to a gigapixel square, which is never held: 35 MB, answered.
+    assert_eq!(
+        p.working_bytes(32768, 20).unwrap(),
+        (655_360 + 32768 * 336 + 112_896) * 3
+    );
     let strip = DynamicImage::ImageRgb8(image::RgbImage::new(32768, 20));
-    assert!(p.preprocess(&strip).is_err());
+    assert_eq!(p.preprocess(&strip).unwrap().dims(), &[3, 336, 336]);
+    // Padding alone would hold the square: refused before any allocation.
+    let pad_only = ImageProcessor::from_json(&json!({
+        "image_processor_type": "LlavaImageProcessor", "do_pad": true, "do_resize": false,
+        "do_center_crop": false
+    }))
+    .unwrap();
+    let err = format!("{:#}", pad_only.working_bytes(32768, 20).unwrap_err());
+    assert!(err.contains("padding a 32768×20 image"), "{err}");
+    assert!(pad_only.preprocess(&strip).is_err());
 }
 
 /// BMP and TIFF files (scanners, microscopes, Windows) read as the same pixels as a PNG of them
@@ -850,4 +863,43 @@ fn bmp_and_tiff_read_as_the_same_pixels_as_png() {
     }
     assert_eq!(read[0], to_rgb(&src, true).data);
     assert!(read.iter().all(|r| *r == read[0]));
+}
+
+/// Padding to a square and resizing in one pass gives exactly what padding then resizing gives
+/// (Pillow's, above), for wide and tall images, every filter, shrinking and growing.
+#[test]
+fn pad_and_resize_equals_padding_then_resizing() {
+    use bella_vqa::models::image::pad_and_resize;
+    let mut seed = 7u32;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 24) as u8
+            })
+            .collect()
+    };
+    let bg = [122, 116, 104];
+    for (w, h) in [(97, 13), (13, 97), (40, 39), (5, 2), (300, 41)] {
+        let img = rgb(w, h, noise(w * h * 3));
+        for filter in [
+            Resample::Nearest,
+            Resample::Lanczos,
+            Resample::Bilinear,
+            Resample::Bicubic,
+            Resample::Box,
+            Resample::Hamming,
+        ] {
+            for (ow, oh) in [(24, 24), (150, 150), (30, 20), (w.max(h), w.max(h))] {
+                let expected = pil_resize(&pad_to_square(&img, bg), ow, oh, filter).unwrap();
+                let got = pad_and_resize(&img, bg, ow, oh, filter).unwrap();
+                assert_eq!(
+                    (got.width, got.height),
+                    (expected.width, expected.height),
+                    "{w}×{h} → {ow}×{oh} {filter:?}"
+                );
+                assert!(got.data == expected.data, "{w}×{h} → {ow}×{oh} {filter:?}");
+            }
+        }
+    }
 }

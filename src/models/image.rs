@@ -603,14 +603,28 @@ impl ImageProcessor {
 
     /// The most bytes the integer steps hold at once for a `width × height` input (8-bit RGB:
     /// the image, and each step's output beside its input, the resampler's intermediate pass
-    /// included). A padding or resize that would pass [`MAX_IMAGE_PIXELS`] is refused here,
-    /// before anything is allocated: a few kilobytes of a 32768×20 PNG pad to a gigapixel square.
+    /// included; padding and resizing together hold no square, [`pad_and_resize`]). A padding or
+    /// resize that would pass [`MAX_IMAGE_PIXELS`] is refused here, before anything is
+    /// allocated: a few kilobytes of a 32768×20 PNG pad to a gigapixel square.
     pub fn working_bytes(&self, width: usize, height: usize) -> Result<u64> {
         let px = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
         let (mut w, mut h) = (width, height);
         let mut peak = px(w, h);
         if self.do_pad {
             let side = w.max(h);
+            let resized = match self.do_resize {
+                true => Some(self.resize_output_size(side, side)?),
+                false => None,
+            };
+            match resized {
+                // Resampled row by row from the image: the `side × ow` pass and the output.
+                Some((oh, ow))
+                    if self.resample != Resample::Nearest && w != h && (oh, ow) != (side, side) =>
+                {
+                    return Ok((px(w, h) + px(side, ow) + px(ow, oh)).saturating_mul(3));
+                }
+                _ => {}
+            }
             if px(side, side) > MAX_IMAGE_PIXELS {
                 bail!(
                     "padding a {w}×{h} image to a square gives {side}×{side}, more than \
@@ -635,13 +649,18 @@ impl ImageProcessor {
             bail!("the image is empty ({}×{})", rgb.width, rgb.height);
         }
         self.working_bytes(rgb.width, rgb.height)?;
-        if self.do_pad {
-            let bg = self.pad_color();
-            rgb = pad_to_square(&rgb, bg);
-        }
-        if self.do_resize {
-            let (oh, ow) = self.resize_output_size(rgb.height, rgb.width)?;
-            rgb = pil_resize(&rgb, ow, oh, self.resample)?;
+        match (self.do_pad, self.do_resize) {
+            (true, true) => {
+                let side = rgb.width.max(rgb.height);
+                let (oh, ow) = self.resize_output_size(side, side)?;
+                rgb = pad_and_resize(&rgb, self.pad_color(), ow, oh, self.resample)?;
+            }
+            (true, false) => rgb = pad_to_square(&rgb, self.pad_color()),
+            (false, true) => {
+                let (oh, ow) = self.resize_output_size(rgb.height, rgb.width)?;
+                rgb = pil_resize(&rgb, ow, oh, self.resample)?;
+            }
+            (false, false) => {}
         }
         if self.do_center_crop {
             rgb = center_crop(&rgb, self.crop_size.0, self.crop_size.1);
@@ -1246,28 +1265,87 @@ fn resample_horizontal(img: &RgbU8, out_w: usize, filter: Resample) -> RgbU8 {
     let co = precompute_coeffs(in_w, out_w, filter);
     let mut out = vec![0u8; h * out_w * 3];
     for y in 0..h {
-        let src_row = &img.data[y * in_w * 3..(y + 1) * in_w * 3];
-        let dst_row = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-        for xx in 0..out_w {
-            let (xmin, n) = co.bounds[xx];
-            let k = &co.kk[xx * co.ksize..xx * co.ksize + n];
-            let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
-            for (x, &kx) in k.iter().enumerate() {
-                let p = &src_row[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                for c in 0..3 {
-                    ss[c] += i64::from(p[c]) * i64::from(kx);
-                }
-            }
-            for c in 0..3 {
-                dst_row[xx * 3 + c] = clip8(ss[c]);
-            }
-        }
+        resample_row(
+            &img.data[y * in_w * 3..(y + 1) * in_w * 3],
+            &mut out[y * out_w * 3..(y + 1) * out_w * 3],
+            &co,
+        );
     }
     RgbU8 {
         width: out_w,
         height: h,
         data: out,
     }
+}
+
+/// One row of [`resample_horizontal`].
+fn resample_row(src_row: &[u8], dst_row: &mut [u8], co: &Coeffs) {
+    for (xx, dst) in dst_row.chunks_exact_mut(3).enumerate() {
+        let (xmin, n) = co.bounds[xx];
+        let k = &co.kk[xx * co.ksize..xx * co.ksize + n];
+        let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
+        for (x, &kx) in k.iter().enumerate() {
+            let p = &src_row[(x + xmin) * 3..(x + xmin) * 3 + 3];
+            for c in 0..3 {
+                ss[c] += i64::from(p[c]) * i64::from(kx);
+            }
+        }
+        for c in 0..3 {
+            dst[c] = clip8(ss[c]);
+        }
+    }
+}
+
+/// `pil_resize(&pad_to_square(img, background), out_w, out_h, filter)` without the square: a
+/// square input is resampled horizontally first, and a padded row is the background's (its
+/// result computed once) or the image's row between background pixels, so only the
+/// `side × out_w` intermediate is held (a 18000×3500 panorama padded to its square is 0.97 GB).
+/// Pillow's filters other than NEAREST.
+pub fn pad_and_resize(
+    img: &RgbU8,
+    background: [u8; 3],
+    out_w: usize,
+    out_h: usize,
+    filter: Resample,
+) -> Result<RgbU8> {
+    let (w, h) = (img.width, img.height);
+    let side = w.max(h);
+    if filter == Resample::Nearest || (out_w, out_h) == (side, side) || w == h {
+        return pil_resize(&pad_to_square(img, background), out_w, out_h, filter);
+    }
+    if out_w == 0 || out_h == 0 {
+        bail!("cannot resize to an empty image ({out_w}×{out_h})");
+    }
+    let (top, left) = if w > h {
+        ((side - h) / 2, 0)
+    } else {
+        (0, (side - w) / 2)
+    };
+    let co = precompute_coeffs(side, out_w, filter);
+    let background_row: Vec<u8> = background.repeat(side);
+    let mut background_out = vec![0u8; out_w * 3];
+    resample_row(&background_row, &mut background_out, &co);
+    let mut row = background_row.clone();
+    let mut horizontal = vec![0u8; side * out_w * 3];
+    for (y, dst) in horizontal.chunks_exact_mut(out_w * 3).enumerate() {
+        if y < top || y >= top + h {
+            dst.copy_from_slice(&background_out);
+            continue;
+        }
+        let src = &img.data[(y - top) * w * 3..(y - top + 1) * w * 3];
+        row[left * 3..(left + w) * 3].copy_from_slice(src);
+        resample_row(&row, dst, &co);
+    }
+    let horizontal = RgbU8 {
+        width: out_w,
+        height: side,
+        data: horizontal,
+    };
+    Ok(if out_h == side {
+        horizontal
+    } else {
+        resample_vertical(&horizontal, out_h, filter)
+    })
 }
 
 /// One vertical pass of `ImagingResampleVertical_8bpc`.

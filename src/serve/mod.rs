@@ -690,8 +690,7 @@ async fn answer_chat(
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?;
             // Decoding holds the decoded pixels (up to 16-bit RGBA: 8 bytes a pixel) and their
             // 8-bit RGB copy (3); preprocessing holds that copy, the processor's own (3) and its
-            // steps' peak (a thin image pads to a big square). One past the limit can never
-            // fit: 413.
+            // steps' peak. One past the limit can never fit: 413.
             let pixels = u64::from(w) * u64::from(h);
             let needed = processor
                 .working_bytes(w as usize, h as usize)
@@ -713,7 +712,7 @@ async fn answer_chat(
             param: Some(ask.image_param.clone()),
             ..ApiError::image_too_large(format!(
                 "the {}×{} image needs {kib} KiB while it is decoded and prepared (up to 16-bit \
-                 RGBA, a thin image padded to a square), more than the server's image memory of {} KiB \
+                 RGBA), more than the server's image memory of {} KiB \
                  (--max-image-memory-mb {}): send a smaller image",
                 size.0,
                 size.1,
