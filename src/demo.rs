@@ -60,7 +60,7 @@ fn write_or_find() -> Result<PathBuf> {
             "note: the demo copy in {} was damaged; writing it again",
             dir.display()
         );
-        let stale = root.join(format!(".demo-stale-{}", std::process::id()));
+        let stale = crate::io::temp_name(&root.join(format!("demo-stale-{}", &digest[..16])))?;
         std::fs::rename(&dir, &stale)
             .and_then(|()| std::fs::remove_dir_all(&stale))
             .with_context(|| {
@@ -72,7 +72,9 @@ fn write_or_find() -> Result<PathBuf> {
     }
     // Write everything into a fresh temporary directory, then rename it into place.
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let tmp = root.join(format!(".demo-{}-{}", &digest[..16], std::process::id()));
+    // What a killed first use left (a copy of the demo each time) goes first.
+    crate::io::remove_stale_temps(&root);
+    let tmp = crate::io::temp_name(&dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     for (name, bytes) in files::FILES {
         let path = tmp.join(name);

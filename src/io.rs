@@ -39,7 +39,9 @@ fn file_op() {
     }
 }
 
-fn temp_name(path: &Path) -> Result<PathBuf> {
+/// The temporary sibling `.NAME.tmp-PID` a file or directory `path` is written as before it is
+/// renamed into place.
+pub fn temp_name(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
@@ -83,10 +85,15 @@ pub fn remove_dir_all(dir: &Path) -> Result<()> {
     }
 }
 
-/// Removes a file.
+/// Removes a file; a missing one is fine.
 pub fn remove_file(path: &Path) -> Result<()> {
     file_op();
-    fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Creates (or truncates) `path` with the permissions of `File::create`, writes `bytes` and
@@ -229,6 +236,47 @@ pub fn write_stream_atomically(
 /// written into a temporary sibling directory that is renamed to `dir` when complete. An
 /// existing `dir` is replaced (the caller makes sure nothing points at it).
 pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let tmp = stage_dir(dir, files)?;
+    if dir.exists() {
+        remove_dir_all(dir)?;
+    }
+    rename_synced(&tmp, dir)
+}
+
+/// The files `(name, bytes)` of a directory.
+pub type DirFiles<'a> = Vec<(&'a str, Vec<u8>)>;
+
+/// Several directories as one set (see [`write_dir_atomically`]): every one is written in full
+/// first, then the directories of `replace` are removed and each new one is renamed into place.
+/// A failure before that (a full disk) leaves what was there untouched.
+pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) -> Result<()> {
+    let mut staged: Vec<PathBuf> = Vec::with_capacity(dirs.len());
+    for (dir, files) in dirs {
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        match stage_dir(dir, &files) {
+            Ok(tmp) => staged.push(tmp),
+            Err(e) => {
+                for tmp in &staged {
+                    let _ = fs::remove_dir_all(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for dir in replace {
+        remove_dir_all(dir)?;
+    }
+    for ((dir, _), tmp) in dirs.iter().zip(&staged) {
+        if dir.exists() {
+            remove_dir_all(dir)?;
+        }
+        rename_synced(tmp, dir)?;
+    }
+    Ok(())
+}
+
+/// The files of `dir`, written and synced in a temporary sibling directory (returned).
+fn stage_dir(dir: &Path, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     let tmp = temp_name(dir)?;
     if tmp.exists() {
         remove_dir_all(&tmp)?;
@@ -243,10 +291,7 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         return Err(e);
     }
     sync_dir(Some(&tmp));
-    if dir.exists() {
-        remove_dir_all(dir)?;
-    }
-    rename_synced(&tmp, dir)
+    Ok(tmp)
 }
 
 /// The named tensors as the bytes of a safetensors file.
@@ -449,20 +494,21 @@ impl OutputLock {
             .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         lock.file = Some(file);
-        remove_stale_temps(dir)?;
+        tidy_output_dir(dir)?;
         Ok(lock)
     }
 }
 
-/// Removes the temporary files and directories ([`temp_name`]) that an interrupted run left in
-/// `dir`, at the depths where this program writes them (`dir`, `dir/checkpoints`,
-/// `dir/images/<split>`, `dir/particle-N`): only those of processes that are gone, and none
-/// under a subdirectory that another run has locked (its own output directory).
-fn remove_stale_temps(dir: &Path) -> Result<()> {
-    remove_stale_temps_below(dir, 2)
+/// At the depths where this program writes (`dir`, `dir/checkpoints/step-N`,
+/// `dir/images/<split>`, `dir/particle-N`), and not under a subdirectory another run has locked
+/// (its own output directory): removes the temporary files and directories ([`temp_name`]) that
+/// an interrupted run left, only those of processes that are gone; and refuses a FIFO or socket,
+/// which a run resuming from the directory would block on when it reads it.
+fn tidy_output_dir(dir: &Path) -> Result<()> {
+    tidy_below(dir, 2)
 }
 
-fn remove_stale_temps_below(dir: &Path, depth: usize) -> Result<()> {
+fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(()); // unreadable: nothing of ours can be there
     };
@@ -470,6 +516,24 @@ fn remove_stale_temps_below(dir: &Path, depth: usize) -> Result<()> {
         let path = entry.path();
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let name = entry.file_name().to_string_lossy().into_owned();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if let Ok(t) = fs::metadata(&path).map(|m| m.file_type()) {
+                if t.is_fifo() || t.is_socket() {
+                    bail!(
+                        "{} is a {} in the output directory, where a run reads and writes \
+                         regular files (reading it would block): remove it",
+                        path.display(),
+                        if t.is_fifo() {
+                            "FIFO (named pipe)"
+                        } else {
+                            "socket"
+                        }
+                    );
+                }
+            }
+        }
         if is_temp_name(&name) {
             if temp_owner_is_alive(&name) {
                 continue;
@@ -482,10 +546,30 @@ fn remove_stale_temps_below(dir: &Path, depth: usize) -> Result<()> {
             }
             .with_context(|| format!("cannot remove the stale {}", path.display()))?;
         } else if is_dir && depth > 0 && !path.join(LOCK_FILE).exists() {
-            remove_stale_temps_below(&path, depth - 1)?;
+            tidy_below(&path, depth - 1)?;
         }
     }
     Ok(())
+}
+
+/// Removes, best effort, the temporary files and directories ([`temp_name`]) that processes now
+/// gone left directly in `dir`: a cache directory, where a killed first use (a demo copy, a
+/// multi-GB quantized model) would otherwise leave them for good. Takes no lock: another live
+/// process's temporaries are kept.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_temp_name(&name) && !temp_owner_is_alive(&name) {
+            let path = entry.path();
+            let _ = match entry.file_type().is_ok_and(|t| t.is_dir()) {
+                true => fs::remove_dir_all(&path),
+                false => fs::remove_file(&path),
+            };
+        }
+    }
 }
 
 /// Whether the process whose id ends the temporary name is running (Linux: `/proc/PID`; where
@@ -569,8 +653,12 @@ pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
     }
     let hash = sha256_file(path)?;
     known.insert(key, hash.clone());
-    if let (Some(dir), Ok(json)) = (cache.parent(), serde_json::to_vec_pretty(&known)) {
-        let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    if let (Some(dir), Ok(json), Ok(tmp)) = (
+        cache.parent(),
+        serde_json::to_vec_pretty(&known),
+        temp_name(cache),
+    ) {
+        remove_stale_temps(dir);
         let written = fs::create_dir_all(dir)
             .and_then(|()| fs::write(&tmp, json))
             .and_then(|()| fs::rename(&tmp, cache));
@@ -609,6 +697,22 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temporaries_of_gone_processes_leave_a_cache_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join(".model.gguf.tmp-4000000000");
+        let gone_dir = dir.path().join(".demo-0123.tmp-4000000001");
+        let alive = dir.path().join(".other.tmp-1"); // init's: running
+        let kept = dir.path().join("model.gguf");
+        for f in [&gone, &alive, &kept] {
+            fs::write(f, b"x").unwrap();
+        }
+        fs::create_dir_all(gone_dir.join("llava")).unwrap();
+        remove_stale_temps(dir.path());
+        assert!(!gone.exists() && !gone_dir.exists());
+        assert!(alive.exists() && kept.exists());
+    }
 
     #[test]
     fn a_replaced_file_leaves_no_temp() {

@@ -773,11 +773,8 @@ fn export_peft(
             out.display()
         );
     }
-    // Removed before any is written, so that an interrupted export never mixes two sets.
-    for dir in &taken {
-        bella_vqa::io::remove_dir_all(dir)?;
-    }
-    let dirs = bella_vqa::bella::peft::export_peft(&set, out)?;
+    // Replaced as a whole: an interrupted export never mixes two sets, nor leaves part of one.
+    let dirs = bella_vqa::bella::peft::export_peft(&set, out, &taken)?;
     if !cli.quiet {
         println!(
             "wrote {} PEFT LoRA adapter(s) (r = {}, lora_alpha = {}, {} layers, base {}):",
@@ -848,10 +845,7 @@ fn import_peft(
         "train_summary.json",
         bella_vqa::data::seen::FILE,
     ] {
-        let path = out.join(stale);
-        if path.exists() {
-            bella_vqa::io::remove_file(&path)?;
-        }
+        bella_vqa::io::remove_file(&out.join(stale))?;
     }
     set.save(out)?;
     if !cli.quiet {

@@ -1212,12 +1212,26 @@ fn fifos_and_devices_are_refused_without_hanging() {
         err.contains("samples.jsonl") && err.contains("FIFO"),
         "{err}"
     );
-    for name in ["train_log.jsonl", "checkpoints/latest"] {
+    // Any of the files a resume reads, at any depth this program writes (they blocked in
+    // open(): a checkpoint's trainer state, the run's config and results).
+    for name in [
+        "train_log.jsonl",
+        "checkpoints/latest",
+        "checkpoints/step-00000001/trainer_state.json",
+        "bella_config.json",
+    ] {
         let data = DataDir::new(&good_lines());
         let pipe = data.out().join(name);
         std::fs::create_dir_all(pipe.parent().unwrap()).unwrap();
         mkfifo(&pipe);
         let err = fails(&mut train(&data, &["--resume"]));
+        assert!(err.contains(name) && err.contains("FIFO"), "{name}: {err}");
+    }
+    for name in ["bench_config.json", "results.json"] {
+        let data = DataDir::new(&good_lines());
+        std::fs::create_dir_all(data.out()).unwrap();
+        mkfifo(&data.out().join(name));
+        let err = fails(&mut bench(&data.data(), &data.out(), &[]));
         assert!(err.contains(name) && err.contains("FIFO"), "{name}: {err}");
     }
 }

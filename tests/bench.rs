@@ -629,6 +629,13 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     opts.data = DataInput::new(&data_file);
     opts.val = None;
     opts.ood.clear();
+    // The first three, finished: their results.
+    opts.limit = Some(3);
+    run(&opts);
+    assert!(out.join("results.json").exists() && out.join("report.md").exists());
+    // Continued over all six: the results of the three are gone before the first new answer,
+    // so the run stopped at the bad image leaves none that read as finished.
+    opts.limit = None;
     let e = format!(
         "{:#}",
         bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
@@ -644,6 +651,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
         "the three answers before the bad image are kept"
     );
     assert!(!out.join("results.json").exists());
+    assert!(!out.join("report.md").exists());
     // With skip_bad the run finishes and lists the question as skipped.
     opts.skip_bad = true;
     let outcome = bench::run(vqa_with_particles(), &spec(), &opts).unwrap();
@@ -931,6 +939,33 @@ fn compare_checks_every_particle_set_against_the_base_before_the_first_runs() {
     assert!(format!("{e:#}").contains("--compare entry other"), "{e:#}");
     // Refused before the base model's run: nothing was answered.
     assert!(!out.path().join("base").exists());
+}
+
+/// An entry's directory is the comparison's own while it runs: a run of its own there (which
+/// appended to the same answers) is refused, and the other way round.
+#[test]
+fn compare_locks_every_entry_directory() {
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.limit = Some(1);
+    let held = bella_vqa::io::OutputLock::acquire(&out.path().join("particles")).unwrap();
+    let entries = vec![
+        CompareEntry::parse("base").unwrap(),
+        CompareEntry::parse(&format!("particles={}", particles().display())).unwrap(),
+    ];
+    let e = bench::compare(
+        &source(),
+        &spec(),
+        &entries,
+        &LoadOptions::default(),
+        &opts,
+        None,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("is in use by process"), "{e:#}");
+    // Refused before the first entry answered anything.
+    assert!(!out.path().join("base").join("samples.jsonl").exists());
+    drop(held);
 }
 
 #[test]

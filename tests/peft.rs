@@ -174,7 +174,7 @@ fn python_peft_adapter_gives_peft_logits() {
 fn exported_keys_shapes_dtypes_and_metadata_equal_python_peft() {
     let (_, set) = llava_particles(2);
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     assert_eq!(
         dirs,
         vec![tmp.path().join("particle-0"), tmp.path().join("particle-1")]
@@ -202,7 +202,7 @@ fn exported_keys_shapes_dtypes_and_metadata_equal_python_peft() {
 fn exported_config_matches_python_peft() {
     let (_, set) = llava_particles(2);
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     let real = read_json(&peft_fixture().join(ADAPTER_CONFIG_FILE));
     let real = real.as_object().unwrap();
     for dir in &dirs {
@@ -281,7 +281,7 @@ fn exported_config_matches_python_peft() {
 fn reexporting_the_python_adapter_gives_the_same_file() {
     let set = import_peft(&peft_fixture()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     assert_eq!(dirs.len(), 1);
     let theirs = std::fs::read(peft_fixture().join(ADAPTER_WEIGHTS_FILE)).unwrap();
     let ours = std::fs::read(dirs[0].join(ADAPTER_WEIGHTS_FILE)).unwrap();
@@ -293,7 +293,7 @@ fn reexporting_the_python_adapter_gives_the_same_file() {
 fn export_import_round_trip_is_exact() {
     let (_, set) = llava_particles(3);
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     let back = import_peft_stacked(&dirs).unwrap();
     assert_eq!(back.config.particles, 3);
     assert_eq!((back.config.rank, back.config.alpha), (4, 8.0));
@@ -312,7 +312,7 @@ fn exported_particle_alone_equals_its_particle_in_the_stacked_model() {
     let (stacked_model, set) = llava_particles(3);
     let stacked = image_logits(&stacked_model, 3);
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     let mut blocks = Vec::new();
     for (p, dir) in dirs.iter().enumerate() {
         let one = import_peft(dir).unwrap();
@@ -343,7 +343,7 @@ fn clip_particles_export_with_clip_names() {
     cfg.architecture = "CLIP".into();
     let set = ParticleSet::from_model(&m, cfg);
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = export_peft(&set, tmp.path()).unwrap();
+    let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
     let c = read_json(&dirs[1].join(ADAPTER_CONFIG_FILE));
     assert_eq!(c["task_type"], Value::Null);
     assert_eq!(c["auto_mapping"]["base_model_class"], "CLIPModel");
@@ -547,13 +547,13 @@ fn bad_particle_directories_are_refused_on_export() {
     // the output is a file
     let file = tmp.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let err = export_peft(&set, &file).unwrap_err();
+    let err = export_peft(&set, &file, &[]).unwrap_err();
     assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
 
     // a layer we have no PEFT name for
     let mut odd = set.clone();
     odd.adapters[0].0 = "transformer.h.0.attn.c_attn".into();
-    let err = export_peft(&odd, &tmp.path().join("odd")).unwrap_err();
+    let err = export_peft(&odd, &tmp.path().join("odd"), &[]).unwrap_err();
     assert!(
         format!("{err:#}").contains("no PEFT module name"),
         "{err:#}"
@@ -563,8 +563,45 @@ fn bad_particle_directories_are_refused_on_export() {
     let mut nan = set.clone();
     let a = &nan.adapters[3].1.a;
     nan.adapters[3].1.a = (a * f64::NAN).unwrap();
-    let err = export_peft(&nan, &tmp.path().join("nan")).unwrap_err();
+    let err = export_peft(&nan, &tmp.path().join("nan"), &[]).unwrap_err();
     assert!(format!("{err:#}").contains("non-finite"), "{err:#}");
+
+    // All or nothing: a set whose last particle cannot be written replaces none of the adapters
+    // there (the first particles were written, the old ones removed before).
+    let out = tmp.path().join("whole");
+    let mut earlier = set.clone();
+    earlier.adapters[3].1.a = (&earlier.adapters[3].1.a * 2.0).unwrap();
+    let old = export_peft(&earlier, &out, &[]).unwrap();
+    let before: Vec<Vec<u8>> = old
+        .iter()
+        .map(|d| std::fs::read(d.join("adapter_model.safetensors")).unwrap())
+        .collect();
+    let mut last_bad = set.clone();
+    let a = &last_bad.adapters[3].1.a;
+    let p = a.dim(0).unwrap();
+    let rows: Vec<Tensor> = (0..p)
+        .map(|k| {
+            let row = a.get(k).unwrap();
+            if k + 1 == p {
+                (row * f64::NAN).unwrap()
+            } else {
+                row
+            }
+        })
+        .collect();
+    last_bad.adapters[3].1.a = Tensor::stack(&rows, 0).unwrap();
+    let err = export_peft(&last_bad, &out, &old).unwrap_err();
+    assert!(format!("{err:#}").contains("non-finite"), "{err:#}");
+    let after: Vec<Vec<u8>> = old
+        .iter()
+        .map(|d| std::fs::read(d.join("adapter_model.safetensors")).unwrap())
+        .collect();
+    assert_eq!(before, after);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), old.len(), "{names:?}");
 }
 
 fn bella() -> Command {

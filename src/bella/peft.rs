@@ -211,9 +211,11 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
     Ok(json!(fields))
 }
 
-/// Writes every particle of `set` as a PEFT LoRA adapter in `out/particle-{p}/`; returns those
-/// directories. Each file is written atomically; other files in `out` are left alone.
-pub fn export_peft(set: &ParticleSet, out: &Path) -> Result<Vec<PathBuf>> {
+/// Writes every particle of `set` as a PEFT LoRA adapter in `out/particle-{p}/`, replacing the
+/// directories of `replace` (adapters already there); returns the new directories. The set is
+/// written as a whole ([`crate::io::write_dirs_atomically`]); other files in `out` are left
+/// alone.
+pub fn export_peft(set: &ParticleSet, out: &Path, replace: &[PathBuf]) -> Result<Vec<PathBuf>> {
     ensure!(!set.adapters.is_empty(), "the particle set adapts no layer");
     if out.exists() && !out.is_dir() {
         bail!("{} exists and is not a directory", out.display());
@@ -234,7 +236,6 @@ pub fn export_peft(set: &ParticleSet, out: &Path) -> Result<Vec<PathBuf>> {
     }
     let mut dirs = Vec::with_capacity(particles);
     for p in 0..particles {
-        let dir = out.join(format!("particle-{p}"));
         let mut tensors = Vec::with_capacity(2 * names.len());
         for (name, (path, ad)) in names.iter().zip(&set.adapters) {
             let a = ad.a.get(p)?.to_dtype(DType::F32)?;
@@ -252,15 +253,19 @@ pub fn export_peft(set: &ParticleSet, out: &Path) -> Result<Vec<PathBuf>> {
             tensors.push((format!("{name}.lora_A.weight"), a));
             tensors.push((format!("{name}.lora_B.weight"), b));
         }
-        write_safetensors(
-            &dir.join(ADAPTER_WEIGHTS_FILE),
-            &mut tensors,
-            &[("format", "pt")],
-        )?;
-        crate::io::write_bytes_atomically(&dir.join(ADAPTER_CONFIG_FILE), config_bytes.as_bytes())?;
-        dirs.push(dir);
+        let weights = safetensors_with_metadata(&mut tensors, &[("format", "pt")])?;
+        dirs.push((
+            out.join(format!("particle-{p}")),
+            vec![
+                (ADAPTER_WEIGHTS_FILE, weights),
+                (ADAPTER_CONFIG_FILE, config_bytes.clone().into_bytes()),
+            ],
+        ));
     }
-    Ok(dirs)
+    // All or none: an interrupted export leaves the adapters that were there (or nothing), never
+    // a part of the set that reads as a whole one.
+    crate::io::write_dirs_atomically(&dirs, replace)?;
+    Ok(dirs.into_iter().map(|(dir, _)| dir).collect())
 }
 
 /// The LoRA hyper-parameters of one PEFT adapter directory.
@@ -638,13 +643,12 @@ pub fn read_safetensors_header(path: &Path) -> Result<serde_json::Map<String, Va
         .with_context(|| format!("{} has no valid safetensors header", path.display()))
 }
 
-/// Writes f32 tensors as safetensors with a `__metadata__` entry (candle's writer has none),
-/// atomically. Tensors are sorted by name, like the Python writer does for one dtype.
-fn write_safetensors(
-    path: &Path,
+/// f32 tensors as the bytes of a safetensors file with a `__metadata__` entry (candle's writer
+/// has none). Tensors are sorted by name, like the Python writer does for one dtype.
+fn safetensors_with_metadata(
     tensors: &mut [(String, Tensor)],
     metadata: &[(&str, &str)],
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     /// One header entry, fields in the order the reference writer uses.
     #[derive(serde::Serialize)]
     struct Entry<'a> {
@@ -682,7 +686,7 @@ fn write_safetensors(
     bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&header);
     bytes.extend_from_slice(&data);
-    crate::io::write_bytes_atomically(path, &bytes)
+    Ok(bytes)
 }
 
 /// Orders `layers.2` before `layers.10`.

@@ -168,6 +168,12 @@ pub fn compare(
         )
         .with_context(entry)?;
     }
+    // Each entry's directory is locked for the whole comparison: a `bench --out OUT/name`
+    // started beside it would append to the same answers.
+    let locks = entries
+        .iter()
+        .map(|e| crate::io::OutputLock::acquire(&opts.out.join(&e.name)))
+        .collect::<Result<Vec<_>>>()?;
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
     for e in entries {
         if opts.progress {
@@ -195,7 +201,9 @@ pub fn compare(
         let outcome = super::run(&vqa, &spec, &sub)?;
         done.push((e.clone(), dir, outcome.results));
     }
-    write_comparison(&opts.out, &done, &opts.bootstrap)
+    let written = write_comparison(&opts.out, &done, &opts.bootstrap);
+    drop(locks);
+    written
 }
 
 /// Paired intervals of every run after the first against the first, resampling the same

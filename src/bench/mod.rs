@@ -578,6 +578,17 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     }
 
     let resumed = existing.samples.len();
+    // Results and reports of the answers so far would read as this run's, finished, until it
+    // finishes (or for good, if it is stopped): gone before a new answer is written.
+    if !todo.is_empty() {
+        for name in [
+            results::RESULTS_FILE,
+            crate::report::REPORT_MD,
+            crate::report::REPORT_HTML,
+        ] {
+            crate::io::remove_file(&opts.out.join(name))?;
+        }
+    }
     let mut writer = samples::SampleWriter::open(&samples_path, existing.good_len)?;
     let skipped_path = opts.out.join(results::SKIPPED_FILE);
     let ask = AskOptions {

@@ -680,10 +680,7 @@ pub fn json_lines<T: Serialize>(values: &[T]) -> Result<Vec<u8>> {
 /// Replaces the auxiliary log `path` with `values`, atomically; without values, removes it.
 pub fn replace_lines<T: Serialize>(path: &Path, values: &[T]) -> Result<()> {
     if values.is_empty() {
-        if path.exists() {
-            crate::io::remove_file(path)?;
-        }
-        return Ok(());
+        return crate::io::remove_file(path);
     }
     crate::io::write_bytes_atomically(path, &json_lines(values)?)
 }

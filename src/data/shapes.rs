@@ -473,10 +473,7 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         for file in std::iter::once("shapes.json".to_string())
             .chain(SPLITS.iter().map(|split| format!("{split}.jsonl")))
         {
-            let path = opts.out.join(file);
-            if path.exists() {
-                crate::io::remove_file(&path)?;
-            }
+            crate::io::remove_file(&opts.out.join(file))?;
         }
         for split in SPLITS {
             crate::io::remove_dir_all(&images_dir.join(split))?;

@@ -410,6 +410,10 @@ fn write_cache(path: &Path, key: &str, layers: &[(String, Arc<QTensor>)]) -> Res
         .collect();
     let key_value = gguf_file::Value::String(key.to_string());
     let digest_value = gguf_file::Value::String(digest(&tensors)?);
+    // A killed first quantization left its (multi-GB) temporary file here.
+    if let Some(dir) = path.parent() {
+        crate::io::remove_stale_temps(dir);
+    }
     crate::io::write_stream_atomically(path, |w| {
         gguf_file::write(w, &[(KEY, &key_value), (DIGEST, &digest_value)], &tensors)
             .context("cannot write the GGUF file")

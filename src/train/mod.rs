@@ -685,7 +685,7 @@ pub fn train(
             // never pairs particles with another run's list (at worst with none).
             let first = !seen_written.replace(true);
             let list = run.out.join(crate::data::seen::FILE);
-            if first && list.exists() {
+            if first {
                 crate::io::remove_file(&list)?;
             }
             checkpoint::save(
