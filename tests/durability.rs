@@ -178,8 +178,31 @@ fn count_ops(make: &dyn Fn(&Path) -> Command) -> u64 {
 #[test]
 fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
     let world = world();
+    // A log line every 4 steps, a checkpoint every 2: a resume from step 2 carries the loss
+    // of its first two steps into the line at step 4.
+    let train = |world: &Path, out: &Path| {
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world,
+            out,
+            &[("--eval-every", "4")],
+        )
+    };
     let reference = tempfile::tempdir().unwrap();
     run_ok(&mut train(world.path(), reference.path()));
+    let losses = |log: &[u8]| -> Vec<(u64, f64)> {
+        String::from_utf8(log.to_vec())
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["train_loss"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
     let expected = files(reference.path());
     let particles = &expected[Path::new("particles.safetensors")];
     let config = &expected[Path::new("bella_config.json")];
@@ -205,17 +228,17 @@ fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
             "killed before op {n} of {count}: other files"
         );
         assert_no_temp_files(out.path());
-        let log = String::from_utf8(got[Path::new("train_log.jsonl")].clone()).unwrap();
-        let steps: Vec<u64> = log
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(steps, [2, 4], "killed before op {n}: log {log}");
+        assert_eq!(
+            losses(&got[Path::new("train_log.jsonl")]),
+            losses(&expected[Path::new("train_log.jsonl")]),
+            "killed before op {n}: the log's steps and losses"
+        );
     }
+    assert_eq!(
+        losses(&expected[Path::new("train_log.jsonl")]).len(),
+        1,
+        "one line, at step 4"
+    );
 }
 
 fn bench(world: &Path, out: &Path) -> Command {

@@ -53,6 +53,10 @@ pub struct TrainerState {
     /// tower"`): they change the particles a step makes. Absent in older checkpoints.
     #[serde(default)]
     pub compute: Option<String>,
+    /// The sum of the training losses of the steps since the last log line, and their count:
+    /// a resumed run's next line averages them all, as the uninterrupted run's does.
+    #[serde(default)]
+    pub pending_loss: Option<(f64, usize)>,
 }
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {

@@ -558,7 +558,7 @@ pub fn train(
     checkpoint::prune(&run.out)?;
     // Whether the published particles have their training questions written beside them.
     let seen_written = std::cell::Cell::new(false);
-    let (params, mut optimizer, start_step) = match (existing, run.resume) {
+    let (params, mut optimizer, start_step, pending_loss) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
             let diffs = resume_differences(&ck, opts, &data, &base, &compute)?;
@@ -584,7 +584,8 @@ pub fn train(
             let params = Params::install(model)?;
             let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
             optimizer.restore(&params.var_names(), &ck.optimizer, ck.state.step)?;
-            (params, optimizer, ck.state.step)
+            let pending = ck.state.pending_loss.unwrap_or((0.0, 0));
+            (params, optimizer, ck.state.step, pending)
         }
         (Some(dir), false) => bail!(
             "{} already holds a training run (checkpoint {}): pass --resume to continue it, or choose another --out",
@@ -614,7 +615,7 @@ pub fn train(
             }
             let params = Params::install(model)?;
             let optimizer = AdamW::new(&params.vars(), 0.0)?;
-            (params, optimizer, 0)
+            (params, optimizer, 0, (0.0, 0))
         }
     };
 
@@ -662,43 +663,47 @@ pub fn train(
     }
     let bar = progress_bar(run.progress, total_steps, start_step);
     let started = Instant::now();
-    let mut loss_sum = 0.0;
-    let mut loss_count = 0usize;
+    let (mut loss_sum, mut loss_count) = pending_loss;
     let mut steps_run = 0usize;
     let mut last_eval: Option<Evaluation> = None;
     let n_data = n as f64;
 
-    let save_checkpoint =
-        |step: u64, params: &Params, optimizer: &AdamW, model: &Model| -> Result<()> {
-            let mut cfg = config.clone();
-            cfg.step = step;
-            let set = ParticleSet::from_model(model, cfg);
-            let state = checkpoint::TrainerState {
-                step,
-                options: opts.clone(),
-                data: Some(data.clone()),
-                compute: Some(compute.clone()),
-            };
-            // What calibrate and bench check their questions against (crate::data::seen)
-            // belongs to the particles published: the old list goes before the first new
-            // particles do and the new one comes after them, so a run killed at any instant
-            // never pairs particles with another run's list (at worst with none).
-            let first = !seen_written.replace(true);
-            let list = run.out.join(crate::data::seen::FILE);
-            if first {
-                crate::io::remove_file(&list)?;
-            }
-            checkpoint::save(
-                &run.out,
-                &set,
-                &optimizer.state(&params.var_names()),
-                &state,
-            )?;
-            if first {
-                crate::data::seen::write(&run.out, train)?;
-            }
-            Ok(())
+    let save_checkpoint = |step: u64,
+                           params: &Params,
+                           optimizer: &AdamW,
+                           model: &Model,
+                           pending_loss: (f64, usize)|
+     -> Result<()> {
+        let mut cfg = config.clone();
+        cfg.step = step;
+        let set = ParticleSet::from_model(model, cfg);
+        let state = checkpoint::TrainerState {
+            step,
+            options: opts.clone(),
+            data: Some(data.clone()),
+            compute: Some(compute.clone()),
+            pending_loss: Some(pending_loss),
         };
+        // What calibrate and bench check their questions against (crate::data::seen)
+        // belongs to the particles published: the old list goes before the first new
+        // particles do and the new one comes after them, so a run killed at any instant
+        // never pairs particles with another run's list (at worst with none).
+        let first = !seen_written.replace(true);
+        let list = run.out.join(crate::data::seen::FILE);
+        if first {
+            crate::io::remove_file(&list)?;
+        }
+        checkpoint::save(
+            &run.out,
+            &set,
+            &optimizer.state(&params.var_names()),
+            &state,
+        )?;
+        if first {
+            crate::data::seen::write(&run.out, train)?;
+        }
+        Ok(())
+    };
 
     for step in start_step..end_step {
         let epoch = (step / steps_per_epoch) as usize;
@@ -839,7 +844,7 @@ pub fn train(
             last_eval = Some(eval);
         }
         if done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0 {
-            save_checkpoint(done, &params, &optimizer, model)?;
+            save_checkpoint(done, &params, &optimizer, model, (loss_sum, loss_count))?;
         }
     }
     bar.finish_and_clear();
