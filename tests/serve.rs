@@ -567,6 +567,20 @@ fn every_error_class_has_its_status_and_body() {
         "{t}"
     );
 
+    // A compressed body: 415, said as such (it read as malformed JSON).
+    let mut r = agent()
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("authorization", "Bearer sesame")
+        .send(&[0x1f_u8, 0x8b, 8, 0, 0, 0, 0, 0][..])
+        .expect("POST");
+    let status = r.status().as_u16();
+    let t = r.body_mut().read_to_string().unwrap();
+    let e = error_of(status, 415, &t);
+    assert_eq!(e["code"], "unsupported_content_encoding");
+    assert!(e["message"].as_str().unwrap().contains("gzip"), "{t}");
+
     // An image over --max-image-pixels (64×48 against 40×40): 413, as for an image over the
     // image memory.
     let photo = request(

@@ -634,6 +634,14 @@ async fn answer_chat(
             ApiError::invalid(None, format!("cannot read the request body: {e}"))
         }
     })?;
+    // A compressed body would read as malformed JSON: said as what it is.
+    if let Some(encoding) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Err(ApiError::compressed(encoding));
+    }
     let request = parse_request(&body)?;
     if let Some(asked) = &request.model {
         if asked != &state.opts.model_name {

@@ -135,6 +135,21 @@ impl ApiError {
     }
 
     /// 413: one image needs more than all the image memory of the server: no retry helps.
+    /// A body sent with a `Content-Encoding` (gzip, …): 415.
+    pub fn compressed(encoding: &str) -> Self {
+        Self {
+            code: Some("unsupported_content_encoding"),
+            ..Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                format!(
+                    "the request body is compressed (Content-Encoding: {encoding}), which this \
+                     server does not accept: send the JSON uncompressed"
+                ),
+            )
+        }
+    }
+
     pub fn image_too_large(message: impl Into<String>) -> Self {
         Self {
             code: Some("image_too_large"),
