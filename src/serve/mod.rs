@@ -248,6 +248,8 @@ struct AppState {
     image_memory: Arc<tokio::sync::Semaphore>,
     /// Permits of [`ServeOptions::max_body_memory_bytes`], one per KiB of request body.
     body_memory: Arc<tokio::sync::Semaphore>,
+    /// Permits of the remote images being fetched ([`REMOTE_FETCHES`]).
+    remote_fetches: Arc<tokio::sync::Semaphore>,
     queue: Arc<worker::Queue>,
     loaded: Loaded,
     metrics: Arc<Metrics>,
@@ -326,6 +328,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         image_memory: kib_semaphore(opts.max_image_memory_bytes),
         body_memory: kib_semaphore(opts.max_body_memory_bytes),
+        remote_fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
         opts,
         queue: queue.clone(),
         loaded,
@@ -668,6 +671,13 @@ async fn answer_chat(
         },
         threshold: ask.threshold,
     };
+    // A remote image is fetched on a thread of its own: a slow or silent host must not hold
+    // the threads that decode everyone's images.
+    let fetched = if state.opts.allow_remote_images && is_remote(&ask.image_url) {
+        Some(fetch_apart(state, &ask.image_url, &ask.image_param).await?)
+    } else {
+        None
+    };
     // First what the image will cost, from its header (nothing decoded yet): the memory bound
     // is taken before any of it is spent.
     let (bytes, size, max_new_tokens, needed) = {
@@ -681,7 +691,10 @@ async fn answer_chat(
         let max_new = options.max_new_tokens;
         tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             let max_new = check_question(&vqa, &question, max_new, opts.max_question_tokens)?;
-            let bytes = read_image_bytes(&url, &param, &opts)?;
+            let bytes = match fetched {
+                Some(bytes) => bytes,
+                None => read_image_bytes(&url, &param, &opts)?,
+            };
             let (w, h) = image_size(&bytes, &param, opts.max_image_pixels).map_err(|e| {
                 let message = format!("{e:#}");
                 match e.downcast_ref::<crate::error::ImageTooLarge>() {
@@ -925,6 +938,47 @@ fn check_question(
     }
 }
 
+/// Whether `url` is an `http(s)://` URL (schemes are case-insensitive, RFC 3986 §3.1).
+fn is_remote(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// Most remote images fetched at once (`--allow-remote-images`), each on its own thread.
+const REMOTE_FETCHES: usize = 4;
+
+/// [`fetch_remote`] on a thread of its own, which holds one of [`REMOTE_FETCHES`] permits until
+/// the fetch ends (its own deadline) even if the client has left; none free: 503.
+async fn fetch_apart(state: &AppState, url: &str, param: &str) -> Result<Vec<u8>, ApiError> {
+    let permit = state
+        .remote_fetches
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable(
+                "the server is fetching as many remote images as it may at once; retry shortly, \
+                 or send the image as a data URL",
+                1,
+            )
+        })?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (url_owned, max_bytes) = (url.to_string(), state.opts.max_body_bytes);
+    std::thread::Builder::new()
+        .name("fetch-image".into())
+        .spawn(move || {
+            let _permit = permit;
+            let _ = tx.send(fetch_remote(&url_owned, max_bytes));
+        })
+        .map_err(|e| {
+            ApiError::internal(format!("cannot start a thread to fetch the image: {e}"))
+        })?;
+    rx.await
+        .map_err(|_| ApiError::internal("the image fetch stopped unexpectedly"))?
+        .map_err(|e| ApiError::invalid(Some(param), format!("{e:#}")))
+}
+
 /// The bytes of a `data:` URL or, when allowed, of an `http(s)://` one. Never reads local files.
 fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u8>, ApiError> {
     let param = Some(param);
@@ -962,7 +1016,7 @@ fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u
                 format!("the data URL is not valid base64 (standard or URL-safe alphabet, padded or not): {e}"),
             )
         })?
-    } else if scheme("http://") || scheme("https://") {
+    } else if is_remote(url) {
         if !opts.allow_remote_images {
             return Err(ApiError::invalid(
                 param,
