@@ -445,8 +445,30 @@ fn bad_adapters_are_refused_with_reasons() {
 
     // (expected in the error, config field, value)
     let cases = [
-        ("a IA3 adapter", "peft_type", json!("IA3")),
-        ("DoRA", "use_dora", json!(true)),
+        ("peft_type \"IA3\"", "peft_type", json!("IA3")),
+        ("merge_and_unload", "use_dora", json!(true)),
+        // The saved factors of these are not a LoRA of the base (PEFT changes the base
+        // weight when it loads them): refused with the conversion PEFT offers.
+        (
+            "path_initial_model_for_weight_conversion",
+            "init_lora_weights",
+            json!("pissa"),
+        ),
+        (
+            "init_lora_weights \"pissa_niter_4\"",
+            "init_lora_weights",
+            json!("pissa_niter_4"),
+        ),
+        (
+            "init_lora_weights \"olora\"",
+            "init_lora_weights",
+            json!("olora"),
+        ),
+        (
+            "init_lora_weights \"loftq\"",
+            "init_lora_weights",
+            json!("loftq"),
+        ),
         ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),
@@ -505,6 +527,25 @@ fn bad_adapters_are_refused_with_reasons() {
         );
     });
     assert!(import_err(&dir).contains("is not a LoRA factor"));
+
+    // The lm_head's whole weight, as PEFT saves it when lm_head is targeted: the way to re-save.
+    let dir = copy_fixture(&tmp.path().join("base-layer"));
+    rewrite_weights(&dir, |t| {
+        t.insert(
+            "base_model.model.lm_head.base_layer.weight".into(),
+            Tensor::zeros((422, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(import_err(&dir).contains("save_embedding_layers=False"));
+
+    // An adapter saved under a name of its own: its folder is named.
+    let named = tmp.path().join("named");
+    let inside = copy_fixture(&named);
+    let err = import_err(&named);
+    assert!(
+        err.contains(&inside.display().to_string()) && err.contains("pass those"),
+        "{err}"
+    );
 
     // stacking adapters that do not agree
     let a = copy_fixture(&tmp.path().join("stack-a"));

@@ -32,6 +32,10 @@
 //!
 //! Import also accepts the names of older transformers: `model.vision_tower.vision_model.{rest}`
 //! (4.52 – 4.x) and the hub names themselves (before 4.52, when they were the in-memory names).
+//! It takes plain LoRA (rsLoRA folded into alpha) and refuses, with what to do, every adapter
+//! whose factors are not a LoRA of the base: DoRA, biases, saved modules, per-layer ranks, and
+//! PiSSA / OLoRA / CorDA / LoftQ initialisations (PEFT changes the base weight when it loads
+//! those; `path_initial_model_for_weight_conversion` re-saves them as plain LoRA).
 //!
 //! ## adapter_config.json
 //!
@@ -284,10 +288,26 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let text =
         crate::input::read_to_string(&config_path, "PEFT adapter config").with_context(|| {
-            format!(
-                "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
-                dir.display()
-            )
+            // An adapter saved under a name of its own lies in a folder of that name.
+            let named: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().join(ADAPTER_CONFIG_FILE).is_file())
+                .map(|e| e.path().display().to_string())
+                .collect();
+            match named.as_slice() {
+                [] => format!(
+                    "{} is not a PEFT adapter directory: cannot read {ADAPTER_CONFIG_FILE}",
+                    dir.display()
+                ),
+                found => format!(
+                    "{} holds no {ADAPTER_CONFIG_FILE}, but its folder(s) {} do (adapters saved \
+                     under their own names): pass those",
+                    dir.display(),
+                    found.join(", ")
+                ),
+            }
         })?;
     let config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
@@ -299,7 +319,10 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
 
     match field("peft_type").and_then(Value::as_str) {
         Some("LORA") => {}
-        Some(other) => bail!("{what}: a {other} adapter; only LoRA adapters can become particles"),
+        Some(other) => bail!(
+            "{what}: peft_type {other:?}; only LoRA adapters (peft_type \"LORA\") can become \
+             particles: train a LoRA (LoraConfig) instead"
+        ),
         None => bail!("{what}: no peft_type (is it a PEFT adapter config?)"),
     }
     let rank = field("r")
@@ -315,22 +338,43 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             .with_context(|| format!("{what}: `lora_alpha` must be a positive number"))?,
     };
     let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
+    // What to do with an adapter that cannot become particles but still works in PEFT.
+    const MERGE: &str = "merge it into the base (PeftModel.merge_and_unload(), then \
+                         save_pretrained) and pass the merged model as --model, or retrain it \
+                         as a plain LoRA";
+    // PiSSA, OLoRA, CorDA and LoftQ move part of the base weight into the factors, and PEFT
+    // changes the base weight again when it loads them: the factors alone are not a LoRA of
+    // the base.
+    if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
+        let lower = init.to_ascii_lowercase();
+        if ["pissa", "olora", "corda", "loftq"]
+            .iter()
+            .any(|p| lower.starts_with(p))
+        {
+            bail!(
+                "{what}: init_lora_weights {init:?} changes the base model's weights when PEFT \
+                 loads the adapter, so its factors are not a LoRA of the base: re-save it with \
+                 save_pretrained(…, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), \
+                 which makes it one, or {MERGE}"
+            );
+        }
+    }
     if flag("use_dora") {
-        bail!("{what}: a DoRA adapter (use_dora); only plain LoRA can become particles");
+        bail!("{what}: a DoRA adapter (use_dora); only plain LoRA can become particles: {MERGE}");
     }
     if flag("fan_in_fan_out") {
         bail!("{what}: fan_in_fan_out (Conv1D layers) is not supported; the models here use Linear layers");
     }
     if flag("lora_bias") {
-        bail!("{what}: lora_bias adds a bias to lora_B, which particles do not have");
+        bail!("{what}: lora_bias adds a bias to lora_B, which particles do not have: {MERGE}");
     }
     match field("bias").and_then(Value::as_str) {
         None | Some("none") => {}
-        Some(b) => bail!("{what}: bias = {b:?} trains the biases too; particles only carry LoRA factors (bias \"none\")"),
+        Some(b) => bail!("{what}: bias = {b:?} trains the biases too; particles only carry LoRA factors (bias \"none\"): {MERGE}"),
     }
     if let Some(m) = field("modules_to_save") {
         if m.as_array().is_none_or(|a| !a.is_empty()) {
-            bail!("{what}: modules_to_save {m} are full copies of modules, which particles cannot hold");
+            bail!("{what}: modules_to_save {m} are full copies of modules, which particles cannot hold: {MERGE}");
         }
     }
     // Settings that change what the saved factors mean or which weights the adapter holds.
@@ -353,13 +397,13 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             _ => true,
         });
         if set {
-            bail!("{what}: {k} is set ({why}); only plain LoRA can become particles");
+            bail!("{what}: {k} is set ({why}); only plain LoRA can become particles: {MERGE}");
         }
     }
     for k in ["rank_pattern", "alpha_pattern"] {
         if let Some(p) = field(k) {
             if p.as_object().is_none_or(|o| !o.is_empty()) {
-                bail!("{what}: {k} {p} gives layers their own rank or alpha; a particle set has one rank and one alpha");
+                bail!("{what}: {k} {p} gives layers their own rank or alpha; a particle set has one rank and one alpha: retrain with one r and lora_alpha, or {MERGE}");
             }
         }
     }
@@ -395,10 +439,20 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             (m, true)
         } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
             (m, false)
+        } else if name.ends_with(".base_layer.weight") {
+            // PEFT saves the targeted lm_head's (or an embedding's) whole weight by default.
+            bail!(
+                "{}: the tensor {key} is a whole base weight, which PEFT saves when lm_head or \
+                 an embedding is targeted (save_embedding_layers): re-save the adapter with \
+                 save_pretrained(…, save_embedding_layers=False) if that weight is the base's \
+                 own, or {MERGE}",
+                weights.display()
+            );
         } else {
             bail!(
                 "{}: the tensor {key} is not a LoRA factor (expected …lora_A.weight / …lora_B.weight; \
-                 embeddings, DoRA magnitudes, biases and saved modules cannot become particles)",
+                 embeddings, DoRA magnitudes, biases and saved modules cannot become particles): \
+                 {MERGE}",
                 weights.display()
             );
         };
