@@ -526,11 +526,11 @@ fn every_error_class_has_its_status_and_body() {
         (
             {
                 let mut v = good.clone();
-                v["stop"] = json!(["\n"]);
+                v["stop"] = json!(["a", "b", "c", "d", "e"]);
                 v
             },
             "stop",
-            "not supported",
+            "at most 4",
         ),
     ];
     // Too long an input has OpenAI's code, which front ends look for to trim the history.
@@ -540,8 +540,7 @@ fn every_error_class_has_its_status_and_body() {
         key,
     );
     assert_eq!(error_of(s, 400, &t)["code"], "context_length_exceeded");
-    // An image given as a bare string (where `{"url": …}` belongs): the error does not quote all
-    // 50 KB of it back.
+    // An image URL that is none (50 KB of "A"): the error does not quote all of it back.
     let mut bare = good.clone();
     bare["messages"][0]["content"][1]["image_url"] = "A".repeat(50_000).into();
     let (s, _, t) = post(url, &bare.to_string(), key);

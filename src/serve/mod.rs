@@ -1192,7 +1192,7 @@ impl Rendered {
             .filter(|p| p.normalized == answer)
             .all(|p| p.truncated);
         Self {
-            text: content(ask, r),
+            text: openai::cut_at_stop(&content(ask, r), &ask.stop),
             usage: Usage {
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens,

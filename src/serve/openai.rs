@@ -392,6 +392,41 @@ impl<'de> Deserialize<'de> for ImageUrl {
     }
 }
 
+/// `stop` as OpenAI takes it: a string, or a list of up to 4 strings; none empty.
+fn stop_sequences(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let invalid = |why: &str| ApiError::invalid(Some("stop"), format!("stop {why}"));
+    let stops = match stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(invalid("must be a string or a list of strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("must be a string or a list of strings")),
+    };
+    if stops.len() > 4 {
+        return Err(invalid("takes at most 4 sequences"));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(invalid("sequences must not be empty"));
+    }
+    Ok(stops)
+}
+
+/// `text` up to the first occurrence of any of `stops` (OpenAI: the returned text does not
+/// contain the stop sequence).
+pub fn cut_at_stop(text: &str, stops: &[String]) -> String {
+    let end = stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    text[..end].to_string()
+}
+
 /// What a chat request asks, once checked.
 #[derive(Debug)]
 pub struct Ask {
@@ -409,6 +444,9 @@ pub struct Ask {
     pub sampling: Option<(f64, f64, u64)>,
     pub threshold: Option<f64>,
     pub show_particles: bool,
+    /// `stop`: the returned text ends before the first of these (the `bella` object keeps the
+    /// whole answer).
+    pub stop: Vec<String>,
 }
 
 impl ChatRequest {
@@ -491,6 +529,7 @@ impl ChatRequest {
             sampling,
             threshold: bella.threshold,
             show_particles: bella.show_particles,
+            stop: stop_sequences(self.stop)?,
         })
     }
 
@@ -502,14 +541,6 @@ impl ChatRequest {
                 format!("{param} is not supported by this server ({what})"),
             ))
         };
-        let stop_set = match &self.stop {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if stop_set {
-            return refuse("stop", "answers are short and end at the model's end token");
-        }
         for (param, v) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),
@@ -1010,6 +1041,33 @@ mod tests {
             parse(v).expect("valid").sampling.expect("sampled").2,
             u64::MAX
         );
+    }
+
+    #[test]
+    fn stop_sequences_cut_the_text_before_the_first_of_them() {
+        let mut v = user(serde_json::json!([
+            {"type": "image_url", "image_url": {"url": "data:a"}},
+            {"type": "text", "text": "q"}
+        ]));
+        v["stop"] = "\n".into();
+        assert_eq!(parse(v.clone()).unwrap().stop, vec!["\n".to_string()]);
+        v["stop"] = serde_json::json!(["User:", "."]);
+        let stops = parse(v.clone()).unwrap().stop;
+        assert_eq!(
+            cut_at_stop("I'm not sure. Most likely: red (40 %)", &stops),
+            "I'm not sure"
+        );
+        assert_eq!(cut_at_stop("red", &stops), "red");
+        assert_eq!(cut_at_stop("red\nUser: hi", &stops), "red\n");
+        for bad in [
+            serde_json::json!(["a", "b", "c", "d", "e"]),
+            serde_json::json!([""]),
+            serde_json::json!(5),
+            serde_json::json!([1]),
+        ] {
+            v["stop"] = bad;
+            assert_eq!(parse(v.clone()).unwrap_err().param.as_deref(), Some("stop"));
+        }
     }
 
     #[test]
