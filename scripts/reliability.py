@@ -178,7 +178,8 @@ def cases(work, binary):
         Case(1, "particle set with P = 0", A + ["--adapters", particle_variant("p0", lambda v, d: v.update(particles=0)), q], "particles"),
         Case(1, "particle set with rank 0", A + ["--adapters", particle_variant("r0", lambda v, d: v.update(rank=0)), q], "rank"),
         # 2. Sizes from users are checked before allocating.
-        Case(2, "1 MB question (bench --skip-bad)", ["bench", "--model", model, "--data", str(long_q), "--out", str(work / "bench-long"), "--skip-bad"], None, expect_ok=True),
+        # Its only question skipped: nothing answered is an error naming the question and where the skip is recorded.
+        Case(2, "1 MB question (bench --skip-bad)", ["bench", "--model", model, "--data", str(long_q), "--out", str(work / "bench-long"), "--skip-bad"], ["long-1", "skipped.jsonl"]),
         Case(2, "1 MB question (bench)", ["bench", "--model", model, "--data", str(long_q), "--out", str(work / "bench-long2")], "long-1"),
         Case(2, "1 MB question (train)", ["train", "--model", model, "--data", str(long_q), "--max-steps", "1", "--particles", "2"] + train_out("long"), "long-1"),
         Case(2, "--rank 1000000", T + ["--rank", "1000000"] + train_out("rank"), "--rank"),

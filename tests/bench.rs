@@ -909,6 +909,25 @@ fn objectives_parse() {
     assert!(CompareEntry::parse_all(&["/a/x".into(), "/b/x".into()]).is_err());
 }
 
+/// `bench::compare` of `entries` (`name` or `name=DIR`) on the base, with `opts`.
+fn compare(
+    entries: &[String],
+    opts: &BenchOptions,
+) -> anyhow::Result<(bench::Comparison, Vec<std::path::PathBuf>)> {
+    let entries: Vec<CompareEntry> = entries
+        .iter()
+        .map(|e| CompareEntry::parse(e).unwrap())
+        .collect();
+    bench::compare(
+        &source(),
+        &spec(),
+        &entries,
+        &LoadOptions::default(),
+        opts,
+        None,
+    )
+}
+
 #[test]
 fn compare_checks_every_particle_set_against_the_base_before_the_first_runs() {
     // A copy of the particles recorded against other base weights, as the last entry.
@@ -923,17 +942,9 @@ fn compare_checks_every_particle_set_against_the_base_before_the_first_runs() {
     let out = tempfile::tempdir().unwrap();
     let mut opts = options(out.path());
     opts.limit = Some(2);
-    let entries = vec![
-        CompareEntry::parse("base").unwrap(),
-        CompareEntry::parse(&format!("other={}", other.path().display())).unwrap(),
-    ];
-    let e = bench::compare(
-        &source(),
-        &spec(),
-        &entries,
-        &LoadOptions::default(),
+    let e = compare(
+        &["base".into(), format!("other={}", other.path().display())],
         &opts,
-        None,
     )
     .unwrap_err();
     assert!(format!("{e:#}").contains("--compare entry other"), "{e:#}");
@@ -949,17 +960,12 @@ fn compare_locks_every_entry_directory() {
     let mut opts = options(out.path());
     opts.limit = Some(1);
     let held = bella_vqa::io::OutputLock::acquire(&out.path().join("particles")).unwrap();
-    let entries = vec![
-        CompareEntry::parse("base").unwrap(),
-        CompareEntry::parse(&format!("particles={}", particles().display())).unwrap(),
-    ];
-    let e = bench::compare(
-        &source(),
-        &spec(),
-        &entries,
-        &LoadOptions::default(),
+    let e = compare(
+        &[
+            "base".into(),
+            format!("particles={}", particles().display()),
+        ],
         &opts,
-        None,
     )
     .unwrap_err();
     assert!(format!("{e:#}").contains("is in use by process"), "{e:#}");
@@ -974,17 +980,12 @@ fn compare_writes_one_table_over_the_same_questions() {
     let mut opts = options(out.path());
     opts.limit = Some(3);
     opts.ood.truncate(1);
-    let entries = vec![
-        CompareEntry::parse("base").unwrap(),
-        CompareEntry::parse(&format!("particles={}", particles().display())).unwrap(),
-    ];
-    let (comparison, written) = bench::compare(
-        &source(),
-        &spec(),
-        &entries,
-        &LoadOptions::default(),
+    let (comparison, written) = compare(
+        &[
+            "base".into(),
+            format!("particles={}", particles().display()),
+        ],
         &opts,
-        None,
     )
     .unwrap();
     assert_eq!(comparison.runs.len(), 2);

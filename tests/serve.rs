@@ -716,17 +716,21 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         ..ServeOptions::default()
     });
     server.wait_ready();
+    // A red PNG of w × h pixels, asked about.
+    let post_image = |w: u32, h: u32| {
+        let file = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
+        image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30]))
+            .save(file.path())
+            .unwrap();
+        post(
+            &server.url,
+            &request(&data_url(file.path()), "What color is the circle?").to_string(),
+            None,
+        )
+    };
     // 1000 × 1000 pixels are 3 MB as 8-bit RGB, more than all of the 1 MiB bound: no retry
     // can help, so 413, named (not 503 with Retry-After).
-    let big = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
-    image::RgbImage::from_pixel(1000, 1000, image::Rgb([200, 30, 30]))
-        .save(big.path())
-        .unwrap();
-    let (s, retry, t) = post(
-        &server.url,
-        &request(&data_url(big.path()), "What color is the circle?").to_string(),
-        None,
-    );
+    let (s, retry, t) = post_image(1000, 1000);
     let e = error_of(s, 413, &t);
     assert_eq!(e["code"], "image_too_large");
     assert!(
@@ -736,27 +740,11 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
     assert_eq!(retry, None);
     // A thin image of a few kilobytes whose square would be 3 MB: padded and resized row by
     // row, the square is never held, and it is answered.
-    let thin = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
-    image::RgbImage::from_pixel(1000, 4, image::Rgb([200, 30, 30]))
-        .save(thin.path())
-        .unwrap();
-    let (s, _, t) = post(
-        &server.url,
-        &request(&data_url(thin.path()), "What color is the circle?").to_string(),
-        None,
-    );
+    let (s, _, t) = post_image(1000, 4);
     assert_eq!(s, 200, "{t}");
     // 350 × 350 pixels: 0.86 MiB at the 7 bytes a pixel once counted, but the decoded RGB
     // and the processor's copy of it and its steps hold more than the 1 MiB bound.
-    let held = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
-    image::RgbImage::from_pixel(350, 350, image::Rgb([200, 30, 30]))
-        .save(held.path())
-        .unwrap();
-    let (s, _, t) = post(
-        &server.url,
-        &request(&data_url(held.path()), "What color is the circle?").to_string(),
-        None,
-    );
+    let (s, _, t) = post_image(350, 350);
     assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
     // Decided from the header, before decoding: a PNG whose header says 2000×2000 and whose
     // pixel data is cut off gets its 413, not a decoding error; so does a 30000×10 strip
