@@ -71,7 +71,17 @@ fn sync_dir(dir: Option<&Path>) {
 /// Creates a directory and its parents (counted as one file operation).
 pub fn create_dir_all(dir: &Path) -> Result<()> {
     file_op();
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+    fs::create_dir_all(dir).map_err(|e| {
+        // A file where a folder of the path should be: named as such ("File exists" was all).
+        match dir.ancestors().find(|a| a.is_file()) {
+            Some(file) => anyhow!(
+                "cannot create {}: {} is a file, not a directory",
+                dir.display(),
+                file.display()
+            ),
+            None => anyhow::Error::new(e).context(format!("cannot create {}", dir.display())),
+        }
+    })
 }
 
 /// Removes a directory and everything in it; a missing one is fine.

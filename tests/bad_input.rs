@@ -1169,6 +1169,19 @@ fn special_tokens_in_a_question_are_tokenised_as_text() {
 // 7. Nothing hangs: FIFOs and devices are refused before they are opened
 // ------------------------------------------------------------------------------------------------
 
+/// A benchmark written into a particle directory would mix its files into the set: refused
+/// before anything is answered, as `bench merge` refuses it.
+#[test]
+fn bench_into_a_particle_directory_is_refused() {
+    let data = DataDir::new(&good_lines());
+    let set = data.dir.path().join("set");
+    std::fs::create_dir_all(&set).unwrap();
+    std::fs::write(set.join(CONFIG_FILE), "{}").unwrap();
+    let err = fails(&mut bench(&data.data(), &set, &[]));
+    assert!(err.contains("holds a particle set"), "{err}");
+    assert!(!set.join("samples.jsonl").exists());
+}
+
 #[test]
 fn fifos_and_devices_are_refused_without_hanging() {
     let tmp = tempfile::tempdir().unwrap();

@@ -163,6 +163,17 @@ fn bad_inputs_give_clear_errors() {
     );
     assert!(err.contains("no --image was given"), "{err}");
     assert!(!out.exists(), "no output file on failure");
+    // An output inside a file: the file is named as what is in the way.
+    let err = run_err(
+        bella()
+            .args(["logits", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .args(["--prompt", "hi", "--out"])
+            .arg(not_image.join("x.safetensors")),
+    );
+    assert!(err.contains("is a file, not a directory"), "{err}");
     // Two <image> for one image, or none: the raw prompt is named, not the chat template.
     for prompt in [
         "USER: <image> <image> What? ASSISTANT:",

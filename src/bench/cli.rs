@@ -370,6 +370,14 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             bail!("data file {} does not exist", path.display());
         }
     }
+    // Results beside particles would mix a run's files into the set (merge refuses it too).
+    if crate::bella::particles::ParticleSet::is_in(out) {
+        bail!(
+            "{} holds a particle set; write the benchmark into a new or empty directory (e.g. {})",
+            out.display(),
+            out.join("bench").display()
+        );
+    }
     let _lock = crate::io::OutputLock::acquire(out)?;
     let source = model_source(model, &args.revision)?;
     let answers = match &args.answers {
