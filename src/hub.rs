@@ -308,7 +308,8 @@ pub struct HubOptions {
     pub cache_dir: PathBuf,
     /// `HF_TOKEN`, else the token file under `HF_HOME` (what `huggingface-cli login` writes).
     pub token: Option<String>,
-    /// `HF_HUB_OFFLINE=1/true/yes/on`: use the cache only, never the network.
+    /// `HF_HUB_OFFLINE=1/true/yes/on` (or, when that is unset, `TRANSFORMERS_OFFLINE`): use the
+    /// cache only, never the network.
     pub offline: bool,
     /// Limit for connecting, for waiting for an answer and for each read while downloading
     /// (`BELLA_HUB_TIMEOUT_SECS`, default 10 s). Zero means the default.
@@ -381,7 +382,12 @@ impl HubOptions {
                 // hf_hub's token file lives next to `<HF_HOME>/hub`.
                 None => Cache::new(hf_home.join("hub")).token(),
             });
-        let offline = get("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v));
+        // As huggingface_hub reads it: `HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE` (the first set
+        // and non-empty decides).
+        let offline = get("HF_HUB_OFFLINE")
+            .filter(|v| !v.is_empty())
+            .or_else(|| get("TRANSFORMERS_OFFLINE"))
+            .is_some_and(|v| is_truthy(&v));
         let timeout = get("BELLA_HUB_TIMEOUT_SECS")
             .and_then(|v| parse_timeout_secs(&v))
             .unwrap_or(DEFAULT_TIMEOUT);

@@ -658,6 +658,23 @@ fn options_from_lookup() {
             "{value}"
         );
     }
+    // TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is unset or empty, as huggingface_hub reads them.
+    for (vars, offline) in [
+        (&[("TRANSFORMERS_OFFLINE", "1")][..], true),
+        (
+            &[("HF_HUB_OFFLINE", ""), ("TRANSFORMERS_OFFLINE", "1")][..],
+            true,
+        ),
+        (
+            &[("HF_HUB_OFFLINE", "0"), ("TRANSFORMERS_OFFLINE", "1")][..],
+            false,
+        ),
+        (&[("TRANSFORMERS_OFFLINE", "0")][..], false),
+    ] {
+        let mut all = vec![("HOME", h)];
+        all.extend_from_slice(vars);
+        assert_eq!(env(&all).offline, offline, "{vars:?}");
+    }
     for bad in ["abc", "-1", "0", "inf", "1e12"] {
         assert_eq!(
             env(&[("HOME", h), ("BELLA_HUB_TIMEOUT_SECS", bad)]).timeout,

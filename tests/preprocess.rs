@@ -585,9 +585,20 @@ fn from_dir_reads_both_layouts_and_names_what_is_missing() {
     let p = ImageProcessor::from_dir(dir.path()).unwrap();
     assert!(p.do_pad);
     assert_eq!(p.output_size(), Some((7, 7)));
+    // Both: the nested entry, as transformers 5 reads them ("nested config if found -> image
+    // processor config"; a repository re-saved with 5.x keeps its old file).
     std::fs::write(
         dir.path().join("preprocessor_config.json"),
         json!({"size": 5, "crop_size": 5}).to_string(),
+    )
+    .unwrap();
+    let p = ImageProcessor::from_dir(dir.path()).unwrap();
+    assert!(p.do_pad);
+    assert_eq!(p.output_size(), Some((7, 7)));
+    // A processor_config.json without the entry: the file.
+    std::fs::write(
+        dir.path().join("processor_config.json"),
+        json!({"patch_size": 7}).to_string(),
     )
     .unwrap();
     let p = ImageProcessor::from_dir(dir.path()).unwrap();

@@ -439,22 +439,10 @@ fn chat_template_sources_and_special_tokens() {
         }
     );
 
-    // chat_template.json wins over tokenizer_config.json, chat_template.jinja over both
+    // The order of transformers 5's processor (get_processor_dict): processor_config.json's key,
+    // then the legacy chat_template.json, then chat_template.jinja; tokenizer_config.json last.
     let d = model_dir(&[
         ("tokenizer_config.json", tc.to_string()),
-        (
-            "chat_template.json",
-            json!({"chat_template": "json:{{ messages|length }}"}).to_string(),
-        ),
-    ]);
-    let p = Prompter::from_dir(d.path(), None).unwrap();
-    assert_eq!(p.render_question(q, false).unwrap(), "json:1");
-    let d = model_dir(&[
-        ("tokenizer_config.json", tc.to_string()),
-        (
-            "chat_template.json",
-            json!({"chat_template": "json"}).to_string(),
-        ),
         (
             "chat_template.jinja",
             "jinja:{{ add_generation_prompt }}\n".to_string(),
@@ -462,6 +450,30 @@ fn chat_template_sources_and_special_tokens() {
     ]);
     let p = Prompter::from_dir(d.path(), None).unwrap();
     assert_eq!(p.render_question(q, false).unwrap(), "jinja:True");
+    let d = model_dir(&[
+        ("tokenizer_config.json", tc.to_string()),
+        (
+            "chat_template.json",
+            json!({"chat_template": "json:{{ messages|length }}"}).to_string(),
+        ),
+        ("chat_template.jinja", "jinja".to_string()),
+    ]);
+    let p = Prompter::from_dir(d.path(), None).unwrap();
+    assert_eq!(p.render_question(q, false).unwrap(), "json:1");
+    let d = model_dir(&[
+        ("tokenizer_config.json", tc.to_string()),
+        (
+            "processor_config.json",
+            json!({"chat_template": "key"}).to_string(),
+        ),
+        (
+            "chat_template.json",
+            json!({"chat_template": "json"}).to_string(),
+        ),
+        ("chat_template.jinja", "jinja".to_string()),
+    ]);
+    let p = Prompter::from_dir(d.path(), None).unwrap();
+    assert_eq!(p.render_question(q, false).unwrap(), "key");
     let p = p.with_chat_template("inline").unwrap();
     assert_eq!(p.render(&json!([]), false).unwrap(), "inline");
 

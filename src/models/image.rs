@@ -14,7 +14,7 @@
 //! The output is a `f32` tensor `[3, H, W]` on the CPU. Decoding ([`load_image`], [`decode_image`])
 //! turns an image upright by its EXIF orientation tag first, as `transformers`' `load_image` does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -357,6 +357,39 @@ pub enum ResizeTarget {
     },
 }
 
+/// Where a model directory keeps its image processor settings, in transformers 5's order
+/// ("nested config if found -> image processor config"): the `image_processor` entry of
+/// `processor_config.json`, else `preprocessor_config.json` (a repository re-saved with
+/// transformers 5 keeps its old file beside the new entry).
+pub enum ProcessorSettings {
+    Nested(PathBuf, Value),
+    File(PathBuf),
+}
+
+impl ProcessorSettings {
+    pub fn find(dir: &Path) -> Result<Option<Self>> {
+        let proc = dir.join("processor_config.json");
+        if proc.is_file() {
+            let text = crate::input::read_to_string(&proc, "processor config")?;
+            let json: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", proc.display()))?;
+            if let Some(entry) = json.get("image_processor").filter(|v| !v.is_null()) {
+                return Ok(Some(Self::Nested(proc, entry.clone())));
+            }
+        }
+        let pre = dir.join("preprocessor_config.json");
+        Ok(pre.is_file().then_some(Self::File(pre)))
+    }
+
+    /// The file (and key) the settings are read from, for messages.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Nested(..) => "processor_config.json, \"image_processor\"",
+            Self::File(_) => "preprocessor_config.json",
+        }
+    }
+}
+
 /// An image processor configured like `transformers`' `CLIPImageProcessor` /
 /// `LlavaImageProcessor`.
 #[derive(Debug, Clone, PartialEq)]
@@ -444,25 +477,23 @@ impl ImageProcessor {
     /// `transformers` 5 saves processors) the `"image_processor"` object of
     /// `processor_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let pre = dir.join("preprocessor_config.json");
-        if pre.is_file() {
-            return Self::from_file(&pre);
+        match ProcessorSettings::find(dir)? {
+            Some(settings) => Self::from_settings(&settings),
+            None => bail!(
+                "no image processor config in {}: expected preprocessor_config.json, or \
+                 processor_config.json with an \"image_processor\" entry",
+                dir.display()
+            ),
         }
-        let proc = dir.join("processor_config.json");
-        if proc.is_file() {
-            let text = crate::input::read_to_string(&proc, "processor config")?;
-            let json: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", proc.display()))?;
-            if let Some(ip) = json.get("image_processor") {
-                return Self::from_json(ip)
-                    .with_context(|| format!("in key \"image_processor\" of {}", proc.display()));
-            }
+    }
+
+    /// The processor of settings found by [`ProcessorSettings::find`].
+    pub fn from_settings(settings: &ProcessorSettings) -> Result<Self> {
+        match settings {
+            ProcessorSettings::Nested(path, entry) => Self::from_json(entry)
+                .with_context(|| format!("in key \"image_processor\" of {}", path.display())),
+            ProcessorSettings::File(path) => Self::from_file(path),
         }
-        bail!(
-            "no image processor config in {}: expected preprocessor_config.json, or \
-             processor_config.json with an \"image_processor\" entry",
-            dir.display()
-        )
     }
 
     /// Builds a processor from the JSON of a `preprocessor_config.json`; missing keys take the

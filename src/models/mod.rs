@@ -181,25 +181,17 @@ fn load_weights(
         }
         None => None,
     };
-    // transformers 5 nests the image processor in processor_config.json.
-    let nested = files.optional("processor_config.json").is_some_and(|p| {
-        crate::input::read_to_string(&p, "processor config")
-            .is_ok_and(|t| t.contains("\"image_processor\""))
-    });
-    let image_processor = if files.optional("preprocessor_config.json").is_some() || nested {
-        Some(ImageProcessor::from_dir(&files.dir)?)
-    } else {
-        None
-    };
-    // Where the processor's settings were read (ImageProcessor::from_dir's order).
-    let processor_file = match files.optional("preprocessor_config.json") {
-        Some(_) => "preprocessor_config.json",
-        None => "processor_config.json, \"image_processor\"",
-    };
+    let settings = image::ProcessorSettings::find(&files.dir)?;
+    let image_processor = settings
+        .as_ref()
+        .map(ImageProcessor::from_settings)
+        .transpose()?;
     check_inputs_fit(
         &config,
         prompter.as_ref(),
-        image_processor.as_ref().map(|p| (p, processor_file)),
+        image_processor
+            .as_ref()
+            .zip(settings.as_ref().map(image::ProcessorSettings::label)),
     )?;
     if let (ModelConfig::Llava(_), Some(p)) = (&config, &prompter) {
         if *p.template_source() == prompt::TemplateSource::Default {

@@ -1299,18 +1299,28 @@ impl Prompter {
     }
 }
 
-/// Finds the chat template: `chat_template.jinja`, `chat_template.json`,
-/// `processor_config.json`'s `chat_template`, `tokenizer_config.json`'s `chat_template` (a string,
-/// or a list of `{name, template}` of which "default" is taken), else the built-in template.
+/// Finds the chat template: `processor_config.json`'s `chat_template`, `chat_template.json`,
+/// `chat_template.jinja`, `tokenizer_config.json`'s `chat_template` (a string, or a list of
+/// `{name, template}` of which "default" is taken), else the built-in template.
 fn find_chat_template(
     dir: &Path,
     processor_config: Option<&Value>,
     tokenizer_config: Option<&Value>,
 ) -> Result<(String, TemplateSource)> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.exists() {
-        let t = crate::input::read_to_string(&jinja, "chat template")?;
-        return Ok((t, TemplateSource::File(jinja)));
+    // The order of transformers 5's processor (ProcessorMixin.get_processor_dict): a
+    // "chat_template" key in processor_config.json, then the legacy chat_template.json, then
+    // chat_template.jinja; the tokenizer's own last.
+    let key_in = |name: &str, cfg: Option<&Value>| -> Result<Option<(String, TemplateSource)>> {
+        let Some(v) = cfg.and_then(|c| c.get("chat_template")) else {
+            return Ok(None);
+        };
+        let path = dir.join(name);
+        Ok(template_from_value(v)
+            .with_context(|| format!("key \"chat_template\" in {}", path.display()))?
+            .map(|t| (t, TemplateSource::File(path))))
+    };
+    if let Some(found) = key_in("processor_config.json", processor_config)? {
+        return Ok(found);
     }
     let json_path = dir.join("chat_template.json");
     if let Some(v) = read_json_opt(&json_path)? {
@@ -1319,18 +1329,13 @@ fn find_chat_template(
             .ok_or_else(|| anyhow!("{} has no \"chat_template\" string", json_path.display()))?;
         return Ok((t, TemplateSource::File(json_path)));
     }
-    for (name, cfg) in [
-        ("processor_config.json", processor_config),
-        ("tokenizer_config.json", tokenizer_config),
-    ] {
-        if let Some(v) = cfg.and_then(|c| c.get("chat_template")) {
-            let path = dir.join(name);
-            if let Some(t) = template_from_value(v)
-                .with_context(|| format!("key \"chat_template\" in {}", path.display()))?
-            {
-                return Ok((t, TemplateSource::File(path)));
-            }
-        }
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        let t = crate::input::read_to_string(&jinja, "chat template")?;
+        return Ok((t, TemplateSource::File(jinja)));
+    }
+    if let Some(found) = key_in("tokenizer_config.json", tokenizer_config)? {
+        return Ok(found);
     }
     Ok((DEFAULT_CHAT_TEMPLATE.to_string(), TemplateSource::Default))
 }
