@@ -1169,6 +1169,35 @@ fn special_tokens_in_a_question_are_tokenised_as_text() {
 // 7. Nothing hangs: FIFOs and devices are refused before they are opened
 // ------------------------------------------------------------------------------------------------
 
+/// A model without a tokenizer or image settings is refused before its weights are loaded, with
+/// the way to get the file (it failed at the first question, blaming the image).
+#[test]
+fn a_model_without_its_tokenizer_or_image_settings_is_refused_with_the_way_to_get_them() {
+    for (file, expected) in [
+        ("tokenizer.json", "has no tokenizer.json"),
+        (
+            "preprocessor_config.json",
+            "has no preprocessor_config.json",
+        ),
+    ] {
+        let model = copy_fixture("llava-tiny-hub");
+        std::fs::remove_file(model.path().join(file)).unwrap();
+        let err = fails(
+            bella()
+                .arg("ask")
+                .arg("--model")
+                .arg(model.path())
+                .arg("--image")
+                .arg(fixture("images/square.png"))
+                .arg("What is it?"),
+        );
+        assert!(
+            err.contains(expected) && err.contains("save_pretrained") && !err.contains("answering"),
+            "{file}: {err}"
+        );
+    }
+}
+
 /// A benchmark written into a particle directory would mix its files into the set: refused
 /// before anything is answered, as `bench merge` refuses it.
 #[test]

@@ -302,8 +302,8 @@ impl BellaVqa {
     }
 
     /// What can be told of a model, its particles and a CLIP answer list from their files alone,
-    /// before the (slow) load: a base other than the particles' (unless `skip_base_check`), an
-    /// answer list given to a LLaVA, a CLIP without candidate answers, and a CLIP answer list
+    /// before the (slow) load: a tokenizer or image settings missing, a base other than the
+    /// particles' (unless `skip_base_check`), an answer list given to a LLaVA, a CLIP without candidate answers, and a CLIP answer list
     /// other than the one the particles were calibrated with (unless the caller's threshold
     /// replaces the calibrated rule). A server checks this before it listens.
     pub fn check_inputs(
@@ -317,6 +317,7 @@ impl BellaVqa {
             ParticleSet::verify_base_of(config, files)?;
         }
         let (config, _) = models::config::ModelConfig::from_file(&files.required("config.json")?)?;
+        models::check_answering_files(files)?;
         let clip = matches!(config, models::config::ModelConfig::Clip(_));
         if !clip && answers.is_some() {
             return Err(answers_given_to_llava());

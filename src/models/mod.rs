@@ -12,6 +12,8 @@ pub mod prompt;
 pub mod quant;
 pub mod weights;
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
@@ -91,24 +93,47 @@ pub struct LoadedModel {
     pub generation_eos: Vec<u32>,
 }
 
+/// Fails when `files` lack what answering a question needs (a tokenizer, image settings), with
+/// the way to get it: checked before the weights are loaded, not at the first question.
+pub fn check_answering_files(files: &ModelFiles) -> Result<()> {
+    if files.optional("tokenizer.json").is_none() {
+        return Err(missing_tokenizer(&files.dir));
+    }
+    if image::ProcessorSettings::find(&files.dir)?.is_none() {
+        return Err(missing_image_processor(&files.dir));
+    }
+    Ok(())
+}
+
+fn missing_tokenizer(dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} has no tokenizer.json: a tokenizer is needed for prompts; download it with the model, \
+         or write it with transformers (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) \
+         makes it from tokenizer.model)",
+        dir.display()
+    )
+}
+
+fn missing_image_processor(dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} has no preprocessor_config.json (or processor_config.json with an image_processor \
+         entry): it is needed to read images; download it with the model, or write it with \
+         transformers (AutoProcessor.from_pretrained(BASE_MODEL).save_pretrained(DIR))",
+        dir.display()
+    )
+}
+
 impl LoadedModel {
     pub fn prompter(&self) -> Result<&Prompter> {
-        self.prompter.as_ref().with_context(|| {
-            format!(
-                "{} has no tokenizer.json: a tokenizer is needed for prompts",
-                self.files.dir.display()
-            )
-        })
+        self.prompter
+            .as_ref()
+            .ok_or_else(|| missing_tokenizer(&self.files.dir))
     }
 
     pub fn image_processor(&self) -> Result<&ImageProcessor> {
-        self.image_processor.as_ref().with_context(|| {
-            format!(
-                "{} has no preprocessor_config.json (or processor_config.json with an image_processor): \
-                 it is needed to read images",
-                self.files.dir.display()
-            )
-        })
+        self.image_processor
+            .as_ref()
+            .ok_or_else(|| missing_image_processor(&self.files.dir))
     }
 
     /// The tokens that end a generated answer: the tokenizer's end-of-sequence token, the
