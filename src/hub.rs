@@ -137,7 +137,12 @@ impl ModelSource {
         if s.trim().is_empty() {
             bail!("empty model source: expected a model directory or a hub id org/name[@revision]");
         }
-        let path = Path::new(s);
+        // `--model=~/x` reaches us unexpanded (the shell expands `~` only at a word's start).
+        let expanded = s
+            .strip_prefix("~/")
+            .zip(std::env::var_os("HOME"))
+            .map(|(rest, home)| PathBuf::from(home).join(rest));
+        let path = expanded.as_deref().unwrap_or(Path::new(s));
         if let Some(model) = demo_model(s) {
             return Ok(ModelSource::Dir(crate::demo::path(model)?));
         }
@@ -707,11 +712,31 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
     let location = dir.display().to_string();
     let config = dir.join(CONFIG_FILE);
     if !config.exists() {
-        return Err(HubError::MissingFile {
+        let err = anyhow::Error::from(HubError::MissingFile {
             file: CONFIG_FILE.to_string(),
             location,
-        }
-        .into());
+        });
+        // Folders people pass for a model that are something else.
+        let hint = if dir.join("adapter_config.json").is_file() {
+            Some(format!(
+                "{} is a PEFT adapter, not a model: pass its base model as --model, and the \
+                 adapter to import-peft to make particles of it",
+                dir.display()
+            ))
+        } else if dir.join("snapshots").is_dir() {
+            Some(format!(
+                "{} is a hub cache folder: pass the hub id (with --offline), or one of its \
+                 snapshots ({}/snapshots/<commit>)",
+                dir.display(),
+                dir.display()
+            ))
+        } else {
+            None
+        };
+        return Err(match hint {
+            Some(hint) => err.context(hint),
+            None => err,
+        });
     }
     crate::input::check_regular(&config, "model config")?;
     let single = dir.join(WEIGHTS_FILE);

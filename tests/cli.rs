@@ -233,3 +233,37 @@ fn serve_refuses_answers_that_cannot_apply_before_it_listens() {
         );
     }
 }
+
+/// `--model=~/dir` (the shell leaves that `~` alone) is the directory in $HOME; a PEFT adapter
+/// or a hub cache folder given as the model is named as what it is.
+#[test]
+fn model_paths_people_type_are_understood() {
+    let home = tempfile::tempdir().unwrap();
+    let clip = home.path().join("clip");
+    std::fs::create_dir_all(&clip).unwrap();
+    for entry in std::fs::read_dir(fixture("clip-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), clip.join(entry.file_name())).unwrap();
+    }
+    let out =
+        run_ok(
+            bella()
+                .env("HOME", home.path())
+                .args(["inspect", "--json", "--model=~/clip"]),
+        );
+    assert!(out.contains("\"CLIP\""), "{out}");
+
+    let err = run_err(
+        bella()
+            .args(["inspect", "--model"])
+            .arg(fixture("peft/llava-lora")),
+    );
+    assert!(
+        err.contains("is a PEFT adapter") && err.contains("import-peft"),
+        "{err}"
+    );
+    let cache = home.path().join("models--org--name");
+    std::fs::create_dir_all(cache.join("snapshots")).unwrap();
+    let err = run_err(bella().args(["inspect", "--model"]).arg(&cache));
+    assert!(err.contains("is a hub cache folder"), "{err}");
+}
