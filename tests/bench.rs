@@ -633,6 +633,19 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     opts.limit = Some(3);
     run(&opts);
     assert!(out.join("results.json").exists() && out.join("report.md").exists());
+    let submission: Value =
+        serde_json::from_slice(&std::fs::read(out.join("submission.json")).unwrap()).unwrap();
+    let ids: Vec<&str> = submission
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["question_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = examples[..3]
+        .iter()
+        .map(|e| e.question_id.as_str())
+        .collect();
+    assert_eq!(ids, expected);
     // Continued over all six: the results of the three are gone before the first new answer,
     // so the run stopped at the bad image leaves none that read as finished.
     opts.limit = None;
@@ -652,6 +665,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     );
     assert!(!out.join("results.json").exists());
     assert!(!out.join("report.md").exists());
+    assert!(!out.join("submission.json").exists());
     // With skip_bad the run finishes and lists the question as skipped.
     opts.skip_bad = true;
     let outcome = bench::run(vqa_with_particles(), &spec(), &opts).unwrap();
@@ -1363,6 +1377,20 @@ fn vizwiz_input_and_a_test_set_without_answers() {
         assert_eq!(r["summary"].is_null(), !with_answers);
         let md = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert_eq!(md.contains("No metrics"), !with_answers);
+        // The answers in EvalAI's VizWiz upload format, in the file's order.
+        let submission: Value =
+            serde_json::from_slice(&std::fs::read(out.join("submission.json")).unwrap()).unwrap();
+        let expected: Vec<Value> = samples
+            .iter()
+            .map(|s| {
+                let image = std::path::Path::new(s["image"].as_str().unwrap());
+                serde_json::json!({
+                    "image": image.file_name().unwrap().to_str().unwrap(),
+                    "answer": s["answer"],
+                })
+            })
+            .collect();
+        assert_eq!(submission, Value::Array(expected));
     }
 }
 

@@ -9,6 +9,7 @@
 //! OUT/bad_records.jsonl  data records --skip-bad left out while reading, with why
 //! OUT/results.json       metric name → value, details, progress, timing, config
 //! OUT/report.md, report.html, reliability.svg, risk_coverage.svg
+//! OUT/submission.json    the test answers in EvalAI's upload format ([`submission`])
 //! ```
 //!
 //! Restarting [`run`] with the same `out` continues: answered questions are skipped, a damaged last
@@ -27,6 +28,7 @@ pub mod config;
 pub mod merge;
 pub mod results;
 pub mod samples;
+pub mod submission;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -585,6 +587,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             results::RESULTS_FILE,
             crate::report::REPORT_MD,
             crate::report::REPORT_HTML,
+            submission::SUBMISSION_FILE,
         ] {
             crate::io::remove_file(&opts.out.join(name))?;
         }
@@ -710,6 +713,7 @@ pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<P
             .collect()
     });
     let mut written = vec![dir.join(results::RESULTS_FILE)];
+    written.extend(submission::write(dir, &config, &samples)?);
     written.extend(crate::report::write_report(
         dir,
         &results,
