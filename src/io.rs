@@ -562,17 +562,29 @@ fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
     Ok(())
 }
 
+/// How long a cache temporary must have been left untouched before it counts as abandoned.
+const STALE_CACHE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Removes, best effort, the temporary files and directories ([`temp_name`]) that processes now
 /// gone left directly in `dir`: a cache directory, where a killed first use (a demo copy, a
 /// multi-GB quantized model) would otherwise leave them for good. Takes no lock: another live
-/// process's temporaries are kept.
+/// process's temporaries are kept, and so is any written to in the last hour (a cache shared
+/// between containers holds temporaries of processes this one cannot see).
 pub fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
+    let untouched = |entry: &fs::DirEntry| {
+        entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_CACHE_TEMP)
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if is_temp_name(&name) && !temp_owner_is_alive(&name) {
+        if is_temp_name(&name) && !temp_owner_is_alive(&name) && untouched(&entry) {
             let path = entry.path();
             let _ = match entry.file_type().is_ok_and(|t| t.is_dir()) {
                 true => fs::remove_dir_all(&path),
@@ -719,6 +731,14 @@ mod tests {
             fs::write(f, b"x").unwrap();
         }
         fs::create_dir_all(gone_dir.join("llava")).unwrap();
+        // Written to a moment ago: kept (its writer may be a process of another container).
+        remove_stale_temps(dir.path());
+        assert!(gone.exists() && gone_dir.exists());
+        // Untouched for two hours: removed.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for p in [&gone, &gone_dir, &alive] {
+            fs::File::open(p).unwrap().set_modified(old).unwrap();
+        }
         remove_stale_temps(dir.path());
         assert!(!gone.exists() && !gone_dir.exists());
         assert!(alive.exists() && kept.exists());

@@ -666,6 +666,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     assert!(!out.join("results.json").exists());
     assert!(!out.join("report.md").exists());
     assert!(!out.join("submission.json").exists());
+    assert!(!out.join("reliability.svg").exists());
     // With skip_bad the run finishes and lists the question as skipped.
     opts.skip_bad = true;
     let outcome = bench::run(vqa_with_particles(), &spec(), &opts).unwrap();

@@ -697,6 +697,16 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
         "{err}"
     );
     assert!(!bench_out.join("samples.jsonl").exists());
+    // Without --answers the particles answer from their training answers, which are not the
+    // list they were calibrated with either: refused before listening too.
+    let served = run(&[&["serve", "--port", "0"][..], &clip].concat());
+    let err = String::from_utf8_lossy(&served.stderr);
+    assert!(
+        !served.status.success()
+            && err.contains("calibrated with another answer list")
+            && !err.contains("listening"),
+        "{err}"
+    );
     // A threshold of the caller's replaces the calibrated rule: answered.
     assert!(ask(&["--answers", &b, "--threshold", "0.5"])
         .status

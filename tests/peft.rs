@@ -469,6 +469,8 @@ fn bad_adapters_are_refused_with_reasons() {
             "init_lora_weights",
             json!("loftq"),
         ),
+        ("none PEFT knows", "init_lora_weights", json!("garbage")),
+        ("none PEFT knows", "init_lora_weights", json!(0)),
         ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),

@@ -450,6 +450,16 @@ fn chat_template_sources_and_special_tokens() {
     ]);
     let p = Prompter::from_dir(d.path(), None).unwrap();
     assert_eq!(p.render_question(q, false).unwrap(), "jinja:True");
+    // An empty chat_template.jinja is no template (transformers passes over it).
+    let d = model_dir(&[
+        (
+            "tokenizer_config.json",
+            json!({"chat_template": "tc"}).to_string(),
+        ),
+        ("chat_template.jinja", " \n".to_string()),
+    ]);
+    let p = Prompter::from_dir(d.path(), None).unwrap();
+    assert_eq!(p.render_question(q, false).unwrap(), "tc");
     let d = model_dir(&[
         ("tokenizer_config.json", tc.to_string()),
         (

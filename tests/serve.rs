@@ -570,6 +570,7 @@ fn every_error_class_has_its_status_and_body() {
     let mut r = agent()
         .post(&format!("{url}/v1/chat/completions"))
         .header("content-type", "application/json")
+        .header("content-encoding", "identity")
         .header("content-encoding", "gzip")
         .header("authorization", "Bearer sesame")
         .send(&[0x1f_u8, 0x8b, 8, 0, 0, 0, 0, 0][..])

@@ -328,7 +328,7 @@ impl BellaVqa {
             let calibrated = particles
                 .and_then(|c| c.abstention.as_ref())
                 .and_then(|a| a.answers_sha256.as_deref());
-            check_answer_list(calibrated, answers.map(answers_sha256).as_deref())?;
+            check_answer_list(calibrated, vocabulary.map(answers_sha256).as_deref())?;
         }
         Ok(())
     }
@@ -730,8 +730,8 @@ fn check_answer_list(calibrated: Option<&str>, now: Option<&str>) -> Result<()> 
     match (calibrated, now) {
         (Some(calibrated), Some(now)) if calibrated != now => bail!(
             "these particles were calibrated with another answer list than the one answering \
-             now (--answers): calibrate them with this list, or answer with the list they \
-             were calibrated with"
+             now (--answers, or without it the particles' training answers): pass the list \
+             they were calibrated with as --answers, or calibrate them with this one"
         ),
         _ => Ok(()),
     }

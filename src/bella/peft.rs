@@ -345,6 +345,19 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     // PiSSA, OLoRA, CorDA and LoftQ move part of the base weight into the factors, and PEFT
     // changes the base weight again when it loads them: the factors alone are not a LoRA of
     // the base.
+    match field("init_lora_weights") {
+        None | Some(Value::Bool(_)) => {}
+        Some(Value::String(init))
+            if ["gaussian", "orthogonal", "eva"].contains(&init.as_str())
+                || ["pissa", "olora", "corda", "loftq"]
+                    .iter()
+                    .any(|p| init.to_ascii_lowercase().starts_with(p)) => {}
+        // PEFT refuses these itself.
+        Some(other) => bail!(
+            "{what}: init_lora_weights {other} is none PEFT knows (true, false, \"gaussian\", \
+             \"orthogonal\", \"eva\", …): is the config damaged?"
+        ),
+    }
     if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
         let lower = init.to_ascii_lowercase();
         if ["pissa", "olora", "corda", "loftq"]

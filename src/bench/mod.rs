@@ -587,6 +587,8 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             results::RESULTS_FILE,
             crate::report::REPORT_MD,
             crate::report::REPORT_HTML,
+            crate::report::RELIABILITY_SVG,
+            crate::report::RISK_COVERAGE_SVG,
             submission::SUBMISSION_FILE,
         ] {
             crate::io::remove_file(&opts.out.join(name))?;

@@ -253,6 +253,13 @@ fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Res
 fn describe_image_error(name: &str, err: image::ImageError) -> anyhow::Error {
     use image::ImageError as E;
     match err {
+        // A known format in a variant the decoder lacks (a palette or float TIFF, …).
+        E::Unsupported(e) if !matches!(e.kind(), image::error::UnsupportedErrorKind::Format(_)) => {
+            anyhow!(
+                "{name} is a kind of image this reader does not support ({e}): convert it to PNG \
+                 or JPEG"
+            )
+        }
         E::Unsupported(e) => anyhow!(
             "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): {e}"
         ),

@@ -1332,7 +1332,10 @@ fn find_chat_template(
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
         let t = crate::input::read_to_string(&jinja, "chat template")?;
-        return Ok((t, TemplateSource::File(jinja)));
+        // An empty file is no template (transformers passes over it too).
+        if !t.trim().is_empty() {
+            return Ok((t, TemplateSource::File(jinja)));
+        }
     }
     if let Some(found) = key_in("tokenizer_config.json", tokenizer_config)? {
         return Ok(found);

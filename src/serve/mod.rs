@@ -639,9 +639,11 @@ async fn answer_chat(
     })?;
     // A compressed body would read as malformed JSON: said as what it is.
     if let Some(encoding) = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .find(|e| !e.eq_ignore_ascii_case("identity"))
     {
         return Err(ApiError::compressed(encoding));
     }

@@ -221,9 +221,9 @@ pub struct ChatRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// A negative seed draws a fresh one, as `-1` does in llama.cpp's server.
+    /// An integer; a negative one draws a fresh seed, as `-1` does in llama.cpp's server.
     #[serde(default)]
-    pub seed: Option<i128>,
+    pub seed: Option<Value>,
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
@@ -486,6 +486,17 @@ impl ChatRequest {
                 format!("top_p must be in (0, 1], not {top_p}"),
             ));
         }
+        let seed = match &self.seed {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|s| s < 0) => None,
+            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    Some("seed"),
+                    format!("seed must be an integer, not {other}"),
+                ))
+            }
+        };
         let sampling = match self.temperature {
             Some(t) if !t.is_finite() || !(0.0..=2.0).contains(&t) => {
                 return Err(ApiError::invalid(
@@ -494,18 +505,7 @@ impl ChatRequest {
                 ))
             }
             // Without a seed every request samples afresh, as in OpenAI's API.
-            Some(t) if t > 0.0 => {
-                let seed = match self.seed {
-                    Some(s) if s >= 0 => u64::try_from(s).map_err(|_| {
-                        ApiError::invalid(
-                            Some("seed"),
-                            format!("seed {s} is larger than {}", u64::MAX),
-                        )
-                    })?,
-                    _ => rand::random(),
-                };
-                Some((t, top_p, seed))
-            }
+            Some(t) if t > 0.0 => Some((t, top_p, seed.unwrap_or_else(rand::random))),
             // Greedy: the default (the calibrated threshold assumes greedy answers).
             _ => None,
         };
@@ -1038,9 +1038,17 @@ mod tests {
         assert!(seeds.len() > 1, "{seeds:?}");
         v["seed"] = serde_json::json!(u64::MAX);
         assert_eq!(
-            parse(v).expect("valid").sampling.expect("sampled").2,
+            parse(v.clone())
+                .expect("valid")
+                .sampling
+                .expect("sampled")
+                .2,
             u64::MAX
         );
+        for bad in [serde_json::json!(1.5), serde_json::json!("5")] {
+            v["seed"] = bad;
+            assert_eq!(parse(v.clone()).unwrap_err().param.as_deref(), Some("seed"));
+        }
     }
 
     #[test]
