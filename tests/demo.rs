@@ -697,6 +697,19 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
         "{err}"
     );
     assert!(!bench_out.join("samples.jsonl").exists());
+    // CLIP particles on the demo LLaVA: named as such (it said the weights differ).
+    let other = run(&[
+        "ask",
+        "--model",
+        "demo",
+        "--adapters",
+        &p,
+        "--image",
+        &image,
+        QUESTION,
+    ]);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("these are CLIP particles"), "{err}");
     // Without --answers the particles answer from their training answers, which are not the
     // list they were calibrated with either: refused before listening too.
     let served = run(&[&["serve", "--port", "0"][..], &clip].concat());

@@ -313,10 +313,19 @@ impl BellaVqa {
         threshold_given: bool,
         skip_base_check: bool,
     ) -> Result<()> {
+        let (config, _) = models::config::ModelConfig::from_file(&files.required("config.json")?)?;
+        if let Some(set) = particles.filter(|c| c.architecture != config.architecture()) {
+            bail!(
+                "these are {} particles (trained on {}), and the model is a {}: load them onto \
+                 the base model they were trained on",
+                set.architecture,
+                set.base_model.source,
+                config.architecture()
+            );
+        }
         if let (Some(config), false) = (particles, skip_base_check) {
             ParticleSet::verify_base_of(config, files)?;
         }
-        let (config, _) = models::config::ModelConfig::from_file(&files.required("config.json")?)?;
         models::check_answering_files(files)?;
         let clip = matches!(config, models::config::ModelConfig::Clip(_));
         if !clip && answers.is_some() {
