@@ -669,14 +669,17 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
     let reordered = list("a-reordered.txt", "green\nred\nblue\n");
     assert!(ask(&["--answers", &reordered]).status.success());
     // A server and a benchmark refuse it before they listen or answer anything.
-    let served = run(&[&["serve", "--port", "0"][..], &clip, &["--answers", &b]].concat());
-    let err = String::from_utf8_lossy(&served.stderr);
-    assert!(
-        !served.status.success()
-            && err.contains("calibrated with another answer list")
-            && !err.contains("listening"),
-        "{err}"
-    );
+    let refused_before_listening = |extra: &[&str]| {
+        let served = run(&[&["serve", "--port", "0"][..], &clip, extra].concat());
+        let err = String::from_utf8_lossy(&served.stderr);
+        assert!(
+            !served.status.success()
+                && err.contains("calibrated with another answer list")
+                && !err.contains("listening"),
+            "{extra:?}: {err}"
+        );
+    };
+    refused_before_listening(&["--answers", &b]);
     let bench_out = dir.path().join("bench");
     let benched = run(&[
         &["bench"][..],
@@ -712,14 +715,7 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
     assert!(err.contains("these are CLIP particles"), "{err}");
     // Without --answers the particles answer from their training answers, which are not the
     // list they were calibrated with either: refused before listening too.
-    let served = run(&[&["serve", "--port", "0"][..], &clip].concat());
-    let err = String::from_utf8_lossy(&served.stderr);
-    assert!(
-        !served.status.success()
-            && err.contains("calibrated with another answer list")
-            && !err.contains("listening"),
-        "{err}"
-    );
+    refused_before_listening(&[]);
     // A threshold of the caller's replaces the calibrated rule: answered.
     assert!(ask(&["--answers", &b, "--threshold", "0.5"])
         .status
