@@ -533,7 +533,8 @@ fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
                 if t.is_fifo() || t.is_socket() {
                     bail!(
                         "{} is a {} in the output directory, where a run reads and writes \
-                         regular files (reading it would block): remove it",
+                         regular files (reading it would block): remove it, or choose another \
+                         output directory",
                         path.display(),
                         if t.is_fifo() {
                             "FIFO (named pipe)"
