@@ -511,9 +511,9 @@ pub enum HubError {
     InvalidResponse { url: String, reason: String },
     /// Offline and the model/revision is not in the cache.
     #[error(
-        "model {repo_id}@{revision} is not in the hub cache at {} (offline mode: --offline or \
-         HF_HUB_OFFLINE). To fill the cache, run once online (without --offline and with \
-         HF_HUB_OFFLINE unset), or run `huggingface-cli download {repo_id} --revision {revision}` \
+        "model {repo_id}@{revision} is not in the hub cache at {} (offline mode: --offline, \
+         HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE). To fill the cache, run once online (without \
+         --offline, with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset), or run `huggingface-cli download {repo_id} --revision {revision}` \
          with the same HF_HUB_CACHE/HF_HOME; or pass a local model directory instead",
         cache_dir.display()
     )]
@@ -870,7 +870,7 @@ fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::
         repo_id,
         revision,
         opts,
-        "run once online (without --offline / HF_HUB_OFFLINE) to complete it",
+        "run once online (without --offline / HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) to complete it",
     )
 }
 
