@@ -1376,6 +1376,8 @@ fn vizwiz_input_and_a_test_set_without_answers() {
         let samples = samples_of(&out);
         assert_eq!(samples[0]["answerable"], 1);
         assert_eq!(r["summary"].is_null(), !with_answers);
+        // Without human answers a question has no accuracy (it read 0.0).
+        assert_eq!(samples[0]["accuracy"].is_null(), !with_answers);
         let md = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert_eq!(md.contains("No metrics"), !with_answers);
         // The answers in EvalAI's VizWiz upload format, in the file's order.

@@ -294,7 +294,7 @@ pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
         declined: declined(ood),
         mean_confidence: mean(ood.iter().map(|s| s.confidence)).unwrap_or(0.0),
         accuracy: if has_answers {
-            mean(ood.iter().map(|s| s.accuracy))
+            mean(ood.iter().filter_map(|s| s.accuracy))
         } else {
             None
         },
@@ -363,7 +363,7 @@ pub fn test_accuracies(
     chosen
         .iter()
         .filter(|s| tests.contains(s.split.as_str()))
-        .map(|s| s.accuracy)
+        .filter_map(|s| s.accuracy)
         .collect()
 }
 
@@ -610,7 +610,7 @@ pub fn compute(
     }
     let validation = (!val.is_empty()).then(|| ValidationBrief {
         count: val.len(),
-        accuracy: mean(val.iter().map(|s| s.accuracy)).unwrap_or(0.0),
+        accuracy: mean(val.iter().filter_map(|s| s.accuracy)).unwrap_or(0.0),
         mean_confidence: mean(val.iter().map(|s| s.confidence)).unwrap_or(0.0),
     });
     if !progress.complete {

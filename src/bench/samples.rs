@@ -82,8 +82,8 @@ pub struct Sample {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check: Option<ImageVerdict>,
     /// VQA accuracy of `answer` against `answers` as if it had been given (normalisation as the
-    /// run's `normalize` says).
-    pub accuracy: f64,
+    /// run's `normalize` says); `null` for a question without human answers (a test-dev set).
+    pub accuracy: Option<f64>,
     pub uncertainty: Uncertainty,
     /// Fraction of particles whose own answer is `answer`.
     pub vote_share: f64,
@@ -132,7 +132,8 @@ impl Sample {
             image: crate::io::stored_path(&example.image),
             answers: example.answers.clone(),
             answer_type: example.answer_type.clone(),
-            accuracy: vqa_accuracy(&response.answer, &example.answers, mode),
+            accuracy: (!example.answers.is_empty())
+                .then(|| vqa_accuracy(&response.answer, &example.answers, mode)),
             answer: response.answer,
             confidence: response.confidence,
             selector: response.selector,
