@@ -894,11 +894,34 @@ fn resolve_cached(
         commit,
         cache_dir: opts.cache_dir.clone(),
     };
-    collect_files(&dir, origin).with_context(|| {
-        format!(
-            "the cached snapshot of {repo_id}@{revision} at {} is incomplete; {complete}",
+    collect_files(&dir, origin).map_err(|e| {
+        // A repository of PyTorch .bin files only is complete: downloading again cannot help.
+        let bin_only = matches!(
+            e.downcast_ref::<HubError>(),
+            Some(HubError::NoWeights { .. })
+        ) && fs::read_dir(&dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|f| f.file_name().to_string_lossy().ends_with(".bin"))
+        });
+        if bin_only {
+            return e;
+        }
+        // huggingface_hub writes a blob as `<sha>.incomplete` until it is whole.
+        let interrupted = fs::read_dir(repo_dir(opts, repo_id).join("blobs")).is_ok_and(|blobs| {
+            blobs
+                .flatten()
+                .any(|b| b.file_name().to_string_lossy().ends_with(".incomplete"))
+        });
+        let why = if interrupted {
+            " (a download was interrupted: its blobs/*.incomplete is still there)"
+        } else {
+            ""
+        };
+        e.context(format!(
+            "the cached snapshot of {repo_id}@{revision} at {} is incomplete{why}; {complete}",
             dir.display()
-        )
+        ))
     })
 }
 

@@ -1205,6 +1205,45 @@ fn hub_missing_shard_is_named() {
     server.stop();
 }
 
+/// Offline, a cached snapshot that has only PyTorch .bin weights is not called incomplete
+/// (downloading again cannot help), and one whose download was interrupted says so.
+#[test]
+fn offline_snapshots_without_weights_say_why() {
+    let cache = tempfile::tempdir().unwrap();
+    let opts = HubOptions {
+        offline: true,
+        ..options("http://127.0.0.1:9", cache.path())
+    };
+    let sha = "a".repeat(40);
+    let snapshot = |repo: &str, files: &[(&str, &[u8])]| {
+        let root = cache.path().join(format!("models--org--{repo}"));
+        let dir = root.join("snapshots").join(&sha);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), &sha).unwrap();
+        write_common(&dir);
+        for (name, bytes) in files {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+        root
+    };
+    snapshot("bin", &[("pytorch_model.bin", b"pickle")]);
+    let msg = format!("{:#}", resolve(&hub("org/bin", None), &opts).unwrap_err());
+    assert!(
+        msg.contains(".bin/pytorch checkpoints are not supported") && !msg.contains("incomplete"),
+        "{msg}"
+    );
+    let root = snapshot("cut", &[]);
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::write(
+        root.join("blobs").join(format!("{sha}.incomplete")),
+        b"half",
+    )
+    .unwrap();
+    let msg = format!("{:#}", resolve(&hub("org/cut", None), &opts).unwrap_err());
+    assert!(msg.contains("a download was interrupted"), "{msg}");
+}
+
 #[test]
 fn hub_repo_without_safetensors() {
     let model = tempfile::tempdir().unwrap();
