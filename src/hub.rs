@@ -513,7 +513,8 @@ pub enum HubError {
     #[error(
         "model {repo_id}@{revision} is not in the hub cache at {} (offline mode: --offline, \
          HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE). To fill the cache, run once online (without \
-         --offline, with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset), or run `huggingface-cli download {repo_id} --revision {revision}` \
+         --offline, with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset), or run \
+         `huggingface-cli download {repo_id} --revision {revision}` \
          with the same HF_HUB_CACHE/HF_HOME; or pass a local model directory instead",
         cache_dir.display()
     )]

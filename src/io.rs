@@ -550,12 +550,8 @@ fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
                 continue;
             }
             file_op();
-            if is_dir {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            }
-            .with_context(|| format!("cannot remove the stale {}", path.display()))?;
+            remove_entry(&entry)
+                .with_context(|| format!("cannot remove the stale {}", path.display()))?;
         } else if is_dir && depth > 0 && !path.join(LOCK_FILE).exists() {
             tidy_below(&path, depth - 1)?;
         }
@@ -586,12 +582,17 @@ pub fn remove_stale_temps(dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if is_temp_name(&name) && !temp_owner_is_alive(&name) && untouched(&entry) {
-            let path = entry.path();
-            let _ = match entry.file_type().is_ok_and(|t| t.is_dir()) {
-                true => fs::remove_dir_all(&path),
-                false => fs::remove_file(&path),
-            };
+            let _ = remove_entry(&entry);
         }
+    }
+}
+
+/// Removes a directory entry: a file, or a folder with everything in it.
+fn remove_entry(entry: &fs::DirEntry) -> std::io::Result<()> {
+    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        fs::remove_dir_all(entry.path())
+    } else {
+        fs::remove_file(entry.path())
     }
 }
 

@@ -404,30 +404,18 @@ impl ModelArgs {
 
 /// What [`VqaArgs`] name, read and checked before the model is loaded.
 struct VqaInputs {
-    source: ModelSource,
-    files: bella_vqa::hub::ModelFiles,
+    model: bella_vqa::answer::ModelInputs,
     opts: LoadOptions,
-    adapters: Option<PathBuf>,
     template: Option<String>,
-    answers: Option<Vec<String>>,
 }
 
 impl VqaInputs {
     /// Loads the model and its particles, with the template and answers.
     fn load(self) -> Result<BellaVqa> {
-        let mut vqa = BellaVqa::load_resolved(
-            &self.source,
-            &self.files,
-            self.adapters.as_deref(),
-            &self.opts,
-        )?;
+        let mut vqa = self.model.load(&self.opts)?;
         if let Some(text) = &self.template {
             vqa.set_response_template(text)?;
         }
-        if let Some(answers) = self.answers {
-            vqa.set_answer_vocabulary(answers)?;
-        }
-        vqa.check_ready()?;
         Ok(vqa)
     }
 }
@@ -478,25 +466,16 @@ impl VqaArgs {
             }
             (None, _) => None,
         };
-        let particles = adapters
-            .as_deref()
-            .map(bella_vqa::bella::particles::ParticleSet::read_config)
-            .transpose()?;
-        let files = bella_vqa::hub::resolve(&source, &opts.hub)?;
-        BellaVqa::check_inputs(
-            &files,
-            particles.as_ref(),
-            answers.as_deref(),
-            threshold_given,
-            opts.skip_base_check,
-        )?;
         Ok(VqaInputs {
-            source,
-            files,
+            model: bella_vqa::answer::ModelInputs::check(
+                source,
+                adapters,
+                answers,
+                threshold_given,
+                &opts,
+            )?,
             opts,
-            adapters,
             template,
-            answers,
         })
     }
 

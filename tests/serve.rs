@@ -103,6 +103,15 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+/// A raw connection to the server at `addr` (`host:port`) that waits at most 10 s for a reply.
+fn connect(addr: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
 fn get(url: &str) -> (u16, String) {
     let mut r = agent().get(url).call().expect("GET");
     let status = r.status().as_u16();
@@ -927,10 +936,7 @@ fn cors_lets_the_named_origins_call_the_api_and_no_other() {
     server.wait_ready();
     let addr = server.url.trim_start_matches("http://").to_string();
     let preflight = |origin: &str| -> String {
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut stream = connect(&addr);
         write!(
             stream,
             "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
@@ -1030,10 +1036,7 @@ fn bodies_in_flight_are_bounded_in_all() {
     server.wait_ready();
     let addr = server.url.trim_start_matches("http://").to_string();
     let open = |length: u64| {
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        let mut stream = connect(&addr);
         write!(
             stream,
             "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"a\":"

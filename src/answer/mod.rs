@@ -8,7 +8,7 @@ pub mod image_check;
 pub mod score;
 pub mod selector;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
@@ -52,6 +52,59 @@ pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
         bail!("{} holds no answers (one per line)", path.display());
     }
     Ok(answers)
+}
+
+/// A model, its particles and a CLIP answer list, resolved and checked from their files before
+/// the (slow) load: particles of another architecture or base, a tokenizer or image settings
+/// missing, an answer list given to a LLaVA, a CLIP without candidate answers or with a list
+/// other than the calibrated one. A server checks them before it listens, a benchmark before its
+/// first question.
+pub struct ModelInputs {
+    source: ModelSource,
+    files: ModelFiles,
+    adapters: Option<PathBuf>,
+    answers: Option<Vec<String>>,
+}
+
+impl ModelInputs {
+    /// `threshold_given`: the caller's threshold replaces the calibrated rule.
+    pub fn check(
+        source: ModelSource,
+        adapters: Option<PathBuf>,
+        answers: Option<Vec<String>>,
+        threshold_given: bool,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let particles = adapters
+            .as_deref()
+            .map(ParticleSet::read_config)
+            .transpose()?;
+        let files = crate::hub::resolve(&source, &opts.hub)?;
+        BellaVqa::check_inputs(
+            &files,
+            particles.as_ref(),
+            answers.as_deref(),
+            threshold_given,
+            opts.skip_base_check,
+        )?;
+        Ok(Self {
+            source,
+            files,
+            adapters,
+            answers,
+        })
+    }
+
+    /// Loads the model with its particles and answer list.
+    pub fn load(&self, opts: &LoadOptions) -> Result<BellaVqa> {
+        let mut vqa =
+            BellaVqa::load_resolved(&self.source, &self.files, self.adapters.as_deref(), opts)?;
+        if let Some(answers) = &self.answers {
+            vqa.set_answer_vocabulary(answers.clone())?;
+        }
+        vqa.check_ready()?;
+        Ok(vqa)
+    }
 }
 
 /// How a model is loaded.
@@ -207,8 +260,8 @@ impl BellaVqa {
         Self::load_resolved(source, &files, adapters, opts)
     }
 
-    /// [`Self::load`] of the files `source` resolved to (see [`Self::check_inputs`]).
-    pub fn load_resolved(
+    /// [`Self::load`] of the files `source` resolved to ([`ModelInputs`]).
+    fn load_resolved(
         source: &ModelSource,
         files: &ModelFiles,
         adapters: Option<&Path>,
@@ -302,11 +355,12 @@ impl BellaVqa {
     }
 
     /// What can be told of a model, its particles and a CLIP answer list from their files alone,
-    /// before the (slow) load: a tokenizer or image settings missing, a base other than the
-    /// particles' (unless `skip_base_check`), an answer list given to a LLaVA, a CLIP without candidate answers, and a CLIP answer list
-    /// other than the one the particles were calibrated with (unless the caller's threshold
-    /// replaces the calibrated rule). A server checks this before it listens.
-    pub fn check_inputs(
+    /// before the (slow) load: particles of another architecture or base (unless
+    /// `skip_base_check`), a tokenizer or image settings missing, an answer list given to a
+    /// LLaVA, a CLIP without candidate answers, and a CLIP answer list other than the one the
+    /// particles were calibrated with (unless the caller's threshold replaces the calibrated
+    /// rule).
+    fn check_inputs(
         files: &ModelFiles,
         particles: Option<&ParticleConfig>,
         answers: Option<&[String]>,

@@ -347,30 +347,25 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     // the base.
     match field("init_lora_weights") {
         None | Some(Value::Bool(_)) => {}
+        Some(Value::String(init)) if ["gaussian", "orthogonal", "eva"].contains(&init.as_str()) => {
+        }
         Some(Value::String(init))
-            if ["gaussian", "orthogonal", "eva"].contains(&init.as_str())
-                || ["pissa", "olora", "corda", "loftq"]
-                    .iter()
-                    .any(|p| init.to_ascii_lowercase().starts_with(p)) => {}
-        // PEFT refuses these itself.
-        Some(other) => bail!(
-            "{what}: init_lora_weights {other} is none PEFT knows (true, false, \"gaussian\", \
-             \"orthogonal\", \"eva\", …): is the config damaged?"
-        ),
-    }
-    if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
-        let lower = init.to_ascii_lowercase();
-        if ["pissa", "olora", "corda", "loftq"]
-            .iter()
-            .any(|p| lower.starts_with(p))
+            if ["pissa", "olora", "corda", "loftq"]
+                .iter()
+                .any(|p| init.to_ascii_lowercase().starts_with(p)) =>
         {
             bail!(
                 "{what}: init_lora_weights {init:?} changes the base model's weights when PEFT \
                  loads the adapter, so its factors are not a LoRA of the base: re-save it with \
                  save_pretrained(…, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), \
                  which makes it one, or {MERGE}"
-            );
+            )
         }
+        // PEFT refuses these itself.
+        Some(other) => bail!(
+            "{what}: init_lora_weights {other} is none PEFT knows (true, false, \"gaussian\", \
+             \"orthogonal\", \"eva\", …): is the config damaged?"
+        ),
     }
     if flag("use_dora") {
         bail!("{what}: a DoRA adapter (use_dora); only plain LoRA can become particles: {MERGE}");

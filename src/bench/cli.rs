@@ -10,7 +10,7 @@ use super::{
     BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee, ImageCheckRequest,
     ModelSpec, Objective, SelectorChoice, Shard,
 };
-use crate::answer::{BellaVqa, LoadOptions};
+use crate::answer::{BellaVqa, LoadOptions, ModelInputs};
 use crate::hub::{HubOptions, ModelSource};
 use crate::metrics::NormalizeMode;
 use crate::models::compute::ComputeArgs;
@@ -401,23 +401,14 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let files = crate::hub::resolve(&source, &load.hub)?;
-    let particles = args
-        .adapters
-        .as_deref()
-        .map(crate::bella::particles::ParticleSet::read_config)
-        .transpose()?;
-    BellaVqa::check_inputs(
-        &files,
-        particles.as_ref(),
-        answers.as_deref(),
+    let vqa = ModelInputs::check(
+        source,
+        args.adapters.clone(),
+        answers,
         args.threshold.is_some(),
-        load.skip_base_check,
-    )?;
-    let mut vqa = BellaVqa::load_resolved(&source, &files, args.adapters.as_deref(), &load)?;
-    if let Some(a) = answers {
-        vqa.set_answer_vocabulary(a)?;
-    }
+        &load,
+    )?
+    .load(&load)?;
     let outcome = super::run(&vqa, &spec, &opts)?;
     if !quiet {
         let t = &outcome.results.timing;

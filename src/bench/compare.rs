@@ -12,8 +12,7 @@ use super::bootstrap::{significant, Bootstrap};
 use super::results::{self, ResultsFile, Timing};
 use super::samples::{read_samples, Sample, SAMPLES_FILE};
 use super::{BenchOptions, ModelSpec};
-use crate::answer::{BellaVqa, LoadOptions};
-use crate::bella::particles::ParticleSet;
+use crate::answer::{LoadOptions, ModelInputs};
 use crate::hub::ModelSource;
 use crate::report::{self, plot, Block, Document};
 
@@ -150,24 +149,19 @@ pub fn compare(
     // the answer list against its calibration): a typo or another base in the last one should
     // not cost the hours the others take (the weights' hashes are remembered, so the loads
     // check them again cheaply).
-    let files = crate::hub::resolve(source, &load.hub)?;
-    for e in entries {
-        let entry = || format!("--compare entry {}", e.name);
-        let config = e
-            .adapters
-            .as_deref()
-            .map(ParticleSet::read_config)
-            .transpose()
-            .with_context(entry)?;
-        BellaVqa::check_inputs(
-            &files,
-            config.as_ref(),
-            answers,
-            opts.threshold.is_some(),
-            load.skip_base_check,
-        )
-        .with_context(entry)?;
-    }
+    let inputs = entries
+        .iter()
+        .map(|e| {
+            ModelInputs::check(
+                source.clone(),
+                e.adapters.clone(),
+                answers.map(<[String]>::to_vec),
+                opts.threshold.is_some(),
+                load,
+            )
+            .with_context(|| format!("--compare entry {}", e.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Each entry's directory is locked for the whole comparison: a `bench --out OUT/name`
     // started beside it would append to the same answers.
     let locks = entries
@@ -175,7 +169,7 @@ pub fn compare(
         .map(|e| crate::io::OutputLock::acquire(&opts.out.join(&e.name)))
         .collect::<Result<Vec<_>>>()?;
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
-    for e in entries {
+    for (e, inputs) in entries.iter().zip(&inputs) {
         if opts.progress {
             eprintln!(
                 "== {}: {}",
@@ -185,10 +179,7 @@ pub fn compare(
                     .map_or("base model".into(), |a| a.display().to_string())
             );
         }
-        let mut vqa = BellaVqa::load_resolved(source, &files, e.adapters.as_deref(), load)?;
-        if let Some(a) = answers {
-            vqa.set_answer_vocabulary(a.to_vec())?;
-        }
+        let vqa = inputs.load(load)?;
         let dir = opts.out.join(&e.name);
         let sub = BenchOptions {
             out: dir.clone(),

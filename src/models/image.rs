@@ -49,17 +49,18 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     crate::input::check_regular(path, "image file")?;
+    use std::io::Read;
     let read_error = || format!("cannot read image file {}", path.display());
+    let mut file = std::fs::File::open(path).with_context(read_error)?;
     // The format first, from the first bytes: a video or archive given by mistake is refused
     // before gigabytes of it are read.
-    let mut head = Vec::with_capacity(64);
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(std::fs::File::open(path).with_context(read_error)?, 64),
-        &mut head,
-    )
-    .with_context(read_error)?;
-    image_format(&head, &path.display().to_string())?;
-    let bytes = std::fs::read(path).with_context(read_error)?;
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(64)
+        .read_to_end(&mut bytes)
+        .with_context(read_error)?;
+    image_format(&bytes, &path.display().to_string())?;
+    file.read_to_end(&mut bytes).with_context(read_error)?;
     decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
 }
 
