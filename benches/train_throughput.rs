@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             max_steps: Some(STEPS),
             progress: false,
             model_source: fixture.display().to_string(),
+            gradient_checkpointing: false,
         };
         let start = Instant::now();
         train(&mut loaded, &data, &[], &opts, &run)?;

@@ -86,8 +86,10 @@ step() {
   local name=$1; shift
   local t0=$SECONDS
   say "start $name: $*"
+  local from; from=$(date +%s.%N)
   "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  echo "$name $from $(date +%s.%N)" >> "$OUT/steps.txt"
   say "done  $name in $((SECONDS - t0)) s (exit $rc)"
   if [ $rc -ne 0 ]; then
     tail -n 30 "$OUT/$name.log" | tee -a "$LOG" >&2
@@ -112,12 +114,19 @@ if [ "$MODE" = gpu ]; then
     say "no nvcc on the PATH: candle's CUDA kernels cannot be built (or set BELLA_BIN/BELLA_BENCH)"; exit 1
   fi
   command -v nvcc >/dev/null && echo "- nvcc: $(nvcc --version | tail -n1)" >> "$SUMMARY"
+  # GPU memory in use, 5 times a second, for each step's peak (the table at the end)
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/gpu-memory.csv" 2>/dev/null &
+  SAMPLER_PID=$!
 fi
 echo "- CPU: $(nproc) threads; python: $($PY -c 'import sys, torch, transformers, peft; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)' 2>&1 | tail -n1)" >> "$SUMMARY"
 HAVE_PY=1
 $PY -c 'import torch, transformers, peft, numpy, safetensors, tokenizers, PIL' 2>/dev/null || {
   HAVE_PY=0; say "python3 lacks torch/transformers/peft/numpy/safetensors/tokenizers/pillow: no checkpoint, parity or peer"
 }
+
+IMAGE=tests/fixtures/images/photo.png
+QUESTION="What color is the circle?"
+FLAGS=(--dtype "$DTYPE" --device "$DEVICE")
 
 # --- 1. build + checkpoint in parallel -----------------------------------------------------------
 MODEL=$MODEL_ROOT/llava-1.5-7b-hf
@@ -154,6 +163,115 @@ else
     done
   fi
 fi
+# A binary built elsewhere (BELLA_BIN) names the CUDA libraries it was linked with; where the
+# loader does not know them, look in the CUDA toolkit and in the Python wheels (torch's nvidia-*).
+if [ "$MODE" = gpu ] && [ -n "$BIN" ]; then
+  MISSING=$(ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}' | sort -u)
+  if [ -n "$MISSING" ]; then
+    SITES=$($PY -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+    for lib in $MISSING; do
+      # shellcheck disable=SC2086
+      found=$(find /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/local/nvidia/lib64 $SITES \
+        -name "$lib" -print -quit 2>/dev/null)
+      [ -n "$found" ] && LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    done
+    export LD_LIBRARY_PATH
+    STILL=$(ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ')
+    say "CUDA libraries: LD_LIBRARY_PATH=$LD_LIBRARY_PATH${STILL:+; still missing: $STILL}"
+  fi
+  "$BIN" --version >> "$LOG" 2>&1 || { say "$BIN does not run here"; tail -n 5 "$LOG" >&2; exit 1; }
+fi
+
+# --- 1b. smoke test on the 2-layer variant while the 32-layer checkpoint is written --------------
+# A bug on the GPU shows in seconds here, not after minutes of writing 14 GB (the lease is short).
+if [ "$MODE" = gpu ] && [ "$LAYERS" != 2 ] && [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ]; then
+  SMOKE=$MODEL_ROOT/llava-1.5-7b-hf-L2
+  echo -e "\n## Smoke test: the 2-layer variant on the GPU\n" >> "$SUMMARY"
+  if step smoke-checkpoint "$PY" scripts/make_real_size.py llava --layers 2 --root "$MODEL_ROOT" &&
+    step smoke-ask "$BIN" ask --quiet --model "$SMOKE" "${FLAGS[@]}" --image "$IMAGE" --json "$QUESTION"; then
+    sed -n '/^{/,$p' "$OUT/smoke-ask.log" > "$OUT/smoke-ask.json"
+    step smoke-logits "$BIN" logits --quiet --model "$SMOKE" "${FLAGS[@]}" --image "$IMAGE" \
+      --prompt "$QUESTION" --out "$OUT/smoke-logits.safetensors" &&
+      step smoke-parity "$PY" scripts/scale/parity.py --model "$SMOKE" --rust-logits "$OUT/smoke-logits.safetensors" \
+        --rust-ask "$OUT/smoke-ask.json" --dtype "$DTYPE" --device "$DEVICE" --json "$OUT/smoke-parity.json"
+    grep -v '^\s*$' "$OUT/smoke-parity.log" 2>/dev/null | grep -E '^(-|####)' >> "$SUMMARY"
+    rm -f "$OUT/smoke-logits.safetensors"
+  else
+    say "the smoke test failed: stopping here (see $OUT/smoke-*.log)"
+    [ -n "$GEN_PID" ] && kill "$GEN_PID" 2>/dev/null
+    exit 1
+  fi
+fi
+
+# --- 1c. the whole loop on the embedded demo, on the GPU and on the CPU --------------------------
+# ask, train, calibrate, bench and serve with --device cuda; ask and bench also on the CPU with the
+# same shipped particles, whose answers the GPU must reproduce.
+if [ "$MODE" = gpu ] && [ -n "$BIN" ]; then
+  echo -e "\n## The demo loop on the GPU (the embedded demo model and particles)\n" >> "$SUMMARY"
+  W=$(mktemp -d)
+  step demo-data "$BIN" data shapes --quiet --out "$W/world" --n 200
+  for dev in cpu cuda; do
+    step "demo-ask-$dev" "$BIN" ask --quiet --device "$dev" --image eval/demo/red-circle.png --json \
+      "What color is the circle?"
+    step "demo-bench-$dev" "$BIN" bench --quiet --model demo --device "$dev" --data "$W/world/test.jsonl" \
+      --limit 40 --out "$W/bench-$dev"
+  done
+  step demo-train-cuda "$BIN" train --quiet --device cuda --data "$W/world/train.jsonl" --out "$W/particles" \
+    --particles 4 --max-steps 8
+  step demo-calibrate-cuda "$BIN" calibrate --quiet --model demo --device cuda --adapters "$W/particles" \
+    --data "$W/world/val.jsonl" --guarantee none
+  PORT=$((20000 + RANDOM % 20000))
+  "$BIN" serve --quiet --device cuda --host 127.0.0.1 --port "$PORT" > "$OUT/demo-serve.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
+  IMG64=$(base64 -w0 eval/demo/red-circle.png)
+  printf '{"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "text", "text": "What color is the circle?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,%s"}}]}]}' \
+    "$IMG64" > "$W/request.json"
+  curl -s --max-time 60 -H 'content-type: application/json' --data @"$W/request.json" \
+    "http://127.0.0.1:$PORT/v1/chat/completions" > "$OUT/demo-serve.json" 2>> "$OUT/demo-serve.log"
+  kill "$SERVE_PID" 2>/dev/null; wait "$SERVE_PID" 2>/dev/null
+  "$PY" - "$OUT" "$W" cpu cuda >> "$SUMMARY" 2>> "$LOG" <<'EOF_PY'
+import json, sys
+from pathlib import Path
+out, w = Path(sys.argv[1]), Path(sys.argv[2])
+cpu, gpu = sys.argv[3:5]
+def ask(dev):
+    text = (out / f"demo-ask-{dev}.log").read_text()
+    return json.loads(text[text.index("{"):])
+try:
+    a, b = ask(cpu), ask(gpu)
+    print(f"- `ask` (demo, shipped particles): CPU {a['answer']!r} {a['confidence']:.4f}, "
+          f"GPU {b['answer']!r} {b['confidence']:.4f}")
+except Exception as e:  # noqa: BLE001 - the summary says what is missing
+    print(f"- `ask`: no comparison ({e})")
+try:
+    rows = {d: [json.loads(l) for l in open(w / f"bench-{d}" / "samples.jsonl")] for d in (cpu, gpu)}
+    same = sum(x["answer"] == y["answer"] for x, y in zip(rows[cpu], rows[gpu]))
+    dconf = max(abs(x["confidence"] - y["confidence"]) for x, y in zip(rows[cpu], rows[gpu]))
+    acc = {d: json.load(open(w / f"bench-{d}" / "results.json"))["summary"]["accuracy"] for d in (cpu, gpu)}
+    print(f"- `bench --limit 40` (demo, shipped particles): answers equal {same}/{len(rows[cpu])}, max |Δ "
+          f"confidence| {dconf:.2e}; accuracy CPU {acc[cpu]:.4f}, GPU {acc[gpu]:.4f}")
+except Exception as e:  # noqa: BLE001
+    print(f"- `bench`: no comparison ({e})")
+try:
+    log = [json.loads(l) for l in open(w / "particles" / "train_log.jsonl")]
+    print(f"- `train --particles 4 --max-steps 8` on the GPU: last loss {log[-1]['train_loss']:.4f}")
+    cfg = json.load(open(w / "particles" / "bella_config.json"))
+    ab = cfg["abstention"]
+    print(f"- `calibrate` on the GPU: threshold {ab['threshold']:.4f}, selector {ab['selector']['name']}, "
+          f"temperature {ab.get('temperature')}")
+except Exception as e:  # noqa: BLE001
+    print(f"- train/calibrate: {e}")
+try:
+    r = json.load(open(out / "demo-serve.json"))
+    print(f"- `serve` on the GPU: {r['choices'][0]['message']['content']!r}, "
+          f"confidence {r['bella']['confidence']:.4f}")
+except Exception as e:  # noqa: BLE001
+    print(f"- `serve`: no answer ({e})")
+EOF_PY
+  rm -rf "$W"
+fi
+
 if [ -n "$GEN_PID" ]; then
   wait "$GEN_PID"; rc=$?
   tail -n 6 "$OUT/make_real_size.log" | tee -a "$LOG" >&2
@@ -162,9 +280,6 @@ if [ -n "$GEN_PID" ]; then
 fi
 say "build and checkpoint ready"
 
-IMAGE=tests/fixtures/images/photo.png
-QUESTION="What color is the circle?"
-FLAGS=(--dtype "$DTYPE" --device "$DEVICE")
 TOP_FROM=$((LAYERS * 3 / 4))
 TOP="language_model.layers.$TOP_FROM-$((LAYERS - 1))"
 TOP_TARGETS="$TOP.*.q_proj,$TOP.*.k_proj,$TOP.*.v_proj,$TOP.*.o_proj"
@@ -192,12 +307,6 @@ if [ -n "${BENCH:-}" ] && fits 120 "ask timings (every layer)"; then
   step bench-all "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
     --warmup "$WARM" --decode 15 --no-base "${FLAGS[@]}" --json "$OUT/bench-all.json"
   sed -n '/^###/,$p' "$OUT/bench-all.log" >> "$SUMMARY"
-fi
-if [ -n "${BENCH:-}" ] && fits 90 "ask timings (top quarter)"; then
-  echo -e "\n### particles on the top quarter ($TOP)\n" >> "$SUMMARY"
-  step bench-top "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
-    --warmup "$WARM" --decode 15 --no-base --targets "$TOP_TARGETS" "${FLAGS[@]}" --json "$OUT/bench-top.json"
-  sed -n '/^###/,$p' "$OUT/bench-top.log" | sed 's/^###/####/' >> "$SUMMARY"
 fi
 
 # --- 4. one training step with P = 4 -------------------------------------------------------------
@@ -238,6 +347,34 @@ EOF
   fi
 fi
 
+# --- 6. particles on the top quarter only (last: the figure the others do not depend on) -------
+if [ -n "${BENCH:-}" ] && fits 90 "ask timings (top quarter)"; then
+  echo -e "\n## ask with particles on the top quarter only ($TOP)\n" >> "$SUMMARY"
+  step bench-top "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
+    --warmup "$WARM" --decode 15 --no-base --targets "$TOP_TARGETS" "${FLAGS[@]}" --json "$OUT/bench-top.json"
+  sed -n '/^###/,$p' "$OUT/bench-top.log" | sed 's/^###/####/' >> "$SUMMARY"
+fi
+
+if [ -n "${SAMPLER_PID:-}" ]; then
+  kill "$SAMPLER_PID" 2>/dev/null
+  echo -e "\n## Peak GPU memory in use during each step (nvidia-smi, every 200 ms)\n" >> "$SUMMARY"
+  "$PY" - "$OUT/steps.txt" "$OUT/gpu-memory.csv" >> "$SUMMARY" 2>> "$LOG" <<'EOF_PY'
+import sys
+from datetime import datetime
+samples = []
+for line in open(sys.argv[2]):
+    try:
+        stamp, mib = (x.strip() for x in line.split(","))
+        samples.append((datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(mib)))
+    except ValueError:
+        continue
+for line in open(sys.argv[1]):
+    name, start, end = line.split()
+    inside = [m for t, m in samples if float(start) <= t <= float(end)]
+    if inside:
+        print(f"- {name}: {max(inside) / 1024:.1f} GiB")
+EOF_PY
+fi
 say "finished in $((SECONDS - START)) s"
 echo -e "\n- total: $((SECONDS - START)) s" >> "$SUMMARY"
 cat "$SUMMARY"

@@ -327,6 +327,12 @@ struct TrainArgs {
     repulsion: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep one decoder layer's activations at a time and run each layer again for the
+    /// backward pass (LLaVA; as transformers' gradient_checkpointing): the memory of a step no
+    /// longer grows with the depth, for one more forward pass. Use it when training runs out of
+    /// memory on a large model.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -974,6 +980,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
             Some(m) => bella_vqa::io::stored_model_source(m),
             None => "demo".to_string(),
         },
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
     if !cli.quiet {

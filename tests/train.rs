@@ -11,6 +11,7 @@ use bella_vqa::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
 use bella_vqa::data::shapes::{generate, ShapesOptions};
 use bella_vqa::data::{read_jsonl, ReadOptions, VqaExample};
 use bella_vqa::models::llava::LlavaInput;
+use bella_vqa::models::nn::VarGrads;
 use bella_vqa::models::Model;
 use bella_vqa::train::objective::{encode_example, make_batch, particle_nll, target_answer};
 use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
@@ -60,6 +61,7 @@ fn run(out: &Path, max_steps: Option<u64>, resume: bool) -> RunOptions {
         max_steps,
         progress: false,
         model_source: "tests/fixtures/llava-tiny-hub".into(),
+        gradient_checkpointing: false,
     }
 }
 
@@ -146,6 +148,147 @@ fn every_particle_factor_gets_a_gradient_and_the_base_none() {
             grads.get(weight).is_none(),
             "the frozen weight of {name} got a gradient"
         );
+    }
+}
+
+/// The tiny LLaVA with particles (as variables) on the layers matching `targets`; returns the
+/// model and every variable with its layer's name.
+fn with_particle_vars(
+    targets: &[&str],
+) -> (
+    Box<bella_vqa::models::llava::LlavaModel>,
+    Vec<(String, Var)>,
+    bella_vqa::models::prompt::Prompter,
+    bella_vqa::models::image::ImageProcessor,
+) {
+    let loaded = load_model("llava-tiny-hub");
+    let prompter = loaded.prompter.unwrap();
+    let processor = loaded.image_processor.unwrap();
+    let Model::Llava(mut m) = loaded.model else {
+        panic!()
+    };
+    let spec = AdapterSpec {
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        rank: 2,
+        alpha: 4.0,
+        particles: 3,
+    };
+    attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
+    let mut vars = Vec::new();
+    for (name, layer) in m.linears_mut() {
+        let Some(ad) = layer.adapter().cloned() else {
+            continue;
+        };
+        let a = Var::from_tensor(&ad.a).unwrap();
+        let b = Var::from_tensor(&ad.b).unwrap();
+        layer
+            .set_adapter(Some(
+                Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale).unwrap(),
+            ))
+            .unwrap();
+        vars.push((format!("{name}.A"), a));
+        vars.push((format!("{name}.B"), b));
+    }
+    (m, vars, prompter, processor)
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, _) = shapes(data_dir.path(), 10);
+    // Particles everywhere, each particle its own examples (the ensemble's layout); and only on
+    // the vision tower and the top decoder layer with one batch shared by the particles (SVGD's):
+    // the rows then fork inside the top layer, and the vision tower's gradients flow back through
+    // the merged embeddings.
+    let layouts: [(&[&str], bool, usize); 2] = [
+        (&["*"], true, 6),
+        (
+            &["vision_tower.*.q_proj", "language_model.layers.2.*.v_proj"],
+            false,
+            2,
+        ),
+    ];
+    for (targets, expanded, n) in layouts {
+        let (m, vars, prompter, processor) = with_particle_vars(targets);
+        assert!(!vars.is_empty());
+        let examples: Vec<_> = train_data.iter().take(n).collect();
+        let encoded: Vec<_> = examples
+            .iter()
+            .map(|e| {
+                encode_example(&prompter, 25, &e.question, &target_answer(e).unwrap()).unwrap()
+            })
+            .collect();
+        let refs: Vec<_> = encoded.iter().collect();
+        let images: Vec<_> = examples.iter().map(|e| e.image.as_path()).collect();
+        let batch =
+            make_batch(&refs, &images, &processor, prompter.pad_token_id().unwrap()).unwrap();
+        let input = LlavaInput {
+            input_ids: &batch.input_ids,
+            pixel_values: Some(&batch.pixel_values),
+            keep: &batch.keep,
+            expanded,
+        };
+        let window = batch.targets.dim(1).unwrap();
+        let plain_nll = particle_nll(
+            &m.forward_window(&input, 3, batch.window_start, window)
+                .unwrap(),
+            &batch,
+            3,
+        )
+        .unwrap();
+        let plain = plain_nll.sum_all().unwrap().backward().unwrap();
+
+        let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let mut taped = VarGrads::new(&just_vars);
+        let nll = |logits: &candle_core::Tensor| particle_nll(logits, &batch, 3);
+        let taped_nll = m
+            .window_loss_checkpointed(&input, 3, (batch.window_start, window), &nll, &mut taped)
+            .unwrap();
+        let d = max_abs_diff(&plain_nll, &taped_nll);
+        assert!(d <= 1e-6, "{targets:?}: the loss differs by {d}");
+        for (name, v) in &vars {
+            let want = plain
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let got = taped.get(v).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
+            let d = max_abs_diff(want, &got);
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{targets:?}: {name} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn training_with_gradient_checkpointing_gives_the_same_particles() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, val) = shapes(data_dir.path(), 16);
+    for method in [Method::Ensemble, Method::Svgd] {
+        let outs = [false, true].map(|gradient_checkpointing| {
+            let out = tempfile::tempdir().unwrap();
+            let mut loaded = load_model("llava-tiny-hub");
+            let run = RunOptions {
+                gradient_checkpointing,
+                ..run(out.path(), Some(3), false)
+            };
+            train::train(&mut loaded, &train_data, &val, &options(method), &run).unwrap();
+            out
+        });
+        let (a, b) = (tensors(outs[0].path()), tensors(outs[1].path()));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let d = max_abs_diff(t, &b[k]);
+            assert!(d <= 1e-5, "{method:?}: {k} differs by {d}");
+        }
     }
 }
 

@@ -7,14 +7,15 @@
 //! saw; when the sequences of the particles diverge (decoding), a layer below the fork keeps the
 //! prompt's rows shared and only the new tokens per particle (`LayerCache`).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use crate::bella::{expand_particles, ParticleLinear};
 use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
 use crate::models::decode_attention;
 use crate::models::nn::{
-    activate, add, attention, attention_bias, attention_probs, linear, to_f32, RmsNorm, MASKED,
+    activate, add, attention, attention_bias, attention_probs, linear, to_f32, RmsNorm, VarGrads,
+    MASKED,
 };
 use crate::models::weights::Scope;
 
@@ -222,6 +223,7 @@ fn attention_shared_prefix(
 }
 
 /// Attention bias and rotary tables for one step, built for the step's input rows.
+#[derive(Clone)]
 struct StepContext {
     bias: Tensor,
     cos: Tensor,
@@ -555,6 +557,20 @@ pub enum Outputs {
     Tail(usize),
 }
 
+/// What a checkpointed pass keeps (see [`LlamaModel::forward_taped`]).
+pub struct LayerTape {
+    steps: Vec<TapeStep>,
+    top: Option<Tensor>,
+}
+
+/// One decoder layer as it ran: its input (detached), rows, context and query length.
+struct TapeStep {
+    input: Tensor,
+    rows: Rows,
+    ctx: StepContext,
+    q_len: usize,
+}
+
 /// What a decoder pass produced; rows are `P·batch` when `expanded`.
 pub struct DecoderOutput {
     /// After the final RMSNorm: `[rows, len, hidden]` (`len` = n for [`Outputs::Tail`]).
@@ -675,6 +691,7 @@ impl LlamaModel {
             true,
             particles,
             outputs,
+            None,
         )
     }
 
@@ -702,7 +719,77 @@ impl LlamaModel {
             false,
             particles,
             Outputs::All,
+            None,
         )
+    }
+
+    /// The first half of a training step with gradient checkpointing: a full-sequence pass that
+    /// keeps, of each decoder layer, only its input (detached) and how it ran — not the
+    /// activations its backward pass would read. Returns the tape, the last layer's output
+    /// before the final norm (detached: the caller makes it a variable and runs the head and
+    /// the loss on it) and whether the rows carry the particle axis. [`Self::backward_taped`]
+    /// runs the layers again, one at a time and from the top, with gradients.
+    pub fn forward_taped(
+        &self,
+        embeds: &Tensor,
+        input_expanded: bool,
+        keep: &[Vec<bool>],
+        particles: usize,
+        outputs: Outputs,
+    ) -> Result<(LayerTape, Tensor, bool)> {
+        let mut tape = LayerTape {
+            steps: Vec::new(),
+            top: None,
+        };
+        let out = self.forward_with(
+            &embeds.detach(),
+            input_expanded,
+            keep,
+            1,
+            &mut self.new_cache(),
+            false,
+            particles,
+            outputs,
+            Some(&mut tape),
+        )?;
+        let top = tape.top.take().unwrap_or_else(|| embeds.detach());
+        Ok((tape, top, out.expanded))
+    }
+
+    /// The second half: given `grad`, the gradient of the loss with respect to the last layer's
+    /// output, runs each layer again from its taped input with gradients, adds the gradients of
+    /// the trained variables to `grads` and passes the input's gradient down. Returns the
+    /// gradient with respect to the embeddings. One layer's activations are alive at a time: a
+    /// step costs one more forward pass and its memory no longer grows with the depth.
+    pub fn backward_taped(
+        &self,
+        tape: LayerTape,
+        mut grad: Tensor,
+        grads: &mut VarGrads,
+    ) -> Result<Tensor> {
+        for (layer, step) in self.layers.iter().zip(tape.steps).rev() {
+            let input = Var::from_tensor(&step.input)?;
+            let out = layer.forward(
+                input.as_tensor(),
+                step.rows,
+                &step.ctx,
+                &mut LayerCache::default(),
+                step.q_len,
+            )?;
+            // ⟨out, grad⟩: its gradient is the vector–Jacobian product of the layer.
+            let store = (to_f32(&out)? * to_f32(&grad)?)?.sum_all()?.backward()?;
+            grads.add(&store)?;
+            grad = match store.get(input.as_tensor()) {
+                Some(g) => g.detach(),
+                None => input.as_tensor().zeros_like()?,
+            };
+        }
+        Ok(grad)
+    }
+
+    /// The final RMSNorm (see [`Self::forward_taped`]).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// `extend`: whether the layers' caches keep this step's keys and values (false: they are
@@ -718,6 +805,7 @@ impl LlamaModel {
         extend: bool,
         particles: usize,
         outputs: Outputs,
+        mut tape: Option<&mut LayerTape>,
     ) -> Result<DecoderOutput> {
         let (rows_in, len, _) = embeds.dims3()?;
         if segments == 0 || len % segments != 0 {
@@ -792,12 +880,24 @@ impl LlamaModel {
             if ctx.rows()? != rows_out {
                 ctx = ctx.expanded(rows_out)?;
             }
+            if let Some(tape) = tape.as_deref_mut() {
+                tape.steps.push(TapeStep {
+                    input: x.clone(),
+                    rows,
+                    ctx: ctx.clone(),
+                    q_len,
+                });
+            }
             x = if extend {
                 layer.forward(&x, rows, &ctx, layer_cache, q_len)?
             } else {
                 // This step's keys and values live for this layer only.
                 layer.forward(&x, rows, &ctx, &mut layer_cache.clone(), q_len)?
             };
+            if tape.is_some() {
+                // The layer's activations go with its graph; the tape keeps the output only.
+                x = x.detach();
+            }
             if outputs == Outputs::AllAndLayers {
                 layer_outputs.push(x.clone());
             }
@@ -808,6 +908,9 @@ impl LlamaModel {
             let target = x.dim(0)?;
             cache.keep = (0..target).map(|r| cache.keep[r % have].clone()).collect();
             cache.next_position = (0..target).map(|r| cache.next_position[r % have]).collect();
+        }
+        if let Some(tape) = tape {
+            tape.top = Some(x.clone());
         }
         Ok(DecoderOutput {
             last_hidden_state: self.norm.forward(&x)?,

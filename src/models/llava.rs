@@ -3,14 +3,14 @@
 //! The prompt already holds one image token per image feature (the `<image>` placeholder is
 //! expanded in the text); their embeddings are replaced by the projected image features.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 
 use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::config::{FeatureSelect, LlavaConfig};
 use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Outputs, Prefill};
-use crate::models::nn::{activate, linear};
+use crate::models::nn::{activate, linear, to_f32, VarGrads};
 use crate::models::weights::{Alias, Scope};
 
 /// Hub names (llava-hf, transformers 4.x) and where other savers put the same tensors
@@ -221,15 +221,14 @@ impl LlavaModel {
         Ok((merged, features_expanded))
     }
 
-    /// Everything before the language-model head: image features, merged embeddings, decoder.
-    fn forward_hidden(
+    /// Image features, and the embeddings with the image features merged in (and whether their
+    /// rows carry the particle axis).
+    fn embeds(
         &self,
         input: &LlavaInput,
-        cache: &mut KvCache,
         particles: usize,
-        outputs: Outputs,
-    ) -> Result<(Option<Tensor>, Tensor, DecoderOutput)> {
-        let (image_features, inputs_embeds, expanded) = match input.pixel_values {
+    ) -> Result<(Option<Tensor>, Tensor, bool)> {
+        Ok(match input.pixel_values {
             Some(pixels) => {
                 let (features, fexp) = self.image_features(pixels, particles, input.expanded)?;
                 let (embeds, exp) = self.merge_image_features(
@@ -246,7 +245,18 @@ impl LlavaModel {
                 self.language_model.embed(input.input_ids)?,
                 input.expanded,
             ),
-        };
+        })
+    }
+
+    /// Everything before the language-model head: image features, merged embeddings, decoder.
+    fn forward_hidden(
+        &self,
+        input: &LlavaInput,
+        cache: &mut KvCache,
+        particles: usize,
+        outputs: Outputs,
+    ) -> Result<(Option<Tensor>, Tensor, DecoderOutput)> {
+        let (image_features, inputs_embeds, expanded) = self.embeds(input, particles)?;
         let decoder = self.language_model.forward(
             &inputs_embeds,
             expanded,
@@ -306,6 +316,53 @@ impl LlavaModel {
             .language_model
             .logits(&hidden, decoder.expanded, particles)?;
         Ok(logits)
+    }
+
+    /// [`Self::forward_window`] with the loss and its gradients, under gradient checkpointing
+    /// (`train --gradient-checkpointing`): `nll` maps the window's logits to the per-particle
+    /// loss `[P]`; the gradients of its sum with respect to the trained variables are added to
+    /// `grads`. The language model keeps one decoder layer's activations at a time
+    /// ([`LlamaModel::forward_taped`]); the vision tower, run once, keeps its own. Returns the loss,
+    /// detached.
+    pub fn window_loss_checkpointed(
+        &self,
+        input: &LlavaInput,
+        particles: usize,
+        (start, len): (usize, usize),
+        nll: &dyn Fn(&Tensor) -> Result<Tensor>,
+        grads: &mut VarGrads,
+    ) -> Result<Tensor> {
+        let total = input.input_ids.dim(1)?;
+        if start + len > total {
+            candle_core::bail!("positions {start}..{} of {total}", start + len);
+        }
+        let (_, inputs_embeds, expanded) = self.embeds(input, particles)?;
+        let lm = &self.language_model;
+        let (tape, top, expanded) = lm.forward_taped(
+            &inputs_embeds,
+            expanded,
+            input.keep,
+            particles,
+            Outputs::Tail(total - start),
+        )?;
+        let top = Var::from_tensor(&top)?;
+        let hidden = lm.final_norm(top.as_tensor())?.narrow(1, 0, len)?;
+        let (logits, _) = lm.logits(&hidden, expanded, particles)?;
+        let loss = nll(&logits)?;
+        let store = loss.sum_all()?.backward()?;
+        grads.add(&store)?;
+        let grad = match store.get(top.as_tensor()) {
+            Some(g) => g.detach(),
+            None => top.as_tensor().zeros_like()?,
+        };
+        drop(store);
+        let grad = lm.backward_taped(tape, grad, grads)?;
+        if inputs_embeds.track_op() {
+            // The vision tower's (or projector's) particles: through the merged embeddings.
+            let surrogate = (to_f32(&inputs_embeds)? * to_f32(&grad)?)?.sum_all()?;
+            grads.add(&surrogate.backward()?)?;
+        }
+        Ok(loss.detach())
     }
 
     /// Runs the prompt once and keeps the cache: the start of decoding and of answer scoring.

@@ -1,12 +1,55 @@
 //! Building blocks shared by the models, all in differentiable form: candle's fused `softmax_last_dim`,
 //! `layer_norm` and `rms_norm` return no gradient (design §9), and training goes through these.
 
-use candle_core::{DType, Result, Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, TensorId, Var, D};
 
 use crate::bella::ParticleLinear;
 use crate::error::WeightError;
 use crate::models::config::Activation;
 use crate::models::weights::Scope;
+
+/// The gradients of the trained variables, summed over the backward passes of one step (one
+/// pass, or one per decoder layer with gradient checkpointing). Nothing else of a pass's
+/// gradients is kept: candle also computes those of the frozen weights, weight-sized each.
+pub struct VarGrads {
+    vars: Vec<Var>,
+    sums: HashMap<TensorId, Tensor>,
+}
+
+impl VarGrads {
+    pub fn new(vars: &[Var]) -> Self {
+        Self {
+            vars: vars.to_vec(),
+            sums: HashMap::new(),
+        }
+    }
+
+    /// Adds the variables' gradients of one backward pass (detached).
+    pub fn add(&mut self, store: &GradStore) -> Result<()> {
+        for var in &self.vars {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let sum = match self.sums.remove(&var.id()) {
+                Some(sum) => (sum + g)?,
+                None => g.clone(),
+            };
+            self.sums.insert(var.id(), sum.detach());
+        }
+        Ok(())
+    }
+
+    /// The summed gradient of `var` (zeros where no pass reached it).
+    pub fn get(&self, var: &Var) -> Result<Tensor> {
+        match self.sums.get(&var.id()) {
+            Some(g) => Ok(g.clone()),
+            None => var.as_tensor().zeros_like(),
+        }
+    }
+}
 
 /// Loads `{scope}.weight` `[out, in]` (quantized where `--quantize` selects the layer) and, if
 /// asked, `{scope}.bias` as a particle-capable layer.

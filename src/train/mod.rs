@@ -36,6 +36,7 @@ use crate::hub::Origin;
 use crate::metrics::{vqa_accuracy, NormalizeMode};
 use crate::models::image::{load_image, ImageProcessor};
 use crate::models::llava::LlavaInput;
+use crate::models::nn::VarGrads;
 use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
@@ -162,6 +163,10 @@ pub struct RunOptions {
     /// What `--model` was (recorded as the base model of the particles, as given: the CLI stores
     /// a directory as its absolute path).
     pub model_source: String,
+    /// Keep one decoder layer's activations at a time and run each layer again for its backward
+    /// pass (LLaVA): a step's memory no longer grows with the depth, for one more forward pass.
+    /// Gradients equal those without it up to rounding; not part of the run's settings.
+    pub gradient_checkpointing: bool,
 }
 
 /// The training log in the output directory: one [`Evaluation`] a line.
@@ -719,7 +724,13 @@ pub fn train(
             picked.extend_from_slice(&ord[s * batch..(s + 1) * batch]);
         }
         let expanded = opts.method == Method::Ensemble && p > 1;
-        let nll = objective.loss(model, train, &picked, p, expanded)?;
+        // With checkpointing the NLL comes detached, its gradients already in `grads`.
+        let mut grads = VarGrads::new(&params.vars());
+        let nll = if run.gradient_checkpointing {
+            objective.loss_checkpointed(model, train, &picked, p, expanded, &mut grads)?
+        } else {
+            objective.loss(model, train, &picked, p, expanded)?
+        };
         let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
         let per_particle = (nll + prior)?;
         let loss = per_particle.sum_all()?;
@@ -749,15 +760,10 @@ pub fn train(
                 step + 1
             );
         }
-        let grads = loss.backward()?;
-        // Detached: candle's gradient of a variable keeps the step's forward graph alive, and
-        // whatever is built from it (the SVGD direction, the AdamW moments) would keep it too.
-        let grad_of = |v: &Var| -> Result<Tensor> {
-            Ok(match grads.get(v.as_tensor()) {
-                Some(g) => g.detach(),
-                None => v.as_tensor().zeros_like()?,
-            })
-        };
+        // Detached (`VarGrads`): candle's gradient of a variable keeps the step's forward graph
+        // alive, and whatever is built from it (the SVGD direction, the AdamW moments) would too.
+        grads.add(&loss.backward()?)?;
+        let grad_of = |v: &Var| -> Result<Tensor> { Ok(grads.get(v)?) };
         let mut update: Vec<Tensor> = match opts.method {
             Method::Ensemble => params.vars().iter().map(grad_of).collect::<Result<_>>()?,
             Method::Svgd => {
@@ -1027,7 +1033,7 @@ impl<'a> Objective<'a> {
                 };
                 let window = b.targets.dim(1)?;
                 let logits = m.forward_window(&input, particles, b.window_start, window)?;
-                particle_nll(&logits, &b, particles)
+                Ok(particle_nll(&logits, &b, particles)?)
             }
             (
                 Objective::Clip {
@@ -1049,6 +1055,43 @@ impl<'a> Objective<'a> {
             }
             _ => bail!("the objective does not match the model"),
         }
+    }
+
+    /// [`Self::loss`] under gradient checkpointing: the loss detached, the gradients of its sum
+    /// added to `grads` (LLaVA; CLIP's towers are small and train without it).
+    fn loss_checkpointed(
+        &self,
+        model: &Model,
+        train: &[VqaExample],
+        picked: &[usize],
+        particles: usize,
+        expanded: bool,
+        grads: &mut VarGrads,
+    ) -> Result<Tensor> {
+        let (
+            Objective::Llava {
+                processor,
+                encoded,
+                pad_id,
+                ..
+            },
+            Model::Llava(m),
+        ) = (self, model)
+        else {
+            bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
+        };
+        let enc: Vec<&EncodedExample> = picked.iter().map(|&i| &encoded[i]).collect();
+        let images: Vec<&Path> = picked.iter().map(|&i| train[i].image.as_path()).collect();
+        let b = make_batch(&enc, &images, processor, *pad_id)?;
+        let input = LlavaInput {
+            input_ids: &b.input_ids,
+            pixel_values: Some(&b.pixel_values),
+            keep: &b.keep,
+            expanded,
+        };
+        let window = (b.window_start, b.targets.dim(1)?);
+        let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
+        Ok(m.window_loss_checkpointed(&input, particles, window, &nll, grads)?)
     }
 
     /// Every particle's own answer on the validation sample: (mean per-particle VQA accuracy,

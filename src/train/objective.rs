@@ -178,7 +178,11 @@ pub fn make_batch(
 
 /// Mean negative log-likelihood of the answer tokens per particle: `logits` `[P·m, window,
 /// vocab]` (particle-major rows), returns `[P]`.
-pub fn particle_nll(logits: &Tensor, batch: &Batch, particles: usize) -> Result<Tensor> {
+pub fn particle_nll(
+    logits: &Tensor,
+    batch: &Batch,
+    particles: usize,
+) -> candle_core::Result<Tensor> {
     let (rows, window, _) = logits.dims3()?;
     let reps = rows / batch.targets.dim(0)?;
     let targets = if reps > 1 {

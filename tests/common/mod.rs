@@ -271,6 +271,7 @@ pub fn train_briefly_and_check_the_loss_falls(
         max_steps: None,
         progress: false,
         model_source: "tests/fixtures/llava-tiny-hub".into(),
+        gradient_checkpointing: false,
     };
     let report = train::train(
         loaded,
