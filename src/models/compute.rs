@@ -206,6 +206,21 @@ pub fn mem_available_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// What to do when a GPU ran out of memory (candle reports the driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY` and nothing else), or `None` for any other error.
+pub fn out_of_memory_hint(error: &anyhow::Error) -> Option<&'static str> {
+    let oom = error
+        .chain()
+        .any(|e| e.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY"));
+    oom.then_some(
+        "the GPU ran out of memory: train with --gradient-checkpointing (a LLaVA keeps one \
+         decoder layer's activations at a time), fewer --particles or a smaller --batch-size; \
+         put the particles on the top layers only (--targets \
+         'language_model.layers.24-31.*.q_proj,language_model.layers.24-31.*.v_proj'); or \
+         quantize the frozen base (--quantize q8_0)",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +233,17 @@ mod tests {
         let err = "tpu".parse::<DeviceChoice>().unwrap_err();
         assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn a_gpu_out_of_memory_error_says_what_to_do_and_no_other_error_does() {
+        // As candle 0.11 reports it, under the context the commands add.
+        let oom = anyhow::anyhow!(r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#)
+            .context("training step 1");
+        let hint = out_of_memory_hint(&oom).unwrap();
+        assert!(hint.contains("--gradient-checkpointing"), "{hint}");
+        let other = anyhow::anyhow!("cannot read /x/config.json").context("loading the model");
+        assert_eq!(out_of_memory_hint(&other), None);
     }
 
     #[cfg(not(feature = "cuda"))]

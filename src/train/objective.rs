@@ -208,7 +208,7 @@ pub fn particle_nll(
         .reshape((particles, rows / particles * window))?
         .sum(1)?
         .clamp(1.0, f64::INFINITY)?;
-    Ok((per_particle / counts)?.neg()?)
+    (per_particle / counts)?.neg()
 }
 
 /// The CLIP answer vocabulary: every distinct normalised training answer, most frequent first
