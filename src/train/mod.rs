@@ -726,11 +726,8 @@ pub fn train(
         let expanded = opts.method == Method::Ensemble && p > 1;
         // With checkpointing the NLL comes detached, its gradients already in `grads`.
         let mut grads = VarGrads::new(&params.vars());
-        let nll = if run.gradient_checkpointing {
-            objective.loss_checkpointed(model, train, &picked, p, expanded, &mut grads)?
-        } else {
-            objective.loss(model, train, &picked, p, expanded)?
-        };
+        let checkpointed = run.gradient_checkpointing.then_some(&mut grads);
+        let nll = objective.loss(model, train, &picked, p, expanded, checkpointed)?;
         let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
         let per_particle = (nll + prior)?;
         let loss = per_particle.sum_all()?;
@@ -1004,6 +1001,8 @@ impl<'a> Objective<'a> {
     }
 
     /// Mean NLL per particle `[P]` of the examples `picked` (particle-major when `expanded`).
+    /// `checkpointed`: with gradient checkpointing (LLaVA), the loss comes detached and the
+    /// gradients of its sum are added there.
     fn loss(
         &self,
         model: &Model,
@@ -1011,6 +1010,7 @@ impl<'a> Objective<'a> {
         picked: &[usize],
         particles: usize,
         expanded: bool,
+        checkpointed: Option<&mut VarGrads>,
     ) -> Result<Tensor> {
         match (self, model) {
             (
@@ -1032,8 +1032,17 @@ impl<'a> Objective<'a> {
                     expanded,
                 };
                 let window = b.targets.dim(1)?;
-                let logits = m.forward_window(&input, particles, b.window_start, window)?;
-                Ok(particle_nll(&logits, &b, particles)?)
+                Ok(match checkpointed {
+                    Some(grads) => {
+                        let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
+                        let window = (b.window_start, window);
+                        m.window_loss_checkpointed(&input, particles, window, &nll, grads)?
+                    }
+                    None => {
+                        let logits = m.forward_window(&input, particles, b.window_start, window)?;
+                        particle_nll(&logits, &b, particles)?
+                    }
+                })
             }
             (
                 Objective::Clip {
@@ -1044,6 +1053,9 @@ impl<'a> Objective<'a> {
                 },
                 Model::Clip(m),
             ) => {
+                if checkpointed.is_some() {
+                    bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
+                }
                 let examples: Vec<&VqaExample> = picked.iter().map(|&i| &train[i]).collect();
                 let t: Vec<usize> = picked.iter().map(|&i| targets[i]).collect();
                 let task = objective::ClipTask {
@@ -1055,43 +1067,6 @@ impl<'a> Objective<'a> {
             }
             _ => bail!("the objective does not match the model"),
         }
-    }
-
-    /// [`Self::loss`] under gradient checkpointing: the loss detached, the gradients of its sum
-    /// added to `grads` (LLaVA; CLIP's towers are small and train without it).
-    fn loss_checkpointed(
-        &self,
-        model: &Model,
-        train: &[VqaExample],
-        picked: &[usize],
-        particles: usize,
-        expanded: bool,
-        grads: &mut VarGrads,
-    ) -> Result<Tensor> {
-        let (
-            Objective::Llava {
-                processor,
-                encoded,
-                pad_id,
-                ..
-            },
-            Model::Llava(m),
-        ) = (self, model)
-        else {
-            bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
-        };
-        let enc: Vec<&EncodedExample> = picked.iter().map(|&i| &encoded[i]).collect();
-        let images: Vec<&Path> = picked.iter().map(|&i| train[i].image.as_path()).collect();
-        let b = make_batch(&enc, &images, processor, *pad_id)?;
-        let input = LlavaInput {
-            input_ids: &b.input_ids,
-            pixel_values: Some(&b.pixel_values),
-            keep: &b.keep,
-            expanded,
-        };
-        let window = (b.window_start, b.targets.dim(1)?);
-        let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
-        Ok(m.window_loss_checkpointed(&input, particles, window, &nll, grads)?)
     }
 
     /// Every particle's own answer on the validation sample: (mean per-particle VQA accuracy,
