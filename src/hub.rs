@@ -355,12 +355,14 @@ impl HubOptions {
             .or_else(|| get("USERPROFILE"))
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        // As huggingface_hub reads its paths: `expandvars(expanduser(value))`.
         let expand = |p: String| -> PathBuf {
-            match p.strip_prefix("~/") {
-                Some(rest) => home.join(rest),
-                None if p == "~" => home.clone(),
-                None => PathBuf::from(p),
-            }
+            let p = match p.strip_prefix("~/") {
+                Some(rest) => home.join(rest).to_string_lossy().into_owned(),
+                None if p == "~" => home.to_string_lossy().into_owned(),
+                None => p,
+            };
+            PathBuf::from(expand_vars(&p, &lookup))
         };
 
         let endpoint = get("HF_ENDPOINT")
@@ -1686,6 +1688,35 @@ fn place_link(blob: &Path, target: &Path, pointer: &Path, parent: &Path) -> anyh
     let mut tmp = TempFile::create(parent, "copy")?;
     io::copy(&mut fs::File::open(blob)?, &mut tmp.file)?;
     tmp.persist(pointer)
+}
+
+/// `$NAME` and `${NAME}` replaced by the variable's value where it is set, left as written
+/// where it is not (Python's `os.path.expandvars` on POSIX).
+fn expand_vars(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(inner) => match inner.find('}') {
+                Some(end) => (&inner[..end], end + 2),
+                None => ("", 0),
+            },
+            None => {
+                let end = after.find(|c: char| !is_name(c)).unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        match lookup(name).filter(|_| !name.is_empty() && name.chars().all(is_name)) {
+            Some(value) => out.push_str(&value),
+            None => out.push_str(&rest[at..at + 1 + len]),
+        }
+        rest = &rest[at + 1 + len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]

@@ -624,6 +624,19 @@ fn options_from_lookup() {
     assert_eq!(o.cache_dir, hf_home.join("hub"));
     assert_eq!(o.token.as_deref(), Some("hf_file_token"));
 
+    // Variables in the paths are expanded as huggingface_hub does (`expandvars`); unset ones
+    // stay as written.
+    let o = env(&[("HOME", h), ("BASE", "/data"), ("HF_HOME", "$BASE/hf")]);
+    assert_eq!(o.cache_dir, PathBuf::from("/data/hf/hub"));
+    let o = env(&[
+        ("HOME", h),
+        ("BASE", "/data"),
+        ("HF_HUB_CACHE", "${BASE}_x/$UNSET/$"),
+    ]);
+    assert_eq!(o.cache_dir, PathBuf::from("/data_x/$UNSET/$"));
+    let o = env(&[("HOME", h), ("HF_HOME", "~/$HOME-like")]);
+    assert_eq!(o.cache_dir, PathBuf::from(format!("{h}/{h}-like/hub")));
+
     // HF_HUB_CACHE wins over HF_HOME for the cache; HF_TOKEN over the token file.
     let o = env(&[
         ("HOME", h),
