@@ -584,6 +584,14 @@ fn clip_particles_learn_an_answer_vocabulary_and_answer_with_it() {
         targets: vec!["q_proj".into(), "v_proj".into()],
         ..options(Method::Ensemble)
     };
+    // Gradient checkpointing is for LLaVA's decoder: refused before anything is written.
+    let checkpointed = RunOptions {
+        gradient_checkpointing: true,
+        ..run(out.path(), None, false)
+    };
+    let err = train::train(&mut loaded, &train_data, &val, &opts, &checkpointed).unwrap_err();
+    assert!(err.to_string().contains("applies to LLaVA"), "{err}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     let report = train::train(
         &mut loaded,
         &train_data,

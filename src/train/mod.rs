@@ -512,6 +512,9 @@ pub fn train(
 ) -> Result<TrainReport> {
     opts.validate()?;
     run.validate()?;
+    if run.gradient_checkpointing && matches!(loaded.model, Model::Clip(_)) {
+        bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
+    }
     let base = BaseModel {
         source: run.model_source.clone(),
         revision: match &loaded.files.origin {
@@ -1054,7 +1057,7 @@ impl<'a> Objective<'a> {
                 Model::Clip(m),
             ) => {
                 if checkpointed.is_some() {
-                    bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
+                    bail!("gradient checkpointing needs a LLaVA (refused at the start of `train`)");
                 }
                 let examples: Vec<&VqaExample> = picked.iter().map(|&i| &train[i]).collect();
                 let t: Vec<usize> = picked.iter().map(|&i| targets[i]).collect();
