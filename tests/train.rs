@@ -176,14 +176,15 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
     // Particles everywhere, each particle its own examples (the ensemble's layout); and only on
     // the vision tower and the top decoder layer with one batch shared by the particles (SVGD's):
     // the rows then fork inside the top layer, and the vision tower's gradients flow back through
-    // the merged embeddings.
-    let layouts: [(&[&str], bool, usize); 2] = [
+    // the merged embeddings; and on the top decoder layer alone (the backward pass stops there).
+    let layouts: [(&[&str], bool, usize); 3] = [
         (&["*"], true, 6),
         (
             &["vision_tower.*.q_proj", "language_model.layers.2.*.v_proj"],
             false,
             2,
         ),
+        (&["language_model.layers.2.*.q_proj"], true, 6),
     ];
     for (targets, expanded, n) in layouts {
         let (m, vars, prompter, processor) = with_particle_vars(targets);

@@ -759,15 +759,22 @@ impl LlamaModel {
     /// The second half: given `grad`, the gradient of the loss with respect to the last layer's
     /// output, runs each layer again from its taped input with gradients, adds the gradients of
     /// the trained variables to `grads` and passes the input's gradient down. Returns the
-    /// gradient with respect to the embeddings. One layer's activations are alive at a time: a
-    /// step costs one more forward pass and its memory no longer grows with the depth.
+    /// gradient with respect to the embeddings when `embeds_need_grad` (particles below the
+    /// decoder, in the vision tower or the projector); without, it stops below the lowest layer
+    /// with particles, as the plain backward pass does. One layer's activations are alive at a
+    /// time: a step costs one more forward pass and its memory no longer grows with the depth.
     pub fn backward_taped(
         &self,
         tape: LayerTape,
         mut grad: Tensor,
         grads: &mut VarGrads,
-    ) -> Result<Tensor> {
-        for (layer, step) in self.layers.iter().zip(tape.steps).rev() {
+        embeds_need_grad: bool,
+    ) -> Result<Option<Tensor>> {
+        let lowest = self.layers.iter().position(|l| l.has_particles());
+        for (i, (layer, step)) in self.layers.iter().zip(tape.steps).enumerate().rev() {
+            if !embeds_need_grad && lowest.is_none_or(|lowest| i < lowest) {
+                return Ok(None);
+            }
             let input = Var::from_tensor(&step.input)?;
             let out = layer.forward(
                 input.as_tensor(),
@@ -784,7 +791,7 @@ impl LlamaModel {
                 None => input.as_tensor().zeros_like()?,
             };
         }
-        Ok(grad)
+        Ok(embeds_need_grad.then_some(grad))
     }
 
     /// The final RMSNorm (see [`Self::forward_taped`]).

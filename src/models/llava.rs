@@ -356,9 +356,8 @@ impl LlavaModel {
             None => top.as_tensor().zeros_like()?,
         };
         drop(store);
-        let grad = lm.backward_taped(tape, grad, grads)?;
-        if inputs_embeds.track_op() {
-            // The vision tower's (or projector's) particles: through the merged embeddings.
+        // The vision tower's (or projector's) particles: through the merged embeddings.
+        if let Some(grad) = lm.backward_taped(tape, grad, grads, inputs_embeds.track_op())? {
             let surrogate = (to_f32(&inputs_embeds)? * to_f32(&grad)?)?.sum_all()?;
             grads.add(&surrogate.backward()?)?;
         }
