@@ -32,6 +32,9 @@ pub struct ModelSummary {
     pub quantization: Option<crate::models::quant::QuantSummary>,
     /// Linear layers that can carry particles (`train --targets` chooses among them).
     pub particle_capable_layers: usize,
+    /// Stored tensors the model does not read (another architecture's, layers the config lacks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unused_tensors: Vec<String>,
     /// Where a LLaVA's prompt template comes from (absent for CLIP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
@@ -101,6 +104,7 @@ impl ModelSummary {
             // them out).
             particle_capable_layers: loaded.model.linears().len()
                 - loaded.model.inert_linears().len(),
+            unused_tensors: info.unused_tensors.clone(),
             chat_template: match (&loaded.config, &loaded.prompter) {
                 (ModelConfig::Llava(_), Some(p)) => Some(match p.template_source() {
                     TemplateSource::File(path) => path
@@ -173,6 +177,16 @@ impl fmt::Display for ModelSummary {
         )?;
         if let Some(t) = &self.chat_template {
             writeln!(f, "chat template {t}")?;
+        }
+        if !self.unused_tensors.is_empty() {
+            writeln!(
+                f,
+                "unused        {} stored tensors the model does not read:",
+                self.unused_tensors.len()
+            )?;
+            for name in &self.unused_tensors {
+                writeln!(f, "  {name}")?;
+            }
         }
         writeln!(f, "source        {}", self.source)?;
         writeln!(f, "directory     {}", self.directory)?;

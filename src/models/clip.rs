@@ -235,6 +235,8 @@ pub struct ClipTextTransformer {
 
 impl ClipTextTransformer {
     pub fn load(s: &Scope, c: &ClipTextConfig) -> LoadResult<Self> {
+        // Older checkpoints store the position ids (0, 1, …) as a buffer; transformers ignores it.
+        s.skip("embeddings.position_ids");
         let h = c.hidden_size;
         Ok(Self {
             token_embedding: s.get("embeddings.token_embedding.weight", &[c.vocab_size, h])?,
@@ -365,6 +367,7 @@ pub struct ClipVisionTransformer {
 impl ClipVisionTransformer {
     /// `with_post_layernorm`: LLaVA never uses it, and checkpoints may leave it out.
     pub fn load(s: &Scope, c: &ClipVisionConfig, with_post_layernorm: bool) -> LoadResult<Self> {
+        s.skip("embeddings.position_ids");
         let h = c.hidden_size;
         let p = c.patch_size;
         let post_layernorm = if with_post_layernorm {
@@ -374,6 +377,9 @@ impl ClipVisionTransformer {
                 c.layer_norm_eps,
             )?)
         } else {
+            // transformers loads it with the tower; LLaVA's forward never reads it.
+            s.skip("post_layernorm.weight");
+            s.skip("post_layernorm.bias");
             None
         };
         Ok(Self {

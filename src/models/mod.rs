@@ -74,6 +74,8 @@ pub struct ModelInfo {
     pub device: String,
     /// What `--quantize` did (`None`: the base is dense).
     pub quantization: Option<QuantSummary>,
+    /// Stored tensors the model does not read (see [`weights::Weights::unused`]).
+    pub unused_tensors: Vec<String>,
 }
 
 /// A model with its files, config, summary, tokenizer + chat template and image processor.
@@ -240,6 +242,18 @@ fn load_weights(
         ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
     };
     let quantization = weights.take_quantizer().map(Quantizer::finish);
+    let unused_tensors = weights.unused();
+    if !unused_tensors.is_empty() {
+        eprintln!(
+            "warning: {} of the tensors in {} are not used by this {} ({}): weights of another \
+             architecture, or layers config.json does not have; check that config.json belongs to \
+             these weight files (`bella-vqa inspect` lists them)",
+            unused_tensors.len(),
+            files.dir.display(),
+            config.architecture(),
+            preview(&unused_tensors, 3)
+        );
+    }
     let generation_eos = match files.optional("generation_config.json") {
         Some(path) => config::generation_eos(&path)?,
         None => Vec::new(),
@@ -247,6 +261,7 @@ fn load_weights(
     Ok(LoadedModel {
         info: ModelInfo {
             quantization,
+            unused_tensors,
             ..info(&config, &raw, &weights, dtype)
         },
         device: device.clone(),
@@ -316,6 +331,16 @@ fn info(config: &ModelConfig, raw: &serde_json::Value, w: &Weights, dtype: DType
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
         },
         quantization: None,
+        unused_tensors: Vec::new(),
+    }
+}
+
+/// The first `n` names, then how many more.
+fn preview(names: &[String], n: usize) -> String {
+    let shown = names.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    match names.len().saturating_sub(n) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
     }
 }
 

@@ -5,9 +5,10 @@
 //! name or one of the layout aliases (transformers 5 renames the LLaVA prefixes), checks the shape and
 //! converts it to the compute dtype.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -174,6 +175,8 @@ pub struct Weights {
     device: Device,
     dtype: DType,
     quantizer: Option<Quantizer>,
+    /// Stored names the model has read (see [`Weights::unused`]).
+    used: Mutex<HashSet<String>>,
 }
 
 impl Weights {
@@ -204,6 +207,7 @@ impl Weights {
             device: device.clone(),
             dtype,
             quantizer: None,
+            used: Mutex::new(HashSet::new()),
         })
     }
 
@@ -240,7 +244,13 @@ impl Weights {
             format!("{path}.weight")
         };
         match &self.quantizer {
-            Some(q) => q.base(path, (out, inp), || self.get(&key, &[out, inp])),
+            Some(q) => {
+                // Read from the quantized cache, not the file, but used all the same.
+                if let Some(name) = self.stored_name(&key) {
+                    self.mark_used(name);
+                }
+                q.base(path, (out, inp), || self.get(&key, &[out, inp]))
+            }
             None => self.get(&key, &[out, inp]).map(Base::Dense),
         }
     }
@@ -266,9 +276,35 @@ impl Weights {
 
     /// Whether the tensor exists under its hub name or an alias.
     pub fn contains(&self, key: &str) -> bool {
+        self.stored_name(key).is_some()
+    }
+
+    /// The name `key` is stored under (itself or an alias), if any.
+    fn stored_name(&self, key: &str) -> Option<String> {
         self.candidates(key)
-            .iter()
-            .any(|k| self.routing.contains_key(k))
+            .into_iter()
+            .find(|k| self.routing.contains_key(k))
+    }
+
+    fn mark_used(&self, name: String) {
+        // A poisoned lock only means another load panicked; the set is still a set.
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.insert(name);
+    }
+
+    /// Stored tensors the model has not read, sorted: what transformers reports as "weights of
+    /// the model checkpoint … not used when initializing" (another architecture's weights, a
+    /// layer the config does not have).
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<String> = self
+            .routing
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        out.sort();
+        out
     }
 
     /// Loads a tensor, checks its shape, converts it to the compute dtype.
@@ -284,6 +320,7 @@ impl Weights {
                 files: self.file_list(),
             });
         };
+        self.mark_used(name.clone());
         let (path, st) = &self.files[index];
         let bad = |e: candle_core::Error| WeightError::BadFile {
             file: path.clone(),
@@ -423,6 +460,14 @@ pub struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
+    /// Counts `name` as read where it is stored (a tensor the reference implementation loads
+    /// and the model never uses), so that [`Weights::unused`] does not list it.
+    pub fn skip(&self, name: &str) {
+        if let Some(stored) = self.weights.stored_name(&self.key(name)) {
+            self.weights.mark_used(stored);
+        }
+    }
+
     pub fn pp(&self, name: impl std::fmt::Display) -> Scope<'a> {
         Scope {
             weights: self.weights,
