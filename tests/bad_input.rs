@@ -251,6 +251,40 @@ fn good_lines() -> Vec<String> {
     ]
 }
 
+#[test]
+fn a_training_answer_that_is_empty_or_too_long_is_named() {
+    // A test set's records (no answers, VQAv2's consensus answer left empty): nothing to train
+    // on (it trained towards an empty answer, loss ~30).
+    let lines: Vec<String> = ["q1", "q3"]
+        .iter()
+        .map(|id| {
+            serde_json::json!({"question_id": id, "image": "images/square.png",
+                               "question": "What is it?", "answers": [],
+                               "multiple_choice_answer": ""})
+            .to_string()
+        })
+        .collect();
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("have no answers to train on") && err.contains("q1"),
+        "{err}"
+    );
+    // An answer too long for the model's positions names the answer, not only the question.
+    let mut lines = good_lines();
+    lines.push(
+        serde_json::json!({"question_id": "q4", "image": "images/square.png",
+                           "question": "What is it?", "answers": ["red ".repeat(400)]})
+        .to_string(),
+    );
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("training question q4") && err.contains("shorten the question or the answer"),
+        "{err}"
+    );
+}
+
 /// `train` on the tiny LLaVA with small settings plus `extra`.
 fn train(data: &DataDir, extra: &[&str]) -> Command {
     train_model(&llava_dir(), data, extra)
@@ -388,6 +422,46 @@ fn inspect_of_a_config_with_zero_heads_fails_cleanly() {
     });
     let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
     assert!(err.contains("text_config.num_attention_heads"), "{err}");
+}
+
+#[test]
+fn tensors_the_config_does_not_use_are_reported_as_transformers_does() {
+    // A config with one decoder layer fewer than its weights: transformers loads it and warns
+    // "Some weights of the model checkpoint … were not used"; so do we, and `inspect` lists them.
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_config(dir.path(), |v| {
+        v["text_config"]["num_hidden_layers"] = 2.into()
+    });
+    let files = common::dir_files(dir.path()).unwrap();
+    let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let unused = &loaded.info.unused_tensors;
+    assert!(!unused.is_empty());
+    assert!(
+        unused
+            .iter()
+            .all(|k| k.starts_with("language_model.model.layers.2.")),
+        "{unused:?}"
+    );
+    let out = bella()
+        .args(["inspect", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("warning: {} of the tensors", unused.len())),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&unused[0]), "{stdout}");
+    // The shipped checkpoints' layout has none (LLaVA's unused vision post_layernorm counts as
+    // read, as transformers loads it).
+    for name in ["llava-tiny-hub", "llava-tiny-v5", "clip-tiny"] {
+        let files = common::dir_files(&fixture(name)).unwrap();
+        let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded.info.unused_tensors, Vec::<String>::new(), "{name}");
+    }
 }
 
 #[test]

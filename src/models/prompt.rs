@@ -1053,9 +1053,16 @@ impl Prompter {
         };
         if let Some(max) = self.max_positions {
             if ids.len() > max {
+                let (what, fix) = match answer {
+                    Some(_) => (
+                        "prompt with its answer",
+                        "shorten the question or the answer",
+                    ),
+                    None => ("prompt", "shorten the question"),
+                };
                 bail!(
-                    "the prompt is {} tokens long, more than the model's {max} positions \
-                     (max_position_embeddings): shorten the question",
+                    "the {what} is {} tokens long, more than the model's {max} positions \
+                     (max_position_embeddings): {fix}",
                     ids.len()
                 );
             }

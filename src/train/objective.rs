@@ -14,10 +14,12 @@ use crate::models::prompt::Prompter;
 /// they normalise alike ("Blue", "blue." and "blue" are one answer; [`normalize_answer`]), empty
 /// ones left out; of the winning answer, its most frequent spelling. Ties: the first given.
 pub fn target_answer(ex: &VqaExample) -> Option<String> {
+    // VQAv2's consensus answer, unless empty (then the answers decide: none, nothing to train).
     if let Some(a) = ex
         .extra
         .get("multiple_choice_answer")
         .and_then(|v| v.as_str())
+        .filter(|a| !normalize_answer(a).is_empty())
     {
         return Some(a.to_string());
     }
@@ -76,6 +78,16 @@ mod tests {
         );
         assert_eq!(target_answer(&example(&["", " "])), None);
         assert_eq!(target_answer(&example(&[])), None);
+        // VQAv2's multiple_choice_answer wins, unless empty.
+        let with_mc = |mc: &str, answers: &[&str]| {
+            let mut ex = example(answers);
+            ex.extra
+                .insert("multiple_choice_answer".into(), serde_json::json!(mc));
+            target_answer(&ex)
+        };
+        assert_eq!(with_mc("yes", &["no"]).as_deref(), Some("yes"));
+        assert_eq!(with_mc("", &[]), None);
+        assert_eq!(with_mc(" ", &["red"]).as_deref(), Some("red"));
     }
 }
 
