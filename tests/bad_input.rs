@@ -156,6 +156,7 @@ fn bella() -> Command {
 
 struct Outcome {
     success: bool,
+    stdout: String,
     stderr: String,
 }
 
@@ -180,8 +181,8 @@ fn run(cmd: &mut Command) -> Outcome {
         }
     };
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for text in [stderr.as_str(), &stdout] {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for text in [&stderr, &stdout] {
         assert!(
             !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
             "{cmd:?} panicked: {text}"
@@ -189,6 +190,7 @@ fn run(cmd: &mut Command) -> Outcome {
     }
     Outcome {
         success: out.status.success(),
+        stdout,
         stderr,
     }
 }
@@ -442,19 +444,11 @@ fn tensors_the_config_does_not_use_are_reported_as_transformers_does() {
             .all(|k| k.starts_with("language_model.model.layers.2.")),
         "{unused:?}"
     );
-    let out = bella()
-        .args(["inspect", "--model"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&format!("warning: {} of the tensors", unused.len())),
-        "{stderr}"
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&unused[0]), "{stdout}");
+    let out = run(bella().args(["inspect", "--model"]).arg(dir.path()));
+    assert!(out.success);
+    let warning = format!("warning: {} of the tensors", unused.len());
+    assert!(out.stderr.contains(&warning), "{}", out.stderr);
+    assert!(out.stdout.contains(&unused[0]), "{}", out.stdout);
     // The shipped checkpoints' layout has none (LLaVA's unused vision post_layernorm counts as
     // read, as transformers loads it).
     for name in ["llava-tiny-hub", "llava-tiny-v5", "clip-tiny"] {

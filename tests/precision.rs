@@ -9,20 +9,6 @@ use bella_vqa::models::Model;
 use candle_core::DType;
 use common::*;
 
-/// Largest |actual − expected| relative to the largest |expected|.
-fn relative_error(actual: &candle_core::Tensor, expected: &candle_core::Tensor) -> f32 {
-    let scale = expected
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(actual, expected) / scale
-}
-
 /// bf16 keeps 8 bits of mantissa (relative step 2⁻⁸ ≈ 0.4 %), f16 11 bits (≈ 0.05 %); through a
 /// few layers the errors add up to a few steps.
 fn tolerance(dtype: DType) -> f32 {
@@ -50,7 +36,7 @@ fn llava_in_half_precision_matches_transformers_within_tolerance() {
             let mut cache = m.language_model.new_cache();
             let out = m.forward(&p.input(), &mut cache, 1, false).unwrap();
             assert_eq!(out.logits.dtype(), dtype);
-            let err = relative_error(&out.logits, get(&r, &format!("{prefix}.logits")));
+            let err = relative_diff(&out.logits, get(&r, &format!("{prefix}.logits")));
             eprintln!("{dtype:?} {prefix}: relative error {err}");
             assert!(
                 err <= tolerance(dtype),
@@ -79,7 +65,7 @@ fn clip_in_half_precision_matches_transformers_within_tolerance() {
         let logits = m
             .logits_per_image(get(&r, "vision.pixel_values"), &input_ids, Some(&mask))
             .unwrap();
-        let err = relative_error(&logits, get(&r, "logits_per_image"));
+        let err = relative_diff(&logits, get(&r, "logits_per_image"));
         assert!(err <= tolerance(dtype), "{dtype:?}: relative error {err}");
     }
 }

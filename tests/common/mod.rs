@@ -62,9 +62,9 @@ pub fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
     Tensor::from_vec(rows.concat(), (rows.len(), len), &Device::Cpu).unwrap()
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+/// The largest |value|.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -74,6 +74,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Largest |actual − expected| relative to the largest |expected|.
+pub fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+    max_abs_diff(actual, expected) / max_abs(expected)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
 
 pub const TOL: f32 = 1e-4;
