@@ -906,6 +906,17 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         }
     }
     let mut train_data = answered;
+    if args.skip_bad {
+        let unfit = train::take_unfit(&loaded, &mut train_data)?;
+        if let (Some((id, why)), false) = (unfit.first(), cli.quiet) {
+            eprintln!(
+                "skipped {} training question(s) the model cannot train on in {} (first: {id:?}: \
+                 {why})",
+                unfit.len(),
+                args.data.display()
+            );
+        }
+    }
     if let Some(limit) = args.limit {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }

@@ -285,6 +285,9 @@ fn a_training_answer_that_is_empty_or_too_long_is_named() {
         err.contains("training question q4") && err.contains("shorten the question or the answer"),
         "{err}"
     );
+    // With --skip-bad it is left out and the others train.
+    succeeds(&mut train(&data, &["--skip-bad"]));
+    assert!(data.out().join(PARTICLES_FILE).exists());
 }
 
 /// `train` on the tiny LLaVA with small settings plus `extra`.

@@ -174,6 +174,34 @@ pub const LOG_FILE: &str = "train_log.jsonl";
 /// The summary of a run in the output directory ([`TrainSummary`]).
 pub const SUMMARY_FILE: &str = "train_summary.json";
 
+/// With `--skip-bad`: the training questions a LLaVA cannot train on (a prompt with its answer
+/// longer than the model's positions, an answer that tokenises to nothing) taken out of
+/// `examples`, each with why. Without `--skip-bad` the first one stops `train`, named.
+pub fn take_unfit(
+    loaded: &LoadedModel,
+    examples: &mut Vec<VqaExample>,
+) -> Result<Vec<(String, String)>> {
+    let Model::Llava(m) = &loaded.model else {
+        return Ok(Vec::new());
+    };
+    let image_tokens = m.config().image_tokens_per_image();
+    let prompter = loaded.prompter()?;
+    let mut unfit = Vec::new();
+    examples.retain(|ex| {
+        let encoded = target_answer(ex)
+            .context("no answers to train on")
+            .and_then(|a| encode_example(prompter, image_tokens, &ex.question, &a));
+        match encoded {
+            Ok(_) => true,
+            Err(e) => {
+                unfit.push((ex.question_id.clone(), format!("{e:#}")));
+                false
+            }
+        }
+    });
+    Ok(unfit)
+}
+
 /// Refuses input files (`--data`, `--val`, their annotations) that are files `train` writes or
 /// rewrites in `out`: a data file named `train_log.jsonl` in `out` was cut to the log's lines.
 pub fn check_inputs_are_not_outputs(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
