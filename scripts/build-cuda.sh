@@ -9,7 +9,7 @@
 #   CUDA_VERSION=12.8 CUDA_COMPUTE_CAP=80 bash scripts/build-cuda.sh
 #
 # There: `xz -d` them, and run scripts/gpu-check.sh with BELLA_BIN/BELLA_BENCH set to them (it adds
-# the machine's CUDA libraries to LD_LIBRARY_PATH). The GPU machine's driver must support the CUDA
+# the machine's CUDA libraries to LD_LIBRARY_PATH); eval/SCALE.md ("The GPU") has the command. The GPU machine's driver must support the CUDA
 # version built against (a 580 driver runs CUDA 13.0). Needs python3 with pip (registry access),
 # gcc, xz and ~1.3 GB in ~/.cache/bella-vqa/ for the wheels.
 set -euo pipefail
@@ -55,4 +55,11 @@ mkdir -p .gpu
 for pair in "bella-vqa:$CARGO_TARGET_DIR/release/bella-vqa" "ask_latency:$BENCH"; do
   name=${pair%%:*}; strip -o ".gpu/$name" "${pair#*:}"; xz -T0 -9 -f ".gpu/$name"
 done
+# A tokenizer make_real_size.py already trained (minutes on a small CPU), for it to reuse there.
+RS=${BELLA_REAL_SIZE_DIR:-$CACHE/real-size}
+if [ -f "$RS/llava-1.5-7b-hf-L2/tokenizer.json" ] && [ -f "$RS/.llava-1.5-7b-hf-L2.seed" ]; then
+  mkdir -p .gpu/real-size/llava-1.5-7b-hf-L2
+  cp "$RS/.llava-1.5-7b-hf-L2.seed" .gpu/real-size/
+  cp "$RS/llava-1.5-7b-hf-L2/tokenizer.json" .gpu/real-size/llava-1.5-7b-hf-L2/
+fi
 ls -la .gpu
