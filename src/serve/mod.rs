@@ -816,8 +816,12 @@ async fn answer_chat(
     Ok(reply.completion(&rendered, &response))
 }
 
-/// The worker's answer, or the error the client gets: 504 once the deadline has passed, 500 with
-/// the first line of a failure (the whole chain goes to the server's log).
+/// `Retry-After` of a request the GPU had no memory for.
+const OUT_OF_MEMORY_RETRY_SECS: u64 = 5;
+
+/// The worker's answer, or the error the client gets: 504 once the deadline has passed, 503 when
+/// the GPU ran out of memory, else 500 with the first line of a failure (the whole chain goes to
+/// the server's log).
 async fn wait_for(
     answer: oneshot::Receiver<Result<Response>>,
     arrived: Instant,
@@ -832,6 +836,15 @@ async fn wait_for(
         Ok(Ok(Err(e))) => {
             let text = format!("{e:#}");
             eprintln!("error answering a request: {text}");
+            if let Some(hint) = crate::models::compute::out_of_memory_hint(&e) {
+                // Memory other requests held may be free on a retry; the operator has the fix.
+                eprintln!("{hint}");
+                return Err(ApiError::unavailable(
+                    "the GPU ran out of memory answering this request: retry later (the \
+                     server's log says what its operator can change)",
+                    OUT_OF_MEMORY_RETRY_SECS,
+                ));
+            }
             let first = text.lines().next().unwrap_or("").to_string();
             Err(ApiError::internal(format!(
                 "{first} (the server's log has the details)"
@@ -1447,6 +1460,24 @@ mod tests {
         let question = "a".repeat(crate::models::prompt::MAX_USER_TEXT_BYTES + 1);
         let e = check_question(&vqa, &question, 16, usize::MAX).unwrap_err();
         assert_eq!(e.code, Some("context_length_exceeded"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn a_gpu_out_of_memory_is_503_with_retry_after_and_other_failures_500() {
+        let fail = |message: &'static str| async move {
+            let (tx, rx) = oneshot::channel::<Result<Response>>();
+            tx.send(Err(anyhow::anyhow!(message).context("answering")))
+                .ok()
+                .unwrap();
+            wait_for(rx, Instant::now(), Duration::from_secs(60))
+                .await
+                .unwrap_err()
+        };
+        let oom = fail(r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#).await;
+        assert_eq!(oom.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(oom.retry_after, Some(OUT_OF_MEMORY_RETRY_SECS));
+        let other = fail("a tensor of the wrong shape").await;
+        assert_eq!(other.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[tokio::test]
