@@ -188,13 +188,7 @@ fn gradients_reach_every_particle_through_the_quantized_base() {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{name}.{what} has no gradient"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = sq_norm(g);
             assert!(norm.is_finite() && norm > 0.0, "{name}.{what}: {norm}");
             let want = dense_grads.get(v.as_tensor()).unwrap();
             let rel = relative_diff(g, want);

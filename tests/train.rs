@@ -103,15 +103,7 @@ fn every_particle_factor_gets_a_gradient_and_the_base_none() {
             .get(v.as_tensor())
             .unwrap_or_else(|| panic!("{name} has no gradient"));
         for p in 0..3 {
-            let norm = g
-                .get(p)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let norm = sq_norm(&g.get(p).unwrap());
             assert!(norm > 0.0, "{name} particle {p} has a zero gradient");
         }
     }

@@ -14,8 +14,8 @@ use crate::error::WeightError;
 use crate::models::config::{Activation, LlamaConfig};
 use crate::models::decode_attention;
 use crate::models::nn::{
-    activate, add, attention, attention_bias, attention_probs, linear, to_f32, RmsNorm, VarGrads,
-    MASKED,
+    activate, add, attention, attention_bias, attention_probs, backward_from, grad_or_zeros,
+    linear, to_f32, RmsNorm, VarGrads, MASKED,
 };
 use crate::models::weights::Scope;
 
@@ -783,13 +783,9 @@ impl LlamaModel {
                 &mut LayerCache::default(),
                 step.q_len,
             )?;
-            // ⟨out, grad⟩: its gradient is the vector–Jacobian product of the layer.
-            let store = (to_f32(&out)? * to_f32(&grad)?)?.sum_all()?.backward()?;
+            let store = backward_from(&out, &grad)?;
             grads.add(&store)?;
-            grad = match store.get(input.as_tensor()) {
-                Some(g) => g.detach(),
-                None => input.as_tensor().zeros_like()?,
-            };
+            grad = grad_or_zeros(&store, input.as_tensor())?;
         }
         Ok(embeds_need_grad.then_some(grad))
     }

@@ -10,7 +10,7 @@ use crate::error::WeightError;
 use crate::models::clip::ClipVisionTransformer;
 use crate::models::config::{FeatureSelect, LlavaConfig};
 use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Outputs, Prefill};
-use crate::models::nn::{activate, linear, to_f32, VarGrads};
+use crate::models::nn::{activate, backward_from, grad_or_zeros, linear, VarGrads};
 use crate::models::weights::{Alias, Scope};
 
 /// Hub names (llava-hf, transformers 4.x) and where other savers put the same tensors
@@ -351,15 +351,11 @@ impl LlavaModel {
         let loss = nll(&logits)?;
         let store = loss.sum_all()?.backward()?;
         grads.add(&store)?;
-        let grad = match store.get(top.as_tensor()) {
-            Some(g) => g.detach(),
-            None => top.as_tensor().zeros_like()?,
-        };
+        let grad = grad_or_zeros(&store, top.as_tensor())?;
         drop(store);
         // The vision tower's (or projector's) particles: through the merged embeddings.
         if let Some(grad) = lm.backward_taped(tape, grad, grads, inputs_embeds.track_op())? {
-            let surrogate = (to_f32(&inputs_embeds)? * to_f32(&grad)?)?.sum_all()?;
-            grads.add(&surrogate.backward()?)?;
+            grads.add(&backward_from(&inputs_embeds, &grad)?)?;
         }
         Ok(loss.detach())
     }

@@ -51,6 +51,20 @@ impl VarGrads {
     }
 }
 
+/// The gradients of ⟨`out`, `grad`⟩: the vector–Jacobian product of whatever computed `out`,
+/// given the loss's gradient with respect to it (a backward pass resumed at `out`).
+pub fn backward_from(out: &Tensor, grad: &Tensor) -> Result<GradStore> {
+    (to_f32(out)? * to_f32(grad)?)?.sum_all()?.backward()
+}
+
+/// The gradient `store` holds for `t`, detached, or zeros where the pass did not reach it.
+pub fn grad_or_zeros(store: &GradStore, t: &Tensor) -> Result<Tensor> {
+    match store.get(t) {
+        Some(g) => Ok(g.detach()),
+        None => t.zeros_like(),
+    }
+}
+
 /// Loads `{scope}.weight` `[out, in]` (quantized where `--quantize` selects the layer) and, if
 /// asked, `{scope}.bias` as a particle-capable layer.
 pub fn linear(

@@ -187,19 +187,24 @@ pub fn take_unfit(
     let image_tokens = m.config().image_tokens_per_image();
     let prompter = loaded.prompter()?;
     let mut unfit = Vec::new();
-    examples.retain(|ex| {
-        let encoded = target_answer(ex)
-            .context("no answers to train on")
-            .and_then(|a| encode_example(prompter, image_tokens, &ex.question, &a));
-        match encoded {
-            Ok(_) => true,
-            Err(e) => {
-                unfit.push((ex.question_id.clone(), format!("{e:#}")));
-                false
-            }
+    examples.retain(|ex| match encode_training(prompter, image_tokens, ex) {
+        Ok(_) => true,
+        Err(e) => {
+            unfit.push((ex.question_id.clone(), format!("{e:#}")));
+            false
         }
     });
     Ok(unfit)
+}
+
+/// A LLaVA training question as token ids: its prompt and its target answer.
+fn encode_training(
+    prompter: &Prompter,
+    image_tokens: usize,
+    ex: &VqaExample,
+) -> Result<EncodedExample> {
+    let answer = target_answer(ex).context("no answers to train on")?;
+    encode_example(prompter, image_tokens, &ex.question, &answer)
 }
 
 /// Refuses input files (`--data`, `--val`, their annotations) that are files `train` writes or
@@ -948,21 +953,13 @@ impl<'a> Objective<'a> {
         val: &[VqaExample],
         stop: Vec<u32>,
     ) -> Result<Self> {
-        let answer = |ex: &VqaExample| {
-            target_answer(ex).with_context(|| {
-                format!(
-                    "training question {} has no answers to train on",
-                    ex.question_id
-                )
-            })
-        };
         match model {
             Model::Llava(m) => {
                 let image_tokens = m.config().image_tokens_per_image();
                 let encoded = train
                     .iter()
                     .map(|ex| {
-                        encode_example(prompter, image_tokens, &ex.question, &answer(ex)?)
+                        encode_training(prompter, image_tokens, ex)
                             .with_context(|| format!("training question {}", ex.question_id))
                     })
                     .collect::<Result<_>>()?;
@@ -1009,7 +1006,13 @@ impl<'a> Objective<'a> {
                 let targets = train
                     .iter()
                     .map(|ex| {
-                        let a = normalize_answer(&answer(ex)?);
+                        let answer = target_answer(ex).with_context(|| {
+                            format!(
+                                "training question {} has no answers to train on",
+                                ex.question_id
+                            )
+                        })?;
+                        let a = normalize_answer(&answer);
                         // Answers beyond the vocabulary cap fall back to the most frequent one.
                         Ok(vocabulary.iter().position(|v| *v == a).unwrap_or(0))
                     })

@@ -76,6 +76,16 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Σ value² (a gradient's squared norm).
+pub fn sq_norm(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Largest |actual − expected| relative to the largest |expected|.
 pub fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
     max_abs_diff(actual, expected) / max_abs(expected)
