@@ -98,7 +98,7 @@ enum Command {
     /// carry a `bella` object (confidence, uncertainty, abstention, particles), a web page at `/`,
     /// `/v1/models`, `/health` and `/metrics`.
     Serve(Box<ServeArgs>),
-    /// Train Bella particles on VQA data (JSONL, VQAv2 or VizWiz).
+    /// Train Bella particles on VQA data (JSONL, VQAv2, VizWiz, TextVQA, GQA or A-OKVQA).
     // A negative number is a value (`--grad-clip -1` is then refused by the range check).
     #[command(allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
@@ -267,13 +267,14 @@ enum DataCommand {
 struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Training data: our JSONL, a VQAv2 questions JSON (with --annotations) or VizWiz JSON.
+    /// Training data: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA, GQA
+    /// or A-OKVQA JSON.
     #[arg(long)]
     data: PathBuf,
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     annotations: Option<PathBuf>,
-    /// The image folder of --data (VQAv2/VizWiz; default: the data file's folder).
+    /// The image folder of --data (JSON formats; default: the data file's folder).
     #[arg(long)]
     images: Option<PathBuf>,
     /// Validation data (a sample is evaluated during training).
@@ -282,7 +283,7 @@ struct TrainArgs {
     /// VQAv2: the annotations JSON of --val.
     #[arg(long, requires = "val")]
     val_annotations: Option<PathBuf>,
-    /// The image folder of --val (VQAv2/VizWiz; default: its file's folder).
+    /// The image folder of --val (JSON formats; default: its file's folder).
     #[arg(long, requires = "val")]
     val_images: Option<PathBuf>,
     /// Output directory: particles, checkpoints, train_log.jsonl.

@@ -1398,6 +1398,112 @@ fn vizwiz_input_and_a_test_set_without_answers() {
 }
 
 #[test]
+fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = read_jsonl(&world().join("test.jsonl"), &ReadOptions::default()).unwrap();
+    let records = &data.examples[..4];
+    let (mut textvqa, mut gqa, mut aokvqa) = (Vec::new(), serde_json::Map::new(), Vec::new());
+    for (i, e) in records.iter().enumerate() {
+        // Each format's own image names and folders (the files are PNGs; contents decide).
+        let stem = format!("img{i:02}");
+        for name in [
+            format!("train_images/{stem}.jpg"),
+            format!("images/{stem}.jpg"),
+            format!("val2017/{:012}.jpg", i + 1),
+        ] {
+            std::fs::create_dir_all(dir.join(&name).parent().unwrap()).unwrap();
+            std::fs::copy(&e.image, dir.join(name)).unwrap();
+        }
+        textvqa.push(
+            serde_json::json!({"question_id": 500 + i, "question": e.question,
+            "image_id": stem, "answers": e.answers, "set_name": "val"}),
+        );
+        gqa.insert(
+            format!("0{i}"),
+            serde_json::json!({"imageId": stem,
+            "question": e.question, "answer": e.answers[0], "fullAnswer": "…"}),
+        );
+        aokvqa.push(serde_json::json!({"split": "val", "image_id": i + 1,
+            "question_id": format!("aok{i}"), "question": e.question,
+            "choices": ["a", "b"], "correct_choice_idx": 0, "direct_answers": e.answers}));
+    }
+    let files = [
+        (
+            "textvqa",
+            serde_json::json!({"dataset_name": "textvqa", "data": textvqa}),
+        ),
+        ("gqa", Value::Object(gqa)),
+        ("aokvqa", Value::Array(aokvqa)),
+    ];
+    let bench_file = |file: PathBuf, name: &str| -> (Value, Vec<Value>, Value) {
+        let out = dir.join(format!("out-{name}"));
+        let mut opts = BenchOptions::new(DataInput::new(file), &out);
+        opts.max_new_tokens = 4;
+        assert_eq!(run(&opts).answered_now, 4);
+        let submission =
+            serde_json::from_slice(&std::fs::read(out.join("submission.json")).unwrap()).unwrap();
+        let mut samples = samples_of(&out);
+        samples.sort_by_key(|s| s["index"].as_u64());
+        (results_of(&out), samples, submission)
+    };
+    // The same questions as our JSONL, for the answers every reader must reproduce.
+    let jsonl = dir.join("same.jsonl");
+    write_jsonl(&jsonl, records).unwrap();
+    let (_, reference, _) = bench_file(jsonl, "jsonl");
+    for (name, content) in files {
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(&file, content.to_string()).unwrap();
+        let (results, samples, submission) = bench_file(file, name);
+        assert_eq!(results["config"]["data"][0]["format"], name);
+        let answers: Vec<&Value> = samples.iter().map(|s| &s["answer"]).collect();
+        let expected: Vec<&Value> = reference.iter().map(|s| &s["answer"]).collect();
+        assert_eq!(
+            answers, expected,
+            "{name}: the same image and question answer alike"
+        );
+        for (s, e) in samples.iter().zip(records) {
+            let humans: Vec<String> = match name {
+                "gqa" => vec![e.answers[0].clone()],
+                _ => e.answers.clone(),
+            };
+            let acc = metrics::vqa_accuracy(
+                s["answer"].as_str().unwrap(),
+                &humans,
+                NormalizeMode::default(),
+            );
+            assert_eq!(s["accuracy"].as_f64().unwrap(), acc, "{name}");
+        }
+        let expected = match name {
+            "textvqa" => Value::Array(
+                samples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| serde_json::json!({"question_id": 500 + i, "answer": s["answer"]}))
+                    .collect(),
+            ),
+            "gqa" => Value::Array(
+                samples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        serde_json::json!({"questionId": format!("0{i}"), "prediction": s["answer"]})
+                    })
+                    .collect(),
+            ),
+            _ => Value::Object(
+                samples
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("aok{i}"), serde_json::json!({"direct_answer": s["answer"]})))
+                    .collect(),
+            ),
+        };
+        assert_eq!(submission, expected, "{name}");
+    }
+}
+
+#[test]
 fn declined_counts_abstentions_and_unanswerable_answers() {
     use bella_vqa::bench::results::declined;
     use bella_vqa::bench::samples::Sample;

@@ -1,4 +1,5 @@
-//! VQA readers: our JSONL, VQAv2 (questions + annotations), VizWiz; bad records and round trips.
+//! VQA readers: our JSONL, VQAv2 (questions + annotations), VizWiz, TextVQA, GQA, A-OKVQA; bad
+//! records and round trips.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -698,12 +699,12 @@ fn vqav2_records_that_are_not_objects_and_files_of_the_wrong_shape() {
             r#"{"questions": {"image_id": 1}}"#,
             "has no \"questions\" list",
         ),
-        (&q, "[1, 2]", "is a VizWiz annotations file"),
         (
             &q,
-            "\"text\"",
-            "neither a VizWiz annotations list nor a VQAv2 questions file",
+            "[1, 2]",
+            "holds its answers (it is not a VQAv2 questions file)",
         ),
+        (&q, "\"text\"", "none of the JSON formats bella-vqa reads"),
         (&a, r#"{"annotations": 3}"#, "has no \"annotations\" list"),
         (
             &a,
@@ -819,4 +820,287 @@ fn read_dataset_picks_the_reader() {
     let odd = dir.path().join("odd.json");
     write(&odd, "{\"something\": 1}");
     assert!(read_dataset(&odd, None, None, &STRICT).is_err());
+}
+
+// --- TextVQA, GQA, A-OKVQA -------------------------------------------------------------------
+
+/// Each record as `(question_id, image file name, question, answers)`.
+fn summary(data: &bella_vqa::data::Dataset) -> Vec<(String, String, String, Vec<String>)> {
+    data.examples
+        .iter()
+        .map(|e| {
+            (
+                e.question_id.clone(),
+                e.image.file_name().unwrap().to_string_lossy().into_owned(),
+                e.question.clone(),
+                e.answers.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn textvqa_files_are_read_with_their_images_in_the_archive_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    // As the TextVQA archives unpack: train_images/ (train and val) and test_images/.
+    png(&dir.path().join("train_images/0054c91397f2fe05.jpg"));
+    png(&dir.path().join("test_images/00a1b2c3d4e5f607.jpg"));
+    let ten = |a: &str, b: &str| -> Vec<String> {
+        (0..10)
+            .map(|i| if i < 7 { a } else { b }.to_string())
+            .collect()
+    };
+    let file = json!({
+        "dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1",
+        "data": [
+            {"question": "what is the brand of this camera?", "image_id": "0054c91397f2fe05",
+             "image_classes": ["Camera"], "image_width": 1024, "image_height": 664,
+             "answers": ten("nous les gosses", "dakota"), "question_tokens": ["what", "is"],
+             "question_id": 34602, "set_name": "val"},
+            {"question": "what does the small white text spell?", "image_id": "0054c91397f2fe05",
+             "answers": ten("copenhagen", "thursday"), "question_id": 34603, "set_name": "val"},
+            {"question": "what is written on the sign?", "image_id": "00a1b2c3d4e5f607",
+             "answers": ten("stop", "stop"), "question_id": 34604, "set_name": "test"}
+        ]
+    });
+    let path = dir.path().join("TextVQA_0.5.1_val.json");
+    write(&path, &file.to_string());
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::TextVqa);
+    assert_eq!(
+        summary(&data),
+        [
+            (
+                "34602".into(),
+                "0054c91397f2fe05.jpg".into(),
+                "what is the brand of this camera?".into(),
+                ten("nous les gosses", "dakota")
+            ),
+            (
+                "34603".into(),
+                "0054c91397f2fe05.jpg".into(),
+                "what does the small white text spell?".into(),
+                ten("copenhagen", "thursday")
+            ),
+            (
+                "34604".into(),
+                "00a1b2c3d4e5f607.jpg".into(),
+                "what is written on the sign?".into(),
+                ten("stop", "stop")
+            ),
+        ]
+    );
+    assert_eq!(
+        data.examples[0].image,
+        dir.path().join("train_images/0054c91397f2fe05.jpg")
+    );
+    assert_eq!(
+        data.examples[2].image,
+        dir.path().join("test_images/00a1b2c3d4e5f607.jpg")
+    );
+    // Fields the example has no place for are kept.
+    assert_eq!(data.examples[0].extra["image_classes"], json!(["Camera"]));
+    assert_eq!(data.examples[0].extra["image_id"], "0054c91397f2fe05");
+
+    // The test file has no answers.
+    let mut test = file.clone();
+    for r in test["data"].as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("answers");
+    }
+    write(&path, &test.to_string());
+    assert!(!read_dataset(&path, None, None, &STRICT)
+        .unwrap()
+        .has_answers());
+
+    // A missing image names the places looked at and the option; a bad record names the question.
+    let mut broken = file.clone();
+    broken["data"][1]["image_id"] = json!("ffffffffffffffff");
+    broken["data"][2]["question"] = json!(7);
+    write(&path, &broken.to_string());
+    let (text, rec) = bad(read_dataset(&path, None, None, &STRICT).unwrap_err());
+    assert!(
+        text.contains("question 34603") && text.contains("ffffffffffffffff.jpg"),
+        "{text}"
+    );
+    assert!(
+        text.contains("train_images/ or test_images/") && text.contains("--images"),
+        "{text}"
+    );
+    assert_eq!(rec.file, path);
+    let data = read_dataset(&path, None, None, &SKIP).unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data.skipped.len(), 2);
+    assert!(
+        data.skipped[1].reason.contains("question 34604")
+            && data.skipped[1].reason.contains("\"question\"")
+    );
+}
+
+#[test]
+fn gqa_questions_keep_the_file_order_and_score_their_one_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    png(&dir.path().join("images/n161313.jpg"));
+    png(&dir.path().join("images/2354786.jpg"));
+    // Keys in an order no hash map keeps: the file's order must survive.
+    let text = r#"{
+        "201307251": {"semantic": [{"operation": "select", "argument": "sky"}], "entailed": [],
+                      "equivalent": ["201307251"], "question": "Is it overcast?",
+                      "imageId": "n161313", "isBalanced": true, "answer": "no",
+                      "types": {"structural": "verify", "semantic": "attr"},
+                      "fullAnswer": "No, it is clear."},
+        "10": {"question": "Who is wearing the shirt?", "imageId": "2354786", "answer": "girl",
+               "fullAnswer": "The girl is wearing the shirt."},
+        "05515938": {"question": "Which color is the shirt?", "imageId": "2354786", "answer": "white"}
+    }"#;
+    let path = dir.path().join("testdev_balanced_questions.json");
+    write(&path, text);
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::Gqa);
+    assert_eq!(
+        summary(&data),
+        [
+            (
+                "201307251".into(),
+                "n161313.jpg".into(),
+                "Is it overcast?".into(),
+                vec!["no".to_string()]
+            ),
+            (
+                "10".into(),
+                "2354786.jpg".into(),
+                "Who is wearing the shirt?".into(),
+                vec!["girl".to_string()]
+            ),
+            (
+                "05515938".into(),
+                "2354786.jpg".into(),
+                "Which color is the shirt?".into(),
+                vec!["white".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(data.examples[0].extra["fullAnswer"], "No, it is clear.");
+    assert_eq!(data.examples[0].extra["imageId"], "n161313");
+    // One human answer: the VQA rule is GQA's exact match (after normalisation).
+    use bella_vqa::metrics::{vqa_accuracy, NormalizeMode};
+    let official = NormalizeMode::default();
+    assert_eq!(vqa_accuracy("No", &data.examples[0].answers, official), 1.0);
+    assert_eq!(
+        vqa_accuracy("yes", &data.examples[0].answers, official),
+        0.0
+    );
+
+    // The submission file has no answers; a wrong answer type is a bad record.
+    write(
+        &path,
+        &text
+            .replace(r#", "answer": "no""#, "")
+            .replace(r#", "answer": "girl""#, "")
+            .replace(r#", "answer": "white""#, ""),
+    );
+    assert!(!read_dataset(&path, None, None, &STRICT)
+        .unwrap()
+        .has_answers());
+    write(
+        &path,
+        &text.replace(r#""answer": "girl""#, r#""answer": ["girl"]"#),
+    );
+    let (text, _) = bad(read_dataset(&path, None, None, &STRICT).unwrap_err());
+    assert!(
+        text.contains("question 10") && text.contains("\"answer\" must be a string"),
+        "{text}"
+    );
+}
+
+#[test]
+fn aokvqa_direct_answers_with_coco_2017_images() {
+    let dir = tempfile::tempdir().unwrap();
+    png(&dir.path().join("val2017/000000299207.jpg"));
+    png(&dir.path().join("val2017/000000057005.jpg"));
+    let ten = |a: &'static str| -> Vec<&'static str> { vec![a; 10] };
+    let list = json!([
+        {"split": "val", "image_id": 299207, "question_id": "22MexNkBPpdZGX6sxbxVBH",
+         "question": "What is the man by the bags awaiting?",
+         "choices": ["skateboarder", "train", "delivery", "cab"], "correct_choice_idx": 3,
+         "direct_answers": ["ride", "ride", "bus", "taxi", "travelling", "traffic", "taxi",
+                            "cab", "cab", "his ride"],
+         "difficult_direct_answer": false, "rationales": ["A train would not be on the street."]},
+        {"split": "val", "image_id": 57005, "question_id": "2AHHKxgVZ6DwXHWNkBKHpr",
+         "question": "What type of bird is this?", "choices": ["owl", "duck", "crow", "eagle"],
+         "correct_choice_idx": 1, "direct_answers": ten("duck"), "difficult_direct_answer": false}
+    ]);
+    let path = dir.path().join("aokvqa_v1p0_val.json");
+    write(&path, &list.to_string());
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::AOkVqa);
+    assert_eq!(data.len(), 2);
+    let a = &data.examples[0];
+    assert_eq!(a.question_id, "22MexNkBPpdZGX6sxbxVBH");
+    assert_eq!(a.image, dir.path().join("val2017/000000299207.jpg"));
+    assert_eq!(a.answers.len(), 10);
+    assert_eq!(a.answers[3], "taxi");
+    assert_eq!(
+        a.extra["choices"],
+        json!(["skateboarder", "train", "delivery", "cab"])
+    );
+    assert_eq!(a.extra["correct_choice_idx"], 3);
+    // "cab" from 2 of 10 humans: the VQA rule gives 2/3 averaged over the 10 leave-one-out sets.
+    use bella_vqa::metrics::NormalizeMode;
+    let acc = bella_vqa::metrics::vqa_accuracy("cab", &a.answers, NormalizeMode::default());
+    assert!(
+        (acc - (8.0 * (2.0 / 3.0) + 2.0 * (1.0 / 3.0)) / 10.0).abs() < 1e-12,
+        "{acc}"
+    );
+
+    // The test split has no direct answers (and no correct choice): a test set.
+    let test = json!([{"split": "test", "image_id": 57005, "question_id": "t1",
+                       "question": "What type of bird is this?", "choices": ["owl", "duck", "crow", "eagle"]}]);
+    png(&dir.path().join("test2017/000000057005.jpg"));
+    write(&path, &test.to_string());
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::AOkVqa);
+    assert!(!data.has_answers());
+    assert_eq!(
+        data.examples[0].image,
+        dir.path().join("test2017/000000057005.jpg")
+    );
+
+    // A missing image names the COCO file and the folder.
+    let mut broken = list.clone();
+    broken[1]["image_id"] = json!(1);
+    write(&path, &broken.to_string());
+    let (text, _) = bad(read_dataset(&path, None, None, &STRICT).unwrap_err());
+    assert!(
+        text.contains("question 2AHHKxgVZ6DwXHWNkBKHpr") && text.contains("000000000001.jpg"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_unknown_json_layout_names_the_formats_and_our_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.json");
+    write(&path, r#"{"version": 1, "items": [{"q": "?"}]}"#);
+    let text = format!(
+        "{:#}",
+        read_dataset(&path, None, None, &STRICT).unwrap_err()
+    );
+    assert!(
+        text.contains("none of the JSON formats")
+            && text.contains("TextVQA")
+            && text.contains("our JSONL"),
+        "{text}"
+    );
+    // An annotations file with a format that holds its answers is refused, not ignored.
+    png(&dir.path().join("train_images/a.jpg"));
+    write(
+        &path,
+        &json!({"data": [{"question_id": 1, "question": "?", "image_id": "a", "answers": ["x"]}]})
+            .to_string(),
+    );
+    let text = format!(
+        "{:#}",
+        read_dataset(&path, Some(&path), None, &STRICT).unwrap_err()
+    );
+    assert!(text.contains("holds its answers"), "{text}");
 }

@@ -122,19 +122,21 @@ pub struct BenchArgs {
     /// A particle directory (from `bella-vqa train`); without it, the base model.
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
-    /// The test questions: our JSONL, a VQAv2 questions JSON (with --annotations) or VizWiz JSON.
+    /// The test questions: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA,
+    /// GQA or A-OKVQA JSON.
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// The image folder of --data (VQAv2/VizWiz; default: the data file's folder).
+    /// The image folder of --data (JSON formats; default: the data file's folder).
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// The output directory (rerun with the same one to continue an interrupted run).
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
-    /// Out-of-distribution questions (JSONL or VizWiz), each detected against --data; repeatable.
+    /// Out-of-distribution questions (JSONL or a JSON format that holds its answers), each detected
+    /// against --data; repeatable.
     #[arg(long = "ood-data", num_args = 1..)]
     pub ood_data: Vec<PathBuf>,
     /// Validation questions: the Φ_c and target-risk thresholds are chosen on them (without it,
@@ -144,7 +146,7 @@ pub struct BenchArgs {
     /// VQAv2: the annotations JSON of --val.
     #[arg(long, requires = "val")]
     pub val_annotations: Option<PathBuf>,
-    /// The image folder of --val (VQAv2/VizWiz; JSONL: replaces the file's folder).
+    /// The image folder of --val (JSON formats; JSONL: replaces the file's folder).
     #[arg(long, requires = "val")]
     pub val_images: Option<PathBuf>,
     /// Only the first N questions of every data file.
@@ -223,7 +225,8 @@ pub struct CalibrateArgs {
     /// The particle directory whose bella_config.json receives the threshold.
     #[arg(long)]
     pub adapters: PathBuf,
-    /// Validation questions with human answers (JSONL, VQAv2 questions JSON, VizWiz JSON).
+    /// Validation questions with human answers (JSONL, VQAv2 questions JSON, VizWiz, TextVQA, GQA,
+    /// A-OKVQA JSON).
     #[arg(long)]
     pub data: PathBuf,
     /// VQAv2: the annotations JSON of --data.

@@ -61,7 +61,7 @@ pub struct DataInput {
     pub path: PathBuf,
     /// VQAv2: the annotations JSON.
     pub annotations: Option<PathBuf>,
-    /// The image folder (VQAv2/VizWiz; JSONL: replaces the file's folder).
+    /// The image folder (JSON formats; JSONL: replaces the file's folder).
     pub images: Option<PathBuf>,
 }
 

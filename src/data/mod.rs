@@ -1,6 +1,8 @@
-//! VQA data: readers (our JSONL, VQAv2, VizWiz), the shapes-world generator, answer normalisation,
-//! and the record of the questions particles were trained on.
+//! VQA data: readers (our JSONL, VQAv2, VizWiz in `vqa`; TextVQA, GQA, A-OKVQA in `benchmarks`),
+//! the shapes-world generator, answer normalisation, and the record of the questions particles
+//! were trained on.
 
+pub mod benchmarks;
 pub mod normalize;
 pub mod seen;
 pub mod shapes;

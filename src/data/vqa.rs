@@ -1,4 +1,5 @@
-//! VQA readers: our JSONL (design §10), VQAv2 questions + annotations, VizWiz.
+//! VQA readers: our JSONL (design §10), VQAv2 questions + annotations, VizWiz, and the dispatch
+//! to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA).
 //!
 //! Every reader returns a [`Dataset`]: the good examples, the records it skipped (with
 //! [`ReadOptions::skip_bad`]) and where they came from. A bad record (bad JSON, a missing field, a
@@ -29,6 +30,8 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use super::benchmarks;
 
 /// The most human answers a record may hold (VQAv2 and VizWiz have 10).
 pub const MAX_ANSWERS: usize = 10;
@@ -184,6 +187,14 @@ pub enum DataFormat {
     VqaV2,
     /// VizWiz-VQA annotations.
     VizWiz,
+    /// A TextVQA file (`{"data": […]}`).
+    #[serde(rename = "textvqa")]
+    TextVqa,
+    /// GQA questions (an object keyed by question id).
+    Gqa,
+    /// An A-OKVQA file (direct answers).
+    #[serde(rename = "aokvqa")]
+    AOkVqa,
 }
 
 impl fmt::Display for DataFormat {
@@ -192,6 +203,9 @@ impl fmt::Display for DataFormat {
             DataFormat::Jsonl => "jsonl",
             DataFormat::VqaV2 => "vqav2",
             DataFormat::VizWiz => "vizwiz",
+            DataFormat::TextVqa => "textvqa",
+            DataFormat::Gqa => "gqa",
+            DataFormat::AOkVqa => "aokvqa",
         })
     }
 }
@@ -620,7 +634,7 @@ fn vqav2_from_top(
 }
 
 /// The COCO image file of `image_id`.
-fn coco_image(
+pub(super) fn coco_image(
     image_dir: &Path,
     subtype: Option<&str>,
     image_id: u64,
@@ -829,8 +843,11 @@ fn vizwiz_from_top(
 /// Picks the reader from the file:
 /// - `*.jsonl` → our JSONL (`image_dir`, if given, replaces the file's folder as the base of
 ///   relative image paths; `annotations` must be `None`);
-/// - `*.json` holding a list → VizWiz;
-/// - `*.json` holding `{"questions": …}` → VQAv2, which needs `annotations`.
+/// - `*.json` holding a list → A-OKVQA when its records have `direct_answers` (or a COCO
+///   `image_id` and `choices`), else VizWiz;
+/// - `*.json` holding `{"questions": …}` → VQAv2 (OK-VQA too), which needs `annotations`;
+/// - `*.json` holding `{"data": […]}` → TextVQA; an object of `{"imageId", …}` records → GQA
+///   ([`super::benchmarks`]).
 ///
 /// For the JSON formats `image_dir` defaults to the data file's folder.
 pub fn read_dataset(
@@ -864,35 +881,50 @@ pub fn read_dataset(
                 dir => dir.to_path_buf(),
             };
             let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
-            match &top {
-                JsonTop::List(_) => {
-                    if let Some(a) = annotations {
-                        bail!(
-                            "{} is a VizWiz annotations file, which holds its answers; a separate \
-                             annotations file ({}) applies only to VQAv2 questions files",
-                            path.display(),
-                            a.display()
-                        );
-                    }
-                    vizwiz_from_top(path, top, &image_dir, opts)
+            let holds_answers = match &top {
+                JsonTop::List(_) => true,
+                JsonTop::Object(m) => benchmarks::is_textvqa(m) || benchmarks::is_gqa(m),
+                JsonTop::Other => false,
+            };
+            if let (Some(a), true) = (annotations, holds_answers) {
+                bail!(
+                    "{} holds its answers (it is not a VQAv2 questions file); an annotations file \
+                     ({}) applies only to VQAv2 questions files",
+                    path.display(),
+                    a.display()
+                );
+            }
+            match top {
+                JsonTop::List(list) if benchmarks::is_aokvqa(&list) => {
+                    benchmarks::aokvqa_from_list(path, list, &image_dir, opts)
                 }
-                JsonTop::Object(m) if m.contains_key("questions") => match annotations {
+                JsonTop::List(_) => vizwiz_from_top(path, top, &image_dir, opts),
+                JsonTop::Object(_) if is_vqav2_questions(&top) => match annotations {
                     Some(a) => vqav2_from_top(path, &top, a, &image_dir, opts),
                     None => bail!(
                         "{} is a VQAv2 questions file; it needs its annotations file \
                          (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
                          (--annotations for --data, --val-annotations for --val; --ood-data \
-                         takes JSONL or VizWiz files, which hold their answers)",
+                         takes files that hold their answers)",
                         path.display()
                     ),
                 },
-                JsonTop::Object(m) if m.contains_key("annotations") => bail!(
+                JsonTop::Object(ref m) if m.contains_key("annotations") => bail!(
                     "{} is a VQAv2 annotations file; pass the questions file as the data and this \
                      file as its annotations",
                     path.display()
                 ),
+                JsonTop::Object(ref m) if benchmarks::is_textvqa(m) => {
+                    benchmarks::textvqa_from_top(path, &top, &image_dir, opts)
+                }
+                JsonTop::Object(ref m) if benchmarks::is_gqa(m) => {
+                    benchmarks::gqa_from_top(path, m, &image_dir, opts)
+                }
                 _ => bail!(
-                    "{} is neither a VizWiz annotations list nor a VQAv2 questions file",
+                    "{} is none of the JSON formats bella-vqa reads: a VQAv2 (or OK-VQA) questions \
+                     file, a VizWiz or A-OKVQA list, a TextVQA file or GQA questions; for other \
+                     data write our JSONL (one {{\"question_id\", \"image\", \"question\", \
+                     \"answers\"}} per line)",
                     path.display()
                 ),
             }
@@ -910,12 +942,17 @@ pub fn read_dataset(
     }
 }
 
+/// Whether a file's top level is a VQAv2 (or OK-VQA) questions file: an object with `questions`.
+fn is_vqav2_questions(top: &JsonTop) -> bool {
+    matches!(top, JsonTop::Object(m) if m.contains_key("questions"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Collecting records
 // ---------------------------------------------------------------------------------------------
 
 /// Gathers good records, checks ids and images, and reports or collects bad ones.
-struct Collector<'a> {
+pub(super) struct Collector<'a> {
     opts: &'a ReadOptions,
     examples: Vec<VqaExample>,
     /// Where each example came from, for checks after the pass: (file, line).
@@ -926,7 +963,7 @@ struct Collector<'a> {
 }
 
 impl<'a> Collector<'a> {
-    fn new(opts: &'a ReadOptions) -> Self {
+    pub(super) fn new(opts: &'a ReadOptions) -> Self {
         Collector {
             opts,
             examples: Vec::new(),
@@ -938,7 +975,12 @@ impl<'a> Collector<'a> {
     }
 
     /// Reports a bad record: an error by default, collected with `skip_bad`.
-    fn bad(&mut self, file: &Path, line: Option<usize>, reason: String) -> anyhow::Result<()> {
+    pub(super) fn bad(
+        &mut self,
+        file: &Path,
+        line: Option<usize>,
+        reason: String,
+    ) -> anyhow::Result<()> {
         let record = BadRecord {
             file: file.to_path_buf(),
             line,
@@ -952,7 +994,7 @@ impl<'a> Collector<'a> {
         }
     }
 
-    fn accept(
+    pub(super) fn accept(
         &mut self,
         file: &Path,
         line: Option<usize>,
@@ -991,11 +1033,11 @@ impl<'a> Collector<'a> {
                 (Some(_), false) => {
                     "; fix the \"image\" path (relative paths are relative to the data file's folder)"
                 }
-                // VQAv2 and VizWiz name images without their folder.
+                // The JSON formats name images without their folder.
                 (None, false) => {
-                    "; VQAv2 and VizWiz images are looked up in the data file's folder unless \
-                     the images option names the folder that holds them (--images for --data, \
-                     --val-images for --val)"
+                    "; the images of a JSON data file (VQAv2, VizWiz, TextVQA, GQA, A-OKVQA) are \
+                     looked up in the data file's folder unless the images option names the \
+                     folder that holds them (--images for --data, --val-images for --val)"
                 }
             };
             return self.bad(file, line, format!("{prefix}{reason}{fix}"));
@@ -1007,7 +1049,7 @@ impl<'a> Collector<'a> {
     }
 
     /// The complaint about `id` if an earlier good record has it.
-    fn duplicate(&self, id: &str) -> Option<String> {
+    pub(super) fn duplicate(&self, id: &str) -> Option<String> {
         let first = self.seen.get(id)?;
         let where_ = match first {
             Some(l) => format!(" (first on line {l})"),
@@ -1019,7 +1061,7 @@ impl<'a> Collector<'a> {
     }
 
     /// Checks the whole set (answers present on all records or on none) and returns it.
-    fn finish(mut self, source: &Path, format: DataFormat) -> anyhow::Result<Dataset> {
+    pub(super) fn finish(mut self, source: &Path, format: DataFormat) -> anyhow::Result<Dataset> {
         if self.examples.iter().any(|e| !e.answers.is_empty()) {
             let examples = std::mem::take(&mut self.examples);
             let origins = std::mem::take(&mut self.origins);
@@ -1073,7 +1115,7 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn check_image_dir(dir: &Path) -> anyhow::Result<()> {
+pub(super) fn check_image_dir(dir: &Path) -> anyhow::Result<()> {
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => bail!("image folder {} is not a folder", dir.display()),
@@ -1098,7 +1140,7 @@ pub fn json_kind(v: &Value) -> &'static str {
 }
 
 /// An optional `answer_type`: absent or null is `None`, a string is kept, anything else is an error.
-fn answer_type(v: Option<Value>) -> Result<Option<String>, String> {
+pub(super) fn answer_type(v: Option<Value>) -> Result<Option<String>, String> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -1107,14 +1149,14 @@ fn answer_type(v: Option<Value>) -> Result<Option<String>, String> {
 }
 
 /// The non-empty question text of a record, or why it is not there.
-fn question_text(v: Option<&Value>) -> Result<String, String> {
+pub(super) fn question_text(v: Option<&Value>) -> Result<String, String> {
     match v {
         Some(v) => non_empty_string("question", v),
         None => Err(missing("question", "the question text")),
     }
 }
 
-fn missing(field: &str, what: &str) -> String {
+pub(super) fn missing(field: &str, what: &str) -> String {
     format!("missing field \"{field}\"; add {what}")
 }
 
@@ -1131,14 +1173,14 @@ fn is_url(s: &str) -> bool {
         .any(|p| lower.starts_with(p))
 }
 
-fn wrong_type(field: &str, expected: &str, found: &Value) -> String {
+pub(super) fn wrong_type(field: &str, expected: &str, found: &Value) -> String {
     format!(
         "field \"{field}\" must be {expected}, found {}",
         json_kind(found)
     )
 }
 
-fn parse_question_id(v: &Value) -> Result<String, String> {
+pub(super) fn parse_question_id(v: &Value) -> Result<String, String> {
     match v {
         Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
         Value::String(_) => {
@@ -1161,7 +1203,7 @@ fn parse_question_id(v: &Value) -> Result<String, String> {
     }
 }
 
-fn parse_image_id(v: &Value) -> Result<u64, String> {
+pub(super) fn parse_image_id(v: &Value) -> Result<u64, String> {
     match v {
         Value::Number(n) => n
             .as_u64()
@@ -1174,7 +1216,7 @@ fn parse_image_id(v: &Value) -> Result<u64, String> {
     }
 }
 
-fn non_empty_string(field: &str, v: &Value) -> Result<String, String> {
+pub(super) fn non_empty_string(field: &str, v: &Value) -> Result<String, String> {
     match v {
         Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
         Value::String(_) => Err(format!("field \"{field}\" is empty")),
@@ -1183,7 +1225,7 @@ fn non_empty_string(field: &str, v: &Value) -> Result<String, String> {
 }
 
 /// A list of strings, or of objects with an `answer` string (VQAv2 / VizWiz style).
-fn answers(v: &Value) -> Result<Vec<String>, String> {
+pub(super) fn answers(v: &Value) -> Result<Vec<String>, String> {
     let Value::Array(list) = v else {
         return Err(format!(
             "field \"answers\" must be a list of strings, e.g. [\"red\", \"red\"], found {}",
@@ -1242,7 +1284,7 @@ fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
 }
 
 /// A JSON data file's text, without a leading byte-order mark.
-fn read_json_text(path: &Path) -> anyhow::Result<String> {
+pub(super) fn read_json_text(path: &Path) -> anyhow::Result<String> {
     let mut file = open_data_file(path)?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut file, &mut text)
@@ -1256,16 +1298,53 @@ fn read_json_text(path: &Path) -> anyhow::Result<String> {
 /// The top level of a JSON data file, its entries left as unparsed slices of the file's text:
 /// a VQAv2 annotations file of 170 MB costs its text and one small record at a time, not the
 /// ~14× that `serde_json::Value`s of every record would take.
-enum JsonTop<'a> {
+pub(super) enum JsonTop<'a> {
     List(Vec<&'a RawValue>),
-    Object(HashMap<String, &'a RawValue>),
+    Object(Entries<'a>),
     /// Neither a list nor an object.
     Other,
 }
 
+/// A JSON object's entries in the file's order (GQA's question ids are its keys, and a run keeps
+/// the file's order). A key written twice is found at its last place, as serde_json reads it.
+pub(super) struct Entries<'a>(pub(super) Vec<(String, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    pub(super) fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct InOrder<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for InOrder<'a> {
+            type Value = Entries<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Entries<'a>, M::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = m.next_entry::<String, &'a RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(InOrder(std::marker::PhantomData))
+    }
+}
+
 impl<'a> JsonTop<'a> {
     /// Parses (and so validates) the whole of `text`, the content of `path`.
-    fn parse(path: &Path, text: &'a str) -> anyhow::Result<Self> {
+    pub(super) fn parse(path: &Path, text: &'a str) -> anyhow::Result<Self> {
         let invalid = |e: serde_json::Error| {
             anyhow!(
                 "{} is not valid JSON ({} at line {} column {})",
@@ -1285,7 +1364,7 @@ impl<'a> JsonTop<'a> {
     }
 
     /// The list under `key` of an object (`None` if there is no such list).
-    fn list_at(&self, key: &str) -> Option<Vec<&'a RawValue>> {
+    pub(super) fn list_at(&self, key: &str) -> Option<Vec<&'a RawValue>> {
         let JsonTop::Object(map) = self else {
             return None;
         };
@@ -1298,7 +1377,7 @@ impl<'a> JsonTop<'a> {
 /// One record of a JSON data file as an object, or why not: "is a string, expected …", or why
 /// a record that is valid JSON text cannot be read as a value (nested too deep, a number out of
 /// range, an unpaired surrogate escape).
-fn object(raw: &RawValue, expected: &str) -> Result<Map<String, Value>, String> {
+pub(super) fn object(raw: &RawValue, expected: &str) -> Result<Map<String, Value>, String> {
     match serde_json::from_str::<Value>(raw.get()) {
         Ok(Value::Object(entry)) => Ok(entry),
         Ok(other) => Err(format!("is {}, expected {expected}", json_kind(&other))),
@@ -1307,11 +1386,11 @@ fn object(raw: &RawValue, expected: &str) -> Result<Map<String, Value>, String> 
 }
 
 /// The folder that holds `path` (empty for a bare file name).
-fn folder_of(path: &Path) -> &Path {
+pub(super) fn folder_of(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new(""))
 }
 
-fn resolve(base: &Path, p: &Path) -> PathBuf {
+pub(super) fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
