@@ -11,7 +11,9 @@
 //!
 //! Fault injection, for the kill tests only: with `BELLA_FAULT_AFTER_OPS=N` in the environment
 //! the process aborts (as `kill -9` would stop it) right before the N-th file operation (create,
-//! write, append, rename, remove; 1-based) made through this module. Unset, it does nothing.
+//! write, append, rename, remove; 1-based) made through this module; with `BELLA_FAULT_SIGNAL=int`
+//! as well it sends itself one SIGINT there instead (a Ctrl-C, [`crate::interrupt`]) and goes on.
+//! Unset, it does nothing.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -27,13 +29,26 @@ pub const FAULT_ENV: &str = "BELLA_FAULT_AFTER_OPS";
 /// The lock file of an output directory (holds the PID of the process that writes it).
 pub const LOCK_FILE: &str = ".bella-vqa.lock";
 
-/// Counts a file operation; aborts the process before the one `BELLA_FAULT_AFTER_OPS` names.
+/// With [`FAULT_ENV`], `int` here makes the fault a SIGINT instead of an abort.
+pub const FAULT_SIGNAL_ENV: &str = "BELLA_FAULT_SIGNAL";
+
+/// Counts a file operation; aborts the process (or sends it a SIGINT) before the one
+/// `BELLA_FAULT_AFTER_OPS` names.
 fn file_op() {
-    static FAULT_AT: OnceLock<Option<u64>> = OnceLock::new();
+    static FAULT_AT: OnceLock<Option<(u64, bool)>> = OnceLock::new();
     static OPS: AtomicU64 = AtomicU64::new(0);
-    let at = FAULT_AT.get_or_init(|| std::env::var(FAULT_ENV).ok()?.parse().ok());
-    if let Some(at) = *at {
-        if OPS.fetch_add(1, Ordering::SeqCst) + 1 >= at {
+    let fault = FAULT_AT.get_or_init(|| {
+        let at = std::env::var(FAULT_ENV).ok()?.parse().ok()?;
+        Some((
+            at,
+            std::env::var(FAULT_SIGNAL_ENV).is_ok_and(|v| v == "int"),
+        ))
+    });
+    if let Some((at, signal)) = *fault {
+        let n = OPS.fetch_add(1, Ordering::SeqCst) + 1;
+        if signal && n == at {
+            let _ = signal_hook::low_level::raise(signal_hook::consts::SIGINT);
+        } else if !signal && n >= at {
             std::process::abort();
         }
     }

@@ -58,6 +58,7 @@ pub mod guarantee;
 pub mod hub;
 pub mod input;
 pub mod inspect;
+pub mod interrupt;
 pub mod io;
 pub mod logits;
 pub mod metrics;

@@ -10,6 +10,7 @@ use bella_vqa::answer::generate::Sampling;
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions, Response};
 use bella_vqa::hub::{HubOptions, ModelSource};
 use bella_vqa::inspect::ModelSummary;
+use bella_vqa::interrupt::Interrupted;
 use bella_vqa::logits;
 use bella_vqa::models::compute::ComputeArgs;
 use bella_vqa::models::image::load_image;
@@ -883,6 +884,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     .collect();
     train::check_inputs_are_not_outputs(&args.out, &inputs)?;
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
+    bella_vqa::interrupt::watch("after the training step in progress; a checkpoint keeps it")?;
     let mut loaded = args.model.load(cli)?;
     // A question without an answer (a test set's) has nothing to train on.
     let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(
@@ -995,6 +997,18 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         gradient_checkpointing: args.gradient_checkpointing,
     };
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
+    if report.interrupted {
+        return Err(Interrupted(match report.steps {
+            0 => "interrupted before the first training step: nothing was trained".to_string(),
+            step => format!(
+                "interrupted at step {step}/{}: the particles and a checkpoint of that step are in \
+                 {}; the same command with --resume continues",
+                report.total_steps,
+                report.out.display()
+            ),
+        })
+        .into());
+    }
     if !cli.quiet {
         let state = if report.finished {
             "finished"
@@ -1039,6 +1053,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if let Some(hint) = bella_vqa::models::compute::out_of_memory_hint(&e) {

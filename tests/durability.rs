@@ -4,6 +4,8 @@
 //! - kill tests: `train` and `bench` are aborted before each of their file operations in turn
 //!   (the `BELLA_FAULT_AFTER_OPS` hook of `src/io.rs`), then resumed; the result is byte for byte
 //!   the one of an uninterrupted run and no temporary file is left;
+//! - Ctrl-C tests: the same with a SIGINT instead of the abort: `train` keeps the step in
+//!   progress with a checkpoint, `bench` every answer, both exit with 130 and say how to go on;
 //! - an output directory in use by another process is refused at once, naming the process;
 //! - `--resume` refuses other options, other data and another base model, naming the difference;
 //! - `data shapes` refuses to overwrite a data set without `--force`;
@@ -125,6 +127,21 @@ fn assert_no_temp_files(dir: &Path) {
     }
 }
 
+/// The steps and training losses of a `train_log.jsonl` (its timings differ between runs).
+fn losses(log: &[u8]) -> Vec<(u64, f64)> {
+    String::from_utf8(log.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["train_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Runs `cmd` with the fault injector set to abort before file operation `n`; true when it
 /// aborted, false when the run finished first (it has fewer operations).
 fn aborted_at(cmd: &mut Command, n: u64) -> bool {
@@ -190,19 +207,6 @@ fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
     };
     let reference = tempfile::tempdir().unwrap();
     run_ok(&mut train(world.path(), reference.path()));
-    let losses = |log: &[u8]| -> Vec<(u64, f64)> {
-        String::from_utf8(log.to_vec())
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["step"].as_u64().unwrap(),
-                    v["train_loss"].as_f64().unwrap(),
-                )
-            })
-            .collect()
-    };
     let expected = files(reference.path());
     let particles = &expected[Path::new("particles.safetensors")];
     let config = &expected[Path::new("bella_config.json")];
@@ -241,13 +245,141 @@ fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
     );
 }
 
+/// Runs `cmd` with one SIGINT (a Ctrl-C) sent before its file operation `n`.
+fn interrupted_at(cmd: &mut Command, n: u64) -> Output {
+    output(
+        cmd.env(bella_vqa::io::FAULT_ENV, n.to_string())
+            .env(bella_vqa::io::FAULT_SIGNAL_ENV, "int"),
+    )
+}
+
+#[test]
+fn ctrl_c_keeps_the_step_in_progress_and_resume_gives_the_same_particles() {
+    use std::os::unix::process::ExitStatusExt;
+    let world = world();
+    // 4 steps, a log line after each, a checkpoint only at the end: a step an interrupt keeps
+    // is saved by the interrupt alone.
+    let train = |out: &Path| {
+        train_with(
+            &fixture("llava-tiny-hub"),
+            world.path(),
+            out,
+            &[("--eval-every", "1"), ("--checkpoint-every", "100")],
+        )
+    };
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut train(reference.path()));
+    let expected = files(reference.path());
+    let same = |name: &str, got: &BTreeMap<PathBuf, Vec<u8>>| {
+        got.get(Path::new(name)) == expected.get(Path::new(name))
+    };
+    let count = count_ops(&|out| train(out));
+    let mut kept_steps = std::collections::BTreeSet::new();
+    for n in 1..=count {
+        let out = tempfile::tempdir().unwrap();
+        let o = interrupted_at(&mut train(out.path()), n);
+        let t = text(&o);
+        assert!(!t.contains("panicked"), "op {n}: {t}");
+        match (o.status.code(), o.status.signal()) {
+            (Some(130), _) => {
+                if let Some(rest) = t.split("interrupted at step ").nth(1) {
+                    let step: u64 = rest.split('/').next().unwrap().parse().unwrap();
+                    assert!((1..4).contains(&step), "op {n}: {t}");
+                    assert!(t.contains("--resume continues"), "op {n}: {t}");
+                    let checkpoint = format!("checkpoints/step-{step:08}/trainer_state.json");
+                    assert!(
+                        out.path().join(checkpoint).is_file(),
+                        "op {n}: no checkpoint of step {step}"
+                    );
+                    kept_steps.insert(step);
+                } else {
+                    assert!(t.contains("before the first training step"), "op {n}: {t}");
+                }
+            }
+            // Before the handler is installed a Ctrl-C stops the process as it always did.
+            (None, Some(2)) => {}
+            // The signal came after the last step.
+            (Some(0), _) => {}
+            other => panic!("op {n}: {other:?}: {t}"),
+        }
+        run_ok(train(out.path()).arg("--resume"));
+        let got = files(out.path());
+        for name in ["particles.safetensors", "bella_config.json"] {
+            assert!(
+                same(name, &got),
+                "Ctrl-C before op {n}: {name} differs after --resume"
+            );
+        }
+        assert_eq!(
+            losses(&got[Path::new("train_log.jsonl")]),
+            losses(&expected[Path::new("train_log.jsonl")]),
+            "Ctrl-C before op {n}: the log's steps and losses"
+        );
+        assert_no_temp_files(out.path());
+    }
+    assert!(
+        kept_steps.len() >= 2,
+        "Ctrl-C kept steps {kept_steps:?} only"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_bench_between_questions_and_the_same_command_continues() {
+    let world = world();
+    let bench5 = |out: &Path| bench_limit(world.path(), out, 5);
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut bench5(reference.path()));
+    let expected = files(reference.path())[Path::new("samples.jsonl")].clone();
+    let count = count_ops(&|out| bench5(out));
+    let mut stopped_with = std::collections::BTreeSet::new();
+    for n in 1..=count {
+        let out = tempfile::tempdir().unwrap();
+        let o = interrupted_at(&mut bench5(out.path()), n);
+        let t = text(&o);
+        assert!(!t.contains("panicked"), "op {n}: {t}");
+        if o.status.code() == Some(130) {
+            let left: usize = t
+                .split("interrupted with ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|x| x.parse().ok())
+                .unwrap_or_else(|| panic!("op {n}: {t}"));
+            assert!(t.contains("the same command continues"), "{t}");
+            let samples = std::fs::read_to_string(out.path().join("samples.jsonl")).unwrap();
+            assert_eq!(samples.lines().count(), 5 - left, "op {n}: {t}");
+            let runs = std::fs::read_to_string(out.path().join("runs.jsonl")).unwrap();
+            let last: serde_json::Value =
+                serde_json::from_str(runs.lines().last().unwrap()).unwrap();
+            assert_eq!(last["interrupted"], true, "op {n}");
+            assert_eq!(last["answered"], 5 - left, "op {n}");
+            assert!(!out.path().join("results.json").exists(), "op {n}");
+            stopped_with.insert(left);
+        }
+        run_ok(&mut bench5(out.path()));
+        let got = files(out.path());
+        assert!(
+            got.get(Path::new("samples.jsonl")) == Some(&expected),
+            "Ctrl-C before op {n}: samples differ after the rerun"
+        );
+    }
+    assert!(
+        stopped_with.len() >= 2,
+        "stopped with {stopped_with:?} left only"
+    );
+}
+
 fn bench(world: &Path, out: &Path) -> Command {
+    bench_limit(world, out, 3)
+}
+
+/// [`bench`] of the first `limit` test questions.
+fn bench_limit(world: &Path, out: &Path, limit: usize) -> Command {
     let mut cmd = bella();
     cmd.args(["bench", "--quiet", "--max-new-tokens", "4", "--model"])
         .arg(fixture("llava-tiny-hub"))
         .arg("--data")
         .arg(world.join("test.jsonl"))
-        .args(["--limit", "3", "--out"])
+        .args(["--limit", &limit.to_string(), "--out"])
         .arg(out);
     cmd
 }

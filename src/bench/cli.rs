@@ -334,6 +334,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
         bail!("bench needs --model, --data and --out");
     };
+    crate::interrupt::watch("after the question in progress; every answer so far is kept")?;
     let spec = ModelSpec {
         source: crate::io::stored_model_source(model),
         adapters: args.adapters.clone(),

@@ -607,8 +607,14 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let answering = Instant::now();
     let mut answered_now = 0usize;
     let mut first_skip: Option<String> = None;
+    // Questions not reached because of a Ctrl-C (crate::interrupt) between two of them.
+    let mut left: Option<usize> = None;
     let mut answer_all = || -> Result<()> {
-        for (set, k) in &todo {
+        for (i, (set, k)) in todo.iter().enumerate() {
+            if crate::interrupt::requested() {
+                left = Some(todo.len() - i);
+                break;
+            }
             let example = &set.examples[*k];
             pb.set_message(set.record.split.clone());
             let answer = load_image(&example.image)
@@ -663,10 +669,20 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         peak_memory_kib: config::peak_memory_kib(),
         shard: opts.shard,
         failed: outcome.is_err(),
+        interrupted: left.is_some(),
     };
     let logged = results::append_line(&opts.out.join(results::RUNS_FILE), &record);
     outcome?;
     logged?;
+    if let Some(left) = left {
+        return Err(crate::interrupt::Interrupted(format!(
+            "interrupted with {left} question(s) to go; the {} answer(s) so far are in {}: the \
+             same command continues",
+            resumed + answered_now,
+            samples_path.display()
+        ))
+        .into());
+    }
     // --skip-bad is for a few bad questions: a run where every one failed has measured nothing
     // (an option that no question can meet, a wrong image folder).
     if let (0, 0, Some(reason)) = (resumed, answered_now, &first_skip) {

@@ -53,6 +53,10 @@ pub struct RunRecord {
     /// Whether the invocation ended with an error (its answers are kept).
     #[serde(default)]
     pub failed: bool,
+    /// Whether it was stopped by Ctrl-C between questions ([`crate::interrupt`]; its answers
+    /// are kept).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// A question that could not be answered (with `--skip-bad`).

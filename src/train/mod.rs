@@ -273,6 +273,9 @@ pub struct TrainReport {
     pub last: Option<Evaluation>,
     pub out: PathBuf,
     pub finished: bool,
+    /// Stopped before `--max-steps` or the last step by Ctrl-C ([`crate::interrupt`]), after a
+    /// checkpoint of `steps`.
+    pub interrupted: bool,
     /// The particles' diversity over the whole run (every evaluation of `train_log.jsonl`,
     /// resumed parts included); `None` when nothing was evaluated.
     pub diversity: Option<diversity::DiversitySummary>,
@@ -746,7 +749,14 @@ pub fn train(
         Ok(())
     };
 
-    for step in start_step..end_step {
+    // Where the run stops: `end_step`, or earlier when interrupted (a stop asked for while the
+    // model loaded ends it before its first step).
+    let mut stopped_at = if crate::interrupt::requested() {
+        start_step
+    } else {
+        end_step
+    };
+    for step in start_step..stopped_at {
         let epoch = (step / steps_per_epoch) as usize;
         let s = (step % steps_per_epoch) as usize;
         // Ensemble: every particle its own order (rows particle-major); SVGD: one shared batch.
@@ -882,18 +892,27 @@ pub fn train(
             loss_count = 0;
             last_eval = Some(eval);
         }
-        if done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0 {
+        let saved =
+            done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0;
+        // Ctrl-C (crate::interrupt): the step in progress is finished and kept.
+        let stop = !at_end && crate::interrupt::requested();
+        if saved || stop {
             save_checkpoint(done, &params, &optimizer, model, (loss_sum, loss_count))?;
+        }
+        if stop {
+            stopped_at = done;
+            break;
         }
     }
     bar.finish_and_clear();
-    let summary = write_summary(&run.out, &log_path, opts, end_step, total_steps)?;
+    let summary = write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?;
     Ok(TrainReport {
-        steps: end_step,
+        steps: stopped_at,
         total_steps,
         last: last_eval,
         out: run.out.clone(),
-        finished: end_step == total_steps,
+        finished: stopped_at == total_steps,
+        interrupted: stopped_at < end_step,
         diversity: summary,
     })
 }

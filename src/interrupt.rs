@@ -1,0 +1,53 @@
+//! Ctrl-C (SIGINT) and SIGTERM during a long command: the first one asks it to stop at its next
+//! safe point, keeping what it has done (`train` finishes the step in progress and saves a
+//! checkpoint; `bench` stops between questions with every answer so far written); a second one
+//! ends the process at once, as without this module.
+//!
+//! The CLI calls [`watch`] for such commands; the library only asks [`requested`] between units
+//! of work, which is false unless a watch is installed and a signal came (so library callers and
+//! tests are not affected, and the server keeps its own graceful shutdown).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+static WATCHING: OnceLock<()> = OnceLock::new();
+
+/// Installs the handler (once per process). `after` says where the command will stop, for the
+/// message printed when the first signal comes ("after the step in progress").
+pub fn watch(after: &'static str) -> Result<()> {
+    if WATCHING.get().is_some() {
+        return Ok(());
+    }
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
+    std::thread::Builder::new()
+        .name("interrupt".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if REQUESTED.swap(true, Ordering::SeqCst) {
+                    // The shell's convention for a process ended by a signal.
+                    std::process::exit(128 + signal);
+                }
+                eprintln!("\nstopping {after} (signal again to stop at once)");
+            }
+        })
+        .context("cannot start the Ctrl-C handler")?;
+    let _ = WATCHING.set(());
+    Ok(())
+}
+
+/// Whether a stop was asked for (always false without [`watch`]).
+pub fn requested() -> bool {
+    REQUESTED.load(Ordering::SeqCst)
+}
+
+/// A command that stopped early because it was asked to; what it had done is saved. The CLI
+/// prints the message and exits with status 130.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
