@@ -18,6 +18,7 @@ use bella_vqa::bench::{
     self, calibrate, merge, BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee,
     ModelSpec, Objective, SelectorChoice, Shard,
 };
+use bella_vqa::data::normalize::normalize_answer;
 use bella_vqa::data::shapes::{generate, ShapesOptions};
 use bella_vqa::data::{read_jsonl, write_jsonl, ReadOptions};
 use bella_vqa::hub::ModelSource;
@@ -633,19 +634,8 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     opts.limit = Some(3);
     run(&opts);
     assert!(out.join("results.json").exists() && out.join("report.md").exists());
-    let submission: Value =
-        serde_json::from_slice(&std::fs::read(out.join("submission.json")).unwrap()).unwrap();
-    let ids: Vec<&str> = submission
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["question_id"].as_str().unwrap())
-        .collect();
-    let expected: Vec<&str> = examples[..3]
-        .iter()
-        .map(|e| e.question_id.as_str())
-        .collect();
-    assert_eq!(ids, expected);
+    // Three of six questions: a server would refuse the file.
+    assert!(!out.join("submission.json").exists());
     // Continued over all six: the results of the three are gone before the first new answer,
     // so the run stopped at the bad image leaves none that read as finished.
     opts.limit = None;
@@ -1389,12 +1379,31 @@ fn vizwiz_input_and_a_test_set_without_answers() {
                 let image = std::path::Path::new(s["image"].as_str().unwrap());
                 serde_json::json!({
                     "image": image.file_name().unwrap().to_str().unwrap(),
-                    "answer": s["answer"],
+                    "answer": normalize_answer(s["answer"].as_str().unwrap()),
                 })
             })
             .collect();
         assert_eq!(submission, Value::Array(expected));
     }
+    // Part of a test set without answers: no file a server would refuse, and the run says why.
+    let out = tmp.path().join("vizwiz-test-part");
+    let mut opts = BenchOptions::new(
+        DataInput {
+            path: tmp.path().join("vizwiz-test.json"),
+            annotations: None,
+            images: Some(images),
+        },
+        &out,
+    );
+    opts.max_new_tokens = 4;
+    opts.limit = Some(2);
+    run(&opts);
+    assert!(!out.join("submission.json").exists());
+    let notes = results_of(&out)["notes"].to_string();
+    assert!(
+        notes.contains("no submission.json: --limit kept 2 of the 5 questions"),
+        "{notes}"
+    );
 }
 
 #[test]
@@ -1447,6 +1456,8 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
         samples.sort_by_key(|s| s["index"].as_u64());
         (results_of(&out), samples, submission)
     };
+    // Submissions hold the answers as they are scored (--normalize always, the default).
+    let normalised = |s: &Value| normalize_answer(s["answer"].as_str().unwrap());
     // The same questions as our JSONL, for the answers every reader must reproduce.
     let jsonl = dir.join("same.jsonl");
     write_jsonl(&jsonl, records).unwrap();
@@ -1479,7 +1490,7 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
                 samples
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| serde_json::json!({"question_id": 500 + i, "answer": s["answer"]}))
+                    .map(|(i, s)| serde_json::json!({"question_id": 500 + i, "answer": normalised(s)}))
                     .collect(),
             ),
             "gqa" => Value::Array(
@@ -1487,7 +1498,7 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        serde_json::json!({"questionId": format!("0{i}"), "prediction": s["answer"]})
+                        serde_json::json!({"questionId": format!("0{i}"), "prediction": normalised(s)})
                     })
                     .collect(),
             ),
@@ -1495,7 +1506,7 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
                 samples
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| (format!("aok{i}"), serde_json::json!({"direct_answer": s["answer"]})))
+                    .map(|(i, s)| (format!("aok{i}"), serde_json::json!({"direct_answer": normalised(s)})))
                     .collect(),
             ),
         };

@@ -807,14 +807,14 @@ fn read_dataset_picks_the_reader() {
         read_dataset(&path, Some(&path), None, &STRICT).unwrap_err()
     );
     assert!(text.contains("applies only to VQAv2"), "{text}");
-    let other = dir.path().join("data.csv");
+    let other = dir.path().join("data.txt");
     write(&other, "a,b\n");
     let text = format!(
         "{:#}",
         read_dataset(&other, None, None, &STRICT).unwrap_err()
     );
     assert!(
-        text.contains("cannot tell the format") && text.contains("data.csv"),
+        text.contains("cannot tell the format") && text.contains("data.txt"),
         "{text}"
     );
     let odd = dir.path().join("odd.json");
@@ -1103,4 +1103,148 @@ fn an_unknown_json_layout_names_the_formats_and_our_jsonl() {
         read_dataset(&path, Some(&path), None, &STRICT).unwrap_err()
     );
     assert!(text.contains("holds its answers"), "{text}");
+}
+
+#[test]
+fn vqav2_test_questions_need_no_annotations_and_find_their_test2015_images() {
+    let dir = tempfile::tempdir().unwrap();
+    // test-dev2015 names the images of test2015, where its questions come from.
+    png(&dir.path().join("test2015/COCO_test2015_000000262144.jpg"));
+    let questions = json!({
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+        "data_subtype": "test-dev2015",
+        "questions": [
+            {"image_id": 262144, "question": "Is the ball flying towards the batter?", "question_id": 262144000},
+            {"image_id": 262144, "question": "What is the man holding?", "question_id": 262144001}
+        ]
+    });
+    let path = dir
+        .path()
+        .join("v2_OpenEnded_mscoco_test-dev2015_questions.json");
+    write(&path, &questions.to_string());
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::VqaV2);
+    assert!(!data.has_answers());
+    assert_eq!(
+        summary(&data),
+        [
+            (
+                "262144000".into(),
+                "COCO_test2015_000000262144.jpg".into(),
+                "Is the ball flying towards the batter?".into(),
+                vec![]
+            ),
+            (
+                "262144001".into(),
+                "COCO_test2015_000000262144.jpg".into(),
+                "What is the man holding?".into(),
+                vec![]
+            ),
+        ]
+    );
+    // A split with answers still needs its annotations.
+    let mut val = questions.clone();
+    val["data_subtype"] = json!("val2014");
+    write(&path, &val.to_string());
+    let text = format!(
+        "{:#}",
+        read_dataset(&path, None, None, &STRICT).unwrap_err()
+    );
+    assert!(text.contains("needs its annotations file"), "{text}");
+}
+
+#[test]
+fn vizwiz_images_are_found_where_the_archives_unpack() {
+    let dir = tempfile::tempdir().unwrap();
+    // VizWiz's layout: Annotations/val.json beside val/.
+    png(&dir.path().join("val/VizWiz_val_00000000.jpg"));
+    let path = dir.path().join("Annotations/val.json");
+    write(
+        &path,
+        &json!([{"image": "VizWiz_val_00000000.jpg", "question": "What is this?",
+                 "answers": [{"answer": "soup", "answer_confidence": "yes"}], "answerable": 1}])
+        .to_string(),
+    );
+    let data = read_dataset(&path, None, None, &STRICT).unwrap();
+    assert_eq!(
+        data.examples[0].image,
+        dir.path().join("val/VizWiz_val_00000000.jpg")
+    );
+    // The folder of the images, or the folder above their split's.
+    for images in [dir.path().join("val"), dir.path().to_path_buf()] {
+        let data = read_dataset(&path, None, Some(&images), &STRICT).unwrap();
+        assert!(data.examples[0].image.is_file(), "{}", images.display());
+    }
+}
+
+#[test]
+fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
+    let dir = folder();
+    let records: Vec<Value> = ["q1", "q2"]
+        .iter()
+        .zip(["images/1.png", "images/2.png"])
+        .map(|(id, image)| serde_json::from_str(&record(id, image)).unwrap())
+        .collect();
+    let expected = read_dataset(
+        &{
+            let p = dir.path().join("d.jsonl");
+            write(
+                &p,
+                &records
+                    .iter()
+                    .map(|r| r.to_string() + "\n")
+                    .collect::<String>(),
+            );
+            p
+        },
+        None,
+        None,
+        &STRICT,
+    )
+    .unwrap();
+    // Our records one per line under a .json name (Hugging Face datasets' to_json), or in a list.
+    let lines = dir.path().join("lines.json");
+    write(
+        &lines,
+        &records
+            .iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    );
+    let list = dir.path().join("list.json");
+    write(&list, &Value::Array(records.clone()).to_string());
+    for path in [&lines, &list] {
+        let data = read_dataset(path, None, None, &STRICT).unwrap();
+        assert_eq!(data.format, DataFormat::Jsonl, "{}", path.display());
+        assert_eq!(data.examples, expected.examples, "{}", path.display());
+    }
+    // GQA whose first record is broken: the record is named, and --skip-bad gets past it.
+    png(&dir.path().join("n1.jpg"));
+    let gqa = dir.path().join("gqa.json");
+    write(
+        &gqa,
+        r#"{"1": "oops", "2": {"question": "What color?", "imageId": "n1", "answer": "red"}}"#,
+    );
+    let (text, _) = bad(read_dataset(&gqa, None, None, &STRICT).unwrap_err());
+    assert!(text.contains("question 1 is a string"), "{text}");
+    assert_eq!(read_dataset(&gqa, None, None, &SKIP).unwrap().len(), 1);
+    // What cannot be read says what to do.
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("empty.json", b"{}", "holds no questions"),
+        ("data.csv", b"question,image\n", "write our JSONL"),
+        ("data.parquet", b"PAR1", "write our JSONL"),
+        ("utf16.json", b"\xff\xfe[\x00]\x00", "save it as UTF-8"),
+    ];
+    for (name, content, expected) in cases {
+        let path = dir.path().join(name);
+        fs::write(&path, content).unwrap();
+        let text = format!(
+            "{:#}",
+            read_dataset(&path, None, None, &STRICT).unwrap_err()
+        );
+        assert!(
+            text.contains(expected) && text.contains(name),
+            "{name}: {text}"
+        );
+    }
 }

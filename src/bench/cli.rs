@@ -139,6 +139,10 @@ pub struct BenchArgs {
     /// against --data; repeatable.
     #[arg(long = "ood-data", num_args = 1..)]
     pub ood_data: Vec<PathBuf>,
+    /// The image folder of every --ood-data file (JSON formats; JSONL: replaces each file's
+    /// folder) [default: each file's folder].
+    #[arg(long, requires = "ood_data")]
+    pub ood_images: Option<PathBuf>,
     /// Validation questions: the Φ_c and target-risk thresholds are chosen on them (without it,
     /// on the test questions themselves, flagged in the results).
     #[arg(long)]
@@ -275,6 +279,9 @@ pub struct CalibrateArgs {
     /// as an error when selectors are fitted and compared.
     #[arg(long, value_name = "FILE")]
     pub ood_val: Option<PathBuf>,
+    /// The image folder of --ood-val (JSON formats; JSONL: replaces the file's folder).
+    #[arg(long, requires = "ood_val")]
+    pub ood_val_images: Option<PathBuf>,
     /// With --target-risk: ltt (Learn then Test, the risk on new questions is within the target
     /// with probability 1 − δ) or none (the empirical choice) [default: ltt with a target risk].
     #[arg(long, value_parser = ["ltt", "none"])]
@@ -351,7 +358,15 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             annotations: args.val_annotations.clone(),
             images: args.val_images.clone(),
         }),
-        ood: args.ood_data.iter().cloned().map(DataInput::new).collect(),
+        ood: args
+            .ood_data
+            .iter()
+            .map(|path| DataInput {
+                path: path.clone(),
+                annotations: None,
+                images: args.ood_images.clone(),
+            })
+            .collect(),
         out: out.clone(),
         limit: args.limit,
         shard: args.shard,
@@ -457,6 +472,13 @@ fn print_summary(r: &super::ResultsFile) {
             r.progress.missing
         );
     }
+    for note in r
+        .notes
+        .iter()
+        .filter(|n| n.starts_with(super::submission::NOT_WRITTEN))
+    {
+        eprintln!("{note}");
+    }
 }
 
 /// The guarantee `calibrate` gives: Learn-then-Test for a target risk unless `--guarantee none`;
@@ -522,7 +544,11 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         max_new_tokens: args.max_new_tokens,
         dry_run: args.dry_run,
         selector: SelectorChoice::parse(&args.selector)?,
-        ood_val: args.ood_val.clone().map(DataInput::new),
+        ood_val: args.ood_val.clone().map(|path| DataInput {
+            path,
+            annotations: None,
+            images: args.ood_val_images.clone(),
+        }),
         guarantee,
         temperature: !args.no_temperature,
         image_check: (!args.no_image_check).then_some(ImageCheckRequest {

@@ -711,7 +711,15 @@ pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<P
     let samples = read_samples(&dir.join(SAMPLES_FILE))?.samples;
     let skipped: Vec<SkippedQuestion> = results::read_lines(&dir.join(results::SKIPPED_FILE))?;
     let runs: Vec<RunRecord> = results::read_lines(&dir.join(results::RUNS_FILE))?;
-    let results = results::compute(&config, &samples, &skipped, &runs, bootstrap)?;
+    let mut results = results::compute(&config, &samples, &skipped, &runs, bootstrap)?;
+    // A test set without answers is run for its submission: say when there is none.
+    if results.summary.is_none() {
+        if let Err(why) = submission::status(&config, &samples) {
+            results
+                .notes
+                .push(format!("{}{why}", submission::NOT_WRITTEN));
+        }
+    }
     results.write(dir)?;
     // The oracle's risk–coverage curve (questions by accuracy, best first; its area is the
     // optimal AURC), for the plot only.
@@ -731,7 +739,9 @@ pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<P
             .collect()
     });
     let mut written = vec![dir.join(results::RESULTS_FILE)];
-    written.extend(submission::write(dir, &config, &samples)?);
+    if let Ok(path) = submission::write(dir, &config, &samples)? {
+        written.push(path);
+    }
     written.extend(crate::report::write_report(
         dir,
         &results,

@@ -11,9 +11,13 @@
 //!   its leaderboard's predictions file);
 //! - JSONL: `[{"question_id": "…", "answer": "…"}, …]`.
 //!
-//! The answer is the one the particles gave, abstained or not (the servers score every question).
-//! Written only when every test question was answered (not for a shard, nor with questions
-//! skipped): a server refuses a partial file.
+//! The answer is the one the particles gave, abstained or not (the servers score every question),
+//! normalised as the run scores it (`--normalize always`, the default: the official VQA
+//! normalisation, as LLaVA's submission scripts apply EvalAI's answer processor; an answer
+//! "Red." would otherwise score 0 against ten "red" on the server), or as generated with
+//! `--normalize official`. Written only when every question of the test file was answered (not
+//! for a shard, with `--limit`, or with questions or records skipped): a server refuses a partial
+//! file. [`status`] says why a file was not written.
 
 use std::path::{Path, PathBuf};
 
@@ -22,46 +26,100 @@ use serde_json::{json, Value};
 
 use super::config::{Role, RunConfig};
 use super::samples::Sample;
+use crate::data::normalize::normalize_answer;
 use crate::data::vqa::DataFormat;
+use crate::metrics::NormalizeMode;
 
 pub const SUBMISSION_FILE: &str = "submission.json";
 
-/// Writes (or, for a run with unanswered test questions, removes) `dir/submission.json`.
-pub fn write(dir: &Path, config: &RunConfig, samples: &[Sample]) -> Result<Option<PathBuf>> {
+/// How a results note that there is no submission file begins.
+pub const NOT_WRITTEN: &str = "no submission.json: ";
+
+/// Writes `dir/submission.json`, or removes an old one and says why there is none.
+pub fn write(
+    dir: &Path,
+    config: &RunConfig,
+    samples: &[Sample],
+) -> Result<Result<PathBuf, String>> {
     let path = dir.join(SUBMISSION_FILE);
-    let test = config.data.iter().find(|d| d.role == Role::Test);
-    let mut answers: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| test.is_some_and(|t| s.split == t.split))
-        .collect();
-    let Some(test) = test.filter(|t| answers.len() == t.selected && !answers.is_empty()) else {
-        crate::io::remove_file(&path)?;
-        return Ok(None);
+    let answers = match status(config, samples) {
+        Ok(answers) => answers,
+        Err(why) => {
+            crate::io::remove_file(&path)?;
+            return Ok(Err(why));
+        }
     };
-    answers.sort_by_key(|s| s.index);
-    let entries: Value = if test.format == DataFormat::AOkVqa {
+    let (format, mode) = (answers.format, config.normalize);
+    let answer = |s: &Sample| match mode {
+        NormalizeMode::Always => normalize_answer(&s.answer),
+        NormalizeMode::Official => s.answer.clone(),
+    };
+    let entries: Value = if format == DataFormat::AOkVqa {
         answers
+            .samples
             .iter()
-            .map(|s| (s.question_id.clone(), json!({"direct_answer": s.answer})))
+            .map(|s| (s.question_id.clone(), json!({"direct_answer": answer(s)})))
             .collect::<serde_json::Map<_, _>>()
             .into()
     } else {
         answers
+            .samples
             .iter()
-            .map(|s| match test.format {
-                DataFormat::VizWiz => json!({"image": file_name(&s.image), "answer": s.answer}),
+            .map(|s| match format {
+                DataFormat::VizWiz => json!({"image": file_name(&s.image), "answer": answer(s)}),
                 DataFormat::VqaV2 | DataFormat::TextVqa => {
-                    json!({"question_id": numeric_id(&s.question_id), "answer": s.answer})
+                    json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)})
                 }
-                DataFormat::Gqa => json!({"questionId": s.question_id, "prediction": s.answer}),
+                DataFormat::Gqa => json!({"questionId": s.question_id, "prediction": answer(s)}),
                 DataFormat::Jsonl | DataFormat::AOkVqa => {
-                    json!({"question_id": s.question_id, "answer": s.answer})
+                    json!({"question_id": s.question_id, "answer": answer(s)})
                 }
             })
             .collect()
     };
     crate::io::write_bytes_atomically(&path, &serde_json::to_vec(&entries)?)?;
-    Ok(Some(path))
+    Ok(Ok(path))
+}
+
+/// The test answers of a submission, in the file's order.
+pub struct Answers<'a> {
+    pub format: DataFormat,
+    pub samples: Vec<&'a Sample>,
+}
+
+/// The test answers to submit, or why the run has no submission file.
+pub fn status<'a>(config: &RunConfig, samples: &'a [Sample]) -> Result<Answers<'a>, String> {
+    let Some(test) = config.data.iter().find(|d| d.role == Role::Test) else {
+        return Err("the run has no test file".into());
+    };
+    let mut answers: Vec<&Sample> = samples.iter().filter(|s| s.split == test.split).collect();
+    answers.sort_by_key(|s| s.index);
+    let whole = "a server scores every question of the file";
+    if test.skipped_records > 0 {
+        return Err(format!(
+            "{} bad record(s) of {} were left out (--skip-bad); {whole}",
+            test.skipped_records, test.path
+        ));
+    }
+    if test.selected < test.questions {
+        return Err(format!(
+            "--limit kept {} of the {} questions of {}; {whole}",
+            test.selected, test.questions, test.path
+        ));
+    }
+    if answers.len() < test.selected || answers.is_empty() {
+        return Err(format!(
+            "{} of the {} questions of {} are answered (a shard, a stopped run or questions \
+             skipped); {whole}",
+            answers.len(),
+            test.selected,
+            test.path
+        ));
+    }
+    Ok(Answers {
+        format: test.format,
+        samples: answers,
+    })
 }
 
 /// A VQAv2 or TextVQA question id as its file has it: a number (kept as text if it is none).

@@ -16,11 +16,13 @@
 //!   the image folder or its `images/` folder. The submission files have no answers.
 //! - **A-OKVQA** (`aokvqa_v1p0_val.json`): a list of `{"question_id": "22MexNkBPpdZGX6sxbxVBH",
 //!   "image_id": 299207, "question", "choices", "correct_choice_idx", "direct_answers": [10
-//!   strings], "split": "val", …}`; the direct answers are the human answers (scored by the VQA
-//!   rule, as A-OKVQA's direct-answer evaluation does); the image is COCO 2017's
-//!   `000000299207.jpg` in the image folder or its `val2017/` (`train2017/`, `test2017/`) folder.
+//!   strings], "split": "val", …}`; the direct answers are the human answers, scored by the VQA
+//!   rule like every set here (A-OKVQA's own `eval_predictions.py` scores `min(1, matches / 3)`
+//!   without the leave-one-out average, up to 0.1 higher for a question, and leaves out the
+//!   `difficult_direct_answer` ones, which are kept in `extra`); the image is COCO 2017's
+//!   `000000299207.jpg` in the image folder or its `val2017/` (`train2017/`, `test2017/`; each is
+//!   tried when the record has no `split`) folder.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
@@ -37,21 +39,22 @@ pub(super) fn is_textvqa(top: &Entries) -> bool {
     top.contains_key("data") && !top.contains_key("questions")
 }
 
-/// Whether a JSON object at the top of a file is GQA's questions: its first value is an object
-/// with an `imageId`.
+/// Whether a JSON object at the top of a file is GQA's questions: one of its first values is an
+/// object with an `imageId` (a broken first record is then reported as such).
 pub(super) fn is_gqa(top: &Entries) -> bool {
     top.0
-        .first()
-        .is_some_and(|(_, raw)| object(raw, "").is_ok_and(|entry| entry.contains_key("imageId")))
+        .iter()
+        .take(10)
+        .any(|(_, raw)| object(raw, "").is_ok_and(|entry| entry.contains_key("imageId")))
 }
 
-/// Whether a JSON list at the top of a file is A-OKVQA's: its first record has `direct_answers`,
-/// or a COCO `image_id` and `choices` (a test file without answers).
+/// Whether a JSON list at the top of a file is A-OKVQA's: one of its first records has
+/// `direct_answers`, or a COCO `image_id` and no `image` (a test file without answers).
 pub(super) fn is_aokvqa(list: &[&serde_json::value::RawValue]) -> bool {
-    list.first().is_some_and(|raw| {
+    list.iter().take(10).any(|raw| {
         object(raw, "").is_ok_and(|entry| {
             entry.contains_key("direct_answers")
-                || (entry.contains_key("image_id") && entry.contains_key("choices"))
+                || (entry.contains_key("image_id") && !entry.contains_key("image"))
         })
     })
 }
@@ -208,7 +211,6 @@ pub(super) fn aokvqa_from_list(
 ) -> anyhow::Result<Dataset> {
     check_image_dir(image_dir)?;
     let mut c = Collector::new(opts);
-    let mut coco_index: Option<HashMap<u64, Vec<PathBuf>>> = None;
     for (i, raw) in list.into_iter().enumerate() {
         let mut entry = match object(raw, "an object with question_id, image_id and question") {
             Ok(entry) => entry,
@@ -230,11 +232,24 @@ pub(super) fn aokvqa_from_list(
                 Some(v) => parse_image_id(v)?,
                 None => return Err(missing("image_id", "the COCO image id (an integer)")),
             };
-            let subset = match entry.get("split") {
-                Some(Value::String(s)) if !s.trim().is_empty() => Some(format!("{}2017", s.trim())),
-                _ => None,
+            // The split names COCO 2017's folder; without one, each is tried.
+            let folders: Vec<String> = match entry.get("split") {
+                Some(Value::String(s))
+                    if s.bytes().all(|b| b.is_ascii_alphanumeric()) && !s.is_empty() =>
+                {
+                    vec![format!("{s}2017")]
+                }
+                _ => ["val", "train", "test"]
+                    .map(|s| format!("{s}2017"))
+                    .to_vec(),
             };
-            let image = coco_image(image_dir, subset.as_deref(), image_id, &mut coco_index)?;
+            let image = folders
+                .iter()
+                .find_map(|f| coco_image(image_dir, Some(f), image_id, &mut None).ok())
+                .map_or_else(
+                    || coco_image(image_dir, Some(&folders[0]), image_id, &mut None),
+                    Ok,
+                )?;
             let answers = optional_answers(entry.remove("direct_answers"))?;
             let answer_type = answer_type(entry.remove("answer_type"))?;
             Ok((question, image, answers, answer_type))
@@ -291,7 +306,8 @@ fn find_image(dir: &Path, name: &str, subfolders: &[&str]) -> Result<PathBuf, St
                 .join(" or ");
             format!(
                 "image file {name} not found in {} or its {places} folder; give the folder that \
-                 holds the images (--images for --data, --val-images for --val)",
+                 holds the images (--images for --data, --val-images for --val, --ood-images for --ood-data, \
+                 --ood-val-images for --ood-val)",
                 dir.display()
             )
         })

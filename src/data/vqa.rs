@@ -397,13 +397,15 @@ pub fn read_vqav2(
 ) -> anyhow::Result<Dataset> {
     let text = read_json_text(questions)?;
     let top = JsonTop::parse(questions, &text)?;
-    vqav2_from_top(questions, &top, annotations, image_dir, opts)
+    vqav2_from_top(questions, &top, Some(annotations), image_dir, opts)
 }
 
+/// Reads a VQAv2 questions file, with its annotations, or without them for a test split
+/// (`data_subtype` test2015 or test-dev2015: no answers).
 fn vqav2_from_top(
     questions_path: &Path,
     questions: &JsonTop,
-    annotations_path: &Path,
+    annotations: Option<&Path>,
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
@@ -422,20 +424,37 @@ fn vqav2_from_top(
     let subtype = qfile
         .get("data_subtype")
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-    let annotation_text = read_json_text(annotations_path)?;
-    let afile = JsonTop::parse(annotations_path, &annotation_text)?;
-    if !matches!(afile, JsonTop::Object(_)) {
-        bail!(
-            "{} is not a VQAv2 annotations file: expected a JSON object with an \"annotations\" list",
-            annotations_path.display()
-        );
-    }
-    let Some(annotation_list) = afile.list_at("annotations") else {
-        bail!(
-            "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
-            annotations_path.display()
-        );
+    let is_test = subtype.as_deref().is_some_and(|s| s.starts_with("test"));
+    let annotation_text;
+    let (annotations_path, annotation_list) = match annotations {
+        Some(path) => {
+            annotation_text = read_json_text(path)?;
+            let afile = JsonTop::parse(path, &annotation_text)?;
+            if !matches!(afile, JsonTop::Object(_)) {
+                bail!(
+                    "{} is not a VQAv2 annotations file: expected a JSON object with an \"annotations\" list",
+                    path.display()
+                );
+            }
+            let Some(list) = afile.list_at("annotations") else {
+                bail!(
+                    "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
+                    path.display()
+                );
+            };
+            (path, list)
+        }
+        None if is_test => (Path::new(""), Vec::new()),
+        None => bail!(
+            "{} is a VQAv2 questions file; it needs its annotations file \
+             (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
+             (--annotations for --data, --val-annotations for --val; --ood-data \
+             takes files that hold their answers)",
+            questions_path.display()
+        ),
     };
+    // COCO's test-dev questions are a subset of test2015, whose images they name.
+    let image_subtype = subtype.as_deref().map(|s| s.replace("test-dev", "test"));
     check_image_dir(image_dir)?;
 
     let mut c = Collector::new(opts);
@@ -533,6 +552,32 @@ fn vqav2_from_top(
             c.bad(questions_path, None, reason)?;
             continue;
         }
+        if annotations.is_none() {
+            let image = match coco_image(
+                image_dir,
+                image_subtype.as_deref(),
+                image_id,
+                &mut coco_index,
+            ) {
+                Ok(p) => p,
+                Err(reason) => {
+                    c.bad(questions_path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+            };
+            let mut extra = Map::new();
+            extra.insert("image_id".into(), Value::from(image_id));
+            let example = VqaExample {
+                question_id: id,
+                image,
+                question,
+                answers: Vec::new(),
+                answer_type: None,
+                extra,
+            };
+            c.accept(questions_path, None, example)?;
+            continue;
+        }
         let Some(raw_annotation) = by_id.remove(&id) else {
             c.bad(
                 questions_path,
@@ -606,7 +651,12 @@ fn vqav2_from_top(
                 continue;
             }
         };
-        let image = match coco_image(image_dir, subtype.as_deref(), image_id, &mut coco_index) {
+        let image = match coco_image(
+            image_dir,
+            image_subtype.as_deref(),
+            image_id,
+            &mut coco_index,
+        ) {
             Ok(p) => p,
             Err(reason) => {
                 c.bad(questions_path, None, format!("question {id}: {reason}"))?;
@@ -641,26 +691,27 @@ pub(super) fn coco_image(
     index: &mut Option<HashMap<u64, Vec<PathBuf>>>,
 ) -> Result<PathBuf, String> {
     if let Some(sub) = subtype {
-        // COCO 2014's names, then COCO 2017's bare ids, in the folder or its `sub` folder.
-        let (coco, bare) = (
-            format!("COCO_{sub}_{image_id:012}.jpg"),
-            format!("{image_id:012}.jpg"),
-        );
-        return [
-            image_dir.join(&coco),
-            image_dir.join(sub).join(&coco),
-            image_dir.join(&bare),
-            image_dir.join(sub).join(&bare),
-        ]
-        .into_iter()
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            format!(
-                "image file {coco} (or {bare}) not found in {} or its {sub} folder; check the \
-                 image folder",
-                image_dir.display()
-            )
-        });
+        // COCO 2014's names, then COCO 2017's bare ids (2017 has only those), in the folder or
+        // its `sub` folder.
+        let bare = format!("{image_id:012}.jpg");
+        let names = if sub.ends_with("2017") {
+            vec![bare]
+        } else {
+            vec![format!("COCO_{sub}_{image_id:012}.jpg"), bare]
+        };
+        return names
+            .iter()
+            .flat_map(|n| [image_dir.join(n), image_dir.join(sub).join(n)])
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                format!(
+                    "image file {} not found in {} or its {sub} folder; give the folder that \
+                     holds the images (--images for --data, --val-images for --val, --ood-images for --ood-data, \
+                 --ood-val-images for --ood-val)",
+                    names.join(" (or ") + &")".repeat(names.len() - 1),
+                    image_dir.display()
+                )
+            });
     }
     if index.is_none() {
         *index = Some(index_coco_images(image_dir)?);
@@ -680,8 +731,9 @@ pub(super) fn coco_image(
                 .join(", ")
         )),
         _ => Err(format!(
-            "no image file ending in _{image_id:012}.jpg in {}; check the image folder (or add \
-             \"data_subtype\" to the questions file)",
+            "no image file ending in _{image_id:012}.jpg in {}; give the folder that holds the \
+             images (--images for --data, --val-images for --val, --ood-images for --ood-data, \
+                 --ood-val-images for --ood-val)",
             image_dir.display()
         )),
     }
@@ -825,7 +877,7 @@ fn vizwiz_from_top(
         };
         let example = VqaExample {
             question_id: id,
-            image: resolve(image_dir, Path::new(&image_name)),
+            image: vizwiz_image(image_dir, &image_name),
             question,
             answers,
             answer_type,
@@ -834,6 +886,25 @@ fn vizwiz_from_top(
         c.accept(path, None, example)?;
     }
     c.finish(path, DataFormat::VizWiz)
+}
+
+/// A VizWiz image: in the image folder, in its split's folder there (`VizWiz_val_00000000.jpg`
+/// in `val/`, as the archives unpack), or beside an `Annotations` folder that holds the data file
+/// (VizWiz's own layout); the first place when it is in none, for the error to name.
+fn vizwiz_image(image_dir: &Path, name: &str) -> PathBuf {
+    let direct = resolve(image_dir, Path::new(name));
+    let split = name
+        .strip_prefix("VizWiz_")
+        .and_then(|rest| rest.split('_').next())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let Some(split) = split else {
+        return direct;
+    };
+    let mut places = vec![direct.clone(), image_dir.join(split).join(name)];
+    if image_dir.file_name().is_some_and(|n| n == "Annotations") {
+        places.push(folder_of(image_dir).join(split).join(name));
+    }
+    places.into_iter().find(|p| p.exists()).unwrap_or(direct)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -845,7 +916,8 @@ fn vizwiz_from_top(
 ///   relative image paths; `annotations` must be `None`);
 /// - `*.json` holding a list → A-OKVQA when its records have `direct_answers` (or a COCO
 ///   `image_id` and `choices`), else VizWiz;
-/// - `*.json` holding `{"questions": …}` → VQAv2 (OK-VQA too), which needs `annotations`;
+/// - `*.json` holding `{"questions": …}` → VQAv2 (OK-VQA too), which needs `annotations`
+///   unless its `data_subtype` is a test split (test2015, test-dev2015: no answers);
 /// - `*.json` holding `{"data": […]}` → TextVQA; an object of `{"imageId", …}` records → GQA
 ///   ([`super::benchmarks`]).
 ///
@@ -874,6 +946,10 @@ pub fn read_dataset(
         }
         Some("json") => {
             let text = read_json_text(path)?;
+            // Hugging Face datasets' `to_json` writes one record per line under a .json name.
+            if is_json_lines(&text) {
+                return read_jsonl_in(path, image_dir, opts);
+            }
             let top = JsonTop::parse(path, &text)?;
             // A bare file name's folder is the working directory.
             let default_dir = match folder_of(path) {
@@ -898,17 +974,16 @@ pub fn read_dataset(
                 JsonTop::List(list) if benchmarks::is_aokvqa(&list) => {
                     benchmarks::aokvqa_from_list(path, list, &image_dir, opts)
                 }
+                JsonTop::List(list) if are_our_records(&list) => {
+                    records_from_list(path, list, &image_dir, opts)
+                }
                 JsonTop::List(_) => vizwiz_from_top(path, top, &image_dir, opts),
-                JsonTop::Object(_) if is_vqav2_questions(&top) => match annotations {
-                    Some(a) => vqav2_from_top(path, &top, a, &image_dir, opts),
-                    None => bail!(
-                        "{} is a VQAv2 questions file; it needs its annotations file \
-                         (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
-                         (--annotations for --data, --val-annotations for --val; --ood-data \
-                         takes files that hold their answers)",
-                        path.display()
-                    ),
-                },
+                JsonTop::Object(ref m) if m.0.is_empty() => {
+                    bail!("data file {} is an empty JSON object: it holds no questions", path.display())
+                }
+                JsonTop::Object(_) if is_vqav2_questions(&top) => {
+                    vqav2_from_top(path, &top, annotations, &image_dir, opts)
+                }
                 JsonTop::Object(ref m) if m.contains_key("annotations") => bail!(
                     "{} is a VQAv2 annotations file; pass the questions file as the data and this \
                      file as its annotations",
@@ -930,16 +1005,69 @@ pub fn read_dataset(
             }
         }
         _ if path.is_dir() => bail!(
-            "{} is a folder: give the data file in it (.jsonl for our JSONL, .json for VQAv2 or \
-             VizWiz)",
+            "{} is a folder: give the data file in it (.jsonl for our JSONL, .json for a \
+             benchmark's own file: VQAv2, VizWiz, TextVQA, GQA, A-OKVQA)",
             path.display()
+        ),
+        Some(ext @ ("csv" | "tsv" | "parquet" | "arrow")) => bail!(
+            "{} is a {} file, which bella-vqa does not read: write our JSONL (one {{\"question_id\", \
+             \"image\" (a file path), \"question\", \"answers\": [...]}} per line; with pandas: \
+             df.to_json(\"data.jsonl\", orient=\"records\", lines=True), images saved as files first)",
+            path.display(),
+            ext.to_ascii_uppercase()
         ),
         _ => bail!(
             "cannot tell the format of {} from its name: use .jsonl for our JSONL (one question per \
-             line), .json for VQAv2 (questions + annotations) or VizWiz",
+             line) or .json for a benchmark's own file (VQAv2/OK-VQA questions + annotations, \
+             VizWiz, TextVQA, GQA, A-OKVQA)",
             path.display()
         ),
     }
+}
+
+/// Whether a .json file holds one JSON object per line (JSON Lines), not one JSON value.
+fn is_json_lines(text: &str) -> bool {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first_two = (lines.next(), lines.next());
+    let object =
+        |l: &str| l.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(l).is_ok();
+    matches!(first_two, (Some(a), Some(b)) if object(a) && object(b))
+}
+
+/// Whether a JSON list holds our records (a `question_id` and an `image` path each), as a JSONL
+/// file would one per line; VizWiz records have no `question_id`.
+fn are_our_records(list: &[&RawValue]) -> bool {
+    list.iter().take(10).any(|raw| {
+        object(raw, "").is_ok_and(|entry| {
+            entry.contains_key("question_id")
+                && entry.get("image").is_some_and(Value::is_string)
+                && !entry.contains_key("answerable")
+        })
+    })
+}
+
+/// Reads a JSON list of our records (the JSONL layout in one list; images relative to
+/// `image_dir`).
+fn records_from_list(
+    path: &Path,
+    list: Vec<&RawValue>,
+    image_dir: &Path,
+    opts: &ReadOptions,
+) -> anyhow::Result<Dataset> {
+    let mut c = Collector::new(opts);
+    for (i, raw) in list.into_iter().enumerate() {
+        let example = serde_json::from_str::<Value>(raw.get())
+            .map_err(|e| format!("cannot be read: {}", json_error_message(&e)))
+            .and_then(VqaExample::from_json);
+        match example {
+            Ok(mut example) => {
+                example.image = resolve(image_dir, &example.image);
+                c.accept(path, None, example)?;
+            }
+            Err(reason) => c.bad(path, None, format!("entry {i}: {reason}"))?,
+        }
+    }
+    c.finish(path, DataFormat::Jsonl)
 }
 
 /// Whether a file's top level is a VQAv2 (or OK-VQA) questions file: an object with `questions`.
@@ -1037,7 +1165,8 @@ impl<'a> Collector<'a> {
                 (None, false) => {
                     "; the images of a JSON data file (VQAv2, VizWiz, TextVQA, GQA, A-OKVQA) are \
                      looked up in the data file's folder unless the images option names the \
-                     folder that holds them (--images for --data, --val-images for --val)"
+                     folder that holds them (--images for --data, --val-images for --val, --ood-images for --ood-data, \
+                 --ood-val-images for --ood-val)"
                 }
             };
             return self.bad(file, line, format!("{prefix}{reason}{fix}"));
@@ -1287,8 +1416,16 @@ fn open_data_file(path: &Path) -> anyhow::Result<fs::File> {
 pub(super) fn read_json_text(path: &Path) -> anyhow::Result<String> {
     let mut file = open_data_file(path)?;
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut file, &mut text)
-        .map_err(|e| anyhow!("cannot read data file {}: {e}", path.display()))?;
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            anyhow!(
+                "data file {} is not UTF-8 text (UTF-16 or Latin-1?): save it as UTF-8",
+                path.display()
+            )
+        } else {
+            anyhow!("cannot read data file {}: {e}", path.display())
+        }
+    })?;
     if text.starts_with('\u{feff}') {
         text.drain(..'\u{feff}'.len_utf8());
     }
