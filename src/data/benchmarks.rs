@@ -26,6 +26,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::vqa::{
@@ -50,7 +51,7 @@ pub(super) fn is_gqa(top: &Entries) -> bool {
 
 /// Whether a JSON list at the top of a file is A-OKVQA's: one of its first records has
 /// `direct_answers`, or a COCO `image_id` and no `image` (a test file without answers).
-pub(super) fn is_aokvqa(list: &[&serde_json::value::RawValue]) -> bool {
+pub(super) fn is_aokvqa(list: &[&RawValue]) -> bool {
     list.iter().take(10).any(|raw| {
         object(raw, "").is_ok_and(|entry| {
             entry.contains_key("direct_answers")
@@ -74,60 +75,32 @@ pub(super) fn textvqa_from_top(
         );
     };
     check_image_dir(image_dir)?;
-    let mut c = Collector::new(opts);
-    for (i, raw) in list.into_iter().enumerate() {
-        let mut entry = match object(raw, "an object with question_id, question and image_id") {
-            Ok(entry) => entry,
-            Err(why) => {
-                c.bad(path, None, format!("data[{i}] {why}"))?;
-                continue;
+    let records = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| (format!("data[{i}]"), None, raw));
+    collect(path, records, opts, DataFormat::TextVqa, |entry| {
+        let question = take_question(entry)?;
+        let image_id = match entry.get("image_id") {
+            Some(v) => non_empty_string("image_id", v)?,
+            None => {
+                return Err(missing(
+                    "image_id",
+                    "the image's id (its file name without .jpg)",
+                ))
             }
         };
-        let id = match required_id(&mut entry, i, "data") {
-            Ok(id) => id,
-            Err(reason) => {
-                c.bad(path, None, reason)?;
-                continue;
-            }
-        };
-        let record = (|| {
-            let question = question_text(entry.get("question"))?;
-            let image_id = match entry.get("image_id") {
-                Some(v) => non_empty_string("image_id", v)?,
-                None => {
-                    return Err(missing(
-                        "image_id",
-                        "the image's id (its file name without .jpg)",
-                    ))
-                }
-            };
-            let image = find_image(
+        Ok(Fields {
+            question,
+            image: find_image(
                 image_dir,
                 &format!("{image_id}.jpg"),
                 &["train_images", "test_images"],
-            )?;
-            let answers = optional_answers(entry.remove("answers"))?;
-            Ok((question, image, answers))
-        })();
-        let (question, image, answers) = match record {
-            Ok(r) => r,
-            Err(reason) => {
-                c.bad(path, None, format!("question {id}: {reason}"))?;
-                continue;
-            }
-        };
-        entry.remove("question");
-        let example = VqaExample {
-            question_id: id,
-            image,
-            question,
-            answers,
+            )?,
+            answers: optional_answers(entry.remove("answers"))?,
             answer_type: None,
-            extra: entry,
-        };
-        c.accept(path, None, example)?;
-    }
-    c.finish(path, DataFormat::TextVqa)
+        })
+    })
 }
 
 /// Reads a GQA questions file (see the module's page); `top` is its top-level object.
@@ -138,151 +111,154 @@ pub(super) fn gqa_from_top(
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
     check_image_dir(image_dir)?;
-    let mut c = Collector::new(opts);
-    for (id, raw) in &top.0 {
-        let mut entry = match object(raw, "an object with imageId, question and answer") {
-            Ok(entry) => entry,
-            Err(why) => {
-                c.bad(path, None, format!("question {id} {why}"))?;
-                continue;
+    let records = top
+        .0
+        .iter()
+        .map(|(id, raw)| (format!("question {id}"), Some(id.as_str()), *raw));
+    collect(path, records, opts, DataFormat::Gqa, |entry| {
+        let question = take_question(entry)?;
+        let image_id = match entry.get("imageId") {
+            Some(v) => non_empty_string("imageId", v)?,
+            None => {
+                return Err(missing(
+                    "imageId",
+                    "the image's id (its file name without .jpg)",
+                ))
             }
         };
-        if id.trim().is_empty() {
-            c.bad(
-                path,
-                None,
-                "a question's key (its id) is empty; every question needs its own id".into(),
-            )?;
-            continue;
-        }
-        let record = (|| {
-            let question = question_text(entry.get("question"))?;
-            let image_id = match entry.get("imageId") {
-                Some(v) => non_empty_string("imageId", v)?,
-                None => {
-                    return Err(missing(
-                        "imageId",
-                        "the image's id (its file name without .jpg)",
-                    ))
-                }
-            };
-            let image = find_image(image_dir, &format!("{image_id}.jpg"), &["images"])?;
-            let answers = match entry.remove("answer") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::String(a)) if a.trim().is_empty() => {
-                    return Err(
-                        "field \"answer\" is empty; give the answer (or leave the field \
-                                out for questions without answers)"
-                            .to_string(),
-                    )
-                }
-                Some(Value::String(a)) => vec![a],
-                Some(v) => return Err(wrong_type("answer", "a string", &v)),
-            };
-            Ok((question, image, answers))
-        })();
-        let (question, image, answers) = match record {
-            Ok(r) => r,
-            Err(reason) => {
-                c.bad(path, None, format!("question {id}: {reason}"))?;
-                continue;
+        let answers = match entry.remove("answer") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(a)) if a.trim().is_empty() => {
+                return Err(
+                    "field \"answer\" is empty; give the answer (or leave the field out \
+                            for questions without answers)"
+                        .to_string(),
+                )
             }
+            Some(Value::String(a)) => vec![a],
+            Some(v) => return Err(wrong_type("answer", "a string", &v)),
         };
-        entry.remove("question");
-        let example = VqaExample {
-            question_id: id.clone(),
-            image,
+        Ok(Fields {
             question,
+            image: find_image(image_dir, &format!("{image_id}.jpg"), &["images"])?,
             answers,
             answer_type: None,
-            extra: entry,
-        };
-        c.accept(path, None, example)?;
-    }
-    c.finish(path, DataFormat::Gqa)
+        })
+    })
 }
 
 /// Reads an A-OKVQA file (see the module's page); `list` is its top-level list.
 pub(super) fn aokvqa_from_list(
     path: &Path,
-    list: Vec<&serde_json::value::RawValue>,
+    list: Vec<&RawValue>,
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
     check_image_dir(image_dir)?;
+    let records = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| (format!("entry {i}"), None, raw));
+    collect(path, records, opts, DataFormat::AOkVqa, |entry| {
+        let question = take_question(entry)?;
+        let image_id = match entry.get("image_id") {
+            Some(v) => parse_image_id(v)?,
+            None => return Err(missing("image_id", "the COCO image id (an integer)")),
+        };
+        // The split names COCO 2017's folder; without one, each is tried.
+        let folders: Vec<String> = match entry.get("split") {
+            Some(Value::String(s))
+                if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                vec![format!("{s}2017")]
+            }
+            _ => ["val", "train", "test"]
+                .map(|s| format!("{s}2017"))
+                .to_vec(),
+        };
+        let image = folders
+            .iter()
+            .find_map(|f| coco_image(image_dir, Some(f), image_id, &mut None).ok())
+            .map_or_else(
+                || coco_image(image_dir, Some(&folders[0]), image_id, &mut None),
+                Ok,
+            )?;
+        Ok(Fields {
+            question,
+            image,
+            answers: optional_answers(entry.remove("direct_answers"))?,
+            answer_type: answer_type(entry.remove("answer_type"))?,
+        })
+    })
+}
+
+/// What a reader takes out of one record; the rest of the record goes to the example's `extra`.
+struct Fields {
+    question: String,
+    image: PathBuf,
+    answers: Vec<String>,
+    answer_type: Option<String>,
+}
+
+/// The loop of every reader here: each record (where it is, for messages; its id when the file
+/// keys records by id, else its `question_id` is read; the record) must be an object whose
+/// `fields` can be read; a bad one names the question and is reported or skipped.
+fn collect<'a>(
+    path: &Path,
+    records: impl Iterator<Item = (String, Option<&'a str>, &'a RawValue)>,
+    opts: &ReadOptions,
+    format: DataFormat,
+    mut fields: impl FnMut(&mut Map<String, Value>) -> Result<Fields, String>,
+) -> anyhow::Result<Dataset> {
     let mut c = Collector::new(opts);
-    for (i, raw) in list.into_iter().enumerate() {
-        let mut entry = match object(raw, "an object with question_id, image_id and question") {
+    for (place, key, raw) in records {
+        let mut entry = match object(raw, "an object with the question's fields") {
             Ok(entry) => entry,
             Err(why) => {
-                c.bad(path, None, format!("entry {i} {why}"))?;
+                c.bad(path, None, format!("{place} {why}"))?;
                 continue;
             }
         };
-        let id = match required_id(&mut entry, i, "entry") {
+        let id = match (key, entry.remove("question_id")) {
+            (Some(k), _) if k.trim().is_empty() => Err(format!(
+                "{place}: its key (the question's id) is empty; every question needs its own id"
+            )),
+            (Some(k), _) => Ok(k.to_string()),
+            (None, Some(v)) => parse_question_id(&v).map_err(|reason| format!("{place}: {reason}")),
+            (None, None) => Err(format!(
+                "{place} has no \"question_id\"; add the question's id"
+            )),
+        };
+        let id = match id {
             Ok(id) => id,
             Err(reason) => {
                 c.bad(path, None, reason)?;
                 continue;
             }
         };
-        let record = (|| {
-            let question = question_text(entry.get("question"))?;
-            let image_id = match entry.get("image_id") {
-                Some(v) => parse_image_id(v)?,
-                None => return Err(missing("image_id", "the COCO image id (an integer)")),
-            };
-            // The split names COCO 2017's folder; without one, each is tried.
-            let folders: Vec<String> = match entry.get("split") {
-                Some(Value::String(s))
-                    if s.bytes().all(|b| b.is_ascii_alphanumeric()) && !s.is_empty() =>
-                {
-                    vec![format!("{s}2017")]
-                }
-                _ => ["val", "train", "test"]
-                    .map(|s| format!("{s}2017"))
-                    .to_vec(),
-            };
-            let image = folders
-                .iter()
-                .find_map(|f| coco_image(image_dir, Some(f), image_id, &mut None).ok())
-                .map_or_else(
-                    || coco_image(image_dir, Some(&folders[0]), image_id, &mut None),
-                    Ok,
-                )?;
-            let answers = optional_answers(entry.remove("direct_answers"))?;
-            let answer_type = answer_type(entry.remove("answer_type"))?;
-            Ok((question, image, answers, answer_type))
-        })();
-        let (question, image, answers, answer_type) = match record {
-            Ok(r) => r,
-            Err(reason) => {
-                c.bad(path, None, format!("question {id}: {reason}"))?;
-                continue;
+        match fields(&mut entry) {
+            Ok(f) => {
+                let example = VqaExample {
+                    question_id: id,
+                    image: f.image,
+                    question: f.question,
+                    answers: f.answers,
+                    answer_type: f.answer_type,
+                    extra: entry,
+                };
+                c.accept(path, None, example)?;
             }
-        };
-        entry.remove("question");
-        let example = VqaExample {
-            question_id: id,
-            image,
-            question,
-            answers,
-            answer_type,
-            extra: entry,
-        };
-        c.accept(path, None, example)?;
+            Err(reason) => c.bad(path, None, format!("question {id}: {reason}"))?,
+        }
     }
-    c.finish(path, DataFormat::AOkVqa)
+    c.finish(path, format)
 }
 
-/// The record's `question_id`, taken out of it, or why it cannot be read.
-fn required_id(entry: &mut Map<String, Value>, i: usize, list: &str) -> Result<String, String> {
-    match entry.remove("question_id") {
-        Some(v) => parse_question_id(&v).map_err(|reason| format!("{list}[{i}]: {reason}")),
-        None => Err(format!(
-            "{list}[{i}] has no \"question_id\"; add the question's id"
-        )),
-    }
+/// The record's question text, taken out of it.
+fn take_question(entry: &mut Map<String, Value>) -> Result<String, String> {
+    let question = question_text(entry.get("question"))?;
+    entry.remove("question");
+    Ok(question)
 }
 
 /// Human answers that a test file leaves out (absent or null: none).

@@ -552,104 +552,84 @@ fn vqav2_from_top(
             c.bad(questions_path, None, reason)?;
             continue;
         }
-        if annotations.is_none() {
-            let image = match coco_image(
-                image_dir,
-                image_subtype.as_deref(),
-                image_id,
-                &mut coco_index,
-            ) {
-                Ok(p) => p,
-                Err(reason) => {
-                    c.bad(questions_path, None, format!("question {id}: {reason}"))?;
-                    continue;
-                }
-            };
-            let mut extra = Map::new();
-            extra.insert("image_id".into(), Value::from(image_id));
-            let example = VqaExample {
-                question_id: id,
-                image,
-                question,
-                answers: Vec::new(),
-                answer_type: None,
-                extra,
-            };
-            c.accept(questions_path, None, example)?;
-            continue;
-        }
-        let Some(raw_annotation) = by_id.remove(&id) else {
-            c.bad(
-                questions_path,
-                None,
-                format!(
-                    "question {id}: no annotation in {}; use the annotations file that belongs to this questions file",
-                    annotations_path.display()
-                ),
-            )?;
-            continue;
-        };
-        // Read once already, for its id.
-        let mut ann = match object(raw_annotation, "an object") {
-            Ok(ann) => ann,
-            Err(why) => {
+        // The annotation's answers, type and kept fields (none for a test split).
+        let (answers, answer_type, mut ann) = if annotations.is_none() {
+            (Vec::new(), None, Map::new())
+        } else {
+            let Some(raw_annotation) = by_id.remove(&id) else {
                 c.bad(
-                    annotations_path,
-                    None,
-                    format!("question {id}: its annotation {why}"),
-                )?;
-                continue;
-            }
-        };
-        match ann.get("image_id").map(parse_image_id) {
-            Some(Ok(a)) if a != image_id => {
-                c.bad(
-                    annotations_path,
+                    questions_path,
                     None,
                     format!(
-                        "question {id}: the annotation names image {a}, the question image {image_id}; \
-                         the two files do not belong together"
+                        "question {id}: no annotation in {}; use the annotations file that belongs to this questions file",
+                        annotations_path.display()
                     ),
                 )?;
                 continue;
-            }
-            Some(Err(reason)) => {
-                c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
-                continue;
-            }
-            _ => {}
-        }
-        let answers = match ann.get("answers") {
-            Some(v) => match answers(v) {
-                Ok(a) if !a.is_empty() => a,
-                Ok(_) => {
+            };
+            // Read once already, for its id.
+            let mut ann = match object(raw_annotation, "an object") {
+                Ok(ann) => ann,
+                Err(why) => {
                     c.bad(
                         annotations_path,
                         None,
-                        format!("question {id}: the annotation has no answers; VQAv2 annotations hold 10 human answers"),
+                        format!("question {id}: its annotation {why}"),
                     )?;
                     continue;
                 }
+            };
+            match ann.get("image_id").map(parse_image_id) {
+                Some(Ok(a)) if a != image_id => {
+                    c.bad(
+                        annotations_path,
+                        None,
+                        format!(
+                            "question {id}: the annotation names image {a}, the question image {image_id}; \
+                             the two files do not belong together"
+                        ),
+                    )?;
+                    continue;
+                }
+                Some(Err(reason)) => {
+                    c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
+                    continue;
+                }
+                _ => {}
+            }
+            let answers = match ann.get("answers") {
+                Some(v) => match answers(v) {
+                    Ok(a) if !a.is_empty() => a,
+                    Ok(_) => {
+                        c.bad(
+                            annotations_path,
+                            None,
+                            format!("question {id}: the annotation has no answers; VQAv2 annotations hold 10 human answers"),
+                        )?;
+                        continue;
+                    }
+                    Err(reason) => {
+                        c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
+                        continue;
+                    }
+                },
+                None => {
+                    c.bad(
+                        annotations_path,
+                        None,
+                        format!("question {id}: the annotation has no \"answers\" list; VQAv2 annotations hold 10 human answers"),
+                    )?;
+                    continue;
+                }
+            };
+            let answer_type = match answer_type(ann.remove("answer_type")) {
+                Ok(t) => t,
                 Err(reason) => {
                     c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
                     continue;
                 }
-            },
-            None => {
-                c.bad(
-                    annotations_path,
-                    None,
-                    format!("question {id}: the annotation has no \"answers\" list; VQAv2 annotations hold 10 human answers"),
-                )?;
-                continue;
-            }
-        };
-        let answer_type = match answer_type(ann.remove("answer_type")) {
-            Ok(t) => t,
-            Err(reason) => {
-                c.bad(annotations_path, None, format!("question {id}: {reason}"))?;
-                continue;
-            }
+            };
+            (answers, answer_type, ann)
         };
         let image = match coco_image(
             image_dir,
