@@ -533,7 +533,8 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     bella_vqa::serve::run(opts, move || inputs.load())
 }
 
-fn print_response(r: &Response, show_particles: bool) {
+/// Prints an answer; `given_threshold`: the threshold came from --threshold.
+fn print_response(r: &Response, show_particles: bool, given_threshold: bool) {
     println!("{}", r.response);
     let answer = bella_vqa::data::normalize::normalize_answer(&r.answer);
     let agree = r
@@ -541,7 +542,9 @@ fn print_response(r: &Response, show_particles: bool) {
         .iter()
         .filter(|p| p.normalized == answer)
         .count();
-    let calibrated = if r.calibrated {
+    let calibrated = if given_threshold {
+        "given by --threshold"
+    } else if r.calibrated {
         "calibrated"
     } else {
         "uncalibrated"
@@ -652,7 +655,7 @@ fn run(cli: &Cli) -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&response)?);
             } else {
-                print_response(&response, *show_particles);
+                print_response(&response, *show_particles, threshold.is_some());
             }
         }
         Command::Serve(args) => serve(cli, args)?,
@@ -698,16 +701,18 @@ fn run(cli: &Cli) -> Result<()> {
             let outputs = logits::prompt_outputs(&loaded, image.as_deref(), prompt, *raw)?;
             outputs.save(out)?;
             if !cli.quiet {
+                let optional = [
+                    ("pixel_values", outputs.pixel_values.as_ref()),
+                    ("image_features", outputs.image_features.as_ref()),
+                ]
+                .into_iter()
+                .filter_map(|(name, t)| Some(format!(", {name} {:?}", t?.dims())))
+                .collect::<String>();
                 eprintln!(
-                    "wrote {}: input_ids {:?}, logits {:?}{}",
+                    "wrote {}: input_ids {:?}, logits {:?}{optional}",
                     out.display(),
                     outputs.input_ids.dims(),
                     outputs.logits.dims(),
-                    outputs
-                        .image_features
-                        .as_ref()
-                        .map(|f| format!(", image_features {:?}", f.dims()))
-                        .unwrap_or_default()
                 );
             }
         }

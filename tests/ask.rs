@@ -277,6 +277,39 @@ fn generation_config_eos_ids_end_answers_as_in_transformers() {
 }
 
 #[test]
+fn an_empty_answer_is_no_answer_and_abstains_whatever_the_threshold() {
+    // The same model, stopping on the fixture's first greedy token: every particle says nothing.
+    let reference = reference("llava");
+    let first = ids(get(&reference, "batch.greedy_tokens"))[0][0];
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        format!("{{\"eos_token_id\": [2, {first}]}}"),
+    )
+    .unwrap();
+    let vqa = BellaVqa::load(
+        &ModelSource::Dir(dir.path().to_path_buf()),
+        None,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let image = load_image(&fixture("images/square.png")).unwrap();
+    let opts = AskOptions {
+        threshold: Some(0.0),
+        ..AskOptions::default()
+    };
+    let r = vqa
+        .ask_with(&image, "What color is the circle?", &opts)
+        .unwrap();
+    assert_eq!(r.answer, "", "{r:?}");
+    assert!(r.abstained, "an empty answer was given as an answer: {r:?}");
+}
+
+#[test]
 fn the_text_line_shows_the_score_that_abstention_compared() {
     // Disagreeing particles calibrated with the vote selector at 0.9: the confidence line must
     // show the vote share against the threshold, not the confidence.

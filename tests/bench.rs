@@ -618,10 +618,34 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     assert_eq!(outcome.answered_now, 5);
     assert_eq!(outcome.results.progress.bad_records, 1);
 
-    // An unreadable image: the error names the question and the image; earlier answers stay.
+    // A file that is no image is refused before any question is answered.
     let mut examples = data.examples[..6].to_vec();
+    let not_image = tmp.path().join("not-an-image.png");
+    std::fs::write(&not_image, b"not a png").unwrap();
+    let mut bad_header = examples.clone();
+    bad_header[3].image = not_image;
+    let data_file = tmp.path().join("not-image.jsonl");
+    write_jsonl(&data_file, &bad_header).unwrap();
+    let out = tmp.path().join("out-header");
+    let mut opts = options(&out);
+    opts.data = DataInput::new(&data_file);
+    opts.val = None;
+    opts.ood.clear();
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
+    );
+    assert!(
+        e.contains("line 4") && e.contains("not-an-image.png"),
+        "{e}"
+    );
+    assert!(!out.join("samples.jsonl").exists());
+
+    // An image whose header is good but whose data is cut short is found when its question is
+    // answered: the error names the question and the image; earlier answers stay.
     let broken = tmp.path().join("broken.png");
-    std::fs::write(&broken, b"not a png").unwrap();
+    let png = std::fs::read(&examples[0].image).unwrap();
+    std::fs::write(&broken, &png[..png.len() / 2]).unwrap();
     examples[3].image = broken.clone();
     let data_file = tmp.path().join("images.jsonl");
     write_jsonl(&data_file, &examples).unwrap();

@@ -298,12 +298,22 @@ fn missing_and_unreadable_images() {
         text.contains("fake.png") && text.contains("cannot be read as an image"),
         "{text}"
     );
-    // Without check_images only existence is checked.
+    // Without check_images the header is read: a file that is no image is refused all the same,
+    // one cut short after a good header is not (it fails when its question is answered).
     let lenient = ReadOptions {
         skip_bad: false,
         check_images: false,
     };
+    let (text, _) = bad(read_jsonl(&path, &lenient).unwrap_err());
+    assert!(
+        text.contains("fake.png") && text.contains("not an image"),
+        "{text}"
+    );
+    let png = fs::read(dir.path().join("images/1.png")).unwrap();
+    fs::write(dir.path().join("images/fake.png"), &png[..png.len() - 10]).unwrap();
     assert_eq!(read_jsonl(&path, &lenient).unwrap().len(), 2);
+    let (text, _) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+    assert!(text.contains("fake.png"), "{text}");
 }
 
 #[test]

@@ -667,6 +667,31 @@ fn import_peft_cli(peft: &[PathBuf], out: &Path, force: bool) -> std::process::O
 }
 
 #[test]
+fn the_demos_particles_export_with_a_base_peft_can_load() {
+    // The shipped particles record their base as "demo", which PEFT cannot resolve: the export
+    // names the directory the demo is written to (a Hugging Face model directory).
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("peft");
+    let o = bella()
+        .env("BELLA_VQA_CACHE", &cache)
+        .args(["export-peft", "--adapters"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/particles/llava-ensemble"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("particle-0").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let base = Path::new(config["base_model_name_or_path"].as_str().unwrap());
+    assert!(base.starts_with(&cache), "{}", base.display());
+    assert!(base.join("config.json").is_file(), "{}", base.display());
+}
+
+#[test]
 fn cli_exports_and_imports() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, set) = llava_particles(2);

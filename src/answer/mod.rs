@@ -203,6 +203,8 @@ pub struct CandidateAnswer {
 pub struct Response {
     /// The most likely answer (also when abstaining).
     pub answer: String,
+    /// The score is below the threshold, the image check finds the image unfamiliar, or the
+    /// answer is empty (the particles said nothing: no answer to give).
     pub abstained: bool,
     /// p̄ of the answer.
     pub confidence: f64,
@@ -689,7 +691,8 @@ impl BellaVqa {
         };
         // A caller's threshold replaces the whole calibrated rule, the image check included.
         let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
-        let abstained = raw_score.is_nan() || score < threshold || unfamiliar_image;
+        let abstained =
+            raw_score.is_nan() || score < threshold || unfamiliar_image || answer.trim().is_empty();
         let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
         let response = render_response(
             &self.template,

@@ -183,7 +183,10 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
                 })
             },
         ),
-        ("base_model_name_or_path", json!(base.source)),
+        (
+            "base_model_name_or_path",
+            json!(peft_base_name(&base.source)),
+        ),
         ("bias", json!("none")),
         ("fan_in_fan_out", json!(false)),
         ("inference_mode", json!(true)),
@@ -778,6 +781,14 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
         }
     }
     ca.len().cmp(&cb.len()).then(a.cmp(b))
+}
+
+/// The base model as PEFT can load it: the embedded demo's names (`demo`, `demo:clip`) become
+/// the directory the demo is written to; anything else is kept as recorded.
+fn peft_base_name(source: &str) -> String {
+    crate::hub::demo_model(source)
+        .and_then(|model| crate::demo::path(model).ok())
+        .map_or_else(|| source.to_string(), |dir| dir.display().to_string())
 }
 
 #[cfg(test)]

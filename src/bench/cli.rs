@@ -420,6 +420,18 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
+    // `ask --model demo` answers with the demo's particles; a benchmark names its particles.
+    if args.adapters.is_none()
+        && !quiet
+        && crate::hub::demo_model(model) == Some(crate::demo::LLAVA)
+    {
+        let particles = crate::demo::path(crate::demo::PARTICLES)
+            .map_or_else(|_| "its particles".into(), |p| p.display().to_string());
+        eprintln!(
+            "note: benchmarking the demo's base model, without particles; its Bella ensemble: \
+             --adapters {particles}"
+        );
+    }
     let vqa = ModelInputs::check(
         source,
         args.adapters.clone(),

@@ -16,7 +16,8 @@
 //!
 //! Image paths: relative paths in a JSONL file are relative to the file's folder; VQAv2 and VizWiz
 //! images are looked up in the image folder (by default the data file's folder). Every reader checks
-//! that each image file exists; with [`ReadOptions::check_images`] it also decodes the whole image
+//! that each image file exists and has the header of an image in a supported format within the
+//! size limits; with [`ReadOptions::check_images`] it also decodes the whole image
 //! (a truncated file has a good header and fails only in a full decode).
 
 use std::collections::HashMap;
@@ -173,7 +174,7 @@ impl<'de> Deserialize<'de> for VqaExample {
 pub struct ReadOptions {
     /// Go on after a bad record and collect it in [`Dataset::skipped`] (default: stop with its error).
     pub skip_bad: bool,
-    /// Decode every image (a truncated file fails here), not only check that the file exists.
+    /// Decode every image (a truncated file fails here), not only read its header.
     pub check_images: bool,
 }
 
@@ -1212,14 +1213,18 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
         }
         Err(e) => return Err(format!("cannot read image file {}: {e}", path.display())),
     }
+    let unreadable = |e: anyhow::Error| {
+        format!(
+            "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG, JPEG, WebP, GIF, BMP or TIFF file",
+            path.display()
+        )
+    };
     if decode {
         // A full decode: a truncated file has a good header and fails only here.
-        crate::models::image::load_image(path).map_err(|e| {
-            format!(
-                "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG, JPEG, WebP, GIF, BMP or TIFF file",
-                path.display()
-            )
-        })?;
+        crate::models::image::load_image(path).map_err(unreadable)?;
+    } else {
+        // Its header: a file that is no image (or too large) is found before a run starts.
+        crate::models::image::image_file_size(path).map_err(unreadable)?;
     }
     Ok(())
 }

@@ -64,6 +64,27 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
     decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
 }
 
+/// The width and height of an image file from its header, with the checks of [`load_image`]
+/// that need no decode (a regular file, a supported format, the size limits): what a data set's
+/// images are checked with before a run starts; the few bytes of a header are read, not the file.
+pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
+    crate::input::check_regular(path, "image file")?;
+    let name = path.display().to_string();
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read image file {name}"))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut head = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut reader, 64), &mut head)
+        .with_context(|| format!("cannot read image file {name}"))?;
+    let format = image_format(&head, &name)?;
+    std::io::Seek::rewind(&mut reader).with_context(|| format!("cannot read image file {name}"))?;
+    let (width, height) = ImageReader::with_format(reader, format)
+        .into_dimensions()
+        .map_err(|e| describe_image_error(&name, e))?;
+    check_image_size(&name, width, height, MAX_IMAGE_PIXELS)?;
+    Ok((width, height))
+}
+
 /// The width and height of an image held in memory, from its header (nothing is decoded),
 /// checked against [`MAX_IMAGE_SIDE`] and `max_pixels` (≤ [`MAX_IMAGE_PIXELS`]).
 pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32)> {
