@@ -1528,3 +1528,42 @@ fn declined_counts_abstentions_and_unanswerable_answers() {
     assert_eq!(declined(&refs[..1]), 0.0);
     assert_eq!(declined(&[]), 0.0);
 }
+
+#[test]
+fn bench_takes_the_abstain_on_everything_threshold_calibrate_stores() {
+    // Calibrate stores "abstain on everything" as the f64 just above the highest score, 1;
+    // ask accepts it, and bench must too (it refused anything above 1).
+    let dir = tempfile::tempdir().unwrap();
+    make_particles(dir.path());
+    let above_one = f64::from_bits(1.0f64.to_bits() + 1);
+    bench::store_abstention(dir.path(), &test_abstention(above_one)).unwrap();
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    let spec = ModelSpec {
+        adapters: Some(dir.path().to_path_buf()),
+        ..spec()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = BenchOptions::new(DataInput::new(world().join("test.jsonl")), out.path());
+    opts.max_new_tokens = 4;
+    opts.limit = Some(3);
+    opts.bootstrap.resamples = 0;
+    bench::run(&vqa, &spec, &opts).unwrap();
+    let samples = samples_of(out.path());
+    assert_eq!(samples.len(), 3);
+    assert!(
+        samples.iter().all(|s| s["abstained"] == true),
+        "{samples:?}"
+    );
+    assert_eq!(results_of(out.path())["results"]["threshold"], above_one);
+
+    // A --threshold outside [0, 1] is refused, saying what to give instead.
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = BenchOptions::new(DataInput::new(world().join("test.jsonl")), out.path());
+    opts.threshold = Some(above_one);
+    let e = format!("{:#}", bench::run(&vqa, &spec, &opts).unwrap_err());
+    assert!(
+        e.contains("--threshold 1.0000000000000002 is not a score in [0, 1]")
+            && e.contains("leave --threshold out"),
+        "{e}"
+    );
+}
