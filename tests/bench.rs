@@ -1567,3 +1567,58 @@ fn bench_takes_the_abstain_on_everything_threshold_calibrate_stores() {
         "{e}"
     );
 }
+
+#[test]
+fn a_file_of_one_question_keeps_the_other_files_intervals_and_the_notes_say_why_it_has_none() {
+    // A 1-question --val and a 1-question --ood-data beside the 10 test questions: every
+    // interval of the run disappeared, while the notes still announced them.
+    let dir = tempfile::tempdir().unwrap();
+    let one = |name: &str, from: &str| {
+        let mut examples = read_jsonl(&world().join(from), &ReadOptions::default())
+            .unwrap()
+            .examples;
+        examples.truncate(1);
+        let path = dir.path().join(name);
+        write_jsonl(&path, &examples).unwrap();
+        DataInput::new(path)
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.val = Some(one("val1.jsonl", "val.jsonl"));
+    opts.ood = vec![one("absent1.jsonl", "ood-absent.jsonl")];
+    opts.bootstrap.resamples = 50;
+    run(&opts);
+    let r = results_of(out.path());
+    let intervals = r["intervals"].as_object().unwrap();
+    // The test file's metrics keep their intervals (the tiny model's confidences vary, so the
+    // NLL's has a width).
+    for key in ["vqa_accuracy", "coverage", "aurc", "ece", "nll"] {
+        let [lo, hi] = [0, 1].map(|i| intervals[key][i].as_f64().unwrap());
+        let point = r["results"][key].as_f64().unwrap();
+        assert!(lo <= point && point <= hi, "{key}: {point} [{lo}, {hi}]");
+    }
+    assert!(intervals["nll"][0].as_f64() < intervals["nll"][1].as_f64());
+    // The 1-question OOD file's own metrics have none; the test file's keep theirs.
+    assert!(r["results"]["ood.absent1.coverage"].is_number());
+    assert!(
+        !intervals.keys().any(|k| k.starts_with("ood.absent1.")),
+        "{intervals:?}"
+    );
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for (split, consequence) in [
+        ("val", "the thresholds chosen on it do not vary"),
+        ("absent1", "its metrics (ood.…) have no interval"),
+    ] {
+        assert!(
+            notes.iter().any(|n| n.contains(&format!("{split} ("))
+                && n.contains("has one question")
+                && n.contains(consequence)),
+            "{notes:?}"
+        );
+    }
+}
