@@ -51,6 +51,10 @@ fn world() -> &'static Path {
 
 /// Writes P random particles (they disagree, so epistemic uncertainty is not zero).
 fn make_particles(dir: &Path) {
+    make_n_particles(dir, P);
+}
+
+fn make_n_particles(dir: &Path, particles: usize) {
     let loaded = load_model("llava-tiny-hub");
     let Model::Llava(mut m) = loaded.model else {
         panic!("not LLaVA")
@@ -59,7 +63,7 @@ fn make_particles(dir: &Path) {
         targets: vec!["language_model.model.layers.*".into()],
         rank: 8,
         alpha: 16.0,
-        particles: P,
+        particles,
     };
     let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.2 }, 7).unwrap();
     let config = ParticleConfig {
@@ -67,7 +71,7 @@ fn make_particles(dir: &Path) {
         layers,
         rank: spec.rank,
         alpha: spec.alpha,
-        particles: P,
+        particles,
         seed: 7,
         ..tiny_llava_particle_config(&loaded.files)
     };
@@ -1621,4 +1625,69 @@ fn a_file_of_one_question_keeps_the_other_files_intervals_and_the_notes_say_why_
             "{notes:?}"
         );
     }
+}
+
+#[test]
+fn selectors_that_cannot_rank_are_refused_or_flagged() {
+    // One particle: epistemic (MI 0) and vote (share 1) score every question 1, and calibrate
+    // stored them with an objective that never abstains. Refused by name, skipped by auto.
+    let dir = tempfile::tempdir().unwrap();
+    make_n_particles(dir.path(), 1);
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    let val = world().join("val.jsonl");
+    for name in ["epistemic", "vote"] {
+        let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+        opts.selector = SelectorChoice::Named(name);
+        let e = format!("{:#}", calibrate(&vqa, dir.path(), &opts).unwrap_err());
+        assert!(
+            e.contains(&format!("--selector {name}")) && e.contains("with 1 particle"),
+            "{e}"
+        );
+    }
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+    opts.max_new_tokens = 4;
+    opts.selector = SelectorChoice::Auto;
+    opts.dry_run = true;
+    let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+    let names: Vec<&str> = outcome
+        .selectors
+        .iter()
+        .map(|r| r.selector.name())
+        .collect();
+    assert_eq!(names, ["confidence", "risk-averse", "learned"]);
+
+    // All right (the human answers are the model's own): a learned selector has nothing to
+    // learn and scores every question alike; calibrate says so.
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    let mut examples = read_jsonl(&val, &ReadOptions::default()).unwrap().examples;
+    for e in &mut examples {
+        let r = vqa
+            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+            .unwrap();
+        e.answers = vec![r.answer; 3];
+    }
+    let right = dir.path().join("right.jsonl");
+    write_jsonl(&right, &examples).unwrap();
+    let mut opts = CalibrateOptions::new(DataInput::new(&right), Objective::TargetCoverage(0.8));
+    opts.max_new_tokens = 4;
+    opts.selector = SelectorChoice::Named("learned");
+    opts.dry_run = true;
+    let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+    assert_eq!(outcome.accuracy, 1.0);
+    assert!(
+        outcome.warnings.iter().any(|w| w
+            .contains("the learned selector gives every validation question the same score")
+            && w.contains("all equally right")),
+        "{:?}",
+        outcome.warnings
+    );
+    // The confidence selector still ranks these questions: no warning.
+    opts.selector = SelectorChoice::Named("confidence");
+    assert!(calibrate(&vqa, dir.path(), &opts)
+        .unwrap()
+        .warnings
+        .is_empty());
 }

@@ -304,6 +304,19 @@ pub enum Selector {
 /// The names `calibrate --selector` takes, in the order of its table.
 pub const SELECTOR_NAMES: [&str; 5] = ["confidence", "epistemic", "risk-averse", "vote", "learned"];
 
+/// Why the selector `name` cannot rank questions with `particles` particles, if it cannot:
+/// `epistemic` and `vote` measure how the particles disagree, and one particle gives them the
+/// same score (1) on every question.
+pub fn cannot_rank(name: &str, particles: usize) -> Option<String> {
+    match name {
+        "epistemic" | "vote" if particles < 2 => Some(format!(
+            "the {name} selector measures how the particles disagree, and with {particles} \
+             particle its score is 1 on every question, so no threshold tells them apart"
+        )),
+        _ => None,
+    }
+}
+
 /// The λ values `risk-averse` is chosen from.
 pub const RISK_AVERSE_LAMBDAS: [f64; 6] = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0];
 

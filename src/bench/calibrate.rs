@@ -14,7 +14,9 @@ use super::{read_set, DataInput, EvalSet, Role};
 use crate::answer::candidates::Scored;
 use crate::answer::generate::Sampling;
 use crate::answer::image_check::ImageCheck;
-use crate::answer::selector::{assess, fit_temperature, Facts, Selector, SELECTOR_NAMES};
+use crate::answer::selector::{
+    assess, cannot_rank, fit_temperature, Facts, Selector, SELECTOR_NAMES,
+};
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
 use crate::metrics::{self, NormalizeMode};
@@ -93,7 +95,8 @@ impl Objective {
 /// Which selector `calibrate` fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SelectorChoice {
-    /// Fit every selector and keep the one with the lowest (cross-fitted) AURC.
+    /// Fit every selector that can rank with these particles ([`cannot_rank`]) and keep the one
+    /// with the lowest (cross-fitted) AURC.
     Auto,
     /// One of [`SELECTOR_NAMES`].
     Named(&'static str),
@@ -240,6 +243,9 @@ pub struct CalibrationOutcome {
     /// ([`crate::data::seen`]); `None` when the particles record none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_questions: Option<usize>,
+    /// What makes the stored rule doubtful (e.g. every validation question scored alike).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// See [`CalibrationOutcome::image_flagged`].
@@ -387,6 +393,14 @@ pub fn calibrate(
             opts.objective.describe()
         );
     }
+    if let SelectorChoice::Named(name) = opts.selector {
+        if let Some(why) = cannot_rank(name, vqa.particles()) {
+            bail!(
+                "--selector {name}: {why}; choose confidence, risk-averse or learned (or auto), \
+                 or train two or more particles"
+            );
+        }
+    }
     let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
     let training_questions = crate::data::seen::read(adapters)?
         .map(|keys| crate::data::seen::count(&keys, &set.examples[..set.record.selected]));
@@ -437,7 +451,10 @@ pub fn calibrate(
         pool_acc.push(a);
     }
     let names: Vec<&str> = match opts.selector {
-        SelectorChoice::Auto => SELECTOR_NAMES.to_vec(),
+        SelectorChoice::Auto => SELECTOR_NAMES
+            .into_iter()
+            .filter(|n| cannot_rank(n, vqa.particles()).is_none())
+            .collect(),
         SelectorChoice::Named(n) => vec![n],
     };
     let mut rows = Vec::with_capacity(names.len());
@@ -470,6 +487,10 @@ pub fn calibrate(
     // half of the validation images is flagged less than new ones are), or the share it
     // flags here, whichever is larger.
     let conf = chosen.scores(&val_facts);
+    let mut warnings = Vec::new();
+    if let Some(why) = same_score(&chosen, &conf, &acc) {
+        warnings.push(why);
+    }
     let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
     if kept.is_empty() {
         bail!("the image check flags every validation image: nothing is left to calibrate on");
@@ -582,7 +603,33 @@ pub fn calibrate(
         image_check_skipped,
         temperature_skipped,
         training_questions,
+        warnings,
     })
+}
+
+/// Says so when `selector` gives every validation question the same score (`conf`): the threshold
+/// then answers all of them or none, whatever the objective says. A learned selector does when
+/// the validation answers (`acc`) are all right or all wrong: there is nothing to learn from.
+fn same_score(selector: &Selector, conf: &[f64], acc: &[f64]) -> Option<String> {
+    let (lo, hi) = conf
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
+            (lo.min(c), hi.max(c))
+        });
+    if conf.len() < 2 || hi - lo > 1e-9 {
+        return None;
+    }
+    let labels = if acc.iter().all(|&a| a == acc[0]) {
+        " (its validation answers are all equally right: there is nothing to tell apart)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "the {} selector gives every validation question the same score {lo:.6}{labels}: the \
+         threshold answers all of them or none, whatever the objective; calibrate on questions \
+         the model gets both right and wrong, or choose another --selector",
+        selector.name()
+    ))
 }
 
 /// Fits the image check on the pooled features of the distinct validation images, in the order

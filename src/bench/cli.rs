@@ -268,7 +268,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub json: bool,
     /// The score that decides abstention: confidence, epistemic, risk-averse, vote, learned, or
-    /// auto (the one with the lowest AURC on validation).
+    /// auto (the one with the lowest AURC on validation). epistemic and vote need two or more
+    /// particles (auto skips them with one).
     #[arg(long, default_value = "confidence")]
     pub selector: String,
     /// Validation questions that must be declined (e.g. unanswerable ones): answering one counts
@@ -542,6 +543,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
                 "validation questions"
             )
         );
+    }
+    for w in &outcome.warnings {
+        eprintln!("warning: {w}");
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
