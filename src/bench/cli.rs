@@ -249,7 +249,7 @@ pub struct CalibrateArgs {
     /// `bench --help`).
     #[arg(long, default_value = "always", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
-    /// Only the first N validation questions.
+    /// Only the first N validation questions, and the first N of --ood-val.
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub limit: Option<usize>,
     /// Skip bad records and unreadable images instead of stopping.
