@@ -1691,3 +1691,41 @@ fn selectors_that_cannot_rank_are_refused_or_flagged() {
         .warnings
         .is_empty());
 }
+
+#[test]
+fn calibrate_warns_when_ood_val_questions_are_validation_questions() {
+    // The validation file as --ood-val: every question is both to answer right and to decline.
+    let val = world().join("val.jsonl");
+    let warnings = |ood: PathBuf| {
+        let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+        opts.max_new_tokens = 4;
+        opts.dry_run = true;
+        opts.ood_val = Some(DataInput::new(ood));
+        calibrate(vqa_with_particles(), particles(), &opts)
+            .unwrap()
+            .warnings
+    };
+    let w = warnings(val.clone());
+    assert!(
+        w.iter()
+            .any(|w| w.contains("10 of the 10 --ood-val questions")
+                && w.contains("are also validation questions")),
+        "{w:?}"
+    );
+    // The same image and question under another id, in another file, is found too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut examples = read_jsonl(&val, &ReadOptions::default()).unwrap().examples;
+    examples.truncate(2);
+    for e in &mut examples {
+        e.question_id = format!("copy-{}", e.question_id);
+    }
+    let copy = dir.path().join("copy.jsonl");
+    write_jsonl(&copy, &examples).unwrap();
+    let w = warnings(copy);
+    assert!(
+        w.iter().any(|w| w.contains("2 of the 2 --ood-val")),
+        "{w:?}"
+    );
+    // Questions of another file: no warning.
+    assert!(warnings(world().join("ood-absent.jsonl")).is_empty());
+}

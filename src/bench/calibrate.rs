@@ -3,6 +3,7 @@
 //! a threshold, the `abstention_history` list that keeps the old one; the rest of the file is
 //! kept as it was, key order included).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -420,6 +421,10 @@ pub fn calibrate(
         )?),
         None => None,
     };
+    let mut warnings = Vec::new();
+    if let (Some(input), Some(ood)) = (&opts.ood_val, &ood_set) {
+        warnings.extend(ood_in_val(&opts.data, &set, input, ood));
+    }
     let (val, skipped) = answer_all(vqa, &opts.data, &set, opts)?;
     if val.is_empty() {
         bail!("no validation question could be answered");
@@ -487,7 +492,6 @@ pub fn calibrate(
     // half of the validation images is flagged less than new ones are), or the share it
     // flags here, whichever is larger.
     let conf = chosen.scores(&val_facts);
-    let mut warnings = Vec::new();
     if let Some(why) = same_score(&chosen, &conf, &acc) {
         warnings.push(why);
     }
@@ -604,6 +608,49 @@ pub fn calibrate(
         temperature_skipped,
         training_questions,
         warnings,
+    })
+}
+
+/// Says so when `--ood-val` questions are also validation questions (the same question id in the
+/// same file, or the same image and question): each would count both as one to answer right and
+/// as one to decline.
+fn ood_in_val(
+    val_input: &DataInput,
+    val: &EvalSet,
+    ood_input: &DataInput,
+    ood: &EvalSet,
+) -> Option<String> {
+    let same_file = match (
+        std::fs::canonicalize(&val_input.path),
+        std::fs::canonicalize(&ood_input.path),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => val_input.path == ood_input.path,
+    };
+    let val = &val.examples[..val.record.selected];
+    let ids: HashSet<&str> = val.iter().map(|e| e.question_id.as_str()).collect();
+    let asked: HashSet<(&Path, &str)> = val
+        .iter()
+        .map(|e| (e.image.as_path(), e.question.as_str()))
+        .collect();
+    let ood = &ood.examples[..ood.record.selected];
+    let both = ood
+        .iter()
+        .filter(|e| {
+            (same_file && ids.contains(e.question_id.as_str()))
+                || asked.contains(&(e.image.as_path(), e.question.as_str()))
+        })
+        .count();
+    (both > 0).then(|| {
+        format!(
+            "{both} of the {} --ood-val questions ({}) are also validation questions ({}: the \
+             same question id in the same file, or the same image and question): each counts both \
+             as one to answer right and as one to decline; give --ood-val questions the \
+             validation data does not hold",
+            ood.len(),
+            ood_input.path.display(),
+            val_input.path.display()
+        )
     })
 }
 
