@@ -31,6 +31,39 @@ pub struct RiskGuarantee {
     pub coverage: f64,
 }
 
+impl RiskGuarantee {
+    /// Refuses numbers that contradict each other (a hand-edited config): more answered than
+    /// questions, α or δ outside (0, 1), a bound below the risk it certifies or above α, a
+    /// coverage outside [0, 1].
+    pub fn check(&self) -> Result<(), String> {
+        let unit = |x: f64| (0.0..=1.0).contains(&x);
+        let open_unit = |x: f64| x > 0.0 && x < 1.0;
+        if self.answered > self.questions {
+            return Err(format!(
+                "{} answered of {} questions",
+                self.answered, self.questions
+            ));
+        }
+        if !(open_unit(self.alpha) && open_unit(self.delta)) {
+            return Err(format!(
+                "alpha {:?} and delta {:?} must lie in (0, 1)",
+                self.alpha, self.delta
+            ));
+        }
+        // The bound is an upper confidence bound on the risk, and the test passed: bound ≤ α.
+        if !(unit(self.risk) && self.risk <= self.bound + 1e-12 && self.bound <= self.alpha) {
+            return Err(format!(
+                "risk {:?} <= bound {:?} <= alpha {:?} does not hold",
+                self.risk, self.bound, self.alpha
+            ));
+        }
+        if !unit(self.coverage) {
+            return Err(format!("coverage {:?} is outside [0, 1]", self.coverage));
+        }
+        Ok(())
+    }
+}
+
 /// ln P(Bin(n, p) ≤ k), by summing the pmf in log space.
 fn log_binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
     if k >= n || p <= 0.0 {

@@ -579,6 +579,80 @@ fn bad_particle_configs_name_the_file_and_field() {
     assert!(err.contains("particles = 0"), "{err}");
 }
 
+#[test]
+fn stored_temperatures_and_guarantees_that_cannot_be_are_refused() {
+    // calibrate fits the temperature in [0.05, 20]: 1e308 made every confidence 0.5, 1e-300
+    // every one 1. A guarantee's numbers must agree with each other.
+    let guarantee = |answered: usize, risk: f64, bound: f64, coverage: f64| {
+        serde_json::json!({
+            "method": "ltt-binomial", "alpha": 0.1, "delta": 0.1, "questions": 10,
+            "answered": answered, "risk": risk, "bound": bound, "coverage": coverage
+        })
+    };
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "temperature",
+            1e308.into(),
+            "abstention.temperature 1e308 is outside [0.05, 20]",
+        ),
+        (
+            "temperature",
+            1e-300.into(),
+            "abstention.temperature 1e-300 is outside",
+        ),
+        (
+            "temperature",
+            0.0.into(),
+            "abstention.temperature 0.0 is outside",
+        ),
+        (
+            "guarantee",
+            guarantee(20, 0.05, 0.08, 1.0),
+            "20 answered of 10 questions",
+        ),
+        (
+            "guarantee",
+            guarantee(8, 0.05, 0.01, 0.8),
+            "risk 0.05 <= bound 0.01",
+        ),
+        (
+            "guarantee",
+            guarantee(8, 0.05, 0.5, 0.8),
+            "bound 0.5 <= alpha 0.1",
+        ),
+        (
+            "guarantee",
+            guarantee(8, 0.05, 0.08, 2.0),
+            "coverage 2.0 is outside [0, 1]",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        particle_set(dir.path());
+        edit_json(&dir.path().join(CONFIG_FILE), |v| {
+            v["abstention"][key] = value.clone()
+        });
+        let err = particles_err(dir.path());
+        assert!(
+            err.contains(expected) && err.contains(CONFIG_FILE) && err.contains("recalibrate"),
+            "{key} = {value}: {err}"
+        );
+    }
+    // A consistent guarantee and a temperature in the range load.
+    let dir = tempfile::tempdir().unwrap();
+    particle_set(dir.path());
+    edit_json(&dir.path().join(CONFIG_FILE), |v| {
+        v["abstention"]["guarantee"] = guarantee(8, 0.05, 0.08, 0.8);
+        v["abstention"]["temperature"] = 1.1.into();
+    });
+    BellaVqa::load(
+        &ModelSource::Dir(llava_dir()),
+        Some(dir.path()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+}
+
 /// Makes the config one written before it recorded its factors' sha256, so that the checks
 /// behind that one (what an older set still relies on) are reached.
 fn forget_particles_hash(dir: &Path) {

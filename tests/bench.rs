@@ -52,6 +52,10 @@ fn world() -> &'static Path {
 
 /// Writes P random particles (they disagree, so epistemic uncertainty is not zero).
 fn make_particles(dir: &Path) {
+    make_n_particles(dir, P);
+}
+
+fn make_n_particles(dir: &Path, particles: usize) {
     let loaded = load_model("llava-tiny-hub");
     let Model::Llava(mut m) = loaded.model else {
         panic!("not LLaVA")
@@ -60,7 +64,7 @@ fn make_particles(dir: &Path) {
         targets: vec!["language_model.model.layers.*".into()],
         rank: 8,
         alpha: 16.0,
-        particles: P,
+        particles,
     };
     let layers = attach(m.as_mut(), &spec, InitB::Normal { std: 0.2 }, 7).unwrap();
     let config = ParticleConfig {
@@ -68,7 +72,7 @@ fn make_particles(dir: &Path) {
         layers,
         rank: spec.rank,
         alpha: spec.alpha,
-        particles: P,
+        particles,
         seed: 7,
         ..tiny_llava_particle_config(&loaded.files)
     };
@@ -1562,4 +1566,201 @@ fn declined_counts_abstentions_and_unanswerable_answers() {
     assert_eq!(declined(&refs), 0.75);
     assert_eq!(declined(&refs[..1]), 0.0);
     assert_eq!(declined(&[]), 0.0);
+}
+
+#[test]
+fn bench_takes_the_abstain_on_everything_threshold_calibrate_stores() {
+    // Calibrate stores "abstain on everything" as the f64 just above the highest score, 1;
+    // ask accepts it, and bench must too (it refused anything above 1).
+    let dir = tempfile::tempdir().unwrap();
+    make_particles(dir.path());
+    let above_one = f64::from_bits(1.0f64.to_bits() + 1);
+    bench::store_abstention(dir.path(), &test_abstention(above_one)).unwrap();
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    let spec = ModelSpec {
+        adapters: Some(dir.path().to_path_buf()),
+        ..spec()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = BenchOptions::new(DataInput::new(world().join("test.jsonl")), out.path());
+    opts.max_new_tokens = 4;
+    opts.limit = Some(3);
+    opts.bootstrap.resamples = 0;
+    bench::run(&vqa, &spec, &opts).unwrap();
+    let samples = samples_of(out.path());
+    assert_eq!(samples.len(), 3);
+    assert!(
+        samples.iter().all(|s| s["abstained"] == true),
+        "{samples:?}"
+    );
+    assert_eq!(results_of(out.path())["results"]["threshold"], above_one);
+
+    // A --threshold outside [0, 1] is refused, saying what to give instead.
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = BenchOptions::new(DataInput::new(world().join("test.jsonl")), out.path());
+    opts.threshold = Some(above_one);
+    let e = format!("{:#}", bench::run(&vqa, &spec, &opts).unwrap_err());
+    assert!(
+        e.contains("--threshold 1.0000000000000002 is not a score in [0, 1]")
+            && e.contains("leave --threshold out"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_file_of_one_question_keeps_the_other_files_intervals_and_the_notes_say_why_it_has_none() {
+    // A 1-question --val and a 1-question --ood-data beside the 10 test questions: every
+    // interval of the run disappeared, while the notes still announced them.
+    let dir = tempfile::tempdir().unwrap();
+    let one = |name: &str, from: &str| {
+        let mut examples = read_jsonl(&world().join(from), &ReadOptions::default())
+            .unwrap()
+            .examples;
+        examples.truncate(1);
+        let path = dir.path().join(name);
+        write_jsonl(&path, &examples).unwrap();
+        DataInput::new(path)
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(out.path());
+    opts.val = Some(one("val1.jsonl", "val.jsonl"));
+    opts.ood = vec![one("absent1.jsonl", "ood-absent.jsonl")];
+    opts.bootstrap.resamples = 50;
+    run(&opts);
+    let r = results_of(out.path());
+    let intervals = r["intervals"].as_object().unwrap();
+    // The test file's metrics keep their intervals (the tiny model's confidences vary, so the
+    // NLL's has a width).
+    for key in ["vqa_accuracy", "coverage", "aurc", "ece", "nll"] {
+        let [lo, hi] = [0, 1].map(|i| intervals[key][i].as_f64().unwrap());
+        let point = r["results"][key].as_f64().unwrap();
+        assert!(lo <= point && point <= hi, "{key}: {point} [{lo}, {hi}]");
+    }
+    assert!(intervals["nll"][0].as_f64() < intervals["nll"][1].as_f64());
+    // The 1-question OOD file's own metrics have none; the test file's keep theirs.
+    assert!(r["results"]["ood.absent1.coverage"].is_number());
+    assert!(
+        !intervals.keys().any(|k| k.starts_with("ood.absent1.")),
+        "{intervals:?}"
+    );
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for (split, consequence) in [
+        ("val", "the thresholds chosen on it do not vary"),
+        ("absent1", "its metrics (ood.…) have no interval"),
+    ] {
+        assert!(
+            notes.iter().any(|n| n.contains(&format!("{split} ("))
+                && n.contains("has one question")
+                && n.contains(consequence)),
+            "{notes:?}"
+        );
+    }
+}
+
+#[test]
+fn selectors_that_cannot_rank_are_refused_or_flagged() {
+    // One particle: epistemic (MI 0) and vote (share 1) score every question 1, and calibrate
+    // stored them with an objective that never abstains. Refused by name, skipped by auto.
+    let dir = tempfile::tempdir().unwrap();
+    make_n_particles(dir.path(), 1);
+    let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
+    let val = world().join("val.jsonl");
+    for name in ["epistemic", "vote"] {
+        let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+        opts.selector = SelectorChoice::Named(name);
+        let e = format!("{:#}", calibrate(&vqa, dir.path(), &opts).unwrap_err());
+        assert!(
+            e.contains(&format!("--selector {name}")) && e.contains("with 1 particle"),
+            "{e}"
+        );
+    }
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+    opts.max_new_tokens = 4;
+    opts.selector = SelectorChoice::Auto;
+    opts.dry_run = true;
+    let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+    let names: Vec<&str> = outcome
+        .selectors
+        .iter()
+        .map(|r| r.selector.name())
+        .collect();
+    assert_eq!(names, ["confidence", "risk-averse", "learned"]);
+
+    // All right (the human answers are the model's own): a learned selector has nothing to
+    // learn and scores every question alike; calibrate says so.
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    let mut examples = read_jsonl(&val, &ReadOptions::default()).unwrap().examples;
+    for e in &mut examples {
+        let r = vqa
+            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+            .unwrap();
+        e.answers = vec![r.answer; 3];
+    }
+    let right = dir.path().join("right.jsonl");
+    write_jsonl(&right, &examples).unwrap();
+    let mut opts = CalibrateOptions::new(DataInput::new(&right), Objective::TargetCoverage(0.8));
+    opts.max_new_tokens = 4;
+    opts.selector = SelectorChoice::Named("learned");
+    opts.dry_run = true;
+    let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
+    assert_eq!(outcome.accuracy, 1.0);
+    assert!(
+        outcome.warnings.iter().any(|w| w
+            .contains("the learned selector gives every validation question the same score")
+            && w.contains("all equally right")),
+        "{:?}",
+        outcome.warnings
+    );
+    // The confidence selector still ranks these questions: no warning.
+    opts.selector = SelectorChoice::Named("confidence");
+    assert!(calibrate(&vqa, dir.path(), &opts)
+        .unwrap()
+        .warnings
+        .is_empty());
+}
+
+#[test]
+fn calibrate_warns_when_ood_val_questions_are_validation_questions() {
+    // The validation file as --ood-val: every question is both to answer right and to decline.
+    let val = world().join("val.jsonl");
+    let warnings = |ood: PathBuf| {
+        let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.8));
+        opts.max_new_tokens = 4;
+        opts.dry_run = true;
+        opts.ood_val = Some(DataInput::new(ood));
+        calibrate(vqa_with_particles(), particles(), &opts)
+            .unwrap()
+            .warnings
+    };
+    let w = warnings(val.clone());
+    assert!(
+        w.iter()
+            .any(|w| w.contains("10 of the 10 --ood-val questions")
+                && w.contains("are also validation questions")),
+        "{w:?}"
+    );
+    // The same image and question under another id, in another file, is found too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut examples = read_jsonl(&val, &ReadOptions::default()).unwrap().examples;
+    examples.truncate(2);
+    for e in &mut examples {
+        e.question_id = format!("copy-{}", e.question_id);
+    }
+    let copy = dir.path().join("copy.jsonl");
+    write_jsonl(&copy, &examples).unwrap();
+    let w = warnings(copy);
+    assert!(
+        w.iter().any(|w| w.contains("2 of the 2 --ood-val")),
+        "{w:?}"
+    );
+    // Questions of another file: no warning.
+    assert!(warnings(world().join("ood-absent.jsonl")).is_empty());
 }

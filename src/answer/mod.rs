@@ -154,9 +154,7 @@ impl AskOptions {
             bail!("--max-new-tokens 0: an answer needs at least one token");
         }
         if let Some(t) = self.threshold {
-            if !(0.0..=1.0).contains(&t) {
-                bail!("--threshold {t} is not a score in [0, 1]");
-            }
+            check_given_threshold(t)?;
         }
         if let Sampling::Sample {
             temperature, top_p, ..
@@ -171,6 +169,19 @@ impl AskOptions {
         }
         Ok(())
     }
+}
+
+/// Refuses a threshold given in place of the calibrated one (`--threshold`) outside [0, 1], where
+/// every selector's score lies. A stored threshold is checked when the particles are read
+/// ([`ParticleConfig::validate`](crate::bella::particles::ParticleConfig::validate)).
+pub fn check_given_threshold(t: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&t) {
+        bail!(
+            "--threshold {t} is not a score in [0, 1]: give one in [0, 1] (0 answers every \
+             question), or leave --threshold out to use the particles' calibrated threshold"
+        );
+    }
+    Ok(())
 }
 
 /// One question of a batch (see [`BellaVqa::ask_batch`]).

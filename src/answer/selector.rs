@@ -304,6 +304,19 @@ pub enum Selector {
 /// The names `calibrate --selector` takes, in the order of its table.
 pub const SELECTOR_NAMES: [&str; 5] = ["confidence", "epistemic", "risk-averse", "vote", "learned"];
 
+/// Why the selector `name` cannot rank questions with `particles` particles, if it cannot:
+/// `epistemic` and `vote` measure how the particles disagree, and one particle gives them the
+/// same score (1) on every question.
+pub fn cannot_rank(name: &str, particles: usize) -> Option<String> {
+    match name {
+        "epistemic" | "vote" if particles < 2 => Some(format!(
+            "the {name} selector measures how the particles disagree, and with {particles} \
+             particle its score is 1 on every question, so no threshold tells them apart"
+        )),
+        _ => None,
+    }
+}
+
 /// The λ values `risk-averse` is chosen from.
 pub const RISK_AVERSE_LAMBDAS: [f64; 6] = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0];
 
@@ -385,7 +398,8 @@ pub const TEMPERATURE_RANGE: (f64, f64) = (0.05, 20.0);
 /// tempered softmax average is unimodal in practice; the search returns the best point it saw).
 /// Questions with an empty or all-zero target are left out.
 ///
-/// Refused, saying why, when no question is left, or when the fit runs to an end of the range:
+/// Refused, saying why, when no question is left, or when the fit runs to an end of the range
+/// (the optimum is at it, or the NLL at the end is as low as at the optimum: a flat minimum):
 /// the validation answers then favour ever sharper (all right) or ever flatter (all wrong)
 /// probabilities, and a temperature there only makes every confidence 1 or every one alike.
 pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, String> {
@@ -437,19 +451,24 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, Str
         }
     }
     let log_t = (a + b) / 2.0;
+    let best = nll(log_t);
     // T = 1 is kept when the search cannot beat it (flat NLL).
-    if nll(log_t) >= nll(0.0) {
+    if best >= nll(0.0) {
         return Ok(1.0);
     }
+    // Ran to an end: the optimum is at it, or the NLL there is as low (a flat minimum that
+    // reaches the end: sharp, all-right answers make the NLL exactly 0 in f64 below T ≈ 0.1,
+    // and the search stops at the edge of that region, far from the end of the range).
     let edge = 0.01;
-    if log_t - lo < edge {
+    let as_low = |end: f64| nll(end) <= best + 1e-12;
+    if log_t - lo < edge || as_low(lo) {
         return Err(format!(
             "the validation answers favour ever sharper probabilities (the fit ran to T = {}, \
              where the confidences are 1): too few of them are wrong to fit a temperature on",
             TEMPERATURE_RANGE.0
         ));
     }
-    if hi - log_t < edge {
+    if hi - log_t < edge || as_low(hi) {
         return Err(format!(
             "the validation answers favour ever flatter probabilities (the fit ran to T = {}, \
              where the confidences are alike): too few of them are right to fit a temperature on",
@@ -626,6 +645,20 @@ mod tests {
             let qs = [(right.as_slice(), target)];
             let e = fit_temperature(&qs).unwrap_err();
             assert!(e.contains(word), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_flat_minimum_at_the_sharp_end_is_refused_too() {
+        // Sharp and right (1, 2 or 10 questions): tempered below T ≈ 0.1 the answer's probability
+        // is 1.0 in f64 and the NLL exactly 0, a flat region that the search stops at the edge
+        // of (T ≈ 0.10), not at the end of the range. The answers favour ever sharper
+        // probabilities all the same.
+        let sharp = vec![vec![0.99, 0.005, 0.005]; 4];
+        for n in [1, 2, 10] {
+            let qs = vec![(sharp.as_slice(), vec![1.0, 0.0, 0.0]); n];
+            let e = fit_temperature(&qs).unwrap_err();
+            assert!(e.contains("sharper"), "{n} question(s): {e}");
         }
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Adapter, AdapterSpec, ParticleModel};
 use crate::answer::image_check::ImageCheck;
-use crate::answer::selector::Selector;
+use crate::answer::selector::{Selector, TEMPERATURE_RANGE};
 pub use crate::guarantee::RiskGuarantee;
 use crate::hub::ModelFiles;
 use crate::models::weights::count_non_finite;
@@ -168,8 +168,8 @@ fn stored_threshold_in_range(t: f64) -> bool {
 
 impl ParticleConfig {
     /// The invariants loading and answering rely on: sizes and α as [`AdapterSpec::validate`]
-    /// checks them, at least one layer, a stored threshold in [0, 1], a usable selector and a
-    /// positive temperature.
+    /// checks them, at least one layer, a stored threshold in [0, 1], a usable selector, a
+    /// temperature in the range calibrate fits it in and a guarantee whose numbers agree.
     pub fn validate(&self) -> Result<()> {
         AdapterSpec {
             targets: self.targets.clone(),
@@ -192,8 +192,17 @@ impl ParticleConfig {
                 .check()
                 .map_err(anyhow::Error::msg)
                 .context("abstention.selector")?;
-            if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
-                bail!("abstention.temperature {t} is not a positive number: recalibrate");
+            let (lo, hi) = TEMPERATURE_RANGE;
+            if let Some(t) = a.temperature.filter(|t| !(lo..=hi).contains(t)) {
+                bail!(
+                    "abstention.temperature {t:?} is outside [{lo}, {hi}], the range calibrate fits \
+                     it in: recalibrate"
+                );
+            }
+            if let Some(g) = &a.guarantee {
+                g.check()
+                    .map_err(anyhow::Error::msg)
+                    .context("abstention.guarantee: recalibrate")?;
             }
             if let Some(c) = &a.image_check {
                 c.check()

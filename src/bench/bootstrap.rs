@@ -6,6 +6,10 @@
 //! (validation included, so the thresholds chosen on it vary too). Resample r uses its own RNG
 //! seeded from (seed, r): the intervals do not depend on the number of threads. Runs compared
 //! with each other are resampled with the same draws (paired over questions).
+//!
+//! A file of one question is the same in every resample: it is held fixed while the others are
+//! resampled, and its own metrics get no interval (it would have width 0, and any difference
+//! would look certain).
 
 use std::collections::BTreeMap;
 
@@ -82,19 +86,18 @@ fn draw(sizes: &[usize], seed: u64, r: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// The metric maps of every run on every resample: `[resample][run]`. Every run must have
-/// groups of the same sizes (the same questions, for pairing).
-fn resampled<T, F>(
-    runs: &[&[Vec<T>]],
-    b: &Bootstrap,
-    metric: F,
-) -> Result<Vec<Vec<Map<String, Value>>>>
+/// The metric maps of every run on every resample: `[resample][run]`.
+type Maps = Vec<Vec<Map<String, Value>>>;
+
+/// The [`Maps`] of the resamples, and the groups of one question (the same in every resample).
+/// Every run must have groups of the same sizes (the same questions, for pairing).
+fn resampled<T, F>(runs: &[&[Vec<T>]], b: &Bootstrap, metric: F) -> Result<(Maps, Vec<usize>)>
 where
     T: Clone + Sync,
     F: Fn(&[Vec<T>]) -> Result<Map<String, Value>> + Sync,
 {
     let Some(first) = runs.first() else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let sizes: Vec<usize> = first.iter().map(Vec::len).collect();
     if runs
@@ -103,12 +106,8 @@ where
     {
         bail!("paired bootstrap: the runs do not hold the same questions");
     }
-    // A file of one question is the same in every resample: its metrics would get intervals of
-    // width 0, and any difference would look certain. No intervals then.
-    if sizes.contains(&1) {
-        return Ok(Vec::new());
-    }
-    (0..b.resamples)
+    let single: Vec<usize> = (0..sizes.len()).filter(|&g| sizes[g] == 1).collect();
+    let maps = (0..b.resamples)
         .into_par_iter()
         .map(|r| {
             let idx = draw(&sizes, b.seed, r);
@@ -123,19 +122,23 @@ where
                 })
                 .collect()
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((maps, single))
 }
 
 /// Percentile intervals of the values `value(resample)` gives, per estimate key; keys defined
-/// (a number) in fewer than half the resamples are left out.
+/// (a number) in fewer than half the resamples are left out, and so are the keys that
+/// `of_group(key, g)` says are metrics of a group `g` of `single` (one question).
 fn collect_intervals(
-    maps: &[Vec<Map<String, Value>>],
+    maps: &Maps,
+    single: &[usize],
+    of_group: &impl Fn(&str, usize) -> bool,
     value: impl Fn(&[Map<String, Value>], &str) -> Option<f64>,
 ) -> BTreeMap<String, [f64; 2]> {
     let mut keys: Vec<&String> = maps
         .iter()
         .flat_map(|m| m.iter().flat_map(|run| run.keys()))
-        .filter(|k| is_estimate(k))
+        .filter(|k| is_estimate(k) && !single.iter().any(|&g| of_group(k, g)))
         .collect();
     keys.sort();
     keys.dedup();
@@ -149,37 +152,40 @@ fn collect_intervals(
 }
 
 /// Intervals for every estimate of every run, resampled with the same draws: one map per run.
-/// `metric` computes the flat metric map of one run's per-file groups.
+/// `metric` computes the flat metric map of one run's per-file groups; `of_group(key, g)` tells
+/// whether `key` is a metric of group `g` (left out when that group has one question).
 pub fn intervals<T, F>(
     runs: &[&[Vec<T>]],
     b: &Bootstrap,
     metric: F,
+    of_group: impl Fn(&str, usize) -> bool,
 ) -> Result<Vec<BTreeMap<String, [f64; 2]>>>
 where
     T: Clone + Sync,
     F: Fn(&[Vec<T>]) -> Result<Map<String, Value>> + Sync,
 {
-    let maps = resampled(runs, b, metric)?;
+    let (maps, single) = resampled(runs, b, metric)?;
     Ok((0..runs.len())
-        .map(|k| collect_intervals(&maps, |m, key| m[k].get(key)?.as_f64()))
+        .map(|k| collect_intervals(&maps, &single, &of_group, |m, key| m[k].get(key)?.as_f64()))
         .collect())
 }
 
 /// Paired intervals of run k − run 0 for every k ≥ 1 (one map each): every run is resampled
-/// with the same draws.
+/// with the same draws (`of_group` as in [`intervals`]).
 pub fn paired<T, F>(
     runs: &[&[Vec<T>]],
     b: &Bootstrap,
     metric: F,
+    of_group: impl Fn(&str, usize) -> bool,
 ) -> Result<Vec<BTreeMap<String, [f64; 2]>>>
 where
     T: Clone + Sync,
     F: Fn(&[Vec<T>]) -> Result<Map<String, Value>> + Sync,
 {
-    let maps = resampled(runs, b, metric)?;
+    let (maps, single) = resampled(runs, b, metric)?;
     Ok((1..runs.len())
         .map(|k| {
-            collect_intervals(&maps, |m, key| {
+            collect_intervals(&maps, &single, &of_group, |m, key| {
                 Some(m[k].get(key)?.as_f64()? - m[0].get(key)?.as_f64()?)
             })
         })
@@ -215,7 +221,7 @@ mod tests {
     fn interval(data: &[f64], b: &Bootstrap) -> [f64; 2] {
         let runs = [vec![data.to_vec()]];
         let r: Vec<&[Vec<f64>]> = runs.iter().map(|g| g.as_slice()).collect();
-        intervals(&r, b, mean_metric).unwrap()[0]["mean"]
+        intervals(&r, b, mean_metric, |_, _| true).unwrap()[0]["mean"]
     }
 
     #[test]
@@ -251,7 +257,7 @@ mod tests {
         // Counts get no interval.
         let runs = [vec![small.clone()]];
         let r: Vec<&[Vec<f64>]> = runs.iter().map(|g| g.as_slice()).collect();
-        assert!(!intervals(&r, &b, mean_metric).unwrap()[0].contains_key("count"));
+        assert!(!intervals(&r, &b, mean_metric, |_, _| true).unwrap()[0].contains_key("count"));
     }
 
     #[test]
@@ -274,8 +280,8 @@ mod tests {
         let shifted: Vec<f64> = data.iter().map(|x| x + 0.03).collect();
         let runs = [vec![data.clone()], vec![data.clone()], vec![shifted]];
         let r: Vec<&[Vec<f64>]> = runs.iter().map(|g| g.as_slice()).collect();
-        let diffs = paired(&r, &Bootstrap::default(), mean_metric).unwrap();
-        let single = intervals(&r, &Bootstrap::default(), mean_metric).unwrap();
+        let diffs = paired(&r, &Bootstrap::default(), mean_metric, |_, _| true).unwrap();
+        let single = intervals(&r, &Bootstrap::default(), mean_metric, |_, _| true).unwrap();
         assert_eq!(diffs[0]["mean"], [0.0, 0.0]);
         assert!(!significant(&diffs[0]["mean"]));
         // A constant shift is the same in every resample: paired, it is certain, although the
@@ -287,10 +293,37 @@ mod tests {
         // One question: every resample alike, so no intervals (every difference looked certain).
         let one = [vec![vec![0.0]], vec![vec![1.0]]];
         let r: Vec<&[Vec<f64>]> = one.iter().map(|g| g.as_slice()).collect();
-        assert!(paired(&r, &Bootstrap::default(), mean_metric).unwrap()[0].is_empty());
+        assert!(paired(&r, &Bootstrap::default(), mean_metric, |_, _| true).unwrap()[0].is_empty());
         // Different questions cannot be paired.
         let other = [vec![data.clone()], vec![values(10, 9)]];
         let r: Vec<&[Vec<f64>]> = other.iter().map(|g| g.as_slice()).collect();
-        assert!(paired(&r, &Bootstrap::default(), mean_metric).is_err());
+        assert!(paired(&r, &Bootstrap::default(), mean_metric, |_, _| true).is_err());
+    }
+
+    #[test]
+    fn a_group_of_one_question_is_held_fixed_and_only_its_own_metrics_lose_their_interval() {
+        // Group 0 has one question, group 1 a hundred; "a" is group 0's mean, "b" group 1's,
+        // "gap" is computed from both.
+        let metric = |groups: &[Vec<f64>]| -> Result<Map<String, Value>> {
+            let mean = |g: &[f64]| g.iter().sum::<f64>() / g.len() as f64;
+            let mut m = Map::new();
+            m.insert("a".into(), Value::from(mean(&groups[0])));
+            m.insert("b".into(), Value::from(mean(&groups[1])));
+            m.insert(
+                "gap".into(),
+                Value::from(mean(&groups[1]) - mean(&groups[0])),
+            );
+            Ok(m)
+        };
+        let of_group = |key: &str, g: usize| matches!((key, g), ("a", 0) | ("b", 1));
+        let runs = [vec![vec![0.25], values(100, 5)]];
+        let r: Vec<&[Vec<f64>]> = runs.iter().map(|g| g.as_slice()).collect();
+        let got = intervals(&r, &Bootstrap::default(), metric, of_group).unwrap();
+        assert!(!got[0].contains_key("a"), "{got:?}");
+        let [lo, hi] = got[0]["b"];
+        assert!(hi - lo > 0.05, "{lo} {hi}");
+        // The single question is the same in every resample: "gap" varies with group 1 alone.
+        let [glo, ghi] = got[0]["gap"];
+        assert!((glo + 0.25 - lo).abs() < 1e-12 && (ghi + 0.25 - hi).abs() < 1e-12);
     }
 }

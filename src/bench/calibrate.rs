@@ -3,6 +3,7 @@
 //! a threshold, the `abstention_history` list that keeps the old one; the rest of the file is
 //! kept as it was, key order included).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,9 @@ use super::{read_set, DataInput, EvalSet, Role};
 use crate::answer::candidates::Scored;
 use crate::answer::generate::Sampling;
 use crate::answer::image_check::ImageCheck;
-use crate::answer::selector::{assess, fit_temperature, Facts, Selector, SELECTOR_NAMES};
+use crate::answer::selector::{
+    assess, cannot_rank, fit_temperature, Facts, Selector, SELECTOR_NAMES,
+};
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
 use crate::metrics::{self, NormalizeMode};
@@ -93,7 +96,8 @@ impl Objective {
 /// Which selector `calibrate` fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SelectorChoice {
-    /// Fit every selector and keep the one with the lowest (cross-fitted) AURC.
+    /// Fit every selector that can rank with these particles ([`cannot_rank`]) and keep the one
+    /// with the lowest (cross-fitted) AURC.
     Auto,
     /// One of [`SELECTOR_NAMES`].
     Named(&'static str),
@@ -240,6 +244,9 @@ pub struct CalibrationOutcome {
     /// ([`crate::data::seen`]); `None` when the particles record none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_questions: Option<usize>,
+    /// What makes the stored rule doubtful (e.g. every validation question scored alike).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// See [`CalibrationOutcome::image_flagged`].
@@ -387,6 +394,14 @@ pub fn calibrate(
             opts.objective.describe()
         );
     }
+    if let SelectorChoice::Named(name) = opts.selector {
+        if let Some(why) = cannot_rank(name, vqa.particles()) {
+            bail!(
+                "--selector {name}: {why}; choose confidence, risk-averse or learned (or auto), \
+                 or train two or more particles"
+            );
+        }
+    }
     let set = read_set(&opts.data, "val", Role::Val, opts.limit, opts.skip_bad)?;
     let training_questions = crate::data::seen::read(adapters)?
         .map(|keys| crate::data::seen::count(&keys, &set.examples[..set.record.selected]));
@@ -406,6 +421,10 @@ pub fn calibrate(
         )?),
         None => None,
     };
+    let mut warnings = Vec::new();
+    if let (Some(input), Some(ood)) = (&opts.ood_val, &ood_set) {
+        warnings.extend(ood_in_val(&opts.data, &set, input, ood));
+    }
     let (val, skipped) = answer_all(vqa, &opts.data, &set, opts)?;
     if val.is_empty() {
         bail!("no validation question could be answered");
@@ -437,7 +456,10 @@ pub fn calibrate(
         pool_acc.push(a);
     }
     let names: Vec<&str> = match opts.selector {
-        SelectorChoice::Auto => SELECTOR_NAMES.to_vec(),
+        SelectorChoice::Auto => SELECTOR_NAMES
+            .into_iter()
+            .filter(|n| cannot_rank(n, vqa.particles()).is_none())
+            .collect(),
         SelectorChoice::Named(n) => vec![n],
     };
     let mut rows = Vec::with_capacity(names.len());
@@ -470,6 +492,9 @@ pub fn calibrate(
     // half of the validation images is flagged less than new ones are), or the share it
     // flags here, whichever is larger.
     let conf = chosen.scores(&val_facts);
+    if let Some(why) = same_score(&chosen, &conf, &acc) {
+        warnings.push(why);
+    }
     let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
     if kept.is_empty() {
         bail!("the image check flags every validation image: nothing is left to calibrate on");
@@ -582,7 +607,76 @@ pub fn calibrate(
         image_check_skipped,
         temperature_skipped,
         training_questions,
+        warnings,
     })
+}
+
+/// Says so when `--ood-val` questions are also validation questions (the same question id in the
+/// same file, or the same image and question): each would count both as one to answer right and
+/// as one to decline.
+fn ood_in_val(
+    val_input: &DataInput,
+    val: &EvalSet,
+    ood_input: &DataInput,
+    ood: &EvalSet,
+) -> Option<String> {
+    let same_file = match (
+        std::fs::canonicalize(&val_input.path),
+        std::fs::canonicalize(&ood_input.path),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => val_input.path == ood_input.path,
+    };
+    let val = &val.examples[..val.record.selected];
+    let ids: HashSet<&str> = val.iter().map(|e| e.question_id.as_str()).collect();
+    let asked: HashSet<(&Path, &str)> = val
+        .iter()
+        .map(|e| (e.image.as_path(), e.question.as_str()))
+        .collect();
+    let ood = &ood.examples[..ood.record.selected];
+    let both = ood
+        .iter()
+        .filter(|e| {
+            (same_file && ids.contains(e.question_id.as_str()))
+                || asked.contains(&(e.image.as_path(), e.question.as_str()))
+        })
+        .count();
+    (both > 0).then(|| {
+        format!(
+            "{both} of the {} --ood-val questions ({}) are also validation questions ({}: the \
+             same question id in the same file, or the same image and question): each counts both \
+             as one to answer right and as one to decline; give --ood-val questions the \
+             validation data does not hold",
+            ood.len(),
+            ood_input.path.display(),
+            val_input.path.display()
+        )
+    })
+}
+
+/// Says so when `selector` gives every validation question the same score (`conf`): the threshold
+/// then answers all of them or none, whatever the objective says. A learned selector does when
+/// the validation answers (`acc`) are all right or all wrong: there is nothing to learn from.
+fn same_score(selector: &Selector, conf: &[f64], acc: &[f64]) -> Option<String> {
+    let (lo, hi) = conf
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
+            (lo.min(c), hi.max(c))
+        });
+    if conf.len() < 2 || hi - lo > 1e-9 {
+        return None;
+    }
+    let labels = if acc.iter().all(|&a| a == acc[0]) {
+        " (its validation answers are all equally right: there is nothing to tell apart)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "the {} selector gives every validation question the same score {lo:.6}{labels}: the \
+         threshold answers all of them or none, whatever the objective; calibrate on questions \
+         the model gets both right and wrong, or choose another --selector",
+        selector.name()
+    ))
 }
 
 /// Fits the image check on the pooled features of the distinct validation images, in the order

@@ -253,7 +253,7 @@ pub struct CalibrateArgs {
     /// `bench --help`).
     #[arg(long, default_value = "always", value_parser = parse_normalize)]
     pub normalize: NormalizeMode,
-    /// Only the first N validation questions.
+    /// Only the first N validation questions, and the first N of --ood-val.
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub limit: Option<usize>,
     /// Skip bad records and unreadable images instead of stopping.
@@ -272,7 +272,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub json: bool,
     /// The score that decides abstention: confidence, epistemic, risk-averse, vote, learned, or
-    /// auto (the one with the lowest AURC on validation).
+    /// auto (the one with the lowest AURC on validation). epistemic and vote need two or more
+    /// particles (auto skips them with one).
     #[arg(long, default_value = "confidence")]
     pub selector: String,
     /// Validation questions that must be declined (e.g. unanswerable ones): answering one counts
@@ -580,6 +581,9 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
                 "validation questions"
             )
         );
+    }
+    for w in &outcome.warnings {
+        eprintln!("warning: {w}");
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);

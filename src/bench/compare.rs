@@ -235,7 +235,8 @@ fn differences(
         let (test, val, ood) = results::roles(config, drawn);
         Ok(results::metrics_of(config, &test, &val, &ood)?.results)
     };
-    let diffs = super::bootstrap::paired(&runs, bootstrap, metric)?;
+    let of_group = |key: &str, g: usize| results::is_metric_of(config, key, g);
+    let diffs = super::bootstrap::paired(&runs, bootstrap, metric, of_group)?;
     Ok(Some(
         done.iter()
             .skip(1)

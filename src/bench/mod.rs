@@ -277,8 +277,9 @@ pub(crate) fn run_config(
         (None, Some(a)) => (a.threshold, format!("calibration ({})", a.objective)),
         (None, None) => (UNCALIBRATED_THRESHOLD, "default, uncalibrated".to_string()),
     };
-    if !(0.0..=1.0).contains(&threshold) {
-        bail!("the threshold {threshold} is outside [0, 1]");
+    // A stored threshold passed ParticleConfig::validate when the particles were read.
+    if let Some(t) = opts.threshold {
+        crate::answer::check_given_threshold(t)?;
     }
     Ok(RunConfig {
         model: config::ModelRecord {

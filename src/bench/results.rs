@@ -396,6 +396,47 @@ pub(crate) fn split_samples<'a>(config: &RunConfig, chosen: &[&'a Sample]) -> Ve
         .collect()
 }
 
+/// Whether `key` of the flat metric map is a metric of data file `group` (as [`split_samples`]
+/// orders them): the test file's are the keys outside `ood.`, an OOD file's those under
+/// `ood.{split}.`; the validation file has none of its own (it chooses thresholds).
+pub(crate) fn is_metric_of(config: &RunConfig, key: &str, group: usize) -> bool {
+    let Some(d) = config.data.get(group) else {
+        return false;
+    };
+    match d.role {
+        Role::Test => !key.starts_with("ood."),
+        Role::Val => false,
+        Role::Ood => key
+            .strip_prefix("ood.")
+            .and_then(|k| k.strip_prefix(d.split.as_str()))
+            .is_some_and(|k| k.starts_with('.')),
+    }
+}
+
+/// One note for every data file of one answered question, which the bootstrap holds fixed
+/// ([`super::bootstrap`]): its metrics have no interval.
+pub(crate) fn held_fixed_notes(config: &RunConfig, groups: &[Vec<&Sample>]) -> Vec<String> {
+    config
+        .data
+        .iter()
+        .zip(groups)
+        .filter(|(_, g)| g.len() == 1)
+        .map(|(d, _)| {
+            let what = match d.role {
+                Role::Test => "its metrics have no interval",
+                Role::Val => "the thresholds chosen on it do not vary",
+                Role::Ood => "its metrics (ood.…) have no interval",
+            };
+            format!(
+                "Intervals: {} ({}) has one question, the same in every resample: it is held \
+                 fixed, so {what}, and the other intervals leave out its sampling variation; \
+                 give it more questions for intervals that include it",
+                d.split, d.path
+            )
+        })
+        .collect()
+}
+
 type Roles<'a, 'c> = (
     Vec<&'a Sample>,
     Vec<&'a Sample>,
@@ -593,11 +634,13 @@ pub fn compute(
     }
     let intervals = if bootstrap.resamples > 0 {
         notes.push(bootstrap.describe());
+        notes.extend(held_fixed_notes(config, &groups));
         let metric = |drawn: &[Vec<&Sample>]| {
             let (test, val, ood_sets) = roles(config, drawn);
             Ok(metrics_of(config, &test, &val, &ood_sets)?.results)
         };
-        super::bootstrap::intervals(&[groups.as_slice()], bootstrap, metric)?
+        let of_group = |key: &str, g: usize| is_metric_of(config, key, g);
+        super::bootstrap::intervals(&[groups.as_slice()], bootstrap, metric, of_group)?
             .pop()
             .unwrap_or_default()
     } else {
