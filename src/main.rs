@@ -1040,7 +1040,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         if let Some(d) = &report.diversity {
             let pct = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.1} %", a * 100.0));
             println!(
-                "diversity over {} evaluations: answer disagreement {} → {} (max {}), mean pairwise ΔW distance {:.4} → {:.4} (train_summary.json)",
+                "diversity over {} evaluation(s): answer disagreement {} → {} (max {}), mean pairwise ΔW distance {:.4} → {:.4} (train_summary.json)",
                 d.evaluations,
                 pct(d.first.val_disagreement),
                 pct(d.last.val_disagreement),

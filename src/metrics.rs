@@ -638,7 +638,8 @@ pub fn optimal_aurc(acc: &[f64]) -> Result<f64> {
 
 /// Excess AURC: [`aurc`] − [`optimal_aurc`] (≥ 0).
 pub fn excess_aurc(conf: &[f64], acc: &[f64]) -> Result<f64> {
-    Ok(aurc(conf, acc)? - optimal_aurc(acc)?)
+    // Never below 0 but by rounding (−8.7e-19 read as a negative excess in a report).
+    Ok((aurc(conf, acc)? - optimal_aurc(acc)?).max(0.0))
 }
 
 /// Coverage reached at a target selective risk.

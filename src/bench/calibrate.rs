@@ -508,12 +508,14 @@ pub fn calibrate(
             // Coverage lost to the check that no threshold can win back (beyond rounding).
             if c > (1.0 - declined) + 1e-9 {
                 bail!(
-                    "coverage {:.1} % cannot be met: the image check declines {:.1} % of the \
-                     validation questions (false-alarm rate {}), so at most {:.1} % can be \
+                    "coverage {:.1} % cannot be met: the image check is expected to decline \
+                     {:.1} % of new questions like these (it flags {:.1} % of the validation \
+                     questions, and its false-alarm rate is up to {}), so at most {:.1} % can be \
                      answered; lower --target-coverage, or choose a smaller --image-check-alpha (or \
                      --no-image-check)",
                     c * 100.0,
                     declined * 100.0,
+                    flagged * 100.0,
                     check.alpha,
                     (1.0 - declined) * 100.0
                 );

@@ -613,24 +613,29 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     if let Some(g) = &outcome.abstention.guarantee {
         // The questions whose image the check flags are declined, so not part of the test.
         let flagged = outcome.count.saturating_sub(g.questions);
+        let tested = if flagged > 0 {
+            format!(
+                "of the {} question(s) whose image the check passes (the {flagged} it flags are \
+                 declined, so not tested), {} answered ({:.1} %)",
+                g.questions,
+                g.answered,
+                g.coverage * 100.0
+            )
+        } else {
+            format!(
+                "{} of {} answered (expected coverage {:.1} %)",
+                g.answered,
+                g.questions,
+                g.coverage * 100.0
+            )
+        };
         println!(
             "guarantee ({}): risk <= {} with probability >= {} — upper bound {:.4} at this \
-             threshold, {} of {} answered (expected coverage {:.1} %){}",
+             threshold; {tested}",
             g.method,
             g.alpha,
             1.0 - g.delta,
             g.bound,
-            g.answered,
-            g.questions,
-            g.coverage * 100.0,
-            if flagged > 0 {
-                format!(
-                    "; the {flagged} question(s) whose image the check flags are declined, so \
-                     not tested"
-                )
-            } else {
-                String::new()
-            }
         );
     }
     match (&outcome.abstention.image_check, &outcome.image_flagged) {
