@@ -9,7 +9,7 @@
 //! - GQA: `[{"questionId": "201307251", "prediction": "…"}, …]` (what GQA's `eval.py` reads);
 //! - A-OKVQA: `{"22MexNkBPpdZGX6sxbxVBH": {"direct_answer": "…"}, …}` (the direct-answer part of
 //!   its leaderboard's predictions file);
-//! - JSONL: `[{"question_id": "…", "answer": "…"}, …]`.
+//! - JSONL: `[{"question_id": "…", "answer": "…"}, …]` (an integer id as a number).
 //!
 //! The answer is the one the particles gave, abstained or not (the servers score every question),
 //! normalised as the run scores it (`--normalize always`, the default: the official VQA
@@ -72,7 +72,7 @@ pub fn write(
                 }
                 DataFormat::Gqa => json!({"questionId": s.question_id, "prediction": answer(s)}),
                 DataFormat::Jsonl | DataFormat::AOkVqa => {
-                    json!({"question_id": s.question_id, "answer": answer(s)})
+                    json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)})
                 }
             })
             .collect()
@@ -122,9 +122,14 @@ pub fn status<'a>(config: &RunConfig, samples: &'a [Sample]) -> Result<Answers<'
     })
 }
 
-/// A VQAv2 or TextVQA question id as its file has it: a number (kept as text if it is none).
+/// A question id as its file most likely has it: a number when it is one written the way a
+/// number is (VQAv2's and TextVQA's ids, a JSONL file's integer ids, which EvalAI compares as
+/// numbers), else the text ("05515938", "22MexNkBPpdZGX6sxbxVBH").
 fn numeric_id(id: &str) -> Value {
-    id.parse::<u64>().map_or_else(|_| json!(id), |n| json!(n))
+    match id.parse::<u64>() {
+        Ok(n) if n.to_string() == id => json!(n),
+        _ => json!(id),
+    }
 }
 
 fn file_name(image: &str) -> String {
@@ -141,6 +146,9 @@ mod tests {
     fn vqav2_ids_are_numbers_as_in_the_questions_file() {
         assert_eq!(numeric_id("262148000"), json!(262148000u64));
         assert_eq!(numeric_id("q-7"), json!("q-7"));
+        // A leading zero or sign is the id's own text, not a number.
+        assert_eq!(numeric_id("05515938"), json!("05515938"));
+        assert_eq!(numeric_id("+5"), json!("+5"));
         assert_eq!(
             file_name("/data/VizWiz_test_00000001.jpg"),
             "VizWiz_test_00000001.jpg"
