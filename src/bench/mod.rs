@@ -740,9 +740,7 @@ pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<P
             .collect()
     });
     let mut written = vec![dir.join(results::RESULTS_FILE)];
-    if let Ok(path) = submission::write(dir, &config, &samples)? {
-        written.push(path);
-    }
+    written.extend(submission::write(dir, &config, &samples)?);
     written.extend(crate::report::write_report(
         dir,
         &results,

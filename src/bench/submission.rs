@@ -35,19 +35,13 @@ pub const SUBMISSION_FILE: &str = "submission.json";
 /// How a results note that there is no submission file begins.
 pub const NOT_WRITTEN: &str = "no submission.json: ";
 
-/// Writes `dir/submission.json`, or removes an old one and says why there is none.
-pub fn write(
-    dir: &Path,
-    config: &RunConfig,
-    samples: &[Sample],
-) -> Result<Result<PathBuf, String>> {
+/// Writes `dir/submission.json`, or removes an old one when the run has none ([`status`] says
+/// why).
+pub fn write(dir: &Path, config: &RunConfig, samples: &[Sample]) -> Result<Option<PathBuf>> {
     let path = dir.join(SUBMISSION_FILE);
-    let answers = match status(config, samples) {
-        Ok(answers) => answers,
-        Err(why) => {
-            crate::io::remove_file(&path)?;
-            return Ok(Err(why));
-        }
+    let Ok(answers) = status(config, samples) else {
+        crate::io::remove_file(&path)?;
+        return Ok(None);
     };
     let (format, mode) = (answers.format, config.normalize);
     let answer = |s: &Sample| match mode {
@@ -67,18 +61,14 @@ pub fn write(
             .iter()
             .map(|s| match format {
                 DataFormat::VizWiz => json!({"image": file_name(&s.image), "answer": answer(s)}),
-                DataFormat::VqaV2 | DataFormat::TextVqa => {
-                    json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)})
-                }
                 DataFormat::Gqa => json!({"questionId": s.question_id, "prediction": answer(s)}),
-                DataFormat::Jsonl | DataFormat::AOkVqa => {
-                    json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)})
-                }
+                // VQAv2, TextVQA, our JSONL.
+                _ => json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)}),
             })
             .collect()
     };
     crate::io::write_bytes_atomically(&path, &serde_json::to_vec(&entries)?)?;
-    Ok(Ok(path))
+    Ok(Some(path))
 }
 
 /// The test answers of a submission, in the file's order.
