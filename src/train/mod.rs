@@ -892,11 +892,11 @@ pub fn train(
             loss_count = 0;
             last_eval = Some(eval);
         }
-        let saved =
+        let checkpoint_due =
             done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0;
         // Ctrl-C (crate::interrupt): the step in progress is finished and kept.
         let stop = !at_end && crate::interrupt::requested();
-        if saved || stop {
+        if checkpoint_due || stop {
             save_checkpoint(done, &params, &optimizer, model, (loss_sum, loss_count))?;
         }
         if stop {
