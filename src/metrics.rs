@@ -119,20 +119,7 @@ pub fn vqa_accuracy<S: AsRef<str>>(answer: &str, human_answers: &[S], mode: Norm
     if n == 0 {
         return 0.0;
     }
-    let mut humans: Vec<String> = human_answers
-        .iter()
-        .map(|h| clean_whitespace(h.as_ref()))
-        .collect();
-    let mut answer = clean_whitespace(answer);
-    let normalise = match mode {
-        NormalizeMode::Always => true,
-        NormalizeMode::Official => humans.iter().any(|h| *h != humans[0]),
-    };
-    if normalise {
-        let norm = |s: &str| process_digit_article(&process_punctuation(s));
-        answer = norm(&answer);
-        humans = humans.iter().map(|h| norm(h)).collect();
-    }
+    let (answer, humans) = compared(answer, human_answers, mode);
     let matches = humans.iter().filter(|h| **h == answer).count();
     if n == 1 {
         return if matches == 1 { 1.0 } else { 0.0 };
@@ -147,6 +134,78 @@ pub fn vqa_accuracy<S: AsRef<str>>(answer: &str, human_answers: &[S], mode: Norm
         })
         .sum();
     total / n as f64
+}
+
+/// How a question's accuracy follows from its human answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccuracyRule {
+    /// VQAv2's leave-one-out rule, [`vqa_accuracy`] (VQAv2, OK-VQA, VizWiz, TextVQA, GQA, ours).
+    #[default]
+    Vqa,
+    /// A-OKVQA's direct-answer rule ([`direct_answer_accuracy`]).
+    DirectAnswer,
+}
+
+impl AccuracyRule {
+    /// The accuracy of `answer` against `human_answers` by this rule.
+    pub fn accuracy<S: AsRef<str>>(
+        self,
+        answer: &str,
+        human_answers: &[S],
+        mode: NormalizeMode,
+    ) -> f64 {
+        match self {
+            AccuracyRule::Vqa => vqa_accuracy(answer, human_answers, mode),
+            AccuracyRule::DirectAnswer => direct_answer_accuracy(answer, human_answers, mode),
+        }
+    }
+
+    /// Whether this is the default rule (left out of files).
+    pub fn is_vqa(&self) -> bool {
+        *self == AccuracyRule::Vqa
+    }
+}
+
+/// A-OKVQA's direct-answer accuracy (`eval_predictions.py`): `min(1, matches / 3)` with the
+/// matching human answers counted once, no leave-one-out average (3 of 10 matching scores 1, not
+/// [`vqa_accuracy`]'s 0.9); answers compared after the same cleaning and, as `mode` says, the
+/// same normalisation as [`vqa_accuracy`]. No human answers give 0.
+pub fn direct_answer_accuracy<S: AsRef<str>>(
+    answer: &str,
+    human_answers: &[S],
+    mode: NormalizeMode,
+) -> f64 {
+    if human_answers.is_empty() {
+        return 0.0;
+    }
+    let (answer, humans) = compared(answer, human_answers, mode);
+    let matches = humans.iter().filter(|h| **h == answer).count();
+    (matches as f64 / 3.0).min(1.0)
+}
+
+/// The answer and the human answers as the official evaluation compares them: whitespace
+/// cleaned, and normalised as `mode` says (`Official`: only when the humans disagree).
+fn compared<S: AsRef<str>>(
+    answer: &str,
+    human_answers: &[S],
+    mode: NormalizeMode,
+) -> (String, Vec<String>) {
+    let mut humans: Vec<String> = human_answers
+        .iter()
+        .map(|h| clean_whitespace(h.as_ref()))
+        .collect();
+    let mut answer = clean_whitespace(answer);
+    let normalise = match mode {
+        NormalizeMode::Always => true,
+        NormalizeMode::Official => humans.iter().any(|h| *h != humans[0]),
+    };
+    if normalise {
+        let norm = |s: &str| process_digit_article(&process_punctuation(s));
+        answer = norm(&answer);
+        humans = humans.iter().map(|h| norm(h)).collect();
+    }
+    (answer, humans)
 }
 
 /// One evaluated question, as a benchmark records it (one line of `samples.jsonl`).
@@ -182,12 +241,15 @@ pub struct Prediction {
     /// Selective prediction (risk–coverage, AURC, thresholds, error detection) ranks by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
+    /// How its accuracy is computed (its data set's rule).
+    #[serde(default, skip_serializing_if = "AccuracyRule::is_vqa")]
+    pub rule: AccuracyRule,
 }
 
 impl Prediction {
-    /// [`vqa_accuracy`] of this prediction.
+    /// The accuracy of this prediction by its [`AccuracyRule`].
     pub fn accuracy(&self, mode: NormalizeMode) -> f64 {
-        vqa_accuracy(&self.answer, &self.human_answers, mode)
+        self.rule.accuracy(&self.answer, &self.human_answers, mode)
     }
 
     /// The score selective prediction ranks by: `score`, or the confidence when it is absent.

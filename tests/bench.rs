@@ -248,6 +248,7 @@ fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
                 uncertainty: None,
                 distribution: None,
                 target: None,
+                rule: Default::default(),
                 score: None,
             })
             .collect()
@@ -1495,6 +1496,12 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
         std::fs::write(&file, content.to_string()).unwrap();
         let (results, samples, submission) = bench_file(file, name);
         assert_eq!(results["config"]["data"][0]["format"], name);
+        let notes = results["notes"].to_string();
+        assert_eq!(
+            notes.contains("A-OKVQA's direct-answer rule"),
+            name == "aokvqa",
+            "{notes}"
+        );
         let answers: Vec<&Value> = samples.iter().map(|s| &s["answer"]).collect();
         let expected: Vec<&Value> = reference.iter().map(|s| &s["answer"]).collect();
         assert_eq!(
@@ -1506,11 +1513,14 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
                 "gqa" => vec![e.answers[0].clone()],
                 _ => e.answers.clone(),
             };
-            let acc = metrics::vqa_accuracy(
-                s["answer"].as_str().unwrap(),
-                &humans,
-                NormalizeMode::default(),
-            );
+            // A-OKVQA's own rule (eval_predictions.py), the VQA rule for the others.
+            let answer = s["answer"].as_str().unwrap();
+            let acc = match name {
+                "aokvqa" => {
+                    metrics::direct_answer_accuracy(answer, &humans, NormalizeMode::default())
+                }
+                _ => metrics::vqa_accuracy(answer, &humans, NormalizeMode::default()),
+            };
             assert_eq!(s["accuracy"].as_f64().unwrap(), acc, "{name}");
         }
         let expected = match name {

@@ -1054,12 +1054,23 @@ fn aokvqa_direct_answers_with_coco_2017_images() {
         json!(["skateboarder", "train", "delivery", "cab"])
     );
     assert_eq!(a.extra["correct_choice_idx"], 3);
-    // "cab" from 2 of 10 humans: the VQA rule gives 2/3 averaged over the 10 leave-one-out sets.
+    // "cab" from 2 of 10 humans: A-OKVQA's eval_predictions.py scores min(1, 2 / 3), where the
+    // VQA rule averages 2/3 and 1/3 over the 10 leave-one-out sets; the format picks its rule.
     use bella_vqa::metrics::NormalizeMode;
-    let acc = bella_vqa::metrics::vqa_accuracy("cab", &a.answers, NormalizeMode::default());
+    let rule = data.format.accuracy_rule();
+    let acc = rule.accuracy("cab", &a.answers, NormalizeMode::default());
+    assert!((acc - 2.0 / 3.0).abs() < 1e-12, "{acc}");
+    let vqa = bella_vqa::metrics::vqa_accuracy("cab", &a.answers, NormalizeMode::default());
     assert!(
-        (acc - (8.0 * (2.0 / 3.0) + 2.0 * (1.0 / 3.0)) / 10.0).abs() < 1e-12,
-        "{acc}"
+        (vqa - (8.0 * (2.0 / 3.0) + 2.0 * (1.0 / 3.0)) / 10.0).abs() < 1e-12,
+        "{vqa}"
+    );
+    // Three matches: 1 (the VQA rule's 0.9).
+    let three = ["x", "x", "x", "y", "y", "y", "y", "y", "y", "y"];
+    assert_eq!(rule.accuracy("x", &three, NormalizeMode::default()), 1.0);
+    assert_eq!(
+        rule.accuracy("boat", &a.answers, NormalizeMode::default()),
+        0.0
     );
 
     // The test split has no direct answers (and no correct choice): a test set.

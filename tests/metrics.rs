@@ -573,6 +573,7 @@ fn summary_without_optional_fields_and_round_trip() {
             distribution: None,
             target: None,
             score: None,
+            rule: Default::default(),
         })
         .collect();
     let s = summary(&preds, None, &SummaryOptions::default()).unwrap();
@@ -599,4 +600,22 @@ fn summary_without_optional_fields_and_round_trip() {
     let p: Prediction = serde_json::from_str(r#"{"answer": "2", "confidence": 0.5}"#).unwrap();
     assert!(p.human_answers.is_empty() && !p.abstained);
     assert_eq!(p.accuracy(NormalizeMode::Official), 0.0);
+}
+
+#[test]
+fn direct_answer_accuracy_is_a_okvqa_s_rule() {
+    use bella_vqa::metrics::{direct_answer_accuracy, NormalizeMode};
+    // allenai/aokvqa evaluation/eval_predictions.py: acc = min(1.0, num_match / 3.0).
+    let humans = [
+        "red", "red", "red", "orange", "orange", "orange", "orange", "orange", "orange", "orange",
+    ];
+    let mode = NormalizeMode::default();
+    assert_eq!(direct_answer_accuracy("red", &humans, mode), 1.0);
+    assert_eq!(direct_answer_accuracy("Red.", &humans, mode), 1.0);
+    assert_eq!(direct_answer_accuracy("red", &humans[1..], mode), 2.0 / 3.0);
+    assert_eq!(direct_answer_accuracy("red", &humans[2..], mode), 1.0 / 3.0);
+    assert_eq!(direct_answer_accuracy("blue", &humans, mode), 0.0);
+    assert_eq!(direct_answer_accuracy("red", &[] as &[&str], mode), 0.0);
+    // The VQA rule's leave-one-out average gives 0.9 for the same three matches.
+    assert!((bella_vqa::metrics::vqa_accuracy("red", &humans, mode) - 0.9).abs() < 1e-12);
 }

@@ -298,6 +298,7 @@ fn answer_all(
     pb.set_message(set.record.split.clone());
     let mut answered = Vec::with_capacity(set.record.selected);
     let mut skipped = 0;
+    let rule = set.record.format.accuracy_rule();
     for example in set.examples.iter().take(set.record.selected) {
         let scored =
             load_image(&example.image).and_then(|img| vqa.scored(&img, &example.question, &ask));
@@ -306,7 +307,7 @@ fn answer_all(
                 let accuracy = scored
                     .candidates
                     .iter()
-                    .map(|c| metrics::vqa_accuracy(c, &example.answers, opts.normalize))
+                    .map(|c| rule.accuracy(c, &example.answers, opts.normalize))
                     .collect();
                 answered.push(Answered {
                     scored,

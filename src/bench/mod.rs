@@ -652,6 +652,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                 *k,
                 response,
                 config.normalize,
+                set.record.format.accuracy_rule(),
             );
             writer.append(&sample)?;
             answered_now += 1;

@@ -19,14 +19,15 @@ use crate::answer::image_check::{gated_score, ImageVerdict};
 use crate::answer::{CandidateAnswer, Response};
 use crate::data::VqaExample;
 use crate::io::AppendFile;
-use crate::metrics::{vqa_accuracy, NormalizeMode, Prediction};
+use crate::metrics::{AccuracyRule, NormalizeMode, Prediction};
 
 /// The file name of the per-question log.
 pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
 /// through as `input_{name}` when its value differs (and dropped when it is the same).
-pub const SAMPLE_FIELDS: [&str; 20] = [
+pub const SAMPLE_FIELDS: [&str; 21] = [
+    "accuracy_rule",
     "question_id",
     "split",
     "is_ood",
@@ -81,9 +82,13 @@ pub struct Sample {
     /// The image check's verdict, when the particles carry one (abstained when not familiar).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check: Option<ImageVerdict>,
-    /// VQA accuracy of `answer` against `answers` as if it had been given (normalisation as the
-    /// run's `normalize` says); `null` for a question without human answers (a test-dev set).
+    /// Accuracy of `answer` against `answers` as if it had been given, by `accuracy_rule`
+    /// (normalisation as the run's `normalize` says); `null` for a question without human
+    /// answers (a test-dev set).
     pub accuracy: Option<f64>,
+    /// The data set's accuracy rule (left out for the VQA rule).
+    #[serde(default, skip_serializing_if = "AccuracyRule::is_vqa")]
+    pub accuracy_rule: AccuracyRule,
     pub uncertainty: Uncertainty,
     /// Fraction of particles whose own answer is `answer`.
     pub vote_share: f64,
@@ -107,6 +112,7 @@ impl Sample {
         index: usize,
         response: Response,
         mode: NormalizeMode,
+        rule: AccuracyRule,
     ) -> Self {
         let mut extra = Map::new();
         for (k, v) in &example.extra {
@@ -133,7 +139,8 @@ impl Sample {
             answers: example.answers.clone(),
             answer_type: example.answer_type.clone(),
             accuracy: (!example.answers.is_empty())
-                .then(|| vqa_accuracy(&response.answer, &example.answers, mode)),
+                .then(|| rule.accuracy(&response.answer, &example.answers, mode)),
+            accuracy_rule: rule,
             answer: response.answer,
             confidence: response.confidence,
             selector: response.selector,
@@ -170,6 +177,7 @@ impl Sample {
             score: self
                 .score
                 .map(|s| gated_score(s, self.image_check.as_ref())),
+            rule: self.accuracy_rule,
         }
     }
 }

@@ -16,10 +16,10 @@
 //!   the image folder or its `images/` folder. The submission files have no answers.
 //! - **A-OKVQA** (`aokvqa_v1p0_val.json`): a list of `{"question_id": "22MexNkBPpdZGX6sxbxVBH",
 //!   "image_id": 299207, "question", "choices", "correct_choice_idx", "direct_answers": [10
-//!   strings], "split": "val", …}`; the direct answers are the human answers, scored by the VQA
-//!   rule like every set here (A-OKVQA's own `eval_predictions.py` scores `min(1, matches / 3)`
-//!   without the leave-one-out average, up to 0.1 higher for a question, and leaves out the
-//!   `difficult_direct_answer` ones, which are kept in `extra`); the image is COCO 2017's
+//!   strings], "split": "val", …}`; the direct answers are the human answers, scored by A-OKVQA's
+//!   own rule (`eval_predictions.py`: `min(1, matches / 3)`, [`crate::metrics::AccuracyRule`]);
+//!   its direct-answer evaluation also leaves out the `difficult_direct_answer` questions, which
+//!   are kept here (the flag is in `extra`); the image is COCO 2017's
 //!   `000000299207.jpg` in the image folder or its `val2017/` (`train2017/`, `test2017/`; each is
 //!   tried when the record has no `split`) folder.
 

@@ -198,6 +198,17 @@ pub enum DataFormat {
     AOkVqa,
 }
 
+impl DataFormat {
+    /// How its questions' accuracy is computed: A-OKVQA's direct-answer rule for A-OKVQA, the
+    /// VQA rule for every other format.
+    pub fn accuracy_rule(self) -> crate::metrics::AccuracyRule {
+        match self {
+            DataFormat::AOkVqa => crate::metrics::AccuracyRule::DirectAnswer,
+            _ => crate::metrics::AccuracyRule::Vqa,
+        }
+    }
+}
+
 impl fmt::Display for DataFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
