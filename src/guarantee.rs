@@ -10,6 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The tests a guarantee is made with: the binomial tail for 0/1 losses, Hoeffding–Bentkus for
+/// fractional ones.
+const METHODS: [&str; 2] = ["ltt-binomial", "ltt-hoeffding-bentkus"];
+
 /// What a guaranteed threshold promises, stored with the particles and reported by `calibrate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RiskGuarantee {
@@ -34,7 +38,7 @@ pub struct RiskGuarantee {
 impl RiskGuarantee {
     /// Refuses numbers that contradict each other (a hand-edited config): more answered than
     /// questions, α or δ outside (0, 1), a bound below the risk it certifies or above α, a
-    /// coverage outside [0, 1].
+    /// coverage other than answered / questions, a risk with nothing answered, an unknown method.
     pub fn check(&self) -> Result<(), String> {
         let unit = |x: f64| (0.0..=1.0).contains(&x);
         let open_unit = |x: f64| x > 0.0 && x < 1.0;
@@ -59,6 +63,20 @@ impl RiskGuarantee {
         }
         if !unit(self.coverage) {
             return Err(format!("coverage {:?} is outside [0, 1]", self.coverage));
+        }
+        // The coverage and risk are those of the tested questions.
+        let share = self.answered as f64 / self.questions.max(1) as f64;
+        if (self.coverage - share).abs() > 1e-9 {
+            return Err(format!(
+                "coverage {:?} is not {} answered of {} questions",
+                self.coverage, self.answered, self.questions
+            ));
+        }
+        if self.answered == 0 && self.risk != 0.0 {
+            return Err(format!("risk {:?} with no question answered", self.risk));
+        }
+        if !METHODS.contains(&self.method.as_str()) {
+            return Err(format!("method {:?} is none of {METHODS:?}", self.method));
         }
         Ok(())
     }
@@ -219,12 +237,7 @@ pub fn learn_then_test(
     Ok(Guaranteed {
         threshold,
         guarantee: RiskGuarantee {
-            method: if binary {
-                "ltt-binomial"
-            } else {
-                "ltt-hoeffding-bentkus"
-            }
-            .into(),
+            method: METHODS[usize::from(!binary)].into(),
             alpha,
             delta,
             questions: scores.len(),

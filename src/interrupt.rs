@@ -23,8 +23,14 @@ pub fn watch(after: &'static str) -> Result<()> {
     if WATCHING.get().is_some() {
         return Ok(());
     }
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
+    // A SIGINT the process was started ignoring (a background job of a script) stays ignored,
+    // as the shell intends.
+    let signals = if ignored(SIGINT) {
+        vec![SIGTERM]
+    } else {
+        vec![SIGINT, SIGTERM]
+    };
+    let mut signals = Signals::new(signals).context("cannot install the Ctrl-C handler")?;
     std::thread::Builder::new()
         .name("interrupt".into())
         .spawn(move || {
@@ -39,6 +45,16 @@ pub fn watch(after: &'static str) -> Result<()> {
         .context("cannot start the Ctrl-C handler")?;
     let _ = WATCHING.set(());
     Ok(())
+}
+
+/// Whether `signal` is set to be ignored (inherited from the parent process).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Whether a stop was asked for (always false without [`watch`]).

@@ -310,6 +310,40 @@ fn an_empty_answer_is_no_answer_and_abstains_whatever_the_threshold() {
 }
 
 #[test]
+fn an_answer_that_normalises_to_nothing_abstains() {
+    // The demo CLIP choosing between "." and "the": both normalise to "" (no answer at all).
+    let tmp = tempfile::tempdir().unwrap();
+    let answers = tmp.path().join("answers.txt");
+    std::fs::write(&answers, ".\nthe\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args([
+            "ask",
+            "--quiet",
+            "--json",
+            "--threshold",
+            "0",
+            "--model",
+            "demo:clip",
+            "--answers",
+        ])
+        .arg(&answers)
+        .arg("--image")
+        .arg(fixture("images/square.png"))
+        .arg("What color is the circle?")
+        .env("BELLA_VQA_CACHE", tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!([".", "the"].contains(&r["answer"].as_str().unwrap()), "{r}");
+    assert_eq!(r["abstained"], true, "{r}");
+}
+
+#[test]
 fn the_text_line_shows_the_score_that_abstention_compared() {
     // Disagreeing particles calibrated with the vote selector at 0.9: the confidence line must
     // show the vote share against the threshold, not the confidence.

@@ -625,6 +625,20 @@ fn stored_temperatures_and_guarantees_that_cannot_be_are_refused() {
             guarantee(8, 0.05, 0.08, 2.0),
             "coverage 2.0 is outside [0, 1]",
         ),
+        (
+            "guarantee",
+            guarantee(8, 0.05, 0.08, 0.5),
+            "coverage 0.5 is not 8 answered of 10 questions",
+        ),
+        (
+            "guarantee",
+            {
+                let mut g = guarantee(8, 0.05, 0.08, 0.8);
+                g["method"] = "bogus".into();
+                g
+            },
+            "method \"bogus\" is none of",
+        ),
     ];
     for (key, value, expected) in cases {
         let dir = tempfile::tempdir().unwrap();

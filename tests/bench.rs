@@ -1725,7 +1725,7 @@ fn selectors_that_cannot_rank_are_refused_or_flagged() {
     assert!(
         outcome.warnings.iter().any(|w| w
             .contains("the learned selector gives every validation question the same score")
-            && w.contains("all equally right")),
+            && w.contains("all right: nothing to tell apart")),
         "{:?}",
         outcome.warnings
     );

@@ -314,6 +314,38 @@ fn missing_and_unreadable_images() {
     assert_eq!(read_jsonl(&path, &lenient).unwrap().len(), 2);
     let (text, _) = bad(read_jsonl(&path, &STRICT).unwrap_err());
     assert!(text.contains("fake.png"), "{text}");
+    // A TIFF with a good header whose compression (CCITT Group 3, which Pillow reads) the decoder
+    // lacks: refused here too, not at its question.
+    fs::write(dir.path().join("images/fax.tif"), fax3_tiff()).unwrap();
+    write(&path, &format!("{}\n", record("q1", "images/fax.tif")));
+    let (text, _) = bad(read_jsonl(&path, &lenient).unwrap_err());
+    assert!(text.contains("fax.tif"), "{text}");
+}
+
+/// An 8×8 bilevel TIFF whose one strip is compressed with CCITT Group 3 (Compression = 3).
+fn fax3_tiff() -> Vec<u8> {
+    let mut t = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
+    let entries: [(u16, u16, u32); 8] = [
+        (256, 3, 8),   // ImageWidth
+        (257, 3, 8),   // ImageLength
+        (258, 3, 1),   // BitsPerSample
+        (259, 3, 3),   // Compression: CCITT Group 3
+        (262, 3, 0),   // PhotometricInterpretation: WhiteIsZero
+        (273, 4, 110), // StripOffsets
+        (278, 3, 8),   // RowsPerStrip
+        (279, 4, 8),   // StripByteCounts
+    ];
+    t.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, kind, value) in entries {
+        t.extend_from_slice(&tag.to_le_bytes());
+        t.extend_from_slice(&kind.to_le_bytes());
+        t.extend_from_slice(&1u32.to_le_bytes());
+        t.extend_from_slice(&value.to_le_bytes());
+    }
+    t.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(t.len(), 110);
+    t.extend_from_slice(&[0u8; 8]);
+    t
 }
 
 #[test]

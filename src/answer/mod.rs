@@ -215,7 +215,7 @@ pub struct Response {
     /// The most likely answer (also when abstaining).
     pub answer: String,
     /// The score is below the threshold, the image check finds the image unfamiliar, or the
-    /// answer is empty (the particles said nothing: no answer to give).
+    /// answer says nothing (empty after the VQA normalisation: "", ".", "the").
     pub abstained: bool,
     /// p̄ of the answer.
     pub confidence: f64,
@@ -702,9 +702,11 @@ impl BellaVqa {
         };
         // A caller's threshold replaces the whole calibrated rule, the image check included.
         let unfamiliar_image = opts.threshold.is_none() && image_check.is_some_and(|v| !v.familiar);
+        let normalized = crate::data::normalize::normalize_answer(&answer);
+        // An answer that normalises to nothing ("", ".", "the") says nothing: no answer to give.
         let abstained =
-            raw_score.is_nan() || score < threshold || unfamiliar_image || answer.trim().is_empty();
-        let unanswerable = crate::data::normalize::normalize_answer(&answer) == UNANSWERABLE;
+            raw_score.is_nan() || score < threshold || unfamiliar_image || normalized.is_empty();
+        let unanswerable = normalized == UNANSWERABLE;
         let response = render_response(
             &self.template,
             &TemplateFacts {

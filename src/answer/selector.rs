@@ -464,14 +464,16 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, Str
     if log_t - lo < edge || as_low(lo) {
         return Err(format!(
             "the validation answers favour ever sharper probabilities (the fit ran to T = {}, \
-             where the confidences are 1): too few of them are wrong to fit a temperature on",
+             the sharpest it tries): no temperature in its range fits them; calibrate on \
+             questions the model gets both right and wrong (or --no-temperature)",
             TEMPERATURE_RANGE.0
         ));
     }
     if hi - log_t < edge || as_low(hi) {
         return Err(format!(
             "the validation answers favour ever flatter probabilities (the fit ran to T = {}, \
-             where the confidences are alike): too few of them are right to fit a temperature on",
+             the flattest it tries): no temperature in its range fits them; calibrate on \
+             questions the model gets both right and wrong (or --no-temperature)",
             TEMPERATURE_RANGE.1
         ));
     }

@@ -669,10 +669,10 @@ fn same_score(selector: &Selector, conf: &[f64], acc: &[f64]) -> Option<String> 
     if conf.len() < 2 || hi - lo > 1e-9 {
         return None;
     }
-    let labels = if acc.iter().all(|&a| a == acc[0]) {
-        " (its validation answers are all equally right: there is nothing to tell apart)"
-    } else {
-        ""
+    let labels = match acc.iter().all(|&a| a == acc[0]) {
+        true if acc[0] > 0.0 => " (its validation answers are all right: nothing to tell apart)",
+        true => " (its validation answers are all wrong: nothing to tell apart)",
+        false => "",
     };
     Some(format!(
         "the {} selector gives every validation question the same score {lo:.6}{labels}: the \

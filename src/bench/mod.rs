@@ -597,6 +597,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     }
     let mut writer = samples::SampleWriter::open(&samples_path, existing.good_len)?;
     let skipped_path = opts.out.join(results::SKIPPED_FILE);
+    let skipped_before: Vec<SkippedQuestion> = results::read_lines(&skipped_path)?;
     let ask = AskOptions {
         max_new_tokens: opts.max_new_tokens,
         sampling: Sampling::Greedy,
@@ -632,15 +633,16 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                     }
                     pb.suspend(|| eprintln!("skipped: {reason}"));
                     first_skip.get_or_insert_with(|| reason.clone());
-                    results::append_line(
-                        &skipped_path,
-                        &SkippedQuestion {
-                            split: set.record.split.clone(),
-                            question_id: example.question_id.clone(),
-                            index: *k,
-                            reason,
-                        },
-                    )?;
+                    let skip = SkippedQuestion {
+                        split: set.record.split.clone(),
+                        question_id: example.question_id.clone(),
+                        index: *k,
+                        reason,
+                    };
+                    // A continued run tries it again: recorded once.
+                    if !skipped_before.contains(&skip) {
+                        results::append_line(&skipped_path, &skip)?;
+                    }
                     pb.inc(1);
                     continue;
                 }
@@ -681,6 +683,16 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             "interrupted with {left} question(s) to go; the {} answer(s) so far are in {}: the \
              same command continues",
             resumed + answered_now,
+            samples_path.display()
+        ))
+        .into());
+    }
+    // A Ctrl-C after the last question: every answer is kept, the results are left to the same
+    // command (a bootstrap of many questions takes a while).
+    if crate::interrupt::requested() {
+        return Err(crate::interrupt::Interrupted(format!(
+            "interrupted before the results were computed; every question is answered (in {}): \
+             the same command writes them",
             samples_path.display()
         ))
         .into());

@@ -938,6 +938,9 @@ pub fn read_dataset(
         }
         Some("json") => {
             let text = read_json_text(path)?;
+            if text.trim().is_empty() {
+                bail!("data file {} is empty: it holds no questions", path.display());
+            }
             // Hugging Face datasets' `to_json` writes one record per line under a .json name.
             if is_json_lines(&text) {
                 return read_jsonl_in(path, image_dir, opts);
@@ -970,6 +973,11 @@ pub fn read_dataset(
                     records_from_list(path, list, &image_dir, opts)
                 }
                 JsonTop::List(_) => vizwiz_from_top(path, top, &image_dir, opts),
+                // One of our records alone (a JSON Lines file of one line).
+                JsonTop::Object(ref m) if m.contains_key("question_id") && m.contains_key("image") => {
+                    let record: &RawValue = serde_json::from_str(&text)?;
+                    records_from_list(path, vec![record], &image_dir, opts)
+                }
                 JsonTop::Object(ref m) if m.0.is_empty() => {
                     bail!("data file {} is an empty JSON object: it holds no questions", path.display())
                 }

@@ -66,7 +66,8 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 
 /// The width and height of an image file from its header, with the checks of [`load_image`]
 /// that need no decode (a regular file, a supported format, the size limits): what a data set's
-/// images are checked with before a run starts; the few bytes of a header are read, not the file.
+/// images are checked with before a run starts; the header is read, not the pixels (a TIFF is
+/// decoded: only its decoder knows whether it can read the file's compression).
 pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
     crate::input::check_regular(path, "image file")?;
     let name = path.display().to_string();
@@ -77,6 +78,12 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
     std::io::Read::read_to_end(&mut std::io::Read::take(&mut reader, 64), &mut head)
         .with_context(|| format!("cannot read image file {name}"))?;
     let format = image_format(&head, &name)?;
+    // A TIFF's compression is known only to its decoder (Pillow reads CCITT fax TIFFs, this one
+    // does not): decoded whole, so such a file is refused here and not at its question.
+    if format == image::ImageFormat::Tiff {
+        let image = load_image(path)?;
+        return Ok((image.width(), image.height()));
+    }
     std::io::Seek::rewind(&mut reader).with_context(|| format!("cannot read image file {name}"))?;
     let (width, height) = ImageReader::with_format(reader, format)
         .into_dimensions()
