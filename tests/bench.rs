@@ -1771,6 +1771,26 @@ fn calibrate_warns_when_ood_val_questions_are_validation_questions() {
         w.iter().any(|w| w.contains("2 of the 2 --ood-val")),
         "{w:?}"
     );
+    // And with the image paths written otherwise: through `..` and a link to the images.
+    std::os::unix::fs::symlink(world().join("images"), dir.path().join("images")).unwrap();
+    let relative = dir.path().join("sub/copy.jsonl");
+    std::fs::create_dir_all(relative.parent().unwrap()).unwrap();
+    let lines: String = examples
+        .iter()
+        .map(|e| {
+            let name = e.image.strip_prefix(world()).unwrap().display().to_string();
+            serde_json::json!({"question_id": e.question_id, "image": format!("../{name}"),
+                               "question": e.question, "answers": e.answers})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&relative, lines).unwrap();
+    let w = warnings(relative);
+    assert!(
+        w.iter().any(|w| w.contains("2 of the 2 --ood-val")),
+        "{w:?}"
+    );
     // Questions of another file: no warning.
     assert!(warnings(world().join("ood-absent.jsonl")).is_empty());
 }

@@ -630,18 +630,20 @@ fn ood_in_val(
         (Ok(a), Ok(b)) => a == b,
         _ => val_input.path == ood_input.path,
     };
+    // An image however its path is written (relative, absolute, through `..` or a link).
+    let image = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let val = &val.examples[..val.record.selected];
     let ids: HashSet<&str> = val.iter().map(|e| e.question_id.as_str()).collect();
-    let asked: HashSet<(&Path, &str)> = val
+    let asked: HashSet<(PathBuf, &str)> = val
         .iter()
-        .map(|e| (e.image.as_path(), e.question.as_str()))
+        .map(|e| (image(&e.image), e.question.as_str()))
         .collect();
     let ood = &ood.examples[..ood.record.selected];
     let both = ood
         .iter()
         .filter(|e| {
             (same_file && ids.contains(e.question_id.as_str()))
-                || asked.contains(&(e.image.as_path(), e.question.as_str()))
+                || asked.contains(&(image(&e.image), e.question.as_str()))
         })
         .count();
     (both > 0).then(|| {
