@@ -232,6 +232,21 @@ fn the_api_is_send_and_sync_and_usable_from_threads() {
     assert!(answers.windows(2).all(|w| w[0] == w[1]));
 }
 
+/// A copy of the tiny LLaVA whose generation_config.json stops on `eos` ids.
+fn tiny_llava_stopping_at(eos: &[u32]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        serde_json::json!({ "eos_token_id": eos }).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn generation_config_eos_ids_end_answers_as_in_transformers() {
     // The fixture's greedy answer (reference batch row 0), then the same model whose
@@ -239,17 +254,8 @@ fn generation_config_eos_ids_end_answers_as_in_transformers() {
     let reference = reference("llava");
     let tokens = ids(get(&reference, "batch.greedy_tokens"))[0].clone();
     assert!(tokens.len() >= 2 && tokens[1] != tokens[0] && tokens[1] != 2);
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
+    let dir = tiny_llava_stopping_at(&[2, tokens[1]]);
     let generation = dir.path().join("generation_config.json");
-    std::fs::write(
-        &generation,
-        format!("{{\"eos_token_id\": [2, {}]}}", tokens[1]),
-    )
-    .unwrap();
     let source = ModelSource::Dir(dir.path().to_path_buf());
     let vqa = BellaVqa::load(&source, None, &LoadOptions::default()).unwrap();
     assert_eq!(vqa.model().stop_token_ids(), [2, tokens[1]]);
@@ -281,16 +287,7 @@ fn an_empty_answer_is_no_answer_and_abstains_whatever_the_threshold() {
     // The same model, stopping on the fixture's first greedy token: every particle says nothing.
     let reference = reference("llava");
     let first = ids(get(&reference, "batch.greedy_tokens"))[0][0];
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-    }
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        format!("{{\"eos_token_id\": [2, {first}]}}"),
-    )
-    .unwrap();
+    let dir = tiny_llava_stopping_at(&[2, first]);
     let vqa = BellaVqa::load(
         &ModelSource::Dir(dir.path().to_path_buf()),
         None,
