@@ -1301,3 +1301,31 @@ fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
         );
     }
 }
+
+#[test]
+fn llava_evaluation_question_files_are_read_as_test_sets() {
+    // LLaVA-1.5's llava_vqav2_mscoco_test-dev2015.jsonl: the question is "text" (with its answer
+    // instruction), no answers; images relative to the image folder.
+    let dir = tempfile::tempdir().unwrap();
+    png(&dir.path().join("test2015/COCO_test2015_000000262144.jpg"));
+    let text = "Is the ball flying towards the batter?\nAnswer the question using a single word or phrase.";
+    let path = dir.path().join("llava_vqav2_mscoco_test-dev2015.jsonl");
+    write(
+        &path,
+        &format!(
+            "{}\n",
+            json!({"question_id": 262144000, "image": "COCO_test2015_000000262144.jpg",
+                   "text": text, "category": "default"})
+        ),
+    );
+    let data = read_dataset(&path, None, Some(&dir.path().join("test2015")), &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::Jsonl);
+    let e = &data.examples[0];
+    assert_eq!(
+        (e.question_id.as_str(), e.question.as_str()),
+        ("262144000", text)
+    );
+    assert!(e.answers.is_empty());
+    assert_eq!(e.extra["category"], "default");
+    assert!(!e.extra.contains_key("text"));
+}

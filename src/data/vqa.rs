@@ -12,7 +12,8 @@
 //! Answers: a record holds 0 to [`MAX_ANSWERS`] human answers. Zero answers are allowed only for a
 //! test set without answers, i.e. when no record of the file has answers; in a file where some
 //! records have answers, a record without answers is bad. In our JSONL the `answers` key must be
-//! present (`"answers": []` for a test set).
+//! present (`"answers": []` for a test set), except in LLaVA's evaluation question files
+//! (`{"question_id", "image", "text", "category"}`: the question is `text`, with no answers).
 //!
 //! Image paths: relative paths in a JSONL file are relative to the file's folder; VQAv2 and VizWiz
 //! images are looked up in the image folder (by default the data file's folder). Every reader checks
@@ -62,8 +63,9 @@ pub struct VqaExample {
 }
 
 impl VqaExample {
-    /// Builds an example from one JSON record (our JSONL layout). The image path is kept as
-    /// written. The error says which field is wrong and how to fix it.
+    /// Builds an example from one JSON record (our JSONL layout, or a LLaVA evaluation question
+    /// record: `text` for the question, no answers). The image path is kept as written. The
+    /// error says which field is wrong and how to fix it.
     pub fn from_json(value: Value) -> Result<Self, String> {
         let Value::Object(mut map) = value else {
             return Err(format!(
@@ -105,8 +107,16 @@ impl VqaExample {
                 ))
             }
         };
+        // LLaVA's evaluation question files (llava_vqav2_mscoco_test-dev2015.jsonl, …): the
+        // question (with its answer instruction) is "text", and they hold no answers.
+        let llava_question = !map.contains_key("question")
+            && !map.contains_key("answers")
+            && map.get("text").is_some_and(Value::is_string);
         let question = match map.remove("question") {
             Some(v) => non_empty_string("question", &v)?,
+            None if llava_question => {
+                non_empty_string("text", &map.remove("text").unwrap_or_default())?
+            }
             None => {
                 let instead = present(&map, &["text", "prompt", "query"])
                     .map_or(String::new(), |k| {
@@ -118,6 +128,7 @@ impl VqaExample {
         let answers =
             match map.remove("answers") {
                 Some(v) => answers(&v)?,
+                None if llava_question => Vec::new(),
                 None => return Err(missing(
                     "answers",
                     "the human answers as a list of strings, e.g. \"answers\": [\"red\", \"red\"] \
