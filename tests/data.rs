@@ -1266,7 +1266,9 @@ fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
     );
     let list = dir.path().join("list.json");
     write(&list, &Value::Array(records.clone()).to_string());
-    for path in [&lines, &list] {
+    let under_data = dir.path().join("data.json");
+    write(&under_data, &json!({"data": records}).to_string());
+    for path in [&lines, &list, &under_data] {
         let data = read_dataset(path, None, None, &STRICT).unwrap();
         assert_eq!(data.format, DataFormat::Jsonl, "{}", path.display());
         assert_eq!(data.examples, expected.examples, "{}", path.display());

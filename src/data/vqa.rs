@@ -965,7 +965,11 @@ pub fn read_dataset(
             let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
             let holds_answers = match &top {
                 JsonTop::List(_) => true,
-                JsonTop::Object(m) => benchmarks::is_textvqa(m) || benchmarks::is_gqa(m),
+                JsonTop::Object(m) => {
+                    benchmarks::holds_our_records(m)
+                        || benchmarks::is_textvqa(m)
+                        || benchmarks::is_gqa(m)
+                }
                 JsonTop::Other => false,
             };
             if let (Some(a), true) = (annotations, holds_answers) {
@@ -1000,6 +1004,9 @@ pub fn read_dataset(
                      file as its annotations",
                     path.display()
                 ),
+                JsonTop::Object(ref m) if benchmarks::holds_our_records(m) => {
+                    records_from_list(path, m.list_at("data").unwrap_or_default(), &image_dir, opts)
+                }
                 JsonTop::Object(ref m) if benchmarks::is_textvqa(m) => {
                     benchmarks::textvqa_from_top(path, &top, &image_dir, opts)
                 }
@@ -1244,8 +1251,16 @@ fn check_image(path: &Path, decode: bool) -> Result<(), String> {
         Err(e) => return Err(format!("cannot read image file {}: {e}", path.display())),
     }
     let unreadable = |e: anyhow::Error| {
+        // Too large, or not readable at all: the error says what to do; else it is no image.
+        let said =
+            e.is::<crate::error::ImageTooLarge>() || e.chain().any(|c| c.is::<std::io::Error>());
+        let fix = if said {
+            ""
+        } else {
+            "; replace it with a valid PNG, JPEG, WebP, GIF, BMP or TIFF file"
+        };
         format!(
-            "image file {} cannot be read as an image ({e:#}); replace it with a valid PNG, JPEG, WebP, GIF, BMP or TIFF file",
+            "image file {} cannot be read as an image ({e:#}){fix}",
             path.display()
         )
     };
@@ -1469,6 +1484,12 @@ impl<'a> Entries<'a> {
     pub(super) fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
+
+    /// The list under `key` (`None` if there is no such list).
+    pub(super) fn list_at(&self, key: &str) -> Option<Vec<&'a RawValue>> {
+        // Already validated by `JsonTop::parse`: only "not a list" can fail here.
+        serde_json::from_str(self.get(key)?.get()).ok()
+    }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
@@ -1520,9 +1541,7 @@ impl<'a> JsonTop<'a> {
         let JsonTop::Object(map) = self else {
             return None;
         };
-        let raw = map.get(key)?;
-        // Already validated by `parse`: only "not a list" can fail here.
-        serde_json::from_str(raw.get()).ok()
+        map.list_at(key)
     }
 }
 
