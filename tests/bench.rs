@@ -1072,6 +1072,24 @@ fn compare_writes_one_table_over_the_same_questions() {
     assert!(md.contains("| particles − base |"), "{md}");
 }
 
+/// Makes `examples` questions `vqa` answers right: their human answers become its own answer
+/// (greedy, ≤ 4 tokens, as the calibration tests answer).
+fn answered_right<'a>(
+    vqa: &BellaVqa,
+    examples: impl Iterator<Item = &'a mut bella_vqa::data::VqaExample>,
+) {
+    let ask = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    for e in examples {
+        let r = vqa
+            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
+            .unwrap();
+        e.answers = vec![r.answer; 3];
+    }
+}
+
 #[test]
 fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     let dir = tempfile::tempdir().unwrap();
@@ -1085,12 +1103,7 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     let mut examples = read_jsonl(&world().join("val.jsonl"), &ReadOptions::default())
         .unwrap()
         .examples;
-    for e in examples.iter_mut().step_by(2) {
-        let r = vqa
-            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
-            .unwrap();
-        e.answers = vec![r.answer; 3];
-    }
+    answered_right(&vqa, examples.iter_mut().step_by(2));
     let val = dir.path().join("val.jsonl");
     write_jsonl(&val, &examples).unwrap();
 
@@ -1703,17 +1716,8 @@ fn selectors_that_cannot_rank_are_refused_or_flagged() {
 
     // All right (the human answers are the model's own): a learned selector has nothing to
     // learn and scores every question alike; calibrate says so.
-    let ask = AskOptions {
-        max_new_tokens: 4,
-        ..AskOptions::default()
-    };
     let mut examples = read_jsonl(&val, &ReadOptions::default()).unwrap().examples;
-    for e in &mut examples {
-        let r = vqa
-            .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
-            .unwrap();
-        e.answers = vec![r.answer; 3];
-    }
+    answered_right(&vqa, examples.iter_mut());
     let right = dir.path().join("right.jsonl");
     write_jsonl(&right, &examples).unwrap();
     let mut opts = CalibrateOptions::new(DataInput::new(&right), Objective::TargetCoverage(0.8));

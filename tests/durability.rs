@@ -348,7 +348,7 @@ fn ctrl_c_stops_bench_between_questions_and_the_same_command_continues() {
                     .and_then(|x| x.parse().ok())
                     .unwrap_or_else(|| panic!("op {n}: {t}"))
             };
-            assert!(t.contains("the same command"), "{t}");
+            assert!(t.contains("the same command continues"), "{t}");
             let samples = std::fs::read_to_string(out.path().join("samples.jsonl")).unwrap();
             assert_eq!(samples.lines().count(), 5 - left, "op {n}: {t}");
             let runs = std::fs::read_to_string(out.path().join("runs.jsonl")).unwrap();

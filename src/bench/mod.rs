@@ -678,21 +678,16 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let logged = results::append_line(&opts.out.join(results::RUNS_FILE), &record);
     outcome?;
     logged?;
-    if let Some(left) = left {
-        return Err(crate::interrupt::Interrupted(format!(
-            "interrupted with {left} question(s) to go; the {} answer(s) so far are in {}: the \
-             same command continues",
-            resumed + answered_now,
-            samples_path.display()
-        ))
-        .into());
-    }
-    // A Ctrl-C after the last question: every answer is kept, the results are left to the same
-    // command (a bootstrap of many questions takes a while).
+    // A Ctrl-C between questions, or after the last one (before the bootstrap, which takes a
+    // while for many questions): every answer is kept, the same command goes on from them.
     if crate::interrupt::requested() {
+        let at = match left {
+            Some(left) => format!("with {left} question(s) to go"),
+            None => "before the results were computed, every question answered".into(),
+        };
         return Err(crate::interrupt::Interrupted(format!(
-            "interrupted before the results were computed; every question is answered (in {}): \
-             the same command writes them",
+            "interrupted {at}; the {} answer(s) so far are in {}: the same command continues",
+            resumed + answered_now,
             samples_path.display()
         ))
         .into());

@@ -579,19 +579,6 @@ pub fn compute(
         "ECE: 15 equal-width bins (lo, hi] (confidence 0 in the first bin), weighted |accuracy − \
          confidence|, accuracy = VQA accuracy (fractional); ece_equal_mass: 15 bins of equal count"
             .into(),
-    ];
-    if config
-        .data
-        .iter()
-        .any(|d| d.format.accuracy_rule() == crate::metrics::AccuracyRule::DirectAnswer)
-    {
-        notes.push(
-            "A-OKVQA questions: accuracy by A-OKVQA's direct-answer rule, min(#matching humans / \
-             3, 1) without the leave-one-out average (eval_predictions.py), in vqa_accuracy too"
-                .into(),
-        );
-    }
-    notes.extend([
         "NLL and Brier score the confidence as the probability of the event 'the answer is \
          correct' with the VQA accuracy as a soft label (binary NLL clipped at 1e-12; Brier = \
          mean (confidence − accuracy)²)"
@@ -607,7 +594,18 @@ pub fn compute(
         "Effective reliability Φ_c (Whitehead et al., ECCV 2022): accuracy if answered and \
          accuracy > 0, −c if answered and wrong, 0 if abstained"
             .into(),
-    ]);
+    ];
+    if config
+        .data
+        .iter()
+        .any(|d| d.format.accuracy_rule() == crate::metrics::AccuracyRule::DirectAnswer)
+    {
+        notes.push(
+            "A-OKVQA questions: accuracy by A-OKVQA's direct-answer rule, min(#matching humans / \
+             3, 1) without the leave-one-out average (eval_predictions.py), in vqa_accuracy too"
+                .into(),
+        );
+    }
     let Metrics {
         mut results,
         summary,

@@ -35,19 +35,10 @@ use super::vqa::{
     Entries, JsonTop, ReadOptions, VqaExample,
 };
 
-/// Whether a JSON object at the top of a file is TextVQA's: a `"data"` list.
+/// Whether a JSON object at the top of a file is TextVQA's: a `"data"` list (asked once our records
+/// and VQAv2 are ruled out: `JsonLayout::of` in vqa.rs).
 pub(super) fn is_textvqa(top: &Entries) -> bool {
-    top.contains_key("data") && !top.contains_key("questions") && !holds_our_records(top)
-}
-
-/// Whether an object's `data` list holds our records (an `image` path each, which TextVQA's
-/// records do not have): read as our records.
-pub(super) fn holds_our_records(top: &Entries) -> bool {
-    top.list_at("data").is_some_and(|list| {
-        list.iter()
-            .take(10)
-            .any(|raw| object(raw, "").is_ok_and(|e| e.get("image").is_some_and(Value::is_string)))
-    })
+    top.contains_key("data")
 }
 
 /// Whether a JSON object at the top of a file is GQA's questions: one of its first values is an

@@ -963,16 +963,8 @@ pub fn read_dataset(
                 dir => dir.to_path_buf(),
             };
             let image_dir = image_dir.map(Path::to_path_buf).unwrap_or(default_dir);
-            let holds_answers = match &top {
-                JsonTop::List(_) => true,
-                JsonTop::Object(m) => {
-                    benchmarks::holds_our_records(m)
-                        || benchmarks::is_textvqa(m)
-                        || benchmarks::is_gqa(m)
-                }
-                JsonTop::Other => false,
-            };
-            if let (Some(a), true) = (annotations, holds_answers) {
+            let layout = JsonLayout::of(&top);
+            if let (Some(a), true) = (annotations, layout.holds_answers()) {
                 bail!(
                     "{} holds its answers (it is not a VQAv2 questions file); an annotations file \
                      ({}) applies only to VQAv2 questions files",
@@ -980,38 +972,38 @@ pub fn read_dataset(
                     a.display()
                 );
             }
-            match top {
-                JsonTop::List(list) if benchmarks::is_aokvqa(&list) => {
+            match (layout, top) {
+                (JsonLayout::AOkVqa, JsonTop::List(list)) => {
                     benchmarks::aokvqa_from_list(path, list, &image_dir, opts)
                 }
-                JsonTop::List(list) if are_our_records(&list) => {
+                (JsonLayout::OurRecords, JsonTop::List(list)) => {
                     records_from_list(path, list, &image_dir, opts)
                 }
-                JsonTop::List(_) => vizwiz_from_top(path, top, &image_dir, opts),
-                // One of our records alone (a JSON Lines file of one line).
-                JsonTop::Object(ref m) if m.contains_key("question_id") && m.contains_key("image") => {
-                    let record: &RawValue = serde_json::from_str(&text)?;
-                    records_from_list(path, vec![record], &image_dir, opts)
+                (JsonLayout::OurRecords, JsonTop::Object(m)) => {
+                    // One record alone (a JSON Lines file of one line), or under "data".
+                    let list = match m.list_at("data") {
+                        Some(list) => list,
+                        None => vec![serde_json::from_str::<&RawValue>(&text)?],
+                    };
+                    records_from_list(path, list, &image_dir, opts)
                 }
-                JsonTop::Object(ref m) if m.0.is_empty() => {
-                    bail!("data file {} is an empty JSON object: it holds no questions", path.display())
-                }
-                JsonTop::Object(_) if is_vqav2_questions(&top) => {
+                (JsonLayout::VizWiz, top) => vizwiz_from_top(path, top, &image_dir, opts),
+                (JsonLayout::VqaV2Questions, top) => {
                     vqav2_from_top(path, &top, annotations, &image_dir, opts)
                 }
-                JsonTop::Object(ref m) if m.contains_key("annotations") => bail!(
+                (JsonLayout::VqaV2Annotations, _) => bail!(
                     "{} is a VQAv2 annotations file; pass the questions file as the data and this \
                      file as its annotations",
                     path.display()
                 ),
-                JsonTop::Object(ref m) if benchmarks::holds_our_records(m) => {
-                    records_from_list(path, m.list_at("data").unwrap_or_default(), &image_dir, opts)
-                }
-                JsonTop::Object(ref m) if benchmarks::is_textvqa(m) => {
+                (JsonLayout::TextVqa, top) => {
                     benchmarks::textvqa_from_top(path, &top, &image_dir, opts)
                 }
-                JsonTop::Object(ref m) if benchmarks::is_gqa(m) => {
-                    benchmarks::gqa_from_top(path, m, &image_dir, opts)
+                (JsonLayout::Gqa, JsonTop::Object(m)) => {
+                    benchmarks::gqa_from_top(path, &m, &image_dir, opts)
+                }
+                (JsonLayout::Empty, _) => {
+                    bail!("data file {} is an empty JSON object: it holds no questions", path.display())
                 }
                 _ => bail!(
                     "{} is none of the JSON formats bella-vqa reads: a VQAv2 (or OK-VQA) questions \
@@ -1088,9 +1080,54 @@ fn records_from_list(
     c.finish(path, DataFormat::Jsonl)
 }
 
-/// Whether a file's top level is a VQAv2 (or OK-VQA) questions file: an object with `questions`.
-fn is_vqav2_questions(top: &JsonTop) -> bool {
-    matches!(top, JsonTop::Object(m) if m.contains_key("questions"))
+/// What a .json data file holds, told from its content (the first records where it takes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JsonLayout {
+    /// Our records: a list of them, one alone, or a list under `"data"`.
+    OurRecords,
+    AOkVqa,
+    VizWiz,
+    VqaV2Questions,
+    VqaV2Annotations,
+    TextVqa,
+    Gqa,
+    /// `{}`.
+    Empty,
+    Unknown,
+}
+
+impl JsonLayout {
+    fn of(top: &JsonTop) -> Self {
+        match top {
+            JsonTop::List(list) if benchmarks::is_aokvqa(list) => JsonLayout::AOkVqa,
+            JsonTop::List(list) if are_our_records(list) => JsonLayout::OurRecords,
+            JsonTop::List(_) => JsonLayout::VizWiz,
+            JsonTop::Object(m) if m.0.is_empty() => JsonLayout::Empty,
+            JsonTop::Object(m) if m.contains_key("question_id") && m.contains_key("image") => {
+                JsonLayout::OurRecords
+            }
+            JsonTop::Object(m) if m.contains_key("questions") => JsonLayout::VqaV2Questions,
+            JsonTop::Object(m) if m.contains_key("annotations") => JsonLayout::VqaV2Annotations,
+            // Our records under "data" (TextVQA's there have no `image`).
+            JsonTop::Object(m) if m.list_at("data").is_some_and(|l| are_our_records(&l)) => {
+                JsonLayout::OurRecords
+            }
+            JsonTop::Object(m) if benchmarks::is_textvqa(m) => JsonLayout::TextVqa,
+            JsonTop::Object(m) if benchmarks::is_gqa(m) => JsonLayout::Gqa,
+            _ => JsonLayout::Unknown,
+        }
+    }
+
+    /// Whether such a file holds its answers (an annotations file given with it is a mistake).
+    fn holds_answers(self) -> bool {
+        !matches!(
+            self,
+            JsonLayout::VqaV2Questions
+                | JsonLayout::VqaV2Annotations
+                | JsonLayout::Empty
+                | JsonLayout::Unknown
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
