@@ -914,3 +914,54 @@ fn pad_and_resize_equals_padding_then_resizing() {
         }
     }
 }
+
+/// `png` with an `iCCP` chunk holding `profile` (zlib), placed after IHDR as encoders place it.
+fn png_with_profile(png: &[u8], profile: &[u8]) -> Vec<u8> {
+    let mut data = b"p\0\0".to_vec(); // name, its terminator, compression method 0
+    data.extend(miniz_oxide::deflate::compress_to_vec_zlib(profile, 9));
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"iCCP");
+    chunk.extend_from_slice(&data);
+    let crc = common::crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    [&png[..33], &chunk, &png[33..]].concat()
+}
+
+#[test]
+fn a_colour_profile_past_pillows_limit_is_refused_before_it_is_unpacked() {
+    use bella_vqa::models::image::image_file_size;
+    let mut png = Vec::new();
+    dynamic(&pil_src())
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Pillow unpacks at most MAX_TEXT_CHUNK (1 MiB) of a profile: exactly that is read…
+    let fits = png_with_profile(&png, &vec![7u8; 1 << 20]);
+    assert_eq!(
+        to_rgb(&decode_image(&fits, "fits.png", u64::MAX).unwrap(), true),
+        pil_src()
+    );
+    let fits_file = dir.path().join("fits.png");
+    std::fs::write(&fits_file, &fits).unwrap();
+    let (w, h) = image_file_size(&fits_file).unwrap();
+    assert_eq!(
+        (w as usize, h as usize),
+        (pil_src().width, pil_src().height)
+    );
+    // …one byte more is refused ("Decompressed Data Too Large"), by the header check too: a
+    // ~2 KB file that would unpack to 2 MiB here, to gigabytes in the wild.
+    let bomb = png_with_profile(&png, &vec![0u8; (1 << 20) + 1]);
+    let bomb_file = dir.path().join("bomb.png");
+    std::fs::write(&bomb_file, &bomb).unwrap();
+    for err in [
+        decode_image(&bomb, "bomb.png", u64::MAX).unwrap_err(),
+        load_image(&bomb_file).unwrap_err(),
+        image_file_size(&bomb_file).unwrap_err(),
+    ] {
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("bomb.png") && err.contains("colour profile") && err.contains("1 MiB"),
+            "{err}"
+        );
+    }
+}

@@ -84,6 +84,11 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
         let image = load_image(path)?;
         return Ok((image.width(), image.height()));
     }
+    if format == image::ImageFormat::Png {
+        std::io::Seek::rewind(&mut reader)
+            .with_context(|| format!("cannot read image file {name}"))?;
+        check_png_profile(&mut reader, &name)?;
+    }
     std::io::Seek::rewind(&mut reader).with_context(|| format!("cannot read image file {name}"))?;
     let (width, height) = ImageReader::with_format(reader, format)
         .into_dimensions()
@@ -96,6 +101,9 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
 /// checked against [`MAX_IMAGE_SIDE`] and `max_pixels` (≤ [`MAX_IMAGE_PIXELS`]).
 pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32)> {
     let format = image_format(bytes, name)?;
+    if format == image::ImageFormat::Png {
+        check_png_profile(&mut std::io::Cursor::new(bytes), name)?;
+    }
     let (width, height) = ImageReader::with_format(std::io::Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| describe_image_error(name, e))?;
@@ -222,6 +230,59 @@ fn png_chunk<'a>(png: &'a [u8], kind: &[u8; 4]) -> Option<&'a [u8]> {
         at += 12 + len;
     }
     None
+}
+
+/// The most an embedded colour profile may unpack to: Pillow's `MAX_TEXT_CHUNK`, past which it
+/// refuses the PNG ("Decompressed Data Too Large"). Real profiles are a few kB to a few hundred.
+const MAX_ICC_PROFILE_BYTES: usize = 1 << 20;
+
+/// Refuses a PNG whose colour profile (its `iCCP` chunk, before the pixels) unpacks to more than
+/// [`MAX_ICC_PROFILE_BYTES`], as Pillow (and so `transformers`) does: the decoder would unpack it
+/// whole, and a 600 KB file can hold a profile of gigabytes. Reads the chunks up to the first
+/// image data; anything else wrong with the file is left to the decoder.
+fn check_png_profile<R: std::io::Read + std::io::Seek>(png: &mut R, name: &str) -> Result<()> {
+    use std::io::{Read, SeekFrom};
+    let read_error = || format!("cannot read image file {name}");
+    png.seek(SeekFrom::Start(8)).with_context(read_error)?; // the signature
+    let mut header = [0u8; 8];
+    while png.read_exact(&mut header).is_ok() {
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        match &header[4..] {
+            b"IDAT" | b"IEND" => break,
+            b"iCCP" => {
+                let mut data = Vec::new();
+                png.take(u64::from(len))
+                    .read_to_end(&mut data)
+                    .with_context(read_error)?;
+                // Profile name, a 0 byte, the compression method (0: zlib), the profile.
+                let packed = data
+                    .iter()
+                    .position(|&b| b == 0)
+                    .and_then(|end| data.get(end + 2..));
+                if let Some(packed) = packed {
+                    let unpacked = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(
+                        packed,
+                        MAX_ICC_PROFILE_BYTES,
+                    );
+                    if matches!(&unpacked, Err(e) if e.status == miniz_oxide::inflate::TINFLStatus::HasMoreOutput)
+                    {
+                        bail!(
+                            "image {name} embeds a colour profile (PNG iCCP chunk) that unpacks \
+                             to more than {} MiB, which no real profile does (Pillow, and so \
+                             transformers, refuses it too): save the image again without its \
+                             profile",
+                            MAX_ICC_PROFILE_BYTES >> 20
+                        );
+                    }
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        png.seek(SeekFrom::Current(i64::from(len) + 4)) // the data and its CRC
+            .with_context(read_error)?;
+    }
+    Ok(())
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
