@@ -56,7 +56,7 @@ fn write_or_find() -> Result<PathBuf> {
             return Ok(dir);
         }
         // A damaged copy (a file truncated, edited or removed): written again from the binary.
-        eprintln!(
+        crate::note!(
             "note: the demo copy in {} was damaged; writing it again",
             dir.display()
         );

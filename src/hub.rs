@@ -956,7 +956,7 @@ fn resolve_online(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::R
         Err(e @ (HubError::Unreachable { .. } | HubError::Http { .. }))
             if cached && e.is_down() =>
         {
-            eprintln!(
+            crate::note!(
                 "warning: {e}; using the cached snapshot of {repo_id}@{revision} (--offline or \
                  HF_HUB_OFFLINE=1 skips the hub)"
             );

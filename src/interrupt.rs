@@ -39,7 +39,7 @@ pub fn watch(after: &'static str) -> Result<()> {
                     // The shell's convention for a process ended by a signal.
                     std::process::exit(128 + signal);
                 }
-                eprintln!("\nstopping {after} (signal again to stop at once)");
+                crate::note!("\nstopping {after} (signal again to stop at once)");
             }
         })
         .context("cannot start the Ctrl-C handler")?;

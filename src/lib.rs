@@ -51,6 +51,7 @@
 pub mod answer;
 pub mod bella;
 pub mod bench;
+pub mod console;
 pub mod data;
 pub mod demo;
 pub mod error;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use bella_vqa::answer::generate::Sampling;
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions, Response};
+use bella_vqa::console::StdoutError;
 use bella_vqa::hub::{HubOptions, ModelSource};
 use bella_vqa::inspect::ModelSummary;
 use bella_vqa::interrupt::Interrupted;
@@ -16,6 +17,7 @@ use bella_vqa::models::compute::ComputeArgs;
 use bella_vqa::models::image::load_image;
 use bella_vqa::models::{self, LoadedModel};
 use bella_vqa::train::{self, Kernel, Method, RunOptions, TrainOptions};
+use bella_vqa::{note, out};
 
 #[derive(Parser)]
 #[command(
@@ -404,7 +406,7 @@ impl ModelArgs {
             self.quantize.options().as_ref(),
         )?;
         if !cli.quiet {
-            eprintln!("{note}");
+            note!("{note}");
         }
         Ok(loaded)
     }
@@ -534,8 +536,8 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
 }
 
 /// Prints an answer; `given_threshold`: the threshold came from --threshold.
-fn print_response(r: &Response, show_particles: bool, given_threshold: bool) {
-    println!("{}", r.response);
+fn print_response(r: &Response, show_particles: bool, given_threshold: bool) -> Result<()> {
+    out!("{}", r.response)?;
     let answer = bella_vqa::data::normalize::normalize_answer(&r.answer);
     let agree = r
         .particles
@@ -567,16 +569,16 @@ fn print_response(r: &Response, show_particles: bool, given_threshold: bool) {
             r.threshold
         )
     };
-    println!(
+    out!(
         "{decision} · uncertainty {:.3} = aleatoric {:.3} + epistemic {:.3} nats · {agree}/{} particle(s) say \"{}\"",
         r.uncertainty.total,
         r.uncertainty.aleatoric,
         r.uncertainty.epistemic,
         r.particles.len(),
         r.answer
-    );
+    )?;
     if let Some(v) = &r.image_check {
-        println!(
+        out!(
             "image check: distance {:.2} from the calibration images (threshold {:.2}): {}",
             v.distance,
             v.threshold,
@@ -587,16 +589,18 @@ fn print_response(r: &Response, show_particles: bool, given_threshold: bool) {
                 (false, false) =>
                     "unfamiliar (not applied: --threshold replaces the calibrated rule)",
             }
-        );
+        )?;
     }
     if show_particles {
         for (i, p) in r.particles.iter().enumerate() {
-            println!(
+            out!(
                 "  particle {i}: {:?} (log-likelihood {:.3})",
-                p.answer, p.log_likelihood
-            );
+                p.answer,
+                p.log_likelihood
+            )?;
         }
     }
+    Ok(())
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -605,12 +609,13 @@ fn run(cli: &Cli) -> Result<()> {
             let loaded = model.load(cli)?;
             let summary = ModelSummary::new(&loaded);
             if *json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&summary).context("serialising the summary")?
-                );
+                )?;
             } else {
-                print!("{summary}");
+                use std::io::Write as _;
+                write!(std::io::stdout(), "{summary}").map_err(StdoutError)?;
             }
         }
         Command::Ask {
@@ -653,9 +658,9 @@ fn run(cli: &Cli) -> Result<()> {
                 .ask_with(&img, question, &ask)
                 .with_context(|| format!("answering about {}", image.display()))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&response)?);
+                out!("{}", serde_json::to_string_pretty(&response)?)?;
             } else {
-                print_response(&response, *show_particles, threshold.is_some());
+                print_response(&response, *show_particles, threshold.is_some())?;
             }
         }
         Command::Serve(args) => serve(cli, args)?,
@@ -681,9 +686,9 @@ fn run(cli: &Cli) -> Result<()> {
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {
-                    println!("{split:<20} {count:>6} questions");
+                    out!("{split:<20} {count:>6} questions")?;
                 }
-                println!("{} images in {}", summary.images, out.display());
+                out!("{} images in {}", summary.images, out.display())?;
             }
         }
         Command::Bench(args) => bella_vqa::bench::cli::bench(args, cli.hub_options(), cli.quiet)?,
@@ -708,7 +713,7 @@ fn run(cli: &Cli) -> Result<()> {
                 .into_iter()
                 .filter_map(|(name, t)| Some(format!(", {name} {:?}", t?.dims())))
                 .collect::<String>();
-                eprintln!(
+                note!(
                     "wrote {}: input_ids {:?}, logits {:?}{optional}",
                     out.display(),
                     outputs.input_ids.dims(),
@@ -768,16 +773,16 @@ fn export_peft(
     // Replaced as a whole: an interrupted export never mixes two sets, nor leaves part of one.
     let dirs = bella_vqa::bella::peft::export_peft(&set, out, &taken)?;
     if !cli.quiet {
-        println!(
+        out!(
             "wrote {} PEFT LoRA adapter(s) (r = {}, lora_alpha = {}, {} layers, base {}):",
             dirs.len(),
             set.config.rank,
             set.config.alpha,
             set.adapters.len(),
             set.config.base_model.source
-        );
+        )?;
         for dir in &dirs {
-            println!("  {}", dir.display());
+            out!("  {}", dir.display())?;
         }
     }
     Ok(())
@@ -841,14 +846,14 @@ fn import_peft(
     }
     set.save(out)?;
     if !cli.quiet {
-        println!(
+        out!(
             "wrote {} ({} particle(s), r = {}, alpha = {}, {} layers, base {source_text})",
             out.display(),
             set.config.particles,
             set.config.rank,
             set.config.alpha,
             set.adapters.len()
-        );
+        )?;
     }
     Ok(())
 }
@@ -867,7 +872,7 @@ fn read_data(
     let data =
         bella_vqa::data::read_dataset(path, annotations, images, &opts)?.require_questions()?;
     if !data.skipped.is_empty() && !quiet {
-        eprintln!(
+        note!(
             "skipped {} bad record(s) in {} (first: {})",
             data.skipped.len(),
             path.display(),
@@ -910,14 +915,14 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
             );
         }
         if !cli.quiet {
-            eprintln!("skipped {n} training question(s) without answers in {file} (first: {id:?})");
+            note!("skipped {n} training question(s) without answers in {file} (first: {id:?})");
         }
     }
     let mut train_data = answered;
     if args.skip_bad {
         let unfit = train::take_unfit(&loaded, &mut train_data)?;
         if let (Some((id, why)), false) = (unfit.first(), cli.quiet) {
-            eprintln!(
+            note!(
                 "skipped {} training question(s) the model cannot train on in {} (first: {id:?}: \
                  {why})",
                 unfit.len(),
@@ -956,7 +961,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         use bella_vqa::data::seen;
         let n = seen::count(&seen::keys(&train_data), &val_data);
         if n > 0 {
-            eprintln!(
+            note!(
                 "warning: {}",
                 seen::warning(n, val_data.len(), "--val questions")
             );
@@ -1020,14 +1025,14 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         } else {
             "stopped"
         };
-        println!(
+        out!(
             "{state} at step {}/{}; particles in {} (log: train_log.jsonl)",
             report.steps,
             report.total_steps,
             report.out.display()
-        );
+        )?;
         if let Some(e) = &report.last {
-            println!(
+            out!(
                 "train loss {:.4} · val accuracy {} (vote {}) · mean pairwise distance {:.4} · {:.1} questions/s ({:.1} question-particle pairs/s)",
                 e.train_loss,
                 e.val_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
@@ -1035,11 +1040,11 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 e.mean_pairwise_distance,
                 e.examples_per_second,
                 e.particle_examples_per_second
-            );
+            )?;
         }
         if let Some(d) = &report.diversity {
             let pct = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.1} %", a * 100.0));
-            println!(
+            out!(
                 "diversity over {} evaluation(s): answer disagreement {} → {} (max {}), mean pairwise ΔW distance {:.4} → {:.4} (train_summary.json)",
                 d.evaluations,
                 pct(d.first.val_disagreement),
@@ -1047,7 +1052,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 pct(d.max_val_disagreement),
                 d.first.mean_pairwise_distance,
                 d.last.mean_pairwise_distance
-            );
+            )?;
         }
     }
     Ok(())
@@ -1058,14 +1063,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader closed the pipe (`| head -1`): it has what it wanted.
+        Err(e)
+            if e.downcast_ref::<StdoutError>()
+                .is_some_and(StdoutError::is_closed_pipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) if e.is::<Interrupted>() => {
-            eprintln!("{e}");
+            note!("{e}");
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            note!("error: {e:#}");
             if let Some(hint) = bella_vqa::models::compute::out_of_memory_hint(&e) {
-                eprintln!("{hint}");
+                note!("{hint}");
             }
             ExitCode::FAILURE
         }

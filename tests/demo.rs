@@ -730,3 +730,49 @@ fn a_clip_calibrated_with_one_answer_list_refuses_another() {
         String::from_utf8_lossy(&own.stderr)
     );
 }
+
+/// A status line that cannot be written is dropped, an answer that cannot be written is an
+/// error, and a reader that closed the pipe ends the program quietly: never a panic (a log on a
+/// full disk, `> /dev/full` and `| head -1` each panicked with exit 101).
+#[test]
+fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
+    use std::process::Stdio;
+    let full = || Stdio::from(std::fs::File::create("/dev/full").expect("/dev/full"));
+    let ask = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "ask",
+            "--model",
+            "demo/llava",
+            "--image",
+            IMAGE,
+            QUESTION,
+        ]);
+        cmd
+    };
+    // Standard error on a full disk: the status lines are lost, the answer is not.
+    let out = ask().stderr(full()).output().expect("runs");
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("red\n"));
+    // Standard output on a full disk: the answer is lost, and the command says so.
+    let out = ask().stdout(full()).output().expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write to standard output: No space left on device")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    // A reader that has gone: `inspect` writes many lines into a closed pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["inspect", "--model"])
+        .arg(repo("demo/llava"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+}

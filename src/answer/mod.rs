@@ -283,7 +283,7 @@ impl BellaVqa {
         let (mut loaded, note) =
             models::load_resolved(source, files, opts.compute, opts.quantize.as_ref())?;
         if opts.hub.progress {
-            eprintln!("{note}");
+            crate::note!("{note}");
         }
         let set = match adapters {
             Some(dir) => {

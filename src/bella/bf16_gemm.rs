@@ -355,7 +355,7 @@ mod tests {
         if !available() {
             return Ok(());
         }
-        eprintln!(
+        crate::note!(
             "bf16 kernels on this CPU: {:?}",
             kernels().iter().map(|k| k.0).collect::<Vec<_>>()
         );

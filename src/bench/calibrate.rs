@@ -324,7 +324,7 @@ fn answer_all(
                 if !opts.skip_bad {
                     bail!("{reason} (--skip-bad skips such questions)");
                 }
-                pb.suspend(|| eprintln!("skipped: {reason}"));
+                pb.suspend(|| crate::note!("skipped: {reason}"));
                 skipped += 1;
             }
         }
@@ -576,7 +576,7 @@ pub fn calibrate(
     };
     if !opts.dry_run {
         if let (Some(old), true) = (&previous, opts.progress) {
-            eprintln!(
+            crate::note!(
                 "rewriting the threshold stored in {}: {:.6} ({}) → {:.6} ({}); the old one is \
                  kept in its abstention_history",
                 adapters.join(CONFIG_FILE).display(),

@@ -327,14 +327,14 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         };
         let (results, written) = super::merge(dirs, out, &bootstrap)?;
         if !quiet {
-            eprintln!(
+            crate::note!(
                 "merged {} shard(s): {} questions answered",
                 dirs.len(),
                 results.progress.answered
             );
             print_summary(&results);
             for w in written {
-                eprintln!("wrote {}", w.display());
+                crate::note!("wrote {}", w.display());
             }
         }
         return Ok(());
@@ -416,7 +416,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             super::compare(&source, &spec, &entries, &load, &opts, answers.as_deref())?;
         if !quiet {
             for w in written {
-                eprintln!("wrote {}", w.display());
+                crate::note!("wrote {}", w.display());
             }
         }
         return Ok(());
@@ -428,7 +428,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     {
         let particles = crate::demo::path(crate::demo::PARTICLES)
             .map_or_else(|_| "its particles".into(), |p| p.display().to_string());
-        eprintln!(
+        crate::note!(
             "note: benchmarking the demo's base model, without particles; its Bella ensemble: \
              --adapters {particles}"
         );
@@ -444,7 +444,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let outcome = super::run(&vqa, &spec, &opts)?;
     if !quiet {
         let t = &outcome.results.timing;
-        eprintln!(
+        crate::note!(
             "answered {} question(s) now{}{}",
             outcome.answered_now,
             if outcome.resumed > 0 {
@@ -457,7 +457,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         );
         print_summary(&outcome.results);
         for w in outcome.written {
-            eprintln!("wrote {}", w.display());
+            crate::note!("wrote {}", w.display());
         }
     }
     Ok(())
@@ -466,7 +466,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
 fn print_summary(r: &super::ResultsFile) {
     let get = |k: &str| crate::report::fmt(crate::report::metric(r, k));
     if r.summary.is_some() {
-        eprintln!(
+        crate::note!(
             "VQA accuracy {} · coverage {} · ECE {} · AURC {} · Φ₁₀ {} (thresholds from {})",
             get("vqa_accuracy"),
             get("coverage"),
@@ -480,7 +480,7 @@ fn print_summary(r: &super::ResultsFile) {
         );
     }
     if !r.progress.complete {
-        eprintln!(
+        crate::note!(
             "incomplete: {} question(s) missing; rerun with the same --out",
             r.progress.missing
         );
@@ -490,7 +490,7 @@ fn print_summary(r: &super::ResultsFile) {
         .iter()
         .filter(|n| n.starts_with(super::submission::NOT_WRITTEN))
     {
-        eprintln!("{note}");
+        crate::note!("{note}");
     }
 }
 
@@ -573,7 +573,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
     if let Some(seen) = outcome.training_questions.filter(|&n| n > 0) {
-        eprintln!(
+        crate::note!(
             "warning: {}",
             crate::data::seen::warning(
                 seen,
@@ -583,13 +583,13 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         );
     }
     for w in &outcome.warnings {
-        eprintln!("warning: {w}");
+        crate::note!("warning: {w}");
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        crate::out!("{}", serde_json::to_string_pretty(&outcome)?)?;
         return Ok(());
     }
-    println!(
+    crate::out!(
         "{} threshold {:.6} ({}) on {} validation question(s): coverage {:.1} %, risk {}{}",
         outcome.abstention.selector.name(),
         outcome.abstention.threshold,
@@ -603,12 +603,12 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
                 r * 100.0
             )),
         outcome.phi.map_or(String::new(), |p| format!(", Φ {p:.4}"))
-    );
+    )?;
     if let Some(t) = outcome.abstention.temperature {
-        println!("temperature {t:.4} (fitted on the validation questions)");
+        crate::out!("temperature {t:.4} (fitted on the validation questions)")?;
     }
     if let Some(why) = &outcome.temperature_skipped {
-        println!("no temperature (the probabilities are kept as they are): {why}");
+        crate::out!("no temperature (the probabilities are kept as they are): {why}")?;
     }
     if let Some(g) = &outcome.abstention.guarantee {
         // The questions whose image the check flags are declined, so not part of the test.
@@ -629,18 +629,18 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
                 g.coverage * 100.0
             )
         };
-        println!(
+        crate::out!(
             "guarantee ({}): risk <= {} with probability >= {} — upper bound {:.4} at this \
              threshold; {tested}",
             g.method,
             g.alpha,
             1.0 - g.delta,
             g.bound,
-        );
+        )?;
     }
     match (&outcome.abstention.image_check, &outcome.image_flagged) {
         (Some(c), Some(f)) => {
-            println!(
+            crate::out!(
             "image check: abstain beyond distance {:.3} (false alarms <= {} on images like the {} \
              fitted and {} calibration images); flags {:.1} % of the validation questions{}",
             c.threshold,
@@ -650,43 +650,43 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             f.val * 100.0,
             f.ood
                 .map_or(String::new(), |o| format!(", {:.1} % of --ood-val", o * 100.0))
-        )
+        )?
         }
         _ => {
             if let Some(why) = &outcome.image_check_skipped {
-                println!("no image check: {why}");
+                crate::out!("no image check: {why}")?;
             }
         }
     }
     if let Some(share) = outcome.ood_answered {
-        println!(
+        crate::out!(
             "--ood-val: {:.1} % of {} question(s) answered at the threshold",
             share * 100.0,
             outcome.ood_count
-        );
+        )?;
     }
-    println!(
+    crate::out!(
         "selector   AURC (cross-fitted{})   AURC (val)",
         if outcome.ood_count > 0 {
             ", with --ood-val"
         } else {
             ""
         }
-    );
+    )?;
     for row in &outcome.selectors {
         let chosen = if row.selector.name() == outcome.abstention.selector.name() {
             "  ← chosen"
         } else {
             ""
         };
-        println!(
+        crate::out!(
             "{:<12} {:.4}   {:.4}{chosen}",
             row.selector.name(),
             row.aurc,
             row.aurc_val
-        );
+        )?;
     }
-    println!(
+    crate::out!(
         "{}",
         if outcome.stored {
             format!(
@@ -698,6 +698,6 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         } else {
             "not stored (--dry-run)".into()
         }
-    );
+    )?;
     Ok(())
 }

@@ -171,7 +171,7 @@ pub fn compare(
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
     for (e, inputs) in entries.iter().zip(&inputs) {
         if opts.progress {
-            eprintln!(
+            crate::note!(
                 "== {}: {}",
                 e.name,
                 e.adapters

@@ -324,7 +324,7 @@ fn data_records(sets: &[EvalSet], adapters: Option<&Path>) -> Result<Vec<DataRec
         if let Some(keys) = &keys {
             let seen = crate::data::seen::count(keys, &set.examples[..record.selected]);
             if seen > 0 {
-                eprintln!(
+                crate::note!(
                     "warning: {}: {}",
                     record.split,
                     crate::data::seen::warning(seen, record.selected, "questions")
@@ -380,7 +380,7 @@ fn check_or_write_config(
             }
             let kept = renumber_answers(out, sets, config.shard)?;
             if progress {
-                eprintln!(
+                crate::note!(
                     "{}: the data changed since the run began; its {kept} answers are to \
                      questions that did not change, so they are kept and the rest is answered now",
                     out.display()
@@ -512,7 +512,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     if opts.progress {
         for s in &sets {
             for bad in &s.skipped {
-                eprintln!("skipped bad record: {bad}");
+                crate::note!("skipped bad record: {bad}");
             }
         }
     }
@@ -536,7 +536,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let samples_path = opts.out.join(SAMPLES_FILE);
     let existing = read_samples(&samples_path)?;
     if existing.dropped_last_line && opts.progress {
-        eprintln!(
+        crate::note!(
             "{}: dropped a damaged last line (an interrupted write); its question is answered again",
             samples_path.display()
         );
@@ -631,7 +631,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                     if !opts.skip_bad {
                         bail!("{reason} (--skip-bad skips such questions)");
                     }
-                    pb.suspend(|| eprintln!("skipped: {reason}"));
+                    pb.suspend(|| crate::note!("skipped: {reason}"));
                     first_skip.get_or_insert_with(|| reason.clone());
                     let skip = SkippedQuestion {
                         split: set.record.split.clone(),

@@ -222,7 +222,7 @@ fn load_weights(
     )?;
     if let (ModelConfig::Llava(_), Some(p)) = (&config, &prompter) {
         if *p.template_source() == prompt::TemplateSource::Default {
-            eprintln!(
+            crate::note!(
                 "warning: {} has no chat template (chat_template.jinja, chat_template.json or a \
                  chat_template key): prompts use {}; add the model's own if it was trained with \
                  another",
@@ -244,7 +244,7 @@ fn load_weights(
     let quantization = weights.take_quantizer().map(Quantizer::finish);
     let unused_tensors = weights.unused();
     if !unused_tensors.is_empty() {
-        eprintln!(
+        crate::note!(
             "warning: {} of the tensors in {} are not used by this {} ({}): weights of another \
              architecture, or layers config.json does not have; check that config.json belongs to \
              these weight files (`bella-vqa inspect` lists them)",

@@ -195,12 +195,12 @@ pub fn run(
             .await
             .with_context(|| format!("cannot listen on {addr} (in use? try another --port)"))?;
         if !opts.host.is_loopback() && opts.api_key.is_none() {
-            eprintln!(
+            crate::note!(
                 "warning: listening on {} without --api-key: anyone who can reach it can use the model",
                 opts.host
             );
         }
-        eprintln!("listening on http://{}", listener.local_addr()?);
+        crate::note!("listening on http://{}", listener.local_addr()?);
         serve(listener, opts, load, shutdown_signal()).await
     })
 }
@@ -209,10 +209,10 @@ pub fn run(
 /// the requests in flight (a graceful stop can take up to --timeout-secs).
 async fn shutdown_signal() {
     next_signal().await;
-    eprintln!("stopping: finishing the requests in flight (signal again to stop at once)");
+    crate::note!("stopping: finishing the requests in flight (signal again to stop at once)");
     tokio::spawn(async {
         next_signal().await;
-        eprintln!("stopped at once: the requests in flight were cut off");
+        crate::note!("stopped at once: the requests in flight were cut off");
         std::process::exit(130);
     });
 }
@@ -460,7 +460,7 @@ async fn access_log(
     let (method, path) = (request.method().clone(), request.uri().path().to_string());
     let started = Instant::now();
     let response = next.run(request).await;
-    eprintln!(
+    crate::note!(
         "{method} {path} {} {} ms",
         response.status().as_u16(),
         started.elapsed().as_millis()
@@ -835,10 +835,10 @@ async fn wait_for(
         Ok(Err(_)) => Err(ApiError::internal("the worker dropped the question")),
         Ok(Ok(Err(e))) => {
             let text = format!("{e:#}");
-            eprintln!("error answering a request: {text}");
+            crate::note!("error answering a request: {text}");
             if let Some(hint) = crate::models::compute::out_of_memory_hint(&e) {
                 // Memory other requests held may be free on a retry; the operator has the fix.
-                eprintln!("{hint}");
+                crate::note!("{hint}");
                 return Err(ApiError::unavailable(
                     "the GPU ran out of memory answering this request: retry later (the \
                      server's log says what its operator can change)",

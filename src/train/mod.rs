@@ -461,7 +461,7 @@ fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
         );
     }
     if run.resume && run.progress {
-        eprintln!("nothing to resume in {}: starting at step 0", out.display());
+        crate::note!("nothing to resume in {}: starting at step 0", out.display());
     }
     Ok(())
 }
@@ -618,7 +618,7 @@ pub fn train(
             crate::data::seen::write(&run.out, train)?;
             seen_written.set(true);
             if run.progress {
-                eprintln!(
+                crate::note!(
                     "resuming from step {} of {total_steps} ({})",
                     ck.state.step,
                     dir.display()
@@ -652,7 +652,7 @@ pub fn train(
                 .filter(|path| spec.matches(path))
                 .count();
             if inert > 0 && run.progress {
-                eprintln!(
+                crate::note!(
                     "left out {inert} targeted layer(s) the model never runs (vision layers above \
                      vision_feature_layer): particles there could not change an answer"
                 );
@@ -694,12 +694,12 @@ pub fn train(
         .map_or(total_steps, |m| m.min(total_steps))
         .max(start_step);
     if end_step == start_step && start_step < total_steps && run.progress {
-        eprintln!("already at step {start_step} (--max-steps): nothing to train");
+        crate::note!("already at step {start_step} (--max-steps): nothing to train");
     }
     if end_step > start_step
         && ParticleSet::read_config(&run.out).is_ok_and(|c| c.abstention.is_some())
     {
-        eprintln!(
+        crate::note!(
             "warning: the particles in {} are calibrated; training replaces them, and their \
              calibration with them: run calibrate again afterwards",
             run.out.display()

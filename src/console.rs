@@ -1,0 +1,41 @@
+//! What the command line writes: [`note!`](crate::note) for status lines on standard error and
+//! [`out!`](crate::out) for the product on standard output.
+//!
+//! `println!` and `eprintln!` panic when the write fails: a log redirected to a full disk
+//! (`2>> run.log`), `> /dev/full`, or a reader that went away (`| head -1`) killed a run after
+//! its work, or the server's worker mid-request. A status line that cannot be written is dropped
+//! (it is not the product, and nothing else could say so); an answer that cannot be written is
+//! an error ([`StdoutError`]), and a reader that closed the pipe ends the program quietly.
+
+use std::io::ErrorKind;
+
+/// Standard output could not be written: the command's product is lost.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output")]
+pub struct StdoutError(#[source] pub std::io::Error);
+
+impl StdoutError {
+    /// The reader closed the pipe (`bella-vqa inspect | head -1`): it has what it wanted.
+    pub fn is_closed_pipe(&self) -> bool {
+        self.0.kind() == ErrorKind::BrokenPipe
+    }
+}
+
+/// Writes a status line to standard error (a line, as `eprintln!`); a failed write is dropped.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Writes a line of the command's product to standard output (as `println!`), returning
+/// `Result<(), StdoutError>`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::console::StdoutError)
+    }};
+}
