@@ -965,3 +965,36 @@ fn a_colour_profile_past_pillows_limit_is_refused_before_it_is_unpacked() {
         );
     }
 }
+
+#[test]
+fn files_people_give_as_images_are_named_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let ftyp = |brand: &[u8]| [b"\0\0\0\x18ftyp".as_slice(), brand, &[0; 12]].concat();
+    for (bytes, kind) in [
+        (ftyp(b"heic"), "a HEIC/HEIF photograph"), // an iPhone's photograph
+        (ftyp(b"mif1"), "a HEIC/HEIF photograph"),
+        (ftyp(b"avif"), "an AVIF image"),
+        (ftyp(b"isom"), "a video (MP4/QuickTime)"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n".to_vec(), "a PDF document"),
+        (
+            b"<?xml version=\"1.0\"?>\n<!-- drawn by hand -->\n<svg xmlns=\"http://www.w3.org/2000/svg\"/>"
+                .to_vec(),
+            "an SVG drawing",
+        ),
+    ] {
+        let file = dir.path().join("upload");
+        std::fs::write(&file, &bytes).unwrap();
+        for err in [
+            decode_image(&bytes, "upload", u64::MAX).unwrap_err(),
+            load_image(&file).unwrap_err(),
+            bella_vqa::models::image::image_file_size(&file).unwrap_err(),
+        ] {
+            let err = format!("{err:#}");
+            assert!(
+                err.contains(&format!("upload is {kind}, which bella-vqa cannot read"))
+                    && err.ends_with("convert it to PNG or JPEG"),
+                "{err}"
+            );
+        }
+    }
+}

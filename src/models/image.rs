@@ -37,6 +37,10 @@ pub const MAX_PROCESSED_SIDE: usize = 8192;
 pub const SUPPORTED_IMAGE_FORMATS: &str =
     "PNG, JPEG, WebP, GIF (its first frame), BMP, TIFF (its first page)";
 
+/// How much of a file tells its format ([`image_format`]; an SVG's `<svg` may follow an XML
+/// declaration and a comment).
+const FORMAT_HEAD_BYTES: u64 = 256;
+
 /// The CLIP mean that `transformers` uses as the class default (`OPENAI_CLIP_MEAN`).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// The CLIP standard deviation that `transformers` uses as the class default (`OPENAI_CLIP_STD`).
@@ -56,7 +60,7 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
     // before gigabytes of it are read.
     let mut bytes = Vec::new();
     (&mut file)
-        .take(64)
+        .take(FORMAT_HEAD_BYTES)
         .read_to_end(&mut bytes)
         .with_context(read_error)?;
     image_format(&bytes, &path.display().to_string())?;
@@ -75,8 +79,11 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
         std::fs::File::open(path).with_context(|| format!("cannot read image file {name}"))?;
     let mut reader = std::io::BufReader::new(file);
     let mut head = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(&mut reader, 64), &mut head)
-        .with_context(|| format!("cannot read image file {name}"))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut reader, FORMAT_HEAD_BYTES),
+        &mut head,
+    )
+    .with_context(|| format!("cannot read image file {name}"))?;
     let format = image_format(&head, &name)?;
     // A TIFF's compression is known only to its decoder (Pillow reads CCITT fax TIFFs, this one
     // does not): decoded whole, so such a file is refused here and not at its question.
@@ -115,11 +122,44 @@ fn image_format(bytes: &[u8], name: &str) -> Result<image::ImageFormat> {
     if bytes.is_empty() {
         bail!("image {name} is empty (0 bytes)");
     }
+    if let Some(kind) = other_format(bytes) {
+        bail!(
+            "{name} is {kind}, which bella-vqa cannot read (supported: \
+             {SUPPORTED_IMAGE_FORMATS}): convert it to PNG or JPEG"
+        );
+    }
     image::guess_format(bytes).map_err(|_| {
         anyhow!(
             "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
         )
     })
+}
+
+/// What a file the image decoders do not know is, from its first bytes, where people give such
+/// files as images: an iPhone's HEIC photograph, an AVIF, a video, a PDF or an SVG drawing.
+fn other_format(bytes: &[u8]) -> Option<&'static str> {
+    // ISO base media files (HEIF, AVIF, MP4, MOV): a size, "ftyp", then the major brand.
+    if bytes.get(4..8) == Some(b"ftyp") {
+        return Some(match bytes.get(8..12)? {
+            b"heic" | b"heix" | b"hevc" | b"heim" | b"heis" | b"mif1" | b"msf1" => {
+                "a HEIC/HEIF photograph"
+            }
+            b"avif" | b"avis" => "an AVIF image",
+            _ => "a video (MP4/QuickTime)",
+        });
+    }
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(256)]).to_ascii_lowercase();
+    let markup = text
+        .trim_start_matches('\u{feff}')
+        .trim_start()
+        .starts_with('<');
+    if bytes.starts_with(b"%PDF") {
+        Some("a PDF document")
+    } else if markup && text.contains("<svg") {
+        Some("an SVG drawing")
+    } else {
+        None
+    }
 }
 
 /// Decodes an image held in memory (an upload), named `name` in errors, with the same checks as
@@ -351,7 +391,8 @@ fn describe_image_error(name: &str, err: image::ImageError) -> anyhow::Error {
             )
         }
         E::Unsupported(e) => anyhow!(
-            "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): {e}"
+            "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS}): \
+             {e}; convert it to PNG or JPEG"
         ),
         E::Limits(e) => anyhow!(
             "image {name} is too large to decode (limits: {MAX_IMAGE_SIDE} pixels a side, {} Mpixel): {e}",
