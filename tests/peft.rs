@@ -469,8 +469,12 @@ fn bad_adapters_are_refused_with_reasons() {
             "init_lora_weights",
             json!("loftq"),
         ),
-        ("none PEFT knows", "init_lora_weights", json!("garbage")),
-        ("none PEFT knows", "init_lora_weights", json!(0)),
+        (
+            "none bella-vqa knows",
+            "init_lora_weights",
+            json!("garbage"),
+        ),
+        ("none bella-vqa knows", "init_lora_weights", json!(0)),
         ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),
@@ -958,5 +962,164 @@ fn a_relative_base_model_that_is_not_found_says_to_pass_model() {
     assert!(
         !elsewhere.path().join("set").exists(),
         "nothing was written"
+    );
+}
+
+/// The adapter_config.json values PEFT 0.21.2 writes for its LoRA variants (LoraConfig(…,
+/// alora_invocation_tokens=[294, 262, 384]), use_bdlora=BdLoraConfig(…), ArrowConfig(top_k=2),
+/// KasaConfig(), saved by save_pretrained on llava-tiny-hub).
+fn variant_configs() -> Vec<(&'static str, Value)> {
+    vec![
+        ("alora_invocation_tokens", json!([294, 262, 384])),
+        (
+            "use_bdlora",
+            json!({"match_strict": true, "nblocks": 2, "target_modules_bd_a": ["o_proj"],
+                   "target_modules_bd_b": ["q_proj", "k_proj", "v_proj"]}),
+        ),
+        (
+            "arrow_config",
+            json!({"top_k": 2, "router_temperature": 1.0, "use_gks": false,
+                   "task_adapter_names": null, "gks_adapter_names": null, "rng_seed": null}),
+        ),
+        ("kasa_config", json!({"beta": 0.0001, "gamma": 0.001})),
+        // PEFT turns an empty sub-config into an active variant with default settings.
+        ("kasa_config", json!({})),
+        ("megatron_config", json!({"tensor_model_parallel_size": 1})),
+    ]
+}
+
+#[test]
+fn lora_variants_that_change_the_forward_pass_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (key, value)) in variant_configs().into_iter().enumerate() {
+        let dir = copy_fixture(&tmp.path().join(format!("variant{i}")));
+        edit_config(&dir, |c| c[key] = value);
+        let err = import_err(&dir);
+        assert!(
+            err.contains(&format!("{key} is set")) && err.contains("plain LoRA only"),
+            "{key}: {err}"
+        );
+    }
+    // aLoRA: the reason is the one that made its numbers wrong (ΔW before the invocation).
+    let dir = copy_fixture(&tmp.path().join("alora"));
+    edit_config(&dir, |c| {
+        c["alora_invocation_tokens"] = json!([294, 262, 384])
+    });
+    let err = import_err(&dir);
+    assert!(err.contains("invocation tokens on"), "{err}");
+
+    // A key bella-vqa does not know: refused when set, naming the PEFT version that wrote it.
+    let dir = copy_fixture(&tmp.path().join("unknown"));
+    edit_config(&dir, |c| c["use_hira"] = json!(true));
+    let err = import_err(&dir);
+    assert!(
+        err.contains("use_hira = true") && err.contains("written by PEFT 0.21.2"),
+        "{err}"
+    );
+    let dir = copy_fixture(&tmp.path().join("unknown-versionless"));
+    edit_config(&dir, |c| {
+        c["sparse_config"] = json!({"k": 3});
+        c.as_object_mut().unwrap().remove("peft_version");
+    });
+    let err = import_err(&dir);
+    assert!(
+        err.contains("sparse_config = {\"k\":3}") && !err.contains("written by"),
+        "{err}"
+    );
+    // LoRA-GA moves a part of the base weight into the factors, like PiSSA.
+    let dir = copy_fixture(&tmp.path().join("lora-ga"));
+    edit_config(&dir, |c| c["init_lora_weights"] = json!("lora_ga"));
+    assert!(import_err(&dir).contains("changes the base model's weights"));
+}
+
+#[test]
+fn settings_that_leave_plain_lora_at_inference_import_the_same_factors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = import_peft(&peft_fixture()).unwrap();
+    let module = "base_model.model.model.language_model.layers.0.self_attn.q_proj";
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        // MiCA only chooses the initial factors; LoraLayer.mica_init leaves the base alone.
+        ("mica", Box::new(|c| c["init_lora_weights"] = json!("mica"))),
+        // Entries equal to r and lora_alpha, by name and by regex.
+        (
+            "patterns",
+            Box::new(|c| {
+                c["rank_pattern"] = json!({"q_proj": 4, "^model\\.language_model\\.layers\\.0\\.self_attn\\.q_proj$": 4});
+                c["alpha_pattern"] = json!({"v_proj": 8.0});
+            }),
+        ),
+        // Neutral values, known keys or not.
+        (
+            "neutral",
+            Box::new(|c| {
+                c["alora_invocation_tokens"] = json!([]);
+                c["use_hira"] = json!(false);
+                c["hira_config"] = Value::Null;
+                c["runtime_config"] = json!({"ephemeral_gpu_offload": true});
+            }),
+        ),
+    ];
+    for (name, edit) in cases {
+        let dir = copy_fixture(&tmp.path().join(name));
+        edit_config(&dir, edit);
+        let set = import_peft(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_same_factors(&set, &plain);
+    }
+
+    // VeLoRA and MonteCLoRA train with extra tensors but are lora_B(lora_A(x)) in eval; their
+    // tensors, named and shaped as PEFT 0.21.2 saves them, are skipped.
+    let extras: [(&str, Value, Vec<(&str, usize)>); 2] = [
+        (
+            "velora_config",
+            json!({"init_type": "batch_average", "num_groups": 64, "scale": 1.0}),
+            vec![("lora_velora_embed", 1)],
+        ),
+        (
+            "monteclora_config",
+            json!({"buffer_size": 150, "dirichlet_prior": 0.1, "kl_loss_weight": 1e-05,
+                   "num_samples": 8, "sample_scaler": 0.0001, "use_entropy": false}),
+            vec![
+                ("lora_monteclora_sampler.expert_weights", 8),
+                ("lora_monteclora_sampler.std_prior", 4),
+            ],
+        ),
+    ];
+    for (key, value, tensors) in extras {
+        let dir = copy_fixture(&tmp.path().join(key));
+        rewrite_weights(&dir, |t| {
+            for (name, n) in &tensors {
+                t.insert(
+                    format!("{module}.{name}"),
+                    Tensor::ones(*n, DType::F32, &Device::Cpu).unwrap(),
+                );
+            }
+        });
+        // Without the config the tensors are named for what they are.
+        let err = import_err(&dir);
+        assert!(
+            err.contains(&format!("({key})")) && err.contains("not a LoRA factor"),
+            "{err}"
+        );
+        edit_config(&dir, |c| c[key] = value);
+        let set = import_peft(&dir).unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        assert_same_factors(&set, &plain);
+    }
+}
+
+#[test]
+fn factors_saved_with_their_adapter_name_say_how_to_save_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path());
+    // model.state_dict() of a PeftModel: `….lora_A.default.weight`.
+    rewrite_weights(&dir, |t| {
+        *t = std::mem::take(t)
+            .into_iter()
+            .map(|(k, v)| (k.replace(".weight", ".default.weight"), v))
+            .collect();
+    });
+    let err = import_err(&dir);
+    assert!(
+        err.contains("adapter name \"default\"") && err.contains("PeftModel.save_pretrained"),
+        "{err}"
     );
 }
