@@ -202,6 +202,20 @@ impl std::str::FromStr for ModelSource {
     }
 }
 
+/// The `org/name` and the revision of a hub id `org/name[@revision]`; `None` for a path, an
+/// existing directory or a demo name.
+pub fn split_hub_id(s: &str) -> Option<(&str, Option<&str>)> {
+    if demo_model(s).is_some() || looks_like_path(s) || Path::new(s).exists() {
+        return None;
+    }
+    let (repo_id, revision) = match s.split_once('@') {
+        Some((repo_id, revision)) => (repo_id, Some(revision)),
+        None => (s, None),
+    };
+    validate_repo_id(repo_id).ok()?;
+    Some((repo_id, revision))
+}
+
 /// Strings that are meant as paths, never as hub ids.
 fn looks_like_path(s: &str) -> bool {
     let bytes = s.as_bytes();

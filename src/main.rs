@@ -809,10 +809,10 @@ fn import_peft(
         None if base.source.is_empty() => anyhow::bail!(
             "the adapter config names no base model (base_model_name_or_path): pass --model"
         ),
-        None => match &base.revision {
-            Some(r) if !std::path::Path::new(&base.source).is_dir() => {
-                format!("{}@{r}", base.source)
-            }
+        // PEFT keeps the revision apart (`revision`); an `@rev` in the name (older bella-vqa
+        // exports) gives way to it.
+        None => match (&base.revision, bella_vqa::hub::split_hub_id(&base.source)) {
+            (Some(r), Some((repo_id, _))) => format!("{repo_id}@{r}"),
             _ => base.source.clone(),
         },
     };

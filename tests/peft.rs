@@ -1123,3 +1123,124 @@ fn factors_saved_with_their_adapter_name_say_how_to_save_them() {
         "{err}"
     );
 }
+
+/// An offline hub cache (`HF_HOME`) holding llava-tiny-hub as `acme/llava-tiny`, `main` and
+/// the tag `v1` at one commit, as huggingface_hub lays it out; returns (HF_HOME, commit).
+fn hub_cache_with_tiny_llava(root: &Path) -> (PathBuf, &'static str) {
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    let home = root.join("hf");
+    let repo = home.join("hub").join("models--acme--llava-tiny");
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    for r in ["main", "v1"] {
+        std::fs::write(repo.join("refs").join(r), COMMIT).unwrap();
+    }
+    (home, COMMIT)
+}
+
+#[test]
+fn a_hub_base_exports_as_peft_names_it_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, commit) = hub_cache_with_tiny_llava(tmp.path());
+    let offline = |args: &[&str]| {
+        let o = bella()
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(tmp.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // The base as PEFT writes it: the repo id, and the revision apart.
+    let adapter = copy_fixture(&tmp.path().join("from-peft"));
+    edit_config(&adapter, |c| {
+        c["base_model_name_or_path"] = json!("acme/llava-tiny");
+        c["revision"] = json!("v1");
+    });
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "from-peft/adapter",
+        "--out",
+        "set",
+    ]);
+    offline(&[
+        "export-peft",
+        "-q",
+        "--adapters",
+        "set",
+        "--out",
+        "exported",
+    ]);
+    let exported = tmp.path().join("exported/particle-0");
+    let config = read_json(&exported.join(ADAPTER_CONFIG_FILE));
+    assert_eq!(config["base_model_name_or_path"], "acme/llava-tiny");
+    assert_eq!(config["revision"], commit);
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "exported/particle-0",
+        "--out",
+        "again",
+    ]);
+    let again = ParticleSet::load(&tmp.path().join("again"), &Device::Cpu).unwrap();
+    assert_eq!(
+        again.config.base_model.source,
+        format!("acme/llava-tiny@{commit}")
+    );
+    assert_eq!(again.config.base_model.commit.as_deref(), Some(commit));
+    assert_same_factors(&again, &import_peft(&peft_fixture()).unwrap());
+
+    // A `--model org/name@rev` is written the same way, and an export of an older bella-vqa
+    // (`org/name@rev` in base_model_name_or_path) still imports.
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "from-peft/adapter",
+        "--model",
+        "acme/llava-tiny@v1",
+        "--out",
+        "pinned",
+        "--force",
+    ]);
+    offline(&[
+        "export-peft",
+        "-q",
+        "--adapters",
+        "pinned",
+        "--out",
+        "exported-pinned",
+    ]);
+    let config = read_json(
+        &tmp.path()
+            .join("exported-pinned/particle-0")
+            .join(ADAPTER_CONFIG_FILE),
+    );
+    assert_eq!(config["base_model_name_or_path"], "acme/llava-tiny");
+    assert_eq!(config["revision"], commit);
+    edit_config(&exported, |c| {
+        c["base_model_name_or_path"] = json!("acme/llava-tiny@v1")
+    });
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "exported/particle-0",
+        "--out",
+        "old",
+        "--force",
+    ]);
+}

@@ -173,7 +173,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
     } else {
         json!(c.alpha)
     };
-    let base = &c.base_model;
+    let (base_name, revision) = peft_base(&c.base_model);
     let fields: BTreeMap<&str, Value> = BTreeMap::from([
         ("alpha_pattern", json!({})),
         (
@@ -187,10 +187,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
                 })
             },
         ),
-        (
-            "base_model_name_or_path",
-            json!(peft_base_name(&base.source)),
-        ),
+        ("base_model_name_or_path", json!(base_name)),
         ("bias", json!("none")),
         ("fan_in_fan_out", json!(false)),
         ("inference_mode", json!(true)),
@@ -203,10 +200,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
         ("peft_type", json!("LORA")),
         ("r", json!(c.rank)),
         ("rank_pattern", json!({})),
-        (
-            "revision",
-            json!(base.commit.as_ref().or(base.revision.as_ref())),
-        ),
+        ("revision", json!(revision)),
         ("target_modules", json!(targets)),
         (
             "task_type",
@@ -1036,12 +1030,24 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
     ca.len().cmp(&cb.len()).then(a.cmp(b))
 }
 
-/// The base model as PEFT can load it: the embedded demo's names (`demo`, `demo:clip`) become
-/// the directory the demo is written to; anything else is kept as recorded.
-fn peft_base_name(source: &str) -> String {
-    crate::hub::demo_model(source)
-        .and_then(|model| crate::demo::path(model).ok())
-        .map_or_else(|| source.to_string(), |dir| dir.display().to_string())
+/// `base_model_name_or_path` and `revision` as PEFT loads them
+/// (`from_pretrained(base_model_name_or_path, revision=revision)`): a hub id without our
+/// `@revision` syntax, the revision pinned to the commit when it is known; the embedded demo's
+/// names (`demo`, `demo:clip`) become the directory the demo is written to; a directory is kept
+/// as recorded.
+fn peft_base(base: &BaseModel) -> (String, Option<String>) {
+    let source = &base.source;
+    let recorded = base.commit.as_ref().or(base.revision.as_ref()).cloned();
+    if let Some(dir) = crate::hub::demo_model(source).and_then(|m| crate::demo::path(m).ok()) {
+        return (dir.display().to_string(), recorded);
+    }
+    match crate::hub::split_hub_id(source) {
+        Some((repo_id, revision)) => (
+            repo_id.to_string(),
+            recorded.or(revision.map(str::to_string)),
+        ),
+        None => (source.clone(), recorded),
+    }
 }
 
 #[cfg(test)]
