@@ -897,6 +897,27 @@ fn cached_commit(opts: &HubOptions, repo_id: &str, revision: &str) -> Option<Str
     (is_safe_name(&commit) && repo.pointer_path(&commit).is_dir()).then_some(commit)
 }
 
+/// The cached snapshot directory of any repo (a PEFT adapter too) at `revision` (default
+/// `main`), without asking the hub.
+pub fn cached_snapshot(
+    repo_id: &str,
+    revision: Option<&str>,
+    opts: &HubOptions,
+) -> anyhow::Result<PathBuf> {
+    validate_repo_id(repo_id).map_err(|why| anyhow!("invalid hub id: {why}"))?;
+    let revision = revision.unwrap_or(DEFAULT_REVISION);
+    validate_revision(revision).map_err(|why| anyhow!("invalid revision: {why}"))?;
+    let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| {
+        anyhow!(
+            "{repo_id}@{revision} is not in the hub cache at {}: download it \
+             (`huggingface-cli download {repo_id} --revision {revision}`) and pass it again, or \
+             pass its folder",
+            opts.cache_dir.display()
+        )
+    })?;
+    Ok(cache_repo(opts, repo_id, revision).pointer_path(&commit))
+}
+
 fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
     resolve_cached(
         repo_id,

@@ -1244,3 +1244,40 @@ fn a_hub_base_exports_as_peft_names_it_and_round_trips() {
         "--force",
     ]);
 }
+
+#[test]
+fn a_hub_adapter_id_is_read_from_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, commit) = hub_cache_with_tiny_llava(tmp.path());
+    let repo = home.join("hub").join("models--acme--llava-lora");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    for f in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
+        std::fs::copy(peft_fixture().join(f), snapshot.join(f)).unwrap();
+    }
+    let import = |peft: &str, out: &str| {
+        bella()
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(tmp.path())
+            .args(["import-peft", "-q", "--peft", peft, "--out", out, "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .output()
+            .unwrap()
+    };
+    let o = import("acme/llava-lora", "set");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = ParticleSet::load(&tmp.path().join("set"), &Device::Cpu).unwrap();
+    assert_same_factors(&set, &import_peft(&peft_fixture()).unwrap());
+
+    let o = import("acme/other-lora@v2", "other");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("acme/other-lora@v2 is not in the hub cache")
+            && stderr.contains("huggingface-cli download acme/other-lora --revision v2"),
+        "{stderr}"
+    );
+}
