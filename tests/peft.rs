@@ -1037,38 +1037,44 @@ fn settings_that_leave_plain_lora_at_inference_import_the_same_factors() {
     let tmp = tempfile::tempdir().unwrap();
     let plain = import_peft(&peft_fixture()).unwrap();
     let module = "base_model.model.model.language_model.layers.0.self_attn.q_proj";
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    // (case, the config keys it sets)
+    let cases = [
         // MiCA only chooses the initial factors; LoraLayer.mica_init leaves the base alone.
-        ("mica", Box::new(|c| c["init_lora_weights"] = json!("mica"))),
+        ("mica", json!({"init_lora_weights": "mica"})),
         // Entries equal to r and lora_alpha, by name and by regex.
         (
             "patterns",
-            Box::new(|c| {
-                c["rank_pattern"] = json!({"q_proj": 4, "^model\\.language_model\\.layers\\.0\\.self_attn\\.q_proj$": 4});
-                c["alpha_pattern"] = json!({"v_proj": 8.0});
+            json!({
+                "rank_pattern": {"q_proj": 4, "^model\\.language_model\\.layers\\.0\\.self_attn\\.q_proj$": 4},
+                "alpha_pattern": {"v_proj": 8.0}
             }),
         ),
         // Neutral values, known keys or not.
         (
             "neutral",
-            Box::new(|c| {
-                c["alora_invocation_tokens"] = json!([]);
-                c["use_hira"] = json!(false);
-                c["hira_config"] = Value::Null;
-                c["runtime_config"] = json!({"ephemeral_gpu_offload": true});
+            json!({
+                "alora_invocation_tokens": [],
+                "use_hira": false,
+                "hira_config": null,
+                "runtime_config": {"ephemeral_gpu_offload": true}
             }),
         ),
     ];
-    for (name, edit) in cases {
+    for (name, keys) in cases {
         let dir = copy_fixture(&tmp.path().join(name));
-        edit_config(&dir, edit);
+        edit_config(&dir, |c| {
+            for (k, v) in keys.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
         let set = import_peft(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_same_factors(&set, &plain);
     }
 
     // VeLoRA and MonteCLoRA train with extra tensors but are lora_B(lora_A(x)) in eval; their
     // tensors, named and shaped as PEFT 0.21.2 saves them, are skipped.
-    let extras: [(&str, Value, Vec<(&str, usize)>); 2] = [
+    // (config key, its value, the tensors' names and lengths)
+    let extras = [
         (
             "velora_config",
             json!({"init_type": "batch_average", "num_groups": 64, "scale": 1.0}),
