@@ -202,6 +202,20 @@ impl std::str::FromStr for ModelSource {
     }
 }
 
+/// The `org/name` and the revision of a hub id `org/name[@revision]`; `None` for a path, an
+/// existing directory or a demo name.
+pub fn split_hub_id(s: &str) -> Option<(&str, Option<&str>)> {
+    if demo_model(s).is_some() || looks_like_path(s) || Path::new(s).exists() {
+        return None;
+    }
+    let (repo_id, revision) = match s.split_once('@') {
+        Some((repo_id, revision)) => (repo_id, Some(revision)),
+        None => (s, None),
+    };
+    validate_repo_id(repo_id).ok()?;
+    Some((repo_id, revision))
+}
+
 /// Strings that are meant as paths, never as hub ids.
 fn looks_like_path(s: &str) -> bool {
     let bytes = s.as_bytes();
@@ -460,13 +474,14 @@ pub enum HubError {
     },
     /// The repo does not exist (or is private/gated and the request was not allowed to see it).
     #[error(
-        "model {repo_id} was not found on the hub at {endpoint}: check the name. If it is private \
-         or gated, {}",
+        "model {repo_id} was not found on the hub at {endpoint} (HTTP {status}): check the name. \
+         If it is private or gated, {}",
         token_hint(*authenticated)
     )]
     RepoNotFound {
         repo_id: String,
         endpoint: String,
+        status: u16,
         authenticated: bool,
     },
     /// The repo exists but the hub refused access (gated or private).
@@ -562,13 +577,27 @@ impl HubError {
     }
 
     /// True when the hub cannot answer now (unreachable, 5xx, 429), as opposed to answering
-    /// that something is not there: then a cached snapshot may stand in for it.
+    /// that something is not there or not allowed.
     pub fn is_down(&self) -> bool {
         match self {
             HubError::Unreachable { .. } => true,
             HubError::Http { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
+    }
+
+    /// Whether a cached snapshot is used instead, as huggingface_hub does
+    /// (`_get_metadata_or_catch_error`, `snapshot_download`): for every failure to reach the hub
+    /// or HTTP error but a missing revision (or file). A repo renamed or made private, an
+    /// expired token for a gated model, or a proxy answering 403/404 leave the cache usable.
+    pub fn falls_back_to_cache(&self) -> bool {
+        matches!(
+            self,
+            HubError::Unreachable { .. }
+                | HubError::Http { .. }
+                | HubError::RepoNotFound { .. }
+                | HubError::AccessDenied { .. }
+        )
     }
 
     /// True for the "does not exist / no access" family.
@@ -868,6 +897,27 @@ fn cached_commit(opts: &HubOptions, repo_id: &str, revision: &str) -> Option<Str
     (is_safe_name(&commit) && repo.pointer_path(&commit).is_dir()).then_some(commit)
 }
 
+/// The cached snapshot directory of any repo (a PEFT adapter too) at `revision` (default
+/// `main`), without asking the hub.
+pub fn cached_snapshot(
+    repo_id: &str,
+    revision: Option<&str>,
+    opts: &HubOptions,
+) -> anyhow::Result<PathBuf> {
+    validate_repo_id(repo_id).map_err(|why| anyhow!("invalid hub id: {why}"))?;
+    let revision = revision.unwrap_or(DEFAULT_REVISION);
+    validate_revision(revision).map_err(|why| anyhow!("invalid revision: {why}"))?;
+    let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| {
+        anyhow!(
+            "{repo_id}@{revision} is not in the hub cache at {}: download it \
+             (`huggingface-cli download {repo_id} --revision {revision}`) and pass it again, or \
+             pass its folder",
+            opts.cache_dir.display()
+        )
+    })?;
+    Ok(cache_repo(opts, repo_id, revision).pointer_path(&commit))
+}
+
 fn resolve_offline(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::Result<ModelFiles> {
     resolve_cached(
         repo_id,
@@ -951,21 +1001,18 @@ fn resolve_online(repo_id: &str, revision: &str, opts: &HubOptions) -> anyhow::R
     let client = Client::new(opts, cached);
     let info = match client.model_info(repo_id, revision) {
         Ok(info) => info,
-        // As huggingface_hub does: a hub that cannot be reached, or is down (5xx, 429), falls
-        // back to the cached snapshot.
-        Err(e @ (HubError::Unreachable { .. } | HubError::Http { .. }))
-            if cached && e.is_down() =>
-        {
+        Err(e) if cached && e.falls_back_to_cache() => {
             crate::note!(
                 "warning: {e}; using the cached snapshot of {repo_id}@{revision} (--offline or \
                  HF_HUB_OFFLINE=1 skips the hub)"
             );
-            return resolve_cached(
-                repo_id,
-                revision,
-                opts,
-                "reach the hub again (check the network or HF_ENDPOINT) to complete it",
-            );
+            let complete = if e.is_down() {
+                "reach the hub again (check the network or HF_ENDPOINT) to complete it"
+            } else {
+                "the hub refused to list it (see the warning above): fix the name or the token \
+                 (HF_TOKEN) to complete it"
+            };
+            return resolve_cached(repo_id, revision, opts, complete);
         }
         Err(e) => return Err(e.into()),
     };
@@ -1239,6 +1286,7 @@ impl Client {
                     HubError::RepoNotFound {
                         repo_id: repo_id.to_string(),
                         endpoint: self.endpoint.clone(),
+                        status,
                         authenticated,
                     }
                 });
@@ -1251,6 +1299,7 @@ impl Client {
                 return Err(HubError::RepoNotFound {
                     repo_id: repo_id.to_string(),
                     endpoint: self.endpoint.clone(),
+                    status,
                     authenticated,
                 });
             }

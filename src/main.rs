@@ -151,7 +151,8 @@ enum Command {
     /// Read PEFT LoRA adapters (one per particle: same layers, rank and alpha) into a particle
     /// directory, checked against and tied to the base model.
     ImportPeft {
-        /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors).
+        /// PEFT adapter directories (adapter_config.json + adapter_model.safetensors), or hub
+        /// adapter ids org/name[@revision] already in the hub cache.
         #[arg(long, num_args = 1.., required = true)]
         peft: Vec<PathBuf>,
         /// The particle directory to write.
@@ -807,17 +808,35 @@ fn import_peft(
             out.display()
         );
     }
-    let mut set = peft::import_peft_stacked(dirs)?;
+    // A hub adapter id (`PeftModel.from_pretrained(base, "org/name")`) is read from the cache.
+    let dirs = dirs
+        .iter()
+        .map(
+            |dir| match dir.to_str().and_then(bella_vqa::hub::split_hub_id) {
+                Some((repo_id, revision)) => {
+                    bella_vqa::hub::cached_snapshot(repo_id, revision, &cli.hub_options())
+                        .with_context(|| {
+                            format!(
+                                "--peft {} is no directory; as a hub adapter id",
+                                dir.display()
+                            )
+                        })
+                }
+                None => Ok(dir.clone()),
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    let mut set = peft::import_peft_stacked(&dirs)?;
     let base = &set.config.base_model;
     let source_text = match model {
         Some(m) => m.to_string(),
         None if base.source.is_empty() => anyhow::bail!(
             "the adapter config names no base model (base_model_name_or_path): pass --model"
         ),
-        None => match &base.revision {
-            Some(r) if !std::path::Path::new(&base.source).is_dir() => {
-                format!("{}@{r}", base.source)
-            }
+        // PEFT keeps the revision apart (`revision`); an `@rev` in the name (older bella-vqa
+        // exports) gives way to it.
+        None => match (&base.revision, bella_vqa::hub::split_hub_id(&base.source)) {
+            (Some(r), Some((repo_id, _))) => format!("{repo_id}@{r}"),
             _ => base.source.clone(),
         },
     };

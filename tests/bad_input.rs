@@ -63,6 +63,34 @@ fn config_without_model_type_is_named() {
 }
 
 #[test]
+fn a_llava_tower_other_than_clip_and_llama_is_refused_by_name() {
+    // transformers' LLaVA builds its towers by these model_types (absent: CLIP and Llama).
+    for (tower, other) in [
+        ("vision_config", "siglip_vision_model"),
+        ("text_config", "mistral"),
+    ] {
+        let dir = copy_fixture("llava-tiny-hub");
+        edit_config(dir.path(), |v| v[tower]["model_type"] = other.into());
+        let err = load_err(dir.path());
+        assert!(
+            err.contains(&format!("{tower}.model_type \"{other}\" is not supported"))
+                && err.contains("config.json"),
+            "{err}"
+        );
+    }
+    // Absent is the default tower: the model loads.
+    let dir = copy_fixture("llava-tiny-hub");
+    edit_config(dir.path(), |v| {
+        v["vision_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("model_type");
+    });
+    let files = common::dir_files(dir.path()).unwrap();
+    models::load(&files, &Device::Cpu, DType::F32).unwrap();
+}
+
+#[test]
 fn config_with_a_bad_value_names_the_key_path() {
     let dir = copy_fixture("llava-tiny-hub");
     edit_config(dir.path(), |v| {

@@ -1421,7 +1421,7 @@ fn answering(status: u16) -> String {
 }
 
 #[test]
-fn a_hub_that_is_down_falls_back_to_the_cache_and_one_that_says_no_does_not() {
+fn a_hub_that_fails_or_refuses_falls_back_to_the_cache_as_huggingface_hub_does() {
     let model = tempfile::tempdir().unwrap();
     make_single_model(model.path());
     let cache = tempfile::tempdir().unwrap();
@@ -1431,18 +1431,46 @@ fn a_hub_that_is_down_falls_back_to_the_cache_and_one_that_says_no_does_not() {
         &options(&server.endpoint(), cache.path()),
     )
     .unwrap();
-    server.stop();
-    for status in [500, 502, 503, 504, 429] {
+    // huggingface_hub uses the cache for every HTTP error but a missing revision or file: a hub
+    // that is down, a repo renamed or made private, an expired token, a proxy saying 403/404.
+    for status in [500, 502, 503, 504, 429, 400, 401, 403, 404] {
         let opts = options(&answering(status), cache.path());
-        let cached = resolve(&hub("bella-test/tiny", None), &opts).unwrap();
+        let cached = resolve(&hub("bella-test/tiny", None), &opts)
+            .unwrap_or_else(|e| panic!("HTTP {status}: {e:#}"));
         assert_eq!(cached.weights, files.weights, "HTTP {status}");
     }
-    // A hub that answers "not found" or "no access" is believed, cache or not.
-    for status in [401, 403, 404] {
-        let opts = options(&answering(status), cache.path());
+    // The real hub's answers: repo gone (x-error-code RepoNotFound) falls back, a missing
+    // revision does not, even with another revision cached.
+    let opts = options(&server.endpoint(), cache.path());
+    let renamed = HubServer::start(Vec::new(), ServerOptions::default());
+    let gone = options(&renamed.endpoint(), cache.path());
+    let cached = resolve(&hub("bella-test/tiny", None), &gone).unwrap();
+    assert_eq!(cached.weights, files.weights);
+    renamed.stop();
+    let err = resolve(&hub("bella-test/tiny", Some("v9")), &opts).unwrap_err();
+    assert!(
+        matches!(hub_error(&err), HubError::RevisionNotFound { .. }),
+        "{err}"
+    );
+    server.stop();
+
+    // Nothing cached: the hub's answer, with its status and what to do.
+    let empty = tempfile::tempdir().unwrap();
+    for status in [401, 404] {
+        let opts = options(&answering(status), empty.path());
+        let err = resolve(&hub("bella-test/tiny", None), &opts).unwrap_err();
+        let msg = err.to_string();
         assert!(
-            resolve(&hub("bella-test/tiny", None), &opts).is_err(),
-            "HTTP {status}"
+            matches!(hub_error(&err), HubError::RepoNotFound { .. })
+                && msg.contains(&format!("HTTP {status}"))
+                && msg.contains("HF_TOKEN"),
+            "{msg}"
         );
     }
+    let opts = options(&answering(403), empty.path());
+    let err = resolve(&hub("bella-test/tiny", None), &opts).unwrap_err();
+    assert!(
+        matches!(hub_error(&err), HubError::AccessDenied { status: 403, .. }),
+        "{err}"
+    );
 }

@@ -469,8 +469,12 @@ fn bad_adapters_are_refused_with_reasons() {
             "init_lora_weights",
             json!("loftq"),
         ),
-        ("none PEFT knows", "init_lora_weights", json!("garbage")),
-        ("none PEFT knows", "init_lora_weights", json!(0)),
+        (
+            "none bella-vqa knows",
+            "init_lora_weights",
+            json!("garbage"),
+        ),
+        ("none bella-vqa knows", "init_lora_weights", json!(0)),
         ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),
@@ -958,5 +962,328 @@ fn a_relative_base_model_that_is_not_found_says_to_pass_model() {
     assert!(
         !elsewhere.path().join("set").exists(),
         "nothing was written"
+    );
+}
+
+/// The adapter_config.json values PEFT 0.21.2 writes for its LoRA variants (LoraConfig(…,
+/// alora_invocation_tokens=[294, 262, 384]), use_bdlora=BdLoraConfig(…), ArrowConfig(top_k=2),
+/// KasaConfig(), saved by save_pretrained on llava-tiny-hub).
+fn variant_configs() -> Vec<(&'static str, Value)> {
+    vec![
+        ("alora_invocation_tokens", json!([294, 262, 384])),
+        (
+            "use_bdlora",
+            json!({"match_strict": true, "nblocks": 2, "target_modules_bd_a": ["o_proj"],
+                   "target_modules_bd_b": ["q_proj", "k_proj", "v_proj"]}),
+        ),
+        (
+            "arrow_config",
+            json!({"top_k": 2, "router_temperature": 1.0, "use_gks": false,
+                   "task_adapter_names": null, "gks_adapter_names": null, "rng_seed": null}),
+        ),
+        ("kasa_config", json!({"beta": 0.0001, "gamma": 0.001})),
+        // PEFT turns an empty sub-config into an active variant with default settings.
+        ("kasa_config", json!({})),
+        ("megatron_config", json!({"tensor_model_parallel_size": 1})),
+    ]
+}
+
+#[test]
+fn lora_variants_that_change_the_forward_pass_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (key, value)) in variant_configs().into_iter().enumerate() {
+        let dir = copy_fixture(&tmp.path().join(format!("variant{i}")));
+        edit_config(&dir, |c| c[key] = value);
+        let err = import_err(&dir);
+        assert!(
+            err.contains(&format!("{key} is set")) && err.contains("plain LoRA only"),
+            "{key}: {err}"
+        );
+    }
+    // aLoRA: the reason is the one that made its numbers wrong (ΔW before the invocation).
+    let dir = copy_fixture(&tmp.path().join("alora"));
+    edit_config(&dir, |c| {
+        c["alora_invocation_tokens"] = json!([294, 262, 384])
+    });
+    let err = import_err(&dir);
+    assert!(err.contains("invocation tokens on"), "{err}");
+
+    // A key bella-vqa does not know: refused when set, naming the PEFT version that wrote it.
+    let dir = copy_fixture(&tmp.path().join("unknown"));
+    edit_config(&dir, |c| c["use_hira"] = json!(true));
+    let err = import_err(&dir);
+    assert!(
+        err.contains("use_hira = true") && err.contains("written by PEFT 0.21.2"),
+        "{err}"
+    );
+    let dir = copy_fixture(&tmp.path().join("unknown-versionless"));
+    edit_config(&dir, |c| {
+        c["sparse_config"] = json!({"k": 3});
+        c.as_object_mut().unwrap().remove("peft_version");
+    });
+    let err = import_err(&dir);
+    assert!(
+        err.contains("sparse_config = {\"k\":3}") && !err.contains("written by"),
+        "{err}"
+    );
+    // LoRA-GA moves a part of the base weight into the factors, like PiSSA.
+    let dir = copy_fixture(&tmp.path().join("lora-ga"));
+    edit_config(&dir, |c| c["init_lora_weights"] = json!("lora_ga"));
+    assert!(import_err(&dir).contains("changes the base model's weights"));
+}
+
+#[test]
+fn settings_that_leave_plain_lora_at_inference_import_the_same_factors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = import_peft(&peft_fixture()).unwrap();
+    let module = "base_model.model.model.language_model.layers.0.self_attn.q_proj";
+    // (case, the config keys it sets)
+    let cases = [
+        // MiCA only chooses the initial factors; LoraLayer.mica_init leaves the base alone.
+        ("mica", json!({"init_lora_weights": "mica"})),
+        // Entries equal to r and lora_alpha, by name and by regex.
+        (
+            "patterns",
+            json!({
+                "rank_pattern": {"q_proj": 4, "^model\\.language_model\\.layers\\.0\\.self_attn\\.q_proj$": 4},
+                "alpha_pattern": {"v_proj": 8.0}
+            }),
+        ),
+        // Neutral values, known keys or not.
+        (
+            "neutral",
+            json!({
+                "alora_invocation_tokens": [],
+                "use_hira": false,
+                "hira_config": null,
+                "runtime_config": {"ephemeral_gpu_offload": true}
+            }),
+        ),
+    ];
+    for (name, keys) in cases {
+        let dir = copy_fixture(&tmp.path().join(name));
+        edit_config(&dir, |c| {
+            for (k, v) in keys.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
+        let set = import_peft(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_same_factors(&set, &plain);
+    }
+
+    // VeLoRA and MonteCLoRA train with extra tensors but are lora_B(lora_A(x)) in eval; their
+    // tensors, named and shaped as PEFT 0.21.2 saves them, are skipped.
+    // (config key, its value, the tensors' names and lengths)
+    let extras = [
+        (
+            "velora_config",
+            json!({"init_type": "batch_average", "num_groups": 64, "scale": 1.0}),
+            vec![("lora_velora_embed", 1)],
+        ),
+        (
+            "monteclora_config",
+            json!({"buffer_size": 150, "dirichlet_prior": 0.1, "kl_loss_weight": 1e-05,
+                   "num_samples": 8, "sample_scaler": 0.0001, "use_entropy": false}),
+            vec![
+                ("lora_monteclora_sampler.expert_weights", 8),
+                ("lora_monteclora_sampler.std_prior", 4),
+            ],
+        ),
+    ];
+    for (key, value, tensors) in extras {
+        let dir = copy_fixture(&tmp.path().join(key));
+        rewrite_weights(&dir, |t| {
+            for (name, n) in &tensors {
+                t.insert(
+                    format!("{module}.{name}"),
+                    Tensor::ones(*n, DType::F32, &Device::Cpu).unwrap(),
+                );
+            }
+        });
+        // Without the config the tensors are named for what they are.
+        let err = import_err(&dir);
+        assert!(
+            err.contains(&format!("({key})")) && err.contains("not a LoRA factor"),
+            "{err}"
+        );
+        edit_config(&dir, |c| c[key] = value);
+        let set = import_peft(&dir).unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        assert_same_factors(&set, &plain);
+    }
+}
+
+#[test]
+fn factors_saved_with_their_adapter_name_say_how_to_save_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path());
+    // model.state_dict() of a PeftModel: `….lora_A.default.weight`.
+    rewrite_weights(&dir, |t| {
+        *t = std::mem::take(t)
+            .into_iter()
+            .map(|(k, v)| (k.replace(".weight", ".default.weight"), v))
+            .collect();
+    });
+    let err = import_err(&dir);
+    assert!(
+        err.contains("adapter name \"default\"") && err.contains("PeftModel.save_pretrained"),
+        "{err}"
+    );
+}
+
+/// An offline hub cache (`HF_HOME`) holding llava-tiny-hub as `acme/llava-tiny`, `main` and
+/// the tag `v1` at one commit, as huggingface_hub lays it out; returns (HF_HOME, commit).
+fn hub_cache_with_tiny_llava(root: &Path) -> (PathBuf, &'static str) {
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    let home = root.join("hf");
+    let repo = home.join("hub").join("models--acme--llava-tiny");
+    let snapshot = repo.join("snapshots").join(COMMIT);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-hub")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, snapshot.join(path.file_name().unwrap())).unwrap();
+    }
+    for r in ["main", "v1"] {
+        std::fs::write(repo.join("refs").join(r), COMMIT).unwrap();
+    }
+    (home, COMMIT)
+}
+
+#[test]
+fn a_hub_base_exports_as_peft_names_it_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, commit) = hub_cache_with_tiny_llava(tmp.path());
+    let offline = |args: &[&str]| {
+        let o = bella()
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(tmp.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // The base as PEFT writes it: the repo id, and the revision apart.
+    let adapter = copy_fixture(&tmp.path().join("from-peft"));
+    edit_config(&adapter, |c| {
+        c["base_model_name_or_path"] = json!("acme/llava-tiny");
+        c["revision"] = json!("v1");
+    });
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "from-peft/adapter",
+        "--out",
+        "set",
+    ]);
+    offline(&[
+        "export-peft",
+        "-q",
+        "--adapters",
+        "set",
+        "--out",
+        "exported",
+    ]);
+    let exported = tmp.path().join("exported/particle-0");
+    let config = read_json(&exported.join(ADAPTER_CONFIG_FILE));
+    assert_eq!(config["base_model_name_or_path"], "acme/llava-tiny");
+    assert_eq!(config["revision"], commit);
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "exported/particle-0",
+        "--out",
+        "again",
+    ]);
+    let again = ParticleSet::load(&tmp.path().join("again"), &Device::Cpu).unwrap();
+    assert_eq!(
+        again.config.base_model.source,
+        format!("acme/llava-tiny@{commit}")
+    );
+    assert_eq!(again.config.base_model.commit.as_deref(), Some(commit));
+    assert_same_factors(&again, &import_peft(&peft_fixture()).unwrap());
+
+    // A `--model org/name@rev` is written the same way, and an export of an older bella-vqa
+    // (`org/name@rev` in base_model_name_or_path) still imports.
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "from-peft/adapter",
+        "--model",
+        "acme/llava-tiny@v1",
+        "--out",
+        "pinned",
+        "--force",
+    ]);
+    offline(&[
+        "export-peft",
+        "-q",
+        "--adapters",
+        "pinned",
+        "--out",
+        "exported-pinned",
+    ]);
+    let config = read_json(
+        &tmp.path()
+            .join("exported-pinned/particle-0")
+            .join(ADAPTER_CONFIG_FILE),
+    );
+    assert_eq!(config["base_model_name_or_path"], "acme/llava-tiny");
+    assert_eq!(config["revision"], commit);
+    edit_config(&exported, |c| {
+        c["base_model_name_or_path"] = json!("acme/llava-tiny@v1")
+    });
+    offline(&[
+        "import-peft",
+        "-q",
+        "--peft",
+        "exported/particle-0",
+        "--out",
+        "old",
+        "--force",
+    ]);
+}
+
+#[test]
+fn a_hub_adapter_id_is_read_from_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, commit) = hub_cache_with_tiny_llava(tmp.path());
+    let repo = home.join("hub").join("models--acme--llava-lora");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    for f in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
+        std::fs::copy(peft_fixture().join(f), snapshot.join(f)).unwrap();
+    }
+    let import = |peft: &str, out: &str| {
+        bella()
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(tmp.path())
+            .args(["import-peft", "-q", "--peft", peft, "--out", out, "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .output()
+            .unwrap()
+    };
+    let o = import("acme/llava-lora", "set");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let set = ParticleSet::load(&tmp.path().join("set"), &Device::Cpu).unwrap();
+    assert_same_factors(&set, &import_peft(&peft_fixture()).unwrap());
+
+    let o = import("acme/other-lora@v2", "other");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("acme/other-lora@v2 is not in the hub cache")
+            && stderr.contains("huggingface-cli download acme/other-lora --revision v2"),
+        "{stderr}"
     );
 }

@@ -32,10 +32,14 @@
 //!
 //! Import also accepts the names of older transformers: `model.vision_tower.vision_model.{rest}`
 //! (4.52 – 4.x) and the hub names themselves (before 4.52, when they were the in-memory names).
-//! It takes plain LoRA (rsLoRA folded into alpha) and refuses, with what to do, every adapter
-//! whose factors are not a LoRA of the base: DoRA, biases, saved modules, per-layer ranks, and
-//! PiSSA / OLoRA / CorDA / LoftQ initialisations (PEFT changes the base weight when it loads
-//! those; `path_initial_model_for_weight_conversion` re-saves them as plain LoRA).
+//! It takes plain LoRA (rsLoRA folded into alpha; MiCA, VeLoRA and MonteCLoRA, which are plain
+//! LoRA at inference; rank/alpha patterns equal to r/lora_alpha) and refuses, with what to do,
+//! every adapter whose forward pass is not ΔW = α/r·B·A at every position: DoRA, aLoRA, BD-LoRA,
+//! Arrow, KaSA, QA-LoRA, biases, saved modules, per-layer ranks, and PiSSA / OLoRA / CorDA /
+//! LoftQ / LoRA-GA initialisations (PEFT changes the base weight when it loads those;
+//! `path_initial_model_for_weight_conversion` re-saves them as plain LoRA). Every key of PEFT
+//! 0.21's `LoraConfig` is listed in `LORA_KEYS`; an unknown key is accepted only when it is
+//! null, false or empty.
 //!
 //! ## adapter_config.json
 //!
@@ -169,7 +173,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
     } else {
         json!(c.alpha)
     };
-    let base = &c.base_model;
+    let (base_name, revision) = peft_base(&c.base_model);
     let fields: BTreeMap<&str, Value> = BTreeMap::from([
         ("alpha_pattern", json!({})),
         (
@@ -183,10 +187,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
                 })
             },
         ),
-        (
-            "base_model_name_or_path",
-            json!(peft_base_name(&base.source)),
-        ),
+        ("base_model_name_or_path", json!(base_name)),
         ("bias", json!("none")),
         ("fan_in_fan_out", json!(false)),
         ("inference_mode", json!(true)),
@@ -199,10 +200,7 @@ pub fn adapter_config(set: &ParticleSet) -> Result<Value> {
         ("peft_type", json!("LORA")),
         ("r", json!(c.rank)),
         ("rank_pattern", json!({})),
-        (
-            "revision",
-            json!(base.commit.as_ref().or(base.revision.as_ref())),
-        ),
+        ("revision", json!(revision)),
         ("target_modules", json!(targets)),
         (
             "task_type",
@@ -275,6 +273,309 @@ pub fn export_peft(set: &ParticleSet, out: &Path, replace: &[PathBuf]) -> Result
     Ok(dirs.into_iter().map(|(dir, _)| dir).collect())
 }
 
+/// What to do with an adapter that cannot become particles but still works in PEFT.
+const MERGE: &str = "merge it into the base (PeftModel.merge_and_unload(), then save_pretrained) \
+                     and pass the merged model as --model, or retrain it as a plain LoRA";
+
+/// How bella-vqa reads a key of PEFT's `LoraConfig` (and `PeftConfig`), as of PEFT 0.21.2.
+enum Key {
+    /// Any value: read elsewhere, or it does not change PEFT's forward pass at inference.
+    Any,
+    /// Checked by hand in [`check_lora_keys`].
+    Checked,
+    /// Refused unless neutral: (what it does that a particle cannot, what to do instead).
+    /// `null_only`: PEFT turns any other value, `{}` too, into an active sub-config.
+    Refused {
+        why: &'static str,
+        todo: &'static str,
+        null_only: bool,
+    },
+}
+
+const fn refused(why: &'static str, todo: &'static str) -> Key {
+    Key::Refused {
+        why,
+        todo,
+        null_only: false,
+    }
+}
+
+/// A LoRA variant whose sub-config turns it on (`LoraLayer.lora_variants`).
+const fn variant(why: &'static str, todo: &'static str) -> Key {
+    Key::Refused {
+        why,
+        todo,
+        null_only: true,
+    }
+}
+
+/// Every key PEFT 0.21's `LoraConfig` writes (with `PeftConfig`'s), checked against its source
+/// (`tuners/lora/config.py`, `layer.py`, `variants.py`).
+const LORA_KEYS: &[(&str, Key)] = &[
+    ("peft_type", Key::Checked),
+    ("r", Key::Checked),
+    ("lora_alpha", Key::Checked),
+    ("use_rslora", Key::Checked),
+    ("init_lora_weights", Key::Checked),
+    ("bias", Key::Checked),
+    ("modules_to_save", Key::Checked),
+    ("rank_pattern", Key::Checked),
+    ("alpha_pattern", Key::Checked),
+    ("base_model_name_or_path", Key::Any),
+    ("revision", Key::Any),
+    ("task_type", Key::Any),
+    ("auto_mapping", Key::Any),
+    ("peft_version", Key::Any),
+    ("inference_mode", Key::Any),
+    // Which modules were adapted: the saved tensors say it.
+    ("target_modules", Key::Any),
+    ("exclude_modules", Key::Any),
+    ("layers_to_transform", Key::Any),
+    ("layers_pattern", Key::Any),
+    ("ensure_weight_tying", Key::Any),
+    // Off at inference.
+    ("lora_dropout", Key::Any),
+    // Where PEFT computes, not what.
+    ("runtime_config", Key::Any),
+    // Read only with their switch (megatron_config, use_qalora, init_lora_weights), checked.
+    ("megatron_core", Key::Any),
+    ("qalora_group_size", Key::Any),
+    ("loftq_config", Key::Any),
+    ("eva_config", Key::Any),
+    ("corda_config", Key::Any),
+    ("lora_ga_config", Key::Any),
+    // Variants that are plain LoRA in eval: VeloraLinearVariant and MontecloraLinearVariant
+    // project or perturb lora_A only while training; their forward is then lora_B(lora_A(x)).
+    ("velora_config", Key::Any),
+    ("monteclora_config", Key::Any),
+    (
+        "use_dora",
+        refused(
+            "DoRA rescales every column of the adapted weight by a learnt magnitude",
+            MERGE,
+        ),
+    ),
+    (
+        "fan_in_fan_out",
+        refused(
+            "the layers it was made for (Conv1D) store their weight transposed",
+            "the models here use Linear layers",
+        ),
+    ),
+    (
+        "lora_bias",
+        refused(
+            "it adds a bias to lora_B, which particles do not have",
+            MERGE,
+        ),
+    ),
+    (
+        "use_qalora",
+        refused("QA-LoRA pools the input before lora_A", MERGE),
+    ),
+    (
+        "layer_replication",
+        refused(
+            "the adapter was trained on a model with repeated layers",
+            MERGE,
+        ),
+    ),
+    (
+        "trainable_token_indices",
+        refused("it trains embedding rows too", MERGE),
+    ),
+    (
+        "target_parameters",
+        refused("it adapts parameters, not Linear layers", MERGE),
+    ),
+    (
+        "megatron_config",
+        refused(
+            "the adapter was made for a Megatron-LM model",
+            "bella-vqa loads transformers LLaVA and CLIP checkpoints",
+        ),
+    ),
+    (
+        "alora_invocation_tokens",
+        refused(
+            "aLoRA applies the adapter only from its invocation tokens on, a particle at every \
+             position",
+            "PEFT cannot merge an aLoRA either: retrain it as a plain LoRA (without \
+             alora_invocation_tokens)",
+        ),
+    ),
+    (
+        "use_bdlora",
+        variant(
+            "BD-LoRA's lora_A or lora_B are block-diagonal, not the dense [r, in] / [out, r] \
+             factors of a LoRA",
+            MERGE,
+        ),
+    ),
+    (
+        "arrow_config",
+        variant(
+            "Arrow routes every token among several LoRA experts",
+            "pass the task adapters it routes among as particles, or retrain it as a plain LoRA",
+        ),
+    ),
+    (
+        "kasa_config",
+        variant(
+            "KaSA truncates the base weight by SVD and scales the factors by a learnt diagonal \
+             (lora_diag)",
+            MERGE,
+        ),
+    ),
+];
+
+/// null, false, "", [] or {}: what PEFT reads as "off" for a key it does not care about.
+fn is_neutral(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Number(_) | Value::Bool(true) => false,
+    }
+}
+
+/// A JSON value for a message, cut short.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
+}
+
+/// Refuses every key of an adapter config whose value changes PEFT's forward pass in a way
+/// particles (ΔW = α/r · B·A on every position) cannot follow; `peft_type`, `r` and `lora_alpha`
+/// are already read.
+fn check_lora_keys(
+    config: &serde_json::Map<String, Value>,
+    what: &str,
+    rank: usize,
+    lora_alpha: f64,
+) -> Result<()> {
+    let field = |k: &str| config.get(k).filter(|v| !v.is_null());
+    let written_by = match field("peft_version").and_then(Value::as_str) {
+        Some(v) => format!(" (the config was written by PEFT {v})"),
+        None => String::new(),
+    };
+    for (key, value) in config {
+        match LORA_KEYS.iter().find(|(k, _)| k == key).map(|(_, how)| how) {
+            Some(Key::Any | Key::Checked) => {}
+            Some(Key::Refused {
+                why,
+                todo,
+                null_only,
+            }) => {
+                let off = if *null_only {
+                    value.is_null()
+                } else {
+                    is_neutral(value)
+                };
+                if !off {
+                    bail!(
+                        "{what}: {key} is set ({}): {why}; bella-vqa reads plain LoRA only: {todo}",
+                        short(value)
+                    );
+                }
+            }
+            None if is_neutral(value) => {}
+            None => bail!(
+                "{what}: {key} = {} is a setting bella-vqa does not know{written_by}; it reads \
+                 plain LoRA adapters and cannot tell whether it changes the numbers: if the \
+                 adapter is a plain LoRA without it, delete the key, otherwise {MERGE}",
+                short(value)
+            ),
+        }
+    }
+
+    // PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA move part of the base weight into the factors, and
+    // PEFT changes the base weight again when it loads them: the factors alone are not a LoRA of
+    // the base. MiCA only initialises the factors (LoraLayer.mica_init leaves the base alone).
+    match field("init_lora_weights") {
+        None | Some(Value::Bool(_)) => {}
+        Some(Value::String(init))
+            if ["gaussian", "orthogonal", "eva", "mica"].contains(&init.as_str()) => {}
+        Some(Value::String(init))
+            if ["pissa", "olora", "corda", "loftq", "lora_ga"]
+                .iter()
+                .any(|p| init.to_ascii_lowercase().starts_with(p)) =>
+        {
+            bail!(
+                "{what}: init_lora_weights {init:?} changes the base model's weights when PEFT \
+                 loads the adapter, so its factors are not a LoRA of the base: re-save it with \
+                 save_pretrained(…, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), \
+                 which makes it one, or {MERGE}"
+            )
+        }
+        Some(other) => bail!(
+            "{what}: init_lora_weights {} is none bella-vqa knows (true, false, \"gaussian\", \
+             \"orthogonal\", \"eva\", \"mica\"; \"pissa\", \"olora\", \"corda\", \"loftq\" and \
+             \"lora_ga\" are refused){written_by}: is the config damaged?",
+            short(other)
+        ),
+    }
+    match field("bias") {
+        None => {}
+        Some(b) if b == "none" => {}
+        Some(b) => bail!(
+            "{what}: bias = {b} trains the biases too; particles only carry LoRA factors \
+             (bias \"none\"): {MERGE}"
+        ),
+    }
+    if let Some(m) = field("modules_to_save") {
+        if m.as_array().is_none_or(|a| !a.is_empty()) {
+            bail!(
+                "{what}: modules_to_save {} are full copies of modules, which particles cannot \
+                 hold: {MERGE}",
+                short(m)
+            );
+        }
+    }
+    // A pattern entry equal to r / lora_alpha changes nothing.
+    for (k, default) in [("rank_pattern", rank as f64), ("alpha_pattern", lora_alpha)] {
+        if let Some(p) = field(k) {
+            let same = p
+                .as_object()
+                .is_some_and(|o| o.values().all(|v| v.as_f64() == Some(default)));
+            if !same {
+                bail!(
+                    "{what}: {k} {} gives layers their own rank or alpha; a particle set has one \
+                     rank and one alpha: retrain with one r and lora_alpha, or {MERGE}",
+                    short(p)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parts of the names of tensors PEFT saves besides LoRA factors, and what they belong to.
+const TENSOR_KINDS: &[(&str, &str)] = &[
+    (".lora_magnitude_vector", " but a DoRA magnitude"),
+    (".lora_diag", " but KaSA's diagonal (kasa_config)"),
+    (
+        ".lora_velora_embed",
+        " but a VeLoRA projection (velora_config)",
+    ),
+    (
+        ".lora_monteclora_sampler.",
+        " but a MonteCLoRA sampler (monteclora_config)",
+    ),
+    (".lora_embedding_", " but an embedding's LoRA"),
+];
+
+/// `default` in `….lora_A.default.weight`: a factor as `model.state_dict()` names it.
+fn adapter_name_in_key(name: &str) -> Option<&str> {
+    let rest = name.strip_suffix(".weight")?;
+    let (head, adapter) = rest.rsplit_once('.')?;
+    (head.ends_with(".lora_A") || head.ends_with(".lora_B")).then_some(adapter)
+}
+
 /// The LoRA hyper-parameters of one PEFT adapter directory.
 struct PeftLora {
     dir: PathBuf,
@@ -340,90 +641,22 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             .filter(|a| a.is_finite() && *a > 0.0)
             .with_context(|| format!("{what}: `lora_alpha` must be a positive number"))?,
     };
-    let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
-    // What to do with an adapter that cannot become particles but still works in PEFT.
-    const MERGE: &str = "merge it into the base (PeftModel.merge_and_unload(), then \
-                         save_pretrained) and pass the merged model as --model, or retrain it \
-                         as a plain LoRA";
-    // PiSSA, OLoRA, CorDA and LoftQ move part of the base weight into the factors, and PEFT
-    // changes the base weight again when it loads them: the factors alone are not a LoRA of
-    // the base.
-    match field("init_lora_weights") {
-        None | Some(Value::Bool(_)) => {}
-        Some(Value::String(init)) if ["gaussian", "orthogonal", "eva"].contains(&init.as_str()) => {
-        }
-        Some(Value::String(init))
-            if ["pissa", "olora", "corda", "loftq"]
-                .iter()
-                .any(|p| init.to_ascii_lowercase().starts_with(p)) =>
-        {
-            bail!(
-                "{what}: init_lora_weights {init:?} changes the base model's weights when PEFT \
-                 loads the adapter, so its factors are not a LoRA of the base: re-save it with \
-                 save_pretrained(…, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), \
-                 which makes it one, or {MERGE}"
-            )
-        }
-        // PEFT refuses these itself.
-        Some(other) => bail!(
-            "{what}: init_lora_weights {other} is none PEFT knows (true, false, \"gaussian\", \
-             \"orthogonal\", \"eva\", …): is the config damaged?"
-        ),
-    }
-    if flag("use_dora") {
-        bail!("{what}: a DoRA adapter (use_dora); only plain LoRA can become particles: {MERGE}");
-    }
-    if flag("fan_in_fan_out") {
-        bail!("{what}: fan_in_fan_out (Conv1D layers) is not supported; the models here use Linear layers");
-    }
-    if flag("lora_bias") {
-        bail!("{what}: lora_bias adds a bias to lora_B, which particles do not have: {MERGE}");
-    }
-    match field("bias").and_then(Value::as_str) {
-        None | Some("none") => {}
-        Some(b) => bail!("{what}: bias = {b:?} trains the biases too; particles only carry LoRA factors (bias \"none\"): {MERGE}"),
-    }
-    if let Some(m) = field("modules_to_save") {
-        if m.as_array().is_none_or(|a| !a.is_empty()) {
-            bail!("{what}: modules_to_save {m} are full copies of modules, which particles cannot hold: {MERGE}");
-        }
-    }
-    // Settings that change what the saved factors mean or which weights the adapter holds.
-    for (k, why) in [
-        ("use_qalora", "QA-LoRA pools the input before lora_A"),
-        (
-            "layer_replication",
-            "the adapter was trained on a model with repeated layers",
-        ),
-        ("trainable_token_indices", "it trains embedding rows too"),
-        (
-            "target_parameters",
-            "it adapts parameters, not Linear layers",
-        ),
-    ] {
-        let set = field(k).is_some_and(|v| match v {
-            Value::Null | Value::Bool(false) => false,
-            Value::Array(a) => !a.is_empty(),
-            Value::Object(o) => !o.is_empty(),
-            _ => true,
-        });
-        if set {
-            bail!("{what}: {k} is set ({why}); only plain LoRA can become particles: {MERGE}");
-        }
-    }
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if let Some(p) = field(k) {
-            if p.as_object().is_none_or(|o| !o.is_empty()) {
-                bail!("{what}: {k} {p} gives layers their own rank or alpha; a particle set has one rank and one alpha: retrain with one r and lora_alpha, or {MERGE}");
-            }
-        }
-    }
+    check_lora_keys(config, &what.to_string(), rank, lora_alpha)?;
     // rsLoRA scales by lora_alpha / √r; as α / r that is α = lora_alpha · √r.
-    let alpha = if flag("use_rslora") {
+    let alpha = if field("use_rslora").and_then(Value::as_bool) == Some(true) {
         lora_alpha * (rank as f64).sqrt()
     } else {
         lora_alpha
     };
+    // VeLoRA and MonteCLoRA save tensors that PEFT uses in training only (see LORA_KEYS).
+    let train_only: Vec<&str> = [
+        ("velora_config", ".lora_velora_embed"),
+        ("monteclora_config", ".lora_monteclora_sampler."),
+    ]
+    .into_iter()
+    .filter(|(k, _)| field(k).is_some())
+    .map(|(_, tensor)| tensor)
+    .collect();
 
     let weights = dir.join(ADAPTER_WEIGHTS_FILE);
     if !weights.exists() {
@@ -446,6 +679,9 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (key, t) in tensors {
         let name = key.strip_prefix(PEFT_KEY_PREFIX).unwrap_or(&key);
+        if train_only.iter().any(|part| name.contains(part)) {
+            continue;
+        }
         let (module, is_a) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
             (m, true)
         } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
@@ -459,11 +695,22 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
                  own, or {MERGE}",
                 weights.display()
             );
-        } else {
+        } else if let Some(adapter) = adapter_name_in_key(name) {
             bail!(
-                "{}: the tensor {key} is not a LoRA factor (expected …lora_A.weight / …lora_B.weight; \
-                 embeddings, DoRA magnitudes, biases and saved modules cannot become particles): \
-                 {MERGE}",
+                "{}: the tensor {key} is a LoRA factor with the adapter name {adapter:?} left in \
+                 its key, as model.state_dict() saves it: save the adapter with \
+                 PeftModel.save_pretrained (or get_peft_model_state_dict), which drops the name",
+                weights.display()
+            );
+        } else {
+            let what = TENSOR_KINDS
+                .iter()
+                .find(|(part, _)| name.contains(part))
+                .map_or("", |(_, what)| what);
+            bail!(
+                "{}: the tensor {key} is not a LoRA factor{what} (expected …lora_A.weight / \
+                 …lora_B.weight; embeddings, DoRA magnitudes, biases and saved modules cannot \
+                 become particles): {MERGE}",
                 weights.display()
             );
         };
@@ -783,12 +1030,24 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
     ca.len().cmp(&cb.len()).then(a.cmp(b))
 }
 
-/// The base model as PEFT can load it: the embedded demo's names (`demo`, `demo:clip`) become
-/// the directory the demo is written to; anything else is kept as recorded.
-fn peft_base_name(source: &str) -> String {
-    crate::hub::demo_model(source)
-        .and_then(|model| crate::demo::path(model).ok())
-        .map_or_else(|| source.to_string(), |dir| dir.display().to_string())
+/// `base_model_name_or_path` and `revision` as PEFT loads them
+/// (`from_pretrained(base_model_name_or_path, revision=revision)`): a hub id without our
+/// `@revision` syntax, the revision pinned to the commit when it is known; the embedded demo's
+/// names (`demo`, `demo:clip`) become the directory the demo is written to; a directory is kept
+/// as recorded.
+fn peft_base(base: &BaseModel) -> (String, Option<String>) {
+    let source = &base.source;
+    let recorded = base.commit.as_ref().or(base.revision.as_ref()).cloned();
+    if let Some(dir) = crate::hub::demo_model(source).and_then(|m| crate::demo::path(m).ok()) {
+        return (dir.display().to_string(), recorded);
+    }
+    match crate::hub::split_hub_id(source) {
+        Some((repo_id, revision)) => (
+            repo_id.to_string(),
+            recorded.or(revision.map(str::to_string)),
+        ),
+        None => (source.clone(), recorded),
+    }
 }
 
 #[cfg(test)]

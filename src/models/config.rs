@@ -513,12 +513,24 @@ impl ModelConfig {
                 Ok(ModelConfig::Clip(config))
             }
             "llava" => {
-                let config: LlavaConfig = parse(raw, "LLaVA")?;
-                if let Some(t) = raw.pointer("/text_config/model_type").and_then(|v| v.as_str()) {
-                    if t != "llama" {
-                        bail!("text_config.model_type {t:?} is not supported (expected \"llama\")");
+                // transformers builds both towers by these names (AutoConfig), absent meaning
+                // its defaults: another tower is refused by name before its keys or weights are
+                // read as CLIP's or Llama's.
+                for (tower, supported) in [
+                    ("vision_config", "clip_vision_model"),
+                    ("text_config", "llama"),
+                ] {
+                    match raw.pointer(&format!("/{tower}/model_type")) {
+                        None | Some(serde_json::Value::Null) => {}
+                        Some(t) if t == supported => {}
+                        Some(t) => bail!(
+                            "{tower}.model_type {t} is not supported (expected \"{supported}\"): \
+                             bella-vqa loads LLaVA with a CLIP vision tower and a Llama language \
+                             model"
+                        ),
                     }
                 }
+                let config: LlavaConfig = parse(raw, "LLaVA")?;
                 config.text_config.validate("text_config")?;
                 config.vision_config.validate("vision_config")?;
                 config.feature_layers()?;
