@@ -12,8 +12,10 @@
 //! Fault injection, for the kill tests only: with `BELLA_FAULT_AFTER_OPS=N` in the environment
 //! the process aborts (as `kill -9` would stop it) right before the N-th file operation (create,
 //! write, append, rename, remove; 1-based) made through this module; with `BELLA_FAULT_SIGNAL=int`
-//! as well it sends itself one SIGINT there instead (a Ctrl-C, [`crate::interrupt`]) and goes on.
-//! Unset, it does nothing.
+//! as well it sends itself one SIGINT there instead (a Ctrl-C, [`crate::interrupt`]) and goes on;
+//! with `BELLA_FAULT_SIGNAL=full` the first operation from the N-th on that takes space (a
+//! create, write or append; not a rename or removal) fails as on a full disk (ENOSPC), and the
+//! run handles the error. Unset, it does nothing.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -29,39 +31,108 @@ pub const FAULT_ENV: &str = "BELLA_FAULT_AFTER_OPS";
 /// The lock file of an output directory (holds the PID of the process that writes it).
 pub const LOCK_FILE: &str = ".bella-vqa.lock";
 
-/// With [`FAULT_ENV`], `int` here makes the fault a SIGINT instead of an abort.
+/// With [`FAULT_ENV`], `int` here makes the fault a SIGINT instead of an abort, `full` a
+/// "No space left on device" error.
 pub const FAULT_SIGNAL_ENV: &str = "BELLA_FAULT_SIGNAL";
 
-/// Counts a file operation; aborts the process (or sends it a SIGINT) before the one
-/// `BELLA_FAULT_AFTER_OPS` names.
-fn file_op() {
-    static FAULT_AT: OnceLock<Option<(u64, bool)>> = OnceLock::new();
+/// What the fault injector does at its operation.
+#[derive(Clone, Copy)]
+enum Fault {
+    Abort,
+    Interrupt,
+    DiskFull,
+}
+
+/// Counts a file operation that takes space; aborts the process (sends it a SIGINT, or fails
+/// the operation as on a full disk) at the one `BELLA_FAULT_AFTER_OPS` names.
+fn file_op() -> std::io::Result<()> {
+    counted_op(true)
+}
+
+/// [`file_op`] for a rename or a removal, which a full disk does not make fail.
+fn spaceless_op() -> std::io::Result<()> {
+    counted_op(false)
+}
+
+fn counted_op(takes_space: bool) -> std::io::Result<()> {
+    static FULL_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static FAULT_AT: OnceLock<Option<(u64, Fault)>> = OnceLock::new();
     static OPS: AtomicU64 = AtomicU64::new(0);
     let fault = FAULT_AT.get_or_init(|| {
         let at = std::env::var(FAULT_ENV).ok()?.parse().ok()?;
-        Some((
-            at,
-            std::env::var(FAULT_SIGNAL_ENV).is_ok_and(|v| v == "int"),
-        ))
+        let kind = match std::env::var(FAULT_SIGNAL_ENV).as_deref() {
+            Ok("int") => Fault::Interrupt,
+            Ok("full") => Fault::DiskFull,
+            _ => Fault::Abort,
+        };
+        Some((at, kind))
     });
-    if let Some((at, signal)) = *fault {
+    if let Some((at, kind)) = *fault {
         let n = OPS.fetch_add(1, Ordering::SeqCst) + 1;
-        if signal && n == at {
-            let _ = signal_hook::low_level::raise(signal_hook::consts::SIGINT);
-        } else if !signal && n >= at {
-            std::process::abort();
+        match kind {
+            Fault::Interrupt if n == at => {
+                let _ = signal_hook::low_level::raise(signal_hook::consts::SIGINT);
+            }
+            Fault::DiskFull
+                if n >= at && takes_space && !FULL_DONE.swap(true, Ordering::SeqCst) =>
+            {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            Fault::Abort if n >= at => std::process::abort(),
+            _ => {}
         }
     }
+    Ok(())
 }
+
+/// Whether `e` comes from a full disk or an exhausted quota (ENOSPC, EDQUOT).
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| matches!(io.kind(), StorageFull | QuotaExceeded))
+}
+
+/// A write of the output `path` that failed: a full disk is told as such, naming `path` (not the
+/// temporary file it was being written as) and what to do; other errors are left as they are.
+fn on_failed_write(e: anyhow::Error, path: &Path) -> anyhow::Error {
+    if !is_disk_full(&e) {
+        return e;
+    }
+    let cause = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map_or_else(|| e.to_string(), ToString::to_string);
+    anyhow!(
+        "cannot write {}: the disk (or quota) is full ({cause}); what was written before is kept \
+         and nothing is half-written: free space there and run the same command again (for \
+         train, with --resume)",
+        path.display()
+    )
+}
+
+/// The longest file name most file systems take (NAME_MAX).
+const NAME_MAX: usize = 255;
 
 /// The temporary sibling `.NAME.tmp-PID` a file or directory `path` is written as before it is
 /// renamed into place.
 pub fn temp_name(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id());
-    Ok(path.with_file_name(tmp))
+        .with_context(|| format!("{} is not a file path", path.display()))?
+        .to_string_lossy();
+    let suffix = format!(".tmp-{}", std::process::id());
+    if 1 + name.len() + suffix.len() <= NAME_MAX {
+        return Ok(path.with_file_name(format!(".{name}{suffix}")));
+    }
+    // A long (legal) name: its start and a hash of the whole, so that the temporary name is
+    // legal too and still one per target.
+    let hash = &sha256_bytes(name.as_bytes())[..16];
+    let mut keep = NAME_MAX - (1 + 1 + hash.len() + suffix.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    Ok(path.with_file_name(format!(".{}~{hash}{suffix}", &name[..keep])))
 }
 
 /// Whether `name` is a temporary name made by [`temp_name`] (of any process).
@@ -85,7 +156,17 @@ fn sync_dir(dir: Option<&Path>) {
 
 /// Creates a directory and its parents (counted as one file operation).
 pub fn create_dir_all(dir: &Path) -> Result<()> {
-    file_op();
+    file_op()
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot create {}", dir.display())))
+        .and_then(|()| create_cache_dir(dir))
+}
+
+/// [`create_dir_all`] for a cache directory, which is not an output of a run: not counted by
+/// the fault injector.
+pub fn create_cache_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
     fs::create_dir_all(dir).map_err(|e| {
         // A file where a folder of the path should be: named as such ("File exists" was all).
         match dir.ancestors().find(|a| a.is_file()) {
@@ -101,8 +182,7 @@ pub fn create_dir_all(dir: &Path) -> Result<()> {
 
 /// Removes a directory and everything in it; a missing one is fine.
 pub fn remove_dir_all(dir: &Path) -> Result<()> {
-    file_op();
-    match fs::remove_dir_all(dir) {
+    match spaceless_op().and_then(|()| fs::remove_dir_all(dir)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", dir.display()))
         }
@@ -112,8 +192,7 @@ pub fn remove_dir_all(dir: &Path) -> Result<()> {
 
 /// Removes a file; a missing one is fine.
 pub fn remove_file(path: &Path) -> Result<()> {
-    file_op();
-    match fs::remove_file(path) {
+    match spaceless_op().and_then(|()| fs::remove_file(path)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", path.display()))
         }
@@ -124,19 +203,19 @@ pub fn remove_file(path: &Path) -> Result<()> {
 /// Creates (or truncates) `path` with the permissions of `File::create`, writes `bytes` and
 /// syncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    file_op();
-    let mut f =
-        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file_op();
-    f.write_all(bytes)
+    let mut f = file_op()
+        .and_then(|()| fs::File::create(path))
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file_op()
+        .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Renames `from` to `to` (counted) and makes the rename durable.
 fn rename_synced(from: &Path, to: &Path) -> Result<()> {
-    file_op();
-    fs::rename(from, to)
+    spaceless_op()
+        .and_then(|()| fs::rename(from, to))
         .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
     sync_dir(parent_of(to));
     Ok(())
@@ -189,27 +268,66 @@ fn open_special(path: &Path) -> Result<fs::File> {
 /// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new one.
 /// A symbolic link is written through; a device or a pipe is written into directly.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage_file(path, bytes)?.commit()
+}
+
+/// A file written in full as a temporary sibling of its target, put in place by
+/// [`Staged::commit`]; dropped uncommitted, the temporary file is removed. Writing the new
+/// version of several files first lets a failure (a full disk) leave all the old ones whole.
+pub struct Staged {
+    /// The temporary file and its target; `None` once committed, or for a device or a pipe
+    /// (written into at once).
+    rename: Option<(PathBuf, PathBuf)>,
+}
+
+/// Writes `bytes` as the staged new version of `path` (see [`Staged`]).
+pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
     let path = match destination(path)? {
         Destination::File(path) => path,
         Destination::Special(path) => {
-            file_op();
-            return open_special(&path)?
-                .write_all(bytes)
-                .with_context(|| format!("cannot write {}", path.display()));
+            file_op()
+                .map_err(anyhow::Error::new)
+                .and_then(|()| open_special(&path))
+                .and_then(|mut f| {
+                    f.write_all(bytes)
+                        .with_context(|| format!("cannot write {}", path.display()))
+                })
+                .map_err(|e| on_failed_write(e, &path))?;
+            return Ok(Staged { rename: None });
         }
     };
-    let path = path.as_path();
-    if let Some(dir) = parent_of(path) {
+    if let Some(dir) = parent_of(&path) {
         if !dir.is_dir() {
             create_dir_all(dir)?;
         }
     }
-    let tmp = temp_name(path)?;
-    let result = write_synced(&tmp, bytes).and_then(|()| rename_synced(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let tmp = temp_name(&path)?;
+    // Owned from here: a failed write removes the temporary file.
+    let staged = Staged {
+        rename: Some((tmp.clone(), path.clone())),
+    };
+    write_synced(&tmp, bytes).map_err(|e| on_failed_write(e, &path))?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the new version over its target.
+    pub fn commit(mut self) -> Result<()> {
+        match self.rename.take() {
+            Some((tmp, path)) => rename_synced(&tmp, &path).inspect_err(|_| {
+                let _ = fs::remove_file(&tmp);
+            }),
+            None => Ok(()),
+        }
     }
-    result
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = &self.rename {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }
 
 /// Writes `path` atomically from a stream (a large file that should not be built in memory
@@ -254,7 +372,7 @@ pub fn write_stream_atomically(
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map_err(|e| on_failed_write(e, path))
 }
 
 /// Writes the files `(name, bytes)` as the directory `dir`, atomically as a whole: they are
@@ -262,10 +380,16 @@ pub fn write_stream_atomically(
 /// existing `dir` is replaced (the caller makes sure nothing points at it).
 pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let tmp = stage_dir(dir, files)?;
-    if dir.exists() {
-        remove_dir_all(dir)?;
+    let placed = if dir.exists() {
+        remove_dir_all(dir)
+    } else {
+        Ok(())
     }
-    rename_synced(&tmp, dir)
+    .and_then(|()| rename_synced(&tmp, dir));
+    if placed.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    placed.map_err(|e| on_failed_write(e, dir))
 }
 
 /// The files `(name, bytes)` of a directory.
@@ -306,14 +430,14 @@ fn stage_dir(dir: &Path, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     if tmp.exists() {
         remove_dir_all(&tmp)?;
     }
-    create_dir_all(&tmp)?;
+    create_dir_all(&tmp).map_err(|e| on_failed_write(e, dir))?;
     let written = files
         .iter()
         .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes));
     if let Err(e) = written {
         // A full disk must not stay full of a half-written copy.
         let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(on_failed_write(e, dir));
     }
     sync_dir(Some(&tmp));
     Ok(tmp)
@@ -349,19 +473,17 @@ impl AppendFile {
                 create_dir_all(dir)?;
             }
         }
-        file_op();
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        let file = file_op()
+            .and_then(|()| fs::OpenOptions::new().create(true).append(true).open(path))
+            .with_context(|| format!("cannot open {} for appending", path.display()))
+            .map_err(|e| on_failed_write(e, path))?;
         let len = file
             .metadata()
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
         if let Some(keep) = keep.filter(|&k| k < len) {
-            file_op();
-            file.set_len(keep)
+            file_op()
+                .and_then(|()| file.set_len(keep))
                 .with_context(|| format!("cannot cut {} to {keep} bytes", path.display()))?;
         }
         Ok(Self {
@@ -372,11 +494,11 @@ impl AppendFile {
 
     /// Appends `bytes` in one write.
     pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        file_op();
-        self.file
-            .write_all(bytes)
+        file_op()
+            .and_then(|()| self.file.write_all(bytes))
             .and_then(|()| self.file.flush())
             .with_context(|| format!("cannot append to {}", self.path.display()))
+            .map_err(|e| on_failed_write(e, &self.path))
     }
 
     pub fn sync(&mut self) -> Result<()> {
@@ -494,13 +616,15 @@ impl OutputLock {
             created,
         };
         let path = dir.join(LOCK_FILE);
-        file_op();
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let mut file = file_op()
+            .and_then(|()| {
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+            })
             .with_context(|| format!("cannot open the lock file {}", path.display()))?;
         match FileExt::try_lock(&file) {
             Ok(()) => {}
@@ -514,8 +638,8 @@ impl OutputLock {
                 return Err(anyhow!(e)).with_context(|| format!("cannot lock {}", path.display()))
             }
         }
-        file_op();
-        file.set_len(0)
+        file_op()
+            .and_then(|()| file.set_len(0))
             .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
             .with_context(|| format!("cannot write {}", path.display()))?;
         lock.file = Some(file);
@@ -564,8 +688,8 @@ fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
             if temp_owner_is_alive(&name) {
                 continue;
             }
-            file_op();
-            remove_entry(&entry)
+            spaceless_op()
+                .and_then(|()| remove_entry(&entry))
                 .with_context(|| format!("cannot remove the stale {}", path.display()))?;
         } else if is_dir && depth > 0 && !path.join(LOCK_FILE).exists() {
             tidy_below(&path, depth - 1)?;
@@ -683,8 +807,11 @@ pub fn sha256_file_cached_in(path: &Path, cache: &Path) -> Result<String> {
     #[cfg(not(unix))]
     let changed = String::new();
     let key = format!("{}|{}|{modified}{changed}", canonical.display(), meta.len());
-    let mut known: BTreeMap<String, String> = fs::read(cache)
-        .ok()
+    // Only a regular file is read: a FIFO there would block (and is replaced below).
+    let regular = fs::metadata(cache).is_ok_and(|m| m.is_file());
+    let mut known: BTreeMap<String, String> = regular
+        .then(|| fs::read(cache).ok())
+        .flatten()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
     if let Some(hash) = known.get(&key) {
@@ -939,6 +1066,52 @@ mod tests {
         assert_eq!(
             sha256_file_cached_in(&file, &cache).unwrap(),
             "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
+    }
+
+    #[test]
+    fn a_name_of_up_to_255_bytes_is_written_through_a_legal_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [240, 255] {
+            let name = format!(
+                "{}.json",
+                "é".repeat((len - 5) / 2) + &"b".repeat((len - 5) % 2)
+            );
+            assert_eq!(name.len(), len);
+            let path = dir.path().join(&name);
+            let tmp = temp_name(&path).unwrap();
+            let tmp_name = tmp.file_name().unwrap().to_str().unwrap();
+            assert!(
+                tmp_name.len() <= NAME_MAX && is_temp_name(tmp_name),
+                "{tmp_name}"
+            );
+            write_bytes_atomically(&path, b"x").unwrap();
+            assert_eq!(fs::read(&path).unwrap(), b"x");
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp left");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_as_the_hash_cache_is_replaced_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, cache) = (dir.path().join("w.bin"), dir.path().join("hashes.json"));
+        fs::write(&file, b"abc").unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&cache).status();
+        assert!(made.is_ok_and(|s| s.success()));
+        // On a thread: a regression blocks on the FIFO, and fails here instead of hanging.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cache_file = cache.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(sha256_file_cached_in(&file, &cache_file).unwrap());
+        });
+        let hash = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the hash cache FIFO blocked");
+        assert!(hash.starts_with("ba7816bf"), "{hash}");
+        assert!(
+            fs::metadata(&cache).unwrap().is_file(),
+            "replaced by a file"
         );
     }
 

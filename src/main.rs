@@ -800,7 +800,10 @@ fn import_peft(
     // Locked before looking: two imports into one --out cannot both find it empty.
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
     let checkpoints = bella_vqa::train::checkpoint::checkpoints_dir(out);
-    let taken = bella_vqa::bella::particles::ParticleSet::is_in(out) || checkpoints.exists();
+    // Particles without their config and checkpoints are what an import cut short leaves (no
+    // set can be loaded from them): the same command completes it.
+    let config = out.join(bella_vqa::bella::particles::CONFIG_FILE);
+    let taken = config.exists() || checkpoints.exists();
     if taken && !force {
         anyhow::bail!(
             "{} already holds a particle set: pass --force to replace it (its calibration and \
@@ -853,6 +856,13 @@ fn import_peft(
         &files,
         &bella_vqa::io::stored_model_source(&source_text),
     )?;
+    // The new set is written in full before anything of the old one goes, so that a failure
+    // (a full disk) leaves the old one whole.
+    let staged = set
+        .files()?
+        .iter()
+        .map(|(name, bytes)| bella_vqa::io::stage_file(&out.join(name), bytes))
+        .collect::<Result<Vec<_>>>()?;
     // `train --resume` would bring the replaced particles back from their checkpoints, and the
     // training log and summary would describe particles that are gone.
     bella_vqa::io::remove_dir_all(&checkpoints)?;
@@ -863,7 +873,10 @@ fn import_peft(
     ] {
         bella_vqa::io::remove_file(&out.join(stale))?;
     }
-    set.save(out)?;
+    // Particles first, then the config: a stop in between is refused at load, naming it.
+    for file in staged {
+        file.commit()?;
+    }
     if !cli.quiet {
         out!(
             "wrote {} ({} particle(s), r = {}, alpha = {}, {} layers, base {source_text})",

@@ -776,3 +776,26 @@ fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
+
+/// A cache directory that cannot be one is named as the cache, with what to do.
+#[test]
+fn a_file_as_the_cache_directory_is_named_with_the_remedy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cachefile");
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .env("BELLA_VQA_CACHE", &file)
+        .args(["ask", "--quiet", "--image"])
+        .arg(repo("eval/demo/ood-blue-circle.png"))
+        .arg(QUESTION)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cache directory")
+            && err.contains("BELLA_VQA_CACHE")
+            && err.contains("is not a directory"),
+        "{err}"
+    );
+}

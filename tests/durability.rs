@@ -1010,3 +1010,216 @@ fn resuming_with_max_steps_below_the_checkpoint_leaves_it_where_it_is() {
         particles
     );
 }
+
+/// Runs `cmd` with its `n`-th file operation failing as on a full disk; `None` when the run
+/// finished first, else its output (a failure, never an abort or a panic).
+fn failed_at(cmd: &mut Command, n: u64) -> Option<String> {
+    let out = output(
+        cmd.env(bella_vqa::io::FAULT_ENV, n.to_string())
+            .env(bella_vqa::io::FAULT_SIGNAL_ENV, "full"),
+    );
+    if out.status.success() {
+        return None;
+    }
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "op {n}: {t}");
+    assert!(!t.contains("panicked"), "op {n}: {t}");
+    Some(t)
+}
+
+/// A full disk named as such: the output file (not its temporary), and what to do.
+fn says_disk_full(message: &str) -> bool {
+    message.contains("the disk (or quota) is full")
+        && message.contains("free space there and run the same command again")
+        && !message.contains(".tmp-")
+}
+
+/// Copies the files `set` (relative path → bytes) into `dir`.
+fn put(set: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path) {
+    for (rel, bytes) in set {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+/// The files of a particle directory but its lock file (which holds the last writer's PID).
+fn set_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut set = files(dir);
+    set.remove(Path::new(bella_vqa::io::LOCK_FILE));
+    set
+}
+
+#[test]
+fn a_train_force_that_fails_leaves_the_old_set_whole_with_its_questions_and_log() {
+    let world = world();
+    let llava = fixture("llava-tiny-hub");
+    let (list, particles) = (
+        Path::new(bella_vqa::data::seen::FILE),
+        Path::new("particles.safetensors"),
+    );
+    // An old set with its list and log, its checkpoints deleted (so --force may train over it).
+    let old = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), old.path()));
+    std::fs::remove_dir_all(old.path().join("checkpoints")).unwrap();
+    let old_files = set_files(old.path());
+    let other = [("--limit", "6")];
+    let (mut tried, mut told) = (0, false);
+    for n in 1.. {
+        let out = tempfile::tempdir().unwrap();
+        put(&old_files, out.path());
+        let mut cmd = train_with(&llava, world.path(), out.path(), &other);
+        let Some(err) = failed_at(cmd.arg("--force"), n) else {
+            break;
+        };
+        tried += 1;
+        told |= says_disk_full(&err);
+        let now = set_files(out.path());
+        if out.path().join("checkpoints/latest").exists() {
+            // Committed: the set there is the new run's, which --resume completes.
+            assert_ne!(now.get(list), old_files.get(list), "op {n}: the old list");
+            run_ok(train_with(&llava, world.path(), out.path(), &other).arg("--resume"));
+            assert!(out.path().join(list).is_file(), "op {n}");
+        } else {
+            assert_eq!(now.get(particles), old_files.get(particles), "op {n}");
+            for kept in [
+                bella_vqa::data::seen::FILE,
+                "train_log.jsonl",
+                "train_summary.json",
+                "bella_config.json",
+            ] {
+                let kept = Path::new(kept);
+                assert_eq!(
+                    now.get(kept),
+                    old_files.get(kept),
+                    "op {n}: {} of the old set changed: {err}",
+                    kept.display()
+                );
+            }
+        }
+        assert_no_temp_files(out.path());
+    }
+    assert!(tried >= 20, "the run finished before most fault points");
+    assert!(told, "no failure said the disk was full and what to do");
+}
+
+#[test]
+fn an_import_peft_force_that_fails_leaves_the_old_set_whole() {
+    let world = world();
+    let llava = fixture("llava-tiny-hub");
+    let old = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), old.path()));
+    let old_files = set_files(old.path());
+    // Adapters of other particles.
+    let other = tempfile::tempdir().unwrap();
+    run_ok(&mut train_with(
+        &llava,
+        world.path(),
+        other.path(),
+        &[("--limit", "6")],
+    ));
+    let peft = tempfile::tempdir().unwrap();
+    run_ok(
+        bella()
+            .args(["export-peft", "--quiet", "--force", "--adapters"])
+            .arg(other.path())
+            .arg("--out")
+            .arg(peft.path()),
+    );
+    let import = |out: &Path| {
+        let mut cmd = bella();
+        cmd.args(["import-peft", "--quiet", "--force", "--peft"])
+            .arg(peft.path().join("particle-0"))
+            .arg(peft.path().join("particle-1"))
+            .arg("--out")
+            .arg(out)
+            .arg("--model")
+            .arg(&llava);
+        cmd
+    };
+    let mut tried = 0;
+    for n in 1.. {
+        let out = tempfile::tempdir().unwrap();
+        put(&old_files, out.path());
+        let Some(err) = failed_at(&mut import(out.path()), n) else {
+            break;
+        };
+        tried += 1;
+        let now = set_files(out.path());
+        if now.get(Path::new("particles.safetensors"))
+            == old_files.get(Path::new("particles.safetensors"))
+        {
+            assert_eq!(now, old_files, "op {n}: the old set changed: {err}");
+        }
+        assert_no_temp_files(out.path());
+    }
+    assert!(tried >= 5, "the import finished before most fault points");
+    // Cut short between its two files (only the particles written): the same command without
+    // --force completes it.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        other.path().join("particles.safetensors"),
+        out.path().join("particles.safetensors"),
+    )
+    .unwrap();
+    let cmd = import(out.path());
+    let args: Vec<_> = cmd
+        .get_args()
+        .filter(|a| *a != "--force")
+        .map(ToOwned::to_owned)
+        .collect();
+    run_ok(bella().args(&args));
+    assert!(out.path().join("bella_config.json").is_file());
+    // With a config there, it is a set: refused without --force.
+    let err = run_err(bella().args(&args));
+    assert!(err.contains("already holds a particle set"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn bench_merge_refuses_a_fifo_in_a_shard_instead_of_hanging() {
+    let world = world();
+    let shards: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, dir) in shards.iter().enumerate() {
+        run_ok(bench_limit(world.path(), dir.path(), 4).args([
+            "--bootstrap",
+            "0",
+            "--shard",
+            &format!("{i}/2"),
+        ]));
+    }
+    for name in ["bench_config.json", "runs.jsonl", "skipped.jsonl"] {
+        let copy = tempfile::tempdir().unwrap();
+        put(&files(shards[1].path()), copy.path());
+        let fifo = copy.path().join(name);
+        let _ = std::fs::remove_file(&fifo);
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let merged = tempfile::tempdir().unwrap();
+        let mut child = bella()
+            .args(["bench", "merge", "--quiet", "--bootstrap", "0"])
+            .arg(shards[0].path())
+            .arg(copy.path())
+            .arg("--out")
+            .arg(merged.path().join("m"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("bench merge hung on a FIFO {name}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(!out.status.success(), "{name}: {t}");
+        assert!(t.contains("FIFO") && t.contains(name), "{name}: {t}");
+    }
+}

@@ -239,13 +239,14 @@ impl RunConfig {
 
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (is {} a bench directory?)",
-                path.display(),
-                dir.display()
-            )
-        })?;
+        let text =
+            crate::input::read_to_string(&path, "bench configuration").with_context(|| {
+                format!(
+                    "cannot read {} (is {} a bench directory?)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a bench configuration", path.display()))
     }

@@ -699,8 +699,7 @@ pub fn compute(
 impl ResultsFile {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(RESULTS_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::input::read_to_string(&path, "results file")?;
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a results file", path.display()))
     }
@@ -711,13 +710,13 @@ impl ResultsFile {
     }
 }
 
-/// Reads a JSON-lines file of `T` (missing file: empty); damaged lines are skipped.
+/// Reads a JSON-lines file of `T` (missing file: empty; a FIFO or other non-regular file is
+/// refused, not read); damaged lines are skipped.
 pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(bytes) = crate::input::read_if_present(path, "log")? else {
+        return Ok(Vec::new());
     };
+    let text = String::from_utf8_lossy(&bytes);
     // Auxiliary logs: a line cut off by a kill is skipped wherever it is.
     Ok(text
         .lines()

@@ -42,9 +42,17 @@ pub fn keys(examples: &[VqaExample]) -> Vec<u64> {
     keys
 }
 
-/// Writes the keys of `examples` into `dir` (atomically). Something other than a file in its
-/// place (a folder, a pipe) is refused rather than written through.
-pub fn write(dir: &Path, examples: &[VqaExample]) -> Result<()> {
+/// The file's contents for `examples`: their [`keys`] as little-endian u64.
+pub fn encode(examples: &[VqaExample]) -> Vec<u8> {
+    keys(examples)
+        .iter()
+        .flat_map(|k| k.to_le_bytes())
+        .collect()
+}
+
+/// Writes `encoded` ([`encode`]) into `dir`, atomically, unless it is there already. Something
+/// other than a file in its place (a folder, a pipe) is refused rather than written through.
+pub fn write(dir: &Path, encoded: &[u8]) -> Result<()> {
     let path = dir.join(FILE);
     if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
         bail!(
@@ -53,11 +61,10 @@ pub fn write(dir: &Path, examples: &[VqaExample]) -> Result<()> {
             path.display()
         );
     }
-    let bytes: Vec<u8> = keys(examples)
-        .iter()
-        .flat_map(|k| k.to_le_bytes())
-        .collect();
-    crate::io::write_bytes_atomically(&path, &bytes)
+    if std::fs::read(&path).is_ok_and(|old| old == encoded) {
+        return Ok(());
+    }
+    crate::io::write_bytes_atomically(&path, encoded)
 }
 
 /// The keys stored in `dir`; `None` when it has none (particles imported, or trained before
@@ -130,7 +137,7 @@ mod tests {
             question("/d/1.png", "What color?"),
             question("/d/2.png", "What color?"),
         ];
-        write(dir.path(), &train).unwrap();
+        write(dir.path(), &encode(&train)).unwrap();
         let keys = read(dir.path()).unwrap().unwrap();
         assert_eq!(keys.len(), 2);
         let val = [
@@ -150,7 +157,7 @@ mod tests {
         std::fs::create_dir(dir.path().join(FILE)).unwrap();
         let err = format!("{:#}", read(dir.path()).unwrap_err());
         assert!(err.contains("not a regular file"), "{err}");
-        let err = format!("{:#}", write(dir.path(), &train).unwrap_err());
+        let err = format!("{:#}", write(dir.path(), &encode(&train)).unwrap_err());
         assert!(err.contains("not a regular file"), "{err}");
     }
 }

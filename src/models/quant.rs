@@ -414,6 +414,10 @@ fn write_cache(path: &Path, key: &str, layers: &[(String, Arc<QTensor>)]) -> Res
     if let Some(dir) = path.parent() {
         crate::io::remove_stale_temps(dir);
     }
+    // A FIFO or device in its place would be written into (a FIFO blocking): replaced instead.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        std::fs::remove_file(path).with_context(|| format!("cannot replace {}", path.display()))?;
+    }
     crate::io::write_stream_atomically(path, |w| {
         gguf_file::write(w, &[(KEY, &key_value), (DIGEST, &digest_value)], &tensors)
             .context("cannot write the GGUF file")
@@ -421,6 +425,10 @@ fn write_cache(path: &Path, key: &str, layers: &[(String, Arc<QTensor>)]) -> Res
 }
 
 fn read_cache(path: &Path, key: &str, device: &Device) -> Result<HashMap<String, Arc<QTensor>>> {
+    // A FIFO would block the read, a device never end.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        anyhow::bail!("it is not a regular file");
+    }
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
@@ -540,6 +548,33 @@ mod tests {
                 .unwrap(),
         ];
         (bases, q.finish())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_in_place_of_the_cache_file_is_replaced_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("model.safetensors");
+        std::fs::write(&weights, b"weights").unwrap();
+        let cache = dir.path().join("q");
+        let (_, summary) = load_two(&cache, &weights, QuantKind::Q8_0);
+        let file = summary.cache_file.clone();
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&file).status();
+        assert!(made.is_ok_and(|s| s.success()));
+        // On a thread: a regression blocks on the FIFO, and fails here instead of hanging.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_two(&cache, &weights, QuantKind::Q8_0).1.to_string());
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a FIFO in the cache blocked the load");
+        assert!(
+            line.contains("rebuilt (it is not a regular file)"),
+            "{line}"
+        );
+        assert!(std::fs::metadata(&file).unwrap().is_file());
     }
 
     #[test]

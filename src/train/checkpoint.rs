@@ -13,7 +13,9 @@
 //! A checkpoint directory is written whole (a temporary directory renamed when complete); then
 //! `latest` is switched to it by an atomic rename — that rename is the commit. The top-level
 //! particle files are derived from the committed checkpoint ([`publish`]): after the commit, and
-//! again by every later run, which repairs them if a kill came in between. The committed
+//! again by every later run, which repairs them if a kill came in between. The files of a set
+//! that a run replaces (`train --force`) go only then, so that a run failing before its first
+//! commit leaves that set whole. The committed
 //! checkpoint and the one before it are kept; other checkpoint directories (older ones, or one
 //! written but never committed) are removed.
 
@@ -63,12 +65,16 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Writes a checkpoint, commits it and makes the top-level particle files its copies.
+/// Writes a checkpoint, commits it (with `log`, the run's training log staged to replace a
+/// replaced set's) and makes the top-level particle files its copies, `questions` (the
+/// [`crate::data::seen`] list of the run) beside them.
 pub fn save(
     out: &Path,
     set: &ParticleSet,
     optimizer: &HashMap<String, Tensor>,
     state: &TrainerState,
+    log: Option<crate::io::Staged>,
+    questions: &[u8],
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
     let name = format!("step-{:08}", state.step);
@@ -86,8 +92,11 @@ pub fn save(
         ],
     )?;
     write_bytes_atomically(&root.join(LATEST), name.as_bytes())?;
+    if let Some(log) = log {
+        log.commit()?;
+    }
     prune(out)?;
-    publish(out, &dir)?;
+    publish(out, &dir, questions)?;
     Ok(dir)
 }
 
@@ -169,9 +178,10 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Makes `out/particles.safetensors` and `out/bella_config.json` byte copies of those of the
-/// checkpoint `dir`, writing only what differs. A calibrated threshold stored in the top-level
-/// config since is kept as long as the particles are the same.
-pub fn publish(out: &Path, dir: &Path) -> Result<()> {
+/// checkpoint `dir`, and `questions` the training-question list beside them, writing only what
+/// differs. A calibrated threshold stored in the top-level config since is kept as long as the
+/// particles are the same.
+pub fn publish(out: &Path, dir: &Path, questions: &[u8]) -> Result<()> {
     let read = |path: PathBuf| {
         std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
     };
@@ -180,6 +190,15 @@ pub fn publish(out: &Path, dir: &Path) -> Result<()> {
     let top_particles = out.join(PARTICLES_FILE);
     let same_particles = std::fs::read(&top_particles).ok() == Some(particles.clone());
     if !same_particles {
+        // Another set's question list goes right before its particles do, and comes back only
+        // after the new ones are in place: a kill at any instant never pairs particles with
+        // another run's list (at worst with none).
+        let list = out.join(crate::data::seen::FILE);
+        if crate::input::read_if_present(&list, "training question list")?.as_deref()
+            != Some(questions)
+        {
+            crate::io::remove_file(&list)?;
+        }
         write_bytes_atomically(&top_particles, &particles)?;
     }
     let top_config = out.join(CONFIG_FILE);
@@ -190,7 +209,7 @@ pub fn publish(out: &Path, dir: &Path) -> Result<()> {
     if !keep_config {
         write_bytes_atomically(&top_config, &config)?;
     }
-    Ok(())
+    crate::data::seen::write(out, questions)
 }
 
 /// Whether the config `top` is `checkpoint` with only a calibration added.

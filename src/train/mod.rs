@@ -596,12 +596,14 @@ pub fn train(
     // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
     crate::io::create_dir_all(&run.out)?;
     let existing = checkpoint::latest(&run.out)?;
+    // A set trained over (--force): its files stay whole until the first checkpoint commits.
+    let replacing = existing.is_none() && ParticleSet::is_in(&run.out);
     if existing.is_none() {
         check_nothing_to_lose(run)?;
     }
     checkpoint::prune(&run.out)?;
-    // Whether the published particles have their training questions written beside them.
-    let seen_written = std::cell::Cell::new(false);
+    // What calibrate and bench check their questions against (crate::data::seen).
+    let questions = crate::data::seen::encode(train);
     let (params, mut optimizer, start_step, pending_loss) = match (existing, run.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(&dir)?;
@@ -613,10 +615,8 @@ pub fn train(
                     diffs.join("\n  ")
                 );
             }
-            checkpoint::publish(&run.out, &dir)?;
-            // The checkpoint's own questions (the fingerprint above says they are these).
-            crate::data::seen::write(&run.out, train)?;
-            seen_written.set(true);
+            // With the checkpoint's own questions (the fingerprint above says they are these).
+            checkpoint::publish(&run.out, &dir, &questions)?;
             if run.progress {
                 crate::note!(
                     "resuming from step {} of {total_steps} ({})",
@@ -685,8 +685,13 @@ pub fn train(
         particles_sha256: None,
     };
     let log_path = run.out.join(LOG_FILE);
-    truncate_log(&log_path, start_step)?;
-    let mut log = crate::io::AppendFile::open(&log_path, None)?;
+    // A replaced set keeps its log until the first checkpoint commits: the lines wait till then.
+    let mut log = if replacing {
+        Log::Pending(Vec::new())
+    } else {
+        truncate_log(&log_path, start_step)?;
+        Log::File(crate::io::AppendFile::open(&log_path, None)?)
+    };
 
     // A checkpoint already past --max-steps stays where it is.
     let end_step = run
@@ -716,7 +721,8 @@ pub fn train(
                            params: &Params,
                            optimizer: &AdamW,
                            model: &Model,
-                           pending_loss: (f64, usize)|
+                           pending_loss: (f64, usize),
+                           log: Option<crate::io::Staged>|
      -> Result<()> {
         let mut cfg = config.clone();
         cfg.step = step;
@@ -728,24 +734,14 @@ pub fn train(
             compute: Some(compute.clone()),
             pending_loss: Some(pending_loss),
         };
-        // What calibrate and bench check their questions against (crate::data::seen)
-        // belongs to the particles published: the old list goes before the first new
-        // particles do and the new one comes after them, so a run killed at any instant
-        // never pairs particles with another run's list (at worst with none).
-        let first = !seen_written.replace(true);
-        let list = run.out.join(crate::data::seen::FILE);
-        if first {
-            crate::io::remove_file(&list)?;
-        }
         checkpoint::save(
             &run.out,
             &set,
             &optimizer.state(&params.var_names()),
             &state,
+            log,
+            &questions,
         )?;
-        if first {
-            crate::data::seen::write(&run.out, train)?;
-        }
         Ok(())
     };
 
@@ -878,7 +874,10 @@ pub fn train(
             };
             let mut line = serde_json::to_vec(&eval)?;
             line.push(b'\n');
-            log.append(&line)?;
+            match &mut log {
+                Log::Pending(lines) => lines.extend_from_slice(&line),
+                Log::File(file) => file.append(&line)?,
+            }
             bar.set_message(format!(
                 "loss {:.4} · val acc {} · distance {:.3} · disagreement {}",
                 eval.train_loss,
@@ -897,7 +896,15 @@ pub fn train(
         // Ctrl-C (crate::interrupt): the step in progress is finished and kept.
         let stop = !at_end && crate::interrupt::requested();
         if checkpoint_due || stop {
-            save_checkpoint(done, &params, &optimizer, model, (loss_sum, loss_count))?;
+            let staged_log = match &log {
+                Log::Pending(lines) => Some(crate::io::stage_file(&log_path, lines)?),
+                Log::File(_) => None,
+            };
+            let pending = (loss_sum, loss_count);
+            save_checkpoint(done, &params, &optimizer, model, pending, staged_log)?;
+            if let Log::Pending(_) = log {
+                log = Log::File(crate::io::AppendFile::open(&log_path, None)?);
+            }
         }
         if stop {
             stopped_at = done;
@@ -905,7 +912,11 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
-    let summary = write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?;
+    // Stopped before its first checkpoint, a run over a set leaves that set's summary.
+    let summary = match log {
+        Log::Pending(_) => None,
+        Log::File(_) => write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?,
+    };
     Ok(TrainReport {
         steps: stopped_at,
         total_steps,
@@ -915,6 +926,13 @@ pub fn train(
         interrupted: stopped_at < end_step,
         diversity: summary,
     })
+}
+
+/// Where the lines of `train_log.jsonl` go.
+enum Log {
+    /// Held back: the log there is still that of the set being replaced.
+    Pending(Vec<u8>),
+    File(crate::io::AppendFile),
 }
 
 fn progress_bar(show: bool, total: u64, start: u64) -> indicatif::ProgressBar {
