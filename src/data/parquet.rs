@@ -23,7 +23,8 @@
 //! `data/` folder is looked into), read in shard order. Rows are read one at a time: with a limit,
 //! the rows after it are not read and their images not extracted ([`Dataset::unread`]).
 //!
-//! Compressions read: none, snappy (what pyarrow and `datasets` write), gzip and zstd.
+//! Compressions read: none, snappy (what pyarrow and `datasets` write) and gzip; another (zstd,
+//! brotli, …) is refused, named, before any row is read.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -339,16 +340,13 @@ fn check_compression(
                 continue;
             }
             match column.compression() {
-                Compression::UNCOMPRESSED
-                | Compression::SNAPPY
-                | Compression::GZIP(_)
-                | Compression::ZSTD(_) => {}
+                Compression::UNCOMPRESSED | Compression::SNAPPY | Compression::GZIP(_) => {}
                 other => {
                     let name = format!("{other:?}");
                     let name = name.split('(').next().unwrap_or(&name);
                     bail!(
                         "{} is compressed with {name} (column {}), which bella-vqa does not \
-                         read (it reads uncompressed, SNAPPY, GZIP and ZSTD Parquet files): \
+                         read (it reads uncompressed, SNAPPY and GZIP Parquet files): \
                          rewrite it, e.g. with pyarrow: pq.write_table(pq.read_table(\"in.parquet\"), \
                          \"out.parquet\", compression=\"snappy\")",
                         file.display(),
