@@ -272,13 +272,14 @@ struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Training data: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA, GQA
-    /// or A-OKVQA JSON.
+    /// or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
+    /// shards).
     #[arg(long)]
     data: PathBuf,
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON formats; default: the data file's folder).
+    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder).
     #[arg(long)]
     images: Option<PathBuf>,
     /// Validation data (a sample is evaluated during training).
@@ -890,19 +891,23 @@ fn import_peft(
     Ok(())
 }
 
+/// The questions of a data file; a Parquet file only up to its first `limit` good questions (its
+/// images are extracted as its rows are read).
 fn read_data(
     path: &std::path::Path,
     annotations: Option<&std::path::Path>,
     images: Option<&std::path::Path>,
     skip_bad: bool,
     quiet: bool,
+    limit: Option<u64>,
 ) -> Result<Vec<bella_vqa::data::VqaExample>> {
     let opts = bella_vqa::data::ReadOptions {
         skip_bad,
         check_images: true,
     };
-    let data =
-        bella_vqa::data::read_dataset(path, annotations, images, &opts)?.require_questions()?;
+    let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    let data = bella_vqa::data::read_dataset_up_to(path, annotations, images, &opts, limit)?
+        .require_questions()?;
     if !data.skipped.is_empty() && !quiet {
         note!(
             "skipped {} bad record(s) in {} (first: {})",
@@ -929,12 +934,15 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     bella_vqa::interrupt::watch("after the training step in progress; a checkpoint keeps it")?;
     let mut loaded = args.model.load(cli)?;
     // A question without an answer (a test set's) has nothing to train on.
+    // With --limit a Parquet file is read only that far: questions without answers or that the
+    // model cannot train on (--skip-bad) are then left out of the limit's share, not replaced.
     let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(
         &args.data,
         args.annotations.as_deref(),
         args.images.as_deref(),
         args.skip_bad,
         cli.quiet,
+        args.limit,
     )?
     .into_iter()
     .partition(|e| train::objective::target_answer(e).is_some());
@@ -973,6 +981,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 args.val_images.as_deref(),
                 args.skip_bad,
                 cli.quiet,
+                None,
             )
             .context(
                 "in --val (for a VQAv2 or VizWiz file there, its annotations are \

@@ -1287,7 +1287,7 @@ fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
     let cases: [(&str, &[u8], &str); 4] = [
         ("empty.json", b"{}", "holds no questions"),
         ("data.csv", b"question,image\n", "write our JSONL"),
-        ("data.parquet", b"PAR1", "write our JSONL"),
+        ("data.parquet", b"PAR1", "truncated or damaged Parquet"),
         ("utf16.json", b"\xff\xfe[\x00]\x00", "save it as UTF-8"),
     ];
     for (name, content, expected) in cases {

@@ -123,13 +123,14 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
     /// The test questions: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA,
-    /// GQA or A-OKVQA JSON.
+    /// GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
+    /// shards).
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON formats; default: the data file's folder).
+    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder).
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// The output directory (rerun with the same one to continue an interrupted run).
@@ -230,7 +231,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub adapters: PathBuf,
     /// Validation questions with human answers (JSONL, VQAv2 questions JSON, VizWiz, TextVQA, GQA,
-    /// A-OKVQA JSON).
+    /// A-OKVQA JSON, Parquet).
     #[arg(long)]
     pub data: PathBuf,
     /// VQAv2: the annotations JSON of --data.

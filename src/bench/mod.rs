@@ -40,7 +40,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::answer::generate::Sampling;
 use crate::answer::{AskOptions, BellaVqa, UNCALIBRATED_THRESHOLD};
 use crate::bella::particles::hash_weights;
-use crate::data::{read_dataset, BadRecord, ReadOptions, VqaExample};
+use crate::data::{read_dataset_up_to, BadRecord, ReadOptions, VqaExample};
 use crate::metrics::NormalizeMode;
 use crate::models::image::load_image;
 
@@ -163,21 +163,25 @@ pub(crate) fn read_set(
         skip_bad,
         check_images: false,
     };
-    let ds = read_dataset(
+    let ds = read_dataset_up_to(
         &input.path,
         input.annotations.as_deref(),
         input.images.as_deref(),
         &opts,
+        limit,
     )?
     .require_questions()?;
-    let questions = ds.examples.len();
-    let selected = limit.map_or(questions, |l| l.min(questions));
+    // The rows a Parquet read left unread past the limit count as questions of the file, so that
+    // the record tells a part of the file from the whole (no submission file for a part), whatever
+    // the limit.
+    let questions = ds.examples.len() + ds.unread;
+    let selected = limit.map_or(questions, |l| l.min(ds.examples.len()));
     let record = DataRecord {
         split: split.to_string(),
         role,
         path: crate::io::stored_path(&input.path),
         format: ds.format,
-        sha256: crate::io::sha256_file(&input.path)?,
+        sha256: data_sha256(&input.path)?,
         annotations: input.annotations.as_deref().map(crate::io::stored_path),
         annotations_sha256: match &input.annotations {
             Some(a) => Some(crate::io::sha256_file(a)?),
@@ -193,6 +197,24 @@ pub(crate) fn read_set(
         examples: ds.examples,
         skipped: ds.skipped,
     })
+}
+
+/// The sha256 of a data file; of a folder of Parquet shards, the sha256 of the list of its
+/// shards' names and hashes (a shard changed, added or removed changes it).
+fn data_sha256(path: &Path) -> Result<String> {
+    if !path.is_dir() {
+        return crate::io::sha256_file(path);
+    }
+    let mut list = String::new();
+    for shard in crate::data::parquet::shards(path)? {
+        let name = shard.file_name().map(|n| n.to_string_lossy().into_owned());
+        list += &format!(
+            "{}  {}\n",
+            crate::io::sha256_file(&shard)?,
+            name.unwrap_or_default()
+        );
+    }
+    Ok(crate::io::sha256_bytes(list.as_bytes()))
 }
 
 /// The split names of the OOD files: their file stems, made unique.

@@ -9,7 +9,7 @@
 //! - GQA: `[{"questionId": "201307251", "prediction": "…"}, …]` (what GQA's `eval.py` reads);
 //! - A-OKVQA: `{"22MexNkBPpdZGX6sxbxVBH": {"direct_answer": "…"}, …}` (the direct-answer part of
 //!   its leaderboard's predictions file);
-//! - JSONL: `[{"question_id": "…", "answer": "…"}, …]` (an integer id as a number).
+//! - JSONL and Parquet: `[{"question_id": "…", "answer": "…"}, …]` (an integer id as a number).
 //!
 //! The answer is the one the particles gave, abstained or not (the servers score every question),
 //! normalised as the run scores it (`--normalize always`, the default: the official VQA
@@ -62,7 +62,7 @@ pub fn write(dir: &Path, config: &RunConfig, samples: &[Sample]) -> Result<Optio
             .map(|s| match format {
                 DataFormat::VizWiz => json!({"image": file_name(&s.image), "answer": answer(s)}),
                 DataFormat::Gqa => json!({"questionId": s.question_id, "prediction": answer(s)}),
-                // VQAv2, TextVQA, our JSONL.
+                // VQAv2, TextVQA, our JSONL, Parquet.
                 _ => json!({"question_id": numeric_id(&s.question_id), "answer": answer(s)}),
             })
             .collect()

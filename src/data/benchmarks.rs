@@ -271,7 +271,7 @@ fn optional_answers(v: Option<Value>) -> Result<Vec<String>, String> {
 }
 
 /// `name` in `dir` or one of its `subfolders`, or a message naming every place looked at.
-fn find_image(dir: &Path, name: &str, subfolders: &[&str]) -> Result<PathBuf, String> {
+pub(super) fn find_image(dir: &Path, name: &str, subfolders: &[&str]) -> Result<PathBuf, String> {
     std::iter::once(dir.join(name))
         .chain(subfolders.iter().map(|sub| dir.join(sub).join(name)))
         .find(|p| p.exists())

@@ -1,5 +1,6 @@
 //! VQA readers: our JSONL (design §10), VQAv2 questions + annotations, VizWiz, and the dispatch
-//! to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA).
+//! to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA) and to the
+//! Parquet reader ([`super::parquet`]: Hugging Face datasets' files, as lmms-eval has them).
 //!
 //! Every reader returns a [`Dataset`]: the good examples, the records it skipped (with
 //! [`ReadOptions::skip_bad`]) and where they came from. A bad record (bad JSON, a missing field, a
@@ -207,6 +208,8 @@ pub enum DataFormat {
     /// An A-OKVQA file (direct answers).
     #[serde(rename = "aokvqa")]
     AOkVqa,
+    /// A Hugging Face datasets Parquet file, or a folder of one split's shards.
+    Parquet,
 }
 
 impl DataFormat {
@@ -229,6 +232,7 @@ impl fmt::Display for DataFormat {
             DataFormat::TextVqa => "textvqa",
             DataFormat::Gqa => "gqa",
             DataFormat::AOkVqa => "aokvqa",
+            DataFormat::Parquet => "parquet",
         })
     }
 }
@@ -262,6 +266,9 @@ pub struct Dataset {
     /// The data file (for VQAv2 the questions file).
     pub source: PathBuf,
     pub format: DataFormat,
+    /// Rows left unread after the limit of [`read_dataset_up_to`] (only the Parquet reader stops
+    /// early: each row it reads may extract an image); 0 when the whole file was read.
+    pub unread: usize,
 }
 
 impl Dataset {
@@ -924,17 +931,46 @@ fn vizwiz_image(image_dir: &Path, name: &str) -> PathBuf {
 /// - `*.json` holding `{"data": […]}` → TextVQA; an object of `{"imageId", …}` records → GQA
 ///   ([`super::benchmarks`]).
 ///
-/// For the JSON formats `image_dir` defaults to the data file's folder.
+/// - `*.parquet`, or a folder of one split's `.parquet` shards → Hugging Face datasets' Parquet
+///   ([`super::parquet`]).
+///
+/// For the JSON and Parquet formats `image_dir` defaults to the data file's folder.
 pub fn read_dataset(
     path: &Path,
     annotations: Option<&Path>,
     image_dir: Option<&Path>,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
+    read_dataset_up_to(path, annotations, image_dir, opts, None)
+}
+
+/// [`read_dataset`], where a Parquet file is read only up to its first `limit` good questions
+/// (`--limit`): the embedded images of the rows after them are not extracted, and
+/// [`Dataset::unread`] counts those rows. The other formats are read whole (their first `limit`
+/// questions are what a caller keeps).
+pub fn read_dataset_up_to(
+    path: &Path,
+    annotations: Option<&Path>,
+    image_dir: Option<&Path>,
+    opts: &ReadOptions,
+    limit: Option<usize>,
+) -> anyhow::Result<Dataset> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
+    if ext.as_deref() == Some("parquet") || (path.is_dir() && super::parquet::is_parquet(path)) {
+        if let Some(a) = annotations {
+            bail!(
+                "{} is a Parquet data file, which holds its answers; an annotations file ({}) \
+                 applies only to VQAv2 questions files",
+                path.display(),
+                a.display()
+            );
+        }
+        let cache = super::parquet::image_cache();
+        return super::parquet::read_parquet(path, image_dir, opts, limit, &cache);
+    }
     match ext.as_deref() {
         Some("jsonl") => {
             if let Some(a) = annotations {
@@ -1016,20 +1052,22 @@ pub fn read_dataset(
         }
         _ if path.is_dir() => bail!(
             "{} is a folder: give the data file in it (.jsonl for our JSONL, .json for a \
-             benchmark's own file: VQAv2, VizWiz, TextVQA, GQA, A-OKVQA)",
+             benchmark's own file: VQAv2, VizWiz, TextVQA, GQA, A-OKVQA; .parquet for Hugging \
+             Face datasets' files, or a folder of one split's .parquet shards)",
             path.display()
         ),
-        Some(ext @ ("csv" | "tsv" | "parquet" | "arrow")) => bail!(
+        Some(ext @ ("csv" | "tsv" | "arrow")) => bail!(
             "{} is a {} file, which bella-vqa does not read: write our JSONL (one {{\"question_id\", \
              \"image\" (a file path), \"question\", \"answers\": [...]}} per line; with pandas: \
-             df.to_json(\"data.jsonl\", orient=\"records\", lines=True), images saved as files first)",
+             df.to_json(\"data.jsonl\", orient=\"records\", lines=True), images saved as files first; \
+             or Parquet, e.g. Hugging Face datasets' ds.to_parquet(\"data.parquet\"))",
             path.display(),
             ext.to_ascii_uppercase()
         ),
         _ => bail!(
             "cannot tell the format of {} from its name: use .jsonl for our JSONL (one question per \
-             line) or .json for a benchmark's own file (VQAv2/OK-VQA questions + annotations, \
-             VizWiz, TextVQA, GQA, A-OKVQA)",
+             line), .json for a benchmark's own file (VQAv2/OK-VQA questions + annotations, \
+             VizWiz, TextVQA, GQA, A-OKVQA) or .parquet for Hugging Face datasets' files",
             path.display()
         ),
     }
@@ -1232,6 +1270,11 @@ impl<'a> Collector<'a> {
         Ok(())
     }
 
+    /// How many good records it holds so far.
+    pub(super) fn accepted(&self) -> usize {
+        self.examples.len()
+    }
+
     /// The complaint about `id` if an earlier good record has it.
     pub(super) fn duplicate(&self, id: &str) -> Option<String> {
         let first = self.seen.get(id)?;
@@ -1274,6 +1317,7 @@ impl<'a> Collector<'a> {
             skipped: self.skipped,
             source: source.to_path_buf(),
             format,
+            unread: 0,
         })
     }
 }
