@@ -165,7 +165,12 @@ pub fn create_dir_all(dir: &Path) -> Result<()> {
 /// the fault injector.
 pub fn create_cache_dir(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
-        bail!("{} is not a directory", dir.display());
+        let what = if dir.is_file() {
+            "a file"
+        } else {
+            "something else"
+        };
+        bail!("{} is {what}, not a directory", dir.display());
     }
     fs::create_dir_all(dir).map_err(|e| {
         // A file where a folder of the path should be: named as such ("File exists" was all).

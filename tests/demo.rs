@@ -795,7 +795,7 @@ fn a_file_as_the_cache_directory_is_named_with_the_remedy() {
     assert!(
         err.contains("cache directory")
             && err.contains("BELLA_VQA_CACHE")
-            && err.contains("is not a directory"),
+            && err.contains("is a file, not a directory"),
         "{err}"
     );
 }

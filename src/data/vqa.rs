@@ -960,27 +960,13 @@ pub fn read_dataset_up_to(
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     if ext.as_deref() == Some("parquet") || (path.is_dir() && super::parquet::is_parquet(path)) {
-        if let Some(a) = annotations {
-            bail!(
-                "{} is a Parquet data file, which holds its answers; an annotations file ({}) \
-                 applies only to VQAv2 questions files",
-                path.display(),
-                a.display()
-            );
-        }
+        refuse_annotations(path, annotations, "Parquet")?;
         let cache = super::parquet::image_cache();
         return super::parquet::read_parquet(path, image_dir, opts, limit, &cache);
     }
     match ext.as_deref() {
         Some("jsonl") => {
-            if let Some(a) = annotations {
-                bail!(
-                    "{} is a JSONL data file, which holds its answers; an annotations file ({}) \
-                     applies only to VQAv2 questions files",
-                    path.display(),
-                    a.display()
-                );
-            }
+            refuse_annotations(path, annotations, "JSONL")?;
             read_jsonl_in(path, image_dir, opts)
         }
         Some("json") => {
@@ -1070,6 +1056,19 @@ pub fn read_dataset_up_to(
              VizWiz, TextVQA, GQA, A-OKVQA) or .parquet for Hugging Face datasets' files",
             path.display()
         ),
+    }
+}
+
+/// Refuses an annotations file beside a data file of `kind` that holds its own answers.
+fn refuse_annotations(path: &Path, annotations: Option<&Path>, kind: &str) -> anyhow::Result<()> {
+    match annotations {
+        Some(a) => bail!(
+            "{} is a {kind} data file, which holds its answers; an annotations file ({}) applies \
+             only to VQAv2 questions files",
+            path.display(),
+            a.display()
+        ),
+        None => Ok(()),
     }
 }
 
