@@ -16,6 +16,8 @@ use signal_hook::iterator::Signals;
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static WATCHING: OnceLock<()> = OnceLock::new();
+/// Whether the handler watches SIGINT (not when the process was started ignoring it).
+static WATCHING_SIGINT: AtomicBool = AtomicBool::new(false);
 
 /// Installs the handler (once per process). `after` says where the command will stop, for the
 /// message printed when the first signal comes ("after the step in progress").
@@ -43,8 +45,22 @@ pub fn watch(after: &'static str) -> Result<()> {
             }
         })
         .context("cannot start the Ctrl-C handler")?;
+    WATCHING_SIGINT.store(!ignored(SIGINT), Ordering::SeqCst);
     let _ = WATCHING.set(());
     Ok(())
+}
+
+/// Waits (at most 10 s) until the handler has seen a SIGINT this process just sent itself: the
+/// fault injector's Ctrl-C ([`crate::io`]) then lands before the operation it precedes, not a step
+/// later on a loaded machine (the handler's thread may lag behind).
+pub(crate) fn await_own_sigint() {
+    if !WATCHING_SIGINT.load(Ordering::SeqCst) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !requested() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Whether `signal` is set to be ignored (inherited from the parent process).

@@ -72,6 +72,7 @@ fn counted_op(takes_space: bool) -> std::io::Result<()> {
         match kind {
             Fault::Interrupt if n == at => {
                 let _ = signal_hook::low_level::raise(signal_hook::consts::SIGINT);
+                crate::interrupt::await_own_sigint();
             }
             Fault::DiskFull
                 if n >= at && takes_space && !FULL_DONE.swap(true, Ordering::SeqCst) =>
