@@ -106,8 +106,8 @@ fn on_failed_write(e: anyhow::Error, path: &Path) -> anyhow::Error {
         .map_or_else(|| e.to_string(), ToString::to_string);
     anyhow!(
         "cannot write {}: the disk (or quota) is full ({cause}); what was written before is kept \
-         and nothing is half-written: free space there and run the same command again (for \
-         train, with --resume)",
+         and nothing is half-written: free space there and run the same command again \
+         (train: with --resume where it had saved a checkpoint, checkpoints/ in its --out)",
         path.display()
     )
 }

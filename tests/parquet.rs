@@ -322,6 +322,18 @@ fn folders_hold_one_whole_split() {
     .unwrap();
     let cache = tempfile::tempdir().unwrap();
     assert_eq!(read(&snapshot, None, None, cache.path()).len(), 4);
+    // The hub's converted Parquet (`{config}/{split}/0000.parquet`, …): numbered shards of the
+    // split the folder is named after, read in order.
+    let converted = tmp.path().join("default/validation");
+    fs::create_dir_all(&converted).unwrap();
+    fs::copy(shard(0), converted.join("0000.parquet")).unwrap();
+    fs::copy(shard(1), converted.join("0001.parquet")).unwrap();
+    let ids =
+        |d: &Dataset| -> Vec<String> { d.examples.iter().map(|e| e.question_id.clone()).collect() };
+    assert_eq!(
+        ids(&read(&converted, None, None, cache.path())),
+        ids(&read(&snapshot, None, None, cache.path()))
+    );
     // A folder without Parquet files keeps its message.
     let err = format!(
         "{:#}",
@@ -471,4 +483,24 @@ fn bench_answers_a_parquet_file_as_its_jsonl() {
     for (l, j) in limited.iter().zip(&from_jsonl) {
         assert_eq!(without_image(l.clone()), without_image(j.clone()));
     }
+}
+
+/// Spark, Polars and DuckDB name the root of the schema otherwise than pyarrow ("spark_schema",
+/// "root", "duckdb_schema"); the file is read all the same (it was called damaged).
+#[test]
+fn a_root_schema_named_by_another_writer_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = fs::read(parquet("vqav2.parquet")).unwrap();
+    // The footer's root SchemaElement name: a thrift string of length 6, "schema".
+    let at = bytes
+        .windows(7)
+        .rposition(|w| w == b"\x06schema")
+        .expect("the root name in the footer");
+    bytes[at + 1..at + 7].copy_from_slice(b"spark_");
+    let renamed = tmp.path().join("spark.parquet");
+    fs::write(&renamed, &bytes).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let ours = read(&renamed, None, None, cache.path());
+    let theirs = read(&parquet("vqav2.parquet"), None, None, cache.path());
+    assert_eq!(ours.examples, theirs.examples);
 }

@@ -1041,6 +1041,8 @@ fn settings_that_leave_plain_lora_at_inference_import_the_same_factors() {
     let cases = [
         // MiCA only chooses the initial factors; LoraLayer.mica_init leaves the base alone.
         ("mica", json!({"init_lora_weights": "mica"})),
+        // PEFT 0.2's merge-at-eval switch (alpaca-lora's adapters carry it): the same numbers.
+        ("merge_weights", json!({"merge_weights": true})),
         // Entries equal to r and lora_alpha, by name and by regex.
         (
             "patterns",

@@ -335,6 +335,8 @@ const LORA_KEYS: &[(&str, Key)] = &[
     ("ensure_weight_tying", Key::Any),
     // Off at inference.
     ("lora_dropout", Key::Any),
+    // PEFT 0.2's switch to merge the factors at eval time (the same numbers); PEFT drops it.
+    ("merge_weights", Key::Any),
     // Where PEFT computes, not what.
     ("runtime_config", Key::Any),
     // Read only with their switch (megatron_config, use_qalora, init_lora_weights), checked.

@@ -101,7 +101,9 @@ pub fn shards(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     };
     let entries = fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
     // Split name → (shard index, shard count, file), from `{split}-{i}-of-{n}[-{hash}].parquet`
-    // (what `datasets` names the shards it pushes); a file named otherwise is a split of its own.
+    // (what `datasets` names the shards it pushes), or `{i}.parquet` (the hub's converted
+    // Parquet, `{config}/{split}/0000.parquet`: the folder is the split); a file named otherwise
+    // is a split of its own.
     let mut splits: BTreeMap<String, Vec<(usize, Option<usize>, PathBuf)>> = BTreeMap::new();
     for entry in entries {
         let file = entry
@@ -114,9 +116,14 @@ pub fn shards(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (split, index, count) = match shard_name(&stem) {
-            Some((split, i, n)) => (split, i, Some(n)),
-            None => (stem, 0, None),
+        let numbered = stem
+            .parse::<usize>()
+            .ok()
+            .filter(|_| stem.bytes().all(|b| b.is_ascii_digit()));
+        let (split, index, count) = match (shard_name(&stem), numbered) {
+            (Some((split, i, n)), _) => (split, i, Some(n)),
+            (None, Some(i)) => (folder_split(&dir), i, None),
+            (None, None) => (stem, 0, None),
         };
         splits.entry(split).or_default().push((index, count, file));
     }
@@ -156,6 +163,14 @@ pub fn shards(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(files.into_iter().map(|(_, _, f)| f).collect())
+}
+
+/// The split a folder of numbered shards holds: the folder's name (`…/default/validation/`).
+fn folder_split(dir: &Path) -> String {
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// `("validation", 3, 68)` from `validation-00003-of-00068` or
@@ -208,7 +223,15 @@ pub fn read_parquet(
             gqa_image_folder(file, images_given, &image_dir)?;
         }
         check_compression(file, &reader, &columns.projection)?;
-        let projection = Type::group_type_builder("schema")
+        // Under the file's own root name: pyarrow writes "schema", Spark "spark_schema", Polars
+        // "root", DuckDB "duckdb_schema", and the reader refuses a projection named otherwise.
+        let root = reader
+            .metadata()
+            .file_metadata()
+            .schema()
+            .name()
+            .to_string();
+        let projection = Type::group_type_builder(&root)
             .with_fields(columns.projection.clone())
             .build()
             .with_context(|| format!("cannot read the columns of {}", file.display()))?;
