@@ -1,6 +1,8 @@
 //! VQA readers: our JSONL, VQAv2 (questions + annotations), VizWiz, TextVQA, GQA, A-OKVQA; bad
 //! records and round trips.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -8,16 +10,8 @@ use bella_vqa::data::vqa::{
     read_dataset, read_jsonl, read_vizwiz, read_vqav2, write_jsonl, BadRecord, DataFormat,
     ReadOptions, VqaExample,
 };
+use common::{SKIP, STRICT};
 use serde_json::{json, Map, Value};
-
-const STRICT: ReadOptions = ReadOptions {
-    skip_bad: false,
-    check_images: true,
-};
-const SKIP: ReadOptions = ReadOptions {
-    skip_bad: true,
-    check_images: true,
-};
 
 fn png(path: &Path) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -14,17 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use bella_vqa::data::parquet::read_parquet;
 use bella_vqa::data::{read_dataset, read_jsonl, BadRecord, DataFormat, Dataset, ReadOptions};
-use common::fixture;
+use common::{fixture, SKIP, STRICT};
 use serde_json::Value;
-
-const STRICT: ReadOptions = ReadOptions {
-    skip_bad: false,
-    check_images: true,
-};
-const SKIP: ReadOptions = ReadOptions {
-    skip_bad: true,
-    check_images: true,
-};
 
 fn parquet(name: &str) -> PathBuf {
     fixture("parquet").join(name)

@@ -4,10 +4,21 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use bella_vqa::data::ReadOptions;
 use bella_vqa::hub::{resolve, HubOptions, ModelFiles, ModelSource};
 use bella_vqa::models::llava::LlavaInput;
 use bella_vqa::models::{self, LoadedModel};
 use candle_core::{DType, Device, Tensor};
+
+/// Reading options of the data tests: a bad record is an error, or is skipped.
+pub const STRICT: ReadOptions = ReadOptions {
+    skip_bad: false,
+    check_images: true,
+};
+pub const SKIP: ReadOptions = ReadOptions {
+    skip_bad: true,
+    check_images: true,
+};
 
 pub fn fixture(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
