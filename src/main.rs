@@ -1101,7 +1101,20 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     bella_vqa::prepare_process();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors, and --help and --version, which clap reports the same way: a text that
+        // cannot be written (`--help > /dev/full`) is a failure, not clap's silent exit 0.
+        Err(e) => {
+            let code = ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            return match e.print() {
+                Ok(()) => code,
+                // The reader closed the pipe (`--help | head -1`): it has what it wanted.
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => code,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader closed the pipe (`| head -1`): it has what it wanted.

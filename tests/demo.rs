@@ -763,6 +763,15 @@ fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
             && !err.contains("panicked"),
         "{err}"
     );
+    // --version and --help, which clap writes: exit 1 too, never a silent 0.
+    for flag in ["--version", "--help"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .arg(flag)
+            .stdout(full())
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+    }
     // A reader that has gone: `inspect` writes many lines into a closed pipe.
     let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
         .args(["inspect", "--model"])
