@@ -119,6 +119,15 @@ fn options(out: &Path) -> BenchOptions {
     o
 }
 
+/// [`options`] over `data` alone: no validation or OOD files.
+fn data_only_options(out: &Path, data: &Path) -> BenchOptions {
+    let mut o = options(out);
+    o.data = DataInput::new(data);
+    o.val = None;
+    o.ood.clear();
+    o
+}
+
 fn run(opts: &BenchOptions) -> bench::BenchOutcome {
     bench::run(vqa_with_particles(), &spec(), opts).unwrap()
 }
@@ -609,10 +618,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     let mut text = std::fs::read_to_string(&bad_json).unwrap();
     text.push_str("{\"question_id\": \"x\", \n");
     std::fs::write(&bad_json, text).unwrap();
-    let mut opts = options(&tmp.path().join("out1"));
-    opts.data = DataInput::new(&bad_json);
-    opts.val = None;
-    opts.ood.clear();
+    let mut opts = data_only_options(&tmp.path().join("out1"), &bad_json);
     let e = format!(
         "{:#}",
         bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
@@ -632,10 +638,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     let data_file = tmp.path().join("not-image.jsonl");
     write_jsonl(&data_file, &bad_header).unwrap();
     let out = tmp.path().join("out-header");
-    let mut opts = options(&out);
-    opts.data = DataInput::new(&data_file);
-    opts.val = None;
-    opts.ood.clear();
+    let opts = data_only_options(&out, &data_file);
     let e = format!(
         "{:#}",
         bench::run(vqa_with_particles(), &spec(), &opts).unwrap_err()
@@ -655,10 +658,7 @@ fn bad_input_is_reported_clearly_and_finished_samples_survive() {
     let data_file = tmp.path().join("images.jsonl");
     write_jsonl(&data_file, &examples).unwrap();
     let out = tmp.path().join("out2");
-    let mut opts = options(&out);
-    opts.data = DataInput::new(&data_file);
-    opts.val = None;
-    opts.ood.clear();
+    let mut opts = data_only_options(&out, &data_file);
     // The first three, finished: their results.
     opts.limit = Some(3);
     run(&opts);
@@ -715,10 +715,7 @@ fn fixing_records_skip_bad_left_out_continues_the_run_with_its_answers() {
     let file = tmp.path().join("questions.jsonl");
     std::fs::write(&file, with_bad("{\"question_id\": \"x\", ")).unwrap();
     let out = tmp.path().join("out");
-    let mut opts = options(&out);
-    opts.data = DataInput::new(&file);
-    opts.val = None;
-    opts.ood.clear();
+    let mut opts = data_only_options(&out, &file);
     opts.skip_bad = true;
     let first = run(&opts);
     assert_eq!(

@@ -82,15 +82,7 @@ pub(super) fn textvqa_from_top(
         .map(|(i, raw)| (format!("data[{i}]"), None, raw));
     collect(path, records, opts, DataFormat::TextVqa, |entry| {
         let question = take_question(entry)?;
-        let image_id = match entry.get("image_id") {
-            Some(v) => non_empty_string("image_id", v)?,
-            None => {
-                return Err(missing(
-                    "image_id",
-                    "the image's id (its file name without .jpg)",
-                ))
-            }
-        };
+        let image_id = image_file_id(entry, "image_id")?;
         Ok(Fields {
             question,
             image: find_image(
@@ -102,6 +94,14 @@ pub(super) fn textvqa_from_top(
             answer_type: None,
         })
     })
+}
+
+/// The id a TextVQA or GQA record names its image by (`ID.jpg`), from `field`.
+fn image_file_id(entry: &Map<String, Value>, field: &str) -> Result<String, String> {
+    let id = entry
+        .get(field)
+        .ok_or_else(|| missing(field, "the image's id (its file name without .jpg)"))?;
+    non_empty_string(field, id)
 }
 
 /// Reads a GQA questions file (see the module's page); `top` is its top-level object.
@@ -118,15 +118,7 @@ pub(super) fn gqa_from_top(
         .map(|(id, raw)| (format!("question {id}"), Some(id.as_str()), *raw));
     collect(path, records, opts, DataFormat::Gqa, |entry| {
         let question = take_question(entry)?;
-        let image_id = match entry.get("imageId") {
-            Some(v) => non_empty_string("imageId", v)?,
-            None => {
-                return Err(missing(
-                    "imageId",
-                    "the image's id (its file name without .jpg)",
-                ))
-            }
-        };
+        let image_id = image_file_id(entry, "imageId")?;
         let answers = match entry.remove("answer") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(a)) if a.trim().is_empty() => {

@@ -92,8 +92,6 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
         return Ok((image.width(), image.height()));
     }
     if format == image::ImageFormat::Png {
-        std::io::Seek::rewind(&mut reader)
-            .with_context(|| format!("cannot read image file {name}"))?;
         check_png_profile(&mut reader, &name)?;
     }
     std::io::Seek::rewind(&mut reader).with_context(|| format!("cannot read image file {name}"))?;
