@@ -173,7 +173,8 @@ enum Command {
 struct VqaArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A particle directory (from `bella-vqa train`; default with the demo model: its particles).
+    /// A particle directory (from `bella-vqa train`; without --model it is loaded onto the base
+    /// model it was trained on; default with the demo model: its particles).
     #[arg(long)]
     adapters: Option<PathBuf>,
     /// A minijinja response template replacing prompts/response.jinja.
@@ -388,7 +389,12 @@ impl Cli {
 
 impl ModelArgs {
     fn source(&self) -> Result<ModelSource> {
-        let Some(model) = &self.model else {
+        self.source_of(self.model.as_deref())
+    }
+
+    /// [`Self::source`] of `model` in place of --model (with --revision).
+    fn source_of(&self, model: Option<&str>) -> Result<ModelSource> {
+        let Some(model) = model else {
             return Ok(ModelSource::Dir(bella_vqa::demo::path(
                 bella_vqa::demo::LLAVA,
             )?));
@@ -442,7 +448,22 @@ impl VqaArgs {
     /// Reads and checks what can be without the model: a typo in a file name should not cost a
     /// model load (minutes for a real one), nor a server that says it listens and then stops.
     fn inputs(&self, hub: HubOptions, threshold_given: bool) -> Result<VqaInputs> {
-        let source = self.model.source()?;
+        let model = self.model_name()?;
+        if self.model.model.is_none() && hub.progress {
+            if let Some(m) = &model {
+                note!("base model {m}: the one the particles were trained on (--model to choose)");
+            }
+        }
+        let source = match (&self.model.model, &self.adapters) {
+            (None, Some(dir)) => self.model.source_of(model.as_deref()).with_context(|| {
+                format!(
+                    "the base model of the particles in {} (base_model.source of their \
+                     bella_config.json) cannot be found: pass --model DIR or a hub id",
+                    dir.display()
+                )
+            })?,
+            _ => self.model.source()?,
+        };
         let opts = LoadOptions {
             hub,
             compute: self.model.compute.options(),
@@ -450,7 +471,7 @@ impl VqaArgs {
             ..LoadOptions::default()
         };
         // The demo LLaVA comes with its calibrated particles unless others are given.
-        let demo = match self.model.model.as_deref() {
+        let demo = match model.as_deref() {
             None => Some(bella_vqa::demo::LLAVA),
             Some(m) => bella_vqa::hub::demo_model(m),
         };
@@ -491,9 +512,23 @@ impl VqaArgs {
         })
     }
 
+    /// --model, or without it the base model the particles (--adapters) were trained on, as
+    /// PEFT's `AutoPeftModel` loads an adapter's `base_model_name_or_path`; `None`: the demo.
+    fn model_name(&self) -> Result<Option<String>> {
+        match (&self.model.model, &self.adapters) {
+            (Some(m), _) => Ok(Some(m.clone())),
+            (None, Some(dir)) => Ok(Some(
+                bella_vqa::bella::particles::ParticleSet::read_config(dir)?
+                    .base_model
+                    .model_arg(),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
     fn served_name(&self) -> String {
-        match self.model.model.as_deref() {
+        match self.model_name().ok().flatten().as_deref() {
             None => "bella-vqa-demo".into(),
             Some(m) if bella_vqa::hub::demo_model(m) == Some(bella_vqa::demo::LLAVA) => {
                 "bella-vqa-demo".into()
@@ -837,12 +872,7 @@ fn import_peft(
         None if base.source.is_empty() => anyhow::bail!(
             "the adapter config names no base model (base_model_name_or_path): pass --model"
         ),
-        // PEFT keeps the revision apart (`revision`); an `@rev` in the name (older bella-vqa
-        // exports) gives way to it.
-        None => match (&base.revision, bella_vqa::hub::split_hub_id(&base.source)) {
-            (Some(r), Some((repo_id, _))) => format!("{repo_id}@{r}"),
-            _ => base.source.clone(),
-        },
+        None => base.model_arg(),
     };
     let source = ModelSource::parse(&source_text).with_context(|| {
         format!(

@@ -150,6 +150,56 @@ fn ask_json_interface() {
     assert_eq!(v["abstained"], lib.abstained);
 }
 
+/// Without --model, particles go onto the base model they were trained on (as PEFT's
+/// `AutoPeftModel` reads `base_model_name_or_path`), not onto the demo; a base that is gone is
+/// named with what to do.
+#[test]
+fn particles_without_model_load_onto_their_own_base() {
+    let dir = tempfile::tempdir().unwrap();
+    crafted_particles(dir.path(), true);
+    let ask_cli = |particles: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["ask", "--json", "--adapters"])
+            .arg(particles)
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .arg("What color is the circle?")
+            .output()
+            .unwrap()
+    };
+    let out = ask_cli(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "base model {}",
+            fixture("llava-tiny-hub").display()
+        )),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lib = ask(dir.path());
+    assert_eq!(v["answer"], lib.answer.as_str());
+    assert_eq!(v["confidence"].as_f64().unwrap(), lib.confidence);
+
+    // The same particles whose recorded base directory is gone.
+    let config_path = dir.path().join("bella_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let gone = dir.path().join("moved-away-model");
+    config["base_model"]["source"] = gone.display().to_string().into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = ask_cli(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("base model of the particles in")
+            && stderr.contains("pass --model")
+            && stderr.contains("moved-away-model"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn no_particles_is_the_base_model_with_its_sequence_probability() {
     let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();

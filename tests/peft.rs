@@ -1289,3 +1289,94 @@ fn a_hub_adapter_id_is_read_from_the_hub_cache() {
         "{stderr}"
     );
 }
+
+/// Rewrites the exported adapter in `dir` as PEFT saves one made on a CLIP tower alone
+/// (transformers 5's `CLIPVisionModel` has no `vision_model.` wrapper): `strip` is cut from
+/// every module name.
+fn as_tower_only_adapter(dir: &Path, strip: &str) {
+    let path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let rest = k.strip_prefix("base_model.model.").unwrap();
+            let rest = rest.strip_prefix(strip).unwrap();
+            (format!("base_model.model.{rest}"), t)
+        })
+        .collect();
+    assert!(renamed
+        .keys()
+        .all(|k| k.starts_with("base_model.model.encoder.layers.")));
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+}
+
+#[test]
+fn an_adapter_made_on_a_clip_tower_alone_goes_onto_the_tower_it_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    // LLaVA: onto its vision tower, the same factors as the adapter with the tower's names.
+    let mut m = llava();
+    let spec = AdapterSpec {
+        targets: vec!["vision_tower.*.q_proj".into()],
+        rank: 2,
+        alpha: 4.0,
+        particles: 2,
+    };
+    attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 7).unwrap();
+    let set = ParticleSet::from_model(&m, config("tests/fixtures/llava-tiny-hub", 2, 4.0, 2));
+    let dirs = export_peft(&set, &tmp.path().join("llava"), &[]).unwrap();
+    for dir in &dirs {
+        as_tower_only_adapter(dir, "model.vision_tower.");
+    }
+    let mut back = import_peft_stacked(&dirs).unwrap();
+    bind_base(
+        &mut back,
+        &dir_files(&fixture("llava-tiny-hub")).unwrap(),
+        "llava",
+    )
+    .unwrap();
+    assert_eq!(back.config.architecture, "LLaVA");
+    assert!(back.config.layers[0].starts_with("vision_tower.vision_model.encoder.layers."));
+    assert_same_factors(&set, &back);
+    back.attach_to(&mut llava()).unwrap();
+
+    // CLIP: the vision tower has 3 layers, the text tower 2 (both 32 wide): an adapter on the
+    // vision tower's last layer fits the vision tower only...
+    let mut m = clip();
+    let spec = AdapterSpec {
+        targets: vec!["vision_model.*.q_proj".into()],
+        rank: 2,
+        alpha: 4.0,
+        particles: 1,
+    };
+    attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 8).unwrap();
+    let mut cfg = config("tests/fixtures/clip-tiny", 2, 4.0, 1);
+    cfg.architecture = "CLIP".into();
+    let set = ParticleSet::from_model(&m, cfg);
+    let dirs = export_peft(&set, &tmp.path().join("clip"), &[]).unwrap();
+    as_tower_only_adapter(&dirs[0], "vision_model.");
+    let clip_files = dir_files(&fixture("clip-tiny")).unwrap();
+    let mut back = import_peft_stacked(&dirs).unwrap();
+    bind_base(&mut back, &clip_files, "clip").unwrap();
+    assert_eq!(back.config.architecture, "CLIP");
+    assert_same_factors(&set, &back);
+
+    // ...one on its first layer fits both towers: which one it was is not guessed.
+    let mut m = clip();
+    let spec = AdapterSpec {
+        targets: vec!["vision_model.encoder.layers.0.self_attn.q_proj".into()],
+        ..spec
+    };
+    attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 9).unwrap();
+    let mut cfg = config("tests/fixtures/clip-tiny", 2, 4.0, 1);
+    cfg.architecture = "CLIP".into();
+    let set = ParticleSet::from_model(&m, cfg);
+    let dirs = export_peft(&set, &tmp.path().join("clip-first"), &[]).unwrap();
+    as_tower_only_adapter(&dirs[0], "vision_model.");
+    let mut back = import_peft_stacked(&dirs).unwrap();
+    let err = bind_base(&mut back, &clip_files, "clip").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("both towers")
+            && format!("{err:#}").contains("prefix its keys"),
+        "{err:#}"
+    );
+}

@@ -15,7 +15,10 @@
 # (calibration: first validation questions; default all 600), EVAL_EVERY (default 150),
 # VAL_SAMPLE (validation questions of each training evaluation, default 64),
 # METHODS (default "single ensemble svgd svgd-rep"), ABSENT_SHARE (the share of training scenes
-# with absent-object questions answered "unanswerable", `data shapes --absent-share`; default 0.15).
+# with absent-object questions answered "unanswerable", `data shapes --absent-share`; default 0.15),
+# TEST_DATA (the in-distribution test file of bench; default WORK_DIR/world/test.jsonl), OOD_DATA
+# (bench's OOD files, space-separated; default the world's five OOD splits and the photographs;
+# set to "" for none).
 # The guaranteed thresholds (Learn then Test at 1/5/10 % risk) are computed by results_seeds.py
 # from the validation answers that bench records (samples.jsonl, split "val").
 # Writes WORK_DIR/world/, WORK_DIR/<method>-s<seed>/ (particles, train_log.jsonl,
@@ -85,6 +88,11 @@ for split in ood-unseen-pairs ood-absent ood-corrupted ood-mismatched ood-unansw
   OOD+=("$WORK/world/$split.jsonl")
 done
 OOD+=("$ROOT/eval/demo/photos.jsonl")
+if [ -n "${OOD_DATA+set}" ]; then
+  read -r -a OOD <<< "$OOD_DATA"
+fi
+OOD_ARGS=()
+[ ${#OOD[@]} -gt 0 ] && OOD_ARGS=(--ood-data "${OOD[@]}")
 
 for seed in $SEEDS; do
   # The ensemble first: bench --compare's paired differences are against the first entry.
@@ -99,7 +107,7 @@ for seed in $SEEDS; do
   if [ ! -f "$WORK/bench-s$seed/.done" ]; then
     log "bench seed $seed"
     $BELLA bench --model "$ROOT/demo/llava" --compare "$entries" \
-      --data "$WORK/world/test.jsonl" --val "$WORK/world/val.jsonl" --ood-data "${OOD[@]}" \
+      --data "${TEST_DATA:-$WORK/world/test.jsonl}" --val "$WORK/world/val.jsonl" "${OOD_ARGS[@]}" \
       "${LIMIT_ARGS[@]}" --normalize official --bootstrap 1000 --out "$WORK/bench-s$seed" --quiet
     touch "$WORK/bench-s$seed/.done"
   fi

@@ -47,6 +47,18 @@ pub struct BaseModel {
     pub weights: Vec<FileHash>,
 }
 
+impl BaseModel {
+    /// The model as a `--model` argument: the source, with the revision as `@revision` for a
+    /// hub id (the revision kept apart wins over an `@rev` in the name, as PEFT keeps `revision`
+    /// apart from `base_model_name_or_path`).
+    pub fn model_arg(&self) -> String {
+        match (&self.revision, crate::hub::split_hub_id(&self.source)) {
+            (Some(r), Some((repo_id, _))) => format!("{repo_id}@{r}"),
+            _ => self.source.clone(),
+        }
+    }
+}
+
 /// The abstention rule chosen by calibration. Configs written before selectors and temperature
 /// existed load as the `confidence` selector at temperature 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -31,7 +31,9 @@
 //! | CLIP `text_model.…`, `vision_model.…`, `visual_projection`, `text_projection` | unchanged |
 //!
 //! Import also accepts the names of older transformers: `model.vision_tower.vision_model.{rest}`
-//! (4.52 – 4.x) and the hub names themselves (before 4.52, when they were the in-memory names).
+//! (4.52 – 4.x) and the hub names themselves (before 4.52, when they were the in-memory names),
+//! and adapters made on a CLIP tower alone (`CLIPVisionModel`/`CLIPTextModel` of transformers 5,
+//! names from `encoder.`), placed on the base's tower whose layers they fit ([`bind_base`]).
 //! It takes plain LoRA (rsLoRA folded into alpha; MiCA, VeLoRA and MonteCLoRA, which are plain
 //! LoRA at inference; rank/alpha patterns equal to r/lora_alpha) and refuses, with what to do,
 //! every adapter whose forward pass is not ΔW = α/r·B·A at every position: DoRA, aLoRA, BD-LoRA,
@@ -884,12 +886,9 @@ pub fn bind_base(set: &mut ParticleSet, files: &ModelFiles, source: &str) -> Res
     for file in &files.weights {
         shapes.extend(read_safetensors_shapes(file)?);
     }
+    place_on_tower(set, &shapes, &files.dir)?;
     for (path, ad) in &set.adapters {
-        let mut keys = vec![format!("{path}.weight")];
-        if let Some(rest) = path.strip_prefix("vision_tower.vision_model.") {
-            keys.push(format!("vision_tower.{rest}.weight")); // transformers 5 layout
-        }
-        let Some(shape) = keys.iter().find_map(|k| shapes.get(k)) else {
+        let Some(shape) = weight_shape(&shapes, path) else {
             bail!(
                 "the adapter adapts {path}, which the model in {} does not have (another architecture?)",
                 files.dir.display()
@@ -916,6 +915,74 @@ pub fn bind_base(set: &mut ParticleSet, files: &ModelFiles, source: &str) -> Res
         commit,
         weights: hash_weights(files)?,
     };
+    Ok(())
+}
+
+/// The shape of the weight of the layer at our module `path` in a checkpoint's `shapes`.
+fn weight_shape<'a>(shapes: &'a HashMap<String, Vec<usize>>, path: &str) -> Option<&'a Vec<usize>> {
+    let transformers5 = path
+        .strip_prefix("vision_tower.vision_model.")
+        .map(|rest| format!("vision_tower.{rest}.weight"));
+    std::iter::once(format!("{path}.weight"))
+        .chain(transformers5)
+        .find_map(|k| shapes.get(&k))
+}
+
+/// Module names of an adapter made on a CLIP tower alone: transformers 5's `CLIPVisionModel` and
+/// `CLIPTextModel` have no `vision_model.`/`text_model.` wrapper, so PEFT names their layers from
+/// `encoder.`, `embeddings.` and the layer norms.
+const TOWER_ROOTS: &[&str] = &[
+    "encoder.",
+    "embeddings.",
+    "pre_layrnorm",
+    "post_layernorm",
+    "final_layer_norm",
+];
+
+/// Places an adapter made on a CLIP tower alone onto the base's tower where every adapted layer
+/// exists with its shape: LLaVA's vision tower, or whichever of CLIP's two towers fits (refused
+/// when both do: the names cannot tell which one it was trained on).
+fn place_on_tower(
+    set: &mut ParticleSet,
+    shapes: &HashMap<String, Vec<usize>>,
+    dir: &Path,
+) -> Result<()> {
+    let tower_only = |p: &str| TOWER_ROOTS.iter().any(|r| p.starts_with(r));
+    if !set.adapters.iter().all(|(p, _)| tower_only(p)) {
+        return Ok(());
+    }
+    let fits = |prefix: &str| {
+        set.adapters.iter().all(|(p, ad)| {
+            weight_shape(shapes, &format!("{prefix}{p}"))
+                .is_some_and(|s| s.as_slice() == [ad.b.dims()[1], ad.a.dims()[2]])
+        })
+    };
+    let towers: Vec<&str> = ["vision_tower.vision_model.", "vision_model.", "text_model."]
+        .into_iter()
+        .filter(|t| fits(t))
+        .collect();
+    let first = set.adapters.first().map_or("", |(p, _)| p.as_str());
+    let prefix = match towers.as_slice() {
+        [tower] => *tower,
+        [] => bail!(
+            "the adapter was made on a CLIP tower alone (CLIPVisionModel or CLIPTextModel: module \
+             names such as {first} without vision_model. or text_model.), and no tower of the \
+             model in {} has all its layers with those shapes (another model?)",
+            dir.display()
+        ),
+        _ => bail!(
+            "the adapter was made on a CLIP tower alone (module names such as {first} without \
+             vision_model. or text_model.), and both towers of the model in {} have its layers: \
+             prefix its keys with the tower it was trained on (base_model.model.vision_model.… \
+             or base_model.model.text_model.…)",
+            dir.display()
+        ),
+    };
+    for (path, _) in &mut set.adapters {
+        *path = format!("{prefix}{path}");
+    }
+    set.config.layers = set.adapters.iter().map(|(p, _)| p.clone()).collect();
+    set.config.architecture = architecture_of(&set.config.layers).to_string();
     Ok(())
 }
 
