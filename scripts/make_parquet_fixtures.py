@@ -10,7 +10,8 @@ compare the examples, so the JSONL reader is the reference the Parquet reader mu
 The column layouts are those of the lmms-lab datasets that lmms-eval's tasks load:
 VQAv2 (lmms-lab/VQAv2), TextVQA (lmms-lab/textvqa), VizWiz-VQA test (lmms-lab/VizWiz-VQA),
 ChartQA (lmms-lab/ChartQA: no id column, one `answer`), GQA (lmms-lab/GQA
-testdev_balanced_instructions: `id`, `imageId`, no image column).
+testdev_balanced_instructions: `id`, `imageId`, no image column; its images in another config,
+testdev_balanced_images: `id`, `image`).
 
 Rerun by hand (CI reads the files only):
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -324,6 +327,38 @@ def gqa_files() -> tuple[pa.Table, list[dict]]:
     return table, jsonl
 
 
+GQA_IMAGES_FEATURES = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})
+
+
+def gqa_images_dataset() -> datasets.Dataset:
+    """lmms-lab/GQA testdev_balanced_images: the images of gqa.parquet's questions (the bytes of
+    gqa-images/, in another order) and one that no question names."""
+    specs = [("n235859", "wide.png"), ("n000003", "photo.png"), ("n161313", "square.png")]
+    return datasets.Dataset.from_dict(
+        {"id": [s[0] for s in specs], "image": [hf_image(s[1]) for s in specs]},
+        features=GQA_IMAGES_FEATURES,
+    )
+
+
+# Bytes of formats people give as images that bella-vqa does not read: an iPhone's HEIC (an ISO
+# base media file of brand heic) and an SVG drawing.
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+SVG = (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+       b'<rect width="8" height="8" fill="red"/></svg>\n')
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of `width` × `height` as far as its header tells, which is all the size check reads
+    (the decoder's header stops at the first image data; there are no pixels)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
 # --- Layouts `datasets` does not write: pyarrow directly -------------------------------------
 
 
@@ -388,6 +423,21 @@ def bad_files() -> None:
     pq.write_table(pa.table({"question_id": [1, 2], "question": ["What shape?", "What color?"],
                              "answers": [["square"], ["red"]], "image": two}),
                    bad / "not-an-image.parquet")
+    # Images the image checks refuse: the second row's is a HEIC photograph, the third's a PNG
+    # of 40000 × 40000 pixels (past the side limit).
+    unusable = pa.array([{"bytes": PNG["square.png"], "path": "square.png"},
+                         {"bytes": HEIC, "path": "IMG_0001.HEIC"},
+                         {"bytes": png_header(40000, 40000), "path": "huge.png"}], image_type)
+    pq.write_table(pa.table({"question_id": [1, 2, 3],
+                             "question": ["What shape?", "What is it?", "What is it?"],
+                             "answers": [["square"], ["a cat"], ["a map"]], "image": unusable}),
+                   bad / "unusable-images.parquet")
+    # GQA's images for gqa.parquet with the first question's image an SVG drawing and the
+    # second's (n235859) missing.
+    pq.write_table(pa.table({"id": ["n000003", "n161313"],
+                             "image": pa.array([{"bytes": PNG["photo.png"], "path": None},
+                                                {"bytes": SVG, "path": None}], image_type)}),
+                   bad / "gqa-images.parquet")
 
 
 def main() -> int:
@@ -419,6 +469,7 @@ def main() -> int:
     table, jsonl = gqa_files()
     pq.write_table(table, OUT / "gqa.parquet")
     write_jsonl("gqa.jsonl", jsonl)
+    to_parquet(gqa_images_dataset(), OUT / "gqa-testdev-images.parquet")
 
     table, jsonl = plain_binary_files()
     pq.write_table(table, OUT / "plain.parquet")
@@ -444,6 +495,8 @@ def main() -> int:
     schema = pq.read_schema(OUT / "vqav2.parquet")
     assert str(schema.field("image").type) == "struct<bytes: binary, path: string>", schema
     assert "answer_confidence" in str(schema.field("answers").type), schema
+    schema = pq.read_schema(OUT / "gqa-testdev-images.parquet")
+    assert str(schema).startswith("id: string\nimage: struct<bytes: binary, path: string>"), schema
 
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     assert total < 150_000, f"fixtures too large: {total} bytes"

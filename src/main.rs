@@ -280,7 +280,8 @@ struct TrainArgs {
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder).
+    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
+    /// for GQA's Parquet questions also lmms-lab/GQA's images as Parquet (a file or shards folder).
     #[arg(long)]
     images: Option<PathBuf>,
     /// Validation data (a sample is evaluated during training).
@@ -289,7 +290,8 @@ struct TrainArgs {
     /// VQAv2: the annotations JSON of --val.
     #[arg(long, requires = "val")]
     val_annotations: Option<PathBuf>,
-    /// The image folder of --val (JSON formats; default: its file's folder).
+    /// The image folder of --val (JSON formats; default: its file's folder; GQA's Parquet
+    /// questions: also lmms-lab/GQA's images as Parquet).
     #[arg(long, requires = "val")]
     val_images: Option<PathBuf>,
     /// Output directory: particles, checkpoints, train_log.jsonl.

@@ -267,7 +267,11 @@ fn image_bytes_that_are_no_image_are_a_bad_record() {
     let record = err.downcast::<BadRecord>().expect("a bad record");
     assert_eq!(record.file, path);
     assert!(
-        text.contains("question 2 (row 1): its image bytes are not an image in a supported format"),
+        text.contains(&format!(
+            "question 2 (row 1): its image cannot be used: {} row 1 is not an image in a \
+             supported format",
+            path.display()
+        )),
         "{text}"
     );
     // --skip-bad leaves it out and reads the rest; nothing is written for it.
@@ -336,8 +340,19 @@ fn folders_hold_one_whole_split() {
     );
 }
 
+/// The examples without their images (the cache files of a join, or the files of a folder).
+fn without_images(data: &Dataset) -> Vec<bella_vqa::data::VqaExample> {
+    data.examples
+        .iter()
+        .map(|e| bella_vqa::data::VqaExample {
+            image: PathBuf::new(),
+            ..e.clone()
+        })
+        .collect()
+}
+
 #[test]
-fn gqa_questions_need_their_images_as_files() {
+fn gqa_questions_without_their_images_say_where_to_give_them() {
     let gqa = parquet("gqa.parquet");
     // Without --images: IMAGE_ID.jpg is looked up beside the file, and not found there.
     let err = read_err(&gqa, None, &STRICT);
@@ -345,12 +360,150 @@ fn gqa_questions_need_their_images_as_files() {
         err.contains("image file n161313.jpg not found in") && err.contains("--images"),
         "{err}"
     );
-    // The images config of lmms-lab/GQA as Parquet: what to do instead.
+    // A Parquet file that holds no GQA images (no "id" and "image" columns): its columns, named.
     let err = read_err(&gqa, Some(&parquet("vqav2.parquet")), &STRICT);
     assert!(
-        err.contains("which bella-vqa does not join")
-            && err.contains("save each image as IMAGE_ID.jpg in a folder"),
+        err.contains(
+            "vqav2.parquet is no Parquet file of GQA's images: its columns are \
+                      question_type (string)"
+        ) && err.contains("testdev_balanced_images"),
         "{err}"
+    );
+}
+
+/// lmms-lab/GQA's images config as --images: the questions' imageId joined to its id column,
+/// the same examples as the questions with a folder of IMAGE_ID.jpg files (and as their JSONL),
+/// only the images the questions name extracted.
+#[test]
+fn gqa_questions_join_their_images_as_parquet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let images = parquet("gqa-testdev-images.parquet");
+    let joined = assert_reads_as_jsonl(&parquet("gqa.parquet"), "gqa.jsonl", Some(&images), &cache);
+    let from_folder = read(
+        &parquet("gqa.parquet"),
+        Some(&parquet("gqa-images")),
+        None,
+        tmp.path(),
+    );
+    assert_eq!(without_images(&joined), without_images(&from_folder));
+    for (j, f) in joined.examples.iter().zip(&from_folder.examples) {
+        assert!(j.image.starts_with(&cache), "{}", j.image.display());
+        assert_eq!(fs::read(&j.image).unwrap(), fs::read(&f.image).unwrap());
+    }
+    // Two of the file's three images: the one no question names is not extracted.
+    let extracted: BTreeSet<Vec<u8>> = cached(&cache)
+        .iter()
+        .map(|f| fs::read(f).unwrap())
+        .collect();
+    let named: BTreeSet<Vec<u8>> = ["n161313.jpg", "n235859.jpg"]
+        .iter()
+        .map(|n| fs::read(parquet("gqa-images").join(n)).unwrap())
+        .collect();
+    assert_eq!(extracted, named);
+    // The images as a folder of one split's shards (the hub's testdev_balanced_images/).
+    let shards = tmp.path().join("testdev_balanced_images");
+    fs::create_dir_all(&shards).unwrap();
+    fs::copy(&images, shards.join("testdev-00000-of-00001.parquet")).unwrap();
+    let from_shards = read(&parquet("gqa.parquet"), Some(&shards), None, &cache);
+    assert_eq!(from_shards.examples, joined.examples);
+}
+
+#[test]
+fn a_limit_extracts_only_the_images_of_the_gqa_questions_read() {
+    let cache = tempfile::tempdir().unwrap();
+    let images = parquet("gqa-testdev-images.parquet");
+    let one = read(
+        &parquet("gqa.parquet"),
+        Some(&images),
+        Some(1),
+        cache.path(),
+    );
+    assert_eq!(one.len(), 1);
+    assert_eq!(one.unread, 1);
+    assert_eq!(one.examples[0].question_id, "201307251");
+    let files = cached(cache.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        fs::read(files.first().unwrap()).unwrap(),
+        fs::read(parquet("gqa-images/n161313.jpg")).unwrap()
+    );
+}
+
+#[test]
+fn a_gqa_image_missing_or_unusable_is_a_bad_record_named_in_the_images_file() {
+    let gqa = parquet("gqa.parquet");
+    let images = parquet("bad/gqa-images.parquet");
+    let cache = tempfile::tempdir().unwrap();
+    // The first question's image is an SVG drawing: the message of the image checks, naming the
+    // image's id, the images file and its row, and the question and its row.
+    let err = read_parquet(&gqa, Some(&images), &STRICT, None, cache.path()).unwrap_err();
+    let text = format!("{err:#}");
+    let record = err.downcast::<BadRecord>().expect("a bad record");
+    assert_eq!(record.file, gqa);
+    assert!(
+        record.reason.starts_with(&format!(
+            "question 201307251 (row 0): its image cannot be used: n161313 ({} row 1) is an SVG \
+             drawing, which bella-vqa cannot read",
+            images.display()
+        )) && record.reason.contains("convert it to PNG or JPEG"),
+        "{text}"
+    );
+    // --skip-bad: the second question's image is not in the file, named by its id.
+    let data = read_parquet(&gqa, Some(&images), &SKIP, None, cache.path()).unwrap();
+    assert!(data.is_empty());
+    assert_eq!(data.skipped.len(), 2);
+    assert_eq!(data.skipped[1].file, gqa);
+    assert_eq!(
+        data.skipped[1].reason,
+        format!(
+            "question 201640614 (row 1): its image n235859 (\"imageId\") is not in {}: no row \
+             of its \"id\" column holds it",
+            images.display()
+        )
+    );
+    // Nothing extracted: neither the drawing nor the photograph that no question names.
+    assert!(cached(cache.path()).is_empty());
+}
+
+/// Embedded bytes that the image checks refuse (a HEIC photograph, a PNG too large) are named by
+/// the Parquet file, the row and the question, with the checks' own message: not by a cache file.
+#[test]
+fn unusable_embedded_images_are_named_by_file_row_and_question() {
+    let path = parquet("bad/unusable-images.parquet");
+    let cache = tempfile::tempdir().unwrap();
+    let err = read_parquet(&path, None, &STRICT, None, cache.path()).unwrap_err();
+    let record = err.downcast::<BadRecord>().expect("a bad record");
+    assert_eq!(record.file, path);
+    assert!(
+        record.reason.starts_with(&format!(
+            "question 2 (row 1): its image cannot be used: {} row 1 is a HEIC/HEIF photograph, \
+             which bella-vqa cannot read (supported: {})",
+            path.display(),
+            bella_vqa::models::image::SUPPORTED_IMAGE_FORMATS
+        )) && record.reason.ends_with("convert it to PNG or JPEG"),
+        "{}",
+        record.reason
+    );
+    let data = read_parquet(&path, None, &SKIP, None, cache.path()).unwrap();
+    assert_eq!(data.len(), 1);
+    let reasons: Vec<&str> = data.skipped.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2);
+    assert!(
+        reasons[1].starts_with(&format!(
+            "question 3 (row 2): its image cannot be used: image {} row 2 is too large: \
+             40000×40000 pixels",
+            path.display()
+        )),
+        "{}",
+        reasons[1]
+    );
+    // Neither is written to the cache, nor named by it.
+    assert_eq!(cached(cache.path()).len(), 1);
+    let cache_name = cache.path().to_str().unwrap();
+    assert!(
+        reasons.iter().all(|r| !r.contains(cache_name)),
+        "{reasons:?}"
     );
 }
 
@@ -387,7 +540,35 @@ fn flipped_bytes_never_panic() {
             }
         }
     }
-    assert!(damaged > 0);
+    // GQA's images as Parquet, damaged: the questions read, or an error naming the images file.
+    let name = "gqa-testdev-images.parquet";
+    let good = fs::read(parquet(name)).unwrap();
+    let file = tmp.path().join(name);
+    let mut images_damaged = 0;
+    for at in (0..good.len()).step_by(7) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x5a;
+        fs::write(&file, &bad).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            read_parquet(
+                &parquet("gqa.parquet"),
+                Some(&file),
+                &SKIP,
+                None,
+                cache.path(),
+            )
+            .map(|d| d.len())
+        });
+        let Ok(result) = result else {
+            panic!("{name} with byte {at} flipped: a panic");
+        };
+        if let Err(e) = result {
+            let e = format!("{e:#}");
+            assert!(e.contains(file.to_str().unwrap()), "{e}");
+            images_damaged += usize::from(e.contains("the file is damaged"));
+        }
+    }
+    assert!(damaged > 0 && images_damaged > 0);
 }
 
 // --- bench end to end ---------------------------------------------------------------------------
@@ -474,6 +655,50 @@ fn bench_answers_a_parquet_file_as_its_jsonl() {
     for (l, j) in limited.iter().zip(&from_jsonl) {
         assert_eq!(without_image(l.clone()), without_image(j.clone()));
     }
+}
+
+/// `bench --images` with lmms-lab/GQA's images as Parquet: the questions joined to them, and with
+/// `--limit` only the images of the questions answered extracted.
+#[test]
+fn bench_joins_gqa_questions_to_their_images_as_parquet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("out");
+    let result = bella()
+        .env("BELLA_VQA_CACHE", &cache)
+        .args([
+            "bench",
+            "--quiet",
+            "--max-new-tokens",
+            "4",
+            "--bootstrap",
+            "0",
+        ])
+        .args(["--limit", "1"])
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--data")
+        .arg(parquet("gqa.parquet"))
+        .arg("--images")
+        .arg(parquet("gqa-testdev-images.parquet"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let answered = samples(&out);
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0]["question_id"], "201307251");
+    let images = cached(&cache.join("images"));
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(
+        answered[0]["image"].as_str(),
+        images.first().and_then(|p| p.to_str())
+    );
 }
 
 /// Spark, Polars and DuckDB name the root of the schema otherwise than pyarrow ("spark_schema",

@@ -130,7 +130,8 @@ pub struct BenchArgs {
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder).
+    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
+    /// for GQA's Parquet questions also lmms-lab/GQA's images as Parquet (a file or shards folder).
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// The output directory (rerun with the same one to continue an interrupted run).
@@ -141,7 +142,8 @@ pub struct BenchArgs {
     #[arg(long = "ood-data", num_args = 1..)]
     pub ood_data: Vec<PathBuf>,
     /// The image folder of every --ood-data file (JSON formats; JSONL: replaces each file's
-    /// folder) [default: each file's folder].
+    /// folder; GQA's Parquet questions: also lmms-lab/GQA's images as Parquet) [default: each
+    /// file's folder].
     #[arg(long, requires = "ood_data")]
     pub ood_images: Option<PathBuf>,
     /// Validation questions: the Φ_c and target-risk thresholds are chosen on them (without it,
@@ -151,7 +153,8 @@ pub struct BenchArgs {
     /// VQAv2: the annotations JSON of --val.
     #[arg(long, requires = "val")]
     pub val_annotations: Option<PathBuf>,
-    /// The image folder of --val (JSON formats; JSONL: replaces the file's folder).
+    /// The image folder of --val (JSON formats; JSONL: replaces the file's folder; GQA's Parquet
+    /// questions: also lmms-lab/GQA's images as Parquet).
     #[arg(long, requires = "val")]
     pub val_images: Option<PathBuf>,
     /// Only the first N questions of every data file.
@@ -237,7 +240,8 @@ pub struct CalibrateArgs {
     /// VQAv2: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// The image folder of --data.
+    /// The image folder of --data (GQA's Parquet questions: also lmms-lab/GQA's images as
+    /// Parquet).
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// Answer as many questions as possible with at most this selective risk [default: 0.05].
@@ -281,7 +285,8 @@ pub struct CalibrateArgs {
     /// as an error when selectors are fitted and compared.
     #[arg(long, value_name = "FILE")]
     pub ood_val: Option<PathBuf>,
-    /// The image folder of --ood-val (JSON formats; JSONL: replaces the file's folder).
+    /// The image folder of --ood-val (JSON formats; JSONL: replaces the file's folder; GQA's
+    /// Parquet questions: also lmms-lab/GQA's images as Parquet).
     #[arg(long, requires = "ood_val")]
     pub ood_val_images: Option<PathBuf>,
     /// With --target-risk: ltt (Learn then Test, the risk on new questions is within the target

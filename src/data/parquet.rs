@@ -13,10 +13,15 @@
 //! - the image: `image`, the `datasets` `Image` feature (a struct `{bytes, path}`), a plain binary
 //!   column, or a string path; else the one column of `Image` type. Embedded bytes are written once
 //!   to `<cache>/images/<sha256>.<ext>` ([`image_cache`]), which becomes the example's image, so the
-//!   rest of the program sees image files as from any other reader. A path without bytes (images
+//!   rest of the program sees image files as from any other reader. They are checked first, as
+//!   image files are (`models::image`), and a refused one is named by its Parquet file and row
+//!   and its question, not by a cache file. A path without bytes (images
 //!   not embedded) is looked up in the images folder (`--images`, by default the data's folder).
 //!   GQA's questions (lmms-lab/GQA `testdev_balanced_instructions`) have no image but an `imageId`:
-//!   its image is `IMAGE_ID.jpg` in the images folder (or its `images/` folder), as for GQA's JSON;
+//!   its image is `IMAGE_ID.jpg` in the images folder (or its `images/` folder), as for GQA's JSON,
+//!   or, when `--images` is Parquet (lmms-lab/GQA `testdev_balanced_images`: `id`, `image`; a file
+//!   or one split's shards), the image of the row whose `id` is the `imageId` ([`ImagesFile`]):
+//!   only the images of the questions read are extracted;
 //! - every other column that holds no binary data goes to `extra`, as JSON.
 //!
 //! A folder holds the shards of one split (`validation-00000-of-00068.parquet`, …; a hub snapshot's
@@ -27,7 +32,7 @@
 //! brotli, …) is refused, named, before any row is read.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io::{Read, Write};
@@ -211,6 +216,8 @@ pub fn read_parquet(
     let mut c = Collector::new(opts);
     let mut unread = 0u64;
     let mut position = 0usize;
+    // GQA's images as Parquet (`--images` names them), indexed when the first questions need it.
+    let mut gqa: Option<ImagesFile> = None;
     for file in &files {
         let reader = open(file)?;
         let rows = reader.metadata().file_metadata().num_rows().max(0) as u64;
@@ -219,9 +226,19 @@ pub fn read_parquet(
             continue;
         }
         let columns = Columns::of(file, reader.metadata().file_metadata().schema())?;
-        if let ImageColumn::GqaImageId(_) = columns.image {
-            gqa_image_folder(file, images_given, &image_dir)?;
-        }
+        let join = match (&columns.image, images_given) {
+            (ImageColumn::GqaImageId(_), Some(given)) if is_parquet(given) => {
+                if gqa.is_none() {
+                    gqa = Some(ImagesFile::index(given)?);
+                }
+                true
+            }
+            (ImageColumn::GqaImageId(_), _) => {
+                gqa_image_folder(file, &image_dir)?;
+                false
+            }
+            _ => false,
+        };
         check_compression(file, &reader, &columns.projection)?;
         // Under the file's own root name: pyarrow writes "schema", Spark "spark_schema", Polars
         // "root", DuckDB "duckdb_schema", and the reader refuses a projection named otherwise.
@@ -238,26 +255,65 @@ pub fn read_parquet(
         let mut iter = decode(|| reader.get_row_iter(Some(projection)))
             .map_err(|why| damaged(file, None, &why))?;
         let mut read = 0u64;
-        for row_index in 0.. {
-            let row = decode(|| iter.next().transpose())
-                .map_err(|why| damaged(file, Some(row_index), &why))?;
-            let Some(row) = row else {
-                break;
+        // Rows are taken one at a time; joined to GQA's images as Parquet, in batches, so that
+        // one pass over the images file extracts the images a batch names. A batch holds at most
+        // the questions the limit still wants: no image of a row past the limit is extracted.
+        'rows: loop {
+            let size = match (join, limit) {
+                (false, _) => 1,
+                (true, Some(l)) => l.saturating_sub(c.accepted()).clamp(1, JOIN_BATCH),
+                (true, None) => JOIN_BATCH,
             };
-            read += 1;
-            let question_position = position;
-            position += 1;
-            match example(&row, &columns, question_position, &image_dir, image_cache) {
-                Ok(example) => c.accept(file, None, example)?,
-                Err(Bad::Row(reason)) => c.bad(file, None, format!("row {row_index}: {reason}"))?,
-                Err(Bad::Question(id, reason)) => c.bad(
-                    file,
-                    None,
-                    format!("question {id} (row {row_index}): {reason}"),
-                )?,
-                Err(Bad::Io(e)) => return Err(e),
+            let mut batch = Vec::with_capacity(size);
+            while batch.len() < size {
+                let at = usize::try_from(read).unwrap_or(usize::MAX) + batch.len();
+                match decode(|| iter.next().transpose())
+                    .map_err(|why| damaged(file, Some(at), &why))?
+                {
+                    Some(row) => batch.push(row),
+                    None => break,
+                }
             }
-            if limit.is_some_and(|l| c.accepted() >= l) {
+            let last = batch.len() < size;
+            if let (true, Some(images), ImageColumn::GqaImageId(name)) =
+                (join, gqa.as_mut(), &columns.image)
+            {
+                let ids = batch.iter().filter_map(|row| gqa_image_id(row, name));
+                images.extract(ids, image_cache, opts.check_images)?;
+            }
+            let images = ImageSource {
+                dir: &image_dir,
+                cache: image_cache,
+                decode: opts.check_images,
+                gqa: gqa.as_ref().filter(|_| join),
+            };
+            for row in batch {
+                let row_index = usize::try_from(read).unwrap_or(usize::MAX);
+                read += 1;
+                let question_position = position;
+                position += 1;
+                match example(&row, &columns, question_position, file, row_index, &images) {
+                    Ok((example, checked)) => {
+                        if checked {
+                            c.image_checked(&example.image);
+                        }
+                        c.accept(file, None, example)?
+                    }
+                    Err(Bad::Row(reason)) => {
+                        c.bad(file, None, format!("row {row_index}: {reason}"))?
+                    }
+                    Err(Bad::Question(id, reason)) => c.bad(
+                        file,
+                        None,
+                        format!("question {id} (row {row_index}): {reason}"),
+                    )?,
+                    Err(Bad::Io(e)) => return Err(e),
+                }
+                if limit.is_some_and(|l| c.accepted() >= l) {
+                    break 'rows;
+                }
+            }
+            if last {
                 break;
             }
         }
@@ -716,27 +772,223 @@ fn answer_element(t: &ColumnType) -> bool {
     }
 }
 
-/// The images folder of GQA's questions, or what to do when the given one (`--images`) holds
-/// Parquet files.
-fn gqa_image_folder(file: &Path, given: Option<&Path>, image_dir: &Path) -> anyhow::Result<()> {
-    if given.is_some_and(is_parquet) {
-        bail!(
-            "{}: GQA's questions name their images by \"imageId\", and {} holds images as \
-             Parquet (lmms-lab/GQA's testdev_balanced_images), which bella-vqa does not join: \
-             save each image as IMAGE_ID.jpg in a folder and give that folder as --images \
-             (with datasets: for r in load_dataset(\"lmms-lab/GQA\", \"testdev_balanced_images\", \
-             split=\"testdev\"): r[\"image\"].save(f\"gqa-images/{{r['id']}}.jpg\"))",
-            file.display(),
-            image_dir.display()
-        );
-    }
+/// Checks the images folder of GQA's questions (IMAGE_ID.jpg files).
+fn gqa_image_folder(file: &Path, image_dir: &Path) -> anyhow::Result<()> {
     check_image_dir(image_dir).with_context(|| {
         format!(
             "{}: GQA's questions name their images by \"imageId\": give the folder that holds \
-             IMAGE_ID.jpg files as --images",
+             IMAGE_ID.jpg files, or the Parquet file of lmms-lab/GQA's images \
+             (testdev_balanced_images), as --images",
             file.display()
         )
     })
+}
+
+/// How many GQA questions are read before their images are extracted, in one pass over the
+/// images file (a batch's rows are held in memory).
+const JOIN_BATCH: usize = 16_384;
+
+/// `imageId` of a GQA question row, when it is a non-empty string.
+fn gqa_image_id<'a>(row: &'a Row, name: &str) -> Option<&'a str> {
+    match field(row, name) {
+        Field::Str(id) if !id.trim().is_empty() => Some(id.as_str()),
+        _ => None,
+    }
+}
+
+/// GQA's images as Parquet (lmms-lab/GQA's `testdev_balanced_images`: an `id` string and an
+/// `image`, the `datasets` `Image` feature or the image's bytes), a file or a folder of one split's
+/// shards, joined to the questions by their `imageId`. Only the `id` column is read whole (an
+/// index); an image is extracted when a question read names it.
+struct ImagesFile {
+    /// As given (`--images`).
+    given: PathBuf,
+    shards: Vec<Shard>,
+    /// Where each id's image is: (shard, row group, row in the shard). The first row of an id
+    /// that several rows hold.
+    index: HashMap<String, (usize, usize, usize)>,
+    /// The images extracted so far, by id: their cache file, or why they are not usable.
+    extracted: HashMap<String, Result<PathBuf, String>>,
+}
+
+/// One Parquet file of GQA's images.
+struct Shard {
+    file: PathBuf,
+    /// Its `id` and `image` columns, under its root's name.
+    projection: Type,
+    /// Whether `image` is the `Image` feature (`{bytes, path}`), not the bytes themselves.
+    image_struct: bool,
+}
+
+impl ImagesFile {
+    /// Reads the `id` column of the images file `given`.
+    fn index(given: &Path) -> anyhow::Result<Self> {
+        let mut images = ImagesFile {
+            given: given.to_path_buf(),
+            shards: Vec::new(),
+            index: HashMap::new(),
+            extracted: HashMap::new(),
+        };
+        for (s, file) in shards(given)?.into_iter().enumerate() {
+            let reader = open(&file)?;
+            let schema = reader.metadata().file_metadata().schema();
+            let column = |name: &str| {
+                schema
+                    .get_fields()
+                    .iter()
+                    .find(|f| f.name() == name)
+                    .map(|f| (ColumnType::of(f), Arc::clone(f)))
+            };
+            let (id, image, image_struct) = match (column("id"), column("image")) {
+                (Some((ColumnType::Str, id)), Some((t, image)))
+                    if t.is_image_struct() || t == ColumnType::Binary =>
+                {
+                    (id, image, t.is_image_struct())
+                }
+                _ => {
+                    let listing: Vec<String> = schema
+                        .get_fields()
+                        .iter()
+                        .map(|f| format!("{} ({})", f.name(), ColumnType::of(f)))
+                        .collect();
+                    bail!(
+                        "{} is no Parquet file of GQA's images: its columns are {}; bella-vqa \
+                         joins GQA's questions (\"imageId\") to an \"id\" string and an \
+                         \"image\" (the datasets Image feature, or the image's bytes), as \
+                         lmms-lab/GQA's testdev_balanced_images holds them",
+                        file.display(),
+                        listing.join(", ")
+                    )
+                }
+            };
+            check_compression(&file, &reader, &[Arc::clone(&id), Arc::clone(&image)])?;
+            let root = schema.name().to_string();
+            let group = |fields: Vec<TypePtr>| {
+                Type::group_type_builder(&root)
+                    .with_fields(fields)
+                    .build()
+                    .with_context(|| format!("cannot read the columns of {}", file.display()))
+            };
+            let ids = group(vec![Arc::clone(&id)])?;
+            let projection = group(vec![id, image])?;
+            let mut row = 0usize;
+            for g in 0..reader.num_row_groups() {
+                let rows = decode(|| reader.get_row_group(g))
+                    .map_err(|why| damaged(&file, Some(row), &why))?;
+                let mut iter = decode(|| rows.get_row_iter(Some(ids.clone())))
+                    .map_err(|why| damaged(&file, Some(row), &why))?;
+                while let Some(r) = decode(|| iter.next().transpose())
+                    .map_err(|why| damaged(&file, Some(row), &why))?
+                {
+                    if let Field::Str(id) = field(&r, "id") {
+                        images.index.entry(id.clone()).or_insert((s, g, row));
+                    }
+                    row += 1;
+                }
+            }
+            images.shards.push(Shard {
+                file,
+                projection,
+                image_struct,
+            });
+        }
+        Ok(images)
+    }
+
+    /// Extracts the images of `ids` that the index holds and are not extracted yet, reading
+    /// only the row groups that hold them. An image that is not usable is remembered as such
+    /// (its questions are bad records); a cache that cannot be written is an error.
+    fn extract<'a>(
+        &mut self,
+        ids: impl Iterator<Item = &'a str>,
+        cache: &Path,
+        decode_images: bool,
+    ) -> anyhow::Result<()> {
+        // Shard → row group → row in the shard → id.
+        let mut wanted: BTreeMap<usize, BTreeMap<usize, HashMap<usize, String>>> = BTreeMap::new();
+        for id in ids {
+            if let (false, Some(&(s, g, row))) =
+                (self.extracted.contains_key(id), self.index.get(id))
+            {
+                wanted
+                    .entry(s)
+                    .or_default()
+                    .entry(g)
+                    .or_default()
+                    .insert(row, id.to_string());
+            }
+        }
+        for (s, groups) in wanted {
+            let shard = &self.shards[s];
+            let file = &shard.file;
+            let reader = open(file)?;
+            for (g, mut rows) in groups {
+                let first: usize = (0..g)
+                    .map(|i| {
+                        usize::try_from(reader.metadata().row_group(i).num_rows()).unwrap_or(0)
+                    })
+                    .sum();
+                let group = decode(|| reader.get_row_group(g))
+                    .map_err(|why| damaged(file, Some(first), &why))?;
+                let mut iter = decode(|| group.get_row_iter(Some(shard.projection.clone())))
+                    .map_err(|why| damaged(file, Some(first), &why))?;
+                let mut row = first;
+                while !rows.is_empty() {
+                    let Some(r) = decode(|| iter.next().transpose())
+                        .map_err(|why| damaged(file, Some(row), &why))?
+                    else {
+                        break;
+                    };
+                    if let Some(id) = rows.remove(&row) {
+                        let bytes = match (shard.image_struct, field(&r, "image")) {
+                            (true, Field::Group(image)) => match field(image, "bytes") {
+                                Field::Bytes(b) => Some(b.data()),
+                                _ => None,
+                            },
+                            (false, Field::Bytes(b)) => Some(b.data()),
+                            _ => None,
+                        };
+                        let name = format!("{id} ({} row {row})", file.display());
+                        let image = match bytes {
+                            None => Err(format!(
+                            "its image {name} is not embedded (no bytes); bella-vqa reads GQA's \
+                             images from Parquet only as bytes"
+                        )),
+                            Some(bytes) => match extract(bytes, &name, decode_images, cache) {
+                                Ok(path) => Ok(path),
+                                Err(Bad::Io(e)) => return Err(e),
+                                Err(Bad::Row(reason) | Bad::Question(_, reason)) => Err(reason),
+                            },
+                        };
+                        self.extracted.insert(id, image);
+                    }
+                    row += 1;
+                }
+                // Rows the index placed here and the group does not hold: the file changed.
+                for (row, id) in rows {
+                    let reason = format!(
+                    "its image {id} ({} row {row}) could not be read (the file changed while it \
+                     was read?)",
+                    file.display()
+                );
+                    self.extracted.insert(id, Err(reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache file of the image `id` (extracted by [`ImagesFile::extract`]), or why there is
+    /// none.
+    fn image(&self, id: &str) -> Result<PathBuf, String> {
+        match self.extracted.get(id) {
+            Some(image) => image.clone(),
+            None => Err(format!(
+                "its image {id} (\"imageId\") is not in {}: no row of its \"id\" column holds it",
+                self.given.display()
+            )),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -762,19 +1014,37 @@ impl Bad {
     }
 }
 
+/// Where a row's image is looked up and its bytes go.
+struct ImageSource<'a> {
+    /// The images folder.
+    dir: &'a Path,
+    /// The image cache.
+    cache: &'a Path,
+    /// Decode embedded images (`ReadOptions::check_images`), not only read their header.
+    decode: bool,
+    /// GQA's images as Parquet, when `--images` names them and the file's questions are GQA's.
+    gqa: Option<&'a ImagesFile>,
+}
+
+/// A row's field `name` (null when the row has no such field).
+fn field<'a>(row: &'a Row, name: &str) -> &'a Field {
+    row.get_column_iter()
+        .find(|(n, _)| n.as_str() == name)
+        .map(|(_, f)| f)
+        .unwrap_or(&Field::Null)
+}
+
+/// The example of the row `row_index` of `file`, and whether its image is checked already (an
+/// embedded image is checked as it is extracted, and named by its file and row).
 fn example(
     row: &Row,
     columns: &Columns,
     position: usize,
-    image_dir: &Path,
-    image_cache: &Path,
-) -> Result<VqaExample, Bad> {
-    let get = |name: &str| {
-        row.get_column_iter()
-            .find(|(n, _)| n.as_str() == name)
-            .map(|(_, f)| f)
-            .unwrap_or(&Field::Null)
-    };
+    file: &Path,
+    row_index: usize,
+    images: &ImageSource,
+) -> Result<(VqaExample, bool), Bad> {
+    let get = |name: &str| field(row, name);
     let question_id = match &columns.id {
         None => position.to_string(),
         Some(name) => match get(name) {
@@ -824,54 +1094,54 @@ fn example(
         Some(Field::Str(s)) => Some(s.clone()),
         _ => None,
     };
-    let image = match &columns.image {
+    // Embedded bytes are named by their file and row in messages (not by their cache file).
+    let embedded = |bytes: &[u8]| {
+        let name = format!("{} row {row_index}", file.display());
+        extract(bytes, &name, images.decode, images.cache).map_err(|e| e.of(&question_id))
+    };
+    let (image, checked) = match &columns.image {
         ImageColumn::Struct(name) => match get(name) {
-            Field::Group(image) => {
-                let part = |key: &str| {
-                    image
-                        .get_column_iter()
-                        .find(|(n, _)| n.as_str() == key)
-                        .map(|(_, f)| f)
-                };
-                match (part("bytes"), part("path")) {
-                    (Some(Field::Bytes(b)), _) => {
-                        extract(b.data(), image_cache).map_err(|e| e.of(&question_id))?
-                    }
-                    (_, Some(Field::Str(p))) if !p.trim().is_empty() => {
-                        image_file(image_dir, p).map_err(&bad)?
-                    }
-                    _ => return Err(bad("its image has neither bytes nor a path".into())),
+            Field::Group(image) => match (field(image, "bytes"), field(image, "path")) {
+                (Field::Bytes(b), _) => (embedded(b.data())?, true),
+                (_, Field::Str(p)) if !p.trim().is_empty() => {
+                    (image_file(images.dir, p).map_err(&bad)?, false)
                 }
-            }
+                _ => return Err(bad("its image has neither bytes nor a path".into())),
+            },
             _ => return Err(bad("its image is null".into())),
         },
         ImageColumn::Binary(name) => match get(name) {
-            Field::Bytes(b) => extract(b.data(), image_cache).map_err(|e| e.of(&question_id))?,
+            Field::Bytes(b) => (embedded(b.data())?, true),
             _ => return Err(bad("its image is null".into())),
         },
         ImageColumn::Path(name) => match get(name) {
-            Field::Str(p) if !p.trim().is_empty() => image_file(image_dir, p).map_err(&bad)?,
+            Field::Str(p) if !p.trim().is_empty() => {
+                (image_file(images.dir, p).map_err(&bad)?, false)
+            }
             _ => return Err(bad("its image path is null or empty".into())),
         },
-        ImageColumn::GqaImageId(name) => match get(name) {
-            Field::Str(id) if !id.trim().is_empty() => {
-                find_image(image_dir, &format!("{id}.jpg"), &["images"]).map_err(&bad)?
-            }
-            _ => return Err(bad(format!("\"{name}\" is null or empty"))),
+        ImageColumn::GqaImageId(name) => match (gqa_image_id(row, name), images.gqa) {
+            (Some(id), Some(gqa)) => (gqa.image(id).map_err(&bad)?, true),
+            (Some(id), None) => (
+                find_image(images.dir, &format!("{id}.jpg"), &["images"]).map_err(&bad)?,
+                false,
+            ),
+            (None, _) => return Err(bad(format!("\"{name}\" is null or empty"))),
         },
     };
     let mut extra = Map::new();
     for name in &columns.extra {
         extra.insert(name.clone(), get(name).to_json_value());
     }
-    Ok(VqaExample {
+    let example = VqaExample {
         question_id,
         image,
         question,
         answers,
         answer_type,
         extra,
-    })
+    };
+    Ok((example, checked))
 }
 
 /// An integer field as the decimal text of the id.
@@ -938,20 +1208,15 @@ fn image_file(image_dir: &Path, path: &str) -> Result<PathBuf, String> {
         })
 }
 
-/// Writes embedded image bytes to `<cache>/<sha256>.<ext>` unless that file is there, and
-/// returns its path. Bytes that are no image in a known format are the row's fault
-/// ([`Bad::Row`]); a cache that cannot be written is not ([`Bad::Io`]).
-fn extract(bytes: &[u8], cache: &Path) -> Result<PathBuf, Bad> {
-    if bytes.is_empty() {
-        return Err(Bad::Row("its image is empty (0 bytes)".into()));
-    }
-    let format = image::guess_format(bytes).map_err(|_| {
-        Bad::Row(format!(
-            "its image bytes are not an image in a supported format (supported: {}); replace \
-             them with a PNG or JPEG",
-            crate::models::image::SUPPORTED_IMAGE_FORMATS
-        ))
-    })?;
+/// Checks embedded image bytes as the data's image files are checked
+/// ([`crate::models::image::check_image_bytes`]: the header, or with `decode` the whole image;
+/// `name`, where they are, names them in messages), then writes them to
+/// `<cache>/<sha256>.<ext>` unless that file is there, and returns its path. Bytes that are no
+/// usable image are the row's fault ([`Bad::Row`]); a cache that cannot be written is not
+/// ([`Bad::Io`]).
+fn extract(bytes: &[u8], name: &str, decode: bool, cache: &Path) -> Result<PathBuf, Bad> {
+    let format = crate::models::image::check_image_bytes(bytes, name, decode)
+        .map_err(|e| Bad::Row(format!("its image cannot be used: {e:#}")))?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
     let path = cache.join(format!("{}.{ext}", crate::io::sha256_bytes(bytes)));
     // Content-addressed: a file of the same name and size holds these bytes (it was renamed

@@ -1269,6 +1269,13 @@ impl<'a> Collector<'a> {
         Ok(())
     }
 
+    /// Takes `image` as checked (an image a reader checked itself, named by where it came from,
+    /// as the Parquet reader checks embedded bytes before writing them to the image cache): its
+    /// records are not checked again by the file.
+    pub(super) fn image_checked(&mut self, image: &Path) {
+        self.images.insert(image.to_path_buf(), Ok(()));
+    }
+
     /// How many good records it holds so far.
     pub(super) fn accepted(&self) -> usize {
         self.examples.len()

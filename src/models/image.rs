@@ -116,6 +116,19 @@ pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32
     Ok((width, height))
 }
 
+/// The checks of [`image_file_size`] (with `decode`, of [`load_image`]) on an image held in
+/// memory (one embedded in a data file), named `name` in errors; its format.
+pub fn check_image_bytes(bytes: &[u8], name: &str, decode: bool) -> Result<image::ImageFormat> {
+    let format = image_format(bytes, name)?;
+    // A TIFF is decoded whole, as by `image_file_size`: only its decoder knows its compression.
+    if decode || format == image::ImageFormat::Tiff {
+        decode_image(bytes, name, MAX_IMAGE_PIXELS)?;
+    } else {
+        image_size(bytes, name, MAX_IMAGE_PIXELS)?;
+    }
+    Ok(format)
+}
+
 fn image_format(bytes: &[u8], name: &str) -> Result<image::ImageFormat> {
     if bytes.is_empty() {
         bail!("image {name} is empty (0 bytes)");
