@@ -948,6 +948,7 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
     let world = world();
     let list = Path::new(bella_vqa::data::seen::FILE);
     let particles = Path::new("particles.safetensors");
+    let log = Path::new("train_log.jsonl");
     // The new run's files, from an uninterrupted run on other questions (--limit 6).
     let new = tempfile::tempdir().unwrap();
     let other = [("--limit", "6")];
@@ -960,6 +961,7 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
     std::fs::remove_dir_all(old.path().join("checkpoints")).unwrap();
     let old_files = files(old.path());
     assert_ne!(old_files.get(list), new_files.get(list));
+    assert_ne!(losses(&old_files[log]), losses(&new_files[log]));
     let mut tried = 0;
     for n in kill_points(40) {
         let out = tempfile::tempdir().unwrap();
@@ -983,10 +985,17 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
             !now.contains_key(list) || now.get(list) == expected,
             "op {n}: the particles there have another run's question list"
         );
-        // Resuming gives the new particles their list.
+        // Resuming gives the new particles their list, and the log the new run's lines only
+        // (a kill between the first commit and the log's own rename kept the old run's).
         if out.path().join("checkpoints/latest").exists() {
             run_ok(train_with(&llava, world.path(), out.path(), &other).arg("--resume"));
-            assert_eq!(files(out.path()).get(list), new_files.get(list), "op {n}");
+            let resumed = files(out.path());
+            assert_eq!(resumed.get(list), new_files.get(list), "op {n}");
+            assert_eq!(
+                losses(&resumed[log]),
+                losses(&new_files[log]),
+                "op {n}: the log after --resume is not the new run's"
+            );
         }
     }
     assert!(tried >= 10, "the run finished before most kill points");
