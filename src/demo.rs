@@ -1,8 +1,15 @@
 //! The embedded demo (design §7): a shapes-world LLaVA and CLIP in the Hugging Face layout with
 //! Bella particles, compiled into the binary from `demo/` and written to a cache directory on first
 //! use, so that the same loading code path reads them as any local model.
+//!
+//! Processes take turns at unpacking (a lock file `.demo-<hash>.lock` in the cache). One that
+//! waits for another says so after a second, naming the lock file and the process, and gives up
+//! after [`LOCK_WAIT_ENV`] seconds (default 120) with [`LockTimedOut`]: a holder that is stopped
+//! (Ctrl-Z) or hung never makes it wait without end.
 
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -18,6 +25,42 @@ pub const LLAVA: &str = "llava";
 pub const CLIP: &str = "clip";
 /// The calibrated Bella particles used by default with the demo LLaVA.
 pub const PARTICLES: &str = "particles/llava-ensemble";
+
+/// The variable that sets how many seconds to wait for another process's unpacking of the demo
+/// (default [`DEFAULT_LOCK_WAIT`]).
+pub const LOCK_WAIT_ENV: &str = "BELLA_DEMO_LOCK_TIMEOUT_SECS";
+
+/// How long to wait for another process's unpacking of the demo without [`LOCK_WAIT_ENV`].
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// After this long waiting for the lock, a note says for what.
+const LOCK_NOTE_AFTER: Duration = Duration::from_secs(1);
+
+/// Another process held the demo's lock file for longer than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the demo model's lock file {} is held by another bella-vqa ({holder}) that is unpacking the \
+     demo into the cache, and it did not finish in {} s: it may be stopped (Ctrl-Z: resume it with \
+     `fg` or `kill -CONT`) or hung (end it): then run this again; or point BELLA_VQA_CACHE at \
+     another folder ({LOCK_WAIT_ENV} waits longer)",
+    path.display(),
+    waited.as_secs_f64().round()
+)]
+pub struct LockTimedOut {
+    pub path: PathBuf,
+    /// "process PID" as the holder wrote it, or "process unknown" when it wrote none.
+    pub holder: String,
+    pub waited: Duration,
+}
+
+/// The wait of [`LOCK_WAIT_ENV`] (seconds, > 0; unset, empty or not such a number: the default).
+fn lock_wait() -> Duration {
+    std::env::var(LOCK_WAIT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .map_or(DEFAULT_LOCK_WAIT, Duration::from_secs_f64)
+}
 
 /// Whether this binary carries the demo.
 pub fn available() -> bool {
@@ -54,6 +97,10 @@ fn write_or_find() -> Result<PathBuf> {
         return Ok(dir);
     }
     unpack(&root, &dir, &digest[..16]).map_err(|e| {
+        // Not a matter of space or permissions: said as it is.
+        if e.is::<LockTimedOut>() {
+            return e;
+        }
         e.context(format!(
             "cannot unpack the demo model into the cache directory {} ($BELLA_VQA_CACHE, else \
              ~/.cache/bella-vqa): free space there, or point BELLA_VQA_CACHE at a writable \
@@ -69,7 +116,7 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
     // Taken while a copy is checked, repaired or written: a process that waited for another's
     // repair uses it instead of moving it away. Where files cannot be locked, the renames below
     // still keep copies whole.
-    let _lock = lock(&root.join(format!(".demo-{tag}.lock"))).ok();
+    let _lock = lock(&root.join(format!(".demo-{tag}.lock")), lock_wait())?;
     if dir.join(".complete").exists() {
         if intact(dir) {
             return Ok(dir.to_path_buf());
@@ -122,16 +169,66 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// Locks `path` (created if missing) for this process, waiting for another holder.
-fn lock(path: &Path) -> Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new()
+/// Locks `path` (created if missing) for this process and writes its PID there, waiting at most
+/// `limit` for another holder (with a note after [`LOCK_NOTE_AFTER`]). `None` where the file
+/// cannot be created or locked (a read-only cache, a file system without locks): unpacking goes
+/// on without (see [`unpack`]).
+fn lock(path: &Path, limit: Duration) -> Result<Option<std::fs::File>, LockTimedOut> {
+    let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    fs4::FileExt::lock(&file).with_context(|| format!("cannot lock {}", path.display()))?;
-    Ok(file)
+    else {
+        return Ok(None);
+    };
+    let start = Instant::now();
+    let mut noted = false;
+    loop {
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => break,
+            Err(fs4::TryLockError::Error(_)) => return Ok(None),
+            Err(fs4::TryLockError::WouldBlock) => {}
+        }
+        let waited = start.elapsed();
+        if waited >= limit {
+            return Err(LockTimedOut {
+                path: path.to_path_buf(),
+                holder: holder(&mut file),
+                waited,
+            });
+        }
+        if waited >= LOCK_NOTE_AFTER && !noted {
+            noted = true;
+            crate::note!(
+                "note: waiting for {}: another bella-vqa ({}) is unpacking the demo model into \
+                 the cache (giving up after {} s)",
+                path.display(),
+                holder(&mut file),
+                limit.as_secs_f64().round()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50).min(limit - waited));
+    }
+    // Who holds it, for a process that waits (best effort: the lock is what counts).
+    let _ = file
+        .rewind()
+        .and_then(|()| file.set_len(0))
+        .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()));
+    Ok(Some(file))
+}
+
+/// The holder a lock file names: "process PID", or "process unknown" when it names none.
+fn holder(file: &mut std::fs::File) -> String {
+    let mut pid = String::new();
+    let _ = file
+        .rewind()
+        .and_then(|()| file.read_to_string(&mut pid).map(drop));
+    match pid.trim() {
+        p if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => format!("process {p}"),
+        _ => "process unknown".to_string(),
+    }
 }
 
 /// Whether every demo file in `dir` still holds what the binary carries (a FIFO or any other
@@ -151,4 +248,43 @@ pub fn path(component: &str) -> Result<PathBuf> {
         bail!("the demo has no {component}");
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_given_up_after_the_limit_naming_it_and_taken_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".demo-test.lock");
+        // A second handle on the same file holds the lock (flock: per open file).
+        let held = lock(&path, Duration::from_secs(1)).unwrap().unwrap();
+        let start = Instant::now();
+        let err = lock(&path, Duration::from_millis(300)).unwrap_err();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert_eq!(err.path, path);
+        assert_eq!(err.holder, format!("process {}", std::process::id()));
+        let message = err.to_string();
+        for part in [
+            path.display().to_string(),
+            format!("process {}", std::process::id()),
+            "kill -CONT".into(),
+            "BELLA_VQA_CACHE".into(),
+            LOCK_WAIT_ENV.into(),
+        ] {
+            assert!(message.contains(&part), "{part:?} not in {message}");
+        }
+        // Released while another waits: that one takes it.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        assert!(lock(&path, Duration::from_secs(20)).unwrap().is_some());
+        release.join().unwrap();
+    }
 }

@@ -786,6 +786,65 @@ fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
     assert!(out.status.success() && !err.contains("panicked"), "{err}");
 }
 
+/// Another process that holds the demo's lock and never lets go (stopped, hung) is waited for
+/// with a note naming the lock file, then given up on after BELLA_DEMO_LOCK_TIMEOUT_SECS with an
+/// error that says what to do: no endless wait.
+#[test]
+fn a_demo_lock_held_by_a_stopped_process_is_given_up_on_with_what_to_do() {
+    // The lock file's name holds the hash of the demo: learnt from a first unpacking.
+    let first = tempfile::tempdir().unwrap();
+    ask_embedded(first.path(), IMAGE);
+    let tag = std::fs::read_dir(first.path())
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .find_map(|n| n.strip_prefix("demo-").map(str::to_string))
+        .expect("an unpacked demo");
+    let cache = tempfile::tempdir().unwrap();
+    let lock_path = cache.path().join(format!(".demo-{tag}.lock"));
+    // Held by this process (std's File::lock, flock as fs4's): it never lets go while the
+    // command runs, as a stopped one would not.
+    let holder = std::fs::File::create(&lock_path).unwrap();
+    holder.lock().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .env("BELLA_VQA_CACHE", cache.path())
+        .env(bella_vqa::demo::LOCK_WAIT_ENV, "2")
+        .args(["ask", "--quiet", "--image"])
+        .arg(repo(IMAGE))
+        .arg(QUESTION)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still waiting for the lock after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lock_name = lock_path.display().to_string();
+    assert!(
+        err.contains(&format!("note: waiting for {lock_name}"))
+            && err.contains("is unpacking the demo model"),
+        "no note naming the lock: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "lock file {lock_name} is held by another bella-vqa (process unknown)"
+        )) && err.contains("did not finish in 2 s")
+            && err.contains("kill -CONT")
+            && !err.contains("free space"),
+        "{err}"
+    );
+    // Let go, the same command unpacks the demo and answers.
+    drop(holder);
+    assert_eq!(ask_embedded(cache.path(), IMAGE)["answer"], "red");
+}
+
 /// A cache directory that cannot be one is named as the cache, with what to do.
 #[test]
 fn a_file_as_the_cache_directory_is_named_with_the_remedy() {

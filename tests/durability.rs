@@ -427,6 +427,62 @@ fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
     }
 }
 
+/// The lines of a JSON-lines file (none when it is missing).
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_killed_bench_stays_in_runs_jsonl_as_unfinished_beside_the_one_that_completes_it() {
+    let world = world();
+    // The first kill point after an answer was written: killed midway through the questions.
+    let mut tried = 0;
+    let (out, answered_before) = loop {
+        tried += 1;
+        assert!(tried < 100, "no kill point after an answer");
+        let out = tempfile::tempdir().unwrap();
+        assert!(aborted_at(&mut bench(world.path(), out.path()), tried));
+        let answered = json_lines(&out.path().join("samples.jsonl")).len();
+        if answered > 0 {
+            break (out, answered);
+        }
+    };
+    assert!(answered_before < 3, "killed after the last answer");
+    let runs_path = out.path().join("runs.jsonl");
+    let killed = json_lines(&runs_path);
+    assert_eq!(
+        killed.len(),
+        1,
+        "the killed invocation is not in runs.jsonl"
+    );
+    assert_eq!(killed[0]["finished"], false, "{}", killed[0]);
+    assert!(killed[0]["pid"].as_u64().is_some(), "{}", killed[0]);
+    assert!(killed[0]["started"].as_str().is_some(), "{}", killed[0]);
+
+    run_ok(&mut bench(world.path(), out.path()));
+    let runs = json_lines(&runs_path);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0], killed[0], "the killed invocation's line changed");
+    assert_eq!(runs[1]["finished"], true, "{}", runs[1]);
+    assert_eq!(runs[1]["failed"], false, "{}", runs[1]);
+    assert_eq!(runs[1]["answered"], 3 - answered_before, "{}", runs[1]);
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["progress"]["complete"], true);
+    assert_eq!(results["progress"]["answered"], 3);
+    assert_eq!(results["timing"]["invocations"], 2, "{}", results["timing"]);
+    assert_eq!(results["timing"]["unfinished"], 1, "{}", results["timing"]);
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        report.contains("| 2 (1 killed before their end) |"),
+        "{report}"
+    );
+}
+
 #[test]
 fn an_output_directory_in_use_is_refused_at_once_naming_the_process() {
     let world = world();
@@ -948,6 +1004,7 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
     let world = world();
     let list = Path::new(bella_vqa::data::seen::FILE);
     let particles = Path::new("particles.safetensors");
+    let log = Path::new("train_log.jsonl");
     // The new run's files, from an uninterrupted run on other questions (--limit 6).
     let new = tempfile::tempdir().unwrap();
     let other = [("--limit", "6")];
@@ -960,6 +1017,7 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
     std::fs::remove_dir_all(old.path().join("checkpoints")).unwrap();
     let old_files = files(old.path());
     assert_ne!(old_files.get(list), new_files.get(list));
+    assert_ne!(losses(&old_files[log]), losses(&new_files[log]));
     let mut tried = 0;
     for n in kill_points(40) {
         let out = tempfile::tempdir().unwrap();
@@ -983,10 +1041,17 @@ fn particles_and_their_question_list_are_never_those_of_two_runs() {
             !now.contains_key(list) || now.get(list) == expected,
             "op {n}: the particles there have another run's question list"
         );
-        // Resuming gives the new particles their list.
+        // Resuming gives the new particles their list, and the log the new run's lines only
+        // (a kill between the first commit and the log's own rename kept the old run's).
         if out.path().join("checkpoints/latest").exists() {
             run_ok(train_with(&llava, world.path(), out.path(), &other).arg("--resume"));
-            assert_eq!(files(out.path()).get(list), new_files.get(list), "op {n}");
+            let resumed = files(out.path());
+            assert_eq!(resumed.get(list), new_files.get(list), "op {n}");
+            assert_eq!(
+                losses(&resumed[log]),
+                losses(&new_files[log]),
+                "op {n}: the log after --resume is not the new run's"
+            );
         }
     }
     assert!(tried >= 10, "the run finished before most kill points");

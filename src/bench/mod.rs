@@ -4,7 +4,7 @@
 //! ```text
 //! OUT/bench_config.json  what the run is (model, particles, data files by SHA-256, settings)
 //! OUT/samples.jsonl      one line per answered question (design §10), appended and flushed
-//! OUT/runs.jsonl         one line per invocation (time, answers, peak memory)
+//! OUT/runs.jsonl         one line per invocation (time, answers, peak memory), from its start
 //! OUT/skipped.jsonl      questions that could not be answered with --skip-bad
 //! OUT/bad_records.jsonl  data records --skip-bad left out while reading, with why
 //! OUT/results.json       metric name → value, details, progress, timing, config
@@ -16,7 +16,9 @@
 //! line of `samples.jsonl` is dropped and answered again, nothing is duplicated. A different
 //! model, particle set, data file or setting is refused (only `--limit` may change); a data file
 //! that changed only in questions the run has not answered (records `--skip-bad` left out and then
-//! fixed, questions added) is continued, its answers renumbered to their new positions. With a
+//! fixed, questions added) is continued, its answers renumbered to their new positions. Every
+//! invocation is in `runs.jsonl`, one that was killed too: its line is written when it starts
+//! (`"finished": false`) and replaced by the final one at its end ([`results::RunLog`]). With a
 //! [`Shard`] a run answers one deterministic slice; [`merge()`] combines the shard directories into
 //! the directory a single run would have written.
 
@@ -541,6 +543,11 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let mut config = run_config(vqa, model, opts, &sets)?;
     crate::io::create_dir_all(&opts.out)?;
     check_or_write_config(&opts.out, &mut config, &sets, opts.progress)?;
+    // From here on this invocation is in runs.jsonl, killed or not.
+    let runs = results::RunLog::start(
+        &opts.out.join(results::RUNS_FILE),
+        RunRecord::started(started_at.clone(), opts.shard),
+    )?;
     // The records --skip-bad left out, with why: of the data as it is now.
     let bad: Vec<results::BadRecordLine> = sets
         .iter()
@@ -689,6 +696,8 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let answering_seconds = answering.elapsed().as_secs_f64();
     let record = RunRecord {
         started: started_at,
+        pid: Some(std::process::id()),
+        finished: true,
         wall_seconds: started.elapsed().as_secs_f64(),
         answering_seconds,
         answered: answered_now,
@@ -697,7 +706,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         failed: outcome.is_err(),
         interrupted: left.is_some(),
     };
-    let logged = results::append_line(&opts.out.join(results::RUNS_FILE), &record);
+    let logged = runs.finish(&record);
     outcome?;
     logged?;
     // A Ctrl-C between questions, or after the last one (before the bootstrap, which takes a

@@ -2,7 +2,7 @@
 //! progress, timing and configuration.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use crate::metrics::{
 
 /// The file name of the results.
 pub const RESULTS_FILE: &str = "results.json";
-/// One line per `bench` invocation on a directory (timing).
+/// One line per `bench` invocation on a directory (timing), from its start ([`RunLog`]).
 pub const RUNS_FILE: &str = "runs.jsonl";
 /// One line per question that could not be answered with `--skip-bad` (e.g. an unreadable image).
 pub const SKIPPED_FILE: &str = "skipped.jsonl";
@@ -41,6 +41,14 @@ pub struct BadRecordLine {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub started: String,
+    /// The process (absent in lines of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `false` from the invocation's start until its end: one that was killed (SIGKILL, a power
+    /// cut) stays so, its times, count and memory unknown (0, none; its answers are kept in
+    /// `samples.jsonl`). Older versions wrote a line only at the end: without the field, `true`.
+    #[serde(default = "finished_by_default")]
+    pub finished: bool,
     /// Seconds from reading the data to the last answer (model loading not included).
     pub wall_seconds: f64,
     /// Seconds spent answering.
@@ -59,6 +67,91 @@ pub struct RunRecord {
     pub interrupted: bool,
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn finished_by_default() -> bool {
+    true
+}
+
+impl RunRecord {
+    /// The line of an invocation that has just started (of this process, on `shard`).
+    pub fn started(started: String, shard: Option<super::Shard>) -> Self {
+        Self {
+            started,
+            pid: Some(std::process::id()),
+            finished: false,
+            wall_seconds: 0.0,
+            answering_seconds: 0.0,
+            answered: 0,
+            peak_memory_kib: None,
+            shard,
+            failed: false,
+            interrupted: false,
+        }
+    }
+}
+
+/// This invocation's line in `runs.jsonl`: written when it starts, not finished
+/// ([`RunRecord::started`]), so that an invocation that is killed is in the log too; replaced by
+/// the final record at its end ([`RunLog::finish`]), or, when the invocation returns with an
+/// error before that, by one marked failed. Each write replaces the file atomically (the lines
+/// before this invocation's, then its own): a kill leaves the one line or the other.
+pub struct RunLog {
+    path: PathBuf,
+    /// The lines of earlier invocations, ending with a line break.
+    before: Vec<u8>,
+    /// The line written at the start; `None` once finished.
+    started: Option<(RunRecord, std::time::Instant)>,
+}
+
+impl RunLog {
+    /// Records the start of an invocation (`record`, from [`RunRecord::started`]) in `path`.
+    pub fn start(path: &Path, record: RunRecord) -> Result<Self> {
+        let mut before = crate::input::read_if_present(path, "log")?.unwrap_or_default();
+        // A line cut off by a kill (an older version appended): left on a line of its own.
+        if before.last().is_some_and(|&b| b != b'\n') {
+            before.push(b'\n');
+        }
+        let mut log = Self {
+            path: path.to_path_buf(),
+            before,
+            started: None,
+        };
+        log.write(&record)?;
+        log.started = Some((record, std::time::Instant::now()));
+        Ok(log)
+    }
+
+    /// Replaces the start line with the invocation's final record.
+    pub fn finish(mut self, record: &RunRecord) -> Result<()> {
+        self.started = None;
+        self.write(record)
+    }
+
+    fn write(&self, record: &RunRecord) -> Result<()> {
+        let mut bytes = self.before.clone();
+        serde_json::to_writer(&mut bytes, record).context("serialising a record")?;
+        bytes.push(b'\n');
+        crate::io::write_bytes_atomically(&self.path, &bytes)
+    }
+}
+
+impl Drop for RunLog {
+    /// An invocation that returned with an error before its end: recorded as failed (best
+    /// effort; the start line stays where this write fails).
+    fn drop(&mut self) {
+        if let Some((mut record, since)) = self.started.take() {
+            record.finished = true;
+            record.failed = true;
+            record.wall_seconds = since.elapsed().as_secs_f64();
+            record.peak_memory_kib = super::config::peak_memory_kib();
+            let _ = self.write(&record);
+        }
+    }
+}
+
 /// A question that could not be answered (with `--skip-bad`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SkippedQuestion {
@@ -72,6 +165,10 @@ pub struct SkippedQuestion {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Timing {
     pub invocations: usize,
+    /// Invocations that never recorded their end (killed): their times and answers are not in
+    /// the sums below, their answers are in the results.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unfinished: usize,
     pub wall_time_s: f64,
     pub answering_time_s: f64,
     pub answered: usize,
@@ -86,6 +183,7 @@ impl Timing {
         let answered: usize = runs.iter().map(|r| r.answered).sum();
         Timing {
             invocations: runs.len(),
+            unfinished: runs.iter().filter(|r| !r.finished).count(),
             wall_time_s: runs.iter().map(|r| r.wall_seconds).sum(),
             answering_time_s: answering,
             answered,

@@ -584,7 +584,13 @@ pub fn write_report(
     doc.table(
         &["quantity", "value"],
         vec![
-            vec!["invocations".into(), t.invocations.to_string()],
+            vec![
+                "invocations".into(),
+                match t.unfinished {
+                    0 => t.invocations.to_string(),
+                    n => format!("{} ({n} killed before their end)", t.invocations),
+                },
+            ],
             vec!["wall time (s)".into(), format!("{:.2}", t.wall_time_s)],
             vec![
                 "answering time (s)".into(),

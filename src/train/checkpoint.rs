@@ -6,6 +6,7 @@
 //! OUT/checkpoints/step-00000120/bella_config.json
 //! OUT/checkpoints/step-00000120/optimizer.safetensors   AdamW moments
 //! OUT/checkpoints/step-00000120/trainer_state.json      step, options, data fingerprint
+//! OUT/checkpoints/step-00000120/train_log.jsonl         the training log up to that step
 //! OUT/checkpoints/latest                                the name of the committed checkpoint
 //! OUT/particles.safetensors, OUT/bella_config.json      copies of the committed checkpoint's
 //! ```
@@ -13,9 +14,11 @@
 //! A checkpoint directory is written whole (a temporary directory renamed when complete); then
 //! `latest` is switched to it by an atomic rename — that rename is the commit. The top-level
 //! particle files are derived from the committed checkpoint ([`publish`]): after the commit, and
-//! again by every later run, which repairs them if a kill came in between. The files of a set
-//! that a run replaces (`train --force`) go only then, so that a run failing before its first
-//! commit leaves that set whole. The committed
+//! again by every later run, which repairs them if a kill came in between. So is the top-level
+//! `train_log.jsonl` (the log travels with each checkpoint): a resumed run's log is the one its
+//! checkpoint saw, never lines of steps after it, nor of another run. The files of a set that a
+//! run replaces (`train --force`) go only then, so that a run failing before its first commit
+//! leaves that set whole, log included. The committed
 //! checkpoint and the one before it are kept; other checkpoint directories (older ones, or one
 //! written but never committed) are removed.
 
@@ -26,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::TrainOptions;
+use super::{TrainOptions, LOG_FILE};
 use crate::bella::particles::{ParticleConfig, ParticleSet, CONFIG_FILE, PARTICLES_FILE};
 use crate::io::{remove_dir_all, safetensors_bytes, write_bytes_atomically, write_dir_atomically};
 
@@ -65,15 +68,15 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-/// Writes a checkpoint, commits it (with `log`, the run's training log staged to replace a
-/// replaced set's) and makes the top-level particle files its copies, `questions` (the
-/// [`crate::data::seen`] list of the run) beside them.
+/// Writes a checkpoint (with `log`, the run's training log up to its step), commits it and makes
+/// the top-level particle files and log its copies, `questions` (the [`crate::data::seen`] list
+/// of the run) beside them.
 pub fn save(
     out: &Path,
     set: &ParticleSet,
     optimizer: &HashMap<String, Tensor>,
     state: &TrainerState,
-    log: Option<crate::io::Staged>,
+    log: &[u8],
     questions: &[u8],
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(out);
@@ -89,12 +92,10 @@ pub fn save(
             (config_name, &config),
             (OPTIMIZER_FILE, &optimizer),
             (STATE_FILE, &state),
+            (LOG_FILE, log),
         ],
     )?;
     write_bytes_atomically(&root.join(LATEST), name.as_bytes())?;
-    if let Some(log) = log {
-        log.commit()?;
-    }
     prune(out)?;
     publish(out, &dir, questions)?;
     Ok(dir)
@@ -177,10 +178,11 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     )
 }
 
-/// Makes `out/particles.safetensors` and `out/bella_config.json` byte copies of those of the
-/// checkpoint `dir`, and `questions` the training-question list beside them, writing only what
-/// differs. A calibrated threshold stored in the top-level config since is kept as long as the
-/// particles are the same.
+/// Makes `out/particles.safetensors`, `out/bella_config.json` and `out/train_log.jsonl` byte
+/// copies of those of the checkpoint `dir` (the log where the checkpoint has one: older ones do
+/// not), and `questions` the training-question list beside them, writing only what differs. A
+/// calibrated threshold stored in the top-level config since is kept as long as the particles are
+/// the same.
 pub fn publish(out: &Path, dir: &Path, questions: &[u8]) -> Result<()> {
     let read = |path: PathBuf| {
         std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
@@ -208,6 +210,12 @@ pub fn publish(out: &Path, dir: &Path, questions: &[u8]) -> Result<()> {
             .is_some_and(|top| top == config || same_but_calibrated(&top, &config));
     if !keep_config {
         write_bytes_atomically(&top_config, &config)?;
+    }
+    if let Some(log) = crate::input::read_if_present(&dir.join(LOG_FILE), "training log")? {
+        let top_log = out.join(LOG_FILE);
+        if crate::input::read_if_present(&top_log, "training log")?.as_deref() != Some(&log) {
+            write_bytes_atomically(&top_log, &log)?;
+        }
     }
     crate::data::seen::write(out, questions)
 }

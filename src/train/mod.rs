@@ -519,10 +519,12 @@ fn resume_differences(
 }
 
 /// Keeps the lines of the training log up to `step` (what the committed checkpoint has seen):
-/// lines of steps after it, or cut off by a kill, belong to lost work.
-fn truncate_log(path: &Path, step: u64) -> Result<()> {
+/// lines of steps after it, or cut off by a kill, belong to lost work. Returns the lines kept.
+/// (A checkpoint that carries its log has had it copied to `path` already; this is for those of
+/// older versions, and for a fresh run over a log that no checkpoint committed.)
+fn truncate_log(path: &Path, step: u64) -> Result<Vec<u8>> {
     let Some(bytes) = crate::input::read_if_present(path, "training log")? else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let text = String::from_utf8_lossy(&bytes);
     let kept: String = text
@@ -535,7 +537,7 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
     if kept != text {
         crate::io::write_bytes_atomically(path, kept.as_bytes())?;
     }
-    Ok(())
+    Ok(kept.into_bytes())
 }
 
 /// Trains particles on `train` and writes them (with checkpoints and a JSON log) to `run.out`.
@@ -687,10 +689,15 @@ pub fn train(
     let log_path = run.out.join(LOG_FILE);
     // A replaced set keeps its log until the first checkpoint commits: the lines wait till then.
     let mut log = if replacing {
-        Log::Pending(Vec::new())
+        Log {
+            lines: Vec::new(),
+            file: None,
+        }
     } else {
-        truncate_log(&log_path, start_step)?;
-        Log::File(crate::io::AppendFile::open(&log_path, None)?)
+        Log {
+            lines: truncate_log(&log_path, start_step)?,
+            file: Some(crate::io::AppendFile::open(&log_path, None)?),
+        }
     };
 
     // A checkpoint already past --max-steps stays where it is.
@@ -722,7 +729,7 @@ pub fn train(
                            optimizer: &AdamW,
                            model: &Model,
                            pending_loss: (f64, usize),
-                           log: Option<crate::io::Staged>|
+                           log: &[u8]|
      -> Result<()> {
         let mut cfg = config.clone();
         cfg.step = step;
@@ -874,9 +881,9 @@ pub fn train(
             };
             let mut line = serde_json::to_vec(&eval)?;
             line.push(b'\n');
-            match &mut log {
-                Log::Pending(lines) => lines.extend_from_slice(&line),
-                Log::File(file) => file.append(&line)?,
+            log.lines.extend_from_slice(&line);
+            if let Some(file) = &mut log.file {
+                file.append(&line)?;
             }
             bar.set_message(format!(
                 "loss {:.4} · val acc {} · distance {:.3} · disagreement {}",
@@ -896,14 +903,11 @@ pub fn train(
         // Ctrl-C (crate::interrupt): the step in progress is finished and kept.
         let stop = !at_end && crate::interrupt::requested();
         if checkpoint_due || stop {
-            let staged_log = match &log {
-                Log::Pending(lines) => Some(crate::io::stage_file(&log_path, lines)?),
-                Log::File(_) => None,
-            };
             let pending = (loss_sum, loss_count);
-            save_checkpoint(done, &params, &optimizer, model, pending, staged_log)?;
-            if let Log::Pending(_) = log {
-                log = Log::File(crate::io::AppendFile::open(&log_path, None)?);
+            // The checkpoint carries the log; committed, the top-level log is its copy.
+            save_checkpoint(done, &params, &optimizer, model, pending, &log.lines)?;
+            if log.file.is_none() {
+                log.file = Some(crate::io::AppendFile::open(&log_path, None)?);
             }
         }
         if stop {
@@ -913,9 +917,9 @@ pub fn train(
     }
     bar.finish_and_clear();
     // Stopped before its first checkpoint, a run over a set leaves that set's summary.
-    let summary = match log {
-        Log::Pending(_) => None,
-        Log::File(_) => write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?,
+    let summary = match log.file {
+        None => None,
+        Some(_) => write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?,
     };
     Ok(TrainReport {
         steps: stopped_at,
@@ -928,11 +932,13 @@ pub fn train(
     })
 }
 
-/// Where the lines of `train_log.jsonl` go.
-enum Log {
-    /// Held back: the log there is still that of the set being replaced.
-    Pending(Vec<u8>),
-    File(crate::io::AppendFile),
+/// The lines of `train_log.jsonl`: all of the run's so far, which each checkpoint carries, and
+/// the file they are appended to as they come.
+struct Log {
+    lines: Vec<u8>,
+    /// `None` while held back: the log there is still that of the set being replaced, until the
+    /// first checkpoint commits.
+    file: Option<crate::io::AppendFile>,
 }
 
 fn progress_bar(show: bool, total: u64, start: u64) -> indicatif::ProgressBar {
