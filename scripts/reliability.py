@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,10 @@ TIMEOUT = 60
 
 
 class Case:
-    def __init__(self, cls, name, args, culprit=None, expect_ok=False, env=None):
+    def __init__(self, cls, name, args, culprit=None, expect_ok=False, env=None, timeout=TIMEOUT):
         self.cls, self.name, self.args = cls, name, args
         self.culprit, self.expect_ok, self.env = culprit, expect_ok, env
+        self.timeout = timeout
 
 
 def run(binary, args, env=None, timeout=TIMEOUT):
@@ -83,6 +85,19 @@ def copy_model(work, name, edit_config=None, edit_pre=None):
             edit(v)
             path.write_text(json.dumps(v, indent=1))
     return dst
+
+
+def png_of_zeros(width, height):
+    """A black 8-bit RGB PNG, compressed row by row (a few hundred bytes for a long strip)."""
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big"))
+    z = zlib.compressobj(9)
+    row = bytes(1 + 3 * width)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
 
 
 def write_jsonl(path, rows):
@@ -155,6 +170,9 @@ def cases(work, binary):
          "answers": ["red"]}])
     bad_line = data / "badline.jsonl"
     bad_line.write_text(train.read_text().splitlines()[0] + "\n{not json\n")
+    # 2×32768 pixels in 302 bytes: padded to its square, each padded row was resampled (15 s).
+    strip = work / "strip.png"
+    strip.write_bytes(png_of_zeros(2, 32768))
     existing = work / "existing-world"
     run(binary, ["data", "shapes", "--out", str(existing), "--seed", "1", "--n", "10"])
 
@@ -222,6 +240,8 @@ def cases(work, binary):
         Case(7, "FIFO as the data file", ["bench", "--model", model, "--data", str(fifo_data), "--out", str(work / "bench-fifo")], "fifo.jsonl"),
         Case(7, "/dev/zero as the image", A[:4] + ["/dev/zero", q], "/dev/zero"),
         Case(7, "a directory as the image", A[:4] + [str(work), q], str(work)),
+        Case(7, "a 2×32768 strip (302 bytes) as the image", A[:4] + [str(strip), q], None,
+             expect_ok=True, timeout=10),
         Case(7, "unreachable hub", ["inspect", "--model", "org/model"], ["org/model", "offline"],
              env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(work / "hub-cache")}),
     ]
@@ -257,7 +277,7 @@ def main():
         results = [None] * len(all_cases)
 
         def go(i, c):
-            code, output, hung = run(binary, c.args, env=c.env)
+            code, output, hung = run(binary, c.args, env=c.env, timeout=c.timeout)
             line = next((l for l in output.splitlines() if l.startswith("error")), output.strip()[-200:])
             results[i] = (classify(c, code, output, hung), line)
 

@@ -754,6 +754,32 @@ fn a_too_long_question_is_refused_before_the_model_runs() {
     assert!(err.contains("70000 bytes"), "{err}");
 }
 
+/// A long `--answers` list costs the memory of its embeddings, not of one text-tower batch
+/// holding all of it: 6000 answers took 266 MiB with this tiny CLIP, 300 000 tens of GB.
+#[test]
+fn a_long_answer_list_is_scored_in_bounded_memory() {
+    let data = DataDir::new(&[line("q1", "What color is it?", "images/square.png")]);
+    let answers = data.dir.path().join("answers.txt");
+    let list: Vec<String> = (0..6000).map(|i| format!("answer {i}")).collect();
+    std::fs::write(&answers, list.join("\n")).unwrap();
+    let mut cmd = bella();
+    cmd.arg("bench")
+        .arg("--model")
+        .arg(fixture("clip-tiny"))
+        .arg("--answers")
+        .arg(&answers)
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out());
+    succeeds(&mut cmd);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.out().join("results.json")).unwrap())
+            .unwrap();
+    let peak = results["timing"]["peak_memory_mib"].as_f64().unwrap();
+    assert!(peak < 150.0, "6000 answers took {peak} MiB");
+}
+
 #[test]
 fn bench_with_skip_bad_skips_a_too_long_question_and_records_why() {
     let mut lines = good_lines();

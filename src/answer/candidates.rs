@@ -239,11 +239,21 @@ pub fn clip_candidates(
         .map(|a| clip_prompt(question, a))
         .collect();
     let max_len = model.config().text_config.max_position_embeddings;
-    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len, false)?;
-    let len = ids[0].len();
-    let ids = Tensor::from_vec(ids.concat(), (k, len), &Device::Cpu)?;
-    let mask = Tensor::from_vec(mask.concat(), (k, len), &Device::Cpu)?;
-    let txt = normalize(&model.text_embeds(&ids, Some(&mask), particles)?)?;
+    let mut prompt_tokens = 0;
+    let mut chunks = Vec::new();
+    for chunk in texts.chunks(CLIP_TEXT_BATCH) {
+        let n = chunk.len();
+        let (ids, mask) = prompter.encode_clip_batch(chunk, max_len, false)?;
+        prompt_tokens += mask.iter().flatten().sum::<u32>() as usize;
+        let len = ids[0].len();
+        let ids = Tensor::from_vec(ids.concat(), (n, len), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask.concat(), (n, len), &Device::Cpu)?;
+        chunks.push((
+            normalize(&model.text_embeds(&ids, Some(&mask), particles)?)?,
+            n,
+        ));
+    }
+    let txt = join_text_rows(chunks)?;
     let img = normalize(&model.image_embeds(pixel_values, particles)?)?;
     let scale = model
         .logit_scale()
@@ -283,8 +293,32 @@ pub fn clip_candidates(
         candidates: vocabulary.to_vec(),
         probs,
         other: false,
-        prompt_tokens: mask.sum_all()?.to_scalar::<u32>()? as usize,
+        prompt_tokens,
         generated_tokens: 0,
         image_features: Some(image_features),
     })
+}
+
+/// Candidate texts CLIP's text tower reads in one batch. Its activations grow with the batch
+/// (times the particles), so a vocabulary goes through in batches of this many: in one batch,
+/// 10 000 answers took 1 GB with the 0.5M-parameter demo CLIP, and memory grew without bound
+/// with the `--answers` file.
+const CLIP_TEXT_BATCH: usize = 256;
+
+/// The text embeddings of consecutive batches of the vocabulary, `(rows, texts)` each, joined as
+/// one batch's rows are laid out: particle-major, `particle * k + answer` (or `answer` alone
+/// where the text tower carries no particle axis).
+fn join_text_rows(mut chunks: Vec<(Tensor, usize)>) -> Result<Tensor> {
+    if chunks.len() == 1 {
+        return Ok(chunks.remove(0).0);
+    }
+    let (first, n) = chunks.first().context("empty vocabulary")?;
+    let per_text = first.dim(0)? / n;
+    let mut parts = Vec::with_capacity(per_text * chunks.len());
+    for p in 0..per_text {
+        for (rows, n) in &chunks {
+            parts.push(rows.narrow(0, p * n, *n)?);
+        }
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }

@@ -14,6 +14,7 @@
 //! The output is a `f32` tensor `[3, H, W]` on the CPU. Decoding ([`load_image`], [`decode_image`])
 //! turns an image upright by its EXIF orientation tag first, as `transformers`' `load_image` does.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -1449,6 +1450,7 @@ fn resample_horizontal(img: &RgbU8, out_w: usize, filter: Resample) -> RgbU8 {
             &img.data[y * in_w * 3..(y + 1) * in_w * 3],
             &mut out[y * out_w * 3..(y + 1) * out_w * 3],
             &co,
+            0..in_w,
         );
     }
     RgbU8 {
@@ -1458,10 +1460,14 @@ fn resample_horizontal(img: &RgbU8, out_w: usize, filter: Resample) -> RgbU8 {
     }
 }
 
-/// One row of [`resample_horizontal`].
-fn resample_row(src_row: &[u8], dst_row: &mut [u8], co: &Coeffs) {
+/// One row of [`resample_horizontal`]: the output pixels whose kernel reaches a source column
+/// in `span`; the others are left as they are.
+fn resample_row(src_row: &[u8], dst_row: &mut [u8], co: &Coeffs, span: Range<usize>) {
     for (xx, dst) in dst_row.chunks_exact_mut(3).enumerate() {
         let (xmin, n) = co.bounds[xx];
+        if xmin >= span.end || xmin + n <= span.start {
+            continue;
+        }
         let k = &co.kk[xx * co.ksize..xx * co.ksize + n];
         let mut ss = [1i64 << (PRECISION_BITS - 1); 3];
         for (x, &kx) in k.iter().enumerate() {
@@ -1479,7 +1485,9 @@ fn resample_row(src_row: &[u8], dst_row: &mut [u8], co: &Coeffs) {
 /// `pil_resize(&pad_to_square(img, background), out_w, out_h, filter)` without the square: a
 /// square input is resampled horizontally first, and a padded row is the background's (its
 /// result computed once) or the image's row between background pixels, so only the
-/// `side × out_w` intermediate is held (a 18000×3500 panorama padded to its square is 0.97 GB).
+/// `side × out_w` intermediate is held (a 18000×3500 panorama padded to its square is 0.97 GB),
+/// and the time is that of the image's pixels and the output's, not the square's (a 2×32768
+/// strip padded to its square is 1.07 G pixels).
 /// Pillow's filters other than NEAREST.
 pub fn pad_and_resize(
     img: &RgbU8,
@@ -1504,7 +1512,7 @@ pub fn pad_and_resize(
     let co = precompute_coeffs(side, out_w, filter);
     let background_row: Vec<u8> = background.repeat(side);
     let mut background_out = vec![0u8; out_w * 3];
-    resample_row(&background_row, &mut background_out, &co);
+    resample_row(&background_row, &mut background_out, &co, 0..side);
     let mut row = background_row.clone();
     let mut horizontal = vec![0u8; side * out_w * 3];
     for (y, dst) in horizontal.chunks_exact_mut(out_w * 3).enumerate() {
@@ -1514,7 +1522,11 @@ pub fn pad_and_resize(
         }
         let src = &img.data[(y - top) * w * 3..(y - top + 1) * w * 3];
         row[left * 3..(left + w) * 3].copy_from_slice(src);
-        resample_row(&row, dst, &co);
+        // An output pixel whose kernel sees only padding is the background's (integer sums over
+        // the same pixels): only those that reach the image are summed, so a tall narrow image
+        // costs its own pixels, not its padded square's.
+        dst.copy_from_slice(&background_out);
+        resample_row(&row, dst, &co, left..left + w);
     }
     let horizontal = RgbU8 {
         width: out_w,
