@@ -1107,7 +1107,7 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::Phi(1.0));
     opts.max_new_tokens = 4;
     opts.selector = SelectorChoice::Auto;
-    opts.temperature = true;
+    opts.temperature = Some(bella_vqa::answer::selector::TemperatureObjective::Answers);
     opts.ood_val = Some(DataInput::new(world().join("ood-absent.jsonl")));
     let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
     let names: Vec<&str> = outcome

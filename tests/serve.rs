@@ -457,6 +457,18 @@ fn every_error_class_has_its_status_and_body() {
     // A byte-order mark before the body is read past.
     let (s, _, t) = post(url, &format!("\u{feff}{good}"), key);
     assert_eq!(s, 200, "{t}");
+    // An empty body (or blanks) is named as such, not as JSON cut short.
+    for empty in ["", " \n"] {
+        let (s, _, t) = post(url, empty, key);
+        let e = error_of(s, 400, &t);
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("request body is empty"),
+            "{t}"
+        );
+    }
     // A request body followed by more data is refused.
     let (s, _, t) = post(url, &format!("{good} {good}"), key);
     assert!(
@@ -779,6 +791,28 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         );
         assert_eq!(error_of(s, 413, &t)["code"], "image_too_large", "{w}×{h}");
     }
+    // A BMP whose header says 100000 × 100000 (top-down: a negative height), which the BMP
+    // decoder refuses as an error of its own, is too large as well, not "corrupt".
+    let mut bmp = Vec::new();
+    image::RgbImage::new(2, 2)
+        .write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp)
+        .unwrap();
+    bmp[18..22].copy_from_slice(&100_000i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&(-100_000i32).to_le_bytes());
+    let url = format!(
+        "data:image/bmp;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bmp)
+    );
+    let (s, _, t) = post(
+        &server.url,
+        &request(&url, "What color is the circle?").to_string(),
+        None,
+    );
+    let e = error_of(s, 413, &t);
+    assert!(
+        e["message"].as_str().unwrap().contains("100000×100000"),
+        "{e}"
+    );
     // A small image is answered.
     let (s, _, t) = post(
         &server.url,

@@ -392,17 +392,38 @@ impl Selector {
 /// The range [`fit_temperature`] searches.
 pub const TEMPERATURE_RANGE: (f64, f64) = (0.05, 20.0);
 
-/// Fits one shared temperature by minimising the mean cross-entropy of the model-average
-/// distribution (every row tempered, [`temper`]) against each question's target distribution
-/// over its columns. Golden-section search over log T in [`TEMPERATURE_RANGE`] (the NLL of a
-/// tempered softmax average is unimodal in practice; the search returns the best point it saw).
-/// Questions with an empty or all-zero target are left out.
+/// What [`fit_temperature`] minimises over the validation questions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemperatureObjective {
+    /// The cross-entropy of the model-average distribution over every column (each candidate
+    /// and, for LLaVA, the other-answer mass) against the question's target distribution: the
+    /// NLL of the answers. Its optimum weighs the wrong answers whose right answer got almost no
+    /// probability heavily, which can leave the confidence of the answers given off.
+    #[default]
+    Answers,
+    /// The log loss of the confidence: the model-average probability of the answer given
+    /// against that answer's accuracy, the event that ECE, the reliability plot and abstention
+    /// look at (top-label calibration).
+    Confidence,
+}
+
+/// Fits one shared temperature by minimising `objective` over the questions: each is the
+/// particles' rows (every row tempered, [`temper`]) and a target over their columns (the
+/// candidates' accuracies; with `other`, LLaVA's last column is the other-answer mass and the
+/// rest of the target is on it). Golden-section search over log T in [`TEMPERATURE_RANGE`] (the
+/// loss of a tempered softmax average is unimodal in practice; the search returns the best point
+/// it saw). Questions with an empty or all-zero target are left out.
 ///
 /// Refused, saying why, when no question is left, or when the fit runs to an end of the range
-/// (the optimum is at it, or the NLL at the end is as low as at the optimum: a flat minimum):
+/// (the optimum is at it, or the loss at the end is as low as at the optimum: a flat minimum):
 /// the validation answers then favour ever sharper (all right) or ever flatter (all wrong)
 /// probabilities, and a temperature there only makes every confidence 1 or every one alike.
-pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, String> {
+pub fn fit_temperature(
+    questions: &[(&[Vec<f64>], Vec<f64>)],
+    other: bool,
+    objective: TemperatureObjective,
+) -> Result<f64, String> {
     let used: Vec<&(&[Vec<f64>], Vec<f64>)> = questions
         .iter()
         .filter(|(p, q)| !p.is_empty() && q.iter().sum::<f64>() > 0.0)
@@ -410,11 +431,10 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, Str
     if used.is_empty() {
         return Err("no validation question has a right answer among its candidates".into());
     }
-    let nll = |log_t: f64| -> f64 {
-        let t = log_t.exp();
-        used.iter()
-            .map(|(probs, target)| {
-                let tempered = temper(probs, t);
+    let loss = |probs: &[Vec<f64>], target: &[f64], t: f64| -> f64 {
+        let tempered = temper(probs, t);
+        match objective {
+            TemperatureObjective::Answers => {
                 let total: f64 = target.iter().sum();
                 target
                     .iter()
@@ -426,7 +446,26 @@ pub fn fit_temperature(questions: &[(&[Vec<f64>], Vec<f64>)]) -> Result<f64, Str
                         -(w / total) * mean.max(1e-12).ln()
                     })
                     .sum::<f64>()
-            })
+            }
+            TemperatureObjective::Confidence => {
+                let agg = if other {
+                    aggregate_with_other(&tempered)
+                } else {
+                    aggregate(&tempered)
+                };
+                // Rows that are no distribution are refused where they are answered; here
+                // they only add nothing.
+                let Ok(agg) = agg else { return 0.0 };
+                let c = agg.confidence.clamp(1e-12, 1.0 - 1e-12);
+                let a = target.get(agg.best).copied().unwrap_or(0.0).clamp(0.0, 1.0);
+                -(a * c.ln() + (1.0 - a) * (1.0 - c).ln())
+            }
+        }
+    };
+    let nll = |log_t: f64| -> f64 {
+        let t = log_t.exp();
+        used.iter()
+            .map(|(probs, target)| loss(probs, target, t))
             .sum::<f64>()
             / used.len() as f64
     };
@@ -630,13 +669,13 @@ mod tests {
                 .iter()
                 .map(|(p, t)| (p.as_slice(), t.clone()))
                 .collect();
-            let t = fit_temperature(&qs).unwrap();
+            let t = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap();
             assert!(
                 (t.ln() - sharpen.ln()).abs() < 0.15,
                 "sharpened ×{sharpen}: fitted T {t}"
             );
         }
-        assert!(fit_temperature(&[]).is_err());
+        assert!(fit_temperature(&[], false, TemperatureObjective::Answers).is_err());
         // Every answer right (wrong): the NLL falls all the way to the end of the range, which
         // is refused rather than stored.
         let right = vec![vec![0.6, 0.3, 0.1]; 2];
@@ -645,9 +684,48 @@ mod tests {
             (vec![0.0, 0.0, 1.0], "flatter"),
         ] {
             let qs = [(right.as_slice(), target)];
-            let e = fit_temperature(&qs).unwrap_err();
+            let e = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap_err();
             assert!(e.contains(word), "{e}");
         }
+    }
+
+    /// Every question has the same rows, so every confidence is the same number c(T): its log
+    /// loss is least where c(T) is the share of right answers (0.9), whatever the probability
+    /// the wrong answers gave the right one. That probability (1e-4: the wrong questions' right
+    /// answer is the third column) is what the answers' NLL weighs most: it flattens (to
+    /// T ≈ 4.1, c ≈ 0.52), and the confidence falls further below the accuracy.
+    #[test]
+    fn the_confidence_objective_makes_the_confidence_the_accuracy() {
+        let rows = vec![vec![0.7, 0.2999, 0.0001]; 3];
+        let mut qs: Vec<(&[Vec<f64>], Vec<f64>)> = vec![(rows.as_slice(), vec![1.0, 0.0, 0.0]); 9];
+        qs.push((rows.as_slice(), vec![0.0, 0.0, 1.0]));
+        let confidence_at = |t: f64| aggregate(&temper(&rows, t)).unwrap().confidence;
+        let t = fit_temperature(&qs, false, TemperatureObjective::Confidence).unwrap();
+        assert!(t < 1.0, "sharpens: T {t}");
+        assert!(
+            (confidence_at(t) - 0.9).abs() < 1e-3,
+            "T {t}: {}",
+            confidence_at(t)
+        );
+        let t = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap();
+        assert!(
+            t > 1.0 && confidence_at(t) < 0.7,
+            "T {t}: {}",
+            confidence_at(t)
+        );
+        // With LLaVA's other-answer column (not an answer that can be given) the same holds.
+        let with_other = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            rows.iter()
+                .map(|r| r.iter().map(|x| x * 0.9).chain([0.1]).collect())
+                .collect()
+        };
+        let rows = with_other(&rows);
+        let mut qs: Vec<(&[Vec<f64>], Vec<f64>)> =
+            vec![(rows.as_slice(), vec![1.0, 0.0, 0.0, 0.0]); 9];
+        qs.push((rows.as_slice(), vec![0.0, 0.0, 1.0, 0.0]));
+        let t = fit_temperature(&qs, true, TemperatureObjective::Confidence).unwrap();
+        let c = aggregate_with_other(&temper(&rows, t)).unwrap().confidence;
+        assert!((c - 0.9).abs() < 1e-3, "T {t}: {c}");
     }
 
     #[test]
@@ -659,7 +737,7 @@ mod tests {
         let sharp = vec![vec![0.99, 0.005, 0.005]; 4];
         for n in [1, 2, 10] {
             let qs = vec![(sharp.as_slice(), vec![1.0, 0.0, 0.0]); n];
-            let e = fit_temperature(&qs).unwrap_err();
+            let e = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap_err();
             assert!(e.contains("sharper"), "{n} question(s): {e}");
         }
     }

@@ -16,7 +16,7 @@ use crate::answer::candidates::Scored;
 use crate::answer::generate::Sampling;
 use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::{
-    assess, cannot_rank, fit_temperature, Facts, Selector, SELECTOR_NAMES,
+    assess, cannot_rank, fit_temperature, Facts, Selector, TemperatureObjective, SELECTOR_NAMES,
 };
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
@@ -151,8 +151,9 @@ pub struct CalibrateOptions {
     pub ood_val: Option<DataInput>,
     /// Only with [`Objective::TargetRisk`].
     pub guarantee: Guarantee,
-    /// Fit a temperature ([`fit_temperature`]) before everything else.
-    pub temperature: bool,
+    /// Fit a temperature ([`fit_temperature`]) to this objective before everything else (none:
+    /// keep the particles' probabilities).
+    pub temperature: Option<TemperatureObjective>,
     /// Fit an image check ([`ImageCheck`]) on the validation images.
     pub image_check: Option<ImageCheckRequest>,
 }
@@ -183,7 +184,7 @@ impl CalibrateOptions {
             selector: SelectorChoice::Named("confidence"),
             ood_val: None,
             guarantee: Guarantee::None,
-            temperature: false,
+            temperature: None,
             image_check: None,
         }
     }
@@ -434,14 +435,15 @@ pub fn calibrate(
         (Some(input), Some(s)) => answer_all(vqa, input, s, opts)?.0,
         _ => Vec::new(),
     };
-    let (temperature, temperature_skipped) = if opts.temperature {
+    let (temperature, temperature_skipped) = if let Some(objective) = opts.temperature {
         let targets: Vec<Vec<f64>> = val.iter().map(Answered::target).collect();
         let questions: Vec<(&[Vec<f64>], Vec<f64>)> = val
             .iter()
             .zip(targets)
             .map(|(a, t)| (a.scored.probs.as_slice(), t))
             .collect();
-        match fit_temperature(&questions) {
+        let other = val.first().is_some_and(|a| a.scored.other);
+        match fit_temperature(&questions, other, objective) {
             Ok(t) => (Some(t), None),
             Err(why) => (None, Some(why)),
         }

@@ -299,6 +299,11 @@ pub struct CalibrateArgs {
     /// Do not fit a temperature (keep the particles' probabilities as they are).
     #[arg(long)]
     pub no_temperature: bool,
+    /// What the temperature is fitted to: `answers`, the NLL of the model-average distribution
+    /// over the answers; or `confidence`, the log loss of the confidence of the answer given
+    /// against its accuracy (what ECE and abstention look at).
+    #[arg(long, value_enum, default_value_t, conflicts_with = "no_temperature")]
+    pub temperature_objective: crate::answer::selector::TemperatureObjective,
     /// The image check's false-alarm rate: abstain on images farther from the validation images
     /// than all but this share of images like them would be (split conformal; needs about 2/α
     /// distinct validation images) [default: 0.01 when there are enough images].
@@ -569,7 +574,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             images: args.ood_val_images.clone(),
         }),
         guarantee,
-        temperature: !args.no_temperature,
+        temperature: (!args.no_temperature).then_some(args.temperature_objective),
         image_check: (!args.no_image_check).then_some(ImageCheckRequest {
             alpha: args
                 .image_check_alpha
@@ -611,7 +616,14 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         outcome.phi.map_or(String::new(), |p| format!(", Φ {p:.4}"))
     )?;
     if let Some(t) = outcome.abstention.temperature {
-        crate::out!("temperature {t:.4} (fitted on the validation questions)")?;
+        crate::out!(
+            "temperature {t:.4} (fitted on the validation questions to their {})",
+            match args.temperature_objective {
+                crate::answer::selector::TemperatureObjective::Answers => "answers' NLL",
+                crate::answer::selector::TemperatureObjective::Confidence =>
+                    "confidence's log loss",
+            }
+        )?;
     }
     if let Some(why) = &outcome.temperature_skipped {
         crate::out!("no temperature (the probabilities are kept as they are): {why}")?;

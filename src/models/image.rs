@@ -140,11 +140,34 @@ fn image_format(bytes: &[u8], name: &str) -> Result<image::ImageFormat> {
              {SUPPORTED_IMAGE_FORMATS}): convert it to PNG or JPEG"
         );
     }
-    image::guess_format(bytes).map_err(|_| {
+    let format = image::guess_format(bytes).map_err(|_| {
         anyhow!(
             "{name} is not an image in a supported format (supported: {SUPPORTED_IMAGE_FORMATS})"
         )
-    })
+    })?;
+    // The BMP decoder refuses sides past 65 535 as an error of its own, read as a damaged file:
+    // measured here from the header, such a file is too large like any other.
+    if let Some((width, height)) = (format == image::ImageFormat::Bmp)
+        .then(|| bmp_size(bytes))
+        .flatten()
+    {
+        check_image_size(name, width.max(1), height.max(1), MAX_IMAGE_PIXELS)?;
+    }
+    Ok(format)
+}
+
+/// Width and height from a BMP's header (the OS/2 12-byte one, or the Windows ones whose height
+/// is negative for top-down rows).
+fn bmp_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+    match u32_at(14)? {
+        12 => Some((u32::from(u16_at(18)?), u32::from(u16_at(20)?))),
+        _ => Some((
+            (u32_at(18)? as i32).unsigned_abs(),
+            (u32_at(22)? as i32).unsigned_abs(),
+        )),
+    }
 }
 
 /// What a file the image decoders do not know is, from its first bytes, where people give such

@@ -859,6 +859,12 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
     // Some clients write a UTF-8 byte-order mark first.
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_none() {
+        return Err(ApiError::invalid(
+            None,
+            "the request body is empty: send a JSON object {\"model\": …, \"messages\": […]}",
+        ));
+    }
     if first.is_some_and(|&b| b != b'{') {
         return Err(ApiError::invalid(
             None,
