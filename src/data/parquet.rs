@@ -20,7 +20,7 @@
 //!   GQA's questions (lmms-lab/GQA `testdev_balanced_instructions`) have no image but an `imageId`:
 //!   its image is `IMAGE_ID.jpg` in the images folder (or its `images/` folder), as for GQA's JSON,
 //!   or, when `--images` is Parquet (lmms-lab/GQA `testdev_balanced_images`: `id`, `image`; a file
-//!   or one split's shards), the image of the row whose `id` is the `imageId` ([`ImagesFile`]):
+//!   or one split's shards), the image of the row whose `id` is the `imageId` (`ImagesFile`):
 //!   only the images of the questions read are extracted;
 //! - every other column that holds no binary data goes to `extra`, as JSON.
 //!
