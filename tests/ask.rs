@@ -232,8 +232,12 @@ fn bad_input_is_reported_clearly() {
     let source = ModelSource::parse(fixture("llava-tiny-hub").to_str().unwrap()).unwrap();
     let vqa = BellaVqa::load(&source, None, &LoadOptions::default()).unwrap();
     let image = load_image(&fixture("images/square.png")).unwrap();
-    let err = vqa.ask(&image, "   ").unwrap_err().to_string();
-    assert!(err.contains("question is empty"), "{err}");
+    for blank in ["   ", "\u{200B}\u{200D} \u{FEFF}"] {
+        let err = vqa.ask(&image, blank).unwrap_err().to_string();
+        assert!(err.contains("question is empty"), "{blank:?}: {err}");
+    }
+    // A zero-width character inside a question is part of it.
+    vqa.ask(&image, "What\u{200B} color?").unwrap();
 
     let tmp = tempfile::tempdir().unwrap();
     let text = tmp.path().join("photo.jpg");

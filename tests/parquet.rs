@@ -585,43 +585,46 @@ fn samples(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `bench` of the tiny LLaVA on `data` into `out` (embedded images cached under `cache`), which
+/// must succeed: its samples and results.
+fn bench(cache: &Path, data: &Path, out: &Path, extra: &[&str]) -> (Vec<Value>, Value) {
+    let result = bella()
+        .env("BELLA_VQA_CACHE", cache)
+        .args([
+            "bench",
+            "--quiet",
+            "--max-new-tokens",
+            "4",
+            "--bootstrap",
+            "0",
+        ])
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let results: Value =
+        serde_json::from_slice(&fs::read(out.join("results.json")).unwrap()).unwrap();
+    (samples(out), results)
+}
+
 #[test]
 fn bench_answers_a_parquet_file_as_its_jsonl() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let bench = |data: &Path, out: &Path, extra: &[&str]| {
-        let result = bella()
-            .env("BELLA_VQA_CACHE", &cache)
-            .args([
-                "bench",
-                "--quiet",
-                "--max-new-tokens",
-                "4",
-                "--bootstrap",
-                "0",
-            ])
-            .arg("--model")
-            .arg(fixture("llava-tiny-hub"))
-            .arg("--data")
-            .arg(data)
-            .arg("--out")
-            .arg(out)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-        let results: Value =
-            serde_json::from_slice(&fs::read(out.join("results.json")).unwrap()).unwrap();
-        (samples(out), results)
-    };
-    let (from_jsonl, jsonl_results) =
-        bench(&parquet("vqav2.jsonl"), &tmp.path().join("jsonl"), &[]);
+    let run = |data: &Path, out: &Path, extra: &[&str]| bench(&cache, data, out, extra);
+    let (from_jsonl, jsonl_results) = run(&parquet("vqav2.jsonl"), &tmp.path().join("jsonl"), &[]);
     let (from_parquet, parquet_results) =
-        bench(&parquet("vqav2.parquet"), &tmp.path().join("parquet"), &[]);
+        run(&parquet("vqav2.parquet"), &tmp.path().join("parquet"), &[]);
     assert_eq!(from_parquet.len(), 4);
     let without_image = |mut s: Value| {
         s.as_object_mut().unwrap().remove("image");
@@ -640,7 +643,7 @@ fn bench_answers_a_parquet_file_as_its_jsonl() {
     // --limit on the shards: two questions answered, one image extracted (they share it), and
     // the record tells the part from the four questions of the split.
     let _ = fs::remove_dir_all(&cache);
-    let (limited, results) = bench(
+    let (limited, results) = run(
         &parquet("shards"),
         &tmp.path().join("limited"),
         &["--limit", "2"],
@@ -664,33 +667,17 @@ fn bench_joins_gqa_questions_to_their_images_as_parquet() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("out");
-    let result = bella()
-        .env("BELLA_VQA_CACHE", &cache)
-        .args([
-            "bench",
-            "--quiet",
-            "--max-new-tokens",
-            "4",
-            "--bootstrap",
-            "0",
-        ])
-        .args(["--limit", "1"])
-        .arg("--model")
-        .arg(fixture("llava-tiny-hub"))
-        .arg("--data")
-        .arg(parquet("gqa.parquet"))
-        .arg("--images")
-        .arg(parquet("gqa-testdev-images.parquet"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    let (answered, _) = bench(
+        &cache,
+        &parquet("gqa.parquet"),
+        &out,
+        &[
+            "--limit",
+            "1",
+            "--images",
+            parquet("gqa-testdev-images.parquet").to_str().unwrap(),
+        ],
     );
-    let answered = samples(&out);
     assert_eq!(answered.len(), 1);
     assert_eq!(answered[0]["question_id"], "201307251");
     let images = cached(&cache.join("images"));

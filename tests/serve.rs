@@ -527,6 +527,11 @@ fn every_error_class_has_its_status_and_body() {
             "no image",
         ),
         (
+            request(&square, "\u{200B}\u{FEFF} "),
+            "messages[0].content",
+            "zero-width",
+        ),
+        (
             {
                 let mut v = good.clone();
                 v["n"] = 2.into();
