@@ -558,6 +558,24 @@ fn every_error_class_has_its_status_and_body() {
             "stop",
             "at most 4",
         ),
+        (
+            {
+                let mut v = good.clone();
+                v["temperature"] = 1e308.into();
+                v
+            },
+            "temperature",
+            "between 0 and 2, not 1e308",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["seed"] = serde_json::from_str::<Value>("1180591620717411303424").unwrap();
+                v
+            },
+            "seed",
+            "whole number from 0 to 18446744073709551615",
+        ),
     ];
     // Too long an input has OpenAI's code, which front ends look for to trim the history.
     let (s, _, t) = post(

@@ -483,7 +483,7 @@ impl ChatRequest {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::invalid(
                 Some("top_p"),
-                format!("top_p must be in (0, 1], not {top_p}"),
+                format!("top_p must be in (0, 1], not {top_p:?}"),
             ));
         }
         let seed = match &self.seed {
@@ -493,7 +493,11 @@ impl ChatRequest {
             Some(other) => {
                 return Err(ApiError::invalid(
                     Some("seed"),
-                    format!("seed must be an integer, not {other}"),
+                    format!(
+                        "seed must be a whole number from 0 to {} (a negative one is ignored), \
+                         not {other}",
+                        u64::MAX
+                    ),
                 ))
             }
         };
@@ -501,7 +505,7 @@ impl ChatRequest {
             Some(t) if !t.is_finite() || !(0.0..=2.0).contains(&t) => {
                 return Err(ApiError::invalid(
                     Some("temperature"),
-                    format!("temperature must be between 0 and 2, not {t}"),
+                    format!("temperature must be between 0 and 2, not {t:?}"),
                 ))
             }
             // Without a seed every request samples afresh, as in OpenAI's API.
