@@ -147,11 +147,13 @@ fn image_format(bytes: &[u8], name: &str) -> Result<image::ImageFormat> {
     })?;
     // The BMP decoder refuses sides past 65 535 as an error of its own, read as a damaged file:
     // measured here from the header, such a file is too large like any other.
+    // (A header of zero width or height is left to the decoder, as for the other formats.)
     if let Some((width, height)) = (format == image::ImageFormat::Bmp)
         .then(|| bmp_size(bytes))
         .flatten()
+        .filter(|&(w, h)| w > 0 && h > 0)
     {
-        check_image_size(name, width.max(1), height.max(1), MAX_IMAGE_PIXELS)?;
+        check_image_size(name, width, height, MAX_IMAGE_PIXELS)?;
     }
     Ok(format)
 }
