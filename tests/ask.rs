@@ -331,7 +331,10 @@ fn generation_config_eos_ids_end_answers_as_in_transformers() {
         .expect("a bad generation config is refused");
     let text = format!("{err:#}");
     assert!(
-        text.contains("generation_config.json") && text.contains("eos_token_id"),
+        text.contains("generation_config.json")
+            && text.contains("eos_token_id")
+            && text.contains("a token id (a whole number from 0) or a list of them")
+            && !text.contains("untagged"),
         "{text}"
     );
 }

@@ -1278,11 +1278,24 @@ fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
     assert!(text.contains("question 1 is a string"), "{text}");
     assert_eq!(read_dataset(&gqa, None, None, &SKIP).unwrap().len(), 1);
     // What cannot be read says what to do.
-    let cases: [(&str, &[u8], &str); 4] = [
-        ("empty.json", b"{}", "holds no questions"),
-        ("data.csv", b"question,image\n", "write our JSONL"),
-        ("data.parquet", b"PAR1", "truncated or damaged Parquet"),
-        ("utf16.json", b"\xff\xfe[\x00]\x00", "save it as UTF-8"),
+    // UTF-16 without a byte-order mark reads as UTF-8 with NULs (Windows' "Unicode" save).
+    let utf16 =
+        |text: &str| -> Vec<u8> { text.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let line = r#"{"question_id": 1, "question": "What?", "image": "a.png", "answers": ["red"]}"#;
+    let no_bom = "looks like UTF-16 without a byte-order mark; save it as UTF-8";
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty.json", b"{}".to_vec(), "holds no questions"),
+        ("data.csv", b"question,image\n".to_vec(), "write our JSONL"),
+        ("data.parquet", b"PAR1".to_vec(), "truncated or damaged Parquet"),
+        ("utf16.json", b"\xff\xfe[\x00]\x00".to_vec(), "save it as UTF-8"),
+        ("utf16-no-bom.json", utf16(&format!("[{line}]")), no_bom),
+        ("utf16-no-bom.jsonl", utf16(&format!("{line}\n")), no_bom),
+        (
+            "nul-image.jsonl",
+            br#"{"question_id": 1, "question": "What?", "image": "a\u0000.png", "answers": ["red"]}"#
+                .to_vec(),
+            r#"field "image" "a\0.png" holds a NUL character"#,
+        ),
     ];
     for (name, content, expected) in cases {
         let path = dir.path().join(name);

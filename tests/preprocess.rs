@@ -1006,3 +1006,41 @@ fn files_people_give_as_images_are_named_with_what_to_do() {
         }
     }
 }
+
+#[test]
+fn jpegs_of_a_kind_the_decoder_cannot_read_are_named_by_kind() {
+    // An ordinary 8-bit baseline JPEG, then its start-of-frame patched to the kinds people meet:
+    // 12-bit (medical and raw-converter exports), arithmetic-coded, lossless.
+    let mut bytes = Vec::new();
+    let image = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(8, 8, Rgb([200u8, 30, 30])));
+    image
+        .write_with_encoder(image::codecs::jpeg::JpegEncoder::new(&mut bytes))
+        .unwrap();
+    let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("scan.jpg");
+    decode_image(&bytes, "scan.jpg", u64::MAX).unwrap();
+    for (marker, precision, kind) in [
+        (0xC1, 12, "a 12-bit JPEG"),
+        (0xC9, 8, "an arithmetic-coded JPEG"),
+        (0xC3, 8, "a lossless JPEG"),
+    ] {
+        let mut patched = bytes.clone();
+        patched[sof + 1] = marker;
+        patched[sof + 4] = precision;
+        std::fs::write(&file, &patched).unwrap();
+        for err in [
+            decode_image(&patched, "scan.jpg", u64::MAX).unwrap_err(),
+            load_image(&file).unwrap_err(),
+            bella_vqa::models::image::image_file_size(&file).unwrap_err(),
+        ] {
+            let err = format!("{err:#}");
+            assert!(
+                err.contains(&format!(
+                    "scan.jpg is {kind}, which this reader does not support"
+                )) && err.ends_with("convert it to PNG or to an ordinary 8-bit JPEG"),
+                "{err}"
+            );
+        }
+    }
+}

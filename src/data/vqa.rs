@@ -87,6 +87,12 @@ impl VqaExample {
                     s.chars().take(24).collect::<String>()
                 ))
             }
+            Some(Value::String(s)) if s.contains('\0') => {
+                return Err(format!(
+                    "field \"image\" {s:?} holds a NUL character, which no file name can; give \
+                     the image file's path"
+                ))
+            }
             Some(Value::String(s)) if !s.trim().is_empty() => PathBuf::from(s),
             Some(Value::String(_)) => {
                 return Err("field \"image\" is empty; give the image file's path".into())
@@ -352,6 +358,11 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
         }
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
+            // JSON has no NUL outside strings (and escapes it within): UTF-16 read as UTF-8.
+            Err(_) if text.contains('\0') => {
+                c.bad(path, line, NUL_BYTES.into())?;
+                continue;
+            }
             Err(e) => {
                 c.bad(
                     path,
@@ -1546,8 +1557,16 @@ pub(super) fn read_json_text(path: &Path) -> anyhow::Result<String> {
     if text.starts_with('\u{feff}') {
         text.drain(..'\u{feff}'.len_utf8());
     }
+    if text.contains('\0') {
+        bail!("data file {}: {NUL_BYTES}", path.display());
+    }
     Ok(text)
 }
+
+/// What a data file with NUL bytes is told: JSON holds none (a NUL in a string is escaped), and
+/// UTF-16 text without a byte-order mark reads as UTF-8 with a NUL beside every ASCII character.
+const NUL_BYTES: &str = "the text holds NUL bytes, which JSON never does: the file looks like \
+                         UTF-16 without a byte-order mark; save it as UTF-8";
 
 /// The top level of a JSON data file, its entries left as unparsed slices of the file's text:
 /// a VQAv2 annotations file of 170 MB costs its text and one small record at a time, not the

@@ -183,7 +183,10 @@ impl Default for LlamaConfig {
 
 /// `eos_token_id` may be one id or a list.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a token id (a whole number from 0) or a list of them"
+)]
 pub enum EosTokenId {
     One(u32),
     Many(Vec<u32>),

@@ -95,6 +95,15 @@ pub fn image_file_size(path: &Path) -> Result<(u32, u32)> {
     if format == image::ImageFormat::Png {
         check_png_profile(&mut reader, &name)?;
     }
+    if format == image::ImageFormat::Jpeg {
+        // The frame header follows the metadata segments (an EXIF block is up to 64 KiB).
+        std::io::Seek::rewind(&mut reader)
+            .with_context(|| format!("cannot read image file {name}"))?;
+        let mut head = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut reader, 1 << 18), &mut head)
+            .with_context(|| format!("cannot read image file {name}"))?;
+        check_jpeg_frame(&head, &name)?;
+    }
     std::io::Seek::rewind(&mut reader).with_context(|| format!("cannot read image file {name}"))?;
     let (width, height) = ImageReader::with_format(reader, format)
         .into_dimensions()
@@ -109,6 +118,9 @@ pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32
     let format = image_format(bytes, name)?;
     if format == image::ImageFormat::Png {
         check_png_profile(&mut std::io::Cursor::new(bytes), name)?;
+    }
+    if format == image::ImageFormat::Jpeg {
+        check_jpeg_frame(bytes, name)?;
     }
     let (width, height) = ImageReader::with_format(std::io::Cursor::new(bytes), format)
         .into_dimensions()
@@ -360,6 +372,54 @@ fn check_png_profile<R: std::io::Read + std::io::Seek>(png: &mut R, name: &str) 
             .with_context(read_error)?;
     }
     Ok(())
+}
+
+/// Refuses a JPEG whose frame this decoder cannot read (it reads 8-bit baseline, extended
+/// sequential and progressive Huffman-coded frames), naming the kind, from its start-of-frame
+/// marker; data where no frame header is found (not a JPEG, or past the bytes given) passes.
+fn check_jpeg_frame(b: &[u8], name: &str) -> Result<()> {
+    let Some((marker, precision)) = jpeg_frame(b) else {
+        return Ok(());
+    };
+    let kind = match marker {
+        0xC3 | 0xC7 | 0xCB | 0xCF => "a lossless JPEG".to_string(),
+        0xC5 | 0xC6 | 0xCD | 0xCE => "a hierarchical JPEG".to_string(),
+        0xC9 | 0xCA => "an arithmetic-coded JPEG".to_string(),
+        _ if precision != 8 => format!("a {precision}-bit JPEG"),
+        _ => return Ok(()),
+    };
+    bail!(
+        "{name} is {kind}, which this reader does not support (it reads 8-bit baseline and \
+         progressive JPEGs): convert it to PNG or to an ordinary 8-bit JPEG"
+    )
+}
+
+/// The start-of-frame marker (0xC0–0xCF but DHT, JPG and DAC) of JPEG data `b` and its sample
+/// precision, walking the segments before the first scan.
+fn jpeg_frame(b: &[u8]) -> Option<(u8, u8)> {
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut i = 2;
+    while i + 1 < b.len() {
+        if b[i] != 0xFF || b[i + 1] == 0xFF {
+            i += 1;
+            continue;
+        }
+        let marker = b[i + 1];
+        match marker {
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                return Some((marker, *b.get(i + 4)?));
+            }
+            0xDA | 0xD9 => return None,
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                let len = b.get(i + 2..i + 4)?;
+                i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+            }
+        }
+    }
+    None
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
