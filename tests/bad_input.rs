@@ -608,7 +608,7 @@ fn bad_particle_configs_name_the_file_and_field() {
 }
 
 #[test]
-fn stored_temperatures_and_guarantees_that_cannot_be_are_refused() {
+fn stored_temperatures_maps_and_guarantees_that_cannot_be_are_refused() {
     // calibrate fits the temperature in [0.05, 20]: 1e308 made every confidence 0.5, 1e-300
     // every one 1. A guarantee's numbers must agree with each other.
     let guarantee = |answered: usize, risk: f64, bound: f64, coverage: f64| {
@@ -632,6 +632,16 @@ fn stored_temperatures_and_guarantees_that_cannot_be_are_refused() {
             "temperature",
             0.0.into(),
             "abstention.temperature 0.0 is outside",
+        ),
+        (
+            "confidence_map",
+            serde_json::json!({"kind": "platt", "a": -1.0, "b": 0.0}),
+            "abstention.confidence_map: recalibrate: platt needs a finite a > 0",
+        ),
+        (
+            "confidence_map",
+            serde_json::json!({"kind": "isotonic", "knots": [[0.5, 0.9], [0.4, 0.95]]}),
+            "abstention.confidence_map: recalibrate: isotonic knots must increase strictly",
         ),
         (
             "guarantee",
@@ -680,12 +690,14 @@ fn stored_temperatures_and_guarantees_that_cannot_be_are_refused() {
             "{key} = {value}: {err}"
         );
     }
-    // A consistent guarantee and a temperature in the range load.
+    // A consistent guarantee, a temperature in the range and an increasing map load.
     let dir = tempfile::tempdir().unwrap();
     particle_set(dir.path());
     edit_json(&dir.path().join(CONFIG_FILE), |v| {
         v["abstention"]["guarantee"] = guarantee(8, 0.05, 0.08, 0.8);
         v["abstention"]["temperature"] = 1.1.into();
+        v["abstention"]["confidence_map"] =
+            serde_json::json!({"kind": "platt", "a": 1.2, "b": 0.3});
     });
     BellaVqa::load(
         &ModelSource::Dir(llava_dir()),
@@ -1190,9 +1202,18 @@ fn calibration_rates_out_of_reach_are_refused_with_what_to_ask_instead() {
 fn bench_checks_every_input_before_answering_anything() {
     let data = DataDir::new(&good_lines());
     let path = data.data();
-    let file = path.to_str().unwrap();
+    let ood = data.dir.path().join("ood.jsonl");
+    std::fs::copy(&path, &ood).unwrap();
+    let file = ood.to_str().unwrap();
     let err = fails(&mut bench(&path, &data.out(), &["--ood-data", file, file]));
     assert!(err.contains("names") && err.contains("twice"), "{err}");
+    // The test file itself as OOD questions.
+    let err = fails(&mut bench(
+        &path,
+        &data.out(),
+        &["--ood-data", path.to_str().unwrap()],
+    ));
+    assert!(err.contains("is the --data file"), "{err}");
     // A missing particle directory at the end of --compare: refused before base is answered.
     let missing = data.dir.path().join("no-such-particles");
     let entries = format!("base,{}", missing.display());

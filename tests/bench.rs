@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use bella_vqa::answer::confidence_map::{ConfidenceMap, MapChoice};
 use bella_vqa::answer::selector::Selector;
 use bella_vqa::answer::{AskOptions, BellaVqa, LoadOptions};
 use bella_vqa::bella::particles::{ParticleConfig, ParticleSet};
@@ -1088,7 +1089,7 @@ fn answered_right<'a>(
 }
 
 #[test]
-fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
+fn calibration_fits_a_selector_a_temperature_and_a_confidence_map_that_ask_and_bench_use() {
     let dir = tempfile::tempdir().unwrap();
     make_particles(dir.path());
     let vqa = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
@@ -1108,6 +1109,8 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     opts.max_new_tokens = 4;
     opts.selector = SelectorChoice::Auto;
     opts.temperature = Some(bella_vqa::answer::selector::TemperatureObjective::Answers);
+    // Ten questions are too few for auto to cross-fit a map: ask for one.
+    opts.confidence_map = MapChoice::Isotonic;
     opts.ood_val = Some(DataInput::new(world().join("ood-absent.jsonl")));
     let outcome = calibrate(&vqa, dir.path(), &opts).unwrap();
     let names: Vec<&str> = outcome
@@ -1137,6 +1140,18 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
         best.selector.name()
     );
     assert_eq!(config["abstention"]["temperature"], t);
+    let map: ConfidenceMap =
+        serde_json::from_value(config["abstention"]["confidence_map"].clone()).unwrap();
+    assert_eq!(Some(&map), outcome.abstention.confidence_map.as_ref());
+    assert_eq!(map.name(), "isotonic");
+    // Platt's smoothed targets keep it claiming no certainty ten questions cannot show: within
+    // [1/(N₋+2), (N₊+1)/(N₊+2)], N₊ + N₋ = 10, both at least 1.
+    let ConfidenceMap::Isotonic { knots } = &map else {
+        panic!("{map:?}")
+    };
+    assert!(knots
+        .iter()
+        .all(|k| (1.0 / 11.0..=10.0 / 11.0).contains(&k[1])));
 
     // ask and bench score with the stored selector at the stored temperature.
     let calibrated = BellaVqa::load(&source(), Some(dir.path()), &LoadOptions::default()).unwrap();
@@ -1148,6 +1163,9 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     assert_eq!(r.selector, best.selector.name());
     assert_eq!(r.abstained, r.score < r.threshold);
     assert_eq!(r.threshold, outcome.abstention.threshold);
+    // The confidence shown is the stored map of the model average (the top candidate's
+    // probability, at the temperature).
+    assert_eq!(r.confidence, map.apply(r.candidates[0].probability));
     let out = tempfile::tempdir().unwrap();
     let mut bench_opts = BenchOptions::new(DataInput::new(&val), out.path());
     bench_opts.max_new_tokens = 4;
@@ -1160,16 +1178,19 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
     assert!(outcome.results.intervals.is_empty());
     for s in samples_of(out.path()) {
         assert_eq!(s["selector"], best.selector.name());
+        let top = s["candidates"][0]["probability"].as_f64().unwrap();
+        assert_eq!(s["confidence"].as_f64().unwrap(), map.apply(top));
         let score = s["score"].as_f64().unwrap();
         assert_eq!(s["abstained"].as_bool().unwrap(), score < r.threshold);
     }
 
-    // A config written before selectors (no selector, no temperature) is the confidence
-    // selector at temperature 1.
+    // A config written before selectors (no selector, no temperature, no map) is the
+    // confidence selector at temperature 1, showing the confidence it scores.
     let mut old = config.clone();
     let a = old["abstention"].as_object_mut().unwrap();
     a.remove("selector");
     a.remove("temperature");
+    a.remove("confidence_map");
     std::fs::write(
         dir.path().join("bella_config.json"),
         serde_json::to_vec_pretty(&old).unwrap(),
@@ -1181,6 +1202,19 @@ fn calibration_fits_a_selector_and_a_temperature_that_ask_and_bench_use() {
         .ask_with(&load_image(&e.image).unwrap(), &e.question, &ask)
         .unwrap();
     assert_eq!((r.selector.as_str(), r.score), ("confidence", r.confidence));
+
+    // The confidence selector scores the confidence shown: through the (increasing) map it answers
+    // the same questions, at the threshold the map makes of the one it would have without.
+    let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetCoverage(0.5));
+    opts.max_new_tokens = 4;
+    opts.dry_run = true;
+    let without = calibrate(&vqa, dir.path(), &opts).unwrap();
+    opts.confidence_map = MapChoice::Isotonic;
+    let with = calibrate(&vqa, dir.path(), &opts).unwrap();
+    let map = with.abstention.confidence_map.as_ref().unwrap();
+    assert!(without.abstention.confidence_map.is_none());
+    assert_eq!(with.coverage, without.coverage);
+    assert!((with.abstention.threshold - map.apply(without.abstention.threshold)).abs() < 1e-12);
 
     // Ten questions cannot support a 5 % risk with 90 % confidence.
     let mut opts = CalibrateOptions::new(DataInput::new(&val), Objective::TargetRisk(0.05));
@@ -1239,6 +1273,19 @@ fn command_line_bench_shards_merge_and_calibrate() {
     let whole = tmp.path().join("whole");
     let (ok, _, err) = output(&mut bench_cmd(&whole, &["--bootstrap", "50"]));
     assert!(ok, "{err}");
+    // The validation file again as OOD questions (written through `..`): refused before the
+    // model load, nothing written.
+    let same = tmp.path().join("same");
+    let val_again = w.join("..").join(w.file_name().unwrap()).join("val.jsonl");
+    let (ok, _, err) = output(&mut bench_cmd(
+        &same,
+        &["--ood-data", val_again.to_str().unwrap()],
+    ));
+    assert!(
+        !ok && err.contains("is the --val file: its questions would count as both in and out"),
+        "{err}"
+    );
+    assert!(!same.exists());
     let mut shard_dirs = Vec::new();
     for i in 0..2 {
         let dir = tmp.path().join(format!("s{i}"));
@@ -1346,6 +1393,22 @@ fn command_line_bench_shards_merge_and_calibrate() {
     let (ok, out, err) = calibrate(&["--selector", "auto", "--objective", "phi1"]);
     assert!(ok, "{err}");
     assert!(out.contains("← chosen") && out.contains("learned") && out.contains("temperature"));
+    // Ten questions are too few to cross-fit a confidence map on five folds: auto shows none;
+    // a named map is fitted on all ten.
+    let maps = "confidence map (Brier, cross-fitted on the validation questions): none ";
+    assert!(
+        out.contains(maps) && out.contains("none 0.") && out.contains("platt —"),
+        "{out}"
+    );
+    // These particles get every validation question wrong: nothing to fit a map to.
+    let (ok, _, err) = calibrate(&["--confidence-map", "platt"]);
+    assert!(
+        !ok && err.contains(
+            "--confidence-map: a confidence map needs validation questions the model gets both \
+             right and wrong (auto keeps no map then, or choose none)"
+        ),
+        "{err}"
+    );
     let (ok, _, err) = calibrate(&["--target-risk", "0.05"]);
     assert!(
         !ok && err.contains("no threshold meets risk 0.05 with confidence 1 − 0.1 on 10 questions"),

@@ -6,7 +6,8 @@ Usage: python3 scripts/demo/results_fresh_test.py WORK_DIR
 Reads WORK_DIR/bench-s<seed>/ (temperature fitted to the answers' NLL) and, where present,
 WORK_DIR/bench-conf-s<seed>/ (fitted with --temperature-objective confidence), each a
 `bench --compare "ensemble=…,base,single=…"` of scripts/demo/particles_seeds.sh with TEST_DATA
-set, and WORK_DIR/<method>[-conf]-s<seed>/calibrate.json for the temperatures. Every value and
+set, and WORK_DIR/<method>[-conf]-s<seed>/calibrate.json for the temperatures and the confidence
+maps. Every value and
 interval is the Rust benchmark's (results.json, comparison.json), except conf − acc: the mean
 confidence minus the mean accuracy of the test samples.
 """
@@ -43,8 +44,9 @@ def diff(d, key, digits=3, scale=1.0):
     return f"[{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]{star}"
 
 
-print("| seed | method (temperature objective, T) | acc | ECE | AURC | answered | conf − acc |")
-print("|---|---|---|---|---|---|---|")
+print("| seed | method (temperature objective, T, confidence map) | acc | ECE | Brier | AURC | answered "
+      "| conf − acc |")
+print("|---|---|---|---|---|---|---|---|")
 paired = []
 def order(path):
     return int(path.name.rsplit("-s", 1)[1]), path.name.startswith("bench-conf")
@@ -70,10 +72,13 @@ for bench in sorted(work.glob("bench*-s*"), key=order):
         if method != "base":
             suffix = "-conf" if objective == "confidence" else ""
             cal = load(work / f"{method}{suffix}-s{seed}" / "calibrate.json") or {}
-            t = (cal.get("abstention") or {}).get("temperature")
-            label += f" ({objective}, {t:.3f})" if t else f" ({objective}, none)"
+            abstention = cal.get("abstention") or {}
+            t = abstention.get("temperature")
+            kind = (abstention.get("confidence_map") or {}).get("kind", "none")
+            label += f" ({objective}, {t:.3f}, {kind})" if t else f" ({objective}, none, {kind})"
         print(f"| {seed} | {label} | {cell(r.get('vqa_accuracy'), ci.get('vqa_accuracy'), 100, 1)} | "
-              f"{cell(r.get('ece'), ci.get('ece'))} | {cell(r.get('aurc'), ci.get('aurc'))} | "
+              f"{cell(r.get('ece'), ci.get('ece'))} | {cell(r.get('brier'), ci.get('brier'))} | "
+              f"{cell(r.get('aurc'), ci.get('aurc'))} | "
               f"{cell(r.get('coverage'), ci.get('coverage'), 100, 1)} | {gap * 100:+.1f} |")
     for d in comparison.get("differences", []):
         paired.append((seed, objective, d))
@@ -81,8 +86,8 @@ for bench in sorted(work.glob("bench*-s*"), key=order):
 print()
 print("Paired (method − ensemble), 95 % intervals; * when 0 is outside.")
 print()
-print("| seed | objective | method | acc (points) | ECE | AURC |")
-print("|---|---|---|---|---|---|")
+print("| seed | objective | method | acc (points) | ECE | Brier | AURC |")
+print("|---|---|---|---|---|---|---|")
 for seed, objective, d in paired:
     print(f"| {seed} | {objective} | {d['name']} | {diff(d, 'vqa_accuracy', 1, 100)} | "
-          f"{diff(d, 'ece')} | {diff(d, 'aurc')} |")
+          f"{diff(d, 'ece')} | {diff(d, 'brier')} | {diff(d, 'aurc')} |")

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod candidates;
+pub mod confidence_map;
 pub mod generate;
 pub mod image_check;
 pub mod score;
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use crate::bella::particles::{answers_sha256, ParticleConfig, ParticleSet};
+use crate::bella::particles::{answers_sha256, Abstention, ParticleConfig, ParticleSet};
 use crate::bella::ParticleModel;
 use crate::hub::{HubOptions, ModelFiles, ModelSource};
 use crate::models::compute::ComputeOptions;
@@ -22,6 +23,7 @@ use crate::models::{self, LoadedModel, Model};
 use aggregate::Uncertainty;
 use candidates::{clip_candidates, llava_candidates_batch, ParticleAnswer, Scored};
 use candle_core::Tensor;
+use confidence_map::ConfidenceMap;
 use generate::{GenerateOptions, Sampling};
 use image_check::{ImageCheck, ImageVerdict};
 use selector::Selector;
@@ -227,7 +229,8 @@ pub struct Response {
     /// The score is below the threshold, the image check finds the image unfamiliar, or the
     /// answer says nothing (empty after the VQA normalisation: "", ".", "the").
     pub abstained: bool,
-    /// p̄ of the answer.
+    /// The probability that the answer is right: p̄ of the answer through the calibrated
+    /// confidence map ([`confidence_map`]), p̄ itself without one (`candidates` has p̄).
     pub confidence: f64,
     /// What decides abstention: `score` is compared with `threshold`.
     pub selector: String,
@@ -265,6 +268,8 @@ pub struct BellaVqa {
     selector: Selector,
     /// The calibrated temperature (1 without calibration).
     temperature: f64,
+    /// The calibrated confidence map (none without calibration, or calibrated without one).
+    confidence_map: Option<ConfidenceMap>,
     /// The calibrated image check (none without calibration, or calibrated without one).
     image_check: Option<ImageCheck>,
     /// CLIP: the answer list the calibration was made with
@@ -315,27 +320,28 @@ impl BellaVqa {
     }
 
     /// Wraps a loaded model whose particles (if any) are attached; `set` supplies the calibrated
-    /// threshold, selector and temperature, and the CLIP answer vocabulary.
+    /// rule ([`Self::set_calibration`]) and the CLIP answer vocabulary.
     pub fn from_loaded(loaded: LoadedModel, set: Option<&ParticleSet>) -> Result<Self> {
         let particles = loaded.model.particles()?;
         let mut template = minijinja::Environment::new();
         template.add_template_owned("response", DEFAULT_RESPONSE_TEMPLATE.to_string())?;
-        let abstention = set.and_then(|s| s.config.abstention.as_ref());
-        Ok(Self {
+        let mut vqa = Self {
             particles,
-            calibrated_threshold: abstention.map(|a| a.threshold),
-            // Checked with the config ([`ParticleConfig::validate`]).
-            selector: abstention.map(|a| a.selector.clone()).unwrap_or_default(),
-            temperature: abstention.and_then(|a| a.temperature).unwrap_or(1.0),
-            image_check: abstention.and_then(|a| a.image_check.clone()),
-            calibrated_answers: abstention.and_then(|a| a.answers_sha256.clone()),
+            calibrated_threshold: None,
+            selector: Selector::default(),
+            temperature: 1.0,
+            confidence_map: None,
+            image_check: None,
+            calibrated_answers: None,
             vocabulary_sha256: set
                 .and_then(|s| s.config.answer_vocabulary.as_deref())
                 .map(answers_sha256),
             vocabulary: set.and_then(|s| s.config.answer_vocabulary.clone()),
             loaded,
             template,
-        })
+        };
+        vqa.set_calibration(set.and_then(|s| s.config.abstention.as_ref()));
+        Ok(vqa)
     }
 
     /// Replaces the response template (minijinja; see `prompts/response.jinja` for the variables),
@@ -467,10 +473,16 @@ impl BellaVqa {
         &self.selector
     }
 
-    /// Replaces the selector and the temperature (what `calibrate` stores with the particles).
-    pub fn set_selector(&mut self, selector: Selector, temperature: f64) {
-        self.selector = selector;
-        self.temperature = temperature;
+    /// Replaces the whole calibrated rule (what `calibrate` stores with the particles: threshold,
+    /// selector, temperature, confidence map, image check, answer list); `None`: uncalibrated.
+    /// The rule is used as it is: [`ParticleConfig::validate`] checks a stored one.
+    pub fn set_calibration(&mut self, abstention: Option<&Abstention>) {
+        self.calibrated_threshold = abstention.map(|a| a.threshold);
+        self.selector = abstention.map(|a| a.selector.clone()).unwrap_or_default();
+        self.temperature = abstention.and_then(|a| a.temperature).unwrap_or(1.0);
+        self.confidence_map = abstention.and_then(|a| a.confidence_map.clone());
+        self.image_check = abstention.and_then(|a| a.image_check.clone());
+        self.calibrated_answers = abstention.and_then(|a| a.answers_sha256.clone());
     }
 
     /// The particles' candidates and their P×K matrix for one question, before temperature and
@@ -690,9 +702,11 @@ impl BellaVqa {
             scored.other,
             &scored.candidates,
             self.temperature,
+            self.confidence_map.as_ref(),
         )
         .map_err(anyhow::Error::msg)?;
         let raw_score = self.selector.score(&facts);
+        let confidence = facts.confidence;
         // A score that is not a number (a stored selector from elsewhere) declines, and is
         // recorded as the lowest (JSON has no NaN: it would read back as no score at all).
         let score = if raw_score.is_nan() { 0.0 } else { raw_score };
@@ -723,7 +737,7 @@ impl BellaVqa {
             &self.template,
             &TemplateFacts {
                 answer: &answer,
-                confidence: agg.confidence,
+                confidence,
                 threshold,
                 abstained,
                 unfamiliar_image,
@@ -745,7 +759,7 @@ impl BellaVqa {
         Ok(Response {
             answer,
             abstained,
-            confidence: agg.confidence,
+            confidence,
             selector: self.selector.name().to_string(),
             score,
             threshold,

@@ -12,12 +12,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{aggregate, aggregate_with_other, Aggregate};
+use super::confidence_map::ConfidenceMap;
 use crate::metrics;
 
 /// Everything a selector may look at, for one question.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Facts {
-    /// p̄ of the answer.
+    /// p̄ of the answer, through the calibrated confidence map when there is one (the
+    /// confidence shown).
     pub confidence: f64,
     /// Mutual information between answer and particle (nats).
     pub epistemic: f64,
@@ -111,12 +113,13 @@ pub fn temper(probs: &[Vec<f64>], t: f64) -> Vec<Vec<f64>> {
 }
 
 /// Tempers, aggregates and collects the facts of one question's P×K matrix; `candidates` names
-/// the answer columns.
+/// the answer columns. The facts' confidence goes through `map` (the aggregate keeps p̄).
 pub fn assess(
     probs: &[Vec<f64>],
     other: bool,
     candidates: &[String],
     temperature: f64,
+    map: Option<&ConfidenceMap>,
 ) -> Result<(Aggregate, Facts), String> {
     let tempered = temper(probs, temperature);
     let agg = if other {
@@ -127,7 +130,10 @@ pub fn assess(
     let answer = candidates
         .get(agg.best)
         .ok_or_else(|| format!("no candidate {} among {}", agg.best, candidates.len()))?;
-    let facts = Facts::new(&tempered, other, &agg, answer);
+    let mut facts = Facts::new(&tempered, other, &agg, answer);
+    if let Some(map) = map {
+        facts.confidence = map.apply(facts.confidence);
+    }
     Ok((agg, facts))
 }
 
@@ -251,7 +257,7 @@ impl Logistic {
 }
 
 /// Gaussian elimination with partial pivoting of a small symmetric positive-definite system.
-fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> [f64; N] {
+pub(crate) fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> [f64; N] {
     for c in 0..N {
         let pivot = (c..N)
             .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
@@ -286,7 +292,8 @@ fn solve<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N]) -> [f64; N] {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Selector {
-    /// p̄ of the answer (the Bayesian model average).
+    /// p̄ of the answer (the Bayesian model average), through the calibrated confidence map when
+    /// there is one: the confidence shown.
     #[default]
     Confidence,
     /// exp(−MI): the same order as −MI (less disagreement between particles first), kept in
@@ -555,7 +562,7 @@ mod tests {
         // p1 = (0.9, 0.1), p2 = (0.5, 0.5): p̄ = (0.7, 0.3), answer 0, std of (0.9, 0.5) = 0.2.
         let probs = vec![vec![0.9, 0.1], vec![0.5, 0.5]];
         let cands = vec!["a red one".to_string(), "blue".to_string()];
-        let (agg, f) = assess(&probs, false, &cands, 1.0).unwrap();
+        let (agg, f) = assess(&probs, false, &cands, 1.0, None).unwrap();
         assert_eq!(agg.best, 0);
         assert!((f.answer_std - 0.2).abs() < 1e-12);
         assert_eq!(f.answer_words, 3.0);

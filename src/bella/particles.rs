@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::{Adapter, AdapterSpec, ParticleModel};
+use crate::answer::confidence_map::ConfidenceMap;
 use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::{Selector, TEMPERATURE_RANGE};
 pub use crate::guarantee::RiskGuarantee;
@@ -77,6 +78,10 @@ pub struct Abstention {
     /// (`None`: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    /// The map from the model average's confidence (after the temperature) to the confidence
+    /// shown (`None`: shown as it is). It changes no score and no abstention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_map: Option<ConfidenceMap>,
     /// The finite-sample guarantee the threshold carries, if it was chosen with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarantee: Option<RiskGuarantee>,
@@ -181,7 +186,8 @@ fn stored_threshold_in_range(t: f64) -> bool {
 impl ParticleConfig {
     /// The invariants loading and answering rely on: sizes and α as [`AdapterSpec::validate`]
     /// checks them, at least one layer, a stored threshold in [0, 1], a usable selector, a
-    /// temperature in the range calibrate fits it in and a guarantee whose numbers agree.
+    /// temperature in the range calibrate fits it in, an increasing confidence map and a
+    /// guarantee whose numbers agree.
     pub fn validate(&self) -> Result<()> {
         AdapterSpec {
             targets: self.targets.clone(),
@@ -210,6 +216,11 @@ impl ParticleConfig {
                     "abstention.temperature {t:?} is outside [{lo}, {hi}], the range calibrate fits \
                      it in: recalibrate"
                 );
+            }
+            if let Some(m) = &a.confidence_map {
+                m.check()
+                    .map_err(anyhow::Error::msg)
+                    .context("abstention.confidence_map: recalibrate")?;
             }
             if let Some(g) = &a.guarantee {
                 g.check()

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{read_set, DataInput, EvalSet, Role};
 use crate::answer::candidates::Scored;
+use crate::answer::confidence_map::{self, ConfidenceMap, MapChoice, MapRow};
 use crate::answer::generate::Sampling;
 use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::{
@@ -154,6 +155,8 @@ pub struct CalibrateOptions {
     /// Fit a temperature ([`fit_temperature`]) to this objective before everything else (none:
     /// keep the particles' probabilities).
     pub temperature: Option<TemperatureObjective>,
+    /// The map of the confidence shown, fitted after the temperature ([`confidence_map::choose`]).
+    pub confidence_map: MapChoice,
     /// Fit an image check ([`ImageCheck`]) on the validation images.
     pub image_check: Option<ImageCheckRequest>,
 }
@@ -169,8 +172,9 @@ pub struct ImageCheckRequest {
 }
 
 impl CalibrateOptions {
-    /// Today's behaviour as a library default: the confidence selector, no temperature, the
-    /// empirical threshold (the CLI turns the temperature and the guarantee on).
+    /// Today's behaviour as a library default: the confidence selector, no temperature, no
+    /// confidence map, the empirical threshold (the CLI turns the temperature, the map and the
+    /// guarantee on).
     pub fn new(data: DataInput, objective: Objective) -> Self {
         Self {
             data,
@@ -185,6 +189,7 @@ impl CalibrateOptions {
             ood_val: None,
             guarantee: Guarantee::None,
             temperature: None,
+            confidence_map: MapChoice::None,
             image_check: None,
         }
     }
@@ -238,6 +243,9 @@ pub struct CalibrationOutcome {
     /// Why no temperature was stored although one was asked for (the particles' probabilities
     /// are kept as they are).
     pub temperature_skipped: Option<String>,
+    /// The confidence maps compared on the validation questions (`--confidence-map`).
+    #[serde(default)]
+    pub confidence_maps: Vec<MapRow>,
     /// Why no image check was stored although one was asked for (too few images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_check_skipped: Option<String>,
@@ -335,14 +343,25 @@ fn answer_all(
     Ok((answered, skipped))
 }
 
-/// The facts of every answered question at temperature `t`, with the accuracy of its answer
-/// (`force_error`: 0, a question that must be declined).
-fn facts_of(answered: &[Answered], t: f64, force_error: bool) -> Result<Vec<(Facts, f64)>> {
+/// The facts of every answered question at temperature `t` and through `map`, with the accuracy
+/// of its answer (`force_error`: 0, a question that must be declined).
+fn facts_of(
+    answered: &[Answered],
+    t: f64,
+    map: Option<&ConfidenceMap>,
+    force_error: bool,
+) -> Result<Vec<(Facts, f64)>> {
     answered
         .iter()
         .map(|a| {
-            let (agg, facts) = assess(&a.scored.probs, a.scored.other, &a.scored.candidates, t)
-                .map_err(anyhow::Error::msg)?;
+            let (agg, facts) = assess(
+                &a.scored.probs,
+                a.scored.other,
+                &a.scored.candidates,
+                t,
+                map,
+            )
+            .map_err(anyhow::Error::msg)?;
             Ok((
                 facts,
                 if force_error {
@@ -451,10 +470,23 @@ pub fn calibrate(
         (None, None)
     };
     let t = temperature.unwrap_or(1.0);
-    let (val_facts, acc): (Vec<Facts>, Vec<f64>) = facts_of(&val, t, false)?.into_iter().unzip();
+    // The map is fitted to the model average's confidences; the selectors see them through it.
+    let (val_conf, acc): (Vec<f64>, Vec<f64>) = facts_of(&val, t, None, false)?
+        .into_iter()
+        .map(|(f, a)| (f.confidence, a))
+        .unzip();
+    let (confidence_map, confidence_maps) =
+        confidence_map::choose(opts.confidence_map, &val_conf, &acc, FOLDS).map_err(|why| {
+            anyhow::anyhow!("--confidence-map: {why} (auto keeps no map then, or choose none)")
+        })?;
+    let map = confidence_map.as_ref();
+    let val_facts: Vec<Facts> = facts_of(&val, t, map, false)?
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
     let mut pool_facts = val_facts.clone();
     let mut pool_acc = acc.clone();
-    for (f, a) in facts_of(&ood, t, true)? {
+    for (f, a) in facts_of(&ood, t, map, true)? {
         pool_facts.push(f);
         pool_acc.push(a);
     }
@@ -572,6 +604,7 @@ pub fn calibrate(
         data: Some(crate::io::stored_path(&opts.data.path)),
         selector: chosen,
         temperature,
+        confidence_map,
         guarantee,
         image_check,
         answers_sha256: vqa.answers_sha256().map(str::to_string),
@@ -611,6 +644,7 @@ pub fn calibrate(
         image_flagged,
         image_check_skipped,
         temperature_skipped,
+        confidence_maps,
         training_questions,
         warnings,
     })

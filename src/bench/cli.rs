@@ -1,7 +1,7 @@
 //! The `bench`, `bench merge` and `calibrate` subcommands (clap arguments and their runners), kept
 //! here so that `main.rs` only forwards to them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -304,6 +304,12 @@ pub struct CalibrateArgs {
     /// against its accuracy (what ECE and abstention look at).
     #[arg(long, value_enum, default_value_t, conflicts_with = "no_temperature")]
     pub temperature_objective: crate::answer::selector::TemperatureObjective,
+    /// The map from the model average's confidence (after the temperature) to the confidence
+    /// shown: auto (the lowest cross-fitted Brier score on the validation questions, no map
+    /// included), none, platt (σ(a·logit c + b)) or isotonic (centered isotonic regression). It
+    /// changes no answer and no abstention.
+    #[arg(long, value_enum, default_value_t)]
+    pub confidence_map: crate::answer::confidence_map::MapChoice,
     /// The image check's false-alarm rate: abstain on images farther from the validation images
     /// than all but this share of images like them would be (split conformal; needs about 2/α
     /// distinct validation images) [default: 0.01 when there are enough images].
@@ -399,6 +405,25 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     {
         if !path.exists() {
             bail!("data file {} does not exist", path.display());
+        }
+    }
+    // An OOD file that is the test or validation file would count its questions both as in
+    // and as out of distribution (an OOD AUROC of 0.5 by construction).
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    for ood in &args.ood_data {
+        for (role, path) in
+            std::iter::once(("--data", data)).chain(args.val.iter().map(|v| ("--val", v)))
+        {
+            if same(ood, path) {
+                bail!(
+                    "--ood-data {} is the {role} file: its questions would count as both in and \
+                     out of distribution; give --ood-data questions unlike the {role} ones",
+                    ood.display()
+                );
+            }
         }
     }
     // Results beside particles would mix a run's files into the set (merge refuses it too).
@@ -575,6 +600,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         }),
         guarantee,
         temperature: (!args.no_temperature).then_some(args.temperature_objective),
+        confidence_map: args.confidence_map,
         image_check: (!args.no_image_check).then_some(ImageCheckRequest {
             alpha: args
                 .image_check_alpha
@@ -627,6 +653,26 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     }
     if let Some(why) = &outcome.temperature_skipped {
         crate::out!("no temperature (the probabilities are kept as they are): {why}")?;
+    }
+    if !outcome.confidence_maps.is_empty() {
+        let shown = outcome
+            .abstention
+            .confidence_map
+            .as_ref()
+            .map_or("none", |m| m.name());
+        let rows: Vec<String> = outcome
+            .confidence_maps
+            .iter()
+            .map(|r| {
+                let brier = r.brier.map_or("—".into(), |b| format!("{b:.4}"));
+                let chosen = if r.map == shown { " ← chosen" } else { "" };
+                format!("{} {brier}{chosen}", r.map)
+            })
+            .collect();
+        crate::out!(
+            "confidence map (Brier, cross-fitted on the validation questions): {}",
+            rows.join(", ")
+        )?;
     }
     if let Some(g) = &outcome.abstention.guarantee {
         // The questions whose image the check flags are declined, so not part of the test.

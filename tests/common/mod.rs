@@ -247,6 +247,7 @@ pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstentio
         data: None,
         selector: Default::default(),
         temperature: None,
+        confidence_map: None,
         guarantee: None,
         image_check: None,
         answers_sha256: None,
