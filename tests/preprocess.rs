@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use common::{fixture, max_abs_diff, reference};
 use image::{DynamicImage, ImageBuffer, Rgb, Rgba};
 use serde_json::json;
+use std::path::Path;
 
 fn rgb(width: usize, height: usize, data: Vec<u8>) -> RgbU8 {
     assert_eq!(data.len(), width * height * 3);
@@ -990,20 +991,27 @@ fn files_people_give_as_images_are_named_with_what_to_do() {
             "an SVG drawing",
         ),
     ] {
-        let file = dir.path().join("upload");
-        std::fs::write(&file, &bytes).unwrap();
-        for err in [
-            decode_image(&bytes, "upload", u64::MAX).unwrap_err(),
-            load_image(&file).unwrap_err(),
-            bella_vqa::models::image::image_file_size(&file).unwrap_err(),
-        ] {
-            let err = format!("{err:#}");
-            assert!(
-                err.contains(&format!("upload is {kind}, which bella-vqa cannot read"))
-                    && err.ends_with("convert it to PNG or JPEG"),
-                "{err}"
-            );
-        }
+        refused_by_every_reader(
+            &bytes,
+            &dir.path().join("upload"),
+            &format!("upload is {kind}, which bella-vqa cannot read"),
+            "convert it to PNG or JPEG",
+        );
+    }
+}
+
+/// Decoding `bytes`, loading them from `file` and reading their size from it are all refused
+/// with a message that contains `says` and ends with `ending`.
+fn refused_by_every_reader(bytes: &[u8], file: &Path, says: &str, ending: &str) {
+    std::fs::write(file, bytes).unwrap();
+    let name = file.file_name().unwrap().to_str().unwrap();
+    for err in [
+        decode_image(bytes, name, u64::MAX).unwrap_err(),
+        load_image(file).unwrap_err(),
+        bella_vqa::models::image::image_file_size(file).unwrap_err(),
+    ] {
+        let err = format!("{err:#}");
+        assert!(err.contains(says) && err.ends_with(ending), "{err}");
     }
 }
 
@@ -1028,19 +1036,11 @@ fn jpegs_of_a_kind_the_decoder_cannot_read_are_named_by_kind() {
         let mut patched = bytes.clone();
         patched[sof + 1] = marker;
         patched[sof + 4] = precision;
-        std::fs::write(&file, &patched).unwrap();
-        for err in [
-            decode_image(&patched, "scan.jpg", u64::MAX).unwrap_err(),
-            load_image(&file).unwrap_err(),
-            bella_vqa::models::image::image_file_size(&file).unwrap_err(),
-        ] {
-            let err = format!("{err:#}");
-            assert!(
-                err.contains(&format!(
-                    "scan.jpg is {kind}, which this reader does not support"
-                )) && err.ends_with("convert it to PNG or to an ordinary 8-bit JPEG"),
-                "{err}"
-            );
-        }
+        refused_by_every_reader(
+            &patched,
+            &file,
+            &format!("scan.jpg is {kind}, which this reader does not support"),
+            "convert it to PNG or to an ordinary 8-bit JPEG",
+        );
     }
 }

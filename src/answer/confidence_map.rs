@@ -30,7 +30,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::selector::solve;
+use super::selector::{cross_fit, solve};
 
 /// A fitted map of the confidence (see the module docs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -351,21 +351,14 @@ pub fn choose(
 /// Every question's confidence through `name` fitted on the other folds; `None` when a fold
 /// cannot be fitted (its training part all right or all wrong).
 fn cross_fitted(name: &str, conf: &[f64], acc: &[f64], folds: usize) -> Option<Vec<f64>> {
-    let mut shown = vec![0.0; conf.len()];
-    for fold in 0..folds {
-        let (c, a): (Vec<f64>, Vec<f64>) = conf
-            .iter()
-            .zip(acc)
-            .enumerate()
-            .filter(|(i, _)| i % folds != fold)
-            .map(|(_, (c, a))| (*c, *a))
-            .unzip();
-        let map = ConfidenceMap::fit(name, &c, &a).ok()?;
-        for (i, c) in conf.iter().enumerate().filter(|(i, _)| i % folds == fold) {
-            shown[i] = map.apply(*c);
-        }
-    }
-    Some(shown)
+    cross_fit(
+        conf,
+        acc,
+        folds,
+        |c, a| ConfidenceMap::fit(name, c, a),
+        |map, c| map.apply(*c),
+    )
+    .ok()
 }
 
 #[cfg(test)]

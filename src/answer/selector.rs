@@ -396,6 +396,33 @@ impl Selector {
     }
 }
 
+/// Each item's score from a model fitted on the other `folds` folds (item `i` in fold
+/// `i % folds`): what `calibrate` scores the selectors and the confidence maps with, on questions
+/// they were not fitted on.
+pub fn cross_fit<T: Copy, M, E>(
+    items: &[T],
+    acc: &[f64],
+    folds: usize,
+    fit: impl Fn(&[T], &[f64]) -> Result<M, E>,
+    score: impl Fn(&M, &T) -> f64,
+) -> Result<Vec<f64>, E> {
+    let mut scores = vec![0.0; items.len()];
+    for fold in 0..folds {
+        let (train, train_acc): (Vec<T>, Vec<f64>) = items
+            .iter()
+            .zip(acc)
+            .enumerate()
+            .filter(|(i, _)| i % folds != fold)
+            .map(|(_, (t, a))| (*t, *a))
+            .unzip();
+        let model = fit(&train, &train_acc)?;
+        for (i, item) in items.iter().enumerate().filter(|(i, _)| i % folds == fold) {
+            scores[i] = score(&model, item);
+        }
+    }
+    Ok(scores)
+}
+
 /// The range [`fit_temperature`] searches.
 pub const TEMPERATURE_RANGE: (f64, f64) = (0.05, 20.0);
 

@@ -17,7 +17,8 @@ use crate::answer::confidence_map::{self, ConfidenceMap, MapChoice, MapRow};
 use crate::answer::generate::Sampling;
 use crate::answer::image_check::ImageCheck;
 use crate::answer::selector::{
-    assess, cannot_rank, fit_temperature, Facts, Selector, TemperatureObjective, SELECTOR_NAMES,
+    assess, cannot_rank, cross_fit, fit_temperature, Facts, Selector, TemperatureObjective,
+    SELECTOR_NAMES,
 };
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
@@ -380,21 +381,13 @@ fn cross_fitted_scores(name: &str, facts: &[Facts], acc: &[f64]) -> Result<Vec<f
     if facts.len() < 2 * FOLDS {
         return Ok(Selector::fit(name, facts, acc)?.scores(facts));
     }
-    let mut scores = vec![0.0; facts.len()];
-    for fold in 0..FOLDS {
-        let (train_f, train_a): (Vec<Facts>, Vec<f64>) = facts
-            .iter()
-            .zip(acc)
-            .enumerate()
-            .filter(|(i, _)| i % FOLDS != fold)
-            .map(|(_, (f, a))| (*f, *a))
-            .unzip();
-        let fitted = Selector::fit(name, &train_f, &train_a)?;
-        for (i, f) in facts.iter().enumerate().filter(|(i, _)| i % FOLDS == fold) {
-            scores[i] = fitted.score(f);
-        }
-    }
-    Ok(scores)
+    cross_fit(
+        facts,
+        acc,
+        FOLDS,
+        |f, a| Selector::fit(name, f, a),
+        |selector, f| selector.score(f),
+    )
 }
 
 /// Answers the validation questions with `vqa` (loaded with the particles in `adapters`), fits
