@@ -1393,8 +1393,8 @@ fn command_line_bench_shards_merge_and_calibrate() {
     let (ok, out, err) = calibrate(&["--selector", "auto", "--objective", "phi1"]);
     assert!(ok, "{err}");
     assert!(out.contains("← chosen") && out.contains("learned") && out.contains("temperature"));
-    // Ten questions are too few to cross-fit a confidence map on five folds: auto shows none;
-    // a named map is fitted on all ten.
+    // The maps' table, without a map by default (ten questions are too few to cross-fit one on
+    // five folds anyway); a named map is fitted on all ten.
     let maps = "confidence map (Brier, cross-fitted on the validation questions): none ";
     assert!(
         out.contains(maps) && out.contains("none 0.") && out.contains("platt —"),

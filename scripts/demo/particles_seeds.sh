@@ -16,6 +16,7 @@
 # VAL_SAMPLE (validation questions of each training evaluation, default 64),
 # METHODS (default "single ensemble svgd svgd-rep"), ABSENT_SHARE (the share of training scenes
 # with absent-object questions answered "unanswerable", `data shapes --absent-share`; default 0.15),
+# CONFIDENCE_MAP (calibrate --confidence-map; default none),
 # TEST_DATA (the in-distribution test file of bench; default WORK_DIR/world/test.jsonl), OOD_DATA
 # (bench's OOD files, space-separated; default the world's five OOD splits and the photographs;
 # set to "" for none).
@@ -78,7 +79,8 @@ calibrate() { # method seed: selector auto, temperature, threshold for COVERAGE 
   [ -f "$dir/calibrate.json" ] && return
   log "calibrate $1-s$2"
   $BELLA calibrate --model "$ROOT/demo/llava" --adapters "$dir" --data "$WORK/world/val.jsonl" \
-    "${CAL_LIMIT_ARGS[@]}" --normalize official --selector auto --target-coverage "$COVERAGE" --json --quiet \
+    "${CAL_LIMIT_ARGS[@]}" --normalize official --selector auto --target-coverage "$COVERAGE" \
+    --confidence-map "${CONFIDENCE_MAP:-none}" --json --quiet \
     > "$dir/calibrate.json.tmp"
   mv "$dir/calibrate.json.tmp" "$dir/calibrate.json"
 }

@@ -174,8 +174,8 @@ pub struct ImageCheckRequest {
 
 impl CalibrateOptions {
     /// Today's behaviour as a library default: the confidence selector, no temperature, no
-    /// confidence map, the empirical threshold (the CLI turns the temperature, the map and the
-    /// guarantee on).
+    /// confidence map, the empirical threshold (the CLI turns the temperature and the guarantee
+    /// on).
     pub fn new(data: DataInput, objective: Objective) -> Self {
         Self {
             data,

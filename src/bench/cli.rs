@@ -305,9 +305,10 @@ pub struct CalibrateArgs {
     #[arg(long, value_enum, default_value_t, conflicts_with = "no_temperature")]
     pub temperature_objective: crate::answer::selector::TemperatureObjective,
     /// The map from the model average's confidence (after the temperature) to the confidence
-    /// shown: auto (the lowest cross-fitted Brier score on the validation questions, no map
-    /// included), none, platt (σ(a·logit c + b)) or isotonic (centered isotonic regression). It
-    /// changes no answer and no abstention.
+    /// shown and scored: none, auto (the lowest cross-fitted Brier score on the validation
+    /// questions, none included), platt (σ(a·logit c + b)) or isotonic (centered isotonic
+    /// regression). It changes no answer and no abstention; it calibrates the confidence on
+    /// questions like the validation ones and raises it on unlike ones it declines.
     #[arg(long, value_enum, default_value_t)]
     pub confidence_map: crate::answer::confidence_map::MapChoice,
     /// The image check's false-alarm rate: abstain on images farther from the validation images
