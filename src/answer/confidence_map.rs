@@ -116,7 +116,7 @@ impl ConfidenceMap {
     }
 
     /// Refuses a map this build would misapply (a stored config from elsewhere): it must be
-    /// finite and increasing, with values in [0, 1].
+    /// finite and increasing (isotonic: confidences in [0, 1], values in (0, 1)).
     pub fn check(&self) -> Result<(), String> {
         match self {
             ConfidenceMap::Platt { a, b } => {
@@ -338,17 +338,22 @@ pub fn choose(
         MapChoice::Platt => "platt",
         MapChoice::Isotonic => "isotonic",
         MapChoice::Auto => {
-            let best = rows
+            // Lowest Brier first (none first on ties); a map that its folds could fit but all
+            // the questions cannot (a Platt slope that comes out ≤ 0) gives way to the next.
+            let mut ranked: Vec<(&str, f64)> = rows
                 .iter()
                 .filter_map(|r| Some((r.map.as_str(), r.brier?)))
-                .fold(None, |best: Option<(&str, f64)>, (m, b)| match best {
-                    Some((_, bb)) if bb <= b => best,
-                    _ => Some((m, b)),
-                });
-            match best {
-                Some((name, _)) if name != "none" => name,
-                _ => return Ok((None, rows)),
+                .collect();
+            ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+            for (name, _) in ranked {
+                if name == "none" {
+                    break;
+                }
+                if let Ok(map) = ConfidenceMap::fit(name, conf, acc) {
+                    return Ok((Some(map), rows));
+                }
             }
+            return Ok((None, rows));
         }
     };
     let map = ConfidenceMap::fit(name, conf, acc)?;
@@ -499,6 +504,21 @@ mod tests {
         let (map, _) = choose(MapChoice::Platt, &conf, &acc, 5).unwrap();
         assert_eq!(map.unwrap().name(), "platt");
         assert!(choose(MapChoice::None, &conf, &acc, 5).unwrap().0.is_none());
+    }
+
+    #[test]
+    fn a_confidence_that_falls_with_the_accuracy_gets_no_platt_map_and_auto_no_error() {
+        // Right below 0.5, wrong above: Platt's slope comes out negative.
+        let conf: Vec<f64> = (0..40).map(|i| 0.1 + 0.02 * i as f64).collect();
+        let acc: Vec<f64> = conf.iter().map(|&c| f64::from(c < 0.5)).collect();
+        let e = choose(MapChoice::Platt, &conf, &acc, 5).unwrap_err();
+        assert!(
+            e.contains("the platt fit is unusable: platt needs a finite a > 0"),
+            "{e}"
+        );
+        let (map, rows) = choose(MapChoice::Auto, &conf, &acc, 5).unwrap();
+        assert!(rows.iter().any(|r| r.map == "platt" && r.brier.is_none()));
+        assert!(map.is_none_or(|m| m.name() == "isotonic" && m.check().is_ok()));
     }
 
     #[test]
