@@ -71,8 +71,8 @@ pub const MAP_NAMES: [&str; 3] = ["none", "platt", "isotonic"];
 pub struct MapRow {
     /// One of [`MAP_NAMES`].
     pub map: String,
-    /// Brier score of the cross-fitted map's confidence against the accuracy (`None`: it could
-    /// not be fitted on some fold).
+    /// Brier score of the cross-fitted map's confidence against the accuracy (`None`: too few
+    /// questions to cross-fit, or a fold it could not be fitted on).
     pub brier: Option<f64>,
 }
 

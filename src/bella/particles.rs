@@ -79,7 +79,8 @@ pub struct Abstention {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     /// The map from the model average's confidence (after the temperature) to the confidence
-    /// shown (`None`: shown as it is). It changes no score and no abstention.
+    /// shown and scored (`None`: as it is). Strictly increasing: it changes no answer, ranking or
+    /// abstention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_map: Option<ConfidenceMap>,
     /// The finite-sample guarantee the threshold carries, if it was chosen with one.

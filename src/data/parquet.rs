@@ -951,9 +951,9 @@ impl ImagesFile {
                         let name = format!("{id} ({} row {row})", file.display());
                         let image = match bytes {
                             None => Err(format!(
-                            "its image {name} is not embedded (no bytes); bella-vqa reads GQA's \
-                             images from Parquet only as bytes"
-                        )),
+                                "its image {name} is not embedded (no bytes); bella-vqa reads \
+                                 GQA's images from Parquet only as bytes"
+                            )),
                             Some(bytes) => match extract(bytes, &name, decode_images, cache) {
                                 Ok(path) => Ok(path),
                                 Err(Bad::Io(e)) => return Err(e),
@@ -967,10 +967,10 @@ impl ImagesFile {
                 // Rows the index placed here and the group does not hold: the file changed.
                 for (row, id) in rows {
                     let reason = format!(
-                    "its image {id} ({} row {row}) could not be read (the file changed while it \
-                     was read?)",
-                    file.display()
-                );
+                        "its image {id} ({} row {row}) could not be read (the file changed \
+                         while it was read?)",
+                        file.display()
+                    );
                     self.extracted.insert(id, Err(reason));
                 }
             }

@@ -395,55 +395,46 @@ fn check_jpeg_frame(b: &[u8], name: &str) -> Result<()> {
 }
 
 /// The start-of-frame marker (0xC0–0xCF but DHT, JPG and DAC) of JPEG data `b` and its sample
-/// precision, walking the segments before the first scan.
+/// precision, from the segments before the first scan.
 fn jpeg_frame(b: &[u8]) -> Option<(u8, u8)> {
     if !b.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
-    let mut i = 2;
-    while i + 1 < b.len() {
-        if b[i] != 0xFF || b[i + 1] == 0xFF {
-            i += 1;
-            continue;
-        }
-        let marker = b[i + 1];
-        match marker {
-            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
-                return Some((marker, *b.get(i + 4)?));
-            }
-            0xDA | 0xD9 => return None,
-            0x01 | 0xD0..=0xD7 => i += 2,
-            _ => {
-                let len = b.get(i + 2..i + 4)?;
-                i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
-            }
-        }
-    }
-    None
+    let is_frame = |m: u8| matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC);
+    let (marker, at) = jpeg_markers(b)
+        .take_while(|&(m, _)| m != 0xDA)
+        .find(|&(m, _)| is_frame(m))?;
+    Some((marker, *b.get(at + 4)?))
 }
 
-/// Whether the JPEG data `b` reaches its end-of-image marker. Walks the segments by their
-/// lengths (so an EXIF thumbnail's own end marker does not count) and the entropy-coded data
-/// after each start of scan, where a marker is 0xFF followed by anything but 0x00 (stuffing),
-/// 0xFF (fill) or a restart marker. Data that does not start as a JPEG is left to the decoder.
+/// Whether the JPEG data `b` reaches its end-of-image marker ([`jpeg_markers`], so an EXIF
+/// thumbnail's own end marker does not count). Data that does not start as a JPEG is left to the
+/// decoder.
 fn jpeg_is_complete(b: &[u8]) -> bool {
-    if !b.starts_with(&[0xFF, 0xD8]) {
-        return true;
-    }
+    !b.starts_with(&[0xFF, 0xD8]) || jpeg_markers(b).any(|(m, _)| m == 0xD9)
+}
+
+/// The markers of JPEG data `b` after its start-of-image marker, each with the index of its
+/// 0xFF. Walks the segments by their lengths and the entropy-coded data after each start of scan,
+/// where a marker is 0xFF followed by anything but 0x00 (stuffing), 0xFF (fill) or a restart
+/// marker. Ends after the end-of-image marker, or at a marker whose segment length the data cuts
+/// off, or where the data ends.
+fn jpeg_markers(b: &[u8]) -> impl Iterator<Item = (u8, usize)> + '_ {
     let mut i = 2;
-    while i + 1 < b.len() {
-        if b[i] != 0xFF || b[i + 1] == 0xFF {
+    let mut ended = false;
+    std::iter::from_fn(move || {
+        while !ended && i + 1 < b.len() && (b[i] != 0xFF || b[i + 1] == 0xFF) {
             i += 1; // padding between segments, fill bytes
-            continue;
         }
-        let marker = b[i + 1];
-        match marker {
-            0xD9 => return true,
-            0x01 | 0xD0..=0xD7 => i += 2,
-            _ => {
-                let Some(len) = b.get(i + 2..i + 4) else {
-                    return false;
-                };
+        if ended || i + 1 >= b.len() {
+            return None;
+        }
+        let (at, marker) = (i, b[i + 1]);
+        match (marker, b.get(i + 2..i + 4)) {
+            (0xD9, _) => ended = true,
+            (0x01 | 0xD0..=0xD7, _) => i += 2,
+            (_, None) => ended = true,
+            (_, Some(len)) => {
                 i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
                 if marker == 0xDA {
                     // Entropy-coded data up to the next real marker.
@@ -455,8 +446,8 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
                 }
             }
         }
-    }
-    false
+        Some((marker, at))
+    })
 }
 
 fn check_image_size(name: &str, width: u32, height: u32, max_pixels: u64) -> Result<()> {
