@@ -40,7 +40,7 @@ use crate::models::nn::VarGrads;
 use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
-    clip_particle_nll, clip_vocabulary, encode_example, make_batch, particle_nll, target_answer,
+    clip_particle_nll, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll, target_answer,
     EncodedExample,
 };
 use optim::{clip_per_particle, learning_rate, AdamW};
@@ -573,6 +573,24 @@ pub fn train(
     if train.is_empty() {
         bail!("the training data is empty");
     }
+    // A CLIP answers from its most frequent training answers: questions with another answer
+    // cannot teach it anything right.
+    let clip_kept;
+    let train = if let Model::Clip(_) = &loaded.model {
+        let (kept, left_out) = clip_trainable(train, MAX_CLIP_VOCABULARY);
+        if left_out > 0 && run.progress {
+            crate::note!(
+                "left out {left_out} of {} training questions whose answer is not among the {} \
+                 most frequent training answers, the answers a CLIP can give",
+                train.len(),
+                MAX_CLIP_VOCABULARY
+            );
+        }
+        clip_kept = kept;
+        &clip_kept[..]
+    } else {
+        train
+    };
     let stop = loaded.stop_token_ids();
     // The frozen base's compute, which changes what a step makes of the particles.
     let info = &loaded.info;
@@ -1056,8 +1074,14 @@ impl<'a> Objective<'a> {
                             )
                         })?;
                         let a = normalize_answer(&answer);
-                        // Answers beyond the vocabulary cap fall back to the most frequent one.
-                        Ok(vocabulary.iter().position(|v| *v == a).unwrap_or(0))
+                        // `train` left out the questions beyond the vocabulary (clip_trainable).
+                        vocabulary.iter().position(|v| *v == a).with_context(|| {
+                            format!(
+                                "training question {}: its answer {a:?} is not among the {} most \
+                                 frequent training answers",
+                                ex.question_id, MAX_CLIP_VOCABULARY
+                            )
+                        })
                     })
                     .collect::<Result<_>>()?;
                 Ok(Objective::Clip {

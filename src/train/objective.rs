@@ -89,6 +89,33 @@ mod tests {
         assert_eq!(with_mc("", &[]), None);
         assert_eq!(with_mc(" ", &["red"]).as_deref(), Some("red"));
     }
+
+    #[test]
+    fn clip_trains_only_on_answers_it_can_give() {
+        let mut train: Vec<VqaExample> = ["red", "Red.", "blue", "blue", "green", "teal"]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| VqaExample {
+                question_id: format!("q{i}"),
+                ..example(&[a])
+            })
+            .collect();
+        train.push(VqaExample {
+            question_id: "none".into(),
+            ..example(&[])
+        });
+        // The two most frequent answers: "blue" (2) and "red" (2, with "Red."); "green" and
+        // "teal" (1 each) lie outside. The question without an answer stays, to be refused.
+        assert_eq!(clip_vocabulary(&train, 2), ["blue", "red"]);
+        let (kept, left_out) = clip_trainable(&train, 2);
+        let ids: Vec<&str> = kept.iter().map(|ex| ex.question_id.as_str()).collect();
+        assert_eq!(ids, ["q0", "q1", "q2", "q3", "none"]);
+        assert_eq!(left_out, 2);
+        // The vocabulary of what is kept is the one it was chosen by.
+        assert_eq!(clip_vocabulary(&kept, 2), clip_vocabulary(&train, 2));
+        // A vocabulary that holds every answer leaves nothing out.
+        assert_eq!(clip_trainable(&train, 4).1, 0);
+    }
 }
 
 /// The token ids of one training sequence: prompt, answer, end token.
@@ -237,6 +264,23 @@ pub fn clip_vocabulary(train: &[VqaExample], max: usize) -> Vec<String> {
     let mut vocab: Vec<(String, usize)> = counts.into_iter().collect();
     vocab.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     vocab.into_iter().take(max).map(|(a, _)| a).collect()
+}
+
+/// The training questions a CLIP can learn from: those whose answer is in the vocabulary of the
+/// `max` most frequent training answers ([`clip_vocabulary`], the same vocabulary before and
+/// after), and those without an answer (refused later, by name). A question whose answer lies
+/// outside could never be answered right, and training it towards another answer would teach a
+/// wrong one. Returns them with the number left out.
+pub fn clip_trainable(train: &[VqaExample], max: usize) -> (Vec<VqaExample>, usize) {
+    let vocabulary: std::collections::HashSet<String> =
+        clip_vocabulary(train, max).into_iter().collect();
+    let kept: Vec<VqaExample> = train
+        .iter()
+        .filter(|ex| target_answer(ex).is_none_or(|a| vocabulary.contains(&normalize_answer(&a))))
+        .cloned()
+        .collect();
+    let left_out = train.len() - kept.len();
+    (kept, left_out)
 }
 
 /// What CLIP answers with: its tokenizer, image processor and answer vocabulary.
