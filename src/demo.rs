@@ -91,7 +91,7 @@ fn write_or_find() -> Result<PathBuf> {
         hasher.update(bytes);
     }
     let digest = format!("{:x}", hasher.finalize());
-    let root = crate::io::cache_dir();
+    let root = crate::io::cache_dir()?;
     let dir = root.join(format!("demo-{}", &digest[..16]));
     if dir.join(".complete").exists() && intact(&dir) {
         return Ok(dir);

@@ -140,7 +140,7 @@ impl ModelSource {
         // `--model=~/x` reaches us unexpanded (the shell expands `~` only at a word's start).
         let expanded = s
             .strip_prefix("~/")
-            .zip(std::env::var_os("HOME"))
+            .zip(crate::io::home_dir())
             .map(|(rest, home)| PathBuf::from(home).join(rest));
         let path = expanded.as_deref().unwrap_or(Path::new(s));
         if let Some(model) = demo_model(s) {
@@ -358,7 +358,8 @@ impl HubOptions {
     }
 
     /// Options from a variable lookup (`from_env` uses `std::env::var`); empty values count as
-    /// unset. The only side effect is reading the token file when no token variable is set.
+    /// unset. The only side effects are reading the token file when no token variable is set, and
+    /// the password database's home when the lookup has no HOME or USERPROFILE.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let get = |key: &str| {
             lookup(key)
@@ -368,6 +369,7 @@ impl HubOptions {
         let home = get("HOME")
             .or_else(|| get("USERPROFILE"))
             .map(PathBuf::from)
+            .or_else(crate::io::home_dir)
             .unwrap_or_else(std::env::temp_dir);
         // As huggingface_hub reads its paths: `expandvars(expanduser(value))`.
         let expand = |p: String| -> PathBuf {

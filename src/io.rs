@@ -770,19 +770,30 @@ pub fn stored_model_source(model: &str) -> String {
     }
 }
 
-/// This program's cache directory: `$BELLA_VQA_CACHE`, else `~/.cache/bella-vqa`, else (no
-/// HOME) `bella-vqa` in the temporary directory (the demo model and the file-hash cache live
-/// there).
-pub fn cache_dir() -> PathBuf {
+/// This program's cache directory (the demo model, file hashes, quantized weights, images
+/// extracted from Parquet): `$BELLA_VQA_CACHE`, else `.cache/bella-vqa` in the user's home
+/// (`$HOME`, else the password database's, as Python's `expanduser` finds it). Never a folder
+/// shared with other users: with no home at all it is an error that says to set the variable.
+pub fn cache_dir() -> Result<PathBuf> {
+    cache_dir_from(std::env::var_os("BELLA_VQA_CACHE"), home_dir())
+}
+
+/// [`cache_dir`] from the variable's value and the home directory.
+fn cache_dir_from(variable: Option<std::ffi::OsString>, home: Option<PathBuf>) -> Result<PathBuf> {
     // An empty variable is unset (it meant the current directory), as for HOME.
-    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    match set("BELLA_VQA_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => set("HOME").map_or_else(
-            || std::env::temp_dir().join("bella-vqa"),
-            |h| PathBuf::from(h).join(".cache/bella-vqa"),
+    match variable.filter(|v| !v.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => home.map(|h| h.join(".cache/bella-vqa")).context(
+            "no home directory for the cache (HOME is unset or empty and this user has none in the \
+             password database): set BELLA_VQA_CACHE to a folder of yours",
         ),
     }
+}
+
+/// The user's home: `$HOME` when set and not empty, else the password database's entry for this
+/// user (what `std::env::home_dir` does on Unix); `None` when neither has one.
+pub fn home_dir() -> Option<PathBuf> {
+    std::env::home_dir().filter(|h| !h.as_os_str().is_empty())
 }
 
 /// The sha256 of a file, remembered in [`cache_dir`]`/file-hashes.json` under its canonical path,
@@ -790,7 +801,7 @@ pub fn cache_dir() -> PathBuf {
 /// back), so checking particles against a 14 GB base hashes it once, not at every load. A
 /// changed file is hashed again, even one rewritten in place with its old size and time.
 pub fn sha256_file_cached(path: &Path) -> Result<String> {
-    sha256_file_cached_in(path, &cache_dir().join("file-hashes.json"))
+    sha256_file_cached_in(path, &cache_dir()?.join("file-hashes.json"))
 }
 
 /// [`sha256_file_cached`] with the cache file given. The cache is best effort: an unreadable or
@@ -1131,5 +1142,22 @@ mod tests {
             sha256_file(&path).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn the_cache_is_never_a_folder_shared_with_other_users() {
+        let home = || Some(PathBuf::from("/home/ann"));
+        let dir = |v: Option<&str>, h: Option<PathBuf>| cache_dir_from(v.map(Into::into), h);
+        assert_eq!(dir(Some("/c"), home()).unwrap(), Path::new("/c"));
+        assert_eq!(dir(Some("/c"), None).unwrap(), Path::new("/c"));
+        // An empty variable is unset.
+        assert_eq!(
+            dir(Some(""), home()).unwrap(),
+            Path::new("/home/ann/.cache/bella-vqa")
+        );
+        // No home: an error naming the way out, not the temporary directory.
+        let err = dir(None, None).unwrap_err().to_string();
+        assert!(err.contains("set BELLA_VQA_CACHE"), "{err}");
+        assert!(dir(Some(""), None).is_err());
     }
 }

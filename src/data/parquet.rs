@@ -53,8 +53,8 @@ use super::vqa::{
 use super::vqa::{VqaExample, MAX_ANSWERS};
 
 /// Where embedded images are extracted: `<cache>/images` ([`crate::io::cache_dir`]).
-pub fn image_cache() -> PathBuf {
-    crate::io::cache_dir().join("images")
+pub fn image_cache() -> anyhow::Result<PathBuf> {
+    Ok(crate::io::cache_dir()?.join("images"))
 }
 
 /// Whether `path` is read by this reader: a `.parquet` file, or a folder of them (directly or

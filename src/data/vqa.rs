@@ -972,7 +972,7 @@ pub fn read_dataset_up_to(
         .map(str::to_ascii_lowercase);
     if ext.as_deref() == Some("parquet") || (path.is_dir() && super::parquet::is_parquet(path)) {
         refuse_annotations(path, annotations, "Parquet")?;
-        let cache = super::parquet::image_cache();
+        let cache = super::parquet::image_cache()?;
         return super::parquet::read_parquet(path, image_dir, opts, limit, &cache);
     }
     match ext.as_deref() {

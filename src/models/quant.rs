@@ -132,10 +132,11 @@ impl Quantize {
             .sum()
     }
 
-    fn cache_root(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(|| crate::io::cache_dir().join("quantized"))
+    fn cache_root(&self) -> anyhow::Result<PathBuf> {
+        match &self.cache_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => Ok(crate::io::cache_dir()?.join("quantized")),
+        }
     }
 }
 
@@ -288,7 +289,7 @@ impl Quantizer {
         }
         let key = format!("{:x}", h.finalize());
         let path = opts
-            .cache_root()
+            .cache_root()?
             .join(format!("{}.{}.gguf", &key[..32], opts.kind));
         let (cached, rejected) = if path.exists() {
             match read_cache(&path, &key, device) {
