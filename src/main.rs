@@ -451,19 +451,10 @@ impl VqaArgs {
     /// model load (minutes for a real one), nor a server that says it listens and then stops.
     fn inputs(&self, hub: HubOptions, threshold_given: bool) -> Result<VqaInputs> {
         let model = self.model_name()?;
-        if self.model.model.is_none() && hub.progress {
-            if let Some(m) = &model {
-                note!("base model {m}: the one the particles were trained on (--model to choose)");
-            }
-        }
         let source = match (&self.model.model, &self.adapters) {
-            (None, Some(dir)) => self.model.source_of(model.as_deref()).with_context(|| {
-                format!(
-                    "the base model of the particles in {} (base_model.source of their \
-                     bella_config.json) cannot be found: pass --model DIR or a hub id",
-                    dir.display()
-                )
-            })?,
+            (None, Some(dir)) => {
+                bella_vqa::bench::cli::particles_base(dir, &self.model.revision, !hub.progress)?.1
+            }
             _ => self.model.source()?,
         };
         let opts = LoadOptions {

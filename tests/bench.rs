@@ -1416,6 +1416,24 @@ fn command_line_bench_shards_merge_and_calibrate() {
     );
     let (ok, out, err) = calibrate(&["--target-risk", "0.05", "--guarantee", "none"]);
     assert!(ok && !out.contains("guarantee"), "{err}");
+    // Without --model: the base model the particles were trained on, said so (as ask does).
+    let (ok, without, err) = output(
+        bella()
+            .args(["calibrate", "--dry-run", "--max-new-tokens", "4"])
+            .args(["--target-risk", "0.05", "--guarantee", "none", "--adapters"])
+            .arg(&adapters)
+            .arg("--data")
+            .arg(w.join("val.jsonl")),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "base model {}: the one the particles were trained on",
+            model.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(without, out);
 }
 
 #[test]

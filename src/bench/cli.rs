@@ -109,8 +109,9 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
     /// A hub id (`org/name[@revision]`), a local directory in the Hugging Face layout, or `demo`
-    /// (the embedded demo LLaVA; `demo:clip` its CLIP).
-    #[arg(long, required = true)]
+    /// (the embedded demo LLaVA; `demo:clip` its CLIP); with --adapters, by default the base
+    /// model the particles were trained on.
+    #[arg(long, required_unless_present = "adapters")]
     pub model: Option<String>,
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
@@ -220,9 +221,10 @@ pub enum BenchCommand {
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
     /// A hub id (`org/name[@revision]`), a local directory in the Hugging Face layout, or `demo`
-    /// (the embedded demo LLaVA; `demo:clip` its CLIP).
+    /// (the embedded demo LLaVA; `demo:clip` its CLIP); by default the base model the particles
+    /// were trained on.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Hub revision; overrides `@revision` in --model.
     #[arg(long)]
     pub revision: Option<String>,
@@ -329,6 +331,30 @@ fn model_source(model: &str, revision: &Option<String>) -> Result<ModelSource> {
     Ok(source)
 }
 
+/// The base model the particles in `adapters` were trained on, as a `--model` argument, for a
+/// command given particles and no `--model` (as PEFT's `AutoPeftModel` loads an adapter's
+/// `base_model_name_or_path`), and its source; said on stderr unless `quiet`.
+pub fn particles_base(
+    adapters: &Path,
+    revision: &Option<String>,
+    quiet: bool,
+) -> Result<(String, ModelSource)> {
+    let model = crate::bella::particles::ParticleSet::read_config(adapters)?
+        .base_model
+        .model_arg();
+    let source = model_source(&model, revision).with_context(|| {
+        format!(
+            "the base model of the particles in {} (base_model.source of their \
+             bella_config.json) cannot be found: pass --model DIR or a hub id",
+            adapters.display()
+        )
+    })?;
+    if !quiet {
+        crate::note!("base model {model}: the one the particles were trained on (--model to choose)");
+    }
+    Ok((model, source))
+}
+
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     if let Some(BenchCommand::Merge {
@@ -357,9 +383,15 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let (Some(model), Some(data), Some(out)) = (&args.model, &args.data, &args.out) else {
-        bail!("bench needs --model, --data and --out");
+    let (Some(data), Some(out)) = (&args.data, &args.out) else {
+        bail!("bench needs --data and --out");
     };
+    let (model, source) = match (&args.model, &args.adapters) {
+        (Some(model), _) => (model.clone(), model_source(model, &args.revision)?),
+        (None, Some(adapters)) => particles_base(adapters, &args.revision, quiet)?,
+        (None, None) => bail!("bench needs --model (or --adapters, whose base model it takes)"),
+    };
+    let model = &model;
     crate::interrupt::watch("after the question in progress; every answer so far is kept")?;
     let spec = ModelSpec {
         source: crate::io::stored_model_source(model),
@@ -436,7 +468,6 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         );
     }
     let _lock = crate::io::OutputLock::acquire(out)?;
-    let source = model_source(model, &args.revision)?;
     let answers = match &args.answers {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
@@ -569,7 +600,10 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         .then(|| crate::io::OutputLock::acquire(&args.adapters))
         .transpose()
         .context("calibrate stores the threshold with the particles (--dry-run only reports it)")?;
-    let source = model_source(&args.model, &args.revision)?;
+    let source = match &args.model {
+        Some(model) => model_source(model, &args.revision)?,
+        None => particles_base(&args.adapters, &args.revision, quiet)?.1,
+    };
     let load = LoadOptions {
         hub,
         compute: args.compute.options(),
