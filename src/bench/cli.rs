@@ -386,18 +386,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(data), Some(out)) = (&args.data, &args.out) else {
         bail!("bench needs --data and --out");
     };
-    let (model, source) = match (&args.model, &args.adapters) {
-        (Some(model), _) => (model.clone(), model_source(model, &args.revision)?),
-        (None, Some(adapters)) => particles_base(adapters, &args.revision, quiet)?,
-        (None, None) => bail!("bench needs --model (or --adapters, whose base model it takes)"),
-    };
-    let model = &model;
     crate::interrupt::watch("after the question in progress; every answer so far is kept")?;
-    let spec = ModelSpec {
-        source: crate::io::stored_model_source(model),
-        adapters: args.adapters.clone(),
-        answers_file: args.answers.clone(),
-    };
     let opts = BenchOptions {
         data: DataInput {
             path: data.clone(),
@@ -468,6 +457,17 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         );
     }
     let _lock = crate::io::OutputLock::acquire(out)?;
+    let (model, source) = match (&args.model, &args.adapters) {
+        (Some(model), _) => (model.clone(), model_source(model, &args.revision)?),
+        (None, Some(adapters)) => particles_base(adapters, &args.revision, quiet)?,
+        (None, None) => bail!("bench needs --model (or --adapters, whose base model it takes)"),
+    };
+    let model = &model;
+    let spec = ModelSpec {
+        source: crate::io::stored_model_source(model),
+        adapters: args.adapters.clone(),
+        answers_file: args.answers.clone(),
+    };
     let answers = match &args.answers {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
