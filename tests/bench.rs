@@ -580,6 +580,69 @@ fn an_interrupted_run_resumes_without_losing_or_duplicating_answers() {
 }
 
 #[test]
+fn a_question_whose_image_changed_is_answered_again_when_the_run_continues() {
+    let w = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 10,
+        ..ShapesOptions::new(w.path())
+    })
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let opts = data_only_options(out.path(), &w.path().join("test.jsonl"));
+    run(&opts);
+    let before = keyed(samples_of(out.path()));
+    let sha = |p: &str| bella_vqa::io::sha256_file(Path::new(p)).unwrap();
+    for s in before.values() {
+        let image = s["image"].as_str().unwrap();
+        assert_eq!(s["image_sha256"].as_str().unwrap(), sha(image));
+    }
+    // Another picture under the first question's image name.
+    let first = before.values().next().unwrap()["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = before
+        .values()
+        .map(|s| s["image"].as_str().unwrap().to_string())
+        .find(|i| sha(i) != sha(&first))
+        .unwrap();
+    let original = std::fs::read(&first).unwrap();
+    std::fs::copy(&other, &first).unwrap();
+    let changed = before.values().filter(|s| s["image"] == first).count();
+    let again = run(&opts);
+    assert_eq!(again.answered_now, changed);
+    assert_eq!(again.resumed, before.len() - changed);
+    let after = keyed(samples_of(out.path()));
+    assert_eq!(after.len(), before.len());
+    for (key, s) in &after {
+        if s["image"] == first {
+            assert_eq!(s["image_sha256"].as_str().unwrap(), sha(&other));
+        } else {
+            assert_eq!(
+                s, &before[key],
+                "an answer about an unchanged image was redone"
+            );
+        }
+    }
+    // Nothing changed since: nothing to answer.
+    assert_eq!(run(&opts).answered_now, 0);
+    // Answers recorded before samples held the hash are kept as they are.
+    let path = out.path().join("samples.jsonl");
+    let old: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("image_sha256");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&path, &old).unwrap();
+    std::fs::write(&first, original).unwrap();
+    assert_eq!(run(&opts).answered_now, 0);
+}
+
+#[test]
 fn a_bad_line_in_the_middle_of_the_samples_is_an_error_not_a_silent_loss() {
     let out = tempfile::tempdir().unwrap();
     let mut opts = options(out.path());

@@ -350,7 +350,9 @@ pub fn particles_base(
         )
     })?;
     if !quiet {
-        crate::note!("base model {model}: the one the particles were trained on (--model to choose)");
+        crate::note!(
+            "base model {model}: the one the particles were trained on (--model to choose)"
+        );
     }
     Ok((model, source))
 }

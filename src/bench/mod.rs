@@ -36,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
@@ -44,7 +44,7 @@ use crate::answer::{AskOptions, BellaVqa, UNCALIBRATED_THRESHOLD};
 use crate::bella::particles::hash_weights;
 use crate::data::{read_dataset_up_to, BadRecord, ReadOptions, VqaExample};
 use crate::metrics::NormalizeMode;
-use crate::models::image::load_image;
+use crate::models::image::{decode_image, read_image_file, MAX_IMAGE_PIXELS};
 
 pub use bootstrap::Bootstrap;
 pub use calibrate::{
@@ -55,7 +55,7 @@ pub use compare::{compare, CompareEntry, Comparison};
 pub use config::{DataRecord, Role, RunConfig, Shard};
 pub use merge::merge;
 pub use results::{ResultsFile, RunRecord, SkippedQuestion};
-pub use samples::{read_samples, Sample, SAMPLES_FILE};
+pub use samples::{read_samples, Sample, SampleFile, SAMPLES_FILE};
 
 /// A data file and, for VQAv2, its annotations and image folder.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -514,6 +514,74 @@ fn first_differences(mut diffs: Vec<String>) -> String {
     diffs.join("\n  ")
 }
 
+/// Drops the answers whose image has changed since they were given (its file has another
+/// SHA-256 now, or cannot be read), so that a continued run answers those questions again;
+/// `samples.jsonl` is rewritten atomically without them, and the number is said. The images are
+/// the data's as it is now (a moved data set is checked where it is); answers recorded without a
+/// SHA-256 (older runs) are kept.
+fn without_changed_images(
+    mut existing: SampleFile,
+    path: &Path,
+    sets: &[EvalSet],
+    progress: bool,
+) -> Result<SampleFile> {
+    let images: HashMap<(&str, usize), &Path> = sets
+        .iter()
+        .flat_map(|s| {
+            s.examples
+                .iter()
+                .enumerate()
+                .map(move |(k, e)| ((s.record.split.as_str(), k), e.image.as_path()))
+        })
+        .collect();
+    let distinct: HashSet<&Path> = existing
+        .samples
+        .iter()
+        .filter(|s| s.image_sha256.is_some())
+        .filter_map(|s| images.get(&(s.split.as_str(), s.index)).copied())
+        .collect();
+    let pb = progress_bar(distinct.len(), progress && distinct.len() > 1000);
+    pb.set_message("image checks");
+    let mut now: HashMap<&Path, Option<String>> = HashMap::new();
+    for image in distinct {
+        now.insert(image, crate::io::sha256_file(image).ok());
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let changed = |s: &Sample| {
+        let image = images.get(&(s.split.as_str(), s.index));
+        match (image.and_then(|p| now.get(p)), &s.image_sha256) {
+            (Some(current), Some(then)) => current.as_ref() != Some(then),
+            _ => false,
+        }
+    };
+    let stale: Vec<&Sample> = existing.samples.iter().filter(|s| changed(s)).collect();
+    let Some(first) = stale.first() else {
+        return Ok(existing);
+    };
+    if progress {
+        crate::note!(
+            "{} answer(s) were given for images that have changed since (the first: {} of \
+             question {:?}): those questions are answered again",
+            stale.len(),
+            first.image,
+            first.question_id
+        );
+    }
+    let kept: Vec<Sample> = existing
+        .samples
+        .iter()
+        .filter(|s| !changed(s))
+        .cloned()
+        .collect();
+    samples::write_samples(path, &kept)?;
+    existing.good_len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    existing.samples = kept;
+    Ok(existing)
+}
+
 fn progress_bar(len: usize, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -570,19 +638,6 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             samples_path.display()
         );
     }
-    let done: HashSet<(String, usize)> = existing
-        .samples
-        .iter()
-        .map(|s| (s.split.clone(), s.index))
-        .collect();
-    let mut todo: Vec<(&EvalSet, usize)> = Vec::new();
-    for set in &sets {
-        for k in config.selection(&set.record) {
-            if !done.contains(&(set.record.split.clone(), k)) {
-                todo.push((set, k));
-            }
-        }
-    }
     // A sample from another question under the same position means the data changed.
     let ids: HashMap<(&str, usize), &str> = sets
         .iter()
@@ -605,6 +660,20 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                     s.split,
                     id
                 );
+            }
+        }
+    }
+    let existing = without_changed_images(existing, &samples_path, &sets, opts.progress)?;
+    let done: HashSet<(String, usize)> = existing
+        .samples
+        .iter()
+        .map(|s| (s.split.clone(), s.index))
+        .collect();
+    let mut todo: Vec<(&EvalSet, usize)> = Vec::new();
+    for set in &sets {
+        for k in config.selection(&set.record) {
+            if !done.contains(&(set.record.split.clone(), k)) {
+                todo.push((set, k));
             }
         }
     }
@@ -648,9 +717,13 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             }
             let example = &set.examples[*k];
             pb.set_message(set.record.split.clone());
-            let answer = load_image(&example.image)
-                .and_then(|img| vqa.ask_with(&img, &example.question, &ask));
-            let response = match answer {
+            let answer = read_image_file(&example.image).and_then(|bytes| {
+                let name = example.image.display().to_string();
+                let image = decode_image(&bytes, &name, MAX_IMAGE_PIXELS)?;
+                let response = vqa.ask_with(&image, &example.question, &ask)?;
+                Ok((crate::io::sha256_bytes(&bytes), response))
+            });
+            let (image_sha256, response) = match answer {
                 Ok(r) => r,
                 Err(e) => {
                     let reason = format!(
@@ -678,6 +751,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             };
             let sample = Sample::new(
                 example,
+                image_sha256,
                 &set.record.split,
                 set.record.role == Role::Ood,
                 *k,

@@ -26,7 +26,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
 /// through as `input_{name}` when its value differs (and dropped when it is the same).
-pub const SAMPLE_FIELDS: [&str; 21] = [
+pub const SAMPLE_FIELDS: [&str; 22] = [
     "accuracy_rule",
     "question_id",
     "split",
@@ -34,6 +34,7 @@ pub const SAMPLE_FIELDS: [&str; 21] = [
     "index",
     "question",
     "image",
+    "image_sha256",
     "answers",
     "answer_type",
     "answer",
@@ -64,6 +65,10 @@ pub struct Sample {
     pub question: String,
     /// The image file, as the reader resolved it, absolute (`crate::io::stored_path`).
     pub image: String,
+    /// SHA-256 of the image file's bytes as answered: a continued run answers again a question
+    /// whose image has changed since (absent in older samples: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
     /// The human answers.
     pub answers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,9 +109,11 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The sample of `example` answered with `response`.
+    /// The sample of `example` answered with `response`, about the image whose bytes have the
+    /// SHA-256 `image_sha256`.
     pub fn new(
         example: &VqaExample,
+        image_sha256: String,
         split: &str,
         is_ood: bool,
         index: usize,
@@ -136,6 +143,7 @@ impl Sample {
             index,
             question: example.question.clone(),
             image: crate::io::stored_path(&example.image),
+            image_sha256: Some(image_sha256),
             answers: example.answers.clone(),
             answer_type: example.answer_type.clone(),
             accuracy: (!example.answers.is_empty())

@@ -53,6 +53,13 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// `load_image` applies it (not one that only XMP or ImageMagick's "Raw profile type exif" text
 /// holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    let bytes = read_image_file(path)?;
+    decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
+}
+
+/// The bytes of an image file, with the checks of [`load_image`] that come before the decode
+/// (a regular file, a supported format): what [`decode_image`] decodes.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     crate::input::check_regular(path, "image file")?;
     use std::io::Read;
     let read_error = || format!("cannot read image file {}", path.display());
@@ -66,7 +73,7 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
         .with_context(read_error)?;
     image_format(&bytes, &path.display().to_string())?;
     file.read_to_end(&mut bytes).with_context(read_error)?;
-    decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
+    Ok(bytes)
 }
 
 /// The width and height of an image file from its header, with the checks of [`load_image`]

@@ -40,8 +40,8 @@ use crate::models::nn::VarGrads;
 use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
-    clip_particle_nll, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll, target_answer,
-    EncodedExample,
+    clip_particle_nll, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll,
+    target_answer, EncodedExample,
 };
 use optim::{clip_per_particle, learning_rate, AdamW};
 
