@@ -141,7 +141,7 @@ impl ModelSource {
         let expanded = s
             .strip_prefix("~/")
             .zip(crate::io::home_dir())
-            .map(|(rest, home)| PathBuf::from(home).join(rest));
+            .map(|(rest, home)| home.join(rest));
         let path = expanded.as_deref().unwrap_or(Path::new(s));
         if let Some(model) = demo_model(s) {
             return Ok(ModelSource::Dir(crate::demo::path(model)?));

@@ -749,16 +749,18 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                     continue;
                 }
             };
-            let sample = Sample::new(
-                example,
-                image_sha256,
-                &set.record.split,
-                set.record.role == Role::Ood,
-                *k,
-                response,
-                config.normalize,
-                set.record.format.accuracy_rule(),
-            );
+            let sample = Sample {
+                image_sha256: Some(image_sha256),
+                ..Sample::new(
+                    example,
+                    &set.record.split,
+                    set.record.role == Role::Ood,
+                    *k,
+                    response,
+                    config.normalize,
+                    set.record.format.accuracy_rule(),
+                )
+            };
             writer.append(&sample)?;
             answered_now += 1;
             pb.inc(1);

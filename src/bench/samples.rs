@@ -109,11 +109,9 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The sample of `example` answered with `response`, about the image whose bytes have the
-    /// SHA-256 `image_sha256`.
+    /// The sample of `example` answered with `response` (without its image's SHA-256).
     pub fn new(
         example: &VqaExample,
-        image_sha256: String,
         split: &str,
         is_ood: bool,
         index: usize,
@@ -143,7 +141,7 @@ impl Sample {
             index,
             question: example.question.clone(),
             image: crate::io::stored_path(&example.image),
-            image_sha256: Some(image_sha256),
+            image_sha256: None,
             answers: example.answers.clone(),
             answer_type: example.answer_type.clone(),
             accuracy: (!example.answers.is_empty())
