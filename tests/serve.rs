@@ -387,6 +387,21 @@ fn every_error_class_has_its_status_and_body() {
     );
     assert_eq!(get(&format!("{url}/v1/models")).0, 401);
     assert_eq!(get(&format!("{url}/health")).0, 200);
+    // Without the key, refused before its body is read: a body announced and not sent.
+    {
+        use std::io::{Read, Write};
+        let addr = url.trim_start_matches("http://");
+        let mut stream = connect(addr);
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 60000\r\n\r\n{{"
+        )
+        .unwrap();
+        let mut reply = [0u8; 64];
+        let n = stream.read(&mut reply).expect("an answer at once");
+        let reply = String::from_utf8_lossy(&reply[..n]);
+        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    }
 
     // 404: an unknown model, an unknown route.
     let mut unknown = good.clone();
@@ -942,6 +957,9 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
         done: None,
     };
     ready.wait_ready();
+    // A path of 5 000 characters is logged cut short.
+    let long = format!("/{}", "a".repeat(4999));
+    assert_eq!(get(&format!("{url}{long}")).0, 404);
     let body = request(
         &data_url(&demo_image("photo-cat.png")),
         "What color is the circle?",
@@ -976,6 +994,14 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
         rest.iter()
             .any(|l| l.starts_with("POST /v1/chat/completions 200 ") && l.ends_with(" ms")),
         "{rest:?}"
+    );
+    let logged = rest
+        .iter()
+        .find(|l| l.starts_with("GET /aaa"))
+        .expect("the long path's line");
+    assert!(
+        logged.contains(&format!("{}… (5000 bytes) 404 ", &long[..200])) && logged.len() < 300,
+        "{logged}"
     );
 }
 
@@ -1080,7 +1106,8 @@ fn the_answer_limit_holds_without_max_tokens_and_a_hub_style_name_is_served() {
 }
 
 /// The bodies of the requests in flight are bounded in all (`--max-body-memory-mb`): clients
-/// that each hold a large body open cannot make the server hold them all.
+/// that each hold a large body open cannot make the server hold them all; but bytes only
+/// announced hold nothing, so silent clients cannot lock the others out.
 #[test]
 fn bodies_in_flight_are_bounded_in_all() {
     use std::io::{Read, Write};
@@ -1092,19 +1119,36 @@ fn bodies_in_flight_are_bounded_in_all() {
     });
     server.wait_ready();
     let addr = server.url.trim_start_matches("http://").to_string();
-    let open = |length: u64| {
+    // A body of 1 MiB announced, `sent` bytes of it sent (the rest never comes).
+    let open = |sent: usize| {
         let mut stream = connect(&addr);
         write!(
             stream,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"a\":"
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            1 << 20
         )
         .unwrap();
+        stream.write_all(&vec![b' '; sent]).unwrap();
         stream
     };
-    // Three bodies of 1 MiB announced and being sent: the budget is full.
-    let held: Vec<_> = (0..3).map(|_| open(1 << 20)).collect();
+    let image = data_url(&demo_image("red-circle.png"));
+    let ask = || {
+        post(
+            &server.url,
+            &request(&image, "What color is the circle?").to_string(),
+            None,
+        )
+    };
+    // Ten clients that announce 1 MiB each (10 MiB against a budget of 3) and send nothing.
+    let silent: Vec<_> = (0..10).map(|_| open(0)).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let mut fourth = open(1 << 20);
+    let (s, _, t) = ask();
+    assert_eq!(s, 200, "{t}");
+    drop(silent);
+    // Three bodies of all but their last byte: the budget is full.
+    let held: Vec<_> = (0..3).map(|_| open((1 << 20) - 1)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut fourth = open(4096);
     let mut reply = [0u8; 64];
     let n = fourth.read(&mut reply).expect("an answer at once");
     let reply = String::from_utf8_lossy(&reply[..n]);

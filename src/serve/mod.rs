@@ -447,6 +447,9 @@ async fn count_chat(
 
 const CHAT_PATH: &str = "/v1/chat/completions";
 
+/// The characters of a request's path that its access-log line shows.
+const ACCESS_LOG_PATH_CHARS: usize = 200;
+
 /// One line a request on stderr (unless `--quiet`): `POST /v1/chat/completions 200 812 ms`; a
 /// streamed answer is logged when its headers leave.
 async fn access_log(
@@ -457,7 +460,13 @@ async fn access_log(
     if !state.opts.access_log {
         return next.run(request).await;
     }
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let method = request.method().clone();
+    // A client's path may be tens of KB: the line says how long the rest was.
+    let path = request.uri().path();
+    let path = match path.char_indices().nth(ACCESS_LOG_PATH_CHARS) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &path[..cut], path.len()),
+        None => path.to_string(),
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     crate::note!(
@@ -470,8 +479,10 @@ async fn access_log(
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
 /// body slowly or never included (reading the body is part of the request). A body announced
-/// larger than `--max-body-mb` is refused before it is read, and one that would pass
-/// `--max-body-memory-mb` with the bodies in flight gets 503.
+/// larger than `--max-body-mb` is refused before it is read; a chat request without the API key
+/// is refused before its body is read; and a body is charged to `--max-body-memory-mb` as its
+/// bytes arrive ([`charged_body`]): the request whose bytes would pass it, with the bodies in
+/// flight, gets 503 — bytes announced and never sent hold nothing.
 async fn within_deadline(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -484,36 +495,80 @@ async fn within_deadline(
     if announced.is_some_and(|n| n > state.opts.max_body_bytes as u64) {
         return ApiError::too_large(state.opts.max_body_bytes).into_response();
     }
-    let _body_memory = if request.uri().path() == CHAT_PATH {
-        let bytes = announced.unwrap_or(state.opts.max_body_bytes as u64);
-        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-        match state.body_memory.clone().try_acquire_many_owned(kib) {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                return ApiError::unavailable(
-                    format!(
-                        "the server is busy: the requests in flight fill its body memory ({} \
-                         MiB); retry shortly",
-                        state.opts.max_body_memory_bytes >> 20
-                    ),
-                    1,
-                )
-                .into_response()
-            }
-        }
-    } else {
-        None
-    };
-    let body_read = BodyRead::default();
     let mut request = request;
+    // Held until the answer: the body's bytes stay in memory while it is worked on.
+    let charge = Arc::new(BodyCharge::default());
+    if request.method() == axum::http::Method::POST && request.uri().path() == CHAT_PATH {
+        if let Err(e) = state.authorize(request.headers()) {
+            return e.into_response();
+        }
+        request = charged_body(request, &state.body_memory, &charge);
+    }
+    let body_read = BodyRead::default();
     request.extensions_mut().insert(body_read.clone());
-    match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
+    let response = match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) if !body_read.0.load(Ordering::SeqCst) => {
             ApiError::body_timeout(state.opts.timeout.as_secs_f64()).into_response()
         }
         Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),
+    };
+    if charge.full.load(Ordering::SeqCst) {
+        return ApiError::unavailable(
+            format!(
+                "the server is busy: the requests in flight fill its body memory ({} MiB); \
+                 retry shortly",
+                state.opts.max_body_memory_bytes >> 20
+            ),
+            1,
+        )
+        .into_response();
     }
+    response
+}
+
+/// What a request's body holds of `--max-body-memory-mb`.
+#[derive(Default)]
+struct BodyCharge {
+    /// The permits (one per KiB) of the bytes that have arrived.
+    held: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// Set when a chunk found the budget full (the body then ends with an error).
+    full: AtomicBool,
+}
+
+/// `request` with its body charged to `budget` as its bytes arrive, in `charge`.
+fn charged_body(
+    request: Request,
+    budget: &Arc<tokio::sync::Semaphore>,
+    charge: &Arc<BodyCharge>,
+) -> Request {
+    use futures_util::StreamExt as _;
+    let (budget, charge) = (budget.clone(), charge.clone());
+    let mut bytes = 0u64;
+    request.map(|body| {
+        let chunks = body.into_data_stream().map(move |chunk| {
+            let chunk = chunk?;
+            let charged = bytes.div_ceil(1024);
+            bytes += chunk.len() as u64;
+            let more = u32::try_from(bytes.div_ceil(1024) - charged).unwrap_or(u32::MAX);
+            if more > 0 {
+                let Ok(permit) = budget.clone().try_acquire_many_owned(more) else {
+                    charge.full.store(true, Ordering::SeqCst);
+                    return Err(axum::Error::new("the body memory of the server is full"));
+                };
+                let mut held = charge
+                    .held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match &mut *held {
+                    Some(h) => h.merge(permit),
+                    None => *held = Some(permit),
+                }
+            }
+            Ok(chunk)
+        });
+        axum::body::Body::from_stream(chunks)
+    })
 }
 
 /// Set by the chat handler once the request body has arrived, so that a deadline passed while
@@ -629,7 +684,7 @@ async fn answer_chat(
     body: Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<HttpResponse, ApiError> {
-    state.authorize(headers)?;
+    // Authorized by within_deadline, before the body was read.
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.opts.max_body_bytes)
