@@ -237,6 +237,9 @@ pub struct ChatRequest {
     pub service_tier: Option<String>,
     #[serde(default)]
     pub prompt_cache_key: Option<String>,
+    /// No prompt cache here: any value is accepted.
+    #[serde(default)]
+    pub prompt_cache_retention: Option<String>,
     #[serde(default)]
     pub safety_identifier: Option<String>,
     // Accepted only at their neutral value.
@@ -648,12 +651,13 @@ fn question_and_image(messages: &[Message]) -> Result<(String, (String, String))
     for (i, m) in messages.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
-            "system" | "developer" | "user" | "assistant" | "tool"
+            // "function": the deprecated form of "tool", which LangChain's FunctionMessage sends.
+            "system" | "developer" | "user" | "assistant" | "tool" | "function"
         ) {
             return Err(ApiError::invalid(
                 Some(&format!("messages[{i}].role")),
                 format!(
-                    "unknown role {:?} (system, developer, user, assistant or tool)",
+                    "unknown role {:?} (system, developer, user, assistant, tool or function)",
                     m.role
                 ),
             ));
@@ -949,6 +953,7 @@ mod tests {
         for (key, value) in [
             ("service_tier", serde_json::json!("auto")),
             ("prompt_cache_key", serde_json::json!("k")),
+            ("prompt_cache_retention", serde_json::json!("24h")),
             ("safety_identifier", serde_json::json!("u")),
             ("modalities", serde_json::json!(["text"])),
             ("reasoning_effort", Value::Null),
