@@ -643,6 +643,48 @@ fn a_question_whose_image_changed_is_answered_again_when_the_run_continues() {
 }
 
 #[test]
+fn a_run_is_not_continued_with_particles_of_another_alpha() {
+    // The same factors with another alpha (an edited or re-imported config) answer otherwise.
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(particles().join(f), copy.path().join(f)).unwrap();
+    }
+    let spec = ModelSpec {
+        adapters: Some(copy.path().to_path_buf()),
+        ..spec()
+    };
+    let load = || BellaVqa::load(&source(), Some(copy.path()), &LoadOptions::default()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = data_only_options(out.path(), &world().join("test.jsonl"));
+    opts.limit = Some(2);
+    bench::run(&load(), &spec, &opts).unwrap();
+    let config_path = copy.path().join("bella_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let alpha = config["alpha"].as_f64().unwrap();
+    config["alpha"] = (alpha * 2.0).into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let e = format!("{:#}", bench::run(&load(), &spec, &opts).unwrap_err());
+    assert!(
+        e.contains("different benchmark run") && e.contains("adapters.alpha"),
+        "{e}"
+    );
+    // A run begun by a version that did not record alpha continues.
+    config["alpha"] = alpha.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let run_path = out.path().join("bench_config.json");
+    let mut run: Value =
+        serde_json::from_str(&std::fs::read_to_string(&run_path).unwrap()).unwrap();
+    run["adapters"]
+        .as_object_mut()
+        .unwrap()
+        .remove("alpha")
+        .unwrap();
+    std::fs::write(&run_path, run.to_string()).unwrap();
+    assert_eq!(bench::run(&load(), &spec, &opts).unwrap().answered_now, 0);
+}
+
+#[test]
 fn a_bad_line_in_the_middle_of_the_samples_is_an_error_not_a_silent_loss() {
     let out = tempfile::tempdir().unwrap();
     let mut opts = options(out.path());

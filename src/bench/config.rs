@@ -99,6 +99,10 @@ pub struct AdaptersRecord {
     pub method: String,
     pub particles: usize,
     pub rank: usize,
+    /// The LoRA scale's numerator (`bella_config.json`'s alpha; not in the factors' file, so an
+    /// edited or re-imported alpha is another run). Absent in runs of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
     pub targets: Vec<String>,
     pub abstention: Option<Abstention>,
 }
@@ -113,6 +117,7 @@ impl AdaptersRecord {
             method: config.method,
             particles: config.particles,
             rank: config.rank,
+            alpha: Some(config.alpha),
             targets: config.targets,
             abstention: config.abstention,
         })
@@ -218,6 +223,15 @@ impl RunConfig {
             }
         }
         v
+    }
+
+    /// This stored run with what its version did not record taken from `current` (the run
+    /// that would continue it), so that only what both recorded is compared.
+    pub fn with_unrecorded_from(mut self, current: &RunConfig) -> Self {
+        if let (Some(old), Some(new)) = (&mut self.adapters, &current.adapters) {
+            old.alpha = old.alpha.or(new.alpha);
+        }
+        self
     }
 
     /// What differs between two runs that should be the same (empty when they match).

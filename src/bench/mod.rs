@@ -382,7 +382,7 @@ fn check_or_write_config(
         );
     }
     if path.exists() {
-        let old = RunConfig::read(out)?;
+        let old = RunConfig::read(out)?.with_unrecorded_from(config);
         let diffs = old.differences(config, true, false);
         if !diffs.is_empty() {
             if !only_data_changed(&old, config) {
