@@ -828,11 +828,11 @@ fn import_peft(
     use bella_vqa::bella::peft;
     // Locked before looking: two imports into one --out cannot both find it empty.
     let _lock = bella_vqa::io::OutputLock::acquire(out)?;
-    let checkpoints = bella_vqa::train::checkpoint::checkpoints_dir(out);
+    use bella_vqa::train::checkpoint;
     // Particles without their config and checkpoints are what an import cut short leaves (no
     // set can be loaded from them): the same command completes it.
     let config = out.join(bella_vqa::bella::particles::CONFIG_FILE);
-    let taken = config.exists() || checkpoints.exists();
+    let taken = config.exists() || checkpoint::any(out);
     if taken && !force {
         anyhow::bail!(
             "{} already holds a particle set: pass --force to replace it (its calibration and \
@@ -889,7 +889,7 @@ fn import_peft(
         .collect::<Result<Vec<_>>>()?;
     // `train --resume` would bring the replaced particles back from their checkpoints, and the
     // training log and summary would describe particles that are gone.
-    bella_vqa::io::remove_dir_all(&checkpoints)?;
+    checkpoint::remove_all(out)?;
     for stale in [
         "train_log.jsonl",
         "train_summary.json",

@@ -720,6 +720,10 @@ fn cli_exports_and_imports() {
 
     let back = tmp.path().join("back");
     let both = [out.join("particle-0"), out.join("particle-1")];
+    // A folder named checkpoints that is not a training run's is no particle set, and stays.
+    let theirs = back.join("checkpoints").join("my-other-run");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("model.bin"), b"x").unwrap();
     let o = import_peft_cli(&both, &back, false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let loaded = ParticleSet::load(&back, &Device::Cpu).unwrap();
@@ -756,7 +760,8 @@ fn cli_exports_and_imports() {
             .particles,
         1
     );
-    assert!(!back.join("checkpoints").exists());
+    assert!(!back.join("checkpoints").join("step-00000001").exists());
+    assert_eq!(std::fs::read(theirs.join("model.bin")).unwrap(), b"x");
     assert!(!back.join("train_log.jsonl").exists() && !back.join("train_summary.json").exists());
     let export_again = |force: bool| {
         let mut cmd = bella();

@@ -123,6 +123,25 @@ pub fn prune(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `out` holds checkpoints of a training run: a `latest` pointer or a `step-*`
+/// directory in its `checkpoints/` (a folder of that name with anything else is not ours).
+pub fn any(out: &Path) -> bool {
+    checkpoints_dir(out).join(LATEST).exists() || !step_dirs(out).is_empty()
+}
+
+/// Removes the training run's checkpoints from `out` (the `latest` pointer first, then every
+/// `step-*` directory), and `checkpoints/` itself when nothing else is in it.
+pub fn remove_all(out: &Path) -> Result<()> {
+    let root = checkpoints_dir(out);
+    crate::io::remove_file(&root.join(LATEST))?;
+    for dir in step_dirs(out) {
+        remove_dir_all(&dir)?;
+    }
+    // Not empty: someone else's files, left alone.
+    let _ = std::fs::remove_dir(&root);
+    Ok(())
+}
+
 /// The checkpoint directories in `out` (`step-*`), oldest first, committed or not.
 pub fn step_dirs(out: &Path) -> Vec<PathBuf> {
     let root = checkpoints_dir(out);
