@@ -1431,6 +1431,27 @@ fn command_line_bench_shards_merge_and_calibrate() {
     assert!(!ok && err.contains("missing.jsonl"), "{err}");
     let (ok, _, err) = output(bella().args(["bench", "--data", "x.jsonl"]));
     assert!(!ok && err.contains("--model"), "{err}");
+    // An input where the run writes one of its files is refused, and left as it was.
+    let inside = tmp.path().join("inside");
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::copy(w.join("val.jsonl"), inside.join("samples.jsonl")).unwrap();
+    let before = std::fs::read(inside.join("samples.jsonl")).unwrap();
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(w.join("test.jsonl"))
+            .arg("--val")
+            .arg(inside.join(".").join("samples.jsonl"))
+            .arg("--out")
+            .arg(&inside),
+    );
+    assert!(
+        !ok && err.contains("--val") && err.contains("is the samples.jsonl that bench writes"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(inside.join("samples.jsonl")).unwrap(), before);
 
     // calibrate on a copy of the particles.
     let adapters = tmp.path().join("particles");

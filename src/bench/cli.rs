@@ -450,6 +450,29 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             }
         }
     }
+    // An input among the files a run writes would be overwritten by them.
+    let inputs = [
+        ("--data", Some(data)),
+        ("--annotations", args.annotations.as_ref()),
+        ("--val", args.val.as_ref()),
+        ("--val-annotations", args.val_annotations.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, path)| Some((flag, path?)))
+    .chain(args.ood_data.iter().map(|p| ("--ood-data", p)));
+    for (flag, path) in inputs {
+        if let Some(name) = super::OUTPUT_FILES
+            .iter()
+            .find(|name| same(path, &out.join(name)))
+        {
+            bail!(
+                "{flag} {} is the {name} that bench writes into --out {}: move the input \
+                 elsewhere, or choose another --out",
+                path.display(),
+                out.display()
+            );
+        }
+    }
     // Results beside particles would mix a run's files into the set (merge refuses it too).
     if crate::bella::particles::ParticleSet::is_in(out) {
         bail!(

@@ -57,6 +57,21 @@ pub use merge::merge;
 pub use results::{ResultsFile, RunRecord, SkippedQuestion};
 pub use samples::{read_samples, Sample, SampleFile, SAMPLES_FILE};
 
+/// The files a run writes into its output directory (the module's page).
+pub const OUTPUT_FILES: [&str; 11] = [
+    config::CONFIG_FILE,
+    SAMPLES_FILE,
+    results::RUNS_FILE,
+    results::SKIPPED_FILE,
+    results::BAD_RECORDS_FILE,
+    results::RESULTS_FILE,
+    crate::report::REPORT_MD,
+    crate::report::REPORT_HTML,
+    crate::report::RELIABILITY_SVG,
+    crate::report::RISK_COVERAGE_SVG,
+    submission::SUBMISSION_FILE,
+];
+
 /// A data file and, for VQAv2, its annotations and image folder.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DataInput {
