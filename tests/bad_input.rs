@@ -50,6 +50,37 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 }
 
 #[test]
+fn a_tokenizer_with_ids_beyond_the_embedding_is_named() {
+    // A tokenizer of another checkpoint: its ids index past the embedding's rows.
+    for name in ["llava-tiny-hub", "clip-tiny"] {
+        let dir = copy_fixture(name);
+        let vocab = {
+            let c: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
+            )
+            .unwrap();
+            c["text_config"]["vocab_size"].as_u64().unwrap()
+        };
+        edit_json(&dir.path().join("tokenizer.json"), |t| {
+            t["added_tokens"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
+                    "id": vocab + 5, "content": "<extra>", "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true
+                }))
+        });
+        // (tokenizers numbers it after the vocabulary it has, whatever the file says.)
+        let err = load_err(dir.path());
+        assert!(
+            err.contains("tokenizer.json has the token \"<extra>\" with id")
+                && err.contains(&format!("but the model's embedding has {vocab} rows")),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[test]
 fn config_without_model_type_is_named() {
     let dir = copy_fixture("clip-tiny");
     edit_config(dir.path(), |v| {

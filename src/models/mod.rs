@@ -302,6 +302,19 @@ fn check_inputs_fit(
             Some(_) => {}
         }
     }
+    if let Some(p) = prompter {
+        let vocab = match config {
+            ModelConfig::Clip(c) => c.text_config.vocab_size,
+            ModelConfig::Llava(c) => c.text_config.vocab_size,
+        };
+        if let Some((token, id)) = p.largest_token_id().filter(|(_, id)| *id as usize >= vocab) {
+            bail!(
+                "tokenizer.json has the token {token:?} with id {id}, but the model's embedding \
+                 has {vocab} rows (config.json: text_config.vocab_size): the tokenizer is not \
+                 this checkpoint's; take both from the same one"
+            );
+        }
+    }
     if let (ModelConfig::Llava(c), Some(p)) = (config, prompter) {
         if let Some(id) = p.image_token_id() {
             if id != c.image_token_index {

@@ -689,6 +689,14 @@ fn vocab_id(tj: &Value, token: &str) -> Option<u32> {
 }
 
 impl Prompter {
+    /// The token with the largest id in the vocabulary (added tokens included), and its id.
+    pub fn largest_token_id(&self) -> Option<(String, u32)> {
+        self.tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|(_, id)| *id)
+    }
+
     /// Loads `tokenizer.json` (required), the chat template and the special tokens of a model
     /// directory. `image_token` overrides the image placeholder (default: `processor_config.json`'s
     /// `image_token`, else `<image>` when the vocabulary has it).
