@@ -603,6 +603,13 @@ fn bad_particle_configs_name_the_file_and_field() {
         ("/particles", 0.into(), "particles = 0"),
         ("/rank", 0.into(), "rank = 0"),
         ("/alpha", 0.0.into(), "alpha = 0"),
+        // Finite in f64, infinite once it scales an f32 ΔW; negative: no LoRA.
+        (
+            "/alpha",
+            1e300.into(),
+            "alpha = 1e300: must be above 0 and at most 1e6",
+        ),
+        ("/alpha", (-16.0).into(), "alpha = -16: must be above 0"),
         (
             "/abstention/threshold",
             1.5.into(),

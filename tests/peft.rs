@@ -493,6 +493,9 @@ fn bad_adapters_are_refused_with_reasons() {
         ("`r` must be", "r", json!(0)),
         ("but r = 8", "r", json!(8)),
         ("`lora_alpha` must be", "lora_alpha", json!("eight")),
+        // Overflows f32 once it scales ΔW: refused here, not NaN at every answer.
+        ("at most 1e6", "lora_alpha", json!(1e300)),
+        ("at most 1e6", "lora_alpha", json!(-16)),
     ];
     for (i, (want, key, value)) in cases.into_iter().enumerate() {
         let dir = copy_fixture(&tmp.path().join(format!("case{i}")));

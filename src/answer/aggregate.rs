@@ -89,8 +89,9 @@ fn aggregate_first(probs: &[Vec<f64>], eligible: usize) -> Result<Aggregate, Str
         let sum: f64 = row.iter().sum();
         if row.iter().any(|x| !x.is_finite()) {
             return Err(format!(
-                "particle {p}'s probabilities are not finite (sum {sum}): the model overflowed; \
-                 f16 does so most easily, try --dtype bf16 or f32"
+                "particle {p}'s probabilities are not finite (sum {sum}): the model overflowed \
+                 (in f16 most easily: try --dtype bf16 or f32; in f32, the particles' alpha or \
+                 weights are out of range)"
             ));
         }
         if row.iter().any(|x| *x < 0.0) || (sum - 1.0).abs() > 1e-6 {

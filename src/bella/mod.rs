@@ -22,6 +22,10 @@ pub const MAX_PARTICLES: usize = 256;
 /// The highest rank a particle may have.
 pub const MAX_RANK: usize = 1024;
 
+/// The largest α: the scale α/r multiplies every particle's ΔW, and past this it overflows half
+/// precision and means nothing in f32 (LoRA's α is a few times the rank).
+pub const MAX_ALPHA: f64 = 1e6;
+
 /// The most memory the adapter factors of a fresh particle set may take (f32 values).
 pub const MAX_ADAPTER_BYTES: usize = 8 << 30;
 
@@ -74,10 +78,16 @@ impl AdapterSpec {
         if !(1..=MAX_RANK).contains(&self.rank) {
             bail!("rank = {}: must be 1 to {MAX_RANK} (--rank)", self.rank);
         }
-        if !self.alpha.is_finite() || self.alpha == 0.0 {
+        if !(self.alpha > 0.0 && self.alpha <= MAX_ALPHA) {
+            // 1e300 as 1e300, not its 301 digits.
+            let alpha = if self.alpha.abs() > MAX_ALPHA {
+                format!("{:e}", self.alpha)
+            } else {
+                self.alpha.to_string()
+            };
             bail!(
-                "alpha = {}: must be a finite non-zero number (--alpha)",
-                self.alpha
+                "alpha = {alpha}: must be above 0 and at most {MAX_ALPHA:e} (--alpha; LoRA's is a \
+                 few times the rank)"
             );
         }
         Ok(())

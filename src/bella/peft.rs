@@ -642,8 +642,13 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
         None => 8.0, // PEFT's default
         Some(v) => v
             .as_f64()
-            .filter(|a| a.is_finite() && *a > 0.0)
-            .with_context(|| format!("{what}: `lora_alpha` must be a positive number"))?,
+            .filter(|a| *a > 0.0 && *a <= super::MAX_ALPHA)
+            .with_context(|| {
+                format!(
+                    "{what}: `lora_alpha` must be a number above 0 and at most {:e}",
+                    super::MAX_ALPHA
+                )
+            })?,
     };
     check_lora_keys(config, &what.to_string(), rank, lora_alpha)?;
     // rsLoRA scales by lora_alpha / √r; as α / r that is α = lora_alpha · √r.
