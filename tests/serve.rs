@@ -972,12 +972,29 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
             std::thread::spawn(move || post(&url, &body, None))
         })
         .collect();
+    // And an upload that stalls: it has cost nothing, so it is refused, not waited for.
+    let stalled = {
+        use std::io::Write;
+        let addr = url.trim_start_matches("http://");
+        let mut stream = connect(addr);
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\n{{"
+        )
+        .unwrap();
+        stream
+    };
     std::thread::sleep(Duration::from_millis(300));
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
+    let mut stalled = stalled;
+    let mut reply = [0u8; 64];
+    let n = std::io::Read::read(&mut stalled, &mut reply).expect("refused within seconds");
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
     // Answered, or refused cleanly if one arrived after the signal; never cut off.
     assert!(

@@ -254,6 +254,8 @@ struct AppState {
     loaded: Loaded,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// Woken when `draining` is set.
+    drain_started: tokio::sync::Notify,
     /// When the server started (`created` of the model in `/v1/models`).
     started: u64,
 }
@@ -334,6 +336,7 @@ pub async fn serve(
         loaded,
         metrics,
         draining: AtomicBool::new(false),
+        drain_started: tokio::sync::Notify::new(),
         started: unix_now(),
     });
     let app = router(state.clone());
@@ -346,6 +349,7 @@ pub async fn serve(
             _ = worker_ended.notified() => {},
         }
         stopping.draining.store(true, Ordering::SeqCst);
+        stopping.drain_started.notify_waiters();
     };
     // A connection may stall a little longer than the deadline every request meets.
     let listener = idle::IdleLimitListener {
@@ -506,12 +510,18 @@ async fn within_deadline(
     }
     let body_read = BodyRead::default();
     request.extensions_mut().insert(body_read.clone());
-    let response = match tokio::time::timeout(state.opts.timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) if !body_read.0.load(Ordering::SeqCst) => {
-            ApiError::body_timeout(state.opts.timeout.as_secs_f64()).into_response()
+    let answered = tokio::time::timeout(state.opts.timeout, next.run(request));
+    let response = tokio::select! {
+        answered = answered => match answered {
+            Ok(response) => response,
+            Err(_) if !body_read.0.load(Ordering::SeqCst) => {
+                ApiError::body_timeout(state.opts.timeout.as_secs_f64()).into_response()
+            }
+            Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),
+        },
+        () = drained_before_its_body(&state, &body_read) => {
+            ApiError::unavailable("the server is shutting down", 5).into_response()
         }
-        Err(_) => ApiError::timeout(state.opts.timeout.as_secs_f64()).into_response(),
     };
     if charge.full.load(Ordering::SeqCst) {
         return ApiError::unavailable(
@@ -525,6 +535,22 @@ async fn within_deadline(
         .into_response();
     }
     response
+}
+
+/// Resolves when the server begins to drain while the request's body has not arrived: it has
+/// cost nothing yet, so it is refused rather than waited for (a stalled upload would hold the
+/// shutdown for the whole deadline). Never resolves for a request being answered.
+async fn drained_before_its_body(state: &AppState, body_read: &BodyRead) {
+    let notified = state.drain_started.notified();
+    tokio::pin!(notified);
+    // Registered before the flag is read: a drain in between still wakes it.
+    notified.as_mut().enable();
+    if !state.draining.load(Ordering::SeqCst) {
+        notified.await;
+    }
+    if body_read.0.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What a request's body holds of `--max-body-memory-mb`.
