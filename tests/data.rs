@@ -175,6 +175,18 @@ fn bad_json_line_names_file_and_line() {
     assert_eq!(rec.file, path);
     assert!(text.contains("data.jsonl line 2"), "{text}");
     assert!(text.contains("not valid JSON"), "{text}");
+    // Half a UTF-16 pair, as Python's json.dumps writes a string holding one, followed by text
+    // or by another escape: named as what it is.
+    for question in [r"x\ud800 y", r"x\ud800\u0041 y"] {
+        let line = record("q1", "images/1.png").replace("What color is the circle?", question);
+        assert!(line.contains(question), "{line}");
+        write(&path, &format!("{line}\n"));
+        let (text, _) = bad(read_jsonl(&path, &STRICT).unwrap_err());
+        assert!(
+            text.contains("a lone UTF-16 surrogate"),
+            "{question}: {text}"
+        );
+    }
 }
 
 #[test]

@@ -1525,11 +1525,21 @@ pub(super) fn answers(v: &Value) -> Result<Vec<String>, String> {
         })
 }
 
-/// serde_json's message without its " at line L column C" suffix.
+/// serde_json's message without its " at line L column C" suffix; for an escape of half a
+/// UTF-16 pair (which Python's `json.dumps` writes for a string holding a lone surrogate, and
+/// serde_json reports as a hex escape or surrogate error) what it is.
 fn json_error_message(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
-    msg.strip_suffix(&suffix).unwrap_or(&msg).to_string()
+    let msg = msg.strip_suffix(&suffix).unwrap_or(&msg).to_string();
+    if msg.contains("surrogate") || msg == "unexpected end of hex escape" {
+        format!(
+            "{msg}: a \\uD800–\\uDFFF escape without its other half, a lone UTF-16 surrogate \
+             that is no character (in Python, json.dumps of a string with one: fix the string)"
+        )
+    } else {
+        msg
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
