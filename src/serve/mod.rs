@@ -429,24 +429,28 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// `bella_chat_requests_total` by status and the latency of answered chat requests: every
 /// response of `/v1/chat/completions`, the refusals of the layers around the handler (413,
 /// 408/504 deadlines, 503 while stopping) included.
-async fn count_chat(
+fn count_chat(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
-) -> HttpResponse {
-    if request.uri().path() != CHAT_PATH {
-        return next.run(request).await;
-    }
+) -> impl Future<Output = HttpResponse> {
+    let chat = request.uri().path() == CHAT_PATH;
     let arrived = Instant::now();
-    // Dropped with this future when the client leaves before the response: counted as 499.
-    let left = LeftEarly(Some(state.metrics.clone()));
-    let response = next.run(request).await;
-    left.answered();
-    if response.extensions().get::<Streamed>().is_some() {
-        return response; // counted when its stream ends
+    // Made when the request is handed over, not at the future's first poll: a client that
+    // leaves before that is counted as 499 too (the future is dropped unpolled).
+    let left = chat.then(|| LeftEarly(Some(state.metrics.clone())));
+    async move {
+        let response = next.run(request).await;
+        let Some(left) = left else {
+            return response;
+        };
+        left.answered();
+        if response.extensions().get::<Streamed>().is_some() {
+            return response; // counted when its stream ends
+        }
+        state.metrics.answered(response.status().as_u16(), arrived);
+        response
     }
-    state.metrics.answered(response.status().as_u16(), arrived);
-    response
 }
 
 const CHAT_PATH: &str = "/v1/chat/completions";
