@@ -112,6 +112,18 @@ fn connect(addr: &str) -> std::net::TcpStream {
     stream
 }
 
+/// A chat request whose body of `length` bytes is announced; the caller sends what it will of it.
+fn announce_body(addr: &str, length: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = connect(addr);
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .unwrap();
+    stream
+}
+
 fn get(url: &str) -> (u16, String) {
     let mut r = agent().get(url).call().expect("GET");
     let status = r.status().as_u16();
@@ -390,13 +402,8 @@ fn every_error_class_has_its_status_and_body() {
     // Without the key, refused before its body is read: a body announced and not sent.
     {
         use std::io::{Read, Write};
-        let addr = url.trim_start_matches("http://");
-        let mut stream = connect(addr);
-        write!(
-            stream,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 60000\r\n\r\n{{"
-        )
-        .unwrap();
+        let mut stream = announce_body(url.trim_start_matches("http://"), 60000);
+        stream.write_all(b"{").unwrap();
         let mut reply = [0u8; 64];
         let n = stream.read(&mut reply).expect("an answer at once");
         let reply = String::from_utf8_lossy(&reply[..n]);
@@ -975,13 +982,8 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     // And an upload that stalls: it has cost nothing, so it is refused, not waited for.
     let stalled = {
         use std::io::Write;
-        let addr = url.trim_start_matches("http://");
-        let mut stream = connect(addr);
-        write!(
-            stream,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\n{{"
-        )
-        .unwrap();
+        let mut stream = announce_body(url.trim_start_matches("http://"), 1000);
+        stream.write_all(b"{").unwrap();
         stream
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -1138,13 +1140,7 @@ fn bodies_in_flight_are_bounded_in_all() {
     let addr = server.url.trim_start_matches("http://").to_string();
     // A body of 1 MiB announced, `sent` bytes of it sent (the rest never comes).
     let open = |sent: usize| {
-        let mut stream = connect(&addr);
-        write!(
-            stream,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            1 << 20
-        )
-        .unwrap();
+        let mut stream = announce_body(&addr, 1 << 20);
         stream.write_all(&vec![b' '; sent]).unwrap();
         stream
     };

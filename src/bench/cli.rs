@@ -461,8 +461,9 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     .filter_map(|(flag, path)| Some((flag, path?)))
     .chain(args.ood_data.iter().map(|p| ("--ood-data", p)));
     for (flag, path) in inputs {
-        if let Some(name) = super::OUTPUT_FILES
+        if let Some(name) = super::RECORD_FILES
             .iter()
+            .chain(&super::RESULT_FILES)
             .find(|name| same(path, &out.join(name)))
         {
             bail!(

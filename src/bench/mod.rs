@@ -57,13 +57,17 @@ pub use merge::merge;
 pub use results::{ResultsFile, RunRecord, SkippedQuestion};
 pub use samples::{read_samples, Sample, SampleFile, SAMPLES_FILE};
 
-/// The files a run writes into its output directory (the module's page).
-pub const OUTPUT_FILES: [&str; 11] = [
+/// The files a run keeps in its output directory as it goes (the module's page).
+pub const RECORD_FILES: [&str; 5] = [
     config::CONFIG_FILE,
     SAMPLES_FILE,
     results::RUNS_FILE,
     results::SKIPPED_FILE,
     results::BAD_RECORDS_FILE,
+];
+
+/// The files a run writes into its output directory at its end, from its answers.
+pub const RESULT_FILES: [&str; 6] = [
     results::RESULTS_FILE,
     crate::report::REPORT_MD,
     crate::report::REPORT_HTML,
@@ -697,14 +701,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     // Results and reports of the answers so far would read as this run's, finished, until it
     // finishes (or for good, if it is stopped): gone before a new answer is written.
     if !todo.is_empty() {
-        for name in [
-            results::RESULTS_FILE,
-            crate::report::REPORT_MD,
-            crate::report::REPORT_HTML,
-            crate::report::RELIABILITY_SVG,
-            crate::report::RISK_COVERAGE_SVG,
-            submission::SUBMISSION_FILE,
-        ] {
+        for name in RESULT_FILES {
             crate::io::remove_file(&opts.out.join(name))?;
         }
     }
