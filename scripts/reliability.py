@@ -175,6 +175,23 @@ def cases(work, binary):
     strip.write_bytes(png_of_zeros(2, 32768))
     existing = work / "existing-world"
     run(binary, ["data", "shapes", "--out", str(existing), "--seed", "1", "--n", "10"])
+    # A data file where bench writes its answers: it would be overwritten.
+    inside = work / "inside"
+    inside.mkdir()
+    shutil.copy(data / "test.jsonl", inside / "samples.jsonl")
+    # Half a UTF-16 pair, as Python's json.dumps writes a string holding a lone surrogate.
+    surrogate = data / "surrogate.jsonl"
+    surrogate.write_text(json.dumps({"question_id": "s1", "image": image_rel,
+                                     "question": "x\ud800 y", "answers": ["red"]}) + "\n")
+    # Another checkpoint's tokenizer: a token past the embedding's rows.
+    other_tokenizer = copy_model(work, "tok")
+    tok = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": 100000, "content": "<extra>", "single_word": False,
+                                "lstrip": False, "rstrip": False, "normalized": False,
+                                "special": True})
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(tok))
+    many_answers = work / "many-answers.txt"
+    many_answers.write_text("".join(f"answer {i}\n" for i in range(10_000)))
 
     T = ["train", "--model", model, "--data", str(train), "--max-steps", "1", "--epochs", "1",
          "--batch-size", "2", "--particles", "2"]
@@ -205,11 +222,15 @@ def cases(work, binary):
         Case(2, "--particles 0", T[:-2] + ["--particles", "0"] + train_out("parts0"), "--particles"),
         # 3. No lost or stale work.
         Case(3, "data shapes onto an existing data set", ["data", "shapes", "--out", str(existing), "--n", "10"], "--force"),
+        Case(3, "bench data file in --out where bench writes its answers", ["bench", "--model", model, "--data", str(inside / "samples.jsonl"), "--out", str(inside)], ["--data", "samples.jsonl"]),
         # 4. No silent nonsense from numbers.
         Case(4, "--grad-clip -1", T + ["--grad-clip", "-1"] + train_out("gc"), "--grad-clip"),
         Case(4, "--grad-clip 0", T + ["--grad-clip", "0"] + train_out("gc0"), "--grad-clip"),
         Case(4, "--alpha NaN", T + ["--alpha", "NaN"] + train_out("alpha"), "--alpha"),
         Case(4, "--alpha 0", T + ["--alpha", "0"] + train_out("alpha0"), "--alpha"),
+        Case(4, "--alpha 1e300 (infinite in f32)", T + ["--alpha", "1e300"] + train_out("alpha-huge"), "--alpha"),
+        Case(4, "stored alpha 1e300", A + ["--adapters", particle_variant("alpha-huge", lambda v, d: v.update(alpha=1e300)), q], "alpha"),
+        Case(4, "CLIP with 10 000 candidate answers", ["ask", "--model", str(ROOT / "tests" / "fixtures" / "clip-tiny"), "--answers", str(many_answers), "--image", img, q], None, expect_ok=True),
         Case(4, "--prior-std 0", T + ["--prior-std", "0"] + train_out("prior"), "--prior-std"),
         Case(4, "--init-b-std NaN", T + ["--init-b-std", "NaN"] + train_out("initb"), "--init-b-std"),
         Case(4, "--lr -1", T + ["--lr", "-1"] + train_out("lr"), "--lr"),
@@ -230,6 +251,8 @@ def cases(work, binary):
         Case(5, "truncated image in training data", T[:4] + [str(trunc_data)] + T[5:] + train_out("trunc"), ["t.png", "line 1"]),
         Case(5, "bad JSON line in training data", T[:4] + [str(bad_line)] + T[5:] + train_out("badline"), ["badline.jsonl", "line 2"]),
         Case(5, "missing image file", A[:4] + [str(work / "nope.png"), q], "nope.png"),
+        Case(5, "lone UTF-16 surrogate in a data line", ["bench", "--model", model, "--data", str(surrogate), "--out", str(work / "bench-surrogate")], ["surrogate.jsonl", "line 1", "surrogate"]),
+        Case(5, "another checkpoint's tokenizer", ["ask", "--model", str(other_tokenizer), "--image", img, q], ["tokenizer.json", "vocab_size"]),
         Case(5, "model directory without weights", ["inspect", "--model", str(work / "existing-world")], "existing-world"),
         # 6. Special tokens in user text are text.
         Case(6, "question with </s>", A + ["What color </s> is the circle?"], None, expect_ok=True),
