@@ -13,7 +13,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
 
 use super::quant::QuantizedWeight;
 use crate::models::nn::add;
@@ -87,9 +89,7 @@ impl Base {
     /// `x Wᵀ` for `x` `[n, in]`, differentiable in `x` either way.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Base::Dense(w) if x.track_op() && w.device().is_cpu() => {
-                x.contiguous()?.apply_op1(FrozenProduct(w.clone()))
-            }
+            Base::Dense(w) if x.track_op() => x.contiguous()?.apply_op1(FrozenProduct(w.clone())),
             Base::Dense(w) => base_product(x, w),
             Base::Quantized(q) => q.forward(x),
         }
@@ -98,9 +98,28 @@ impl Base {
 
 /// `x Wᵀ` for training, differentiable in `x` only. candle's matmul backward also computes the
 /// gradient of the frozen weight — a product as costly as the forward and a weight-sized tensor
-/// kept to the end of the backward pass, per layer and step — which nothing reads. (CPU; on a
-/// GPU the plain product runs.)
+/// kept to the end of the backward pass, per layer and step — which nothing reads. The forward is
+/// the plain product on whichever device holds the activations (CPU or GPU).
 struct FrozenProduct(Tensor);
+
+impl FrozenProduct {
+    /// The product of the activations held in `storage` (contiguous, as laid out by `layout`),
+    /// computed as untracked tensors, as a storage of its own.
+    fn forward(&self, storage: Storage, layout: &Layout) -> Result<(Storage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the frozen product takes contiguous activations");
+        };
+        let x = Tensor::from_storage(storage, end, BackpropOp::none(), false)
+            .narrow(0, start, end - start)?
+            .reshape(layout.shape())?;
+        let y = base_product(&x, &self.0)?.contiguous()?;
+        let (y_storage, y_layout) = y.storage_and_layout();
+        if y_layout.start_offset() != 0 {
+            candle_core::bail!("the frozen product did not come out as one block");
+        }
+        Ok((y_storage.try_clone(y_layout)?, y.shape().clone()))
+    }
+}
 
 impl CustomOp1 for FrozenProduct {
     fn name(&self) -> &'static str {
@@ -108,25 +127,16 @@ impl CustomOp1 for FrozenProduct {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the frozen product takes contiguous activations");
-        };
-        // The activations as an untracked tensor (one copy, small next to the product).
-        let x = Tensor::from_storage(
-            Storage::Cpu(storage.clone()),
-            storage_len(storage)?,
-            BackpropOp::none(),
-            false,
-        )
-        .narrow(0, start, end - start)?
-        .reshape(layout.shape())?;
-        let y = base_product(&x, &self.0)?.contiguous()?;
-        let (y_storage, y_layout) = y.storage_and_layout();
-        match (&*y_storage, y_layout.contiguous_offsets()) {
-            (Storage::Cpu(y_cpu), Some((0, len))) if len == storage_len(y_cpu)? => {
-                Ok((y_cpu.clone(), y.shape().clone()))
-            }
-            _ => candle_core::bail!("the frozen product did not come out as one CPU block"),
+        match self.forward(Storage::Cpu(storage.clone()), layout)? {
+            (Storage::Cpu(y), shape) => Ok((y, shape)),
+            _ => candle_core::bail!("the frozen product left the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        match self.forward(Storage::Cuda(storage.try_clone(layout)?), layout)? {
+            (Storage::Cuda(y), shape) => Ok((y, shape)),
+            _ => candle_core::bail!("the frozen product left the GPU"),
         }
     }
 
@@ -134,19 +144,6 @@ impl CustomOp1 for FrozenProduct {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.0)?.reshape(arg.shape())?))
     }
-}
-
-/// Values in a CPU storage of activations.
-fn storage_len(s: &CpuStorage) -> Result<usize> {
-    Ok(match s {
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        other => candle_core::bail!(
-            "the frozen product takes f32, f16 or bf16 activations, got {:?}",
-            other.dtype()
-        ),
-    })
 }
 
 /// A linear layer with a frozen base weight and optional particle factors.
@@ -396,27 +393,29 @@ mod tests {
     fn the_frozen_product_passes_the_plain_gradient_to_its_input() -> Result<()> {
         let dev = Device::Cpu;
         for rows in [3, 40] {
-            for bias in [false, true] {
+            for (bias, offset) in [(false, 0), (true, 0), (true, 2)] {
                 let w = Tensor::randn(0f32, 1.0, (8, 16), &dev)?;
                 let b = bias
                     .then(|| Tensor::randn(0f32, 1.0, 8, &dev))
                     .transpose()?;
                 let layer = ParticleLinear::new(w.clone(), b.clone());
                 let r = Tensor::randn(0f32, 1.0, (rows, 8), &dev)?;
-                let x = Var::randn(0f32, 1.0, (rows, 16), &dev)?;
-                let y = layer.forward(x.as_tensor())?;
+                // With an offset: rows of a larger tensor, as a slice of a batch is.
+                let whole = Var::randn(0f32, 1.0, (rows + offset, 16), &dev)?;
+                let x = whole.narrow(0, offset, rows)?;
+                let y = layer.forward(&x)?;
                 let ours = (&y * &r)?.sum_all()?.backward()?;
-                let got = ours.get(x.as_tensor()).expect("a gradient for x");
+                let got = ours.get(whole.as_tensor()).expect("a gradient for x");
                 // The frozen weight gets none.
                 assert!(ours.get(&w).is_none());
-                let mut plain = x.as_tensor().matmul(&w.t()?)?;
+                let mut plain = x.matmul(&w.t()?)?;
                 if let Some(b) = &b {
                     plain = plain.broadcast_add(b)?;
                 }
                 let err = (&y - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 1e-4, "{rows} rows: forward differs by {err}");
                 let grads = (&plain * &r)?.sum_all()?.backward()?;
-                let want = grads.get(x.as_tensor()).expect("a gradient for x");
+                let want = grads.get(whole.as_tensor()).expect("a gradient for x");
                 let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 1e-4, "{rows} rows: gradient differs by {err}");
             }
