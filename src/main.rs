@@ -272,12 +272,12 @@ enum DataCommand {
 struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Training data: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA, GQA
-    /// or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
+    /// Training data: our JSONL, a VQAv2 or VQA-CP questions JSON (with --annotations), VizWiz,
+    /// TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
     /// shards).
     #[arg(long)]
     data: PathBuf,
-    /// VQAv2: the annotations JSON of --data.
+    /// VQAv2, VQA-CP: the annotations JSON of --data.
     #[arg(long)]
     annotations: Option<PathBuf>,
     /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
@@ -973,7 +973,8 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         let (n, file, id) = (unanswered.len(), args.data.display(), &first.question_id);
         if !args.skip_bad {
             anyhow::bail!(
-                "{file}: {n} training question(s) have no answers to train on (first: {id:?}); \
+                "{file}: {n} training question(s) have no answers to train on (first: {id:?}): \
+                 none given, or only ones VQA's normalisation empties (such as \"a\" or \".\"); \
                  give answers, or pass --skip-bad to leave them out"
             );
         }

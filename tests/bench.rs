@@ -1542,6 +1542,41 @@ fn command_line_bench_shards_merge_and_calibrate() {
     );
     let (ok, out, err) = calibrate(&["--target-risk", "0.05", "--guarantee", "none"]);
     assert!(ok && !out.contains("guarantee"), "{err}");
+    // A bad record left out by --skip-bad is said and counted: the validation set is smaller
+    // than the file.
+    let with_bad = tmp.path().join("val-with-a-bad-line.jsonl");
+    let mut text = String::new();
+    for line in std::fs::read_to_string(w.join("val.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let mut record: Value = serde_json::from_str(line).unwrap();
+        let image = w.join(record["image"].as_str().unwrap());
+        record["image"] = Value::from(image.to_str().unwrap());
+        text += &format!("{record}\n");
+    }
+    text += "{not json\n";
+    std::fs::write(&with_bad, text).unwrap();
+    let (ok, json, err) = output(
+        bella()
+            .args(["calibrate", "--dry-run", "--json", "--max-new-tokens", "4"])
+            .args(["--guarantee", "none", "--skip-bad", "--model"])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(&with_bad),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("skipped 1 bad record(s) in") && err.contains("line 11"),
+        "{err}"
+    );
+    let outcome: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (outcome["count"].as_u64(), outcome["skipped"].as_u64()),
+        (Some(10), Some(1))
+    );
     // Without --model: the base model the particles were trained on, said so (as ask does).
     let (ok, without, err) = output(
         bella()

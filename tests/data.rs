@@ -535,6 +535,148 @@ fn vqav2_pair_reads_with_and_without_data_subtype() {
 }
 
 #[test]
+fn vqav2_without_data_subtype_finds_images_in_their_split_folder() {
+    // COCO's archives unpack into val2014/ (train2014/, …): the folder named as the images is
+    // searched when the questions file does not name its split.
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqav2_files(dir.path(), None);
+    let split = images.join("val2014");
+    fs::create_dir(&split).unwrap();
+    for id in [42u64, 7] {
+        let name = format!("COCO_val2014_{id:012}.jpg");
+        fs::rename(images.join(&name), split.join(&name)).unwrap();
+    }
+    let data = read_vqav2(&q, &a, &images, &STRICT).unwrap();
+    assert_eq!(
+        data.examples[0].image,
+        split.join("COCO_val2014_000000000042.jpg")
+    );
+    // Not any folder: one that is not a split's is not searched.
+    let other = images.join("thumbnails");
+    fs::rename(&split, &other).unwrap();
+    let text = format!("{:#}", read_vqav2(&q, &a, &images, &STRICT).unwrap_err());
+    assert!(text.contains("split folders"), "{text}");
+}
+
+/// VQA-CP v2's pair as it is published (`vqacp_v2_test_questions.json`,
+/// `vqacp_v2_test_annotations.json`): bare lists, each record naming its COCO split, the
+/// images in COCO 2014's split folders.
+fn vqacp_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let images = dir.join("coco");
+    for (split, id) in [("val2014", 42u64), ("train2014", 7)] {
+        fs::create_dir_all(images.join(split)).unwrap();
+        png_as(
+            &images
+                .join(split)
+                .join(format!("COCO_{split}_{id:012}.jpg")),
+        );
+    }
+    // The same id in the other split: the record's split chooses.
+    png_as(
+        &images
+            .join("train2014")
+            .join("COCO_train2014_000000000042.jpg"),
+    );
+    let questions = json!([
+        {"image_id": 42, "question": "What color is the car?", "question_id": 42000, "coco_split": "val2014"},
+        {"image_id": 7, "question": "How many dogs?", "question_id": 7000, "coco_split": "train2014"}
+    ]);
+    let answers = |a: &str, n: usize| -> Value {
+        (0..10)
+            .map(|i| json!({"answer": if i < n { a } else { "other" }, "answer_confidence": "yes", "answer_id": i + 1}))
+            .collect()
+    };
+    let annotations = json!([
+        {"question_type": "how many", "multiple_choice_answer": "2", "answers": answers("2", 10),
+         "image_id": 7, "answer_type": "number", "question_id": 7000, "coco_split": "train2014"},
+        {"question_type": "what color is the", "multiple_choice_answer": "blue",
+         "answers": answers("blue", 2), "image_id": 42, "answer_type": "other",
+         "question_id": 42000, "coco_split": "val2014"}
+    ]);
+    let q = dir.join("vqacp_v2_test_questions.json");
+    let a = dir.join("vqacp_v2_test_annotations.json");
+    fs::write(&q, questions.to_string()).unwrap();
+    fs::write(&a, annotations.to_string()).unwrap();
+    (q, a, images)
+}
+
+/// A small image written under `path` whatever its extension says (the reader goes by content).
+fn png_as(path: &Path) {
+    image::RgbImage::from_pixel(8, 8, image::Rgb([0, 0, 255]))
+        .save_with_format(path, image::ImageFormat::Png)
+        .unwrap();
+}
+
+#[test]
+fn vqacp_questions_read_with_their_annotations_and_each_records_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, a, images) = vqacp_files(dir.path());
+    let data = read_dataset(&q, Some(&a), Some(&images), &STRICT).unwrap();
+    // VQAv2's records, scored by VQAv2's rule.
+    assert_eq!(data.format, DataFormat::VqaV2);
+    assert_eq!(data.len(), 2);
+    let car = &data.examples[0];
+    assert_eq!(car.question_id, "42000");
+    assert_eq!(car.answers.len(), 10);
+    assert_eq!(car.answers.iter().filter(|a| *a == "blue").count(), 2);
+    assert_eq!(car.answer_type.as_deref(), Some("other"));
+    assert_eq!(car.extra["multiple_choice_answer"], "blue");
+    assert_eq!(
+        car.image,
+        images.join("val2014").join("COCO_val2014_000000000042.jpg")
+    );
+    assert_eq!(
+        data.examples[1].image,
+        images
+            .join("train2014")
+            .join("COCO_train2014_000000000007.jpg")
+    );
+
+    // Without the annotations: said what is missing, not read as a test set.
+    let text = format!(
+        "{:#}",
+        read_dataset(&q, None, Some(&images), &STRICT).unwrap_err()
+    );
+    assert!(
+        text.contains("VQA-CP") && text.contains("annotations"),
+        "{text}"
+    );
+    // The annotations given as the data: said which is which.
+    let text = format!(
+        "{:#}",
+        read_dataset(&a, None, Some(&images), &STRICT).unwrap_err()
+    );
+    assert!(text.contains("annotations file"), "{text}");
+}
+
+#[test]
+fn a_list_of_vqav2_records_with_their_answers_keeps_the_answers() {
+    // A flattened VQAv2 (one list, answers in each record): read with its answers, never as an
+    // A-OKVQA test file (which also names images by COCO id) without them.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, images) = vqacp_files(dir.path());
+    let flat = dir.path().join("vqa_flat.json");
+    fs::write(
+        &flat,
+        json!([{"image_id": 7, "question": "How many dogs?", "question_id": 1,
+                "answers": ["2", "2", "two", "2", "2", "2", "2", "2", "3", "2"]}])
+        .to_string(),
+    )
+    .unwrap();
+    // Image 7 is only in train2014/: found there without a split named.
+    let data = read_dataset(&flat, None, Some(&images), &STRICT).unwrap();
+    assert_eq!(data.format, DataFormat::VqaV2);
+    assert_eq!(data.examples[0].answers.len(), 10);
+    assert_eq!(data.examples[0].answers[2], "two");
+    assert_eq!(
+        data.examples[0].image,
+        images
+            .join("train2014")
+            .join("COCO_train2014_000000000007.jpg")
+    );
+}
+
+#[test]
 fn a_bare_vqav2_file_name_finds_its_images_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     let (q, a, images) = vqav2_files(dir.path(), None);
@@ -754,9 +896,11 @@ fn vqav2_records_that_are_not_objects_and_files_of_the_wrong_shape() {
         ),
         (&q, "\"text\"", "none of the JSON formats bella-vqa reads"),
         (&a, r#"{"annotations": 3}"#, "has no \"annotations\" list"),
+        // A bare list is VQA-CP's layout: this one annotates nothing.
+        (&a, "[]", "no annotation in"),
         (
             &a,
-            "[]",
+            "\"text\"",
             "expected a JSON object with an \"annotations\" list",
         ),
         (
@@ -840,6 +984,21 @@ fn vizwiz_reads_answers_answerable_and_unanswerable() {
         data.skipped[1].reason
     );
     assert!(data.skipped[2].reason.contains("entry 2"));
+
+    // Two questions on one image: the id both take from it is said to be the image's.
+    let twice = json!([
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?"},
+        {"image": "VizWiz_val_00000000.jpg", "question": "What color is it?"}
+    ]);
+    write(&path, &twice.to_string());
+    let (text, _) = bad(read_vizwiz(&path, &images, &STRICT).unwrap_err());
+    assert!(
+        text.contains("entry 1")
+            && text.contains("duplicate question_id \"VizWiz_val_00000000\"")
+            && text.contains("named by its image")
+            && text.contains("\"question_id\""),
+        "{text}"
+    );
 }
 
 #[test]

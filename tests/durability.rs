@@ -658,6 +658,23 @@ fn data_shapes_does_not_overwrite_a_data_set_without_force() {
         std::fs::read(out.path().join("train.jsonl")).unwrap(),
         first
     );
+    // A file of the user's with the name of one the run writes (any split's) is not
+    // overwritten either.
+    let theirs = tempfile::tempdir().unwrap();
+    std::fs::write(theirs.path().join("ood-absent.jsonl"), b"mine").unwrap();
+    let err = run_err(
+        bella()
+            .args(["data", "shapes", "--quiet", "--n", "4", "--out"])
+            .arg(theirs.path()),
+    );
+    assert!(
+        err.contains("ood-absent.jsonl") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(theirs.path().join("ood-absent.jsonl")).unwrap(),
+        b"mine"
+    );
     // Overwriting a larger set leaves exactly the images the new one names; a file of the
     // user's beside the split folders stays.
     let stray = out.path().join("images/train/999999.png");

@@ -217,7 +217,8 @@ pub struct CalibrationOutcome {
     pub abstention: Abstention,
     /// Validation questions answered.
     pub count: usize,
-    /// Questions that could not be answered (`--skip-bad`).
+    /// Validation questions skipped (`--skip-bad`): bad records of the file, and questions that
+    /// could not be answered.
     pub skipped: usize,
     /// Mean VQA accuracy of all validation answers.
     pub accuracy: f64,
@@ -307,7 +308,15 @@ fn answer_all(
     let pb = super::progress_bar(set.record.selected, opts.progress);
     pb.set_message(set.record.split.clone());
     let mut answered = Vec::with_capacity(set.record.selected);
-    let mut skipped = 0;
+    // Bad records the read left out count as skipped, and are said.
+    if let Some(first) = set.skipped.first() {
+        crate::note!(
+            "skipped {} bad record(s) in {} (first: {first})",
+            set.skipped.len(),
+            input.path.display()
+        );
+    }
+    let mut skipped = set.skipped.len();
     let rule = set.record.format.accuracy_rule();
     for example in set.examples.iter().take(set.record.selected) {
         let scored =

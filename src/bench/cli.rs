@@ -123,12 +123,12 @@ pub struct BenchArgs {
     /// A particle directory (from `bella-vqa train`); without it, the base model.
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
-    /// The test questions: our JSONL, a VQAv2 questions JSON (with --annotations), VizWiz, TextVQA,
-    /// GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
+    /// The test questions: our JSONL, a VQAv2 or VQA-CP questions JSON (with --annotations),
+    /// VizWiz, TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
     /// shards).
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
-    /// VQAv2: the annotations JSON of --data.
+    /// VQAv2, VQA-CP: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
     /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
@@ -151,7 +151,7 @@ pub struct BenchArgs {
     /// on the test questions themselves, flagged in the results).
     #[arg(long)]
     pub val: Option<PathBuf>,
-    /// VQAv2: the annotations JSON of --val.
+    /// VQAv2, VQA-CP: the annotations JSON of --val.
     #[arg(long, requires = "val")]
     pub val_annotations: Option<PathBuf>,
     /// The image folder of --val (JSON formats; JSONL: replaces the file's folder; GQA's Parquet
@@ -239,7 +239,7 @@ pub struct CalibrateArgs {
     /// A-OKVQA JSON, Parquet).
     #[arg(long)]
     pub data: PathBuf,
-    /// VQAv2: the annotations JSON of --data.
+    /// VQAv2, VQA-CP: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
     /// The image folder of --data (GQA's Parquet questions: also lmms-lab/GQA's images as

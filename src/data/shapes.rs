@@ -429,14 +429,16 @@ pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
         );
     }
     if !opts.force {
-        if let Some(found) = ["shapes.json", "train.jsonl", "images"]
-            .iter()
-            .find(|f| opts.out.join(f).exists())
-        {
+        // Every file and folder a run writes: none may be someone else's.
+        let ours = ["shapes.json".to_string(), "images".to_string()]
+            .into_iter()
+            .chain(SPLITS.iter().map(|split| format!("{split}.jsonl")));
+        if let Some(found) = ours.into_iter().find(|f| opts.out.join(f).exists()) {
             let state = if opts.out.join("shapes.json").exists() {
                 "a data set"
             } else {
-                "an incomplete data set (no shapes.json: an interrupted run?)"
+                "an incomplete data set, or a file of its names (no shapes.json: an \
+                 interrupted run's, or one of yours)"
             };
             bail!(
                 "{} already holds {state} ({found}): pass --force to overwrite it, or choose \

@@ -1,5 +1,5 @@
-//! VQA readers: our JSONL (design §10), VQAv2 questions + annotations, VizWiz, and the dispatch
-//! to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA) and to the
+//! VQA readers: our JSONL (design §10), VQAv2 (and VQA-CP) questions + annotations, VizWiz, and
+//! the dispatch to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA) and to the
 //! Parquet reader ([`super::parquet`]: Hugging Face datasets' files, as lmms-eval has them).
 //!
 //! Every reader returns a [`Dataset`]: the good examples, the records it skipped (with
@@ -442,7 +442,10 @@ pub fn read_vqav2(
 }
 
 /// Reads a VQAv2 questions file, with its annotations, or without them for a test split
-/// (`data_subtype` test2015 or test-dev2015: no answers).
+/// (`data_subtype` test2015 or test-dev2015: no answers). The same reads VQA-CP v2's files and
+/// other lists of VQAv2 records ([`is_vqa_list`]): the questions are a bare list, each record's
+/// `coco_split` names its image's split, the annotations are a bare list too, or the records hold
+/// their own `answers`.
 fn vqav2_from_top(
     questions_path: &Path,
     questions: &JsonTop,
@@ -450,42 +453,60 @@ fn vqav2_from_top(
     image_dir: &Path,
     opts: &ReadOptions,
 ) -> anyhow::Result<Dataset> {
-    let JsonTop::Object(qfile) = questions else {
-        bail!(
+    let (question_list, subtype) = match questions {
+        JsonTop::Object(qfile) => {
+            let Some(list) = qfile.list_at("questions") else {
+                bail!(
+                    "{} is not a VQAv2 questions file: it has no \"questions\" list",
+                    questions_path.display()
+                );
+            };
+            let subtype = qfile
+                .get("data_subtype")
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+            (list, subtype)
+        }
+        JsonTop::List(list) => (list.clone(), None),
+        JsonTop::Other => bail!(
             "{} is not a VQAv2 questions file: expected a JSON object with a \"questions\" list",
             questions_path.display()
-        );
+        ),
     };
-    let Some(question_list) = questions.list_at("questions") else {
-        bail!(
-            "{} is not a VQAv2 questions file: it has no \"questions\" list",
-            questions_path.display()
-        );
-    };
-    let subtype = qfile
-        .get("data_subtype")
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let is_test = subtype.as_deref().is_some_and(|s| s.starts_with("test"));
+    // A list whose records hold their own answers needs no annotations file.
+    let inline = matches!(questions, JsonTop::List(_))
+        && question_list
+            .iter()
+            .take(10)
+            .any(|raw| object(raw, "").is_ok_and(|entry| entry.contains_key("answers")));
     let annotation_text;
     let (annotations_path, annotation_list) = match annotations {
         Some(path) => {
             annotation_text = read_json_text(path)?;
-            let afile = JsonTop::parse(path, &annotation_text)?;
-            if !matches!(afile, JsonTop::Object(_)) {
-                bail!(
+            let list = match JsonTop::parse(path, &annotation_text)? {
+                // VQA-CP's annotations are a bare list.
+                JsonTop::List(list) => list,
+                afile @ JsonTop::Object(_) => match afile.list_at("annotations") {
+                    Some(list) => list,
+                    None => bail!(
+                        "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
+                        path.display()
+                    ),
+                },
+                JsonTop::Other => bail!(
                     "{} is not a VQAv2 annotations file: expected a JSON object with an \"annotations\" list",
                     path.display()
-                );
-            }
-            let Some(list) = afile.list_at("annotations") else {
-                bail!(
-                    "{} is not a VQAv2 annotations file: it has no \"annotations\" list",
-                    path.display()
-                );
+                ),
             };
             (path, list)
         }
-        None if is_test => (Path::new(""), Vec::new()),
+        None if is_test || inline => (Path::new(""), Vec::new()),
+        None if matches!(questions, JsonTop::List(_)) => bail!(
+            "{} is a list of VQA questions without answers (VQA-CP's layout); it needs its \
+             annotations file (e.g. vqacp_v2_test_annotations.json): pass it as the annotations \
+             (--annotations for --data, --val-annotations for --val)",
+            questions_path.display()
+        ),
         None => bail!(
             "{} is a VQAv2 questions file; it needs its annotations file \
              (e.g. v2_mscoco_val2014_annotations.json): pass it as the annotations \
@@ -593,31 +614,36 @@ fn vqav2_from_top(
             c.bad(questions_path, None, reason)?;
             continue;
         }
-        // The annotation's answers, type and kept fields (none for a test split).
-        let (answers, answer_type, mut ann) = if annotations.is_none() {
+        // The annotation's answers, type and kept fields (none for a test split); a record that
+        // holds its own answers is its annotation.
+        let (answers, answer_type, mut ann) = if annotations.is_none() && !inline {
             (Vec::new(), None, Map::new())
         } else {
-            let Some(raw_annotation) = by_id.remove(&id) else {
-                c.bad(
-                    questions_path,
-                    None,
-                    format!(
-                        "question {id}: no annotation in {}; use the annotations file that belongs to this questions file",
-                        annotations_path.display()
-                    ),
-                )?;
-                continue;
-            };
-            // Read once already, for its id.
-            let mut ann = match object(raw_annotation, "an object") {
-                Ok(ann) => ann,
-                Err(why) => {
+            let (annotations_path, mut ann) = if annotations.is_none() {
+                (questions_path, entry.clone())
+            } else {
+                let Some(raw_annotation) = by_id.remove(&id) else {
                     c.bad(
-                        annotations_path,
+                        questions_path,
                         None,
-                        format!("question {id}: its annotation {why}"),
+                        format!(
+                            "question {id}: no annotation in {}; use the annotations file that belongs to this questions file",
+                            annotations_path.display()
+                        ),
                     )?;
                     continue;
+                };
+                // Read once already, for its id.
+                match object(raw_annotation, "an object") {
+                    Ok(ann) => (annotations_path, ann),
+                    Err(why) => {
+                        c.bad(
+                            annotations_path,
+                            None,
+                            format!("question {id}: its annotation {why}"),
+                        )?;
+                        continue;
+                    }
                 }
             };
             match ann.get("image_id").map(parse_image_id) {
@@ -672,9 +698,15 @@ fn vqav2_from_top(
             };
             (answers, answer_type, ann)
         };
+        // VQA-CP names each record's split.
+        let record_subtype = entry
+            .get("coco_split")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .map(|s| s.replace("test-dev", "test"));
         let image = match coco_image(
             image_dir,
-            image_subtype.as_deref(),
+            record_subtype.as_deref().or(image_subtype.as_deref()),
             image_id,
             &mut coco_index,
         ) {
@@ -746,13 +778,13 @@ pub(super) fn coco_image(
             many.len(),
             image_dir.display(),
             many.iter()
-                .filter_map(|p| p.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
+                .map(|p| p.strip_prefix(image_dir).unwrap_or(p).display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
         _ => Err(format!(
-            "no image file ending in _{image_id:012}.jpg in {}; give the folder that holds the \
+            "no image file ending in _{image_id:012}.jpg in {} or its split folders (val2014/, \
+             train2017/, …); give the folder that holds the \
              images (--images for --data, --val-images for --val, --ood-images for --ood-data, \
                  --ood-val-images for --ood-val)",
             image_dir.display()
@@ -760,34 +792,56 @@ pub(super) fn coco_image(
     }
 }
 
+/// COCO images by id: the files named `…_{id:012}.jpg` or `{id:012}.jpg` in `image_dir` and in its
+/// split folders (`val2014/`, `train2017/`, … as COCO's archives unpack).
 fn index_coco_images(image_dir: &Path) -> Result<HashMap<u64, Vec<PathBuf>>, String> {
-    let entries = fs::read_dir(image_dir)
-        .map_err(|e| format!("cannot list the image folder {}: {e}", image_dir.display()))?;
     let mut index: HashMap<u64, Vec<PathBuf>> = HashMap::new();
-    let mut names = Vec::new();
-    for entry in entries.flatten() {
-        if let Some(name) = entry.file_name().to_str() {
-            names.push(name.to_string());
+    let mut folders = vec![image_dir.to_path_buf()];
+    let mut i = 0;
+    while let Some(folder) = folders.get(i).cloned() {
+        i += 1;
+        let entries = fs::read_dir(&folder)
+            .map_err(|e| format!("cannot list the image folder {}: {e}", folder.display()))?;
+        let mut names = Vec::new();
+        for entry in entries.flatten() {
+            if let Some(name) = entry.file_name().to_str() {
+                if folder == image_dir && is_split_folder(name) && entry.path().is_dir() {
+                    folders.push(entry.path());
+                } else {
+                    names.push(name.to_string());
+                }
+            }
         }
-    }
-    names.sort();
-    for name in names {
-        let Some(stem) = name.strip_suffix(".jpg") else {
-            continue;
-        };
-        if stem.len() < 12 || !stem.is_char_boundary(stem.len() - 12) {
-            continue;
-        }
-        let (head, digits) = stem.split_at(stem.len() - 12);
-        if !(head.is_empty() || head.ends_with('_')) || !digits.bytes().all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        if let Ok(id) = digits.parse::<u64>() {
-            index.entry(id).or_default().push(image_dir.join(&name));
+        names.sort();
+        for name in names {
+            if let Some(id) = coco_file_id(&name) {
+                index.entry(id).or_default().push(folder.join(&name));
+            }
         }
     }
     Ok(index)
+}
+
+/// Whether a folder's name is a COCO split's (`val2014`, `test2015`, `train2017`, …).
+fn is_split_folder(name: &str) -> bool {
+    name.len() > 4 && name.is_char_boundary(name.len() - 4) && {
+        let (head, year) = name.split_at(name.len() - 4);
+        head.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            && year.bytes().all(|b| b.is_ascii_digit())
+    }
+}
+
+/// The COCO image id of a file named `…_{id:012}.jpg` or `{id:012}.jpg`.
+fn coco_file_id(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".jpg")?;
+    if stem.len() < 12 || !stem.is_char_boundary(stem.len() - 12) {
+        return None;
+    }
+    let (head, digits) = stem.split_at(stem.len() - 12);
+    if !(head.is_empty() || head.ends_with('_')) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,10 +921,24 @@ fn vizwiz_from_top(
                     continue;
                 }
             },
-            None => Path::new(&image_name)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| image_name.clone()),
+            None => {
+                let id = Path::new(&image_name)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| image_name.clone());
+                if let Some(reason) = c.duplicate(&id) {
+                    c.bad(
+                        path,
+                        None,
+                        format!(
+                            "entry {i}: {reason} (a VizWiz question is named by its image, and \
+                             {image_name} has two: give each record its own \"question_id\")"
+                        ),
+                    )?;
+                    continue;
+                }
+                id
+            }
         };
         let question = match question_text(entry.remove("question").as_ref()) {
             Ok(q) => q,
@@ -935,8 +1003,10 @@ fn vizwiz_image(image_dir: &Path, name: &str) -> PathBuf {
 /// Picks the reader from the file:
 /// - `*.jsonl` → our JSONL (`image_dir`, if given, replaces the file's folder as the base of
 ///   relative image paths; `annotations` must be `None`);
-/// - `*.json` holding a list → A-OKVQA when its records have `direct_answers` (or a COCO
-///   `image_id` and `choices`), else VizWiz;
+/// - `*.json` holding a list → VQAv2's reader for VQA-CP's questions (records with a COCO
+///   `image_id` and a `coco_split`; with `annotations`, VQA-CP's annotations list) and for
+///   VQAv2 records holding their `answers`; A-OKVQA when its records have `direct_answers` (or a
+///   COCO `image_id` and no `image`: its test file); our records; else VizWiz;
 /// - `*.json` holding `{"questions": …}` → VQAv2 (OK-VQA too), which needs `annotations`
 ///   unless its `data_subtype` is a test split (test2015, test-dev2015: no answers);
 /// - `*.json` holding `{"data": […]}` → TextVQA; an object of `{"imageId", …}` records → GQA
@@ -1025,8 +1095,8 @@ pub fn read_dataset_up_to(
                     vqav2_from_top(path, &top, annotations, &image_dir, opts)
                 }
                 (JsonLayout::VqaV2Annotations, _) => bail!(
-                    "{} is a VQAv2 annotations file; pass the questions file as the data and this \
-                     file as its annotations",
+                    "{} is a VQAv2 (or VQA-CP) annotations file; pass the questions file as the \
+                     data and this file as its annotations",
                     path.display()
                 ),
                 (JsonLayout::TextVqa, top) => {
@@ -1039,7 +1109,7 @@ pub fn read_dataset_up_to(
                     bail!("data file {} is an empty JSON object: it holds no questions", path.display())
                 }
                 _ => bail!(
-                    "{} is none of the JSON formats bella-vqa reads: a VQAv2 (or OK-VQA) questions \
+                    "{} is none of the JSON formats bella-vqa reads: a VQAv2 (or OK-VQA, VQA-CP) questions \
                      file, a VizWiz or A-OKVQA list, a TextVQA file or GQA questions; for other \
                      data write our JSONL (one {{\"question_id\", \"image\", \"question\", \
                      \"answers\"}} per line)",
@@ -1094,6 +1164,21 @@ fn is_json_lines(text: &str) -> bool {
 
 /// Whether a JSON list holds our records (a `question_id` and an `image` path each), as a JSONL
 /// file would one per line; VizWiz records have no `question_id`.
+/// Whether a JSON list holds VQAv2 records by COCO image id: VQA-CP v2's questions or
+/// annotations (each record names its `coco_split`) or VQAv2 records with their `answers` (a
+/// flattened VQAv2) — not A-OKVQA's (`direct_answers`, `choices`).
+fn is_vqa_list(list: &[&RawValue]) -> bool {
+    list.iter().take(10).any(|raw| {
+        object(raw, "").is_ok_and(|entry| {
+            entry.contains_key("image_id")
+                && !entry.contains_key("image")
+                && (entry.contains_key("coco_split") || entry.contains_key("answers"))
+                && !entry.contains_key("direct_answers")
+                && !entry.contains_key("choices")
+        })
+    })
+}
+
 fn are_our_records(list: &[&RawValue]) -> bool {
     list.iter().take(10).any(|raw| {
         object(raw, "").is_ok_and(|entry| {
@@ -1147,6 +1232,17 @@ enum JsonLayout {
 impl JsonLayout {
     fn of(top: &JsonTop) -> Self {
         match top {
+            JsonTop::List(list) if is_vqa_list(list) => {
+                if list
+                    .iter()
+                    .take(10)
+                    .any(|raw| object(raw, "").is_ok_and(|entry| entry.contains_key("question")))
+                {
+                    JsonLayout::VqaV2Questions
+                } else {
+                    JsonLayout::VqaV2Annotations
+                }
+            }
             JsonTop::List(list) if benchmarks::is_aokvqa(list) => JsonLayout::AOkVqa,
             JsonTop::List(list) if are_our_records(list) => JsonLayout::OurRecords,
             JsonTop::List(_) => JsonLayout::VizWiz,
