@@ -813,6 +813,63 @@ fn exif_orientation_turns_the_image_upright_like_transformers_load_image() {
     );
 }
 
+/// An uncompressed little-endian RGB TIFF of `img` whose first IFD holds Orientation = `o`.
+fn tiff_with_orientation(img: &image::RgbImage, o: u16) -> Vec<u8> {
+    let (w, h) = img.dimensions();
+    let entries: [(u16, u16, u32); 10] = [
+        (256, 3, w),            // ImageWidth, SHORT
+        (257, 3, h),            // ImageLength
+        (258, 3, 134),          // BitsPerSample: 3 values, at 134
+        (259, 3, 1),            // Compression: none
+        (262, 3, 2),            // PhotometricInterpretation: RGB
+        (273, 4, 140),          // StripOffsets, LONG
+        (274, 3, u32::from(o)), // Orientation
+        (277, 3, 3),            // SamplesPerPixel
+        (278, 3, h),            // RowsPerStrip: one strip
+        (279, 4, w * h * 3),    // StripByteCounts
+    ];
+    let mut tiff = b"II*\0".to_vec();
+    tiff.extend_from_slice(&8u32.to_le_bytes());
+    tiff.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, kind, value) in entries {
+        tiff.extend_from_slice(&tag.to_le_bytes());
+        tiff.extend_from_slice(&kind.to_le_bytes());
+        tiff.extend_from_slice(&(if tag == 258 { 3u32 } else { 1 }).to_le_bytes());
+        if kind == 3 && tag != 258 {
+            tiff.extend_from_slice(&(value as u16).to_le_bytes());
+            tiff.extend_from_slice(&[0, 0]);
+        } else {
+            tiff.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    assert_eq!(tiff.len(), 134);
+    for _ in 0..3 {
+        tiff.extend_from_slice(&8u16.to_le_bytes());
+    }
+    tiff.extend_from_slice(img.as_raw());
+    tiff
+}
+
+#[test]
+fn a_tiff_orientation_tag_turns_the_image_upright_like_pillow() {
+    // Pillow turns a TIFF upright by its Orientation tag when it loads it (`load_end` calls
+    // `exif_transpose`), so `transformers` sees it upright.
+    let stored = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([40 * x as u8, 80 * y as u8, 7]));
+    for o in 1..=8u16 {
+        let tiff = tiff_with_orientation(&stored, o);
+        let upright = decode_image(&tiff, "scan.tiff", u64::MAX)
+            .unwrap()
+            .to_rgb8();
+        let expected_dims = if o >= 5 { (3, 5) } else { (5, 3) };
+        assert_eq!(upright.dimensions(), expected_dims, "orientation {o}");
+        for (x, y, p) in upright.enumerate_pixels() {
+            let (sx, sy) = stored_position(o, (5, 3), (x, y));
+            assert_eq!(p, stored.get_pixel(sx, sy), "orientation {o} at ({x}, {y})");
+        }
+    }
+}
+
 #[test]
 fn a_long_narrow_image_is_resized_and_cropped_like_pillow_would() {
     // 250:1: the shortest-edge resize makes it 224 × 56 000 before the crop.

@@ -49,7 +49,7 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
 /// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
-/// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP) is applied, as `transformers`'
+/// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP, TIFF) is applied, as `transformers`'
 /// `load_image` applies it (not one that only XMP or ImageMagick's "Raw profile type exif" text
 /// holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
@@ -258,8 +258,14 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
             .then(|| png_chunk(bytes, b"eXIf").map(<[u8]>::to_vec))
             .flatten()
     });
-    let orientation = exif
-        .and_then(|exif| exif_orientation(&exif))
+    // A TIFF file is itself the TIFF structure an EXIF block is; Pillow turns a TIFF upright by
+    // its first IFD's tag when it loads it.
+    let orientation = match exif {
+        Some(exif) => exif_orientation(&exif),
+        None if format == image::ImageFormat::Tiff => exif_orientation(bytes),
+        None => None,
+    };
+    let orientation = orientation
         .and_then(Orientation::from_exif)
         .unwrap_or(Orientation::NoTransforms);
     let mut image =
@@ -1176,7 +1182,8 @@ pub struct RgbU8 {
 
 /// Converts to 8-bit RGB the way `transformers`' `convert_to_rgb` does with PIL: images with an
 /// alpha channel are composited onto opaque white (Pillow's `alpha_composite`, integer
-/// arithmetic), grey is replicated. 16-bit images keep their high byte (as Pillow reads 16-bit
+/// arithmetic; transformers 5 does so for every processor, 4.x dropped alpha in CLIP's and
+/// LLaVA's), grey is replicated. 16-bit images keep their high byte (as Pillow reads 16-bit
 /// RGB PNGs). 16-bit grey does too, on purpose unlike Pillow, whose `I;16` → RGB conversion clamps
 /// every value above 255 to white (a 16-bit grey photograph would reach the model blank, and one
 /// whose values all lie below 256 is read as 8-bit, where we see it near black). With
