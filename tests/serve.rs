@@ -404,10 +404,12 @@ fn every_error_class_has_its_status_and_body() {
         use std::io::{Read, Write};
         let mut stream = announce_body(url.trim_start_matches("http://"), 60000);
         stream.write_all(b"{").unwrap();
-        let mut reply = [0u8; 64];
+        let mut reply = [0u8; 1024];
         let n = stream.read(&mut reply).expect("an answer at once");
-        let reply = String::from_utf8_lossy(&reply[..n]);
-        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+        let reply = String::from_utf8_lossy(&reply[..n]).to_ascii_lowercase();
+        assert!(reply.starts_with("http/1.1 401"), "{reply}");
+        // Its body unread, the connection ends, and says so to pooling clients.
+        assert!(reply.contains("\r\nconnection: close\r\n"), "{reply}");
     }
 
     // 404: an unknown model, an unknown route.
@@ -432,6 +434,31 @@ fn every_error_class_has_its_status_and_body() {
         metrics.contains("bella_chat_requests_total{status=\"413\"} 1"),
         "{metrics}"
     );
+    // A client that leaves in the middle of its body did not send a bad request: 499, not 400.
+    {
+        use std::io::Write;
+        let addr = url.trim_start_matches("http://");
+        let mut stream = connect(addr);
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer sesame\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+        )
+        .unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counted = |status: &str| {
+        let (_, metrics) = get(&format!("{url}/metrics"));
+        metrics.contains(&format!(
+            "bella_chat_requests_total{{status=\"{status}\"}} 1"
+        ))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !counted("499") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(counted("499") && !counted("400"), "the client that left");
 
     // What clients send besides the plainest form is read: an upper-case scheme, URL-safe or
     // unpadded base64, WebP and GIF images, a max_tokens larger than the server gives.
@@ -570,6 +597,26 @@ fn every_error_class_has_its_status_and_body() {
             },
             "max_tokens",
             "at least 1",
+        ),
+        (
+            // Not passed over because the other limit is given too.
+            {
+                let mut v = good.clone();
+                v["max_tokens"] = 0.into();
+                v["max_completion_tokens"] = 3.into();
+                v
+            },
+            "max_tokens",
+            "at least 1",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["top_logprobs"] = 2.into();
+                v
+            },
+            "top_logprobs",
+            "`bella` object",
         ),
         (
             {
@@ -1118,6 +1165,18 @@ fn the_answer_limit_holds_without_max_tokens_and_a_hub_style_name_is_served() {
     let v: Value = serde_json::from_str(&t).unwrap();
     // One particle (the base model), at most 2 tokens though the default is 16.
     assert!(v["bella"]["generated_tokens"].as_u64().unwrap() <= 2, "{v}");
+    // Random weights never say they are done: cut at the limit.
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    // A stop sequence that cuts the text ends it: "stop", as OpenAI reports it.
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let first = content.chars().next().expect("some text").to_string();
+    let mut body = request(&square, "What color is the circle?");
+    body["stop"] = json!([first]);
+    let (s, _, t) = post(&server.url, &body.to_string(), None);
+    assert_eq!(s, 200, "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "", "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     let (s, t) = get(&format!("{}/v1/models/org/tiny", server.url));
     assert_eq!(s, 200, "{t}");
     assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["id"], "org/tiny");

@@ -501,14 +501,14 @@ async fn within_deadline(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > state.opts.max_body_bytes as u64) {
-        return ApiError::too_large(state.opts.max_body_bytes).into_response();
+        return closing(ApiError::too_large(state.opts.max_body_bytes));
     }
     let mut request = request;
     // Held until the answer: the body's bytes stay in memory while it is worked on.
     let charge = Arc::new(BodyCharge::default());
     if request.method() == axum::http::Method::POST && request.uri().path() == CHAT_PATH {
         if let Err(e) = state.authorize(request.headers()) {
-            return e.into_response();
+            return closing(e);
         }
         request = charged_body(request, &state.body_memory, &charge);
     }
@@ -538,6 +538,17 @@ async fn within_deadline(
         )
         .into_response();
     }
+    response
+}
+
+/// A refusal sent before the request's body was read: the connection cannot carry another
+/// request after it, and says so (`Connection: close`), so that a client's pool does not reuse it.
+fn closing(e: ApiError) -> HttpResponse {
+    let mut response = e.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     response
 }
 
@@ -718,6 +729,8 @@ async fn answer_chat(
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.opts.max_body_bytes)
+        } else if client_left(&e) {
+            ApiError::client_closed()
         } else {
             ApiError::invalid(None, format!("cannot read the request body: {e}"))
         }
@@ -1297,14 +1310,22 @@ impl Rendered {
             .iter()
             .filter(|p| p.normalized == answer)
             .all(|p| p.truncated);
+        let whole = content(ask, r);
+        let text = openai::cut_at_stop(&whole, &ask.stop);
+        // A stop sequence that cut the text ended it, as in OpenAI's API.
+        let stopped = text.len() < whole.len();
         Self {
-            text: openai::cut_at_stop(&content(ask, r), &ask.stop),
+            text,
             usage: Usage {
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens,
                 total_tokens: r.prompt_tokens + completion_tokens,
             },
-            finish_reason: if truncated { "length" } else { "stop" },
+            finish_reason: if truncated && !stopped {
+                "length"
+            } else {
+                "stop"
+            },
         }
     }
 }
@@ -1426,6 +1447,28 @@ impl Drop for LeftEarly {
 
 /// The status /metrics counts a request under when its client left before the answer.
 const CLIENT_CLOSED: u16 = 499;
+
+/// Whether a body could not be read because its client closed the connection before sending all
+/// of it (not a bad request: counted as 499). hyper reports it as an I/O error, `UnexpectedEof`
+/// (a reset connection as such).
+fn client_left(rejection: &BytesRejection) -> bool {
+    use std::io::ErrorKind;
+    let mut source = std::error::Error::source(rejection);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            )
+        }) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
 
 /// How often a stream waiting for its answer sends an SSE comment, so that proxies and clients
 /// with a read timeout (nginx: 60 s) keep the connection while a large model answers.

@@ -88,6 +88,16 @@ impl ApiError {
         )
     }
 
+    /// 499 (nginx's "client closed request") for a request whose client left before sending
+    /// its body: nobody reads it; /metrics and the access log count it.
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(super::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "the client closed the connection before sending the whole request body",
+        )
+    }
+
     pub fn too_large(limit_bytes: usize) -> Self {
         Self {
             code: Some("request_too_large"),
@@ -465,18 +475,19 @@ impl ChatRequest {
                 ));
             }
         }
-        let max_new_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(0), _) | (None, Some(0)) => {
-                let param = if self.max_completion_tokens.is_some() {
-                    "max_completion_tokens"
-                } else {
-                    "max_tokens"
-                };
+        // Either limit, when given, is checked (max_completion_tokens is the one that counts).
+        for (param, value) in [
+            ("max_completion_tokens", self.max_completion_tokens),
+            ("max_tokens", self.max_tokens),
+        ] {
+            if value == Some(0) {
                 return Err(ApiError::invalid(
                     Some(param),
                     format!("{param} must be at least 1 (the answer length in tokens)"),
                 ));
             }
+        }
+        let max_new_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) | (None, Some(m)) => Some(
                 usize::try_from(m).map_or(max_new_tokens_limit, |m| m.min(max_new_tokens_limit)),
             ),
@@ -567,11 +578,16 @@ impl ChatRequest {
         if self.repetition_penalty.is_some_and(|r| r != 1.0) {
             return refuse("repetition_penalty", "only 1 is accepted");
         }
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return refuse(
-                "logprobs",
-                "each particle's answer log-likelihood is in the `bella` object",
-            );
+        for (param, asked) in [
+            ("logprobs", self.logprobs == Some(true)),
+            ("top_logprobs", self.top_logprobs.is_some_and(|n| n > 0)),
+        ] {
+            if asked {
+                return refuse(
+                    param,
+                    "each particle's answer log-likelihood is in the `bella` object",
+                );
+            }
         }
         if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
             return refuse("logit_bias", "only an empty map is accepted");
@@ -742,7 +758,7 @@ fn question_and_image(messages: &[Message]) -> Result<(String, (String, String))
             .ok_or_else(|| {
                 ApiError::invalid(
                     Some(&param),
-                    "no image in the conversation: add a content part {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,…\"}}",
+                    "no image in the conversation's user messages: add a content part {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,…\"}}",
                 )
             })?,
     };
