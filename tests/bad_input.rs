@@ -478,6 +478,56 @@ fn config_invariants_are_checked_at_load_with_the_key_named() {
     }
 }
 
+/// transformers saves some values under their old and new names both (LlamaConfig copies
+/// `rope_scaling.type` into `rope_type`): such configs load when the two agree.
+#[test]
+fn a_value_under_its_old_and_new_names_loads_when_they_agree() {
+    use serde_json::json;
+    let load = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = copy_fixture("llava-tiny-hub");
+        edit_config(dir.path(), edit);
+        let files = common::dir_files(dir.path()).expect("files resolve");
+        models::load(&files, &Device::Cpu, DType::F32)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    let index = |v: &serde_json::Value| v["image_token_index"].clone();
+    load(&|v| {
+        v["text_config"]["rope_scaling"] = json!({"type": "default", "rope_type": "default"})
+    })
+    .expect("both names, one value");
+    load(&|v| v["image_token_id"] = index(v)).expect("both names, one value");
+    for (edit, expected) in [
+        (
+            Box::new(|v: &mut serde_json::Value| {
+                v["text_config"]["rope_scaling"] =
+                    json!({"type": "linear", "rope_type": "linear", "factor": 2.0})
+            }) as Box<dyn Fn(&mut serde_json::Value)>,
+            "rope type \"linear\" is not supported",
+        ),
+        (
+            Box::new(|v: &mut serde_json::Value| {
+                v["text_config"]["rope_scaling"] = json!({"type": "linear", "rope_type": "default"})
+            }),
+            "text_config.rope_scaling: type \"linear\" and rope_type \"default\" disagree",
+        ),
+        (
+            // transformers refuses a factor without a type too: it would be silently ignored.
+            Box::new(|v: &mut serde_json::Value| {
+                v["text_config"]["rope_scaling"] = json!({"factor": 4.0})
+            }),
+            "a rope scaling factor (4) without a rope type is not supported",
+        ),
+        (
+            Box::new(|v: &mut serde_json::Value| v["image_token_id"] = json!(7)),
+            "image_token_id 7 and image_token_index",
+        ),
+    ] {
+        let err = load(&*edit).expect_err(expected);
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
 #[test]
 fn inspect_of_a_config_with_zero_heads_fails_cleanly() {
     let dir = copy_fixture("llava-tiny-hub");

@@ -90,8 +90,9 @@ fn aggregate_first(probs: &[Vec<f64>], eligible: usize) -> Result<Aggregate, Str
         if row.iter().any(|x| !x.is_finite()) {
             return Err(format!(
                 "particle {p}'s probabilities are not finite (sum {sum}): the model overflowed \
-                 (in f16 most easily: try --dtype bf16 or f32; in f32, the particles' alpha or \
-                 weights are out of range)"
+                 or holds NaN (in f16 most easily: try --dtype bf16 or f32; in f32, a damaged \
+                 base weight — matrices over 1 M values are not scanned at load — or particles \
+                 whose alpha or weights are out of range)"
             ));
         }
         if row.iter().any(|x| *x < 0.0) || (sum - 1.0).abs() > 1e-6 {

@@ -128,6 +128,9 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// A scaling factor says a scaled RoPE is meant, whatever the (missing) type.
+    #[serde(default)]
+    pub factor: Option<f64>,
 }
 
 /// A LLaMA-family decoder (defaults of transformers' `LlamaConfig`).
@@ -225,10 +228,15 @@ impl LlamaConfig {
             .into_iter()
             .flatten()
         {
-            if let Some(kind) = rope.rope_type.as_deref() {
-                if kind != "default" {
-                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)");
+            match (rope.rope_type.as_deref(), rope.factor) {
+                (Some(kind), _) if kind != "default" => {
+                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)")
                 }
+                (None, Some(factor)) => bail!(
+                    "{at}: a rope scaling factor ({factor}) without a rope type is not supported \
+                     (only the default RoPE; transformers refuses it too)"
+                ),
+                _ => {}
             }
         }
         let k = Keys(at);
@@ -533,7 +541,7 @@ impl ModelConfig {
                         ),
                     }
                 }
-                let config: LlavaConfig = parse(raw, "LLaVA")?;
+                let config: LlavaConfig = parse(&one_name_each(raw)?, "LLaVA")?;
                 config.text_config.validate("text_config")?;
                 config.vision_config.validate("vision_config")?;
                 config.feature_layers()?;
@@ -558,6 +566,37 @@ impl ModelConfig {
             ModelConfig::Llava(_) => "LLaVA",
         }
     }
+}
+
+/// A LLaVA config with each value under one name: transformers writes some under their old and
+/// new names both (`rope_scaling`'s `type` and `rope_type`, `image_token_index` and
+/// `image_token_id`), which must then agree.
+fn one_name_each(raw: &serde_json::Value) -> Result<serde_json::Value> {
+    let mut raw = raw.clone();
+    for (at, old, new) in [
+        ("", "image_token_id", "image_token_index"),
+        ("/text_config/rope_scaling", "type", "rope_type"),
+        ("/text_config/rope_parameters", "type", "rope_type"),
+    ] {
+        let Some(serde_json::Value::Object(m)) = raw.pointer_mut(at) else {
+            continue;
+        };
+        if let (Some(a), Some(b)) = (m.get(old), m.get(new)) {
+            if a != b {
+                bail!(
+                    "{at}: {old} {a} and {new} {b} disagree; keep the one the model was trained \
+                     with",
+                    at = if at.is_empty() {
+                        "config.json".to_string()
+                    } else {
+                        at[1..].replace('/', ".")
+                    }
+                );
+            }
+            m.remove(old);
+        }
+    }
+    Ok(raw)
 }
 
 /// Deserialises with the path of the offending key in the error (`text_config.hidden_size: …`).

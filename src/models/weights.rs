@@ -196,7 +196,17 @@ impl Weights {
                 reason: e.to_string(),
             })?;
             for (name, _) in st.tensors() {
-                routing.insert(name, index);
+                // One save writes each tensor once: two copies cannot both be the weight.
+                if let Some(first) = routing.insert(name.clone(), index) {
+                    return Err(WeightError::BadFile {
+                        file: path.clone(),
+                        reason: format!(
+                            "tensor {name:?} is also in {}: the files are not one checkpoint's \
+                             shards (mixed downloads?); keep one copy of each tensor",
+                            paths[first].display()
+                        ),
+                    });
+                }
             }
             files.push((path.clone(), st));
         }
@@ -249,7 +259,15 @@ impl Weights {
                 if let Some(name) = self.stored_name(&key) {
                     self.mark_used(name);
                 }
-                q.base(path, (out, inp), || self.get(&key, &[out, inp]))
+                // Quantized blocks would hide a NaN or Inf: every value of a matrix about to be
+                // quantized is checked, whatever its size.
+                q.base(path, (out, inp), || {
+                    let tensor = self.get(&key, &[out, inp])?;
+                    if let Some(name) = self.stored_name(&key) {
+                        self.check_finite(&name, self.routing[&name], &tensor)?;
+                    }
+                    Ok(tensor)
+                })
             }
             None => self.get(&key, &[out, inp]).map(Base::Dense),
         }
@@ -356,28 +374,39 @@ impl Weights {
         .map_err(bad)?;
         release_pages(view.data());
         if tensor.elem_count() <= FINITE_CHECK_MAX_VALUES {
-            let count = count_non_finite(&tensor).map_err(bad)?;
-            if count > 0 {
-                // Infinite in the compute dtype: damaged, or finite in the file and too large.
-                let stored = st.load(name, &Device::Cpu).map_err(bad)?;
-                let damaged = count_non_finite(&stored).map_err(bad)?;
-                return Err(if damaged > 0 {
-                    WeightError::NonFinite {
-                        key: name.clone(),
-                        file: path.clone(),
-                        count: damaged,
-                    }
-                } else {
-                    WeightError::OutOfRange {
-                        key: name.clone(),
-                        file: path.clone(),
-                        dtype: self.dtype,
-                        count,
-                    }
-                });
-            }
+            self.check_finite(name, index, &tensor)?;
         }
         Ok(tensor)
+    }
+
+    /// Refuses the tensor stored as `name` in file `index`, as loaded (`tensor`), when it holds
+    /// NaN or Inf: damaged in the file, or finite there and beyond the compute dtype.
+    fn check_finite(&self, name: &str, index: usize, tensor: &Tensor) -> Result<(), WeightError> {
+        let (path, st) = &self.files[index];
+        let bad = |e: candle_core::Error| WeightError::BadFile {
+            file: path.clone(),
+            reason: format!("tensor {name:?}: {e}"),
+        };
+        let count = count_non_finite(tensor).map_err(bad)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let stored = st.load(name, &Device::Cpu).map_err(bad)?;
+        let damaged = count_non_finite(&stored).map_err(bad)?;
+        Err(if damaged > 0 {
+            WeightError::NonFinite {
+                key: name.to_string(),
+                file: path.clone(),
+                count: damaged,
+            }
+        } else {
+            WeightError::OutOfRange {
+                key: name.to_string(),
+                file: path.clone(),
+                dtype: self.dtype,
+                count,
+            }
+        })
     }
 
     /// Loads a tensor if it exists (optional biases).
@@ -607,6 +636,66 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap(),
             [1.0, -70144.0, 2.0]
+        );
+    }
+
+    /// A matrix too large for the load-time scan is scanned all the same when it is quantized:
+    /// blocks would hide its NaN (q8_0 made it a zero and answered).
+    #[test]
+    fn a_nan_in_a_large_matrix_is_refused_when_it_would_be_quantized() {
+        use crate::models::quant::{QuantKind, Quantize, Quantizer};
+        let (out, inp) = (1024, 1056);
+        assert!(out * inp > FINITE_CHECK_MAX_VALUES);
+        let mut values = vec![0.5f32; out * inp];
+        values[100 * inp + 5] = f32::NAN;
+        let matrix = Tensor::from_vec(values, (out, inp), &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = "language_model.model.layers.0.mlp.up_proj";
+        let path = dir.path().join("model.safetensors");
+        let stored: HashMap<String, Tensor> = [(format!("{key}.weight"), matrix)].into();
+        candle_core::safetensors::save(&stored, &path).unwrap();
+        let open = || Weights::open(std::slice::from_ref(&path), &Device::Cpu, DType::F32).unwrap();
+        // Dense, it loads (the forward pass finds the NaN later).
+        assert!(open().base(key, out, inp).is_ok());
+        let opts = Quantize {
+            cache_dir: Some(dir.path().join("cache")),
+            ..Quantize::new(QuantKind::Q8_0)
+        };
+        let quantizer = Quantizer::open(&opts, std::slice::from_ref(&path), &Device::Cpu).unwrap();
+        let err = open()
+            .with_quantizer(quantizer)
+            .base(key, out, inp)
+            .unwrap_err();
+        assert!(
+            matches!(&err, WeightError::NonFinite { key: k, count: 1, .. } if *k == format!("{key}.weight")),
+            "{err}"
+        );
+    }
+
+    /// Two files holding the same tensor are not one checkpoint: refused naming both, rather than
+    /// the last file's copy silently winning.
+    #[test]
+    fn a_tensor_in_two_shards_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let paths: Vec<PathBuf> = ["model-00001-of-00002", "model-00002-of-00002"]
+            .iter()
+            .map(|name| {
+                let path = dir.path().join(format!("{name}.safetensors"));
+                let stored: HashMap<&str, Tensor> = [("norm.weight", t.clone())].into();
+                candle_core::safetensors::save(&stored, &path).unwrap();
+                path
+            })
+            .collect();
+        let err = Weights::open(&paths, &Device::Cpu, DType::F32)
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("norm.weight")
+                && text.contains("model-00001-of-00002")
+                && text.contains("model-00002-of-00002"),
+            "{text}"
         );
     }
 }
