@@ -118,11 +118,16 @@ const NAME_MAX: usize = 255;
 /// The temporary sibling `.NAME.tmp-PID` a file or directory `path` is written as before it is
 /// renamed into place.
 pub fn temp_name(path: &Path) -> Result<PathBuf> {
+    sibling_name(path, "tmp")
+}
+
+/// The hidden sibling `.NAME.{kind}-PID` of `path` (of a legal length whatever NAME's).
+fn sibling_name(path: &Path, kind: &str) -> Result<PathBuf> {
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?
         .to_string_lossy();
-    let suffix = format!(".tmp-{}", std::process::id());
+    let suffix = format!(".{kind}-{}", std::process::id());
     if 1 + name.len() + suffix.len() <= NAME_MAX {
         return Ok(path.with_file_name(format!(".{name}{suffix}")));
     }
@@ -402,8 +407,11 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
 pub type DirFiles<'a> = Vec<(&'a str, Vec<u8>)>;
 
 /// Several directories as one set (see [`write_dir_atomically`]): every one is written in full
-/// first, then the directories of `replace` are removed and each new one is renamed into place.
-/// A failure before that (a full disk) leaves what was there untouched.
+/// first; then the old directories (those of `replace`, and any at the new ones' places) are
+/// renamed aside, each new one is renamed into place, and only then are the old ones removed. A
+/// failure before the renames (a full disk) leaves what was there untouched; the renames take
+/// microseconds, so a stop between them is unlikely, and leaves the old directories aside
+/// (`.NAME.old-PID`), not lost.
 pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) -> Result<()> {
     let mut staged: Vec<PathBuf> = Vec::with_capacity(dirs.len());
     for (dir, files) in dirs {
@@ -418,14 +426,23 @@ pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) 
             }
         }
     }
-    for dir in replace {
-        remove_dir_all(dir)?;
+    let mut old: Vec<&PathBuf> = replace.iter().collect();
+    old.extend(
+        dirs.iter()
+            .map(|(dir, _)| dir)
+            .filter(|d| !replace.contains(d)),
+    );
+    let mut aside = Vec::new();
+    for dir in old.into_iter().filter(|d| d.exists()) {
+        let name = sibling_name(dir, "old")?;
+        rename_synced(dir, &name)?;
+        aside.push(name);
     }
     for ((dir, _), tmp) in dirs.iter().zip(&staged) {
-        if dir.exists() {
-            remove_dir_all(dir)?;
-        }
         rename_synced(tmp, dir)?;
+    }
+    for dir in aside {
+        remove_dir_all(&dir)?;
     }
     Ok(())
 }

@@ -887,8 +887,13 @@ fn import_peft(
         .iter()
         .map(|(name, bytes)| bella_vqa::io::stage_file(&out.join(name), bytes))
         .collect::<Result<Vec<_>>>()?;
-    // `train --resume` would bring the replaced particles back from their checkpoints, and the
-    // training log and summary would describe particles that are gone.
+    // Particles first, then the config: a stop in between is refused at load, naming it.
+    for file in staged {
+        file.commit()?;
+    }
+    // Only then the old set's training state (a stop before leaves the old set whole, able to
+    // resume): `train --resume` would bring the replaced particles back from their
+    // checkpoints, and the training log and summary would describe particles that are gone.
     checkpoint::remove_all(out)?;
     for stale in [
         "train_log.jsonl",
@@ -896,10 +901,6 @@ fn import_peft(
         bella_vqa::data::seen::FILE,
     ] {
         bella_vqa::io::remove_file(&out.join(stale))?;
-    }
-    // Particles first, then the config: a stop in between is refused at load, naming it.
-    for file in staged {
-        file.commit()?;
     }
     if !cli.quiet {
         out!(

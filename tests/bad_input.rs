@@ -1045,6 +1045,19 @@ fn a_run_that_diverges_at_once_says_no_particles_were_kept() {
         "{err}"
     );
     assert!(!data.out().join(PARTICLES_FILE).exists());
+    // A gradient whose norm overflows f32 (an SVGD repulsion of 1e30) scaled every update to
+    // nothing: the particles froze while the loss looked fine. Now it is divergence too.
+    let data = DataDir::new(&good_lines());
+    let err = fails(&mut train(
+        &data,
+        &["--method", "svgd", "--repulsion", "1e30"],
+    ));
+    assert!(
+        err.contains("diverged at step 1")
+            && err.contains("gradient norm inf")
+            && err.contains("--repulsion"),
+        "{err}"
+    );
     // Diverging right after a checkpoint: the message says that checkpoint is where the step
     // began (it was called "the last good particles" and may be what diverged).
     let data = DataDir::new(&good_lines());

@@ -1185,6 +1185,61 @@ fn a_train_force_that_fails_leaves_the_old_set_whole_with_its_questions_and_log(
     assert!(told, "no failure said the disk was full and what to do");
 }
 
+/// `export-peft --force` killed at any point loses no adapter: each old one is in its place, or
+/// aside (`.particle-N.old-PID`, the moment of the swap), until the new one has taken it.
+#[test]
+fn an_export_peft_force_killed_at_any_point_loses_no_adapter() {
+    let world = world();
+    let (old_set, new_set) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run_ok(&mut train(world.path(), old_set.path()));
+    run_ok(&mut train_with(
+        &fixture("llava-tiny-hub"),
+        world.path(),
+        new_set.path(),
+        &[("--limit", "6")],
+    ));
+    let export = |set: &Path, out: &Path| {
+        let mut c = bella();
+        c.args(["export-peft", "--quiet", "--force", "--adapters"])
+            .arg(set)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run_ok(&mut export(old_set.path(), old.path()));
+    run_ok(&mut export(new_set.path(), new.path()));
+    let adapter = |dir: &Path| files(dir);
+    let mut killed = 0;
+    for n in 1.. {
+        let out = tempfile::tempdir().unwrap();
+        put(&set_files(old.path()), out.path());
+        if !aborted_at(&mut export(new_set.path(), out.path()), n) {
+            break;
+        }
+        killed += 1;
+        for p in 0..2 {
+            let name = format!("particle-{p}");
+            let here = out.path().join(&name);
+            if here.is_dir() && adapter(&here) == adapter(&new.path().join(&name)) {
+                continue;
+            }
+            let old_adapter = adapter(&old.path().join(&name));
+            let kept = std::fs::read_dir(out.path()).unwrap().any(|e| {
+                let e = e.unwrap();
+                let n = e.file_name().to_string_lossy().into_owned();
+                (n == name || n.starts_with(&format!(".{name}.old-")))
+                    && adapter(&e.path()) == old_adapter
+            });
+            assert!(
+                kept,
+                "killed at op {n}: the old {name} is gone and the new one is not there"
+            );
+        }
+    }
+    assert!(killed >= 5, "the export finished before most kill points");
+}
+
 #[test]
 fn an_import_peft_force_that_fails_leaves_the_old_set_whole() {
     let world = world();
@@ -1236,6 +1291,30 @@ fn an_import_peft_force_that_fails_leaves_the_old_set_whole() {
         assert_no_temp_files(out.path());
     }
     assert!(tried >= 5, "the import finished before most fault points");
+    // Killed at any point: until the new particles are in place the old set stays whole, its
+    // checkpoints, log and question list included (it can still resume).
+    assert!(old_files.keys().any(|p| p.starts_with("checkpoints")));
+    let mut killed = 0;
+    for n in 1.. {
+        let out = tempfile::tempdir().unwrap();
+        put(&old_files, out.path());
+        if !aborted_at(&mut import(out.path()), n) {
+            break;
+        }
+        killed += 1;
+        let mut now = set_files(out.path());
+        now.retain(|p, _| !p.to_string_lossy().contains(".tmp-"));
+        if now.get(Path::new("particles.safetensors"))
+            == old_files.get(Path::new("particles.safetensors"))
+        {
+            assert!(
+                now == old_files,
+                "killed at op {n}: the old set changed: now {:?}",
+                now.keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    assert!(killed >= 5, "the import finished before most kill points");
     // Cut short between its two files (only the particles written): the same command without
     // --force completes it.
     let out = tempfile::tempdir().unwrap();

@@ -609,6 +609,22 @@ pub fn train(
     let n = train.len();
     let batch = opts.batch_size.min(n);
     let steps_per_epoch = (n / batch) as u64;
+    if run.progress {
+        if opts.batch_size > n {
+            crate::note!(
+                "--batch-size {} is more than the {n} training question(s): batches of {n}",
+                opts.batch_size
+            );
+        } else if n % batch != 0 {
+            crate::note!(
+                "each epoch trains on {} of the {n} questions ({} batches of {batch}): the {} \
+                 left out differ from epoch to epoch",
+                steps_per_epoch as usize * batch,
+                steps_per_epoch,
+                n % batch
+            );
+        }
+    }
     let total_steps = steps_per_epoch * opts.epochs as u64;
     let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
     let data = fingerprint(train)?;
@@ -800,29 +816,7 @@ pub fn train(
         let loss = per_particle.sum_all()?;
         let loss_value = loss.to_scalar::<f32>()? as f64 / p as f64;
         if !loss_value.is_finite() {
-            // Checkpoints are named by the steps done: this step started from `step-{step}`.
-            let kept = match checkpoint::latest(&run.out)? {
-                Some(dir) if dir.ends_with(format!("step-{step:08}")) => format!(
-                    "this step started from the particles of checkpoint {} (published in {}), so \
-                     they may be what diverged: check them with `ask`; earlier checkpoints are \
-                     kept in {}",
-                    dir.display(),
-                    run.out.display(),
-                    checkpoint::checkpoints_dir(&run.out).display()
-                ),
-                Some(dir) => format!(
-                    "the last good particles are in {} (checkpoint {})",
-                    run.out.display(),
-                    dir.display()
-                ),
-                None => "no checkpoint was written yet".to_string(),
-            };
-            bail!(
-                "training diverged at step {} (loss {loss_value}): lower --lr, or check --alpha, \
-                 --init-b-std and --prior-std (and try --dtype bf16 or f32 after f16), in a new \
-                 --out (--resume keeps the settings a run began with); {kept}",
-                step + 1
-            );
+            return Err(diverged(&run.out, step, &format!("loss {loss_value}"))?);
         }
         // Detached (`VarGrads`): candle's gradient of a variable keeps the step's forward graph
         // alive, and whatever is built from it (the SVGD direction, the AdamW moments) would too.
@@ -868,7 +862,12 @@ pub fn train(
                     .collect::<Result<_>>()?
             }
         };
-        clip_per_particle(&mut update, opts.grad_clip)?;
+        // An overflowed norm would scale the update to nothing (Inf) or spread NaN: diverged.
+        let norms = clip_per_particle(&mut update, opts.grad_clip)?;
+        if let Some((p, norm)) = norms.iter().enumerate().find(|(_, n)| !n.is_finite()) {
+            let what = format!("particle {p}'s gradient norm {norm}");
+            return Err(diverged(&run.out, step, &what)?);
+        }
         let lr = learning_rate(step, warmup, total_steps, opts.lr, opts.min_lr);
         optimizer.step(&params.vars(), &update, lr)?;
 
@@ -1272,4 +1271,32 @@ impl<'a> Objective<'a> {
             _ => bail!("the objective does not match the model"),
         }
     }
+}
+
+/// The error of a step (0-based `step`) whose `what` (its loss, a gradient norm) is not finite,
+/// saying where the last good particles are.
+fn diverged(out: &Path, step: u64, what: &str) -> Result<anyhow::Error> {
+    // Checkpoints are named by the steps done: this step started from `step-{step}`.
+    let kept = match checkpoint::latest(out)? {
+        Some(dir) if dir.ends_with(format!("step-{step:08}")) => format!(
+            "this step started from the particles of checkpoint {} (published in {}), so \
+             they may be what diverged: check them with `ask`; earlier checkpoints are \
+             kept in {}",
+            dir.display(),
+            out.display(),
+            checkpoint::checkpoints_dir(out).display()
+        ),
+        Some(dir) => format!(
+            "the last good particles are in {} (checkpoint {})",
+            out.display(),
+            dir.display()
+        ),
+        None => "no checkpoint was written yet".to_string(),
+    };
+    Ok(anyhow::anyhow!(
+        "training diverged at step {} ({what}): lower --lr, or check --alpha, --init-b-std, \
+         --prior-std and --repulsion (and try --dtype bf16 or f32 after f16), in a new --out \
+         (--resume keeps the settings a run began with); {kept}",
+        step + 1
+    ))
 }
