@@ -516,7 +516,7 @@ fn a_value_under_its_old_and_new_names_loads_when_they_agree() {
             Box::new(|v: &mut serde_json::Value| {
                 v["text_config"]["rope_scaling"] = json!({"factor": 4.0})
             }),
-            "a rope scaling factor (4) without a rope type is not supported",
+            "a rope scaling factor (4.0) without a rope type is not supported",
         ),
         (
             Box::new(|v: &mut serde_json::Value| v["image_token_id"] = json!(7)),

@@ -128,9 +128,6 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
-    /// A scaling factor says a scaled RoPE is meant, whatever the (missing) type.
-    #[serde(default)]
-    pub factor: Option<f64>,
 }
 
 /// A LLaMA-family decoder (defaults of transformers' `LlamaConfig`).
@@ -228,15 +225,10 @@ impl LlamaConfig {
             .into_iter()
             .flatten()
         {
-            match (rope.rope_type.as_deref(), rope.factor) {
-                (Some(kind), _) if kind != "default" => {
-                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)")
+            if let Some(kind) = rope.rope_type.as_deref() {
+                if kind != "default" {
+                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)");
                 }
-                (None, Some(factor)) => bail!(
-                    "{at}: a rope scaling factor ({factor}) without a rope type is not supported \
-                     (only the default RoPE; transformers refuses it too)"
-                ),
-                _ => {}
             }
         }
         let k = Keys(at);
@@ -581,6 +573,16 @@ fn one_name_each(raw: &serde_json::Value) -> Result<serde_json::Value> {
         let Some(serde_json::Value::Object(m)) = raw.pointer_mut(at) else {
             continue;
         };
+        // A scaling factor says a scaled RoPE is meant, whatever the (missing) type.
+        if let (true, Some(factor), None, None) =
+            (at.contains("rope"), m.get("factor"), m.get(old), m.get(new))
+        {
+            bail!(
+                "{}: a rope scaling factor ({factor}) without a rope type is not supported (only \
+                 the default RoPE; transformers refuses it too)",
+                at[1..].replace('/', ".")
+            );
+        }
         if let (Some(a), Some(b)) = (m.get(old), m.get(new)) {
             if a != b {
                 bail!(
