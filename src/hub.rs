@@ -773,6 +773,17 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
         });
     }
     crate::input::check_regular(&config, "model config")?;
+    // A file the model is read from that is there but not a regular file (a pipe, a folder)
+    // would read as missing: named as what it is.
+    for name in OPTIONAL_FILES
+        .iter()
+        .chain(&[WEIGHTS_FILE, WEIGHTS_INDEX_FILE])
+    {
+        let path = dir.join(name);
+        if path.exists() {
+            crate::input::check_regular(&path, "model file")?;
+        }
+    }
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     // The order transformers uses: a single file first, then an index.

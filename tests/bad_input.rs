@@ -1580,6 +1580,25 @@ fn fifos_and_devices_are_refused_without_hanging() {
         "{err}"
     );
 
+    // The model's other files: named as a FIFO or a folder, not as missing.
+    for (name, folder) in [
+        ("tokenizer.json", false),
+        ("preprocessor_config.json", false),
+        ("generation_config.json", true),
+    ] {
+        let model = copy_fixture("llava-tiny-hub");
+        let path = model.path().join(name);
+        let _ = std::fs::remove_file(&path);
+        if folder {
+            std::fs::create_dir(&path).unwrap();
+        } else {
+            mkfifo(&path);
+        }
+        let err = fails(bella().args(["inspect", "--model"]).arg(model.path()));
+        let kind = if folder { "directory" } else { "FIFO" };
+        assert!(err.contains(name) && err.contains(kind), "{name}: {err}");
+    }
+
     // Files a resume reads: the answers so far, the training log, the checkpoint pointer.
     let data = DataDir::new(&good_lines());
     std::fs::create_dir_all(data.out()).unwrap();
@@ -1675,6 +1694,36 @@ fn a_llava_without_a_chat_template_says_which_prompt_it_gets() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["chat_template"], "chat_template.json");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+}
+
+/// A chat template that leaves the image out (or puts it twice) is refused at load, naming the
+/// template, not after the model has run on the first question.
+#[test]
+fn a_chat_template_without_the_image_is_refused_at_load() {
+    for (template, n) in [
+        (
+            "USER: {{ messages[0]['content'][1]['text'] }} ASSISTANT:",
+            0,
+        ),
+        (
+            "USER: <image><image>{{ messages[0]['content'][1]['text'] }} ASSISTANT:",
+            2,
+        ),
+    ] {
+        let dir = copy_fixture("llava-tiny-hub");
+        std::fs::write(
+            dir.path().join("chat_template.json"),
+            serde_json::json!({ "chat_template": template }).to_string(),
+        )
+        .unwrap();
+        let err = fails(bella().args(["inspect", "--model"]).arg(dir.path()));
+        assert!(
+            err.contains("chat_template.json")
+                && err.contains(&format!("puts {n} image token(s) \"<image>\""))
+                && err.contains("own chat template"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -316,6 +316,27 @@ fn check_inputs_fit(
         }
     }
     if let (ModelConfig::Llava(c), Some(p)) = (config, prompter) {
+        // The chat template must place the image: rendered once here, so that one without it
+        // fails at load, not after the model has run on the first question.
+        if let Some(token) = p.image_token() {
+            let template = match p.template_source() {
+                prompt::TemplateSource::File(path) => path.display().to_string(),
+                _ => "the built-in llava-1.5 template".to_string(),
+            };
+            let text = p
+                .render_question("What is in the image?", true)
+                .with_context(|| {
+                    format!("the chat template ({template}) cannot render a question")
+                })?;
+            let n = text.matches(token).count();
+            if n != 1 {
+                bail!(
+                    "the chat template ({template}) puts {n} image token(s) {token:?} in a \
+                     question with one image, where the model needs one: use the checkpoint's \
+                     own chat template"
+                );
+            }
+        }
         if let Some(id) = p.image_token_id() {
             if id != c.image_token_index {
                 bail!(

@@ -1147,7 +1147,8 @@ fn read_image_bytes(url: &str, param: &str, opts: &ServeOptions) -> Result<Vec<u
     } else {
         return Err(ApiError::invalid(
             param,
-            "the image must be a data URL (data:image/png;base64,…); local paths are never read",
+            "the image must be a data URL (data:image/png;base64,…), or http(s) with \
+             --allow-remote-images; other schemes and local paths are never read",
         ));
     };
     Ok(bytes)
