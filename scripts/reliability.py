@@ -192,6 +192,18 @@ def cases(work, binary):
     (other_tokenizer / "tokenizer.json").write_text(json.dumps(tok))
     many_answers = work / "many-answers.txt"
     many_answers.write_text("".join(f"answer {i}\n" for i in range(10_000)))
+    # A folder holding a file of the user's under a name data shapes writes.
+    theirs = work / "theirs"
+    theirs.mkdir()
+    (theirs / "test.jsonl").write_text("mine\n")
+    # VQA-CP's annotations (a bare list) given as the questions.
+    vqacp = work / "vqacp_v2_test_annotations.json"
+    vqacp.write_text(json.dumps([{"question_id": 1, "image_id": 1, "coco_split": "val2014",
+                                  "answers": [{"answer": "red", "answer_id": 1}]}]))
+    # A chat template that leaves the image out.
+    no_image = copy_model(work, "no-image-template")
+    (no_image / "chat_template.json").write_text(json.dumps(
+        {"chat_template": "USER: {{ messages[0]['content'][1]['text'] }} ASSISTANT:"}))
 
     T = ["train", "--model", model, "--data", str(train), "--max-steps", "1", "--epochs", "1",
          "--batch-size", "2", "--particles", "2"]
@@ -222,6 +234,7 @@ def cases(work, binary):
         Case(2, "--particles 0", T[:-2] + ["--particles", "0"] + train_out("parts0"), "--particles"),
         # 3. No lost or stale work.
         Case(3, "data shapes onto an existing data set", ["data", "shapes", "--out", str(existing), "--n", "10"], "--force"),
+        Case(3, "data shapes onto a folder holding a user's test.jsonl", ["data", "shapes", "--out", str(theirs), "--n", "10"], ["test.jsonl", "--force"]),
         Case(3, "bench data file in --out where bench writes its answers", ["bench", "--model", model, "--data", str(inside / "samples.jsonl"), "--out", str(inside)], ["--data", "samples.jsonl"]),
         # 4. No silent nonsense from numbers.
         Case(4, "--grad-clip -1", T + ["--grad-clip", "-1"] + train_out("gc"), "--grad-clip"),
@@ -231,6 +244,7 @@ def cases(work, binary):
         Case(4, "--alpha 1e300 (infinite in f32)", T + ["--alpha", "1e300"] + train_out("alpha-huge"), "--alpha"),
         Case(4, "stored alpha 1e300", A + ["--adapters", particle_variant("alpha-huge", lambda v, d: v.update(alpha=1e300)), q], "alpha"),
         Case(4, "CLIP with 10 000 candidate answers", ["ask", "--model", str(ROOT / "tests" / "fixtures" / "clip-tiny"), "--answers", str(many_answers), "--image", img, q], None, expect_ok=True),
+        Case(4, "SVGD --repulsion 1e30 (the gradient norm overflows)", T + ["--method", "svgd", "--repulsion", "1e30"] + train_out("repulsion"), ["diverged", "--repulsion"]),
         Case(4, "--prior-std 0", T + ["--prior-std", "0"] + train_out("prior"), "--prior-std"),
         Case(4, "--init-b-std NaN", T + ["--init-b-std", "NaN"] + train_out("initb"), "--init-b-std"),
         Case(4, "--lr -1", T + ["--lr", "-1"] + train_out("lr"), "--lr"),
@@ -253,6 +267,9 @@ def cases(work, binary):
         Case(5, "missing image file", A[:4] + [str(work / "nope.png"), q], "nope.png"),
         Case(5, "lone UTF-16 surrogate in a data line", ["bench", "--model", model, "--data", str(surrogate), "--out", str(work / "bench-surrogate")], ["surrogate.jsonl", "line 1", "surrogate"]),
         Case(5, "another checkpoint's tokenizer", ["ask", "--model", str(other_tokenizer), "--image", img, q], ["tokenizer.json", "vocab_size"]),
+        Case(5, "VQA-CP annotations given as the questions", ["bench", "--model", model, "--data", str(vqacp), "--out", str(work / "bench-vqacp")], ["vqacp_v2_test_annotations.json", "annotations"]),
+        Case(5, "chat template without the image", ["inspect", "--model", str(no_image)], ["chat_template.json", "image token"]),
+        Case(5, "rope_scaling's type and rope_type disagree", ["inspect", "--model", cfg("rope", lambda v: v["text_config"].update(rope_scaling={"type": "linear", "rope_type": "default"}))], ["rope_scaling", "disagree"]),
         Case(5, "model directory without weights", ["inspect", "--model", str(work / "existing-world")], "existing-world"),
         # 6. Special tokens in user text are text.
         Case(6, "question with </s>", A + ["What color </s> is the circle?"], None, expect_ok=True),
