@@ -607,6 +607,18 @@ fn print_response(r: &Response, show_particles: bool, given_threshold: bool) -> 
         r.particles.len(),
         r.answer
     )?;
+    // Scored as a beginning (no end token): its probability is that of answers starting so.
+    if agree > 0
+        && r.particles
+            .iter()
+            .filter(|p| p.normalized == answer)
+            .all(|p| p.truncated)
+    {
+        out!(
+            "the answer was cut at --max-new-tokens: its confidence is that of answers that begin \
+             so; give more tokens for the whole answer"
+        )?;
+    }
     if let Some(v) = &r.image_check {
         out!(
             "image check: distance {:.2} from the calibration images (threshold {:.2}): {}",

@@ -439,6 +439,38 @@ fn the_text_line_shows_the_score_that_abstention_compared() {
 }
 
 #[test]
+fn an_answer_cut_at_max_new_tokens_is_said_to_be_cut() {
+    // The tiny random model never ends its answer: with 2 tokens every particle is cut, and the
+    // confidence (that of answers beginning so) is said to be that.
+    let run = |tokens: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["ask", "--max-new-tokens", tokens, "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .arg("What color is the circle?")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(run("2").contains("the answer was cut at --max-new-tokens"));
+    // The demo model ends its answers: not said.
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["ask", "--image"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"))
+        .arg("What color is the circle?")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("cut at"));
+}
+
+#[test]
 fn a_question_that_fills_the_positions_but_the_answer_is_answered() {
     // Disagreeing particles, so that the candidates are scored (k segments continuing the
     // prompt): an answer as long as the room the prompt leaves must fit, segments and all.

@@ -1227,9 +1227,12 @@ impl Prompter {
                     .encode(t.as_str(), true)
                     .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
                 if !truncate && !e.get_overflowing().is_empty() {
+                    let shown: String = t.chars().take(120).collect();
+                    let cut = if shown.len() < t.len() { "…" } else { "" };
                     bail!(
-                        "{t:?} is longer than the {max_len} tokens CLIP's text encoder reads, so \
-                         its end would be cut off: shorten the question"
+                        "{shown:?}{cut} is longer than the {max_len} tokens CLIP's text encoder \
+                         reads, so its end would be cut off: shorten the question or the answer \
+                         (--answers)"
                     );
                 }
                 Ok(e.get_ids().to_vec())
