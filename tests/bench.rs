@@ -874,6 +874,32 @@ fn fixing_records_skip_bad_left_out_continues_the_run_with_its_answers() {
     let p = &second.results.progress;
     assert_eq!((p.answered, p.bad_records, p.complete), (7, 0, true));
     assert!(!out.join("bad_records.jsonl").exists());
+    // Continued with a smaller --limit: refused (results of 2 beside 7 samples read as one
+    // run), nothing touched.
+    let (samples_before, results_before, config_before) = (
+        std::fs::read(&samples).unwrap(),
+        std::fs::read(out.join("results.json")).unwrap(),
+        std::fs::read(out.join("bench_config.json")).unwrap(),
+    );
+    let mut fewer = opts.clone();
+    fewer.limit = Some(2);
+    let e = format!(
+        "{:#}",
+        bench::run(vqa_with_particles(), &spec(), &fewer).unwrap_err()
+    );
+    assert!(
+        e.contains("holds answers to 5 question(s) past --limit 2"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&samples).unwrap(), samples_before);
+    assert_eq!(
+        std::fs::read(out.join("results.json")).unwrap(),
+        results_before
+    );
+    assert_eq!(
+        std::fs::read(out.join("bench_config.json")).unwrap(),
+        config_before
+    );
     let fresh = tmp.path().join("fresh");
     let mut whole = opts.clone();
     whole.out = fresh.clone();
@@ -1044,6 +1070,11 @@ fn objectives_parse() {
     assert_eq!(e[1].name, "svgd");
     assert_eq!(e[2].name, "ens");
     assert!(CompareEntry::parse_all(&["/a/x".into(), "/b/x".into()]).is_err());
+    // A name of the comparison's own files is refused before any run is answered.
+    for taken in ["comparison.json=/a/b", "/a/comparison.md"] {
+        let e = CompareEntry::parse(taken).unwrap_err().to_string();
+        assert!(e.contains("taken by the comparison's own files"), "{e}");
+    }
 }
 
 /// `bench::compare` of `entries` (`name` or `name=DIR`) on the base, with `opts`.

@@ -53,6 +53,13 @@ impl CompareEntry {
         {
             bail!("--compare entry {s:?}: {name:?} cannot name a sub-directory; write name=DIR");
         }
+        // The comparison's own files sit beside the runs' sub-directories.
+        if name.starts_with("comparison") {
+            bail!(
+                "--compare entry {s:?}: {name:?} is taken by the comparison's own files \
+                 (comparison.json, comparison.md, …); write another name=DIR"
+            );
+        }
         Ok(Self { name, adapters })
     }
 

@@ -310,6 +310,22 @@ fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
         return;
     }
     match (a, b) {
+        // A vector of numbers (an image check's mean, a map's knots) is one line, not one per
+        // value, so that the differences that tell runs apart are not buried.
+        (Value::Array(x), Value::Array(y))
+            if x.len() == y.len() && x.iter().chain(y).all(Value::is_number) =>
+        {
+            let differ: Vec<usize> = (0..x.len()).filter(|&i| x[i] != y[i]).collect();
+            if let Some(&i) = differ.first() {
+                out.push(format!(
+                    "{path}: {} of {} values differ (the first, [{i}]: {} vs {})",
+                    differ.len(),
+                    x.len(),
+                    short(&x[i]),
+                    short(&y[i])
+                ));
+            }
+        }
         (Value::Array(x), Value::Array(y)) => {
             if x.len() != y.len() {
                 out.push(format!("{path}: {} vs {} entries", x.len(), y.len()));
@@ -364,6 +380,24 @@ pub fn peak_memory_kib() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn a_vector_of_numbers_that_differs_is_one_line() {
+        let mut out = Vec::new();
+        super::diff(
+            "",
+            &json!({"method": "svgd", "mean": [1.0, 2.0, 3.0]}),
+            &json!({"method": "ensemble", "mean": [1.0, 2.5, 3.5]}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [
+                "mean: 2 of 3 values differ (the first, [1]: 2.0 vs 2.5)",
+                "method: \"svgd\" vs \"ensemble\""
+            ]
+        );
+    }
 
     #[test]
     fn an_extra_data_file_shows_field_by_field() {

@@ -402,6 +402,35 @@ fn check_or_write_config(
     }
     if path.exists() {
         let old = RunConfig::read(out)?.with_unrecorded_from(config);
+        // Answers past a smaller --limit would stay in samples.jsonl beside results of fewer.
+        if old
+            .limit
+            .is_none_or(|l| config.limit.is_some_and(|n| n < l))
+            && config.limit.is_some()
+        {
+            let selected: HashSet<(&str, usize)> = sets
+                .iter()
+                .flat_map(|set| {
+                    config
+                        .selection(&set.record)
+                        .map(move |k| (set.record.split.as_str(), k))
+                })
+                .collect();
+            let beyond = read_samples(&samples)?
+                .samples
+                .iter()
+                .filter(|s| !selected.contains(&(s.split.as_str(), s.index)))
+                .count();
+            if beyond > 0 {
+                bail!(
+                    "{} holds answers to {beyond} question(s) past --limit {}: it is a run of \
+                     more questions; give its --limit (or none) to continue it, or another --out \
+                     for fewer",
+                    out.display(),
+                    config.limit.unwrap_or_default()
+                );
+            }
+        }
         let diffs = old.differences(config, true, false);
         if !diffs.is_empty() {
             if !only_data_changed(&old, config) {
