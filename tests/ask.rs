@@ -121,22 +121,17 @@ fn agreeing_particles_answer_and_disagreeing_particles_abstain() {
 fn ask_json_interface() {
     let dir = tempfile::tempdir().unwrap();
     crafted_particles(dir.path(), true);
-    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args(["ask", "--json", "--model"])
-        .arg(fixture("llava-tiny-hub"))
-        .arg("--adapters")
-        .arg(dir.path())
-        .arg("--image")
-        .arg(fixture("images/square.png"))
-        .arg("What color is the circle?")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["ask", "--json", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--adapters")
+            .arg(dir.path())
+            .arg("--image")
+            .arg(fixture("images/square.png"))
+            .arg("What color is the circle?"),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     for key in ["answer", "abstained", "confidence", "response"] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
@@ -420,13 +415,7 @@ fn the_text_line_shows_the_score_that_abstention_compared() {
         if json {
             cmd.arg("--json");
         }
-        let out = cmd.arg("What color is the circle?").output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        stdout_of(cmd.arg("What color is the circle?"))
     };
     let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
     assert_eq!(v["selector"], "vote");
@@ -438,36 +427,41 @@ fn the_text_line_shows_the_score_that_abstention_compared() {
     assert!(line.contains(&expected), "{expected:?} in {line}");
 }
 
+/// The standard output of a `bella-vqa` command that must succeed.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn an_answer_cut_at_max_new_tokens_is_said_to_be_cut() {
     // The tiny random model never ends its answer: with 2 tokens every particle is cut, and the
     // confidence (that of answers beginning so) is said to be that.
-    let run = |tokens: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-            .args(["ask", "--max-new-tokens", tokens, "--model"])
+    let cut = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["ask", "--max-new-tokens", "2", "--model"])
             .arg(fixture("llava-tiny-hub"))
             .arg("--image")
             .arg(fixture("images/square.png"))
-            .arg("What color is the circle?")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    assert!(run("2").contains("the answer was cut at --max-new-tokens"));
+            .arg("What color is the circle?"),
+    );
+    assert!(
+        cut.contains("the answer was cut at --max-new-tokens"),
+        "{cut}"
+    );
     // The demo model ends its answers: not said.
-    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args(["ask", "--image"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"))
-        .arg("What color is the circle?")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("cut at"));
+    let whole = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["ask", "--image"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png"))
+            .arg("What color is the circle?"),
+    );
+    assert!(!whole.contains("cut at"), "{whole}");
 }
 
 #[test]
