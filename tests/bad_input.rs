@@ -313,6 +313,39 @@ fn good_lines() -> Vec<String> {
 }
 
 #[test]
+fn bench_says_which_questions_no_answer_can_score() {
+    // Every human answer of q2 is an article: normalised, nothing is left to match.
+    let mut lines = good_lines();
+    lines[1] = serde_json::json!({
+        "question_id": "q2", "image": "images/square.png", "question": "What is it?",
+        "answers": ["a", "an", "the"]
+    })
+    .to_string();
+    let data = DataDir::new(&lines);
+    let out = run(&mut bench(&data.data(), &data.out(), &["--bootstrap", "0"]));
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("1 question(s) of")
+            && out.stderr.contains("normalise to nothing")
+            && out.stderr.contains("\"q2\""),
+        "{}",
+        out.stderr
+    );
+    // Under the official rule (normalised only when the answers disagree) it can be matched.
+    let data = DataDir::new(&lines);
+    let out = run(&mut bench(
+        &data.data(),
+        &data.out(),
+        &["--bootstrap", "0", "--normalize", "official"],
+    ));
+    assert!(
+        out.success && !out.stderr.contains("normalise to nothing"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn a_training_answer_that_is_empty_or_too_long_is_named() {
     // A test set's records (no answers, VQAv2's consensus answer left empty): nothing to train
     // on (it trained towards an empty answer, loss ~30).

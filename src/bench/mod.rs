@@ -630,6 +630,33 @@ fn without_changed_images(
     Ok(existing)
 }
 
+/// Questions whose every human answer normalises to nothing ("a", "."): with answers always
+/// normalised they score 0 whatever the model says, which is said.
+fn unscorable(set: &EvalSet, normalize: NormalizeMode) -> Option<String> {
+    if normalize != NormalizeMode::Always {
+        return None;
+    }
+    let empty: Vec<&str> = set
+        .examples
+        .iter()
+        .filter(|e| {
+            !e.answers.is_empty()
+                && e.answers
+                    .iter()
+                    .all(|a| crate::data::normalize::normalize_answer(a).is_empty())
+        })
+        .map(|e| e.question_id.as_str())
+        .collect();
+    let first = empty.first()?;
+    Some(format!(
+        "{} question(s) of {} ({}) have only human answers that normalise to nothing (articles, \
+         punctuation; the first: {first:?}): they score 0 whatever is answered",
+        empty.len(),
+        set.record.path,
+        set.record.split
+    ))
+}
+
 fn progress_bar(len: usize, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -649,11 +676,15 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let started_at = config::utc_timestamp();
     let started = Instant::now();
     let sets = read_sets(opts)?;
-    if opts.progress {
-        for s in &sets {
+    for s in &sets {
+        if opts.progress {
             for bad in &s.skipped {
                 crate::note!("skipped bad record: {bad}");
             }
+        }
+        // A warning on the results, not a status line: said under --quiet too.
+        if let Some(note) = unscorable(s, opts.normalize) {
+            crate::note!("warning: {note}");
         }
     }
     let mut config = run_config(vqa, model, opts, &sets)?;
