@@ -273,8 +273,8 @@ struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Training data: our JSONL, a VQAv2 or VQA-CP questions JSON (with --annotations), VizWiz,
-    /// TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
-    /// shards).
+    /// TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one
+    /// split's shards).
     #[arg(long)]
     data: PathBuf,
     /// VQAv2, VQA-CP: the annotations JSON of --data.

@@ -124,8 +124,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "compare")]
     pub adapters: Option<PathBuf>,
     /// The test questions: our JSONL, a VQAv2 or VQA-CP questions JSON (with --annotations),
-    /// VizWiz, TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder of one split's
-    /// shards).
+    /// VizWiz, TextVQA, GQA or A-OKVQA JSON, or Hugging Face datasets Parquet (a file, or a folder
+    /// of one split's shards).
     #[arg(long, required = true)]
     pub data: Option<PathBuf>,
     /// VQAv2, VQA-CP: the annotations JSON of --data.

@@ -1,6 +1,7 @@
 //! VQA readers: our JSONL (design §10), VQAv2 (and VQA-CP) questions + annotations, VizWiz, and
-//! the dispatch to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA) and to the
-//! Parquet reader ([`super::parquet`]: Hugging Face datasets' files, as lmms-eval has them).
+//! the dispatch to the other benchmarks' readers ([`super::benchmarks`]: TextVQA, GQA, A-OKVQA)
+//! and to the Parquet reader ([`super::parquet`]: Hugging Face datasets' files, as lmms-eval has
+//! them).
 //!
 //! Every reader returns a [`Dataset`]: the good examples, the records it skipped (with
 //! [`ReadOptions::skip_bad`]) and where they came from. A bad record (bad JSON, a missing field, a
@@ -792,8 +793,8 @@ pub(super) fn coco_image(
     }
 }
 
-/// COCO images by id: the files named `…_{id:012}.jpg` or `{id:012}.jpg` in `image_dir` and in its
-/// split folders (`val2014/`, `train2017/`, … as COCO's archives unpack).
+/// COCO images by id: the files named `…_{id:012}.jpg` or `{id:012}.jpg` in `image_dir` and in
+/// its split folders (`val2014/`, `train2017/`, … as COCO's archives unpack).
 fn index_coco_images(image_dir: &Path) -> Result<HashMap<u64, Vec<PathBuf>>, String> {
     let mut index: HashMap<u64, Vec<PathBuf>> = HashMap::new();
     let mut folders = vec![image_dir.to_path_buf()];

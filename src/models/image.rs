@@ -49,9 +49,9 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Reads an image file, refusing (with an error, never a panic) missing files, files that are not
 /// images in a supported format, and images larger than [`MAX_IMAGE_PIXELS`] or
-/// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP, TIFF) is applied, as `transformers`'
-/// `load_image` applies it (not one that only XMP or ImageMagick's "Raw profile type exif" text
-/// holds, which Pillow also reads).
+/// [`MAX_IMAGE_SIDE`]. An EXIF orientation tag (JPEG, PNG, WebP, TIFF) is applied, as
+/// `transformers`' `load_image` applies it (not one that only XMP or ImageMagick's "Raw profile
+/// type exif" text holds, which Pillow also reads).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     let bytes = read_image_file(path)?;
     decode_image(&bytes, &path.display().to_string(), MAX_IMAGE_PIXELS)
