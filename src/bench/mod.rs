@@ -402,54 +402,28 @@ fn check_or_write_config(
     }
     if path.exists() {
         let old = RunConfig::read(out)?.with_unrecorded_from(config);
-        // Answers past a smaller --limit would stay in samples.jsonl beside results of fewer.
-        if old
-            .limit
-            .is_none_or(|l| config.limit.is_some_and(|n| n < l))
-            && config.limit.is_some()
-        {
-            let selected: HashSet<(&str, usize)> = sets
-                .iter()
-                .flat_map(|set| {
-                    config
-                        .selection(&set.record)
-                        .map(move |k| (set.record.split.as_str(), k))
-                })
-                .collect();
-            let beyond = read_samples(&samples)?
-                .samples
-                .iter()
-                .filter(|s| !selected.contains(&(s.split.as_str(), s.index)))
-                .count();
-            if beyond > 0 {
-                bail!(
-                    "{} holds answers to {beyond} question(s) past --limit {}: it is a run of \
-                     more questions; give its --limit (or none) to continue it, or another --out \
-                     for fewer",
-                    out.display(),
-                    config.limit.unwrap_or_default()
-                );
-            }
-        }
         let diffs = old.differences(config, true, false);
+        if !diffs.is_empty() && !only_data_changed(&old, config) {
+            // Runs begun before `always` became the default continue with the option.
+            let hint = if old.normalize != config.normalize {
+                format!(
+                    "; to continue it, pass --normalize {} as it was begun with",
+                    crate::report::normalize_name(old.normalize)
+                )
+            } else {
+                String::new()
+            };
+            bail!(
+                "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse \
+                 another --out, or delete the directory to start over{hint}",
+                out.display(),
+                first_differences(diffs)
+            );
+        }
+        if let Some(limit) = config.limit.filter(|&n| old.limit.is_none_or(|l| n < l)) {
+            refuse_answers_past(limit, out, config, sets)?;
+        }
         if !diffs.is_empty() {
-            if !only_data_changed(&old, config) {
-                // Runs begun before `always` became the default continue with the option.
-                let hint = if old.normalize != config.normalize {
-                    format!(
-                        "; to continue it, pass --normalize {} as it was begun with",
-                        crate::report::normalize_name(old.normalize)
-                    )
-                } else {
-                    String::new()
-                };
-                bail!(
-                    "{} holds a different benchmark run, so it cannot be continued:\n  {}\nuse \
-                     another --out, or delete the directory to start over{hint}",
-                    out.display(),
-                    first_differences(diffs)
-                );
-            }
             let kept = renumber_answers(out, sets, config.shard)?;
             if progress {
                 crate::note!(
@@ -462,6 +436,37 @@ fn check_or_write_config(
         config.created = old.created;
     }
     config.write(out)
+}
+
+/// Refuses to continue the run in `out` with a smaller `limit` when it has answered questions past
+/// it: they would stay in samples.jsonl beside the results of fewer.
+fn refuse_answers_past(
+    limit: usize,
+    out: &Path,
+    config: &RunConfig,
+    sets: &[EvalSet],
+) -> Result<()> {
+    let selected: HashSet<(&str, usize)> = sets
+        .iter()
+        .flat_map(|set| {
+            config
+                .selection(&set.record)
+                .map(move |k| (set.record.split.as_str(), k))
+        })
+        .collect();
+    let beyond = read_samples(&out.join(SAMPLES_FILE))?
+        .samples
+        .iter()
+        .filter(|s| !selected.contains(&(s.split.as_str(), s.index)))
+        .count();
+    if beyond > 0 {
+        bail!(
+            "{} holds answers to {beyond} question(s) past --limit {limit}: it is a run of more \
+             questions; give its --limit (or none) to continue it, or another --out for fewer",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether two runs differ only in what their data files hold, not in which files they are or

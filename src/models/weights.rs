@@ -256,14 +256,17 @@ impl Weights {
         match &self.quantizer {
             Some(q) => {
                 // Read from the quantized cache, not the file, but used all the same.
-                if let Some(name) = self.stored_name(&key) {
-                    self.mark_used(name);
+                let stored = self.stored_name(&key);
+                if let Some(name) = &stored {
+                    self.mark_used(name.clone());
                 }
-                // Quantized blocks would hide a NaN or Inf: every value of a matrix about to be
-                // quantized is checked, whatever its size.
                 q.base(path, (out, inp), || {
                     let tensor = self.get(&key, &[out, inp])?;
-                    if let Some(name) = self.stored_name(&key) {
+                    // Quantized blocks would hide a NaN or Inf: a matrix too large for `get`'s
+                    // scan is scanned before it is quantized.
+                    if let Some(name) =
+                        stored.filter(|_| tensor.elem_count() > FINITE_CHECK_MAX_VALUES)
+                    {
                         self.check_finite(&name, self.routing[&name], &tensor)?;
                     }
                     Ok(tensor)
