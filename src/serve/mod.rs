@@ -528,21 +528,21 @@ async fn within_deadline(
         }
     };
     if charge.full.load(Ordering::SeqCst) {
-        return ApiError::unavailable(
+        // The rest of the body was never read: the connection cannot carry another request.
+        return closing(ApiError::unavailable(
             format!(
                 "the server is busy: the requests in flight fill its body memory ({} MiB); \
                  retry shortly",
                 state.opts.max_body_memory_bytes >> 20
             ),
             1,
-        )
-        .into_response();
+        ));
     }
     response
 }
 
-/// A refusal sent before the request's body was read: the connection cannot carry another
-/// request after it, and says so (`Connection: close`), so that a client's pool does not reuse it.
+/// A refusal sent before the request's body was read (or all of it): the connection cannot carry
+/// another request after it, and says so (`Connection: close`), so that a client's pool does not reuse it.
 fn closing(e: ApiError) -> HttpResponse {
     let mut response = e.into_response();
     response.headers_mut().insert(
