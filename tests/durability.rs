@@ -621,7 +621,25 @@ fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
         std::fs::read(out.path().join("particles.safetensors")).unwrap(),
         particles
     );
-    let done = run_ok(train(world.path(), out.path()).args(["--resume"]));
+    // Another validation set changes only the log's evaluations: said, not refused.
+    let val = world.path().join("val.jsonl");
+    let done = run_ok(
+        train(world.path(), out.path())
+            .arg("--resume")
+            .arg("--val")
+            .arg(&val),
+    );
+    assert!(
+        done.contains("warning: the validation sample differs from the one this run began with")
+            && done.contains("up to step 2"),
+        "{done}"
+    );
+    let done = run_ok(
+        train(world.path(), out.path())
+            .arg("--resume")
+            .arg("--val")
+            .arg(&val),
+    );
     assert!(done.is_empty(), "{done}");
     let err = run_err(&mut train_with(
         &fixture("llava-tiny-hub"),

@@ -54,6 +54,10 @@ pub struct TrainerState {
     /// Absent in checkpoints of older versions.
     #[serde(default)]
     pub data: Option<DataFingerprint>,
+    /// The validation questions the run evaluates on (`--val`, its first `--val-sample`): they
+    /// change only the log's evaluations. Absent in older checkpoints.
+    #[serde(default)]
+    pub val: Option<DataFingerprint>,
     /// The frozen base's compute dtype and `--quantize` (`"bf16"`, `"f32, q8_0 with the vision
     /// tower"`): they change the particles a step makes. Absent in older checkpoints.
     #[serde(default)]

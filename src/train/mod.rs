@@ -628,6 +628,7 @@ pub fn train(
     let total_steps = steps_per_epoch * opts.epochs as u64;
     let warmup = ((total_steps as f64) * opts.warmup).round() as u64;
     let data = fingerprint(train)?;
+    let val_data = fingerprint(val_sample)?;
 
     // Fresh particles, or the committed checkpoint (its top-level copies repaired first).
     crate::io::create_dir_all(&run.out)?;
@@ -649,6 +650,17 @@ pub fn train(
                     "the checkpoint {} was made with other training options, data or base model, so it cannot be resumed:\n  {}\nresume with the same ones, or use another --out",
                     dir.display(),
                     diffs.join("\n  ")
+                );
+            }
+            if let Some(old) = ck.state.val.as_ref().filter(|old| **old != val_data) {
+                crate::note!(
+                    "warning: the validation sample differs from the one this run began with ({} \
+                     questions then, {} now): the evaluations of {} up to step {} were made on the \
+                     other; pass the same --val and --val-sample to keep the log comparable",
+                    old.questions,
+                    val_data.questions,
+                    run.out.join(LOG_FILE).display(),
+                    ck.state.step
                 );
             }
             // With the checkpoint's own questions (the fingerprint above says they are these).
@@ -772,6 +784,7 @@ pub fn train(
             step,
             options: opts.clone(),
             data: Some(data.clone()),
+            val: Some(val_data.clone()),
             compute: Some(compute.clone()),
             pending_loss: Some(pending_loss),
         };
