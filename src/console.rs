@@ -39,3 +39,40 @@ macro_rules! out {
         writeln!(std::io::stdout(), $($arg)*).map_err($crate::console::StdoutError)
     }};
 }
+
+/// `text` as it may be shown on a terminal: control characters (escape sequences, bell,
+/// backspace, which a model can generate and a terminal would act on) written as Rust escapes
+/// (`\u{1b}`), everything else as it is.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(
+            printable("red \u{1b}[2J\u{7}\u{8}é"),
+            "red \\u{1b}[2J\\u{7}\\u{8}é"
+        );
+        assert_eq!(printable("a\nb\tc"), "a\\nb\\tc");
+        assert!(matches!(
+            printable("plain ✓"),
+            std::borrow::Cow::Borrowed("plain ✓")
+        ));
+    }
+}

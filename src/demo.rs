@@ -241,6 +241,16 @@ fn intact(dir: &Path) -> bool {
     })
 }
 
+/// The candidate answers of `demo` (a component, as [`crate::hub::demo_model`] names it) when
+/// neither an answer list nor particles (which bring theirs) are given: the demo CLIP's ship
+/// with it (`answers.txt`); `None` for everything else.
+pub fn default_answers(demo: Option<&str>, particles_given: bool) -> Result<Option<PathBuf>> {
+    match demo {
+        Some(CLIP) if !particles_given => Ok(Some(path(CLIP)?.join("answers.txt"))),
+        _ => Ok(None),
+    }
+}
+
 /// A demo component (`LLAVA`, `CLIP`, `PARTICLES`, …) as a directory.
 pub fn path(component: &str) -> Result<PathBuf> {
     let dir = directory()?.join(component);

@@ -45,6 +45,8 @@ pub fn prompt_outputs(
             let (text, ids) = if raw {
                 (prompt.to_string(), prompter.encode(prompt, per_image)?)
             } else {
+                // As `ask` reads a question: without the blanks around it.
+                let prompt = prompt.trim();
                 let with_image = pixel_values.is_some();
                 (
                     prompter.render_question(prompt, with_image)?,

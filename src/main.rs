@@ -483,14 +483,13 @@ impl VqaArgs {
             None => None,
         };
         // The demo CLIP's candidate answers ship with it (particles of one's own bring theirs).
-        let answers = match (&self.answers, demo) {
-            (Some(path), _) => Some(bella_vqa::answer::read_answer_list(path)?),
-            (None, Some(bella_vqa::demo::CLIP)) if adapters.is_none() => {
-                Some(bella_vqa::answer::read_answer_list(
-                    &bella_vqa::demo::path(bella_vqa::demo::CLIP)?.join("answers.txt"),
-                )?)
-            }
-            (None, _) => None,
+        let answers = match &self.answers {
+            Some(path) => Some(path.clone()),
+            None => bella_vqa::demo::default_answers(demo, adapters.is_some())?,
+        };
+        let answers = match answers {
+            Some(path) => Some(bella_vqa::answer::read_answer_list(&path)?),
+            None => None,
         };
         Ok(VqaInputs {
             model: bella_vqa::answer::ModelInputs::check(
@@ -567,7 +566,9 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
 
 /// Prints an answer; `given_threshold`: the threshold came from --threshold.
 fn print_response(r: &Response, show_particles: bool, given_threshold: bool) -> Result<()> {
-    out!("{}", r.response)?;
+    // Generated text is shown with its control characters escaped (not acted on by the terminal).
+    use bella_vqa::console::printable;
+    out!("{}", printable(&r.response))?;
     let answer = bella_vqa::data::normalize::normalize_answer(&r.answer);
     let agree = r
         .particles
@@ -605,7 +606,7 @@ fn print_response(r: &Response, show_particles: bool, given_threshold: bool) -> 
         r.uncertainty.aleatoric,
         r.uncertainty.epistemic,
         r.particles.len(),
-        r.answer
+        printable(&r.answer)
     )?;
     // Scored as a beginning (no end token): its probability is that of answers starting so.
     if agree > 0
@@ -955,6 +956,37 @@ fn read_data(
     Ok(data.examples)
 }
 
+/// Takes the questions of `file` that `train` cannot use in `role` out of `data`
+/// ([`train::take_unfit`]): found before the first step; named and stopping the run unless
+/// `skip_bad` (then counted, and said unless `quiet`).
+fn leave_out_unfit(
+    loaded: &LoadedModel,
+    data: &mut Vec<bella_vqa::data::VqaExample>,
+    role: train::Role,
+    file: &Path,
+    (skip_bad, quiet): (bool, bool),
+) -> Result<()> {
+    let unfit = train::take_unfit(loaded, data, role)?;
+    let Some((id, why)) = unfit.first() else {
+        return Ok(());
+    };
+    let what = match role {
+        train::Role::Training => "training question(s) the model cannot train on",
+        train::Role::Validation => "validation question(s) the model cannot answer",
+    };
+    let (n, file) = (unfit.len(), file.display());
+    if !skip_bad {
+        anyhow::bail!(
+            "{file}: {n} {what} (first: question {id:?}: {why}); fix them, or pass --skip-bad to \
+             leave them out"
+        );
+    }
+    if !quiet {
+        note!("skipped {n} {what} in {file} (first: question {id:?}: {why})");
+    }
+    Ok(())
+}
+
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let inputs: Vec<(&str, &Path)> = [
         ("--data", Some(args.data.as_path())),
@@ -996,17 +1028,14 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         }
     }
     let mut train_data = answered;
-    if args.skip_bad {
-        let unfit = train::take_unfit(&loaded, &mut train_data)?;
-        if let (Some((id, why)), false) = (unfit.first(), cli.quiet) {
-            note!(
-                "skipped {} training question(s) the model cannot train on in {} (first: {id:?}: \
-                 {why})",
-                unfit.len(),
-                args.data.display()
-            );
-        }
-    }
+    let skip = (args.skip_bad, cli.quiet);
+    leave_out_unfit(
+        &loaded,
+        &mut train_data,
+        train::Role::Training,
+        &args.data,
+        skip,
+    )?;
     if let Some(limit) = args.limit {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
@@ -1024,6 +1053,8 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 "in --val (for a VQAv2 or VizWiz file there, its annotations are \
                  --val-annotations and its images --val-images)",
             )?;
+            let mut val = val;
+            leave_out_unfit(&loaded, &mut val, train::Role::Validation, v, skip)?;
             if val.iter().all(|e| e.answers.is_empty()) {
                 anyhow::bail!(
                     "--val {} has no human answers to score the particles against: give a \

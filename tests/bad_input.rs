@@ -374,12 +374,86 @@ fn a_training_answer_that_is_empty_or_too_long_is_named() {
     let data = DataDir::new(&lines);
     let err = fails(&mut train(&data, &[]));
     assert!(
-        err.contains("training question q4") && err.contains("shorten the question or the answer"),
+        err.contains("1 training question(s) the model cannot train on (first: question \"q4\"")
+            && err.contains("shorten the question or the answer")
+            && err.contains("--skip-bad"),
         "{err}"
     );
     // With --skip-bad it is left out and the others train.
     succeeds(&mut train(&data, &["--skip-bad"]));
     assert!(data.out().join(PARTICLES_FILE).exists());
+}
+
+/// A question with nothing visible in it (control or invisible characters alone) asks nothing,
+/// in training as in `ask`; blanks around a question are not part of it, in training as in `ask`.
+#[test]
+fn training_reads_questions_as_ask_reads_them() {
+    let mut lines = good_lines();
+    lines.push(line("q3", "\u{180E}\u{200E}\u{1}", "images/square.png"));
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &[]));
+    assert!(
+        err.contains("question \"q3\"") && err.contains("the question is empty"),
+        "{err}"
+    );
+    succeeds(&mut train(&data, &["--skip-bad"]));
+
+    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
+    let ids = |q: &str| p.encode_question(q, true, 25, Some("red")).unwrap();
+    assert_eq!(ids("  What color is it?\n\n"), ids("What color is it?"));
+    assert_ne!(ids("What color is it ?"), ids("What color is it?"));
+}
+
+/// A validation question the model cannot answer is found before the first step (it stopped
+/// the run at its first evaluation, the steps since the last checkpoint lost), named with its
+/// file; `--skip-bad` leaves it out.
+#[test]
+fn an_unanswerable_validation_question_stops_train_before_it_starts() {
+    let data = DataDir::new(&good_lines());
+    let val = data.dir.path().join("val.jsonl");
+    let long = format!("What color is {}?", "the circle ".repeat(300));
+    let mut lines = good_lines();
+    lines.push(line("v9", &long, "images/square.png"));
+    std::fs::write(&val, lines.join("\n")).unwrap();
+    let err = fails(train(&data, &["--eval-every", "1"]).arg("--val").arg(&val));
+    assert!(
+        err.contains("val.jsonl: 1 validation question(s) the model cannot answer")
+            && err.contains("\"v9\"")
+            && err.contains("positions"),
+        "{err}"
+    );
+    assert!(!data.out().join(PARTICLES_FILE).exists());
+    succeeds(
+        train(&data, &["--eval-every", "1", "--skip-bad"])
+            .arg("--val")
+            .arg(&val),
+    );
+    assert!(data.out().join(PARTICLES_FILE).exists());
+}
+
+/// A CLIP training record whose answer makes its text longer than CLIP's text positions is that
+/// record's fault: named (not the first question of the set), and left out with --skip-bad.
+#[test]
+fn a_clip_answer_too_long_for_its_text_positions_is_that_records() {
+    let mut lines = good_lines();
+    lines[1] = serde_json::json!({"question_id": "q2", "image": "images/square.png",
+                                  "question": "What shape is it?", "answers": ["circle"]})
+    .to_string();
+    lines.push(
+        serde_json::json!({"question_id": "q3", "image": "images/square.png",
+                           "question": "What is it?", "answers": ["word ".repeat(40)]})
+        .to_string(),
+    );
+    let data = DataDir::new(&lines);
+    let clip = fixture("clip-tiny");
+    let err = fails(&mut train_model(&clip, &data, &[]));
+    assert!(
+        err.contains("question \"q3\"")
+            && err.contains("is longer than the 32 tokens")
+            && !err.contains("--answers"),
+        "{err}"
+    );
+    succeeds(&mut train_model(&clip, &data, &["--skip-bad"]));
 }
 
 /// `train` on the tiny LLaVA with small settings plus `extra`.

@@ -555,6 +555,25 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
         serde_json::from_slice(&std::fs::read(out.path().join("p/bella_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["base_model"]["source"], "demo", "{config}");
+    // `bench` on the demo CLIP answers from the same shipped list as `ask` (it asked for
+    // --answers), and a shapes question gets one of its answers.
+    let run = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["bench", "--quiet", "--model", "demo:clip", "--limit", "2"])
+        .args(["--bootstrap", "0", "--data"])
+        .arg(world.path().join("test.jsonl"))
+        .arg("--out")
+        .arg(out.path().join("bench"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let list = std::fs::read_to_string(repo("demo/clip/answers.txt")).unwrap();
+    let samples = std::fs::read_to_string(out.path().join("bench/samples.jsonl")).unwrap();
+    for line in samples.lines() {
+        let sample: serde_json::Value = serde_json::from_str(line).unwrap();
+        let answer = sample["answer"].as_str().unwrap();
+        assert!(list.lines().any(|a| a.trim() == answer), "{sample}");
+    }
 }
 
 /// A CLIP calibrated with one answer list refuses to answer from another with that calibration

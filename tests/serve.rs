@@ -578,7 +578,12 @@ fn every_error_class_has_its_status_and_body() {
         (
             request(&square, "\u{200B}\u{FEFF} "),
             "messages[0].content",
-            "zero-width",
+            "invisible characters",
+        ),
+        (
+            request(&square, "\u{180E}\u{1b}"),
+            "messages[0].content",
+            "invisible characters",
         ),
         (
             {

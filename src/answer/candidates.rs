@@ -233,6 +233,8 @@ pub fn clip_candidates(
     if vocabulary.is_empty() {
         bail!("a CLIP model answers from an answer vocabulary: give one with --answers FILE or use particles trained with one");
     }
+    // Named as the question (its candidate texts would be named with the wrapper's bytes).
+    crate::models::prompt::check_user_text("question", question)?;
     let k = vocabulary.len();
     let texts: Vec<String> = vocabulary
         .iter()

@@ -173,16 +173,6 @@ impl AskOptions {
     }
 }
 
-/// The question as asked, without the blanks around it; `None` when nothing visible is left
-/// (blanks, or zero-width characters alone: a pasted U+200B or byte-order mark asks nothing).
-pub fn visible_question(text: &str) -> Option<&str> {
-    let invisible = |c: char| {
-        c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
-    };
-    let text = text.trim();
-    (!text.chars().all(invisible)).then_some(text)
-}
-
 /// Refuses a threshold given in place of the calibrated one (`--threshold`) outside [0, 1], where
 /// every selector's score lies. A stored threshold is checked when the particles are read
 /// ([`ParticleConfig::validate`](crate::bella::particles::ParticleConfig::validate)).
@@ -644,10 +634,10 @@ impl BellaVqa {
     /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
     fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
         q.options.validate()?;
-        let Some(text) = visible_question(q.text) else {
+        let Some(text) = crate::models::prompt::visible_question(q.text) else {
             bail!(
-                "the question is empty (blanks or zero-width characters only): ask something \
-                 about the image"
+                "the question is empty (blanks, control or invisible characters only): ask \
+                 something about the image"
             );
         };
         self.check_prompt_fits(text, q.options.max_new_tokens)?;

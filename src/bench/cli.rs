@@ -489,12 +489,19 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         (None, None) => bail!("bench needs --model (or --adapters, whose base model it takes)"),
     };
     let model = &model;
+    // The demo CLIP's candidate answers ship with it, as `ask` uses them.
+    let answers_file = match &args.answers {
+        Some(p) => Some(p.clone()),
+        None => {
+            crate::demo::default_answers(crate::hub::demo_model(model), args.adapters.is_some())?
+        }
+    };
     let spec = ModelSpec {
         source: crate::io::stored_model_source(model),
         adapters: args.adapters.clone(),
-        answers_file: args.answers.clone(),
+        answers_file,
     };
-    let answers = match &args.answers {
+    let answers = match &spec.answers_file {
         Some(p) => Some(crate::answer::read_answer_list(p)?),
         None => None,
     };

@@ -44,9 +44,45 @@ const QUESTION_MARKER: &str = "\u{E000}bella-question\u{E001}";
 /// one character per special token).
 const FIRST_STAND_IN: u32 = 0xF0000;
 
+/// The question as asked, without the blanks around it; `None` when nothing visible is left
+/// (blanks, control characters or invisible ones alone: a pasted U+200B, byte-order mark or
+/// Mongolian vowel separator asks nothing). Every path from a question to tokens goes through
+/// it, so training, `ask`, `bench` and `serve` read the same text.
+pub fn visible_question(text: &str) -> Option<&str> {
+    let invisible = |c: char| c.is_whitespace() || c.is_control() || is_default_ignorable(c);
+    let text = text.trim();
+    (!text.chars().all(invisible)).then_some(text)
+}
+
+/// Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, Unicode 15.1): characters
+/// that render as nothing (zero-width spaces and joiners, directional marks, variation
+/// selectors, the soft hyphen, Hangul fillers, tags).
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
 /// Refuses user text longer than [`MAX_USER_TEXT_BYTES`], or holding a character reserved as a
 /// stand-in.
-fn check_user_text(what: &str, text: &str) -> Result<()> {
+pub(crate) fn check_user_text(what: &str, text: &str) -> Result<()> {
     if text.len() > MAX_USER_TEXT_BYTES {
         bail!(
             "the {what} is {} bytes long; at most {MAX_USER_TEXT_BYTES} bytes are accepted",
@@ -1038,6 +1074,10 @@ impl Prompter {
         num_image_tokens: usize,
         answer: Option<&str>,
     ) -> Result<Vec<u32>> {
+        let question = visible_question(question).context(
+            "the question is empty (blanks, control or invisible characters only): ask something \
+             about the image",
+        )?;
         check_user_text("question", question)?;
         let answer = answer.map(str::trim);
         if let Some(a) = answer {
@@ -1231,8 +1271,7 @@ impl Prompter {
                     let cut = if shown.len() < t.len() { "…" } else { "" };
                     bail!(
                         "{shown:?}{cut} is longer than the {max_len} tokens CLIP's text encoder \
-                         reads, so its end would be cut off: shorten the question or the answer \
-                         (--answers)"
+                         reads, so its end would be cut off: shorten the question or the answer"
                     );
                 }
                 Ok(e.get_ids().to_vec())

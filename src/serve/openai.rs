@@ -730,11 +730,12 @@ fn question_and_image(messages: &[Message]) -> Result<(String, (String, String))
     }
     // Joined as LLaVA's chat templates join text parts (each followed by a space).
     let joined = texts.join(" ");
-    let Some(question) = crate::answer::visible_question(&joined).map(str::to_string) else {
+    let Some(question) = crate::models::prompt::visible_question(&joined).map(str::to_string)
+    else {
         return Err(ApiError::invalid(
             Some(&param),
-            "the last user message has no text (or only blanks and zero-width characters): ask \
-             a question about the image",
+            "the last user message has no text (or only blanks, control or invisible \
+             characters): ask a question about the image",
         ));
     };
     let image = match images.pop() {

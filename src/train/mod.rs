@@ -174,21 +174,54 @@ pub const LOG_FILE: &str = "train_log.jsonl";
 /// The summary of a run in the output directory ([`TrainSummary`]).
 pub const SUMMARY_FILE: &str = "train_summary.json";
 
-/// With `--skip-bad`: the training questions a LLaVA cannot train on (a prompt with its answer
-/// longer than the model's positions, an answer that tokenises to nothing) taken out of
-/// `examples`, each with why. Without `--skip-bad` the first one stops `train`, named.
+/// What a run does with a set of questions, which decides what it needs of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Trained on: the prompt with its answer must fit the model.
+    Training,
+    /// Answered at each evaluation (`--val`): the prompt must fit the model.
+    Validation,
+}
+
+/// The questions of `examples` that a run cannot use in `role` taken out, each with why: a
+/// question with nothing visible in it, a LLaVA prompt (with its answer, in training) longer
+/// than the model's positions, an answer that tokenises to nothing, a CLIP question and answer
+/// longer than its text positions. Found before the first step, so that no evaluation stops a
+/// run midway; `train` stops at the first one named, or leaves them out with `--skip-bad`.
 pub fn take_unfit(
     loaded: &LoadedModel,
     examples: &mut Vec<VqaExample>,
+    role: Role,
 ) -> Result<Vec<(String, String)>> {
-    let Model::Llava(m) = &loaded.model else {
-        return Ok(Vec::new());
-    };
-    let image_tokens = m.config().image_tokens_per_image();
     let prompter = loaded.prompter()?;
+    let fits = |ex: &VqaExample| -> Result<()> {
+        match &loaded.model {
+            Model::Llava(m) => {
+                let image_tokens = m.config().image_tokens_per_image();
+                match role {
+                    Role::Training => encode_training(prompter, image_tokens, ex).map(drop),
+                    Role::Validation => prompter
+                        .encode_question(&ex.question, true, image_tokens, None)
+                        .map(drop),
+                }
+            }
+            Model::Clip(m) => {
+                crate::models::prompt::visible_question(&ex.question).context(
+                    "the question is empty (blanks, control or invisible characters only)",
+                )?;
+                // Its own answer (the vocabulary's longest is checked with every question
+                // once the vocabulary is known).
+                let answer = target_answer(ex).unwrap_or_default();
+                let positions = m.config().text_config.max_position_embeddings;
+                prompter
+                    .encode_clip_batch(&[clip_prompt(&ex.question, &answer)], positions, false)
+                    .map(drop)
+            }
+        }
+    };
     let mut unfit = Vec::new();
-    examples.retain(|ex| match encode_training(prompter, image_tokens, ex) {
-        Ok(_) => true,
+    examples.retain(|ex| match fits(ex) {
+        Ok(()) => true,
         Err(e) => {
             unfit.push((ex.question_id.clone(), format!("{e:#}")));
             false
@@ -603,8 +636,13 @@ pub fn train(
         Some(q) => format!("{}, {}", info.compute_dtype.as_str(), q.kind),
         None => info.compute_dtype.as_str().to_string(),
     };
-    let model: &mut Model = &mut loaded.model;
     let val_sample = &val[..run.val_sample.min(val.len())];
+    // Every evaluation answers these: one the model cannot answer would stop the run midway.
+    if let Some((id, why)) = take_unfit(loaded, &mut val_sample.to_vec(), Role::Validation)?.first()
+    {
+        bail!("validation question {id:?} cannot be answered: {why}");
+    }
+    let model: &mut Model = &mut loaded.model;
     let objective = Objective::new(model, prompter, processor, train, val_sample, stop)?;
     let n = train.len();
     let batch = opts.batch_size.min(n);
