@@ -475,7 +475,7 @@ fn bad_adapters_are_refused_with_reasons() {
             json!("garbage"),
         ),
         ("none bella-vqa knows", "init_lora_weights", json!(0)),
-        ("rank_pattern", "rank_pattern", json!({"q_proj": 8})),
+        ("rank_pattern gives", "rank_pattern", json!({"q_proj": 8})),
         ("modules_to_save", "modules_to_save", json!(["lm_head"])),
         ("bias = \"all\"", "bias", json!("all")),
         ("lora_bias", "lora_bias", json!(true)),
@@ -1040,6 +1040,104 @@ fn lora_variants_that_change_the_forward_pass_are_refused_by_name() {
     assert!(import_err(&dir).contains("changes the base model's weights"));
 }
 
+/// Every saved factor must belong to a module the config selects as PEFT 0.21 reads it
+/// (`check_target_module_exists`: a regex matched against the whole name, or names matched as a
+/// suffix, then `layers_to_transform` by the first numbered segment, `exclude_modules`): PEFT
+/// loads only those, so the tensors alone must not decide (a sweep imported all 12 layers of an
+/// adapter PEFT loads 4 of).
+#[test]
+fn the_config_must_select_every_saved_module_as_peft_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = import_peft(&peft_fixture()).unwrap();
+    let names = json!(["q_proj", "k_proj", "v_proj", "o_proj"]);
+    // (case, the config keys it sets, Some(what the refusal names) or None: imported as is)
+    let cases = [
+        ("list", json!({"target_modules": names}), None),
+        (
+            "all layers",
+            json!({"target_modules": names, "layers_to_transform": [0, 1, 2]}),
+            None,
+        ),
+        (
+            "all layers by pattern",
+            json!({"target_modules": names, "layers_to_transform": [2, 1, 0], "layers_pattern": "layers"}),
+            None,
+        ),
+        ("all-linear", json!({"target_modules": "all-linear"}), None),
+        (
+            "excluded elsewhere",
+            json!({"exclude_modules": ["mlp.up_proj"]}),
+            None,
+        ),
+        // A pattern that names no module of the adapter changes nothing in PEFT.
+        (
+            "pattern of nothing",
+            json!({"rank_pattern": {"nonexistent_xyz": 2}, "alpha_pattern": {"gate_proj": 32}}),
+            None,
+        ),
+        // PEFT sets it to false on Linear layers, every adapted layer here.
+        ("fan_in_fan_out", json!({"fan_in_fan_out": true}), None),
+        (
+            "one layer",
+            json!({"target_modules": names, "layers_to_transform": [0]}),
+            Some("layers.1.self_attn"),
+        ),
+        (
+            "one layer as an integer",
+            json!({"target_modules": names, "layers_to_transform": 2}),
+            Some("layers.0.self_attn"),
+        ),
+        (
+            "another pattern",
+            json!({"target_modules": names, "layers_to_transform": [0, 1, 2], "layers_pattern": "blocks"}),
+            Some("layers.0.self_attn"),
+        ),
+        (
+            "fewer modules",
+            json!({"target_modules": ["k_proj"]}),
+            Some("self_attn.o_proj"),
+        ),
+        (
+            "regex of fewer modules",
+            json!({"target_modules": ".*\\.(q_proj|k_proj)"}),
+            Some("self_attn.o_proj"),
+        ),
+        (
+            "excluded",
+            json!({"exclude_modules": ".*layers\\.2\\..*"}),
+            Some("layers.2.self_attn"),
+        ),
+    ];
+    for (name, keys, refused) in cases {
+        let dir = copy_fixture(&tmp.path().join(name));
+        edit_config(&dir, |c| {
+            for (k, v) in keys.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
+        match refused {
+            None => {
+                let set = import_peft(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                assert_same_factors(&set, &plain);
+            }
+            Some(module) => {
+                let err = import_err(&dir);
+                assert!(
+                    err.contains("which its config does not select") && err.contains(module),
+                    "{name}: {err}"
+                );
+            }
+        }
+    }
+    // rsLoRA's switch decides the scale: only a boolean is read.
+    for value in [json!(1), json!("true")] {
+        let dir = copy_fixture(&tmp.path().join(format!("rslora-{value}")));
+        edit_config(&dir, |c| c["use_rslora"] = value.clone());
+        let err = import_err(&dir);
+        assert!(err.contains("is not true or false"), "{value}: {err}");
+    }
+}
+
 #[test]
 fn settings_that_leave_plain_lora_at_inference_import_the_same_factors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1316,6 +1414,16 @@ fn as_tower_only_adapter(dir: &Path, strip: &str) {
         .keys()
         .all(|k| k.starts_with("base_model.model.encoder.layers.")));
     candle_core::safetensors::save(&renamed, &path).unwrap();
+    // The config names the modules as the tower alone has them.
+    edit_config(dir, |c| {
+        let targets: Vec<String> = c["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().strip_prefix(strip).unwrap().to_string())
+            .collect();
+        c["target_modules"] = json!(targets);
+    });
 }
 
 #[test]

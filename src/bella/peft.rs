@@ -329,11 +329,12 @@ const LORA_KEYS: &[(&str, Key)] = &[
     ("auto_mapping", Key::Any),
     ("peft_version", Key::Any),
     ("inference_mode", Key::Any),
-    // Which modules were adapted: the saved tensors say it.
-    ("target_modules", Key::Any),
-    ("exclude_modules", Key::Any),
-    ("layers_to_transform", Key::Any),
-    ("layers_pattern", Key::Any),
+    // Which modules were adapted: every saved tensor must be of one they select
+    // ([`check_selected`]).
+    ("target_modules", Key::Checked),
+    ("exclude_modules", Key::Checked),
+    ("layers_to_transform", Key::Checked),
+    ("layers_pattern", Key::Checked),
     ("ensure_weight_tying", Key::Any),
     // Off at inference.
     ("lora_dropout", Key::Any),
@@ -359,13 +360,9 @@ const LORA_KEYS: &[(&str, Key)] = &[
             MERGE,
         ),
     ),
-    (
-        "fan_in_fan_out",
-        refused(
-            "the layers it was made for (Conv1D) store their weight transposed",
-            "the models here use Linear layers",
-        ),
-    ),
+    // For Conv1D layers (GPT-2), which store their weight transposed; on a Linear layer, as
+    // every one here, PEFT warns and sets it to false (`LoraLayer` in tuners/lora/layer.py).
+    ("fan_in_fan_out", Key::Any),
     (
         "lora_bias",
         refused(
@@ -456,12 +453,7 @@ fn short(v: &Value) -> String {
 /// Refuses every key of an adapter config whose value changes PEFT's forward pass in a way
 /// particles (ΔW = α/r · B·A on every position) cannot follow; `peft_type`, `r` and `lora_alpha`
 /// are already read.
-fn check_lora_keys(
-    config: &serde_json::Map<String, Value>,
-    what: &str,
-    rank: usize,
-    lora_alpha: f64,
-) -> Result<()> {
+fn check_lora_keys(config: &serde_json::Map<String, Value>, what: &str) -> Result<()> {
     let field = |k: &str| config.get(k).filter(|v| !v.is_null());
     let written_by = match field("peft_version").and_then(Value::as_str) {
         Some(v) => format!(" (the config was written by PEFT {v})"),
@@ -540,17 +532,208 @@ fn check_lora_keys(
             );
         }
     }
-    // A pattern entry equal to r / lora_alpha changes nothing.
+    match field("use_rslora") {
+        None | Some(Value::Bool(_)) => {}
+        Some(other) => bail!(
+            "{what}: use_rslora = {} is not true or false (it decides the scale: lora_alpha / r, \
+             or lora_alpha / √r): write true or false",
+            short(other)
+        ),
+    }
+    Ok(())
+}
+
+/// PEFT's reading of a module key against `target_modules` and the rest
+/// (`check_target_module_exists` in PEFT 0.21's tuners/tuners_utils.py), to check that every
+/// saved tensor belongs to a module the config selects: PEFT loads only those (the rest it
+/// warns of and leaves out), so an adapter whose tensors and config disagree is refused rather
+/// than read differently from PEFT.
+struct Selection {
+    /// `None`: no target_modules, or "all-linear" (every Linear layer: any tensor here).
+    targets: Option<Names>,
+    exclude: Option<Names>,
+    /// With a list of target_modules matched by suffix: the layer indices it keeps.
+    layers: Option<Vec<i64>>,
+    layers_pattern: Vec<String>,
+}
+
+/// A regular expression matched against the whole key, or names matched exactly or as a suffix
+/// after a dot.
+enum Names {
+    Regex(fancy_regex::Regex),
+    List(Vec<String>),
+}
+
+impl Names {
+    fn read(key: &str, v: &Value, what: &str) -> Result<Option<Self>> {
+        Ok(match v {
+            Value::Null => None,
+            Value::String(s) if key == "target_modules" && s.eq_ignore_ascii_case("all-linear") => {
+                None
+            }
+            Value::String(s) => Some(Names::Regex(
+                fancy_regex::Regex::new(&format!("^(?:{s})$")).with_context(|| {
+                    format!("{what}: {key} {s:?} is not a regular expression bella-vqa can read")
+                })?,
+            )),
+            Value::Array(list) => Some(Names::List(
+                list.iter()
+                    .map(|v| v.as_str().map(String::from))
+                    .collect::<Option<_>>()
+                    .with_context(|| {
+                        format!("{what}: {key} must be a string or a list of strings")
+                    })?,
+            )),
+            other => bail!(
+                "{what}: {key} must be a string or a list of strings, found {}",
+                short(other)
+            ),
+        })
+    }
+
+    /// `(matched, exactly)`: exactly when a list names the whole key.
+    fn matches(&self, key: &str) -> (bool, bool) {
+        match self {
+            Names::Regex(re) => (re.is_match(key).unwrap_or(false), false),
+            Names::List(names) => {
+                let exact = names.iter().any(|n| n == key);
+                let suffix = names.iter().any(|n| key.ends_with(&format!(".{n}")));
+                (exact || suffix, exact)
+            }
+        }
+    }
+}
+
+impl Selection {
+    fn read(config: &serde_json::Map<String, Value>, what: &str) -> Result<Self> {
+        let get = |k: &str| config.get(k).unwrap_or(&Value::Null);
+        let layers = match get("layers_to_transform") {
+            Value::Null => None,
+            Value::Number(n) => Some(vec![n.as_i64().with_context(|| {
+                format!("{what}: layers_to_transform must be an integer or a list of them")
+            })?]),
+            Value::Array(list) if list.is_empty() => None,
+            Value::Array(list) => Some(
+                list.iter()
+                    .map(Value::as_i64)
+                    .collect::<Option<_>>()
+                    .with_context(|| {
+                        format!("{what}: layers_to_transform must be an integer or a list of them")
+                    })?,
+            ),
+            other => bail!(
+                "{what}: layers_to_transform must be an integer or a list of them, found {}",
+                short(other)
+            ),
+        };
+        let layers_pattern = match get("layers_pattern") {
+            Value::Null => Vec::new(),
+            Value::String(s) if s.is_empty() => Vec::new(),
+            Value::String(s) => vec![s.clone()],
+            Value::Array(list) => list
+                .iter()
+                .map(|v| v.as_str().map(String::from))
+                .collect::<Option<_>>()
+                .with_context(|| format!("{what}: layers_pattern must be a string or a list"))?,
+            other => bail!(
+                "{what}: layers_pattern must be a string or a list of strings, found {}",
+                short(other)
+            ),
+        };
+        Ok(Selection {
+            targets: Names::read("target_modules", get("target_modules"), what)?,
+            exclude: Names::read("exclude_modules", get("exclude_modules"), what)?,
+            layers,
+            layers_pattern,
+        })
+    }
+
+    /// Whether PEFT adapts the module `key` (as PEFT names it, without `base_model.model.`).
+    fn selects(&self, key: &str) -> Result<bool> {
+        if self.exclude.as_ref().is_some_and(|e| e.matches(key).0) {
+            return Ok(false);
+        }
+        let Some(targets) = &self.targets else {
+            return Ok(true);
+        };
+        let (found, exactly) = targets.matches(key);
+        let (Some(layers), Names::List(_), false, true) = (&self.layers, targets, exactly, found)
+        else {
+            return Ok(found);
+        };
+        // The first numbered segment (the layer index), after one of layers_pattern if given.
+        let patterns = if self.layers_pattern.is_empty() {
+            vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
+        } else {
+            self.layers_pattern
+                .iter()
+                .map(|p| format!(r"^(?:^|.*?\.){p}\.(\d+)\."))
+                .collect()
+        };
+        for p in patterns {
+            let re = fancy_regex::Regex::new(&p)
+                .with_context(|| format!("layers_pattern {p:?} is not a regular expression"))?;
+            if let Some(index) = re
+                .captures(key)
+                .ok()
+                .flatten()
+                .and_then(|c| c.get(1)?.as_str().parse::<i64>().ok())
+            {
+                return Ok(layers.contains(&index));
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Refuses tensors of modules the config does not select (see [`Selection`]), and
+/// rank_pattern / alpha_pattern entries that give a module of the adapter its own rank or alpha
+/// (PEFT's `get_pattern_key`: an entry matches a key that ends with it after a dot).
+fn check_selected(
+    config: &serde_json::Map<String, Value>,
+    what: &str,
+    modules: &[String],
+    rank: usize,
+    lora_alpha: f64,
+) -> Result<()> {
+    let selection = Selection::read(config, what)?;
+    let mut modules = modules.to_vec();
+    modules.sort();
+    for key in &modules {
+        if !selection.selects(key)? {
+            let shown = |k: &str| config.get(k).map_or("null".into(), short);
+            bail!(
+                "{what}: the adapter holds factors of {key}, which its config does not select \
+                 (target_modules {}, exclude_modules {}, layers_to_transform {}, layers_pattern \
+                 {}): PEFT would leave them out (warning of unexpected keys); make the config \
+                 name every adapted module, or save the adapter again with PEFT",
+                shown("target_modules"),
+                shown("exclude_modules"),
+                shown("layers_to_transform"),
+                shown("layers_pattern")
+            );
+        }
+    }
     for (k, default) in [("rank_pattern", rank as f64), ("alpha_pattern", lora_alpha)] {
-        if let Some(p) = field(k) {
-            let same = p
-                .as_object()
-                .is_some_and(|o| o.values().all(|v| v.as_f64() == Some(default)));
-            if !same {
+        let Some(p) = config.get(k).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let Some(entries) = p.as_object() else {
+            bail!("{what}: {k} must be an object, found {}", short(p));
+        };
+        for (pattern, value) in entries {
+            if value.as_f64() == Some(default) {
+                continue; // the same rank or alpha: changes nothing
+            }
+            let re =
+                fancy_regex::Regex::new(&format!(r"^(.*\.)?({pattern})$")).with_context(|| {
+                    format!("{what}: the {k} key {pattern:?} is not a regular expression")
+                })?;
+            if let Some(key) = modules.iter().find(|m| re.is_match(m).unwrap_or(false)) {
                 bail!(
-                    "{what}: {k} {} gives layers their own rank or alpha; a particle set has one \
-                     rank and one alpha: retrain with one r and lora_alpha, or {MERGE}",
-                    short(p)
+                    "{what}: {k} gives {key} its own rank or alpha ({pattern:?}: {value}); a \
+                     particle set has one rank and one alpha: retrain with one r and lora_alpha, \
+                     or {MERGE}"
                 );
             }
         }
@@ -650,7 +833,7 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
                 )
             })?,
     };
-    check_lora_keys(config, &what.to_string(), rank, lora_alpha)?;
+    check_lora_keys(config, &what.to_string())?;
     // rsLoRA scales by lora_alpha / √r; as α / r that is α = lora_alpha · √r.
     let alpha = if field("use_rslora").and_then(Value::as_bool) == Some(true) {
         lora_alpha * (rank as f64).sqrt()
@@ -686,6 +869,8 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
         )
     })?;
     let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    // The adapted modules as PEFT names them.
+    let mut modules = Vec::new();
     for (key, t) in tensors {
         let name = key.strip_prefix(PEFT_KEY_PREFIX).unwrap_or(&key);
         if train_only.iter().any(|part| name.contains(part)) {
@@ -737,6 +922,9 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             weights.display()
         );
         let t = t.to_dtype(DType::F32)?;
+        if is_a {
+            modules.push(module.to_string());
+        }
         let slot = halves.entry(hub_module_path(module)).or_default();
         let target = if is_a { &mut slot.0 } else { &mut slot.1 };
         if target.replace(t).is_some() {
@@ -747,6 +935,7 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
         }
     }
     ensure!(!halves.is_empty(), "{} holds no tensors", weights.display());
+    check_selected(config, &what.to_string(), &modules, rank, lora_alpha)?;
     let mut layers = BTreeMap::new();
     for (path, pair) in halves {
         let (a, b) = match pair {
