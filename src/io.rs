@@ -143,9 +143,14 @@ fn sibling_name(path: &Path, kind: &str) -> Result<PathBuf> {
 
 /// Whether `name` is a temporary name made by [`temp_name`] (of any process).
 fn is_temp_name(name: &str) -> bool {
+    is_pid_name(name, "tmp")
+}
+
+/// Whether `name` is a hidden `.NAME.{kind}-PID` ([`sibling_name`]).
+fn is_pid_name(name: &str, kind: &str) -> bool {
     name.starts_with('.')
         && name
-            .rsplit_once(".tmp-")
+            .rsplit_once(&format!(".{kind}-"))
             .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -406,13 +411,29 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
 /// The files `(name, bytes)` of a directory.
 pub type DirFiles<'a> = Vec<(&'a str, Vec<u8>)>;
 
-/// Several directories as one set (see [`write_dir_atomically`]): every one is written in full
-/// first; then the old directories (those of `replace`, and any at the new ones' places) are
-/// renamed aside, each new one is renamed into place, and only then are the old ones removed. A
-/// failure before the renames (a full disk) leaves what was there untouched; the renames take
-/// microseconds, so a stop between them is unlikely, and leaves the old directories aside
-/// (`.NAME.old-PID`), not lost.
+/// Several directories of one parent as one set (see [`write_dir_atomically`]): every one is
+/// written in full first; then a journal of the swap is written ([`SwapJournal`]), the old
+/// directories (those of `replace`, and any at the new ones' places) are renamed aside, each new
+/// one is renamed into place, the journal is removed, and only then are the old ones removed. A
+/// failure before the renames (a full disk) leaves what was there untouched; a stop during them
+/// leaves the journal, and the next [`OutputLock`] of the parent completes the swap, so the set
+/// is the old one or the new one, never a mix.
 pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) -> Result<()> {
+    let Some(parent) = dirs.first().and_then(|(d, _)| parent_of(d)) else {
+        return Ok(());
+    };
+    if let Some(other) = dirs
+        .iter()
+        .map(|(d, _)| d)
+        .chain(replace)
+        .find(|d| parent_of(d) != Some(parent))
+    {
+        bail!(
+            "{} is not in {}: a set of directories is replaced within one folder",
+            other.display(),
+            parent.display()
+        );
+    }
     let mut staged: Vec<PathBuf> = Vec::with_capacity(dirs.len());
     for (dir, files) in dirs {
         let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
@@ -432,19 +453,83 @@ pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) 
             .map(|(dir, _)| dir)
             .filter(|d| !replace.contains(d)),
     );
-    let mut aside = Vec::new();
-    for dir in old.into_iter().filter(|d| d.exists()) {
-        let name = sibling_name(dir, "old")?;
-        rename_synced(dir, &name)?;
-        aside.push(name);
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let journal = SwapJournal {
+        aside: old
+            .into_iter()
+            .filter(|d| d.exists())
+            .map(|d| Some((name(d)?, name(&sibling_name(d, "old").ok()?)?)))
+            .collect::<Option<_>>()
+            .context("a directory to replace has no name")?,
+        place: staged
+            .iter()
+            .zip(dirs)
+            .map(|(tmp, (dir, _))| Some((name(tmp)?, name(dir)?)))
+            .collect::<Option<_>>()
+            .context("a directory to write has no name")?,
+    };
+    let journal_path = sibling_name(&parent.join(SWAP_JOURNAL), "swap")?;
+    if let Err(e) = write_synced(&journal_path, &serde_json::to_vec(&journal)?) {
+        for tmp in &staged {
+            let _ = fs::remove_dir_all(tmp);
+        }
+        let _ = fs::remove_file(&journal_path);
+        return Err(e);
     }
-    for ((dir, _), tmp) in dirs.iter().zip(&staged) {
-        rename_synced(tmp, dir)?;
+    sync_dir(Some(parent));
+    journal.complete(parent, &journal_path)
+}
+
+/// The name (before `.swap-PID`) of the journal of a swap of directories in progress.
+const SWAP_JOURNAL: &str = "bella-vqa";
+
+/// What a [`write_dirs_atomically`] swap does, by name within its folder: written once every
+/// new directory is staged, so a swap stopped at any point can be completed from it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SwapJournal {
+    /// (an old directory, where it is put aside)
+    aside: Vec<(String, String)>,
+    /// (a staged new directory, its place)
+    place: Vec<(String, String)>,
+}
+
+impl SwapJournal {
+    /// Puts the old directories aside (those not aside yet: an old one is only ever at its
+    /// place before the first new one is placed, and the asides are all there until the journal
+    /// is gone), the staged ones in place, removes the journal, then the old directories.
+    fn complete(&self, dir: &Path, journal: &Path) -> Result<()> {
+        for (old, aside) in &self.aside {
+            let (old, aside) = (dir.join(old), dir.join(aside));
+            if !aside.exists() && old.exists() {
+                rename_synced(&old, &aside)?;
+            }
+        }
+        for (staged, place) in &self.place {
+            let staged = dir.join(staged);
+            if staged.exists() {
+                rename_synced(&staged, &dir.join(place))?;
+            }
+        }
+        spaceless_op()
+            .and_then(|()| fs::remove_file(journal))
+            .with_context(|| format!("cannot remove {}", journal.display()))?;
+        sync_dir(Some(dir));
+        for (_, aside) in &self.aside {
+            remove_dir_all(&dir.join(aside))?;
+        }
+        Ok(())
     }
-    for dir in aside {
-        remove_dir_all(&dir)?;
-    }
-    Ok(())
+}
+
+/// The journal of a swap of directories in `dir` that has not completed (an export stopped
+/// midway, or one in progress), if any.
+pub fn unfinished_swap(dir: &Path) -> Option<PathBuf> {
+    let prefix = format!(".{SWAP_JOURNAL}.swap-");
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
 }
 
 /// The files of `dir`, written and synced in a temporary sibling directory (returned).
@@ -681,6 +766,27 @@ fn tidy_output_dir(dir: &Path) -> Result<()> {
 }
 
 fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
+    // A swap of directories that a run now gone left midway is completed first (its staged
+    // copies are temporaries, which would be removed below).
+    if let Some(journal) = unfinished_swap(dir) {
+        let name = journal
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if !name.is_some_and(|n| owner_is_alive(&n, "swap")) {
+            let read = crate::input::read_to_string(&journal, "swap journal")
+                .and_then(|t| Ok(serde_json::from_str::<SwapJournal>(&t)?));
+            match read {
+                Ok(swap) => swap.complete(dir, &journal).with_context(|| {
+                    format!(
+                        "cannot complete the swap of directories {}",
+                        journal.display()
+                    )
+                })?,
+                // Torn (a kill while it was written, before any rename): nothing moved yet.
+                Err(_) => remove_file(&journal)?,
+            }
+        }
+    }
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(()); // unreadable: nothing of ours can be there
     };
@@ -707,8 +813,14 @@ fn tidy_below(dir: &Path, depth: usize) -> Result<()> {
                 }
             }
         }
-        if is_temp_name(&name) {
-            if temp_owner_is_alive(&name) {
+        // Temporaries, and old directories a completed swap had not removed yet.
+        let kind = if is_temp_name(&name) {
+            Some("tmp")
+        } else {
+            is_pid_name(&name, "old").then_some("old")
+        };
+        if let Some(kind) = kind {
+            if owner_is_alive(&name, kind) {
                 continue;
             }
             spaceless_op()
@@ -761,7 +873,14 @@ fn remove_entry(entry: &fs::DirEntry) -> std::io::Result<()> {
 /// Whether the process whose id ends the temporary name is running (Linux: `/proc/PID`; where
 /// that cannot be told, it is taken as gone).
 fn temp_owner_is_alive(name: &str) -> bool {
-    let pid = name.rsplit_once(".tmp-").map_or("", |(_, pid)| pid);
+    owner_is_alive(name, "tmp")
+}
+
+/// Whether the process whose id ends `name` (`.NAME.{kind}-PID`) is running, this one aside.
+fn owner_is_alive(name: &str, kind: &str) -> bool {
+    let pid = name
+        .rsplit_once(&format!(".{kind}-"))
+        .map_or("", |(_, pid)| pid);
     pid != std::process::id().to_string() && Path::new("/proc").join(pid).is_dir()
 }
 

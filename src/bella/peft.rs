@@ -776,6 +776,19 @@ struct PeftLora {
 }
 
 fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
+    // An export that replaced a set and was stopped midway: the set there is a mix until the
+    // next export-peft into that folder completes it.
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(journal) = parent.and_then(crate::io::unfinished_swap) {
+        bail!(
+            "{} is being replaced as a set of adapters, or was when export-peft was stopped \
+             ({} is its journal): wait for the export to finish, or run export-peft into {} \
+             again, which completes an interrupted one first",
+            dir.display(),
+            journal.display(),
+            parent.map_or(String::new(), |p| p.display().to_string())
+        );
+    }
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let text =
         crate::input::read_to_string(&config_path, "PEFT adapter config").with_context(|| {
