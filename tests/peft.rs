@@ -938,6 +938,19 @@ fn factors_that_are_not_the_ones_their_config_describes_are_refused() {
             && err.contains("interrupted"),
         "{err}"
     );
+    // A writer between its two files (train publishing a checkpoint): the reader reads the
+    // pair again and gets the whole new set once the second file is in place.
+    let b_config = b_dir.join(CONFIG_FILE);
+    let a_config = a_dir.join(CONFIG_FILE);
+    let a_config_bytes = std::fs::read(&a_config).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        std::fs::copy(&b_config, &a_config).unwrap();
+    });
+    let loaded = ParticleSet::load(&a_dir, &Device::Cpu).unwrap();
+    writer.join().unwrap();
+    assert_eq!(loaded.config.particles, 3);
+    std::fs::write(a_dir.join(CONFIG_FILE), a_config_bytes).unwrap();
     // A config written before the hash was recorded still loads.
     std::fs::write(a_dir.join(PARTICLES_FILE), a_factors).unwrap();
     let config_path = a_dir.join(CONFIG_FILE);

@@ -323,20 +323,32 @@ impl ParticleSet {
 
     /// Loads the config and the factors onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let config = Self::read_config(dir)?;
-        if config.format_version > FORMAT_VERSION {
-            bail!(
-                "{} was written by a newer bella-vqa (format {}); upgrade to read it",
-                dir.display(),
-                config.format_version
-            );
-        }
         let path: PathBuf = dir.join(PARTICLES_FILE);
-        crate::input::check_regular(&path, "particle weights")?;
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some(expected) = &config.particles_sha256 {
-            if crate::io::sha256_bytes(&bytes) != *expected {
+        // A run that writes the set (train at each checkpoint, calibrate) replaces its two files
+        // one after the other: a reader in between sees a pair that does not belong together,
+        // and reads it again a moment later.
+        let mut tries = 0;
+        let (config, bytes) = loop {
+            let config = Self::read_config(dir)?;
+            if config.format_version > FORMAT_VERSION {
+                bail!(
+                    "{} was written by a newer bella-vqa (format {}); upgrade to read it",
+                    dir.display(),
+                    config.format_version
+                );
+            }
+            crate::input::check_regular(&path, "particle weights")?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let matches = config
+                .particles_sha256
+                .as_ref()
+                .is_none_or(|expected| crate::io::sha256_bytes(&bytes) == *expected);
+            if matches {
+                break (config, bytes);
+            }
+            tries += 1;
+            if tries == 5 {
                 bail!(
                     "{} is not the file its {CONFIG_FILE} describes (another sha256): it is \
                      damaged or truncated, or writing the particle set was interrupted between its \
@@ -345,7 +357,8 @@ impl ParticleSet {
                     path.display()
                 );
             }
-        }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(|| {
             format!(
                 "cannot read {} (truncated or not safetensors?)",
