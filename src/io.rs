@@ -104,12 +104,32 @@ fn on_failed_write(e: anyhow::Error, path: &Path) -> anyhow::Error {
         .chain()
         .find_map(|c| c.downcast_ref::<std::io::Error>())
         .map_or_else(|| e.to_string(), ToString::to_string);
-    anyhow!(
-        "cannot write {}: the disk (or quota) is full ({cause}); what was written before is kept \
-         and nothing is half-written: free space there and run the same command again \
-         (train: with --resume where it had saved a checkpoint, checkpoints/ in its --out)",
-        path.display()
-    )
+    DiskFull {
+        path: path.to_path_buf(),
+        cause,
+    }
+    .into()
+}
+
+/// An output that could not be written because the disk (or quota) is full. A command whose
+/// rerun needs an option to continue (train's `--resume`, data shapes' `--force`) says so
+/// around it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot write {}: the disk (or quota) is full ({cause}); what was written before is kept \
+     and nothing is half-written: free space there and run the same command again",
+    .path.display()
+)]
+pub struct DiskFull {
+    pub path: PathBuf,
+    pub cause: String,
+}
+
+impl DiskFull {
+    /// Whether `e` is (or was caused by) a full disk.
+    pub fn caused(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<DiskFull>())
+    }
 }
 
 /// The longest file name most file systems take (NAME_MAX).

@@ -707,7 +707,16 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Serve(args) => serve(cli, args)?,
-        Command::Train(args) => run_train(cli, args)?,
+        Command::Train(args) => run_train(cli, args).map_err(|e| {
+            if bella_vqa::io::DiskFull::caused(&e) {
+                e.context(
+                    "train ran out of disk space (once there is space, the same command with \
+                     --resume continues from its last checkpoint, checkpoints/ in --out)",
+                )
+            } else {
+                e
+            }
+        })?,
         Command::Data(DataCommand::Shapes {
             out,
             seed,
@@ -726,6 +735,16 @@ fn run(cli: &Cli) -> Result<()> {
                     progress: !cli.quiet,
                     absent_share: *absent_share,
                     force: *force,
+                })
+                .map_err(|e| {
+                    if bella_vqa::io::DiskFull::caused(&e) {
+                        e.context(
+                            "data shapes ran out of disk space (once there is space, the same \
+                             command with --force replaces the incomplete set)",
+                        )
+                    } else {
+                        e
+                    }
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {

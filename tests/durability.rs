@@ -650,6 +650,28 @@ fn resume_refuses_other_options_data_or_base_model_naming_the_difference() {
     assert!(err.contains("--limit"), "{err}");
 }
 
+/// A full disk stops data shapes with what its rerun needs: the incomplete set is its own, and
+/// only --force replaces it (the message said to run the same command, which refused it).
+#[test]
+fn data_shapes_on_a_full_disk_says_to_rerun_with_force() {
+    let out = tempfile::tempdir().unwrap();
+    let shapes = |extra: &[&str]| {
+        let mut c = bella();
+        c.args(["data", "shapes", "--quiet", "--n", "4", "--out"])
+            .arg(out.path().join("w"))
+            .args(extra);
+        c
+    };
+    let err = failed_at(&mut shapes(&[]), 30).expect("the run reaches its 30th file operation");
+    assert!(
+        says_disk_full(&err) && err.contains("the same command with --force replaces"),
+        "{err}"
+    );
+    let err = run_err(&mut shapes(&[]));
+    assert!(err.contains("an incomplete data set"), "{err}");
+    run_ok(&mut shapes(&["--force"]));
+}
+
 #[test]
 fn data_shapes_does_not_overwrite_a_data_set_without_force() {
     let out = tempfile::tempdir().unwrap();
@@ -1174,6 +1196,9 @@ fn a_train_force_that_fails_leaves_the_old_set_whole_with_its_questions_and_log(
         };
         tried += 1;
         told |= says_disk_full(&err);
+        if says_disk_full(&err) {
+            assert!(err.contains("with --resume continues"), "op {n}: {err}");
+        }
         let now = set_files(out.path());
         if out.path().join("checkpoints/latest").exists() {
             // Committed: the set there is the new run's, which --resume completes.
