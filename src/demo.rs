@@ -117,11 +117,13 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
     // repair uses it instead of moving it away. Where files cannot be locked, the renames below
     // still keep copies whole.
     let _lock = lock(&root.join(format!(".demo-{tag}.lock")), lock_wait())?;
-    if dir.join(".complete").exists() {
-        if intact(dir) {
-            return Ok(dir.to_path_buf());
-        }
-        // A damaged copy (a file truncated, edited or removed): written again from the binary.
+    if dir.join(".complete").exists() && intact(dir) {
+        return Ok(dir.to_path_buf());
+    }
+    // Copies are placed whole, with their marker: anything else there is a damaged copy (a file
+    // truncated, edited or removed, the marker too) or something else in its place, and is
+    // written again from the binary.
+    if std::fs::symlink_metadata(dir).is_ok() {
         crate::note!(
             "note: the demo copy in {} was damaged; writing it again",
             dir.display()
@@ -130,7 +132,10 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
         match std::fs::rename(dir, &stale) {
             // Another process moved it first (to repair it): write our own, or use theirs.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            moved => moved.and_then(|()| std::fs::remove_dir_all(&stale)),
+            moved => moved.and_then(|()| match std::fs::symlink_metadata(&stale) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&stale),
+                _ => std::fs::remove_file(&stale),
+            }),
         }
         .with_context(|| {
             format!(
@@ -163,7 +168,10 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
         // Another process won the race: use its copy.
         let _ = std::fs::remove_dir_all(&tmp);
         if !dir.join(".complete").exists() {
-            bail!("cannot place the demo model in {}", dir.display());
+            bail!(
+                "cannot place the demo model in {}: something else took its place; remove it",
+                dir.display()
+            );
         }
     }
     Ok(dir.to_path_buf())

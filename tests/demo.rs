@@ -247,6 +247,15 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
     assert_eq!(again["answer"], "red", "{again}");
     assert_eq!(again["confidence"], v["confidence"], "{again}");
     assert_eq!(std::fs::metadata(&weights).unwrap().len(), len);
+    // So is a copy without its marker (a copy that skipped dot files; it stopped every demo
+    // command for good), and a file in the copy's place.
+    let demo = dirs[0].path();
+    std::fs::remove_file(demo.join(".complete")).unwrap();
+    assert_eq!(ask_embedded(cache.path(), IMAGE)["answer"], "red");
+    std::fs::remove_dir_all(&demo).unwrap();
+    std::fs::write(&demo, b"not a folder").unwrap();
+    assert_eq!(ask_embedded(cache.path(), IMAGE)["answer"], "red");
+    assert!(demo.join(".complete").exists());
 }
 
 /// Copies the shipped ensemble particles (rank 8, P = 4, on the demo LLaVA) into `dir`.
