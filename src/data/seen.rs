@@ -71,6 +71,13 @@ pub fn write(dir: &Path, encoded: &[u8]) -> Result<()> {
 /// this file existed).
 pub fn read(dir: &Path) -> Result<Option<Vec<u64>>> {
     let path = dir.join(FILE);
+    // Imported particles (import-peft) come with no list: one beside them is a leftover of the
+    // set they replaced (an import stopped before it removed that set's files).
+    let imported = crate::bella::particles::ParticleSet::read_config(dir)
+        .is_ok_and(|c| c.method == crate::bella::peft::IMPORTED_METHOD);
+    if imported {
+        return Ok(None);
+    }
     let delete = "delete it (it only serves to notice training questions among calibration or \
                   test questions)";
     match std::fs::metadata(&path) {

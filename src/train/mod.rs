@@ -479,6 +479,11 @@ fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
     let out = &run.out;
     if ParticleSet::is_in(out) && !run.force {
         let left = match checkpoint::step_dirs(out).last() {
+            Some(_) if imported_here(out) => format!(
+                " (they were imported from PEFT adapters: {} holds leftovers of the training run \
+                 they replaced; remove it)",
+                checkpoint::checkpoints_dir(out).display()
+            ),
             Some(newest) => format!(
                 " (if {} is the checkpoint to continue, write its name into checkpoints/latest and \
                  resume)",
@@ -497,6 +502,12 @@ fn check_nothing_to_lose(run: &RunOptions) -> Result<()> {
         crate::note!("nothing to resume in {}: starting at step 0", out.display());
     }
     Ok(())
+}
+
+/// Whether the particle set in `out` was imported from PEFT adapters (import-peft): training
+/// files beside it are leftovers of a set it replaced.
+fn imported_here(out: &Path) -> bool {
+    ParticleSet::read_config(out).is_ok_and(|c| c.method == crate::bella::peft::IMPORTED_METHOD)
 }
 
 /// What differs between a checkpoint and the run asked to resume it, one line each.
@@ -681,6 +692,18 @@ pub fn train(
     let questions = crate::data::seen::encode(train);
     let (params, mut optimizer, start_step, pending_loss) = match (existing, run.resume) {
         (Some(dir), true) => {
+            // Resuming would put the checkpoint's particles back over imported ones.
+            if imported_here(&run.out) {
+                bail!(
+                    "the particles in {} were imported from PEFT adapters (import-peft) after the \
+                     checkpoints of its training run ({}), which an interrupted import left \
+                     behind: resuming would replace the imported particles; remove {} and \
+                     {LOG_FILE} there to keep them, or train into another --out",
+                    run.out.display(),
+                    dir.display(),
+                    checkpoint::checkpoints_dir(&run.out).display()
+                );
+            }
             let ck = checkpoint::load(&dir)?;
             let diffs = resume_differences(&ck, opts, &data, &base, &compute)?;
             if !diffs.is_empty() {
