@@ -211,10 +211,14 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// `rope_theta` from the 4.x key or from transformers 5's `rope_parameters`.
+    /// `rope_theta` from transformers 5's `rope_parameters`, else the 4.x key: with both, the
+    /// first wins, as transformers 5 reads them (`standardize_rope_params` only sets
+    /// `rope_parameters.rope_theta` from the legacy key when it is missing).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
             .unwrap_or(10_000.0)
     }
 
