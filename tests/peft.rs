@@ -387,14 +387,21 @@ fn imported_set_is_tied_to_its_base_and_answers() {
         "v5",
     )
     .unwrap();
-    // CLIP has no such layers
+    // CLIP has no such layers: the base the adapter names is the one to pass.
+    let mut fresh = import_peft(&peft_fixture()).unwrap();
     let err = bind_base(
-        &mut again,
+        &mut fresh,
         &dir_files(&fixture("clip-tiny")).unwrap(),
         "clip",
     )
     .unwrap_err();
-    assert!(format!("{err:#}").contains("does not have"), "{err:#}");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("does not have")
+            && err.contains("base_model_name_or_path: tests/fixtures/llava-tiny-hub")
+            && err.contains("as --model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -567,7 +574,16 @@ fn bad_adapters_are_refused_with_reasons() {
         t.retain(|k, _| !k.contains("layers.2."));
     });
     let err = format!("{:#}", import_peft_stacked(&[a.clone(), c]).unwrap_err());
-    assert!(err.contains("adapts other layers"), "{err}");
+    assert!(
+        err.contains("adapts other layers")
+            && err.contains("stack-c/adapter: none; only in ")
+            && err.contains(
+                "stack-a/adapter: language_model.model.layers.2.self_attn.k_proj, \
+                 language_model.model.layers.2.self_attn.o_proj, \
+                 language_model.model.layers.2.self_attn.q_proj and 1 more)"
+            ),
+        "{err}"
+    );
     let err = format!("{:#}", import_peft_stacked(&[]).unwrap_err());
     assert!(err.contains("no PEFT adapter directory"), "{err}");
 }

@@ -1022,10 +1022,29 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
             first.rank,
             first.alpha
         );
-        ensure!(
-            other.layers.keys().eq(first.layers.keys()),
-            "{o} adapts other layers than {f}: particles adapt the same layers"
-        );
+        if !other.layers.keys().eq(first.layers.keys()) {
+            let only = |a: &PeftLora, b: &PeftLora| {
+                let mut only: Vec<&str> = a
+                    .layers
+                    .keys()
+                    .filter(|k| !b.layers.contains_key(*k))
+                    .map(String::as_str)
+                    .collect();
+                let more = only.len().saturating_sub(3);
+                only.truncate(3);
+                match (only.is_empty(), more) {
+                    (true, _) => "none".to_string(),
+                    (false, 0) => only.join(", "),
+                    (false, more) => format!("{} and {more} more", only.join(", ")),
+                }
+            };
+            bail!(
+                "{o} adapts other layers than {f} (only in {o}: {}; only in {f}: {}): particles \
+                 adapt the same layers",
+                only(other, first),
+                only(first, other)
+            );
+        }
         ensure!(
             other.source == first.source,
             "{o} is for the base model {:?}, {f} for {:?}: particles share one base model \
@@ -1094,17 +1113,24 @@ pub fn bind_base(set: &mut ParticleSet, files: &ModelFiles, source: &str) -> Res
         shapes.extend(read_safetensors_shapes(file)?);
     }
     place_on_tower(set, &shapes, &files.dir)?;
+    // The base the adapters name (base_model_name_or_path), for a model that does not fit them.
+    let named = match set.config.base_model.source.as_str() {
+        "" => "their own base model".to_string(),
+        named => format!("their own base model (base_model_name_or_path: {named})"),
+    };
     for (path, ad) in &set.adapters {
         let Some(shape) = weight_shape(&shapes, path) else {
             bail!(
-                "the adapter adapts {path}, which the model in {} does not have (another architecture?)",
+                "the adapter adapts {path}, which the model in {} does not have (another \
+                 architecture?): pass {named} as --model",
                 files.dir.display()
             );
         };
         let want = [ad.b.dims()[1], ad.a.dims()[2]];
         ensure!(
             shape.as_slice() == want,
-            "the adapter on {path} is for a [{}, {}] layer, the model in {} has {shape:?}",
+            "the adapter on {path} is for a [{}, {}] layer, the model in {} has {shape:?}: the \
+             adapters were made for another model; pass {named} as --model",
             want[0],
             want[1],
             files.dir.display()
