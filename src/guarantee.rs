@@ -142,9 +142,12 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(
             f,
-            "no threshold meets risk {} with confidence 1 − {} on {} questions: allow more risk \
+            "no threshold meets risk {} with confidence 1 − {} on {} question{}: allow more risk \
              (--target-risk), less confidence (--delta), or calibrate on more validation questions",
-            self.alpha, self.delta, self.questions
+            self.alpha,
+            self.delta,
+            self.questions,
+            if self.questions == 1 { "" } else { "s" }
         )
     }
 }

@@ -325,7 +325,7 @@ pub struct HubOptions {
     pub endpoint: String,
     /// `HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
     pub cache_dir: PathBuf,
-    /// `HF_TOKEN`, else the token file under `HF_HOME` (what `huggingface-cli login` writes).
+    /// `HF_TOKEN`, else the token file under `HF_HOME` (what `hf auth login` writes).
     pub token: Option<String>,
     /// `HF_HUB_OFFLINE=1/true/yes/on` (or, when that is unset, `TRANSFORMERS_OFFLINE`): use the
     /// cache only, never the network.
@@ -533,7 +533,7 @@ pub enum HubError {
         "model {repo_id}@{revision} is not in the hub cache at {} (offline mode: --offline, \
          HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE). To fill the cache, run once online (without \
          --offline, with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset), or run \
-         `huggingface-cli download {repo_id} --revision {revision}` \
+         `hf download {repo_id} --revision {revision}` \
          with the same HF_HUB_CACHE/HF_HOME; or pass a local model directory instead",
         cache_dir.display()
     )]
@@ -635,10 +635,10 @@ fn offline_hint(cache_dir: &Path, cached: bool, timed_out: bool) -> String {
 
 fn token_hint(authenticated: bool) -> &'static str {
     if authenticated {
-        "make sure the token in use (HF_TOKEN or the token file of `huggingface-cli login`) \
+        "make sure the token in use (HF_TOKEN or the token file of `hf auth login`) \
          belongs to an account that has access"
     } else {
-        "set HF_TOKEN to a token with access (or run `huggingface-cli login`)"
+        "set HF_TOKEN to a token with access (or run `hf auth login`)"
     }
 }
 
@@ -923,7 +923,7 @@ pub fn cached_snapshot(
     let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| {
         anyhow!(
             "{repo_id}@{revision} is not in the hub cache at {}: download it \
-             (`huggingface-cli download {repo_id} --revision {revision}`) and pass it again, or \
+             (`hf download {repo_id} --revision {revision}`) and pass it again, or \
              pass its folder",
             opts.cache_dir.display()
         )

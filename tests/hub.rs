@@ -616,7 +616,7 @@ fn options_from_lookup() {
     let o = env(&[("HOME", h), ("XDG_CACHE_HOME", "/xdg")]);
     assert_eq!(o.cache_dir, PathBuf::from("/xdg/huggingface/hub"));
 
-    // HF_HOME gives the cache and the token file (what `huggingface-cli login` writes).
+    // HF_HOME gives the cache and the token file (what `hf auth login` writes).
     let hf_home = home.path().join("hf");
     std::fs::create_dir_all(&hf_home).unwrap();
     std::fs::write(hf_home.join("token"), "hf_file_token\n").unwrap();
@@ -1083,7 +1083,7 @@ fn hub_offline_with_empty_cache() {
         "bella-test/tiny@v1",
         "not in the hub cache",
         cache.path().to_str().unwrap(),
-        "huggingface-cli download",
+        "hf download",
         "local model directory",
     ] {
         assert!(msg.contains(needle), "{needle:?} missing: {msg}");

@@ -1420,7 +1420,7 @@ fn a_hub_adapter_id_is_read_from_the_hub_cache() {
     assert!(
         !o.status.success()
             && stderr.contains("acme/other-lora@v2 is not in the hub cache")
-            && stderr.contains("huggingface-cli download acme/other-lora --revision v2"),
+            && stderr.contains("hf download acme/other-lora --revision v2"),
         "{stderr}"
     );
 }
