@@ -919,11 +919,34 @@ pub fn stored_model_source(model: &str) -> String {
     // The embedded demo is stored by name: its cache directory moves with the binary's demo.
     if crate::hub::demo_model(model).is_some() {
         model.to_string()
+    } else if let Some(name) = demo_name_of(Path::new(model)) {
+        // Its cache copy by path (the base an exported demo adapter names): by name too.
+        name.to_string()
     } else if Path::new(model).is_dir() {
         stored_path(Path::new(model))
     } else {
         model.to_string()
     }
+}
+
+/// The name (`demo`, `demo:clip`) of a directory that is the embedded demo's cache copy of its
+/// LLaVA or CLIP; `None` for anything else (the copy of another build's demo included).
+fn demo_name_of(path: &Path) -> Option<&'static str> {
+    let copy = path.parent()?.file_name()?.to_str()?;
+    if !copy.starts_with("demo-") || !path.is_dir() {
+        return None;
+    }
+    let demo = crate::demo::directory().ok()?;
+    let same = |a: &Path, b: &Path| {
+        fs::canonicalize(a).is_ok_and(|a| fs::canonicalize(b).is_ok_and(|b| a == b))
+    };
+    [
+        (crate::demo::LLAVA, "demo"),
+        (crate::demo::CLIP, "demo:clip"),
+    ]
+    .into_iter()
+    .find(|(component, _)| same(path, &demo.join(component)))
+    .map(|(_, name)| name)
 }
 
 /// This program's cache directory (the demo model, file hashes, quantized weights, images

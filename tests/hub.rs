@@ -550,7 +550,15 @@ fn parse_model_sources() {
             ModelSource::Dir(bella_vqa::demo::path(model).unwrap()),
             "{name}"
         );
+        // Its cache copy given by path (as an exported demo adapter names its base) is stored
+        // by name as well: the path changes with the cache.
+        let path = bella_vqa::demo::path(model).unwrap();
+        let stored = bella_vqa::io::stored_model_source(path.to_str().unwrap());
+        assert_eq!(stored, if name == "demo:clip" { name } else { "demo" });
     }
+    // Another folder is stored by its path.
+    let stored = bella_vqa::io::stored_model_source(tmp.path().to_str().unwrap());
+    assert_eq!(stored, tmp.path().display().to_string());
 
     for bad in [
         "",
