@@ -518,6 +518,27 @@ fn every_error_class_has_its_status_and_body() {
             "{t}"
         );
     }
+    // A content part with a key twice is refused, as a request with a top-level key twice is
+    // (the last one was taken: a filter in front could read one text or URL, the model another).
+    for part in [
+        r#"{"type": "text", "text": "What shape is it?", "text": "What color is the circle?"}"#
+            .to_string(),
+        format!(
+            r#"{{"type": "image_url", "image_url": {{"url": "{square}", "url": "{square}"}}}}"#
+        ),
+        r#"{"type": "text", "type": "text", "text": "What color?"}"#.to_string(),
+    ] {
+        let body = format!(
+            r#"{{"model": "m", "messages": [{{"role": "user", "content": [{part},
+                {{"type": "image_url", "image_url": {{"url": "{square}"}}}}]}}]}}"#
+        );
+        let (s, _, t) = post(url, &body, key);
+        let e = error_of(s, 400, &t);
+        assert!(
+            e["message"].as_str().unwrap().contains("duplicate field"),
+            "{part}: {t}"
+        );
+    }
     // A request body followed by more data is refused.
     let (s, _, t) = post(url, &format!("{good} {good}"), key);
     assert!(

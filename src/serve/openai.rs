@@ -105,7 +105,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 format!(
-                    "the request body is larger than {} MB (--max-body-mb); send a smaller image",
+                    "the request body is larger than {} MB (--max-body-mb); send a smaller image or less text",
                     limit_bytes / (1024 * 1024)
                 ),
             )
@@ -336,30 +336,41 @@ pub enum Content {
     Parts(Vec<Part>),
 }
 
-/// A string or a list of parts, each part's error naming its index and what a part holds.
+/// A string or a list of parts, each part's error naming its index and what a part holds. Each
+/// part is read from its own JSON text, not from a `Value` (which keeps the last of duplicate
+/// keys): a part with a key twice (two texts, two URLs) is refused, as a request with a top-level
+/// key twice is, rather than one of them shown to a filter and the other to the model.
 impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        match Value::deserialize(d)? {
-            Value::String(s) => Ok(Content::Text(s)),
-            Value::Array(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(j, item)| {
-                    serde_json::from_value(item).map_err(|e| {
-                        D::Error::custom(format!(
-                            "part [{j}]: {e}; a part is {{\"type\": \"text\", \"text\": \"…\"}} or \
-                             {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/png;base64,…\"}}}}"
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Content, E> {
+                Ok(Content::Text(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Content, A::Error> {
+                use serde::de::Error;
+                let mut parts = Vec::new();
+                while let Some(raw) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+                    let part = serde_json::from_str(raw.get()).map_err(|e| {
+                        A::Error::custom(format!(
+                            "part [{}]: {e}; a part is {{\"type\": \"text\", \"text\": \"…\"}} or \
+                             {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/png;base64,…\"}}}}",
+                            parts.len()
                         ))
-                    })
-                })
-                .collect::<Result<_, _>>()
-                .map(Content::Parts),
-            other => Err(D::Error::custom(format!(
-                "must be a string or a list of content parts, not {}",
-                crate::data::vqa::json_kind(&other)
-            ))),
+                    })?;
+                    parts.push(part);
+                }
+                Ok(Content::Parts(parts))
+            }
         }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -392,16 +403,27 @@ impl<'de> Deserialize<'de> for ImageUrl {
             #[serde(default)]
             detail: Option<String>,
         }
-        #[derive(Deserialize)]
-        #[serde(untagged, expecting = "a URL, or an object {\"url\": …}")]
-        enum Form {
-            Url(String),
-            Object(Object),
+        // A visitor rather than an untagged enum, whose errors say only that neither form fits
+        // (a key twice in the object is then named as such).
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ImageUrl;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL, or an object {\"url\": …}")
+            }
+            fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<ImageUrl, E> {
+                Ok(ImageUrl {
+                    url: url.to_string(),
+                    detail: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ImageUrl, A::Error> {
+                let Object { url, detail } =
+                    Object::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ImageUrl { url, detail })
+            }
         }
-        Ok(match Form::deserialize(d)? {
-            Form::Url(url) => ImageUrl { url, detail: None },
-            Form::Object(Object { url, detail }) => ImageUrl { url, detail },
-        })
+        d.deserialize_any(Visitor)
     }
 }
 
