@@ -607,7 +607,7 @@ fn a_value_under_its_old_and_new_names_loads_when_they_agree() {
     // rope_theta beside transformers 5's rope_parameters: the latter's value is the one
     // transformers 5 uses (its standardize_rope_params only fills a missing one from the former).
     let dir = copy_fixture("llava-tiny-hub");
-    edit_config(dir.path(), &|v: &mut serde_json::Value| {
+    edit_config(dir.path(), |v: &mut serde_json::Value| {
         v["text_config"]["rope_theta"] = json!(10000.0);
         v["text_config"]["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500.0});
     });
