@@ -68,12 +68,14 @@ impl ModelSummary {
                         c.image_tokens_per_image()
                     ),
                     format!(
-                        "language model: LLaMA, {} layers, hidden {}, {} heads ({} kv), vocab {}, rope θ {}",
+                        "language model: LLaMA, {} layers, hidden {}, {} heads ({} kv), vocab {}, \
+                         {} positions (prompt and answer), rope θ {}",
                         t.num_hidden_layers,
                         t.hidden_size,
                         t.num_attention_heads,
                         t.num_kv_heads(),
                         t.vocab_size,
+                        t.max_position_embeddings,
                         t.rope_theta()
                     ),
                 ]

@@ -71,6 +71,13 @@ fn inspect_counts_every_stored_value() {
             .arg(fixture("clip-tiny")),
     );
     assert!(text.contains("CLIP") && text.contains("71,649"), "{text}");
+    // A LLaVA's positions (what a question and its answer must fit in) are shown too.
+    let text = run_ok(
+        bella()
+            .args(["inspect", "--model"])
+            .arg(fixture("llava-tiny-hub")),
+    );
+    assert!(text.contains("256 positions (prompt and answer)"), "{text}");
 }
 
 #[test]
