@@ -1461,6 +1461,17 @@ fn files_in_other_shapes_are_read_or_named_with_what_to_do() {
         ("utf16.json", b"\xff\xfe[\x00]\x00".to_vec(), "save it as UTF-8"),
         ("utf16-no-bom.json", utf16(&format!("[{line}]")), no_bom),
         ("utf16-no-bom.jsonl", utf16(&format!("{line}\n")), no_bom),
+        // One stray raw NUL in UTF-8 text is no UTF-16.
+        (
+            "stray-nul.jsonl",
+            format!("{}\n", line.replace("What?", "What\0?")).into_bytes(),
+            "holds 1 NUL byte(s), which JSON never does",
+        ),
+        (
+            "stray-nul.json",
+            format!("[{}]", line.replace("What?", "What\0?")).into_bytes(),
+            "holds 1 NUL byte(s), which JSON never does",
+        ),
         (
             "nul-image.jsonl",
             br#"{"question_id": 1, "question": "What?", "image": "a\u0000.png", "answers": ["red"]}"#

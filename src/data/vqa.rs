@@ -359,9 +359,9 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
         }
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            // JSON has no NUL outside strings (and escapes it within): UTF-16 read as UTF-8.
+            // JSON has no NUL outside strings (and escapes it within).
             Err(_) if text.contains('\0') => {
-                c.bad(path, line, NUL_BYTES.into())?;
+                c.bad(path, line, nul_bytes(text))?;
                 continue;
             }
             Err(e) => {
@@ -1665,15 +1665,27 @@ pub(super) fn read_json_text(path: &Path) -> anyhow::Result<String> {
         text.drain(..'\u{feff}'.len_utf8());
     }
     if text.contains('\0') {
-        bail!("data file {}: {NUL_BYTES}", path.display());
+        bail!("data file {}: {}", path.display(), nul_bytes(&text));
     }
     Ok(text)
 }
 
-/// What a data file with NUL bytes is told: JSON holds none (a NUL in a string is escaped), and
-/// UTF-16 text without a byte-order mark reads as UTF-8 with a NUL beside every ASCII character.
-const NUL_BYTES: &str = "the text holds NUL bytes, which JSON never does: the file looks like \
-                         UTF-16 without a byte-order mark; save it as UTF-8";
+/// What text with NUL bytes is told: JSON holds none (a NUL in a string is escaped). UTF-16
+/// text without a byte-order mark reads as UTF-8 with a NUL beside every ASCII character; a few
+/// NULs are stray bytes.
+fn nul_bytes(text: &str) -> String {
+    let nul = text.bytes().filter(|&b| b == 0).count();
+    if nul * 4 >= text.len() {
+        "the text holds NUL bytes, which JSON never does: the file looks like UTF-16 without a \
+         byte-order mark; save it as UTF-8"
+            .to_string()
+    } else {
+        format!(
+            "the text holds {nul} NUL byte(s), which JSON never does (a NUL inside a string is \
+             written \\u0000): remove them"
+        )
+    }
+}
 
 /// The top level of a JSON data file, its entries left as unparsed slices of the file's text:
 /// a VQAv2 annotations file of 170 MB costs its text and one small record at a time, not the
