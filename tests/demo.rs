@@ -487,6 +487,22 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
         !out.status.success() && err.contains("longer than the 32 tokens"),
         "{err}"
     );
+    // `--adapters demo` names where the demo's particles are (they are used without it).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .current_dir(elsewhere.path())
+        .args(["ask", "--adapters", "demo", "--image"])
+        .arg(repo(IMAGE))
+        .arg(QUESTION)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the demo's particles are used when neither --model nor --adapters")
+            && err.contains("particles/llava-ensemble"),
+        "{err}"
+    );
     // Sampling options mean nothing to a CLIP: refused, as --answers is on a LLaVA.
     let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
         .args([

@@ -812,6 +812,20 @@ fn cli_exports_and_imports() {
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("are the same adapter"), "{stderr}");
+    // Nor is a copy of it.
+    let copy = tmp.path().join("copy-of-particle-0");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
+        std::fs::copy(out.join("particle-0").join(f), copy.join(f)).unwrap();
+    }
+    let o = import_peft_cli(
+        &[out.join("particle-0"), copy],
+        &tmp.path().join("copied"),
+        false,
+    );
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("hold the same factors"), "{stderr}");
 
     // An adapter with a NaN is refused at import, named, and nothing is written.
     let damaged = tmp.path().join("damaged");

@@ -294,6 +294,17 @@ impl ParticleSet {
                     dir.display(),
                     dir.display()
                 )
+            } else if dir.as_os_str() == "demo" && !dir.exists() {
+                // The demo's particles are used without --model or --adapters; by path here.
+                let shipped = crate::demo::path(crate::demo::PARTICLES).map_or_else(
+                    |e| format!("not available: {e}"),
+                    |p| p.display().to_string(),
+                );
+                format!(
+                    "demo is not a particle directory: the demo's particles are used when \
+                     neither --model nor --adapters is given; as --adapters, give their folder \
+                     ({shipped})"
+                )
             } else {
                 format!(
                     "{} is not a particle directory: cannot read {CONFIG_FILE} (train one with \

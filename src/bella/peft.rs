@@ -984,6 +984,23 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     })
 }
 
+/// Whether two adapters hold the same factors on the same layers.
+fn same_factors(a: &PeftLora, b: &PeftLora) -> Result<bool> {
+    if !a.layers.keys().eq(b.layers.keys()) {
+        return Ok(false);
+    }
+    let same = |x: &Tensor, y: &Tensor| -> Result<bool> {
+        Ok(x.dims() == y.dims()
+            && x.flatten_all()?.to_vec1::<f32>()? == y.flatten_all()?.to_vec1::<f32>()?)
+    };
+    for ((a_a, a_b), (b_a, b_b)) in a.layers.values().zip(b.layers.values()) {
+        if !(same(a_a, b_a)? && same(a_b, b_b)?) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Reads one PEFT LoRA adapter directory as a one-particle set. The base model is recorded as
 /// `base_model_name_or_path` without weight hashes: see [`bind_base`].
 pub fn import_peft(dir: &Path) -> Result<ParticleSet> {
@@ -1062,6 +1079,19 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
                 fa.dims(),
                 fb.dims()
             );
+        }
+    }
+    // The same adapter twice would be identical particles; so would a copy of one (`cp -r`).
+    for (i, a) in adapters.iter().enumerate() {
+        for b in &adapters[i + 1..] {
+            if same_factors(a, b)? {
+                bail!(
+                    "{} and {} hold the same factors (a copy of one adapter?): each particle \
+                     needs its own",
+                    a.dir.display(),
+                    b.dir.display()
+                );
+            }
         }
     }
     let mut paths: Vec<&String> = first.layers.keys().collect();
