@@ -341,6 +341,11 @@ fn clip_particles_export_with_clip_names() {
     attach(&mut m, &spec, InitB::Normal { std: 0.1 }, 5).unwrap();
     let mut cfg = config("tests/fixtures/clip-tiny", 2, 3.5, 2);
     cfg.architecture = "CLIP".into();
+    // The answers CLIP particles score go with them (their import could not answer without).
+    let vocabulary: Vec<String> = ["red", "#1", "two words", "blue"]
+        .map(String::from)
+        .to_vec();
+    cfg.answer_vocabulary = Some(vocabulary.clone());
     let set = ParticleSet::from_model(&m, cfg);
     let tmp = tempfile::tempdir().unwrap();
     let dirs = export_peft(&set, tmp.path(), &[]).unwrap();
@@ -359,9 +364,18 @@ fn clip_particles_export_with_clip_names() {
     ));
     let back = import_peft_stacked(&dirs).unwrap();
     assert_eq!(back.config.architecture, "CLIP");
+    assert_eq!(back.config.answer_vocabulary, Some(vocabulary));
     assert_same_factors(&set, &back);
     let mut fresh = clip();
     back.attach_to(&mut fresh).unwrap();
+    // Particles with different vocabularies are not one set.
+    std::fs::write(
+        dirs[1].join(bella_vqa::bella::peft::ANSWERS_FILE),
+        r#"["red", "blue"]"#,
+    )
+    .unwrap();
+    let err = format!("{:#}", import_peft_stacked(&dirs).unwrap_err());
+    assert!(err.contains("different answer vocabularies"), "{err}");
 }
 
 #[test]

@@ -229,6 +229,11 @@ pub fn export_peft(set: &ParticleSet, out: &Path, replace: &[PathBuf]) -> Result
     }
     let config = adapter_config(set)?;
     let config_bytes = format!("{}\n", serde_json::to_string_pretty(&config)?);
+    // A CLIP's particles score the answers of their vocabulary: it travels with them.
+    let vocabulary = match &set.config.answer_vocabulary {
+        Some(v) => Some(serde_json::to_vec_pretty(v)?),
+        None => None,
+    };
     let particles = set.adapters[0].1.particles();
     let mut names = Vec::with_capacity(set.adapters.len());
     for (path, ad) in &set.adapters {
@@ -261,13 +266,14 @@ pub fn export_peft(set: &ParticleSet, out: &Path, replace: &[PathBuf]) -> Result
             tensors.push((format!("{name}.lora_B.weight"), b));
         }
         let weights = safetensors_with_metadata(&mut tensors, &[("format", "pt")])?;
-        dirs.push((
-            out.join(format!("particle-{p}")),
-            vec![
-                (ADAPTER_WEIGHTS_FILE, weights),
-                (ADAPTER_CONFIG_FILE, config_bytes.clone().into_bytes()),
-            ],
-        ));
+        let mut files = vec![
+            (ADAPTER_WEIGHTS_FILE, weights),
+            (ADAPTER_CONFIG_FILE, config_bytes.clone().into_bytes()),
+        ];
+        if let Some(vocabulary) = &vocabulary {
+            files.push((ANSWERS_FILE, vocabulary.clone()));
+        }
+        dirs.push((out.join(format!("particle-{p}")), files));
     }
     // All or none: an interrupted export leaves the adapters that were there (or nothing), never
     // a part of the set that reads as a whole one.
@@ -773,7 +779,13 @@ struct PeftLora {
     revision: Option<String>,
     /// Our module path → (A [r, in], B [out, r]).
     layers: BTreeMap<String, (Tensor, Tensor)>,
+    /// A CLIP's answer vocabulary ([`ANSWERS_FILE`]), when the adapter carries one.
+    answers: Option<Vec<String>>,
 }
+
+/// The answer vocabulary of exported CLIP particles beside their adapter files (a JSON list of
+/// strings; PEFT ignores it).
+pub const ANSWERS_FILE: &str = "answer_vocabulary.json";
 
 fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
     // An export that replaced a set and was stopped midway: the set there is a mix until the
@@ -981,6 +993,16 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             .to_string(),
         revision: field("revision").and_then(Value::as_str).map(String::from),
         layers,
+        answers: match crate::input::read_if_present(&dir.join(ANSWERS_FILE), "answer vocabulary")?
+        {
+            None => None,
+            Some(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a JSON list of answers",
+                    dir.join(ANSWERS_FILE).display()
+                )
+            })?),
+        },
     })
 }
 
@@ -1081,6 +1103,14 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
             );
         }
     }
+    if let Some(other) = adapters[1..].iter().find(|o| o.answers != first.answers) {
+        bail!(
+            "{} and {} carry different answer vocabularies ({ANSWERS_FILE}): particles score \
+             one vocabulary",
+            first.dir.display(),
+            other.dir.display()
+        );
+    }
     // The same adapter twice would be identical particles; so would a copy of one (`cp -r`).
     for (i, a) in adapters.iter().enumerate() {
         for b in &adapters[i + 1..] {
@@ -1125,7 +1155,7 @@ pub fn import_peft_stacked(dirs: &[PathBuf]) -> Result<ParticleSet> {
         step: 0,
         abstention: None,
         abstention_history: Vec::new(),
-        answer_vocabulary: None,
+        answer_vocabulary: first.answers.clone(),
         particles_sha256: None,
     };
     Ok(ParticleSet {
