@@ -101,10 +101,14 @@ fn write_or_find() -> Result<PathBuf> {
         if e.is::<LockTimedOut>() {
             return e;
         }
+        let todo = if crate::io::DiskFull::caused(&e) {
+            "free space there, or point BELLA_VQA_CACHE at a folder with room"
+        } else {
+            "point BELLA_VQA_CACHE at a folder you can write to"
+        };
         e.context(format!(
             "cannot unpack the demo model into the cache directory {} ($BELLA_VQA_CACHE, else \
-             ~/.cache/bella-vqa): free space there, or point BELLA_VQA_CACHE at a writable \
-             folder",
+             ~/.cache/bella-vqa): {todo}",
             root.display()
         ))
     })

@@ -98,7 +98,13 @@ fn is_disk_full(e: &anyhow::Error) -> bool {
 /// temporary file it was being written as) and what to do; other errors are left as they are.
 fn on_failed_write(e: anyhow::Error, path: &Path) -> anyhow::Error {
     if !is_disk_full(&e) {
-        return e;
+        // Named by the output, not only by the temporary file it was being written as.
+        let shown = path.display().to_string();
+        return if e.to_string().contains(&shown) {
+            e
+        } else {
+            e.context(format!("cannot write {shown}"))
+        };
     }
     let cause = e
         .chain()
@@ -126,9 +132,9 @@ pub struct DiskFull {
 }
 
 impl DiskFull {
-    /// Whether `e` is (or was caused by) a full disk.
+    /// Whether `e` is (or was caused by) a full disk, told as such or as the system's error.
     pub fn caused(e: &anyhow::Error) -> bool {
-        e.chain().any(|c| c.is::<DiskFull>())
+        e.chain().any(|c| c.is::<DiskFull>()) || is_disk_full(e)
     }
 }
 

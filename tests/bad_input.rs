@@ -1024,7 +1024,8 @@ fn a_too_long_training_question_names_its_id() {
     let data = DataDir::new(&lines);
     let err = fails(&mut train(&data, &[]));
     assert!(
-        err.contains("training question q-long") && err.contains("positions"),
+        err.contains("training question(s) the model cannot train on (first: question \"q-long\"")
+            && err.contains("positions"),
         "{err}"
     );
 }
@@ -1099,7 +1100,7 @@ fn a_clip_trained_on_one_answer_is_refused() {
     let data = DataDir::new(&lines);
     let err = fails(&mut train_model(&fixture("clip-tiny"), &data, &[]));
     assert!(
-        err.contains("training question q3") && err.contains("shorten the question"),
+        err.contains("(first: question \"q3\"") && err.contains("shorten the question"),
         "{err}"
     );
     assert!(!data.out().exists(), "no empty log left behind");
@@ -1120,7 +1121,9 @@ fn a_clip_trained_on_one_answer_is_refused() {
         &["--val", val.to_str().unwrap(), "--eval-every", "1"],
     ));
     assert!(
-        err.contains("validation (--val) question q3") && err.contains("shorten the question"),
+        err.contains(
+            "val.jsonl: 1 validation question(s) the model cannot answer (first: question \"q3\""
+        ) && err.contains("shorten the question"),
         "{err}"
     );
     assert!(!train_data.out().join(PARTICLES_FILE).exists());

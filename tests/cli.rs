@@ -239,6 +239,24 @@ fn serve_refuses_answers_that_cannot_apply_before_it_listens() {
             "{model}: {err}"
         );
     }
+    // A port in use and a host that is not this machine's are told apart.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (host, expected) in [
+        (
+            "127.0.0.1",
+            "another program listens there: try another --port",
+        ),
+        // TEST-NET-1 (RFC 5737): never an address of this machine.
+        ("192.0.2.1", "--host is not an address of this machine"),
+    ] {
+        let err = run_err(
+            bella()
+                .args(["serve", "--host", host, "--port", &port, "--model"])
+                .arg(fixture("llava-tiny-hub")),
+        );
+        assert!(err.contains(expected), "{host}: {err}");
+    }
 }
 
 /// `--model=~/dir` (the shell leaves that `~` alone) is the directory in $HOME; a PEFT adapter

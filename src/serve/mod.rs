@@ -191,9 +191,21 @@ pub fn run(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let addr = SocketAddr::new(opts.host, opts.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (in use? try another --port)"))?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            use std::io::ErrorKind;
+            let hint = match e.kind() {
+                ErrorKind::AddrInUse => "another program listens there: try another --port",
+                ErrorKind::AddrNotAvailable => {
+                    "--host is not an address of this machine: use 127.0.0.1 (this machine \
+                     only) or 0.0.0.0 (every interface)"
+                }
+                ErrorKind::PermissionDenied => {
+                    "ports below 1024 need privileges: use a --port from 1024 up"
+                }
+                _ => "try another --host or --port",
+            };
+            anyhow::Error::new(e).context(format!("cannot listen on {addr} ({hint})"))
+        })?;
         if !opts.host.is_loopback() && opts.api_key.is_none() {
             crate::note!(
                 "warning: listening on {} without --api-key: anyone who can reach it can use the model",

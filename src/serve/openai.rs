@@ -1040,7 +1040,7 @@ mod tests {
         for (content, expected) in [
             (
                 serde_json::json!(5),
-                "must be a string or a list of content parts, not a number",
+                "invalid type: integer `5`, expected a string or a list of content parts",
             ),
             (
                 serde_json::json!([{"type": "image_url", "image_url": 5}]),
@@ -1055,7 +1055,7 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(expected), "{text}");
             assert!(
-                text.contains("\"type\": \"image_url\"") || expected.starts_with("must"),
+                text.contains("\"type\": \"image_url\"") || expected.starts_with("invalid type"),
                 "{text}"
             );
         }
