@@ -91,6 +91,30 @@ try {
   check("aleatoric and epistemic numbers shown", /^-?\d+\.\d+$/.test(a.aleatoric) && /^-?\d+\.\d+$/.test(a.epistemic), `${a.aleatoric} ${a.epistemic}`);
   check("every particle's answer listed", a.particles.length >= 1 && a.particles.every((t) => t.length > 2), String(a.particles.length));
 
+  // A new image makes the shown answer the previous image's: dimmed at once, not at the next ask.
+  await page.setInputFiles("#image-input", join(repo, "eval/demo/photo-cat.png"));
+  await page.waitForFunction(() => /Image ready/.test(document.getElementById("status").textContent));
+  check("a new image dims the previous answer", await page.evaluate(() => document.getElementById("result").classList.contains("stale")));
+
+  // An image changed while a question is answered: the reply is said to be the previous image's.
+  await page.setInputFiles("#image-input", join(repo, "eval/demo/red-circle.png"));
+  await page.waitForFunction(() => /Image ready/.test(document.getElementById("status").textContent));
+  const slow = async (route) => { await new Promise((r) => setTimeout(r, 1500)); return route.continue(); };
+  await page.route("**/v1/chat/completions", slow);
+  await page.fill("#question", "What color is the circle?");
+  await page.click("#ask");
+  await page.setInputFiles("#image-input", join(repo, "eval/demo/photo-cat.png"));
+  await page.waitForFunction(() => /previous image/.test(document.getElementById("status").textContent));
+  const busy = await page.evaluate(() => document.getElementById("status").dataset.state);
+  check("the status stays busy while the old question is answered", busy === "busy", busy);
+  await page.waitForFunction(() => document.getElementById("status").dataset.state === "done", null, { timeout: 120_000 });
+  const late = await page.evaluate(() => ({
+    status: document.getElementById("status").textContent,
+    stale: document.getElementById("result").classList.contains("stale"),
+  }));
+  check("a late answer is said to be about the previous image", /about the previous image/.test(late.status) && late.stale, JSON.stringify(late));
+  await page.unroute("**/v1/chat/completions", slow);
+
   console.log("photograph: eval/demo/photo-cat.png");
   const b = await ask("eval/demo/photo-cat.png", "What color is the circle?", "not-sure.png");
   console.log("  page shows:", JSON.stringify(b));

@@ -532,6 +532,7 @@ pub fn calibrate(
     if let Some(why) = same_score(&chosen, &conf, &acc) {
         warnings.push(why);
     }
+    warnings.extend(thin_evidence(&acc));
     let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
     if kept.is_empty() {
         bail!("the image check flags every validation image: nothing is left to calibrate on");
@@ -905,9 +906,61 @@ impl<'de> Deserialize<'de> for Ordered {
     }
 }
 
+/// What a validation set too small or too one-sided to place a threshold says about it (`acc`:
+/// each question's accuracy): a share measured on n questions is uncertain by up to ±1.96·√(¼/n)
+/// (95 %), and answers that are all wrong or all right show nothing of where they go wrong.
+fn thin_evidence(acc: &[f64]) -> Vec<String> {
+    let n = acc.len();
+    let mut warnings = Vec::new();
+    if n < MIN_CONFIDENT_QUESTIONS {
+        warnings.push(format!(
+            "the threshold rests on {n} validation question(s): the coverage and risk of new \
+             questions can differ from these by up to ±{:.0} points (95 %); calibrate on a few \
+             hundred questions like the ones to answer",
+            196.0 * (0.25 / n as f64).sqrt()
+        ));
+    }
+    if acc.iter().all(|&a| a == 0.0) {
+        warnings.push(
+            "no validation question was answered right: a threshold cannot tell right answers \
+             from wrong ones here (do the particles fit questions like these? train on such data)"
+                .to_string(),
+        );
+    } else if acc.iter().all(|&a| a >= 1.0) {
+        warnings.push(
+            "every validation question was answered right: these questions show nothing of where \
+             the answers go wrong, so the threshold is no guide on harder ones"
+                .to_string(),
+        );
+    }
+    warnings
+}
+
+/// Below this many validation questions, [`thin_evidence`] says how uncertain the threshold's
+/// coverage and risk are.
+const MIN_CONFIDENT_QUESTIONS: usize = 100;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thin_evidence_says_how_uncertain_a_small_or_one_sided_set_is() {
+        // 25 questions: 1.96·√(0.25/25) = 0.196, ±20 points; 400: none said.
+        let mixed = |n: usize| (0..n).map(|i| (i % 2) as f64).collect::<Vec<_>>();
+        let w = thin_evidence(&mixed(25));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("25 validation question(s)") && w[0].contains("±20 points"));
+        assert!(thin_evidence(&mixed(400)).is_empty());
+        let wrong = thin_evidence(&[0.0; 400]);
+        assert!(wrong.len() == 1 && wrong[0].contains("no validation question was answered right"));
+        let right = thin_evidence(&[1.0; 1]);
+        assert!(
+            right.len() == 2 && right[1].contains("every validation question was answered right")
+        );
+        // Partly right (VQA accuracy 0.3) is neither.
+        assert!(thin_evidence(&[0.3; 400]).is_empty());
+    }
 
     fn target(accuracy: &[f64], other: bool) -> Vec<f64> {
         Answered {
