@@ -475,53 +475,39 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
     assert_eq!(clip["answer"], "red", "{clip}");
     // A question too long for CLIP's 32 text positions with its answer is refused (cut on the
     // right, every answer scored alike and the reply contradicted its particle), not answered.
+    // `ask` run from `dir` with `options`, then the image and `question`: its error.
+    let ask_fails = |dir: &std::path::Path, options: &[&str], question: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .current_dir(dir)
+            .arg("ask")
+            .args(options)
+            .arg("--image")
+            .arg(repo(IMAGE))
+            .arg(question)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let here = repo(".");
     let long = format!("Is the shape {}red?", "really ".repeat(40));
-    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args(["ask", "--model", "demo:clip", "--image"])
-        .arg(repo(IMAGE))
-        .arg(&long)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("longer than the 32 tokens"),
-        "{err}"
-    );
+    let err = ask_fails(&here, &["--model", "demo:clip"], &long);
+    assert!(err.contains("longer than the 32 tokens"), "{err}");
     // `--adapters demo` names where the demo's particles are (they are used without it).
     let elsewhere = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .current_dir(elsewhere.path())
-        .args(["ask", "--adapters", "demo", "--image"])
-        .arg(repo(IMAGE))
-        .arg(QUESTION)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = ask_fails(elsewhere.path(), &["--adapters", "demo"], QUESTION);
     assert!(
-        !out.status.success()
-            && err.contains("the demo's particles are used when neither --model nor --adapters")
+        err.contains("the demo's particles are used when neither --model nor --adapters")
             && err.contains("particles/llava-ensemble"),
         "{err}"
     );
     // Sampling options mean nothing to a CLIP: refused, as --answers is on a LLaVA.
-    let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args([
-            "ask",
-            "--model",
-            "demo:clip",
-            "--temperature",
-            "0.7",
-            "--image",
-        ])
-        .arg(repo(IMAGE))
-        .arg(QUESTION)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("samples nothing"),
-        "{err}"
+    let err = ask_fails(
+        &here,
+        &["--model", "demo:clip", "--temperature", "0.7"],
+        QUESTION,
     );
+    assert!(err.contains("samples nothing"), "{err}");
     // A CLIP without candidate answers cannot answer anything: refused at load (a server
     // would otherwise say it is ready).
     let bare = bella_vqa::BellaVqa::load(
