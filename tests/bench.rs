@@ -2074,3 +2074,77 @@ fn calibrate_warns_when_ood_val_questions_are_validation_questions() {
     let w = warnings(world().join("ood-absent.jsonl"));
     assert!(!w.iter().any(|w| w.contains("--ood-val")), "{w:?}");
 }
+
+/// Answers that normalise to nothing are declined by ask and bench whatever their score, so
+/// calibrate counts them as declined too: the coverage it reports (and aims at) is the one bench
+/// then measures on the same questions (it counted them as answered: 100 % against 85 %).
+#[test]
+fn calibrate_counts_answers_that_say_nothing_as_declined() {
+    let tmp = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 200,
+        seed: 3,
+        ..ShapesOptions::new(&tmp.path().join("w"))
+    })
+    .unwrap();
+    let val = tmp.path().join("w/val.jsonl");
+    let adapters = tmp.path().join("particles");
+    std::fs::create_dir_all(&adapters).unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(particles().join(f), adapters.join(f)).unwrap();
+    }
+    let model = fixture("llava-tiny-hub");
+    // One new token: some of these random particles' answers are empty.
+    let (ok, out, err) = output(
+        bella()
+            .args(["calibrate", "--quiet", "--json", "--max-new-tokens", "1"])
+            .args(["--target-coverage", "0.5", "--no-image-check", "--model"])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(&val),
+    );
+    assert!(ok, "{err}");
+    let calibrated: Value = serde_json::from_str(&out).unwrap();
+    let (ok, _, err) = output(
+        bella()
+            .args([
+                "bench",
+                "--quiet",
+                "--max-new-tokens",
+                "1",
+                "--bootstrap",
+                "0",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(&val)
+            .arg("--out")
+            .arg(tmp.path().join("bench")),
+    );
+    assert!(ok, "{err}");
+    let samples: Vec<Value> = std::fs::read_to_string(tmp.path().join("bench/samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let empty = samples
+        .iter()
+        .filter(|s| {
+            bella_vqa::data::normalize::normalize_answer(s["answer"].as_str().unwrap()).is_empty()
+        })
+        .count();
+    assert!(empty > 0, "no empty answer: the case is not exercised");
+    let answered = samples.iter().filter(|s| s["abstained"] == false).count();
+    let coverage = answered as f64 / samples.len() as f64;
+    assert!(
+        (calibrated["coverage"].as_f64().unwrap() - coverage).abs() < 1e-9,
+        "calibrate {} against bench {coverage} ({empty} empty of {})",
+        calibrated["coverage"],
+        samples.len()
+    );
+}

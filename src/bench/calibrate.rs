@@ -361,6 +361,20 @@ fn facts_of(
     map: Option<&ConfidenceMap>,
     force_error: bool,
 ) -> Result<Vec<(Facts, f64)>> {
+    Ok(answers_of(answered, t, map, force_error)?
+        .into_iter()
+        .map(|(facts, acc, _)| (facts, acc))
+        .collect())
+}
+
+/// [`facts_of`], with whether each question's answer normalises to nothing ("", ".", "the"):
+/// `ask` and `bench` decline those whatever their score.
+fn answers_of(
+    answered: &[Answered],
+    t: f64,
+    map: Option<&ConfidenceMap>,
+    force_error: bool,
+) -> Result<Vec<(Facts, f64, bool)>> {
     answered
         .iter()
         .map(|a| {
@@ -372,6 +386,11 @@ fn facts_of(
                 map,
             )
             .map_err(anyhow::Error::msg)?;
+            let empty = a
+                .scored
+                .candidates
+                .get(agg.best)
+                .is_none_or(|c| crate::data::normalize::normalize_answer(c).is_empty());
             Ok((
                 facts,
                 if force_error {
@@ -379,6 +398,7 @@ fn facts_of(
                 } else {
                     a.accuracy[agg.best]
                 },
+                empty,
             ))
         })
         .collect()
@@ -482,10 +502,10 @@ pub fn calibrate(
             anyhow::anyhow!("--confidence-map: {why} (auto keeps no map then, or choose none)")
         })?;
     let map = confidence_map.as_ref();
-    let val_facts: Vec<Facts> = facts_of(&val, t, map, false)?
+    let (val_facts, val_empty): (Vec<Facts>, Vec<bool>) = answers_of(&val, t, map, false)?
         .into_iter()
-        .map(|(f, _)| f)
-        .collect();
+        .map(|(f, _, empty)| (f, empty))
+        .unzip();
     let mut pool_facts = val_facts.clone();
     let mut pool_acc = acc.clone();
     for (f, a) in facts_of(&ood, t, map, true)? {
@@ -522,6 +542,12 @@ pub fn calibrate(
         None => (None, None),
     };
     let val_flagged = flagged(image_check.as_ref(), &val)?;
+    // Declined whatever the threshold: an unfamiliar image, or an answer that says nothing.
+    let declined: Vec<bool> = val_flagged
+        .iter()
+        .zip(&val_empty)
+        .map(|(f, e)| *f || *e)
+        .collect();
     let ood_flagged = flagged(image_check.as_ref(), &ood)?;
     // The threshold is chosen on the questions the image check lets through (the others are
     // declined whatever their score). A coverage target stays a share of all questions: the
@@ -533,29 +559,51 @@ pub fn calibrate(
         warnings.push(why);
     }
     warnings.extend(thin_evidence(&acc));
-    let kept: Vec<usize> = (0..conf.len()).filter(|&i| !val_flagged[i]).collect();
+    let kept: Vec<usize> = (0..conf.len()).filter(|&i| !declined[i]).collect();
     if kept.is_empty() {
-        bail!("the image check flags every validation image: nothing is left to calibrate on");
+        bail!(
+            "every validation question is declined whatever the threshold (the image check \
+             flags its image, or its answer normalises to nothing): nothing is left to calibrate \
+             on"
+        );
     }
     let n = conf.len() as f64;
     let pairs: Vec<(f64, f64)> = kept.iter().map(|&i| (conf[i], acc[i])).collect();
     let objective = match (opts.objective, &image_check) {
-        (Objective::TargetCoverage(c), Some(check)) => {
-            let flagged = 1.0 - kept.len() as f64 / n;
-            let declined = check.expected_false_alarms().max(flagged);
-            // Coverage lost to the check that no threshold can win back (beyond rounding).
+        (Objective::TargetCoverage(c), check) => {
+            let check = check.as_ref();
+            let flagged = val_flagged.iter().filter(|f| **f).count() as f64 / n;
+            let empty = (0..conf.len())
+                .filter(|&i| val_empty[i] && !val_flagged[i])
+                .count() as f64
+                / n;
+            let alarms = check.map_or(0.0, |c| c.expected_false_alarms());
+            let declined = alarms.max(flagged) + empty;
+            // Coverage lost to the check and to empty answers that no threshold can win back
+            // (beyond rounding).
             if c > (1.0 - declined) + 1e-9 {
+                let check_part = check.map_or(String::new(), |check| {
+                    format!(
+                        "the image check is expected to decline {:.1} % of new questions like \
+                         these (it flags {:.1} % of the validation questions, and its \
+                         false-alarm rate is up to {}); ",
+                        alarms.max(flagged) * 100.0,
+                        flagged * 100.0,
+                        check.alpha
+                    )
+                });
                 bail!(
-                    "coverage {:.1} % cannot be met: the image check is expected to decline \
-                     {:.1} % of new questions like these (it flags {:.1} % of the validation \
-                     questions, and its false-alarm rate is up to {}), so at most {:.1} % can be \
-                     answered; lower --target-coverage, or choose a smaller --image-check-alpha (or \
-                     --no-image-check)",
+                    "coverage {:.1} % cannot be met: {check_part}{:.1} % of the validation \
+                     questions get an answer that normalises to nothing (declined whatever the \
+                     threshold); so at most {:.1} % can be answered; lower --target-coverage{}",
                     c * 100.0,
-                    declined * 100.0,
-                    flagged * 100.0,
-                    check.alpha,
-                    (1.0 - declined) * 100.0
+                    empty * 100.0,
+                    (1.0 - declined) * 100.0,
+                    if check.is_some() {
+                        ", or choose a smaller --image-check-alpha (or --no-image-check)"
+                    } else {
+                        ""
+                    }
                 );
             }
             Objective::TargetCoverage(c / (1.0 - declined))
@@ -573,8 +621,8 @@ pub fn calibrate(
     };
     let decisions: Vec<bool> = conf
         .iter()
-        .zip(&val_flagged)
-        .map(|(c, f)| !f && *c >= threshold)
+        .zip(&declined)
+        .map(|(c, d)| !d && *c >= threshold)
         .collect();
     let answered: Vec<f64> = acc
         .iter()
