@@ -143,7 +143,9 @@ impl std::fmt::Display for Refusal {
         write!(
             f,
             "no threshold meets risk {} with confidence 1 − {} on {} question{}: allow more risk \
-             (--target-risk), less confidence (--delta), or calibrate on more validation questions",
+             (--target-risk), less confidence (--delta), or calibrate on more validation questions \
+             (the test goes down from the most confident questions and stops at the first \
+             threshold it cannot certify: a few wrong answers among the most confident stop it)",
             self.alpha,
             self.delta,
             self.questions,
@@ -304,7 +306,9 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "no threshold meets risk 0.05 with confidence 1 − 0.1 on 3 questions: allow more risk \
-             (--target-risk), less confidence (--delta), or calibrate on more validation questions"
+             (--target-risk), less confidence (--delta), or calibrate on more validation questions \
+             (the test goes down from the most confident questions and stops at the first \
+             threshold it cannot certify: a few wrong answers among the most confident stop it)"
         );
     }
 }

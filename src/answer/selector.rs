@@ -545,8 +545,10 @@ pub fn fit_temperature(
     if hi - log_t < edge || as_low(hi) {
         return Err(format!(
             "the validation answers favour ever flatter probabilities (the fit ran to T = {}, \
-             the flattest it tries): no temperature in its range fits them; calibrate on \
-             questions the model gets both right and wrong (or --no-temperature)",
+             the flattest it tries): the particles are sure of answers that are often wrong, \
+             more than one temperature can correct, and their confidence is kept as it is \
+             (overconfident); a confidence map recalibrates it (--confidence-map platt or \
+             auto), or train the particles on questions like these",
             TEMPERATURE_RANGE.1
         ));
     }
@@ -774,5 +776,19 @@ mod tests {
             let e = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap_err();
             assert!(e.contains("sharper"), "{n} question(s): {e}");
         }
+    }
+
+    #[test]
+    fn answers_sure_and_mostly_wrong_run_to_the_flat_end_and_say_what_recalibrates_them() {
+        // Sure of the first answer, right on 1 question of 5 (the others' right answer is one
+        // the particles give almost nothing): no temperature in the range fits.
+        let sure = vec![vec![0.98, 0.01, 0.01]; 4];
+        let mut qs = vec![(sure.as_slice(), vec![0.0, 1.0, 0.0]); 4];
+        qs.push((sure.as_slice(), vec![1.0, 0.0, 0.0]));
+        let e = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap_err();
+        assert!(
+            e.contains("flatter") && e.contains("--confidence-map platt"),
+            "{e}"
+        );
     }
 }

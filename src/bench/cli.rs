@@ -733,7 +733,12 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             .iter()
             .map(|r| {
                 let brier = r.brier.map_or("—".into(), |b| format!("{b:.4}"));
-                let chosen = if r.map == shown { " ← chosen" } else { "" };
+                // Chosen on Brier only under auto; otherwise the one asked for.
+                let chosen = match (r.map == shown, args.confidence_map) {
+                    (false, _) => "",
+                    (true, crate::answer::confidence_map::MapChoice::Auto) => " ← chosen",
+                    (true, _) => " ← used (--confidence-map)",
+                };
                 format!("{} {brier}{chosen}", r.map)
             })
             .collect();
