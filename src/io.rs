@@ -438,12 +438,12 @@ pub fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
 pub type DirFiles<'a> = Vec<(&'a str, Vec<u8>)>;
 
 /// Several directories of one parent as one set (see [`write_dir_atomically`]): every one is
-/// written in full first; then a journal of the swap is written ([`SwapJournal`]), the old
-/// directories (those of `replace`, and any at the new ones' places) are renamed aside, each new
-/// one is renamed into place, the journal is removed, and only then are the old ones removed. A
-/// failure before the renames (a full disk) leaves what was there untouched; a stop during them
-/// leaves the journal, and the next [`OutputLock`] of the parent completes the swap, so the set
-/// is the old one or the new one, never a mix.
+/// written in full first; then a journal of the swap is written (`.bella-vqa.swap-PID`: what
+/// moves where), the old directories (those of `replace`, and any at the new ones' places) are
+/// renamed aside, each new one is renamed into place, the journal is removed, and only then are
+/// the old ones removed. A failure before the renames (a full disk) leaves what was there
+/// untouched; a stop during them leaves the journal, and the next [`OutputLock`] of the parent
+/// completes the swap, so the set is the old one or the new one, never a mix.
 pub fn write_dirs_atomically(dirs: &[(PathBuf, DirFiles)], replace: &[PathBuf]) -> Result<()> {
     let Some(parent) = dirs.first().and_then(|(d, _)| parent_of(d)) else {
         return Ok(());

@@ -2084,7 +2084,7 @@ fn calibrate_counts_answers_that_say_nothing_as_declined() {
     generate(&ShapesOptions {
         n: 200,
         seed: 3,
-        ..ShapesOptions::new(&tmp.path().join("w"))
+        ..ShapesOptions::new(tmp.path().join("w"))
     })
     .unwrap();
     let val = tmp.path().join("w/val.jsonl");
