@@ -423,6 +423,27 @@ fn an_unanswerable_validation_question_stops_train_before_it_starts() {
         "{err}"
     );
     assert!(!data.out().join(PARTICLES_FILE).exists());
+    // A prompt that fits but leaves no room for the evaluation's answer tokens is unfit too
+    // (decoding past the model's positions stopped the run just as well).
+    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
+    let len = |q: &str| p.encode_question(q, true, 25, None).unwrap().len();
+    let near = (1..200)
+        .map(|k| format!("What color is {}?", "the circle ".repeat(k)))
+        .find(|q| (249..=256).contains(&len(q)))
+        .expect("a question 1 to 7 tokens short of the positions");
+    let mut near_lines = good_lines();
+    near_lines.push(line("v8", &near, "images/square.png"));
+    let near_val = data.dir.path().join("near.jsonl");
+    std::fs::write(&near_val, near_lines.join("\n")).unwrap();
+    let err = fails(
+        train(&data, &["--eval-every", "1"])
+            .arg("--val")
+            .arg(&near_val),
+    );
+    assert!(
+        err.contains("\"v8\"") && err.contains("tokens of an answer at each evaluation"),
+        "{err}"
+    );
     succeeds(
         train(&data, &["--eval-every", "1", "--skip-bad"])
             .arg("--val")

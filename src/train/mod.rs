@@ -174,6 +174,9 @@ pub const LOG_FILE: &str = "train_log.jsonl";
 /// The summary of a run in the output directory ([`TrainSummary`]).
 pub const SUMMARY_FILE: &str = "train_summary.json";
 
+/// The longest answer a particle generates to a validation question at each evaluation.
+const EVAL_MAX_NEW_TOKENS: usize = 8;
+
 /// What a run does with a set of questions, which decides what it needs of each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -200,9 +203,21 @@ pub fn take_unfit(
                 let image_tokens = m.config().image_tokens_per_image();
                 match role {
                     Role::Training => encode_training(prompter, image_tokens, ex).map(drop),
-                    Role::Validation => prompter
-                        .encode_question(&ex.question, true, image_tokens, None)
-                        .map(drop),
+                    Role::Validation => {
+                        let prompt = prompter
+                            .encode_question(&ex.question, true, image_tokens, None)?
+                            .len();
+                        let positions = m.config().text_config.max_position_embeddings;
+                        if prompt + EVAL_MAX_NEW_TOKENS > positions {
+                            bail!(
+                                "the prompt is {prompt} tokens long: with the {EVAL_MAX_NEW_TOKENS} \
+                                 tokens of an answer at each evaluation, more than the model's \
+                                 {positions} positions (max_position_embeddings): shorten the \
+                                 question"
+                            );
+                        }
+                        Ok(())
+                    }
                 }
             }
             Model::Clip(m) => {
@@ -1313,7 +1328,7 @@ impl<'a> Objective<'a> {
             }
             (Objective::Llava { stop, .. }, Model::Llava(m)) => {
                 let gen = GenerateOptions {
-                    max_new_tokens: 8,
+                    max_new_tokens: EVAL_MAX_NEW_TOKENS,
                     eos: stop.clone(),
                     sampling: Sampling::Greedy,
                 };
