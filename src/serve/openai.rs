@@ -549,6 +549,13 @@ impl ChatRequest {
             // Greedy: the default (the calibrated threshold assumes greedy answers).
             _ => None,
         };
+        // As OpenAI's API and vLLM: options of a stream for a reply that is none are a mistake.
+        if self.stream_options.is_some() && self.stream != Some(true) {
+            return Err(ApiError::invalid(
+                Some("stream_options"),
+                "stream_options is only allowed with \"stream\": true",
+            ));
+        }
         let bella = self.bella.unwrap_or_default();
         if let Some(t) = bella.threshold {
             if !(0.0..=1.0).contains(&t) {
@@ -1004,13 +1011,27 @@ mod tests {
             ("top_k", serde_json::json!(0)),
             ("min_p", serde_json::json!(0.0)),
             ("repetition_penalty", serde_json::json!(1.0)),
-            (
-                "stream_options",
-                serde_json::json!({"include_usage": true, "include_obfuscation": false}),
-            ),
+            ("stream_options", Value::Null),
         ] {
             parse(with(key, value)).unwrap_or_else(|e| panic!("{key}: {}", e.message));
         }
+        // Stream options with a stream; refused without one (as OpenAI's API and vLLM do).
+        let mut streamed = with(
+            "stream_options",
+            serde_json::json!({"include_usage": true, "include_obfuscation": false}),
+        );
+        streamed["stream"] = true.into();
+        parse(streamed).unwrap_or_else(|e| panic!("stream_options: {}", e.message));
+        let e = parse(with(
+            "stream_options",
+            serde_json::json!({"include_usage": true}),
+        ))
+        .unwrap_err();
+        assert!(
+            e.message.contains("only allowed with \"stream\": true"),
+            "{}",
+            e.message
+        );
         for (key, value) in [
             ("modalities", serde_json::json!(["text", "audio"])),
             ("reasoning_effort", serde_json::json!("high")),
