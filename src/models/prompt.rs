@@ -102,6 +102,24 @@ pub(crate) fn check_user_text(what: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// One CLIP text as ids with [`Prompter::clip_tokenizer`]'s `tk`; without `truncate`, a text
+/// longer than `max_len` is refused (see [`Prompter::encode_clip_batch`]).
+fn encode_clip_text(tk: &Tokenizer, t: &str, max_len: usize, truncate: bool) -> Result<Vec<u32>> {
+    check_user_text("text", t)?;
+    let e = tk
+        .encode(t, true)
+        .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+    if !truncate && !e.get_overflowing().is_empty() {
+        let shown: String = t.chars().take(120).collect();
+        let cut = if shown.len() < t.len() { "…" } else { "" };
+        bail!(
+            "{shown:?}{cut} is longer than the {max_len} tokens CLIP's text encoder reads, so its \
+             end would be cut off: shorten the question or the answer"
+        );
+    }
+    Ok(e.get_ids().to_vec())
+}
+
 /// A special token of the template and the character that stands in for it in the text
 /// tokenizer (see [`Prompter::encode_question`]).
 #[derive(Clone, Debug)]
@@ -1249,33 +1267,10 @@ impl Prompter {
         let pad = self.pad_id.ok_or_else(|| {
             anyhow!("the tokenizer has no pad token, so a batch cannot be padded")
         })?;
-        let mut tk = self.tokenizer.clone();
-        tk.with_truncation(Some(TruncationParams {
-            direction: TruncationDirection::Right,
-            max_length: max_len,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-        }))
-        .map_err(|e| anyhow!("cannot truncate to {max_len} tokens: {e}"))?;
-        // The texts are user text (questions and answers): special-token strings in them are text.
-        tk.set_encode_special_tokens(true);
+        let tk = self.clip_tokenizer(max_len)?;
         let encoded = texts
             .iter()
-            .map(|t| {
-                check_user_text("text", t)?;
-                let e = tk
-                    .encode(t.as_str(), true)
-                    .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
-                if !truncate && !e.get_overflowing().is_empty() {
-                    let shown: String = t.chars().take(120).collect();
-                    let cut = if shown.len() < t.len() { "…" } else { "" };
-                    bail!(
-                        "{shown:?}{cut} is longer than the {max_len} tokens CLIP's text encoder \
-                         reads, so its end would be cut off: shorten the question or the answer"
-                    );
-                }
-                Ok(e.get_ids().to_vec())
-            })
+            .map(|t| encode_clip_text(&tk, t, max_len, truncate))
             .collect::<Result<Vec<_>>>()?;
         let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(encoded.len());
@@ -1289,6 +1284,40 @@ impl Prompter {
             masks.push(mask);
         }
         Ok((ids, masks))
+    }
+
+    /// For each of `texts`, why CLIP's text encoder cannot read it whole (longer than `max_len`
+    /// tokens, or not acceptable user text), `None` when it can: one check of many texts (a
+    /// training set's), the tokenizer set up once.
+    pub fn clip_texts_unfit(
+        &self,
+        texts: &[String],
+        max_len: usize,
+    ) -> Result<Vec<Option<String>>> {
+        let tk = self.clip_tokenizer(max_len)?;
+        Ok(texts
+            .iter()
+            .map(|t| {
+                encode_clip_text(&tk, t, max_len, false)
+                    .err()
+                    .map(|e| format!("{e:#}"))
+            })
+            .collect())
+    }
+
+    /// The tokenizer as CLIP's texts are encoded: truncated to `max_len` tokens, special-token
+    /// strings in the texts (questions and answers: user text) read as text.
+    fn clip_tokenizer(&self, max_len: usize) -> Result<Tokenizer> {
+        let mut tk = self.tokenizer.clone();
+        tk.with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        }))
+        .map_err(|e| anyhow!("cannot truncate to {max_len} tokens: {e}"))?;
+        tk.set_encode_special_tokens(true);
+        Ok(tk)
     }
 
     /// Text of `ids` (as `tokenizer.decode`).

@@ -197,7 +197,19 @@ pub fn take_unfit(
     role: Role,
 ) -> Result<Vec<(String, String)>> {
     let prompter = loaded.prompter()?;
-    let fits = |ex: &VqaExample| -> Result<()> {
+    // CLIP: every question with its own answer, checked in one pass (the vocabulary's longest
+    // answer is checked with every question once the vocabulary is known).
+    let clip_unfit = match &loaded.model {
+        Model::Clip(m) => {
+            let texts: Vec<String> = examples
+                .iter()
+                .map(|ex| clip_prompt(&ex.question, &target_answer(ex).unwrap_or_default()))
+                .collect();
+            prompter.clip_texts_unfit(&texts, m.config().text_config.max_position_embeddings)?
+        }
+        Model::Llava(_) => Vec::new(),
+    };
+    let fits = |i: usize, ex: &VqaExample| -> Result<()> {
         match &loaded.model {
             Model::Llava(m) => {
                 let image_tokens = m.config().image_tokens_per_image();
@@ -220,26 +232,28 @@ pub fn take_unfit(
                     }
                 }
             }
-            Model::Clip(m) => {
+            Model::Clip(_) => {
                 crate::models::prompt::visible_question(&ex.question).context(
                     "the question is empty (blanks, control or invisible characters only)",
                 )?;
-                // Its own answer (the vocabulary's longest is checked with every question
-                // once the vocabulary is known).
-                let answer = target_answer(ex).unwrap_or_default();
-                let positions = m.config().text_config.max_position_embeddings;
-                prompter
-                    .encode_clip_batch(&[clip_prompt(&ex.question, &answer)], positions, false)
-                    .map(drop)
+                match clip_unfit.get(i).cloned().flatten() {
+                    Some(why) => bail!("{why}"),
+                    None => Ok(()),
+                }
             }
         }
     };
     let mut unfit = Vec::new();
-    examples.retain(|ex| match fits(ex) {
-        Ok(()) => true,
-        Err(e) => {
-            unfit.push((ex.question_id.clone(), format!("{e:#}")));
-            false
+    let mut i = 0;
+    examples.retain(|ex| {
+        let fit = fits(i, ex);
+        i += 1;
+        match fit {
+            Ok(()) => true,
+            Err(e) => {
+                unfit.push((ex.question_id.clone(), format!("{e:#}")));
+                false
+            }
         }
     });
     Ok(unfit)
@@ -1142,15 +1156,22 @@ impl<'a> Objective<'a> {
                     .max_by_key(|a| prompter.count_text_tokens(a).unwrap_or(usize::MAX))
                     .cloned()
                     .unwrap_or_default();
-                let questions = train
+                let questions: Vec<(&str, &VqaExample)> = train
                     .iter()
                     .map(|ex| ("training", ex))
-                    .chain(val.iter().map(|ex| ("validation (--val)", ex)));
-                for (kind, ex) in questions {
-                    let text = clip_prompt(&ex.question, &longest);
-                    prompter
-                        .encode_clip_batch(&[text], positions, false)
-                        .with_context(|| format!("{kind} question {}", ex.question_id))?;
+                    .chain(val.iter().map(|ex| ("validation (--val)", ex)))
+                    .collect();
+                let texts: Vec<String> = questions
+                    .iter()
+                    .map(|(_, ex)| clip_prompt(&ex.question, &longest))
+                    .collect();
+                let unfit = prompter.clip_texts_unfit(&texts, positions)?;
+                if let Some(((kind, ex), why)) = questions
+                    .iter()
+                    .zip(&unfit)
+                    .find_map(|(q, why)| Some((q, why.as_ref()?)))
+                {
+                    bail!("{kind} question {}: {why}", ex.question_id);
                 }
                 let targets = train
                     .iter()
