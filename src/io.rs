@@ -136,6 +136,15 @@ impl DiskFull {
     pub fn caused(e: &anyhow::Error) -> bool {
         e.chain().any(|c| c.is::<DiskFull>()) || is_disk_full(e)
     }
+
+    /// `e` with `advice` (what the rerun needs) around it when a full disk caused it.
+    pub fn advise(e: anyhow::Error, advice: &'static str) -> anyhow::Error {
+        if Self::caused(&e) {
+            e.context(advice)
+        } else {
+            e
+        }
+    }
 }
 
 /// The longest file name most file systems take (NAME_MAX).

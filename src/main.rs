@@ -486,11 +486,9 @@ impl VqaArgs {
         let answers = match &self.answers {
             Some(path) => Some(path.clone()),
             None => bella_vqa::demo::default_answers(demo, adapters.is_some())?,
-        };
-        let answers = match answers {
-            Some(path) => Some(bella_vqa::answer::read_answer_list(&path)?),
-            None => None,
-        };
+        }
+        .map(|path| bella_vqa::answer::read_answer_list(&path))
+        .transpose()?;
         Ok(VqaInputs {
             model: bella_vqa::answer::ModelInputs::check(
                 source,
@@ -708,14 +706,11 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Serve(args) => serve(cli, args)?,
         Command::Train(args) => run_train(cli, args).map_err(|e| {
-            if bella_vqa::io::DiskFull::caused(&e) {
-                e.context(
-                    "train ran out of disk space (once there is space, the same command with \
-                     --resume continues from its last checkpoint, checkpoints/ in --out)",
-                )
-            } else {
-                e
-            }
+            bella_vqa::io::DiskFull::advise(
+                e,
+                "train ran out of disk space (once there is space, the same command with \
+                 --resume continues from its last checkpoint, checkpoints/ in --out)",
+            )
         })?,
         Command::Data(DataCommand::Shapes {
             out,
@@ -737,14 +732,11 @@ fn run(cli: &Cli) -> Result<()> {
                     force: *force,
                 })
                 .map_err(|e| {
-                    if bella_vqa::io::DiskFull::caused(&e) {
-                        e.context(
-                            "data shapes ran out of disk space (once there is space, the same \
-                             command with --force replaces the incomplete set)",
-                        )
-                    } else {
-                        e
-                    }
+                    bella_vqa::io::DiskFull::advise(
+                        e,
+                        "data shapes ran out of disk space (once there is space, the same \
+                         command with --force replaces the incomplete set)",
+                    )
                 })?;
             if !cli.quiet {
                 for (split, count) in &summary.splits {
@@ -1060,7 +1052,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     }
     let val_data = match &args.val {
         Some(v) => {
-            let val = read_data(
+            let mut val = read_data(
                 v,
                 args.val_annotations.as_deref(),
                 args.val_images.as_deref(),
@@ -1072,7 +1064,6 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                 "in --val (for a VQAv2 or VizWiz file there, its annotations are \
                  --val-annotations and its images --val-images)",
             )?;
-            let mut val = val;
             leave_out_unfit(&loaded, &mut val, train::Role::Validation, v, skip)?;
             if val.iter().all(|e| e.answers.is_empty()) {
                 anyhow::bail!(

@@ -560,7 +560,9 @@ struct Selection {
     exclude: Option<Names>,
     /// With a list of target_modules matched by suffix: the layer indices it keeps.
     layers: Option<Vec<i64>>,
-    layers_pattern: Vec<String>,
+    /// Where a key's layer index is: the first numbered segment, after one of
+    /// `layers_pattern` if given (tried in order).
+    layer_index: Vec<fancy_regex::Regex>,
 }
 
 /// A regular expression matched against the whole key, or names matched exactly or as a suffix
@@ -632,7 +634,7 @@ impl Selection {
                 short(other)
             ),
         };
-        let layers_pattern = match get("layers_pattern") {
+        let layers_pattern: Vec<String> = match get("layers_pattern") {
             Value::Null => Vec::new(),
             Value::String(s) if s.is_empty() => Vec::new(),
             Value::String(s) => vec![s.clone()],
@@ -646,49 +648,52 @@ impl Selection {
                 short(other)
             ),
         };
-        Ok(Selection {
-            targets: Names::read("target_modules", get("target_modules"), what)?,
-            exclude: Names::read("exclude_modules", get("exclude_modules"), what)?,
-            layers,
-            layers_pattern,
-        })
-    }
-
-    /// Whether PEFT adapts the module `key` (as PEFT names it, without `base_model.model.`).
-    fn selects(&self, key: &str) -> Result<bool> {
-        if self.exclude.as_ref().is_some_and(|e| e.matches(key).0) {
-            return Ok(false);
-        }
-        let Some(targets) = &self.targets else {
-            return Ok(true);
-        };
-        let (found, exactly) = targets.matches(key);
-        let (Some(layers), Names::List(_), false, true) = (&self.layers, targets, exactly, found)
-        else {
-            return Ok(found);
-        };
-        // The first numbered segment (the layer index), after one of layers_pattern if given.
-        let patterns = if self.layers_pattern.is_empty() {
+        let patterns = if layers_pattern.is_empty() {
             vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
         } else {
-            self.layers_pattern
+            layers_pattern
                 .iter()
                 .map(|p| format!(r"^(?:^|.*?\.){p}\.(\d+)\."))
                 .collect()
         };
-        for p in patterns {
-            let re = fancy_regex::Regex::new(&p)
-                .with_context(|| format!("layers_pattern {p:?} is not a regular expression"))?;
-            if let Some(index) = re
-                .captures(key)
-                .ok()
-                .flatten()
-                .and_then(|c| c.get(1)?.as_str().parse::<i64>().ok())
-            {
-                return Ok(layers.contains(&index));
-            }
+        let layer_index = patterns
+            .iter()
+            .map(|p| {
+                fancy_regex::Regex::new(p).with_context(|| {
+                    format!("{what}: layers_pattern gives {p:?}, which is not a regular expression")
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Selection {
+            targets: Names::read("target_modules", get("target_modules"), what)?,
+            exclude: Names::read("exclude_modules", get("exclude_modules"), what)?,
+            layers,
+            layer_index,
+        })
+    }
+
+    /// Whether PEFT adapts the module `key` (as PEFT names it, without `base_model.model.`).
+    fn selects(&self, key: &str) -> bool {
+        if self.exclude.as_ref().is_some_and(|e| e.matches(key).0) {
+            return false;
         }
-        Ok(false)
+        let Some(targets) = &self.targets else {
+            return true;
+        };
+        let (found, exactly) = targets.matches(key);
+        let (Some(layers), Names::List(_), false, true) = (&self.layers, targets, exactly, found)
+        else {
+            return found;
+        };
+        self.layer_index
+            .iter()
+            .find_map(|re| {
+                re.captures(key)
+                    .ok()
+                    .flatten()
+                    .and_then(|c| c.get(1)?.as_str().parse::<i64>().ok())
+            })
+            .is_some_and(|index| layers.contains(&index))
     }
 }
 
@@ -706,7 +711,7 @@ fn check_selected(
     let mut modules = modules.to_vec();
     modules.sort();
     for key in &modules {
-        if !selection.selects(key)? {
+        if !selection.selects(key) {
             let shown = |k: &str| config.get(k).map_or("null".into(), short);
             bail!(
                 "{what}: the adapter holds factors of {key}, which its config does not select \

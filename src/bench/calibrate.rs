@@ -354,22 +354,9 @@ fn answer_all(
 }
 
 /// The facts of every answered question at temperature `t` and through `map`, with the accuracy
-/// of its answer (`force_error`: 0, a question that must be declined).
+/// of its answer (`force_error`: 0, a question that must be declined) and whether the answer
+/// normalises to nothing ("", ".", "the"): `ask` and `bench` decline those whatever their score.
 fn facts_of(
-    answered: &[Answered],
-    t: f64,
-    map: Option<&ConfidenceMap>,
-    force_error: bool,
-) -> Result<Vec<(Facts, f64)>> {
-    Ok(answers_of(answered, t, map, force_error)?
-        .into_iter()
-        .map(|(facts, acc, _)| (facts, acc))
-        .collect())
-}
-
-/// [`facts_of`], with whether each question's answer normalises to nothing ("", ".", "the"):
-/// `ask` and `bench` decline those whatever their score.
-fn answers_of(
     answered: &[Answered],
     t: f64,
     map: Option<&ConfidenceMap>,
@@ -495,20 +482,20 @@ pub fn calibrate(
     // The map is fitted to the model average's confidences; the selectors see them through it.
     let (val_conf, acc): (Vec<f64>, Vec<f64>) = facts_of(&val, t, None, false)?
         .into_iter()
-        .map(|(f, a)| (f.confidence, a))
+        .map(|(f, a, _)| (f.confidence, a))
         .unzip();
     let (confidence_map, confidence_maps) =
         confidence_map::choose(opts.confidence_map, &val_conf, &acc, FOLDS).map_err(|why| {
             anyhow::anyhow!("--confidence-map: {why} (auto keeps no map then, or choose none)")
         })?;
     let map = confidence_map.as_ref();
-    let (val_facts, val_empty): (Vec<Facts>, Vec<bool>) = answers_of(&val, t, map, false)?
+    let (val_facts, val_empty): (Vec<Facts>, Vec<bool>) = facts_of(&val, t, map, false)?
         .into_iter()
         .map(|(f, _, empty)| (f, empty))
         .unzip();
     let mut pool_facts = val_facts.clone();
     let mut pool_acc = acc.clone();
-    for (f, a) in facts_of(&ood, t, map, true)? {
+    for (f, a, _) in facts_of(&ood, t, map, true)? {
         pool_facts.push(f);
         pool_acc.push(a);
     }
@@ -578,10 +565,10 @@ pub fn calibrate(
                 .count() as f64
                 / n;
             let alarms = check.map_or(0.0, |c| c.expected_false_alarms());
-            let declined = alarms.max(flagged) + empty;
+            let lost = alarms.max(flagged) + empty;
             // Coverage lost to the check and to empty answers that no threshold can win back
             // (beyond rounding).
-            if c > (1.0 - declined) + 1e-9 {
+            if c > (1.0 - lost) + 1e-9 {
                 let check_part = check.map_or(String::new(), |check| {
                     format!(
                         "the image check is expected to decline {:.1} % of new questions like \
@@ -598,7 +585,7 @@ pub fn calibrate(
                      threshold); so at most {:.1} % can be answered; lower --target-coverage{}",
                     c * 100.0,
                     empty * 100.0,
-                    (1.0 - declined) * 100.0,
+                    (1.0 - lost) * 100.0,
                     if check.is_some() {
                         ", or choose a smaller --image-check-alpha (or --no-image-check)"
                     } else {
@@ -606,7 +593,7 @@ pub fn calibrate(
                     }
                 );
             }
-            Objective::TargetCoverage(c / (1.0 - declined))
+            Objective::TargetCoverage(c / (1.0 - lost))
         }
         (other, _) => other,
     };

@@ -501,10 +501,11 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         adapters: args.adapters.clone(),
         answers_file,
     };
-    let answers = match &spec.answers_file {
-        Some(p) => Some(crate::answer::read_answer_list(p)?),
-        None => None,
-    };
+    let answers = spec
+        .answers_file
+        .as_deref()
+        .map(crate::answer::read_answer_list)
+        .transpose()?;
     let load = LoadOptions {
         hub,
         compute: args.compute.options(),
