@@ -22,11 +22,15 @@ impl StdoutError {
 }
 
 /// Writes a status line to standard error (a line, as `eprintln!`); a failed write is dropped.
+/// Control characters other than line breaks and tabs are escaped ([`on_terminal`](crate::console::on_terminal)): a status
+/// line quotes paths and inputs, and a file named with an escape sequence must not drive the
+/// terminal that shows the message.
 #[macro_export]
 macro_rules! note {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let line = format!($($arg)*);
+        let _ = writeln!(std::io::stderr(), "{}", $crate::console::on_terminal(&line));
     }};
 }
 
@@ -44,12 +48,23 @@ macro_rules! out {
 /// backspace, which a model can generate and a terminal would act on) written as Rust escapes
 /// (`\u{1b}`), everything else as it is.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    escape(text, char::is_control)
+}
+
+/// `text` as a status line may show it: as [`printable`], but line breaks and tabs kept (a
+/// message may span lines on purpose).
+pub fn on_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    escape(text, |c| c.is_control() && c != '\n' && c != '\t')
+}
+
+/// `text` with the characters `escaped` picks written as Rust escapes.
+fn escape(text: &str, escaped: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(&escaped) {
         return text.into();
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if escaped(c) {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()
@@ -61,7 +76,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{on_terminal, printable};
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {
@@ -74,5 +89,13 @@ mod tests {
             printable("plain ✓"),
             std::borrow::Cow::Borrowed("plain ✓")
         ));
+    }
+
+    #[test]
+    fn status_lines_keep_their_line_breaks_and_escape_the_rest() {
+        assert_eq!(
+            on_terminal("cannot read /tmp/a\u{1b}]0;pwned\u{7}.png\n  hint:\tuse PNG\r"),
+            "cannot read /tmp/a\\u{1b}]0;pwned\\u{7}.png\n  hint:\tuse PNG\\r"
+        );
     }
 }

@@ -306,7 +306,7 @@ fn answer_all(
         threshold: Some(crate::answer::UNCALIBRATED_THRESHOLD),
     };
     let pb = super::progress_bar(set.record.selected, opts.progress);
-    pb.set_message(set.record.split.clone());
+    pb.set_message(crate::console::on_terminal(&set.record.split).into_owned());
     let mut answered = Vec::with_capacity(set.record.selected);
     // Bad records the read left out count as skipped, and are said.
     if let Some(first) = set.skipped.first() {

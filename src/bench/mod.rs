@@ -793,7 +793,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                 break;
             }
             let example = &set.examples[*k];
-            pb.set_message(set.record.split.clone());
+            pb.set_message(crate::console::on_terminal(&set.record.split).into_owned());
             let answer = read_image_file(&example.image).and_then(|bytes| {
                 let name = example.image.display().to_string();
                 let image = decode_image(&bytes, &name, MAX_IMAGE_PIXELS)?;
