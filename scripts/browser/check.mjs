@@ -115,6 +115,25 @@ try {
   check("a late answer is said to be about the previous image", /about the previous image/.test(late.status) && late.stale, JSON.stringify(late));
   await page.unroute("**/v1/chat/completions", slow);
 
+  // Cancel: a slow answer can be given up; the page is ready for the next question at once.
+  const slower = async (route) => { await new Promise((r) => setTimeout(r, 3000)); return route.continue().catch(() => {}); };
+  await page.route("**/v1/chat/completions", slower);
+  await page.click("#ask");
+  await page.waitForFunction(() => !document.getElementById("cancel").hidden);
+  await page.click("#cancel");
+  await page.waitForFunction(() => document.getElementById("status").dataset.state !== "busy", null, { timeout: 10_000 });
+  const cancelled = await page.evaluate(() => ({
+    state: document.getElementById("status").dataset.state,
+    status: document.getElementById("status").textContent,
+    error: document.getElementById("error").hidden ? "" : document.getElementById("error").textContent,
+    askEnabled: !document.getElementById("ask").disabled,
+    cancelHidden: document.getElementById("cancel").hidden,
+    focus: document.activeElement && document.activeElement.id,
+  }));
+  check("Cancel gives up a slow answer without an error", cancelled.state === "idle" && /Cancelled/.test(cancelled.status) && !cancelled.error
+    && cancelled.askEnabled && cancelled.cancelHidden && cancelled.focus === "ask", JSON.stringify(cancelled));
+  await page.unroute("**/v1/chat/completions", slower);
+
   console.log("photograph: eval/demo/photo-cat.png");
   const b = await ask("eval/demo/photo-cat.png", "What color is the circle?", "not-sure.png");
   console.log("  page shows:", JSON.stringify(b));
