@@ -516,7 +516,8 @@ impl VqaArgs {
         }
     }
 
-    /// The id a server gives the model: the demo's name, a hub id, or a directory's name.
+    /// The id a server gives the model: the demo's name, a hub id without its revision (as
+    /// vLLM names a model), or a directory's name.
     fn served_name(&self) -> String {
         match self.model_name().ok().flatten().as_deref() {
             None => "bella-vqa-demo".into(),
@@ -524,6 +525,9 @@ impl VqaArgs {
                 "bella-vqa-demo".into()
             }
             Some(m) => {
+                if let Some((repo_id, _)) = bella_vqa::hub::split_hub_id(m) {
+                    return repo_id.into();
+                }
                 let path = std::path::Path::new(m);
                 match (path.is_dir(), path.file_name()) {
                     (true, Some(name)) => name.to_string_lossy().into_owned(),

@@ -1417,6 +1417,128 @@ fn a_hub_base_exports_as_peft_names_it_and_round_trips() {
 }
 
 #[test]
+fn particles_trained_on_a_hub_branch_load_its_commit_after_the_branch_moves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, commit) = hub_cache_with_tiny_llava(tmp.path());
+    let repo = home.join("hub").join("models--acme--llava-tiny");
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(fixture("images/square.png"), images.join("square.png")).unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        json!({"question_id": "q1", "image": "images/square.png",
+               "question": "What color is the circle?", "answers": ["red"]})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        bella()
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(tmp.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "train",
+        "-q",
+        "--model",
+        "acme/llava-tiny",
+        "--data",
+        "train.jsonl",
+        "--out",
+        "set",
+        "--particles",
+        "2",
+        "--rank",
+        "2",
+        "--max-steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ask = || {
+        run(&[
+            "ask",
+            "-q",
+            "--json",
+            "--adapters",
+            "set",
+            "--image",
+            "images/square.png",
+            "What color is the circle?",
+        ])
+    };
+    let before = ask();
+    assert!(
+        before.status.success(),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+
+    // `main` moves on to other weights (the v5 copy): the particles still load the commit they
+    // were trained on, as a pinned revision does in transformers, and answer as before.
+    const NEWER: &str = "fedcba9876543210fedcba9876543210fedcba98";
+    let newer = repo.join("snapshots").join(NEWER);
+    std::fs::create_dir_all(&newer).unwrap();
+    for entry in std::fs::read_dir(fixture("llava-tiny-v5")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, newer.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(repo.join("refs").join("main"), NEWER).unwrap();
+    let after = ask();
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert_eq!(before.stdout, after.stdout);
+
+    // Served, the model is named by its hub id alone (as vLLM names it), not `id@commit`.
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .current_dir(tmp.path())
+        .args(["serve", "--port", "0", "--adapters", "set"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let url = std::io::BufRead::lines(stderr)
+        .map_while(Result::ok)
+        .find_map(|line| Some(line.strip_prefix("listening on ")?.to_string()));
+    let models = url.map(|url| {
+        ureq::get(&format!("{url}/v1/models"))
+            .call()
+            .and_then(|mut r| r.body_mut().read_to_string())
+    });
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let models: serde_json::Value = serde_json::from_str(&models.unwrap().unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], "acme/llava-tiny", "{models}");
+
+    // Put onto `main` on purpose, they are refused with the base to pass.
+    let o = run(&[
+        "ask",
+        "-q",
+        "--model",
+        "acme/llava-tiny",
+        "--adapters",
+        "set",
+        "--image",
+        "images/square.png",
+        "What color is the circle?",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains(&format!("--model acme/llava-tiny@{commit}")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_hub_adapter_id_is_read_from_the_hub_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let (home, commit) = hub_cache_with_tiny_llava(tmp.path());

@@ -451,8 +451,9 @@ pub enum TemperatureObjective {
 ///
 /// Refused, saying why, when no question is left, or when the fit runs to an end of the range
 /// (the optimum is at it, or the loss at the end is as low as at the optimum: a flat minimum):
-/// the validation answers then favour ever sharper (all right) or ever flatter (all wrong)
-/// probabilities, and a temperature there only makes every confidence 1 or every one alike.
+/// the validation answers then favour ever sharper (all right) or ever flatter (the right
+/// answers less likely than an even spread: all wrong, or right and unsure) probabilities, and a
+/// temperature there only makes every confidence 1 or every one alike.
 pub fn fit_temperature(
     questions: &[(&[Vec<f64>], Vec<f64>)],
     other: bool,
@@ -545,11 +546,17 @@ pub fn fit_temperature(
     if hi - log_t < edge || as_low(hi) {
         return Err(format!(
             "the validation answers favour ever flatter probabilities (the fit ran to T = {}, \
-             the flattest it tries): the particles are sure of answers that are often wrong, \
-             more than one temperature can correct, and their confidence is kept as it is \
-             (overconfident); a confidence map recalibrates it (--confidence-map platt or \
-             auto), or train the particles on questions like these",
-            TEMPERATURE_RANGE.1
+             the flattest it tries): the particles give the right answers less probability \
+             than an even spread over their candidates{} would (sure of wrong answers, or \
+             unsure of right ones), which no temperature corrects, and their confidence is kept \
+             as it is; a confidence map recalibrates it (--confidence-map platt or auto), or \
+             train the particles on questions like these",
+            TEMPERATURE_RANGE.1,
+            if other {
+                " and \"any other answer\""
+            } else {
+                ""
+            }
         ));
     }
     Ok(log_t.exp())
@@ -788,6 +795,18 @@ mod tests {
         let e = fit_temperature(&qs, false, TemperatureObjective::Answers).unwrap_err();
         assert!(
             e.contains("flatter") && e.contains("--confidence-map platt"),
+            "{e}"
+        );
+        // Always right but unsure, most of the mass on LLaVA's other-answer column: flattening
+        // raises the answer's share towards an even 1/2, to the flat end. The message must not
+        // call these answers wrong.
+        let unsure = vec![vec![0.43, 0.57]; 4];
+        let qs = vec![(unsure.as_slice(), vec![1.0, 0.0]); 30];
+        let e = fit_temperature(&qs, true, TemperatureObjective::Answers).unwrap_err();
+        assert!(
+            e.contains("flatter")
+                && e.contains("unsure of right ones")
+                && e.contains("\"any other answer\""),
             "{e}"
         );
     }

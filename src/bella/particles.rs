@@ -49,13 +49,17 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// The model as a `--model` argument: the source, with the revision as `@revision` for a
-    /// hub id (the revision kept apart wins over an `@rev` in the name, as PEFT keeps `revision`
-    /// apart from `base_model_name_or_path`).
+    /// The model as a `--model` argument: for a hub id, the id at the commit the particles were
+    /// trained on (a branch moves on, and its new weights are not the ones the particles fit),
+    /// else at the revision kept apart (which wins over an `@rev` in the name, as PEFT keeps
+    /// `revision` apart from `base_model_name_or_path`); a directory as it is.
     pub fn model_arg(&self) -> String {
-        match (&self.revision, crate::hub::split_hub_id(&self.source)) {
-            (Some(r), Some((repo_id, _))) => format!("{repo_id}@{r}"),
-            _ => self.source.clone(),
+        let Some((repo_id, _)) = crate::hub::split_hub_id(&self.source) else {
+            return self.source.clone();
+        };
+        match self.commit.as_ref().or(self.revision.as_ref()) {
+            Some(pinned) => format!("{repo_id}@{pinned}"),
+            None => self.source.clone(),
         }
     }
 }
@@ -79,8 +83,9 @@ pub struct Abstention {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     /// The map from the model average's confidence (after the temperature) to the confidence
-    /// shown and scored (`None`: as it is). Strictly increasing: it changes no answer, ranking or
-    /// abstention.
+    /// shown and scored (`None`: as it is). Strictly increasing: it changes no answer, nor a
+    /// ranking under the confidence selector; the risk-averse and learned selectors read the
+    /// mapped confidence (and were fitted on it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_map: Option<ConfidenceMap>,
     /// The finite-sample guarantee the threshold carries, if it was chosen with one.
@@ -450,7 +455,7 @@ impl ParticleSet {
                 .all(|((n, b), e)| *n == e.name && *b == e.bytes);
         if !same_sizes || hash_weights(files)? != *expected {
             return Err(crate::error::ParticleError::BaseMismatch {
-                particles: config.base_model.source.clone(),
+                particles: config.base_model.model_arg(),
                 base: files.dir.clone(),
             }
             .into());
@@ -498,5 +503,44 @@ mod threshold_tests {
         assert!(!stored_threshold_in_range(1.0 + 1e-9));
         assert!(!stored_threshold_in_range(-0.1));
         assert!(!stored_threshold_in_range(f64::NAN));
+    }
+}
+
+#[cfg(test)]
+mod base_model_tests {
+    use super::BaseModel;
+
+    fn base(source: &str, revision: Option<&str>, commit: Option<&str>) -> BaseModel {
+        BaseModel {
+            source: source.into(),
+            revision: revision.map(Into::into),
+            commit: commit.map(Into::into),
+            weights: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_hub_base_is_loaded_at_the_commit_the_particles_were_trained_on() {
+        let commit = "e468e24b5a2ad6a3b43e1b1e0d6bbd0d1f2c3a4b";
+        // `main` may have moved on since: the commit is what the particles fit.
+        assert_eq!(
+            base("llava-hf/llava-tiny", Some("main"), Some(commit)).model_arg(),
+            format!("llava-hf/llava-tiny@{commit}")
+        );
+        // No commit recorded (an imported PEFT adapter that named a revision only).
+        assert_eq!(
+            base("llava-hf/llava-tiny@v1", Some("v2"), None).model_arg(),
+            "llava-hf/llava-tiny@v2"
+        );
+        assert_eq!(
+            base("llava-hf/llava-tiny", None, None).model_arg(),
+            "llava-hf/llava-tiny"
+        );
+        // A directory or the demo is taken as it is.
+        assert_eq!(
+            base("/models/llava", Some("main"), Some(commit)).model_arg(),
+            "/models/llava"
+        );
+        assert_eq!(base("demo", None, Some(commit)).model_arg(), "demo");
     }
 }

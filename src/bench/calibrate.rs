@@ -3,7 +3,7 @@
 //! a threshold, the `abstention_history` list that keeps the old one; the rest of the file is
 //! kept as it was, key order included).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -272,6 +272,8 @@ struct Answered {
     scored: Scored,
     accuracy: Vec<f64>,
     image: PathBuf,
+    /// The question's image and text ([`crate::data::seen::key`]): a copy answers as the first.
+    key: u64,
 }
 
 impl Answered {
@@ -332,6 +334,7 @@ fn answer_all(
                     scored,
                     accuracy,
                     image: example.image.clone(),
+                    key: crate::data::seen::key(example),
                 });
             }
             Err(e) => {
@@ -452,6 +455,13 @@ pub fn calibrate(
         None => None,
     };
     let mut warnings = Vec::new();
+    if let Some(seen) = training_questions.filter(|&n| n > 0) {
+        warnings.push(crate::data::seen::warning(
+            seen,
+            set.record.selected,
+            "validation questions",
+        ));
+    }
     if let (Some(input), Some(ood)) = (&opts.ood_val, &ood_set) {
         warnings.extend(ood_in_val(&opts.data, &set, input, ood));
     }
@@ -546,6 +556,8 @@ pub fn calibrate(
         warnings.push(why);
     }
     warnings.extend(thin_evidence(&acc));
+    let keys: Vec<u64> = val.iter().map(|a| a.key).collect();
+    warnings.extend(repeated_questions(&keys));
     let kept: Vec<usize> = (0..conf.len()).filter(|&i| !declined[i]).collect();
     if kept.is_empty() {
         bail!(
@@ -599,9 +611,14 @@ pub fn calibrate(
     };
     let (threshold, guarantee) = match (objective, opts.guarantee) {
         (Objective::TargetRisk(alpha), Guarantee::Ltt { delta }) => {
-            let (kept_conf, loss): (Vec<f64>, Vec<f64>) =
-                pairs.iter().map(|&(c, a)| (c, 1.0 - a)).unzip();
-            let g = crate::guarantee::learn_then_test(&kept_conf, &loss, alpha, delta)?;
+            let (kept_conf, loss) = once_per_question(&kept, &keys, &conf, &acc);
+            let g = crate::guarantee::learn_then_test(&kept_conf, &loss, alpha, delta).map_err(
+                |refusal| {
+                    // What explains a refusal (too few questions, copies) is said with it.
+                    let said: String = warnings.iter().map(|w| format!("\n  ({w})")).collect();
+                    anyhow::anyhow!("{refusal}{said}")
+                },
+            )?;
             (g.threshold, Some(g.guarantee))
         }
         (objective, _) => (objective.choose(&pairs)?, None),
@@ -731,6 +748,45 @@ fn ood_in_val(
             val_input.path.display()
         )
     })
+}
+
+/// Says so when validation questions repeat (the same image and question, `keys`): the particles
+/// answer a copy as they answered the first, so it adds no evidence.
+fn repeated_questions(keys: &[u64]) -> Option<String> {
+    let distinct = keys.iter().collect::<HashSet<_>>().len();
+    let copies = keys.len() - distinct;
+    (copies > 0).then(|| {
+        format!(
+            "{copies} of the {} validation questions repeat another one (the same image and \
+             question): the particles answer a copy as they answered the first, so it adds no \
+             evidence; a risk guarantee counts each question once ({distinct}), an empirical \
+             threshold weighs the copies as more questions",
+            keys.len()
+        )
+    })
+}
+
+/// The scores and losses (1 − accuracy) of the validation questions `kept`, each distinct
+/// question (`keys`: image and text) once, with its copies' mean score and loss: Learn then Test
+/// assumes exchangeable draws, and a copy is the same draw again.
+fn once_per_question(
+    kept: &[usize],
+    keys: &[u64],
+    conf: &[f64],
+    acc: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut slot: HashMap<u64, usize> = HashMap::new();
+    // (score sum, loss sum, copies) per distinct question, in order of first appearance.
+    let mut sums: Vec<(f64, f64, f64)> = Vec::new();
+    for &i in kept {
+        let at = *slot.entry(keys[i]).or_insert_with(|| {
+            sums.push((0.0, 0.0, 0.0));
+            sums.len() - 1
+        });
+        let s = &mut sums[at];
+        *s = (s.0 + conf[i], s.1 + 1.0 - acc[i], s.2 + 1.0);
+    }
+    sums.into_iter().map(|(c, l, n)| (c / n, l / n)).unzip()
 }
 
 /// Says so when `selector` gives every validation question the same score (`conf`): the threshold
@@ -997,6 +1053,41 @@ mod tests {
         assert!(thin_evidence(&[0.3; 400]).is_empty());
     }
 
+    #[test]
+    fn copies_of_a_question_are_one_draw_for_the_guarantee() {
+        // 60 distinct questions, 7 of them wrong, spread over the scores.
+        let conf: Vec<f64> = (0..60).map(|i| 1.0 - i as f64 / 100.0).collect();
+        let acc: Vec<f64> = (0..60).map(|i| f64::from(i % 8 != 5)).collect();
+        let keys: Vec<u64> = (0..60).collect();
+        let all: Vec<usize> = (0..60).collect();
+        assert_eq!(repeated_questions(&keys), None);
+        let (c, l) = once_per_question(&all, &keys, &conf, &acc);
+        assert!(crate::guarantee::learn_then_test(&c, &l, 0.25, 0.1).is_err());
+
+        // The same questions twice: counted as 120, they would be certified; counted once, the
+        // data say what they said before.
+        let twice = |v: &[f64]| [v, v].concat();
+        let (conf2, acc2) = (twice(&conf), twice(&acc));
+        let keys2: Vec<u64> = [keys.clone(), keys.clone()].concat();
+        let all2: Vec<usize> = (0..120).collect();
+        let naive: Vec<f64> = acc2.iter().map(|a| 1.0 - a).collect();
+        assert!(crate::guarantee::learn_then_test(&conf2, &naive, 0.25, 0.1).is_ok());
+        let (c2, l2) = once_per_question(&all2, &keys2, &conf2, &acc2);
+        assert_eq!((c2.as_slice(), l2.as_slice()), (c.as_slice(), l.as_slice()));
+        let said = repeated_questions(&keys2).unwrap();
+        assert!(
+            said.starts_with("60 of the 120 validation questions repeat"),
+            "{said}"
+        );
+
+        // Copies graded apart (other human answers) give their mean loss; only kept ones count.
+        let (c3, l3) =
+            once_per_question(&[0, 1, 2], &[7, 9, 7], &[0.8, 0.6, 0.8], &[1.0, 0.0, 0.0]);
+        assert_eq!((c3, l3), (vec![0.8, 0.6], vec![0.5, 1.0]));
+        let (_, l4) = once_per_question(&[1, 2], &[7, 9, 7], &[0.8, 0.6, 0.8], &[1.0, 0.0, 0.0]);
+        assert_eq!(l4, vec![1.0, 1.0]);
+    }
+
     fn target(accuracy: &[f64], other: bool) -> Vec<f64> {
         Answered {
             scored: Scored {
@@ -1010,6 +1101,7 @@ mod tests {
             },
             accuracy: accuracy.to_vec(),
             image: PathBuf::new(),
+            key: 0,
         }
         .target()
     }

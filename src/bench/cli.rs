@@ -309,7 +309,9 @@ pub struct CalibrateArgs {
     /// The map from the model average's confidence (after the temperature) to the confidence
     /// shown and scored: none, auto (the lowest cross-fitted Brier score on the validation
     /// questions, none included), platt (σ(a·logit c + b)) or isotonic (centered isotonic
-    /// regression). It changes no answer and no abstention; it calibrates the confidence on
+    /// regression). It changes no answer, nor an abstention under the confidence, epistemic or
+    /// vote selectors (risk-averse and learned read the mapped confidence and are fitted on
+    /// it); it calibrates the confidence on
     /// questions like the validation ones and raises it on unlike ones it declines.
     #[arg(long, value_enum, default_value_t)]
     pub confidence_map: crate::answer::confidence_map::MapChoice,
@@ -678,16 +680,6 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         }),
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
-    if let Some(seen) = outcome.training_questions.filter(|&n| n > 0) {
-        crate::note!(
-            "warning: {}",
-            crate::data::seen::warning(
-                seen,
-                outcome.count + outcome.skipped,
-                "validation questions"
-            )
-        );
-    }
     for w in &outcome.warnings {
         crate::note!("warning: {w}");
     }
