@@ -331,7 +331,8 @@ pub struct HubOptions {
     /// cache only, never the network.
     pub offline: bool,
     /// Limit for connecting, for waiting for an answer and for each read while downloading
-    /// (`BELLA_HUB_TIMEOUT_SECS`, default 10 s). Zero means the default.
+    /// (`BELLA_HUB_TIMEOUT_SECS`, else the larger of huggingface_hub's `HF_HUB_ETAG_TIMEOUT` and
+    /// `HF_HUB_DOWNLOAD_TIMEOUT`, default 10 s). Zero means the default.
     pub timeout: Duration,
     /// Show an indicatif progress bar for large downloads.
     pub progress: bool,
@@ -411,8 +412,16 @@ impl HubOptions {
             .filter(|v| !v.is_empty())
             .or_else(|| get("TRANSFORMERS_OFFLINE"))
             .is_some_and(|v| is_truthy(&v));
+        // One timeout serves both of huggingface_hub's (metadata, downloads): the larger of
+        // those set, unless this program's own is.
         let timeout = get("BELLA_HUB_TIMEOUT_SECS")
             .and_then(|v| parse_timeout_secs(&v))
+            .or_else(|| {
+                ["HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"]
+                    .into_iter()
+                    .filter_map(|key| get(key).and_then(|v| parse_timeout_secs(&v)))
+                    .max()
+            })
             .unwrap_or(DEFAULT_TIMEOUT);
         let progress = !get("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| is_truthy(&v));
         HubOptions {
@@ -463,8 +472,11 @@ fn parse_timeout_secs(v: &str) -> Option<Duration> {
 pub enum HubError {
     /// No connection, DNS failure, timeout, or not an HTTP server.
     #[error(
-        "the hub at {endpoint} could not be reached ({cause}). {}",
-        offline_hint(cache_dir, *cached, *timed_out)
+        "the hub at {endpoint} could not be reached ({cause}){}",
+        match offline_hint(cache_dir, *cached, *timed_out) {
+            hint if hint.is_empty() => hint,
+            hint => format!(". {hint}"),
+        }
     )]
     Unreachable {
         endpoint: String,
@@ -554,6 +566,19 @@ pub enum HubError {
     /// A required file is missing.
     #[error("required file {file} is missing in {location}")]
     MissingFile { file: String, location: String },
+    /// The connection broke while a file was coming (after the hub had answered).
+    #[error(
+        "the download of {what} from {endpoint} broke off after {bytes} bytes ({cause}){}",
+        if *kept { "; what came is kept: run again to resume it" } else { "; run again" }
+    )]
+    BrokeOff {
+        endpoint: String,
+        what: String,
+        bytes: u64,
+        cause: String,
+        /// The partial file is kept (`blobs/{etag}.incomplete`) and resumed by the next run.
+        kept: bool,
+    },
     /// A transfer ran past its overall deadline (a server that trickles bytes).
     #[error(
         "the hub at {endpoint} sent {what} too slowly: {bytes} bytes in {seconds:.0} s, past the \
@@ -582,7 +607,9 @@ impl HubError {
     /// that something is not there or not allowed.
     pub fn is_down(&self) -> bool {
         match self {
-            HubError::Unreachable { .. } => true,
+            HubError::Unreachable { .. } | HubError::BrokeOff { .. } | HubError::TooSlow { .. } => {
+                true
+            }
             HubError::Http { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
@@ -596,6 +623,8 @@ impl HubError {
         matches!(
             self,
             HubError::Unreachable { .. }
+                | HubError::BrokeOff { .. }
+                | HubError::TooSlow { .. }
                 | HubError::Http { .. }
                 | HubError::RepoNotFound { .. }
                 | HubError::AccessDenied { .. }
@@ -615,20 +644,20 @@ impl HubError {
     }
 }
 
+/// What to do about a hub that cannot be reached. A model already in the cache is used then,
+/// with this error as the warning (and nothing to do); one that is not cannot be used offline.
 fn offline_hint(cache_dir: &Path, cached: bool, timed_out: bool) -> String {
-    let cached = if cached {
-        " (this model is already there)"
-    } else {
-        ""
-    };
     let slow = if timed_out {
         " On a slow connection, raise the timeout with BELLA_HUB_TIMEOUT_SECS."
     } else {
         ""
     };
+    if cached {
+        return slow.trim_start().to_string();
+    }
     format!(
-        "To work offline, pass --offline or set HF_HUB_OFFLINE=1 to use the models in the cache \
-         at {}{cached}, or pass a local model directory.{slow}",
+        "The model is not in the cache at {} yet, so it cannot be used offline either: check \
+         the network (or HF_ENDPOINT), or pass a local model directory.{slow}",
         cache_dir.display()
     )
 }
@@ -1117,6 +1146,16 @@ struct Fetched {
     size: Option<u64>,
     /// A redirect left unfollowed because the blob is already cached.
     skipped: bool,
+    /// The byte the CDN was asked to start at (`Range`), for a download cut off before.
+    resume_from: u64,
+}
+
+/// What the cache holds of a blob, as [`Client::fetch`] asks once the hub has named it.
+enum Cached {
+    Whole,
+    /// `blobs/{etag}.incomplete`: this many bytes of a download cut off before.
+    Part(u64),
+    Nothing,
 }
 
 struct Client {
@@ -1162,7 +1201,7 @@ impl Client {
 
     fn unreachable(&self, cause: String, timed_out: bool) -> HubError {
         HubError::Unreachable {
-            endpoint: self.endpoint.clone(),
+            endpoint: redact(&self.endpoint),
             cause,
             timed_out,
             cache_dir: self.cache_dir.clone(),
@@ -1173,6 +1212,15 @@ impl Client {
     /// Map a transport error to [`HubError::Unreachable`] with a readable cause.
     fn classify(&self, err: ureq::Error, what: &str) -> HubError {
         let secs = self.timeout.as_secs_f64();
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            return self.unreachable(
+                format!(
+                    "the endpoint {} is not an http:// or https:// URL (check HF_ENDPOINT)",
+                    redact(&self.endpoint)
+                ),
+                false,
+            );
+        }
         match err {
             ureq::Error::Timeout(which) => {
                 self.unreachable(format!("{what}: no answer within {secs} s ({which})"), true)
@@ -1195,8 +1243,12 @@ impl Client {
         }
     }
 
-    fn send(&self, url: &str) -> Result<ureq::http::Response<ureq::Body>, HubError> {
+    /// GET `url`, from byte `from` on when it is not 0 (`Range`, to resume a download).
+    fn send(&self, url: &str, from: u64) -> Result<ureq::http::Response<ureq::Body>, HubError> {
         let mut request = self.agent.get(url);
+        if from > 0 {
+            request = request.header("Range", format!("bytes={from}-"));
+        }
         if let Some(token) = &self.token {
             // The token goes to the hub only, never to the CDN it redirects to.
             if self.endpoint_origin.is_some() && url_origin(url) == self.endpoint_origin {
@@ -1205,45 +1257,54 @@ impl Client {
         }
         request
             .call()
-            .map_err(|e| self.classify(e, &format!("GET {url}")))
+            .map_err(|e| self.classify(e, &format!("GET {}", redact(url))))
     }
 
     /// GET with redirects followed by hand; the ETag/size come from the last hub response (one
-    /// with `X-Repo-Commit`), else from the final response. When `have_blob` says the hub's ETag
-    /// is already in the cache, the redirect (to the CDN) is not followed and the redirect
-    /// response is returned with `skipped` set.
+    /// with `X-Repo-Commit`), else from the final response. `cached` says what the cache holds
+    /// of the blob the hub names: a whole one, and the redirect (to the CDN) is not followed
+    /// (the redirect response is returned with `skipped` set); part of one, and the CDN is asked
+    /// for the rest (`resume_from`).
     fn fetch(
         &self,
         url: &str,
-        have_blob: Option<&dyn Fn(&str) -> bool>,
+        cached: Option<&dyn Fn(&str) -> Cached>,
     ) -> Result<Fetched, HubError> {
         let mut url = url.to_string();
         let mut etag = None;
         let mut size = None;
+        let mut resume_from = 0;
         for _ in 0..=MAX_REDIRECTS {
-            let response = self.send(&url)?;
+            let response = self.send(&url, resume_from)?;
             let headers = response.headers();
             if header(headers, "x-repo-commit").is_some() {
                 etag = header(headers, "x-linked-etag")
                     .or_else(|| header(headers, "etag"))
                     .map(|e| clean_etag(&e));
                 size = header(headers, "x-linked-size").and_then(|s| s.parse().ok());
-                if let (Some(have_blob), Some(etag)) = (have_blob, &etag) {
-                    if response.status().is_redirection() && is_safe_name(etag) && have_blob(etag) {
+                let held = match (cached, &etag) {
+                    (Some(cached), Some(etag)) if is_safe_name(etag) => cached(etag),
+                    _ => Cached::Nothing,
+                };
+                match held {
+                    Cached::Whole if response.status().is_redirection() => {
                         return Ok(Fetched {
                             response,
                             url,
-                            etag: Some(etag.clone()),
+                            etag,
                             size,
                             skipped: true,
+                            resume_from,
                         });
                     }
+                    Cached::Part(n) if response.status().is_redirection() => resume_from = n,
+                    _ => {}
                 }
             }
             if response.status().is_redirection() {
                 if let Some(location) = header(headers, "location") {
                     url = join_url(&url, &location).ok_or_else(|| HubError::InvalidResponse {
-                        url: url.clone(),
+                        url: redact(&url),
                         reason: format!("cannot follow the redirect to {location:?}"),
                     })?;
                     continue;
@@ -1260,6 +1321,7 @@ impl Client {
                 etag,
                 size,
                 skipped: false,
+                resume_from,
             });
         }
         Err(HubError::InvalidResponse {
@@ -1293,12 +1355,12 @@ impl Client {
                     HubError::RevisionNotFound {
                         repo_id: repo_id.to_string(),
                         revision: revision.to_string(),
-                        endpoint: self.endpoint.clone(),
+                        endpoint: redact(&self.endpoint),
                     }
                 } else {
                     HubError::RepoNotFound {
                         repo_id: repo_id.to_string(),
-                        endpoint: self.endpoint.clone(),
+                        endpoint: redact(&self.endpoint),
                         status,
                         authenticated,
                     }
@@ -1311,7 +1373,7 @@ impl Client {
             {
                 return Err(HubError::RepoNotFound {
                     repo_id: repo_id.to_string(),
-                    endpoint: self.endpoint.clone(),
+                    endpoint: redact(&self.endpoint),
                     status,
                     authenticated,
                 });
@@ -1319,7 +1381,7 @@ impl Client {
             401 | 403 => {
                 return Err(HubError::AccessDenied {
                     repo_id: repo_id.to_string(),
-                    endpoint: self.endpoint.clone(),
+                    endpoint: redact(&self.endpoint),
                     status,
                     authenticated,
                 })
@@ -1334,17 +1396,17 @@ impl Client {
             .limit(MAX_JSON_BYTES)
             .reader();
         let mut bytes = Vec::new();
-        self.read_within_deadline(&mut reader, &url, None, |chunk| {
+        self.read_within_deadline(&mut reader, &redact(&url), None, |chunk| {
             bytes.extend_from_slice(chunk);
             Ok::<(), HubError>(())
         })?;
         let text = String::from_utf8(bytes).map_err(|e| HubError::InvalidResponse {
-            url: url.clone(),
+            url: redact(&url),
             reason: format!("the answer is not UTF-8 ({e})"),
         })?;
         let info: ModelInfo =
             serde_json::from_str(&text).map_err(|e| HubError::InvalidResponse {
-                url: url.clone(),
+                url: redact(&url),
                 reason: format!("not the model info JSON expected ({e})"),
             })?;
         if !is_safe_name(&info.sha) {
@@ -1384,8 +1446,15 @@ impl Client {
             self.endpoint,
             encode(file, true)
         );
-        let have_blob = |etag: &str| repo.blob_path(etag).is_file();
-        let fetched = self.fetch(&url, Some(&have_blob))?;
+        let cached = |etag: &str| {
+            let blob = repo.blob_path(etag);
+            if blob.is_file() {
+                Cached::Whole
+            } else {
+                fs::metadata(partial_path(&blob)).map_or(Cached::Nothing, |m| Cached::Part(m.len()))
+            }
+        };
+        let fetched = self.fetch(&url, Some(&cached))?;
         let status = fetched.response.status().as_u16();
         match status {
             _ if fetched.skipped => {}
@@ -1395,14 +1464,14 @@ impl Client {
                     repo_id: repo_id.to_string(),
                     commit: commit.to_string(),
                     file: file.to_string(),
-                    endpoint: self.endpoint.clone(),
+                    endpoint: redact(&self.endpoint),
                 }
                 .into())
             }
             401 | 403 => {
                 return Err(HubError::AccessDenied {
                     repo_id: repo_id.to_string(),
-                    endpoint: self.endpoint.clone(),
+                    endpoint: redact(&self.endpoint),
                     status,
                     authenticated: self.token.is_some(),
                 }
@@ -1414,7 +1483,7 @@ impl Client {
             Some(etag) if is_safe_name(etag) => etag.clone(),
             other => {
                 return Err(HubError::InvalidResponse {
-                    url: fetched.url,
+                    url: redact(&fetched.url),
                     reason: format!("missing or invalid ETag {other:?} for {file}"),
                 }
                 .into())
@@ -1422,7 +1491,13 @@ impl Client {
         };
         let blob = repo.blob_path(&etag);
         if !blob.is_file() {
-            self.download_blob(fetched, &blob, file)?;
+            // huggingface_hub's lock of this blob: a download by either waits for the other.
+            let lock = self
+                .cache_dir
+                .join(".locks")
+                .join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name())
+                .join(format!("{etag}.lock"));
+            self.download_blob(fetched, &lock, &blob, file)?;
         }
         link_pointer(&blob, &pointer, file)
     }
@@ -1448,9 +1523,14 @@ impl Client {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(self
-                        .classify(ureq::Error::from(e), &format!("downloading {what}"))
-                        .into())
+                    return Err(HubError::BrokeOff {
+                        endpoint: redact(&self.endpoint),
+                        what: what.to_string(),
+                        bytes: read,
+                        cause: e.to_string(),
+                        kept: false,
+                    }
+                    .into())
                 }
             };
             read += n as u64;
@@ -1461,7 +1541,7 @@ impl Client {
             let elapsed = started.elapsed();
             if elapsed > allowed {
                 return Err(HubError::TooSlow {
-                    endpoint: self.endpoint.clone(),
+                    endpoint: redact(&self.endpoint),
                     what: what.to_string(),
                     bytes: read,
                     seconds: elapsed.as_secs_f64(),
@@ -1477,56 +1557,172 @@ impl Client {
         }
     }
 
-    /// Stream the body into a temporary file next to `blob`, sync it and rename it into place.
-    fn download_blob(&self, fetched: Fetched, blob: &Path, file: &str) -> anyhow::Result<()> {
+    /// Streams the body into `blobs/{etag}.incomplete` (after the part a cut-off download left
+    /// there, when the CDN sends the rest), syncs it and renames it into place, as
+    /// huggingface_hub does and under its lock file `lock`. A download that breaks off keeps
+    /// what came, for the next run to resume.
+    fn download_blob(
+        &self,
+        fetched: Fetched,
+        lock: &Path,
+        blob: &Path,
+        file: &str,
+    ) -> anyhow::Result<()> {
+        use fs4::FileExt;
+        use std::io::{Seek, SeekFrom};
         let blobs_dir = blob
             .parent()
             .ok_or_else(|| anyhow!("bad blob path {}", blob.display()))?;
         fs::create_dir_all(blobs_dir)
             .with_context(|| format!("creating {}", blobs_dir.display()))?;
+        remove_abandoned_downloads(blobs_dir);
+        if let Some(dir) = lock.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let lock_file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock)
+            .with_context(|| format!("opening the lock file {}", lock.display()))?;
+        // Another process downloading the same blob: wait for it, then take its work.
+        FileExt::lock(&lock_file).with_context(|| format!("locking {}", lock.display()))?;
+        if blob.is_file() {
+            return Ok(());
+        }
+        let part_path = partial_path(blob);
+        let mut part = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part_path)
+            .with_context(|| format!("creating {}", part_path.display()))?;
+        let held = part
+            .metadata()
+            .with_context(|| format!("reading {}", part_path.display()))?
+            .len();
         let headers = fetched.response.headers();
-        let expected = fetched.size.or_else(|| {
-            // A decoded (gzip) body does not have the Content-Length size.
-            if header(headers, "content-encoding").is_some() {
-                None
-            } else {
-                header(headers, "content-length").and_then(|s| s.parse().ok())
+        // Resumed only where the CDN sends exactly the rest (206 from the byte asked for); any
+        // other answer is the whole file.
+        let start = match fetched.response.status().as_u16() {
+            206 => {
+                let from = header(headers, "content-range")
+                    .and_then(|r| r.strip_prefix("bytes ")?.split('-').next()?.parse().ok());
+                if from != Some(fetched.resume_from) || fetched.resume_from > held {
+                    return Err(HubError::InvalidResponse {
+                        url: redact(&fetched.url),
+                        reason: format!(
+                            "asked for {file} from byte {}, the answer starts at {from:?}; \
+                             run again",
+                            fetched.resume_from
+                        ),
+                    }
+                    .into());
+                }
+                fetched.resume_from
             }
-        });
+            _ => 0,
+        };
+        let remaining = match fetched.size {
+            Some(total) => Some(total.saturating_sub(start)),
+            // A decoded (gzip) body does not have the Content-Length size.
+            None if header(headers, "content-encoding").is_some() => None,
+            None => header(headers, "content-length").and_then(|s| s.parse().ok()),
+        };
+        let expected = remaining.map(|r| r + start);
+        part.set_len(start)
+            .and_then(|()| part.seek(SeekFrom::Start(start)))
+            .with_context(|| format!("writing {}", part_path.display()))?;
         let bar = match expected {
             Some(len) if self.progress && len >= PROGRESS_MIN_BYTES => {
-                Some(progress_bar(len, file))
+                let bar = progress_bar(len, file);
+                bar.set_position(start);
+                Some(bar)
             }
             _ => None,
         };
         let url = fetched.url;
         let mut reader = fetched.response.into_body().into_reader();
-        let mut tmp = TempFile::create(blobs_dir, "download")?;
-        let written = self.read_within_deadline(&mut reader, file, expected, |chunk| {
-            tmp.file
-                .write_all(chunk)
-                .with_context(|| format!("writing {}", tmp.path.display()))?;
-            if let Some(bar) = &bar {
-                bar.inc(chunk.len() as u64);
-            }
-            anyhow::Ok(())
-        })?;
+        let written = self
+            .read_within_deadline(&mut reader, file, remaining, |chunk| {
+                part.write_all(chunk)
+                    .with_context(|| format!("writing {}", part_path.display()))?;
+                if let Some(bar) = &bar {
+                    bar.inc(chunk.len() as u64);
+                }
+                anyhow::Ok(())
+            })
+            .map_err(|e| match e.downcast::<HubError>() {
+                // What came stays for the next run (the file is written as it comes).
+                Ok(HubError::BrokeOff {
+                    endpoint,
+                    what,
+                    bytes,
+                    cause,
+                    ..
+                }) => HubError::BrokeOff {
+                    endpoint,
+                    what,
+                    bytes: start + bytes,
+                    cause,
+                    kept: true,
+                }
+                .into(),
+                Ok(other) => other.into(),
+                Err(e) => e,
+            })?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
         if let Some(expected) = expected {
-            if written != expected {
-                return Err(HubError::InvalidResponse {
-                    url,
-                    reason: format!(
-                        "the download of {file} broke off after {written} of {expected} bytes; \
-                         run again to retry"
-                    ),
+            if start + written != expected {
+                return Err(HubError::BrokeOff {
+                    endpoint: redact(&url_origin(&url).unwrap_or(url)),
+                    what: file.to_string(),
+                    bytes: start + written,
+                    cause: format!("{expected} bytes were announced"),
+                    kept: true,
                 }
                 .into());
             }
         }
-        tmp.persist(blob)
+        part.sync_all()
+            .with_context(|| format!("syncing {}", part_path.display()))?;
+        fs::rename(&part_path, blob)
+            .with_context(|| format!("moving {} to {}", part_path.display(), blob.display()))
+    }
+}
+
+/// Where a blob's download goes until it is whole: `blobs/{etag}.incomplete`, as
+/// huggingface_hub names it (so that either resumes the other's).
+fn partial_path(blob: &Path) -> PathBuf {
+    let mut name = blob.file_name().unwrap_or_default().to_os_string();
+    name.push(".incomplete");
+    blob.with_file_name(name)
+}
+
+/// Removes the temporary downloads of earlier versions of this program
+/// (`.download.PID.….incomplete`, never resumed) whose process is gone.
+fn remove_abandoned_downloads(blobs_dir: &Path) {
+    // Whether a process runs is told by /proc (Linux); elsewhere nothing is removed.
+    let Ok(entries) = fs::read_dir(blobs_dir) else {
+        return;
+    };
+    if !Path::new("/proc/self").is_dir() {
+        return;
+    }
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".download.")?.split('.').next())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id().to_string() || Path::new("/proc").join(pid).is_dir();
+        if !alive && pid.bytes().all(|b| b.is_ascii_digit()) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -1558,9 +1754,22 @@ fn http_error(fetched: Fetched) -> HubError {
         .map(|msg| format!(": {msg}"))
         .unwrap_or_default();
     HubError::Http {
-        url: fetched.url,
+        url: redact(&fetched.url),
         status,
         detail,
+    }
+}
+
+/// `url` as a message may show it: a user name and password in it (`http://user:pw@host`)
+/// written as `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -1818,6 +2027,17 @@ mod tests {
         assert!(!is_loopback("https://huggingface.co"));
         assert_eq!(encode("refs/pr/1", false), "refs%2Fpr%2F1");
         assert_eq!(encode("a b/c.json", true), "a%20b/c.json");
+        // Credentials in HF_ENDPOINT are never shown.
+        assert_eq!(
+            redact("http://user:pw@mirror:8080/api?x=a@b"),
+            "http://***@mirror:8080/api?x=a@b"
+        );
+        assert_eq!(redact("https://hf.co/a@b"), "https://hf.co/a@b");
+        assert_eq!(redact("mirror"), "mirror");
+        assert_eq!(
+            partial_path(Path::new("/c/blobs/0a1b")),
+            Path::new("/c/blobs/0a1b.incomplete")
+        );
     }
 
     #[test]

@@ -75,6 +75,7 @@ fn make_single_model(dir: &Path) {
 struct Request {
     path: String,
     authorization: Option<String>,
+    range: Option<String>,
 }
 
 #[derive(Clone)]
@@ -93,7 +94,7 @@ struct State {
     /// Redirect LFS files to an absolute `http://host:port/cdn/...` URL instead of `/cdn/...`.
     absolute_redirects: bool,
     /// Send only half of each CDN body (with the full Content-Length), then close.
-    truncate_cdn: bool,
+    truncate_cdn: AtomicBool,
     /// Send each CDN body one byte every 200 ms (a server that never stalls long enough to time
     /// out, yet would take forever).
     trickle_cdn: bool,
@@ -124,7 +125,7 @@ impl HubServer {
             sha: Mutex::new(SHA_A.to_string()),
             error_codes: !options.no_error_codes,
             absolute_redirects: options.absolute_redirects,
-            truncate_cdn: options.truncate_cdn,
+            truncate_cdn: AtomicBool::new(options.truncate_cdn),
             trickle_cdn: options.trickle_cdn,
             port,
             log: Mutex::new(Vec::new()),
@@ -250,6 +251,7 @@ fn handle_connection(mut stream: TcpStream, state: &State) {
         return;
     }
     let mut authorization = None;
+    let mut range = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).is_err() || line == "\r\n" || line.is_empty() {
@@ -258,6 +260,9 @@ fn handle_connection(mut stream: TcpStream, state: &State) {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("authorization") {
                 authorization = Some(value.trim().to_string());
+            }
+            if name.eq_ignore_ascii_case("range") {
+                range = Some(value.trim().to_string());
             }
         }
     }
@@ -269,10 +274,12 @@ fn handle_connection(mut stream: TcpStream, state: &State) {
     state.log.lock().unwrap().push(Request {
         path: path.clone(),
         authorization: authorization.clone(),
+        range: range.clone(),
     });
-    let r = route(state, &path, authorization.as_deref());
+    let r = route(state, &path, authorization.as_deref(), range.as_deref());
     let reason = match r.status {
         200 => "OK",
+        206 => "Partial Content",
         302 => "Found",
         401 => "Unauthorized",
         404 => "Not Found",
@@ -304,7 +311,7 @@ fn handle_connection(mut stream: TcpStream, state: &State) {
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-fn route(state: &State, path: &str, authorization: Option<&str>) -> Reply {
+fn route(state: &State, path: &str, authorization: Option<&str>, range: Option<&str>) -> Reply {
     let path = path.replace("%2F", "/");
     let sha = state.sha.lock().unwrap().clone();
     let find = |id: &str| state.repos.iter().find(|r| r.id == id);
@@ -320,11 +327,24 @@ fn route(state: &State, path: &str, authorization: Option<&str>) -> Reply {
             for file in files {
                 let bytes = std::fs::read(repo.dir.join(&file)).unwrap();
                 if etag_of(&bytes) == rest {
+                    // `Range: bytes=N-` is answered with the rest, as a CDN does.
+                    let from: usize = range
+                        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+                        .unwrap_or(0);
                     let len = bytes.len();
-                    let mut r = reply(200, &[("ETag", "\"cdn-etag-ignored\"".into())], bytes);
-                    if state.truncate_cdn {
-                        r.body.truncate(len / 2);
-                        r.content_length = Some(len);
+                    let mut r = if from > 0 && from < len {
+                        reply(
+                            206,
+                            &[("Content-Range", format!("bytes {from}-{}/{len}", len - 1))],
+                            bytes[from..].to_vec(),
+                        )
+                    } else {
+                        reply(200, &[("ETag", "\"cdn-etag-ignored\"".into())], bytes)
+                    };
+                    if state.truncate_cdn.load(Ordering::SeqCst) {
+                        let announced = r.body.len();
+                        r.body.truncate(announced / 2);
+                        r.content_length = Some(announced);
                     }
                     return r;
                 }
@@ -664,6 +684,26 @@ fn options_from_lookup() {
     assert!(!o.progress);
     let debug = format!("{o:?}");
     assert!(!debug.contains("hf_env_token"), "{debug}");
+    // huggingface_hub's timeouts, the larger of those set, unless this program's own is.
+    let timeout = |vars: &[(&str, &str)]| env(&[&[("HOME", h)], vars].concat()).timeout;
+    assert_eq!(
+        timeout(&[("HF_HUB_ETAG_TIMEOUT", "1")]),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        timeout(&[
+            ("HF_HUB_ETAG_TIMEOUT", "1"),
+            ("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+        ]),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        timeout(&[
+            ("HF_HUB_ETAG_TIMEOUT", "1"),
+            ("BELLA_HUB_TIMEOUT_SECS", "4")
+        ]),
+        Duration::from_secs(4)
+    );
 
     for (value, offline) in [
         ("yes", true),
@@ -1040,7 +1080,7 @@ fn hub_large_download_with_progress() {
 }
 
 #[test]
-fn hub_interrupted_download_leaves_no_blob() {
+fn hub_interrupted_download_is_kept_apart_and_resumed() {
     let model = tempfile::tempdir().unwrap();
     make_sharded_model(model.path());
     let cache = tempfile::tempdir().unwrap();
@@ -1058,10 +1098,28 @@ fn hub_interrupted_download_leaves_no_blob() {
     let opts = options(&server.endpoint(), cache.path());
     let err = resolve(&hub("bella-test/tiny", None), &opts).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("model-0000"), "{msg}");
+    assert!(
+        msg.contains("model-0000") && msg.contains("broke off") && msg.contains("resume"),
+        "{msg}"
+    );
+    assert!(!msg.contains("could not be reached"), "{msg}");
     let repo_dir = cache.path().join("models--bella-test--tiny");
+    // What came is kept as huggingface_hub keeps it: `{etag}.incomplete`, the file's beginning.
+    let shard = std::fs::read(model.path().join(SHARD_1)).unwrap();
+    let partial = repo_dir
+        .join("blobs")
+        .join(format!("{}.incomplete", etag_of(&shard)));
+    let kept = std::fs::read(&partial).unwrap();
+    assert!(
+        !kept.is_empty() && kept.len() < shard.len() && shard.starts_with(&kept),
+        "{} of {} bytes",
+        kept.len(),
+        shard.len()
+    );
     for blob in files_under(&repo_dir.join("blobs")) {
-        assert!(!blob.contains("incomplete"), "temporary file left: {blob}");
+        if blob.ends_with(".incomplete") {
+            continue;
+        }
         let bytes = std::fs::read(repo_dir.join("blobs").join(&blob)).unwrap();
         assert_eq!(blob, etag_of(&bytes), "a blob does not match its etag");
     }
@@ -1073,6 +1131,31 @@ fn hub_interrupted_download_leaves_no_blob() {
     }
     // No ref to a half-downloaded snapshot: offline use reports "not in cache".
     assert!(!repo_dir.join("refs/main").exists());
+
+    // The next run asks the CDN for the rest only, and the blob is whole.
+    server.state.truncate_cdn.store(false, Ordering::SeqCst);
+    let files = resolve(&hub("bella-test/tiny", None), &opts).unwrap();
+    assert_same_content(&files, model.path());
+    let resumed: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == format!("/cdn/{}", etag_of(&shard)))
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(
+        resumed.last().cloned().flatten(),
+        Some(format!("bytes={}-", kept.len())),
+        "{resumed:?}"
+    );
+    assert!(files_under(&repo_dir.join("blobs"))
+        .iter()
+        .all(|b| !b.contains("incomplete")));
+    // huggingface_hub's lock of the blob was taken (and is where it looks for it).
+    assert!(cache
+        .path()
+        .join(".locks/models--bella-test--tiny")
+        .join(format!("{}.lock", etag_of(&shard)))
+        .is_file());
     server.stop();
 }
 
@@ -1326,7 +1409,9 @@ fn hub_that_never_answers_times_out() {
     assert!(hub_error(&err).is_unreachable());
     let msg = err.to_string();
     assert!(
-        msg.contains("could not be reached") && msg.contains("--offline"),
+        msg.contains("could not be reached")
+            && msg.contains("not in the cache")
+            && msg.contains("BELLA_HUB_TIMEOUT_SECS"),
         "{msg}"
     );
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
@@ -1402,13 +1487,14 @@ fn hub_refused_connection_is_unreachable() {
     for needle in [
         "could not be reached",
         endpoint.as_str(),
-        "--offline",
-        "HF_HUB_OFFLINE=1",
+        // Not cached: working offline cannot help, and is not suggested.
+        "not in the cache",
         cache.path().to_str().unwrap(),
         "local model directory",
     ] {
         assert!(msg.contains(needle), "{needle:?} missing: {msg}");
     }
+    assert!(!msg.contains("--offline"), "{msg}");
 }
 
 /// A hub that answers every request with `status` (a hub that is down, or a proxy in front of it).
@@ -1461,6 +1547,35 @@ fn a_hub_that_fails_or_refuses_falls_back_to_the_cache_as_huggingface_hub_does()
         "{err}"
     );
     server.stop();
+
+    // A hub that answers 200 and then trickles its listing (past the deadline), or breaks off:
+    // the cache, too.
+    for trickle in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = std::io::Read::read(&mut stream, &mut buf);
+                    let head = "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n{";
+                    let _ = std::io::Write::write_all(&mut stream, head.as_bytes());
+                    while trickle && std::io::Write::write_all(&mut stream, b" ").is_ok() {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                });
+            }
+        });
+        let opts = HubOptions {
+            timeout: Duration::from_millis(300),
+            ..options(&format!("http://127.0.0.1:{port}"), cache.path())
+        };
+        let cached = within(Duration::from_secs(30), move || {
+            resolve(&hub("bella-test/tiny", None), &opts).map(|f| f.weights)
+        })
+        .unwrap_or_else(|e| panic!("trickle {trickle}: {e:#}"));
+        assert_eq!(cached, files.weights);
+    }
 
     // Nothing cached: the hub's answer, with its status and what to do.
     let empty = tempfile::tempdir().unwrap();
