@@ -4,9 +4,11 @@
 //! particle-capable linear layers) → [`bella`] (the particles) → answers → aggregation.
 //!
 //! The door for front ends is at the crate root: load a [`BellaVqa`] once (a hub id, a cache
-//! entry or a directory, with a particle directory), share it behind an [`Arc`](std::sync::Arc),
-//! and ask from as many threads as you like; [`BellaVqa::ask_batch`] answers several questions in
-//! one pass. The HTTP server ([`serve`]) is written against exactly this API.
+//! entry or a directory, with a particle directory; [`BellaVqa::load_particles`] finds the base
+//! the particles were trained on, [`BellaVqa::demo`] is the embedded demo as the command line
+//! has it), share it behind an [`Arc`](std::sync::Arc), and ask from as many threads as you
+//! like; [`BellaVqa::ask_batch`] answers several questions in one pass. The HTTP server
+//! ([`serve`]) is written against exactly this API.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -74,6 +76,9 @@ pub use answer::candidates::ParticleAnswer;
 pub use answer::generate::Sampling;
 pub use answer::{AskOptions, BellaVqa, CandidateAnswer, LoadOptions, Question, Response};
 pub use hub::{HubOptions, ModelSource};
+/// The `image` crate this one is built with: [`image::DynamicImage`] is what [`BellaVqa::ask`]
+/// reads, without a second copy of the crate to keep in step.
+pub use image;
 pub use models::image::{decode_image, load_image};
 
 /// Process-wide settings for a program that runs these models. Call it first thing in `main`,

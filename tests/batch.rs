@@ -97,3 +97,43 @@ fn a_batch_answers_each_question_as_it_is_answered_alone() {
     assert!(together[2].as_ref().expect("answered").abstained);
     assert!(!together[0].as_ref().expect("answered").abstained);
 }
+
+#[test]
+fn a_batch_larger_than_one_pass_answers_every_question_in_order() {
+    let vqa = demo();
+    let images = [
+        demo_image("red-circle.png"),
+        demo_image("purple-diamond.png"),
+    ];
+    let options = AskOptions {
+        max_new_tokens: 4,
+        ..AskOptions::default()
+    };
+    // More questions than one pass folds: they are answered in passes, each in its place.
+    let n = bella_vqa::answer::MAX_FOLDED_QUESTIONS + 3;
+    let batch: Vec<Question> = (0..n)
+        .map(|i| Question {
+            image: &images[i % 2],
+            text: "What color is the shape?",
+            options: &options,
+        })
+        .collect();
+    let together = vqa.ask_batch(&batch);
+    assert_eq!(together.len(), n);
+    let alone: Vec<String> = images
+        .iter()
+        .map(|image| {
+            vqa.ask_with(image, "What color is the shape?", &options)
+                .expect("answered")
+                .answer
+        })
+        .collect();
+    assert_ne!(alone[0], alone[1], "the two images must be told apart");
+    for (i, got) in together.iter().enumerate() {
+        assert_eq!(
+            got.as_ref().expect("answered").answer,
+            alone[i % 2],
+            "question {i}"
+        );
+    }
+}

@@ -531,6 +531,53 @@ fn the_demo_by_name_answers_like_the_default_and_is_recorded_by_name() {
         err.contains("candidate answer") && err.contains(long.trim()),
         "{err}"
     );
+    // An empty list, or an answer that says nothing, is refused; a repeat is kept once (two
+    // copies would split the answer's probability between them).
+    assert!(bare.set_answer_vocabulary(Vec::new()).is_err());
+    let err = format!(
+        "{:#}",
+        bare.set_answer_vocabulary(vec!["red".into(), " the ".into()])
+            .unwrap_err()
+    );
+    assert!(err.contains("says nothing"), "{err}");
+    let image = load_image(&repo(IMAGE)).unwrap();
+    bare.set_answer_vocabulary(vec!["red".into(), "blue".into()])
+        .unwrap();
+    let once = bare.ask(&image, QUESTION).unwrap();
+    bare.set_answer_vocabulary(vec![
+        "red".into(),
+        "Red".into(),
+        "blue".into(),
+        "red ".into(),
+    ])
+    .unwrap();
+    let repeated = bare.ask(&image, QUESTION).unwrap();
+    assert_eq!(
+        (repeated.candidates.len(), repeated.confidence),
+        (2, once.confidence)
+    );
+    // LLaVA particles on a CLIP are called what they are, through the library too.
+    let err = format!(
+        "{:#}",
+        bella_vqa::BellaVqa::load(
+            &bella_vqa::ModelSource::Dir(repo("demo/clip")),
+            Some(&repo("demo/particles/llava-ensemble")),
+            &bella_vqa::LoadOptions::default(),
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("these are LLaVA particles"), "{err}");
+
+    // The library's demo by name is the command line's: the LLaVA with its calibrated
+    // particles, the CLIP with its answer list.
+    let opts = bella_vqa::LoadOptions::default();
+    let demo = bella_vqa::BellaVqa::demo("demo", &opts).unwrap();
+    let lib = serde_json::to_value(demo.ask(&image, QUESTION).unwrap()).unwrap();
+    assert_eq!(lib, default);
+    let demo_clip = bella_vqa::BellaVqa::demo("demo:clip", &opts).unwrap();
+    let lib = serde_json::to_value(demo_clip.ask(&image, QUESTION).unwrap()).unwrap();
+    assert_eq!(lib, clip);
+    assert!(bella_vqa::BellaVqa::demo("demo:nope", &opts).is_err());
 
     let world = tempfile::tempdir().unwrap();
     bella_vqa::data::generate(&bella_vqa::data::ShapesOptions {

@@ -135,6 +135,8 @@ impl Default for LoadOptions {
 /// Per-question options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AskOptions {
+    /// The most tokens a LLaVA generates for the answer (a CLIP generates none, and scores its
+    /// answer list whatever this and `sampling` say).
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     /// Replaces the calibrated rule: abstain when the score is below this, whatever the image
@@ -271,11 +273,62 @@ pub struct BellaVqa {
     template: minijinja::Environment<'static>,
 }
 
+impl std::fmt::Debug for BellaVqa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BellaVqa")
+            .field("model", &self.loaded.files.dir)
+            .field("particles", &self.particles)
+            .field("calibrated_threshold", &self.calibrated_threshold)
+            .field("selector", &self.selector.name())
+            .field("answers", &self.vocabulary.as_ref().map(Vec::len))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most questions [`BellaVqa::ask_batch`] folds into one pass: more would only hold more
+/// memory at once (every question × particle row of the prompt's KV cache) for no speed.
+pub const MAX_FOLDED_QUESTIONS: usize = 32;
+
 impl BellaVqa {
     /// Loads the base model and, if given, the particle directory (checked against the base).
+    /// `ModelSource::parse("demo")` is the embedded demo's base model alone; [`Self::demo`] is
+    /// the demo as `bella-vqa ask` answers with it.
     pub fn load(source: &ModelSource, adapters: Option<&Path>, opts: &LoadOptions) -> Result<Self> {
         let files = crate::hub::resolve(source, &opts.hub)?;
         Self::load_resolved(source, &files, adapters, opts)
+    }
+
+    /// The particles in `adapters` on the base model they were trained on (as PEFT's
+    /// `AutoPeftModel` loads an adapter's `base_model_name_or_path`): a hub base at the commit
+    /// they were trained on, a directory where it was, the demo by name.
+    pub fn load_particles(adapters: &Path, opts: &LoadOptions) -> Result<Self> {
+        let model = ParticleSet::read_config(adapters)?.base_model.model_arg();
+        let source = ModelSource::parse(&model).with_context(|| {
+            format!(
+                "the base model of the particles in {} (base_model.source of their \
+                 bella_config.json) cannot be found: load it with BellaVqa::load",
+                adapters.display()
+            )
+        })?;
+        Self::load(&source, Some(adapters), opts)
+    }
+
+    /// The embedded demo by name, as the command line has it: `demo` (or `demo:llava`) is the
+    /// shapes-world LLaVA with its calibrated particles, `demo:clip` the CLIP with its answer
+    /// list.
+    pub fn demo(name: &str, opts: &LoadOptions) -> Result<Self> {
+        let component = crate::hub::demo_model(name).with_context(|| {
+            format!("{name:?} is not a demo model: demo, demo:llava or demo:clip")
+        })?;
+        let source = ModelSource::Dir(crate::demo::path(component)?);
+        let particles = (component == crate::demo::LLAVA)
+            .then(|| crate::demo::path(crate::demo::PARTICLES))
+            .transpose()?;
+        let mut vqa = Self::load(&source, particles.as_deref(), opts)?;
+        if let Some(list) = crate::demo::default_answers(Some(component), particles.is_some())? {
+            vqa.set_answer_vocabulary(read_answer_list(&list)?)?;
+        }
+        Ok(vqa)
     }
 
     /// [`Self::load`] of the files `source` resolved to ([`ModelInputs`]).
@@ -293,6 +346,10 @@ impl BellaVqa {
         let set = match adapters {
             Some(dir) => {
                 let set = ParticleSet::load(dir, &loaded.device)?;
+                let architecture = loaded.config.architecture();
+                if set.config.architecture != architecture {
+                    return Err(other_architecture(&set.config, architecture));
+                }
                 if !opts.skip_base_check {
                     set.verify_base(&loaded.files)?;
                 }
@@ -388,13 +445,7 @@ impl BellaVqa {
     ) -> Result<()> {
         let (config, _) = models::config::ModelConfig::from_file(&files.required("config.json")?)?;
         if let Some(set) = particles.filter(|c| c.architecture != config.architecture()) {
-            bail!(
-                "these are {} particles (trained on {}), and the model is a {}: load them onto \
-                 the base model they were trained on",
-                set.architecture,
-                set.base_model.source,
-                config.architecture()
-            );
+            return Err(other_architecture(set, config.architecture()));
         }
         if let (Some(config), false) = (particles, skip_base_check) {
             ParticleSet::verify_base_of(config, files)?;
@@ -424,13 +475,34 @@ impl BellaVqa {
         )
     }
 
-    /// The candidate answers a CLIP model scores. A LLaVA generates its answers, so giving it a
-    /// vocabulary is an error rather than a silently ignored option; so is an answer too long for
-    /// CLIP's text encoder even after an empty question (every question would be refused).
+    /// The candidate answers a CLIP model scores, kept once each as [`read_answer_list`] keeps
+    /// them (trimmed; a repeat after the VQA normalisation left out: two copies would split one
+    /// answer's probability). A LLaVA generates its answers, so giving it a vocabulary is an
+    /// error rather than a silently ignored option; so are an empty list, an answer that
+    /// normalises to nothing (it could only be declined) and one too long for CLIP's text
+    /// encoder even after an empty question (every question would be refused).
     pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
         let Model::Clip(m) = &self.loaded.model else {
             return Err(answers_given_to_llava());
         };
+        let mut seen = std::collections::HashSet::new();
+        let mut kept = Vec::with_capacity(answers.len());
+        for a in answers {
+            let normalized = crate::data::normalize::normalize_answer(&a);
+            if normalized.is_empty() {
+                bail!(
+                    "the candidate answer {a:?} says nothing once normalised as VQA answers are \
+                     (blanks, punctuation or an article only): leave it out"
+                );
+            }
+            if seen.insert(normalized) {
+                kept.push(a.trim().to_string());
+            }
+        }
+        let answers = kept;
+        if answers.is_empty() {
+            bail!("the answer list is empty: a CLIP model answers by choosing one of its answers");
+        }
         let positions = m.config().text_config.max_position_embeddings;
         let prompter = self.loaded.prompter()?;
         for a in &answers {
@@ -590,8 +662,9 @@ impl BellaVqa {
 
     /// Answers several questions, each about its own image, with one result per question in
     /// order. Questions that decode alike ([`AskOptions`] without the threshold) are answered
-    /// together: one vision pass, one prefill, one decoding loop and one scoring pass for all
-    /// questions × particles (LLaVA; CLIP scores question by question). A bad question (empty,
+    /// together, [`MAX_FOLDED_QUESTIONS`] at a time: one vision pass, one prefill, one decoding
+    /// loop and one scoring pass for all questions × particles (LLaVA; CLIP scores question by
+    /// question). A bad question (empty,
     /// an unreadable image for the processor) fails alone; an error of the batch's computation
     /// is reported for each of its questions.
     pub fn ask_batch(&self, questions: &[Question]) -> Vec<Result<Response>> {
@@ -605,9 +678,12 @@ impl BellaVqa {
         }
         while let Some(&(first, ..)) = pending.first() {
             let opts = questions[first].options;
-            let (group, rest): (Vec<_>, Vec<_>) = pending
+            let (mut group, mut rest): (Vec<_>, Vec<_>) = pending
                 .into_iter()
                 .partition(|(i, ..)| questions[*i].options.decodes_like(opts));
+            if group.len() > MAX_FOLDED_QUESTIONS {
+                rest.splice(0..0, group.split_off(MAX_FOLDED_QUESTIONS));
+            }
             pending = rest;
             let texts: Vec<&str> = group.iter().map(|(_, t, _)| *t).collect();
             let scored = Tensor::stack(&group.iter().map(|(.., p)| p).collect::<Vec<_>>(), 0)
@@ -799,6 +875,16 @@ fn render_response(env: &minijinja::Environment, f: &TemplateFacts) -> Result<St
         unanswerable => f.unanswerable,
         question => f.question,
     })?)
+}
+
+/// Particles of one architecture given to a model of another.
+fn other_architecture(particles: &ParticleConfig, model: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "these are {} particles (trained on {}), and the model is a {model}: load them onto the \
+         base model they were trained on",
+        particles.architecture,
+        particles.base_model.source,
+    )
 }
 
 /// A LLaVA generates its answers: giving it an answer list is an error, not an ignored option.

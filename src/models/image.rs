@@ -913,11 +913,11 @@ impl ImageProcessor {
 
     /// The pixel values after the integer steps (RGB conversion, padding, resizing, cropping):
     /// an 8-bit RGB image, as `transformers` has it just before rescaling.
+    /// An image past [`MAX_IMAGE_SIDE`] or [`MAX_IMAGE_PIXELS`] (one made in memory, which no
+    /// decoding limited) is refused as [`crate::error::ImageTooLarge`] before it is copied.
     pub fn preprocess_u8(&self, img: &DynamicImage) -> Result<RgbU8> {
+        check_image_size("given", img.width(), img.height(), MAX_IMAGE_PIXELS)?;
         let mut rgb = to_rgb(img, self.do_convert_rgb);
-        if rgb.width == 0 || rgb.height == 0 {
-            bail!("the image is empty ({}×{})", rgb.width, rgb.height);
-        }
         self.working_bytes(rgb.width, rgb.height)?;
         match (self.do_pad, self.do_resize) {
             (true, true) => {
