@@ -353,8 +353,7 @@ fn generation_config_eos_ids_end_answers_as_in_transformers() {
     // A generation config whose eos_token_id is not a token id is named.
     std::fs::write(&generation, r#"{"eos_token_id": "</s>"}"#).unwrap();
     let err = BellaVqa::load(&source, None, &LoadOptions::default())
-        .err()
-        .expect("a bad generation config is refused");
+        .expect_err("a bad generation config is refused");
     let text = format!("{err:#}");
     assert!(
         text.contains("generation_config.json")
