@@ -7,6 +7,8 @@ use std::path::PathBuf;
 pub enum WeightError {
     #[error("cannot read weight file {file}: {reason} (is it a complete safetensors file? re-download or re-save it)")]
     BadFile { file: PathBuf, reason: String },
+    #[error("cannot open weight file {file}: permission denied: give this user read access to it (downloading it again cannot help)")]
+    NoAccess { file: PathBuf },
     #[error("tensor {key:?} is missing from {files} (tried {tried:?})")]
     MissingTensor {
         key: String,

@@ -155,8 +155,23 @@ impl ModelSource {
                  or a hub id org/name[@revision]"
             );
         }
+        if let Some(id) = hub_id_in_url(s) {
+            bail!(
+                "{s} is a web address: pass the hub id {id} (a revision with --revision or \
+                 {id}@REV)"
+            );
+        }
         if looks_like_path(s) {
-            bail!("model directory {s} does not exist");
+            match s
+                .strip_suffix('/')
+                .filter(|id| validate_repo_id(id).is_ok())
+            {
+                Some(id) => bail!(
+                    "model directory {s} does not exist (for the hub model, write its id without \
+                     the slash: {id})"
+                ),
+                None => bail!("model directory {s} does not exist"),
+            }
         }
         let (repo_id, revision) = match s.split_once('@') {
             Some((repo_id, revision)) => (repo_id, Some(revision)),
@@ -214,6 +229,19 @@ pub fn split_hub_id(s: &str) -> Option<(&str, Option<&str>)> {
     };
     validate_repo_id(repo_id).ok()?;
     Some((repo_id, revision))
+}
+
+/// The `org/name` of a hub address people copy from a browser or from PEFT docs
+/// (`https://huggingface.co/org/name[/tree/rev]`, `hf://org/name`), for a message saying to pass
+/// the id; `None` for anything else.
+fn hub_id_in_url(s: &str) -> Option<String> {
+    let rest = s.strip_prefix("hf://").or_else(|| {
+        let (_, after) = s.split_once("://")?;
+        after.split_once('/').map(|(_, path)| path)
+    })?;
+    let mut parts = rest.split('/').filter(|p| !p.is_empty());
+    let id = format!("{}/{}", parts.next()?, parts.next()?);
+    validate_repo_id(&id).is_ok().then_some(id)
 }
 
 /// Strings that are meant as paths, never as hub ids.
@@ -566,6 +594,13 @@ pub enum HubError {
     /// A required file is missing.
     #[error("required file {file} is missing in {location}")]
     MissingFile { file: String, location: String },
+    /// A file or folder of the model this user may not read.
+    #[error(
+        "cannot read {}: permission denied: give this user read access to it (downloading \
+         again cannot help)",
+        path.display()
+    )]
+    NoAccess { path: PathBuf },
     /// The connection broke while a file was coming (after the hub had answered).
     #[error(
         "the download of {what} from {endpoint} broke off after {bytes} bytes ({cause}){}",
@@ -743,6 +778,27 @@ impl ModelFiles {
     }
 }
 
+/// Whether `err` comes of a file or folder this user may not read (downloading again cannot
+/// help then).
+fn is_denied(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<HubError>(),
+            Some(HubError::NoAccess { .. })
+        ) || c
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+    })
+}
+
+/// The error for `path`, which this user may not read.
+fn no_access(path: &Path) -> anyhow::Error {
+    HubError::NoAccess {
+        path: path.to_path_buf(),
+    }
+    .into()
+}
+
 /// Check a model directory and list its files.
 fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
     if !dir.is_dir() {
@@ -750,6 +806,9 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
             "model directory {} does not exist or is not a directory",
             dir.display()
         );
+    }
+    if fs::read_dir(dir).is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied) {
+        return Err(no_access(dir));
     }
     // A link into the hub cache's blobs/ whose blob is gone would read as a missing file (only
     // the files a model is read from count).
@@ -761,6 +820,9 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
                 || OPTIONAL_FILES.contains(&name.as_str())
                 || name.ends_with(".safetensors");
             if read && path.is_symlink() && !path.exists() {
+                if fs::metadata(&path).is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied) {
+                    return Err(no_access(&path));
+                }
                 bail!(
                     "{} is a link to a missing file ({}): the download is incomplete; download \
                      the model again",
@@ -791,6 +853,30 @@ fn collect_files(dir: &Path, origin: Origin) -> anyhow::Result<ModelFiles> {
                 "{} is a hub cache folder: pass the hub id (with --offline), or one of its \
                  snapshots ({}/snapshots/<commit>)",
                 dir.display(),
+                dir.display()
+            ))
+        } else if dir.file_name().is_some_and(|n| n == "snapshots") {
+            Some(format!(
+                "{} holds a hub cache folder's snapshots: pass one of them ({}/<commit>)",
+                dir.display(),
+                dir.display()
+            ))
+        } else if fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("models--"))
+        }) {
+            Some(format!(
+                "{} is a hub cache: pass a hub id, with HF_HUB_CACHE={} (and --offline)",
+                dir.display(),
+                dir.display()
+            ))
+        } else if dir.is_relative() && validate_repo_id(&dir.to_string_lossy()).is_ok() {
+            // A folder here of a hub id's name is read instead of the hub model, as in
+            // transformers.
+            Some(format!(
+                "{} is a folder here, read instead of the hub model of that name: run from \
+                 another folder to use the hub model",
                 dir.display()
             ))
         } else {
@@ -977,11 +1063,18 @@ fn resolve_cached(
     opts: &HubOptions,
     complete: &str,
 ) -> anyhow::Result<ModelFiles> {
-    let commit = cached_commit(opts, repo_id, revision).ok_or_else(|| HubError::NotInCache {
-        repo_id: repo_id.to_string(),
-        revision: revision.to_string(),
-        cache_dir: opts.cache_dir.clone(),
-    })?;
+    let Some(commit) = cached_commit(opts, repo_id, revision) else {
+        let reference = repo_dir(opts, repo_id).join("refs").join(revision);
+        if fs::read(&reference).is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied) {
+            return Err(no_access(&reference));
+        }
+        return Err(HubError::NotInCache {
+            repo_id: repo_id.to_string(),
+            revision: revision.to_string(),
+            cache_dir: opts.cache_dir.clone(),
+        }
+        .into());
+    };
     let dir = cache_repo(opts, repo_id, revision).pointer_path(&commit);
     let origin = Origin::HubCache {
         repo_id: repo_id.to_string(),
@@ -999,7 +1092,7 @@ fn resolve_cached(
                 .flatten()
                 .any(|f| f.file_name().to_string_lossy().ends_with(".bin"))
         });
-        if bin_only {
+        if bin_only || is_denied(&e) {
             return e;
         }
         // huggingface_hub writes a blob as `<sha>.incomplete` until it is whole.
@@ -2027,6 +2120,11 @@ mod tests {
         assert!(!is_loopback("https://huggingface.co"));
         assert_eq!(encode("refs/pr/1", false), "refs%2Fpr%2F1");
         assert_eq!(encode("a b/c.json", true), "a%20b/c.json");
+        // A file this user may not read is not called missing or incomplete.
+        let denied = anyhow::Error::from(io::Error::from(io::ErrorKind::PermissionDenied))
+            .context("reading config.json");
+        assert!(is_denied(&denied));
+        assert!(!is_denied(&anyhow!("truncated")));
         // Credentials in HF_ENDPOINT are never shown.
         assert_eq!(
             redact("http://user:pw@mirror:8080/api?x=a@b"),
@@ -2034,6 +2132,31 @@ mod tests {
         );
         assert_eq!(redact("https://hf.co/a@b"), "https://hf.co/a@b");
         assert_eq!(redact("mirror"), "mirror");
+        // Hub addresses copied from a browser name their id.
+        for url in [
+            "https://huggingface.co/llava-hf/llava-1.5-7b-hf",
+            "https://huggingface.co/llava-hf/llava-1.5-7b-hf/tree/main",
+            "hf://llava-hf/llava-1.5-7b-hf",
+        ] {
+            assert_eq!(
+                hub_id_in_url(url).as_deref(),
+                Some("llava-hf/llava-1.5-7b-hf"),
+                "{url}"
+            );
+            let err = ModelSource::parse(url).unwrap_err().to_string();
+            assert!(
+                err.contains("pass the hub id llava-hf/llava-1.5-7b-hf"),
+                "{err}"
+            );
+        }
+        assert_eq!(hub_id_in_url("llava-hf/llava-1.5-7b-hf"), None);
+        let err = ModelSource::parse("no-such-org/no-such-model/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("without the slash: no-such-org/no-such-model"),
+            "{err}"
+        );
         assert_eq!(
             partial_path(Path::new("/c/blobs/0a1b")),
             Path::new("/c/blobs/0a1b.incomplete")

@@ -291,4 +291,30 @@ fn model_paths_people_type_are_understood() {
     std::fs::create_dir_all(cache.join("snapshots")).unwrap();
     let err = run_err(bella().args(["inspect", "--model"]).arg(&cache));
     assert!(err.contains("is a hub cache folder"), "{err}");
+    // The cache itself, or a cache folder's snapshots, said to be what they are.
+    let err = run_err(bella().args(["inspect", "--model"]).arg(home.path()));
+    assert!(
+        err.contains("is a hub cache: pass a hub id, with HF_HUB_CACHE="),
+        "{err}"
+    );
+    let err = run_err(
+        bella()
+            .args(["inspect", "--model"])
+            .arg(cache.join("snapshots")),
+    );
+    assert!(
+        err.contains("holds a hub cache folder's snapshots"),
+        "{err}"
+    );
+    // A folder here with a hub id's name is read instead of the hub model: said so.
+    std::fs::create_dir_all(home.path().join("org2/name")).unwrap();
+    let err = run_err(
+        bella()
+            .current_dir(home.path())
+            .args(["inspect", "--model", "org2/name"]),
+    );
+    assert!(
+        err.contains("org2/name is a folder here, read instead of the hub model"),
+        "{err}"
+    );
 }

@@ -189,6 +189,11 @@ impl Weights {
                 file: path.clone(),
                 reason: format!("{e:#}"),
             })?;
+            if std::fs::File::open(path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+            {
+                return Err(WeightError::NoAccess { file: path.clone() });
+            }
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on the
             // checkpoint not being modified while it is in use.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| WeightError::BadFile {
