@@ -49,6 +49,23 @@ pub enum WeightError {
     },
 }
 
+/// A question that cannot be answered as it is asked (a server answers 400 for it); its text
+/// says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum QuestionError {
+    #[error("the question is empty (blanks, control or invisible characters only): ask something about the image")]
+    Empty,
+    #[error("the prompt is {prompt} tokens (image and template included) and the answer may take {max_new_tokens} more, but the model has {positions} positions: shorten the question or allow fewer answer tokens (max_new_tokens, --max-new-tokens)")]
+    PromptTooLong {
+        prompt: usize,
+        max_new_tokens: usize,
+        positions: usize,
+    },
+    /// Text the tokeniser refuses (too long, a reserved character), or options out of range.
+    #[error("{0}")]
+    Unusable(String),
+}
+
 /// Particle sets that do not belong to the model at hand.
 #[derive(Debug, thiserror::Error)]
 pub enum ParticleError {

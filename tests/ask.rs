@@ -247,9 +247,57 @@ fn bad_input_is_reported_clearly() {
         "\u{FE0F}\u{E0020}",
         "\0\u{1}\u{1b}\u{7f}",
     ] {
-        let err = vqa.ask(&image, blank).unwrap_err().to_string();
-        assert!(err.contains("question is empty"), "{blank:?}: {err}");
+        let err = vqa.ask(&image, blank).unwrap_err();
+        // Typed, for a front end to answer 400 without reading the text.
+        assert!(
+            matches!(
+                err.downcast_ref::<bella_vqa::error::QuestionError>(),
+                Some(bella_vqa::error::QuestionError::Empty)
+            ),
+            "{blank:?}: {err:#}"
+        );
+        assert!(
+            err.to_string().contains("question is empty"),
+            "{blank:?}: {err}"
+        );
     }
+    // A question too long for the positions, or for them with the answer's, and options out
+    // of range: typed too.
+    let err = vqa
+        .ask(&image, &"What color is the circle? ".repeat(200))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<bella_vqa::error::QuestionError>(),
+            Some(bella_vqa::error::QuestionError::Unusable(_))
+        ),
+        "{err:#}"
+    );
+    let room = vqa.answer_room("What color?").unwrap().unwrap();
+    let too_many = AskOptions {
+        max_new_tokens: room + 1,
+        ..AskOptions::default()
+    };
+    let err = vqa.ask_with(&image, "What color?", &too_many).unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<bella_vqa::error::QuestionError>(),
+            Some(bella_vqa::error::QuestionError::PromptTooLong { .. })
+        ),
+        "{err:#}"
+    );
+    let none = AskOptions {
+        max_new_tokens: 0,
+        ..AskOptions::default()
+    };
+    let err = vqa.ask_with(&image, "What color?", &none).unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<bella_vqa::error::QuestionError>(),
+            Some(bella_vqa::error::QuestionError::Unusable(_))
+        ),
+        "{err:#}"
+    );
     // A zero-width character inside a question is part of it.
     vqa.ask(&image, "What\u{200B} color?").unwrap();
     // And emoji with a variation selector are visible.

@@ -629,11 +629,12 @@ impl BellaVqa {
     pub fn check_prompt_fits(&self, question: &str, max_new_tokens: usize) -> Result<()> {
         if let Some((prompt, positions)) = self.prompt_and_positions(question)? {
             if prompt.saturating_add(max_new_tokens) > positions {
-                bail!(
-                    "the prompt is {prompt} tokens (image and template included) and the answer may \
-                     take {max_new_tokens} more, but the model has {positions} positions: shorten \
-                     the question or allow fewer answer tokens (--max-new-tokens)"
-                );
+                return Err(crate::error::QuestionError::PromptTooLong {
+                    prompt,
+                    max_new_tokens,
+                    positions,
+                }
+                .into());
             }
         }
         Ok(())
@@ -664,9 +665,9 @@ impl BellaVqa {
     /// order. Questions that decode alike ([`AskOptions`] without the threshold) are answered
     /// together, [`MAX_FOLDED_QUESTIONS`] at a time: one vision pass, one prefill, one decoding
     /// loop and one scoring pass for all questions × particles (LLaVA; CLIP scores question by
-    /// question). A bad question (empty,
-    /// an unreadable image for the processor) fails alone; an error of the batch's computation
-    /// is reported for each of its questions.
+    /// question). A bad question fails alone ([`crate::error::QuestionError`] for one that cannot
+    /// be answered as asked, [`crate::error::ImageTooLarge`] for its image); an error of the
+    /// batch's computation is reported for each of its questions.
     pub fn ask_batch(&self, questions: &[Question]) -> Vec<Result<Response>> {
         let mut out: Vec<Option<Result<Response>>> = questions.iter().map(|_| None).collect();
         let mut pending: Vec<(usize, &str, Tensor)> = Vec::new();
@@ -709,12 +710,11 @@ impl BellaVqa {
 
     /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
     fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
-        q.options.validate()?;
+        q.options
+            .validate()
+            .map_err(|e| crate::error::QuestionError::Unusable(format!("{e:#}")))?;
         let Some(text) = crate::models::prompt::visible_question(q.text) else {
-            bail!(
-                "the question is empty (blanks, control or invisible characters only): ask \
-                 something about the image"
-            );
+            return Err(crate::error::QuestionError::Empty.into());
         };
         self.check_prompt_fits(text, q.options.max_new_tokens)?;
         self.check_calibrated_answers(q.options)?;

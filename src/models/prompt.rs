@@ -83,21 +83,24 @@ fn is_default_ignorable(c: char) -> bool {
 /// Refuses user text longer than [`MAX_USER_TEXT_BYTES`], or holding a character reserved as a
 /// stand-in.
 pub(crate) fn check_user_text(what: &str, text: &str) -> Result<()> {
+    use crate::error::QuestionError::Unusable;
     if text.len() > MAX_USER_TEXT_BYTES {
-        bail!(
+        return Err(Unusable(format!(
             "the {what} is {} bytes long; at most {MAX_USER_TEXT_BYTES} bytes are accepted",
             text.len()
-        );
+        ))
+        .into());
     }
     if let Some(c) = text
         .chars()
         .find(|&c| (FIRST_STAND_IN..FIRST_STAND_IN + 0x100).contains(&u32::from(c)))
     {
-        bail!(
+        return Err(Unusable(format!(
             "the {what} holds the private-use character U+{:X}, which bella-vqa reserves for \
              tokenising: remove it",
             u32::from(c)
-        );
+        ))
+        .into());
     }
     Ok(())
 }
@@ -1092,10 +1095,7 @@ impl Prompter {
         num_image_tokens: usize,
         answer: Option<&str>,
     ) -> Result<Vec<u32>> {
-        let question = visible_question(question).context(
-            "the question is empty (blanks, control or invisible characters only): ask something \
-             about the image",
-        )?;
+        let question = visible_question(question).ok_or(crate::error::QuestionError::Empty)?;
         check_user_text("question", question)?;
         let answer = answer.map(str::trim);
         if let Some(a) = answer {
@@ -1126,11 +1126,12 @@ impl Prompter {
                     ),
                     None => ("prompt", "shorten the question"),
                 };
-                bail!(
+                return Err(crate::error::QuestionError::Unusable(format!(
                     "the {what} is {} tokens long, more than the model's {max} positions \
                      (max_position_embeddings): {fix}",
                     ids.len()
-                );
+                ))
+                .into());
             }
         }
         Ok(ids)
