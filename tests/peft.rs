@@ -1494,6 +1494,20 @@ fn particles_trained_on_a_hub_branch_load_its_commit_after_the_branch_moves() {
         String::from_utf8_lossy(&after.stderr)
     );
     assert_eq!(before.stdout, after.stdout);
+    // A benchmark of them records the commit its files came from.
+    let o = run(&[
+        "bench",
+        "-q",
+        "--adapters",
+        "set",
+        "--data",
+        "train.jsonl",
+        "--out",
+        "bench",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = read_json(&tmp.path().join("bench/bench_config.json"));
+    assert_eq!(config["model"]["commit"], commit, "{config}");
 
     // Served, the model is named by its hub id alone (as vLLM names it), not `id@commit`.
     let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_bella-vqa"))

@@ -76,6 +76,10 @@ pub enum Role {
 pub struct ModelRecord {
     /// As given to `--model`.
     pub source: String,
+    /// The hub commit the files came from (a hub id's branch moves on; the weights' SHA-256s
+    /// below are what is compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub architecture: String,
     pub weights: Vec<FileHash>,
     /// `--quantize` (`q8_0`, `q4k`, `+vision` with `--quantize-vision`); absent: a dense base.
@@ -203,6 +207,7 @@ impl RunConfig {
         }
         if let Some(m) = c.get_mut("model").and_then(Value::as_object_mut) {
             m.remove("source");
+            m.remove("commit");
         }
         if let Some(a) = c.get_mut("adapters").and_then(Value::as_object_mut) {
             a.remove("path");

@@ -327,6 +327,10 @@ pub(crate) fn run_config(
     Ok(RunConfig {
         model: config::ModelRecord {
             source: model.source.clone(),
+            commit: match &loaded.files.origin {
+                crate::hub::Origin::HubCache { commit, .. } => Some(commit.clone()),
+                crate::hub::Origin::Directory => None,
+            },
             architecture: loaded.info.architecture.to_string(),
             weights: hash_weights(&loaded.files)?,
             quantization: loaded
