@@ -2148,3 +2148,74 @@ fn calibrate_counts_answers_that_say_nothing_as_declined() {
         samples.len()
     );
 }
+
+/// calibrate ranks the selectors as bench ranks the answers, a flagged image below all: the
+/// AURC it reports for the selector it stores is the one bench then measures on the same
+/// questions (it ranked them before the image check was fitted).
+#[test]
+fn calibrate_ranks_selectors_with_the_image_check_as_bench_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    generate(&ShapesOptions {
+        n: 200,
+        seed: 5,
+        ..ShapesOptions::new(tmp.path().join("w"))
+    })
+    .unwrap();
+    let val = tmp.path().join("w/val.jsonl");
+    // The demo's particles: answers right and wrong, so that the order matters.
+    let adapters = tmp.path().join("particles");
+    std::fs::create_dir_all(&adapters).unwrap();
+    let demo = bella_vqa::demo::path(bella_vqa::demo::PARTICLES).unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(demo.join(f), adapters.join(f)).unwrap();
+    }
+    let model = bella_vqa::demo::path(bella_vqa::demo::LLAVA).unwrap();
+    let (ok, out, err) = output(
+        bella()
+            .args(["calibrate", "--quiet", "--json", "--max-new-tokens", "2"])
+            .args(["--target-coverage", "0.5", "--selector", "confidence"])
+            .args(["--image-check-alpha", "0.2", "--model"])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(&val),
+    );
+    assert!(ok, "{err}");
+    let calibrated: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        calibrated["image_flagged"]["val"].as_f64().unwrap() > 0.0,
+        "no validation image flagged: the case is not exercised: {calibrated}"
+    );
+    let (ok, _, err) = output(
+        bella()
+            .args([
+                "bench",
+                "--quiet",
+                "--max-new-tokens",
+                "2",
+                "--bootstrap",
+                "0",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--data")
+            .arg(&val)
+            .arg("--out")
+            .arg(tmp.path().join("bench")),
+    );
+    assert!(ok, "{err}");
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("bench/results.json")).unwrap(),
+    )
+    .unwrap();
+    let bench_aurc = results["results"]["aurc"].as_f64().unwrap();
+    let calibrate_aurc = calibrated["selectors"][0]["aurc_val"].as_f64().unwrap();
+    assert!(
+        (bench_aurc - calibrate_aurc).abs() < 1e-9,
+        "calibrate {calibrate_aurc} against bench {bench_aurc}: {}",
+        calibrated["selectors"]
+    );
+}

@@ -56,9 +56,15 @@ pub fn images_needed(alpha: f64) -> usize {
 /// selector's score (in [0, 1] for every selector) for a familiar image, that score − 1 for a
 /// flagged one, so that every flagged answer ranks below every other, as the decision treats it.
 pub fn gated_score(score: f64, verdict: Option<&ImageVerdict>) -> f64 {
-    match verdict {
-        Some(v) if !v.familiar => score - 1.0,
-        _ => score,
+    gate(score, verdict.is_some_and(|v| !v.familiar))
+}
+
+/// [`gated_score`] of a score whose image is `flagged` or not.
+pub fn gate(score: f64, flagged: bool) -> f64 {
+    if flagged {
+        score - 1.0
+    } else {
+        score
     }
 }
 

@@ -516,9 +516,26 @@ pub fn calibrate(
             .collect(),
         SelectorChoice::Named(n) => vec![n],
     };
+    // The image check first: the selectors are ranked as bench ranks answers, a flagged image
+    // below all (`image_check::gate`).
+    let (image_check, image_check_skipped) = match opts.image_check {
+        Some(request) => match fit_image_check(&val, request.alpha) {
+            Ok(check) => (Some(check), None),
+            Err(e) if !request.required => (None, Some(e)),
+            Err(e) => bail!("{e}"),
+        },
+        None => (None, None),
+    };
+    let val_flagged = flagged(image_check.as_ref(), &val)?;
+    let ood_flagged = flagged(image_check.as_ref(), &ood)?;
+    let pool_flagged: Vec<bool> = val_flagged.iter().chain(&ood_flagged).copied().collect();
     let mut rows = Vec::with_capacity(names.len());
     for name in names {
-        let scores = cross_fitted_scores(name, &pool_facts, &pool_acc)?;
+        let scores: Vec<f64> = cross_fitted_scores(name, &pool_facts, &pool_acc)?
+            .into_iter()
+            .zip(&pool_flagged)
+            .map(|(s, &f)| crate::answer::image_check::gate(s, f))
+            .collect();
         rows.push(SelectorRow {
             selector: Selector::fit(name, &pool_facts, &pool_acc)?,
             aurc: metrics::aurc(&scores, &pool_acc)?,
@@ -530,22 +547,12 @@ pub fn calibrate(
         .min_by(|a, b| a.aurc.total_cmp(&b.aurc))
         .map(|r| r.selector.clone())
         .context("no selector was fitted")?;
-    let (image_check, image_check_skipped) = match opts.image_check {
-        Some(request) => match fit_image_check(&val, request.alpha) {
-            Ok(check) => (Some(check), None),
-            Err(e) if !request.required => (None, Some(e)),
-            Err(e) => bail!("{e}"),
-        },
-        None => (None, None),
-    };
-    let val_flagged = flagged(image_check.as_ref(), &val)?;
     // Declined whatever the threshold: an unfamiliar image, or an answer that says nothing.
     let declined: Vec<bool> = val_flagged
         .iter()
         .zip(&val_empty)
         .map(|(f, e)| *f || *e)
         .collect();
-    let ood_flagged = flagged(image_check.as_ref(), &ood)?;
     // The threshold is chosen on the questions the image check lets through (the others are
     // declined whatever their score). A coverage target stays a share of all questions: the
     // check will decline its expected false alarms on new questions like these (the fitted
