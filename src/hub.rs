@@ -362,7 +362,9 @@ pub struct HubOptions {
     /// (`BELLA_HUB_TIMEOUT_SECS`, else the larger of huggingface_hub's `HF_HUB_ETAG_TIMEOUT` and
     /// `HF_HUB_DOWNLOAD_TIMEOUT`, default 10 s). Zero means the default.
     pub timeout: Duration,
-    /// Show an indicatif progress bar for large downloads.
+    /// Show an indicatif progress bar for large downloads, and the status line of a loaded model
+    /// (what it computes in) on standard error; `false` for a library caller that wants neither
+    /// (warnings are written all the same).
     pub progress: bool,
 }
 
