@@ -2093,40 +2093,15 @@ fn calibrate_counts_answers_that_say_nothing_as_declined() {
     for f in ["bella_config.json", "particles.safetensors"] {
         std::fs::copy(particles().join(f), adapters.join(f)).unwrap();
     }
-    let model = fixture("llava-tiny-hub");
     // One new token: some of these random particles' answers are empty.
-    let (ok, out, err) = output(
-        bella()
-            .args(["calibrate", "--quiet", "--json", "--max-new-tokens", "1"])
-            .args(["--target-coverage", "0.5", "--no-image-check", "--model"])
-            .arg(&model)
-            .arg("--adapters")
-            .arg(&adapters)
-            .arg("--data")
-            .arg(&val),
+    let calibrated = calibrate_then_bench(
+        &fixture("llava-tiny-hub"),
+        &adapters,
+        &val,
+        "1",
+        &["--target-coverage", "0.5", "--no-image-check"],
+        &tmp.path().join("bench"),
     );
-    assert!(ok, "{err}");
-    let calibrated: Value = serde_json::from_str(&out).unwrap();
-    let (ok, _, err) = output(
-        bella()
-            .args([
-                "bench",
-                "--quiet",
-                "--max-new-tokens",
-                "1",
-                "--bootstrap",
-                "0",
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--adapters")
-            .arg(&adapters)
-            .arg("--data")
-            .arg(&val)
-            .arg("--out")
-            .arg(tmp.path().join("bench")),
-    );
-    assert!(ok, "{err}");
     let samples: Vec<Value> = std::fs::read_to_string(tmp.path().join("bench/samples.jsonl"))
         .unwrap()
         .lines()
@@ -2169,44 +2144,25 @@ fn calibrate_ranks_selectors_with_the_image_check_as_bench_does() {
     for f in ["bella_config.json", "particles.safetensors"] {
         std::fs::copy(demo.join(f), adapters.join(f)).unwrap();
     }
-    let model = bella_vqa::demo::path(bella_vqa::demo::LLAVA).unwrap();
-    let (ok, out, err) = output(
-        bella()
-            .args(["calibrate", "--quiet", "--json", "--max-new-tokens", "2"])
-            .args(["--target-coverage", "0.5", "--selector", "confidence"])
-            .args(["--image-check-alpha", "0.2", "--model"])
-            .arg(&model)
-            .arg("--adapters")
-            .arg(&adapters)
-            .arg("--data")
-            .arg(&val),
+    let calibrated = calibrate_then_bench(
+        &bella_vqa::demo::path(bella_vqa::demo::LLAVA).unwrap(),
+        &adapters,
+        &val,
+        "2",
+        &[
+            "--target-coverage",
+            "0.5",
+            "--selector",
+            "confidence",
+            "--image-check-alpha",
+            "0.2",
+        ],
+        &tmp.path().join("bench"),
     );
-    assert!(ok, "{err}");
-    let calibrated: Value = serde_json::from_str(&out).unwrap();
     assert!(
         calibrated["image_flagged"]["val"].as_f64().unwrap() > 0.0,
         "no validation image flagged: the case is not exercised: {calibrated}"
     );
-    let (ok, _, err) = output(
-        bella()
-            .args([
-                "bench",
-                "--quiet",
-                "--max-new-tokens",
-                "2",
-                "--bootstrap",
-                "0",
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--adapters")
-            .arg(&adapters)
-            .arg("--data")
-            .arg(&val)
-            .arg("--out")
-            .arg(tmp.path().join("bench")),
-    );
-    assert!(ok, "{err}");
     let results: Value = serde_json::from_str(
         &std::fs::read_to_string(tmp.path().join("bench/results.json")).unwrap(),
     )
@@ -2218,4 +2174,49 @@ fn calibrate_ranks_selectors_with_the_image_check_as_bench_does() {
         "calibrate {calibrate_aurc} against bench {bench_aurc}: {}",
         calibrated["selectors"]
     );
+}
+
+/// `calibrate --json` of `adapters` on `model` with `options` on the questions of `val`, then
+/// `bench` of them on the same questions into `out`, both with `max_new_tokens`: what calibrate
+/// said.
+fn calibrate_then_bench(
+    model: &Path,
+    adapters: &Path,
+    val: &Path,
+    max_new_tokens: &str,
+    options: &[&str],
+    out: &Path,
+) -> Value {
+    let (ok, said, err) = output(
+        bella()
+            .args([
+                "calibrate",
+                "--quiet",
+                "--json",
+                "--max-new-tokens",
+                max_new_tokens,
+            ])
+            .args(options)
+            .arg("--model")
+            .arg(model)
+            .arg("--adapters")
+            .arg(adapters)
+            .arg("--data")
+            .arg(val),
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "--quiet", "--max-new-tokens", max_new_tokens])
+            .args(["--bootstrap", "0", "--model"])
+            .arg(model)
+            .arg("--adapters")
+            .arg(adapters)
+            .arg("--data")
+            .arg(val)
+            .arg("--out")
+            .arg(out),
+    );
+    assert!(ok, "{err}");
+    serde_json::from_str(&said).unwrap()
 }
