@@ -709,7 +709,8 @@ pub fn excess_aurc(conf: &[f64], acc: &[f64]) -> Result<f64> {
 pub struct CoverageAtRisk {
     pub target_risk: f64,
     /// The largest coverage among the points of [`risk_coverage_curve`] whose risk is
-    /// `<= target_risk` (+ [`TOLERANCE`]); 0 when there is none.
+    /// `<= target_risk` (+ [`TOLERANCE`]) and whose threshold is `>= 0` (a score below 0 is an
+    /// answer the decision never gives: an image the check flags); 0 when there is none.
     pub coverage: f64,
     /// The threshold of that point (answer when confidence `>= threshold`); the abstain-on-all
     /// threshold when there is none.
@@ -727,10 +728,11 @@ pub fn coverage_at_risk(conf: &[f64], acc: &[f64], target_risk: f64) -> Result<C
         });
     }
     let curve = risk_coverage_curve(conf, acc)?;
+    // A score below 0 is an answer the decision never gives: no threshold below 0 is reachable.
     let best = curve
         .iter()
         .rev()
-        .find(|p| p.risk <= target_risk + TOLERANCE);
+        .find(|p| p.risk <= target_risk + TOLERANCE && p.threshold >= 0.0);
     Ok(match best {
         Some(p) => CoverageAtRisk {
             target_risk,
@@ -835,7 +837,12 @@ pub fn choose_threshold_phi(val: &[(f64, f64)], c: f64) -> Result<f64> {
     // (threshold, Φ) from the highest threshold down
     let mut candidates = vec![(abstain_all_threshold(&conf), 0.0)];
     let mut sum = 0.0;
-    for g in tie_groups(&conf, &order) {
+    // A score below 0 is an answer the decision never gives (an image the check flags, ranked
+    // below every other): no threshold below 0 is a candidate.
+    for g in tie_groups(&conf, &order)
+        .into_iter()
+        .take_while(|g| conf[order[g.start]] >= 0.0)
+    {
         sum += order[g.clone()]
             .iter()
             .map(|&i| phi_score(acc[i], true, c))
@@ -1165,7 +1172,8 @@ pub fn summary(
         risk_coverage: risk_coverage_curve(&sel, &acc)?,
         aurc,
         optimal_aurc,
-        excess_aurc: aurc - optimal_aurc,
+        // Never below 0 but by rounding, as in [`excess_aurc`] (bootstrap bounds included).
+        excess_aurc: (aurc - optimal_aurc).max(0.0),
         coverage_at_risk: opts
             .risk_targets
             .iter()

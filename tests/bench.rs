@@ -1422,6 +1422,21 @@ fn command_line_bench_shards_merge_and_calibrate() {
         "{err}"
     );
     assert!(!same.exists());
+    // The test file as validation questions: the thresholds would be chosen on the test
+    // questions and called held out. Refused likewise.
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "--quiet", "--limit", "4", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(w.join("test.jsonl"))
+            .arg("--val")
+            .arg(&val_again.with_file_name("test.jsonl"))
+            .arg("--out")
+            .arg(&same),
+    );
+    assert!(!ok && err.contains("is the --data file"), "{err}");
+    assert!(!same.exists());
     let mut shard_dirs = Vec::new();
     for i in 0..2 {
         let dir = tmp.path().join(format!("s{i}"));

@@ -478,6 +478,14 @@ fn hand_effective_reliability() {
         -18.7 / 4.0
     ));
     assert_eq!(choose_threshold_phi(&pairs, 0.0).unwrap(), 0.0);
+    // Scores below 0 are answers never given (an image the check flags, ranked below all):
+    // answering the two right ones below 0 would make Φ₁ (1 − 1 + 2)/4 = 0.5 at −0.2, but no
+    // threshold below 0 is reachable: 0.9, Φ₁ 0.25. Coverage at risk likewise stops at 0.
+    let gated = [(0.9, 1.0), (0.8, 0.0), (-0.1, 1.0), (-0.2, 1.0)];
+    assert_eq!(choose_threshold_phi(&gated, 1.0).unwrap(), 0.9);
+    let (gated_conf, gated_acc): (Vec<f64>, Vec<f64>) = gated.iter().copied().unzip();
+    let at = coverage_at_risk(&gated_conf, &gated_acc, 0.5).unwrap();
+    assert_eq!((at.coverage, at.threshold), (0.5, 0.8));
     // recorded decisions
     let answered = [true, false, true, true];
     let got = effective_reliability_of_decisions(&acc, &answered, 100.0).unwrap();

@@ -805,7 +805,8 @@ fn same_score(selector: &Selector, conf: &[f64], acc: &[f64]) -> Option<String> 
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
             (lo.min(c), hi.max(c))
         });
-    if conf.len() < 2 || hi - lo > 1e-9 {
+    // The same up to rounding, relative to the scores (random weights score 1e-21 apart).
+    if conf.len() < 2 || hi - lo > 1e-9 * hi.abs().max(lo.abs()) {
         return None;
     }
     let labels = match acc.iter().all(|&a| a == acc[0]) {
@@ -814,7 +815,7 @@ fn same_score(selector: &Selector, conf: &[f64], acc: &[f64]) -> Option<String> 
         false => "",
     };
     Some(format!(
-        "the {} selector gives every validation question the same score {lo:.6}{labels}: the \
+        "the {} selector gives every validation question the same score {lo:.6e}{labels}: the \
          threshold answers all of them or none, whatever the objective; calibrate on questions \
          the model gets both right and wrong, or choose another --selector",
         selector.name()
@@ -1058,6 +1059,20 @@ mod tests {
         );
         // Partly right (VQA accuracy 0.3) is neither.
         assert!(thin_evidence(&[0.3; 400]).is_empty());
+    }
+
+    #[test]
+    fn scores_are_the_same_up_to_rounding_relative_to_their_size() {
+        let acc = [1.0, 0.0];
+        // Random weights: scores 1e-21 apart are apart, and said in full.
+        assert_eq!(
+            same_score(&Selector::Confidence, &[1e-21, 2e-21], &acc),
+            None
+        );
+        let said = same_score(&Selector::Confidence, &[0.5, 0.5 + 1e-12], &acc).unwrap();
+        assert!(said.contains("the same score 5.000000e-1"), "{said}");
+        let said = same_score(&Selector::Confidence, &[3e-21, 3e-21], &acc).unwrap();
+        assert!(said.contains("3.000000e-21"), "{said}");
     }
 
     #[test]

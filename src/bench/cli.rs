@@ -452,6 +452,16 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             }
         }
     }
+    // Validation questions that are the test questions choose the thresholds on the very
+    // questions they are measured on: the report would call them held out.
+    if let Some(val) = args.val.as_ref().filter(|v| same(v, data)) {
+        bail!(
+            "--val {} is the --data file: the thresholds would be chosen on the test questions \
+             themselves and reported as chosen on held-out ones; give held-out validation \
+             questions, or leave --val out (the report then says the numbers are optimistic)",
+            val.display()
+        );
+    }
     // An input among the files a run writes would be overwritten by them.
     let inputs = [
         ("--data", Some(data)),

@@ -120,6 +120,14 @@ pub struct Compute {
     pub reason: String,
 }
 
+/// The memory `auto` keeps free beside the f32 weights for the work (activations, the KV cache,
+/// the particles): a quarter of the weights and 1 GB. The f32 weights alone "fitting" left
+/// nothing to compute with: an answer ran the machine out of memory, and a training (about 2.4×
+/// the weights) killed another program.
+pub fn work_room(weight_bytes: u64) -> u64 {
+    weight_bytes / 4 + 1_000_000_000
+}
+
 /// Bytes the weights need in `dtype` (values × size), what [`resolve`] and the memory check use.
 pub fn weight_bytes(values: usize, dtype: DType) -> u64 {
     values as u64 * dtype.size_in_bytes() as u64
@@ -155,17 +163,19 @@ pub fn resolve(
             (half, format!("auto: half precision on {choice}"))
         }
         DTypeChoice::Auto => match available {
-            Some(avail) if f32_bytes > avail => (
+            Some(avail) if f32_bytes.saturating_add(work_room(f32_bytes)) > avail => (
                 half,
                 format!(
-                    "auto: f32 would need ~{:.1} GB, {:.1} GB available{why_half}",
+                    "auto: f32 would need ~{:.1} GB and ~{:.1} GB to work in, {:.1} GB \
+                     available{why_half}",
                     gb(f32_bytes),
+                    gb(work_room(f32_bytes)),
                     gb(avail)
                 ),
             ),
             _ => (
                 DType::F32,
-                "auto: f32 fits in memory on the CPU".to_string(),
+                "auto: f32 fits in memory on the CPU, with room to work".to_string(),
             ),
         },
     };
@@ -273,6 +283,15 @@ mod tests {
             tight.reason.contains("f32 would need ~4.3 GB"),
             "{}",
             tight.reason
+        );
+        // The f32 weights alone would fit, but leave nothing to work in.
+        let bare = resolve(cpu, 4 << 30, DType::F16, Some(5 << 30)).unwrap();
+        assert_ne!(bare.dtype, DType::F32, "{}", bare.reason);
+        assert!(
+            bare.reason
+                .contains("~4.3 GB and ~2.1 GB to work in, 5.4 GB available"),
+            "{}",
+            bare.reason
         );
         let from_f32 = resolve(cpu, 4 << 30, DType::F32, Some(3 << 30)).unwrap();
         assert_eq!(from_f32.dtype, DType::BF16);
