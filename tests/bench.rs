@@ -1431,7 +1431,7 @@ fn command_line_bench_shards_merge_and_calibrate() {
             .arg("--data")
             .arg(w.join("test.jsonl"))
             .arg("--val")
-            .arg(&val_again.with_file_name("test.jsonl"))
+            .arg(val_again.with_file_name("test.jsonl"))
             .arg("--out")
             .arg(&same),
     );
