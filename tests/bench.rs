@@ -2235,3 +2235,32 @@ fn calibrate_then_bench(
     assert!(ok, "{err}");
     serde_json::from_str(&said).unwrap()
 }
+
+/// A run directory continued with another data file is refused naming what it holds, not
+/// calling the new file an earlier version of itself.
+#[test]
+fn a_run_continued_on_another_file_is_refused_saying_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world();
+    let out = tmp.path().join("run");
+    let run = |data: &str| {
+        output(
+            bella()
+                .args(["bench", "--quiet", "--limit", "2", "--max-new-tokens", "2"])
+                .arg("--model")
+                .arg(fixture("llava-tiny-hub"))
+                .arg("--data")
+                .arg(w.join(data))
+                .arg("--out")
+                .arg(&out),
+        )
+    };
+    let (ok, _, err) = run("test.jsonl");
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("val.jsonl");
+    assert!(
+        !ok && err.contains("holds answers to test questions that")
+            && err.contains("the run was of another file, or this one changed since"),
+        "{err}"
+    );
+}

@@ -46,7 +46,8 @@ impl Bootstrap {
             "Intervals: 95 % percentile bootstrap over the questions ({} resamples, seed {}; each \
              data file resampled separately, validation included, so the thresholds chosen on it \
              vary too; linear interpolation between order statistics). For a biased statistic \
-             such as ECE, which resampling inflates, the interval can lie beside the point \
+             such as ECE, which resampling inflates, or one chosen anew on each resample under a \
+             constraint (the risk at a target risk), the interval can lie beside the point \
              estimate",
             self.resamples, self.seed
         )

@@ -537,10 +537,12 @@ fn renumber_answers(out: &Path, sets: &[EvalSet], shard: Option<Shard>) -> Resul
                 .find(|set| set.record.split == s.split)
                 .map_or(s.split.clone(), |set| set.record.path.clone());
             bail!(
-                "{} holds answers to an earlier version of {file}, which changed since: question \
-                 {:?}, answered then, {problem}; so the run cannot be continued: use another \
-                 --out, or delete the directory to start over",
+                "{} holds answers to {} questions that {file} does not match (the run was of \
+                 another file, or this one changed since): question {:?}, answered then, \
+                 {problem}; so the run cannot be continued: use another --out, or delete the \
+                 directory to start over",
                 out.display(),
+                s.split,
                 s.question_id
             );
         }

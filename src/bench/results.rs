@@ -682,12 +682,15 @@ pub fn compute(
          mean (confidence − accuracy)²)"
             .into(),
         "Error detection: an error is an answer with VQA accuracy < 0.5; score −(the \
-         selector's score); AUROC counts ties half, AUPR is average precision (scikit-learn)"
+         selector's score), an image the image check flags ranked below all (its samples.jsonl \
+         score − 1); AUROC counts ties half, AUPR is average precision (scikit-learn)"
             .into(),
         "Selective prediction: answer when the selector's score (the confidence, unless the \
-         particles were calibrated with another selector) >= threshold; AURC is the area under the \
-         risk–coverage step curve, excess AURC subtracts the oracle's; coverage at risk r is the \
-         largest coverage whose selective risk is <= r on the evaluated questions themselves"
+         particles were calibrated with another selector) >= threshold, an image the check flags \
+         ranked below all and never answered (no threshold below 0 is chosen); AURC is the area \
+         under the risk–coverage step curve, excess AURC subtracts the oracle's; coverage at risk \
+         r is the largest coverage whose selective risk is <= r on the evaluated questions \
+         themselves"
             .into(),
         "Effective reliability Φ_c (Whitehead et al., ECCV 2022): accuracy if answered and \
          accuracy > 0, −c if answered and wrong, 0 if abstained"

@@ -41,8 +41,17 @@ pub struct Document {
     pub blocks: Vec<Block>,
 }
 
+/// Text of a Markdown report as it reads: `&`, `<` and `>` written as entities, so that a split
+/// name, an answer type or a run name holding HTML (`<script>`) is shown, not passed to the
+/// viewer (the HTML report escapes the same text).
+fn md_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 fn md_cell(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    md_text(s).replace('|', "\\|").replace('\n', " ")
 }
 
 fn html_escape(s: &str) -> String {
@@ -80,19 +89,20 @@ impl Document {
     }
 
     pub fn to_markdown(&self) -> String {
-        let mut out = format!("# {}\n", self.title);
+        let mut out = format!("# {}\n", md_text(&self.title));
         for b in &self.blocks {
             out.push('\n');
             match b {
                 Block::Heading(l, t) => {
-                    let _ = writeln!(out, "{} {t}", "#".repeat(usize::from(*l).clamp(2, 6)));
+                    let hashes = "#".repeat(usize::from(*l).clamp(2, 6));
+                    let _ = writeln!(out, "{hashes} {}", md_text(t));
                 }
                 Block::Paragraph(t) => {
-                    let _ = writeln!(out, "{t}");
+                    let _ = writeln!(out, "{}", md_text(t));
                 }
                 Block::List(items) => {
                     for i in items {
-                        let _ = writeln!(out, "- {i}");
+                        let _ = writeln!(out, "- {}", md_text(i));
                     }
                 }
                 Block::Table { header, rows } => {
@@ -616,4 +626,32 @@ pub fn write_report(
     ));
     written.extend(doc.write(dir, "report")?);
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_shows_html_in_names_as_text_and_keeps_tables_whole() {
+        let mut doc = Document {
+            title: "run <b>x</b>".into(),
+            blocks: Vec::new(),
+        };
+        doc.heading(2, "ood <script>alert(9)</script>");
+        doc.para("a & b");
+        doc.table(
+            &["answer type", "n"],
+            vec![vec!["<i>a|b\nc</i>".into(), "1".into()]],
+        );
+        let md = doc.to_markdown();
+        assert!(!md.contains('<') && !md.contains('>'), "{md}");
+        assert!(md.contains("# run &lt;b&gt;x&lt;/b&gt;"), "{md}");
+        assert!(
+            md.contains("## ood &lt;script&gt;alert(9)&lt;/script&gt;"),
+            "{md}"
+        );
+        assert!(md.contains("a &amp; b"), "{md}");
+        assert!(md.contains("| &lt;i&gt;a\\|b c&lt;/i&gt; | 1 |"), "{md}");
+    }
 }
