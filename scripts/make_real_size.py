@@ -666,7 +666,8 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"output root (default {DEFAULT_ROOT})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print-dir", action="store_true", help="only print the directory a model would go to")
-    args = ap.parse_args()
+    # Options may come before or after the model names (`llava --layers 2 clip-b32`).
+    args = ap.parse_intermixed_args()
     models = ["llava", "clip-b32", "clip-l14-336"] if "all" in args.models else args.models
     if not 1 <= args.layers <= 32:
         ap.error("--layers must be within 1..32")

@@ -266,7 +266,7 @@ fn ask_with_particles_on_a_quantized_demo_base() {
     ]));
     assert!(ok, "{stderr}");
     assert!(
-        text.contains("quantized     0 linear layer(s) of the language model quantized to q4k")
+        text.contains("quantized     0 linear layer(s) of the text model quantized to q4k")
             && text.contains("21 kept dense (inner dimension not a multiple of 256"),
         "{text}"
     );

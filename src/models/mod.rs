@@ -185,8 +185,8 @@ fn load_weights(
     if device.is_cpu() {
         if let Some(available) = compute::mem_available_bytes() {
             let needed = estimated_bytes(&weights, quantize, dtype);
-            compute::check_fits(needed, available, dtype)
-                .with_context(|| format!("cannot load {}", files.dir.display()))?;
+            // (the caller names the model)
+            compute::check_fits(needed, available, dtype)?;
         }
     }
     if let ModelConfig::Llava(_) = config {

@@ -201,10 +201,11 @@ impl std::fmt::Display for QuantSummary {
             f,
             "{} linear layer(s) of the {} quantized to {} ({:.1} MB; particles stay f32); ",
             self.quantized_layers,
+            // A LLaVA's language model, a CLIP's text encoder: the text model of both.
             if self.vision {
-                "language model and vision tower"
+                "text model and vision tower"
             } else {
-                "language model"
+                "text model"
             },
             self.kind,
             self.quantized_bytes as f64 / 1e6
