@@ -1079,17 +1079,25 @@ fn train_options_out_of_range_name_the_option() {
         assert!(err.len() < 400, "{args:?}: {err}");
     }
     assert!(!data.out().join(PARTICLES_FILE).exists());
-    // Targets that match nothing: an example name and the pattern forms, not a Rust Option.
+    // Targets that match nothing: the model's layer stacks and the pattern forms, not a Rust
+    // Option.
     let err = fails(&mut train(&data, &["--targets", "nosuchmodule"]));
     assert!(
         err.contains("no layer matches")
-            && err.contains("layer names look like \"")
+            && err.contains("this model's layers are ")
+            && err.contains("language_model.model.layers.0-")
             && !err.contains("Some("),
         "{err}"
     );
-    // Beside a pattern that matches, one that matches nothing (a reversed range, a typo) is
-    // named too: it was dropped without a word.
-    for idle in ["language_model.layers.2-1.*.k_proj", "bogus"] {
+    // A reversed range is said to be one.
+    let err = fails(&mut train(
+        &data,
+        &["--targets", "q_proj,language_model.layers.2-1.*.k_proj"],
+    ));
+    assert!(err.contains("is reversed: write 1-2"), "{err}");
+    // Beside a pattern that matches, one that matches nothing (a range past the layers, a
+    // typo) is named too: it was dropped without a word.
+    for idle in ["language_model.layers.70-71.*.k_proj", "bogus"] {
         let targets = format!("q_proj,{idle}");
         let err = fails(&mut train(&data, &["--targets", &targets]));
         assert!(

@@ -90,6 +90,17 @@ impl AdapterSpec {
                  few times the rank)"
             );
         }
+        for target in &self.targets {
+            if let Some((lo, hi)) = glob_tokens(target).into_iter().find_map(|t| match t {
+                GlobToken::Range(lo, hi) if lo > hi => Some((lo, hi)),
+                _ => None,
+            }) {
+                bail!(
+                    "the layer range {lo}-{hi} in the target {target:?} is reversed: write \
+                     {hi}-{lo}"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -164,7 +175,36 @@ fn glob_match(p: &[GlobToken], s: &[u8]) -> bool {
 
 #[cfg(test)]
 mod target_tests {
-    use super::target_matches;
+    use super::{layer_stacks, target_matches, AdapterSpec};
+
+    #[test]
+    fn messages_say_which_layers_there_are_and_refuse_a_reversed_range() {
+        let paths: Vec<String> = [
+            "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+            "vision_tower.vision_model.encoder.layers.22.self_attn.q_proj",
+            "language_model.model.layers.1.self_attn.q_proj",
+            "language_model.model.layers.0.mlp.up_proj",
+            "multi_modal_projector.linear_1",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            layer_stacks(&paths),
+            [
+                "vision_tower.vision_model.encoder.layers.0-22",
+                "language_model.model.layers.0-1"
+            ]
+        );
+        let spec = AdapterSpec {
+            targets: vec!["language_model.layers.1-0.*.q_proj".into()],
+            ..AdapterSpec::default_for_llava()
+        };
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("1-0") && err.contains("reversed: write 0-1"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn suffixes_globs_and_layer_ranges() {
@@ -281,11 +321,13 @@ pub fn attach<M: ParticleModel + ?Sized>(
         );
     }
     let example = || {
-        model
-            .linears()
-            .first()
-            .map(|(n, _)| format!("; layer names look like {n:?}"))
-            .unwrap_or_default()
+        let paths: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+        let stacks = layer_stacks(&paths);
+        match (stacks.is_empty(), paths.first()) {
+            (false, _) => format!("; this model's layers are {}", stacks.join(", ")),
+            (true, Some(n)) => format!("; layer names look like {n:?}"),
+            (true, None) => String::new(),
+        }
     };
     if adapted.is_empty() {
         bail!(
@@ -308,6 +350,28 @@ pub fn attach<M: ParticleModel + ?Sized>(
         );
     }
     Ok(adapted)
+}
+
+/// The stacks of numbered layers among module `paths`, each as `prefix.layers.FIRST-LAST` (for
+/// a message saying which layer ranges a target can name).
+fn layer_stacks(paths: &[String]) -> Vec<String> {
+    let mut stacks: Vec<(String, u64, u64)> = Vec::new();
+    for path in paths {
+        let Some((prefix, rest)) = path.split_once(".layers.") else {
+            continue;
+        };
+        let Some(n) = rest.split('.').next().and_then(|d| d.parse::<u64>().ok()) else {
+            continue;
+        };
+        match stacks.iter_mut().find(|(p, ..)| p == prefix) {
+            Some((_, lo, hi)) => (*lo, *hi) = ((*lo).min(n), (*hi).max(n)),
+            None => stacks.push((prefix.to_string(), n, n)),
+        }
+    }
+    stacks
+        .into_iter()
+        .map(|(prefix, lo, hi)| format!("{prefix}.layers.{lo}-{hi}"))
+        .collect()
 }
 
 /// The plain model of particle `p`: every adapted layer merged to `W + (α/r)·B_p·A_p`.
