@@ -1204,6 +1204,42 @@ fn compare_writes_one_table_over_the_same_questions() {
     );
     assert!(d["intervals"]["aurc"].is_array());
     assert!(md.contains("| particles − base |"), "{md}");
+
+    // Without resamples the differences are still given, without intervals.
+    let bare = tempfile::tempdir().unwrap();
+    let mut opts = options(bare.path());
+    opts.limit = Some(3);
+    opts.ood.truncate(1);
+    opts.bootstrap.resamples = 0;
+    let (comparison, _) = compare(
+        &[
+            "base".into(),
+            format!("particles={}", particles().display()),
+        ],
+        &opts,
+    )
+    .unwrap();
+    let d = &comparison.differences[0];
+    assert!(d.name == "particles" && d.intervals.is_empty(), "{d:?}");
+    let md = std::fs::read_to_string(bare.path().join("comparison.md")).unwrap();
+    assert!(
+        md.contains("| particles − base |") && md.contains("no intervals: --bootstrap 0"),
+        "{md}"
+    );
+    let accuracy = |dir: &str| {
+        results_of(&bare.path().join(dir))["results"]["vqa_accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| vqa_accuracy |"))
+        .unwrap();
+    let shown = row.trim_end_matches(" |").rsplit("| ").next().unwrap();
+    assert!(
+        (shown.parse::<f64>().unwrap() - (accuracy("particles") - accuracy("base"))).abs() < 1e-3,
+        "{row}"
+    );
 }
 
 /// Makes `examples` questions `vqa` answers right: their human answers become its own answer

@@ -101,7 +101,8 @@ pub struct Difference {
     pub name: String,
     /// The run it is compared with (the first entry).
     pub against: String,
-    /// Metric key → 95 % paired bootstrap interval of (this run − `against`).
+    /// Metric key → 95 % paired bootstrap interval of (this run − `against`); empty with
+    /// `--bootstrap 0` (the table then gives the differences alone).
     pub intervals: BTreeMap<String, [f64; 2]>,
 }
 
@@ -111,8 +112,8 @@ pub struct Comparison {
     /// The metric keys of the table, in order.
     pub metrics: Vec<String>,
     pub runs: Vec<ComparedRun>,
-    /// Every run after the first against the first (empty without --bootstrap, or when the runs
-    /// did not answer the same questions).
+    /// Every run after the first against the first (empty when the runs did not answer the same
+    /// questions).
     #[serde(default)]
     pub differences: Vec<Difference>,
     pub written: String,
@@ -213,7 +214,7 @@ fn differences(
     let Some((first, _, base)) = done.first() else {
         return Ok(None);
     };
-    if bootstrap.resamples == 0 || done.len() < 2 {
+    if done.len() < 2 {
         return Ok(None);
     }
     let config = &base.config;
@@ -228,6 +229,21 @@ fn differences(
             return Ok(None);
         }
         samples.push(read_samples(&dir.join(SAMPLES_FILE))?.samples);
+    }
+    let against_first = |intervals: Vec<BTreeMap<String, [f64; 2]>>| {
+        done.iter()
+            .skip(1)
+            .zip(intervals)
+            .map(|((e, _, _), intervals)| Difference {
+                name: e.name.clone(),
+                against: first.name.clone(),
+                intervals,
+            })
+            .collect()
+    };
+    if bootstrap.resamples == 0 {
+        // The differences without intervals.
+        return Ok(Some(against_first(vec![BTreeMap::new(); done.len() - 1])));
     }
     let groups: Vec<Vec<Vec<&Sample>>> = done
         .iter()
@@ -244,17 +260,7 @@ fn differences(
     };
     let of_group = |key: &str, g: usize| results::is_metric_of(config, key, g);
     let diffs = super::bootstrap::paired(&runs, bootstrap, metric, of_group)?;
-    Ok(Some(
-        done.iter()
-            .skip(1)
-            .zip(diffs)
-            .map(|((e, _, _), intervals)| Difference {
-                name: e.name.clone(),
-                against: first.name.clone(),
-                intervals,
-            })
-            .collect(),
-    ))
+    Ok(Some(against_first(diffs)))
 }
 
 /// Writes the comparison files of finished runs.
@@ -300,7 +306,8 @@ pub fn write_comparison(
     let mut doc = Document::new("Comparison");
     if let Some((_, _, r)) = done.first() {
         doc.para(format!(
-            "Model {}; {} questions; normalisation {}. Each run is in its own sub-directory \
+            "Model {}; {} questions in all its files; normalisation {}. Each run is in its own \
+             sub-directory \
              with its full report.",
             r.config.model.source,
             r.progress.questions,
@@ -382,7 +389,12 @@ pub fn write_comparison(
             alt: "Risk–coverage curves".into(),
         });
     }
-    if !diffs.is_empty() {
+    if !diffs.is_empty() && bootstrap.resamples == 0 {
+        doc.para(format!(
+            "The difference columns give each run minus {} (no intervals: --bootstrap 0).",
+            done[0].0.name
+        ));
+    } else if !diffs.is_empty() {
         doc.para(format!(
             "Values with their 95 % bootstrap interval over the questions ({} resamples, seed {}); \
              the difference columns give each run minus {} with a paired interval (the same \
