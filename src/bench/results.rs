@@ -587,6 +587,11 @@ pub(crate) fn metrics_of(
         None => {
             let mut m = Map::new();
             m.insert("count".into(), Value::from(test.len()));
+            // What needs no human answers: the share answered (a test server's questions).
+            if !test.is_empty() {
+                let answered = test.iter().filter(|s| !s.abstained).count();
+                m.insert("coverage".into(), num(answered as f64 / test.len() as f64));
+            }
             m
         }
     };

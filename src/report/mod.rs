@@ -436,7 +436,17 @@ pub fn write_report(
                 .collect(),
         );
     } else {
-        doc.para("No metrics: no answered test question with human answers.");
+        doc.para(format!(
+            "No accuracy metrics: no answered test question with human answers. {}",
+            match r
+                .results
+                .get("coverage")
+                .and_then(serde_json::Value::as_f64)
+            {
+                Some(c) => format!("Coverage (answered, not abstained): {:.1} %.", c * 100.0),
+                None => String::new(),
+            }
+        ));
     }
 
     if let Some(s) = &r.summary {
