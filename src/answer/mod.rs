@@ -38,22 +38,41 @@ pub const DEFAULT_RESPONSE_TEMPLATE: &str = include_str!("../../prompts/response
 pub const UNANSWERABLE: &str = "unanswerable";
 
 /// Reads a CLIP answer vocabulary: one answer per line; blank lines and `#` comments skipped;
-/// an answer that normalises (VQA) like an earlier one is the same answer and is left out, so
-/// that it does not split the probability of one answer between two lines.
+/// the answers as [`distinct_answers`] keeps them.
 pub fn read_answer_list(path: &Path) -> Result<Vec<String>> {
     let text = crate::input::read_to_string(path, "answer list")?;
-    let mut seen = std::collections::HashSet::new();
-    let answers: Vec<String> = text
+    let lines = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter(|l| seen.insert(crate::data::normalize::normalize_answer(l)))
-        .map(String::from)
-        .collect();
+        .map(String::from);
+    let answers = distinct_answers(lines).with_context(|| format!("in {}", path.display()))?;
     if answers.is_empty() {
         bail!("{} holds no answers (one per line)", path.display());
     }
     Ok(answers)
+}
+
+/// Candidate answers, trimmed, each once: an answer that normalises (VQA) like an earlier one is
+/// the same answer and is left out, so that it does not split the probability of one answer
+/// between two; one that normalises to nothing (blanks, punctuation, an article) is refused:
+/// it could only be declined.
+pub fn distinct_answers(answers: impl IntoIterator<Item = String>) -> Result<Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept = Vec::new();
+    for a in answers {
+        let normalized = crate::data::normalize::normalize_answer(&a);
+        if normalized.is_empty() {
+            bail!(
+                "the candidate answer {a:?} says nothing once normalised as VQA answers are \
+                 (blanks, punctuation or an article only): leave it out"
+            );
+        }
+        if seen.insert(normalized) {
+            kept.push(a.trim().to_string());
+        }
+    }
+    Ok(kept)
 }
 
 /// A model, its particles and a CLIP answer list, resolved and checked from their files before
@@ -475,31 +494,15 @@ impl BellaVqa {
         )
     }
 
-    /// The candidate answers a CLIP model scores, kept once each as [`read_answer_list`] keeps
-    /// them (trimmed; a repeat after the VQA normalisation left out: two copies would split one
-    /// answer's probability). A LLaVA generates its answers, so giving it a vocabulary is an
-    /// error rather than a silently ignored option; so are an empty list, an answer that
-    /// normalises to nothing (it could only be declined) and one too long for CLIP's text
-    /// encoder even after an empty question (every question would be refused).
+    /// The candidate answers a CLIP model scores, each once ([`distinct_answers`]). A LLaVA
+    /// generates its answers, so giving it a vocabulary is an error rather than a silently
+    /// ignored option; so are an empty list and an answer too long for CLIP's text encoder even
+    /// after an empty question (every question would be refused).
     pub fn set_answer_vocabulary(&mut self, answers: Vec<String>) -> Result<()> {
         let Model::Clip(m) = &self.loaded.model else {
             return Err(answers_given_to_llava());
         };
-        let mut seen = std::collections::HashSet::new();
-        let mut kept = Vec::with_capacity(answers.len());
-        for a in answers {
-            let normalized = crate::data::normalize::normalize_answer(&a);
-            if normalized.is_empty() {
-                bail!(
-                    "the candidate answer {a:?} says nothing once normalised as VQA answers are \
-                     (blanks, punctuation or an article only): leave it out"
-                );
-            }
-            if seen.insert(normalized) {
-                kept.push(a.trim().to_string());
-            }
-        }
-        let answers = kept;
+        let answers = distinct_answers(answers)?;
         if answers.is_empty() {
             bail!("the answer list is empty: a CLIP model answers by choosing one of its answers");
         }
