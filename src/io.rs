@@ -944,6 +944,16 @@ pub fn stored_model_source(model: &str) -> String {
     }
 }
 
+/// Whether two paths name the same file or folder however they are written (relative,
+/// absolute, through `..` or a link); paths that cannot be resolved (not there) are compared
+/// as written.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// The name (`demo`, `demo:clip`) of a directory that is the embedded demo's cache copy of its
 /// LLaVA or CLIP; `None` for anything else (the copy of another build's demo included).
 fn demo_name_of(path: &Path) -> Option<&'static str> {
@@ -952,15 +962,12 @@ fn demo_name_of(path: &Path) -> Option<&'static str> {
         return None;
     }
     let demo = crate::demo::directory().ok()?;
-    let same = |a: &Path, b: &Path| {
-        fs::canonicalize(a).is_ok_and(|a| fs::canonicalize(b).is_ok_and(|b| a == b))
-    };
     [
         (crate::demo::LLAVA, "demo"),
         (crate::demo::CLIP, "demo:clip"),
     ]
     .into_iter()
-    .find(|(component, _)| same(path, &demo.join(component)))
+    .find(|(component, _)| same_path(path, &demo.join(component)))
     .map(|(_, name)| name)
 }
 

@@ -721,13 +721,7 @@ fn ood_in_val(
     ood_input: &DataInput,
     ood: &EvalSet,
 ) -> Option<String> {
-    let same_file = match (
-        std::fs::canonicalize(&val_input.path),
-        std::fs::canonicalize(&ood_input.path),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => val_input.path == ood_input.path,
-    };
+    let same_file = crate::io::same_path(&val_input.path, &ood_input.path);
     // An image however its path is written (relative, absolute, through `..` or a link).
     let image = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let val = &val.examples[..val.record.selected];

@@ -435,10 +435,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     }
     // An OOD file that is the test or validation file would count its questions both as in
     // and as out of distribution (an OOD AUROC of 0.5 by construction).
-    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
+    let same = crate::io::same_path;
     for ood in &args.ood_data {
         for (role, path) in
             std::iter::once(("--data", data)).chain(args.val.iter().map(|v| ("--val", v)))

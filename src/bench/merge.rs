@@ -9,13 +9,6 @@ use super::config::RunConfig;
 use super::results::{self, ResultsFile, RunRecord, SkippedQuestion};
 use super::samples::{read_samples, write_samples, Sample, SAMPLES_FILE};
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
 /// Merges the shard directories `dirs` (every shard `i/n` of one run, each complete) into
 /// `out`: the samples in canonical order, the invocation logs, then `results.json` and the
 /// report, as [`super::finalize`] writes them. Refuses shards of different runs, a shard given
@@ -31,7 +24,7 @@ pub fn merge(
     }
     let mut configs = Vec::with_capacity(dirs.len());
     for d in dirs {
-        if same_dir(d, out) {
+        if crate::io::same_path(d, out) {
             bail!(
                 "--out {} is one of the shard directories; merge into a new directory",
                 out.display()

@@ -244,18 +244,14 @@ pub fn take_unfit(
         }
     };
     let mut unfit = Vec::new();
-    let mut i = 0;
-    examples.retain(|ex| {
-        let fit = fits(i, ex);
-        i += 1;
-        match fit {
-            Ok(()) => true,
-            Err(e) => {
-                unfit.push((ex.question_id.clone(), format!("{e:#}")));
-                false
-            }
+    let mut kept = Vec::with_capacity(examples.len());
+    for (i, ex) in std::mem::take(examples).into_iter().enumerate() {
+        match fits(i, &ex) {
+            Ok(()) => kept.push(ex),
+            Err(e) => unfit.push((ex.question_id.clone(), format!("{e:#}"))),
         }
-    });
+    }
+    *examples = kept;
     Ok(unfit)
 }
 
