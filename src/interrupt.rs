@@ -7,7 +7,7 @@
 //! of work, which is false unless a watch is installed and a signal came (so library callers and
 //! tests are not affected, and the server keeps its own graceful shutdown).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
@@ -15,6 +15,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The signal that asked for the stop (SIGINT until one came).
+static SIGNAL: AtomicI32 = AtomicI32::new(SIGINT);
 static WATCHING: OnceLock<()> = OnceLock::new();
 /// Whether the handler watches SIGINT (not when the process was started ignoring it).
 static WATCHING_SIGINT: AtomicBool = AtomicBool::new(false);
@@ -37,6 +39,9 @@ pub fn watch(after: &'static str) -> Result<()> {
         .name("interrupt".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if !REQUESTED.load(Ordering::SeqCst) {
+                    SIGNAL.store(signal, Ordering::SeqCst);
+                }
                 if REQUESTED.swap(true, Ordering::SeqCst) {
                     // The shell's convention for a process ended by a signal.
                     std::process::exit(128 + signal);
@@ -78,8 +83,14 @@ pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
 
+/// The exit status of a command that stopped because it was asked to: the shell's 128 + the
+/// signal (130 after a Ctrl-C, 143 after a SIGTERM).
+pub fn exit_status() -> u8 {
+    (128 + SIGNAL.load(Ordering::SeqCst)) as u8
+}
+
 /// A command that stopped early because it was asked to; what it had done is saved. The CLI
-/// prints the message and exits with status 130.
+/// prints the message and exits with [`exit_status`].
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Interrupted(pub String);

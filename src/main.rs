@@ -1208,7 +1208,7 @@ fn main() -> ExitCode {
         }
         Err(e) if e.is::<Interrupted>() => {
             note!("{e}");
-            ExitCode::from(130)
+            ExitCode::from(bella_vqa::interrupt::exit_status())
         }
         Err(e) => {
             note!("error: {e:#}");

@@ -1450,3 +1450,46 @@ fn bench_merge_refuses_a_fifo_in_a_shard_instead_of_hanging() {
         assert!(t.contains("FIFO") && t.contains(name), "{name}: {t}");
     }
 }
+
+#[test]
+fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_continues() {
+    use std::io::BufRead as _;
+    let world = world();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&mut bench_limit(world.path(), out.path(), 10));
+    let results_before = std::fs::read(out.path().join("results.json")).unwrap();
+    // Every question answered: only the results are left, with many resamples (seconds).
+    let mut cmd = bench_limit(world.path(), out.path(), 10);
+    let args: Vec<_> = cmd.get_args().filter(|a| *a != "--quiet").collect();
+    let mut cmd = bella();
+    cmd.args(args).args(["--bootstrap", "100000"]);
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bella-vqa starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("bootstrap intervals") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "ended early: {said}");
+        said.push_str(&line);
+    }
+    // SAFETY: a plain kill(2) of the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "after SIGTERM: {said}{rest}");
+    assert!(
+        rest.contains("interrupted while computing the bootstrap intervals"),
+        "{rest}"
+    );
+    // The results of the same answers stay as they were, not half written.
+    let results_now = std::fs::read(out.path().join("results.json")).unwrap();
+    assert!(results_now == results_before, "results.json changed");
+    // The same command (here with the usual resamples) computes them.
+    run_ok(&mut bench_limit(world.path(), out.path(), 10));
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["progress"]["complete"], true);
+}

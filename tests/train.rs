@@ -615,3 +615,171 @@ fn clip_particles_learn_an_answer_vocabulary_and_answer_with_it() {
         "CLIP candidates carry all the mass: {total}"
     );
 }
+
+/// The CLIP loss as one graph through both towers (the plain backward pass that
+/// `clip_loss_and_grads` must reproduce chunk by chunk).
+#[allow(clippy::too_many_arguments)]
+fn plain_clip_nll(
+    m: &bella_vqa::models::clip::ClipModel,
+    prompter: &bella_vqa::models::prompt::Prompter,
+    processor: &bella_vqa::models::image::ImageProcessor,
+    vocabulary: &[String],
+    examples: &[&VqaExample],
+    targets: &[usize],
+    particles: usize,
+    expanded: bool,
+) -> candle_core::Tensor {
+    use bella_vqa::answer::candidates::clip_prompt;
+    use bella_vqa::bella::expand_particles;
+    use bella_vqa::models::clip::normalize;
+    use candle_core::{Tensor, D};
+    let (rows, k) = (examples.len(), vocabulary.len());
+    let texts: Vec<String> = examples
+        .iter()
+        .flat_map(|ex| vocabulary.iter().map(|a| clip_prompt(&ex.question, a)))
+        .collect();
+    let (ids, mask) = prompter.encode_clip_batch(&texts, 77, false).unwrap();
+    let len = ids[0].len();
+    let ids = Tensor::from_vec(ids.concat(), (rows * k, len), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask.concat(), (rows * k, len), &Device::Cpu).unwrap();
+    let pixels: Vec<Tensor> = examples
+        .iter()
+        .map(|ex| {
+            let image = bella_vqa::models::image::load_image(&ex.image).unwrap();
+            processor.preprocess(&image).unwrap()
+        })
+        .collect();
+    let pixels = Tensor::stack(&pixels, 0).unwrap();
+    let (txt, _) = m
+        .text_embeds_rows(&ids, Some(&mask), particles, expanded)
+        .unwrap();
+    let (img, _) = m.image_embeds_rows(&pixels, particles, expanded).unwrap();
+    // Rows: one per example and particle, particle-major.
+    let full = if expanded { rows } else { rows * particles };
+    let bring = |t: Tensor, per: usize| {
+        if t.dim(0).unwrap() == full * per {
+            t
+        } else {
+            expand_particles(&t, full * per / t.dim(0).unwrap()).unwrap()
+        }
+    };
+    let txt = bring(normalize(&txt).unwrap(), k)
+        .reshape((full, k, ()))
+        .unwrap();
+    let img = bring(normalize(&img).unwrap(), 1).unsqueeze(1).unwrap();
+    let logits = img
+        .matmul(&txt.transpose(1, 2).unwrap().contiguous().unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .broadcast_mul(&m.logit_scale().exp().unwrap())
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    let target: Vec<u32> = (0..full).map(|r| targets[r % rows] as u32).collect();
+    let target = Tensor::from_vec(target, (full, 1), &Device::Cpu).unwrap();
+    logp.gather(&target, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .reshape((particles, full / particles))
+        .unwrap()
+        .mean(1)
+        .unwrap()
+        .neg()
+        .unwrap()
+}
+
+#[test]
+fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
+    use bella_vqa::train::objective::{clip_loss_and_grads, clip_vocabulary, ClipTask};
+    let data_dir = tempfile::tempdir().unwrap();
+    let (train_data, _) = shapes(data_dir.path(), 10);
+    let vocabulary = clip_vocabulary(&train_data, 500);
+    assert!(vocabulary.len() >= 3, "{vocabulary:?}");
+    // Particles on both towers and their projections, each particle its own examples (the
+    // ensemble's layout); on the text tower alone and on the vision tower alone, with examples
+    // shared by the particles (SVGD's) or not.
+    let layouts: [(&[&str], bool, usize); 4] = [
+        (&["*"], true, 6),
+        (&["*"], false, 2),
+        (&["text_model.*.q_proj"], false, 3),
+        (&["vision_model.*.v_proj"], true, 6),
+    ];
+    for (targets, expanded, n) in layouts {
+        let loaded = load_model("clip-tiny");
+        let prompter = loaded.prompter.unwrap();
+        let processor = loaded.image_processor.unwrap();
+        let Model::Clip(mut m) = loaded.model else {
+            panic!("clip-tiny is a CLIP")
+        };
+        let spec = AdapterSpec {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            rank: 2,
+            alpha: 4.0,
+            particles: 3,
+        };
+        attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
+        let mut vars = Vec::new();
+        for (name, layer) in m.linears_mut() {
+            let Some(ad) = layer.adapter().cloned() else {
+                continue;
+            };
+            let (a, b) = (
+                Var::from_tensor(&ad.a).unwrap(),
+                Var::from_tensor(&ad.b).unwrap(),
+            );
+            let adapter = Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale);
+            layer.set_adapter(Some(adapter.unwrap())).unwrap();
+            vars.push((format!("{name}.A"), a));
+            vars.push((format!("{name}.B"), b));
+        }
+        assert!(!vars.is_empty());
+        let examples: Vec<&VqaExample> = train_data.iter().take(n).collect();
+        let answers: Vec<usize> = examples
+            .iter()
+            .map(|ex| {
+                let a = bella_vqa::data::normalize::normalize_answer(&target_answer(ex).unwrap());
+                vocabulary.iter().position(|v| *v == a).unwrap()
+            })
+            .collect();
+        let plain_nll = plain_clip_nll(
+            &m,
+            &prompter,
+            &processor,
+            &vocabulary,
+            &examples,
+            &answers,
+            3,
+            expanded,
+        );
+        let plain = plain_nll.sum_all().unwrap().backward().unwrap();
+        let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        // One row per chunk, and everything in one chunk.
+        for chunk_bytes in [1, usize::MAX] {
+            let task = ClipTask {
+                prompter: &prompter,
+                processor: &processor,
+                vocabulary: &vocabulary,
+                chunk_bytes,
+            };
+            let mut grads = VarGrads::new(&just_vars);
+            let nll = clip_loss_and_grads(&m, &task, &examples, &answers, 3, expanded, &mut grads)
+                .unwrap();
+            let d = max_abs_diff(&plain_nll, &nll);
+            assert!(d <= 1e-5, "{targets:?}: the loss differs by {d}");
+            for (name, v) in &vars {
+                let want = plain
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let got = grads.get(v).unwrap();
+                let scale = max_abs(want);
+                assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
+                let d = max_abs_diff(want, &got);
+                assert!(
+                    d <= 1e-5 * scale.max(1.0),
+                    "{targets:?}, {chunk_bytes} bytes a chunk: {name} differs by {d} (scale {scale})"
+                );
+            }
+        }
+    }
+}

@@ -111,6 +111,15 @@ where
     let maps = (0..b.resamples)
         .into_par_iter()
         .map(|r| {
+            // Many questions and resamples take minutes: a Ctrl-C stops here, nothing lost.
+            if crate::interrupt::requested() {
+                return Err(crate::interrupt::Interrupted(
+                    "interrupted while computing the bootstrap intervals; every answer is kept \
+                     and the same command computes them again"
+                        .into(),
+                )
+                .into());
+            }
             let idx = draw(&sizes, b.seed, r);
             runs.iter()
                 .map(|groups| {

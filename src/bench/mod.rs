@@ -892,6 +892,12 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         );
     }
 
+    if opts.progress && opts.bootstrap.resamples > 0 {
+        crate::note!(
+            "computing the metrics and their bootstrap intervals ({} resamples)",
+            opts.bootstrap.resamples
+        );
+    }
     let (results, written) = finalize(&opts.out, &opts.bootstrap)?;
     Ok(BenchOutcome {
         results,

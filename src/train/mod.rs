@@ -40,7 +40,7 @@ use crate::models::nn::VarGrads;
 use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
-    clip_particle_nll, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll,
+    clip_loss_and_grads, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll,
     target_answer, EncodedExample,
 };
 use optim::{clip_per_particle, learning_rate, AdamW};
@@ -620,7 +620,10 @@ pub fn train(
     opts.validate()?;
     run.validate()?;
     if run.gradient_checkpointing && matches!(loaded.model, Model::Clip(_)) {
-        bail!("--gradient-checkpointing applies to LLaVA models; train this CLIP without it");
+        bail!(
+            "--gradient-checkpointing applies to LLaVA models; train this CLIP without it (a \
+             CLIP's training step keeps one chunk of its texts and images at a time anyway)"
+        );
     }
     let base = BaseModel {
         source: run.model_source.clone(),
@@ -906,10 +909,18 @@ pub fn train(
             picked.extend_from_slice(&ord[s * batch..(s + 1) * batch]);
         }
         let expanded = opts.method == Method::Ensemble && p > 1;
-        // With checkpointing the NLL comes detached, its gradients already in `grads`.
+        // The NLL comes detached, its gradients already in `grads`; the prior's join them below.
         let mut grads = VarGrads::new(&params.vars());
-        let checkpointed = run.gradient_checkpointing.then_some(&mut grads);
-        let nll = objective.loss(model, train, &picked, p, expanded, checkpointed)?;
+        let checkpointing = run.gradient_checkpointing;
+        let nll = objective.loss(
+            model,
+            train,
+            &picked,
+            p,
+            expanded,
+            &mut grads,
+            checkpointing,
+        )?;
         let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
         let per_particle = (nll + prior)?;
         let loss = per_particle.sum_all()?;
@@ -1206,9 +1217,11 @@ impl<'a> Objective<'a> {
         }
     }
 
-    /// Mean NLL per particle `[P]` of the examples `picked` (particle-major when `expanded`).
-    /// `checkpointed`: with gradient checkpointing (LLaVA), the loss comes detached and the
-    /// gradients of its sum are added there.
+    /// Mean NLL per particle `[P]` of the examples `picked` (particle-major when `expanded`),
+    /// detached; the gradients of its sum are added to `grads`. `checkpointing` (LLaVA): one
+    /// decoder layer's activations at a time. A CLIP always keeps one chunk's
+    /// ([`clip_loss_and_grads`]).
+    #[allow(clippy::too_many_arguments)]
     fn loss(
         &self,
         model: &Model,
@@ -1216,7 +1229,8 @@ impl<'a> Objective<'a> {
         picked: &[usize],
         particles: usize,
         expanded: bool,
-        checkpointed: Option<&mut VarGrads>,
+        grads: &mut VarGrads,
+        checkpointing: bool,
     ) -> Result<Tensor> {
         match (self, model) {
             (
@@ -1238,17 +1252,15 @@ impl<'a> Objective<'a> {
                     expanded,
                 };
                 let window = b.targets.dim(1)?;
-                Ok(match checkpointed {
-                    Some(grads) => {
-                        let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
-                        let window = (b.window_start, window);
-                        m.window_loss_checkpointed(&input, particles, window, &nll, grads)?
-                    }
-                    None => {
-                        let logits = m.forward_window(&input, particles, b.window_start, window)?;
-                        particle_nll(&logits, &b, particles)?
-                    }
-                })
+                if checkpointing {
+                    let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
+                    let window = (b.window_start, window);
+                    return Ok(m.window_loss_checkpointed(&input, particles, window, &nll, grads)?);
+                }
+                let logits = m.forward_window(&input, particles, b.window_start, window)?;
+                let nll = particle_nll(&logits, &b, particles)?;
+                grads.add(&nll.sum_all()?.backward()?)?;
+                Ok(nll.detach())
             }
             (
                 Objective::Clip {
@@ -1259,17 +1271,15 @@ impl<'a> Objective<'a> {
                 },
                 Model::Clip(m),
             ) => {
-                if checkpointed.is_some() {
-                    bail!("gradient checkpointing needs a LLaVA (refused at the start of `train`)");
-                }
                 let examples: Vec<&VqaExample> = picked.iter().map(|&i| &train[i]).collect();
                 let t: Vec<usize> = picked.iter().map(|&i| targets[i]).collect();
                 let task = objective::ClipTask {
                     prompter,
                     processor,
                     vocabulary,
+                    chunk_bytes: objective::CLIP_CHUNK_BYTES,
                 };
-                clip_particle_nll(m, &task, &examples, &t, particles, expanded)
+                clip_loss_and_grads(m, &task, &examples, &t, particles, expanded, grads)
             }
             _ => bail!("the objective does not match the model"),
         }

@@ -283,70 +283,221 @@ pub fn clip_trainable(train: &[VqaExample], max: usize) -> (Vec<VqaExample>, usi
     (kept, left_out)
 }
 
-/// What CLIP answers with: its tokenizer, image processor and answer vocabulary.
+/// What CLIP answers with: its tokenizer, image processor and answer vocabulary; and the
+/// activations one chunk of a training step may keep ([`CLIP_CHUNK_BYTES`]).
 pub struct ClipTask<'a> {
     pub prompter: &'a Prompter,
     pub processor: &'a ImageProcessor,
     pub vocabulary: &'a [String],
+    pub chunk_bytes: usize,
 }
 
+/// Bytes of activations a training forward pass keeps per token, per unit of width and per layer
+/// (measured: ~350 on ViT-B/32's text tower, f32; candle keeps every intermediate of the graph).
+const ACTIVATION_BYTES_PER_UNIT: usize = 400;
+
+/// What one chunk of a CLIP training step may keep for its backward pass (a row at least,
+/// whatever its size).
+pub const CLIP_CHUNK_BYTES: usize = 1 << 30;
+
 /// CLIP's per-particle cross-entropy over the answer vocabulary for a batch of examples whose
-/// correct answers are `targets` (vocabulary indices). `expanded`: P·m examples, particle-major;
-/// else m examples shared by all particles.
-pub fn clip_particle_nll(
+/// correct answers are `targets` (vocabulary indices), `[P]`, detached; the gradients of its sum
+/// with respect to the particles are added to `grads`. `expanded`: P·m examples,
+/// particle-major, each particle its own; else m examples shared by all particles.
+///
+/// Every example is scored against every vocabulary answer (m · k texts per particle, up to
+/// thousands), so one backward pass through the whole batch would keep tens of gigabytes of
+/// activations. Instead, as GradCache (Gao et al., 2021): (1) every text and image embedding is
+/// computed chunk by chunk and kept without its graph; (2) the loss is computed from the
+/// embeddings, with its gradient with respect to each; (3) each chunk runs again and passes its
+/// share of that gradient down to the particles. The gradients are those of one backward pass;
+/// memory is one chunk's (`task.chunk_bytes`), for one more forward pass of the towers.
+pub fn clip_loss_and_grads(
     model: &crate::models::clip::ClipModel,
     task: &ClipTask,
     examples: &[&VqaExample],
     targets: &[usize],
     particles: usize,
     expanded: bool,
+    grads: &mut crate::models::nn::VarGrads,
 ) -> Result<Tensor> {
-    let ClipTask {
-        prompter,
-        processor,
-        vocabulary,
-    } = task;
     use crate::answer::candidates::clip_prompt;
     use crate::models::clip::normalize;
-    let k = vocabulary.len();
-    let rows = examples.len();
+    use crate::models::nn::{backward_from, grad_or_zeros};
+    let k = task.vocabulary.len();
+    // Rows: particle-major blocks of m examples (one block when they are shared).
+    let blocks = if expanded { particles } else { 1 };
+    if !examples.len().is_multiple_of(blocks) || targets.len() != examples.len() {
+        bail!("{} examples do not form {blocks} blocks", examples.len());
+    }
+    let m = examples.len() / blocks;
     let texts: Vec<String> = examples
         .iter()
-        .flat_map(|ex| vocabulary.iter().map(|a| clip_prompt(&ex.question, a)))
+        .flat_map(|ex| task.vocabulary.iter().map(|a| clip_prompt(&ex.question, a)))
         .collect();
     let max_len = model.config().text_config.max_position_embeddings;
-    let (ids, mask) = prompter.encode_clip_batch(&texts, max_len, false)?;
-    let len = ids[0].len();
-    let ids = Tensor::from_vec(ids.concat(), (rows * k, len), &Device::Cpu)?;
-    let mask = Tensor::from_vec(mask.concat(), (rows * k, len), &Device::Cpu)?;
+    let (ids, mask) = task.prompter.encode_clip_batch(&texts, max_len, false)?;
     let pixels = examples
         .iter()
-        .map(|ex| processor.preprocess(&load_image(&ex.image)?))
+        .map(|ex| task.processor.preprocess(&load_image(&ex.image)?))
         .collect::<Result<Vec<_>>>()?;
-    let pixels = Tensor::stack(&pixels, 0)?;
-    let (txt, _) = model.text_embeds_rows(&ids, Some(&mask), particles, expanded)?;
-    let (img, _) = model.image_embeds_rows(&pixels, particles, expanded)?;
-    let full = if expanded { rows } else { rows * particles };
-    let bring = |t: Tensor, per: usize| -> Result<Tensor> {
-        Ok(if t.dim(0)? == full * per {
-            t
-        } else {
-            crate::bella::expand_particles(&t, full * per / t.dim(0)?)?
-        })
+    let text = Tower::Text {
+        ids: &ids,
+        mask: &mask,
     };
-    let txt = bring(normalize(&txt)?, k)?.reshape((full, k, ()))?;
-    let img = bring(normalize(&img)?, 1)?.unsqueeze(1)?;
-    let scale = model.logit_scale().exp()?;
-    let logits = img
-        .matmul(&txt.transpose(1, 2)?.contiguous()?)?
-        .squeeze(1)?
+    let vision = Tower::Vision { pixels: &pixels };
+    let text_chunks = text.chunks(m * k, blocks, task.chunk_bytes, model);
+    let image_chunks = vision.chunks(m, blocks, task.chunk_bytes, model);
+
+    // (1) The embeddings, `[P or 1, rows per block, d]`, without their graphs.
+    let run_all = |tower: &Tower, chunks: &[(usize, usize)]| -> Result<(Tensor, bool)> {
+        let mut parts = Vec::with_capacity(chunks.len());
+        let mut tracked = false;
+        for &(a, b) in chunks {
+            let out = tower.embed(model, a, b, m * k, m, blocks, particles, expanded)?;
+            tracked |= out.track_op();
+            parts.push(out.detach().to_dtype(DType::F32)?);
+        }
+        Ok((Tensor::cat(&parts, 1)?, tracked))
+    };
+    let (txt, text_tracked) = run_all(&text, &text_chunks)?;
+    let (img, image_tracked) = run_all(&vision, &image_chunks)?;
+
+    // (2) The loss from the embeddings, and its gradient with respect to each.
+    let txt = candle_core::Var::from_tensor(&txt)?;
+    let img = candle_core::Var::from_tensor(&img)?;
+    let d = txt.dim(2)?;
+    let t = normalize(txt.as_tensor())?
+        .reshape(((), m, k, d))?
+        .broadcast_as((particles, m, k, d))?;
+    let i = normalize(img.as_tensor())?
+        .reshape(((), m, 1, d))?
+        .broadcast_as((particles, m, 1, d))?;
+    let scale = model.logit_scale().exp()?.to_dtype(DType::F32)?;
+    let logits = i
+        .contiguous()?
+        .matmul(&t.transpose(2, 3)?.contiguous()?)?
+        .squeeze(2)?
         .broadcast_mul(&scale)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let per_row: Vec<u32> = (0..full).map(|r| targets[r % rows] as u32).collect();
-    let target = Tensor::from_vec(per_row, (full, 1), logp.device())?;
-    let picked = logp.gather(&target, 1)?.squeeze(1)?;
-    Ok(picked
-        .reshape((particles, full / particles))?
-        .mean(1)?
-        .neg()?)
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let per_row: Vec<u32> = (0..particles * m)
+        .map(|r| targets[r % examples.len()] as u32)
+        .collect();
+    let target = Tensor::from_vec(per_row, (particles, m, 1), logp.device())?;
+    let nll = logp.gather(&target, 2)?.squeeze(2)?.mean(1)?.neg()?;
+    let store = nll.sum_all()?.backward()?;
+    let (grad_txt, grad_img) = (
+        grad_or_zeros(&store, txt.as_tensor())?,
+        grad_or_zeros(&store, img.as_tensor())?,
+    );
+    drop(store);
+
+    // (3) Each chunk again, its share of the gradient passed down to the particles.
+    for (tower, chunks, grad, tracked) in [
+        (&text, &text_chunks, &grad_txt, text_tracked),
+        (&vision, &image_chunks, &grad_img, image_tracked),
+    ] {
+        if !tracked {
+            continue; // no particles in this tower: nothing to pass the gradient to
+        }
+        for &(a, b) in chunks {
+            let out = tower.embed(model, a, b, m * k, m, blocks, particles, expanded)?;
+            grads.add(&backward_from(&out, &grad.narrow(1, a, b - a)?)?)?;
+        }
+    }
+    Ok(nll.detach())
+}
+
+/// The inputs of one CLIP tower in a training step, `blocks` particle-major blocks of rows.
+enum Tower<'a> {
+    /// Token ids and masks, right padded.
+    Text {
+        ids: &'a [Vec<u32>],
+        mask: &'a [Vec<u32>],
+    },
+    /// Preprocessed images `[C, H, W]`.
+    Vision { pixels: &'a [Tensor] },
+}
+
+impl Tower<'_> {
+    /// Ranges of rows within a block, each keeping about `budget` bytes of activations over all
+    /// blocks (one row at least).
+    fn chunks(
+        &self,
+        per_block: usize,
+        blocks: usize,
+        budget: usize,
+        model: &crate::models::clip::ClipModel,
+    ) -> Vec<(usize, usize)> {
+        let c = model.config();
+        let (tokens, hidden, layers) = match self {
+            Tower::Text { mask, .. } => (
+                mask.first().map_or(1, Vec::len),
+                c.text_config.hidden_size,
+                c.text_config.num_hidden_layers,
+            ),
+            Tower::Vision { .. } => (
+                c.vision_config.grid().pow(2) + 1,
+                c.vision_config.hidden_size,
+                c.vision_config.num_hidden_layers,
+            ),
+        };
+        let per_row = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * layers * blocks;
+        let rows = (budget / per_row.max(1)).max(1);
+        (0..per_block)
+            .step_by(rows)
+            .map(|a| (a, (a + rows).min(per_block)))
+            .collect()
+    }
+
+    /// The projected embeddings of rows `a..b` of every block: `[P, b − a, d]` where the tower
+    /// carries the particle axis, else `[1, b − a, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn embed(
+        &self,
+        model: &crate::models::clip::ClipModel,
+        a: usize,
+        b: usize,
+        text_per_block: usize,
+        image_per_block: usize,
+        blocks: usize,
+        particles: usize,
+        expanded: bool,
+    ) -> Result<Tensor> {
+        let n = b - a;
+        let out = match self {
+            Tower::Text { ids, mask } => {
+                let rows: Vec<usize> = (0..blocks)
+                    .flat_map(|blk| blk * text_per_block + a..blk * text_per_block + b)
+                    .collect();
+                // Right padded: the chunk needs only its own longest text.
+                let len = rows
+                    .iter()
+                    .map(|&r| mask[r].iter().filter(|&&v| v != 0).count())
+                    .max()
+                    .unwrap_or(1);
+                let flat = |src: &[Vec<u32>]| -> Vec<u32> {
+                    rows.iter()
+                        .flat_map(|&r| src[r][..len].iter().copied())
+                        .collect()
+                };
+                let shape = (rows.len(), len);
+                let ids = Tensor::from_vec(flat(ids), shape, &Device::Cpu)?;
+                let mask = Tensor::from_vec(flat(mask), shape, &Device::Cpu)?;
+                model
+                    .text_embeds_rows(&ids, Some(&mask), particles, expanded)?
+                    .0
+            }
+            Tower::Vision { pixels } => {
+                let rows: Vec<&Tensor> = (0..blocks)
+                    .flat_map(|blk| &pixels[blk * image_per_block + a..blk * image_per_block + b])
+                    .collect();
+                model
+                    .image_embeds_rows(&Tensor::stack(&rows, 0)?, particles, expanded)?
+                    .0
+            }
+        };
+        let d = out.dim(1)?;
+        Ok(out.reshape((out.dim(0)? / n, n, d))?)
+    }
 }
