@@ -9,7 +9,8 @@
 
 use std::io::ErrorKind;
 
-/// Standard output could not be written: the command's product is lost.
+/// Standard output (or a pipe given as an output file, `--out /dev/stdout`) could not be
+/// written: the command's product is lost, unless its reader closed the pipe.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write to standard output")]
 pub struct StdoutError(#[source] pub std::io::Error);

@@ -68,7 +68,7 @@ pub fn available() -> bool {
 }
 
 /// The directory the embedded demo files live in (written there on first use):
-/// `$BELLA_VQA_CACHE` or `~/.cache/bella-vqa`, then `demo-<hash of the contents>`.
+/// [`crate::io::cache_dir`], then `demo-<hash of the contents>`.
 pub fn directory() -> Result<PathBuf> {
     // Hashing and checking the embedded files is start-up work: once per process.
     static DIRECTORY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -108,7 +108,7 @@ fn write_or_find() -> Result<PathBuf> {
         };
         e.context(format!(
             "cannot unpack the demo model into the cache directory {} ($BELLA_VQA_CACHE, else \
-             ~/.cache/bella-vqa): {todo}",
+             $XDG_CACHE_HOME/bella-vqa, else ~/.cache/bella-vqa): {todo}",
             root.display()
         ))
     })

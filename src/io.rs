@@ -316,6 +316,16 @@ fn open_special(path: &Path) -> Result<fs::File> {
         .with_context(|| format!("cannot open {} for writing", path.display()))
 }
 
+/// A failed write into a device or a pipe. A reader that closed the pipe (`--out /dev/stdout |
+/// head -c 10`) has what it wanted, as with standard output: told as
+/// [`StdoutError`](crate::console::StdoutError), which the CLI ends quietly on.
+fn special_write_failed(e: std::io::Error, path: &Path) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return crate::console::StdoutError(e).into();
+    }
+    anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+}
+
 /// Writes `bytes` to `path` atomically: a reader (or a crash) sees the old file or the new one.
 /// A symbolic link is written through; a device or a pipe is written into directly.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -341,7 +351,7 @@ pub fn stage_file(path: &Path, bytes: &[u8]) -> Result<Staged> {
                 .and_then(|()| open_special(&path))
                 .and_then(|mut f| {
                     f.write_all(bytes)
-                        .with_context(|| format!("cannot write {}", path.display()))
+                        .map_err(|e| special_write_failed(e, &path))
                 })
                 .map_err(|e| on_failed_write(e, &path))?;
             return Ok(Staged { rename: None });
@@ -394,9 +404,7 @@ pub fn write_stream_atomically(
         Destination::Special(path) => {
             let mut w = std::io::BufWriter::new(open_special(&path)?);
             write(&mut w)?;
-            return w
-                .flush()
-                .with_context(|| format!("cannot write {}", path.display()));
+            return w.flush().map_err(|e| special_write_failed(e, &path));
         }
     };
     let path = path.as_path();
@@ -972,23 +980,39 @@ fn demo_name_of(path: &Path) -> Option<&'static str> {
 }
 
 /// This program's cache directory (the demo model, file hashes, quantized weights, images
-/// extracted from Parquet): `$BELLA_VQA_CACHE`, else `.cache/bella-vqa` in the user's home
-/// (`$HOME`, else the password database's, as Python's `expanduser` finds it). Never a folder
-/// shared with other users: with no home at all it is an error that says to set the variable.
+/// extracted from Parquet): `$BELLA_VQA_CACHE`, else `bella-vqa` in `$XDG_CACHE_HOME` (as the hub
+/// cache's default lies in it), else `.cache/bella-vqa` in the user's home (`$HOME`, else the
+/// password database's, as Python's `expanduser` finds it). Never a folder shared with other
+/// users: with no home at all it is an error that says to set the variable.
 pub fn cache_dir() -> Result<PathBuf> {
-    cache_dir_from(std::env::var_os("BELLA_VQA_CACHE"), home_dir())
+    cache_dir_from(
+        std::env::var_os("BELLA_VQA_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        home_dir(),
+    )
 }
 
-/// [`cache_dir`] from the variable's value and the home directory.
-fn cache_dir_from(variable: Option<std::ffi::OsString>, home: Option<PathBuf>) -> Result<PathBuf> {
-    // An empty variable is unset (it meant the current directory), as for HOME.
-    match variable.filter(|v| !v.is_empty()) {
-        Some(dir) => Ok(PathBuf::from(dir)),
-        None => home.map(|h| h.join(".cache/bella-vqa")).context(
-            "no home directory for the cache (HOME is unset or empty and this user has none in the \
-             password database): set BELLA_VQA_CACHE to a folder of yours",
-        ),
+/// [`cache_dir`] from the variables' values and the home directory.
+fn cache_dir_from(
+    variable: Option<std::ffi::OsString>,
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<PathBuf>,
+) -> Result<PathBuf> {
+    // An empty variable is unset (it meant the current directory), as for HOME; the XDG
+    // specification ignores a relative XDG_CACHE_HOME.
+    if let Some(dir) = variable.filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(dir));
     }
+    if let Some(xdg) = xdg_cache_home
+        .map(PathBuf::from)
+        .filter(|x| x.is_absolute())
+    {
+        return Ok(xdg.join("bella-vqa"));
+    }
+    home.map(|h| h.join(".cache/bella-vqa")).context(
+        "no home directory for the cache (HOME is unset or empty and this user has none in the \
+         password database): set BELLA_VQA_CACHE to a folder of yours",
+    )
 }
 
 /// The user's home: `$HOME` when set and not empty, else the password database's entry for this
@@ -1348,7 +1372,7 @@ mod tests {
     #[test]
     fn the_cache_is_never_a_folder_shared_with_other_users() {
         let home = || Some(PathBuf::from("/home/ann"));
-        let dir = |v: Option<&str>, h: Option<PathBuf>| cache_dir_from(v.map(Into::into), h);
+        let dir = |v: Option<&str>, h: Option<PathBuf>| cache_dir_from(v.map(Into::into), None, h);
         assert_eq!(dir(Some("/c"), home()).unwrap(), Path::new("/c"));
         assert_eq!(dir(Some("/c"), None).unwrap(), Path::new("/c"));
         // An empty variable is unset.
@@ -1360,5 +1384,17 @@ mod tests {
         let err = dir(None, None).unwrap_err().to_string();
         assert!(err.contains("set BELLA_VQA_CACHE"), "{err}");
         assert!(dir(Some(""), None).is_err());
+        // XDG_CACHE_HOME moves it as it moves the hub cache; BELLA_VQA_CACHE still wins, and a
+        // relative (or empty) XDG_CACHE_HOME is ignored, as the XDG specification says.
+        let xdg =
+            |v: Option<&str>, x: &str| cache_dir_from(v.map(Into::into), Some(x.into()), home());
+        assert_eq!(xdg(None, "/x").unwrap(), Path::new("/x/bella-vqa"));
+        assert_eq!(xdg(Some("/c"), "/x").unwrap(), Path::new("/c"));
+        for ignored in ["x", ""] {
+            assert_eq!(
+                xdg(None, ignored).unwrap(),
+                Path::new("/home/ann/.cache/bella-vqa")
+            );
+        }
     }
 }

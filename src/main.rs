@@ -85,7 +85,9 @@ enum Command {
         /// Longest answer in tokens (LLaVA).
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
-        /// Sample with this temperature instead of greedy decoding (LLaVA).
+        /// Sample with this temperature instead of greedy decoding (LLaVA). The calibrated
+        /// threshold and image check still apply, but the answer is marked uncalibrated: they
+        /// were chosen on greedy answers.
         #[arg(long)]
         temperature: Option<f64>,
         /// Nucleus sampling mass, with --temperature (default 1).
@@ -280,8 +282,9 @@ struct TrainArgs {
     /// VQAv2, VQA-CP: the annotations JSON of --data.
     #[arg(long)]
     annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
-    /// for GQA's Parquet questions also lmms-lab/GQA's images as Parquet (a file or shards folder).
+    /// The image folder of --data, where its relative image paths are read (every format; JSONL:
+    /// replaces the file's folder; GQA's Parquet questions: also lmms-lab/GQA's images as Parquet,
+    /// a file or shards folder) [default: the data file's folder].
     #[arg(long)]
     images: Option<PathBuf>,
     /// Validation data (a sample is evaluated during training).
@@ -355,7 +358,9 @@ struct TrainArgs {
     /// Validation questions evaluated each time.
     #[arg(long, default_value_t = 64)]
     val_sample: usize,
-    #[arg(long, default_value_t = 100)]
+    /// Save a checkpoint (particles, optimizer state, log) every N steps, and at the end of each
+    /// epoch and of the run; the last two are kept, and --resume continues from the newest.
+    #[arg(long, value_name = "N", default_value_t = 100)]
     checkpoint_every: u64,
     /// Stop after this many steps (resume later with --resume).
     #[arg(long)]
@@ -1201,8 +1206,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader closed the pipe (`| head -1`): it has what it wanted.
         Err(e)
-            if e.downcast_ref::<StdoutError>()
-                .is_some_and(StdoutError::is_closed_pipe) =>
+            if e.chain().any(|c| {
+                c.downcast_ref::<StdoutError>()
+                    .is_some_and(StdoutError::is_closed_pipe)
+            }) =>
         {
             ExitCode::SUCCESS
         }

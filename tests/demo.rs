@@ -194,6 +194,7 @@ fn an_empty_cache_variable_means_the_default_cache() {
     let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
         .current_dir(cwd.path())
         .env("BELLA_VQA_CACHE", "")
+        .env_remove("XDG_CACHE_HOME")
         .env("HOME", home.path())
         .args(["ask", "--quiet", "--image"])
         .arg(repo(IMAGE))
@@ -861,6 +862,28 @@ fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
     let out = child.wait_with_output().expect("runs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("panicked"), "{err}");
+    // The same for an output file that is the pipe (`logits --out /dev/stdout | head -c 10`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args([
+            "logits",
+            "--quiet",
+            "--prompt",
+            "hi",
+            "--out",
+            "/dev/stdout",
+        ])
+        .arg("--model")
+        .arg(repo("demo/llava"))
+        .arg("--image")
+        .arg(repo(IMAGE))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.is_empty(), "{err}");
 }
 
 /// Another process that holds the demo's lock and never lets go (stopped, hung) is waited for

@@ -1459,7 +1459,7 @@ fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_con
     run_ok(&mut bench_limit(world.path(), out.path(), 10));
     let results_before = std::fs::read(out.path().join("results.json")).unwrap();
     // Every question answered: only the results are left, with many resamples (seconds).
-    let mut cmd = bench_limit(world.path(), out.path(), 10);
+    let cmd = bench_limit(world.path(), out.path(), 10);
     let args: Vec<_> = cmd.get_args().filter(|a| *a != "--quiet").collect();
     let mut cmd = bella();
     cmd.args(args).args(["--bootstrap", "100000"]);
@@ -1471,7 +1471,10 @@ fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_con
     let mut said = String::new();
     while !said.contains("bootstrap intervals") {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "ended early: {said}");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "ended early: {said}"
+        );
         said.push_str(&line);
     }
     // SAFETY: a plain kill(2) of the child this test started.

@@ -25,7 +25,7 @@
 # Writes WORK_DIR/world/, WORK_DIR/<method>-s<seed>/ (particles, train_log.jsonl,
 # train_summary.json, calibrate.json) and WORK_DIR/bench-s<seed>/ (bench --compare
 # of base and every method of the seed). Then:
-#   python3 scripts/demo/results_seeds.py WORK_DIR > eval/RESULTS.md
+#   python3 scripts/demo/results_seeds.py WORK_DIR --notes eval/RESULTS-notes.md > eval/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -114,4 +114,4 @@ for seed in $SEEDS; do
     touch "$WORK/bench-s$seed/.done"
   fi
 done
-log "done: python3 scripts/demo/results_seeds.py $WORK > eval/RESULTS.md"
+log "done: python3 scripts/demo/results_seeds.py $WORK --notes eval/RESULTS-notes.md > eval/RESULTS.md"

@@ -109,8 +109,8 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
     /// A hub id (`org/name[@revision]`), a local directory in the Hugging Face layout, or `demo`
-    /// (the embedded demo LLaVA; `demo:clip` its CLIP); with --adapters, by default the base
-    /// model the particles were trained on.
+    /// (the embedded demo LLaVA; `demo:clip` its CLIP). Required without --adapters; with
+    /// them, by default the base model the particles were trained on.
     #[arg(long, required_unless_present = "adapters")]
     pub model: Option<String>,
     /// Hub revision; overrides `@revision` in --model.
@@ -131,8 +131,9 @@ pub struct BenchArgs {
     /// VQAv2, VQA-CP: the annotations JSON of --data.
     #[arg(long)]
     pub annotations: Option<PathBuf>,
-    /// The image folder of --data (JSON and Parquet formats; default: the data file's folder);
-    /// for GQA's Parquet questions also lmms-lab/GQA's images as Parquet (a file or shards folder).
+    /// The image folder of --data, where its relative image paths are read (every format; JSONL:
+    /// replaces the file's folder; GQA's Parquet questions: also lmms-lab/GQA's images as Parquet,
+    /// a file or shards folder) [default: the data file's folder].
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// The output directory (rerun with the same one to continue an interrupted run).

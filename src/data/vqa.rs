@@ -1359,7 +1359,10 @@ impl<'a> Collector<'a> {
             let fix = match (line, example.image.is_file()) {
                 (_, true) => "",
                 (Some(_), false) => {
-                    "; fix the \"image\" path (relative paths are relative to the data file's folder)"
+                    "; fix the \"image\" path (relative paths are relative to the data file's \
+                     folder, or to the one its images option names: --images for --data, \
+                     --val-images for --val, --ood-images for --ood-data, --ood-val-images for \
+                     --ood-val)"
                 }
                 // The JSON formats name images without their folder.
                 (None, false) => {
