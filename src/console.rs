@@ -75,6 +75,107 @@ fn escape(text: &str, escaped: impl Fn(char) -> bool) -> std::borrow::Cow<'_, st
         .into()
 }
 
+/// How often a [`Progress`] writes its plain line where no bar is drawn.
+const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A progress bar on standard error: indicatif's where it draws one (a terminal). Where it draws
+/// nothing (a CI log, `2> run.log`), a long run would be silent until its end, which a log
+/// watchdog takes for a hang: a plain line says how far it is instead, at the first step and then
+/// at most every 30 seconds.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    /// What is counted ("questions", "steps"); `None` without plain lines.
+    plain: Option<(&'static str, std::sync::Mutex<PlainState>)>,
+}
+
+struct PlainState {
+    last: Option<std::time::Instant>,
+    message: String,
+}
+
+impl Progress {
+    /// A bar of `len` `unit`s in indicatif's `template` (a bar that shows nothing unless
+    /// `show`), starting at `start`.
+    pub fn new(show: bool, len: u64, start: u64, unit: &'static str, template: &str) -> Self {
+        if !show {
+            return Self {
+                bar: indicatif::ProgressBar::hidden(),
+                plain: None,
+            };
+        }
+        let bar = indicatif::ProgressBar::new(len);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_position(start);
+        let plain = bar.is_hidden().then(|| {
+            let state = PlainState {
+                last: None,
+                message: String::new(),
+            };
+            (unit, std::sync::Mutex::new(state))
+        });
+        Self { bar, plain }
+    }
+
+    pub fn set_message(&self, message: impl Into<String>) {
+        let message: String = message.into();
+        if let Some((_, state)) = &self.plain {
+            if let Ok(mut s) = state.lock() {
+                s.message.clone_from(&message);
+            }
+        }
+        self.bar.set_message(message);
+    }
+
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        self.plain_line();
+    }
+
+    pub fn set_position(&self, position: u64) {
+        self.bar.set_position(position);
+        self.plain_line();
+    }
+
+    /// Runs `f` (which writes to standard error) with the bar out of the way.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn plain_line(&self) {
+        let Some((unit, state)) = &self.plain else {
+            return;
+        };
+        let Ok(mut s) = state.lock() else {
+            return;
+        };
+        if s.last.is_some_and(|t| t.elapsed() < PLAIN_PROGRESS_EVERY) {
+            return;
+        }
+        s.last = Some(std::time::Instant::now());
+        let (done, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let percent = 100.0 * done as f64 / len.max(1) as f64;
+        let left = if done > 0 && done < len {
+            format!(", about {} left", indicatif::HumanDuration(self.bar.eta()))
+        } else {
+            String::new()
+        };
+        let message = match s.message.as_str() {
+            "" => String::new(),
+            m => format!(" ({m})"),
+        };
+        crate::note!(
+            "{done}/{len} {unit}{message}: {percent:.0} % after {}{left}",
+            indicatif::HumanDuration(self.bar.elapsed())
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{on_terminal, printable};

@@ -2,6 +2,20 @@
 
 use std::path::PathBuf;
 
+/// An option's value outside its range (`--lr -1`, `--max-new-tokens 0`), found before anything
+/// is loaded: a usage error, which the CLI ends with status 2 as clap does its own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadOption(pub String);
+
+/// `anyhow::bail!` with a [`BadOption`].
+#[macro_export]
+macro_rules! bad_option {
+    ($($arg:tt)*) => {
+        return Err($crate::error::BadOption(format!($($arg)*)).into())
+    };
+}
+
 /// What can be wrong with a checkpoint's weight files.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {

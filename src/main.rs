@@ -1007,6 +1007,52 @@ fn leave_out_unfit(
     Ok(())
 }
 
+/// The training options `args` give, the rest from `defaults` (the model's).
+fn train_options(args: &TrainArgs, defaults: TrainOptions) -> TrainOptions {
+    TrainOptions {
+        targets: args.targets.clone().unwrap_or(defaults.targets),
+        rank: args.rank,
+        alpha: args.alpha,
+        particles: args.particles,
+        method: match args.method {
+            MethodArg::Ensemble => Method::Ensemble,
+            MethodArg::Svgd => Method::Svgd,
+        },
+        kernel: match args.kernel {
+            KernelArg::Params => Kernel::Params,
+            KernelArg::DeltaW => Kernel::DeltaW,
+        },
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        prior_std: args.prior_std,
+        init_b_std: args.init_b_std,
+        grad_clip: args.grad_clip,
+        seed: args.seed,
+        repulsion: args.repulsion,
+        ..defaults
+    }
+}
+
+/// How `args` run the training.
+fn run_options(cli: &Cli, args: &TrainArgs) -> RunOptions {
+    RunOptions {
+        out: args.out.clone(),
+        resume: args.resume,
+        force: args.force,
+        eval_every: args.eval_every,
+        val_sample: args.val_sample,
+        checkpoint_every: args.checkpoint_every,
+        max_steps: args.max_steps,
+        progress: !cli.quiet,
+        model_source: match &args.model.model {
+            Some(m) => bella_vqa::io::stored_model_source(m),
+            None => "demo".to_string(),
+        },
+        gradient_checkpointing: args.gradient_checkpointing,
+    }
+}
+
 fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let inputs: Vec<(&str, &Path)> = [
         ("--data", Some(args.data.as_path())),
@@ -1018,6 +1064,10 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     .filter_map(|(option, path)| Some((option, path?)))
     .collect();
     train::check_inputs_are_not_outputs(&args.out, &inputs)?;
+    // Options out of range are refused before the model loads (the targets are checked against
+    // the model's layers once it has).
+    train_options(args, TrainOptions::llava_defaults()).validate()?;
+    run_options(cli, args).validate()?;
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
     bella_vqa::interrupt::watch("after the training step in progress; a checkpoint keeps it")?;
     let mut loaded = args.model.load(cli)?;
@@ -1095,45 +1145,8 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
             );
         }
     }
-    let defaults = TrainOptions::defaults_for(&loaded.model);
-    let opts = TrainOptions {
-        targets: args.targets.clone().unwrap_or(defaults.targets),
-        rank: args.rank,
-        alpha: args.alpha,
-        particles: args.particles,
-        method: match args.method {
-            MethodArg::Ensemble => Method::Ensemble,
-            MethodArg::Svgd => Method::Svgd,
-        },
-        kernel: match args.kernel {
-            KernelArg::Params => Kernel::Params,
-            KernelArg::DeltaW => Kernel::DeltaW,
-        },
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        prior_std: args.prior_std,
-        init_b_std: args.init_b_std,
-        grad_clip: args.grad_clip,
-        seed: args.seed,
-        repulsion: args.repulsion,
-        ..defaults
-    };
-    let run = RunOptions {
-        out: args.out.clone(),
-        resume: args.resume,
-        force: args.force,
-        eval_every: args.eval_every,
-        val_sample: args.val_sample,
-        checkpoint_every: args.checkpoint_every,
-        max_steps: args.max_steps,
-        progress: !cli.quiet,
-        model_source: match &args.model.model {
-            Some(m) => bella_vqa::io::stored_model_source(m),
-            None => "demo".to_string(),
-        },
-        gradient_checkpointing: args.gradient_checkpointing,
-    };
+    let opts = train_options(args, TrainOptions::defaults_for(&loaded.model));
+    let run = run_options(cli, args);
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
     if report.interrupted {
         return Err(Interrupted(match report.steps {
@@ -1216,6 +1229,11 @@ fn main() -> ExitCode {
         Err(e) if e.is::<Interrupted>() => {
             note!("{e}");
             ExitCode::from(bella_vqa::interrupt::exit_status())
+        }
+        // An option out of its range: a usage error, status 2 as clap's own.
+        Err(e) if e.chain().any(|c| c.is::<bella_vqa::error::BadOption>()) => {
+            note!("error: {e:#}");
+            ExitCode::from(2)
         }
         Err(e) => {
             note!("error: {e:#}");

@@ -318,3 +318,141 @@ fn model_paths_people_type_are_understood() {
         "{err}"
     );
 }
+
+/// An option out of its range is a usage error, exit status 2 as for clap's own (a script tells
+/// a bad invocation from a failed run), on every command alike, and `train` says so before the
+/// model loads (no "computing in …" line first).
+#[test]
+fn an_option_out_of_range_is_a_usage_error_on_every_command() {
+    let world = tempfile::tempdir().unwrap();
+    let data = world.path().join("train.jsonl");
+    std::fs::write(&data, "").unwrap();
+    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png");
+    let out_dir = world.path().join("out");
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![
+                "ask".into(),
+                "--max-new-tokens".into(),
+                "0".into(),
+                "--image".into(),
+                image.clone().into(),
+                "q?".into(),
+            ],
+            "--max-new-tokens 0",
+        ),
+        (
+            vec![
+                "ask".into(),
+                "--threshold".into(),
+                "2".into(),
+                "--image".into(),
+                image.into(),
+                "q?".into(),
+            ],
+            "--threshold 2",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--model".into(),
+                fixture("llava-tiny-hub").into(),
+                "--data".into(),
+                data.clone().into(),
+                "--out".into(),
+                out_dir.clone().into(),
+                "--lr".into(),
+                "-1".into(),
+            ],
+            "--lr -1",
+        ),
+        (
+            vec![
+                "data".into(),
+                "shapes".into(),
+                "--n".into(),
+                "0".into(),
+                "--out".into(),
+                out_dir.clone().into(),
+            ],
+            "(--n)",
+        ),
+        (
+            vec![
+                "calibrate".into(),
+                "--adapters".into(),
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("demo/particles/llava-ensemble")
+                    .into(),
+                "--data".into(),
+                data.into(),
+                "--objective".into(),
+                "phiX".into(),
+            ],
+            "objective \"phiX\"",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = bella().args(&args).output().expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(named) && !err.contains("computing in"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!out_dir.exists(), "nothing written");
+}
+
+/// Where standard error is not a terminal (a CI log), no bar is drawn: a plain line says how far
+/// a run is, at its first question and then every 30 s, so a long run is not silent.
+#[test]
+fn a_log_that_is_not_a_terminal_gets_plain_progress_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png");
+    let lines: String = (0..2)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"question_id": format!("q{i}"), "image": image,
+                    "question": "What color is the circle?", "answers": ["red"]})
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("test.jsonl"), lines).unwrap();
+    let bench = |quiet: bool| {
+        let mut cmd = bella();
+        cmd.args([
+            "bench",
+            "--max-new-tokens",
+            "2",
+            "--bootstrap",
+            "0",
+            "--model",
+        ])
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--data")
+        .arg(dir.path().join("test.jsonl"))
+        .arg("--out")
+        .arg(dir.path().join(if quiet { "quiet" } else { "run" }));
+        if quiet {
+            cmd.arg("--quiet");
+        }
+        cmd.output().expect("runs")
+    };
+    let out = bench(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1/2 questions (test): 50 % after"), "{err}");
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "no bar drawn: {err:?}"
+    );
+    let quiet = bench(true);
+    assert!(quiet.status.success());
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+}

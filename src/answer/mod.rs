@@ -174,7 +174,7 @@ impl AskOptions {
     /// finite positive temperature and a top-p in (0, 1].
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 {
-            bail!("--max-new-tokens 0: an answer needs at least one token");
+            crate::bad_option!("--max-new-tokens 0: an answer needs at least one token");
         }
         if let Some(t) = self.threshold {
             check_given_threshold(t)?;
@@ -184,10 +184,10 @@ impl AskOptions {
         } = self.sampling
         {
             if !(temperature.is_finite() && temperature > 0.0) {
-                bail!("--temperature {temperature} must be a finite number above 0");
+                crate::bad_option!("--temperature {temperature} must be a finite number above 0");
             }
             if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p {top_p} must be in (0, 1]");
+                crate::bad_option!("--top-p {top_p} must be in (0, 1]");
             }
         }
         Ok(())
@@ -199,7 +199,7 @@ impl AskOptions {
 /// ([`ParticleConfig::validate`](crate::bella::particles::ParticleConfig::validate)).
 pub fn check_given_threshold(t: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&t) {
-        bail!(
+        crate::bad_option!(
             "--threshold {t} is not a score in [0, 1]: give one in [0, 1] (0 answers every \
              question), or leave --threshold out to use the particles' calibrated threshold"
         );

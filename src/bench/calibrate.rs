@@ -64,12 +64,13 @@ impl Objective {
         } else {
             None
         };
-        parsed.with_context(|| {
-            format!(
+        parsed.ok_or_else(|| {
+            crate::error::BadOption(format!(
                 "objective {s:?}: use phi1, phi10 or phi100 (max Φ_c, c in [0, 1e6]), risk0.05 \
                  (or --target-risk 0.05; in (0, 1)) or coverage0.85 (or --target-coverage 0.85; \
                  in (0, 1])"
-            )
+            ))
+            .into()
         })
     }
 

@@ -36,8 +36,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::console::Progress;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::answer::generate::Sampling;
 use crate::answer::{AskOptions, BellaVqa, UNCALIBRATED_THRESHOLD};
@@ -668,17 +668,14 @@ fn unscorable(set: &EvalSet, normalize: NormalizeMode) -> Option<String> {
     ))
 }
 
-fn progress_bar(len: usize, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len as u64);
-    if let Ok(style) = ProgressStyle::with_template(
+fn progress_bar(len: usize, show: bool) -> Progress {
+    Progress::new(
+        show,
+        len as u64,
+        0,
+        "questions",
         "{msg:>16} [{bar:30}] {pos}/{len} · {per_sec} · ETA {eta} ({elapsed})",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb
+    )
 }
 
 /// Answers every question of the run that `out` does not hold yet, then writes the results and

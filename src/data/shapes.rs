@@ -411,19 +411,19 @@ pub const MAX_QUESTIONS: usize = 1_000_000;
 pub fn generate(opts: &ShapesOptions) -> anyhow::Result<ShapesSummary> {
     // Every question is kept in memory (a few KB each) until the files are written.
     if !(1..=MAX_QUESTIONS).contains(&opts.n) {
-        bail!(
+        crate::bad_option!(
             "the number of training questions (--n) must be 1 to {MAX_QUESTIONS}, not {}",
             opts.n
         );
     }
     if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&opts.image_size) {
-        bail!(
+        crate::bad_option!(
             "image size {} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels (default {DEFAULT_IMAGE_SIZE})",
             opts.image_size
         );
     }
     if !(0.0..=1.0).contains(&opts.absent_share) {
-        bail!(
+        crate::bad_option!(
             "absent share {} is not a share: use a number from 0 to 1",
             opts.absent_share
         );

@@ -125,35 +125,35 @@ impl ServeOptions {
             ("--max-new-tokens-limit", self.max_new_tokens_limit),
         ] {
             if v == 0 {
-                anyhow::bail!("{name} must be at least 1");
+                crate::bad_option!("{name} must be at least 1");
             }
         }
         if self.timeout.is_zero() {
-            anyhow::bail!("--timeout-secs must be at least 1");
+            crate::bad_option!("--timeout-secs must be at least 1");
         }
         // Deadlines are instants: a timeout near u64::MAX seconds overflowed them (a panic, or a
         // server that closed every connection).
         if self.timeout > MAX_TIMEOUT {
-            anyhow::bail!(
+            crate::bad_option!(
                 "--timeout-secs must be at most {} (a week)",
                 MAX_TIMEOUT.as_secs()
             );
         }
         if self.max_image_pixels == 0 {
-            anyhow::bail!("--max-image-pixels must be at least 1");
+            crate::bad_option!("--max-image-pixels must be at least 1");
         }
         if self.max_image_memory_bytes < 1 << 20 {
-            anyhow::bail!("--max-image-memory-mb must be at least 1");
+            crate::bad_option!("--max-image-memory-mb must be at least 1");
         }
         if self.max_body_memory_bytes < self.max_body_bytes as u64 {
-            anyhow::bail!(
+            crate::bad_option!(
                 "--max-body-memory-mb must be at least --max-body-mb ({} MB): one largest \
                  request must fit",
                 self.max_body_bytes >> 20
             );
         }
         if self.api_key.as_deref().is_some_and(str::is_empty) {
-            anyhow::bail!("--api-key is empty");
+            crate::bad_option!("--api-key is empty");
         }
         for origin in &self.cors_origins {
             // What a browser sends as Origin: scheme://host[:port], nothing after it.
@@ -163,7 +163,7 @@ impl ServeOptions {
                         !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
                     }));
             if !valid {
-                anyhow::bail!(
+                crate::bad_option!(
                     "--cors-origin {origin:?} is not an origin a browser sends: give \
                      scheme://host[:port] without a path or trailing slash (e.g. \
                      http://localhost:3000), or *"

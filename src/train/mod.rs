@@ -1068,20 +1068,14 @@ struct Log {
     file: Option<crate::io::AppendFile>,
 }
 
-fn progress_bar(show: bool, total: u64, start: u64) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] step {pos}/{len} ({eta} left) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_position(start);
-    bar
+fn progress_bar(show: bool, total: u64, start: u64) -> crate::console::Progress {
+    crate::console::Progress::new(
+        show,
+        total,
+        start,
+        "steps",
+        "{elapsed_precise} [{bar:30}] step {pos}/{len} ({eta} left) {msg}",
+    )
 }
 
 fn loaded_architecture(model: &Model) -> &'static str {

@@ -2,7 +2,10 @@
 //! message names the command-line option, so a bad value is blamed, not the training that it
 //! would have spoiled ("training diverged … lower --lr" when `--alpha` was NaN).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+
+use crate::bad_option;
+use crate::error::BadOption;
 
 use super::{RunOptions, TrainOptions};
 
@@ -16,16 +19,20 @@ fn check_range(option: &str, value: f64, min: f64, min_open: bool, max: f64) -> 
         let low = if min_open { "(" } else { "[" };
         if max == f64::MAX {
             let what = if min_open { "above" } else { "at least" };
-            bail!("{option} {value} is out of range: it must be a finite number {what} {min}");
+            bad_option!(
+                "{option} {value} is out of range: it must be a finite number {what} {min}"
+            );
         }
-        bail!("{option} {value} is out of range: it must be a finite number in {low}{min}, {max}]");
+        bad_option!(
+            "{option} {value} is out of range: it must be a finite number in {low}{min}, {max}]"
+        );
     }
     Ok(())
 }
 
 fn at_least_one(option: &str, value: u64) -> Result<()> {
     if value == 0 {
-        bail!("{option} 0: it must be at least 1");
+        bad_option!("{option} 0: it must be at least 1");
     }
     Ok(())
 }
@@ -34,12 +41,14 @@ impl TrainOptions {
     /// Checks every option; the first bad one is named.
     pub fn validate(&self) -> Result<()> {
         if self.targets.is_empty() {
-            bail!("--targets is empty: name at least one module to adapt (e.g. q_proj)");
+            bad_option!("--targets is empty: name at least one module to adapt (e.g. q_proj)");
         }
-        self.spec().validate()?;
+        self.spec()
+            .validate()
+            .map_err(|e| BadOption(e.to_string()))?;
         at_least_one("--epochs", self.epochs as u64)?;
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
-            bail!(
+            bad_option!(
                 "--batch-size {}: it must be 1 to {MAX_BATCH_SIZE}",
                 self.batch_size
             );
