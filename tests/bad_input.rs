@@ -1095,13 +1095,29 @@ fn train_options_out_of_range_name_the_option() {
         &["--targets", "q_proj,language_model.layers.2-1.*.k_proj"],
     ));
     assert!(err.contains("is reversed: write 1-2"), "{err}");
+    // A range that runs past the last layer (the fixture's are 0-2) would adapt fewer layers
+    // than asked: refused, naming the layers there are.
+    let err = fails(&mut train(
+        &data,
+        &["--targets", "language_model.layers.1-5.*.q_proj"],
+    ));
+    assert!(
+        err.contains("names layers 1-5, but this model has only 0-2 there"),
+        "{err}"
+    );
     // Beside a pattern that matches, one that matches nothing (a range past the layers, a
     // typo) is named too: it was dropped without a word.
-    for idle in ["language_model.layers.70-71.*.k_proj", "bogus"] {
+    for (idle, said) in [
+        (
+            "language_model.layers.70-71.*.k_proj",
+            "names layers 70-71, but this model has only 0-2 there",
+        ),
+        ("bogus", "matches no layer"),
+    ] {
         let targets = format!("q_proj,{idle}");
         let err = fails(&mut train(&data, &["--targets", &targets]));
         assert!(
-            err.contains(&format!("the target {idle:?} matches no layer")),
+            err.contains(&format!("the target {idle:?} {said}")),
             "{err}"
         );
     }

@@ -336,6 +336,43 @@ pub fn attach<M: ParticleModel + ?Sized>(
             example()
         );
     }
+    // A layer range that runs past the model's layers (24-40 of 32) would adapt fewer layers
+    // than asked without a word: its ends must be layers the pattern finds.
+    for target in &spec.targets {
+        let ranges: Vec<(u64, u64)> = glob_tokens(target)
+            .into_iter()
+            .filter_map(|t| match t {
+                GlobToken::Range(lo, hi) => Some((lo, hi)),
+                _ => None,
+            })
+            .collect();
+        let [(lo, hi)] = ranges[..] else { continue };
+        // The layers the pattern finds with every number in its range.
+        let every = format!("0-{}", u64::MAX);
+        let any_layer: Vec<&str> = target
+            .split('.')
+            .map(|segment| match glob_tokens(segment)[..] {
+                [GlobToken::Range(..)] => every.as_str(),
+                _ => segment,
+            })
+            .collect();
+        let any_layer = any_layer.join(".");
+        let found: std::collections::BTreeSet<u64> = model
+            .linears()
+            .iter()
+            .filter(|(path, _)| target_matches(&any_layer, path))
+            .filter_map(|(path, _)| layer_index(path))
+            .collect();
+        if let (Some(first), Some(last)) = (found.first(), found.last()) {
+            if !found.contains(&lo) || !found.contains(&hi) {
+                bail!(
+                    "the target {target:?} names layers {lo}-{hi}, but this model has only \
+                     {first}-{last} there{}: write a range inside them",
+                    example()
+                );
+            }
+        }
+    }
     // A pattern that adds nothing beside others that do is a typo (a reversed range, a
     // misspelt name) the user would never see.
     if let Some(idle) = spec
@@ -352,15 +389,18 @@ pub fn attach<M: ParticleModel + ?Sized>(
     Ok(adapted)
 }
 
+/// The layer number of a module path (`….layers.N.…`), if it has one.
+fn layer_index(path: &str) -> Option<u64> {
+    let (_, rest) = path.split_once(".layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
 /// The stacks of numbered layers among module `paths`, each as `prefix.layers.FIRST-LAST` (for
 /// a message saying which layer ranges a target can name).
 fn layer_stacks(paths: &[String]) -> Vec<String> {
     let mut stacks: Vec<(String, u64, u64)> = Vec::new();
     for path in paths {
-        let Some((prefix, rest)) = path.split_once(".layers.") else {
-            continue;
-        };
-        let Some(n) = rest.split('.').next().and_then(|d| d.parse::<u64>().ok()) else {
+        let (Some((prefix, _)), Some(n)) = (path.split_once(".layers."), layer_index(path)) else {
             continue;
         };
         match stacks.iter_mut().find(|(p, ..)| p == prefix) {
