@@ -1496,3 +1496,63 @@ fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_con
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     assert_eq!(results["progress"]["complete"], true);
 }
+
+/// A Ctrl-C while `bench --compare` runs stops it at the next safe point: between questions, or
+/// after an entry, before the next one loads (it went on with the next entry); the same command
+/// then finishes the comparison as an uninterrupted run does.
+#[test]
+fn ctrl_c_between_compare_entries_does_not_start_the_next() {
+    let world = world();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compare = |out: &Path| {
+        let mut cmd = bella();
+        cmd.args([
+            "bench",
+            "--quiet",
+            "--bootstrap",
+            "0",
+            "--limit",
+            "2",
+            "--model",
+        ])
+        .arg(root.join("demo/llava"))
+        .arg("--compare")
+        .arg(format!(
+            "base,ens={}",
+            root.join("demo/particles/llava-ensemble").display()
+        ))
+        .arg("--data")
+        .arg(world.path().join("test.jsonl"))
+        .arg("--out")
+        .arg(out);
+        cmd
+    };
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut compare(reference.path()));
+    let samples =
+        |dir: &Path, entry: &str| std::fs::read(dir.join(entry).join("samples.jsonl")).ok();
+    let count = count_ops(&|out| compare(out));
+    let mut between = 0;
+    for n in 1..=count {
+        let out = tempfile::tempdir().unwrap();
+        let o = interrupted_at(&mut compare(out.path()), n);
+        let t = text(&o);
+        assert!(!t.contains("panicked"), "op {n}: {t}");
+        if t.contains("interrupted before --compare entry ens") {
+            assert_eq!(o.status.code(), Some(130), "op {n}: {t}");
+            assert!(
+                samples(out.path(), "ens").is_none(),
+                "op {n}: the next entry ran"
+            );
+            between += 1;
+        }
+        run_ok(&mut compare(out.path()));
+        for entry in ["base", "ens"] {
+            assert!(
+                samples(out.path(), entry) == samples(reference.path(), entry),
+                "Ctrl-C before op {n}: {entry}'s answers differ after the rerun"
+            );
+        }
+    }
+    assert!(between > 0, "no Ctrl-C fell between the entries");
+}

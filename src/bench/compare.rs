@@ -178,6 +178,15 @@ pub fn compare(
         .collect::<Result<Vec<_>>>()?;
     let mut done: Vec<(CompareEntry, PathBuf, ResultsFile)> = Vec::new();
     for (e, inputs) in entries.iter().zip(&inputs) {
+        // A Ctrl-C after an entry: the next one is not loaded.
+        if crate::interrupt::requested() {
+            return Err(crate::interrupt::Interrupted(format!(
+                "interrupted before --compare entry {}; the entries before it are kept: the \
+                 same command continues",
+                e.name
+            ))
+            .into());
+        }
         if opts.progress {
             crate::note!(
                 "== {}: {}",
