@@ -26,7 +26,7 @@ for cfg in f32 q8_0 q8_0-vision q4k; do
   esac
   rm -rf "$WORK/bench-$cfg"
   $BELLA bench --model "$ROOT/demo/llava" --adapters "$ROOT/demo/particles/llava-ensemble" \
-    ${extra[@]+"${extra[@]}"} --data "$WORK/world/test.jsonl" --val "$WORK/world/val.jsonl" \
+    --dtype f32 ${extra[@]+"${extra[@]}"} --data "$WORK/world/test.jsonl" --val "$WORK/world/val.jsonl" \
     --limit "$LIMIT" --out "$WORK/bench-$cfg" --quiet
 done
 python3 - "$WORK" <<'PY'

@@ -404,6 +404,7 @@ pub fn load_with(
         estimated_bytes(&weights, quantize, DType::F32),
         weights.dominant_dtype(),
         compute::mem_available_bytes(),
+        quantize.is_some(),
     )?;
     let weights = weights.to(&compute.device, compute.dtype);
     let loaded = load_weights(files, weights, quantize)?;

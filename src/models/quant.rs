@@ -314,25 +314,27 @@ impl Quantizer {
 
     /// The base of the linear layer at `path`, `[out, in]`: quantized (from the cache, or from
     /// `load`ed dense weights) when the option selects it and its blocks fit, else dense.
+    /// `load(to_quantize)` reads the dense weight (`to_quantize`: the blocks will hide a NaN,
+    /// scan it whole first).
     pub fn base(
         &self,
         path: &str,
         (out, inp): (usize, usize),
-        load: impl FnOnce() -> std::result::Result<Tensor, WeightError>,
+        load: impl FnOnce(bool) -> std::result::Result<Tensor, WeightError>,
     ) -> std::result::Result<Base, WeightError> {
         if !self.opts.selects(path) {
-            return load().map(Base::Dense);
+            return load(false).map(Base::Dense);
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if inp % self.opts.kind.block_size() != 0 {
             state.kept_dense.push(path.to_string());
-            return load().map(Base::Dense);
+            return load(false).map(Base::Dense);
         }
         let ggml = self.opts.kind.ggml();
         let q = match state.cached.remove(path) {
             Some(q) if q.dtype() == ggml && q.shape().dims() == [out, inp] => q,
             _ => {
-                let dense = load()?;
+                let dense = load(true)?;
                 let q = QTensor::quantize(&dense, ggml).map_err(|e| WeightError::Quantize {
                     key: path.to_string(),
                     quant: self.opts.kind.name(),
@@ -537,16 +539,16 @@ mod tests {
             q.base(
                 "language_model.model.layers.0.mlp.up_proj",
                 (8, 256),
-                || Ok(weight(8, 256)),
+                |_| Ok(weight(8, 256)),
             )
             .unwrap(),
             q.base(
                 "language_model.model.layers.0.mlp.down_proj",
                 (4, 96),
-                || Ok(weight(4, 96)),
+                |_| Ok(weight(4, 96)),
             )
             .unwrap(),
-            q.base("language_model.lm_head", (3, 256), || Ok(weight(3, 256)))
+            q.base("language_model.lm_head", (3, 256), |_| Ok(weight(3, 256)))
                 .unwrap(),
         ];
         (bases, q.finish())
@@ -634,7 +636,7 @@ mod tests {
             .base(
                 "language_model.model.layers.0.mlp.up_proj",
                 (8, 256),
-                || {
+                |_| {
                     Err(WeightError::BadFile {
                         file: weights.clone(),
                         reason: "read although cached".into(),

@@ -26,13 +26,25 @@ use crate::models::quant::Quantizer;
 /// check would cost a pass over all weights of a large checkpoint.
 pub const FINITE_CHECK_MAX_VALUES: usize = 1 << 20;
 
-/// The number of NaN or infinite values in `t` (any float dtype; integer tensors have none).
+/// The number of NaN or infinite values in `t` (any float dtype; integer tensors have none),
+/// read [`FINITE_CHECK_MAX_VALUES`] values at a time: a whole f32 copy of a 7B model's
+/// embedding matrix would take gigabytes at the load's peak.
 pub fn count_non_finite(t: &Tensor) -> candle_core::Result<usize> {
     if !t.dtype().is_float() {
         return Ok(0);
     }
-    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(values.iter().filter(|v| !v.is_finite()).count())
+    let flat = t.flatten_all()?;
+    let total = flat.elem_count();
+    let mut count = 0;
+    for start in (0..total).step_by(FINITE_CHECK_MAX_VALUES) {
+        let len = FINITE_CHECK_MAX_VALUES.min(total - start);
+        let values = flat
+            .narrow(0, start, len)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        count += values.iter().filter(|v| !v.is_finite()).count();
+    }
+    Ok(count)
 }
 
 /// Drops the pages of a tensor's bytes in the memory-mapped file from this process once the tensor
@@ -265,12 +277,13 @@ impl Weights {
                 if let Some(name) = &stored {
                     self.mark_used(name.clone());
                 }
-                q.base(path, (out, inp), || {
+                q.base(path, (out, inp), |to_quantize| {
                     let tensor = self.get(&key, &[out, inp])?;
                     // Quantized blocks would hide a NaN or Inf: a matrix too large for `get`'s
-                    // scan is scanned before it is quantized.
-                    if let Some(name) =
-                        stored.filter(|_| tensor.elem_count() > FINITE_CHECK_MAX_VALUES)
+                    // scan is scanned before it is quantized (one kept dense is not, as
+                    // without --quantize).
+                    if let Some(name) = stored
+                        .filter(|_| to_quantize && tensor.elem_count() > FINITE_CHECK_MAX_VALUES)
                     {
                         self.check_finite(&name, self.routing[&name], &tensor)?;
                     }
@@ -645,6 +658,29 @@ mod tests {
                 .unwrap(),
             [1.0, -70144.0, 2.0]
         );
+    }
+
+    /// The scan reads a large tensor a chunk at a time and counts every non-finite value, in
+    /// the first chunk, across a boundary and in a short last chunk, in any float dtype.
+    #[test]
+    fn non_finite_values_are_counted_in_every_chunk() {
+        let n = 2 * FINITE_CHECK_MAX_VALUES + 4;
+        let mut values = vec![1.0f32; n];
+        for i in [
+            0,
+            FINITE_CHECK_MAX_VALUES - 1,
+            FINITE_CHECK_MAX_VALUES,
+            n - 1,
+        ] {
+            values[i] = f32::NAN;
+        }
+        values[n - 2] = f32::INFINITY;
+        let t = Tensor::from_vec(values, (n / 4, 4), &Device::Cpu).unwrap();
+        assert_eq!(count_non_finite(&t).unwrap(), 5);
+        let half = t.to_dtype(DType::BF16).unwrap();
+        assert_eq!(count_non_finite(&half).unwrap(), 5);
+        let ints = Tensor::zeros(4, DType::U32, &Device::Cpu).unwrap();
+        assert_eq!(count_non_finite(&ints).unwrap(), 0);
     }
 
     /// A matrix too large for the load-time scan is scanned all the same when it is quantized:
