@@ -477,6 +477,34 @@ fn a_clip_answer_too_long_for_its_text_positions_is_that_records() {
     succeeds(&mut train_model(&clip, &data, &["--skip-bad"]));
 }
 
+/// A CLIP training question is scored against every answer of the vocabulary: one that fits
+/// with its own answer but not with the longest is named so (it quoted another question's
+/// answer as if it were its own), and --skip-bad leaves it out (it stopped the run all the same).
+#[test]
+fn a_clip_question_too_long_for_the_longest_vocabulary_answer_is_named_and_skippable() {
+    let record = |id: &str, question: &str, answer: &str| {
+        serde_json::json!({"question_id": id, "image": "images/square.png",
+                           "question": question, "answers": [answer]})
+        .to_string()
+    };
+    let data = DataDir::new(&[
+        record("q1", "What color is the circle?", "red"),
+        record("q2", "What?", "word word word"),
+        // 6 words more: fits with "red", not with "word word word" (32 positions).
+        record("q3", "What is it it it it it it ?", "red"),
+    ]);
+    let clip = fixture("clip-tiny");
+    let err = fails(&mut train_model(&clip, &data, &[]));
+    assert!(
+        err.contains(
+            "question \"q3\": scored against every answer of the vocabulary, it does not \
+                      fit with the longest, \"word word word\""
+        ) && err.contains("--skip-bad"),
+        "{err}"
+    );
+    succeeds(&mut train_model(&clip, &data, &["--skip-bad"]));
+}
+
 /// `train` on the tiny LLaVA with small settings plus `extra`.
 fn train(data: &DataDir, extra: &[&str]) -> Command {
     train_model(&llava_dir(), data, extra)

@@ -197,15 +197,40 @@ pub fn take_unfit(
     role: Role,
 ) -> Result<Vec<(String, String)>> {
     let prompter = loaded.prompter()?;
-    // CLIP: every question with its own answer, checked in one pass (the vocabulary's longest
-    // answer is checked with every question once the vocabulary is known).
+    // CLIP: every question with its own answer (a record whose answer is too long is that
+    // record's fault), in one pass; then a training question that fits with the longest answer
+    // of the vocabulary those make (every step scores it against each answer). A validation
+    // question meets the training vocabulary's longest in `Objective::new`.
     let clip_unfit = match &loaded.model {
         Model::Clip(m) => {
+            let positions = m.config().text_config.max_position_embeddings;
             let texts: Vec<String> = examples
                 .iter()
                 .map(|ex| clip_prompt(&ex.question, &target_answer(ex).unwrap_or_default()))
                 .collect();
-            prompter.clip_texts_unfit(&texts, m.config().text_config.max_position_embeddings)?
+            let mut unfit = prompter.clip_texts_unfit(&texts, positions)?;
+            if role == Role::Training {
+                let fitting: Vec<VqaExample> = examples
+                    .iter()
+                    .zip(&unfit)
+                    .filter(|(_, why)| why.is_none())
+                    .map(|(ex, _)| ex.clone())
+                    .collect();
+                let vocabulary = clip_vocabulary(&fitting, MAX_CLIP_VOCABULARY);
+                if let Some(longest) = longest_answer(prompter, &vocabulary) {
+                    let texts: Vec<String> = examples
+                        .iter()
+                        .map(|ex| clip_prompt(&ex.question, &longest))
+                        .collect();
+                    let with_longest = prompter.clip_texts_unfit(&texts, positions)?;
+                    for (why, other) in unfit.iter_mut().zip(with_longest) {
+                        if why.is_none() {
+                            *why = other.map(|o| longest_answer_unfit(&longest, &o));
+                        }
+                    }
+                }
+            }
+            unfit
         }
         Model::Llava(_) => Vec::new(),
     };
@@ -253,6 +278,23 @@ pub fn take_unfit(
     }
     *examples = kept;
     Ok(unfit)
+}
+
+/// The answer of `vocabulary` with the most tokens (`None` for an empty one).
+fn longest_answer(prompter: &Prompter, vocabulary: &[String]) -> Option<String> {
+    vocabulary
+        .iter()
+        .max_by_key(|a| prompter.count_text_tokens(a).unwrap_or(usize::MAX))
+        .cloned()
+}
+
+/// Why a CLIP question does not fit with the vocabulary's longest answer `longest` (`why`: what
+/// the tokenizer said of the question with it), saying where that answer comes from.
+fn longest_answer_unfit(longest: &str, why: &str) -> String {
+    format!(
+        "scored against every answer of the vocabulary, it does not fit with the longest, \
+         {longest:?}: {why}"
+    )
 }
 
 /// A LLaVA training question as token ids: its prompt and its target answer.
@@ -425,6 +467,26 @@ impl Params {
 
     fn vars(&self) -> Vec<Var> {
         self.a.iter().chain(&self.b).cloned().collect()
+    }
+
+    /// Puts the factors into the model's layers: as the variables (training), or detached
+    /// (answering, which needs no gradients: a variable in a product keeps the product's whole
+    /// graph while its result lives, gigabytes for the thousands of texts a CLIP scores for one
+    /// question). Both share the variables' storage, so a detached factor sees every update.
+    fn put<M: ParticleModel + ?Sized>(&self, model: &mut M, detached: bool) -> Result<()> {
+        for (name, layer) in model.linears_mut() {
+            let Some(i) = self.names.iter().position(|n| *n == name) else {
+                continue;
+            };
+            let (a, b) = (self.a[i].as_tensor(), self.b[i].as_tensor());
+            let (a, b) = if detached {
+                (a.detach(), b.detach())
+            } else {
+                (a.clone(), b.clone())
+            };
+            layer.set_adapter(Some(Adapter::new(a, b, self.scale)?))?;
+        }
+        Ok(())
     }
 
     fn var_names(&self) -> Vec<String> {
@@ -990,7 +1052,10 @@ pub fn train(
 
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
-            let (acc, vote, disagreement) = objective.evaluate(model, val_sample, p)?;
+            params.put(model, true)?;
+            let evaluated = objective.evaluate(model, val_sample, p);
+            params.put(model, false)?;
+            let (acc, vote, disagreement) = evaluated?;
             let questions_per_second =
                 (steps_run * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eval = Evaluation {
@@ -1152,11 +1217,7 @@ impl<'a> Objective<'a> {
                 // Every question, training or validation (answered at each evaluation), must
                 // fit CLIP's text positions with the longest answer: found now, not mid-run.
                 let positions = m.config().text_config.max_position_embeddings;
-                let longest = vocabulary
-                    .iter()
-                    .max_by_key(|a| prompter.count_text_tokens(a).unwrap_or(usize::MAX))
-                    .cloned()
-                    .unwrap_or_default();
+                let longest = longest_answer(prompter, &vocabulary).unwrap_or_default();
                 let questions: Vec<(&str, &VqaExample)> = train
                     .iter()
                     .map(|ex| ("training", ex))
@@ -1172,6 +1233,7 @@ impl<'a> Objective<'a> {
                     .zip(&unfit)
                     .find_map(|(q, why)| Some((q, why.as_ref()?)))
                 {
+                    let why = longest_answer_unfit(&longest, why);
                     bail!("{kind} question {}: {why}", ex.question_id);
                 }
                 let targets = train

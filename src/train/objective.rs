@@ -346,8 +346,9 @@ pub fn clip_loss_and_grads(
         mask: &mask,
     };
     let vision = Tower::Vision { pixels: &pixels };
-    let text_chunks = text.chunks(m * k, blocks, task.chunk_bytes, model);
-    let image_chunks = vision.chunks(m, blocks, task.chunk_bytes, model);
+    // Shared rows become P rows at the first layer with particles: a chunk counts P per row.
+    let text_chunks = text.chunks(m * k, particles, task.chunk_bytes, model);
+    let image_chunks = vision.chunks(m, particles, task.chunk_bytes, model);
 
     // (1) The embeddings, `[P or 1, rows per block, d]`, without their graphs.
     let run_all = |tower: &Tower, chunks: &[(usize, usize)]| -> Result<(Tensor, bool)> {
@@ -420,12 +421,12 @@ enum Tower<'a> {
 }
 
 impl Tower<'_> {
-    /// Ranges of rows within a block, each keeping about `budget` bytes of activations over all
-    /// blocks (one row at least).
+    /// Ranges of rows within a block, each keeping about `budget` bytes of activations for its
+    /// `copies` rows per row (the particles; one row at least).
     fn chunks(
         &self,
         per_block: usize,
-        blocks: usize,
+        copies: usize,
         budget: usize,
         model: &crate::models::clip::ClipModel,
     ) -> Vec<(usize, usize)> {
@@ -442,7 +443,7 @@ impl Tower<'_> {
                 c.vision_config.num_hidden_layers,
             ),
         };
-        let per_row = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * layers * blocks;
+        let per_row = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * layers * copies;
         let rows = (budget / per_row.max(1)).max(1);
         (0..per_block)
             .step_by(rows)
