@@ -139,26 +139,51 @@ fn with_particle_vars(
         particles: 3,
     };
     attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
+    let vars = particle_vars(m.as_mut());
+    (m, vars, prompter, processor)
+}
+
+/// Makes the factors of every adapted layer variables (in the layers too), each with its layer's
+/// name.
+fn particle_vars<M: ParticleModel + ?Sized>(m: &mut M) -> Vec<(String, Var)> {
     let mut vars = Vec::new();
     for (name, layer) in m.linears_mut() {
-        // LLaVA reads the vision features of layer -2: the last vision layer never runs.
-        if name.starts_with("vision_tower.vision_model.encoder.layers.2.") {
-            continue;
-        }
         let Some(ad) = layer.adapter().cloned() else {
             continue;
         };
-        let a = Var::from_tensor(&ad.a).unwrap();
-        let b = Var::from_tensor(&ad.b).unwrap();
-        layer
-            .set_adapter(Some(
-                Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale).unwrap(),
-            ))
-            .unwrap();
+        let (a, b) = (
+            Var::from_tensor(&ad.a).unwrap(),
+            Var::from_tensor(&ad.b).unwrap(),
+        );
+        let adapter = Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale);
+        layer.set_adapter(Some(adapter.unwrap())).unwrap();
         vars.push((format!("{name}.A"), a));
         vars.push((format!("{name}.B"), b));
     }
-    (m, vars, prompter, processor)
+    vars
+}
+
+/// Asserts that `got` holds the gradients `plain` (one plain backward pass) has for each of
+/// `vars`, none of them zero, to 1e-5 of their scale.
+fn assert_same_gradients(
+    plain: &candle_core::backprop::GradStore,
+    got: &VarGrads,
+    vars: &[(String, Var)],
+    what: &str,
+) {
+    for (name, v) in vars {
+        let want = plain
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let got = got.get(v).unwrap();
+        let scale = max_abs(want);
+        assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
+        let d = max_abs_diff(want, &got);
+        assert!(
+            d <= 1e-5 * scale.max(1.0),
+            "{what}: {name} differs by {d} (scale {scale})"
+        );
+    }
 }
 
 #[test]
@@ -216,19 +241,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
             .unwrap();
         let d = max_abs_diff(&plain_nll, &taped_nll);
         assert!(d <= 1e-6, "{targets:?}: the loss differs by {d}");
-        for (name, v) in &vars {
-            let want = plain
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let got = taped.get(v).unwrap();
-            let scale = max_abs(want);
-            assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
-            let d = max_abs_diff(want, &got);
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "{targets:?}: {name} differs by {d} (scale {scale})"
-            );
-        }
+        assert_same_gradients(&plain, &taped, &vars, &format!("{targets:?}"));
     }
 }
 
@@ -719,20 +732,7 @@ fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
             particles: 3,
         };
         attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
-        let mut vars = Vec::new();
-        for (name, layer) in m.linears_mut() {
-            let Some(ad) = layer.adapter().cloned() else {
-                continue;
-            };
-            let (a, b) = (
-                Var::from_tensor(&ad.a).unwrap(),
-                Var::from_tensor(&ad.b).unwrap(),
-            );
-            let adapter = Adapter::new(a.as_tensor().clone(), b.as_tensor().clone(), ad.scale);
-            layer.set_adapter(Some(adapter.unwrap())).unwrap();
-            vars.push((format!("{name}.A"), a));
-            vars.push((format!("{name}.B"), b));
-        }
+        let vars = particle_vars(m.as_mut());
         assert!(!vars.is_empty());
         let examples: Vec<&VqaExample> = train_data.iter().take(n).collect();
         let answers: Vec<usize> = examples
@@ -767,19 +767,8 @@ fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
                 .unwrap();
             let d = max_abs_diff(&plain_nll, &nll);
             assert!(d <= 1e-5, "{targets:?}: the loss differs by {d}");
-            for (name, v) in &vars {
-                let want = plain
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient"));
-                let got = grads.get(v).unwrap();
-                let scale = max_abs(want);
-                assert!(scale > 0.0, "{name}: a zero gradient tests nothing");
-                let d = max_abs_diff(want, &got);
-                assert!(
-                    d <= 1e-5 * scale.max(1.0),
-                    "{targets:?}, {chunk_bytes} bytes a chunk: {name} differs by {d} (scale {scale})"
-                );
-            }
+            let what = format!("{targets:?}, {chunk_bytes} bytes a chunk");
+            assert_same_gradients(&plain, &grads, &vars, &what);
         }
     }
 }
