@@ -850,40 +850,44 @@ fn a_full_disk_or_closed_pipe_under_the_output_is_no_panic() {
             .expect("runs");
         assert_eq!(out.status.code(), Some(1), "{flag}");
     }
-    // A reader that has gone: `inspect` writes many lines into a closed pipe.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args(["inspect", "--model"])
-        .arg(repo("demo/llava"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("runs");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+    // A reader that has gone: the command's standard output is a pipe closed at once.
+    let closed_pipe = |cmd: &mut Command| {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runs");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("runs");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // `inspect` writes many lines into it.
+    let (status, err) = closed_pipe(
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["inspect", "--model"])
+            .arg(repo("demo/llava")),
+    );
+    assert!(status.success() && !err.contains("panicked"), "{err}");
     // The same for an output file that is the pipe (`logits --out /dev/stdout | head -c 10`).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-        .args([
-            "logits",
-            "--quiet",
-            "--prompt",
-            "hi",
-            "--out",
-            "/dev/stdout",
-        ])
-        .arg("--model")
-        .arg(repo("demo/llava"))
-        .arg("--image")
-        .arg(repo(IMAGE))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("runs");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.is_empty(), "{err}");
+    let (status, err) = closed_pipe(
+        Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args([
+                "logits",
+                "--quiet",
+                "--prompt",
+                "hi",
+                "--out",
+                "/dev/stdout",
+            ])
+            .arg("--model")
+            .arg(repo("demo/llava"))
+            .arg("--image")
+            .arg(repo(IMAGE)),
+    );
+    assert!(status.success() && err.is_empty(), "{err}");
 }
 
 /// Another process that holds the demo's lock and never lets go (stopped, hung) is waited for

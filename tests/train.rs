@@ -132,20 +132,20 @@ fn with_particle_vars(
     let Model::Llava(mut m) = loaded.model else {
         panic!()
     };
+    let vars = particle_vars(m.as_mut(), targets);
+    (m, vars, prompter, processor)
+}
+
+/// Attaches 3 particles of rank 2 to the layers matching `targets` and makes their factors
+/// variables (in the layers too), each with its layer's name.
+fn particle_vars<M: ParticleModel + ?Sized>(m: &mut M, targets: &[&str]) -> Vec<(String, Var)> {
     let spec = AdapterSpec {
         targets: targets.iter().map(|t| t.to_string()).collect(),
         rank: 2,
         alpha: 4.0,
         particles: 3,
     };
-    attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
-    let vars = particle_vars(m.as_mut());
-    (m, vars, prompter, processor)
-}
-
-/// Makes the factors of every adapted layer variables (in the layers too), each with its layer's
-/// name.
-fn particle_vars<M: ParticleModel + ?Sized>(m: &mut M) -> Vec<(String, Var)> {
+    attach(m, &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
     let mut vars = Vec::new();
     for (name, layer) in m.linears_mut() {
         let Some(ad) = layer.adapter().cloned() else {
@@ -725,14 +725,7 @@ fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
         let Model::Clip(mut m) = loaded.model else {
             panic!("clip-tiny is a CLIP")
         };
-        let spec = AdapterSpec {
-            targets: targets.iter().map(|t| t.to_string()).collect(),
-            rank: 2,
-            alpha: 4.0,
-            particles: 3,
-        };
-        attach(m.as_mut(), &spec, InitB::Normal { std: 0.05 }, 1).unwrap();
-        let vars = particle_vars(m.as_mut());
+        let vars = particle_vars(m.as_mut(), targets);
         assert!(!vars.is_empty());
         let examples: Vec<&VqaExample> = train_data.iter().take(n).collect();
         let answers: Vec<usize> = examples
