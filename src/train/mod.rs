@@ -357,11 +357,14 @@ pub struct Evaluation {
     /// ([`diversity::pairwise_disagreement`]); `None` with one particle or no validation data.
     #[serde(default)]
     pub val_disagreement: Option<f64>,
-    /// Training questions per second (a step takes `batch_size` questions, whatever the method).
+    /// Training questions per second (a step takes `batch_size` questions, whatever the method),
+    /// over the steps of this invocation.
     pub examples_per_second: f64,
     /// Question–particle pairs per second (`particles` × `examples_per_second`).
     #[serde(default)]
     pub particle_examples_per_second: f64,
+    /// Seconds since this invocation's first step (a `--resume` counts from its own start: the
+    /// time a stopped run spent is not known, only its steps).
     pub elapsed_seconds: f64,
 }
 
