@@ -2134,24 +2134,30 @@ fn calibrate_warns_when_ood_val_questions_are_validation_questions() {
     assert!(!w.iter().any(|w| w.contains("--ood-val")), "{w:?}");
 }
 
+/// A 200-question shapes world of `seed` in `dir/w` and a copy of the particle set `from` in
+/// `dir/particles` (calibrate writes into it): the validation file and the copy.
+fn world_and_particles(dir: &Path, seed: u64, from: &Path) -> (PathBuf, PathBuf) {
+    generate(&ShapesOptions {
+        n: 200,
+        seed,
+        ..ShapesOptions::new(dir.join("w"))
+    })
+    .unwrap();
+    let adapters = dir.join("particles");
+    std::fs::create_dir_all(&adapters).unwrap();
+    for f in ["bella_config.json", "particles.safetensors"] {
+        std::fs::copy(from.join(f), adapters.join(f)).unwrap();
+    }
+    (dir.join("w/val.jsonl"), adapters)
+}
+
 /// Answers that normalise to nothing are declined by ask and bench whatever their score, so
 /// calibrate counts them as declined too: the coverage it reports (and aims at) is the one bench
 /// then measures on the same questions (it counted them as answered: 100 % against 85 %).
 #[test]
 fn calibrate_counts_answers_that_say_nothing_as_declined() {
     let tmp = tempfile::tempdir().unwrap();
-    generate(&ShapesOptions {
-        n: 200,
-        seed: 3,
-        ..ShapesOptions::new(tmp.path().join("w"))
-    })
-    .unwrap();
-    let val = tmp.path().join("w/val.jsonl");
-    let adapters = tmp.path().join("particles");
-    std::fs::create_dir_all(&adapters).unwrap();
-    for f in ["bella_config.json", "particles.safetensors"] {
-        std::fs::copy(particles().join(f), adapters.join(f)).unwrap();
-    }
+    let (val, adapters) = world_and_particles(tmp.path(), 3, particles());
     // One new token: some of these random particles' answers are empty.
     let calibrated = calibrate_then_bench(
         &fixture("llava-tiny-hub"),
@@ -2189,20 +2195,9 @@ fn calibrate_counts_answers_that_say_nothing_as_declined() {
 #[test]
 fn calibrate_ranks_selectors_with_the_image_check_as_bench_does() {
     let tmp = tempfile::tempdir().unwrap();
-    generate(&ShapesOptions {
-        n: 200,
-        seed: 5,
-        ..ShapesOptions::new(tmp.path().join("w"))
-    })
-    .unwrap();
-    let val = tmp.path().join("w/val.jsonl");
     // The demo's particles: answers right and wrong, so that the order matters.
-    let adapters = tmp.path().join("particles");
-    std::fs::create_dir_all(&adapters).unwrap();
     let demo = bella_vqa::demo::path(bella_vqa::demo::PARTICLES).unwrap();
-    for f in ["bella_config.json", "particles.safetensors"] {
-        std::fs::copy(demo.join(f), adapters.join(f)).unwrap();
-    }
+    let (val, adapters) = world_and_particles(tmp.path(), 5, &demo);
     let calibrated = calibrate_then_bench(
         &bella_vqa::demo::path(bella_vqa::demo::LLAVA).unwrap(),
         &adapters,

@@ -327,73 +327,48 @@ fn an_option_out_of_range_is_a_usage_error_on_every_command() {
     let world = tempfile::tempdir().unwrap();
     let data = world.path().join("train.jsonl");
     std::fs::write(&data, "").unwrap();
-    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png");
-    let out_dir = world.path().join("out");
-    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+    let repo = |p: &str| format!("{}/{p}", env!("CARGO_MANIFEST_DIR"));
+    let (image, particles) = (
+        repo("eval/demo/red-circle.png"),
+        repo("demo/particles/llava-ensemble"),
+    );
+    let (tiny, out_dir) = (fixture("llava-tiny-hub"), world.path().join("out"));
+    let (data_arg, tiny, out) = (
+        data.to_str().unwrap(),
+        tiny.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+    );
+    let cases: [(&[&str], &str); 5] = [
         (
-            vec![
-                "ask".into(),
-                "--max-new-tokens".into(),
-                "0".into(),
-                "--image".into(),
-                image.clone().into(),
-                "q?".into(),
-            ],
+            &["ask", "--max-new-tokens", "0", "--image", &image, "q?"],
             "--max-new-tokens 0",
         ),
         (
-            vec![
-                "ask".into(),
-                "--threshold".into(),
-                "2".into(),
-                "--image".into(),
-                image.into(),
-                "q?".into(),
-            ],
+            &["ask", "--threshold", "2", "--image", &image, "q?"],
             "--threshold 2",
         ),
         (
-            vec![
-                "train".into(),
-                "--model".into(),
-                fixture("llava-tiny-hub").into(),
-                "--data".into(),
-                data.clone().into(),
-                "--out".into(),
-                out_dir.clone().into(),
-                "--lr".into(),
-                "-1".into(),
+            &[
+                "train", "--model", tiny, "--data", data_arg, "--out", out, "--lr", "-1",
             ],
             "--lr -1",
         ),
+        (&["data", "shapes", "--n", "0", "--out", out], "(--n)"),
         (
-            vec![
-                "data".into(),
-                "shapes".into(),
-                "--n".into(),
-                "0".into(),
-                "--out".into(),
-                out_dir.clone().into(),
-            ],
-            "(--n)",
-        ),
-        (
-            vec![
-                "calibrate".into(),
-                "--adapters".into(),
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("demo/particles/llava-ensemble")
-                    .into(),
-                "--data".into(),
-                data.into(),
-                "--objective".into(),
-                "phiX".into(),
+            &[
+                "calibrate",
+                "--adapters",
+                &particles,
+                "--data",
+                data_arg,
+                "--objective",
+                "phiX",
             ],
             "objective \"phiX\"",
         ),
     ];
     for (args, named) in cases {
-        let out = bella().args(&args).output().expect("runs");
+        let out = bella().args(args).output().expect("runs");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(

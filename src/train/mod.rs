@@ -210,13 +210,12 @@ pub fn take_unfit(
                 .collect();
             let mut unfit = prompter.clip_texts_unfit(&texts, positions)?;
             if role == Role::Training {
-                let fitting: Vec<VqaExample> = examples
+                let fitting = examples
                     .iter()
                     .zip(&unfit)
                     .filter(|(_, why)| why.is_none())
-                    .map(|(ex, _)| ex.clone())
-                    .collect();
-                let vocabulary = clip_vocabulary(&fitting, MAX_CLIP_VOCABULARY);
+                    .map(|(ex, _)| ex);
+                let vocabulary = clip_vocabulary(fitting, MAX_CLIP_VOCABULARY);
                 if let Some(longest) = longest_answer(prompter, &vocabulary) {
                     let texts: Vec<String> = examples
                         .iter()
@@ -481,13 +480,14 @@ impl Params {
             let Some(i) = self.names.iter().position(|n| *n == name) else {
                 continue;
             };
+            let scale = layer.adapter().map_or(self.scale, |ad| ad.scale);
             let (a, b) = (self.a[i].as_tensor(), self.b[i].as_tensor());
             let (a, b) = if detached {
                 (a.detach(), b.detach())
             } else {
                 (a.clone(), b.clone())
             };
-            layer.set_adapter(Some(Adapter::new(a, b, self.scale)?))?;
+            layer.set_adapter(Some(Adapter::new(a, b, scale)?))?;
         }
         Ok(())
     }

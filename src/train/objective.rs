@@ -252,7 +252,10 @@ pub fn particle_nll(
 
 /// The CLIP answer vocabulary: every distinct normalised training answer, most frequent first
 /// (ties alphabetical), at most `max` of them.
-pub fn clip_vocabulary(train: &[VqaExample], max: usize) -> Vec<String> {
+pub fn clip_vocabulary<'a>(
+    train: impl IntoIterator<Item = &'a VqaExample>,
+    max: usize,
+) -> Vec<String> {
     let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     for ex in train {
         if let Some(a) = target_answer(ex) {
@@ -347,15 +350,15 @@ pub fn clip_loss_and_grads(
     };
     let vision = Tower::Vision { pixels: &pixels };
     // Shared rows become P rows at the first layer with particles: a chunk counts P per row.
-    let text_chunks = text.chunks(m * k, particles, task.chunk_bytes, model);
-    let image_chunks = vision.chunks(m, particles, task.chunk_bytes, model);
+    let text_chunks = text.chunks(blocks, particles, task.chunk_bytes, model);
+    let image_chunks = vision.chunks(blocks, particles, task.chunk_bytes, model);
 
     // (1) The embeddings, `[P or 1, rows per block, d]`, without their graphs.
     let run_all = |tower: &Tower, chunks: &[(usize, usize)]| -> Result<(Tensor, bool)> {
         let mut parts = Vec::with_capacity(chunks.len());
         let mut tracked = false;
-        for &(a, b) in chunks {
-            let out = tower.embed(model, a, b, m * k, m, blocks, particles, expanded)?;
+        for &rows in chunks {
+            let out = tower.embed(model, rows, blocks, particles, expanded)?;
             tracked |= out.track_op();
             parts.push(out.detach().to_dtype(DType::F32)?);
         }
@@ -402,7 +405,7 @@ pub fn clip_loss_and_grads(
             continue; // no particles in this tower: nothing to pass the gradient to
         }
         for &(a, b) in chunks {
-            let out = tower.embed(model, a, b, m * k, m, blocks, particles, expanded)?;
+            let out = tower.embed(model, (a, b), blocks, particles, expanded)?;
             grads.add(&backward_from(&out, &grad.narrow(1, a, b - a)?)?)?;
         }
     }
@@ -421,11 +424,20 @@ enum Tower<'a> {
 }
 
 impl Tower<'_> {
-    /// Ranges of rows within a block, each keeping about `budget` bytes of activations for its
-    /// `copies` rows per row (the particles; one row at least).
+    /// Rows in each of `blocks` blocks.
+    fn per_block(&self, blocks: usize) -> usize {
+        let rows = match self {
+            Tower::Text { ids, .. } => ids.len(),
+            Tower::Vision { pixels } => pixels.len(),
+        };
+        rows / blocks.max(1)
+    }
+
+    /// Ranges of rows within each of `blocks` blocks, each keeping about `budget` bytes of
+    /// activations for its `copies` rows per row (the particles; one row at least).
     fn chunks(
         &self,
-        per_block: usize,
+        blocks: usize,
         copies: usize,
         budget: usize,
         model: &crate::models::clip::ClipModel,
@@ -445,31 +457,28 @@ impl Tower<'_> {
         };
         let per_row = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * layers * copies;
         let rows = (budget / per_row.max(1)).max(1);
+        let per_block = self.per_block(blocks);
         (0..per_block)
             .step_by(rows)
             .map(|a| (a, (a + rows).min(per_block)))
             .collect()
     }
 
-    /// The projected embeddings of rows `a..b` of every block: `[P, b − a, d]` where the tower
-    /// carries the particle axis, else `[1, b − a, d]`.
-    #[allow(clippy::too_many_arguments)]
+    /// The projected embeddings of rows `a..b` of each of `blocks` blocks: `[P, b − a, d]`
+    /// where the tower carries the particle axis, else `[1, b − a, d]`.
     fn embed(
         &self,
         model: &crate::models::clip::ClipModel,
-        a: usize,
-        b: usize,
-        text_per_block: usize,
-        image_per_block: usize,
+        (a, b): (usize, usize),
         blocks: usize,
         particles: usize,
         expanded: bool,
     ) -> Result<Tensor> {
-        let n = b - a;
+        let (n, per_block) = (b - a, self.per_block(blocks));
         let out = match self {
             Tower::Text { ids, mask } => {
                 let rows: Vec<usize> = (0..blocks)
-                    .flat_map(|blk| blk * text_per_block + a..blk * text_per_block + b)
+                    .flat_map(|blk| blk * per_block + a..blk * per_block + b)
                     .collect();
                 // Right padded: the chunk needs only its own longest text.
                 let len = rows
@@ -491,7 +500,7 @@ impl Tower<'_> {
             }
             Tower::Vision { pixels } => {
                 let rows: Vec<&Tensor> = (0..blocks)
-                    .flat_map(|blk| &pixels[blk * image_per_block + a..blk * image_per_block + b])
+                    .flat_map(|blk| &pixels[blk * per_block + a..blk * per_block + b])
                     .collect();
                 model
                     .image_embeds_rows(&Tensor::stack(&rows, 0)?, particles, expanded)?
