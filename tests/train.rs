@@ -704,7 +704,9 @@ fn plain_clip_nll(
 
 #[test]
 fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
-    use bella_vqa::train::objective::{clip_loss_and_grads, clip_vocabulary, ClipTask};
+    use bella_vqa::train::objective::{
+        clip_loss_and_grads, clip_vocabulary, ClipTask, ACTIVATION_BYTES_PER_UNIT,
+    };
     let data_dir = tempfile::tempdir().unwrap();
     let (train_data, _) = shapes(data_dir.path(), 10);
     let vocabulary = clip_vocabulary(&train_data, 500);
@@ -747,8 +749,15 @@ fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
         );
         let plain = plain_nll.sum_all().unwrap().backward().unwrap();
         let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        // One row per chunk, and everything in one chunk.
-        for chunk_bytes in [1, usize::MAX] {
+        // Every row layer by layer (it does not fit), an image per chunk through its whole
+        // graph, and everything in one chunk.
+        let v = &m.config().vision_config;
+        let image_row = ACTIVATION_BYTES_PER_UNIT
+            * (v.grid().pow(2) + 1)
+            * v.hidden_size
+            * v.num_hidden_layers
+            * 3;
+        for chunk_bytes in [1, image_row, usize::MAX] {
             let task = ClipTask {
                 prompter: &prompter,
                 processor: &processor,

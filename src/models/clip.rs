@@ -1,12 +1,15 @@
 //! CLIP: text and vision transformers, projections and logit scale (`openai/clip-vit-base-patch32`
 //! layout), also the vision tower of LLaVA.
 
-use candle_core::{IndexOp, Result, Tensor, D};
+use candle_core::{IndexOp, Result, Tensor, Var, D};
 
 use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
-use crate::models::nn::{activate, add, attention, attention_bias, linear, LayerNorm};
+use crate::models::nn::{
+    activate, add, attention, attention_bias, backward_from, grad_or_zeros, linear, LayerNorm,
+    VarGrads,
+};
 use crate::models::weights::Scope;
 
 type LoadResult<T> = std::result::Result<T, WeightError>;
@@ -153,27 +156,16 @@ impl Encoder {
     /// `expanded`: the input rows already carry the particle axis.
     fn forward(
         &self,
-        x: Tensor,
-        expanded: bool,
-        bias: Option<Tensor>,
+        mut x: Tensor,
+        mut expanded: bool,
+        mut bias: Option<Tensor>,
         particles: usize,
         n_layers: usize,
         keep_hidden: bool,
     ) -> Result<EncoderOutput> {
-        let mut x = x;
-        let mut bias = bias;
-        let mut expanded = expanded;
         let mut hidden_states = Vec::new();
         for layer in &self.layers[..n_layers] {
-            if !expanded && layer.has_particles() {
-                x = expand_particles(&x, particles)?;
-                if let Some(b) = &bias {
-                    if b.dim(0)? > 1 {
-                        bias = Some(expand_particles(b, particles)?);
-                    }
-                }
-                expanded = true;
-            }
+            enter(layer, &mut x, &mut bias, &mut expanded, particles)?;
             if keep_hidden {
                 hidden_states.push(x.clone());
             }
@@ -187,6 +179,53 @@ impl Encoder {
             hidden_states,
             expanded,
         })
+    }
+
+    /// Every layer on the detached output of the one below: one layer's activations are alive
+    /// at a time, and the output is detached. Returns it, whether its rows carry the particle
+    /// axis, whether any layer's output depended on trained variables, and with `tape` what
+    /// [`Self::backward_layered`] needs: the input of each layer from the lowest with particles up.
+    fn forward_layered(
+        &self,
+        mut x: Tensor,
+        mut expanded: bool,
+        mut bias: Option<Tensor>,
+        particles: usize,
+        tape: bool,
+    ) -> Result<(Tensor, bool, bool, EncoderTape)> {
+        let lowest = self.layers.iter().position(EncoderLayer::has_particles);
+        let mut inputs = Vec::new();
+        let mut tracked = false;
+        for (i, layer) in self.layers.iter().enumerate() {
+            enter(layer, &mut x, &mut bias, &mut expanded, particles)?;
+            if tape && lowest.is_some_and(|lowest| i >= lowest) {
+                inputs.push(x.clone());
+            }
+            let out = layer.forward(&x, bias.as_ref())?;
+            tracked |= out.track_op();
+            x = out.detach();
+        }
+        Ok((x, expanded, tracked, EncoderTape { inputs, bias }))
+    }
+
+    /// Runs the taped layers again, one at a time from the top, with gradients: `grad` is the
+    /// loss's gradient with respect to the encoder's output; the trained variables' gradients
+    /// are added to `grads`.
+    fn backward_layered(
+        &self,
+        tape: EncoderTape,
+        mut grad: Tensor,
+        grads: &mut VarGrads,
+    ) -> Result<()> {
+        let first = self.layers.len() - tape.inputs.len();
+        for (layer, input) in self.layers[first..].iter().zip(tape.inputs).rev() {
+            let input = Var::from_tensor(&input)?;
+            let out = layer.forward(input.as_tensor(), tape.bias.as_ref())?;
+            let store = backward_from(&out, &grad)?;
+            grads.add(&store)?;
+            grad = grad_or_zeros(&store, input.as_tensor())?;
+        }
+        Ok(())
     }
 
     fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a ParticleLinear)>) {
@@ -208,6 +247,35 @@ impl Encoder {
             }
         }
     }
+}
+
+/// Brings the rows to `P·rows` (particle-major) at the first layer with particles, the
+/// attention bias with them where it has one row per input row.
+fn enter(
+    layer: &EncoderLayer,
+    x: &mut Tensor,
+    bias: &mut Option<Tensor>,
+    expanded: &mut bool,
+    particles: usize,
+) -> Result<()> {
+    if !*expanded && layer.has_particles() {
+        *x = expand_particles(x, particles)?;
+        if let Some(b) = bias.as_ref() {
+            if b.dim(0)? > 1 {
+                *bias = Some(expand_particles(b, particles)?);
+            }
+        }
+        *expanded = true;
+    }
+    Ok(())
+}
+
+/// What a layered backward pass of an encoder reads ([`Encoder::forward_layered`]).
+struct EncoderTape {
+    /// Detached inputs of the layers from the lowest with particles to the top.
+    inputs: Vec<Tensor>,
+    /// The attention bias those layers saw.
+    bias: Option<Tensor>,
 }
 
 /// Every stage of a tower, for parity checks and for callers that need features.
@@ -277,6 +345,32 @@ impl ClipTextTransformer {
         particles: usize,
         input_expanded: bool,
     ) -> Result<TowerOutput> {
+        let (embeddings, bias) = self.stem(input_ids, attention_mask)?;
+        let out = self.encoder.forward(
+            embeddings.clone(),
+            input_expanded,
+            Some(bias),
+            particles,
+            self.encoder.layers.len(),
+            true,
+        )?;
+        let (last, pooled) = self.head(&out.last, input_ids)?;
+        Ok(TowerOutput {
+            embeddings,
+            hidden_states: out.hidden_states,
+            last_hidden_state: last,
+            pooled,
+            expanded: out.expanded,
+        })
+    }
+
+    /// The encoder's input: token + position embeddings `[batch, len, hidden]`, and the causal
+    /// attention bias that also hides the padding.
+    fn stem(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, len) = input_ids.dims2()?;
         if len > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -307,15 +401,15 @@ impl ClipTextTransformer {
             None => vec![vec![true; len]; batch],
         };
         let bias = attention_bias(&keep, len, true, embeddings.device())?;
-        let out = self.encoder.forward(
-            embeddings.clone(),
-            input_expanded,
-            Some(bias),
-            particles,
-            self.encoder.layers.len(),
-            true,
-        )?;
-        let last = self.final_layer_norm.forward(&out.last)?;
+        Ok((embeddings, bias))
+    }
+
+    /// From the encoder's output: `final_layer_norm` of it, and that at each text's EOS token
+    /// (the pooled output).
+    fn head(&self, encoded: &Tensor, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (batch, len) = input_ids.dims2()?;
+        let h = self.config.hidden_size;
+        let last = self.final_layer_norm.forward(encoded)?;
 
         // transformers: with the legacy eos id 2 the EOS is the largest id, else its first position.
         let ids = input_ids
@@ -343,13 +437,7 @@ impl ClipTextTransformer {
         debug_assert_eq!(reps * batch, rows);
         let index = Tensor::from_vec(index, rows, last.device())?;
         let pooled = last.reshape((rows * len, h))?.index_select(&index, 0)?;
-        Ok(TowerOutput {
-            embeddings,
-            hidden_states: out.hidden_states,
-            last_hidden_state: last,
-            pooled,
-            expanded: out.expanded,
-        })
+        Ok((last, pooled))
     }
 }
 
@@ -462,10 +550,7 @@ impl ClipVisionTransformer {
         let out = self
             .encoder
             .forward(x, input_expanded, None, particles, layers, true)?;
-        let post = self.post_layernorm.as_ref().ok_or_else(|| {
-            candle_core::Error::Msg("this vision tower was loaded without post_layernorm".into())
-        })?;
-        let pooled = post.forward(&out.last.i((.., 0))?)?;
+        let pooled = self.head(&out.last)?;
         Ok(TowerOutput {
             embeddings,
             hidden_states: out.hidden_states,
@@ -473,6 +558,14 @@ impl ClipVisionTransformer {
             pooled,
             expanded: out.expanded,
         })
+    }
+
+    /// `post_layernorm` of the class token of the encoder's output (the pooled output).
+    fn head(&self, encoded: &Tensor) -> Result<Tensor> {
+        let post = self.post_layernorm.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("this vision tower was loaded without post_layernorm".into())
+        })?;
+        post.forward(&encoded.i((.., 0))?)
     }
 
     /// Hidden states at the given indices (0 = after `pre_layrnorm`, i = output of layer i),
@@ -513,6 +606,15 @@ impl ClipVisionTransformer {
     ) {
         self.encoder.linears_mut(&format!("{prefix}.encoder"), out)
     }
+}
+
+/// The rows of one CLIP tower ([`ClipModel::embeds_layered`]).
+#[derive(Clone, Copy)]
+pub enum TowerRows<'a> {
+    /// Token ids and attention mask `[rows, len]` (u32; mask 1 = token, 0 = padding).
+    Text { ids: &'a Tensor, mask: &'a Tensor },
+    /// Preprocessed images `[rows, C, H, W]`.
+    Vision { pixels: &'a Tensor },
 }
 
 /// A CLIP checkpoint.
@@ -599,6 +701,59 @@ impl ClipModel {
             .vision_model
             .forward_rows(pixel_values, particles, input_expanded)?;
         self.project(&self.visual_projection, out.pooled, out.expanded, particles)
+    }
+
+    /// The projected embeddings of one tower's `rows`, as [`Self::text_embeds_rows`] and
+    /// [`Self::image_embeds_rows`] give them but with one encoder layer's activations alive at a
+    /// time (gradient checkpointing, for training steps whose rows do not fit whole): detached,
+    /// with whether their rows carry the particle axis and whether they depend on trained
+    /// variables. With `backward`, `(grad, grads)`, each layer runs again from the top with
+    /// gradients: the gradients of the trained variables for `grad`, the loss's gradient with
+    /// respect to the embeddings, are added to `grads`.
+    pub fn embeds_layered(
+        &self,
+        rows: TowerRows,
+        particles: usize,
+        input_expanded: bool,
+        backward: Option<(&Tensor, &mut VarGrads)>,
+    ) -> Result<(Tensor, bool, bool)> {
+        let (encoder, x, bias) = match rows {
+            TowerRows::Text { ids, mask } => {
+                let (x, bias) = self.text_model.stem(ids, Some(mask))?;
+                (&self.text_model.encoder, x, Some(bias))
+            }
+            TowerRows::Vision { pixels } => {
+                let x = self.vision_model.embeddings(pixels)?;
+                let x = self.vision_model.pre_layrnorm.forward(&x)?;
+                (&self.vision_model.encoder, x, None)
+            }
+        };
+        let (encoded, expanded, encoder_tracked, tape) =
+            encoder.forward_layered(x, input_expanded, bias, particles, backward.is_some())?;
+        // The encoder's output is where its layers' gradient starts, when they have one.
+        let top = if encoder_tracked {
+            Var::from_tensor(&encoded)?.into_inner()
+        } else {
+            encoded
+        };
+        let (proj, pooled) = match rows {
+            TowerRows::Text { ids, .. } => {
+                (&self.text_projection, self.text_model.head(&top, ids)?.1)
+            }
+            TowerRows::Vision { .. } => (&self.visual_projection, self.vision_model.head(&top)?),
+        };
+        let (out, expanded) = self.project(proj, pooled, expanded, particles)?;
+        let tracked = out.track_op();
+        if let Some((grad, grads)) = backward.filter(|_| tracked) {
+            let store = backward_from(&out, grad)?;
+            grads.add(&store)?;
+            let grad = grad_or_zeros(&store, &top)?;
+            drop(store);
+            if encoder_tracked {
+                encoder.backward_layered(tape, grad, grads)?;
+            }
+        }
+        Ok((out.detach(), expanded, tracked))
     }
 
     fn project(

@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::data::normalize::normalize_answer;
 use crate::data::VqaExample;
+use crate::models::clip::{ClipModel, TowerRows};
 use crate::models::image::{load_image, ImageProcessor};
+use crate::models::nn::{backward_from, grad_or_zeros, VarGrads};
 use crate::models::prompt::Prompter;
 
 /// The answer an example is trained towards: `multiple_choice_answer` when the data has one,
@@ -297,10 +299,11 @@ pub struct ClipTask<'a> {
 
 /// Bytes of activations a training forward pass keeps per token, per unit of width and per layer
 /// (measured: ~350 on ViT-B/32's text tower, f32; candle keeps every intermediate of the graph).
-const ACTIVATION_BYTES_PER_UNIT: usize = 400;
+pub const ACTIVATION_BYTES_PER_UNIT: usize = 400;
 
-/// What one chunk of a CLIP training step may keep for its backward pass (a row at least,
-/// whatever its size).
+/// What one chunk of a CLIP training step may keep for its backward pass. A row whose every
+/// layer does not fit (ViT-L/14-336's 577 tokens × 24 layers with particles) keeps one layer's
+/// at a time ([`ClipModel::embeds_layered`]), for one more forward pass of its tower.
 pub const CLIP_CHUNK_BYTES: usize = 1 << 30;
 
 /// CLIP's per-particle cross-entropy over the answer vocabulary for a batch of examples whose
@@ -314,19 +317,19 @@ pub const CLIP_CHUNK_BYTES: usize = 1 << 30;
 /// computed chunk by chunk and kept without its graph; (2) the loss is computed from the
 /// embeddings, with its gradient with respect to each; (3) each chunk runs again and passes its
 /// share of that gradient down to the particles. The gradients are those of one backward pass;
-/// memory is one chunk's (`task.chunk_bytes`), for one more forward pass of the towers.
+/// memory is one chunk's (`task.chunk_bytes`; a row at least, and of a row too large for it one
+/// layer at a time), for one more forward pass of the towers.
 pub fn clip_loss_and_grads(
-    model: &crate::models::clip::ClipModel,
+    model: &ClipModel,
     task: &ClipTask,
     examples: &[&VqaExample],
     targets: &[usize],
     particles: usize,
     expanded: bool,
-    grads: &mut crate::models::nn::VarGrads,
+    grads: &mut VarGrads,
 ) -> Result<Tensor> {
     use crate::answer::candidates::clip_prompt;
     use crate::models::clip::normalize;
-    use crate::models::nn::{backward_from, grad_or_zeros};
     let k = task.vocabulary.len();
     // Rows: particle-major blocks of m examples (one block when they are shared).
     let blocks = if expanded { particles } else { 1 };
@@ -354,13 +357,21 @@ pub fn clip_loss_and_grads(
     let image_chunks = vision.chunks(blocks, particles, task.chunk_bytes, model);
 
     // (1) The embeddings, `[P or 1, rows per block, d]`, without their graphs.
-    let run_all = |tower: &Tower, chunks: &[(usize, usize)]| -> Result<(Tensor, bool)> {
-        let mut parts = Vec::with_capacity(chunks.len());
+    let run_all = |tower: &Tower, chunks: &Chunks| -> Result<(Tensor, bool)> {
+        let mut parts = Vec::with_capacity(chunks.rows.len());
         let mut tracked = false;
-        for &rows in chunks {
-            let out = tower.embed(model, rows, blocks, particles, expanded)?;
-            tracked |= out.track_op();
-            parts.push(out.detach().to_dtype(DType::F32)?);
+        for &rows in &chunks.rows {
+            let (out, out_tracked) = tower.embed(
+                model,
+                rows,
+                chunks.layered,
+                blocks,
+                particles,
+                expanded,
+                None,
+            )?;
+            tracked |= out_tracked;
+            parts.push(out.to_dtype(DType::F32)?);
         }
         Ok((Tensor::cat(&parts, 1)?, tracked))
     };
@@ -404,9 +415,18 @@ pub fn clip_loss_and_grads(
         if !tracked {
             continue; // no particles in this tower: nothing to pass the gradient to
         }
-        for &(a, b) in chunks {
-            let out = tower.embed(model, (a, b), blocks, particles, expanded)?;
-            grads.add(&backward_from(&out, &grad.narrow(1, a, b - a)?)?)?;
+        for &(a, b) in &chunks.rows {
+            let grad = grad.narrow(1, a, b - a)?;
+            let backward = Some((&grad, &mut *grads));
+            tower.embed(
+                model,
+                (a, b),
+                chunks.layered,
+                blocks,
+                particles,
+                expanded,
+                backward,
+            )?;
         }
     }
     Ok(nll.detach())
@@ -434,14 +454,9 @@ impl Tower<'_> {
     }
 
     /// Ranges of rows within each of `blocks` blocks, each keeping about `budget` bytes of
-    /// activations for its `copies` rows per row (the particles; one row at least).
-    fn chunks(
-        &self,
-        blocks: usize,
-        copies: usize,
-        budget: usize,
-        model: &crate::models::clip::ClipModel,
-    ) -> Vec<(usize, usize)> {
+    /// activations for its `copies` rows per row (the particles; one row at least, layered when
+    /// it does not fit whole).
+    fn chunks(&self, blocks: usize, copies: usize, budget: usize, model: &ClipModel) -> Chunks {
         let c = model.config();
         let (tokens, hidden, layers) = match self {
             Tower::Text { mask, .. } => (
@@ -455,26 +470,50 @@ impl Tower<'_> {
                 c.vision_config.num_hidden_layers,
             ),
         };
-        let per_row = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * layers * copies;
+        let per_layer = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * copies;
+        let layered = per_layer * layers > budget;
+        // Layered: one layer's activations, and the input of every layer kept for the backward.
+        let per_row = if layered {
+            per_layer + std::mem::size_of::<f32>() * tokens * hidden * layers * copies
+        } else {
+            per_layer * layers
+        };
         let rows = (budget / per_row.max(1)).max(1);
         let per_block = self.per_block(blocks);
-        (0..per_block)
-            .step_by(rows)
-            .map(|a| (a, (a + rows).min(per_block)))
-            .collect()
+        Chunks {
+            rows: (0..per_block)
+                .step_by(rows)
+                .map(|a| (a, (a + rows).min(per_block)))
+                .collect(),
+            layered,
+        }
     }
 
-    /// The projected embeddings of rows `a..b` of each of `blocks` blocks: `[P, b − a, d]`
-    /// where the tower carries the particle axis, else `[1, b − a, d]`.
+    /// The projected embeddings of rows `a..b` of each of `blocks` blocks, detached: `[P, b − a,
+    /// d]` where the tower carries the particle axis, else `[1, b − a, d]`; and whether they
+    /// depend on trained variables. `layered`: one encoder layer's activations at a time.
+    /// `backward`: `(grad, grads)`, the loss's gradient with respect to these embeddings, whose
+    /// share for the trained variables is added to `grads`.
+    #[allow(clippy::too_many_arguments)]
     fn embed(
         &self,
-        model: &crate::models::clip::ClipModel,
+        model: &ClipModel,
         (a, b): (usize, usize),
+        layered: bool,
         blocks: usize,
         particles: usize,
         expanded: bool,
-    ) -> Result<Tensor> {
+        backward: Option<(&Tensor, &mut VarGrads)>,
+    ) -> Result<(Tensor, bool)> {
         let (n, per_block) = (b - a, self.per_block(blocks));
+        // The gradient as the rows come out of the tower: `[P or 1 · (b − a), d]`.
+        let flat_grad = match &backward {
+            Some((grad, _)) => Some(grad.reshape(((), grad.dim(D::Minus1)?))?),
+            None => None,
+        };
+        let backward = backward
+            .zip(flat_grad.as_ref())
+            .map(|((_, grads), grad)| (grad, grads));
         let out = match self {
             Tower::Text { ids, mask } => {
                 let rows: Vec<usize> = (0..blocks)
@@ -494,20 +533,63 @@ impl Tower<'_> {
                 let shape = (rows.len(), len);
                 let ids = Tensor::from_vec(flat(ids), shape, &Device::Cpu)?;
                 let mask = Tensor::from_vec(flat(mask), shape, &Device::Cpu)?;
-                model
-                    .text_embeds_rows(&ids, Some(&mask), particles, expanded)?
-                    .0
+                Self::run(
+                    model,
+                    TowerRows::Text {
+                        ids: &ids,
+                        mask: &mask,
+                    },
+                    layered,
+                    particles,
+                    expanded,
+                    backward,
+                )?
             }
             Tower::Vision { pixels } => {
                 let rows: Vec<&Tensor> = (0..blocks)
                     .flat_map(|blk| &pixels[blk * per_block + a..blk * per_block + b])
                     .collect();
-                model
-                    .image_embeds_rows(&Tensor::stack(&rows, 0)?, particles, expanded)?
-                    .0
+                let pixels = Tensor::stack(&rows, 0)?;
+                let rows = TowerRows::Vision { pixels: &pixels };
+                Self::run(model, rows, layered, particles, expanded, backward)?
             }
         };
+        let (out, tracked) = out;
         let d = out.dim(1)?;
-        Ok(out.reshape((out.dim(0)? / n, n, d))?)
+        Ok((out.reshape((out.dim(0)? / n, n, d))?, tracked))
     }
+
+    /// One chunk's embeddings through the whole graph or layer by layer ([`Self::embed`]).
+    fn run(
+        model: &ClipModel,
+        rows: TowerRows,
+        layered: bool,
+        particles: usize,
+        expanded: bool,
+        backward: Option<(&Tensor, &mut VarGrads)>,
+    ) -> Result<(Tensor, bool)> {
+        if layered {
+            let (out, _, tracked) = model.embeds_layered(rows, particles, expanded, backward)?;
+            return Ok((out, tracked));
+        }
+        let (out, _) = match rows {
+            TowerRows::Text { ids, mask } => {
+                model.text_embeds_rows(ids, Some(mask), particles, expanded)?
+            }
+            TowerRows::Vision { pixels } => model.image_embeds_rows(pixels, particles, expanded)?,
+        };
+        let tracked = out.track_op();
+        if let Some((grad, grads)) = backward.filter(|_| tracked) {
+            grads.add(&backward_from(&out, grad)?)?;
+        }
+        Ok((out.detach(), tracked))
+    }
+}
+
+/// How a tower's rows are split for a training step ([`Tower::chunks`]).
+struct Chunks {
+    /// Ranges of rows within each block.
+    rows: Vec<(usize, usize)>,
+    /// Whether each row runs one encoder layer at a time.
+    layered: bool,
 }
