@@ -1,13 +1,13 @@
 //! Ctrl-C (SIGINT) and SIGTERM during a long command: the first one asks it to stop at its next
-//! safe point, keeping what it has done (`train` finishes the step in progress and saves a
-//! checkpoint; `bench` stops between questions with every answer so far written); a second one
-//! ends the process at once, as without this module.
+//! safe point, keeping what it has done (`train` drops the step in progress and saves a
+//! checkpoint of the last finished one; `bench` stops between questions with every answer so far
+//! written); a second one ends the process at once, as without this module.
 //!
 //! The CLI calls [`watch`] for such commands; the library only asks [`requested`] between units
 //! of work, which is false unless a watch is installed and a signal came (so library callers and
 //! tests are not affected, and the server keeps its own graceful shutdown).
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
@@ -22,7 +22,7 @@ static WATCHING: OnceLock<()> = OnceLock::new();
 static WATCHING_SIGINT: AtomicBool = AtomicBool::new(false);
 
 /// Installs the handler (once per process). `after` says where the command will stop, for the
-/// message printed when the first signal comes ("after the step in progress").
+/// message printed when the first signal comes ("after the question in progress").
 pub fn watch(after: &'static str) -> Result<()> {
     if WATCHING.get().is_some() {
         return Ok(());
@@ -81,6 +81,27 @@ fn ignored(signal: i32) -> bool {
 /// Whether a stop was asked for (always false without [`watch`]).
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// For the interrupt tests only: with `BELLA_FAULT_INTERRUPT_AT_CHECK=N` in the environment the
+/// process sends itself one SIGINT (a Ctrl-C) right before its N-th [`check`] (1-based).
+pub const CHECK_FAULT_ENV: &str = "BELLA_FAULT_INTERRUPT_AT_CHECK";
+
+/// `Err(Interrupted)` once a stop was asked for: asked between the parts of a unit of work that
+/// is dropped when stopped (a training step's passes, which a resumed run makes again).
+pub fn check() -> Result<(), Interrupted> {
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static CHECKS: AtomicU64 = AtomicU64::new(0);
+    if let Some(at) = *AT.get_or_init(|| std::env::var(CHECK_FAULT_ENV).ok()?.parse().ok()) {
+        if CHECKS.fetch_add(1, Ordering::SeqCst) + 1 == at {
+            let _ = signal_hook::low_level::raise(SIGINT);
+            await_own_sigint();
+        }
+    }
+    if requested() {
+        return Err(Interrupted("interrupted in a training step".into()));
+    }
+    Ok(())
 }
 
 /// The exit status of a command that stopped because it was asked to: the shell's 128 + the

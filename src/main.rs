@@ -1069,7 +1069,7 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     train_options(args, TrainOptions::llava_defaults()).validate()?;
     run_options(cli, args).validate()?;
     let _lock = bella_vqa::io::OutputLock::acquire(&args.out)?;
-    bella_vqa::interrupt::watch("after the training step in progress; a checkpoint keeps it")?;
+    bella_vqa::interrupt::watch("soon: a checkpoint keeps the last finished training step")?;
     let mut loaded = args.model.load(cli)?;
     // A question without an answer (a test set's) has nothing to train on.
     // With --limit a Parquet file is read only that far: questions without answers or that the
@@ -1150,7 +1150,8 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
     if report.interrupted {
         return Err(Interrupted(match report.steps {
-            0 => "interrupted before the first training step: nothing was trained".to_string(),
+            0 => "interrupted before the first training step finished: nothing was trained"
+                .to_string(),
             step => format!(
                 "interrupted at step {step}/{}: the particles and a checkpoint of that step are in \
                  {}; the same command with --resume continues",

@@ -323,6 +323,110 @@ fn ctrl_c_keeps_the_step_in_progress_and_resume_gives_the_same_particles() {
     );
 }
 
+/// The lines of a `train_log.jsonl` without their timings (which differ between runs).
+fn log_without_timings(log: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8(log.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let line = v.as_object_mut().unwrap();
+            for timing in [
+                "examples_per_second",
+                "particle_examples_per_second",
+                "elapsed_seconds",
+            ] {
+                assert!(line.remove(timing).is_some(), "{timing} missing: {l}");
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn ctrl_c_in_a_step_drops_it_and_resume_gives_the_same_particles_and_log() {
+    // A Ctrl-C at each place a step pauses to look for one: between the forward and backward
+    // passes (plain, and under gradient checkpointing), and before each validation question.
+    let world = world();
+    for checkpointing in [false, true] {
+        let train = |out: &Path| {
+            let mut cmd = train_with(
+                &fixture("llava-tiny-hub"),
+                world.path(),
+                out,
+                &[("--eval-every", "2"), ("--checkpoint-every", "100")],
+            );
+            cmd.arg("--val")
+                .arg(world.path().join("val.jsonl"))
+                .args(["--val-sample", "2"]);
+            if checkpointing {
+                cmd.arg("--gradient-checkpointing");
+            }
+            cmd
+        };
+        let reference = tempfile::tempdir().unwrap();
+        run_ok(&mut train(reference.path()));
+        let expected = files(reference.path());
+        let expected_log = log_without_timings(&expected[Path::new("train_log.jsonl")]);
+        assert_eq!(expected_log.len(), 2, "lines at steps 2 and 4");
+        assert!(expected_log.iter().all(|l| l["val_accuracy"].is_f64()));
+        let (mut in_passes, mut in_evaluations) = (0, 0);
+        for n in 1.. {
+            let out = tempfile::tempdir().unwrap();
+            let o =
+                output(train(out.path()).env(bella_vqa::interrupt::CHECK_FAULT_ENV, n.to_string()));
+            let t = text(&o);
+            if o.status.success() {
+                // Fewer places than n: every one was tried.
+                assert!(n > 6, "only {} places to stop: {t}", n - 1);
+                break;
+            }
+            assert_eq!(o.status.code(), Some(130), "place {n}: {t}");
+            let state = |step: u64| {
+                let path = format!("checkpoints/step-{step:08}/trainer_state.json");
+                let text = std::fs::read_to_string(out.path().join(path)).unwrap();
+                serde_json::from_str::<serde_json::Value>(&text).unwrap()
+            };
+            match t.split("interrupted at step ").nth(1) {
+                Some(rest) => {
+                    let step: u64 = rest.split('/').next().unwrap().parse().unwrap();
+                    if state(step)["pending_evaluation"].is_null() {
+                        in_passes += 1;
+                    } else {
+                        assert!([2, 4].contains(&step), "place {n}: evaluated at {step}");
+                        in_evaluations += 1;
+                    }
+                }
+                None => {
+                    assert!(
+                        t.contains("before the first training step finished"),
+                        "{n}: {t}"
+                    );
+                    assert!(!out.path().join("particles.safetensors").exists());
+                    in_passes += 1;
+                }
+            }
+            run_ok(train(out.path()).arg("--resume"));
+            let got = files(out.path());
+            for name in ["particles.safetensors", "bella_config.json"] {
+                assert!(
+                    got.get(Path::new(name)) == expected.get(Path::new(name)),
+                    "checkpointing {checkpointing}, Ctrl-C at place {n}: {name} differs after \
+                     --resume"
+                );
+            }
+            assert_eq!(
+                log_without_timings(&got[Path::new("train_log.jsonl")]),
+                expected_log,
+                "checkpointing {checkpointing}, Ctrl-C at place {n}: the log"
+            );
+            assert_no_temp_files(out.path());
+        }
+        // 4 steps (one place each) and 2 evaluations of 2 questions.
+        assert_eq!((in_passes, in_evaluations), (4, 4), "{checkpointing}");
+    }
+}
+
 #[test]
 fn ctrl_c_stops_bench_between_questions_and_the_same_command_continues() {
     let world = world();

@@ -66,6 +66,10 @@ pub struct TrainerState {
     /// a resumed run's next line averages them all, as the uninterrupted run's does.
     #[serde(default)]
     pub pending_loss: Option<(f64, usize)>,
+    /// The log line of this step, whose evaluation a stop interrupted: a resumed run evaluates
+    /// and writes it first, so that its log is the uninterrupted run's.
+    #[serde(default)]
+    pub pending_evaluation: Option<super::Evaluation>,
 }
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {

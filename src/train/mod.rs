@@ -33,6 +33,7 @@ use crate::bella::{attach, Adapter, AdapterSpec, InitB, ParticleModel};
 use crate::data::normalize::normalize_answer;
 use crate::data::VqaExample;
 use crate::hub::Origin;
+use crate::interrupt::Interrupted;
 use crate::metrics::{vqa_accuracy, NormalizeMode};
 use crate::models::image::{load_image, ImageProcessor};
 use crate::models::llava::LlavaInput;
@@ -783,7 +784,9 @@ pub fn train(
     checkpoint::prune(&run.out)?;
     // What calibrate and bench check their questions against (crate::data::seen).
     let questions = crate::data::seen::encode(train);
-    let (params, mut optimizer, start_step, pending_loss) = match (existing, run.resume) {
+    let (params, mut optimizer, start_step, (pending_loss, pending_evaluation)) = match (
+        existing, run.resume,
+    ) {
         (Some(dir), true) => {
             // Resuming would put the checkpoint's particles back over imported ones.
             if imported_here(&run.out) {
@@ -831,7 +834,8 @@ pub fn train(
             let mut optimizer = AdamW::new(&params.vars(), 0.0)?;
             optimizer.restore(&params.var_names(), &ck.optimizer, ck.state.step)?;
             let pending = ck.state.pending_loss.unwrap_or((0.0, 0));
-            (params, optimizer, ck.state.step, pending)
+            let evaluation = ck.state.pending_evaluation;
+            (params, optimizer, ck.state.step, (pending, evaluation))
         }
         (Some(dir), false) => bail!(
             "{} already holds a training run (checkpoint {}): pass --resume to continue it, or choose another --out",
@@ -861,7 +865,7 @@ pub fn train(
             }
             let params = Params::install(model)?;
             let optimizer = AdamW::new(&params.vars(), 0.0)?;
-            (params, optimizer, 0, (0.0, 0))
+            (params, optimizer, 0, ((0.0, 0), None))
         }
     };
 
@@ -928,9 +932,10 @@ pub fn train(
                            params: &Params,
                            optimizer: &AdamW,
                            model: &Model,
-                           pending_loss: (f64, usize),
+                           pending: (f64, usize, Option<&Evaluation>),
                            log: &[u8]|
      -> Result<()> {
+        let (loss_sum, loss_count, pending_evaluation) = pending;
         let mut cfg = config.clone();
         cfg.step = step;
         let set = ParticleSet::from_model(model, cfg);
@@ -940,7 +945,8 @@ pub fn train(
             data: Some(data.clone()),
             val: Some(val_data.clone()),
             compute: Some(compute.clone()),
-            pending_loss: Some(pending_loss),
+            pending_loss: Some((loss_sum, loss_count)),
+            pending_evaluation: pending_evaluation.cloned(),
         };
         checkpoint::save(
             &run.out,
@@ -953,6 +959,19 @@ pub fn train(
         Ok(())
     };
 
+    // A log line whose evaluation a stop interrupted comes first (its step's checkpoint holds it).
+    let mut saved_at = start_step;
+    let mut unfinished_evaluation = None;
+    if let Some(mut line) = pending_evaluation {
+        match evaluate_into(&mut line, &objective, model, &params, val_sample, p) {
+            Err(e) if e.is::<Interrupted>() => unfinished_evaluation = Some(line),
+            evaluated => {
+                evaluated?;
+                append_log_line(&mut log, &line)?;
+                last_eval = Some(line);
+            }
+        }
+    }
     // Where the run stops: `end_step`, or earlier when interrupted (a stop asked for while the
     // model loaded ends it before its first step).
     let mut stopped_at = if crate::interrupt::requested() {
@@ -977,7 +996,7 @@ pub fn train(
         // The NLL comes detached, its gradients already in `grads`; the prior's join them below.
         let mut grads = VarGrads::new(&params.vars());
         let checkpointing = run.gradient_checkpointing;
-        let nll = objective.loss(
+        let nll = match objective.loss(
             model,
             train,
             &picked,
@@ -985,7 +1004,20 @@ pub fn train(
             expanded,
             &mut grads,
             checkpointing,
-        )?;
+        ) {
+            // Ctrl-C (crate::interrupt) during the step's passes: the step is dropped (a resumed
+            // run makes it again) and the last finished one kept.
+            Err(e) if e.is::<Interrupted>() => {
+                if step > saved_at {
+                    let pending = (loss_sum, loss_count, None);
+                    save_checkpoint(step, &params, &optimizer, model, pending, &log.lines)?;
+                    open_log(&mut log, &log_path)?;
+                }
+                stopped_at = step;
+                break;
+            }
+            nll => nll?,
+        };
         let prior = (params.sq_norms()? / (2.0 * opts.prior_std.powi(2) * n_data))?;
         let per_particle = (nll + prior)?;
         let loss = per_particle.sum_all()?;
@@ -1055,31 +1087,36 @@ pub fn train(
 
         let at_end = done == end_step;
         if done % run.eval_every.max(1) == 0 || at_end {
-            params.put(model, true)?;
-            let evaluated = objective.evaluate(model, val_sample, p);
-            params.put(model, false)?;
-            let (acc, vote, disagreement) = evaluated?;
             let questions_per_second =
                 (steps_run * batch) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            let eval = Evaluation {
+            let mut eval = Evaluation {
                 step: done,
                 epoch: done as f64 / steps_per_epoch as f64,
                 train_loss: loss_sum / loss_count.max(1) as f64,
                 lr,
-                val_accuracy: acc,
-                val_accuracy_vote: vote,
+                val_accuracy: None,
+                val_accuracy_vote: None,
                 mean_pairwise_distance: params.mean_pairwise_distance()?,
-                val_disagreement: disagreement,
+                val_disagreement: None,
                 examples_per_second: questions_per_second,
                 particle_examples_per_second: questions_per_second * p as f64,
                 elapsed_seconds: started.elapsed().as_secs_f64(),
             };
-            let mut line = serde_json::to_vec(&eval)?;
-            line.push(b'\n');
-            log.lines.extend_from_slice(&line);
-            if let Some(file) = &mut log.file {
-                file.append(&line)?;
+            loss_sum = 0.0;
+            loss_count = 0;
+            match evaluate_into(&mut eval, &objective, model, &params, val_sample, p) {
+                // The step is kept; its line waits in the checkpoint for a resumed run.
+                Err(e) if e.is::<Interrupted>() => {
+                    let pending = (0.0, 0, Some(&eval));
+                    save_checkpoint(done, &params, &optimizer, model, pending, &log.lines)?;
+                    open_log(&mut log, &log_path)?;
+                    unfinished_evaluation = Some(eval);
+                    stopped_at = done;
+                    break;
+                }
+                evaluated => evaluated?,
             }
+            append_log_line(&mut log, &eval)?;
             bar.set_message(format!(
                 "loss {:.4} · val acc {} · distance {:.3} · disagreement {}",
                 eval.train_loss,
@@ -1089,21 +1126,18 @@ pub fn train(
                 eval.val_disagreement
                     .map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
             ));
-            loss_sum = 0.0;
-            loss_count = 0;
             last_eval = Some(eval);
         }
         let checkpoint_due =
             done % run.checkpoint_every.max(1) == 0 || at_end || done % steps_per_epoch == 0;
-        // Ctrl-C (crate::interrupt): the step in progress is finished and kept.
+        // Ctrl-C (crate::interrupt) after the step's passes: the step is finished and kept.
         let stop = !at_end && crate::interrupt::requested();
         if checkpoint_due || stop {
-            let pending = (loss_sum, loss_count);
+            let pending = (loss_sum, loss_count, None);
             // The checkpoint carries the log; committed, the top-level log is its copy.
             save_checkpoint(done, &params, &optimizer, model, pending, &log.lines)?;
-            if log.file.is_none() {
-                log.file = Some(crate::io::AppendFile::open(&log_path, None)?);
-            }
+            open_log(&mut log, &log_path)?;
+            saved_at = done;
         }
         if stop {
             stopped_at = done;
@@ -1121,10 +1155,49 @@ pub fn train(
         total_steps,
         last: last_eval,
         out: run.out.clone(),
-        finished: stopped_at == total_steps,
-        interrupted: stopped_at < end_step,
+        finished: stopped_at == total_steps && unfinished_evaluation.is_none(),
+        interrupted: stopped_at < end_step || unfinished_evaluation.is_some(),
         diversity: summary,
     })
+}
+
+/// Fills in `line`'s evaluation of the particles on the validation sample (answering through
+/// detached factors). `Err(Interrupted)` when a stop came first.
+fn evaluate_into(
+    line: &mut Evaluation,
+    objective: &Objective,
+    model: &mut Model,
+    params: &Params,
+    val: &[VqaExample],
+    particles: usize,
+) -> Result<()> {
+    params.put(model, true)?;
+    let evaluated = objective.evaluate(model, val, particles);
+    params.put(model, false)?;
+    (
+        line.val_accuracy,
+        line.val_accuracy_vote,
+        line.val_disagreement,
+    ) = evaluated?;
+    Ok(())
+}
+
+fn append_log_line(log: &mut Log, eval: &Evaluation) -> Result<()> {
+    let mut line = serde_json::to_vec(eval)?;
+    line.push(b'\n');
+    log.lines.extend_from_slice(&line);
+    if let Some(file) = &mut log.file {
+        file.append(&line)?;
+    }
+    Ok(())
+}
+
+/// After a checkpoint commits, the top-level log is its copy: lines are appended there from now.
+fn open_log(log: &mut Log, path: &Path) -> Result<()> {
+    if log.file.is_none() {
+        log.file = Some(crate::io::AppendFile::open(path, None)?);
+    }
+    Ok(())
 }
 
 /// The lines of `train_log.jsonl`: all of the run's so far, which each checkpoint carries, and
@@ -1311,13 +1384,26 @@ impl<'a> Objective<'a> {
                     expanded,
                 };
                 let window = b.targets.dim(1)?;
+                // A stop asked for in the forward pass drops the step before its backward one.
                 if checkpointing {
-                    let nll = |logits: &Tensor| particle_nll(logits, &b, particles);
+                    let stopped = std::cell::Cell::new(false);
+                    let nll = |logits: &Tensor| {
+                        if crate::interrupt::check().is_err() {
+                            stopped.set(true);
+                            candle_core::bail!("interrupted");
+                        }
+                        particle_nll(logits, &b, particles)
+                    };
                     let window = (b.window_start, window);
-                    return Ok(m.window_loss_checkpointed(&input, particles, window, &nll, grads)?);
+                    let loss = m.window_loss_checkpointed(&input, particles, window, &nll, grads);
+                    if stopped.get() {
+                        crate::interrupt::check()?;
+                    }
+                    return Ok(loss?);
                 }
                 let logits = m.forward_window(&input, particles, b.window_start, window)?;
                 let nll = particle_nll(&logits, &b, particles)?;
+                crate::interrupt::check()?;
                 grads.add(&nll.sum_all()?.backward()?)?;
                 Ok(nll.detach())
             }
@@ -1360,6 +1446,7 @@ impl<'a> Objective<'a> {
         let mut vote = 0.0;
         let mut all_answers = Vec::with_capacity(val.len());
         for ex in val {
+            crate::interrupt::check()?;
             let answers = self.particle_answers(model, ex, particles)?;
             let scores: Vec<f64> = answers
                 .iter()

@@ -310,6 +310,7 @@ pub const CLIP_CHUNK_BYTES: usize = 1 << 30;
 /// correct answers are `targets` (vocabulary indices), `[P]`, detached; the gradients of its sum
 /// with respect to the particles are added to `grads`. `expanded`: P·m examples,
 /// particle-major, each particle its own; else m examples shared by all particles.
+/// `Err(Interrupted)` between chunks once a stop was asked for ([`crate::interrupt::check`]).
 ///
 /// Every example is scored against every vocabulary answer (m · k texts per particle, up to
 /// thousands), so one backward pass through the whole batch would keep tens of gigabytes of
@@ -361,6 +362,7 @@ pub fn clip_loss_and_grads(
         let mut parts = Vec::with_capacity(chunks.rows.len());
         let mut tracked = false;
         for &rows in &chunks.rows {
+            crate::interrupt::check()?;
             let (out, out_tracked) = tower.embed(
                 model,
                 rows,
@@ -416,6 +418,7 @@ pub fn clip_loss_and_grads(
             continue; // no particles in this tower: nothing to pass the gradient to
         }
         for &(a, b) in &chunks.rows {
+            crate::interrupt::check()?;
             let grad = grad.narrow(1, a, b - a)?;
             let backward = Some((&grad, &mut *grads));
             tower.embed(
