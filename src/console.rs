@@ -22,6 +22,32 @@ impl StdoutError {
     }
 }
 
+/// A number for a message or a stored description: at most 10 significant digits (no
+/// floating-point noise: 1 − 0.999999 is 1e-6, not 1.0000000000287557e-6), and in scientific
+/// notation when very small or large (`{}` would write 1e-300 with 300 digits).
+pub fn number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let trim = |s: &str| s.trim_end_matches('0').trim_end_matches('.').to_string();
+    // The exponent after rounding to 10 digits (9.99999999999e-5 is 1e-4).
+    let scientific = format!("{x:.9e}");
+    let Some((mantissa, exponent)) = scientific.split_once('e') else {
+        return scientific;
+    };
+    match exponent.parse::<i32>() {
+        Ok(e) if (-4..15).contains(&e) => {
+            let fixed = format!("{x:.*}", (9 - e).max(0) as usize);
+            if fixed.contains('.') {
+                trim(&fixed)
+            } else {
+                fixed
+            }
+        }
+        _ => format!("{}e{exponent}", trim(mantissa)),
+    }
+}
+
 /// Writes a status line to standard error (a line, as `eprintln!`); a failed write is dropped.
 /// Control characters other than line breaks and tabs are escaped ([`on_terminal`](crate::console::on_terminal)): a status
 /// line quotes paths and inputs, and a file named with an escape sequence must not drive the
@@ -178,7 +204,33 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
-    use super::{on_terminal, printable};
+    use super::{number, on_terminal, printable};
+
+    #[test]
+    fn numbers_are_short_and_read_back_as_written() {
+        let cases = [
+            (0.05, "0.05"),
+            (0.9, "0.9"),
+            (1.0 - 0.999999, "1e-6"),
+            (1.0 - 0.9999, "0.0001"),
+            (1.0 - 0.1, "0.9"),
+            (1e-300, "1e-300"),
+            (5e-324, "4.940656458e-324"),
+            (2.5e-5, "2.5e-5"),
+            (123456.0, "123456"),
+            (1e20, "1e20"),
+            (-0.25, "-0.25"),
+            (0.0, "0"),
+        ];
+        for (x, written) in cases {
+            assert_eq!(number(x), written, "{x:e}");
+            let back: f64 = written.parse().unwrap();
+            assert!(
+                (back - x).abs() <= 1e-9 * x.abs(),
+                "{written} reads as {back}"
+            );
+        }
+    }
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {

@@ -146,8 +146,8 @@ impl std::fmt::Display for Refusal {
              (--target-risk), less confidence (--delta), or calibrate on more validation questions \
              (the test goes down from the most confident questions and stops at the first \
              threshold it cannot certify: a few wrong answers among the most confident stop it)",
-            self.alpha,
-            self.delta,
+            crate::console::number(self.alpha),
+            crate::console::number(self.delta),
             self.questions,
             if self.questions == 1 { "" } else { "s" }
         )

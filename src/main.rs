@@ -381,7 +381,11 @@ enum MethodArg {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KernelArg {
+    /// The RBF kernel on the particles' factors A and B themselves.
     Params,
+    /// The RBF kernel on each layer's ΔW = B·A (invariant to LoRA's rescaling of A against B).
+    /// Canonical SVGD takes its gradient along the other particle's factors: from particles that
+    /// start with the same ΔW (--init-b-std 0) the repulsion can draw them together.
     DeltaW,
 }
 
@@ -949,15 +953,14 @@ fn import_peft(
 }
 
 /// The questions of a data file; a Parquet file only up to its first `limit` good questions (its
-/// images are extracted as its rows are read).
+/// images are extracted as its rows are read). With `skip_bad`, also what was left out, said.
 fn read_data(
     path: &std::path::Path,
     annotations: Option<&std::path::Path>,
     images: Option<&std::path::Path>,
     skip_bad: bool,
-    quiet: bool,
     limit: Option<u64>,
-) -> Result<Vec<bella_vqa::data::VqaExample>> {
+) -> Result<(Vec<bella_vqa::data::VqaExample>, Option<String>)> {
     let opts = bella_vqa::data::ReadOptions {
         skip_bad,
         check_images: true,
@@ -965,30 +968,29 @@ fn read_data(
     let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
     let data = bella_vqa::data::read_dataset_up_to(path, annotations, images, &opts, limit)?
         .require_questions()?;
-    if !data.skipped.is_empty() && !quiet {
-        note!(
-            "skipped {} bad record(s) in {} (first: {})",
+    let skipped = data.skipped.first().map(|first| {
+        format!(
+            "skipped {} bad record(s) in {} (first: {first})",
             data.skipped.len(),
             path.display(),
-            data.skipped[0]
-        );
-    }
-    Ok(data.examples)
+        )
+    });
+    Ok((data.examples, skipped))
 }
 
 /// Takes the questions of `file` that `train` cannot use in `role` out of `data`
 /// ([`train::take_unfit`]): found before the first step; named and stopping the run unless
-/// `skip_bad` (then counted, and said unless `quiet`).
+/// `skip_bad` (then counted, and said).
 fn leave_out_unfit(
     loaded: &LoadedModel,
     data: &mut Vec<bella_vqa::data::VqaExample>,
     role: train::Role,
     file: &Path,
-    (skip_bad, quiet): (bool, bool),
-) -> Result<()> {
+    skip_bad: bool,
+) -> Result<Option<String>> {
     let unfit = train::take_unfit(loaded, data, role)?;
     let Some((id, why)) = unfit.first() else {
-        return Ok(());
+        return Ok(None);
     };
     let what = match role {
         train::Role::Training => "training question(s) the model cannot train on",
@@ -1001,10 +1003,9 @@ fn leave_out_unfit(
              leave them out"
         );
     }
-    if !quiet {
-        note!("skipped {n} {what} in {file} (first: question {id:?}: {why})");
-    }
-    Ok(())
+    Ok(Some(format!(
+        "skipped {n} {what} in {file} (first: question {id:?}: {why})"
+    )))
 }
 
 /// The training options `args` give, the rest from `defaults` (the model's).
@@ -1074,16 +1075,19 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     // A question without an answer (a test set's) has nothing to train on.
     // With --limit a Parquet file is read only that far: questions without answers or that the
     // model cannot train on (--skip-bad) are then left out of the limit's share, not replaced.
-    let (answered, unanswered): (Vec<_>, Vec<_>) = read_data(
+    // What --skip-bad left out: said unless --quiet, and in the error when nothing is left.
+    let mut skipped = Vec::new();
+    let (read, skipped_records) = read_data(
         &args.data,
         args.annotations.as_deref(),
         args.images.as_deref(),
         args.skip_bad,
-        cli.quiet,
         args.limit,
-    )?
-    .into_iter()
-    .partition(|e| train::objective::target_answer(e).is_some());
+    )?;
+    skipped.extend(skipped_records);
+    let (answered, unanswered): (Vec<_>, Vec<_>) = read
+        .into_iter()
+        .partition(|e| train::objective::target_answer(e).is_some());
     if let Some(first) = unanswered.first() {
         let (n, file, id) = (unanswered.len(), args.data.display(), &first.question_id);
         if !args.skip_bad {
@@ -1093,37 +1097,46 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
                  give answers, or pass --skip-bad to leave them out"
             );
         }
-        if !cli.quiet {
-            note!("skipped {n} training question(s) without answers in {file} (first: {id:?})");
-        }
+        skipped.push(format!(
+            "skipped {n} training question(s) without answers in {file} (first: {id:?})"
+        ));
     }
     let mut train_data = answered;
-    let skip = (args.skip_bad, cli.quiet);
-    leave_out_unfit(
+    let skip = args.skip_bad;
+    let role = train::Role::Training;
+    skipped.extend(leave_out_unfit(
         &loaded,
         &mut train_data,
-        train::Role::Training,
+        role,
         &args.data,
         skip,
-    )?;
+    )?);
+    if train_data.is_empty() && !skipped.is_empty() {
+        anyhow::bail!(
+            "{}: no training question is left: {}",
+            args.data.display(),
+            skipped.join("; ")
+        );
+    }
     if let Some(limit) = args.limit {
         train_data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     let val_data = match &args.val {
         Some(v) => {
-            let mut val = read_data(
+            let (mut val, skipped_records) = read_data(
                 v,
                 args.val_annotations.as_deref(),
                 args.val_images.as_deref(),
                 args.skip_bad,
-                cli.quiet,
                 None,
             )
             .context(
                 "in --val (for a VQAv2 or VizWiz file there, its annotations are \
                  --val-annotations and its images --val-images)",
             )?;
-            leave_out_unfit(&loaded, &mut val, train::Role::Validation, v, skip)?;
+            skipped.extend(skipped_records);
+            let role = train::Role::Validation;
+            skipped.extend(leave_out_unfit(&loaded, &mut val, role, v, skip)?);
             if val.iter().all(|e| e.answers.is_empty()) {
                 anyhow::bail!(
                     "--val {} has no human answers to score the particles against: give a \
@@ -1135,6 +1148,11 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
+    if !cli.quiet {
+        for line in &skipped {
+            note!("{line}");
+        }
+    }
     if !val_data.is_empty() {
         use bella_vqa::data::seen;
         let n = seen::count(&seen::keys(&train_data), &val_data);
@@ -1146,6 +1164,17 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         }
     }
     let opts = train_options(args, TrainOptions::defaults_for(&loaded.model));
+    if opts.method == Method::Svgd
+        && opts.kernel == Kernel::DeltaW
+        && opts.init_b_std == 0.0
+        && opts.repulsion > 0.0
+    {
+        note!(
+            "warning: with --init-b-std 0 every particle starts with the same ΔW, and the delta-w \
+             kernel's repulsion can then draw the particles together rather than apart; use \
+             --kernel params, or a small --init-b-std (the default is 0.001)"
+        );
+    }
     let run = run_options(cli, args);
     let report = train::train(&mut loaded, &train_data, &val_data, &opts, &run)?;
     if report.interrupted {

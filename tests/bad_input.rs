@@ -382,6 +382,47 @@ fn a_training_answer_that_is_empty_or_too_long_is_named() {
     // With --skip-bad it is left out and the others train.
     succeeds(&mut train(&data, &["--skip-bad"]));
     assert!(data.out().join(PARTICLES_FILE).exists());
+
+    // When --skip-bad leaves nothing, the error says why, --quiet or not.
+    let lines = [
+        "{not json".to_string(),
+        serde_json::json!({"question_id": "q5", "image": "images/square.png",
+                           "question": "What is it?", "answers": []})
+        .to_string(),
+        serde_json::json!({"question_id": "q6", "image": "images/square.png",
+                           "question": "What is it?", "answers": ["red ".repeat(400)]})
+        .to_string(),
+    ];
+    let data = DataDir::new(&lines);
+    let err = fails(&mut train(&data, &["--skip-bad", "--quiet"]));
+    assert!(
+        err.contains("no training question is left")
+            && err.contains("skipped 2 bad record(s)")
+            && err.contains("line 1: not valid JSON")
+            && err.contains("1 training question(s) the model cannot train on")
+            && err.contains("question \"q6\""),
+        "{err}"
+    );
+}
+
+/// SVGD's ΔW kernel from particles that all start at the base (--init-b-std 0) can draw them
+/// together: said before training, and not for the parameter kernel or random B.
+#[test]
+fn svgd_from_equal_particles_with_the_delta_w_kernel_is_warned_about() {
+    let data = DataDir::new(&good_lines());
+    let svgd = ["--method", "svgd"];
+    let warning = "the delta-w kernel's repulsion can then draw the particles together";
+    let said = succeeds(train(&data, &svgd).args(["--init-b-std", "0"]));
+    assert!(said.contains(warning) && said.contains("--kernel params"), "{said}");
+    let others: [&[&str]; 2] = [
+        &["--init-b-std", "0", "--kernel", "params"],
+        &["--init-b-std", "0.001"],
+    ];
+    for other in others {
+        std::fs::remove_dir_all(data.out()).unwrap();
+        let said = succeeds(train(&data, &svgd).args(other));
+        assert!(!said.contains(warning), "{other:?}: {said}");
+    }
 }
 
 /// A question with nothing visible in it (control or invisible characters alone) asks nothing,

@@ -89,6 +89,14 @@ impl ImageCheck {
         let fit: Vec<&Vec<f32>> = features.iter().step_by(2).collect();
         let cal: Vec<&Vec<f32>> = features.iter().skip(1).step_by(2).collect();
         let needed = images_needed(alpha);
+        if cal.is_empty() {
+            return Err(format!(
+                "the image check needs at least 2 distinct validation images at any false-alarm \
+                 rate (one to fit, one to set the threshold); there is {}: give more validation \
+                 images, or calibrate without the check (--no-image-check)",
+                features.len()
+            ));
+        }
         if cal.len() < needed {
             return Err(format!(
                 "the image check at false-alarm rate {alpha} needs {} distinct validation images \

@@ -22,6 +22,7 @@ use crate::answer::selector::{
 };
 use crate::answer::{AskOptions, BellaVqa};
 use crate::bella::particles::{Abstention, ParticleConfig, CONFIG_FILE};
+use crate::console::number;
 use crate::metrics::{self, NormalizeMode};
 use crate::models::image::load_image;
 
@@ -43,22 +44,22 @@ impl Objective {
     /// [`Objective::TargetRisk`]; `coverage0.85` → [`Objective::TargetCoverage`].
     pub fn parse(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        let number = |rest: &str| {
+        let value = |rest: &str| {
             rest.trim_start_matches(['_', '-', '=', ' '])
                 .parse::<f64>()
                 .ok()
         };
         let parsed = if let Some(rest) = t.strip_prefix("phi") {
-            number(rest)
+            value(rest)
                 .filter(|c| (0.0..=1e6).contains(c))
                 .map(Objective::Phi)
         } else if let Some(rest) = t.strip_prefix("risk") {
             // As --target-risk: risk 1 always holds, risk 0 is never certified.
-            number(rest)
+            value(rest)
                 .filter(|r| *r > 0.0 && *r < 1.0)
                 .map(Objective::TargetRisk)
         } else if let Some(rest) = t.strip_prefix("coverage") {
-            number(rest)
+            value(rest)
                 .filter(|c| *c > 0.0 && *c <= 1.0)
                 .map(Objective::TargetCoverage)
         } else {
@@ -77,9 +78,9 @@ impl Objective {
     /// As stored in the config: `risk<=0.05` or `max phi_10`.
     pub fn describe(&self) -> String {
         match self {
-            Objective::TargetRisk(r) => format!("risk<={r}"),
+            Objective::TargetRisk(r) => format!("risk<={}", number(*r)),
             Objective::Phi(c) => format!("max phi_{}", super::results::key_number(*c)),
-            Objective::TargetCoverage(c) => format!("coverage>={c}"),
+            Objective::TargetCoverage(c) => format!("coverage>={}", number(*c)),
         }
     }
 
@@ -660,7 +661,7 @@ pub fn calibrate(
             Some(g) => format!(
                 "{} with probability >= {} (ltt)",
                 opts.objective.describe(),
-                1.0 - g.delta
+                number(1.0 - g.delta)
             ),
             None => opts.objective.describe(),
         },
