@@ -405,6 +405,41 @@ fn a_training_answer_that_is_empty_or_too_long_is_named() {
     );
 }
 
+/// A training step that may not fit in the memory available is warned about before it starts,
+/// with what to lower; gradient checkpointing shrinks the figure.
+#[test]
+fn a_training_step_larger_than_the_memory_available_is_warned_about() {
+    let data = DataDir::new(&good_lines());
+    let figure = |said: &str| -> f64 {
+        let rest = said
+            .split("a training step may keep ~")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no warning: {said}"));
+        assert!(
+            rest.contains("2 rows of up to") && rest.contains("--gradient-checkpointing"),
+            "{said}"
+        );
+        let mut words = rest.split(' ');
+        let value: f64 = words.next().unwrap().parse().unwrap();
+        match words.next() {
+            Some("GB") => value * 1e3,
+            Some("MB") => value,
+            other => panic!("{other:?}: {said}"),
+        }
+    };
+    let tight = bella_vqa::models::compute::MEM_AVAILABLE_ENV;
+    // Room for the model (under 1 MB), not for its step.
+    let whole = figure(&succeeds(train(&data, &[]).env(tight, "2000000")));
+    std::fs::remove_dir_all(data.out()).unwrap();
+    let mut cmd = train(&data, &["--gradient-checkpointing"]);
+    let layered = figure(&succeeds(cmd.env(tight, "2000000")));
+    assert!(layered < whole, "{layered} MB against {whole} MB");
+    // With room, nothing is said.
+    std::fs::remove_dir_all(data.out()).unwrap();
+    let said = succeeds(train(&data, &[]).env(tight, "100000000000"));
+    assert!(!said.contains("a training step may keep"), "{said}");
+}
+
 /// SVGD's ΔW kernel from particles that all start at the base (--init-b-std 0) can draw them
 /// together: said before training, and not for the parameter kernel or random B.
 #[test]
@@ -413,7 +448,10 @@ fn svgd_from_equal_particles_with_the_delta_w_kernel_is_warned_about() {
     let svgd = ["--method", "svgd"];
     let warning = "the delta-w kernel's repulsion can then draw the particles together";
     let said = succeeds(train(&data, &svgd).args(["--init-b-std", "0"]));
-    assert!(said.contains(warning) && said.contains("--kernel params"), "{said}");
+    assert!(
+        said.contains(warning) && said.contains("--kernel params"),
+        "{said}"
+    );
     let others: [&[&str]; 2] = [
         &["--init-b-std", "0", "--kernel", "params"],
         &["--init-b-std", "0.001"],

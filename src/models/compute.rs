@@ -198,6 +198,15 @@ pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / 1e9
 }
 
+/// A size for a message: in GB with one decimal, under 1 GB in whole MB.
+pub fn size(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("{:.1} GB", gb(bytes))
+    } else {
+        format!("{:.0} MB", bytes as f64 / 1e6)
+    }
+}
+
 /// Refuses a load whose weights need more memory than is available, before anything is read,
 /// instead of being killed halfway.
 pub fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
@@ -216,8 +225,18 @@ pub fn check_fits(needed: u64, available: u64, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// For the memory tests only: `BELLA_FAULT_MEM_AVAILABLE=BYTES` in the environment stands in
+/// for `MemAvailable`.
+pub const MEM_AVAILABLE_ENV: &str = "BELLA_FAULT_MEM_AVAILABLE";
+
 /// `MemAvailable` of `/proc/meminfo` in bytes (`None` where there is no such file).
 pub fn mem_available_bytes() -> Option<u64> {
+    if let Some(bytes) = std::env::var(MEM_AVAILABLE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Some(bytes);
+    }
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

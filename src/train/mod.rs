@@ -42,7 +42,7 @@ use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
     clip_loss_and_grads, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll,
-    target_answer, EncodedExample,
+    target_answer, EncodedExample, ACTIVATION_BYTES_PER_UNIT,
 };
 use optim::{clip_per_particle, learning_rate, AdamW};
 
@@ -870,6 +870,21 @@ pub fn train(
     };
 
     let p = opts.particles;
+    if let Some(needed) = step_activation_bytes(model, &objective, p * batch, run) {
+        let available = crate::models::compute::mem_available_bytes();
+        if let Some(available) = available.filter(|&a| needed > a) {
+            use crate::models::compute::size;
+            crate::note!(
+                "warning: a training step may keep ~{} of activations ({} rows of up to {} \
+                 tokens), {} available: lower --batch-size or --particles, put the particles on \
+                 the top layers only (--targets), or pass --gradient-checkpointing",
+                size(needed),
+                p * batch,
+                objective.longest().unwrap_or(0),
+                size(available)
+            );
+        }
+    }
     let config = ParticleConfig {
         format_version: 1,
         base_model: base,
@@ -1161,6 +1176,47 @@ pub fn train(
     })
 }
 
+/// A rough figure for the activations a LLaVA training step keeps for its backward pass
+/// ([`ACTIVATION_BYTES_PER_UNIT`] per token, unit of width and language-model layer, for `rows`
+/// rows of the longest sequence): every layer from the lowest with particles up, or under
+/// `--gradient-checkpointing` one layer and every layer's input. It runs 1.5× over the demo's
+/// measured peaks (P = 16 to 64, batch 1 to 8); `None` for a CLIP, whose step is chunked.
+fn step_activation_bytes(
+    model: &Model,
+    objective: &Objective,
+    rows: usize,
+    run: &RunOptions,
+) -> Option<u64> {
+    let Model::Llava(m) = model else {
+        return None;
+    };
+    let c = &m.config().text_config;
+    let lowest = model
+        .linears()
+        .iter()
+        .filter(|(_, l)| l.adapter().is_some())
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix("language_model.")?;
+            let rest = rest.strip_prefix("model.").unwrap_or(rest);
+            rest.strip_prefix("layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .min()?;
+    let layers = c.num_hidden_layers.saturating_sub(lowest);
+    let per_layer =
+        (ACTIVATION_BYTES_PER_UNIT * objective.longest()? * c.hidden_size * rows) as u64;
+    Some(if run.gradient_checkpointing {
+        per_layer
+            + (std::mem::size_of::<f32>() * objective.longest()? * c.hidden_size * rows * layers)
+                as u64
+    } else {
+        per_layer * layers as u64
+    })
+}
+
 /// Fills in `line`'s evaluation of the particles on the validation sample (answering through
 /// detached factors). `Err(Interrupted)` when a stop came first.
 fn evaluate_into(
@@ -1339,6 +1395,14 @@ impl<'a> Objective<'a> {
                     targets,
                 })
             }
+        }
+    }
+
+    /// The longest training sequence in tokens (LLaVA; a CLIP's step is chunked).
+    fn longest(&self) -> Option<usize> {
+        match self {
+            Objective::Llava { encoded, .. } => encoded.iter().map(|e| e.ids.len()).max(),
+            Objective::Clip { .. } => None,
         }
     }
 
