@@ -1059,12 +1059,24 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
         stream.write_all(b"{").unwrap();
         stream
     };
+    // And a request whose headers stall: closed by the header timeout, not waited for until
+    // the idle limit (--timeout-secs 120 + 5 s held the stop that long).
+    let mut headers_stalled = {
+        use std::io::Write;
+        let mut stream = connect(url.trim_start_matches("http://"));
+        stream
+            .set_read_timeout(Some(bella_vqa::serve::HEADER_TIMEOUT * 3))
+            .unwrap();
+        write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+        stream
+    };
     std::thread::sleep(Duration::from_millis(300));
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
+    let signalled = std::time::Instant::now();
     let mut stalled = stalled;
     let mut reply = [0u8; 64];
     let n = std::io::Read::read(&mut stalled, &mut reply).expect("refused within seconds");
@@ -1077,8 +1089,19 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
         "{statuses:?}"
     );
     assert!(statuses.contains(&200), "{statuses:?}");
+    let mut nothing = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut headers_stalled, &mut nothing);
+    assert!(
+        closed.is_ok() && nothing.is_empty(),
+        "{closed:?} {nothing:?}"
+    );
     let status = child.wait().expect("exit");
     assert!(status.success(), "{status}");
+    let waited = signalled.elapsed();
+    assert!(
+        waited < bella_vqa::serve::HEADER_TIMEOUT + Duration::from_secs(20),
+        "the stop took {waited:?}"
+    );
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(!rest.iter().any(|l| l.contains("panicked")), "{rest:?}");
     // Each request was logged with its status and time.
@@ -1095,6 +1118,55 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
         logged.contains(&format!("{}… (5000 bytes) 404 ", &long[..200])) && logged.len() < 300,
         "{logged}"
     );
+}
+
+/// A second signal stops at once, with the shell's status for it (143 after SIGTERM, 130 after
+/// Ctrl-C), as train and bench do.
+#[cfg(unix)]
+#[test]
+fn a_second_signal_stops_serve_at_once_with_its_status() {
+    for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .args(["serve", "--port", "0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("serve starts");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines.next().expect("a line").expect("stderr");
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.to_string();
+            }
+        };
+        // A connection whose headers stall keeps the graceful stop waiting.
+        let _stalled = {
+            use std::io::Write;
+            let mut stream = connect(url.trim_start_matches("http://"));
+            write!(stream, "GET /health HTTP/1.1\r\n").unwrap();
+            stream
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let kill = |what: &str| {
+            let killed = Command::new("kill")
+                .args([what, &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(killed.success());
+        };
+        kill(signal);
+        // Once the first one is taken in.
+        while !lines
+            .next()
+            .expect("a line")
+            .expect("stderr")
+            .starts_with("stopping")
+        {}
+        kill(signal);
+        let status = child.wait().expect("exit");
+        assert_eq!(status.code(), Some(code), "{signal}: {status}");
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! Shape (design §11): an async front (axum on tokio) checks and decodes requests; one worker
 //! thread ([`worker`]) owns the model and answers whatever is waiting as one batch; results come
 //! back on one-shot channels. The queue is bounded (503 with `Retry-After` when full), every
-//! request has a deadline (504), a connection that stalls is closed ([`idle`]), the decoded
+//! request has a deadline (504), a connection that stalls is closed ([`idle`]; one still
+//! sending its headers after [`HEADER_TIMEOUT`] too), the decoded
 //! images in flight are bounded, and SIGINT/SIGTERM stop the server gracefully: requests in
 //! flight are answered, new requests on open connections get 503 and new connections are refused.
 //! Written only against the crate's public API.
@@ -217,20 +218,21 @@ pub fn run(
     })
 }
 
-/// Resolves on SIGINT or SIGTERM; a second one ends the process at once, without waiting for
-/// the requests in flight (a graceful stop can take up to --timeout-secs).
+/// Resolves on SIGINT or SIGTERM; a second one ends the process at once (exit status 128 + the
+/// signal, as the shell's), without waiting for the requests in flight (a graceful stop can
+/// take up to --timeout-secs).
 async fn shutdown_signal() {
     next_signal().await;
     crate::note!("stopping: finishing the requests in flight (signal again to stop at once)");
     tokio::spawn(async {
-        next_signal().await;
+        let signal = next_signal().await;
         crate::note!("stopped at once: the requests in flight were cut off");
-        std::process::exit(130);
+        std::process::exit(128 + signal);
     });
 }
 
-/// The next SIGINT or SIGTERM.
-async fn next_signal() {
+/// The next SIGINT or SIGTERM: its number.
+async fn next_signal() -> i32 {
     let interrupt = async {
         // If the handler cannot be installed, wait for the other signal only.
         if tokio::signal::ctrl_c().await.is_err() {
@@ -249,8 +251,8 @@ async fn next_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        _ = interrupt => {},
-        _ = terminate => {},
+        _ = interrupt => libc::SIGINT,
+        _ = terminate => libc::SIGTERM,
     }
 }
 
@@ -368,16 +370,61 @@ pub async fn serve(
         listener,
         idle: state.opts.timeout + IDLE_MARGIN,
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(graceful)
-        .await
-        .context("the server stopped with an error")?;
+    serve_connections(listener, app, graceful).await;
     // No handler is left: the worker answers what waits, then ends.
     drop(state);
     drop(close);
     done_rx
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the worker thread stopped unexpectedly")))
+}
+
+/// How long a client may take to send a request's headers (and an open connection may wait for
+/// the next request): a connection still sending them is then closed, so that one stalled
+/// client cannot hold a graceful stop for the whole idle limit.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves every connection `listener` accepts until `stop` resolves; then accepts no more, lets
+/// each connection finish the request it is answering (hyper's graceful shutdown; one still
+/// sending its headers is closed by [`HEADER_TIMEOUT`]) and returns when all are closed. As
+/// `axum::serve`, which has no header timeout.
+async fn serve_connections(
+    mut listener: idle::IdleLimitListener,
+    app: Router,
+    stop: impl Future<Output = ()>,
+) {
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        // Finished connections leave the set as new ones come.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stopping.send(true);
+    while connections.join_next().await.is_some() {}
 }
 
 fn router(state: Arc<AppState>) -> Router {
