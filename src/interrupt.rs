@@ -18,12 +18,15 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// The signal that asked for the stop (SIGINT until one came).
 static SIGNAL: AtomicI32 = AtomicI32::new(SIGINT);
 static WATCHING: OnceLock<()> = OnceLock::new();
+/// Where the command will stop, for the message printed when the first signal comes.
+static AFTER: std::sync::Mutex<&str> = std::sync::Mutex::new("");
 /// Whether the handler watches SIGINT (not when the process was started ignoring it).
 static WATCHING_SIGINT: AtomicBool = AtomicBool::new(false);
 
 /// Installs the handler (once per process). `after` says where the command will stop, for the
 /// message printed when the first signal comes ("after the question in progress").
 pub fn watch(after: &'static str) -> Result<()> {
+    stops(after);
     if WATCHING.get().is_some() {
         return Ok(());
     }
@@ -46,6 +49,7 @@ pub fn watch(after: &'static str) -> Result<()> {
                     // The shell's convention for a process ended by a signal.
                     std::process::exit(128 + signal);
                 }
+                let after = AFTER.lock().map_or("", |a| *a);
                 crate::note!("\nstopping {after} (signal again to stop at once)");
             }
         })
@@ -53,6 +57,14 @@ pub fn watch(after: &'static str) -> Result<()> {
     WATCHING_SIGINT.store(!ignored(SIGINT), Ordering::SeqCst);
     let _ = WATCHING.set(());
     Ok(())
+}
+
+/// Says where the command now stops when the first signal comes (a later stage of it: `bench`
+/// computing its metrics after the last question).
+pub fn stops(after: &'static str) {
+    if let Ok(mut current) = AFTER.lock() {
+        *current = after;
+    }
 }
 
 /// Waits (at most 10 s) until the handler has seen a SIGINT this process just sent itself: the

@@ -727,14 +727,19 @@ pub fn lock_holder(dir: &Path) -> Option<String> {
     }
 }
 
-/// The PID a lock file holds, as written ("(unknown)" when empty).
+/// The PID a lock file holds, as written ("(unknown)" when empty). A holder that has just taken
+/// the lock writes its PID a moment later: an empty file is read again for up to 0.5 s.
 fn holder_of(file: &mut fs::File) -> String {
-    let mut holder = String::new();
-    let _ = file.read_to_string(&mut holder);
-    match holder.trim() {
-        "" => "(unknown)".to_string(),
-        pid => pid.to_string(),
+    for _ in 0..25 {
+        let mut holder = String::new();
+        let _ = file.seek(SeekFrom::Start(0));
+        let _ = file.read_to_string(&mut holder);
+        if !holder.trim().is_empty() {
+            return holder.trim().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    "(unknown)".to_string()
 }
 
 impl OutputLock {

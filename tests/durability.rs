@@ -587,6 +587,31 @@ fn a_killed_bench_stays_in_runs_jsonl_as_unfinished_beside_the_one_that_complete
     );
 }
 
+/// A process that has just taken the lock writes its PID a moment later: the refusal waits for
+/// it rather than naming "(unknown)".
+#[test]
+fn a_lock_taken_a_moment_ago_is_refused_naming_its_process() {
+    let busy = tempfile::tempdir().unwrap();
+    let _lock = bella_vqa::io::OutputLock::acquire(busy.path()).unwrap();
+    let lock_file = busy.path().join(bella_vqa::io::LOCK_FILE);
+    std::fs::write(&lock_file, "").unwrap();
+    let writer = {
+        let lock_file = lock_file.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            std::fs::write(lock_file, "424242\n").unwrap();
+        })
+    };
+    let err = bella_vqa::io::OutputLock::acquire(busy.path())
+        .err()
+        .expect("the directory is in use");
+    writer.join().unwrap();
+    assert!(
+        format!("{err:#}").contains("is in use by process 424242"),
+        "{err:#}"
+    );
+}
+
 #[test]
 fn an_output_directory_in_use_is_refused_at_once_naming_the_process() {
     let world = world();
@@ -1588,7 +1613,8 @@ fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_con
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143), "after SIGTERM: {said}{rest}");
     assert!(
-        rest.contains("interrupted while computing the bootstrap intervals"),
+        rest.contains("stopping the metrics in progress")
+            && rest.contains("interrupted while computing the bootstrap intervals"),
         "{rest}"
     );
     // The results of the same answers stay as they were, not half written.

@@ -879,6 +879,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         ))
         .into());
     }
+    crate::interrupt::stops("the metrics in progress; every answer is kept");
     // --skip-bad is for a few bad questions: a run where every one failed has measured nothing
     // (an option that no question can meet, a wrong image folder).
     if let (0, 0, Some(reason)) = (resumed, answered_now, &first_skip) {
