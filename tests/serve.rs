@@ -1169,6 +1169,103 @@ fn a_second_signal_stops_serve_at_once_with_its_status() {
     }
 }
 
+/// A request whose client leaves before its answer, or in the middle of its stream, is in the
+/// access log as 499, as /metrics counts it; a whole stream as 200 once it ends.
+#[cfg(unix)]
+#[test]
+fn the_access_log_writes_a_client_that_left_as_499() {
+    use std::io::{Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+        .args(["serve", "--port", "0", "--max-batch", "1"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines.next().expect("a line").expect("stderr");
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_string();
+        }
+    };
+    let server = Server {
+        url: url.clone(),
+        stop: None,
+        done: None,
+    };
+    server.wait_ready();
+    let addr = url.trim_start_matches("http://");
+    let image = data_url(&demo_image("photo-cat.png"));
+    let send = |stream: bool| {
+        let mut body = request(&image, "What color is the circle?");
+        body["stream"] = json!(stream);
+        let body = body.to_string();
+        let mut conn = connect(addr);
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        conn
+    };
+    // Requests ahead in the queue (one a batch): the next ones wait for their answers.
+    let ahead: Vec<_> = (0..4)
+        .map(|_| {
+            let body = request(&image, "What color is the circle?").to_string();
+            let url = url.clone();
+            std::thread::spawn(move || post(&url, &body, None).0)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Gone before the answer.
+    drop(send(false));
+    // Gone after the stream's first chunk.
+    let mut first = [0u8; 256];
+    let mut conn = send(true);
+    let n = conn.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(conn);
+    for request in ahead {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    // A whole stream.
+    let mut conn = send(true);
+    let mut whole = Vec::new();
+    conn.read_to_end(&mut whole).unwrap();
+    let whole = String::from_utf8_lossy(&whole);
+    assert!(whole.contains("data: [DONE]"), "{whole}");
+    drop(conn);
+    drop(server);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().expect("exit").success());
+    let chat: Vec<&String> = rest
+        .iter()
+        .filter(|l| l.starts_with("POST /v1/chat/completions "))
+        .collect();
+    let mut statuses: Vec<&str> = chat
+        .iter()
+        .map(|l| l.split(' ').nth(2).unwrap_or(""))
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        ["200"; 5]
+            .iter()
+            .chain(&["499"; 2])
+            .copied()
+            .collect::<Vec<_>>(),
+        "{rest:?}"
+    );
+}
+
 #[test]
 fn cors_lets_the_named_origins_call_the_api_and_no_other() {
     use std::io::{Read, Write};

@@ -518,12 +518,14 @@ const CHAT_PATH: &str = "/v1/chat/completions";
 const ACCESS_LOG_PATH_CHARS: usize = 200;
 
 /// One line a request on stderr (unless `--quiet`): `POST /v1/chat/completions 200 812 ms`; a
-/// streamed answer is logged when its headers leave.
+/// streamed answer when its stream ends; a request whose client left before its answer, or
+/// before the end of its stream, as 499 (/metrics' "client closed request").
 async fn access_log(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> HttpResponse {
+    use futures_util::StreamExt as _;
     if !state.opts.access_log {
         return next.run(request).await;
     }
@@ -534,14 +536,49 @@ async fn access_log(
         Some((cut, _)) => format!("{}… ({} bytes)", &path[..cut], path.len()),
         None => path.to_string(),
     };
-    let started = Instant::now();
+    // Written when dropped: here, or when a client that left drops the request.
+    let mut line = AccessLine {
+        request: format!("{method} {path}"),
+        started: Instant::now(),
+        status: None,
+    };
     let response = next.run(request).await;
-    crate::note!(
-        "{method} {path} {} {} ms",
-        response.status().as_u16(),
-        started.elapsed().as_millis()
+    let status = response.status().as_u16();
+    if response.extensions().get::<Streamed>().is_none() {
+        line.status = Some(status);
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let body = futures_util::stream::unfold(
+        (body.into_data_stream(), line),
+        move |(mut stream, mut line)| async move {
+            let chunk = stream.next().await;
+            if chunk.is_none() {
+                line.status = Some(status);
+            }
+            chunk.map(|c| (c, (stream, line)))
+        },
     );
-    response
+    HttpResponse::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+/// A request's access-log line, written when the request is done with: with its status, or 499
+/// when its client left first.
+struct AccessLine {
+    request: String,
+    started: Instant,
+    status: Option<u16>,
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        crate::note!(
+            "{} {} {} ms",
+            self.request,
+            self.status.unwrap_or(CLIENT_CLOSED),
+            self.started.elapsed().as_millis()
+        );
+    }
 }
 
 /// Every request is answered within the deadline (`--timeout-secs`), a client that sends its
