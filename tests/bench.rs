@@ -1601,6 +1601,12 @@ fn command_line_bench_shards_merge_and_calibrate() {
     let (ok, out, err) = calibrate(&["--selector", "auto", "--objective", "phi1"]);
     assert!(ok, "{err}");
     assert!(out.contains("← chosen") && out.contains("learned") && out.contains("temperature"));
+    // Without --ood-val one AURC column (the second, the validation questions alone, would
+    // repeat it).
+    assert!(
+        out.contains("selector   AURC (cross-fitted)\n") && !out.contains("val alone"),
+        "{out}"
+    );
     // The maps' table, without a map by default (ten questions are too few to cross-fit one on
     // five folds anyway); a named map is fitted on all ten.
     let maps = "confidence map (Brier, cross-fitted on the validation questions): none ";

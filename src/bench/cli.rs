@@ -803,12 +803,14 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
             outcome.ood_count
         )?;
     }
+    // Without --ood-val both AURCs are of the validation questions alone: one column.
+    let with_ood = outcome.ood_count > 0;
     crate::out!(
-        "selector   AURC (cross-fitted{})   AURC (val)",
-        if outcome.ood_count > 0 {
-            ", with --ood-val"
+        "{}",
+        if with_ood {
+            "selector   AURC (cross-fitted, with --ood-val)   AURC (cross-fitted, val alone)"
         } else {
-            ""
+            "selector   AURC (cross-fitted)"
         }
     )?;
     for row in &outcome.selectors {
@@ -817,11 +819,15 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         } else {
             ""
         };
+        let val_alone = if with_ood {
+            format!("   {:.4}", row.aurc_val)
+        } else {
+            String::new()
+        };
         crate::out!(
-            "{:<12} {:.4}   {:.4}{chosen}",
+            "{:<12} {:.4}{val_alone}{chosen}",
             row.selector.name(),
             row.aurc,
-            row.aurc_val
         )?;
     }
     crate::out!(
