@@ -1140,7 +1140,15 @@ fn a_second_signal_stops_serve_at_once_with_its_status() {
                 break addr.to_string();
             }
         };
-        // A connection whose headers stall keeps the graceful stop waiting.
+        // Loaded: a request while loading gets 503 and its connection closed.
+        let loaded = Server {
+            url: url.clone(),
+            stop: None,
+            done: None,
+        };
+        loaded.wait_ready();
+        // A connection whose first request's headers stall keeps the graceful stop waiting
+        // (after an answered request, the connection would count as idle and close at once).
         let _stalled = {
             use std::io::Write;
             let mut stream = connect(url.trim_start_matches("http://"));

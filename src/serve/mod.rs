@@ -222,37 +222,47 @@ pub fn run(
 /// signal, as the shell's), without waiting for the requests in flight (a graceful stop can
 /// take up to --timeout-secs).
 async fn shutdown_signal() {
-    next_signal().await;
+    // Listening from here on: a second signal right after the first is not lost.
+    let mut signals = StopSignals::new();
+    signals.next().await;
     crate::note!("stopping: finishing the requests in flight (signal again to stop at once)");
-    tokio::spawn(async {
-        let signal = next_signal().await;
+    tokio::spawn(async move {
+        let signal = signals.next().await;
         crate::note!("stopped at once: the requests in flight were cut off");
         std::process::exit(128 + signal);
     });
 }
 
-/// The next SIGINT or SIGTERM: its number.
-async fn next_signal() -> i32 {
-    let interrupt = async {
-        // If the handler cannot be installed, wait for the other signal only.
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// SIGINT and SIGTERM, each listened to from its creation (one that cannot be listened to is
+/// waited for never).
+struct StopSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    }
+
+    /// The next one: its number.
+    async fn next(&mut self) -> i32 {
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => libc::SIGINT,
-        _ = terminate => libc::SIGTERM,
+        tokio::select! {
+            _ = recv(&mut self.interrupt) => libc::SIGINT,
+            _ = recv(&mut self.terminate) => libc::SIGTERM,
+        }
     }
 }
 
