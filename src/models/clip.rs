@@ -7,8 +7,8 @@ use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
 use crate::models::config::{Activation, ClipConfig, ClipTextConfig, ClipVisionConfig};
 use crate::models::nn::{
-    activate, add, attention, attention_bias, backward_from, grad_or_zeros, linear, LayerNorm,
-    VarGrads,
+    activate, add, attention, attention_bias, backward_from, grad_or_zeros, linear, stop_point,
+    LayerNorm, VarGrads,
 };
 use crate::models::weights::Scope;
 
@@ -197,6 +197,7 @@ impl Encoder {
         let mut inputs = Vec::new();
         let mut tracked = false;
         for (i, layer) in self.layers.iter().enumerate() {
+            stop_point()?;
             enter(layer, &mut x, &mut bias, &mut expanded, particles)?;
             if tape && lowest.is_some_and(|lowest| i >= lowest) {
                 inputs.push(x.clone());
@@ -219,6 +220,7 @@ impl Encoder {
     ) -> Result<()> {
         let first = self.layers.len() - tape.inputs.len();
         for (layer, input) in self.layers[first..].iter().zip(tape.inputs).rev() {
+            stop_point()?;
             let input = Var::from_tensor(&input)?;
             let out = layer.forward(input.as_tensor(), tape.bias.as_ref())?;
             let store = backward_from(&out, &grad)?;

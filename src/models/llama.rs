@@ -15,7 +15,7 @@ use crate::models::config::{Activation, LlamaConfig};
 use crate::models::decode_attention;
 use crate::models::nn::{
     activate, add, attention, attention_bias, attention_probs, backward_from, grad_or_zeros,
-    linear, to_f32, RmsNorm, VarGrads, MASKED,
+    linear, stop_point, to_f32, RmsNorm, VarGrads, MASKED,
 };
 use crate::models::weights::Scope;
 
@@ -775,6 +775,7 @@ impl LlamaModel {
             if !embeds_need_grad && lowest.is_none_or(|lowest| i < lowest) {
                 return Ok(None);
             }
+            stop_point()?;
             let input = Var::from_tensor(&step.input)?;
             let out = layer.forward(
                 input.as_tensor(),

@@ -57,6 +57,15 @@ pub fn backward_from(out: &Tensor, grad: &Tensor) -> Result<GradStore> {
     (to_f32(out)? * to_f32(grad)?)?.sum_all()?.backward()
 }
 
+/// Fails once a stop was asked for ([`crate::interrupt`]): asked between the layers of a
+/// training pass that runs them one at a time, whose caller drops the step.
+pub fn stop_point() -> Result<()> {
+    if crate::interrupt::check().is_err() {
+        candle_core::bail!("interrupted");
+    }
+    Ok(())
+}
+
 /// The gradient `store` holds for `t`, detached, or zeros where the pass did not reach it.
 pub fn grad_or_zeros(store: &GradStore, t: &Tensor) -> Result<Tensor> {
     match store.get(t) {

@@ -936,7 +936,7 @@ pub fn train(
             run.out.display()
         );
     }
-    let bar = progress_bar(run.progress, total_steps, start_step);
+    let bar = progress_bar(run.progress, end_step, start_step);
     let started = Instant::now();
     let (mut loss_sum, mut loss_count) = pending_loss;
     let mut steps_run = 0usize;
@@ -1448,19 +1448,18 @@ impl<'a> Objective<'a> {
                     expanded,
                 };
                 let window = b.targets.dim(1)?;
-                // A stop asked for in the forward pass drops the step before its backward one.
+                // A stop asked for in the forward pass drops the step before its backward one
+                // (under checkpointing, between the backward pass's layers too).
                 if checkpointing {
-                    let stopped = std::cell::Cell::new(false);
                     let nll = |logits: &Tensor| {
                         if crate::interrupt::check().is_err() {
-                            stopped.set(true);
                             candle_core::bail!("interrupted");
                         }
                         particle_nll(logits, &b, particles)
                     };
                     let window = (b.window_start, window);
                     let loss = m.window_loss_checkpointed(&input, particles, window, &nll, grads);
-                    if stopped.get() {
+                    if loss.is_err() {
                         crate::interrupt::check()?;
                     }
                     return Ok(loss?);

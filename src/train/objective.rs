@@ -572,7 +572,12 @@ impl Tower<'_> {
         backward: Option<(&Tensor, &mut VarGrads)>,
     ) -> Result<(Tensor, bool)> {
         if layered {
-            let (out, _, tracked) = model.embeds_layered(rows, particles, expanded, backward)?;
+            // A stop asked for between its layers ends the pass (the step is dropped).
+            let result = model.embeds_layered(rows, particles, expanded, backward);
+            if result.is_err() {
+                crate::interrupt::check()?;
+            }
+            let (out, _, tracked) = result?;
             return Ok((out, tracked));
         }
         let (out, _) = match rows {
