@@ -1182,9 +1182,14 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
             0 => "interrupted before the first training step finished: nothing was trained"
                 .to_string(),
             step => format!(
-                "interrupted at step {step}/{}: the particles and a checkpoint of that step are in \
-                 {}; the same command with --resume continues",
+                "interrupted at step {step}/{}{}: the particles and a checkpoint of that step are \
+                 in {}; the same command with --resume continues",
                 report.total_steps,
+                if report.evaluation_pending {
+                    ", in its evaluation (--resume makes it first)"
+                } else {
+                    ""
+                },
                 report.out.display()
             ),
         })

@@ -391,10 +391,13 @@ fn ctrl_c_in_a_step_drops_it_and_resume_gives_the_same_particles_and_log() {
             match t.split("interrupted at step ").nth(1) {
                 Some(rest) => {
                     let step: u64 = rest.split('/').next().unwrap().parse().unwrap();
+                    let in_evaluation = t.contains(", in its evaluation (--resume makes it first)");
                     if state(step)["pending_evaluation"].is_null() {
+                        assert!(!in_evaluation, "place {n}: {t}");
                         in_passes += 1;
                     } else {
                         assert!([2, 4].contains(&step), "place {n}: evaluated at {step}");
+                        assert!(in_evaluation, "place {n}: {t}");
                         in_evaluations += 1;
                     }
                 }

@@ -379,6 +379,8 @@ pub struct TrainReport {
     /// Stopped before `--max-steps` or the last step by Ctrl-C ([`crate::interrupt`]), after a
     /// checkpoint of `steps`.
     pub interrupted: bool,
+    /// The stop came in the evaluation of `steps`: a resumed run makes it first.
+    pub evaluation_pending: bool,
     /// The particles' diversity over the whole run (every evaluation of `train_log.jsonl`,
     /// resumed parts included); `None` when nothing was evaluated.
     pub diversity: Option<diversity::DiversitySummary>,
@@ -1172,6 +1174,7 @@ pub fn train(
         out: run.out.clone(),
         finished: stopped_at == total_steps && unfinished_evaluation.is_none(),
         interrupted: stopped_at < end_step || unfinished_evaluation.is_some(),
+        evaluation_pending: unfinished_evaluation.is_some(),
         diversity: summary,
     })
 }
