@@ -883,6 +883,8 @@ fn import_peft(
         .map(
             |dir| match dir.to_str().and_then(bella_vqa::hub::split_hub_id) {
                 Some((repo_id, revision)) => {
+                    // Not there for the moment export-peft swaps its set in: not a hub id.
+                    peft::refuse_if_being_replaced(dir)?;
                     bella_vqa::hub::cached_snapshot(repo_id, revision, &cli.hub_options())
                         .with_context(|| {
                             format!(

@@ -1425,6 +1425,29 @@ fn an_export_peft_force_killed_at_any_point_leaves_one_set_whole() {
     }
     assert!(killed >= 5, "the export finished before most kill points");
     assert!(torn >= 2, "no kill fell inside the swap");
+
+    // For a moment of the swap an adapter folder is not there: a relative path, which reads
+    // as a hub id when no such folder exists, is refused as being replaced, not looked up in
+    // the hub cache.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("exs")).unwrap();
+    let journal = work.path().join("exs").join(".bella-vqa.swap-0");
+    std::fs::write(&journal, "").unwrap();
+    assert_eq!(
+        bella_vqa::io::unfinished_swap(&work.path().join("exs")),
+        Some(journal)
+    );
+    let err = run_err(
+        bella()
+            .current_dir(work.path())
+            .args(["import-peft", "--quiet", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .args(["--peft", "exs/particle-0", "--out", "imported"]),
+    );
+    assert!(
+        err.contains("exs/particle-0 is being replaced as a set") && !err.contains("hub"),
+        "{err}"
+    );
 }
 
 #[test]

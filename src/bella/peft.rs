@@ -792,9 +792,9 @@ struct PeftLora {
 /// strings; PEFT ignores it).
 pub const ANSWERS_FILE: &str = "answer_vocabulary.json";
 
-fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
-    // An export that replaced a set and was stopped midway: the set there is a mix until the
-    // next export-peft into that folder completes it.
+/// Refuses an adapter folder whose set export-peft is replacing, or was when it was stopped
+/// (the set there is a mix, or for a moment not there, until the export completes).
+pub fn refuse_if_being_replaced(dir: &Path) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(journal) = parent.and_then(crate::io::unfinished_swap) {
         bail!(
@@ -806,6 +806,11 @@ fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
             parent.map_or(String::new(), |p| p.display().to_string())
         );
     }
+    Ok(())
+}
+
+fn read_peft_dir(dir: &Path) -> Result<PeftLora> {
+    refuse_if_being_replaced(dir)?;
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let text =
         crate::input::read_to_string(&config_path, "PEFT adapter config").with_context(|| {
