@@ -1412,6 +1412,73 @@ fn output(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// `bench merge` of the shards of a `--compare` run writes what the unsharded comparison
+/// writes: every entry's answers and metrics, and the comparison with its paired intervals.
+#[test]
+fn compare_shards_merge_into_the_unsharded_comparison() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world();
+    let bench_cmd = |out: &Path, extra: &[&str]| {
+        let mut c = bella();
+        c.args(["bench", "--quiet", "--max-new-tokens", "4", "--limit", "6"])
+            .args(["--bootstrap", "50", "--model"])
+            .arg(fixture("llava-tiny-hub"))
+            .arg("--data")
+            .arg(w.join("test.jsonl"))
+            .args(["--compare", "base", "--compare"])
+            .arg(format!("ens={}", particles().display()))
+            .arg("--out")
+            .arg(out)
+            .args(extra);
+        c
+    };
+    let whole = tmp.path().join("whole");
+    let (ok, _, err) = output(&mut bench_cmd(&whole, &[]));
+    assert!(ok, "{err}");
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let dir = tmp.path().join(format!("s{i}"));
+            let (ok, _, err) = output(&mut bench_cmd(&dir, &["--shard", &format!("{i}/2")]));
+            assert!(ok, "{err}");
+            dir
+        })
+        .collect();
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "merge", "--bootstrap", "50"])
+            .args(&shards)
+            .arg("--out")
+            .arg(&merged),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("base: merged 2 shard(s)") && err.contains("ens: merged 2 shard(s)"),
+        "{err}"
+    );
+    for entry in ["base", "ens"] {
+        let (m, w) = (merged.join(entry), whole.join(entry));
+        assert_eq!(samples_of(&m), samples_of(&w), "{entry}");
+        assert_eq!(metrics_part(&results_of(&m)), metrics_part(&results_of(&w)));
+    }
+    let comparison = |dir: &Path| -> Value {
+        let text = std::fs::read_to_string(dir.join("comparison.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let (m, w) = (comparison(&merged), comparison(&whole));
+    assert!(!w["differences"].as_array().unwrap().is_empty(), "{w}");
+    assert_eq!(m["differences"], w["differences"]);
+    assert_eq!(m["metrics"], w["metrics"]);
+    for (a, b) in m["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(w["runs"].as_array().unwrap())
+    {
+        assert_eq!((&a["name"], &a["results"]), (&b["name"], &b["results"]));
+    }
+}
+
 #[test]
 fn command_line_bench_shards_merge_and_calibrate() {
     let tmp = tempfile::tempdir().unwrap();

@@ -199,7 +199,8 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Combine the shard directories of one run (`bench --shard i/n`) into one results directory.
+    /// Combine the shard directories of one run (`bench --shard i/n`) into one results directory
+    /// (of a `--compare` run: every entry's shards, then the comparison).
     Merge {
         /// Every shard directory of the run.
         #[arg(required = true)]
@@ -374,14 +375,30 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
             resamples: *bootstrap,
             seed: *bootstrap_seed,
         };
-        let (results, written) = super::merge(dirs, out, &bootstrap)?;
+        // Shards of a --compare run: each entry's shards, then the comparison.
+        let compared = dirs
+            .first()
+            .is_some_and(|d| d.join(super::merge::COMPARISON_FILE).is_file());
+        let (results, written) = if compared {
+            super::merge::merge_comparison(dirs, out, &bootstrap)?
+        } else {
+            let (results, written) = super::merge(dirs, out, &bootstrap)?;
+            (vec![(String::new(), results)], written)
+        };
         if !quiet {
-            crate::note!(
-                "merged {} shard(s): {} questions answered",
-                dirs.len(),
-                results.progress.answered
-            );
-            print_summary(&results);
+            for (entry, results) in &results {
+                let entry = if entry.is_empty() {
+                    String::new()
+                } else {
+                    format!("{entry}: ")
+                };
+                crate::note!(
+                    "{entry}merged {} shard(s): {} questions answered",
+                    dirs.len(),
+                    results.progress.answered
+                );
+                print_summary(results);
+            }
             for w in written {
                 crate::note!("wrote {}", w.display());
             }

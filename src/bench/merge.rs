@@ -9,6 +9,63 @@ use super::config::RunConfig;
 use super::results::{self, ResultsFile, RunRecord, SkippedQuestion};
 use super::samples::{read_samples, write_samples, Sample, SAMPLES_FILE};
 
+/// Each `--compare` entry's name and merged results.
+pub type EntryResults = Vec<(String, ResultsFile)>;
+
+/// Merges the shard directories of a `bench --compare … --shard i/n` run (each holds one
+/// shard directory per entry and the comparison of those shards): every entry's shards into
+/// `out/{entry}` ([`merge`]), then the comparison of the merged entries, as the unsharded
+/// comparison writes it. Returns each entry's results and the files written.
+pub fn merge_comparison(
+    dirs: &[PathBuf],
+    out: &Path,
+    bootstrap: &super::Bootstrap,
+) -> Result<(EntryResults, Vec<PathBuf>)> {
+    use super::compare::{write_comparison, CompareEntry, Comparison};
+    let read = |d: &Path| -> Result<Comparison> {
+        let path = d.join(COMPARISON_FILE);
+        let text = crate::input::read_to_string(&path, "bench comparison")?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench comparison", path.display()))
+    };
+    let first = read(&dirs[0])?;
+    let names: Vec<&str> = first.runs.iter().map(|r| r.name.as_str()).collect();
+    for d in &dirs[1..] {
+        let other = read(d)?;
+        let theirs: Vec<&str> = other.runs.iter().map(|r| r.name.as_str()).collect();
+        if theirs != names {
+            bail!(
+                "{} and {} are shards of different comparisons (entries {names:?} and \
+                 {theirs:?})",
+                dirs[0].display(),
+                d.display()
+            );
+        }
+    }
+    let mut done = Vec::with_capacity(first.runs.len());
+    let mut written = Vec::new();
+    let mut results = Vec::with_capacity(first.runs.len());
+    for run in &first.runs {
+        let entry_dirs: Vec<PathBuf> = dirs.iter().map(|d| d.join(&run.name)).collect();
+        let entry_out = out.join(&run.name);
+        let (merged, files) = merge(&entry_dirs, &entry_out, bootstrap)
+            .with_context(|| format!("--compare entry {}", run.name))?;
+        written.extend(files);
+        let entry = CompareEntry {
+            name: run.name.clone(),
+            adapters: run.adapters.clone(),
+        };
+        results.push((run.name.clone(), merged.clone()));
+        done.push((entry, entry_out, merged));
+    }
+    let (_, files) = write_comparison(out, &done, bootstrap)?;
+    written.extend(files);
+    Ok((results, written))
+}
+
+/// The comparison a `bench --compare` run writes beside its entries' directories.
+pub const COMPARISON_FILE: &str = "comparison.json";
+
 /// Merges the shard directories `dirs` (every shard `i/n` of one run, each complete) into
 /// `out`: the samples in canonical order, the invocation logs, then `results.json` and the
 /// report, as [`super::finalize`] writes them. Refuses shards of different runs, a shard given
