@@ -506,6 +506,33 @@ fn bench_limit(world: &Path, out: &Path, limit: usize) -> Command {
     cmd
 }
 
+/// A bench run continued in another --dtype is refused before its model loads (here: a model
+/// that is not there), naming the dtype to pass; the same dtype continues it.
+#[test]
+fn bench_in_another_dtype_is_refused_before_the_model_loads() {
+    let world = world();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(bench_limit(world.path(), out.path(), 2).args(["--dtype", "f32"]));
+    let mut cmd = bella();
+    cmd.args([
+        "bench",
+        "--quiet",
+        "--model",
+        "/nonexistent/model",
+        "--data",
+    ])
+    .arg(world.path().join("test.jsonl"))
+    .args(["--limit", "2", "--dtype", "bf16", "--out"])
+    .arg(out.path());
+    let err = run_err(&mut cmd);
+    assert!(
+        err.contains("computed in f32, so it cannot be continued in bf16")
+            && err.contains("pass --dtype f32"),
+        "{err}"
+    );
+    run_ok(bench_limit(world.path(), out.path(), 2).args(["--dtype", "f32"]));
+}
+
 #[test]
 fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
     let world = world();

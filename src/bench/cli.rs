@@ -361,6 +361,31 @@ pub fn particles_base(
     Ok((model, source))
 }
 
+/// Refuses, before the model loads, to continue a run in `out` in another `--dtype` than it
+/// computed in (found after the load too, with every other difference; a 7B model's load is
+/// minutes).
+fn refuse_another_dtype(out: &Path, asked: crate::models::compute::DTypeChoice) -> Result<()> {
+    use crate::models::compute::DTypeChoice;
+    let asked = match asked {
+        DTypeChoice::Auto => return Ok(()),
+        DTypeChoice::F32 => "f32",
+        DTypeChoice::Bf16 => "bf16",
+        DTypeChoice::F16 => "f16",
+    };
+    if !out.join(super::config::CONFIG_FILE).is_file() {
+        return Ok(());
+    }
+    let old = super::config::RunConfig::read(out)?.model.compute_dtype;
+    if !old.is_empty() && old != asked {
+        bail!(
+            "{} holds a benchmark run computed in {old}, so it cannot be continued in {asked}: \
+             pass --dtype {old} to continue it, or use another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `bench` (or `bench merge`).
 pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     if let Some(BenchCommand::Merge {
@@ -510,6 +535,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         );
     }
     let _lock = crate::io::OutputLock::acquire(out)?;
+    refuse_another_dtype(out, args.compute.options().dtype)?;
     let (model, source) = match (&args.model, &args.adapters) {
         (Some(model), _) => (model.clone(), model_source(model, &args.revision)?),
         (None, Some(adapters)) => particles_base(adapters, &args.revision, quiet)?,
