@@ -5,8 +5,8 @@
 //! Shape (design §11): an async front (axum on tokio) checks and decodes requests; one worker
 //! thread ([`worker`]) owns the model and answers whatever is waiting as one batch; results come
 //! back on one-shot channels. The queue is bounded (503 with `Retry-After` when full), every
-//! request has a deadline (504), a connection that stalls is closed ([`idle`]; one still
-//! sending its headers after [`HEADER_TIMEOUT`] too), the decoded
+//! request has a deadline (504), a connection that stalls is closed ([`idle`]; when stopping,
+//! one without a request in the server after [`DRAIN_GRACE`]), the decoded
 //! images in flight are bounded, and SIGINT/SIGTERM stop the server gracefully: requests in
 //! flight are answered, new requests on open connections get 503 and new connections are refused.
 //! Written only against the crate's public API.
@@ -389,22 +389,23 @@ pub async fn serve(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the worker thread stopped unexpectedly")))
 }
 
-/// How long a client may take to send a request's headers (and an open connection may wait for
-/// the next request): a connection still sending them is then closed, so that one stalled
-/// client cannot hold a graceful stop for the whole idle limit.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful stop gives a connection without a request in the server (idle, or still
+/// sending a request's headers) before closing it: a request whose headers are arriving gets
+/// this long to reach the server (then it is answered, or refused with 503 while stopping).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves every connection `listener` accepts until `stop` resolves; then accepts no more, lets
-/// each connection finish the request it is answering (hyper's graceful shutdown; one still
-/// sending its headers is closed by [`HEADER_TIMEOUT`]) and returns when all are closed. As
-/// `axum::serve`, which has no header timeout.
+/// each connection finish the requests it is answering (hyper's graceful shutdown) and closes
+/// one that has none after [`DRAIN_GRACE`] (one still sending its headers held the stop for the
+/// whole idle limit under `axum::serve`); returns when all are closed.
 async fn serve_connections(
     mut listener: idle::IdleLimitListener,
     app: Router,
     stop: impl Future<Output = ()>,
 ) {
     use axum::serve::Listener as _;
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use futures_util::StreamExt as _;
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     let (stopping, stopped) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
@@ -414,12 +415,31 @@ async fn serve_connections(
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
-        let service = TowerToHyperService::new(app.clone());
+        // The connection's requests in the server: from their headers to their response's end.
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = {
+            let (inner, busy) = (TowerToHyperService::new(app.clone()), busy.clone());
+            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let held = Busy::new(&busy);
+                let answered = hyper::service::Service::call(&inner, request);
+                async move {
+                    let (parts, body) = answered.await?.into_parts();
+                    let body = futures_util::stream::unfold(
+                        (body.into_data_stream(), held),
+                        |(mut stream, held)| async move {
+                            stream.next().await.map(|c| (c, (stream, held)))
+                        },
+                    );
+                    Ok::<_, std::convert::Infallible>(HttpResponse::from_parts(
+                        parts,
+                        axum::body::Body::from_stream(body),
+                    ))
+                }
+            })
+        };
         let mut stopped = stopped.clone();
         connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -427,7 +447,17 @@ async fn serve_connections(
                 _ = conn.as_mut() => return,
                 _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
             }
-            let _ = conn.await;
+            // Answering: until its requests are done. Without one: closed after the grace.
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    () = tokio::time::sleep(DRAIN_GRACE) => {
+                        if busy.load(Ordering::SeqCst) == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
         });
         // Finished connections leave the set as new ones come.
         while connections.try_join_next().is_some() {}
@@ -435,6 +465,22 @@ async fn serve_connections(
     drop(listener);
     let _ = stopping.send(true);
     while connections.join_next().await.is_some() {}
+}
+
+/// One request of a connection in the server ([`serve_connections`]): counted while it lives.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
