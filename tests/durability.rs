@@ -399,6 +399,17 @@ fn ctrl_c_in_a_step_drops_it_and_resume_gives_the_same_particles_and_log() {
                         assert!([2, 4].contains(&step), "place {n}: evaluated at {step}");
                         assert!(in_evaluation, "place {n}: {t}");
                         in_evaluations += 1;
+                        // A resume that writes the pending line, then stops in its first step
+                        // (its 2 validation questions, then the step's first place), before
+                        // any checkpoint: the line is not written twice by the next resume.
+                        if step < 4 {
+                            let o = output(
+                                train(out.path())
+                                    .arg("--resume")
+                                    .env(bella_vqa::interrupt::CHECK_FAULT_ENV, "3"),
+                            );
+                            assert_eq!(o.status.code(), Some(130), "place {n}: {}", text(&o));
+                        }
                     }
                 }
                 None => {
