@@ -517,10 +517,10 @@ fn bench_limit(world: &Path, out: &Path, limit: usize) -> Command {
     cmd
 }
 
-/// A bench run continued in another --dtype is refused before its model loads (here: a model
-/// that is not there), naming the dtype to pass; the same dtype continues it.
+/// A bench run continued in another --dtype or --quantize is refused before its model loads
+/// (here: a model that is not there), naming what to pass; the same options continue it.
 #[test]
-fn bench_in_another_dtype_is_refused_before_the_model_loads() {
+fn bench_in_another_dtype_or_quantization_is_refused_before_the_model_loads() {
     let world = world();
     let out = tempfile::tempdir().unwrap();
     run_ok(bench_limit(world.path(), out.path(), 2).args(["--dtype", "f32"]));
@@ -539,6 +539,24 @@ fn bench_in_another_dtype_is_refused_before_the_model_loads() {
     assert!(
         err.contains("computed in f32, so it cannot be continued in bf16")
             && err.contains("pass --dtype f32"),
+        "{err}"
+    );
+    // Another quantization likewise.
+    let mut cmd = bella();
+    cmd.args([
+        "bench",
+        "--quiet",
+        "--model",
+        "/nonexistent/model",
+        "--data",
+    ])
+    .arg(world.path().join("test.jsonl"))
+    .args(["--limit", "2", "--quantize", "q8_0", "--out"])
+    .arg(out.path());
+    let err = run_err(&mut cmd);
+    assert!(
+        err.contains("a benchmark run of a dense base, so it cannot be continued with a q8_0 one")
+            && err.contains("pass no --quantize"),
         "{err}"
     );
     run_ok(bench_limit(world.path(), out.path(), 2).args(["--dtype", "f32"]));

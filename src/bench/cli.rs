@@ -362,25 +362,50 @@ pub fn particles_base(
 }
 
 /// Refuses, before the model loads, to continue a run in `out` in another `--dtype` than it
-/// computed in (found after the load too, with every other difference; a 7B model's load is
-/// minutes).
-fn refuse_another_dtype(out: &Path, asked: crate::models::compute::DTypeChoice) -> Result<()> {
+/// computed in, or with another `--quantize` (found after the load too, with every other
+/// difference; a 7B model's load is minutes).
+fn refuse_another_compute(
+    out: &Path,
+    dtype: crate::models::compute::DTypeChoice,
+    quantize: &crate::models::quant::QuantizeArgs,
+) -> Result<()> {
     use crate::models::compute::DTypeChoice;
-    let asked = match asked {
-        DTypeChoice::Auto => return Ok(()),
-        DTypeChoice::F32 => "f32",
-        DTypeChoice::Bf16 => "bf16",
-        DTypeChoice::F16 => "f16",
-    };
     if !out.join(super::config::CONFIG_FILE).is_file() {
         return Ok(());
     }
-    let old = super::config::RunConfig::read(out)?.model.compute_dtype;
-    if !old.is_empty() && old != asked {
+    let old = super::config::RunConfig::read(out)?.model;
+    let asked = match dtype {
+        DTypeChoice::Auto => None,
+        DTypeChoice::F32 => Some("f32"),
+        DTypeChoice::Bf16 => Some("bf16"),
+        DTypeChoice::F16 => Some("f16"),
+    };
+    let was = old.compute_dtype;
+    if let Some(asked) = asked.filter(|a| !was.is_empty() && *a != was) {
         bail!(
-            "{} holds a benchmark run computed in {old}, so it cannot be continued in {asked}: \
-             pass --dtype {old} to continue it, or use another --out",
+            "{} holds a benchmark run computed in {was}, so it cannot be continued in {asked}: \
+             pass --dtype {was} to continue it, or use another --out",
             out.display()
+        );
+    }
+    let asked = quantize
+        .options()
+        .map(|q| super::config::quantization_name(q.kind.name(), q.vision));
+    if asked != old.quantization {
+        let name = |q: &Option<String>| q.clone().unwrap_or_else(|| "dense".into());
+        let flags = match &old.quantization {
+            None => "no --quantize".to_string(),
+            Some(q) => match q.split_once('+') {
+                Some((kind, _)) => format!("--quantize {kind} --quantize-vision"),
+                None => format!("--quantize {q}"),
+            },
+        };
+        bail!(
+            "{} holds a benchmark run of a {} base, so it cannot be continued with a {} one: \
+             pass {flags} to continue it, or use another --out",
+            out.display(),
+            name(&old.quantization),
+            name(&asked)
         );
     }
     Ok(())
@@ -535,7 +560,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         );
     }
     let _lock = crate::io::OutputLock::acquire(out)?;
-    refuse_another_dtype(out, args.compute.options().dtype)?;
+    refuse_another_compute(out, args.compute.options().dtype, &args.quantize)?;
     let (model, source) = match (&args.model, &args.adapters) {
         (Some(model), _) => (model.clone(), model_source(model, &args.revision)?),
         (None, Some(adapters)) => particles_base(adapters, &args.revision, quiet)?,

@@ -91,6 +91,11 @@ pub struct ModelRecord {
     pub compute_dtype: String,
 }
 
+/// How [`ModelRecord::quantization`] names `--quantize KIND` (with `--quantize-vision`).
+pub fn quantization_name(kind: &str, vision: bool) -> String {
+    format!("{kind}{}", if vision { "+vision" } else { "" })
+}
+
 /// The particle directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdaptersRecord {

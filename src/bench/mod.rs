@@ -337,7 +337,7 @@ pub(crate) fn run_config(
                 .info
                 .quantization
                 .as_ref()
-                .map(|q| format!("{}{}", q.kind, if q.vision { "+vision" } else { "" })),
+                .map(|q| config::quantization_name(&q.kind, q.vision)),
             compute_dtype: loaded.info.compute_dtype.as_str().to_string(),
         },
         data: data_records(sets, model.adapters.as_deref())?,
