@@ -354,8 +354,13 @@ pub fn clip_loss_and_grads(
     };
     let vision = Tower::Vision { pixels: &pixels };
     // Shared rows become P rows at the first layer with particles: a chunk counts P per row.
-    let text_chunks = text.chunks(blocks, particles, task.chunk_bytes, model);
-    let image_chunks = vision.chunks(blocks, particles, task.chunk_bytes, model);
+    let layout = Layout {
+        blocks,
+        particles,
+        expanded,
+    };
+    let text_chunks = text.chunks(layout, task.chunk_bytes, model);
+    let image_chunks = vision.chunks(layout, task.chunk_bytes, model);
 
     // (1) The embeddings, `[P or 1, rows per block, d]`, without their graphs.
     let run_all = |tower: &Tower, chunks: &Chunks| -> Result<(Tensor, bool)> {
@@ -363,15 +368,7 @@ pub fn clip_loss_and_grads(
         let mut tracked = false;
         for &rows in &chunks.rows {
             crate::interrupt::check()?;
-            let (out, out_tracked) = tower.embed(
-                model,
-                rows,
-                chunks.layered,
-                blocks,
-                particles,
-                expanded,
-                None,
-            )?;
+            let (out, out_tracked) = tower.embed(model, rows, chunks.layered, layout, None)?;
             tracked |= out_tracked;
             parts.push(out.to_dtype(DType::F32)?);
         }
@@ -421,15 +418,7 @@ pub fn clip_loss_and_grads(
             crate::interrupt::check()?;
             let grad = grad.narrow(1, a, b - a)?;
             let backward = Some((&grad, &mut *grads));
-            tower.embed(
-                model,
-                (a, b),
-                chunks.layered,
-                blocks,
-                particles,
-                expanded,
-                backward,
-            )?;
+            tower.embed(model, (a, b), chunks.layered, layout, backward)?;
         }
     }
     Ok(nll.detach())
@@ -456,10 +445,11 @@ impl Tower<'_> {
         rows / blocks.max(1)
     }
 
-    /// Ranges of rows within each of `blocks` blocks, each keeping about `budget` bytes of
-    /// activations for its `copies` rows per row (the particles; one row at least, layered when
-    /// it does not fit whole).
-    fn chunks(&self, blocks: usize, copies: usize, budget: usize, model: &ClipModel) -> Chunks {
+    /// Ranges of rows within each block of `layout`, each keeping about `budget` bytes of
+    /// activations for the P rows a row becomes (one row at least, layered when it does not fit
+    /// whole).
+    fn chunks(&self, layout: Layout, budget: usize, model: &ClipModel) -> Chunks {
+        let (blocks, copies) = (layout.blocks, layout.particles);
         let c = model.config();
         let (tokens, hidden, layers) = match self {
             Tower::Text { mask, .. } => (
@@ -492,22 +482,20 @@ impl Tower<'_> {
         }
     }
 
-    /// The projected embeddings of rows `a..b` of each of `blocks` blocks, detached: `[P, b − a,
+    /// The projected embeddings of rows `a..b` of each block of `layout`, detached: `[P, b − a,
     /// d]` where the tower carries the particle axis, else `[1, b − a, d]`; and whether they
     /// depend on trained variables. `layered`: one encoder layer's activations at a time.
     /// `backward`: `(grad, grads)`, the loss's gradient with respect to these embeddings, whose
     /// share for the trained variables is added to `grads`.
-    #[allow(clippy::too_many_arguments)]
     fn embed(
         &self,
         model: &ClipModel,
         (a, b): (usize, usize),
         layered: bool,
-        blocks: usize,
-        particles: usize,
-        expanded: bool,
+        layout: Layout,
         backward: Option<(&Tensor, &mut VarGrads)>,
     ) -> Result<(Tensor, bool)> {
+        let blocks = layout.blocks;
         let (n, per_block) = (b - a, self.per_block(blocks));
         // The gradient as the rows come out of the tower: `[P or 1 · (b − a), d]`.
         let flat_grad = match &backward {
@@ -543,8 +531,7 @@ impl Tower<'_> {
                         mask: &mask,
                     },
                     layered,
-                    particles,
-                    expanded,
+                    layout,
                     backward,
                 )?
             }
@@ -554,7 +541,7 @@ impl Tower<'_> {
                     .collect();
                 let pixels = Tensor::stack(&rows, 0)?;
                 let rows = TowerRows::Vision { pixels: &pixels };
-                Self::run(model, rows, layered, particles, expanded, backward)?
+                Self::run(model, rows, layered, layout, backward)?
             }
         };
         let (out, tracked) = out;
@@ -567,10 +554,10 @@ impl Tower<'_> {
         model: &ClipModel,
         rows: TowerRows,
         layered: bool,
-        particles: usize,
-        expanded: bool,
+        layout: Layout,
         backward: Option<(&Tensor, &mut VarGrads)>,
     ) -> Result<(Tensor, bool)> {
+        let (particles, expanded) = (layout.particles, layout.expanded);
         if layered {
             // A stop asked for between its layers ends the pass (the step is dropped).
             let result = model.embeds_layered(rows, particles, expanded, backward);
@@ -592,6 +579,16 @@ impl Tower<'_> {
         }
         Ok((out.detach(), tracked))
     }
+}
+
+/// How a CLIP training step's rows are laid out.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Particle-major blocks of rows: P when each particle has its own examples, else 1.
+    blocks: usize,
+    particles: usize,
+    /// The input rows already carry the particle axis (each particle its own examples).
+    expanded: bool,
 }
 
 /// How a tower's rows are split for a training step ([`Tower::chunks`]).
