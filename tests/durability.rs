@@ -524,36 +524,29 @@ fn bench_in_another_dtype_or_quantization_is_refused_before_the_model_loads() {
     let world = world();
     let out = tempfile::tempdir().unwrap();
     run_ok(bench_limit(world.path(), out.path(), 2).args(["--dtype", "f32"]));
-    let mut cmd = bella();
-    cmd.args([
-        "bench",
-        "--quiet",
-        "--model",
-        "/nonexistent/model",
-        "--data",
-    ])
-    .arg(world.path().join("test.jsonl"))
-    .args(["--limit", "2", "--dtype", "bf16", "--out"])
-    .arg(out.path());
-    let err = run_err(&mut cmd);
+    let refused = |option: [&str; 2]| {
+        let mut cmd = bella();
+        cmd.args([
+            "bench",
+            "--quiet",
+            "--model",
+            "/nonexistent/model",
+            "--data",
+        ])
+        .arg(world.path().join("test.jsonl"))
+        .args(["--limit", "2"])
+        .args(option)
+        .arg("--out")
+        .arg(out.path());
+        run_err(&mut cmd)
+    };
+    let err = refused(["--dtype", "bf16"]);
     assert!(
         err.contains("computed in f32, so it cannot be continued in bf16")
             && err.contains("pass --dtype f32"),
         "{err}"
     );
-    // Another quantization likewise.
-    let mut cmd = bella();
-    cmd.args([
-        "bench",
-        "--quiet",
-        "--model",
-        "/nonexistent/model",
-        "--data",
-    ])
-    .arg(world.path().join("test.jsonl"))
-    .args(["--limit", "2", "--quantize", "q8_0", "--out"])
-    .arg(out.path());
-    let err = run_err(&mut cmd);
+    let err = refused(["--quantize", "q8_0"]);
     assert!(
         err.contains("a benchmark run of a dense base, so it cannot be continued with a q8_0 one")
             && err.contains("pass no --quantize"),
