@@ -95,8 +95,9 @@ impl Drop for Server {
     }
 }
 
-/// `bella-vqa serve --port 0` with `args`, as a child process: it, the lines of its stderr
-/// after the one that says where it listens, and that URL.
+/// `bella-vqa serve --port 0` with `args`, as a child process whose model has loaded (a request
+/// while loading gets 503 and its connection closed): it, the lines of its stderr after the one
+/// that says where it listens, and that URL.
 fn serve_process(
     args: &[&str],
 ) -> (
@@ -119,6 +120,12 @@ fn serve_process(
             break addr.to_string();
         }
     };
+    let ready = Server {
+        url: url.clone(),
+        stop: None,
+        done: None,
+    };
+    ready.wait_ready();
     (child, lines, url)
 }
 
@@ -1045,12 +1052,6 @@ fn health_follows_loading_and_a_failed_load_stops_the_server() {
 #[test]
 fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     let (mut child, lines, url) = serve_process(&["--max-batch", "1"]);
-    let ready = Server {
-        url: url.clone(),
-        stop: None,
-        done: None,
-    };
-    ready.wait_ready();
     // A path of 5 000 characters is logged cut short.
     let long = format!("/{}", "a".repeat(4999));
     assert_eq!(get(&format!("{url}{long}")).0, 404);
@@ -1141,13 +1142,6 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
 fn a_second_signal_stops_serve_at_once_with_its_status() {
     for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
         let (mut child, mut lines, url) = serve_process(&[]);
-        // Loaded: a request while loading gets 503 and its connection closed.
-        let loaded = Server {
-            url: url.clone(),
-            stop: None,
-            done: None,
-        };
-        loaded.wait_ready();
         // A connection whose first request's headers stall keeps the graceful stop waiting
         // (after an answered request, the connection would count as idle and close at once).
         let _stalled = {
@@ -1185,12 +1179,6 @@ fn a_second_signal_stops_serve_at_once_with_its_status() {
 fn the_access_log_writes_a_client_that_left_as_499() {
     use std::io::{Read, Write};
     let (mut child, lines, url) = serve_process(&["--max-batch", "1"]);
-    let server = Server {
-        url: url.clone(),
-        stop: None,
-        done: None,
-    };
-    server.wait_ready();
     let addr = url.trim_start_matches("http://");
     let image = data_url(&demo_image("photo-cat.png"));
     let send = |stream: bool| {
@@ -1234,7 +1222,6 @@ fn the_access_log_writes_a_client_that_left_as_499() {
     let whole = String::from_utf8_lossy(&whole);
     assert!(whole.contains("data: [DONE]"), "{whole}");
     drop(conn);
-    drop(server);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

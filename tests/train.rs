@@ -705,7 +705,7 @@ fn plain_clip_nll(
 #[test]
 fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
     use bella_vqa::train::objective::{
-        clip_loss_and_grads, clip_vocabulary, ClipTask, ACTIVATION_BYTES_PER_UNIT,
+        activation_bytes, clip_loss_and_grads, clip_vocabulary, ClipTask,
     };
     let data_dir = tempfile::tempdir().unwrap();
     let (train_data, _) = shapes(data_dir.path(), 10);
@@ -752,11 +752,8 @@ fn clip_loss_in_chunks_gives_the_gradients_of_one_backward_pass() {
         // Every row layer by layer (it does not fit), an image per chunk through its whole
         // graph, and everything in one chunk.
         let v = &m.config().vision_config;
-        let image_row = ACTIVATION_BYTES_PER_UNIT
-            * (v.grid().pow(2) + 1)
-            * v.hidden_size
-            * v.num_hidden_layers
-            * 3;
+        let tokens = v.grid().pow(2) + 1;
+        let image_row = activation_bytes(3, tokens, v.hidden_size, v.num_hidden_layers, false);
         for chunk_bytes in [1, image_row, usize::MAX] {
             let task = ClipTask {
                 prompter: &prompter,

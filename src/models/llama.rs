@@ -770,7 +770,7 @@ impl LlamaModel {
         grads: &mut VarGrads,
         embeds_need_grad: bool,
     ) -> Result<Option<Tensor>> {
-        let lowest = self.layers.iter().position(|l| l.has_particles());
+        let lowest = self.lowest_adapted_layer();
         for (i, (layer, step)) in self.layers.iter().zip(tape.steps).enumerate().rev() {
             if !embeds_need_grad && lowest.is_none_or(|lowest| i < lowest) {
                 return Ok(None);
@@ -789,6 +789,11 @@ impl LlamaModel {
             grad = grad_or_zeros(&store, input.as_tensor())?;
         }
         Ok(embeds_need_grad.then_some(grad))
+    }
+
+    /// The index of the lowest decoder layer with particles (`None`: none has).
+    pub fn lowest_adapted_layer(&self) -> Option<usize> {
+        self.layers.iter().position(|l| l.has_particles())
     }
 
     /// The final RMSNorm (see [`Self::forward_taped`]).

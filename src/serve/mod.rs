@@ -404,7 +404,6 @@ async fn serve_connections(
     stop: impl Future<Output = ()>,
 ) {
     use axum::serve::Listener as _;
-    use futures_util::StreamExt as _;
     use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     let (stopping, stopped) = tokio::sync::watch::channel(false);
@@ -423,17 +422,8 @@ async fn serve_connections(
                 let held = Busy::new(&busy);
                 let answered = hyper::service::Service::call(&inner, request);
                 async move {
-                    let (parts, body) = answered.await?.into_parts();
-                    let body = futures_util::stream::unfold(
-                        (body.into_data_stream(), held),
-                        |(mut stream, held)| async move {
-                            stream.next().await.map(|c| (c, (stream, held)))
-                        },
-                    );
-                    Ok::<_, std::convert::Infallible>(HttpResponse::from_parts(
-                        parts,
-                        axum::body::Body::from_stream(body),
-                    ))
+                    let response = answered.await?;
+                    Ok::<_, std::convert::Infallible>(holding(response, held, |_| {}))
                 }
             })
         };
@@ -581,7 +571,6 @@ async fn access_log(
     request: Request,
     next: Next,
 ) -> HttpResponse {
-    use futures_util::StreamExt as _;
     if !state.opts.access_log {
         return next.run(request).await;
     }
@@ -604,15 +593,28 @@ async fn access_log(
         line.status = Some(status);
         return response;
     }
+    holding(response, line, move |line| line.status = Some(status))
+}
+
+/// `response` with `held` kept until its body has been sent, or dropped with it when its client
+/// leaves first; `at_end` runs on it once the last byte has gone.
+fn holding<G, F>(response: HttpResponse, held: G, at_end: F) -> HttpResponse
+where
+    G: Send + 'static,
+    F: FnOnce(&mut G) + Send + 'static,
+{
+    use futures_util::StreamExt as _;
     let (parts, body) = response.into_parts();
     let body = futures_util::stream::unfold(
-        (body.into_data_stream(), line),
-        move |(mut stream, mut line)| async move {
+        (body.into_data_stream(), held, Some(at_end)),
+        |(mut stream, mut held, mut at_end)| async move {
             let chunk = stream.next().await;
             if chunk.is_none() {
-                line.status = Some(status);
+                if let Some(at_end) = at_end.take() {
+                    at_end(&mut held);
+                }
             }
-            chunk.map(|c| (c, (stream, line)))
+            chunk.map(|c| (c, (stream, held, at_end)))
         },
     );
     HttpResponse::from_parts(parts, axum::body::Body::from_stream(body))

@@ -42,7 +42,7 @@ use crate::models::prompt::Prompter;
 use crate::models::{LoadedModel, Model};
 use objective::{
     clip_loss_and_grads, clip_trainable, clip_vocabulary, encode_example, make_batch, particle_nll,
-    target_answer, EncodedExample, ACTIVATION_BYTES_PER_UNIT,
+    target_answer, EncodedExample,
 };
 use optim::{clip_per_particle, learning_rate, AdamW};
 
@@ -978,10 +978,10 @@ pub fn train(
 
     // A log line whose evaluation a stop interrupted comes first (its step's checkpoint holds it).
     let mut saved_at = start_step;
-    let mut unfinished_evaluation = None;
+    let mut evaluation_pending = false;
     if let Some(mut line) = pending_evaluation {
         match evaluate_into(&mut line, &objective, model, &params, val_sample, p) {
-            Err(e) if e.is::<Interrupted>() => unfinished_evaluation = Some(line),
+            Err(e) if e.is::<Interrupted>() => evaluation_pending = true,
             evaluated => {
                 evaluated?;
                 append_log_line(&mut log, &line)?;
@@ -1127,7 +1127,7 @@ pub fn train(
                     let pending = (0.0, 0, Some(&eval));
                     save_checkpoint(done, &params, &optimizer, model, pending, &log.lines)?;
                     open_log(&mut log, &log_path)?;
-                    unfinished_evaluation = Some(eval);
+                    evaluation_pending = true;
                     stopped_at = done;
                     break;
                 }
@@ -1172,18 +1172,18 @@ pub fn train(
         total_steps,
         last: last_eval,
         out: run.out.clone(),
-        finished: stopped_at == total_steps && unfinished_evaluation.is_none(),
-        interrupted: stopped_at < end_step || unfinished_evaluation.is_some(),
-        evaluation_pending: unfinished_evaluation.is_some(),
+        finished: stopped_at == total_steps && !evaluation_pending,
+        interrupted: stopped_at < end_step || evaluation_pending,
+        evaluation_pending,
         diversity: summary,
     })
 }
 
 /// A rough figure for the activations a LLaVA training step keeps for its backward pass
-/// ([`ACTIVATION_BYTES_PER_UNIT`] per token, unit of width and language-model layer, for `rows`
-/// rows of the longest sequence): every layer from the lowest with particles up, or under
-/// `--gradient-checkpointing` one layer and every layer's input. It runs 1.5× over the demo's
-/// measured peaks (P = 16 to 64, batch 1 to 8); `None` for a CLIP, whose step is chunked.
+/// ([`objective::activation_bytes`] of `rows` rows of the longest sequence through the
+/// language-model layers from the lowest with particles up, layered under
+/// `--gradient-checkpointing`). It runs 1.5× over the demo's measured peaks (P = 16 to 64, batch
+/// 1 to 8); `None` for a CLIP, whose step is chunked.
 fn step_activation_bytes(
     model: &Model,
     objective: &Objective,
@@ -1194,30 +1194,9 @@ fn step_activation_bytes(
         return None;
     };
     let c = &m.config().text_config;
-    let lowest = model
-        .linears()
-        .iter()
-        .filter(|(_, l)| l.adapter().is_some())
-        .filter_map(|(name, _)| {
-            let rest = name.strip_prefix("language_model.")?;
-            let rest = rest.strip_prefix("model.").unwrap_or(rest);
-            rest.strip_prefix("layers.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .min()?;
-    let layers = c.num_hidden_layers.saturating_sub(lowest);
-    let per_layer =
-        (ACTIVATION_BYTES_PER_UNIT * objective.longest()? * c.hidden_size * rows) as u64;
-    Some(if run.gradient_checkpointing {
-        per_layer
-            + (std::mem::size_of::<f32>() * objective.longest()? * c.hidden_size * rows * layers)
-                as u64
-    } else {
-        per_layer * layers as u64
-    })
+    let layers = c.num_hidden_layers - m.language_model.lowest_adapted_layer()?;
+    let (tokens, layered) = (objective.longest()?, run.gradient_checkpointing);
+    Some(objective::activation_bytes(rows, tokens, c.hidden_size, layers, layered) as u64)
 }
 
 /// Fills in `line`'s evaluation of the particles on the validation sample (answering through

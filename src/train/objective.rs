@@ -299,7 +299,25 @@ pub struct ClipTask<'a> {
 
 /// Bytes of activations a training forward pass keeps per token, per unit of width and per layer
 /// (measured: ~350 on ViT-B/32's text tower, f32; candle keeps every intermediate of the graph).
-pub const ACTIVATION_BYTES_PER_UNIT: usize = 400;
+const ACTIVATION_BYTES_PER_UNIT: usize = 400;
+
+/// Bytes of activations a training pass keeps for `rows` rows of `tokens` tokens through
+/// `layers` layers of width `hidden`: every layer's, or when `layered` (gradient checkpointing)
+/// one layer's and the input of each layer.
+pub fn activation_bytes(
+    rows: usize,
+    tokens: usize,
+    hidden: usize,
+    layers: usize,
+    layered: bool,
+) -> usize {
+    let per_layer = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * rows;
+    if layered {
+        per_layer + std::mem::size_of::<f32>() * tokens * hidden * layers * rows
+    } else {
+        per_layer * layers
+    }
+}
 
 /// What one chunk of a CLIP training step may keep for its backward pass. A row whose every
 /// layer does not fit (ViT-L/14-336's 577 tokens × 24 layers with particles) keeps one layer's
@@ -463,14 +481,8 @@ impl Tower<'_> {
                 c.vision_config.num_hidden_layers,
             ),
         };
-        let per_layer = ACTIVATION_BYTES_PER_UNIT * tokens * hidden * copies;
-        let layered = per_layer * layers > budget;
-        // Layered: one layer's activations, and the input of every layer kept for the backward.
-        let per_row = if layered {
-            per_layer + std::mem::size_of::<f32>() * tokens * hidden * layers * copies
-        } else {
-            per_layer * layers
-        };
+        let layered = activation_bytes(copies, tokens, hidden, layers, false) > budget;
+        let per_row = activation_bytes(copies, tokens, hidden, layers, layered);
         let rows = (budget / per_row.max(1)).max(1);
         let per_block = self.per_block(blocks);
         Chunks {
