@@ -7,8 +7,9 @@
 //! entry or a directory, with a particle directory; [`BellaVqa::load_particles`] finds the base
 //! the particles were trained on, [`BellaVqa::demo`] is the embedded demo as the command line
 //! has it), share it behind an [`Arc`](std::sync::Arc), and ask from as many threads as you
-//! like; [`BellaVqa::ask_batch`] answers several questions in one pass. The HTTP server
-//! ([`serve`]) is written against exactly this API.
+//! like; [`BellaVqa::ask_batch`] answers several questions in one pass, and
+//! [`BellaVqa::ask_batch_until`] stops them at the next layer once their askers have gone. The
+//! HTTP server ([`serve`]) is written against exactly this API.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -53,6 +54,7 @@
 pub mod answer;
 pub mod bella;
 pub mod bench;
+pub mod cancel;
 pub mod console;
 pub mod data;
 pub mod demo;

@@ -137,3 +137,63 @@ fn a_batch_larger_than_one_pass_answers_every_question_in_order() {
         );
     }
 }
+
+#[test]
+fn a_batch_whose_askers_leave_stops_at_the_next_layer_and_the_model_answers_on() {
+    use std::cell::Cell;
+    let vqa = demo();
+    let image = demo_image("red-circle.png");
+    let opts = AskOptions::default();
+    let batch = [
+        Question {
+            image: &image,
+            text: "What color is the circle?",
+            options: &opts,
+        },
+        Question {
+            image: &image,
+            text: "What shape is it?",
+            options: &opts,
+        },
+    ];
+    let answers = |results: Vec<anyhow::Result<bella_vqa::Response>>| -> Vec<bella_vqa::Response> {
+        results.into_iter().map(|r| r.expect("answered")).collect()
+    };
+    let plain = answers(vqa.ask_batch(&batch));
+    // A stop test that never fires changes nothing; it is asked throughout the answer.
+    let asked = Cell::new(0usize);
+    let stays = || {
+        asked.set(asked.get() + 1);
+        false
+    };
+    assert_eq!(answers(vqa.ask_batch_until(&batch, &stays)), plain);
+    let whole = asked.get();
+
+    // The askers leave after the prompt's pass through the demo's 3 layers (at the first
+    // decoding step): the rest of the answer is not computed, and both questions say why.
+    let asked = Cell::new(0usize);
+    let after_stop = Cell::new(0usize);
+    let leaves = || {
+        asked.set(asked.get() + 1);
+        if asked.get() > 5 {
+            after_stop.set(after_stop.get() + 1);
+        }
+        asked.get() >= 5
+    };
+    let stopped = vqa.ask_batch_until(&batch, &leaves);
+    assert_eq!(stopped.len(), 2);
+    for result in &stopped {
+        let e = result.as_ref().expect_err("stopped");
+        assert!(e.is::<bella_vqa::cancel::Cancelled>(), "{e:#}");
+        assert!(format!("{e}").contains("no longer waits"), "{e}");
+    }
+    // Stopped where the test first said so: asked once more only, to name the error.
+    assert!(
+        after_stop.get() <= 1,
+        "asked {} times after",
+        after_stop.get()
+    );
+    assert!(whole > asked.get() + 3, "a whole answer asks {whole} times");
+    // Nothing of the stopped batch stays behind.
+    assert_eq!(answers(vqa.ask_batch(&batch)), plain);
+}

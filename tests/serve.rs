@@ -105,9 +105,22 @@ fn serve_process(
     std::io::Lines<BufReader<std::process::ChildStderr>>,
     String,
 ) {
+    serve_process_with(&[], args)
+}
+
+/// [`serve_process`] with variables `env` in its environment.
+fn serve_process_with(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+    String,
+) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
         .args(["serve", "--port", "0"])
         .args(args)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -1247,6 +1260,61 @@ fn the_access_log_writes_a_client_that_left_as_499() {
             .collect::<Vec<_>>(),
         "{rest:?}"
     );
+}
+
+#[test]
+fn a_question_whose_client_leaves_stops_computing_and_the_next_is_answered() {
+    use std::io::Write;
+    // Every layer of the demo waits 200 ms: an answer takes seconds, time for its client to go.
+    let (mut child, lines, url) = serve_process_with(
+        &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
+        &["--max-batch", "1"],
+    );
+    let addr = url.trim_start_matches("http://");
+    let body = request(
+        &data_url(&demo_image("red-circle.png")),
+        "What color is the circle?",
+    )
+    .to_string();
+    let mut conn = connect(addr);
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    drop(conn);
+    // The worker stops at its next layer and says so in /metrics.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let cancelled = loop {
+        let (_, metrics) = get(&format!("{url}/metrics"));
+        if metrics.contains("bella_cancelled_total 1") || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(cancelled.contains("bella_cancelled_total 1"), "{cancelled}");
+    assert!(cancelled.contains("bella_answers_total 0"), "{cancelled}");
+    // The model answers the next question as before.
+    let (status, _, text) = post(&url, &body, None);
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "red");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().expect("exit").success());
+    let statuses: Vec<&str> = rest
+        .iter()
+        .filter(|l| l.starts_with("POST /v1/chat/completions "))
+        .map(|l| l.split(' ').nth(2).unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["499", "200"], "{rest:?}");
 }
 
 #[test]

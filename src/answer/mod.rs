@@ -672,6 +672,22 @@ impl BellaVqa {
     /// be answered as asked, [`crate::error::ImageTooLarge`] for its image); an error of the
     /// batch's computation is reported for each of its questions.
     pub fn ask_batch(&self, questions: &[Question]) -> Vec<Result<Response>> {
+        self.answer_batch(questions)
+    }
+
+    /// [`ask_batch`](Self::ask_batch) for askers who may leave: `stop` is asked between the
+    /// language model's layers (and so between decoding steps), on this thread, and once it says
+    /// true the questions not yet answered fail with [`crate::cancel::Cancelled`] (those answered
+    /// by then keep their answers). The server passes "every asker of the batch has gone".
+    pub fn ask_batch_until(
+        &self,
+        questions: &[Question],
+        stop: &dyn Fn() -> bool,
+    ) -> Vec<Result<Response>> {
+        crate::cancel::until(stop, || self.answer_batch(questions))
+    }
+
+    fn answer_batch(&self, questions: &[Question]) -> Vec<Result<Response>> {
         let mut out: Vec<Option<Result<Response>>> = questions.iter().map(|_| None).collect();
         let mut pending: Vec<(usize, &str, Tensor)> = Vec::new();
         for (i, q) in questions.iter().enumerate() {
@@ -690,9 +706,18 @@ impl BellaVqa {
             }
             pending = rest;
             let texts: Vec<&str> = group.iter().map(|(_, t, _)| *t).collect();
-            let scored = Tensor::stack(&group.iter().map(|(.., p)| p).collect::<Vec<_>>(), 0)
+            let scored = crate::cancel::check()
                 .map_err(anyhow::Error::from)
-                .and_then(|pixels| self.score(&pixels, &texts, opts));
+                .and_then(|()| {
+                    let pixels = group.iter().map(|(.., p)| p).collect::<Vec<_>>();
+                    Ok(Tensor::stack(&pixels, 0)?)
+                })
+                .and_then(|pixels| self.score(&pixels, &texts, opts))
+                // Stopped inside the model: said as what it is.
+                .map_err(|e| match crate::cancel::check() {
+                    Err(cancelled) => cancelled.into(),
+                    Ok(()) => e,
+                });
             match scored {
                 Ok(scored) => {
                     for ((i, text, _), s) in group.iter().zip(scored) {
@@ -701,7 +726,10 @@ impl BellaVqa {
                 }
                 Err(e) => {
                     for (i, ..) in &group {
-                        out[*i] = Some(Err(anyhow::anyhow!("{e:#}")));
+                        out[*i] = Some(Err(match e.downcast_ref::<crate::cancel::Cancelled>() {
+                            Some(_) => crate::cancel::Cancelled.into(),
+                            None => anyhow::anyhow!("{e:#}"),
+                        }));
                     }
                 }
             }

@@ -876,6 +876,8 @@ impl LlamaModel {
         let last_layer = self.layers.len().saturating_sub(1);
         for (i, (layer, layer_cache)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
         {
+            // An answer whose asker has gone stops here (training and plain answers never do).
+            crate::cancel::check().map_err(candle_core::Error::wrap)?;
             let q_len = if i == last_layer { q_len } else { len };
             // The rows fork to the particles inside the first layer that carries any.
             let rows = if !expanded && layer.has_particles() && particles > 1 {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub answers: Counter,
     pub abstentions: Counter,
+    /// Questions whose answering stopped because every asker of their batch had left.
+    pub cancelled: Counter,
     /// Questions waiting for the worker (set at each scrape).
     pub queue_depth: Gauge,
     pub particles: Gauge,
@@ -64,6 +66,12 @@ impl Metrics {
             "Questions where the server said it is not sure",
             abstentions.clone(),
         );
+        let cancelled = Counter::default();
+        registry.register(
+            "cancelled",
+            "Questions whose answering stopped because every asker of their batch had left",
+            cancelled.clone(),
+        );
         let queue_depth = Gauge::default();
         registry.register(
             "queue_depth",
@@ -81,6 +89,7 @@ impl Metrics {
             batch_size,
             answers,
             abstentions,
+            cancelled,
             queue_depth,
             particles,
             ready,

@@ -164,25 +164,36 @@ pub fn run(
                 options: &j.options,
             })
             .collect();
-        let results =
-            catch_unwind(AssertUnwindSafe(|| vqa.ask_batch(&questions))).unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown cause".into());
-                batch
-                    .iter()
-                    .map(|_| Err(anyhow!("internal error while answering ({what})")))
-                    .collect()
-            });
+        // Stops between layers once nobody waits for any of the batch's answers (their clients
+        // left, or were answered 504 at their deadline): the next batch need not wait for it.
+        let everyone_gone = || batch.iter().all(|j| j.reply.is_closed());
+        let results = catch_unwind(AssertUnwindSafe(|| {
+            vqa.ask_batch_until(&questions, &everyone_gone)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".into());
+            batch
+                .iter()
+                .map(|_| Err(anyhow!("internal error while answering ({what})")))
+                .collect()
+        });
         drop(questions);
         for (job, result) in batch.into_iter().zip(results) {
-            if let Ok(r) = &result {
-                metrics.answers.inc();
-                if r.abstained {
-                    metrics.abstentions.inc();
+            match &result {
+                Ok(r) => {
+                    metrics.answers.inc();
+                    if r.abstained {
+                        metrics.abstentions.inc();
+                    }
                 }
+                Err(e) if e.is::<crate::cancel::Cancelled>() => {
+                    metrics.cancelled.inc();
+                }
+                Err(_) => {}
             }
             // The asker may have gone (timeout, closed connection): nothing to do then.
             let _ = job.reply.send(result);
