@@ -434,6 +434,20 @@ fn a_training_step_larger_than_the_memory_available_is_warned_about() {
     let mut cmd = train(&data, &["--gradient-checkpointing"]);
     let layered = figure(&succeeds(cmd.env(tight, "2000000")));
     assert!(layered < whole, "{layered} MB against {whole} MB");
+    // Particles in the vision tower keep its activations too: counted alone and added.
+    let vision = ["--targets", "vision_tower.*.q_proj"];
+    std::fs::remove_dir_all(data.out()).unwrap();
+    let vision_only = figure(&succeeds(train(&data, &vision).env(tight, "1000000")));
+    std::fs::remove_dir_all(data.out()).unwrap();
+    let both = ["--targets", "language_model.*.q_proj,vision_tower.*.q_proj"];
+    let both = figure(&succeeds(train(&data, &both).env(tight, "2000000")));
+    std::fs::remove_dir_all(data.out()).unwrap();
+    let language = ["--targets", "language_model.*.q_proj"];
+    let language = figure(&succeeds(train(&data, &language).env(tight, "2000000")));
+    assert!(
+        (both - language - vision_only).abs() <= 0.01 * both,
+        "{both} MB against {language} + {vision_only} MB"
+    );
     // With room, nothing is said.
     std::fs::remove_dir_all(data.out()).unwrap();
     let said = succeeds(train(&data, &[]).env(tight, "100000000000"));

@@ -136,6 +136,11 @@ struct EncoderOutput {
 }
 
 impl Encoder {
+    /// The index of the lowest layer with particles (`None`: none has).
+    fn lowest_adapted_layer(&self) -> Option<usize> {
+        self.layers.iter().position(EncoderLayer::has_particles)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn load(
         s: &Scope,
@@ -193,7 +198,7 @@ impl Encoder {
         particles: usize,
         tape: bool,
     ) -> Result<(Tensor, bool, bool, EncoderTape)> {
-        let lowest = self.layers.iter().position(EncoderLayer::has_particles);
+        let lowest = self.lowest_adapted_layer();
         let mut inputs = Vec::new();
         let mut tracked = false;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -599,6 +604,11 @@ impl ClipVisionTransformer {
 
     pub(crate) fn linears<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a ParticleLinear)>) {
         self.encoder.linears(&format!("{prefix}.encoder"), out)
+    }
+
+    /// The index of the lowest encoder layer with particles (`None`: none has).
+    pub fn lowest_adapted_layer(&self) -> Option<usize> {
+        self.encoder.lowest_adapted_layer()
     }
 
     pub(crate) fn linears_mut<'a>(

@@ -130,6 +130,12 @@ impl LlavaModel {
         Ok((x, expanded))
     }
 
+    /// How many vision-tower layers a pass runs: hidden state i is the output of layer i − 1,
+    /// so the layers from the deepest one read on are never run.
+    pub fn vision_layers_run(&self) -> usize {
+        self.feature_layers.iter().copied().max().unwrap_or(0)
+    }
+
     /// Token embeddings with the image tokens replaced by `features` in row-major order. When the
     /// features carry the particle axis and the ids do not, the ids are shared by all particles and
     /// the result carries the axis too (`P` blocks of `batch` rows).
@@ -413,9 +419,7 @@ impl ParticleModel for LlavaModel {
     }
 
     fn inert_linears(&self) -> Vec<String> {
-        // hidden state i is the output of layer i − 1: layers from the deepest index read on
-        // are never run.
-        let read = self.feature_layers.iter().copied().max().unwrap_or(0);
+        let read = self.vision_layers_run();
         let vision_layer = |name: &str| {
             name.strip_prefix("vision_tower.vision_model.encoder.layers.")?
                 .split('.')

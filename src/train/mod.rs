@@ -1180,10 +1180,12 @@ pub fn train(
 }
 
 /// A rough figure for the activations a LLaVA training step keeps for its backward pass
-/// ([`objective::activation_bytes`] of `rows` rows of the longest sequence through the
-/// language-model layers from the lowest with particles up, layered under
-/// `--gradient-checkpointing`). It runs 1.5× over the demo's measured peaks (P = 16 to 64, batch
-/// 1 to 8); `None` for a CLIP, whose step is chunked.
+/// ([`objective::activation_bytes`] of `rows` rows): of the longest sequence through the
+/// language-model layers from the lowest with particles up (layered under
+/// `--gradient-checkpointing`), and of their images through the vision-tower layers from the
+/// lowest with particles up to the one read (the tower keeps every layer's). It runs 1.5× over
+/// the demo's measured peaks (P = 16 to 64, batch 1 to 8); `None` for a CLIP, whose step is
+/// chunked, and without particles in either.
 fn step_activation_bytes(
     model: &Model,
     objective: &Objective,
@@ -1193,10 +1195,25 @@ fn step_activation_bytes(
     let Model::Llava(m) = model else {
         return None;
     };
-    let c = &m.config().text_config;
-    let layers = c.num_hidden_layers - m.language_model.lowest_adapted_layer()?;
-    let (tokens, layered) = (objective.longest()?, run.gradient_checkpointing);
-    Some(objective::activation_bytes(rows, tokens, c.hidden_size, layers, layered) as u64)
+    let (t, v) = (&m.config().text_config, &m.config().vision_config);
+    let language = m.language_model.lowest_adapted_layer().map(|lowest| {
+        let (tokens, layered) = (objective.longest().unwrap_or(0), run.gradient_checkpointing);
+        let layers = t.num_hidden_layers - lowest;
+        objective::activation_bytes(rows, tokens, t.hidden_size, layers, layered)
+    });
+    let run_layers = m.vision_layers_run();
+    let vision = m
+        .vision_tower
+        .lowest_adapted_layer()
+        .filter(|&lowest| lowest < run_layers)
+        .map(|lowest| {
+            let tokens = v.grid().pow(2) + 1;
+            objective::activation_bytes(rows, tokens, v.hidden_size, run_layers - lowest, false)
+        });
+    match (language, vision) {
+        (None, None) => None,
+        (l, v) => Some((l.unwrap_or(0) + v.unwrap_or(0)) as u64),
+    }
 }
 
 /// Fills in `line`'s evaluation of the particles on the validation sample (answering through
