@@ -24,7 +24,7 @@ static AFTER: std::sync::Mutex<&str> = std::sync::Mutex::new("");
 static WATCHING_SIGINT: AtomicBool = AtomicBool::new(false);
 
 /// Installs the handler (once per process). `after` says where the command will stop, for the
-/// message printed when the first signal comes ("after the question in progress").
+/// message printed when the first signal comes ("at the model's next layer").
 pub fn watch(after: &'static str) -> Result<()> {
     stops(after);
     if WATCHING.get().is_some() {
@@ -100,7 +100,8 @@ pub fn requested() -> bool {
 pub const CHECK_FAULT_ENV: &str = "BELLA_FAULT_INTERRUPT_AT_CHECK";
 
 /// `Err(Interrupted)` once a stop was asked for: asked between the parts of a unit of work that
-/// is dropped when stopped (a training step's passes, which a resumed run makes again).
+/// is dropped when stopped (a training step's passes, which a resumed run makes again; the layers
+/// of a question `bench` answers, which the same command asks again).
 pub fn check() -> Result<(), Interrupted> {
     static AT: OnceLock<Option<u64>> = OnceLock::new();
     static CHECKS: AtomicU64 = AtomicU64::new(0);

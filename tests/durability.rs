@@ -501,6 +501,48 @@ fn ctrl_c_stops_bench_between_questions_and_the_same_command_continues() {
     );
 }
 
+/// A Ctrl-C while a question is answered stops it at the model's next layer: that question is
+/// not written (a whole question is not waited for), and the same command answers it again.
+#[test]
+fn ctrl_c_stops_bench_inside_a_question_and_the_same_command_continues() {
+    let world = world();
+    let bench5 = |out: &Path| bench_limit(world.path(), out, 5);
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut bench5(reference.path()));
+    let expected = files(reference.path())[Path::new("samples.jsonl")].clone();
+    let mut stopped_with = std::collections::BTreeSet::new();
+    // The signal comes before the N-th pause between the model's layers.
+    for n in [1, 2, 5, 13, 34, 55] {
+        let out = tempfile::tempdir().unwrap();
+        let o =
+            output(bench5(out.path()).env(bella_vqa::interrupt::CHECK_FAULT_ENV, n.to_string()));
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(130), "pause {n}: {t}");
+        let left: usize = t
+            .split("interrupted with ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("pause {n}: {t}"));
+        let samples = std::fs::read_to_string(out.path().join("samples.jsonl")).unwrap();
+        assert_eq!(samples.lines().count(), 5 - left, "pause {n}: {t}");
+        if n == 1 {
+            // In the first question's first layer: nothing was finished, nothing is kept.
+            assert_eq!(left, 5, "{t}");
+        }
+        stopped_with.insert(left);
+        run_ok(&mut bench5(out.path()));
+        assert!(
+            files(out.path()).get(Path::new("samples.jsonl")) == Some(&expected),
+            "Ctrl-C at pause {n}: samples differ after the rerun"
+        );
+    }
+    assert!(
+        stopped_with.len() >= 3,
+        "stopped with {stopped_with:?} left only"
+    );
+}
+
 fn bench(world: &Path, out: &Path) -> Command {
     bench_limit(world, out, 3)
 }

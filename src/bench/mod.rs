@@ -40,7 +40,7 @@ use crate::console::Progress;
 use anyhow::{bail, Context, Result};
 
 use crate::answer::generate::Sampling;
-use crate::answer::{AskOptions, BellaVqa, UNCALIBRATED_THRESHOLD};
+use crate::answer::{AskOptions, BellaVqa, Question, UNCALIBRATED_THRESHOLD};
 use crate::bella::particles::hash_weights;
 use crate::data::{read_dataset_up_to, BadRecord, ReadOptions, VqaExample};
 use crate::metrics::NormalizeMode;
@@ -787,8 +787,10 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let answering = Instant::now();
     let mut answered_now = 0usize;
     let mut first_skip: Option<String> = None;
-    // Questions not reached because of a Ctrl-C (crate::interrupt) between two of them.
+    // Questions not answered because of a Ctrl-C (crate::interrupt): it stops the question in
+    // progress at the model's next layer (that question is answered again by the same command).
     let mut left: Option<usize> = None;
+    let stop = || crate::interrupt::check().is_err();
     let mut answer_all = || -> Result<()> {
         for (i, (set, k)) in todo.iter().enumerate() {
             if crate::interrupt::requested() {
@@ -800,11 +802,23 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             let answer = read_image_file(&example.image).and_then(|bytes| {
                 let name = example.image.display().to_string();
                 let image = decode_image(&bytes, &name, MAX_IMAGE_PIXELS)?;
-                let response = vqa.ask_with(&image, &example.question, &ask)?;
+                let question = Question {
+                    image: &image,
+                    text: &example.question,
+                    options: &ask,
+                };
+                let response = vqa
+                    .ask_batch_until(&[question], &stop)
+                    .pop()
+                    .context("no response for the question")??;
                 Ok((crate::io::sha256_bytes(&bytes), response))
             });
             let (image_sha256, response) = match answer {
                 Ok(r) => r,
+                Err(e) if e.is::<crate::cancel::Cancelled>() => {
+                    left = Some(todo.len() - i);
+                    break;
+                }
                 Err(e) => {
                     let reason = format!(
                         "cannot answer question {:?} ({} of {}): {e:#}",
