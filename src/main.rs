@@ -340,8 +340,9 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Keep one decoder layer's activations at a time and run each layer again for the
-    /// backward pass (LLaVA; as transformers' gradient_checkpointing): the memory of a step no
-    /// longer grows with the depth, for one more forward pass. Use it when training runs out of
+    /// backward pass (LLaVA; as transformers' gradient_checkpointing), the vision tower's too
+    /// where it carries particles: the memory of a step no longer grows with the depth, for one
+    /// more forward pass. Use it when training runs out of
     /// memory on a large model.
     #[arg(long)]
     gradient_checkpointing: bool,

@@ -410,13 +410,14 @@ fn a_training_answer_that_is_empty_or_too_long_is_named() {
 #[test]
 fn a_training_step_larger_than_the_memory_available_is_warned_about() {
     let data = DataDir::new(&good_lines());
-    let figure = |said: &str| -> f64 {
+    let rows_figure = |said: &str, rows: usize| -> f64 {
         let rest = said
             .split("a training step may keep ~")
             .nth(1)
             .unwrap_or_else(|| panic!("no warning: {said}"));
         assert!(
-            rest.contains("2 rows of up to") && rest.contains("--gradient-checkpointing"),
+            rest.contains(&format!("{rows} rows of up to"))
+                && rest.contains("--gradient-checkpointing"),
             "{said}"
         );
         let mut words = rest.split(' ');
@@ -427,6 +428,7 @@ fn a_training_step_larger_than_the_memory_available_is_warned_about() {
             other => panic!("{other:?}: {said}"),
         }
     };
+    let figure = |said: &str| rows_figure(said, 2);
     let tight = bella_vqa::models::compute::MEM_AVAILABLE_ENV;
     // Room for the model (under 1 MB), not for its step.
     let whole = figure(&succeeds(train(&data, &[]).env(tight, "2000000")));
@@ -438,6 +440,37 @@ fn a_training_step_larger_than_the_memory_available_is_warned_about() {
     let vision = ["--targets", "vision_tower.*.q_proj"];
     std::fs::remove_dir_all(data.out()).unwrap();
     let vision_only = figure(&succeeds(train(&data, &vision).env(tight, "1000000")));
+    // Layered under --gradient-checkpointing (4 particles: the tiny tower's figures then pass
+    // the model's size).
+    let four = |checkpointing: bool| {
+        std::fs::remove_dir_all(data.out()).unwrap();
+        let mut cmd = bella();
+        cmd.args(["train", "--model"])
+            .arg(llava_dir())
+            .arg("--data")
+            .arg(data.data())
+            .arg("--out")
+            .arg(data.out())
+            .args(["--epochs", "1", "--batch-size", "1", "--particles", "4"])
+            .args([
+                "--rank",
+                "2",
+                "--max-steps",
+                "1",
+                "--targets",
+                "vision_tower.*.q_proj",
+            ])
+            .env(tight, "1000000");
+        if checkpointing {
+            cmd.arg("--gradient-checkpointing");
+        }
+        rows_figure(&succeeds(&mut cmd), 4)
+    };
+    let (vision_whole, vision_layered) = (four(false), four(true));
+    assert!(
+        vision_layered < vision_whole,
+        "{vision_layered} MB against {vision_whole} MB"
+    );
     std::fs::remove_dir_all(data.out()).unwrap();
     let both = ["--targets", "language_model.*.q_proj,vision_tower.*.q_proj"];
     let both = figure(&succeeds(train(&data, &both).env(tight, "2000000")));

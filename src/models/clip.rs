@@ -186,22 +186,23 @@ impl Encoder {
         })
     }
 
-    /// Every layer on the detached output of the one below: one layer's activations are alive
-    /// at a time, and the output is detached. Returns it, whether its rows carry the particle
-    /// axis, whether any layer's output depended on trained variables, and with `tape` what
-    /// [`Self::backward_layered`] needs: the input of each layer from the lowest with particles up.
+    /// The first `upto` layers, each on the detached output of the one below: one layer's
+    /// activations are alive at a time, and the output is detached. Returns it, whether its rows
+    /// carry the particle axis, whether any layer's output depended on trained variables, and
+    /// with `tape` what [`Self::backward_layered`] needs: the input of each layer from the lowest
+    /// with particles up.
     fn forward_layered(
         &self,
         mut x: Tensor,
         mut expanded: bool,
         mut bias: Option<Tensor>,
         particles: usize,
-        tape: bool,
+        (upto, tape): (usize, bool),
     ) -> Result<(Tensor, bool, bool, EncoderTape)> {
         let lowest = self.lowest_adapted_layer();
         let mut inputs = Vec::new();
         let mut tracked = false;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(upto) {
             stop_point()?;
             enter(layer, &mut x, &mut bias, &mut expanded, particles)?;
             if tape && lowest.is_some_and(|lowest| i >= lowest) {
@@ -211,7 +212,13 @@ impl Encoder {
             tracked |= out.track_op();
             x = out.detach();
         }
-        Ok((x, expanded, tracked, EncoderTape { inputs, bias }))
+        let first = upto.min(self.layers.len()) - inputs.len();
+        let tape = EncoderTape {
+            inputs,
+            bias,
+            first,
+        };
+        Ok((x, expanded, tracked, tape))
     }
 
     /// Runs the taped layers again, one at a time from the top, with gradients: `grad` is the
@@ -223,8 +230,8 @@ impl Encoder {
         mut grad: Tensor,
         grads: &mut VarGrads,
     ) -> Result<()> {
-        let first = self.layers.len() - tape.inputs.len();
-        for (layer, input) in self.layers[first..].iter().zip(tape.inputs).rev() {
+        let taped = &self.layers[tape.first..tape.first + tape.inputs.len()];
+        for (layer, input) in taped.iter().zip(tape.inputs).rev() {
             stop_point()?;
             let input = Var::from_tensor(&input)?;
             let out = layer.forward(input.as_tensor(), tape.bias.as_ref())?;
@@ -278,11 +285,13 @@ fn enter(
 }
 
 /// What a layered backward pass of an encoder reads ([`Encoder::forward_layered`]).
-struct EncoderTape {
-    /// Detached inputs of the layers from the lowest with particles to the top.
+pub struct EncoderTape {
+    /// Detached inputs of the layers from the lowest with particles to the top one run.
     inputs: Vec<Tensor>,
     /// The attention bias those layers saw.
     bias: Option<Tensor>,
+    /// The index of the first taped layer.
+    first: usize,
 }
 
 /// Every stage of a tower, for parity checks and for callers that need features.
@@ -611,6 +620,35 @@ impl ClipVisionTransformer {
         self.encoder.lowest_adapted_layer()
     }
 
+    /// Hidden state `index` (the output of layer `index − 1`, as [`Self::hidden_states_at`])
+    /// with the layers below it run one at a time (gradient checkpointing): detached, with
+    /// whether its rows carry the particle axis and what [`Self::backward_layered`] needs.
+    pub fn hidden_state_layered(
+        &self,
+        pixel_values: &Tensor,
+        index: usize,
+        particles: usize,
+        input_expanded: bool,
+    ) -> Result<(Tensor, bool, EncoderTape)> {
+        let x = self.pre_layrnorm.forward(&self.embeddings(pixel_values)?)?;
+        let (out, expanded, _, tape) =
+            self.encoder
+                .forward_layered(x, input_expanded, None, particles, (index, true))?;
+        Ok((out, expanded, tape))
+    }
+
+    /// The taped layers of [`Self::hidden_state_layered`] again, one at a time from the top, with
+    /// gradients: `grad` is the loss's gradient with respect to its hidden state; the trained
+    /// variables' gradients are added to `grads`.
+    pub fn backward_layered(
+        &self,
+        tape: EncoderTape,
+        grad: Tensor,
+        grads: &mut VarGrads,
+    ) -> Result<()> {
+        self.encoder.backward_layered(tape, grad, grads)
+    }
+
     pub(crate) fn linears_mut<'a>(
         &'a mut self,
         prefix: &str,
@@ -740,8 +778,9 @@ impl ClipModel {
                 (&self.vision_model.encoder, x, None)
             }
         };
+        let layers = (encoder.layers.len(), backward.is_some());
         let (encoded, expanded, encoder_tracked, tape) =
-            encoder.forward_layered(x, input_expanded, bias, particles, backward.is_some())?;
+            encoder.forward_layered(x, input_expanded, bias, particles, layers)?;
         // The encoder's output is where its layers' gradient starts, when they have one.
         let top = if encoder_tracked {
             Var::from_tensor(&encoded)?.into_inner()

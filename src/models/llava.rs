@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::bella::{expand_particles, ParticleLinear, ParticleModel};
 use crate::error::WeightError;
-use crate::models::clip::ClipVisionTransformer;
+use crate::models::clip::{ClipVisionTransformer, EncoderTape};
 use crate::models::config::{FeatureSelect, LlavaConfig};
 use crate::models::llama::{DecoderOutput, KvCache, LlamaModel, Outputs, Prefill};
 use crate::models::nn::{activate, backward_from, grad_or_zeros, linear, VarGrads};
@@ -106,12 +106,22 @@ impl LlavaModel {
         particles: usize,
         input_expanded: bool,
     ) -> Result<(Tensor, bool)> {
-        let (hidden, mut expanded) = self.vision_tower.hidden_states_at(
+        let (hidden, expanded) = self.vision_tower.hidden_states_at(
             pixel_values,
             &self.feature_layers,
             particles,
             input_expanded,
         )?;
+        self.project(hidden, expanded, particles)
+    }
+
+    /// The projector over the vision tower's hidden states `hidden` (its selected positions).
+    fn project(
+        &self,
+        hidden: Tensor,
+        mut expanded: bool,
+        particles: usize,
+    ) -> Result<(Tensor, bool)> {
         let hidden = match self.config.vision_feature_select_strategy {
             FeatureSelect::Default => hidden.narrow(1, 1, hidden.dim(1)? - 1)?,
             FeatureSelect::Full => hidden,
@@ -128,6 +138,12 @@ impl LlavaModel {
             }
         }
         Ok((x, expanded))
+    }
+
+    /// Whether a checkpointed training pass runs the vision tower one layer at a time where it
+    /// carries particles: when LLaVA reads one of its hidden states (LLaVA-1.5 reads one).
+    pub fn vision_checkpointed(&self) -> bool {
+        self.feature_layers.len() == 1
     }
 
     /// How many vision-tower layers a pass runs: hidden state i is the output of layer i − 1,
@@ -342,7 +358,7 @@ impl LlavaModel {
         if start + len > total {
             candle_core::bail!("positions {start}..{} of {total}", start + len);
         }
-        let (_, inputs_embeds, expanded) = self.embeds(input, particles)?;
+        let (inputs_embeds, expanded, vision) = self.embeds_checkpointed(input, particles)?;
         let lm = &self.language_model;
         let (tape, top, expanded) = lm.forward_taped(
             &inputs_embeds,
@@ -361,9 +377,49 @@ impl LlavaModel {
         drop(store);
         // The vision tower's (or projector's) particles: through the merged embeddings.
         if let Some(grad) = lm.backward_taped(tape, grad, grads, inputs_embeds.track_op())? {
-            grads.add(&backward_from(&inputs_embeds, &grad)?)?;
+            let store = backward_from(&inputs_embeds, &grad)?;
+            grads.add(&store)?;
+            if let Some((top, tape)) = vision {
+                let grad = grad_or_zeros(&store, &top)?;
+                drop(store);
+                self.vision_tower.backward_layered(tape, grad, grads)?;
+            }
         }
         Ok(loss.detach())
+    }
+
+    /// [`Self::embeds`] for [`Self::window_loss_checkpointed`]: where the vision tower carries
+    /// particles below the one hidden state it reads, its layers run one at a time too, and
+    /// that state (a variable, where the tower's backward pass starts) comes back with the tape.
+    #[allow(clippy::type_complexity)]
+    fn embeds_checkpointed(
+        &self,
+        input: &LlavaInput,
+        particles: usize,
+    ) -> Result<(Tensor, bool, Option<(Tensor, EncoderTape)>)> {
+        let index = self.vision_layers_run();
+        let layered = input
+            .pixel_values
+            .filter(|_| self.vision_checkpointed() && self.vision_layered(index));
+        let Some(pixels) = layered else {
+            let (_, embeds, expanded) = self.embeds(input, particles)?;
+            return Ok((embeds, expanded, None));
+        };
+        let (hidden, expanded, tape) =
+            self.vision_tower
+                .hidden_state_layered(pixels, index, particles, input.expanded)?;
+        let top = Var::from_tensor(&hidden)?.into_inner();
+        let (features, fexp) = self.project(top.clone(), expanded, particles)?;
+        let (embeds, expanded) =
+            self.merge_image_features(input.input_ids, input.expanded, &features, fexp, particles)?;
+        Ok((embeds, expanded, Some((top, tape))))
+    }
+
+    /// Whether the vision tower carries particles below hidden state `index`.
+    fn vision_layered(&self, index: usize) -> bool {
+        self.vision_tower
+            .lowest_adapted_layer()
+            .is_some_and(|lowest| lowest < index)
     }
 
     /// Runs the prompt once and keeps the cache: the start of decoding and of answer scoring.

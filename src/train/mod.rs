@@ -1181,9 +1181,9 @@ pub fn train(
 
 /// A rough figure for the activations a LLaVA training step keeps for its backward pass
 /// ([`objective::activation_bytes`] of `rows` rows): of the longest sequence through the
-/// language-model layers from the lowest with particles up (layered under
-/// `--gradient-checkpointing`), and of their images through the vision-tower layers from the
-/// lowest with particles up to the one read (the tower keeps every layer's). It runs 1.5× over
+/// language-model layers from the lowest with particles up, and of their images through the
+/// vision-tower layers from the lowest with particles up to the one read (each layered under
+/// `--gradient-checkpointing`, the tower where one hidden state is read). It runs 1.5× over
 /// the demo's measured peaks (P = 16 to 64, batch 1 to 8); `None` for a CLIP, whose step is
 /// chunked, and without particles in either.
 fn step_activation_bytes(
@@ -1207,8 +1207,9 @@ fn step_activation_bytes(
         .lowest_adapted_layer()
         .filter(|&lowest| lowest < run_layers)
         .map(|lowest| {
-            let tokens = v.grid().pow(2) + 1;
-            objective::activation_bytes(rows, tokens, v.hidden_size, run_layers - lowest, false)
+            let (tokens, layers) = (v.grid().pow(2) + 1, run_layers - lowest);
+            let layered = run.gradient_checkpointing && m.vision_checkpointed();
+            objective::activation_bytes(rows, tokens, v.hidden_size, layers, layered)
         });
     match (language, vision) {
         (None, None) => None,
