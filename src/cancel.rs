@@ -1,9 +1,10 @@
 //! Stopping an answer nobody waits for any more: a chat front end's Stop button, a closed tab, a
 //! request past its deadline. [`BellaVqa::ask_batch_until`](crate::BellaVqa::ask_batch_until)
-//! runs a batch under its caller's stop test, and [`check`] asks that test between the language
-//! model's layers (so a 7B prompt of 32 layers stops within one layer, not after the whole
-//! prefill), and so between decoding steps and scoring passes. The test belongs to the thread
-//! that answers: other threads, training and plain [`ask`](crate::BellaVqa::ask) never see one.
+//! runs a batch under its caller's stop test, and [`check`] asks that test between the layers of
+//! the language model and of the CLIP towers (so a 7B prompt of 32 layers stops within one
+//! layer, not after the whole prefill), and so between decoding steps and scoring passes. The
+//! test belongs to the thread that answers: other threads, training and plain
+//! [`ask`](crate::BellaVqa::ask) never see one.
 //!
 //! (A Ctrl-C of a long command is [`crate::interrupt`]'s: process-wide, between units of work.)
 

@@ -169,8 +169,9 @@ fn a_batch_whose_askers_leave_stops_at_the_next_layer_and_the_model_answers_on()
     assert_eq!(answers(vqa.ask_batch_until(&batch, &stays)), plain);
     let whole = asked.get();
 
-    // The askers leave after the prompt's pass through the demo's 3 layers (at the first
-    // decoding step): the rest of the answer is not computed, and both questions say why.
+    // The askers leave while the prompt is computed (the 5th layer: past the demo's 3-layer
+    // vision tower, in its language model): the rest of the answer is not computed, and both
+    // questions say why.
     let asked = Cell::new(0usize);
     let after_stop = Cell::new(0usize);
     let leaves = || {

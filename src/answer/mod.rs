@@ -676,7 +676,7 @@ impl BellaVqa {
     }
 
     /// [`ask_batch`](Self::ask_batch) for askers who may leave: `stop` is asked between the
-    /// language model's layers (and so between decoding steps), on this thread, and once it says
+    /// model's layers (and so between decoding steps), on this thread, and once it says
     /// true the questions not yet answered fail with [`crate::cancel::Cancelled`] (those answered
     /// by then keep their answers). The server passes "every asker of the batch has gone".
     pub fn ask_batch_until(

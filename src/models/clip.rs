@@ -170,6 +170,8 @@ impl Encoder {
     ) -> Result<EncoderOutput> {
         let mut hidden_states = Vec::new();
         for layer in &self.layers[..n_layers] {
+            // An answer whose asker has gone stops here too (ViT-L/14-336: 24 layers of 577).
+            crate::cancel::check().map_err(candle_core::Error::wrap)?;
             enter(layer, &mut x, &mut bias, &mut expanded, particles)?;
             if keep_hidden {
                 hidden_states.push(x.clone());
