@@ -1317,6 +1317,102 @@ fn a_question_whose_client_leaves_stops_computing_and_the_next_is_answered() {
     assert_eq!(statuses, ["499", "200"], "{rest:?}");
 }
 
+/// A stream whose answer missed its deadline ends with an error event after the headers' 200:
+/// the access log writes it as /metrics counts it, 504.
+#[test]
+fn a_stream_past_its_deadline_is_logged_as_504() {
+    use std::io::{Read, Write};
+    let (mut child, lines, url) = serve_process_with(
+        &[(bella_vqa::cancel::CHECK_DELAY_ENV, "500")],
+        &["--timeout-secs", "1"],
+    );
+    let addr = url.trim_start_matches("http://");
+    let mut body = request(
+        &data_url(&demo_image("red-circle.png")),
+        "What color is the circle?",
+    );
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    let mut conn = connect(addr);
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut whole = Vec::new();
+    conn.read_to_end(&mut whole).unwrap();
+    let whole = String::from_utf8_lossy(&whole);
+    assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
+    assert!(whole.contains("\"timeout\""), "{whole}");
+    let (_, metrics) = get(&format!("{url}/metrics"));
+    assert!(
+        metrics.contains("bella_chat_requests_total{status=\"504\"} 1"),
+        "{metrics}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().expect("exit").success());
+    let statuses: Vec<&str> = rest
+        .iter()
+        .filter(|l| l.starts_with("POST /v1/chat/completions "))
+        .map(|l| l.split(' ').nth(2).unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["504"], "{rest:?}");
+}
+
+/// A question whose client left while it waited gives its share of the image memory back to
+/// the next question, which is answered instead of refused as busy.
+#[test]
+fn a_waiting_question_whose_client_left_frees_its_image_memory() {
+    use std::io::Write;
+    let (mut child, _lines, url) = serve_process_with(
+        &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
+        &["--max-batch", "1", "--max-image-memory-mb", "1"],
+    );
+    let addr = url.trim_start_matches("http://");
+    // 200×200 pixels: about half of the 1 MiB each while decoded.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.png");
+    image::RgbImage::from_pixel(200, 200, image::Rgb([200, 30, 30]))
+        .save(&path)
+        .unwrap();
+    let mut body = request(&data_url(&path), "What color is the circle?");
+    body["max_tokens"] = json!(2);
+    let body = body.to_string();
+    let send = || {
+        let mut conn = connect(addr);
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        conn
+    };
+    // One answered (its image held until it is done), one waiting whose client then leaves.
+    let answered = send();
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting = send();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(waiting);
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, _, text) = post(&url, &body, None);
+    assert_eq!(status, 200, "{text}");
+    let mut answered = BufReader::new(answered);
+    let mut first = String::new();
+    answered.read_line(&mut first).unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn cors_lets_the_named_origins_call_the_api_and_no_other() {
     use std::io::{Read, Write};

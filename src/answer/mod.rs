@@ -165,8 +165,9 @@ pub struct AskOptions {
 
 impl AskOptions {
     /// Whether two questions can be decoded in one batch (same length limit and sampling; the
-    /// threshold only matters after the batch).
-    fn decodes_like(&self, other: &Self) -> bool {
+    /// threshold only matters after the batch): [`BellaVqa::ask_batch`] answers such questions
+    /// together, and others one group after another.
+    pub fn decodes_like(&self, other: &Self) -> bool {
         self.max_new_tokens == other.max_new_tokens && self.sampling == other.sampling
     }
 

@@ -588,12 +588,14 @@ async fn access_log(
         status: None,
     };
     let response = next.run(request).await;
-    let status = response.status().as_u16();
-    if response.extensions().get::<Streamed>().is_none() {
-        line.status = Some(status);
+    let Some(streamed) = response.extensions().get::<Streamed>().cloned() else {
+        line.status = Some(response.status().as_u16());
         return response;
-    }
-    holding(response, line, move |line| line.status = Some(status))
+    };
+    // The status its answer had (sent as an error event after the headers' 200).
+    holding(response, line, move |line| {
+        line.status = Some(streamed.status())
+    })
 }
 
 /// `response` with `held` kept until its body has been sent, or dropped with it when its client
@@ -996,9 +998,16 @@ async fn answer_chat(
             ))
         });
     }
-    let image_memory = u32::try_from(kib)
-        .ok()
-        .and_then(|k| state.image_memory.clone().try_acquire_many_owned(k).ok())
+    let take = || {
+        let k = u32::try_from(kib).ok()?;
+        state.image_memory.clone().try_acquire_many_owned(k).ok()
+    };
+    // Questions whose askers left while they waited give their shares back first.
+    let image_memory = take()
+        .or_else(|| {
+            state.queue.drop_abandoned();
+            take()
+        })
         .ok_or_else(|| {
             ApiError::unavailable(
                 format!(
@@ -1577,9 +1586,16 @@ impl Reply {
 }
 
 /// Marks a streamed response: its status and latency are counted when the stream ends (the
-/// headers leave before the answer is known).
-#[derive(Clone, Copy)]
-struct Streamed;
+/// headers leave before the answer is known), and this holds the status of its answer: 200, or
+/// the error's, sent as an error event (504 once its deadline passed).
+#[derive(Clone)]
+struct Streamed(Arc<std::sync::atomic::AtomicU16>);
+
+impl Streamed {
+    fn status(&self) -> u16 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// Counts a request whose client left before its answer (dropped while it waited) as 499,
 /// nginx's "client closed request", so that /metrics accounts for every request.
@@ -1647,6 +1663,8 @@ fn stream(
     let first = reply.role();
     // Made out here: a client gone before the answer is first awaited is counted too.
     let count = LeftEarly(Some(metrics.clone()));
+    let streamed = Streamed(Arc::new(StatusCode::OK.as_u16().into()));
+    let outcome = streamed.0.clone();
     let rest = futures_util::stream::once(async move {
         let (status, events) = match wait.await {
             Ok(r) => {
@@ -1656,6 +1674,7 @@ fn stream(
             Err(e) => (e.status, vec![Event::default().data(e.body().to_string())]),
         };
         metrics.answered(status.as_u16(), arrived);
+        outcome.store(status.as_u16(), Ordering::SeqCst);
         count.answered();
         futures_util::stream::iter(events)
     })
@@ -1670,7 +1689,7 @@ fn stream(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response.extensions_mut().insert(Streamed);
+    response.extensions_mut().insert(streamed);
     response
 }
 

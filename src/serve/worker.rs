@@ -74,7 +74,7 @@ impl Queue {
             return Err(Refused::Closed);
         }
         if state.jobs.len() >= self.capacity {
-            state.jobs.retain(|j| !j.reply.is_closed());
+            Self::drop_abandoned_in(&mut state);
         }
         if state.jobs.len() >= self.capacity {
             return Err(Refused::Full);
@@ -83,6 +83,16 @@ impl Queue {
         drop(state);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Drops the waiting questions whose askers have left, with their images and image-memory
+    /// shares (a new question that finds the image memory full asks for this first).
+    pub fn drop_abandoned(&self) {
+        Self::drop_abandoned_in(&mut self.lock());
+    }
+
+    fn drop_abandoned_in(state: &mut Waiting) {
+        state.jobs.retain(|j| !j.reply.is_closed());
     }
 
     /// Questions waiting.
@@ -96,9 +106,12 @@ impl Queue {
         self.ready.notify_all();
     }
 
-    /// Up to `max` questions: at once when some wait; otherwise the freed memory of the last
-    /// batches is handed back to the system first (glibc keeps it otherwise, and the server's
-    /// RSS would stay at its largest batch), then it waits. `None` once closed and empty.
+    /// Up to `max` questions that decode alike ([`AskOptions::decodes_like`] the first waiting,
+    /// the others keeping their places): one pass of the model, whose answers all leave when it
+    /// ends and which stops once all its askers have gone. At once when some wait; otherwise the
+    /// freed memory of the last batches is handed back to the system first (glibc keeps it
+    /// otherwise, and the server's RSS would stay at its largest batch), then it waits. `None`
+    /// once closed and empty.
     fn next_batch(&self, max: usize) -> Option<Vec<Job>> {
         let mut state = self.lock();
         if state.jobs.is_empty() {
@@ -111,9 +124,18 @@ impl Queue {
             state = self.lock();
         }
         loop {
-            if !state.jobs.is_empty() {
-                let n = max.min(state.jobs.len());
-                return Some(state.jobs.drain(..n).collect());
+            if let Some(first) = state.jobs.front() {
+                let options = first.options.clone();
+                let (mut batch, mut others) = (Vec::new(), VecDeque::new());
+                for job in state.jobs.drain(..) {
+                    if batch.len() < max && job.options.decodes_like(&options) {
+                        batch.push(job);
+                    } else {
+                        others.push_back(job);
+                    }
+                }
+                state.jobs = others;
+                return Some(batch);
             }
             if state.closed {
                 return None;
@@ -208,13 +230,18 @@ mod tests {
 
     /// A job, and the receiver its asker waits on.
     fn job() -> (Job, oneshot::Receiver<Result<Response>>) {
+        job_with("q", AskOptions::default())
+    }
+
+    /// A job asking `question` with `options`.
+    fn job_with(question: &str, options: AskOptions) -> (Job, oneshot::Receiver<Result<Response>>) {
         let (reply, answer) = oneshot::channel();
         let memory = Arc::new(tokio::sync::Semaphore::new(1));
         let job = Job {
             image: DynamicImage::new_rgb8(1, 1),
             image_memory: memory.try_acquire_owned().expect("a permit"),
-            question: "q".into(),
-            options: AskOptions::default(),
+            question: question.into(),
+            options,
             reply,
             deadline: Instant::now() + std::time::Duration::from_secs(60),
         };
@@ -242,5 +269,42 @@ mod tests {
         assert!(matches!(queue.push(d), Err(Refused::Closed)));
         assert_eq!(queue.next_batch(8).map(|b| b.len()), Some(2));
         assert!(queue.next_batch(8).is_none());
+    }
+
+    #[test]
+    fn a_batch_holds_questions_that_decode_alike_and_the_others_keep_their_places() {
+        let queue = Queue::new(8);
+        let short = AskOptions {
+            max_new_tokens: 1,
+            ..AskOptions::default()
+        };
+        // The threshold does not split a batch; the answer length does.
+        let strict = AskOptions {
+            threshold: Some(0.9),
+            ..AskOptions::default()
+        };
+        let mut askers = Vec::new();
+        for (q, options) in [
+            ("a1", AskOptions::default()),
+            ("b1", short.clone()),
+            ("a2", strict),
+            ("a3", AskOptions::default()),
+            ("b2", short),
+        ] {
+            let (job, asker) = job_with(q, options);
+            assert!(queue.push(job).is_ok());
+            askers.push(asker);
+        }
+        let questions = |batch: Option<Vec<Job>>| -> Vec<String> {
+            batch
+                .expect("a batch")
+                .into_iter()
+                .map(|j| j.question)
+                .collect()
+        };
+        assert_eq!(questions(queue.next_batch(2)), ["a1", "a2"]);
+        assert_eq!(questions(queue.next_batch(8)), ["b1", "b2"]);
+        assert_eq!(questions(queue.next_batch(8)), ["a3"]);
+        assert_eq!(queue.waiting(), 0);
     }
 }
