@@ -171,6 +171,40 @@ fn announce_body(addr: &str, length: usize) -> std::net::TcpStream {
     stream
 }
 
+/// A chat request with `body` sent whole on a raw connection (`Connection: close`); the caller
+/// reads the answer, or leaves.
+fn send_chat(addr: &str, body: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = connect(addr);
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
+/// Stops a [`serve_process`] with SIGTERM (it must exit cleanly) and returns the statuses its
+/// access log wrote for chat requests, in order.
+fn chat_statuses_at_exit(
+    mut child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+) -> Vec<String> {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().expect("exit").success(), "{rest:?}");
+    rest.iter()
+        .filter_map(|l| l.strip_prefix("POST /v1/chat/completions "))
+        .map(|l| l.split(' ').next().unwrap_or("").to_string())
+        .collect()
+}
+
 fn get(url: &str) -> (u16, String) {
     let mut r = agent().get(url).call().expect("GET");
     let status = r.status().as_u16();
@@ -1190,23 +1224,14 @@ fn a_second_signal_stops_serve_at_once_with_its_status() {
 #[cfg(unix)]
 #[test]
 fn the_access_log_writes_a_client_that_left_as_499() {
-    use std::io::{Read, Write};
-    let (mut child, lines, url) = serve_process(&["--max-batch", "1"]);
+    use std::io::Read;
+    let (child, lines, url) = serve_process(&["--max-batch", "1"]);
     let addr = url.trim_start_matches("http://");
     let image = data_url(&demo_image("photo-cat.png"));
     let send = |stream: bool| {
         let mut body = request(&image, "What color is the circle?");
         body["stream"] = json!(stream);
-        let body = body.to_string();
-        let mut conn = connect(addr);
-        write!(
-            conn,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        conn
+        send_chat(addr, &body.to_string())
     };
     // Requests ahead in the queue (one a batch): the next ones wait for their answers.
     let ahead: Vec<_> = (0..4)
@@ -1235,55 +1260,24 @@ fn the_access_log_writes_a_client_that_left_as_499() {
     let whole = String::from_utf8_lossy(&whole);
     assert!(whole.contains("data: [DONE]"), "{whole}");
     drop(conn);
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().expect("exit").success());
-    let chat: Vec<&String> = rest
-        .iter()
-        .filter(|l| l.starts_with("POST /v1/chat/completions "))
-        .collect();
-    let mut statuses: Vec<&str> = chat
-        .iter()
-        .map(|l| l.split(' ').nth(2).unwrap_or(""))
-        .collect();
+    let mut statuses = chat_statuses_at_exit(child, lines);
     statuses.sort();
-    assert_eq!(
-        statuses,
-        ["200"; 5]
-            .iter()
-            .chain(&["499"; 2])
-            .copied()
-            .collect::<Vec<_>>(),
-        "{rest:?}"
-    );
+    assert_eq!(statuses, [["200"; 5].as_slice(), &["499"; 2]].concat());
 }
 
 #[test]
 fn a_question_whose_client_leaves_stops_computing_and_the_next_is_answered() {
-    use std::io::Write;
     // Every layer of the demo waits 200 ms: an answer takes seconds, time for its client to go.
-    let (mut child, lines, url) = serve_process_with(
+    let (child, lines, url) = serve_process_with(
         &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
         &["--max-batch", "1"],
     );
-    let addr = url.trim_start_matches("http://");
     let body = request(
         &data_url(&demo_image("red-circle.png")),
         "What color is the circle?",
     )
     .to_string();
-    let mut conn = connect(addr);
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let conn = send_chat(url.trim_start_matches("http://"), &body);
     std::thread::sleep(Duration::from_millis(600));
     drop(conn);
     // The worker stops at its next layer and says so in /metrics.
@@ -1302,45 +1296,24 @@ fn a_question_whose_client_leaves_stops_computing_and_the_next_is_answered() {
     assert_eq!(status, 200, "{text}");
     let answer: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "red");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().expect("exit").success());
-    let statuses: Vec<&str> = rest
-        .iter()
-        .filter(|l| l.starts_with("POST /v1/chat/completions "))
-        .map(|l| l.split(' ').nth(2).unwrap_or(""))
-        .collect();
-    assert_eq!(statuses, ["499", "200"], "{rest:?}");
+    assert_eq!(chat_statuses_at_exit(child, lines), ["499", "200"]);
 }
 
 /// A stream whose answer missed its deadline ends with an error event after the headers' 200:
 /// the access log writes it as /metrics counts it, 504.
 #[test]
 fn a_stream_past_its_deadline_is_logged_as_504() {
-    use std::io::{Read, Write};
-    let (mut child, lines, url) = serve_process_with(
+    use std::io::Read;
+    let (child, lines, url) = serve_process_with(
         &[(bella_vqa::cancel::CHECK_DELAY_ENV, "500")],
         &["--timeout-secs", "1"],
     );
-    let addr = url.trim_start_matches("http://");
     let mut body = request(
         &data_url(&demo_image("red-circle.png")),
         "What color is the circle?",
     );
     body["stream"] = json!(true);
-    let body = body.to_string();
-    let mut conn = connect(addr);
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut conn = send_chat(url.trim_start_matches("http://"), &body.to_string());
     let mut whole = Vec::new();
     conn.read_to_end(&mut whole).unwrap();
     let whole = String::from_utf8_lossy(&whole);
@@ -1351,27 +1324,14 @@ fn a_stream_past_its_deadline_is_logged_as_504() {
         metrics.contains("bella_chat_requests_total{status=\"504\"} 1"),
         "{metrics}"
     );
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().expect("exit").success());
-    let statuses: Vec<&str> = rest
-        .iter()
-        .filter(|l| l.starts_with("POST /v1/chat/completions "))
-        .map(|l| l.split(' ').nth(2).unwrap_or(""))
-        .collect();
-    assert_eq!(statuses, ["504"], "{rest:?}");
+    assert_eq!(chat_statuses_at_exit(child, lines), ["504"]);
 }
 
 /// A question whose client left while it waited gives its share of the image memory back to
 /// the next question, which is answered instead of refused as busy.
 #[test]
 fn a_waiting_question_whose_client_left_frees_its_image_memory() {
-    use std::io::Write;
-    let (mut child, _lines, url) = serve_process_with(
+    let (child, lines, url) = serve_process_with(
         &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
         &["--max-batch", "1", "--max-image-memory-mb", "1"],
     );
@@ -1385,32 +1345,19 @@ fn a_waiting_question_whose_client_left_frees_its_image_memory() {
     let mut body = request(&data_url(&path), "What color is the circle?");
     body["max_tokens"] = json!(2);
     let body = body.to_string();
-    let send = || {
-        let mut conn = connect(addr);
-        write!(
-            conn,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        conn
-    };
     // One answered (its image held until it is done), one waiting whose client then leaves.
-    let answered = send();
+    let answered = send_chat(addr, &body);
     std::thread::sleep(Duration::from_millis(300));
-    let waiting = send();
+    let waiting = send_chat(addr, &body);
     std::thread::sleep(Duration::from_millis(300));
     drop(waiting);
     std::thread::sleep(Duration::from_millis(100));
     let (status, _, text) = post(&url, &body, None);
     assert_eq!(status, 200, "{text}");
-    let mut answered = BufReader::new(answered);
     let mut first = String::new();
-    answered.read_line(&mut first).unwrap();
+    BufReader::new(answered).read_line(&mut first).unwrap();
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert_eq!(chat_statuses_at_exit(child, lines), ["499", "200", "200"]);
 }
 
 #[test]
