@@ -1786,7 +1786,7 @@ fn ctrl_c_between_compare_entries_does_not_start_the_next() {
     let samples =
         |dir: &Path, entry: &str| std::fs::read(dir.join(entry).join("samples.jsonl")).ok();
     let count = count_ops(&|out| compare(out));
-    let mut between = 0;
+    let (mut between, mut within_entry) = (0, 0);
     for n in 1..=count {
         let out = tempfile::tempdir().unwrap();
         let o = interrupted_at(&mut compare(out.path()), n);
@@ -1800,6 +1800,14 @@ fn ctrl_c_between_compare_entries_does_not_start_the_next() {
             );
             between += 1;
         }
+        if t.contains("interrupted with") {
+            // Stopped while an entry answered (the second too, after the first's metrics).
+            assert!(
+                t.contains("stopping at the model's next layer"),
+                "op {n}: {t}"
+            );
+            within_entry += 1;
+        }
         run_ok(&mut compare(out.path()));
         for entry in ["base", "ens"] {
             assert!(
@@ -1809,4 +1817,5 @@ fn ctrl_c_between_compare_entries_does_not_start_the_next() {
         }
     }
     assert!(between > 0, "no Ctrl-C fell between the entries");
+    assert!(within_entry > 0, "no Ctrl-C fell while an entry answered");
 }

@@ -467,6 +467,29 @@ fn vision_layers_above_the_feature_layer_are_inert_and_left_out() {
     let y = logits(&forced, &prompt, 2);
     let rows = x.dim(0).unwrap();
     assert_eq!(max_abs_diff(&x, &y.i(0..rows).unwrap()), 0.0);
+    // A set of only such particles (an imported adapter's) is refused where it is loaded; beside
+    // particles that run, they load.
+    let files = dir_files(&fixture("llava-tiny-hub")).unwrap();
+    let set = |m: &LlavaModel| {
+        bella_vqa::bella::particles::ParticleSet::from_model(m, tiny_llava_particle_config(&files))
+    };
+    let err = set(&forced)
+        .attach_to(&mut base.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only layers the model never runs") && err.contains("layers.2."),
+        "{err}"
+    );
+    let mut mixed = forced.clone();
+    attach(
+        &mut mixed,
+        &spec(&["language_model.*.q_proj"], 2),
+        InitB::Zero,
+        1,
+    )
+    .unwrap();
+    set(&mixed).attach_to(&mut base.clone()).unwrap();
     // attach leaves them out, and says so when nothing else is targeted.
     let mut m = base.clone();
     let adapted = attach(&mut m, &spec(&["vision_tower.*"], 2), InitB::Zero, 1).unwrap();
@@ -480,4 +503,27 @@ fn vision_layers_above_the_feature_layer_are_inert_and_left_out() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("never runs"), "{err}");
+    // Beside a target that runs, the idle one is named with the reason, and the layers listed
+    // as usable are those that run.
+    let mut m = base.clone();
+    let err = attach(
+        &mut m,
+        &spec(
+            &[
+                "vision_tower.*.layers.2.*.q_proj",
+                "multi_modal_projector.linear_1",
+            ],
+            2,
+        ),
+        InitB::Zero,
+        1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("above vision_feature_layer")
+            && err.contains("vision_tower.vision_model.encoder.layers.0-1")
+            && !err.contains("encoder.layers.0-2"),
+        "{err}"
+    );
 }

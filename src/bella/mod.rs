@@ -321,7 +321,12 @@ pub fn attach<M: ParticleModel + ?Sized>(
         );
     }
     let example = || {
-        let paths: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
+        let paths: Vec<String> = model
+            .linears()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !inert.contains(n))
+            .collect();
         let stacks = layer_stacks(&paths);
         match (stacks.is_empty(), paths.first()) {
             (false, _) => format!("; this model's layers are {}", stacks.join(", ")),
@@ -380,9 +385,14 @@ pub fn attach<M: ParticleModel + ?Sized>(
         .iter()
         .find(|t| !adapted.iter().any(|path| target_matches(t, path)))
     {
+        let inert_only = if inert.iter().any(|path| target_matches(idle, path)) {
+            " (the layers it names are vision layers above vision_feature_layer, never run)"
+        } else {
+            ""
+        };
         bail!(
-            "the target {idle:?} matches no layer that runs{} ({TARGET_PATTERNS}); fix it or \
-             leave it out",
+            "the target {idle:?} matches no layer that runs{inert_only}{} ({TARGET_PATTERNS}); \
+             fix it or leave it out",
             example()
         );
     }

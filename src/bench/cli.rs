@@ -458,10 +458,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
     let (Some(data), Some(out)) = (&args.data, &args.out) else {
         bail!("bench needs --data and --out");
     };
-    crate::interrupt::watch(
-        "at the model's next layer; every finished answer is kept (the question in progress is \
-         answered again by the same command)",
-    )?;
+    crate::interrupt::watch(super::STOPS_WHILE_ANSWERING)?;
     let opts = BenchOptions {
         data: DataInput {
             path: data.clone(),

@@ -57,6 +57,10 @@ pub use merge::merge;
 pub use results::{ResultsFile, RunRecord, SkippedQuestion};
 pub use samples::{read_samples, Sample, SampleFile, SAMPLES_FILE};
 
+/// Where a Ctrl-C stops a run while it answers ([`crate::interrupt`]'s message).
+pub const STOPS_WHILE_ANSWERING: &str = "at the model's next layer; every finished answer is kept \
+     (the question in progress is answered again by the same command)";
+
 /// The files a run keeps in its output directory as it goes (the module's page).
 pub const RECORD_FILES: [&str; 5] = [
     config::CONFIG_FILE,
@@ -681,6 +685,8 @@ fn progress_bar(len: usize, show: bool) -> Progress {
 /// Answers every question of the run that `out` does not hold yet, then writes the results and
 /// the report. `model` names the model and particles that `vqa` was loaded from.
 pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<BenchOutcome> {
+    // Each entry of a --compare starts after the one before computed its metrics.
+    crate::interrupt::stops(STOPS_WHILE_ANSWERING);
     let started_at = config::utc_timestamp();
     let started = Instant::now();
     let sets = read_sets(opts)?;
