@@ -49,7 +49,8 @@ pub(crate) fn until<R>(stop: &dyn Fn() -> bool, work: impl FnOnce() -> R) -> R {
 /// to leave while it computes.
 pub const CHECK_DELAY_ENV: &str = "BELLA_FAULT_CHECK_DELAY_MS";
 
-/// `Err(Cancelled)` when this thread answers under a stop test ([`until`]) that says stop.
+/// `Err(Cancelled)` when this thread answers under a stop test
+/// ([`BellaVqa::ask_batch_until`](crate::BellaVqa::ask_batch_until)) that says stop.
 pub fn check() -> Result<(), Cancelled> {
     let Some(test) = STOP.with(Cell::get) else {
         return Ok(());

@@ -286,7 +286,8 @@ fn enter(
     Ok(())
 }
 
-/// What a layered backward pass of an encoder reads ([`Encoder::forward_layered`]).
+/// What a layered backward pass of an encoder reads: the input of each layer it runs again
+/// ([`ClipVisionTransformer::hidden_state_layered`] makes one).
 pub struct EncoderTape {
     /// Detached inputs of the layers from the lowest with particles to the top one run.
     inputs: Vec<Tensor>,
