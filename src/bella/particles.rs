@@ -485,30 +485,18 @@ impl ParticleSet {
         if let Some(missing) = by_name.keys().next() {
             bail!("the particles adapt {missing}, which this model does not have (another architecture?)");
         }
-        // Layers a pass never runs (an imported adapter's; `train` leaves them out).
+        // Only layers a pass never runs (an imported adapter's vision layers above
+        // vision_feature_layer; `train` leaves them out): the set could change no answer. Some
+        // among others (older sets, the shipped demo's) change nothing and are harmless.
         let inert = model.inert_linears();
-        let idle: Vec<&String> = self
-            .adapters
-            .iter()
-            .map(|(name, _)| name)
-            .filter(|name| inert.contains(name))
-            .collect();
-        if let Some(first) = idle.first() {
-            let what = format!(
-                "{first}{}: vision layers above vision_feature_layer, which the model never runs",
-                if idle.len() > 1 { ", …" } else { "" }
-            );
-            if idle.len() == self.adapters.len() {
+        if let Some(first) = self.adapters.first().map(|(name, _)| name) {
+            if self.adapters.iter().all(|(name, _)| inert.contains(name)) {
                 bail!(
-                    "these particles adapt only layers the model never runs ({what}), so they \
-                     could not change an answer: train or export them on layers that run"
+                    "these particles adapt only layers the model never runs ({first}, …: vision \
+                     layers above vision_feature_layer), so they could not change an answer: \
+                     train or export them on layers that run"
                 );
             }
-            crate::note!(
-                "note: {} of the particles' {} layers change nothing ({what})",
-                idle.len(),
-                self.adapters.len()
-            );
         }
         Ok(())
     }
