@@ -1744,6 +1744,11 @@ fn a_signal_while_bench_computes_its_intervals_stops_it_and_the_same_command_con
     // The results of the same answers stay as they were, not half written.
     let results_now = std::fs::read(out.path().join("results.json")).unwrap();
     assert!(results_now == results_before, "results.json changed");
+    // The invocation's line says it was stopped.
+    let runs = std::fs::read_to_string(out.path().join("runs.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(runs.lines().last().unwrap()).unwrap();
+    assert_eq!(last["interrupted"], true, "{runs}");
+    assert_eq!(last["finished"], true, "{runs}");
     // The same command (here with the usual resamples) computes them.
     run_ok(&mut bench_limit(world.path(), out.path(), 10));
     let results: serde_json::Value =

@@ -705,7 +705,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     crate::io::create_dir_all(&opts.out)?;
     check_or_write_config(&opts.out, &mut config, &sets, opts.progress)?;
     // From here on this invocation is in runs.jsonl, killed or not.
-    let runs = results::RunLog::start(
+    let mut runs = results::RunLog::start(
         &opts.out.join(results::RUNS_FILE),
         RunRecord::started(started_at.clone(), opts.shard),
     )?;
@@ -916,7 +916,17 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             opts.bootstrap.resamples
         );
     }
-    let (results, written) = finalize(&opts.out, &opts.bootstrap)?;
+    let finalized = finalize(&opts.out, &opts.bootstrap);
+    if let Err(e) = &finalized {
+        if e.is::<crate::interrupt::Interrupted>() {
+            // Stopped in its metrics (the bootstrap): the line says so.
+            runs.finish(&RunRecord {
+                interrupted: true,
+                ..record
+            })?;
+        }
+    }
+    let (results, written) = finalized?;
     Ok(BenchOutcome {
         results,
         answered_now,

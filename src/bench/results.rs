@@ -61,8 +61,8 @@ pub struct RunRecord {
     /// Whether the invocation ended with an error (its answers are kept).
     #[serde(default)]
     pub failed: bool,
-    /// Whether it was stopped by Ctrl-C between questions ([`crate::interrupt`]; its answers
-    /// are kept).
+    /// Whether it was stopped by a Ctrl-C or SIGTERM ([`crate::interrupt`]) before its end: in
+    /// its answers, or in its metrics (its answers are kept either way).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
 }
@@ -125,7 +125,7 @@ impl RunLog {
     }
 
     /// Replaces the start line with the invocation's final record.
-    pub fn finish(mut self, record: &RunRecord) -> Result<()> {
+    pub fn finish(&mut self, record: &RunRecord) -> Result<()> {
         self.started = None;
         self.write(record)
     }
