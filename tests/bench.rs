@@ -1403,6 +1403,19 @@ fn bella() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
 }
 
+/// `bench merge --bootstrap 50` of `shards` into `out`, which must succeed; its stderr.
+fn merge_ok(shards: &[PathBuf], out: &Path) -> String {
+    let (ok, _, err) = output(
+        bella()
+            .args(["bench", "merge", "--bootstrap", "50"])
+            .args(shards)
+            .arg("--out")
+            .arg(out),
+    );
+    assert!(ok, "{err}");
+    err
+}
+
 fn output(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd.output().expect("runs");
     (
@@ -1444,14 +1457,7 @@ fn compare_shards_merge_into_the_unsharded_comparison() {
         })
         .collect();
     let merged = tmp.path().join("merged");
-    let (ok, _, err) = output(
-        bella()
-            .args(["bench", "merge", "--bootstrap", "50"])
-            .args(&shards)
-            .arg("--out")
-            .arg(&merged),
-    );
-    assert!(ok, "{err}");
+    let err = merge_ok(&shards, &merged);
     assert!(
         err.contains("base: merged 2 shard(s)") && err.contains("ens: merged 2 shard(s)"),
         "{err}"
@@ -1552,14 +1558,7 @@ fn command_line_bench_shards_merge_and_calibrate() {
         shard_dirs.push(dir);
     }
     let merged = tmp.path().join("merged");
-    let (ok, _, err) = output(
-        bella()
-            .args(["bench", "merge", "--bootstrap", "50"])
-            .args(&shard_dirs)
-            .arg("--out")
-            .arg(&merged),
-    );
-    assert!(ok, "{err}");
+    let err = merge_ok(&shard_dirs, &merged);
     assert!(err.contains("merged 2 shard(s)"), "{err}");
     assert_eq!(samples_of(&merged), samples_of(&whole));
     let (merged_results, whole_results) = (results_of(&merged), results_of(&whole));

@@ -42,6 +42,10 @@ pub struct LlavaModel {
     config: LlavaConfig,
 }
 
+/// The vision tower's hidden state (a variable: its backward pass starts there) and the tape of
+/// the layers below it, from a checkpointed pass ([`LlavaModel::window_loss_checkpointed`]).
+type LayeredVision = (Tensor, EncoderTape);
+
 /// Inputs of one LLaVA pass.
 pub struct LlavaInput<'a> {
     /// `[batch, len]` u32, with the image tokens already expanded.
@@ -391,12 +395,11 @@ impl LlavaModel {
     /// [`Self::embeds`] for [`Self::window_loss_checkpointed`]: where the vision tower carries
     /// particles below the one hidden state it reads, its layers run one at a time too, and
     /// that state (a variable, where the tower's backward pass starts) comes back with the tape.
-    #[allow(clippy::type_complexity)]
     fn embeds_checkpointed(
         &self,
         input: &LlavaInput,
         particles: usize,
-    ) -> Result<(Tensor, bool, Option<(Tensor, EncoderTape)>)> {
+    ) -> Result<(Tensor, bool, Option<LayeredVision>)> {
         let index = self.vision_layers_run();
         let layered = input
             .pixel_values

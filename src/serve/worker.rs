@@ -74,7 +74,7 @@ impl Queue {
             return Err(Refused::Closed);
         }
         if state.jobs.len() >= self.capacity {
-            Self::drop_abandoned_in(&mut state);
+            state.drop_abandoned();
         }
         if state.jobs.len() >= self.capacity {
             return Err(Refused::Full);
@@ -88,11 +88,7 @@ impl Queue {
     /// Drops the waiting questions whose askers have left, with their images and image-memory
     /// shares (a new question that finds the image memory full asks for this first).
     pub fn drop_abandoned(&self) {
-        Self::drop_abandoned_in(&mut self.lock());
-    }
-
-    fn drop_abandoned_in(state: &mut Waiting) {
-        state.jobs.retain(|j| !j.reply.is_closed());
+        self.lock().drop_abandoned();
     }
 
     /// Questions waiting.
@@ -142,6 +138,12 @@ impl Queue {
             }
             state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+impl Waiting {
+    fn drop_abandoned(&mut self) {
+        self.jobs.retain(|j| !j.reply.is_closed());
     }
 }
 
