@@ -384,6 +384,39 @@ mod tests {
         Ok(())
     }
 
+    /// candle's q4k products (with AMX from 32 rows) configure the tiles once per thread and
+    /// expect to find them so: the AMX kernels must give a thread back the tiles it had (a
+    /// `tilerelease` there made the next q4k product an illegal instruction: the process died).
+    #[test]
+    fn amx_leaves_a_thread_its_tiles_as_candle_configured_them() -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        use candle_core::Module as _;
+        if !amx::ready() {
+            return Ok(());
+        }
+        // One thread: candle's product and the kernels run on the same one.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        one.install(|| {
+            let dev = Device::Cpu;
+            let w = Tensor::randn(0f32, 1.0, (256, 256), &dev)?;
+            let q4k = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?;
+            let x = Tensor::randn(0f32, 1.0, (512, 256), &dev)?;
+            let first = q4k.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let (xs, ws) = (
+                x.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?,
+                w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?,
+            );
+            amx::product(&xs, 64, &ws, 256, 256);
+            amx::few_rows(&xs, 8, &ws, 256, 256);
+            let again = q4k.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(first, again);
+            Ok(())
+        })
+    }
+
     #[test]
     fn declines_what_it_does_not_handle() -> Result<()> {
         let dev = Device::Cpu;

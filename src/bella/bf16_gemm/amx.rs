@@ -70,7 +70,7 @@ pub fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
         |(panel, acc), (t, chunk)| {
             let first = t * NP;
             // SAFETY: `ready()` was checked by the caller.
-            unsafe { kernel::configure() };
+            let tiles = unsafe { kernel::Tiles::configure() };
             for kt in (0..tiles_k).step_by(KC / 32) {
                 let nk = (KC / 32).min(tiles_k - kt);
                 pack_w(w, k, first, kt, nk, panel);
@@ -88,7 +88,7 @@ pub fn product(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<bf
                     }
                 }
             }
-            kernel::release();
+            drop(tiles);
             for (r, row) in chunk.chunks_mut(NP).enumerate() {
                 for (y, s) in row.iter_mut().zip(&acc[r * NP..(r + 1) * NP]) {
                     *y = bf16::from_f32(*s);
@@ -135,7 +135,7 @@ pub fn few_rows(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<b
             let first = task * FEW_NP;
             let mut c = [0f32; 2 * 16 * 16];
             // SAFETY: `ready()` was checked by the caller.
-            unsafe { kernel::configure() };
+            let tiles = unsafe { kernel::Tiles::configure() };
             for (g, pair) in chunk.chunks_mut(32 * n).enumerate() {
                 let f = first + 32 * g;
                 let rows = &w[f * k..(f + 32) * k];
@@ -146,7 +146,7 @@ pub fn few_rows(x: &[bf16], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<b
                     out.copy_from_slice(&c[i * 16..i * 16 + n]);
                 }
             }
-            kernel::release();
+            drop(tiles);
         });
     let mut y = vec![bf16::ZERO; n * out];
     for (f, values) in yt.chunks(n).enumerate() {
@@ -226,19 +226,48 @@ mod kernel {
         TileConfig(c)
     };
 
-    /// Loads the tile shapes on this thread.
-    ///
-    /// # Safety
-    /// AMX-BF16 present and granted ([`super::ready`]).
-    pub unsafe fn configure() {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    /// The kernel's tile shapes on this thread while it lives; then the thread's own again.
+    /// candle's quantized products configure the tiles once per thread and expect to find
+    /// their shapes there later: released, the next one is an illegal instruction; left with
+    /// other shapes, it would compute with them.
+    pub struct Tiles {
+        /// What the thread had configured (all zeros, palette 0, where nothing was).
+        had: TileConfig,
+    }
+
+    impl Tiles {
+        /// Keeps the thread's tile configuration and loads the kernel's.
+        ///
+        /// # Safety
+        /// AMX-BF16 present and granted ([`super::ready`]).
+        pub unsafe fn configure() -> Self {
+            let mut had = TileConfig([0; 64]);
+            asm!("sttilecfg [{}]", in(reg) &mut had, options(nostack));
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+            Self { had }
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: `configure` ran, so AMX is present and granted. Palette 0 is no
+            // configuration: the tile state is released as it was; any other is the one the
+            // thread had, stored by `sttilecfg`, so valid for `ldtilecfg`.
+            unsafe {
+                if self.had.0[0] == 0 {
+                    asm!("tilerelease", options(nostack, nomem));
+                } else {
+                    asm!("ldtilecfg [{}]", in(reg) &self.had, options(nostack, readonly));
+                }
+            }
+        }
     }
 
     /// `c[32 rows × 32 features, row stride ld]` (+)= the `nk` tiles of two 16-row blocks of
     /// `x` times one 32-feature group of `W`: tiles 0–3 sum, 4–5 hold `x`, 6–7 hold `W`.
     ///
     /// # Safety
-    /// [`configure`] ran on this thread since the last [`release`]; `a0`, `a1`, `w` hold `nk` tiles of
+    /// a [`Tiles`] lives on this thread; `a0`, `a1`, `w` hold `nk` tiles of
     /// 1 KiB (`w`: two per `k` tile); `c` holds 31·ld + 32 values.
     pub unsafe fn block(
         a0: &[bf16],
@@ -308,7 +337,7 @@ mod kernel {
     /// the `tiles_k` packed tiles of `xᵀ`: tiles 0–1 sum, 2–3 hold `W`, 4 holds `xᵀ`.
     ///
     /// # Safety
-    /// [`configure`] ran on this thread since the last [`release`]; `w` holds 32 rows of `k`
+    /// a [`Tiles`] lives on this thread; `w` holds 32 rows of `k`
     /// values, `k == 32·tiles_k`; `x` holds `tiles_k` tiles of 1 KiB.
     pub unsafe fn weight_rows(w: &[bf16], k: usize, x: &[u32], tiles_k: usize, c: &mut [f32; 512]) {
         debug_assert!(w.len() == 32 * k && k == 32 * tiles_k && x.len() == tiles_k * 256);
@@ -339,14 +368,6 @@ mod kernel {
             options(nostack)
         );
     }
-
-    /// Gives the thread's tile state back (a no-op where none is held).
-    pub fn release() {
-        if super::ready() {
-            // SAFETY: AMX is present and granted; `tilerelease` only resets the tile state.
-            unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        }
-    }
 }
 
 /// Off x86-64 [`ready`] is false, so nothing calls these.
@@ -354,8 +375,12 @@ mod kernel {
 mod kernel {
     use half::bf16;
 
-    pub unsafe fn configure() {
-        unreachable!("AMX is x86-64 only");
+    pub struct Tiles;
+
+    impl Tiles {
+        pub unsafe fn configure() -> Self {
+            unreachable!("AMX is x86-64 only");
+        }
     }
 
     pub unsafe fn block(
@@ -373,6 +398,4 @@ mod kernel {
     pub unsafe fn weight_rows(_: &[bf16], _: usize, _: &[u32], _: usize, _: &mut [f32; 512]) {
         unreachable!("AMX is x86-64 only");
     }
-
-    pub fn release() {}
 }
