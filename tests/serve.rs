@@ -1299,6 +1299,43 @@ fn a_question_whose_client_leaves_stops_computing_and_the_next_is_answered() {
     assert_eq!(chat_statuses_at_exit(child, lines), ["499", "200"]);
 }
 
+/// A client that sent bytes after its request (a stray CRLF, a pipelined request) and then
+/// closed the connection: hyper does not read them while the request is answered, so only the
+/// watched socket says the client left; the question stops as any other and is logged 499.
+#[test]
+fn a_client_that_sent_more_after_its_request_and_left_stops_its_answer_too() {
+    use std::io::Write;
+    let (child, lines, url) = serve_process_with(
+        &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
+        &["--max-batch", "1"],
+    );
+    let addr = url.trim_start_matches("http://");
+    let body = request(
+        &data_url(&demo_image("red-circle.png")),
+        "What color is the circle?",
+    )
+    .to_string();
+    let pipelined = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    for (n, more) in ["\r\n", pipelined.as_str()].into_iter().enumerate() {
+        let mut conn = send_chat(addr, &body);
+        conn.write_all(more.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let stopped = format!("bella_cancelled_total {}", n + 1);
+        let metrics = loop {
+            let (_, metrics) = get(&format!("{url}/metrics"));
+            if metrics.contains(&stopped) || std::time::Instant::now() > deadline {
+                break metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(metrics.contains(&stopped), "after {more:?}: {metrics}");
+        assert!(metrics.contains("bella_answers_total 0"), "{metrics}");
+    }
+    assert_eq!(chat_statuses_at_exit(child, lines), ["499", "499"]);
+}
+
 /// A stream whose answer missed its deadline ends with an error event after the headers' 200:
 /// the access log writes it as /metrics counts it, 504.
 #[test]

@@ -57,6 +57,11 @@ impl<T> IdleLimited<T> {
         }
     }
 
+    /// The connection inside.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     fn progressed(&mut self) {
         let next = Instant::now() + self.idle;
         self.timer.as_mut().reset(next);

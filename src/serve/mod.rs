@@ -416,9 +416,14 @@ async fn serve_connections(
         };
         // The connection's requests in the server: from their headers to their response's end.
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Each request carries its connection, for the worker to watch.
+        let peer = worker::Peer::of(io.get_ref());
         let service = {
             let (inner, busy) = (TowerToHyperService::new(app.clone()), busy.clone());
-            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                if let Some(peer) = peer {
+                    request.extensions_mut().insert(peer);
+                }
                 let held = Busy::new(&busy);
                 let answered = hyper::service::Service::call(&inner, request);
                 async move {
@@ -863,13 +868,15 @@ async fn model(
 async fn chat(
     State(state): State<Arc<AppState>>,
     body_read: Option<Extension<BodyRead>>,
+    peer: Option<Extension<worker::Peer>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HttpResponse {
     if let Some(Extension(flag)) = body_read {
         flag.0.store(true, Ordering::SeqCst);
     }
-    match answer_chat(&state, &headers, body, Instant::now()).await {
+    let peer = peer.map(|Extension(p)| p);
+    match answer_chat(&state, &headers, body, peer, Instant::now()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -879,6 +886,7 @@ async fn answer_chat(
     state: &Arc<AppState>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    peer: Option<worker::Peer>,
     arrived: Instant,
 ) -> Result<HttpResponse, ApiError> {
     // Authorized by within_deadline, before the body was read.
@@ -1047,6 +1055,7 @@ async fn answer_chat(
         options,
         reply,
         deadline: arrived + state.opts.timeout,
+        peer,
     };
     state.queue.push(job).map_err(|why| match why {
         worker::Refused::Full => ApiError::unavailable(
@@ -1094,6 +1103,8 @@ async fn wait_for(
         // The worker drops questions whose deadline passed before it reached them.
         Ok(Err(_)) if arrived.elapsed() >= timeout => Err(ApiError::timeout(timeout.as_secs_f64())),
         Ok(Err(_)) => Err(ApiError::internal("the worker dropped the question")),
+        // Stopped because the client closed the connection while hyper was not reading it.
+        Ok(Ok(Err(e))) if e.is::<crate::cancel::Cancelled>() => Err(ApiError::client_gone()),
         Ok(Ok(Err(e))) => {
             let text = format!("{e:#}");
             crate::note!("error answering a request: {text}");

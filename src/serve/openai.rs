@@ -98,6 +98,16 @@ impl ApiError {
         )
     }
 
+    /// The worker stopped answering because the client had closed its connection (one the
+    /// server was not reading: see `worker::Peer`).
+    pub fn client_gone() -> Self {
+        Self::new(
+            StatusCode::from_u16(super::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "the client closed the connection before its answer",
+        )
+    }
+
     pub fn too_large(limit_bytes: usize) -> Self {
         Self {
             code: Some("request_too_large"),

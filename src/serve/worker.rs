@@ -26,6 +26,61 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Response>>,
     /// After this the asker has given up (it answers 504 itself); the worker skips the job.
     pub deadline: Instant,
+    /// The asker's connection, where the server could watch it.
+    pub peer: Option<Peer>,
+}
+
+impl Job {
+    /// Its asker no longer waits: the request was dropped (the connection closed, a 504 at the
+    /// deadline), or the connection was closed by its client while hyper was not reading it
+    /// (bytes sent after the request: a pipelined request, a stray CRLF).
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed() || self.peer.is_some_and(Peer::hung_up)
+    }
+}
+
+/// A client's connection, watched for its end. hyper reads a connection only while it has no
+/// request to answer, and sees a client that leaves only when it reads; a client that sent more
+/// bytes after its request has them waiting unread, so it would be seen gone only when the
+/// answer is written. `poll` with `POLLRDHUP` says at once that the client has closed (or shut
+/// down its sending side, which hyper treats as leaving too), whatever is still unread.
+///
+/// Holds the socket's descriptor number, not a duplicate (which would double the server's open
+/// files): should the connection close and the number be reused before a check, the check reads
+/// another socket, but then the request has been dropped with its connection and
+/// [`Job::abandoned`] already says so.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(#[cfg(target_os = "linux")] std::os::fd::RawFd);
+
+impl Peer {
+    /// Watches `socket`; `None` where the system cannot tell (other than Linux).
+    pub fn of(socket: &tokio::net::TcpStream) -> Option<Self> {
+        #[cfg(target_os = "linux")]
+        return Some(Self(std::os::fd::AsRawFd::as_raw_fd(socket)));
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = socket;
+            None
+        }
+    }
+
+    /// The client has closed the connection, or it failed.
+    fn hung_up(self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            let mut watched = libc::pollfd {
+                fd: self.0,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one valid `pollfd`, a zero timeout; `poll` only writes its `revents`.
+            let ready = unsafe { libc::poll(&mut watched, 1, 0) };
+            let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+            ready > 0 && watched.revents & gone != 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
 }
 
 /// Why [`Queue::push`] refused a question.
@@ -143,7 +198,7 @@ impl Queue {
 
 impl Waiting {
     fn drop_abandoned(&mut self) {
-        self.jobs.retain(|j| !j.reply.is_closed());
+        self.jobs.retain(|j| !j.abandoned());
     }
 }
 
@@ -175,7 +230,7 @@ pub fn run(
     metrics.ready.set(1.0);
     while let Some(mut batch) = queue.next_batch(max_batch) {
         let now = Instant::now();
-        batch.retain(|j| !j.reply.is_closed() && j.deadline > now);
+        batch.retain(|j| !j.abandoned() && j.deadline > now);
         if batch.is_empty() {
             continue;
         }
@@ -190,7 +245,7 @@ pub fn run(
             .collect();
         // Stops between layers once nobody waits for any of the batch's answers (their clients
         // left, or were answered 504 at their deadline): the next batch need not wait for it.
-        let everyone_gone = || batch.iter().all(|j| j.reply.is_closed());
+        let everyone_gone = || batch.iter().all(Job::abandoned);
         let results = catch_unwind(AssertUnwindSafe(|| {
             vqa.ask_batch_until(&questions, &everyone_gone)
         }))
@@ -246,6 +301,7 @@ mod tests {
             options,
             reply,
             deadline: Instant::now() + std::time::Duration::from_secs(60),
+            peer: None,
         };
         (job, answer)
     }
