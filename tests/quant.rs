@@ -256,19 +256,24 @@ fn ask_with_particles_on_a_quantized_demo_base() {
     assert!(ok && stderr.contains("read from the cache"), "{stderr}");
     assert_eq!(again, stdout);
 
-    let (ok, text, stderr) = run(bella(cache.path()).args([
-        "inspect",
-        "--quiet",
-        "--model",
-        "demo/llava",
-        "--quantize",
-        "q4k",
-    ]));
+    let (ok, text, stderr) =
+        run(bella(cache.path()).args(["inspect", "--model", "demo/llava", "--quantize", "q4k"]));
     assert!(ok, "{stderr}");
     assert!(
         text.contains("quantized     0 linear layer(s) of the text model quantized to q4k")
             && text.contains("21 kept dense (inner dimension not a multiple of 256"),
         "{text}"
+    );
+    // An option that quantizes nothing says so, and `auto` does not turn to half precision
+    // for it (the f32 demo fits).
+    assert!(
+        stderr.contains("warning: --quantize q4k quantizes nothing in demo/llava")
+            && stderr.contains("try --quantize q8_0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("computing in f32 on cpu (auto: f32"),
+        "{stderr}"
     );
     let (ok, _, stderr) = run(bella(cache.path()).args(["inspect", "--quantize", "q5"]));
     assert!(!ok);

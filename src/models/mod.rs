@@ -242,6 +242,25 @@ fn load_weights(
         ModelConfig::Llava(c) => Model::Llava(Box::new(LlavaModel::load(&root, c)?)),
     };
     let quantization = weights.take_quantizer().map(Quantizer::finish);
+    if let Some(q) = quantization.as_ref().filter(|q| q.quantized_layers == 0) {
+        crate::note!(
+            "warning: --quantize {} quantizes nothing in {}: no layer it takes has an inner \
+             dimension that is a multiple of {}{}; the model stays dense{}",
+            q.kind,
+            files.dir.display(),
+            q.block_size,
+            if q.vision {
+                ""
+            } else {
+                " (--quantize-vision also takes the vision tower)"
+            },
+            if q.block_size > 32 {
+                ": try --quantize q8_0 (blocks of 32)"
+            } else {
+                ""
+            }
+        );
+    }
     let unused_tensors = weights.unused();
     if !unused_tensors.is_empty() {
         crate::note!(
@@ -399,12 +418,17 @@ pub fn load_with(
 ) -> Result<(LoadedModel, String)> {
     // The headers decide the dtype; the tensors are read only after that.
     let weights = Weights::open(&files.weights, &Device::Cpu, DType::F32)?;
+    // `auto` goes to half precision beside quantized layers, not for an option that takes none.
+    let quantizing = quantize.is_some_and(|q| {
+        let shapes = weights.shapes();
+        shapes.iter().any(|(n, s)| q.quantizes(n, s))
+    });
     let compute = compute::resolve(
         opts,
         estimated_bytes(&weights, quantize, DType::F32),
         weights.dominant_dtype(),
         compute::mem_available_bytes(),
-        quantize.is_some(),
+        quantizing,
     )?;
     let weights = weights.to(&compute.device, compute.dtype);
     let loaded = load_weights(files, weights, quantize)?;

@@ -113,23 +113,27 @@ impl Quantize {
             .into_iter()
             .map(|(name, shape)| {
                 let values: usize = shape.iter().product();
-                let path = name.strip_suffix(".weight");
-                let vision = name.contains("vision_tower.") || name.starts_with("vision_model.");
-                let quantized = match (path, shape) {
-                    (Some(path), [_, inp]) => {
-                        path.split('.').any(|part| part == "layers")
-                            && (self.vision || !vision)
-                            && inp % ggml.block_size() == 0
-                    }
-                    _ => false,
-                };
-                if quantized {
+                if self.quantizes(name, shape) {
                     (values / ggml.block_size() * ggml.type_size()) as u64
                 } else {
                     (values * dense_bytes) as u64
                 }
             })
             .sum()
+    }
+
+    /// Whether the stored tensor `name` of `shape` (any layout) will be held quantized: the
+    /// weight of a layer this option selects whose inner dimension is a multiple of the block.
+    pub fn quantizes(&self, name: &str, shape: &[usize]) -> bool {
+        let vision = name.contains("vision_tower.") || name.starts_with("vision_model.");
+        match (name.strip_suffix(".weight"), shape) {
+            (Some(path), [_, inp]) => {
+                path.split('.').any(|part| part == "layers")
+                    && (self.vision || !vision)
+                    && inp % self.kind.block_size() == 0
+            }
+            _ => false,
+        }
     }
 
     fn cache_root(&self) -> anyhow::Result<PathBuf> {
