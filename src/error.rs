@@ -83,7 +83,7 @@ pub enum QuestionError {
 /// Particle sets that do not belong to the model at hand.
 #[derive(Debug, thiserror::Error)]
 pub enum ParticleError {
-    #[error("these particles were trained on {particles}, but the weights in {base} differ (file names, sizes or sha256): load them onto the base model they were trained on (--model {particles}), or retrain")]
+    #[error("these particles were trained on {particles}, but the weights in {base} differ (file names, sizes or sha256; a copy saved in another dtype differs too): load them onto the base model they were trained on (--model {particles}), or retrain")]
     BaseMismatch { particles: String, base: PathBuf },
 }
 

@@ -143,7 +143,8 @@ fn demo_answer(options: &[&str]) -> serde_json::Value {
 #[test]
 fn the_demo_answers_alike_in_every_dtype() {
     let f32 = demo_answer(&["--dtype", "f32"]);
-    for dtype in ["bf16", "f16"] {
+    // Names are taken in any case, as --device's are.
+    for dtype in ["bf16", "F16"] {
         let half = demo_answer(&["--dtype", dtype]);
         assert_eq!(half["answer"], f32["answer"], "{dtype}");
         let (a, b) = (
@@ -168,7 +169,10 @@ fn a_gpu_in_a_cpu_build_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--features cuda"), "{err}");
+    assert!(
+        err.contains("--features cuda") && err.contains("--device cpu"),
+        "{err}"
+    );
     let out = bella()
         .args(["inspect", "--quiet", "--device", "tpu"])
         .output()

@@ -72,7 +72,8 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) if !cfg!(feature = "cuda") => bail!(
                 "--device cuda:{n} needs a build with the GPU backend: \
-                 cargo build --release --features cuda (needs the CUDA toolkit)"
+                 cargo build --release --features cuda (needs the CUDA toolkit); or compute on \
+                 the CPU: --device cpu"
             ),
             Self::Cuda(n) => {
                 Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open GPU cuda:{n}: {e}"))
@@ -92,7 +93,7 @@ pub struct ComputeArgs {
     /// log-likelihoods stay f32. auto: f32 on the CPU when it fits in memory, else half precision
     /// (bf16 on a CPU with AVX512-BF16 or AMX, else the checkpoint's own half dtype, bf16 for an
     /// f32 checkpoint); half precision with --quantize.
-    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
+    #[arg(long, value_enum, ignore_case = true, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
 

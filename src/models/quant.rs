@@ -150,7 +150,7 @@ pub struct QuantizeArgs {
     /// Quantize the frozen base at load (q8_0: 8-bit blocks; q4k: 4-bit k-quants): the language
     /// model's block layers, cached in ~/.cache/bella-vqa/quantized/ ($BELLA_VQA_CACHE) so the
     /// next load reads them; particles stay f32.
-    #[arg(long, value_enum, value_name = "KIND")]
+    #[arg(long, value_enum, ignore_case = true, value_name = "KIND")]
     pub quantize: Option<QuantKind>,
     /// With --quantize: quantize the vision tower's block layers too.
     #[arg(long, requires = "quantize")]

@@ -614,7 +614,8 @@ fn resume_differences(
     let mut diffs = Vec::new();
     if let Some(old) = ck.state.compute.as_deref().filter(|old| *old != compute) {
         diffs.push(format!(
-            "the base computes in {old} in the checkpoint, {compute} now (--dtype, --quantize)"
+            "the base computes in {old} in the checkpoint, {compute} now (--dtype, --quantize, \
+             --quantize-vision)"
         ));
     }
     let (before, now) = (
