@@ -1633,6 +1633,23 @@ fn command_line_bench_shards_merge_and_calibrate() {
         serde_json::from_str(&std::fs::read_to_string(adapters.join("bella_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["abstention"]["objective"], "max phi_10");
+    assert_eq!(config["abstention"]["computed_in"], "f32");
+    // Answering with the base in another dtype than the calibration's is allowed, and noted.
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/demo/red-circle.png");
+    let (ok, _, err) = output(
+        bella()
+            .args(["ask", "--dtype", "bf16", "--max-new-tokens", "4", "--model"])
+            .arg(&model)
+            .arg("--adapters")
+            .arg(&adapters)
+            .arg("--image")
+            .arg(&image)
+            .arg("What color is the circle?"),
+    );
+    assert!(
+        ok && err.contains("calibrated with the base computing in f32, now in bf16"),
+        "{err}"
+    );
     let (ok, _, err) = output(
         bella()
             .args([

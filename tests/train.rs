@@ -351,6 +351,7 @@ fn svgd_training_lowers_the_loss_and_particles_differ() {
         serde_json::from_slice(&std::fs::read(out.path().join("train_summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["options"]["repulsion"], 1.0);
+    assert_eq!(summary["compute"], "f32");
     let d = &summary["diversity"];
     assert_eq!(
         d["evaluations"].as_u64().unwrap() as usize,

@@ -382,6 +382,16 @@ impl BellaVqa {
                 Model::Llava(m) => set.attach_to(m.as_mut())?,
                 Model::Clip(m) => set.attach_to(m.as_mut())?,
             }
+            let calibrated_in = set.config.abstention.as_ref();
+            let calibrated_in = calibrated_in.and_then(|a| a.computed_in.as_deref());
+            let now = loaded.info.compute_label();
+            if let (Some(then), true) = (calibrated_in.filter(|t| *t != now), opts.hub.progress) {
+                crate::note!(
+                    "note: the particles were calibrated with the base computing in {then}, \
+                     now in {now}: their threshold applies, the scores may move a little \
+                     (calibrate again under these settings to be exact)"
+                );
+            }
         }
         Self::from_loaded(loaded, set.as_ref())
     }

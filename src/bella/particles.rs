@@ -98,6 +98,10 @@ pub struct Abstention {
     /// from another list with this calibration is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answers_sha256: Option<String>,
+    /// What the base computed in when this was chosen (`f32`, `bf16, q8_0`); answering in
+    /// another is allowed (the scores move a little) and noted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computed_in: Option<String>,
 }
 
 /// The fingerprint of a CLIP answer list: the sha256 of its answers in sorted order, one a line

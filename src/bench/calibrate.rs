@@ -672,6 +672,7 @@ pub fn calibrate(
         guarantee,
         image_check,
         answers_sha256: vqa.answers_sha256().map(str::to_string),
+        computed_in: Some(vqa.model().info.compute_label()),
     };
     if !opts.dry_run {
         if let (Some(old), true) = (&previous, opts.progress) {

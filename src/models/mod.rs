@@ -78,6 +78,19 @@ pub struct ModelInfo {
     pub unused_tensors: Vec<String>,
 }
 
+impl ModelInfo {
+    /// What the base computes in, as runs record it: `f32`, `bf16, q8_0`, `f16, q4k with the
+    /// vision tower`.
+    pub fn compute_label(&self) -> String {
+        let dtype = self.compute_dtype.as_str();
+        match &self.quantization {
+            Some(q) if q.vision => format!("{dtype}, {} with the vision tower", q.kind),
+            Some(q) => format!("{dtype}, {}", q.kind),
+            None => dtype.to_string(),
+        }
+    }
+}
+
 /// A model with its files, config, summary, tokenizer + chat template and image processor.
 pub struct LoadedModel {
     pub model: Model,

@@ -393,6 +393,9 @@ pub struct TrainSummary {
     pub step: u64,
     pub total_steps: u64,
     pub options: TrainOptions,
+    /// What the frozen base computed in (`f32`, `bf16, q8_0`: [`crate::models::ModelInfo::compute_label`]).
+    #[serde(default)]
+    pub compute: Option<String>,
     pub diversity: Option<diversity::DiversitySummary>,
 }
 
@@ -401,6 +404,7 @@ fn write_summary(
     out: &Path,
     log_path: &Path,
     opts: &TrainOptions,
+    compute: &str,
     step: u64,
     total_steps: u64,
 ) -> Result<Option<diversity::DiversitySummary>> {
@@ -422,6 +426,7 @@ fn write_summary(
         step,
         total_steps,
         options: opts.clone(),
+        compute: Some(compute.to_string()),
         diversity: diversity::summarize(&points),
     };
     crate::io::write_bytes_atomically(
@@ -734,16 +739,7 @@ pub fn train(
     };
     let stop = loaded.stop_token_ids();
     // The frozen base's compute, which changes what a step makes of the particles.
-    let info = &loaded.info;
-    let compute = match &info.quantization {
-        Some(q) if q.vision => format!(
-            "{}, {} with the vision tower",
-            info.compute_dtype.as_str(),
-            q.kind
-        ),
-        Some(q) => format!("{}, {}", info.compute_dtype.as_str(), q.kind),
-        None => info.compute_dtype.as_str().to_string(),
-    };
+    let compute = loaded.info.compute_label();
     let val_sample = &val[..run.val_sample.min(val.len())];
     // Every evaluation answers these: one the model cannot answer would stop the run midway.
     if let Some((id, why)) = take_unfit(loaded, &mut val_sample.to_vec(), Role::Validation)?.first()
@@ -1173,7 +1169,7 @@ pub fn train(
     // Stopped before its first checkpoint, a run over a set leaves that set's summary.
     let summary = match log.file {
         None => None,
-        Some(_) => write_summary(&run.out, &log_path, opts, stopped_at, total_steps)?,
+        Some(_) => write_summary(&run.out, &log_path, opts, &compute, stopped_at, total_steps)?,
     };
     Ok(TrainReport {
         steps: stopped_at,

@@ -251,6 +251,7 @@ pub fn test_abstention(threshold: f64) -> bella_vqa::bella::particles::Abstentio
         guarantee: None,
         image_check: None,
         answers_sha256: None,
+        computed_in: None,
     }
 }
 
