@@ -304,6 +304,7 @@ fn demo_answers_like_ask_plain_and_streamed() {
     assert_eq!(status, 200);
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["particles"], 4);
+    assert_eq!(health["compute"], "f32");
     let (status, models) = get(&format!("{}/v1/models", server.url));
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&models).unwrap();

@@ -799,6 +799,8 @@ async fn health(State(state): State<Arc<AppState>>) -> HttpResponse {
             "status": "ok",
             "model": state.opts.model_name,
             "particles": vqa.particles(),
+            // What the base computes in (`f32`, `bf16, q8_0` …), as runs record it.
+            "compute": vqa.model().info.compute_label(),
         }))
         .into_response(),
         None => (
