@@ -780,6 +780,12 @@ fn an_output_directory_in_use_is_refused_at_once_naming_the_process() {
         "{err}"
     );
     drop(_lock);
+    // A child that another test's thread forks keeps a copy of the lock's descriptor until it
+    // execs (a moment, longer on a loaded machine): the lock is free once that one has gone.
+    let freed = Instant::now() + Duration::from_secs(10);
+    while bella_vqa::io::lock_holder(busy.path()).is_some() && Instant::now() < freed {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Free again: the next run goes ahead (and fails on the model, not the lock).
     let err = run_err(
         bella()
