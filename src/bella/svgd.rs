@@ -304,8 +304,11 @@ pub fn median_bandwidth(sq_dist: &Tensor) -> Result<f64> {
 
 /// Pairwise squared distances of ΔW between particles, summed over layers:
 /// `d_ij = Σ_l ‖s_l B_{l,i} A_{l,i} − s_l B_{l,j} A_{l,j}‖²_F`, a `[P, P]` tensor (f64; f32 on
-/// Metal) on the factors' device. Never forms ΔW: ⟨ΔW_i, ΔW_j⟩ = s² Σ_ab (B_iᵀB_j)_ab (A_i A_jᵀ)_ab
-/// from two (P·r)×(P·r) Gram matrices. Also the particle-diversity measure to report in training.
+/// Metal) on the factors' device. Never forms ΔW: ⟨ΔW_i, ΔW_j⟩ = s² Σ_ab (B_iᵀB_j)_ab (A_i A_jᵀ)_ab,
+/// one particle's row at a time (r × P·r products: the whole (P·r)² Gram matrices took 1.5 GB a
+/// layer in f64 at P = 32, r = 256). Also the particle-diversity measure to report in training.
+/// Values only: of tracked variables (training's) it keeps no graph, which would hold every
+/// product of the sum alive with the result (19.8 GB at P = 32, r = 256 on the demo).
 pub fn delta_w_sq_distances(layers: &[LayerFactors]) -> Result<Tensor> {
     let p = check_layers(layers)?;
     let wd = work_dtype(layers[0].a.device());
@@ -313,21 +316,24 @@ pub fn delta_w_sq_distances(layers: &[LayerFactors]) -> Result<Tensor> {
     for layer in layers {
         let (_, r, inp) = layer.a.dims3()?;
         let (_, out, _) = layer.b.dims3()?;
-        let a = layer.a.to_dtype(wd)?.reshape((p * r, inp))?;
+        let a = layer.a.detach().to_dtype(wd)?.reshape((p * r, inp))?;
         // [P, out, r] → [out, P, r] → [out, P·r]: column i·r + a is B_i[:, a].
         let b = layer
             .b
+            .detach()
             .to_dtype(wd)?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((out, p * r))?;
-        let aa = a.matmul(&a.t()?)?; // (A_i A_jᵀ)_ab at [i·r + a, j·r + b]
-        let bb = b.t()?.matmul(&b)?; // (B_iᵀ B_j)_ab at [i·r + a, j·r + b]
-        let inner = (aa * bb)?
-            .reshape((p, r, p, r))?
-            .sum(3)?
-            .sum(1)?
-            .affine(layer.scale * layer.scale, 0.0)?; // ⟨ΔW_i, ΔW_j⟩, [P, P]
+        let (at, bt) = (a.t()?, b.t()?.contiguous()?);
+        let rows = (0..p)
+            .map(|i| {
+                let aa = a.narrow(0, i * r, r)?.matmul(&at)?; // (A_i A_jᵀ)_ab at [a, j·r + b]
+                let bb = bt.narrow(0, i * r, r)?.matmul(&b)?; // (B_iᵀ B_j)_ab at [a, j·r + b]
+                (aa * bb)?.reshape((r, p, r))?.sum(2)?.sum(0) // ⟨ΔW_i, ΔW_j⟩ / s², [P]
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inner = Tensor::stack(&rows, 0)?.affine(layer.scale * layer.scale, 0.0)?; // [P, P]
         gram = Some(match gram {
             None => inner,
             Some(g) => (g + inner)?,
