@@ -708,6 +708,19 @@ fn run(cli: &Cli) -> Result<()> {
                      its candidate answers and samples nothing: leave them out"
                 );
             }
+            // As the server does: an answer as long as the room the prompt leaves, when that is
+            // less than --max-new-tokens (a long question refused only when it leaves none).
+            let mut ask = ask;
+            if let Some(room) = vqa.answer_room(question)? {
+                if (1..ask.max_new_tokens).contains(&room) {
+                    note!(
+                        "the prompt leaves room for {room} answer token(s) in the model's \
+                         positions: the answer takes at most {room} (--max-new-tokens {})",
+                        ask.max_new_tokens
+                    );
+                    ask.max_new_tokens = room;
+                }
+            }
             let img = load_image(image)?;
             let response = vqa
                 .ask_with(&img, question, &ask)

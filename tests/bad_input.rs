@@ -1155,6 +1155,21 @@ fn long_question() -> String {
 fn a_too_long_question_is_refused_before_the_model_runs() {
     let err = fails(&mut ask(&[&long_question()]));
     assert!(err.contains("more than the model's 256 positions"), "{err}");
+    // One that leaves less room than --max-new-tokens (16) is answered within the room, as the
+    // server answers it, and says so.
+    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
+    let len = |q: &str| p.encode_question(q, true, 25, None).unwrap().len();
+    let near = (1..200)
+        .map(|k| format!("What color is {}?", "the circle ".repeat(k)))
+        .find(|q| (245..=254).contains(&len(q)))
+        .expect("a question 2 to 11 tokens short of the positions");
+    let out = ask(&["--json", &near]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("the answer takes at most"), "{err}");
+    let response: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let generated = response["generated_tokens"].as_u64().unwrap() as usize;
+    assert!(len(&near) + generated <= 256, "{response}");
     let err = fails(&mut ask(&[&"x".repeat(70_000)]));
     assert!(err.contains("70000 bytes"), "{err}");
 }
