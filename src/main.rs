@@ -82,9 +82,10 @@ enum Command {
         /// (the particles' threshold and their image check, whose verdict is still reported).
         #[arg(long)]
         threshold: Option<f64>,
-        /// Longest answer in tokens (LLaVA).
-        #[arg(long, default_value_t = 16)]
-        max_new_tokens: usize,
+        /// Longest answer in tokens (LLaVA) [default: 16, or the room a long question leaves in
+        /// the model's positions].
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
         /// Sample with this temperature instead of greedy decoding (LLaVA). The calibrated
         /// threshold and image check still apply, but the answer is marked uncalibrated: they
         /// were chosen on greedy answers.
@@ -685,8 +686,8 @@ fn run(cli: &Cli) -> Result<()> {
             seed,
             question,
         } => {
-            let ask = AskOptions {
-                max_new_tokens: *max_new_tokens,
+            let mut ask = AskOptions {
+                max_new_tokens: max_new_tokens.unwrap_or(AskOptions::default().max_new_tokens),
                 sampling: match temperature {
                     Some(t) => Sampling::Sample {
                         temperature: *t,
@@ -708,14 +709,14 @@ fn run(cli: &Cli) -> Result<()> {
                      its candidate answers and samples nothing: leave them out"
                 );
             }
-            // As the server does: an answer as long as the room the prompt leaves, when that is
-            // less than --max-new-tokens (a long question refused only when it leaves none).
-            let mut ask = ask;
-            if let Some(room) = vqa.answer_room(question)? {
+            // Without --max-new-tokens, as the server does: an answer as long as the room the
+            // prompt leaves, when that is less than the default (a long question is refused
+            // only when it leaves none).
+            if let (None, Some(room)) = (max_new_tokens, vqa.answer_room(question)?) {
                 if (1..ask.max_new_tokens).contains(&room) {
                     note!(
                         "the prompt leaves room for {room} answer token(s) in the model's \
-                         positions: the answer takes at most {room} (--max-new-tokens {})",
+                         positions: the answer takes at most {room} (not the default {})",
                         ask.max_new_tokens
                     );
                     ask.max_new_tokens = room;
@@ -994,6 +995,9 @@ fn read_data(
     Ok((data.examples, skipped))
 }
 
+/// A training set from which on `train` says what it does before its first step (seconds).
+const MANY_QUESTIONS: usize = 10_000;
+
 /// Takes the questions of `file` that `train` cannot use in `role` out of `data`
 /// ([`train::take_unfit`]): found before the first step; named and stopping the run unless
 /// `skip_bad` (then counted, and said).
@@ -1118,6 +1122,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
         ));
     }
     let mut train_data = answered;
+    if train_data.len() >= MANY_QUESTIONS {
+        note!(
+            "preparing the {} training questions (tokenised and checked against the model; \
+             --limit N trains on the first N)",
+            train_data.len()
+        );
+    }
     let skip = args.skip_bad;
     let role = train::Role::Training;
     skipped.extend(leave_out_unfit(

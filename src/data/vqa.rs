@@ -273,8 +273,8 @@ pub struct Dataset {
     /// The data file (for VQAv2 the questions file).
     pub source: PathBuf,
     pub format: DataFormat,
-    /// Rows left unread after the limit of [`read_dataset_up_to`] (only the Parquet reader stops
-    /// early: each row it reads may extract an image); 0 when the whole file was read.
+    /// Rows left unread after the limit of [`read_dataset_up_to`] (the Parquet and JSONL readers
+    /// stop early); 0 when the whole file was read.
     pub unread: usize,
 }
 
@@ -319,10 +319,17 @@ impl Dataset {
 /// Reads our JSONL (design §10): one JSON object per line, empty lines skipped, extra fields kept.
 /// Relative image paths are resolved against the file's folder.
 pub fn read_jsonl(path: &Path, opts: &ReadOptions) -> anyhow::Result<Dataset> {
-    read_jsonl_in(path, None, opts)
+    read_jsonl_in(path, None, opts, None)
 }
 
-fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow::Result<Dataset> {
+/// Reads our JSONL; with `limit`, only up to that many good questions (the lines after them are
+/// counted in [`Dataset::unread`], not parsed, nor their images checked).
+fn read_jsonl_in(
+    path: &Path,
+    base: Option<&Path>,
+    opts: &ReadOptions,
+    limit: Option<usize>,
+) -> anyhow::Result<Dataset> {
     let file = open_data_file(path)?;
     let base = base
         .map(Path::to_path_buf)
@@ -331,6 +338,7 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
     let mut c = Collector::new(opts);
     let mut buf = Vec::new();
     let mut line_no = 0usize;
+    let mut unread = 0usize;
     loop {
         buf.clear();
         let n = reader
@@ -338,6 +346,10 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
             .with_context(|| format!("cannot read data file {}", path.display()))?;
         if n == 0 {
             break;
+        }
+        if limit.is_some_and(|l| c.accepted() >= l) {
+            unread += usize::from(!buf.trim_ascii().is_empty());
+            continue;
         }
         line_no += 1;
         let line = Some(line_no);
@@ -387,7 +399,9 @@ fn read_jsonl_in(path: &Path, base: Option<&Path>, opts: &ReadOptions) -> anyhow
         example.image = resolve(&base, &example.image);
         c.accept(path, line, example)?;
     }
-    c.finish(path, DataFormat::Jsonl)
+    let mut data = c.finish(path, DataFormat::Jsonl)?;
+    data.unread = unread;
+    Ok(data)
 }
 
 /// Writes examples as our JSONL, atomically (temp file, fsync, rename). Image paths are written
@@ -1026,10 +1040,10 @@ pub fn read_dataset(
     read_dataset_up_to(path, annotations, image_dir, opts, None)
 }
 
-/// [`read_dataset`], where a Parquet file is read only up to its first `limit` good questions
-/// (`--limit`): the embedded images of the rows after them are not extracted, and
-/// [`Dataset::unread`] counts those rows. The other formats are read whole (their first `limit`
-/// questions are what a caller keeps).
+/// [`read_dataset`], where a Parquet or JSONL file is read only up to its first `limit` good
+/// questions (`--limit`): the rows after them are not parsed (a Parquet file's embedded images
+/// not extracted, a JSONL file's images not checked), and [`Dataset::unread`] counts them. The
+/// other formats are read whole (their first `limit` questions are what a caller keeps).
 pub fn read_dataset_up_to(
     path: &Path,
     annotations: Option<&Path>,
@@ -1049,7 +1063,7 @@ pub fn read_dataset_up_to(
     match ext.as_deref() {
         Some("jsonl") => {
             refuse_annotations(path, annotations, "JSONL")?;
-            read_jsonl_in(path, image_dir, opts)
+            read_jsonl_in(path, image_dir, opts, limit)
         }
         Some("json") => {
             let text = read_json_text(path)?;
@@ -1058,7 +1072,7 @@ pub fn read_dataset_up_to(
             }
             // Hugging Face datasets' `to_json` writes one record per line under a .json name.
             if is_json_lines(&text) {
-                return read_jsonl_in(path, image_dir, opts);
+                return read_jsonl_in(path, image_dir, opts, limit);
             }
             let top = JsonTop::parse(path, &text)?;
             // A bare file name's folder is the working directory.

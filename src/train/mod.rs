@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::answer::candidates::{clip_candidates, clip_prompt};
@@ -268,12 +269,20 @@ pub fn take_unfit(
             }
         }
     };
+    // Tokenising tens of thousands of prompts takes seconds: on every core.
+    let verdicts: Vec<Option<String>> = {
+        examples
+            .par_iter()
+            .enumerate()
+            .map(|(i, ex)| fits(i, ex).err().map(|e| format!("{e:#}")))
+            .collect()
+    };
     let mut unfit = Vec::new();
     let mut kept = Vec::with_capacity(examples.len());
-    for (i, ex) in std::mem::take(examples).into_iter().enumerate() {
-        match fits(i, &ex) {
-            Ok(()) => kept.push(ex),
-            Err(e) => unfit.push((ex.question_id.clone(), format!("{e:#}"))),
+    for (ex, why) in std::mem::take(examples).into_iter().zip(verdicts) {
+        match why {
+            None => kept.push(ex),
+            Some(why) => unfit.push((ex.question_id.clone(), why)),
         }
     }
     *examples = kept;
@@ -1322,8 +1331,9 @@ impl<'a> Objective<'a> {
         match model {
             Model::Llava(m) => {
                 let image_tokens = m.config().image_tokens_per_image();
+                // On every core: tens of thousands of prompts take seconds.
                 let encoded = train
-                    .iter()
+                    .par_iter()
                     .map(|ex| {
                         encode_training(prompter, image_tokens, ex)
                             .with_context(|| format!("training question {}", ex.question_id))
