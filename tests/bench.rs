@@ -260,6 +260,7 @@ fn results_are_the_metrics_of_the_samples_and_the_report_shows_the_plots() {
                 target: None,
                 rule: Default::default(),
                 score: None,
+                known_accuracy: None,
             })
             .collect()
     };

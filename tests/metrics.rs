@@ -582,6 +582,7 @@ fn summary_without_optional_fields_and_round_trip() {
             target: None,
             score: None,
             rule: Default::default(),
+            known_accuracy: None,
         })
         .collect();
     let s = summary(&preds, None, &SummaryOptions::default()).unwrap();
@@ -626,4 +627,29 @@ fn direct_answer_accuracy_is_a_okvqa_s_rule() {
     assert_eq!(direct_answer_accuracy("red", &[] as &[&str], mode), 0.0);
     // The VQA rule's leave-one-out average gives 0.9 for the same three matches.
     assert!((bella_vqa::metrics::vqa_accuracy("red", &humans, mode) - 0.9).abs() < 1e-12);
+}
+
+/// A benchmark's stored accuracy is used in the mode it was computed in, and only there.
+#[test]
+fn a_known_accuracy_stands_for_its_mode_only() {
+    let mut p = Prediction {
+        answer: "Two".into(),
+        confidence: 0.5,
+        human_answers: vec!["2".to_string(); 10],
+        answer_type: None,
+        is_ood: None,
+        abstained: false,
+        uncertainty: None,
+        distribution: None,
+        target: None,
+        score: None,
+        rule: Default::default(),
+        known_accuracy: None,
+    };
+    // "Two" is "2" once normalised; the official rule normalises only when humans disagree.
+    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
+    assert_eq!(p.accuracy(NormalizeMode::Official), 0.0);
+    p.known_accuracy = Some((NormalizeMode::Official, 0.25));
+    assert_eq!(p.accuracy(NormalizeMode::Official), 0.25);
+    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
 }

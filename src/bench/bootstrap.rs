@@ -25,6 +25,9 @@ pub struct Bootstrap {
     /// 0 disables the intervals.
     pub resamples: usize,
     pub seed: u64,
+    /// Show a progress bar over the resamples (tens of thousands of questions take minutes).
+    #[serde(skip)]
+    pub progress: bool,
 }
 
 impl Default for Bootstrap {
@@ -32,6 +35,7 @@ impl Default for Bootstrap {
         Self {
             resamples: 1000,
             seed: 0,
+            progress: false,
         }
     }
 }
@@ -108,6 +112,13 @@ where
         bail!("paired bootstrap: the runs do not hold the same questions");
     }
     let single: Vec<usize> = (0..sizes.len()).filter(|&g| sizes[g] == 1).collect();
+    let bar = crate::console::Progress::new(
+        b.progress,
+        b.resamples as u64,
+        0,
+        "resamples",
+        "{elapsed_precise} [{bar:30}] resample {pos}/{len} ({eta} left)",
+    );
     let maps = (0..b.resamples)
         .into_par_iter()
         .map(|r| {
@@ -121,7 +132,8 @@ where
                 .into());
             }
             let idx = draw(&sizes, b.seed, r);
-            runs.iter()
+            let maps = runs
+                .iter()
                 .map(|groups| {
                     let drawn: Vec<Vec<T>> = groups
                         .iter()
@@ -130,10 +142,13 @@ where
                         .collect();
                     metric(&drawn)
                 })
-                .collect()
+                .collect();
+            bar.inc(1);
+            maps
         })
-        .collect::<Result<_>>()?;
-    Ok((maps, single))
+        .collect::<Result<_>>();
+    bar.finish_and_clear();
+    Ok((maps?, single))
 }
 
 /// Percentile intervals of the values `value(resample)` gives, per estimate key; keys defined
@@ -276,6 +291,7 @@ mod tests {
         let b = Bootstrap {
             resamples: 300,
             seed: 5,
+            progress: false,
         };
         assert_eq!(interval(&data, &b), interval(&data, &b));
         assert_ne!(

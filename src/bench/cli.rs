@@ -424,6 +424,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         let bootstrap = super::Bootstrap {
             resamples: *bootstrap,
             seed: *bootstrap_seed,
+            progress: !quiet,
         };
         // Shards of a --compare run: each entry's shards, then the comparison.
         let compared = dirs
@@ -490,6 +491,7 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         bootstrap: super::Bootstrap {
             resamples: args.bootstrap,
             seed: args.bootstrap_seed,
+            progress: !quiet,
         },
     };
     // Check the inputs before the (slow) model load.

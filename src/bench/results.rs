@@ -403,7 +403,7 @@ pub fn ood_result(test: &[&Sample], ood: &[&Sample]) -> Result<OodResult> {
         confidence: det(&|s| 1.0 - s.confidence)?,
         total_uncertainty: det(&|s| s.uncertainty.total)?,
         epistemic_uncertainty: det(&|s| s.uncertainty.epistemic)?,
-        selector: Some(det(&|s| -s.prediction().selection_score())?),
+        selector: Some(det(&|s| -s.selection_score())?),
         image_flagged: image_flagged(ood),
     })
 }
@@ -568,10 +568,10 @@ pub(crate) fn metrics_of(
         .iter()
         .map(|s| Prediction {
             is_ood: None,
-            ..s.prediction()
+            ..s.prediction(mode)
         })
         .collect();
-    let val_predictions: Vec<Prediction> = val.iter().map(|s| s.prediction()).collect();
+    let val_predictions: Vec<Prediction> = val.iter().map(|s| s.prediction(mode)).collect();
     let summary = if with_answers && !predictions.is_empty() {
         let opts = SummaryOptions {
             mode,
@@ -609,7 +609,7 @@ pub(crate) fn metrics_of(
         // The same metrics as on the test questions, on this split (when it has answers), with
         // the thresholds chosen on the validation questions.
         if these.iter().all(|s| !s.answers.is_empty()) {
-            let preds: Vec<Prediction> = these.iter().map(|s| s.prediction()).collect();
+            let preds: Vec<Prediction> = these.iter().map(|s| s.prediction(mode)).collect();
             let opts = SummaryOptions {
                 mode,
                 ..SummaryOptions::default()

@@ -167,8 +167,21 @@ impl Sample {
         (self.split.clone(), self.question_id.clone())
     }
 
-    /// The sample as a [`Prediction`] for [`crate::metrics`].
-    pub fn prediction(&self) -> Prediction {
+    /// The selector's score as selective prediction ranks it, as the decision treats it: a
+    /// flagged image below all (`None` in samples written before selectors).
+    fn gated_score(&self) -> Option<f64> {
+        self.score
+            .map(|s| gated_score(s, self.image_check.as_ref()))
+    }
+
+    /// The score selective prediction ranks by ([`Prediction::selection_score`]).
+    pub fn selection_score(&self) -> f64 {
+        self.gated_score().unwrap_or(self.confidence)
+    }
+
+    /// The sample as a [`Prediction`] for [`crate::metrics`], its stored accuracy taken as
+    /// computed under `mode`, the run's normalisation (a run is continued only under it).
+    pub fn prediction(&self, mode: NormalizeMode) -> Prediction {
         Prediction {
             answer: self.answer.clone(),
             confidence: self.confidence,
@@ -179,11 +192,9 @@ impl Sample {
             uncertainty: None,
             distribution: None,
             target: None,
-            // Selective prediction ranks as the decision treats it: a flagged image below all.
-            score: self
-                .score
-                .map(|s| gated_score(s, self.image_check.as_ref())),
+            score: self.gated_score(),
             rule: self.accuracy_rule,
+            known_accuracy: self.accuracy.map(|a| (mode, a)),
         }
     }
 }
