@@ -2093,3 +2093,27 @@ fn a_server_with_a_bad_template_or_answers_file_stops_before_it_listens() {
         assert!(!err.contains("listening on"), "{option}: {err}");
     }
 }
+
+/// A rank above an adapted layer's smaller dimension is trained (the user may mean it), with a
+/// warning that it adds only parameters and memory there.
+#[test]
+fn a_rank_above_a_layer_dimension_is_trained_with_a_warning() {
+    let data = DataDir::new(&good_lines());
+    let mut cmd = bella();
+    cmd.arg("train")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out())
+        .args(["--batch-size", "1", "--particles", "1", "--max-steps", "1"]);
+    // The tiny LLaVA's k_proj is 64 → 32 (two key-value heads of 16).
+    let err = succeeds(cmd.args(["--rank", "40"]));
+    assert!(
+        err.contains("warning: rank 40 is above the smallest dimension") && err.contains("(32, in"),
+        "{err}"
+    );
+    let err = succeeds(&mut train(&DataDir::new(&good_lines()), &[]));
+    assert!(!err.contains("is above the smallest dimension"), "{err}");
+}

@@ -283,6 +283,24 @@ pub fn attach<M: ParticleModel + ?Sized>(
             MAX_ADAPTER_BYTES >> 30
         );
     }
+    // ΔW = B·A of an `out × in` layer has rank at most min(out, in): a higher rank buys only
+    // parameters and memory there.
+    let narrowest = model
+        .linears()
+        .iter()
+        .filter(|(path, _)| chosen(path))
+        .map(|(path, layer)| {
+            let (out, inp) = layer.shape();
+            (out.min(inp), path.clone())
+        })
+        .min();
+    if let Some((dim, path)) = narrowest.filter(|(dim, _)| r > *dim) {
+        crate::note!(
+            "warning: rank {r} is above the smallest dimension of some adapted layers ({dim}, \
+             in {path} and others): there ΔW = B·A has rank at most that dimension, so the rank \
+             past it adds parameters and memory but nothing it can learn"
+        );
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut adapted = Vec::new();
     for (path, layer) in model.linears_mut() {
