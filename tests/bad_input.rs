@@ -1207,6 +1207,10 @@ fn bench_with_skip_bad_skips_a_too_long_question_and_records_why() {
     let data = DataDir::new(&lines);
     let err = fails(&mut bench(&data.data(), &data.out(), &[]));
     assert!(err.contains("q-long") && err.contains("positions"), "{err}");
+    // Found before the first answer (it stopped the run when reached, maybe hours in).
+    assert!(err.contains("1 question(s) cannot be answered"), "{err}");
+    let samples = std::fs::read_to_string(data.out().join("samples.jsonl")).unwrap_or_default();
+    assert_eq!(samples, "", "answered before the check");
     let out = data.dir.path().join("out-skip");
     succeeds(&mut bench(&data.data(), &out, &["--skip-bad"]));
     let skipped = std::fs::read_to_string(out.join("skipped.jsonl")).unwrap();

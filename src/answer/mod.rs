@@ -752,16 +752,25 @@ impl BellaVqa {
 
     /// A question's trimmed text and preprocessed pixels `[C, H, W]`.
     fn prepare<'q>(&self, q: &Question<'q>) -> Result<(&'q str, Tensor)> {
-        q.options
-            .validate()
-            .map_err(|e| crate::error::QuestionError::Unusable(format!("{e:#}")))?;
-        let Some(text) = crate::models::prompt::visible_question(q.text) else {
-            return Err(crate::error::QuestionError::Empty.into());
-        };
-        self.check_prompt_fits(text, q.options.max_new_tokens)?;
-        self.check_calibrated_answers(q.options)?;
+        let text = self.check_question(q.text, q.options)?;
         let pixels = self.loaded.image_processor()?.preprocess(q.image)?;
         Ok((text, pixels))
+    }
+
+    /// What can be told of a question without its image: whether it can be answered with
+    /// `options` (its text not empty, its prompt within the model's positions with the answer,
+    /// the options valid); its trimmed text. A benchmark checks every question so before the
+    /// first is answered.
+    pub fn check_question<'q>(&self, question: &'q str, options: &AskOptions) -> Result<&'q str> {
+        options
+            .validate()
+            .map_err(|e| crate::error::QuestionError::Unusable(format!("{e:#}")))?;
+        let Some(text) = crate::models::prompt::visible_question(question) else {
+            return Err(crate::error::QuestionError::Empty.into());
+        };
+        self.check_prompt_fits(text, options.max_new_tokens)?;
+        self.check_calibrated_answers(options)?;
+        Ok(text)
     }
 
     /// CLIP: the fingerprint of the answer list in use.

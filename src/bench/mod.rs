@@ -789,6 +789,29 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         // --threshold replaces both, as in `ask`.
         threshold: opts.threshold,
     };
+    // A question the model cannot take (too long for its positions, empty) would stop the run
+    // when reached, maybe hours in: every one is found now, before the first answer.
+    if !opts.skip_bad {
+        use rayon::prelude::*;
+        let unfit: Vec<String> = todo
+            .par_iter()
+            .filter_map(|(set, k)| {
+                let example = &set.examples[*k];
+                let why = vqa.check_question(&example.question, &ask).err()?;
+                Some(format!(
+                    "question {:?} ({} of {}): {why:#}",
+                    example.question_id, set.record.split, set.record.path
+                ))
+            })
+            .collect();
+        if let Some(first) = unfit.first() {
+            bail!(
+                "{} question(s) cannot be answered (first: {first}); fix them, or pass \
+                 --skip-bad to skip them",
+                unfit.len()
+            );
+        }
+    }
     let pb = progress_bar(todo.len(), opts.progress);
     let answering = Instant::now();
     let mut answered_now = 0usize;
