@@ -1198,6 +1198,20 @@ fn a_long_answer_list_is_scored_in_bounded_memory() {
             .unwrap();
     let peak = results["timing"]["peak_memory_mib"].as_f64().unwrap();
     assert!(peak < 150.0, "6000 answers took {peak} MiB");
+    // The sample keeps the 100 most likely (a line each question, not 6000 candidates), and says
+    // how many it left out with their probability.
+    let samples = std::fs::read_to_string(data.out().join("samples.jsonl")).unwrap();
+    let sample: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    let kept = sample["candidates"].as_array().unwrap();
+    assert_eq!(kept.len(), 100);
+    let left_out = &sample["candidates_left_out"];
+    assert_eq!(left_out["count"], 5900, "{left_out}");
+    let kept_mass: f64 = kept
+        .iter()
+        .map(|c| c["probability"].as_f64().unwrap())
+        .sum();
+    let total = kept_mass + left_out["probability"].as_f64().unwrap();
+    assert!((total - 1.0).abs() < 1e-6, "{total}");
 }
 
 #[test]

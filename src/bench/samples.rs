@@ -26,7 +26,7 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// The keys [`Sample`] writes itself. An input's extra field with one of these names is passed
 /// through as `input_{name}` when its value differs (and dropped when it is the same).
-pub const SAMPLE_FIELDS: [&str; 22] = [
+pub const SAMPLE_FIELDS: [&str; 23] = [
     "accuracy_rule",
     "question_id",
     "split",
@@ -48,6 +48,7 @@ pub const SAMPLE_FIELDS: [&str; 22] = [
     "vote_share",
     "particles",
     "candidates",
+    "candidates_left_out",
     "response",
 ];
 
@@ -99,13 +100,27 @@ pub struct Sample {
     pub vote_share: f64,
     /// Every particle's own answer.
     pub particles: Vec<ParticleAnswer>,
-    /// Every candidate with its model-averaged probability, most likely first.
+    /// The candidates with their model-averaged probabilities, most likely first: the first
+    /// [`SAMPLE_CANDIDATES`] (a CLIP's answer list can hold tens of thousands, 1.4 MB a line).
     pub candidates: Vec<CandidateAnswer>,
+    /// The candidates left out of `candidates`, and their probability together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates_left_out: Option<LeftOut>,
     /// The rendered response text.
     pub response: String,
     /// The input record's extra fields, passed through.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// The most candidates a sample keeps ([`Sample::candidates`]).
+pub const SAMPLE_CANDIDATES: usize = 100;
+
+/// Candidates a sample leaves out: how many, and their probability together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeftOut {
+    pub count: usize,
+    pub probability: f64,
 }
 
 impl Sample {
@@ -156,7 +171,18 @@ impl Sample {
             uncertainty: response.uncertainty,
             vote_share: response.vote_share,
             particles: response.particles,
-            candidates: response.candidates,
+            candidates_left_out: (response.candidates.len() > SAMPLE_CANDIDATES).then(|| {
+                let rest = &response.candidates[SAMPLE_CANDIDATES..];
+                LeftOut {
+                    count: rest.len(),
+                    probability: rest.iter().map(|c| c.probability).sum(),
+                }
+            }),
+            candidates: response
+                .candidates
+                .into_iter()
+                .take(SAMPLE_CANDIDATES)
+                .collect(),
             response: response.response,
             extra,
         }
