@@ -131,7 +131,11 @@ impl Progress {
         }
         let bar = indicatif::ProgressBar::new(len);
         if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
+            // `{rate}`: units a second to one decimal (indicatif's `{per_sec}` shows four).
+            let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1}/s", s.per_sec());
+            };
+            bar.set_style(style.with_key("rate", rate).progress_chars("=> "));
         }
         bar.set_position(start);
         let plain = bar.is_hidden().then(|| {

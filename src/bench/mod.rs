@@ -678,7 +678,7 @@ fn progress_bar(len: usize, show: bool) -> Progress {
         len as u64,
         0,
         "questions",
-        "{msg:>16} [{bar:30}] {pos}/{len} · {per_sec} · ETA {eta} ({elapsed})",
+        "{msg:>16} [{bar:30}] {pos}/{len} · {rate} · ETA {eta} ({elapsed})",
     )
 }
 
