@@ -2135,3 +2135,25 @@ fn a_rank_above_a_layer_dimension_is_trained_with_a_warning() {
     let err = succeeds(&mut train(&DataDir::new(&good_lines()), &[]));
     assert!(!err.contains("is above the smallest dimension"), "{err}");
 }
+
+/// Many bad records skipped: the first ten are said one by one, the rest counted (all of them
+/// are in bad_records.jsonl); a rerun said all 500 of a file again.
+#[test]
+fn many_skipped_bad_records_are_counted_after_the_first_ten() {
+    let mut lines = good_lines();
+    lines.extend((0..12).map(|i| format!("not json {i}")));
+    let data = DataDir::new(&lines);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+    cmd.stdin(Stdio::null())
+        .args(["bench", "--skip-bad", "--bootstrap", "0", "--model"])
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out());
+    let err = succeeds(&mut cmd);
+    assert_eq!(err.matches("skipped bad record:").count(), 10, "{err}");
+    assert!(err.contains("skipped 2 more bad record(s) of"), "{err}");
+    let listed = std::fs::read_to_string(data.out().join("bad_records.jsonl")).unwrap();
+    assert_eq!(listed.lines().count(), 12, "{listed}");
+}

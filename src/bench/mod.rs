@@ -682,6 +682,10 @@ fn progress_bar(len: usize, show: bool) -> Progress {
     )
 }
 
+/// Bad records of a data file said one by one; the rest are counted (all are in
+/// `bad_records.jsonl`).
+const SHOWN_BAD_RECORDS: usize = 10;
+
 /// Answers every question of the run that `out` does not hold yet, then writes the results and
 /// the report. `model` names the model and particles that `vqa` was loaded from.
 pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<BenchOutcome> {
@@ -692,8 +696,16 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let sets = read_sets(opts)?;
     for s in &sets {
         if opts.progress {
-            for bad in &s.skipped {
+            for bad in s.skipped.iter().take(SHOWN_BAD_RECORDS) {
                 crate::note!("skipped bad record: {bad}");
+            }
+            if let Some(more) = s.skipped.len().checked_sub(SHOWN_BAD_RECORDS + 1) {
+                crate::note!(
+                    "skipped {} more bad record(s) of {} ({} lists them all)",
+                    more + 1,
+                    s.record.path,
+                    results::BAD_RECORDS_FILE
+                );
             }
         }
         // A warning on the results, not a status line: said under --quiet too.
