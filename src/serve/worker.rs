@@ -48,7 +48,7 @@ impl Job {
 /// Holds the socket's descriptor number, not a duplicate (which would double the server's open
 /// files): should the connection close and the number be reused before a check, the check reads
 /// another socket, but then the request has been dropped with its connection and
-/// [`Job::abandoned`] already says so.
+/// the job already counts as abandoned.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(#[cfg(target_os = "linux")] std::os::fd::RawFd);
 
