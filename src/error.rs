@@ -69,7 +69,7 @@ pub enum WeightError {
 pub enum QuestionError {
     #[error("the question is empty (blanks, control or invisible characters only): ask something about the image")]
     Empty,
-    #[error("the prompt is {prompt} tokens (image and template included) and the answer may take {max_new_tokens} more, but the model has {positions} positions: shorten the question or allow fewer answer tokens (max_new_tokens, --max-new-tokens)")]
+    #[error("{}", prompt_too_long(*.prompt, *.max_new_tokens, *.positions))]
     PromptTooLong {
         prompt: usize,
         max_new_tokens: usize,
@@ -78,6 +78,22 @@ pub enum QuestionError {
     /// Text the tokeniser refuses (too long, a reserved character), or options out of range.
     #[error("{0}")]
     Unusable(String),
+}
+
+/// What [`QuestionError::PromptTooLong`] says: fewer answer tokens help only where the prompt
+/// leaves room for some.
+fn prompt_too_long(prompt: usize, max_new_tokens: usize, positions: usize) -> String {
+    let what = format!(
+        "the prompt is {prompt} tokens (image and template included) and the answer may take \
+         {max_new_tokens} more, but the model has {positions} positions"
+    );
+    match positions.saturating_sub(prompt) {
+        0 => format!("{what}: the prompt leaves no room for an answer; shorten the question"),
+        room => format!(
+            "{what}: shorten the question or allow at most {room} answer tokens (max_new_tokens, \
+             --max-new-tokens)"
+        ),
+    }
 }
 
 /// Particle sets that do not belong to the model at hand.
@@ -96,4 +112,28 @@ pub struct ImageTooLarge {
     pub height: u32,
     pub max_side: u32,
     pub max_pixels: u64,
+}
+
+#[cfg(test)]
+mod prompt_tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_that_fills_the_positions_is_told_to_shorten_the_question_only() {
+        let no_room = QuestionError::PromptTooLong {
+            prompt: 256,
+            max_new_tokens: 16,
+            positions: 256,
+        }
+        .to_string();
+        assert!(no_room.contains("leaves no room for an answer; shorten the question"));
+        assert!(!no_room.contains("answer tokens"), "{no_room}");
+        let some = QuestionError::PromptTooLong {
+            prompt: 250,
+            max_new_tokens: 16,
+            positions: 256,
+        }
+        .to_string();
+        assert!(some.contains("allow at most 6 answer tokens"), "{some}");
+    }
 }

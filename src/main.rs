@@ -629,8 +629,9 @@ fn print_response(r: &Response, show_particles: bool, given_threshold: bool) -> 
             .all(|p| p.truncated)
     {
         out!(
-            "the answer was cut at --max-new-tokens: its confidence is that of answers that begin \
-             so; give more tokens for the whole answer"
+            "the answer was cut at its token limit: its confidence is that of answers that begin \
+             so; for the whole answer give more tokens (--max-new-tokens) or, where the prompt \
+             fills the model's positions, a shorter question"
         )?;
     }
     if let Some(v) = &r.image_check {
@@ -1124,9 +1125,13 @@ fn run_train(cli: &Cli, args: &TrainArgs) -> Result<()> {
     let mut train_data = answered;
     if train_data.len() >= MANY_QUESTIONS {
         note!(
-            "preparing the {} training questions (tokenised and checked against the model; \
-             --limit N trains on the first N)",
-            train_data.len()
+            "preparing the {} training questions (tokenised and checked against the model{})",
+            train_data.len(),
+            if args.limit.is_none() {
+                "; --limit N trains on the first N"
+            } else {
+                ""
+            }
         );
     }
     let skip = args.skip_bad;

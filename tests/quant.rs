@@ -115,6 +115,8 @@ fn q4k_keeps_the_fixture_layers_dense_because_their_blocks_do_not_fit() {
     assert_eq!(q.kept_dense.len(), 21);
     assert_eq!(q.cache, CacheState::Unused);
     assert!(q.to_string().contains("21 kept dense"), "{q}");
+    // Nothing quantized: runs record the base as dense.
+    assert_eq!(loaded.info.compute_label(), "f32");
     let m = llava(loaded);
     let dense = llava(load_model("llava-tiny-hub"));
     assert_eq!(

@@ -1337,6 +1337,35 @@ fn a_client_that_sent_more_after_its_request_and_left_stops_its_answer_too() {
     assert_eq!(chat_statuses_at_exit(child, lines), ["499", "499"]);
 }
 
+/// Such a client that leaves while its question waits behind another is answered 499 too (the
+/// worker dropped the question, which read as a server error, 500), and the other is answered.
+#[test]
+fn a_client_that_sent_more_and_left_while_queued_is_a_499() {
+    use std::io::{Read, Write};
+    let (child, lines, url) = serve_process_with(
+        &[(bella_vqa::cancel::CHECK_DELAY_ENV, "200")],
+        &["--max-batch", "1"],
+    );
+    let addr = url.trim_start_matches("http://");
+    let body = request(
+        &data_url(&demo_image("red-circle.png")),
+        "What color is the circle?",
+    )
+    .to_string();
+    let mut answered = send_chat(addr, &body);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut queued = send_chat(addr, &body);
+    queued.write_all(b"\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(queued);
+    let mut whole = String::new();
+    answered.read_to_string(&mut whole).unwrap();
+    assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
+    let (_, metrics) = get(&format!("{url}/metrics"));
+    assert!(!metrics.contains("status=\"500\""), "{metrics}");
+    assert_eq!(chat_statuses_at_exit(child, lines), ["200", "499"]);
+}
+
 /// A stream whose answer missed its deadline ends with an error event after the headers' 200:
 /// the access log writes it as /metrics counts it, 504.
 #[test]

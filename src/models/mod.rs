@@ -80,10 +80,14 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// What the base computes in, as runs record it: `f32`, `bf16, q8_0`, `f16, q4k with the
-    /// vision tower`.
+    /// vision tower` (a `--quantize` that quantized no layer leaves the base as it was).
     pub fn compute_label(&self) -> String {
         let dtype = self.compute_dtype.as_str();
-        match &self.quantization {
+        match self
+            .quantization
+            .as_ref()
+            .filter(|q| q.quantized_layers > 0)
+        {
             Some(q) if q.vision => format!("{dtype}, {} with the vision tower", q.kind),
             Some(q) => format!("{dtype}, {}", q.kind),
             None => dtype.to_string(),

@@ -37,6 +37,12 @@ impl Job {
     fn abandoned(&self) -> bool {
         self.reply.is_closed() || self.peer.is_some_and(Peer::hung_up)
     }
+
+    /// Drops the job of an asker who left, telling its request so (one whose connection closed
+    /// unseen by hyper is still there, and answers 499, not a dropped question's 500).
+    fn give_up(self) {
+        let _ = self.reply.send(Err(crate::cancel::Cancelled.into()));
+    }
 }
 
 /// A client's connection, watched for its end. hyper reads a connection only while it has no
@@ -198,7 +204,11 @@ impl Queue {
 
 impl Waiting {
     fn drop_abandoned(&mut self) {
-        self.jobs.retain(|j| !j.abandoned());
+        let (gone, waiting) = std::mem::take(&mut self.jobs)
+            .into_iter()
+            .partition::<VecDeque<_>, _>(Job::abandoned);
+        self.jobs = waiting;
+        gone.into_iter().for_each(Job::give_up);
     }
 }
 
@@ -228,9 +238,15 @@ pub fn run(
     // The worker is the only writer; a second set cannot happen.
     let _ = loaded.set(vqa.clone());
     metrics.ready.set(1.0);
-    while let Some(mut batch) = queue.next_batch(max_batch) {
+    while let Some(batch) = queue.next_batch(max_batch) {
         let now = Instant::now();
-        batch.retain(|j| !j.abandoned() && j.deadline > now);
+        let (batch, gone): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|j| !j.abandoned() && j.deadline > now);
+        // Past its deadline, its asker answers 504 itself: dropped.
+        gone.into_iter()
+            .filter(Job::abandoned)
+            .for_each(Job::give_up);
         if batch.is_empty() {
             continue;
         }
@@ -274,8 +290,13 @@ pub fn run(
                 }
                 Err(_) => {}
             }
-            // The asker may have gone (timeout, closed connection): nothing to do then.
-            let _ = job.reply.send(result);
+            // The asker may have gone (timeout, closed connection): nothing to do then. One that
+            // left while others of its batch waited is told so (499), not handed its answer.
+            if job.abandoned() {
+                job.give_up();
+            } else {
+                let _ = job.reply.send(result);
+            }
         }
     }
     Ok(())
