@@ -571,18 +571,8 @@ fn summary_without_optional_fields_and_round_trip() {
     let preds: Vec<Prediction> = [("cat", 0.9), ("dog", 0.2), ("cat", 0.6)]
         .iter()
         .map(|&(a, c)| Prediction {
-            answer: a.to_string(),
-            confidence: c,
-            human_answers: vec!["cat".to_string(); 10],
-            answer_type: None,
-            is_ood: None,
             abstained: c < 0.5,
-            uncertainty: None,
-            distribution: None,
-            target: None,
-            score: None,
-            rule: Default::default(),
-            known_accuracy: None,
+            ..bare(a, c, "cat")
         })
         .collect();
     let s = summary(&preds, None, &SummaryOptions::default()).unwrap();
@@ -632,10 +622,21 @@ fn direct_answer_accuracy_is_a_okvqa_s_rule() {
 /// A benchmark's stored accuracy is used in the mode it was computed in, and only there.
 #[test]
 fn a_known_accuracy_stands_for_its_mode_only() {
-    let mut p = Prediction {
-        answer: "Two".into(),
-        confidence: 0.5,
-        human_answers: vec!["2".to_string(); 10],
+    let mut p = bare("Two", 0.5, "2");
+    // "Two" is "2" once normalised; the official rule normalises only when humans disagree.
+    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
+    assert_eq!(p.accuracy(NormalizeMode::Official), 0.0);
+    p.known_accuracy = Some((NormalizeMode::Official, 0.25));
+    assert_eq!(p.accuracy(NormalizeMode::Official), 0.25);
+    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
+}
+
+/// A prediction with ten identical human answers `human` and nothing optional.
+fn bare(answer: &str, confidence: f64, human: &str) -> Prediction {
+    Prediction {
+        answer: answer.to_string(),
+        confidence,
+        human_answers: vec![human.to_string(); 10],
         answer_type: None,
         is_ood: None,
         abstained: false,
@@ -645,11 +646,5 @@ fn a_known_accuracy_stands_for_its_mode_only() {
         score: None,
         rule: Default::default(),
         known_accuracy: None,
-    };
-    // "Two" is "2" once normalised; the official rule normalises only when humans disagree.
-    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
-    assert_eq!(p.accuracy(NormalizeMode::Official), 0.0);
-    p.known_accuracy = Some((NormalizeMode::Official, 0.25));
-    assert_eq!(p.accuracy(NormalizeMode::Official), 0.25);
-    assert_eq!(p.accuracy(NormalizeMode::Always), 1.0);
+    }
 }
