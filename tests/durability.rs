@@ -1831,3 +1831,43 @@ fn ctrl_c_between_compare_entries_does_not_start_the_next() {
     assert!(between > 0, "no Ctrl-C fell between the entries");
     assert!(within_entry > 0, "no Ctrl-C fell while an entry answered");
 }
+
+/// A run continued with a larger --limit on the same files (a bad record between the two
+/// limits makes the count of questions differ) says so, not that its data changed; its answers
+/// are kept.
+#[test]
+fn a_larger_limit_is_said_to_change_the_questions_not_the_data() {
+    let world = world();
+    let test = std::fs::read_to_string(world.path().join("test.jsonl")).unwrap();
+    let mut lines: Vec<&str> = test.lines().collect();
+    lines.insert(2, "not json");
+    let data = world.path().join("with-bad.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let bench = |limit: &str| {
+        let mut cmd = bella();
+        cmd.args([
+            "bench",
+            "--skip-bad",
+            "--bootstrap",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
+        .arg("--model")
+        .arg(fixture("llava-tiny-hub"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--limit", limit, "--out"])
+        .arg(out.path());
+        run_ok(&mut cmd)
+    };
+    bench("2");
+    let said = bench("3");
+    assert!(
+        said.contains("the questions it takes changed (--limit)")
+            && said.contains("its 2 answers")
+            && !said.contains("the data changed"),
+        "{said}"
+    );
+}

@@ -433,10 +433,19 @@ fn check_or_write_config(
         }
         if !diffs.is_empty() {
             let kept = renumber_answers(out, sets, config.shard)?;
+            // The same files with another --limit: not a change of the data.
+            let same_files = old.data.len() == config.data.len()
+                && old.data.iter().zip(&config.data).all(|(a, b)| {
+                    a.sha256 == b.sha256 && a.annotations_sha256 == b.annotations_sha256
+                });
+            let what = match same_files {
+                true => "the questions it takes changed (--limit)",
+                false => "the data changed",
+            };
             if progress {
                 crate::note!(
-                    "{}: the data changed since the run began; its {kept} answers are to \
-                     questions that did not change, so they are kept and the rest is answered now",
+                    "{}: {what} since the run began; its {kept} answers are to questions that \
+                     did not change, so they are kept and the rest is answered now",
                     out.display()
                 );
             }
