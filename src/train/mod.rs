@@ -270,13 +270,11 @@ pub fn take_unfit(
         }
     };
     // Tokenising tens of thousands of prompts takes seconds: on every core.
-    let verdicts: Vec<Option<String>> = {
-        examples
-            .par_iter()
-            .enumerate()
-            .map(|(i, ex)| fits(i, ex).err().map(|e| format!("{e:#}")))
-            .collect()
-    };
+    let verdicts: Vec<Option<String>> = examples
+        .par_iter()
+        .enumerate()
+        .map(|(i, ex)| fits(i, ex).err().map(|e| format!("{e:#}")))
+        .collect();
     let mut unfit = Vec::new();
     let mut kept = Vec::with_capacity(examples.len());
     for (ex, why) in std::mem::take(examples).into_iter().zip(verdicts) {
