@@ -896,7 +896,7 @@ async fn answer_chat(
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.opts.max_body_bytes)
         } else if client_left(&e) {
-            ApiError::client_closed()
+            ApiError::client_closed("before sending the whole request body")
         } else {
             ApiError::invalid(None, format!("cannot read the request body: {e}"))
         }
@@ -1106,7 +1106,9 @@ async fn wait_for(
         Ok(Err(_)) if arrived.elapsed() >= timeout => Err(ApiError::timeout(timeout.as_secs_f64())),
         Ok(Err(_)) => Err(ApiError::internal("the worker dropped the question")),
         // Stopped because the client closed the connection while hyper was not reading it.
-        Ok(Ok(Err(e))) if e.is::<crate::cancel::Cancelled>() => Err(ApiError::client_gone()),
+        Ok(Ok(Err(e))) if e.is::<crate::cancel::Cancelled>() => {
+            Err(ApiError::client_closed("before its answer"))
+        }
         Ok(Ok(Err(e))) => {
             let text = format!("{e:#}");
             crate::note!("error answering a request: {text}");

@@ -88,23 +88,14 @@ impl ApiError {
         )
     }
 
-    /// 499 (nginx's "client closed request") for a request whose client left before sending
-    /// its body: nobody reads it; /metrics and the access log count it.
-    pub fn client_closed() -> Self {
+    /// 499 (nginx's "client closed request") for a request whose client left `when` (nobody
+    /// reads it; /metrics and the access log count it): before sending its whole body, or before
+    /// its answer where the server was not reading the connection (see `worker::Peer`).
+    pub fn client_closed(when: &str) -> Self {
         Self::new(
             StatusCode::from_u16(super::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             "invalid_request_error",
-            "the client closed the connection before sending the whole request body",
-        )
-    }
-
-    /// The worker stopped answering because the client had closed its connection (one the
-    /// server was not reading: see `worker::Peer`).
-    pub fn client_gone() -> Self {
-        Self::new(
-            StatusCode::from_u16(super::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
-            "invalid_request_error",
-            "the client closed the connection before its answer",
+            format!("the client closed the connection {when}"),
         )
     }
 
