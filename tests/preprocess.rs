@@ -4,11 +4,12 @@
 mod common;
 
 use bella_vqa::models::image::{
-    center_crop, decode_image, load_image, pad_to_square, pil_resize, to_rgb, ImageProcessor,
-    Resample, ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+    center_crop, decode_image, decoding_bytes, load_image, pad_to_square, pil_resize, to_rgb,
+    ImageProcessor, Resample, ResizeTarget, RgbU8, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
 };
 use candle_core::{DType, Tensor};
-use common::{fixture, max_abs_diff, reference};
+use common::{exif_orientation, fixture, max_abs_diff, png_of, reference};
 use image::{DynamicImage, ImageBuffer, Rgb, Rgba};
 use serde_json::json;
 use std::path::Path;
@@ -689,20 +690,6 @@ fn webp_and_gif_uploads_decode_to_the_pixels_they_hold() {
     }
 }
 
-/// A TIFF-structured EXIF block (little endian) holding one tag: Orientation = `orientation`.
-fn exif_orientation(orientation: u16) -> Vec<u8> {
-    let mut exif = b"II*\0".to_vec();
-    exif.extend_from_slice(&8u32.to_le_bytes()); // the first IFD follows the header
-    exif.extend_from_slice(&1u16.to_le_bytes()); // one entry:
-    exif.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation,
-    exif.extend_from_slice(&3u16.to_le_bytes()); // SHORT,
-    exif.extend_from_slice(&1u32.to_le_bytes()); // one value,
-    exif.extend_from_slice(&orientation.to_le_bytes());
-    exif.extend_from_slice(&[0, 0]);
-    exif.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
-    exif
-}
-
 fn encode_with_exif(img: &image::RgbImage, format: image::ImageFormat, exif: Vec<u8>) -> Vec<u8> {
     use image::ImageEncoder;
     let mut bytes = Vec::new();
@@ -722,6 +709,34 @@ fn encode_with_exif(img: &image::RgbImage, format: image::ImageFormat, exif: Vec
         other => unreachable!("{other:?}"),
     }
     bytes
+}
+
+#[test]
+fn decoding_an_image_is_counted_in_its_own_depth_with_a_quarter_turns_copy() {
+    use image::ExtendedColorType::{La8, Rgb8, Rgba16, Rgba8, L8};
+    // 10 × 6 = 60 pixels. Decoded bytes (as the decoder gives them)
+    // beside the larger of the turned copy and the 8-bit RGB copy (none for 8-bit RGB).
+    for (layout, orientation, bytes) in [
+        (Rgb8, 1, 60 * 3),
+        (Rgb8, 3, 60 * 3),          // half a turn: in place
+        (Rgb8, 6, 60 * 3 + 60 * 3), // a quarter: a turned copy
+        (L8, 1, 60 + 60 * 3),       // grey, then its RGB copy
+        (La8, 8, 60 * 2 + 60 * 3),  // the RGB copy is the larger
+        (Rgba8, 1, 60 * 4 + 60 * 3),
+        (Rgba16, 1, 60 * 8 + 60 * 3),
+        (Rgba16, 5, 60 * 8 + 60 * 8), // the turned copy is the larger
+    ] {
+        let png = png_of(layout, (10, 6), orientation);
+        assert_eq!(
+            decoding_bytes(&png, "upload.png").unwrap(),
+            bytes,
+            "{layout:?}, orientation {orientation}"
+        );
+    }
+    // A JPEG is 8-bit RGB (or grey); its EXIF block is read from its header.
+    let rgb = image::RgbImage::new(10, 6);
+    let jpeg = encode_with_exif(&rgb, image::ImageFormat::Jpeg, exif_orientation(6));
+    assert_eq!(decoding_bytes(&jpeg, "photo.jpg").unwrap(), 360);
 }
 
 /// The stored pixel shown at (x, y) of the upright image, for a stored image `w` × `h` with EXIF

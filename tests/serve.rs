@@ -968,6 +968,23 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
     // and the processor's copy of it and its steps hold more than the 1 MiB bound.
     let (s, _, t) = post_image(350, 350);
     assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
+    // Decoding is counted in the image's own depth: a 400 × 250 8-bit RGB photograph fits
+    // (1.05 MiB at the 11 bytes a pixel once counted for any image); 16-bit RGBA stored a
+    // quarter turned holds 16 bytes a pixel while it is turned upright: 260 × 260 of them are
+    // 1.03 MiB (0.71 MiB at 11).
+    let (s, _, t) = post_image(400, 250);
+    assert_eq!(s, 200, "{t}");
+    let png = common::png_of(image::ExtendedColorType::Rgba16, (260, 260), 6);
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let (s, _, t) = post(
+        &server.url,
+        &request(&url, "What color is the circle?").to_string(),
+        None,
+    );
+    assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
     // Decided from the header, before decoding: a PNG whose header says 2000×2000 and whose
     // pixel data is cut off gets its 413, not a decoding error; so does a 30000×10 strip
     // (0.3 Mpixel, 3.3 MB held while decoded).

@@ -248,9 +248,48 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     limits
         .reserve(decoder.total_bytes())
         .map_err(|e| describe_image_error(name, e))?;
-    // Upright, as `transformers`' `load_image` returns it (`PIL.ImageOps.exif_transpose`): a
-    // phone stores a portrait photograph sideways with an EXIF orientation tag. Unreadable
-    // metadata leaves the pixels as stored, as Pillow does.
+    let orientation = upright(&mut decoder, bytes, format);
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+/// The most memory (bytes) that [`decode_image`] and then [`ImageProcessor::into_rgb8`] hold at
+/// once for an image held in memory, read from its header (nothing is decoded): its pixels as
+/// the decoder gives them (1 byte a pixel for 8-bit grey up to 8 for 16-bit RGBA), beside either
+/// their copy turned a quarter (an EXIF orientation that swaps the sides) or their 8-bit RGB copy
+/// (none when they are 8-bit RGB already). For images that [`image_size`] accepted.
+pub fn decoding_bytes(bytes: &[u8], name: &str) -> Result<u64> {
+    let format = image_format(bytes, name)?;
+    let mut decoder = ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_decoder()
+        .map_err(|e| describe_image_error(name, e))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    let decoded = decoder.total_bytes();
+    let turned = match upright(&mut decoder, bytes, format) {
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH => decoded,
+        _ => 0,
+    };
+    let rgb = match decoder.color_type() {
+        image::ColorType::Rgb8 => 0,
+        _ => pixels * 3,
+    };
+    Ok(decoded.saturating_add(turned.max(rgb)))
+}
+
+/// How an image is turned upright, as `transformers`' `load_image` turns it
+/// (`PIL.ImageOps.exif_transpose`): a phone stores a portrait photograph sideways with an EXIF
+/// orientation tag. Unreadable metadata leaves the pixels as stored, as Pillow does.
+fn upright(
+    decoder: &mut impl ImageDecoder,
+    bytes: &[u8],
+    format: image::ImageFormat,
+) -> Orientation {
     let exif = decoder.exif_metadata().ok().flatten().or_else(|| {
         // The PNG decoder reports only an eXIf chunk before the image data; Pillow finds one
         // after it too.
@@ -265,13 +304,9 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
         None if format == image::ImageFormat::Tiff => exif_orientation(bytes),
         None => None,
     };
-    let orientation = orientation
+    orientation
         .and_then(Orientation::from_exif)
-        .unwrap_or(Orientation::NoTransforms);
-    let mut image =
-        DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
-    image.apply_orientation(orientation);
-    Ok(image)
+        .unwrap_or(Orientation::NoTransforms)
 }
 
 /// The Orientation tag (0x0112) of the first IFD of an EXIF block (a TIFF structure, with or

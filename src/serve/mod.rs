@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::answer::generate::Sampling;
-use crate::models::image::{decode_image, image_size};
+use crate::models::image::{decode_image, decoding_bytes, image_size};
 use crate::{AskOptions, BellaVqa, Response};
 use metrics::Metrics;
 use openai::{
@@ -975,10 +975,12 @@ async fn answer_chat(
                 .model()
                 .image_processor()
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-            // Decoding holds the decoded pixels (up to 16-bit RGBA: 8 bytes a pixel) and their
-            // 8-bit RGB copy (3); preprocessing holds that copy, the processor's own (3) and its
-            // steps' peak. One past the limit can never fit: 413.
+            // Decoding holds the decoded pixels (in their own depth) and a copy of them;
+            // preprocessing holds their 8-bit RGB copy (3 bytes a pixel), the processor's own (3)
+            // and its steps' peak. One past the limit can never fit: 413.
             let pixels = u64::from(w) * u64::from(h);
+            let decoding = decoding_bytes(&bytes, &param)
+                .map_err(|e| ApiError::invalid(Some(&param), format!("{e:#}")))?;
             let needed = processor
                 .working_bytes(w as usize, h as usize)
                 .map_err(|e| ApiError {
@@ -986,7 +988,7 @@ async fn answer_chat(
                     ..ApiError::image_too_large(format!("{e:#}"))
                 })?
                 .saturating_add(pixels * 6)
-                .max(pixels * 11);
+                .max(decoding);
             Ok((bytes, (w, h), max_new, needed))
         })
         .await
@@ -998,9 +1000,9 @@ async fn answer_chat(
         return Err(ApiError {
             param: Some(ask.image_param.clone()),
             ..ApiError::image_too_large(format!(
-                "the {}×{} image needs {kib} KiB while it is decoded and prepared (up to 16-bit \
-                 RGBA), more than the server's image memory of {} KiB \
-                 (--max-image-memory-mb {}): send a smaller image",
+                "the {}×{} image needs {kib} KiB while it is decoded and prepared, more than the \
+                 server's image memory of {} KiB (--max-image-memory-mb {}): send a smaller \
+                 image",
                 size.0,
                 size.1,
                 state.opts.max_image_memory_bytes / 1024,
@@ -1029,7 +1031,7 @@ async fn answer_chat(
             )
         })?;
     // Then the decode, within its share. Kept as the processor's 8-bit RGB (exactly what it
-    // would make of it first): a 16-bit RGBA upload holds 8 bytes a pixel, this 3.
+    // would make of it first): a 16-bit RGBA upload holds 8 bytes a pixel decoded, this 3.
     let image = {
         let (vqa, param, max_pixels) = (
             vqa.clone(),

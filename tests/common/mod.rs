@@ -344,3 +344,29 @@ pub fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A TIFF-structured EXIF block (little endian) holding one tag: Orientation = `orientation`.
+pub fn exif_orientation(orientation: u16) -> Vec<u8> {
+    let mut exif = b"II*\0".to_vec();
+    exif.extend_from_slice(&8u32.to_le_bytes()); // the first IFD follows the header
+    exif.extend_from_slice(&1u16.to_le_bytes()); // one entry:
+    exif.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation,
+    exif.extend_from_slice(&3u16.to_le_bytes()); // SHORT,
+    exif.extend_from_slice(&1u32.to_le_bytes()); // one value,
+    exif.extend_from_slice(&orientation.to_le_bytes());
+    exif.extend_from_slice(&[0, 0]);
+    exif.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    exif
+}
+
+/// A `w` × `h` PNG of the given colour layout (its bytes zero), with an EXIF orientation tag.
+pub fn png_of(layout: image::ExtendedColorType, (w, h): (u32, u32), orientation: u16) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut bytes = Vec::new();
+    let mut e = image::codecs::png::PngEncoder::new(&mut bytes);
+    e.set_exif_metadata(exif_orientation(orientation)).unwrap();
+    let row = (usize::from(layout.bits_per_pixel()) * w as usize).div_ceil(8);
+    let data = vec![0u8; row * h as usize];
+    e.write_image(&data, w, h, layout).unwrap();
+    bytes
+}
