@@ -724,6 +724,13 @@ fn run(cli: &Cli) -> Result<()> {
                 }
             }
             let img = load_image(image)?;
+            if let Some(answers) = vqa.answer_vocabulary().filter(|a| a.len() >= MANY_ANSWERS) {
+                note!(
+                    "scoring {} candidate answers: CLIP's text tower reads each with the \
+                     question, for every particle (a long --answers list takes a while)",
+                    answers.len()
+                );
+            }
             let response = vqa
                 .ask_with(&img, question, &ask)
                 .with_context(|| format!("answering about {}", image.display()))?;
@@ -998,6 +1005,10 @@ fn read_data(
 
 /// A training set from which on `train` says what it does before its first step (seconds).
 const MANY_QUESTIONS: usize = 10_000;
+
+/// A CLIP answer list from which `ask` says it is scoring them (on the demo CLIP, 20 000 answers
+/// took 36 s to score).
+const MANY_ANSWERS: usize = 2_000;
 
 /// Takes the questions of `file` that `train` cannot use in `role` out of `data`
 /// ([`train::take_unfit`]): found before the first step; named and stopping the run unless

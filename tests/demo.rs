@@ -166,6 +166,40 @@ fn ask_demo_clip_answers_from_its_vocabulary() {
         QUESTION,
     ]);
     assert_eq!(v["answer"], "red", "{v}");
+    // A long list takes a while to score, and `ask` says so first; a short one goes unremarked.
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("answers.txt");
+    let shipped = std::fs::read_to_string(repo("demo/clip/answers.txt")).unwrap();
+    let more: String = (0..2000).map(|i| format!("colour {i}\n")).collect();
+    std::fs::write(&long, format!("{shipped}{more}")).unwrap();
+    let shipped_count = bella_vqa::answer::read_answer_list(&repo("demo/clip/answers.txt"))
+        .unwrap()
+        .len();
+    for (list, said) in [
+        (repo("demo/clip/answers.txt"), None),
+        (
+            long,
+            Some(format!(
+                "scoring {} candidate answers",
+                shipped_count + 2000
+            )),
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["ask", "--json", "--model", "demo/clip", "--image", IMAGE])
+            .arg("--answers")
+            .arg(&list)
+            .arg(QUESTION)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        match said {
+            Some(line) => assert!(stderr.contains(&line), "{stderr}"),
+            None => assert!(!stderr.contains("candidate answers"), "{stderr}"),
+        }
+    }
 }
 
 /// `ask --json` without a model argument (the embedded demo), its cache in `cache`.

@@ -536,6 +536,12 @@ impl BellaVqa {
         Ok(())
     }
 
+    /// The candidate answers a CLIP model scores ([`Self::set_answer_vocabulary`], or the
+    /// particles' own); `None` for a LLaVA, which generates its answers.
+    pub fn answer_vocabulary(&self) -> Option<&[String]> {
+        self.vocabulary.as_deref()
+    }
+
     pub fn model(&self) -> &LoadedModel {
         &self.loaded
     }
