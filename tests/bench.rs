@@ -1984,6 +1984,109 @@ fn textvqa_gqa_and_aokvqa_files_are_benched_like_jsonl_with_their_submission_for
     }
 }
 
+/// Samples of an A-OKVQA run written before its own rule was applied (no `accuracy_rule`,
+/// scored by the VQA rule, no alpha recorded), in a run continued or shards merged after the
+/// upgrade, are scored again by A-OKVQA's rule: a run must not hold two metrics' scores, nor
+/// report one as the other.
+#[test]
+fn older_samples_of_aokvqa_data_are_scored_again_by_its_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = read_jsonl(&world().join("test.jsonl"), &ReadOptions::default()).unwrap();
+    let file = dir.join("aokvqa_v1p0_val.json");
+    let write_file = |humans: &dyn Fn(usize) -> Vec<String>| {
+        let records: Vec<Value> = data.examples[..6]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let name = format!("val2017/{:012}.jpg", i + 1);
+                std::fs::create_dir_all(dir.join("val2017")).unwrap();
+                std::fs::copy(&e.image, dir.join(name)).unwrap();
+                serde_json::json!({"split": "val", "image_id": i + 1,
+                    "question_id": format!("q{i}"), "question": e.question, "choices": ["a"],
+                    "correct_choice_idx": 0, "direct_answers": humans(i)})
+            })
+            .collect();
+        std::fs::write(&file, Value::Array(records).to_string()).unwrap();
+    };
+    let bench_into = |out: &Path, shard: Option<Shard>| {
+        let mut opts = BenchOptions::new(DataInput::new(file.clone()), out);
+        opts.max_new_tokens = 4;
+        opts.shard = shard;
+        run(&opts);
+    };
+    // What an older version wrote: the VQA rule's accuracy, no rule named.
+    let make_old = |out: &Path| {
+        let lines: Vec<String> = samples_of(out)
+            .into_iter()
+            .map(|mut s| {
+                let humans: Vec<String> = serde_json::from_value(s["answers"].clone()).unwrap();
+                let answer = s["answer"].as_str().unwrap().to_string();
+                s["accuracy"] =
+                    metrics::vqa_accuracy(&answer, &humans, NormalizeMode::default()).into();
+                s.as_object_mut().unwrap().remove("accuracy_rule");
+                s.to_string()
+            })
+            .collect();
+        std::fs::write(out.join("samples.jsonl"), lines.join("\n") + "\n").unwrap();
+        // Nor did it record the particles' alpha.
+        let path = out.join("bench_config.json");
+        let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let adapters = config["adapters"].as_object_mut().unwrap();
+        assert!(adapters.remove("alpha").is_some());
+        std::fs::write(&path, config.to_string()).unwrap();
+    };
+    let check = |out: &Path| {
+        let samples = samples_of(out);
+        let mut differ = 0;
+        let mut sum = 0.0;
+        for s in &samples {
+            let humans: Vec<String> = serde_json::from_value(s["answers"].clone()).unwrap();
+            let answer = s["answer"].as_str().unwrap();
+            let da = metrics::direct_answer_accuracy(answer, &humans, NormalizeMode::default());
+            differ += usize::from(da != metrics::vqa_accuracy(answer, &humans, Default::default()));
+            assert_eq!(s["accuracy"].as_f64(), Some(da), "{s}");
+            assert_eq!(s["accuracy_rule"], "direct_answer", "{s}");
+            sum += da;
+        }
+        assert!(differ > 0, "no answer tells the rules apart");
+        let acc = results_of(out)["results"]["vqa_accuracy"].as_f64().unwrap();
+        assert!((acc - sum / samples.len() as f64).abs() < 1e-12, "{acc}");
+    };
+    // The model's answers first; then three of ten annotators give each: A-OKVQA's rule says
+    // 1, the VQA rule 0.9.
+    write_file(&|_| vec!["red".to_string()]);
+    let probe = dir.join("probe");
+    bench_into(&probe, None);
+    let mut given = samples_of(&probe);
+    given.sort_by_key(|s| s["index"].as_u64());
+    write_file(&|i| {
+        let mut humans = vec![given[i]["answer"].as_str().unwrap().to_string(); 3];
+        humans.extend(std::iter::repeat_n("something else".to_string(), 7));
+        humans
+    });
+    // A finished run continued by the new version (its metrics computed again).
+    let whole = dir.join("whole");
+    bench_into(&whole, None);
+    make_old(&whole);
+    bench_into(&whole, None);
+    check(&whole);
+    // Shards, one of them old, merged (and merged again into the same directory).
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let d = dir.join(format!("shard{i}"));
+            bench_into(&d, Some(Shard::new(i, 2).unwrap()));
+            d
+        })
+        .collect();
+    make_old(&shards[0]);
+    let merged = dir.join("merged");
+    for _ in 0..2 {
+        merge(&shards, &merged, &Default::default()).unwrap();
+        check(&merged);
+    }
+}
+
 #[test]
 fn declined_counts_abstentions_and_unanswerable_answers() {
     use bella_vqa::bench::results::declined;

@@ -105,11 +105,15 @@ pub fn merge(
         }
         configs.push(c);
     }
-    let first = &configs[0];
+    // What an older version did not record (shards begun before an upgrade) is taken from the
+    // shards that did.
+    let first = configs
+        .iter()
+        .fold(configs[0].clone(), |f, c| f.with_unrecorded_from(c));
     let count = first.shard.map_or(1, |s| s.count);
     let mut by_index: BTreeMap<usize, &Path> = BTreeMap::new();
     for (d, c) in dirs.iter().zip(&configs) {
-        let diffs = first.differences(c, false, true);
+        let diffs = first.differences(&c.clone().with_unrecorded_from(&first), false, true);
         if !diffs.is_empty() {
             bail!(
                 "{} and {} are shards of different runs:\n  {}",
@@ -243,7 +247,7 @@ pub fn merge(
         );
     }
     if out.join(super::config::CONFIG_FILE).exists() {
-        let old = RunConfig::read(out)?;
+        let old = RunConfig::read(out)?.with_unrecorded_from(&merged);
         let diffs = old.differences(&merged, false, false);
         if !diffs.is_empty() || old.shard.is_some() {
             bail!(
@@ -252,8 +256,22 @@ pub fn merge(
             );
         }
     }
+    let rescored = super::samples::rescore(
+        &mut ordered,
+        |split| {
+            merged
+                .data
+                .iter()
+                .find(|d| d.split == split)
+                .map(|d| d.format.accuracy_rule())
+        },
+        merged.normalize,
+    );
+    if rescored > 0 && bootstrap.progress {
+        crate::note!("{}", super::samples::rescored_note(rescored, &samples));
+    }
     merged.write(out)?;
-    write_samples(&out.join(SAMPLES_FILE), &ordered)?;
+    write_samples(&samples, &ordered)?;
     crate::io::write_bytes_atomically(&out.join(results::RUNS_FILE), &results::json_lines(&runs)?)?;
     results::replace_lines(&out.join(results::SKIPPED_FILE), &skipped)?;
     // The same data in every shard: the first one's list of bad records.

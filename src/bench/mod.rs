@@ -777,6 +777,25 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             }
         }
     }
+    let mut existing = existing;
+    let rescored = samples::rescore(
+        &mut existing.samples,
+        |split| {
+            sets.iter()
+                .find(|s| s.record.split == split)
+                .map(|s| s.record.format.accuracy_rule())
+        },
+        config.normalize,
+    );
+    if rescored > 0 {
+        samples::write_samples(&samples_path, &existing.samples)?;
+        existing.good_len = std::fs::metadata(&samples_path)
+            .with_context(|| format!("cannot read {}", samples_path.display()))?
+            .len();
+        if opts.progress {
+            crate::note!("{}", samples::rescored_note(rescored, &samples_path));
+        }
+    }
     let existing = without_changed_images(existing, &samples_path, &sets, opts.progress)?;
     let done: HashSet<(String, usize)> = existing
         .samples

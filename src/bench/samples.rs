@@ -225,6 +225,35 @@ impl Sample {
     }
 }
 
+/// Scores again every sample scored by another accuracy rule than its split's (`rule_of`;
+/// samples written before A-OKVQA's own rule was applied carry none and were scored by the VQA
+/// rule), under the run's normalisation; how many.
+pub fn rescore(
+    samples: &mut [Sample],
+    rule_of: impl Fn(&str) -> Option<AccuracyRule>,
+    mode: NormalizeMode,
+) -> usize {
+    let mut rescored = 0;
+    for s in samples {
+        let Some(rule) = rule_of(&s.split).filter(|r| *r != s.accuracy_rule) else {
+            continue;
+        };
+        s.accuracy_rule = rule;
+        s.accuracy = (!s.answers.is_empty()).then(|| rule.accuracy(&s.answer, &s.answers, mode));
+        rescored += 1;
+    }
+    rescored
+}
+
+/// What [`rescore`] says it did.
+pub fn rescored_note(count: usize, path: &Path) -> String {
+    format!(
+        "{count} answer(s) in {} were scored by the VQA rule (an older bella-vqa): scored again \
+         by their data's rule (A-OKVQA's direct-answer accuracy)",
+        path.display()
+    )
+}
+
 fn confidence_selector() -> String {
     "confidence".into()
 }
