@@ -802,6 +802,54 @@ fn a_value_under_its_old_and_new_names_loads_when_they_agree() {
         panic!("a LLaVA")
     };
     assert_eq!(m.config().text_config.rope_theta(), 500.0);
+    // Which θ transformers 5 uses where `rope_scaling` (the 4.x key) is there too: a non-empty
+    // `rope_scaling` replaces `rope_parameters` whole (`convert_rope_params_to_dict`), and the
+    // legacy `rope_theta` fills a θ it lacks. Pinned from transformers 5.24's
+    // `LlavaConfig.from_dict(...).text_config.rope_parameters`.
+    for (text_config, theta) in [
+        (
+            json!({"rope_scaling": {"rope_type": "default", "rope_theta": 50000.0}}),
+            50000.0,
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+                   "rope_scaling": {"rope_type": "default"}}),
+            10000.0,
+        ),
+        (
+            json!({"rope_theta": 700.0,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+                   "rope_scaling": {"rope_type": "default"}}),
+            700.0,
+        ),
+        (
+            json!({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                   "rope_scaling": {}}),
+            500.0,
+        ),
+        (json!({"rope_theta": 300.0, "rope_scaling": null}), 300.0),
+    ] {
+        let dir = copy_fixture("llava-tiny-hub");
+        edit_config(dir.path(), |v: &mut serde_json::Value| {
+            let text = v["text_config"].as_object_mut().unwrap();
+            for key in ["rope_theta", "rope_parameters", "rope_scaling"] {
+                text.remove(key);
+            }
+            text.extend(text_config.as_object().unwrap().clone());
+        });
+        let files = common::dir_files(dir.path()).unwrap();
+        let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
+        let models::Model::Llava(m) = &loaded.model else {
+            panic!("a LLaVA")
+        };
+        assert_eq!(m.config().text_config.rope_theta(), theta, "{text_config}");
+    }
+    // A type in the section transformers ignores does not matter; in the one it uses, it does.
+    load(&|v| {
+        v["text_config"]["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0});
+        v["text_config"]["rope_scaling"] = json!({"rope_type": "default"});
+    })
+    .expect("rope_parameters replaced by rope_scaling");
     for (edit, expected) in [
         (
             Box::new(|v: &mut serde_json::Value| {
@@ -831,6 +879,46 @@ fn a_value_under_its_old_and_new_names_loads_when_they_agree() {
         let err = load(&*edit).expect_err(expected);
         assert!(err.contains(expected), "{err}");
     }
+}
+
+/// transformers 5 ties a LLaVA's output layer to its embeddings when the model's own
+/// `tie_word_embeddings` is true, whatever `text_config` says (`LlavaConfig.__post_init__`), and
+/// its `save_pretrained` then stores no `lm_head`: such a checkpoint computes what one storing
+/// the embeddings as its `lm_head` computes. `"swish"` is transformers' other name for SiLU.
+#[test]
+fn a_checkpoint_tied_by_the_models_own_key_loads_tied() {
+    let weights = |dir: &Path| dir.join("model.safetensors");
+    let tensors =
+        candle_core::safetensors::load(weights(&fixture("llava-tiny-v5")), &Device::Cpu).unwrap();
+    let embed = tensors["language_model.model.embed_tokens.weight"].clone();
+    let write = |dir: &Path, lm_head: Option<&Tensor>| {
+        let mut t = tensors.clone();
+        t.remove("language_model.lm_head.weight");
+        if let Some(head) = lm_head {
+            t.insert("language_model.lm_head.weight".into(), head.clone());
+        }
+        candle_core::safetensors::save(&t, weights(dir)).unwrap();
+    };
+    let untied = copy_fixture("llava-tiny-v5");
+    write(untied.path(), Some(&embed));
+    let tied = copy_fixture("llava-tiny-v5");
+    write(tied.path(), None);
+    edit_config(tied.path(), |v| {
+        v["tie_word_embeddings"] = true.into();
+        v["text_config"]["tie_word_embeddings"] = false.into();
+        v["text_config"]["hidden_act"] = "swish".into();
+    });
+    let logits = |dir: &Path| {
+        let files = common::dir_files(dir).unwrap();
+        let loaded = models::load(&files, &Device::Cpu, DType::F32).unwrap();
+        bella_vqa::logits::prompt_outputs(&loaded, None, "What color is the circle?", false)
+            .unwrap()
+            .logits
+    };
+    assert_eq!(
+        common::max_abs_diff(&logits(tied.path()), &logits(untied.path())),
+        0.0
+    );
 }
 
 #[test]

@@ -85,3 +85,42 @@ fn logits_per_image_match_transformers() {
     let scale = m.logit_scale().to_scalar::<f32>().unwrap();
     assert!((scale - 2.3).abs() < 1e-6, "logit_scale read as {scale}");
 }
+
+/// An `image_size` that is not a multiple of `patch_size` (32 with patches of 6): transformers'
+/// stride-6 convolution leaves out the last 2 rows and columns, so the tower sees what a 30-pixel
+/// tower with the same weights sees of the top-left 30 × 30 (it failed with a shape error).
+#[test]
+fn an_image_size_past_whole_patches_is_cut_as_the_convolution_cuts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("clip-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    for (file, edit) in [
+        ("config.json", "/vision_config/image_size"),
+        ("preprocessor_config.json", "/crop_size/height"),
+        ("preprocessor_config.json", "/crop_size/width"),
+        ("preprocessor_config.json", "/size/shortest_edge"),
+    ] {
+        let path = dir.path().join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        *v.pointer_mut(edit).unwrap() = 32.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+    let files = dir_files(dir.path()).unwrap();
+    let Model::Clip(wide) =
+        bella_vqa::models::load(&files, &candle_core::Device::Cpu, candle_core::DType::F32)
+            .unwrap()
+            .model
+    else {
+        panic!("a CLIP")
+    };
+    let pixels =
+        candle_core::Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
+    let cut = pixels.narrow(2, 0, 30).unwrap().narrow(3, 0, 30).unwrap();
+    let expected = clip().image_embeds(&cut, 1).unwrap();
+    let got = wide.image_embeds(&pixels, 1).unwrap();
+    assert_eq!(got.dims(), expected.dims());
+    assert!(max_abs_diff(&got, &expected) < 1e-6);
+}

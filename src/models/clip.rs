@@ -534,7 +534,13 @@ impl ClipVisionTransformer {
         let pixel_values = pixel_values
             .to_device(self.patch_embedding.device())?
             .to_dtype(self.patch_embedding.dtype())?;
-        // The stride-p convolution as one matmul over flattened patches.
+        // The stride-p convolution as one matmul over flattened patches. Like the convolution,
+        // it leaves out the last `image_size % p` rows and columns.
+        let side = g * p;
+        let pixel_values = match side == c.image_size {
+            true => pixel_values,
+            false => pixel_values.narrow(2, 0, side)?.narrow(3, 0, side)?,
+        };
         let patches = pixel_values
             .reshape((n, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?

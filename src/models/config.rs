@@ -20,6 +20,8 @@ pub enum Activation {
     Gelu,
     #[serde(alias = "gelu_new", alias = "gelu_fast")]
     GeluPytorchTanh,
+    /// transformers' `"silu"` and its synonym `"swish"`.
+    #[serde(alias = "swish")]
     Silu,
     Relu,
 }
@@ -128,6 +130,15 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// Whatever else it holds (`factor`, …): a non-empty section is used, as Python reads it.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RopeParameters {
+    fn is_empty(&self) -> bool {
+        self.rope_type.is_none() && self.rope_theta.is_none() && self.other.is_empty()
+    }
 }
 
 /// A LLaMA-family decoder (defaults of transformers' `LlamaConfig`).
@@ -145,8 +156,8 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
-    pub rope_parameters: Option<RopeParameters>,
-    pub rope_scaling: Option<RopeParameters>,
+    pub rope_parameters: Option<Box<RopeParameters>>,
+    pub rope_scaling: Option<Box<RopeParameters>>,
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub tie_word_embeddings: bool,
@@ -211,12 +222,19 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// `rope_theta` from transformers 5's `rope_parameters`, else the 4.x key: with both, the
-    /// first wins, as transformers 5 reads them (`standardize_rope_params` only sets
-    /// `rope_parameters.rope_theta` from the legacy key when it is missing).
+    /// The RoPE section transformers 5 uses (`convert_rope_params_to_dict`): `rope_scaling`
+    /// when it holds anything, else `rope_parameters`; the other is ignored.
+    fn rope(&self) -> Option<&RopeParameters> {
+        self.rope_scaling
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .or(self.rope_parameters.as_deref())
+    }
+
+    /// `rope_theta` from the RoPE section ([`Self::rope`]), else the 4.x key, else 10 000, as
+    /// transformers 5 reads them (the legacy key only fills a section without one).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
+        self.rope()
             .and_then(|r| r.rope_theta)
             .or(self.rope_theta)
             .unwrap_or(10_000.0)
@@ -225,14 +243,9 @@ impl LlamaConfig {
     /// The invariants the decoder code relies on; `at` is the key path of this section
     /// (`text_config`).
     fn validate(&self, at: &str) -> Result<()> {
-        for rope in [&self.rope_parameters, &self.rope_scaling]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(kind) = rope.rope_type.as_deref() {
-                if kind != "default" {
-                    bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)");
-                }
+        if let Some(kind) = self.rope().and_then(|r| r.rope_type.as_deref()) {
+            if kind != "default" {
+                bail!("{at}: rope type {kind:?} is not supported (only the default RoPE)");
             }
         }
         let k = Keys(at);
@@ -409,6 +422,10 @@ pub struct LlavaConfig {
     pub multimodal_projector_bias: bool,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// The model's own key; transformers 5 ties the output layer to the embeddings when it or
+    /// `text_config`'s is true (read into `text_config.tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 /// transformers' `LlavaConfig` builds this vision config when none is given.
@@ -537,7 +554,8 @@ impl ModelConfig {
                         ),
                     }
                 }
-                let config: LlavaConfig = parse(&one_name_each(raw)?, "LLaVA")?;
+                let mut config: LlavaConfig = parse(&one_name_each(raw)?, "LLaVA")?;
+                config.text_config.tie_word_embeddings |= config.tie_word_embeddings;
                 config.text_config.validate("text_config")?;
                 config.vision_config.validate("vision_config")?;
                 config.feature_layers()?;
