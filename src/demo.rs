@@ -93,7 +93,7 @@ fn write_or_find() -> Result<PathBuf> {
     let digest = format!("{:x}", hasher.finalize());
     let root = crate::io::cache_dir()?;
     let dir = root.join(format!("demo-{}", &digest[..16]));
-    if dir.join(".complete").exists() && intact(&dir) {
+    if dir.join(".complete").exists() && intact(&dir)? {
         return Ok(dir);
     }
     unpack(&root, &dir, &digest[..16]).map_err(|e| {
@@ -121,7 +121,7 @@ fn unpack(root: &Path, dir: &Path, tag: &str) -> Result<PathBuf> {
     // repair uses it instead of moving it away. Where files cannot be locked, the renames below
     // still keep copies whole.
     let _lock = lock(&root.join(format!(".demo-{tag}.lock")), lock_wait())?;
-    if dir.join(".complete").exists() && intact(dir) {
+    if dir.join(".complete").exists() && intact(dir)? {
         return Ok(dir.to_path_buf());
     }
     // Copies are placed whole, with their marker: anything else there is a damaged copy (a file
@@ -243,14 +243,26 @@ fn holder(file: &mut std::fs::File) -> String {
     }
 }
 
-/// Whether every demo file in `dir` still holds what the binary carries (a FIFO or any other
-/// non-regular file in its place does not: it is never opened, which could block).
-fn intact(dir: &Path) -> bool {
-    FILES.iter().all(|(name, bytes)| {
+/// Whether every demo file in `dir` still holds what the binary carries (a missing file, or a
+/// FIFO or any other non-regular file in its place, does not: it is never opened, which could
+/// block). A file that cannot be read (too many open files, no memory, an I/O error) is an
+/// error, not a damaged copy: moving a good copy away would pull it from under other processes.
+fn intact(dir: &Path) -> Result<bool> {
+    for (name, bytes) in FILES {
         let path = dir.join(name);
-        std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
-            && std::fs::read(&path).is_ok_and(|b| b == *bytes)
-    })
+        let cannot = || format!("cannot read the demo copy's {}", path.display());
+        let meta = match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            meta => meta.with_context(cannot)?,
+        };
+        if !meta.is_file() || meta.len() != bytes.len() as u64 {
+            return Ok(false);
+        }
+        if std::fs::read(&path).with_context(cannot)? != *bytes {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The candidate answers of `demo` (a component, as [`crate::hub::demo_model`] names it) when

@@ -293,6 +293,56 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
     assert!(demo.join(".complete").exists());
 }
 
+/// A demo copy that cannot be read for a reason of the process's own (here too few file
+/// descriptors) is an error, not a damaged copy: it stays in place for the other processes that
+/// use it. It was moved away as damaged and not written again.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_demo_copy_that_cannot_be_read_is_not_moved_away() {
+    use std::os::unix::process::CommandExt;
+    let cache = tempfile::tempdir().unwrap();
+    ask_embedded(cache.path(), IMAGE);
+    let copy = std::fs::read_dir(cache.path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("demo-"))
+        .unwrap()
+        .path();
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("data.jsonl");
+    let record = serde_json::json!({"question_id": "q", "image": repo(IMAGE),
+        "question": QUESTION, "answers": ["red"]});
+    std::fs::write(&data, format!("{record}\n")).unwrap();
+    // Whatever the limit, whichever file it stops at (bench holds a few files open).
+    for files in 4..=12u64 {
+        let output = unsafe {
+            Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("BELLA_VQA_CACHE", cache.path())
+                .args(["bench", "--model", "demo", "--bootstrap", "0", "--data"])
+                .arg(&data)
+                .arg("--out")
+                .arg(out.path().join(format!("run{files}")))
+                .pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: files,
+                        rlim_max: files,
+                    };
+                    match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    }
+                })
+                .output()
+                .unwrap()
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("damaged"), "{files} files: {stderr}");
+        assert!(!stderr.contains("panicked"), "{files} files: {stderr}");
+        assert!(copy.join(".complete").exists(), "{files} files: {stderr}");
+    }
+}
+
 /// Copies the shipped ensemble particles (rank 8, P = 4, on the demo LLaVA) into `dir`.
 fn copy_shipped_ensemble(dir: &std::path::Path) {
     let from = repo("demo/particles/llava-ensemble");
