@@ -609,10 +609,13 @@ pub fn save_safetensors_atomically(
     write_bytes_atomically(path, &safetensors_bytes(tensors)?)
 }
 
-/// A file that records are appended to, each in one write and flushed at once.
+/// A file that records are appended to, each in one write and flushed at once; a write that
+/// fails part way (a full disk, `ulimit -f`) is cut off again, so the file holds whole records.
 pub struct AppendFile {
     file: fs::File,
     path: PathBuf,
+    /// The length of the whole records written.
+    len: u64,
 }
 
 impl AppendFile {
@@ -632,24 +635,40 @@ impl AppendFile {
             .metadata()
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
-        if let Some(keep) = keep.filter(|&k| k < len) {
-            file_op()
-                .and_then(|()| file.set_len(keep))
-                .with_context(|| format!("cannot cut {} to {keep} bytes", path.display()))?;
-        }
+        let len = match keep.filter(|&k| k < len) {
+            Some(keep) => {
+                file_op()
+                    .and_then(|()| file.set_len(keep))
+                    .with_context(|| format!("cannot cut {} to {keep} bytes", path.display()))?;
+                keep
+            }
+            None => len,
+        };
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            len,
         })
     }
 
-    /// Appends `bytes` in one write.
+    /// Appends `bytes` in one write; a write that fails leaves the file as it was (best
+    /// effort: cutting it can fail too).
     pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        file_op()
+        let written = file_op()
             .and_then(|()| self.file.write_all(bytes))
-            .and_then(|()| self.file.flush())
-            .with_context(|| format!("cannot append to {}", self.path.display()))
-            .map_err(|e| on_failed_write(e, &self.path))
+            .and_then(|()| self.file.flush());
+        match written {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(anyhow::Error::new(e)
+                    .context(format!("cannot append to {}", self.path.display())))
+                .map_err(|e| on_failed_write(e, &self.path))
+            }
+        }
     }
 
     pub fn sync(&mut self) -> Result<()> {

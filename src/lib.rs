@@ -99,6 +99,7 @@ pub use models::image::{decode_image, load_image};
 ///   top memory: a P = 8 f32 answer of the 2-layer 7B-wide model took 43 s instead of 60 s
 ///   (1.7 M fewer page faults) and peaked 6 % higher (`eval/SCALE.md`, stop 24). A long-running
 ///   caller hands freed memory back when idle with `malloc_trim`, as the server does.
+/// - SIGXFSZ is ignored: a write past `ulimit -f` is an error like a full disk.
 pub fn prepare_process() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
@@ -109,5 +110,13 @@ pub fn prepare_process() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    // A write past the file-size limit (`ulimit -f`) fails with "File too large", said with the
+    // file's name and the work kept as any failed write is, instead of killing the process
+    // (SIGXFSZ) without a word, a record half-written.
+    #[cfg(target_os = "linux")]
+    // SAFETY: ignoring a signal installs no handler; done before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }

@@ -632,6 +632,52 @@ fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
     }
 }
 
+/// A write past the file-size limit (`ulimit -f`) is an error like a full disk: said, exit
+/// status 1 (SIGXFSZ killed the process without a word), the answer it was writing cut off again
+/// (it was left half-written), and the same command without the limit completes the run.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_file_size_limit_stops_bench_with_an_error_and_whole_records() {
+    use std::os::unix::process::CommandExt;
+    let world = world();
+    let reference = tempfile::tempdir().unwrap();
+    run_ok(&mut bench_limit(world.path(), reference.path(), 6));
+    let samples = std::fs::read(reference.path().join("samples.jsonl")).unwrap();
+    let lines: Vec<usize> = samples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &b)| (b == b'\n').then_some(i + 1))
+        .collect();
+    // Room for two answers and half of the third.
+    let limit = (lines[1] + (lines[2] - lines[1]) / 2) as u64;
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = bench_limit(world.path(), out.path(), 6);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &l) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let failed = output(&mut cmd);
+    let said = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{said}");
+    assert!(said.contains("File too large"), "{said}");
+    let kept = std::fs::read(out.path().join("samples.jsonl")).unwrap();
+    assert_eq!(kept, samples[..lines[1]], "two whole answers, no more");
+    run_ok(&mut bench_limit(world.path(), out.path(), 6));
+    assert_eq!(
+        std::fs::read(out.path().join("samples.jsonl")).unwrap(),
+        samples
+    );
+}
+
 /// The lines of a JSON-lines file (none when it is missing).
 fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

@@ -1201,11 +1201,12 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
 }
 
 /// A second signal stops at once, with the shell's status for it (143 after SIGTERM, 130 after
-/// Ctrl-C), as train and bench do.
+/// Ctrl-C, 129 after SIGHUP), as train and bench do.
 #[cfg(unix)]
 #[test]
 fn a_second_signal_stops_serve_at_once_with_its_status() {
-    for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
+    // SIGHUP (the terminal or SSH session that started it closed) stops it gracefully too.
+    for (signal, code) in [("-TERM", 143), ("-INT", 130), ("-HUP", 129)] {
         let (mut child, mut lines, url) = serve_process(&[]);
         // A connection whose first request's headers stall keeps the graceful stop waiting
         // (after an answered request, the connection would count as idle and close at once).

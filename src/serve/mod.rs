@@ -7,7 +7,7 @@
 //! back on one-shot channels. The queue is bounded (503 with `Retry-After` when full), every
 //! request has a deadline (504), a connection that stalls is closed ([`idle`]; when stopping,
 //! one without a request in the server after [`DRAIN_GRACE`]), the decoded
-//! images in flight are bounded, and SIGINT/SIGTERM stop the server gracefully: requests in
+//! images in flight are bounded, and SIGINT/SIGTERM/SIGHUP stop the server gracefully: requests in
 //! flight are answered, new requests on open connections get 503 and new connections are refused.
 //! Written only against the crate's public API.
 
@@ -175,7 +175,7 @@ impl ServeOptions {
     }
 }
 
-/// Binds, prints `listening on http://ADDR`, and serves until SIGINT/SIGTERM. The model is
+/// Binds, prints `listening on http://ADDR`, and serves until SIGINT/SIGTERM/SIGHUP. The model is
 /// loaded by `load` on the worker thread while `/health` answers 503 "loading".
 pub fn run(
     opts: ServeOptions,
@@ -218,7 +218,7 @@ pub fn run(
     })
 }
 
-/// Resolves on SIGINT or SIGTERM; a second one ends the process at once (exit status 128 + the
+/// Resolves on SIGINT, SIGTERM or SIGHUP; a second one ends the process at once (exit status 128 + the
 /// signal, as the shell's), without waiting for the requests in flight (a graceful stop can
 /// take up to --timeout-secs).
 async fn shutdown_signal() {
@@ -233,11 +233,12 @@ async fn shutdown_signal() {
     });
 }
 
-/// SIGINT and SIGTERM, each listened to from its creation (one that cannot be listened to is
-/// waited for never).
+/// SIGINT, SIGTERM and SIGHUP (the terminal or SSH session that started the server closed),
+/// each listened to from its creation (one that cannot be listened to is waited for never).
 struct StopSignals {
     interrupt: Option<tokio::signal::unix::Signal>,
     terminate: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl StopSignals {
@@ -246,6 +247,7 @@ impl StopSignals {
         Self {
             interrupt: signal(SignalKind::interrupt()).ok(),
             terminate: signal(SignalKind::terminate()).ok(),
+            hangup: signal(SignalKind::hangup()).ok(),
         }
     }
 
@@ -262,6 +264,7 @@ impl StopSignals {
         tokio::select! {
             _ = recv(&mut self.interrupt) => libc::SIGINT,
             _ = recv(&mut self.terminate) => libc::SIGTERM,
+            _ = recv(&mut self.hangup) => libc::SIGHUP,
         }
     }
 }
