@@ -192,8 +192,9 @@ struct VqaArgs {
 struct ServeArgs {
     #[command(flatten)]
     vqa: VqaArgs,
-    /// Address to listen on (a non-loopback address without --api-key gets a warning).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to listen on, or a host name such as localhost (a non-loopback address without
+    /// --api-key gets a warning).
+    #[arg(long, default_value = "127.0.0.1", value_parser = listen_address)]
     host: std::net::IpAddr,
     /// Port (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8080)]
@@ -1001,6 +1002,25 @@ fn read_data(
         )
     });
     Ok((data.examples, skipped))
+}
+
+/// `--host`: an IP address, or a name resolved as the system resolves it (`localhost`: its
+/// first address).
+fn listen_address(host: &str) -> Result<std::net::IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse() {
+        return Ok(ip);
+    }
+    match (host, 0).to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .map(|a| a.ip())
+            .ok_or_else(|| format!("{host:?} has no address")),
+        Err(e) => Err(format!(
+            "{host:?} is neither an IP address nor a name this machine resolves ({e}): use \
+             127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        )),
+    }
 }
 
 /// A training set from which on `train` says what it does before its first step (seconds).

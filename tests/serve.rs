@@ -1200,6 +1200,28 @@ fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     );
 }
 
+/// `--host` takes a host name as well as an address: `localhost` listens on loopback.
+#[cfg(unix)]
+#[test]
+fn serve_listens_on_a_host_name() {
+    let (child, lines, url) = serve_process(&["--host", "localhost"]);
+    assert!(
+        url.starts_with("http://127.0.0.1:") || url.starts_with("http://[::1]:"),
+        "{url}"
+    );
+    let (status, _, text) = post(
+        &url,
+        &request(
+            &data_url(&demo_image("red-circle.png")),
+            "What color is the circle?",
+        )
+        .to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(chat_statuses_at_exit(child, lines), ["200"]);
+}
+
 /// A second signal stops at once, with the shell's status for it (143 after SIGTERM, 130 after
 /// Ctrl-C, 129 after SIGHUP), as train and bench do.
 #[cfg(unix)]
