@@ -245,6 +245,43 @@ fn train_killed_before_any_file_operation_resumes_to_the_same_particles() {
     );
 }
 
+/// Ctrl-C during `calibrate` stops it with the shell's status and says that nothing was stored:
+/// the particles keep their file as it was (it ended at once, without a word), and the same
+/// command then calibrates them.
+#[test]
+fn ctrl_c_stops_calibrate_leaving_the_particles_as_they_were() {
+    let world = world();
+    let particles = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), particles.path()));
+    let config = particles.path().join("bella_config.json");
+    let before = std::fs::read(&config).unwrap();
+    let calibrate = || {
+        let mut cmd = bella();
+        cmd.args([
+            "calibrate",
+            "--quiet",
+            "--max-new-tokens",
+            "4",
+            "--adapters",
+        ])
+        .arg(particles.path())
+        .arg("--data")
+        .arg(world.path().join("val.jsonl"))
+        .args(["--target-coverage", "0.5"]);
+        cmd
+    };
+    let stopped = interrupted_at(&mut calibrate(), 1);
+    let said = text(&stopped);
+    assert_eq!(stopped.status.code(), Some(130), "{said}");
+    assert!(
+        said.contains("calibrate stopped after 0 of") && said.contains("nothing was stored"),
+        "{said}"
+    );
+    assert!(std::fs::read(&config).unwrap() == before);
+    run_ok(&mut calibrate());
+    assert!(std::fs::read(&config).unwrap() != before);
+}
+
 /// Runs `cmd` with one SIGINT (a Ctrl-C) sent before its file operation `n`.
 fn interrupted_at(cmd: &mut Command, n: u64) -> Output {
     output(

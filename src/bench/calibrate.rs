@@ -322,7 +322,24 @@ fn answer_all(
     }
     let mut skipped = set.skipped.len();
     let rule = set.record.format.accuracy_rule();
-    for example in set.examples.iter().take(set.record.selected) {
+    // A Ctrl-C stops after the question being answered (the one that came with the last stops
+    // there too, as said): nothing of the run is kept.
+    let stopped = |done: usize| {
+        crate::interrupt::requested().then(|| {
+            crate::interrupt::Interrupted(format!(
+                "calibrate stopped after {done} of {} questions of {}; nothing was stored (the \
+                 particles keep the calibration they had): run the same command again to \
+                 calibrate",
+                set.record.selected,
+                input.path.display()
+            ))
+        })
+    };
+    for (done, example) in set.examples.iter().take(set.record.selected).enumerate() {
+        if let Some(stop) = stopped(done) {
+            pb.finish_and_clear();
+            return Err(stop.into());
+        }
         let scored =
             load_image(&example.image).and_then(|img| vqa.scored(&img, &example.question, &ask));
         match scored {
@@ -355,6 +372,9 @@ fn answer_all(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    if let Some(stop) = stopped(set.record.selected) {
+        return Err(stop.into());
+    }
     Ok((answered, skipped))
 }
 

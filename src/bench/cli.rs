@@ -709,6 +709,7 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
     if !args.data.exists() {
         bail!("data file {} does not exist", args.data.display());
     }
+    crate::interrupt::watch("after the question being answered; nothing is stored")?;
     crate::bella::particles::ParticleSet::read_config(&args.adapters)?;
     let _lock = (!args.dry_run)
         .then(|| crate::io::OutputLock::acquire(&args.adapters))
