@@ -2245,3 +2245,43 @@ fn many_skipped_bad_records_are_counted_after_the_first_ten() {
     let listed = std::fs::read_to_string(data.out().join("bad_records.jsonl")).unwrap();
     assert_eq!(listed.lines().count(), 12, "{listed}");
 }
+
+/// An image too large for the memory the process may take (`ulimit -v` on a shared machine) is
+/// an error naming what it needs, which `bench --skip-bad` can skip, not an abort ("memory
+/// allocation of N bytes failed") at the same question on every rerun.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_image_larger_than_the_memory_left_is_an_error_not_an_abort() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.png");
+    // 6000 × 6000: 108 MB decoded, about 206 MB more to prepare; a few hundred kilobytes stored.
+    image::RgbImage::from_pixel(6000, 6000, image::Rgb([200, 30, 30]))
+        .save(&image)
+        .unwrap();
+    let mut cmd = bella();
+    cmd.env("RAYON_NUM_THREADS", "1")
+        .args(["ask", "--image"])
+        .arg(&image)
+        .arg("What color is the circle?");
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 350 << 20,
+                rlim_max: 350 << 20,
+            };
+            match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let out = run(&mut cmd);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("not enough memory for") && out.stderr.contains("6000×6000"),
+        "{}",
+        out.stderr
+    );
+}

@@ -249,6 +249,9 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
         .reserve(decoder.total_bytes())
         .map_err(|e| describe_image_error(name, e))?;
     let orientation = upright(&mut decoder, bytes, format);
+    let decoded = decoder.total_bytes();
+    let copies = 1 + u64::from(swaps_sides(orientation));
+    ensure_memory(decoded * copies, || format!("decoding image {name}"))?;
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
     image.apply_orientation(orientation);
@@ -268,18 +271,44 @@ pub fn decoding_bytes(bytes: &[u8], name: &str) -> Result<u64> {
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     let decoded = decoder.total_bytes();
-    let turned = match upright(&mut decoder, bytes, format) {
-        Orientation::Rotate90
-        | Orientation::Rotate270
-        | Orientation::Rotate90FlipH
-        | Orientation::Rotate270FlipH => decoded,
-        _ => 0,
+    let turned = match swaps_sides(upright(&mut decoder, bytes, format)) {
+        true => decoded,
+        false => 0,
     };
     let rgb = match decoder.color_type() {
         image::ColorType::Rgb8 => 0,
         _ => pixels * 3,
     };
     Ok(decoded.saturating_add(turned.max(rgb)))
+}
+
+/// Whether turning an image by `o` swaps its sides: a quarter turn, made into a copy (half a
+/// turn and the mirrors are made in place).
+fn swaps_sides(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Fails, naming `what`, where `bytes` could not be allocated now. An allocation that fails
+/// ends the process (under `ulimit -v`, or with overcommit off): the large ones an image needs
+/// are asked for first, so that a huge image is an error about that image (`--skip-bad` skips
+/// it) rather than an abort at the same question on every rerun.
+fn ensure_memory(bytes: u64, what: impl FnOnce() -> String) -> Result<()> {
+    let mut probe: Vec<u8> = Vec::new();
+    probe
+        .try_reserve_exact(usize::try_from(bytes).unwrap_or(usize::MAX))
+        .map_err(|_| {
+            anyhow!(
+                "not enough memory for {}: it needs about {} MB at once; send a smaller image",
+                what(),
+                bytes.div_ceil(1 << 20)
+            )
+        })
 }
 
 /// How an image is turned upright, as `transformers`' `load_image` turns it
@@ -952,8 +981,11 @@ impl ImageProcessor {
     /// decoding limited) is refused as [`crate::error::ImageTooLarge`] before it is copied.
     pub fn preprocess_u8(&self, img: &DynamicImage) -> Result<RgbU8> {
         check_image_size("given", img.width(), img.height(), MAX_IMAGE_PIXELS)?;
+        let working = self.working_bytes(img.width() as usize, img.height() as usize)?;
+        ensure_memory(working, || {
+            format!("preparing a {}×{} image", img.width(), img.height())
+        })?;
         let mut rgb = to_rgb(img, self.do_convert_rgb);
-        self.working_bytes(rgb.width, rgb.height)?;
         match (self.do_pad, self.do_resize) {
             (true, true) => {
                 let side = rgb.width.max(rgb.height);
