@@ -716,16 +716,21 @@ fn run(cli: &Cli) -> Result<()> {
             // only when it leaves none).
             if let (None, Some(room)) = (max_new_tokens, vqa.answer_room(question)?) {
                 if (1..ask.max_new_tokens).contains(&room) {
-                    note!(
-                        "the prompt leaves room for {room} answer token(s) in the model's \
+                    if !cli.quiet {
+                        note!(
+                            "the prompt leaves room for {room} answer token(s) in the model's \
                          positions: the answer takes at most {room} (not the default {})",
-                        ask.max_new_tokens
-                    );
+                            ask.max_new_tokens
+                        );
+                    }
                     ask.max_new_tokens = room;
                 }
             }
             let img = load_image(image)?;
-            if let Some(answers) = vqa.answer_vocabulary().filter(|a| a.len() >= MANY_ANSWERS) {
+            if let Some(answers) = vqa
+                .answer_vocabulary()
+                .filter(|a| a.len() >= MANY_ANSWERS && !cli.quiet)
+            {
                 note!(
                     "scoring {} candidate answers: CLIP's text tower reads each with the \
                      question, for every particle (a long --answers list takes a while)",
@@ -1004,11 +1009,15 @@ fn read_data(
     Ok((data.examples, skipped))
 }
 
-/// `--host`: an IP address, or a name resolved as the system resolves it (`localhost`: its
-/// first address).
+/// `--host`: an IP address (an IPv6 one also in brackets, as URLs write it), or a name resolved
+/// as the system resolves it (`localhost`: its first address).
 fn listen_address(host: &str) -> Result<std::net::IpAddr, String> {
     use std::net::ToSocketAddrs;
-    if let Ok(ip) = host.parse() {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse() {
         return Ok(ip);
     }
     match (host, 0).to_socket_addrs() {
@@ -1018,7 +1027,7 @@ fn listen_address(host: &str) -> Result<std::net::IpAddr, String> {
             .ok_or_else(|| format!("{host:?} has no address")),
         Err(e) => Err(format!(
             "{host:?} is neither an IP address nor a name this machine resolves ({e}): use \
-             127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+             127.0.0.1 or ::1 (this machine only), or 0.0.0.0 or :: (every interface)"
         )),
     }
 }
@@ -1340,5 +1349,24 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_address;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn host_is_an_address_bracketed_or_not_or_a_name() {
+        assert_eq!(
+            listen_address("127.0.0.1"),
+            Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+        assert_eq!(listen_address("::1"), Ok(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        assert_eq!(listen_address("[::1]"), Ok(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        assert!(listen_address("localhost").is_ok_and(|ip| ip.is_loopback()));
+        let err = listen_address("no-such-host.invalid").unwrap_err();
+        assert!(err.contains("neither an IP address nor a name"), "{err}");
     }
 }

@@ -166,7 +166,8 @@ fn ask_demo_clip_answers_from_its_vocabulary() {
         QUESTION,
     ]);
     assert_eq!(v["answer"], "red", "{v}");
-    // A long list takes a while to score, and `ask` says so first; a short one goes unremarked.
+    // A long list takes a while to score, and `ask` says so first (but with --quiet); a short
+    // one goes unremarked.
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("answers.txt");
     let shipped = std::fs::read_to_string(repo("demo/clip/answers.txt")).unwrap();
@@ -175,18 +176,15 @@ fn ask_demo_clip_answers_from_its_vocabulary() {
     let shipped_count = bella_vqa::answer::read_answer_list(&repo("demo/clip/answers.txt"))
         .unwrap()
         .len();
-    for (list, said) in [
-        (repo("demo/clip/answers.txt"), None),
-        (
-            long,
-            Some(format!(
-                "scoring {} candidate answers",
-                shipped_count + 2000
-            )),
-        ),
+    let said = format!("scoring {} candidate answers", shipped_count + 2000);
+    for (list, quiet, said) in [
+        (repo("demo/clip/answers.txt"), false, None),
+        (long.clone(), false, Some(said)),
+        (long, true, None),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(quiet.then_some("--quiet"))
             .args(["ask", "--json", "--model", "demo/clip", "--image", IMAGE])
             .arg("--answers")
             .arg(&list)

@@ -737,6 +737,32 @@ fn decoding_an_image_is_counted_in_its_own_depth_with_a_quarter_turns_copy() {
     let rgb = image::RgbImage::new(10, 6);
     let jpeg = encode_with_exif(&rgb, image::ImageFormat::Jpeg, exif_orientation(6));
     assert_eq!(decoding_bytes(&jpeg, "photo.jpg").unwrap(), 360);
+    // A progressive one (its frame marked SOF2) keeps 2 bytes a pixel of each of its 3
+    // components' coefficients beside the pixels until its last scan.
+    let mut progressive = encode_with_exif(&rgb, image::ImageFormat::Jpeg, exif_orientation(1));
+    let sof = progressive
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .unwrap();
+    progressive[sof + 1] = 0xC2;
+    assert_eq!(
+        decoding_bytes(&progressive, "p.jpg").unwrap(),
+        60 * 3 + 60 * 6
+    );
+    // A GIF decodes its first frame at the frame's own size, whatever its header (screen) says:
+    // a 40 × 30 frame behind a 4 × 4 screen holds 4 bytes a pixel of both.
+    let mut gif = Vec::new();
+    image::RgbaImage::new(40, 30)
+        .write_to(&mut std::io::Cursor::new(&mut gif), image::ImageFormat::Gif)
+        .unwrap();
+    gif[6..10].copy_from_slice(&[4, 0, 4, 0]);
+    assert_eq!(
+        decoding_bytes(&gif, "lying.gif").unwrap(),
+        16 * 4 + 1200 * 4
+    );
+    // And the frame, not the screen, meets the pixel limit.
+    let err = format!("{:#}", decode_image(&gif, "lying.gif", 100).unwrap_err());
+    assert!(err.contains("40×30"), "{err}");
 }
 
 /// The stored pixel shown at (x, y) of the upright image, for a stored image `w` × `h` with EXIF

@@ -133,7 +133,73 @@ pub fn image_size(bytes: &[u8], name: &str, max_pixels: u64) -> Result<(u32, u32
         .into_dimensions()
         .map_err(|e| describe_image_error(name, e))?;
     check_image_size(name, width, height, max_pixels.min(MAX_IMAGE_PIXELS))?;
+    // A GIF's first frame is decoded at its own size, which its header need not show.
+    if let Some((w, h)) = (format == image::ImageFormat::Gif)
+        .then(|| gif_frame_size(bytes))
+        .flatten()
+    {
+        check_image_size(name, w, h, max_pixels.min(MAX_IMAGE_PIXELS))?;
+    }
     Ok((width, height))
+}
+
+/// The width and height of the first frame of GIF data `b` (its first image descriptor, after
+/// the screen descriptor, colour table and extensions); `None` where the data ends first.
+fn gif_frame_size(b: &[u8]) -> Option<(u32, u32)> {
+    let u16_at = |i: usize| {
+        Some(u32::from(u16::from_le_bytes(
+            b.get(i..i + 2)?.try_into().ok()?,
+        )))
+    };
+    let packed = *b.get(10)?;
+    let mut at = 13
+        + if packed & 0x80 != 0 {
+            3 << ((packed & 7) + 1)
+        } else {
+            0
+        };
+    loop {
+        match *b.get(at)? {
+            // An extension: its label, then sub-blocks up to an empty one.
+            0x21 => {
+                at += 2;
+                loop {
+                    let n = usize::from(*b.get(at)?);
+                    at += 1 + n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            0x2C => return Some((u16_at(at + 5)?, u16_at(at + 7)?)),
+            _ => return None,
+        }
+    }
+}
+
+/// What a decoder holds beside the pixels it returns (`width` × `height`, as its header says),
+/// read from the data: a GIF whose first frame is not its screen decodes the frame into a buffer
+/// of its own (4 bytes a pixel); a progressive JPEG keeps its coefficients (2 bytes a pixel for
+/// each component) until its last scan.
+fn decoder_scratch(b: &[u8], format: image::ImageFormat, (width, height): (u32, u32)) -> u64 {
+    let pixels = u64::from(width) * u64::from(height);
+    match format {
+        image::ImageFormat::Gif => match gif_frame_size(b) {
+            Some((w, h)) if (w, h) != (width, height) => u64::from(w) * u64::from(h) * 4,
+            _ => 0,
+        },
+        image::ImageFormat::Jpeg => match jpeg_frame(b) {
+            Some((0xC2, _)) => {
+                let components = jpeg_markers(b)
+                    .find(|&(m, _)| m == 0xC2)
+                    .and_then(|(_, at)| b.get(at + 9).copied())
+                    .map_or(3, u64::from);
+                pixels * components * 2
+            }
+            _ => 0,
+        },
+        _ => 0,
+    }
 }
 
 /// The checks of [`image_file_size`] (with `decode`, of [`load_image`]) on an image held in
@@ -251,7 +317,10 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     let orientation = upright(&mut decoder, bytes, format);
     let decoded = decoder.total_bytes();
     let copies = 1 + u64::from(swaps_sides(orientation));
-    ensure_memory(decoded * copies, || format!("decoding image {name}"))?;
+    let scratch = decoder_scratch(bytes, format, decoder.dimensions());
+    ensure_memory(decoded * copies + scratch, || {
+        format!("decoding image {name}")
+    })?;
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
     image.apply_orientation(orientation);
@@ -279,7 +348,8 @@ pub fn decoding_bytes(bytes: &[u8], name: &str) -> Result<u64> {
         image::ColorType::Rgb8 => 0,
         _ => pixels * 3,
     };
-    Ok(decoded.saturating_add(turned.max(rgb)))
+    let scratch = decoder_scratch(bytes, format, (width, height));
+    Ok(decoded.saturating_add(scratch.max(turned.max(rgb))))
 }
 
 /// Whether turning an image by `o` swaps its sides: a quarter turn, made into a copy (half a
