@@ -113,6 +113,16 @@ def main() -> int:
               "input_ids_equal": ids_equal, "tolerance": TOL[args.dtype], "transformers_answer": answer,
               "transformers_tokens": new}
     ok = ids_equal
+    # Logits of another image cannot be compared: say so rather than report a large error.
+    if "pixel_values" in rust:
+        t_pixels = enc["pixel_values"].float().cpu().numpy()
+        r_pixels = rust["pixel_values"].astype(np.float32)
+        same = r_pixels.shape == t_pixels.shape and float(np.abs(r_pixels - t_pixels).max()) <= 1e-2
+        result["pixel_values_equal"] = same
+        if not same:
+            print(f"{args.rust_logits} holds the pixel values of another image than {args.image}: "
+                  "pass --image as given to `bella-vqa logits`", file=sys.stderr)
+            ok = False
     reference = None
     if args.dtype != "f32" and not args.no_f32_reference:
         ref_logits, ref_answer, _, _ = transformers_run(args, processor, "f32")
