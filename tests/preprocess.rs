@@ -738,7 +738,7 @@ fn decoding_an_image_is_counted_in_its_own_depth_with_a_quarter_turns_copy() {
     let jpeg = encode_with_exif(&rgb, image::ImageFormat::Jpeg, exif_orientation(6));
     assert_eq!(decoding_bytes(&jpeg, "photo.jpg").unwrap(), 360);
     // A progressive one (its frame marked SOF2) keeps 2 bytes a pixel of each of its 3
-    // components' coefficients beside the pixels until its last scan.
+    // components' coefficients beside the pixels until its last scan, then 1 of its plane.
     let mut progressive = encode_with_exif(&rgb, image::ImageFormat::Jpeg, exif_orientation(1));
     let sof = progressive
         .windows(2)
@@ -747,7 +747,7 @@ fn decoding_an_image_is_counted_in_its_own_depth_with_a_quarter_turns_copy() {
     progressive[sof + 1] = 0xC2;
     assert_eq!(
         decoding_bytes(&progressive, "p.jpg").unwrap(),
-        60 * 3 + 60 * 6
+        60 * 3 + 60 * 9
     );
     // A GIF decodes its first frame at the frame's own size, whatever its header (screen) says:
     // a 40 × 30 frame behind a 4 × 4 screen holds 4 bytes a pixel of both.

@@ -180,7 +180,8 @@ fn gif_frame_size(b: &[u8]) -> Option<(u32, u32)> {
 /// What a decoder holds beside the pixels it returns (`width` × `height`, as its header says),
 /// read from the data: a GIF whose first frame is not its screen decodes the frame into a buffer
 /// of its own (4 bytes a pixel); a progressive JPEG keeps its coefficients (2 bytes a pixel for
-/// each component) until its last scan.
+/// each component) until its last scan, then makes each component's plane (1 byte a pixel):
+/// measured 9.5–11.5 bytes a pixel in all for 4:4:4 RGB, counted 12.
 fn decoder_scratch(b: &[u8], format: image::ImageFormat, (width, height): (u32, u32)) -> u64 {
     let pixels = u64::from(width) * u64::from(height);
     match format {
@@ -194,7 +195,7 @@ fn decoder_scratch(b: &[u8], format: image::ImageFormat, (width, height): (u32, 
                     .find(|&(m, _)| m == 0xC2)
                     .and_then(|(_, at)| b.get(at + 9).copied())
                     .map_or(3, u64::from);
-                pixels * components * 2
+                pixels * components * 3
             }
             _ => 0,
         },
