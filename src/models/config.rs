@@ -231,8 +231,9 @@ impl LlamaConfig {
             .or(self.rope_parameters.as_deref())
     }
 
-    /// `rope_theta` from the RoPE section ([`Self::rope`]), else the 4.x key, else 10 000, as
-    /// transformers 5 reads them (the legacy key only fills a section without one).
+    /// `rope_theta` from the RoPE section (`rope_scaling` when it holds anything, else
+    /// `rope_parameters`), else the 4.x key, else 10 000, as transformers 5 reads them (the
+    /// legacy key only fills a section without one).
     pub fn rope_theta(&self) -> f64 {
         self.rope()
             .and_then(|r| r.rope_theta)
