@@ -2263,7 +2263,6 @@ fn many_skipped_bad_records_are_counted_after_the_first_ten() {
 #[cfg(target_os = "linux")]
 #[test]
 fn an_image_larger_than_the_memory_left_is_an_error_not_an_abort() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("big.png");
     // 6000 × 6000: 108 MB decoded, about 206 MB more to prepare; a few hundred kilobytes stored.
@@ -2275,19 +2274,7 @@ fn an_image_larger_than_the_memory_left_is_an_error_not_an_abort() {
         .args(["ask", "--image"])
         .arg(&image)
         .arg("What color is the circle?");
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 350 << 20,
-                rlim_max: 350 << 20,
-            };
-            match libc::setrlimit(libc::RLIMIT_AS, &limit) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
-        });
-    }
+    common::limited(&mut cmd, common::Limit::AddressSpace, 350 << 20);
     let out = run(&mut cmd);
     assert!(!out.success);
     assert!(

@@ -297,7 +297,6 @@ fn ask_without_a_model_uses_the_embedded_demo_with_calibrated_particles() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_demo_copy_that_cannot_be_read_is_not_moved_away() {
-    use std::os::unix::process::CommandExt;
     let cache = tempfile::tempdir().unwrap();
     ask_embedded(cache.path(), IMAGE);
     let copy = std::fs::read_dir(cache.path())
@@ -313,27 +312,14 @@ fn a_demo_copy_that_cannot_be_read_is_not_moved_away() {
     std::fs::write(&data, format!("{record}\n")).unwrap();
     // Whatever the limit, whichever file it stops at (bench holds a few files open).
     for files in 4..=12u64 {
-        let output = unsafe {
-            Command::new(env!("CARGO_BIN_EXE_bella-vqa"))
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .env("BELLA_VQA_CACHE", cache.path())
-                .args(["bench", "--model", "demo", "--bootstrap", "0", "--data"])
-                .arg(&data)
-                .arg("--out")
-                .arg(out.path().join(format!("run{files}")))
-                .pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: files,
-                        rlim_max: files,
-                    };
-                    match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                        0 => Ok(()),
-                        _ => Err(std::io::Error::last_os_error()),
-                    }
-                })
-                .output()
-                .unwrap()
-        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BELLA_VQA_CACHE", cache.path())
+            .args(["bench", "--model", "demo", "--bootstrap", "0", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out.path().join(format!("run{files}")));
+        let output = limited(&mut cmd, Limit::OpenFiles, files).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!stderr.contains("damaged"), "{files} files: {stderr}");
         assert!(!stderr.contains("panicked"), "{files} files: {stderr}");

@@ -675,7 +675,6 @@ fn bench_killed_before_any_file_operation_completes_with_the_same_samples() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_file_size_limit_stops_bench_with_an_error_and_whole_records() {
-    use std::os::unix::process::CommandExt;
     let world = world();
     let reference = tempfile::tempdir().unwrap();
     run_ok(&mut bench_limit(world.path(), reference.path(), 6));
@@ -689,19 +688,7 @@ fn a_file_size_limit_stops_bench_with_an_error_and_whole_records() {
     let limit = (lines[1] + (lines[2] - lines[1]) / 2) as u64;
     let out = tempfile::tempdir().unwrap();
     let mut cmd = bench_limit(world.path(), out.path(), 6);
-    // SAFETY: setrlimit is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let l = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            match libc::setrlimit(libc::RLIMIT_FSIZE, &l) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
-        });
-    }
+    limited(&mut cmd, Limit::FileSize, limit);
     let failed = output(&mut cmd);
     let said = text(&failed);
     assert_eq!(failed.status.code(), Some(1), "{said}");

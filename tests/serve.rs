@@ -974,16 +974,23 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
     // 1.03 MiB (0.71 MiB at 11).
     let (s, _, t) = post_image(400, 250);
     assert_eq!(s, 200, "{t}");
-    let png = common::png_of(image::ExtendedColorType::Rgba16, (260, 260), 6);
-    let url = format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(&png)
-    );
-    let (s, _, t) = post(
-        &server.url,
-        &request(&url, "What color is the circle?").to_string(),
-        None,
-    );
+    // A PNG given as its bytes, asked about.
+    let post_png = |png: &[u8]| {
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        );
+        post(
+            &server.url,
+            &request(&url, "What color is the circle?").to_string(),
+            None,
+        )
+    };
+    let (s, _, t) = post_png(&common::png_of(
+        image::ExtendedColorType::Rgba16,
+        (260, 260),
+        6,
+    ));
     assert_eq!(error_of(s, 413, &t)["code"], "image_too_large");
     // Decided from the header, before decoding: a PNG whose header says 2000×2000 and whose
     // pixel data is cut off gets its 413, not a decoding error; so does a 30000×10 strip
@@ -997,15 +1004,7 @@ fn big_images_in_flight_are_bounded_and_stalled_or_oversized_bodies_get_their_an
         png[20..24].copy_from_slice(&h.to_be_bytes());
         let crc = common::crc32(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
-        let url = format!(
-            "data:image/png;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(&png)
-        );
-        let (s, _, t) = post(
-            &server.url,
-            &request(&url, "What color is the circle?").to_string(),
-            None,
-        );
+        let (s, _, t) = post_png(&png);
         assert_eq!(error_of(s, 413, &t)["code"], "image_too_large", "{w}×{h}");
     }
     // A BMP whose header says 100000 × 100000 (top-down: a negative height), which the BMP

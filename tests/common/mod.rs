@@ -370,3 +370,43 @@ pub fn png_of(layout: image::ExtendedColorType, (w, h): (u32, u32), orientation:
     e.write_image(&data, w, h, layout).unwrap();
     bytes
 }
+
+/// What [`limited`] limits.
+#[cfg(target_os = "linux")]
+pub enum Limit {
+    /// `ulimit -n`: open files.
+    OpenFiles,
+    /// `ulimit -f`: the size of a file written (bytes here).
+    FileSize,
+    /// `ulimit -v`: the address space (bytes here).
+    AddressSpace,
+}
+
+/// `cmd`, to run under a resource limit of `value` (soft and hard), as a shell's `ulimit` sets
+/// it for the programs it starts.
+#[cfg(target_os = "linux")]
+pub fn limited(
+    cmd: &mut std::process::Command,
+    limit: Limit,
+    value: u64,
+) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let resource = match limit {
+        Limit::OpenFiles => libc::RLIMIT_NOFILE,
+        Limit::FileSize => libc::RLIMIT_FSIZE,
+        Limit::AddressSpace => libc::RLIMIT_AS,
+    };
+    // SAFETY: setrlimit is async-signal-safe, as a function run between fork and exec must be.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            match libc::setrlimit(resource, &l) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })
+    }
+}
