@@ -279,7 +279,34 @@ fn ctrl_c_stops_calibrate_leaving_the_particles_as_they_were() {
     );
     assert!(std::fs::read(&config).unwrap() == before);
     run_ok(&mut calibrate());
-    assert!(std::fs::read(&config).unwrap() != before);
+    let calibrated = std::fs::read(&config).unwrap();
+    assert!(calibrated != before);
+    // A signal at any later point: before the last answer nothing is stored; after it, the
+    // finished calibration is stored and said to be (it said "nothing is stored", then stored
+    // and exited 0).
+    let threshold = |bytes: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        v["abstention"]["threshold"].clone()
+    };
+    let mut stored_then_stopped = 0;
+    for n in 2..200 {
+        std::fs::write(&config, &before).unwrap();
+        let out = interrupted_at(&mut calibrate(), n);
+        let said = text(&out);
+        let now = std::fs::read(&config).unwrap();
+        if out.status.success() {
+            break; // past its last file operation
+        }
+        assert_eq!(out.status.code(), Some(130), "op {n}: {said}");
+        if said.contains("stopped once the calibration was stored") {
+            stored_then_stopped += 1;
+            assert_eq!(threshold(&now), threshold(&calibrated), "op {n}: {said}");
+        } else {
+            assert!(said.contains("nothing was stored"), "op {n}: {said}");
+            assert!(now == before, "op {n}: {said}");
+        }
+    }
+    assert!(stored_then_stopped > 0);
 }
 
 /// Runs `cmd` with one SIGINT (a Ctrl-C) sent before its file operation `n`.

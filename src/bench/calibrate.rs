@@ -375,6 +375,11 @@ fn answer_all(
     if let Some(stop) = stopped(set.record.selected) {
         return Err(stop.into());
     }
+    // Every question answered: what is left takes seconds, and is finished.
+    crate::interrupt::stops(match opts.dry_run {
+        true => "once the calibration is made (--dry-run: nothing is stored)",
+        false => "once the calibration is made and stored with the particles",
+    });
     Ok((answered, skipped))
 }
 

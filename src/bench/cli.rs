@@ -759,6 +759,16 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         }),
     };
     let outcome = super::calibrate(&vqa, &args.adapters, &opts)?;
+    if crate::interrupt::requested() {
+        return Err(crate::interrupt::Interrupted(match args.dry_run {
+            true => "stopped once the calibration was made (--dry-run: nothing was stored)".into(),
+            false => format!(
+                "stopped once the calibration was stored with the particles in {}",
+                args.adapters.display()
+            ),
+        })
+        .into());
+    }
     for w in &outcome.warnings {
         crate::note!("warning: {w}");
     }
