@@ -719,7 +719,7 @@ fn run(cli: &Cli) -> Result<()> {
                     if !cli.quiet {
                         note!(
                             "the prompt leaves room for {room} answer token(s) in the model's \
-                         positions: the answer takes at most {room} (not the default {})",
+                             positions: the answer takes at most {room} (not the default {})",
                             ask.max_new_tokens
                         );
                     }

@@ -561,12 +561,7 @@ fn an_unanswerable_validation_question_stops_train_before_it_starts() {
     assert!(!data.out().join(PARTICLES_FILE).exists());
     // A prompt that fits but leaves no room for the evaluation's answer tokens is unfit too
     // (decoding past the model's positions stopped the run just as well).
-    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
-    let len = |q: &str| p.encode_question(q, true, 25, None).unwrap().len();
-    let near = (1..200)
-        .map(|k| format!("What color is {}?", "the circle ".repeat(k)))
-        .find(|q| (249..=256).contains(&len(q)))
-        .expect("a question 1 to 7 tokens short of the positions");
+    let (near, _) = question_of_tokens(249..=256);
     let mut near_lines = good_lines();
     near_lines.push(line("v8", &near, "images/square.png"));
     let near_val = data.dir.path().join("near.jsonl");
@@ -1235,6 +1230,20 @@ fn nan_in_particle_weights_names_file_and_tensor() {
 // 2. Sizes from users are checked before anything is allocated from them
 // ------------------------------------------------------------------------------------------------
 
+/// A question whose prompt (with its image) takes a number of the tiny LLaVA's 256 positions
+/// within `tokens`, and that number.
+fn question_of_tokens(tokens: std::ops::RangeInclusive<usize>) -> (String, usize) {
+    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
+    (1..200)
+        .map(|k| format!("What color is {}?", "the circle ".repeat(k)))
+        .map(|q| {
+            let len = p.encode_question(&q, true, 25, None).unwrap().len();
+            (q, len)
+        })
+        .find(|(_, len)| tokens.contains(len))
+        .unwrap_or_else(|| panic!("no question of {tokens:?} prompt tokens"))
+}
+
 fn long_question() -> String {
     "is it red or blue ".repeat(400)
 }
@@ -1245,12 +1254,7 @@ fn a_too_long_question_is_refused_before_the_model_runs() {
     assert!(err.contains("more than the model's 256 positions"), "{err}");
     // One that leaves less room than --max-new-tokens (16) is answered within the room, as the
     // server answers it, and says so.
-    let p = Prompter::from_dir(&llava_dir(), Some(DEFAULT_IMAGE_TOKEN)).unwrap();
-    let len = |q: &str| p.encode_question(q, true, 25, None).unwrap().len();
-    let near = (1..200)
-        .map(|k| format!("What color is {}?", "the circle ".repeat(k)))
-        .find(|q| (245..=254).contains(&len(q)))
-        .expect("a question 2 to 11 tokens short of the positions");
+    let (near, near_tokens) = question_of_tokens(245..=254);
     let out = ask(&["--json", &near]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -1268,7 +1272,7 @@ fn a_too_long_question_is_refused_before_the_model_runs() {
     assert!(said.contains("the answer takes at most"), "{said}");
     let response: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let generated = response["generated_tokens"].as_u64().unwrap() as usize;
-    assert!(len(&near) + generated <= 256, "{response}");
+    assert!(near_tokens + generated <= 256, "{response}");
     let err = fails(&mut ask(&[&"x".repeat(70_000)]));
     assert!(err.contains("70000 bytes"), "{err}");
 }

@@ -646,11 +646,8 @@ fn without_changed_images(
         .filter(|s| !changed(s))
         .cloned()
         .collect();
-    samples::write_samples(path, &kept)?;
-    existing.good_len = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
     existing.samples = kept;
+    existing.rewrite(path)?;
     Ok(existing)
 }
 
@@ -788,10 +785,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         config.normalize,
     );
     if rescored > 0 {
-        samples::write_samples(&samples_path, &existing.samples)?;
-        existing.good_len = std::fs::metadata(&samples_path)
-            .with_context(|| format!("cannot read {}", samples_path.display()))?
-            .len();
+        existing.rewrite(&samples_path)?;
         if opts.progress {
             crate::note!("{}", samples::rescored_note(rescored, &samples_path));
         }

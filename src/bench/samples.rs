@@ -268,6 +268,17 @@ pub struct SampleFile {
     pub dropped_last_line: bool,
 }
 
+impl SampleFile {
+    /// Replaces the file at `path` (atomically) with these samples, whole.
+    pub fn rewrite(&mut self, path: &Path) -> Result<()> {
+        write_samples(path, &self.samples)?;
+        self.good_len = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        Ok(())
+    }
+}
+
 /// Reads a `samples.jsonl`; a missing file is an empty log. A damaged last line (cut off by a
 /// kill, or not valid JSON) is dropped; a bad line before it, or a question repeated, is an
 /// error naming the file and the line.

@@ -190,11 +190,8 @@ fn decoder_scratch(b: &[u8], format: image::ImageFormat, (width, height): (u32, 
             _ => 0,
         },
         image::ImageFormat::Jpeg => match jpeg_frame(b) {
-            Some((0xC2, _)) => {
-                let components = jpeg_markers(b)
-                    .find(|&(m, _)| m == 0xC2)
-                    .and_then(|(_, at)| b.get(at + 9).copied())
-                    .map_or(3, u64::from);
+            Some((0xC2, at)) => {
+                let components = b.get(at + 9).copied().map_or(3, u64::from);
                 pixels * components * 3
             }
             _ => 0,
@@ -315,13 +312,8 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Dynamic
     limits
         .reserve(decoder.total_bytes())
         .map_err(|e| describe_image_error(name, e))?;
-    let orientation = upright(&mut decoder, bytes, format);
-    let decoded = decoder.total_bytes();
-    let copies = 1 + u64::from(swaps_sides(orientation));
-    let scratch = decoder_scratch(bytes, format, decoder.dimensions());
-    ensure_memory(decoded * copies + scratch, || {
-        format!("decoding image {name}")
-    })?;
+    let (orientation, peak) = decode_peak(&mut decoder, bytes, format);
+    ensure_memory(peak, || format!("decoding image {name}"))?;
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| describe_image_error(name, e))?;
     image.apply_orientation(orientation);
@@ -339,18 +331,30 @@ pub fn decoding_bytes(bytes: &[u8], name: &str) -> Result<u64> {
         .into_decoder()
         .map_err(|e| describe_image_error(name, e))?;
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
+    let rgb = match decoder.color_type() {
+        image::ColorType::Rgb8 => 0,
+        _ => u64::from(width) * u64::from(height) * 3,
+    };
+    let (_, peak) = decode_peak(&mut decoder, bytes, format);
+    Ok(peak.max(decoder.total_bytes().saturating_add(rgb)))
+}
+
+/// How the image is turned upright, and the most bytes its decoding holds until then: the
+/// pixels as the decoder gives them, beside the decoder's own buffers ([`decoder_scratch`]) or,
+/// later, their copy turned a quarter.
+fn decode_peak(
+    decoder: &mut impl ImageDecoder,
+    bytes: &[u8],
+    format: image::ImageFormat,
+) -> (Orientation, u64) {
+    let orientation = upright(decoder, bytes, format);
     let decoded = decoder.total_bytes();
-    let turned = match swaps_sides(upright(&mut decoder, bytes, format)) {
+    let turned = match swaps_sides(orientation) {
         true => decoded,
         false => 0,
     };
-    let rgb = match decoder.color_type() {
-        image::ColorType::Rgb8 => 0,
-        _ => pixels * 3,
-    };
-    let scratch = decoder_scratch(bytes, format, (width, height));
-    Ok(decoded.saturating_add(scratch.max(turned.max(rgb))))
+    let scratch = decoder_scratch(bytes, format, decoder.dimensions());
+    (orientation, decoded.saturating_add(scratch.max(turned)))
 }
 
 /// Whether turning an image by `o` swaps its sides: a quarter turn, made into a copy (half a
@@ -526,7 +530,8 @@ fn check_png_profile<R: std::io::Read + std::io::Seek>(png: &mut R, name: &str) 
 /// sequential and progressive Huffman-coded frames), naming the kind, from its start-of-frame
 /// marker; data where no frame header is found (not a JPEG, or past the bytes given) passes.
 fn check_jpeg_frame(b: &[u8], name: &str) -> Result<()> {
-    let Some((marker, precision)) = jpeg_frame(b) else {
+    let Some((marker, precision)) = jpeg_frame(b).and_then(|(m, at)| Some((m, *b.get(at + 4)?)))
+    else {
         return Ok(());
     };
     let kind = match marker {
@@ -542,17 +547,17 @@ fn check_jpeg_frame(b: &[u8], name: &str) -> Result<()> {
     )
 }
 
-/// The start-of-frame marker (0xC0–0xCF but DHT, JPG and DAC) of JPEG data `b` and its sample
-/// precision, from the segments before the first scan.
-fn jpeg_frame(b: &[u8]) -> Option<(u8, u8)> {
+/// The start-of-frame marker (0xC0–0xCF but DHT, JPG and DAC) of JPEG data `b` and the index
+/// of its 0xFF (the sample precision follows at +4, the component count at +9), from the
+/// segments before the first scan.
+fn jpeg_frame(b: &[u8]) -> Option<(u8, usize)> {
     if !b.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
     let is_frame = |m: u8| matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC);
-    let (marker, at) = jpeg_markers(b)
+    jpeg_markers(b)
         .take_while(|&(m, _)| m != 0xDA)
-        .find(|&(m, _)| is_frame(m))?;
-    Some((marker, *b.get(at + 4)?))
+        .find(|&(m, _)| is_frame(m))
 }
 
 /// Whether the JPEG data `b` reaches its end-of-image marker ([`jpeg_markers`], so an EXIF
