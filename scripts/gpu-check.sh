@@ -5,14 +5,19 @@
 #   1. builds bella-vqa with `cargo build --release --features cuda` (and the ask_latency bench);
 #      meanwhile writes a random checkpoint with the exact llava-1.5-7b-hf shapes (all 32 layers,
 #      f16, 3 shards + index) with scripts/make_real_size.py;
-#   2. parity against transformers on the GPU: input ids, logits of one image prompt (relative error
-#      within the stated tolerance, bf16 0.05 / f16 0.01) and the greedy answer (scripts/scale/parity.py);
-#   3. times `ask` with P = 1/4/8 (the ask_latency bench: whole ask, prefill, decode per token,
-#      candidate scoring), particles on every layer and on the top quarter (layers 24-31);
-#   4. one training step with P = 4 (`bella-vqa train --max-steps 1 --gradient-checkpointing`: without
+#      meanwhile a smoke test on the 2-layer variant (ask, logits, parity, a q4k base answering and
+#      a q8_0 base training) and the demo's whole loop on the GPU;
+#   2. one training step with P = 4 (`bella-vqa train --max-steps 1 --gradient-checkpointing`: without
 #      it the 32 layers' activations of 4 particle rows outgrew an H200's 139 GiB);
-#   5. the transformers + PEFT peer on the same GPU (scripts/scale/peft_bench.py: P adapters via
-#      load_adapter, set_adapter in turn and one adapter_names batch; one training step of 4 adapters).
+#   3. the transformers + PEFT peer's training step of 4 adapters on the same GPU
+#      (scripts/scale/peft_bench.py);
+#   4. times `ask` with P = 1/4/8 (the ask_latency bench: whole ask, prefill, decode per token,
+#      candidate scoring), and the peer answering (P adapters via load_adapter, set_adapter in turn
+#      and one adapter_names batch);
+#   5. the same timings with particles on the top quarter only (layers 24-31);
+#   6. `ask` over a q8_0 base (its first load quantizes and caches; then from the cache);
+#   7. parity against transformers on the GPU: input ids, logits of one image prompt (relative error
+#      within the stated tolerance, bf16 0.05 / f16 0.01) and the greedy answer (scripts/scale/parity.py).
 #
 # Everything goes to $OUT (default ./gpu-check-out): SUMMARY.md, *.json, logs. Timings are printed
 # as it goes; a step that would not fit in the time left (--budget, default 540 s) is skipped and
@@ -32,7 +37,8 @@
 #   `bash scripts/gpu-check.sh --skip-build` while the machine is still warm.
 #   options: --layers N (default 32; --cpu: 2), --dtype bf16|f16|f32, --budget SECONDS,
 #            --model-root DIR (where checkpoints go; default ~/.cache/bella-vqa/real-size),
-#            --skip-build (use target/ as it is), --python PY
+#            --skip-build (use target/ as it is), --python PY,
+#            --skip train,peer,ask,top,quantize,parity (steps to leave out)
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -42,6 +48,7 @@ LAYERS=
 DTYPE=
 BUDGET=540
 SKIP_BUILD=0
+SKIP=
 PY=${PYTHON:-python3}
 MODEL_ROOT=${BELLA_REAL_SIZE_DIR:-$HOME/.cache/bella-vqa/real-size}
 while [ $# -gt 0 ]; do
@@ -52,8 +59,9 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift ;;
     --model-root) MODEL_ROOT=$2; shift ;;
     --skip-build) SKIP_BUILD=1 ;;
+    --skip) SKIP=$2; shift ;;
     --python) PY=$2; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -197,6 +205,18 @@ if [ "$MODE" = gpu ] && [ "$LAYERS" != 2 ] && [ -n "$BIN" ] && [ "$HAVE_PY" = 1 
         --rust-ask "$OUT/smoke-ask.json" --dtype "$DTYPE" --device "$DEVICE" --json "$OUT/smoke-parity.json"
     grep -v '^\s*$' "$OUT/smoke-parity.log" 2>/dev/null | grep -E '^(-|####)' >> "$SUMMARY"
     rm -f "$OUT/smoke-logits.safetensors"
+    # A quantized base on the GPU: candle's quantized product forward, our backward (dequantized
+    # weight) for the particles below it.
+    Q=$(mktemp -d)
+    printf '{"question_id": "q0", "image": "%s", "question": "%s", "answers": ["red"]}\n' \
+      "$REPO/$IMAGE" "$QUESTION" > "$Q/train.jsonl"
+    step smoke-q4k-ask "$BIN" ask --quiet --model "$SMOKE" "${FLAGS[@]}" --quantize q4k --image "$IMAGE" \
+      --json "$QUESTION" &&
+      echo "- \`ask --quantize q4k\` on the GPU: $(grep -oE '"answer": *"[^"]*"' "$OUT/smoke-q4k-ask.log" | head -n1)" >> "$SUMMARY"
+    step smoke-q8-train "$BIN" train --model "$SMOKE" "${FLAGS[@]}" --quantize q8_0 --data "$Q/train.jsonl" \
+      --out "$Q/particles" --particles 2 --rank 8 --alpha 16 --batch-size 1 --max-steps 2 --epochs 2 &&
+      echo "- \`train --quantize q8_0 --particles 2 --max-steps 2\` on the GPU: losses $(grep -oE '"train_loss": *[0-9.eE+-]+' "$Q/particles/train_log.jsonl" | sed 's/.*: *//' | tr '\n' ' ')" >> "$SUMMARY"
+    rm -rf "$Q"
   else
     say "the smoke test failed: stopping here (see $OUT/smoke-*.log)"
     [ -n "$GEN_PID" ] && kill "$GEN_PID" 2>/dev/null
@@ -287,8 +307,83 @@ TOP_TARGETS="$TOP.*.q_proj,$TOP.*.k_proj,$TOP.*.v_proj,$TOP.*.o_proj"
 # CPU mode: a 7B-wide prompt costs tens of seconds per particle set there; keep the dry run short
 if [ "$MODE" = cpu ]; then PS=1,2; RUNS=1; WARM=0; else PS=1,4,8; RUNS=3; WARM=1; fi
 
-# --- 2. parity -----------------------------------------------------------------------------------
-if [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ] && fits 120 "parity"; then
+# The steps below run in the order of what a lease most needs measured (a step that would not fit
+# in the time left is skipped); --skip NAMES leaves out any of: train, peer, ask, top, quantize,
+# parity.
+skipped() { case ",$SKIP," in *",$1,"*) say "SKIPPED $1 (--skip)"; return 0 ;; esac; return 1; }
+TRAIN=$(mktemp -d)
+printf '{"question_id": "q0", "image": "%s", "question": "%s", "answers": ["red"]}\n' \
+  "$REPO/$IMAGE" "$QUESTION" > "$TRAIN/train.jsonl"
+
+# --- 2. one training step with P = 4 -------------------------------------------------------------
+if [ -n "$BIN" ] && ! skipped train && fits 60 "training step"; then
+  echo -e "\n## One training step, P = 4 (bella-vqa)\n" >> "$SUMMARY"
+  t0=$SECONDS
+  step train "${TIMEV[@]}" "$BIN" train --model "$MODEL" "${FLAGS[@]}" --data "$TRAIN/train.jsonl" \
+    --out "$TRAIN/particles" --particles 4 --rank 8 --alpha 16 --batch-size 1 --max-steps 1 --epochs 1 \
+    --gradient-checkpointing
+  echo "- \`train --max-steps 1 --particles 4 --gradient-checkpointing\`: process wall $((SECONDS - t0)) s (load included);" \
+    "$(grep -E 'Maximum resident' "$OUT/train.log" | sed 's/^\s*//')" >> "$SUMMARY"
+  grep -iE "step|loss" "$OUT/train.log" | grep -v "Command being timed" | tail -n 5 | sed 's/^/    /' >> "$SUMMARY"
+  rm -rf "$TRAIN/particles"
+fi
+
+# --- 3. the transformers + PEFT peer's training step ---------------------------------------------
+ADAPTERS=$MODEL_ROOT/peft-$(basename "$MODEL")-from0
+if [ "$HAVE_PY" = 1 ] && ! skipped peer && fits 75 "transformers + PEFT peer"; then
+  echo -e "\n## transformers + PEFT on the same $DEVICE ($DTYPE)\n" >> "$SUMMARY"
+  step peer-prepare "$PY" scripts/scale/peft_bench.py prepare --model "$MODEL" --adapters "$ADAPTERS" \
+    --particles 8 --dtype "$DTYPE" --device "$DEVICE"
+  step peer-train "$PY" scripts/scale/peft_bench.py train --model "$MODEL" --adapters "$ADAPTERS" \
+    --particles 4 --dtype "$DTYPE" --device "$DEVICE" --runs 1 --warmup "$WARM" --json "$OUT/peer-train.json"
+  "$PY" - "$OUT/peer-train.json" >> "$SUMMARY" <<'EOF_PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+gpu = f", peak GPU memory {r['peak_gpu_bytes'] / 2**30:.1f} GiB" if "peak_gpu_bytes" in r else ""
+print(f"- PEFT, 4 adapters trained in turn: step {r['step_s']:.2f} s, peak RSS "
+      f"{r['peak_rss_with_load_bytes'] / 2**30:.1f} GiB{gpu}")
+EOF_PY
+fi
+
+# --- 4. ask with P = 1/4/8, and the peer answering -----------------------------------------------
+if [ -n "${BENCH:-}" ] && ! skipped ask && fits 120 "ask timings (every layer)"; then
+  echo -e "\n## ask with P particles (bella-vqa, ask_latency bench)\n" >> "$SUMMARY"
+  step bench-all "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
+    --warmup "$WARM" --decode 15 --no-base "${FLAGS[@]}" --json "$OUT/bench-all.json"
+  sed -n '/^###/,$p' "$OUT/bench-all.log" >> "$SUMMARY"
+  if [ "$HAVE_PY" = 1 ] && [ -d "$ADAPTERS" ] && ! skipped peer && fits 90 "PEFT answering"; then
+    step peer-answer "$PY" scripts/scale/peft_bench.py answer --model "$MODEL" --adapters "$ADAPTERS" \
+      --particles "$PS" --mode sequential,batched --dtype "$DTYPE" --device "$DEVICE" --runs "$RUNS" \
+      --warmup "$WARM" --json "$OUT/peer-answer.json"
+    grep -E '^peer ' "$OUT/peer-answer.log" | sed 's/^/- /' >> "$SUMMARY"
+  fi
+fi
+
+# --- 5. particles on the top quarter only --------------------------------------------------------
+if [ -n "${BENCH:-}" ] && ! skipped top && fits 90 "ask timings (top quarter)"; then
+  echo -e "\n## ask with particles on the top quarter only ($TOP)\n" >> "$SUMMARY"
+  step bench-top "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
+    --warmup "$WARM" --decode 15 --no-base --targets "$TOP_TARGETS" "${FLAGS[@]}" --json "$OUT/bench-top.json"
+  sed -n '/^###/,$p' "$OUT/bench-top.log" | sed 's/^###/####/' >> "$SUMMARY"
+fi
+
+# --- 6. a q8_0 base -------------------------------------------------------------------------------
+# The first load quantizes (on the CPU, one thread: q8_0 is quick, q4k's search takes minutes at
+# this size) and caches the blocks; the ask after it reads the cache.
+if [ -n "$BIN" ] && ! skipped quantize && fits 120 "q8_0 base"; then
+  echo -e "\n## A q8_0 base ($DTYPE for the dense rest)\n" >> "$SUMMARY"
+  for run in first cached; do
+    t0=$SECONDS
+    step "q8-ask-$run" "${TIMEV[@]}" "$BIN" ask --quiet --model "$MODEL" "${FLAGS[@]}" --quantize q8_0 \
+      --image "$IMAGE" --json "$QUESTION"
+    echo "- \`ask --quantize q8_0\` ($run load): process wall $((SECONDS - t0)) s;" \
+      "$(grep -E 'Maximum resident' "$OUT/q8-ask-$run.log" | sed 's/^\s*//')" >> "$SUMMARY"
+  done
+fi
+rm -rf "$TRAIN"
+
+# --- 7. parity -----------------------------------------------------------------------------------
+if [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ] && ! skipped parity && fits 120 "parity"; then
   echo -e "\n## Parity against transformers\n" >> "$SUMMARY"
   step inspect "${TIMEV[@]}" "$BIN" inspect --model "$MODEL" "${FLAGS[@]}"
   grep -E "^(parameters|dtype)" "$OUT/inspect.log" | sed 's/^/    /' >> "$SUMMARY"
@@ -300,61 +395,6 @@ if [ -n "$BIN" ] && [ "$HAVE_PY" = 1 ] && fits 120 "parity"; then
     --rust-ask "$OUT/rust-ask.json" --dtype "$DTYPE" --device "$DEVICE" --json "$OUT/parity.json"
   grep -v '^\s*$' "$OUT/parity.log" | grep -E '^(-|####)' >> "$SUMMARY"
   rm -f "$OUT/rust-logits.safetensors"   # 600 x 32064 f32: too big to bring back
-fi
-
-# --- 3. ask with P = 1/4/8 -----------------------------------------------------------------------
-if [ -n "${BENCH:-}" ] && fits 120 "ask timings (every layer)"; then
-  echo -e "\n## ask with P particles (bella-vqa, ask_latency bench)\n" >> "$SUMMARY"
-  step bench-all "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
-    --warmup "$WARM" --decode 15 --no-base "${FLAGS[@]}" --json "$OUT/bench-all.json"
-  sed -n '/^###/,$p' "$OUT/bench-all.log" >> "$SUMMARY"
-fi
-
-# --- 4. one training step with P = 4 -------------------------------------------------------------
-if [ -n "$BIN" ] && fits 60 "training step"; then
-  echo -e "\n## One training step, P = 4 (bella-vqa)\n" >> "$SUMMARY"
-  TRAIN=$(mktemp -d)
-  printf '{"question_id": "q0", "image": "%s", "question": "%s", "answers": ["red"]}\n' \
-    "$REPO/$IMAGE" "$QUESTION" > "$TRAIN/train.jsonl"
-  t0=$SECONDS
-  step train "${TIMEV[@]}" "$BIN" train --model "$MODEL" "${FLAGS[@]}" --data "$TRAIN/train.jsonl" \
-    --out "$TRAIN/particles" --particles 4 --rank 8 --alpha 16 --batch-size 1 --max-steps 1 --epochs 1 \
-    --gradient-checkpointing
-  echo "- \`train --max-steps 1 --particles 4 --gradient-checkpointing\`: process wall $((SECONDS - t0)) s (load included);" \
-    "$(grep -E 'Maximum resident' "$OUT/train.log" | sed 's/^\s*//')" >> "$SUMMARY"
-  grep -iE "step|loss" "$OUT/train.log" | grep -v "Command being timed" | tail -n 5 | sed 's/^/    /' >> "$SUMMARY"
-  rm -rf "$TRAIN"
-fi
-
-# --- 5. the transformers + PEFT peer -------------------------------------------------------------
-if [ "$HAVE_PY" = 1 ] && fits 150 "transformers + PEFT peer"; then
-  echo -e "\n## transformers + PEFT on the same $DEVICE ($DTYPE)\n" >> "$SUMMARY"
-  ADAPTERS=$MODEL_ROOT/peft-$(basename "$MODEL")-from0
-  step peer-prepare "$PY" scripts/scale/peft_bench.py prepare --model "$MODEL" --adapters "$ADAPTERS" \
-    --particles 8 --dtype "$DTYPE" --device "$DEVICE"
-  step peer-answer "$PY" scripts/scale/peft_bench.py answer --model "$MODEL" --adapters "$ADAPTERS" \
-    --particles "$PS" --mode sequential,batched --dtype "$DTYPE" --device "$DEVICE" --runs "$RUNS" \
-    --warmup "$WARM" --json "$OUT/peer-answer.json"
-  grep -E '^peer ' "$OUT/peer-answer.log" | sed 's/^/- /' >> "$SUMMARY"
-  if fits 45 "PEFT training step"; then
-    step peer-train "$PY" scripts/scale/peft_bench.py train --model "$MODEL" --adapters "$ADAPTERS" \
-      --particles 4 --dtype "$DTYPE" --device "$DEVICE" --runs 1 --warmup "$WARM" --json "$OUT/peer-train.json"
-    "$PY" - "$OUT/peer-train.json" >> "$SUMMARY" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-gpu = f", peak GPU memory {r['peak_gpu_bytes'] / 2**30:.1f} GiB" if "peak_gpu_bytes" in r else ""
-print(f"- PEFT, 4 adapters trained in turn: step {r['step_s']:.2f} s, peak RSS "
-      f"{r['peak_rss_with_load_bytes'] / 2**30:.1f} GiB{gpu}")
-EOF
-  fi
-fi
-
-# --- 6. particles on the top quarter only (last: the figure the others do not depend on) -------
-if [ -n "${BENCH:-}" ] && fits 90 "ask timings (top quarter)"; then
-  echo -e "\n## ask with particles on the top quarter only ($TOP)\n" >> "$SUMMARY"
-  step bench-top "$BENCH" --model-dir "$MODEL" --particles "$PS" --modes batched --rounds 1 --runs "$RUNS" \
-    --warmup "$WARM" --decode 15 --no-base --targets "$TOP_TARGETS" "${FLAGS[@]}" --json "$OUT/bench-top.json"
-  sed -n '/^###/,$p' "$OUT/bench-top.log" | sed 's/^###/####/' >> "$SUMMARY"
 fi
 
 if [ -n "${SAMPLER_PID:-}" ]; then
