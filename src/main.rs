@@ -135,6 +135,11 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Bench(bella_vqa::bench::cli::BenchArgs),
     /// Choose the abstention threshold on validation questions and store it with the particles.
+    ///
+    /// The particles' answers are kept with them (calibrate_answers.jsonl) until a calibration
+    /// is stored: after a Ctrl-C, a question that stopped the run, or a --dry-run, the same
+    /// particles are not asked the same questions again (with the same model, dtype, device,
+    /// quantization and --max-new-tokens).
     // A negative number is a value (`--grad-clip -1` is then refused by the range check).
     #[command(allow_negative_numbers = true)]
     Calibrate(bella_vqa::bench::cli::CalibrateArgs),

@@ -291,6 +291,8 @@ fn ctrl_c_stops_calibrate_leaving_the_particles_as_they_were() {
     let mut stored_then_stopped = 0;
     for n in 2..200 {
         std::fs::write(&config, &before).unwrap();
+        // Each run from the start (the next test covers going on from kept answers).
+        let _ = std::fs::remove_file(particles.path().join(KEPT_ANSWERS));
         let out = interrupted_at(&mut calibrate(), n);
         let said = text(&out);
         let now = std::fs::read(&config).unwrap();
@@ -307,6 +309,109 @@ fn ctrl_c_stops_calibrate_leaving_the_particles_as_they_were() {
         }
     }
     assert!(stored_then_stopped > 0);
+}
+
+const KEPT_ANSWERS: &str = bella_vqa::bench::kept_answers::FILE;
+
+/// calibrate keeps its answers with the particles until it stores a calibration: stopped by a
+/// Ctrl-C part way, the same command answers only the other questions and stores what an
+/// uninterrupted run stores; a --dry-run's answers serve the next run; a replaced image, or
+/// another --max-new-tokens, is answered again.
+#[test]
+fn calibrate_goes_on_from_the_answers_it_kept() {
+    let world = world();
+    let particles = tempfile::tempdir().unwrap();
+    run_ok(&mut train(world.path(), particles.path()));
+    let copy = tempfile::tempdir().unwrap();
+    for (name, bytes) in files(particles.path()) {
+        let path = copy.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let val = world.path().join("val.jsonl");
+    let calibrate = |dir: &Path, tokens: &str| {
+        let mut cmd = bella();
+        cmd.args(["calibrate", "--max-new-tokens", tokens, "--adapters"])
+            .arg(dir)
+            .arg("--data")
+            .arg(&val)
+            .args(["--target-coverage", "0.5"]);
+        cmd
+    };
+    let abstention = |dir: &Path| {
+        let text = std::fs::read(dir.join("bella_config.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let a = &v["abstention"];
+        (
+            a["threshold"].clone(),
+            a["temperature"].clone(),
+            a["selector"].clone(),
+        )
+    };
+    let kept_lines = || {
+        std::fs::read_to_string(particles.path().join(KEPT_ANSWERS))
+            .map_or(0, |t| t.lines().count())
+    };
+    let questions: Vec<serde_json::Value> = std::fs::read_to_string(&val)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total = questions.len();
+    run_ok(&mut calibrate(copy.path(), "4"));
+    let expected = abstention(copy.path());
+    assert!(
+        !copy.path().join(KEPT_ANSWERS).exists(),
+        "removed once stored"
+    );
+
+    // Stopped part way: the answers so far are kept, and said to be.
+    let mut kept = 0;
+    for n in 2..400 {
+        let out = interrupted_at(&mut calibrate(particles.path(), "4"), n);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(130), "op {n}: {said}");
+        assert!(said.contains(KEPT_ANSWERS), "op {n}: {said}");
+        kept = kept_lines();
+        if kept >= 2 {
+            break;
+        }
+    }
+    assert!((2..total).contains(&kept), "{kept} of {total} kept");
+    let said = run_ok(&mut calibrate(particles.path(), "4"));
+    assert!(
+        said.contains(&format!("{kept} of the {total} answers")),
+        "{said}"
+    );
+    assert_eq!(abstention(particles.path()), expected);
+    assert!(!particles.path().join(KEPT_ANSWERS).exists());
+
+    // A --dry-run keeps every answer; a replaced image is answered again.
+    let said = run_ok(calibrate(particles.path(), "4").arg("--dry-run"));
+    assert!(!said.contains("were kept"), "{said}");
+    assert_eq!(kept_lines(), total);
+    let image_of = |q: &serde_json::Value| world.path().join(q["image"].as_str().unwrap());
+    let first = image_of(&questions[0]);
+    let other = questions
+        .iter()
+        .map(image_of)
+        .find(|i| std::fs::read(i).unwrap() != std::fs::read(&first).unwrap())
+        .unwrap();
+    std::fs::copy(&other, &first).unwrap();
+    let again = questions.iter().filter(|q| image_of(q) == first).count();
+    let said = run_ok(calibrate(particles.path(), "4").arg("--dry-run"));
+    assert!(
+        said.contains(&format!("{} of the {total} answers", total - again)),
+        "{said}"
+    );
+    // Another token limit makes other answers: none is taken.
+    let said = run_ok(calibrate(particles.path(), "3").arg("--dry-run"));
+    assert!(!said.contains("were kept"), "{said}");
+    assert_eq!(
+        kept_lines(),
+        total,
+        "the other limit's answers replace them"
+    );
 }
 
 /// Runs `cmd` with one SIGINT (a Ctrl-C) sent before its file operation `n`.

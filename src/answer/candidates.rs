@@ -28,7 +28,7 @@ pub struct ParticleAnswer {
 }
 
 /// The particles' answers and their distributions over the candidates.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scored {
     pub particle_answers: Vec<ParticleAnswer>,
     /// Display text of each candidate (one per distinct normalised answer).

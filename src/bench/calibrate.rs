@@ -11,6 +11,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
+use super::kept_answers::{fingerprint, KeptAnswers};
 use super::{read_set, DataInput, EvalSet, Role};
 use crate::answer::candidates::Scored;
 use crate::answer::confidence_map::{self, ConfidenceMap, MapChoice, MapRow};
@@ -296,12 +297,14 @@ impl Answered {
     }
 }
 
-/// Answers every question of `input` (accuracies against its human answers, all 0 without).
+/// Answers every question of `input` (accuracies against its human answers, all 0 without),
+/// taking the answers `kept` holds and keeping the new ones.
 fn answer_all(
     vqa: &BellaVqa,
     input: &DataInput,
     set: &EvalSet,
     opts: &CalibrateOptions,
+    kept: &mut KeptAnswers,
 ) -> Result<(Vec<Answered>, usize)> {
     let ask = AskOptions {
         max_new_tokens: opts.max_new_tokens,
@@ -323,25 +326,47 @@ fn answer_all(
     let mut skipped = set.skipped.len();
     let rule = set.record.format.accuracy_rule();
     // A Ctrl-C stops after the question being answered (the one that came with the last stops
-    // there too, as said): nothing of the run is kept.
-    let stopped = |done: usize| {
+    // there too, as said): the answers so far are kept for the next run, nothing is stored.
+    let stopped = |done: usize, kept: &KeptAnswers| {
         crate::interrupt::requested().then(|| {
             crate::interrupt::Interrupted(format!(
                 "calibrate stopped after {done} of {} questions of {}; nothing was stored (the \
-                 particles keep the calibration they had): run the same command again to \
-                 calibrate",
+                 particles keep the calibration they had): {}",
                 set.record.selected,
-                input.path.display()
+                input.path.display(),
+                rerun_note(kept)
             ))
         })
     };
+    let mut reused = 0usize;
     for (done, example) in set.examples.iter().take(set.record.selected).enumerate() {
-        if let Some(stop) = stopped(done) {
+        if let Some(stop) = stopped(done, kept) {
             pb.finish_and_clear();
             return Err(stop.into());
         }
-        let scored =
-            load_image(&example.image).and_then(|img| vqa.scored(&img, &example.question, &ask));
+        let scored = match kept.get(example) {
+            Some(scored) => {
+                reused += 1;
+                Ok(scored)
+            }
+            None => {
+                let fresh = load_image(&example.image)
+                    .and_then(|img| vqa.scored(&img, &example.question, &ask));
+                if let Ok(scored) = &fresh {
+                    let could_keep = kept.unwritable().is_none();
+                    kept.keep(example, scored);
+                    if let Some(why) = kept.unwritable().filter(|_| could_keep) {
+                        pb.suspend(|| {
+                            crate::note!(
+                                "warning: answers are no longer kept for a rerun ({why}); \
+                                 calibrating goes on"
+                            )
+                        });
+                    }
+                }
+                fresh
+            }
+        };
         match scored {
             Ok(scored) => {
                 let accuracy = scored
@@ -363,7 +388,10 @@ fn answer_all(
                     input.path.display()
                 );
                 if !opts.skip_bad {
-                    bail!("{reason} (--skip-bad skips such questions)");
+                    bail!(
+                        "{reason} (--skip-bad skips such questions); {}",
+                        rerun_note(kept)
+                    );
                 }
                 pb.suspend(|| crate::note!("skipped: {reason}"));
                 skipped += 1;
@@ -372,7 +400,16 @@ fn answer_all(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    if let Some(stop) = stopped(set.record.selected) {
+    if reused > 0 && opts.progress {
+        crate::note!(
+            "{reused} of the {} answers to {} were kept by an earlier run of calibrate on these \
+             particles ({}); the rest were answered now",
+            set.record.selected,
+            input.path.display(),
+            kept.path().display()
+        );
+    }
+    if let Some(stop) = stopped(set.record.selected, kept) {
         return Err(stop.into());
     }
     // Every question answered: what is left takes seconds, and is finished.
@@ -381,6 +418,19 @@ fn answer_all(
         false => "once the calibration is made and stored with the particles",
     });
     Ok((answered, skipped))
+}
+
+/// What a rerun of the same command does with the answers made so far.
+fn rerun_note(kept: &KeptAnswers) -> String {
+    match kept.unwritable() {
+        None => format!(
+            "the answers so far are kept in {}, and the same command goes on from there",
+            kept.path().display()
+        ),
+        Some(why) => {
+            format!("run the same command again to calibrate (answers could not be kept: {why})")
+        }
+    }
 }
 
 /// The facts of every answered question at temperature `t` and through `map`, with the accuracy
@@ -438,7 +488,9 @@ fn cross_fitted_scores(name: &str, facts: &[Facts], acc: &[f64]) -> Result<Vec<f
 
 /// Answers the validation questions with `vqa` (loaded with the particles in `adapters`), fits
 /// the temperature and the selector, chooses the threshold and stores all three in
-/// `adapters/bella_config.json` (unless `dry_run`).
+/// `adapters/bella_config.json` (unless `dry_run`). The answers are kept in
+/// `adapters/`[`super::kept_answers::FILE`] as they are made, and taken from there by the next
+/// call with the same model and settings, until a calibration is stored.
 pub fn calibrate(
     vqa: &BellaVqa,
     adapters: &Path,
@@ -492,12 +544,14 @@ pub fn calibrate(
     if let (Some(input), Some(ood)) = (&opts.ood_val, &ood_set) {
         warnings.extend(ood_in_val(&opts.data, &set, input, ood));
     }
-    let (val, skipped) = answer_all(vqa, &opts.data, &set, opts)?;
+    let mut kept_answers =
+        KeptAnswers::open(adapters, fingerprint(vqa, adapters, opts.max_new_tokens)?);
+    let (val, skipped) = answer_all(vqa, &opts.data, &set, opts, &mut kept_answers)?;
     if val.is_empty() {
         bail!("no validation question could be answered");
     }
     let ood = match (&opts.ood_val, &ood_set) {
-        (Some(input), Some(s)) => answer_all(vqa, input, s, opts)?.0,
+        (Some(input), Some(s)) => answer_all(vqa, input, s, opts, &mut kept_answers)?.0,
         _ => Vec::new(),
     };
     let (temperature, temperature_skipped) = if let Some(objective) = opts.temperature {
@@ -712,6 +766,8 @@ pub fn calibrate(
             );
         }
         store_abstention(adapters, &abstention)?;
+        // The answers served this calibration; a --dry-run keeps them for the run that stores.
+        kept_answers.remove();
     }
     Ok(CalibrationOutcome {
         count: conf.len(),

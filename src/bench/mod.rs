@@ -27,6 +27,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod kept_answers;
 pub mod merge;
 pub mod results;
 pub mod samples;
