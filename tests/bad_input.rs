@@ -2261,6 +2261,55 @@ fn many_skipped_bad_records_are_counted_after_the_first_ten() {
     assert_eq!(listed.lines().count(), 12, "{listed}");
 }
 
+/// Under any address-space limit a large image is answered or refused with an error that says
+/// so, never an abort ("memory allocation of N bytes failed"): an 8-bit RGB image was copied
+/// beside an unused buffer of its size (a 16000×1500 JPEG aborted under 320–340 MB), and a
+/// TIFF's decoder holds its pixels twice, which was not counted (a 6000×6000 TIFF aborted under
+/// 400 MB).
+#[cfg(target_os = "linux")]
+#[test]
+fn no_address_space_limit_makes_a_large_image_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide.jpg");
+    image::RgbImage::from_fn(16000, 1500, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, 90])
+    })
+    .save(&wide)
+    .unwrap();
+    let tiff = dir.path().join("large.tif");
+    image::RgbImage::from_fn(4000, 4000, |x, y| {
+        image::Rgb([(x % 251) as u8, 40, (y % 241) as u8])
+    })
+    .save(&tiff)
+    .unwrap();
+    for image in [&wide, &tiff] {
+        let (mut answered, mut refused) = (false, false);
+        for mb in (150u64..=550).step_by(25) {
+            let mut cmd = bella();
+            cmd.env("RAYON_NUM_THREADS", "1")
+                .args(["ask", "--quiet", "--image"])
+                .arg(image)
+                .arg("What color is the circle?");
+            common::limited(&mut cmd, common::Limit::AddressSpace, mb << 20);
+            let out = run(&mut cmd);
+            if out.success {
+                answered = true;
+                continue;
+            }
+            assert!(
+                out.stderr.starts_with("error:")
+                    && (out.stderr.contains("not enough memory for")
+                        || out.stderr.contains("out of memory")),
+                "{} under {mb} MB: {}",
+                image.display(),
+                out.stderr
+            );
+            refused = true;
+        }
+        assert!(answered && refused, "{}", image.display());
+    }
+}
+
 /// An image too large for the memory the process may take (`ulimit -v` on a shared machine) is
 /// an error naming what it needs, which `bench --skip-bad` can skip, not an abort ("memory
 /// allocation of N bytes failed") at the same question on every rerun.

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use image::{metadata::Orientation, DynamicImage, ImageDecoder, ImageReader, Limits};
+use image::{
+    metadata::Orientation, DynamicImage, ExtendedColorType, ImageDecoder, ImageReader, Limits,
+};
 use serde_json::Value;
 
 /// The largest image (in pixels, width × height) that [`load_image`] decodes: Pillow's own
@@ -181,10 +183,18 @@ fn gif_frame_size(b: &[u8]) -> Option<(u32, u32)> {
 /// read from the data: a GIF whose first frame is not its screen decodes the frame into a buffer
 /// of its own (4 bytes a pixel); a progressive JPEG keeps its coefficients (2 bytes a pixel for
 /// each component) until its last scan, then makes each component's plane (1 byte a pixel):
-/// measured 9.5–11.5 bytes a pixel in all for 4:4:4 RGB, counted 12.
-fn decoder_scratch(b: &[u8], format: image::ImageFormat, (width, height): (u32, u32)) -> u64 {
+/// measured 9.5–11.5 bytes a pixel in all for 4:4:4 RGB, counted 12; a TIFF is decoded into a
+/// buffer of its own and then copied (CMYK: 4 samples a pixel, converted to 3).
+fn decoder_scratch(b: &[u8], format: image::ImageFormat, decoder: &impl ImageDecoder) -> u64 {
+    let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     match format {
+        image::ImageFormat::Tiff => match decoder.original_color_type() {
+            ExtendedColorType::Cmyk8 | ExtendedColorType::Cmyk16 => {
+                decoder.total_bytes().saturating_mul(4) / 3
+            }
+            _ => decoder.total_bytes(),
+        },
         image::ImageFormat::Gif => match gif_frame_size(b) {
             Some((w, h)) if (w, h) != (width, height) => u64::from(w) * u64::from(h) * 4,
             _ => 0,
@@ -353,7 +363,7 @@ fn decode_peak(
         true => decoded,
         false => 0,
     };
-    let scratch = decoder_scratch(bytes, format, decoder.dimensions());
+    let scratch = decoder_scratch(bytes, format, &*decoder);
     (orientation, decoded.saturating_add(scratch.max(turned)))
 }
 
@@ -1333,83 +1343,93 @@ pub struct RgbU8 {
 /// `composite_alpha == false` alpha is dropped instead.
 pub fn to_rgb(img: &DynamicImage, composite_alpha: bool) -> RgbU8 {
     let (width, height) = (img.width() as usize, img.height() as usize);
-    let mut data = Vec::with_capacity(width * height * 3);
-    let mut push_rgba = |r: u8, g: u8, b: u8, a: u8| {
-        if composite_alpha {
-            data.extend_from_slice(&composite_on_white([r, g, b], a));
-        } else {
-            data.extend_from_slice(&[r, g, b]);
-        }
+    let n = width * height;
+    let data = match img {
+        DynamicImage::ImageRgb8(im) => im.as_raw().clone(),
+        DynamicImage::ImageLuma8(im) => rgb_pixels(n, im.as_raw().iter().map(|&l| [l, l, l])),
+        DynamicImage::ImageLumaA8(im) => rgba_to_rgb(
+            n,
+            composite_alpha,
+            im.as_raw()
+                .chunks_exact(2)
+                .map(|p| [p[0], p[0], p[0], p[1]]),
+        ),
+        DynamicImage::ImageRgba8(im) => rgba_to_rgb(
+            n,
+            composite_alpha,
+            im.as_raw()
+                .chunks_exact(4)
+                .map(|p| [p[0], p[1], p[2], p[3]]),
+        ),
+        DynamicImage::ImageRgb16(im) => rgb_pixels(
+            n,
+            im.as_raw()
+                .chunks_exact(3)
+                .map(|p| [high(p[0]), high(p[1]), high(p[2])]),
+        ),
+        DynamicImage::ImageRgba16(im) => rgba_to_rgb(
+            n,
+            composite_alpha,
+            im.as_raw()
+                .chunks_exact(4)
+                .map(|p| [high(p[0]), high(p[1]), high(p[2]), high(p[3])]),
+        ),
+        DynamicImage::ImageLuma16(im) => rgb_pixels(
+            n,
+            im.as_raw().iter().map(|&l| {
+                let h = high(l);
+                [h, h, h]
+            }),
+        ),
+        DynamicImage::ImageLumaA16(im) => rgba_to_rgb(
+            n,
+            composite_alpha,
+            im.as_raw().chunks_exact(2).map(|p| {
+                let l = high(p[0]);
+                [l, l, l, high(p[1])]
+            }),
+        ),
+        other if other.color().has_alpha() => rgba_to_rgb(
+            n,
+            composite_alpha,
+            other
+                .to_rgba8()
+                .as_raw()
+                .chunks_exact(4)
+                .map(|p| [p[0], p[1], p[2], p[3]]),
+        ),
+        other => other.to_rgb8().into_raw(),
     };
-    match img {
-        DynamicImage::ImageRgb8(im) => {
-            return RgbU8 {
-                width,
-                height,
-                data: im.as_raw().clone(),
-            }
-        }
-        DynamicImage::ImageLuma8(im) => {
-            for &l in im.as_raw() {
-                data.extend_from_slice(&[l, l, l]);
-            }
-        }
-        DynamicImage::ImageLumaA8(im) => {
-            for p in im.as_raw().chunks_exact(2) {
-                push_rgba(p[0], p[0], p[0], p[1]);
-            }
-        }
-        DynamicImage::ImageRgba8(im) => {
-            for p in im.as_raw().chunks_exact(4) {
-                push_rgba(p[0], p[1], p[2], p[3]);
-            }
-        }
-        DynamicImage::ImageRgb16(im) => {
-            for p in im.as_raw().chunks_exact(3) {
-                data.extend_from_slice(&[(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]);
-            }
-        }
-        DynamicImage::ImageRgba16(im) => {
-            for p in im.as_raw().chunks_exact(4) {
-                push_rgba(
-                    (p[0] >> 8) as u8,
-                    (p[1] >> 8) as u8,
-                    (p[2] >> 8) as u8,
-                    (p[3] >> 8) as u8,
-                );
-            }
-        }
-        DynamicImage::ImageLuma16(im) => {
-            for &l in im.as_raw() {
-                let l = (l >> 8) as u8;
-                data.extend_from_slice(&[l, l, l]);
-            }
-        }
-        DynamicImage::ImageLumaA16(im) => {
-            for p in im.as_raw().chunks_exact(2) {
-                let l = (p[0] >> 8) as u8;
-                push_rgba(l, l, l, (p[1] >> 8) as u8);
-            }
-        }
-        other => {
-            if other.color().has_alpha() {
-                for p in other.to_rgba8().as_raw().chunks_exact(4) {
-                    push_rgba(p[0], p[1], p[2], p[3]);
-                }
-            } else {
-                return RgbU8 {
-                    width,
-                    height,
-                    data: other.to_rgb8().into_raw(),
-                };
-            }
-        }
-    }
     RgbU8 {
         width,
         height,
         data,
     }
+}
+
+/// The high byte of a 16-bit sample.
+fn high(v: u16) -> u8 {
+    (v >> 8) as u8
+}
+
+/// `n` RGB pixels as bytes.
+fn rgb_pixels(n: usize, pixels: impl Iterator<Item = [u8; 3]>) -> Vec<u8> {
+    let mut data = Vec::with_capacity(n * 3);
+    for p in pixels {
+        data.extend_from_slice(&p);
+    }
+    data
+}
+
+/// `n` RGBA pixels as RGB bytes: composited onto white, or with alpha dropped.
+fn rgba_to_rgb(n: usize, composite_alpha: bool, pixels: impl Iterator<Item = [u8; 4]>) -> Vec<u8> {
+    rgb_pixels(
+        n,
+        pixels.map(|[r, g, b, a]| match composite_alpha {
+            true => composite_on_white([r, g, b], a),
+            false => [r, g, b],
+        }),
+    )
 }
 
 /// Pillow's `alpha_composite(white, src)` for one pixel (`AlphaComposite.c`, 7-bit precision).
