@@ -3,7 +3,9 @@
 //! one that trickles its request (a header line every few seconds) for longer than that limit
 //! without getting an answer, so stalled or slow clients cannot hold the server's sockets
 //! forever. The limit is longer than the request deadline, which every answer meets, so a
-//! connection waiting for its answer is never cut.
+//! connection waiting for its answer is never cut. A connection that has sent nothing at all is
+//! closed sooner, after [`FIRST_BYTE`] (as Apache's `RequestReadTimeout header=20`): sockets
+//! opened and left silent cannot hold the server's file descriptors for the whole idle limit.
 
 use std::future::Future;
 use std::io;
@@ -15,6 +17,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
+
+/// How long a new connection may stay silent before its first byte (at most the idle limit).
+pub const FIRST_BYTE: Duration = Duration::from_secs(20);
 
 /// A TCP listener whose connections are [`IdleLimited`].
 pub struct IdleLimitListener {
@@ -45,6 +50,8 @@ pub struct IdleLimited<T> {
     timer: Pin<Box<Sleep>>,
     /// Set by the first byte read after the last byte written: the request's deadline.
     request: Option<Pin<Box<Sleep>>>,
+    /// A byte has been read: the idle limit applies, no longer [`FIRST_BYTE`].
+    heard: bool,
 }
 
 impl<T> IdleLimited<T> {
@@ -52,8 +59,9 @@ impl<T> IdleLimited<T> {
         Self {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: Box::pin(tokio::time::sleep(idle.min(FIRST_BYTE))),
             request: None,
+            heard: false,
         }
     }
 
@@ -69,6 +77,7 @@ impl<T> IdleLimited<T> {
 
     /// Bytes of a request arrived: its deadline starts with the first of them.
     fn read_progressed(&mut self) {
+        self.heard = true;
         self.progressed();
         if self.request.is_none() {
             self.request = Some(Box::pin(tokio::time::sleep(self.idle)));
@@ -89,10 +98,14 @@ impl<T> IdleLimited<T> {
     }
 
     fn timed_out(&self, what: &str) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the client {what} for {:?}", self.idle),
-        )
+        let message = match self.heard {
+            true => format!("the client {what} for {:?}", self.idle),
+            false => format!(
+                "the client sent nothing for {:?}",
+                self.idle.min(FIRST_BYTE)
+            ),
+        };
+        io::Error::new(io::ErrorKind::TimedOut, message)
     }
 
     /// The inner I/O is waiting: fails once the idle limit or the request's deadline has passed.
@@ -212,6 +225,31 @@ mod tests {
         // Then silence: the read fails once 10 s have passed without a byte.
         let err = io.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// A socket opened and left silent is closed after [`FIRST_BYTE`], long before the idle
+    /// limit; once it has sent a byte, the idle limit is what applies.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_first_byte_limit() {
+        let idle = Duration::from_secs(125);
+        let (near, _far) = tokio::io::duplex(64);
+        let mut io = IdleLimited::new(near, idle);
+        let mut buf = [0u8; 8];
+        let start = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), FIRST_BYTE);
+        assert!(err.to_string().contains("sent nothing for 20s"), "{err}");
+
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = IdleLimited::new(near, idle);
+        far.write_all(b"x").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        io.write_all(b"answer").await.unwrap();
+        let start = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(start.elapsed(), idle, "between requests: the idle limit");
+        assert!(err.to_string().contains("made no progress"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]
