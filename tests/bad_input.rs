@@ -1338,6 +1338,69 @@ fn bench_with_skip_bad_skips_a_too_long_question_and_records_why() {
     assert_eq!(skipped.lines().count(), 1, "{skipped}");
 }
 
+/// A question whose prompt leaves less room than --max-new-tokens is answered within the room
+/// by bench as by ask (bench refused it, and --skip-bad left it out of the accuracy), and said
+/// so; one whose prompt leaves no room at all is still refused before the first answer.
+#[test]
+fn bench_answers_a_question_near_the_positions_as_ask_does() {
+    let (near, near_tokens) = question_of_tokens(245..=254);
+    let mut lines = good_lines();
+    lines.push(line("q-near", &near, "images/square.png"));
+    let data = DataDir::new(&lines);
+    // Said, but not with --quiet (which `bench` here passes).
+    let mut loud = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+    loud.arg("bench")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out());
+    let said = succeeds(&mut loud);
+    assert!(
+        said.contains("1 question(s) left less room in the model's positions")
+            && said.contains(&format!("\"q-near\" of {}", data.data().display()))
+            && said.contains(&format!("{} answer tokens", 256 - near_tokens)),
+        "{said}"
+    );
+    let samples = std::fs::read_to_string(data.out().join("samples.jsonl")).unwrap();
+    let sample: serde_json::Value = samples
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|s| s["question_id"] == "q-near")
+        .unwrap();
+    let out = ask(&["--json", "--quiet", &near]).output().unwrap();
+    assert!(out.status.success());
+    let asked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sample["answer"], asked["answer"]);
+    assert_eq!(sample["confidence"], asked["confidence"]);
+    // calibrate answers it too (it failed the run: "--skip-bad skips such questions").
+    let trained = DataDir::new(&good_lines());
+    succeeds(&mut train(&trained, &[]));
+    let mut calibrate = bella();
+    calibrate
+        .args([
+            "calibrate",
+            "--dry-run",
+            "--target-coverage",
+            "0.5",
+            "--data",
+        ])
+        .arg(data.data())
+        .arg("--adapters")
+        .arg(trained.out());
+    succeeds(&mut calibrate);
+
+    let (full, _) = question_of_tokens(256..=256);
+    lines.push(line("q-full", &full, "images/square.png"));
+    let data = DataDir::new(&lines);
+    let err = fails(&mut bench(&data.data(), &data.out(), &[]));
+    assert!(
+        err.contains("\"q-full\"") && err.contains("leaves no room for an answer"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_too_long_training_question_names_its_id() {
     let mut lines = good_lines();

@@ -624,6 +624,18 @@ impl BellaVqa {
             .map(|(prompt, positions)| positions.saturating_sub(prompt)))
     }
 
+    /// `max_new_tokens` limited to the room the prompt of `question` leaves in the model's
+    /// positions (LLaVA), as `ask` and `serve` limit it; unchanged for CLIP, and where the prompt
+    /// leaves no room ([`Self::check_prompt_fits`] refuses the question then).
+    pub fn fitted_max_new_tokens(&self, question: &str, max_new_tokens: usize) -> Result<usize> {
+        Ok(match self.prompt_and_positions(question)? {
+            Some((prompt, positions)) if positions > prompt => {
+                max_new_tokens.min(positions - prompt)
+            }
+            _ => max_new_tokens,
+        })
+    }
+
     /// CLIP: refuses a question whose text with an answer of the vocabulary
     /// ([`candidates::clip_prompt`]) passes the text encoder's positions (the answer would be cut
     /// off and every answer score alike).

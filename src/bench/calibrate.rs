@@ -350,8 +350,11 @@ fn answer_all(
                 Ok(scored)
             }
             None => {
-                let fresh = load_image(&example.image)
-                    .and_then(|img| vqa.scored(&img, &example.question, &ask));
+                // Within the room the prompt leaves, as bench and ask answer it.
+                let fresh = super::fitted_options(vqa, &example.question, &ask).and_then(|ask| {
+                    load_image(&example.image)
+                        .and_then(|img| vqa.scored(&img, &example.question, &ask))
+                });
                 if let Ok(scored) = &fresh {
                     let could_keep = kept.unwritable().is_none();
                     kept.keep(example, scored);

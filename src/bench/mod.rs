@@ -832,7 +832,9 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             .par_iter()
             .filter_map(|(set, k)| {
                 let example = &set.examples[*k];
-                let why = vqa.check_question(&example.question, &ask).err()?;
+                let why = fitted_options(vqa, &example.question, &ask)
+                    .and_then(|options| vqa.check_question(&example.question, &options))
+                    .err()?;
                 Some(format!(
                     "question {:?} ({} of {}): {why:#}",
                     example.question_id, set.record.split, set.record.path
@@ -851,6 +853,8 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let answering = Instant::now();
     let mut answered_now = 0usize;
     let mut first_skip: Option<String> = None;
+    // Questions whose prompt leaves less room than --max-new-tokens: how many, and the first.
+    let mut shortened: (usize, Option<String>) = (0, None);
     // Questions not answered because of a Ctrl-C (crate::interrupt): it stops the question in
     // progress at the model's next layer (that question is answered again by the same command).
     let mut left: Option<usize> = None;
@@ -863,13 +867,26 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             }
             let example = &set.examples[*k];
             pb.set_message(crate::console::on_terminal(&set.record.split).into_owned());
-            let answer = read_image_file(&example.image).and_then(|bytes| {
+            let options = fitted_options(vqa, &example.question, &ask);
+            if let Ok(o) = &options {
+                if o.max_new_tokens < ask.max_new_tokens {
+                    shortened.0 += 1;
+                    shortened.1.get_or_insert_with(|| {
+                        format!(
+                            "question {:?} of {}: {} answer tokens",
+                            example.question_id, set.record.path, o.max_new_tokens
+                        )
+                    });
+                }
+            }
+            let answer = options.and_then(|options| {
+                let bytes = read_image_file(&example.image)?;
                 let name = example.image.display().to_string();
                 let image = decode_image(&bytes, &name, MAX_IMAGE_PIXELS)?;
                 let question = Question {
                     image: &image,
                     text: &example.question,
-                    options: &ask,
+                    options: &options,
                 };
                 let response = vqa
                     .ask_batch_until(&[question], &stop)
@@ -927,6 +944,13 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     };
     let outcome = answer_all();
     pb.finish_and_clear();
+    if let (n @ 1.., Some(first), true) = (shortened.0, &shortened.1, opts.progress) {
+        crate::note!(
+            "{n} question(s) left less room in the model's positions than --max-new-tokens {}: \
+             their answers were limited to the room, as ask and serve limit them (first: {first})",
+            opts.max_new_tokens
+        );
+    }
     let answering_seconds = answering.elapsed().as_secs_f64();
     let record = RunRecord {
         started: started_at,
@@ -991,6 +1015,21 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
         resumed,
         dropped_damaged_line: existing.dropped_last_line,
         written,
+    })
+}
+
+/// `ask` for `question`: its answer limited to the room the prompt leaves in the model's
+/// positions, as `ask` and `serve` limit it (a prompt that leaves none keeps the limit, and
+/// [`BellaVqa::check_question`] says so).
+pub(crate) fn fitted_options(
+    vqa: &BellaVqa,
+    question: &str,
+    ask: &AskOptions,
+) -> Result<AskOptions> {
+    let text = crate::models::prompt::visible_question(question).unwrap_or(question);
+    Ok(AskOptions {
+        max_new_tokens: vqa.fitted_max_new_tokens(text, ask.max_new_tokens)?,
+        ..ask.clone()
     })
 }
 
