@@ -170,7 +170,8 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Replace a particle set already in --out (its calibration, training checkpoints,
-        /// train_log.jsonl, train_summary.json and training_questions.bin are removed).
+        /// train_log.jsonl, train_summary.json, training_questions.bin and
+        /// calibrate_answers.jsonl are removed).
         #[arg(long)]
         force: bool,
     },
@@ -972,6 +973,7 @@ fn import_peft(
         "train_log.jsonl",
         "train_summary.json",
         bella_vqa::data::seen::FILE,
+        bella_vqa::bench::kept_answers::FILE,
     ] {
         bella_vqa::io::remove_file(&out.join(stale))?;
     }

@@ -404,6 +404,8 @@ fn calibrate_goes_on_from_the_answers_it_kept() {
         said.contains(&format!("{} of the {total} answers", total - again)),
         "{said}"
     );
+    let said = run_ok(calibrate(particles.path(), "4").arg("--dry-run"));
+    assert!(said.contains(&format!("all {total} answers")), "{said}");
     // Another token limit makes other answers: none is taken.
     let said = run_ok(calibrate(particles.path(), "3").arg("--dry-run"));
     assert!(!said.contains("were kept"), "{said}");
@@ -412,6 +414,27 @@ fn calibrate_goes_on_from_the_answers_it_kept() {
         total,
         "the other limit's answers replace them"
     );
+    // So does another image preprocessing of the same weights (a copy of the model, edited).
+    let model = tempfile::tempdir().unwrap();
+    for (name, bytes) in files(&fixture("llava-tiny-hub")) {
+        std::fs::write(model.path().join(name), bytes).unwrap();
+    }
+    let on_copy = || {
+        let mut cmd = calibrate(particles.path(), "3");
+        cmd.arg("--dry-run").arg("--model").arg(model.path());
+        cmd
+    };
+    let said = run_ok(&mut on_copy());
+    assert!(said.contains(&format!("all {total} answers")), "{said}");
+    let config = model.path().join("preprocessor_config.json");
+    let edited = std::fs::read_to_string(&config).unwrap().replacen(
+        "\"image_mean\"",
+        "\"image_mean_was\"",
+        1,
+    );
+    std::fs::write(&config, edited).unwrap();
+    let said = run_ok(&mut on_copy());
+    assert!(!said.contains("were kept"), "{said}");
 }
 
 /// Runs `cmd` with one SIGINT (a Ctrl-C) sent before its file operation `n`.

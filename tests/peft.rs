@@ -781,7 +781,12 @@ fn cli_exports_and_imports() {
     );
     // With --force the set is replaced and stale training checkpoints and logs go with it.
     std::fs::create_dir_all(back.join("checkpoints").join("step-00000001")).unwrap();
-    for stale in ["train_log.jsonl", "train_summary.json"] {
+    let stale_files = [
+        "train_log.jsonl",
+        "train_summary.json",
+        bella_vqa::bench::kept_answers::FILE,
+    ];
+    for stale in stale_files {
         std::fs::write(back.join(stale), b"{}").unwrap();
     }
     let o = import_again(true);
@@ -795,7 +800,9 @@ fn cli_exports_and_imports() {
     );
     assert!(!back.join("checkpoints").join("step-00000001").exists());
     assert_eq!(std::fs::read(theirs.join("model.bin")).unwrap(), b"x");
-    assert!(!back.join("train_log.jsonl").exists() && !back.join("train_summary.json").exists());
+    for stale in stale_files {
+        assert!(!back.join(stale).exists(), "{stale}");
+    }
     let export_again = |force: bool| {
         let mut cmd = bella();
         cmd.args(["export-peft", "--adapters"])

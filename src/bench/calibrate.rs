@@ -404,12 +404,18 @@ fn answer_all(
     }
     pb.finish_and_clear();
     if reused > 0 && opts.progress {
+        let how_many = match reused == set.record.selected {
+            true => format!("all {reused} answers"),
+            false => format!("{reused} of the {} answers", set.record.selected),
+        };
         crate::note!(
-            "{reused} of the {} answers to {} were kept by an earlier run of calibrate on these \
-             particles ({}); the rest were answered now",
-            set.record.selected,
+            "{how_many} to {} were kept by an earlier run of calibrate on these particles ({}){}",
             input.path.display(),
-            kept.path().display()
+            kept.path().display(),
+            match how_many.starts_with("all") {
+                true => "",
+                false => "; the rest were answered now",
+            }
         );
     }
     if let Some(stop) = stopped(set.record.selected, kept) {
@@ -547,8 +553,14 @@ pub fn calibrate(
     if let (Some(input), Some(ood)) = (&opts.ood_val, &ood_set) {
         warnings.extend(ood_in_val(&opts.data, &set, input, ood));
     }
-    let mut kept_answers =
-        KeptAnswers::open(adapters, fingerprint(vqa, adapters, opts.max_new_tokens)?);
+    let mut kept_answers = KeptAnswers::open(
+        adapters,
+        fingerprint(vqa, adapters, opts.max_new_tokens)?,
+        vqa.particles(),
+    );
+    if let Some(why) = kept_answers.unwritable() {
+        crate::note!("warning: the answers are not kept for a rerun: {why}");
+    }
     let (val, skipped) = answer_all(vqa, &opts.data, &set, opts, &mut kept_answers)?;
     if val.is_empty() {
         bail!("no validation question could be answered");

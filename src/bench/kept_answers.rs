@@ -5,14 +5,16 @@
 //! that stores.
 //!
 //! Each line is one question's [`Scored`] matrix, with what it depends on: a fingerprint of
-//! everything that makes the answers ([`fingerprint`]: the base's weights, the compute dtype,
-//! device and quantization, the particles' factors and config, the token limit, the answer
-//! list, this version of bella-vqa), the question's image and text
-//! ([`crate::data::seen::key`]) and the image file's size and modification time. A line that
-//! does not match all of them is never used; lines of another fingerprint are dropped when the
-//! file is opened, and the file is removed once a calibration is stored. The file is a cache:
-//! a line that does not read back is ignored, and a file that cannot be written only means
-//! answering again next time.
+//! everything that makes the answers ([`fingerprint`]: the base's weights and the files that
+//! configure it, the compute dtype, device and quantization, the particles' factors and
+//! config, the token limit, the answer list, this version of bella-vqa), the question's image
+//! and text ([`crate::data::seen::key`]) and the image file's size and modification and change
+//! times. A line that does not match all of them, or whose matrix does not have the particles'
+//! shape, is never used; lines of another fingerprint are dropped when the file is opened, and
+//! the file is removed once a calibration is stored. The file is a cache: a line that does not
+//! read back is ignored, and a file that cannot be written only means answering again next
+//! time. Something other than a regular file in its place (a link, a pipe, a folder) is neither
+//! read nor written through.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,23 +51,49 @@ struct LineRef<'a> {
     scored: &'a Scored,
 }
 
-/// The image file as it was answered: another file under the same name is answered again.
+/// The image file as it was answered: another file under the same name is answered again (its
+/// change time moves whenever it is written, also where its modification time is set back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 struct ImageStamp {
     bytes: u64,
     modified_ns: u128,
+    #[serde(default)]
+    changed_ns: i128,
 }
 
 impl ImageStamp {
     fn of(path: &Path) -> Option<Self> {
         let meta = std::fs::metadata(path).ok()?;
         let modified = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        #[cfg(unix)]
+        let changed_ns = {
+            use std::os::unix::fs::MetadataExt;
+            i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())
+        };
+        #[cfg(not(unix))]
+        let changed_ns = 0;
         Some(Self {
             bytes: meta.len(),
             modified_ns: modified.as_nanos(),
+            changed_ns,
         })
     }
 }
+
+/// The files beside the weights that change what a model answers: its architecture, image
+/// preprocessing, tokenizer and chat template.
+const CONFIGURING_FILES: [&str; 10] = [
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+];
 
 /// A hex digest of everything the answers of `vqa` (with the particles in `adapters`) depend
 /// on, the question aside.
@@ -74,9 +102,17 @@ pub fn fingerprint(vqa: &BellaVqa, adapters: &Path, max_new_tokens: usize) -> Re
     let mut config = ParticleSet::read_config(adapters)?;
     // What calibrate writes; the answers do not depend on it.
     config.abstention = None;
+    let mut configuring = Vec::new();
+    for name in CONFIGURING_FILES {
+        if let Some(path) = loaded.files.optional(name) {
+            let text = crate::input::read_to_string(&path, "model file")?;
+            configuring.push((name, crate::io::sha256_bytes(text.as_bytes())));
+        }
+    }
     let what = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "weights": hash_weights(&loaded.files)?,
+        "configuring": configuring,
         "dtype": loaded.info.compute_dtype.as_str(),
         "device": loaded.info.device,
         "quantization": loaded.info.quantization.as_ref().map(|q| (&q.kind, q.vision)),
@@ -101,10 +137,24 @@ pub struct KeptAnswers {
 }
 
 impl KeptAnswers {
-    /// Reads `dir`'s file: the lines of `fingerprint` are kept, others are dropped (the file is
-    /// rewritten without them), a cut last line is cut off.
-    pub fn open(dir: &Path, fingerprint: String) -> Self {
+    /// Reads `dir`'s file: the lines of `fingerprint` whose matrix is of `particles` particles
+    /// are kept, others are dropped (the file is rewritten without them), a cut last line is cut
+    /// off.
+    pub fn open(dir: &Path, fingerprint: String, particles: usize) -> Self {
         let path = dir.join(FILE);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            return Self {
+                unwritable: Some(format!(
+                    "{} is not a regular file (a link, a pipe or a folder), which calibrate \
+                     neither reads nor writes through; remove it",
+                    path.display()
+                )),
+                path,
+                fingerprint,
+                kept: HashMap::new(),
+                file: None,
+            };
+        }
         let mut kept = HashMap::new();
         let mut others = 0usize;
         let mut whole = 0u64;
@@ -115,7 +165,7 @@ impl KeptAnswers {
                 }
                 whole += line.len() as u64;
                 match serde_json::from_slice::<Line>(line) {
-                    Ok(l) if l.fingerprint == fingerprint => {
+                    Ok(l) if l.fingerprint == fingerprint && well_formed(&l.scored, particles) => {
                         kept.insert((l.key, l.image), l.scored);
                     }
                     _ => others += 1,
@@ -195,6 +245,19 @@ impl KeptAnswers {
     }
 }
 
+/// Whether `scored` is a matrix the particles could have made: a row of probabilities for each
+/// particle, over the candidates (and the other answers' mass), every number finite.
+fn well_formed(scored: &Scored, particles: usize) -> bool {
+    let columns = scored.candidates.len() + usize::from(scored.other);
+    scored.particle_answers.len() == particles
+        && scored.probs.len() == particles
+        && !scored.candidates.is_empty()
+        && scored
+            .probs
+            .iter()
+            .all(|row| row.len() == columns && row.iter().all(|p| p.is_finite() && *p >= 0.0))
+}
+
 fn write_line(out: &mut Vec<u8>, fingerprint: &str, key: u64, image: ImageStamp, scored: &Scored) {
     let line = LineRef {
         fingerprint,
@@ -250,13 +313,13 @@ mod tests {
         std::fs::write(&a, b"one").unwrap();
         std::fs::write(&b, b"two").unwrap();
         let (qa, qb) = (question(&a, "What color?"), question(&b, "What color?"));
-        let mut kept = KeptAnswers::open(dir.path(), "f1".into());
+        let mut kept = KeptAnswers::open(dir.path(), "f1".into(), 1);
         assert!(kept.is_empty() && kept.unwritable().is_none());
         kept.keep(&qa, &scored(1.0));
         kept.keep(&qb, &scored(2.0));
         drop(kept);
 
-        let kept = KeptAnswers::open(dir.path(), "f1".into());
+        let kept = KeptAnswers::open(dir.path(), "f1".into(), 1);
         assert_eq!(kept.len(), 2);
         assert_eq!(kept.get(&qa), Some(scored(1.0)));
         assert_eq!(kept.get(&qb), Some(scored(2.0)));
@@ -265,21 +328,21 @@ mod tests {
 
         // Another image under the same name is answered again.
         std::fs::write(&b, b"three").unwrap();
-        let kept = KeptAnswers::open(dir.path(), "f1".into());
+        let kept = KeptAnswers::open(dir.path(), "f1".into(), 1);
         assert_eq!(kept.get(&qb), None);
         assert_eq!(kept.get(&qa), Some(scored(1.0)));
         drop(kept);
 
         // Another fingerprint (retrained particles, another dtype): nothing is used, and the
         // old lines are dropped from the file.
-        let mut kept = KeptAnswers::open(dir.path(), "f2".into());
+        let mut kept = KeptAnswers::open(dir.path(), "f2".into(), 1);
         assert!(kept.is_empty());
         kept.keep(&qa, &scored(3.0));
         drop(kept);
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert_eq!(
-            KeptAnswers::open(dir.path(), "f2".into()).get(&qa),
+            KeptAnswers::open(dir.path(), "f2".into(), 1).get(&qa),
             Some(scored(3.0))
         );
     }
@@ -290,7 +353,7 @@ mod tests {
         let image = dir.path().join("a.png");
         std::fs::write(&image, b"one").unwrap();
         let q = question(&image, "What color?");
-        let mut kept = KeptAnswers::open(dir.path(), "f".into());
+        let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
         kept.keep(&q, &scored(1.0));
         drop(kept);
         let path = dir.path().join(FILE);
@@ -300,16 +363,73 @@ mod tests {
         damaged.extend_from_slice(&whole[..whole.len() / 2]);
         std::fs::write(&path, &damaged).unwrap();
 
-        let mut kept = KeptAnswers::open(dir.path(), "f".into());
+        let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
         assert_eq!(kept.get(&q), Some(scored(1.0)));
         let other = question(&image, "What shape?");
         kept.keep(&other, &scored(2.0));
         drop(kept);
-        let kept = KeptAnswers::open(dir.path(), "f".into());
+        let kept = KeptAnswers::open(dir.path(), "f".into(), 1);
         assert_eq!(kept.len(), 2);
         assert_eq!(kept.get(&other), Some(scored(2.0)));
         kept.remove();
         assert!(!path.exists());
+    }
+
+    /// A link in the file's place is not followed (the file it names outside the particles
+    /// was rewritten, or cut to nothing), nor a pipe opened (it blocked calibrate for good).
+    #[cfg(unix)]
+    #[test]
+    fn a_link_or_a_pipe_in_the_files_place_is_neither_read_nor_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.png");
+        std::fs::write(&image, b"one").unwrap();
+        let outside = dir.path().join("notes.txt");
+        std::fs::write(&outside, b"line1\nline2\npartial").unwrap();
+        let particles = dir.path().join("particles");
+        std::fs::create_dir(&particles).unwrap();
+        std::os::unix::fs::symlink(&outside, particles.join(FILE)).unwrap();
+        let mut kept = KeptAnswers::open(&particles, "f".into(), 1);
+        assert!(kept.unwritable().unwrap().contains("not a regular file"));
+        kept.keep(&question(&image, "What color?"), &scored(1.0));
+        assert_eq!(std::fs::read(&outside).unwrap(), b"line1\nline2\npartial");
+
+        std::fs::remove_file(particles.join(FILE)).unwrap();
+        let fifo = particles.join(FILE);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let kept = KeptAnswers::open(&particles, "f".into(), 1);
+            let _ = tx.send(kept.unwritable().map(str::to_string));
+        });
+        let why = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("open returns without a writer on the pipe");
+        assert!(why.unwrap().contains("not a regular file"));
+    }
+
+    /// A line of the right fingerprint whose matrix is not of the particles' shape (an edited
+    /// file, another particle count) is not used: it failed the calibration at every rerun.
+    #[test]
+    fn a_matrix_of_another_shape_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.png");
+        std::fs::write(&image, b"one").unwrap();
+        let q = question(&image, "What color?");
+        let mut bad = scored(1.0);
+        bad.probs[0].pop();
+        let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
+        kept.keep(&q, &bad);
+        drop(kept);
+        assert!(KeptAnswers::open(dir.path(), "f".into(), 1).is_empty());
+        let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
+        kept.keep(&q, &scored(1.0));
+        drop(kept);
+        assert_eq!(KeptAnswers::open(dir.path(), "f".into(), 1).len(), 1);
+        assert!(KeptAnswers::open(dir.path(), "f".into(), 2).is_empty());
     }
 
     #[test]
@@ -319,7 +439,7 @@ mod tests {
         std::fs::write(&image, b"one").unwrap();
         // A directory in the file's place cannot be appended to.
         std::fs::create_dir(dir.path().join(FILE)).unwrap();
-        let mut kept = KeptAnswers::open(dir.path(), "f".into());
+        let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
         assert!(kept.unwritable().is_some());
         kept.keep(&question(&image, "What color?"), &scored(1.0));
         assert!(kept.is_empty());
