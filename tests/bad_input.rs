@@ -1374,6 +1374,17 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
     let asked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sample["answer"], asked["answer"]);
     assert_eq!(sample["confidence"], asked["confidence"]);
+    // A limit given is kept, as ask keeps it: then the question cannot be answered.
+    let strict = data.dir.path().join("strict");
+    let err = fails(&mut bench(
+        &data.data(),
+        &strict,
+        &["--max-new-tokens", "16"],
+    ));
+    assert!(
+        err.contains("\"q-near\"") && err.contains("allow at most"),
+        "{err}"
+    );
     // calibrate answers it too (it failed the run: "--skip-bad skips such questions").
     let trained = DataDir::new(&good_lines());
     succeeds(&mut train(&trained, &[]));
@@ -2327,8 +2338,8 @@ fn many_skipped_bad_records_are_counted_after_the_first_ten() {
 /// Under any address-space limit a large image is answered or refused with an error that says
 /// so, never an abort ("memory allocation of N bytes failed"): an 8-bit RGB image was copied
 /// beside an unused buffer of its size (a 16000×1500 JPEG aborted under 320–340 MB), and a
-/// TIFF's decoder holds its pixels twice, which was not counted (a 6000×6000 TIFF aborted under
-/// 400 MB).
+/// TIFF's or WebP's decoder holds its pixels twice, which was not counted (a 6000×6000 TIFF
+/// aborted under 400 MB, a lossless WebP under 150-340 MB).
 #[cfg(target_os = "linux")]
 #[test]
 fn no_address_space_limit_makes_a_large_image_abort() {
@@ -2345,7 +2356,14 @@ fn no_address_space_limit_makes_a_large_image_abort() {
     })
     .save(&tiff)
     .unwrap();
-    for image in [&wide, &tiff] {
+    // A lossless WebP without alpha is decoded as RGBA into a buffer of its own, then copied.
+    let webp = dir.path().join("large.webp");
+    image::RgbImage::from_fn(4000, 4000, |x, y| {
+        image::Rgb([40, (x % 251) as u8, (y % 241) as u8])
+    })
+    .save(&webp)
+    .unwrap();
+    for image in [&wide, &tiff, &webp] {
         let (mut answered, mut refused) = (false, false);
         for mb in (150u64..=550).step_by(25) {
             let mut cmd = bella();

@@ -148,6 +148,11 @@ pub struct CalibrateOptions {
     pub skip_bad: bool,
     pub progress: bool,
     pub max_new_tokens: usize,
+    /// A question whose prompt leaves less room in the model's positions than
+    /// `max_new_tokens` gets an answer as long as the room, as `ask` without
+    /// `--max-new-tokens` answers it (false: it cannot be answered, as when the limit was asked
+    /// for).
+    pub answer_within_room: bool,
     /// Choose and report the threshold without storing it.
     pub dry_run: bool,
     pub selector: SelectorChoice,
@@ -188,6 +193,7 @@ impl CalibrateOptions {
             skip_bad: false,
             progress: false,
             max_new_tokens: AskOptions::default().max_new_tokens,
+            answer_within_room: true,
             dry_run: false,
             selector: SelectorChoice::Named("confidence"),
             ood_val: None,
@@ -351,7 +357,9 @@ fn answer_all(
             }
             None => {
                 // Within the room the prompt leaves, as bench and ask answer it.
-                let fresh = super::fitted_options(vqa, &example.question, &ask).and_then(|ask| {
+                let fitted =
+                    super::fitted_options(vqa, &example.question, &ask, opts.answer_within_room);
+                let fresh = fitted.and_then(|ask| {
                     load_image(&example.image)
                         .and_then(|img| vqa.scored(&img, &example.question, &ask))
                 });

@@ -10,7 +10,7 @@ use super::{
     BenchOptions, CalibrateOptions, CompareEntry, DataInput, Guarantee, ImageCheckRequest,
     ModelSpec, Objective, SelectorChoice, Shard,
 };
-use crate::answer::{BellaVqa, LoadOptions, ModelInputs};
+use crate::answer::{AskOptions, BellaVqa, LoadOptions, ModelInputs};
 use crate::hub::{HubOptions, ModelSource};
 use crate::metrics::NormalizeMode;
 use crate::models::compute::ComputeArgs;
@@ -178,9 +178,11 @@ pub struct BenchArgs {
     /// Abstain below this selector score (default: the particles' calibrated threshold, else 0.5).
     #[arg(long, value_parser = parse_unit)]
     pub threshold: Option<f64>,
-    /// Longest answer in tokens (LLaVA).
-    #[arg(long, default_value_t = 16, value_parser = parse_positive)]
-    pub max_new_tokens: usize,
+    /// Longest answer in tokens (LLaVA; default 16, and shorter for a question whose prompt
+    /// leaves less room in the model's positions; a limit given here is kept, and such a
+    /// question cannot be answered).
+    #[arg(long, value_parser = parse_positive)]
+    pub max_new_tokens: Option<usize>,
     /// Resamples of the 95 % bootstrap intervals of every metric (paired over questions in
     /// --compare); 0 disables them.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_bootstrap)]
@@ -268,9 +270,11 @@ pub struct CalibrateArgs {
     /// Skip bad records and unreadable images instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
-    /// Longest answer in tokens (LLaVA).
-    #[arg(long, default_value_t = 16, value_parser = parse_positive)]
-    pub max_new_tokens: usize,
+    /// Longest answer in tokens (LLaVA; default 16, and shorter for a question whose prompt
+    /// leaves less room in the model's positions; a limit given here is kept, and such a
+    /// question cannot be answered).
+    #[arg(long, value_parser = parse_positive)]
+    pub max_new_tokens: Option<usize>,
     /// CLIP: a file with one candidate answer per line.
     #[arg(long)]
     pub answers: Option<PathBuf>,
@@ -487,7 +491,10 @@ pub fn bench(args: &BenchArgs, hub: HubOptions, quiet: bool) -> Result<()> {
         skip_bad: args.skip_bad,
         progress: !quiet,
         threshold: args.threshold,
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args
+            .max_new_tokens
+            .unwrap_or(AskOptions::default().max_new_tokens),
+        answer_within_room: args.max_new_tokens.is_none(),
         bootstrap: super::Bootstrap {
             resamples: args.bootstrap,
             seed: args.bootstrap_seed,
@@ -740,7 +747,10 @@ pub fn calibrate(args: &CalibrateArgs, hub: HubOptions, quiet: bool) -> Result<(
         limit: args.limit,
         skip_bad: args.skip_bad,
         progress: !quiet,
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args
+            .max_new_tokens
+            .unwrap_or(AskOptions::default().max_new_tokens),
+        answer_within_room: args.max_new_tokens.is_none(),
         dry_run: args.dry_run,
         selector: SelectorChoice::parse(&args.selector)?,
         ood_val: args.ood_val.clone().map(|path| DataInput {

@@ -131,6 +131,11 @@ pub struct BenchOptions {
     /// Abstain below this selector score instead of the particles' calibrated threshold.
     pub threshold: Option<f64>,
     pub max_new_tokens: usize,
+    /// A question whose prompt leaves less room in the model's positions than
+    /// `max_new_tokens` gets an answer as long as the room, as `ask` without
+    /// `--max-new-tokens` answers it (false: it cannot be answered, as when the limit was asked
+    /// for).
+    pub answer_within_room: bool,
     /// Bootstrap intervals of the metrics (0 resamples: none).
     pub bootstrap: Bootstrap,
 }
@@ -149,6 +154,7 @@ impl BenchOptions {
             progress: false,
             threshold: None,
             max_new_tokens: AskOptions::default().max_new_tokens,
+            answer_within_room: true,
             bootstrap: Bootstrap::default(),
         }
     }
@@ -832,7 +838,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             .par_iter()
             .filter_map(|(set, k)| {
                 let example = &set.examples[*k];
-                let why = fitted_options(vqa, &example.question, &ask)
+                let why = fitted_options(vqa, &example.question, &ask, opts.answer_within_room)
                     .and_then(|options| vqa.check_question(&example.question, &options))
                     .err()?;
                 Some(format!(
@@ -867,7 +873,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             }
             let example = &set.examples[*k];
             pb.set_message(crate::console::on_terminal(&set.record.split).into_owned());
-            let options = fitted_options(vqa, &example.question, &ask);
+            let options = fitted_options(vqa, &example.question, &ask, opts.answer_within_room);
             if let Ok(o) = &options {
                 if o.max_new_tokens < ask.max_new_tokens {
                     shortened.0 += 1;
@@ -946,8 +952,9 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     pb.finish_and_clear();
     if let (n @ 1.., Some(first), true) = (shortened.0, &shortened.1, opts.progress) {
         crate::note!(
-            "{n} question(s) left less room in the model's positions than --max-new-tokens {}: \
-             their answers were limited to the room, as ask and serve limit them (first: {first})",
+            "{n} question(s) left less room in the model's positions than the default \
+             --max-new-tokens ({}): their answers were limited to the room, as ask and serve \
+             limit them (first: {first})",
             opts.max_new_tokens
         );
     }
@@ -1018,14 +1025,18 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     })
 }
 
-/// `ask` for `question`: its answer limited to the room the prompt leaves in the model's
-/// positions, as `ask` and `serve` limit it (a prompt that leaves none keeps the limit, and
-/// [`BellaVqa::check_question`] says so).
+/// `ask` for `question`: with `within_room`, its answer limited to the room the prompt leaves in
+/// the model's positions, as `ask` and `serve` limit it (a prompt that leaves none keeps the
+/// limit, and [`BellaVqa::check_question`] says so).
 pub(crate) fn fitted_options(
     vqa: &BellaVqa,
     question: &str,
     ask: &AskOptions,
+    within_room: bool,
 ) -> Result<AskOptions> {
+    if !within_room {
+        return Ok(ask.clone());
+    }
     let text = crate::models::prompt::visible_question(question).unwrap_or(question);
     Ok(AskOptions {
         max_new_tokens: vqa.fitted_max_new_tokens(text, ask.max_new_tokens)?,

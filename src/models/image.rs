@@ -74,6 +74,18 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
         .read_to_end(&mut bytes)
         .with_context(read_error)?;
     image_format(&bytes, &path.display().to_string())?;
+    // Room for the whole file at once (reading on would double the buffer as it grows).
+    let size = file.metadata().with_context(read_error)?.len();
+    let rest = usize::try_from(size.saturating_sub(bytes.len() as u64)).unwrap_or(usize::MAX);
+    bytes.try_reserve_exact(rest).map_err(|_| {
+        anyhow!(
+            "not enough memory for reading image file {}: it is {} MB, more than the process \
+             can take now (a limit such as ulimit -v, or the machine's memory); send a smaller \
+             image",
+            path.display(),
+            size.div_ceil(1 << 20)
+        )
+    })?;
     file.read_to_end(&mut bytes).with_context(read_error)?;
     Ok(bytes)
 }
@@ -184,11 +196,15 @@ fn gif_frame_size(b: &[u8]) -> Option<(u32, u32)> {
 /// of its own (4 bytes a pixel); a progressive JPEG keeps its coefficients (2 bytes a pixel for
 /// each component) until its last scan, then makes each component's plane (1 byte a pixel):
 /// measured 9.5–11.5 bytes a pixel in all for 4:4:4 RGB, counted 12; a TIFF is decoded into a
-/// buffer of its own and then copied (CMYK: 4 samples a pixel, converted to 3).
+/// buffer of its own and then copied (CMYK: 4 samples a pixel, converted to 3); a WebP
+/// ([`webp_scratch`]) into its own buffers.
 fn decoder_scratch(b: &[u8], format: image::ImageFormat, decoder: &impl ImageDecoder) -> u64 {
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     match format {
+        image::ImageFormat::WebP => {
+            webp_scratch(b, decoder.dimensions(), decoder.color_type().has_alpha())
+        }
         image::ImageFormat::Tiff => match decoder.original_color_type() {
             ExtendedColorType::Cmyk8 | ExtendedColorType::Cmyk16 => {
                 decoder.total_bytes().saturating_mul(4) / 3
@@ -207,6 +223,48 @@ fn decoder_scratch(b: &[u8], format: image::ImageFormat, decoder: &impl ImageDec
             _ => 0,
         },
         _ => 0,
+    }
+}
+
+/// What `image-webp` decodes into beside the pixels it returns, by the file's chunks: a lossy
+/// image's compressed data (read whole), its Y, U and V planes (1.5 bytes a pixel of its
+/// 16-pixel macroblocks) and, with an alpha
+/// chunk, that chunk's lossless decoding (4 bytes a pixel) and plane (1); a lossless image
+/// without alpha its RGBA (4 bytes a pixel, copied to RGB); an animation's first frame and its
+/// canvas (RGBA each).
+fn webp_scratch(b: &[u8], (width, height): (u32, u32), alpha: bool) -> u64 {
+    let pixels = u64::from(width) * u64::from(height);
+    let (mut lossy, mut lossless, mut alpha_chunk, mut animated) = (None, false, false, false);
+    let mut at = 12;
+    while let Some(header) = b.get(at..at + 8) {
+        let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        match &header[..4] {
+            b"VP8 " => lossy = Some(size as u64),
+            b"VP8L" => lossless = true,
+            b"ALPH" => alpha_chunk = true,
+            b"ANIM" | b"ANMF" => animated = true,
+            _ => {}
+        }
+        at = at
+            .saturating_add(8)
+            .saturating_add(size)
+            .saturating_add(size & 1);
+    }
+    if animated {
+        pixels.saturating_mul(8)
+    } else if let Some(compressed) = lossy {
+        let blocks = u64::from(width.div_ceil(16)) * u64::from(height.div_ceil(16)) * 256;
+        let planes = blocks.saturating_mul(3) / 2;
+        let alpha = if alpha_chunk {
+            pixels.saturating_mul(5)
+        } else {
+            0
+        };
+        planes.saturating_add(compressed).saturating_add(alpha)
+    } else if lossless && !alpha {
+        pixels.saturating_mul(4)
+    } else {
+        0
     }
 }
 
@@ -384,17 +442,24 @@ fn swaps_sides(o: Orientation) -> bool {
 /// are asked for first, so that a huge image is an error about that image (`--skip-bad` skips
 /// it) rather than an abort at the same question on every rerun.
 fn ensure_memory(bytes: u64, what: impl FnOnce() -> String) -> Result<()> {
+    let wanted = bytes.saturating_add(MEMORY_SLACK);
     let mut probe: Vec<u8> = Vec::new();
     probe
-        .try_reserve_exact(usize::try_from(bytes).unwrap_or(usize::MAX))
+        .try_reserve_exact(usize::try_from(wanted).unwrap_or(usize::MAX))
         .map_err(|_| {
             anyhow!(
-                "not enough memory for {}: it needs about {} MB at once; send a smaller image",
+                "not enough memory for {}: it needs about {} MB more at once than the process \
+                 can take now (a limit such as ulimit -v, or the machine's memory); send a \
+                 smaller image",
                 what(),
-                bytes.div_ceil(1 << 20)
+                wanted.div_ceil(1 << 20)
             )
         })
 }
+
+/// What [`ensure_memory`] asks for beyond an image's large buffers: the small allocations of the
+/// decoders and of answering, which end the process just as well where nothing is left.
+const MEMORY_SLACK: u64 = 32 << 20;
 
 /// How an image is turned upright, as `transformers`' `load_image` turns it
 /// (`PIL.ImageOps.exif_transpose`): a phone stores a portrait photograph sideways with an EXIF
