@@ -1385,6 +1385,13 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
         err.contains("\"q-near\"") && err.contains("allow at most"),
         "{err}"
     );
+    // Nor is the run above continued under it (its limited answer would stay).
+    let err = fails(&mut bench(
+        &data.data(),
+        &data.out(),
+        &["--max-new-tokens", "16"],
+    ));
+    assert!(err.contains("answers_within_room"), "{err}");
     // calibrate answers it too (it failed the run: "--skip-bad skips such questions").
     let trained = DataDir::new(&good_lines());
     succeeds(&mut train(&trained, &[]));
@@ -1401,6 +1408,12 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
         .arg("--adapters")
         .arg(trained.out());
     succeeds(&mut calibrate);
+    // Its kept answers do not serve a run that keeps a given limit.
+    let err = fails(calibrate.args(["--max-new-tokens", "16"]));
+    assert!(
+        err.contains("\"q-near\"") && err.contains("allow at most"),
+        "{err}"
+    );
 
     let (full, _) = question_of_tokens(256..=256);
     lines.push(line("q-full", &full, "images/square.png"));

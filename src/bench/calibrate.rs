@@ -421,8 +421,8 @@ fn answer_all(
             input.path.display(),
             kept.path().display(),
             match how_many.starts_with("all") {
-                true => "",
-                false => "; the rest were answered now",
+                true => String::new(),
+                false => format!("; {} answered now", answered.len() - reused),
             }
         );
     }
@@ -563,7 +563,7 @@ pub fn calibrate(
     }
     let mut kept_answers = KeptAnswers::open(
         adapters,
-        fingerprint(vqa, adapters, opts.max_new_tokens)?,
+        fingerprint(vqa, adapters, opts.max_new_tokens, opts.answer_within_room)?,
         vqa.particles(),
     );
     if let Some(why) = kept_answers.unwritable() {

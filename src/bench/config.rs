@@ -172,6 +172,11 @@ pub struct RunConfig {
     /// Where it came from: `calibration (…)`, `--threshold` or `default, uncalibrated`.
     pub threshold_from: String,
     pub max_new_tokens: usize,
+    /// Whether an answer was limited to the room its prompt leaves in the model's positions
+    /// (the default limit) or the limit was kept (`--max-new-tokens` given). Absent in runs of
+    /// earlier versions, which answered no question that needs the room: either matches them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers_within_room: Option<bool>,
     /// CLIP: the candidate answers (`--answers`), if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answers_file_sha256: Option<String>,
@@ -241,6 +246,7 @@ impl RunConfig {
         if let (Some(old), Some(new)) = (&mut self.adapters, &current.adapters) {
             old.alpha = old.alpha.or(new.alpha);
         }
+        self.answers_within_room = self.answers_within_room.or(current.answers_within_room);
         self
     }
 

@@ -97,7 +97,12 @@ const CONFIGURING_FILES: [&str; 10] = [
 
 /// A hex digest of everything the answers of `vqa` (with the particles in `adapters`) depend
 /// on, the question aside.
-pub fn fingerprint(vqa: &BellaVqa, adapters: &Path, max_new_tokens: usize) -> Result<String> {
+pub fn fingerprint(
+    vqa: &BellaVqa,
+    adapters: &Path,
+    max_new_tokens: usize,
+    within_room: bool,
+) -> Result<String> {
     let loaded = vqa.model();
     let mut config = ParticleSet::read_config(adapters)?;
     // What calibrate writes; the answers do not depend on it.
@@ -119,6 +124,7 @@ pub fn fingerprint(vqa: &BellaVqa, adapters: &Path, max_new_tokens: usize) -> Re
         "particles": crate::io::sha256_file_cached(&adapters.join(PARTICLES_FILE))?,
         "particle_config": config,
         "max_new_tokens": max_new_tokens,
+        "within_room": within_room,
         "answers": vqa.answers_sha256(),
     });
     let digest = Sha256::digest(serde_json::to_vec(&what)?);

@@ -357,6 +357,7 @@ pub(crate) fn run_config(
         threshold,
         threshold_from,
         max_new_tokens: opts.max_new_tokens,
+        answers_within_room: Some(opts.answer_within_room),
         answers_file_sha256: match &model.answers_file {
             Some(p) => Some(crate::io::sha256_file(p)?),
             None => None,

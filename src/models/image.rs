@@ -442,7 +442,7 @@ fn swaps_sides(o: Orientation) -> bool {
 /// are asked for first, so that a huge image is an error about that image (`--skip-bad` skips
 /// it) rather than an abort at the same question on every rerun.
 fn ensure_memory(bytes: u64, what: impl FnOnce() -> String) -> Result<()> {
-    let wanted = bytes.saturating_add(MEMORY_SLACK);
+    let wanted = bytes.saturating_add((bytes / 4).min(MEMORY_SLACK));
     let mut probe: Vec<u8> = Vec::new();
     probe
         .try_reserve_exact(usize::try_from(wanted).unwrap_or(usize::MAX))
@@ -457,8 +457,11 @@ fn ensure_memory(bytes: u64, what: impl FnOnce() -> String) -> Result<()> {
         })
 }
 
-/// What [`ensure_memory`] asks for beyond an image's large buffers: the small allocations of the
-/// decoders and of answering, which end the process just as well where nothing is left.
+/// The most [`ensure_memory`] asks for beyond an image's large buffers (a quarter of them, up to
+/// this): the small allocations of the decoders and of answering, which end the process just as
+/// well where nothing is left. Not more: a contiguous probe can fail where those small
+/// allocations, spread over the threads' heaps, still fit (a small image was refused under
+/// 200 MB with a fixed 32 MB).
 const MEMORY_SLACK: u64 = 32 << 20;
 
 /// How an image is turned upright, as `transformers`' `load_image` turns it
