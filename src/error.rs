@@ -88,7 +88,10 @@ fn prompt_too_long(prompt: usize, max_new_tokens: usize, positions: usize) -> St
          {max_new_tokens} more, but the model has {positions} positions"
     );
     match positions.saturating_sub(prompt) {
-        0 => format!("{what}: the prompt leaves no room for an answer; shorten the question"),
+        0 => format!(
+            "the prompt is {prompt} tokens (image and template included) and fills the model's \
+             {positions} positions: the prompt leaves no room for an answer; shorten the question"
+        ),
         room => format!(
             "{what}: shorten the question or allow at most {room} answer tokens (max_new_tokens, \
              --max-new-tokens)"
@@ -128,6 +131,8 @@ mod prompt_tests {
         .to_string();
         assert!(no_room.contains("leaves no room for an answer; shorten the question"));
         assert!(!no_room.contains("answer tokens"), "{no_room}");
+        // The limit asked for plays no part there.
+        assert!(!no_room.contains("16"), "{no_room}");
         let some = QuestionError::PromptTooLong {
             prompt: 250,
             max_new_tokens: 16,

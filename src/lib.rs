@@ -120,3 +120,24 @@ pub fn prepare_process() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
+
+/// Starts the compute threads (candle's worker pool, rayon's global pool) now, while the
+/// address space is free: started at the first product, after the model and an image had taken
+/// it, their stacks could not be mapped under a memory limit (`ulimit -v`), and candle panicked
+/// in the middle of an answer ("failed to spawn candle barrier pool worker").
+pub fn start_compute_threads() -> anyhow::Result<()> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = std::panic::catch_unwind(|| {
+        candle_core::utils::barrier_pool();
+        rayon::current_num_threads();
+    });
+    std::panic::set_hook(quiet);
+    started.map_err(|_| {
+        anyhow::anyhow!(
+            "cannot start the compute threads: the process may not take the memory for their \
+             stacks (a limit such as ulimit -v is too low); raise the limit, or set \
+             RAYON_NUM_THREADS=1 for one thread"
+        )
+    })
+}

@@ -1329,7 +1329,8 @@ fn main() -> ExitCode {
             };
         }
     };
-    match run(&cli) {
+    let outcome = bella_vqa::start_compute_threads().and_then(|()| run(&cli));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         // The reader closed the pipe (`| head -1`): it has what it wanted.
         Err(e)

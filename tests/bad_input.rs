@@ -1360,7 +1360,7 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
     assert!(
         said.contains("1 question(s) left less room in the model's positions")
             && said.contains(&format!("\"q-near\" of {}", data.data().display()))
-            && said.contains(&format!("{} answer tokens", 256 - near_tokens)),
+            && said.contains(&format!("{} answer token(s)", 256 - near_tokens)),
         "{said}"
     );
     let samples = std::fs::read_to_string(data.out().join("samples.jsonl")).unwrap();

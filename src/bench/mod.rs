@@ -880,7 +880,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                     shortened.0 += 1;
                     shortened.1.get_or_insert_with(|| {
                         format!(
-                            "question {:?} of {}: {} answer tokens",
+                            "question {:?} of {}: {} answer token(s)",
                             example.question_id, set.record.path, o.max_new_tokens
                         )
                     });
