@@ -1369,6 +1369,13 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|s| s["question_id"] == "q-near")
         .unwrap();
+    // Recorded with the answer and in the results, not only said.
+    assert_eq!(sample["answer_limit"], 256 - near_tokens, "{sample}");
+    let results = std::fs::read_to_string(data.out().join("results.json")).unwrap();
+    assert!(
+        results.contains("1 answer(s) were limited to the room"),
+        "{results}"
+    );
     let out = ask(&["--json", "--quiet", &near]).output().unwrap();
     assert!(out.status.success());
     let asked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1423,6 +1430,32 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
         err.contains("\"q-full\"") && err.contains("leaves no room for an answer"),
         "{err}"
     );
+}
+
+/// A question skipped for its image, answered by a later invocation once the image is fixed,
+/// leaves skipped.jsonl (results.json already counted it answered; the file still listed it).
+#[test]
+fn a_skipped_question_answered_later_leaves_the_skipped_list() {
+    let mut lines = good_lines();
+    lines.push(line("q-broken", "What color is it?", "images/broken.png"));
+    let data = DataDir::new(&lines);
+    succeeds(&mut bench(&data.data(), &data.out(), &["--skip-bad"]));
+    let listed = std::fs::read_to_string(data.out().join("skipped.jsonl")).unwrap();
+    assert!(listed.contains("q-broken"), "{listed}");
+    std::fs::copy(
+        fixture("images/square.png"),
+        data.dir.path().join("images/broken.png"),
+    )
+    .unwrap();
+    succeeds(&mut bench(&data.data(), &data.out(), &["--skip-bad"]));
+    let samples = std::fs::read_to_string(data.out().join("samples.jsonl")).unwrap();
+    assert!(samples.contains("q-broken"), "answered now");
+    let listed = std::fs::read_to_string(data.out().join("skipped.jsonl")).unwrap_or_default();
+    assert!(!listed.contains("q-broken"), "{listed}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.out().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results["progress"]["skipped"], 0, "{}", results["progress"]);
 }
 
 #[test]

@@ -875,6 +875,11 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             let example = &set.examples[*k];
             pb.set_message(crate::console::on_terminal(&set.record.split).into_owned());
             let options = fitted_options(vqa, &example.question, &ask, opts.answer_within_room);
+            let answer_limit = options
+                .as_ref()
+                .ok()
+                .map(|o| o.max_new_tokens)
+                .filter(|&m| m < ask.max_new_tokens);
             if let Ok(o) = &options {
                 if o.max_new_tokens < ask.max_new_tokens {
                     shortened.0 += 1;
@@ -933,6 +938,7 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
             };
             let sample = Sample {
                 image_sha256: Some(image_sha256),
+                answer_limit,
                 ..Sample::new(
                     example,
                     &set.record.split,
@@ -1051,7 +1057,18 @@ pub(crate) fn fitted_options(
 pub fn finalize(dir: &Path, bootstrap: &Bootstrap) -> Result<(ResultsFile, Vec<PathBuf>)> {
     let config = RunConfig::read(dir)?;
     let samples = read_samples(&dir.join(SAMPLES_FILE))?.samples;
-    let skipped: Vec<SkippedQuestion> = results::read_lines(&dir.join(results::SKIPPED_FILE))?;
+    let skipped_path = dir.join(results::SKIPPED_FILE);
+    let mut skipped: Vec<SkippedQuestion> = results::read_lines(&skipped_path)?;
+    // A question a later invocation answered (its image fixed, say) is no longer skipped.
+    let answered: HashSet<(&str, usize)> = samples
+        .iter()
+        .map(|s| (s.split.as_str(), s.index))
+        .collect();
+    let listed = skipped.len();
+    skipped.retain(|q| !answered.contains(&(q.split.as_str(), q.index)));
+    if skipped.len() < listed {
+        results::replace_lines(&skipped_path, &skipped)?;
+    }
     let runs: Vec<RunRecord> = results::read_lines(&dir.join(results::RUNS_FILE))?;
     let mut results = results::compute(&config, &samples, &skipped, &runs, bootstrap)?;
     // A test set without answers is run for its submission: say when there is none.

@@ -777,6 +777,14 @@ pub fn compute(
         accuracy: mean(val.iter().filter_map(|s| s.accuracy)).unwrap_or(0.0),
         mean_confidence: mean(val.iter().map(|s| s.confidence)).unwrap_or(0.0),
     });
+    let limited = chosen.iter().filter(|s| s.answer_limit.is_some()).count();
+    if limited > 0 {
+        notes.push(format!(
+            "{limited} answer(s) were limited to the room their prompt left in the model's \
+             positions, below max_new_tokens {} (answer_limit in samples.jsonl)",
+            config.max_new_tokens
+        ));
+    }
     if !progress.complete {
         notes.push(format!(
             "INCOMPLETE: {} of {} questions are not answered yet; rerun with the same --out to \

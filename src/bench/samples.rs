@@ -106,6 +106,10 @@ pub struct Sample {
     /// The candidates left out of `candidates`, and their probability together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidates_left_out: Option<LeftOut>,
+    /// The answer's token limit where the prompt left less room in the model's positions than
+    /// the run's `max_new_tokens` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_limit: Option<usize>,
     /// The rendered response text.
     pub response: String,
     /// The input record's extra fields, passed through.
@@ -183,6 +187,7 @@ impl Sample {
                 .into_iter()
                 .take(SAMPLE_CANDIDATES)
                 .collect(),
+            answer_limit: None,
             response: response.response,
             extra,
         }
