@@ -412,18 +412,18 @@ fn answer_all(
     }
     pb.finish_and_clear();
     if reused > 0 && opts.progress {
-        let how_many = match reused == set.record.selected {
-            true => format!("all {reused} answers"),
-            false => format!("{reused} of the {} answers", set.record.selected),
+        let (how_many, now) = match reused == set.record.selected {
+            true => (format!("all {reused} answers"), String::new()),
+            false => (
+                format!("{reused} of the {} answers", set.record.selected),
+                format!("; {} answered now", answered.len() - reused),
+            ),
         };
         crate::note!(
-            "{how_many} to {} were kept by an earlier run of calibrate on these particles ({}){}",
+            "{how_many} to {} were kept by an earlier run of calibrate on these particles \
+             ({}){now}",
             input.path.display(),
             kept.path().display(),
-            match how_many.starts_with("all") {
-                true => String::new(),
-                false => format!("; {} answered now", answered.len() - reused),
-            }
         );
     }
     if let Some(stop) = stopped(set.record.selected, kept) {

@@ -33,8 +33,8 @@ use crate::io::AppendFile;
 /// The file's name in the particle directory.
 pub const FILE: &str = "calibrate_answers.jsonl";
 
-/// One kept answer.
-#[derive(Serialize, Deserialize)]
+/// One kept answer, as read.
+#[derive(Deserialize)]
 struct Line {
     fingerprint: String,
     key: u64,
@@ -57,7 +57,6 @@ struct LineRef<'a> {
 struct ImageStamp {
     bytes: u64,
     modified_ns: u128,
-    #[serde(default)]
     changed_ns: i128,
 }
 

@@ -880,16 +880,14 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                 .ok()
                 .map(|o| o.max_new_tokens)
                 .filter(|&m| m < ask.max_new_tokens);
-            if let Ok(o) = &options {
-                if o.max_new_tokens < ask.max_new_tokens {
-                    shortened.0 += 1;
-                    shortened.1.get_or_insert_with(|| {
-                        format!(
-                            "question {:?} of {}: {} answer token(s)",
-                            example.question_id, set.record.path, o.max_new_tokens
-                        )
-                    });
-                }
+            if let Some(limit) = answer_limit {
+                shortened.0 += 1;
+                shortened.1.get_or_insert_with(|| {
+                    format!(
+                        "question {:?} of {}: {limit} answer token(s)",
+                        example.question_id, set.record.path
+                    )
+                });
             }
             let answer = options.and_then(|options| {
                 let bytes = read_image_file(&example.image)?;

@@ -228,15 +228,14 @@ fn decoder_scratch(b: &[u8], format: image::ImageFormat, decoder: &impl ImageDec
 
 /// What `image-webp` decodes into beside the pixels it returns, by the file's chunks: a lossy
 /// image's compressed data (read whole), its Y, U and V planes (1.5 bytes a pixel of its
-/// 16-pixel macroblocks) and, with an alpha
-/// chunk, that chunk's lossless decoding (4 bytes a pixel) and plane (1); a lossless image
-/// without alpha its RGBA (4 bytes a pixel, copied to RGB); an animation's first frame and its
-/// canvas (RGBA each).
+/// 16-pixel macroblocks) and, with an alpha chunk, that chunk's lossless decoding (4 bytes a
+/// pixel) and plane (1); a lossless image without alpha its RGBA (4 bytes a pixel, copied to
+/// RGB); an animation's first frame and its canvas (RGBA each).
 fn webp_scratch(b: &[u8], (width, height): (u32, u32), alpha: bool) -> u64 {
     let pixels = u64::from(width) * u64::from(height);
     let (mut lossy, mut lossless, mut alpha_chunk, mut animated) = (None, false, false, false);
-    let mut at = 12;
-    while let Some(header) = b.get(at..at + 8) {
+    let mut at: usize = 12;
+    while let Some(header) = b.get(at..at.saturating_add(8)) {
         let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
         match &header[..4] {
             b"VP8 " => lossy = Some(size as u64),
