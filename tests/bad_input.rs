@@ -685,6 +685,21 @@ fn bench(data: &Path, out: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
+/// [`bench`] of `data` into its `out` without `--quiet`, for what it says along the way.
+fn loud_bench(data: &DataDir, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
+    cmd.stdin(Stdio::null())
+        .arg("bench")
+        .arg("--model")
+        .arg(llava_dir())
+        .arg("--data")
+        .arg(data.data())
+        .arg("--out")
+        .arg(data.out())
+        .args(extra);
+    cmd
+}
+
 fn mkfifo(path: &Path) {
     let status = Command::new("mkfifo").arg(path).status().unwrap();
     assert!(status.success(), "mkfifo {}", path.display());
@@ -1348,15 +1363,7 @@ fn bench_answers_a_question_near_the_positions_as_ask_does() {
     lines.push(line("q-near", &near, "images/square.png"));
     let data = DataDir::new(&lines);
     // Said, but not with --quiet (which `bench` here passes).
-    let mut loud = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
-    loud.arg("bench")
-        .arg("--model")
-        .arg(llava_dir())
-        .arg("--data")
-        .arg(data.data())
-        .arg("--out")
-        .arg(data.out());
-    let said = succeeds(&mut loud);
+    let said = succeeds(&mut loud_bench(&data, &[]));
     assert!(
         said.contains("1 question(s) left less room in the model's positions")
             && said.contains(&format!("\"q-near\" of {}", data.data().display()))
@@ -2366,15 +2373,7 @@ fn many_skipped_bad_records_are_counted_after_the_first_ten() {
     let mut lines = good_lines();
     lines.extend((0..12).map(|i| format!("not json {i}")));
     let data = DataDir::new(&lines);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bella-vqa"));
-    cmd.stdin(Stdio::null())
-        .args(["bench", "--skip-bad", "--bootstrap", "0", "--model"])
-        .arg(llava_dir())
-        .arg("--data")
-        .arg(data.data())
-        .arg("--out")
-        .arg(data.out());
-    let err = succeeds(&mut cmd);
+    let err = succeeds(&mut loud_bench(&data, &["--skip-bad", "--bootstrap", "0"]));
     assert_eq!(err.matches("skipped bad record:").count(), 10, "{err}");
     assert!(err.contains("skipped 2 more bad record(s) of"), "{err}");
     let listed = std::fs::read_to_string(data.out().join("bad_records.jsonl")).unwrap();

@@ -364,9 +364,7 @@ fn answer_all(
                         .and_then(|img| vqa.scored(&img, &example.question, &ask))
                 });
                 if let Ok(scored) = &fresh {
-                    let could_keep = kept.unwritable().is_none();
-                    kept.keep(example, scored);
-                    if let Some(why) = kept.unwritable().filter(|_| could_keep) {
+                    if let Some(why) = kept.keep(example, scored) {
                         pb.suspend(|| {
                             crate::note!(
                                 "warning: answers are no longer kept for a rerun ({why}); \

@@ -109,8 +109,7 @@ pub fn fingerprint(
     let mut configuring = Vec::new();
     for name in CONFIGURING_FILES {
         if let Some(path) = loaded.files.optional(name) {
-            let text = crate::input::read_to_string(&path, "model file")?;
-            configuring.push((name, crate::io::sha256_bytes(text.as_bytes())));
+            configuring.push((name, crate::io::sha256_file(&path)?));
         }
     }
     let what = serde_json::json!({
@@ -202,11 +201,13 @@ impl KeptAnswers {
     }
 
     /// How many answers the file holds for this fingerprint.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.kept.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.kept.is_empty()
     }
 
@@ -227,19 +228,20 @@ impl KeptAnswers {
             .cloned()
     }
 
-    /// Appends the answer to `example`. A failed write stops the keeping (said once by the
-    /// caller through [`KeptAnswers::unwritable`]); the calibration goes on.
-    pub fn keep(&mut self, example: &VqaExample, scored: &Scored) {
+    /// Appends the answer to `example`. A failed write stops the keeping, and this call says
+    /// why (once; [`KeptAnswers::unwritable`] says it after); the calibration goes on.
+    pub fn keep(&mut self, example: &VqaExample, scored: &Scored) -> Option<&str> {
         let (Some(file), Some(stamp)) = (self.file.as_mut(), ImageStamp::of(&example.image)) else {
-            return;
+            return None;
         };
         let mut line = Vec::new();
         let key = crate::data::seen::key(example);
         write_line(&mut line, &self.fingerprint, key, stamp, scored);
-        if let Err(e) = file.append(&line) {
-            self.unwritable = Some(format!("{e:#}"));
-            self.file = None;
-        }
+        let Err(e) = file.append(&line) else {
+            return None;
+        };
+        self.file = None;
+        Some(self.unwritable.insert(format!("{e:#}")).as_str())
     }
 
     /// Removes the file (the calibration it served is stored). A file that cannot be removed
@@ -293,6 +295,13 @@ mod tests {
         }
     }
 
+    /// An image file `name` in `dir` (its bytes only matter by their size and times).
+    fn image_in(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, b"one").unwrap();
+        path
+    }
+
     /// Numbers that a lossy float parser would change in their last bit.
     fn scored(seed: f64) -> Scored {
         Scored {
@@ -314,9 +323,7 @@ mod tests {
     #[test]
     fn kept_answers_read_back_exactly_and_only_for_their_fingerprint_and_image() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
-        std::fs::write(&a, b"one").unwrap();
-        std::fs::write(&b, b"two").unwrap();
+        let (a, b) = (image_in(dir.path(), "a.png"), image_in(dir.path(), "b.png"));
         let (qa, qb) = (question(&a, "What color?"), question(&b, "What color?"));
         let mut kept = KeptAnswers::open(dir.path(), "f1".into(), 1);
         assert!(kept.is_empty() && kept.unwritable().is_none());
@@ -355,8 +362,7 @@ mod tests {
     #[test]
     fn a_line_cut_by_a_kill_is_dropped_and_a_bad_line_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.png");
-        std::fs::write(&image, b"one").unwrap();
+        let image = image_in(dir.path(), "a.png");
         let q = question(&image, "What color?");
         let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);
         kept.keep(&q, &scored(1.0));
@@ -386,8 +392,7 @@ mod tests {
     #[test]
     fn a_link_or_a_pipe_in_the_files_place_is_neither_read_nor_written() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.png");
-        std::fs::write(&image, b"one").unwrap();
+        let image = image_in(dir.path(), "a.png");
         let outside = dir.path().join("notes.txt");
         std::fs::write(&outside, b"line1\nline2\npartial").unwrap();
         let particles = dir.path().join("particles");
@@ -421,8 +426,7 @@ mod tests {
     #[test]
     fn a_matrix_of_another_shape_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.png");
-        std::fs::write(&image, b"one").unwrap();
+        let image = image_in(dir.path(), "a.png");
         let q = question(&image, "What color?");
         let mut bad = scored(1.0);
         bad.probs[0].pop();
@@ -440,8 +444,7 @@ mod tests {
     #[test]
     fn an_unwritable_directory_keeps_nothing_and_says_why() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("a.png");
-        std::fs::write(&image, b"one").unwrap();
+        let image = image_in(dir.path(), "a.png");
         // A directory in the file's place cannot be appended to.
         std::fs::create_dir(dir.path().join(FILE)).unwrap();
         let mut kept = KeptAnswers::open(dir.path(), "f".into(), 1);

@@ -860,8 +860,9 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     let answering = Instant::now();
     let mut answered_now = 0usize;
     let mut first_skip: Option<String> = None;
-    // Questions whose prompt leaves less room than --max-new-tokens: how many, and the first.
-    let mut shortened: (usize, Option<String>) = (0, None);
+    // Answers fitted to the room their prompt left: how many, and the first.
+    let mut limited = 0usize;
+    let mut first_limited: Option<String> = None;
     // Questions not answered because of a Ctrl-C (crate::interrupt): it stops the question in
     // progress at the model's next layer (that question is answered again by the same command).
     let mut left: Option<usize> = None;
@@ -881,8 +882,8 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
                 .map(|o| o.max_new_tokens)
                 .filter(|&m| m < ask.max_new_tokens);
             if let Some(limit) = answer_limit {
-                shortened.0 += 1;
-                shortened.1.get_or_insert_with(|| {
+                limited += 1;
+                first_limited.get_or_insert_with(|| {
                     format!(
                         "question {:?} of {}: {limit} answer token(s)",
                         example.question_id, set.record.path
@@ -955,9 +956,9 @@ pub fn run(vqa: &BellaVqa, model: &ModelSpec, opts: &BenchOptions) -> Result<Ben
     };
     let outcome = answer_all();
     pb.finish_and_clear();
-    if let (n @ 1.., Some(first), true) = (shortened.0, &shortened.1, opts.progress) {
+    if let (Some(first), true) = (&first_limited, opts.progress) {
         crate::note!(
-            "{n} question(s) left less room in the model's positions than the default \
+            "{limited} question(s) left less room in the model's positions than the default \
              --max-new-tokens ({}): their answers were limited to the room, as ask and serve \
              limit them (first: {first})",
             opts.max_new_tokens
